@@ -1,0 +1,77 @@
+"""Per-cell HER2 membrane category from measurements and thresholds (log10 DAB OD, fractions)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+CATEGORIES: tuple[str, ...] = (
+    "none",
+    "faint_partial",
+    "weak_moderate_complete",
+    "strong_complete",
+    "weak_moderate_lateral",
+    "strong_lateral",
+)
+"""The six per-cell categories, in the order used for codes in cell tables."""
+
+PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "complete")
+
+__all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-cell thresholds. Intensities are membrane DAB log10 OD (mean over stained membrane).
+
+    Defaults: QuPath's positive-cell bands (0.2 / 0.4 / 0.6 = weak / moderate / strong) with
+    ``faint_od`` the floor below which a membrane pixel is not counted as stained at all.
+    """
+
+    faint_od: float = 0.10
+    weak_od: float = 0.20
+    moderate_od: float = 0.40
+    strong_od: float = 0.60
+    min_completeness: float = 0.10
+    complete_completeness: float = 0.85
+    lateral_arc: float = 0.45
+
+    def __post_init__(self) -> None:
+        if not 0 < self.faint_od < self.weak_od < self.moderate_od < self.strong_od:
+            raise ValueError(f"DAB OD thresholds must increase: {self}")
+        if not 0 <= self.min_completeness < self.lateral_arc < self.complete_completeness <= 1:
+            raise ValueError(f"completeness thresholds must satisfy 0 <= min < lateral < complete <= 1: {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def classify_cells(
+    completeness: np.ndarray,
+    longest_arc: np.ndarray,
+    intensity_od: np.ndarray,
+    thresholds: Thresholds = Thresholds(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Category and pattern codes (indices into CATEGORIES and PATTERNS) per cell.
+
+    ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc``: the longest
+    contiguous stained arc as a fraction of the boundary; ``intensity_od``: mean membrane DAB OD.
+    """
+    t = thresholds
+    completeness = np.asarray(completeness, dtype=np.float32)
+    longest_arc = np.asarray(longest_arc, dtype=np.float32)
+    intensity_od = np.asarray(intensity_od, dtype=np.float32)
+    stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
+    complete = stained & (completeness >= t.complete_completeness)
+    lateral = stained & ~complete & (longest_arc >= t.lateral_arc)
+    pattern = np.where(complete, 3, np.where(lateral, 2, np.where(stained, 1, 0))).astype(np.int8)
+
+    weak = intensity_od >= t.weak_od
+    strong = intensity_od >= t.strong_od
+    cat = np.zeros(len(completeness), dtype=np.int8)
+    cat[stained] = 1  # faint, or any incomplete non-lateral staining
+    cat[complete & weak] = 2
+    cat[complete & strong] = 3
+    cat[lateral & weak] = 4
+    cat[lateral & strong] = 5
+    return cat, pattern

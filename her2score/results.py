@@ -1,0 +1,89 @@
+"""Result types shared by the pipeline, eligibility and outputs (plain frozen dataclasses)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES"]
+
+SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
+
+
+@dataclass(frozen=True)
+class QCFinding:
+    """One quality-control finding. ``severity``: 'fail' (blocks an automatic decision), 'warn' or 'info'."""
+
+    code: str
+    severity: str
+    message: str
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class CnnReport:
+    """The CNN's view of a slide: mean tile probabilities over tissue tiles and the arg-max score."""
+
+    score: str
+    probabilities: dict[str, float]
+    tiles: int
+    model: str
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """Everything the tool says about one slide.
+
+    ``score`` is the reported score: the fused classical+CNN score when a CNN ran, else the
+    classical guideline score. Percentages are of scored tumour cells, per category (non-cumulative).
+    """
+
+    slide: str
+    score: str
+    level: str
+    flags: tuple[str, ...]
+    guideline: str
+    specimen: str
+    reason: str
+    counts: dict[str, int]
+    percentages: dict[str, float]
+    tumour_cells: int
+    h_score: float
+    clusters: dict[str, int]
+    region: str
+    qc: tuple[QCFinding, ...]
+    stains: dict[str, Any]
+    mpp: float
+    tissue_area_mm2: float
+    classical_score: str
+    cnn: CnnReport | None = None
+    confidence: float | None = None
+    notes: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    @property
+    def qc_passed(self) -> bool:
+        return not any(f.severity == "fail" for f in self.qc)
+
+    @property
+    def cnn_score(self) -> str | None:
+        return self.cnn.score if self.cnn else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["qc_passed"] = self.qc_passed
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SlideResult":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["flags"] = tuple(d.get("flags", ()))
+        d["notes"] = tuple(d.get("notes", ()))
+        d["qc"] = tuple(QCFinding(**q) for q in d.get("qc", ()))
+        if d.get("cnn"):
+            d["cnn"] = CnnReport(**d["cnn"])
+        return cls(**d)
