@@ -1,0 +1,262 @@
+"""Eligibility rule sets (versioned TOML data files in ``rules/``) applied to a SlideResult.
+
+Rule schema (top-level keys; ``[[require]]`` tables optional)::
+
+    name = "her2-low-breast"         # required
+    version = "1.0"                  # required
+    description = "..."              # plain words
+    reference = "..."                # trial / guideline citation
+    guideline = "breast"             # expected scoring: "breast", "gastric", a guideline name, or "any"
+    min_tumour_cells = 100           # fewer scored tumour cells -> needs_review
+    eligible_levels = ["1+"]         # report levels ("0 (null)", "0+ (ultralow)") or scores ("0".."3+")
+    ish_levels = ["2+"]              # levels decided by ISH (no ISH result -> needs_review)
+    ish_eligible = "negative"        # the ISH result that makes an ish_levels slide eligible
+    [[require]]                      # every table must hold, on eligible and ISH levels alike
+    level = "2+"                     # cumulative: "3+" strong, "2+" weak-moderate or stronger,
+    min_percent = 50                 #   "1+"/"any" any staining; complete and lateral alike
+    inclusive = false                # false: > min_percent, true: >= min_percent
+
+Precedence of ``check_eligibility``: doubts about the score itself (failed QC, too few tumour
+cells, a guideline other than the rule expects, CNN and classical scores disagreeing) give
+needs_review whatever the score, since any answer could change; the automatic answer is added as a
+reason. Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
+needs_review, and the level decides the rest. A level in neither list is not_eligible: no ISH
+result can change it.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from her2score.categories import CATEGORIES
+from her2score.guidelines import GUIDELINE_FAMILY, GUIDELINES, INTENSITY, REPORT_LEVELS
+from her2score.results import SlideResult
+
+__all__ = [
+    "STATUSES",
+    "ISH_RESULTS",
+    "Requirement",
+    "Rule",
+    "RuleError",
+    "Decision",
+    "available_rules",
+    "load_rule",
+    "check_eligibility",
+]
+
+RULES_DIR = Path(__file__).with_name("rules")
+STATUSES: tuple[str, ...] = ("eligible", "not_eligible", "needs_review")
+ISH_RESULTS: tuple[str, ...] = ("positive", "negative")
+_REQUIRE_LEVELS = {"3+": 3, "2+": 2, "1+": 1, "any": 1}
+_REQUIRE_WORDS = {
+    "3+": "strong membrane staining (complete or lateral)",
+    "2+": "weak-to-moderate or stronger membrane staining (complete or lateral)",
+    "1+": "any membrane staining",
+    "any": "any membrane staining",
+}
+
+
+class RuleError(ValueError):
+    """An invalid rule file or rule value; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A minimum share of tumour cells stained at ``level`` or higher (cumulative)."""
+
+    level: str
+    min_percent: float
+    inclusive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.level not in _REQUIRE_LEVELS:
+            raise RuleError(f"require.level must be one of {list(_REQUIRE_LEVELS)}, got {self.level!r}")
+        if not 0 <= self.min_percent <= 100:
+            raise RuleError(f"require.min_percent must be within 0-100, got {self.min_percent!r}")
+
+    def bound(self) -> str:
+        return f"{'>=' if self.inclusive else '>'}{self.min_percent:g}%"
+
+    def met(self, counts: dict[str, int]) -> tuple[bool, str]:
+        """Whether the counts meet this requirement, and the reason in words."""
+        total = sum(counts.values())
+        n = sum(v for cat, v in counts.items() if INTENSITY[cat] >= _REQUIRE_LEVELS[self.level])
+        share, need = Fraction(100 * n, total or 1), Fraction(str(self.min_percent))
+        ok = total > 0 and (share >= need if self.inclusive else share > need)
+        words = f"{_REQUIRE_WORDS[self.level]} in {float(share):.1f}% of tumour cells ({n}/{total})"
+        return ok, f"{words}; rule needs {self.bound()}: {'met' if ok else 'not met'}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named, versioned eligibility rule set; see the module docstring for the schema."""
+
+    name: str
+    version: str
+    description: str = ""
+    reference: str = ""
+    guideline: str = "any"
+    min_tumour_cells: int = 100
+    eligible_levels: tuple[str, ...] = ()
+    ish_levels: tuple[str, ...] = ()
+    ish_eligible: str = "positive"
+    require: tuple[Requirement, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise RuleError("name must not be empty")
+        guidelines = ("any", *sorted(set(GUIDELINE_FAMILY.values())), *GUIDELINES)
+        if self.guideline not in guidelines:
+            raise RuleError(f"guideline must be one of {list(guidelines)}, got {self.guideline!r}")
+        if self.min_tumour_cells < 1:
+            raise RuleError(f"min_tumour_cells must be >= 1, got {self.min_tumour_cells}")
+        for key in ("eligible_levels", "ish_levels"):
+            bad = [x for x in getattr(self, key) if x not in REPORT_LEVELS]
+            if bad:
+                raise RuleError(f"{key} has unknown levels {bad}; use some of {list(REPORT_LEVELS)}")
+        if not self.eligible_levels and not self.ish_levels:
+            raise RuleError("eligible_levels and ish_levels are both empty: nothing could be eligible")
+        if both := set(self.eligible_levels) & set(self.ish_levels):
+            raise RuleError(f"levels {sorted(both)} are in both eligible_levels and ish_levels")
+        if self.ish_eligible not in ISH_RESULTS:
+            raise RuleError(f"ish_eligible must be one of {list(ISH_RESULTS)}, got {self.ish_eligible!r}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An eligibility decision with the rule that made it and the reasons in words."""
+
+    status: str
+    rule: str
+    rule_version: str
+    reasons: tuple[str, ...]
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "version": (str,),
+    "description": (str,),
+    "reference": (str,),
+    "guideline": (str,),
+    "min_tumour_cells": (int,),
+    "eligible_levels": (list,),
+    "ish_levels": (list,),
+    "ish_eligible": (str,),
+    "require": (list,),
+}
+_REQUIRE_TYPES: dict[str, tuple[type, ...]] = {"level": (str,), "min_percent": (int, float), "inclusive": (bool,)}
+
+
+def _check_keys(table: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> None:
+    for key, value in table.items():
+        if key not in types:
+            raise RuleError(f"{where}unknown key {key!r}; allowed keys: {', '.join(types)}")
+        allowed = types[key]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise RuleError(f"{where}key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def _parse(data: dict[str, Any]) -> Rule:
+    _check_keys(data, _TYPES, "")
+    for key in ("name", "version"):
+        if key not in data:
+            raise RuleError(f"missing required key {key!r}")
+    for key in ("eligible_levels", "ish_levels"):
+        if not all(isinstance(x, str) for x in data.get(key, [])):
+            raise RuleError(f"key {key!r} must be a list of strings")
+    require = []
+    for i, table in enumerate(data.get("require", [])):
+        if not isinstance(table, dict):
+            raise RuleError("key 'require' must be an array of tables ([[require]])")
+        _check_keys(table, _REQUIRE_TYPES, f"require[{i}]: ")
+        if "level" not in table or "min_percent" not in table:
+            raise RuleError(f"require[{i}] needs both 'level' and 'min_percent'")
+        require.append(Requirement(**table))
+    fields = {k: tuple(v) if k in ("eligible_levels", "ish_levels") else v for k, v in data.items()}
+    return Rule(**{**fields, "require": tuple(require)})
+
+
+def available_rules() -> list[str]:
+    """Names of the rule sets shipped with the package."""
+    return sorted(p.stem for p in RULES_DIR.glob("*.toml"))
+
+
+def load_rule(name_or_path: str | Path) -> Rule:
+    """A shipped rule by name, or a rule from a TOML file path; RuleError names the file and bad key."""
+    path = Path(name_or_path)
+    if not isinstance(name_or_path, Path) and path.suffix != ".toml":
+        if name_or_path not in available_rules():
+            raise ValueError(
+                f"unknown rule {name_or_path!r}; shipped rules: {', '.join(available_rules())} "
+                "(or pass the path of a .toml rule file)"
+            )
+        path = RULES_DIR / f"{name_or_path}.toml"
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+        return _parse(data)
+    except tomllib.TOMLDecodeError as e:
+        raise RuleError(f"{path}: invalid TOML: {e}") from None
+    except RuleError as e:
+        raise RuleError(f"{path}: {e}") from None
+
+
+def _matches(levels: tuple[str, ...], result: SlideResult) -> bool:
+    return result.level in levels or result.score in levels
+
+
+def _guideline_ok(expected: str, guideline: str) -> bool:
+    return expected in ("any", guideline, GUIDELINE_FAMILY.get(guideline))
+
+
+def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list[str]]:
+    """The answer from the score, the requirements and ISH alone, with its reasons."""
+    counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
+    reasons = []
+    for req in rule.require:
+        ok, why = req.met(counts)
+        reasons.append(why)
+        if not ok:
+            return "not_eligible", reasons
+    level = result.level
+    if _matches(rule.ish_levels, result):
+        if ish is None:
+            return "needs_review", [*reasons, f"{level} awaits ISH: eligible only if ISH is {rule.ish_eligible}"]
+        status = "eligible" if ish == rule.ish_eligible else "not_eligible"
+        return status, [*reasons, f"{level} with ISH {ish}; the rule needs ISH {rule.ish_eligible}"]
+    if ish is not None:
+        reasons.append(f"ISH result ({ish}) not used: the rule decides {level} on IHC alone")
+    if _matches(rule.eligible_levels, result):
+        return "eligible", [*reasons, f"{level} is an eligible level ({', '.join(rule.eligible_levels)})"]
+    allowed = ", ".join(rule.eligible_levels + tuple(f"{x} with ISH {rule.ish_eligible}" for x in rule.ish_levels))
+    return "not_eligible", [*reasons, f"{level} is not an eligible level (eligible: {allowed})"]
+
+
+def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
+    """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
+
+    ``ish``: "positive", "negative" or None (not done yet). See the module docstring for precedence.
+    """
+    rule = rule if isinstance(rule, Rule) else load_rule(rule)
+    if ish not in (None, *ISH_RESULTS):
+        raise ValueError(f"ish must be one of {list(ISH_RESULTS)} or None, got {ish!r}")
+    doubts = []
+    if failed := [f.message for f in result.qc if f.severity == "fail"]:
+        doubts.append(f"failed QC: {'; '.join(failed)}")
+    if result.tumour_cells < rule.min_tumour_cells:
+        doubts.append(f"too few tumour cells: {result.tumour_cells} scored, the rule needs >= {rule.min_tumour_cells}")
+    if not _guideline_ok(rule.guideline, result.guideline):
+        doubts.append(f"the rule expects {rule.guideline} scoring; the slide was scored under {result.guideline}")
+    if result.cnn_score is not None and result.cnn_score != result.classical_score:
+        doubts.append(f"classical score {result.classical_score} and CNN score {result.cnn_score} disagree")
+    status, reasons = _decide(result, rule, ish)
+    reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
+    reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
+    if doubts:
+        reasons.append(f"without these doubts the answer would be: {status.replace('_', ' ')}")
+        return Decision("needs_review", rule.name, rule.version, (*doubts, *reasons))
+    return Decision(status, rule.name, rule.version, tuple(reasons))

@@ -1,0 +1,231 @@
+"""Eligibility rule sets on constructed SlideResults: shipped rules, ISH, review reasons, rule files."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from her2score.eligibility import Rule, RuleError, available_rules, check_eligibility, load_rule
+from her2score.guidelines import apply_guideline
+from her2score.results import CnnReport, QCFinding, SlideResult
+
+SHIPPED = {
+    "her2-positive-breast",
+    "her2-low-breast",
+    "her2-ultralow-breast",
+    "gastric-toga",
+    "t-dxd-tumour-agnostic",
+    "car-t-her2",
+}
+
+
+def make_result(
+    guideline: str = "breast-asco-cap-2023",
+    *,
+    qc: tuple[QCFinding, ...] = (),
+    cnn: str | None = None,
+    **counts: int,
+) -> SlideResult:
+    """A SlideResult whose score fields come from apply_guideline over ``counts``."""
+    call = apply_guideline(counts, guideline)
+    total = sum(counts.values())
+    return SlideResult(
+        slide="s.tif", score=call.score, level=call.level, flags=call.flags, guideline=guideline,
+        specimen=call.specimen, reason=call.reason, counts=dict(counts),
+        percentages={k: 100 * v / total for k, v in counts.items()}, tumour_cells=total,
+        h_score=call.h_score, clusters={}, region="annotation", qc=qc, stains={}, mpp=0.5,
+        tissue_area_mm2=1.0, classical_score=call.score,
+        cnn=CnnReport(cnn, {}, 10, "test") if cnn else None,
+    )
+
+
+NULL = dict(none=200)
+ULTRALOW = dict(none=190, faint_partial=10)
+ONE = dict(none=150, faint_partial=50)
+TWO = dict(none=140, weak_moderate_complete=60)
+THREE = dict(none=100, strong_complete=100)
+
+
+def test_available_rules():
+    assert set(available_rules()) == SHIPPED
+    for name in SHIPPED:
+        rule = load_rule(name)
+        assert rule.name == name and rule.version and rule.reference and rule.min_tumour_cells == 100
+
+
+@pytest.mark.parametrize(
+    ("rule", "counts", "ish", "status"),
+    [
+        ("her2-positive-breast", THREE, None, "eligible"),
+        ("her2-positive-breast", TWO, None, "needs_review"),
+        ("her2-positive-breast", TWO, "positive", "eligible"),
+        ("her2-positive-breast", TWO, "negative", "not_eligible"),
+        ("her2-positive-breast", ONE, None, "not_eligible"),
+        ("her2-positive-breast", NULL, None, "not_eligible"),
+        ("her2-low-breast", ONE, None, "eligible"),
+        ("her2-low-breast", TWO, None, "needs_review"),
+        ("her2-low-breast", TWO, "negative", "eligible"),
+        ("her2-low-breast", TWO, "positive", "not_eligible"),
+        ("her2-low-breast", THREE, None, "not_eligible"),
+        ("her2-low-breast", ULTRALOW, None, "not_eligible"),
+        ("her2-low-breast", NULL, None, "not_eligible"),
+        ("her2-ultralow-breast", ULTRALOW, None, "eligible"),
+        ("her2-ultralow-breast", ONE, None, "eligible"),
+        ("her2-ultralow-breast", TWO, "negative", "eligible"),
+        ("her2-ultralow-breast", NULL, None, "not_eligible"),
+        ("her2-ultralow-breast", THREE, None, "not_eligible"),
+        ("t-dxd-tumour-agnostic", THREE, None, "eligible"),
+        ("t-dxd-tumour-agnostic", TWO, None, "not_eligible"),  # no ISH can change it
+        ("t-dxd-tumour-agnostic", TWO, "positive", "not_eligible"),
+    ],
+)
+def test_breast_rules(rule, counts, ish, status):
+    decision = check_eligibility(make_result(**counts), rule, ish=ish)
+    assert decision.status == status, decision.reasons
+    assert decision.rule == rule and decision.rule_version == "1.0"
+
+
+@pytest.mark.parametrize(
+    ("counts", "ish", "status"),
+    [
+        (dict(none=90, strong_lateral=10), None, "eligible"),  # lateral 3+ at exactly 10%
+        (dict(none=90, weak_moderate_lateral=10), None, "needs_review"),
+        (dict(none=90, weak_moderate_lateral=10), "positive", "eligible"),
+        (dict(none=90, faint_partial=10), "positive", "not_eligible"),
+    ],
+)
+def test_gastric_toga(counts, ish, status):
+    counts = {k: 10 * v for k, v in counts.items()}
+    assert check_eligibility(make_result("gastric", **counts), "gastric-toga", ish=ish).status == status
+
+
+@pytest.mark.parametrize(
+    ("counts", "status", "words"),
+    [
+        (dict(none=49, weak_moderate_lateral=30, strong_complete=21), "eligible", "51.0%"),
+        (dict(none=50, weak_moderate_lateral=30, strong_complete=20), "not_eligible", "50.0%"),  # not > 50%
+        (dict(none=40, faint_partial=20, strong_lateral=40), "not_eligible", "40.0%"),  # faint cells don't count
+    ],
+)
+def test_car_t_fraction_rule(counts, status, words):
+    decision = check_eligibility(make_result("gastric", **{k: 2 * v for k, v in counts.items()}), "car-t-her2")
+    assert decision.status == status, decision.reasons
+    assert any(words in r and ">50%" in r for r in decision.reasons)
+
+
+def test_ish_not_used_at_other_levels_is_said():
+    decision = check_eligibility(make_result(**THREE), "her2-positive-breast", ish="negative")
+    assert decision.status == "eligible"
+    assert any("not used" in r for r in decision.reasons)
+
+
+def test_awaiting_ish_reason():
+    decision = check_eligibility(make_result(**TWO), "her2-positive-breast")
+    assert any("awaits ISH" in r for r in decision.reasons)
+
+
+def test_too_few_tumour_cells():
+    decision = check_eligibility(make_result(none=10, strong_complete=40), "her2-positive-breast")
+    assert decision.status == "needs_review"
+    assert decision.reasons[0] == "too few tumour cells: 50 scored, the rule needs >= 100"
+    assert "eligible" in decision.reasons[-1]  # the automatic answer is still given
+
+
+def test_failed_qc_always_needs_review():
+    qc = (
+        QCFinding("blur", "fail", "slide out of focus"),
+        QCFinding("stain", "fail", "H&E stain, not IHC"),
+        QCFinding("fold", "warn", "tissue fold"),
+    )
+    decision = check_eligibility(make_result(qc=qc, **NULL), "her2-positive-breast")
+    assert decision.status == "needs_review"
+    assert decision.reasons[0] == "failed QC: slide out of focus; H&E stain, not IHC"
+    assert "QC warning: tissue fold" in decision.reasons
+    warn_only = check_eligibility(make_result(qc=qc[2:], **NULL), "her2-positive-breast")
+    assert warn_only.status == "not_eligible"
+
+
+def test_cnn_disagreement():
+    disagree = check_eligibility(make_result(cnn="2+", **THREE), "her2-positive-breast")
+    assert disagree.status == "needs_review"
+    assert "classical score 3+ and CNN score 2+ disagree" in disagree.reasons
+    assert check_eligibility(make_result(cnn="3+", **THREE), "her2-positive-breast").status == "eligible"
+
+
+def test_guideline_mismatch():
+    gastric = check_eligibility(make_result("gastric", **THREE), "her2-positive-breast")
+    assert gastric.status == "needs_review" and "expects breast scoring" in gastric.reasons[0]
+    old = check_eligibility(make_result("breast-asco-cap-2018", **ULTRALOW), "her2-ultralow-breast")
+    assert old.status == "needs_review" and "breast-asco-cap-2023" in old.reasons[0]
+    anywhere = check_eligibility(make_result("gastric", **THREE), "t-dxd-tumour-agnostic")
+    assert anywhere.status == "eligible"
+
+
+def test_rule_object_and_bad_ish():
+    rule = replace(load_rule("her2-positive-breast"), min_tumour_cells=10)
+    assert check_eligibility(make_result(none=10, strong_complete=40), rule).status == "eligible"
+    with pytest.raises(ValueError, match="ish must be"):
+        check_eligibility(make_result(**TWO), rule, ish="amplified")
+
+
+USER_RULE = """
+name = "my-trial"
+version = "2.1"
+description = "IHC 3+ in at least 50% of tumour cells, confirmed by FISH"
+reference = "example"
+min_tumour_cells = 50
+ish_levels = ["3+"]
+[[require]]
+level = "3+"
+min_percent = 50
+inclusive = true
+"""
+
+
+def test_user_rule_file(tmp_path):
+    path = tmp_path / "my-trial.toml"
+    path.write_text(USER_RULE)
+    rule = load_rule(path)
+    assert rule == load_rule(str(path))
+    assert rule.guideline == "any" and rule.require[0].inclusive
+    half = make_result("gastric", none=50, strong_complete=50)  # exactly 50%, inclusive
+    assert check_eligibility(half, path).status == "needs_review"  # awaiting FISH
+    assert check_eligibility(half, rule, ish="positive").status == "eligible"
+    below = make_result("gastric", none=51, strong_complete=49)
+    assert check_eligibility(below, rule).status == "not_eligible"  # FISH cannot help
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour = 'red'\n" + USER_RULE, "unknown key 'colour'; allowed keys: name"),
+        (USER_RULE.replace("min_tumour_cells = 50", "min_tumour_cells = '50'"), "'min_tumour_cells' must be int"),
+        (USER_RULE.replace("min_tumour_cells = 50", "min_tumour_cells = true"), "'min_tumour_cells' must be int"),
+        (USER_RULE.replace('name = "my-trial"', ""), "missing required key 'name'"),
+        (USER_RULE.replace("inclusive = true", "inclusive = 1"), "require\\[0\\]: key 'inclusive' must be bool"),
+        (USER_RULE.replace("inclusive = true", "above = 1"), "require\\[0\\]: unknown key 'above'"),
+        (USER_RULE.replace('level = "3+"', 'level = "4+"'), "require.level"),
+        (USER_RULE.replace('ish_levels = ["3+"]', 'ish_levels = ["3"]'), "ish_levels has unknown levels"),
+        (USER_RULE.replace('ish_levels = ["3+"]', "ish_levels = [3]"), "'ish_levels' must be a list of strings"),
+        (USER_RULE.replace('ish_levels = ["3+"]', "ish_levels = []"), "nothing could be eligible"),
+        ('eligible_levels = ["3+"]\n' + USER_RULE, "in both"),
+        ('guideline = "lung"\n' + USER_RULE, "guideline must be one of"),
+        ("name = ", "invalid TOML"),
+    ],
+)
+def test_invalid_rule_files(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RuleError, match=message) as info:
+        load_rule(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_unknown_rule_name():
+    with pytest.raises(ValueError, match="unknown rule 'her2-huge'.*car-t-her2"):
+        load_rule("her2-huge")
+
+
+def test_rule_constructor_validates():
+    with pytest.raises(RuleError, match="eligible_levels has unknown levels"):
+        Rule(name="x", version="1", eligible_levels=("4+",))
