@@ -1,0 +1,515 @@
+"""Synthetic HER2 IHC fields and slides from a physical model, with known ground truth.
+
+Tissue is drawn as per-pixel stain concentrations in log10 optical density (haematoxylin, DAB,
+eosin for H&E), mixed by Beer-Lambert (OD_rgb = sum c_s * v_s, I = I0 * 10^-OD_rgb), then blurred
+by a Gaussian optical PSF, given sensor noise, quantised to 8 bits and JPEG-compressed, in that
+order. Tumour cells are a Voronoi tessellation of jittered seeds; each cell's membrane DAB deposit
+(completeness, peak OD, width) is chosen from its ground-truth category, using the DAB OD bands
+of DESIGN.md section 3 (faint < 0.2 <= weak/moderate < 0.6 <= strong). Written from physics only:
+nothing here looks at the scorer.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from .categories import CATEGORIES
+from .stain import EOSIN_OD, H_DAB, StainSet
+
+__all__ = [
+    "SCORES", "SyntheticField", "generate_field", "generate_he_field", "make_slide",
+    "write_pyramidal_tiff", "write_dataset", "write_samples",
+]
+
+SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
+_FILE_TAG = {"0": "0", "1+": "1plus", "2+": "2plus", "3+": "3plus"}
+_PATTERN_OF = {"none": "none", "faint_partial": "partial", "weak_moderate_complete": "complete",
+               "strong_complete": "complete", "weak_moderate_lateral": "lateral", "strong_lateral": "lateral"}
+_LN10 = np.float32(np.log(10.0))
+_PAD_UM = 16.0  # canvas margin around the image, larger than any cell radius
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticField:
+    """A generated field and its truth.
+
+    ``cells`` holds columns (one row per cell whose nucleus centre lies in the image / tissue):
+    x_px, y_px (nucleus centre, image pixels), nucleus_radius_um, completeness (fraction of the
+    cell boundary stained, 0-1), longest_arc (longest stained arc, fraction of the boundary),
+    membrane_od (peak log10 DAB OD of the deposit), width_um (deposit FWHM, µm), pattern,
+    category (a name from CATEGORIES) and tumour (bool; stromal nuclei are False, category none).
+    ``dab_od`` is the true deposited DAB OD per pixel (before blur) and ``label_map`` the row of
+    ``cells`` owning each pixel (-1 for stroma/glass).
+    """
+
+    image: np.ndarray
+    mpp: float
+    score: str
+    variant: str
+    cells: dict[str, np.ndarray]
+    stains: StainSet
+    seed: int
+    dab_od: np.ndarray | None = field(default=None, repr=False)
+    label_map: np.ndarray | None = field(default=None, repr=False)
+
+    def truth_counts(self) -> dict[str, int]:
+        """Number of tumour cells in each of the six categories."""
+        cat = self.cells["category"][self.cells["tumour"]]
+        return {c: int(np.count_nonzero(cat == c)) for c in CATEGORIES}
+
+    def to_truth_dict(self) -> dict:
+        """JSON-serialisable summary: score, variant, seed, mpp, size, counts and fractions."""
+        counts = self.truth_counts()
+        n = sum(counts.values())
+        return {
+            "score": self.score, "variant": self.variant, "seed": int(self.seed), "mpp": float(self.mpp),
+            "size_px": [int(self.image.shape[1]), int(self.image.shape[0])],
+            "n_tumour_cells": n, "counts": counts,
+            "fractions": {c: round(k / max(n, 1), 4) for c, k in counts.items()},
+            "stains": self.stains.to_dict(),
+        }
+
+
+# --------------------------------------------------------------------------- composition
+
+def _composition(score: str, variant: str, gastric: bool, rng) -> dict[str, float]:
+    """Fractions of tumour cells per category, all well away from the 10% guideline cut-offs."""
+    u = rng.uniform
+    if score == "0":
+        return {} if variant == "null" else {"faint_partial": u(0.02, 0.07)}
+    if score == "1+":
+        return {"faint_partial": u(0.25, 0.80)}
+    if score == "2+":
+        if gastric:
+            return {"weak_moderate_complete": u(0.20, 0.55), "weak_moderate_lateral": u(0.12, 0.25),
+                    "faint_partial": u(0.03, 0.10)}
+        return {"weak_moderate_complete": u(0.25, 0.80), "faint_partial": u(0.03, 0.10)}
+    if score == "3+":
+        out = ({"strong_complete": u(0.20, 0.55), "strong_lateral": u(0.12, 0.25)} if gastric
+               else {"strong_complete": u(0.30, 0.90)})
+        rest = 1.0 - sum(out.values())
+        out["weak_moderate_complete"] = u(0.3, 0.7) * rest
+        out["faint_partial"] = u(0.2, 0.6) * (rest - out["weak_moderate_complete"])
+        return out
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def _assign(fractions: dict[str, float], counted: np.ndarray, score: str, rng) -> np.ndarray:
+    """Category per seed: exact counts over ``counted`` seeds, random draws for the others."""
+    cats = np.full(len(counted), "none", dtype=object)
+    names = list(fractions)
+    probs = np.array([fractions[c] for c in names])
+    idx = rng.permutation(np.flatnonzero(counted))
+    n = len(idx)
+    k = np.floor(probs * n + 0.5).astype(int)
+    if score == "0" and names and n:
+        k[:] = np.clip(k, 1, max(1, int(0.08 * n)))  # ultralow: >0% and clearly <=10%
+    start = 0
+    for name, kk in zip(names, k):
+        cats[idx[start:start + kk]] = name
+        start += kk
+    other = np.flatnonzero(~counted)
+    if names and len(other):
+        draw = rng.choice(len(names) + 1, size=len(other), p=np.append(probs, max(0.0, 1 - probs.sum())))
+        for j, name in enumerate(names):
+            cats[other[draw == j]] = name
+    return cats
+
+
+def _membrane_params(cats: np.ndarray, score: str, rng):
+    """Peak DAB OD, deposit width (µm) and up to 3 stained arcs (start, length; fractions of a turn)."""
+    n = len(cats)
+    od, width = np.zeros(n), np.zeros(n)
+    start, length = rng.uniform(0, 1, (n, 3)), np.zeros((n, 3))
+    for i, c in enumerate(cats):
+        if c == "none":
+            continue
+        if c == "faint_partial":
+            if score in ("2+", "3+") and rng.random() < 0.2:  # weak but incomplete: still faint_partial
+                od[i], width[i] = rng.uniform(0.25, 0.45), rng.uniform(0.8, 1.1)
+            else:
+                od[i], width[i] = rng.uniform(0.09, 0.17), rng.uniform(0.5, 0.7)
+            k = int(rng.integers(1, 4))
+            total = rng.uniform(0.15, min(0.60, 0.33 * k))
+            arcs = total * rng.dirichlet(np.full(k, 4.0))
+            while arcs.max() > 0.35:  # keep every arc clearly shorter than a lateral (U) arc
+                arcs = total * rng.dirichlet(np.full(k, 4.0))
+            gaps = (1 - total) * rng.dirichlet(np.full(k, 2.0))
+            s0 = rng.uniform()
+            pos = s0 + np.concatenate([[0], np.cumsum(arcs + gaps)[:-1]])
+            start[i, :k], length[i, :k] = pos % 1.0, arcs
+            continue
+        strong = c.startswith("strong")
+        od[i] = rng.uniform(0.70, 1.20) if strong else rng.uniform(0.25, 0.52)
+        width[i] = rng.uniform(1.8, 2.4) if strong else rng.uniform(0.85, 1.2)
+        if c.endswith("lateral"):
+            length[i, 0] = 1.0 - rng.uniform(0.25, 0.45)  # one apical gap: U-shaped
+        else:
+            length[i, 0] = 1.0 if rng.random() < 0.5 else rng.uniform(0.94, 1.0)
+    return od, width, start, length
+
+
+# --------------------------------------------------------------------------- tissue model
+
+def _lowfreq(rng, shape, scale_px: float) -> np.ndarray:
+    """Smooth unit-variance noise with features about ``scale_px`` across."""
+    h, w = shape
+    coarse = rng.standard_normal((int(h / scale_px) + 4, int(w / scale_px) + 4)).astype(np.float32)
+    big = cv2.resize(coarse, (int((coarse.shape[1] - 1) * scale_px), int((coarse.shape[0] - 1) * scale_px)),
+                     interpolation=cv2.INTER_CUBIC)
+    out = big[int(scale_px):int(scale_px) + h, int(scale_px):int(scale_px) + w]
+    return (out - out.mean()) / (out.std() + 1e-6)
+
+
+def _fine(rng, shape, sigma_px: float, sigma_y: float | None = None) -> np.ndarray:
+    n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma_px,
+                         sigmaY=sigma_y if sigma_y is not None else sigma_px)
+    return n / (n.std() + 1e-6)
+
+
+def _fibres(rng, shape, um: float, angle_deg: float) -> np.ndarray:
+    """Unit-variance noise streaked along ``angle_deg`` (collagen fibres, ~3 x 0.6 µm grain)."""
+    r = int(np.ceil(7 * um))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1].astype(np.float32)
+    a = np.radians(angle_deg)
+    u, v = xx * np.cos(a) + yy * np.sin(a), -xx * np.sin(a) + yy * np.cos(a)
+    k = np.exp(-0.5 * ((u / (2.5 * um)) ** 2 + (v / (0.6 * um)) ** 2))
+    n = cv2.filter2D(rng.standard_normal(shape).astype(np.float32), -1, k / k.sum())
+    return n / (n.std() + 1e-6)
+
+
+def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: bool, *,
+           he: bool = False, tissue_fraction: float | None = None):
+    """Concentration maps (canvas with margin) and the cell table. Returns a dict."""
+    um = 1.0 / mpp  # pixels per µm
+    pad = int(np.ceil(_PAD_UM * um))
+    H, W = h + 2 * pad, w + 2 * pad
+    diam = rng.uniform(12.0, 15.0) * um
+    dy = diam * np.sqrt(3) / 2
+    gy, gx = np.meshgrid(np.arange(-1, H / dy + 1), np.arange(-1, W / diam + 1), indexing="ij")
+    seeds = np.stack([((gx + 0.5 * (gy % 2)) * diam).ravel(), (gy * dy).ravel()], 1)
+    seeds += rng.uniform(-0.3, 0.3, seeds.shape) * diam
+    ns = len(seeds)
+    tree = cKDTree(seeds)
+    nn = tree.query(seeds, k=2)[0][:, 1] / um  # nearest-neighbour distance, µm
+
+    # stroma gaps: smooth noise thresholded at the seeds; optional tissue mask (slides)
+    field_noise = _lowfreq(rng, (H, W), 45 * um)
+    sx_i = np.clip(seeds[:, 0].astype(int), 0, W - 1)
+    sy_i = np.clip(seeds[:, 1].astype(int), 0, H - 1)
+    sval = field_noise[sy_i, sx_i]
+    tumour = sval > np.quantile(sval, rng.uniform(0.1, 0.3))
+    mask = None
+    if tissue_fraction is not None:
+        yy_c, xx_c = np.ogrid[0:H, 0:W]
+        r2 = ((2 * xx_c / W - 1) ** 2 + (2 * yy_c / H - 1) ** 2).astype(np.float32)
+        t = _lowfreq(rng, (H, W), min(H, W) / 5) - 2.5 * r2 ** 2
+        binary = (t > np.quantile(t, 1 - tissue_fraction)).astype(np.float32)
+        mask = cv2.GaussianBlur(binary, (0, 0), 2 * um)
+
+    # nuclei (per seed)
+    r_um = np.minimum(rng.uniform(3.0, 4.5, ns), 0.36 * nn)
+    elong = rng.uniform(1.0, 1.3, ns)
+    na, nb = r_um * np.sqrt(elong) * um, r_um / np.sqrt(elong) * um
+    theta = rng.uniform(0, np.pi, ns)
+    ncx = seeds[:, 0] + rng.uniform(-0.8, 0.8, ns) * um
+    ncy = seeds[:, 1] + rng.uniform(-0.8, 0.8, ns) * um
+    inside = (ncx >= pad) & (ncx < pad + w) & (ncy >= pad) & (ncy < pad + h)
+    if mask is not None:
+        inside &= mask[np.clip(ncy.astype(int), 0, H - 1), np.clip(ncx.astype(int), 0, W - 1)] > 0.5
+    counted = tumour & inside
+
+    cats = _assign({} if he else _composition(score, variant, gastric, rng), counted, score, rng)
+    cats[~tumour] = "none"
+    od, width, arc_s, arc_l = _membrane_params(cats, score, rng)
+
+    # Voronoi: nearest and second-nearest seed per pixel; distance to their bisector = edge distance
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    d, idx = tree.query(np.column_stack([xx.ravel(), yy.ravel()]), k=2, workers=-1)
+    lab = idx[:, 0].reshape(H, W)
+    sep = np.linalg.norm(seeds[idx[:, 1]] - seeds[idx[:, 0]], axis=1)
+    edge_um = ((d[:, 1] ** 2 - d[:, 0] ** 2) / (2 * sep) / um).astype(np.float32).reshape(H, W)
+    tum_px = tumour[lab]
+
+    dx, dy_ = xx - ncx[lab].astype(np.float32), yy - ncy[lab].astype(np.float32)
+    c, s = np.cos(theta).astype(np.float32)[lab], np.sin(theta).astype(np.float32)[lab]
+    u_, v_ = (dx * c + dy_ * s) / na[lab].astype(np.float32), (-dx * s + dy_ * c) / nb[lab].astype(np.float32)
+    rr = np.sqrt(u_ * u_ + v_ * v_)
+    nuc = np.clip((1 - rr) * nb[lab].astype(np.float32) / (0.5 * um) + 0.5, 0, 1) * tum_px
+    chrom = 1 + 0.3 * _fine(rng, (H, W), 0.5 * um) + 0.25 * np.exp(-(((rr - 0.9) / 0.1) ** 2))
+    h_nuc = rng.uniform(0.5, 0.9, ns) if he else rng.uniform(0.35, 0.8, ns)
+    cyto_h = rng.uniform(0.03, 0.08, ns)
+    phi = rng.uniform(0, 180)
+    fibre = _fibres(rng, (H, W), um, phi)
+    conc_h = np.where(tum_px, nuc * (h_nuc[lab] * chrom) + (1 - nuc) * cyto_h[lab],
+                      (0.03 + 0.012 * fibre)).astype(np.float32)
+
+    # stromal nuclei: spindles (fibroblasts) and a few lymphocytes
+    strom = np.zeros((H, W), np.uint8)
+    extra = []
+    for i in np.flatnonzero(~tumour):
+        p = rng.random()
+        ctr = (int(ncx[i] * 16), int(ncy[i] * 16))
+        if p < 0.35:
+            ax = (int(rng.uniform(5, 8) * um * 16), int(rng.uniform(1.1, 1.6) * um * 16))
+            cv2.ellipse(strom, ctr, ax, phi + rng.normal(0, 20), 0, 360, 255, -1, cv2.LINE_AA, 4)
+            extra.append((i, np.sqrt(ax[0] * ax[1]) / 16 / um))
+        elif p < 0.45:
+            rad = rng.uniform(2.5, 3.0)
+            cv2.circle(strom, ctr, int(rad * um * 16), 255, -1, cv2.LINE_AA, 4)
+            extra.append((i, rad))
+    strom_m = (strom.astype(np.float32) / 255) * ~tum_px
+    conc_h += strom_m * (0.85 if he else 0.6)
+
+    if he:
+        eos = rng.uniform(0.15, 0.3, ns)
+        conc_e = np.where(tum_px, (1 - nuc) * eos[lab] + 0.08 * nuc, 0.38 + 0.12 * fibre).astype(np.float32)
+        conc_d = np.zeros((H, W), np.float32)
+    else:
+        conc_e = None
+        # membrane deposit: Gaussian across the cell's own Voronoi edge, slightly inside it,
+        # integrated over the pixel (sigma^2 + mpp^2/12, area kept) to avoid aliasing thin lines
+        band = tum_px & (edge_um < 4.0) & (od[lab] > 0)
+        lb = lab[band]
+        t = (np.arctan2(yy[band] - seeds[lb, 1], xx[band] - seeds[lb, 0]) / (2 * np.pi)) % 1.0
+        # angle -> fraction of the cell's perimeter: empirical CDF of its boundary pixels' angles
+        rim = tum_px & (edge_um * um < 0.75)
+        n_rim = np.bincount(lab[rim], minlength=ns)
+        key_rim = np.sort(lab[rim] + (np.arctan2(yy[rim] - seeds[lab[rim], 1], xx[rim] - seeds[lab[rim], 0])
+                                      / (2 * np.pi)) % 1.0)
+        first = np.concatenate([[0], np.cumsum(n_rim)[:-1]])
+        t = (np.searchsorted(key_rim, lb + t) - first[lb]) / np.maximum(n_rim[lb], 1)
+        on = np.zeros(len(lb), bool)
+        for k in range(3):
+            on |= ((t - arc_s[lb, k]) % 1.0) < arc_l[lb, k]
+        sig_d = width / 2.355
+        sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
+        amp = od * sig_d / np.maximum(sig_r, 1e-6)
+        off = 0.25 * width + 0.15
+        gran = 1 + 0.15 * _fine(rng, (H, W), 0.4 * um)[band]
+        prof = amp[lb] * np.exp(-0.5 * ((edge_um[band] - off[lb]) / sig_r[lb]) ** 2) * on * gran
+        conc_d = np.zeros((H, W), np.float32)
+        conc_d[band] = np.maximum(prof, 0)
+        haze = od * rng.uniform(0.03, 0.08, ns)
+        conc_d += (tum_px * (1 - nuc) * haze[lab]).astype(np.float32)
+        # completeness measured on the cell's own boundary pixels (within 0.75 px of the edge)
+        on_full = np.zeros((H, W), bool)
+        on_full[band] = on
+        n_on = np.bincount(lab[rim & on_full], minlength=ns)
+        completeness = np.where(od > 0, n_on / np.maximum(n_rim, 1), 0.0)
+
+    if he:
+        completeness = np.zeros(ns)
+    # cell table: counted tumour cells, then stromal nuclei inside the image
+    rows = np.flatnonzero(counted)
+    ex = [(i, r) for i, r in extra if inside[i]]
+    sel = np.concatenate([rows, np.array([i for i, _ in ex], int)])
+    n_t = len(rows)
+    cells = {
+        "x_px": (ncx[sel] - pad).astype(np.float32), "y_px": (ncy[sel] - pad).astype(np.float32),
+        "nucleus_radius_um": np.concatenate([r_um[rows], [r for _, r in ex]]).astype(np.float32),
+        "completeness": np.where(np.arange(len(sel)) < n_t, completeness[sel], 0).astype(np.float32),
+        "longest_arc": np.where(np.arange(len(sel)) < n_t, arc_l[sel].max(axis=1), 0).astype(np.float32),
+        "membrane_od": np.where(np.arange(len(sel)) < n_t, od[sel], 0).astype(np.float32),
+        "width_um": np.where(np.arange(len(sel)) < n_t, width[sel], 0).astype(np.float32),
+        "category": np.array(list(cats[rows]) + ["none"] * len(ex), dtype="<U24"),
+        "tumour": np.arange(len(sel)) < n_t,
+    }
+    cells["pattern"] = np.array([_PATTERN_OF[x] for x in cells["category"]], dtype="<U10")
+    row_of = np.full(ns, -1, np.int32)
+    row_of[rows] = np.arange(n_t)
+    label_map = np.where(tum_px, row_of[lab], -1).astype(np.int32)
+    maps = {"h": conc_h, "d": None if he else conc_d, "e": conc_e}
+    if mask is not None:
+        maps = {k: (m * mask if m is not None else None) for k, m in maps.items()}
+        label_map[mask < 0.5] = -1
+    crop = (slice(pad, pad + h), slice(pad, pad + w))
+    return {"maps": maps, "cells": cells, "pad": pad, "label_map": label_map[crop],
+            "dab_od": None if he else maps["d"][crop].copy()}
+
+
+# --------------------------------------------------------------------------- optics
+
+def _jitter_vec(v, deg: float, rng) -> tuple[float, float, float]:
+    v = np.asarray(v, float)
+    if deg <= 0:
+        return tuple(v)
+    p = rng.standard_normal(3)
+    p -= p.dot(v) * v
+    p /= np.linalg.norm(p)
+    a = np.radians(np.clip(rng.normal(0, deg), -2 * deg, 2 * deg))  # bounded: at most 2x the jitter
+    out = np.abs(np.cos(a) * v + np.sin(a) * p)
+    return tuple(out / np.linalg.norm(out))
+
+
+def _stains(rng, stain_jitter: float) -> tuple[StainSet, float]:
+    """Jittered stain vectors, background I0 and a haematoxylin amount scale."""
+    base = rng.uniform(245, 255) - rng.uniform(0, 1.5 * stain_jitter)
+    bg = np.clip(base + rng.uniform(-2, 2, 3) * (1 + stain_jitter / 3), 200, 255)
+    hs = float(np.clip(np.exp(rng.normal(0, 0.03 * stain_jitter)), 0.6, 1.6))
+    st = StainSet(_jitter_vec(H_DAB.hematoxylin, stain_jitter, rng), _jitter_vec(H_DAB.dab, stain_jitter, rng),
+                  tuple(float(b) for b in bg), source="synthetic")
+    return st, hs
+
+
+def _render(rng, maps: dict, vectors: dict, background, pad: int, w: int, h: int, mpp: float,
+            jpeg_quality: int | None) -> np.ndarray:
+    """Beer-Lambert -> Gaussian PSF (0.4 µm) -> sensor noise -> 8-bit -> JPEG."""
+    od = None
+    for k, m in maps.items():
+        if m is None:
+            continue
+        term = m[..., None] * np.asarray(vectors[k], np.float32)
+        od = term if od is None else od + term
+    inten = np.exp(-_LN10 * od) * np.asarray(background, np.float32)
+    inten = cv2.GaussianBlur(inten, (0, 0), 0.4 / mpp)[pad:pad + h, pad:pad + w]
+    inten += rng.standard_normal(inten.shape, dtype=np.float32) * np.sqrt(inten / 120.0 + 0.3)
+    rgb = np.clip(inten + 0.5, 0, 255).astype(np.uint8)
+    if jpeg_quality:
+        ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+        rgb = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+    return rgb
+
+
+def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric, tissue_fraction=None):
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    rng = np.random.default_rng(seed)
+    if score == "0":
+        variant = variant or ("null" if rng.random() < 0.5 else "ultralow")
+        if variant not in ("null", "ultralow"):
+            raise ValueError(f"variant for score 0 must be 'null' or 'ultralow', got {variant!r}")
+    else:
+        variant = "gastric" if gastric else "standard"
+    w, h = (int(v) for v in size_px)
+    stains, hs = _stains(rng, stain_jitter)
+    b = _build(rng, w, h, mpp, score, variant, gastric, tissue_fraction=tissue_fraction)
+    b["maps"]["h"] *= hs
+    img = _render(rng, b["maps"], {"h": stains.hematoxylin, "d": stains.dab}, stains.background,
+                  b["pad"], w, h, mpp, jpeg_quality)
+    return SyntheticField(img, float(mpp), score, variant, b["cells"], stains, int(seed),
+                          dab_od=b["dab_od"], label_map=b["label_map"])
+
+
+def generate_field(score: str, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
+                   variant: str | None = None, stain_jitter: float = 0.0, jpeg_quality: int | None = 88,
+                   gastric: bool = False) -> SyntheticField:
+    """One synthetic HER2 IHC field of class ``score`` ("0", "1+", "2+", "3+").
+
+    ``size_px`` is (width, height) in pixels at ``mpp`` µm/px. ``variant`` ("null"/"ultralow")
+    applies to score 0 (random if None). ``stain_jitter`` (degrees) rotates the H and DAB vectors,
+    scales the haematoxylin amount and tints the background; DAB amounts are never scaled, so the
+    category truth holds. ``gastric`` adds lateral (U-shaped) patterns at 2+/3+. Deterministic per seed.
+    """
+    return _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric)
+
+
+def generate_he_field(*, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
+                      jpeg_quality: int | None = 88) -> np.ndarray:
+    """An H&E field (haematoxylin + eosin, no DAB), RGB uint8, for wrong-stain tests."""
+    rng = np.random.default_rng(seed)
+    w, h = (int(v) for v in size_px)
+    bg = tuple(float(x) for x in np.clip(rng.uniform(245, 255) + rng.uniform(-2, 2, 3), 0, 255))
+    b = _build(rng, w, h, mpp, "0", "null", False, he=True)
+    return _render(rng, b["maps"], {"h": H_DAB.hematoxylin, "e": EOSIN_OD}, bg, b["pad"], w, h, mpp, jpeg_quality)
+
+
+def make_slide(score: str, *, seed: int, size_px: tuple[int, int] = (3000, 2000), mpp: float = 0.25,
+               tissue_fraction: float = 0.5, variant: str | None = None, gastric: bool = False,
+               stain_jitter: float = 0.0) -> tuple[np.ndarray, SyntheticField]:
+    """A small whole-slide-like image: glass (I0 ~245-255) with irregular tissue regions.
+
+    The tissue is one seamless synthetic field at the slide's ``mpp`` masked to ~``tissue_fraction``
+    of the area; truth counts cover cells whose nucleus lies in tissue. No JPEG is applied here
+    (the TIFF writer compresses). Returns (rgb, truth).
+    """
+    f = _field(score, seed, size_px, mpp, variant, stain_jitter, None, gastric, tissue_fraction=tissue_fraction)
+    return f.image, f
+
+
+# --------------------------------------------------------------------------- files
+
+def write_pyramidal_tiff(path, rgb: np.ndarray, *, mpp: float, tile: int = 256, quality: int = 90,
+                         min_size: int = 512) -> Path:
+    """Tiled JPEG TIFF readable by tifffile and OpenSlide (generic TIFF).
+
+    Level 0, then 2x reductions (cv2 INTER_AREA) until the longest side is at most ``min_size``,
+    each a top-level IFD (reduced levels subfiletype=1), resolution 1e4/mpp px/cm. ``rgb`` is RGB;
+    tifffile stores JPEG tiles as YCbCr (photometric 6), which tifffile and OpenSlide both decode.
+    """
+    path = Path(path)
+    levels = [np.ascontiguousarray(rgb)]
+    while max(levels[-1].shape[:2]) > min_size:
+        a = levels[-1]
+        levels.append(cv2.resize(a, (max(1, a.shape[1] // 2), max(1, a.shape[0] // 2)), interpolation=cv2.INTER_AREA))
+    with tifffile.TiffWriter(path) as tw:
+        for i, a in enumerate(levels):
+            m = mpp * (rgb.shape[1] / a.shape[1])
+            tw.write(a, tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": int(quality)}, subfiletype=0 if i == 0 else 1,
+                     resolution=(1e4 / m, 1e4 / m), resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
+def _save_png(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    dpi = 25400.0 / mpp  # PIL writes pHYs in px/m
+    Image.fromarray(rgb).save(path, dpi=(dpi, dpi), optimize=False, compress_level=9)
+
+
+def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, int] = (512, 512),
+                  mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png") -> Path:
+    """Write ``n_per_class`` fields per score plus labels.csv (path,label) and truth.jsonl."""
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(SCORES))
+    rows, truth = [], []
+    for j, score in enumerate(SCORES):
+        for i in range(n_per_class):
+            s = int(seeds[j * n_per_class + i])
+            f = generate_field(score, seed=s, size_px=size_px, mpp=mpp, stain_jitter=stain_jitter,
+                               jpeg_quality=None if fmt == "jpg" else 88)
+            rel = f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}"
+            if fmt == "png":
+                _save_png(out / rel, f.image, mpp)
+            else:
+                Image.fromarray(f.image).save(out / rel, quality=88, dpi=(25400 / mpp, 25400 / mpp))
+            rows.append((rel, score))
+            truth.append({"path": rel, **f.to_truth_dict()})
+    with open(out / "labels.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["path", "label"])
+        wr.writerows(rows)
+    with open(out / "truth.jsonl", "w") as fh:
+        fh.writelines(json.dumps(t) + "\n" for t in truth)
+    return out
+
+
+def write_samples(out_dir) -> Path:
+    """The committed sample set: 8 PNG fields (512 px, 0.5 µm/px), slide_2plus.tif (2400x1600 px at
+    0.25 µm/px, 4 levels) and truth.json (each file's truth score, variant and cell counts)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [("0", "null", "field_0_null"), ("0", "ultralow", "field_0_ultralow"),
+             ("1+", None, "field_1plus_a"), ("1+", None, "field_1plus_b"),
+             ("2+", None, "field_2plus_a"), ("2+", None, "field_2plus_b"),
+             ("3+", None, "field_3plus_a"), ("3+", None, "field_3plus_b")]
+    truth = {}
+    for k, (score, variant, name) in enumerate(specs):
+        f = generate_field(score, seed=1000 + k, variant=variant)
+        _save_png(out / f"{name}.png", f.image, f.mpp)
+        truth[f"{name}.png"] = f.to_truth_dict()
+    rgb, t = make_slide("2+", seed=2024, size_px=(2400, 1600), mpp=0.25, tissue_fraction=0.45)
+    write_pyramidal_tiff(out / "slide_2plus.tif", rgb, mpp=0.25, quality=80)
+    truth["slide_2plus.tif"] = t.to_truth_dict()
+    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    return out

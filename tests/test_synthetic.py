@@ -1,0 +1,122 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from her2score.categories import CATEGORIES
+from her2score.stain import H_DAB, deconvolve, optical_density, wrong_stain_fraction
+from her2score.synthetic import (
+    generate_field,
+    generate_he_field,
+    make_slide,
+    write_dataset,
+    write_pyramidal_tiff,
+)
+
+
+def _fractions(f):
+    c = f.truth_counts()
+    n = sum(c.values())
+    assert n > 100
+    return {k: v / n for k, v in c.items()}
+
+
+def test_deterministic_per_seed():
+    a, b = generate_field("2+", seed=11), generate_field("2+", seed=11)
+    assert np.array_equal(a.image, b.image)
+    assert a.truth_counts() == b.truth_counts()
+    assert not np.array_equal(a.image, generate_field("2+", seed=12).image)
+    assert a.image.shape == (512, 512, 3) and a.image.dtype == np.uint8
+    assert set(a.truth_counts()) == set(CATEGORIES)
+    json.dumps(a.to_truth_dict())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_composition_matches_class(seed):
+    null = _fractions(generate_field("0", seed=seed, variant="null"))
+    assert null["none"] == 1.0
+    ul = _fractions(generate_field("0", seed=seed, variant="ultralow"))
+    assert 0 < ul["faint_partial"] <= 0.08 and ul["none"] + ul["faint_partial"] == 1.0
+    one = _fractions(generate_field("1+", seed=seed))
+    assert one["faint_partial"] > 0.2 and one["none"] + one["faint_partial"] == 1.0
+    two = _fractions(generate_field("2+", seed=seed))
+    assert two["weak_moderate_complete"] > 0.2 and two["strong_complete"] == 0
+    three = _fractions(generate_field("3+", seed=seed))
+    assert three["strong_complete"] > 0.25
+    g = _fractions(generate_field("3+", seed=seed, gastric=True))
+    assert g["strong_lateral"] > 0.1 and g["strong_complete"] > 0.1
+
+
+def test_cell_truth_consistent():
+    f = generate_field("3+", seed=5, gastric=True)
+    c = f.cells
+    t = c["tumour"]
+    cat, comp, od = c["category"][t], c["completeness"][t], c["membrane_od"][t]
+    assert np.all(od[cat == "strong_complete"] >= 0.6) and np.all(comp[cat == "strong_complete"] > 0.85)
+    wm = cat == "weak_moderate_complete"
+    assert np.all((od[wm] >= 0.2) & (od[wm] < 0.6))
+    lat = cat == "strong_lateral"
+    assert np.all((comp[lat] > 0.5) & (comp[lat] < 0.8))
+    fp = cat == "faint_partial"
+    assert np.all(c["longest_arc"][t][fp] <= 0.35) and np.all((comp[fp] > 0.1) & (comp[fp] < 0.65))
+    assert np.all(c["pattern"][t][cat == "none"] == "none") and np.all(od[cat == "none"] == 0)
+    assert c["width_um"][t][cat == "strong_complete"].mean() > 1.5
+    assert np.all((c["x_px"] >= 0) & (c["x_px"] < 512) & (c["y_px"] >= 0) & (c["y_px"] < 512))
+
+
+def test_beer_lambert_dab_od():
+    null = generate_field("0", seed=4, variant="null")
+    dab = deconvolve(null.image, null.stains)[..., 1]
+    assert abs(float(np.median(dab[null.label_map >= 0]))) < 0.03
+    assert np.percentile(dab, 99) < 0.12
+    f = generate_field("3+", seed=4)
+    dab = deconvolve(f.image, H_DAB.with_background(f.stains.background))[..., 1]
+    rows = f.label_map
+    strong = np.isin(rows, np.flatnonzero(f.cells["category"] == "strong_complete")) & (f.dab_od > 0.5)
+    faint = np.isin(rows, np.flatnonzero(f.cells["category"] == "faint_partial")) & (f.dab_od > 0.05)
+    none = np.isin(rows, np.flatnonzero(f.cells["category"] == "none")) & (f.dab_od < 0.01)
+    assert strong.sum() > 100 and faint.sum() > 10 and none.sum() > 100
+    s, fa, no = dab[strong].mean(), dab[faint].mean(), dab[none].mean()
+    assert s > 0.4 and s > 2 * fa and fa > no
+    assert abs(no) < 0.05
+
+
+def test_he_has_eosin_and_null_has_not():
+    he = generate_he_field(seed=3)
+    assert he.shape == (512, 512, 3)
+    assert wrong_stain_fraction(optical_density(he)) > 0.3
+    assert wrong_stain_fraction(optical_density(generate_field("0", seed=3, variant="null").image)) < 0.05
+
+
+def test_pyramidal_tiff_tifffile_and_openslide(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    openslide = pytest.importorskip("openslide")
+    rgb, truth = make_slide("2+", seed=9, size_px=(1200, 800), mpp=0.25)
+    assert rgb.shape == (800, 1200, 3) and truth.truth_counts()["weak_moderate_complete"] > 0
+    assert (rgb[:20, :20].min(axis=2) > 225).all()  # glass at the corner
+    p = write_pyramidal_tiff(tmp_path / "s.tif", rgb, mpp=0.25, tile=256, min_size=512)
+    with tifffile.TiffFile(p) as t:
+        assert len(t.pages) == 3
+        assert [pg.subfiletype for pg in t.pages] == [0, 1, 1]
+        assert t.pages[0].is_tiled
+        assert abs(np.abs(t.pages[0].asarray().astype(int) - rgb).mean()) < 4
+    with openslide.OpenSlide(str(p)) as s:
+        assert s.level_count == 3
+        assert s.level_dimensions[0] == (1200, 800)
+        assert abs(float(s.properties["openslide.mpp-x"]) - 0.25) < 1e-3
+        region = np.asarray(s.read_region((300, 100), 0, (400, 300)).convert("RGB")).astype(int)
+        assert np.abs(region - rgb[100:400, 300:700]).mean() < 4
+
+
+def test_write_dataset_png_mpp(tmp_path):
+    out = write_dataset(tmp_path / "ds", n_per_class=1, seed=3, size_px=(128, 128), mpp=0.5)
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert [r["label"] for r in rows] == ["0", "1+", "2+", "3+"]
+    truth = [json.loads(x) for x in open(out / "truth.jsonl")]
+    assert [t["score"] for t in truth] == ["0", "1+", "2+", "3+"]
+    with Image.open(out / rows[0]["path"]) as im:
+        assert im.size == (128, 128)
+        dpi = im.info["dpi"][0]
+        assert abs(25400.0 / dpi - 0.5) < 0.01
