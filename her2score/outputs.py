@@ -1,0 +1,139 @@
+"""Per-slide outputs, each written atomically: result.json, cells.csv, overlay.png, cells.geojson."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .categories import CATEGORIES
+from .membrane import N_SECTORS
+from .pipeline import SlideAnalysis
+
+__all__ = ["atomic_write", "write_outputs", "CATEGORY_COLOURS", "OUTPUT_FILES"]
+
+CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
+    "none": (70, 130, 255),
+    "faint_partial": (255, 230, 0),
+    "weak_moderate_complete": (255, 140, 0),
+    "strong_complete": (220, 0, 0),
+    "weak_moderate_lateral": (190, 90, 255),
+    "strong_lateral": (120, 0, 160),
+}
+"""RGB colour of each category in the overlay and in QuPath."""
+
+OUTPUT_FILES = ("result.json", "cells.csv", "overlay.png", "cells.geojson")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cells_csv(analysis: SlideAnalysis) -> str:
+    """One row per cell: position (level-0 px and µm), tumour flag, category, pattern and measurements."""
+    t = analysis.cells
+    mpp = analysis.result.mpp
+    cols = [k for k in t if k != "radii_um"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["cell_id", "x_px", "y_px", "x_um", "y_um"] + [c for c in cols if c not in ("x", "y")])
+    for i in range(len(t["x"])):
+        row = [i, f"{t['x'][i]:.1f}", f"{t['y'][i]:.1f}", f"{t['x'][i] * mpp:.2f}", f"{t['y'][i] * mpp:.2f}"]
+        for c in cols:
+            if c in ("x", "y"):
+                continue
+            v = t[c][i]
+            row.append(int(v) if isinstance(v, (bool, np.bool_)) else f"{v:.4f}" if isinstance(v, (float, np.floating)) else v)
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _outlines_level0(analysis: SlideAnalysis) -> np.ndarray:
+    """(n, N_SECTORS, 2) cell outline vertices in level-0 px, from the per-sector radii."""
+    t = analysis.cells
+    angles = -np.pi + (np.arange(N_SECTORS) + 0.5) * 2 * np.pi / N_SECTORS
+    r_px = t["radii_um"] / analysis.result.mpp
+    xs = t["x"][:, None] + r_px * np.cos(angles)[None]
+    ys = t["y"][:, None] + r_px * np.sin(angles)[None]
+    return np.stack([xs, ys], axis=-1)
+
+
+def cells_geojson(analysis: SlideAnalysis) -> str:
+    """QuPath-importable FeatureCollection: one detection per cell, classified by its category."""
+    t = analysis.cells
+    outlines = _outlines_level0(analysis)
+    feats = []
+    for i in range(len(t["x"])):
+        ring = np.round(outlines[i], 1).tolist()
+        ring.append(ring[0])
+        cat = str(t["category"][i])
+        feats.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": cat if t["tumour"][i] else f"{cat} (non-tumour)", "color": list(CATEGORY_COLOURS[cat])},
+                "measurements": {
+                    "completeness": round(float(t["completeness"][i]), 4),
+                    "membrane_od": round(float(t["membrane_od"][i]), 4),
+                    "width_um": round(float(t["width_um"][i]), 3),
+                    "tumour": int(bool(t["tumour"][i])),
+                },
+            },
+        })
+    return json.dumps({"type": "FeatureCollection", "features": feats}, separators=(",", ":")) + "\n"
+
+
+def overlay_png(analysis: SlideAnalysis, *, max_side: int = 2000) -> bytes:
+    """The tissue thumbnail with each tumour cell drawn in its category colour (non-tumour cells grey)."""
+    thumb = analysis.thumbnail
+    f = min(1.0, max_side / max(thumb.shape[:2]))
+    canvas = cv2.resize(thumb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else thumb.copy()
+    px_per_level0 = analysis.result.mpp / analysis.thumbnail_mpp * f
+    t = analysis.cells
+    outlines = _outlines_level0(analysis) * px_per_level0
+    small = np.median(t["radii_um"]) / analysis.result.mpp * px_per_level0 < 3 if len(t["x"]) else True
+    for i in np.argsort(t["tumour"], kind="stable"):
+        colour = CATEGORY_COLOURS[str(t["category"][i])] if t["tumour"][i] else (150, 150, 150)
+        if small:
+            cv2.circle(canvas, (int(t["x"][i] * px_per_level0), int(t["y"][i] * px_per_level0)), 1, colour, -1)
+        else:
+            cv2.polylines(canvas, [np.round(outlines[i]).astype(np.int32)], True, colour, 1, cv2.LINE_AA)
+    legend = np.full((18 * len(CATEGORIES) + 8, max(canvas.shape[1], 260), 3), 255, np.uint8)
+    for k, name in enumerate(CATEGORIES):
+        y = 14 + 18 * k
+        cv2.rectangle(legend, (6, y - 10), (18, y + 2), CATEGORY_COLOURS[name], -1)
+        cv2.putText(legend, name.replace("_", " "), (24, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if legend.shape[1] > canvas.shape[1]:
+        canvas = np.pad(canvas, ((0, 0), (0, legend.shape[1] - canvas.shape[1]), (0, 0)), constant_values=255)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.vstack([canvas, legend]), cv2.COLOR_RGB2BGR))
+    return png.tobytes()
+
+
+def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike) -> None:
+    """Write the four per-slide outputs into ``out_dir``; result.json last, so it marks completion."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "cells.csv", cells_csv(analysis))
+    atomic_write(out / "overlay.png", overlay_png(analysis))
+    atomic_write(out / "cells.geojson", cells_geojson(analysis))
+    atomic_write(out / "result.json", analysis.result.to_json())

@@ -1,0 +1,354 @@
+"""score_slide: the one data flow from a slide to a guideline HER2 score.
+
+open slide -> tissue mask -> tile grid at the target µm/px -> per tile: stain separation, nuclei,
+cells, membrane, measurements -> slide: tumour cells, categories, counts, clusters -> guideline.
+Tiles return measurements only; thresholds and guidelines apply once at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from . import __version__
+from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
+from .cells import grow_cells, segment_nuclei
+from .guidelines import apply_guideline
+from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_strength
+from .region import Region, load_region
+from .results import QCFinding, SlideResult
+from .slide import Slide, SlideError, open_slide
+from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains, optical_density, wrong_stain_fraction
+from .tissue import Tile, TissueMask, tile_grid, tissue_mask
+
+__all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
+
+log = logging.getLogger(__name__)
+
+LEVEL_OF_CATEGORY = np.array([0, 1, 2, 3, 2, 3], np.int8)
+"""Staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order: faint = 1, weak-moderate = 2, strong = 3."""
+
+
+class WrongStainError(SlideError):
+    """The slide carries eosin (H&E) rather than an H-DAB immunostain."""
+
+
+class NoTissueError(SlideError):
+    """No tissue was found on the slide."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Every setting of a scoring run, with units; written into result.json."""
+
+    guideline: str = "breast-asco-cap-2023"
+    specimen: str = "resection"
+    mpp: float = 0.5
+    tile_px: int = 512
+    margin_px: int = 32
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    estimate_stains: bool = False
+    nucleus_threshold_od: float = 0.10
+    max_cell_radius_um: float = 9.0
+    tumour_min_nucleus_um2: float = 20.0
+    tumour_max_elongation: float = 2.2
+    tumour_min_neighbours: int = 3
+    neighbour_radius_um: float = 20.0
+    cluster_distance_um: float = 20.0
+    min_tumour_cells: int = 50
+    wrong_stain_max: float = 0.25
+    blur_min: float = 0.0015
+    background_max_od: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.mpp <= 2.0:
+            raise ValueError(f"target mpp {self.mpp} µm/px is outside 0.1-2.0; membranes need ~0.5 µm/px")
+        if self.tile_px < 64 or self.margin_px < 0 or 2 * self.margin_px >= self.tile_px:
+            raise ValueError("tile_px must be >= 64 and the margin less than half a tile")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """Measurements of the cells a tile owns (positions in level-0 pixels) and its QC figures."""
+
+    cells: CellMeasurements
+    tissue_px: int
+    focus: float
+    nucleus_od: float
+
+
+def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float) -> TileResult:
+    """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
+
+    ``scale``: level-0 px per tile px, to place cells in the slide.
+    """
+    mpp = config.mpp
+    hed = deconvolve(rgb, stains)
+    h_od, dab_od = hed[..., 0], hed[..., 1]
+    ridge = ridge_strength(dab_od, mpp=mpp)
+    nuclei = segment_nuclei(h_od, mpp=mpp, threshold_od=config.nucleus_threshold_od)
+    cells = grow_cells(nuclei, ridge, mpp=mpp, max_radius_um=config.max_cell_radius_um)
+    membrane = membrane_mask(dab_od, ridge, faint_od=config.thresholds.faint_od)
+    m = measure_cells(cells, nuclei, h_od, dab_od, membrane, mpp=mpp)
+    x0, y0, w, h = tile.core
+    rx, ry = tile.read[:2]
+    owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
+    m = m.select(owned)
+    m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
+    # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
+    total_od = hed[..., :2].sum(axis=2)
+    tissue = total_od > 0.1
+    lap = cv2.Laplacian(cv2.GaussianBlur(total_od, (0, 0), 0.5), cv2.CV_32F)
+    focus = float(lap[tissue].var()) if tissue.sum() > 100 else float("nan")
+    nucleus_od = float(np.median(h_od[nuclei > 0])) if (nuclei > 0).any() else float("nan")
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od)
+
+
+@dataclass(frozen=True)
+class SlideAnalysis:
+    """A slide's result plus what the outputs need: the cell table and a thumbnail with its mask."""
+
+    result: SlideResult
+    cells: dict[str, np.ndarray]
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
+    tissue: TissueMask
+
+
+# -- worker processes: each opens the slide itself (never before fork) ---------------------------
+_worker: dict = {}
+
+
+def _init_worker(path: str, mpp: float | None, backend: str | None) -> None:
+    _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
+
+
+def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig) -> list[TileResult]:
+    slide = _worker["slide"]
+    return [_read_and_score(slide, t, stains, config) for t in tiles]
+
+
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig) -> TileResult:
+    scale = config.mpp / slide.mpp
+    x, y, w, h = tile.read
+    rgb = slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=config.mpp)
+    return score_tile(rgb, tile, stains=stains, config=config, scale=scale)
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _concat(parts: list[CellMeasurements]) -> CellMeasurements:
+    fields = CellMeasurements.__dataclass_fields__
+    return CellMeasurements(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields})
+
+
+def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
+    """Coarse enough for a ~1500 px thumbnail, never finer than the scan or the target."""
+    longest_um = max(slide.dimensions) * slide.mpp
+    return float(np.clip(longest_um / 1500, max(slide.mpp, target_mpp), 16.0))
+
+
+def _tumour_cells(m: CellMeasurements, config: ScoringConfig, region: Region | None, slide_mpp: float) -> tuple[np.ndarray, str]:
+    if region is not None:
+        return region.contains(m.x, m.y), region.source
+    epithelial = (m.nucleus_area_um2 >= config.tumour_min_nucleus_um2) & (m.nucleus_elongation <= config.tumour_max_elongation)
+    if len(m):
+        pts = np.column_stack([m.x, m.y]) * slide_mpp
+        n = cKDTree(pts).query_ball_point(pts, config.neighbour_radius_um, return_length=True) - 1
+        epithelial &= n >= config.tumour_min_neighbours
+    return epithelial, "detected epithelial cells (no tumour annotation given)"
+
+
+def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) -> dict[str, int]:
+    """Largest cohesive cluster (cells within ``distance_um`` of a neighbour) at or above each level."""
+    out = {}
+    for lv, name in ((3, "3+"), (2, "2+"), (1, "1+")):
+        pts = xy_um[level >= lv]
+        if len(pts) == 0:
+            out[name] = 0
+            continue
+        pairs = cKDTree(pts).query_pairs(distance_um, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts)))
+        _, comp = connected_components(graph, directed=False)
+        out[name] = int(np.bincount(comp).max())
+    return out
+
+
+def _opened(source, mpp, backend):
+    """A context manager giving a Slide: opens a path, or lends an already open Slide."""
+    return nullcontext(source) if isinstance(source, Slide) else open_slide(source, mpp=mpp, backend=backend)
+
+
+def analyse_slide(
+    path: str | os.PathLike | Slide,
+    *,
+    config: ScoringConfig = ScoringConfig(),
+    mpp: float | None = None,
+    region: str | os.PathLike | Region | None = None,
+    backend: str | None = None,
+    workers: int = 1,
+) -> SlideAnalysis:
+    """Score one slide and keep what the outputs need (see score_slide)."""
+    with _opened(path, mpp, backend) as slide:
+        thumb_mpp = _thumbnail_mpp(slide, config.mpp)
+        thumb = slide.thumbnail(mpp=thumb_mpp)
+        tissue = tissue_mask(thumb, mpp=thumb_mpp)
+        if tissue.mask.sum() == 0:
+            raise NoTissueError(slide.path, "no tissue found (blank, fully white or black slide)")
+        background = estimate_background(thumb)
+        thumb_od = optical_density(thumb, background)
+        eosin = wrong_stain_fraction(thumb_od[tissue.mask])
+        if eosin > config.wrong_stain_max:
+            raise WrongStainError(slide.path, f"{eosin:.0%} of stained tissue has the colour of eosin: this looks "
+                                              "like an H&E slide, not a HER2 (H-DAB) immunostain; not scored")
+        stains, stain_note = H_DAB.with_background(background), "default Ruifrok-Johnston vectors"
+        width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
+        height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
+        tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
+        if config.estimate_stains:
+            sample = [t for t in tiles[:: max(1, len(tiles) // 8)]][:8]
+            scale = config.mpp / slide.mpp
+            pix = np.concatenate([
+                slide.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=config.mpp).reshape(-1, 3)
+                for t in sample
+            ])[None]
+            stains, stain_note = estimate_stains(pix, background=background)
+        region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
+        slide_path, slide_mpp, mpp_source = str(slide.path), slide.mpp, slide.mpp_source
+
+    if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
+        size = max(1, min(16, -(-len(tiles) // (workers * 4))))
+        run = partial(_run_tiles, stains=stains, config=config)
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend)) as pool:
+            parts = [r for chunk in pool.map(run, _chunks(tiles, size)) for r in chunk]
+    else:
+        with _opened(path, mpp, backend) as slide:
+            parts = [_read_and_score(slide, t, stains, config) for t in tiles]
+
+    cells = _concat([p.cells for p in parts]) if parts else None
+    if cells is None or len(cells) == 0:
+        raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
+    return _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region_obj, eosin)
+
+
+def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region, eosin) -> SlideAnalysis:
+    t = config.thresholds
+    category, pattern = classify_cells(cells.completeness, cells.longest_arc, cells.membrane_od, t)
+    tumour, region_source = _tumour_cells(cells, config, region, slide_mpp)
+    counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
+    n_tumour = int(tumour.sum())
+    xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
+    clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
+
+    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin)
+    notes = [f"stain vectors: {stain_note}", f"µm/px {slide_mpp:.4g} from {mpp_source}"]
+    if config.guideline == "gastric":
+        notes.append("pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
+    if n_tumour == 0:
+        score, level, flags, reason, h, pct = "0", "not scored", ("no_tumour_cells",), "no tumour cells in the region", 0.0, {}
+    else:
+        call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters)
+        score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
+    pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
+    result = SlideResult(
+        slide=slide_path,
+        score=score,
+        level=level,
+        flags=tuple(flags),
+        guideline=config.guideline,
+        specimen=config.specimen,
+        reason=reason,
+        counts=counts,
+        percentages=pct,
+        tumour_cells=n_tumour,
+        h_score=round(float(h), 3),
+        clusters=clusters,
+        region=region_source,
+        qc=tuple(qc),
+        stains=stains.to_dict(),
+        mpp=slide_mpp,
+        tissue_area_mm2=round(tissue.area_mm2, 4),
+        classical_score=score,
+        notes=tuple(notes),
+        config=config.to_dict(),
+        version=__version__,
+    )
+    table = {
+        "x": cells.x, "y": cells.y,
+        "category": np.array(CATEGORIES, dtype=object)[category],
+        "pattern": np.array(PATTERNS, dtype=object)[pattern],
+        "tumour": tumour,
+        "completeness": cells.completeness, "longest_arc": cells.longest_arc,
+        "membrane_od": cells.membrane_od, "membrane_od_p90": cells.membrane_od_p90,
+        "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
+        "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
+        "hematoxylin_od": cells.hematoxylin_od,
+        "radii_um": cells.radii_px * config.mpp,
+    }
+    return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb, n_tumour: int, stains: StainSet, eosin: float) -> list[QCFinding]:
+    qc = []
+    focus = np.array([p.focus for p in parts], np.float64)
+    weights = np.array([p.tissue_px for p in parts], np.float64)
+    ok = np.isfinite(focus)
+    if ok.any():
+        blurred = float(np.sum(weights[ok] * (focus[ok] < config.blur_min)) / max(weights[ok].sum(), 1))
+        if blurred > 0.5:
+            qc.append(QCFinding("out_of_focus", "fail", f"{blurred:.0%} of tissue is out of focus", round(blurred, 4)))
+        elif blurred > 0.1:
+            qc.append(QCFinding("out_of_focus", "warn", f"{blurred:.0%} of tissue is out of focus", round(blurred, 4)))
+    if n_tumour < config.min_tumour_cells:
+        qc.append(QCFinding("too_few_tumour_cells", "fail",
+                            f"{n_tumour} tumour cells scored; at least {config.min_tumour_cells} are needed for a guideline call",
+                            float(n_tumour)))
+    glass = ~tissue.mask & ~tissue.dark & ~tissue.pen
+    if glass.sum() > 1000:
+        bg_od = float(np.median(optical_density(thumb[glass], stains.background).sum(axis=-1)))
+        if bg_od > config.background_max_od:
+            qc.append(QCFinding("background_stain", "warn", f"glass background carries OD {bg_od:.2f} (dirty or over-stained background)", round(bg_od, 4)))
+    nuc = np.array([p.nucleus_od for p in parts], np.float64)
+    if np.isfinite(nuc).any() and np.nanmedian(nuc) < 0.25:
+        qc.append(QCFinding("weak_counterstain", "warn", f"nuclear haematoxylin OD median {np.nanmedian(nuc):.2f} is weak", round(float(np.nanmedian(nuc)), 4)))
+    excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
+    if excluded > 0.005:
+        qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))
+    if eosin > 0.05:
+        qc.append(QCFinding("eosin_like_colour", "warn", f"{eosin:.0%} of tissue has an eosin-like colour", round(eosin, 4)))
+    return qc
+
+
+def score_slide(
+    path: str | os.PathLike | Slide,
+    *,
+    guideline: str = "breast-asco-cap-2023",
+    specimen: str = "resection",
+    mpp: float | None = None,
+    region: str | os.PathLike | Region | None = None,
+    config: ScoringConfig | None = None,
+    workers: int = 1,
+) -> SlideResult:
+    """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view: HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
+
+    ``mpp`` (µm/px) is used when the file has none; ``region`` is a QuPath GeoJSON or mask image of
+    the tumour (default: detected epithelial cells). Raises SlideError (naming the file) when the
+    slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
+    """
+    config = replace(config or ScoringConfig(), guideline=guideline, specimen=specimen)
+    return analyse_slide(path, config=config, mpp=mpp, region=region, workers=workers).result

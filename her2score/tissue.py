@@ -1,0 +1,108 @@
+"""Tissue mask at low resolution and the tile grid over it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .stain import optical_density
+
+__all__ = ["TissueMask", "tissue_mask", "Tile", "tile_grid"]
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Boolean tissue mask at ``mpp`` µm/px, with the pixels excluded as pen ink or dark debris."""
+
+    mask: np.ndarray
+    mpp: float
+    pen: np.ndarray
+    dark: np.ndarray
+
+    @property
+    def area_mm2(self) -> float:
+        return float(self.mask.sum()) * (self.mpp * 1e-3) ** 2
+
+
+def tissue_mask(
+    thumb: np.ndarray,
+    *,
+    mpp: float,
+    min_od: float = 0.06,
+    dark_intensity: int = 25,
+    min_area_um2: float = 20_000.0,
+) -> TissueMask:
+    """Tissue on a low-resolution RGB thumbnail (uint8) at ``mpp`` µm/px.
+
+    Tissue = optical density above ``min_od`` (log10) in any channel, minus near-black pixels
+    (scanner borders, debris) and pen ink (saturated green/blue/black marker, recognised by its
+    hue); smoothed and stripped of fragments smaller than ``min_area_um2``.
+    """
+    od = optical_density(thumb)
+    stained = od.max(axis=2) > min_od
+    dark = thumb.max(axis=2) < dark_intensity
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
+    # green/cyan ink (no histology stain is green), and very saturated deep blue ink
+    pen = ((hue > 70) & (hue < 200) & (sat > 60)) | ((hue >= 200) & (hue < 250) & (sat > 180) & (val < 180))
+    pen = cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    mask = (stained & ~dark & ~pen).astype(np.uint8)
+    k = max(1, round(16 / mpp)) | 1  # ~16 µm structuring element
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    min_px = min_area_um2 / (mpp * mpp)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    return TissueMask(keep[labels] & ~pen & ~dark, mpp, pen & stained, dark)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of the grid, in pixels at the grid's µm/px.
+
+    ``core`` (x, y, width, height) owns the cells whose centroid falls in it; ``read`` is the
+    core grown by the overlap margin, clipped to nothing (reads beyond the slide are white).
+    """
+
+    row: int
+    col: int
+    core: tuple[int, int, int, int]
+    margin: int
+
+    @property
+    def read(self) -> tuple[int, int, int, int]:
+        x, y, w, h = self.core
+        m = self.margin
+        return (x - m, y - m, w + 2 * m, h + 2 * m)
+
+
+def tile_grid(
+    tissue: TissueMask,
+    *,
+    slide_size_px: tuple[int, int],
+    tile_px: int = 512,
+    margin_px: int = 32,
+    min_tissue: float = 0.02,
+) -> list[Tile]:
+    """Tiles (at the target µm/px) whose core holds at least ``min_tissue`` tissue.
+
+    ``slide_size_px`` is the slide's (width, height) at the target µm/px; the mask may be coarser.
+    The grid depends only on its inputs, in row-major order.
+    """
+    width, height = slide_size_px
+    scale_x = tissue.mask.shape[1] / width
+    scale_y = tissue.mask.shape[0] / height
+    integral = cv2.integral(tissue.mask.astype(np.uint8))
+    tiles = []
+    for r, y in enumerate(range(0, height, tile_px)):
+        for c, x in enumerate(range(0, width, tile_px)):
+            w, h = min(tile_px, width - x), min(tile_px, height - y)
+            mx0, my0 = int(x * scale_x), int(y * scale_y)
+            mx1 = max(mx0 + 1, min(tissue.mask.shape[1], int(np.ceil((x + w) * scale_x))))
+            my1 = max(my0 + 1, min(tissue.mask.shape[0], int(np.ceil((y + h) * scale_y))))
+            inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+            if inside / ((mx1 - mx0) * (my1 - my0)) >= min_tissue:
+                tiles.append(Tile(r, c, (x, y, w, h), margin_px))
+    return tiles
