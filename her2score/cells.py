@@ -15,20 +15,26 @@ def _disk(radius_px: float) -> np.ndarray:
 
 def segment_nuclei(
     hematoxylin_od: np.ndarray,
+    dab_od: np.ndarray | None = None,
     *,
     mpp: float,
-    threshold_od: float = 0.15,
+    threshold_od: float = 0.10,
+    dab_ratio: float = 0.4,
     min_area_um2: float = 10.0,
     max_area_um2: float = 200.0,
     split_distance_um: float = 2.5,
 ) -> np.ndarray:
     """Label image (int32, 0 = none) of nuclei in a haematoxylin log10 OD image at ``mpp`` µm/px.
 
-    Threshold the smoothed haematoxylin OD, split touching nuclei by watershed on the distance
+    Threshold the smoothed haematoxylin OD where it also exceeds ``dab_ratio`` x the DAB OD (strong
+    membranes leak some haematoxylin signal through deconvolution; nuclei are blue), split touching nuclei by watershed on the distance
     transform from its maxima (at least ``split_distance_um`` apart), drop objects outside the area range.
     """
     smooth = cv2.GaussianBlur(hematoxylin_od, (0, 0), 0.5 / mpp)
-    mask = (smooth > threshold_od).astype(np.uint8)
+    mask = smooth > threshold_od
+    if dab_od is not None:
+        mask &= smooth > dab_ratio * cv2.GaussianBlur(dab_od, (0, 0), 0.5 / mpp)
+    mask = mask.astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(0.75 / mpp))
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     peaks = (dist >= cv2.dilate(dist, _disk(split_distance_um / mpp))) & (dist >= 1.5 / mpp)

@@ -24,7 +24,7 @@ from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, segment_nuclei
 from .guidelines import apply_guideline
-from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_strength
+from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_filter
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
@@ -98,11 +98,11 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
-    ridge = ridge_strength(dab_od, mpp=mpp)
-    nuclei = segment_nuclei(h_od, mpp=mpp, threshold_od=config.nucleus_threshold_od)
+    dab_smooth, ridge = ridge_filter(dab_od, mpp=mpp)
+    nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=config.nucleus_threshold_od)
     cells = grow_cells(nuclei, ridge, mpp=mpp, max_radius_um=config.max_cell_radius_um)
-    membrane = membrane_mask(dab_od, ridge, faint_od=config.thresholds.faint_od)
-    m = measure_cells(cells, nuclei, h_od, dab_od, membrane, mpp=mpp)
+    membrane = membrane_mask(dab_smooth, ridge, nuclei, faint_od=config.thresholds.faint_od, mpp=mpp)
+    m = measure_cells(cells, nuclei, h_od, dab_smooth, membrane, mpp=mpp)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
     owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
