@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from her2score import __version__
+from her2score.pipeline import NoTissueError, ScoringConfig, WrongStainError, analyse_slide, score_slide
+from her2score.slide import ArraySlide
+from her2score.synthetic import generate_field, generate_he_field, make_slide, write_pyramidal_tiff
+
+CLASSES = ["0", "1+", "2+", "3+"]
+
+
+@pytest.fixture(scope="module")
+def fields():
+    return {s: generate_field(s, seed=9100 + i) for i, s in enumerate(CLASSES)}
+
+
+@pytest.mark.parametrize("score", CLASSES)
+def test_synthetic_field_of_each_class(fields, score):
+    f = fields[score]
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp))
+    assert r.score == score, r.reason
+    assert r.classical_score == score
+    assert r.tumour_cells > 100
+    assert sum(r.counts.values()) == r.tumour_cells
+    assert sum(r.percentages.values()) == pytest.approx(100.0, abs=0.01)
+    assert 0 <= r.h_score <= 300
+    assert r.version == __version__ and r.stains["source"] == "ruifrok-johnston"
+    assert "epithelial" in r.region
+    if score == "2+":
+        assert "ish_reflex" in r.flags
+
+
+def test_haematoxylin_only_field_scores_null():
+    f = generate_field("0", seed=9200, variant="null")
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp))
+    assert (r.score, r.level) == ("0", "0 (null)")
+    assert "null" in r.flags
+
+
+def test_h_and_e_is_refused_not_scored_zero():
+    he = generate_he_field(seed=9300)
+    with pytest.raises(WrongStainError, match="H&E"):
+        score_slide(ArraySlide(he, mpp=0.5, path="he_field.png"))
+
+
+def test_empty_slide_is_an_error():
+    with pytest.raises(NoTissueError, match="no tissue"):
+        score_slide(ArraySlide(np.full((600, 600, 3), 247, np.uint8), mpp=0.5, path="blank.png"))
+
+
+def test_tumour_annotation_limits_the_scored_cells(fields, tmp_path):
+    f = fields["3+"]
+    geo = {"type": "FeatureCollection", "features": [{
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [256, 0], [256, 512], [0, 512], [0, 0]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+    }]}
+    path = tmp_path / "region.geojson"
+    path.write_text(json.dumps(geo))
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    full = analyse_slide(slide)
+    half = analyse_slide(slide, region=path)
+    assert half.result.region.startswith("annotation")
+    assert 0 < half.result.tumour_cells < len(full.cells["x"])
+    assert np.all(half.cells["x"][half.cells["tumour"]] < 256)
+
+
+def test_gastric_biopsy_uses_clusters(fields):
+    f = fields["2+"]
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp), guideline="gastric", specimen="biopsy")
+    assert r.clusters["2+"] >= 5
+    assert r.score in ("2+", "3+")
+    assert any("gastric criteria" in n for n in r.notes)
+
+
+def test_pyramidal_tiff_through_tifffile_and_openslide(tmp_path):
+    rgb, truth = make_slide("3+", seed=9400, size_px=(1600, 1200), mpp=0.25)
+    path = write_pyramidal_tiff(tmp_path / "slide.tif", rgb, mpp=0.25)
+    a = analyse_slide(path, config=ScoringConfig(), backend="tifffile")
+    b = analyse_slide(path, config=ScoringConfig(), backend="openslide")
+    assert a.result.score == b.result.score == "3+"
+    assert a.result.mpp == pytest.approx(0.25)
+    # same pixels to within decoder rounding: cell counts agree closely
+    assert abs(a.result.tumour_cells - b.result.tumour_cells) <= 0.03 * a.result.tumour_cells
+    assert a.result.tissue_area_mm2 == pytest.approx(b.result.tissue_area_mm2, rel=0.02)
+
+
+def test_tile_workers_give_the_same_result(tmp_path):
+    rgb, _ = make_slide("2+", seed=9500, size_px=(1400, 1000), mpp=0.5)
+    path = write_pyramidal_tiff(tmp_path / "s.tif", rgb, mpp=0.5)
+    cfg = ScoringConfig(tile_px=256)
+    one = analyse_slide(path, config=cfg)
+    two = analyse_slide(path, config=cfg, workers=2)
+    assert one.result.to_json() == two.result.to_json()
+
+
+def test_cells_on_tile_edges_are_counted_once(fields):
+    f = fields["2+"]
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    whole = analyse_slide(slide, config=ScoringConfig(tile_px=512))
+    tiled = analyse_slide(slide, config=ScoringConfig(tile_px=128, margin_px=32))
+    pts = np.column_stack([tiled.cells["x"], tiled.cells["y"]])
+    d = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1)) + np.eye(len(pts)) * 99
+    assert d.min() > 2.0  # no cell found twice by neighbouring tiles
+    assert abs(len(tiled.cells["x"]) - len(whole.cells["x"])) <= 0.05 * len(whole.cells["x"])
+
+
+def test_real_ihc_image_from_scikit_image(tmp_path):
+    """skimage's IHC image: colonic glands stained for FHL2 (not HER2): strong membranous and
+    cytoplasmic DAB, so a membrane scorer must call it strongly positive, with its reasons."""
+    from skimage import data
+
+    path = tmp_path / "skimage_ihc.png"
+    Image.fromarray(data.immunohistochemistry()).save(path)
+    r = score_slide(path, mpp=0.5)
+    assert r.tumour_cells > 50
+    assert r.score in ("2+", "3+")
+    assert r.percentages["strong_complete"] + r.percentages["weak_moderate_complete"] > 10
+    assert "%" in r.reason and r.mpp == 0.5
+    assert any("from user" in n for n in r.notes)
+
+
+def test_stain_estimation_is_reported_and_falls_back_at_zero(fields):
+    cfg = ScoringConfig(estimate_stains=True)
+    strong = score_slide(ArraySlide(fields["3+"].image, mpp=0.5), config=cfg)
+    assert strong.stains["source"] == "macenko" and strong.score == "3+"
+    assert np.dot(strong.stains["dab"], [0.269, 0.568, 0.778]) > 0.98
+    zero = score_slide(ArraySlide(fields["0"].image, mpp=0.5), config=cfg)
+    assert zero.stains["source"] == "ruifrok-johnston" and zero.score == "0"
+    assert any("too little DAB" in n for n in zero.notes)

@@ -1,0 +1,44 @@
+import numpy as np
+
+from her2score.tissue import tile_grid, tissue_mask
+
+
+def test_tissue_mask_excludes_glass_black_and_green_pen():
+    img = np.full((200, 200, 3), 245, np.uint8)
+    img[20:120, 20:120] = (150, 110, 160)  # stained tissue
+    img[150:190, 20:60] = (5, 5, 5)  # black border/debris
+    img[150:190, 100:140] = (40, 160, 60)  # green marker
+    tm = tissue_mask(img, mpp=4.0, min_area_um2=1000)
+    assert tm.mask[70, 70]
+    assert not tm.mask[5, 5]
+    assert not tm.mask[170, 40]
+    assert not tm.mask[170, 120]
+    assert tm.pen[170, 120]
+    assert tm.area_mm2 == tm.mask.sum() * (4e-3) ** 2
+
+
+def test_tissue_mask_drops_small_fragments():
+    img = np.full((200, 200, 3), 245, np.uint8)
+    img[10:13, 10:13] = (150, 110, 160)
+    img[50:150, 50:150] = (150, 110, 160)
+    tm = tissue_mask(img, mpp=4.0, min_area_um2=2000)
+    assert not tm.mask[11, 11] and tm.mask[100, 100]
+
+
+def test_tile_grid_covers_tissue_once_and_is_deterministic():
+    img = np.full((100, 100, 3), 245, np.uint8)
+    img[:50, :50] = (150, 110, 160)
+    tm = tissue_mask(img, mpp=8.0, min_area_um2=100)
+    # slide of 1600 x 1600 px at the target (0.5 µm/px): 800 µm = 100 mask px at 8 µm/px
+    tiles = tile_grid(tm, slide_size_px=(1600, 1600), tile_px=400, margin_px=20)
+    assert tiles == tile_grid(tm, slide_size_px=(1600, 1600), tile_px=400, margin_px=20)
+    cores = {t.core for t in tiles}
+    assert cores == {(0, 0, 400, 400), (400, 0, 400, 400), (0, 400, 400, 400), (400, 400, 400, 400)}
+    t = tiles[0]
+    assert t.read == (-20, -20, 440, 440)
+
+
+def test_tile_grid_clips_last_tiles():
+    tm = tissue_mask(np.full((10, 10, 3), (150, 110, 160), np.uint8), mpp=8.0, min_area_um2=1)
+    tiles = tile_grid(tm, slide_size_px=(1000, 700), tile_px=512, margin_px=16)
+    assert [t.core for t in tiles] == [(0, 0, 512, 512), (512, 0, 488, 512), (0, 512, 512, 188), (512, 512, 488, 188)]
