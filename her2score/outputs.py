@@ -15,7 +15,7 @@ from .categories import CATEGORIES
 from .membrane import N_SECTORS
 from .pipeline import SlideAnalysis
 
-__all__ = ["atomic_write", "write_outputs", "CATEGORY_COLOURS", "OUTPUT_FILES"]
+__all__ = ["atomic_write", "write_outputs", "remove_stale_temp_files", "CATEGORY_COLOURS", "OUTPUT_FILES"]
 
 CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "none": (70, 130, 255),
@@ -30,14 +30,33 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
 OUTPUT_FILES = ("result.json", "cells.csv", "overlay.png", "cells.geojson")
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary file ``.NAME.XXXXXXXX.tmp`` in the same folder,
+    fsync and rename, so a reader (or a killed run) only ever sees the old or the new file whole.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -46,6 +65,45 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def is_temp_file(name: str, targets=None) -> bool:
+    """Whether ``name`` is a temporary file that atomic_write makes for one of ``targets`` (file names)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    stem = name[1:-4]  # "NAME.XXXXXXXX"
+    base, _, rand = stem.rpartition(".")
+    return bool(base and rand) and (targets is None or base in targets)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES) -> list[Path]:
+    """Delete atomic_write's leftover temporary files for ``targets`` in ``folder`` (after a kill).
+
+    Only call this while no other writer can be using the folder (the batch holds its lock).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if is_temp_file(e.name, targets) and e.is_file(follow_symlinks=False):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def cells_csv(analysis: SlideAnalysis) -> str:
@@ -126,6 +184,8 @@ def overlay_png(analysis: SlideAnalysis, *, max_side: int = 2000) -> bytes:
     if legend.shape[1] > canvas.shape[1]:
         canvas = np.pad(canvas, ((0, 0), (0, legend.shape[1] - canvas.shape[1]), (0, 0)), constant_values=255)
     ok, png = cv2.imencode(".png", cv2.cvtColor(np.vstack([canvas, legend]), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("could not encode the overlay PNG")
     return png.tobytes()
 
 

@@ -1,4 +1,9 @@
-"""Tumour regions: QuPath GeoJSON annotations or mask images, tested against cell positions."""
+"""Tumour regions: QuPath GeoJSON annotations or mask images, tested against cell positions.
+
+Region files come from users and are validated: every problem is a RegionError whose message
+names the file and says what is wrong (invalid JSON, a feature without geometry, no polygon, a
+mask of the wrong shape...).
+"""
 from __future__ import annotations
 
 import json
@@ -9,16 +14,22 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import points_in_poly
 
-__all__ = ["Region", "RegionError", "load_region"]
+__all__ = ["Region", "RegionError", "load_region", "IGNORED_CLASSES"]
 
-IGNORED_CLASSES = {"ignore*", "ignore", "stroma", "necrosis", "background", "normal", "in situ", "dcis"}
+IGNORED_CLASSES = {"ignore*", "ignore", "stroma", "necrosis", "background", "normal", "in situ", "dcis", "immune cells"}
 """QuPath classifications whose annotations are not scored as invasive tumour (case-insensitive)."""
+NON_AREA_OBJECTS = {"detection", "cell", "tile"}
+"""QuPath object types ignored when the file also holds annotations (exports of all objects)."""
+MAX_REGION_BYTES = 512 * 2**20
+"""Largest GeoJSON file read (a region is a few polygons; a bigger file is not a region export)."""
+MAX_MASK_PIXELS = 20_000 * 20_000
 
 
 class RegionError(ValueError):
     """A region file that cannot be used; the message names the file and the reason."""
 
     def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
 
@@ -32,12 +43,17 @@ class Region:
     mask_scale: tuple[float, float] = (1.0, 1.0)
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Which level-0 points (x, y) lie in the region."""
-        pts = np.column_stack([x, y]).astype(np.float64)
+        """Which level-0 points (x, y) lie in the region (points off the mask are outside)."""
+        pts = np.column_stack([np.ravel(x), np.ravel(y)]).astype(np.float64)
+        if len(pts) == 0:
+            return np.zeros(0, bool)
         if self.mask is not None:
-            c = np.clip((pts[:, 0] * self.mask_scale[0]).astype(int), 0, self.mask.shape[1] - 1)
-            r = np.clip((pts[:, 1] * self.mask_scale[1]).astype(int), 0, self.mask.shape[0] - 1)
-            return self.mask[r, c]
+            c = np.floor(pts[:, 0] * self.mask_scale[0])
+            r = np.floor(pts[:, 1] * self.mask_scale[1])
+            on = np.isfinite(c) & np.isfinite(r) & (c >= 0) & (r >= 0) & (c < self.mask.shape[1]) & (r < self.mask.shape[0])
+            inside = np.zeros(len(pts), bool)
+            inside[on] = self.mask[r[on].astype(np.intp), c[on].astype(np.intp)]
+            return inside
         inside = np.zeros(len(pts), bool)
         for exterior, holes in self.polygons:
             hit = points_in_poly(pts, exterior)
@@ -47,34 +63,72 @@ class Region:
         return inside
 
 
-def _rings(path, geometry: dict) -> list[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+def _ring(path, where: str, ring) -> np.ndarray:
+    try:
+        r = np.asarray(ring, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RegionError(path, f"{where}: coordinates must be [x, y] number pairs") from None
+    if r.ndim != 2 or r.shape[1] < 2:
+        raise RegionError(path, f"{where}: a ring must be a list of [x, y] points (got an array of shape {r.shape})")
+    if len(r) < 3:
+        raise RegionError(path, f"{where}: a ring needs at least 3 points, got {len(r)}")
+    if not np.isfinite(r[:, :2]).all():
+        raise RegionError(path, f"{where}: coordinates must be finite numbers")
+    return r[:, :2]
+
+
+def _polygons(path, where: str, geometry: dict) -> tuple[list, list[str]]:
+    """(polygons, types of non-area geometries) of one GeoJSON geometry."""
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
-    polys = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else None
-    if polys is None:
-        return []  # points and lines carry no area
+    if kind == "GeometryCollection":
+        polys, other = [], []
+        for k, g in enumerate(geometry.get("geometries") or []):
+            if not isinstance(g, dict):
+                raise RegionError(path, f"{where}: geometry {k} of the collection is not an object")
+            p, o = _polygons(path, f"{where}, geometry {k}", g)
+            polys += p
+            other += o
+        return polys, other
+    if kind not in ("Polygon", "MultiPolygon"):
+        if kind not in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+            raise RegionError(path, f"{where}: unknown geometry type {kind!r}")
+        return [], [kind]
+    if not isinstance(coords, list) or not coords:
+        raise RegionError(path, f"{where}: {kind} without coordinates")
+    parts = [coords] if kind == "Polygon" else coords
     out = []
-    for poly in polys:
-        try:
-            rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in poly]
-        except (TypeError, ValueError, IndexError):
-            raise RegionError(path, f"malformed {kind} coordinates") from None
-        if not rings or any(r.ndim != 2 or len(r) < 3 for r in rings):
-            raise RegionError(path, f"{kind} ring with fewer than 3 points")
+    for k, poly in enumerate(parts):
+        if not isinstance(poly, list) or not poly:
+            raise RegionError(path, f"{where}: {kind} part {k} must be a list of rings")
+        rings = [_ring(path, f"{where} ({kind})", r) for r in poly]
         out.append((rings[0], tuple(rings[1:])))
-    return out
+    return out, []
+
+
+def _class_name(props: dict) -> str:
+    cls = props.get("classification")
+    if isinstance(cls, dict):
+        return str(cls.get("name") or "")
+    return str(cls or "")
 
 
 def _load_geojson(path: Path) -> Region:
+    if path.stat().st_size > MAX_REGION_BYTES:
+        raise RegionError(path, f"GeoJSON file of {path.stat().st_size} bytes is too large for a region export")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise RegionError(path, "not valid GeoJSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
         raise RegionError(path, f"not valid GeoJSON ({e})") from None
+    except RecursionError:
+        raise RegionError(path, "not valid GeoJSON (nested too deeply)") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
         features = [data]
-    elif isinstance(data, dict) and data.get("type") in ("Polygon", "MultiPolygon"):
+    elif isinstance(data, dict) and data.get("type") in ("Polygon", "MultiPolygon", "GeometryCollection"):
         features = [{"type": "Feature", "geometry": data, "properties": {}}]
     elif isinstance(data, list):
         features = data
@@ -82,17 +136,35 @@ def _load_geojson(path: Path) -> Region:
         raise RegionError(path, "expected a GeoJSON FeatureCollection, Feature, Polygon or a list of Features")
     if not isinstance(features, list):
         raise RegionError(path, "'features' must be a list")
-    polygons = []
+    if not features:
+        raise RegionError(path, "the file holds no features (no tumour annotation)")
+    has_annotations = any(isinstance(f, dict) and isinstance(f.get("properties"), dict)
+                          and f["properties"].get("objectType") == "annotation" for f in features)
+    polygons, skipped_classes, other_types = [], [], []
     for i, f in enumerate(features):
-        if not isinstance(f, dict) or not isinstance(f.get("geometry"), dict):
+        if not isinstance(f, dict):
+            raise RegionError(path, f"feature {i} is not a JSON object")
+        if not isinstance(f.get("geometry"), dict):
             raise RegionError(path, f"feature {i} has no geometry object")
         props = f.get("properties") or {}
-        cls = props.get("classification") or {}
-        name = (cls.get("name") if isinstance(cls, dict) else str(cls)) or ""
-        if name.strip().lower() in IGNORED_CLASSES:
+        if not isinstance(props, dict):
+            raise RegionError(path, f"feature {i}: 'properties' must be an object")
+        if has_annotations and props.get("objectType") in NON_AREA_OBJECTS:
             continue
-        polygons.extend(_rings(path, f["geometry"]))
+        name = _class_name(props)
+        if name.strip().lower() in IGNORED_CLASSES:
+            skipped_classes.append(name)
+            continue
+        polys, other = _polygons(path, f"feature {i}", f["geometry"])
+        polygons += polys
+        other_types += other
     if not polygons:
+        if skipped_classes:
+            names = ", ".join(sorted(set(skipped_classes)))
+            raise RegionError(path, f"no tumour annotation: every polygon is classified as non-tumour ({names})")
+        if other_types:
+            raise RegionError(path, f"no Polygon or MultiPolygon annotation (only {', '.join(sorted(set(other_types)))}); "
+                                    "a tumour region needs an area")
         raise RegionError(path, "no Polygon or MultiPolygon tumour annotation in the file")
     return Region(source=f"annotation ({path.name}, {len(polygons)} polygons)", polygons=tuple(polygons))
 
@@ -102,8 +174,16 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
     try:
         with Image.open(path) as img:
+            if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
+                raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
             mask = np.asarray(img.convert("L")) > 0
-    except (UnidentifiedImageError, OSError) as e:
+    except RegionError:
+        raise
+    except UnidentifiedImageError:
+        raise RegionError(path, "not a GeoJSON (.geojson/.json) file nor a readable mask image") from None
+    except Image.DecompressionBombError as e:
+        raise RegionError(path, f"mask image refused as a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise RegionError(path, f"cannot read mask image ({e})") from None
     if not mask.any():
         raise RegionError(path, "mask image is empty (no non-zero pixel)")
@@ -116,10 +196,18 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour; any size with the slide's aspect)."""
+    mask image covering the whole slide (non-zero = tumour; any size with the slide's aspect).
+
+    Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*) are left out;
+    when the export also holds detections or cells, only the annotations are used.
+    """
     path = Path(path)
     if not path.is_file():
         raise RegionError(path, "region file not found")
+    if path.stat().st_size == 0:
+        raise RegionError(path, "region file is empty (0 bytes)")
     if path.suffix.lower() in (".geojson", ".json"):
         return _load_geojson(path)
+    if len(slide_size) != 2 or min(slide_size) <= 0:
+        raise ValueError(f"slide_size must be positive (width, height), got {slide_size}")
     return _load_mask(path, slide_size)

@@ -2,12 +2,17 @@
 
 Coordinates: the slide API speaks (x, y) and (width, height); ``location`` is in level-0
 pixels, ``size`` in output pixels at the requested µm/px. Arrays are (row, col, RGB) uint8.
+
+Every file problem becomes a SlideError whose message is "PATH: reason", raised as early as the
+problem can be seen: suffix and content sniffing, TIFF structure (truncation, absurd headers)
+and pixel format at open; corrupt image data when the pixels are read.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ __all__ = [
     "open_slide",
     "ArraySlide",
     "SLIDE_SUFFIXES",
+    "UNSUPPORTED_IMAGE_SUFFIXES",
     "MAX_PLAIN_PIXELS",
     "MAX_DIMENSION",
 ]
@@ -29,12 +35,25 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff")
 OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + PLAIN_SUFFIXES
+UNSUPPORTED_IMAGE_SUFFIXES = (
+    ".czi", ".vsi", ".isyntax", ".dcm", ".dicom", ".jp2", ".j2k", ".jpx", ".jxl", ".gif", ".webp", ".avif",
+    ".heic", ".tga", ".nd2", ".lif", ".zvi", ".kfb", ".sdpc", ".tmap", ".mds", ".ims", ".zarr",
+)
+"""Image and slide formats this tool recognises but cannot read: a clear error rather than a silent skip."""
 MAX_PLAIN_PIXELS = 16_000 * 16_000
-"""Largest image decoded whole (plain images, untiled TIFF pages): bigger ones must be tiled."""
+"""Largest image decoded whole (plain images, single TIFF tiles or strips): bigger ones must be tiled."""
 MAX_DIMENSION = 2**21
 """Largest width or height accepted from any header (decompression-bomb guard)."""
+READ_BLOCK_PX = 4096 * 4096
+"""Most level pixels decoded at once by read_region: larger reads are done block by block."""
 PLAUSIBLE_MPP = (0.05, 20.0)
 """µm/px outside this range in metadata is treated as absent (e.g. a 72-dpi default)."""
+
+_MAGIC = (
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
+)
+_GREYSCALE = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
 
 
 class SlideError(Exception):
@@ -53,13 +72,17 @@ class Level:
 
 
 class Slide(ABC):
-    """A readable slide: level-0 size in pixels, µm/px, and region reads at any µm/px."""
+    """A readable slide: level-0 size in pixels, µm/px, and region reads at any µm/px.
+
+    ``notes`` lists conversions applied while reading (e.g. 16-bit samples scaled to 8 bits).
+    """
 
     path: Path
     dimensions: tuple[int, int]
     mpp: float
     mpp_source: str
     levels: tuple[Level, ...]
+    notes: tuple[str, ...] = ()
 
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -77,11 +100,14 @@ class Slide(ABC):
     def read_region(self, location: tuple[int, int], size: tuple[int, int], *, mpp: float) -> np.ndarray:
         """RGB uint8 (height, width, 3) at ``mpp`` µm/px whose top-left is ``location`` (level-0 px).
 
-        Parts outside the slide are white glass.
+        Parts outside the slide are white glass. Reads that shrink a large area (thumbnails of a
+        slide without a pyramid) are decoded block by block, so memory stays bounded.
         """
-        width, height = size
+        width, height = int(size[0]), int(size[1])
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {size}")
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"mpp must be a positive number of µm/px, got {mpp}")
         scale = mpp / self.mpp  # level-0 px per output px
         level = self._best_level(scale)
         ds = self.levels[level].downsample
@@ -94,18 +120,28 @@ class Slide(ABC):
         out = np.full((height, width, 3), 255, np.uint8)
         if ix1 <= ix0 or iy1 <= iy0:
             return out
-        patch = self._read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         # place the in-bounds part into the output frame
         f = ds / scale  # output px per level px
-        ox0, oy0 = round((ix0 - x0) * f), round((iy0 - y0) * f)
+        ox0, oy0 = max(0, round((ix0 - x0) * f)), max(0, round((iy0 - y0) * f))
         ow = min(width - ox0, round((ix1 - ix0) * f))
         oh = min(height - oy0, round((iy1 - iy0) * f))
         if ow <= 0 or oh <= 0:
             return out
-        if patch.shape[1] != ow or patch.shape[0] != oh:
-            interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
-            patch = cv2.resize(patch, (ow, oh), interpolation=interp)
-        out[oy0 : oy0 + oh, ox0 : ox0 + ow] = patch
+        if (ix1 - ix0) * (iy1 - iy0) <= READ_BLOCK_PX or f >= 1:
+            patch = self._read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+            out[oy0 : oy0 + oh, ox0 : ox0 + ow] = _fit(patch, ow, oh)
+            return out
+        # shrinking a large area: output blocks whose level-pixel footprint is at most READ_BLOCK_PX
+        fx, fy = (ix1 - ix0) / ow, (iy1 - iy0) / oh  # level px per output px
+        step = max(1, int(math.sqrt(READ_BLOCK_PX) / max(fx, fy)))
+        for by in range(0, oh, step):
+            bh = min(step, oh - by)
+            ly0, ly1 = iy0 + math.floor(by * fy), min(iy1, iy0 + math.ceil((by + bh) * fy))
+            for bx in range(0, ow, step):
+                bw = min(step, ow - bx)
+                lx0, lx1 = ix0 + math.floor(bx * fx), min(ix1, ix0 + math.ceil((bx + bw) * fx))
+                patch = self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
+                out[oy0 + by : oy0 + by + bh, ox0 + bx : ox0 + bx + bw] = _fit(patch, bw, bh)
         return out
 
     def thumbnail(self, *, mpp: float) -> np.ndarray:
@@ -124,6 +160,13 @@ class Slide(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, dimensions={self.dimensions}, mpp={self.mpp:.4g})"
+
+
+def _fit(patch: np.ndarray, width: int, height: int) -> np.ndarray:
+    if patch.shape[1] == width and patch.shape[0] == height:
+        return patch
+    shrink = patch.shape[1] > width or patch.shape[0] > height
+    return cv2.resize(patch, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _check_dimensions(path, width: int, height: int) -> None:
@@ -146,7 +189,7 @@ def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
         raise SlideError(path, f"{arr.dtype} pixels ({arr.dtype.itemsize * 8}-bit); HER2 scoring needs 8-bit RGB "
                                "brightfield images (convert to 8-bit RGB)")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2)):
-        raise SlideError(path, "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin")
+        raise SlideError(path, _GREYSCALE)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SlideError(path, f"unsupported pixel layout {arr.shape}")
     if arr.shape[2] == 4:
@@ -158,8 +201,9 @@ def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
 class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
-    def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user"):
-        if mpp is None or not mpp > 0:
+    def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user",
+                 notes: tuple[str, ...] = ()):
+        if mpp is None or not (mpp > 0 and math.isfinite(mpp)):
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
         self.path = Path(path)
         self._rgb = _to_rgb(path, np.asarray(rgb))
@@ -167,6 +211,7 @@ class ArraySlide(Slide):
         self.dimensions = (w, h)
         self.mpp, self.mpp_source = float(mpp), mpp_source
         self.levels = (Level(w, h, 1.0),)
+        self.notes = tuple(notes)
 
     def _read_level(self, level, x, y, width, height):
         return self._rgb[y : y + height, x : x + width]
@@ -174,14 +219,18 @@ class ArraySlide(Slide):
 
 def _plain_mpp(img) -> float | None:
     dpi = img.info.get("dpi")
-    if dpi and dpi[0]:
-        return _plausible(25400.0 / float(dpi[0]))
+    try:
+        if dpi and float(dpi[0]) > 0:
+            return 25400.0 / float(dpi[0])
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
     return None
 
 
 def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
     from PIL import Image, UnidentifiedImageError
 
+    notes = []
     try:
         with Image.open(path) as img:
             _check_dimensions(path, *img.size)
@@ -189,11 +238,15 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        "save it as a tiled pyramidal TIFF")
             meta_mpp = _plain_mpp(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise SlideError(path, f"{img.mode} pixels (16/32-bit greyscale); HER2 scoring needs 8-bit RGB")
-            if img.mode in ("L", "LA", "1"):
-                raise SlideError(path, "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin")
-            if img.mode == "P":
+            if img.mode.startswith("I;16"):
+                raise SlideError(path, f"16-bit {_GREYSCALE}")
+            if img.mode in ("I", "F"):
+                raise SlideError(path, f"32-bit {_GREYSCALE}")
+            if img.mode in ("L", "LA", "La", "1"):
+                raise SlideError(path, _GREYSCALE)
+            if any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ())):
+                notes.append("16-bit samples scaled to 8 bits")
+            if img.mode in ("P", "PA"):
                 img = img.convert("RGBA")
             elif img.mode not in ("RGB", "RGBA"):
                 img = img.convert("RGB")
@@ -202,16 +255,22 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
         raise
     except UnidentifiedImageError:
         raise SlideError(path, f"not a readable image although named {path.suffix}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise SlideError(path, f"refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise SlideError(path, f"cannot decode image ({e}); truncated or corrupt file") from None
-    return ArraySlide(arr, **_mpp_args(path, meta_mpp, mpp))
+    return ArraySlide(arr, notes=tuple(notes), **_mpp_args(path, meta_mpp, mpp))
 
 
 def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
-    if meta_mpp:
-        return {"mpp": meta_mpp, "path": path, "mpp_source": "metadata"}
+    """µm/px from metadata when plausible, else the user's, else a SlideError naming the file."""
+    if _plausible(meta_mpp):
+        return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
     if user_mpp:
         return {"mpp": float(user_mpp), "path": path, "mpp_source": "user"}
+    if meta_mpp:
+        raise SlideError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
+                               "scan's; pass --mpp (e.g. --mpp 0.5)")
     raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)")
 
 
@@ -222,13 +281,19 @@ def _tiff_mpp(tif, page) -> float | None:
         text = text.decode("latin-1", "replace")
     m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", text)  # Aperio
     if m:
-        return _plausible(float(m.group(1)))
+        try:
+            return float(m.group(1))
+        except ValueError:
+            pass
     if tif.is_ome:
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
         if m:
             factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(u.group(1) if u else "µm", 1.0)
-            return _plausible(float(m.group(1)) * factor)
+            try:
+                return float(m.group(1)) * factor
+            except ValueError:
+                pass
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
     if xres and unit:
         num, den = xres.value
@@ -236,7 +301,67 @@ def _tiff_mpp(tif, page) -> float | None:
             px_per_unit = num / den
             per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
             if per_unit_um:
-                return _plausible(per_unit_um / px_per_unit)
+                return per_unit_um / px_per_unit
+    return None
+
+
+def _sniff(path: Path) -> tuple[str | None, bytes]:
+    """The container format from the first bytes ('TIFF', 'PNG', 'JPEG', 'BMP' or None) and those bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise SlideError(path, f"cannot read file ({e.strerror or e})") from None
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind, head
+    return None, head
+
+
+def _tiff_structure_problem(path: Path) -> str | None:
+    """Walk the TIFF's chain of image directories without trusting it; say why it is broken, or None.
+
+    Catches truncated files (a directory or its entries past the end of the file) and loops,
+    reading a few bytes per directory: nothing is allocated from header values.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        bo = "<" if head[:2] == b"II" else ">"
+        if len(head) < 8:
+            return f"truncated TIFF: only {size} bytes, shorter than a TIFF header"
+        version = struct.unpack(bo + "H", head[2:4])[0]
+        if version == 42:
+            offset, count_fmt, entry_size, next_fmt = struct.unpack(bo + "I", head[4:8])[0], "H", 12, "I"
+        elif version == 43:
+            if len(head) < 16:
+                return f"truncated BigTIFF: only {size} bytes, shorter than a BigTIFF header"
+            offset, count_fmt, entry_size, next_fmt = struct.unpack(bo + "Q", head[8:16])[0], "Q", 20, "Q"
+        else:
+            return f"not a TIFF file (version {version} in the header)"
+        count_size, next_size = struct.calcsize(count_fmt), struct.calcsize(next_fmt)
+        seen: set[int] = set()
+        n = 0
+        while offset:
+            if offset in seen:
+                return f"corrupt TIFF: image directory {n} loops back to byte {offset}"
+            if n >= 100_000:
+                return "corrupt TIFF: more than 100000 image directories"
+            seen.add(offset)
+            if offset + count_size > size:
+                return (f"truncated TIFF: image directory {n} should start at byte {offset} but the file ends at "
+                        f"byte {size}")
+            f.seek(offset)
+            (count,) = struct.unpack(bo + count_fmt, f.read(count_size))
+            end = offset + count_size + count * entry_size + next_size
+            if end > size:
+                return (f"truncated TIFF: image directory {n} ({count} entries) runs to byte {end} but the file ends "
+                        f"at byte {size}")
+            f.seek(end - next_size)
+            (offset,) = struct.unpack(bo + next_fmt, f.read(next_size))
+            n += 1
+        if n == 0:
+            return "TIFF has no images"
     return None
 
 
@@ -247,6 +372,9 @@ class TiffSlide(Slide):
         import tifffile
 
         self.path = path
+        problem = _tiff_structure_problem(path)
+        if problem:
+            raise SlideError(path, problem)
         try:
             self._tif = tifffile.TiffFile(path)
             pages = list(self._tif.pages)
@@ -254,15 +382,13 @@ class TiffSlide(Slide):
             raise
         except Exception as e:  # tifffile raises many types on corrupt input
             raise SlideError(path, f"not a readable TIFF ({type(e).__name__}: {e})") from None
+        self._fd = None
         try:
             if not pages:
                 raise SlideError(path, "TIFF has no images")
             base = pages[0]
             _check_dimensions(path, base.imagewidth, base.imagelength)
             self._check_page(base)
-            meta = _tiff_mpp(self._tif, base)
-            args = _mpp_args(path, meta, mpp)
-            self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             w0, h0 = base.imagewidth, base.imagelength
             self.dimensions = (w0, h0)
             levels = []
@@ -275,26 +401,60 @@ class TiffSlide(Slide):
                     continue  # label or macro image
                 if any(abs(lv[1].width - p.imagewidth) <= 1 for lv in levels):
                     continue
-                if not p.is_tiled and p.imagewidth * p.imagelength > MAX_PLAIN_PIXELS:
+                if self._segment_px(p) > MAX_PLAIN_PIXELS:
                     continue
                 levels.append((p, Level(p.imagewidth, p.imagelength, ds)))
-            if not levels:
-                raise SlideError(path, "full-resolution TIFF page is untiled and too large to decode; save it tiled")
+            if not levels or levels[0][0] is not base:
+                raise SlideError(path, f"full-resolution image is stored in segments of {self._segment_px(base)} "
+                                       "pixels, too large to decode; save it as a tiled TIFF")
             levels.sort(key=lambda pl: pl[1].downsample)
             self._pages = [p for p, _ in levels]
             self.levels = tuple(lv for _, lv in levels)
+            self.notes = ("16-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ()
+            size = path.stat().st_size
+            for i, p in enumerate(self._pages):
+                self._check_segments(p, i, size)
+            args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp)
+            self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except BaseException:
             self._tif.close()
             raise
 
+    @staticmethod
+    def _segment_px(page) -> int:
+        if page.is_tiled:
+            return page.tilewidth * page.tilelength
+        return page.imagewidth * min(page.rowsperstrip or page.imagelength, page.imagelength)
+
     def _check_page(self, page) -> None:
-        if page.samplesperpixel < 3:
-            raise SlideError(self.path, "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin")
-        if page.dtype != np.uint8:
-            raise SlideError(self.path, f"{page.dtype} samples; HER2 scoring needs 8-bit RGB brightfield images")
-        if page.planarconfig != 1 and page.samplesperpixel > 1:
+        photometric = int(page.photometric)
+        spp = page.samplesperpixel
+        if photometric == 3:
+            raise SlideError(self.path, "palette (indexed-colour) TIFF; save it as 8-bit RGB")
+        if photometric == 5:
+            raise SlideError(self.path, "CMYK (separated) TIFF; save it as 8-bit RGB")
+        if photometric in (8, 9, 10):
+            raise SlideError(self.path, "CIE Lab TIFF; save it as 8-bit RGB")
+        if spp < 3 or photometric in (0, 1) and spp - len(page.extrasamples or ()) < 3:
+            bits = f"{page.dtype.itemsize * 8}-bit " if page.dtype.itemsize > 1 else ""
+            raise SlideError(self.path, bits + _GREYSCALE)
+        if page.dtype not in (np.uint8, np.uint16):
+            raise SlideError(self.path, f"{page.dtype} samples; HER2 scoring needs 8-bit (or 16-bit) RGB brightfield images")
+        if photometric == 6 and int(page.compression) in (1, 5, 8, 32773, 32946):
+            raise SlideError(self.path, "YCbCr-coded uncompressed TIFF is not supported; save it as RGB")
+        if page.planarconfig != 1 and spp > 1:
             raise SlideError(self.path, "planar (separate-plane) TIFF is not supported; save as contiguous RGB")
+
+    def _check_segments(self, page, level: int, file_size: int) -> None:
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if len(offsets) == 0 or len(offsets) != len(counts):
+            raise SlideError(self.path, f"corrupt TIFF: level {level} has no valid tile or strip table")
+        ends = np.asarray(offsets, np.int64) + np.asarray(counts, np.int64)
+        beyond = int(np.count_nonzero(ends > file_size))
+        if beyond:
+            raise SlideError(self.path, f"truncated TIFF: {beyond} of {len(ends)} tiles/strips of level {level} lie past "
+                                        f"the end of the file ({file_size} bytes; the data run to byte {int(ends.max())})")
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -304,30 +464,40 @@ class TiffSlide(Slide):
 
     def _read_level(self, level, x, y, width, height):
         page = self._pages[level]
+        if self._fd is None:
+            raise SlideError(self.path, "slide is closed")
         if page.is_tiled:
             th, tw = page.tilelength, page.tilewidth
         else:
             th, tw = page.rowsperstrip or page.imagelength, page.imagewidth
         th, tw = min(th, page.imagelength), min(tw, page.imagewidth)
         n_across = -(-page.imagewidth // tw)
-        out = np.empty((height, width, page.samplesperpixel), np.uint8)
+        out = np.full((height, width, page.samplesperpixel), np.iinfo(page.dtype).max, page.dtype)
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
                 index = ty * n_across + tx
-                offset, count = page.dataoffsets[index], page.databytecounts[index]
                 try:
+                    offset, count = page.dataoffsets[index], page.databytecounts[index]
+                    if count == 0:
+                        continue  # sparse file: a missing tile is empty glass
                     data = os.pread(self._fd, count, offset)
                     if len(data) < count:
-                        raise OSError(f"segment {index} ends past the end of the file")
+                        raise SlideError(self.path, f"truncated TIFF: tile/strip {index} of level {level} needs bytes "
+                                                    f"{offset}-{offset + count} but the file ends at byte "
+                                                    f"{offset + len(data)}")
                     seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                    seg = seg.reshape(seg.shape[-3:])
+                except SlideError:
+                    raise
                 except Exception as e:
-                    raise SlideError(self.path, f"corrupt or truncated image data in level {level} "
-                                                f"segment {index} ({type(e).__name__}: {e})") from None
-                seg = seg.reshape(seg.shape[-3:])
+                    raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
+                                                f"({type(e).__name__}: {e})") from None
                 sy, sx = ty * th, tx * tw
                 ay0, ax0 = max(y, sy), max(x, sx)
                 ay1, ax1 = min(y + height, sy + seg.shape[0]), min(x + width, sx + seg.shape[1])
                 out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
+        if out.dtype == np.uint16:
+            out = (out >> 8).astype(np.uint8)
         return _to_rgb(self.path, out)
 
 
@@ -341,14 +511,19 @@ class OpenSlideSlide(Slide):
         try:
             self._osr = openslide.OpenSlide(str(path))
         except Exception as e:
-            raise SlideError(path, f"OpenSlide cannot open it ({type(e).__name__}: {e})") from None
+            problem = None
+            if path.suffix.lower() in TIFF_SUFFIXES and _sniff(path)[0] == "TIFF":
+                problem = _tiff_structure_problem(path)
+            raise SlideError(path, problem or f"OpenSlide cannot open it ({type(e).__name__}: {e})") from None
         try:
             w, h = self._osr.dimensions
             _check_dimensions(path, w, h)
             props = self._osr.properties
             meta = None
-            if props.get("openslide.mpp-x"):
-                meta = _plausible(float(props["openslide.mpp-x"]))
+            try:
+                meta = float(props["openslide.mpp-x"]) if props.get("openslide.mpp-x") else None
+            except ValueError:
+                pass
             args = _mpp_args(path, meta, mpp)
             self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             self.dimensions = (w, h)
@@ -376,29 +551,38 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     """Open a slide or field of view.
 
     ``mpp`` (µm/px) is used only when the file carries none. ``backend`` forces
-    'tifffile', 'openslide' or 'image'; by default the file's suffix decides.
-    Raises SlideError naming the file and the reason.
+    'tifffile', 'openslide' or 'image'; by default the file's suffix and first bytes decide
+    (a PNG or JPEG named .tif is read as what it is). Raises SlideError naming the file and the reason.
     """
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "no such file")
     if path.is_dir():
         raise SlideError(path, "is a folder, not a slide (MRXS: pass the .mrxs file)")
+    if not path.is_file():
+        raise SlideError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
-    if mpp is not None and not (mpp > 0):
-        raise SlideError(path, f"--mpp must be positive, got {mpp}")
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise SlideError(path, f"--mpp must be a positive number of µm/px, got {mpp}")
     suffix = path.suffix.lower()
     if backend is None:
-        if suffix in TIFF_SUFFIXES:
-            backend = "tifffile"
-        elif suffix in OPENSLIDE_SUFFIXES:
+        if suffix in OPENSLIDE_SUFFIXES:
             backend = "openslide"
-        elif suffix in PLAIN_SUFFIXES:
-            backend = "image"
+        elif suffix in TIFF_SUFFIXES or suffix in PLAIN_SUFFIXES:
+            kind, head = _sniff(path)
+            if kind is None:
+                raise SlideError(path, f"not an image: named {path.suffix} but its content is not PNG, JPEG, BMP or "
+                                       f"TIFF (it starts with {head[:8]!r})")
+            backend = "tifffile" if kind == "TIFF" else "image"
+        elif suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+            raise SlideError(path, f"unsupported format '{suffix}'; convert it to a tiled pyramidal TIFF "
+                                   f"(supported: {', '.join(SLIDE_SUFFIXES)})")
         else:
             raise SlideError(path, f"unsupported format '{suffix or 'no suffix'}'; supported: {', '.join(SLIDE_SUFFIXES)}")
     if backend == "tifffile":
+        if _sniff(path)[0] != "TIFF":
+            raise SlideError(path, "not a TIFF file (no TIFF header)")
         return TiffSlide(path, mpp)
     if backend == "openslide":
         return OpenSlideSlide(path, mpp)

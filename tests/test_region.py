@@ -1,0 +1,123 @@
+"""Tumour regions from QuPath GeoJSON and mask images: parsing, validation messages, containment."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from her2score.region import Region, RegionError, load_region
+
+SIZE = (1000, 800)
+
+
+def _square(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def _feature(geometry, cls=None, object_type="annotation"):
+    props = {"objectType": object_type}
+    if cls:
+        props["classification"] = {"name": cls, "color": [200, 0, 0]}
+    return {"type": "Feature", "id": "x", "geometry": geometry, "properties": props}
+
+
+def _write(tmp_path, data, name="region.geojson"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def qupath(tmp_path):
+    """A QuPath export: a tumour polygon with a hole, a tumour MultiPolygon, a stroma polygon, a cell detection."""
+    return _write(tmp_path, {"type": "FeatureCollection", "features": [
+        _feature({"type": "Polygon", "coordinates": [_square(100, 100, 400, 400), _square(200, 200, 300, 300)]}, "Tumor"),
+        _feature({"type": "MultiPolygon", "coordinates": [[_square(600, 100, 700, 200)], [_square(800, 500, 900, 600)]]}, "Tumor"),
+        _feature({"type": "Polygon", "coordinates": [_square(0, 600, 300, 800)]}, "Stroma"),
+        _feature({"type": "Polygon", "coordinates": [_square(450, 450, 460, 460)]}, "Positive", object_type="detection"),
+    ]})
+
+
+def test_qupath_polygons_holes_multipolygons_and_classes(qupath):
+    r = load_region(qupath, slide_size=SIZE)
+    assert isinstance(r, Region) and len(r.polygons) == 3
+    assert r.source == "annotation (region.geojson, 3 polygons)"
+    x = np.array([150, 250, 650, 850, 100.5, 50, 150, 455, 999])
+    y = np.array([150, 250, 150, 550, 700, 50, 700, 455, 799])
+    #             in   hole  multi multi stroma out stroma detection out
+    np.testing.assert_array_equal(r.contains(x, y), [True, False, True, True, False, False, False, False, False])
+
+
+def test_contains_empty_and_single_geometry(tmp_path):
+    p = _write(tmp_path, {"type": "Polygon", "coordinates": [_square(0, 0, 10, 10)]}, "bare.json")
+    r = load_region(p, slide_size=SIZE)
+    assert r.contains(np.array([]), np.array([])).shape == (0,)
+    assert r.contains(np.array([5.0]), np.array([5.0])).tolist() == [True]
+
+
+def test_unclassified_annotations_count_as_tumour(tmp_path):
+    p = _write(tmp_path, [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 10, 10)]})], "list.geojson")
+    assert load_region(p, slide_size=SIZE).contains(np.array([5]), np.array([5])).tolist() == [True]
+
+
+@pytest.mark.parametrize("content,reason", [
+    ("{not json", "not valid GeoJSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}}]}, "feature 0 has no geometry object"),
+    ({"type": "FeatureCollection", "features": [_feature({"type": "Point", "coordinates": [1, 2]}),
+                                                _feature({"type": "LineString", "coordinates": [[1, 2], [3, 4]]})]},
+     "no Polygon or MultiPolygon annotation (only LineString, Point); a tumour region needs an area"),
+    ({"type": "FeatureCollection", "features": [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 5, 5)]}, "Stroma"),
+                                                _feature({"type": "Polygon", "coordinates": [_square(0, 0, 5, 5)]}, "Ignore*")]},
+     "no tumour annotation: every polygon is classified as non-tumour (Ignore*, Stroma)"),
+    ({"type": "FeatureCollection", "features": []}, "the file holds no features (no tumour annotation)"),
+    ({"type": "FeatureCollection", "features": {"a": 1}}, "'features' must be a list"),
+    ({"hello": "world"}, "expected a GeoJSON FeatureCollection, Feature, Polygon or a list of Features"),
+    ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}, "feature 0 (Polygon): a ring needs at least 3 points, got 2"),
+    ({"type": "Polygon", "coordinates": [[["a", 0], [1, 1], [2, 0]]]}, "feature 0 (Polygon): coordinates must be [x, y] number pairs"),
+    ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [2, "NaN"]]]}, "feature 0 (Polygon): coordinates must be finite numbers"),
+    ({"type": "Polygon", "coordinates": []}, "feature 0: Polygon without coordinates"),
+    ({"type": "FeatureCollection", "features": [_feature({"type": "Circle", "coordinates": [1, 2]})]}, "feature 0: unknown geometry type 'Circle'"),
+], ids=["invalid-json", "missing-geometry", "no-polygon", "all-non-tumour", "empty", "features-not-list",
+        "not-geojson", "short-ring", "non-numeric", "nan-string", "no-coordinates", "unknown-type"])
+def test_invalid_geojson_messages(tmp_path, content, reason):
+    p = _write(tmp_path, content)
+    with pytest.raises(RegionError) as e:
+        load_region(p, slide_size=SIZE)
+    assert str(e.value) == f"{p}: {reason}"
+
+
+def test_missing_and_empty_region_files(tmp_path):
+    with pytest.raises(RegionError, match=r"nope\.geojson: region file not found"):
+        load_region(tmp_path / "nope.geojson", slide_size=SIZE)
+    (tmp_path / "empty.geojson").write_bytes(b"")
+    with pytest.raises(RegionError, match=r"empty\.geojson: region file is empty \(0 bytes\)"):
+        load_region(tmp_path / "empty.geojson", slide_size=SIZE)
+
+
+def test_mask_image(tmp_path):
+    mask = np.zeros((80, 100), np.uint8)  # a tenth of the slide's 1000 x 800
+    mask[10:40, 20:50] = 255
+    p = tmp_path / "mask.png"
+    Image.fromarray(mask).save(p)
+    r = load_region(p, slide_size=SIZE)
+    assert r.source == "mask (mask.png)"
+    x = np.array([250, 100, 499, 500, -5, 5000])
+    y = np.array([250, 250, 399, 400, 250, 250])
+    np.testing.assert_array_equal(r.contains(x, y), [True, False, True, False, False, False])
+
+
+def test_bad_masks(tmp_path):
+    p = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((80, 100), np.uint8)).save(p)
+    with pytest.raises(RegionError, match=r"blank\.png: mask image is empty \(no non-zero pixel\)"):
+        load_region(p, slide_size=SIZE)
+    p = tmp_path / "square.png"
+    Image.fromarray(np.full((100, 100), 255, np.uint8)).save(p)
+    with pytest.raises(RegionError, match=r"square\.png: mask aspect 100x100 does not match the slide's 1000x800"):
+        load_region(p, slide_size=SIZE)
+    p = tmp_path / "text.png"
+    p.write_text("not a mask")
+    with pytest.raises(RegionError, match=r"text\.png: not a GeoJSON \(\.geojson/\.json\) file nor a readable mask image"):
+        load_region(p, slide_size=SIZE)

@@ -1,0 +1,470 @@
+"""Issue 5: every bad input gets a clear answer naming the file, the batch goes on, names are
+untrusted, and a batch killed with SIGKILL (several times) resumes with nothing lost or duplicated.
+
+Each bad-input case is checked twice: the exact message at the API level (open_slide /
+score_slide), and a run_batch over a folder holding the bad file beside one good slide, which
+must finish the good slide and record an error row for the bad one (also in summary.csv).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_png, save_png16_rgb, save_tiff, truncated_copy, write_bad
+from her2score.batch import MANIFEST, run_batch, safe_name
+from her2score.outputs import OUTPUT_FILES
+from her2score.pipeline import NoTissueError, WrongStainError, score_slide
+from her2score.slide import SLIDE_SUFFIXES, SlideError, open_slide
+
+GOOD = "good 2+.png"
+GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
+NO_TISSUE = "no tissue found (blank, fully white or black slide)"
+EOSIN = r"\d+% of stained tissue has the colour of eosin: this looks like an H&E slide, not a HER2 \(H-DAB\) immunostain; not scored"
+
+
+def _api_error(path, *, mpp=None, score=True) -> SlideError:
+    """The SlideError for ``path``: from open_slide, or (if it opens) from score_slide."""
+    try:
+        with open_slide(path, mpp=mpp):
+            pass
+    except SlideError as e:
+        return e
+    if not score:
+        raise AssertionError(f"{path} opened")
+    with pytest.raises(SlideError) as e:
+        score_slide(path, mpp=mpp)
+    return e.value
+
+
+def _batch(tmp_path, inputs, **kw) -> dict[str, dict]:
+    """run_batch into tmp_path/out; checks summary.csv matches the rows and the good slide is scored."""
+    out = tmp_path / "out"
+    rows = run_batch([str(i) for i in inputs], out, **kw)
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["slide"] for r in table] == [r["slide"] for r in rows]
+    assert [r["status"] for r in table] == [r["status"] for r in rows]
+    assert [r["error"] for r in table] == [r["error"] for r in rows]
+    by = {Path(r["slide"]).name: r for r in rows}
+    if GOOD in by:
+        good = by[GOOD]
+        assert good["status"] == "ok" and good["score"] in ("0", "1+", "2+", "3+") and good["error"] == ""
+        assert (out / "good_2_.png" / "result.json").is_file()
+    return by
+
+
+def _batch_error(tmp_path, folder, bad: Path, message: str | None = None, pattern: str | None = None, **kw) -> str:
+    by = _batch(tmp_path, [folder], **kw)
+    row = by[bad.name]
+    assert row["status"] == "error" and row["score"] == ""
+    assert row["slide"] == str(bad)
+    if message is not None:
+        assert row["error"] == message
+    if pattern is not None:
+        assert re.fullmatch(pattern, row["error"]), row["error"]
+    assert not (tmp_path / "out" / safe_name(bad.name) / "result.json").exists()
+    return row["error"]
+
+
+# --------------------------------------------------------------------------- one test per case
+
+def test_zero_byte_file(tmp_path, slide_folder, fields, pyramid_tiff):
+    bad = write_bad("zero_byte", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    msg = f"{bad}: empty file (0 bytes)"
+    assert str(_api_error(bad)) == msg
+    _batch_error(tmp_path, slide_folder, bad, msg)
+
+
+def test_truncated_tiff(tmp_path, slide_folder, fields, pyramid_tiff):
+    """Cut in half: the second level's directory is gone; the error is raised at open, by both
+    backends, and again whenever scoring is attempted."""
+    bad = write_bad("truncated_tiff", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    pattern = re.escape(str(bad)) + r": truncated TIFF: image directory 1 should start at byte \d+ but the file ends at byte \d+"
+    assert re.fullmatch(pattern, str(_api_error(bad)))
+    assert re.fullmatch(pattern, str(_api_error(bad, score=False)))
+    for backend in ("tifffile", "openslide"):
+        with pytest.raises(SlideError) as e:
+            open_slide(bad, backend=backend)
+        assert re.fullmatch(pattern, str(e.value))
+    with pytest.raises(SlideError) as e:
+        score_slide(bad)
+    assert re.fullmatch(pattern, str(e.value))
+    _batch_error(tmp_path, slide_folder, bad, pattern=pattern)
+
+
+def test_tiff_with_tile_data_cut_off(tmp_path, slide_folder, pyramid_tiff):
+    """Cut near the end: every directory is intact but tiles point past the end of the file."""
+    bad = truncated_copy(pyramid_tiff, slide_folder / "cut.tif", fraction=0.97)
+    pattern = re.escape(str(bad)) + r": truncated TIFF: \d+ of \d+ tiles/strips of level 1 lie past the end of the file \(\d+ bytes; the data run to byte \d+\)"
+    assert re.fullmatch(pattern, str(_api_error(bad)))
+    with pytest.raises(SlideError) as e:
+        score_slide(bad)
+    assert re.fullmatch(pattern, str(e.value))
+    _batch_error(tmp_path, slide_folder, bad, pattern=pattern)
+
+
+@pytest.mark.parametrize("kind,suffix", [("text_as_png", ".png"), ("text_as_tif", ".tif")])
+def test_non_image_with_an_image_extension(tmp_path, slide_folder, fields, pyramid_tiff, kind, suffix):
+    bad = write_bad(kind, slide_folder, fields=fields, pyramid=pyramid_tiff)
+    msg = f"{bad}: not an image: named {suffix} but its content is not PNG, JPEG, BMP or TIFF (it starts with b'Patient ')"
+    assert str(_api_error(bad)) == msg
+    _batch_error(tmp_path, slide_folder, bad, msg)
+
+
+@pytest.mark.parametrize("kind", ["unsupported_xyz", "unsupported_docx"])
+def test_unsupported_format(tmp_path, slide_folder, fields, pyramid_tiff, caplog, kind):
+    """Named explicitly: an error row. Found while searching a folder: not a slide format, so it is
+    skipped, listed in the manifest and in a warning (slide folders hold notes, sheets, XML)."""
+    bad = write_bad(kind, tmp_path, fields=fields, pyramid=pyramid_tiff)
+    msg = f"{bad}: unsupported format '{bad.suffix}'; supported: {', '.join(SLIDE_SUFFIXES)}"
+    assert str(_api_error(bad)) == msg
+    by = _batch(tmp_path, [slide_folder, bad])
+    assert by[bad.name]["status"] == "error" and by[bad.name]["error"] == msg
+    # the same file inside the slide folder
+    shutil.copy(bad, slide_folder / bad.name)
+    with caplog.at_level(logging.WARNING, logger="her2score.batch"):
+        by = _batch(tmp_path, [slide_folder])
+    assert set(by) == {GOOD}
+    assert f"skipped 1 file that is not a slide: {bad.name}" in caplog.text
+    skipped = json.loads((tmp_path / "out" / MANIFEST).read_text(encoding="utf-8"))["skipped"]
+    assert skipped == [[str(slide_folder / bad.name), "not a slide format"]]
+
+
+def test_known_but_unsupported_slide_format_in_a_folder(tmp_path, slide_folder):
+    """A vendor format the tool cannot read is not silently skipped: it gets an error row."""
+    bad = slide_folder / "scan.czi"
+    bad.write_bytes(b"ZISRAWFILE" + bytes(50))
+    msg = f"{bad}: unsupported format '.czi'; convert it to a tiled pyramidal TIFF (supported: {', '.join(SLIDE_SUFFIXES)})"
+    assert str(_api_error(bad)) == msg
+    _batch_error(tmp_path, slide_folder, bad, msg)
+
+
+def test_tiff_header_bomb_refused_before_allocation(tmp_path, slide_folder, fields, pyramid_tiff):
+    bad = write_bad("tiff_bomb", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    assert bad.stat().st_size < 300
+    msg = (f"{bad}: header claims 10000000 x 10000000 pixels, beyond the 2097152 limit "
+           "(corrupt file or decompression bomb); refused before reading")
+    open_slide(slide_folder / GOOD).close()  # imports done before measuring
+    tracemalloc.start()
+    with pytest.raises(SlideError) as e:
+        open_slide(bad, mpp=0.5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(e.value) == msg
+    assert peak < 1_000_000, f"{peak} bytes allocated while refusing a bomb"
+    _batch_error(tmp_path, slide_folder, bad, msg)
+
+
+def test_png_header_bomb_refused_before_allocation(tmp_path, slide_folder, fields, pyramid_tiff):
+    bad = write_bad("png_bomb", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    tracemalloc.start()
+    e = _api_error(bad, mpp=0.5, score=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pattern = re.escape(str(bad)) + r": refused as a decompression bomb \(Image size \(100000000000000 pixels\) exceeds limit .*"
+    assert re.fullmatch(pattern, str(e)) and peak < 1_000_000
+    _batch_error(tmp_path, slide_folder, bad, pattern=pattern)
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("grey_png", GREY), ("grey_tif", GREY), ("grey16_png", "16-bit " + GREY), ("grey16_tif", "16-bit " + GREY),
+])
+def test_greyscale_images(tmp_path, slide_folder, fields, pyramid_tiff, kind, reason):
+    bad = write_bad(kind, slide_folder, fields=fields, pyramid=pyramid_tiff)
+    msg = f"{bad}: {reason}"
+    assert str(_api_error(bad)) == msg
+    _batch_error(tmp_path, slide_folder, bad, msg)
+
+
+def test_16bit_rgb_is_scaled_to_8bit_and_scored(tmp_path, slide_folder, fields):
+    """16-bit RGB (PNG and TIFF) is accepted: scaled to 8 bits, read exactly as the 8-bit image, noted."""
+    rgb = fields["2+"]
+    png16 = save_png16_rgb(slide_folder / "sixteen.png", rgb.astype(np.uint16) * 257)
+    tif16 = save_tiff(slide_folder / "sixteen.tif", rgb.astype(np.uint16) * 257, photometric="rgb")
+    reference = score_slide(slide_folder / GOOD)
+    for path in (png16, tif16):
+        with open_slide(path) as s:
+            assert s.mpp == pytest.approx(0.5) and s.notes == ("16-bit samples scaled to 8 bits",)
+            assert np.array_equal(s.read_region((0, 0), (384, 384), mpp=0.5), rgb)
+        r = score_slide(path)
+        assert (r.score, r.counts, r.h_score) == (reference.score, reference.counts, reference.h_score)
+    by = _batch(tmp_path, [slide_folder])
+    assert by["sixteen.png"]["status"] == by["sixteen.tif"]["status"] == "ok"
+    assert by["sixteen.png"]["score"] == by["sixteen.tif"]["score"] == by[GOOD]["score"]
+
+
+def test_rgba_png_is_composited_over_white_and_scored(tmp_path, slide_folder, fields):
+    rgb = fields["2+"]
+    opaque = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    path = save_png(slide_folder / "rgba.png", opaque)
+    with open_slide(path) as s:
+        assert np.array_equal(s.read_region((0, 0), (384, 384), mpp=0.5), rgb)
+    reference = score_slide(slide_folder / GOOD)
+    assert score_slide(path).counts == reference.counts
+    holed = opaque.copy()
+    holed[:100, :, 3] = 0  # transparent band: glass
+    holed[100:150, :, 3] = 128  # half transparent: half way to white
+    hpath = save_png(slide_folder / "rgba-transparent.png", holed)
+    with open_slide(hpath) as s:
+        got = s.read_region((0, 0), (384, 384), mpp=0.5)
+    assert (got[:100] == 255).all()
+    expected = (rgb[100:150].astype(np.float32) * 128 / 255 + 255 * 127 / 255 + 0.5).astype(np.uint8)
+    assert np.abs(got[100:150].astype(int) - expected).max() <= 1
+    by = _batch(tmp_path, [slide_folder])
+    assert by["rgba.png"]["status"] == by["rgba-transparent.png"]["status"] == "ok"
+    assert by["rgba.png"]["score"] == by[GOOD]["score"]
+
+
+@pytest.mark.parametrize("kind", ["white", "black"])
+def test_blank_slides_have_no_tissue(tmp_path, slide_folder, fields, pyramid_tiff, kind):
+    bad = write_bad(kind, slide_folder, fields=fields, pyramid=pyramid_tiff)
+    e = _api_error(bad)
+    assert isinstance(e, NoTissueError) and str(e) == f"{bad}: {NO_TISSUE}"
+    _batch_error(tmp_path, slide_folder, bad, f"{bad}: {NO_TISSUE}")
+
+
+def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, pyramid_tiff):
+    bad = write_bad("he", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    e = _api_error(bad)
+    assert isinstance(e, WrongStainError)
+    assert re.fullmatch(re.escape(str(bad)) + ": " + EOSIN, str(e))
+    # a true HER2 0 (haematoxylin only, no DAB) is scored 0, not refused
+    zero = save_png(slide_folder / "her2-zero.png", fields["0"])
+    assert score_slide(zero).score == "0"
+    by = _batch(tmp_path, [slide_folder])
+    assert by["her2-zero.png"]["status"] == "ok" and by["her2-zero.png"]["score"] == "0"
+    assert by[bad.name]["status"] == "error" and re.fullmatch(re.escape(str(bad)) + ": " + EOSIN, by[bad.name]["error"])
+
+
+def test_slide_without_mpp(tmp_path, slide_folder, fields, pyramid_tiff):
+    bad = write_bad("no_mpp", slide_folder, fields=fields, pyramid=pyramid_tiff)
+    msg = f"{bad}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)"
+    assert str(_api_error(bad)) == msg
+    _batch_error(tmp_path, slide_folder, bad, msg)
+    # with --mpp it is scored, and the good slide keeps its own metadata
+    by = _batch(tmp_path, [slide_folder], mpp=0.5)
+    assert by[bad.name]["status"] == "ok"
+    result = json.loads((tmp_path / "out" / "no-mpp.png" / "result.json").read_text(encoding="utf-8"))
+    assert result["mpp"] == 0.5 and "µm/px 0.5 from user" in result["notes"]
+
+
+def test_path_that_does_not_exist(tmp_path, slide_folder):
+    missing = tmp_path / "nowhere" / "slide.svs"
+    assert str(_api_error(missing)) == f"{missing}: no such file"
+    by = _batch(tmp_path, [slide_folder, missing])
+    assert by["slide.svs"] == {**by["slide.svs"], "status": "error", "error": f"{missing}: no such file or folder"}
+
+
+def test_folder_with_no_slides(tmp_path, slide_folder):
+    empty = tmp_path / "empty folder"
+    empty.mkdir()
+    notes = tmp_path / "only notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no slides here")
+    looked = ", ".join(SLIDE_SUFFIXES)
+    by = _batch(tmp_path, [slide_folder, empty, notes])
+    assert by["empty folder"]["status"] == "error"
+    assert by["empty folder"]["error"] == f"{empty}: folder holds no slides (looked for {looked})"
+    assert by["only notes"]["error"] == f"{notes}: folder holds no slides (looked for {looked}; 1 other file skipped)"
+    # alone: the batch still finishes with its error row
+    rows = run_batch([empty], tmp_path / "out2")
+    assert [(r["status"], r["error"]) for r in rows] == [("error", f"{empty}: folder holds no slides (looked for {looked})")]
+
+
+def test_every_bad_input_in_one_batch(tmp_path, slide_folder, fields, pyramid_tiff):
+    """The whole corpus in one folder: every bad file gets its own error row, the good slide is scored."""
+    kinds = ["zero_byte", "truncated_tiff", "text_as_png", "text_as_tif", "tiff_bomb", "png_bomb", "grey_png",
+             "grey_tif", "grey16_png", "grey16_tif", "white", "black", "he", "no_mpp"]
+    bad = [write_bad(k, slide_folder, fields=fields, pyramid=pyramid_tiff) for k in kinds]
+    by = _batch(tmp_path, [slide_folder], workers=2)
+    assert len(by) == len(bad) + 1
+    for p in bad:
+        assert by[p.name]["status"] == "error" and by[p.name]["error"].startswith(f"{p}: "), by[p.name]
+
+
+# --------------------------------------------------------------------------- untrusted input
+
+NASTY = ["Schnitt ü 3+ #1.png", "$(rm -rf x);.png", "it's \"quoted\" `x`.png", "a|b&c>d<e*f?.png", "  spaced  .png",
+         "-rf.png", "a..png", "Schnitt ü 3+ #1.PNG"]
+
+
+def test_nasty_slide_names_stay_inside_out(tmp_path, slide_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()  # what "$(rm -rf x)" would remove if any name reached a shell
+    for name in NASTY:
+        shutil.copy(slide_folder / GOOD, slide_folder / name)
+    out = tmp_path / "out"
+    before = set(tmp_path.iterdir())
+    by = _batch(tmp_path, [slide_folder])
+    assert all(by[n]["status"] == "ok" for n in NASTY), {n: by[n]["error"] for n in NASTY}
+    assert (tmp_path / "x").is_dir() and set(tmp_path.iterdir()) == before | {out}
+    folders = [by[n]["output"] for n in NASTY]
+    assert len(set(f.lower() for f in folders)) == len(NASTY)  # unique even on case-insensitive file systems
+    for n, f in zip(NASTY, folders):
+        d = out / f
+        assert d.parent == out and d.resolve().parent == out.resolve() and not f.startswith(".")
+        assert sorted(p.name for p in d.iterdir()) == sorted(OUTPUT_FILES)
+        assert json.loads((d / "result.json").read_text(encoding="utf-8"))["slide"] == str(slide_folder / n)
+    pair = sorted([by["Schnitt ü 3+ #1.png"]["output"], by["Schnitt ü 3+ #1.PNG"]["output"]], key=str.lower)
+    assert pair[0] in ("Schnitt_ü_3_1.png", "Schnitt_ü_3_1.PNG") and re.fullmatch(r"Schnitt_ü_3_1\.(png|PNG)-[0-9a-f]{8}", pair[1])
+    assert by["$(rm -rf x);.png"]["output"] == "rm_-rf_x_.png"
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("../../etc/passwd", "etc__passwd"),
+    ("/etc/passwd", "etc__passwd"),
+    ("..", "slide"),
+    ("", "slide"),
+    ("...", "slide"),
+    (".hidden.png", "hidden.png"),
+    ("a/../../b.png", "a__..__..__b.png"),
+    ("C:\\Users\\x\\slide.svs", "C___Users__x__slide.svs"),
+    ("manifest.json", "slide_manifest.json"),
+    ("summary.csv", "slide_summary.csv"),
+    ("Schnitt u\u0308.png", "Schnitt_ü.png"),  # NFD as macOS writes it, normalised to NFC
+    ("tab\there\nnewline.png", "tab_here_newline.png"),
+])
+def test_safe_name(raw, expected, tmp_path):
+    name = safe_name(raw)
+    assert name == expected
+    assert "/" not in name and "\\" not in name and not name.startswith(".") and name not in ("", ".", "..")
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_name_length_is_bounded_in_bytes():
+    name = safe_name("ü" * 400 + ".png")
+    assert 0 < len(name.encode("utf-8")) <= 150 and name == name.strip("._")
+
+
+def test_output_folder_planted_as_a_link_is_refused(tmp_path, slide_folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "good_2_.png").symlink_to(elsewhere, target_is_directory=True)
+    rows = run_batch([slide_folder], out)
+    assert rows[0]["status"] == "error" and "is a link or a file; refusing to write outside --out" in rows[0]["error"]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_region_files_are_validated_in_a_batch(tmp_path, slide_folder):
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    stem = Path(GOOD).stem
+    (regions / f"{stem}.geojson").write_text('{"type": "FeatureCollection", "features": [{"type": "Feature"}]}')
+    rows = run_batch([slide_folder], tmp_path / "out", regions=regions)
+    assert rows[0]["status"] == "error"
+    assert rows[0]["error"] == f"{slide_folder / GOOD}: {regions / (stem + '.geojson')}: feature 0 has no geometry object"
+    square = [[0, 0], [384, 0], [384, 384], [0, 384], [0, 0]]
+    (regions / f"{stem}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    rows = run_batch([slide_folder], tmp_path / "out", regions=regions)
+    assert rows[0]["status"] == "ok" and rows[0]["region"] == f"annotation ({stem}.geojson, 1 polygons)"
+
+
+# --------------------------------------------------------------------------- SIGKILL and resume
+
+def _count(out: Path, name: str = "result.json") -> int:
+    return sum(1 for _ in out.glob(f"*/{name}")) if out.exists() else 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_when(cmd, cwd, ready, timeout=90.0) -> bool:
+    """Start the batch, SIGKILL it as soon as ``ready()`` holds; False if it finished first."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _walk_files(root: Path) -> list[Path]:
+    return [Path(d) / f for d, _, files in os.walk(root) for f in files]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and SIGKILL")
+def test_killed_batch_resumes_with_nothing_lost_or_duplicated(tmp_path, fields, pyramid_tiff):
+    from her2score.synthetic import generate_field
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for s, rgb in fields.items():
+        save_png(slides / f"field {s}.png", rgb)
+    save_png(slides / "extra-a.png", generate_field("1+", seed=901, size_px=(384, 384)).image)
+    save_png(slides / "extra-b.png", generate_field("3+", seed=902, size_px=(384, 384)).image)
+    shutil.copy(pyramid_tiff, slides / "slide.tif")
+    n = 7
+
+    reference = tmp_path / "reference"
+    run_batch([str(slides)], reference)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "her2score.cli", "score", str(slides), "--out", str(out), "-q", "--no-cnn"]
+    kills = [
+        lambda: (out / MANIFEST).exists(),  # very early: started, nothing scored yet
+        lambda: _count(out) >= 1,
+        lambda: _count(out) >= 3,
+        lambda: _count(out, "cells.csv") >= 5,  # possibly between a slide's outputs
+    ]
+    killed = 0
+    for ready in kills:
+        killed += _kill_when(cmd, tmp_path, ready)
+        deadline = time.monotonic() + 5
+        while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_mentioning(str(out)) == [], "worker processes outlived the killed batch"
+    assert killed >= 2
+
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["slides"]
+    done_before = {e["row"]["output"] for e in manifest.values() if e["state"] == "done"}
+    mtimes = {d: (out / d / "result.json").stat().st_mtime_ns for d in done_before}
+    final = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert f"{n} of {n} slides scored" in final.stdout
+
+    # exactly one complete result per slide, identical to the uninterrupted run's
+    dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert dirs == sorted(p.name for p in reference.iterdir() if p.is_dir()) and len(dirs) == n
+    for d in dirs:
+        assert sorted(p.name for p in (out / d).iterdir()) == sorted(OUTPUT_FILES)
+        a, b = json.loads((out / d / "result.json").read_text("utf-8")), json.loads((reference / d / "result.json").read_text("utf-8"))
+        assert {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {}, d
+        for f in ("result.json", "cells.csv", "cells.geojson"):
+            assert (out / d / f).read_bytes() == (reference / d / f).read_bytes(), (d, f)
+    assert [p for p in _walk_files(out) if p.name.endswith(".tmp")] == []
+    assert (out / "summary.csv").read_text(encoding="utf-8") == (reference / "summary.csv").read_text(encoding="utf-8")
+    # slides finished before the last start were not scored again
+    assert all((out / d / "result.json").stat().st_mtime_ns == t for d, t in mtimes.items())

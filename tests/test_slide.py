@@ -1,0 +1,225 @@
+"""One reader suite over every backend: tifffile and OpenSlide on the same pyramidal TIFF, plain
+PNG/JPEG through the image backend, and the in-memory ArraySlide; then µm/px metadata variants."""
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+import her2score.slide as slide_module
+from conftest import SLIDE_MPP, SLIDE_PX, save_jpeg, save_png, save_tiff
+from her2score.slide import ArraySlide, SlideError, open_slide
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, pyramid_tiff, slide_rgb):
+    d = tmp_path_factory.mktemp("backends")
+    return {
+        "tifffile": (pyramid_tiff, "tifffile", 3.0),
+        "openslide": (pyramid_tiff, "openslide", 3.0),
+        "png": (save_png(d / "slide.png", slide_rgb, mpp=SLIDE_MPP), None, 0.01),
+        "jpeg": (save_jpeg(d / "slide.jpg", slide_rgb, mpp=SLIDE_MPP), None, 3.0),
+        "array": (None, None, 0.01),
+    }
+
+
+@pytest.fixture(params=["tifffile", "openslide", "png", "jpeg", "array"])
+def case(request, sources, slide_rgb):
+    path, backend, tol = sources[request.param]
+    slide = ArraySlide(slide_rgb, mpp=SLIDE_MPP) if path is None else open_slide(path, backend=backend)
+    with slide:
+        yield request.param, slide, tol
+
+
+def test_dimensions_and_mpp_from_metadata(case):
+    name, slide, _ = case
+    assert slide.dimensions == SLIDE_PX
+    assert slide.mpp == pytest.approx(SLIDE_MPP, rel=1e-6)
+    assert slide.mpp_source == ("user" if name == "array" else "metadata")
+    assert slide.levels[0].width == SLIDE_PX[0] and slide.levels[0].downsample == 1.0
+
+
+def test_backend_types(sources):
+    assert type(open_slide(sources["tifffile"][0])).__name__ == "TiffSlide"
+    assert type(open_slide(sources["openslide"][0], backend="openslide")).__name__ == "OpenSlideSlide"
+    assert type(open_slide(sources["png"][0])).__name__ == "ArraySlide"
+
+
+def test_read_at_native_resolution(case, slide_rgb):
+    _, slide, tol = case
+    got = slide.read_region((300, 200), (64, 48), mpp=SLIDE_MPP)
+    assert got.dtype == np.uint8 and got.shape == (48, 64, 3)
+    assert _mad(got, slide_rgb[200:248, 300:364]) <= tol
+
+
+def test_read_at_half_resolution_is_a_downsample(case, slide_rgb):
+    """0.5 µm/px from a 0.25 µm/px slide equals an area downsample of the source."""
+    _, slide, tol = case
+    half = cv2.resize(slide_rgb, (SLIDE_PX[0] // 2, SLIDE_PX[1] // 2), interpolation=cv2.INTER_AREA)
+    whole = slide.read_region((0, 0), (512, 384), mpp=0.5)
+    assert _mad(whole, half) <= tol + 0.5
+    part = slide.read_region((200, 100), (100, 80), mpp=0.5)
+    assert _mad(part, half[50:130, 100:200]) <= tol + 0.5
+
+
+def test_outside_the_slide_is_white(case, slide_rgb):
+    _, slide, tol = case
+    assert (slide.read_region((-1000, -1000), (50, 40), mpp=0.5) == 255).all()
+    assert (slide.read_region((5000, 0), (20, 20), mpp=SLIDE_MPP) == 255).all()
+    # straddling the bottom-right corner: the inside part is the slide, the rest glass
+    got = slide.read_region((SLIDE_PX[0] - 40, SLIDE_PX[1] - 30), (100, 80), mpp=SLIDE_MPP)
+    assert (got[30:] == 255).all() and (got[:, 40:] == 255).all()
+    assert _mad(got[:30, :40], slide_rgb[-30:, -40:]) <= tol
+    # straddling the top-left corner at 0.5 µm/px
+    got = slide.read_region((-40, -20), (60, 50), mpp=0.5)
+    assert (got[:10] == 255).all() and (got[:, :20] == 255).all()
+
+
+def test_thumbnail(case, slide_rgb):
+    _, slide, tol = case
+    thumb = slide.thumbnail(mpp=2.0)
+    assert thumb.shape == (96, 128, 3)
+    ref = cv2.resize(slide_rgb, (128, 96), interpolation=cv2.INTER_AREA)
+    assert _mad(thumb, ref) <= tol + 1.0
+
+
+def test_openslide_and_tifffile_agree(pyramid_tiff):
+    with open_slide(pyramid_tiff, backend="tifffile") as a, open_slide(pyramid_tiff, backend="openslide") as b:
+        assert a.dimensions == b.dimensions and a.mpp == pytest.approx(b.mpp)
+        assert [lv.width for lv in a.levels] == [lv.width for lv in b.levels] == [1024, 512]
+        for loc, size, mpp in [((0, 0), (256, 192), 1.0), ((333, 77), (200, 150), 0.5), ((500, 400), (90, 70), 0.25)]:
+            assert _mad(a.read_region(loc, size, mpp=mpp), b.read_region(loc, size, mpp=mpp)) < 2.0
+
+
+def test_invalid_region_arguments(sources):
+    with open_slide(sources["png"][0]) as s:
+        with pytest.raises(ValueError):
+            s.read_region((0, 0), (0, 10), mpp=0.5)
+        with pytest.raises(ValueError):
+            s.read_region((0, 0), (10, 10), mpp=0)
+
+
+# --------------------------------------------------------------------------- µm/px metadata
+
+def _aperio(path, rgb):
+    desc = f"Aperio Image Library v12.0.0\n{rgb.shape[1]}x{rgb.shape[0]} [0,0 {rgb.shape[1]}x{rgb.shape[0]}] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.2500"
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="jpeg", description=desc, metadata=None)
+    return path
+
+
+def _ome(path, rgb):
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm",
+                               "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+    return path
+
+
+def _tiff_inch(path, rgb):
+    return save_tiff(path, rgb, mpp=None, photometric="rgb", resolution=(101600, 101600), resolutionunit="INCH")
+
+
+@pytest.mark.parametrize("writer,suffix", [
+    (lambda p, a: save_tiff(p, a, mpp=0.25, photometric="rgb"), ".tif"),  # px/cm resolution tags
+    (_tiff_inch, ".tif"),
+    (lambda p, a: save_png(p, a, mpp=0.25), ".png"),  # pHYs
+    (lambda p, a: save_jpeg(p, a, mpp=0.25), ".jpg"),  # JFIF density
+    (_aperio, ".svs"),  # Aperio ImageDescription "MPP = 0.25"
+    (_ome, ".ome.tif"),  # OME-XML PhysicalSizeX
+], ids=["tiff-px-per-cm", "tiff-px-per-inch", "png-phys", "jpeg-jfif", "aperio-description", "ome-physicalsize"])
+def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
+    rgb = slide_rgb[:256, :320]
+    path = writer(tmp_path / f"s{suffix}", rgb)
+    with open_slide(path) as s:
+        assert s.mpp == pytest.approx(0.25, rel=1e-3) and s.mpp_source == "metadata"
+        assert s.dimensions == (320, 256)
+    with open_slide(path, mpp=0.9) as s:  # --mpp never overrides metadata
+        assert s.mpp == pytest.approx(0.25, rel=1e-3) and s.mpp_source == "metadata"
+
+
+def test_aperio_svs_through_openslide(tmp_path, slide_rgb):
+    path = _aperio(tmp_path / "s.svs", slide_rgb[:256, :320])
+    with open_slide(path, backend="openslide") as s:
+        assert s.mpp == pytest.approx(0.25) and s.dimensions == (320, 256)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_mpp_fallback_only_without_metadata(tmp_path, slide_rgb, suffix):
+    rgb = slide_rgb[:128, :128]
+    path = tmp_path / f"plain{suffix}"
+    {".png": save_png, ".jpg": save_jpeg, ".tif": save_tiff}[suffix](path, rgb, mpp=None)
+    with pytest.raises(SlideError) as e:
+        open_slide(path)
+    assert str(e.value) == f"{path}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)"
+    assert e.value.path == str(path)
+    with open_slide(path, mpp=0.4) as s:
+        assert s.mpp == 0.4 and s.mpp_source == "user"
+
+
+def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
+    path = tmp_path / "screen.png"
+    save_png(path, slide_rgb[:64, :64], mpp=25400 / 72)  # a 72-dpi screen default, not a scan
+    with pytest.raises(SlideError, match=r"screen\.png: the file's resolution metadata gives 352\.\d µm/px, not a microscope scan's; pass --mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp == 0.5 and s.mpp_source == "user"
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_bad_user_mpp(tmp_path, slide_rgb, bad):
+    path = save_png(tmp_path / "x.png", slide_rgb[:64, :64], mpp=None)
+    with pytest.raises(SlideError, match="--mpp must be a positive number"):
+        open_slide(path, mpp=bad)
+
+
+def test_array_slide_needs_mpp(slide_rgb):
+    with pytest.raises(SlideError, match=r"<array>: no microns-per-pixel"):
+        ArraySlide(slide_rgb, mpp=None)
+
+
+def test_content_decides_over_suffix(tmp_path, slide_rgb):
+    """A JPEG named .tif is read as the JPEG it is."""
+    path = tmp_path / "really-a-jpeg.tif"
+    save_jpeg(path, slide_rgb[:128, :128], mpp=0.5)
+    with open_slide(path) as s:
+        assert s.dimensions == (128, 128) and s.mpp == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+def test_large_shrinking_reads_go_block_by_block(tmp_path, slide_rgb, monkeypatch):
+    """A thumbnail of a slide without a pyramid is decoded in bounded blocks and equals a whole read."""
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, slide_rgb, tile=(128, 128), photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert len(s.levels) == 1
+        whole = s.thumbnail(mpp=1.0)
+        tracemalloc.start()
+        monkeypatch.setattr(slide_module, "READ_BLOCK_PX", 128 * 128)
+        blocked = s.thumbnail(mpp=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert blocked.shape == whole.shape == (192, 256, 3)
+    assert _mad(blocked, whole) < 1.0
+    full_level0 = SLIDE_PX[0] * SLIDE_PX[1] * 3
+    assert peak < full_level0 / 3, peak  # never the whole level 0 at once
+
+
+def test_file_truncated_after_opening_fails_when_read(tmp_path, pyramid_tiff):
+    """Tile data missing at read time (file cut while open) is a clear error at that read."""
+    path = tmp_path / "shrinking.tif"
+    path.write_bytes(pyramid_tiff.read_bytes())
+    with open_slide(path) as s:
+        os.truncate(path, 20_000)
+        with pytest.raises(SlideError) as e:
+            s.read_region((0, 0), (1024, 768), mpp=SLIDE_MPP)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "truncated TIFF" in msg and "file ends at byte" in msg
