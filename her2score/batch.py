@@ -1,7 +1,13 @@
 """Folder runs: discover slides, score them in worker processes or on Dask, resume after a kill.
 
 Per batch folder: one sub-folder of outputs per slide, ``manifest.json`` (each slide's state and
-summary row, rewritten atomically after every slide) and ``summary.csv`` made from the manifest.
+summary row, rewritten atomically after every slide) and ``summary.csv`` made from the manifest
+(also rewritten after every slide). A lock file keeps a second batch out of the folder while one
+runs; a batch that starts removes the temporary files a killed one left behind.
+
+Slides are scored in child processes (even with one worker): a slide that crashes its process
+(a reader fault, the out-of-memory killer) gets an error row and the batch goes on. Children die
+with the batch (Linux PR_SET_PDEATHSIG), so a killed batch leaves no orphan still writing.
 """
 from __future__ import annotations
 
@@ -13,18 +19,26 @@ import json
 import logging
 import os
 import re
+import signal
+import sys
 import traceback
+import unicodedata
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .categories import CATEGORIES
-from .outputs import atomic_write, write_outputs
+from .outputs import OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import ScoringConfig, analyse_slide
-from .slide import SLIDE_SUFFIXES
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
 
-__all__ = ["Job", "BatchError", "discover", "plan_jobs", "process_slide", "run_batch", "SUMMARY_COLUMNS"]
+__all__ = [
+    "Job", "BatchError", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch", "die_with_parent",
+    "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +48,14 @@ SUMMARY_COLUMNS = (
     + ["output", "error"]
 )
 MANIFEST = "manifest.json"
+SUMMARY = "summary.csv"
 LOCK = ".her2score.lock"
+RESERVED_NAMES = {MANIFEST, SUMMARY, LOCK}
+SIDECAR_SUFFIXES = {".json", ".geojson", ".xml", ".csv", ".tsv", ".txt", ".md", ".ini", ".dat", ".log", ".yaml",
+                    ".yml", ".toml"}
+"""Files expected beside slides (annotations, truth tables, notes): skipped in folders without a warning."""
+MAX_NAME_BYTES = 150
+"""Longest output-folder name in UTF-8 bytes (file systems allow 255; a hash may be appended)."""
 
 
 class BatchError(Exception):
@@ -52,11 +73,35 @@ class Job:
     mpp: float | None = None
     region: str | None = None
     tile_workers: int = 1
+    cnn_weights: str | None = None
 
 
-def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+# -- discovery and naming ---------------------------------------------------------------------------
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    try:
+        rp = path.resolve()
+    except OSError:
+        return False
+    return any(rp == f or rp.is_relative_to(f) for f in folders)
+
+
+def discover(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    exclude: Iterable[str | os.PathLike] = (),
+    skipped: list[tuple[str, str]] | None = None,
+) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """Slides under the inputs (files, or folders searched recursively), as (slide, root) pairs,
-    and the inputs that gave none as (path, reason)."""
+    and the inputs that gave none as (path, "PATH: reason").
+
+    A file named explicitly is always taken (an unsupported one gets its error when opened). In
+    folders: slide suffixes are taken, and so are image formats known to be unsupported (so they
+    get a clear error row); hidden files and folders, folders under ``exclude`` (the batch's own
+    output) and MRXS data folders are not searched; other files are appended to ``skipped``.
+    The same file reached twice (e.g. by two spellings) is taken once.
+    """
+    excluded = [Path(e).resolve() for e in exclude]
     found, problems = [], []
     for item in inputs:
         p = Path(item)
@@ -64,36 +109,94 @@ def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, Path
             problems.append((str(p), f"{p}: no such file or folder"))
         elif p.is_file():
             found.append((p, p.parent))
-        else:
-            slides = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-            if not slides:
-                problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)})"))
+        elif p.is_dir():
+            slides, others, errors = _walk(p, excluded)
+            for where, reason in errors:
+                problems.append((where, f"{where}: {reason}"))
+            if skipped is not None:
+                skipped.extend((str(f), "not a slide format") for f in others)
+            if not slides and not errors:
+                extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
+                problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
             found.extend((f, p) for f in slides)
-    unique = list(dict.fromkeys(found))
+        else:
+            problems.append((str(p), f"{p}: not a file or folder"))
+    unique, seen = [], set()
+    for slide, root in found:
+        try:
+            key = slide.resolve()
+        except OSError:
+            key = slide.absolute()
+        if key not in seen:
+            seen.add(key)
+            unique.append((slide, root))
     return unique, problems
 
 
+def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+    slides, others, errors = [], [], []
+
+    def onerror(e: OSError) -> None:
+        errors.append((e.filename or str(root), f"cannot list folder ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        here = Path(dirpath)
+        mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and d not in mrxs and not _inside(here / d, excluded))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            f = here / fn
+            suffix = f.suffix.lower()
+            if suffix in SLIDE_SUFFIXES or suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+                slides.append(f)
+            else:
+                others.append(f)
+    return sorted(slides), others, errors
+
+
 def safe_name(relative: str) -> str:
-    """A folder name for a slide's outputs that cannot leave the batch folder."""
-    name = re.sub(r"[^\w.-]+", "_", relative.replace(os.sep, "__")).strip("._")[:120]
-    return name or "slide"
+    """A folder name for a slide's outputs that cannot leave the batch folder.
+
+    Path separators become "__", anything but letters, digits, "." and "-" becomes "_" (unicode
+    letters are kept, NFC-normalised), leading/trailing dots and underscores go (no "..", no hidden
+    names), the result is at most MAX_NAME_BYTES UTF-8 bytes and never a batch file's own name.
+    """
+    text = unicodedata.normalize("NFC", relative).replace("\\", "/").replace(os.sep, "/")
+    name = re.sub(r"[^\w.-]+", "_", text.replace("/", "__")).strip("._-")
+    encoded = name.encode("utf-8")[:MAX_NAME_BYTES]
+    name = encoded.decode("utf-8", "ignore").strip("._-")
+    if not name or name.lower() in RESERVED_NAMES:
+        name = f"slide_{name}" if name else "slide"
+    return name
 
 
-def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig, *, mpp=None, regions: Path | None = None) -> list[Job]:
-    """One Job per slide, with unique safe output folder names (a hash is added on collision)."""
+def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig, *, mpp=None,
+              regions: Path | None = None, previous: dict[str, str] | None = None,
+              cnn_weights: str | None = None) -> list[Job]:
+    """One Job per slide, with unique safe output folder names (a hash is added on collision).
+
+    ``previous`` maps slides to the folder names an earlier run gave them; they keep them.
+    """
+    previous = previous or {}
     jobs, used = [], set()
-    for slide, root in slides:
-        rel = str(slide.relative_to(root)) if slide.is_relative_to(root) else slide.name
-        name = safe_name(rel)
-        if name.lower() in used:
-            name = f"{name}-{hashlib.sha1(str(slide).encode()).hexdigest()[:8]}"
-        used.add(name.lower())
+    names: dict[int, str] = {}
+    for i, (slide, _) in enumerate(slides):
+        old = previous.get(str(slide))
+        if old and old == safe_name(old) and old.lower() not in used:
+            names[i] = old
+            used.add(old.lower())
+    for i, (slide, root) in enumerate(slides):
+        if i not in names:
+            rel = str(slide.relative_to(root)) if slide.is_relative_to(root) else slide.name
+            name = safe_name(rel)
+            if name.lower() in used:
+                name = f"{name}-{hashlib.sha1(str(slide).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+            names[i] = name
+            used.add(name.lower())
         region = _find_region(regions, slide) if regions else None
-        jobs.append(Job(str(slide), name, str(out / name), config, mpp, region))
+        jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights))
     return jobs
 
 
@@ -111,13 +214,54 @@ def _signature(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+# -- one slide --------------------------------------------------------------------------------------
+
+def _empty_row(slide: str, name: str = "") -> dict:
+    row = {c: "" for c in SUMMARY_COLUMNS}
+    row.update(slide=slide, output=name)
+    return row
+
+
+def _error_message(job: Job, e: BaseException) -> str:
+    ours = isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("her2score")
+    message = str(e) if ours and str(e) else f"{type(e).__name__}: {e}"
+    if job.slide not in message:
+        message = f"{job.slide}: {message}"
+    return message
+
+
+def _remove_outputs(out_dir: str) -> None:
+    """Remove a failed slide's earlier outputs, so no stale result sits beside an error row."""
+    for name in OUTPUT_FILES:
+        try:
+            os.unlink(os.path.join(out_dir, name))
+        except OSError:
+            pass
+
+
+_models: dict = {}
+
+
+def _load_cnn(weights: str):
+    """The CNN for ``weights``, loaded once per process."""
+    if weights not in _models:
+        from .cnn import load_model
+
+        _models[weights] = load_model(weights)
+    return _models[weights]
+
+
 def process_slide(job: Job) -> dict:
     """Score one slide and write its outputs; never raises: failures become an error row."""
-    row = {c: "" for c in SUMMARY_COLUMNS}
-    row.update(slide=job.slide, output=job.name)
+    row = _empty_row(job.slide, job.name)
     try:
-        analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region, workers=job.tile_workers)
-        write_outputs(analysis, job.out_dir)
+        out_dir = Path(job.out_dir)
+        if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+            raise OSError(f"output folder {out_dir} is a link or a file; refusing to write outside --out")
+        cnn = _load_cnn(job.cnn_weights) if job.cnn_weights else None
+        analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
+                                 workers=job.tile_workers, cnn=cnn)
+        write_outputs(analysis, out_dir)
         r = analysis.result
         row.update(
             status="ok", score=r.score, level=r.level, h_score=r.h_score, tumour_cells=r.tumour_cells,
@@ -125,39 +269,63 @@ def process_slide(job: Job) -> dict:
             **{f"pct_{c}": r.percentages[c] for c in CATEGORIES},
         )
     except Exception as e:  # one bad slide never stops the batch
-        message = str(e) if isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("her2score") else f"{type(e).__name__}: {e}"
-        if not message.startswith(job.slide) and job.slide not in message:
-            message = f"{job.slide}: {message}"
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
-        row.update(status="error", error=message)
+        row.update(status="error", error=_error_message(job, e))
+        if job.out_dir and not Path(job.out_dir).is_symlink():
+            _remove_outputs(job.out_dir)
+    return row
+
+
+def _crash_row(job: Job, e: BaseException) -> dict:
+    row = _empty_row(job.slide, job.name)
+    row.update(status="error", error=f"{job.slide}: the process scoring this slide died ({type(e).__name__}); "
+                                     "the file may crash the image reader or need more memory than is available")
+    if job.out_dir:
+        _remove_outputs(job.out_dir)
     return row
 
 
 def _config_key(job: Job) -> str:
-    blob = json.dumps([asdict(job.config), job.mpp, job.region], sort_keys=True, default=str)
+    weights = [job.cnn_weights, _signature(job.cnn_weights)] if job.cnn_weights else None
+    blob = json.dumps([asdict(job.config), job.mpp, job.region, weights], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
+
+# -- manifest, summary, lock ------------------------------------------------------------------------
 
 class _Manifest:
     """The batch's record of each slide's state, rewritten atomically after every change."""
 
     def __init__(self, out: Path):
+        self.out = out
         self.path = out / MANIFEST
         self.entries: dict[str, dict] = {}
+        self.skipped: list[list[str]] = []
         if self.path.exists():
             try:
-                self.entries = json.loads(self.path.read_text(encoding="utf-8"))["slides"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s is unreadable; starting a fresh manifest", self.path)
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                entries = data["slides"]
+                if isinstance(entries, dict) and all(isinstance(e, dict) and isinstance(e.get("row"), dict)
+                                                     for e in entries.values()):
+                    self.entries = entries
+                else:
+                    raise TypeError("bad entries")
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("%s is unreadable; starting a fresh manifest (finished slides are scored again)", self.path)
 
-    def done(self, job: Job, out: Path) -> bool:
+    def names(self) -> dict[str, str]:
+        return {s: e["row"].get("output", "") for s, e in self.entries.items() if e["row"].get("output")}
+
+    def done(self, job: Job) -> bool:
         e = self.entries.get(job.slide)
+        if not e or e.get("state") != "done" or e.get("config") != _config_key(job) or e["row"].get("output") != job.name:
+            return False
         try:
-            sig = _signature(job.slide)
+            if e.get("signature") != _signature(job.slide):
+                return False
         except OSError:
             return False
-        return bool(e and e["state"] == "done" and e["signature"] == sig and e["config"] == _config_key(job)
-                    and (out / e["row"]["output"] / "result.json").exists())
+        return all((self.out / job.name / f).is_file() for f in OUTPUT_FILES)
 
     def record(self, job: Job, row: dict) -> None:
         try:
@@ -166,10 +334,10 @@ class _Manifest:
             sig = None
         self.entries[job.slide] = {"state": "done" if row["status"] == "ok" else "error", "signature": sig,
                                    "config": _config_key(job), "row": row}
-        self.save()
 
     def save(self) -> None:
-        atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries}, indent=1, sort_keys=True, ensure_ascii=False))
+        atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped},
+                                           indent=1, sort_keys=True, ensure_ascii=False))
 
 
 def _summary_csv(rows: list[dict]) -> str:
@@ -181,15 +349,67 @@ def _summary_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """After fork: point the child's copies of held lock descriptors at /dev/null, so that a child
+    outliving its batch (killed with SIGKILL) never keeps the batch folder locked."""
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 def _lock(out: Path):
-    fh = open(out / LOCK, "a+")
+    try:
+        fh = open(out / LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise BatchError(f"{out}: cannot create the lock file ({e.strerror or e})") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
         fh.close()
-        raise BatchError(f"{out}: another her2score batch is writing to this folder; wait for it or choose another --out") from None
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise BatchError(f"{out}: another her2score batch{who} is writing to this folder; "
+                         "wait for it or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD_LOCK_FDS.add(fh.fileno())
     return fh
 
+
+def _unlock(fh) -> None:
+    _HELD_LOCK_FDS.discard(fh.fileno())
+    fh.close()
+
+
+def _clean_temp_files(out: Path) -> None:
+    """Remove temporary files a killed batch left in ``out`` and its slide folders."""
+    removed = remove_stale_temp_files(out, (MANIFEST, SUMMARY))
+    try:
+        subdirs = [e.path for e in os.scandir(out) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        subdirs = []
+    for d in subdirs:
+        removed += remove_stale_temp_files(d, OUTPUT_FILES)
+    if removed:
+        log.info("removed %d temporary files left by an interrupted batch", len(removed))
+
+
+# -- the batch --------------------------------------------------------------------------------------
 
 def run_batch(
     inputs: Iterable[str | os.PathLike],
@@ -200,55 +420,142 @@ def run_batch(
     regions: str | os.PathLike | None = None,
     workers: int = 1,
     scheduler: str | None = None,
+    cnn_weights: str | os.PathLike | None = None,
     progress: Callable[[dict, int, int], None] | None = None,
 ) -> list[dict]:
     """Score every slide under ``inputs`` into ``out``; returns the summary rows (also in summary.csv).
 
-    Slides already done with the same settings are skipped, so a killed batch resumes where it
-    stopped. ``workers`` processes score slides side by side (or the tiles of a single slide);
-    ``scheduler`` sends slides to a Dask cluster: an address, or 'local' for a LocalCluster.
-    ``progress(row, done, total)`` is called after each slide.
+    ``cnn_weights``: a CNN weights file (``her2score.cnn.default_weights_path()``) whose tile
+    probabilities are fused with the guideline score; None scores with the classical features only.
+
+    Slides are named by absolute path in the rows, the manifest and each result.json.
+
+    Slides already done with the same settings (and unchanged files) are skipped, so a killed batch
+    resumes where it stopped; slides that failed are tried again. ``workers`` processes score slides
+    side by side (or the tiles of a single slide); ``scheduler`` sends slides to a Dask cluster: an
+    address, or 'local' for a LocalCluster. ``progress(row, done, total)`` is called after each slide.
+    Raises BatchError when the batch cannot start (output folder unusable or locked by another batch).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # absolute paths: the manifest survives a change of working folder, and Dask workers (running
+    # in folders of their own) and local workers see the same files and write the same results
+    out = Path(os.path.abspath(out))
+    inputs = [os.path.abspath(i) for i in inputs]
+    regions = os.path.abspath(regions) if regions else None
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"{out}: --out exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BatchError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     lock = _lock(out)
     try:
-        slides, problems = discover(inputs)
-        jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None)
+        _clean_temp_files(out)
+        skipped: list[tuple[str, str]] = []
+        slides, problems = discover(inputs, exclude=[out], skipped=skipped)
+        unexpected = [p for p, _ in skipped if Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
+        if unexpected:
+            names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+            what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
+            log.warning("skipped %d %s: %s", len(unexpected), what, names)
         manifest = _Manifest(out)
+        manifest.skipped = [list(s) for s in skipped]
+        jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
+                         previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None)
         for path, reason in problems:
-            manifest.record(Job(path, "", "", config), {**{c: "" for c in SUMMARY_COLUMNS}, "slide": path, "status": "error", "error": reason})
-        todo = [j for j in jobs if not manifest.done(j, out)]
+            row = _empty_row(path)
+            row.update(status="error", error=reason)
+            manifest.record(Job(path, "", "", config), row)
+        keep = {j.slide for j in jobs} | {p for p, _ in problems}
+
+        def save() -> list[dict]:
+            rows = sorted((e["row"] for s, e in manifest.entries.items() if s in keep), key=lambda r: r["slide"])
+            try:
+                manifest.save()
+                atomic_write(out / SUMMARY, _summary_csv(rows))
+            except OSError as e:
+                raise BatchError(f"{out}: cannot record the batch's progress ({e.strerror or e}); stopped. "
+                                 "Finished slides are kept: run the same command again to resume") from None
+            return rows
+
+        todo = [j for j in jobs if not manifest.done(j)]
         total, done = len(jobs), len(jobs) - len(todo)
         if scheduler is None and workers > 1 and len(todo) < workers:
             todo = [replace(j, tile_workers=workers) for j in todo]
+        rows = save()
         for job, row in _execute(todo, workers, scheduler):
             manifest.record(job, row)
+            rows = save()
             done += 1
             if progress:
                 progress(row, done, total)
-        keep = {j.slide for j in jobs} | {p for p, _ in problems}
-        rows = [e["row"] for s, e in manifest.entries.items() if s in keep]
-        atomic_write(out / "summary.csv", _summary_csv(rows))
-        return sorted(rows, key=lambda r: r["slide"])
+        return rows
     finally:
-        lock.close()
+        _unlock(lock)
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a worker process: be killed when the parent dies (Linux), and exit if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _pool(n: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def _execute(jobs: list[Job], workers: int, scheduler: str | None):
-    """Yield (job, row) as slides finish: in this process, a process pool, or on Dask."""
+    """Yield (job, row) as slides finish: in child processes (at most ``workers`` at a time), or on Dask.
+
+    If a child dies, the slides it may have been scoring are run again one by one, each in a fresh
+    process; the one that kills its process again gets an error row.
+    """
     if not jobs:
         return
     if scheduler:
         yield from _execute_dask(jobs, workers, scheduler)
-    elif workers <= 1 or jobs[0].tile_workers > 1:
-        for job in jobs:
-            yield job, process_slide(job)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = {pool.submit(process_slide, j): j for j in jobs}
-            for f in as_completed(futures):
-                yield futures[f], f.result()
+        return
+    n = 1 if jobs[0].tile_workers > 1 else max(1, min(workers, len(jobs)))
+    pending, suspects = deque(jobs), deque()
+    while pending or suspects:
+        if suspects:
+            job = suspects.popleft()
+            with _pool(1) as pool:
+                try:
+                    row = pool.submit(process_slide, job).result()
+                except BrokenProcessPool as e:
+                    row = _crash_row(job, e)
+            yield job, row
+            continue
+        with _pool(n) as pool:
+            inflight: dict = {}
+            broken = False
+            while (pending or inflight) and not broken:
+                while pending and len(inflight) < n:
+                    job = pending.popleft()
+                    inflight[pool.submit(process_slide, job)] = job
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for f in sorted(finished, key=lambda f: inflight[f].slide):
+                    job = inflight.pop(f)
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        suspects.append(job)
+                        broken = True
+                    else:
+                        yield job, f.result()
+            if broken:
+                log.warning("a worker process died; re-running its slides one at a time")
+                for f, job in sorted(inflight.items(), key=lambda fj: fj[1].slide):
+                    if f.done() and f.exception() is None:
+                        yield job, f.result()
+                    else:
+                        suspects.append(job)
 
 
 def _execute_dask(jobs: list[Job], workers: int, scheduler: str):
@@ -263,7 +570,11 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str):
         futures = client.map(process_slide, jobs, pure=False)
         by_key = {f.key: j for f, j in zip(futures, jobs)}
         for f in dask_completed(futures):
-            yield by_key[f.key], f.result()
+            try:
+                row = f.result()
+            except Exception as e:  # a worker lost or killed while scoring
+                row = _crash_row(by_key[f.key], e)
+            yield by_key[f.key], row
     finally:
         client.close()
         if cluster is not None:

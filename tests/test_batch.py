@@ -1,0 +1,263 @@
+"""Folder runs: summary.csv, resume, retry, the lock, stale temporary files, determinism across runs
+and worker counts, and a worker process dying mid-slide."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import save_png
+from her2score.batch import LOCK, MANIFEST, BatchError, discover, run_batch
+from her2score.outputs import OUTPUT_FILES, atomic_write
+from her2score.pipeline import ScoringConfig
+
+SMALL_TILES = ScoringConfig(tile_px=128, margin_px=24)
+
+
+@pytest.fixture
+def three(tmp_path, fields):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for s in ("0", "2+", "3+"):
+        save_png(folder / f"field {s}.png", fields[s])
+    return folder
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+
+
+def test_summary_csv_columns_and_rows(tmp_path, three):
+    out = tmp_path / "out"
+    (three / "broken.png").write_bytes(b"")
+    rows = run_batch([three], out)
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header, table = reader.fieldnames, list(reader)
+    assert header[:2] == ["slide", "status"]
+    assert {"slide", "status", "score", "h_score", "tumour_cells", "error", "output", "qc_passed"} <= set(header)
+    assert [r["slide"] for r in table] == sorted(str(p) for p in three.iterdir())
+    by = {Path(r["slide"]).name: r for r in table}
+    assert by["broken.png"]["status"] == "error" and by["broken.png"]["error"] == f"{three / 'broken.png'}: empty file (0 bytes)"
+    for s in ("0", "2+", "3+"):
+        r = by[f"field {s}.png"]
+        assert r["status"] == "ok" and r["error"] == "" and r["score"] in ("0", "1+", "2+", "3+")
+        assert float(r["h_score"]) >= 0 and int(r["tumour_cells"]) > 0
+        result = json.loads((out / r["output"] / "result.json").read_text(encoding="utf-8"))
+        assert (result["score"], str(result["tumour_cells"])) == (r["score"], r["tumour_cells"])
+    assert [{k: str(v) for k, v in r.items()} for r in rows] == table
+
+
+def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
+    out = tmp_path / "out"
+    save_png(three / "later.png", fields["1+"], mpp=None)  # fails: no µm/px
+    first = {Path(r["slide"]).name: r for r in run_batch([three], out)}
+    assert first["later.png"]["status"] == "error"
+    before = _mtimes(out)
+    assert len(before) == 3
+    time.sleep(0.01)
+    save_png(three / "later.png", fields["1+"])  # fixed
+    calls = []
+    second = {Path(r["slide"]).name: r for r in run_batch([three], out, progress=lambda row, d, t: calls.append((d, t)))}
+    assert second["later.png"]["status"] == "ok"
+    after = _mtimes(out)
+    assert {k: after[k] for k in before} == before  # done slides were not scored again
+    assert calls == [(4, 4)]  # only the retried slide ran
+    assert {k: second[k] for k in first if k != "later.png"} == {k: first[k] for k in first if k != "later.png"}
+
+
+def test_changed_slide_or_settings_are_scored_again(tmp_path, three, fields):
+    out = tmp_path / "out"
+    run_batch([three], out)
+    before = _mtimes(out)
+    time.sleep(0.01)
+    save_png(three / "field 0.png", fields["1+"])  # the file changed
+    run_batch([three], out)
+    after = _mtimes(out)
+    assert after["field_0.png"] != before["field_0.png"]
+    assert after["field_2_.png"] == before["field_2_.png"]
+    run_batch([three], out, config=ScoringConfig(min_tumour_cells=10))  # other settings: everything again
+    assert all(v != after[k] for k, v in _mtimes(out).items())
+
+
+def test_missing_outputs_are_rebuilt(tmp_path, three):
+    out = tmp_path / "out"
+    run_batch([three], out)
+    (out / "field_3_.png" / "overlay.png").unlink()
+    before = _mtimes(out)
+    run_batch([three], out)
+    assert (out / "field_3_.png" / "overlay.png").is_file()
+    assert _mtimes(out)["field_3_.png"] != before["field_3_.png"]
+
+
+def test_a_second_batch_is_refused_while_the_lock_is_held(tmp_path, three):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(BatchError) as e:
+            run_batch([three], out)
+        assert str(e.value) == (f"{out}: another her2score batch (pid 4242) is writing to this folder; "
+                                "wait for it or choose another --out")
+        assert not (out / MANIFEST).exists()  # nothing touched
+        cli = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(three), "--out", str(out), "-q"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 2 and "another her2score batch" in cli.stderr
+    assert len(run_batch([three], out)) == 3  # released: runs
+
+
+def test_unusable_out_is_a_batch_error(tmp_path, three):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BatchError, match=r"file: --out exists and is not a folder"):
+        run_batch([three], tmp_path / "file")
+
+
+def test_stale_temporary_files_are_removed_on_start(tmp_path, three):
+    out = tmp_path / "out"
+    run_batch([three], out)
+    stale = [out / ".manifest.json.k3j2h1g0.tmp", out / ".summary.csv.abcdefgh.tmp",
+             out / "field_2_.png" / ".result.json.x1y2z3w4.tmp", out / "field_2_.png" / ".overlay.png.q_w_e_r_.tmp"]
+    keep = [out / "notes.tmp", out / ".mine.txt.abcdefgh.tmp", out / "field_2_.png" / ".result.json.tmp.bak"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    run_batch([three], out)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+
+
+def test_outputs_are_readable_by_the_group(tmp_path, three):
+    old = os.umask(0o022)
+    try:
+        run_batch([three], tmp_path / "out")
+        atomic_write(tmp_path / "x.txt", "x")
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "x.txt", tmp_path / "out" / "summary.csv", *(tmp_path / "out" / "field_0.png").iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_out_inside_the_input_folder_is_not_rescanned(tmp_path, three):
+    out = three / "results"
+    run_batch([three], out)
+    rows = run_batch([three], out)
+    assert len(rows) == 3 and all("results" not in r["slide"] for r in rows)
+
+
+def test_the_same_slide_given_twice_is_scored_once(tmp_path, three):
+    slide = three / "field 0.png"
+    found, problems = discover([three, slide, Path(os.path.relpath(slide))])
+    assert problems == [] and len(found) == 3
+    rows = run_batch([three, slide], tmp_path / "out")
+    assert len(rows) == 3
+
+
+def test_forked_children_do_not_keep_the_lock(tmp_path):
+    """A process forked while the batch holds its lock (a worker, a worker's worker) does not hold
+    it: if the batch is killed and the child lives on, the next batch can still start."""
+    from her2score import batch
+
+    fh = batch._lock(tmp_path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child outlives the lock holder
+        os.write(w, b"x")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"x"  # the child is running (its fork hooks have run)
+        batch._unlock(fh)
+        with open(tmp_path / LOCK) as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child held it
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+
+
+# --------------------------------------------------------------------------- determinism
+
+def _result_bytes(out: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in sorted(out.glob("*/result.json"))}
+
+
+def test_result_json_is_identical_across_runs_and_tile_workers(tmp_path, pyramid_tiff):
+    """One slide, 12 tiles: workers=1 vs workers=2 (its tiles in two processes), and a repeat run."""
+    slide = tmp_path / "slides" / "slide.tif"
+    slide.parent.mkdir()
+    shutil.copy(pyramid_tiff, slide)
+    results, cells = [], []
+    for i, workers in enumerate((1, 2, 1)):
+        out = tmp_path / f"out{i}"
+        rows = run_batch([slide], out, config=SMALL_TILES, workers=workers)
+        assert rows[0]["status"] == "ok", rows[0]["error"]
+        results.append(_result_bytes(out))
+        cells.append((out / "slide.tif" / "cells.csv").read_bytes())
+    assert results[0] == results[1] == results[2]
+    assert cells[0] == cells[1] == cells[2]
+    result = json.loads(results[0]["slide.tif"])
+    assert result["tumour_cells"] > 0 and result["config"]["tile_px"] == 128
+    assert not any(k in result for k in ("time", "timestamp", "created", "date"))
+
+
+def test_result_json_is_identical_across_slide_workers(tmp_path, three):
+    a, b = tmp_path / "one", tmp_path / "two"
+    run_batch([three], a, workers=1)
+    run_batch([three], b, workers=2)
+    assert _result_bytes(a) == _result_bytes(b) and len(_result_bytes(a)) == 3
+    assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()
+
+
+# --------------------------------------------------------------------------- a worker dies
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyramid_tiff):
+    """SIGKILL the process scoring a slide: its slides are run again, one by one, and all finish."""
+    shutil.copy(pyramid_tiff, three / "slide.tif")
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for pid in _children(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+                break
+            time.sleep(0.002)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    rows = run_batch([three], tmp_path / "out", workers=2)
+    t.join()
+    assert killed, "no worker process seen"
+    assert [r["status"] for r in rows] == ["ok"] * 4, [r["error"] for r in rows]
+    for r in rows:
+        assert sorted(p.name for p in (tmp_path / "out" / r["output"]).iterdir()) == sorted(OUTPUT_FILES)
