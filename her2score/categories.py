@@ -37,15 +37,18 @@ class Thresholds:
     weak_od: float = 0.14
     moderate_od: float = 0.35
     strong_od: float = 0.55
-    min_completeness: float = 0.25
+    min_completeness: float = 0.30
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45
+    lateral_gap: float = 0.30
 
     def __post_init__(self) -> None:
         if not 0 < self.faint_od < self.weak_od < self.moderate_od < self.strong_od:
             raise ValueError(f"DAB OD thresholds must increase: {self}")
         if not 0 <= self.min_completeness < self.lateral_arc < self.complete_completeness <= 1:
             raise ValueError(f"completeness thresholds must satisfy 0 <= min < lateral < complete <= 1: {self}")
+        if not 0 < self.lateral_gap < 1:
+            raise ValueError(f"lateral_gap must be a fraction between 0 and 1: {self}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,20 +57,24 @@ class Thresholds:
 def classify_cells(
     completeness: np.ndarray,
     longest_arc: np.ndarray,
+    longest_gap: np.ndarray,
     intensity_od: np.ndarray,
     thresholds: Thresholds = Thresholds(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Category and pattern codes (indices into CATEGORIES and PATTERNS) per cell.
 
-    ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc``: the longest
-    contiguous stained arc as a fraction of the boundary; ``intensity_od``: mean membrane DAB OD.
+    ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc`` / ``longest_gap``:
+    the longest contiguous stained / unstained arc as a fraction of the boundary; ``intensity_od``:
+    mean membrane DAB OD. Complete = stained nearly all round with no long gap; lateral ("U") = one
+    long stained arc with one long gap (the apical side).
     """
     t = thresholds
     completeness = np.asarray(completeness, dtype=np.float32)
     longest_arc = np.asarray(longest_arc, dtype=np.float32)
+    longest_gap = np.asarray(longest_gap, dtype=np.float32)
     intensity_od = np.asarray(intensity_od, dtype=np.float32)
     stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
-    complete = stained & (completeness >= t.complete_completeness)
+    complete = stained & (completeness >= t.complete_completeness) & (longest_gap < t.lateral_gap)
     lateral = stained & ~complete & (longest_arc >= t.lateral_arc)
     pattern = np.where(complete, 3, np.where(lateral, 2, np.where(stained, 1, 0))).astype(np.int8)
 

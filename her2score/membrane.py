@@ -53,8 +53,8 @@ def membrane_mask(
 class CellMeasurements:
     """Per-cell measurements (arrays of equal length); positions in tile pixels (x = column).
 
-    completeness: fraction of boundary sectors stained; longest_arc: longest contiguous stained run
-    (fraction of sectors); membrane_od: mean over stained sectors of the peak DAB OD (log10);
+    completeness: fraction of boundary sectors stained; longest_arc / longest_gap: longest contiguous
+    stained / unstained run (fractions of sectors; a U-shaped basolateral pattern has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
     membrane_od_p90: 90th percentile of sector peaks; width_um: stained membrane width (µm);
     radii_px: (n, N_SECTORS) outer radius of the cell per sector, for outlines.
     """
@@ -68,6 +68,7 @@ class CellMeasurements:
     hematoxylin_od: np.ndarray
     completeness: np.ndarray
     longest_arc: np.ndarray
+    longest_gap: np.ndarray
     membrane_od: np.ndarray
     membrane_od_p90: np.ndarray
     width_um: np.ndarray
@@ -118,7 +119,7 @@ def measure_cells(
     labels = labels[labels > 0]
     labels = labels[np.bincount(cells.ravel(), minlength=n_lab)[labels] > 0]
     if len(labels) == 0:
-        return CellMeasurements(*([np.zeros(0, np.float32)] * 12), np.zeros((0, N_SECTORS), np.float32))
+        return CellMeasurements(*([np.zeros(0, np.float32)] * 13), np.zeros((0, N_SECTORS), np.float32))
     cy, cx = sr / np.maximum(nw, 1), sc / np.maximum(nw, 1)
     srr = np.bincount(nl, rows.ravel() ** 2, n_lab)[:n_lab] / np.maximum(nw, 1) - cy**2
     scc = np.bincount(nl, cols.ravel() ** 2, n_lab)[:n_lab] / np.maximum(nw, 1) - cx**2
@@ -163,6 +164,7 @@ def measure_cells(
     n_st = st.sum(1)
     completeness = n_st / n_band
     longest = _longest_circular_run(st) / n_band
+    gap = _longest_circular_run(hb & ~st) / n_band
     membrane_od = np.where(n_st > 0, (peak[labels] * st).sum(1) / np.maximum(n_st, 1), 0.0)
     # 90th percentile (lower) of the sector peaks over the sectors a cell has
     ranked = np.sort(np.where(hb, sector_max[labels], -np.inf), axis=1)[:, ::-1]
@@ -181,6 +183,7 @@ def measure_cells(
         hematoxylin_od=h_mean[labels].astype(f32),
         completeness=completeness.astype(f32),
         longest_arc=longest.astype(f32),
+        longest_gap=gap.astype(f32),
         membrane_od=membrane_od.astype(f32),
         membrane_od_p90=p90.astype(f32),
         width_um=width.astype(f32),

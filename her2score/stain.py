@@ -103,7 +103,7 @@ def estimate_background(rgb: np.ndarray, *, min_brightness: int = 200) -> tuple[
     bright = flat[flat.min(axis=1) >= min_brightness]
     if len(bright) < 100:
         return (255.0, 255.0, 255.0)
-    return tuple(float(max(v, min_brightness)) for v in np.percentile(bright, 99, axis=0))
+    return tuple(float(v) for v in np.percentile(bright, 99, axis=0))
 
 
 def estimate_stains(

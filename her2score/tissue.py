@@ -29,17 +29,19 @@ def tissue_mask(
     thumb: np.ndarray,
     *,
     mpp: float,
+    background=(255.0, 255.0, 255.0),
     min_od: float = 0.06,
     dark_intensity: int = 25,
-    min_area_um2: float = 20_000.0,
+    min_area_um2: float = 5_000.0,
 ) -> TissueMask:
     """Tissue on a low-resolution RGB thumbnail (uint8) at ``mpp`` µm/px.
 
-    Tissue = optical density above ``min_od`` (log10) in any channel, minus near-black pixels
+    Tissue = optical density against the glass ``background`` (RGB I0) above ``min_od`` (log10)
+    in any channel, minus near-black pixels
     (scanner borders, debris) and pen ink (saturated green/blue/black marker, recognised by its
     hue); smoothed and stripped of fragments smaller than ``min_area_um2``.
     """
-    od = optical_density(thumb)
+    od = optical_density(thumb, background)
     stained = od.max(axis=2) > min_od
     dark = thumb.max(axis=2) < dark_intensity
     hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)

@@ -46,6 +46,7 @@ def test_completeness_follows_the_drawn_arc(fraction):
     assert fraction - 0.02 <= m.completeness[0] <= min(1.0, fraction + 2 * ARC_END + 0.01)
     if fraction:
         assert m.longest_arc[0] == pytest.approx(m.completeness[0])
+        assert m.longest_gap[0] == pytest.approx(1 - m.completeness[0])  # one arc leaves one gap
         assert m.membrane_od[0] > 0.25
 
 
@@ -71,19 +72,20 @@ def test_measurements_do_not_mutate_inputs():
 
 def test_classify_cells_categories_and_patterns():
     t = Thresholds()
-    completeness = np.array([0.0, 0.3, 0.95, 0.95, 0.7, 0.7, 1.0, 0.3])
-    arc = np.array([0.0, 0.3, 0.95, 0.95, 0.55, 0.55, 1.0, 0.1])
-    od = np.array([0.0, 0.3, 0.3, 0.9, 0.3, 0.9, 0.05, 0.9])
-    cat, pattern = classify_cells(completeness, arc, od, t)
+    completeness = np.array([0.0, 0.35, 0.95, 0.95, 0.65, 0.65, 1.0, 0.35, 0.7])
+    arc = np.array([0.0, 0.35, 0.95, 0.95, 0.65, 0.65, 1.0, 0.1, 0.3])
+    gap = np.array([1.0, 0.65, 0.05, 0.05, 0.35, 0.35, 0.0, 0.3, 0.1])
+    od = np.array([0.0, 0.3, 0.3, 0.9, 0.3, 0.9, 0.05, 0.9, 0.9])
+    cat, pattern = classify_cells(completeness, arc, gap, od, t)
     names = [CATEGORIES[c] for c in cat]
-    # 0.7 completeness counts as complete under the default 0.6; use a stricter threshold for lateral cases
     assert names[:4] == ["none", "faint_partial", "weak_moderate_complete", "strong_complete"]
+    assert names[4:6] == ["weak_moderate_lateral", "strong_lateral"]  # one long stained arc, one long (apical) gap
     assert names[6] == "faint_partial"  # faint circumferential staining is barely perceptible: 1+
     assert names[7] == "faint_partial"  # intense but scattered, non-lateral: incomplete
-    strict = Thresholds(complete_completeness=0.85)
-    cat2, pattern2 = classify_cells(completeness, arc, od, strict)
-    assert [CATEGORIES[c] for c in cat2[4:6]] == ["weak_moderate_lateral", "strong_lateral"]
-    assert PATTERNS[pattern2[4]] == "lateral" and PATTERNS[pattern[2]] == "complete" and PATTERNS[pattern[0]] == "none"
+    assert names[8] == "strong_complete"  # stained nearly all round with only short gaps
+    assert [PATTERNS[p] for p in pattern[[0, 1, 2, 4]]] == ["none", "partial", "complete", "lateral"]
+    strict = Thresholds(complete_completeness=0.99)
+    assert CATEGORIES[classify_cells(completeness, arc, gap, od, strict)[0][8]] == "faint_partial"
 
 
 def test_thresholds_validated():

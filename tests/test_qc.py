@@ -1,0 +1,60 @@
+"""Quality control: findings in the result, and eligibility held for review when QC fails."""
+import cv2
+import numpy as np
+import pytest
+
+from her2score.eligibility import check_eligibility
+from her2score.pipeline import score_slide
+from her2score.slide import ArraySlide
+from her2score.synthetic import generate_field
+
+
+@pytest.fixture(scope="module")
+def field_3plus():
+    return generate_field("3+", seed=9600).image
+
+
+def codes(result):
+    return {q.code: q.severity for q in result.qc}
+
+
+def test_sharp_field_passes_qc(field_3plus):
+    r = score_slide(ArraySlide(field_3plus, mpp=0.5))
+    assert r.qc_passed and "out_of_focus" not in codes(r)
+    assert check_eligibility(r, "her2-positive-breast").status == "eligible"
+
+
+def test_out_of_focus_scan_fails_qc_and_needs_review(field_3plus):
+    blurred = cv2.GaussianBlur(field_3plus, (0, 0), 2.5)  # ~1.2 µm defocus blur at 0.5 µm/px
+    r = score_slide(ArraySlide(blurred, mpp=0.5))
+    assert codes(r)["out_of_focus"] == "fail" and not r.qc_passed
+    d = check_eligibility(r, "her2-positive-breast")
+    assert d.status == "needs_review"
+    assert any("focus" in reason for reason in d.reasons)
+
+
+def test_too_few_tumour_cells(field_3plus):
+    canvas = np.full((512, 512, 3), 246, np.uint8)
+    canvas[200:350, 200:350] = field_3plus[200:350, 200:350]  # a 75 µm fragment, ~30 cells
+    r = score_slide(ArraySlide(canvas, mpp=0.5))
+    assert codes(r)["too_few_tumour_cells"] == "fail"
+    assert check_eligibility(r, "her2-positive-breast").status == "needs_review"
+
+
+def test_pen_ink_is_excluded_and_reported(field_3plus):
+    img = np.full((1024, 1024, 3), 246, np.uint8)
+    img[:512, :512] = field_3plus
+    cv2.line(img, (600, 50), (1000, 900), (30, 150, 60), 40)  # a green marker line on glass
+    r = score_slide(ArraySlide(img, mpp=0.5))
+    assert "tissue_excluded" in codes(r)
+    assert r.score == "3+"
+
+
+def test_dirty_background_is_flagged(field_3plus):
+    tint = np.array([225, 214, 204]) / 255.0  # a brownish cast over the whole slide (stained mountant)
+    img = np.full((1024, 1024, 3), 252, np.uint8)
+    img[:512, :512] = field_3plus
+    img = np.round(img * tint).astype(np.uint8)
+    r = score_slide(ArraySlide(img, mpp=0.5))
+    assert "background_stain" in codes(r)
+    assert r.tissue_area_mm2 < 0.3 * (1024 * 0.5e-3) ** 2  # the haze itself is not tissue
