@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,6 +22,7 @@ from scipy.spatial import cKDTree
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, segment_nuclei
+from .cnn import aggregate_tiles, fuse
 from .guidelines import apply_guideline
 from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_filter
 from .region import Region, load_region
@@ -68,7 +68,7 @@ class ScoringConfig:
     min_tumour_cells: int = 50
     wrong_stain_max: float = 0.25
     blur_min: float = 0.0015
-    background_max_od: float = 0.08
+    background_max_od: float = 0.06
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.mpp <= 2.0:
@@ -88,12 +88,15 @@ class TileResult:
     tissue_px: int
     focus: float
     nucleus_od: float
+    cnn_probs: np.ndarray | None = None
+    cnn_patches: int = 0
 
 
-def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float) -> TileResult:
+def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float, cnn=None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
 
-    ``scale``: level-0 px per tile px, to place cells in the slide.
+    ``scale``: level-0 px per tile px, to place cells in the slide; ``cnn``: an optional
+    TileClassifier that also gives the tile's class probabilities (over its core only).
     """
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
@@ -114,7 +117,11 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     lap = cv2.Laplacian(cv2.GaussianBlur(total_od, (0, 0), 0.5), cv2.CV_32F)
     focus = float(lap[tissue].var()) if tissue.sum() > 100 else float("nan")
     nucleus_od = float(np.median(h_od[nuclei > 0])) if (nuclei > 0).any() else float("nan")
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od)
+    probs, n_patches = None, 0
+    if cnn is not None:
+        mg = tile.margin
+        probs, n_patches = cnn.predict_tile(rgb[mg : mg + h, mg : mg + w], stains=stains)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, probs, n_patches)
 
 
 @dataclass(frozen=True)
@@ -132,20 +139,23 @@ class SlideAnalysis:
 _worker: dict = {}
 
 
-def _init_worker(path: str, mpp: float | None, backend: str | None) -> None:
+def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None:
+    from .batch import die_with_parent
+
+    die_with_parent()  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
+    _worker["cnn"] = cnn
 
 
 def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig) -> list[TileResult]:
-    slide = _worker["slide"]
-    return [_read_and_score(slide, t, stains, config) for t in tiles]
+    return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"]) for t in tiles]
 
 
-def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig) -> TileResult:
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn) -> TileResult:
     scale = config.mpp / slide.mpp
     x, y, w, h = tile.read
     rgb = slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=config.mpp)
-    return score_tile(rgb, tile, stains=stains, config=config, scale=scale)
+    return score_tile(rgb, tile, stains=stains, config=config, scale=scale, cnn=cnn)
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -202,15 +212,18 @@ def analyse_slide(
     region: str | os.PathLike | Region | None = None,
     backend: str | None = None,
     workers: int = 1,
+    cnn=None,
 ) -> SlideAnalysis:
     """Score one slide and keep what the outputs need (see score_slide)."""
+    if cnn is not None and abs(cnn.mpp - config.mpp) > 1e-6:
+        raise ValueError(f"the CNN was trained at {cnn.mpp} µm/px but tiles are read at {config.mpp} µm/px")
     with _opened(path, mpp, backend) as slide:
         thumb_mpp = _thumbnail_mpp(slide, config.mpp)
         thumb = slide.thumbnail(mpp=thumb_mpp)
-        tissue = tissue_mask(thumb, mpp=thumb_mpp)
+        background = estimate_background(thumb)
+        tissue = tissue_mask(thumb, mpp=thumb_mpp, background=background)
         if tissue.mask.sum() == 0:
             raise NoTissueError(slide.path, "no tissue found (blank, fully white or black slide)")
-        background = estimate_background(thumb)
         thumb_od = optical_density(thumb, background)
         eosin = wrong_stain_fraction(thumb_od[tissue.mask])
         if eosin > config.wrong_stain_max:
@@ -230,32 +243,37 @@ def analyse_slide(
             stains, stain_note = estimate_stains(pix, background=background)
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp, mpp_source = str(slide.path), slide.mpp, slide.mpp_source
+        read_notes = tuple(slide.notes)  # e.g. "16-bit samples scaled to 8 bits"
 
     if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
         size = max(1, min(16, -(-len(tiles) // (workers * 4))))
         run = partial(_run_tiles, stains=stains, config=config)
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) as pool:
             parts = [r for chunk in pool.map(run, _chunks(tiles, size)) for r in chunk]
     else:
         with _opened(path, mpp, backend) as slide:
-            parts = [_read_and_score(slide, t, stains, config) for t in tiles]
+            parts = [_read_and_score(slide, t, stains, config, cnn) for t in tiles]
 
     cells = _concat([p.cells for p in parts]) if parts else None
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
-    return _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region_obj, eosin)
+    cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
+    analysis = _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region_obj, eosin, cnn_report)
+    if read_notes:
+        analysis = replace(analysis, result=replace(analysis.result, notes=analysis.result.notes + read_notes))
+    return analysis
 
 
-def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region, eosin) -> SlideAnalysis:
+def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region, eosin, cnn_report) -> SlideAnalysis:
     t = config.thresholds
-    category, pattern = classify_cells(cells.completeness, cells.longest_arc, cells.membrane_od, t)
+    category, pattern = classify_cells(cells.completeness, cells.longest_arc, cells.longest_gap, cells.membrane_od, t)
     tumour, region_source = _tumour_cells(cells, config, region, slide_mpp)
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin)
+    qc = _qc(config, parts, tissue, n_tumour, stains, eosin)
     notes = [f"stain vectors: {stain_note}", f"µm/px {slide_mpp:.4g} from {mpp_source}"]
     if config.guideline == "gastric":
         notes.append("pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
@@ -265,6 +283,15 @@ def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thu
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
+    classical, confidence = score, None
+    if cnn_report is not None and n_tumour:
+        score, confidence = fuse(classical, cnn_report.probabilities)
+        if cnn_report.score != classical:
+            flags = (*flags, "cnn_disagrees")
+            reason += f"; the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
+        if score != classical:
+            level = score
+            flags = tuple(f for f in flags if f not in ("null", "ultralow", "ish_reflex")) + (("ish_reflex",) if score == "2+" else ())
     result = SlideResult(
         slide=slide_path,
         score=score,
@@ -283,7 +310,9 @@ def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thu
         stains=stains.to_dict(),
         mpp=slide_mpp,
         tissue_area_mm2=round(tissue.area_mm2, 4),
-        classical_score=score,
+        classical_score=classical,
+        cnn=cnn_report,
+        confidence=None if confidence is None else round(confidence, 4),
         notes=tuple(notes),
         config=config.to_dict(),
         version=__version__,
@@ -293,7 +322,7 @@ def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thu
         "category": np.array(CATEGORIES, dtype=object)[category],
         "pattern": np.array(PATTERNS, dtype=object)[pattern],
         "tumour": tumour,
-        "completeness": cells.completeness, "longest_arc": cells.longest_arc,
+        "completeness": cells.completeness, "longest_arc": cells.longest_arc, "longest_gap": cells.longest_gap,
         "membrane_od": cells.membrane_od, "membrane_od_p90": cells.membrane_od_p90,
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
@@ -303,7 +332,7 @@ def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thu
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
 
-def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb, n_tumour: int, stains: StainSet, eosin: float) -> list[QCFinding]:
+def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float) -> list[QCFinding]:
     qc = []
     focus = np.array([p.focus for p in parts], np.float64)
     weights = np.array([p.tissue_px for p in parts], np.float64)
@@ -318,11 +347,11 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb, n_tumour: in
         qc.append(QCFinding("too_few_tumour_cells", "fail",
                             f"{n_tumour} tumour cells scored; at least {config.min_tumour_cells} are needed for a guideline call",
                             float(n_tumour)))
-    glass = ~tissue.mask & ~tissue.dark & ~tissue.pen
-    if glass.sum() > 1000:
-        bg_od = float(np.median(optical_density(thumb[glass], stains.background).sum(axis=-1)))
-        if bg_od > config.background_max_od:
-            qc.append(QCFinding("background_stain", "warn", f"glass background carries OD {bg_od:.2f} (dirty or over-stained background)", round(bg_od, 4)))
+    bg_od = float(-np.log10(np.mean(stains.background) / 255.0))
+    if bg_od > config.background_max_od:
+        rgb = ", ".join(f"{v:.0f}" for v in stains.background)
+        qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
+                            "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
     nuc = np.array([p.nucleus_od for p in parts], np.float64)
     if np.isfinite(nuc).any() and np.nanmedian(nuc) < 0.25:
         qc.append(QCFinding("weak_counterstain", "warn", f"nuclear haematoxylin OD median {np.nanmedian(nuc):.2f} is weak", round(float(np.nanmedian(nuc)), 4)))
@@ -343,12 +372,14 @@ def score_slide(
     region: str | os.PathLike | Region | None = None,
     config: ScoringConfig | None = None,
     workers: int = 1,
+    cnn=None,
 ) -> SlideResult:
     """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view: HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
 
     ``mpp`` (µm/px) is used when the file has none; ``region`` is a QuPath GeoJSON or mask image of
-    the tumour (default: detected epithelial cells). Raises SlideError (naming the file) when the
+    the tumour (default: detected epithelial cells); ``cnn``: a TileClassifier (``her2score.cnn.load_model()``)
+    whose tile probabilities are reported and fused with the guideline score. Raises SlideError (naming the file) when the
     slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
     config = replace(config or ScoringConfig(), guideline=guideline, specimen=specimen)
-    return analyse_slide(path, config=config, mpp=mpp, region=region, workers=workers).result
+    return analyse_slide(path, config=config, mpp=mpp, region=region, workers=workers, cnn=cnn).result

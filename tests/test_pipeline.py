@@ -131,3 +131,18 @@ def test_stain_estimation_is_reported_and_falls_back_at_zero(fields):
     zero = score_slide(ArraySlide(fields["0"].image, mpp=0.5), config=cfg)
     assert zero.stains["source"] == "ruifrok-johnston" and zero.score == "0"
     assert any("too little DAB" in n for n in zero.notes)
+
+
+def test_cnn_is_reported_and_fused(fields):
+    from her2score.cnn import load_model
+
+    cnn = load_model()
+    f = fields["3+"]
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp), cnn=cnn)
+    assert r.cnn is not None and r.cnn.model == cnn.name and r.cnn.tiles == 1
+    assert sum(r.cnn.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert r.classical_score == "3+" and r.score in ("2+", "3+")
+    assert 0.4 <= r.confidence <= 1.0
+    assert (r.cnn.score != r.classical_score) == ("cnn_disagrees" in r.flags)
+    plain = score_slide(ArraySlide(f.image, mpp=f.mpp))
+    assert plain.cnn is None and plain.confidence is None and plain.counts == r.counts

@@ -1,0 +1,449 @@
+"""A small CNN that scores HER2 staining of tissue patches, its weights record, and score fusion.
+
+The network (TileNet, 77,556 parameters) reads square patches at the pipeline's
+physical resolution (0.5 µm/px by default) as two log10 optical-density channels from H-DAB colour
+deconvolution (haematoxylin, DAB), standardised with the mean/std stored in the weights, and gives
+logits over the four scores 0 / 1+ / 2+ / 3+. A tile's probabilities are the mean of the softmax over
+its tissue patches; a slide's are the patch-weighted mean over its tiles (:func:`aggregate_tiles`).
+
+Weights are a torch state dict saved with a JSON metadata record (:func:`save_model`), loaded with
+``torch.load(weights_only=True)`` and checked against a SHA-256 of the file (shipped weights:
+:data:`DEFAULT_WEIGHTS`) and of the tensors (every file written by :func:`save_model`). torch is
+imported lazily, so ``import her2score`` stays light.
+
+Fusion (:func:`fuse`): the classical guideline call and the CNN are combined as a probability mixture
+
+    p_fused = w * onehot(classical) + (1 - w) * p_cnn,     w = CLASSICAL_WEIGHT = 0.4
+
+and the fused score is its arg-max (ties go to the classical call); the confidence is p_fused of the
+chosen score. With w = 0.4 the CNN overrides the guideline call only when it puts at least
+w / (1 - w) = 2/3 more probability on another score than on the classical one (e.g. 0.8 vs 0.1),
+so the guideline call stands unless the network is confidently against it; when they agree the
+confidence is at least 0.4, and near 1 when the network agrees firmly.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .results import SCORES, CnnReport
+from .stain import H_DAB, StainSet, deconvolve, optical_density
+
+__all__ = [
+    "CLASSES",
+    "CLASSICAL_WEIGHT",
+    "INPUT_CHANNELS",
+    "ModelError",
+    "WeightsRecord",
+    "DEFAULT_WEIGHTS",
+    "default_weights_path",
+    "build_network",
+    "count_parameters",
+    "TileClassifier",
+    "load_model",
+    "save_model",
+    "fuse",
+    "aggregate_tiles",
+        "tissue_patches",
+    "stain_channels",
+]
+
+CLASSES: tuple[str, ...] = SCORES
+"""Output order of the network: "0", "1+", "2+", "3+"."""
+
+CLASSICAL_WEIGHT = 0.4
+"""Prior weight of the classical guideline call in :func:`fuse` (the CNN gets 1 - this)."""
+
+INPUT_CHANNELS: tuple[str, ...] = ("hematoxylin_od", "dab_od")
+"""Network input: log10 optical density of each stain after H-DAB deconvolution, in this order."""
+
+TISSUE_OD = 0.05
+"""A pixel is tissue when its RGB optical density (sum over channels, log10) exceeds this."""
+
+
+class ModelError(RuntimeError):
+    """Model weights that cannot be used: missing, unreadable, corrupt or not matching their record.
+
+    The message names the file.
+    """
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """What a weights file is (torchvision-style): file, checksum, what it expects and how it scored."""
+
+    file: str
+    sha256: str
+    classes: tuple[str, ...] = CLASSES
+    mpp: float = 0.5
+    patch_px: int = 64
+    input_channels: tuple[str, ...] = INPUT_CHANNELS
+    normalisation: dict[str, list[float]] = field(default_factory=lambda: {"mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    min_tissue_fraction: float = 0.5
+    architecture: str = "TileNet"
+    width: int = 16
+    parameters: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"], d["input_channels"] = list(self.classes), list(self.input_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WeightsRecord":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("classes", "input_channels"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+DEFAULT_WEIGHTS = WeightsRecord(
+    file="her2cnn.pt",
+    sha256="866f8aa3c8e5eedae0d665ff5ffd5ce700ecd0bc5bdd2b3622919bfbce882e9b",
+    mpp=0.5,
+    patch_px=64,
+    normalisation={"mean": [0.138429, 0.081061], "std": [0.197765, 0.177161]},
+    min_tissue_fraction=0.5,
+    width=16,
+    parameters=77_556,
+    metrics={
+        "held_out_synthetic": {
+            "data": "400 fields (100 per class), write_dataset seed 777, stain_jitter 6 (never seen in training)",
+            "command": "her2score synth /tmp/ev --n-per-class 100 --seed 777 --stain-jitter 6 && "
+                       "her2score evaluate /tmp/ev/labels.csv --out /tmp/ev_out",
+            "cnn": {"accuracy": 0.988, "accuracy_ci95": [0.975, 0.998],
+                    "quadratic_weighted_kappa": 0.995, "quadratic_weighted_kappa_ci95": [0.990, 0.999]},
+            "fused": {"accuracy": 0.975, "accuracy_ci95": [0.960, 0.988],
+                      "quadratic_weighted_kappa": 0.990, "quadratic_weighted_kappa_ci95": [0.983, 0.995]},
+            "classical": {"accuracy": 0.930, "accuracy_ci95": [0.902, 0.953],
+                          "quadratic_weighted_kappa": 0.953, "quadratic_weighted_kappa_ci95": [0.931, 0.972]},
+        },
+        "validation": {"val_loss": 0.22915, "val_patch_accuracy": 0.9383, "val_image_accuracy": 1.0},
+        "real_labelled": "none available (no labelled HER2 set in shared/data)",
+    },
+    training={
+        "command": "her2score train --synthetic 150 --seed 1 --workers 2 --out models/",
+        "data": "600 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(1), stain_jitter 0)",
+        "best_epoch": 4, "epochs_run": 7, "seconds": 223.8, "threads": 1, "torch": "2.13.0+cpu", "seed": 1,
+    },
+)
+"""The shipped weights (``models/her2cnn.pt``): checksum, what they expect and how they scored
+(see models/MODEL_CARD.md). The file's own record is authoritative for normalisation."""
+
+
+# --------------------------------------------------------------------------------------- network
+
+def build_network(*, in_channels: int = 2, width: int = 16, n_classes: int = 4):
+    """TileNet: one full-resolution conv (membranes are ~2 px wide), then stages at 1/2, 1/4, 1/8.
+
+    conv3x3(c->w) BN ReLU, maxpool | conv3x3(->1.5w) BN ReLU, maxpool | [conv3x3(->3w) BN ReLU] x2,
+    maxpool | conv3x3(->6w) BN ReLU | global average + max pooling | dropout 0.2 | linear(12w -> 4).
+    With width 16 this has 77,556 parameters (about 0.3 MB as float32).
+    """
+    import torch
+    import torch.nn as nn
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    w1, w2, w3, w4 = width, width * 3 // 2, width * 3, width * 6
+
+    class TileNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                *block(in_channels, w1), nn.MaxPool2d(2),
+                *block(w1, w2), nn.MaxPool2d(2),
+                *block(w2, w3), *block(w3, w3), nn.MaxPool2d(2),
+                *block(w3, w4),
+            )
+            self.dropout = nn.Dropout(0.2)
+            self.head = nn.Linear(2 * w4, n_classes)
+
+        def forward(self, x):
+            f = self.features(x)
+            pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+            return self.head(self.dropout(pooled))
+
+    return TileNet().to(memory_format=torch.channels_last)
+
+
+def count_parameters(net) -> int:
+    return int(sum(p.numel() for p in net.parameters()))
+
+
+# --------------------------------------------------------------------------------------- patches
+
+def stain_channels(rgb: np.ndarray, stains: StainSet = H_DAB) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float32 (2, H, W): haematoxylin and DAB log10 OD."""
+    hed = deconvolve(rgb, stains)
+    return np.ascontiguousarray(np.moveaxis(hed[..., :2], -1, 0))
+
+
+def tissue_patches(rgb: np.ndarray, *, patch_px: int, stains: StainSet = H_DAB,
+                   min_tissue_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping patches on a grid centred in the image, kept when they hold enough tissue.
+
+    Returns (patches float32 (N, 2, P, P) of stain OD, top-left (row, col) of each, int (N, 2)).
+    An image smaller than a patch is padded with the background (glass).
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if h < patch_px or w < patch_px:
+        bg = np.asarray(stains.background, np.float64).round().clip(0, 255).astype(np.uint8)
+        padded = np.empty((max(h, patch_px), max(w, patch_px), 3), np.uint8)
+        padded[:] = bg
+        padded[:h, :w] = rgb
+        rgb, (h, w) = padded, padded.shape[:2]
+    ch = stain_channels(rgb, stains)
+    tissue = optical_density(rgb, stains.background).sum(axis=2) > TISSUE_OD
+    ny, nx = h // patch_px, w // patch_px
+    oy, ox = (h - ny * patch_px) // 2, (w - nx * patch_px) // 2
+    rows, cols = np.meshgrid(oy + patch_px * np.arange(ny), ox + patch_px * np.arange(nx), indexing="ij")
+    pos = np.column_stack([rows.ravel(), cols.ravel()])
+    frac = tissue[oy:oy + ny * patch_px, ox:ox + nx * patch_px].reshape(ny, patch_px, nx, patch_px).mean(axis=(1, 3))
+    keep = frac.ravel() >= min_tissue_fraction
+    pos = pos[keep]
+    out = np.empty((len(pos), 2, patch_px, patch_px), np.float32)
+    for i, (r, c) in enumerate(pos):
+        out[i] = ch[:, r:r + patch_px, c:c + patch_px]
+    return out, pos
+
+
+# --------------------------------------------------------------------------------------- model
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TileClassifier:
+    """A loaded network with its weights record; scores RGB tiles at ``record.mpp`` µm/px."""
+
+    def __init__(self, net, record: WeightsRecord, *, device: str | None = None, source: str = ""):
+        import torch
+
+        self.device = torch.device(device or _default_device())
+        self.net = net.to(self.device).eval()
+        self.record = record
+        self.source = source
+        norm = record.normalisation
+        self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(norm["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.record.classes
+
+    @property
+    def mpp(self) -> float:
+        return self.record.mpp
+
+    @property
+    def patch_px(self) -> int:
+        return self.record.patch_px
+
+    @property
+    def name(self) -> str:
+        """Model name for reports: file name and the first 12 hex digits of its SHA-256."""
+        return f"{self.record.file}@{self.record.sha256[:12]}" if self.record.sha256 else self.record.file
+
+    def normalise(self, x):
+        """Standardise a torch batch (N, 2, P, P) of stain OD with the record's mean/std."""
+        return (x - self._mean) / self._std
+
+    def predict_patches(self, patches: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (N, 4) for stain-OD patches (N, 2, P, P) (unnormalised OD)."""
+        import torch
+
+        if len(patches) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(patches), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(patches[i:i + batch_size])).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)
+                out.append(torch.softmax(self.net(self.normalise(x)), dim=1).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def predict_tile(self, rgb: np.ndarray, *, stains: StainSet = H_DAB) -> tuple[np.ndarray, int]:
+        """Mean class probabilities (4,) over the tissue patches of one RGB uint8 tile at ``self.mpp``
+        µm/px, and the number of patches used (0, with zero probabilities, when there is no tissue).
+
+        ``stains``: the slide's stain set (its background I0 matters most); pass the tile core (or
+        accept that overlap margins are seen twice by neighbouring tiles).
+        """
+        patches, _ = tissue_patches(rgb, patch_px=self.patch_px, stains=stains,
+                                    min_tissue_fraction=self.record.min_tissue_fraction)
+        if len(patches) == 0:
+            return np.zeros(len(self.classes), np.float64), 0
+        probs = self.predict_patches(patches)
+        return probs.mean(axis=0).astype(np.float64), int(len(patches))
+
+
+def _repo_models_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def default_weights_path() -> Path:
+    """The shipped weights: ``<repo>/models`` (source / editable install), then
+    ``sys.prefix/share/her2score/models`` (installed wheel). Returns the first that exists
+    (the repository path when neither does)."""
+    candidates = [_repo_models_dir() / DEFAULT_WEIGHTS.file,
+                  Path(sys.prefix) / "share" / "her2score" / "models" / DEFAULT_WEIGHTS.file]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[0]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_state(state: Mapping[str, Any]) -> str:
+    """Checksum of a state dict's names, shapes, dtypes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRecord:
+    """Write ``net``'s state dict and ``record`` (as JSON, with a tensor checksum) to ``path``
+    atomically. Returns the record with ``file``, ``parameters`` and ``sha256`` (of the file) set."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    record = WeightsRecord.from_dict({**record.to_dict(), "file": path.name, "sha256": "",
+                                      "parameters": count_parameters(net)})
+    meta = {"format": "her2score-cnn/1", "record": record.to_dict(), "state_sha256": _sha256_state(state)}
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "meta": json.dumps(meta, sort_keys=True)}, buf)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return WeightsRecord.from_dict({**record.to_dict(), "sha256": _sha256_file(path)})
+
+
+def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> TileClassifier:
+    """Load a :class:`TileClassifier` (no network access).
+
+    ``path`` None loads the shipped weights (:func:`default_weights_path`) and checks their SHA-256
+    against :data:`DEFAULT_WEIGHTS`. Any file is checked against the tensor checksum saved inside it.
+    ``device``: "cpu", "cuda", ... (default: CUDA when available, else CPU).
+    Raises :class:`ModelError` naming the file when it is missing, unreadable, corrupt or mismatched.
+    """
+    import torch
+
+    shipped = path is None
+    p = default_weights_path() if shipped else Path(path)
+    if not p.is_file():
+        hint = (" (the shipped weights are missing: reinstall her2score, train a model with 'her2score train', "
+                "or run classical-only with --no-cnn)") if shipped else ""
+        raise ModelError(f"{p}: model weights not found{hint}")
+    file_sha = _sha256_file(p)
+    if shipped and DEFAULT_WEIGHTS.sha256 and file_sha != DEFAULT_WEIGHTS.sha256:
+        raise ModelError(f"{p}: SHA-256 {file_sha[:16]}... does not match the shipped record "
+                         f"{DEFAULT_WEIGHTS.sha256[:16]}...: the file is corrupt or was replaced "
+                         "(pass its path explicitly to load your own weights)")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        state = blob["state_dict"]
+        if meta.get("format") != "her2score-cnn/1":
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        record = WeightsRecord.from_dict(meta["record"])
+    except Exception as e:  # torch raises many kinds on a damaged file
+        raise ModelError(f"{p}: not a readable her2score model file ({type(e).__name__}: {e})") from None
+    if _sha256_state(state) != meta.get("state_sha256"):
+        raise ModelError(f"{p}: weights do not match the checksum stored in the file (corrupt)")
+    if tuple(record.classes) != CLASSES or tuple(record.input_channels) != INPUT_CHANNELS:
+        raise ModelError(f"{p}: model classes {record.classes} / inputs {record.input_channels} are not "
+                         f"{CLASSES} / {INPUT_CHANNELS}")
+    net = build_network(in_channels=len(record.input_channels), width=record.width, n_classes=len(record.classes))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{p}: weights do not fit the {record.architecture} architecture: {e}") from None
+    record = WeightsRecord.from_dict({**record.to_dict(), "file": p.name, "sha256": file_sha})
+    return TileClassifier(net, record, device=device, source=str(p))
+
+
+# --------------------------------------------------------------------------------------- slides
+
+def _as_probs(p: Mapping[str, float] | np.ndarray | Iterable[float]) -> np.ndarray:
+    if isinstance(p, Mapping):
+        missing = [c for c in CLASSES if c not in p]
+        if missing:
+            raise ValueError(f"CNN probabilities lack scores {missing}; need all of {CLASSES}")
+        arr = np.array([float(p[c]) for c in CLASSES])
+    else:
+        arr = np.asarray(list(p) if not isinstance(p, np.ndarray) else p, dtype=np.float64).ravel()
+    if arr.shape != (len(CLASSES),) or not np.all(np.isfinite(arr)) or np.any(arr < 0) or arr.sum() <= 0:
+        raise ValueError(f"CNN probabilities must be {len(CLASSES)} non-negative finite numbers, got {arr}")
+    return arr / arr.sum()
+
+
+def fuse(classical_score: str, cnn_probs: Mapping[str, float] | np.ndarray, *,
+         classical_weight: float = CLASSICAL_WEIGHT) -> tuple[str, float]:
+    """Fused score and confidence from the classical guideline score and CNN probabilities.
+
+    p_fused = w * onehot(classical) + (1 - w) * p_cnn; score = arg-max (ties: the classical score);
+    confidence = p_fused[score], in [0, 1]. See the module docstring for what w = 0.4 means.
+    """
+    if classical_score not in CLASSES:
+        raise ValueError(f"classical score must be one of {CLASSES}, got {classical_score!r}")
+    if not 0.0 <= classical_weight <= 1.0:
+        raise ValueError(f"classical_weight must be within 0-1, got {classical_weight}")
+    p = _as_probs(cnn_probs)
+    k = CLASSES.index(classical_score)
+    fused = (1.0 - classical_weight) * p
+    fused[k] += classical_weight
+    best = int(np.argmax(fused))
+    if fused[best] - fused[k] <= 1e-12:
+        best = k
+    return CLASSES[best], float(np.clip(fused[best], 0.0, 1.0))
+
+
+def aggregate_tiles(tiles: Iterable[tuple[np.ndarray, int]], *, model: str) -> CnnReport | None:
+    """A slide's CnnReport from per-tile (probabilities, patches) pairs: the patch-weighted mean.
+
+    Returns None when no tile had tissue patches.
+    """
+    total, n_tiles, n_patches = np.zeros(len(CLASSES)), 0, 0
+    for probs, n in tiles:
+        if n > 0:
+            total += np.asarray(probs, np.float64) * n
+            n_tiles += 1
+            n_patches += int(n)
+    if n_patches == 0:
+        return None
+    mean = total / n_patches
+    return CnnReport(score=CLASSES[int(np.argmax(mean))],
+                     probabilities={c: round(float(v), 6) for c, v in zip(CLASSES, mean)},
+                     tiles=n_tiles, model=model)

@@ -1,0 +1,198 @@
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from her2score import cnn  # noqa: E402
+from her2score.cnn import (  # noqa: E402
+    CLASSES,
+    DEFAULT_WEIGHTS,
+    ModelError,
+    WeightsRecord,
+    aggregate_tiles,
+    build_network,
+    count_parameters,
+    default_weights_path,
+    fuse,
+    load_model,
+    save_model,
+)
+from her2score.eligibility import check_eligibility  # noqa: E402
+from her2score.results import CnnReport, SlideResult  # noqa: E402
+from her2score.stain import H_DAB  # noqa: E402
+from her2score.synthetic import generate_field  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads are many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_network()
+    net.eval()
+    record = WeightsRecord(file="x.pt", sha256="", normalisation={"mean": [0.1, 0.05], "std": [0.2, 0.15]})
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    rec = save_model(path, net, record)
+    return path, net, rec
+
+
+def test_network_is_small():
+    net = build_network()
+    n = count_parameters(net)
+    assert n == 77_556 and n < 1_000_000
+    out = net(torch.zeros(3, 2, 64, 64))
+    assert out.shape == (3, 4)
+
+
+def test_save_load_round_trip(saved):
+    path, net, rec = saved
+    assert rec.file == "tiny.pt" and len(rec.sha256) == 64 and rec.parameters == 77_556
+    assert path.stat().st_size < 2_000_000
+    model = load_model(path, device="cpu")
+    assert model.record.sha256 == rec.sha256 and model.classes == CLASSES
+    x = np.random.default_rng(0).uniform(0, 0.8, (5, 2, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(net(model.normalise(torch.from_numpy(x))), 1).numpy()
+    np.testing.assert_array_equal(model.predict_patches(x), ref)
+    again = load_model(path, device="cpu")
+    rgb = generate_field("2+", seed=3, size_px=(192, 160)).image
+    p1, n1 = model.predict_tile(rgb, stains=H_DAB)
+    p2, n2 = again.predict_tile(rgb, stains=H_DAB)
+    assert n1 == n2 == 6  # 3 x 2 patches of 64 px, all tissue
+    np.testing.assert_array_equal(p1, p2)
+    assert p1.shape == (4,) and abs(p1.sum() - 1) < 1e-5
+
+
+def test_blank_tile_gives_no_patches(saved):
+    model = load_model(saved[0], device="cpu")
+    probs, n = model.predict_tile(np.full((200, 200, 3), 250, np.uint8), stains=H_DAB.with_background((250, 250, 250)))
+    assert n == 0 and probs.shape == (4,) and not probs.any()
+    probs, n = model.predict_tile(np.full((40, 30, 3), 255, np.uint8), stains=H_DAB)  # smaller than a patch
+    assert n == 0
+
+
+def test_missing_file_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="nothere.pt"):
+        load_model(tmp_path / "nothere.pt")
+
+
+def test_corrupt_file_is_a_model_error(tmp_path, saved):
+    bad = tmp_path / "bad.pt"
+    data = saved[0].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="bad.pt"):
+        load_model(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ModelError, match="junk.pt"):
+        load_model(junk)
+
+
+def test_tampered_weights_fail_the_checksum(tmp_path, saved):
+    blob = torch.load(saved[0], weights_only=True)
+    key = next(k for k, v in blob["state_dict"].items() if v.dtype.is_floating_point)
+    blob["state_dict"][key] = blob["state_dict"][key] + 0.01
+    bad = tmp_path / "tampered.pt"
+    torch.save(blob, bad)
+    with pytest.raises(ModelError, match="tampered.pt.*checksum"):
+        load_model(bad)
+
+
+def test_default_weights_sha_mismatch_and_missing(monkeypatch, tmp_path, saved):
+    monkeypatch.setattr(cnn, "default_weights_path", lambda: saved[0])
+    monkeypatch.setattr(cnn, "DEFAULT_WEIGHTS", WeightsRecord(file="tiny.pt", sha256="0" * 64))
+    with pytest.raises(ModelError, match="does not match the shipped record"):
+        load_model()
+    monkeypatch.setattr(cnn, "default_weights_path", lambda: tmp_path / "her2cnn.pt")
+    with pytest.raises(ModelError, match="her2cnn.pt.*not found.*--no-cnn"):
+        load_model()
+
+
+def test_shipped_weights_load_and_match_their_record():
+    path = default_weights_path()
+    if not path.exists():
+        pytest.skip("no shipped weights in this checkout")
+    model = load_model(device="cpu")
+    assert model.record.sha256 == DEFAULT_WEIGHTS.sha256
+    assert path.stat().st_size < 2_000_000
+    assert model.record.parameters == count_parameters(model.net) < 1_000_000
+    probs, n = model.predict_tile(generate_field("3+", seed=99).image, stains=H_DAB)
+    assert n == 64 and abs(probs.sum() - 1) < 1e-5
+
+
+# --------------------------------------------------------------------------- fusion
+
+def test_fuse_agreement_and_confidence():
+    score, conf = fuse("2+", [0.05, 0.1, 0.8, 0.05])
+    assert score == "2+" and conf == pytest.approx(0.4 + 0.6 * 0.8)
+
+
+def test_fuse_confident_cnn_overrides_classical():
+    # classical 1+ gets 0.4 + 0.6 * 0.05 = 0.43; 3+ gets 0.6 * 0.9 = 0.54
+    score, conf = fuse("1+", {"0": 0.0, "1+": 0.05, "2+": 0.05, "3+": 0.9})
+    assert score == "3+" and conf == pytest.approx(0.54)
+
+
+def test_fuse_unsure_cnn_keeps_classical():
+    # 3+ would need p(3+) - p(1+) > 2/3: 0.7 - 0.1 = 0.6 is not enough
+    score, conf = fuse("1+", [0.1, 0.1, 0.1, 0.7])
+    assert score == "1+" and conf == pytest.approx(0.4 + 0.06)
+
+
+def test_fuse_exact_tie_goes_to_classical():
+    # 0.4 + 0.6 * 0.1 = 0.46 vs 0.6 * (0.1 + 2/3) = 0.46
+    p = np.array([0.1, 0.1, 0.1 + 2 / 3, 0.0])
+    p[3] = 1 - p[:3].sum()
+    score, _ = fuse("0", p / p.sum())
+    assert score == "0"
+
+
+def test_fuse_weights_and_errors():
+    assert fuse("0", [0, 0, 0, 1], classical_weight=1.0) == ("0", 1.0)
+    assert fuse("0", [0, 0, 0.3, 0.7], classical_weight=0.0)[0] == "3+"
+    s, c = fuse("2+", [2, 2, 4, 2])  # unnormalised input is normalised
+    assert s == "2+" and 0 <= c <= 1
+    with pytest.raises(ValueError):
+        fuse("4+", [0.25] * 4)
+    with pytest.raises(ValueError):
+        fuse("0", [0.5, 0.5])
+    with pytest.raises(ValueError):
+        fuse("0", {"0": 1.0})
+    with pytest.raises(ValueError):
+        fuse("0", [0.25] * 4, classical_weight=1.5)
+
+
+def test_aggregate_tiles_is_patch_weighted():
+    rep = aggregate_tiles([(np.array([1.0, 0, 0, 0]), 3), (np.array([0, 0, 1.0, 0]), 1), (np.zeros(4), 0)], model="m")
+    assert rep.tiles == 2 and rep.model == "m" and rep.score == "0"
+    assert rep.probabilities == {"0": 0.75, "1+": 0.0, "2+": 0.25, "3+": 0.0}
+    assert aggregate_tiles([(np.zeros(4), 0)], model="m") is None
+
+
+def _result(classical, cnn_score=None, level=None):
+    report = None
+    if cnn_score:
+        p = {c: (0.97 if c == cnn_score else 0.01) for c in CLASSES}
+        report = CnnReport(cnn_score, p, 1, "m")
+    fused = fuse(classical, report.probabilities) if report else (classical, None)
+    return SlideResult(
+        slide="s", score=fused[0], level=level or classical, flags=(), guideline="breast-asco-cap-2023",
+        specimen="resection", reason="r", counts={"none": 100, "faint_partial": 400}, percentages={},
+        tumour_cells=500, h_score=80.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
+        tissue_area_mm2=0.1, classical_score=classical, cnn=report, confidence=fused[1])
+
+
+def test_disagreement_needs_review_and_agreement_does_not():
+    agree = _result("1+", "1+")
+    assert check_eligibility(agree, "her2-low-breast").status == "eligible"
+    differ = _result("1+", "0")
+    d = check_eligibility(differ, "her2-low-breast")
+    assert d.status == "needs_review"
+    assert any("disagree" in r for r in d.reasons)

@@ -1,0 +1,138 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from her2score.cli import main  # noqa: E402
+from her2score.cnn import load_model  # noqa: E402
+from her2score.stain import H_DAB  # noqa: E402
+from her2score.synthetic import write_dataset  # noqa: E402
+from her2score.train import (  # noqa: E402
+    LabelledImage,
+    TrainConfig,
+    _Renderer,
+    csv_images,
+    folder_images,
+    parse_label,
+    synthetic_images,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads are many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TINY = dict(threads=1, max_epochs=4, patience=10, patches_per_image=24, batch_size=32, val_fraction=0.25,
+            val_patches_per_image=8, lr=4e-3, width=8)
+
+
+@pytest.fixture(scope="module")
+def fields():
+    return synthetic_images(3, seed=5, size_px=(192, 192))
+
+
+@pytest.fixture(scope="module")
+def trained(fields, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    rows = []
+    res = train(fields, config=TrainConfig(seed=3, **TINY), out=out, name="tiny.pt", data_note="test", progress=rows.append)
+    return res, out, rows
+
+
+def test_parse_label_aliases():
+    assert [parse_label(x) for x in ("0", "1+", "2PLUS", " 3plus ")] == ["0", "1+", "2+", "3+"]
+    with pytest.raises(ValueError, match="unknown label"):
+        parse_label("4+")
+
+
+def test_training_loss_falls_and_log_is_written(trained):
+    res, out, rows = trained
+    losses = [r["train_loss"] for r in res.log["epochs"]]
+    assert len(losses) == 4 and rows == res.log["epochs"]
+    assert losses[-1] < losses[0]
+    assert (out / "tiny.pt").exists() and (out / "tiny.train_log.csv").exists()
+    log = json.loads((out / "tiny.train_log.json").read_text())
+    assert log["record"]["sha256"] == res.record.sha256 and log["config"]["seed"] == 3
+    assert res.record.training["images"] == 12 and res.record.training["val_images"] == 4
+    assert set(res.log["epochs"][0]) >= {"train_loss", "val_loss", "val_patch_accuracy", "val_image_accuracy", "seconds"}
+
+
+def test_trained_weights_round_trip(trained):
+    res, out, _ = trained
+    model = load_model(out / "tiny.pt", device="cpu")
+    assert model.record.sha256 == res.record.sha256
+    x = np.random.default_rng(1).uniform(0, 1, (4, 2, 64, 64)).astype(np.float32)
+    res.net.eval()
+    with torch.no_grad():
+        ref = torch.softmax(res.net(model.normalise(torch.from_numpy(x))), 1).numpy()
+    np.testing.assert_array_equal(model.predict_patches(x), ref)
+
+
+def test_training_is_deterministic(fields, trained):
+    cfg = TrainConfig(seed=3, **{**TINY, "max_epochs": 1})
+    a = train(fields, config=cfg)
+    b = train(fields, config=cfg)
+    for (k, va), vb in zip(a.net.state_dict().items(), b.net.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_renderer_without_augmentation_is_deconvolution():
+    rgb = np.random.default_rng(0).integers(40, 255, (2, 16, 16, 3), dtype=np.uint8)
+    bg = np.full((2, 3), 250.0)
+    r = _Renderer(TrainConfig(), torch.device("cpu"))
+    got = r(rgb, bg, None).numpy()
+    from her2score.stain import deconvolve
+
+    want = np.moveaxis(deconvolve(rgb[1], H_DAB.with_background((250, 250, 250)))[..., :2], -1, 0)
+    np.testing.assert_allclose(got[1], want, atol=1e-4)
+    aug = r(rgb, bg, np.random.default_rng(0)).numpy()
+    assert aug.shape == got.shape and not np.allclose(aug, got)
+
+
+def test_stain_augmentation_keeps_dab_near_its_amount():
+    """A pure-DAB patch stays mostly DAB after re-rendering with perturbed vectors (<= 12 degrees)."""
+    r = _Renderer(TrainConfig(), torch.device("cpu"))
+    od = 0.5 * np.array(H_DAB.dab)
+    pix = np.round(250 * 10 ** (-od)).astype(np.uint8)
+    rgb = np.broadcast_to(pix, (64, 8, 8, 3)).copy()
+    out = r(rgb, np.full((64, 3), 250.0), np.random.default_rng(2)).numpy()
+    dab = out[:, 1].mean(axis=(1, 2))
+    assert np.all(dab > 0.35) and np.all(dab < 0.7)
+
+
+def test_folder_and_csv_sources(tmp_path):
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=2, size_px=(96, 96))
+    rows = list(csv.DictReader(open(ds / "labels.csv")))
+    imgs = csv_images(ds / "labels.csv")
+    assert [i.label for i in imgs] == [r["label"] for r in rows] and imgs[0].rgb.shape == (96, 96, 3)
+    root = tmp_path / "classes"
+    for r in rows:
+        d = root / r["label"].replace("+", "plus")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "a.png").write_bytes((ds / r["path"]).read_bytes())
+    (root / "notaclass").mkdir()
+    got = folder_images(root)
+    assert sorted(i.label for i in got) == ["0", "1+", "2+", "3+"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nimages/x.png,5+\n")
+    with pytest.raises(ValueError, match="bad.csv, line 2"):
+        csv_images(bad)
+
+
+def test_train_needs_two_images_of_a_class():
+    one = [LabelledImage(np.full((64, 64, 3), 120, np.uint8), "1+", "x")]
+    with pytest.raises(ValueError, match="at least two"):
+        train(one, config=TrainConfig(**TINY))
+
+
+def test_cli_train_requires_a_source(capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert "training source" in capsys.readouterr().err
