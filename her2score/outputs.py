@@ -1,12 +1,13 @@
 """Per-slide outputs, each written atomically: result.json, cells.csv, overlay.png, cells.geojson."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -15,7 +16,7 @@ from .categories import CATEGORIES
 from .membrane import N_SECTORS
 from .pipeline import SlideAnalysis
 
-__all__ = ["atomic_write", "write_outputs", "remove_stale_temp_files", "CATEGORY_COLOURS", "OUTPUT_FILES"]
+__all__ = ["atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_geojson", "remove_stale_temp_files", "CATEGORY_COLOURS", "OUTPUT_FILES"]
 
 CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "none": (70, 130, 255),
@@ -44,20 +45,20 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file ``.NAME.XXXXXXXX.tmp`` in the same folder,
-    fsync and rename, so a reader (or a killed run) only ever sees the old or the new file whole.
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary ``.NAME.XXXXXXXX.tmp`` in the same folder,
+    fsynced and renamed over ``path`` when the block ends without error (deleted otherwise), so a
+    reader or a killed run only ever sees the old or the new file whole.
 
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +76,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (see atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def is_temp_file(name: str, targets=None) -> bool:
@@ -106,59 +113,75 @@ def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES) -> 
     return removed
 
 
-def cells_csv(analysis: SlideAnalysis) -> str:
+CHUNK = 20_000
+"""Cells formatted per write: outputs stream in bounded memory whatever the slide's size."""
+
+
+def _fmt(values: np.ndarray) -> list[str]:
+    """Text of one cell-table column: integers for flags, 4 decimals for measurements."""
+    if values.dtype == bool:
+        return values.astype(np.uint8).astype(str).tolist()
+    if values.dtype.kind == "f":
+        return [f"{v:.4f}" for v in values.tolist()]
+    return [str(v) for v in values.tolist()]
+
+
+def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
     """One row per cell: position (level-0 px and µm), tumour flag, category, pattern and measurements."""
     t = analysis.cells
     mpp = analysis.result.mpp
-    cols = [k for k in t if k != "radii_um"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["cell_id", "x_px", "y_px", "x_um", "y_um"] + [c for c in cols if c not in ("x", "y")])
-    for i in range(len(t["x"])):
-        row = [i, f"{t['x'][i]:.1f}", f"{t['y'][i]:.1f}", f"{t['x'][i] * mpp:.2f}", f"{t['y'][i] * mpp:.2f}"]
-        for c in cols:
-            if c in ("x", "y"):
-                continue
-            v = t[c][i]
-            row.append(int(v) if isinstance(v, (bool, np.bool_)) else f"{v:.4f}" if isinstance(v, (float, np.floating)) else v)
-        w.writerow(row)
-    return buf.getvalue()
+    cols = [k for k in t if k not in ("x", "y", "radii_um")]
+    f.write((",".join(["cell_id", "x_px", "y_px", "x_um", "y_um", *cols]) + "\n").encode())
+    for a in range(0, len(t["x"]), CHUNK):
+        b = min(a + CHUNK, len(t["x"]))
+        x, y = t["x"][a:b], t["y"][a:b]
+        columns = [
+            [str(i) for i in range(a, b)],
+            [f"{v:.1f}" for v in x.tolist()], [f"{v:.1f}" for v in y.tolist()],
+            [f"{v * mpp:.2f}" for v in x.tolist()], [f"{v * mpp:.2f}" for v in y.tolist()],
+            *(_fmt(t[c][a:b]) for c in cols),
+        ]
+        f.write(("\n".join(",".join(row) for row in zip(*columns)) + "\n").encode())
 
 
-def _outlines_level0(analysis: SlideAnalysis) -> np.ndarray:
-    """(n, N_SECTORS, 2) cell outline vertices in level-0 px, from the per-sector radii."""
+def _outlines_level0(analysis: SlideAnalysis, a: int = 0, b: int | None = None) -> np.ndarray:
+    """(n, N_SECTORS, 2) outline vertices of cells a..b in level-0 px, from the per-sector radii."""
     t = analysis.cells
     angles = -np.pi + (np.arange(N_SECTORS) + 0.5) * 2 * np.pi / N_SECTORS
-    r_px = t["radii_um"] / analysis.result.mpp
-    xs = t["x"][:, None] + r_px * np.cos(angles)[None]
-    ys = t["y"][:, None] + r_px * np.sin(angles)[None]
+    r_px = t["radii_um"][a:b] / analysis.result.mpp
+    xs = t["x"][a:b, None] + r_px * np.cos(angles)[None]
+    ys = t["y"][a:b, None] + r_px * np.sin(angles)[None]
     return np.stack([xs, ys], axis=-1)
 
 
-def cells_geojson(analysis: SlideAnalysis) -> str:
+def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO) -> None:
     """QuPath-importable FeatureCollection: one detection per cell, classified by its category."""
     t = analysis.cells
-    outlines = _outlines_level0(analysis)
-    feats = []
-    for i in range(len(t["x"])):
-        ring = np.round(outlines[i], 1).tolist()
-        ring.append(ring[0])
-        cat = str(t["category"][i])
-        feats.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": cat if t["tumour"][i] else f"{cat} (non-tumour)", "color": list(CATEGORY_COLOURS[cat])},
-                "measurements": {
-                    "completeness": round(float(t["completeness"][i]), 4),
-                    "membrane_od": round(float(t["membrane_od"][i]), 4),
-                    "width_um": round(float(t["width_um"][i]), 3),
-                    "tumour": int(bool(t["tumour"][i])),
+    f.write(b'{"type":"FeatureCollection","features":[')
+    for a in range(0, len(t["x"]), CHUNK):
+        b = min(a + CHUNK, len(t["x"]))
+        outlines = np.round(_outlines_level0(analysis, a, b), 1)
+        feats = []
+        for i in range(a, b):
+            ring = outlines[i - a].tolist()
+            ring.append(ring[0])
+            cat = str(t["category"][i])
+            feats.append(json.dumps({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": cat if t["tumour"][i] else f"{cat} (non-tumour)", "color": list(CATEGORY_COLOURS[cat])},
+                    "measurements": {
+                        "completeness": round(float(t["completeness"][i]), 4),
+                        "membrane_od": round(float(t["membrane_od"][i]), 4),
+                        "width_um": round(float(t["width_um"][i]), 3),
+                        "tumour": int(bool(t["tumour"][i])),
+                    },
                 },
-            },
-        })
-    return json.dumps({"type": "FeatureCollection", "features": feats}, separators=(",", ":")) + "\n"
+            }, separators=(",", ":")))
+        f.write(((b"," if a else b"") + ",".join(feats).encode()))
+    f.write(b"]}\n")
 
 
 def overlay_png(analysis: SlideAnalysis, *, max_side: int = 2000) -> bytes:
@@ -168,14 +191,19 @@ def overlay_png(analysis: SlideAnalysis, *, max_side: int = 2000) -> bytes:
     canvas = cv2.resize(thumb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else thumb.copy()
     px_per_level0 = analysis.result.mpp / analysis.thumbnail_mpp * f
     t = analysis.cells
-    outlines = _outlines_level0(analysis) * px_per_level0
     small = np.median(t["radii_um"]) / analysis.result.mpp * px_per_level0 < 3 if len(t["x"]) else True
-    for i in np.argsort(t["tumour"], kind="stable"):
-        colour = CATEGORY_COLOURS[str(t["category"][i])] if t["tumour"][i] else (150, 150, 150)
+    groups = [(~t["tumour"], (150, 150, 150))] + [(t["tumour"] & (t["category"] == c), CATEGORY_COLOURS[c]) for c in CATEGORIES]
+    for a in range(0, len(t["x"]), CHUNK):  # non-tumour cells first, tumour cells drawn over them
+        b = min(a + CHUNK, len(t["x"]))
         if small:
-            cv2.circle(canvas, (int(t["x"][i] * px_per_level0), int(t["y"][i] * px_per_level0)), 1, colour, -1)
-        else:
-            cv2.polylines(canvas, [np.round(outlines[i]).astype(np.int32)], True, colour, 1, cv2.LINE_AA)
+            for sel, colour in groups:
+                for x, y in zip(t["x"][a:b][sel[a:b]] * px_per_level0, t["y"][a:b][sel[a:b]] * px_per_level0):
+                    cv2.circle(canvas, (int(x), int(y)), 1, colour, -1)
+            continue
+        outlines = np.round(_outlines_level0(analysis, a, b) * px_per_level0).astype(np.int32)
+        for sel, colour in groups:
+            if sel[a:b].any():
+                cv2.polylines(canvas, list(outlines[sel[a:b]]), True, colour, 1, cv2.LINE_AA)
     legend = np.full((18 * len(CATEGORIES) + 8, max(canvas.shape[1], 260), 3), 255, np.uint8)
     for k, name in enumerate(CATEGORIES):
         y = 14 + 18 * k
@@ -193,7 +221,9 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike) -> None:
     """Write the four per-slide outputs into ``out_dir``; result.json last, so it marks completion."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "cells.csv", cells_csv(analysis))
+    with atomic_file(out / "cells.csv") as f:
+        write_cells_csv(analysis, f)
     atomic_write(out / "overlay.png", overlay_png(analysis))
-    atomic_write(out / "cells.geojson", cells_geojson(analysis))
+    with atomic_file(out / "cells.geojson") as f:
+        write_cells_geojson(analysis, f)
     atomic_write(out / "result.json", analysis.result.to_json())
