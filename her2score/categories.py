@@ -37,7 +37,7 @@ class Thresholds:
     weak_od: float = 0.14
     moderate_od: float = 0.35
     strong_od: float = 0.55
-    min_completeness: float = 0.30
+    min_completeness: float = 0.25
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45
     lateral_gap: float = 0.30
