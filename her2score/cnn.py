@@ -280,15 +280,18 @@ class TileClassifier:
                 out.append(torch.softmax(self.net(self.normalise(x)), dim=1).float().cpu().numpy())
         return np.concatenate(out)
 
-    def predict_tile(self, rgb: np.ndarray, *, stains: StainSet = H_DAB) -> tuple[np.ndarray, int]:
+    def predict_tile(self, rgb: np.ndarray, *, stains: StainSet = H_DAB, max_patches: int | None = None) -> tuple[np.ndarray, int]:
         """Mean class probabilities (4,) over the tissue patches of one RGB uint8 tile at ``self.mpp``
         µm/px, and the number of patches used (0, with zero probabilities, when there is no tissue).
 
         ``stains``: the slide's stain set (its background I0 matters most); pass the tile core (or
-        accept that overlap margins are seen twice by neighbouring tiles).
+        accept that overlap margins are seen twice by neighbouring tiles). ``max_patches``: score at
+        most this many tissue patches, evenly spaced over the tile (a whole slide's mean needs no more).
         """
         patches, _ = tissue_patches(rgb, patch_px=self.patch_px, stains=stains,
                                     min_tissue_fraction=self.record.min_tissue_fraction)
+        if max_patches is not None and len(patches) > max_patches:
+            patches = patches[np.linspace(0, len(patches) - 1, max_patches).round().astype(int)]
         if len(patches) == 0:
             return np.zeros(len(self.classes), np.float64), 0
         probs = self.predict_patches(patches)

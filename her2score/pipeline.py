@@ -69,6 +69,8 @@ class ScoringConfig:
     wrong_stain_max: float = 0.25
     blur_min: float = 0.0015
     background_max_od: float = 0.06
+    cnn_patches_per_tile: int = 16
+    cnn_all_patches_up_to_tiles: int = 16
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.mpp <= 2.0:
@@ -92,11 +94,13 @@ class TileResult:
     cnn_patches: int = 0
 
 
-def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float, cnn=None) -> TileResult:
+def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
+               cnn=None, cnn_max_patches: int | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
 
     ``scale``: level-0 px per tile px, to place cells in the slide; ``cnn``: an optional
-    TileClassifier that also gives the tile's class probabilities (over its core only).
+    TileClassifier that also gives the tile's class probabilities (over its core only, from at most
+    ``cnn_max_patches`` patches).
     """
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
@@ -120,7 +124,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     probs, n_patches = None, 0
     if cnn is not None:
         mg = tile.margin
-        probs, n_patches = cnn.predict_tile(rgb[mg : mg + h, mg : mg + w], stains=stains)
+        probs, n_patches = cnn.predict_tile(rgb[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
     return TileResult(m, int(tissue.sum()), focus, nucleus_od, probs, n_patches)
 
 
@@ -147,15 +151,15 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
     _worker["cnn"] = cnn
 
 
-def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig) -> list[TileResult]:
-    return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"]) for t in tiles]
+def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> list[TileResult]:
+    return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"], cnn_max_patches) for t in tiles]
 
 
-def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn) -> TileResult:
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
     scale = config.mpp / slide.mpp
     x, y, w, h = tile.read
     rgb = slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=config.mpp)
-    return score_tile(rgb, tile, stains=stains, config=config, scale=scale, cnn=cnn)
+    return score_tile(rgb, tile, stains=stains, config=config, scale=scale, cnn=cnn, cnn_max_patches=cnn_max_patches)
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -245,14 +249,16 @@ def analyse_slide(
         slide_path, slide_mpp, mpp_source = str(slide.path), slide.mpp, slide.mpp_source
         read_notes = tuple(slide.notes)  # e.g. "16-bit samples scaled to 8 bits"
 
+    # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
+    cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
     if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
         size = max(1, min(16, -(-len(tiles) // (workers * 4))))
-        run = partial(_run_tiles, stains=stains, config=config)
+        run = partial(_run_tiles, stains=stains, config=config, cnn_max_patches=cnn_max)
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) as pool:
             parts = [r for chunk in pool.map(run, _chunks(tiles, size)) for r in chunk]
     else:
         with _opened(path, mpp, backend) as slide:
-            parts = [_read_and_score(slide, t, stains, config, cnn) for t in tiles]
+            parts = [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
 
     cells = _concat([p.cells for p in parts]) if parts else None
     if cells is None or len(cells) == 0:

@@ -78,6 +78,16 @@ def test_blank_tile_gives_no_patches(saved):
     assert n == 0
 
 
+def test_patch_sampling_limits_and_spreads_patches(saved):
+    model = load_model(saved[0], device="cpu")
+    field = generate_field("2+", seed=12, size_px=(512, 512)).image
+    all_probs, n_all = model.predict_tile(field, stains=H_DAB)
+    some_probs, n_some = model.predict_tile(field, stains=H_DAB, max_patches=16)
+    assert n_all == 64 and n_some == 16
+    assert some_probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert model.predict_tile(field, stains=H_DAB, max_patches=16)[0] == pytest.approx(some_probs)  # deterministic
+
+
 def test_missing_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="nothere.pt"):
         load_model(tmp_path / "nothere.pt")
