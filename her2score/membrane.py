@@ -110,24 +110,25 @@ def measure_cells(
     """
     n_lab = int(cells.max()) + 1
     rows, cols = np.indices(cells.shape, dtype=np.float32)
-    # nucleus position and shape (moments); cells without a nucleus pixel are dropped
-    nl = nuclei.ravel()
+    # nucleus position and shape (moments over nuclear pixels); cells without a nucleus pixel are dropped
+    inside = nuclei > 0
+    nl, nr, nc = nuclei[inside], rows[inside], cols[inside]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)[:n_lab]
-    sr = np.bincount(nl, rows.ravel(), n_lab)[:n_lab]
-    sc = np.bincount(nl, cols.ravel(), n_lab)[:n_lab]
+    sr = np.bincount(nl, nr, n_lab)[:n_lab]
+    sc = np.bincount(nl, nc, n_lab)[:n_lab]
     labels = np.flatnonzero(nw > 0)
     labels = labels[labels > 0]
     labels = labels[np.bincount(cells.ravel(), minlength=n_lab)[labels] > 0]
     if len(labels) == 0:
         return CellMeasurements(*([np.zeros(0, np.float32)] * 13), np.zeros((0, N_SECTORS), np.float32))
     cy, cx = sr / np.maximum(nw, 1), sc / np.maximum(nw, 1)
-    srr = np.bincount(nl, rows.ravel() ** 2, n_lab)[:n_lab] / np.maximum(nw, 1) - cy**2
-    scc = np.bincount(nl, cols.ravel() ** 2, n_lab)[:n_lab] / np.maximum(nw, 1) - cx**2
-    src = np.bincount(nl, (rows * cols).ravel(), n_lab)[:n_lab] / np.maximum(nw, 1) - cy * cx
+    srr = np.bincount(nl, nr**2, n_lab)[:n_lab] / np.maximum(nw, 1) - cy**2
+    scc = np.bincount(nl, nc**2, n_lab)[:n_lab] / np.maximum(nw, 1) - cx**2
+    src = np.bincount(nl, nr * nc, n_lab)[:n_lab] / np.maximum(nw, 1) - cy * cx
     tr, det = srr + scc, srr * scc - src**2
     disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
     elong = np.sqrt(np.maximum(tr / 2 + disc, 1e-6) / np.maximum(tr / 2 - disc, 1e-6))
-    h_mean = np.bincount(nl, hematoxylin_od.ravel(), n_lab)[:n_lab] / np.maximum(nw, 1)
+    h_mean = np.bincount(nl, hematoxylin_od[inside], n_lab)[:n_lab] / np.maximum(nw, 1)
 
     # border band of each cell
     padded = np.pad(cells, 1, mode="constant")
@@ -154,7 +155,7 @@ def measure_cells(
     np.maximum.at(sector_max, key, dab_od[band])
     sector_max = sector_max.reshape(n_lab, N_SECTORS)
     radius = np.zeros(size, np.float32)
-    np.maximum.at(radius, key, np.hypot(dy, dx) + 0.5)
+    np.maximum.at(radius, key, (np.hypot(dy, dx) + 0.5).astype(np.float32))
     radius = radius.reshape(n_lab, N_SECTORS)
     border_px = np.bincount(key[border[band]], minlength=size).reshape(n_lab, N_SECTORS)
     mem_px = np.bincount(key[mem], minlength=size).reshape(n_lab, N_SECTORS)
