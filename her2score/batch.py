@@ -245,8 +245,9 @@ _models: dict = {}
 def _load_cnn(weights: str):
     """The CNN for ``weights``, loaded once per process."""
     if weights not in _models:
-        from .cnn import load_model
+        from .cnn import load_model, use_one_thread
 
+        use_one_thread()  # process_slide runs in a worker process (local pool or Dask)
         _models[weights] = load_model(weights)
     return _models[weights]
 
@@ -562,7 +563,7 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str):
     from dask.distributed import Client, LocalCluster, as_completed as dask_completed
 
     if scheduler == "local":
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
     else:
         cluster, client = None, Client(scheduler)

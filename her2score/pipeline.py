@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, segment_nuclei
-from .cnn import aggregate_tiles, fuse
+from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import apply_guideline
 from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_filter
 from .region import Region, load_region
@@ -116,7 +116,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     m = m.select(owned)
     m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
-    total_od = hed[..., :2].sum(axis=2)
+    total_od = hed[..., 0] + hed[..., 1]
     tissue = total_od > 0.1
     lap = cv2.Laplacian(cv2.GaussianBlur(total_od, (0, 0), 0.5), cv2.CV_32F)
     focus = float(lap[tissue].var()) if tissue.sum() > 100 else float("nan")
@@ -149,6 +149,8 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
     die_with_parent()  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn
+    if cnn is not None:
+        use_one_thread()
 
 
 def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> list[TileResult]:

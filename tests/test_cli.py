@@ -1,6 +1,8 @@
 """The README's main job, as a new user runs it: her2score score sample_images --out results."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,17 @@ def test_missing_input_is_reported_and_exit_code_nonzero(tmp_path, capsys):
     assert code == 1
     rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
     assert rows[0]["status"] == "error" and "no such file" in rows[0]["error"]
+
+
+@pytest.mark.parametrize("inputs", [["field_3plus_a.png", "slide_2plus.tif"], ["slide_2plus.tif"]])
+def test_default_run_with_the_cnn_in_worker_processes(tmp_path, inputs):
+    """The CLI loads the CNN before forking slide (or tile) workers: they must not hang on torch's
+    inherited thread pool, and every result carries the CNN's view."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "her2score.cli", "score", *[str(SAMPLES / i) for i in inputs],
+           "--out", str(out), "--workers", "2", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in inputs:
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["cnn"]["tiles"] >= 1 and result["confidence"] is not None
