@@ -1,0 +1,657 @@
+"""Whole-slide benchmark: speed against the JPEG decode limit, and peak memory, on one machine.
+
+    python benchmarks/bench_wsi.py                      # full size, 3 runs
+    python benchmarks/bench_wsi.py --scale 1 4          # full size and a slide 4x smaller in area
+    python benchmarks/bench_wsi.py --scale 16 --runs 1  # quick check while developing
+    python benchmarks/bench_wsi.py --profile            # cProfile of one process on a small slide
+
+What it does, for each ``--scale`` (1 = 40,960 x 30,720 px, 4 = 20,480 x 15,360 px, 16 = 10,240 x 7,680):
+
+(a) **Slide.** Writes (once; cached under ``--workdir``, default /tmp/her2bench) a pyramidal
+    JPEG-compressed tiled TIFF at 0.25 µm/px: tissue (a few large irregular blobs over ~50% of the
+    slide) made of a pool of synthetic IHC fields (``her2score.synthetic.generate_field``, 1024 px,
+    HER2 0/1+/2+/3+ by ``--score``), each pasted in one of 8 rotations/flips, on noisy glass.
+    Level 0 and every 2x reduction down to < 1024 px are written tile by tile from an iterator
+    (no level is ever held whole in memory), each reduced level a separate IFD marked
+    reduced-resolution (subfiletype 1) with resolution in px/cm, as ``write_pyramidal_tiff`` does,
+    so tifffile and OpenSlide both read it. The same tile generator renders every level (fields
+    downsampled with INTER_AREA, tissue contour from one signed-distance map), so levels agree.
+    A sidecar ``.json`` records the tissue fraction and the level-0 tiles lying fully in tissue.
+
+(b) **Decode limit.** Raw JPEG decode rate of level-0 tissue tiles on one core: the tiles' bytes
+    are read first (``os.pread`` at tifffile's dataoffsets/databytecounts), then decoded in one
+    thread with ``imagecodecs.jpeg8_decode`` (with the page's JPEGTables), checked equal to
+    tifffile's own decode. MP per CPU-second of the best of several passes taken before and
+    between the scoring runs (on a shared machine the slower passes measure the neighbours).
+    Level 1 (the level the pipeline reads at the default 0.5 µm/px) is timed the same way, for
+    information.
+
+(c) **End to end.** ``her2score score SLIDE --out OUT --workers 2 -q`` in a fresh subprocess (fresh
+    OUT each run), default settings. Wall seconds; CPU seconds of the whole process tree (from
+    wait4); peak memory of the whole process tree sampled from /proc every 0.2 s, as the sum of PSS
+    (proportional set size: pages shared between the forked workers counted once - the memory the
+    run really needs) and the sum of RSS (pages shared by fork counted in every process - an upper
+    bound); and the largest single process (ru_maxrss).
+
+Rates printed (all in level-0 pixels, i.e. area at the scan's 0.25 µm/px):
+
+- tissue MP/s = level-0 area of the tiles the pipeline scores (its tile grid over tissue: tile
+  cores, without the overlap margins) / wall seconds. This is the headline rate of DESIGN.md §6.
+- ratio = tissue MP/s / one-core level-0 decode MP/s, both measured in this run (the target of
+  issue 4 is >= 0.10 on 2 cores).
+- slide MP/s = the whole level-0 area (glass included) / wall seconds.
+
+Note: at the default 0.5 µm/px the pipeline reads level 1 of this 2x pyramid (4x fewer pixels
+than level 0); a scanner pyramid with 4x steps (``--level-step 4``, Aperio-like) makes it read and
+resize level 0.
+
+``--profile`` writes a small slide of the same kind (``--profile-size``, default 8192 px square),
+runs ``analyse_slide`` (with the shipped CNN, as the CLI does by default; ``--no-cnn`` without)
++ ``write_outputs`` in this one process under cProfile and prints the top 15
+entries by cumulative and by own time, then the direct callees of ``score_tile`` and of
+``analyse_slide`` (ms per megapixel of tile reads at the target µm/px, share of the parent), and
+the cost of the pipeline's own region reads against reads aligned to the JPEG tiles.
+
+To benchmark another copy of the package (e.g. a patched one), put it first on PYTHONPATH: the
+CLI subprocesses inherit it, and the header line names the package that was imported.
+
+Use only the 2 cores the CLI is given: run nothing else heavy meanwhile; the load average before
+each run and the CPU utilisation of each run are printed so a disturbed run can be recognised.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+GENERATOR_VERSION = 1
+BASE_SIZE = (40_960, 30_720)  # (width, height) of the full-size slide, level 0
+FIELD_PX = 1024  # pool field side, level-0 px
+MASK_SIZE = (640, 480)  # (width, height) of the tissue-shape map, whatever the slide size
+GLASS_RGB = (246.0, 244.0, 248.0)
+RAMP_PX = 3.0  # tissue edge ramp, in pixels of each level
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) the synthetic slide
+
+
+def _tissue_distance(seed: int, fraction: float = 0.5) -> np.ndarray:
+    """Signed distance (mask px; > 0 inside) to the contour of a few irregular tissue blobs
+    covering about ``fraction`` of a MASK_SIZE map, with a clear glass border."""
+    rng = np.random.default_rng(seed)
+    mw, mh = MASK_SIZE
+    yy, xx = np.mgrid[0:mh, 0:mw].astype(np.float32)
+    f = np.zeros((mh, mw), np.float32)
+    for _ in range(5):
+        cx, cy = rng.uniform(0.18, 0.82) * mw, rng.uniform(0.2, 0.8) * mh
+        sa, sb = rng.uniform(0.10, 0.22) * mw, rng.uniform(0.07, 0.16) * mw
+        th = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+        v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+        f += rng.uniform(0.7, 1.0) * np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))
+    coarse = rng.standard_normal((mh // 40 + 3, mw // 40 + 3)).astype(np.float32)
+    noise = cv2.resize(coarse, (mw + 80, mh + 80), interpolation=cv2.INTER_CUBIC)[40:40 + mh, 40:40 + mw]
+    fine = cv2.GaussianBlur(rng.standard_normal((mh, mw)).astype(np.float32), (0, 0), 4)
+    f += 0.22 * noise / (noise.std() + 1e-6) + 0.06 * fine / (fine.std() + 1e-6)
+    border = min(mw, mh) * 0.04
+    edge = np.minimum(np.minimum(xx, mw - 1 - xx), np.minimum(yy, mh - 1 - yy))
+    f[edge < border] = f.min()
+    binary = (f > np.quantile(f, 1 - fraction)).astype(np.uint8)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= 200
+    binary = keep[lab].astype(np.uint8)
+    d_in = cv2.distanceTransform(binary, cv2.DIST_L2, 5)
+    d_out = cv2.distanceTransform(1 - binary, cv2.DIST_L2, 5)
+    return np.where(binary > 0, d_in - 0.5, 0.5 - d_out).astype(np.float32)
+
+
+class SyntheticSlide:
+    """Renders any tile of any level of the benchmark slide, deterministically, without holding a level."""
+
+    def __init__(self, width: int, height: int, *, mpp: float, tile: int, scores: list[str], seed: int,
+                 level_step: int = 2):
+        from her2score.synthetic import generate_field
+
+        self.width, self.height, self.mpp, self.tile = width, height, mpp, tile
+        self.levels = []  # (width, height, downsample)
+        ds = 1
+        while True:
+            w, h = max(1, width // ds), max(1, height // ds)
+            self.levels.append((w, h, ds))
+            if max(w, h) < 1024:
+                break
+            ds *= level_step
+        self.distance = _tissue_distance(seed)
+        rng = np.random.default_rng(seed + 1)
+        pool = []
+        for i, score in enumerate(scores):
+            f = generate_field(score, seed=int(seed * 1000 + i), size_px=(FIELD_PX, FIELD_PX), mpp=mpp,
+                               jpeg_quality=None)
+            pool.append(f.image)
+        self.pool = {}
+        for _, _, ds in self.levels:
+            side = FIELD_PX // ds
+            self.pool[ds] = [a if ds == 1 else cv2.resize(a, (max(1, side), max(1, side)), interpolation=cv2.INTER_AREA)
+                             for a in pool] if side >= 1 else None
+        n_fr, n_fc = -(-height // FIELD_PX), -(-width // FIELD_PX)
+        self.variant = rng.integers(0, len(pool) * 8, (n_fr, n_fc))
+        self.glass = []
+        for k in range(4):
+            g = np.asarray(GLASS_RGB, np.float32) + cv2.GaussianBlur(
+                rng.standard_normal((tile, tile, 3)).astype(np.float32), (0, 0), 0.7) * 1.6
+            self.glass.append(np.clip(g + 0.5, 0, 255).astype(np.uint8))
+
+    # level-k pixel box -> alpha (tissue weight, 0..1)
+    def alpha(self, ds: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        lw = self.levels[[lv[2] for lv in self.levels].index(ds)][0]
+        s = MASK_SIZE[0] / lw  # mask px per level px
+        m = np.float32([[s, 0, (x0 + 0.5) * s - 0.5], [0, s, (y0 + 0.5) * s - 0.5]])
+        d = cv2.warpAffine(self.distance, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=-1e3)
+        return np.clip(0.5 + d / (s * RAMP_PX), 0.0, 1.0)
+
+    def _field(self, ds: int, v: int) -> np.ndarray:
+        i, d = divmod(int(v), 8)
+        f = self.pool[ds][i]
+        if d & 4:
+            f = f.transpose(1, 0, 2)
+        return np.rot90(f, d & 3)
+
+    def _content(self, ds: int, x0: int, y0: int, t: int) -> np.ndarray:
+        fp = FIELD_PX // ds
+        out = np.empty((t, t, 3), np.uint8)
+        nr, nc = self.variant.shape
+        for fr in range(y0 // fp, (y0 + t - 1) // fp + 1):
+            for fc in range(x0 // fp, (x0 + t - 1) // fp + 1):
+                f = self._field(ds, self.variant[fr % nr, fc % nc])
+                ys, ye = max(y0, fr * fp), min(y0 + t, (fr + 1) * fp)
+                xs, xe = max(x0, fc * fp), min(x0 + t, (fc + 1) * fp)
+                out[ys - y0:ye - y0, xs - x0:xe - x0] = f[ys - fr * fp:ye - fr * fp, xs - fc * fp:xe - fc * fp]
+        return out
+
+    def render_tile(self, ds: int, ty: int, tx: int) -> np.ndarray:
+        t = self.tile
+        a = self.alpha(ds, tx * t, ty * t, t, t)
+        glass = self.glass[(ty * 7 + tx * 3) % len(self.glass)]
+        if a.max() <= 0:
+            return glass
+        content = self._content(ds, tx * t, ty * t, t)
+        if a.min() >= 1:
+            return content
+        g = glass.astype(np.float32)
+        return (g + a[..., None] * (content.astype(np.float32) - g) + 0.5).astype(np.uint8)
+
+    def tiles(self, ds: int):
+        w, h, _ = next(lv for lv in self.levels if lv[2] == ds)
+        for ty in range(-(-h // self.tile)):
+            for tx in range(-(-w // self.tile)):
+                yield self.render_tile(ds, ty, tx)
+
+    def full_tissue_tiles(self, ds: int) -> list[int]:
+        """Indices (row-major) of the tiles of level ``ds`` lying entirely in tissue."""
+        w, h, _ = next(lv for lv in self.levels if lv[2] == ds)
+        n_across = -(-w // self.tile)
+        out = []
+        for ty in range(h // self.tile):
+            for tx in range(w // self.tile):
+                if self.alpha(ds, tx * self.tile, ty * self.tile, self.tile, self.tile).min() >= 1:
+                    out.append(ty * n_across + tx)
+        return out
+
+    def tissue_fraction(self) -> float:
+        return float(np.mean(self.distance > 0))
+
+
+def slide_path(workdir: Path, size: tuple[int, int], args) -> Path:
+    name = (f"bench_{size[0]}x{size[1]}_{args.score}_t{args.tile}_q{args.quality}_s{args.level_step}"
+            f"_seed{args.seed}_v{GENERATOR_VERSION}.tif")
+    return workdir / name
+
+
+def pool_scores(score: str, n: int) -> list[str]:
+    if score == "mixed":
+        return [("0", "1+", "2+", "3+")[i % 4] for i in range(n)]
+    return [score] * n
+
+
+def write_slide(path: Path, size: tuple[int, int], args) -> dict:
+    """Write the benchmark slide (tile-streamed) and its sidecar; returns the sidecar dict."""
+    import tifffile
+
+    t0 = time.perf_counter()
+    syn = SyntheticSlide(size[0], size[1], mpp=args.mpp, tile=args.tile, scores=pool_scores(args.score, args.pool),
+                         seed=args.seed, level_step=args.level_step)
+    t_pool = time.perf_counter() - t0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=size[0] * size[1] > 3_000_000_000) as tw:
+            for i, (w, h, ds) in enumerate(syn.levels):
+                m = args.mpp * ds
+                tw.write(syn.tiles(ds), shape=(h, w, 3), dtype=np.uint8, tile=(args.tile, args.tile),
+                         photometric="rgb", compression="jpeg", compressionargs={"level": int(args.quality)},
+                         subfiletype=0 if i == 0 else 1, resolution=(1e4 / m, 1e4 / m),
+                         resolutionunit="CENTIMETER", metadata=None, maxworkers=1)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    full = {str(ds): syn.full_tissue_tiles(ds) for _, _, ds in syn.levels[:2]}
+    side = {
+        "version": GENERATOR_VERSION, "width": size[0], "height": size[1], "mpp": args.mpp, "tile": args.tile,
+        "quality": args.quality, "levels": syn.levels, "tissue_fraction": syn.tissue_fraction(),
+        "scores": pool_scores(args.score, args.pool), "seed": args.seed, "full_tissue_tiles": full,
+        "pool_seconds": round(t_pool, 1), "write_seconds": round(time.perf_counter() - t0, 1),
+        "bytes": path.stat().st_size,
+    }
+    path.with_suffix(".json").write_text(json.dumps(side))
+    return side
+
+
+def ensure_slide(workdir: Path, size: tuple[int, int], args) -> tuple[Path, dict]:
+    path = slide_path(workdir, size, args)
+    side_path = path.with_suffix(".json")
+    if path.exists() and side_path.exists() and not args.rewrite:
+        return path, json.loads(side_path.read_text())
+    print(f"writing {path.name} ({size[0]} x {size[1]} px) ...", flush=True)
+    side = write_slide(path, size, args)
+    import resource
+
+    print(f"  written in {side['write_seconds']} s (pool {side['pool_seconds']} s), {side['bytes'] / 1e6:.0f} MB; "
+          f"peak RSS of this process so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    return path, side
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) decode limit
+
+
+def _jpeg_colorspaces(page) -> dict:
+    if page.photometric == 6:  # YCbCr -> RGB
+        return {"outcolorspace": 2}
+    if page.photometric == 2:
+        return {"colorspace": None if page.is_jfif else 2, "outcolorspace": 2}
+    return {}
+
+
+def decode_rate(path: Path, level: int, tiles: list[int], *, n: int, passes: int, seed: int = 0) -> list[tuple[float, float]]:
+    """One-thread (wall, CPU-time) MP/s of imagecodecs.jpeg8_decode over ``n`` tiles of ``level`` (bytes read first)."""
+    import imagecodecs
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(tiles, min(n, len(tiles)), replace=False).tolist()) if tiles else []
+    if not pick:
+        return []
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+        kw = _jpeg_colorspaces(page)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            raw = [os.pread(fd, counts[i], offsets[i]) for i in pick]
+        finally:
+            os.close(fd)
+        first = imagecodecs.jpeg8_decode(raw[0], tables=tables, **kw)
+        ref = page.decode(raw[0], pick[0], jpegtables=tables)[0].reshape(first.shape)
+        if not np.array_equal(first, ref):
+            raise SystemExit("jpeg8_decode output differs from tifffile's decode: check colour spaces")
+    px = sum(page.tilewidth * page.tilelength for _ in pick)
+    rates = []
+    for _ in range(passes):
+        t, c = time.perf_counter(), time.thread_time()
+        for b in raw:
+            imagecodecs.jpeg8_decode(b, tables=tables, **kw)
+        rates.append((px / 1e6 / (time.perf_counter() - t), px / 1e6 / (time.thread_time() - c)))
+    return rates
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) end to end, with process-tree memory
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                s = f.read()
+        except OSError:
+            continue
+        ppid = int(s[s.rindex(b")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    kids, out, todo = _children_map(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def _mem(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of one process; zeros if it is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * PAGE
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, pss
+
+
+def run_cli(slide: Path, out: Path, workers: int, extra: list[str], interval: float = 0.2,
+            timeout: float = 1800.0) -> dict:
+    """Score ``slide`` with the CLI in a subprocess; wall/CPU seconds and peak tree memory.
+
+    A run past ``timeout`` seconds (a hang) has its whole process tree killed and stops the benchmark."""
+    if out.exists():
+        shutil.rmtree(out)
+    exe = Path(sys.executable).with_name("her2score")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "her2score.cli"]
+    cmd += ["score", str(slide), "--out", str(out), "--workers", str(workers), "-q", *extra]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_rss = peak_pss = 0
+    n_procs = 1
+    status = rusage = None
+    while True:
+        pid_done, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid_done:
+            break
+        pids = _tree(proc.pid)
+        if time.perf_counter() - t0 > timeout:
+            for p in reversed(pids):
+                try:
+                    os.kill(p, 9)
+                except OSError:
+                    pass
+            os.waitpid(proc.pid, 0)
+            raise SystemExit(f"her2score score ran past {timeout:.0f} s (hung?); killed: {' '.join(cmd)}")
+        n_procs = max(n_procs, len(pids))
+        mems = [_mem(p) for p in pids]
+        peak_rss = max(peak_rss, sum(m[0] for m in mems))
+        peak_pss = max(peak_pss, sum(m[1] for m in mems))
+        time.sleep(interval)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"her2score failed ({proc.returncode}):\n{stdout.decode()}\n{stderr.decode()}")
+    cpu = rusage.ru_utime + rusage.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu, "peak_pss_mb": peak_pss / 2**20, "peak_rss_sum_mb": peak_rss / 2**20,
+            "max_single_rss_mb": rusage.ru_maxrss / 1024, "processes": n_procs, "load_before": load,
+            "stdout": stdout.decode(errors="replace").strip()}
+
+
+def pipeline_grid(path: Path) -> dict:
+    """The pipeline's own tile grid over this slide (default settings): count and level-0 area."""
+    from her2score.pipeline import ScoringConfig
+    from her2score.slide import open_slide
+    from her2score.tissue import tile_grid, tissue_mask
+
+    cfg = ScoringConfig()
+    with open_slide(path) as s:
+        longest_um = max(s.dimensions) * s.mpp
+        thumb_mpp = float(np.clip(longest_um / 1500, max(s.mpp, cfg.mpp), 16.0))  # as pipeline._thumbnail_mpp
+        tissue = tissue_mask(s.thumbnail(mpp=thumb_mpp), mpp=thumb_mpp)
+        size_t = (round(s.dimensions[0] * s.mpp / cfg.mpp), round(s.dimensions[1] * s.mpp / cfg.mpp))
+        tiles = tile_grid(tissue, slide_size_px=size_t, tile_px=cfg.tile_px, margin_px=cfg.margin_px)
+        f = (cfg.mpp / s.mpp) ** 2
+        core = sum(t.core[2] * t.core[3] for t in tiles) * f
+        read = sum(t.read[2] * t.read[3] for t in tiles) * f
+        return {"tiles": len(tiles), "tile_px": cfg.tile_px, "target_mpp": cfg.mpp, "core_mp": core / 1e6,
+                "read_mp": read / 1e6, "tissue_mask_mp": float(tissue.mask.sum()) * (thumb_mpp / s.mpp) ** 2 / 1e6}
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, "rb") as f:
+        return max(0, sum(1 for _ in f) - 1)
+
+
+def bench_size(scale: int, args, workdir: Path) -> dict:
+    lin = math.isqrt(scale)
+    if lin * lin != scale:
+        raise SystemExit(f"--scale must be a square (1, 4, 16...), got {scale}")
+    size = (BASE_SIZE[0] // lin, BASE_SIZE[1] // lin)
+    path, side = ensure_slide(workdir, size, args)
+    w, h = side["width"], side["height"]
+    slide_mp = w * h / 1e6
+    tissue_mp = slide_mp * side["tissue_fraction"]
+    grid = pipeline_grid(path)
+    print(f"\n=== slide {w} x {h} px at {side['mpp']} µm/px = {slide_mp:.0f} MP level 0; "
+          f"{len(side['levels'])} levels (step {args.level_step}); {side['tile']} px JPEG tiles q{side['quality']}; "
+          f"{side['bytes'] / 1e6:.0f} MB; tissue {side['tissue_fraction']:.1%} = {tissue_mp:.0f} MP ===")
+    print(f"pipeline tile grid: {grid['tiles']} tiles of {grid['tile_px']} px at {grid['target_mpp']} µm/px over tissue; "
+          f"cores {grid['core_mp']:.0f} MP, reads (with margins) {grid['read_mp']:.0f} MP, in level-0 px")
+    full0 = side["full_tissue_tiles"]["1"]
+    dec = decode_rate(path, 0, full0, n=args.decode_tiles, passes=3)
+    lvl1 = side["levels"][1][2] if len(side["levels"]) > 1 else None
+    dec1 = decode_rate(path, 1, side["full_tissue_tiles"].get(str(lvl1), []), n=args.decode_tiles // 4, passes=3) if lvl1 else []
+    runs = []
+    for r in range(args.runs):
+        out = workdir / f"out_{scale}"
+        res = run_cli(path, out, args.workers, args.cli_args, timeout=args.timeout)
+        dec += decode_rate(path, 0, full0, n=args.decode_tiles, passes=1, seed=r + 1)
+        result = json.loads(next(out.glob("*/result.json")).read_text())
+        csv_path = next(out.glob("*/cells.csv"), None)
+        res.update(tumour_cells=result.get("tumour_cells"), score=result.get("score"),
+                   cells=_count_rows(csv_path) if csv_path else None,
+                   output_mb=sum(f.stat().st_size for f in out.glob("*/*")) / 1e6)
+        runs.append(res)
+        print(f"  run {r + 1}: wall {res['wall_s']:6.1f} s, cpu {res['cpu_s']:6.1f} s ({res['cpu_s'] / res['wall_s']:.2f} cores busy); "
+              f"peak PSS {res['peak_pss_mb']:5.0f} MB, RSS sum {res['peak_rss_sum_mb']:5.0f} MB, largest process "
+              f"{res['max_single_rss_mb']:5.0f} MB, {res['processes']} processes; load before {res['load_before']:.2f}; "
+              f"{res['cells']} cells ({res['tumour_cells']} tumour), score {res['score']}, outputs {res['output_mb']:.0f} MB",
+              flush=True)
+    med = statistics.median
+    # the limit is the best pass (CPU time): on a shared machine slower passes measure the neighbours
+    dec_cpu, dec_wall = max(d[1] for d in dec), med(d[0] for d in dec)
+    summary = {
+        "scale": scale, "width": w, "height": h, "slide_mp": slide_mp, "tissue_fraction": side["tissue_fraction"],
+        "grid": grid, "decode_l0_mps": dec_cpu, "decode_l0_wall_mps": dec_wall, "decode_l0_passes": dec,
+        "decode_l1_mps": max(d[1] for d in dec1) if dec1 else None, "runs": runs,
+    }
+    print(f"decode limit, 1 core: imagecodecs.jpeg8_decode of {min(args.decode_tiles, len(full0))} level-0 tissue tiles, "
+          f"best of {len(dec)} passes: {dec_cpu:.0f} MP/s per CPU-second (median {med(d[1] for d in dec):.0f}; "
+          f"{dec_wall:.0f} MP/s wall median; passes "
+          f"{min(d[1] for d in dec):.0f}-{max(d[1] for d in dec):.0f} CPU, {min(d[0] for d in dec):.0f}-{max(d[0] for d in dec):.0f} wall)"
+          + (f"; level 1 tiles: {summary['decode_l1_mps']:.0f} MP/s" if dec1 else ""))
+    if runs:
+        wall, cpu = med(r["wall_s"] for r in runs), med(r["cpu_s"] for r in runs)
+        summary.update(
+            wall_s=wall, cpu_s=cpu, tissue_mps=grid["core_mp"] / wall, slide_mps=slide_mp / wall,
+            ratio=grid["core_mp"] / wall / dec_cpu, tissue_mp_per_cpu_s=grid["core_mp"] / cpu,
+            peak_pss_mb=med(r["peak_pss_mb"] for r in runs), peak_rss_sum_mb=med(r["peak_rss_sum_mb"] for r in runs),
+            max_single_rss_mb=med(r["max_single_rss_mb"] for r in runs),
+        )
+        print(f"end to end, --workers {args.workers}, median of {len(runs)} runs: wall {wall:.1f} s; "
+              f"tissue {summary['tissue_mps']:.1f} MP/s (level-0 px of the scored tiles' cores); "
+              f"ratio to 1-core decode {summary['ratio']:.3f}; slide {summary['slide_mps']:.1f} MP/s (whole level 0); "
+              f"peak PSS {summary['peak_pss_mb']:.0f} MB (RSS sum {summary['peak_rss_sum_mb']:.0f} MB, largest process "
+              f"{summary['max_single_rss_mb']:.0f} MB)")
+        print(f"  per CPU-second of the process tree: {summary['tissue_mp_per_cpu_s']:.1f} tissue MP "
+              f"({summary['tissue_mp_per_cpu_s'] / dec_cpu:.3f} of the decode rate; {cpu / wall:.2f} cores were busy on average)")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# --profile
+
+
+def profile(args, workdir: Path) -> None:
+    from her2score.outputs import write_outputs
+    from her2score.pipeline import ScoringConfig, analyse_slide
+
+    side_px = args.profile_size
+    path, side = ensure_slide(workdir, (side_px, side_px), args)
+    out = workdir / "out_profile"
+    shutil.rmtree(out, ignore_errors=True)
+    grid = pipeline_grid(path)
+    cnn, cnn_note = None, "no CNN"
+    if not args.no_cnn:  # as the CLI's default: the shipped CNN, one torch thread per process
+        try:
+            import torch
+
+            from her2score.cnn import load_model
+
+            torch.set_num_threads(1)
+            cnn = load_model()
+            cnn_note = f"CNN {cnn.name}"
+        except Exception as e:  # no torch or no weights: profile the classical pipeline
+            cnn_note = f"no CNN ({type(e).__name__}: {e})"
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    analysis = analyse_slide(path, workers=1, **({"cnn": cnn} if cnn is not None else {}))
+    t1 = time.perf_counter()
+    write_outputs(analysis, out / "slide")
+    prof.disable()
+    t2 = time.perf_counter()
+    print(f"\n=== profile: {side_px} x {side_px} px slide, {grid['tiles']} tiles ({grid['core_mp']:.0f} MP level-0 "
+          f"cores), one process: analyse_slide {t1 - t0:.1f} s, write_outputs {t2 - t1:.1f} s "
+          f"(profiled; {len(analysis.cells['x'])} cells; {cnn_note}) ===")
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(15)
+        text = buf.getvalue()
+        print(f"--- top 15 by {key} ---")
+        print(text[text.index("   ncalls"):].rstrip())
+    stats = pstats.Stats(prof)
+    mp_read = grid["read_mp"] / (ScoringConfig().mpp / side["mpp"]) ** 2  # tile reads, MP at the target µm/px
+    for parent in ("score_tile", "analyse_slide"):
+        callee_breakdown(stats, parent, mp_read)
+    read_paths(path, ScoringConfig(), n=args.profile_tiles)
+
+
+def callee_breakdown(stats: pstats.Stats, parent: str, mp: float) -> None:
+    """Time of each function called directly by ``parent`` (by name), in ms per MP of tile read."""
+    rows = []
+    for func, (_, _, _, _, callers) in stats.stats.items():
+        for caller, (_, nc, tt, ct) in callers.items():
+            if caller[2] == parent:
+                rows.append((ct, nc, f"{Path(func[0]).name}:{func[1]}({func[2]})"))
+    parent_ct = sum(v[3] for f, v in stats.stats.items() if f[2] == parent)
+    if not rows or not parent_ct:
+        return
+    print(f"--- direct callees of {parent} ({parent_ct:.2f} s in all; ms per MP of tile reads at the target µm/px) ---")
+    for ct, nc, name in sorted(rows, reverse=True)[:12]:
+        print(f"  {name:58s} {nc:6d} calls {ct:7.3f} s {ct / mp * 1e3:8.1f} ms/MP {ct / parent_ct:6.1%}")
+
+
+def read_paths(path: Path, cfg, *, n: int) -> None:
+    """Cost of the pipeline's own region reads (tile boxes with margins) vs reads aligned to the JPEG tiles."""
+    from her2score.slide import open_slide
+    from her2score.tissue import tile_grid, tissue_mask
+
+    with open_slide(path) as s:
+        thumb_mpp = float(np.clip(max(s.dimensions) * s.mpp / 1500, max(s.mpp, cfg.mpp), 16.0))
+        tissue = tissue_mask(s.thumbnail(mpp=thumb_mpp), mpp=thumb_mpp)
+        size_t = (round(s.dimensions[0] * s.mpp / cfg.mpp), round(s.dimensions[1] * s.mpp / cfg.mpp))
+        tiles = tile_grid(tissue, slide_size_px=size_t, tile_px=cfg.tile_px, margin_px=cfg.margin_px)[:n]
+        scale = cfg.mpp / s.mpp
+        t = time.perf_counter()
+        mp = 0.0
+        for tl in tiles:
+            mp += s.read_region((round(tl.read[0] * scale), round(tl.read[1] * scale)), tl.read[2:], mpp=cfg.mpp).size / 3e6
+        t_read = time.perf_counter() - t
+        line = (f"--- reads: pipeline tile boxes ({cfg.tile_px}+2x{cfg.margin_px} px at {cfg.mpp} µm/px) "
+                f"{t_read / mp * 1e3:.1f} ms/MP ({mp / t_read:.0f} MP/s at the target µm/px")
+        if hasattr(s, "_read_level") and hasattr(s, "_pages"):
+            lvl = s._best_level(scale)
+            page = s._pages[lvl]
+            ds, tw = s.levels[lvl].downsample, page.tilewidth or 256
+            t = time.perf_counter()
+            mp_a = 0.0
+            for tl in tiles:  # the same tiles' cores, snapped to the JPEG grid of the level read
+                x = int(tl.core[0] * scale / ds) // tw * tw
+                y = int(tl.core[1] * scale / ds) // tw * tw
+                w, h = min(cfg.tile_px, s.levels[lvl].width - x), min(cfg.tile_px, s.levels[lvl].height - y)
+                mp_a += s._read_level(lvl, x, y, w, h).size / 3e6
+            t_al = time.perf_counter() - t
+            line += f"); the same area read aligned to the {tw} px JPEG tiles: {t_al / mp_a * 1e3:.1f} ms/MP ({mp_a / t_al:.0f} MP/s"
+        print(line + ") ---")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/her2bench"), help="slide cache and outputs (default /tmp/her2bench)")
+    p.add_argument("--scale", type=int, nargs="+", default=[1],
+                   help="area divisor(s) of the 40,960 x 30,720 slide: 1 (full), 4 (20,480 x 15,360), 16 ...")
+    p.add_argument("--runs", type=int, default=3, help="end-to-end runs per size (medians reported)")
+    p.add_argument("--workers", type=int, default=2, help="--workers passed to her2score score (default 2)")
+    p.add_argument("--cli-args", nargs=argparse.REMAINDER, default=[], help="extra arguments for her2score score (last)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a scoring run counts as hung and is killed")
+    p.add_argument("--decode-tiles", type=int, default=2000, help="level-0 tissue tiles in the decode sample")
+    p.add_argument("--tile", type=int, default=256, help="JPEG tile side of the written slide (256 or 512)")
+    p.add_argument("--quality", type=int, default=80, help="JPEG quality of the written slide")
+    p.add_argument("--level-step", type=int, default=2, choices=(2, 4), help="pyramid downsample per level")
+    p.add_argument("--score", default="mixed", choices=("mixed", "0", "1+", "2+", "3+"), help="HER2 score of the pool fields")
+    p.add_argument("--pool", type=int, default=12, help="synthetic fields in the pool")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--mpp", type=float, default=0.25, help="µm/px of level 0")
+    p.add_argument("--rewrite", action="store_true", help="write the slide again even if cached")
+    p.add_argument("--profile", action="store_true", help="profile one process on a small slide instead")
+    p.add_argument("--no-cnn", action="store_true", help="--profile without the CNN (the CLI's --no-cnn)")
+    p.add_argument("--profile-size", type=int, default=8192, help="side (px) of the profiled slide")
+    p.add_argument("--profile-tiles", type=int, default=64, help="tiles in the read-path comparison of --profile")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    import her2score
+
+    print(f"her2score benchmark: her2score {getattr(her2score, '__version__', '?')} from {Path(her2score.__file__).parent}; "
+          f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    if args.profile:
+        profile(args, args.workdir)
+        return 0
+    results = [bench_size(s, args, args.workdir) for s in args.scale]
+    if len(results) > 1 and all(r["runs"] for r in results):
+        print("\n=== summary (medians; MP in level-0 px at 0.25 µm/px) ===")
+        print(f"{'slide, level 0':>16} {'tissue MP':>9} {'wall s':>7} {'tissue MP/s':>11} {'decode MP/s':>11} "
+              f"{'ratio':>6} {'slide MP/s':>10} {'cores busy':>10} {'peak PSS MB':>11} {'RSS sum MB':>10}")
+        for r in results:
+            print(f"{r['width']:>7} x {r['height']:<6} {r['grid']['core_mp']:9.0f} {r['wall_s']:7.1f} {r['tissue_mps']:11.1f} "
+                  f"{r['decode_l0_mps']:11.0f} {r['ratio']:6.3f} {r['slide_mps']:10.1f} {r['cpu_s'] / r['wall_s']:10.2f} "
+                  f"{r['peak_pss_mb']:11.0f} {r['peak_rss_sum_mb']:10.0f}")
+        big, small = max(results, key=lambda r: r["slide_mp"]), min(results, key=lambda r: r["slide_mp"])
+        print(f"memory for {big['slide_mp'] / small['slide_mp']:.0f}x the area: peak PSS x{big['peak_pss_mb'] / small['peak_pss_mb']:.2f}, "
+              f"RSS sum x{big['peak_rss_sum_mb'] / small['peak_rss_sum_mb']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""A small batch scored on a real Dask cluster gives the same results as the local path, cell for cell."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from her2score.batch import run_batch
+from her2score.synthetic import generate_field, make_slide, write_pyramidal_tiff
+
+distributed = pytest.importorskip("distributed")
+
+COMPARED = ("score", "level", "flags", "counts", "percentages", "tumour_cells", "h_score", "clusters", "qc", "region", "stains")
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Three PNG fields (µm/px in their pHYs), one small pyramidal TIFF and one broken file."""
+    d = tmp_path_factory.mktemp("slides")
+    for i, score in enumerate(("1+", "2+", "3+")):
+        f = generate_field(score, seed=4100 + i, size_px=(384, 384), mpp=0.5)
+        Image.fromarray(f.image).save(d / f"field_{i}.png", dpi=(25400 / f.mpp,) * 2)
+    rgb, _ = make_slide("2+", seed=4200, size_px=(1600, 1200), mpp=0.25, tissue_fraction=0.5)
+    write_pyramidal_tiff(d / "slide.tif", rgb, mpp=0.25, quality=85)
+    (d / "broken.tif").write_bytes(b"II*\x00" + b"\x07" * 200)
+    return d
+
+
+@pytest.fixture(scope="module")
+def local(slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    return out, run_batch([slides], out, workers=1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c:
+        yield c
+
+
+def _outputs(out, rows):
+    """Per slide: the compared result.json fields and the cells.csv rows, or the error."""
+    got = {}
+    for row in rows:
+        if row["status"] != "ok":
+            got[row["slide"]] = ("error", row["error"])
+            continue
+        folder = out / row["output"]
+        result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        with open(folder / "cells.csv", newline="") as fh:
+            cells = list(csv.reader(fh))
+        got[row["slide"]] = ({k: result.get(k) for k in COMPARED}, cells)
+    return got
+
+
+def _same(a_out, a_rows, b_out, b_rows):
+    a, b = _outputs(a_out, a_rows), _outputs(b_out, b_rows)
+    assert sorted(a) == sorted(b)
+    for slide in a:
+        if a[slide][0] == "error":
+            assert b[slide] == a[slide]
+            continue
+        (res_a, cells_a), (res_b, cells_b) = a[slide], b[slide]
+        assert res_b == res_a, slide
+        assert len(cells_b) == len(cells_a), f"{slide}: {len(cells_b) - 1} cells on Dask, {len(cells_a) - 1} locally"
+        assert cells_b == cells_a, slide
+
+
+def test_local_batch_is_sound(local):
+    out, rows = local
+    status = {r["slide"].rsplit("/", 1)[-1]: r["status"] for r in rows}
+    assert status == {"field_0.png": "ok", "field_1.png": "ok", "field_2.png": "ok", "slide.tif": "ok", "broken.tif": "error"}
+    assert all(int(r["tumour_cells"]) > 0 for r in rows if r["status"] == "ok")
+    assert (out / "summary.csv").is_file()
+
+
+def test_dask_cluster_address_matches_local(slides, local, cluster, tmp_path):
+    rows = run_batch([slides], tmp_path, scheduler=cluster.scheduler_address)
+    _same(*local, tmp_path, rows)
+    assert (tmp_path / "summary.csv").read_text() == (local[0] / "summary.csv").read_text()
+    # resumed: scored slides are skipped (only the broken one is tried again), the summary is unchanged
+    again = run_batch([slides], tmp_path, scheduler=cluster.scheduler_address)
+    assert again == rows
+
+
+def test_dask_local_cluster_matches_local(slides, local, tmp_path):
+    rows = run_batch([slides], tmp_path, scheduler="local", workers=2)
+    _same(*local, tmp_path, rows)
+
+
+def test_dask_worker_in_another_folder_gets_usable_paths(slides, local, tmp_path, monkeypatch):
+    """A cluster's workers run in their own working folders: relative slide and output paths given to
+    run_batch must reach them made absolute (outputs land in the client's folder, nothing in the worker's)."""
+    from dask.distributed import Client, LocalCluster
+
+    (tmp_path / "client" / "in").mkdir(parents=True)
+    (tmp_path / "worker").mkdir()
+    shutil.copy(slides / "field_1.png", tmp_path / "client" / "in" / "field_1.png")
+    monkeypatch.chdir(tmp_path / "client")
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as c:
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", c.scheduler_address,
+                                   "--nthreads", "1", "--no-dashboard"], cwd=tmp_path / "worker",
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(c) as client:
+                client.wait_for_workers(1, timeout=60)
+            rows = run_batch(["in"], "out", scheduler=c.scheduler_address)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    assert [r["status"] for r in rows] == ["ok"], rows
+    assert (tmp_path / "client" / "out" / rows[0]["output"] / "result.json").is_file()
+    assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file() and p.name in ("result.json", "cells.csv")]
