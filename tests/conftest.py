@@ -183,3 +183,15 @@ def save_png16_rgb(path, rgb16: np.ndarray, *, mpp: float = 0.5) -> Path:
     end_ihdr = 8 + 8 + 13 + 4
     Path(path).write_bytes(data[:end_ihdr] + phys + data[end_ihdr:])
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module: on a shared 2-core machine spinning OpenMP threads
+    are many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,13 +22,7 @@ from her2score.train import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads are many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(threads=1, max_epochs=4, patience=10, patches_per_image=24, batch_size=32, val_fraction=0.25,
             val_patches_per_image=8, lr=4e-3, width=8)
