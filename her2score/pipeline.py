@@ -157,11 +157,16 @@ def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig, cn
     return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"], cnn_max_patches) for t in tiles]
 
 
-def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
-    scale = config.mpp / slide.mpp
+def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
+    """The tile's read box (core and margins) as RGB at ``mpp`` µm/px, the grid's resolution."""
+    scale = mpp / slide.mpp
     x, y, w, h = tile.read
-    rgb = slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=config.mpp)
-    return score_tile(rgb, tile, stains=stains, config=config, scale=scale, cnn=cnn, cnn_max_patches=cnn_max_patches)
+    return slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=mpp)
+
+
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
+    return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config,
+                      scale=config.mpp / slide.mpp, cnn=cnn, cnn_max_patches=cnn_max_patches)
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -240,16 +245,12 @@ def analyse_slide(
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
         tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
         if config.estimate_stains:
-            sample = [t for t in tiles[:: max(1, len(tiles) // 8)]][:8]
-            scale = config.mpp / slide.mpp
-            pix = np.concatenate([
-                slide.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=config.mpp).reshape(-1, 3)
-                for t in sample
-            ])[None]
+            sample = tiles[:: max(1, len(tiles) // 8)][:8]
+            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in sample])[None]
             stains, stain_note = estimate_stains(pix, background=background)
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
-        slide_path, slide_mpp, mpp_source = str(slide.path), slide.mpp, slide.mpp_source
-        read_notes = tuple(slide.notes)  # e.g. "16-bit samples scaled to 8 bits"
+        slide_path, slide_mpp = str(slide.path), slide.mpp
+        notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
 
     # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
     cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
@@ -266,13 +267,10 @@ def analyse_slide(
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
     cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
-    analysis = _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region_obj, eosin, cnn_report)
-    if read_notes:
-        analysis = replace(analysis, result=replace(analysis.result, notes=analysis.result.notes + read_notes))
-    return analysis
+    return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin, cnn_report)
 
 
-def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thumb, thumb_mpp, stains, stain_note, region, eosin, cnn_report) -> SlideAnalysis:
+def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report) -> SlideAnalysis:
     t = config.thresholds
     category, pattern = classify_cells(cells.completeness, cells.longest_arc, cells.longest_gap, cells.membrane_od, t)
     tumour, region_source = _tumour_cells(cells, config, region, slide_mpp)
@@ -282,9 +280,8 @@ def _finish(slide_path, slide_mpp, mpp_source, config, cells, parts, tissue, thu
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
     qc = _qc(config, parts, tissue, n_tumour, stains, eosin)
-    notes = [f"stain vectors: {stain_note}", f"µm/px {slide_mpp:.4g} from {mpp_source}"]
     if config.guideline == "gastric":
-        notes.append("pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
+        notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:
         score, level, flags, reason, h, pct = "0", "not scored", ("no_tumour_cells",), "no tumour cells in the region", 0.0, {}
     else:
