@@ -155,31 +155,31 @@ def _outlines_level0(analysis: SlideAnalysis, a: int = 0, b: int | None = None) 
 
 
 def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO) -> None:
-    """QuPath-importable FeatureCollection: one detection per cell, classified by its category."""
+    """QuPath-importable FeatureCollection: one detection per cell (its outline in level-0 px, 0.1 px),
+    classified by its category, with completeness, membrane OD, width and the tumour flag."""
     t = analysis.cells
+    classes = {
+        (cat, tumour): json.dumps({"name": cat if tumour else f"{cat} (non-tumour)", "color": list(rgb)}, separators=(",", ":"))
+        for cat, rgb in CATEGORY_COLOURS.items() for tumour in (True, False)
+    }
+    per = 2 * N_SECTORS
     f.write(b'{"type":"FeatureCollection","features":[')
     for a in range(0, len(t["x"]), CHUNK):
         b = min(a + CHUNK, len(t["x"]))
-        outlines = np.round(_outlines_level0(analysis, a, b), 1)
+        xy = [f"{v:.1f}" for v in _outlines_level0(analysis, a, b).ravel().tolist()]
         feats = []
-        for i in range(a, b):
-            ring = outlines[i - a].tolist()
-            ring.append(ring[0])
-            cat = str(t["category"][i])
-            feats.append(json.dumps({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": cat if t["tumour"][i] else f"{cat} (non-tumour)", "color": list(CATEGORY_COLOURS[cat])},
-                    "measurements": {
-                        "completeness": round(float(t["completeness"][i]), 4),
-                        "membrane_od": round(float(t["membrane_od"][i]), 4),
-                        "width_um": round(float(t["width_um"][i]), 3),
-                        "tumour": int(bool(t["tumour"][i])),
-                    },
-                },
-            }, separators=(",", ":")))
+        for k, (cat, tumour, comp, od, width) in enumerate(zip(
+            t["category"][a:b].tolist(), t["tumour"][a:b].tolist(), t["completeness"][a:b].tolist(),
+            t["membrane_od"][a:b].tolist(), t["width_um"][a:b].tolist(),
+        )):
+            v = xy[k * per : (k + 1) * per]
+            pts = [f"[{v[j]},{v[j + 1]}]" for j in range(0, per, 2)]
+            feats.append(
+                '{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[' + ",".join(pts + pts[:1]) + ']]},'
+                f'"properties":{{"objectType":"detection","classification":{classes[(cat, bool(tumour))]},'
+                f'"measurements":{{"completeness":{comp:.4f},"membrane_od":{od:.4f},"width_um":{width:.3f},'
+                f'"tumour":{int(bool(tumour))}}}}}}}'
+            )
         f.write(((b"," if a else b"") + ",".join(feats).encode()))
     f.write(b"]}\n")
 
