@@ -113,7 +113,7 @@ def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES) -> 
     return removed
 
 
-CHUNK = 20_000
+CHUNK = 5_000
 """Cells formatted per write: outputs stream in bounded memory whatever the slide's size."""
 
 
