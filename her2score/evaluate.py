@@ -83,19 +83,11 @@ def _parse_bool(value: str, where: str) -> bool | None:
 
 def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) -> list[LabelledItem]:
     """Labelled images from a CSV or a class-folder tree (see the module docstring)."""
-    from .slide import SLIDE_SUFFIXES
-    from .train import LABEL_ALIASES, parse_label, read_labels_csv
+    from .train import class_folder_files, read_labels_csv
 
     p = Path(labels)
     if p.is_dir():
-        items = []
-        for sub in sorted(d for d in p.iterdir() if d.is_dir() and d.name.lower() in LABEL_ALIASES):
-            label = parse_label(sub.name)
-            items += [LabelledItem(str(f), label, {}) for f in sorted(sub.rglob("*"))
-                      if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES]
-        if not items:
-            raise ValueError(f"{p}: no images in class sub-folders named 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
-        return items
+        return [LabelledItem(str(f), label, {}) for f, label in class_folder_files(p)]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such labels file or folder")
     rows = read_labels_csv(p)

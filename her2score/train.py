@@ -131,13 +131,12 @@ def _load(path: Path, label: str, mpp: float | None, target_mpp: float) -> Label
     return LabelledImage(rgb, label, str(path), estimate_background(rgb))
 
 
-def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
-    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``."""
+def class_folder_files(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image, label) pairs from class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of
+    ``root``; other sub-folders are skipped with a warning. ValueError when there is no image."""
     from .slide import SLIDE_SUFFIXES
 
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
     out = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
@@ -145,11 +144,17 @@ def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_m
         except ValueError:
             log.warning("%s: not a class folder (0, 1+, 2+, 3+, 1plus...); skipped", sub)
             continue
-        for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES):
-            out.append(_load(f, label, mpp, target_mpp))
+        out += [(f, label) for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)]
     if not out:
         raise ValueError(f"{root}: no images in class sub-folders named 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
     return out
+
+
+def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
+    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    return [_load(f, label, mpp, target_mpp) for f, label in class_folder_files(root)]
 
 
 def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
