@@ -243,12 +243,12 @@ _models: dict = {}
 
 
 def _load_cnn(weights: str):
-    """The CNN for ``weights``, loaded once per process."""
+    """The CNN for ``weights`` on ONNX Runtime, loaded once per process (and inherited by forked workers)."""
     if weights not in _models:
-        from .cnn import load_model, use_one_thread
+        from .cnn import load_onnx_model, use_one_thread
 
-        use_one_thread()  # process_slide runs in a worker process (local pool or Dask)
-        _models[weights] = load_model(weights)
+        _models[weights] = load_onnx_model(weights)
+        use_one_thread()  # process_slide runs in a worker process (local pool or Dask); torch if the load exported
     return _models[weights]
 
 

@@ -1,3 +1,8 @@
+import pickle
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -12,14 +17,17 @@ from her2score.cnn import (  # noqa: E402
     aggregate_tiles,
     build_network,
     count_parameters,
+    OnnxTileClassifier,
     default_weights_path,
     fuse,
     load_model,
+    load_onnx_model,
     save_model,
+    tissue_patches,
 )
 from her2score.eligibility import check_eligibility  # noqa: E402
 from her2score.results import CnnReport, SlideResult  # noqa: E402
-from her2score.stain import H_DAB  # noqa: E402
+from her2score.stain import H_DAB, deconvolve, optical_density  # noqa: E402
 from her2score.synthetic import generate_field  # noqa: E402
 
 
@@ -129,6 +137,95 @@ def test_shipped_weights_load_and_match_their_record():
     assert model.record.parameters == count_parameters(model.net) < 1_000_000
     probs, n = model.predict_tile(generate_field("3+", seed=99).image, stains=H_DAB)
     assert n == 64 and abs(probs.sum() - 1) < 1e-5
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+def _real_patches(n_per_field: int = 8) -> np.ndarray:
+    """Tissue patches of synthetic fields of every score, as the pipeline feeds the network."""
+    out = []
+    for i, score in enumerate(CLASSES):
+        rgb = generate_field(score, seed=40 + i, size_px=(256, 256)).image
+        out.append(tissue_patches(deconvolve(rgb), patch_px=64, max_patches=n_per_field)[0])
+    return np.concatenate(out)
+
+
+def test_shipped_onnx_graph_matches_torch_within_1e5():
+    if not default_weights_path().exists():
+        pytest.skip("no shipped weights in this checkout")
+    fast, ref = load_onnx_model(), load_model(device="cpu")
+    assert fast.source_sha256 == DEFAULT_WEIGHTS.sha256  # the shipped graph was used, not a new export
+    assert fast.name == ref.name and fast.record == ref.record
+    x = np.concatenate([_real_patches(), np.random.default_rng(1).uniform(0, 1.2, (16, 2, 64, 64)).astype(np.float32)])
+    p_fast, p_ref = fast.predict_patches(x), ref.predict_patches(x)
+    assert p_fast.shape == (len(x), 4)
+    np.testing.assert_allclose(p_fast, p_ref, rtol=0, atol=1e-5)
+    assert len(set(p_ref.argmax(1))) > 1  # the inputs really exercise the network
+
+
+def test_save_model_exports_a_linked_onnx_graph(saved):
+    path, net, rec = saved
+    graph = path.with_suffix(".onnx")
+    assert graph.is_file()
+    fast = load_onnx_model(path)
+    assert fast.source_sha256 == rec.sha256 and fast.record.sha256 == rec.sha256
+    x = _real_patches(4)
+    with torch.no_grad():
+        ref = torch.softmax(net(load_model(path, device="cpu").normalise(torch.from_numpy(x))), 1).numpy()
+    np.testing.assert_allclose(fast.predict_patches(x), ref, rtol=0, atol=1e-5)
+    again = pickle.loads(pickle.dumps(fast))  # spawn/forkserver workers receive it pickled
+    np.testing.assert_array_equal(again.predict_patches(x), fast.predict_patches(x))
+
+
+def test_graph_from_other_weights_is_not_used(tmp_path, saved):
+    """A .onnx left beside retrained weights is ignored: the weights are exported again in memory."""
+    torch.manual_seed(5)
+    other = save_model(tmp_path / "other.pt", build_network(), WeightsRecord(file="o.pt", sha256=""))
+    shutil.copy(saved[0], tmp_path / "mine.pt")
+    shutil.copy(tmp_path / "other.onnx", tmp_path / "mine.onnx")
+    fast = load_onnx_model(tmp_path / "mine.pt")
+    assert fast.source_sha256 == saved[2].sha256 != other.sha256
+    x = _real_patches(2)
+    np.testing.assert_allclose(fast.predict_patches(x), load_model(saved[0], device="cpu").predict_patches(x), rtol=0, atol=1e-5)
+
+
+def test_unreadable_graph_is_a_model_error(tmp_path, saved):
+    shutil.copy(saved[0], tmp_path / "w.pt")
+    (tmp_path / "w.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ModelError, match="w.onnx"):
+        load_onnx_model(tmp_path / "w.pt")
+    with pytest.raises(ModelError, match="gone.pt.*not found"):
+        load_onnx_model(tmp_path / "gone.pt")
+
+
+def test_tissue_from_stain_od_matches_rgb_od():
+    """tissue_patches finds tissue from stain OD (no second deconvolution): the same patches as the
+    RGB OD criterion, on a field with glass in it."""
+    rgb = generate_field("1+", seed=8, size_px=(320, 256)).image.copy()
+    rgb[:, :150] = (236, 240, 244)  # glass over the left part, a little off the background
+    stains = H_DAB.with_background((240.0, 242.0, 246.0))
+    patches, pos = tissue_patches(deconvolve(rgb, stains), patch_px=64, stains=stains)
+    od = optical_density(rgb, stains.background).sum(axis=2) > cnn.TISSUE_OD
+    expect = [(r, c) for r in range(0, 256, 64) for c in range(0, 320, 64) if od[r:r + 64, c:c + 64].mean() >= 0.5]
+    assert [tuple(p) for p in pos] == expect and 0 < len(expect) < 20
+    hed = deconvolve(rgb, stains)
+    r, c = expect[0]
+    np.testing.assert_array_equal(patches[0], hed[r:r + 64, c:c + 64, :2].transpose(2, 0, 1))
+
+
+def test_scoring_with_the_shipped_graph_never_imports_torch():
+    """Start-up: import her2score, load the shipped CNN on ONNX Runtime and score a tile, without torch."""
+    if not default_weights_path().exists():
+        pytest.skip("no shipped weights in this checkout")
+    code = ("import sys, her2score\n"
+            "light = not {'numpy', 'cv2', 'scipy', 'torch'} & set(sys.modules)\n"
+            "import numpy as np\n"
+            "from her2score.cnn import load_onnx_model, use_one_thread\n"
+            "m = load_onnx_model(); use_one_thread()\n"
+            "p, n = m.predict_tile(np.full((128, 128, 3), (120, 90, 150), np.uint8))\n"
+            "print(light, 'torch' in sys.modules, n)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "4"]
 
 
 # --------------------------------------------------------------------------- fusion
