@@ -12,8 +12,15 @@ CATEGORIES: tuple[str, ...] = (
     "strong_complete",
     "weak_moderate_lateral",
     "strong_lateral",
+    "strong_partial",
 )
-"""The six per-cell categories, in the order used for codes in cell tables."""
+"""The seven per-cell categories, in the order used for codes in cell tables (new ones are appended).
+
+Intensity and pattern stay separate: ``faint_partial`` is stained membrane that is faint, or
+weak-to-moderate but incomplete and not lateral; ``strong_partial`` is intense (>= strong_od) but
+incomplete and not lateral, which ASCO/CAP 2018/2023 count towards the unusual "intense but
+incomplete in >10%" equivocal 2+ pattern (see guidelines.py).
+"""
 
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "complete")
 
@@ -66,7 +73,8 @@ def classify_cells(
     ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc`` / ``longest_gap``:
     the longest contiguous stained / unstained arc as a fraction of the boundary; ``intensity_od``:
     mean membrane DAB OD. Complete = stained nearly all round with no long gap; lateral ("U") = one
-    long stained arc with one long gap (the apical side).
+    long stained arc with one long gap (the apical side); any other stained cell is partial, and
+    ``strong_partial`` when its intensity reaches ``strong_od``, else ``faint_partial``.
     """
     t = thresholds
     completeness = np.asarray(completeness, dtype=np.float32)
@@ -81,9 +89,10 @@ def classify_cells(
     weak = intensity_od >= t.weak_od
     strong = intensity_od >= t.strong_od
     cat = np.zeros(len(completeness), dtype=np.int8)
-    cat[stained] = 1  # faint, or any incomplete non-lateral staining
+    cat[stained] = 1  # faint, or weak-to-moderate incomplete non-lateral staining
     cat[complete & weak] = 2
     cat[complete & strong] = 3
     cat[lateral & weak] = 4
     cat[lateral & strong] = 5
+    cat[stained & ~complete & ~lateral & strong] = 6  # intense but incomplete, not U-shaped
     return cat, pattern

@@ -7,7 +7,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
     description = "..."              # plain words
     reference = "..."                # trial / guideline citation
     guideline = "breast"             # expected scoring: "breast", "gastric", a guideline name, or "any"
-    min_tumour_cells = 100           # fewer scored tumour cells -> needs_review
+    min_tumour_cells = 200           # optional: fewer scored tumour cells -> needs_review; default and
+                                     #   floor: guidelines.MIN_TUMOUR_CELLS, the scoring QC's minimum
     eligible_levels = ["1+"]         # report levels ("0 (null)", "0+ (ultralow)") or scores ("0".."3+")
     ish_levels = ["2+"]              # levels decided by ISH (no ISH result -> needs_review)
     ish_eligible = "negative"        # the ISH result that makes an ish_levels slide eligible
@@ -16,23 +17,30 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
     min_percent = 50                 #   "1+"/"any" any staining; complete and lateral alike
     inclusive = false                # false: > min_percent, true: >= min_percent
 
-Precedence of ``check_eligibility``: doubts about the score itself (failed QC, too few tumour
-cells, a guideline other than the rule expects, CNN and classical scores disagreeing) give
-needs_review whatever the score, since any answer could change; the automatic answer is added as a
-reason. Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
+Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
+few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
+isolated intense cells that would change the answer if counted) give needs_review whatever the
+score, since any answer could change; the automatic answer is added as a reason. Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
 needs_review, and the level decides the rest. A level in neither list is not_eligible: no ISH
 result can change it.
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from her2score.categories import CATEGORIES
-from her2score.guidelines import GUIDELINE_FAMILY, GUIDELINES, INTENSITY, REPORT_LEVELS
+from her2score.guidelines import (
+    GUIDELINE_FAMILY,
+    GUIDELINES,
+    MIN_TUMOUR_CELLS,
+    REPORT_LEVELS,
+    STAINING_LEVEL,
+    apply_guideline,
+)
 from her2score.results import SlideResult
 
 __all__ = [
@@ -83,7 +91,7 @@ class Requirement:
     def met(self, counts: dict[str, int]) -> tuple[bool, str]:
         """Whether the counts meet this requirement, and the reason in words."""
         total = sum(counts.values())
-        n = sum(v for cat, v in counts.items() if INTENSITY[cat] >= _REQUIRE_LEVELS[self.level])
+        n = sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level])
         share, need = Fraction(100 * n, total or 1), Fraction(str(self.min_percent))
         ok = total > 0 and (share >= need if self.inclusive else share > need)
         words = f"{_REQUIRE_WORDS[self.level]} in {float(share):.1f}% of tumour cells ({n}/{total})"
@@ -99,7 +107,7 @@ class Rule:
     description: str = ""
     reference: str = ""
     guideline: str = "any"
-    min_tumour_cells: int = 100
+    min_tumour_cells: int = MIN_TUMOUR_CELLS
     eligible_levels: tuple[str, ...] = ()
     ish_levels: tuple[str, ...] = ()
     ish_eligible: str = "positive"
@@ -111,8 +119,11 @@ class Rule:
         guidelines = ("any", *sorted(set(GUIDELINE_FAMILY.values())), *GUIDELINES)
         if self.guideline not in guidelines:
             raise RuleError(f"guideline must be one of {list(guidelines)}, got {self.guideline!r}")
-        if self.min_tumour_cells < 1:
-            raise RuleError(f"min_tumour_cells must be >= 1, got {self.min_tumour_cells}")
+        if self.min_tumour_cells < MIN_TUMOUR_CELLS:
+            raise RuleError(
+                f"min_tumour_cells must be >= {MIN_TUMOUR_CELLS} (the scoring minimum, "
+                f"her2score.guidelines.MIN_TUMOUR_CELLS), got {self.min_tumour_cells}"
+            )
         for key in ("eligible_levels", "ish_levels"):
             bad = [x for x in getattr(self, key) if x not in REPORT_LEVELS]
             if bad:
@@ -236,6 +247,21 @@ def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list
     return "not_eligible", [*reasons, f"{level} is not an eligible level (eligible: {allowed})"]
 
 
+def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when its isolated intense cells, counted as a population, would
+    change the answer; None when they would not (or the slide has none)."""
+    if "isolated_intense_cells" not in result.flags:
+        return None
+    counted = apply_guideline(result.counts, result.guideline, result.specimen, clusters=result.clusters,
+                              isolated_intense_percent=0)
+    other, _ = _decide(replace(result, score=counted.score, level=counted.level), rule, ish)
+    if other == status:
+        return None
+    n, total = result.counts.get("strong_complete", 0), result.tumour_cells
+    return (f"isolated intense cells ({n:,} of {total:,}) were not counted; counted, they would make the slide "
+            f"{counted.level} and the answer {other.replace('_', ' ')}")
+
+
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
@@ -253,7 +279,11 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(f"the rule expects {rule.guideline} scoring; the slide was scored under {result.guideline}")
     if result.cnn_score is not None and result.cnn_score != result.classical_score:
         doubts.append(f"classical score {result.classical_score} and CNN score {result.cnn_score} disagree")
+    if result.score is None:  # no score, no automatic answer to add
+        return Decision("needs_review", rule.name, rule.version, (f"not scored: {result.reason}", *doubts))
     status, reasons = _decide(result, rule, ish)
+    if (isolated := _isolated_doubt(result, rule, ish, status)) is not None:
+        doubts.append(isolated)
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
     reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
     if doubts:

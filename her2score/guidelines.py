@@ -2,13 +2,20 @@
 
 Breast: ASCO/CAP 2018 (Wolff 2018), kept in the 2023 update, which splits 0 into null and ultralow.
 Gastric: Hofmann 2008 / ToGA and CAP/ASCP/ASCO 2016 (Bartley 2017), resection and biopsy rules.
-Every threshold is compared in integer arithmetic, so exactly 10% falls on the documented side.
+Every threshold is compared in integer (or exact fraction) arithmetic, so exactly 10% falls on the
+documented side.
+
+Two per-cell scales are kept apart: ``INTENSITY`` (how dark the membrane is, whatever its pattern:
+the H-score's weights) and ``STAINING_LEVEL`` (the level a cell counts at in the guideline's
+pattern categories: complete and lateral/basolateral membranes at their intensity, every other
+stained membrane at 1+).
 """
 from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from her2score.categories import CATEGORIES
 
@@ -18,11 +25,17 @@ __all__ = [
     "SPECIMENS",
     "REPORT_LEVELS",
     "INTENSITY",
+    "STAINING_LEVEL",
+    "MIN_TUMOUR_CELLS",
+    "ISOLATED_INTENSE_PERCENT",
+    "GASTRIC_READINGS",
     "PANCREATIC_NOTE",
     "GuidelineCall",
     "apply_guideline",
     "cumulative_counts",
     "h_score",
+    "level_flags",
+    "report_level",
 ]
 
 GUIDELINES: tuple[str, ...] = ("breast-asco-cap-2018", "breast-asco-cap-2023", "gastric")
@@ -35,6 +48,25 @@ SPECIMENS: tuple[str, ...] = ("resection", "biopsy")
 REPORT_LEVELS: tuple[str, ...] = ("0", "0 (null)", "0+ (ultralow)", "1+", "2+", "3+")
 """Every ``GuidelineCall.level``: the 2026 consensus five levels, plus plain "0" (2018, gastric)."""
 
+MIN_TUMOUR_CELLS: int = 100
+"""The fewest tumour cells for an automatic guideline call. The one shared setting: the default of
+the scoring QC (``ScoringConfig.min_tumour_cells``) and of every eligibility rule (rule files do
+not repeat it; a rule may ask for more)."""
+
+ISOLATED_INTENSE_PERCENT: float = 1.0
+"""Default noise floor (% of tumour cells) of the breast "intense complete staining in <=10%" pattern.
+
+Intense complete cells in fewer than this share of tumour cells are isolated cells (a misread cell,
+an edge artefact), not a population: the call is what the other cells give, with the flag
+``isolated_intense_cells``. At 1%, a slide of 10,000 tumour cells needs 100 intense complete cells
+before the pattern sends it to 2+ and reflex ISH; 0 restores the literal rule (one cell is enough).
+"""
+
+GASTRIC_READINGS: tuple[str, ...] = ("cumulative", "per_band")
+"""How gastric percentages are read: "cumulative" (default) counts a cell at its level and every
+weaker one, since a strong membrane also shows weak-to-moderate and faint staining; "per_band" counts
+each cell at its own level only. 5% strong + 5% weak-to-moderate: 2+ cumulatively, 0 per band."""
+
 INTENSITY: dict[str, int] = {
     "none": 0,
     "faint_partial": 1,
@@ -42,8 +74,21 @@ INTENSITY: dict[str, int] = {
     "weak_moderate_lateral": 2,
     "strong_complete": 3,
     "strong_lateral": 3,
+    "strong_partial": 3,
 }
-"""Per-cell intensity level used for H-score and cumulative percentages (complete and lateral alike)."""
+"""Per-cell membrane intensity, 0 (none) to 3 (strong), whatever the pattern: the H-score's weights.
+
+An intense incomplete membrane is intense (3), not faint. ``faint_partial`` is 1: it holds faint
+membranes and weak-to-moderate incomplete, non-lateral ones, which the guidelines score as 1+.
+"""
+
+STAINING_LEVEL: dict[str, int] = {**INTENSITY, "strong_partial": 1}
+"""Per-cell level in the guideline's pattern categories, for gastric scoring, cumulative percentages,
+biopsy clusters and eligibility requirements: complete and lateral/basolateral ("U") membranes count
+at their intensity; any other stained membrane at 1+. Gastric counts only complete, basolateral or
+lateral membranes as 2+ and 3+, and cells "reactive only in part of their membrane" as 1+ (Hofmann
+2008, table 2; Rüschoff 2010), so an intense partial non-U membrane is a 1+ cell there.
+"""
 
 PANCREATIC_NOTE = (
     "There is no validated HER2 scoring guideline for pancreatic cancer; "
@@ -52,14 +97,23 @@ PANCREATIC_NOTE = (
 
 _CUMULATIVE_KEYS = ("3+", "2+", "1+", "any")
 _MIN_CLUSTER_CELLS = 5
+_CELL_WORDS = {
+    "faint_partial": "faint or weak incomplete",
+    "weak_moderate_complete": "weak-to-moderate complete",
+    "weak_moderate_lateral": "weak-to-moderate lateral",
+    "strong_complete": "intense complete",
+    "strong_lateral": "intense lateral",
+    "strong_partial": "intense incomplete (non-lateral)",
+}
 
 
 @dataclass(frozen=True)
 class GuidelineCall:
     """A guideline score with the report level, flags, the deciding reason and the percentages behind it.
 
-    ``percentages``: % of tumour cells at intensity level >= 3 ("3+"), >= 2 ("2+") and >= 1 ("1+" and
-    "any", equal since every stained category has level >= 1), complete and lateral patterns together.
+    ``percentages``: % of tumour cells at ``STAINING_LEVEL`` >= 3 ("3+"), >= 2 ("2+") and >= 1
+    ("1+" and "any", equal since every stained category has level >= 1), complete and lateral
+    patterns together; cumulative whatever the gastric reading.
     """
 
     score: str
@@ -93,28 +147,62 @@ def _validated(counts: Mapping[str, int]) -> dict[str, int]:
 
 
 def cumulative_counts(counts: Mapping[str, int]) -> dict[str, int]:
-    """Tumour cells at intensity level >= 3 ("3+"), >= 2 ("2+"), >= 1 ("1+", "any"), and "total"."""
+    """Tumour cells at ``STAINING_LEVEL`` >= 3 ("3+"), >= 2 ("2+"), >= 1 ("1+", "any"), and "total"."""
     c = _validated(counts)
-    at_least = {k: sum(n for cat, n in c.items() if INTENSITY[cat] >= k) for k in (1, 2, 3)}
+    at_least = {k: sum(n for cat, n in c.items() if STAINING_LEVEL[cat] >= k) for k in (1, 2, 3)}
     return {"3+": at_least[3], "2+": at_least[2], "1+": at_least[1], "any": at_least[1], "total": sum(c.values())}
 
 
 def h_score(counts: Mapping[str, int]) -> float:
     """H-score (0-300) = 1*(%1+) + 2*(%2+) + 3*(%3+), each % of cells at exactly that ``INTENSITY``."""
-    cum = cumulative_counts(counts)
-    # Summing the cumulative percentages counts a level-k cell k times.
-    return 100 * (cum["1+"] + cum["2+"] + cum["3+"]) / cum["total"]
+    c = _validated(counts)
+    return 100 * sum(INTENSITY[cat] * n for cat, n in c.items()) / sum(c.values())
+
+
+def level_flags(level: str, guideline: str) -> tuple[str, ...]:
+    """The flags a report level carries by itself: null, ultralow, her2_low (breast 1+), ish_reflex (2+)."""
+    if level == "1+":
+        return ("her2_low",) if GUIDELINE_FAMILY[guideline] == "breast" else ()
+    return {"0 (null)": ("null",), "0+ (ultralow)": ("ultralow",), "2+": ("ish_reflex",)}.get(level, ())
+
+
+def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
+    """The report level of a score not made by the guideline rules themselves (e.g. a CNN-fused score).
+
+    Only a 0 under ASCO/CAP 2023 has two levels: "0+ (ultralow)" when any tumour cell shows membrane
+    staining, else "0 (null)".
+    """
+    if score != "0" or guideline != "breast-asco-cap-2023":
+        return score
+    c = _validated(counts)
+    return "0+ (ultralow)" if sum(c.values()) > c["none"] else "0 (null)"
 
 
 def _pct(n: int, total: int, bound: str) -> str:
     return f"{100 * n / total:.1f}% of tumour cells ({n}/{total}, {bound})"
 
 
-def _breast(c: dict[str, int], guideline: str) -> tuple[str, str, tuple[str, ...], str]:
-    """(score, level, flags, reason) under ASCO/CAP 2018/2023: every threshold is strictly > 10%."""
+def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membrane staining") -> str:
+    """'<kind> membrane staining in <pct>' for the stained cells of ``c``; several kinds are listed after."""
+    stained = {cat: n for cat, n in c.items() if cat != "none" and n}
+    n = sum(stained.values())
+    if len(stained) == 1:
+        return f"{_CELL_WORDS[next(iter(stained))]} membrane staining in {_pct(n, total, bound)}"
+    parts = ", ".join(f"{_CELL_WORDS[cat]} {100 * k / total:.1f}%" for cat, k in stained.items())
+    return f"{what} in {_pct(n, total, bound)}: {parts}"
+
+
+def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple[str, str, tuple[str, ...], str]:
+    """(score, level, flags, reason) under ASCO/CAP 2018/2023: every threshold is strictly > 10%.
+
+    Intense incomplete membranes, lateral or not, make the unusual "intense but incomplete in >10%"
+    2+. Below 1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+",
+    DESTINY-Breast06): a stronger membrane also shows the faint level, so weak-to-moderate complete
+    staining in <=10% is ultralow too; the reason names the cells.
+    """
     total = sum(c.values())
     strong, complete = c["strong_complete"], c["weak_moderate_complete"] + c["strong_complete"]
-    stained = total - c["none"]
+    intense_incomplete = c["strong_lateral"] + c["strong_partial"]
 
     def over(n: int) -> bool:
         return 10 * n > total
@@ -124,50 +212,80 @@ def _breast(c: dict[str, int], guideline: str) -> tuple[str, str, tuple[str, ...
     if over(complete):
         reason = f"weak-to-moderate complete membrane staining in {_pct(complete, total, '>10%')}"
         return "2+", "2+", ("ish_reflex",), reason + "; reflex ISH required"
-    if over(lateral := c["strong_lateral"]) or strong:
-        reason = (
-            f"intense incomplete (lateral) membrane staining in {_pct(lateral, total, '>10%')}"
-            if over(lateral)
-            else f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
-        )
-        return "2+", "2+", ("ish_reflex", "unusual_pattern"), f"unusual pattern: {reason}; reflex ISH required"
+    unusual = ("ish_reflex", "unusual_pattern")
+    if over(intense_incomplete):
+        kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"]}
+        reason = _staining(kinds, total, ">10%", "intense but incomplete membrane staining")
+        return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
+    isolated = 0 < strong and Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+    if strong and not isolated:
+        reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
+        return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
+    flags, note = (), ""
+    if isolated:  # the other cells decide; the isolated cells count as neither a population nor staining
+        c = {**c, "none": c["none"] + strong, "strong_complete": 0}
+        flags = ("isolated_intense_cells",)
+        note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
+                f"{isolated_percent:g}% floor of the 'intense complete staining in <=10%' pattern), "
+                "not counted: the other cells decide")
+    stained = total - c["none"]
+    nothing = f"no membrane staining in {'the other ' if isolated else 'any of '}{total - strong:,} tumour cells{note}"
     if over(stained):
-        reason = f"faint or incomplete membrane staining in {_pct(stained, total, '>10%')}"
-        return "1+", "1+", ("her2_low",), reason
+        return "1+", "1+", ("her2_low", *flags), _staining(c, total, ">10%") + note
     if guideline == "breast-asco-cap-2018":
-        return "0", "0", (), f"membrane staining in {_pct(stained, total, '<=10%')}"
+        return "0", "0", flags, _staining(c, total, "<=10%") + note if stained else nothing
     if not stained:
-        return "0", "0 (null)", ("null",), f"no membrane staining in any of {total} tumour cells"
-    reason = f"faint incomplete membrane staining in {_pct(stained, total, '>0% and <=10%')}"
-    return "0", "0+ (ultralow)", ("ultralow",), reason
+        return "0", "0 (null)", ("null", *flags), nothing
+    return "0", "0+ (ultralow)", ("ultralow", *flags), _staining(c, total, ">0% and <=10%") + note
 
 
 _GASTRIC_WORDS = {
-    "3+": "strong complete or lateral/basolateral membrane staining",
-    "2+": "weak-to-moderate or stronger complete or lateral/basolateral membrane staining",
-    "1+": "faint or barely perceptible membrane staining",
+    "cumulative": {
+        "3+": "strong complete or lateral/basolateral membrane staining",
+        "2+": "weak-to-moderate or stronger complete or lateral/basolateral membrane staining",
+        "1+": "faint/barely perceptible or partial membrane staining, or stronger,",
+    },
+    "per_band": {
+        "3+": "strong complete or lateral/basolateral membrane staining",
+        "2+": "weak-to-moderate complete or lateral/basolateral membrane staining (this band alone)",
+        "1+": "faint/barely perceptible or partial membrane staining (this band alone)",
+    },
 }
 
 
 def _gastric(
-    c: dict[str, int], specimen: str, clusters: Mapping[str, int] | None
+    c: dict[str, int], specimen: str, clusters: Mapping[str, int] | None, reading: str
 ) -> tuple[str, str, tuple[str, ...], str]:
-    """(score, level, flags, reason) under Hofmann/CAP 2016: >= 10% of cells, or a >= 5-cell cluster in biopsies."""
+    """(score, level, flags, reason) under Hofmann/CAP 2016: >= 10% of cells, or a >= 5-cell cluster in biopsies.
+
+    ``reading`` (GASTRIC_READINGS) decides whether a cell counts at its level and every weaker one
+    (cumulative) or at its own level only (per_band). Biopsy clusters are always cells stained at a
+    level or stronger (as the pipeline measures them).
+    """
     cum = cumulative_counts(c)
     total = cum["total"]
+    if reading == "per_band":
+        share = {"3+": cum["3+"], "2+": cum["2+"] - cum["3+"], "1+": cum["1+"] - cum["2+"]}
+    else:
+        share = {k: cum[k] for k in ("3+", "2+", "1+")}
+    words = _GASTRIC_WORDS[reading]
     sizes = _validated_clusters(clusters) if specimen == "biopsy" else {}
     for score in ("3+", "2+", "1+"):
         flags = ("ish_reflex",) if score == "2+" else ()
         suffix = "; reflex ISH required" if score == "2+" else ""
-        if 10 * cum[score] >= total:
-            return score, score, flags, f"{_GASTRIC_WORDS[score]} in {_pct(cum[score], total, '>=10%')}{suffix}"
+        if 10 * share[score] >= total:
+            return score, score, flags, f"{words[score]} in {_pct(share[score], total, '>=10%')}{suffix}"
         if sizes.get(score, 0) >= _MIN_CLUSTER_CELLS:
             reason = (
                 f"biopsy: a cohesive cluster of {sizes[score]} tumour cells (>={_MIN_CLUSTER_CELLS}) with "
-                f"{_GASTRIC_WORDS[score]}, in {_pct(cum[score], total, '<10%')} overall{suffix}"
+                f"{_GASTRIC_WORDS['cumulative'][score]}, in {_pct(cum[score], total, '<10%')} overall{suffix}"
             )
             return score, score, flags, reason
-    reason = f"membrane staining in {_pct(cum['1+'], total, '<10%')}"
+    if reading == "per_band":
+        bands = ", ".join(f"{k} {100 * share[k] / total:.1f}%" for k in ("3+", "2+", "1+"))
+        reason = f"no staining band reaches 10% of {total:,} tumour cells (per-band reading: {bands})"
+    else:
+        reason = f"membrane staining in {_pct(cum['1+'], total, '<10%')}"
     if specimen == "biopsy":
         reason += f" and no stained cohesive cluster of >= {_MIN_CLUSTER_CELLS} tumour cells"
     return "0", "0", (), reason
@@ -191,11 +309,15 @@ def apply_guideline(
     specimen: str = "resection",
     *,
     clusters: Mapping[str, int] | None = None,
+    isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT,
+    gastric_reading: str = "cumulative",
 ) -> GuidelineCall:
     """Score one slide from tumour-cell counts per category (missing categories count 0).
 
     ``clusters`` (gastric biopsy only, required there; ignored otherwise): the largest cohesive
-    cluster of tumour cells stained at "3+", "2+", "1+" or higher.
+    cluster of tumour cells stained at "3+", "2+", "1+" or higher. ``isolated_intense_percent``
+    (breast; 0-10 %): the noise floor of the "intense complete in <=10%" pattern (see
+    ISOLATED_INTENSE_PERCENT). ``gastric_reading``: one of GASTRIC_READINGS.
     """
     if guideline not in GUIDELINES:
         raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
@@ -206,11 +328,15 @@ def apply_guideline(
             f"specimen 'biopsy' has its own rule only for gastric; {guideline} scores biopsies "
             "and resections alike: use specimen='resection'"
         )
+    if not 0 <= isolated_intense_percent <= 10:
+        raise ValueError(f"isolated_intense_percent must be within 0-10 (% of tumour cells), got {isolated_intense_percent!r}")
+    if gastric_reading not in GASTRIC_READINGS:
+        raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
     c = _validated(counts)
     if GUIDELINE_FAMILY[guideline] == "breast":
-        score, level, flags, reason = _breast(c, guideline)
+        score, level, flags, reason = _breast(c, guideline, isolated_intense_percent)
     else:
-        score, level, flags, reason = _gastric(c, specimen, clusters)
+        score, level, flags, reason = _gastric(c, specimen, clusters, gastric_reading)
     cum = cumulative_counts(c)
     percentages = {k: 100 * cum[k] / cum["total"] for k in _CUMULATIVE_KEYS}
     return GuidelineCall(score, level, flags, guideline, specimen, reason, h_score(c), percentages)

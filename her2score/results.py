@@ -35,11 +35,14 @@ class SlideResult:
     """Everything the tool says about one slide.
 
     ``score`` is the reported score: the fused classical+CNN score when a CNN ran, else the
-    classical guideline score. Percentages are of scored tumour cells, per category (non-cumulative).
+    classical guideline score; None when the slide was not scored (no tumour cells: ``level`` is
+    "not scored" and ``reason`` says why). ``level`` and ``flags`` belong to the reported score;
+    ``classical_score``, ``classical_level`` and ``classical_flags`` are the guideline call's own,
+    before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative).
     """
 
     slide: str
-    score: str
+    score: str | None
     level: str
     flags: tuple[str, ...]
     guideline: str
@@ -55,12 +58,14 @@ class SlideResult:
     stains: dict[str, Any]
     mpp: float
     tissue_area_mm2: float
-    classical_score: str
+    classical_score: str | None
     cnn: CnnReport | None = None
     confidence: float | None = None
     notes: tuple[str, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    classical_level: str = ""
+    classical_flags: tuple[str, ...] = ()
 
     @property
     def qc_passed(self) -> bool:
@@ -83,6 +88,7 @@ class SlideResult:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["flags"] = tuple(d.get("flags", ()))
         d["notes"] = tuple(d.get("notes", ()))
+        d["classical_flags"] = tuple(d.get("classical_flags", ()))
         d["qc"] = tuple(QCFinding(**q) for q in d.get("qc", ()))
         if d.get("cnn"):
             d["cnn"] = CnnReport(**d["cnn"])

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from her2score.eligibility import Rule, RuleError, available_rules, check_eligibility, load_rule
-from her2score.guidelines import apply_guideline
+from her2score.guidelines import MIN_TUMOUR_CELLS, apply_guideline
 from her2score.results import CnnReport, QCFinding, SlideResult
 
 SHIPPED = {
@@ -50,7 +50,22 @@ def test_available_rules():
     assert set(available_rules()) == SHIPPED
     for name in SHIPPED:
         rule = load_rule(name)
-        assert rule.name == name and rule.version and rule.reference and rule.min_tumour_cells == 100
+        assert rule.name == name and rule.version and rule.reference
+
+
+def test_one_minimum_tumour_cell_count_for_qc_and_rules():
+    from her2score.eligibility import RULES_DIR
+    from her2score.pipeline import ScoringConfig
+
+    assert MIN_TUMOUR_CELLS == 100 and ScoringConfig().min_tumour_cells == MIN_TUMOUR_CELLS
+    for name in SHIPPED:
+        assert load_rule(name).min_tumour_cells == MIN_TUMOUR_CELLS
+        assert "min_tumour_cells" not in (RULES_DIR / f"{name}.toml").read_text()  # never restated
+    with pytest.raises(RuleError, match="min_tumour_cells must be >= 100"):
+        Rule(name="x", version="1", eligible_levels=("3+",), min_tumour_cells=50)
+    stricter = Rule(name="x", version="1", eligible_levels=("3+",), min_tumour_cells=300)
+    assert check_eligibility(make_result(none=99, strong_complete=200), stricter).status == "needs_review"
+    assert check_eligibility(make_result(none=100, strong_complete=200), "t-dxd-tumour-agnostic").status == "eligible"
 
 
 @pytest.mark.parametrize(
@@ -162,8 +177,9 @@ def test_guideline_mismatch():
 
 
 def test_rule_object_and_bad_ish():
-    rule = replace(load_rule("her2-positive-breast"), min_tumour_cells=10)
-    assert check_eligibility(make_result(none=10, strong_complete=40), rule).status == "eligible"
+    rule = replace(load_rule("her2-positive-breast"), min_tumour_cells=150)
+    assert check_eligibility(make_result(none=10, strong_complete=140), rule).status == "eligible"
+    assert check_eligibility(make_result(none=10, strong_complete=130), rule).status == "needs_review"
     with pytest.raises(ValueError, match="ish must be"):
         check_eligibility(make_result(**TWO), rule, ish="amplified")
 
@@ -173,7 +189,7 @@ name = "my-trial"
 version = "2.1"
 description = "IHC 3+ in at least 50% of tumour cells, confirmed by FISH"
 reference = "example"
-min_tumour_cells = 50
+min_tumour_cells = 200
 ish_levels = ["3+"]
 [[require]]
 level = "3+"
@@ -188,10 +204,10 @@ def test_user_rule_file(tmp_path):
     rule = load_rule(path)
     assert rule == load_rule(str(path))
     assert rule.guideline == "any" and rule.require[0].inclusive
-    half = make_result("gastric", none=50, strong_complete=50)  # exactly 50%, inclusive
+    half = make_result("gastric", none=100, strong_complete=100)  # exactly 50%, inclusive
     assert check_eligibility(half, path).status == "needs_review"  # awaiting FISH
     assert check_eligibility(half, rule, ish="positive").status == "eligible"
-    below = make_result("gastric", none=51, strong_complete=49)
+    below = make_result("gastric", none=102, strong_complete=98)
     assert check_eligibility(below, rule).status == "not_eligible"  # FISH cannot help
 
 
@@ -199,8 +215,9 @@ def test_user_rule_file(tmp_path):
     ("text", "message"),
     [
         ("colour = 'red'\n" + USER_RULE, "unknown key 'colour'; allowed keys: name"),
-        (USER_RULE.replace("min_tumour_cells = 50", "min_tumour_cells = '50'"), "'min_tumour_cells' must be int"),
-        (USER_RULE.replace("min_tumour_cells = 50", "min_tumour_cells = true"), "'min_tumour_cells' must be int"),
+        (USER_RULE.replace("min_tumour_cells = 200", "min_tumour_cells = '200'"), "'min_tumour_cells' must be int"),
+        (USER_RULE.replace("min_tumour_cells = 200", "min_tumour_cells = true"), "'min_tumour_cells' must be int"),
+        (USER_RULE.replace("min_tumour_cells = 200", "min_tumour_cells = 50"), "min_tumour_cells must be >= 100"),
         (USER_RULE.replace('name = "my-trial"', ""), "missing required key 'name'"),
         (USER_RULE.replace("inclusive = true", "inclusive = 1"), "require\\[0\\]: key 'inclusive' must be bool"),
         (USER_RULE.replace("inclusive = true", "above = 1"), "require\\[0\\]: unknown key 'above'"),
@@ -229,3 +246,55 @@ def test_unknown_rule_name():
 def test_rule_constructor_validates():
     with pytest.raises(RuleError, match="eligible_levels has unknown levels"):
         Rule(name="x", version="1", eligible_levels=("4+",))
+
+
+def test_no_score_needs_review_with_the_reason():
+    unscored = SlideResult(
+        slide="s.tif", score=None, level="not scored", flags=("no_tumour_cells",), guideline="breast-asco-cap-2023",
+        specimen="resection", reason="no tumour cells found (annotation (t.geojson, 1 polygons)): no HER2 score",
+        counts={"none": 0}, percentages={}, tumour_cells=0, h_score=0.0, clusters={}, region="annotation",
+        qc=(QCFinding("too_few_tumour_cells", "fail", "0 tumour cells scored; at least 100 are needed"),),
+        stains={}, mpp=0.5, tissue_area_mm2=1.0, classical_score=None,
+    )
+    for rule in SHIPPED:
+        decision = check_eligibility(unscored, rule)
+        assert decision.status == "needs_review"
+        assert decision.reasons[0] == "not scored: no tumour cells found (annotation (t.geojson, 1 polygons)): no HER2 score"
+        assert "failed QC: 0 tumour cells scored; at least 100 are needed" in decision.reasons
+        assert not any("would be" in r for r in decision.reasons)  # no automatic answer without a score
+    assert SlideResult.from_dict(unscored.to_dict()) == unscored
+
+
+# isolated intense cells (3 in 10,412): the flag gives needs_review only where counting them changes the answer
+ISOLATED_NULL = dict(none=10_409, strong_complete=3)
+ISOLATED_ONE = dict(none=8_409, strong_complete=3, faint_partial=2_000)
+
+
+@pytest.mark.parametrize(
+    ("counts", "rule", "ish", "status"),
+    [
+        (ISOLATED_NULL, "her2-ultralow-breast", None, "needs_review"),  # null, but 2+ (awaiting ISH) if counted
+        (ISOLATED_NULL, "t-dxd-tumour-agnostic", None, "not_eligible"),  # 0 or 2+: not eligible either way
+        (ISOLATED_ONE, "her2-low-breast", None, "needs_review"),  # 1+ eligible; 2+ awaits ISH
+        (ISOLATED_ONE, "her2-low-breast", "negative", "eligible"),  # 1+, or 2+ with ISH negative: eligible
+        (ISOLATED_ONE, "her2-positive-breast", None, "needs_review"),
+        (ISOLATED_ONE, "her2-positive-breast", "negative", "not_eligible"),
+    ],
+)
+def test_isolated_intense_cells_review_only_where_they_decide(counts, rule, ish, status):
+    result = make_result(**counts)
+    assert "isolated_intense_cells" in result.flags
+    decision = check_eligibility(result, rule, ish=ish)
+    assert decision.status == status, decision.reasons
+    doubt = [r for r in decision.reasons if r.startswith("isolated intense cells (3 of 10,412) were not counted")]
+    assert bool(doubt) == (status == "needs_review")
+    if doubt:
+        assert "would make the slide 2+" in doubt[0]
+
+
+def test_intense_partial_cells_are_not_positive_membranes_in_requirements():
+    # car-t-her2 needs >50% at 2+ or stronger, complete or lateral: intense non-U partial membranes are 1+ cells
+    counts = dict(none=40, strong_partial=120, weak_moderate_complete=40)
+    decision = check_eligibility(make_result("gastric", **counts), "car-t-her2")
+    assert decision.status == "not_eligible"
+    assert any("20.0% of tumour cells (40/200)" in r for r in decision.reasons)

@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import pytest
 
-from her2score.guidelines import GUIDELINES, PANCREATIC_NOTE, apply_guideline, cumulative_counts, h_score
+from her2score.categories import CATEGORIES
+from her2score.guidelines import (
+    GUIDELINES,
+    INTENSITY,
+    ISOLATED_INTENSE_PERCENT,
+    PANCREATIC_NOTE,
+    STAINING_LEVEL,
+    apply_guideline,
+    cumulative_counts,
+    h_score,
+    level_flags,
+    report_level,
+)
 
 B18, B23, G = GUIDELINES
 
 
-def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, sl: int = 0) -> dict[str, int]:
+def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, sl: int = 0, sp: int = 0) -> dict[str, int]:
     return {
         "none": none,
         "faint_partial": fp,
@@ -16,6 +28,7 @@ def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, s
         "strong_complete": sc,
         "weak_moderate_lateral": wml,
         "strong_lateral": sl,
+        "strong_partial": sp,
     }
 
 
@@ -30,6 +43,13 @@ CASES = [
     (cells(none=88, wmc=6, sc=6), B23, "2+", "2+", ("ish_reflex",)),  # cumulative: 12% complete >= 2+
     (cells(none=80, sl=20), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # intense lateral > 10%
     (cells(none=95, sc=5), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # intense complete <= 10%
+    (cells(none=80, sp=20), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # intense incomplete, non-U
+    (cells(none=88, sp=6, sl=6), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # 12% intense incomplete
+    (cells(none=89, sp=11), B18, "2+", "2+", ("ish_reflex", "unusual_pattern")),
+    (cells(none=90, sp=10), B23, "0", "0+ (ultralow)", ("ultralow",)),  # exactly 10%: not >10%
+    (cells(none=88, sp=8, fp=4), B23, "1+", "1+", ("her2_low",)),  # 8% intense incomplete: 12% stained
+    (cells(none=95, wmc=5), B23, "0", "0+ (ultralow)", ("ultralow",)),  # weak-moderate complete <= 10%
+    (cells(none=95, wmc=5), B18, "0", "0", ()),
     (cells(none=80, wml=20), B23, "1+", "1+", ("her2_low",)),  # weak lateral is incomplete staining
     (cells(none=60, fp=40), B23, "1+", "1+", ("her2_low",)),
     (cells(none=89, fp=11), B23, "1+", "1+", ()),
@@ -46,6 +66,8 @@ CASES = [
     (cells(none=90, wml=3, wmc=3, fp=4), G, "1+", "1+", ()),  # 6% at 2+, 10% stained
     (cells(none=90, fp=10), G, "1+", "1+", ()),
     (cells(none=91, fp=9), G, "0", "0", ()),
+    (cells(none=80, sp=20), G, "1+", "1+", ()),  # gastric: intense but non-U partial membranes are 1+ cells
+    (cells(none=90, sp=5, wmc=5), G, "1+", "1+", ()),  # 5% at 2+, 10% stained
 ]
 
 
@@ -104,6 +126,149 @@ def test_h_score_by_hand():
     assert h_score(cells(sc=7)) == 300.0 and h_score(cells(none=7)) == 0.0
 
 
+def test_intense_incomplete_cells_are_intense_in_the_h_score():
+    # 20% intense incomplete: intensity 3, not the faint 1 -> H = 60 (it was 20 when they were faint_partial)
+    assert h_score(cells(none=80, sp=20)) == pytest.approx(60.0)
+    assert apply_guideline(cells(none=80, sp=20), G).h_score == pytest.approx(60.0)
+    # ...but a 1+ cell in the pattern levels (partial, not complete or U-shaped)
+    assert cumulative_counts(cells(none=80, sp=20)) == {"3+": 0, "2+": 0, "1+": 20, "any": 20, "total": 100}
+    assert set(INTENSITY) == set(STAINING_LEVEL) == set(CATEGORIES)
+    assert [c for c in CATEGORIES if INTENSITY[c] != STAINING_LEVEL[c]] == ["strong_partial"]
+
+
+def test_intense_incomplete_reason_names_the_cells():
+    call = apply_guideline(cells(none=88, sp=6, sl=6), B23)
+    assert call.reason == (
+        "unusual pattern: intense but incomplete membrane staining in 12.0% of tumour cells (12/100, >10%): "
+        "intense lateral 6.0%, intense incomplete (non-lateral) 6.0%; reflex ISH required"
+    )
+
+
+@pytest.mark.parametrize(
+    ("counts", "words"),
+    [
+        (cells(none=95, wmc=5), "weak-to-moderate complete membrane staining in 5.0% of tumour cells (5/100, >0% and <=10%)"),
+        (cells(none=95, wml=5), "weak-to-moderate lateral membrane staining in 5.0%"),
+        (cells(none=95, fp=5), "faint or weak incomplete membrane staining in 5.0%"),
+        (cells(none=95, fp=2, wmc=3), "membrane staining in 5.0% of tumour cells (5/100, >0% and <=10%): "
+                                      "faint or weak incomplete 2.0%, weak-to-moderate complete 3.0%"),
+    ],
+)
+def test_ultralow_reason_describes_the_deciding_cells(counts, words):
+    call = apply_guideline(counts, B23)
+    assert call.level == "0+ (ultralow)" and words in call.reason
+    assert ("faint" in call.reason) == bool(counts["faint_partial"])
+
+
+def test_one_plus_reason_describes_mixed_cells():
+    call = apply_guideline(cells(none=87, wmc=8, fp=5), B23)
+    assert call.level == "1+"
+    assert call.reason == ("membrane staining in 13.0% of tumour cells (13/100, >10%): "
+                           "faint or weak incomplete 5.0%, weak-to-moderate complete 8.0%")
+
+
+# -- isolated intense cells: the "intense complete in <=10%" pattern has a noise floor -------------
+
+def test_isolated_intense_cells_keep_the_other_cells_score():
+    call = apply_guideline(cells(none=10_409, sc=3), B23)
+    assert (call.score, call.level) == ("0", "0 (null)")
+    assert set(call.flags) == {"null", "isolated_intense_cells"}
+    assert "isolated intense cells: 3 of 10,412" in call.reason
+    assert "no membrane staining in the other 10,409 tumour cells" in call.reason
+    assert call.h_score == pytest.approx(100 * 9 / 10_412)  # the cells are still measured
+    low = apply_guideline(cells(none=8_409, sc=3, fp=2_000), B23)
+    assert (low.level, set(low.flags)) == ("1+", {"her2_low", "isolated_intense_cells"})
+    ultralow = apply_guideline(cells(none=9_909, sc=3, fp=500), B23)
+    assert (ultralow.level, set(ultralow.flags)) == ("0+ (ultralow)", {"ultralow", "isolated_intense_cells"})
+    assert apply_guideline(cells(none=10_409, sc=3), B18).flags == ("isolated_intense_cells",)
+
+
+@pytest.mark.parametrize(
+    ("strong", "total", "floor", "score"),
+    [
+        (1, 10_000, ISOLATED_INTENSE_PERCENT, "0"),
+        (99, 10_000, 1.0, "0"),  # 0.99%: below the 1% default floor
+        (100, 10_000, 1.0, "2+"),  # exactly 1%: a population
+        (1, 10_000, 0.0, "2+"),  # floor 0: the literal guideline, one cell is enough
+        (20, 1_000, 2.5, "0"),
+        (25, 1_000, 2.5, "2+"),
+    ],
+)
+def test_isolated_floor_is_configurable(strong, total, floor, score):
+    call = apply_guideline(cells(none=total - strong, sc=strong), B23, isolated_intense_percent=floor)
+    assert call.score == score, call.reason
+    assert ("isolated_intense_cells" in call.flags) == (score == "0")
+    assert ISOLATED_INTENSE_PERCENT == 1.0
+
+
+def test_isolated_floor_only_where_it_decides():
+    # >10% complete staining or >10% intense incomplete decides first: no isolated flag
+    for counts in (cells(none=85, wmc=14, sc=1), cells(none=85, sp=14, sc=1)):
+        assert "isolated_intense_cells" not in apply_guideline(counts, B23).flags
+    # gastric has no "intense complete in <=10%" pattern: a single strong cell is simply a stained cell
+    assert apply_guideline(cells(none=9_999, sc=1), G).flags == ()
+
+
+# -- gastric readings: cumulative (default) or per band ----------------------------------------------
+
+def test_gastric_cumulative_and_per_band_readings():
+    counts = cells(none=90, sc=5, wmc=5)  # 5% strong + 5% weak-to-moderate
+    cumulative = apply_guideline(counts, G)
+    assert cumulative == apply_guideline(counts, G, gastric_reading="cumulative")
+    assert cumulative.score == "2+" and "10.0% of tumour cells (10/100, >=10%)" in cumulative.reason
+    per_band = apply_guideline(counts, G, gastric_reading="per_band")
+    assert per_band.score == "0"
+    assert per_band.reason == "no staining band reaches 10% of 100 tumour cells (per-band reading: 3+ 5.0%, 2+ 5.0%, 1+ 0.0%)"
+    assert per_band.percentages == cumulative.percentages  # reported percentages stay cumulative
+
+
+@pytest.mark.parametrize(
+    ("counts", "cumulative", "per_band"),
+    [
+        (cells(none=90, sc=10), "3+", "3+"),
+        (cells(none=90, sc=9, wmc=1), "2+", "0"),
+        (cells(none=80, sc=9, wmc=10, fp=1), "2+", "2+"),
+        (cells(none=90, wmc=5, fp=5), "1+", "0"),
+        (cells(none=80, wmc=9, fp=11), "1+", "1+"),
+        (cells(none=90, sp=10), "1+", "1+"),
+    ],
+)
+def test_gastric_readings_table(counts, cumulative, per_band):
+    assert apply_guideline(counts, G).score == cumulative
+    assert apply_guideline(counts, G, gastric_reading="per_band").score == per_band
+
+
+def test_gastric_per_band_biopsy_clusters_still_decide():
+    call = apply_guideline(cells(none=97, sc=3), G, "biopsy", clusters={"3+": 5}, gastric_reading="per_band")
+    assert call.score == "3+" and "cluster of 5" in call.reason
+
+
+# -- levels and flags of a score the guideline did not make itself (CNN fusion) ---------------------
+
+@pytest.mark.parametrize(
+    ("score", "guideline", "counts", "level", "flags"),
+    [
+        ("1+", B23, cells(none=99, fp=1), "1+", ("her2_low",)),
+        ("1+", G, cells(none=99, fp=1), "1+", ()),
+        ("2+", B18, cells(none=100), "2+", ("ish_reflex",)),
+        ("3+", B23, cells(none=95, sc=5), "3+", ()),
+        ("0", B23, cells(none=80, fp=20), "0+ (ultralow)", ("ultralow",)),
+        ("0", B23, cells(none=100), "0 (null)", ("null",)),
+        ("0", B18, cells(none=80, fp=20), "0", ()),
+        ("0", G, cells(none=80, fp=20), "0", ()),
+    ],
+)
+def test_report_level_and_its_flags(score, guideline, counts, level, flags):
+    assert report_level(score, guideline, counts) == level
+    assert level_flags(level, guideline) == flags
+
+
+def test_guideline_calls_carry_their_level_flags():
+    for counts, guideline, *_ in CASES:
+        call = apply_guideline(counts, guideline)
+        assert set(level_flags(call.level, guideline)) <= set(call.flags), (counts, call)
+
+
 def test_cumulative_percentages():
     call = apply_guideline(cells(none=40, fp=10, wmc=15, wml=5, sc=20, sl=10), G)
     assert call.percentages == pytest.approx({"3+": 30.0, "2+": 50.0, "1+": 60.0, "any": 60.0})
@@ -129,6 +294,9 @@ def test_missing_categories_count_zero():
         (dict(counts={"none": 5, "weak": 3}, guideline=B23), "unknown cell categories"),
         (dict(counts={"none": -1, "strong_complete": 3}, guideline=B23), "negative"),
         (dict(counts={"none": 1.5}, guideline=B23), "integer"),
+        (dict(counts=cells(none=10), guideline=B23, isolated_intense_percent=11), "isolated_intense_percent"),
+        (dict(counts=cells(none=10), guideline=B23, isolated_intense_percent=-1), "isolated_intense_percent"),
+        (dict(counts=cells(none=10), guideline=G, gastric_reading="strict"), "unknown gastric_reading"),
     ],
 )
 def test_errors(kwargs, message):
