@@ -25,14 +25,12 @@ from .categories import CATEGORIES
 from .stain import EOSIN_OD, H_DAB, StainSet
 
 __all__ = [
-    "SCORES", "SyntheticField", "generate_field", "generate_he_field", "make_slide",
+    "SCORES", "Confounders", "SyntheticField", "generate_field", "generate_he_field", "make_slide",
     "write_pyramidal_tiff", "write_dataset", "write_samples",
 ]
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 _FILE_TAG = {"0": "0", "1+": "1plus", "2+": "2plus", "3+": "3plus"}
-_PATTERN_OF = {"none": "none", "faint_partial": "partial", "weak_moderate_complete": "complete",
-               "strong_complete": "complete", "weak_moderate_lateral": "lateral", "strong_lateral": "lateral"}
 _LN10 = np.float32(np.log(10.0))
 _PAD_UM = 16.0  # canvas margin around the image, larger than any cell radius
 
@@ -102,6 +100,15 @@ def _composition(score: str, variant: str, gastric: bool, rng) -> dict[str, floa
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
+def _check_composition(composition: dict[str, float]) -> dict[str, float]:
+    bad = [c for c in composition if c not in CATEGORIES or c == "none"]
+    if bad:
+        raise ValueError(f"composition categories must be among {CATEGORIES[1:]}, got {bad}")
+    if any(v < 0 for v in composition.values()) or sum(composition.values()) > 1 + 1e-9:
+        raise ValueError(f"composition fractions must be >= 0 and sum to at most 1, got {composition}")
+    return dict(composition)
+
+
 def _assign(fractions: dict[str, float], counted: np.ndarray, score: str, rng) -> np.ndarray:
     """Category per seed: exact counts over ``counted`` seeds, random draws for the others."""
     cats = np.full(len(counted), "none", dtype=object)
@@ -124,37 +131,68 @@ def _assign(fractions: dict[str, float], counted: np.ndarray, score: str, rng) -
     return cats
 
 
+def _partial_arcs(rng) -> tuple[np.ndarray, np.ndarray]:
+    """1-3 stained arcs (start, length; fractions of a turn) covering 15-60% of the border, each shorter than a U."""
+    k = int(rng.integers(1, 4))
+    total = rng.uniform(0.15, min(0.60, 0.33 * k))
+    arcs = total * rng.dirichlet(np.full(k, 4.0))
+    while arcs.max() > 0.35:  # keep every arc clearly shorter than a lateral (U) arc
+        arcs = total * rng.dirichlet(np.full(k, 4.0))
+    gaps = (1 - total) * rng.dirichlet(np.full(k, 2.0))
+    pos = rng.uniform() + np.concatenate([[0], np.cumsum(arcs + gaps)[:-1]])
+    return pos % 1.0, arcs
+
+
 def _membrane_params(cats: np.ndarray, score: str, rng):
-    """Peak DAB OD, deposit width (µm) and up to 3 stained arcs (start, length; fractions of a turn)."""
+    """Peak DAB OD, deposit width (µm) and up to 3 stained arcs (start, length; fractions of a turn).
+
+    A category name is <intensity>_<pattern>: faint (OD 0.09-0.17), weak_moderate (0.25-0.52) or
+    strong (0.70-1.20); partial (1-3 short arcs), lateral (one U-shaped arc) or complete.
+    """
     n = len(cats)
     od, width = np.zeros(n), np.zeros(n)
     start, length = rng.uniform(0, 1, (n, 3)), np.zeros((n, 3))
     for i, c in enumerate(cats):
         if c == "none":
             continue
-        if c == "faint_partial":
-            if score in ("2+", "3+") and rng.random() < 0.2:  # weak but incomplete: still faint_partial
-                od[i], width[i] = rng.uniform(0.25, 0.45), rng.uniform(0.8, 1.1)
-            else:
-                od[i], width[i] = rng.uniform(0.09, 0.17), rng.uniform(0.5, 0.7)
-            k = int(rng.integers(1, 4))
-            total = rng.uniform(0.15, min(0.60, 0.33 * k))
-            arcs = total * rng.dirichlet(np.full(k, 4.0))
-            while arcs.max() > 0.35:  # keep every arc clearly shorter than a lateral (U) arc
-                arcs = total * rng.dirichlet(np.full(k, 4.0))
-            gaps = (1 - total) * rng.dirichlet(np.full(k, 2.0))
-            s0 = rng.uniform()
-            pos = s0 + np.concatenate([[0], np.cumsum(arcs + gaps)[:-1]])
-            start[i, :k], length[i, :k] = pos % 1.0, arcs
-            continue
-        strong = c.startswith("strong")
-        od[i] = rng.uniform(0.70, 1.20) if strong else rng.uniform(0.25, 0.52)
-        width[i] = rng.uniform(1.8, 2.4) if strong else rng.uniform(0.85, 1.2)
-        if c.endswith("lateral"):
+        if c == "faint_partial" and score in ("2+", "3+") and rng.random() < 0.2:
+            od[i], width[i] = rng.uniform(0.25, 0.45), rng.uniform(0.8, 1.1)  # weak but incomplete: still faint_partial
+        elif c.startswith("faint"):
+            od[i], width[i] = rng.uniform(0.09, 0.17), rng.uniform(0.5, 0.7)
+        elif c.startswith("strong"):
+            od[i], width[i] = rng.uniform(0.70, 1.20), rng.uniform(1.8, 2.4)
+        else:
+            od[i], width[i] = rng.uniform(0.25, 0.52), rng.uniform(0.85, 1.2)
+        if c.endswith("partial"):
+            arcs = _partial_arcs(rng)
+            k = len(arcs[0])
+            start[i, :k], length[i, :k] = arcs
+        elif c.endswith("lateral"):
             length[i, 0] = 1.0 - rng.uniform(0.25, 0.45)  # one apical gap: U-shaped
         else:
             length[i, 0] = 1.0 if rng.random() < 0.5 else rng.uniform(0.94, 1.0)
     return od, width, start, length
+
+
+@dataclass(frozen=True)
+class Confounders:
+    """What real slides add beside membrane staining (all log10 DAB OD unless named otherwise).
+
+    dab_tint_od: uniform DAB over all tissue (background staining); cytoplasmic_od: DAB in every
+    tumour cell's cytoplasm (blush); nuclear_dab_fraction: fraction of nuclei carrying DAB OD
+    0.4-0.9 (a nuclear marker such as Ki67); masking_od: DAB laid over the nuclei of
+    membrane-stained cells (staining strong enough to hide the nucleus); lymphocyte_fraction:
+    fraction of stromal seeds drawn as lymphocytes, each a cluster of 3-6 small round dark nuclei
+    with ``lymphocyte_clusters``. None of these changes the per-cell membrane truth; the defaults
+    draw nothing extra, so a field without confounders is the same for the same seed.
+    """
+
+    dab_tint_od: float = 0.0
+    cytoplasmic_od: float = 0.0
+    nuclear_dab_fraction: float = 0.0
+    masking_od: float = 0.0
+    lymphocyte_fraction: float = 0.10
+    lymphocyte_clusters: bool = False
 
 
 # --------------------------------------------------------------------------- tissue model
@@ -187,7 +225,8 @@ def _fibres(rng, shape, um: float, angle_deg: float) -> np.ndarray:
 
 
 def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: bool, *,
-           he: bool = False, tissue_fraction: float | None = None):
+           he: bool = False, tissue_fraction: float | None = None, composition: dict[str, float] | None = None,
+           confounders: Confounders = Confounders()):
     """Concentration maps (canvas with margin) and the cell table. Returns a dict."""
     um = 1.0 / mpp  # pixels per µm
     pad = int(np.ceil(_PAD_UM * um))
@@ -227,7 +266,8 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         inside &= mask[np.clip(ncy.astype(int), 0, H - 1), np.clip(ncx.astype(int), 0, W - 1)] > 0.5
     counted = tumour & inside
 
-    cats = _assign({} if he else _composition(score, variant, gastric, rng), counted, score, rng)
+    fractions = {} if he else composition if composition is not None else _composition(score, variant, gastric, rng)
+    cats = _assign(fractions, counted, None if composition is not None else score, rng)
     cats[~tumour] = "none"
     od, width, arc_s, arc_l = _membrane_params(cats, score, rng)
 
@@ -262,10 +302,14 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
             ax = (int(rng.uniform(5, 8) * um * 16), int(rng.uniform(1.1, 1.6) * um * 16))
             cv2.ellipse(strom, ctr, ax, phi + rng.normal(0, 20), 0, 360, 255, -1, cv2.LINE_AA, 4)
             extra.append((i, np.sqrt(ax[0] * ax[1]) / 16 / um))
-        elif p < 0.45:
-            rad = rng.uniform(2.5, 3.0)
-            cv2.circle(strom, ctr, int(rad * um * 16), 255, -1, cv2.LINE_AA, 4)
-            extra.append((i, rad))
+        elif p < 0.35 + confounders.lymphocyte_fraction:
+            for k in range(int(rng.integers(3, 7)) if confounders.lymphocyte_clusters else 1):
+                rad = rng.uniform(2.5, 3.0)
+                a, r = (rng.uniform(0, 2 * np.pi), rng.uniform(5.5, 7.0) * um) if k else (0.0, 0.0)
+                cv2.circle(strom, (ctr[0] + int(16 * r * np.cos(a)), ctr[1] + int(16 * r * np.sin(a))),
+                           int(rad * um * 16), 255, -1, cv2.LINE_AA, 4)
+                if k == 0:
+                    extra.append((i, rad))
     strom_m = (strom.astype(np.float32) / 255) * ~tum_px
     conc_h += strom_m * (0.85 if he else 0.6)
 
@@ -300,6 +344,12 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         conc_d[band] = np.maximum(prof, 0)
         haze = od * rng.uniform(0.03, 0.08, ns)
         conc_d += (tum_px * (1 - nuc) * haze[lab]).astype(np.float32)
+        cf = confounders
+        conc_d += np.float32(cf.dab_tint_od) + (tum_px * (1 - nuc) * np.float32(cf.cytoplasmic_od)).astype(np.float32)
+        if cf.nuclear_dab_fraction or cf.masking_od:
+            nuclear = (rng.random(ns) < cf.nuclear_dab_fraction) * rng.uniform(0.4, 0.9, ns)
+            nuc_any = np.maximum(nuc, strom_m)
+            conc_d += (nuc_any * (nuclear[lab] + cf.masking_od * (od[lab] > 0) * tum_px)).astype(np.float32)
         # completeness measured on the cell's own boundary pixels (within 0.75 px of the edge)
         on_full = np.zeros((H, W), bool)
         on_full[band] = on
@@ -323,7 +373,7 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         "category": np.array(list(cats[rows]) + ["none"] * len(ex), dtype="<U24"),
         "tumour": np.arange(len(sel)) < n_t,
     }
-    cells["pattern"] = np.array([_PATTERN_OF[x] for x in cells["category"]], dtype="<U10")
+    cells["pattern"] = np.array([x.rsplit("_", 1)[-1] for x in cells["category"]], dtype="<U10")
     row_of = np.full(ns, -1, np.int32)
     row_of[rows] = np.arange(n_t)
     label_map = np.where(tum_px, row_of[lab], -1).astype(np.int32)
@@ -379,11 +429,15 @@ def _render(rng, maps: dict, vectors: dict, background, pad: int, w: int, h: int
     return rgb
 
 
-def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric, tissue_fraction=None):
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric, tissue_fraction=None,
+           composition=None, confounders=Confounders()):
     rng = np.random.default_rng(seed)
-    if score == "0":
+    if composition is not None:
+        composition = _check_composition(composition)
+        variant = "composition"
+    elif score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    elif score == "0":
         variant = variant or ("null" if rng.random() < 0.5 else "ultralow")
         if variant not in ("null", "ultralow"):
             raise ValueError(f"variant for score 0 must be 'null' or 'ultralow', got {variant!r}")
@@ -391,25 +445,38 @@ def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastr
         variant = "gastric" if gastric else "standard"
     w, h = (int(v) for v in size_px)
     stains, hs = _stains(rng, stain_jitter)
-    b = _build(rng, w, h, mpp, score, variant, gastric, tissue_fraction=tissue_fraction)
+    b = _build(rng, w, h, mpp, score, variant, gastric, tissue_fraction=tissue_fraction,
+               composition=composition, confounders=confounders)
     b["maps"]["h"] *= hs
     img = _render(rng, b["maps"], {"h": stains.hematoxylin, "d": stains.dab}, stains.background,
                   b["pad"], w, h, mpp, jpeg_quality)
+    if composition is not None:
+        from .guidelines import apply_guideline
+
+        tumour = b["cells"]["tumour"]
+        counts = {c: int(np.count_nonzero(b["cells"]["category"][tumour] == c)) for c in CATEGORIES}
+        score = apply_guideline(counts, "gastric" if gastric else "breast-asco-cap-2023").score
     return SyntheticField(img, float(mpp), score, variant, b["cells"], stains, int(seed),
                           dab_od=b["dab_od"], label_map=b["label_map"])
 
 
-def generate_field(score: str, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
+def generate_field(score: str | None = None, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
                    variant: str | None = None, stain_jitter: float = 0.0, jpeg_quality: int | None = 88,
-                   gastric: bool = False) -> SyntheticField:
-    """One synthetic HER2 IHC field of class ``score`` ("0", "1+", "2+", "3+").
+                   gastric: bool = False, composition: dict[str, float] | None = None,
+                   confounders: Confounders = Confounders()) -> SyntheticField:
+    """One synthetic HER2 IHC field of class ``score`` ("0", "1+", "2+", "3+"), or of an exact ``composition``.
 
     ``size_px`` is (width, height) in pixels at ``mpp`` µm/px. ``variant`` ("null"/"ultralow")
     applies to score 0 (random if None). ``stain_jitter`` (degrees) rotates the H and DAB vectors,
     scales the haematoxylin amount and tints the background; DAB amounts are never scaled, so the
-    category truth holds. ``gastric`` adds lateral (U-shaped) patterns at 2+/3+. Deterministic per seed.
+    category truth holds. ``gastric`` adds lateral (U-shaped) patterns at 2+/3+. ``composition``
+    ({category: fraction of tumour cells}, e.g. {"strong_complete": 0.12}) replaces the class's
+    random mix; the field's score is then the guideline's call on its true counts (breast ASCO/CAP
+    2023, or gastric resection with ``gastric``). ``confounders`` adds background tint,
+    cytoplasmic or nuclear DAB, nucleus-masking DAB and lymphocyte clusters. Deterministic per seed.
     """
-    return _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric)
+    return _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric,
+                  composition=composition, confounders=confounders)
 
 
 def generate_he_field(*, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
