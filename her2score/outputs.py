@@ -1,4 +1,11 @@
-"""Per-slide outputs, each written atomically: result.json, cells.csv, overlay.png, cells.geojson."""
+"""Per-slide outputs, each written atomically: result.json, cells.parquet (cells.csv on request),
+overlay.png and cells.geojson.
+
+The overlay lets a pathologist check the calls: each cell is a ring in its category's colour drawn
+inside the cell, clear of its border, so the membrane DAB that was judged stays visible. A field of
+view is drawn at its own resolution; a whole slide as a thumbnail, heatmaps of the strong and
+weak-to-moderate fractions, and the most informative regions at 0.5 µm/px.
+"""
 from __future__ import annotations
 
 import json
@@ -13,10 +20,16 @@ import cv2
 import numpy as np
 
 from .categories import CATEGORIES
-from .membrane import N_SECTORS
+from .guidelines import INTENSITY
+from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
+from .slide import Slide, SlideError, open_slide
 
-__all__ = ["atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_geojson", "remove_stale_temp_files", "CATEGORY_COLOURS", "OUTPUT_FILES"]
+__all__ = [
+    "atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_parquet", "write_cells_geojson",
+    "overlay_image", "overlay_png", "remove_stale_temp_files", "category_colour", "CATEGORY_COLOURS",
+    "NON_TUMOUR_COLOUR", "OUTPUT_FILES", "OPTIONAL_OUTPUT_FILES", "FIELD_MAX_PX",
+]
 
 CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "none": (70, 130, 255),
@@ -25,10 +38,30 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "strong_complete": (220, 0, 0),
     "weak_moderate_lateral": (190, 90, 255),
     "strong_lateral": (120, 0, 160),
+    "strong_partial": (255, 60, 200),
 }
-"""RGB colour of each category in the overlay and in QuPath."""
+"""RGB colour of each category in the overlay and in QuPath (see category_colour for others)."""
 
-OUTPUT_FILES = ("result.json", "cells.csv", "overlay.png", "cells.geojson")
+NON_TUMOUR_COLOUR: tuple[int, int, int] = (140, 140, 140)
+"""RGB of cells outside the tumour (not counted), whatever their category."""
+
+OUTPUT_FILES = ("result.json", "cells.parquet", "overlay.png", "cells.geojson")
+"""The files every scored slide gets (result.json last: it marks completion)."""
+
+OPTIONAL_OUTPUT_FILES = ("cells.csv",)
+"""Files written on request (write_outputs(cells_csv=True))."""
+
+FIELD_MAX_PX = 4096
+"""Images up to this many level-0 pixels on their longest side get a field-of-view overlay at their own
+resolution; larger ones a whole-slide overlay (thumbnail, heatmaps, regions)."""
+
+
+def category_colour(name: str) -> tuple[int, int, int]:
+    """RGB of a cell category: CATEGORY_COLOURS, or a fixed colour derived from the name for a category added later."""
+    if name in CATEGORY_COLOURS:
+        return CATEGORY_COLOURS[name]
+    h = sum((i + 1) * ord(ch) for i, ch in enumerate(name))
+    return (60 + h % 180, 60 + (h // 7) % 180, 60 + (h // 49) % 180)
 
 
 def _umask() -> int:
@@ -116,6 +149,13 @@ def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES) -> 
 CHUNK = 5_000
 """Cells formatted per write: outputs stream in bounded memory whatever the slide's size."""
 
+_NOT_COLUMNS = ("x", "y", "outline", "radii_um")
+"""Cell-table entries that are not plain per-cell columns of the CSV / parquet table."""
+
+
+def _columns(analysis: SlideAnalysis) -> list[str]:
+    return [k for k in analysis.cells if k not in _NOT_COLUMNS]
+
 
 def _fmt(values: np.ndarray) -> list[str]:
     """Text of one cell-table column: integers for flags, 4 decimals for measurements."""
@@ -127,10 +167,10 @@ def _fmt(values: np.ndarray) -> list[str]:
 
 
 def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
-    """One row per cell: position (level-0 px and µm), tumour flag, category, pattern and measurements."""
+    """One row per cell: position (level-0 px and µm), tumour flag (1/0), category, pattern and measurements."""
     t = analysis.cells
     mpp = analysis.result.mpp
-    cols = [k for k in t if k not in ("x", "y", "radii_um")]
+    cols = _columns(analysis)
     f.write((",".join(["cell_id", "x_px", "y_px", "x_um", "y_um", *cols]) + "\n").encode())
     for a in range(0, len(t["x"]), CHUNK):
         b = min(a + CHUNK, len(t["x"]))
@@ -144,86 +184,422 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
         f.write(("\n".join(",".join(row) for row in zip(*columns)) + "\n").encode())
 
 
-def _outlines_level0(analysis: SlideAnalysis, a: int = 0, b: int | None = None) -> np.ndarray:
-    """(n, N_SECTORS, 2) outline vertices of cells a..b in level-0 px, from the per-sector radii."""
+def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
+    """The cell table as Parquet (one row group per CHUNK cells): the CSV's columns with their own
+    types (float32 measurements, bool tumour, category and pattern as dictionary-encoded strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     t = analysis.cells
-    angles = -np.pi + (np.arange(N_SECTORS) + 0.5) * 2 * np.pi / N_SECTORS
-    r_px = t["radii_um"][a:b] / analysis.result.mpp
-    xs = t["x"][a:b, None] + r_px * np.cos(angles)[None]
-    ys = t["y"][a:b, None] + r_px * np.sin(angles)[None]
-    return np.stack([xs, ys], axis=-1)
+    mpp = analysis.result.mpp
+    cols = _columns(analysis)
+    n = len(t["x"])
+
+    def batch(a: int, b: int) -> pa.Table:
+        x, y = np.asarray(t["x"][a:b], np.float32), np.asarray(t["y"][a:b], np.float32)
+        data = {"cell_id": pa.array(np.arange(a, b, dtype=np.int64)), "x_px": pa.array(x), "y_px": pa.array(y),
+                "x_um": pa.array((x * mpp).astype(np.float32)), "y_um": pa.array((y * mpp).astype(np.float32))}
+        for c in cols:
+            v = np.asarray(t[c][a:b])
+            data[c] = pa.array(v.tolist(), pa.string()).dictionary_encode() if v.dtype == object else pa.array(v)
+        return pa.table(data)
+
+    first = batch(0, min(CHUNK, n))
+    with pq.ParquetWriter(f, first.schema, compression="zstd") as w:
+        w.write_table(first)
+        for a in range(CHUNK, n, CHUNK):
+            w.write_table(batch(a, min(a + CHUNK, n)).cast(first.schema))
 
 
-def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO) -> None:
-    """QuPath-importable FeatureCollection: one detection per cell (its outline in level-0 px, 0.1 px),
-    classified by its category, with completeness, membrane OD, width and the tumour flag."""
+def _slide_size(analysis: SlideAnalysis, slide: Slide | None) -> tuple[float, float]:
+    """Level-0 (width, height) in px: the slide's, else estimated from the thumbnail."""
+    if slide is not None:
+        return float(slide.dimensions[0]), float(slide.dimensions[1])
+    f = analysis.thumbnail_mpp / analysis.result.mpp
+    return analysis.thumbnail.shape[1] * f, analysis.thumbnail.shape[0] * f
+
+
+def _outlines(analysis: SlideAnalysis, a: int, b: int) -> list[np.ndarray]:
+    """Level-0 (k, 2) outlines of cells a..b (pixel centres at integers)."""
+    if "outline" not in analysis.cells:
+        raise ValueError("the cell table has no 'outline' column (her2score.outlines.trace_outlines in score_tile)")
+    return list(analysis.cells["outline"][a:b])
+
+
+def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None) -> None:
+    """QuPath-importable FeatureCollection: one detection per cell.
+
+    Geometry: the cell's outline traced from its label mask, in level-0 px with QuPath's convention
+    (a pixel spans [i, i + 1], so its centre is i + 0.5), clipped to the image (``slide_size``,
+    level-0 width and height) and kept a simple polygon, 0.01 px. ``classification`` is the cell's
+    category; ``tumour`` (true/false) is a property; ``measurements`` holds completeness, membrane
+    DAB OD (log10), width (µm), areas (µm²) and tumour (1/0) as QuPath reads them.
+    """
     t = analysis.cells
-    classes = {
-        (cat, tumour): json.dumps({"name": cat if tumour else f"{cat} (non-tumour)", "color": list(rgb)}, separators=(",", ":"))
-        for cat, rgb in CATEGORY_COLOURS.items() for tumour in (True, False)
-    }
-    per = 2 * N_SECTORS
+    w, h = slide_size or _slide_size(analysis, None)
+    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")) for c in CATEGORIES}
+    measures = [("completeness", "completeness", 4), ("longest_arc", "longest_arc", 4), ("membrane_od", "membrane_od", 4),
+                ("membrane_od_p90", "membrane_od_p90", 4), ("width_um", "width_um", 3), ("cell_area_um2", "cell_area_um2", 2),
+                ("nucleus_area_um2", "nucleus_area_um2", 2)]
+    measures = [m for m in measures if m[1] in t]
     f.write(b'{"type":"FeatureCollection","features":[')
-    for a in range(0, len(t["x"]), CHUNK):
-        b = min(a + CHUNK, len(t["x"]))
-        xy = [f"{v:.1f}" for v in _outlines_level0(analysis, a, b).ravel().tolist()]
+    n = len(t["x"])
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
         feats = []
-        for k, (cat, tumour, comp, od, width) in enumerate(zip(
-            t["category"][a:b].tolist(), t["tumour"][a:b].tolist(), t["completeness"][a:b].tolist(),
-            t["membrane_od"][a:b].tolist(), t["width_um"][a:b].tolist(),
-        )):
-            v = xy[k * per : (k + 1) * per]
-            pts = [f"[{v[j]},{v[j + 1]}]" for j in range(0, per, 2)]
+        cols = [t[m[1]][a:b].tolist() for m in measures]
+        for k, (cat, tumour, x, y, poly) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
+                                                         t["x"][a:b].tolist(), t["y"][a:b].tolist(), _outlines(analysis, a, b))):
+            ring = clip_outline(np.asarray(poly, np.float64) + 0.5, w, h) if len(poly) >= 3 else np.zeros((0, 2))
+            if len(ring) >= 3:
+                pts = [f"[{px:.2f},{py:.2f}]" for px, py in ring.tolist()]
+                geom = '{"type":"Polygon","coordinates":[[' + ",".join(pts + pts[:1]) + "]]}"
+            else:  # nothing left inside the image: the cell's centre as a point
+                geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'
+            tum = bool(tumour)
+            m = ",".join(f'"{name}":{col[k]:.{d}f}' for (name, _, d), col in zip(measures, cols))
             feats.append(
-                '{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[' + ",".join(pts + pts[:1]) + ']]},'
-                f'"properties":{{"objectType":"detection","classification":{classes[(cat, bool(tumour))]},'
-                f'"measurements":{{"completeness":{comp:.4f},"membrane_od":{od:.4f},"width_um":{width:.3f},'
-                f'"tumour":{int(bool(tumour))}}}}}}}'
+                '{"type":"Feature","geometry":' + geom + ',"properties":{"objectType":"detection",'
+                f'"classification":{classes.get(cat) or json.dumps({"name": cat})},"tumour":{"true" if tum else "false"},'
+                f'"measurements":{{{m},"tumour":{int(tum)}}}}}}}'
             )
         f.write(((b"," if a else b"") + ",".join(feats).encode()))
     f.write(b"]}\n")
 
 
-def overlay_png(analysis: SlideAnalysis, *, max_side: int = 2000) -> bytes:
-    """The tissue thumbnail with each tumour cell drawn in its category colour (non-tumour cells grey)."""
-    thumb = analysis.thumbnail
-    f = min(1.0, max_side / max(thumb.shape[:2]))
-    canvas = cv2.resize(thumb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else thumb.copy()
-    px_per_level0 = analysis.result.mpp / analysis.thumbnail_mpp * f
+# -------------------------------------------------------------------------------------- overlay
+
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib; has µ and ²) at ``size`` px, else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def _text_band(lines: list[tuple[str, int]], width: int, *, pad: int = 6) -> np.ndarray:
+    """A white band ``width`` px wide holding the (text, font size) lines, each wrapped to the width."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped: list[tuple[str, int]] = []
+    for text, size in lines:
+        font, words, line = _font(size), text.split(" "), ""
+        for word in words:
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width - 2 * pad:
+                wrapped.append((line, size))
+                line = word
+            else:
+                line = trial
+        wrapped.append((line, size))
+    height = pad + sum(int(s * 1.3) for _, s in wrapped) + pad
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    y = pad
+    for text, size in wrapped:
+        d.text((pad, y), text, fill=(0, 0, 0), font=_font(size))
+        y += int(size * 1.3)
+    return np.asarray(img)
+
+
+def _legend(width: int, entries: list[tuple[str, tuple[int, int, int]]], *, size: int = 13) -> np.ndarray:
+    """A white band with a colour swatch and name per entry, laid out in rows across ``width``."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items = [(name, rgb, int(measure.textlength(name, font=font)) + size + 18) for name, rgb in entries]
+    rows, row, used = [], [], 6
+    for it in items:
+        if row and used + it[2] > width - 6:
+            rows.append(row)
+            row, used = [], 6
+        row.append(it)
+        used += it[2]
+    rows.append(row)
+    line = int(size * 1.5)
+    img = Image.new("RGB", (width, 8 + line * len(rows)), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for r, items_r in enumerate(rows):
+        x, y = 6, 4 + r * line
+        for name, rgb, wpx in items_r:
+            d.rectangle([x, y + 2, x + size, y + size + 2], outline=tuple(rgb), width=3)
+            d.text((x + size + 5, y), name, fill=(0, 0, 0), font=font)
+            x += wpx
+    return np.asarray(img)
+
+
+def _scale_bar(canvas: np.ndarray, mpp: float, *, margin: int = 8) -> None:
+    """Draw a labelled scale bar (a round length near 1/5 of the width) at the bottom right, in place."""
+    from PIL import Image, ImageDraw
+
+    h, w = canvas.shape[:2]
+    target_um = w * mpp / 5
+    um = max((v for v in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= target_um), default=1)
+    bar = max(1, round(um / mpp))
+    label = f"{um} µm" if um < 1000 else f"{um / 1000:g} mm"
+    size = max(11, min(18, w // 40))
+    img = Image.fromarray(canvas)
+    d = ImageDraw.Draw(img)
+    font = _font(size)
+    tw = int(d.textlength(label, font=font))
+    x1, y1 = w - margin, h - margin
+    x0 = x1 - max(bar, tw)
+    d.rectangle([x0 - 4, y1 - size - 14, x1 + 4, y1 + 4], fill=(255, 255, 255))
+    d.rectangle([x1 - bar, y1 - 4, x1, y1], fill=(0, 0, 0))
+    d.text((x1 - bar / 2 - tw / 2, y1 - size - 10), label, fill=(0, 0, 0), font=font)
+    canvas[:] = np.asarray(img)
+
+
+def _legend_entries() -> list[tuple[str, tuple[int, int, int]]]:
+    return [(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES] + [("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)]
+
+
+def _cell_colours(analysis: SlideAnalysis, idx: np.ndarray) -> list[tuple[int, int, int]]:
     t = analysis.cells
-    small = np.median(t["radii_um"]) / analysis.result.mpp * px_per_level0 < 3 if len(t["x"]) else True
-    groups = [(~t["tumour"], (150, 150, 150))] + [(t["tumour"] & (t["category"] == c), CATEGORY_COLOURS[c]) for c in CATEGORIES]
-    for a in range(0, len(t["x"]), CHUNK):  # non-tumour cells first, tumour cells drawn over them
-        b = min(a + CHUNK, len(t["x"]))
-        if small:
-            for sel, colour in groups:
-                for x, y in zip(t["x"][a:b][sel[a:b]] * px_per_level0, t["y"][a:b][sel[a:b]] * px_per_level0):
-                    cv2.circle(canvas, (int(x), int(y)), 1, colour, -1)
+    return [category_colour(c) if tum else NON_TUMOUR_COLOUR for c, tum in zip(t["category"][idx].tolist(), t["tumour"][idx].tolist())]
+
+
+def _draw_cells(canvas: np.ndarray, analysis: SlideAnalysis, idx: np.ndarray, origin: tuple[float, float], px_per_level0: float) -> None:
+    """Rings of cells ``idx`` on ``canvas``, whose pixel (0, 0) is level-0 ``origin`` and scale ``px_per_level0``."""
+    if len(idx) == 0:
+        return
+    ox, oy = origin
+    polys = [(np.asarray(p, np.float64) - (ox, oy)) * px_per_level0 for p in analysis.cells["outline"][idx]]
+    mpp_canvas = analysis.result.mpp / px_per_level0
+    draw_cell_rings(canvas, polys, _cell_colours(analysis, idx), inset_px=max(1.0, 0.6 / mpp_canvas),
+                    width_px=max(1.0, 0.5 / mpp_canvas))
+
+
+def _title_lines(analysis: SlideAnalysis) -> list[tuple[str, int]]:
+    r = analysis.result
+    score = f"HER2 {r.score}" if r.score not in (None, "") else "no HER2 score"
+    level = f" ({r.level})" if r.level != r.score else ""
+    lines = [(f"{Path(r.slide).name}: {score}{level}; {r.guideline}, {r.specimen}", 17),
+             (f"Reason: {r.reason}", 13),
+             (f"{r.tumour_cells} tumour cells; H-score {r.h_score:g}; tumour: {r.region}", 13)]
+    if r.flags:
+        lines.append(("Flags: " + ", ".join(r.flags), 13))
+    failed = [q.message for q in r.qc if q.severity in ("fail", "warn")]
+    if failed:
+        lines.append(("QC: " + "; ".join(failed), 13))
+    return lines
+
+
+def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> np.ndarray:
+    """The field at its own resolution (level 0) with every cell's ring and a scale bar."""
+    if slide is not None:
+        w, h = slide.dimensions
+        canvas = slide.read_region((0, 0), (w, h), mpp=slide.mpp).copy()
+        px = 1.0
+        mpp = slide.mpp
+    else:  # no slide to read: the thumbnail
+        canvas = analysis.thumbnail.copy()
+        px = analysis.result.mpp / analysis.thumbnail_mpp
+        mpp = analysis.thumbnail_mpp
+    _draw_cells(canvas, analysis, np.arange(len(analysis.cells["x"])), (0.0, 0.0), px)
+    _scale_bar(canvas, mpp)
+    return canvas
+
+
+def _heatmap(analysis: SlideAnalysis, which: np.ndarray, bin_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per bin of ``bin_um`` on the thumbnail grid: fraction of tumour cells that are ``which``, and tumour count."""
+    t = analysis.cells
+    th, tw = analysis.thumbnail.shape[:2]
+    um_per_thumb = analysis.thumbnail_mpp
+    nb_x, nb_y = max(1, int(np.ceil(tw * um_per_thumb / bin_um))), max(1, int(np.ceil(th * um_per_thumb / bin_um)))
+    tum = np.asarray(t["tumour"], bool)
+    bx = np.clip((t["x"][tum] * analysis.result.mpp / bin_um).astype(int), 0, nb_x - 1)
+    by = np.clip((t["y"][tum] * analysis.result.mpp / bin_um).astype(int), 0, nb_y - 1)
+    key = by * nb_x + bx
+    total = np.bincount(key, minlength=nb_x * nb_y).reshape(nb_y, nb_x)
+    hits = np.bincount(key, weights=which[tum].astype(np.float64), minlength=nb_x * nb_y).reshape(nb_y, nb_x)
+    return np.where(total > 0, hits / np.maximum(total, 1), 0.0), total
+
+
+def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, title: str, width: int,
+                rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
+    """The thumbnail in grey with each bin of >= ``min_cells`` tumour cells shaded from white (0%) to
+    ``rgb`` (``top_percent`` or more), titled, with a colour bar marking the 10% guideline cut-off."""
+    from PIL import Image, ImageDraw
+
+    th, tw = analysis.thumbnail.shape[:2]
+    f = width / tw
+    grey = cv2.cvtColor(cv2.cvtColor(analysis.thumbnail, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    base = cv2.resize(grey, (width, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+    hb, wb = base.shape[:2]
+
+    def shade(v: np.ndarray) -> np.ndarray:
+        t = np.clip(v * 100 / top_percent, 0, 1)[..., None]
+        return (255 * (1 - t) + np.asarray(rgb, np.float64) * t).astype(np.uint8)
+
+    colour = cv2.resize(shade(frac), (wb, hb), interpolation=cv2.INTER_NEAREST)
+    shown = cv2.resize((total >= min_cells).astype(np.uint8), (wb, hb), interpolation=cv2.INTER_NEAREST).astype(bool)
+    base[shown] = (0.3 * base[shown] + 0.7 * colour[shown]).astype(np.uint8)
+    bar = np.repeat(shade(np.linspace(0, top_percent / 100, width))[None], 12, axis=0)
+    img = Image.new("RGB", (width, 30), (255, 255, 255))
+    d, font = ImageDraw.Draw(img), _font(11)
+    for p in (0, 10, 25, top_percent):
+        x = min(width - 1, round(p / top_percent * (width - 1)))
+        d.line([x, 0, x, 4], fill=(0, 0, 0))
+        label = f"{p:g}%" + (" (cut-off)" if p == 10 else "+" if p == top_percent else "")
+        tx = min(max(0, x - d.textlength(label, font=font) / 2), width - d.textlength(label, font=font))
+        d.text((tx, 6), label, fill=(0, 0, 0), font=font)
+    head = _text_band([(title, 13)], width, pad=3)
+    return np.vstack([head, base, bar, np.asarray(img)])
+
+
+def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
+    """Up to ``n`` windows (level-0 top-left x, y, why): for each category, strongest first, the window
+    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap."""
+    t = analysis.cells
+    tum = np.asarray(t["tumour"], bool)
+    if not tum.any():
+        return []
+    step = window_level0 / 2
+    gx, gy = (t["x"][tum] // step).astype(np.int64), (t["y"][tum] // step).astype(np.int64)
+    cats = t["category"][tum]
+    order = sorted(CATEGORIES, key=lambda c: (-INTENSITY.get(c, 0), CATEGORIES.index(c)))
+    chosen: list[tuple[int, int, str]] = []
+
+    def counts(sel: np.ndarray) -> dict[tuple[int, int], int]:
+        out: dict[tuple[int, int], int] = {}
+        for x, y in zip(gx[sel].tolist(), gy[sel].tolist()):  # each cell counts in the 4 windows holding it
+            for wx in (x - 1, x):
+                for wy in (y - 1, y):
+                    out[(wx, wy)] = out.get((wx, wy), 0) + 1
+        return out
+
+    def free(wx: int, wy: int) -> bool:  # windows span two grid steps: no overlap with a chosen one
+        return all(abs(wx - cx) >= 2 or abs(wy - cy) >= 2 for cx, cy, _ in chosen)
+
+    for label, sel in [(c, cats == c) for c in order] + [("most tumour cells", np.ones(len(cats), bool))] * n:
+        if len(chosen) >= n:
+            break
+        if not sel.any():
             continue
-        outlines = np.round(_outlines_level0(analysis, a, b) * px_per_level0).astype(np.int32)
-        for sel, colour in groups:
-            if sel[a:b].any():
-                cv2.polylines(canvas, list(outlines[sel[a:b]]), True, colour, 1, cv2.LINE_AA)
-    legend = np.full((18 * len(CATEGORIES) + 8, max(canvas.shape[1], 260), 3), 255, np.uint8)
-    for k, name in enumerate(CATEGORIES):
-        y = 14 + 18 * k
-        cv2.rectangle(legend, (6, y - 10), (18, y + 2), CATEGORY_COLOURS[name], -1)
-        cv2.putText(legend, name.replace("_", " "), (24, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    if legend.shape[1] > canvas.shape[1]:
-        canvas = np.pad(canvas, ((0, 0), (0, legend.shape[1] - canvas.shape[1]), (0, 0)), constant_values=255)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(np.vstack([canvas, legend]), cv2.COLOR_RGB2BGR))
+        best = [(k, v) for k, v in sorted(counts(sel).items(), key=lambda kv: (-kv[1], kv[0])) if free(*k)]
+        if best:
+            (wx, wy), v = best[0]
+            why = f"most tumour cells '{label}' ({v})" if label in CATEGORIES else f"most tumour cells ({v})"
+            chosen.append((wx, wy, why))
+    return [(int(max(0, wx * step)), int(max(0, wy * step)), why) for wx, wy, why in chosen]
+
+
+def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: int, region_px: int, region_mpp: float,
+                  width: int) -> np.ndarray:
+    """Whole-slide overlay body: thumbnail with numbered region boxes, two heatmaps, then the regions at ``region_mpp``."""
+    t = analysis.cells
+    mpp0 = analysis.result.mpp
+    strong = np.array([INTENSITY.get(c, 0) == 3 for c in t["category"].tolist()], bool)
+    weak = np.array([INTENSITY.get(c, 0) == 2 for c in t["category"].tolist()], bool)
+    th, tw = analysis.thumbnail.shape[:2]
+    bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
+    col_w = width // 3
+    f = col_w / tw
+    thumb = cv2.resize(analysis.thumbnail, (col_w, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+    window_level0 = region_px * region_mpp / mpp0
+    regions = _regions(analysis, n_regions, window_level0) if slide is not None else []
+    px = f * mpp0 / analysis.thumbnail_mpp  # thumbnail-panel px per level-0 px
+    for k, (x, y, _) in enumerate(regions, start=1):
+        p0 = (int(x * px), int(y * px))
+        p1 = (int((x + window_level0) * px), int((y + window_level0) * px))
+        cv2.rectangle(thumb, p0, p1, (0, 160, 255), 2)
+        cv2.putText(thumb, str(k), (p0[0] + 3, p0[1] + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 90, 200), 2, cv2.LINE_AA)
+    _scale_bar(thumb, analysis.thumbnail_mpp * tw / col_w)
+    panels = [np.vstack([_text_band([("Tissue; boxes: the regions below", 13)], col_w, pad=3), thumb])]
+    for which, name, rgb in ((strong, "strong", (200, 0, 0)), (weak, "weak-to-moderate", (235, 120, 0))):
+        frac, total = _heatmap(analysis, which, bin_um)
+        panels.append(_heat_panel(analysis, frac, total, f"% of tumour cells {name} per {bin_um:.0f} µm bin", col_w, rgb))
+    top_h = max(p.shape[0] for p in panels)
+    top = np.hstack([np.pad(p[:, : col_w - 8], ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
+    top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)), constant_values=255)
+    rows = [top]
+    tiles = []
+    for k, (x, y, why) in enumerate(regions, start=1):
+        img = slide.read_region((x, y), (region_px, region_px), mpp=region_mpp).copy()
+        near = np.flatnonzero((t["x"] >= x - 50 / mpp0) & (t["x"] < x + window_level0 + 50 / mpp0)
+                              & (t["y"] >= y - 50 / mpp0) & (t["y"] < y + window_level0 + 50 / mpp0))
+        _draw_cells(img, analysis, near, (x, y), mpp0 / region_mpp)
+        _scale_bar(img, region_mpp)
+        label = _text_band([(f"{k}: {why}; at ({x * mpp0 / 1000:.2f}, {y * mpp0 / 1000:.2f}) mm, {region_mpp:g} µm/px", 12)], region_px, pad=3)
+        tiles.append(np.vstack([label, img]))
+    per_row = max(1, width // region_px)
+    for i in range(0, len(tiles), per_row):
+        chunk = tiles[i:i + per_row]
+        hh = max(c.shape[0] for c in chunk)
+        row = np.hstack([np.pad(c, ((0, hh - c.shape[0]), (0, 4), (0, 0)), constant_values=255) for c in chunk])
+        rows.append(np.pad(row, ((4, 0), (0, max(0, width - row.shape[1])), (0, 0)), constant_values=255)[:, :width])
+    return np.vstack(rows)
+
+
+def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_max_px: int = FIELD_MAX_PX,
+                  n_regions: int = 6, region_px: int = 512, region_mpp: float = 0.5) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """The overlay as RGB, and for a field of view the box (x, y, width, height) of the field panel in it
+    (None for a whole slide).
+
+    Field of view (longest side <= ``field_max_px`` level-0 px): title band (slide, score, level,
+    reason, flags, QC), the field at its own resolution with each cell's ring (tumour categories in
+    colour, non-tumour grey) and a scale bar, then the legend. Whole slide: title; thumbnail with
+    the regions boxed, heatmaps of the strong and weak-to-moderate fractions of tumour cells; the
+    ``n_regions`` most informative ``region_px`` windows at ``region_mpp`` µm/px with rings; legend.
+    """
+    field = slide is None and max(analysis.thumbnail.shape[:2]) * analysis.thumbnail_mpp / analysis.result.mpp <= field_max_px
+    field = field or (slide is not None and max(slide.dimensions) <= field_max_px)
+    if field:
+        body = _field_panel(analysis, slide)
+        width = body.shape[1]
+    else:
+        width = max(3 * 400, min(3 * region_px, 3 * 600))
+        body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
+    title = _text_band(_title_lines(analysis), width)
+    legend = _legend(width, _legend_entries())
+    out = np.vstack([title, body, legend])
+    return out, ((0, title.shape[0], body.shape[1], body.shape[0]) if field else None)
+
+
+def overlay_png(analysis: SlideAnalysis, slide: Slide | None = None, **kw) -> bytes:
+    """overlay_image encoded as PNG."""
+    rgb, _ = overlay_image(analysis, slide, **kw)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise ValueError("could not encode the overlay PNG")
+        raise ValueError(f"{analysis.result.slide}: could not encode the overlay PNG")
     return png.tobytes()
 
 
-def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike) -> None:
-    """Write the four per-slide outputs into ``out_dir``; result.json last, so it marks completion."""
+def _reopen(analysis: SlideAnalysis) -> Slide | None:
+    """The analysed slide opened again (for the overlay's full-resolution pixels), or None if it cannot be."""
+    try:
+        return open_slide(analysis.result.slide, mpp=analysis.result.mpp)
+    except (SlideError, OSError, ValueError):
+        return None
+
+
+def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_csv: bool = False,
+                  slide: Slide | None = None) -> None:
+    """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
+    result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
+    (otherwise it is opened again from ``analysis.result.slide`` for the overlay)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "cells.csv") as f:
-        write_cells_csv(analysis, f)
-    atomic_write(out / "overlay.png", overlay_png(analysis))
-    with atomic_file(out / "cells.geojson") as f:
-        write_cells_geojson(analysis, f)
+    own = slide is None
+    slide = slide if slide is not None else _reopen(analysis)
+    try:
+        size = _slide_size(analysis, slide)
+        with atomic_file(out / "cells.parquet") as f:
+            write_cells_parquet(analysis, f)
+        if cells_csv:
+            with atomic_file(out / "cells.csv") as f:
+                write_cells_csv(analysis, f)
+        atomic_write(out / "overlay.png", overlay_png(analysis, slide))
+        with atomic_file(out / "cells.geojson") as f:
+            write_cells_geojson(analysis, f, slide_size=size)
+    finally:
+        if own and slide is not None and hasattr(slide, "close"):
+            slide.close()
     atomic_write(out / "result.json", analysis.result.to_json())

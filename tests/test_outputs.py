@@ -1,0 +1,189 @@
+"""Per-slide outputs: cell outlines (valid polygons), GeoJSON for QuPath, the parquet cell table, the overlay."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from her2score.categories import CATEGORIES
+from her2score.outlines import clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outlines
+from her2score.outputs import (
+    CATEGORY_COLOURS, OUTPUT_FILES, category_colour, overlay_image, write_cells_geojson, write_outputs,
+)
+from her2score.pipeline import analyse_slide
+from her2score.slide import ArraySlide
+from her2score.synthetic import generate_field
+
+shapely = pytest.importorskip("shapely", reason="shapely is a test dependency: pip install '.[test]'")
+from shapely.geometry import Point, Polygon, shape  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------ outlines
+
+def _voronoi_labels(rng, size=64, holes=0.2) -> np.ndarray:
+    pts = rng.integers(0, size, (int(rng.integers(5, 40)), 2))
+    yy, xx = np.indices((size, size))
+    _, idx = cKDTree(pts).query(np.column_stack([yy.ravel(), xx.ravel()]))
+    labels = (idx.reshape(size, size) + 1).astype(np.int32)
+    labels[rng.random((size, size)) < holes] = 0  # speckle: necks, pinches, holes, fragments
+    return labels
+
+
+def test_outlines_of_awkward_shapes_are_valid_and_follow_the_pixels():
+    lab = np.zeros((20, 30), np.int32)
+    lab[2:8, 2:8] = 1                      # square
+    lab[10:18, 2:4] = 2; lab[16:18, 2:10] = 2   # L
+    lab[2:6, 12:16] = 3; lab[6, 16] = 3; lab[7:11, 17:21] = 3   # two blocks joined diagonally (a pinch)
+    lab[12:19, 12:19] = 4; lab[15, 15] = 0      # a hole
+    lab[2, 24:29] = 5                      # one pixel thick
+    lab[12:15, 24:27] = 6; lab[17:19, 24:27] = 6  # two parts: the larger is traced
+    polys = trace_outlines(lab, np.array([1, 2, 3, 4, 5, 6, 7]))
+    assert polys[6].shape == (0, 2)  # label 7 has no pixel
+    for k, p in enumerate(polys[:6], start=1):
+        assert p.dtype == np.float32 and p.shape[1] == 2
+        poly = Polygon(p)
+        assert poly.is_valid and is_simple(p), k
+        n, part = cv2.connectedComponents((lab == k).astype(np.uint8), connectivity=4)
+        largest = 1 + np.argmax(np.bincount(part.ravel())[1:])
+        ys, xs = np.nonzero(part == largest)  # the traced part: every pixel centre inside (0.25 px from its edge)
+        assert all(poly.contains(Point(x, y)) for x, y in zip(xs, ys)), k
+        assert poly.area <= (lab == k).sum()
+    sq = Polygon(polys[0])
+    assert sq.bounds == (1.75, 1.75, 7.25, 7.25) and len(polys[0]) == 4  # 6x6 px square: 4 corners
+    assert Polygon(polys[5]).area == pytest.approx(2.5 * 2.5)  # the 3x3 part, not the 3x2 one
+
+
+def test_outlines_of_random_label_images_are_all_valid():
+    rng = np.random.default_rng(7)
+    n = 0
+    for _ in range(40):
+        lab = _voronoi_labels(rng)
+        ids = np.unique(lab)[1:]
+        for p in trace_outlines(lab, ids):
+            n += 1
+            assert Polygon(p).is_valid and is_simple(p)
+    assert n > 500
+
+
+def test_is_simple_agrees_with_shapely():
+    bowtie = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], np.float32)
+    spike = np.array([[0, 0], [4, 0], [4, 4], [2, 4], [2, 1], [2, 4], [0, 4]], np.float32)  # back along itself
+    square = np.array([[0, 0], [3, 0], [3, 3], [0, 3]], np.float32)
+    for p in (bowtie, spike, square):
+        assert is_simple(p) == Polygon(p).is_valid
+    assert polygon_area(square) == 9.0
+
+
+def test_clip_outline_keeps_polygons_valid_inside_the_image():
+    u = np.array([[-5, 0], [5, 0], [5, 10], [3, 10], [3, 2], [-3, 2], [-3, 10], [-5, 10]], np.float32)  # crosses x=0 twice
+    c_shape = np.array([[-5, 0], [5, 0], [5, 2], [-3, 2], [-3, 8], [5, 8], [5, 10], [-5, 10]], np.float32)  # two arms in
+    for poly in (u, u[:, ::-1].copy(), u + [8, -5], c_shape, c_shape[::-1].copy()):
+        c = clip_outline(poly, 6, 6)
+        assert len(c) >= 3 and Polygon(c).is_valid
+        assert c.min() >= 0 and c[:, 0].max() <= 6 and c[:, 1].max() <= 6
+    inside = np.array([[1, 1], [2, 1], [2, 2]], np.float32)
+    assert np.array_equal(clip_outline(inside, 6, 6), inside)
+    assert clip_outline(inside + 100, 6, 6).shape == (0, 2)  # wholly outside
+
+
+def test_rings_leave_the_cell_border_untouched():
+    lab = np.zeros((40, 40), np.int32)
+    lab[5:20, 5:20], lab[5:20, 20:35] = 1, 2
+    polys = trace_outlines(lab, np.array([1, 2]))
+    canvas = np.full((40, 40, 3), 255, np.uint8)
+    draw_cell_rings(canvas, polys, [(255, 0, 0), (0, 0, 255)], inset_px=2, width_px=1)
+    assert (canvas[12, 19] == 255).all() and (canvas[12, 20] == 255).all()  # the shared border: not drawn
+    assert (canvas == (255, 0, 0)).all(axis=2).sum() > 20 and (canvas == (0, 0, 255)).all(axis=2).sum() > 20
+
+
+def test_category_colours_cover_every_category():
+    for c in CATEGORIES:
+        assert category_colour(c) == CATEGORY_COLOURS.get(c, category_colour(c))
+    new = category_colour("some_future_category")
+    assert new == category_colour("some_future_category") and new not in CATEGORY_COLOURS.values()
+
+
+# ------------------------------------------------------------------------------------ on a scored field
+
+@pytest.fixture(scope="module")
+def field():
+    f = generate_field("2+", seed=41, size_px=(384, 320))
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    return f, slide, analyse_slide(slide)
+
+
+def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
+    f, slide, a = field
+    buf = io.BytesIO()
+    write_cells_geojson(a, buf, slide_size=slide.dimensions)
+    geo = json.loads(buf.getvalue())
+    feats = geo["features"]
+    assert len(feats) == len(a.cells["x"]) > 100
+    w, h = slide.dimensions
+    for feat, cat, tum in zip(feats, a.cells["category"], a.cells["tumour"]):
+        g = shape(feat["geometry"])
+        assert feat["geometry"]["type"] == "Polygon" and g.is_valid and not g.is_empty
+        assert feat["geometry"]["coordinates"][0][0] == feat["geometry"]["coordinates"][0][-1]  # closed
+        x0, y0, x1, y1 = g.bounds
+        assert x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == cat and cat in CATEGORIES  # the category only
+        assert props["tumour"] is bool(tum) and props["measurements"]["tumour"] == int(tum)
+        assert {"completeness", "membrane_od", "width_um", "cell_area_um2"} <= set(props["measurements"])
+    # outlines touch the image edge somewhere (clipped there), and hold their cell's centre
+    assert max(shape(ft["geometry"]).bounds[2] for ft in feats) == pytest.approx(w, abs=0.5)
+    inside = [shape(ft["geometry"]).buffer(0.5).contains(Point(x + 0.5, y + 0.5))
+              for ft, x, y in zip(feats, a.cells["x"], a.cells["y"])]
+    assert np.mean(inside) > 0.97
+
+
+def test_parquet_round_trip_and_optional_csv(field, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    f, slide, a = field
+    write_outputs(a, tmp_path / "out", slide=slide, cells_csv=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*OUTPUT_FILES, "cells.csv"])
+    table = pq.read_table(tmp_path / "out" / "cells.parquet")
+    n = len(a.cells["x"])
+    assert table.num_rows == n
+    d = table.to_pydict()
+    assert d["cell_id"] == list(range(n))
+    assert d["category"] == a.cells["category"].tolist() and d["tumour"] == a.cells["tumour"].tolist()
+    assert np.allclose(d["x_px"], a.cells["x"]) and np.allclose(d["membrane_od"], a.cells["membrane_od"])
+    assert np.allclose(d["x_um"], a.cells["x"] * a.result.mpp, atol=1e-3)
+    assert "outline" not in d and "radii_um" not in d
+    rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
+    assert [r["category"] for r in rows] == d["category"] and list(rows[0]) == table.column_names
+    write_outputs(a, tmp_path / "plain", slide=slide)
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(OUTPUT_FILES)
+
+
+def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible(field):
+    f, slide, a = field
+    img, box = overlay_image(a, slide)
+    x, y, w, h = box
+    assert (w, h) == slide.dimensions and img.shape[1] == w  # the field at its own resolution, no rescaling
+    panel = img[y : y + h, x : x + w]
+    changed = np.any(panel != f.image, axis=2)
+    assert 0.05 < changed.mean() < 0.6
+    # the cell borders (where the membrane is) are left as they were, except under the scale bar
+    border = np.zeros((h, w), np.uint8)
+    for p in a.cells["outline"]:
+        cv2.polylines(border, [np.round(p).astype(np.int32)], True, 1, 1)
+    border[h - 40 :, w - 160 :] = 0
+    assert changed[border > 0].mean() < 0.1
+    # title band above and legend band below are not the image
+    assert y > 0 and img.shape[0] > y + h
+
+
+def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
+    f, slide, a = field
+    img, box = overlay_image(a, slide, field_max_px=100, n_regions=2, region_px=128)
+    assert box is None and img.shape[1] >= 1200
+    ok, png = cv2.imencode(".png", img)
+    assert ok and len(png) > 10_000
