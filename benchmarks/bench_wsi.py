@@ -1,11 +1,12 @@
-"""Whole-slide benchmark: speed against the JPEG decode limit, and peak memory, on one machine.
+"""Whole-slide benchmark: speed against the JPEG decode limit and a scikit-image peer, peak memory, start-up.
 
-    python benchmarks/bench_wsi.py                      # full size, 3 runs
-    python benchmarks/bench_wsi.py --scale 1 4          # full size and a slide 4x smaller in area
-    python benchmarks/bench_wsi.py --scale 16 --runs 1  # quick check while developing
-    python benchmarks/bench_wsi.py --profile            # cProfile of one process on a small slide
+    python benchmarks/bench_wsi.py                          # 12,288 x 12,288 and 40,960 x 30,720, 3 runs each
+    python benchmarks/bench_wsi.py --quick                  # 12,288 x 12,288, one run (while developing)
+    python benchmarks/bench_wsi.py --size 20480x15360 --runs 1
+    python benchmarks/bench_wsi.py --profile                # cProfile of one process on a small slide
 
-What it does, for each ``--scale`` (1 = 40,960 x 30,720 px, 4 = 20,480 x 15,360 px, 16 = 10,240 x 7,680):
+Every scoring run uses the CLI's defaults (``her2score score SLIDE --out OUT -q``); ``--workers N``
+passes a worker count instead. What it does, for each ``--size`` (level-0 px, WIDTHxHEIGHT):
 
 (a) **Slide.** Writes (once; cached under ``--workdir``, default /tmp/her2bench) a pyramidal
     JPEG-compressed tiled TIFF at 0.25 µm/px: tissue (a few large irregular blobs over ~50% of the
@@ -26,27 +27,45 @@ What it does, for each ``--scale`` (1 = 40,960 x 30,720 px, 4 = 20,480 x 15,360 
     Level 1 (the level the pipeline reads at the default 0.5 µm/px) is timed the same way, for
     information.
 
-(c) **End to end.** ``her2score score SLIDE --out OUT --workers 2 -q`` in a fresh subprocess (fresh
-    OUT each run), default settings. Wall seconds; CPU seconds of the whole process tree (from
+(c) **End to end.** ``her2score score SLIDE --out OUT -q`` in a fresh subprocess (fresh OUT each
+    run), the CLI's default settings and worker count. Wall seconds; CPU seconds of the whole process tree (from
     wait4); peak memory of the whole process tree sampled from /proc every 0.2 s, as the sum of PSS
     (proportional set size: pages shared between the forked workers counted once - the memory the
     run really needs) and the sum of RSS (pages shared by fork counted in every process - an upper
     bound); and the largest single process (ru_maxrss).
 
+(d) **Start-up.** Wall time of ``her2score --version`` (median of 3), and the time to the first
+    tile: a fresh interpreter imports the CLI and the pipeline, loads the CNN as a batch worker does,
+    opens the slide, finds the tissue and scores its first tile (``analyse_slide`` in one process,
+    stopped there); seconds from the spawn to each stage, median over the runs.
+
+(e) **Peer.** A plain scikit-image cell pipeline (:func:`peer_cells`: ``rgb2hed``, Otsu nuclei,
+    distance-transform watershed, cells grown by ``expand_labels``, Sato ridge filter on DAB,
+    ``regionprops``), what a data scientist writes in an afternoon, run on one core on a spread
+    sample of the pipeline's own tiles (same read boxes at 0.5 µm/px), read once beforehand;
+    her2score's ``score_tile`` (with the CNN on those tiles, as the CLI runs it) is timed on the
+    same tiles in the same way.
+
 Rates printed (all in level-0 pixels, i.e. area at the scan's 0.25 µm/px):
 
 - tissue MP/s = level-0 area of the tiles the pipeline scores (its tile grid over tissue: tile
   cores, without the overlap margins) / wall seconds. This is the headline rate of DESIGN.md §6.
-- ratio = tissue MP/s / one-core level-0 decode MP/s, both measured in this run (the target of
-  issue 4 is >= 0.10 on 2 cores).
-- slide MP/s = the whole level-0 area (glass included) / wall seconds.
+- ratio = tissue MP/s / one-core level-0 decode MP/s, both measured in this run (targets of issue
+  10: >= 0.15 on tissue for the 40,960 x 30,720 slide; >= 0.10 on the whole slide for 12,288^2).
+- slide MP/s = the whole level-0 area (glass included) / wall seconds, and its ratio to decode.
+- peer ratio = tissue MP/s / the peer's one-core tissue MP per CPU-second (the same convention as
+  the decode ratio: both denominators are one core); and, on the sampled tiles, her2score's
+  one-core rate / the peer's one-core rate.
 
 Note: at the default 0.5 µm/px the pipeline reads level 1 of this 2x pyramid (4x fewer pixels
 than level 0); a scanner pyramid with 4x steps (``--level-step 4``, Aperio-like) makes it read and
 resize level 0.
 
+``--cnn`` prints the CNN's patches per CPU-second on one thread, torch eager against ONNX Runtime,
+at batch sizes 16 (one tile's sample), 64 and 256.
+
 ``--profile`` writes a small slide of the same kind (``--profile-size``, default 8192 px square),
-runs ``analyse_slide`` (with the shipped CNN, as the CLI does by default; ``--no-cnn`` without)
+runs ``analyse_slide`` (with the shipped CNN loaded as the CLI's workers load it; ``--no-cnn`` without)
 + ``write_outputs`` in this one process under cProfile and prints the top 15
 entries by cumulative and by own time, then the direct callees of ``score_tile`` and of
 ``analyse_slide`` (ms per megapixel of tile reads at the target µm/px, share of the parent), and
@@ -64,7 +83,6 @@ import argparse
 import cProfile
 import io
 import json
-import math
 import os
 import pstats
 import shutil
@@ -78,7 +96,6 @@ import cv2
 import numpy as np
 
 GENERATOR_VERSION = 1
-BASE_SIZE = (40_960, 30_720)  # (width, height) of the full-size slide, level 0
 FIELD_PX = 1024  # pool field side, level-0 px
 MASK_SIZE = (640, 480)  # (width, height) of the tissue-shape map, whatever the slide size
 GLASS_RGB = (246.0, 244.0, 248.0)
@@ -366,16 +383,20 @@ def _mem(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_cli(slide: Path, out: Path, workers: int, extra: list[str], interval: float = 0.2,
+def _cli() -> list[str]:
+    exe = Path(sys.executable).with_name("her2score")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "her2score.cli"]
+
+
+def run_cli(slide: Path, out: Path, workers: int | None, extra: list[str], interval: float = 0.2,
             timeout: float = 1800.0) -> dict:
-    """Score ``slide`` with the CLI in a subprocess; wall/CPU seconds and peak tree memory.
+    """Score ``slide`` with the CLI in a subprocess (``workers`` None: the CLI's default); wall/CPU
+    seconds and peak tree memory.
 
     A run past ``timeout`` seconds (a hang) has its whole process tree killed and stops the benchmark."""
     if out.exists():
         shutil.rmtree(out)
-    exe = Path(sys.executable).with_name("her2score")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "her2score.cli"]
-    cmd += ["score", str(slide), "--out", str(out), "--workers", str(workers), "-q", *extra]
+    cmd = [*_cli(), "score", str(slide), "--out", str(out), "-q", *(["--workers", str(workers)] if workers else []), *extra]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -411,8 +432,8 @@ def run_cli(slide: Path, out: Path, workers: int, extra: list[str], interval: fl
             "stdout": stdout.decode(errors="replace").strip()}
 
 
-def pipeline_grid(path: Path) -> dict:
-    """The pipeline's own tile grid over this slide (default settings): count and level-0 area."""
+def _tiles(path: Path) -> tuple[list, float, float]:
+    """The pipeline's tile grid over this slide (default settings), the slide's µm/px and the thumbnail's mask area (level-0 MP)."""
     from her2score.pipeline import ScoringConfig
     from her2score.slide import open_slide
     from her2score.tissue import tile_grid, tissue_mask
@@ -424,11 +445,140 @@ def pipeline_grid(path: Path) -> dict:
         tissue = tissue_mask(s.thumbnail(mpp=thumb_mpp), mpp=thumb_mpp)
         size_t = (round(s.dimensions[0] * s.mpp / cfg.mpp), round(s.dimensions[1] * s.mpp / cfg.mpp))
         tiles = tile_grid(tissue, slide_size_px=size_t, tile_px=cfg.tile_px, margin_px=cfg.margin_px)
-        f = (cfg.mpp / s.mpp) ** 2
-        core = sum(t.core[2] * t.core[3] for t in tiles) * f
-        read = sum(t.read[2] * t.read[3] for t in tiles) * f
-        return {"tiles": len(tiles), "tile_px": cfg.tile_px, "target_mpp": cfg.mpp, "core_mp": core / 1e6,
-                "read_mp": read / 1e6, "tissue_mask_mp": float(tissue.mask.sum()) * (thumb_mpp / s.mpp) ** 2 / 1e6}
+        return tiles, s.mpp, float(tissue.mask.sum()) * (thumb_mpp / s.mpp) ** 2 / 1e6
+
+
+def pipeline_grid(path: Path) -> dict:
+    """The pipeline's own tile grid over this slide (default settings): count and level-0 area."""
+    from her2score.pipeline import ScoringConfig
+
+    cfg = ScoringConfig()
+    tiles, mpp, mask_mp = _tiles(path)
+    f = (cfg.mpp / mpp) ** 2
+    core = sum(t.core[2] * t.core[3] for t in tiles) * f
+    read = sum(t.read[2] * t.read[3] for t in tiles) * f
+    return {"tiles": len(tiles), "tile_px": cfg.tile_px, "target_mpp": cfg.mpp, "core_mp": core / 1e6,
+            "read_mp": read / 1e6, "tissue_mask_mp": mask_mp}
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) start-up, (e) the scikit-image peer
+
+
+def version_seconds(n: int = 3) -> float:
+    """Median wall seconds of ``her2score --version`` in a fresh process."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run([*_cli(), "--version"], check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def one_field_cli_seconds(workdir: Path, n: int = 3) -> float:
+    """Median wall seconds of ``her2score score FIELD --out OUT -q`` (CLI defaults) on a one-tile field
+    (448 x 448 px at 0.5 µm/px, PNG): the CLI's start-up, one tile and its outputs."""
+    from PIL import Image
+
+    from her2score.synthetic import generate_field
+
+    field = workdir / "one_tile_field_2+.png"
+    if not field.exists():
+        Image.fromarray(generate_field("2+", seed=3, size_px=(448, 448)).image).save(field, dpi=(25400 / 0.5,) * 2)
+    times = []
+    for _ in range(n):
+        times.append(run_cli(field, workdir / "out_one_field", None, [])["wall_s"])
+    return statistics.median(times)
+
+
+class _FirstTile(Exception):
+    pass
+
+
+def first_tile_child(slide: Path, spawned: float) -> None:
+    """In a fresh interpreter (``--first-tile``): seconds from ``spawned`` (time.time() of the parent at
+    the spawn) to imports done, CNN loaded, and the first tile scored; printed as JSON."""
+    stages = {"interpreter": time.time() - spawned}
+    import her2score.cli  # noqa: F401  (the CLI's own imports)
+    from her2score import pipeline
+    from her2score.batch import _load_cnn
+    from her2score.cnn import default_weights_path
+
+    stages["imports"] = time.time() - spawned
+    cnn = _load_cnn(str(default_weights_path()))
+    stages["cnn_loaded"] = time.time() - spawned
+    score_tile = pipeline.score_tile
+
+    def first(*a, **k):
+        score_tile(*a, **k)
+        stages["first_tile"] = time.time() - spawned
+        raise _FirstTile
+
+    pipeline.score_tile = first  # instrumentation: stop analyse_slide after its first tile
+    try:
+        pipeline.analyse_slide(slide, workers=1, cnn=cnn)
+    except _FirstTile:
+        pass
+    print(json.dumps(stages))
+
+
+def first_tile_seconds(slide: Path) -> dict:
+    spawned = time.time()
+    out = subprocess.run([sys.executable, __file__, "--first-tile", str(slide), "--spawned", repr(spawned)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peer_cells(rgb: np.ndarray, *, mpp: float = 0.5) -> int:
+    """A plain scikit-image cell pipeline on one RGB tile; returns the number of cells with a membrane measured.
+
+    rgb2hed -> Otsu threshold on haematoxylin -> nuclei split by a watershed on their distance transform
+    -> cells = nuclei grown by 4 µm (expand_labels) -> Sato ridge filter on DAB -> regionprops of each
+    cell (area, centroid, mean ridge) and of its boundary pixels (mean DAB).
+    """
+    from scipy import ndimage as ndi
+    from skimage import color, feature, filters, measure, segmentation
+
+    hed = color.rgb2hed(rgb)
+    hema, dab = hed[..., 0], hed[..., 2]
+    nuclei = hema > filters.threshold_otsu(hema)
+    distance = ndi.distance_transform_edt(nuclei)
+    peaks = feature.peak_local_max(distance, min_distance=max(1, round(2.5 / mpp)), labels=measure.label(nuclei))
+    markers = np.zeros(nuclei.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    nuclei_lab = segmentation.watershed(-distance, markers, mask=nuclei)
+    cells = segmentation.expand_labels(nuclei_lab, distance=round(4 / mpp))
+    ridge = filters.sato(dab, sigmas=(1, 2), black_ridges=False)
+    features = [(p.label, p.area, p.centroid, p.intensity_mean) for p in measure.regionprops(cells, intensity_image=ridge)]
+    boundary = segmentation.find_boundaries(cells, mode="inner") * cells
+    membrane_dab = {p.label: p.intensity_mean for p in measure.regionprops(boundary, intensity_image=dab)}
+    return sum(1 for f in features if f[0] in membrane_dab)
+
+
+def peer_rates(path: Path, *, n: int, cnn) -> dict:
+    """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
+    ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
+    from her2score.pipeline import ScoringConfig, score_tile
+    from her2score.slide import open_slide
+    from her2score.stain import H_DAB, estimate_background
+
+    cfg = ScoringConfig()
+    tiles, mpp, _ = _tiles(path)
+    pick = [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)]
+    scale = cfg.mpp / mpp
+    with open_slide(path) as s:
+        stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
+        rgbs = [s.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=cfg.mpp) for t in pick]
+    core_mp = sum(t.core[2] * t.core[3] for t in pick) * scale ** 2 / 1e6
+    c = time.thread_time()
+    peer_n = sum(peer_cells(rgb, mpp=cfg.mpp) for rgb in rgbs)
+    peer_cpu = time.thread_time() - c
+    c = time.thread_time()
+    ours_n = sum(len(score_tile(rgb, t, stains=stains, config=cfg, scale=scale, cnn=cnn,
+                                cnn_max_patches=cfg.cnn_patches_per_tile).cells) for rgb, t in zip(rgbs, pick))
+    ours_cpu = time.thread_time() - c
+    return {"tiles": len(pick), "core_mp": core_mp, "peer_mps": core_mp / peer_cpu, "peer_cells": peer_n,
+            "ours_mps": core_mp / ours_cpu, "ours_cells": ours_n}
 
 
 def _count_rows(path: Path) -> int:
@@ -436,16 +586,13 @@ def _count_rows(path: Path) -> int:
         return max(0, sum(1 for _ in f) - 1)
 
 
-def bench_size(scale: int, args, workdir: Path) -> dict:
-    lin = math.isqrt(scale)
-    if lin * lin != scale:
-        raise SystemExit(f"--scale must be a square (1, 4, 16...), got {scale}")
-    size = (BASE_SIZE[0] // lin, BASE_SIZE[1] // lin)
+def bench_size(size: tuple[int, int], args, workdir: Path, cnn) -> dict:
     path, side = ensure_slide(workdir, size, args)
     w, h = side["width"], side["height"]
     slide_mp = w * h / 1e6
     tissue_mp = slide_mp * side["tissue_fraction"]
     grid = pipeline_grid(path)
+    workers = f"--workers {args.workers}" if args.workers else "the CLI's default --workers"
     print(f"\n=== slide {w} x {h} px at {side['mpp']} µm/px = {slide_mp:.0f} MP level 0; "
           f"{len(side['levels'])} levels (step {args.level_step}); {side['tile']} px JPEG tiles q{side['quality']}; "
           f"{side['bytes'] / 1e6:.0f} MB; tissue {side['tissue_fraction']:.1%} = {tissue_mp:.0f} MP ===")
@@ -455,10 +602,15 @@ def bench_size(scale: int, args, workdir: Path) -> dict:
     dec = decode_rate(path, 0, full0, n=args.decode_tiles, passes=3)
     lvl1 = side["levels"][1][2] if len(side["levels"]) > 1 else None
     dec1 = decode_rate(path, 1, side["full_tissue_tiles"].get(str(lvl1), []), n=args.decode_tiles // 4, passes=3) if lvl1 else []
+    peer = peer_rates(path, n=args.peer_tiles, cnn=cnn)
+    print(f"peer on {peer['tiles']} of the pipeline's tiles ({peer['core_mp']:.1f} MP level-0 cores), one core: scikit-image "
+          f"{peer['peer_mps']:.2f} MP per CPU-second ({peer['peer_cells']} cells); her2score score_tile with the CNN "
+          f"{peer['ours_mps']:.2f} ({peer['ours_cells']} cells): {peer['ours_mps'] / peer['peer_mps']:.1f}x the peer", flush=True)
     runs = []
     for r in range(args.runs):
-        out = workdir / f"out_{scale}"
+        out = workdir / f"out_{w}x{h}"
         res = run_cli(path, out, args.workers, args.cli_args, timeout=args.timeout)
+        res["first_tile"] = first_tile_seconds(path)
         dec += decode_rate(path, 0, full0, n=args.decode_tiles, passes=1, seed=r + 1)
         result = json.loads(next(out.glob("*/result.json")).read_text())
         csv_path = next(out.glob("*/cells.csv"), None)
@@ -466,18 +618,20 @@ def bench_size(scale: int, args, workdir: Path) -> dict:
                    cells=_count_rows(csv_path) if csv_path else None,
                    output_mb=sum(f.stat().st_size for f in out.glob("*/*")) / 1e6)
         runs.append(res)
+        ft = res["first_tile"]
         print(f"  run {r + 1}: wall {res['wall_s']:6.1f} s, cpu {res['cpu_s']:6.1f} s ({res['cpu_s'] / res['wall_s']:.2f} cores busy); "
               f"peak PSS {res['peak_pss_mb']:5.0f} MB, RSS sum {res['peak_rss_sum_mb']:5.0f} MB, largest process "
               f"{res['max_single_rss_mb']:5.0f} MB, {res['processes']} processes; load before {res['load_before']:.2f}; "
-              f"{res['cells']} cells ({res['tumour_cells']} tumour), score {res['score']}, outputs {res['output_mb']:.0f} MB",
+              f"{res['cells']} cells ({res['tumour_cells']} tumour), score {res['score']}, outputs {res['output_mb']:.0f} MB; "
+              f"first tile at {ft['first_tile']:.2f} s (imports {ft['imports']:.2f}, CNN loaded {ft['cnn_loaded']:.2f})",
               flush=True)
     med = statistics.median
     # the limit is the best pass (CPU time): on a shared machine slower passes measure the neighbours
     dec_cpu, dec_wall = max(d[1] for d in dec), med(d[0] for d in dec)
     summary = {
-        "scale": scale, "width": w, "height": h, "slide_mp": slide_mp, "tissue_fraction": side["tissue_fraction"],
+        "width": w, "height": h, "slide_mp": slide_mp, "tissue_fraction": side["tissue_fraction"],
         "grid": grid, "decode_l0_mps": dec_cpu, "decode_l0_wall_mps": dec_wall, "decode_l0_passes": dec,
-        "decode_l1_mps": max(d[1] for d in dec1) if dec1 else None, "runs": runs,
+        "decode_l1_mps": max(d[1] for d in dec1) if dec1 else None, "peer": peer, "runs": runs,
     }
     print(f"decode limit, 1 core: imagecodecs.jpeg8_decode of {min(args.decode_tiles, len(full0))} level-0 tissue tiles, "
           f"best of {len(dec)} passes: {dec_cpu:.0f} MP/s per CPU-second (median {med(d[1] for d in dec):.0f}; "
@@ -488,18 +642,52 @@ def bench_size(scale: int, args, workdir: Path) -> dict:
         wall, cpu = med(r["wall_s"] for r in runs), med(r["cpu_s"] for r in runs)
         summary.update(
             wall_s=wall, cpu_s=cpu, tissue_mps=grid["core_mp"] / wall, slide_mps=slide_mp / wall,
-            ratio=grid["core_mp"] / wall / dec_cpu, tissue_mp_per_cpu_s=grid["core_mp"] / cpu,
+            ratio=grid["core_mp"] / wall / dec_cpu, slide_ratio=slide_mp / wall / dec_cpu,
+            peer_ratio=grid["core_mp"] / wall / peer["peer_mps"], tissue_mp_per_cpu_s=grid["core_mp"] / cpu,
             peak_pss_mb=med(r["peak_pss_mb"] for r in runs), peak_rss_sum_mb=med(r["peak_rss_sum_mb"] for r in runs),
             max_single_rss_mb=med(r["max_single_rss_mb"] for r in runs),
+            first_tile_s=med(r["first_tile"]["first_tile"] for r in runs),
         )
-        print(f"end to end, --workers {args.workers}, median of {len(runs)} runs: wall {wall:.1f} s; "
-              f"tissue {summary['tissue_mps']:.1f} MP/s (level-0 px of the scored tiles' cores); "
-              f"ratio to 1-core decode {summary['ratio']:.3f}; slide {summary['slide_mps']:.1f} MP/s (whole level 0); "
+        print(f"end to end, {workers}, median of {len(runs)} runs: wall {wall:.1f} s; "
+              f"tissue {summary['tissue_mps']:.1f} MP/s (level-0 px of the scored tiles' cores): "
+              f"{summary['ratio']:.3f} of the 1-core decode rate, {summary['peer_ratio']:.1f}x the 1-core scikit-image peer; "
+              f"slide {summary['slide_mps']:.1f} MP/s (whole level 0): {summary['slide_ratio']:.3f} of decode; "
               f"peak PSS {summary['peak_pss_mb']:.0f} MB (RSS sum {summary['peak_rss_sum_mb']:.0f} MB, largest process "
-              f"{summary['max_single_rss_mb']:.0f} MB)")
+              f"{summary['max_single_rss_mb']:.0f} MB); first tile at {summary['first_tile_s']:.2f} s")
         print(f"  per CPU-second of the process tree: {summary['tissue_mp_per_cpu_s']:.1f} tissue MP "
               f"({summary['tissue_mp_per_cpu_s'] / dec_cpu:.3f} of the decode rate; {cpu / wall:.2f} cores were busy on average)")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# --cnn
+
+
+def cnn_rates(seconds: float = 2.0) -> None:
+    """Patches per CPU-second of the shipped CNN on one thread: torch eager (channels-last) against ONNX
+    Runtime, by batch size (16 = one tile's sample, as the pipeline calls it), on real tissue patches."""
+    import torch
+
+    from her2score.cnn import load_model, load_onnx_model, tissue_patches
+    from her2score.stain import deconvolve
+    from her2score.synthetic import generate_field
+
+    torch.set_num_threads(1)
+    fields = [deconvolve(generate_field(sc, seed=i, size_px=(1024, 1024)).image) for i, sc in enumerate(("0", "1+", "2+", "3+"))]
+    x = np.concatenate([tissue_patches(f, patch_px=64)[0] for f in fields])[:256]
+    models = {"torch eager": load_model(device="cpu"), "onnxruntime": load_onnx_model()}
+    diff = np.abs(models["torch eager"].predict_patches(x) - models["onnxruntime"].predict_patches(x)).max()
+    print(f"\n=== CNN, one thread, {len(x)} tissue patches of 64 px; largest |p_onnx - p_torch| {diff:.1e} ===")
+    for batch in (16, 64, 256):
+        line = []
+        for name, m in models.items():
+            m.predict_patches(x[:batch])
+            c, n = time.thread_time(), 0
+            while time.thread_time() - c < seconds:
+                m.predict_patches(x[:batch])
+                n += batch
+            line.append(f"{name} {n / (time.thread_time() - c):6.0f}")
+        print(f"  batch {batch:3d}: " + ", ".join(line) + " patches per CPU-second")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,15 +704,13 @@ def profile(args, workdir: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     grid = pipeline_grid(path)
     cnn, cnn_note = None, "no CNN"
-    if not args.no_cnn:  # as the CLI's default: the shipped CNN, one torch thread per process
+    if not args.no_cnn:  # as the CLI's default: the shipped CNN loaded as a batch worker loads it
         try:
-            import torch
+            from her2score.batch import _load_cnn
+            from her2score.cnn import default_weights_path
 
-            from her2score.cnn import load_model
-
-            torch.set_num_threads(1)
-            cnn = load_model()
-            cnn_note = f"CNN {cnn.name}"
+            cnn = _load_cnn(str(default_weights_path()))
+            cnn_note = f"CNN {cnn.name} on {type(cnn).__name__}"
         except Exception as e:  # no torch or no weights: profile the classical pipeline
             cnn_note = f"no CNN ({type(e).__name__}: {e})"
     prof = cProfile.Profile()
@@ -606,10 +792,12 @@ def read_paths(path: Path, cfg, *, n: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/her2bench"), help="slide cache and outputs (default /tmp/her2bench)")
-    p.add_argument("--scale", type=int, nargs="+", default=[1],
-                   help="area divisor(s) of the 40,960 x 30,720 slide: 1 (full), 4 (20,480 x 15,360), 16 ...")
+    p.add_argument("--size", nargs="+", default=["12288x12288", "40960x30720"],
+                   help="slide size(s), level-0 px WIDTHxHEIGHT (default: 12288x12288 40960x30720)")
+    p.add_argument("--quick", action="store_true", help="while developing: the 12,288^2 slide, one run, smaller samples")
     p.add_argument("--runs", type=int, default=3, help="end-to-end runs per size (medians reported)")
-    p.add_argument("--workers", type=int, default=2, help="--workers passed to her2score score (default 2)")
+    p.add_argument("--workers", type=int, help="--workers passed to her2score score (default: none, the CLI's default)")
+    p.add_argument("--peer-tiles", type=int, default=24, help="pipeline tiles in the scikit-image peer's sample")
     p.add_argument("--cli-args", nargs=argparse.REMAINDER, default=[], help="extra arguments for her2score score (last)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a scoring run counts as hung and is killed")
     p.add_argument("--decode-tiles", type=int, default=2000, help="level-0 tissue tiles in the decode sample")
@@ -623,10 +811,22 @@ def main(argv=None) -> int:
     p.add_argument("--rewrite", action="store_true", help="write the slide again even if cached")
     p.add_argument("--profile", action="store_true", help="profile one process on a small slide instead")
     p.add_argument("--no-cnn", action="store_true", help="--profile without the CNN (the CLI's --no-cnn)")
+    p.add_argument("--cnn", action="store_true", help="CNN patches/s only: torch eager against ONNX Runtime, by batch size")
     p.add_argument("--profile-size", type=int, default=8192, help="side (px) of the profiled slide")
     p.add_argument("--profile-tiles", type=int, default=64, help="tiles in the read-path comparison of --profile")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--first-tile", type=Path, help=argparse.SUPPRESS)  # the child of first_tile_seconds
+    p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.first_tile:
+        first_tile_child(args.first_tile, args.spawned)
+        return 0
+    if args.quick:
+        args.size, args.runs, args.decode_tiles, args.peer_tiles = ["12288x12288"], 1, 500, 8
+    try:
+        sizes = [tuple(int(v) for v in sz.lower().split("x")) for sz in args.size]
+    except ValueError:
+        raise SystemExit(f"--size takes WIDTHxHEIGHT in pixels, e.g. 12288x12288; got {args.size}") from None
     args.workdir.mkdir(parents=True, exist_ok=True)
     import her2score
 
@@ -636,18 +836,30 @@ def main(argv=None) -> int:
     if args.profile:
         profile(args, args.workdir)
         return 0
-    results = [bench_size(s, args, args.workdir) for s in args.scale]
-    if len(results) > 1 and all(r["runs"] for r in results):
-        print("\n=== summary (medians; MP in level-0 px at 0.25 µm/px) ===")
+    if args.cnn:
+        cnn_rates()
+        return 0
+    from her2score.batch import _load_cnn
+    from her2score.cnn import default_weights_path
+
+    cnn = _load_cnn(str(default_weights_path()))  # as a batch worker loads it (one thread)
+    print(f"start-up: her2score --version {version_seconds():.2f} s wall; her2score score on a one-tile field "
+          f"{one_field_cli_seconds(args.workdir):.2f} s wall (medians of 3)", flush=True)
+    results = [bench_size(sz, args, args.workdir, cnn) for sz in sizes]
+    if all(r["runs"] for r in results):
+        print("\n=== summary (medians; MP in level-0 px at 0.25 µm/px; ratios to one-core rates measured in this run) ===")
         print(f"{'slide, level 0':>16} {'tissue MP':>9} {'wall s':>7} {'tissue MP/s':>11} {'decode MP/s':>11} "
-              f"{'ratio':>6} {'slide MP/s':>10} {'cores busy':>10} {'peak PSS MB':>11} {'RSS sum MB':>10}")
+              f"{'ratio':>6} {'peer x':>6} {'slide MP/s':>10} {'slide ratio':>11} {'cores busy':>10} {'peak PSS MB':>11} "
+              f"{'RSS sum MB':>10} {'1st tile s':>10}")
         for r in results:
             print(f"{r['width']:>7} x {r['height']:<6} {r['grid']['core_mp']:9.0f} {r['wall_s']:7.1f} {r['tissue_mps']:11.1f} "
-                  f"{r['decode_l0_mps']:11.0f} {r['ratio']:6.3f} {r['slide_mps']:10.1f} {r['cpu_s'] / r['wall_s']:10.2f} "
-                  f"{r['peak_pss_mb']:11.0f} {r['peak_rss_sum_mb']:10.0f}")
+                  f"{r['decode_l0_mps']:11.0f} {r['ratio']:6.3f} {r['peer_ratio']:6.1f} {r['slide_mps']:10.1f} "
+                  f"{r['slide_ratio']:11.3f} {r['cpu_s'] / r['wall_s']:10.2f} {r['peak_pss_mb']:11.0f} {r['peak_rss_sum_mb']:10.0f} "
+                  f"{r['first_tile_s']:10.2f}")
         big, small = max(results, key=lambda r: r["slide_mp"]), min(results, key=lambda r: r["slide_mp"])
-        print(f"memory for {big['slide_mp'] / small['slide_mp']:.0f}x the area: peak PSS x{big['peak_pss_mb'] / small['peak_pss_mb']:.2f}, "
-              f"RSS sum x{big['peak_rss_sum_mb'] / small['peak_rss_sum_mb']:.2f}")
+        if big is not small:
+            print(f"memory for {big['slide_mp'] / small['slide_mp']:.0f}x the area: peak PSS x{big['peak_pss_mb'] / small['peak_pss_mb']:.2f}, "
+                  f"RSS sum x{big['peak_rss_sum_mb'] / small['peak_rss_sum_mb']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
