@@ -1,0 +1,209 @@
+"""Is this a brightfield H-DAB tissue image at all? Checked before any cell is scored.
+
+Colour is judged in optical density (OD = -log10(I / I0)) against the image's own glass
+background, as ratios of the three channels' OD, which do not depend on how much stain a pixel
+holds: r/g = OD_red / OD_green and b/g = OD_blue / OD_green.
+
+- haematoxylin (blue to purple) absorbs red and green, little blue: b/g < 0.8, r/g ~0.6-1.6;
+- DAB (brown) absorbs blue most: b/g > 1;
+- eosin (pink) absorbs green, little red and little blue: r/g < 0.4 in eosin-heavy H&E. In purple
+  H&E, eosin shows as cytoplasm and stroma redder (lower r/g) than the image's own nuclei; a single
+  haematoxylin (an IHC HER2 0) has one colour in nuclei and elsewhere.
+
+Refused: dark backgrounds (fluorescence, darkfield, most photos), images without a blue nuclear
+counterstain (photos, text, plots, other chromogens), H&E (eosin), and a µm/px that makes nuclei
+implausibly large. Every threshold below was measured on the real images in ../shared/data/real
+(H&E from four sources, Ki67 IHC from two scanners), scikit-image's IHC image, the sample images
+and synthetic fields with stain jitter up to 8 degrees (see tests/test_imagecheck.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .slide import Slide, SlideError
+from .stain import H_DAB, deconvolve, optical_density
+
+__all__ = [
+    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction",
+    "stain_fractions", "rendered_fractions", "nucleus_diameter_um",
+]
+
+DARK_INTENSITY = 50
+DARK_MAX_CHROMA = 20
+"""A pixel is dark and neutral (black) when its brightest channel is below 50 and its channels differ by
+less than 20 (0-255): the background of fluorescence and darkfield, never an area of brightfield
+tissue, where even over-stained pixels keep the colour of their stain."""
+MAX_DARK_FRACTION = 0.08
+"""Brightfield IHC measured: at most 0.025 dark (Ki67 ndpi); fluorescence-like 0.62, the astronaut photo 0.20."""
+STAINED_OD = 0.25
+"""A pixel is stained when its summed RGB log10 OD exceeds this (pale pixels' colour ratios are noise)."""
+COUNTERSTAIN_OD = 0.12
+"""Lower floor for finding the counterstain, so that a pale haematoxylin still counts."""
+MAX_EOSIN_FRACTION = 0.22
+"""Eosin-coloured share of stained pixels. Measured: real H&E >= 0.30, real and synthetic H-DAB <= 0.14."""
+MIN_HAEMATOXYLIN_FRACTION = 0.02
+"""Blue/purple share of stained pixels. Measured: real IHC >= 0.07 (the colon image, mostly DAB); photos, text, plots ~0."""
+MAX_NUCLEUS_DIAMETER_UM = 14.0
+"""Median nucleus diameter above this means the µm/px given is too coarse (real tissue measured 2-7 µm)."""
+MAX_FLAT_FRACTION = 0.5
+MIN_SOLID_FRACTION = 0.4
+"""Rendered graphics: one exact colour fills > 0.5 of the image (text, plots: 0.92; scans <= 0.09) and
+< 0.4 of the stained pixels survive an opening by a 5 px disc (strokes; tissue >= 0.54)."""
+
+
+class NotHerIhcError(SlideError):
+    """The image is not a brightfield H-DAB (HER2 IHC) tissue image, or its µm/px is implausible."""
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What the check measured and its verdict; ``reason`` is empty when the image is accepted."""
+
+    accepted: bool
+    code: str
+    reason: str
+    dark_fraction: float
+    eosin_fraction: float
+    haematoxylin_fraction: float
+    nucleus_diameter_um: float
+    background: tuple[float, float, float]
+
+
+def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float, float, float]:
+    """White level I0 (RGB, 0-255): the median of the brightest 0.5% of pixels, its colour cast
+    limited to ``max_cast`` of its mean (tissue-filled fields have no glass: their brightest pixels
+    are pale stain, which must not be taken for the white balance)."""
+    flat = rgb.reshape(-1, 3)
+    flat = flat[:: max(1, len(flat) // 500_000)].astype(np.float32)
+    k = max(50, len(flat) // 200)
+    idx = np.argpartition(flat.sum(axis=1), -min(k, len(flat)))[-min(k, len(flat)):]
+    bg = np.median(flat[idx], axis=0)
+    mean = float(bg.mean())
+    bg = np.clip(bg, mean * (1 - max_cast), mean * (1 + max_cast))
+    return tuple(float(max(v, 1.0)) for v in bg)
+
+
+def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
+    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
+    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+    return float(np.mean((hi < max_intensity) & (hi - lo < max_chroma)))
+
+
+def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
+                    counterstain_od: float = COUNTERSTAIN_OD) -> tuple[float, float, int]:
+    """(eosin fraction, haematoxylin fraction, stained pixel count) of RGB log10 OD pixels (..., 3).
+
+    Haematoxylin, among pixels above ``counterstain_od``: b/g < 0.9 and 0.4 < r/g < 2.2 (bluer than
+    that is a saturated rendered colour). Eosin, among pixels above ``stained_od`` and not DAB
+    (b/g < 0.75): r/g < 0.4, or r/g < 0.85 and 0.12 below the r/g of the image's darkest non-DAB
+    pixels (its nuclei), i.e. redder than its own haematoxylin.
+    """
+    flat = od.reshape(-1, 3)
+    flat = flat[:: max(1, len(flat) // 300_000)].astype(np.float64)
+    total = flat.sum(axis=1)
+    flat, total = flat[total > counterstain_od], total[total > counterstain_od]
+    g = np.maximum(flat[:, 1], 1e-6)
+    rg, bg = flat[:, 0] / g, flat[:, 2] / g
+    haem = float(np.mean((bg < 0.9) & (rg > 0.4) & (rg < 2.2))) if len(flat) else 0.0
+    stained = total > stained_od
+    rg, bg, total = rg[stained], bg[stained], total[stained]
+    if len(total) == 0:
+        return 0.0, haem, 0
+    not_dab = bg < 0.75
+    eosin = not_dab & (rg < 0.4)
+    if not_dab.sum() >= 50:
+        od_nd = total[not_dab]
+        nuclear_rg = float(np.median(rg[not_dab][od_nd >= np.percentile(od_nd, 90)]))
+        eosin |= not_dab & (rg < 0.85) & (rg < nuclear_rg - 0.12)
+    return float(eosin.mean()), haem, int(len(total))
+
+
+def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = STAINED_OD) -> tuple[float, float]:
+    """(share of the commonest exact colour, share of stained pixels surviving a 5 px disc opening)."""
+    flat = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 250_000)]
+    packed = (flat[:, 0].astype(np.int32) << 16) | (flat[:, 1].astype(np.int32) << 8) | flat[:, 2]
+    modal = float(np.bincount(np.unique(packed, return_inverse=True)[1]).max() / len(packed))
+    stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
+    opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    return modal, float(opened.sum() / max(int(stained.sum()), 1))
+
+
+def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0, 255.0),
+                        work_mpp: float = 0.5) -> float:
+    """Typical nucleus diameter in µm if the image is at ``mpp`` µm/px (NaN when no blobs are found).
+
+    Scale-normalised Laplacian of Gaussian on haematoxylin OD over 12 scales; the scale of the 300
+    strongest blob responses gives the diameter (2·√2·σ). Measured before scale correction, so a
+    wrong µm/px shows as nuclei of the wrong size (the colon IHC at 5 µm/px: 43 µm nuclei).
+    """
+    f = min(1.0, mpp / work_mpp)
+    if f < 1.0:
+        rgb = cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        mpp = mpp / f
+    h = np.clip(deconvolve(rgb, H_DAB.with_background(background))[..., 0], 0, 3)
+    sigmas_px = 1.25 ** np.arange(12)
+    sigmas_px = sigmas_px[sigmas_px < min(h.shape) / 8]
+    if len(sigmas_px) == 0:
+        return float("nan")
+    stack = np.stack([-(s * s) * cv2.Laplacian(cv2.GaussianBlur(h, (0, 0), s), cv2.CV_32F) for s in sigmas_px])
+    best, scale = stack.max(axis=0), stack.argmax(axis=0)
+    peaks = (best >= cv2.dilate(best, np.ones((5, 5), np.uint8))) & (best > 0.02)
+    if peaks.sum() < 10:
+        return float("nan")
+    strongest = np.argsort(best[peaks])[-300:]
+    return float(np.median(2 * np.sqrt(2) * sigmas_px[scale[peaks][strongest]]) * mpp)
+
+
+def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None,
+                detail_mpp: float | None = None) -> ImageCheck:
+    """Judge an RGB uint8 image (a field, or a slide thumbnail at ``mpp`` µm/px).
+
+    ``detail``: a tissue region at ``detail_mpp`` where nuclei are resolved (a whole slide's
+    thumbnail is too coarse); without it the image itself is used for the nucleus size.
+    """
+    detail, detail_mpp = (rgb, mpp) if detail is None else (detail, detail_mpp or mpp)
+    background = glass_background(rgb)
+    dark = dark_fraction(detail)
+    od = optical_density(rgb, background)
+    eosin, haem, n_stained = stain_fractions(od)
+    modal, solid = rendered_fractions(rgb, od)
+    diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=glass_background(detail))
+    code, reason = "ok", ""
+    if dark > MAX_DARK_FRACTION:
+        code, reason = "dark_background", (f"{dark:.0%} of the image is dark: not a brightfield slide "
+                                           "(fluorescence, darkfield or a photograph); not scored")
+    elif modal > MAX_FLAT_FRACTION and solid < MIN_SOLID_FRACTION:
+        code, reason = "rendered_graphic", (f"{modal:.0%} of the image is one exact colour and its marks are thin "
+                                            "strokes: a screenshot, text or a plot, not a scanned slide; not scored")
+    elif n_stained >= 200 and eosin > MAX_EOSIN_FRACTION:
+        code, reason = "eosin", (f"{eosin:.0%} of stained tissue has the colour of eosin: this looks like an "
+                                 "H&E slide, not a HER2 (H-DAB) immunostain; not scored")
+    elif n_stained >= 200 and haem < MIN_HAEMATOXYLIN_FRACTION:
+        code, reason = "no_counterstain", (f"only {haem:.1%} of stained pixels have the blue of a haematoxylin "
+                                           "counterstain: not an H-DAB tissue image (a photo, text, a plot or "
+                                           "another stain); not scored")
+    elif np.isfinite(diameter) and diameter > MAX_NUCLEUS_DIAMETER_UM:
+        code, reason = "implausible_scale", (f"at {detail_mpp:g} µm/px nuclei would be {diameter:.0f} µm across "
+                                             f"(real nuclei: 4-15 µm): the µm/px is wrong; give the scan's --mpp")
+    return ImageCheck(code == "ok", code, reason, round(dark, 4), round(eosin, 4), round(haem, 4),
+                      round(diameter, 2) if np.isfinite(diameter) else float("nan"), background)
+
+
+def check_slide(slide: Slide, thumb: np.ndarray, thumb_mpp: float, tissue_mask: np.ndarray,
+                *, detail_px: int = 1024, detail_mpp: float = 0.5) -> ImageCheck:
+    """check_image on a slide's thumbnail, with nuclei measured on a ``detail_px`` square read at
+    max(scan, ``detail_mpp``) µm/px around the tissue's most interior point, where the thumbnail is
+    coarser than both 1 µm/px and the scan."""
+    if thumb_mpp <= max(1.0, 1.01 * slide.mpp) or not tissue_mask.any():
+        return check_image(thumb, mpp=thumb_mpp)
+    dist = cv2.distanceTransform(tissue_mask.astype(np.uint8), cv2.DIST_L2, 5)
+    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    read_mpp = max(slide.mpp, detail_mpp)
+    half_l0 = detail_px * read_mpp / slide.mpp / 2
+    x = int(max(0, min(col * thumb_mpp / slide.mpp - half_l0, slide.dimensions[0] - 2 * half_l0)))
+    y = int(max(0, min(row * thumb_mpp / slide.mpp - half_l0, slide.dimensions[1] - 2 * half_l0)))
+    detail = slide.read_region((x, y), (detail_px, detail_px), mpp=read_mpp)
+    return check_image(thumb, mpp=thumb_mpp, detail=detail, detail_mpp=read_mpp)

@@ -1,0 +1,177 @@
+"""Is this a brightfield H-DAB tissue image at all? Real IHC (and real HER2 0) accepted; real H&E,
+photos, rendered text, plots and fluorescence-like images refused; a wrong µm/px refused.
+
+The non-tissue corpus is generated here (nothing committed); real images come from ../shared/data/real.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realdata import real_cases
+from her2score.imagecheck import (MAX_EOSIN_FRACTION, NotHerIhcError, check_image, check_slide, glass_background)
+from her2score.pipeline import _thumbnail_mpp, score_slide
+from her2score.slide import ArraySlide, open_slide
+from her2score.stain import estimate_background, optical_density
+from her2score.synthetic import generate_field, generate_he_field
+from her2score.tissue import tissue_mask
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+
+
+# -- the corpus of images that are not H-DAB tissue ------------------------------------------------
+
+def _figure_rgb(draw) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(5.12, 5.12), dpi=100)
+    draw(fig)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
+
+
+def rendered_text() -> np.ndarray:
+    """A screenshot of the kind of text that was once scored 3+."""
+    def draw(fig):
+        for i in range(8):
+            fig.text(0.04, 0.9 - 0.11 * i, "3+ H=294.737 cells=114", fontsize=20)
+    return _figure_rgb(draw)
+
+
+def rendered_plot() -> np.ndarray:
+    def draw(fig):
+        ax = fig.add_subplot()
+        x = np.linspace(0, 10, 200)
+        ax.plot(x, np.sin(x), x, np.cos(x))
+        rng = np.random.default_rng(0)
+        ax.scatter(rng.uniform(0, 10, 60), rng.uniform(-1, 1, 60))
+        ax.set_title("a plot")
+    return _figure_rgb(draw)
+
+
+def fluorescence_like() -> np.ndarray:
+    """Tissue glowing on a black background (a synthetic field's light inverted)."""
+    return (255 - generate_field("2+", seed=3, size_px=(384, 384)).image)[..., [1, 0, 2]]
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+NOT_TISSUE = {
+    "text": (rendered_text, "rendered_graphic"),
+    "plot": (rendered_plot, "rendered_graphic"),
+    "fluorescence": (fluorescence_like, "dark_background"),
+    "astronaut": (lambda: photo("astronaut"), "dark_background"),
+    "coffee": (lambda: photo("coffee"), "no_counterstain"),
+    "chelsea": (lambda: photo("chelsea"), "no_counterstain"),
+}
+"""Each input that once got a confident score, and the check that now refuses it."""
+
+
+def check_file(path, mpp=None):
+    """The check as analyse_slide runs it: on the slide's thumbnail, nuclei on a detail region."""
+    with open_slide(path, mpp=mpp) as slide:
+        thumb_mpp = _thumbnail_mpp(slide, 0.5)
+        thumb = slide.thumbnail(mpp=thumb_mpp)
+        tissue = tissue_mask(thumb, mpp=thumb_mpp, background=estimate_background(thumb))
+        return check_slide(slide, thumb, thumb_mpp, tissue.mask)
+
+
+def check_case(case):
+    src = case.load()
+    return check_file(src, case.mpp) if isinstance(src, Path) else check_image(src, mpp=case.mpp)
+
+
+CASES = real_cases()
+
+
+# -- accepted --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind != "he"], ids=lambda c: c.name)
+def test_real_ihc_and_real_her2_zero_are_accepted(case):
+    c = check_case(case)
+    assert c.accepted, (case.name, c.reason)
+    assert c.eosin_fraction < MAX_EOSIN_FRACTION / 2
+    assert 1.5 <= c.nucleus_diameter_um <= 8.0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".png", ".tif")))
+def test_sample_images_are_accepted(name):
+    c = check_file(SAMPLES / name)
+    assert c.accepted, c.reason
+
+
+def test_synthetic_hdab_with_stain_jitter_is_accepted_and_synthetic_he_refused():
+    for jitter in (0, 4, 8):
+        for seed in range(8):
+            f = generate_field(("0", "1+", "2+", "3+")[seed % 4], seed=500 + seed, stain_jitter=jitter, size_px=(256, 256))
+            c = check_image(f.image, mpp=0.5)
+            assert c.accepted, (jitter, seed, c.reason)
+    for seed in range(4):
+        c = check_image(generate_he_field(seed=seed, size_px=(256, 256)), mpp=0.5)
+        assert c.code == "eosin" and "H&E" in c.reason
+
+
+def _restained(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """The same field with every stain's optical density scaled (pale < 1 < over-stained)."""
+    bg = np.array(glass_background(rgb))
+    return np.clip(bg * 10 ** (-factor * optical_density(rgb, bg)) + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 2.0, 3.0])
+def test_pale_and_over_stained_hdab_is_never_refused(factor):
+    colon = photo("immunohistochemistry")
+    for rgb in (colon, generate_field("3+", seed=9, size_px=(256, 256)).image,
+                generate_field("0", seed=10, size_px=(256, 256)).image):
+        c = check_image(_restained(rgb, factor), mpp=0.5)
+        assert c.accepted, (factor, c.reason)
+
+
+def test_white_balance_casts_do_not_change_the_verdict():
+    colon = photo("immunohistochemistry").astype(np.float32)
+    he = generate_he_field(seed=2, size_px=(256, 256)).astype(np.float32)
+    for cast in ((1.0, 0.94, 0.9), (0.92, 0.96, 1.0), (1.0, 0.93, 1.0)):  # yellow, blue and magenta casts
+        assert check_image((colon * cast).astype(np.uint8), mpp=0.5).accepted
+        assert check_image((he * cast).astype(np.uint8), mpp=0.5).code == "eosin"
+
+
+# -- refused ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "he"], ids=lambda c: c.name)
+def test_real_he_is_refused_as_eosin(case):
+    c = check_case(case)
+    assert c.code == "eosin", (case.name, c)
+    assert "H&E" in c.reason
+
+
+@pytest.mark.parametrize("name", sorted(NOT_TISSUE))
+def test_images_that_are_not_hdab_tissue_are_refused(name):
+    make, code = NOT_TISSUE[name]
+    c = check_image(make(), mpp=0.5)
+    assert not c.accepted and c.code == code, c
+    assert "not scored" in c.reason
+
+
+@pytest.mark.parametrize("mpp, accepted", [(0.25, True), (0.5, True), (1.0, True), (2.0, False), (5.0, False)])
+def test_an_implausible_mpp_is_refused(mpp, accepted):
+    c = check_image(photo("immunohistochemistry"), mpp=mpp)
+    assert c.accepted is accepted, c
+    if not accepted:
+        assert c.code == "implausible_scale" and f"{mpp:g} µm/px" in c.reason
+
+
+def test_score_slide_refuses_before_scoring_and_names_the_file():
+    with pytest.raises(NotHerIhcError, match=r"colon\.png: at 5 µm/px nuclei would be \d+ µm across"):
+        score_slide(ArraySlide(photo("immunohistochemistry"), mpp=5.0, path="colon.png"))
+    with pytest.raises(NotHerIhcError, match=r"cat\.png: .*haematoxylin"):
+        score_slide(ArraySlide(photo("chelsea"), mpp=0.5, path="cat.png"))
