@@ -1,24 +1,36 @@
 """Evaluation runs: score labelled images and measure classical, CNN and fused scores against the labels.
 
-``LABELS`` is a CSV ``path,label[,eligible][,eligible_<rule>][,ish]`` (paths relative to the CSV's
-folder; labels 0, 1+, 2+, 3+) or a folder with one sub-folder per class. Every image is scored by
-the pipeline (or its result.json is reused), the CNN is run on it when the result carries no CNN
-report, and ``out`` receives:
+``LABELS`` is a CSV ``path,label[,level][,eligible][,eligible_<rule>][,ish]`` (paths relative to
+the CSV's folder) or a folder with one sub-folder per class (0, 1+, 2+, 3+). Labels are the five
+report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`` / ``ultralow`` /
+``0+ (ultralow)``, ``1+``, ``2+``, ``3+`` (also 1plus, 2plus, 3plus); an optional ``level`` column
+gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
+(as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image) gives the
+true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
+its result.json is reused), the CNN is run on it when the result carries no CNN report, and
+``out`` receives:
 
-- ``metrics.json``: per method (classical, cnn, fused): n, accuracy, quadratic-weighted kappa, 95%
-  bootstrap CIs for both (paired resamples of images, seeded), per-class precision and recall, the
-  confusion matrix (rows truth, columns called) and, per eligibility rule, sensitivity and
-  specificity (with CIs), the needs-review rate and the counts behind them;
-- ``per_image.csv``, ``confusion.png``, ``report.md`` and ``results/<image>/result.json``.
+- ``metrics.json``: per method (classical, cnn, fused): n, accuracy with its Wilson 95% interval,
+  quadratic-weighted kappa with a percentile-bootstrap 95% interval (paired resamples of images,
+  seeded; flagged as unreliable under n = 30), per-class precision and recall (Wilson), the
+  confusion matrix (rows truth, columns called), null vs ultralow agreement, and per eligibility
+  rule sensitivity and specificity (Wilson), the needs-review rate and the counts behind them;
+  ``percent_agreement``: per category, the mean absolute error and Bland-Altman bias and limits of
+  the called percentage of tumour cells against the truth;
+- ``per_image.csv`` (every score, level, flag, reason, percentage and eligibility answer),
+  ``confusion.png``, ``bland_altman.png`` (when truth has counts), ``report.md`` and
+  ``results/<image>/result.json``.
 
-Eligibility truth per image and rule: the ``eligible_<rule>`` column, or ``eligible`` for the rule
-named by ``eligible_rule``; otherwise it is derived by applying the rule itself to a clean result
-carrying the true score (enough tumour cells, no QC failure, no CNN). Where the 4-class label does
-not decide the answer (a 0 label under a rule that separates null from ultralow, a percentage
-requirement, an ISH level without an ``ish`` column) the image is left out of that rule's figures
-and counted as undetermined. A predicted ``eligible`` is a positive call; ``not_eligible`` and
-``needs_review`` are not (needs_review is reported as its own rate). Rules made for another
-guideline family than the evaluation's are skipped, with the reason.
+Eligibility truth per image and rule never comes from ``check_eligibility``: it is the
+``eligible_<rule>`` column (or ``eligible`` with ``eligible_rule``) when given, else it is derived
+from the label and the rule file alone (``eligibility_truth``: the rule's eligible levels, ISH
+levels and ISH result, and its percentage requirements on the true counts). Where these do not
+decide the answer (a plain 0 label under a rule that separates null from ultralow, a percentage
+requirement without true counts, an ISH level without an ``ish`` column) the image is left out of
+that rule's figures and counted as undetermined. ``report.md`` says which source each rule used.
+A predicted ``eligible`` is a positive call; ``not_eligible`` and ``needs_review`` are not
+(needs_review is reported as its own rate). Rules made for another guideline family than the
+evaluation's are skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -29,26 +41,33 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
+from .categories import CATEGORIES
 from .results import SCORES, SlideResult
 
 __all__ = [
     "METHODS",
+    "TRUTH_LEVELS",
+    "KAPPA_MIN_N",
     "LabelledItem",
+    "parse_truth_label",
     "read_labels",
     "confusion_matrix",
     "quadratic_weighted_kappa",
     "accuracy",
     "per_class",
+    "wilson_ci",
     "bootstrap_ci",
     "binary_rates",
     "eligibility_truth",
+    "percent_agreement",
     "method_result",
     "evaluate",
 ]
@@ -56,19 +75,46 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("classical", "cnn", "fused")
+ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
+TRUTH_LEVELS: dict[str, tuple[str, str | None]] = {
+    "0": ("0", None),
+    "null": ("0", "0 (null)"), "0 (null)": ("0", "0 (null)"), "0null": ("0", "0 (null)"),
+    "0+": ("0", "0+ (ultralow)"), "ultralow": ("0", "0+ (ultralow)"), "0+ (ultralow)": ("0", "0+ (ultralow)"),
+    "0plus": ("0", "0+ (ultralow)"),
+    "1+": ("1+", "1+"), "1plus": ("1+", "1+"), "2+": ("2+", "2+"), "2plus": ("2+", "2+"),
+    "3+": ("3+", "3+"), "3plus": ("3+", "3+"),
+}
+"""Accepted label spellings (case-insensitive) -> (score, report level; None for a plain 0)."""
+
+KAPPA_MIN_N = 30
+"""Below this many images the bootstrap interval of kappa is reported with a warning."""
+
 _TRUE = {"1", "true", "yes", "y", "eligible"}
 _FALSE = {"0", "false", "no", "n", "not_eligible", "not eligible", "ineligible"}
 
 
 @dataclass(frozen=True)
 class LabelledItem:
+    """One labelled image: its score (0, 1+, 2+, 3+), report level (None for a plain 0), known
+    eligibility per rule, ISH result and true cell counts per category (None when unknown)."""
+
     path: str
     label: str
     eligible: dict[str, bool]
     ish: str | None = None
+    level: str | None = None
+    counts: dict[str, int] | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------------------- labels
+
+def parse_truth_label(value: str) -> tuple[str, str | None]:
+    """(score, report level) of a label: 0 / null / 0+ (ultralow) / 1+ / 2+ / 3+ (see TRUTH_LEVELS)."""
+    key = " ".join(str(value).strip().lower().split())
+    if key not in TRUTH_LEVELS:
+        raise ValueError(f"unknown label {value!r}; use one of 0, null, 0+ (or ultralow), 1+, 2+, 3+")
+    return TRUTH_LEVELS[key]
+
 
 def _parse_bool(value: str, where: str) -> bool | None:
     v = value.strip().lower()
@@ -81,22 +127,54 @@ def _parse_bool(value: str, where: str) -> bool | None:
     raise ValueError(f"{where}: eligible value {value!r} is not one of true/false, yes/no, 1/0, eligible/not_eligible")
 
 
+def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
+    """True cell counts per image path (as written in the file) from a truth.jsonl, or {}."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[row["path"]] = {str(k): int(v) for k, v in row["counts"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {i}: not a truth record with 'path' and 'counts' ({e})") from None
+    return out
+
+
 def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) -> list[LabelledItem]:
     """Labelled images from a CSV or a class-folder tree (see the module docstring)."""
-    from .train import class_folder_files, read_labels_csv
+    from .train import class_folder_files
 
     p = Path(labels)
     if p.is_dir():
-        return [LabelledItem(str(f), label, {}) for f, label in class_folder_files(p)]
+        return [LabelledItem(str(f), label, {}, level=None if label == "0" else label) for f, label in class_folder_files(p)]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such labels file or folder")
-    rows = read_labels_csv(p)
-    if "eligible" in rows[0] and any(r.get("eligible") for r in rows) and not eligible_rule:
+    truth = _truth_counts(p.parent / "truth.jsonl")
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"path", "label"} <= {(c or "").strip() for c in reader.fieldnames}:
+            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
+        rows = [(i, {(k or "").strip(): (v or "").strip() for k, v in r.items()}) for i, r in enumerate(reader, start=2)]
+    rows = [(i, r) for i, r in rows if r.get("path")]
+    if not rows:
+        raise ValueError(f"{p}: no labelled rows")
+    if any(r.get("eligible") for _, r in rows) and not eligible_rule:
         raise ValueError(f"{p}: has an 'eligible' column; say which rule it answers (--eligible-rule NAME), "
                          "or name the columns eligible_<rule>")
     items = []
-    for i, r in enumerate(rows, start=2):
+    for i, r in rows:
         where = f"{p}, line {i}"
+        try:
+            score, level = parse_truth_label(r["label"])
+            if r.get("level"):  # an optional five-level column beside a 4-class label (as synth writes)
+                level_score, level = parse_truth_label(r["level"])
+                if level_score != score:
+                    raise ValueError(f"level {r['level']!r} does not agree with label {r['label']!r}")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         elig = {}
         for k, v in r.items():
             if k.startswith("eligible_") and v:
@@ -106,7 +184,9 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         ish = (r.get("ish") or "").strip().lower() or None
         if ish not in (None, "positive", "negative"):
             raise ValueError(f"{where}: ish must be 'positive', 'negative' or empty, got {ish!r}")
-        items.append(LabelledItem(r["path"], r["label"], {k: v for k, v in elig.items() if v is not None}, ish))
+        path = Path(r["path"])
+        items.append(LabelledItem(str(path if path.is_absolute() else p.parent / path), score,
+                                  {k: v for k, v in elig.items() if v is not None}, ish, level, truth.get(r["path"])))
     return items
 
 
@@ -143,14 +223,28 @@ def accuracy(cm: np.ndarray) -> float:
     return float(np.trace(cm) / n) if n else float("nan")
 
 
+def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion k / n: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),
+    z the normal quantile of (1 + level) / 2; (None, None) when n = 0."""
+    if n == 0:
+        return None, None
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def per_class(cm: np.ndarray, classes: Sequence[str] = SCORES) -> dict[str, dict[str, Any]]:
-    """Precision (of the calls of a class) and recall (of the true members) per class; None if undefined."""
+    """Precision (of the calls of a class) and recall (of the true members) per class, with Wilson
+    95% intervals; None where undefined."""
     out = {}
     for k, c in enumerate(classes):
-        called, true = cm[:, k].sum(), cm[k].sum()
-        out[c] = {"precision": float(cm[k, k] / called) if called else None,
-                  "recall": float(cm[k, k] / true) if true else None,
-                  "n_true": int(true), "n_called": int(called)}
+        called, true, hit = int(cm[:, k].sum()), int(cm[k].sum()), int(cm[k, k])
+        out[c] = {"precision": hit / called if called else None, "precision_ci95": list(wilson_ci(hit, called)),
+                  "recall": hit / true if true else None, "recall_ci95": list(wilson_ci(hit, true)),
+                  "n_true": true, "n_called": called}
     return out
 
 
@@ -178,11 +272,34 @@ def binary_rates(truth: np.ndarray, positive: np.ndarray) -> tuple[float, float]
     return sens, spec
 
 
+def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, float]]],
+                      categories: Sequence[str] = CATEGORIES) -> dict[str, dict[str, float | int]]:
+    """Per category, agreement of called against true percentages of tumour cells over images:
+    n, mean absolute error, Bland-Altman bias (mean called - truth), SD of the differences and the
+    95% limits of agreement (bias ± 1.96 SD), and the largest absolute error; points in percentage points.
+    ``pairs``: per image (called %, true %) by category (missing categories count 0)."""
+    out = {}
+    for c in categories:
+        called = np.array([p[0].get(c, 0.0) for p in pairs], np.float64)
+        true = np.array([p[1].get(c, 0.0) for p in pairs], np.float64)
+        d = called - true
+        if len(d) == 0:
+            continue
+        sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        bias = float(d.mean())
+        out[c] = {"n": len(d), "mae": float(np.abs(d).mean()), "bias": bias, "sd": sd,
+                  "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd, "max_abs_error": float(np.abs(d).max())}
+    return out
+
+
 # --------------------------------------------------------------------------------------- eligibility
 
-def _level_for(result: SlideResult, score: str) -> str:
+def _level_for(result: SlideResult, score: str | None) -> str:
     """The report level of ``score``: the classical level when it is the classical score, else the score."""
-    return result.level if score == result.classical_score and result.level != "not scored" else score
+    if score is None:
+        return "not scored"
+    classical_level = result.classical_level or (result.level if result.score == result.classical_score else "")
+    return classical_level if score == result.classical_score and classical_level not in ("", "not scored") else score
 
 
 def method_result(result: SlideResult, method: str) -> SlideResult | None:
@@ -200,48 +317,35 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
         s = result.cnn.score
         return replace(result, score=s, level=_level_for(result, s), cnn=None, confidence=None)
     if method == "fused":
-        return replace(result, level=_level_for(result, result.score))
+        return result
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _truth_guideline(rule, guideline: str) -> str:
-    """A guideline name the rule accepts: the evaluation's own when it fits, else one of the rule's family."""
-    from .guidelines import GUIDELINE_FAMILY
+def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mapping[str, int] | None = None) -> bool | None:
+    """Whether a patient whose true label is ``label`` (any TRUTH_LEVELS spelling) is eligible under
+    ``rule``, from the rule file alone (never check_eligibility): the label's level is eligible if it,
+    or its score, is in ``eligible_levels``; in ``ish_levels`` it is eligible when ``ish`` equals
+    ``ish_eligible``; otherwise not. A ``[[require]]`` percentage is checked on the true ``counts``.
 
-    if rule.guideline in ("any", guideline, GUIDELINE_FAMILY.get(guideline)):
-        return guideline
-    if rule.guideline in GUIDELINE_FAMILY:
-        return rule.guideline
-    return next(g for g, fam in GUIDELINE_FAMILY.items() if fam == rule.guideline)
-
-
-def eligibility_truth(label: str, rule, *, guideline: str, ish: str | None = None) -> bool | None:
-    """Whether a slide of true score ``label`` is eligible under ``rule``, derived with the rule itself;
-    None when the label does not decide it (see the module docstring)."""
-    from .categories import CATEGORIES
-    from .eligibility import ISH_RESULTS, check_eligibility
-    from .results import SlideResult as SR
-
-    g = _truth_guideline(rule, guideline)
-    if label == "0":
-        levels = ["0"] if g == "breast-asco-cap-2018" or g == "gastric" else ["0 (null)", "0+ (ultralow)"]
-    else:
-        levels = [label]
-    n = max(rule.min_tumour_cells, 100) * 10
-    count_sets = [{c: (n if c == "strong_complete" else 0) for c in CATEGORIES},
-                  {c: (n if c == "none" else 0) for c in CATEGORIES}]
+    None when the label does not decide it: a plain 0 where the rule treats null and ultralow
+    differently, an ISH level without an ISH result, a requirement without true counts.
+    """
+    score, level = parse_truth_label(label)
+    candidates = [level] if level else list(ZERO_LEVELS)  # a plain 0: null or ultralow
     answers = set()
-    for level in levels:
-        for counts in count_sets:
-            for i in ([ish] if ish else [None, *ISH_RESULTS]):
-                r = SR(slide="<truth>", score=label, level=level, flags=(), guideline=g, specimen="resection",
-                       reason="true label", counts=counts, percentages={}, tumour_cells=n, h_score=0.0,
-                       clusters={}, region="truth", qc=(), stains={}, mpp=0.5, tissue_area_mm2=0.0,
-                       classical_score=label)
-                status = check_eligibility(r, rule, ish=i).status
-                if i is None and status == "needs_review":
-                    continue  # waits for ISH: decided by the ISH variants
-                answers.add(status == "eligible")
+    for lv in candidates:
+        keys = {lv, score}
+        if keys & set(rule.ish_levels):
+            answer = None if ish is None else ish == rule.ish_eligible
+        else:
+            answer = bool(keys & set(rule.eligible_levels))
+        if answer and rule.require:
+            if counts is None or not sum(counts.values()):
+                answer = None
+            else:
+                c = {cat: int(counts.get(cat, 0)) for cat in CATEGORIES}
+                answer = all(req.met(c)[0] for req in rule.require)
+        answers.add(answer)
     return answers.pop() if len(answers) == 1 else None
 
 
@@ -292,7 +396,8 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     return result, False, "pipeline" if result.cnn is not None else ""
 
 
-def _method_metrics(truth: list[str], called: list[str | None], *, resamples: int, seed: int) -> dict[str, Any] | None:
+def _method_metrics(truth: list[str], called: list[str | None], truth_levels: list[str | None],
+                    called_levels: list[str | None], *, resamples: int, seed: int) -> dict[str, Any] | None:
     keep = [i for i, c in enumerate(called) if c is not None]
     if not keep:
         return None
@@ -305,54 +410,73 @@ def _method_metrics(truth: list[str], called: list[str | None], *, resamples: in
     def cm_of(idx):
         return np.bincount(ti[idx] * 4 + ci[idx], minlength=16).reshape(4, 4)
 
-    acc, qwk = accuracy(cm), quadratic_weighted_kappa(cm)
+    n, hits = len(keep), int(np.trace(cm))
+    qwk = quadratic_weighted_kappa(cm)
     return {
-        "n": len(keep),
-        "accuracy": acc,
-        "accuracy_ci95": list(bootstrap_ci(lambda idx: accuracy(cm_of(idx)), len(keep), resamples=resamples, seed=seed)),
+        "n": n,
+        "accuracy": accuracy(cm),
+        "accuracy_ci95": list(wilson_ci(hits, n)),
         "quadratic_weighted_kappa": None if math.isnan(qwk) else qwk,
-        "quadratic_weighted_kappa_ci95": list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), len(keep),
+        "quadratic_weighted_kappa_ci95": list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n,
                                                            resamples=resamples, seed=seed)),
+        "kappa_interval_reliable": n >= KAPPA_MIN_N,
         "per_class": per_class(cm),
         "confusion": {"classes": list(SCORES), "rows": "truth", "columns": "called", "matrix": cm.tolist()},
+        "null_vs_ultralow": _null_vs_ultralow([truth_levels[i] for i in keep], [called_levels[i] for i in keep]),
     }
 
 
-def _rule_metrics(truth: list[bool | None], status: list[str | None], *, resamples: int, seed: int) -> dict[str, Any]:
+def _null_vs_ultralow(truth_levels: list[str | None], called_levels: list[str | None]) -> dict[str, Any] | None:
+    """Images truly null or ultralow: their called level (rows truth, columns called) and the share
+    called at exactly their level (Wilson 95%); None when there are none."""
+    idx = [i for i, t in enumerate(truth_levels) if t in ZERO_LEVELS]
+    if not idx:
+        return None
+    cols = ["0 (null)", "0+ (ultralow)", "0", "1+", "2+", "3+", "not scored"]
+    m = np.zeros((2, len(cols)), int)
+    for i in idx:
+        called = called_levels[i] if called_levels[i] in cols else "not scored"
+        m[ZERO_LEVELS.index(truth_levels[i]), cols.index(called)] += 1
+    hits = int(m[0, 0] + m[1, 1])
+    return {"rows": list(ZERO_LEVELS), "columns": cols, "matrix": m.tolist(), "n": len(idx),
+            "agreement": hits / len(idx), "agreement_ci95": list(wilson_ci(hits, len(idx)))}
+
+
+def _rule_metrics(truth: list[bool | None], status: list[str | None]) -> dict[str, Any]:
     keep = [i for i, (t, s) in enumerate(zip(truth, status)) if t is not None and s is not None]
     t = np.array([truth[i] for i in keep], bool)
     s = np.array([status[i] for i in keep], object)
     pos = s == "eligible"
     review = s == "needs_review"
     sens, spec = binary_rates(t, pos)
-
-    def ci(which):
-        def f(idx):
-            return binary_rates(t[idx], pos[idx])[which]
-        return list(bootstrap_ci(f, len(keep), resamples=resamples, seed=seed))
-
     nan = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
     return {
         "n": len(keep),
         "n_undetermined": int(sum(1 for x, st in zip(truth, status) if x is None and st is not None)),
         "n_truly_eligible": int(t.sum()),
-        "sensitivity": nan(sens), "sensitivity_ci95": ci(0) if t.any() else [None, None],
-        "specificity": nan(spec), "specificity_ci95": ci(1) if (~t).any() else [None, None],
+        "sensitivity": nan(sens), "sensitivity_ci95": list(wilson_ci(int((pos & t).sum()), int(t.sum()))),
+        "specificity": nan(spec), "specificity_ci95": list(wilson_ci(int((~pos & ~t).sum()), int((~t).sum()))),
         "needs_review_rate": float(review.mean()) if len(keep) else None,
         "counts": {f"{'eligible' if tv else 'not_eligible'}->{st}": int(np.sum((t == tv) & (s == st)))
                    for tv in (True, False) for st in ("eligible", "not_eligible", "needs_review")},
     }
 
 
+def _truth_percent(counts: Mapping[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {c: 100.0 * counts.get(c, 0) / total for c in CATEGORIES} if total else {}
+
+
 def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | os.PathLike | None = None,
-             use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", mpp: float | None = None,
-             bootstrap: int = 1000, seed: int = 0, rules: Sequence[str] | None = None,
+             use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
+             mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence[str] | None = None,
              eligible_rule: str | None = None,
              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
-    """Score every labelled image and write metrics, per-image CSV, confusion PNG and report to ``out``.
+    """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
     ``use_cnn`` is False). ``rules``: eligibility rule names (default: all shipped rules).
+    ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .eligibility import available_rules, check_eligibility, load_rule
@@ -369,25 +493,31 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         from .cnn import TileClassifier, load_model
 
         clf = model if isinstance(model, TileClassifier) else load_model(model)
-    config = ScoringConfig(guideline=guideline)
+    config = ScoringConfig(guideline=guideline, specimen=specimen)
     reusable = _find_reusable(reuse)
     rule_objs = [load_rule(r) for r in (rules or available_rules())]
 
     rows: list[dict[str, Any]] = []
     results: list[SlideResult | None] = []
     for n_done, item in enumerate(items, start=1):
-        row: dict[str, Any] = {"path": item.path, "label": item.label}
+        row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
         try:
             result, reused, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
             d = out / "results" / _safe(item.path, root)
             d.mkdir(parents=True, exist_ok=True)
             (d / "result.json").write_text(result.to_json(), encoding="utf-8")
             row.update(classical=result.classical_score, cnn=result.cnn_score, fused=result.score,
-                       confidence=result.confidence, level=result.level, tumour_cells=result.tumour_cells,
-                       qc_passed=result.qc_passed, reused=reused, cnn_by=cnn_by,
-                       cnn_model=result.cnn.model if result.cnn else "", error="")
+                       confidence=result.confidence, level=result.level,
+                       classical_level=method_result(result, "classical").level,
+                       flags=";".join(result.flags), classical_flags=";".join(result.classical_flags),
+                       reason=result.reason, h_score=result.h_score, tumour_cells=result.tumour_cells,
+                       qc_passed=result.qc_passed, qc=";".join(f"{q.severity}:{q.code}" for q in result.qc),
+                       reused=reused, cnn_by=cnn_by, cnn_model=result.cnn.model if result.cnn else "", error="")
             if result.cnn:
                 row.update({f"p_{c}": result.cnn.probabilities.get(c) for c in SCORES})
+            row.update({f"pct_{c}": result.percentages.get(c) for c in CATEGORIES})
+            if item.counts:
+                row.update({f"truth_pct_{c}": round(v, 3) for c, v in _truth_percent(item.counts).items()})
             results.append(result)
         except Exception as e:  # one bad image never stops the run
             msg = str(e) if item.path in str(e) else f"{item.path}: {type(e).__name__}: {e}"
@@ -400,42 +530,55 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
     ok = [i for i, r in enumerate(results) if r is not None]
     truth = [items[i].label for i in ok]
+    truth_levels = [items[i].level for i in ok]
     metrics: dict[str, Any] = {
         "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
-        "guideline": guideline, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
+        "guideline": guideline, "specimen": specimen, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
+        "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
         "model": clf.name if clf else None,
         "cnn_source": dict(sorted((k, v) for k, v in _count(r.get("cnn_by") for r in rows).items() if k)) or None,
-        "methods": {},
+        "warnings": [], "methods": {},
     }
     family = GUIDELINE_FAMILY[guideline]
     for method in METHODS:
-        called = [getattr(results[i], "classical_score") if method == "classical" else
-                  (results[i].cnn_score if method == "cnn" else results[i].score) for i in ok]
+        mrs = [method_result(results[i], method) for i in ok]
         if method != "classical" and clf is None and all(results[i].cnn is None for i in ok):
             continue
-        m = _method_metrics(truth, called, resamples=bootstrap, seed=seed)
+        called = [r.score if r is not None else None for r in mrs]
+        called_levels = [r.level if r is not None else None for r in mrs]
+        m = _method_metrics(truth, called, truth_levels, called_levels, resamples=bootstrap, seed=seed)
         if m is None:
             continue
+        if not m["kappa_interval_reliable"]:
+            metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
+                                       "kappa is unreliable (it can collapse to a point); read it as indicative only")
         elig = {}
         for rule in rule_objs:
             if rule.guideline not in ("any", family, guideline):
                 elig[rule.name] = {"skipped": f"the rule expects {rule.guideline} scoring; evaluated under {guideline}"}
                 continue
-            tv, st = [], []
+            tv, st, source = [], [], {"eligible column": 0, "label and rule file": 0}
             for k, i in enumerate(ok):
                 item = items[i]
                 t = item.eligible.get(rule.name)
                 if t is None:
-                    t = eligibility_truth(item.label, rule, guideline=guideline, ish=item.ish)
-                mr = method_result(results[i], method)
+                    t = eligibility_truth(item.level or item.label, rule, ish=item.ish, counts=item.counts)
+                    source["label and rule file"] += t is not None
+                else:
+                    source["eligible column"] += 1
+                mr = mrs[k]
                 s = check_eligibility(mr, rule, ish=item.ish).status if mr is not None else None
                 tv.append(t)
                 st.append(s)
                 rows[i][f"truth_{rule.name}"] = "" if t is None else ("eligible" if t else "not_eligible")
                 rows[i][f"{method}_{rule.name}"] = s or ""
-            elig[rule.name] = {"version": rule.version, **_rule_metrics(tv, st, resamples=bootstrap, seed=seed)}
+            elig[rule.name] = {"version": rule.version, "truth_source": source, **_rule_metrics(tv, st)}
         m["eligibility"] = elig
         metrics["methods"][method] = m
+    pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok if items[i].counts and results[i].tumour_cells]
+    metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
+    for w in metrics["warnings"]:
+        log.warning("%s", w)
     # headline figures: the reported (fused when a CNN ran, else classical) score
     head = metrics["methods"].get("fused") or metrics["methods"].get("classical") or {}
     metrics["reported_method"] = "fused" if "fused" in metrics["methods"] else "classical"
@@ -446,6 +589,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", encoding="utf-8")
     _write_csv(out / "per_image.csv", rows)
     _plot_confusion(out / "confusion.png", metrics)
+    if pairs:
+        _plot_bland_altman(out / "bland_altman.png", pairs)
     summary = _summary(metrics)
     (out / "report.md").write_text(_report(metrics, summary), encoding="utf-8")
     return {**metrics, "summary": summary}
@@ -478,31 +623,68 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     path.write_text(buf.getvalue(), encoding="utf-8")
 
 
-def _plot_confusion(path: Path, metrics: dict) -> None:
+def _figure(width_in: float, height_in: float):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
+    return Figure(figsize=(width_in, height_in), dpi=110)
+
+
+def _matrix_panel(ax, cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str) -> None:
+    """A confusion matrix with the count written in every cell (rows truth, columns called)."""
+    cm = np.asarray(cm)
+    top = max(1, cm.max())
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=top, aspect="auto")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > 0.6 * top else "black", fontsize=9)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=30 if len(cols) > 4 else 0)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("called")
+    ax.set_ylabel("truth")
+    ax.set_title(title, fontsize=9)
+
+
+def _plot_confusion(path: Path, metrics: dict) -> None:
+    """Per method, the 4-class confusion matrix (and null vs ultralow where truth has it), counts in each cell."""
     methods = list(metrics["methods"])
-    fig = Figure(figsize=(3.6 * max(1, len(methods)), 3.6), dpi=110)
+    nvu = [m for m in methods if metrics["methods"][m].get("null_vs_ultralow")]
+    n_rows = 2 if nvu else 1
+    fig = _figure(3.8 * max(1, len(methods)), 3.8 * n_rows)
     for k, m in enumerate(methods):
-        ax = fig.add_subplot(1, max(1, len(methods)), k + 1)
-        cm = np.array(metrics["methods"][m]["confusion"]["matrix"])
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, cm.max()))
-        for i in range(4):
-            for j in range(4):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > 0.6 * max(1, cm.max()) else "black", fontsize=9)
-        ax.set_xticks(range(4), SCORES)
-        ax.set_yticks(range(4), SCORES)
-        ax.set_xlabel("called")
-        if k == 0:
-            ax.set_ylabel("truth")
         mm = metrics["methods"][m]
         qwk = mm["quadratic_weighted_kappa"]
-        ax.set_title(f"{m}: acc {mm['accuracy']:.3f}, QWK {qwk:.3f}" if qwk is not None else f"{m}: acc {mm['accuracy']:.3f}",
-                     fontsize=9)
+        title = f"{m}: acc {mm['accuracy']:.3f} (n={mm['n']})" + (f", QWK {qwk:.3f}" if qwk is not None else "")
+        _matrix_panel(fig.add_subplot(n_rows, max(1, len(methods)), k + 1), np.array(mm["confusion"]["matrix"]), SCORES, SCORES, title)
+        if m in nvu:
+            t = mm["null_vs_ultralow"]
+            _matrix_panel(fig.add_subplot(n_rows, max(1, len(methods)), len(methods) + k + 1), np.array(t["matrix"]),
+                          t["rows"], t["columns"], f"{m}: null vs ultralow, agreement {t['agreement']:.3f} (n={t['n']})")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _plot_bland_altman(path: Path, pairs: list[tuple[Mapping[str, float], Mapping[str, float]]]) -> None:
+    """Bland-Altman per category: difference (called - truth, points) against the mean of the two, with bias and 95% limits."""
+    cats = [c for c in CATEGORIES if any(p[0].get(c, 0) or p[1].get(c, 0) for p in pairs)] or list(CATEGORIES)
+    stats = percent_agreement(pairs, cats)
+    cols = min(4, len(cats))
+    rows = -(-len(cats) // cols)
+    fig = _figure(3.4 * cols, 3.0 * rows)
+    for k, c in enumerate(cats):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        called = np.array([p[0].get(c, 0.0) for p in pairs])
+        true = np.array([p[1].get(c, 0.0) for p in pairs])
+        ax.scatter((called + true) / 2, called - true, s=10, alpha=0.7)
+        st = stats[c]
+        for y, style in ((st["bias"], "-"), (st["loa_low"], "--"), (st["loa_high"], "--")):
+            ax.axhline(y, color="tab:red", linestyle=style, linewidth=1)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_title(f"{c}: MAE {st['mae']:.1f}, bias {st['bias']:+.1f}", fontsize=9)
+        ax.set_xlabel("mean of called and true % of tumour cells", fontsize=7)
+        ax.set_ylabel("called - true (points)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
 
@@ -518,10 +700,11 @@ def _fmt(v, ci=None) -> str:
 
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} errors); "
-             f"guideline {metrics['guideline']}; model {metrics['model'] or 'none (classical only)'}"]
+             f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
-                     f"QWK {_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}")
+                     f"QWK {_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
+                     + ("" if mm["kappa_interval_reliable"] else " (n < 30: kappa interval unreliable)"))
     return "\n".join(lines)
 
 
@@ -529,42 +712,71 @@ def _report(metrics: dict, summary: str) -> str:
     methods = list(metrics["methods"])
     out = ["# her2score evaluation", "",
            f"Labels: `{metrics['labels']}`; {metrics['n']} of {metrics['n_images']} images scored "
-           f"({metrics['errors']} errors); guideline {metrics['guideline']}; CNN model: {metrics['model'] or 'not run'}"
+           f"({metrics['errors']} errors); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
+           f"CNN model: {metrics['model'] or 'not run'}"
            + (f" (CNN run by: {', '.join(f'{k} {v}' for k, v in metrics['cnn_source'].items())})" if metrics['cnn_source'] else "")
            + ".",
-           f"95% CIs: percentile bootstrap over images, {metrics['bootstrap_resamples']} resamples, seed {metrics['bootstrap_seed']}.",
-           "", "## Agreement with the labels", "",
-           "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
+           f"95% intervals: Wilson score intervals for proportions (accuracy, recall, precision, agreement, "
+           f"sensitivity, specificity); percentile bootstrap over images for kappa ({metrics['bootstrap_resamples']} "
+           f"resamples, seed {metrics['bootstrap_seed']}).", ""]
+    if metrics["warnings"]:
+        out += ["**Warnings:**", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
+    out += ["## Agreement with the labels", "",
+            "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
     for m in methods:
         mm = metrics["methods"][m]
         out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])} | "
-                   f"{_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])} |")
-    out += ["", "Per-class recall / precision:", "", "| class | " + " | ".join(methods) + " |",
+                   f"{_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
+                   + ("" if mm["kappa_interval_reliable"] else " (n < 30)") + " |")
+    out += ["", "Per-class recall / precision [95% CI]:", "", "| class | " + " | ".join(methods) + " |",
             "| --- | " + " | ".join("---" for _ in methods) + " |"]
     for c in SCORES:
         cells = []
         for m in methods:
             pc = metrics["methods"][m]["per_class"][c]
-            cells.append(f"{_fmt(pc['recall'])} / {_fmt(pc['precision'])}")
+            cells.append(f"{_fmt(pc['recall'], pc['recall_ci95'])} / {_fmt(pc['precision'], pc['precision_ci95'])}")
         out.append(f"| {c} | " + " | ".join(cells) + " |")
-    out += ["", "Confusion matrices (rows truth, columns called; 0, 1+, 2+, 3+): see `confusion.png`.", ""]
+    out += ["", "Confusion matrices (rows truth, columns called; 0, 1+, 2+, 3+), with counts: `confusion.png`.", ""]
     for m in methods:
         cm = metrics["methods"][m]["confusion"]["matrix"]
         out.append(f"- {m}: " + "; ".join(f"{SCORES[i]}: {cm[i]}" for i in range(4)))
+    nvu = {m: metrics["methods"][m]["null_vs_ultralow"] for m in methods if metrics["methods"][m].get("null_vs_ultralow")}
+    out += ["", "## Null vs ultralow", ""]
+    if not nvu:
+        out.append("No image is labelled null or ultralow (a plain `0` label does not say which).")
+    for m, t in nvu.items():
+        out += [f"{m}: called at exactly the true level in {_fmt(t['agreement'], t['agreement_ci95'])} of {t['n']} images.", "",
+                "| truth \\ called | " + " | ".join(t["columns"]) + " |", "| --- | " + " | ".join("---" for _ in t["columns"]) + " |"]
+        out += [f"| {r} | " + " | ".join(str(v) for v in row) + " |" for r, row in zip(t["rows"], t["matrix"])]
+        out.append("")
+    pa = metrics.get("percent_agreement")
+    out += ["", "## Per-image percentage agreement", ""]
+    if not pa:
+        out.append("The labels carry no true cell counts (no `truth.jsonl` beside them): not measured.")
+    else:
+        out += ["Called against true percentage of tumour cells per category, in percentage points "
+                "(Bland-Altman plot: `bland_altman.png`).", "",
+                "| category | n | mean abs. error | bias | 95% limits of agreement | max abs. error |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {c} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} | [{v['loa_low']:+.2f}, {v['loa_high']:+.2f}] | "
+                f"{v['max_abs_error']:.2f} |" for c, v in pa.items()]
     out += ["", "## Eligibility rules", "",
             "Sensitivity: truly eligible images called eligible; specificity: truly ineligible images not called "
-            "eligible (needs_review is not a positive call; its rate is given). Truth from the eligible column or "
-            "derived from the label by the rule; undetermined images are left out.", "",
-            "| rule | method | n (undetermined) | sensitivity [95% CI] | specificity [95% CI] | needs review |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            "eligible (needs_review is not a positive call; its rate is given). Truth never comes from the tool's "
+            "`check_eligibility`: it is the labels file's eligible column where given, else derived from the label "
+            "and the rule file's eligible levels, ISH levels and requirements (`eligibility_truth`); images it does "
+            "not decide are left out (undetermined). The truth source column counts images per source.", "",
+            "| rule | method | n (undetermined) | truth source | sensitivity [95% CI] | specificity [95% CI] | needs review |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     rules = list(metrics["methods"][methods[0]]["eligibility"]) if methods else []
     for r in rules:
         for m in methods:
             e = metrics["methods"][m]["eligibility"][r]
             if "skipped" in e:
-                out.append(f"| {r} | {m} | - | skipped: {e['skipped']} | | |")
+                out.append(f"| {r} | {m} | - | - | skipped: {e['skipped']} | | |")
                 continue
-            out.append(f"| {r} | {m} | {e['n']} ({e['n_undetermined']}) | {_fmt(e['sensitivity'], e['sensitivity_ci95'])} | "
+            src = ", ".join(f"{k} {v}" for k, v in e["truth_source"].items() if v) or "none"
+            out.append(f"| {r} | {m} | {e['n']} ({e['n_undetermined']}) | {src} | {_fmt(e['sensitivity'], e['sensitivity_ci95'])} | "
                        f"{_fmt(e['specificity'], e['specificity_ci95'])} | {_fmt(e['needs_review_rate'])} |")
     out += ["", "## Summary", "", "```", summary, "```", ""]
     return "\n".join(out)

@@ -533,7 +533,8 @@ def _save_png(path: Path, rgb: np.ndarray, mpp: float) -> None:
 
 def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, int] = (512, 512),
                   mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png") -> Path:
-    """Write ``n_per_class`` fields per score plus labels.csv (path,label) and truth.jsonl."""
+    """Write ``n_per_class`` fields per score plus labels.csv (path,label,level: the score and its
+    report level, null and ultralow told apart) and truth.jsonl."""
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     out = Path(out_dir)
@@ -550,11 +551,11 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
                 _save_png(out / rel, f.image, mpp)
             else:
                 Image.fromarray(f.image).save(out / rel, quality=88, dpi=(25400 / mpp, 25400 / mpp))
-            rows.append((rel, score))
+            rows.append((rel, score, {"null": "0 (null)", "ultralow": "0+ (ultralow)"}.get(f.variant, score)))
             truth.append({"path": rel, **f.to_truth_dict()})
     with open(out / "labels.csv", "w", newline="") as fh:
         wr = csv.writer(fh)
-        wr.writerow(["path", "label"])
+        wr.writerow(["path", "label", "level"])  # label: the score (0-3+); level: the five-level report
         wr.writerows(rows)
     with open(out / "truth.jsonl", "w") as fh:
         fh.writelines(json.dumps(t) + "\n" for t in truth)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from her2score.cli import main
-from her2score.eligibility import load_rule
+from her2score.eligibility import Requirement, Rule, load_rule
 from her2score.evaluate import (
     accuracy,
     binary_rates,
@@ -14,9 +14,12 @@ from her2score.evaluate import (
     confusion_matrix,
     eligibility_truth,
     evaluate,
+    parse_truth_label,
     per_class,
+    percent_agreement,
     quadratic_weighted_kappa,
     read_labels,
+    wilson_ci,
 )
 from her2score.results import CnnReport, SlideResult
 from her2score.synthetic import write_dataset
@@ -58,12 +61,37 @@ def test_qwk_reversed_and_perfect_and_undefined():
 
 def test_per_class_precision_recall_by_hand():
     pc = per_class(confusion_matrix(LABELS, CLASSICAL))
-    assert pc["0"] == {"precision": 1.0, "recall": 0.5, "n_true": 2, "n_called": 1}
+    assert pc["0"]["precision"] == 1.0 and pc["0"]["recall"] == 0.5 and (pc["0"]["n_true"], pc["0"]["n_called"]) == (2, 1)
+    assert pc["0"]["recall_ci95"] == list(wilson_ci(1, 2))
     assert pc["1+"]["precision"] == pytest.approx(2 / 3) and pc["1+"]["recall"] == 1.0
-    assert pc["2+"] == {"precision": 1.0, "recall": 0.5, "n_true": 2, "n_called": 1}
+    assert pc["2+"]["precision"] == 1.0 and pc["2+"]["recall"] == 0.5
     assert pc["3+"]["precision"] == pytest.approx(2 / 3) and pc["3+"]["recall"] == 1.0
     none = per_class(confusion_matrix(["0"], ["1+"]))
-    assert none["2+"]["precision"] is None and none["2+"]["recall"] is None
+    assert none["2+"]["precision"] is None and none["2+"]["recall"] is None and none["2+"]["recall_ci95"] == [None, None]
+
+
+def test_wilson_interval_by_hand():
+    """8 of 10, z = 1.959964: p = 0.8, z²/n = 0.3841459, denominator 1.3841459;
+    centre (0.8 + 0.1920729) / 1.3841459 = 0.7167402; half-width
+    1.959964 * sqrt(0.016 + 0.0096036) / 1.3841459 = 0.2265777 -> [0.4901625, 0.9433178]
+    (the published Wilson interval for 8/10 is 0.490-0.943)."""
+    lo, hi = wilson_ci(8, 10)
+    assert lo == pytest.approx(0.4901625, abs=1e-6) and hi == pytest.approx(0.9433178, abs=1e-6)
+    # 0 of 10: [0, z²/(n + z²)] = [0, 3.841459 / 13.841459] = [0, 0.277533]
+    assert wilson_ci(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson_ci(0, 10)[1] == pytest.approx(0.277533, abs=1e-6)
+    assert wilson_ci(10, 10)[1] == 1.0 and wilson_ci(10, 10)[0] == pytest.approx(1 - 0.277533, abs=1e-6)
+    assert wilson_ci(0, 0) == (None, None)
+
+
+def test_percent_agreement_by_hand():
+    pairs = [({"none": 60.0, "faint_partial": 40.0}, {"none": 64.0, "faint_partial": 36.0}),
+             ({"none": 50.0, "faint_partial": 50.0}, {"none": 48.0, "faint_partial": 52.0})]
+    pa = percent_agreement(pairs, ["none", "faint_partial", "strong_complete"])
+    # none: differences -4, +2 -> MAE 3, bias -1, SD sqrt(((-3)² + 3²) / 1) = 4.2426, limits -1 ± 8.3155
+    assert pa["none"]["mae"] == pytest.approx(3.0) and pa["none"]["bias"] == pytest.approx(-1.0)
+    assert pa["none"]["sd"] == pytest.approx(18 ** 0.5) and pa["none"]["loa_high"] == pytest.approx(-1 + 1.96 * 18 ** 0.5)
+    assert pa["faint_partial"]["bias"] == pytest.approx(1.0) and pa["faint_partial"]["max_abs_error"] == 4.0
+    assert pa["strong_complete"]["mae"] == 0.0  # absent on both sides
 
 
 def test_bootstrap_ci_contains_estimate_and_is_seeded():
@@ -85,15 +113,32 @@ def test_binary_rates():
     assert sens == 0.5 and spec == pytest.approx(2 / 3)
 
 
-def test_eligibility_truth_from_labels():
-    g = "breast-asco-cap-2023"
+def test_five_level_labels():
+    assert parse_truth_label("0") == ("0", None)
+    assert parse_truth_label(" Null ") == parse_truth_label("0 (null)") == ("0", "0 (null)")
+    assert parse_truth_label("0+") == parse_truth_label("ultralow") == parse_truth_label("0+ (ultralow)") == ("0", "0+ (ultralow)")
+    assert parse_truth_label("2plus") == ("2+", "2+")
+    with pytest.raises(ValueError, match="0\\+ \\(or ultralow\\)"):
+        parse_truth_label("4+")
+
+
+def test_eligibility_truth_from_the_label_and_the_rule_file_alone():
     low = load_rule("her2-low-breast")
-    assert [eligibility_truth(x, low, guideline=g) for x in ("0", "1+", "2+", "3+")] == [False, True, None, False]
-    assert eligibility_truth("2+", low, guideline=g, ish="negative") is True
+    assert [eligibility_truth(x, low) for x in ("0", "null", "0+", "1+", "2+", "3+")] == [False, False, False, True, None, False]
+    assert eligibility_truth("2+", low, ish="negative") is True and eligibility_truth("2+", low, ish="positive") is False
     ultra = load_rule("her2-ultralow-breast")
-    assert eligibility_truth("0", ultra, guideline=g) is None  # null or ultralow: the label cannot say
+    assert eligibility_truth("0", ultra) is None  # null or ultralow: a plain 0 cannot say
+    assert [eligibility_truth(x, ultra) for x in ("null", "ultralow", "1+", "3+")] == [False, True, True, False]
     cart = load_rule("car-t-her2")
-    assert [eligibility_truth(x, cart, guideline=g) for x in ("1+", "3+")] == [False, None]  # >50% requirement
+    assert [eligibility_truth(x, cart) for x in ("1+", "3+")] == [False, None]  # >50% requirement, no counts
+    many = {"strong_complete": 60, "none": 40}
+    few = {"strong_complete": 40, "none": 60}
+    assert eligibility_truth("3+", cart, counts=many) is True and eligibility_truth("3+", cart, counts=few) is False
+    # a rule written with a plain "0" level: every 0 label is eligible
+    zero = Rule(name="zero", version="1", eligible_levels=("0",))
+    assert [eligibility_truth(x, zero) for x in ("0", "null", "0+", "1+")] == [True, True, True, False]
+    strict = Rule(name="strict", version="1", eligible_levels=("3+",), require=(Requirement("3+", 90.0),))
+    assert eligibility_truth("2+", strict, counts=many) is False
 
 
 # --------------------------------------------------------------------------- evaluate with known answers
@@ -102,9 +147,10 @@ def _result(path, classical, cnn=None, fused=None):
     report = None
     if cnn:
         report = CnnReport(cnn, {c: (0.7 if c == cnn else 0.1) for c in ("0", "1+", "2+", "3+")}, 1, "test-model")
-    level = {"0": "0 (null)"}.get(classical, classical)
+    levels = {"0": "0 (null)"}
     return SlideResult(
-        slide=str(path), score=fused or classical, level=level, flags=(), guideline="breast-asco-cap-2023",
+        slide=str(path), score=fused or classical, level=levels.get(fused or classical, fused or classical), flags=(),
+        classical_level=levels.get(classical, classical), guideline="breast-asco-cap-2023",
         specimen="resection", reason="test", counts={"none": 300, "faint_partial": 0}, percentages={},
         tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
         tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None)
@@ -170,6 +216,71 @@ def test_evaluate_known_answers(known):
     report = (out / "report.md").read_text()
     assert "quadratic-weighted kappa" in report and "| fused |" in report
     assert (out / "results" / "img__f0.png" / "result.json").exists()
+    # intervals: Wilson for proportions, bootstrap for kappa only, with a warning at n = 8 < 30
+    assert cl["accuracy_ci95"] == list(wilson_ci(6, 8)) and e["sensitivity_ci95"] == list(wilson_ci(2, 3))
+    assert cl["kappa_interval_reliable"] is False and any("n = 8 < 30" in w for w in m["warnings"])
+    assert "Wilson" in report and "n = 8 < 30" in report
+    # eligibility truth: the her2-positive column for image 4, the label and rule file for the rest
+    assert e["truth_source"] == {"eligible column": 1, "label and rule file": 6}
+    assert "eligible column 1, label and rule file 6" in report
+    assert rows[0]["classical_level"] == "0 (null)" and rows[1]["level"] == "0 (null)" and "reason" in rows[0]
+
+
+FIVE = ["null", "null", "0+", "0+", "0", "1+", "2+", "3+"]
+FIVE_CALLED = [("0", "0 (null)"), ("0", "0+ (ultralow)"), ("0", "0+ (ultralow)"), ("1+", "1+"),
+               ("0", "0 (null)"), ("1+", "1+"), ("2+", "2+"), ("3+", "3+")]
+
+
+@pytest.fixture()
+def five(tmp_path):
+    data, prev = tmp_path / "data", tmp_path / "prev"
+    (data / "img").mkdir(parents=True)
+    with open(data / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for i, (lab, (score, level)) in enumerate(zip(FIVE, FIVE_CALLED)):
+            img = data / "img" / f"f{i}.png"
+            img.write_bytes(b"")
+            r = _result(img.resolve(), score)
+            d = prev / f"f{i}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(r.__class__(**{**r.__dict__, "level": level, "classical_level": level}).to_json())
+            w.writerow([f"img/f{i}.png", lab])
+    return data / "labels.csv", prev, tmp_path / "out"
+
+
+def test_evaluate_on_five_level_labels(five):
+    labels, prev, out = five
+    items = read_labels(labels)
+    assert [i.label for i in items] == ["0", "0", "0", "0", "0", "1+", "2+", "3+"]
+    assert [i.level for i in items][:5] == ["0 (null)", "0 (null)", "0+ (ultralow)", "0+ (ultralow)", None]
+    m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=50)
+    cl = m["methods"]["classical"]
+    assert cl["confusion"]["matrix"][0] == [4, 1, 0, 0]  # the five 0 labels: one called 1+
+    t = cl["null_vs_ultralow"]
+    assert t["n"] == 4 and t["columns"][:2] == ["0 (null)", "0+ (ultralow)"]
+    assert t["matrix"] == [[1, 1, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0, 0]]
+    assert t["agreement"] == 0.5 and t["agreement_ci95"] == list(wilson_ci(2, 4))
+    # her2-ultralow: null labels are not eligible, 0+ labels are; the plain 0 is undetermined
+    e = cl["eligibility"]["her2-ultralow-breast"]
+    assert e["n_undetermined"] == 2 and e["n_truly_eligible"] == 3  # the two 0+ and the 1+; 2+ needs ISH
+    assert e["sensitivity"] == 1.0 and e["specificity"] == pytest.approx(2 / 3)  # the null called ultralow
+    report = (out / "report.md").read_text()
+    assert "## Null vs ultralow" in report and "| 0 (null) | 1 | 1 |" in report
+    assert (out / "confusion.png").stat().st_size > 1000
+
+
+def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):
+    """Truth comes from the label and the rule file, so a broken check_eligibility is caught."""
+    import her2score.eligibility as eligibility
+    from her2score.eligibility import Decision
+
+    labels, prev, out = five
+    good = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=["t-dxd-tumour-agnostic"])
+    assert good["methods"]["classical"]["eligibility"]["t-dxd-tumour-agnostic"]["specificity"] == 1.0
+    monkeypatch.setattr(eligibility, "check_eligibility", lambda r, rule, ish=None: Decision("eligible", "x", "1", ()))
+    bad = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=["t-dxd-tumour-agnostic"])
+    assert bad["methods"]["classical"]["eligibility"]["t-dxd-tumour-agnostic"]["specificity"] == 0.0
 
 
 def test_plain_eligible_column_needs_a_rule(tmp_path):
@@ -197,6 +308,11 @@ def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     assert list(m["methods"]) == ["classical"] and m["model"] is None
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert "broken.png" in rows[-1]["error"]
+    # synth writes the five-level label and the true counts: per-image percentage agreement
+    assert rows[0]["truth_level"] in ("0 (null)", "0+ (ultralow)") and rows[1]["truth_level"] == "1+"
+    assert float(rows[1]["truth_pct_none"]) + float(rows[1]["truth_pct_faint_partial"]) > 50
+    pa = m["percent_agreement"]
+    assert pa["none"]["n"] == 4 and pa["none"]["mae"] >= 0 and (out / "bland_altman.png").stat().st_size > 1000
     # a second run reuses the first run's results
     m2 = evaluate(ds / "labels.csv", tmp_path / "ev2", reuse=out / "results", use_cnn=False, bootstrap=50)
     assert m2["methods"]["classical"]["confusion"] == m["methods"]["classical"]["confusion"]
