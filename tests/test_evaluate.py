@@ -347,3 +347,30 @@ def test_evaluate_with_a_cnn(tmp_path):
         assert float(b["p_0"]) == pytest.approx(float(a["p_0"]), abs=1e-5)
     res = SlideResult.from_dict(json.loads(next((tmp_path / "ev" / "results").rglob("result.json")).read_text()))
     assert res.cnn is not None and res.cnn.model.startswith("m.pt@") and 0 <= res.confidence <= 1
+
+
+# --------------------------------------------------------------------------- percentages against the generator's truth
+
+PCT_FIELDS = (("0", 90), ("1+", 91), ("2+", 92), ("3+", 93))
+PCT_BOUND = 5.0  # percentage points, per category and field (issue 12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "scorer, not the measurement: measured 2 Dec 2026 on these fields, largest per-category errors 0.0 (0), "
+    "28.4 (1+: none +28.4, faint_partial -28.4), 21.8 (2+: faint_partial +21.8, none -14.5, weak_moderate_complete -13.1), "
+    "24.8 (3+: strong_complete -24.8, none +9.5, weak_moderate_lateral +9.1) points; membrane measurement is being "
+    "redesigned. Remove this mark when it passes (strict: an unexpected pass fails)."))
+def test_category_percentages_within_five_points_of_the_generator_truth():
+    from her2score.pipeline import analyse_slide
+    from her2score.slide import ArraySlide
+    from her2score.synthetic import generate_field
+
+    worst = {}
+    for score, seed in PCT_FIELDS:
+        f = generate_field(score, seed=seed)
+        r = analyse_slide(ArraySlide(f.image, mpp=f.mpp)).result
+        counts = f.truth_counts()
+        truth = {c: 100.0 * v / sum(counts.values()) for c, v in counts.items()}
+        pa = percent_agreement([(r.percentages, truth)])
+        worst[score] = {c: round(v["bias"], 1) for c, v in pa.items() if abs(v["bias"]) > PCT_BOUND}
+    assert worst == {s: {} for s, _ in PCT_FIELDS}
