@@ -20,9 +20,10 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
 isolated intense cells that would change the answer if counted) give needs_review whatever the
-score, since any answer could change; the automatic answer is added as a reason. Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
-needs_review, and the level decides the rest. A level in neither list is not_eligible: no ISH
-result can change it.
+score, since any answer could change; the automatic answer is added as a reason (none for a slide
+that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
+ISH result is needs_review, and the level decides the rest. A level in neither list is
+not_eligible: no ISH result can change it.
 """
 from __future__ import annotations
 
