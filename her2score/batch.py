@@ -1,9 +1,14 @@
 """Folder runs: discover slides, score them in worker processes or on Dask, resume after a kill.
 
-Per batch folder: one sub-folder of outputs per slide, ``manifest.json`` (each slide's state and
-summary row, rewritten atomically after every slide) and ``summary.csv`` made from the manifest
-(also rewritten after every slide). A lock file keeps a second batch out of the folder while one
-runs; a batch that starts removes the temporary files a killed one left behind.
+Per batch folder: one sub-folder of outputs per slide, ``manifest.json`` (each slide's state,
+settings and summary row, rewritten atomically after every slide) and ``summary.csv`` made from the
+manifest (also rewritten after every slide): every slide scored into the folder, by this run or an
+earlier one. A lock file keeps a second batch out of the folder while one runs; a batch that starts
+removes the temporary files a killed one left behind.
+
+One folder holds one set of settings (guideline, specimen, thresholds, the CNN weights' SHA-256): a
+slide scored before with other settings is scored again when it is among the inputs, and a batch is
+refused when the folder holds slides scored with other settings that are not.
 
 Slides are scored in child processes (even with one worker): a slide that crashes its process
 (a reader fault, the out-of-memory killer) gets an error row and the batch goes on. Children die
@@ -31,22 +36,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .categories import CATEGORIES
+from .imagecheck import NotHerIhcError
 from .outputs import OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
-from .pipeline import ScoringConfig, analyse_slide
+from .pipeline import NoTissueError, ScoringConfig, WrongStainError, analyse_slide
+from .results import SlideResult
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
 
 __all__ = [
-    "Job", "BatchError", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch", "die_with_parent",
-    "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK",
+    "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
+    "die_with_parent", "qc_status", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK",
 ]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
-    ["slide", "status", "score", "level", "h_score", "tumour_cells", "qc_passed", "guideline", "region"]
+    ["slide", "status", "score", "qc_status", "level", "classical_score", "cnn_score", "confidence", "h_score",
+     "tumour_cells", "qc_passed", "qc", "flags", "guideline", "specimen", "region"]
     + [f"pct_{c}" for c in CATEGORIES]
     + ["output", "error"]
 )
+"""summary.csv: ``status`` is ok, refused (no tissue, or not a brightfield H-DAB image) or error; ``qc_status`` (see
+qc_status) stands beside the score; ``qc`` lists the QC findings as code:severity; empty score: not scored."""
 MANIFEST = "manifest.json"
 SUMMARY = "summary.csv"
 LOCK = ".her2score.lock"
@@ -60,6 +70,27 @@ MAX_NAME_BYTES = 150
 
 class BatchError(Exception):
     """A batch that cannot start (e.g. its output folder is in use by another batch)."""
+
+
+class BatchRows(list):
+    """The summary rows (every slide in the output folder, sorted by path) and this run's counts:
+    ``scored`` (ok), ``failed`` (refused or error) and ``reused`` (done before with the same settings)."""
+
+    def __init__(self, rows: Iterable[dict], *, scored: int = 0, reused: int = 0, failed: int = 0):
+        super().__init__(rows)
+        self.scored, self.reused, self.failed = scored, reused, failed
+
+
+def qc_status(result: SlideResult) -> str:
+    """What stands beside a score: not_scored (no score), qc_failed (a QC check failed), needs_review
+    (the classical and CNN scores disagree) or passed."""
+    if result.score is None:
+        return "not_scored"
+    if not result.qc_passed:
+        return "qc_failed"
+    if result.cnn_score is not None and result.cnn_score != result.classical_score:
+        return "needs_review"
+    return "passed"
 
 
 @dataclass(frozen=True)
@@ -214,6 +245,19 @@ def _signature(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+_weights_sha: dict[tuple, str] = {}
+
+
+def _weights_sha256(path: str) -> str:
+    """SHA-256 of a weights file's content (a reinstall that rewrites the same bytes keeps it), cached per signature."""
+    from .cnn import _sha256_file
+
+    key = (path, *_signature(path))
+    if key not in _weights_sha:
+        _weights_sha[key] = _sha256_file(Path(path))
+    return _weights_sha[key]
+
+
 # -- one slide --------------------------------------------------------------------------------------
 
 def _empty_row(slide: str, name: str = "") -> dict:
@@ -265,13 +309,17 @@ def process_slide(job: Job) -> dict:
         write_outputs(analysis, out_dir)
         r = analysis.result
         row.update(
-            status="ok", score=r.score, level=r.level, h_score=r.h_score, tumour_cells=r.tumour_cells,
-            qc_passed=r.qc_passed, guideline=r.guideline, region=r.region,
-            **{f"pct_{c}": r.percentages[c] for c in CATEGORIES},
+            status="ok", score=r.score or "", qc_status=qc_status(r), level=r.level,
+            classical_score=r.classical_score or "", cnn_score=r.cnn_score or "",
+            confidence="" if r.confidence is None else r.confidence, h_score=r.h_score, tumour_cells=r.tumour_cells,
+            qc_passed=r.qc_passed, qc=";".join(f"{q.code}:{q.severity}" for q in r.qc), flags=";".join(r.flags),
+            guideline=r.guideline, specimen=r.specimen, region=r.region,
+            **{f"pct_{c}": r.percentages.get(c, 0.0) for c in CATEGORIES},
         )
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
-        row.update(status="error", error=_error_message(job, e))
+        refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError))
+        row.update(status="refused" if refused else "error", error=_error_message(job, e))
         if job.out_dir and not Path(job.out_dir).is_symlink():
             _remove_outputs(job.out_dir)
     return row
@@ -286,9 +334,17 @@ def _crash_row(job: Job, e: BaseException) -> dict:
     return row
 
 
+def _settings(job: Job) -> dict:
+    """The settings one folder must not mix: the scoring configuration and the CNN weights' content."""
+    config = asdict(job.config)
+    return {"guideline": config.pop("guideline"), "specimen": config.pop("specimen"),
+            "model_sha256": _weights_sha256(job.cnn_weights)[:16] if job.cnn_weights else "none (classical only)",
+            "other settings": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]}
+
+
 def _config_key(job: Job) -> str:
-    weights = [job.cnn_weights, _signature(job.cnn_weights)] if job.cnn_weights else None
-    blob = json.dumps([asdict(job.config), job.mpp, job.region, weights], sort_keys=True, default=str)
+    """A slide's settings plus what is its own (µm/px given, region file): equal keys score alike."""
+    blob = json.dumps([_settings(job), job.mpp, job.region], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -334,7 +390,8 @@ class _Manifest:
         except OSError:
             sig = None
         self.entries[job.slide] = {"state": "done" if row["status"] == "ok" else "error", "signature": sig,
-                                   "config": _config_key(job), "row": row}
+                                   "config": _config_key(job), "settings": _settings(job) if job.name else None,
+                                   "row": row}
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped},
@@ -423,8 +480,10 @@ def run_batch(
     scheduler: str | None = None,
     cnn_weights: str | os.PathLike | None = None,
     progress: Callable[[dict, int, int], None] | None = None,
-) -> list[dict]:
-    """Score every slide under ``inputs`` into ``out``; returns the summary rows (also in summary.csv).
+) -> BatchRows:
+    """Score every slide under ``inputs`` into ``out``; returns the summary rows (summary.csv): every
+    slide scored into ``out`` (by this run or an earlier one with the same settings) and this run's
+    failures, with this run's counts (BatchRows.scored, .reused, .failed).
 
     ``cnn_weights``: a CNN weights file (``her2score.cnn.default_weights_path()``) whose tile
     probabilities are fused with the guideline score; None scores with the classical features only.
@@ -432,7 +491,9 @@ def run_batch(
     Slides are named by absolute path in the rows, the manifest and each result.json.
 
     Slides already done with the same settings (and unchanged files) are skipped, so a killed batch
-    resumes where it stopped; slides that failed are tried again. ``workers`` processes score slides
+    resumes where it stopped; slides that failed are tried again; slides done with other settings are
+    scored again. Raises BatchError, before scoring anything, when ``out`` holds slides scored with
+    other settings that are not among the inputs (one folder never mixes settings). ``workers`` processes score slides
     side by side (or the tiles of a single slide); ``scheduler`` sends slides to a Dask cluster: an
     address, or 'local' for a LocalCluster. ``progress(row, done, total)`` is called after each slide.
     Raises BatchError when the batch cannot start (output folder unusable or locked by another batch).
@@ -462,14 +523,19 @@ def run_batch(
         manifest.skipped = [list(s) for s in skipped]
         jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                          previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None)
+        this_run = {j.slide for j in jobs} | {p for p, _ in problems}
+        earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and e.get("state") == "done"
+                   and (out / e["row"].get("output", "") / "result.json").is_file()}
+        if jobs:
+            _refuse_mixed_settings(out, earlier, _settings(jobs[0]))
+        manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
         for path, reason in problems:
             row = _empty_row(path)
             row.update(status="error", error=reason)
             manifest.record(Job(path, "", "", config), row)
-        keep = {j.slide for j in jobs} | {p for p, _ in problems}
 
         def save() -> list[dict]:
-            rows = sorted((e["row"] for s, e in manifest.entries.items() if s in keep), key=lambda r: r["slide"])
+            rows = sorted((e["row"] for e in manifest.entries.values()), key=lambda r: r["slide"])
             try:
                 manifest.save()
                 atomic_write(out / SUMMARY, _summary_csv(rows))
@@ -483,15 +549,30 @@ def run_batch(
         if scheduler is None and workers > 1 and len(todo) < workers:
             todo = [replace(j, tile_workers=workers) for j in todo]
         rows = save()
+        scored = failed = 0
         for job, row in _execute(todo, workers, scheduler):
             manifest.record(job, row)
             rows = save()
             done += 1
+            scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
             if progress:
                 progress(row, done, total)
-        return rows
+        return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems))
     finally:
         _unlock(lock)
+
+
+def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -> None:
+    """BatchError when slides scored earlier into ``out`` (and not among this run's inputs) used other settings."""
+    other = {s: e.get("settings") or {} for s, e in earlier.items() if (e.get("settings") or {}) != current}
+    if not other:
+        return
+    first = next(iter(other.values()))
+    diffs = "; ".join(f"{k} {first.get(k, 'unknown')} there, {v} now" for k, v in current.items() if first.get(k) != v)
+    names = ", ".join(Path(s).name for s in sorted(other)[:3]) + (", ..." if len(other) > 3 else "")
+    raise BatchError(f"{out}: holds {len(other)} slide{'s' if len(other) != 1 else ''} ({names}) scored with other "
+                     f"settings ({diffs}); one folder never mixes settings: give those slides as inputs too "
+                     "(they are scored again), or choose another --out")
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:

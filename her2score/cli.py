@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,68 +16,162 @@ from .guidelines import GUIDELINES
 __all__ = ["main"]
 
 
+def default_workers() -> int:
+    """The cores this process may use (its CPU affinity), the CLI's default for --workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _score_config(args):
+    """Every argument of 'score' checked, before any work: (ScoringConfig, weights path or None).
+    Raises _UsageError with one line naming the bad argument."""
+    from .categories import CATEGORIES
+    from .guidelines import apply_guideline
+    from .pipeline import ScoringConfig
+    from .slide import PLAUSIBLE_MPP
+
+    if args.workers < 1:
+        raise _UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.mpp is not None and not PLAUSIBLE_MPP[0] <= args.mpp <= PLAUSIBLE_MPP[1]:
+        raise _UsageError(f"--mpp {args.mpp:g} µm/px is not a plausible scan resolution "
+                          f"({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px; 40x scans are ~0.25, 20x ~0.5)")
+    missing = [i for i in args.inputs if not Path(i).exists()]
+    if missing:
+        raise _UsageError(f"{missing[0]}: no such file or folder" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if args.regions and not Path(args.regions).is_dir():
+        raise _UsageError(f"--regions {args.regions}: not a folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"--out {out}: exists and is not a folder")
+    try:
+        apply_guideline({CATEGORIES[0]: 1}, args.guideline, args.specimen)  # the guideline knows this specimen?
+    except ValueError as e:
+        raise _UsageError(f"--specimen {args.specimen}: {e}") from None
+    t = Thresholds()
+    try:
+        if args.thresholds:
+            t = replace(t, **json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
+        config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
+                               thresholds=t, estimate_stains=args.estimate_stains)
+    except (OSError, ValueError, TypeError) as e:
+        where = f"--thresholds {args.thresholds}" if args.thresholds else "--target-mpp"
+        raise _UsageError(f"{where}: {e}") from None
+    weights = None
+    if not args.no_cnn:
+        from .cnn import ModelError, default_weights_path, load_model
+
+        try:
+            weights = str(args.weights or default_weights_path())
+            load_model(weights)  # fail now, once, rather than on every slide
+        except ModelError as e:
+            raise _UsageError(f"{e} (or score with --no-cnn)") from None
+    return config, weights
+
+
+class _UsageError(Exception):
+    """A bad argument or input, found before any work (exit code 2)."""
+
+
+STATUS_MARK = {"passed": " ", "needs_review": "?", "qc_failed": "!", "not_scored": "!"}
+"""Console mark beside each score: '?' needs review, '!' failed QC or not scored, 'x' refused or error."""
+
+
+def _console_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"  {'-':>3} x {r['status']:<12} {r['slide']}  ({r['error']})"
+    return (f"  {r['score'] or '-':>3} {STATUS_MARK.get(r['qc_status'], '!')} {r['qc_status']:<12} {r['level']:<16} "
+            f"H={r['h_score']:<7} cells={r['tumour_cells']:<6} {r['slide']}")
+
+
 def _score(args) -> int:
+    from .batch import BatchError, run_batch
+
+    try:
+        config, weights = _score_config(args)
+    except _UsageError as e:
+        print(f"her2score score: {e}", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
-    from .batch import BatchError, run_batch
-    from .pipeline import ScoringConfig
-
-    t = Thresholds()
-    if args.thresholds:
-        t = replace(t, **json.loads(Path(args.thresholds).read_text()))
-    config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
-                           thresholds=t, estimate_stains=args.estimate_stains)
     bar = tqdm(total=0, unit="slide", disable=args.quiet, dynamic_ncols=True)
 
     def progress(row, done, total):
         bar.total = total
         bar.n = done
-        bar.set_postfix_str(f"{Path(row['slide']).name}: {row['score'] if row['status'] == 'ok' else 'error'}")
+        shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
+        bar.set_postfix_str(f"{Path(row['slide']).name}: {shown if row['status'] == 'ok' else row['status']}")
         bar.refresh()
         if row["status"] != "ok":
-            tqdm.write(f"error: {row['error']}", file=sys.stderr)
+            tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
 
     try:
-        weights = None
-        if not args.no_cnn:
-            from .cnn import ModelError, default_weights_path, load_model
-
-            try:
-                weights = str(args.weights or default_weights_path())
-                load_model(weights)  # fail now, once, rather than on every slide
-            except ModelError as e:
-                print(f"her2score: {e} (or score with --no-cnn)", file=sys.stderr)
-                return 2
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights, progress=progress)
     except BatchError as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        print(f"her2score score: {e}", file=sys.stderr)
         return 2
     finally:
         bar.close()
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok} of {len(rows)} slides scored; summary: {Path(args.out) / 'summary.csv'}")
+    print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
+          f"{len(rows)} slides in {Path(args.out) / 'summary.csv'}")
     for r in rows:
-        line = f"{r['score']:>3}  {r['level']:<14} H={r['h_score']:<7} cells={r['tumour_cells']:<6}" if r["status"] == "ok" else "error"
-        print(f"  {line}  {r['slide']}" + (f"  ({r['error']})" if r["status"] != "ok" else ""))
-    return 0 if ok == len(rows) else 1
+        print(_console_line(r))
+    return 0 if rows.failed == 0 else 1
+
+
+CHECK_EXIT = {"eligible": 0, "not_eligible": 1, "needs_review": 3}
+"""Exit codes of 'check': 0 eligible under every rule, 1 not eligible under some rule (none needing
+review), 3 needs review under some rule, 2 a usage or input error."""
 
 
 def _check(args) -> int:
-    from .eligibility import RuleError, check_eligibility
+    from .eligibility import check_eligibility, load_rule
     from .results import SlideResult
 
-    result = SlideResult.from_dict(json.loads(Path(args.result).read_text(encoding="utf-8")))
+    path = Path(args.result)
     try:
-        decisions = [check_eligibility(result, rule, ish=args.ish) for rule in args.rule]
-    except RuleError as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        if path.is_dir():
+            raise _UsageError(f"{path}: is a folder; give the result.json inside a slide's output folder")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise _UsageError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise _UsageError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        except ValueError as e:
+            raise _UsageError(f"{path}: not JSON ({e})") from None
+        try:
+            result = SlideResult.from_dict(data)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise _UsageError(f"{path}: not a her2score result.json ({type(e).__name__}: {e})") from None
+        rules = []
+        for name in args.rule:
+            try:
+                rules.append(load_rule(name))
+            except OSError as e:
+                raise _UsageError(f"--rule {name}: cannot read ({e.strerror or e})") from None
+            except ValueError as e:
+                raise _UsageError(f"--rule {name}: {e}") from None
+        decisions = [check_eligibility(result, rule, ish=args.ish) for rule in rules]
+    except _UsageError as e:
+        print(f"her2score check: {e}", file=sys.stderr)
         return 2
+    statuses = [d.status for d in decisions]
+    code = 3 if "needs_review" in statuses else 1 if "not_eligible" in statuses else 0
+    if args.json:
+        print(json.dumps({"result": str(path), "slide": result.slide, "score": result.score, "level": result.level,
+                          "exit_code": code,
+                          "decisions": [{"rule": d.rule, "version": d.rule_version, "status": d.status,
+                                         "reasons": list(d.reasons)} for d in decisions]},
+                         indent=2, ensure_ascii=False))
+        return code
     for d in decisions:
         print(f"{d.rule} (v{d.rule_version}): {d.status}")
         for reason in d.reasons:
             print(f"  - {reason}")
-    return 0
+    return code
 
 
 def _rules(args) -> int:
@@ -157,7 +252,7 @@ def _evaluate(args) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     try:
-        report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.model,
+        report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.weights,
                           guideline=args.guideline, mpp=args.mpp, bootstrap=args.bootstrap, seed=args.seed,
                           eligible_rule=args.eligible_rule,
                           progress=None if args.quiet else _eval_progress)
@@ -177,82 +272,119 @@ def _eval_progress(done: int, total: int, row: dict) -> None:
     print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (unless its text already says it) and keeps the epilogs' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+CHECK_EPILOG = """exit codes:
+  0  eligible under every rule given
+  1  not eligible under at least one rule (and none needs review)
+  3  needs review under at least one rule (failed QC, too few tumour cells, equivocal 2+ awaiting ISH,
+     classical and CNN scores disagree, not scored)
+  2  usage or input error: unknown rule, missing file, a folder, a JSON that is not a result.json"""
+
+SCORE_EPILOG = """exit codes: 0 every slide of this run scored; 1 some refused or failed (see summary.csv);
+2 usage or input error (nothing written, no output folder created).
+summary.csv lists every slide in --out; qc_status beside each score: passed, needs_review, qc_failed, not_scored."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="her2score", description="Guideline HER2 IHC scoring of slides and fields of view.")
+    p = argparse.ArgumentParser(prog="her2score", description="Guideline HER2 IHC scoring of slides and fields of view.",
+                                formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"her2score {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="score slides and folders of slides into an output folder")
+    s = sub.add_parser("score", help="score slides and folders of slides into an output folder", formatter_class=_Help,
+                       epilog=SCORE_EPILOG)
     s.add_argument("inputs", nargs="+", help="slide files or folders (searched recursively)")
-    s.add_argument("--out", required=True, help="output folder (resumable: finished slides are skipped)")
-    s.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES)
-    s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"))
-    s.add_argument("--mpp", type=float, help="µm/px for files whose metadata has none")
-    s.add_argument("--target-mpp", type=float, default=0.5, help="µm/px at which cells are analysed (default 0.5)")
-    s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (slides side by side, or tiles of one slide)")
-    s.add_argument("--scheduler", help="Dask scheduler address, or 'local' to start a LocalCluster")
+    s.add_argument("--out", required=True, help="output folder (resumable: slides done with the same settings are reused)")
+    s.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES, help="scoring guideline")
+    s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
+                   help="specimen type (biopsy has its own rule only under gastric)")
+    s.add_argument("--mpp", type=float, help="scan resolution in µm/px, for files whose metadata has none "
+                                             "(checked against the nuclei the image shows)")
+    s.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px at which cells are analysed")
+    s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
+                                     "(default: detected tumour cells)")
+    s.add_argument("--workers", type=int, default=default_workers(),
+                   help="worker processes: slides side by side, or the tiles of a single slide "
+                        f"(default: the cores this process may use, here {default_workers()})")
+    s.add_argument("--scheduler", help="Dask scheduler address, or 'local' to start a LocalCluster (default: local processes)")
     s.add_argument("--estimate-stains", action="store_true", help="estimate per-slide stain vectors (Macenko)")
     s.add_argument("--no-cnn", action="store_true", help="classical features only (no CNN fusion)")
     s.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
-    s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
+                                        "(default: the calibrated thresholds)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: shown)")
     s.set_defaults(func=_score)
 
-    c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets")
+    c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",
+                       formatter_class=_Help, epilog=CHECK_EPILOG)
     c.add_argument("result", help="a result.json written by 'her2score score'")
-    c.add_argument("--rule", action="append", required=True, help="rule set name (see 'her2score rules') or a TOML file")
-    c.add_argument("--ish", choices=("positive", "negative"), help="ISH result, for 2+ slides")
+    c.add_argument("--rule", action="append", required=True, metavar="RULE",
+                   help="rule set name (see 'her2score rules') or a .toml rule file; repeat for several rules")
+    c.add_argument("--ish", choices=("positive", "negative"), help="ISH result, for 2+ slides (default: not done)")
+    c.add_argument("--json", action="store_true", help="machine-readable output: one JSON object with each decision")
     c.set_defaults(func=_check)
 
-    r = sub.add_parser("rules", help="list the shipped eligibility rule sets")
+    r = sub.add_parser("rules", help="list the shipped eligibility rule sets", formatter_class=_Help)
     r.set_defaults(func=_rules)
 
-    g = sub.add_parser("synth", help="generate a labelled synthetic IHC data set")
-    g.add_argument("out")
-    g.add_argument("--n-per-class", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stain-jitter", type=float, default=0.0, help="stain-vector perturbation (degrees)")
+    g = sub.add_parser("synth", help="generate a labelled synthetic IHC data set", formatter_class=_Help)
+    g.add_argument("out", help="output folder")
+    g.add_argument("--n-per-class", type=int, default=50, help="fields per class (0, 1+, 2+, 3+)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--stain-jitter", type=float, default=0.0, help="stain-vector perturbation in degrees")
     g.set_defaults(func=_synth)
 
-    t = sub.add_parser("train", help="train the tile CNN (synthetic fields, class folders or a path,label CSV)")
+    t = sub.add_parser("train", help="train the tile CNN (synthetic fields, class folders or a path,label CSV)",
+                       formatter_class=_Help)
     t.add_argument("--synthetic", type=int, metavar="N_PER_CLASS", help="generate N synthetic fields per class")
-    t.add_argument("--synthetic-jitter", type=float, default=0.0, help="stain jitter (degrees) of the generated fields")
+    t.add_argument("--synthetic-jitter", type=float, default=0.0, help="stain jitter of the generated fields in degrees")
     t.add_argument("--folder", help="folder with one sub-folder per class: 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
     t.add_argument("--csv", help="CSV of path,label (paths relative to the CSV's folder)")
     t.add_argument("--out", required=True, help="folder for the weights and the training log")
-    t.add_argument("--name", default="her2cnn.pt", help="weights file name (default her2cnn.pt)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--mpp", type=float, help="µm/px for images whose metadata has none")
-    t.add_argument("--target-mpp", type=float, default=0.5, help="µm/px the model works at (default 0.5)")
+    t.add_argument("--name", default="her2cnn.pt", help="weights file name")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
+    t.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px the model works at")
     t.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")
-    t.add_argument("--patch-px", type=int, default=64)
+    t.add_argument("--patch-px", type=int, default=64, help="patch side in pixels at --target-mpp")
     t.add_argument("--width", type=int, default=16, help="network width (16: 77,556 parameters)")
     t.add_argument("--patches-per-image", type=int, default=24, help="random patches per training image per epoch")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--batch-size", type=int, default=128, help="patches per optimiser step")
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    t.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for validation (0-1)")
     t.add_argument("--no-augment", action="store_true", help="no stain/flip augmentation")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine; 2 is faster on an idle one)")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 2 is faster on an idle one)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--workers", type=int, default=1, help="processes generating synthetic fields")
-    t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    t.add_argument("--max-minutes", type=float, help="stop after this many minutes (default: no limit)")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="score labelled images; metrics (kappa, accuracy, eligibility) for classical, CNN and fused")
+    e = sub.add_parser("evaluate", help="score labelled images; metrics (kappa, accuracy, eligibility) for classical, CNN and fused",
+                       formatter_class=_Help)
     e.add_argument("labels", help="CSV of path,label[,eligible][,ish] (paths relative to the CSV) or a folder per class")
     e.add_argument("--out", required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
     e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse")
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
-    e.add_argument("--model", help="CNN weights file (default: the shipped models/her2cnn.pt)")
-    e.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES)
-    e.add_argument("--mpp", type=float, help="µm/px for images whose metadata has none")
+    e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
+    e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
+    e.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES, help="scoring guideline")
+    e.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     e.add_argument("--eligible-rule", help="the rule the CSV's 'eligible' column answers")
-    e.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CNN (default 1)")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CNN")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-image lines")
     e.set_defaults(func=_evaluate)
     return p

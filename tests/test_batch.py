@@ -91,6 +91,50 @@ def test_changed_slide_or_settings_are_scored_again(tmp_path, three, fields):
     assert all(v != after[k] for k, v in _mtimes(out).items())
 
 
+def test_summary_lists_every_slide_in_out_with_this_runs_counts(tmp_path, three, fields):
+    out = tmp_path / "out"
+    first = run_batch([three / "field 0.png", tmp_path / "gone.png"], out)
+    assert (first.scored, first.reused, first.failed) == (1, 0, 1)
+    rows = run_batch([three / "field 2+.png"], out)  # a second run into the same folder
+    assert (rows.scored, rows.reused, rows.failed) == (1, 0, 0)
+    assert [Path(r["slide"]).name for r in rows] == ["field 0.png", "field 2+.png"]  # the earlier error is gone
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        assert [Path(r["slide"]).name for r in csv.DictReader(f)] == ["field 0.png", "field 2+.png"]
+    again = run_batch([three], out)
+    assert (again.scored, again.reused, again.failed) == (1, 2, 0) and len(again) == 3
+
+
+def test_other_settings_are_refused_for_slides_not_in_the_run(tmp_path, three):
+    out = tmp_path / "out"
+    run_batch([three], out)
+    before = _mtimes(out)
+    with pytest.raises(BatchError, match=r"holds 2 slides \(field 0.png, field 2\+.png\) scored with other settings "
+                                         r"\(guideline breast-asco-cap-2023 there, gastric now; specimen resection there, biopsy now\)"):
+        run_batch([three / "field 3+.png"], out, config=ScoringConfig(guideline="gastric", specimen="biopsy"))
+    assert _mtimes(out) == before  # refused before any work
+
+
+def test_reinstalled_weights_with_the_same_content_rescore_nothing(tmp_path, fields):
+    """The key is the weights' SHA-256, not their mtime: a reinstall rewriting the same bytes reuses
+    every slide; other weights re-score."""
+    from her2score.cnn import default_weights_path
+
+    slide = tmp_path / "in" / "a.png"
+    slide.parent.mkdir()
+    save_png(slide, fields["3+"])
+    weights = tmp_path / "site-packages" / "her2cnn.pt"
+    weights.parent.mkdir()
+    shutil.copy(default_weights_path(), weights)
+    out = tmp_path / "out"
+    assert run_batch([slide], out, cnn_weights=weights).scored == 1
+    before = _mtimes(out)
+    time.sleep(0.01)
+    weights.write_bytes(default_weights_path().read_bytes())  # pip reinstall: same bytes, new mtime
+    rows = run_batch([slide], out, cnn_weights=weights)
+    assert (rows.scored, rows.reused) == (0, 1) and _mtimes(out) == before
+    assert run_batch([slide], out).scored == 1  # classical only: other settings
+
+
 def test_missing_outputs_are_rebuilt(tmp_path, three):
     out = tmp_path / "out"
     run_batch([three], out)
@@ -205,7 +249,7 @@ def test_result_json_is_identical_across_runs_and_tile_workers(tmp_path, pyramid
         rows = run_batch([slide], out, config=SMALL_TILES, workers=workers)
         assert rows[0]["status"] == "ok", rows[0]["error"]
         results.append(_result_bytes(out))
-        cells.append((out / "slide.tif" / "cells.csv").read_bytes())
+        cells.append((out / "slide.tif" / "cells.parquet").read_bytes())
     assert results[0] == results[1] == results[2]
     assert cells[0] == cells[1] == cells[2]
     result = json.loads(results[0]["slide.tif"])

@@ -1,15 +1,28 @@
-"""The README's main job, as a new user runs it: her2score score sample_images --out results."""
+"""The command line as a new user meets it: the README's main job (her2score score sample_images --out
+results), arguments checked before any work, inputs that are not HER2 IHC refused in summary.csv,
+a failed QC shown beside the score, 'check' exit codes and errors, and batch bookkeeping across runs."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from her2score.cli import main
+from conftest import save_png
+from realdata import REAL
+from test_imagecheck import NOT_TISSUE, photo
+from her2score.cli import build_parser, main
+from her2score.synthetic import generate_field
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+
+
+def summary(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        return {Path(r["slide"]).name: r for r in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -31,39 +44,187 @@ def test_samples_score_as_their_truth(scored):
             assert row["level"] == {"null": "0 (null)", "ultralow": "0+ (ultralow)"}[t["variant"]]
 
 
+def test_summary_carries_both_scores_confidence_flags_and_qc(scored):
+    for row in summary(scored).values():
+        assert row["qc_status"] in ("passed", "needs_review", "qc_failed", "not_scored")
+        assert row["classical_score"] == row["score"]  # --no-cnn: the classical score is the score
+        assert row["cnn_score"] == "" and row["confidence"] == ""
+        assert row["qc_passed"] == str(row["qc_status"] != "qc_failed")
+        assert {"flags", "qc", "specimen"} <= set(row)
+
+
 def test_per_slide_outputs(scored):
     for name in ("field_3plus_a.png", "slide_2plus.tif"):
         d = scored / name
         result = json.loads((d / "result.json").read_text())
         assert result["score"] in ("2+", "3+") and result["qc_passed"] is True
-        cells = list(csv.DictReader((d / "cells.csv").open()))
-        assert sum(int(c["tumour"]) for c in cells) == result["tumour_cells"]
-        geo = json.loads((d / "cells.geojson").read_text())
-        assert len(geo["features"]) == len(cells)
-        f = geo["features"][0]
-        assert f["geometry"]["type"] == "Polygon" and f["properties"]["objectType"] == "detection"
-        assert "name" in f["properties"]["classification"]
-        assert (d / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_check_and_rules_commands(scored, capsys):
-    result = scored / "field_2plus_a.png" / "result.json"
-    assert main(["check", str(result), "--rule", "her2-low-breast", "--rule", "her2-positive-breast"]) == 0
+def test_workers_default_to_the_cores_this_process_may_use():
+    args = build_parser().parse_args(["score", "x", "--out", "o"])
+    assert args.workers == len(os.sched_getaffinity(0))
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["score"].format_help().split())
+    assert f"default: the cores this process may use, here {len(os.sched_getaffinity(0))}" in text
+
+
+def test_every_option_says_its_default():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, parser in sub.items():
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help" or action.help == "==SUPPRESS==":
+                continue
+            assert action.help, (command, action.dest)
+            if action.default is not None and action.default is not False:
+                assert "default" in parser._get_formatter()._get_help_string(action), (command, action.dest)
+    assert "--weights" in sub["evaluate"].format_help() and "--model" not in sub["evaluate"].format_help()
+
+
+# -- arguments checked before any work ---------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--mpp", "0"], "--mpp 0 µm/px is not a plausible"),
+    (["--mpp", "-1"], "not a plausible"),
+    (["--mpp", "500"], "not a plausible"),
+    (["--specimen", "biopsy"], "--specimen biopsy: specimen 'biopsy' has its own rule only for gastric"),
+    (["--target-mpp", "7"], "--target-mpp"),
+    (["--thresholds", "/no/such.json"], "--thresholds /no/such.json"),
+    (["--weights", "/no/such.pt"], "/no/such.pt: model weights not found"),
+    (["MISSING"], "MISSING: no such file or folder"),
+])
+def test_bad_arguments_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    inputs = [str(SAMPLES / "field_3plus_a.png")]
+    if extra == ["MISSING"]:
+        inputs, extra = [str(tmp_path / "MISSING")], []
+    assert main(["score", *inputs, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("her2score score: ") and message in err, err  # no progress bar
+    assert not out.exists()
+
+
+# -- inputs that are not HER2 IHC --------------------------------------------------------------------
+
+def test_inputs_that_are_not_hdab_tissue_are_refused_in_summary_and_the_batch_goes_on(tmp_path, capsys):
+    slides = tmp_path / "in"
+    slides.mkdir()
+    refused = []
+    for name, (make, _) in NOT_TISSUE.items():
+        save_png(slides / f"{name}.png", make())
+        refused.append(f"{name}.png")
+    he = sorted(p for p in (REAL / "he").rglob("*.png")) if REAL.is_dir() else []
+    for p in he:  # each real H&E image, cropped to 384 px (the crop keeps its µm/px)
+        from PIL import Image
+
+        save_png(slides / f"he-{p.stem}.png", np.asarray(Image.open(p).convert("RGB"))[:384, :384], mpp=0.5)
+        refused.append(f"he-{p.stem}.png")
+    save_png(slides / "colon-ihc.png", photo("immunohistochemistry"), mpp=0.5)
+    save_png(slides / "colon-ihc-at-5um.png", photo("immunohistochemistry"), mpp=5.0)
+    save_png(slides / "sample-3plus.png", generate_field("3+", seed=4, size_px=(384, 384)).image)
+    refused.append("colon-ihc-at-5um.png")
+    code = main(["score", str(slides), "--out", str(tmp_path / "out"), "-q", "--no-cnn", "--workers", "2"])
+    assert code == 1
+    rows = summary(tmp_path / "out")
+    assert len(rows) == len(refused) + 2
+    for name in refused:
+        assert rows[name]["status"] == "refused" and rows[name]["score"] == "", rows[name]
+        assert name in rows[name]["error"]  # the reason, naming the file
+    if he:
+        assert "H&E" in rows["he-histo.png"]["error"]
+    assert "nuclei would be" in rows["colon-ihc-at-5um.png"]["error"]
+    for name in ("colon-ihc.png", "sample-3plus.png"):
+        assert rows[name]["status"] == "ok" and rows[name]["score"] in ("1+", "2+", "3+"), rows[name]
     out = capsys.readouterr().out
-    assert "her2-low-breast" in out and "needs_review" in out and "ISH" in out
-    assert main(["check", str(result), "--rule", "her2-low-breast", "--ish", "negative"]) == 0
-    assert "eligible" in capsys.readouterr().out
+    assert f"2 scored, 0 reused, {len(refused)} failed" in out
+    assert out.count(" x refused ") == len(refused)
+
+
+def test_a_failed_qc_is_marked_beside_the_score(tmp_path, capsys):
+    canvas = np.full((512, 512, 3), 246, np.uint8)
+    canvas[200:350, 200:350] = generate_field("3+", seed=9600).image[200:350, 200:350]  # a 75 µm fragment
+    save_png(tmp_path / "fragment.png", canvas)
+    main(["score", str(tmp_path / "fragment.png"), "--out", str(tmp_path / "out"), "-q", "--no-cnn"])
+    row = summary(tmp_path / "out")["fragment.png"]
+    assert row["status"] == "ok" and row["qc_status"] in ("qc_failed", "not_scored") and row["qc_passed"] == "False"
+    assert "too_few_tumour_cells:fail" in row["qc"]
+    line = next(l for l in capsys.readouterr().out.splitlines() if "fragment.png" in l)
+    assert f"! {row['qc_status']}" in line
+
+
+# -- check -----------------------------------------------------------------------------------------
+
+def check(capsys, *argv):
+    code = main(["check", *argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_check_exit_codes(scored, capsys):
+    three, zero, two = (scored / n / "result.json" for n in ("field_3plus_a.png", "field_0_null.png", "field_2plus_a.png"))
+    assert check(capsys, str(three), "--rule", "her2-positive-breast")[0] == 0
+    assert check(capsys, str(zero), "--rule", "her2-positive-breast")[0] == 1
+    code, out, _ = check(capsys, str(two), "--rule", "her2-low-breast", "--rule", "her2-positive-breast")
+    assert code == 3 and "needs_review" in out and "ISH" in out
+    assert check(capsys, str(two), "--rule", "her2-low-breast", "--ish", "negative")[0] == 0
+    assert check(capsys, str(three), "--rule", "her2-positive-breast", "--rule", "her2-low-breast")[0] == 1
+    code, out, _ = check(capsys, str(two), "--rule", "her2-low-breast", "--json")
+    doc = json.loads(out)
+    assert code == doc["exit_code"] == 3 and doc["decisions"][0]["status"] == "needs_review"
+    assert doc["decisions"][0]["rule"] == "her2-low-breast" and doc["score"] == "2+"
+
+
+def test_check_errors_are_one_line_exit_2(scored, tmp_path, capsys):
+    result = str(scored / "field_3plus_a.png" / "result.json")
+    (tmp_path / "other.json").write_text('{"rows": [1, 2]}')
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [
+        ((result, "--rule", "no-such-rule"), "unknown rule 'no-such-rule'; shipped rules: car-t-her2, gastric-toga"),
+        ((str(tmp_path / "none.json"), "--rule", "her2-low-breast"), "none.json: no such file"),
+        ((str(scored), "--rule", "her2-low-breast"), "is a folder"),
+        ((str(tmp_path / "other.json"), "--rule", "her2-low-breast"), "other.json: not a her2score result.json"),
+        ((str(tmp_path / "bad.json"), "--rule", "her2-low-breast"), "bad.json: not JSON"),
+        ((result, "--rule", str(tmp_path / "none.toml")), "none.toml"),
+    ]
+    for argv, message in cases:
+        code, out, err = check(capsys, *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_rules_command(capsys):
     assert main(["rules"]) == 0
     listed = capsys.readouterr().out
     for name in ("her2-positive-breast", "her2-low-breast", "her2-ultralow-breast", "gastric-toga", "car-t-her2"):
         assert name in listed
 
 
-def test_missing_input_is_reported_and_exit_code_nonzero(tmp_path, capsys):
-    code = main(["score", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q", "--no-cnn"])
-    assert code == 1
-    rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
-    assert rows[0]["status"] == "error" and "no such file" in rows[0]["error"]
+# -- batch bookkeeping -----------------------------------------------------------------------------
+
+def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, capsys, fields):
+    a, b, out = save_png(tmp_path / "a.png", fields["3+"]), save_png(tmp_path / "b.png", fields["0"]), tmp_path / "out"
+    assert main(["score", str(a), "--out", str(out), "-q", "--no-cnn"]) == 0
+    assert main(["score", str(b), "--out", str(out), "-q", "--no-cnn"]) == 0
+    assert set(summary(out)) == {"a.png", "b.png"}
+    assert "1 scored, 0 reused, 0 failed; 2 slides in" in capsys.readouterr().out
+    assert main(["score", str(a), str(b), "--out", str(out), "-q", "--no-cnn"]) == 0
+    assert "0 scored, 2 reused, 0 failed" in capsys.readouterr().out
+    # other settings for a alone would mix two guidelines in one folder: refused before any work
+    assert main(["score", str(a), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 slide (b.png) scored with other settings (guideline breast-asco-cap-2023 there, gastric now)" in err
+    assert {r["guideline"] for r in summary(out).values()} == {"breast-asco-cap-2023"}
+    # with every slide among the inputs, the folder is scored again under the new settings
+    assert main(["score", str(a), str(b), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric"]) == 0
+    assert "2 scored, 0 reused" in capsys.readouterr().out
+    assert {r["guideline"] for r in summary(out).values()} == {"gastric"}
+
+
+def test_missing_input_among_others_creates_nothing(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(SAMPLES / "field_0_null.png"),
+                           str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == f"her2score score: {tmp_path / 'nope'}: no such file or folder"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("inputs", [["field_3plus_a.png", "slide_2plus.tif"], ["slide_2plus.tif"]])
@@ -78,3 +239,5 @@ def test_default_run_with_the_cnn_in_worker_processes(tmp_path, inputs):
     for name in inputs:
         result = json.loads((out / name / "result.json").read_text())
         assert result["cnn"]["tiles"] >= 1 and result["confidence"] is not None
+    rows = summary(out)
+    assert all(r["cnn_score"] in ("0", "1+", "2+", "3+") and float(r["confidence"]) > 0 for r in rows.values())
