@@ -231,33 +231,41 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
 
     Geometry: the cell's outline traced from its label mask, in level-0 px with QuPath's convention
     (a pixel spans [i, i + 1], so its centre is i + 0.5), clipped to the image (``slide_size``,
-    level-0 width and height) and kept a simple polygon, 0.01 px. ``classification`` is the cell's
+    level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) is a property; ``measurements`` holds completeness, membrane
     DAB OD (log10), width (µm), areas (µm²) and tumour (1/0) as QuPath reads them.
     """
     t = analysis.cells
     w, h = slide_size or _slide_size(analysis, None)
     classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")) for c in CATEGORIES}
-    measures = [("completeness", "completeness", 4), ("longest_arc", "longest_arc", 4), ("membrane_od", "membrane_od", 4),
-                ("membrane_od_p90", "membrane_od_p90", 4), ("width_um", "width_um", 3), ("cell_area_um2", "cell_area_um2", 2),
-                ("nucleus_area_um2", "nucleus_area_um2", 2)]
-    measures = [m for m in measures if m[1] in t]
+    measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
+                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
     f.write(b'{"type":"FeatureCollection","features":[')
     n = len(t["x"])
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
+        polys = _outlines(analysis, a, b)
+        sizes = np.array([len(p) for p in polys])
+        pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys]) + 0.5  # QuPath: pixel centre i + 0.5
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
+        cut = np.zeros(len(polys), bool)
+        has = sizes > 0
+        cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
         feats = []
-        cols = [t[m[1]][a:b].tolist() for m in measures]
-        for k, (cat, tumour, x, y, poly) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
-                                                         t["x"][a:b].tolist(), t["y"][a:b].tolist(), _outlines(analysis, a, b))):
-            ring = clip_outline(np.asarray(poly, np.float64) + 0.5, w, h) if len(poly) >= 3 else np.zeros((0, 2))
+        cols = [t[m][a:b].tolist() for m, _ in measures]
+        for k, (cat, tumour, x, y) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
+                                                    t["x"][a:b].tolist(), t["y"][a:b].tolist())):
+            ring = pts[starts[k] : starts[k] + sizes[k]]
+            if cut[k] or sizes[k] < 3:  # crosses the image edge (or no outline): clipped, kept simple
+                ring = clip_outline(ring, w, h) if sizes[k] >= 3 else np.zeros((0, 2))
             if len(ring) >= 3:
-                pts = [f"[{px:.2f},{py:.2f}]" for px, py in ring.tolist()]
-                geom = '{"type":"Polygon","coordinates":[[' + ",".join(pts + pts[:1]) + "]]}"
+                coords = np.round(ring, 2).tolist()
+                geom = '{"type":"Polygon","coordinates":[' + json.dumps(coords + coords[:1], separators=(",", ":")) + "]}"
             else:  # nothing left inside the image: the cell's centre as a point
                 geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'
             tum = bool(tumour)
-            m = ",".join(f'"{name}":{col[k]:.{d}f}' for (name, _, d), col in zip(measures, cols))
+            m = ",".join(f'"{name}":{col[k]:.{d}f}' for (name, d), col in zip(measures, cols))
             feats.append(
                 '{"type":"Feature","geometry":' + geom + ',"properties":{"objectType":"detection",'
                 f'"classification":{classes.get(cat) or json.dumps({"name": cat})},"tumour":{"true" if tum else "false"},'
@@ -456,39 +464,38 @@ def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, ti
 
 def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
     """Up to ``n`` windows (level-0 top-left x, y, why): for each category, strongest first, the window
-    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap."""
+    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap.
+
+    Windows lie on a grid of half a window, so each cell falls in four of them."""
     t = analysis.cells
     tum = np.asarray(t["tumour"], bool)
     if not tum.any():
         return []
     step = window_level0 / 2
-    gx, gy = (t["x"][tum] // step).astype(np.int64), (t["y"][tum] // step).astype(np.int64)
+    gx, gy = (t["x"][tum] // step).astype(np.int64) + 1, (t["y"][tum] // step).astype(np.int64) + 1
+    nx, ny = int(gx.max()) + 1, int(gy.max()) + 1
     cats = t["category"][tum]
     order = sorted(CATEGORIES, key=lambda c: (-INTENSITY.get(c, 0), CATEGORIES.index(c)))
+    taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (top-left grid cell within 1 step)
     chosen: list[tuple[int, int, str]] = []
-
-    def counts(sel: np.ndarray) -> dict[tuple[int, int], int]:
-        out: dict[tuple[int, int], int] = {}
-        for x, y in zip(gx[sel].tolist(), gy[sel].tolist()):  # each cell counts in the 4 windows holding it
-            for wx in (x - 1, x):
-                for wy in (y - 1, y):
-                    out[(wx, wy)] = out.get((wx, wy), 0) + 1
-        return out
-
-    def free(wx: int, wy: int) -> bool:  # windows span two grid steps: no overlap with a chosen one
-        return all(abs(wx - cx) >= 2 or abs(wy - cy) >= 2 for cx, cy, _ in chosen)
-
-    for label, sel in [(c, cats == c) for c in order] + [("most tumour cells", np.ones(len(cats), bool))] * n:
+    for label, sel in [(c, cats == c) for c in order] + [("", np.ones(len(cats), bool))] * n:
         if len(chosen) >= n:
             break
         if not sel.any():
             continue
-        best = [(k, v) for k, v in sorted(counts(sel).items(), key=lambda kv: (-kv[1], kv[0])) if free(*k)]
-        if best:
-            (wx, wy), v = best[0]
-            why = f"most tumour cells '{label}' ({v})" if label in CATEGORIES else f"most tumour cells ({v})"
-            chosen.append((wx, wy, why))
-    return [(int(max(0, wx * step)), int(max(0, wy * step)), why) for wx, wy, why in chosen]
+        grid = np.zeros((ny, nx), np.int64)
+        for dx in (0, 1):  # a cell in grid cell (x, y) lies in the windows starting at x-1..x, y-1..y
+            for dy in (0, 1):
+                grid += np.bincount((gy[sel] - dy) * nx + gx[sel] - dx, minlength=nx * ny).reshape(ny, nx)
+        grid[taken] = 0
+        if grid.max() == 0:
+            continue
+        wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True
+        v = int(grid[wy, wx])
+        chosen.append((int(max(0, (wx - 1) * step)), int(max(0, (wy - 1) * step)),
+                       f"most tumour cells '{label}' ({v})" if label else f"most tumour cells ({v})"))
+    return chosen
 
 
 def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: int, region_px: int, region_mpp: float,
@@ -549,8 +556,7 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     the regions boxed, heatmaps of the strong and weak-to-moderate fractions of tumour cells; the
     ``n_regions`` most informative ``region_px`` windows at ``region_mpp`` µm/px with rings; legend.
     """
-    field = slide is None and max(analysis.thumbnail.shape[:2]) * analysis.thumbnail_mpp / analysis.result.mpp <= field_max_px
-    field = field or (slide is not None and max(slide.dimensions) <= field_max_px)
+    field = max(_slide_size(analysis, slide)) <= field_max_px
     if field:
         body = _field_panel(analysis, slide)
         width = body.shape[1]
