@@ -95,9 +95,12 @@ def _score(args) -> int:
         return 2
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="slide", disable=args.quiet, dynamic_ncols=True)
+    bars = []  # the bar appears with the first finished slide: never before the batch has started
 
     def progress(row, done, total):
+        if not bars:
+            bars.append(tqdm(total=total, initial=done - 1, unit="slide", disable=args.quiet, dynamic_ncols=True))
+        bar = bars[0]
         bar.total = total
         bar.n = done
         shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
@@ -113,9 +116,10 @@ def _score(args) -> int:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
-          f"{len(rows)} slides in {Path(args.out) / 'summary.csv'}")
+          f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     for r in rows:
         print(_console_line(r))
     return 0 if rows.failed == 0 else 1
