@@ -640,7 +640,8 @@ def _matrix_panel(ax, cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], 
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > 0.6 * top else "black", fontsize=9)
-    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=30 if len(cols) > 4 else 0)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=40 if len(cols) > 4 else 0,
+                  ha="right" if len(cols) > 4 else "center")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel("called")
     ax.set_ylabel("truth")
