@@ -581,8 +581,17 @@ def peer_rates(path: Path, *, n: int, cnn) -> dict:
             "ours_mps": core_mp / ours_cpu, "ours_cells": ours_n}
 
 
-def _count_rows(path: Path) -> int:
-    with open(path, "rb") as f:
+def _count_cells(out: Path) -> int | None:
+    """Rows of the slide's cell table: cells.parquet (the default) or cells.csv; None if there is neither."""
+    parquet = next(out.glob("*/cells.parquet"), None)
+    if parquet is not None:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(parquet).metadata.num_rows
+    csv_path = next(out.glob("*/cells.csv"), None)
+    if csv_path is None:
+        return None
+    with open(csv_path, "rb") as f:
         return max(0, sum(1 for _ in f) - 1)
 
 
@@ -613,9 +622,7 @@ def bench_size(size: tuple[int, int], args, workdir: Path, cnn) -> dict:
         res["first_tile"] = first_tile_seconds(path)
         dec += decode_rate(path, 0, full0, n=args.decode_tiles, passes=1, seed=r + 1)
         result = json.loads(next(out.glob("*/result.json")).read_text())
-        csv_path = next(out.glob("*/cells.csv"), None)
-        res.update(tumour_cells=result.get("tumour_cells"), score=result.get("score"),
-                   cells=_count_rows(csv_path) if csv_path else None,
+        res.update(tumour_cells=result.get("tumour_cells"), score=result.get("score"), cells=_count_cells(out),
                    output_mb=sum(f.stat().st_size for f in out.glob("*/*")) / 1e6)
         runs.append(res)
         ft = res["first_tile"]
