@@ -4,8 +4,8 @@
     >>> result = score_slide("slide.svs", guideline="breast-asco-cap-2023")
     >>> check_eligibility(result, "her2-low-breast").status
 
-The public names are imported on first use (PEP 562), so ``import her2score`` and
-``her2score --version`` load no numpy, OpenCV, SciPy or torch.
+The public names are imported on first use (PEP 562), so ``import her2score`` loads no numpy,
+OpenCV, SciPy or torch.
 """
 from __future__ import annotations
 
