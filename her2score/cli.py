@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from . import __version__
@@ -146,6 +146,11 @@ def _check(args) -> int:
             raise _UsageError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
         except ValueError as e:
             raise _UsageError(f"{path}: not JSON ({e})") from None
+        required = [f.name for f in fields(SlideResult) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data] if isinstance(data, dict) else required
+        if missing:
+            raise _UsageError(f"{path}: not a her2score result.json (no {', '.join(missing[:4])}"
+                              f"{', ...' if len(missing) > 4 else ''})")
         try:
             result = SlideResult.from_dict(data)
         except (TypeError, ValueError, AttributeError, KeyError) as e:
