@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,7 +239,7 @@ def tissue_patches(hed: np.ndarray, *, patch_px: int, stains: StainSet = H_DAB, 
 
 # --------------------------------------------------------------------------------------- model
 
-class TileClassifier:
+class TileClassifier(ABC):
     """A network and its weights record; scores stain-OD patches, tiles and RGB images at ``record.mpp``
     µm/px. Subclasses run the network: :class:`TorchTileClassifier`, :class:`OnnxTileClassifier`."""
 
@@ -263,9 +264,9 @@ class TileClassifier:
         """Model name for reports: file name and the first 12 hex digits of its SHA-256."""
         return f"{self.record.file}@{self.record.sha256[:12]}" if self.record.sha256 else self.record.file
 
+    @abstractmethod
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
         """Class probabilities (N, 4) for stain-OD patches (N, 2, P, P) (unnormalised log10 OD)."""
-        raise NotImplementedError
 
     def predict_od(self, hed: np.ndarray, *, stains: StainSet = H_DAB, max_patches: int | None = None) -> tuple[np.ndarray, int]:
         """Mean class probabilities (4,) over the tissue patches of a stain-OD image (float32 (H, W, 3),
