@@ -126,7 +126,7 @@ def is_temp_file(name: str, targets=None) -> bool:
     return bool(base and rand) and (targets is None or base in targets)
 
 
-def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES) -> list[Path]:
+def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES + OPTIONAL_OUTPUT_FILES) -> list[Path]:
     """Delete atomic_write's leftover temporary files for ``targets`` in ``folder`` (after a kill).
 
     Only call this while no other writer can be using the folder (the batch holds its lock).

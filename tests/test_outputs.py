@@ -161,6 +161,10 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     assert [r["category"] for r in rows] == d["category"] and list(rows[0]) == table.column_names
     write_outputs(a, tmp_path / "plain", slide=slide)
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(OUTPUT_FILES)
+    # an in-memory slide that cannot be opened again: the overlay is drawn on the thumbnail
+    write_outputs(a, tmp_path / "memory")
+    png = cv2.imdecode(np.frombuffer((tmp_path / "memory" / "overlay.png").read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape[1] == a.thumbnail.shape[1]
 
 
 def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible(field):
