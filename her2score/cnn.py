@@ -13,8 +13,8 @@ imported lazily, so ``import her2score`` stays light.
 
 Two runtimes, one interface (:class:`TileClassifier`): :func:`load_model` gives the torch network
 (training, evaluation, reference outputs); :func:`load_onnx_model` gives the same network on ONNX
-Runtime, one thread, for scoring slides: about 1.7x faster per patch on one core, and without
-importing torch (about 1.8 s) when the ``.onnx`` that :func:`save_model` exports beside the weights
+Runtime, one thread, for scoring slides: about 1.6x faster per patch on one core, and without
+importing torch (1.5-2 s) when the ``.onnx`` that :func:`save_model` exports beside the weights
 is present. Its outputs equal torch's within 1e-5 (tests/test_cnn.py).
 
 Fusion (:func:`fuse`): the classical guideline call and the CNN are combined as a probability mixture
