@@ -472,11 +472,11 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
     if not tum.any():
         return []
     step = window_level0 / 2
-    gx, gy = (t["x"][tum] // step).astype(np.int64) + 1, (t["y"][tum] // step).astype(np.int64) + 1
+    gx, gy = np.maximum(t["x"][tum] // step, 0).astype(np.int64), np.maximum(t["y"][tum] // step, 0).astype(np.int64)
     nx, ny = int(gx.max()) + 1, int(gy.max()) + 1
     cats = t["category"][tum]
     order = sorted(CATEGORIES, key=lambda c: (-INTENSITY.get(c, 0), CATEGORIES.index(c)))
-    taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (top-left grid cell within 1 step)
+    taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (start within one step of it)
     chosen: list[tuple[int, int, str]] = []
     for label, sel in [(c, cats == c) for c in order] + [("", np.ones(len(cats), bool))] * n:
         if len(chosen) >= n:
@@ -486,14 +486,15 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
         grid = np.zeros((ny, nx), np.int64)
         for dx in (0, 1):  # a cell in grid cell (x, y) lies in the windows starting at x-1..x, y-1..y
             for dy in (0, 1):
-                grid += np.bincount((gy[sel] - dy) * nx + gx[sel] - dx, minlength=nx * ny).reshape(ny, nx)
+                ok = sel & (gx >= dx) & (gy >= dy)
+                grid += np.bincount((gy[ok] - dy) * nx + gx[ok] - dx, minlength=nx * ny).reshape(ny, nx)
         grid[taken] = 0
         if grid.max() == 0:
             continue
         wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
         taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True
         v = int(grid[wy, wx])
-        chosen.append((int(max(0, (wx - 1) * step)), int(max(0, (wy - 1) * step)),
+        chosen.append((int(wx * step), int(wy * step),
                        f"most tumour cells '{label}' ({v})" if label else f"most tumour cells ({v})"))
     return chosen
 

@@ -191,3 +191,20 @@ def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
     assert box is None and img.shape[1] >= 1200
     ok, png = cv2.imencode(".png", img)
     assert ok and len(png) > 10_000
+
+
+def test_regions_strongest_category_first_without_overlap(field):
+    from her2score.guidelines import INTENSITY
+    from her2score.outputs import _regions
+
+    f, slide, a = field
+    window = 64.0
+    regions = _regions(a, 4, window)
+    assert 1 <= len(regions) <= 4
+    tum = a.cells["tumour"]
+    present = {c for c in a.cells["category"][tum]}
+    strongest = max(present, key=lambda c: INTENSITY.get(c, 0))
+    assert INTENSITY.get(regions[0][2].split("'")[1], 0) == INTENSITY[strongest]
+    for i, (x, y, _) in enumerate(regions):  # windows are disjoint
+        for x2, y2, _ in regions[i + 1 :]:
+            assert abs(x - x2) >= window or abs(y - y2) >= window
