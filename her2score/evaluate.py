@@ -5,8 +5,8 @@ the CSV's folder) or a folder with one sub-folder per class (0, 1+, 2+, 3+). Lab
 report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`` / ``ultralow`` /
 ``0+ (ultralow)``, ``1+``, ``2+``, ``3+`` (also 1plus, 2plus, 3plus); an optional ``level`` column
 gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
-(as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image) gives the
-true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
+(as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image), or
+``count_<category>`` columns in the CSV, give the true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
 its result.json is reused), the CNN is run on it when the result carries no CNN report, and
 ``out`` receives:
 
@@ -184,9 +184,15 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         ish = (r.get("ish") or "").strip().lower() or None
         if ish not in (None, "positive", "negative"):
             raise ValueError(f"{where}: ish must be 'positive', 'negative' or empty, got {ish!r}")
+        counts = truth.get(r["path"])
+        if any(r.get(f"count_{c}") for c in CATEGORIES):  # true counts given in the labels file itself
+            try:
+                counts = {c: int(r.get(f"count_{c}") or 0) for c in CATEGORIES}
+            except ValueError:
+                raise ValueError(f"{where}: count_<category> columns must be whole numbers") from None
         path = Path(r["path"])
         items.append(LabelledItem(str(path if path.is_absolute() else p.parent / path), score,
-                                  {k: v for k, v in elig.items() if v is not None}, ish, level, truth.get(r["path"])))
+                                  {k: v for k, v in elig.items() if v is not None}, ish, level, counts))
     return items
 
 

@@ -283,6 +283,19 @@ def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):
     assert bad["methods"]["classical"]["eligibility"]["t-dxd-tumour-agnostic"]["specificity"] == 0.0
 
 
+def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\nb.png,0,,\n")
+    items = read_labels(p)
+    assert items[0].counts["none"] == 30 and items[0].counts["faint_partial"] == 70 and items[1].counts is None
+    p.write_text("path,label\na.png,1+\nb.png,4+\n")
+    with pytest.raises(ValueError, match=r"l\.csv, line 3: unknown label '4\+'"):
+        read_labels(p)
+    p.write_text("path,label,level\na.png,1+,0+\n")
+    with pytest.raises(ValueError, match="does not agree"):
+        read_labels(p)
+
+
 def test_plain_eligible_column_needs_a_rule(tmp_path):
     p = tmp_path / "l.csv"
     p.write_text("path,label,eligible\na.png,3+,yes\n")
