@@ -66,6 +66,8 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
             cv2.floodFill(outside, None, (0, 0), 2, flags=4)
             mask[outside == 0] = 1
             ring = _ring(mask)
+            if ring is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
+                raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
         poly = _drop_collinear((ring.astype(np.float32) - 0.5) / 2)
         out.append((poly + np.array([box[1].start - 1, box[0].start - 1], np.float32)).astype(np.float32))
     return out
