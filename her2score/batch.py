@@ -38,7 +38,7 @@ from pathlib import Path
 from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
 from .outputs import OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
-from .pipeline import NoTissueError, ScoringConfig, WrongStainError, analyse_slide
+from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
 
@@ -55,7 +55,7 @@ SUMMARY_COLUMNS = (
     + [f"pct_{c}" for c in CATEGORIES]
     + ["output", "error"]
 )
-"""summary.csv: ``status`` is ok, refused (no tissue, or not a brightfield H-DAB image) or error; ``qc_status`` (see
+"""summary.csv: ``status`` is ok, refused (no tissue, not a brightfield H-DAB image, nuclear DAB) or error; ``qc_status`` (see
 qc_status) stands beside the score; ``qc`` lists the QC findings as code:severity; empty score: not scored."""
 MANIFEST = "manifest.json"
 SUMMARY = "summary.csv"
@@ -318,7 +318,7 @@ def process_slide(job: Job) -> dict:
         )
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
-        refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError))
+        refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
         row.update(status="refused" if refused else "error", error=_error_message(job, e))
         if job.out_dir and not Path(job.out_dir).is_symlink():
             _remove_outputs(job.out_dir)

@@ -30,17 +30,18 @@ __all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells"]
 @dataclass(frozen=True)
 class Thresholds:
     """Per-cell thresholds. Intensities are measured membrane DAB log10 OD: the peak across the
-    membrane after 0.5 µm smoothing (see membrane.ridge_filter); completeness is a fraction of the
-    cell's boundary sectors.
+    membrane after 0.6 µm smoothing (see membrane.membrane_contrast); completeness is a fraction of
+    the cell's boundary sectors.
 
     The deposit bands of DESIGN.md (QuPath's 0.2 / 0.4 / 0.6 = weak / moderate / strong) describe
     the stain deposit; a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
-    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the floor below
-    which a pixel is not membrane at all (~3x the noise of unstained cytoplasm).
+    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
+    membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
+    own noise floor is higher uses its floor instead (membrane.noise_floor).
     """
 
-    faint_od: float = 0.035
+    faint_od: float = 0.02
     weak_od: float = 0.14
     moderate_od: float = 0.35
     strong_od: float = 0.55

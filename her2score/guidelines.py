@@ -28,6 +28,7 @@ __all__ = [
     "STAINING_LEVEL",
     "MIN_TUMOUR_CELLS",
     "ISOLATED_INTENSE_PERCENT",
+    "ISOLATED_INTENSE_MIN_CELLS",
     "GASTRIC_READINGS",
     "PANCREATIC_NOTE",
     "GuidelineCall",
@@ -61,6 +62,10 @@ an edge artefact), not a population: the call is what the other cells give, with
 ``isolated_intense_cells``. At 1%, a slide of 10,000 tumour cells needs 100 intense complete cells
 before the pattern sends it to 2+ and reflex ISH; 0 restores the literal rule (one cell is enough).
 """
+
+ISOLATED_INTENSE_MIN_CELLS: int = 5
+"""Fewer intense complete cells than this are isolated whatever their share (a 60-cell field with one
+misread cell is not a 1.7% population); 5 is the smallest cohesive group the gastric biopsy rule accepts."""
 
 GASTRIC_READINGS: tuple[str, ...] = ("cumulative", "per_band")
 """How gastric percentages are read: "cumulative" (default) counts a cell at its level and every
@@ -217,7 +222,8 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
         kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"]}
         reason = _staining(kinds, total, ">10%", "intense but incomplete membrane staining")
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
-    isolated = 0 < strong and Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+    isolated = 0 < strong and (Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+                               or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
     if strong and not isolated:
         reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
@@ -226,7 +232,7 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
         c = {**c, "none": c["none"] + strong, "strong_complete": 0}
         flags = ("isolated_intense_cells",)
         note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
-                f"{isolated_percent:g}% floor of the 'intense complete staining in <=10%' pattern), "
+                f"{isolated_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor of the 'intense complete staining in <=10%' pattern), "
                 "not counted: the other cells decide")
     stained = total - c["none"]
     nothing = f"no membrane staining in {'the other ' if isolated else 'any of '}{total - strong:,} tumour cells{note}"

@@ -1,4 +1,11 @@
-"""Membrane pixels from a ridge filter on DAB optical density, and per-cell membrane measurements."""
+"""Membrane signal from DAB optical density, per-cell membrane measurements and their per-slide summary.
+
+A membrane is a thin line of DAB that rises above the cell's own cytoplasm. Its contrast is the
+white top-hat of the smoothed DAB OD with a 2 µm disk: a uniform tint, cytoplasmic blush, a brown
+nucleus (Ki67, ER) or background fill the disk and vanish; a ~1-2 µm membrane does not. Tiles
+measure, per cell and per angular sector, the peak contrast and the peak DAB OD; the slide then
+decides which sectors are stained against its own noise floor (measure, then classify).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,57 +13,54 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["ridge_filter", "membrane_mask", "CellMeasurements", "measure_cells", "N_SECTORS"]
+from .cells import local_background
+
+__all__ = [
+    "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
+    "MembraneSummary", "summarise_membranes", "noise_floor",
+]
 
 N_SECTORS = 24
-"""Angular sectors around each nucleus in which membrane staining is looked for."""
+"""Angular sectors around each cell centre in which membrane staining is looked for."""
+
+CONTRAST_BINS = np.linspace(0.0, 0.5, 201, dtype=np.float64)
+"""Histogram bin edges (log10 OD) of membrane contrast inside cells, the slide's noise-floor evidence."""
 
 
-def ridge_filter(dab_od: np.ndarray, *, mpp: float, sigma_um: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
-    """Smoothed DAB OD and its scale-normalised Hessian ridge response (both log10 OD).
+def membrane_contrast(dab_od: np.ndarray, nuclei: np.ndarray | None = None, *, mpp: float, sigma_um: float = 0.6,
+                      radius_um: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed DAB OD and its membrane contrast (both log10 OD).
 
     Gaussian smoothing at ``sigma_um`` averages sensor and JPEG noise along the ~1 µm membrane;
-    the ridge response is high on thin bright lines and ~0 on flat haze.
+    the contrast is the smoothed OD above its local level (grey opening with a ``radius_um``
+    disk): high on thin lines, ~0 on tint, cytoplasmic blush and brown nuclei. Nuclei (a label
+    or bool image), and the rim around them that the smoothing darkens, are first raised to the
+    DAB of the cytoplasm around them (3 µm Gaussian), so that the thin rim of a stained cytoplasm
+    between unstained nuclei does not stand out as a membrane.
     """
-    s = sigma_um / mpp
-    g = cv2.GaussianBlur(dab_od, (0, 0), s)
-    dxx = cv2.Sobel(g, cv2.CV_32F, 2, 0, ksize=3)
-    dyy = cv2.Sobel(g, cv2.CV_32F, 0, 2, ksize=3)
-    dxy = cv2.Sobel(g, cv2.CV_32F, 1, 1, ksize=3)
-    half_trace = (dxx + dyy) * 0.5
-    root = cv2.sqrt(((dxx - dyy) * 0.5) ** 2 + dxy * dxy)
-    return g, np.maximum(-(half_trace - root), 0.0) * (s * s)
-
-
-def membrane_mask(
-    smooth_dab_od: np.ndarray,
-    ridge: np.ndarray,
-    nuclei: np.ndarray,
-    *,
-    faint_od: float,
-    ridge_ratio: float = 0.15,
-    mpp: float,
-    nucleus_clearance_um: float = 0.5,
-) -> np.ndarray:
-    """Membrane pixels: smoothed DAB OD at least ``faint_od`` and ridge-like (ridge >= ratio x OD).
-
-    Faint candidates must be clear of nuclei, whose dark chromatin leaks colour noise into the DAB
-    channel; signal above ``clear_od`` (3 x faint) is taken wherever it lies.
-    """
-    k = 2 * max(1, round(nucleus_clearance_um / mpp)) + 1
-    near_nucleus = cv2.dilate((nuclei > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    level_ok = (smooth_dab_od >= 3 * faint_od) | ((smooth_dab_od >= faint_od) & (near_nucleus == 0))
-    return level_ok & (ridge >= ridge_ratio * smooth_dab_od)
+    smooth = cv2.GaussianBlur(dab_od, (0, 0), sigma_um / mpp)
+    level_of = smooth
+    if nuclei is not None and nuclei.any():
+        off = (nuclei == 0).astype(np.float32)
+        s = 3.0 / mpp
+        fill = cv2.GaussianBlur(smooth * off, (0, 0), s) / np.maximum(cv2.GaussianBlur(off, (0, 0), s), 1e-3)
+        k = 2 * max(1, round(2 * sigma_um / mpp)) + 1  # smoothing darkens ~2 sigma around a nucleus
+        near = cv2.dilate((nuclei > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
+        level_of = np.where(near, np.maximum(fill, smooth), smooth)
+    level = local_background(level_of, mpp=mpp, radius_um=radius_um, coarse_mpp=mpp)
+    return smooth, np.maximum(smooth - level, 0.0)
 
 
 @dataclass(frozen=True)
 class CellMeasurements:
     """Per-cell measurements (arrays of equal length); positions in tile pixels (x = column).
 
-    completeness: fraction of boundary sectors stained; longest_arc / longest_gap: longest contiguous
-    stained / unstained run (fractions of sectors; a U-shaped basolateral pattern has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
-    membrane_od_p90: 90th percentile of sector peaks; width_um: stained membrane width (µm);
-    radii_px: (n, N_SECTORS) outer radius of the cell per sector, for outlines.
+    x, y: cell centroid; nucleus_* are 0 for a cell found by its membrane ring alone (no nucleus
+    seen); nucleus_width_um: minor axis; hematoxylin_od / nucleus_dab_od: mean OD over the
+    nucleus; cytoplasm_dab_od: median smoothed DAB OD inside the cell away from its border and
+    nucleus; sector_contrast / sector_od (n, N_SECTORS) float16: per sector of the cell's border
+    band, the peak membrane contrast and the peak smoothed DAB OD (log10; NaN where the cell has
+    no border in that sector); width_um: stained membrane width (µm, over sectors above 0.05 OD of contrast).
     """
 
     label: np.ndarray
@@ -65,20 +69,23 @@ class CellMeasurements:
     cell_area_um2: np.ndarray
     nucleus_area_um2: np.ndarray
     nucleus_elongation: np.ndarray
+    nucleus_width_um: np.ndarray
     hematoxylin_od: np.ndarray
-    completeness: np.ndarray
-    longest_arc: np.ndarray
-    longest_gap: np.ndarray
-    membrane_od: np.ndarray
-    membrane_od_p90: np.ndarray
+    nucleus_dab_od: np.ndarray
+    cytoplasm_dab_od: np.ndarray
     width_um: np.ndarray
-    radii_px: np.ndarray
+    sector_contrast: np.ndarray
+    sector_od: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
 
     def select(self, keep: np.ndarray) -> "CellMeasurements":
         return CellMeasurements(**{k: v[keep] for k, v in self.__dict__.items()})
+
+    @classmethod
+    def concat(cls, parts: list["CellMeasurements"]) -> "CellMeasurements":
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
 
 
 def _longest_circular_run(flags: np.ndarray) -> np.ndarray:
@@ -93,100 +100,209 @@ def _longest_circular_run(flags: np.ndarray) -> np.ndarray:
     return np.minimum(best, k)
 
 
+def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: float) -> np.ndarray:
+    """The ``q`` quantile (lower) of ``values`` per label (NaN for a label without values)."""
+    count = np.bincount(labels, minlength=n_lab)
+    ranked = values[np.lexsort((values, labels))]  # grouped by label, ascending within each
+    has = count > 0
+    out = np.full(n_lab, np.nan)
+    out[has] = ranked[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)]
+    return out
+
+
+def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    out = np.full(size, -np.inf, np.float32)
+    np.maximum.at(out, key, values)
+    return out
+
+
 def measure_cells(
     cells: np.ndarray,
     nuclei: np.ndarray,
     hematoxylin_od: np.ndarray,
     dab_od: np.ndarray,
-    membrane: np.ndarray,
+    contrast: np.ndarray,
     *,
     mpp: float,
     band_um: float = 1.0,
-) -> CellMeasurements:
-    """Measure every cell of a label image: shape, nucleus, membrane completeness and DAB OD.
+    width_od: float = 0.05,
+    unstained_od: float = 0.08,
+    brown_nucleus_od: float = 0.10,
+    halo_um: float = 1.5,
+) -> tuple[CellMeasurements, np.ndarray]:
+    """Measure every cell of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in cell interiors.
 
-    The membrane of a cell is looked for in the band of its pixels within ``band_um`` of its border;
-    each of N_SECTORS angular sectors around the nucleus centroid is stained if it holds a membrane pixel.
+    ``dab_od`` is the smoothed DAB OD and ``contrast`` its membrane contrast (membrane_contrast).
+    A cell's membrane is looked for in the band of its pixels within ``band_um`` of its border,
+    nuclear pixels excluded, and so is the ``halo_um`` halo around a brown nucleus, whose mean DAB
+    reaches ``brown_nucleus_od`` and exceeds that of its halo (a brown nucleus is never membrane);
+    each of N_SECTORS angular sectors around the cell centroid keeps its peak contrast and peak OD.
+    The interior histogram (cell pixels off the band and off nuclei, in cytoplasm whose DAB level
+    is under ``unstained_od``)
+    is what an unstained membrane would read by noise alone: the noise floor.
     """
     n_lab = int(cells.max()) + 1
-    rows, cols = np.indices(cells.shape, dtype=np.float32)
-    # nucleus position and shape (moments over nuclear pixels); cells without a nucleus pixel are dropped
-    inside = nuclei > 0
-    nl, nr, nc = nuclei[inside], rows[inside], cols[inside]
-    nw = np.bincount(nl, minlength=n_lab).astype(np.float64)[:n_lab]
-    sr = np.bincount(nl, nr, n_lab)[:n_lab]
-    sc = np.bincount(nl, nc, n_lab)[:n_lab]
-    labels = np.flatnonzero(nw > 0)
+    f32 = np.float32
+    labels = np.flatnonzero(np.bincount(cells.ravel(), minlength=n_lab) > 0)
     labels = labels[labels > 0]
-    labels = labels[np.bincount(cells.ravel(), minlength=n_lab)[labels] > 0]
     if len(labels) == 0:
-        return CellMeasurements(*([np.zeros(0, np.float32)] * 13), np.zeros((0, N_SECTORS), np.float32))
-    cy, cx = sr / np.maximum(nw, 1), sc / np.maximum(nw, 1)
-    srr = np.bincount(nl, nr**2, n_lab)[:n_lab] / np.maximum(nw, 1) - cy**2
-    scc = np.bincount(nl, nc**2, n_lab)[:n_lab] / np.maximum(nw, 1) - cx**2
-    src = np.bincount(nl, nr * nc, n_lab)[:n_lab] / np.maximum(nw, 1) - cy * cx
+        empty = np.zeros(0, f32)
+        sectors = np.zeros((0, N_SECTORS), np.float16)
+        return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
+    rows, cols = np.indices(cells.shape, dtype=np.float32)
+    on = cells > 0
+    cl, cr, cc = cells[on], rows[on], cols[on]
+    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
+    cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
+    cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
+
+    # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
+    nuc_in = on & (nuclei > 0)
+    nl, nr, nc = cells[nuc_in], rows[nuc_in], cols[nuc_in]
+    nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
+    w = np.maximum(nw, 1)
+    ny, nx = np.bincount(nl, nr, n_lab) / w, np.bincount(nl, nc, n_lab) / w
+    srr = np.bincount(nl, nr**2, n_lab) / w - ny**2
+    scc = np.bincount(nl, nc**2, n_lab) / w - nx**2
+    src = np.bincount(nl, nr * nc, n_lab) / w - ny * nx
     tr, det = srr + scc, srr * scc - src**2
     disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
-    elong = np.sqrt(np.maximum(tr / 2 + disc, 1e-6) / np.maximum(tr / 2 - disc, 1e-6))
-    h_mean = np.bincount(nl, hematoxylin_od[inside], n_lab)[:n_lab] / np.maximum(nw, 1)
+    minor_var = np.maximum(tr / 2 - disc, 1e-6)
+    elong = np.where(nw > 0, np.sqrt(np.maximum(tr / 2 + disc, 1e-6) / minor_var), 0.0)
+    width_nuc = np.where(nw > 0, 4 * np.sqrt(minor_var) * mpp, 0.0)
+    h_mean = np.bincount(nl, hematoxylin_od[nuc_in], n_lab) / w
+    nuc_dab = np.bincount(nl, dab_od[nuc_in], n_lab) / w
 
-    # border band of each cell
+    # border band of each cell (nuclear pixels excluded) and the interior
     padded = np.pad(cells, 1, mode="constant")
     center = padded[1:-1, 1:-1]
     border = (
         (center != padded[:-2, 1:-1]) | (center != padded[2:, 1:-1])
         | (center != padded[1:-1, :-2]) | (center != padded[1:-1, 2:])
-    ) & (cells > 0)
+    ) & on
     dist = cv2.distanceTransform((~border).astype(np.uint8), cv2.DIST_L2, 3)
-    band = (cells > 0) & (dist <= band_um / mpp)
+    near = dist <= band_um / mpp
+    # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
+    k = 2 * max(1, round(halo_um / mpp)) + 1
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    n_nuc = int(nuclei.max()) + 1
+    ring = cv2.dilate(nuclei.astype(np.float32), disk).astype(np.int32) * (nuclei == 0)  # each nucleus's halo, by its label
+    nuc_mean = np.bincount(nuclei.ravel(), dab_od.ravel(), n_nuc) / np.maximum(np.bincount(nuclei.ravel(), minlength=n_nuc), 1)
+    ring_mean = np.bincount(ring.ravel(), dab_od.ravel(), n_nuc) / np.maximum(np.bincount(ring.ravel(), minlength=n_nuc), 1)
+    brown = ((nuc_mean >= brown_nucleus_od) & (nuc_mean > ring_mean))[nuclei] & (nuclei > 0)
+    off_limits = (nuclei > 0) | (cv2.dilate(brown.astype(np.uint8), disk) > 0)
+    band = on & near & ~off_limits
+    interior = on & ~near & ~off_limits
+    quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
+    hist = np.histogram(np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6), CONTRAST_BINS)[0]
+    icl = cells[interior]
+    cyto = _per_cell_quantile(icl, dab_od[interior], n_lab, 0.5)
+
     lab = cells[band]
-    br, bc = rows[band], cols[band]
-    dy, dx = br - cy[lab], bc - cx[lab]
+    dy, dx = rows[band] - cy[lab], cols[band] - cx[lab]
     sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
-    has_band = (np.bincount(key, minlength=size) > 0).reshape(n_lab, N_SECTORS)
-    mem = membrane[band]
-    stained = (np.bincount(key, mem.astype(np.float64), size) > 0).reshape(n_lab, N_SECTORS)
-    peak = np.zeros(size, np.float32)
-    np.maximum.at(peak, key[mem], dab_od[band][mem])
-    peak = peak.reshape(n_lab, N_SECTORS)
-    sector_max = np.zeros(size, np.float32)
-    np.maximum.at(sector_max, key, dab_od[band])
-    sector_max = sector_max.reshape(n_lab, N_SECTORS)
-    radius = np.zeros(size, np.float32)
-    np.maximum.at(radius, key, (np.hypot(dy, dx) + 0.5).astype(np.float32))
-    radius = radius.reshape(n_lab, N_SECTORS)
-    border_px = np.bincount(key[border[band]], minlength=size).reshape(n_lab, N_SECTORS)
-    mem_px = np.bincount(key[mem], minlength=size).reshape(n_lab, N_SECTORS)
+    c_band = contrast[band]
+    sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
+    sec_o = _sector_max(key, dab_od[band], size).reshape(n_lab, N_SECTORS)[labels]
+    sec_c[~np.isfinite(sec_c)] = np.nan
+    sec_o[~np.isfinite(sec_o)] = np.nan
+    on_border = border[band]
+    border_px = np.bincount(key[on_border], minlength=size).reshape(n_lab, N_SECTORS)[labels]
+    strong_px = np.bincount(key[c_band >= width_od], minlength=size).reshape(n_lab, N_SECTORS)[labels]
+    lit = np.nan_to_num(sec_c) >= width_od
+    arc_px = (border_px * lit).sum(1)
+    width = np.where(arc_px > 0, (strong_px * lit).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
 
-    hb, st = has_band[labels], stained[labels]
-    n_band = np.maximum(hb.sum(1), 1)
-    n_st = st.sum(1)
-    completeness = n_st / n_band
-    longest = _longest_circular_run(st) / n_band
-    gap = _longest_circular_run(hb & ~st) / n_band
-    membrane_od = np.where(n_st > 0, (peak[labels] * st).sum(1) / np.maximum(n_st, 1), 0.0)
-    # 90th percentile (lower) of the sector peaks over the sectors a cell has
-    ranked = np.sort(np.where(hb, sector_max[labels], -np.inf), axis=1)[:, ::-1]
-    p90 = ranked[np.arange(len(labels)), ((n_band - 1) * 0.1).astype(int)]
-    arc_px = (border_px[labels] * st).sum(1)
-    width = np.where(arc_px > 0, (mem_px[labels] * st).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
-    cell_area = np.bincount(cells.ravel(), minlength=n_lab)[labels] * mpp * mpp
-    f32 = np.float32
-    return CellMeasurements(
+    m = CellMeasurements(
         label=labels.astype(np.int32),
         x=cx[labels].astype(f32),
         y=cy[labels].astype(f32),
-        cell_area_um2=cell_area.astype(f32),
+        cell_area_um2=(area[labels] * mpp * mpp).astype(f32),
         nucleus_area_um2=(nw[labels] * mpp * mpp).astype(f32),
         nucleus_elongation=elong[labels].astype(f32),
+        nucleus_width_um=width_nuc[labels].astype(f32),
         hematoxylin_od=h_mean[labels].astype(f32),
-        completeness=completeness.astype(f32),
-        longest_arc=longest.astype(f32),
-        longest_gap=gap.astype(f32),
-        membrane_od=membrane_od.astype(f32),
-        membrane_od_p90=p90.astype(f32),
+        nucleus_dab_od=nuc_dab[labels].astype(f32),
+        cytoplasm_dab_od=cyto[labels].astype(f32),
         width_um=width.astype(f32),
-        radii_px=radius[labels],
+        sector_contrast=sec_c.astype(np.float16),
+        sector_od=sec_o.astype(np.float16),
+    )
+    return m, hist
+
+
+def noise_floor(hist: np.ndarray, *, quantile: float = 0.99, minimum_od: float = 0.02) -> float:
+    """The slide's membrane-contrast noise floor (log10 OD) from the summed interior histogram.
+
+    The ``quantile`` of membrane contrast inside cells, away from any membrane: the level an
+    unstained membrane reaches by noise, texture and JPEG alone; never below ``minimum_od``.
+    """
+    total = hist.sum()
+    if total == 0:
+        return float(minimum_od)
+    k = int(np.searchsorted(np.cumsum(hist), quantile * total))
+    return float(max(minimum_od, CONTRAST_BINS[min(k + 1, len(CONTRAST_BINS) - 1)]))
+
+
+@dataclass(frozen=True)
+class MembraneSummary:
+    """Per-cell membrane staining once the slide's threshold is known (arrays of equal length).
+
+    completeness: fraction of border sectors stained; longest_arc / longest_gap: longest
+    contiguous stained / unstained run (fractions of the border; a U-shaped basolateral pattern
+    has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
+    contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10).
+    """
+
+    completeness: np.ndarray
+    longest_arc: np.ndarray
+    longest_gap: np.ndarray
+    membrane_od: np.ndarray
+    contrast_od: np.ndarray
+
+
+def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
+    """Keep the True entries of each row of a (n, k) bool array that lie in circular runs of at least ``min_run``."""
+    k = flags.shape[1]
+    if flags.all(axis=1).all() or min_run <= 1:
+        return flags
+    keep = np.zeros_like(flags)
+    for start in range(k):  # a window of min_run sectors, all stained, marks its sectors kept
+        window = np.ones(len(flags), bool)
+        for j in range(min_run):
+            window &= flags[:, (start + j) % k]
+        for j in range(min_run):
+            keep[:, (start + j) % k] |= window
+    return keep
+
+
+def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_base_od: float = 0.0,
+                        cytoplasm_ratio: float = 0.5, min_run: int = 3) -> MembraneSummary:
+    """Which sectors of each cell are stained, and what that makes of the cell.
+
+    A sector is stained where its membrane contrast reaches ``threshold_od`` (the slide's floor,
+    log10 OD) and its peak DAB OD exceeds the cell's own cytoplasm by ``cytoplasm_ratio`` x that
+    cytoplasm's DAB above ``cytoplasm_base_od`` (the slide's unstained level): in a cell with
+    cytoplasmic blush only a membrane clearly darker than the blush counts. Stained sectors count
+    only in runs of at least ``min_run`` (a membrane is a line along the border; noise and the halo
+    of a brown nucleus are specks).
+    """
+    c = m.sector_contrast.astype(np.float32)
+    has = np.isfinite(c)
+    cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)[:, None]
+    above_cytoplasm = np.nan_to_num(m.sector_od.astype(np.float32)) - cyto
+    st = has & (np.nan_to_num(c) >= threshold_od) & (above_cytoplasm >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
+    st = _in_runs(st, min_run)
+    n_band = np.maximum(has.sum(1), 1)
+    n_st = st.sum(1)
+    f32 = np.float32
+    od = np.nan_to_num(m.sector_od.astype(np.float32))
+    return MembraneSummary(
+        completeness=(n_st / n_band).astype(f32),
+        longest_arc=(_longest_circular_run(st) / n_band).astype(f32),
+        longest_gap=(_longest_circular_run(has & ~st) / n_band).astype(f32),
+        membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
+        contrast_od=np.where(n_st > 0, (np.nan_to_num(c) * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )

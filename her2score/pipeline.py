@@ -21,22 +21,25 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
-from .cells import grow_cells, segment_nuclei
+from .cells import grow_cells, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import apply_guideline
-from .membrane import CellMeasurements, measure_cells, membrane_mask, ridge_filter
+from .guidelines import ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, STAINING_LEVEL, apply_guideline, level_flags, report_level
+from .imagecheck import NotHerIhcError, check_slide
+from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, summarise_membranes
+from .outlines import trace_outlines
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
-from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains, optical_density, wrong_stain_fraction
+from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
 from .tissue import Tile, TissueMask, tile_grid, tissue_mask
+from .tumour import COMPARTMENTS, TumourRule, select_tumour_cells, staining_compartments, unstained_level
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
 
 log = logging.getLogger(__name__)
 
-LEVEL_OF_CATEGORY = np.array([0, 1, 2, 3, 2, 3], np.int8)
-"""Staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order: faint = 1, weak-moderate = 2, strong = 3."""
+LEVEL_OF_CATEGORY = np.array([STAINING_LEVEL[c] for c in CATEGORIES], np.int8)
+"""Guideline staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order (guidelines.STAINING_LEVEL)."""
 
 
 class WrongStainError(SlideError):
@@ -45,6 +48,10 @@ class WrongStainError(SlideError):
 
 class NoTissueError(SlideError):
     """No tissue was found on the slide."""
+
+
+class NuclearStainError(SlideError):
+    """The slide's DAB is nuclear (Ki67, ER, PR): not a membranous HER2 pattern."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +67,13 @@ class ScoringConfig:
     estimate_stains: bool = False
     nucleus_threshold_od: float = 0.10
     max_cell_radius_um: float = 9.0
-    tumour_min_nucleus_um2: float = 20.0
-    tumour_max_elongation: float = 2.2
-    tumour_min_neighbours: int = 3
-    neighbour_radius_um: float = 20.0
+    basin_contrast_od: float = 0.10
+    tumour: TumourRule = field(default_factory=TumourRule)
+    nuclear_stain_min: float = 0.05
     cluster_distance_um: float = 20.0
-    min_tumour_cells: int = 50
-    wrong_stain_max: float = 0.25
+    min_tumour_cells: int = MIN_TUMOUR_CELLS
+    isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT
+    gastric_reading: str = "cumulative"
     blur_min: float = 0.0015
     background_max_od: float = 0.06
     cnn_patches_per_tile: int = 16
@@ -90,8 +97,12 @@ class TileResult:
     tissue_px: int
     focus: float
     nucleus_od: float
+    contrast_hist: np.ndarray
+    """Membrane contrast inside the tile's cells, away from membranes (membrane.CONTRAST_BINS): the noise-floor evidence."""
     cnn_probs: np.ndarray | None = None
     cnn_patches: int = 0
+    outlines: tuple[np.ndarray, ...] = ()
+    """Per owned cell, its outline: float32 (k, 2) (x, y) in level-0 px (her2score.outlines.trace_outlines)."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -105,15 +116,16 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
-    dab_smooth, ridge = ridge_filter(dab_od, mpp=mpp)
     nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=config.nucleus_threshold_od)
-    cells = grow_cells(nuclei, ridge, mpp=mpp, max_radius_um=config.max_cell_radius_um)
-    membrane = membrane_mask(dab_smooth, ridge, nuclei, faint_od=config.thresholds.faint_od, mpp=mpp)
-    m = measure_cells(cells, nuclei, h_od, dab_smooth, membrane, mpp=mpp)
+    dab_smooth, contrast = membrane_contrast(dab_od, nuclei, mpp=mpp)
+    basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
+    cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um)
+    m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
     owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
     m = m.select(owned)
+    outlines = tuple(((p + np.array([rx, ry], np.float32)) * scale).astype(np.float32) for p in trace_outlines(cells, m.label))
     m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
     total_od = hed[..., 0] + hed[..., 1]
@@ -124,8 +136,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     probs, n_patches = None, 0
     if cnn is not None:
         mg = tile.margin
-        probs, n_patches = cnn.predict_tile(rgb[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, probs, n_patches)
+        probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outlines)
 
 
 @dataclass(frozen=True)
@@ -173,26 +185,10 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def _concat(parts: list[CellMeasurements]) -> CellMeasurements:
-    fields = CellMeasurements.__dataclass_fields__
-    return CellMeasurements(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields})
-
-
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
     """Coarse enough for a ~1500 px thumbnail, never finer than the scan or the target."""
     longest_um = max(slide.dimensions) * slide.mpp
     return float(np.clip(longest_um / 1500, max(slide.mpp, target_mpp), 16.0))
-
-
-def _tumour_cells(m: CellMeasurements, config: ScoringConfig, region: Region | None, slide_mpp: float) -> tuple[np.ndarray, str]:
-    if region is not None:
-        return region.contains(m.x, m.y), region.source
-    epithelial = (m.nucleus_area_um2 >= config.tumour_min_nucleus_um2) & (m.nucleus_elongation <= config.tumour_max_elongation)
-    if len(m):
-        pts = np.column_stack([m.x, m.y]) * slide_mpp
-        n = cKDTree(pts).query_ball_point(pts, config.neighbour_radius_um, return_length=True) - 1
-        epithelial &= n >= config.tumour_min_neighbours
-    return epithelial, "detected epithelial cells (no tumour annotation given)"
 
 
 def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) -> dict[str, int]:
@@ -235,11 +231,10 @@ def analyse_slide(
         tissue = tissue_mask(thumb, mpp=thumb_mpp, background=background)
         if tissue.mask.sum() == 0:
             raise NoTissueError(slide.path, "no tissue found (blank, fully white or black slide)")
-        thumb_od = optical_density(thumb, background)
-        eosin = wrong_stain_fraction(thumb_od[tissue.mask])
-        if eosin > config.wrong_stain_max:
-            raise WrongStainError(slide.path, f"{eosin:.0%} of stained tissue has the colour of eosin: this looks "
-                                              "like an H&E slide, not a HER2 (H-DAB) immunostain; not scored")
+        check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
+        if not check.accepted:
+            raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
+        eosin = check.eosin_fraction
         stains, stain_note = H_DAB.with_background(background), "default Ruifrok-Johnston vectors"
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
@@ -263,7 +258,7 @@ def analyse_slide(
         with _opened(path, mpp, backend) as slide:
             parts = [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
 
-    cells = _concat([p.cells for p in parts]) if parts else None
+    cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
     cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
@@ -272,8 +267,18 @@ def analyse_slide(
 
 def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report) -> SlideAnalysis:
     t = config.thresholds
-    category, pattern = classify_cells(cells.completeness, cells.longest_arc, cells.longest_gap, cells.membrane_od, t)
-    tumour, region_source = _tumour_cells(cells, config, region, slide_mpp)
+    floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
+    threshold = max(t.faint_od, floor)
+    unstained = unstained_level(cells)
+    mem = summarise_membranes(cells, threshold_od=threshold, cytoplasm_base_od=unstained)
+    category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t)
+    compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
+    staining = _staining(slide_path, config, compartment, floor, threshold)
+    if region is not None:
+        tumour, region_source = region.contains(cells.x, cells.y), region.source
+    else:
+        selection = select_tumour_cells(cells, um_per_px=slide_mpp, rule=config.tumour)
+        tumour, region_source = selection.tumour, selection.describe()
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
@@ -282,21 +287,25 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     qc = _qc(config, parts, tissue, n_tumour, stains, eosin)
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
-    if n_tumour == 0:
-        score, level, flags, reason, h, pct = "0", "not scored", ("no_tumour_cells",), "no tumour cells in the region", 0.0, {}
+    if n_tumour == 0:  # no score at all, never HER2 0
+        score, level, flags, h = None, "not scored", ("no_tumour_cells",), 0.0
+        reason = f"no tumour cells found ({region_source}): no HER2 score"
     else:
-        call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters)
+        call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
+                               isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
-    classical, confidence = score, None
+    classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:
         score, confidence = fuse(classical, cnn_report.probabilities)
+        if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
+            level = report_level(score, config.guideline, counts)
+            flags = level_flags(level, config.guideline)
         if cnn_report.score != classical:
             flags = (*flags, "cnn_disagrees")
             reason += f"; the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
         if score != classical:
-            level = score
-            flags = tuple(f for f in flags if f not in ("null", "ultralow", "ish_reflex")) + (("ish_reflex",) if score == "2+" else ())
+            reason += f"; reported {level} after fusing the classical {classical_level} with the CNN"
     result = SlideResult(
         slide=slide_path,
         score=score,
@@ -321,20 +330,46 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         notes=tuple(notes),
         config=config.to_dict(),
         version=__version__,
+        classical_level=classical_level,
+        staining=staining,
+        classical_flags=tuple(classical_flags),
     )
     table = {
         "x": cells.x, "y": cells.y,
         "category": np.array(CATEGORIES, dtype=object)[category],
         "pattern": np.array(PATTERNS, dtype=object)[pattern],
         "tumour": tumour,
-        "completeness": cells.completeness, "longest_arc": cells.longest_arc, "longest_gap": cells.longest_gap,
-        "membrane_od": cells.membrane_od, "membrane_od_p90": cells.membrane_od_p90,
+        "compartment": np.array(COMPARTMENTS, dtype=object)[compartment],
+        "completeness": mem.completeness, "longest_arc": mem.longest_arc, "longest_gap": mem.longest_gap,
+        "membrane_od": mem.membrane_od, "contrast_od": mem.contrast_od,
+        "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": cells.nucleus_dab_od,
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
+        "nucleus_width_um": cells.nucleus_width_um,
         "hematoxylin_od": cells.hematoxylin_od,
-        "radii_um": cells.radii_px * config.mpp,
+        "outline": _object_column([o for p in parts for o in p.outlines]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, floor: float, threshold: float) -> dict:
+    """Where the slide's DAB lies, and the membrane threshold used; refuses nuclear DAB (not a HER2 pattern)."""
+    frac = {name: round(float(np.mean(compartment == i)), 4) for i, name in enumerate(COMPARTMENTS) if i}
+    if frac["nucleus"] >= config.nuclear_stain_min and frac["nucleus"] >= frac["membrane"]:
+        raise NuclearStainError(slide_path, f"DAB is nuclear, not a membranous HER2 pattern: {frac['nucleus']:.0%} of cells "
+                                            f"have DAB-stained nuclei, {frac['membrane']:.0%} a stained membrane "
+                                            "(a Ki67, ER or PR stain?); not scored")
+    dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
+    return {"dab_floor_od": round(floor, 4), "membrane_threshold_od": round(threshold, 4),
+            "compartment": dominant, "fractions": frac}
+
+
+def _object_column(items: list) -> np.ndarray:
+    """A 1-D object array holding ``items`` as they are (arrays of any shape)."""
+    col = np.empty(len(items), dtype=object)
+    for i, v in enumerate(items):
+        col[i] = v
+    return col
 
 
 def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float) -> list[QCFinding]:

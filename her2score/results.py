@@ -66,6 +66,7 @@ class SlideResult:
     version: str = ""
     classical_level: str = ""
     classical_flags: tuple[str, ...] = ()
+    staining: dict[str, Any] = field(default_factory=dict)
 
     @property
     def qc_passed(self) -> bool:

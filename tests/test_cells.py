@@ -1,7 +1,7 @@
 import cv2
 import numpy as np
 
-from her2score.cells import grow_cells, segment_nuclei
+from her2score.cells import grow_cells, membrane_basins, segment_nuclei
 
 
 def disks(centres, radius_px, shape=(128, 128), od=0.5):
@@ -19,14 +19,31 @@ def test_segment_nuclei_counts_and_splits_touching():
     assert labels[90, 36] != labels[90, 58]
 
 
-def test_segment_nuclei_ignores_dab_dominated_and_small_objects():
-    h = disks([(30, 30)], 8, od=0.5) + disks([(90, 90)], 8, od=0.12) + disks([(90, 30)], 1, od=0.6)
-    dab = disks([(90, 90)], 8, od=0.8)  # a strong DAB blob leaking some haematoxylin signal
-    labels = segment_nuclei(h, dab, mpp=0.5)
-    assert labels[30, 30] > 0
-    assert labels[90, 90] == 0
-    assert labels[30, 90] == 0
+def test_segment_nuclei_keeps_elongated_nuclei_whole():
+    h = np.zeros((128, 128), np.float32)
+    cv2.ellipse(h, (64, 64), (26, 9), 30, 0, 360, 0.5, -1)  # 26 x 9 µm columnar nucleus
+    labels = segment_nuclei(h, mpp=0.5)
     assert len(np.unique(labels)) - 1 == 1
+
+
+def test_segment_nuclei_ignores_thin_lines_small_objects_and_raised_background():
+    h = disks([(30, 30)], 8, od=0.5) + disks([(90, 30)], 1, od=0.6)
+    h[:, 100:102] += 0.5  # a 1 µm line: a membrane or fibre
+    h[64:, :] += 0.12  # haematoxylin leaking into a brown cytoplasm: a raised plateau, no nucleus
+    labels = segment_nuclei(h, mpp=0.5)
+    assert labels[30, 30] > 0
+    assert labels[30, 90] == 0 and labels[40, 101] == 0 and labels[100, 40] == 0
+    assert len(np.unique(labels)) - 1 == 1
+
+
+def test_segment_nuclei_finds_brown_nuclei_by_their_dab():
+    h = disks([(30, 30)], 8, od=0.5)
+    dab = disks([(90, 90)], 8, od=0.9)  # a Ki67-positive nucleus: DAB hides its haematoxylin
+    dab[:, 60:62] += 0.9  # a membrane is not a nucleus
+    labels = segment_nuclei(h, dab, mpp=0.5)
+    assert labels[30, 30] > 0 and labels[90, 90] > 0
+    assert labels[30, 61] == 0
+    assert len(np.unique(labels)) - 1 == 2
 
 
 def test_grow_cells_bounded_and_split_on_membrane():
@@ -40,3 +57,17 @@ def test_grow_cells_bounded_and_split_on_membrane():
     assert cells[5, 5] == 0  # beyond 8 µm (16 px) of any nucleus
     ys, xs = np.nonzero(cells == 1)
     assert np.hypot(xs - 30, ys - 50).max() <= 6 + 16 + 1.5
+
+
+def test_membrane_rings_without_a_visible_nucleus_become_cells():
+    """Strong staining can hide a nucleus; a closed membrane ring of a cell's size still makes a cell."""
+    membrane = np.zeros((120, 120), np.uint8)
+    cv2.circle(membrane, (35, 60), 12, 1, 2)  # 12 µm ring, no nucleus inside
+    cv2.circle(membrane, (85, 60), 12, 1, 2)  # ring around a detected nucleus
+    cv2.circle(membrane, (60, 20), 40, 1, 2)  # too large for a cell
+    nuclei = np.zeros((120, 120), np.int32)
+    cv2.circle(nuclei, (85, 60), 5, 1, -1)
+    basins = membrane_basins(membrane > 0, nuclei, mpp=0.5)
+    assert basins[60, 35] and not basins[60, 85] and not basins[20, 60]
+    cells = grow_cells(nuclei, membrane.astype(np.float32), mpp=0.5, basins=basins)
+    assert cells[60, 35] > 0 and cells[60, 35] != cells[60, 85]

@@ -17,7 +17,6 @@ from her2score.cnn import (  # noqa: E402
     aggregate_tiles,
     build_network,
     count_parameters,
-    OnnxTileClassifier,
     default_weights_path,
     fuse,
     load_model,

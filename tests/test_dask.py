@@ -1,10 +1,10 @@
 """A small batch scored on a real Dask cluster gives the same results as the local path, cell for cell."""
-import csv
 import json
 import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -44,7 +44,7 @@ def cluster():
 
 
 def _outputs(out, rows):
-    """Per slide: the compared result.json fields and the cells.csv rows, or the error."""
+    """Per slide: the compared result.json fields and the cell table's rows, or the error."""
     got = {}
     for row in rows:
         if row["status"] != "ok":
@@ -52,8 +52,8 @@ def _outputs(out, rows):
             continue
         folder = out / row["output"]
         result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        with open(folder / "cells.csv", newline="") as fh:
-            cells = list(csv.reader(fh))
+        table = pq.read_table(folder / "cells.parquet")
+        cells = [table.column_names] + [[repr(v) for v in r.values()] for r in table.to_pylist()]  # NaN == NaN
         got[row["slide"]] = ({k: result.get(k) for k in COMPARED}, cells)
     return got
 
@@ -115,4 +115,4 @@ def test_dask_worker_in_another_folder_gets_usable_paths(slides, local, tmp_path
             worker.wait(30)
     assert [r["status"] for r in rows] == ["ok"], rows
     assert (tmp_path / "client" / "out" / rows[0]["output"] / "result.json").is_file()
-    assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file() and p.name in ("result.json", "cells.csv")]
+    assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file() and p.name in ("result.json", "cells.parquet")]

@@ -2,65 +2,102 @@ import cv2
 import numpy as np
 import pytest
 
-from her2score.categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from her2score.cells import grow_cells
-from her2score.membrane import N_SECTORS, measure_cells, membrane_mask, ridge_filter
+from her2score.membrane import N_SECTORS, measure_cells, membrane_contrast, noise_floor, summarise_membranes
 
 MPP = 0.5
 
 
-def cell_with_arc(fraction: float, od: float, *, start_deg: float = 0.0, width_px: int = 2):
-    """One round cell (radius 14 px = 7 µm) with a DAB membrane arc covering ``fraction`` of it."""
+def cell_with_arc(fraction: float, od: float, *, start_deg: float = 0.0, width_px: int = 2, background_od: float = 0.0):
+    """One round cell (radius 14 px = 7 µm) with a DAB membrane arc covering ``fraction`` of it, on a uniform DAB level."""
     nuclei = np.zeros((64, 64), np.int32)
     cv2.circle(nuclei, (32, 32), 6, 1, -1)
-    dab = np.zeros((64, 64), np.float32)
+    dab = np.full((64, 64), background_od, np.float32)
     if fraction > 0:
-        cv2.ellipse(dab, (32, 32), (14, 14), 0, start_deg, start_deg + 360 * fraction, float(od), width_px)
+        cv2.ellipse(dab, (32, 32), (14, 14), 0, start_deg, start_deg + 360 * fraction, background_od + float(od), width_px)
     return nuclei, dab
 
 
-def measure(nuclei, dab, faint=0.035):
-    g, ridge = ridge_filter(dab, mpp=MPP)
-    cells = grow_cells(nuclei, ridge, mpp=MPP, max_radius_um=9)
-    mem = membrane_mask(g, ridge, nuclei, faint_od=faint, mpp=MPP)
-    return measure_cells(cells, nuclei, np.zeros_like(dab), g, mem, mpp=MPP)
+def measure(nuclei, dab, threshold=0.025):
+    smooth, contrast = membrane_contrast(dab, nuclei, mpp=MPP)
+    cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9)
+    m, hist = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP)
+    return m, summarise_membranes(m, threshold_od=threshold), hist
 
 
-def test_ridge_filter_prefers_lines_to_haze():
-    img = np.full((64, 64), 0.3, np.float32)
-    img[:, 30:32] += 0.4
-    g, ridge = ridge_filter(img, mpp=MPP)
-    assert ridge[32, 31] > 0.05
-    assert ridge[32, 10] < 1e-3
+def test_contrast_is_high_on_lines_and_zero_on_tint_and_blobs():
+    img = np.full((96, 96), 0.05, np.float32)  # a uniform tint
+    img[:, 30:32] += 0.4  # a 1 µm membrane
+    cv2.circle(img, (70, 48), 8, 0.8, -1)  # a brown nucleus, 8 µm across
+    _, contrast = membrane_contrast(img, mpp=MPP)
+    assert contrast[48, 31] > 0.2
+    assert contrast[48, 10] < 1e-3
+    assert contrast[48, 70] < 0.02
+
+
+def test_contrast_ignores_cytoplasm_between_unstained_nuclei():
+    """A stained cytoplasm squeezed between two unstained nuclei is not a membrane once the nuclei are known."""
+    nuclei = np.zeros((64, 96), np.int32)
+    cv2.circle(nuclei, (34, 32), 9, 1, -1)
+    cv2.circle(nuclei, (58, 32), 9, 2, -1)  # a 3 µm rim of cytoplasm between them
+    dab = np.where(nuclei > 0, 0.0, 0.3).astype(np.float32)
+    _, blind = membrane_contrast(dab, mpp=MPP)
+    _, aware = membrane_contrast(dab, nuclei, mpp=MPP)
+    assert blind[32, 46] > 0.1  # the rim between the nuclei looks like a ridge
+    assert aware[32, 46] < 0.03
 
 
 # A sector partly covered counts as stained, and smoothing lengthens an arc by ~1 px at each
-# end: a drawn arc reads up to ~1.25 sectors longer per end, never shorter.
-ARC_END = 1.25 / N_SECTORS
+# end: a drawn arc reads up to ~1.5 sectors longer per end, never shorter.
+ARC_END = 1.5 / N_SECTORS
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_completeness_follows_the_drawn_arc(fraction):
-    m = measure(*cell_with_arc(fraction, 0.6))
+    m, s, _ = measure(*cell_with_arc(fraction, 0.6))
     assert len(m) == 1
-    assert fraction - 0.02 <= m.completeness[0] <= min(1.0, fraction + 2 * ARC_END + 0.01)
+    assert fraction - 0.05 <= s.completeness[0] <= min(1.0, fraction + 2 * ARC_END + 0.01)
     if fraction:
-        assert m.longest_arc[0] == pytest.approx(m.completeness[0])
-        assert m.longest_gap[0] == pytest.approx(1 - m.completeness[0])  # one arc leaves one gap
-        assert m.membrane_od[0] > 0.25
+        assert s.longest_arc[0] == pytest.approx(s.completeness[0])
+        assert s.longest_gap[0] == pytest.approx(1 - s.completeness[0])  # one arc leaves one gap
+        assert s.membrane_od[0] > 0.25
+
+
+def test_a_uniform_tint_is_not_a_membrane():
+    m, s, hist = measure(*cell_with_arc(0.0, 0.0, background_od=0.03))
+    assert s.completeness[0] == 0
+    assert noise_floor(hist) == pytest.approx(0.02)  # nothing above the minimum floor
 
 
 def test_intensity_increases_with_deposit():
-    ods = [measure(*cell_with_arc(1.0, od)).membrane_od[0] for od in (0.15, 0.4, 1.0)]
+    ods = [measure(*cell_with_arc(1.0, od))[1].membrane_od[0] for od in (0.15, 0.4, 1.0)]
     assert ods[0] < ods[1] < ods[2]
 
 
 def test_disjoint_arcs_have_short_longest_arc():
     nuclei, dab = cell_with_arc(0.2, 0.6, start_deg=0)
     _, dab2 = cell_with_arc(0.2, 0.6, start_deg=180)
-    m = measure(nuclei, np.maximum(dab, dab2))
-    assert 0.38 <= m.completeness[0] <= 0.4 + 4 * ARC_END + 0.01
-    assert m.longest_arc[0] <= 0.2 + 2 * ARC_END + 0.01
+    _, s, _ = measure(nuclei, np.maximum(dab, dab2))
+    assert 0.35 <= s.completeness[0] <= 0.4 + 4 * ARC_END + 0.01
+    assert s.longest_arc[0] <= 0.2 + 2 * ARC_END + 0.01
+
+
+def test_threshold_and_cytoplasm_decide_the_stained_sectors():
+    m, weak, _ = measure(*cell_with_arc(1.0, 0.05))
+    assert weak.completeness[0] > 0.9
+    assert summarise_membranes(m, threshold_od=0.2).completeness[0] == 0  # a slide whose noise floor is higher
+    m, _, _ = measure(*cell_with_arc(1.0, 0.05, background_od=0.3))  # the same membrane over a brown cytoplasm
+    blush = summarise_membranes(m, threshold_od=0.025, cytoplasm_base_od=0.0)
+    assert blush.completeness[0] == 0  # not clearly darker than the blush
+
+
+def test_noise_floor_is_a_quantile_of_the_interior_histogram():
+    from her2score.membrane import CONTRAST_BINS
+
+    values = np.random.default_rng(0).uniform(0, 0.1, 100_000)
+    hist = np.histogram(values, CONTRAST_BINS)[0]
+    assert noise_floor(hist, quantile=0.99) == pytest.approx(0.099, abs=0.003)
+    assert noise_floor(np.zeros_like(hist)) == 0.02
 
 
 def test_measurements_do_not_mutate_inputs():
@@ -70,26 +107,10 @@ def test_measurements_do_not_mutate_inputs():
     assert np.array_equal(nuclei, before[0]) and np.array_equal(dab, before[1])
 
 
-def test_classify_cells_categories_and_patterns():
-    t = Thresholds()
-    completeness = np.array([0.0, 0.35, 0.95, 0.95, 0.65, 0.65, 1.0, 0.35, 0.7])
-    arc = np.array([0.0, 0.35, 0.95, 0.95, 0.65, 0.65, 1.0, 0.1, 0.3])
-    gap = np.array([1.0, 0.65, 0.05, 0.05, 0.35, 0.35, 0.0, 0.3, 0.1])
-    od = np.array([0.0, 0.3, 0.3, 0.9, 0.3, 0.9, 0.05, 0.9, 0.9])
-    cat, pattern = classify_cells(completeness, arc, gap, od, t)
-    names = [CATEGORIES[c] for c in cat]
-    assert names[:4] == ["none", "faint_partial", "weak_moderate_complete", "strong_complete"]
-    assert names[4:6] == ["weak_moderate_lateral", "strong_lateral"]  # one long stained arc, one long (apical) gap
-    assert names[6] == "faint_partial"  # faint circumferential staining is barely perceptible: 1+
-    assert names[7] == "faint_partial"  # intense but scattered, non-lateral: incomplete
-    assert names[8] == "strong_complete"  # stained nearly all round with only short gaps
-    assert [PATTERNS[p] for p in pattern[[0, 1, 2, 4]]] == ["none", "partial", "complete", "lateral"]
-    strict = Thresholds(complete_completeness=0.99)
-    assert CATEGORIES[classify_cells(completeness, arc, gap, od, strict)[0][8]] == "faint_partial"
-
-
-def test_thresholds_validated():
-    with pytest.raises(ValueError):
-        Thresholds(weak_od=0.7, strong_od=0.5)
-    with pytest.raises(ValueError):
-        Thresholds(lateral_arc=0.9, complete_completeness=0.8)
+def test_brown_nucleus_is_not_membrane():
+    """Nuclear pixels are never in a cell's membrane band: a Ki67-positive nucleus leaves the membrane unstained."""
+    nuclei, dab = cell_with_arc(0.0, 0.0)
+    dab[nuclei > 0] = 0.9
+    m, s, _ = measure(nuclei, dab)
+    assert s.completeness[0] == 0
+    assert m.nucleus_dab_od[0] > 0.5

@@ -66,10 +66,11 @@ def _batch(tmp_path, inputs, **kw) -> dict[str, dict]:
     return by
 
 
-def _batch_error(tmp_path, folder, bad: Path, message: str | None = None, pattern: str | None = None, **kw) -> str:
+def _batch_error(tmp_path, folder, bad: Path, message: str | None = None, pattern: str | None = None,
+                 status: str = "error", **kw) -> str:
     by = _batch(tmp_path, [folder], **kw)
     row = by[bad.name]
-    assert row["status"] == "error" and row["score"] == ""
+    assert row["status"] == status and row["score"] == ""
     assert row["slide"] == str(bad)
     if message is not None:
         assert row["error"] == message
@@ -233,7 +234,7 @@ def test_blank_slides_have_no_tissue(tmp_path, slide_folder, fields, pyramid_tif
     bad = write_bad(kind, slide_folder, fields=fields, pyramid=pyramid_tiff)
     e = _api_error(bad)
     assert isinstance(e, NoTissueError) and str(e) == f"{bad}: {NO_TISSUE}"
-    _batch_error(tmp_path, slide_folder, bad, f"{bad}: {NO_TISSUE}")
+    _batch_error(tmp_path, slide_folder, bad, f"{bad}: {NO_TISSUE}", status="refused")
 
 
 def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, pyramid_tiff):
@@ -246,7 +247,7 @@ def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, 
     assert score_slide(zero).score == "0"
     by = _batch(tmp_path, [slide_folder])
     assert by["her2-zero.png"]["status"] == "ok" and by["her2-zero.png"]["score"] == "0"
-    assert by[bad.name]["status"] == "error" and re.fullmatch(re.escape(str(bad)) + ": " + EOSIN, by[bad.name]["error"])
+    assert by[bad.name]["status"] == "refused" and re.fullmatch(re.escape(str(bad)) + ": " + EOSIN, by[bad.name]["error"])
 
 
 def test_slide_without_mpp(tmp_path, slide_folder, fields, pyramid_tiff):
@@ -291,8 +292,9 @@ def test_every_bad_input_in_one_batch(tmp_path, slide_folder, fields, pyramid_ti
     bad = [write_bad(k, slide_folder, fields=fields, pyramid=pyramid_tiff) for k in kinds]
     by = _batch(tmp_path, [slide_folder], workers=2)
     assert len(by) == len(bad) + 1
-    for p in bad:
-        assert by[p.name]["status"] == "error" and by[p.name]["error"].startswith(f"{p}: "), by[p.name]
+    for p in bad:  # unreadable files are errors; readable images that are not HER2 IHC tissue are refused
+        status = "refused" if p.stem in ("white", "black", "h&e") else "error"
+        assert by[p.name]["status"] == status and by[p.name]["error"].startswith(f"{p}: "), by[p.name]
 
 
 # --------------------------------------------------------------------------- untrusted input
@@ -437,7 +439,7 @@ def test_killed_batch_resumes_with_nothing_lost_or_duplicated(tmp_path, fields, 
         lambda: (out / MANIFEST).exists(),  # very early: started, nothing scored yet
         lambda: _count(out) >= 1,
         lambda: _count(out) >= 3,
-        lambda: _count(out, "cells.csv") >= 5,  # possibly between a slide's outputs
+        lambda: _count(out, "cells.parquet") >= 5,  # possibly between a slide's outputs
     ]
     killed = 0
     for ready in kills:
@@ -453,7 +455,7 @@ def test_killed_batch_resumes_with_nothing_lost_or_duplicated(tmp_path, fields, 
     mtimes = {d: (out / d / "result.json").stat().st_mtime_ns for d in done_before}
     final = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
-    assert f"{n} of {n} slides scored" in final.stdout
+    assert f" 0 failed; {n} slides in " in final.stdout
 
     # exactly one complete result per slide, identical to the uninterrupted run's
     dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
@@ -462,7 +464,7 @@ def test_killed_batch_resumes_with_nothing_lost_or_duplicated(tmp_path, fields, 
         assert sorted(p.name for p in (out / d).iterdir()) == sorted(OUTPUT_FILES)
         a, b = json.loads((out / d / "result.json").read_text("utf-8")), json.loads((reference / d / "result.json").read_text("utf-8"))
         assert {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {}, d
-        for f in ("result.json", "cells.csv", "cells.geojson"):
+        for f in ("result.json", "cells.parquet", "cells.geojson"):
             assert (out / d / f).read_bytes() == (reference / d / f).read_bytes(), (d, f)
     assert [p for p in _walk_files(out) if p.name.endswith(".tmp")] == []
     assert (out / "summary.csv").read_text(encoding="utf-8") == (reference / "summary.csv").read_text(encoding="utf-8")

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from her2score.categories import CATEGORIES
-from her2score.stain import H_DAB, deconvolve, optical_density, wrong_stain_fraction
+from her2score.imagecheck import stain_fractions
+from her2score.stain import H_DAB, deconvolve, optical_density
 from her2score.synthetic import (
     generate_field,
     generate_he_field,
@@ -86,8 +87,8 @@ def test_beer_lambert_dab_od():
 def test_he_has_eosin_and_null_has_not():
     he = generate_he_field(seed=3)
     assert he.shape == (512, 512, 3)
-    assert wrong_stain_fraction(optical_density(he)) > 0.3
-    assert wrong_stain_fraction(optical_density(generate_field("0", seed=3, variant="null").image)) < 0.05
+    assert stain_fractions(optical_density(he))[0] > 0.3  # eosin fraction
+    assert stain_fractions(optical_density(generate_field("0", seed=3, variant="null").image))[0] < 0.05
 
 
 def test_pyramidal_tiff_tifffile_and_openslide(tmp_path):

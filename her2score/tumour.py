@@ -1,0 +1,109 @@
+"""Which cells are tumour cells, and where each cell's DAB lies (membrane, cytoplasm, nucleus).
+
+Without a tumour annotation, the guideline's "invasive tumour cells" are approximated by
+epithelial cells: lymphocytes (small, round, dense nuclei), spindle cells (fibroblasts,
+endothelium, smooth muscle: nuclei narrower than 5 µm and elongated) and isolated cells (fewer
+than a few epithelial neighbours: stroma, scattered inflammatory cells) are left out. Pure
+functions over per-cell measurements; the thresholds are in µm and log10 OD.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .membrane import CellMeasurements
+
+__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "staining_compartments"]
+
+
+@dataclass(frozen=True)
+class TumourRule:
+    """How epithelial (tumour) cells are told from the rest, in µm.
+
+    Lymphocyte: nucleus smaller than ``lymphocyte_max_um2``, rounder than ``lymphocyte_max_elongation``
+    and darker than ``lymphocyte_darkness`` x the median nuclear haematoxylin OD. Spindle: nucleus
+    narrower than ``spindle_max_width_um`` and longer than ``spindle_min_elongation`` x its width.
+    Too small: a nucleus under ``min_nucleus_um2`` or a cell under ``min_cell_um2`` (debris, the
+    dark junction of strong membranes). Cohesive: at least ``min_neighbours`` other candidate cells
+    within ``neighbour_radius_um``.
+    """
+
+    lymphocyte_max_um2: float = 32.0
+    lymphocyte_max_elongation: float = 1.5
+    lymphocyte_darkness: float = 1.15
+    spindle_max_width_um: float = 5.0
+    spindle_min_elongation: float = 2.0
+    min_nucleus_um2: float = 12.0
+    min_cell_um2: float = 40.0
+    neighbour_radius_um: float = 20.0
+    min_neighbours: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TumourSelection:
+    """The tumour mask over cells and how many cells each criterion left out."""
+
+    tumour: np.ndarray
+    excluded: dict[str, int]
+
+    def describe(self) -> str:
+        out = ", ".join(f"{n} {why}" for why, n in self.excluded.items() if n)
+        return f"detected epithelial cells (no tumour annotation given); left out: {out or 'none'}"
+
+
+def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRule = TumourRule()) -> TumourSelection:
+    """Epithelial cells among ``m`` (positions in pixels of ``um_per_px`` µm).
+
+    A cell found by its membrane ring alone (no nucleus seen) is epithelial by construction: it
+    sits in a network of stained membranes.
+    """
+    nucleated = m.nucleus_area_um2 > 0
+    dark_ref = float(np.median(m.hematoxylin_od[nucleated])) if nucleated.any() else 0.0
+    lymph = (nucleated & (m.nucleus_area_um2 < rule.lymphocyte_max_um2)
+             & (m.nucleus_elongation < rule.lymphocyte_max_elongation)
+             & (m.hematoxylin_od > rule.lymphocyte_darkness * dark_ref))
+    spindle = (nucleated & ~lymph & (m.nucleus_width_um < rule.spindle_max_width_um)
+               & (m.nucleus_elongation > rule.spindle_min_elongation))
+    small = ~lymph & ~spindle & ((nucleated & (m.nucleus_area_um2 < rule.min_nucleus_um2)) | (m.cell_area_um2 < rule.min_cell_um2))
+    candidate = ~(lymph | spindle | small)
+    isolated = np.zeros(len(m), bool)
+    if candidate.any():
+        pts = np.column_stack([m.x, m.y])[candidate] * um_per_px
+        n = cKDTree(pts).query_ball_point(pts, rule.neighbour_radius_um, return_length=True) - 1
+        isolated[np.flatnonzero(candidate)[n < rule.min_neighbours]] = True
+    excluded = {"lymphocyte-like": int(lymph.sum()), "spindle (stromal/endothelial)": int(spindle.sum()),
+                "too small": int(small.sum()), "isolated (not in an epithelial group)": int(isolated.sum())}
+    return TumourSelection(candidate & ~isolated, excluded)
+
+
+COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")
+"""Where a cell's DAB lies, in the order of the codes staining_compartments returns."""
+
+
+def unstained_level(m: CellMeasurements) -> float:
+    """The slide's unstained cytoplasmic DAB level (log10 OD): the 10th percentile over cells (stroma, HER2 0 cells)."""
+    cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)
+    return float(np.percentile(cyto, 10)) if len(cyto) else 0.0
+
+
+def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,
+                          nuclear_od: float = 0.15, cytoplasmic_od: float = 0.10) -> np.ndarray:
+    """Per cell, the code (index into COMPARTMENTS) of its DAB's compartment.
+
+    ``membranous``: the cell's membrane is stained (its category is not "none"). Otherwise a
+    nucleus whose DAB exceeds its cytoplasm by ``nuclear_od`` is nuclear staining; a cytoplasm
+    whose DAB exceeds the slide's ``unstained_od`` (unstained_level) by ``cytoplasmic_od`` is
+    cytoplasmic staining. Brown nuclei are never read as membrane (see membrane.measure_cells).
+    """
+    cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)
+    nuclear = (m.nucleus_area_um2 > 0) & (m.nucleus_dab_od - np.maximum(cyto, unstained_od) >= nuclear_od)
+    code = np.zeros(len(m), np.int8)
+    code[cyto - unstained_od >= cytoplasmic_od] = 2
+    code[nuclear] = 3
+    code[membranous] = 1
+    return code

@@ -1,0 +1,98 @@
+"""The real images the scorer is checked on: ../shared/data/real (beside the repository) and
+scikit-image's colon IHC image, each with what its SOURCE.md says a pathologist sees, plus real
+HER2 0 cases derived from them by removing their DAB with colour deconvolution.
+
+Shared by the tests and ``benchmarks/real_images.py``. Nothing here is copied into the repository.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+"""Where CI and the development machines keep the real images (``../shared/data/real``)."""
+
+
+@dataclass(frozen=True)
+class RealCase:
+    """One real image: ``kind`` is membranous, nuclear, he or derived-0; ``mpp`` in µm/px (None: in the file)."""
+
+    name: str
+    kind: str
+    load: Callable[[], "object"]
+    mpp: float | None
+    note: str
+
+
+def _png(path: Path) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(path).convert("RGB"))
+    return load
+
+
+def _skimage_ihc() -> np.ndarray:
+    from skimage.data import immunohistochemistry
+
+    return immunohistochemistry()
+
+
+def _without_dab(load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        from her2score.stain import remove_dab
+
+        return remove_dab(load())
+    return derived
+
+
+def real_cases() -> list[RealCase]:
+    """Every real case present on this machine (the folder may be missing outside CI)."""
+    cases = [RealCase("skimage-colon-ihc", "membranous", _skimage_ihc, 0.5,
+                      "colon glands, membranous + cytoplasmic DAB; unstained stroma (µm/px estimated)")]
+    ki67 = []
+    if REAL.is_dir():
+        for p in sorted((REAL / "nuclear-ihc" / "deepliif-ki67" / "images").glob("*.png")):
+            ki67.append(RealCase(f"deepliif-ki67-{p.stem}", "nuclear", _png(p), 0.3, "Ki67, nuclear DAB (µm/px estimated)"))
+        for p in sorted((REAL / "nuclear-ihc" / "openslide-os2-ki67").glob("*.ome.tif")):
+            ki67.append(RealCase(f"os2-ki67-{p.name.split('.')[0].split('-')[-1]}", "nuclear", lambda p=p: p, None,
+                                 "Ki67, nuclear DAB, µm/px from OME-XML"))
+        he = REAL / "he"
+        he_mpp = {"OS-1-detail.ome.tif": None, "tcga-lung-rgb.png": 0.27, "high-nuclei-score-level0.png": 0.5,
+                  "source.png": 0.5, "target.png": 0.5, "histo.png": 0.5}
+        for p in sorted(he.rglob("*")):
+            if p.name in he_mpp:
+                load = (lambda p=p: p) if p.suffix == ".tif" else _png(p)
+                cases.append(RealCase(f"he-{p.parent.name}-{p.stem.split('.')[0]}", "he", load, he_mpp[p.name], "H&E"))
+            elif p.name.startswith("tcga-cr-7395-ts1_crop"):
+                cases.append(RealCase(f"he-{p.stem[-11:]}", "he", _png(p), 1.0, "H&E, eosin-heavy squamous (µm/px estimated)"))
+        for p in sorted((REAL / "wsi").rglob("*.svs")):
+            cases.append(RealCase("he-wsi-tcga-ts1", "he", lambda p=p: p, 1.0, "H&E whole-slide file, no MPP in header"))
+    cases += ki67
+    derived = [c for c in cases if c.kind in ("membranous", "nuclear")]
+    for c in derived:
+        cases.append(RealCase(f"{c.name}-dab-removed", "derived-0", _without_dab(_as_array(c)), c.mpp or _file_mpp(c),
+                              "the real field with its DAB removed by colour deconvolution: a real HER2 0"))
+    return cases
+
+
+def _file_mpp(case: RealCase) -> float:
+    from her2score.slide import open_slide
+
+    with open_slide(case.load()) as s:
+        return s.mpp
+
+
+def _as_array(case: RealCase) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        src = case.load()
+        if isinstance(src, np.ndarray):
+            return src
+        from her2score.slide import open_slide
+
+        with open_slide(src) as s:
+            return s.read_region((0, 0), s.dimensions, mpp=s.mpp)
+    return load
