@@ -38,7 +38,12 @@ class Thresholds:
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
     (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
-    own noise floor is higher uses its floor instead (membrane.noise_floor).
+    own noise floor is higher uses its floor instead (membrane.noise_floor). In a cell with
+    cytoplasmic DAB a membrane must also stand ``cytoplasm_ratio`` x that blush above it, and a
+    stained arc must span at least ``min_arc_sectors`` of the 24 border sectors (45°): see
+    membrane.summarise_membranes. The faint floor, the blush ratio and the arc were set on real
+    fields (Ki67 brown nuclei and derived HER2 0 must not read as membrane, the colon IHC membranes
+    must) and on synthetic fields with background tint and cytoplasmic blush.
     """
 
     faint_od: float = 0.02
@@ -49,6 +54,8 @@ class Thresholds:
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45
     lateral_gap: float = 0.30
+    cytoplasm_ratio: float = 0.35
+    min_arc_sectors: int = 3
 
     def __post_init__(self) -> None:
         if not 0 < self.faint_od < self.weak_od < self.moderate_od < self.strong_od:
@@ -57,6 +64,8 @@ class Thresholds:
             raise ValueError(f"completeness thresholds must satisfy 0 <= min < lateral < complete <= 1: {self}")
         if not 0 < self.lateral_gap < 1:
             raise ValueError(f"lateral_gap must be a fraction between 0 and 1: {self}")
+        if self.cytoplasm_ratio < 0 or not 1 <= self.min_arc_sectors <= 24:
+            raise ValueError(f"cytoplasm_ratio must be >= 0 and min_arc_sectors within 1-24: {self}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -279,7 +279,7 @@ def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
 
 
 def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_base_od: float = 0.0,
-                        cytoplasm_ratio: float = 0.5, min_run: int = 3) -> MembraneSummary:
+                        cytoplasm_ratio: float = 0.35, min_run: int = 3) -> MembraneSummary:
     """Which sectors of each cell are stained, and what that makes of the cell.
 
     A sector is stained where its membrane contrast reaches ``threshold_od`` (the slide's floor,

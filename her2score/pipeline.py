@@ -75,6 +75,8 @@ class ScoringConfig:
     isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT
     gastric_reading: str = "cumulative"
     blur_min: float = 0.0015
+    max_scan_mpp: float = 1.0
+    eosin_warn: float = 0.15
     background_max_od: float = 0.06
     cnn_patches_per_tile: int = 16
     cnn_all_patches_up_to_tiles: int = 16
@@ -270,7 +272,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
     threshold = max(t.faint_od, floor)
     unstained = unstained_level(cells)
-    mem = summarise_membranes(cells, threshold_od=threshold, cytoplasm_base_od=unstained)
+    mem = summarise_membranes(cells, threshold_od=threshold, cytoplasm_base_od=unstained,
+                              cytoplasm_ratio=t.cytoplasm_ratio, min_run=t.min_arc_sectors)
     category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t)
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
     staining = _staining(slide_path, config, compartment, floor, threshold)
@@ -284,7 +287,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, n_tumour, stains, eosin)
+    qc = _qc(config, parts, tissue, n_tumour, stains, eosin, slide_mpp, floor)
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
@@ -372,8 +375,16 @@ def _object_column(items: list) -> np.ndarray:
     return col
 
 
-def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float) -> list[QCFinding]:
+def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float,
+        slide_mpp: float, floor_od: float) -> list[QCFinding]:
     qc = []
+    if slide_mpp > config.max_scan_mpp:
+        qc.append(QCFinding("coarse_scan", "fail", f"scanned at {slide_mpp:.3g} µm/px, coarser than the "
+                            f"{config.max_scan_mpp:g} µm/px a ~1 µm membrane needs: faint (1+) staining cannot be told "
+                            "from 0 (it needs 40x, Rüschoff 2010)", round(slide_mpp, 4)))
+    if floor_od >= config.thresholds.weak_od:
+        qc.append(QCFinding("noisy_dab", "warn", f"the slide's DAB noise floor ({floor_od:.3f} OD) reaches weak staining: "
+                            "faint membranes cannot be told from noise", round(floor_od, 4)))
     focus = np.array([p.focus for p in parts], np.float64)
     weights = np.array([p.tissue_px for p in parts], np.float64)
     ok = np.isfinite(focus)
@@ -398,7 +409,7 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stai
     excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
     if excluded > 0.005:
         qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))
-    if eosin > 0.05:
+    if eosin > config.eosin_warn:
         qc.append(QCFinding("eosin_like_colour", "warn", f"{eosin:.0%} of tissue has an eosin-like colour", round(eosin, 4)))
     return qc
 
