@@ -19,7 +19,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
-isolated intense cells that would change the answer if counted) give needs_review whatever the
+isolated intense cells that would change the answer if counted, a call just under a cut-off whose
+next level up would change the answer) give needs_review whatever the
 score, since any answer could change; the automatic answer is added as a reason (none for a slide
 that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
 ISH result is needs_review, and the level decides the rest. A level in neither list is
@@ -41,6 +42,7 @@ from her2score.guidelines import (
     REPORT_LEVELS,
     STAINING_LEVEL,
     apply_guideline,
+    near_cutoff,
 )
 from her2score.results import SlideResult
 
@@ -263,6 +265,19 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
             f"{counted.level} and the answer {other.replace('_', ' ')}")
 
 
+def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when it sits just under a cut-off and the next level up would
+    change the answer; None otherwise (see guidelines.near_cutoff)."""
+    if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score)) is None:
+        return None
+    level, pct = near
+    other, _ = _decide(replace(result, score=level, level=level), rule, ish)
+    if other == status:
+        return None
+    return (f"{pct:.1f}% of tumour cells at {level} or above, just under the 10% cut-off: "
+            f"at {level} the answer would be {other.replace('_', ' ')}")
+
+
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
@@ -285,6 +300,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
     status, reasons = _decide(result, rule, ish)
     if (isolated := _isolated_doubt(result, rule, ish, status)) is not None:
         doubts.append(isolated)
+    if (near := _near_cutoff_doubt(result, rule, ish, status)) is not None:
+        doubts.append(near)
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
     reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
     if doubts:

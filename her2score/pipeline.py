@@ -23,7 +23,8 @@ from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, STAINING_LEVEL, apply_guideline, level_flags, report_level
+from .guidelines import (ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL, apply_guideline,
+                         level_flags, near_cutoff, report_level)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, summarise_membranes
 from .outlines import trace_outlines
@@ -74,6 +75,7 @@ class ScoringConfig:
     min_tumour_cells: int = MIN_TUMOUR_CELLS
     isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT
     gastric_reading: str = "cumulative"
+    near_cutoff_points: float = NEAR_CUTOFF_POINTS
     blur_min: float = 0.0015
     max_scan_mpp: float = 1.0
     eosin_warn: float = 0.15
@@ -297,6 +299,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
                                isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
+        if (near := near_cutoff(counts, score, points=config.near_cutoff_points)) is not None:
+            flags = (*flags, "near_cutoff")
+            reason += (f"; near the cut-off: {near[1]:.1f}% of tumour cells at {near[0]} or above, within "
+                       f"{config.near_cutoff_points:g} points of 10% (faint and strong membranes are under-counted at 0.5 µm/px)")
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
     classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:

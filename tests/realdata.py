@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -96,3 +97,35 @@ def _as_array(case: RealCase) -> Callable[[], np.ndarray]:
         with open_slide(src) as s:
             return s.read_region((0, 0), s.dimensions, mpp=s.mpp)
     return load
+
+
+def _centroids(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)[1:]
+    yy, xx = np.indices(labels.shape)
+    n = np.bincount(labels.ravel())[ids]
+    return np.column_stack([np.bincount(labels.ravel(), xx.ravel())[ids] / n, np.bincount(labels.ravel(), yy.ravel())[ids] / n])
+
+
+def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, int, int]:
+    """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``."""
+    from PIL import Image
+    from scipy.optimize import linear_sum_assignment
+
+    from her2score.cells import segment_nuclei
+    from her2score.stain import H_DAB, deconvolve, estimate_background
+
+    tp = det_n = gt_n = 0
+    for p in sorted((REAL / "nuclear-ihc" / "deepliif-ki67" / "images").glob("*.png")):
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        mask = np.asarray(Image.open(p.parents[1] / "masks" / p.name).convert("RGB")).astype(int)
+        cell = ((mask[..., 0] > 100) | (mask[..., 2] > 100)) & (mask[..., 1] <= 80)  # red/blue cells, green borders
+        _, gt_lab, stats, gt = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
+        gt = gt[1:][stats[1:, cv2.CC_STAT_AREA] >= 15]
+        hed = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))
+        det = _centroids(segment_nuclei(hed[..., 0], hed[..., 1], mpp=mpp))
+        d = np.linalg.norm(det[:, None] - gt[None], axis=2)
+        cost = np.where(d <= match_um / mpp, d, 1e6)
+        rows, cols = linear_sum_assignment(cost)
+        tp += int(np.sum(cost[rows, cols] < 1e6))
+        det_n, gt_n = det_n + len(det), gt_n + len(gt)
+    return tp, det_n, gt_n

@@ -311,3 +311,14 @@ def test_h_score_needs_cells():
 
 def test_pancreatic_note():
     assert "gastric" in PANCREATIC_NOTE and "no validated" in PANCREATIC_NOTE.lower()
+
+
+def test_fewer_than_five_intense_cells_are_isolated_in_a_small_field():
+    """One strong cell among 56 is 1.8%, over the 1% floor, but one cell is not a population."""
+    call = apply_guideline({"none": 55, "strong_complete": 1}, "breast-asco-cap-2023")
+    assert call.score == "0" and "isolated_intense_cells" in call.flags
+    assert "1 of 56" in call.reason and "5-cell floor" in call.reason
+    literal = apply_guideline({"none": 55, "strong_complete": 1}, "breast-asco-cap-2023", isolated_intense_percent=0)
+    assert literal.score == "2+"  # the literal rule, when asked for
+    five = apply_guideline({"none": 95, "strong_complete": 5}, "breast-asco-cap-2023")
+    assert five.score == "2+" and "unusual_pattern" in five.flags

@@ -1,0 +1,106 @@
+"""The scorer on real images it was not made from (../shared/data/real and scikit-image's colon IHC).
+
+None carries a HER2 label; each test asserts only what the image's SOURCE.md says a pathologist
+sees: H&E is the wrong stain, Ki67 is nuclear DAB (never membrane staining), the colon glands carry
+strong membranous DAB over unstained stroma, and a field with its DAB removed is a real HER2 0.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from her2score.pipeline import NuclearStainError, WrongStainError, analyse_slide
+from her2score.slide import ArraySlide
+from her2score.stain import H_DAB, deconvolve, estimate_background
+from realdata import REAL, deepliif_detection, real_cases
+
+CASES = {c.name: c for c in real_cases()}
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real images not found at {REAL}")
+
+
+def analyse(case):
+    src = case.load()
+    slide = ArraySlide(src, mpp=case.mpp, path=case.name) if isinstance(src, np.ndarray) else src
+    return analyse_slide(slide, mpp=case.mpp)
+
+
+def names(kind: str) -> list[str]:
+    return [n for n, c in CASES.items() if c.kind == kind]
+
+
+@needs_real
+@pytest.mark.parametrize("name", names("he"))
+def test_he_is_refused_before_scoring(name):
+    with pytest.raises(WrongStainError, match="H&E"):
+        analyse(CASES[name])
+
+
+@needs_real
+@pytest.mark.parametrize("name", names("nuclear"))
+def test_nuclear_dab_never_scores_2_or_3(name):
+    try:
+        r = analyse(CASES[name]).result
+    except NuclearStainError as e:
+        assert "DAB is nuclear" in str(e)
+        return
+    assert r.score in (None, "0", "1+"), r.reason
+    assert not r.qc_passed  # what is left unrefused is too small a field for a call (a pale 1-2% Ki67 field)
+
+
+@needs_real
+def test_most_ki67_fields_are_refused_as_nuclear():
+    refused = 0
+    for name in names("nuclear"):
+        try:
+            analyse(CASES[name])
+        except NuclearStainError:
+            refused += 1
+    assert refused >= len(names("nuclear")) - 1
+
+
+@pytest.mark.parametrize("name", names("derived-0"))
+def test_real_fields_without_their_dab_score_0(name):
+    if name != "skimage-colon-ihc-dab-removed" and not REAL.is_dir():
+        pytest.skip("real images not found")
+    r = analyse(CASES[name]).result
+    assert r.score == "0" and r.percentages["none"] >= 99.0, (r.level, r.percentages)
+    assert r.staining["compartment"] in ("none", "nucleus", "membrane")
+
+
+@pytest.fixture(scope="module")
+def colon():
+    return analyse(CASES["skimage-colon-ihc"]), CASES["skimage-colon-ihc"].load()
+
+
+def test_strong_membranous_glands_give_a_large_intense_fraction(colon):
+    a, _ = colon
+    r = a.result
+    intense = sum(r.percentages[c] for c in ("strong_complete", "strong_lateral", "strong_partial"))
+    assert r.score == "3+"
+    assert intense >= 35 and r.percentages["strong_complete"] >= 10
+    assert r.staining["compartment"] == "membrane" and r.staining["dab_floor_od"] < 0.05
+
+
+def test_colon_stroma_and_inflammatory_cells_are_mostly_left_out(colon):
+    """Cells in the DAB-free lamina propria (stroma, lymphocytes) versus cells in the glands."""
+    a, rgb = colon
+    t = a.cells
+    dab = cv2.GaussianBlur(deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))[..., 1], (0, 0), 8)
+    around = dab[np.clip(t["y"].astype(int), 0, 511), np.clip(t["x"].astype(int), 0, 511)]
+    gland, stroma = around > 0.2, around < 0.08
+    assert gland.sum() > 150 and stroma.sum() > 80
+    assert t["tumour"][gland].mean() > 0.65
+    assert t["tumour"][stroma].mean() < 0.5  # measured 0.44: plump stromal nuclei still pass (see README Limits)
+    assert t["tumour"][stroma].mean() < t["tumour"][gland].mean() - 0.25
+    excluded = a.result.region
+    assert "lymphocyte-like" in excluded and "spindle" in excluded
+
+
+@needs_real
+def test_nuclei_found_against_deepliif_masks():
+    """DeepLIIF's masks outline tumour nuclei (Ki67+ and -); stromal nuclei we find are not in them."""
+    tp, det, gt = deepliif_detection()
+    recall, precision = tp / gt, tp / det
+    assert recall >= 0.7 and precision >= 0.5, (recall, precision)
+
