@@ -37,14 +37,13 @@ from pathlib import Path
 
 from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
-from .outputs import OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
+from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
-from .results import SlideResult
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
-    "die_with_parent", "qc_status", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK",
+    "die_with_parent", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ SUMMARY_COLUMNS = (
     + ["output", "error"]
 )
 """summary.csv: ``status`` is ok, refused (no tissue, not a brightfield H-DAB image, nuclear DAB) or error; ``qc_status`` (see
-qc_status) stands beside the score; ``qc`` lists the QC findings as code:severity; empty score: not scored."""
+SlideResult.qc_status) stands beside the score; ``qc`` lists the QC findings as code:severity; empty score: not scored."""
 MANIFEST = "manifest.json"
 SUMMARY = "summary.csv"
 LOCK = ".her2score.lock"
@@ -81,21 +80,10 @@ class BatchRows(list):
         self.scored, self.reused, self.failed = scored, reused, failed
 
 
-def qc_status(result: SlideResult) -> str:
-    """What stands beside a score: not_scored (no score), qc_failed (a QC check failed), needs_review
-    (the classical and CNN scores disagree) or passed."""
-    if result.score is None:
-        return "not_scored"
-    if not result.qc_passed:
-        return "qc_failed"
-    if result.cnn_score is not None and result.cnn_score != result.classical_score:
-        return "needs_review"
-    return "passed"
-
-
 @dataclass(frozen=True)
 class Job:
-    """One slide to score: where it is, where its outputs go, and the settings."""
+    """One slide to score: where it is, where its outputs go, and the settings. ``cells_csv``: also
+    write cells.csv beside cells.parquet."""
 
     slide: str
     name: str
@@ -105,6 +93,7 @@ class Job:
     region: str | None = None
     tile_workers: int = 1
     cnn_weights: str | None = None
+    cells_csv: bool = False
 
 
 # -- discovery and naming ---------------------------------------------------------------------------
@@ -205,7 +194,7 @@ def safe_name(relative: str) -> str:
 
 def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig, *, mpp=None,
               regions: Path | None = None, previous: dict[str, str] | None = None,
-              cnn_weights: str | None = None) -> list[Job]:
+              cnn_weights: str | None = None, cells_csv: bool = False) -> list[Job]:
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
     ``previous`` maps slides to the folder names an earlier run gave them; they keep them.
@@ -227,7 +216,8 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
             names[i] = name
             used.add(name.lower())
         region = _find_region(regions, slide) if regions else None
-        jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights))
+        jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
+                        cells_csv=cells_csv))
     return jobs
 
 
@@ -274,9 +264,9 @@ def _error_message(job: Job, e: BaseException) -> str:
     return message
 
 
-def _remove_outputs(out_dir: str) -> None:
-    """Remove a failed slide's earlier outputs, so no stale result sits beside an error row."""
-    for name in OUTPUT_FILES:
+def _remove_outputs(out_dir: str, names: tuple[str, ...] = OUTPUT_FILES + OPTIONAL_OUTPUT_FILES) -> None:
+    """Remove a slide's earlier outputs ``names`` (default: all), so no stale file sits beside an error row."""
+    for name in names:
         try:
             os.unlink(os.path.join(out_dir, name))
         except OSError:
@@ -306,10 +296,12 @@ def process_slide(job: Job) -> dict:
         cnn = _load_cnn(job.cnn_weights) if job.cnn_weights else None
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
                                  workers=job.tile_workers, cnn=cnn)
-        write_outputs(analysis, out_dir)
+        write_outputs(analysis, out_dir, cells_csv=job.cells_csv)
+        if not job.cells_csv:
+            _remove_outputs(job.out_dir, OPTIONAL_OUTPUT_FILES)  # an earlier run's cells.csv is stale now
         r = analysis.result
         row.update(
-            status="ok", score=r.score or "", qc_status=qc_status(r), level=r.level,
+            status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,
             classical_score=r.classical_score or "", cnn_score=r.cnn_score or "",
             confidence="" if r.confidence is None else r.confidence, h_score=r.h_score, tumour_cells=r.tumour_cells,
             qc_passed=r.qc_passed, qc=";".join(f"{q.code}:{q.severity}" for q in r.qc), flags=";".join(r.flags),
@@ -382,7 +374,8 @@ class _Manifest:
                 return False
         except OSError:
             return False
-        return all((self.out / job.name / f).is_file() for f in OUTPUT_FILES)
+        wanted = OUTPUT_FILES + (OPTIONAL_OUTPUT_FILES if job.cells_csv else ())
+        return all((self.out / job.name / f).is_file() for f in wanted)
 
     def record(self, job: Job, row: dict) -> None:
         try:
@@ -462,7 +455,7 @@ def _clean_temp_files(out: Path) -> None:
     except OSError:
         subdirs = []
     for d in subdirs:
-        removed += remove_stale_temp_files(d, OUTPUT_FILES)
+        removed += remove_stale_temp_files(d)
     if removed:
         log.info("removed %d temporary files left by an interrupted batch", len(removed))
 
@@ -479,6 +472,7 @@ def run_batch(
     workers: int = 1,
     scheduler: str | None = None,
     cnn_weights: str | os.PathLike | None = None,
+    cells_csv: bool = False,
     progress: Callable[[dict, int, int], None] | None = None,
 ) -> BatchRows:
     """Score every slide under ``inputs`` into ``out``; returns the summary rows (summary.csv): every
@@ -487,6 +481,8 @@ def run_batch(
 
     ``cnn_weights``: a CNN weights file (``her2score.cnn.default_weights_path()``) whose tile
     probabilities are fused with the guideline score; None scores with the classical features only.
+    ``cells_csv``: also write each slide's cells.csv beside cells.parquet (a slide reused from an
+    earlier run without it is scored again; a slide scored without it loses an earlier cells.csv).
 
     Slides are named by absolute path in the rows, the manifest and each result.json.
 
@@ -522,7 +518,8 @@ def run_batch(
         manifest = _Manifest(out)
         manifest.skipped = [list(s) for s in skipped]
         jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
-                         previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None)
+                         previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
+                         cells_csv=cells_csv)
         this_run = {j.slide for j in jobs} | {p for p, _ in problems}
         earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and e.get("state") == "done"
                    and (out / e["row"].get("output", "") / "result.json").is_file()}

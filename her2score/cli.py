@@ -6,12 +6,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from . import __version__
-from .categories import Thresholds
-from .guidelines import GUIDELINES
 
 __all__ = ["main"]
 
@@ -27,8 +26,7 @@ def default_workers() -> int:
 def _score_config(args):
     """Every argument of 'score' checked, before any work: (ScoringConfig, weights path or None).
     Raises _UsageError with one line naming the bad argument."""
-    from .categories import CATEGORIES
-    from .guidelines import apply_guideline
+    from .categories import Thresholds
     from .pipeline import ScoringConfig
     from .slide import PLAUSIBLE_MPP
 
@@ -45,10 +43,7 @@ def _score_config(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _UsageError(f"--out {out}: exists and is not a folder")
-    try:
-        apply_guideline({CATEGORIES[0]: 1}, args.guideline, args.specimen)  # the guideline knows this specimen?
-    except ValueError as e:
-        raise _UsageError(f"--specimen {args.specimen}: {e}") from None
+    _check_specimen(args.guideline, args.specimen)
     t = Thresholds()
     try:
         if args.thresholds:
@@ -60,11 +55,12 @@ def _score_config(args):
         raise _UsageError(f"{where}: {e}") from None
     weights = None
     if not args.no_cnn:
-        from .cnn import ModelError, default_weights_path, load_model
+        from .batch import _load_cnn
+        from .cnn import ModelError, default_weights_path
 
         try:
-            weights = str(args.weights or default_weights_path())
-            load_model(weights)  # fail now, once, rather than on every slide
+            weights = os.path.abspath(args.weights or default_weights_path())
+            _load_cnn(weights)  # fail now, once, rather than on every slide; forked workers inherit the model
         except ModelError as e:
             raise _UsageError(f"{e} (or score with --no-cnn)") from None
     return config, weights
@@ -72,6 +68,17 @@ def _score_config(args):
 
 class _UsageError(Exception):
     """A bad argument or input, found before any work (exit code 2)."""
+
+
+def _check_specimen(guideline: str, specimen: str) -> None:
+    """_UsageError unless ``guideline`` scores ``specimen`` (biopsy has its own rule only under gastric)."""
+    from .categories import CATEGORIES
+    from .guidelines import apply_guideline
+
+    try:
+        apply_guideline({CATEGORIES[0]: 1}, guideline, specimen)
+    except ValueError as e:
+        raise _UsageError(f"--specimen {specimen}: {e}") from None
 
 
 STATUS_MARK = {"passed": " ", "needs_review": "?", "qc_failed": "!", "not_scored": "!"}
@@ -111,7 +118,8 @@ def _score(args) -> int:
 
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
-                         workers=args.workers, scheduler=args.scheduler, cnn_weights=weights, progress=progress)
+                         workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
+                         cells_csv=args.cells_csv, progress=progress)
     except BatchError as e:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
@@ -256,14 +264,19 @@ def _evaluate(args) -> int:
     from .cnn import ModelError
     from .evaluate import evaluate
 
+    try:
+        _check_specimen(args.guideline, args.specimen)
+    except _UsageError as e:
+        print(f"her2score evaluate: {e}", file=sys.stderr)
+        return 2
     if not args.no_cnn:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
     try:
         report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.weights,
-                          guideline=args.guideline, mpp=args.mpp, bootstrap=args.bootstrap, seed=args.seed,
-                          eligible_rule=args.eligible_rule,
+                          guideline=args.guideline, specimen=args.specimen, mpp=args.mpp, bootstrap=args.bootstrap,
+                          seed=args.seed, eligible_rule=args.eligible_rule,
                           progress=None if args.quiet else _eval_progress)
     except ModelError as e:
         print(f"her2score: {e} (or evaluate with --no-cnn)", file=sys.stderr)
@@ -279,6 +292,34 @@ def _evaluate(args) -> int:
 def _eval_progress(done: int, total: int, row: dict) -> None:
     status = row.get("error") or f"truth {row['label']}  classical {row['classical']}  cnn {row.get('cnn') or '-'}  fused {row['fused']}"
     print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
+
+
+class _Choices(Sequence):
+    """Option choices read on first use (a check or --help), so that building the parser (and
+    ``her2score --version``) imports no numpy."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]):
+        self._load, self._items = load, None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._items is None:
+            self._items = tuple(self._load())
+        return self._items
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _guidelines() -> Sequence[str]:
+    from .guidelines import GUIDELINES
+
+    return GUIDELINES
+
+
+GUIDELINE_CHOICES = _Choices(_guidelines)
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -315,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=SCORE_EPILOG)
     s.add_argument("inputs", nargs="+", help="slide files or folders (searched recursively)")
     s.add_argument("--out", required=True, help="output folder (resumable: slides done with the same settings are reused)")
-    s.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES, help="scoring guideline")
+    s.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
+                   help="scoring guideline: %(choices)s")
     s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px, for files whose metadata has none "
@@ -330,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--estimate-stains", action="store_true", help="estimate per-slide stain vectors (Macenko)")
     s.add_argument("--no-cnn", action="store_true", help="classical features only (no CNN fusion)")
     s.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
+    s.add_argument("--cells-csv", action="store_true",
+                   help="also write cells.csv beside each slide's cells.parquet (default: parquet only)")
     s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
                                         "(default: the calibrated thresholds)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: shown)")
@@ -388,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
     e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
     e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
-    e.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINES, help="scoring guideline")
+    e.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
+                   help="scoring guideline: %(choices)s")
+    e.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
+                   help="specimen type (biopsy has its own rule only under gastric)")
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")

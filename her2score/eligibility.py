@@ -19,8 +19,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
-isolated intense cells that would change the answer if counted, a call just under a cut-off whose
-next level up would change the answer) give needs_review whatever the
+isolated intense cells that would change the answer if counted, a call within a few points of a
+cut-off whose level on the other side would change the answer) give needs_review whatever the
 score, since any answer could change; the automatic answer is added as a reason (none for a slide
 that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
 ISH result is needs_review, and the level decides the rest. A level in neither list is
@@ -43,6 +43,7 @@ from her2score.guidelines import (
     STAINING_LEVEL,
     apply_guideline,
     near_cutoff,
+    report_level,
 )
 from her2score.results import SlideResult
 
@@ -266,15 +267,16 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
 
 
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when it sits just under a cut-off and the next level up would
-    change the answer; None otherwise (see guidelines.near_cutoff)."""
+    """Why the slide needs review when its call sits within a few points of a cut-off and the level on
+    the other side would change the answer; None otherwise (see guidelines.near_cutoff)."""
     if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score)) is None:
         return None
-    level, pct = near
-    other, _ = _decide(replace(result, score=level, level=level), rule, ish)
+    other_score, pct = near
+    level = report_level(other_score, result.guideline, result.counts)
+    other, _ = _decide(replace(result, score=other_score, level=level), rule, ish)
     if other == status:
         return None
-    return (f"{pct:.1f}% of tumour cells at {level} or above, just under the 10% cut-off: "
+    return (f"{pct:.1f}% of tumour cells decide the call, within a few points of the 10% cut-off: "
             f"at {level} the answer would be {other.replace('_', ' ')}")
 
 

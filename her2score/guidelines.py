@@ -161,19 +161,27 @@ def cumulative_counts(counts: Mapping[str, int]) -> dict[str, int]:
 
 
 NEAR_CUTOFF_POINTS: float = 5.0
-"""How close (percentage points under the 10% cut-off) the next level's cells make a call borderline:
-measured on synthetic fields, faint membranes at 0.5 µm/px are found in about half the cells that
-carry them and strong complete ones at ~0.8x, so a call this close may be the next level up."""
+"""How close (percentage points either side of the 10% cut-off) a call's deciding cells make it
+borderline. Measured on synthetic fields at 0.5 µm/px, faint membranes are found in about half the
+cells that carry them, strong complete ones at ~0.8x, and an unstained cell bordering a stained one
+reads the shared membrane as its own partial staining: a call this close may be the next level."""
 
 
 def near_cutoff(counts: Mapping[str, int], score: str | None, *, points: float = NEAR_CUTOFF_POINTS) -> tuple[str, float] | None:
-    """The next level up and its % of tumour cells when that % lies within ``points`` under the 10% cut-off, else None."""
-    nxt = {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")
-    if nxt is None:
-        return None
+    """The other level a borderline call could be, and the % of tumour cells that decides it; else None.
+
+    Up: the next level's cells lie within ``points`` under the 10% cut-off. Down: the call's own
+    deciding cells (at its level or above) lie within ``points`` over it.
+    """
     cum = cumulative_counts(counts)
-    pct = 100.0 * cum[nxt] / max(cum["total"], 1)
-    return (nxt, pct) if 10.0 - points < pct <= 10.0 else None
+    total = max(cum["total"], 1)
+    up = {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")
+    if up is not None and 10.0 - points < (pct := 100.0 * cum[up] / total) <= 10.0:
+        return up, pct
+    down = {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")
+    if down is not None and 10.0 <= (pct := 100.0 * cum[score] / total) < 10.0 + points:
+        return down, pct
+    return None
 
 
 def h_score(counts: Mapping[str, int]) -> float:

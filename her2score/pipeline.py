@@ -301,8 +301,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
         if (near := near_cutoff(counts, score, points=config.near_cutoff_points)) is not None:
             flags = (*flags, "near_cutoff")
-            reason += (f"; near the cut-off: {near[1]:.1f}% of tumour cells at {near[0]} or above, within "
-                       f"{config.near_cutoff_points:g} points of 10% (faint and strong membranes are under-counted at 0.5 µm/px)")
+            reason += (f"; near the 10% cut-off ({near[1]:.1f}% of tumour cells decide it, within {config.near_cutoff_points:g} "
+                       f"points): it could be {near[0]}")
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
     classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:

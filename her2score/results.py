@@ -76,9 +76,22 @@ class SlideResult:
     def cnn_score(self) -> str | None:
         return self.cnn.score if self.cnn else None
 
+    @property
+    def qc_status(self) -> str:
+        """What stands beside the score: not_scored (no score), qc_failed (a QC check failed),
+        needs_review (the classical and CNN scores disagree) or passed."""
+        if self.score is None:
+            return "not_scored"
+        if not self.qc_passed:
+            return "qc_failed"
+        if self.cnn_score is not None and self.cnn_score != self.classical_score:
+            return "needs_review"
+        return "passed"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["qc_passed"] = self.qc_passed
+        d["qc_status"] = self.qc_status
         return d
 
     def to_json(self) -> str:

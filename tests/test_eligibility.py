@@ -300,17 +300,22 @@ def test_intense_partial_cells_are_not_positive_membranes_in_requirements():
     assert any("20.0% of tumour cells (40/200)" in r for r in decision.reasons)
 
 
-def test_a_call_just_under_a_cut_off_needs_review_only_where_the_next_level_changes_the_answer():
+def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_the_answer():
     from her2score.guidelines import near_cutoff
 
-    counts = {"none": 186, "faint_partial": 14}  # 0+ (ultralow), 7% faint: within 5 points of 1+
+    counts = {"none": 186, "faint_partial": 14}  # 0+ (ultralow), 7% faint: within 5 points under 1+
     assert near_cutoff(counts, "0") == ("1+", 7.0)
+    assert near_cutoff({"none": 176, "faint_partial": 24}, "1+") == ("0", 12.0)  # just over: could be 0
     assert near_cutoff({"none": 96, "faint_partial": 4}, "0") is None
     assert near_cutoff({"none": 80, "strong_complete": 20}, "3+") is None
     r = make_result(**counts)
     r = replace(r, flags=(*r.flags, "near_cutoff"))
     low = check_eligibility(r, "her2-low-breast")  # at 1+ the answer would be eligible
-    assert low.status == "needs_review" and any("just under the 10% cut-off" in x for x in low.reasons)
+    assert low.status == "needs_review" and any("at 1+ the answer would be eligible" in x for x in low.reasons)
     assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # 0+ and 1+ both eligible
     assert check_eligibility(r, "her2-positive-breast").status == "not_eligible"
     assert check_eligibility(make_result(**counts), "her2-low-breast").status == "not_eligible"  # no flag, no doubt
+    over = make_result(none=176, faint_partial=24)
+    over = replace(over, flags=(*over.flags, "near_cutoff"))
+    doubt = check_eligibility(over, "her2-low-breast")  # 1+ is eligible; at 0+ (ultralow) it would not be
+    assert doubt.status == "needs_review" and any("at 0+ (ultralow) the answer would be not eligible" in x for x in doubt.reasons)
