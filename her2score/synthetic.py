@@ -109,12 +109,17 @@ def _check_composition(composition: dict[str, float]) -> dict[str, float]:
     return dict(composition)
 
 
-def _assign(fractions: dict[str, float], counted: np.ndarray, score: str, rng) -> np.ndarray:
-    """Category per seed: exact counts over ``counted`` seeds, random draws for the others."""
+def _assign(fractions: dict[str, float], counted: np.ndarray, score: str, rng, order: np.ndarray | None = None) -> np.ndarray:
+    """Category per seed: exact counts over ``counted`` seeds, random draws for the others.
+
+    ``order``: a value per seed; when given, the counted seeds are taken from the highest value down
+    (the first category where it is highest), so each category forms patches (clonal expression).
+    """
     cats = np.full(len(counted), "none", dtype=object)
     names = list(fractions)
     probs = np.array([fractions[c] for c in names])
-    idx = rng.permutation(np.flatnonzero(counted))
+    counted_idx = np.flatnonzero(counted)
+    idx = rng.permutation(counted_idx) if order is None else counted_idx[np.argsort(-order[counted_idx], kind="stable")]
     n = len(idx)
     k = np.floor(probs * n + 0.5).astype(int)
     if score == "0" and names and n:
@@ -226,7 +231,7 @@ def _fibres(rng, shape, um: float, angle_deg: float) -> np.ndarray:
 
 def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: bool, *,
            he: bool = False, tissue_fraction: float | None = None, composition: dict[str, float] | None = None,
-           confounders: Confounders = Confounders()):
+           confounders: Confounders = Confounders(), clonal: bool = False):
     """Concentration maps (canvas with margin) and the cell table. Returns a dict."""
     um = 1.0 / mpp  # pixels per µm
     pad = int(np.ceil(_PAD_UM * um))
@@ -267,7 +272,8 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
     counted = tumour & inside
 
     fractions = {} if he else composition if composition is not None else _composition(score, variant, gastric, rng)
-    cats = _assign(fractions, counted, None if composition is not None else score, rng)
+    order = _lowfreq(rng, (H, W), 30 * um)[sy_i, sx_i] if clonal else None  # ~30 µm clones
+    cats = _assign(fractions, counted, None if composition is not None else score, rng, order)
     cats[~tumour] = "none"
     od, width, arc_s, arc_l = _membrane_params(cats, score, rng)
 
@@ -430,7 +436,7 @@ def _render(rng, maps: dict, vectors: dict, background, pad: int, w: int, h: int
 
 
 def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric, tissue_fraction=None,
-           composition=None, confounders=Confounders()):
+           composition=None, confounders=Confounders(), clonal=False):
     rng = np.random.default_rng(seed)
     if composition is not None:
         composition = _check_composition(composition)
@@ -446,7 +452,7 @@ def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastr
     w, h = (int(v) for v in size_px)
     stains, hs = _stains(rng, stain_jitter)
     b = _build(rng, w, h, mpp, score, variant, gastric, tissue_fraction=tissue_fraction,
-               composition=composition, confounders=confounders)
+               composition=composition, confounders=confounders, clonal=clonal)
     b["maps"]["h"] *= hs
     img = _render(rng, b["maps"], {"h": stains.hematoxylin, "d": stains.dab}, stains.background,
                   b["pad"], w, h, mpp, jpeg_quality)
@@ -463,7 +469,7 @@ def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastr
 def generate_field(score: str | None = None, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
                    variant: str | None = None, stain_jitter: float = 0.0, jpeg_quality: int | None = 88,
                    gastric: bool = False, composition: dict[str, float] | None = None,
-                   confounders: Confounders = Confounders()) -> SyntheticField:
+                   confounders: Confounders = Confounders(), clonal: bool = False) -> SyntheticField:
     """One synthetic HER2 IHC field of class ``score`` ("0", "1+", "2+", "3+"), or of an exact ``composition``.
 
     ``size_px`` is (width, height) in pixels at ``mpp`` µm/px. ``variant`` ("null"/"ultralow")
@@ -473,10 +479,12 @@ def generate_field(score: str | None = None, *, seed: int, size_px: tuple[int, i
     ({category: fraction of tumour cells}, e.g. {"strong_complete": 0.12}) replaces the class's
     random mix; the field's score is then the guideline's call on its true counts (breast ASCO/CAP
     2023, or gastric resection with ``gastric``). ``confounders`` adds background tint,
-    cytoplasmic or nuclear DAB, nucleus-masking DAB and lymphocyte clusters. Deterministic per seed.
+    cytoplasmic or nuclear DAB, nucleus-masking DAB and lymphocyte clusters. ``clonal`` draws each
+    category in patches (~30 µm), as expression is in tumours, instead of scattering it cell by cell.
+    Deterministic per seed.
     """
     return _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric,
-                  composition=composition, confounders=confounders)
+                  composition=composition, confounders=confounders, clonal=clonal)
 
 
 def generate_he_field(*, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
