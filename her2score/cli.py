@@ -62,12 +62,18 @@ def _score_config(args):
             weights = os.path.abspath(args.weights or default_weights_path())
             _load_cnn(weights)  # fail now, once, rather than on every slide; forked workers inherit the model
         except ModelError as e:
-            raise _UsageError(f"{e} (or score with --no-cnn)") from None
+            raise _UsageError(f"{_one_line(str(e))} (or score with --no-cnn)") from None
     return config, weights
 
 
 class _UsageError(Exception):
     """A bad argument or input, found before any work (exit code 2)."""
+
+
+def _one_line(message: str) -> str:
+    """A message's first line ('...' marks the rest cut: torch's load errors run to paragraphs)."""
+    lines = message.strip().splitlines() or [""]
+    return lines[0] + (" ..." if len(lines) > 1 else "")
 
 
 def _check_specimen(guideline: str, specimen: str) -> None:
@@ -76,7 +82,7 @@ def _check_specimen(guideline: str, specimen: str) -> None:
     from .guidelines import apply_guideline
 
     try:
-        apply_guideline({CATEGORIES[0]: 1}, guideline, specimen)
+        apply_guideline({CATEGORIES[0]: 1}, guideline, specimen, clusters={})
     except ValueError as e:
         raise _UsageError(f"--specimen {specimen}: {e}") from None
 

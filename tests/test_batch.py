@@ -19,7 +19,7 @@ import pytest
 
 from conftest import save_png
 from her2score.batch import LOCK, MANIFEST, BatchError, discover, run_batch
-from her2score.outputs import OUTPUT_FILES, atomic_write
+from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
 
 SMALL_TILES = ScoringConfig(tile_px=128, margin_px=24)
@@ -56,6 +56,8 @@ def test_summary_csv_columns_and_rows(tmp_path, three):
         assert float(r["h_score"]) >= 0 and int(r["tumour_cells"]) > 0
         result = json.loads((out / r["output"] / "result.json").read_text(encoding="utf-8"))
         assert (result["score"], str(result["tumour_cells"])) == (r["score"], r["tumour_cells"])
+        assert result["qc_status"] == r["qc_status"] and r["qc_status"] in ("passed", "needs_review", "qc_failed",
+                                                                            "not_scored")
     assert [{k: str(v) for k, v in r.items()} for r in rows] == table
 
 
@@ -135,6 +137,29 @@ def test_reinstalled_weights_with_the_same_content_rescore_nothing(tmp_path, fie
     assert run_batch([slide], out).scored == 1  # classical only: other settings
 
 
+def test_cells_csv_on_request_and_never_stale(tmp_path, three, fields):
+    out = tmp_path / "out"
+    names = ("field_0.png", "field_2_.png", "field_3_.png")
+    assert run_batch([three], out, cells_csv=True).scored == 3
+    for name in names:
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
+        header = (out / name / "cells.csv").read_text(encoding="utf-8").splitlines()[0]
+        assert header.startswith("cell_id,") and "category" in header
+    rows = run_batch([three], out)  # without the flag: the same scores, reused, their cells.csv still true
+    assert (rows.scored, rows.reused) == (0, 3) and (out / "field_0.png" / "cells.csv").is_file()
+    time.sleep(0.01)
+    save_png(three / "field 0.png", fields["1+"])  # changed: scored again without the flag, its cells.csv goes
+    assert run_batch([three], out).scored == 1
+    assert not (out / "field_0.png" / "cells.csv").exists() and (out / "field_3_.png" / "cells.csv").is_file()
+    rows = run_batch([three], out, cells_csv=True)  # asked for again: only the slide without one is scored
+    assert (rows.scored, rows.reused) == (1, 2) and (out / "field_0.png" / "cells.csv").is_file()
+    time.sleep(0.01)
+    (three / "field 2+.png").write_bytes(b"")  # now fails: no stale output, cells.csv included, beside its error row
+    rows = {Path(r["slide"]).name: r for r in run_batch([three], out, cells_csv=True)}
+    assert rows["field 2+.png"]["status"] == "error"
+    assert [p.name for p in (out / "field_2_.png").iterdir()] == []
+
+
 def test_missing_outputs_are_rebuilt(tmp_path, three):
     out = tmp_path / "out"
     run_batch([three], out)
@@ -173,7 +198,8 @@ def test_stale_temporary_files_are_removed_on_start(tmp_path, three):
     out = tmp_path / "out"
     run_batch([three], out)
     stale = [out / ".manifest.json.k3j2h1g0.tmp", out / ".summary.csv.abcdefgh.tmp",
-             out / "field_2_.png" / ".result.json.x1y2z3w4.tmp", out / "field_2_.png" / ".overlay.png.q_w_e_r_.tmp"]
+             out / "field_2_.png" / ".result.json.x1y2z3w4.tmp", out / "field_2_.png" / ".overlay.png.q_w_e_r_.tmp",
+             out / "field_2_.png" / ".cells.csv.abcdefgh.tmp"]
     keep = [out / "notes.tmp", out / ".mine.txt.abcdefgh.tmp", out / "field_2_.png" / ".result.json.tmp.bak"]
     for p in stale + keep:
         p.write_bytes(b"partial")

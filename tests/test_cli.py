@@ -14,6 +14,7 @@ import pytest
 from conftest import save_png
 from realdata import REAL
 from test_imagecheck import NOT_TISSUE, photo
+from her2score import __version__
 from her2score.cli import build_parser, main
 from her2score.synthetic import generate_field
 
@@ -58,6 +59,29 @@ def test_per_slide_outputs(scored):
         d = scored / name
         result = json.loads((d / "result.json").read_text())
         assert result["score"] in ("2+", "3+") and result["qc_passed"] is True
+
+
+def test_cells_csv_on_request(tmp_path):
+    out = tmp_path / "out"
+    assert main(["score", str(SAMPLES / "field_0_null.png"), "--out", str(out), "-q", "--no-cnn", "--cells-csv"]) == 0
+    rows = list(csv.DictReader((out / "field_0_null.png" / "cells.csv").open(encoding="utf-8")))
+    assert len(rows) == int(summary(out)["field_0_null.png"]["tumour_cells"]) + sum(r["tumour"] == "0" for r in rows)
+
+
+def test_gastric_biopsy_is_scored(tmp_path):
+    out = tmp_path / "out"
+    argv = ["score", str(SAMPLES / "field_3plus_a.png"), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric",
+            "--specimen", "biopsy"]
+    assert main(argv) == 0
+    result = json.loads((out / "field_3plus_a.png" / "result.json").read_text())
+    assert (result["guideline"], result["specimen"], result["score"]) == ("gastric", "biopsy", "3+")
+
+
+def test_version_imports_nothing_heavy():
+    code = ("import sys\nfrom her2score.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('numpy', 'cv2', 'scipy', 'torch', 'onnxruntime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == [f"her2score {__version__}", "[]"], done.stderr
 
 
 def test_workers_default_to_the_cores_this_process_may_use():
@@ -219,6 +243,16 @@ def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, 
     assert {r["guideline"] for r in summary(out).values()} == {"gastric"}
 
 
+def test_a_bad_weights_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    out = tmp_path / "out"
+    assert main(["score", str(SAMPLES / "field_0_null.png"), "--out", str(out), "--weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"her2score score: {bad}: not a readable her2score model file")
+    assert err.rstrip().endswith("(or score with --no-cnn)") and not out.exists()
+
+
 def test_missing_input_among_others_creates_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(SAMPLES / "field_0_null.png"),
                            str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
@@ -229,13 +263,15 @@ def test_missing_input_among_others_creates_nothing(tmp_path):
 
 @pytest.mark.parametrize("inputs", [["field_3plus_a.png", "slide_2plus.tif"], ["slide_2plus.tif"]])
 def test_default_run_with_the_cnn_in_worker_processes(tmp_path, inputs):
-    """The CLI loads the CNN before forking slide (or tile) workers: they must not hang on torch's
-    inherited thread pool, and every result carries the CNN's view."""
+    """The CLI loads the CNN (on ONNX Runtime, without torch) before forking slide (or tile) workers,
+    which inherit it, and every result carries the CNN's view."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "her2score.cli", "score", *[str(SAMPLES / i) for i in inputs],
+    code = "import sys\nfrom her2score.cli import main\ncode = main(sys.argv[1:])\nprint('torch' in sys.modules)\nsys.exit(code)"
+    cmd = [sys.executable, "-c", code, "score", *[str(SAMPLES / i) for i in inputs],
            "--out", str(out), "--workers", "2", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"  # torch never imported
     for name in inputs:
         result = json.loads((out / name / "result.json").read_text())
         assert result["cnn"]["tiles"] >= 1 and result["confidence"] is not None

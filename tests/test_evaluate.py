@@ -333,6 +333,23 @@ def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     assert all(r["reused"] == "True" for r in rows2[:4])
 
 
+def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=22, size_px=(320, 320))
+    labels, out = str(ds / "labels.csv"), tmp_path / "ev"
+    # breast scores biopsies like resections: refused before any work
+    assert main(["evaluate", labels, "--out", str(out), "--no-cnn", "--specimen", "biopsy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("her2score evaluate: --specimen biopsy: specimen 'biopsy'")
+    assert not out.exists()
+    argv = ["evaluate", labels, "--out", str(out), "--no-cnn", "--guideline", "gastric", "--specimen", "biopsy",
+            "--bootstrap", "50", "-q"]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["guideline"], m["specimen"]) == ("gastric", "biopsy")
+    results = sorted((out / "results").rglob("result.json"))
+    assert len(results) == 4 and {json.loads(p.read_text())["specimen"] for p in results} == {"biopsy"}
+
+
 def test_evaluate_with_a_cnn(tmp_path):
     torch = pytest.importorskip("torch")
     from her2score.cnn import WeightsRecord, build_network, load_model, save_model
