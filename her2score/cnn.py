@@ -147,7 +147,7 @@ DEFAULT_WEIGHTS = WeightsRecord(
                           "quadratic_weighted_kappa": 0.953, "quadratic_weighted_kappa_ci95": [0.931, 0.972]},
         },
         "validation": {"val_loss": 0.22915, "val_patch_accuracy": 0.9383, "val_image_accuracy": 1.0},
-        "real_labelled": "none available (no labelled HER2 set in shared/data)",
+        "real_labelled": "none available (no labelled real HER2 IHC set; trained on synthetic fields only)",
     },
     training={
         "command": "her2score train --synthetic 150 --seed 1 --workers 2 --out models/",
