@@ -277,3 +277,30 @@ def test_default_run_with_the_cnn_in_worker_processes(tmp_path, inputs):
         assert result["cnn"]["tiles"] >= 1 and result["confidence"] is not None
     rows = summary(out)
     assert all(r["cnn_score"] in ("0", "1+", "2+", "3+") and float(r["confidence"]) > 0 for r in rows.values())
+
+
+def test_every_option_the_readme_shows_exists():
+    """Each `her2score COMMAND ... --option` in the README (shell blocks, where indented lines continue
+    the command above them, and inline code) is an option of that command."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    sub = build_parser()._subparsers._group_actions[0].choices
+    shown: list[tuple[str, str]] = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        command = None
+        for line in block.splitlines():
+            code = line.split("#")[0]
+            m = re.search(r"\bher2score ([a-z]+)", code)
+            if m:
+                command, code = m.group(1), code[m.end():]
+            elif not line.startswith(" "):
+                command = None
+            if command:
+                shown += [(command, o) for o in re.findall(r"(?<![\w-])--[a-z][\w-]*", code)]
+    for command, rest in re.findall(r"`her2score ([a-z]+)([^`]*)`", readme):  # inline, in the prose
+        shown += [(command, o) for o in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest)]
+    assert ("score", "--cells-csv") in shown and ("evaluate", "--specimen") in shown and ("check", "--json") in shown
+    for command, option in shown:
+        assert command in sub, command
+        assert option in sub[command]._option_string_actions, (command, option)
