@@ -12,7 +12,7 @@ holds: r/g = OD_red / OD_green and b/g = OD_blue / OD_green.
 
 Refused: dark backgrounds (fluorescence, darkfield, most photos), images without a blue nuclear
 counterstain (photos, text, plots, other chromogens), H&E (eosin), and a µm/px that makes nuclei
-implausibly large. Every threshold below was measured on the real images in ../shared/data/real
+implausibly large. Every threshold below was measured on the real images in the real images beside the repository (tests/realdata.py)
 (H&E from four sources, Ki67 IHC from two scanners), scikit-image's IHC image, the sample images
 and synthetic fields with stain jitter up to 8 degrees (see tests/test_imagecheck.py).
 """

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from her2score.batch import qc_status
 from her2score.eligibility import check_eligibility
 from her2score.pipeline import score_slide
 from her2score.results import CnnReport
@@ -27,18 +26,18 @@ def test_sharp_field_passes_qc(field_3plus):
     r = score_slide(ArraySlide(field_3plus, mpp=0.5))
     assert r.qc_passed and "out_of_focus" not in codes(r)
     assert check_eligibility(r, "her2-positive-breast").status == "eligible"
-    assert qc_status(r) == "passed"
+    assert r.qc_status == "passed"
     other = "0" if r.classical_score != "0" else "3+"
     disagreeing = replace(r, cnn=CnnReport(other, {s: float(s == other) for s in ("0", "1+", "2+", "3+")}, 1, "test"))
-    assert qc_status(disagreeing) == "needs_review"  # classical and CNN disagree
-    assert qc_status(replace(r, score=None)) == "not_scored"
+    assert disagreeing.qc_status == "needs_review"  # classical and CNN disagree
+    assert replace(r, score=None).qc_status == "not_scored"
 
 
 def test_out_of_focus_scan_fails_qc_and_needs_review(field_3plus):
     blurred = cv2.GaussianBlur(field_3plus, (0, 0), 2.5)  # ~1.2 µm defocus blur at 0.5 µm/px
     r = score_slide(ArraySlide(blurred, mpp=0.5))
     assert codes(r)["out_of_focus"] == "fail" and not r.qc_passed
-    assert qc_status(r) == "qc_failed"
+    assert r.qc_status == "qc_failed"
     d = check_eligibility(r, "her2-positive-breast")
     assert d.status == "needs_review"
     assert any("focus" in reason for reason in d.reasons)
@@ -49,7 +48,7 @@ def test_too_few_tumour_cells(field_3plus):
     canvas[200:350, 200:350] = field_3plus[200:350, 200:350]  # a 75 µm fragment, ~30 cells
     r = score_slide(ArraySlide(canvas, mpp=0.5))
     assert codes(r)["too_few_tumour_cells"] == "fail"
-    assert qc_status(r) in ("qc_failed", "not_scored")
+    assert r.qc_status in ("qc_failed", "not_scored")
     assert check_eligibility(r, "her2-positive-breast").status == "needs_review"
 
 
