@@ -479,8 +479,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
         if meta.get("format") != "her2score-cnn/1":
             raise ValueError(f"unknown format {meta.get('format')!r}")
         record = WeightsRecord.from_dict(meta["record"])
-    except Exception as e:  # torch raises many kinds on a damaged file
-        raise ModelError(f"{p}: not a readable her2score model file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch raises many kinds on a damaged file; its own advice (weights_only=False) is unsafe
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"{p}: not a readable her2score model file ({type(e).__name__}: {first[:200]})") from None
     if _sha256_state(state) != meta.get("state_sha256"):
         raise ModelError(f"{p}: weights do not match the checksum stored in the file (corrupt)")
     if tuple(record.classes) != CLASSES or tuple(record.input_channels) != INPUT_CHANNELS:
