@@ -101,13 +101,27 @@ def _longest_circular_run(flags: np.ndarray) -> np.ndarray:
 
 
 def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: float) -> np.ndarray:
-    """The ``q`` quantile (lower) of ``values`` per label (NaN for a label without values)."""
+    """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
+
+    One sort of 64-bit keys: the label in the high word, the value's bits in the low word made to
+    sort as the floats do (sign bit flipped for positives, all bits for negatives).
+    """
     count = np.bincount(labels, minlength=n_lab)
-    ranked = values[np.lexsort((values, labels))]  # grouped by label, ascending within each
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    bits = bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    key = np.sort((labels.astype(np.uint64) << np.uint64(32)) | bits)  # grouped by label, ascending within each
     has = count > 0
+    low = key[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)].astype(np.uint32)
     out = np.full(n_lab, np.nan)
-    out[has] = ranked[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)]
+    out[has] = (low ^ np.where(low >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
     return out
+
+
+def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_lab: int) -> np.ndarray:
+    """Mean of ``values`` per label over the pixels of ``where`` (labels outside it: 0)."""
+    idx = np.flatnonzero(where)
+    lab = labels.ravel()[idx]
+    return np.bincount(lab, values.ravel()[idx], n_lab) / np.maximum(np.bincount(lab, minlength=n_lab), 1)
 
 
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -149,16 +163,19 @@ def measure_cells(
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
         return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
-    rows, cols = np.indices(cells.shape, dtype=np.float32)
+    width_px = cells.shape[1]
     on = cells > 0
-    cl, cr, cc = cells[on], rows[on], cols[on]
+    on_idx = np.flatnonzero(on)
+    cl = cells.ravel()[on_idx]
+    cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     area = np.bincount(cl, minlength=n_lab).astype(np.float64)
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
-    nuc_in = on & (nuclei > 0)
-    nl, nr, nc = cells[nuc_in], rows[nuc_in], cols[nuc_in]
+    nuc_sel = nuclei.ravel()[on_idx] > 0
+    nuc_idx = on_idx[nuc_sel]
+    nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
     w = np.maximum(nw, 1)
     ny, nx = np.bincount(nl, nr, n_lab) / w, np.bincount(nl, nc, n_lab) / w
@@ -170,8 +187,8 @@ def measure_cells(
     minor_var = np.maximum(tr / 2 - disc, 1e-6)
     elong = np.where(nw > 0, np.sqrt(np.maximum(tr / 2 + disc, 1e-6) / minor_var), 0.0)
     width_nuc = np.where(nw > 0, 4 * np.sqrt(minor_var) * mpp, 0.0)
-    h_mean = np.bincount(nl, hematoxylin_od[nuc_in], n_lab) / w
-    nuc_dab = np.bincount(nl, dab_od[nuc_in], n_lab) / w
+    h_mean = np.bincount(nl, hematoxylin_od.ravel()[nuc_idx], n_lab) / w
+    nuc_dab = np.bincount(nl, dab_od.ravel()[nuc_idx], n_lab) / w
 
     # border band of each cell (nuclear pixels excluded) and the interior
     padded = np.pad(cells, 1, mode="constant")
@@ -186,20 +203,27 @@ def measure_cells(
     k = 2 * max(1, round(halo_um / mpp)) + 1
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
     n_nuc = int(nuclei.max()) + 1
-    ring = cv2.dilate(nuclei.astype(np.float32), disk).astype(np.int32) * (nuclei == 0)  # each nucleus's halo, by its label
-    nuc_mean = np.bincount(nuclei.ravel(), dab_od.ravel(), n_nuc) / np.maximum(np.bincount(nuclei.ravel(), minlength=n_nuc), 1)
-    ring_mean = np.bincount(ring.ravel(), dab_od.ravel(), n_nuc) / np.maximum(np.bincount(ring.ravel(), minlength=n_nuc), 1)
-    brown = ((nuc_mean >= brown_nucleus_od) & (nuc_mean > ring_mean))[nuclei] & (nuclei > 0)
-    off_limits = (nuclei > 0) | (cv2.dilate(brown.astype(np.uint8), disk) > 0)
+    nuclear = nuclei > 0
+    nuc_mean = _mean_by_label(nuclei, nuclear, dab_od, n_nuc)
+    brown = nuc_mean >= brown_nucleus_od
+    brown[0] = False
+    off_limits = nuclear
+    if brown.any():  # and darker than its own halo
+        ring = cv2.dilate(nuclei.astype(np.float32), disk).astype(np.int32) * ~nuclear  # each nucleus's halo, by its label
+        brown &= nuc_mean > _mean_by_label(ring, ring > 0, dab_od, n_nuc)
+        off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), disk) > 0)
     band = on & near & ~off_limits
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
-    hist = np.histogram(np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6), CONTRAST_BINS)[0]
+    clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
+    hist = np.bincount(np.searchsorted(CONTRAST_BINS, clipped, side="right") - 1, minlength=len(CONTRAST_BINS) - 1)
     icl = cells[interior]
     cyto = _per_cell_quantile(icl, dab_od[interior], n_lab, 0.5)
 
-    lab = cells[band]
-    dy, dx = rows[band] - cy[lab], cols[band] - cx[lab]
+    band_idx = np.flatnonzero(band)
+    lab = cells.ravel()[band_idx]
+    br, bc = (v.astype(np.float32) for v in np.divmod(band_idx, width_px))
+    dy, dx = br - cy[lab], bc - cx[lab]
     sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
