@@ -26,16 +26,52 @@ def _drop_collinear(poly: np.ndarray) -> np.ndarray:
     return poly[keep] if keep.sum() >= 3 else poly
 
 
-def _ring(mask: np.ndarray) -> np.ndarray | None:
-    """Outer ring (int (k, 2) (x, y) in the 2x grid) of a padded uint8 mask upsampled 2x, or None
-    when the traced chain passes a pixel twice (a pinch)."""
-    up = cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+def _ring(up: np.ndarray) -> np.ndarray | None:
+    """Outer ring (int (k, 2) (x, y)) of a uint8 mask (a cell's padded pixels upsampled 2x), or None when
+    the mask has several parts or the traced chain passes a pixel twice (a pinch)."""
+    c = _chain(up)
+    return c if c is not None and not _pinched([c], np.array([len(c)]), np.zeros((1, 2), int), up.shape[1])[0] else None
+
+
+def _chain(up: np.ndarray) -> np.ndarray | None:
+    """The one outer contour of a uint8 mask as int (k, 2) (x, y), k >= 3; None when the mask has several parts."""
     cs, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if len(cs) != 1:
-        return None
-    c = cs[0].reshape(-1, 2)
-    key = c[:, 1].astype(np.int64) * up.shape[1] + c[:, 0]
-    return c if len(c) >= 3 and np.bincount(key).max() == 1 else None
+    return cs[0].reshape(-1, 2) if len(cs) == 1 and len(cs[0]) >= 3 else None
+
+
+def _pinched(chains: list[np.ndarray], n: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """Per chain, whether it passes a pixel twice (bool array). Chains are of disjoint cells: with
+    ``offsets`` (x, y) placing each in one image of ``width`` px, a pixel met twice is met twice by one chain."""
+    pts = np.concatenate(chains) + np.repeat(offsets, n, axis=0)
+    flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
+    seen = np.zeros(int(flat.max()) + 1, np.uint8)
+    np.add.at(seen, flat, 1)
+    twice = np.zeros(len(chains), bool)
+    twice[np.searchsorted(np.cumsum(n), np.flatnonzero(seen[flat] > 1), side="right")] = True
+    return twice
+
+
+def _up2(mask: np.ndarray) -> np.ndarray:
+    return cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+
+
+def _without_collinear(pts: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Which vertices of rings concatenated in ``pts`` (int (N, 2), ring lengths ``n``) to keep: those not on
+    the line through their two neighbours (as _drop_collinear, exact on the integer grid), or every vertex of
+    a ring left with fewer than 3."""
+    end = np.cumsum(n)
+    first = end - n
+    step = np.empty_like(pts)  # to the next vertex of the same ring
+    step[:-1] = pts[1:] - pts[:-1]
+    step[end - 1] = pts[first] - pts[end - 1]
+    back = np.empty_like(pts)  # from the previous vertex
+    back[1:] = step[:-1]
+    back[first] = step[end - 1]
+    keep = back[:, 0] * step[:, 1] != back[:, 1] * step[:, 0]
+    short = np.add.reduceat(keep, first) < 3
+    if short.any():
+        keep |= np.repeat(short, n)
+    return keep
 
 
 def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.ndarray]:
@@ -49,27 +85,46 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     """
     cell_labels = np.asarray(cell_labels)
     label_ids = np.asarray(label_ids, dtype=np.int64)
+    out = [np.zeros((0, 2), np.float32) for _ in range(len(label_ids))]
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
-    boxes = ndimage.find_objects(cell_labels.astype(np.int32, copy=False), max_label=top)
-    out = []
-    for lab in label_ids.tolist():
+    lab32 = cell_labels.astype(np.int32, copy=False)
+    boxes = ndimage.find_objects(lab32, max_label=top)
+    padded = np.pad(lab32, 1)
+    chains, where, corner = [], [], []
+    for i, lab in enumerate(label_ids.tolist()):
         box = boxes[lab - 1] if 0 < lab <= len(boxes) else None
-        if box is None:
-            out.append(np.zeros((0, 2), np.float32))
-            continue
-        mask = cv2.copyMakeBorder((cell_labels[box] == lab).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        ring = _ring(mask)
-        if ring is None:  # several parts, or a pinch: largest 4-connected part, holes filled
-            n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
-            mask = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-            outside = mask.copy()
-            cv2.floodFill(outside, None, (0, 0), 2, flags=4)
-            mask[outside == 0] = 1
-            ring = _ring(mask)
-            if ring is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
-                raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
-        poly = _drop_collinear((ring.astype(np.float32) - 0.5) / 2)
-        out.append((poly + np.array([box[1].start - 1, box[0].start - 1], np.float32)).astype(np.float32))
+        if box is not None:
+            ys, xs = box
+            chains.append(_chain(_up2((padded[ys.start : ys.stop + 2, xs.start : xs.stop + 2] == lab).view(np.uint8))))
+            where.append(i)
+            corner.append((xs.start, ys.start))
+    if not where:
+        return out
+    traced = np.array([c is not None for c in chains])
+    redo = ~traced
+    if traced.any():
+        ok = np.flatnonzero(traced)
+        redo[ok] = _pinched([chains[j] for j in ok], np.array([len(chains[j]) for j in ok]),
+                            2 * np.array(corner)[ok], 2 * padded.shape[1])
+    for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
+        lab, (ys, xs) = int(label_ids[where[j]]), boxes[label_ids[where[j]] - 1]
+        mask = cv2.copyMakeBorder((cell_labels[ys, xs] == lab).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+        mask = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+        outside = mask.copy()
+        cv2.floodFill(outside, None, (0, 0), 2, flags=4)
+        mask[outside == 0] = 1
+        chains[j] = _ring(_up2(mask))
+        if chains[j] is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
+            raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
+    n = np.array([len(c) for c in chains])
+    origin = np.array([(boxes[label_ids[i] - 1][1].start - 1, boxes[label_ids[i] - 1][0].start - 1) for i in where], np.float32)
+    pts = np.concatenate(chains)
+    keep = _without_collinear(pts.astype(np.int64), n)
+    poly = (pts[keep].astype(np.float32) - 0.5) / 2 + np.repeat(origin, n, axis=0)[keep]
+    end = np.cumsum(np.add.reduceat(keep, np.cumsum(n) - n)).tolist()
+    for i, a, b in zip(where, [0] + end[:-1], end):
+        out[i] = poly[a:b]
     return out
 
 

@@ -51,3 +51,42 @@ def test_the_pinned_fields_span_the_categories(pinned):
     cat = np.concatenate([pinned[f"{f}/table/category"] for f in FIELDS])
     assert len(cat) > 1000
     assert len(np.unique(cat)) >= 6
+
+
+def test_per_cell_quantile_is_the_lower_quantile_of_each_label():
+    """The one-sort per-cell quantile equals numpy's 'lower' quantile, with negative values, ties and empty labels."""
+    from her2score.membrane import _per_cell_quantile
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(1, 40, 5000)
+    values = np.round(rng.normal(0.0, 0.3, 5000), 2).astype(np.float32)  # ties, negatives, -0.0 and +0.0
+    values[:50] = -0.0
+    for q in (0.0, 0.25, 0.5, 0.9, 1.0):
+        got = _per_cell_quantile(labels, values, 45, q)
+        for lab in range(45):
+            v = values[labels == lab]
+            want = np.quantile(v, q, method="lower") if len(v) else np.nan
+            assert got[lab] == want or (np.isnan(want) and np.isnan(got[lab])), (q, lab)
+
+
+def test_outlines_of_pinched_and_split_cells_are_their_largest_part():
+    """Cells whose traced chain meets a pixel twice, or that come in two parts, fall back to the largest
+    4-connected part with holes filled, whatever other cells the tile holds."""
+    from her2score.outlines import is_simple, polygon_area, trace_outlines
+
+    lab = np.zeros((30, 40), np.int32)
+    lab[2:8, 2:8] = 1
+    lab[8:12, 8:12] = 1  # touches the first square at a corner only: a pinch
+    lab[15:20, 2:6] = 2
+    lab[15:17, 20:22] = 2  # a second, smaller part
+    lab[20:28, 25:35] = 3
+    lab[23:25, 29:31] = 0  # a hole
+    alone = [trace_outlines(np.where(lab == k, k, 0), np.array([k]))[0] for k in (1, 2, 3)]
+    together = trace_outlines(lab, np.array([3, 1, 2, 7]))
+    for a, b in zip(alone, [together[1], together[2], together[0]]):
+        np.testing.assert_array_equal(a, b)
+    assert len(together[3]) == 0
+    assert abs(polygon_area(together[1])) == pytest.approx(5.5 * 5.5)  # the 6 x 6 square, 0.25 px inside its edge
+    assert abs(polygon_area(together[2])) == pytest.approx(4.5 * 3.5)
+    assert abs(polygon_area(together[0])) == pytest.approx(9.5 * 7.5)  # hole filled
+    assert all(is_simple(p) for p in together[:3])
