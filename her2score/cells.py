@@ -60,17 +60,22 @@ def segment_nuclei(
     smooth = cv2.GaussianBlur(hematoxylin_od, (0, 0), 0.5 / mpp)
     if dab_od is not None:
         d = cv2.GaussianBlur(dab_od, (0, 0), 0.5 / mpp)
-        blobs = local_background(d, mpp=mpp, radius_um=blob_radius_um, coarse_mpp=mpp)
-        dark = (blobs >= nuclear_dab_od).astype(np.uint8)
-        n, comp = cv2.connectedComponents(dark, connectivity=8)
-        inscribed = np.zeros(n, np.float32)  # radius of the largest disk inside each blob, px
-        np.maximum.at(inscribed, comp.ravel(), cv2.distanceTransform(dark, cv2.DIST_L2, 5).ravel())
-        area = np.bincount(comp.ravel(), minlength=n)
-        # a nucleus is a compact blob; a strong membrane network's junctions form a branched one
-        big = (area * (mpp * mpp) >= min_blob_um2) & (area <= max_blob_spread * np.pi * inscribed**2)
-        big[0] = False
-        rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
-        smooth = smooth + np.where(big[comp], rise, 0.0)
+        n = 1
+        if d.max() >= nuclear_dab_od:  # the opened DAB never exceeds the DAB itself
+            blobs = local_background(d, mpp=mpp, radius_um=blob_radius_um, coarse_mpp=mpp)
+            dark = (blobs >= nuclear_dab_od).astype(np.uint8)
+            n, comp = cv2.connectedComponents(dark, connectivity=8)
+        if n > 1:
+            at = np.flatnonzero(dark)
+            inscribed = np.zeros(n, np.float32)  # radius of the largest disk inside each blob, px
+            np.maximum.at(inscribed, comp.ravel()[at], cv2.distanceTransform(dark, cv2.DIST_L2, 5).ravel()[at])
+            area = np.bincount(comp.ravel()[at], minlength=n)
+            # a nucleus is a compact blob; a strong membrane network's junctions form a branched one
+            big = (area * (mpp * mpp) >= min_blob_um2) & (area <= max_blob_spread * np.pi * inscribed**2)
+            big[0] = False
+            if big.any():
+                rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
+                smooth = smooth + np.where(big[comp], rise, 0.0)
     background = local_background(smooth, mpp=mpp, radius_um=8.0)
     mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(0.5 * min_width_um / mpp))
@@ -102,12 +107,10 @@ def membrane_basins(
     size (``min_area_um2``-``max_area_um2``) without a nucleus pixel is returned, shrunk by 1 µm.
     """
     sealed = cv2.morphologyEx(membrane.astype(np.uint8), cv2.MORPH_CLOSE, _disk(0.5 * seal_um / mpp))
-    n, comp, stats, _ = cv2.connectedComponentsWithStats((sealed == 0).astype(np.uint8), connectivity=4)
-    area = stats[:, cv2.CC_STAT_AREA] * (mpp * mpp)
-    h, w = membrane.shape
-    x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-    x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
-    inside = (x0 > 0) & (y0 > 0) & (x1 < w) & (y1 < h)  # a region cut by the tile edge is not closed
+    n, comp = cv2.connectedComponents((sealed == 0).astype(np.uint8), connectivity=4)
+    area = np.bincount(comp.ravel(), minlength=n) * (mpp * mpp)
+    inside = np.ones(n, bool)  # a region cut by the tile edge is not closed
+    inside[np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]])] = False
     nucleated = np.bincount(comp[nuclei > 0], minlength=n) > 0
     keep = (area >= min_area_um2) & (area <= max_area_um2) & inside & ~nucleated
     keep[0] = False

@@ -44,10 +44,8 @@ def _pinched(chains: list[np.ndarray], n: np.ndarray, offsets: np.ndarray, width
     ``offsets`` (x, y) placing each in one image of ``width`` px, a pixel met twice is met twice by one chain."""
     pts = np.concatenate(chains) + np.repeat(offsets, n, axis=0)
     flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
-    seen = np.zeros(int(flat.max()) + 1, np.uint8)
-    np.add.at(seen, flat, 1)
     twice = np.zeros(len(chains), bool)
-    twice[np.searchsorted(np.cumsum(n), np.flatnonzero(seen[flat] > 1), side="right")] = True
+    twice[np.searchsorted(np.cumsum(n), np.flatnonzero(np.bincount(flat)[flat] > 1), side="right")] = True
     return twice
 
 
@@ -89,13 +87,13 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
     lab32 = cell_labels.astype(np.int32, copy=False)
     boxes = ndimage.find_objects(lab32, max_label=top)
-    padded = np.pad(lab32, 1)
+    up = _up2(np.pad(lab32, 1))  # each cell's mask, padded by a pixel and upsampled 2x, is a crop of this
     chains, where, corner = [], [], []
     for i, lab in enumerate(label_ids.tolist()):
         box = boxes[lab - 1] if 0 < lab <= len(boxes) else None
         if box is not None:
             ys, xs = box
-            chains.append(_chain(_up2((padded[ys.start : ys.stop + 2, xs.start : xs.stop + 2] == lab).view(np.uint8))))
+            chains.append(_chain((up[2 * ys.start : 2 * ys.stop + 4, 2 * xs.start : 2 * xs.stop + 4] == lab).view(np.uint8)))
             where.append(i)
             corner.append((xs.start, ys.start))
     if not where:
@@ -105,7 +103,7 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     if traced.any():
         ok = np.flatnonzero(traced)
         redo[ok] = _pinched([chains[j] for j in ok], np.array([len(chains[j]) for j in ok]),
-                            2 * np.array(corner)[ok], 2 * padded.shape[1])
+                            2 * np.array(corner)[ok], up.shape[1])
     for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
         lab, (ys, xs) = int(label_ids[where[j]]), boxes[label_ids[where[j]] - 1]
         mask = cv2.copyMakeBorder((cell_labels[ys, xs] == lab).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
