@@ -289,16 +289,14 @@ class MembraneSummary:
 
 def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
     """Keep the True entries of each row of a (n, k) bool array that lie in circular runs of at least ``min_run``."""
-    k = flags.shape[1]
     if flags.all(axis=1).all() or min_run <= 1:
         return flags
-    keep = np.zeros_like(flags)
-    for start in range(k):  # a window of min_run sectors, all stained, marks its sectors kept
-        window = np.ones(len(flags), bool)
-        for j in range(min_run):
-            window &= flags[:, (start + j) % k]
-        for j in range(min_run):
-            keep[:, (start + j) % k] |= window
+    window = flags.copy()  # window[:, s]: the min_run sectors from s on are all stained
+    for j in range(1, min_run):
+        window &= np.roll(flags, -j, axis=1)
+    keep = window.copy()
+    for j in range(1, min_run):  # a full window marks its sectors kept
+        keep |= np.roll(window, j, axis=1)
     return keep
 
 

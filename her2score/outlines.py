@@ -50,6 +50,7 @@ def _pinched(chains: list[np.ndarray], n: np.ndarray, offsets: np.ndarray, width
 
 
 def _up2(mask: np.ndarray) -> np.ndarray:
+    """The image upsampled 2x, each pixel a 2 x 2 block."""
     return cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
 
 
@@ -107,7 +108,7 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
         lab, (ys, xs) = int(label_ids[where[j]]), boxes[label_ids[where[j]] - 1]
         mask = cv2.copyMakeBorder((cell_labels[ys, xs] == lab).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+        _, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
         mask = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
         outside = mask.copy()
         cv2.floodFill(outside, None, (0, 0), 2, flags=4)
@@ -116,7 +117,7 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
         if chains[j] is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
             raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
     n = np.array([len(c) for c in chains])
-    origin = np.array([(boxes[label_ids[i] - 1][1].start - 1, boxes[label_ids[i] - 1][0].start - 1) for i in where], np.float32)
+    origin = (np.array(corner) - 1).astype(np.float32)  # (x, y) of each crop's padding pixel
     pts = np.concatenate(chains)
     keep = _without_collinear(pts.astype(np.int64), n)
     poly = (pts[keep].astype(np.float32) - 0.5) / 2 + np.repeat(origin, n, axis=0)[keep]

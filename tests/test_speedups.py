@@ -90,3 +90,24 @@ def test_outlines_of_pinched_and_split_cells_are_their_largest_part():
     assert abs(polygon_area(together[2])) == pytest.approx(4.5 * 3.5)
     assert abs(polygon_area(together[0])) == pytest.approx(9.5 * 7.5)  # hole filled
     assert all(is_simple(p) for p in together[:3])
+
+
+def test_in_runs_keeps_exactly_the_sectors_of_long_circular_runs():
+    """_in_runs against its definition, row by row: a stained sector is kept when the circular run holding it
+    is at least min_run long (runs may wrap around the last sector)."""
+    from her2score.membrane import _in_runs
+
+    rng = np.random.default_rng(8)
+    flags = rng.random((300, 24)) < 0.6
+    flags[0] = True
+    for min_run in (1, 2, 3, 5, 30):
+        got = _in_runs(flags, min_run)
+        for row, kept in zip(flags, got):
+            if row.all():
+                assert kept.all()
+                continue
+            shift = int(np.argmin(row))  # start the circle at an unstained sector: no run wraps
+            rolled = np.roll(row, -shift)
+            runs = np.split(rolled, np.flatnonzero(~rolled))  # each piece: an unstained sector, then its run
+            want = np.concatenate([r if r.sum() >= min_run else np.zeros_like(r) for r in runs])
+            np.testing.assert_array_equal(np.roll(want, shift), kept)
