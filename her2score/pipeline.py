@@ -57,7 +57,19 @@ class NuclearStainError(SlideError):
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Every setting of a scoring run, with units; written into result.json."""
+    """Every setting of a scoring run, with units; written into result.json.
+
+    mpp: tile resolution (µm/px); tile_px / margin_px: tile core and overlap (px at mpp);
+    thresholds: per-cell Thresholds (log10 DAB OD, fractions); nucleus_threshold_od: least smoothed
+    haematoxylin OD of a nucleus; max_cell_radius_um: reach of a cell from its seed (µm);
+    basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
+    nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
+    with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
+    spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading and
+    near_cutoff_points: see guidelines; blur_min: least Laplacian variance of OD in focus;
+    max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_warn / background_max_od: QC
+    warnings (eosin share, glass OD); cnn_*: patches the CNN reads per tile on whole slides.
+    """
 
     guideline: str = "breast-asco-cap-2023"
     specimen: str = "resection"
