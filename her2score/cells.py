@@ -8,7 +8,8 @@ from skimage.segmentation import watershed
 __all__ = ["segment_nuclei", "membrane_basins", "grow_cells"]
 
 
-def _disk(radius_px: float) -> np.ndarray:
+def disk(radius_px: float) -> np.ndarray:
+    """Elliptical structuring element of radius ``radius_px`` (at least 1 px)."""
     k = max(1, int(round(radius_px))) * 2 + 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
 
@@ -21,7 +22,7 @@ def local_background(image: np.ndarray, *, mpp: float, radius_um: float, coarse_
     """
     f = min(1.0, mpp / coarse_mpp)
     small = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else image
-    opened = cv2.morphologyEx(small, cv2.MORPH_OPEN, _disk(radius_um * f / mpp))
+    opened = cv2.morphologyEx(small, cv2.MORPH_OPEN, disk(radius_um * f / mpp))
     if f < 1:
         opened = cv2.resize(opened, image.shape[::-1], interpolation=cv2.INTER_LINEAR)
     return np.minimum(opened, image)
@@ -78,10 +79,10 @@ def segment_nuclei(
                 smooth = smooth + np.where(big[comp], rise, 0.0)
     background = local_background(smooth, mpp=mpp, radius_um=8.0)
     mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(0.5 * min_width_um / mpp))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     dist_s = cv2.GaussianBlur(dist, (0, 0), 0.5 / mpp)
-    core = (dist_s >= neck_ratio * cv2.dilate(dist_s, _disk(3.0 / mpp))) & (dist >= 0.5 * min_width_um / mpp)
+    core = (dist_s >= neck_ratio * cv2.dilate(dist_s, disk(3.0 / mpp))) & (dist >= 0.5 * min_width_um / mpp)
     _, markers = cv2.connectedComponents(core.astype(np.uint8), connectivity=8)
     labels = watershed(-dist, markers, mask=mask.astype(bool)).astype(np.int32)
     area = np.bincount(labels.ravel()) * (mpp * mpp)
@@ -106,7 +107,7 @@ def membrane_basins(
     cell. The membrane mask is closed over gaps up to ``seal_um``; each enclosed region of a cell's
     size (``min_area_um2``-``max_area_um2``) without a nucleus pixel is returned, shrunk by 1 µm.
     """
-    sealed = cv2.morphologyEx(membrane.astype(np.uint8), cv2.MORPH_CLOSE, _disk(0.5 * seal_um / mpp))
+    sealed = cv2.morphologyEx(membrane.astype(np.uint8), cv2.MORPH_CLOSE, disk(0.5 * seal_um / mpp))
     n, comp = cv2.connectedComponents((sealed == 0).astype(np.uint8), connectivity=4)
     area = np.bincount(comp.ravel(), minlength=n) * (mpp * mpp)
     inside = np.ones(n, bool)  # a region cut by the tile edge is not closed
@@ -115,7 +116,7 @@ def membrane_basins(
     keep = (area >= min_area_um2) & (area <= max_area_um2) & inside & ~nucleated
     keep[0] = False
     basins = keep[comp].astype(np.uint8)
-    return cv2.erode(basins, _disk(1.0 / mpp)).astype(bool)
+    return cv2.erode(basins, disk(1.0 / mpp)).astype(bool)
 
 
 def grow_cells(

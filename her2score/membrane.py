@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .cells import local_background
+from .cells import disk, local_background
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
@@ -44,8 +44,7 @@ def membrane_contrast(dab_od: np.ndarray, nuclei: np.ndarray | None = None, *, m
         off = (nuclei == 0).astype(np.float32)
         s = 3.0 / mpp
         fill = cv2.GaussianBlur(smooth * off, (0, 0), s) / np.maximum(cv2.GaussianBlur(off, (0, 0), s), 1e-3)
-        k = 2 * max(1, round(2 * sigma_um / mpp)) + 1  # smoothing darkens ~2 sigma around a nucleus
-        near = cv2.dilate((nuclei > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
+        near = cv2.dilate((nuclei > 0).astype(np.uint8), disk(2 * sigma_um / mpp)) > 0  # smoothing darkens ~2 sigma around a nucleus
         level_of = np.where(near, np.maximum(fill, smooth), smooth)
     level = local_background(level_of, mpp=mpp, radius_um=radius_um, coarse_mpp=mpp)
     return smooth, np.maximum(smooth - level, 0.0)
@@ -200,8 +199,7 @@ def measure_cells(
     dist = cv2.distanceTransform((~border).astype(np.uint8), cv2.DIST_L2, 3)
     near = dist <= band_um / mpp
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
-    k = 2 * max(1, round(halo_um / mpp)) + 1
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    halo = disk(halo_um / mpp)
     n_nuc = int(nuclei.max()) + 1
     nuclear = nuclei > 0
     nuc_mean = _mean_by_label(nuclei, nuclear, dab_od, n_nuc)
@@ -209,9 +207,9 @@ def measure_cells(
     brown[0] = False
     off_limits = nuclear
     if brown.any():  # and darker than its own halo
-        ring = cv2.dilate(nuclei.astype(np.float32), disk).astype(np.int32) * ~nuclear  # each nucleus's halo, by its label
+        ring = cv2.dilate(nuclei.astype(np.float32), halo).astype(np.int32) * ~nuclear  # each nucleus's halo, by its label
         brown &= nuc_mean > _mean_by_label(ring, ring > 0, dab_od, n_nuc)
-        off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), disk) > 0)
+        off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), halo) > 0)
     band = on & near & ~off_limits
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
@@ -311,20 +309,19 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     only in runs of at least ``min_run`` (a membrane is a line along the border; noise and the halo
     of a brown nucleus are specks).
     """
-    c = m.sector_contrast.astype(np.float32)
-    has = np.isfinite(c)
+    has = np.isfinite(m.sector_contrast)
+    c = np.nan_to_num(m.sector_contrast.astype(np.float32))
+    od = np.nan_to_num(m.sector_od.astype(np.float32))
     cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)[:, None]
-    above_cytoplasm = np.nan_to_num(m.sector_od.astype(np.float32)) - cyto
-    st = has & (np.nan_to_num(c) >= threshold_od) & (above_cytoplasm >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
+    st = has & (c >= threshold_od) & (od - cyto >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
     st = _in_runs(st, min_run)
     n_band = np.maximum(has.sum(1), 1)
     n_st = st.sum(1)
     f32 = np.float32
-    od = np.nan_to_num(m.sector_od.astype(np.float32))
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
         longest_arc=(_longest_circular_run(st) / n_band).astype(f32),
         longest_gap=(_longest_circular_run(has & ~st) / n_band).astype(f32),
         membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
-        contrast_od=np.where(n_st > 0, (np.nan_to_num(c) * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
+        contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )
