@@ -39,6 +39,7 @@ from her2score.guidelines import (
     GUIDELINE_FAMILY,
     GUIDELINES,
     MIN_TUMOUR_CELLS,
+    NEAR_CUTOFF_POINTS,
     REPORT_LEVELS,
     STAINING_LEVEL,
     apply_guideline,
@@ -269,7 +270,8 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its call sits within a few points of a cut-off and the level on
     the other side would change the answer; None otherwise (see guidelines.near_cutoff)."""
-    if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score)) is None:
+    points = result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS)  # the margin the slide was flagged with
+    if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score, points=points)) is None:
         return None
     other_score, pct = near
     level = report_level(other_score, result.guideline, result.counts)

@@ -319,3 +319,6 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     over = replace(over, flags=(*over.flags, "near_cutoff"))
     doubt = check_eligibility(over, "her2-low-breast")  # 1+ is eligible; at 0+ (ultralow) it would not be
     assert doubt.status == "needs_review" and any("at 0+ (ultralow) the answer would be not eligible" in x for x in doubt.reasons)
+    wide = replace(make_result(none=170, faint_partial=30), config={"near_cutoff_points": 6.0})  # 15%, flagged with a 6-point margin
+    wide = replace(wide, flags=(*wide.flags, "near_cutoff"))
+    assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5
