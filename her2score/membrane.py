@@ -17,7 +17,7 @@ from .cells import disk, local_background
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
-    "MembraneSummary", "summarise_membranes", "noise_floor",
+    "MembraneSummary", "summarise_membranes", "noise_floor", "longest_circular_run",
 ]
 
 N_SECTORS = 24
@@ -87,7 +87,7 @@ class CellMeasurements:
         return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
 
 
-def _longest_circular_run(flags: np.ndarray) -> np.ndarray:
+def longest_circular_run(flags: np.ndarray) -> np.ndarray:
     """Longest run of True per row of a (n, k) bool array, wrapping around the ends."""
     n, k = flags.shape
     doubled = np.concatenate([flags, flags], axis=1)
@@ -320,8 +320,8 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     f32 = np.float32
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
-        longest_arc=(_longest_circular_run(st) / n_band).astype(f32),
-        longest_gap=(_longest_circular_run(has & ~st) / n_band).astype(f32),
+        longest_arc=(longest_circular_run(st) / n_band).astype(f32),
+        longest_gap=(longest_circular_run(has & ~st) / n_band).astype(f32),
         membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )

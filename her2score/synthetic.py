@@ -5,8 +5,9 @@ eosin for H&E), mixed by Beer-Lambert (OD_rgb = sum c_s * v_s, I = I0 * 10^-OD_r
 by a Gaussian optical PSF, given sensor noise, quantised to 8 bits and JPEG-compressed, in that
 order. Tumour cells are a Voronoi tessellation of jittered seeds; each cell's membrane DAB deposit
 (completeness, peak OD, width) is chosen from its ground-truth category, using the DAB OD bands
-of DESIGN.md section 3 (faint < 0.2 <= weak/moderate < 0.6 <= strong). Written from physics only:
-nothing here looks at the scorer.
+of DESIGN.md section 3 (faint < 0.2 <= weak/moderate < 0.6 <= strong). The per-cell truth is the
+membrane as seen: a membrane belongs to both cells it separates. Written from physics only: nothing
+here reads the scorer's thresholds or measurements (it borrows one run-length helper).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from .categories import CATEGORIES
+from .membrane import longest_circular_run
 from .stain import EOSIN_OD, H_DAB, StainSet
 
 __all__ = [
@@ -40,10 +42,14 @@ class SyntheticField:
     """A generated field and its truth.
 
     ``cells`` holds columns (one row per cell whose nucleus centre lies in the image / tissue):
-    x_px, y_px (nucleus centre, image pixels), nucleus_radius_um, completeness (fraction of the
-    cell boundary stained, 0-1), longest_arc (longest stained arc, fraction of the boundary),
-    membrane_od (peak log10 DAB OD of the deposit), width_um (deposit FWHM, µm), pattern,
-    category (a name from CATEGORIES) and tumour (bool; stromal nuclei are False, category none).
+    x_px, y_px (nucleus centre, image pixels), nucleus_radius_um, tumour (bool; stromal nuclei are
+    False, category none), and two truths. The cell's own membrane deposit: deposit_category (what
+    the class or composition drew), deposit_completeness (fraction of the cell's boundary it
+    covers, 0-1), deposit_longest_arc, deposit_od (peak log10 DAB OD), width_um (deposit FWHM, µm).
+    The membrane as seen, which ``truth_counts`` and the score use: category (a name from
+    CATEGORIES), pattern, completeness, longest_arc and membrane_od (log10 OD): a membrane belongs to
+    both cells it separates, so a cell enclosed by stained membrane more widely than by its own takes
+    the enclosing rim's pattern, extent and mean OD (see _seen_categories); any other cell, its own.
     ``dab_od`` is the true deposited DAB OD per pixel (before blur) and ``label_map`` the row of
     ``cells`` owning each pixel (-1 for stroma/glass).
     """
@@ -59,7 +65,7 @@ class SyntheticField:
     label_map: np.ndarray | None = field(default=None, repr=False)
 
     def truth_counts(self) -> dict[str, int]:
-        """Number of tumour cells in each of the six categories."""
+        """Number of tumour cells in each category, as seen (``cells["category"]``)."""
         cat = self.cells["category"][self.cells["tumour"]]
         return {c: int(np.count_nonzero(cat == c)) for c in CATEGORIES}
 
@@ -177,6 +183,54 @@ def _membrane_params(cats: np.ndarray, score: str, rng):
         else:
             length[i, 0] = 1.0 if rng.random() < 0.5 else rng.uniform(0.94, 1.0)
     return od, width, start, length
+
+
+SEEN_BINS = 36
+"""Border bins (10° of perimeter each) over which the seen membrane's arcs are traced."""
+
+
+def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, deposit: np.ndarray,
+                     n: int) -> dict[str, np.ndarray]:
+    """Per-cell truth of the membrane as seen, from its rim pixels.
+
+    ``cell``: the seed owning each rim pixel; ``pos``: its position along that cell's perimeter (0-1);
+    ``rim_od``: the deposit OD there, the cell's own or its neighbour's across the edge (0: none);
+    ``deposit``: each seed's own category. A membrane is seen by both cells it separates, so where
+    the stained rim encloses a cell more widely than its own membrane does, the cell takes that
+    pattern: complete when >= 75% of the border is stained and no gap reaches a quarter of it (the
+    generator's smallest U gap), lateral (U) with one stained arc of >= 50%; its intensity, the mean
+    OD over the stained rim, falls in DESIGN.md's bands (faint < 0.2 <= weak/moderate < 0.6 <=
+    strong; faint complete or lateral is ``faint_partial``). Any other cell keeps its own deposit's
+    category: a stretch of a neighbour's membrane along one side stays with the cell that stains
+    it, and a cell with a complete membrane of its own is judged by it.
+    Returns per seed: category, and where ``enclosed`` (the cells it changes) completeness,
+    longest_arc (fractions of the border) and membrane_od of the enclosing rim.
+    """
+    on = rim_od > 0
+    n_rim = np.bincount(cell, minlength=n)
+    completeness = np.bincount(cell, on, minlength=n) / np.maximum(n_rim, 1)
+    membrane_od = np.bincount(cell, rim_od, minlength=n) / np.maximum(np.bincount(cell, on, minlength=n), 1)
+    bins = np.minimum((pos * SEEN_BINS).astype(np.int64), SEEN_BINS - 1)
+    lit = np.zeros((n, SEEN_BINS), bool)
+    seen = np.zeros((n, SEEN_BINS), bool)
+    np.logical_or.at(lit, (cell, bins), on)
+    seen[cell, bins] = True
+    for _ in range(SEEN_BINS):  # a bin without rim pixels takes the state of the bin before it
+        gap = ~seen & np.roll(seen, 1, axis=1)
+        if not gap.any():
+            break
+        lit |= gap & np.roll(lit, 1, axis=1)
+        seen |= gap
+    longest_arc, longest_gap = (longest_circular_run(b) / SEEN_BINS for b in (lit, ~lit))
+    complete = (completeness >= 0.75) & (longest_gap < 0.25)
+    enclosed = complete | (longest_arc >= 0.50)
+    pattern = np.where(complete, "complete", "lateral").astype(object)
+    level = np.where(membrane_od >= 0.6, "strong_", np.where(membrane_od >= 0.2, "weak_moderate_", "")).astype(object)
+    category = np.where(level == "", "faint_partial", level + pattern)
+    own = np.char.rpartition(deposit.astype(str), "_")[:, 2]
+    wider = enclosed & (complete & (own != "complete") | ~complete & np.isin(own, ("none", "partial")))
+    return {"category": np.where(wider, category, deposit).astype(object), "enclosed": wider,
+            "completeness": completeness, "longest_arc": longest_arc, "membrane_od": membrane_od}
 
 
 @dataclass(frozen=True)
@@ -329,17 +383,26 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         # integrated over the pixel (sigma^2 + mpp^2/12, area kept) to avoid aliasing thin lines
         band = tum_px & (edge_um < 4.0) & (od[lab] > 0)
         lb = lab[band]
-        t = (np.arctan2(yy[band] - seeds[lb, 1], xx[band] - seeds[lb, 0]) / (2 * np.pi)) % 1.0
         # angle -> fraction of the cell's perimeter: empirical CDF of its boundary pixels' angles
         rim = tum_px & (edge_um * um < 0.75)
         n_rim = np.bincount(lab[rim], minlength=ns)
-        key_rim = np.sort(lab[rim] + (np.arctan2(yy[rim] - seeds[lab[rim], 1], xx[rim] - seeds[lab[rim], 0])
-                                      / (2 * np.pi)) % 1.0)
+
+        def angle(cell, y, x):
+            return (np.arctan2(y - seeds[cell, 1], x - seeds[cell, 0]) / (2 * np.pi)) % 1.0
+
+        key_rim = np.sort(lab[rim] + angle(lab[rim], yy[rim], xx[rim]))
         first = np.concatenate([[0], np.cumsum(n_rim)[:-1]])
-        t = (np.searchsorted(key_rim, lb + t) - first[lb]) / np.maximum(n_rim[lb], 1)
-        on = np.zeros(len(lb), bool)
-        for k in range(3):
-            on |= ((t - arc_s[lb, k]) % 1.0) < arc_l[lb, k]
+
+        def perimeter_position(cell, y, x):
+            return (np.searchsorted(key_rim, cell + angle(cell, y, x)) - first[cell]) / np.maximum(n_rim[cell], 1)
+
+        def stained(cell, pos):
+            on = np.zeros(len(cell), bool)
+            for k in range(3):
+                on |= ((pos - arc_s[cell, k]) % 1.0) < arc_l[cell, k]
+            return on & (od[cell] > 0)
+
+        on = stained(lb, perimeter_position(lb, yy[band], xx[band]))
         sig_d = width / 2.355
         sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
         amp = od * sig_d / np.maximum(sig_r, 1e-6)
@@ -361,23 +424,37 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         on_full[band] = on
         n_on = np.bincount(lab[rim & on_full], minlength=ns)
         completeness = np.where(od > 0, n_on / np.maximum(n_rim, 1), 0.0)
+        # the membrane as seen: a membrane belongs to every cell it borders (the README's convention),
+        # so each rim pixel also shows the deposit of the tumour cell across the edge
+        rl, nb = lab[rim], idx[:, 1].reshape(H, W)[rim]
+        nb_on = tumour[nb] & stained(nb, perimeter_position(nb, yy[rim], xx[rim]))
+        rim_od = np.maximum(od[rl] * on_full[rim], od[nb] * nb_on)
+        seen = _seen_categories(rl, perimeter_position(rl, yy[rim], xx[rim]), rim_od, cats, ns)
 
     if he:
         completeness = np.zeros(ns)
+        seen = {"category": cats, "enclosed": np.zeros(ns, bool),
+                **dict.fromkeys(("completeness", "longest_arc", "membrane_od"), completeness)}
     # cell table: counted tumour cells, then stromal nuclei inside the image
     rows = np.flatnonzero(counted)
     ex = [(i, r) for i, r in extra if inside[i]]
     sel = np.concatenate([rows, np.array([i for i, _ in ex], int)])
     n_t = len(rows)
+    is_t = np.arange(len(sel)) < n_t
+    enc = seen["enclosed"]
     cells = {
         "x_px": (ncx[sel] - pad).astype(np.float32), "y_px": (ncy[sel] - pad).astype(np.float32),
         "nucleus_radius_um": np.concatenate([r_um[rows], [r for _, r in ex]]).astype(np.float32),
-        "completeness": np.where(np.arange(len(sel)) < n_t, completeness[sel], 0).astype(np.float32),
-        "longest_arc": np.where(np.arange(len(sel)) < n_t, arc_l[sel].max(axis=1), 0).astype(np.float32),
-        "membrane_od": np.where(np.arange(len(sel)) < n_t, od[sel], 0).astype(np.float32),
-        "width_um": np.where(np.arange(len(sel)) < n_t, width[sel], 0).astype(np.float32),
-        "category": np.array(list(cats[rows]) + ["none"] * len(ex), dtype="<U24"),
-        "tumour": np.arange(len(sel)) < n_t,
+        "completeness": np.where(is_t, np.where(enc, seen["completeness"], completeness)[sel], 0).astype(np.float32),
+        "longest_arc": np.where(is_t, np.where(enc, seen["longest_arc"], arc_l.max(axis=1))[sel], 0).astype(np.float32),
+        "membrane_od": np.where(is_t, np.where(enc, seen["membrane_od"], od)[sel], 0).astype(np.float32),
+        "category": np.array(list(seen["category"][rows]) + ["none"] * len(ex), dtype="<U24"),
+        "deposit_completeness": np.where(is_t, completeness[sel], 0).astype(np.float32),
+        "deposit_longest_arc": np.where(is_t, arc_l[sel].max(axis=1), 0).astype(np.float32),
+        "deposit_od": np.where(is_t, od[sel], 0).astype(np.float32),
+        "width_um": np.where(is_t, width[sel], 0).astype(np.float32),
+        "deposit_category": np.array(list(cats[rows]) + ["none"] * len(ex), dtype="<U24"),
+        "tumour": is_t,
     }
     cells["pattern"] = np.array([x.rsplit("_", 1)[-1] for x in cells["category"]], dtype="<U10")
     row_of = np.full(ns, -1, np.int32)
