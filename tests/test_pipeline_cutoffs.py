@@ -71,16 +71,13 @@ def test_fused_score_carries_the_flags_of_its_own_level():
 
 
 # -- fields drawn with an explicit composition ---------------------------------------------------
-# generate_field(composition={category: fraction of tumour cells}) draws each field; the rest of the
-# tumour cells are unstained. Percentages and calls are checked against what the pipeline measures.
-# MEASUREMENT MARK: with the real-tissue membrane measurement of ddc17dd (contrast above the cell's own
-# cytoplasm, faint floor 0.02 OD set on real Ki67 and real HER2 0 fields) these fields still miss:
-# an unstained cell next to a stained one reads the shared membrane as faint partial (8% weak-moderate
-# complete -> 15% faint_partial measured, called 1+), faint membranes are found in about a third of
-# the cells on sparse fields (12% -> 3.5%, called 0) and lateral/partial intense membranes are broken
-# into other categories (12% strong_lateral -> 1.7%). See README "Limits". Remove the mark when they pass.
+# generate_field(composition={category: fraction of tumour cells}, clonal=True) draws each field with
+# its stained cells in patches, as tumours express HER2; the rest of the tumour cells are unstained.
+# The truth is the cells as seen (README: shared membranes); its deciding share sits at 8% or 12%.
 MEASUREMENT = pytest.mark.xfail(reason="shared membranes read by unstained neighbours, faint membranes under-found "
-                                       "(see the comment above)", strict=False)
+                                       "(README Limits)", strict=False)
+SHARE_POINTS = 3.0
+"""Percentage points within which the measured deciding share must match the truth's at a cut-off."""
 
 
 def _field(composition: dict[str, float], seed: int, gastric: bool = False, size_px: int = 768, clonal: bool = False):
@@ -91,41 +88,61 @@ def _share(r, categories) -> float:
     return 100 * sum(r.counts.get(c, 0) for c in categories) / r.tumour_cells
 
 
-CUT_OFFS = pytest.mark.parametrize(
-    ("guideline", "composition", "deciding", "low", "high", "score"),
-    [
-        # breast >10%: the deciding population near 8% and 12%
-        (B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 5, 9.5, "0"),
-        (B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 15, "2+"),
-        (B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 15, "3+"),
-        (B23, {"faint_partial": 0.08}, ("faint_partial",), 5, 9.5, "0"),
-        (B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 15, "1+"),
-        (B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 15, "2+"),
-        # gastric >=10%, lateral patterns count
-        (G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 5, 9.5, "0"),
-        (G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 15, "3+"),
-        (G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 5, 9.5, "0"),
-        (G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 15, "2+"),
-    ],
-)
+def _misses(measured: str):
+    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (2 Dec 2026)."""
+    return pytest.mark.xfail(strict=True, reason=f"measured: {measured} (README Limits; strict: a pass fails)")
 
 
-@CUT_OFFS
-def test_never_a_confident_wrong_call_at_a_cut_off(guideline, composition, deciding, low, high, score):
-    """Clonal fields (stained cells in patches, as in tumours) either side of 10%: the call is right,
-    or it carries near_cutoff, so that eligibility asks for review where the other side would change it."""
+def _case(guideline, composition, deciding, low, high, score, measured=None):
+    return pytest.param(guideline, composition, deciding, low, high, score, marks=[_misses(measured)] if measured else [])
+
+
+CASES = [
+    # breast >10%: the deciding population near 8% and 12%
+    _case(B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 6, 9.5, "0",
+          "7.1% (truth 8.0%), called 1+: unstained neighbours read the stained side as faint partial (+7.9)"),
+    _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
+    _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.5% (truth 8.0%): faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.2% (truth 12.0%), called 0: faint membranes under-found"),
+    _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
+          "1.3% (truth 12.0%), called 2+: intense partial arcs read as other categories"),
+    # gastric >=10%, lateral patterns count
+    _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0",
+          "4.7% (truth 8.1%), called 1+: U-shaped membranes broken into partial arcs"),
+    _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+",
+          "6.4% (truth 12.2%), called 1+: U-shaped membranes broken into partial arcs"),
+    _case(G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 6, 9.5, "0",
+          "5.5% (truth 8.1%), called 1+: neighbours read faint partial (+7.5)"),
+    _case(G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 14, "2+",
+          "9.5% (truth 12.2%), called 1+: neighbours read faint partial (+10.9)"),
+]
+ARGS = ("guideline", "composition", "deciding", "low", "high", "score")
+
+
+def _cut_off_field(guideline, composition, deciding, low, high, score):
     f = _field(composition, seed=9400 + int(100 * sum(composition.values())), gastric=guideline == G, clonal=True)
-    assert f.score == score  # the generator's truth, from the guideline on its true counts
+    counts = f.truth_counts()
+    truth_share = 100 * sum(counts[c] for c in deciding) / sum(counts.values())
+    assert low <= truth_share <= high and f.score == score, (truth_share, f.score)  # the generator's truth
+    return f, truth_share
+
+
+@pytest.mark.parametrize(ARGS, [pytest.param(*c.values) for c in CASES])
+def test_never_a_confident_wrong_call_at_a_cut_off(guideline, composition, deciding, low, high, score):
+    """Either side of 10%: the call is right, or it carries near_cutoff, so that eligibility asks for
+    review where the other side would change it."""
+    f, _ = _cut_off_field(guideline, composition, deciding, low, high, score)
     r = _score(f, guideline=guideline)
     assert r.score == score or "near_cutoff" in r.flags, (r.score, r.reason, r.counts)
 
 
-@MEASUREMENT
-@CUT_OFFS
+@pytest.mark.parametrize(ARGS, CASES)
 def test_either_side_of_a_cut_off(guideline, composition, deciding, low, high, score):
-    f = _field(composition, seed=9400 + int(100 * sum(composition.values())), gastric=guideline == G)
+    """The deciding share within SHARE_POINTS of the truth's, and the call the truth's."""
+    f, truth_share = _cut_off_field(guideline, composition, deciding, low, high, score)
     r = _score(f, guideline=guideline)
-    assert low <= _share(r, deciding) <= high, r.counts
+    assert abs(_share(r, deciding) - truth_share) <= SHARE_POINTS, (truth_share, r.counts)
     assert r.score == score, r.reason
 
 
