@@ -273,8 +273,8 @@ class MembraneSummary:
     """Per-cell membrane staining once the slide's threshold is known (arrays of equal length).
 
     completeness: fraction of border sectors stained; longest_arc / longest_gap: longest
-    contiguous stained / unstained run (fractions of the border; a U-shaped basolateral pattern
-    has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
+    contiguous stained / unstained run (fractions of the whole border, across the sectors where a
+    nucleus touches it; a U-shaped basolateral pattern has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
     contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10).
     """
 
@@ -298,6 +298,24 @@ def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
     return keep
 
 
+def _fill(values: np.ndarray, known: np.ndarray, step: int) -> np.ndarray:
+    """Each unknown entry of each row takes the nearest known value in direction ``step`` (circular)."""
+    out, have = np.where(known, values, False), known.copy()
+    for _ in range(values.shape[1]):
+        new = ~have & np.roll(have, step, axis=1)
+        if not new.any():
+            break
+        out = np.where(new, np.roll(out, step, axis=1), out)
+        have |= new
+    return out
+
+
+def _bridge(flags: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """``flags`` (n, k) with each unknown sector (no border band: a nucleus touches the border there)
+    set where the nearest known sectors on both sides are set: a membrane runs on behind the nucleus."""
+    return flags | (~known & _fill(flags, known, 1) & _fill(flags, known, -1))
+
+
 def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_base_od: float = 0.0,
                         cytoplasm_ratio: float = 0.35, min_run: int = 3) -> MembraneSummary:
     """Which sectors of each cell are stained, and what that makes of the cell.
@@ -307,21 +325,23 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     cytoplasm's DAB above ``cytoplasm_base_od`` (the slide's unstained level): in a cell with
     cytoplasmic blush only a membrane clearly darker than the blush counts. Stained sectors count
     only in runs of at least ``min_run`` (a membrane is a line along the border; noise and the halo
-    of a brown nucleus are specks).
+    of a brown nucleus are specks). A sector without a border band (the nucleus touches the border)
+    is unknown: runs and arcs go on across it where the sectors either side are stained, gaps where
+    both are unstained, and it never counts towards completeness.
     """
     has = np.isfinite(m.sector_contrast)
     c = np.nan_to_num(m.sector_contrast.astype(np.float32))
     od = np.nan_to_num(m.sector_od.astype(np.float32))
     cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)[:, None]
     st = has & (c >= threshold_od) & (od - cyto >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
-    st = _in_runs(st, min_run)
+    st = _in_runs(_bridge(st, has), min_run) & has
     n_band = np.maximum(has.sum(1), 1)
     n_st = st.sum(1)
     f32 = np.float32
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
-        longest_arc=(longest_circular_run(st) / n_band).astype(f32),
-        longest_gap=(longest_circular_run(has & ~st) / n_band).astype(f32),
+        longest_arc=(longest_circular_run(_bridge(st, has)) / N_SECTORS).astype(f32),
+        longest_gap=(longest_circular_run(_bridge(has & ~st, has)) / N_SECTORS).astype(f32),
         membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )

@@ -91,6 +91,29 @@ def test_threshold_and_cytoplasm_decide_the_stained_sectors():
     assert blush.completeness[0] == 0  # not clearly darker than the blush
 
 
+def test_a_membrane_runs_on_behind_a_nucleus_touching_the_border():
+    """Sectors without a border band (the nucleus reaches the border) neither break a stained arc
+    nor count as stained: a U whose middle lies behind the nucleus stays one U."""
+    from dataclasses import replace
+
+    m, full, _ = measure(*cell_with_arc(0.45, 0.6, start_deg=200))  # an arc over sectors ~1-12
+    sc = m.sector_contrast.astype(np.float32)
+    stained = np.flatnonzero(sc[0] >= 0.025)
+    assert np.all(np.diff(stained) == 1) and 9 <= len(stained) <= 14  # one arc, not wrapping past sector 0
+    middle = stained[len(stained) // 2 - 1: len(stained) // 2 + 1]  # two sectors in the middle of the arc
+    hidden = sc.copy()
+    hidden[0, middle] = np.nan
+    m2 = replace(m, sector_contrast=hidden.astype(np.float16), sector_od=np.where(np.isnan(hidden), np.nan, m.sector_od).astype(np.float16))
+    s2 = summarise_membranes(m2, threshold_od=0.025)
+    assert s2.longest_arc[0] == pytest.approx(full.longest_arc[0])
+    assert s2.completeness[0] == pytest.approx((len(stained) - 2) / (N_SECTORS - 2), abs=1 / N_SECTORS)
+    edge = stained[:2]  # at the end of the arc: the unknown sectors are not bridged
+    hidden = sc.copy()
+    hidden[0, edge] = np.nan
+    m3 = replace(m, sector_contrast=hidden.astype(np.float16), sector_od=np.where(np.isnan(hidden), np.nan, m.sector_od).astype(np.float16))
+    assert summarise_membranes(m3, threshold_od=0.025).longest_arc[0] < full.longest_arc[0]
+
+
 def test_noise_floor_is_a_quantile_of_the_interior_histogram():
     from her2score.membrane import CONTRAST_BINS
 
