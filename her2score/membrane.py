@@ -58,8 +58,9 @@ class CellMeasurements:
     seen); nucleus_width_um: minor axis; hematoxylin_od / nucleus_dab_od: mean OD over the
     nucleus; cytoplasm_dab_od: median smoothed DAB OD inside the cell away from its border and
     nucleus; sector_contrast / sector_od (n, N_SECTORS) float16: per sector of the cell's border
-    band, the peak membrane contrast and the peak smoothed DAB OD (log10; NaN where the cell has
-    no border in that sector); width_um: stained membrane width (µm, over sectors above 0.05 OD of contrast).
+    band, the peak membrane contrast and the peak smoothed DAB OD of the line (log10; NaN where the
+    cell has no border in that sector); width_um: stained membrane width (µm, over sectors above
+    0.05 OD of contrast).
     """
 
     label: np.ndarray
@@ -142,6 +143,7 @@ def measure_cells(
     unstained_od: float = 0.08,
     brown_nucleus_od: float = 0.10,
     halo_um: float = 1.5,
+    line_reach_um: float = 0.5,
 ) -> tuple[CellMeasurements, np.ndarray]:
     """Measure every cell of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in cell interiors.
 
@@ -149,10 +151,12 @@ def measure_cells(
     A cell's membrane is looked for in the band of its pixels within ``band_um`` of its border,
     nuclear pixels excluded, and so is the ``halo_um`` halo around a brown nucleus, whose mean DAB
     reaches ``brown_nucleus_od`` and exceeds that of its halo (a brown nucleus is never membrane);
-    each of N_SECTORS angular sectors around the cell centroid keeps its peak contrast and peak OD.
-    The interior histogram (cell pixels off the band and off nuclei, in cytoplasm whose DAB level
-    is under ``unstained_od``)
-    is what an unstained membrane would read by noise alone: the noise floor.
+    each of N_SECTORS angular sectors around the cell centroid keeps its peak contrast and the peak
+    OD of the line within ``line_reach_um`` (either side of the border, off nuclei and brown halos:
+    a membrane line shared by two cells peaks on one side of the border between them, and both read
+    its intensity). The interior histogram (cell pixels off the band and off nuclei, in cytoplasm
+    whose DAB level is under ``unstained_od``) is what an unstained membrane would read by noise
+    alone: the noise floor.
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
@@ -227,7 +231,8 @@ def measure_cells(
     size = n_lab * N_SECTORS
     c_band = contrast[band]
     sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
-    sec_o = _sector_max(key, dab_od[band], size).reshape(n_lab, N_SECTORS)[labels]
+    line_od = cv2.dilate(np.where(off_limits, 0, dab_od), disk(line_reach_um / mpp))  # the line's peak, on either side of the border
+    sec_o = _sector_max(key, line_od[band], size).reshape(n_lab, N_SECTORS)[labels]
     sec_c[~np.isfinite(sec_c)] = np.nan
     sec_o[~np.isfinite(sec_o)] = np.nan
     on_border = border[band]
