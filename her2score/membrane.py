@@ -303,22 +303,41 @@ def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
     return keep
 
 
-def _fill(values: np.ndarray, known: np.ndarray, step: int) -> np.ndarray:
-    """Each unknown entry of each row takes the nearest known value in direction ``step`` (circular)."""
-    out, have = np.where(known, values, False), known.copy()
-    for _ in range(values.shape[1]):
-        new = ~have & np.roll(have, step, axis=1)
-        if not new.any():
-            break
-        out = np.where(new, np.roll(out, step, axis=1), out)
-        have |= new
-    return out
+def _pack(flags: np.ndarray) -> np.ndarray:
+    """Rows of (n, k <= 32) bool as uint32 bit masks (bit j = column j)."""
+    b = np.packbits(flags, axis=1, bitorder="little")
+    return np.pad(b, ((0, 0), (0, 4 - b.shape[1]))).view("<u4").ravel()
 
 
-def _bridge(flags: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """``flags`` (n, k) with each unknown sector (no border band: a nucleus touches the border there)
-    set where the nearest known sectors on both sides are set: a membrane runs on behind the nucleus."""
-    return flags | (~known & _fill(flags, known, 1) & _fill(flags, known, -1))
+def _unpack(bits: np.ndarray, k: int) -> np.ndarray:
+    return np.unpackbits(bits.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :k].astype(bool)
+
+
+def _bridging(known: np.ndarray):
+    """A function that sets, in (n, k) flags, each unknown sector (no border band: a nucleus touches
+    the border there) whose nearest known sectors on both sides are set: a membrane runs on behind
+    the nucleus. Rows are handled as bit masks."""
+    k = known.shape[1]
+    full = np.uint32((1 << k) - 1)
+    have0 = _pack(known)
+
+    def rot(x: np.ndarray, step: int) -> np.ndarray:  # entry j takes entry j - step (circular)
+        return ((x << np.uint32(1)) | (x >> np.uint32(k - 1))) & full if step > 0 else ((x >> np.uint32(1)) | (x << np.uint32(k - 1))) & full
+
+    def fill(values: np.ndarray, step: int) -> np.ndarray:
+        out, have = values & have0, have0.copy()
+        for _ in range(k):
+            new = ~have & rot(have, step) & full
+            if not new.any():
+                break
+            out |= new & rot(out, step)
+            have |= new
+        return out
+
+    def bridge(flags: np.ndarray) -> np.ndarray:
+        f = _pack(flags)
+        return _unpack(f | (~have0 & fill(f, 1) & fill(f, -1)), k)
+    return bridge
 
 
 def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_base_od: float = 0.0,
@@ -339,14 +358,15 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     od = np.nan_to_num(m.sector_od.astype(np.float32))
     cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)[:, None]
     st = has & (c >= threshold_od) & (od - cyto >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
-    st = _in_runs(_bridge(st, has), min_run) & has
+    bridge = _bridging(has)
+    st = _in_runs(bridge(st), min_run) & has
     n_band = np.maximum(has.sum(1), 1)
     n_st = st.sum(1)
     f32 = np.float32
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
-        longest_arc=(longest_circular_run(_bridge(st, has)) / N_SECTORS).astype(f32),
-        longest_gap=(longest_circular_run(_bridge(has & ~st, has)) / N_SECTORS).astype(f32),
+        longest_arc=(longest_circular_run(bridge(st)) / N_SECTORS).astype(f32),
+        longest_gap=(longest_circular_run(bridge(has & ~st)) / N_SECTORS).astype(f32),
         membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )

@@ -111,3 +111,25 @@ def test_in_runs_keeps_exactly_the_sectors_of_long_circular_runs():
             runs = np.split(rolled, np.flatnonzero(~rolled))  # each piece: an unstained sector, then its run
             want = np.concatenate([r if r.sum() >= min_run else np.zeros_like(r) for r in runs])
             np.testing.assert_array_equal(np.roll(want, shift), kept)
+
+
+def test_bridging_sets_unknown_sectors_between_set_ones():
+    """The bit-mask bridge against its definition: an unknown sector is set where the nearest known
+    sector before it and the nearest after it (circularly) are both set; known sectors are unchanged."""
+    from her2score.membrane import _bridging
+
+    rng = np.random.default_rng(5)
+    for p_unknown in (0.0, 0.2, 0.6, 0.95, 1.0):
+        known = rng.random((400, 24)) >= p_unknown
+        flags = (rng.random((400, 24)) < 0.5) & known  # as summarise_membranes calls it: unknown sectors unset
+        got = _bridging(known)(flags)
+        for row, k, g in zip(flags, known, got):
+            assert np.array_equal(g[k], row[k])
+            idx = np.flatnonzero(k)
+            for j in np.flatnonzero(~k):
+                if len(idx) == 0:
+                    assert not g[j]
+                    continue
+                before = idx[idx < j][-1] if np.any(idx < j) else idx[-1]
+                after = idx[idx > j][0] if np.any(idx > j) else idx[0]
+                assert g[j] == (row[before] and row[after])
