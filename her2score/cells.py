@@ -84,11 +84,32 @@ def segment_nuclei(
     dist_s = cv2.GaussianBlur(dist, (0, 0), 0.5 / mpp)
     core = (dist_s >= neck_ratio * cv2.dilate(dist_s, disk(3.0 / mpp))) & (dist >= 0.5 * min_width_um / mpp)
     _, markers = cv2.connectedComponents(core.astype(np.uint8), connectivity=8)
-    labels = watershed(-dist, markers, mask=mask.astype(bool)).astype(np.int32)
+    labels = _split_at_necks(-dist, markers, mask)
     area = np.bincount(labels.ravel()) * (mpp * mpp)
     bad = (area < min_area_um2) | (area > max_area_um2)
     bad[0] = True
     labels[bad[labels]] = 0
+    return labels
+
+
+def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``watershed(elevation, markers, mask=mask)``, flooded only where it has to be: a 4-connected
+    part of the mask with one marker takes that marker's label, one without any is 0, and the
+    watershed runs on the parts holding two or more (touching nuclei), the same labels in fewer steps."""
+    n, parts = cv2.connectedComponents(mask, connectivity=4)
+    at = markers > 0
+    stride = np.int64(markers.max()) + 1
+    pairs = np.unique(parts[at].astype(np.int64) * stride + markers[at])
+    part_of, marker_of = pairs // stride, pairs % stride
+    count = np.bincount(part_of, minlength=n)
+    label_of = np.zeros(n, np.int32)
+    one = count[part_of] == 1
+    label_of[part_of[one]] = marker_of[one]
+    labels = label_of[parts]
+    several = count >= 2
+    if several.any():
+        shared = several[parts]
+        labels = np.where(shared, watershed(elevation, markers, mask=shared), labels).astype(np.int32)
     return labels
 
 
