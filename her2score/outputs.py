@@ -226,6 +226,60 @@ def _outlines(analysis: SlideAnalysis, a: int, b: int) -> list[np.ndarray]:
     return list(analysis.cells["outline"][a:b])
 
 
+def _text_table(strings: list[str]) -> np.ndarray:
+    """``strings`` (ASCII) as a NUL-padded uint8 matrix, one row each."""
+    table = np.array([x.encode() for x in strings])
+    return table.view(np.uint8).reshape(len(strings), table.itemsize)
+
+
+_HUNDREDTHS = _text_table([f".{k // 10}" if k % 10 == 0 else f".{k:02d}" for k in range(100)])
+"""json.dumps's fraction of x.00 to x.99: ".0", ".01", ..., ".1", ..., ".99"."""
+
+
+def _json_floats(values: np.ndarray) -> np.ndarray:
+    """json.dumps text of each float64 of ``values`` (1-D), as a NUL-padded uint8 matrix (n, width).
+
+    A value that is the nearest double to a multiple of 0.01 below 2**20 in magnitude (as np.round(x, 2)
+    gives; "-12.3", "4.05", "0.0") is written from its integer hundredths; any other by json itself."""
+    v = np.ascontiguousarray(values, np.float64)
+    magnitude = np.abs(v)
+    hundredths = np.rint(magnitude * 100)
+    exact = (hundredths / 100 == magnitude) & (hundredths < 100 * 2**20)
+    whole, frac = np.divmod(np.where(exact, hundredths, 0).astype(np.int64), 100)
+    low = int(whole.min()) if len(v) else 0
+    wholes = _text_table([str(i) for i in range(low, int(whole.max()) + 1)] if len(v) else ["0"])
+    text = np.concatenate([np.where(np.signbit(v), ord("-"), 0).astype(np.uint8)[:, None],
+                           wholes[whole - low], _HUNDREDTHS[frac]], axis=1)
+    other = np.flatnonzero(~exact)
+    if len(other):
+        json_text = np.array(json.dumps(v[other].tolist(), separators=(",", ":"))[1:-1].encode().split(b","))
+        width = max(text.shape[1], json_text.itemsize)
+        text = np.pad(text, ((0, 0), (0, width - text.shape[1])))
+        text[other] = json_text.astype(f"S{width}").view(np.uint8).reshape(len(other), width)
+    return text
+
+
+def _json_rings(xy: np.ndarray, ring_lengths: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Closed rings as json.dumps (compact) writes them, without the outer brackets: "[x,y],...,[x0,y0]"
+    for each ring of ``xy`` (float64 (N, 2), rings concatenated, first vertex not repeated).
+
+    Returns the text of all rings back to back and the (n + 1,) byte offsets of each ring in it."""
+    ends = np.cumsum(ring_lengths)
+    closed = np.insert(np.arange(len(xy)), ends, ends - ring_lengths)  # each ring followed by its first vertex
+    last = np.zeros(len(closed), bool)
+    last[ends + np.arange(len(ends)) if len(ends) else []] = True
+    text = _json_floats(xy[closed].ravel()).reshape(len(closed), 2, -1)
+    width = text.shape[2]
+    rows = np.zeros((len(closed), 2 * width + 4), np.uint8)  # "[" x "," y "]" ",", NUL-padded
+    rows[:, 0], rows[:, width + 1], rows[:, 2 * width + 2] = ord("["), ord(","), ord("]")
+    rows[:, 1 : width + 1], rows[:, width + 2 : 2 * width + 2] = text[:, 0], text[:, 1]
+    rows[:, -1] = np.where(last, 0, ord(","))
+    flat = rows.ravel()
+    row_bytes = np.count_nonzero(rows, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(row_bytes)[last]]) if len(closed) else np.zeros(len(ends) + 1, np.int64)
+    return flat[flat != 0].tobytes(), offsets
+
+
 def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None) -> None:
     """QuPath-importable FeatureCollection: one detection per cell.
 
@@ -237,41 +291,48 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     """
     t = analysis.cells
     w, h = slide_size or _slide_size(analysis, None)
-    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")) for c in CATEGORIES}
+    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
     measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
                                     ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
+    feature = (b'{"type":"Feature","geometry":%b,"properties":{"objectType":"detection","classification":%b,'
+               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
     f.write(b'{"type":"FeatureCollection","features":[')
     n = len(t["x"])
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
         polys = _outlines(analysis, a, b)
-        sizes = np.array([len(p) for p in polys])
+        sizes = np.array([len(p) for p in polys], np.int64)
         pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys]) + 0.5  # QuPath: pixel centre i + 0.5
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        starts = np.cumsum(sizes) - sizes
         outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
         cut = np.zeros(len(polys), bool)
         has = sizes > 0
         cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
-        feats = []
+        edge = cut | (sizes < 3)  # crosses the image edge (or no outline): clipped, kept simple
+        rings = np.round(pts, 2)
+        if edge.any():
+            parts = [rings[s : s + k] for s, k in zip(starts.tolist(), sizes.tolist())]
+            for k in np.flatnonzero(edge).tolist():
+                clipped = clip_outline(pts[starts[k] : starts[k] + sizes[k]], w, h) if sizes[k] >= 3 else np.zeros((0, 2))
+                parts[k] = np.round(clipped, 2).astype(np.float64)  # rounded in the clipped ring's own dtype
+            sizes = np.array([len(p) for p in parts], np.int64)
+            rings = np.concatenate(parts)
+        polygon = sizes >= 3
+        text, offsets = _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])
+        offsets = offsets.tolist()
+        feats, j = [], 0
         cols = [t[m][a:b].tolist() for m, _ in measures]
-        for k, (cat, tumour, x, y) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
-                                                    t["x"][a:b].tolist(), t["y"][a:b].tolist())):
-            ring = pts[starts[k] : starts[k] + sizes[k]]
-            if cut[k] or sizes[k] < 3:  # crosses the image edge (or no outline): clipped, kept simple
-                ring = clip_outline(ring, w, h) if sizes[k] >= 3 else np.zeros((0, 2))
-            if len(ring) >= 3:
-                coords = np.round(ring, 2).tolist()
-                geom = '{"type":"Polygon","coordinates":[' + json.dumps(coords + coords[:1], separators=(",", ":")) + "]}"
+        for k, (cat, tumour, x, y, *values) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
+                                                              t["x"][a:b].tolist(), t["y"][a:b].tolist(), *cols)):
+            if polygon[k]:
+                geom = b'{"type":"Polygon","coordinates":[[' + text[offsets[j] : offsets[j + 1]] + b"]]}"
+                j += 1
             else:  # nothing left inside the image: the cell's centre as a point
-                geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'
+                geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
             tum = bool(tumour)
-            m = ",".join(f'"{name}":{col[k]:.{d}f}' for (name, d), col in zip(measures, cols))
-            feats.append(
-                '{"type":"Feature","geometry":' + geom + ',"properties":{"objectType":"detection",'
-                f'"classification":{classes.get(cat) or json.dumps({"name": cat})},"tumour":{"true" if tum else "false"},'
-                f'"measurements":{{{m},"tumour":{int(tum)}}}}}}}'
-            )
-        f.write(((b"," if a else b"") + ",".join(feats).encode()))
+            feats.append(feature % (geom, classes.get(cat) or json.dumps({"name": cat}).encode(),
+                                    b"true" if tum else b"false", *values, int(tum)))
+        f.write((b"," if a else b"") + b",".join(feats))
     f.write(b"]}\n")
 
 

@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, OUTPUT_FILES, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, OUTPUT_FILES, _json_floats, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
 from her2score.pipeline import analyse_slide
 from her2score.slide import ArraySlide
@@ -141,6 +141,40 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
     inside = [shape(ft["geometry"]).buffer(0.5).contains(Point(x + 0.5, y + 0.5))
               for ft, x, y in zip(feats, a.cells["x"], a.cells["y"])]
     assert np.mean(inside) > 0.97
+
+
+def test_json_floats_write_what_json_writes():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.round(rng.uniform(-1e5, 1e5, 5000), 2), np.round(rng.uniform(-2, 2, 5000), 2),
+                             np.round(rng.uniform(0, 1e4, 1000).astype(np.float32), 2).astype(np.float64),
+                             rng.uniform(0, 1e3, 100), [0.0, -0.0, 0.01, -0.01, 99.99, 100.0, 2.0**20, 1e13, 1e16, 5e-324,
+                                                        np.nan, np.inf, -np.inf]])
+    for v in (values, values[:0], values[-3:]):
+        text = [bytes(row[row != 0]).decode() for row in _json_floats(v)]
+        assert text == [json.dumps(x) for x in v.tolist()]
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.6])
+def test_geojson_is_each_cell_dumped_by_json(field, shrink):
+    """The vectorised writer's text is the per-cell json.dumps of the outline (+0.5 px, clipped, rounded to 0.01 px)."""
+    f, slide, a = field
+    w, h = slide.dimensions[0] * shrink, slide.dimensions[1] * shrink
+    buf = io.BytesIO()
+    write_cells_geojson(a, buf, slide_size=(w, h))
+    geoms = [feat.split(b',"properties"', 1)[0] for feat in buf.getvalue().split(b'{"type":"Feature","geometry":')[1:]]
+    assert len(geoms) == len(a.cells["x"])
+    points = 0
+    for geom, outline, x, y in zip(geoms, a.cells["outline"], a.cells["x"].tolist(), a.cells["y"].tolist()):
+        ring = np.asarray(outline, np.float64) + 0.5
+        if len(ring) < 3 or ring.min() < 0 or ring[:, 0].max() > w or ring[:, 1].max() > h:
+            ring = clip_outline(ring, w, h) if len(ring) >= 3 else ring  # float32 when clipped
+        if len(ring) >= 3:
+            coords = np.round(ring, 2).tolist()
+            assert geom == b'{"type":"Polygon","coordinates":[' + json.dumps(coords + coords[:1], separators=(",", ":")).encode() + b"]}"
+        else:
+            points += 1
+            assert geom == f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
+    assert (points > 0) == (shrink < 1)
 
 
 def test_parquet_round_trip_and_optional_csv(field, tmp_path):
