@@ -13,6 +13,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
@@ -226,58 +228,55 @@ def _outlines(analysis: SlideAnalysis, a: int, b: int) -> list[np.ndarray]:
     return list(analysis.cells["outline"][a:b])
 
 
-def _text_table(strings: list[str]) -> np.ndarray:
-    """``strings`` (ASCII) as a NUL-padded uint8 matrix, one row each."""
-    table = np.array([x.encode() for x in strings])
-    return table.view(np.uint8).reshape(len(strings), table.itemsize)
+_HUNDREDTHS = np.array([f".{k // 10}" if k % 10 == 0 else f".{k:02d}" for k in range(100)], "S4").view("<u4")
+"""json.dumps's fraction of x.00 to x.99 (".0", ".01", ..., ".1", ..., ".99"), NUL-padded to 4 bytes, as words."""
 
 
-_HUNDREDTHS = _text_table([f".{k // 10}" if k % 10 == 0 else f".{k:02d}" for k in range(100)])
-"""json.dumps's fraction of x.00 to x.99: ".0", ".01", ..., ".1", ..., ".99"."""
+@lru_cache(maxsize=None)
+def _signed_wholes(size: int) -> np.ndarray:
+    """The text of 0, -0, 1, -1, ..., size - 1, -(size - 1) (entry 2 i + negative), NUL-padded to 8 bytes, as words."""
+    return np.array([f"{sign}{i}" for i in range(size) for sign in ("", "-")], "S8").view("<u8")
 
 
-def _json_floats(values: np.ndarray) -> np.ndarray:
-    """json.dumps text of each float64 of ``values`` (1-D), as a NUL-padded uint8 matrix (n, width).
-
-    A value that is the nearest double to a multiple of 0.01 below 2**20 in magnitude (as np.round(x, 2)
-    gives; "-12.3", "4.05", "0.0") is written from its integer hundredths; any other by json itself."""
-    v = np.ascontiguousarray(values, np.float64)
-    magnitude = np.abs(v)
+def _hundredths_words(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """json.dumps text of each float64 that is the nearest double to a multiple of 0.01 under 2**20 in magnitude
+    (as np.round(x, 2) gives: "-12.3", "4.05", "0.0"): its sign and integer part (8 bytes, NUL-padded, as uint64
+    words) and its fraction (4 bytes, as uint32 words), from the integer hundredths; and which values are such."""
+    magnitude = np.abs(values)
     hundredths = np.rint(magnitude * 100)
     exact = (hundredths / 100 == magnitude) & (hundredths < 100 * 2**20)
-    whole, frac = np.divmod(np.where(exact, hundredths, 0).astype(np.int64), 100)
-    low = int(whole.min()) if len(v) else 0
-    wholes = _text_table([str(i) for i in range(low, int(whole.max()) + 1)] if len(v) else ["0"])
-    text = np.concatenate([np.where(np.signbit(v), ord("-"), 0).astype(np.uint8)[:, None],
-                           wholes[whole - low], _HUNDREDTHS[frac]], axis=1)
-    other = np.flatnonzero(~exact)
-    if len(other):
-        json_text = np.array(json.dumps(v[other].tolist(), separators=(",", ":"))[1:-1].encode().split(b","))
-        width = max(text.shape[1], json_text.itemsize)
-        text = np.pad(text, ((0, 0), (0, width - text.shape[1])))
-        text[other] = json_text.astype(f"S{width}").view(np.uint8).reshape(len(other), width)
-    return text
+    hundredths[~exact] = 0
+    whole = np.floor(hundredths / 100)  # exact: the hundredths are integers under 2**27
+    frac = (hundredths - 100 * whole).astype(np.intp)
+    whole = whole.astype(np.intp)
+    wholes = _signed_wholes(1 << int(whole.max(initial=0)).bit_length())  # a power of two: few tables
+    return wholes[2 * whole + np.signbit(values)], _HUNDREDTHS[frac], exact
 
 
-def _json_rings(xy: np.ndarray, ring_lengths: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Closed rings as json.dumps (compact) writes them, without the outer brackets: "[x,y],...,[x0,y0]"
-    for each ring of ``xy`` (float64 (N, 2), rings concatenated, first vertex not repeated).
-
-    Returns the text of all rings back to back and the (n + 1,) byte offsets of each ring in it."""
+def _json_rings(xy: np.ndarray, ring_lengths: np.ndarray) -> list[bytes]:
+    """Each ring of ``xy`` (float64 (N, 2), rings concatenated, first vertex not repeated) closed, as json.dumps
+    writes its list of [x, y] (compact) without the outer brackets: b"[x,y],...,[x0,y0]"."""
     ends = np.cumsum(ring_lengths)
-    closed = np.insert(np.arange(len(xy)), ends, ends - ring_lengths)  # each ring followed by its first vertex
+    firsts = ends - ring_lengths
+    closed = np.insert(np.arange(len(xy)), ends, firsts)  # each ring followed by its first vertex
     last = np.zeros(len(closed), bool)
-    last[ends + np.arange(len(ends)) if len(ends) else []] = True
-    text = _json_floats(xy[closed].ravel()).reshape(len(closed), 2, -1)
-    width = text.shape[2]
-    rows = np.zeros((len(closed), 2 * width + 4), np.uint8)  # "[" x "," y "]" ",", NUL-padded
-    rows[:, 0], rows[:, width + 1], rows[:, 2 * width + 2] = ord("["), ord(","), ord("]")
-    rows[:, 1 : width + 1], rows[:, width + 2 : 2 * width + 2] = text[:, 0], text[:, 1]
-    rows[:, -1] = np.where(last, 0, ord(","))
-    flat = rows.ravel()
-    row_bytes = np.count_nonzero(rows, axis=1)
-    offsets = np.concatenate([[0], np.cumsum(row_bytes)[last]]) if len(closed) else np.zeros(len(ends) + 1, np.int64)
-    return flat[flat != 0].tobytes(), offsets
+    last[ends + np.arange(len(ends))] = True
+    whole, frac, exact = _hundredths_words(xy[closed])
+    rows = np.empty((len(closed), 9), "<u4")  # "[" x "," y "]" ",", each piece NUL-padded to whole words
+    rows[:, 0], rows[:, 4] = ord("["), ord(",")
+    rows[:, 1:3], rows[:, 3] = whole[:, 0, None].view("<u4"), frac[:, 0]
+    rows[:, 5:7], rows[:, 7] = whole[:, 1, None].view("<u4"), frac[:, 1]
+    rows[:, 8] = ord("]") | np.where(last, ord("\n"), ord(",")) << 8  # a newline ends each ring
+    flat = rows.view(np.uint8).ravel()
+    out = flat[flat != 0].tobytes().split(b"\n")[:-1]
+    for r in np.unique(np.repeat(np.arange(len(ends)), ring_lengths + 1)[~exact.all(axis=1)]).tolist():
+        coords = xy[firsts[r] : ends[r]].tolist()  # any other value: written by json itself
+        out[r] = json.dumps(coords + coords[:1], separators=(",", ":"))[1:-1].encode()
+    return out
+
+
+_POLYGON_HEAD, _POLYGON_TAIL = b'{"type":"Polygon","coordinates":[[', b"]]}"
+"""A polygon geometry's text around its ring (_json_rings)."""
 
 
 def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None) -> None:
@@ -294,7 +293,7 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
     measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
                                     ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
-    feature = (b'{"type":"Feature","geometry":%b,"properties":{"objectType":"detection","classification":%b,'
+    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
                b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
     f.write(b'{"type":"FeatureCollection","features":[')
     n = len(t["x"])
@@ -302,7 +301,7 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
         b = min(a + CHUNK, n)
         polys = _outlines(analysis, a, b)
         sizes = np.array([len(p) for p in polys], np.int64)
-        pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys]) + 0.5  # QuPath: pixel centre i + 0.5
+        pts = np.concatenate(polys, dtype=np.float64) + 0.5  # QuPath: pixel centre i + 0.5
         starts = np.cumsum(sizes) - sizes
         outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
         cut = np.zeros(len(polys), bool)
@@ -318,21 +317,19 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
             sizes = np.array([len(p) for p in parts], np.int64)
             rings = np.concatenate(parts)
         polygon = sizes >= 3
-        text, offsets = _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])
-        offsets = offsets.tolist()
-        feats, j = [], 0
+        heads, bodies, tails = [_POLYGON_HEAD] * (b - a), [b""] * (b - a), [_POLYGON_TAIL] * (b - a)
+        for k, body in zip(np.flatnonzero(polygon).tolist(), _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])):
+            bodies[k] = body
+        for k in np.flatnonzero(~polygon).tolist():  # nothing left inside the image: the cell's centre as a point
+            x, y = float(t["x"][a + k]), float(t["y"][a + k])
+            heads[k] = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
+            tails[k] = b""
+        tumour = np.asarray(t["tumour"][a:b], bool)
+        cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
         cols = [t[m][a:b].tolist() for m, _ in measures]
-        for k, (cat, tumour, x, y, *values) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
-                                                              t["x"][a:b].tolist(), t["y"][a:b].tolist(), *cols)):
-            if polygon[k]:
-                geom = b'{"type":"Polygon","coordinates":[[' + text[offsets[j] : offsets[j + 1]] + b"]]}"
-                j += 1
-            else:  # nothing left inside the image: the cell's centre as a point
-                geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
-            tum = bool(tumour)
-            feats.append(feature % (geom, classes.get(cat) or json.dumps({"name": cat}).encode(),
-                                    b"true" if tum else b"false", *values, int(tum)))
-        f.write((b"," if a else b"") + b",".join(feats))
+        args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), *cols,
+                                       tumour.astype(int).tolist()))
+        f.write((b"," if a else b"") + ((feature + b",") * (b - a) % tuple(args))[:-1])
     f.write(b"]}\n")
 
 

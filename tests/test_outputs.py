@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, OUTPUT_FILES, _json_floats, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
 from her2score.pipeline import analyse_slide
 from her2score.slide import ArraySlide
@@ -143,15 +143,23 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
     assert np.mean(inside) > 0.97
 
 
-def test_json_floats_write_what_json_writes():
+def test_json_rings_write_what_json_writes():
     rng = np.random.default_rng(0)
     values = np.concatenate([np.round(rng.uniform(-1e5, 1e5, 5000), 2), np.round(rng.uniform(-2, 2, 5000), 2),
                              np.round(rng.uniform(0, 1e4, 1000).astype(np.float32), 2).astype(np.float64),
                              rng.uniform(0, 1e3, 100), [0.0, -0.0, 0.01, -0.01, 99.99, 100.0, 2.0**20, 1e13, 1e16, 5e-324,
-                                                        np.nan, np.inf, -np.inf]])
-    for v in (values, values[:0], values[-3:]):
-        text = [bytes(row[row != 0]).decode() for row in _json_floats(v)]
-        assert text == [json.dumps(x) for x in v.tolist()]
+                                                        np.nan, np.inf, -np.inf, 1048575.99, 0.5]])
+    xy = rng.permutation(values)[: len(values) // 2 * 2].reshape(-1, 2)
+    lengths = np.diff(np.r_[0, np.sort(rng.choice(np.arange(1, len(xy)), 300, replace=False)), len(xy)])
+    starts = np.cumsum(lengths) - lengths
+    expected = []
+    for s, n in zip(starts, lengths):
+        coords = xy[s : s + n].tolist()
+        expected.append(json.dumps(coords + coords[:1], separators=(",", ":"))[1:-1].encode())
+    assert _json_rings(xy, lengths) == expected
+    exact = np.round(rng.uniform(0, 5e4, (1000, 2)), 2)
+    assert _json_rings(exact, np.array([1000])) == [json.dumps((exact.tolist() + exact[:1].tolist()), separators=(",", ":"))[1:-1].encode()]
+    assert _json_rings(np.zeros((0, 2)), np.zeros(0, int)) == []
 
 
 @pytest.mark.parametrize("shrink", [1.0, 0.6])
