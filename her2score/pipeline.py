@@ -181,8 +181,8 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
         use_one_thread()
 
 
-def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> list[TileResult]:
-    return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"], cnn_max_patches) for t in tiles]
+def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> TileResult:
+    return _read_and_score(_worker["slide"], tile, stains, config, _worker["cnn"], cnn_max_patches)
 
 
 def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
@@ -195,10 +195,6 @@ def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
 def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
     return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config,
                       scale=config.mpp / slide.mpp, cnn=cnn, cnn_max_patches=cnn_max_patches)
-
-
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
@@ -266,10 +262,9 @@ def analyse_slide(
     # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
     cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
     if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
-        size = max(1, min(16, -(-len(tiles) // (workers * 4))))
-        run = partial(_run_tiles, stains=stains, config=config, cnn_max_patches=cnn_max)
+        run = partial(_run_tile, stains=stains, config=config, cnn_max_patches=cnn_max)
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) as pool:
-            parts = [r for chunk in pool.map(run, _chunks(tiles, size)) for r in chunk]
+            parts = list(pool.map(run, tiles))  # one tile a task: no core idles while another ends a long chunk
     else:
         with _opened(path, mpp, backend) as slide:
             parts = [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
