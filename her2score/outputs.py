@@ -9,12 +9,14 @@ weak-to-moderate fractions, and the most informative regions at 0.5 µm/px.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -279,7 +281,55 @@ _POLYGON_HEAD, _POLYGON_TAIL = b'{"type":"Polygon","coordinates":[[', b"]]}"
 """A polygon geometry's text around its ring (_json_rings)."""
 
 
-def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None) -> None:
+def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float, float]) -> bytes:
+    """The GeoJSON features of cells a..b (write_cells_geojson), joined by commas; ``size``: level-0 (width, height)."""
+    t = analysis.cells
+    w, h = size
+    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
+    measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
+                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
+    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
+               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
+    polys = _outlines(analysis, a, b)
+    sizes = np.array([len(p) for p in polys], np.int64)
+    pts = np.concatenate(polys, dtype=np.float64) + 0.5  # QuPath: pixel centre i + 0.5
+    starts = np.cumsum(sizes) - sizes
+    outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
+    cut = np.zeros(len(polys), bool)
+    has = sizes > 0
+    cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
+    edge = cut | (sizes < 3)  # crosses the image edge (or no outline): clipped, kept simple
+    rings = np.round(pts, 2)
+    if edge.any():
+        parts = [rings[s : s + k] for s, k in zip(starts.tolist(), sizes.tolist())]
+        for k in np.flatnonzero(edge).tolist():
+            clipped = clip_outline(pts[starts[k] : starts[k] + sizes[k]], w, h) if sizes[k] >= 3 else np.zeros((0, 2))
+            parts[k] = np.round(clipped, 2).astype(np.float64)  # rounded in the clipped ring's own dtype
+        sizes = np.array([len(p) for p in parts], np.int64)
+        rings = np.concatenate(parts)
+    polygon = sizes >= 3
+    heads, bodies, tails = [_POLYGON_HEAD] * (b - a), [b""] * (b - a), [_POLYGON_TAIL] * (b - a)
+    for k, body in zip(np.flatnonzero(polygon).tolist(), _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])):
+        bodies[k] = body
+    for k in np.flatnonzero(~polygon).tolist():  # nothing left inside the image: the cell's centre as a point
+        x, y = float(t["x"][a + k]), float(t["y"][a + k])
+        heads[k] = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
+        tails[k] = b""
+    tumour = np.asarray(t["tumour"][a:b], bool)
+    cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
+    cols = [t[m][a:b].tolist() for m, _ in measures]
+    args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), *cols,
+                                   tumour.astype(int).tolist()))
+    return ((feature + b",") * (b - a) % tuple(args))[:-1]
+
+
+def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+    """(first, end) of each CHUNK of ``n`` cells."""
+    return [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+
+
+def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None,
+                        features: Iterable[bytes] | None = None) -> None:
     """QuPath-importable FeatureCollection: one detection per cell.
 
     Geometry: the cell's outline traced from its label mask, in level-0 px with QuPath's convention
@@ -287,50 +337,38 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) is a property; ``measurements`` holds completeness, membrane
     DAB OD (log10), width (µm), areas (µm²) and tumour (1/0) as QuPath reads them.
+    ``features``: the text of each chunk of cells (_chunk_bounds, _geojson_features) when made elsewhere.
     """
-    t = analysis.cells
-    w, h = slide_size or _slide_size(analysis, None)
-    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
-    measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
-                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
-    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
-               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
+    size = slide_size or _slide_size(analysis, None)
+    if features is None:
+        features = (_geojson_features(analysis, a, b, size) for a, b in _chunk_bounds(len(analysis.cells["x"])))
     f.write(b'{"type":"FeatureCollection","features":[')
-    n = len(t["x"])
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
-        polys = _outlines(analysis, a, b)
-        sizes = np.array([len(p) for p in polys], np.int64)
-        pts = np.concatenate(polys, dtype=np.float64) + 0.5  # QuPath: pixel centre i + 0.5
-        starts = np.cumsum(sizes) - sizes
-        outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
-        cut = np.zeros(len(polys), bool)
-        has = sizes > 0
-        cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
-        edge = cut | (sizes < 3)  # crosses the image edge (or no outline): clipped, kept simple
-        rings = np.round(pts, 2)
-        if edge.any():
-            parts = [rings[s : s + k] for s, k in zip(starts.tolist(), sizes.tolist())]
-            for k in np.flatnonzero(edge).tolist():
-                clipped = clip_outline(pts[starts[k] : starts[k] + sizes[k]], w, h) if sizes[k] >= 3 else np.zeros((0, 2))
-                parts[k] = np.round(clipped, 2).astype(np.float64)  # rounded in the clipped ring's own dtype
-            sizes = np.array([len(p) for p in parts], np.int64)
-            rings = np.concatenate(parts)
-        polygon = sizes >= 3
-        heads, bodies, tails = [_POLYGON_HEAD] * (b - a), [b""] * (b - a), [_POLYGON_TAIL] * (b - a)
-        for k, body in zip(np.flatnonzero(polygon).tolist(), _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])):
-            bodies[k] = body
-        for k in np.flatnonzero(~polygon).tolist():  # nothing left inside the image: the cell's centre as a point
-            x, y = float(t["x"][a + k]), float(t["y"][a + k])
-            heads[k] = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
-            tails[k] = b""
-        tumour = np.asarray(t["tumour"][a:b], bool)
-        cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
-        cols = [t[m][a:b].tolist() for m, _ in measures]
-        args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), *cols,
-                                       tumour.astype(int).tolist()))
-        f.write((b"," if a else b"") + ((feature + b",") * (b - a) % tuple(args))[:-1])
+    for i, text in enumerate(features):
+        f.write((b"," if i else b"") + text)
     f.write(b"]}\n")
+
+
+_forked: dict = {}
+"""In a process forked to write features: the analysis it inherited."""
+
+
+def _init_forked(analysis: SlideAnalysis) -> None:
+    from .batch import die_with_parent
+
+    die_with_parent()
+    _forked["analysis"] = analysis
+
+
+def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> bytes:
+    return _geojson_features(_forked["analysis"], *bounds, size)
+
+
+def _feature_pool(analysis: SlideAnalysis, workers: int) -> ProcessPoolExecutor | None:
+    """``workers`` processes forked with ``analysis`` (never pickled) to make GeoJSON features, or None when
+    one process does (workers 1, at most one chunk of cells, or no fork on this platform)."""
+    if workers <= 1 or len(analysis.cells["x"]) <= CHUNK or "fork" not in mp.get_all_start_methods():
+        return None
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked, initargs=(analysis,))
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -646,16 +684,19 @@ def _reopen(analysis: SlideAnalysis) -> Slide | None:
 
 
 def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_csv: bool = False,
-                  slide: Slide | None = None) -> None:
+                  slide: Slide | None = None, workers: int = 1) -> None:
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
-    (otherwise it is opened again from ``analysis.result.slide`` for the overlay)."""
+    (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
+    many forked processes make the GeoJSON's text while this one writes the other files (the same bytes)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
+    pool = _feature_pool(analysis, workers)
     try:
         size = _slide_size(analysis, slide)
+        features = pool.map(_forked_features, _chunk_bounds(len(analysis.cells["x"])), repeat(size)) if pool else None
         with atomic_file(out / "cells.parquet") as f:
             write_cells_parquet(analysis, f)
         if cells_csv:
@@ -663,8 +704,10 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
                 write_cells_csv(analysis, f)
         atomic_write(out / "overlay.png", overlay_png(analysis, slide))
         with atomic_file(out / "cells.geojson") as f:
-            write_cells_geojson(analysis, f, slide_size=size)
+            write_cells_geojson(analysis, f, slide_size=size, features=features)
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if own and slide is not None and hasattr(slide, "close"):
             slide.close()
     atomic_write(out / "result.json", analysis.result.to_json())

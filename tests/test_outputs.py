@@ -209,6 +209,17 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     assert png.shape[1] == a.thumbnail.shape[1]
 
 
+def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path, monkeypatch):
+    from her2score import outputs
+
+    f, slide, a = field
+    monkeypatch.setattr(outputs, "CHUNK", 40)  # several chunks of cells: the forked workers share them
+    write_outputs(a, tmp_path / "one", slide=slide)
+    write_outputs(a, tmp_path / "two", slide=slide, workers=2)
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible(field):
     f, slide, a = field
     img, box = overlay_image(a, slide)
