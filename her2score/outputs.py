@@ -153,6 +153,9 @@ def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES + OP
 CHUNK = 5_000
 """Cells formatted per write: outputs stream in bounded memory whatever the slide's size."""
 
+GEOJSON_CHUNK = 1_000
+"""Cells whose GeoJSON text is made at once: some MB of temporaries per process; the text does not depend on it."""
+
 _NOT_COLUMNS = ("x", "y", "outline", "radii_um")
 """Cell-table entries that are not plain per-cell columns of the CSV / parquet table."""
 
@@ -324,8 +327,8 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
 
 
 def _chunk_bounds(n: int) -> list[tuple[int, int]]:
-    """(first, end) of each CHUNK of ``n`` cells."""
-    return [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+    """(first, end) of each GEOJSON_CHUNK of ``n`` cells."""
+    return [(a, min(a + GEOJSON_CHUNK, n)) for a in range(0, n, GEOJSON_CHUNK)]
 
 
 def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None,
@@ -366,7 +369,7 @@ def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> byte
 def _feature_pool(analysis: SlideAnalysis, workers: int) -> ProcessPoolExecutor | None:
     """``workers`` processes forked with ``analysis`` (never pickled) to make GeoJSON features, or None when
     one process does (workers 1, at most one chunk of cells, or no fork on this platform)."""
-    if workers <= 1 or len(analysis.cells["x"]) <= CHUNK or "fork" not in mp.get_all_start_methods():
+    if workers <= 1 or len(analysis.cells["x"]) <= GEOJSON_CHUNK or "fork" not in mp.get_all_start_methods():
         return None
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked, initargs=(analysis,))
 

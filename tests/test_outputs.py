@@ -213,7 +213,7 @@ def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path
     from her2score import outputs
 
     f, slide, a = field
-    monkeypatch.setattr(outputs, "CHUNK", 40)  # several chunks of cells: the forked workers share them
+    monkeypatch.setattr(outputs, "GEOJSON_CHUNK", 40)  # several chunks of cells: the forked workers share them
     write_outputs(a, tmp_path / "one", slide=slide)
     write_outputs(a, tmp_path / "two", slide=slide, workers=2)
     for name in OUTPUT_FILES:
