@@ -12,11 +12,12 @@ import json
 import multiprocessing as mp
 import os
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from itertools import chain, repeat
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
@@ -366,12 +367,18 @@ def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> byte
     return _geojson_features(_forked["analysis"], *bounds, size)
 
 
-def _feature_pool(analysis: SlideAnalysis, workers: int) -> ProcessPoolExecutor | None:
-    """``workers`` processes forked with ``analysis`` (never pickled) to make GeoJSON features, or None when
-    one process does (workers 1, at most one chunk of cells, or no fork on this platform)."""
-    if workers <= 1 or len(analysis.cells["x"]) <= GEOJSON_CHUNK or "fork" not in mp.get_all_start_methods():
-        return None
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked, initargs=(analysis,))
+def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], workers: int) -> Iterator[bytes]:
+    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by ``workers`` processes forked with
+    ``analysis`` (never pickled), at most 4 chunks a worker in flight (bounded memory)."""
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
+                             initargs=(analysis,)) as pool:
+        pending: deque = deque()
+        for bounds in _chunk_bounds(len(analysis.cells["x"])):
+            pending.append(pool.submit(_forked_features, bounds, size))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -691,26 +698,24 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
-    many forked processes make the GeoJSON's text while this one writes the other files (the same bytes)."""
+    many forked processes make the GeoJSON's text (the same bytes), where the platform forks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
-    pool = _feature_pool(analysis, workers)
     try:
         size = _slide_size(analysis, slide)
-        features = pool.map(_forked_features, _chunk_bounds(len(analysis.cells["x"])), repeat(size)) if pool else None
+        parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
+        with atomic_file(out / "cells.geojson") as f:
+            write_cells_geojson(analysis, f, slide_size=size,
+                                features=_features_in_workers(analysis, size, workers) if parallel else None)
         with atomic_file(out / "cells.parquet") as f:
             write_cells_parquet(analysis, f)
         if cells_csv:
             with atomic_file(out / "cells.csv") as f:
                 write_cells_csv(analysis, f)
         atomic_write(out / "overlay.png", overlay_png(analysis, slide))
-        with atomic_file(out / "cells.geojson") as f:
-            write_cells_geojson(analysis, f, slide_size=size, features=features)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
         if own and slide is not None and hasattr(slide, "close"):
             slide.close()
     atomic_write(out / "result.json", analysis.result.to_json())
