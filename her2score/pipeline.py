@@ -117,8 +117,11 @@ class TileResult:
     """Membrane contrast inside the tile's cells, away from membranes (membrane.CONTRAST_BINS): the noise-floor evidence."""
     cnn_probs: np.ndarray | None = None
     cnn_patches: int = 0
-    outlines: tuple[np.ndarray, ...] = ()
-    """Per owned cell, its outline: float32 (k, 2) (x, y) in level-0 px (her2score.outlines.trace_outlines)."""
+    outline_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    """The owned cells' outlines back to back: float32 (x, y) in level-0 px (her2score.outlines.trace_outlines);
+    one array, so a tile's result crosses between processes as a few arrays, not one per cell."""
+    outline_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Vertices of each owned cell's outline in outline_xy."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -141,7 +144,10 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     rx, ry = tile.read[:2]
     owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
     m = m.select(owned)
-    outlines = tuple(((p + np.array([rx, ry], np.float32)) * scale).astype(np.float32) for p in trace_outlines(cells, m.label))
+    outlines = trace_outlines(cells, m.label)
+    outline_sizes = np.array([len(p) for p in outlines], np.int64)
+    outline_xy = np.concatenate(outlines) if outlines else np.zeros((0, 2), np.float32)
+    outline_xy = ((outline_xy + np.array([rx, ry], np.float32)) * scale).astype(np.float32)
     m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
     total_od = hed[..., 0] + hed[..., 1]
@@ -153,7 +159,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     if cnn is not None:
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outlines)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_xy, outline_sizes)
 
 
 @dataclass(frozen=True)
@@ -363,7 +369,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
         "nucleus_width_um": cells.nucleus_width_um,
         "hematoxylin_od": cells.hematoxylin_od,
-        "outline": _object_column([o for p in parts for o in p.outlines]),
+        "outline": _object_column(_split_rows(np.concatenate([p.outline_xy for p in parts]),
+                                              np.concatenate([p.outline_sizes for p in parts]))),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
@@ -378,6 +385,12 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
     dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
     return {"dab_floor_od": round(floor, 4), "membrane_threshold_od": round(threshold, 4),
             "compartment": dominant, "fractions": frac}
+
+
+def _split_rows(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """``rows`` cut into consecutive pieces of ``sizes`` rows (views)."""
+    ends = np.cumsum(sizes).tolist()
+    return [rows[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
 def _object_column(items: list) -> np.ndarray:
