@@ -369,8 +369,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
         "nucleus_width_um": cells.nucleus_width_um,
         "hematoxylin_od": cells.hematoxylin_od,
-        "outline": _object_column(_split_rows(np.concatenate([p.outline_xy for p in parts]),
-                                              np.concatenate([p.outline_sizes for p in parts]))),
+        "outline": _object_column([o for p in parts for o in _split_rows(p.outline_xy, p.outline_sizes)]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
