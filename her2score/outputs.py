@@ -9,10 +9,15 @@ weak-to-moderate fractions, and the most informative regions at 0.5 µm/px.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
@@ -149,6 +154,9 @@ def remove_stale_temp_files(folder: str | os.PathLike, targets=OUTPUT_FILES + OP
 CHUNK = 5_000
 """Cells formatted per write: outputs stream in bounded memory whatever the slide's size."""
 
+GEOJSON_CHUNK = 1_000
+"""Cells whose GeoJSON text is made at once: some MB of temporaries per process; the text does not depend on it."""
+
 _NOT_COLUMNS = ("x", "y", "outline", "radii_um")
 """Cell-table entries that are not plain per-cell columns of the CSV / parquet table."""
 
@@ -226,7 +234,106 @@ def _outlines(analysis: SlideAnalysis, a: int, b: int) -> list[np.ndarray]:
     return list(analysis.cells["outline"][a:b])
 
 
-def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None) -> None:
+_HUNDREDTHS = np.array([f".{k // 10}" if k % 10 == 0 else f".{k:02d}" for k in range(100)], "S4").view("<u4")
+"""json.dumps's fraction of x.00 to x.99 (".0", ".01", ..., ".1", ..., ".99"), NUL-padded to 4 bytes, as words."""
+
+
+@lru_cache(maxsize=None)
+def _signed_wholes(size: int) -> np.ndarray:
+    """The text of 0, -0, 1, -1, ..., size - 1, -(size - 1) (entry 2 i + negative), NUL-padded to 8 bytes, as words."""
+    return np.array([f"{sign}{i}" for i in range(size) for sign in ("", "-")], "S8").view("<u8")
+
+
+def _hundredths_words(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """json.dumps text of each float64 that is the nearest double to a multiple of 0.01 under 2**20 in magnitude
+    (as np.round(x, 2) gives: "-12.3", "4.05", "0.0"): its sign and integer part (8 bytes, NUL-padded, as uint64
+    words) and its fraction (4 bytes, as uint32 words), from the integer hundredths; and which values are such."""
+    magnitude = np.abs(values)
+    hundredths = np.rint(magnitude * 100)
+    exact = (hundredths / 100 == magnitude) & (hundredths < 100 * 2**20)
+    hundredths[~exact] = 0
+    whole = np.floor(hundredths / 100)  # exact: the hundredths are integers under 2**27
+    frac = (hundredths - 100 * whole).astype(np.intp)
+    whole = whole.astype(np.intp)
+    wholes = _signed_wholes(1 << int(whole.max(initial=0)).bit_length())  # a power of two: few tables
+    return wholes[2 * whole + np.signbit(values)], _HUNDREDTHS[frac], exact
+
+
+def _json_rings(xy: np.ndarray, ring_lengths: np.ndarray) -> list[bytes]:
+    """Each ring of ``xy`` (float64 (N, 2), rings concatenated, first vertex not repeated) closed, as json.dumps
+    writes its list of [x, y] (compact) without the outer brackets: b"[x,y],...,[x0,y0]"."""
+    ends = np.cumsum(ring_lengths)
+    firsts = ends - ring_lengths
+    closed = np.insert(np.arange(len(xy)), ends, firsts)  # each ring followed by its first vertex
+    last = np.zeros(len(closed), bool)
+    last[ends + np.arange(len(ends))] = True
+    whole, frac, exact = _hundredths_words(xy[closed])
+    rows = np.empty((len(closed), 9), "<u4")  # "[" x "," y "]" ",", each piece NUL-padded to whole words
+    rows[:, 0], rows[:, 4] = ord("["), ord(",")
+    rows[:, 1:3], rows[:, 3] = whole[:, 0, None].view("<u4"), frac[:, 0]
+    rows[:, 5:7], rows[:, 7] = whole[:, 1, None].view("<u4"), frac[:, 1]
+    rows[:, 8] = ord("]") | np.where(last, ord("\n"), ord(",")) << 8  # a newline ends each ring
+    flat = rows.view(np.uint8).ravel()
+    out = flat[flat != 0].tobytes().split(b"\n")[:-1]
+    for r in np.unique(np.repeat(np.arange(len(ends)), ring_lengths + 1)[~exact.all(axis=1)]).tolist():
+        coords = xy[firsts[r] : ends[r]].tolist()  # any other value: written by json itself
+        out[r] = json.dumps(coords + coords[:1], separators=(",", ":"))[1:-1].encode()
+    return out
+
+
+_POLYGON_HEAD, _POLYGON_TAIL = b'{"type":"Polygon","coordinates":[[', b"]]}"
+"""A polygon geometry's text around its ring (_json_rings)."""
+
+
+def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float, float]) -> bytes:
+    """The GeoJSON features of cells a..b (write_cells_geojson), joined by commas; ``size``: level-0 (width, height)."""
+    t = analysis.cells
+    w, h = size
+    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
+    measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
+                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
+    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
+               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
+    polys = _outlines(analysis, a, b)
+    sizes = np.array([len(p) for p in polys], np.int64)
+    pts = np.concatenate(polys, dtype=np.float64) + 0.5  # QuPath: pixel centre i + 0.5
+    starts = np.cumsum(sizes) - sizes
+    outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
+    cut = np.zeros(len(polys), bool)
+    has = sizes > 0
+    cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
+    edge = cut | (sizes < 3)  # crosses the image edge (or no outline): clipped, kept simple
+    rings = np.round(pts, 2)
+    if edge.any():
+        parts = [rings[s : s + k] for s, k in zip(starts.tolist(), sizes.tolist())]
+        for k in np.flatnonzero(edge).tolist():
+            clipped = clip_outline(pts[starts[k] : starts[k] + sizes[k]], w, h) if sizes[k] >= 3 else np.zeros((0, 2))
+            parts[k] = np.round(clipped, 2).astype(np.float64)  # rounded in the clipped ring's own dtype
+        sizes = np.array([len(p) for p in parts], np.int64)
+        rings = np.concatenate(parts)
+    polygon = sizes >= 3
+    heads, bodies, tails = [_POLYGON_HEAD] * (b - a), [b""] * (b - a), [_POLYGON_TAIL] * (b - a)
+    for k, body in zip(np.flatnonzero(polygon).tolist(), _json_rings(rings[np.repeat(polygon, sizes)], sizes[polygon])):
+        bodies[k] = body
+    for k in np.flatnonzero(~polygon).tolist():  # nothing left inside the image: the cell's centre as a point
+        x, y = float(t["x"][a + k]), float(t["y"][a + k])
+        heads[k] = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
+        tails[k] = b""
+    tumour = np.asarray(t["tumour"][a:b], bool)
+    cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
+    cols = [t[m][a:b].tolist() for m, _ in measures]
+    args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), *cols,
+                                   tumour.astype(int).tolist()))
+    return ((feature + b",") * (b - a) % tuple(args))[:-1]
+
+
+def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+    """(first, end) of each GEOJSON_CHUNK of ``n`` cells."""
+    return [(a, min(a + GEOJSON_CHUNK, n)) for a in range(0, n, GEOJSON_CHUNK)]
+
+
+def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tuple[float, float] | None = None,
+                        features: Iterable[bytes] | None = None) -> None:
     """QuPath-importable FeatureCollection: one detection per cell.
 
     Geometry: the cell's outline traced from its label mask, in level-0 px with QuPath's convention
@@ -234,45 +341,44 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) is a property; ``measurements`` holds completeness, membrane
     DAB OD (log10), width (µm), areas (µm²) and tumour (1/0) as QuPath reads them.
+    ``features``: the text of each chunk of cells (_chunk_bounds, _geojson_features) when made elsewhere.
     """
-    t = analysis.cells
-    w, h = slide_size or _slide_size(analysis, None)
-    classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")) for c in CATEGORIES}
-    measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
-                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
+    size = slide_size or _slide_size(analysis, None)
+    if features is None:
+        features = (_geojson_features(analysis, a, b, size) for a, b in _chunk_bounds(len(analysis.cells["x"])))
     f.write(b'{"type":"FeatureCollection","features":[')
-    n = len(t["x"])
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
-        polys = _outlines(analysis, a, b)
-        sizes = np.array([len(p) for p in polys])
-        pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys]) + 0.5  # QuPath: pixel centre i + 0.5
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
-        cut = np.zeros(len(polys), bool)
-        has = sizes > 0
-        cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
-        feats = []
-        cols = [t[m][a:b].tolist() for m, _ in measures]
-        for k, (cat, tumour, x, y) in enumerate(zip(t["category"][a:b].tolist(), t["tumour"][a:b].tolist(),
-                                                    t["x"][a:b].tolist(), t["y"][a:b].tolist())):
-            ring = pts[starts[k] : starts[k] + sizes[k]]
-            if cut[k] or sizes[k] < 3:  # crosses the image edge (or no outline): clipped, kept simple
-                ring = clip_outline(ring, w, h) if sizes[k] >= 3 else np.zeros((0, 2))
-            if len(ring) >= 3:
-                coords = np.round(ring, 2).tolist()
-                geom = '{"type":"Polygon","coordinates":[' + json.dumps(coords + coords[:1], separators=(",", ":")) + "]}"
-            else:  # nothing left inside the image: the cell's centre as a point
-                geom = f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'
-            tum = bool(tumour)
-            m = ",".join(f'"{name}":{col[k]:.{d}f}' for (name, d), col in zip(measures, cols))
-            feats.append(
-                '{"type":"Feature","geometry":' + geom + ',"properties":{"objectType":"detection",'
-                f'"classification":{classes.get(cat) or json.dumps({"name": cat})},"tumour":{"true" if tum else "false"},'
-                f'"measurements":{{{m},"tumour":{int(tum)}}}}}}}'
-            )
-        f.write(((b"," if a else b"") + ",".join(feats).encode()))
+    for i, text in enumerate(features):
+        f.write((b"," if i else b"") + text)
     f.write(b"]}\n")
+
+
+_forked: dict = {}
+"""In a process forked to write features: the analysis it inherited."""
+
+
+def _init_forked(analysis: SlideAnalysis) -> None:
+    from .batch import die_with_parent
+
+    die_with_parent()
+    _forked["analysis"] = analysis
+
+
+def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> bytes:
+    return _geojson_features(_forked["analysis"], *bounds, size)
+
+
+def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], workers: int) -> Iterator[bytes]:
+    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by ``workers`` processes forked with
+    ``analysis`` (never pickled), at most 4 chunks a worker in flight (bounded memory)."""
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
+                             initargs=(analysis,)) as pool:
+        pending: deque = deque()
+        for bounds in _chunk_bounds(len(analysis.cells["x"])):
+            pending.append(pool.submit(_forked_features, bounds, size))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -588,24 +694,27 @@ def _reopen(analysis: SlideAnalysis) -> Slide | None:
 
 
 def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_csv: bool = False,
-                  slide: Slide | None = None) -> None:
+                  slide: Slide | None = None, workers: int = 1) -> None:
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
-    (otherwise it is opened again from ``analysis.result.slide`` for the overlay)."""
+    (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
+    many forked processes make the GeoJSON's text (the same bytes), where the platform forks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
     try:
         size = _slide_size(analysis, slide)
+        parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
+        with atomic_file(out / "cells.geojson") as f:
+            write_cells_geojson(analysis, f, slide_size=size,
+                                features=_features_in_workers(analysis, size, workers) if parallel else None)
         with atomic_file(out / "cells.parquet") as f:
             write_cells_parquet(analysis, f)
         if cells_csv:
             with atomic_file(out / "cells.csv") as f:
                 write_cells_csv(analysis, f)
         atomic_write(out / "overlay.png", overlay_png(analysis, slide))
-        with atomic_file(out / "cells.geojson") as f:
-            write_cells_geojson(analysis, f, slide_size=size)
     finally:
         if own and slide is not None and hasattr(slide, "close"):
             slide.close()

@@ -117,8 +117,11 @@ class TileResult:
     """Membrane contrast inside the tile's cells, away from membranes (membrane.CONTRAST_BINS): the noise-floor evidence."""
     cnn_probs: np.ndarray | None = None
     cnn_patches: int = 0
-    outlines: tuple[np.ndarray, ...] = ()
-    """Per owned cell, its outline: float32 (k, 2) (x, y) in level-0 px (her2score.outlines.trace_outlines)."""
+    outline_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    """The owned cells' outlines back to back: float32 (x, y) in level-0 px (her2score.outlines.trace_outlines);
+    one array, so a tile's result crosses between processes as a few arrays, not one per cell."""
+    outline_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Vertices of each owned cell's outline in outline_xy."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -141,7 +144,10 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     rx, ry = tile.read[:2]
     owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
     m = m.select(owned)
-    outlines = tuple(((p + np.array([rx, ry], np.float32)) * scale).astype(np.float32) for p in trace_outlines(cells, m.label))
+    outlines = trace_outlines(cells, m.label)
+    outline_sizes = np.array([len(p) for p in outlines], np.int64)
+    outline_xy = np.concatenate(outlines) if outlines else np.zeros((0, 2), np.float32)
+    outline_xy = ((outline_xy + np.array([rx, ry], np.float32)) * scale).astype(np.float32)
     m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
     total_od = hed[..., 0] + hed[..., 1]
@@ -153,7 +159,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     if cnn is not None:
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outlines)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_xy, outline_sizes)
 
 
 @dataclass(frozen=True)
@@ -181,8 +187,8 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
         use_one_thread()
 
 
-def _run_tiles(tiles: list[Tile], *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> list[TileResult]:
-    return [_read_and_score(_worker["slide"], t, stains, config, _worker["cnn"], cnn_max_patches) for t in tiles]
+def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> TileResult:
+    return _read_and_score(_worker["slide"], tile, stains, config, _worker["cnn"], cnn_max_patches)
 
 
 def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
@@ -195,10 +201,6 @@ def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
 def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
     return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config,
                       scale=config.mpp / slide.mpp, cnn=cnn, cnn_max_patches=cnn_max_patches)
-
-
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
@@ -266,10 +268,9 @@ def analyse_slide(
     # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
     cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
     if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
-        size = max(1, min(16, -(-len(tiles) // (workers * 4))))
-        run = partial(_run_tiles, stains=stains, config=config, cnn_max_patches=cnn_max)
+        run = partial(_run_tile, stains=stains, config=config, cnn_max_patches=cnn_max)
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) as pool:
-            parts = [r for chunk in pool.map(run, _chunks(tiles, size)) for r in chunk]
+            parts = list(pool.map(run, tiles))  # one tile a task: no core idles while another ends a long chunk
     else:
         with _opened(path, mpp, backend) as slide:
             parts = [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
@@ -368,7 +369,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
         "nucleus_width_um": cells.nucleus_width_um,
         "hematoxylin_od": cells.hematoxylin_od,
-        "outline": _object_column([o for p in parts for o in p.outlines]),
+        "outline": _object_column([o for p in parts for o in _split_rows(p.outline_xy, p.outline_sizes)]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
@@ -383,6 +384,12 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
     dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
     return {"dab_floor_od": round(floor, 4), "membrane_threshold_od": round(threshold, 4),
             "compartment": dominant, "fractions": frac}
+
+
+def _split_rows(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """``rows`` cut into consecutive pieces of ``sizes`` rows (views)."""
+    ends = np.cumsum(sizes).tolist()
+    return [rows[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
 def _object_column(items: list) -> np.ndarray:

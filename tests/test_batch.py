@@ -275,7 +275,7 @@ def test_result_json_is_identical_across_runs_and_tile_workers(tmp_path, pyramid
         rows = run_batch([slide], out, config=SMALL_TILES, workers=workers)
         assert rows[0]["status"] == "ok", rows[0]["error"]
         results.append(_result_bytes(out))
-        cells.append((out / "slide.tif" / "cells.parquet").read_bytes())
+        cells.append([(out / "slide.tif" / name).read_bytes() for name in ("cells.parquet", "cells.geojson")])
     assert results[0] == results[1] == results[2]
     assert cells[0] == cells[1] == cells[2]
     result = json.loads(results[0]["slide.tif"])

@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, OUTPUT_FILES, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
 from her2score.pipeline import analyse_slide
 from her2score.slide import ArraySlide
@@ -143,6 +143,48 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
     assert np.mean(inside) > 0.97
 
 
+def test_json_rings_write_what_json_writes():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.round(rng.uniform(-1e5, 1e5, 5000), 2), np.round(rng.uniform(-2, 2, 5000), 2),
+                             np.round(rng.uniform(0, 1e4, 1000).astype(np.float32), 2).astype(np.float64),
+                             rng.uniform(0, 1e3, 100), [0.0, -0.0, 0.01, -0.01, 99.99, 100.0, 2.0**20, 1e13, 1e16, 5e-324,
+                                                        np.nan, np.inf, -np.inf, 1048575.99, 0.5]])
+    xy = rng.permutation(values)[: len(values) // 2 * 2].reshape(-1, 2)
+    lengths = np.diff(np.r_[0, np.sort(rng.choice(np.arange(1, len(xy)), 300, replace=False)), len(xy)])
+    starts = np.cumsum(lengths) - lengths
+    expected = []
+    for s, n in zip(starts, lengths):
+        coords = xy[s : s + n].tolist()
+        expected.append(json.dumps(coords + coords[:1], separators=(",", ":"))[1:-1].encode())
+    assert _json_rings(xy, lengths) == expected
+    exact = np.round(rng.uniform(0, 5e4, (1000, 2)), 2)
+    assert _json_rings(exact, np.array([1000])) == [json.dumps((exact.tolist() + exact[:1].tolist()), separators=(",", ":"))[1:-1].encode()]
+    assert _json_rings(np.zeros((0, 2)), np.zeros(0, int)) == []
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.6])
+def test_geojson_is_each_cell_dumped_by_json(field, shrink):
+    """The vectorised writer's text is the per-cell json.dumps of the outline (+0.5 px, clipped, rounded to 0.01 px)."""
+    f, slide, a = field
+    w, h = slide.dimensions[0] * shrink, slide.dimensions[1] * shrink
+    buf = io.BytesIO()
+    write_cells_geojson(a, buf, slide_size=(w, h))
+    geoms = [feat.split(b',"properties"', 1)[0] for feat in buf.getvalue().split(b'{"type":"Feature","geometry":')[1:]]
+    assert len(geoms) == len(a.cells["x"])
+    points = 0
+    for geom, outline, x, y in zip(geoms, a.cells["outline"], a.cells["x"].tolist(), a.cells["y"].tolist()):
+        ring = np.asarray(outline, np.float64) + 0.5
+        if len(ring) < 3 or ring.min() < 0 or ring[:, 0].max() > w or ring[:, 1].max() > h:
+            ring = clip_outline(ring, w, h) if len(ring) >= 3 else ring  # float32 when clipped
+        if len(ring) >= 3:
+            coords = np.round(ring, 2).tolist()
+            assert geom == b'{"type":"Polygon","coordinates":[' + json.dumps(coords + coords[:1], separators=(",", ":")).encode() + b"]}"
+        else:
+            points += 1
+            assert geom == f'{{"type":"Point","coordinates":[{min(max(x + 0.5, 0), w):.2f},{min(max(y + 0.5, 0), h):.2f}]}}'.encode()
+    assert (points > 0) == (shrink < 1)
+
+
 def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     f, slide, a = field
@@ -165,6 +207,17 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     write_outputs(a, tmp_path / "memory")
     png = cv2.imdecode(np.frombuffer((tmp_path / "memory" / "overlay.png").read_bytes(), np.uint8), cv2.IMREAD_COLOR)
     assert png.shape[1] == a.thumbnail.shape[1]
+
+
+def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path, monkeypatch):
+    from her2score import outputs
+
+    f, slide, a = field
+    monkeypatch.setattr(outputs, "GEOJSON_CHUNK", 40)  # several chunks of cells: the forked workers share them
+    write_outputs(a, tmp_path / "one", slide=slide)
+    write_outputs(a, tmp_path / "two", slide=slide, workers=2)
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible(field):
