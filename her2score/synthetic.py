@@ -208,8 +208,9 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
     """
     on = rim_od > 0
     n_rim = np.bincount(cell, minlength=n)
-    completeness = np.bincount(cell, on, minlength=n) / np.maximum(n_rim, 1)
-    membrane_od = np.bincount(cell, rim_od, minlength=n) / np.maximum(np.bincount(cell, on, minlength=n), 1)
+    n_on = np.bincount(cell, on, minlength=n)
+    completeness = n_on / np.maximum(n_rim, 1)
+    membrane_od = np.bincount(cell, rim_od, minlength=n) / np.maximum(n_on, 1)
     bins = np.minimum((pos * SEEN_BINS).astype(np.int64), SEEN_BINS - 1)
     lit = np.zeros((n, SEEN_BINS), bool)
     seen = np.zeros((n, SEEN_BINS), bool)
