@@ -249,10 +249,6 @@ def analyse_slide(
         tissue = tissue_mask(thumb, mpp=thumb_mpp, background=background)
         if tissue.mask.sum() == 0:
             raise NoTissueError(slide.path, "no tissue found (blank, fully white or black slide)")
-        check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
-        if not check.accepted:
-            raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
-        eosin = check.eosin_fraction
         stains, stain_note = H_DAB.with_background(background), "default Ruifrok-Johnston vectors"
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
@@ -265,15 +261,21 @@ def analyse_slide(
         slide_path, slide_mpp = str(slide.path), slide.mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
 
-    # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
-    cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
-    if workers > 1 and len(tiles) > 1 and not isinstance(path, Slide):
-        run = partial(_run_tile, stains=stains, config=config, cnn_max_patches=cnn_max)
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) as pool:
-            parts = list(pool.map(run, tiles))  # one tile a task: no core idles while another ends a long chunk
-    else:
-        with _opened(path, mpp, backend) as slide:
-            parts = [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
+        # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
+        cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
+        parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) if parallel else None
+        try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
+            pending = pool.map(partial(_run_tile, stains=stains, config=config, cnn_max_patches=cnn_max), tiles) if pool else None
+            check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
+            if not check.accepted:
+                raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
+            eosin = check.eosin_fraction
+            # one tile a task: no core idles while another ends a long chunk
+            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
 
     cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None
     if cells is None or len(cells) == 0:

@@ -46,6 +46,18 @@ def test_h_and_e_is_refused_not_scored_zero():
         score_slide(ArraySlide(he, mpp=0.5, path="he_field.png"))
 
 
+def test_h_and_e_whole_slide_is_refused_while_tile_workers_run(tmp_path):
+    """With tile workers the stain check runs beside them: an H&E slide is still refused by name and
+    reason, and no worker outlives the refusal."""
+    import multiprocessing as mp
+
+    he = generate_he_field(seed=9301, size_px=(1400, 1000))
+    path = write_pyramidal_tiff(tmp_path / "he_slide.tif", he, mpp=0.5)
+    with pytest.raises(WrongStainError, match=r"he_slide\.tif: .*H&E"):
+        analyse_slide(path, config=ScoringConfig(tile_px=256), workers=2)
+    assert mp.active_children() == []
+
+
 def test_empty_slide_is_an_error():
     with pytest.raises(NoTissueError, match="no tissue"):
         score_slide(ArraySlide(np.full((600, 600, 3), 247, np.uint8), mpp=0.5, path="blank.png"))
