@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .slide import Slide, SlideError
-from .stain import H_DAB, deconvolve, optical_density
+from .stain import H_DAB, deconvolve, optical_density, per_channel
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction",
@@ -88,7 +88,7 @@ def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float,
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
     """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
-    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+    hi, lo = per_channel(np.maximum, rgb), per_channel(np.minimum, rgb)
     return float(np.mean((hi < max_intensity) & (hi - lo < max_chroma)))
 
 

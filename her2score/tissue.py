@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .stain import optical_density
+from .stain import optical_density, per_channel
 
 __all__ = ["TissueMask", "tissue_mask", "Tile", "tile_grid"]
 
@@ -42,8 +42,8 @@ def tissue_mask(
     hue); smoothed and stripped of fragments smaller than ``min_area_um2``.
     """
     od = optical_density(thumb, background)
-    stained = od.max(axis=2) > min_od
-    dark = thumb.max(axis=2) < dark_intensity
+    stained = per_channel(np.maximum, od) > min_od
+    dark = per_channel(np.maximum, thumb) < dark_intensity
     hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
     hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
     # green/cyan ink (no histology stain is green), and very saturated deep blue ink
