@@ -356,31 +356,29 @@ _forked: dict = {}
 """In a process forked to write features: the analysis it inherited."""
 
 
-def _init_forked(analysis: SlideAnalysis, slide: Slide | None) -> None:
+def _init_forked(analysis: SlideAnalysis) -> None:
     from .batch import die_with_parent
 
     die_with_parent()
-    _forked["analysis"], _forked["slide"] = analysis, slide
+    _forked["analysis"] = analysis
 
 
 def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> bytes:
     return _geojson_features(_forked["analysis"], *bounds, size)
 
 
-def _forked_overlay() -> bytes:
-    return overlay_png(_forked["analysis"], _forked["slide"])
-
-
-def _features_in(pool: ProcessPoolExecutor, analysis: SlideAnalysis, size: tuple[float, float], workers: int) -> Iterator[bytes]:
-    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by ``pool``'s ``workers`` processes
-    (forked with ``analysis``, never pickled), at most 4 chunks a worker in flight (bounded memory)."""
-    pending: deque = deque()
-    for bounds in _chunk_bounds(len(analysis.cells["x"])):
-        pending.append(pool.submit(_forked_features, bounds, size))
-        if len(pending) >= 4 * workers:
+def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], workers: int) -> Iterator[bytes]:
+    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by ``workers`` processes forked with
+    ``analysis`` (never pickled), at most 4 chunks a worker in flight (bounded memory)."""
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
+                             initargs=(analysis,)) as pool:
+        pending: deque = deque()
+        for bounds in _chunk_bounds(len(analysis.cells["x"])):
+            pending.append(pool.submit(_forked_features, bounds, size))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -695,40 +693,28 @@ def _reopen(analysis: SlideAnalysis) -> Slide | None:
         return None
 
 
-def _write_tables(analysis: SlideAnalysis, out: Path, size: tuple[float, float], cells_csv: bool,
-                  features: Iterator[bytes] | None) -> None:
-    with atomic_file(out / "cells.geojson") as f:
-        write_cells_geojson(analysis, f, slide_size=size, features=features)
-    with atomic_file(out / "cells.parquet") as f:
-        write_cells_parquet(analysis, f)
-    if cells_csv:
-        with atomic_file(out / "cells.csv") as f:
-            write_cells_csv(analysis, f)
-
-
 def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_csv: bool = False,
                   slide: Slide | None = None, workers: int = 1) -> None:
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
-    many forked processes draw the overlay and make the GeoJSON's text (the same bytes), where the platform forks."""
+    many forked processes make the GeoJSON's text (the same bytes), where the platform forks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
     try:
         size = _slide_size(analysis, slide)
-        if workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods():
-            # forked workers draw the overlay and make the GeoJSON's text while this process writes
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
-                                     initargs=(analysis, slide)) as pool:
-                overlay = pool.submit(_forked_overlay)  # first: the longest single task
-                _write_tables(analysis, out, size, cells_csv, _features_in(pool, analysis, size, workers))
-                png = overlay.result()
-        else:
-            _write_tables(analysis, out, size, cells_csv, None)
-            png = overlay_png(analysis, slide)
-        atomic_write(out / "overlay.png", png)
+        parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
+        with atomic_file(out / "cells.geojson") as f:
+            write_cells_geojson(analysis, f, slide_size=size,
+                                features=_features_in_workers(analysis, size, workers) if parallel else None)
+        with atomic_file(out / "cells.parquet") as f:
+            write_cells_parquet(analysis, f)
+        if cells_csv:
+            with atomic_file(out / "cells.csv") as f:
+                write_cells_csv(analysis, f)
+        atomic_write(out / "overlay.png", overlay_png(analysis, slide))
     finally:
         if own and slide is not None and hasattr(slide, "close"):
             slide.close()
