@@ -173,7 +173,7 @@ class SlideAnalysis:
     tissue: TissueMask
 
 
-# -- worker processes: each opens the slide itself (never before fork) ---------------------------
+# -- worker processes: each opens the slide itself after the fork, never using the parent's handle ----
 _worker: dict = {}
 
 
