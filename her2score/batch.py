@@ -286,6 +286,19 @@ def _load_cnn(weights: str):
     return _models[weights]
 
 
+def _preload_cnn(weights: str) -> None:
+    """Load the CNN in the batch process before its workers fork. Weights without their exported
+    graph are exported with torch here: torch run in a forked child hangs for good when the parent
+    has used torch's OpenMP threads (a notebook that trained a model, then scores a batch). A file
+    that fails to load is left to the workers, which report it per slide."""
+    from .cnn import ModelError
+
+    try:
+        _load_cnn(weights)
+    except (ModelError, OSError, ValueError):  # each slide's row will say why
+        pass
+
+
 def process_slide(job: Job) -> dict:
     """Score one slide and write its outputs; never raises: failures become an error row."""
     row = _empty_row(job.slide, job.name)
@@ -602,6 +615,8 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None):
         yield from _execute_dask(jobs, workers, scheduler)
         return
     n = 1 if jobs[0].tile_workers > 1 else max(1, min(workers, len(jobs)))
+    if jobs[0].cnn_weights:  # loaded here, so the workers inherit it and never run torch (see _preload_cnn)
+        _preload_cnn(jobs[0].cnn_weights)
     pending, suspects = deque(jobs), deque()
     while pending or suspects:
         if suspects:

@@ -137,6 +137,31 @@ def test_reinstalled_weights_with_the_same_content_rescore_nothing(tmp_path, fie
     assert run_batch([slide], out).scored == 1  # classical only: other settings
 
 
+def test_a_batch_after_torch_ran_in_the_same_process_finishes(tmp_path, fields):
+    """A notebook trains (torch's OpenMP threads start), then scores a batch with weights that have no
+    exported graph beside them: the export runs before the workers fork, so none hangs in torch."""
+    from her2score.cnn import default_weights_path
+
+    slide = tmp_path / "in" / "a.png"
+    slide.parent.mkdir()
+    save_png(slide, fields["3+"])
+    weights = tmp_path / "mine" / "her2cnn.pt"  # no her2cnn.onnx beside it
+    weights.parent.mkdir()
+    shutil.copy(default_weights_path(), weights)
+    script = (
+        "import sys, torch\n"
+        "from her2score.batch import run_batch\n"
+        "torch.set_num_threads(2)\n"
+        "torch.ones(4_000_000).clone()  # a copy on torch's OpenMP thread pool\n"
+        "rows = run_batch([sys.argv[1]], sys.argv[2], cnn_weights=sys.argv[3], workers=1)\n"
+        "print(rows.scored, rows.failed)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(slide), str(tmp_path / "out"), str(weights)],
+                          capture_output=True, text=True, timeout=300)  # a hang would never return
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0"]
+
+
 def test_cells_csv_on_request_and_never_stale(tmp_path, three, fields):
     out = tmp_path / "out"
     names = ("field_0.png", "field_2_.png", "field_3_.png")
