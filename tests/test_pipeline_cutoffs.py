@@ -89,7 +89,7 @@ def _share(r, categories) -> float:
 
 
 def _misses(measured: str):
-    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (2 Dec 2026)."""
+    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (3 Dec 2026)."""
     return pytest.mark.xfail(strict=True, reason=f"measured: {measured} (README Limits; strict: a pass fails)")
 
 
@@ -103,17 +103,18 @@ CASES = [
           "7.1% (truth 8.0%), called 1+: unstained neighbours read the stained side as faint partial (+8.1)"),
     _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
-    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.5% (truth 8.0%): faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.5% (truth 8.0%), called 0: faint membranes under-found"),
     _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.6% (truth 12.0%), called 0: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "1.3% (truth 12.0%), called 2+: intense partial arcs read as other categories"),
+          "3.3% (truth 12.0%), called 2+ only by 1.3% intense complete cells: most single intense arcs read "
+          "below the strong band (61 of 798 cells faint partial)"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0",
-          "5.0% (truth 8.1%), called 1+: U-shaped membranes read as partial arcs"),
+          "5.6% (truth 8.1%), called 1+: U-shaped membranes read as partial arcs"),
     _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+",
-          "7.8% (truth 12.2%), called 2+: U-shaped membranes read as partial arcs"),
+          "8.8% (truth 12.2%), called 2+: U-shaped membranes read as partial arcs"),
     _case(G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 6, 9.5, "0",
-          "5.7% (truth 8.1%), called 1+: neighbours read faint partial (+7.5)"),
+          "6.0% (truth 8.1%), called 1+: neighbours read faint partial"),
     _case(G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 14, "2+"),
 ]
 ARGS = ("guideline", "composition", "deciding", "low", "high", "score")
