@@ -279,7 +279,9 @@ class MembraneSummary:
 
     completeness: fraction of border sectors stained; longest_arc / longest_gap: longest
     contiguous stained / unstained run (fractions of the whole border, across the sectors where a
-    nucleus touches it; a U-shaped basolateral pattern has one long gap); membrane_od: mean over stained sectors of the peak DAB OD (log10);
+    nucleus touches it; a U-shaped basolateral pattern has one long gap); membrane_od: mean peak DAB OD
+    (log10) along the body of the stained arcs, i.e. over stained sectors stained on both sides (an arc's
+    ends, where the line tapers off, are left out; all stained sectors when no arc has a body);
     contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10).
     """
 
@@ -362,11 +364,15 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     st = _in_runs(bridge(st), min_run) & has
     n_band = np.maximum(has.sum(1), 1)
     n_st = st.sum(1)
+    bst = bridge(st)
+    body = st & np.roll(bst, 1, axis=1) & np.roll(bst, -1, axis=1)  # an arc's tapering ends left out
+    read = np.where((body.sum(1) > 0)[:, None], body, st)
+    n_read = read.sum(1)
     f32 = np.float32
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
         longest_arc=(longest_circular_run(bridge(st)) / N_SECTORS).astype(f32),
         longest_gap=(longest_circular_run(bridge(has & ~st)) / N_SECTORS).astype(f32),
-        membrane_od=np.where(n_st > 0, (od * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
+        membrane_od=np.where(n_st > 0, (od * read).sum(1) / np.maximum(n_read, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
     )

@@ -114,6 +114,34 @@ def test_a_membrane_runs_on_behind_a_nucleus_touching_the_border():
     assert summarise_membranes(m3, threshold_od=0.025).longest_arc[0] < full.longest_arc[0]
 
 
+def test_intensity_is_read_along_an_arcs_body_not_its_tapering_ends():
+    """An intense arc whose end sectors taper off reads the OD of its body; a complete ring (no ends)
+    reads the mean of all its sectors; the shortest arc (three sectors) reads its middle one."""
+    from her2score.membrane import CellMeasurements
+
+    def summary(od_row):
+        od = np.asarray([od_row], np.float32)
+        one = np.ones(1, np.float32)
+        m = CellMeasurements(label=np.ones(1, np.int32), x=one, y=one, cell_area_um2=one, nucleus_area_um2=one,
+                             nucleus_elongation=one, nucleus_width_um=one, hematoxylin_od=one, nucleus_dab_od=0 * one,
+                             cytoplasm_dab_od=0 * one, width_um=one, sector_contrast=np.where(od > 0, od, 0).astype(np.float16),
+                             sector_od=od.astype(np.float16))
+        return summarise_membranes(m, threshold_od=0.05)
+
+    arc = np.zeros(N_SECTORS)
+    arc[3:11] = [0.2, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.2]  # 8 sectors, the two ends at 0.2
+    s = summary(arc)
+    assert s.completeness[0] == pytest.approx(8 / N_SECTORS)
+    assert s.membrane_od[0] == pytest.approx(0.7, abs=1e-3)  # (the mean of all 8 would be 0.575)
+    ring = np.full(N_SECTORS, 0.4)
+    ring[::2] = 0.6
+    assert summary(ring).membrane_od[0] == pytest.approx(0.5, abs=1e-3)
+    short = np.zeros(N_SECTORS)
+    short[5:7] = 0.3
+    short[7] = 0.9  # three sectors: the middle one is the body
+    assert summary(short).membrane_od[0] == pytest.approx(0.3, abs=1e-3)
+
+
 def test_noise_floor_is_a_quantile_of_the_interior_histogram():
     from her2score.membrane import CONTRAST_BINS
 
