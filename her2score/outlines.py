@@ -94,7 +94,9 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     label_ids = np.asarray(label_ids, dtype=np.int64)
     out = [np.zeros((0, 2), np.float32) for _ in range(len(label_ids))]
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
-    up = _up2(np.pad(np.maximum(cell_labels, 0).astype(np.int32, copy=False), 1))
+    asked = np.zeros(top + 1, np.int32)  # label -> itself if asked for, else 0 (so are negative labels)
+    asked[label_ids[label_ids > 0]] = label_ids[label_ids > 0]
+    up = _up2(np.pad(np.take(asked, cell_labels.astype(np.int32, copy=False), mode="clip"), 1))
     # one trace of every region of equal labels: a cell's outer contours (top level; its holes' borders
     # are below) are those traced in its own mask, padded and upsampled alike: same start, same direction
     cs, tree = cv2.findContours(up, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_NONE)
