@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["trace_outlines", "polygon_area", "is_simple", "clip_outline", "draw_cell_rings"]
 
@@ -30,7 +29,7 @@ def _ring(up: np.ndarray) -> np.ndarray | None:
     """Outer ring (int (k, 2) (x, y)) of a uint8 mask (a cell's padded pixels upsampled 2x), or None when
     the mask has several parts or the traced chain passes a pixel twice (a pinch)."""
     c = _chain(up)
-    return c if c is not None and not _pinched([c], np.array([len(c)]), np.zeros((1, 2), int), up.shape[1])[0] else None
+    return c if c is not None and not _pinched([c], np.array([len(c)]), up.shape[1])[0] else None
 
 
 def _chain(up: np.ndarray) -> np.ndarray | None:
@@ -39,10 +38,10 @@ def _chain(up: np.ndarray) -> np.ndarray | None:
     return cs[0].reshape(-1, 2) if len(cs) == 1 and len(cs[0]) >= 3 else None
 
 
-def _pinched(chains: list[np.ndarray], n: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
-    """Per chain, whether it passes a pixel twice (bool array). Chains are of disjoint cells: with
-    ``offsets`` (x, y) placing each in one image of ``width`` px, a pixel met twice is met twice by one chain."""
-    pts = np.concatenate(chains) + np.repeat(offsets, n, axis=0)
+def _pinched(chains: list[np.ndarray], n: np.ndarray, width: int) -> np.ndarray:
+    """Per chain, whether it passes a pixel twice (bool array). Chains are of disjoint cells in one image
+    ``width`` px wide: a pixel met twice is met twice by one chain."""
+    pts = np.concatenate(chains)
     flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
     twice = np.zeros(len(chains), bool)
     twice[np.searchsorted(np.cumsum(n), np.flatnonzero(np.bincount(flat)[flat] > 1), side="right")] = True
@@ -73,6 +72,15 @@ def _without_collinear(pts: np.ndarray, n: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _cell_mask(cell_labels: np.ndarray, lab: int, traced: list[np.ndarray], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A label's pixels (uint8) in its box padded by a pixel, and the box's (x, y) on the 2x grid of the padded
+    label image, where the label's outer contours (``traced`` (k, 2) (x, y) where ``owner`` is it) bound it."""
+    pts = np.concatenate([traced[k] for k in np.flatnonzero(owner == lab)])
+    lo, hi = pts.min(0) // 2 - 1, pts.max(0) // 2
+    mask = (cell_labels[lo[1] : hi[1], lo[0] : hi[0]] == lab).view(np.uint8)
+    return cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), 2 * lo
+
+
 def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.ndarray]:
     """One outline per id of ``label_ids``: float32 (k, 2) (x, y) in pixel coordinates of ``cell_labels``
     (pixel centres at integers), first vertex not repeated; an empty (0, 2) array for a label with no pixel.
@@ -86,43 +94,50 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     label_ids = np.asarray(label_ids, dtype=np.int64)
     out = [np.zeros((0, 2), np.float32) for _ in range(len(label_ids))]
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
-    lab32 = cell_labels.astype(np.int32, copy=False)
-    boxes = ndimage.find_objects(lab32, max_label=top)
-    up = _up2(np.pad(lab32, 1))  # each cell's mask, padded by a pixel and upsampled 2x, is a crop of this
-    chains, where, corner = [], [], []
-    for i, lab in enumerate(label_ids.tolist()):
-        box = boxes[lab - 1] if 0 < lab <= len(boxes) else None
-        if box is not None:
-            ys, xs = box
-            chains.append(_chain((up[2 * ys.start : 2 * ys.stop + 4, 2 * xs.start : 2 * xs.stop + 4] == lab).view(np.uint8)))
-            where.append(i)
-            corner.append((xs.start, ys.start))
-    if not where:
+    asked = np.zeros(top + 1, np.int32)  # label -> itself if asked for, else 0 (so are negative labels)
+    asked[label_ids[label_ids > 0]] = label_ids[label_ids > 0]
+    up = _up2(np.pad(np.take(asked, cell_labels.astype(np.int32, copy=False), mode="clip"), 1))
+    # one trace of every region of equal labels: a cell's outer contours (top level; its holes' borders
+    # are below) are those traced in its own mask, padded and upsampled alike: same start, same direction
+    cs, tree = cv2.findContours(up, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_NONE)
+    traced = [k.reshape(-1, 2) for k, t in zip(cs, tree[0]) if t[3] < 0] if cs else []
+    first = np.array([k[0] for k in traced], int).reshape(-1, 2)
+    owner = up[first[:, 1], first[:, 0]]
+    parts = np.bincount(owner, minlength=top + 1)
+    last = dict(zip(owner.tolist(), range(len(traced))))
+    where = np.flatnonzero((label_ids > 0) & (parts[np.maximum(label_ids, 0)] > 0))  # 0: the background
+    if not len(where):
         return out
-    traced = np.array([c is not None for c in chains])
-    redo = ~traced
-    if traced.any():
-        ok = np.flatnonzero(traced)
-        redo[ok] = _pinched([chains[j] for j in ok], np.array([len(chains[j]) for j in ok]),
-                            2 * np.array(corner)[ok], up.shape[1])
+    chains = []  # on the 2x grid of the padded image
+    for lab in label_ids[where].tolist():
+        if parts[lab] == 1:
+            chains.append(traced[last[lab]])
+        else:  # several parts: traced alone, as those inside its own holes are no outer contours there
+            mask, at = _cell_mask(cell_labels, lab, traced, owner)
+            c = _chain(_up2(mask))
+            chains.append(None if c is None else c + at)
+    redo = np.array([c is None for c in chains])
+    ok = np.flatnonzero(~redo)
+    if len(ok):
+        redo[ok] = _pinched([chains[j] for j in ok], np.array([len(chains[j]) for j in ok]), up.shape[1])
     for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
-        lab, (ys, xs) = int(label_ids[where[j]]), boxes[label_ids[where[j]] - 1]
-        mask = cv2.copyMakeBorder((cell_labels[ys, xs] == lab).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        lab = int(label_ids[where[j]])
+        mask, at = _cell_mask(cell_labels, lab, traced, owner)
         _, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
         mask = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
         outside = mask.copy()
         cv2.floodFill(outside, None, (0, 0), 2, flags=4)
         mask[outside == 0] = 1
-        chains[j] = _ring(_up2(mask))
-        if chains[j] is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
+        ring = _ring(_up2(mask))
+        if ring is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
             raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
+        chains[j] = ring + at
     n = np.array([len(c) for c in chains])
-    origin = (np.array(corner) - 1).astype(np.float32)  # (x, y) of each crop's padding pixel
     pts = np.concatenate(chains)
     keep = _without_collinear(pts.astype(np.int64), n)
-    poly = (pts[keep].astype(np.float32) - 0.5) / 2 + np.repeat(origin, n, axis=0)[keep]
+    poly = (pts[keep].astype(np.float32) - 0.5) / 2 - 1  # from the 2x grid of the padded image to cell_labels' pixels
     end = np.cumsum(np.add.reduceat(keep, np.cumsum(n) - n)).tolist()
-    for i, a, b in zip(where, [0] + end[:-1], end):
+    for i, a, b in zip(where.tolist(), [0] + end[:-1], end):
         out[i] = poly[a:b]
     return out
 

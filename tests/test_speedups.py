@@ -92,6 +92,22 @@ def test_outlines_of_pinched_and_split_cells_are_their_largest_part():
     assert all(is_simple(p) for p in together[:3])
 
 
+def test_outlines_traced_together_are_those_of_each_label_alone():
+    """All cells are traced in one pass over the label image: each outline is, byte for byte, the one its
+    label gives alone, whatever touches it (neighbours, labels in its holes, its own other parts)."""
+    from her2score.outlines import trace_outlines
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        lab = np.kron(rng.integers(0, 30, (12, 12)), np.ones((3, 3), int)).astype(np.int32)
+        speckle = rng.random(lab.shape) < 0.1  # 1-px cells, diagonal contacts, holes, several parts
+        lab[speckle] = rng.integers(0, 60, speckle.sum())
+        ids = rng.permutation(np.unique(lab))[:40]
+        for k, poly in zip(ids, trace_outlines(lab, ids)):
+            alone = trace_outlines(np.where(lab == k, k, 0), np.array([k]))[0]
+            assert poly.dtype == alone.dtype and poly.shape == alone.shape and poly.tobytes() == alone.tobytes(), k
+
+
 def test_in_runs_keeps_exactly_the_sectors_of_long_circular_runs():
     """_in_runs against its definition, row by row: a stained sector is kept when the circular run holding it
     is at least min_run long (runs may wrap around the last sector)."""
