@@ -124,6 +124,15 @@ def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_
     return np.bincount(lab, values.ravel()[idx], n_lab) / np.maximum(np.bincount(lab, minlength=n_lab), 1)
 
 
+def _chamfer_ball(radius_px: float) -> np.ndarray:
+    """Structuring element (uint8) of the offsets within ``radius_px`` by distanceTransform's 3x3 L2 chamfer
+    metric, measured by distanceTransform itself: dilating a mask with it marks where that distance is at most ``radius_px``."""
+    k = int(radius_px / 0.95) + 1  # a chamfer step is at least 0.955 px
+    point = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
+    point[k, k] = 0
+    return (cv2.distanceTransform(point, cv2.DIST_L2, 3) <= radius_px).astype(np.uint8)
+
+
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     out = np.full(size, -np.inf, np.float32)
     np.maximum.at(out, key, values)
@@ -160,18 +169,17 @@ def measure_cells(
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
-    labels = np.flatnonzero(np.bincount(cells.ravel(), minlength=n_lab) > 0)
-    labels = labels[labels > 0]
+    on = cells > 0
+    on_idx = np.flatnonzero(on)
+    cl = cells.ravel()[on_idx].astype(np.intp)
+    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
+    labels = np.flatnonzero(area)
     if len(labels) == 0:
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
         return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
     width_px = cells.shape[1]
-    on = cells > 0
-    on_idx = np.flatnonzero(on)
-    cl = cells.ravel()[on_idx]
-    cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
-    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
+    cr, cc = (v.astype(np.float64) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
@@ -200,8 +208,7 @@ def measure_cells(
         (center != padded[:-2, 1:-1]) | (center != padded[2:, 1:-1])
         | (center != padded[1:-1, :-2]) | (center != padded[1:-1, 2:])
     ) & on
-    dist = cv2.distanceTransform((~border).astype(np.uint8), cv2.DIST_L2, 3)
-    near = dist <= band_um / mpp
+    near = cv2.dilate(border.view(np.uint8), _chamfer_ball(band_um / mpp)) > 0
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
     halo = disk(halo_um / mpp)
     n_nuc = int(nuclei.max()) + 1
@@ -218,7 +225,7 @@ def measure_cells(
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
     clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
-    hist = np.bincount(np.searchsorted(CONTRAST_BINS, clipped, side="right") - 1, minlength=len(CONTRAST_BINS) - 1)
+    hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]  # the same edges
     icl = cells[interior]
     cyto = _per_cell_quantile(icl, dab_od[interior], n_lab, 0.5)
 
