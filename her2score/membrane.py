@@ -187,7 +187,7 @@ def measure_cells(
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
-    nuc_sel = nuclei.ravel()[on_idx] > 0
+    nuc_sel = np.flatnonzero(nuclei.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
     nuc_idx = on_idx[nuc_sel]
     nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
@@ -229,8 +229,8 @@ def measure_cells(
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
     clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
     hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]  # the same edges
-    icl = cells[interior]
-    cyto = _per_cell_quantile(icl, dab_od[interior], n_lab, 0.5)
+    inner = np.flatnonzero(interior)
+    cyto = _per_cell_quantile(cells.ravel()[inner], dab_od.ravel()[inner], n_lab, 0.5)
 
     band_idx = np.flatnonzero(band)
     lab = cells.ravel()[band_idx]
@@ -239,13 +239,13 @@ def measure_cells(
     sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
-    c_band = contrast[band]
+    c_band = contrast.ravel()[band_idx]
     sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
     line_od = cv2.dilate(np.where(off_limits, 0, dab_od), disk(line_reach_um / mpp))  # the line's peak, on either side of the border
-    sec_o = _sector_max(key, line_od[band], size).reshape(n_lab, N_SECTORS)[labels]
+    sec_o = _sector_max(key, line_od.ravel()[band_idx], size).reshape(n_lab, N_SECTORS)[labels]
     sec_c[~np.isfinite(sec_c)] = np.nan
     sec_o[~np.isfinite(sec_o)] = np.nan
-    on_border = border[band]
+    on_border = border.ravel()[band_idx]
     border_px = np.bincount(key[on_border], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     strong_px = np.bincount(key[c_band >= width_od], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     lit = np.nan_to_num(sec_c) >= width_od
