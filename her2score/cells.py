@@ -68,9 +68,10 @@ def segment_nuclei(
             n, comp = cv2.connectedComponents(dark, connectivity=8)
         if n > 1:
             at = np.flatnonzero(dark)
+            blob = comp.ravel()[at]
             inscribed = np.zeros(n, np.float32)  # radius of the largest disk inside each blob, px
-            np.maximum.at(inscribed, comp.ravel()[at], cv2.distanceTransform(dark, cv2.DIST_L2, 5).ravel()[at])
-            area = np.bincount(comp.ravel()[at], minlength=n)
+            np.maximum.at(inscribed, blob, cv2.distanceTransform(dark, cv2.DIST_L2, 5).ravel()[at])
+            area = np.bincount(blob, minlength=n)
             # a nucleus is a compact blob; a strong membrane network's junctions form a branched one
             big = (area * (mpp * mpp) >= min_blob_um2) & (area <= max_blob_spread * np.pi * inscribed**2)
             big[0] = False
@@ -86,10 +87,9 @@ def segment_nuclei(
     _, markers = cv2.connectedComponents(core.astype(np.uint8), connectivity=8)
     labels = _split_at_necks(-dist, markers, mask)
     area = np.bincount(labels.ravel()) * (mpp * mpp)
-    bad = (area < min_area_um2) | (area > max_area_um2)
-    bad[0] = True
-    labels[bad[labels]] = 0
-    return labels
+    keep = (area >= min_area_um2) & (area <= max_area_um2)
+    keep[0] = False
+    return np.where(keep, np.arange(len(keep), dtype=np.int32), 0)[labels]
 
 
 def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -97,9 +97,9 @@ def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray
     part of the mask with one marker takes that marker's label, one without any is 0, and the
     watershed runs on the parts holding two or more (touching nuclei), the same labels in fewer steps."""
     n, parts = cv2.connectedComponents(mask, connectivity=4)
-    at = markers > 0
+    at = np.flatnonzero(markers)
     stride = np.int64(markers.max()) + 1
-    pairs = np.unique(parts[at].astype(np.int64) * stride + markers[at])
+    pairs = np.unique(parts.ravel()[at].astype(np.int64) * stride + markers.ravel()[at])
     part_of, marker_of = pairs // stride, pairs % stride
     count = np.bincount(part_of, minlength=n)
     label_of = np.zeros(n, np.int32)
@@ -107,9 +107,8 @@ def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray
     label_of[part_of[one]] = marker_of[one]
     labels = label_of[parts]
     several = count >= 2
-    if several.any():
-        shared = several[parts]
-        labels = np.where(shared, watershed(elevation, markers, mask=shared), labels).astype(np.int32)
+    if several.any():  # the watershed's labels are 0 off the shared parts, label_of 0 on them
+        labels += watershed(elevation, markers, mask=several[parts])
     return labels
 
 
