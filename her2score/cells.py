@@ -95,7 +95,9 @@ def segment_nuclei(
 def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``watershed(elevation, markers, mask=mask)``, flooded only where it has to be: a 4-connected
     part of the mask with one marker takes that marker's label, one without any is 0, and the
-    watershed runs on the parts holding two or more (touching nuclei), the same labels in fewer steps."""
+    watershed runs on the parts holding two or more (touching nuclei), the same labels in fewer steps,
+    given only their bounding box (the flood visits the same pixels in the same order; the
+    watershed's fixed cost grows with the array it is given)."""
     n, parts = cv2.connectedComponents(mask, connectivity=4)
     at = np.flatnonzero(markers)
     stride = np.int64(markers.max()) + 1
@@ -108,7 +110,10 @@ def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray
     labels = label_of[parts]
     several = count >= 2
     if several.any():  # the watershed's labels are 0 off the shared parts, label_of 0 on them
-        labels += watershed(elevation, markers, mask=several[parts])
+        shared = several[parts]
+        rows, cols = np.flatnonzero(shared.any(1)), np.flatnonzero(shared.any(0))
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        labels[box] += watershed(elevation[box], markers[box], mask=shared[box])
     return labels
 
 
