@@ -24,8 +24,8 @@ def local_background(image: np.ndarray, *, mpp: float, radius_um: float, coarse_
     small = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else image
     opened = cv2.morphologyEx(small, cv2.MORPH_OPEN, disk(radius_um * f / mpp))
     if f < 1:
-        opened = cv2.resize(opened, image.shape[::-1], interpolation=cv2.INTER_LINEAR)
-    return np.minimum(opened, image)
+        return np.minimum(cv2.resize(opened, image.shape[::-1], interpolation=cv2.INTER_LINEAR), image)
+    return opened  # an opening by a symmetric disk never exceeds the image
 
 
 def segment_nuclei(
@@ -77,7 +77,7 @@ def segment_nuclei(
             big[0] = False
             if big.any():
                 rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
-                smooth = smooth + np.where(big[comp], rise, 0.0)
+                np.add(smooth, rise, out=smooth, where=big[comp])
     background = local_background(smooth, mpp=mpp, radius_um=8.0)
     mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
