@@ -112,7 +112,8 @@ def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: fl
     bits = bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
     order = np.argsort(bits.astype(np.uint16), kind="stable")
     for digit in [bits >> 16, labels] + ([labels >> 16] if n_lab > 1 << 16 else []):
-        order = order[np.argsort(digit[order].astype(np.uint16), kind="stable")]  # grouped by label, ascending within each
+        order = order[np.argsort(digit[order].astype(np.uint16), kind="stable")]
+    # order: grouped by label, ascending within each
     has = count > 0
     low = bits[order[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)]]
     out = np.full(n_lab, np.nan)
@@ -128,8 +129,9 @@ def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_
 
 
 def _chamfer_ball(radius_px: float) -> np.ndarray:
-    """Structuring element (uint8) of the offsets within ``radius_px`` by distanceTransform's 3x3 L2 chamfer
-    metric, measured by distanceTransform itself: dilating a mask with it marks where that distance is at most ``radius_px``."""
+    """Structuring element (uint8) of the offsets within ``radius_px`` by distanceTransform's 3x3 L2
+    chamfer metric, measured by distanceTransform itself: dilating a mask with it marks where the
+    distance to the mask is at most ``radius_px``."""
     k = int(radius_px / 0.95) + 1  # a chamfer step is at least 0.955 px
     point = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
     point[k, k] = 0
@@ -182,7 +184,7 @@ def measure_cells(
         sectors = np.zeros((0, N_SECTORS), np.float16)
         return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
     width_px = cells.shape[1]
-    cr, cc = (v.astype(np.float64) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
+    cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
@@ -228,7 +230,7 @@ def measure_cells(
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
     clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
-    hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]  # the same edges
+    hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]
     inner = np.flatnonzero(interior)
     cyto = _per_cell_quantile(cells.ravel()[inner], dab_od.ravel()[inner], n_lab, 0.5)
 
