@@ -103,15 +103,19 @@ def longest_circular_run(flags: np.ndarray) -> np.ndarray:
 def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: float) -> np.ndarray:
     """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
 
-    One sort of 64-bit keys: the label in the high word, the value's bits in the low word made to
-    sort as the floats do (sign bit flipped for positives, all bits for negatives).
+    The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits for
+    negatives), then sorted by label and bits with an LSD radix sort over 16-bit digits (numpy's
+    stable sort of uint16 is a radix sort; ~2x faster than one sort of 64-bit keys).
     """
     count = np.bincount(labels, minlength=n_lab)
     bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
     bits = bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    key = np.sort((labels.astype(np.uint64) << np.uint64(32)) | bits)  # grouped by label, ascending within each
+    order = np.argsort(bits.astype(np.uint16), kind="stable")
+    for digit in [bits >> 16, labels] + ([labels >> 16] if n_lab > 1 << 16 else []):
+        order = order[np.argsort(digit[order].astype(np.uint16), kind="stable")]
+    # order: grouped by label, ascending within each
     has = count > 0
-    low = key[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)].astype(np.uint32)
+    low = bits[order[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)]]
     out = np.full(n_lab, np.nan)
     out[has] = (low ^ np.where(low >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
     return out
@@ -122,6 +126,16 @@ def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_
     idx = np.flatnonzero(where)
     lab = labels.ravel()[idx]
     return np.bincount(lab, values.ravel()[idx], n_lab) / np.maximum(np.bincount(lab, minlength=n_lab), 1)
+
+
+def _chamfer_ball(radius_px: float) -> np.ndarray:
+    """Structuring element (uint8) of the offsets within ``radius_px`` by distanceTransform's 3x3 L2
+    chamfer metric, measured by distanceTransform itself: dilating a mask with it marks where the
+    distance to the mask is at most ``radius_px``."""
+    k = int(radius_px / 0.95) + 1  # a chamfer step is at least 0.955 px
+    point = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
+    point[k, k] = 0
+    return (cv2.distanceTransform(point, cv2.DIST_L2, 3) <= radius_px).astype(np.uint8)
 
 
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -160,23 +174,22 @@ def measure_cells(
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
-    labels = np.flatnonzero(np.bincount(cells.ravel(), minlength=n_lab) > 0)
-    labels = labels[labels > 0]
+    on = cells > 0
+    on_idx = np.flatnonzero(on)
+    cl = cells.ravel()[on_idx].astype(np.intp)
+    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
+    labels = np.flatnonzero(area)
     if len(labels) == 0:
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
         return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
     width_px = cells.shape[1]
-    on = cells > 0
-    on_idx = np.flatnonzero(on)
-    cl = cells.ravel()[on_idx]
     cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
-    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
-    nuc_sel = nuclei.ravel()[on_idx] > 0
+    nuc_sel = np.flatnonzero(nuclei.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
     nuc_idx = on_idx[nuc_sel]
     nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
@@ -200,8 +213,7 @@ def measure_cells(
         (center != padded[:-2, 1:-1]) | (center != padded[2:, 1:-1])
         | (center != padded[1:-1, :-2]) | (center != padded[1:-1, 2:])
     ) & on
-    dist = cv2.distanceTransform((~border).astype(np.uint8), cv2.DIST_L2, 3)
-    near = dist <= band_um / mpp
+    near = cv2.dilate(border.view(np.uint8), _chamfer_ball(band_um / mpp)) > 0
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
     halo = disk(halo_um / mpp)
     n_nuc = int(nuclei.max()) + 1
@@ -218,9 +230,9 @@ def measure_cells(
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
     clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
-    hist = np.bincount(np.searchsorted(CONTRAST_BINS, clipped, side="right") - 1, minlength=len(CONTRAST_BINS) - 1)
-    icl = cells[interior]
-    cyto = _per_cell_quantile(icl, dab_od[interior], n_lab, 0.5)
+    hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]
+    inner = np.flatnonzero(interior)
+    cyto = _per_cell_quantile(cells.ravel()[inner], dab_od.ravel()[inner], n_lab, 0.5)
 
     band_idx = np.flatnonzero(band)
     lab = cells.ravel()[band_idx]
@@ -229,13 +241,13 @@ def measure_cells(
     sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
-    c_band = contrast[band]
+    c_band = contrast.ravel()[band_idx]
     sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
     line_od = cv2.dilate(np.where(off_limits, 0, dab_od), disk(line_reach_um / mpp))  # the line's peak, on either side of the border
-    sec_o = _sector_max(key, line_od[band], size).reshape(n_lab, N_SECTORS)[labels]
+    sec_o = _sector_max(key, line_od.ravel()[band_idx], size).reshape(n_lab, N_SECTORS)[labels]
     sec_c[~np.isfinite(sec_c)] = np.nan
     sec_o[~np.isfinite(sec_o)] = np.nan
-    on_border = border[band]
+    on_border = border.ravel()[band_idx]
     border_px = np.bincount(key[on_border], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     strong_px = np.bincount(key[c_band >= width_od], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     lit = np.nan_to_num(sec_c) >= width_od
