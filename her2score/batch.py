@@ -279,10 +279,9 @@ _models: dict = {}
 def _load_cnn(weights: str):
     """The CNN for ``weights`` on ONNX Runtime, loaded once per process (and inherited by forked workers)."""
     if weights not in _models:
-        from .cnn import load_onnx_model, use_one_thread
+        from .cnn import load_onnx_model
 
         _models[weights] = load_onnx_model(weights)
-        use_one_thread()  # process_slide runs in a worker process (local pool or Dask); torch if the load exported
     return _models[weights]
 
 
@@ -306,7 +305,12 @@ def process_slide(job: Job) -> dict:
         out_dir = Path(job.out_dir)
         if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
             raise OSError(f"output folder {out_dir} is a link or a file; refusing to write outside --out")
-        cnn = _load_cnn(job.cnn_weights) if job.cnn_weights else None
+        cnn = None
+        if job.cnn_weights:
+            from .cnn import use_one_thread
+
+            cnn = _load_cnn(job.cnn_weights)
+            use_one_thread()  # run_batch runs this in worker processes (local pool or Dask): torch, if loaded, one thread
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
                                  workers=job.tile_workers, cnn=cnn)
         write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)

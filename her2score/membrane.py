@@ -383,7 +383,7 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     f32 = np.float32
     return MembraneSummary(
         completeness=(n_st / n_band).astype(f32),
-        longest_arc=(longest_circular_run(bridge(st)) / N_SECTORS).astype(f32),
+        longest_arc=(longest_circular_run(bst) / N_SECTORS).astype(f32),
         longest_gap=(longest_circular_run(bridge(has & ~st)) / N_SECTORS).astype(f32),
         membrane_od=np.where(n_st > 0, (od * read).sum(1) / np.maximum(n_read, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
