@@ -17,7 +17,7 @@ from .cells import disk, local_background
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
-    "MembraneSummary", "summarise_membranes", "noise_floor", "longest_circular_run",
+    "MembraneSummary", "summarise_membranes", "stained_by_neighbours", "noise_floor", "longest_circular_run",
 ]
 
 N_SECTORS = 24
@@ -60,7 +60,9 @@ class CellMeasurements:
     nucleus; sector_contrast / sector_od (n, N_SECTORS) float16: per sector of the cell's border
     band, the peak membrane contrast and the peak smoothed DAB OD of the line (log10; NaN where the
     cell has no border in that sector); width_um: stained membrane width (µm, over sectors above
-    0.05 OD of contrast).
+    0.05 OD of contrast); sector_neighbour (n, N_SECTORS) int32: per sector, the label (in the label
+    image measured) of the cell across the border, the one most of the sector's border touches (0:
+    none, glass or stroma).
     """
 
     label: np.ndarray
@@ -76,6 +78,7 @@ class CellMeasurements:
     width_um: np.ndarray
     sector_contrast: np.ndarray
     sector_od: np.ndarray
+    sector_neighbour: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
@@ -182,7 +185,8 @@ def measure_cells(
     if len(labels) == 0:
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
-        return CellMeasurements(*([empty] * 11), sectors, sectors), np.zeros(len(CONTRAST_BINS) - 1, np.int64)
+        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32)),
+                np.zeros(len(CONTRAST_BINS) - 1, np.int64))
     width_px = cells.shape[1]
     cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
@@ -209,10 +213,8 @@ def measure_cells(
     # border band of each cell (nuclear pixels excluded) and the interior
     padded = np.pad(cells, 1, mode="constant")
     center = padded[1:-1, 1:-1]
-    border = (
-        (center != padded[:-2, 1:-1]) | (center != padded[2:, 1:-1])
-        | (center != padded[1:-1, :-2]) | (center != padded[1:-1, 2:])
-    ) & on
+    sides = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
+    border = ((center != sides[0]) | (center != sides[1]) | (center != sides[2]) | (center != sides[3])) & on
     near = cv2.dilate(border.view(np.uint8), _chamfer_ball(band_um / mpp)) > 0
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
     halo = disk(halo_um / mpp)
@@ -254,6 +256,8 @@ def measure_cells(
     arc_px = (border_px * lit).sum(1)
     width = np.where(arc_px > 0, (strong_px * lit).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
 
+    neighbour = _sector_neighbours(border, padded, cy, cx, labels)
+
     m = CellMeasurements(
         label=labels.astype(np.int32),
         x=cx[labels].astype(f32),
@@ -268,8 +272,41 @@ def measure_cells(
         width_um=width.astype(f32),
         sector_contrast=sec_c.astype(np.float16),
         sector_od=sec_o.astype(np.float16),
+        sector_neighbour=neighbour,
     )
     return m, hist
+
+
+def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                       labels: np.ndarray) -> np.ndarray:
+    """(len(labels), N_SECTORS) int32: per sector, the cell across the border (measure_cells' sector_neighbour).
+
+    ``padded``: the label image with a 1 px frame of 0. A border pixel faces the first of its four
+    neighbours (up, down, left, right) that is another cell; each sector names the cell most of its
+    border pixels face.
+    """
+    width = border.shape[1]
+    r, c = np.divmod(np.flatnonzero(border), width)
+    at = (r + 1) * (width + 2) + c + 1  # the pixels in the padded image
+    flat = padded.ravel()
+    lab = flat[at]
+    other = np.zeros(len(at), padded.dtype)
+    for step in (-(width + 2), width + 2, -1, 1):
+        v = flat[at + step]
+        other = np.where((other == 0) & (v != lab) & (v > 0), v, other)
+    facing = other > 0
+    r, c, lab, other = r[facing], c[facing], lab[facing], other[facing]
+    sector = ((np.arctan2(r - cy[lab], c - cx[lab]) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    n_lab = len(cy)
+    key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits
+    keys, counts = np.unique((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other, return_counts=True)
+    cell_sector = keys // n_lab
+    order = np.lexsort((counts, cell_sector))  # the most touched neighbour last in each (cell, sector)
+    keys, cell_sector = keys[order], cell_sector[order]
+    last = np.flatnonzero(np.diff(cell_sector, append=-1))
+    out = np.zeros(n_lab * N_SECTORS, np.int32)
+    out[cell_sector[last]] = keys[last] % n_lab
+    return out.reshape(n_lab, N_SECTORS)[labels]
 
 
 def noise_floor(hist: np.ndarray, *, quantile: float = 0.99, minimum_od: float = 0.02) -> float:
@@ -294,7 +331,8 @@ class MembraneSummary:
     nucleus touches it; a U-shaped basolateral pattern has one long gap); membrane_od: mean peak DAB OD
     (log10) along the body of the stained arcs, i.e. over stained sectors stained on both sides (an arc's
     ends, where the line tapers off, are left out; all stained sectors when no arc has a body);
-    contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10).
+    contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10);
+    stained (n, N_SECTORS) bool: the stained sectors, in runs (see summarise_membranes).
     """
 
     completeness: np.ndarray
@@ -302,6 +340,7 @@ class MembraneSummary:
     longest_gap: np.ndarray
     membrane_od: np.ndarray
     contrast_od: np.ndarray
+    stained: np.ndarray
 
 
 def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
@@ -387,4 +426,21 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
         longest_gap=(longest_circular_run(bridge(has & ~st)) / N_SECTORS).astype(f32),
         membrane_od=np.where(n_st > 0, (od * read).sum(1) / np.maximum(n_read, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
+        stained=st,
     )
+
+
+def stained_by_neighbours(stained: np.ndarray, neighbour: np.ndarray, enclosing: np.ndarray, *, reach: int = 1) -> np.ndarray:
+    """Cells whose stained border may all be their neighbours' membrane: bool per cell.
+
+    ``stained`` (n, N_SECTORS): the stained sectors (MembraneSummary.stained); ``neighbour`` (n,
+    N_SECTORS): the row of the cell across the border in each sector (-1: none); ``enclosing`` (n,):
+    cells whose own membrane encloses them (complete or lateral). A cell qualifies when each of its
+    stained sectors lies within ``reach`` sectors of a border with an enclosing cell (the line bends
+    round that cell past the end of the shared border). A cell with no stained sector does not.
+    """
+    faces = (neighbour >= 0) & enclosing[np.maximum(neighbour, 0)]
+    along = faces.copy()
+    for k in range(1, reach + 1):
+        along |= np.roll(faces, k, axis=1) | np.roll(faces, -k, axis=1)
+    return stained.any(1) & ~(stained & ~along).any(1)

@@ -26,14 +26,14 @@ from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL, apply_guideline,
                          level_flags, near_cutoff, report_level)
 from .imagecheck import NotHerIhcError, check_slide
-from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, summarise_membranes
+from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import trace_outlines
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
 from .tissue import Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import COMPARTMENTS, TumourRule, select_tumour_cells, staining_compartments, unstained_level
+from .tumour import CYTOPLASMIC_OD, COMPARTMENTS, TumourRule, select_tumour_cells, staining_compartments, unstained_level
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 LEVEL_OF_CATEGORY = np.array([STAINING_LEVEL[c] for c in CATEGORIES], np.int8)
 """Guideline staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order (guidelines.STAINING_LEVEL)."""
+NEIGHBOUR_MATCH_UM = 3.0
+"""µm within which a cell in a tile's margin is the neighbouring tile's cell (their label images differ at the edge)."""
 
 
 class WrongStainError(SlideError):
@@ -122,6 +124,9 @@ class TileResult:
     one array, so a tile's result crosses between processes as a few arrays, not one per cell."""
     outline_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """Vertices of each owned cell's outline in outline_xy."""
+    label_xy: np.ndarray = field(default_factory=lambda: np.zeros((1, 2), np.float32))
+    """Level-0 (x, y) of every cell measured in the tile, owned or not, by its label (NaN: no such
+    label): where the cells named in ``cells.sector_neighbour`` lie."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -142,6 +147,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
+    label_xy = np.full((int(cells.max()) + 1, 2), np.nan, np.float32)
+    label_xy[m.label] = np.column_stack([m.x + rx, m.y + ry]) * scale
     owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
     m = m.select(owned)
     outlines = trace_outlines(cells, m.label)
@@ -159,7 +166,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     if cnn is not None:
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_xy, outline_sizes)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_xy, outline_sizes,
+                      label_xy)
 
 
 @dataclass(frozen=True)
@@ -292,6 +300,13 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     mem = summarise_membranes(cells, threshold_od=threshold, cytoplasm_base_od=unstained,
                               cytoplasm_ratio=t.cytoplasm_ratio, min_run=t.min_arc_sectors)
     category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t)
+    # a partly stained cell with no DAB of its own, stained only where it borders cells that their own membrane
+    # encloses, shows their membrane, not its own (README: shared membranes)
+    own_dab = np.nan_to_num(cells.cytoplasm_dab_od, nan=0.0) - unstained >= CYTOPLASMIC_OD
+    neighbours = _neighbour_rows(parts, cells, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)
+    borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(
+        mem.stained, neighbours, pattern >= PATTERNS.index("lateral"))
+    category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
     staining = _staining(slide_path, config, compartment, floor, threshold)
     if region is not None:
@@ -365,7 +380,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "tumour": tumour,
         "compartment": np.array(COMPARTMENTS, dtype=object)[compartment],
         "completeness": mem.completeness, "longest_arc": mem.longest_arc, "longest_gap": mem.longest_gap,
-        "membrane_od": mem.membrane_od, "contrast_od": mem.contrast_od,
+        "membrane_od": mem.membrane_od, "contrast_od": mem.contrast_od, "neighbours_membrane": borrowed,
         "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": cells.nucleus_dab_od,
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
@@ -386,6 +401,26 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
     dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
     return {"dab_floor_od": round(floor, 4), "membrane_threshold_od": round(threshold, 4),
             "compartment": dominant, "fractions": frac}
+
+
+def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, tolerance_px: float) -> np.ndarray:
+    """(len(cells), N_SECTORS) int32: per sector, the row in ``cells`` of the cell across the border (-1: none).
+
+    Each tile names its neighbours by label; a label is the slide's cell at its position (within
+    ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
+    measured for one in the tile's margin.
+    """
+    tree = cKDTree(np.column_stack([cells.x, cells.y]))
+    rows = []
+    for p in parts:
+        row_of = np.full(len(p.label_xy), -1, np.int64)
+        known = np.flatnonzero(np.isfinite(p.label_xy[:, 0]))
+        if len(known):
+            d, j = tree.query(p.label_xy[known], distance_upper_bound=tolerance_px)
+            row_of[known] = np.where(np.isfinite(d), j, -1)
+        row_of[0] = -1
+        rows.append(row_of[p.cells.sector_neighbour])
+    return np.concatenate(rows).astype(np.int32)
 
 
 def _split_rows(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:

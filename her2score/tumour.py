@@ -15,7 +15,8 @@ from scipy.spatial import cKDTree
 
 from .membrane import CellMeasurements
 
-__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "staining_compartments"]
+__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "CYTOPLASMIC_OD", "unstained_level",
+           "staining_compartments"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     return TumourSelection(candidate & ~isolated, excluded)
 
 
+CYTOPLASMIC_OD = 0.10
+"""DAB (log10 OD) above the slide's unstained level that makes a cytoplasm stained."""
+
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")
 """Where a cell's DAB lies, in the order of the codes staining_compartments returns."""
 
@@ -92,7 +96,7 @@ def unstained_level(m: CellMeasurements) -> float:
 
 
 def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,
-                          nuclear_od: float = 0.15, cytoplasmic_od: float = 0.10) -> np.ndarray:
+                          nuclear_od: float = 0.15, cytoplasmic_od: float = CYTOPLASMIC_OD) -> np.ndarray:
     """Per cell, the code (index into COMPARTMENTS) of its DAB's compartment.
 
     ``membranous``: the cell's membrane is stained (its category is not "none"). Otherwise a

@@ -23,7 +23,7 @@ FIELDS = ("field_1plus_a", "field_3plus_a", "skimage-colon")
 """Two synthetic sample fields and scikit-image's real colon IHC image, all at 0.5 µm/px."""
 TEXT = ("category", "pattern", "compartment")
 """Text columns of the cell table, kept as their index into the names of ``her2score.categories`` / ``tumour``."""
-TILE = ("label", "sector_contrast", "sector_od")
+TILE = ("label", "sector_contrast", "sector_od", "sector_neighbour")
 """CellMeasurements fields kept from score_tile (the others are in the cell table)."""
 
 

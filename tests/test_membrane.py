@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from her2score.cells import grow_cells
-from her2score.membrane import N_SECTORS, measure_cells, membrane_contrast, noise_floor, summarise_membranes
+from her2score.membrane import (N_SECTORS, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours,
+                                summarise_membranes)
 
 MPP = 0.5
 
@@ -125,7 +126,7 @@ def test_intensity_is_read_along_an_arcs_body_not_its_tapering_ends():
         m = CellMeasurements(label=np.ones(1, np.int32), x=one, y=one, cell_area_um2=one, nucleus_area_um2=one,
                              nucleus_elongation=one, nucleus_width_um=one, hematoxylin_od=one, nucleus_dab_od=0 * one,
                              cytoplasm_dab_od=0 * one, width_um=one, sector_contrast=np.where(od > 0, od, 0).astype(np.float16),
-                             sector_od=od.astype(np.float16))
+                             sector_od=od.astype(np.float16), sector_neighbour=np.zeros((1, N_SECTORS), np.int32))
         return summarise_membranes(m, threshold_od=0.05)
 
     arc = np.zeros(N_SECTORS)
@@ -165,3 +166,36 @@ def test_brown_nucleus_is_not_membrane():
     m, s, _ = measure(nuclei, dab)
     assert s.completeness[0] == 0
     assert m.nucleus_dab_od[0] > 0.5
+
+
+def test_each_sector_names_the_cell_across_its_border():
+    """Two cells side by side on glass: the sectors of each that face the other name it, those facing glass name none."""
+    cells = np.zeros((40, 70), np.int32)
+    cells[10:30, 10:35] = 1
+    cells[10:30, 35:60] = 2
+    zero = np.zeros(cells.shape, np.float32)
+    m, _ = measure_cells(cells, np.zeros_like(cells), zero, zero, zero, mpp=MPP)
+    right, left = N_SECTORS // 2, 0  # sectors count from -180° (pointing left), anticlockwise in image rows
+    assert m.sector_neighbour.dtype == np.int32 and m.sector_neighbour.shape == (2, N_SECTORS)
+    assert m.sector_neighbour[0, right] == 2 and m.sector_neighbour[1, left] == 1
+    assert m.sector_neighbour[0, left] == 0 and m.sector_neighbour[1, right] == 0
+    assert set(np.unique(m.sector_neighbour[0])) == {0, 2}
+
+
+def test_stained_by_neighbours_needs_every_stained_sector_beside_an_enclosing_cell():
+    """Cell 0 is stained only on its border with cell 1 (enclosed by its own membrane) and one sector
+    past it: that stain may be cell 1's. Cell 2 is also stained where it faces glass, cell 3 faces a
+    cell that is not enclosing, cell 4 is unstained: none of those qualifies."""
+    n = 5
+    stained = np.zeros((n, N_SECTORS), bool)
+    neighbour = np.full((n, N_SECTORS), -1, np.int32)
+    enclosing = np.array([False, True, False, False, False])
+    neighbour[0, 10:14] = 1
+    stained[0, 9:15] = True  # one sector beyond the shared border at each end
+    neighbour[2, 10:14] = 1
+    stained[2, 10:20] = True  # and on along the glass
+    neighbour[3, 10:14] = 4
+    stained[3, 10:14] = True
+    neighbour[4, 10:14] = 1
+    assert stained_by_neighbours(stained, neighbour, enclosing).tolist() == [True, False, False, False, False]
+    assert not stained_by_neighbours(stained, neighbour, enclosing, reach=0)[0]  # without the bend, the ends are its own
