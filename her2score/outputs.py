@@ -291,7 +291,8 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
     w, h = size
     classes = {c: json.dumps({"name": c, "color": list(category_colour(c))}, separators=(",", ":")).encode() for c in CATEGORIES}
     measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
-                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2)) if m in t]
+                                    ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2),
+                                    ("neighbours_membrane", 0)) if m in t]
     feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
                b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
     polys = _outlines(analysis, a, b)
@@ -340,7 +341,8 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     (a pixel spans [i, i + 1], so its centre is i + 0.5), clipped to the image (``slide_size``,
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) is a property; ``measurements`` holds completeness, membrane
-    DAB OD (log10), width (µm), areas (µm²) and tumour (1/0) as QuPath reads them.
+    DAB OD (log10), width (µm), areas (µm²), neighbours_membrane (1: its stain is its neighbours'
+    membrane, so it reads none) and tumour (1/0) as QuPath reads them.
     ``features``: the text of each chunk of cells (_chunk_bounds, _geojson_features) when made elsewhere.
     """
     size = slide_size or _slide_size(analysis, None)
