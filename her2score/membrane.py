@@ -430,17 +430,16 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     )
 
 
-def stained_by_neighbours(stained: np.ndarray, neighbour: np.ndarray, enclosing: np.ndarray, *, reach: int = 1) -> np.ndarray:
+def stained_by_neighbours(stained: np.ndarray, beside: np.ndarray, *, reach: int = 1) -> np.ndarray:
     """Cells whose stained border may all be their neighbours' membrane: bool per cell.
 
-    ``stained`` (n, N_SECTORS): the stained sectors (MembraneSummary.stained); ``neighbour`` (n,
-    N_SECTORS): the row of the cell across the border in each sector (-1: none); ``enclosing`` (n,):
-    cells whose own membrane encloses them (complete or lateral). A cell qualifies when each of its
-    stained sectors lies within ``reach`` sectors of a border with an enclosing cell (the line bends
-    round that cell past the end of the shared border). A cell with no stained sector does not.
+    ``stained`` (n, N_SECTORS): the stained sectors (MembraneSummary.stained); ``beside`` (n,
+    N_SECTORS): the sectors whose border is with a cell that its own membrane encloses (complete or
+    lateral). A cell qualifies when each of its stained sectors lies within ``reach`` sectors of such
+    a border (the line bends round that cell past the end of the shared border). A cell with no
+    stained sector does not.
     """
-    faces = (neighbour >= 0) & enclosing[np.maximum(neighbour, 0)]
-    along = faces.copy()
+    along = beside.copy()
     for k in range(1, reach + 1):
-        along |= np.roll(faces, k, axis=1) | np.roll(faces, -k, axis=1)
+        along |= np.roll(beside, k, axis=1) | np.roll(beside, -k, axis=1)
     return stained.any(1) & ~(stained & ~along).any(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -303,9 +304,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     # a partly stained cell with no DAB of its own, stained only where it borders cells that their own membrane
     # encloses, shows their membrane, not its own (README: shared membranes)
     own_dab = np.nan_to_num(cells.cytoplasm_dab_od, nan=0.0) - unstained >= CYTOPLASMIC_OD
-    neighbours = _neighbour_rows(parts, cells, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)
-    borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(
-        mem.stained, neighbours, pattern >= PATTERNS.index("lateral"))
+    enclosing = pattern >= PATTERNS.index("lateral")
+    beside = np.concatenate([(rows >= 0) & enclosing[np.maximum(rows, 0)]  # per tile: the int32 rows never pile up
+                             for rows in _neighbour_rows(parts, cells, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)])
+    borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(mem.stained, beside)
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
     staining = _staining(slide_path, config, compartment, floor, threshold)
@@ -403,24 +405,22 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
             "compartment": dominant, "fractions": frac}
 
 
-def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, tolerance_px: float) -> np.ndarray:
-    """(len(cells), N_SECTORS) int32: per sector, the row in ``cells`` of the cell across the border (-1: none).
+def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, tolerance_px: float) -> Iterator[np.ndarray]:
+    """Per tile, (cells it owns, N_SECTORS) int32: per sector, the row in ``cells`` of the cell across the border (-1: none).
 
     Each tile names its neighbours by label; a label is the slide's cell at its position (within
     ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
     measured for one in the tile's margin.
     """
     tree = cKDTree(np.column_stack([cells.x, cells.y]))
-    rows = []
     for p in parts:
-        row_of = np.full(len(p.label_xy), -1, np.int64)
+        row_of = np.full(len(p.label_xy), -1, np.int32)
         known = np.flatnonzero(np.isfinite(p.label_xy[:, 0]))
         if len(known):
             d, j = tree.query(p.label_xy[known], distance_upper_bound=tolerance_px)
             row_of[known] = np.where(np.isfinite(d), j, -1)
         row_of[0] = -1
-        rows.append(row_of[p.cells.sector_neighbour])
-    return np.concatenate(rows).astype(np.int32)
+        yield row_of[p.cells.sector_neighbour]
 
 
 def _split_rows(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:

@@ -183,19 +183,14 @@ def test_each_sector_names_the_cell_across_its_border():
 
 
 def test_stained_by_neighbours_needs_every_stained_sector_beside_an_enclosing_cell():
-    """Cell 0 is stained only on its border with cell 1 (enclosed by its own membrane) and one sector
-    past it: that stain may be cell 1's. Cell 2 is also stained where it faces glass, cell 3 faces a
-    cell that is not enclosing, cell 4 is unstained: none of those qualifies."""
-    n = 5
-    stained = np.zeros((n, N_SECTORS), bool)
-    neighbour = np.full((n, N_SECTORS), -1, np.int32)
-    enclosing = np.array([False, True, False, False, False])
-    neighbour[0, 10:14] = 1
+    """Cell 0 is stained only on its border with an enclosing cell and one sector past it: that
+    stain may be the neighbour's. Cell 1 is also stained where it faces glass, cell 2 borders no
+    enclosing cell, cell 3 is unstained: none of those qualifies."""
+    stained = np.zeros((4, N_SECTORS), bool)
+    beside = np.zeros((4, N_SECTORS), bool)
+    beside[[0, 1, 3], 10:14] = True
     stained[0, 9:15] = True  # one sector beyond the shared border at each end
-    neighbour[2, 10:14] = 1
-    stained[2, 10:20] = True  # and on along the glass
-    neighbour[3, 10:14] = 4
-    stained[3, 10:14] = True
-    neighbour[4, 10:14] = 1
-    assert stained_by_neighbours(stained, neighbour, enclosing).tolist() == [True, False, False, False, False]
-    assert not stained_by_neighbours(stained, neighbour, enclosing, reach=0)[0]  # without the bend, the ends are its own
+    stained[1, 10:20] = True  # and on along the glass
+    stained[2, 10:14] = True
+    assert stained_by_neighbours(stained, beside).tolist() == [True, False, False, False]
+    assert not stained_by_neighbours(stained, beside, reach=0)[0]  # without the bend, the ends are its own

@@ -179,7 +179,7 @@ def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
         rgb[y0 - y : y1 - y, x0 - x : x1 - x] = f.image[y0:y1, x0:x1]
         parts.append(score_tile(rgb, t, stains=stains, config=ScoringConfig(), scale=1.0))
     cells = CellMeasurements.concat([p.cells for p in parts])
-    rows = _neighbour_rows(parts, cells, tolerance_px=6.0)
+    rows = np.concatenate(list(_neighbour_rows(parts, cells, tolerance_px=6.0)))
     tile_of = np.repeat([0, 1], [len(p.cells) for p in parts])
     assert rows.shape == (len(cells), 24) and rows.min() >= -1 and rows.max() < len(cells)
     pairs = {(a, b) for a in range(len(cells)) for b in set(rows[a].tolist()) - {-1}}
