@@ -4,7 +4,7 @@
 
 Prints, per image: its kind (what its SOURCE.md says it shows), the score or the refusal with its
 reason, tumour cells, per-category percentages, the slide's DAB noise floor and the staining
-compartment found, and nuclei detection against the DeepLIIF masks. Writes real_out/table.md and
+compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks. Writes real_out/table.md and
 real_out/<image>.png overlays (field resolution).
 None of these images carries a HER2 label: the table is checked against what each image shows.
 """
@@ -22,7 +22,7 @@ from her2score.categories import CATEGORIES  # noqa: E402
 from her2score.outputs import overlay_png  # noqa: E402
 from her2score.pipeline import analyse_slide  # noqa: E402
 from her2score.slide import ArraySlide, SlideError  # noqa: E402
-from realdata import REAL, deepliif_detection, real_cases  # noqa: E402
+from realdata import REAL, deepliif_detection, deepliif_tumour_selection, real_cases  # noqa: E402
 
 SHORT = {"none": "none", "faint_partial": "faint", "weak_moderate_complete": "wm-c", "strong_complete": "s-c",
          "weak_moderate_lateral": "wm-l", "strong_lateral": "s-l", "strong_partial": "s-p"}
@@ -62,6 +62,13 @@ def main() -> None:
         lines.append(f"\nNuclei against the DeepLIIF Ki67 masks (4 fields, 0.3 µm/px, one-to-one within 4 µm): "
                      f"{tp} matched of {gt} annotated and {det} detected; recall {r:.3f}, precision {p:.3f}, F1 {2 * p * r / (p + r):.3f} "
                      "(the masks outline tumour nuclei only: stromal nuclei found count against precision)")
+        print(lines[-1].strip())
+        sel = deepliif_tumour_selection()
+        flagged, right, annotated = (sum(v[i] for v in sel.values()) for i in range(3))
+        lines.append(f"\nTumour cells without an annotation, against the same masks (cells on an annotated nucleus are tumour; "
+                     f"nuclear refusal off): precision {right / flagged:.3f}, recall {right / annotated:.3f} "
+                     f"({right} of {flagged} flagged cells, of {annotated} on an annotated nucleus); per field "
+                     + ", ".join(f"{k} {r / max(f, 1):.2f} / {r / max(a, 1):.2f}" for k, (f, r, a) in sel.items()))
         print(lines[-1].strip())
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"table: {out / 'table.md'}")

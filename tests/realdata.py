@@ -106,26 +106,57 @@ def _centroids(labels: np.ndarray) -> np.ndarray:
     return np.column_stack([np.bincount(labels.ravel(), xx.ravel())[ids] / n, np.bincount(labels.ravel(), yy.ravel())[ids] / n])
 
 
-def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, int, int]:
-    """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``."""
+def _deepliif_fields():
+    """(name, RGB, annotated nucleus centroids (x, y) px) of each DeepLIIF Ki67 field."""
     from PIL import Image
-    from scipy.optimize import linear_sum_assignment
 
-    from her2score.cells import segment_nuclei
-    from her2score.stain import H_DAB, deconvolve, estimate_background
-
-    tp = det_n = gt_n = 0
     for p in sorted((REAL / "nuclear-ihc" / "deepliif-ki67" / "images").glob("*.png")):
         rgb = np.asarray(Image.open(p).convert("RGB"))
         mask = np.asarray(Image.open(p.parents[1] / "masks" / p.name).convert("RGB")).astype(int)
         cell = ((mask[..., 0] > 100) | (mask[..., 2] > 100)) & (mask[..., 1] <= 80)  # red/blue cells, green borders
-        _, gt_lab, stats, gt = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
-        gt = gt[1:][stats[1:, cv2.CC_STAT_AREA] >= 15]
+        _, _, stats, gt = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
+        yield p.stem, rgb, gt[1:][stats[1:, cv2.CC_STAT_AREA] >= 15]
+
+
+def _one_to_one(det: np.ndarray, gt: np.ndarray, within_px: float) -> np.ndarray:
+    """Bool per detection: matched one-to-one (Hungarian, nearest) to an annotation within ``within_px``."""
+    from scipy.optimize import linear_sum_assignment
+
+    matched = np.zeros(len(det), bool)
+    if len(det) and len(gt):
+        d = np.linalg.norm(det[:, None] - gt[None], axis=2)
+        cost = np.where(d <= within_px, d, 1e6)
+        rows, cols = linear_sum_assignment(cost)
+        matched[rows[cost[rows, cols] < 1e6]] = True
+    return matched
+
+
+def deepliif_tumour_selection(mpp: float = 0.3, match_um: float = 4.0) -> dict[str, tuple[int, int, int]]:
+    """Per DeepLIIF field: (cells flagged tumour, flagged cells on an annotated nucleus, cells on an
+    annotated nucleus). The masks outline the tumour nuclei a Ki67 count uses, not the thin stromal
+    ones, so they are the real tumour labels here; the fields are scored with the nuclear-DAB
+    refusal off (their DAB is Ki67)."""
+    from her2score.pipeline import ScoringConfig, analyse_slide
+    from her2score.slide import ArraySlide
+
+    out = {}
+    for name, rgb, gt in _deepliif_fields():
+        cells = analyse_slide(ArraySlide(rgb, mpp=mpp), config=ScoringConfig(nuclear_stain_min=1.0)).cells
+        on_nucleus = _one_to_one(np.column_stack([cells["x"], cells["y"]]), gt, match_um / mpp)
+        flagged = np.asarray(cells["tumour"], bool)
+        out[name] = (int(flagged.sum()), int((flagged & on_nucleus).sum()), int(on_nucleus.sum()))
+    return out
+
+
+def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, int, int]:
+    """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``."""
+    from her2score.cells import segment_nuclei
+    from her2score.stain import H_DAB, deconvolve, estimate_background
+
+    tp = det_n = gt_n = 0
+    for _, rgb, gt in _deepliif_fields():
         hed = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))
         det = _centroids(segment_nuclei(hed[..., 0], hed[..., 1], mpp=mpp))
-        d = np.linalg.norm(det[:, None] - gt[None], axis=2)
-        cost = np.where(d <= match_um / mpp, d, 1e6)
-        rows, cols = linear_sum_assignment(cost)
-        tp += int(np.sum(cost[rows, cols] < 1e6))
+        tp += int(_one_to_one(det, gt, match_um / mpp).sum())
         det_n, gt_n = det_n + len(det), gt_n + len(gt)
     return tp, det_n, gt_n
