@@ -141,6 +141,11 @@ def _chamfer_ball(radius_px: float) -> np.ndarray:
     return (cv2.distanceTransform(point, cv2.DIST_L2, 3) <= radius_px).astype(np.uint8)
 
 
+def _sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Angular sector (0 to N_SECTORS - 1, from the left and clockwise on the image) of pixels (dy, dx) px from a centroid."""
+    return ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+
+
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     out = np.full(size, -np.inf, np.float32)
     np.maximum.at(out, key, values)
@@ -240,7 +245,7 @@ def measure_cells(
     lab = cells.ravel()[band_idx]
     br, bc = (v.astype(np.float32) for v in np.divmod(band_idx, width_px))
     dy, dx = br - cy[lab], bc - cx[lab]
-    sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    sector = _sector_of(dy, dx)
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
     c_band = contrast.ravel()[band_idx]
@@ -296,7 +301,7 @@ def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, c
         other = np.where((other == 0) & (v != lab) & (v > 0), v, other)
     facing = other > 0
     r, c, lab, other = r[facing], c[facing], lab[facing], other[facing]
-    sector = ((np.arctan2(r - cy[lab], c - cx[lab]) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    sector = _sector_of(r - cy[lab], c - cx[lab])
     n_lab = len(cy)
     key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits
     keys, counts = np.unique((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other, return_counts=True)

@@ -34,7 +34,7 @@ from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
 from .tissue import Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import CYTOPLASMIC_OD, COMPARTMENTS, TumourRule, select_tumour_cells, staining_compartments, unstained_level
+from .tumour import COMPARTMENTS, CYTOPLASMIC_OD, TumourRule, select_tumour_cells, staining_compartments, unstained_level
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
 

@@ -175,7 +175,7 @@ def test_each_sector_names_the_cell_across_its_border():
     cells[10:30, 35:60] = 2
     zero = np.zeros(cells.shape, np.float32)
     m, _ = measure_cells(cells, np.zeros_like(cells), zero, zero, zero, mpp=MPP)
-    right, left = N_SECTORS // 2, 0  # sectors count from -180° (pointing left), anticlockwise in image rows
+    right, left = N_SECTORS // 2, 0  # sectors count from the left, clockwise on the image
     assert m.sector_neighbour.dtype == np.int32 and m.sector_neighbour.shape == (2, N_SECTORS)
     assert m.sector_neighbour[0, right] == 2 and m.sector_neighbour[1, left] == 1
     assert m.sector_neighbour[0, left] == 0 and m.sector_neighbour[1, right] == 0
