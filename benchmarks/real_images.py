@@ -4,8 +4,8 @@
 
 Prints, per image: its kind (what its SOURCE.md says it shows), the score or the refusal with its
 reason, tumour cells, per-category percentages, the slide's DAB noise floor and the staining
-compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks. Writes real_out/table.md and
-real_out/<image>.png overlays (field resolution).
+compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks.
+Writes real_out/table.md and real_out/<image>.png overlays (field resolution).
 None of these images carries a HER2 label: the table is checked against what each image shows.
 """
 from __future__ import annotations

@@ -34,7 +34,8 @@ from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
 from .tissue import Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import COMPARTMENTS, CYTOPLASMIC_OD, TumourRule, select_tumour_cells, staining_compartments, unstained_level
+from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
+                     unstained_level)
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -148,15 +149,16 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
+    tx, ty = m.x + rx, m.y + ry  # tile px of the read box -> px of the grid
+    owned = (tx >= x0) & (tx < x0 + w) & (ty >= y0) & (ty < y0 + h)
+    m = replace(m, x=(tx * scale).astype(np.float32), y=(ty * scale).astype(np.float32))
     label_xy = np.full((int(cells.max()) + 1, 2), np.nan, np.float32)
-    label_xy[m.label] = np.column_stack([m.x + rx, m.y + ry]) * scale
-    owned = (m.x + rx >= x0) & (m.x + rx < x0 + w) & (m.y + ry >= y0) & (m.y + ry < y0 + h)
+    label_xy[m.label] = np.column_stack([m.x, m.y])
     m = m.select(owned)
     outlines = trace_outlines(cells, m.label)
     outline_sizes = np.array([len(p) for p in outlines], np.int64)
     outline_xy = np.concatenate(outlines) if outlines else np.zeros((0, 2), np.float32)
     outline_xy = ((outline_xy + np.array([rx, ry], np.float32)) * scale).astype(np.float32)
-    m = replace(m, x=((m.x + rx) * scale).astype(np.float32), y=((m.y + ry) * scale).astype(np.float32))
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
     total_od = hed[..., 0] + hed[..., 1]
     tissue = total_od > 0.1
@@ -303,7 +305,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t)
     # a partly stained cell with no DAB of its own, stained only where it borders cells that their own membrane
     # encloses, shows their membrane, not its own (README: shared membranes)
-    own_dab = np.nan_to_num(cells.cytoplasm_dab_od, nan=0.0) - unstained >= CYTOPLASMIC_OD
+    own_dab = stained_cytoplasm(cells, unstained_od=unstained)
     enclosing = pattern >= PATTERNS.index("lateral")
     beside = np.concatenate([(rows >= 0) & enclosing[np.maximum(rows, 0)]  # per tile: the int32 rows never pile up
                              for rows in _neighbour_rows(parts, cells, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)])

@@ -15,7 +15,7 @@ from scipy.spatial import cKDTree
 
 from .membrane import CellMeasurements
 
-__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "CYTOPLASMIC_OD", "unstained_level",
+__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
            "staining_compartments"]
 
 
@@ -82,9 +82,6 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     return TumourSelection(candidate & ~isolated, excluded)
 
 
-CYTOPLASMIC_OD = 0.10
-"""DAB (log10 OD) above the slide's unstained level that makes a cytoplasm stained."""
-
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")
 """Where a cell's DAB lies, in the order of the codes staining_compartments returns."""
 
@@ -95,19 +92,23 @@ def unstained_level(m: CellMeasurements) -> float:
     return float(np.percentile(cyto, 10)) if len(cyto) else 0.0
 
 
+def stained_cytoplasm(m: CellMeasurements, *, unstained_od: float, cytoplasmic_od: float = 0.10) -> np.ndarray:
+    """Per cell, whether its cytoplasm's DAB exceeds the slide's ``unstained_od`` (unstained_level) by ``cytoplasmic_od`` (log10 OD)."""
+    return np.nan_to_num(m.cytoplasm_dab_od, nan=0.0) - unstained_od >= cytoplasmic_od
+
+
 def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,
-                          nuclear_od: float = 0.15, cytoplasmic_od: float = CYTOPLASMIC_OD) -> np.ndarray:
+                          nuclear_od: float = 0.15) -> np.ndarray:
     """Per cell, the code (index into COMPARTMENTS) of its DAB's compartment.
 
     ``membranous``: the cell's membrane is stained (its category is not "none"). Otherwise a
-    nucleus whose DAB exceeds its cytoplasm by ``nuclear_od`` is nuclear staining; a cytoplasm
-    whose DAB exceeds the slide's ``unstained_od`` (unstained_level) by ``cytoplasmic_od`` is
-    cytoplasmic staining. Brown nuclei are never read as membrane (see membrane.measure_cells).
+    nucleus whose DAB exceeds its cytoplasm by ``nuclear_od`` is nuclear staining; a stained
+    cytoplasm (stained_cytoplasm) is cytoplasmic staining. Brown nuclei are never read as membrane (see membrane.measure_cells).
     """
     cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)
     nuclear = (m.nucleus_area_um2 > 0) & (m.nucleus_dab_od - np.maximum(cyto, unstained_od) >= nuclear_od)
     code = np.zeros(len(m), np.int8)
-    code[cyto - unstained_od >= cytoplasmic_od] = 2
+    code[stained_cytoplasm(m, unstained_od=unstained_od)] = 2
     code[nuclear] = 3
     code[membranous] = 1
     return code

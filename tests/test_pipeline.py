@@ -164,20 +164,15 @@ def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
     """A field scored as two tiles: each cell's sectors name the cells across its border by their rows
     in the slide's table, across the seam too, and the relation is mutual (A faces B, B faces A)."""
     from her2score.membrane import CellMeasurements
-    from her2score.pipeline import _neighbour_rows, score_tile
+    from her2score.pipeline import _neighbour_rows, _read_tile, score_tile
     from her2score.stain import H_DAB, estimate_background
     from her2score.tissue import Tile
 
     f = generate_field("3+", seed=9500, size_px=(1024, 512))
+    slide = ArraySlide(f.image, mpp=f.mpp)
     stains = H_DAB.with_background(estimate_background(f.image))
     tiles = [Tile(0, 0, (0, 0, 512, 512), 32), Tile(0, 1, (512, 0, 512, 512), 32)]
-    parts = []
-    for t in tiles:
-        x, y, w, h = t.read
-        rgb = np.full((h, w, 3), 255, np.uint8)  # beyond the field: white, as a slide reads it
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, 1024), min(y + h, 512)
-        rgb[y0 - y : y1 - y, x0 - x : x1 - x] = f.image[y0:y1, x0:x1]
-        parts.append(score_tile(rgb, t, stains=stains, config=ScoringConfig(), scale=1.0))
+    parts = [score_tile(_read_tile(slide, t, f.mpp), t, stains=stains, config=ScoringConfig(), scale=1.0) for t in tiles]
     cells = CellMeasurements.concat([p.cells for p in parts])
     rows = np.concatenate(list(_neighbour_rows(parts, cells, tolerance_px=6.0)))
     tile_of = np.repeat([0, 1], [len(p.cells) for p in parts])
