@@ -6,10 +6,12 @@ and kept simple (clip_outline).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
-__all__ = ["trace_outlines", "polygon_area", "is_simple", "clip_outline", "draw_cell_rings"]
+__all__ = ["trace_outlines", "trace_outline_points", "grid_to_pixels", "Outlines", "polygon_area", "is_simple", "clip_outline", "draw_cell_rings"]
 
 
 def polygon_area(poly: np.ndarray) -> float:
@@ -90,9 +92,30 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     one-pixel necks keep a width. Such a ring is simple (no self-intersection, no spike);
     collinear vertices are dropped.
     """
+    points, sizes = trace_outline_points(cell_labels, label_ids)
+    return _split(grid_to_pixels(points), sizes)
+
+
+def grid_to_pixels(points: np.ndarray) -> np.ndarray:
+    """Vertices on trace_outline_points' grid as float32 (x, y) pixel coordinates of the label image."""
+    return (points.astype(np.float32) - 0.5) / 2 - 1  # the 2x grid of the image padded by 1 px
+
+
+def _split(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """``rows`` cut into consecutive pieces of ``sizes`` rows (views)."""
+    ends = np.cumsum(sizes).tolist()
+    return [rows[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """trace_outlines' rings as traced, before conversion to pixels (grid_to_pixels): their vertices back
+    to back, int16 (int32 for an image over 16,000 px) (x, y) on the 2x grid of the label image padded
+    by 1 px, and the vertex count of each id of ``label_ids`` (int64; 0 for a label with no pixel)."""
     cell_labels = np.asarray(cell_labels)
     label_ids = np.asarray(label_ids, dtype=np.int64)
-    out = [np.zeros((0, 2), np.float32) for _ in range(len(label_ids))]
+    dtype = np.int16 if 2 * (max(cell_labels.shape) + 2) < np.iinfo(np.int16).max else np.int32
+    sizes = np.zeros(len(label_ids), np.int64)
+    none = np.zeros((0, 2), dtype)
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
     asked = np.zeros(top + 1, np.int32)  # label -> itself if asked for, else 0 (so are negative labels)
     asked[label_ids[label_ids > 0]] = label_ids[label_ids > 0]
@@ -107,7 +130,7 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     last = dict(zip(owner.tolist(), range(len(traced))))
     where = np.flatnonzero((label_ids > 0) & (parts[np.maximum(label_ids, 0)] > 0))  # 0: the background
     if not len(where):
-        return out
+        return none, sizes
     chains = []  # on the 2x grid of the padded image
     for lab in label_ids[where].tolist():
         if parts[lab] == 1:
@@ -135,11 +158,55 @@ def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.nd
     n = np.array([len(c) for c in chains])
     pts = np.concatenate(chains)
     keep = _without_collinear(pts.astype(np.int64), n)
-    poly = (pts[keep].astype(np.float32) - 0.5) / 2 - 1  # from the 2x grid of the padded image to cell_labels' pixels
-    end = np.cumsum(np.add.reduceat(keep, np.cumsum(n) - n)).tolist()
-    for i, a, b in zip(where.tolist(), [0] + end[:-1], end):
-        out[i] = poly[a:b]
-    return out
+    sizes[where] = np.add.reduceat(keep, np.cumsum(n) - n)
+    return pts[keep].astype(dtype), sizes
+
+
+class Outlines(Sequence):
+    """Cells' outlines as their tiles traced them: each tile's vertices on its tracing grid
+    (trace_outline_points: 4 bytes a vertex, no object per cell), with the tile's placement in the
+    slide. Item i is cell i's outline, float32 (k, 2) (x, y) in level-0 px: trace_outlines' pixels
+    of the tile's read box moved by its origin ``(rx, ry)`` (tile px) and multiplied by ``scale``
+    (level-0 px per tile px). A slice or an index array gives a list of them."""
+
+    def __init__(self, tiles: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]):
+        """``tiles``: per tile, (points, sizes, (rx, ry, scale)); its cells follow the previous tile's."""
+        self._tiles = [(pts, (rx, ry), scale) for pts, _, (rx, ry, scale) in tiles]
+        sizes = [np.asarray(s, np.int64) for _, s, _ in tiles]
+        self._tile = np.repeat(np.arange(len(tiles), dtype=np.int32), [len(s) for s in sizes])
+        self._start = np.concatenate([np.cumsum(s) - s for s in sizes]) if sizes else np.zeros(0, np.int64)
+        self._size = np.concatenate(sizes).astype(np.int32) if sizes else np.zeros(0, np.int32)
+
+    def __len__(self) -> int:
+        return len(self._size)
+
+    def _decode(self, t: int, a: int, b: int) -> np.ndarray:
+        pts, origin, scale = self._tiles[t]
+        return ((grid_to_pixels(pts[a:b]) + np.array(origin, np.float32)) * scale).astype(np.float32)
+
+    def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Outlines of cells a..b back to back (float32 (V, 2) level-0 px) and each one's vertex count."""
+        a, b, _ = slice(a, b).indices(len(self))
+        if b <= a:
+            return np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+        tile, start, size = self._tile[a:b], self._start[a:b], self._size[a:b].astype(np.int64)
+        runs = np.flatnonzero(np.diff(tile)) + 1  # cells of one tile are consecutive
+        xy = [self._decode(int(tile[i]), int(start[i]), int(start[j - 1] + size[j - 1]))
+              for i, j in zip([0, *runs.tolist()], [*runs.tolist(), b - a])]
+        return np.concatenate(xy), size
+
+    def __iter__(self):
+        for a in range(0, len(self), 4096):
+            yield from self[a : a + 4096]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return _split(*self.block(*key.indices(len(self))[:2])) if key.step in (None, 1) else [self[i] for i in range(len(self))[key]]
+        if np.ndim(key) == 0:
+            i = range(len(self))[int(key)]  # negative indices; IndexError past the end
+            return self._decode(int(self._tile[i]), int(self._start[i]), int(self._start[i] + self._size[i]))
+        key = np.asarray(key)
+        return [self[int(i)] for i in (np.flatnonzero(key) if key.dtype == bool else key)]
 
 
 def _clip(pts: np.ndarray, width: float, height: float) -> np.ndarray:

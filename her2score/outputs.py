@@ -228,11 +228,11 @@ def _slide_size(analysis: SlideAnalysis, slide: Slide | None) -> tuple[float, fl
     return analysis.thumbnail.shape[1] * f, analysis.thumbnail.shape[0] * f
 
 
-def _outlines(analysis: SlideAnalysis, a: int, b: int) -> list[np.ndarray]:
-    """Level-0 (k, 2) outlines of cells a..b (pixel centres at integers)."""
+def _outlines(analysis: SlideAnalysis, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 outlines of cells a..b (pixel centres at integers) back to back, float32 (V, 2), and each one's vertex count."""
     if "outline" not in analysis.cells:
-        raise ValueError("the cell table has no 'outline' column (her2score.outlines.trace_outlines in score_tile)")
-    return list(analysis.cells["outline"][a:b])
+        raise ValueError("the cell table has no 'outline' column (her2score.outlines.Outlines, made in score_tile)")
+    return analysis.cells["outline"].block(a, b)
 
 
 _HUNDREDTHS = np.array([f".{k // 10}" if k % 10 == 0 else f".{k:02d}" for k in range(100)], "S4").view("<u4")
@@ -296,12 +296,11 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
                                     ("neighbours_membrane", 0)) if m in t]
     feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
                b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
-    polys = _outlines(analysis, a, b)
-    sizes = np.array([len(p) for p in polys], np.int64)
-    pts = np.concatenate(polys, dtype=np.float64) + 0.5  # QuPath: pixel centre i + 0.5
+    xy, sizes = _outlines(analysis, a, b)
+    pts = xy.astype(np.float64) + 0.5  # QuPath: pixel centre i + 0.5
     starts = np.cumsum(sizes) - sizes
     outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w) | (pts[:, 1] > h)
-    cut = np.zeros(len(polys), bool)
+    cut = np.zeros(len(sizes), bool)
     has = sizes > 0
     cut[has] = np.logical_or.reduceat(outside, starts[has]) if len(pts) else False
     edge = cut | (sizes < 3)  # crosses the image edge (or no outline): clipped, kept simple

@@ -28,7 +28,7 @@ from .guidelines import (ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF
                          level_flags, near_cutoff, report_level)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
-from .outlines import trace_outlines
+from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
@@ -121,14 +121,16 @@ class TileResult:
     """Membrane contrast inside the tile's cells, away from membranes (membrane.CONTRAST_BINS): the noise-floor evidence."""
     cnn_probs: np.ndarray | None = None
     cnn_patches: int = 0
-    outline_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
-    """The owned cells' outlines back to back: float32 (x, y) in level-0 px (her2score.outlines.trace_outlines);
-    one array, so a tile's result crosses between processes as a few arrays, not one per cell."""
+    outline_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int16))
+    """The owned cells' outlines back to back, on the tracing grid (her2score.outlines.trace_outline_points):
+    one small array, so a tile's result crosses between processes, and stays in memory, without an object per cell."""
     outline_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Vertices of each owned cell's outline in outline_xy."""
+    """Vertices of each owned cell's outline in outline_points."""
     label_xy: np.ndarray = field(default_factory=lambda: np.zeros((1, 2), np.float32))
     """Level-0 (x, y) of every cell measured in the tile, owned or not, by its label (NaN: no such
     label): where the cells named in ``cells.sector_neighbour`` lie."""
+    outline_frame: tuple[float, float, float] = (0, 0, 1.0)
+    """(rx, ry, scale): the tile's read box origin (tile px) and level-0 px per tile px (her2score.outlines.Outlines)."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -155,10 +157,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     label_xy = np.full((int(cells.max()) + 1, 2), np.nan, np.float32)
     label_xy[m.label] = np.column_stack([m.x, m.y])
     m = m.select(owned)
-    outlines = trace_outlines(cells, m.label)
-    outline_sizes = np.array([len(p) for p in outlines], np.int64)
-    outline_xy = np.concatenate(outlines) if outlines else np.zeros((0, 2), np.float32)
-    outline_xy = ((outline_xy + np.array([rx, ry], np.float32)) * scale).astype(np.float32)
+    outline_points, outline_sizes = trace_outline_points(cells, m.label)
     # QC: focus as variance of the Laplacian of optical density over tissue, nuclear stain strength
     total_od = hed[..., 0] + hed[..., 1]
     tissue = total_od > 0.1
@@ -169,8 +168,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     if cnn is not None:
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_xy, outline_sizes,
-                      label_xy)
+    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_points, outline_sizes,
+                      label_xy, (rx, ry, scale))
 
 
 @dataclass(frozen=True)
@@ -390,7 +389,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
         "nucleus_width_um": cells.nucleus_width_um,
         "hematoxylin_od": cells.hematoxylin_od,
-        "outline": _object_column([o for p in parts for o in _split_rows(p.outline_xy, p.outline_sizes)]),
+        "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
@@ -423,20 +422,6 @@ def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, toleran
             row_of[known] = np.where(np.isfinite(d), j, -1)
         row_of[0] = -1
         yield row_of[p.cells.sector_neighbour]
-
-
-def _split_rows(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    """``rows`` cut into consecutive pieces of ``sizes`` rows (views)."""
-    ends = np.cumsum(sizes).tolist()
-    return [rows[a:b] for a, b in zip([0, *ends[:-1]], ends)]
-
-
-def _object_column(items: list) -> np.ndarray:
-    """A 1-D object array holding ``items`` as they are (arrays of any shape)."""
-    col = np.empty(len(items), dtype=object)
-    for i, v in enumerate(items):
-        col[i] = v
-    return col
 
 
 def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float,

@@ -11,7 +11,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from her2score.categories import CATEGORIES
-from her2score.outlines import clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outlines
+from her2score.outlines import Outlines, clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outline_points, trace_outlines
 from her2score.outputs import (
     CATEGORY_COLOURS, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
@@ -89,6 +89,35 @@ def test_clip_outline_keeps_polygons_valid_inside_the_image():
     inside = np.array([[1, 1], [2, 1], [2, 2]], np.float32)
     assert np.array_equal(clip_outline(inside, 6, 6), inside)
     assert clip_outline(inside + 100, 6, 6).shape == (0, 2)  # wholly outside
+
+
+def test_compact_outlines_read_back_as_traced_and_placed():
+    """Outlines keeps each tile's grid vertices (int16) and gives, for every way of indexing, the float32
+    level-0 rings trace_outlines gives, moved by the tile's origin and multiplied by its scale."""
+    rng = np.random.default_rng(5)
+    tiles, expected = [], []
+    for origin, scale in (((3, 7), 2.0), ((100, 40), 1.9685)):
+        lab = cv2.resize(rng.integers(0, 6, (8, 8)).astype(np.uint8), (48, 48), interpolation=cv2.INTER_NEAREST)
+        ids = np.array([5, 1, 9, 2, 4])  # 9: no such label, an empty outline
+        points, sizes = trace_outline_points(lab, ids)
+        assert points.dtype == np.int16 and sizes[2] == 0 and (sizes[[0, 1, 3, 4]] > 0).all()
+        tiles.append((points, sizes, (*origin, scale)))
+        expected += [((p + np.array(origin, np.float32)) * scale).astype(np.float32) for p in trace_outlines(lab, ids)]
+    out = Outlines(tiles)
+
+    def same(got, want) -> bool:
+        return len(got) == len(want) and all(g.dtype == np.float32 and np.array_equal(g, w) for g, w in zip(got, want))
+
+    assert len(out) == 10 and same(list(out), expected)
+    assert same([out[i] for i in range(10)], expected) and np.array_equal(out[-1], expected[-1])
+    assert same(out[3:8], expected[3:8]) and same(out[::3], expected[::3])  # across the two tiles
+    assert same(out[np.array([7, 0, 7])], [expected[7], expected[0], expected[7]])
+    assert same(out[np.arange(10) % 4 == 0], expected[::4])
+    xy, sizes = out.block(3, 8)
+    assert np.array_equal(sizes, [len(e) for e in expected[3:8]]) and np.array_equal(xy, np.concatenate(expected[3:8]))
+    assert out.block(4, 4)[0].shape == (0, 2)
+    with pytest.raises(IndexError):
+        out[10]
 
 
 def test_rings_leave_the_cell_border_untouched():
