@@ -409,12 +409,25 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     only in runs of at least ``min_run`` (a membrane is a line along the border; noise and the halo
     of a brown nucleus are specks). A sector without a border band (the nucleus touches the border)
     is unknown: runs and arcs go on across it where the sectors either side are stained, gaps where
-    both are unstained, and it never counts towards completeness.
+    both are unstained, and it never counts towards completeness. Cells are taken ``SUMMARY_BLOCK`` at a
+    time: a whole slide's temporaries stay the size of one block.
     """
-    has = np.isfinite(m.sector_contrast)
-    c = np.nan_to_num(m.sector_contrast.astype(np.float32))
-    od = np.nan_to_num(m.sector_od.astype(np.float32))
-    cyto = np.nan_to_num(m.cytoplasm_dab_od, nan=0.0)[:, None]
+    blocks = [_summarise(m.sector_contrast[a : a + SUMMARY_BLOCK], m.sector_od[a : a + SUMMARY_BLOCK],
+                         m.cytoplasm_dab_od[a : a + SUMMARY_BLOCK], threshold_od, cytoplasm_base_od, cytoplasm_ratio, min_run)
+              for a in range(0, max(len(m), 1), SUMMARY_BLOCK)]
+    return MembraneSummary(**{k: np.concatenate([getattr(b, k) for b in blocks]) for k in MembraneSummary.__dataclass_fields__})
+
+
+SUMMARY_BLOCK = 16_384
+"""Cells summarised at a time (summarise_membranes)."""
+
+
+def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab_od: np.ndarray, threshold_od: float,
+               cytoplasm_base_od: float, cytoplasm_ratio: float, min_run: int) -> MembraneSummary:
+    has = np.isfinite(sector_contrast)
+    c = np.nan_to_num(sector_contrast.astype(np.float32))
+    od = np.nan_to_num(sector_od.astype(np.float32))
+    cyto = np.nan_to_num(cytoplasm_dab_od, nan=0.0)[:, None]
     st = has & (c >= threshold_od) & (od - cyto >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
     bridge = _bridging(has)
     st = _in_runs(bridge(st), min_run) & has

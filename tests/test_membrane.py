@@ -2,9 +2,14 @@ import cv2
 import numpy as np
 import pytest
 
+from her2score import membrane
 from her2score.cells import grow_cells
 from her2score.membrane import (N_SECTORS, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours,
                                 summarise_membranes)
+from her2score.pipeline import ScoringConfig, score_tile
+from her2score.stain import H_DAB
+from her2score.synthetic import generate_field
+from her2score.tissue import Tile
 
 MPP = 0.5
 
@@ -141,6 +146,20 @@ def test_intensity_is_read_along_an_arcs_body_not_its_tapering_ends():
     short[5:7] = 0.3
     short[7] = 0.9  # three sectors: the middle one is the body
     assert summary(short).membrane_od[0] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_summaries_taken_in_blocks_equal_one_pass(monkeypatch):
+    """A slide's cells are summarised a block at a time; every per-cell result equals one pass over them all."""
+    f = generate_field("2+", seed=31)
+    h, w = f.image.shape[:2]
+    m = score_tile(f.image, Tile(row=0, col=0, core=(0, 0, w, h), margin=0), stains=H_DAB, config=ScoringConfig(),
+                   scale=1.0).cells
+    whole = summarise_membranes(m, threshold_od=0.03, cytoplasm_base_od=0.02)
+    monkeypatch.setattr(membrane, "SUMMARY_BLOCK", 7)
+    blocks = summarise_membranes(m, threshold_od=0.03, cytoplasm_base_od=0.02)
+    assert len(m) > 100 and whole.stained.any() and (whole.completeness > 0.5).any()
+    for k in whole.__dataclass_fields__:
+        assert np.array_equal(getattr(whole, k), getattr(blocks, k)), k
 
 
 def test_noise_floor_is_a_quantile_of_the_interior_histogram():
