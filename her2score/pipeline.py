@@ -174,10 +174,14 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
 
 @dataclass(frozen=True)
 class SlideAnalysis:
-    """A slide's result plus what the outputs need: the cell table and a thumbnail with its mask."""
+    """A slide's result plus what the outputs need: the cell table and a thumbnail with its mask.
+
+    ``cells``: columns of equal length, numpy arrays but for "outline" (her2score.outlines.Outlines,
+    each cell's float32 (k, 2) outline in level-0 px on access).
+    """
 
     result: SlideResult
-    cells: dict[str, np.ndarray]
+    cells: dict[str, np.ndarray | Outlines]
     thumbnail: np.ndarray
     thumbnail_mpp: float
     tissue: TissueMask
