@@ -62,9 +62,7 @@ def _real(job: tuple[str, str]) -> tuple[int, int]:
     """(tumour cells, tumour cells read with a stained membrane) on one real unstained-membrane field."""
     variant, name = job
     case = next(c for c in real_cases() if c.name == name)
-    src = case.load()
-    slide = ArraySlide(src, mpp=case.mpp) if isinstance(src, np.ndarray) else src
-    r = analyse_slide(slide, mpp=case.mpp, config=_config(VARIANTS[variant])).result
+    r = analyse_slide(case.slide(), mpp=case.mpp, config=_config(VARIANTS[variant])).result
     return r.tumour_cells, r.tumour_cells - r.counts.get("none", 0)
 
 

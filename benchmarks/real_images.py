@@ -16,12 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import numpy as np  # noqa: E402
-
 from her2score.categories import CATEGORIES  # noqa: E402
 from her2score.outputs import overlay_png  # noqa: E402
 from her2score.pipeline import analyse_slide  # noqa: E402
-from her2score.slide import ArraySlide, SlideError  # noqa: E402
+from her2score.slide import SlideError  # noqa: E402
 from realdata import REAL, deepliif_detection, deepliif_tumour_selection, real_cases  # noqa: E402
 
 SHORT = {"none": "none", "faint_partial": "faint", "weak_moderate_complete": "wm-c", "strong_complete": "s-c",
@@ -40,10 +38,8 @@ def main() -> None:
     for case in real_cases():
         if args.only not in case.name:
             continue
-        src = case.load()
-        slide = ArraySlide(src, mpp=case.mpp) if isinstance(src, np.ndarray) else src
         try:
-            a = analyse_slide(slide, mpp=case.mpp)
+            a = analyse_slide(case.slide(), mpp=case.mpp)
         except SlideError as e:
             rows.append([case.name, case.kind, "refused", ""] + [""] * len(CATEGORIES) + ["", "", str(e).split(": ", 1)[-1]])
             print(" | ".join(rows[-1]), flush=True)

@@ -27,6 +27,15 @@ class RealCase:
     mpp: float | None
     note: str
 
+    def slide(self):
+        """What analyse_slide takes for this image: an in-memory field named after the case, or the slide file's path."""
+        src = self.load()
+        if not isinstance(src, np.ndarray):
+            return src
+        from her2score.slide import ArraySlide
+
+        return ArraySlide(src, mpp=self.mpp, path=self.name)
+
 
 def _png(path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:

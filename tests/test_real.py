@@ -23,9 +23,7 @@ needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real images not foun
 
 
 def analyse(case):
-    src = case.load()
-    slide = ArraySlide(src, mpp=case.mpp, path=case.name) if isinstance(src, np.ndarray) else src
-    return analyse_slide(slide, mpp=case.mpp)
+    return analyse_slide(case.slide(), mpp=case.mpp)
 
 
 def names(kind: str) -> list[str]:
