@@ -20,7 +20,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
 isolated intense cells that would change the answer if counted, a call within a few points of a
-cut-off whose level on the other side would change the answer) give needs_review whatever the
+cut-off whose level on the other side would change the answer, an ultralow call whose staining false
+membranes alone could give where null would change the answer) give needs_review whatever the
 score, since any answer could change; the automatic answer is added as a reason (none for a slide
 that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
 ISH result is needs_review, and the level decides the rest. A level in neither list is
@@ -44,6 +45,7 @@ from her2score.guidelines import (
     STAINING_LEVEL,
     apply_guideline,
     near_cutoff,
+    null_or_ultralow,
     report_level,
 )
 from her2score.results import SlideResult
@@ -282,6 +284,19 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
             f"at {level} the answer would be {other.replace('_', ' ')}")
 
 
+def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when its ultralow staining is no more than real unstained membranes
+    read (flag null_or_ultralow) and 0 (null) would change the answer; None otherwise."""
+    if "null_or_ultralow" not in result.flags:
+        return None
+    other, _ = _decide(replace(result, level="0 (null)"), rule, ish)
+    if other == status:
+        return None
+    pct = null_or_ultralow(result.counts, result.level, percent=100.0)
+    return (f"{pct:.1f}% of tumour cells stained, no more than real unstained membranes read: "
+            f"at 0 (null) the answer would be {other.replace('_', ' ')}")
+
+
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
@@ -306,6 +321,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(isolated)
     if (near := _near_cutoff_doubt(result, rule, ish, status)) is not None:
         doubts.append(near)
+    if (null := _null_doubt(result, rule, ish, status)) is not None:
+        doubts.append(null)
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
     reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
     if doubts:

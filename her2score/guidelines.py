@@ -27,6 +27,8 @@ __all__ = [
     "INTENSITY",
     "NEAR_CUTOFF_POINTS",
     "near_cutoff",
+    "FALSE_MEMBRANE_PERCENT",
+    "null_or_ultralow",
     "STAINING_LEVEL",
     "MIN_TUMOUR_CELLS",
     "ISOLATED_INTENSE_PERCENT",
@@ -182,6 +184,28 @@ def near_cutoff(counts: Mapping[str, int], score: str | None, *, points: float =
     if down is not None and 10.0 <= (pct := 100.0 * cum[score] / total) < 10.0 + points:
         return down, pct
     return None
+
+
+FALSE_MEMBRANE_PERCENT: float = 8.0
+"""Default share (% of tumour cells) of cells that real unstained membranes alone read as stained.
+
+Measured on the real Ki67 fields scored with the nuclear refusal off, whose membranes are all
+unstained (``python benchmarks/membrane_floor.py``; ``tests/test_real.py``): 6.1% and 6.3% of the
+tumour cells of the two large fields (803 and 1,030 cells), 6.7% over all six; a real cell border
+carries DAB texture (membrane contrast 0.019-0.027 OD at its 90th percentile) where faint membranes
+read too. An ultralow call whose staining is no larger could be null.
+"""
+
+
+def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT) -> float | None:
+    """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give
+    (at most ``percent``): the call could be "0 (null)". None for any other level or a larger share.
+    Intense complete cells in an ultralow call are isolated cells, which the call does not count."""
+    if level != "0+ (ultralow)":
+        return None
+    c = _validated(counts)
+    share = 100.0 * (sum(c.values()) - c["none"] - c["strong_complete"]) / sum(c.values())
+    return share if share <= percent else None
 
 
 def h_score(counts: Mapping[str, int]) -> float:

@@ -24,8 +24,8 @@ from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import (ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL, apply_guideline,
-                         level_flags, near_cutoff, report_level)
+from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL,
+                         apply_guideline, level_flags, near_cutoff, null_or_ultralow, report_level)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
@@ -69,8 +69,8 @@ class ScoringConfig:
     basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
     with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
-    spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading and
-    near_cutoff_points: see guidelines; blur_min: least Laplacian variance of OD in focus;
+    spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading,
+    near_cutoff_points and false_membrane_percent: see guidelines; blur_min: least Laplacian variance of OD in focus;
     max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_warn / background_max_od: QC
     warnings (eosin share, glass OD); cnn_*: patches the CNN reads per tile on whole slides.
     """
@@ -92,6 +92,7 @@ class ScoringConfig:
     isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT
     gastric_reading: str = "cumulative"
     near_cutoff_points: float = NEAR_CUTOFF_POINTS
+    false_membrane_percent: float = FALSE_MEMBRANE_PERCENT
     blur_min: float = 0.0015
     max_scan_mpp: float = 1.0
     eosin_warn: float = 0.15
@@ -340,13 +341,14 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             flags = (*flags, "near_cutoff")
             reason += (f"; near the 10% cut-off ({near[1]:.1f}% of tumour cells decide it, within {config.near_cutoff_points:g} "
                        f"points): it could be {near[0]}")
+        flags, reason = _null_doubt(counts, level, flags, reason, config)
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
     classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:
         score, confidence = fuse(classical, cnn_report.probabilities)
         if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
             level = report_level(score, config.guideline, counts)
-            flags = level_flags(level, config.guideline)
+            flags, reason = _null_doubt(counts, level, level_flags(level, config.guideline), reason, config)
         if cnn_report.score != classical:
             flags = (*flags, "cnn_disagrees")
             reason += f"; the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
@@ -396,6 +398,16 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _null_doubt(counts: dict[str, int], level: str, flags: tuple[str, ...], reason: str,
+                config: ScoringConfig) -> tuple[tuple[str, ...], str]:
+    """Flags and reason of a level, with ``null_or_ultralow`` where false membranes alone could make it ultralow."""
+    share = null_or_ultralow(counts, level, percent=config.false_membrane_percent)
+    if share is None:
+        return flags, reason
+    return (*flags, "null_or_ultralow"), (reason + f"; the {share:.1f}% stained is within the {config.false_membrane_percent:g}% "
+                                                   "that real unstained membranes read: it could be 0 (null)")
 
 
 def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, floor: float, threshold: float) -> dict:

@@ -322,3 +322,22 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     wide = replace(make_result(none=170, faint_partial=30), config={"near_cutoff_points": 6.0})  # 15%, flagged with a 6-point margin
     wide = replace(wide, flags=(*wide.flags, "near_cutoff"))
     assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5
+
+
+def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_changes_the_answer():
+    from her2score.guidelines import FALSE_MEMBRANE_PERCENT, null_or_ultralow
+
+    counts = {"none": 186, "faint_partial": 12, "strong_complete": 2}  # 6% faint, 2 isolated intense cells
+    assert null_or_ultralow(counts, "0+ (ultralow)") == 6.0  # the isolated cells are not counted, as in the call
+    assert null_or_ultralow(counts, "0+ (ultralow)", percent=5.0) is None
+    assert null_or_ultralow(counts, "0 (null)") is None and null_or_ultralow(counts, "1+") is None
+    assert null_or_ultralow({"none": 182, "faint_partial": 18}, "0+ (ultralow)") is None  # 9%: above the default
+    assert 6.3 < FALSE_MEMBRANE_PERCENT < 10  # above what real unstained membranes read, under the 1+ cut-off
+    r = make_result(none=188, faint_partial=12)
+    flagged = replace(r, flags=(*r.flags, "null_or_ultralow"))
+    doubt = check_eligibility(flagged, "her2-ultralow-breast")  # ultralow is eligible, null is not
+    assert doubt.status == "needs_review", doubt.reasons
+    assert any("6.0% of tumour cells stained" in x and "at 0 (null) the answer would be not eligible" in x for x in doubt.reasons)
+    for rule in ("her2-low-breast", "her2-positive-breast", "t-dxd-tumour-agnostic"):  # null and ultralow alike: no doubt
+        assert check_eligibility(flagged, rule).status == "not_eligible"
+    assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # no flag, no doubt

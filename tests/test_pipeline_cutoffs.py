@@ -70,6 +70,20 @@ def test_fused_score_carries_the_flags_of_its_own_level():
     assert agree.flags == agree.classical_flags and agree.level == agree.classical_level == "2+"
 
 
+
+def test_an_ultralow_call_that_false_membranes_could_give_is_flagged():
+    """Real unstained membranes read stained in ~6% of tumour cells (guidelines.FALSE_MEMBRANE_PERCENT):
+    an ultralow call with no more staining than that says it could be null."""
+    f = generate_field("0", seed=8100, variant="ultralow")
+    r = _score(f)
+    share = 100 - r.percentages["none"]
+    assert r.level == "0+ (ultralow)" and 0 < share <= 8, r.reason
+    assert "null_or_ultralow" in r.flags and f"the {share:.1f}% stained is within the 8% " in r.reason
+    assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"
+    strict = _score(f, config=ScoringConfig(false_membrane_percent=share / 2))
+    assert strict.level == "0+ (ultralow)" and "null_or_ultralow" not in strict.flags
+    assert check_eligibility(strict, "her2-ultralow-breast").status == "eligible"
+
 # -- fields drawn with an explicit composition ---------------------------------------------------
 # generate_field(composition={category: fraction of tumour cells}, clonal=True) draws each field with
 # its stained cells in patches, as tumours express HER2; the rest of the tumour cells are unstained.
