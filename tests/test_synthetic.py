@@ -1,6 +1,7 @@
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +11,7 @@ from her2score.guidelines import apply_guideline
 from her2score.imagecheck import stain_fractions
 from her2score.stain import H_DAB, deconvolve, optical_density
 from her2score.synthetic import (
+    REAL_BORDERS,
     generate_field,
     generate_he_field,
     make_slide,
@@ -141,3 +143,20 @@ def test_write_dataset_png_mpp(tmp_path):
         assert im.size == (128, 128)
         dpi = im.info["dpi"][0]
         assert abs(25400.0 / dpi - 0.5) < 0.01
+
+
+def test_real_borders_add_dab_along_cell_borders_and_leave_the_truth():
+    plain = generate_field("1+", seed=5)
+    real = generate_field("1+", seed=5, confounders=REAL_BORDERS)
+    for key in ("category", "membrane_od", "completeness"):
+        assert np.array_equal(plain.cells[key], real.cells[key])
+    extra = real.dab_od - plain.dab_od
+    assert extra.min() >= 0 and extra.max() > 0.05
+    lm = plain.label_map
+    edge = np.zeros(lm.shape, bool)
+    edge[1:] |= lm[1:] != lm[:-1]
+    edge[:, 1:] |= lm[:, 1:] != lm[:, :-1]
+    near = cv2.dilate(edge.view(np.uint8), np.ones((5, 5), np.uint8)) > 0  # within 2 px (1 µm) of a border
+    inside = ~near & (lm >= 0)
+    inside[:3], inside[-3:], inside[:, :3], inside[:, -3:] = False, False, False, False  # borders with cells past the edge
+    assert extra[near].mean() > 0.005 and extra[inside].max() < 0.005, (extra[near].mean(), extra[inside].max())
