@@ -209,7 +209,8 @@ def _rules(args) -> int:
 def _synth(args) -> int:
     from .synthetic import write_dataset
 
-    path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter)
+    path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
+                         real_borders=args.real_borders)
     print(f"wrote {4 * args.n_per_class} fields and {path}")
     return 0
 
@@ -229,9 +230,10 @@ def _train(args) -> int:
         if args.synthetic:
             print(f"generating {4 * args.synthetic} synthetic fields (seed {args.seed}) ...", flush=True)
             images += synthetic_images(args.synthetic, seed=args.seed, stain_jitter=args.synthetic_jitter,
-                                       workers=args.workers)
+                                       border_od_max=args.border_od_max, workers=args.workers)
             notes.append(f"{4 * args.synthetic} synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, "
-                         f"SeedSequence({args.seed}), stain_jitter {args.synthetic_jitter:g})")
+                         f"SeedSequence({args.seed}), stain_jitter {args.synthetic_jitter:g}, "
+                         f"border_od 0-{args.border_od_max:g})")
         if args.folder:
             images += folder_images(args.folder, mpp=args.mpp, target_mpp=args.target_mpp)
             notes.append(f"class folders under {args.folder}")
@@ -402,12 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-per-class", type=int, default=50, help="fields per class (0, 1+, 2+, 3+)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--stain-jitter", type=float, default=0.0, help="stain-vector perturbation in degrees")
+    g.add_argument("--real-borders", action="store_true", help="draw real slides' unstained-border texture (synthetic.REAL_BORDERS)")
     g.set_defaults(func=_synth)
 
     t = sub.add_parser("train", help="train the tile CNN (synthetic fields, class folders or a path,label CSV)",
                        formatter_class=_Help)
     t.add_argument("--synthetic", type=int, metavar="N_PER_CLASS", help="generate N synthetic fields per class")
     t.add_argument("--synthetic-jitter", type=float, default=0.0, help="stain jitter of the generated fields in degrees")
+    t.add_argument("--border-od-max", type=float, default=0.0, metavar="OD",
+                   help="unstained-border texture of the generated fields: peak OD drawn from 0 to this, "
+                        "e.g. 0.03 (0: the generator's clean borders, as the shipped model)")
     t.add_argument("--folder", help="folder with one sub-folder per class: 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
     t.add_argument("--csv", help="CSV of path,label (paths relative to the CSV's folder)")
     t.add_argument("--out", required=True, help="folder for the weights and the training log")

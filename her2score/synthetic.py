@@ -635,9 +635,10 @@ def _save_png(path: Path, rgb: np.ndarray, mpp: float) -> None:
 
 
 def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, int] = (512, 512),
-                  mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png") -> Path:
+                  mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png", real_borders: bool = False) -> Path:
     """Write ``n_per_class`` fields per score plus labels.csv (path,label,level: the score and its
-    report level, null and ultralow told apart) and truth.jsonl."""
+    report level, null and ultralow told apart) and truth.jsonl; ``real_borders``: every field with
+    REAL_BORDERS."""
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     out = Path(out_dir)
@@ -648,7 +649,8 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
         for i in range(n_per_class):
             s = int(seeds[j * n_per_class + i])
             f = generate_field(score, seed=s, size_px=size_px, mpp=mpp, stain_jitter=stain_jitter,
-                               jpeg_quality=None if fmt == "jpg" else 88)
+                               jpeg_quality=None if fmt == "jpg" else 88,
+                               confounders=REAL_BORDERS if real_borders else Confounders())
             rel = f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}"
             if fmt == "png":
                 _save_png(out / rel, f.image, mpp)

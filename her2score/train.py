@@ -86,27 +86,32 @@ class LabelledImage:
 # --------------------------------------------------------------------------------------- sources
 
 def _synthetic_one(args) -> LabelledImage:
-    from .synthetic import generate_field
+    from .synthetic import Confounders, generate_field
 
-    score, seed, size_px, mpp, stain_jitter, gastric = args
-    f = generate_field(score, seed=seed, size_px=size_px, mpp=mpp, stain_jitter=stain_jitter, gastric=gastric)
-    return LabelledImage(f.image, score, f"synthetic:{score}:seed={seed}{':gastric' if gastric else ''}",
+    score, seed, size_px, mpp, stain_jitter, gastric, border_od = args
+    f = generate_field(score, seed=seed, size_px=size_px, mpp=mpp, stain_jitter=stain_jitter, gastric=gastric,
+                       confounders=Confounders(border_od=border_od))
+    return LabelledImage(f.image, score, f"synthetic:{score}:seed={seed}{':gastric' if gastric else ''}:border_od={border_od:.4f}",
                          estimate_background(f.image))
 
 
 def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
-                     stain_jitter: float = 0.0, gastric_every: int = 5, workers: int = 1) -> list[LabelledImage]:
+                     stain_jitter: float = 0.0, gastric_every: int = 5, border_od_max: float = 0.0,
+                     workers: int = 1) -> list[LabelledImage]:
     """``n_per_class`` generated fields per score; field seeds from ``SeedSequence(seed)``.
 
     Every ``gastric_every``-th field of each class uses the gastric variant (lateral patterns at
-    2+/3+); 0 fields are null or ultralow at random. ``workers`` processes generate in parallel
-    (the result does not depend on it).
+    2+/3+); 0 fields are null or ultralow at random. With ``border_od_max`` > 0 each field carries
+    unstained-border texture (synthetic.Confounders.border_od, peak OD) drawn uniformly from 0 to it;
+    0.03 spans clean borders to the most textured real ones (models/MODEL_CARD.md: what it changes).
+    ``workers`` processes generate in parallel (the result does not depend on it).
     """
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(CLASSES))
+    border = np.random.default_rng([seed, 1]).uniform(0.0, border_od_max, len(seeds))  # a stream apart from the fields'
     jobs = [(score, int(seeds[j * n_per_class + i]), tuple(size_px), mpp, stain_jitter,
-             bool(gastric_every) and i % gastric_every == gastric_every - 1)
+             bool(gastric_every) and i % gastric_every == gastric_every - 1, float(border[j * n_per_class + i]))
             for j, score in enumerate(CLASSES) for i in range(n_per_class)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -304,3 +304,15 @@ def test_every_option_the_readme_shows_exists():
     for command, option in shown:
         assert command in sub, command
         assert option in sub[command]._option_string_actions, (command, option)
+
+
+def test_synth_draws_real_borders_on_request(tmp_path):
+    from PIL import Image
+
+    for name, extra in (("clean", []), ("real", ["--real-borders"])):
+        assert main(["synth", str(tmp_path / name), "--n-per-class", "1", "--seed", "3", *extra]) == 0
+    labels = [(tmp_path / name / "labels.csv").read_text() for name in ("clean", "real")]
+    assert labels[0] == labels[1]  # the same fields and truth; only the unstained borders differ
+    path = next(p.split(",")[0] for p in labels[0].splitlines()[1:] if ",0," in p)
+    clean, real = (np.asarray(Image.open(tmp_path / name / path), np.float32) for name in ("clean", "real"))
+    assert clean.shape == real.shape and real.mean() < clean.mean()  # more DAB, darker

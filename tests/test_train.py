@@ -130,3 +130,17 @@ def test_train_needs_two_images_of_a_class():
 def test_cli_train_requires_a_source(capsys, tmp_path):
     assert main(["train", "--out", str(tmp_path)]) == 2
     assert "training source" in capsys.readouterr().err
+
+
+def test_training_fields_may_carry_unstained_border_texture(fields):
+    from her2score.synthetic import Confounders, generate_field
+
+    def seed_of(f):
+        return int(f.source.split("seed=")[1].split(":")[0])
+
+    assert all(f.source.endswith("border_od=0.0000") for f in fields)  # the default: the generator's clean borders
+    assert np.array_equal(fields[0].rgb, generate_field("0", seed=seed_of(fields[0]), size_px=(192, 192), confounders=Confounders()).image)
+    textured = synthetic_images(2, seed=5, size_px=(192, 192), border_od_max=0.03)
+    drawn = [float(f.source.rsplit("border_od=", 1)[1]) for f in textured]
+    assert all(0 <= d <= 0.03 for d in drawn) and len(set(drawn)) == len(drawn)  # one draw per field
+    assert seed_of(textured[0]) == seed_of(fields[0]) and not np.array_equal(textured[0].rgb, fields[0].rgb)
