@@ -10,6 +10,7 @@ Four sets of fields (512 x 512 px at 0.5 µm/px), each scored by the classical p
   category in patches as tumours express it, "scattered" cell by cell (the hardest case: every
   stained cell's membrane is shared with unstained neighbours);
 - confounders: HER2 0 fields with a uniform DAB tint, cytoplasmic blush or lymphocyte clusters.
+``--real-borders`` draws every field with real slides' unstained-border texture (synthetic.REAL_BORDERS).
 Prints per set and truth class the accuracy, the share of fields called right or flagged
 ``near_cutoff`` (so that eligibility asks for review), and the per-cell bias of the strong-complete fraction
 (measured minus true, as a fraction of tumour cells). Use one seed range for tuning, another for
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from her2score.pipeline import ScoringConfig, analyse_slide
 from her2score.results import SCORES
 from her2score.slide import ArraySlide
-from her2score.synthetic import Confounders, generate_field
+from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
 
 NEAR_PERCENT = (6, 8, 12, 16)
 KINDS = {  # deciding category, the weaker background population beside it
@@ -40,7 +42,7 @@ CONFOUNDERS = {"tint": Confounders(dab_tint_od=0.015), "blush": Confounders(cyto
                "lymphocytes": Confounders(lymphocyte_fraction=0.3, lymphocyte_clusters=True)}
 
 
-def jobs(n_per_class: int, seed: int) -> list[dict]:
+def jobs(n_per_class: int, seed: int, real_borders: bool = False) -> list[dict]:
     out = [dict(set="far", score=s, seed=seed + 1000 * k + i) for k, s in enumerate(SCORES) for i in range(n_per_class)]
     n_near = max(1, n_per_class // 10)
     for site, kinds in KINDS.items():
@@ -54,13 +56,15 @@ def jobs(n_per_class: int, seed: int) -> list[dict]:
     for j, name in enumerate(CONFOUNDERS):
         out += [dict(set=f"confounders-{name}", score="0", variant="null", confounders=name, seed=seed + 20_000 + 100 * j + i)
                 for i in range(max(2, n_per_class // 5))]
-    return out
+    return [dict(j, real_borders=real_borders) for j in out]
 
 
 def one(job: dict) -> dict:
+    confounders = CONFOUNDERS.get(job.get("confounders"), Confounders())
+    if job["real_borders"]:
+        confounders = replace(confounders, border_od=REAL_BORDERS.border_od, border_variation=REAL_BORDERS.border_variation)
     f = generate_field(job.get("score"), seed=job["seed"], composition=job.get("composition"), variant=job.get("variant"),
-                       gastric=job.get("gastric", False), confounders=CONFOUNDERS.get(job.get("confounders"), Confounders()),
-                       clonal=job.get("clonal", False))
+                       gastric=job.get("gastric", False), confounders=confounders, clonal=job.get("clonal", False))
     config = ScoringConfig(guideline="gastric" if job.get("gastric") else "breast-asco-cap-2023")
     r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
     counts = f.truth_counts()
@@ -74,10 +78,12 @@ def main() -> None:
     ap.add_argument("--n-per-class", type=int, default=25, help="far fields per class (near: a tenth per point; default 25)")
     ap.add_argument("--seed", type=int, default=5000, help="first seed (default 5000; thresholds were tuned below 5000)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    ap.add_argument("--real-borders", action="store_true",
+                    help="draw every field with real slides' unstained-border texture (synthetic.REAL_BORDERS)")
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
     with ProcessPoolExecutor(a.workers) as pool:
-        rows = list(pool.map(one, jobs(a.n_per_class, a.seed), chunksize=2))
+        rows = list(pool.map(one, jobs(a.n_per_class, a.seed, a.real_borders), chunksize=2))
     out = {}
     for name in dict.fromkeys(r["set"] for r in rows):
         rs = [r for r in rows if r["set"] == name]
