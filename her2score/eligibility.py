@@ -254,6 +254,12 @@ def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list
     return "not_eligible", [*reasons, f"{level} is not an eligible level (eligible: {allowed})"]
 
 
+def _other_answer(result: SlideResult, rule: Rule, ish: str | None, status: str, score: str, level: str) -> str | None:
+    """The answer, in words, had the slide been scored ``score`` at ``level``; None when it is ``status`` again."""
+    other, _ = _decide(replace(result, score=score, level=level), rule, ish)
+    return None if other == status else other.replace("_", " ")
+
+
 def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its isolated intense cells, counted as a population, would
     change the answer; None when they would not (or the slide has none)."""
@@ -261,12 +267,11 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
         return None
     counted = apply_guideline(result.counts, result.guideline, result.specimen, clusters=result.clusters,
                               isolated_intense_percent=0)
-    other, _ = _decide(replace(result, score=counted.score, level=counted.level), rule, ish)
-    if other == status:
+    if (other := _other_answer(result, rule, ish, status, counted.score, counted.level)) is None:
         return None
     n, total = result.counts.get("strong_complete", 0), result.tumour_cells
     return (f"isolated intense cells ({n:,} of {total:,}) were not counted; counted, they would make the slide "
-            f"{counted.level} and the answer {other.replace('_', ' ')}")
+            f"{counted.level} and the answer {other}")
 
 
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -277,24 +282,21 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         return None
     other_score, pct = near
     level = report_level(other_score, result.guideline, result.counts)
-    other, _ = _decide(replace(result, score=other_score, level=level), rule, ish)
-    if other == status:
+    if (other := _other_answer(result, rule, ish, status, other_score, level)) is None:
         return None
     return (f"{pct:.1f}% of tumour cells decide the call, within a few points of the 10% cut-off: "
-            f"at {level} the answer would be {other.replace('_', ' ')}")
+            f"at {level} the answer would be {other}")
 
 
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its ultralow staining is no more than real unstained membranes
-    read (flag null_or_ultralow) and 0 (null) would change the answer; None otherwise."""
-    if "null_or_ultralow" not in result.flags:
+    read (flag null_or_ultralow on an ultralow level) and 0 (null) would change the answer; None otherwise."""
+    if "null_or_ultralow" not in result.flags or (pct := null_or_ultralow(result.counts, result.level, percent=100.0)) is None:
         return None
-    other, _ = _decide(replace(result, level="0 (null)"), rule, ish)
-    if other == status:
+    if (other := _other_answer(result, rule, ish, status, "0", "0 (null)")) is None:
         return None
-    pct = null_or_ultralow(result.counts, result.level, percent=100.0)
     return (f"{pct:.1f}% of tumour cells stained, no more than real unstained membranes read: "
-            f"at 0 (null) the answer would be {other.replace('_', ' ')}")
+            f"at 0 (null) the answer would be {other}")
 
 
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
