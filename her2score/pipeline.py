@@ -33,7 +33,7 @@ from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
-from .tissue import Tile, TissueMask, tile_grid, tissue_mask
+from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
 
@@ -263,7 +263,7 @@ def analyse_slide(
         background = estimate_background(thumb)
         tissue = tissue_mask(thumb, mpp=thumb_mpp, background=background)
         if tissue.mask.sum() == 0:
-            raise NoTissueError(slide.path, "no tissue found (blank, fully white or black slide)")
+            raise NoTissueError(slide.path, _no_tissue(slide))
         stains, stain_note = H_DAB.with_background(background), "default Ruifrok-Johnston vectors"
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
@@ -398,6 +398,15 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _no_tissue(slide: Slide) -> str:
+    """Why a slide has no tissue: too small an image to hold a piece of MIN_TISSUE_UM2, or blank."""
+    w, h = (d * slide.mpp for d in slide.dimensions)
+    if w * h < MIN_TISSUE_UM2:
+        return (f"no tissue found: the image is only {w:.0f} x {h:.0f} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
+                f"at least {MIN_TISSUE_UM2:,.0f} µm² (check the µm/px, or give a larger field)")
+    return f"no tissue found (blank, fully white or black slide, or only fragments under {MIN_TISSUE_UM2:,.0f} µm²)"
 
 
 def _null_doubt(counts: dict[str, int], level: str, flags: tuple[str, ...], reason: str,

@@ -8,7 +8,7 @@ import numpy as np
 
 from .stain import optical_density, per_channel
 
-__all__ = ["TissueMask", "tissue_mask", "Tile", "tile_grid"]
+__all__ = ["MIN_TISSUE_UM2", "TissueMask", "tissue_mask", "Tile", "tile_grid"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class TissueMask:
         return float(self.mask.sum()) * (self.mpp * 1e-3) ** 2
 
 
+MIN_TISSUE_UM2 = 5_000.0
+"""Least area (µm²) of a piece of tissue: smaller fragments (debris, dust) are not tissue."""
+
+
 def tissue_mask(
     thumb: np.ndarray,
     *,
@@ -32,7 +36,7 @@ def tissue_mask(
     background=(255.0, 255.0, 255.0),
     min_od: float = 0.06,
     dark_intensity: int = 25,
-    min_area_um2: float = 5_000.0,
+    min_area_um2: float = MIN_TISSUE_UM2,
 ) -> TissueMask:
     """Tissue on a low-resolution RGB thumbnail (uint8) at ``mpp`` µm/px.
 

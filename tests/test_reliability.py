@@ -31,7 +31,7 @@ from her2score.slide import SLIDE_SUFFIXES, SlideError, open_slide
 
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
-NO_TISSUE = "no tissue found (blank, fully white or black slide)"
+NO_TISSUE = "no tissue found (blank, fully white or black slide, or only fragments under 5,000 µm²)"
 EOSIN = r"\d+% of stained tissue has the colour of eosin: this looks like an H&E slide, not a HER2 \(H-DAB\) immunostain; not scored"
 
 
@@ -235,6 +235,15 @@ def test_blank_slides_have_no_tissue(tmp_path, slide_folder, fields, pyramid_tif
     e = _api_error(bad)
     assert isinstance(e, NoTissueError) and str(e) == f"{bad}: {NO_TISSUE}"
     _batch_error(tmp_path, slide_folder, bad, f"{bad}: {NO_TISSUE}", status="refused")
+
+
+def test_a_field_too_small_to_hold_tissue_says_so(tmp_path, slide_folder, fields):
+    """A crop of a good field 30 µm across (or a wrong µm/px) is refused with its size, not as blank."""
+    small = save_png(slide_folder / "crop.png", fields["2+"][:60, :60])
+    e = _api_error(small)
+    assert isinstance(e, NoTissueError)
+    assert str(e) == (f"{small}: no tissue found: the image is only 30 x 30 µm at 0.5 µm/px, and tissue is a piece of at "
+                      "least 5,000 µm² (check the µm/px, or give a larger field)")
 
 
 def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, pyramid_tiff):
