@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from .categories import CATEGORIES
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, null_or_ultralow
 from .results import SCORES, SlideResult
 
 __all__ = [
@@ -311,17 +312,24 @@ def _level_for(result: SlideResult, score: str | None) -> str:
 def method_result(result: SlideResult, method: str) -> SlideResult | None:
     """The result as one method alone would have reported it (None when that method did not run).
 
-    classical and cnn stand alone (no CNN report, so no disagreement doubt); fused is the result as
-    the tool reports it, CNN included.
+    classical and cnn stand alone (no CNN report, so no disagreement doubt): classical keeps the
+    guideline call's own flags (``classical_flags``); cnn carries the flags its level gives by
+    itself, as the pipeline gives a fused level (level_flags, and ``null_or_ultralow`` where false
+    membranes alone could make an ultralow). fused is the result as the tool reports it.
     """
     if method == "classical":
         s = result.classical_score
-        return replace(result, score=s, level=_level_for(result, s), cnn=None, confidence=None)
+        return replace(result, score=s, level=_level_for(result, s), flags=result.classical_flags, cnn=None, confidence=None)
     if method == "cnn":
         if result.cnn is None:
             return None
         s = result.cnn.score
-        return replace(result, score=s, level=_level_for(result, s), cnn=None, confidence=None)
+        level = _level_for(result, s)
+        flags = level_flags(level, result.guideline)
+        percent = result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT)
+        if null_or_ultralow(result.counts, level, percent=percent) is not None:
+            flags = (*flags, "null_or_ultralow")
+        return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":
         return result
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -486,7 +494,6 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .eligibility import available_rules, check_eligibility, load_rule
-    from .guidelines import GUIDELINE_FAMILY
     from .pipeline import ScoringConfig
 
     t_start = time.perf_counter()

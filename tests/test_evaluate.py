@@ -1,12 +1,13 @@
 import csv
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from her2score.cli import main
-from her2score.eligibility import Requirement, Rule, load_rule
+from her2score.eligibility import Requirement, Rule, check_eligibility, load_rule
 from her2score.evaluate import (
     accuracy,
     binary_rates,
@@ -14,6 +15,7 @@ from her2score.evaluate import (
     confusion_matrix,
     eligibility_truth,
     evaluate,
+    method_result,
     parse_truth_label,
     per_class,
     percent_agreement,
@@ -154,6 +156,26 @@ def _result(path, classical, cnn=None, fused=None):
         specimen="resection", reason="test", counts={"none": 300, "faint_partial": 0}, percentages={},
         tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
         tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None)
+
+
+def test_each_method_carries_the_flags_of_its_own_call():
+    """A classical ultralow that false membranes could give, fused to 1+ by a CNN that reads 1+: the
+    classical result keeps the guideline call's flags; the CNN and fused results those of 1+."""
+    counts = {"none": 290, "faint_partial": 10}
+    fused = replace(_result("f.png", "0", cnn="1+", fused="1+"), counts=counts, level="1+",
+                    flags=("her2_low", "cnn_disagrees"), classical_level="0+ (ultralow)",
+                    classical_flags=("ultralow", "null_or_ultralow"))
+    classical, cnn = method_result(fused, "classical"), method_result(fused, "cnn")
+    assert (classical.score, classical.level, classical.flags) == ("0", "0+ (ultralow)", ("ultralow", "null_or_ultralow"))
+    assert (cnn.score, cnn.level, cnn.flags) == ("1+", "1+", ("her2_low",))
+    assert method_result(fused, "fused") is fused
+    # the eligibility doubt follows: only the classical ultralow could be null
+    rule = load_rule("her2-ultralow-breast")
+    assert check_eligibility(classical, rule).status == "needs_review"
+    assert check_eligibility(cnn, rule).status == "eligible"
+    # a CNN that reads the same ultralow carries the doubt too (3.3% stained, within the 8%)
+    same = replace(fused, cnn=replace(fused.cnn, score="0"))
+    assert method_result(same, "cnn").flags == ("ultralow", "null_or_ultralow")
 
 
 @pytest.fixture()
