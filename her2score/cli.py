@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes: slides side by side, or the tiles of a single slide "
                         f"(default: the cores this process may use, here {default_workers()})")
     s.add_argument("--scheduler", help="Dask scheduler address, or 'local' to start a LocalCluster (default: local processes)")
-    s.add_argument("--estimate-stains", action="store_true", help="estimate per-slide stain vectors (Macenko)")
+    s.add_argument("--estimate-stains", action="store_true",
+                   help="deconvolve every slide with its own stain vectors where the default ones would leak one "
+                        "stain into the other (default: only a slide the default ones read as nuclear DAB)")
     s.add_argument("--no-cnn", action="store_true", help="classical features only (no CNN fusion)")
     s.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
     s.add_argument("--cells-csv", action="store_true",

@@ -37,7 +37,7 @@ from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
 
-__all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "score_slide", "analyse_slide", "score_tile"]
+__all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class ScoringConfig:
     """Every setting of a scoring run, with units; written into result.json.
 
     mpp: tile resolution (µm/px); tile_px / margin_px: tile core and overlap (px at mpp);
-    thresholds: per-cell Thresholds (log10 DAB OD, fractions); nucleus_threshold_od: least smoothed
+    thresholds: per-cell Thresholds (log10 DAB OD, fractions); estimate_stains: deconvolve with the
+    slide's own vectors where Ruifrok-Johnston's would leak (stain.estimate_stains, from up to 8 tiles),
+    else only on a slide those read as nuclear DAB (analyse_slide); nucleus_threshold_od: least smoothed
     haematoxylin OD of a nucleus; max_cell_radius_um: reach of a cell from its seed (µm);
     basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
@@ -254,7 +256,29 @@ def analyse_slide(
     workers: int = 1,
     cnn=None,
 ) -> SlideAnalysis:
-    """Score one slide and keep what the outputs need (see score_slide)."""
+    """Score one slide and keep what the outputs need (see score_slide).
+
+    A slide refused as nuclear DAB under the default stain vectors is scored again with its own
+    where they lean beyond the default towards each other (stain.estimate_stains): there the default
+    reads DAB as haematoxylin, so stained membranes are found as brown nuclei (measured on synthetic
+    3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
+    """
+    try:
+        return _analyse(path, config, mpp, region, backend, workers, cnn)
+    except NuclearStainError as refusal:
+        if config.estimate_stains:
+            raise
+        try:
+            a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal)
+        except NuclearStainError:
+            raise refusal from None
+        note = f"scored with the slide's own stain vectors: the default ones read it as nuclear DAB ({refusal.reason})"
+        return replace(a, result=replace(a.result, notes=(*a.result.notes, note)))
+
+
+def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
+             retry_of: NuclearStainError | None = None) -> SlideAnalysis:
+    """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
     if cnn is not None and abs(cnn.mpp - config.mpp) > 1e-6:
         raise ValueError(f"the CNN was trained at {cnn.mpp} µm/px but tiles are read at {config.mpp} µm/px")
     with _opened(path, mpp, backend) as slide:
@@ -272,6 +296,8 @@ def analyse_slide(
             sample = tiles[:: max(1, len(tiles) // 8)][:8]
             pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in sample])[None]
             stains, stain_note = estimate_stains(pix, background=background)
+            if retry_of is not None and stains.source != "estimated":
+                raise retry_of
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp = str(slide.path), slide.mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)

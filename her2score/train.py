@@ -11,7 +11,8 @@ H-DAB vectors into stain amounts, the haematoxylin and DAB vectors are rotated b
 haematoxylin ``h_scale_sd``, DAB ``dab_scale_sd`` -- kept small because DAB intensity *is* the
 label), and the patch is re-rendered by Beer-Lambert with a random background I0, sensor noise and
 8-bit quantisation, then deconvolved again with the default vectors, as the pipeline does at
-inference. Flips and 90-degree rotations are added. Validation patches get one fixed perturbation
+inference (but for a slide whose stains lean so far that it deconvolves with the slide's own: see
+pipeline.analyse_slide). Flips and 90-degree rotations are added. Validation patches get one fixed perturbation
 each (seeded), so early stopping rewards stain robustness.
 
 Threads: one torch thread by default. On a shared 2-core machine two OpenMP threads that spin at

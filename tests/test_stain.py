@@ -49,23 +49,71 @@ def test_background_estimate_from_glass():
     assert estimate_background(np.full((10, 10, 3), 100, np.uint8)) == (255.0, 255.0, 255.0)
 
 
-def test_macenko_falls_back_without_dab():
-    rng = np.random.default_rng(0)
-    h = rng.uniform(0.1, 0.8, (64, 64))
-    rgb = np.concatenate([render(v, 0.0) for v in h.ravel()]).reshape(64, 64, 3)
-    stains, note = estimate_stains(rgb)
-    assert stains.hematoxylin == H_DAB.hematoxylin
-    assert "default" in note
+def _rotated(v, towards, deg: float) -> np.ndarray:
+    """``v`` turned by ``deg`` degrees towards ``towards`` (away for negative), in the plane of the two."""
+    v, t = np.array(v), np.array(towards)
+    e2 = t - (t @ v) * v
+    e2 /= np.linalg.norm(e2)
+    a = np.radians(deg)
+    return np.cos(a) * v + np.sin(a) * e2
 
 
-def test_macenko_estimates_when_dab_present():
-    rng = np.random.default_rng(1)
-    h, d = rng.uniform(0, 0.8, 5000), rng.uniform(0, 0.8, 5000)
-    rgb = np.concatenate([render(a, b) for a, b in zip(h, d)]).reshape(50, 100, 3)
+def _field(h_vec, d_vec, dab_share: float, seed: int) -> np.ndarray:
+    """100 x 100 px of Beer-Lambert pixels of the given stains: nuclei (haematoxylin, a trace of DAB)
+    and, ``dab_share`` of them, membranes (DAB, a trace of haematoxylin)."""
+    rng = np.random.default_rng(seed)
+    n = 10_000
+    membrane = rng.random(n) < dab_share
+    h = np.where(membrane, rng.uniform(0, 0.05, n), rng.uniform(0.1, 0.9, n))
+    d = np.where(membrane, rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.03, n))
+    od = h[:, None] * h_vec + d[:, None] * d_vec
+    return np.round(255 * 10 ** (-od)).astype(np.uint8).reshape(100, 100, 3)
+
+
+def _angle(a, b) -> float:
+    return float(np.degrees(np.arccos(np.clip(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))))
+
+
+def test_default_vectors_kept_where_the_slide_matches_them():
+    stains, note = estimate_stains(_field(np.array(H_DAB.hematoxylin), np.array(H_DAB.dab), 0.3, seed=0))
+    assert stains.hematoxylin == H_DAB.hematoxylin and stains.dab == H_DAB.dab
+    assert note.startswith("default vectors")
+
+
+def test_both_vectors_estimated_where_dab_leans_towards_haematoxylin():
+    h, d = np.array(H_DAB.hematoxylin), _rotated(H_DAB.dab, H_DAB.hematoxylin, 8.0)
+    rgb = _field(h, d, 0.3, seed=1)
     stains, note = estimate_stains(rgb)
-    assert note.startswith("estimated")
-    assert np.dot(stains.dab, H_DAB.dab) > 0.99
-    assert np.dot(stains.hematoxylin, H_DAB.hematoxylin) > 0.99
+    assert note.startswith("estimated (Macenko)")
+    assert _angle(stains.dab, d) < 1.5 and _angle(stains.hematoxylin, h) < 1.5
+    # the default reads the membranes' DAB as haematoxylin; the slide's own vectors do not
+    membrane = deconvolve(rgb)[..., 1] > 0.2
+    assert deconvolve(rgb)[..., 0][membrane].mean() > 0.05
+    assert deconvolve(rgb, stains)[..., 0][membrane].mean() < 0.04
+
+
+def test_haematoxylin_alone_estimated_where_dab_is_scarce():
+    """A HER2 0 whose haematoxylin leans 8 deg towards DAB: the default would brown every nucleus."""
+    h = _rotated(H_DAB.hematoxylin, H_DAB.dab, 8.0)
+    rgb = _field(h, np.array(H_DAB.dab), 0.0, seed=3)
+    assert deconvolve(rgb)[..., 1].max() > 0.1  # the default reads DAB in every dark nucleus
+    stains, note = estimate_stains(rgb)
+    assert note.startswith("haematoxylin estimated") and stains.dab == H_DAB.dab
+    assert _angle(stains.hematoxylin, h) < 1.0
+    assert deconvolve(rgb, stains)[..., 1].max() < 0.04
+
+
+def test_a_haematoxylin_leaning_away_from_dab_keeps_the_default():
+    """Leaking negatively, it invents no DAB: the default vectors the thresholds were set with stay."""
+    h = _rotated(H_DAB.hematoxylin, H_DAB.dab, -10.0)
+    stains, note = estimate_stains(_field(h, np.array(H_DAB.dab), 0.0, seed=4))
+    assert stains.hematoxylin == H_DAB.hematoxylin and note.startswith("default vectors")
+    assert "haematoxylin -9.8 deg" in note
+
+
+def test_no_estimate_from_too_few_stained_pixels():
+    stains, note = estimate_stains(np.full((10, 10, 3), 250, np.uint8))
+    assert stains.hematoxylin == H_DAB.hematoxylin and "too little" in note
 
 
 def test_remove_dab_leaves_haematoxylin_only():
