@@ -93,8 +93,9 @@ def test_both_vectors_estimated_where_dab_leans_towards_haematoxylin():
 
 
 def test_haematoxylin_alone_estimated_where_dab_is_scarce():
-    """A HER2 0 whose haematoxylin leans 8 deg towards DAB: the default would brown every nucleus."""
-    h = _rotated(H_DAB.hematoxylin, H_DAB.dab, 8.0)
+    """A HER2 0 whose haematoxylin leans 12 deg towards DAB: the default would brown every nucleus
+    (half its haematoxylin OD read as DAB), and its nuclei must still be found to estimate it."""
+    h = _rotated(H_DAB.hematoxylin, H_DAB.dab, 12.0)
     rgb = _field(h, np.array(H_DAB.dab), 0.0, seed=3)
     assert deconvolve(rgb)[..., 1].max() > 0.1  # the default reads DAB in every dark nucleus
     stains, note = estimate_stains(rgb)
