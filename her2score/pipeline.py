@@ -273,7 +273,9 @@ def analyse_slide(
         except NuclearStainError:
             raise refusal from None
         note = f"scored with the slide's own stain vectors: the default ones read it as nuclear DAB ({refusal.reason})"
-        return replace(a, result=replace(a.result, notes=(*a.result.notes, note)))
+        warn = QCFinding("own_stain_vectors", "warn", "its stains lean off the default vectors, which read its DAB as "
+                         "nuclear: scored with its own (see notes); check the stain")
+        return replace(a, result=replace(a.result, notes=(*a.result.notes, note), qc=(*a.result.qc, warn)))
 
 
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,

@@ -146,6 +146,7 @@ def test_a_slide_the_default_vectors_read_as_nuclear_is_scored_with_its_own(fiel
     assert any(n.startswith("scored with the slide's own stain vectors: the default ones read it as nuclear DAB (DAB is nuclear")
                for n in r.notes)
     assert any(n.startswith("stain vectors: estimated (Macenko); the slide's own DAB used") for n in r.notes)
+    assert [q.code for q in r.qc if q.severity == "warn"] == ["own_stain_vectors"] and r.qc_status == "passed"
     for score in ("0", "3+"):
         plain = score_slide(ArraySlide(fields[score].image, mpp=0.5), config=ScoringConfig(estimate_stains=True))
         assert plain.stains["source"] == "ruifrok-johnston" and plain.score == score
