@@ -7,7 +7,7 @@ report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`
 gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
 (as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image), or
 ``count_<category>`` columns in the CSV, give the true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
-its result.json is reused), the CNN is run on it when the result carries no CNN report, and
+its result.json is reused, where it was scored under the same guideline and specimen), the CNN is run on it when the result carries no CNN report, and
 ``out`` receives:
 
 - ``metrics.json``: per method (classical, cnn, fused): n, accuracy with its Wilson 95% interval,
@@ -397,14 +397,16 @@ def _safe(path: str, root: Path | None) -> str:
 
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, bool, str]:
     """The image's result, whether it was reused, and who ran the CNN ("pipeline", "reused" or ""
-    when none ran). A finished result is reused unless the CNN is wanted and it has none."""
+    when none ran). A finished result is reused where it was scored under the same guideline and
+    specimen, unless the CNN is wanted and it has none."""
     from .pipeline import analyse_slide
 
     key = str(Path(item.path).resolve())
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
-        if model is None or result.cnn is not None:
+        same_rules = (result.guideline, result.specimen) == (config.guideline, config.specimen)
+        if same_rules and (model is None or result.cnn is not None):
             return result, True, "reused" if result.cnn is not None else ""
     result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model).result
     return result, False, "pipeline" if result.cnn is not None else ""

@@ -353,6 +353,11 @@ def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     assert m2["methods"]["classical"]["confusion"] == m["methods"]["classical"]["confusion"]
     rows2 = list(csv.DictReader(open(tmp_path / "ev2" / "per_image.csv")))
     assert all(r["reused"] == "True" for r in rows2[:4])
+    # but not under another guideline: those images are scored again, under its rules
+    evaluate(ds / "labels.csv", tmp_path / "ev3", reuse=out / "results", use_cnn=False, bootstrap=0, guideline="gastric")
+    rows3 = list(csv.DictReader(open(tmp_path / "ev3" / "per_image.csv")))
+    assert all(r["reused"] == "False" for r in rows3[:4])
+    assert all(json.loads(f.read_text())["guideline"] == "gastric" for f in (tmp_path / "ev3" / "results").rglob("result.json"))
 
 
 def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
