@@ -135,7 +135,7 @@ def estimate_stains(
     alpha: float = 1.0,
     min_dab_fraction: float = 0.05,
     max_deviation_deg: float = 25.0,
-    max_dab_deviation_deg: float = 15.0,
+    max_dab_deviation_deg: float = 20.0,
     h_percentile: float = 10.0,
     agree_deg: float = 5.0,
     leak_deg: float = 3.0,
