@@ -157,8 +157,8 @@ def estimate_stains(
     other stain: under the default vectors such a haematoxylin reads as DAB (every nucleus brown) and
     such a DAB as haematoxylin (stained membranes found as nuclei, a 3+ refused or read 2+). A stain
     on the far side leaks negatively (a little signal lost, none invented) and keeps the default
-    vector the thresholds were set with on real images (which lean that way: their haematoxylin
-    5-15 degrees away from DAB). At most ``max_pixels`` pixels, evenly spread, are read.
+    vector the thresholds were set with on real images (whose haematoxylin lies 5-15 degrees off the
+    default, leaning away from DAB in all but one). At most ``max_pixels`` pixels, evenly spread, are read.
     Returns the stain set and a note saying which and why.
     """
     flat = rgb.reshape(-1, 3)
@@ -185,7 +185,7 @@ def estimate_stains(
     use_h, use_d = h_in > leak_deg, d_in > leak_deg
     if not (use_h or use_d):
         return base, f"default vectors: the slide's own do not lean towards each other beyond them ({beyond})"
-    used = " and ".join(n for n, u in (("haematoxylin", use_h), ("DAB", use_d)) if u)
+    used = " and ".join(name for name, on in (("haematoxylin", use_h), ("DAB", use_d)) if on)
     return (StainSet(tuple(h if use_h else ref_h), tuple(d if use_d else ref_d), tuple(background), source="estimated"),
             f"{what}; the slide's own {used} used ({beyond})")
 
