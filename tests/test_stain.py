@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from her2score.stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains, optical_density, remove_dab
+from her2score.stain import (H_DAB, StainSet, _angle, _plane, deconvolve, estimate_background, estimate_stains, optical_density,
+                             remove_dab)
 
 
 def render(h_od: float, dab_od: float, background=255.0) -> np.ndarray:
@@ -51,11 +52,9 @@ def test_background_estimate_from_glass():
 
 def _rotated(v, towards, deg: float) -> np.ndarray:
     """``v`` turned by ``deg`` degrees towards ``towards`` (away for negative), in the plane of the two."""
-    v, t = np.array(v), np.array(towards)
-    e2 = t - (t @ v) * v
-    e2 /= np.linalg.norm(e2)
+    e1, e2 = _plane(np.array(v), np.array(towards))
     a = np.radians(deg)
-    return np.cos(a) * v + np.sin(a) * e2
+    return np.cos(a) * e1 + np.sin(a) * e2
 
 
 def _field(h_vec, d_vec, dab_share: float, seed: int) -> np.ndarray:
@@ -68,10 +67,6 @@ def _field(h_vec, d_vec, dab_share: float, seed: int) -> np.ndarray:
     d = np.where(membrane, rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.03, n))
     od = h[:, None] * h_vec + d[:, None] * d_vec
     return np.round(255 * 10 ** (-od)).astype(np.uint8).reshape(100, 100, 3)
-
-
-def _angle(a, b) -> float:
-    return float(np.degrees(np.arccos(np.clip(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))))
 
 
 def test_default_vectors_kept_where_the_slide_matches_them():
