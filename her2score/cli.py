@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
@@ -109,10 +110,12 @@ def _score(args) -> int:
     from tqdm import tqdm
 
     bars = []  # the bar appears with the first finished slide: never before the batch has started
+    started = time.time()
 
     def progress(row, done, total):
         if not bars:
             bars.append(tqdm(total=total, initial=done - 1, unit="slide", disable=args.quiet, dynamic_ncols=True))
+            bars[0].start_t = started  # its time and rate count from the batch's start, not from the first slide's end
         bar = bars[0]
         bar.total = total
         bar.n = done
