@@ -742,6 +742,67 @@ def profile(args, workdir: Path) -> None:
     for parent in ("score_tile", "analyse_slide"):
         callee_breakdown(stats, parent, mp_read)
     read_paths(path, ScoringConfig(), n=args.profile_tiles)
+    library_floor(path, side, grid, cnn, n=args.profile_tiles)
+
+
+def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
+    """CPU per tile (read and score_tile) inside the compiled calls the pipeline makes, against the CPU a
+    tile may take for issue 10's ratio targets at this run's decode rate on this machine's cores.
+
+    The floor is the time in OpenCV, ONNX Runtime and the JPEG decode: what the tile would still
+    cost with every numpy and Python step free. scikit-image's watershed (its Python wrapper
+    included) is shown beside it. Budget per tile = cores x level-0 core MP per tile / (ratio x
+    one-core decode MP/s); the whole-slide one assumes nothing else (start-up, outputs) takes time.
+    """
+    import cv2
+
+    from her2score.pipeline import ScoringConfig, score_tile
+    from her2score.slide import open_slide
+    from her2score.stain import H_DAB, estimate_background
+
+    cfg = ScoringConfig()
+    tiles, mpp, _ = _tiles(path)
+    pick = [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)]
+    scale = cfg.mpp / mpp
+    prof = cProfile.Profile()
+    with open_slide(path) as s:
+        stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
+        c = time.process_time()
+        prof.enable()
+        for t in pick:
+            rgb = s.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=cfg.mpp)
+            score_tile(rgb, t, stains=stains, config=cfg, scale=scale, cnn=cnn, cnn_max_patches=cfg.cnn_patches_per_tile)
+        prof.disable()
+        cpu = (time.process_time() - c) / len(pick) * 1e3
+    own = {"OpenCV": 0.0, "ONNX Runtime": 0.0, "JPEG decode": 0.0, "watershed": 0.0}
+    for (file, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+        if file == "~" and name.startswith("<") and hasattr(cv2, name.strip("<>")):
+            own["OpenCV"] += tottime
+        elif "onnxruntime" in name and name.endswith(".run>"):
+            own["ONNX Runtime"] += tottime
+        elif file.endswith("imagecodecs.py") and name == "jpeg_decode":
+            own["JPEG decode"] += tottime
+        elif file.endswith("_watershed.py") and name == "watershed":
+            own["watershed"] += tottime
+    ms = {k: v / len(pick) * 1e3 for k, v in own.items()}
+    floor = ms["OpenCV"] + ms["ONNX Runtime"] + ms["JPEG decode"]
+    dec = decode_rate(path, 0, side["full_tissue_tiles"]["1"], n=300, passes=3)
+    decode = max(d[1] for d in dec)
+    cores = len(os.sched_getaffinity(0))
+    mp_tile = grid["core_mp"] / grid["tiles"]
+    slide_mp = side["width"] * side["height"] / 1e6
+    tissue_budget = cores * mp_tile / (0.15 * decode) * 1e3
+    slide_budget = cores * slide_mp / (0.10 * decode) / grid["tiles"] * 1e3
+    print(f"--- compiled calls, ms per tile ({len(pick)} tiles read and scored, {cnn_name(cnn)}): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+          + f"; floor (OpenCV + ONNX Runtime + decode) {floor:.1f} of {cpu:.1f} ms CPU ({floor / cpu:.0%}) ---")
+    print(f"--- CPU a tile may take on {cores} cores at this run's decode rate ({decode:.0f} MP/s, level-0 core "
+          f"{mp_tile:.2f} MP a tile): 0.15 of decode on tissue {tissue_budget:.1f} ms; 0.10 on this whole slide "
+          f"(tissue {side['tissue_fraction']:.0%}), nothing else taking time, {slide_budget:.1f} ms ---")
+
+
+def cnn_name(cnn) -> str:
+    return f"CNN on {type(cnn).__name__}" if cnn is not None else "no CNN"
 
 
 def callee_breakdown(stats: pstats.Stats, parent: str, mp: float) -> None:
