@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .slide import Slide, SlideError
+from .slide import NotHerIhcError, Slide
 from .stain import H_DAB, deconvolve, optical_density, per_channel
 
 __all__ = [
@@ -52,10 +52,6 @@ MAX_FLAT_FRACTION = 0.5
 MIN_SOLID_FRACTION = 0.4
 """Rendered graphics: one exact colour fills > 0.5 of the image (text, plots: 0.92; scans <= 0.09) and
 < 0.4 of the stained pixels survive an opening by a 5 px disc (strokes; tissue >= 0.54)."""
-
-
-class NotHerIhcError(SlideError):
-    """The image is not a brightfield H-DAB (HER2 IHC) tissue image, or its µm/px is implausible."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "Slide",
     "SlideError",
+    "NotHerIhcError",
     "open_slide",
     "ArraySlide",
     "SLIDE_SUFFIXES",
@@ -62,6 +63,11 @@ class SlideError(Exception):
     def __init__(self, path: os.PathLike | str, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+
+class NotHerIhcError(SlideError):
+    """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,
+    a photo or a graphic), or its µm/px is implausible: refused, not an error of reading."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
         raise SlideError(path, f"{arr.dtype} pixels ({arr.dtype.itemsize * 8}-bit); HER2 scoring needs 8-bit RGB "
                                "brightfield images (convert to 8-bit RGB)")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2)):
-        raise SlideError(path, _GREYSCALE)
+        raise NotHerIhcError(path, _GREYSCALE)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SlideError(path, f"unsupported pixel layout {arr.shape}")
     if arr.shape[2] == 4:
@@ -239,11 +245,11 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                                        "save it as a tiled pyramidal TIFF")
             meta_mpp = _plain_mpp(img)
             if img.mode.startswith("I;16"):
-                raise SlideError(path, f"16-bit {_GREYSCALE}")
+                raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")
             if img.mode in ("I", "F"):
-                raise SlideError(path, f"32-bit {_GREYSCALE}")
+                raise NotHerIhcError(path, f"32-bit {_GREYSCALE}")
             if img.mode in ("L", "LA", "La", "1"):
-                raise SlideError(path, _GREYSCALE)
+                raise NotHerIhcError(path, _GREYSCALE)
             if any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ())):
                 notes.append("16-bit samples scaled to 8 bits")
             if img.mode in ("P", "PA"):
@@ -438,7 +444,7 @@ class TiffSlide(Slide):
             raise SlideError(self.path, "CIE Lab TIFF; save it as 8-bit RGB")
         if spp < 3 or photometric in (0, 1) and spp - len(page.extrasamples or ()) < 3:
             bits = f"{page.dtype.itemsize * 8}-bit " if page.dtype.itemsize > 1 else ""
-            raise SlideError(self.path, bits + _GREYSCALE)
+            raise NotHerIhcError(self.path, bits + _GREYSCALE)
         if page.dtype not in (np.uint8, np.uint16):
             raise SlideError(self.path, f"{page.dtype} samples; HER2 scoring needs 8-bit (or 16-bit) RGB brightfield images")
         if photometric == 6 and int(page.compression) in (1, 5, 8, 32773, 32946):

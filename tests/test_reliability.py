@@ -27,7 +27,7 @@ from conftest import save_png, save_png16_rgb, save_tiff, truncated_copy, write_
 from her2score.batch import MANIFEST, run_batch, safe_name
 from her2score.outputs import OUTPUT_FILES
 from her2score.pipeline import NoTissueError, WrongStainError, score_slide
-from her2score.slide import SLIDE_SUFFIXES, SlideError, open_slide
+from her2score.slide import SLIDE_SUFFIXES, NotHerIhcError, SlideError, open_slide
 
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
@@ -184,10 +184,12 @@ def test_png_header_bomb_refused_before_allocation(tmp_path, slide_folder, field
     ("grey_png", GREY), ("grey_tif", GREY), ("grey16_png", "16-bit " + GREY), ("grey16_tif", "16-bit " + GREY),
 ])
 def test_greyscale_images(tmp_path, slide_folder, fields, pyramid_tiff, kind, reason):
+    """A greyscale image is no H-DAB image: refused (as H&E is), not an error of reading."""
     bad = write_bad(kind, slide_folder, fields=fields, pyramid=pyramid_tiff)
     msg = f"{bad}: {reason}"
-    assert str(_api_error(bad)) == msg
-    _batch_error(tmp_path, slide_folder, bad, msg)
+    e = _api_error(bad)
+    assert str(e) == msg and isinstance(e, NotHerIhcError)
+    _batch_error(tmp_path, slide_folder, bad, msg, status="refused")
 
 
 def test_16bit_rgb_is_scaled_to_8bit_and_scored(tmp_path, slide_folder, fields):
@@ -302,7 +304,7 @@ def test_every_bad_input_in_one_batch(tmp_path, slide_folder, fields, pyramid_ti
     by = _batch(tmp_path, [slide_folder], workers=2)
     assert len(by) == len(bad) + 1
     for p in bad:  # unreadable files are errors; readable images that are not HER2 IHC tissue are refused
-        status = "refused" if p.stem in ("white", "black", "h&e") else "error"
+        status = "refused" if p.stem in ("white", "black", "h&e", "grey", "grey16") else "error"
         assert by[p.name]["status"] == status and by[p.name]["error"].startswith(f"{p}: "), by[p.name]
 
 
