@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import save_png
-from her2score.batch import LOCK, MANIFEST, BatchError, discover, run_batch
+from her2score import batch
+from her2score.batch import LOCK, MANIFEST, SAVE_COST_SHARE, BatchError, _save_due, discover, run_batch
 from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
 
@@ -59,6 +60,34 @@ def test_summary_csv_columns_and_rows(tmp_path, three):
         assert result["qc_status"] == r["qc_status"] and r["qc_status"] in ("passed", "needs_review", "qc_failed",
                                                                             "not_scored")
     assert [{k: str(v) for k, v in r.items()} for r in rows] == table
+
+
+def test_manifest_and_summary_are_rewritten_at_most_a_share_of_the_time():
+    """Each rewrite is whole, so a batch of thousands rewrites them less often than after every slide."""
+    assert SAVE_COST_SHARE == 0.1
+    assert _save_due(0.05, 0.002)  # a small batch: 2 ms to write, a slide finished 50 ms later
+    assert not _save_due(2.0, 0.6)  # 10,000 slides: 0.6 s a write waits 6 s
+    assert _save_due(6.0, 0.6)
+
+
+def test_slides_finished_before_an_interruption_are_recorded(tmp_path, three, monkeypatch):
+    """With no rewrite due during the run (a batch of thousands), the finished slides are written when
+    it stops: at its end, or when it is interrupted (here: Ctrl-C after the second slide)."""
+    monkeypatch.setattr(batch, "SAVE_COST_SHARE", 1e-12)
+    out = tmp_path / "out"
+
+    def interrupt(row, done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([three], out, progress=interrupt)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["slides"]
+    assert sorted(e["state"] for e in manifest.values()) == ["done", "done"]
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        assert sorted(r["slide"] for r in csv.DictReader(f)) == sorted(manifest)
+    rows = run_batch([three], out)  # resumes: the third slide only
+    assert rows.reused == 2 and rows.scored == 1 and len(rows) == 3
 
 
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
