@@ -75,11 +75,14 @@ class BatchError(Exception):
 
 class BatchRows(list):
     """The summary rows (every slide in the output folder, sorted by path) and this run's counts:
-    ``scored`` (ok), ``failed`` (refused or error) and ``reused`` (done before with the same settings)."""
+    ``scored`` (ok), ``failed`` (refused or error) and ``reused`` (done before with the same settings);
+    ``inputs``: the slides (paths as in the rows) this run was given."""
 
-    def __init__(self, rows: Iterable[dict], *, scored: int = 0, reused: int = 0, failed: int = 0):
+    def __init__(self, rows: Iterable[dict], *, scored: int = 0, reused: int = 0, failed: int = 0,
+                 inputs: Iterable[str] = ()):
         super().__init__(rows)
         self.scored, self.reused, self.failed = scored, reused, failed
+        self.inputs = frozenset(inputs)
 
 
 @dataclass(frozen=True)
@@ -578,7 +581,7 @@ def run_batch(
         finally:  # the end, or an error or Ctrl-C: what finished is recorded
             if unsaved:
                 rows = save()
-        return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems))
+        return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
     finally:
         _unlock(lock)
 

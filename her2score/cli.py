@@ -137,8 +137,14 @@ def _score(args) -> int:
             bar.close()
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
-    for r in rows:
-        print(_console_line(r))
+    earlier = 0
+    for r in rows:  # this run's slides; those scored into --out by earlier runs are in summary.csv
+        if r["slide"] in rows.inputs:
+            print(_console_line(r))
+        else:
+            earlier += 1
+    if earlier:
+        print(f"  (and {earlier} slide{'s' if earlier != 1 else ''} scored by earlier runs: see summary.csv)")
     return 0 if rows.failed == 0 else 1
 
 

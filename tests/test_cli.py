@@ -237,9 +237,14 @@ def test_rules_command(capsys):
 def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, capsys, fields):
     a, b, out = save_png(tmp_path / "a.png", fields["3+"]), save_png(tmp_path / "b.png", fields["0"]), tmp_path / "out"
     assert main(["score", str(a), "--out", str(out), "-q", "--no-cnn"]) == 0
+    capsys.readouterr()
     assert main(["score", str(b), "--out", str(out), "-q", "--no-cnn"]) == 0
     assert set(summary(out)) == {"a.png", "b.png"}
-    assert "1 scored, 0 reused, 0 failed; 2 slides in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 scored, 0 reused, 0 failed; 2 slides in" in printed
+    # the console lists this run's slides; the earlier run's stay in summary.csv
+    assert str(b) in printed and str(a) not in printed
+    assert printed.rstrip().endswith("(and 1 slide scored by earlier runs: see summary.csv)")
     assert main(["score", str(a), str(b), "--out", str(out), "-q", "--no-cnn"]) == 0
     assert "0 scored, 2 reused, 0 failed" in capsys.readouterr().out
     # other settings for a alone would mix two guidelines in one folder: refused before any work
