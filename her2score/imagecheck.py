@@ -121,7 +121,7 @@ def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = S
     """(share of the commonest exact colour, share of stained pixels surviving a 5 px disc opening)."""
     flat = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 250_000)]
     packed = (flat[:, 0].astype(np.int32) << 16) | (flat[:, 1].astype(np.int32) << 8) | flat[:, 2]
-    modal = float(np.bincount(np.unique(packed, return_inverse=True)[1]).max() / len(packed))
+    modal = float(np.unique(packed, return_counts=True)[1].max() / len(packed))
     stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
     opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     return modal, float(opened.sum() / max(int(stained.sum()), 1))
@@ -153,8 +153,10 @@ def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0
         return float("nan")
     best = np.full(h.shape, -np.inf, np.float32)
     scale = np.zeros(h.shape, np.int8)
-    for i, s in enumerate(sigmas_px):
-        response = -(s * s) * cv2.Laplacian(cv2.GaussianBlur(h, (0, 0), s), cv2.CV_32F)
+    blurred, done = h, 0.0
+    for i, s in enumerate(sigmas_px):  # each scale blurred from the last (Gaussians compose): shorter kernels
+        blurred, done = cv2.GaussianBlur(blurred, (0, 0), float(np.sqrt(s * s - done * done))), s
+        response = -(s * s) * cv2.Laplacian(blurred, cv2.CV_32F)
         better = response > best
         best[better], scale[better] = response[better], i
     peaks = (best >= cv2.dilate(best, np.ones((5, 5), np.uint8))) & (best > 0.02)
@@ -171,13 +173,14 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     ``detail``: a tissue region at ``detail_mpp`` where nuclei are resolved (a whole slide's
     thumbnail is too coarse); without it the image itself is used for the nucleus size.
     """
-    detail, detail_mpp = (rgb, mpp) if detail is None else (detail, detail_mpp or mpp)
     background = glass_background(rgb)
+    detail, detail_mpp, detail_background = ((rgb, mpp, background) if detail is None else
+                                             (detail, detail_mpp or mpp, glass_background(detail)))
     dark = dark_fraction(detail)
     od = optical_density(rgb, background)
     eosin, haem, n_stained = stain_fractions(od)
     modal, solid = rendered_fractions(rgb, od)
-    diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=glass_background(detail))
+    diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
     if dark > MAX_DARK_FRACTION:
         code, reason = "dark_background", (f"{dark:.0%} of the image is dark: not a brightfield slide "
