@@ -786,16 +786,19 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
             own["watershed"] += tottime
     ms = {k: v / len(pick) * 1e3 for k, v in own.items()}
     floor = ms["OpenCV"] + ms["ONNX Runtime"] + ms["JPEG decode"]
+    print(f"--- compiled calls, ms per tile ({len(pick)} tiles read and scored, {cnn_name(cnn)}): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+          + f"; floor (OpenCV + ONNX Runtime + decode) {floor:.1f} of {cpu:.1f} ms CPU ({floor / cpu:.0%}) ---")
     dec = decode_rate(path, 0, side["full_tissue_tiles"]["1"], n=300, passes=3)
+    if not dec:
+        print("--- no level-0 JPEG tile lies wholly in tissue to time the decode on: no budget (a larger --profile-size) ---")
+        return
     decode = max(d[1] for d in dec)
     cores = len(os.sched_getaffinity(0))
     mp_tile = grid["core_mp"] / grid["tiles"]
     slide_mp = side["width"] * side["height"] / 1e6
     tissue_budget = cores * mp_tile / (0.15 * decode) * 1e3
     slide_budget = cores * slide_mp / (0.10 * decode) / grid["tiles"] * 1e3
-    print(f"--- compiled calls, ms per tile ({len(pick)} tiles read and scored, {cnn_name(cnn)}): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
-          + f"; floor (OpenCV + ONNX Runtime + decode) {floor:.1f} of {cpu:.1f} ms CPU ({floor / cpu:.0%}) ---")
     print(f"--- CPU a tile may take on {cores} cores at this run's decode rate ({decode:.0f} MP/s, level-0 core "
           f"{mp_tile:.2f} MP a tile): 0.15 of decode on tissue {tissue_budget:.1f} ms; 0.10 on this whole slide "
           f"(tissue {side['tissue_fraction']:.0%}), nothing else taking time, {slide_budget:.1f} ms ---")

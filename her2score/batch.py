@@ -4,7 +4,7 @@ Per batch folder: one sub-folder of outputs per slide, ``manifest.json`` (each s
 settings and summary row, rewritten atomically after a slide finishes) and ``summary.csv`` made from
 the manifest (rewritten with it): every slide scored into the folder, by this run or an earlier one.
 Both are rewritten after every slide while that costs little, and less often in batches of thousands
-(see SAVE_COST_SHARE); a killed batch scores again the few slides finished since the last write. A lock file keeps a second batch out of the folder while one runs; a batch that starts
+(see SAVE_COST_SHARE); a batch killed with SIGKILL scores again the slides finished since the last write. A lock file keeps a second batch out of the folder while one runs; a batch that starts
 removes the temporary files a killed one left behind.
 
 One folder holds one set of settings (guideline, specimen, thresholds, the CNN weights' SHA-256): a
@@ -45,7 +45,7 @@ from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
-    "die_with_parent", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK", "SAVE_COST_SHARE",
+    "die_with_parent", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK", "SAVE_COST_SHARE", "SAVE_ALWAYS_UNDER_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def _config_key(job: Job) -> str:
 # -- manifest, summary, lock ------------------------------------------------------------------------
 
 class _Manifest:
-    """The batch's record of each slide's state, rewritten atomically after every change."""
+    """The batch's record of each slide's state, rewritten atomically (when: SAVE_COST_SHARE)."""
 
     def __init__(self, out: Path):
         self.out = out
@@ -568,19 +568,24 @@ def run_batch(
             todo = [replace(j, tile_workers=workers) for j in todo]
         rows = save()
         scored = failed = unsaved = 0
+        finished = _execute(todo, workers, scheduler)
         try:
-            for job, row in _execute(todo, workers, scheduler):
+            for job, row in finished:
                 manifest.record(job, row)
                 unsaved += 1
                 if _save_due(time.monotonic() - written[0], written[1]):
-                    rows, unsaved = save(), 0
+                    unsaved = 0  # a failed write is not tried again below
+                    rows = save()
                 done += 1
                 scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
                 if progress:
                     progress(row, done, total)
-        finally:  # the end, or an error or Ctrl-C: what finished is recorded
-            if unsaved:
-                rows = save()
+        finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
+            try:
+                if unsaved:
+                    rows = save()
+            finally:
+                finished.close()
         return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
     finally:
         _unlock(lock)
@@ -600,15 +605,19 @@ def _write_progress(out: Path, manifest: "_Manifest") -> list[dict]:
 
 SAVE_COST_SHARE = 0.1
 """Most of a batch's time that rewriting manifest.json and summary.csv may take. Each rewrite is whole
-(atomic), so it grows with the batch: about 55 ms at 1,000 slides, 0.6 s at 10,000. After each
-finished slide they are rewritten once the time since the last rewrite is at least its cost /
-SAVE_COST_SHARE: after every slide until a batch has thousands of fast ones, and always at the end."""
+(atomic), so it grows with the batch: about 7 ms at 100 slides, 70 ms at 1,000, 0.66 s at 10,000
+(benchmarks/batch_bookkeeping.py). A rewrite that takes under SAVE_ALWAYS_UNDER_S is made after every
+finished slide; a slower one once the time since the last is at least its cost / SAVE_COST_SHARE.
+Always at the end, and when the batch stops on an error, Ctrl-C or SIGTERM."""
+
+SAVE_ALWAYS_UNDER_S = 0.05
+"""A rewrite this quick (seconds; a batch of up to several hundred slides) is made after every slide."""
 
 
 def _save_due(since_last_s: float, last_cost_s: float) -> bool:
     """Whether to rewrite the batch's manifest and summary now, ``since_last_s`` seconds after the last
-    rewrite, which took ``last_cost_s``: so that rewriting takes at most SAVE_COST_SHARE of the time."""
-    return since_last_s * SAVE_COST_SHARE >= last_cost_s
+    rewrite, which took ``last_cost_s`` (see SAVE_COST_SHARE)."""
+    return last_cost_s < SAVE_ALWAYS_UNDER_S or since_last_s * SAVE_COST_SHARE >= last_cost_s
 
 
 def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -> None:
@@ -625,7 +634,9 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:
-    """In a worker process: be killed when the parent dies (Linux), and exit if it already has."""
+    """In a worker process: be killed when the parent dies (Linux), and exit if it already has; SIGTERM
+    ends it at once (the default), whatever handler the parent set for itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -99,6 +100,10 @@ def _console_line(r: dict) -> str:
             f"H={r['h_score']:<7} cells={r['tumour_cells']:<6} {r['slide']}")
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _score(args) -> int:
     from .batch import BatchError, run_batch
 
@@ -125,6 +130,8 @@ def _score(args) -> int:
         if row["status"] != "ok":
             tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
 
+    # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
+    default_term = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
@@ -133,6 +140,7 @@ def _score(args) -> int:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
     finally:
+        signal.signal(signal.SIGTERM, default_term)
         for bar in bars:
             bar.close()
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "

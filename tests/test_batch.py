@@ -19,9 +19,10 @@ import pytest
 
 from conftest import save_png
 from her2score import batch
-from her2score.batch import LOCK, MANIFEST, SAVE_COST_SHARE, BatchError, _save_due, discover, run_batch
+from her2score.batch import LOCK, MANIFEST, SAVE_ALWAYS_UNDER_S, SAVE_COST_SHARE, BatchError, _save_due, discover, run_batch
 from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
+from her2score.synthetic import generate_field
 
 SMALL_TILES = ScoringConfig(tile_px=128, margin_px=24)
 
@@ -64,30 +65,63 @@ def test_summary_csv_columns_and_rows(tmp_path, three):
 
 def test_manifest_and_summary_are_rewritten_at_most_a_share_of_the_time():
     """Each rewrite is whole, so a batch of thousands rewrites them less often than after every slide."""
-    assert SAVE_COST_SHARE == 0.1
-    assert _save_due(0.05, 0.002)  # a small batch: 2 ms to write, a slide finished 50 ms later
-    assert not _save_due(2.0, 0.6)  # 10,000 slides: 0.6 s a write waits 6 s
-    assert _save_due(6.0, 0.6)
+    assert SAVE_COST_SHARE == 0.1 and SAVE_ALWAYS_UNDER_S == 0.05
+    assert _save_due(0.0, 0.007)  # 100 slides: 7 ms a rewrite, made after every slide however close
+    assert not _save_due(0.5, 0.07)  # 1,000 slides: 70 ms a rewrite waits 0.7 s
+    assert not _save_due(2.0, 0.66) and _save_due(6.6, 0.66)  # 10,000 slides
 
 
-def test_slides_finished_before_an_interruption_are_recorded(tmp_path, three, monkeypatch):
-    """With no rewrite due during the run (a batch of thousands), the finished slides are written when
-    it stops: at its end, or when it is interrupted (here: Ctrl-C after the second slide)."""
+def _never_due(monkeypatch):
+    """As in a batch of many thousands: no rewrite is due until the batch stops."""
     monkeypatch.setattr(batch, "SAVE_COST_SHARE", 1e-12)
+    monkeypatch.setattr(batch, "SAVE_ALWAYS_UNDER_S", 0.0)
+
+
+def _done_in(out: Path) -> set[str]:
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["slides"]
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        assert sorted(r["slide"] for r in csv.DictReader(f)) == sorted(manifest)
+    return {Path(s).name for s, e in manifest.items() if e["state"] == "done"}
+
+
+def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_stop(tmp_path, fields, monkeypatch):
+    """With no rewrite due during the run, the finished slides are written when it stops: here on
+    Ctrl-C after the first slide, while a larger one is still being scored by the other worker. They
+    are written before the batch waits for that worker, so a kill during the wait loses nothing."""
+    _never_due(monkeypatch)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    save_png(slides / "a_small.png", fields["2+"])
+    save_png(slides / "b_large.png", generate_field("3+", seed=7, size_px=(1536, 1536)).image)
     out = tmp_path / "out"
 
     def interrupt(row, done, total):
-        if done == 2:
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch([three], out, progress=interrupt)
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["slides"]
-    assert sorted(e["state"] for e in manifest.values()) == ["done", "done"]
-    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
-        assert sorted(r["slide"] for r in csv.DictReader(f)) == sorted(manifest)
-    rows = run_batch([three], out)  # resumes: the third slide only
-    assert rows.reused == 2 and rows.scored == 1 and len(rows) == 3
+        run_batch([slides], out, workers=2, progress=interrupt)
+    assert _done_in(out) == {"a_small.png"}
+    # the manifest was written before the large slide (scored on) finished
+    assert (out / MANIFEST).stat().st_mtime_ns < (out / "b_large.png" / "result.json").stat().st_mtime_ns
+    rows = run_batch([slides], out)  # resumes: the large slide (its outputs unrecorded) is scored again
+    assert rows.reused == 1 and rows.scored == 1 and len(rows) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGTERM")
+def test_sigterm_stops_the_cli_batch_with_what_finished_recorded(tmp_path, three):
+    """SIGTERM (kill, timeout, a cluster's scheduler) ends 'her2score score' as Ctrl-C does (exit 143),
+    with the finished slides recorded, even when no rewrite was due."""
+    out = tmp_path / "out"
+    code = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
+            "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "score", str(three), "--out", str(out), "-q", "--no-cnn",
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/result.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # one worker: when the second slide's outputs exist, the first one's row has come back
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert len(_done_in(out)) >= 1
 
 
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
