@@ -7,7 +7,7 @@ A sample field is scored once for a real summary row; the manifest is then fille
 under other slide names, and her2score.batch's own writer rewrites both files (median of 3). For a
 batch finishing ``--rate`` slides a second (fields of view on 2 workers: about 5), it prints the share
 of the batch process's time a rewrite after every slide would take, and the slides between rewrites
-under SAVE_COST_SHARE (which bounds that share).
+under SAVE_ALWAYS_UNDER_S and SAVE_COST_SHARE (which bound that share).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                 costs.append(time.perf_counter() - t)
             cost = statistics.median(costs)
             every = cost * args.rate  # seconds of rewriting per second of batch
-            between = max(1, round(cost / batch.SAVE_COST_SHARE * args.rate))
+            between = 1 if cost < batch.SAVE_ALWAYS_UNDER_S else max(1, round(cost / batch.SAVE_COST_SHARE * args.rate))
             print(f"{n:7d} {cost * 1e3:10.1f} {(out / batch.MANIFEST).stat().st_size / 1e6:11.1f} "
                   f"{every:17.0%} {between:24d}")
     return 0
