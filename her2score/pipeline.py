@@ -296,7 +296,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
         if config.estimate_stains:
             sample = tiles[:: max(1, len(tiles) // 8)][:8]
-            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in sample])[None]
+            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in sample])
             stains, stain_note = estimate_stains(pix, background=background)
             if retry_of is not None and stains.source != "estimated":
                 raise retry_of
