@@ -31,9 +31,10 @@ import time
 import traceback
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -653,6 +654,20 @@ def _pool(n: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
+@contextmanager
+def _stopping(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
+    """``pool``, shut down at the end waiting for its slides; when the batch stops early (an error,
+    Ctrl-C, SIGTERM, or the caller closing the generator that uses it) without waiting, so the batch
+    records what finished first. The slides still running end before the process exits (or are
+    scored again by the next run if it is killed)."""
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _execute(jobs: list[Job], workers: int, scheduler: str | None):
     """Yield (job, row) as slides finish: in child processes (at most ``workers`` at a time), or on Dask.
 
@@ -671,14 +686,14 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None):
     while pending or suspects:
         if suspects:
             job = suspects.popleft()
-            with _pool(1) as pool:
+            with _stopping(_pool(1)) as pool:
                 try:
                     row = pool.submit(process_slide, job).result()
                 except BrokenProcessPool as e:
                     row = _crash_row(job, e)
             yield job, row
             continue
-        with _pool(n) as pool:
+        with _stopping(_pool(n)) as pool:
             inflight: dict = {}
             broken = False
             while (pending or inflight) and not broken:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields, replace
@@ -131,7 +132,8 @@ def _score(args) -> int:
             tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
 
     # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
-    default_term = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    earlier_term = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main else None
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
@@ -140,7 +142,8 @@ def _score(args) -> int:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, default_term)
+        if on_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)
         for bar in bars:
             bar.close()
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "

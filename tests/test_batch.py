@@ -84,16 +84,29 @@ def _done_in(out: Path) -> set[str]:
     return {Path(s).name for s, e in manifest.items() if e["state"] == "done"}
 
 
-def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_stop(tmp_path, fields, monkeypatch):
-    """With no rewrite due during the run, the finished slides are written when it stops: here on
-    Ctrl-C after the first slide, while a larger one is still being scored by the other worker. They
-    are written before the batch waits for that worker, so a kill during the wait loses nothing."""
-    _never_due(monkeypatch)
+def _small_and_large(tmp_path, fields) -> Path:
+    """A 384 px field and a 1536 px one (16 times the work): scored side by side, the small one ends first."""
     slides = tmp_path / "slides"
     slides.mkdir()
     save_png(slides / "a_small.png", fields["2+"])
     save_png(slides / "b_large.png", generate_field("3+", seed=7, size_px=(1536, 1536)).image)
-    out = tmp_path / "out"
+    return slides
+
+
+def _written_before_the_large_slide_ended(out: Path) -> bool:
+    large = out / "b_large.png" / "result.json"
+    deadline = time.monotonic() + 120
+    while not large.exists() and time.monotonic() < deadline:  # its worker goes on after the batch stopped
+        time.sleep(0.02)
+    return (out / MANIFEST).stat().st_mtime_ns < large.stat().st_mtime_ns
+
+
+def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_stop(tmp_path, fields, monkeypatch):
+    """With no rewrite due during the run, the finished slides are written when it stops: here on
+    Ctrl-C after the small field, while the other worker still scores the large one. They are written
+    before anything waits for that worker, so a kill meanwhile loses nothing recorded."""
+    _never_due(monkeypatch)
+    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
 
     def interrupt(row, done, total):
         raise KeyboardInterrupt
@@ -101,27 +114,29 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
     with pytest.raises(KeyboardInterrupt):
         run_batch([slides], out, workers=2, progress=interrupt)
     assert _done_in(out) == {"a_small.png"}
-    # the manifest was written before the large slide (scored on) finished
-    assert (out / MANIFEST).stat().st_mtime_ns < (out / "b_large.png" / "result.json").stat().st_mtime_ns
+    assert _written_before_the_large_slide_ended(out)
     rows = run_batch([slides], out)  # resumes: the large slide (its outputs unrecorded) is scored again
     assert rows.reused == 1 and rows.scored == 1 and len(rows) == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGTERM")
-def test_sigterm_stops_the_cli_batch_with_what_finished_recorded(tmp_path, three):
-    """SIGTERM (kill, timeout, a cluster's scheduler) ends 'her2score score' as Ctrl-C does (exit 143),
-    with the finished slides recorded, even when no rewrite was due."""
-    out = tmp_path / "out"
+def test_sigterm_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields):
+    """SIGTERM (kill, timeout, a cluster's scheduler), which lands while the batch waits for its workers,
+    ends 'her2score score' as Ctrl-C does: exit 143, the finished slide recorded at once (even with no
+    rewrite due), before the slide still running ends."""
+    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     code = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
             "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "score", str(three), "--out", str(out), "-q", "--no-cnn",
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", code, "score", str(slides), "--out", str(out), "-q", "--no-cnn",
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list(out.glob("*/result.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # one worker: when the second slide's outputs exist, the first one's row has come back
+    while not (out / "a_small.png" / "result.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # its row reaches the batch; the large slide has about 2 s to go
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
-    assert len(_done_in(out)) >= 1
+    assert proc.wait(120) == 128 + signal.SIGTERM
+    assert _done_in(out) == {"a_small.png"}
+    assert _written_before_the_large_slide_ended(out)
 
 
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,16 @@ def test_the_progress_bar_counts_time_from_the_batch_start(tmp_path, capsys):
     assert main(["score", *fields, "--out", str(tmp_path / "out"), "--no-cnn", "--workers", "1"]) == 0
     rates = [float(r) for r in re.findall(r"([0-9.]+)slide/s", capsys.readouterr().err)]
     assert rates and max(rates) < 100, rates
+
+
+def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):
+    """Only the main thread may set signal handlers: from another thread, 'score' runs without its SIGTERM one."""
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(main(["score", str(SAMPLES / "field_1plus_a.png"), "--out",
+                                                           str(tmp_path / "out"), "-q", "--no-cnn"])))
+    t.start()
+    t.join(120)
+    assert codes == [0] and (tmp_path / "out" / "field_1plus_a.png" / "result.json").is_file()
 
 
 def test_gastric_biopsy_is_scored(tmp_path):
