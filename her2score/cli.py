@@ -155,7 +155,7 @@ def _score(args) -> int:
         else:
             earlier += 1
     if earlier:
-        print(f"  (and {earlier} slide{'s' if earlier != 1 else ''} scored by earlier runs: see summary.csv)")
+        print(f"  (and {earlier:,} slide{'s' if earlier != 1 else ''} scored by earlier runs: see summary.csv)")
     return 0 if rows.failed == 0 else 1
 
 
