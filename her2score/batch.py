@@ -635,9 +635,11 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:
-    """In a worker process: be killed when the parent dies (Linux), and exit if it already has; SIGTERM
-    ends it at once (the default), whatever handler the parent set for itself."""
+    """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM
+    and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
+    default actions, whatever handlers the parent set: the batch itself stops in order."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -141,6 +141,12 @@ def _score(args) -> int:
     except BatchError as e:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        for bar in bars:
+            bar.close()
+        print(f"her2score score: interrupted; the slides that finished are recorded in {Path(args.out) / 'summary.csv'}: "
+              "run the same command again to score the rest", file=sys.stderr)
+        return 130
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)

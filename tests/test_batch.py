@@ -119,24 +119,33 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
     assert rows.reused == 1 and rows.scored == 1 and len(rows) == 2
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGTERM")
-def test_sigterm_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields):
-    """SIGTERM (kill, timeout, a cluster's scheduler), which lands while the batch waits for its workers,
-    ends 'her2score score' as Ctrl-C does: exit 143, the finished slide recorded at once (even with no
-    rewrite due), before the slide still running ends."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX signals and process groups")
+@pytest.mark.parametrize("signum, whole_group, code", [
+    (signal.SIGTERM, False, 143),  # kill, timeout, a cluster's scheduler: the batch process alone
+    (signal.SIGINT, True, 130),  # Ctrl-C: every process of the terminal's group, workers included
+])
+def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, code):
+    """A signal that lands while the batch waits for its workers ends 'her2score score' in order: the
+    finished slide recorded at once (even with no rewrite due), before the slide still running ends,
+    and for Ctrl-C one line saying so, no traceback."""
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
-    code = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
-            "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "score", str(slides), "--out", str(out), "-q", "--no-cnn",
-                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code_ = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
+             "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code_, "score", str(slides), "--out", str(out), "-q", "--no-cnn",
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so the test's is not signalled
     deadline = time.monotonic() + 120
     while not (out / "a_small.png" / "result.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.3)  # its row reaches the batch; the large slide has about 2 s to go
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == 128 + signal.SIGTERM
+    (os.killpg if whole_group else os.kill)(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
     assert _done_in(out) == {"a_small.png"}
-    assert _written_before_the_large_slide_ended(out)
+    if signum == signal.SIGINT:
+        assert err.count("\n") == 1 and err.startswith("her2score score: interrupted; the slides that finished"), err
+    else:
+        assert _written_before_the_large_slide_ended(out)
 
 
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
