@@ -637,9 +637,11 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
 def die_with_parent(parent_pid: int | None = None) -> None:
     """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM
     and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
-    default actions, whatever handlers the parent set: the batch itself stops in order."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    default actions, in place of the handlers the parent set (the batch itself stops in order); a
+    signal the parent ignores (a batch started in the background) stays ignored."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             import ctypes

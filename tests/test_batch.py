@@ -120,20 +120,22 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX signals and process groups")
-@pytest.mark.parametrize("signum, whole_group, code", [
-    (signal.SIGTERM, False, 143),  # kill, timeout, a cluster's scheduler: the batch process alone
-    (signal.SIGINT, True, 130),  # Ctrl-C: every process of the terminal's group, workers included
+@pytest.mark.parametrize("signum, whole_group, ignored, code", [
+    (signal.SIGTERM, False, False, 143),  # kill, timeout, a cluster's scheduler: the batch process alone
+    (signal.SIGINT, True, False, 130),  # Ctrl-C: every process of the terminal's group, workers included
+    (signal.SIGINT, True, True, 0),  # a batch started in the background ignores Ctrl-C, and so do its workers
 ])
-def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, code):
+def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, ignored, code):
     """A signal that lands while the batch waits for its workers ends 'her2score score' in order: the
     finished slide recorded at once (even with no rewrite due), before the slide still running ends,
-    and for Ctrl-C one line saying so, no traceback."""
+    and for Ctrl-C one line saying so, no traceback. A Ctrl-C the batch ignores changes nothing."""
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     code_ = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
              "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code_, "score", str(slides), "--out", str(out), "-q", "--no-cnn",
                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, so the test's is not signalled
+                            start_new_session=True,  # its own process group, so the test's is not signalled
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "a_small.png" / "result.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -141,6 +143,9 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
     (os.killpg if whole_group else os.kill)(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
+    if ignored:
+        assert _done_in(out) == {"a_small.png", "b_large.png"} and err == ""
+        return
     assert _done_in(out) == {"a_small.png"}
     if signum == signal.SIGINT:
         assert err.count("\n") == 1 and err.startswith("her2score score: interrupted; the slides that finished"), err
