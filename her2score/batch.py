@@ -4,7 +4,8 @@ Per batch folder: one sub-folder of outputs per slide, ``manifest.json`` (each s
 settings and summary row, rewritten atomically after a slide finishes) and ``summary.csv`` made from
 the manifest (rewritten with it): every slide scored into the folder, by this run or an earlier one.
 Both are rewritten after every slide while that costs little, and less often in batches of thousands
-(see SAVE_COST_SHARE); a batch killed with SIGKILL scores again the slides finished since the last write. A lock file keeps a second batch out of the folder while one runs; a batch that starts
+(see SAVE_COST_SHARE); a batch killed with SIGKILL scores again the slides finished since the last
+write. A lock file keeps a second batch out of the folder while one runs; a batch that starts
 removes the temporary files a killed one left behind.
 
 One folder holds one set of settings (guideline, specimen, thresholds, the CNN weights' SHA-256): a
@@ -554,13 +555,14 @@ def run_batch(
             row.update(status="error", error=reason)
             manifest.record(Job(path, "", "", config), row)
 
-        written = [0.0, 0.0]  # when the last write of manifest and summary ended, and what it took (monotonic s)
+        last_end = last_cost = 0.0  # when the last write of manifest and summary ended, and what it took (monotonic s)
 
         def save() -> list[dict]:
+            nonlocal last_end, last_cost
             start = time.monotonic()
             rows = _write_progress(out, manifest)
-            end = time.monotonic()
-            written[:] = end, end - start
+            last_end = time.monotonic()
+            last_cost = last_end - start
             return rows
 
         todo = [j for j in jobs if not manifest.done(j)]
@@ -574,7 +576,7 @@ def run_batch(
             for job, row in finished:
                 manifest.record(job, row)
                 unsaved += 1
-                if _save_due(time.monotonic() - written[0], written[1]):
+                if _save_due(time.monotonic() - last_end, last_cost):
                     unsaved = 0  # a failed write is not tried again below
                     rows = save()
                 done += 1
@@ -654,16 +656,13 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
-def _pool(n: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
-
-
 @contextmanager
-def _stopping(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
-    """``pool``, shut down at the end waiting for its slides; when the batch stops early (an error,
-    Ctrl-C, SIGTERM, or the caller closing the generator that uses it) without waiting, so the batch
-    records what finished first. The slides still running end before the process exits (or are
-    scored again by the next run if it is killed)."""
+def _pool(n: int) -> Iterator[ProcessPoolExecutor]:
+    """``n`` slide worker processes, shut down at the end waiting for their slides; when the batch
+    stops early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them)
+    without waiting, so the batch records what finished first. The slides still running end before
+    the process exits (or are scored again by the next run if it is killed)."""
+    pool = ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException:
@@ -690,14 +689,14 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None):
     while pending or suspects:
         if suspects:
             job = suspects.popleft()
-            with _stopping(_pool(1)) as pool:
+            with _pool(1) as pool:
                 try:
                     row = pool.submit(process_slide, job).result()
                 except BrokenProcessPool as e:
                     row = _crash_row(job, e)
             yield job, row
             continue
-        with _stopping(_pool(n)) as pool:
+        with _pool(n) as pool:
             inflight: dict = {}
             broken = False
             while (pending or inflight) and not broken:

@@ -134,6 +134,7 @@ def _score(args) -> int:
     # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     earlier_term = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main else None
+    rows = None  # stays None when Ctrl-C stops the batch
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
@@ -142,16 +143,16 @@ def _score(args) -> int:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        for bar in bars:
-            bar.close()
-        print(f"her2score score: interrupted; the slides that finished are recorded in {Path(args.out) / 'summary.csv'}: "
-              "run the same command again to score the rest", file=sys.stderr)
-        return 130
+        pass
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)
         for bar in bars:
             bar.close()
+    if rows is None:
+        print(f"her2score score: interrupted; the slides that finished are recorded in {Path(args.out) / 'summary.csv'}: "
+              "run the same command again to score the rest", file=sys.stderr)
+        return 130
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     earlier = 0
