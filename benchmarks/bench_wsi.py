@@ -555,17 +555,23 @@ def peer_cells(rgb: np.ndarray, *, mpp: float = 0.5) -> int:
     return sum(1 for f in features if f[0] in membrane_dab)
 
 
-def peer_rates(path: Path, *, n: int, cnn) -> dict:
-    """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
-    ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import ScoringConfig, score_tile
-    from her2score.slide import open_slide
-    from her2score.stain import H_DAB, estimate_background
+def _spread_tiles(path: Path, n: int) -> tuple:
+    """The default ScoringConfig, ``n`` tiles spread evenly over the pipeline's grid, and level-0 px per tile px."""
+    from her2score.pipeline import ScoringConfig
 
     cfg = ScoringConfig()
     tiles, mpp, _ = _tiles(path)
-    pick = [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)]
-    scale = cfg.mpp / mpp
+    return cfg, [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)], cfg.mpp / mpp
+
+
+def peer_rates(path: Path, *, n: int, cnn) -> dict:
+    """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
+    ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
+    from her2score.pipeline import score_tile
+    from her2score.slide import open_slide
+    from her2score.stain import H_DAB, estimate_background
+
+    cfg, pick, scale = _spread_tiles(path, n)
     with open_slide(path) as s:
         stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
         rgbs = [s.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=cfg.mpp) for t in pick]
@@ -742,10 +748,10 @@ def profile(args, workdir: Path) -> None:
     for parent in ("score_tile", "analyse_slide"):
         callee_breakdown(stats, parent, mp_read)
     read_paths(path, ScoringConfig(), n=args.profile_tiles)
-    library_floor(path, side, grid, cnn, n=args.profile_tiles)
+    library_floor(path, side, grid, cnn, cnn_note, n=args.profile_tiles)
 
 
-def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
+def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: int) -> None:
     """CPU per tile (read and score_tile) inside the compiled calls the pipeline makes, against the CPU a
     tile may take for issue 10's ratio targets at this run's decode rate on this machine's cores.
 
@@ -756,14 +762,11 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
     """
     import cv2
 
-    from her2score.pipeline import ScoringConfig, score_tile
+    from her2score.pipeline import score_tile
     from her2score.slide import open_slide
     from her2score.stain import H_DAB, estimate_background
 
-    cfg = ScoringConfig()
-    tiles, mpp, _ = _tiles(path)
-    pick = [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)]
-    scale = cfg.mpp / mpp
+    cfg, pick, scale = _spread_tiles(path, n)
     prof = cProfile.Profile()
     with open_slide(path) as s:
         stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
@@ -786,7 +789,7 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
             own["watershed"] += tottime
     ms = {k: v / len(pick) * 1e3 for k, v in own.items()}
     floor = ms["OpenCV"] + ms["ONNX Runtime"] + ms["JPEG decode"]
-    print(f"--- compiled calls, ms per tile ({len(pick)} tiles read and scored, {cnn_name(cnn)}): "
+    print(f"--- compiled calls, ms per tile ({len(pick)} tiles read and scored, {cnn_note}): "
           + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
           + f"; floor (OpenCV + ONNX Runtime + decode) {floor:.1f} of {cpu:.1f} ms CPU ({floor / cpu:.0%}) ---")
     dec = decode_rate(path, 0, side["full_tissue_tiles"]["1"], n=300, passes=3)
@@ -802,10 +805,6 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, *, n: int) -> None:
     print(f"--- CPU a tile may take on {cores} cores at this run's decode rate ({decode:.0f} MP/s, level-0 core "
           f"{mp_tile:.2f} MP a tile): 0.15 of decode on tissue {tissue_budget:.1f} ms; 0.10 on this whole slide "
           f"(tissue {side['tissue_fraction']:.0%}), nothing else taking time, {slide_budget:.1f} ms ---")
-
-
-def cnn_name(cnn) -> str:
-    return f"CNN on {type(cnn).__name__}" if cnn is not None else "no CNN"
 
 
 def callee_breakdown(stats: pstats.Stats, parent: str, mp: float) -> None:
