@@ -246,8 +246,15 @@ def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path
     monkeypatch.setattr(outputs, "GEOJSON_CHUNK", 40)  # several chunks of cells: the forked workers share them
     write_outputs(a, tmp_path / "one", slide=slide)
     write_outputs(a, tmp_path / "two", slide=slide, workers=2)
+    # no slide given: a forked worker opens the file again and draws the overlay on it
+    png = tmp_path / "field.png"
+    cv2.imwrite(str(png), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
+    from_file = analyse_slide(png, mpp=f.mpp)
+    write_outputs(from_file, tmp_path / "one_reopened")
+    write_outputs(from_file, tmp_path / "two_reopened", workers=2)
     for name in OUTPUT_FILES:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+        assert (tmp_path / "one_reopened" / name).read_bytes() == (tmp_path / "two_reopened" / name).read_bytes(), name
 
 
 def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible(field):
