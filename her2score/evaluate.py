@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from .categories import CATEGORIES
-from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, null_or_ultralow
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, with_null_doubt
 from .results import SCORES, SlideResult
 
 __all__ = [
@@ -325,10 +325,8 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
             return None
         s = result.cnn.score
         level = _level_for(result, s)
-        flags = level_flags(level, result.guideline)
-        percent = result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT)
-        if null_or_ultralow(result.counts, level, percent=percent) is not None:
-            flags = (*flags, "null_or_ultralow")
+        flags, _ = with_null_doubt(level_flags(level, result.guideline), result.counts, level,
+                                   percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
         return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":
         return result

@@ -29,6 +29,7 @@ __all__ = [
     "near_cutoff",
     "FALSE_MEMBRANE_PERCENT",
     "null_or_ultralow",
+    "with_null_doubt",
     "STAINING_LEVEL",
     "MIN_TUMOUR_CELLS",
     "ISOLATED_INTENSE_PERCENT",
@@ -206,6 +207,17 @@ def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = 
     c = _validated(counts)
     share = 100.0 * (sum(c.values()) - c["none"] - c["strong_complete"]) / sum(c.values())
     return share if share <= percent else None
+
+
+def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str, *,
+                    percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
+    """``flags`` plus ``null_or_ultralow``, and the words that say why (to append to a reason; "" without
+    the flag), where false membranes alone could make ``level`` an ultralow call (null_or_ultralow)."""
+    share = null_or_ultralow(counts, level, percent=percent)
+    if share is None:
+        return flags, ""
+    return (*flags, "null_or_ultralow"), (f"; the {share:.1f}% stained is within the {percent:g}% that real "
+                                          "unstained membranes read: it could be 0 (null)")
 
 
 def h_score(counts: Mapping[str, int]) -> float:

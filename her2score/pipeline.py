@@ -25,7 +25,7 @@ from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, level_flags, near_cutoff, null_or_ultralow, report_level)
+                         apply_guideline, level_flags, near_cutoff, report_level, with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
@@ -369,14 +369,17 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             flags = (*flags, "near_cutoff")
             reason += (f"; near the 10% cut-off ({near[1]:.1f}% of tumour cells decide it, within {config.near_cutoff_points:g} "
                        f"points): it could be {near[0]}")
-        flags, reason = _null_doubt(counts, level, flags, reason, config)
+        flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
+        reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
     classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:
         score, confidence = fuse(classical, cnn_report.probabilities)
         if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
             level = report_level(score, config.guideline, counts)
-            flags, reason = _null_doubt(counts, level, level_flags(level, config.guideline), reason, config)
+            flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
+                                           percent=config.false_membrane_percent)
+            reason += doubt
         if cnn_report.score != classical:
             flags = (*flags, "cnn_disagrees")
             reason += f"; the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
@@ -435,16 +438,6 @@ def _no_tissue(slide: Slide) -> str:
         return (f"no tissue found: the image is only {w:.0f} x {h:.0f} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
                 f"at least {MIN_TISSUE_UM2:,.0f} µm² (check the µm/px, or give a larger field)")
     return f"no tissue found (blank, fully white or black slide, or only fragments under {MIN_TISSUE_UM2:,.0f} µm²)"
-
-
-def _null_doubt(counts: dict[str, int], level: str, flags: tuple[str, ...], reason: str,
-                config: ScoringConfig) -> tuple[tuple[str, ...], str]:
-    """Flags and reason of a level, with ``null_or_ultralow`` where false membranes alone could make it ultralow."""
-    share = null_or_ultralow(counts, level, percent=config.false_membrane_percent)
-    if share is None:
-        return flags, reason
-    return (*flags, "null_or_ultralow"), (reason + f"; the {share:.1f}% stained is within the {config.false_membrane_percent:g}% "
-                                                   "that real unstained membranes read: it could be 0 (null)")
 
 
 def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, floor: float, threshold: float) -> dict:

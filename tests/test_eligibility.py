@@ -325,13 +325,17 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
 
 
 def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_changes_the_answer():
-    from her2score.guidelines import FALSE_MEMBRANE_PERCENT, null_or_ultralow
+    from her2score.guidelines import FALSE_MEMBRANE_PERCENT, null_or_ultralow, with_null_doubt
 
     counts = {"none": 186, "faint_partial": 12, "strong_complete": 2}  # 6% faint, 2 isolated intense cells
     assert null_or_ultralow(counts, "0+ (ultralow)") == 6.0  # the isolated cells are not counted, as in the call
     assert null_or_ultralow(counts, "0+ (ultralow)", percent=5.0) is None
     assert null_or_ultralow(counts, "0 (null)") is None and null_or_ultralow(counts, "1+") is None
     assert null_or_ultralow({"none": 182, "faint_partial": 18}, "0+ (ultralow)") is None  # 9%: above the default
+    assert with_null_doubt(("ultralow",), counts, "0+ (ultralow)") == (
+        ("ultralow", "null_or_ultralow"),
+        f"; the 6.0% stained is within the {FALSE_MEMBRANE_PERCENT:g}% that real unstained membranes read: it could be 0 (null)")
+    assert with_null_doubt(("her2_low",), counts, "1+") == (("her2_low",), "")
     assert 6.3 < FALSE_MEMBRANE_PERCENT < 10  # above what real unstained membranes read, under the 1+ cut-off
     r = make_result(none=188, faint_partial=12)
     flagged = replace(r, flags=(*r.flags, "null_or_ultralow"))
