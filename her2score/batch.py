@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -571,24 +571,25 @@ def run_batch(
             todo = [replace(j, tile_workers=workers) for j in todo]
         rows = save()
         scored = failed = unsaved = 0
-        finished = _execute(todo, workers, scheduler)
-        try:
-            for job, row in finished:
-                manifest.record(job, row)
-                unsaved += 1
-                if _save_due(time.monotonic() - last_end, last_cost):
-                    unsaved = 0  # a failed write is not tried again below
-                    rows = save()
-                done += 1
-                scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
-                if progress:
-                    progress(row, done, total)
-        finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
+        with ExitStack() as cluster:  # a Dask client and cluster, closed after the last write below
+            finished = _execute(todo, workers, scheduler, cluster)
             try:
-                if unsaved:
-                    rows = save()
-            finally:
-                finished.close()
+                for job, row in finished:
+                    manifest.record(job, row)
+                    unsaved += 1
+                    if _save_due(time.monotonic() - last_end, last_cost):
+                        unsaved = 0  # a failed write is not tried again below
+                        rows = save()
+                    done += 1
+                    scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
+                    if progress:
+                        progress(row, done, total)
+            finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
+                try:
+                    if unsaved:
+                        rows = save()
+                finally:
+                    finished.close()
         return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
     finally:
         _unlock(lock)
@@ -671,8 +672,9 @@ def _pool(n: int) -> Iterator[ProcessPoolExecutor]:
     pool.shutdown(wait=True)
 
 
-def _execute(jobs: list[Job], workers: int, scheduler: str | None):
-    """Yield (job, row) as slides finish: in child processes (at most ``workers`` at a time), or on Dask.
+def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: ExitStack):
+    """Yield (job, row) as slides finish: in child processes (at most ``workers`` at a time), or on Dask
+    (its client and any local cluster are entered into ``cluster``, for the caller to close).
 
     If a child dies, the slides it may have been scoring are run again one by one, each in a fresh
     process; the one that kills its process again gets an error row.
@@ -680,7 +682,7 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None):
     if not jobs:
         return
     if scheduler:
-        yield from _execute_dask(jobs, workers, scheduler)
+        yield from _execute_dask(jobs, workers, scheduler, cluster)
         return
     n = 1 if jobs[0].tile_workers > 1 else max(1, min(workers, len(jobs)))
     if jobs[0].cnn_weights:  # loaded here, so the workers inherit it and never run torch (see _preload_cnn)
@@ -720,24 +722,18 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None):
                         suspects.append(job)
 
 
-def _execute_dask(jobs: list[Job], workers: int, scheduler: str):
+def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitStack):
     from dask.distributed import Client, LocalCluster, as_completed as dask_completed
 
     if scheduler == "local":
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0")
-        client = Client(cluster)
-    else:
-        cluster, client = None, Client(scheduler)
-    try:
-        futures = client.map(process_slide, jobs, pure=False)
-        by_key = {f.key: j for f, j in zip(futures, jobs)}
-        for f in dask_completed(futures):
-            try:
-                row = f.result()
-            except Exception as e:  # a worker lost or killed while scoring
-                row = _crash_row(by_key[f.key], e)
-            yield by_key[f.key], row
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        scheduler = cluster.enter_context(LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                                                       dashboard_address=":0"))
+    client = cluster.enter_context(Client(scheduler))
+    futures = client.map(process_slide, jobs, pure=False)
+    by_key = {f.key: j for f, j in zip(futures, jobs)}
+    for f in dask_completed(futures):
+        try:
+            row = f.result()
+        except Exception as e:  # a worker lost or killed while scoring
+            row = _crash_row(by_key[f.key], e)
+        yield by_key[f.key], row

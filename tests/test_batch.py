@@ -119,6 +119,32 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
     assert rows.reused == 1 and rows.scored == 1 and len(rows) == 2
 
 
+def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_cluster_closes(tmp_path, fields, monkeypatch):
+    """Ctrl-C while the batch waits on Dask: the finished slides are written first, then the client and
+    cluster close (which takes seconds; a kill meanwhile loses nothing recorded)."""
+    pytest.importorskip("distributed")
+    from dask.distributed import LocalCluster
+
+    _never_due(monkeypatch)
+    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
+    at_close: list[set[str]] = []
+    close = LocalCluster.close
+
+    def recording_close(self, *args, **kwargs):
+        at_close.append(_done_in(out))
+        return close(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalCluster, "close", recording_close)
+
+    def interrupt_soon(row, done, total):  # lands while the batch waits for the large slide on the cluster
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([slides], out, workers=2, scheduler="local", progress=interrupt_soon)
+        time.sleep(60)  # not reached: the signal ends the batch, or here the test
+    assert at_close and at_close[0] == {"a_small.png"}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX signals and process groups")
 @pytest.mark.parametrize("signum, whole_group, ignored, code", [
     (signal.SIGTERM, False, False, 143),  # kill, timeout, a cluster's scheduler: the batch process alone
