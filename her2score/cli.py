@@ -105,6 +105,52 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _clock(seconds: float) -> str:
+    """A duration as h:mm:ss or m:ss."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class _Progress:
+    """'score's progress on stderr after each finished slide: a bar on a terminal; elsewhere (a log file of
+    nohup, cron or a cluster job) one line a slide, without carriage returns. Time and rate count from the
+    batch's start; the time left from this run's own rate (slides reused from an earlier run take none)."""
+
+    def __init__(self, *, quiet: bool):
+        self.quiet, self.started, self.terminal = quiet, time.time(), sys.stderr.isatty()
+        self.bar, self.before = None, None  # the bar appears with the first finished slide
+
+    def __call__(self, row: dict, done: int, total: int) -> None:
+        if self.before is None:
+            self.before = done - 1  # reused from an earlier run
+        shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
+        what = f"{Path(row['slide']).name}: {shown if row['status'] == 'ok' else row['status']}"
+        if self.terminal:
+            self._draw(what, done, total)
+            if row["status"] != "ok":
+                self.bar.write(f"{row['status']}: {row['error']}", file=sys.stderr)
+        elif not self.quiet or row["status"] != "ok":
+            elapsed = time.time() - self.started
+            left = elapsed / (done - self.before) * (total - done)
+            error = f" ({row['error']})" if row["status"] != "ok" else ""
+            print(f"[{done}/{total}] {what}{error}; {_clock(elapsed)} elapsed, {_clock(left)} left", file=sys.stderr,
+                  flush=True)
+
+    def _draw(self, what: str, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done - 1, unit="slide", disable=self.quiet, dynamic_ncols=True)
+            self.bar.start_t = self.started  # its clock and rate start with the batch, not the first slide's end
+        self.bar.total, self.bar.n = total, done
+        self.bar.set_postfix_str(what)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _score(args) -> int:
     from .batch import BatchError, run_batch
 
@@ -113,23 +159,7 @@ def _score(args) -> int:
     except _UsageError as e:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
-    bars = []  # the bar appears with the first finished slide: never before the batch has started
-    started = time.time()
-
-    def progress(row, done, total):
-        if not bars:
-            bars.append(tqdm(total=total, initial=done - 1, unit="slide", disable=args.quiet, dynamic_ncols=True))
-            bars[0].start_t = started  # its time and rate count from the batch's start, not from the first slide's end
-        bar = bars[0]
-        bar.total = total
-        bar.n = done
-        shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
-        bar.set_postfix_str(f"{Path(row['slide']).name}: {shown if row['status'] == 'ok' else row['status']}")
-        bar.refresh()
-        if row["status"] != "ok":
-            tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
+    progress = _Progress(quiet=args.quiet)
 
     # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
@@ -147,8 +177,7 @@ def _score(args) -> int:
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)
-        for bar in bars:
-            bar.close()
+        progress.close()
     if rows is None:
         print(f"her2score score: interrupted; the slides that finished are recorded in {Path(args.out) / 'summary.csv'}: "
               "run the same command again to score the rest", file=sys.stderr)

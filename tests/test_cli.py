@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,13 +71,34 @@ def test_cells_csv_on_request(tmp_path):
     assert len(rows) == int(summary(out)["field_0_null.png"]["tumour_cells"]) + sum(r["tumour"] == "0" for r in rows)
 
 
-def test_the_progress_bar_counts_time_from_the_batch_start(tmp_path, capsys):
-    """The bar appears with the first finished slide, but its clock and rate start with the batch: a
-    field is never shown scored at thousands of slides a second (no field scores in under 10 ms)."""
+def test_the_progress_bar_counts_time_from_the_batch_start(tmp_path, capsys, monkeypatch):
+    """On a terminal, the bar appears with the first finished slide, but its clock and rate start with the
+    batch: a field is never shown scored at thousands of slides a second (no field scores in under 10 ms)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     fields = [str(SAMPLES / n) for n in ("field_1plus_a.png", "field_2plus_a.png")]
     assert main(["score", *fields, "--out", str(tmp_path / "out"), "--no-cnn", "--workers", "1"]) == 0
     rates = [float(r) for r in re.findall(r"([0-9.]+)slide/s", capsys.readouterr().err)]
     assert rates and max(rates) < 100, rates
+
+
+def test_progress_in_a_log_file_is_one_line_a_slide(tmp_path):
+    """Off a terminal (nohup, cron, a cluster job's log), each finished slide is one plain line with the
+    count, its score or error, and the time taken and left; no carriage returns; -q keeps the errors only."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("field_1plus_a.png", "field_2plus_a.png"):
+        shutil.copy(SAMPLES / name, folder / name)
+    (folder / "broken.png").write_bytes(b"")
+    cmd = [sys.executable, "-m", "her2score.cli", "score", str(folder), "--out", str(tmp_path / "out"), "--no-cnn", "--workers", "1"]
+    err = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stderr
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) == 3, err
+    assert lines[0] == f"[1/3] broken.png: error ({folder / 'broken.png'}: empty file (0 bytes)); " + lines[0].split("; ")[-1]
+    assert re.fullmatch(r"\[2/3\] field_1plus_a\.png: 1\+; 0:\d\d elapsed, 0:\d\d left", lines[1]), lines[1]
+    assert re.fullmatch(r"\[3/3\] field_2plus_a\.png: 2\+; 0:\d\d elapsed, 0:00 left", lines[2]), lines[2]
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "quiet")
+    quiet = subprocess.run([*cmd, "-q"], capture_output=True, text=True, timeout=300).stderr.splitlines()
+    assert len(quiet) == 1 and quiet[0].startswith("[1/3] broken.png: error"), quiet
 
 
 def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):
