@@ -16,7 +16,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -355,43 +355,32 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
 
 
 _forked: dict = {}
-"""In a process forked to write outputs: the analysis and the caller's slide (or None) it inherited."""
+"""In a process forked to write features: the analysis it inherited."""
 
 
-def _init_forked(analysis: SlideAnalysis, slide: Slide | None) -> None:
+def _init_forked(analysis: SlideAnalysis) -> None:
     from .batch import die_with_parent
 
     die_with_parent()
-    _forked.update(analysis=analysis, slide=slide)
+    _forked["analysis"] = analysis
 
 
 def _forked_features(bounds: tuple[int, int], size: tuple[float, float]) -> bytes:
     return _geojson_features(_forked["analysis"], *bounds, size)
 
 
-def _forked_overlay() -> bytes:
-    """overlay_png of the inherited analysis, on the caller's slide or on the slide opened again here."""
-    analysis, slide = _forked["analysis"], _forked["slide"]
-    if slide is not None:
-        return overlay_png(analysis, slide)
-    slide = _reopen(analysis)
-    try:
-        return overlay_png(analysis, slide)
-    finally:
-        if slide is not None and hasattr(slide, "close"):
-            slide.close()
-
-
-def _features_in(pool: ProcessPoolExecutor, workers: int, analysis: SlideAnalysis, size: tuple[float, float]) -> Iterator[bytes]:
-    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by the ``workers`` processes of
-    ``pool`` (forked with ``analysis``, never pickled), at most 4 chunks a worker in flight (bounded memory)."""
-    pending: deque = deque()
-    for bounds in _chunk_bounds(len(analysis.cells["x"])):
-        pending.append(pool.submit(_forked_features, bounds, size))
-        if len(pending) >= 4 * workers:
+def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], workers: int) -> Iterator[bytes]:
+    """The GeoJSON features of each GEOJSON_CHUNK of cells, in order, made by ``workers`` processes forked with
+    ``analysis`` (never pickled), at most 4 chunks a worker in flight (bounded memory)."""
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
+                             initargs=(analysis,)) as pool:
+        pending: deque = deque()
+        for bounds in _chunk_bounds(len(analysis.cells["x"])):
+            pending.append(pool.submit(_forked_features, bounds, size))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -713,30 +702,24 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
-    many processes, forked with ``analysis`` where the platform forks, draw the overlay and make the
-    GeoJSON's text (the same bytes) while this one writes the tables."""
+    many forked processes make the GeoJSON's text (the same bytes), where the platform forks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    forked = workers > 1 and "fork" in mp.get_all_start_methods()
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
-                               initargs=(analysis, slide)) if forked else None
-    with pool or nullcontext():
-        overlay = pool.submit(_forked_overlay) if pool else None  # forks before this process opens the slide
-        own = slide is None
-        slide = slide if slide is not None else _reopen(analysis)
-        try:
-            size = _slide_size(analysis, slide)
-            chunked = pool is not None and len(analysis.cells["x"]) > GEOJSON_CHUNK
-            with atomic_file(out / "cells.geojson") as f:
-                write_cells_geojson(analysis, f, slide_size=size,
-                                    features=_features_in(pool, workers, analysis, size) if chunked else None)
-            with atomic_file(out / "cells.parquet") as f:
-                write_cells_parquet(analysis, f)
-            if cells_csv:
-                with atomic_file(out / "cells.csv") as f:
-                    write_cells_csv(analysis, f)
-            atomic_write(out / "overlay.png", overlay.result() if overlay else overlay_png(analysis, slide))
-        finally:
-            if own and slide is not None and hasattr(slide, "close"):
-                slide.close()
+    own = slide is None
+    slide = slide if slide is not None else _reopen(analysis)
+    try:
+        size = _slide_size(analysis, slide)
+        parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
+        with atomic_file(out / "cells.geojson") as f:
+            write_cells_geojson(analysis, f, slide_size=size,
+                                features=_features_in_workers(analysis, size, workers) if parallel else None)
+        with atomic_file(out / "cells.parquet") as f:
+            write_cells_parquet(analysis, f)
+        if cells_csv:
+            with atomic_file(out / "cells.csv") as f:
+                write_cells_csv(analysis, f)
+        atomic_write(out / "overlay.png", overlay_png(analysis, slide))
+    finally:
+        if own and slide is not None and hasattr(slide, "close"):
+            slide.close()
     atomic_write(out / "result.json", analysis.result.to_json())

@@ -246,7 +246,7 @@ def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path
     monkeypatch.setattr(outputs, "GEOJSON_CHUNK", 40)  # several chunks of cells: the forked workers share them
     write_outputs(a, tmp_path / "one", slide=slide)
     write_outputs(a, tmp_path / "two", slide=slide, workers=2)
-    # no slide given: a forked worker opens the file again and draws the overlay on it
+    # no slide given: the slide is opened again from its file, here and with workers alike
     png = tmp_path / "field.png"
     cv2.imwrite(str(png), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
     from_file = analyse_slide(png, mpp=f.mpp)
