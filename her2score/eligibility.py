@@ -19,9 +19,10 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
-isolated intense cells that would change the answer if counted, a call within a few points of a
-cut-off whose level on the other side would change the answer, an ultralow call whose staining false
-membranes alone could give where null would change the answer) give needs_review whatever the
+isolated intense cells that would change the answer if counted, a call too near a cut-off to be
+sure of its side (guidelines.near_cutoff) whose level on the other side would change the answer,
+an ultralow call whose staining false membranes alone could give where null would change the
+answer) give needs_review whatever the
 score, since any answer could change; the automatic answer is added as a reason (none for a slide
 that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
 ISH result is needs_review, and the level decides the rest. A level in neither list is
@@ -275,8 +276,8 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
 
 
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when its call sits within a few points of a cut-off and the level on
-    the other side would change the answer; None otherwise (see guidelines.near_cutoff)."""
+    """Why the slide needs review when its call sits too near a cut-off to be sure of its side and the
+    level on the other side would change the answer; None otherwise (see guidelines.near_cutoff)."""
     points = result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS)  # the margin the slide was flagged with
     if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score, points=points)) is None:
         return None
@@ -284,8 +285,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     level = report_level(other_score, result.guideline, result.counts)
     if (other := _other_answer(result, rule, ish, status, other_score, level)) is None:
         return None
-    return (f"{pct:.1f}% of tumour cells decide the call, within a few points of the 10% cut-off: "
-            f"at {level} the answer would be {other}")
+    return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
+            f"sure of its side: at {level} the answer would be {other}")
 
 
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:

@@ -44,13 +44,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from .categories import CATEGORIES
-from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, with_null_doubt
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, wilson_ci, with_null_doubt
 from .results import SCORES, SlideResult
 
 __all__ = [
@@ -228,19 +227,6 @@ def quadratic_weighted_kappa(cm: np.ndarray) -> float:
 def accuracy(cm: np.ndarray) -> float:
     n = cm.sum()
     return float(np.trace(cm) / n) if n else float("nan")
-
-
-def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
-    """Wilson score interval of a proportion k / n: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),
-    z the normal quantile of (1 + level) / 2; (None, None) when n = 0."""
-    if n == 0:
-        return None, None
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def per_class(cm: np.ndarray, classes: Sequence[str] = SCORES) -> dict[str, dict[str, Any]]:

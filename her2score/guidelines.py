@@ -12,10 +12,12 @@ stained membrane at 1+).
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from statistics import NormalDist
 
 from her2score.categories import CATEGORIES
 
@@ -26,6 +28,8 @@ __all__ = [
     "REPORT_LEVELS",
     "INTENSITY",
     "NEAR_CUTOFF_POINTS",
+    "NEAR_CUTOFF_CONFIDENCE",
+    "wilson_ci",
     "near_cutoff",
     "FALSE_MEMBRANE_PERCENT",
     "null_or_ultralow",
@@ -170,21 +174,44 @@ cells that carry them, strong complete ones at ~0.8x, and an unstained cell bord
 reads the shared membrane as its own partial staining: a call this close may be the next level."""
 
 
-def near_cutoff(counts: Mapping[str, int], score: str | None, *, points: float = NEAR_CUTOFF_POINTS) -> tuple[str, float] | None:
+NEAR_CUTOFF_CONFIDENCE: float = 0.95
+"""A call is also borderline where the Wilson interval at this confidence of its deciding share,
+from the number of tumour cells counted, reaches across the 10% cut-off: the cells of a field or a
+biopsy (a few hundred) sample its tumour to within several points (15% of 100 cells: 9.3-23.3%)."""
+
+
+def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion k / n: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),
+    z the normal quantile of (1 + level) / 2; (None, None) when n = 0."""
+    if n == 0:
+        return None, None
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def near_cutoff(counts: Mapping[str, int], score: str | None, *, points: float = NEAR_CUTOFF_POINTS,
+                confidence: float = NEAR_CUTOFF_CONFIDENCE) -> tuple[str, float] | None:
     """The other level a borderline call could be, and the % of tumour cells that decides it; else None.
 
-    Up: the next level's cells lie within ``points`` under the 10% cut-off. Down: the call's own
-    deciding cells (at its level or above) lie within ``points`` over it.
+    Up: the next level's cells lie within ``points`` under the 10% cut-off, or the Wilson interval
+    (``confidence``) of their share reaches over it. Down: the call's own deciding cells (at its level
+    or above) lie within ``points`` over it, or their share's interval reaches under it. Where both
+    hold (a few cells), the side whose share lies nearer 10%.
     """
     cum = cumulative_counts(counts)
     total = max(cum["total"], 1)
-    up = {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")
-    if up is not None and 10.0 - points < (pct := 100.0 * cum[up] / total) <= 10.0:
-        return up, pct
-    down = {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")
-    if down is not None and 10.0 <= (pct := 100.0 * cum[score] / total) < 10.0 + points:
-        return down, pct
-    return None
+    sides = []
+    if (up := {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")) and (pct := 100.0 * cum[up] / total) <= 10.0:
+        if pct > 10.0 - points or 100.0 * wilson_ci(cum[up], total, confidence)[1] > 10.0:
+            sides.append((up, pct))
+    if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and (pct := 100.0 * cum[score] / total) >= 10.0:
+        if pct < 10.0 + points or 100.0 * wilson_ci(cum[score], total, confidence)[0] < 10.0:
+            sides.append((down, pct))
+    return min(sides, key=lambda side: abs(side[1] - 10.0), default=None)
 
 
 FALSE_MEMBRANE_PERCENT: float = 8.0

@@ -24,8 +24,9 @@ from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import grow_cells, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, level_flags, near_cutoff, report_level, with_null_doubt)
+from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
+                         NEAR_CUTOFF_POINTS, STAINING_LEVEL,
+                         apply_guideline, level_flags, near_cutoff, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
@@ -367,8 +368,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
         if (near := near_cutoff(counts, score, points=config.near_cutoff_points)) is not None:
             flags = (*flags, "near_cutoff")
-            reason += (f"; near the 10% cut-off ({near[1]:.1f}% of tumour cells decide it, within {config.near_cutoff_points:g} "
-                       f"points): it could be {near[0]}")
+            lo, hi = wilson_ci(round(near[1] * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
+            reason += (f"; near the 10% cut-off ({near[1]:.1f}% of {n_tumour:,} tumour cells decide it, "
+                       f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
+                       f"{config.near_cutoff_points:g} points): it could be {near[0]}")
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}

@@ -324,6 +324,26 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5
 
 
+def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it():
+    """Beyond the measurement's 5 points, a share counted on few cells is borderline where its 95% Wilson
+    interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not."""
+    from her2score.guidelines import near_cutoff, wilson_ci
+
+    assert [round(100 * v, 1) for v in wilson_ci(15, 100)] == [9.3, 23.3]
+    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+") == ("0", 15.0)
+    assert near_cutoff({"none": 850, "faint_partial": 150}, "1+") is None
+    assert near_cutoff({"none": 95, "faint_partial": 5}, "0") == ("1+", 5.0)  # 5% of 100: up to 11.2%
+    assert near_cutoff({"none": 950, "faint_partial": 50}, "0") is None
+    assert near_cutoff({"none": 85, "strong_complete": 15}, "3+") == ("2+", 15.0)
+    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+", confidence=0.5) is None  # a narrower interval
+    # 1 faint cell of 7: both sides hold (no 2+ cell, but 0 of 7 could still be 35%); the nearer one is said
+    assert near_cutoff({"none": 6, "faint_partial": 1}, "1+") == ("0", 100 / 7)
+    few = replace(make_result(none=85, faint_partial=15), flags=("her2_low", "near_cutoff"))
+    doubt = check_eligibility(few, "her2-low-breast")
+    assert doubt.status == "needs_review"
+    assert any(r.startswith("15.0% of 100 tumour cells decide the call, too near the 10% cut-off") for r in doubt.reasons), doubt.reasons
+
+
 def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_changes_the_answer():
     from her2score.guidelines import FALSE_MEMBRANE_PERCENT, null_or_ultralow, with_null_doubt
 
