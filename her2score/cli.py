@@ -132,7 +132,8 @@ class _Progress:
         elif not self.quiet or row["status"] != "ok":
             elapsed = time.time() - self.started
             left = elapsed / (done - self.before) * (total - done)
-            error = f" ({row['error']})" if row["status"] != "ok" else ""
+            error = " ".join((row["error"] or "").split())  # one line, whatever the message
+            error = f" ({error})" if row["status"] != "ok" else ""
             print(f"[{done}/{total}] {what}{error}; {_clock(elapsed)} elapsed, {_clock(left)} left", file=sys.stderr,
                   flush=True)
 
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write cells.csv beside each slide's cells.parquet (default: parquet only)")
     s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
                                         "(default: the calibrated thresholds)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: shown)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress, only the slides that fail (default: a bar on a terminal, else a line a slide)")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",

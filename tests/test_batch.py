@@ -136,8 +136,9 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_clu
 
     monkeypatch.setattr(LocalCluster, "close", recording_close)
 
-    def interrupt_soon(row, done, total):  # lands while the batch waits for the large slide on the cluster
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    def interrupt_soon(row, done, total):  # after the small slide: lands while the batch waits for the large one
+        if done == 1:
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     with pytest.raises(KeyboardInterrupt):
         run_batch([slides], out, workers=2, scheduler="local", progress=interrupt_soon)

@@ -101,6 +101,15 @@ def test_progress_in_a_log_file_is_one_line_a_slide(tmp_path):
     assert len(quiet) == 1 and quiet[0].startswith("[1/3] broken.png: error"), quiet
 
 
+def test_a_log_line_stays_one_line_whatever_the_error(capsys):
+    from her2score.cli import _Progress
+
+    row = {"slide": "/s/b.svs", "status": "error", "error": "/s/b.svs: bad\nsecond line\n", "score": None, "qc_status": ""}
+    _Progress(quiet=True)(row, 1, 2)
+    err = capsys.readouterr().err
+    assert err.startswith("[1/2] b.svs: error (/s/b.svs: bad second line); 0:00 elapsed, ") and err.count("\n") == 1, err
+
+
 def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):
     """Only the main thread may set signal handlers: from another thread, 'score' runs without its SIGTERM one."""
     codes = []
