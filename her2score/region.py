@@ -32,6 +32,9 @@ class RegionError(ValueError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # pickled as (path, reason), as SlideError
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class Region:

@@ -64,6 +64,9 @@ class SlideError(Exception):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # pickled as (path, reason): a worker process's error reaches the parent whole
+        return type(self), (self.path, self.reason)
+
 
 class NotHerIhcError(SlideError):
     """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,

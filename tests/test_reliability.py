@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing as mp
 import os
 import re
 import shutil
@@ -18,16 +19,20 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import save_png, save_png16_rgb, save_tiff, truncated_copy, write_bad
 from her2score.batch import MANIFEST, run_batch, safe_name
 from her2score.outputs import OUTPUT_FILES
-from her2score.pipeline import NoTissueError, WrongStainError, score_slide
+from her2score.pipeline import NoTissueError, NuclearStainError, WrongStainError, score_slide
+from her2score.region import RegionError
 from her2score.slide import SLIDE_SUFFIXES, NotHerIhcError, SlideError, open_slide
+from her2score.synthetic import make_slide, write_pyramidal_tiff
 
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
@@ -115,6 +120,42 @@ def test_tiff_with_tile_data_cut_off(tmp_path, slide_folder, pyramid_tiff):
         score_slide(bad)
     assert re.fullmatch(pattern, str(e.value))
     _batch_error(tmp_path, slide_folder, bad, pattern=pattern)
+
+
+def test_a_corrupt_tile_read_by_a_tile_worker_is_named(tmp_path):
+    """A tile that fails to decode in a tile worker (a slide alone in a batch gets all the workers) is
+    named in the error as when read in one process, not lost as a broken process pool."""
+    rgb, _ = make_slide("2+", seed=5, size_px=(3072, 768), mpp=0.5, tissue_fraction=0.9)
+    (tmp_path / "in").mkdir()
+    bad = write_pyramidal_tiff(tmp_path / "in" / "bad tile.tif", rgb, mpp=0.5, quality=85)
+    with tifffile.TiffFile(bad) as t:  # level 0's tile at row 1, column 10 of 12: away from the stain check's read
+        page = t.pages[0]
+        index = -(-page.imagewidth // page.tilewidth) + 10
+        at = int(page.dataoffsets[index])
+    with open(bad, "r+b") as f:
+        f.seek(at)
+        f.write(bytes(16))  # no JPEG marker: the decoder refuses the tile
+    pattern = re.escape(str(bad)) + rf": corrupt image data in tile/strip {index} of level 0 \(Jpeg8Error: .+\)"
+    for workers in (1, 2):
+        with pytest.raises(SlideError) as e:
+            score_slide(bad, workers=workers)
+        assert re.fullmatch(pattern, str(e.value)), (workers, str(e.value))
+    row = run_batch([bad], tmp_path / "out", workers=2)[0]  # one slide, two workers: its tiles side by side
+    assert row["status"] == "error" and re.fullmatch(pattern, row["error"]), row["error"]
+
+
+@pytest.mark.parametrize("cls", [SlideError, NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError, RegionError])
+def test_errors_raised_in_a_worker_process_reach_the_caller_whole(cls):
+    """Pickled to and from a worker process, each error keeps its class, path, reason and message."""
+    error = cls("/slides/a b.svs", "corrupt image data in tile/strip 9 of level 1")
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        with pytest.raises(cls) as e:
+            pool.submit(_raise, error).result()
+    assert (type(e.value), str(e.value), e.value.path, e.value.reason) == (cls, str(error), error.path, error.reason)
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 @pytest.mark.parametrize("kind,suffix", [("text_as_png", ".png"), ("text_as_tif", ".tif")])
