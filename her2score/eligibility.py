@@ -22,9 +22,9 @@ few tumour cells, a guideline other than the rule expects, CNN and classical sco
 isolated intense cells that would change the answer if counted, a call too near a cut-off to be
 sure of its side (guidelines.near_cutoff) whose level on the other side would change the answer,
 an ultralow call whose staining false membranes alone could give where null would change the
-answer) give needs_review whatever the
-score, since any answer could change; the automatic answer is added as a reason (none for a slide
-that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
+answer, a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
+the other side would change the answer) give needs_review whatever the score, since any answer
+could change; the automatic answer is added as a reason (none for a slide that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
 ISH result is needs_review, and the level decides the rest. A level in neither list is
 not_eligible: no ISH result can change it.
 """
@@ -41,6 +41,7 @@ from her2score.guidelines import (
     GUIDELINE_FAMILY,
     GUIDELINES,
     MIN_TUMOUR_CELLS,
+    NEAR_CUTOFF_CONFIDENCE,
     NEAR_CUTOFF_POINTS,
     REPORT_LEVELS,
     STAINING_LEVEL,
@@ -48,6 +49,7 @@ from her2score.guidelines import (
     near_cutoff,
     null_or_ultralow,
     report_level,
+    wilson_ci,
 )
 from her2score.results import SlideResult
 
@@ -96,10 +98,13 @@ class Requirement:
     def bound(self) -> str:
         return f"{'>=' if self.inclusive else '>'}{self.min_percent:g}%"
 
+    def cells(self, counts: dict[str, int]) -> tuple[int, int]:
+        """(tumour cells stained at ``level`` or higher, all tumour cells)."""
+        return sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level]), sum(counts.values())
+
     def met(self, counts: dict[str, int]) -> tuple[bool, str]:
         """Whether the counts meet this requirement, and the reason in words."""
-        total = sum(counts.values())
-        n = sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level])
+        n, total = self.cells(counts)
         share, need = Fraction(100 * n, total or 1), Fraction(str(self.min_percent))
         ok = total > 0 and (share >= need if self.inclusive else share > need)
         words = f"{_REQUIRE_WORDS[self.level]} in {float(share):.1f}% of tumour cells ({n}/{total})"
@@ -289,6 +294,29 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
             f"sure of its side: at {level} the answer would be {other}")
 
 
+def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when a ``[[require]]`` share, counted on too few cells to be sure of
+    its side (its NEAR_CUTOFF_CONFIDENCE Wilson interval reaches across the rule's bound), would change
+    the answer on the other side; None otherwise."""
+    counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
+    for req in rule.require:
+        n, total = req.cells(counts)
+        if total == 0:
+            continue
+        lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
+        if not lo < req.min_percent < hi:
+            continue
+        ok, _ = req.met(counts)
+        # on the other side: unmet (not eligible), or met (the answer the rule's other terms give)
+        other = "not_eligible" if ok else _decide(result, replace(rule, require=tuple(r for r in rule.require if r is not req)),
+                                                  ish)[0]
+        if other != status:
+            return (f"{_REQUIRE_WORDS[req.level]} in {100 * n / total:.1f}% of {total:,} tumour cells: its "
+                    f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {lo:.1f}-{hi:.1f}% reaches across the rule's {req.bound()}; "
+                    f"{'un' if ok else ''}met, the answer would be {other.replace('_', ' ')}")
+    return None
+
+
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its ultralow staining is no more than real unstained membranes
     read (flag null_or_ultralow on an ultralow level) and 0 (null) would change the answer; None otherwise."""
@@ -326,6 +354,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(near)
     if (null := _null_doubt(result, rule, ish, status)) is not None:
         doubts.append(null)
+    if (short := _requirement_doubt(result, rule, ish, status)) is not None:
+        doubts.append(short)
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
     reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
     if doubts:

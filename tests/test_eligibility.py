@@ -115,17 +115,34 @@ def test_gastric_toga(counts, ish, status):
 
 
 @pytest.mark.parametrize(
-    ("counts", "status", "words"),
+    ("counts", "scale", "status", "words"),
     [
-        (dict(none=49, weak_moderate_lateral=30, strong_complete=21), "eligible", "51.0%"),
-        (dict(none=50, weak_moderate_lateral=30, strong_complete=20), "not_eligible", "50.0%"),  # not > 50%
-        (dict(none=40, faint_partial=20, strong_lateral=40), "not_eligible", "40.0%"),  # faint cells don't count
+        (dict(none=49, weak_moderate_lateral=30, strong_complete=21), 200, "eligible", "51.0%"),
+        (dict(none=40, faint_partial=20, strong_lateral=40), 2, "not_eligible", "40.0%"),  # faint cells don't count
+        # exactly 50% is not > 50%, but no count can tell it from just over: review
+        (dict(none=50, weak_moderate_lateral=30, strong_complete=20), 200, "needs_review", "50.0%"),
     ],
 )
-def test_car_t_fraction_rule(counts, status, words):
-    decision = check_eligibility(make_result("gastric", **{k: 2 * v for k, v in counts.items()}), "car-t-her2")
+def test_car_t_fraction_rule(counts, scale, status, words):
+    decision = check_eligibility(make_result("gastric", **{k: scale * v for k, v in counts.items()}), "car-t-her2")
     assert decision.status == status, decision.reasons
     assert any(words in r and ">50%" in r for r in decision.reasons)
+
+
+def test_a_required_share_counted_on_few_cells_needs_review_only_where_its_interval_crosses_the_bound():
+    """55% of 100 tumour cells (45.2-64.4%) may lie under car-t-her2's >50%; 55% of 10,000 (54.0-56.0%) may not."""
+    few = check_eligibility(make_result("gastric", none=45, weak_moderate_complete=55), "car-t-her2")
+    assert few.status == "needs_review", few.reasons
+    assert few.reasons[0] == ("weak-to-moderate or stronger membrane staining (complete or lateral) in 55.0% of 100 tumour "
+                              "cells: its 95% interval 45.2-64.4% reaches across the rule's >50%; unmet, the answer would "
+                              "be not eligible")
+    assert "without these doubts the answer would be: eligible" in few.reasons
+    many = check_eligibility(make_result("gastric", none=4500, weak_moderate_complete=5500), "car-t-her2")
+    assert many.status == "eligible", many.reasons
+    # under the bound, the other side is what the rest of the rule gives: 2+ is an eligible level
+    under = check_eligibility(make_result("gastric", none=55, weak_moderate_complete=45), "car-t-her2")
+    assert under.status == "needs_review" and under.reasons[0].endswith("met, the answer would be eligible"), under.reasons
+    assert check_eligibility(make_result("gastric", none=6000, weak_moderate_complete=4000), "car-t-her2").status == "not_eligible"
 
 
 def test_ish_not_used_at_other_levels_is_said():
@@ -204,10 +221,12 @@ def test_user_rule_file(tmp_path):
     rule = load_rule(path)
     assert rule == load_rule(str(path))
     assert rule.guideline == "any" and rule.require[0].inclusive
-    half = make_result("gastric", none=100, strong_complete=100)  # exactly 50%, inclusive
-    assert check_eligibility(half, path).status == "needs_review"  # awaiting FISH
-    assert check_eligibility(half, rule, ish="positive").status == "eligible"
-    below = make_result("gastric", none=102, strong_complete=98)
+    half = make_result("gastric", none=10_000, strong_complete=10_000)  # exactly 50%, inclusive: met
+    assert any(r.endswith("(10000/20000); rule needs >=50%: met") for r in check_eligibility(half, rule).reasons)
+    over = make_result("gastric", none=9_000, strong_complete=11_000)
+    assert check_eligibility(over, path).status == "needs_review"  # awaiting FISH
+    assert check_eligibility(over, rule, ish="positive").status == "eligible"
+    below = make_result("gastric", none=11_000, strong_complete=9_000)
     assert check_eligibility(below, rule).status == "not_eligible"  # FISH cannot help
 
 
