@@ -119,31 +119,51 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
     assert rows.reused == 1 and rows.scored == 1 and len(rows) == 2
 
 
-def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_cluster_closes(tmp_path, fields, monkeypatch):
-    """Ctrl-C while the batch waits on Dask: the finished slides are written first, then the client and
-    cluster close (which takes seconds; a kill meanwhile loses nothing recorded)."""
-    pytest.importorskip("distributed")
-    from dask.distributed import LocalCluster
+DASK_INTERRUPTED = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+from dask.distributed import LocalCluster
+from her2score import batch
 
-    _never_due(monkeypatch)
-    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
-    at_close: list[set[str]] = []
-    close = LocalCluster.close
 
-    def recording_close(self, *args, **kwargs):
-        at_close.append(_done_in(out))
+def main(slides, out):
+    batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0  # no rewrite is due until the batch stops
+    at_close, close = [], LocalCluster.close
+
+    def recording_close(self, *args, **kwargs):  # what the manifest holds as the cluster closes
+        slides = json.loads((Path(out) / batch.MANIFEST).read_text(encoding="utf-8"))["slides"]
+        at_close.append(sorted(Path(s).name for s, e in slides.items() if e["state"] == "done"))
         return close(self, *args, **kwargs)
 
-    monkeypatch.setattr(LocalCluster, "close", recording_close)
+    LocalCluster.close = recording_close
 
     def interrupt_soon(row, done, total):  # after the small slide: lands while the batch waits for the large one
         if done == 1:
             threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 
-    with pytest.raises(KeyboardInterrupt):
-        run_batch([slides], out, workers=2, scheduler="local", progress=interrupt_soon)
-        time.sleep(60)  # not reached: the signal ends the batch, or here the test
-    assert at_close and at_close[0] == {"a_small.png"}
+    try:
+        batch.run_batch([slides], out, workers=2, scheduler="local", progress=interrupt_soon)
+        time.sleep(60)  # not reached: the signal ends the batch, or here the script
+    except KeyboardInterrupt:
+        print(json.dumps(at_close))
+
+
+if __name__ == "__main__":  # Dask's worker processes import this module again
+    main(*sys.argv[1:])
+"""
+
+
+def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_cluster_closes(tmp_path, fields):
+    """Ctrl-C while the batch waits on Dask: the finished slides are written first, then the client and
+    cluster close (which takes seconds; a kill meanwhile loses nothing recorded). In a process of its
+    own, so that the interruption and the cluster's shutdown touch nothing of the test runner's."""
+    pytest.importorskip("distributed")
+    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
+    script = tmp_path / "interrupted.py"
+    script.write_text(DASK_INTERRUPTED, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(slides), str(out)], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.strip().splitlines()
+    assert lines and json.loads(lines[-1])[:1] == [["a_small.png"]], (done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX signals and process groups")
