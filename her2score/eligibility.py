@@ -46,7 +46,7 @@ from her2score.guidelines import (
     REPORT_LEVELS,
     STAINING_LEVEL,
     apply_guideline,
-    near_cutoff,
+    near_cutoff_sides,
     null_or_ultralow,
     report_level,
     wilson_ci,
@@ -281,40 +281,46 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
 
 
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when its call sits too near a cut-off to be sure of its side and the
-    level on the other side would change the answer; None otherwise (see guidelines.near_cutoff)."""
-    points = result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS)  # the margin the slide was flagged with
-    if "near_cutoff" not in result.flags or (near := near_cutoff(result.counts, result.classical_score, points=points)) is None:
+    """Why the slide needs review when its call sits too near a cut-off to be sure of its side and a
+    level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
+    if "near_cutoff" not in result.flags:
         return None
-    other_score, pct = near
-    level = report_level(other_score, result.guideline, result.counts)
-    if (other := _other_answer(result, rule, ish, status, other_score, level)) is None:
-        return None
-    return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
-            f"sure of its side: at {level} the answer would be {other}")
+    sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline,
+                              gastric_reading=result.config.get("gastric_reading", "cumulative"),
+                              clusters=result.clusters if result.specimen == "biopsy" else None,
+                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own margin
+    for other_score, pct in sides:
+        level = report_level(other_score, result.guideline, result.counts)
+        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
+            return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
+                    f"sure of its side: at {level} the answer would be {other}")
+    return None
 
 
 def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when a ``[[require]]`` share, counted on too few cells to be sure of
-    its side (its NEAR_CUTOFF_CONFIDENCE Wilson interval reaches across the rule's bound), would change
-    the answer on the other side; None otherwise."""
+    """Why the slide needs review when ``[[require]]`` shares counted on too few cells to be sure of their
+    side (a NEAR_CUTOFF_CONFIDENCE Wilson interval reaching across the rule's bound) could give another
+    answer: an unsure met one unmet (not eligible), or every unmet one, all unsure, met (what the rest of
+    the rule gives); None otherwise."""
     counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
+    unsure, met, words = set(), {}, []
     for req in rule.require:
         n, total = req.cells(counts)
-        if total == 0:
-            continue
-        lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
-        if not lo < req.min_percent < hi:
-            continue
-        ok, _ = req.met(counts)
-        # on the other side: unmet (not eligible), or met (the answer the rule's other terms give)
-        other = "not_eligible" if ok else _decide(result, replace(rule, require=tuple(r for r in rule.require if r is not req)),
-                                                  ish)[0]
-        if other != status:
-            return (f"{_REQUIRE_WORDS[req.level]} in {100 * n / total:.1f}% of {total:,} tumour cells: its "
-                    f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {lo:.1f}-{hi:.1f}% reaches across the rule's {req.bound()}; "
-                    f"{'un' if ok else ''}met, the answer would be {other.replace('_', ' ')}")
-    return None
+        met[req] = req.met(counts)[0]
+        if total:
+            lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
+            if lo < req.min_percent < hi:
+                unsure.add(req)
+                words.append(f"{_REQUIRE_WORDS[req.level]} in {100 * n / total:.1f}% of {total:,} tumour cells: its "
+                             f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {lo:.1f}-{hi:.1f}% reaches across the rule's {req.bound()}")
+    others = {"not_eligible"} if any(met[r] for r in unsure) else set()
+    unmet = [r for r in rule.require if not met[r]]
+    if unmet and set(unmet) <= unsure:
+        others.add(_decide(result, replace(rule, require=tuple(r for r in rule.require if met[r])), ish)[0])
+    changed = sorted(o for o in others if o != status)
+    if not changed:
+        return None
+    return "; ".join(words) + f": the answer could be {' or '.join(o.replace('_', ' ') for o in changed)}"
 
 
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:

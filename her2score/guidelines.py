@@ -31,6 +31,8 @@ __all__ = [
     "NEAR_CUTOFF_CONFIDENCE",
     "wilson_ci",
     "near_cutoff",
+    "near_cutoff_sides",
+    "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
     "null_or_ultralow",
     "with_null_doubt",
@@ -193,25 +195,47 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def near_cutoff(counts: Mapping[str, int], score: str | None, *, points: float = NEAR_CUTOFF_POINTS,
-                confidence: float = NEAR_CUTOFF_CONFIDENCE) -> tuple[str, float] | None:
-    """The other level a borderline call could be, and the % of tumour cells that decides it; else None.
+def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
+    """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
+    ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
+    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining.
+    Gastric: cumulative_counts, or each band alone under the per_band reading."""
+    c, cum = _validated(counts), cumulative_counts(counts)
+    if GUIDELINE_FAMILY[guideline] == "breast":
+        complete = c["weak_moderate_complete"] + c["strong_complete"]
+        return {"3+": c["strong_complete"], "2+": max(complete, c["strong_lateral"] + c["strong_partial"]),
+                "1+": cum["total"] - c["none"]}
+    if gastric_reading == "per_band":
+        return {"3+": cum["3+"], "2+": cum["2+"] - cum["3+"], "1+": cum["1+"] - cum["2+"]}
+    return {k: cum[k] for k in ("3+", "2+", "1+")}
 
-    Up: the next level's cells lie within ``points`` under the 10% cut-off, or the Wilson interval
-    (``confidence``) of their share reaches over it. Down: the call's own deciding cells (at its level
-    or above) lie within ``points`` over it, or their share's interval reaches under it. Where both
-    hold (a few cells), the side whose share lies nearer 10%.
+
+def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
+                      gastric_reading: str = "cumulative", clusters: Mapping[str, int] | None = None,
+                      points: float = NEAR_CUTOFF_POINTS, confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
+    """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
+    the side nearer the 10% cut-off first; [] for a call sure of its side.
+
+    Up: the next score's cells lie within ``points`` under the cut-off, or the Wilson interval
+    (``confidence``) of their share reaches over it. Down: the call's own deciding cells lie within
+    ``points`` over it, or their share's interval reaches under it; never for a gastric biopsy call
+    that its cohesive cluster of >= 5 cells holds whatever the share (``clusters``, biopsies only).
     """
-    cum = cumulative_counts(counts)
-    total = max(cum["total"], 1)
+    share, total = deciding_cells(counts, guideline, gastric_reading=gastric_reading), max(sum(_validated(counts).values()), 1)
     sides = []
-    if (up := {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")) and (pct := 100.0 * cum[up] / total) <= 10.0:
-        if pct > 10.0 - points or 100.0 * wilson_ci(cum[up], total, confidence)[1] > 10.0:
+    if (up := {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")) and (pct := 100.0 * share[up] / total) <= 10.0:
+        if pct > 10.0 - points or 100.0 * wilson_ci(share[up], total, confidence)[1] > 10.0:
             sides.append((up, pct))
-    if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and (pct := 100.0 * cum[score] / total) >= 10.0:
-        if pct < 10.0 + points or 100.0 * wilson_ci(cum[score], total, confidence)[0] < 10.0:
+    held = clusters is not None and clusters.get(score, 0) >= _MIN_CLUSTER_CELLS
+    if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and not held and (pct := 100.0 * share[score] / total) >= 10.0:
+        if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
             sides.append((down, pct))
-    return min(sides, key=lambda side: abs(side[1] - 10.0), default=None)
+    return sorted(sides, key=lambda side: abs(side[1] - 10.0))
+
+
+def near_cutoff(counts: Mapping[str, int], score: str | None, **kw) -> tuple[str, float] | None:
+    """The nearer side of near_cutoff_sides (same arguments), or None for a call sure of its side."""
+    return next(iter(near_cutoff_sides(counts, score, **kw)), None)
 
 
 FALSE_MEMBRANE_PERCENT: float = 8.0
@@ -359,10 +383,7 @@ def _gastric(
     """
     cum = cumulative_counts(c)
     total = cum["total"]
-    if reading == "per_band":
-        share = {"3+": cum["3+"], "2+": cum["2+"] - cum["3+"], "1+": cum["1+"] - cum["2+"]}
-    else:
-        share = {k: cum[k] for k in ("3+", "2+", "1+")}
+    share = deciding_cells(c, "gastric", gastric_reading=reading)
     words = _GASTRIC_WORDS[reading]
     sizes = _validated_clusters(clusters) if specimen == "biopsy" else {}
     for score in ("3+", "2+", "1+"):

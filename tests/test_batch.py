@@ -127,12 +127,14 @@ from her2score import batch
 
 
 def main(slides, out):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C on, even where the test runner ignores it
     batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0  # no rewrite is due until the batch stops
     at_close, close = [], LocalCluster.close
 
-    def recording_close(self, *args, **kwargs):  # what the manifest holds as the cluster closes
+    def recording_close(self, *args, **kwargs):  # what the manifest and the summary hold as the cluster closes
         slides = json.loads((Path(out) / batch.MANIFEST).read_text(encoding="utf-8"))["slides"]
-        at_close.append(sorted(Path(s).name for s, e in slides.items() if e["state"] == "done"))
+        summary = (Path(out) / "summary.csv").read_text(encoding="utf-8")
+        at_close.append([Path(s).name for s, e in sorted(slides.items()) if e["state"] == "done" and s in summary])
         return close(self, *args, **kwargs)
 
     LocalCluster.close = recording_close

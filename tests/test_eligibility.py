@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from her2score.eligibility import Rule, RuleError, available_rules, check_eligibility, load_rule
+from her2score.eligibility import Requirement, Rule, RuleError, available_rules, check_eligibility, load_rule
 from her2score.guidelines import MIN_TUMOUR_CELLS, apply_guideline
 from her2score.results import CnnReport, QCFinding, SlideResult
 
@@ -134,15 +134,26 @@ def test_a_required_share_counted_on_few_cells_needs_review_only_where_its_inter
     few = check_eligibility(make_result("gastric", none=45, weak_moderate_complete=55), "car-t-her2")
     assert few.status == "needs_review", few.reasons
     assert few.reasons[0] == ("weak-to-moderate or stronger membrane staining (complete or lateral) in 55.0% of 100 tumour "
-                              "cells: its 95% interval 45.2-64.4% reaches across the rule's >50%; unmet, the answer would "
-                              "be not eligible")
+                              "cells: its 95% interval 45.2-64.4% reaches across the rule's >50%: the answer could be not "
+                              "eligible")
     assert "without these doubts the answer would be: eligible" in few.reasons
     many = check_eligibility(make_result("gastric", none=4500, weak_moderate_complete=5500), "car-t-her2")
     assert many.status == "eligible", many.reasons
     # under the bound, the other side is what the rest of the rule gives: 2+ is an eligible level
     under = check_eligibility(make_result("gastric", none=55, weak_moderate_complete=45), "car-t-her2")
-    assert under.status == "needs_review" and under.reasons[0].endswith("met, the answer would be eligible"), under.reasons
+    assert under.status == "needs_review" and under.reasons[0].endswith("the answer could be eligible"), under.reasons
     assert check_eligibility(make_result("gastric", none=6000, weak_moderate_complete=4000), "car-t-her2").status == "not_eligible"
+
+
+def test_several_unsure_requirements_are_weighed_together():
+    """Two unmet requirements, each unsure: met together, they would make the slide eligible."""
+    two = Rule(name="two", version="1", guideline="gastric", eligible_levels=("2+", "3+"),
+               require=(Requirement("2+", 50), Requirement("3+", 30)))
+    counts = dict(none=55, weak_moderate_complete=20, strong_complete=25)  # 45% (35.6-54.8), 25% (17.5-34.3)
+    doubt = check_eligibility(make_result("gastric", **counts), two)
+    assert doubt.status == "needs_review" and doubt.reasons[0].endswith("the answer could be eligible"), doubt.reasons
+    sure = dict(none=55, weak_moderate_complete=35, strong_complete=10)  # the 3+ share, 10% (5.5-17.4), cannot reach 30%
+    assert check_eligibility(make_result("gastric", **sure), two).status == "not_eligible"
 
 
 def test_ish_not_used_at_other_levels_is_said():
@@ -346,7 +357,7 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
 def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it():
     """Beyond the measurement's 5 points, a share counted on few cells is borderline where its 95% Wilson
     interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not."""
-    from her2score.guidelines import near_cutoff, wilson_ci
+    from her2score.guidelines import near_cutoff, near_cutoff_sides, wilson_ci
 
     assert [round(100 * v, 1) for v in wilson_ci(15, 100)] == [9.3, 23.3]
     assert near_cutoff({"none": 85, "faint_partial": 15}, "1+") == ("0", 15.0)
@@ -357,6 +368,12 @@ def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it()
     assert near_cutoff({"none": 85, "faint_partial": 15}, "1+", confidence=0.5) is None  # a narrower interval
     # 1 faint cell of 7: both sides hold (no 2+ cell, but 0 of 7 could still be 35%); the nearer one is said
     assert near_cutoff({"none": 6, "faint_partial": 1}, "1+") == ("0", 100 / 7)
+    # where the nearer side would not change the answer, the other one is weighed too (a 1+ with ISH negative)
+    both = make_result("breast-asco-cap-2018", none=86, faint_partial=6, weak_moderate_complete=8)
+    assert near_cutoff_sides(both.counts, "1+") == [("2+", 8.0), ("0", 14.0)]
+    both = replace(both, flags=(*both.flags, "near_cutoff"))
+    decision = check_eligibility(both, "her2-low-breast", ish="negative")
+    assert decision.status == "needs_review" and "at 0 the answer would be not eligible" in decision.reasons[0], decision.reasons
     few = replace(make_result(none=85, faint_partial=15), flags=("her2_low", "near_cutoff"))
     doubt = check_eligibility(few, "her2-low-breast")
     assert doubt.status == "needs_review"

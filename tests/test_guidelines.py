@@ -1,6 +1,7 @@
 """Guideline scores from cell counts: cases from ASCO/CAP 2018/2023 and Hofmann 2008 / CAP 2016."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from her2score.categories import CATEGORIES
@@ -12,8 +13,10 @@ from her2score.guidelines import (
     STAINING_LEVEL,
     apply_guideline,
     cumulative_counts,
+    deciding_cells,
     h_score,
     level_flags,
+    near_cutoff,
     report_level,
 )
 
@@ -322,3 +325,37 @@ def test_fewer_than_five_intense_cells_are_isolated_in_a_small_field():
     assert literal.score == "2+"  # the literal rule, when asked for
     five = apply_guideline({"none": 95, "strong_complete": 5}, "breast-asco-cap-2023")
     assert five.score == "2+" and "unusual_pattern" in five.flags
+
+
+def test_deciding_cells_are_those_the_rules_count():
+    """Random counts: the call is the strongest score whose deciding cells pass 10% (breast: over it,
+    without intense complete cells, whose <=10% pattern is a 2+ of its own; gastric: at least it)."""
+    rng = np.random.default_rng(11)
+    for _ in range(400):
+        counts = {cat: int(n) for cat, n in zip(CATEGORIES, rng.integers(0, 40, len(CATEGORIES)) * (rng.random(len(CATEGORIES)) < 0.5))}
+        counts["none"] += 1
+        total = sum(counts.values())
+        for guideline, reading in (("breast-asco-cap-2023", "cumulative"), ("gastric", "cumulative"), ("gastric", "per_band")):
+            if guideline.startswith("breast") and counts["strong_complete"]:
+                continue
+            share = deciding_cells(counts, guideline, gastric_reading=reading)
+            passes = (lambda n: 10 * n > total) if guideline.startswith("breast") else (lambda n: 10 * n >= total)
+            expected = next((s for s in ("3+", "2+", "1+") if passes(share[s])), "0")
+            assert apply_guideline(counts, guideline, gastric_reading=reading).score == expected, (counts, guideline, reading)
+
+
+def test_lateral_cells_do_not_decide_a_breast_2_plus():
+    """Breast 2+ and 3+ are decided by complete membranes (or intense incomplete ones): laterals beside
+    them do not hide that the deciding share sits just over 10%, nor make a 2+ look near 3+."""
+    counts = dict(none=690, weak_moderate_complete=110, weak_moderate_lateral=200)  # 11.0% complete decides the 2+
+    assert apply_guideline(counts, "breast-asco-cap-2023").score == "2+"
+    assert near_cutoff(counts, "2+") == ("1+", 11.0)
+    lateral = dict(none=610, weak_moderate_complete=300, strong_lateral=90)  # 9% intense incomplete: no 3+ in sight
+    assert near_cutoff(lateral, "2+") is None
+
+
+def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
+    counts, clusters = dict(none=85, weak_moderate_complete=15), {"3+": 0, "2+": 15, "1+": 15}
+    assert apply_guideline(counts, "gastric", "biopsy", clusters=clusters).score == "2+"
+    assert near_cutoff(counts, "2+", guideline="gastric") == ("1+", 15.0)  # on its share alone (100 cells), unsure
+    assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) is None  # its cluster of 15 holds it
