@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write cells.csv beside each slide's cells.parquet (default: parquet only)")
     s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
                                         "(default: the calibrated thresholds)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress, only the slides that fail (default: a bar on a terminal, else a line a slide)")
+    s.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress, only the slides that fail (default: a bar on a terminal, else a line a slide)")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",

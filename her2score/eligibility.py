@@ -24,9 +24,10 @@ sure of its side (guidelines.near_cutoff) whose level on the other side would ch
 an ultralow call whose staining false membranes alone could give where null would change the
 answer, a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
 the other side would change the answer) give needs_review whatever the score, since any answer
-could change; the automatic answer is added as a reason (none for a slide that was not scored). Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an
-ISH result is needs_review, and the level decides the rest. A level in neither list is
-not_eligible: no ISH result can change it.
+could change; the automatic answer is added as a reason (none for a slide that was not scored).
+Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
+needs_review, and the level decides the rest. A level in neither list is not_eligible: no ISH
+result can change it.
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ class Requirement:
 
     def cells(self, counts: dict[str, int]) -> tuple[int, int]:
         """(tumour cells stained at ``level`` or higher, all tumour cells)."""
-        return sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level]), sum(counts.values())
+        n = sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level])
+        return n, sum(counts.values())
 
     def met(self, counts: dict[str, int]) -> tuple[bool, str]:
         """Whether the counts meet this requirement, and the reason in words."""

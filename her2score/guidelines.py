@@ -212,7 +212,8 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
 
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
                       gastric_reading: str = "cumulative", clusters: Mapping[str, int] | None = None,
-                      points: float = NEAR_CUTOFF_POINTS, confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
+                      points: float = NEAR_CUTOFF_POINTS,
+                      confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
     """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
     the side nearer the 10% cut-off first; [] for a call sure of its side.
 
@@ -221,12 +222,13 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     ``points`` over it, or their share's interval reaches under it; never for a gastric biopsy call
     that its cohesive cluster of >= 5 cells holds whatever the share (``clusters``, biopsies only).
     """
-    share, total = deciding_cells(counts, guideline, gastric_reading=gastric_reading), max(sum(_validated(counts).values()), 1)
+    share = deciding_cells(counts, guideline, gastric_reading=gastric_reading)
+    total = max(sum(_validated(counts).values()), 1)
     sides = []
     if (up := {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")) and (pct := 100.0 * share[up] / total) <= 10.0:
         if pct > 10.0 - points or 100.0 * wilson_ci(share[up], total, confidence)[1] > 10.0:
             sides.append((up, pct))
-    held = clusters is not None and clusters.get(score, 0) >= _MIN_CLUSTER_CELLS
+    held = clusters is not None and clusters.get(score, 0) >= _MIN_CLUSTER_CELLS  # a biopsy call its cluster holds
     if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
             sides.append((down, pct))
