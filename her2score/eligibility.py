@@ -41,6 +41,7 @@ from her2score.categories import CATEGORIES
 from her2score.guidelines import (
     GUIDELINE_FAMILY,
     GUIDELINES,
+    ISOLATED_INTENSE_PERCENT,
     MIN_TUMOUR_CELLS,
     NEAR_CUTOFF_CONFIDENCE,
     NEAR_CUTOFF_POINTS,
@@ -290,7 +291,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline,
                               gastric_reading=result.config.get("gastric_reading", "cumulative"),
                               clusters=result.clusters if result.specimen == "biopsy" else None,
-                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own margin
+                              isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
+                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own margins
     for other_score, pct in sides:
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:

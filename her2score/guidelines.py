@@ -195,40 +195,59 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
+def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
+    """Whether a breast slide's intense complete cells are isolated cells, below the floor of the
+    'intense complete staining in <=10%' pattern (ISOLATED_INTENSE_PERCENT, ISOLATED_INTENSE_MIN_CELLS)."""
+    return 0 < strong and (Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+                           or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
+
+
+def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative",
+                   isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> dict[str, int]:
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
-    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining.
-    Gastric: cumulative_counts, or each band alone under the per_band reading."""
+    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining
+    but isolated intense cells'. Gastric: cumulative_counts, or each band alone under the per_band
+    reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c, cum = _validated(counts), cumulative_counts(counts)
     if GUIDELINE_FAMILY[guideline] == "breast":
-        complete = c["weak_moderate_complete"] + c["strong_complete"]
-        return {"3+": c["strong_complete"], "2+": max(complete, c["strong_lateral"] + c["strong_partial"]),
-                "1+": cum["total"] - c["none"]}
+        strong, total = c["strong_complete"], cum["total"]
+        stained = total - c["none"] - (strong if _isolated(strong, total, isolated_intense_percent) else 0)
+        return {"3+": strong, "2+": max(c["weak_moderate_complete"] + strong, c["strong_lateral"] + c["strong_partial"]),
+                "1+": stained}
     if gastric_reading == "per_band":
         return {"3+": cum["3+"], "2+": cum["2+"] - cum["3+"], "1+": cum["1+"] - cum["2+"]}
     return {k: cum[k] for k in ("3+", "2+", "1+")}
 
 
+_RANK = {"0": 0, "1+": 1, "2+": 2, "3+": 3}
+"""Each score's rank: the higher scores a call could reach lie above it."""
+
+
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
                       gastric_reading: str = "cumulative", clusters: Mapping[str, int] | None = None,
-                      points: float = NEAR_CUTOFF_POINTS,
+                      isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT, points: float = NEAR_CUTOFF_POINTS,
                       confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
     """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
     the side nearer the 10% cut-off first; [] for a call sure of its side.
 
-    Up: the next score's cells lie within ``points`` under the cut-off, or the Wilson interval
-    (``confidence``) of their share reaches over it. Down: the call's own deciding cells lie within
-    ``points`` over it, or their share's interval reaches under it; never for a gastric biopsy call
-    that its cohesive cluster of >= 5 cells holds whatever the share (``clusters``, biopsies only).
+    Up, each higher score: its cells lie within ``points`` under the cut-off, or the Wilson interval
+    (``confidence``) of their share reaches over it. Down, the next lower score: the call's own
+    deciding cells lie within ``points`` over it, or their share's interval reaches under it; not for
+    a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
+    holds (``clusters``, biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
     """
-    share = deciding_cells(counts, guideline, gastric_reading=gastric_reading)
-    total = max(sum(_validated(counts).values()), 1)
+    c = _validated(counts)
+    share = deciding_cells(c, guideline, gastric_reading=gastric_reading, isolated_intense_percent=isolated_intense_percent)
+    total = max(sum(c.values()), 1)
     sides = []
-    if (up := {"0": "1+", "1+": "2+", "2+": "3+"}.get(score or "")) and (pct := 100.0 * share[up] / total) <= 10.0:
-        if pct > 10.0 - points or 100.0 * wilson_ci(share[up], total, confidence)[1] > 10.0:
-            sides.append((up, pct))
+    for up in ("1+", "2+", "3+")[_RANK.get(score or "", 3):]:
+        if (pct := 100.0 * share[up] / total) <= 10.0:
+            if pct > 10.0 - points or 100.0 * wilson_ci(share[up], total, confidence)[1] > 10.0:
+                sides.append((up, pct))
     held = clusters is not None and clusters.get(score, 0) >= _MIN_CLUSTER_CELLS  # a biopsy call its cluster holds
+    if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # intense complete in <=10%: 2+ whatever else
+        held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
     if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
             sides.append((down, pct))
@@ -337,8 +356,7 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
         kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"]}
         reason = _staining(kinds, total, ">10%", "intense but incomplete membrane staining")
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
-    isolated = 0 < strong and (Fraction(100 * strong, total) < Fraction(str(isolated_percent))
-                               or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
+    isolated = _isolated(strong, total, isolated_percent)
     if strong and not isolated:
         reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"

@@ -329,14 +329,17 @@ def test_fewer_than_five_intense_cells_are_isolated_in_a_small_field():
 
 def test_deciding_cells_are_those_the_rules_count():
     """Random counts: the call is the strongest score whose deciding cells pass 10% (breast: over it,
-    without intense complete cells, whose <=10% pattern is a 2+ of its own; gastric: at least it)."""
+    unless intense complete cells beyond the isolated floor make their own <=10% 2+; gastric: at least it)."""
+    from her2score.guidelines import _isolated
+
     rng = np.random.default_rng(11)
     for _ in range(400):
         counts = {cat: int(n) for cat, n in zip(CATEGORIES, rng.integers(0, 40, len(CATEGORIES)) * (rng.random(len(CATEGORIES)) < 0.5))}
         counts["none"] += 1
         total = sum(counts.values())
         for guideline, reading in (("breast-asco-cap-2023", "cumulative"), ("gastric", "cumulative"), ("gastric", "per_band")):
-            if guideline.startswith("breast") and counts["strong_complete"]:
+            strong = counts["strong_complete"]
+            if guideline.startswith("breast") and strong and not _isolated(strong, total, ISOLATED_INTENSE_PERCENT):
                 continue
             share = deciding_cells(counts, guideline, gastric_reading=reading)
             passes = (lambda n: 10 * n > total) if guideline.startswith("breast") else (lambda n: 10 * n >= total)
@@ -359,3 +362,23 @@ def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
     assert apply_guideline(counts, "gastric", "biopsy", clusters=clusters).score == "2+"
     assert near_cutoff(counts, "2+", guideline="gastric") == ("1+", 15.0)  # on its share alone (100 cells), unsure
     assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) is None  # its cluster of 15 holds it
+
+
+def test_near_cutoff_sides_follow_every_route_of_the_rules():
+    """Isolated intense cells do not count towards 1+; a breast 2+ that intense complete cells in <=10%
+    make 2+ cannot fall to 1+; a call can be near a score two levels up; per band, each band is weighed."""
+    from her2score.guidelines import near_cutoff_sides
+
+    isolated = dict(none=900, faint_partial=100, strong_complete=4)  # 4 isolated cells: 100 of 1,004 decide (9.96%)
+    assert apply_guideline(isolated, B23).score == "0"
+    assert near_cutoff_sides(isolated, "0") == [("1+", 100 * 100 / 1004)]
+    floor = dict(none=8420, faint_partial=1490, strong_complete=90)  # 0.9% intense: isolated, 1+ on 14.9%
+    assert apply_guideline(floor, B23).score == "1+" and near_cutoff_sides(floor, "1+") == [("0", 14.9)]
+    intense = dict(none=880, weak_moderate_complete=70, strong_complete=50)  # 12% complete, 5% intense: 2+ either way
+    assert apply_guideline(intense, B23).score == "2+" and near_cutoff_sides(intense, "2+") == []
+    skip = dict(none=910, weak_moderate_complete=90)  # 9% complete: at 10.1% it is 2+, not 1+
+    assert apply_guideline(skip, B23).score == "0"
+    assert sorted(near_cutoff_sides(skip, "0")) == [("1+", 9.0), ("2+", 9.0)]
+    strong = dict(none=910, strong_complete=90)
+    assert sorted(near_cutoff_sides(strong, "0", guideline=G)) == [("1+", 9.0), ("2+", 9.0), ("3+", 9.0)]
+    assert near_cutoff_sides(strong, "0", guideline=G, gastric_reading="per_band") == [("3+", 9.0)]
