@@ -288,11 +288,10 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
     if "near_cutoff" not in result.flags:
         return None
-    sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline,
-                              gastric_reading=result.config.get("gastric_reading", "cumulative"),
-                              clusters=result.clusters if result.specimen == "biopsy" else None,
+    sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline, specimen=result.specimen,
+                              clusters=result.clusters, gastric_reading=result.config.get("gastric_reading", "cumulative"),
                               isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
-                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own margins
+                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own settings
     for other_score, pct in sides:
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:

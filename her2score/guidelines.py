@@ -20,6 +20,7 @@ from fractions import Fraction
 from statistics import NormalDist
 
 from her2score.categories import CATEGORIES
+from her2score.results import SCORES
 
 __all__ = [
     "GUIDELINES",
@@ -220,37 +221,36 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
     return {k: cum[k] for k in ("3+", "2+", "1+")}
 
 
-_RANK = {"0": 0, "1+": 1, "2+": 2, "3+": 3}
-"""Each score's rank: the higher scores a call could reach lie above it."""
-
-
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
-                      gastric_reading: str = "cumulative", clusters: Mapping[str, int] | None = None,
-                      isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT, points: float = NEAR_CUTOFF_POINTS,
+                      specimen: str = "resection", clusters: Mapping[str, int] | None = None,
+                      gastric_reading: str = "cumulative", isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT,
+                      points: float = NEAR_CUTOFF_POINTS,
                       confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
     """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
-    the side nearer the 10% cut-off first; [] for a call sure of its side.
+    the side nearer the 10% cut-off first; [] for a call sure of its side. The settings are apply_guideline's.
 
     Up, each higher score: its cells lie within ``points`` under the cut-off, or the Wilson interval
     (``confidence``) of their share reaches over it. Down, the next lower score: the call's own
     deciding cells lie within ``points`` over it, or their share's interval reaches under it; not for
     a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
-    holds (``clusters``, biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
+    holds (``clusters``, read for biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
     """
+    if score not in SCORES:
+        return []
     c = _validated(counts)
     share = deciding_cells(c, guideline, gastric_reading=gastric_reading, isolated_intense_percent=isolated_intense_percent)
-    total = max(sum(c.values()), 1)
+    total, rank = max(sum(c.values()), 1), SCORES.index(score)
     sides = []
-    for up in ("1+", "2+", "3+")[_RANK.get(score or "", 3):]:
+    for up in SCORES[rank + 1:]:
         if (pct := 100.0 * share[up] / total) <= 10.0:
             if pct > 10.0 - points or 100.0 * wilson_ci(share[up], total, confidence)[1] > 10.0:
                 sides.append((up, pct))
-    held = clusters is not None and clusters.get(score, 0) >= _MIN_CLUSTER_CELLS  # a biopsy call its cluster holds
+    held = specimen == "biopsy" and (clusters or {}).get(score, 0) >= _MIN_CLUSTER_CELLS  # its cluster holds it
     if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # intense complete in <=10%: 2+ whatever else
         held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
-    if (down := {"1+": "0", "2+": "1+", "3+": "2+"}.get(score or "")) and not held and (pct := 100.0 * share[score] / total) >= 10.0:
+    if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            sides.append((down, pct))
+            sides.append((SCORES[rank - 1], pct))
     return sorted(sides, key=lambda side: abs(side[1] - 10.0))
 
 

@@ -366,9 +366,9 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
                                isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
-        near = near_cutoff(counts, score, guideline=config.guideline, gastric_reading=config.gastric_reading,
-                           clusters=clusters if config.specimen == "biopsy" else None,
-                           isolated_intense_percent=config.isolated_intense_percent, points=config.near_cutoff_points)
+        near = near_cutoff(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
+                           gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
+                           points=config.near_cutoff_points)
         if near is not None:
             flags = (*flags, "near_cutoff")
             lo, hi = wilson_ci(round(near[1] * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)

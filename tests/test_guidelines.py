@@ -361,7 +361,8 @@ def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
     counts, clusters = dict(none=85, weak_moderate_complete=15), {"3+": 0, "2+": 15, "1+": 15}
     assert apply_guideline(counts, "gastric", "biopsy", clusters=clusters).score == "2+"
     assert near_cutoff(counts, "2+", guideline="gastric") == ("1+", 15.0)  # on its share alone (100 cells), unsure
-    assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) is None  # its cluster of 15 holds it
+    assert near_cutoff(counts, "2+", guideline="gastric", specimen="biopsy", clusters=clusters) is None  # its cluster holds it
+    assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) == ("1+", 15.0)  # a resection: clusters not read
 
 
 def test_near_cutoff_sides_follow_every_route_of_the_rules():
