@@ -564,17 +564,23 @@ def _spread_tiles(path: Path, n: int) -> tuple:
     return cfg, [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)], cfg.mpp / mpp
 
 
+def _slide_stains(slide):
+    """The default stain vectors, white set by the glass of an 8 µm/px thumbnail of ``slide``."""
+    from her2score.stain import H_DAB, estimate_background
+
+    return H_DAB.with_background(estimate_background(slide.thumbnail(mpp=8.0)))
+
+
 def peer_rates(path: Path, *, n: int, cnn) -> dict:
     """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
     ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import score_tile
+    from her2score.pipeline import _read_tile, score_tile
     from her2score.slide import open_slide
-    from her2score.stain import H_DAB, estimate_background
 
     cfg, pick, scale = _spread_tiles(path, n)
     with open_slide(path) as s:
-        stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
-        rgbs = [s.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=cfg.mpp) for t in pick]
+        stains = _slide_stains(s)
+        rgbs = [_read_tile(s, t, cfg.mpp) for t in pick]
     core_mp = sum(t.core[2] * t.core[3] for t in pick) * scale ** 2 / 1e6
     c = time.thread_time()
     peer_n = sum(peer_cells(rgb, mpp=cfg.mpp) for rgb in rgbs)
@@ -762,19 +768,17 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
     """
     import cv2
 
-    from her2score.pipeline import score_tile
+    from her2score.pipeline import _read_and_score
     from her2score.slide import open_slide
-    from her2score.stain import H_DAB, estimate_background
 
-    cfg, pick, scale = _spread_tiles(path, n)
+    cfg, pick, _ = _spread_tiles(path, n)
     prof = cProfile.Profile()
     with open_slide(path) as s:
-        stains = H_DAB.with_background(estimate_background(s.thumbnail(mpp=8.0)))
+        stains = _slide_stains(s)
         c = time.process_time()
         prof.enable()
         for t in pick:
-            rgb = s.read_region((round(t.read[0] * scale), round(t.read[1] * scale)), t.read[2:], mpp=cfg.mpp)
-            score_tile(rgb, t, stains=stains, config=cfg, scale=scale, cnn=cnn, cnn_max_patches=cfg.cnn_patches_per_tile)
+            _read_and_score(s, t, stains, cfg, cnn, cfg.cnn_patches_per_tile)
         prof.disable()
         cpu = (time.process_time() - c) / len(pick) * 1e3
     own = {"OpenCV": 0.0, "ONNX Runtime": 0.0, "JPEG decode": 0.0, "watershed": 0.0}
