@@ -120,7 +120,7 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_workers_
 
 
 DASK_INTERRUPTED = """
-import json, os, signal, sys, threading, time
+import csv, json, os, signal, sys, threading, time
 from pathlib import Path
 from dask.distributed import LocalCluster
 from her2score import batch
@@ -131,10 +131,12 @@ def main(slides, out):
     batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0  # no rewrite is due until the batch stops
     at_close, close = [], LocalCluster.close
 
-    def recording_close(self, *args, **kwargs):  # what the manifest and the summary hold as the cluster closes
+    def recording_close(self, *args, **kwargs):  # the slides done as the cluster closes (None: summary and manifest differ)
         slides = json.loads((Path(out) / batch.MANIFEST).read_text(encoding="utf-8"))["slides"]
-        summary = (Path(out) / "summary.csv").read_text(encoding="utf-8")
-        at_close.append([Path(s).name for s, e in sorted(slides.items()) if e["state"] == "done" and s in summary])
+        with open(Path(out) / "summary.csv", newline="", encoding="utf-8") as f:
+            listed = sorted(r["slide"] for r in csv.DictReader(f))
+        done = [Path(s).name for s, e in sorted(slides.items()) if e["state"] == "done"]
+        at_close.append(done if listed == sorted(slides) else None)
         return close(self, *args, **kwargs)
 
     LocalCluster.close = recording_close
