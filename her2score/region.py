@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import points_in_poly
 
+from .slide import FileError
+
 __all__ = ["Region", "RegionError", "load_region", "IGNORED_CLASSES"]
 
 IGNORED_CLASSES = {"ignore*", "ignore", "stroma", "necrosis", "background", "normal", "in situ", "dcis", "immune cells"}
@@ -25,15 +27,8 @@ MAX_REGION_BYTES = 512 * 2**20
 MAX_MASK_PIXELS = 20_000 * 20_000
 
 
-class RegionError(ValueError):
+class RegionError(FileError, ValueError):
     """A region file that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
-
-    def __reduce__(self):  # pickled as (path, reason), as SlideError
-        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ _MAGIC = (
 _GREYSCALE = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
 
 
-class SlideError(Exception):
-    """A slide that cannot be read; the message names the file and the reason."""
+class FileError(Exception):
+    """An error about one file: ``path`` and ``reason``, the message "<path>: <reason>"."""
 
     def __init__(self, path: os.PathLike | str, reason: str):
         self.path, self.reason = str(path), reason
@@ -66,6 +66,10 @@ class SlideError(Exception):
 
     def __reduce__(self):  # pickled as (path, reason): a worker process's error reaches the parent whole
         return type(self), (self.path, self.reason)
+
+
+class SlideError(FileError):
+    """A slide that cannot be read; the message names the file and the reason."""
 
 
 class NotHerIhcError(SlideError):
