@@ -456,8 +456,6 @@ class TiffSlide(Slide):
             raise SlideError(self.path, f"{page.dtype} samples; HER2 scoring needs 8-bit (or 16-bit) RGB brightfield images")
         if photometric == 6 and int(page.compression) in (1, 5, 8, 32773, 32946):
             raise SlideError(self.path, "YCbCr-coded uncompressed TIFF is not supported; save it as RGB")
-        if page.planarconfig != 1 and spp > 1:
-            raise SlideError(self.path, "planar (separate-plane) TIFF is not supported; save as contiguous RGB")
 
     def _check_segments(self, page, level: int, file_size: int) -> None:
         offsets, counts = page.dataoffsets, page.databytecounts
@@ -475,6 +473,25 @@ class TiffSlide(Slide):
             self._fd = None
         self._tif.close()
 
+    def _segment(self, page, level: int, index: int) -> np.ndarray | None:
+        """Tile or strip ``index`` of ``page`` decoded, (rows, columns, samples); None where the file has none."""
+        try:
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            if count == 0:
+                return None
+            data = os.pread(self._fd, count, offset)
+            if len(data) < count:
+                raise SlideError(self.path, f"truncated TIFF: tile/strip {index} of level {level} needs bytes "
+                                            f"{offset}-{offset + count} but the file ends at byte "
+                                            f"{offset + len(data)}")
+            seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            return seg.reshape(seg.shape[-3:])
+        except SlideError:
+            raise
+        except Exception as e:
+            raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
+                                        f"({type(e).__name__}: {e})") from None
+
     def _read_level(self, level, x, y, width, height):
         page = self._pages[level]
         if self._fd is None:
@@ -485,30 +502,21 @@ class TiffSlide(Slide):
             th, tw = page.rowsperstrip or page.imagelength, page.imagewidth
         th, tw = min(th, page.imagelength), min(tw, page.imagewidth)
         n_across = -(-page.imagewidth // tw)
-        out = np.full((height, width, page.samplesperpixel), np.iinfo(page.dtype).max, page.dtype)
+        spp = page.samplesperpixel
+        planes = spp if page.planarconfig == 2 else 1  # separate planes: every sample's segments in turn
+        per_plane = len(page.dataoffsets) // planes
+        out = np.full((height, width, spp), np.iinfo(page.dtype).max, page.dtype)
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
-                index = ty * n_across + tx
-                try:
-                    offset, count = page.dataoffsets[index], page.databytecounts[index]
-                    if count == 0:
-                        continue  # sparse file: a missing tile is empty glass
-                    data = os.pread(self._fd, count, offset)
-                    if len(data) < count:
-                        raise SlideError(self.path, f"truncated TIFF: tile/strip {index} of level {level} needs bytes "
-                                                    f"{offset}-{offset + count} but the file ends at byte "
-                                                    f"{offset + len(data)}")
-                    seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                    seg = seg.reshape(seg.shape[-3:])
-                except SlideError:
-                    raise
-                except Exception as e:
-                    raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
-                                                f"({type(e).__name__}: {e})") from None
                 sy, sx = ty * th, tx * tw
                 ay0, ax0 = max(y, sy), max(x, sx)
-                ay1, ax1 = min(y + height, sy + seg.shape[0]), min(x + width, sx + seg.shape[1])
-                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
+                for plane in range(planes):
+                    seg = self._segment(page, level, plane * per_plane + ty * n_across + tx)
+                    if seg is None:
+                        continue  # sparse file: a missing tile is empty glass
+                    ay1, ax1 = min(y + height, sy + seg.shape[0]), min(x + width, sx + seg.shape[1])
+                    channels = slice(plane, plane + 1) if planes > 1 else slice(None)
+                    out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, channels] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
         if out.dtype == np.uint16:
             out = (out >> 8).astype(np.uint8)
         return _to_rgb(self.path, out)

@@ -20,19 +20,32 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
+def _planar_pyramid(path, rgb):
+    """A tiled, zlib, separate-plane (planarconfig 2) pyramid: each sample's tiles stored in turn."""
+    half = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    with tifffile.TiffWriter(path) as tw:
+        for i, a in enumerate((rgb, half)):
+            m = SLIDE_MPP * rgb.shape[1] / a.shape[1]
+            tw.write(np.moveaxis(a, -1, 0), tile=(128, 128), photometric="rgb", planarconfig="separate",
+                     compression="zlib", subfiletype=1 if i else 0, resolution=(1e4 / m, 1e4 / m),
+                     resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, pyramid_tiff, slide_rgb):
     d = tmp_path_factory.mktemp("backends")
     return {
         "tifffile": (pyramid_tiff, "tifffile", 3.0),
         "openslide": (pyramid_tiff, "openslide", 3.0),
+        "planar": (_planar_pyramid(d / "planar.tif", slide_rgb), "tifffile", 0.01),
         "png": (save_png(d / "slide.png", slide_rgb, mpp=SLIDE_MPP), None, 0.01),
         "jpeg": (save_jpeg(d / "slide.jpg", slide_rgb, mpp=SLIDE_MPP), None, 3.0),
         "array": (None, None, 0.01),
     }
 
 
-@pytest.fixture(params=["tifffile", "openslide", "png", "jpeg", "array"])
+@pytest.fixture(params=["tifffile", "openslide", "planar", "png", "jpeg", "array"])
 def case(request, sources, slide_rgb):
     path, backend, tol = sources[request.param]
     slide = ArraySlide(slide_rgb, mpp=SLIDE_MPP) if path is None else open_slide(path, backend=backend)
@@ -183,6 +196,24 @@ def test_bad_user_mpp(tmp_path, slide_rgb, bad):
 def test_array_slide_needs_mpp(slide_rgb):
     with pytest.raises(SlideError, match=r"<array>: no microns-per-pixel"):
         ArraySlide(slide_rgb, mpp=None)
+
+
+def test_a_separate_plane_field_reads_and_scores_as_its_contiguous_copy(tmp_path, fields):
+    """Planar (planarconfig 2) strips, with an alpha plane as some exporters write, are the same field."""
+    from her2score.pipeline import analyse_slide
+
+    rgb = fields["2+"]
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    planar = save_tiff(tmp_path / "planar.tif", np.moveaxis(rgba, -1, 0), photometric="rgb",
+                       planarconfig="separate", extrasamples=["unassalpha"], rowsperstrip=50)
+    contiguous = save_tiff(tmp_path / "contiguous.tif", rgb, photometric="rgb")
+    with tifffile.TiffFile(planar) as t:
+        assert t.pages[0].planarconfig == 2 and t.pages[0].samplesperpixel == 4
+    with open_slide(planar) as a, open_slide(contiguous) as b:
+        assert np.array_equal(a.read_region((0, 0), a.dimensions, mpp=0.5), rgb)
+        assert np.array_equal(a.read_region((37, 61), (100, 120), mpp=0.5), rgb[61:181, 37:137])
+        ra, rb = analyse_slide(a).result, analyse_slide(b).result
+    assert ra.tumour_cells > 50 and (ra.score, ra.counts) == (rb.score, rb.counts)
 
 
 def test_content_decides_over_suffix(tmp_path, slide_rgb):
