@@ -1,11 +1,13 @@
 """Nuclei from haematoxylin optical density, and cells grown from them or enclosed by stained membrane (label images)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
-__all__ = ["segment_nuclei", "membrane_basins", "grow_cells"]
+__all__ = ["segment_nuclei", "counterstain_od", "nucleus_thresholds", "membrane_basins", "grow_cells"]
 
 
 def disk(radius_px: float) -> np.ndarray:
@@ -26,6 +28,44 @@ def local_background(image: np.ndarray, *, mpp: float, radius_um: float, coarse_
     if f < 1:
         return np.minimum(cv2.resize(opened, image.shape[::-1], interpolation=cv2.INTER_LINEAR), image)
     return opened  # an opening by a symmetric disk never exceeds the image
+
+
+def _smoothed(hematoxylin_od: np.ndarray, mpp: float) -> np.ndarray:
+    return cv2.GaussianBlur(hematoxylin_od, (0, 0), 0.5 / mpp)
+
+
+def _nuclear_mask(smooth: np.ndarray, *, mpp: float, threshold_od: float, contrast_od: float,
+                  min_width_um: float = 2.0) -> np.ndarray:
+    """uint8 mask of segment_nuclei's nuclear pixels in ``smooth`` (its smoothed nuclear OD), before splitting."""
+    background = local_background(smooth, mpp=mpp, radius_um=8.0)
+    mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
+
+
+def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float = 0.05,
+                    contrast_od: float = 0.025) -> float | None:
+    """The counterstain's level (log10 OD): the median haematoxylin OD, smoothed as segment_nuclei
+    smooths it, over the pixels segment_nuclei takes for nuclei at the permissive ``threshold_od``
+    and ``contrast_od`` (the least nucleus_thresholds gives) in one or more tiles at ``mpp`` µm/px:
+    pale nuclei as well as dark ones, so it falls with the counterstain. None where there are none."""
+    values = []
+    for h in hematoxylin_ods:
+        smooth = _smoothed(h, mpp)
+        values.append(smooth[_nuclear_mask(smooth, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od) > 0])
+    values = np.concatenate(values) if values else np.zeros(0, np.float32)
+    return float(np.median(values)) if len(values) else None
+
+
+def nucleus_thresholds(counterstain: float | None, *, threshold_od: float = 0.10, contrast_od: float = 0.05,
+                       ratio: float = 0.85, min_scale: float = 0.5) -> tuple[float, float]:
+    """segment_nuclei's (threshold_od, contrast_od) for a counterstain whose level is ``counterstain``
+    (counterstain_od): both scaled down where ``ratio`` x the level is under ``threshold_od`` (a pale
+    counterstain, whose nuclei a fixed threshold would lose), to no less than ``min_scale`` of
+    themselves; as given for a level of at least threshold_od / ratio, for None and for ``ratio`` 0."""
+    if counterstain is None or ratio <= 0:
+        return threshold_od, contrast_od
+    scale = float(np.clip(ratio * counterstain / threshold_od, min_scale, 1.0))
+    return threshold_od * scale, contrast_od * scale
 
 
 def segment_nuclei(
@@ -58,7 +98,7 @@ def segment_nuclei(
     ``max_blob_spread`` x the largest disk inside: a strong membrane network is branched), above
     its level over 12 µm (faint blush and broad staining excluded).
     """
-    smooth = cv2.GaussianBlur(hematoxylin_od, (0, 0), 0.5 / mpp)
+    smooth = _smoothed(hematoxylin_od, mpp)
     if dab_od is not None:
         d = cv2.GaussianBlur(dab_od, (0, 0), 0.5 / mpp)
         n = 1
@@ -78,9 +118,7 @@ def segment_nuclei(
             if big.any():
                 rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
                 np.add(smooth, rise, out=smooth, where=big[comp])
-    background = local_background(smooth, mpp=mpp, radius_um=8.0)
-    mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
+    mask = _nuclear_mask(smooth, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od, min_width_um=min_width_um)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     dist_s = cv2.GaussianBlur(dist, (0, 0), 0.5 / mpp)
     core = (dist_s >= neck_ratio * cv2.dilate(dist_s, disk(3.0 / mpp))) & (dist >= 0.5 * min_width_um / mpp)

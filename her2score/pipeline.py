@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
-from .cells import grow_cells, membrane_basins, segment_nuclei
+from .cells import counterstain_od, grow_cells, membrane_basins, nucleus_thresholds, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
@@ -68,7 +68,8 @@ class ScoringConfig:
     thresholds: per-cell Thresholds (log10 DAB OD, fractions); estimate_stains: deconvolve with the
     slide's own vectors where Ruifrok-Johnston's would leak (stain.estimate_stains, from up to 8 tiles),
     else only on a slide those read as nuclear DAB (analyse_slide); nucleus_threshold_od: least smoothed
-    haematoxylin OD of a nucleus; max_cell_radius_um: reach of a cell from its seed (µm);
+    haematoxylin OD of a nucleus, lowered on a pale counterstain to counterstain_ratio x its nuclear
+    level (cells.nucleus_thresholds; 0: never lowered); max_cell_radius_um: reach of a cell from its seed (µm);
     basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
     with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
@@ -86,6 +87,7 @@ class ScoringConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     estimate_stains: bool = False
     nucleus_threshold_od: float = 0.10
+    counterstain_ratio: float = 0.85
     max_cell_radius_um: float = 9.0
     basin_contrast_od: float = 0.10
     tumour: TumourRule = field(default_factory=TumourRule)
@@ -135,20 +137,28 @@ class TileResult:
     label): where the cells named in ``cells.sector_neighbour`` lie."""
     outline_frame: tuple[float, float, float] = (0, 0, 1.0)
     """(rx, ry, scale): the tile's read box origin (tile px) and level-0 px per tile px (her2score.outlines.Outlines)."""
+    counterstain: float | None = None
+    """The counterstain level (log10 OD, cells.counterstain_od) that set the tile's nucleus thresholds."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
-               cnn=None, cnn_max_patches: int | None = None) -> TileResult:
+               counterstain: float | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
 
-    ``scale``: level-0 px per tile px, to place cells in the slide; ``cnn``: an optional
+    ``scale``: level-0 px per tile px, to place cells in the slide; ``counterstain``: the slide's
+    nuclear haematoxylin level (cells.counterstain_od; None: this tile's own), which sets the nucleus
+    thresholds (cells.nucleus_thresholds); ``cnn``: an optional
     TileClassifier that also gives the tile's class probabilities (over its core only, from at most
     ``cnn_max_patches`` patches).
     """
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
-    nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=config.nucleus_threshold_od)
+    if counterstain is None:
+        counterstain = counterstain_od([h_od], mpp=mpp)
+    threshold_od, contrast_od = nucleus_thresholds(counterstain, threshold_od=config.nucleus_threshold_od,
+                                                   ratio=config.counterstain_ratio)
+    nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od)
     dab_smooth, contrast = membrane_contrast(dab_od, nuclei, mpp=mpp)
     basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
     cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um)
@@ -173,7 +183,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
     return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_points, outline_sizes,
-                      label_xy, (rx, ry, scale))
+                      label_xy, (rx, ry, scale), counterstain)
 
 
 @dataclass(frozen=True)
@@ -205,8 +215,9 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
         use_one_thread()
 
 
-def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, cnn_max_patches: int | None) -> TileResult:
-    return _read_and_score(_worker["slide"], tile, stains, config, _worker["cnn"], cnn_max_patches)
+def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, counterstain: float | None,
+              cnn_max_patches: int | None) -> TileResult:
+    return _read_and_score(_worker["slide"], tile, stains, config, counterstain, _worker["cnn"], cnn_max_patches)
 
 
 def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
@@ -216,9 +227,10 @@ def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
     return slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=mpp)
 
 
-def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, cnn, cnn_max_patches) -> TileResult:
-    return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config,
-                      scale=config.mpp / slide.mpp, cnn=cnn, cnn_max_patches=cnn_max_patches)
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, counterstain: float | None,
+                    cnn, cnn_max_patches) -> TileResult:
+    return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config, scale=config.mpp / slide.mpp,
+                      counterstain=counterstain, cnn=cnn, cnn_max_patches=cnn_max_patches)
 
 
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
@@ -295,12 +307,16 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
         tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
+        several = len(tiles) > 1
+        sample = [_read_tile(slide, t, config.mpp) for t in tiles[:: max(1, len(tiles) // 8)][:8]
+                  if several or config.estimate_stains]
         if config.estimate_stains:
-            sample = tiles[:: max(1, len(tiles) // 8)][:8]
-            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in sample])
-            stains, stain_note = estimate_stains(pix, background=background)
+            stains, stain_note = estimate_stains(np.concatenate([s.reshape(-1, 3) for s in sample]), background=background)
             if retry_of is not None and stains.source != "estimated":
                 raise retry_of
+        # the slide's counterstain from the sample; a single tile measures its own, from the same pixels (score_tile)
+        counterstain = counterstain_od((deconvolve(s, stains)[..., 0] for s in sample), mpp=config.mpp) if several else None
+        del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp = str(slide.path), slide.mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
@@ -310,13 +326,15 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
         pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) if parallel else None
         try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
-            pending = pool.map(partial(_run_tile, stains=stains, config=config, cnn_max_patches=cnn_max), tiles) if pool else None
+            pending = pool.map(partial(_run_tile, stains=stains, config=config, counterstain=counterstain,
+                                       cnn_max_patches=cnn_max), tiles) if pool else None
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
             eosin = check.eosin_fraction
             # one tile a task: no core idles while another ends a long chunk
-            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, cnn, cnn_max) for t in tiles]
+            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, counterstain, cnn, cnn_max)
+                                                for t in tiles]
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
@@ -346,6 +364,12 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
     staining = _staining(slide_path, config, compartment, floor, threshold)
+    counterstain = parts[0].counterstain  # the slide's, or a single tile's own
+    nucleus_od = nucleus_thresholds(counterstain, threshold_od=config.nucleus_threshold_od, ratio=config.counterstain_ratio)[0]
+    staining.update(counterstain_od=None if counterstain is None else round(counterstain, 4), nucleus_threshold_od=round(nucleus_od, 4))
+    if nucleus_od < config.nucleus_threshold_od:
+        notes = (*notes, f"pale counterstain (nuclear haematoxylin OD {counterstain:.3f}): nuclei found from "
+                         f"{nucleus_od:.3f} OD instead of {config.nucleus_threshold_od:g}")
     if region is not None:
         tumour, region_source = region.contains(cells.x, cells.y), region.source
     else:

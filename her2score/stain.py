@@ -21,6 +21,7 @@ __all__ = [
     "estimate_background",
     "estimate_stains",
     "remove_dab",
+    "scale_stains",
 ]
 
 
@@ -105,17 +106,29 @@ def deconvolve(rgb: np.ndarray, stains: StainSet = H_DAB) -> np.ndarray:
     return cv2.transform(od.reshape(h, w, 3), stains.unmixing()).reshape(h, w, 3)
 
 
+def scale_stains(rgb: np.ndarray, *, hematoxylin: float = 1.0, dab: float = 1.0, residual: float = 1.0,
+                 stains: StainSet | None = None) -> np.ndarray:
+    """The same field with each stain's optical density multiplied by a factor: RGB uint8 recomposed
+    (Beer-Lambert) from its deconvolved haematoxylin, DAB and residual OD so scaled.
+
+    A real field with 0.5 x its haematoxylin is that field under a paler counterstain; with no DAB,
+    a real HER2 0 (remove_dab). ``stains``: the field's vectors (default: Ruifrok-Johnston against
+    the field's own background).
+    """
+    stains = stains or H_DAB.with_background(estimate_background(rgb))
+    conc = deconvolve(rgb, stains) * np.float32([hematoxylin, dab, residual])
+    od = conc @ stains.matrix()
+    out = np.float32(stains.background) * np.power(np.float32(10.0), -np.maximum(od, 0.0))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 def remove_dab(rgb: np.ndarray, stains: StainSet | None = None) -> np.ndarray:
     """The same field with its DAB taken out: RGB uint8 recomposed from its haematoxylin OD alone.
 
     A real DAB-stained field becomes a real HER2 0 (haematoxylin only) with its real morphology.
     The residual channel, where a stain vector's misfit lands, is dropped with the DAB.
-    ``stains``: the field's vectors (default: Ruifrok-Johnston against the field's own background).
     """
-    stains = stains or H_DAB.with_background(estimate_background(rgb))
-    od = deconvolve(rgb, stains)[..., 0:1] * np.float32(stains.hematoxylin)
-    out = np.float32(stains.background) * np.power(np.float32(10.0), -np.maximum(od, 0.0))
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return scale_stains(rgb, dab=0.0, residual=0.0, stains=stains)
 
 
 def estimate_background(rgb: np.ndarray, *, min_brightness: int = 200) -> tuple[float, float, float]:

@@ -1,6 +1,7 @@
 """The real images the scorer is checked on: ../shared/data/real (beside the repository) and
 scikit-image's colon IHC image, each with what its SOURCE.md says a pathologist sees, plus real
-HER2 0 cases derived from them by removing their DAB with colour deconvolution.
+HER2 0 cases derived from them by removing their DAB with colour deconvolution, and the real colon
+under a paler counterstain (its haematoxylin OD scaled down the same way).
 
 Shared by the tests and ``benchmarks/real_images.py``. Nothing here is copied into the repository.
 """
@@ -19,7 +20,7 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 @dataclass(frozen=True)
 class RealCase:
-    """One real image: ``kind`` is membranous, nuclear, he or derived-0; ``mpp`` in µm/px (None: in the file)."""
+    """One real image: ``kind`` is membranous, nuclear, he, derived-0 or pale; ``mpp`` in µm/px (None: in the file)."""
 
     name: str
     kind: str
@@ -59,6 +60,18 @@ def _without_dab(load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
     return derived
 
 
+def _paler(load: Callable[[], np.ndarray], factor: float) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        from her2score.stain import scale_stains
+
+        return scale_stains(load(), hematoxylin=factor)
+    return derived
+
+
+PALER = (0.7, 0.5)
+"""Factors on the real colon's haematoxylin OD for its "pale" cases: the same field under a lighter counterstain."""
+
+
 def real_cases() -> list[RealCase]:
     """Every real case present on this machine (the folder may be missing outside CI)."""
     cases = [RealCase("skimage-colon-ihc", "membranous", _skimage_ihc, 0.5,
@@ -82,6 +95,8 @@ def real_cases() -> list[RealCase]:
         for p in sorted((REAL / "wsi").rglob("*.svs")):
             cases.append(RealCase("he-wsi-tcga-ts1", "he", lambda p=p: p, 1.0, "H&E whole-slide file, no MPP in header"))
     cases += ki67
+    cases += [RealCase(f"skimage-colon-ihc-haematoxylin-{k:g}", "pale", _paler(_skimage_ihc, k), 0.5,
+                       f"the real colon with {k:g} x its haematoxylin OD: a paler counterstain") for k in PALER]
     derived = [c for c in cases if c.kind in ("membranous", "nuclear")]
     for c in derived:
         cases.append(RealCase(f"{c.name}-dab-removed", "derived-0", _without_dab(_as_array(c)), c.mpp or _file_mpp(c),
@@ -158,14 +173,17 @@ def deepliif_tumour_selection(mpp: float = 0.3, match_um: float = 4.0) -> dict[s
 
 
 def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, int, int]:
-    """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``."""
-    from her2score.cells import segment_nuclei
+    """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``;
+    nuclei found as score_tile finds them (thresholds set by each field's counterstain)."""
+    from her2score.cells import counterstain_od, nucleus_thresholds, segment_nuclei
     from her2score.stain import H_DAB, deconvolve, estimate_background
 
     tp = det_n = gt_n = 0
     for _, rgb, gt in _deepliif_fields():
         hed = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))
-        det = _centroids(segment_nuclei(hed[..., 0], hed[..., 1], mpp=mpp))
+        h, d = hed[..., 0], hed[..., 1]
+        threshold_od, contrast_od = nucleus_thresholds(counterstain_od([h], mpp=mpp))
+        det = _centroids(segment_nuclei(h, d, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od))
         tp += int(_one_to_one(det, gt, match_um / mpp).sum())
         det_n, gt_n = det_n + len(det), gt_n + len(gt)
     return tp, det_n, gt_n

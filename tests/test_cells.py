@@ -1,7 +1,9 @@
 import cv2
 import numpy as np
 
-from her2score.cells import grow_cells, membrane_basins, segment_nuclei
+import pytest
+
+from her2score.cells import counterstain_od, grow_cells, membrane_basins, nucleus_thresholds, segment_nuclei
 
 
 def disks(centres, radius_px, shape=(128, 128), od=0.5):
@@ -44,6 +46,29 @@ def test_segment_nuclei_finds_brown_nuclei_by_their_dab():
     assert labels[30, 30] > 0 and labels[90, 90] > 0
     assert labels[30, 61] == 0
     assert len(np.unique(labels)) - 1 == 2
+
+
+def test_nucleus_thresholds_fall_only_with_a_counterstain_paler_than_their_own_level():
+    assert nucleus_thresholds(None) == nucleus_thresholds(0.5) == nucleus_thresholds(0.10 / 0.85) == (0.10, 0.05)
+    assert nucleus_thresholds(0.08) == pytest.approx((0.068, 0.034))  # 0.85 x 0.08
+    assert nucleus_thresholds(0.01) == pytest.approx((0.05, 0.025))  # never under half
+    assert nucleus_thresholds(0.08, ratio=0) == (0.10, 0.05)
+
+
+def test_the_counterstain_level_is_that_of_pale_and_dark_nuclei_alike():
+    """The median over nuclei found at the permissive thresholds: a field of pale nuclei has their level,
+    where a fixed 0.10 OD threshold finds none of them; glass gives no level."""
+    rng = np.random.default_rng(0)
+    centres = [(x, y) for x in range(16, 128, 24) for y in range(16, 128, 24)]
+    h = disks(centres, 6, od=0.08) + rng.normal(0, 0.005, (128, 128)).astype(np.float32)
+    assert counterstain_od([h], mpp=0.5) == pytest.approx(0.08, abs=0.01)
+    assert counterstain_od([h, 2 * h], mpp=0.5) == pytest.approx(0.12, abs=0.045)  # pooled over tiles
+    assert segment_nuclei(h, mpp=0.5).max() == 0
+    threshold_od, contrast_od = nucleus_thresholds(counterstain_od([h], mpp=0.5))
+    found = segment_nuclei(h, mpp=0.5, threshold_od=threshold_od, contrast_od=contrast_od)
+    at_centres = found[tuple(np.array(centres)[:, ::-1].T)]
+    assert (at_centres > 0).all() and len(np.unique(at_centres)) == len(centres)
+    assert counterstain_od([np.zeros((128, 128), np.float32)], mpp=0.5) is None
 
 
 def test_grow_cells_bounded_and_split_on_membrane():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from her2score.stain import (H_DAB, StainSet, _angle, _plane, deconvolve, estimate_background, estimate_stains, optical_density,
-                             remove_dab)
+                             remove_dab, scale_stains)
 
 
 def render(h_od: float, dab_od: float, background=255.0) -> np.ndarray:
@@ -118,3 +118,11 @@ def test_remove_dab_leaves_haematoxylin_only():
     assert np.abs(hed[..., 1]).max() < 0.01  # no DAB left
     assert hed[0, 0, 0] == pytest.approx(0.5, abs=0.02) and hed[0, 1, 0] == pytest.approx(0.5, abs=0.02)
     assert hed[0, 2, 0] == pytest.approx(0.0, abs=0.02)
+
+
+def test_scale_stains_scales_one_stain_and_leaves_the_other():
+    rgb = np.concatenate([render(0.5, 0.0), render(0.5, 0.6), render(0.0, 0.8)]).reshape(1, 3, 3)
+    assert np.abs(scale_stains(rgb).astype(int) - rgb).max() <= 1  # factors of 1: the same field
+    before, after = deconvolve(rgb), deconvolve(scale_stains(rgb, hematoxylin=0.5, stains=H_DAB))
+    assert after[0, :2, 0] == pytest.approx(0.5 * before[0, :2, 0], abs=0.02)  # half the haematoxylin
+    assert after[0, :, 1] == pytest.approx(before[0, :, 1], abs=0.02)  # the DAB as it was
