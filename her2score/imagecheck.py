@@ -193,7 +193,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                                  "H&E slide, not a HER2 (H-DAB) immunostain; not scored")
     elif n_stained >= 200 and haem < MIN_HAEMATOXYLIN_FRACTION:
         code, reason = "no_counterstain", (f"only {haem:.1%} of stained pixels have the blue of a haematoxylin "
-                                           "counterstain: not an H-DAB tissue image (a photo, text, a plot or "
+                                           "counterstain: no nuclei to count cells by (a counterstain missing or "
+                                           "too pale), or not an H-DAB tissue image (a photo, text, a plot or "
                                            "another stain); not scored")
     elif np.isfinite(diameter) and diameter > MAX_NUCLEUS_DIAMETER_UM:
         code, reason = "implausible_scale", (f"at {detail_mpp:g} µm/px nuclei would be {diameter:.0f} µm across "

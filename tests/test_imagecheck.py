@@ -162,6 +162,15 @@ def test_images_that_are_not_hdab_tissue_are_refused(name):
     assert "not scored" in c.reason
 
 
+def test_a_counterstain_too_pale_to_count_cells_by_is_refused_and_named():
+    """The real colon keeps its DAB and 0.4 x its haematoxylin: its nuclei are barely blue (scored down
+    to 0.5 x, see test_real); the refusal names the counterstain, not only photos and plots."""
+    from her2score.stain import scale_stains
+
+    c = check_image(scale_stains(photo("immunohistochemistry"), hematoxylin=0.4), mpp=0.5)
+    assert c.code == "no_counterstain" and "counterstain missing or too pale" in c.reason, c
+
+
 @pytest.mark.parametrize("mpp, accepted", [(0.25, True), (0.5, True), (1.0, True), (2.0, False), (5.0, False)])
 def test_an_implausible_mpp_is_refused(mpp, accepted):
     c = check_image(photo("immunohistochemistry"), mpp=mpp)
