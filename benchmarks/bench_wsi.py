@@ -556,12 +556,13 @@ def peer_cells(rgb: np.ndarray, *, mpp: float = 0.5) -> int:
 
 
 def _spread_tiles(path: Path, n: int) -> tuple:
-    """The default ScoringConfig, ``n`` tiles spread evenly over the pipeline's grid, and level-0 px per tile px."""
-    from her2score.pipeline import ScoringConfig
+    """The default ScoringConfig, the pipeline's grid, ``n`` of its tiles spread evenly over it, and
+    level-0 px per tile px."""
+    from her2score.pipeline import ScoringConfig, _sample
 
     cfg = ScoringConfig()
     tiles, mpp, _ = _tiles(path)
-    return cfg, [tiles[i] for i in np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)], cfg.mpp / mpp
+    return cfg, tiles, _sample(tiles, n), cfg.mpp / mpp
 
 
 def _slide_stains(slide):
@@ -574,19 +575,20 @@ def _slide_stains(slide):
 def peer_rates(path: Path, *, n: int, cnn) -> dict:
     """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
     ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import _read_tile, score_tile
+    from her2score.pipeline import _read_tile, _slide_nucleus_thresholds, score_tile
     from her2score.slide import open_slide
 
-    cfg, pick, scale = _spread_tiles(path, n)
+    cfg, tiles, pick, scale = _spread_tiles(path, n)
     with open_slide(path) as s:
         stains = _slide_stains(s)
+        nucleus = _slide_nucleus_thresholds(s, tiles, stains, cfg)
         rgbs = [_read_tile(s, t, cfg.mpp) for t in pick]
     core_mp = sum(t.core[2] * t.core[3] for t in pick) * scale ** 2 / 1e6
     c = time.thread_time()
     peer_n = sum(peer_cells(rgb, mpp=cfg.mpp) for rgb in rgbs)
     peer_cpu = time.thread_time() - c
     c = time.thread_time()
-    ours_n = sum(len(score_tile(rgb, t, stains=stains, config=cfg, scale=scale, cnn=cnn,
+    ours_n = sum(len(score_tile(rgb, t, stains=stains, config=cfg, scale=scale, nucleus=nucleus, cnn=cnn,
                                 cnn_max_patches=cfg.cnn_patches_per_tile).cells) for rgb, t in zip(rgbs, pick))
     ours_cpu = time.thread_time() - c
     return {"tiles": len(pick), "core_mp": core_mp, "peer_mps": core_mp / peer_cpu, "peer_cells": peer_n,
@@ -768,17 +770,18 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
     """
     import cv2
 
-    from her2score.pipeline import _read_and_score
+    from her2score.pipeline import _read_and_score, _slide_nucleus_thresholds
     from her2score.slide import open_slide
 
-    cfg, pick, _ = _spread_tiles(path, n)
+    cfg, tiles, pick, _ = _spread_tiles(path, n)
     prof = cProfile.Profile()
     with open_slide(path) as s:
         stains = _slide_stains(s)
+        nucleus = _slide_nucleus_thresholds(s, tiles, stains, cfg)
         c = time.process_time()
         prof.enable()
         for t in pick:
-            _read_and_score(s, t, stains, cfg, cnn, cfg.cnn_patches_per_tile)
+            _read_and_score(s, t, stains, cfg, nucleus, cnn, cfg.cnn_patches_per_tile)
         prof.disable()
         cpu = (time.process_time() - c) / len(pick) * 1e3
     own = {"OpenCV": 0.0, "ONNX Runtime": 0.0, "JPEG decode": 0.0, "watershed": 0.0}

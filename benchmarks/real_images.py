@@ -3,8 +3,8 @@
     python benchmarks/real_images.py --out real_out
 
 Prints, per image: its kind (what its SOURCE.md says it shows), the score or the refusal with its
-reason, tumour cells, per-category percentages, the slide's DAB noise floor and the staining
-compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks.
+reason, tumour cells, per-category percentages, the slide's DAB noise floor, its counterstain level
+and the nucleus threshold that follows from it, and the staining compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks.
 Writes real_out/table.md and real_out/<image>.png overlays (field resolution).
 None of these images carries a HER2 label: the table is checked against what each image shows.
 """
@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    head = ["image", "kind", "score", "tumour/all cells"] + [SHORT.get(c, c) for c in CATEGORIES] + ["floor OD", "compartment", "refused: reason"]
+    head = ["image", "kind", "score", "tumour/all cells"] + [SHORT.get(c, c) for c in CATEGORIES] + ["floor OD", "counterstain OD", "nucleus OD",
+                                                                                  "compartment", "refused: reason"]
     rows = []
     for case in real_cases():
         if args.only not in case.name:
@@ -41,14 +42,13 @@ def main() -> None:
         try:
             a = analyse_slide(case.slide(), mpp=case.mpp)
         except SlideError as e:
-            rows.append([case.name, case.kind, "refused", ""] + [""] * len(CATEGORIES) + ["", "", str(e).split(": ", 1)[-1]])
+            rows.append([case.name, case.kind, "refused", ""] + [""] * len(CATEGORIES) + ["", "", "", "", str(e).split(": ", 1)[-1]])
             print(" | ".join(rows[-1]), flush=True)
             continue
         r = a.result
         pct = [f"{r.percentages.get(c, 0.0):.1f}" for c in CATEGORIES]
-        staining = getattr(r, "staining", {}) or {}
         rows.append([case.name, case.kind, f"{r.score} ({r.level})", f"{r.tumour_cells}/{len(a.cells['x'])}", *pct,
-                     f"{staining.get('dab_floor_od', '')}", f"{staining.get('compartment', '')}", ""])
+                     *(f"{r.staining[k]}" for k in ("dab_floor_od", "counterstain_od", "nucleus_threshold_od", "compartment")), ""])
         print(" | ".join(rows[-1]), flush=True)
         (out / f"{case.name}.png").write_bytes(overlay_png(a))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
-__all__ = ["segment_nuclei", "counterstain_od", "nucleus_thresholds", "membrane_basins", "grow_cells"]
+__all__ = ["segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds", "measure_nucleus_thresholds",
+           "membrane_basins", "grow_cells"]
 
 
 def disk(radius_px: float) -> np.ndarray:
@@ -42,12 +44,26 @@ def _nuclear_mask(smooth: np.ndarray, *, mpp: float, threshold_od: float, contra
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
 
 
-def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float = 0.05,
-                    contrast_od: float = 0.025) -> float | None:
+COUNTERSTAIN_RATIO = 0.85
+"""Default: a nucleus threshold is never above this share of the counterstain's level (nucleus_thresholds)."""
+
+
+@dataclass(frozen=True)
+class NucleusThresholds:
+    """segment_nuclei's ``threshold_od`` and ``contrast_od`` (log10 OD) for a counterstain whose level
+    is ``counterstain`` (counterstain_od; None: not measured, or no nuclei found)."""
+
+    counterstain: float | None
+    threshold_od: float
+    contrast_od: float
+
+
+def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float,
+                    contrast_od: float) -> float | None:
     """The counterstain's level (log10 OD): the median haematoxylin OD, smoothed as segment_nuclei
-    smooths it, over the pixels segment_nuclei takes for nuclei at the permissive ``threshold_od``
-    and ``contrast_od`` (the least nucleus_thresholds gives) in one or more tiles at ``mpp`` µm/px:
-    pale nuclei as well as dark ones, so it falls with the counterstain. None where there are none."""
+    smooths it, over the pixels segment_nuclei takes for nuclei at ``threshold_od`` and ``contrast_od``
+    (pass the least nucleus_thresholds gives) in one or more tiles at ``mpp`` µm/px: pale nuclei as
+    well as dark ones, so it falls with the counterstain. None where there are none."""
     values = []
     for h in hematoxylin_ods:
         smooth = _smoothed(h, mpp)
@@ -57,15 +73,25 @@ def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, thresh
 
 
 def nucleus_thresholds(counterstain: float | None, *, threshold_od: float = 0.10, contrast_od: float = 0.05,
-                       ratio: float = 0.85, min_scale: float = 0.5) -> tuple[float, float]:
-    """segment_nuclei's (threshold_od, contrast_od) for a counterstain whose level is ``counterstain``
-    (counterstain_od): both scaled down where ``ratio`` x the level is under ``threshold_od`` (a pale
-    counterstain, whose nuclei a fixed threshold would lose), to no less than ``min_scale`` of
-    themselves; as given for a level of at least threshold_od / ratio, for None and for ``ratio`` 0."""
-    if counterstain is None or ratio <= 0:
-        return threshold_od, contrast_od
-    scale = float(np.clip(ratio * counterstain / threshold_od, min_scale, 1.0))
-    return threshold_od * scale, contrast_od * scale
+                       ratio: float = COUNTERSTAIN_RATIO, min_scale: float = 0.5) -> NucleusThresholds:
+    """segment_nuclei's thresholds for a counterstain whose level is ``counterstain`` (counterstain_od):
+    ``threshold_od`` and ``contrast_od`` both scaled down where ``ratio`` x the level is under
+    threshold_od (a pale counterstain, whose nuclei a fixed threshold would lose), to no less than
+    ``min_scale`` of themselves (a level of 0 gives that least); as given for a level of at least
+    threshold_od / ratio, for None and for ``ratio`` 0."""
+    scale = 1.0 if counterstain is None or ratio <= 0 else float(np.clip(ratio * counterstain / threshold_od, min_scale, 1.0))
+    return NucleusThresholds(counterstain, threshold_od * scale, contrast_od * scale)
+
+
+def measure_nucleus_thresholds(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float = 0.10,
+                               contrast_od: float = 0.05, ratio: float = COUNTERSTAIN_RATIO) -> NucleusThresholds:
+    """nucleus_thresholds for the counterstain of these tiles (counterstain_od at the least thresholds;
+    with ``ratio`` 0 nothing is measured and the thresholds are as given)."""
+    if ratio <= 0:
+        return NucleusThresholds(None, threshold_od, contrast_od)
+    least = nucleus_thresholds(0.0, threshold_od=threshold_od, contrast_od=contrast_od, ratio=ratio)
+    level = counterstain_od(hematoxylin_ods, mpp=mpp, threshold_od=least.threshold_od, contrast_od=least.contrast_od)
+    return nucleus_thresholds(level, threshold_od=threshold_od, contrast_od=contrast_od, ratio=ratio)
 
 
 def segment_nuclei(

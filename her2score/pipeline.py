@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
-from .cells import counterstain_od, grow_cells, membrane_basins, nucleus_thresholds, segment_nuclei
+from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nucleus_thresholds, membrane_basins, segment_nuclei
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
@@ -87,7 +87,7 @@ class ScoringConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     estimate_stains: bool = False
     nucleus_threshold_od: float = 0.10
-    counterstain_ratio: float = 0.85
+    counterstain_ratio: float = COUNTERSTAIN_RATIO
     max_cell_radius_um: float = 9.0
     basin_contrast_od: float = 0.10
     tumour: TumourRule = field(default_factory=TumourRule)
@@ -122,7 +122,6 @@ class TileResult:
     cells: CellMeasurements
     tissue_px: int
     focus: float
-    nucleus_od: float
     contrast_hist: np.ndarray
     """Membrane contrast inside the tile's cells, away from membranes (membrane.CONTRAST_BINS): the noise-floor evidence."""
     cnn_probs: np.ndarray | None = None
@@ -137,28 +136,24 @@ class TileResult:
     label): where the cells named in ``cells.sector_neighbour`` lie."""
     outline_frame: tuple[float, float, float] = (0, 0, 1.0)
     """(rx, ry, scale): the tile's read box origin (tile px) and level-0 px per tile px (her2score.outlines.Outlines)."""
-    counterstain: float | None = None
-    """The counterstain level (log10 OD, cells.counterstain_od) that set the tile's nucleus thresholds."""
+    nucleus: NucleusThresholds | None = None
+    """The nucleus thresholds the tile was segmented with, and the counterstain level that set them."""
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
-               counterstain: float | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
+               nucleus: NucleusThresholds | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
 
-    ``scale``: level-0 px per tile px, to place cells in the slide; ``counterstain``: the slide's
-    nuclear haematoxylin level (cells.counterstain_od; None: this tile's own), which sets the nucleus
-    thresholds (cells.nucleus_thresholds); ``cnn``: an optional
+    ``scale``: level-0 px per tile px, to place cells in the slide; ``nucleus``: the slide's nucleus
+    thresholds (cells.measure_nucleus_thresholds; None: from this tile's own counterstain); ``cnn``: an optional
     TileClassifier that also gives the tile's class probabilities (over its core only, from at most
     ``cnn_max_patches`` patches).
     """
     mpp = config.mpp
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
-    if counterstain is None:
-        counterstain = counterstain_od([h_od], mpp=mpp)
-    threshold_od, contrast_od = nucleus_thresholds(counterstain, threshold_od=config.nucleus_threshold_od,
-                                                   ratio=config.counterstain_ratio)
-    nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od)
+    nucleus = nucleus or _nucleus_thresholds([h_od], config)
+    nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od)
     dab_smooth, contrast = membrane_contrast(dab_od, nuclei, mpp=mpp)
     basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
     cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um)
@@ -177,13 +172,12 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     tissue = total_od > 0.1
     lap = cv2.Laplacian(cv2.GaussianBlur(total_od, (0, 0), 0.5), cv2.CV_32F)
     focus = float(lap[tissue].var()) if tissue.sum() > 100 else float("nan")
-    nucleus_od = float(np.median(h_od[nuclei > 0])) if (nuclei > 0).any() else float("nan")
     probs, n_patches = None, 0
     if cnn is not None:
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
-    return TileResult(m, int(tissue.sum()), focus, nucleus_od, contrast_hist, probs, n_patches, outline_points, outline_sizes,
-                      label_xy, (rx, ry, scale), counterstain)
+    return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
+                      label_xy, (rx, ry, scale), nucleus)
 
 
 @dataclass(frozen=True)
@@ -215,9 +209,9 @@ def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None
         use_one_thread()
 
 
-def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, counterstain: float | None,
+def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,
               cnn_max_patches: int | None) -> TileResult:
-    return _read_and_score(_worker["slide"], tile, stains, config, counterstain, _worker["cnn"], cnn_max_patches)
+    return _read_and_score(_worker["slide"], tile, stains, config, nucleus, _worker["cnn"], cnn_max_patches)
 
 
 def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
@@ -227,10 +221,26 @@ def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
     return slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=mpp)
 
 
-def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, counterstain: float | None,
+def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,
                     cnn, cnn_max_patches) -> TileResult:
     return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config, scale=config.mpp / slide.mpp,
-                      counterstain=counterstain, cnn=cnn, cnn_max_patches=cnn_max_patches)
+                      nucleus=nucleus, cnn=cnn, cnn_max_patches=cnn_max_patches)
+
+
+def _sample(tiles: list[Tile], n: int = 8) -> list[Tile]:
+    """Up to ``n`` of ``tiles`` evenly spaced through the grid's order (rows and columns alike)."""
+    return [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int))]
+
+
+def _nucleus_thresholds(hematoxylin_ods, config: ScoringConfig) -> NucleusThresholds:
+    """The nucleus thresholds for the counterstain of these tiles' haematoxylin OD (cells.measure_nucleus_thresholds)."""
+    return measure_nucleus_thresholds(hematoxylin_ods, mpp=config.mpp, threshold_od=config.nucleus_threshold_od,
+                                      ratio=config.counterstain_ratio)
+
+
+def _slide_nucleus_thresholds(slide: Slide, tiles: list[Tile], stains: StainSet, config: ScoringConfig) -> NucleusThresholds:
+    """A slide's nucleus thresholds, from the counterstain of a spread sample of its tiles."""
+    return _nucleus_thresholds((deconvolve(_read_tile(slide, t, config.mpp), stains)[..., 0] for t in _sample(tiles)), config)
 
 
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
@@ -307,16 +317,13 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
         tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
-        several = len(tiles) > 1
-        sample = [_read_tile(slide, t, config.mpp) for t in tiles[:: max(1, len(tiles) // 8)][:8]
-                  if several or config.estimate_stains]
         if config.estimate_stains:
-            stains, stain_note = estimate_stains(np.concatenate([s.reshape(-1, 3) for s in sample]), background=background)
+            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in _sample(tiles)])
+            stains, stain_note = estimate_stains(pix, background=background)
             if retry_of is not None and stains.source != "estimated":
                 raise retry_of
-        # the slide's counterstain from the sample; a single tile measures its own, from the same pixels (score_tile)
-        counterstain = counterstain_od((deconvolve(s, stains)[..., 0] for s in sample), mpp=config.mpp) if several else None
-        del sample
+        # one set for the whole slide; a single tile measures its own from the same pixels (score_tile)
+        nucleus = _slide_nucleus_thresholds(slide, tiles, stains, config) if len(tiles) > 1 else None
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp = str(slide.path), slide.mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
@@ -326,14 +333,14 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
         pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) if parallel else None
         try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
-            pending = pool.map(partial(_run_tile, stains=stains, config=config, counterstain=counterstain,
+            pending = pool.map(partial(_run_tile, stains=stains, config=config, nucleus=nucleus,
                                        cnn_max_patches=cnn_max), tiles) if pool else None
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
             eosin = check.eosin_fraction
             # one tile a task: no core idles while another ends a long chunk
-            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, counterstain, cnn, cnn_max)
+            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max)
                                                 for t in tiles]
         finally:
             if pool:
@@ -364,12 +371,9 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
     staining = _staining(slide_path, config, compartment, floor, threshold)
-    counterstain = parts[0].counterstain  # the slide's, or a single tile's own
-    nucleus_od = nucleus_thresholds(counterstain, threshold_od=config.nucleus_threshold_od, ratio=config.counterstain_ratio)[0]
-    staining.update(counterstain_od=None if counterstain is None else round(counterstain, 4), nucleus_threshold_od=round(nucleus_od, 4))
-    if nucleus_od < config.nucleus_threshold_od:
-        notes = (*notes, f"pale counterstain (nuclear haematoxylin OD {counterstain:.3f}): nuclei found from "
-                         f"{nucleus_od:.3f} OD instead of {config.nucleus_threshold_od:g}")
+    nucleus = parts[0].nucleus  # the slide's, or a single tile's own
+    staining.update(counterstain_od=None if nucleus.counterstain is None else round(nucleus.counterstain, 4),
+                    nucleus_threshold_od=round(nucleus.threshold_od, 4))
     if region is not None:
         tumour, region_source = region.contains(cells.x, cells.y), region.source
     else:
@@ -528,9 +532,11 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stai
         rgb = ", ".join(f"{v:.0f}" for v in stains.background)
         qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
                             "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
-    nuc = np.array([p.nucleus_od for p in parts], np.float64)
-    if np.isfinite(nuc).any() and np.nanmedian(nuc) < 0.25:
-        qc.append(QCFinding("weak_counterstain", "warn", f"nuclear haematoxylin OD median {np.nanmedian(nuc):.2f} is weak", round(float(np.nanmedian(nuc)), 4)))
+    level, threshold = parts[0].nucleus.counterstain, parts[0].nucleus.threshold_od
+    if level is not None and level * COUNTERSTAIN_RATIO < config.nucleus_threshold_od:  # where the default thresholds fall
+        qc.append(QCFinding("weak_counterstain", "warn", f"weak counterstain: nuclear haematoxylin OD {level:.3f}; nuclei "
+                            f"found from {threshold:.3f} OD (default {config.nucleus_threshold_od:g}): check the overlay "
+                            "for pale nuclei missed", round(level, 4)))
     excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
     if excluded > 0.005:
         qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))

@@ -175,15 +175,15 @@ def deepliif_tumour_selection(mpp: float = 0.3, match_um: float = 4.0) -> dict[s
 def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, int, int]:
     """(matched, detected, annotated) nuclei over the DeepLIIF Ki67 fields, one-to-one within ``match_um``;
     nuclei found as score_tile finds them (thresholds set by each field's counterstain)."""
-    from her2score.cells import counterstain_od, nucleus_thresholds, segment_nuclei
+    from her2score.cells import measure_nucleus_thresholds, segment_nuclei
     from her2score.stain import H_DAB, deconvolve, estimate_background
 
     tp = det_n = gt_n = 0
     for _, rgb, gt in _deepliif_fields():
         hed = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))
         h, d = hed[..., 0], hed[..., 1]
-        threshold_od, contrast_od = nucleus_thresholds(counterstain_od([h], mpp=mpp))
-        det = _centroids(segment_nuclei(h, d, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od))
+        nucleus = measure_nucleus_thresholds([h], mpp=mpp)
+        det = _centroids(segment_nuclei(h, d, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od))
         tp += int(_one_to_one(det, gt, match_um / mpp).sum())
         det_n, gt_n = det_n + len(det), gt_n + len(gt)
     return tp, det_n, gt_n

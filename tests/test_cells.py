@@ -3,7 +3,8 @@ import numpy as np
 
 import pytest
 
-from her2score.cells import counterstain_od, grow_cells, membrane_basins, nucleus_thresholds, segment_nuclei
+from her2score.cells import (NucleusThresholds, counterstain_od, grow_cells, measure_nucleus_thresholds, membrane_basins,
+                             nucleus_thresholds, segment_nuclei)
 
 
 def disks(centres, radius_px, shape=(128, 128), od=0.5):
@@ -49,26 +50,41 @@ def test_segment_nuclei_finds_brown_nuclei_by_their_dab():
 
 
 def test_nucleus_thresholds_fall_only_with_a_counterstain_paler_than_their_own_level():
-    assert nucleus_thresholds(None) == nucleus_thresholds(0.5) == nucleus_thresholds(0.10 / 0.85) == (0.10, 0.05)
-    assert nucleus_thresholds(0.08) == pytest.approx((0.068, 0.034))  # 0.85 x 0.08
-    assert nucleus_thresholds(0.01) == pytest.approx((0.05, 0.025))  # never under half
-    assert nucleus_thresholds(0.08, ratio=0) == (0.10, 0.05)
+    def pair(level, **kw):
+        t = nucleus_thresholds(level, **kw)
+        return t.threshold_od, t.contrast_od
+
+    assert pair(None) == pair(0.5) == pair(0.10 / 0.85) == pair(0.08, ratio=0) == (0.10, 0.05)
+    assert pair(0.08) == pytest.approx((0.068, 0.034))  # 0.85 x 0.08
+    assert pair(0.01) == pair(0.0) == pytest.approx((0.05, 0.025))  # never under half
+    assert nucleus_thresholds(0.08).counterstain == 0.08
+
+
+def _pale_nuclei(od: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    rng = np.random.default_rng(0)
+    centres = [(x, y) for x in range(16, 128, 24) for y in range(16, 128, 24)]
+    return disks(centres, 6, od=od) + rng.normal(0, 0.005, (128, 128)).astype(np.float32), centres
 
 
 def test_the_counterstain_level_is_that_of_pale_and_dark_nuclei_alike():
-    """The median over nuclei found at the permissive thresholds: a field of pale nuclei has their level,
-    where a fixed 0.10 OD threshold finds none of them; glass gives no level."""
-    rng = np.random.default_rng(0)
-    centres = [(x, y) for x in range(16, 128, 24) for y in range(16, 128, 24)]
-    h = disks(centres, 6, od=0.08) + rng.normal(0, 0.005, (128, 128)).astype(np.float32)
-    assert counterstain_od([h], mpp=0.5) == pytest.approx(0.08, abs=0.01)
-    assert counterstain_od([h, 2 * h], mpp=0.5) == pytest.approx(0.12, abs=0.045)  # pooled over tiles
-    assert segment_nuclei(h, mpp=0.5).max() == 0
-    threshold_od, contrast_od = nucleus_thresholds(counterstain_od([h], mpp=0.5))
-    found = segment_nuclei(h, mpp=0.5, threshold_od=threshold_od, contrast_od=contrast_od)
+    """The median over nuclei found at the least thresholds: a field of pale nuclei has their level,
+    where a fixed 0.10 OD threshold finds none of them."""
+    pale, centres = _pale_nuclei(0.08)
+    dark, _ = _pale_nuclei(0.16)
+    def level(tiles):
+        return counterstain_od(tiles, mpp=0.5, threshold_od=0.05, contrast_od=0.025)
+
+    assert level([pale]) == pytest.approx(0.08, abs=0.005)
+    assert level([pale]) < level([pale, dark, pale]) < level([dark, pale, dark]) < level([dark])  # pooled: every tile weighs in
+    assert segment_nuclei(pale, mpp=0.5).max() == 0
+    nucleus = measure_nucleus_thresholds([pale], mpp=0.5)
+    assert nucleus.counterstain == pytest.approx(0.08, abs=0.005) and nucleus.threshold_od < 0.07
+    found = segment_nuclei(pale, mpp=0.5, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od)
     at_centres = found[tuple(np.array(centres)[:, ::-1].T)]
     assert (at_centres > 0).all() and len(np.unique(at_centres)) == len(centres)
-    assert counterstain_od([np.zeros((128, 128), np.float32)], mpp=0.5) is None
+    glass = measure_nucleus_thresholds([np.zeros((128, 128), np.float32)], mpp=0.5)
+    assert glass.counterstain is None and glass.threshold_od == 0.10
+    assert measure_nucleus_thresholds([pale], mpp=0.5, ratio=0) == NucleusThresholds(None, 0.10, 0.05)  # nothing measured
 
 
 def test_grow_cells_bounded_and_split_on_membrane():

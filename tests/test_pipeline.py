@@ -191,3 +191,25 @@ def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
     assert len(cross) > 30
     assert np.mean([(b, a) in pairs for a, b in pairs]) > 0.95
     assert np.mean([(b, a) in pairs for a, b in cross]) > 0.85
+
+
+def test_a_slide_is_segmented_with_one_set_of_nucleus_thresholds_from_tiles_spread_over_it(monkeypatch):
+    """Twelve tiles of the real colon, the last row under half its haematoxylin: the sample spreads
+    through the grid, so the slide's level lies between the two counterstains', and every tile is
+    segmented with the one set of thresholds the result reports."""
+    from skimage.data import immunohistochemistry
+
+    import her2score.pipeline as pipeline
+    from her2score.stain import scale_stains
+    from her2score.tissue import tile_grid, tissue_mask
+
+    colon = immunohistochemistry()
+    rgb = np.concatenate([np.tile(colon, (3, 3, 1)), np.tile(scale_stains(colon, hematoxylin=0.5), (1, 3, 1))])
+    tiles = tile_grid(tissue_mask(rgb[::4, ::4], mpp=2.0), slide_size_px=(rgb.shape[1], rgb.shape[0]))
+    assert len(tiles) == 12 and {t.row for t in pipeline._sample(tiles)} == {0, 1, 2, 3}
+    used = []
+    segment = pipeline.segment_nuclei
+    monkeypatch.setattr(pipeline, "segment_nuclei", lambda *a, **k: used.append(k["threshold_od"]) or segment(*a, **k))
+    r = analyse_slide(ArraySlide(rgb, mpp=0.5)).result
+    assert 0.076 < r.staining["counterstain_od"] < 0.119  # the pale colon's level and the colon's own
+    assert len(used) == 12 and len(set(used)) == 1 and used[0] == pytest.approx(r.staining["nucleus_threshold_od"], abs=1e-4)

@@ -134,7 +134,7 @@ def test_a_paler_counterstain_keeps_the_colons_cells_and_its_shares(name, colon)
     r = analyse(CASES[name]).result
     fixed = analyse_slide(CASES[name].slide(), mpp=CASES[name].mpp, config=ScoringConfig(counterstain_ratio=0)).result
     assert r.score == "3+" and r.staining["nucleus_threshold_od"] < fixed.staining["nucleus_threshold_od"] == 0.10
-    assert any(n.startswith("pale counterstain") for n in r.notes) and not any("pale" in n for n in base.notes)
+    assert "weak_counterstain" in {q.code for q in r.qc} and "weak_counterstain" not in {q.code for q in base.qc}
     assert r.tumour_cells >= 0.55 * base.tumour_cells > fixed.tumour_cells, (r.tumour_cells, fixed.tumour_cells)
     assert abs(_intense(r) - _intense(base)) <= 5 < _intense(fixed) - _intense(base), (_intense(r), _intense(fixed))
 
@@ -210,25 +210,37 @@ def test_the_generators_dab_noise_is_that_of_real_fields():
     assert min(real) - 0.0025 <= min(synthetic) and max(synthetic) <= max(real) + 0.0025, (real, synthetic)  # within a bin
 
 
+def _border_textures() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Border statistics (_border_texture): per real Ki67 field with a µm/px, then per REAL_BORDERS and
+    per default null field (seeds 8100, 8101)."""
+    real = np.array([_border_texture(CASES[n].load(), CASES[n].mpp) for n in names("nuclear") if CASES[n].mpp is not None])
+    drawn = np.array([_border_texture(*_null_field(seed, REAL_BORDERS)) for seed in (8100, 8101)])
+    clean = np.array([_border_texture(*_null_field(seed, Confounders())) for seed in (8100, 8101)])
+    return real, drawn, clean
+
+
 @needs_real
 def test_real_borders_in_the_generator_read_like_real_unstained_borders():
     """Real unstained cell borders (the Ki67 fields with a µm/px) carry DAB texture that the default
     generator's borders lack; synthetic.REAL_BORDERS draws it. Its upper tail, which the membrane floor
     (>= 0.02 OD) meets, lies within the real fields' range: measured real q90 0.019-0.025 and 7-18% of
-    sectors >= 0.02 OD; REAL_BORDERS 0.022-0.023 and 15-17%; default 0.014 and 1-2%. Its median sector,
-    half the floor, sits at 0.011-0.012 against the real 0.0073-0.0109 (default 0.008): the drawn
-    texture lifts every border a little, where real texture is sparser (since the nucleus thresholds
-    follow the counterstain, the pale field 799_2 counts 90 cells, not 31, and its borders read
-    q50 0.0098, not 0.0133)."""
-    real = np.array([_border_texture(CASES[n].load(), CASES[n].mpp) for n in names("nuclear") if CASES[n].mpp is not None])
+    sectors >= 0.02 OD; REAL_BORDERS 0.022-0.023 and 15-17%; default 0.014 and 1-2%."""
+    real, drawn, clean = _border_textures()
     assert len(real) >= 3
     low, high = real.min(0), real.max(0)
-    for seed in (8100, 8101):
-        drawn = _border_texture(*_null_field(seed, REAL_BORDERS))
-        assert np.all((low[1:] <= drawn[1:]) & (drawn[1:] <= high[1:])), (drawn, low, high)
-        assert drawn[0] < 0.02  # the median sector stays under the floor
-        clean = _border_texture(*_null_field(seed, Confounders()))
-        assert clean[1] < low[1] and clean[2] < low[2], (clean, low)  # the default's borders are cleaner than any real field's
+    assert np.all((low[1:] <= drawn[:, 1:]) & (drawn[:, 1:] <= high[1:])), (drawn, low, high)
+    assert np.all(clean[:, 1:] < low[1:]), (clean, low)  # the default's borders are cleaner than any real field's
+
+
+@needs_real
+@pytest.mark.xfail(strict=True, reason="measured: REAL_BORDERS' median sector 0.011-0.012 OD, the real fields' 0.0073-0.0109")
+def test_real_borders_median_sector_lies_in_the_real_range():
+    """The drawn texture lifts every border a little, where real texture is sparser: REAL_BORDERS' median
+    sector lies above the real range (default 0.008). Since the nucleus thresholds follow the
+    counterstain, the pale field 799_2 counts 90 cells, not 31, and its borders read q50 0.0098, not
+    0.0133, the top of the range before."""
+    real, drawn, _ = _border_textures()
+    assert np.all((real[:, 0].min() <= drawn[:, 0]) & (drawn[:, 0] <= real[:, 0].max())), (drawn[:, 0], real[:, 0])
 
 
 def _null_field(seed: int, confounders) -> tuple[np.ndarray, float]:
