@@ -575,13 +575,13 @@ def _slide_stains(slide):
 def peer_rates(path: Path, *, n: int, cnn) -> dict:
     """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
     ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import _read_tile, _slide_nucleus_thresholds, score_tile
+    from her2score.pipeline import _read_tile, _sample, _slide_nucleus_thresholds, score_tile
     from her2score.slide import open_slide
 
     cfg, tiles, pick, scale = _spread_tiles(path, n)
     with open_slide(path) as s:
         stains = _slide_stains(s)
-        nucleus = _slide_nucleus_thresholds(s, tiles, stains, cfg)
+        nucleus = _slide_nucleus_thresholds([_read_tile(s, t, cfg.mpp) for t in _sample(tiles)], stains, cfg)
         rgbs = [_read_tile(s, t, cfg.mpp) for t in pick]
     core_mp = sum(t.core[2] * t.core[3] for t in pick) * scale ** 2 / 1e6
     c = time.thread_time()
@@ -770,14 +770,14 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
     """
     import cv2
 
-    from her2score.pipeline import _read_and_score, _slide_nucleus_thresholds
+    from her2score.pipeline import _read_and_score, _read_tile, _sample, _slide_nucleus_thresholds
     from her2score.slide import open_slide
 
     cfg, tiles, pick, _ = _spread_tiles(path, n)
     prof = cProfile.Profile()
     with open_slide(path) as s:
         stains = _slide_stains(s)
-        nucleus = _slide_nucleus_thresholds(s, tiles, stains, cfg)
+        nucleus = _slide_nucleus_thresholds([_read_tile(s, t, cfg.mpp) for t in _sample(tiles)], stains, cfg)
         c = time.process_time()
         prof.enable()
         for t in pick:

@@ -61,9 +61,10 @@ class NucleusThresholds:
 def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float,
                     contrast_od: float) -> float | None:
     """The counterstain's level (log10 OD): the median haematoxylin OD, smoothed as segment_nuclei
-    smooths it, over the pixels segment_nuclei takes for nuclei at ``threshold_od`` and ``contrast_od``
-    (pass the least nucleus_thresholds gives) in one or more tiles at ``mpp`` µm/px: pale nuclei as
-    well as dark ones, so it falls with the counterstain. None where there are none."""
+    smooths it, over segment_nuclei's haematoxylin mask (before compact DAB blobs are added) at
+    ``threshold_od`` and ``contrast_od`` (half the usual: measure_nucleus_thresholds) in one or more
+    tiles at ``mpp`` µm/px: pale nuclei as well as dark ones, so it falls with the counterstain. None
+    where the mask is empty."""
     values = []
     for h in hematoxylin_ods:
         smooth = _smoothed(h, mpp)
@@ -77,21 +78,23 @@ def nucleus_thresholds(counterstain: float | None, *, threshold_od: float = 0.10
     """segment_nuclei's thresholds for a counterstain whose level is ``counterstain`` (counterstain_od):
     ``threshold_od`` and ``contrast_od`` both scaled down where ``ratio`` x the level is under
     threshold_od (a pale counterstain, whose nuclei a fixed threshold would lose), to no less than
-    ``min_scale`` of themselves (a level of 0 gives that least); as given for a level of at least
-    threshold_od / ratio, for None and for ``ratio`` 0."""
-    scale = 1.0 if counterstain is None or ratio <= 0 else float(np.clip(ratio * counterstain / threshold_od, min_scale, 1.0))
+    ``min_scale`` of themselves; as given for a level of at least threshold_od / ratio, for None and
+    for ``ratio`` 0."""
+    scale = 1.0
+    if counterstain is not None and ratio > 0 and threshold_od > 0:
+        scale = float(np.clip(ratio * counterstain / threshold_od, min_scale, 1.0))
     return NucleusThresholds(counterstain, threshold_od * scale, contrast_od * scale)
 
 
 def measure_nucleus_thresholds(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, threshold_od: float = 0.10,
-                               contrast_od: float = 0.05, ratio: float = COUNTERSTAIN_RATIO) -> NucleusThresholds:
-    """nucleus_thresholds for the counterstain of these tiles (counterstain_od at the least thresholds;
-    with ``ratio`` 0 nothing is measured and the thresholds are as given)."""
-    if ratio <= 0:
-        return NucleusThresholds(None, threshold_od, contrast_od)
-    least = nucleus_thresholds(0.0, threshold_od=threshold_od, contrast_od=contrast_od, ratio=ratio)
-    level = counterstain_od(hematoxylin_ods, mpp=mpp, threshold_od=least.threshold_od, contrast_od=least.contrast_od)
-    return nucleus_thresholds(level, threshold_od=threshold_od, contrast_od=contrast_od, ratio=ratio)
+                               contrast_od: float = 0.05, ratio: float = COUNTERSTAIN_RATIO,
+                               min_scale: float = 0.5) -> NucleusThresholds:
+    """nucleus_thresholds for the counterstain of these tiles, measured (counterstain_od) at
+    ``min_scale`` of the thresholds, the least they can fall to. With ``ratio`` 0 the level is
+    measured and the thresholds stay as given."""
+    level = counterstain_od(hematoxylin_ods, mpp=mpp, threshold_od=min_scale * threshold_od,
+                            contrast_od=min_scale * contrast_od)
+    return nucleus_thresholds(level, threshold_od=threshold_od, contrast_od=contrast_od, ratio=ratio, min_scale=min_scale)
 
 
 def segment_nuclei(

@@ -68,8 +68,8 @@ class ScoringConfig:
     thresholds: per-cell Thresholds (log10 DAB OD, fractions); estimate_stains: deconvolve with the
     slide's own vectors where Ruifrok-Johnston's would leak (stain.estimate_stains, from up to 8 tiles),
     else only on a slide those read as nuclear DAB (analyse_slide); nucleus_threshold_od: least smoothed
-    haematoxylin OD of a nucleus, lowered on a pale counterstain to counterstain_ratio x its nuclear
-    level (cells.nucleus_thresholds; 0: never lowered); max_cell_radius_um: reach of a cell from its seed (µm);
+    haematoxylin OD of a nucleus; on a pale counterstain it and the nucleus contrast are lowered to
+    counterstain_ratio x its level, to no less than half (cells.nucleus_thresholds; 0: never lowered); max_cell_radius_um: reach of a cell from its seed (µm);
     basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
     with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
@@ -238,9 +238,9 @@ def _nucleus_thresholds(hematoxylin_ods, config: ScoringConfig) -> NucleusThresh
                                       ratio=config.counterstain_ratio)
 
 
-def _slide_nucleus_thresholds(slide: Slide, tiles: list[Tile], stains: StainSet, config: ScoringConfig) -> NucleusThresholds:
-    """A slide's nucleus thresholds, from the counterstain of a spread sample of its tiles."""
-    return _nucleus_thresholds((deconvolve(_read_tile(slide, t, config.mpp), stains)[..., 0] for t in _sample(tiles)), config)
+def _slide_nucleus_thresholds(sample: list[np.ndarray], stains: StainSet, config: ScoringConfig) -> NucleusThresholds:
+    """A slide's nucleus thresholds, from the counterstain of a sample of its tiles (RGB, _sample)."""
+    return _nucleus_thresholds((deconvolve(rgb, stains)[..., 0] for rgb in sample), config)
 
 
 def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
@@ -317,13 +317,15 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         width_t = round(slide.dimensions[0] * slide.mpp / config.mpp)
         height_t = round(slide.dimensions[1] * slide.mpp / config.mpp)
         tiles = tile_grid(tissue, slide_size_px=(width_t, height_t), tile_px=config.tile_px, margin_px=config.margin_px)
+        several = len(tiles) > 1
+        sample = [_read_tile(slide, t, config.mpp) for t in _sample(tiles)] if several or config.estimate_stains else []
         if config.estimate_stains:
-            pix = np.concatenate([_read_tile(slide, t, config.mpp).reshape(-1, 3) for t in _sample(tiles)])
-            stains, stain_note = estimate_stains(pix, background=background)
+            stains, stain_note = estimate_stains(np.concatenate([s.reshape(-1, 3) for s in sample]), background=background)
             if retry_of is not None and stains.source != "estimated":
                 raise retry_of
         # one set for the whole slide; a single tile measures its own from the same pixels (score_tile)
-        nucleus = _slide_nucleus_thresholds(slide, tiles, stains, config) if len(tiles) > 1 else None
+        nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
+        del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp = str(slide.path), slide.mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
@@ -533,9 +535,12 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stai
         qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
                             "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
     level, threshold = parts[0].nucleus.counterstain, parts[0].nucleus.threshold_od
-    if level is not None and level * COUNTERSTAIN_RATIO < config.nucleus_threshold_od:  # where the default thresholds fall
+    if level is None:
+        qc.append(QCFinding("weak_counterstain", "warn", "weak counterstain: no nuclei found in the sampled tissue even "
+                            "at half the nucleus thresholds: check the counterstain", 0.0))
+    elif level * COUNTERSTAIN_RATIO < config.nucleus_threshold_od:  # a slide the default settings find pale
         qc.append(QCFinding("weak_counterstain", "warn", f"weak counterstain: nuclear haematoxylin OD {level:.3f}; nuclei "
-                            f"found from {threshold:.3f} OD (default {config.nucleus_threshold_od:g}): check the overlay "
+                            f"found from {threshold:.3f} OD (fixed: {config.nucleus_threshold_od:g}): check the overlay "
                             "for pale nuclei missed", round(level, 4)))
     excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
     if excluded > 0.005:

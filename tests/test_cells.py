@@ -84,7 +84,9 @@ def test_the_counterstain_level_is_that_of_pale_and_dark_nuclei_alike():
     assert (at_centres > 0).all() and len(np.unique(at_centres)) == len(centres)
     glass = measure_nucleus_thresholds([np.zeros((128, 128), np.float32)], mpp=0.5)
     assert glass.counterstain is None and glass.threshold_od == 0.10
-    assert measure_nucleus_thresholds([pale], mpp=0.5, ratio=0) == NucleusThresholds(None, 0.10, 0.05)  # nothing measured
+    fixed = measure_nucleus_thresholds([pale], mpp=0.5, ratio=0)  # measured, not applied
+    assert fixed == NucleusThresholds(nucleus.counterstain, 0.10, 0.05)
+    assert nucleus_thresholds(0.05, threshold_od=0.0) == NucleusThresholds(0.05, 0.0, 0.05)  # no division by a 0 threshold
 
 
 def test_grow_cells_bounded_and_split_on_membrane():

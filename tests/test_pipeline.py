@@ -172,15 +172,17 @@ def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
     """A field scored as two tiles: each cell's sectors name the cells across its border by their rows
     in the slide's table, across the seam too, and the relation is mutual (A faces B, B faces A)."""
     from her2score.membrane import CellMeasurements
-    from her2score.pipeline import _neighbour_rows, _read_tile, score_tile
+    from her2score.pipeline import _neighbour_rows, _read_tile, _slide_nucleus_thresholds, score_tile
     from her2score.stain import H_DAB, estimate_background
     from her2score.tissue import Tile
 
     f = generate_field("3+", seed=9500, size_px=(1024, 512))
     slide = ArraySlide(f.image, mpp=f.mpp)
-    stains = H_DAB.with_background(estimate_background(f.image))
+    stains, config = H_DAB.with_background(estimate_background(f.image)), ScoringConfig()
     tiles = [Tile(0, 0, (0, 0, 512, 512), 32), Tile(0, 1, (512, 0, 512, 512), 32)]
-    parts = [score_tile(_read_tile(slide, t, f.mpp), t, stains=stains, config=ScoringConfig(), scale=1.0) for t in tiles]
+    rgbs = [_read_tile(slide, t, f.mpp) for t in tiles]
+    nucleus = _slide_nucleus_thresholds(rgbs, stains, config)  # one set for the slide, as analyse_slide does
+    parts = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
     cells = CellMeasurements.concat([p.cells for p in parts])
     rows = np.concatenate(list(_neighbour_rows(parts, cells, tolerance_px=6.0)))
     tile_of = np.repeat([0, 1], [len(p.cells) for p in parts])
@@ -195,21 +197,25 @@ def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
 
 def test_a_slide_is_segmented_with_one_set_of_nucleus_thresholds_from_tiles_spread_over_it(monkeypatch):
     """Twelve tiles of the real colon, the last row under half its haematoxylin: the sample spreads
-    through the grid, so the slide's level lies between the two counterstains', and every tile is
-    segmented with the one set of thresholds the result reports."""
+    through the grid, so the slide's level is that of all its tiles, and every tile is segmented with
+    the one set of thresholds the result reports."""
     from skimage.data import immunohistochemistry
 
     import her2score.pipeline as pipeline
-    from her2score.stain import scale_stains
+    from her2score.stain import H_DAB, estimate_background, scale_stains
     from her2score.tissue import tile_grid, tissue_mask
 
     colon = immunohistochemistry()
     rgb = np.concatenate([np.tile(colon, (3, 3, 1)), np.tile(scale_stains(colon, hematoxylin=0.5), (1, 3, 1))])
     tiles = tile_grid(tissue_mask(rgb[::4, ::4], mpp=2.0), slide_size_px=(rgb.shape[1], rgb.shape[0]))
-    assert len(tiles) == 12 and {t.row for t in pipeline._sample(tiles)} == {0, 1, 2, 3}
+    assert len(tiles) == 12
     used = []
     segment = pipeline.segment_nuclei
     monkeypatch.setattr(pipeline, "segment_nuclei", lambda *a, **k: used.append(k["threshold_od"]) or segment(*a, **k))
-    r = analyse_slide(ArraySlide(rgb, mpp=0.5)).result
-    assert 0.076 < r.staining["counterstain_od"] < 0.119  # the pale colon's level and the colon's own
+    slide = ArraySlide(rgb, mpp=0.5)
+    stains = H_DAB.with_background(estimate_background(slide.thumbnail(mpp=pipeline._thumbnail_mpp(slide, 0.5))))
+    everywhere = pipeline._slide_nucleus_thresholds([pipeline._read_tile(slide, t, 0.5) for t in tiles], stains, ScoringConfig())
+    r = analyse_slide(slide).result
+    # the level of all 12 tiles (0.107), within 0.004; the first 8 alone, the normal rows, give 0.115
+    assert abs(r.staining["counterstain_od"] - everywhere.counterstain) < 0.004, (r.staining, everywhere)
     assert len(used) == 12 and len(set(used)) == 1 and used[0] == pytest.approx(r.staining["nucleus_threshold_od"], abs=1e-4)
