@@ -20,7 +20,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
 isolated intense cells that would change the answer if counted, a call too near a cut-off to be
-sure of its side (guidelines.near_cutoff) whose level on the other side would change the answer,
+sure of its side (guidelines.near_cutoff; for a gastric biopsy also a cluster one cell from the rule's 5,
+guidelines.cluster_sides) whose level on the other side would change the answer,
 an ultralow call whose staining false membranes alone could give where null would change the
 answer, a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
 the other side would change the answer) give needs_review whatever the score, since any answer
@@ -48,6 +49,8 @@ from her2score.guidelines import (
     REPORT_LEVELS,
     STAINING_LEVEL,
     apply_guideline,
+    cluster_sides,
+    cluster_words,
     near_cutoff_sides,
     null_or_ultralow,
     report_level,
@@ -297,6 +300,12 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
+    for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
+                                                          specimen=result.specimen, clusters=result.clusters,
+                                                          gastric_reading=result.config.get("gastric_reading", "cumulative")):
+        level = report_level(other_score, result.guideline, result.counts)
+        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
+            return f"{cluster_words(cluster_level, size)}, one cell from another call: at {level} the answer would be {other}"
     return None
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "wilson_ci",
     "near_cutoff",
     "near_cutoff_sides",
+    "cluster_sides",
+    "cluster_words",
     "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
     "null_or_ultralow",
@@ -259,6 +261,30 @@ def near_cutoff(counts: Mapping[str, int], score: str | None, **kw) -> tuple[str
     return next(iter(near_cutoff_sides(counts, score, **kw)), None)
 
 
+def cluster_sides(counts: Mapping[str, int], score: str | None, *, guideline: str, specimen: str,
+                  clusters: Mapping[str, int] | None, gastric_reading: str = "cumulative") -> list[tuple[str, str, int]]:
+    """Each other score a gastric biopsy call would be were one of its clusters a cell larger or smaller,
+    as (that score, the cluster's level, its size): a cluster of 4, one short of the rule's 5, or a call
+    held by a cluster of just 5. A cluster is a count of detected cells, which a missed or an extra
+    nucleus moves. [] for a resection, another guideline, or a call no such cell changes."""
+    if specimen != "biopsy" or GUIDELINE_FAMILY.get(guideline) != "gastric" or score is None or not clusters:
+        return []
+    sides = []
+    for level, size in clusters.items():
+        for other in {size - 1, size + 1} & {_MIN_CLUSTER_CELLS - 1, _MIN_CLUSTER_CELLS}:
+            alt = apply_guideline(counts, guideline, specimen, clusters={**clusters, level: other},
+                                  gastric_reading=gastric_reading).score
+            if alt != score and alt not in [s for s, _, _ in sides]:
+                sides.append((alt, level, size))
+    return sides
+
+
+def cluster_words(level: str, size: int) -> str:
+    """How a cluster_sides cluster is named in a reason."""
+    edge = "one short of" if size < _MIN_CLUSTER_CELLS else "just"
+    return f"a cohesive cluster of {size} tumour cells at {level}, {edge} the biopsy rule's {_MIN_CLUSTER_CELLS}"
+
+
 FALSE_MEMBRANE_PERCENT: float = 8.0
 """Default share (% of tumour cells) of cells that real unstained membranes alone read as stained.
 
@@ -414,7 +440,7 @@ def _gastric(
         if sizes.get(score, 0) >= _MIN_CLUSTER_CELLS:
             reason = (
                 f"biopsy: a cohesive cluster of {sizes[score]} tumour cells (>={_MIN_CLUSTER_CELLS}) with "
-                f"{_GASTRIC_WORDS['cumulative'][score]}, in {_pct(cum[score], total, '<10%')} overall{suffix}"
+                f"{_GASTRIC_WORDS['cumulative'][score].rstrip(',')}, in {_pct(cum[score], total, '<10%')} overall{suffix}"
             )
             return score, score, flags, reason
     if reading == "per_band":

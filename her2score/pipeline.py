@@ -26,7 +26,8 @@ from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nu
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, level_flags, near_cutoff, report_level, wilson_ci, with_null_doubt)
+                         apply_guideline, cluster_sides, cluster_words, level_flags, near_cutoff, report_level, wilson_ci,
+                         with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
@@ -405,6 +406,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             reason += (f"; near the 10% cut-off ({near[1]:.1f}% of {n_tumour:,} tumour cells decide it, "
                        f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
                        f"{config.near_cutoff_points:g} points): it could be {near[0]}")
+        for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
+                                                        clusters=clusters, gastric_reading=config.gastric_reading):
+            flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")
+            reason += f"; {cluster_words(cluster_level, size)}: it could be {other}"
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}

@@ -401,3 +401,24 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
     for rule in ("her2-low-breast", "her2-positive-breast", "t-dxd-tumour-agnostic"):  # null and ultralow alike: no doubt
         assert check_eligibility(flagged, rule).status == "not_eligible"
     assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # no flag, no doubt
+
+
+def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_it_changes_the_answer():
+    """A biopsy called 0 beside a 2+ cluster of 4 (one short of 5) could be 2+, which gastric-toga sends
+    to ISH: needs review. Held by a 2+ cluster of just 5, it could be 1+: not eligible, so also review."""
+    counts = dict(none=297, weak_moderate_complete=9)  # 2.9%: only a cluster makes it more than 0
+    base = make_result("gastric", **counts)
+
+    def biopsy(clusters):
+        call = apply_guideline(counts, "gastric", "biopsy", clusters=clusters)
+        flags = call.flags + ("near_cutoff",)  # as the pipeline flags a cluster one cell from 5
+        return replace(base, specimen="biopsy", clusters=clusters, score=call.score, classical_score=call.score,
+                       level=call.level, flags=flags, reason=call.reason)
+
+    short = check_eligibility(biopsy({"3+": 0, "2+": 4, "1+": 4}), "gastric-toga")
+    assert short.status == "needs_review"
+    assert any("a cohesive cluster of 4 tumour cells at 2+, one short of the biopsy rule's 5" in r for r in short.reasons)
+    held = check_eligibility(biopsy({"3+": 0, "2+": 5, "1+": 5}), "gastric-toga", ish="positive")
+    assert held.status == "needs_review" and any("just the biopsy rule's 5" in r for r in held.reasons), held.reasons
+    sure = check_eligibility(biopsy({"3+": 0, "2+": 8, "1+": 8}), "gastric-toga", ish="positive")
+    assert sure.status == "eligible", sure.reasons

@@ -12,6 +12,7 @@ from her2score.guidelines import (
     PANCREATIC_NOTE,
     STAINING_LEVEL,
     apply_guideline,
+    cluster_sides,
     cumulative_counts,
     deciding_cells,
     h_score,
@@ -363,6 +364,22 @@ def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
     assert near_cutoff(counts, "2+", guideline="gastric") == ("1+", 15.0)  # on its share alone (100 cells), unsure
     assert near_cutoff(counts, "2+", guideline="gastric", specimen="biopsy", clusters=clusters) is None  # its cluster holds it
     assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) == ("1+", 15.0)  # a resection: clusters not read
+
+
+def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
+    counts = dict(none=97, weak_moderate_complete=3)  # 3%: only a cluster can make it more than 0
+
+    def sides(clusters):
+        score = apply_guideline(counts, G, "biopsy", clusters=clusters).score
+        return score, cluster_sides(counts, score, guideline=G, specimen="biopsy", clusters=clusters)
+
+    assert sides({"3+": 0, "2+": 4, "1+": 4}) == ("0", [("2+", "2+", 4), ("1+", "1+", 4)])  # one short: up
+    assert sides({"3+": 0, "2+": 5, "1+": 5}) == ("2+", [("1+", "2+", 5)])  # held by just 5: down
+    assert sides({"3+": 4, "2+": 9, "1+": 9}) == ("2+", [("3+", "3+", 4)])
+    assert sides({"3+": 0, "2+": 6, "1+": 6}) == ("2+", []) and sides({"3+": 0, "2+": 3, "1+": 3}) == ("0", [])
+    assert cluster_sides(counts, "0", guideline=G, specimen="resection", clusters={"2+": 4}) == []  # resections: no clusters
+    wide = dict(none=80, weak_moderate_complete=20)  # 20%: 2+ on its share, whatever its cluster
+    assert cluster_sides(wide, "2+", guideline=G, specimen="biopsy", clusters={"3+": 0, "2+": 5, "1+": 5}) == []
 
 
 def test_near_cutoff_sides_follow_every_route_of_the_rules():

@@ -193,3 +193,16 @@ def test_isolated_intense_cells_end_to_end():
     assert literal.score == "2+" and "unusual_pattern" in literal.flags, literal.reason
     assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"  # 2+ would await ISH
     assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
+
+
+def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_flagged_end_to_end():
+    """A gastric biopsy of sparse clonal 2+ cells (1.5% drawn): its 1+ call rests on a cluster of just 5
+    and a 2+ cluster of 4 lies one short; both are named, and gastric-toga asks for review (at 2+, ISH)."""
+    f = generate_field(seed=9600, composition={"weak_moderate_complete": 0.015}, gastric=True, clonal=True)
+    r = _score(f, guideline=G, specimen="biopsy")
+    assert (r.score, r.clusters) == ("1+", {"3+": 0, "2+": 4, "1+": 5}), (r.score, r.clusters)
+    assert "near_cutoff" in r.flags and "or stronger, in" in r.reason  # one comma
+    assert "a cohesive cluster of 4 tumour cells at 2+, one short of the biopsy rule's 5: it could be 2+" in r.reason
+    assert "a cohesive cluster of 5 tumour cells at 1+, just the biopsy rule's 5: it could be 0" in r.reason
+    decision = check_eligibility(r, "gastric-toga")
+    assert decision.status == "needs_review" and "at 2+ the answer would be needs review" in decision.reasons[0]
