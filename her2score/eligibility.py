@@ -305,7 +305,7 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
                                                           gastric_reading=result.config.get("gastric_reading", "cumulative")):
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return f"{cluster_words(cluster_level, size)}, one cell from another call: at {level} the answer would be {other}"
+            return f"{cluster_words(cluster_level, size)}: at {level} the answer would be {other}"
     return None
 
 

@@ -264,25 +264,33 @@ def near_cutoff(counts: Mapping[str, int], score: str | None, **kw) -> tuple[str
 def cluster_sides(counts: Mapping[str, int], score: str | None, *, guideline: str, specimen: str,
                   clusters: Mapping[str, int] | None, gastric_reading: str = "cumulative") -> list[tuple[str, str, int]]:
     """Each other score a gastric biopsy call would be were one of its clusters a cell larger or smaller,
-    as (that score, the cluster's level, its size): a cluster of 4, one short of the rule's 5, or a call
-    held by a cluster of just 5. A cluster is a count of detected cells, which a missed or an extra
-    nucleus moves. [] for a resection, another guideline, or a call no such cell changes."""
+    as (that score, the cluster's level, its size): a cluster of 4, one short of the rule's 5, or one of
+    just 5. A cluster is a count of detected cells. One cell read at another level moves one level's
+    cluster; one nucleus missed or found moves every cluster it lies in, i.e. the weaker levels' too
+    where they are the same cells (the same size). [] for a resection, another guideline, or a call
+    no such cell changes."""
     if specimen != "biopsy" or GUIDELINE_FAMILY.get(guideline) != "gastric" or score is None or not clusters:
         return []
+    order = ("3+", "2+", "1+")  # a cluster at a level holds cells stained at it or stronger
     sides = []
-    for level, size in clusters.items():
-        for other in {size - 1, size + 1} & {_MIN_CLUSTER_CELLS - 1, _MIN_CLUSTER_CELLS}:
-            alt = apply_guideline(counts, guideline, specimen, clusters={**clusters, level: other},
-                                  gastric_reading=gastric_reading).score
-            if alt != score and alt not in [s for s, _, _ in sides]:
-                sides.append((alt, level, size))
+    for i, level in enumerate(order):
+        size = clusters.get(level, 0)
+        for step in (-1, 1):
+            if {size, size + step} != {_MIN_CLUSTER_CELLS - 1, _MIN_CLUSTER_CELLS}:
+                continue  # only a move across the rule's 5 can change the call
+            nested = {k: size + step for k in order[i:] if clusters.get(k, 0) == size}
+            for moved in ({**clusters, level: size + step}, {**clusters, **nested}):
+                alt = apply_guideline(counts, guideline, specimen, clusters=moved, gastric_reading=gastric_reading).score
+                if alt != score and alt not in [s for s, _, _ in sides]:
+                    sides.append((alt, level, size))
     return sides
 
 
 def cluster_words(level: str, size: int) -> str:
     """How a cluster_sides cluster is named in a reason."""
     edge = "one short of" if size < _MIN_CLUSTER_CELLS else "just"
-    return f"a cohesive cluster of {size} tumour cells at {level}, {edge} the biopsy rule's {_MIN_CLUSTER_CELLS}"
+    stained = level if level == "3+" else f"{level} or stronger"
+    return f"a cohesive cluster of {size} tumour cells at {stained}, {edge} the biopsy rule's {_MIN_CLUSTER_CELLS}"
 
 
 FALSE_MEMBRANE_PERCENT: float = 8.0

@@ -417,8 +417,14 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_i
 
     short = check_eligibility(biopsy({"3+": 0, "2+": 4, "1+": 4}), "gastric-toga")
     assert short.status == "needs_review"
-    assert any("a cohesive cluster of 4 tumour cells at 2+, one short of the biopsy rule's 5" in r for r in short.reasons)
+    assert ("a cohesive cluster of 4 tumour cells at 2+ or stronger, one short of the biopsy rule's 5: at 2+ the answer "
+            "would be needs review") in short.reasons
     held = check_eligibility(biopsy({"3+": 0, "2+": 5, "1+": 5}), "gastric-toga", ish="positive")
     assert held.status == "needs_review" and any("just the biopsy rule's 5" in r for r in held.reasons), held.reasons
+    three = dict(none=297, strong_complete=9)  # a 3+ held by a cluster of just 5, the same cells at every level
+    call = apply_guideline(three, "gastric", "biopsy", clusters={"3+": 5, "2+": 5, "1+": 5})
+    r = replace(make_result("gastric", **three), specimen="biopsy", clusters={"3+": 5, "2+": 5, "1+": 5}, score=call.score,
+                classical_score=call.score, level=call.level, flags=call.flags + ("near_cutoff",), reason=call.reason)
+    assert call.score == "3+" and check_eligibility(r, "gastric-toga", ish="positive").status == "needs_review"  # missed: 0
     sure = check_eligibility(biopsy({"3+": 0, "2+": 8, "1+": 8}), "gastric-toga", ish="positive")
     assert sure.status == "eligible", sure.reasons

@@ -374,7 +374,11 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
         return score, cluster_sides(counts, score, guideline=G, specimen="biopsy", clusters=clusters)
 
     assert sides({"3+": 0, "2+": 4, "1+": 4}) == ("0", [("2+", "2+", 4), ("1+", "1+", 4)])  # one short: up
-    assert sides({"3+": 0, "2+": 5, "1+": 5}) == ("2+", [("1+", "2+", 5)])  # held by just 5: down
+    # held by just 5: down, one cell read weaker (1+), or one nucleus missed from both clusters (0)
+    assert sides({"3+": 0, "2+": 5, "1+": 5}) == ("2+", [("1+", "2+", 5), ("0", "2+", 5)])
+    strong = dict(none=97, strong_complete=3)
+    assert cluster_sides(strong, "3+", guideline=G, specimen="biopsy", clusters={"3+": 5, "2+": 5, "1+": 6}) == [
+        ("2+", "3+", 5), ("1+", "3+", 5)]  # the 1+ cluster holds one cell more: a missed nucleus leaves it at 5
     assert sides({"3+": 4, "2+": 9, "1+": 9}) == ("2+", [("3+", "3+", 4)])
     assert sides({"3+": 0, "2+": 6, "1+": 6}) == ("2+", []) and sides({"3+": 0, "2+": 3, "1+": 3}) == ("0", [])
     assert cluster_sides(counts, "0", guideline=G, specimen="resection", clusters={"2+": 4}) == []  # resections: no clusters
