@@ -565,23 +565,25 @@ def _spread_tiles(path: Path, n: int) -> tuple:
     return cfg, tiles, _sample(tiles, n), cfg.mpp / mpp
 
 
-def _slide_stains(slide):
-    """The default stain vectors, white set by the glass of an 8 µm/px thumbnail of ``slide``."""
+def _slide_stains(slide, tiles: list, cfg) -> tuple:
+    """The default stain vectors, white set by the glass of an 8 µm/px thumbnail of ``slide``, and the
+    slide's nucleus thresholds from the counterstain of a sample of ``tiles``, as analyse_slide sets them."""
+    from her2score.pipeline import _read_tile, _sample, _slide_nucleus_thresholds
     from her2score.stain import H_DAB, estimate_background
 
-    return H_DAB.with_background(estimate_background(slide.thumbnail(mpp=8.0)))
+    stains = H_DAB.with_background(estimate_background(slide.thumbnail(mpp=8.0)))
+    return stains, _slide_nucleus_thresholds([_read_tile(slide, t, cfg.mpp) for t in _sample(tiles)], stains, cfg)
 
 
 def peer_rates(path: Path, *, n: int, cnn) -> dict:
     """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
     ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import _read_tile, _sample, _slide_nucleus_thresholds, score_tile
+    from her2score.pipeline import _read_tile, score_tile
     from her2score.slide import open_slide
 
     cfg, tiles, pick, scale = _spread_tiles(path, n)
     with open_slide(path) as s:
-        stains = _slide_stains(s)
-        nucleus = _slide_nucleus_thresholds([_read_tile(s, t, cfg.mpp) for t in _sample(tiles)], stains, cfg)
+        stains, nucleus = _slide_stains(s, tiles, cfg)
         rgbs = [_read_tile(s, t, cfg.mpp) for t in pick]
     core_mp = sum(t.core[2] * t.core[3] for t in pick) * scale ** 2 / 1e6
     c = time.thread_time()
@@ -770,14 +772,13 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
     """
     import cv2
 
-    from her2score.pipeline import _read_and_score, _read_tile, _sample, _slide_nucleus_thresholds
+    from her2score.pipeline import _read_and_score
     from her2score.slide import open_slide
 
     cfg, tiles, pick, _ = _spread_tiles(path, n)
     prof = cProfile.Profile()
     with open_slide(path) as s:
-        stains = _slide_stains(s)
-        nucleus = _slide_nucleus_thresholds([_read_tile(s, t, cfg.mpp) for t in _sample(tiles)], stains, cfg)
+        stains, nucleus = _slide_stains(s, tiles, cfg)
         c = time.process_time()
         prof.enable()
         for t in pick:

@@ -4,7 +4,8 @@
 
 Prints, per image: its kind (what its SOURCE.md says it shows), the score or the refusal with its
 reason, tumour cells, per-category percentages, the slide's DAB noise floor, its counterstain level
-and the nucleus threshold that follows from it, and the staining compartment found; then nuclei detection and the tumour-cell selection against the DeepLIIF masks.
+and the nucleus threshold that follows from it, and the staining compartment found; then nuclei
+detection and the tumour-cell selection against the DeepLIIF masks.
 Writes real_out/table.md and real_out/<image>.png overlays (field resolution).
 None of these images carries a HER2 label: the table is checked against what each image shows.
 """
@@ -33,8 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    head = ["image", "kind", "score", "tumour/all cells"] + [SHORT.get(c, c) for c in CATEGORIES] + ["floor OD", "counterstain OD", "nucleus OD",
-                                                                                  "compartment", "refused: reason"]
+    head = (["image", "kind", "score", "tumour/all cells"] + [SHORT.get(c, c) for c in CATEGORIES]
+            + ["floor OD", "counterstain OD", "nucleus OD", "compartment", "refused: reason"])
     rows = []
     for case in real_cases():
         if args.only not in case.name:

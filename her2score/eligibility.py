@@ -291,10 +291,11 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
     if "near_cutoff" not in result.flags:
         return None
+    reading = result.config.get("gastric_reading", "cumulative")  # the slide's own settings
     sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline, specimen=result.specimen,
-                              clusters=result.clusters, gastric_reading=result.config.get("gastric_reading", "cumulative"),
+                              clusters=result.clusters, gastric_reading=reading,
                               isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
-                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))  # the slide's own settings
+                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))
     for other_score, pct in sides:
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
@@ -302,7 +303,7 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
                     f"sure of its side: at {level} the answer would be {other}")
     for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
                                                           specimen=result.specimen, clusters=result.clusters,
-                                                          gastric_reading=result.config.get("gastric_reading", "cumulative")):
+                                                          gastric_reading=reading):
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return f"{cluster_words(cluster_level, size)}: at {level} the answer would be {other}"

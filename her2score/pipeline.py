@@ -70,7 +70,8 @@ class ScoringConfig:
     slide's own vectors where Ruifrok-Johnston's would leak (stain.estimate_stains, from up to 8 tiles),
     else only on a slide those read as nuclear DAB (analyse_slide); nucleus_threshold_od: least smoothed
     haematoxylin OD of a nucleus; on a pale counterstain it and the nucleus contrast are lowered to
-    counterstain_ratio x its level, to no less than half (cells.nucleus_thresholds; 0: never lowered); max_cell_radius_um: reach of a cell from its seed (µm);
+    counterstain_ratio x its level, to no less than half (cells.nucleus_thresholds; 0: never lowered);
+    max_cell_radius_um: reach of a cell from its seed (µm);
     basin_contrast_od: membrane contrast that closes a ring into a cell; tumour: TumourRule (µm);
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
     with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
