@@ -89,6 +89,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -391,44 +392,50 @@ def _cli() -> list[str]:
 def run_cli(slide: Path, out: Path, workers: int | None, extra: list[str], interval: float = 0.2,
             timeout: float = 1800.0) -> dict:
     """Score ``slide`` with the CLI in a subprocess (``workers`` None: the CLI's default); wall/CPU
-    seconds and peak tree memory.
+    seconds and peak tree memory. The wall time ends when the process does (a blocking wait); a thread
+    samples the tree's memory every ``interval`` seconds.
 
     A run past ``timeout`` seconds (a hang) has its whole process tree killed and stops the benchmark."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [*_cli(), "score", str(slide), "--out", str(out), "-q", *(["--workers", str(workers)] if workers else []), *extra]
     load = os.getloadavg()[0]
+    peak = {"rss": 0, "pss": 0, "procs": 1, "hung": False}
+    done = threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak_rss = peak_pss = 0
-    n_procs = 1
-    status = rusage = None
-    while True:
-        pid_done, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid_done:
-            break
-        pids = _tree(proc.pid)
-        if time.perf_counter() - t0 > timeout:
-            for p in reversed(pids):
-                try:
-                    os.kill(p, 9)
-                except OSError:
-                    pass
-            os.waitpid(proc.pid, 0)
-            raise SystemExit(f"her2score score ran past {timeout:.0f} s (hung?); killed: {' '.join(cmd)}")
-        n_procs = max(n_procs, len(pids))
-        mems = [_mem(p) for p in pids]
-        peak_rss = max(peak_rss, sum(m[0] for m in mems))
-        peak_pss = max(peak_pss, sum(m[1] for m in mems))
-        time.sleep(interval)
+
+    def sample() -> None:
+        while not done.wait(interval):
+            pids = _tree(proc.pid)
+            if time.perf_counter() - t0 > timeout:
+                peak["hung"] = True
+                for p in reversed(pids):
+                    try:
+                        os.kill(p, 9)
+                    except OSError:
+                        pass
+                return
+            peak["procs"] = max(peak["procs"], len(pids))
+            mems = [_mem(p) for p in pids]
+            peak["rss"] = max(peak["rss"], sum(m[0] for m in mems))
+            peak["pss"] = max(peak["pss"], sum(m[1] for m in mems))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, rusage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if peak["hung"]:
+        raise SystemExit(f"her2score score ran past {timeout:.0f} s (hung?); killed: {' '.join(cmd)}")
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"her2score failed ({proc.returncode}):\n{stdout.decode()}\n{stderr.decode()}")
     cpu = rusage.ru_utime + rusage.ru_stime
-    return {"wall_s": wall, "cpu_s": cpu, "peak_pss_mb": peak_pss / 2**20, "peak_rss_sum_mb": peak_rss / 2**20,
-            "max_single_rss_mb": rusage.ru_maxrss / 1024, "processes": n_procs, "load_before": load,
+    return {"wall_s": wall, "cpu_s": cpu, "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20,
+            "max_single_rss_mb": rusage.ru_maxrss / 1024, "processes": peak["procs"], "load_before": load,
             "stdout": stdout.decode(errors="replace").strip()}
 
 
