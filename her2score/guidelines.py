@@ -47,6 +47,7 @@ __all__ = [
     "PANCREATIC_NOTE",
     "GuidelineCall",
     "apply_guideline",
+    "check_settings",
     "cumulative_counts",
     "h_score",
     "level_flags",
@@ -199,28 +200,73 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float 
 
 
 def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
-    """Whether a breast slide's intense complete cells are isolated cells, below the floor of the
-    'intense complete staining in <=10%' pattern (ISOLATED_INTENSE_PERCENT, ISOLATED_INTENSE_MIN_CELLS)."""
-    return 0 < strong and (Fraction(100 * strong, total) < Fraction(str(isolated_percent))
-                           or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
+    """Whether a breast slide's intense complete cells, in <=10% of its tumour cells, are isolated cells,
+    below the floor of the 'intense complete staining in <=10%' pattern (ISOLATED_INTENSE_PERCENT,
+    ISOLATED_INTENSE_MIN_CELLS); over 10% they make 3+ whatever their number."""
+    return 0 < strong and 10 * strong <= total and (Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+                                                    or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
+
+
+def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str,
+                         isolated_intense_percent: float) -> dict[str, tuple[str, ...]]:
+    """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
+    if GUIDELINE_FAMILY[guideline] == "breast":
+        total = sum(c.values())
+        intense = () if _isolated(c["strong_complete"], total, isolated_intense_percent) else ("strong_complete",)
+        complete, incomplete = ("weak_moderate_complete", *intense), ("strong_lateral", "strong_partial")
+        stained = tuple(cat for cat in CATEGORIES if cat not in ("none", "strong_complete")) + intense
+        larger = max((complete, incomplete), key=lambda cats: sum(c[cat] for cat in cats))
+        return {"3+": ("strong_complete",), "2+": larger, "1+": stained}
+    match = (lambda lv, k: lv == k) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
+    return {f"{k}+": tuple(cat for cat in CATEGORIES if match(STAINING_LEVEL[cat], k)) for k in (3, 2, 1)}
 
 
 def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative",
                    isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> dict[str, int]:
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
-    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining
-    but isolated intense cells'. Gastric: cumulative_counts, or each band alone under the per_band
+    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining;
+    isolated intense cells in neither. Gastric: cumulative_counts, or each band alone under the per_band
     reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
-    c, cum = _validated(counts), cumulative_counts(counts)
-    if GUIDELINE_FAMILY[guideline] == "breast":
-        strong, total = c["strong_complete"], cum["total"]
-        stained = total - c["none"] - (strong if _isolated(strong, total, isolated_intense_percent) else 0)
-        return {"3+": strong, "2+": max(c["weak_moderate_complete"] + strong, c["strong_lateral"] + c["strong_partial"]),
-                "1+": stained}
-    if gastric_reading == "per_band":
-        return {"3+": cum["3+"], "2+": cum["2+"] - cum["3+"], "1+": cum["1+"] - cum["2+"]}
-    return {k: cum[k] for k in ("3+", "2+", "1+")}
+    c = _validated(counts)
+    groups = _deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)
+    return {score: sum(c[cat] for cat in cats) for score, cats in groups.items()}
+
+
+_WEAKER: dict[str, str] = {
+    "strong_complete": "weak_moderate_complete", "strong_lateral": "weak_moderate_lateral", "strong_partial": "faint_partial",
+    "weak_moderate_complete": "faint_partial", "weak_moderate_lateral": "faint_partial", "faint_partial": "none",
+}
+"""Each stained category one intensity band weaker (what an under-read membrane reads as)."""
+
+
+def _shares_of(counts: Mapping[str, int], n: int) -> dict[str, int]:
+    """``n`` cells taken from ``counts`` in proportion to them (largest remainders; ties in CATEGORIES order)."""
+    total = sum(counts.values())
+    exact = {cat: Fraction(n * k, total) for cat, k in counts.items()}
+    out = {cat: math.floor(v) for cat, v in exact.items()}
+    for cat in sorted(exact, key=lambda cat: (-(exact[cat] - out[cat]), CATEGORIES.index(cat)))[: n - sum(out.values())]:
+        out[cat] += 1
+    return out
+
+
+def _down_sides(c: dict[str, int], score: str, cats: tuple[str, ...], guideline: str, **rules) -> list[str]:
+    """The scores ``c``'s call ``score`` falls to when its deciding cells (``cats``) fall just to the
+    cut-off's other side: the surplus cells not there (missed, or not tumour), or read one band weaker.
+    ``rules``: apply_guideline's keywords."""
+    total, n = sum(c.values()), sum(c[cat] for cat in cats)
+    below = total // 10 if GUIDELINE_FAMILY[guideline] == "breast" else (total - 1) // 10  # most cells short of the cut
+    taken = _shares_of({cat: c[cat] for cat in cats}, n - below)
+    out = []
+    for to in (lambda cat: "none", _WEAKER.get):
+        alt = dict(c)
+        for cat, k in taken.items():
+            alt[cat] -= k
+            alt[to(cat)] += k
+        other = apply_guideline(alt, guideline, **rules).score
+        if other != score and other not in out:
+            out.append(other)
+    return out
 
 
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
@@ -232,8 +278,10 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     the side nearer the 10% cut-off first; [] for a call sure of its side. The settings are apply_guideline's.
 
     Up, each higher score: its cells lie within ``points`` under the cut-off, or the Wilson interval
-    (``confidence``) of their share reaches over it. Down, the next lower score: the call's own
-    deciding cells lie within ``points`` over it, or their share's interval reaches under it; not for
+    (``confidence``) of their share reaches over it. Down, where the call's own deciding cells lie
+    within ``points`` over it, or their share's interval reaches under it: the scores the rules give
+    with those cells just under the cut-off, the surplus missing or read one band weaker (a 2+ on
+    weak-to-moderate complete cells alone falls to 0, or to 1+ if they read faint); not for
     a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
     holds (``clusters``, read for biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
     """
@@ -252,7 +300,10 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
         held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            sides.append((SCORES[rank - 1], pct))
+            cats = _deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]
+            sides += [(other, pct) for other in _down_sides(c, score, cats, guideline, specimen=specimen, clusters=clusters or {},
+                                                           gastric_reading=gastric_reading,
+                                                           isolated_intense_percent=isolated_intense_percent)]
     return sorted(sides, key=lambda side: abs(side[1] - 10.0))
 
 
@@ -368,6 +419,24 @@ def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membran
 def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple[str, str, tuple[str, ...], str]:
     """(score, level, flags, reason) under ASCO/CAP 2018/2023: every threshold is strictly > 10%.
 
+    Intense complete cells below the isolated floor (_isolated) are not a population: the other cells
+    decide, at every level, and the reason says so; the flag ``isolated_intense_cells`` marks a call
+    they would change if counted.
+    """
+    total, strong = sum(c.values()), c["strong_complete"]
+    if not _isolated(strong, total, isolated_percent):
+        return _breast_rules(c, guideline)
+    literal = _breast_rules(c, guideline)[0]
+    score, level, flags, reason = _breast_rules({**c, "none": c["none"] + strong, "strong_complete": 0}, guideline, isolated=strong)
+    note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
+            f"{isolated_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor of the 'intense complete staining in <=10%' pattern), "
+            "not counted: the other cells decide")
+    return score, level, flags + (("isolated_intense_cells",) if score != literal else ()), reason + note
+
+
+def _breast_rules(c: dict[str, int], guideline: str, isolated: int = 0) -> tuple[str, str, tuple[str, ...], str]:
+    """_breast's call on counts ``c``, ``isolated`` intense complete cells already moved to none.
+
     Intense incomplete membranes, lateral or not, make the unusual "intense but incomplete in >10%"
     2+. Below 1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+",
     DESTINY-Breast06): a stronger membrane also shows the faint level, so weak-to-moderate complete
@@ -383,33 +452,25 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
     if over(strong):
         return "3+", "3+", (), f"strong complete membrane staining in {_pct(strong, total, '>10%')}"
     if over(complete):
-        reason = f"weak-to-moderate complete membrane staining in {_pct(complete, total, '>10%')}"
-        return "2+", "2+", ("ish_reflex",), reason + "; reflex ISH required"
+        kinds = {"weak_moderate_complete": c["weak_moderate_complete"], "strong_complete": strong}
+        return "2+", "2+", ("ish_reflex",), _staining(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
     unusual = ("ish_reflex", "unusual_pattern")
     if over(intense_incomplete):
         kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"]}
         reason = _staining(kinds, total, ">10%", "intense but incomplete membrane staining")
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
-    isolated = _isolated(strong, total, isolated_percent)
-    if strong and not isolated:
+    if strong:
         reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
-    flags, note = (), ""
-    if isolated:  # the other cells decide; the isolated cells count as neither a population nor staining
-        c = {**c, "none": c["none"] + strong, "strong_complete": 0}
-        flags = ("isolated_intense_cells",)
-        note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
-                f"{isolated_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor of the 'intense complete staining in <=10%' pattern), "
-                "not counted: the other cells decide")
     stained = total - c["none"]
-    nothing = f"no membrane staining in {'the other ' if isolated else 'any of '}{total - strong:,} tumour cells{note}"
+    nothing = f"no membrane staining in {'the other ' if isolated else 'any of '}{total - isolated:,} tumour cells"
     if over(stained):
-        return "1+", "1+", ("her2_low", *flags), _staining(c, total, ">10%") + note
+        return "1+", "1+", ("her2_low",), _staining(c, total, ">10%")
     if guideline == "breast-asco-cap-2018":
-        return "0", "0", flags, _staining(c, total, "<=10%") + note if stained else nothing
+        return "0", "0", (), _staining(c, total, "<=10%") if stained else nothing
     if not stained:
-        return "0", "0 (null)", ("null", *flags), nothing
-    return "0", "0+ (ultralow)", ("ultralow", *flags), _staining(c, total, ">0% and <=10%") + note
+        return "0", "0 (null)", ("null",), nothing
+    return "0", "0+ (ultralow)", ("ultralow",), _staining(c, total, ">0% and <=10%")
 
 
 _GASTRIC_WORDS = {
@@ -473,6 +534,23 @@ def _validated_clusters(clusters: Mapping[str, int] | None) -> dict[str, int]:
     return {k: _count(f"cluster size for {k!r}", v) for k, v in clusters.items()}
 
 
+def check_settings(guideline: str, specimen: str, *, isolated_intense_percent: float, gastric_reading: str) -> None:
+    """Raise ValueError for settings apply_guideline cannot score with (checked before any tile is read)."""
+    if guideline not in GUIDELINES:
+        raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
+    if specimen not in SPECIMENS:
+        raise ValueError(f"unknown specimen {specimen!r}; choose one of {list(SPECIMENS)}")
+    if specimen == "biopsy" and GUIDELINE_FAMILY[guideline] != "gastric":
+        raise ValueError(
+            f"specimen 'biopsy' has its own rule only for gastric; {guideline} scores biopsies "
+            "and resections alike: use specimen='resection'"
+        )
+    if not 0 <= isolated_intense_percent <= 10:
+        raise ValueError(f"isolated_intense_percent must be within 0-10 (% of tumour cells), got {isolated_intense_percent!r}")
+    if gastric_reading not in GASTRIC_READINGS:
+        raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
+
+
 def apply_guideline(
     counts: Mapping[str, int],
     guideline: str,
@@ -489,19 +567,7 @@ def apply_guideline(
     (breast; 0-10 %): the noise floor of the "intense complete in <=10%" pattern (see
     ISOLATED_INTENSE_PERCENT). ``gastric_reading``: one of GASTRIC_READINGS.
     """
-    if guideline not in GUIDELINES:
-        raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
-    if specimen not in SPECIMENS:
-        raise ValueError(f"unknown specimen {specimen!r}; choose one of {list(SPECIMENS)}")
-    if specimen == "biopsy" and GUIDELINE_FAMILY[guideline] != "gastric":
-        raise ValueError(
-            f"specimen 'biopsy' has its own rule only for gastric; {guideline} scores biopsies "
-            "and resections alike: use specimen='resection'"
-        )
-    if not 0 <= isolated_intense_percent <= 10:
-        raise ValueError(f"isolated_intense_percent must be within 0-10 (% of tumour cells), got {isolated_intense_percent!r}")
-    if gastric_reading not in GASTRIC_READINGS:
-        raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
+    check_settings(guideline, specimen, isolated_intense_percent=isolated_intense_percent, gastric_reading=gastric_reading)
     c = _validated(counts)
     if GUIDELINE_FAMILY[guideline] == "breast":
         score, level, flags, reason = _breast(c, guideline, isolated_intense_percent)

@@ -26,7 +26,7 @@ from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nu
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, cluster_sides, cluster_words, level_flags, near_cutoff, report_level, wilson_ci,
+                         apply_guideline, check_settings, cluster_sides, cluster_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
@@ -112,6 +112,8 @@ class ScoringConfig:
             raise ValueError(f"target mpp {self.mpp} µm/px is outside 0.1-2.0; membranes need ~0.5 µm/px")
         if self.tile_px < 64 or self.margin_px < 0 or 2 * self.margin_px >= self.tile_px:
             raise ValueError("tile_px must be >= 64 and the margin less than half a tile")
+        check_settings(self.guideline, self.specimen, isolated_intense_percent=self.isolated_intense_percent,
+                       gastric_reading=self.gastric_reading)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -398,15 +400,16 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
                                isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
-        near = near_cutoff(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
-                           gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
-                           points=config.near_cutoff_points)
-        if near is not None:
+        sides = near_cutoff_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
+                                  gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
+                                  points=config.near_cutoff_points)
+        if sides:  # the nearest share, and every score it could give
+            near = sides[0][1]
             flags = (*flags, "near_cutoff")
-            lo, hi = wilson_ci(round(near[1] * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
-            reason += (f"; near the 10% cut-off ({near[1]:.1f}% of {n_tumour:,} tumour cells decide it, "
+            lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
+            reason += (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
                        f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
-                       f"{config.near_cutoff_points:g} points): it could be {near[0]}")
+                       f"{config.near_cutoff_points:g} points): it could be {' or '.join(s for s, pct in sides if pct == near)}")
         for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
                                                         clusters=clusters, gastric_reading=config.gastric_reading):
             flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")

@@ -354,6 +354,15 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5
 
 
+def test_a_2plus_on_its_only_stained_cells_is_weighed_at_0_too():
+    """12.5% weak-to-moderate complete cells alone: just under 10% they make 0 (ultralow), not 1+; HER2-low
+    with ISH negative is eligible at 2+ and at 1+, not at ultralow, so it needs review."""
+    r = make_result(none=105, weak_moderate_complete=15)
+    r = replace(r, flags=(*r.flags, "near_cutoff"))
+    d = check_eligibility(r, "her2-low-breast", ish="negative")
+    assert d.status == "needs_review" and any("at 0+ (ultralow) the answer would be not eligible" in x for x in d.reasons)
+
+
 def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it():
     """Beyond the measurement's 5 points, a share counted on few cells is borderline where its 95% Wilson
     interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not."""

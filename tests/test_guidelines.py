@@ -18,6 +18,7 @@ from her2score.guidelines import (
     h_score,
     level_flags,
     near_cutoff,
+    near_cutoff_sides,
     report_level,
 )
 
@@ -361,9 +362,9 @@ def test_lateral_cells_do_not_decide_a_breast_2_plus():
 def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
     counts, clusters = dict(none=85, weak_moderate_complete=15), {"3+": 0, "2+": 15, "1+": 15}
     assert apply_guideline(counts, "gastric", "biopsy", clusters=clusters).score == "2+"
-    assert near_cutoff(counts, "2+", guideline="gastric") == ("1+", 15.0)  # on its share alone (100 cells), unsure
+    assert near_cutoff(counts, "2+", guideline="gastric") == ("0", 15.0)  # on its share alone (100 cells), unsure
     assert near_cutoff(counts, "2+", guideline="gastric", specimen="biopsy", clusters=clusters) is None  # its cluster holds it
-    assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) == ("1+", 15.0)  # a resection: clusters not read
+    assert near_cutoff(counts, "2+", guideline="gastric", clusters=clusters) == ("0", 15.0)  # a resection: clusters not read
 
 
 def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
@@ -389,7 +390,6 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
 def test_near_cutoff_sides_follow_every_route_of_the_rules():
     """Isolated intense cells do not count towards 1+; a breast 2+ that intense complete cells in <=10%
     make 2+ cannot fall to 1+; a call can be near a score two levels up; per band, each band is weighed."""
-    from her2score.guidelines import near_cutoff_sides
 
     isolated = dict(none=900, faint_partial=100, strong_complete=4)  # 4 isolated cells: 100 of 1,004 decide (9.96%)
     assert apply_guideline(isolated, B23).score == "0"
@@ -404,3 +404,42 @@ def test_near_cutoff_sides_follow_every_route_of_the_rules():
     strong = dict(none=910, strong_complete=90)
     assert sorted(near_cutoff_sides(strong, "0", guideline=G)) == [("1+", 9.0), ("2+", 9.0), ("3+", 9.0)]
     assert near_cutoff_sides(strong, "0", guideline=G, gastric_reading="per_band") == [("3+", 9.0)]
+
+
+def test_the_down_side_is_what_the_rules_give_just_under_the_cut_off():
+    """A call whose deciding cells are its only stained cells falls past the next level: 2+ on 12.5%
+    weak-to-moderate complete cells alone is 0 with 10% of them (ultralow), or 1+ if the surplus reads
+    faint (test_eligibility: eligibility weighs both)."""
+    alone = dict(none=105, weak_moderate_complete=15)
+    assert near_cutoff_sides(alone, "2+") == [("0", 12.5), ("1+", 12.5)]
+    assert near_cutoff_sides(dict(none=105, strong_complete=15), "3+", guideline=G) == [("0", 12.5), ("2+", 12.5)]
+    assert near_cutoff_sides(dict(none=80, faint_partial=30, weak_moderate_complete=14), "2+") == [("1+", 100 * 14 / 124)]
+    # the next level down, where the weaker cells hold it either way
+    assert near_cutoff_sides(dict(none=85, faint_partial=20, strong_complete=12), "3+") == [("2+", 100 * 12 / 117)]
+
+
+def test_isolated_intense_cells_are_left_out_of_every_level():
+    """Isolated intense complete cells are no population for the 2+ complete share either: 98 weak-to-moderate
+    complete and 4 intense complete cells of 1,000 are ultralow (9.8%), flagged, not a 2+ on 10.2%."""
+    c = dict(none=898, weak_moderate_complete=98, strong_complete=4)
+    call = apply_guideline(c, B23)
+    assert (call.score, call.level) == ("0", "0+ (ultralow)") and "isolated_intense_cells" in call.flags
+    assert "9.8% of tumour cells (98/1000" in call.reason and "isolated intense cells: 4 of 1,000" in call.reason
+    assert apply_guideline(c, B23, isolated_intense_percent=0).score == "2+"  # the literal rule counts them
+    assert deciding_cells(c, B23)["2+"] == 98
+    # where they change nothing, no flag; the reason still says they were not counted
+    same = apply_guideline(dict(none=85, weak_moderate_complete=14, strong_complete=1), B23)
+    assert same.score == "2+" and "isolated_intense_cells" not in same.flags and "14.0%" in same.reason
+    # over 10% they are 3+ whatever their number
+    assert apply_guideline(dict(none=30, strong_complete=4), B23).score == "3+"
+
+
+def test_scoring_settings_are_checked_before_any_tile_is_read(tmp_path):
+    from her2score.pipeline import ScoringConfig, score_slide
+
+    with pytest.raises(ValueError, match="unknown guideline 'Gastric'"):
+        ScoringConfig(guideline="Gastric")
+    with pytest.raises(ValueError, match="unknown gastric_reading"):
+        ScoringConfig(guideline=G, gastric_reading="perband")
+    with pytest.raises(ValueError, match="specimen 'biopsy' has its own rule only for gastric"):
+        score_slide(tmp_path / "no such slide.tif", specimen="biopsy")  # refused before the file is opened
