@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import points_in_poly
 
-from .slide import FileError
+from .slide import FileError, pillow_pixel_limit
 
 __all__ = ["Region", "RegionError", "load_region", "IGNORED_CLASSES"]
 
@@ -171,10 +171,11 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with pillow_pixel_limit(MAX_MASK_PIXELS), Image.open(path) as img:
             if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
-            mask = np.asarray(img.convert("L")) > 0
+            grey = np.asarray(img.convert("L"))
+            mask = grey >= 128 if img.format == "JPEG" else grey > 0  # JPEG rings round its edges: mid-grey decides
     except RegionError:
         raise
     except UnidentifiedImageError:
@@ -194,7 +195,7 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour; any size with the slide's aspect).
+    mask image covering the whole slide (non-zero = tumour, or >= 128 in a JPEG; any size with the slide's aspect).
 
     Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*) are left out;
     when the export also holds detections or cells, only the annotations are used.

@@ -13,7 +13,10 @@ import math
 import os
 import re
 import struct
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +214,19 @@ def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _without_extra_samples(arr: np.ndarray, extrasamples) -> np.ndarray:
+    """RGB, or RGBA with unassociated alpha (for _to_rgb), from a TIFF's samples: an associated
+    (premultiplied) alpha is composited over white here; extra samples of unspecified meaning are dropped."""
+    if arr.shape[2] <= 3:
+        return arr
+    kind = int(extrasamples[0]) if extrasamples else 0
+    if kind == 2:  # unassociated alpha
+        return arr[..., :4]
+    if kind == 1:  # associated alpha: colour already multiplied by it
+        return np.minimum(arr[..., :3].astype(np.int32) + (255 - arr[..., 3:4].astype(np.int32)), 255).astype(np.uint8)
+    return arr[..., :3]
+
+
 class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
@@ -240,12 +256,28 @@ def _plain_mpp(img) -> float | None:
     return None
 
 
+@contextmanager
+def pillow_pixel_limit(pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``pixels`` while images are opened (its own default,
+    89 MP with an error at twice that, would refuse plain fields this package accepts), without its warning."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
     from PIL import Image, UnidentifiedImageError
 
     notes = []
     try:
-        with Image.open(path) as img:
+        with pillow_pixel_limit(MAX_PLAIN_PIXELS), Image.open(path) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
@@ -287,6 +319,11 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
     raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)")
 
 
+_OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "dm": 1e5,
+           "m": 1e6, "in": 25400.0}
+"""Micrometres per OME-XML PhysicalSizeXUnit (UnitsLength); another unit gives no µm/px from the metadata."""
+
+
 def _tiff_mpp(tif, page) -> float | None:
     desc = page.tags.get("ImageDescription")
     text = desc.value if desc else ""
@@ -301,18 +338,20 @@ def _tiff_mpp(tif, page) -> float | None:
     if tif.is_ome:
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
-        if m:
-            factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(u.group(1) if u else "µm", 1.0)
+        factor = _OME_UM.get(u.group(1) if u else "µm")  # OME's default unit is the micrometre
+        if m and factor:
             try:
                 return float(m.group(1)) * factor
             except ValueError:
                 pass
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    if xres and unit:
+    if xres:
         num, den = xres.value
         if num and den:
             px_per_unit = num / den
-            per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value) if unit else 2)  # no unit tag: inch (TIFF 6.0)
+            if per_unit_um is None and tif.is_imagej and (tif.imagej_metadata or {}).get("unit") in ("micron", "um", "µm"):
+                per_unit_um = 1.0  # ImageJ: no TIFF unit, pixels per micron
             if per_unit_um:
                 return per_unit_um / px_per_unit
     return None
@@ -423,7 +462,7 @@ class TiffSlide(Slide):
             levels.sort(key=lambda pl: pl[1].downsample)
             self._pages = [p for p, _ in levels]
             self.levels = tuple(lv for _, lv in levels)
-            self.notes = ("16-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ()
+            self.notes = (f"{base.bitspersample}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ()
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
@@ -461,6 +500,11 @@ class TiffSlide(Slide):
         offsets, counts = page.dataoffsets, page.databytecounts
         if len(offsets) == 0 or len(offsets) != len(counts):
             raise SlideError(self.path, f"corrupt TIFF: level {level} has no valid tile or strip table")
+        th, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip or page.imagelength, page.imagewidth)
+        needed = (page.samplesperpixel if page.planarconfig == 2 else 1) * -(-page.imagelength // th) * -(-page.imagewidth // tw)
+        if len(offsets) < needed:
+            raise SlideError(self.path, f"corrupt TIFF: level {level} ({page.imagewidth} x {page.imagelength} px) needs "
+                                        f"{needed} tiles/strips, its table has {len(offsets)}")
         ends = np.asarray(offsets, np.int64) + np.asarray(counts, np.int64)
         beyond = int(np.count_nonzero(ends > file_size))
         if beyond:
@@ -505,7 +549,8 @@ class TiffSlide(Slide):
         spp = page.samplesperpixel
         planes = spp if page.planarconfig == 2 else 1  # separate planes: every sample's segments in turn
         per_plane = len(page.dataoffsets) // planes
-        out = np.full((height, width, spp), np.iinfo(page.dtype).max, page.dtype)
+        white = (1 << page.bitspersample) - 1
+        out = np.full((height, width, spp), white, page.dtype)
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
                 sy, sx = ty * th, tx * tw
@@ -517,9 +562,9 @@ class TiffSlide(Slide):
                     ay1, ax1 = min(y + height, sy + seg.shape[0]), min(x + width, sx + seg.shape[1])
                     channels = slice(plane, plane + 1) if planes > 1 else slice(None)
                     out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, channels] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
-        if out.dtype == np.uint16:
-            out = (out >> 8).astype(np.uint8)
-        return _to_rgb(self.path, out)
+        if out.dtype == np.uint16:  # 9-16 significant bits: white stays white
+            out = ((out.astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
+        return _to_rgb(self.path, _without_extra_samples(out, page.extrasamples))
 
 
 class OpenSlideSlide(Slide):

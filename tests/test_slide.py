@@ -3,6 +3,7 @@ PNG/JPEG through the image backend, and the in-memory ArraySlide; then µm/px me
 from __future__ import annotations
 
 import os
+import struct
 import tracemalloc
 
 import cv2
@@ -140,14 +141,38 @@ def _tiff_inch(path, rgb):
     return save_tiff(path, rgb, mpp=None, photometric="rgb", resolution=(101600, 101600), resolutionunit="INCH")
 
 
+def _tiff_no_unit(path, rgb):
+    """Resolution in px/inch with the ResolutionUnit tag renamed away: TIFF 6.0's default unit is the inch."""
+    _tiff_inch(path, rgb)
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<HHI", 296, 3, 1))
+    data[at : at + 2] = struct.pack("<H", 65000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _ome_cm(path, rgb):
+    tifffile.imwrite(path, rgb, photometric="rgb", ome=True, metadata={"axes": "YXS", "PhysicalSizeX": 0.000025,
+                                                                      "PhysicalSizeXUnit": "cm"})
+    return path
+
+
+def _imagej(path, rgb):  # ImageJ: pixels per micron, no TIFF unit
+    tifffile.imwrite(path, rgb, photometric="rgb", imagej=True, resolution=(4, 4), metadata={"unit": "micron"})
+    return path
+
+
 @pytest.mark.parametrize("writer,suffix", [
     (lambda p, a: save_tiff(p, a, mpp=0.25, photometric="rgb"), ".tif"),  # px/cm resolution tags
     (_tiff_inch, ".tif"),
+    (_tiff_no_unit, ".tif"),
+    (_ome_cm, ".ome.tif"),
+    (_imagej, ".tif"),
     (lambda p, a: save_png(p, a, mpp=0.25), ".png"),  # pHYs
     (lambda p, a: save_jpeg(p, a, mpp=0.25), ".jpg"),  # JFIF density
     (_aperio, ".svs"),  # Aperio ImageDescription "MPP = 0.25"
     (_ome, ".ome.tif"),  # OME-XML PhysicalSizeX
-], ids=["tiff-px-per-cm", "tiff-px-per-inch", "png-phys", "jpeg-jfif", "aperio-description", "ome-physicalsize"])
+], ids=["tiff-px-per-cm", "tiff-px-per-inch", "tiff-no-unit-is-inch", "ome-cm", "imagej-micron", "png-phys", "jpeg-jfif", "aperio-description", "ome-physicalsize"])
 def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
     rgb = slide_rgb[:256, :320]
     path = writer(tmp_path / f"s{suffix}", rgb)
@@ -254,3 +279,68 @@ def test_file_truncated_after_opening_fails_when_read(tmp_path, pyramid_tiff):
             s.read_region((0, 0), (1024, 768), mpp=SLIDE_MPP)
     msg = str(e.value)
     assert msg.startswith(f"{path}: ") and "truncated TIFF" in msg and "file ends at byte" in msg
+
+
+def test_an_ome_length_unit_it_does_not_know_gives_no_mpp(tmp_path, slide_rgb):
+    path = tmp_path / "s.ome.tif"
+    tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "parsec"})
+    with pytest.raises(SlideError, match="no microns-per-pixel"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp_source == "user"
+
+
+def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
+    """12-bit samples scale by their own depth; an unspecified extra sample is dropped, an associated
+    (premultiplied) alpha composited over white, an unassociated one blended."""
+    rgb = slide_rgb[:64, :64]
+    twelve = tmp_path / "twelve.tif"
+    tifffile.imwrite(twelve, rgb.astype(np.uint16), photometric="rgb", rowsperstrip=64, resolution=(40000, 40000),
+                     resolutionunit="CENTIMETER", metadata=None, byteorder="<")
+    a, b = (rgb.astype(np.uint32) * 4095 // 255).reshape(-1, 2).T  # 12-bit samples packed two in three bytes
+    packed = np.stack([a >> 4, (a & 15) << 4 | b >> 8, b & 255], axis=1).astype(np.uint8).tobytes()
+    data = bytearray(twelve.read_bytes())
+    with tifffile.TiffFile(twelve) as tf:
+        page = tf.pages[0]
+        start, bits_at, count_at = page.dataoffsets[0], page.tags["BitsPerSample"].valueoffset, page.tags["StripByteCounts"].valueoffset
+    data[start : start + len(packed)] = packed
+    data[bits_at : bits_at + 6] = struct.pack("<3H", 12, 12, 12)
+    data[count_at : count_at + 4] = struct.pack("<I", len(packed))
+    twelve.write_bytes(bytes(data))
+    with open_slide(twelve) as s:
+        assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
+        assert s.notes == ("12-bit samples scaled to 8 bits",)
+    half = np.full((64, 64, 1), 128, np.uint8)
+    for extra, expected in ((0, rgb), (1, np.minimum(rgb.astype(int) + 127, 255)),
+                            (2, (rgb * (128 / 255) + 255 * (1 - 128 / 255) + 0.5).astype(np.uint8))):
+        path = tmp_path / f"extra{extra}.tif"
+        tifffile.imwrite(path, np.concatenate([rgb, half], axis=2), photometric="rgb", extrasamples=(extra,),
+                         resolution=(40000, 40000), resolutionunit="CENTIMETER")
+        with open_slide(path) as s:
+            assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - expected).max() <= 1, extra
+
+
+def test_a_tile_table_shorter_than_the_image_is_refused_at_opening(tmp_path, slide_rgb):
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, slide_rgb[:512, :512], photometric="rgb", tile=(256, 256), resolution=(40000, 40000),
+                     resolutionunit="CENTIMETER")
+    data = bytearray(path.read_bytes())
+    for tag in (256, 257):  # ImageWidth, ImageLength (SHORT, or LONG) -> 5000
+        for kind in (3, 4):
+            at = data.find(struct.pack("<HHI", tag, kind, 1))
+            if at >= 0:
+                data[at + 8 : at + 12] = struct.pack("<H", 5000) + b"\0\0" if kind == 3 else struct.pack("<I", 5000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(SlideError, match="needs 400 tiles/strips, its table has 4"):
+        open_slide(path)
+
+
+def test_pillows_own_pixel_limit_does_not_refuse_a_field(tmp_path, slide_rgb, monkeypatch):
+    from PIL import Image
+
+    path = save_png(tmp_path / "field.png", slide_rgb[:512, :512], mpp=0.5)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # far under the field's 262,144 pixels
+    with open_slide(path) as s:
+        assert s.dimensions == (512, 512)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # put back
