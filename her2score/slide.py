@@ -430,6 +430,8 @@ class TiffSlide(Slide):
         try:
             self._tif = tifffile.TiffFile(path)
             pages = list(self._tif.pages)
+            if pages and pages[0].subifds:  # a pyramid in SubIFDs (OME-TIFF from QuPath, bfconvert)
+                pages += [level.keyframe for level in self._tif.series[0].levels[1:]]
         except SlideError:
             raise
         except Exception as e:  # tifffile raises many types on corrupt input

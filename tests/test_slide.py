@@ -344,3 +344,19 @@ def test_pillows_own_pixel_limit_does_not_refuse_a_field(tmp_path, slide_rgb, mo
     with open_slide(path) as s:
         assert s.dimensions == (512, 512)
     assert Image.MAX_IMAGE_PIXELS == 100_000  # put back
+
+
+def test_a_pyramid_in_subifds_is_read_level_by_level(tmp_path, slide_rgb):
+    """OME-TIFF as QuPath and bfconvert write it: the reduced levels are SubIFDs of the full-resolution page."""
+    path = tmp_path / "sub.ome.tif"
+    rgb = slide_rgb[:512, :512]
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(rgb, subifds=2, tile=(128, 128), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25,
+                                                                                "PhysicalSizeXUnit": "µm"})
+        for k in (2, 4):
+            tif.write(cv2.resize(rgb, (512 // k, 512 // k), interpolation=cv2.INTER_AREA), tile=(128, 128),
+                      photometric="rgb", subfiletype=1)
+    with open_slide(path) as s:
+        assert [lv.downsample for lv in s.levels] == [1.0, 2.0, 4.0]
+        quarter = s.read_region((0, 0), (128, 128), mpp=1.0)
+        assert _mad(quarter, cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA)) < 2
