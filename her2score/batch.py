@@ -332,6 +332,9 @@ def process_slide(job: Job) -> dict:
             guideline=r.guideline, specimen=r.specimen, region=r.region,
             **{f"pct_{c}": r.percentages.get(c, 0.0) for c in CATEGORIES},
         )
+    except BrokenProcessPool as e:  # a tile or output worker of this slide died (the OOM killer, a crashing reader)
+        log.debug("slide's worker died: %s\n%s", job.slide, traceback.format_exc())
+        return _crash_row(job, e)
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))

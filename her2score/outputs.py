@@ -220,11 +220,6 @@ def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
             w.write_table(batch(a, min(a + CHUNK, n)).cast(first.schema))
 
 
-def _write_parquet(analysis: SlideAnalysis, path: Path) -> None:
-    with atomic_file(path) as f:
-        write_cells_parquet(analysis, f)
-
-
 def _slide_size(analysis: SlideAnalysis, slide: Slide | None) -> tuple[float, float]:
     """Level-0 (width, height) in px: the slide's, else estimated from the thumbnail."""
     if slide is not None:
@@ -364,10 +359,10 @@ _forked: dict = {}
 to open that slide again from its file instead (_output_pool)."""
 
 
-def _init_forked(analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
+def _init_forked(parent: int, analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
     from .batch import die_with_parent
 
-    die_with_parent()
+    die_with_parent(parent)
     _forked.update(analysis=analysis, slide=slide, reopen=reopen)
 
 
@@ -383,15 +378,11 @@ def _forked_overlay() -> bytes:
         return overlay_png(analysis, slide)
 
 
-def _forked_parquet(path: Path) -> None:
-    _write_parquet(_forked["analysis"], path)
-
-
 def _output_pool(analysis: SlideAnalysis, slide: Slide | None, reopen: bool, workers: int) -> ProcessPoolExecutor:
     """``workers`` processes forked with ``analysis`` and ``slide`` (never pickled); ``reopen``: the overlay's
     worker opens the analysed slide again from its file, as write_outputs did."""
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
-                               initargs=(analysis, slide, reopen))
+                               initargs=(os.getpid(), analysis, slide, reopen))
 
 
 def _features_in(pool: ProcessPoolExecutor, n_cells: int, size: tuple[float, float], workers: int) -> Iterator[bytes]:
@@ -725,8 +716,8 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
-    many forked processes draw the overlay, write the parquet table and make the GeoJSON's text side by
-    side (the same bytes), where the platform forks."""
+    many forked processes draw the overlay and make the GeoJSON's text side by side (the same bytes),
+    where the platform forks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own = slide is None
@@ -736,15 +727,11 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
         n = len(analysis.cells["x"])
         parallel = workers > 1 and n > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
         with _output_pool(analysis, slide, own and slide is not None, workers) if parallel else nullcontext() as pool:
-            # one worker draws the overlay and one writes the parquet table while the others make the GeoJSON's text
-            overlay = pool.submit(_forked_overlay) if pool else None
-            parquet = pool.submit(_forked_parquet, out / "cells.parquet") if pool else None
+            overlay = pool.submit(_forked_overlay) if pool else None  # drawn in one worker while the others make GeoJSON
             with atomic_file(out / "cells.geojson") as f:
                 write_cells_geojson(analysis, f, slide_size=size, features=_features_in(pool, n, size, workers) if pool else None)
-            if parquet is None:
-                _write_parquet(analysis, out / "cells.parquet")
-            else:
-                parquet.result()
+            with atomic_file(out / "cells.parquet") as f:
+                write_cells_parquet(analysis, f)
             if cells_csv:
                 with atomic_file(out / "cells.csv") as f:
                     write_cells_csv(analysis, f)

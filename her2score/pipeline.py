@@ -203,10 +203,10 @@ class SlideAnalysis:
 _worker: dict = {}
 
 
-def _init_worker(path: str, mpp: float | None, backend: str | None, cnn) -> None:
+def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn) -> None:
     from .batch import die_with_parent
 
-    die_with_parent()  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
+    die_with_parent(parent)  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn
     if cnn is not None:
@@ -337,7 +337,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
         cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(slide_path, mpp, backend, cnn)) if parallel else None
+        pool = (ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(), slide_path, mpp, backend, cnn))
+                if parallel else None)
         try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
             pending = pool.map(partial(_run_tile, stains=stains, config=config, nucleus=nucleus,
                                        cnn_max_patches=cnn_max), tiles) if pool else None

@@ -473,6 +473,19 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def test_a_tile_worker_that_dies_makes_its_slide_an_error_row(tmp_path, three, pyramid_tiff, monkeypatch):
+    """A slide's own tile worker killed (the OOM killer, a crashing reader): the slide's row says its
+    process died, as when the process scoring the slide dies, and nothing of it is left in --out."""
+    from her2score import pipeline
+
+    shutil.copy(pyramid_tiff, three / "slide.tif")
+    monkeypatch.setattr(pipeline, "_read_and_score", lambda *a, **k: os._exit(9))  # in the forked tile workers
+    rows = {Path(r["slide"]).name: r for r in run_batch([three / "slide.tif"], tmp_path / "out", config=SMALL_TILES, workers=2)}
+    assert rows["slide.tif"]["status"] == "error"
+    assert "the process scoring this slide died (BrokenProcessPool)" in rows["slide.tif"]["error"]
+    assert not (tmp_path / "out" / "slide.tif" / "result.json").exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyramid_tiff):
     """SIGKILL the process scoring a slide: its slides are run again, one by one, and all finish."""
