@@ -41,8 +41,10 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ import numpy as np
 
 from .categories import CATEGORIES
 from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, wilson_ci, with_null_doubt
+from .outputs import atomic_write
 from .results import SCORES, SlideResult
 
 __all__ = [
@@ -164,9 +167,12 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
     if any(r.get("eligible") for _, r in rows) and not eligible_rule:
         raise ValueError(f"{p}: has an 'eligible' column; say which rule it answers (--eligible-rule NAME), "
                          "or name the columns eligible_<rule>")
-    items = []
+    items, line_of = [], {}
     for i, r in rows:
         where = f"{p}, line {i}"
+        if (key := str((p.parent / r["path"]).resolve())) in line_of:
+            raise ValueError(f"{where}: {r['path']} is labelled again (first on line {line_of[key]}); each image once")
+        line_of[key] = i
         try:
             score, level = parse_truth_label(r["label"])
             if r.get("level"):  # an optional five-level column beside a 4-class label (as synth writes)
@@ -319,6 +325,25 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+_AT_LEAST = {
+    1: ("faint_partial", "weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral", "strong_partial"),
+    2: ("weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral"),
+    3: ("strong_complete", "strong_lateral"),
+}
+"""The categories stained at each level or higher as the guidelines count them (complete and lateral membranes at
+their intensity; any other stained membrane at 1+), written out here rather than taken from the package's own tables,
+so that a fault in those shows in the figures."""
+
+
+def _requirement_holds(level: str, min_percent: float, inclusive: bool, counts: Mapping[str, int]) -> bool:
+    """Whether the true ``counts`` hold a rule's ``[[require]]``: the share at ``level`` ("1+", "2+", "3+" or "any")
+    or higher over (``inclusive``: at least) ``min_percent``, in exact arithmetic."""
+    total = sum(int(v) for v in counts.values())
+    n = sum(int(counts.get(cat, 0)) for cat in _AT_LEAST[1 if level == "any" else int(level[0])])
+    share, need = Fraction(100 * n, total), Fraction(str(min_percent))
+    return share >= need if inclusive else share > need
+
+
 def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mapping[str, int] | None = None) -> bool | None:
     """Whether a patient whose true label is ``label`` (any TRUTH_LEVELS spelling) is eligible under
     ``rule``, from the rule file alone (never check_eligibility): the label's level is eligible if it,
@@ -341,8 +366,7 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
             if counts is None or not sum(counts.values()):
                 answer = None
             else:
-                c = {cat: int(counts.get(cat, 0)) for cat in CATEGORIES}
-                answer = all(req.met(c)[0] for req in rule.require)
+                answer = all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts) for req in rule.require)
         answers.add(answer)
     return answers.pop() if len(answers) == 1 else None
 
@@ -371,18 +395,24 @@ def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
     return by_key
 
 
-def _safe(path: str, root: Path | None) -> str:
+def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
+    """Each image's folder under results/: its path under ``root`` (else its file name), made safe; a
+    name two images would share gets ' (2)', ' (3)', ... on the later ones."""
     from .batch import safe_name
 
-    p = Path(path)
-    rel = str(p.relative_to(root)) if root is not None and p.is_relative_to(root) else p.name
-    return safe_name(rel)
+    out, seen = [], Counter()
+    for path in paths:
+        p = Path(path)
+        name = safe_name(str(p.relative_to(root)) if p.is_relative_to(root) else p.name)
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
 
 
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, bool, str]:
     """The image's result, whether it was reused, and who ran the CNN ("pipeline", "reused" or ""
     when none ran). A finished result is reused where it was scored under the same guideline and
-    specimen, unless the CNN is wanted and it has none."""
+    specimen, unless the CNN is wanted and it has none, or another model's."""
     from .pipeline import analyse_slide
 
     key = str(Path(item.path).resolve())
@@ -390,7 +420,7 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
         same_rules = (result.guideline, result.specimen) == (config.guideline, config.specimen)
-        if same_rules and (model is None or result.cnn is not None):
+        if same_rules and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             return result, True, "reused" if result.cnn is not None else ""
     result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model).result
     return result, False, "pipeline" if result.cnn is not None else ""
@@ -493,8 +523,14 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
         clf = model if isinstance(model, TileClassifier) else load_model(model)
     config = ScoringConfig(guideline=guideline, specimen=specimen)
-    reusable = _find_reusable(reuse)
     rule_objs = [load_rule(r) for r in (rules or available_rules())]
+    unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
+    if unknown:
+        raise ValueError(f"{labels}: eligibility truth for unknown rules {unknown}; the rules are {available_rules()}")
+    same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}
+    reusable = {key: f for key, f in _find_reusable(reuse).items()  # by file name only where that names one image
+                if not (key.startswith("name:") and key[len("name:"):] in same_name)}
+    folders = _result_folders([item.path for item in items], root)
 
     rows: list[dict[str, Any]] = []
     results: list[SlideResult | None] = []
@@ -502,9 +538,9 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
         try:
             result, reused, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
-            d = out / "results" / _safe(item.path, root)
+            d = out / "results" / folders[n_done - 1]
             d.mkdir(parents=True, exist_ok=True)
-            (d / "result.json").write_text(result.to_json(), encoding="utf-8")
+            atomic_write(d / "result.json", result.to_json())
             row.update(classical=result.classical_score, cnn=result.cnn_score, fused=result.score,
                        confidence=result.confidence, level=result.level,
                        classical_level=method_result(result, "classical").level,
@@ -532,6 +568,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     truth_levels = [items[i].level for i in ok]
     metrics: dict[str, Any] = {
         "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
+        "not_scored": sum(1 for i in ok if results[i].score is None),
         "guideline": guideline, "specimen": specimen, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
         "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
         "model": clf.name if clf else None,
@@ -585,13 +622,13 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         metrics[k] = head.get(k)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default) + "\n")
     _write_csv(out / "per_image.csv", rows)
     _plot_confusion(out / "confusion.png", metrics)
     if pairs:
         _plot_bland_altman(out / "bland_altman.png", pairs)
     summary = _summary(metrics)
-    (out / "report.md").write_text(_report(metrics, summary), encoding="utf-8")
+    atomic_write(out / "report.md", _report(metrics, summary))
     return {**metrics, "summary": summary}
 
 
@@ -619,7 +656,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    path.write_text(buf.getvalue(), encoding="utf-8")
+    atomic_write(path, buf.getvalue())
 
 
 def _figure(width_in: float, height_in: float):
@@ -629,6 +666,12 @@ def _figure(width_in: float, height_in: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_in, height_in), dpi=110)
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
 
 
 def _matrix_panel(ax, cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str) -> None:
@@ -663,7 +706,7 @@ def _plot_confusion(path: Path, metrics: dict) -> None:
             _matrix_panel(fig.add_subplot(n_rows, max(1, len(methods)), len(methods) + k + 1), np.array(t["matrix"]),
                           t["rows"], t["columns"], f"{m}: null vs ultralow, agreement {t['agreement']:.3f} (n={t['n']})")
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
+    _save_figure(fig, path)
 
 
 def _plot_bland_altman(path: Path, pairs: list[tuple[Mapping[str, float], Mapping[str, float]]]) -> None:
@@ -686,7 +729,7 @@ def _plot_bland_altman(path: Path, pairs: list[tuple[Mapping[str, float], Mappin
         ax.set_xlabel("mean of called and true % of tumour cells", fontsize=7)
         ax.set_ylabel("called - true (points)", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
+    _save_figure(fig, path)
 
 
 def _fmt(v, ci=None) -> str:
@@ -699,7 +742,9 @@ def _fmt(v, ci=None) -> str:
 
 
 def _summary(metrics: dict) -> str:
-    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} errors); "
+    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} errors"
+             + (f"; {metrics['not_scored']} without tumour cells, no score: left out of accuracy" if metrics["not_scored"] else "")
+             + "); "
              f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
@@ -712,7 +757,10 @@ def _report(metrics: dict, summary: str) -> str:
     methods = list(metrics["methods"])
     out = ["# her2score evaluation", "",
            f"Labels: `{metrics['labels']}`; {metrics['n']} of {metrics['n_images']} images scored "
-           f"({metrics['errors']} errors); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
+           f"({metrics['errors']} errors"
+           + (f"; {metrics['not_scored']} without tumour cells, no score: left out of accuracy, counted in eligibility"
+              if metrics["not_scored"] else "")
+           + f"); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
            f"CNN model: {metrics['model'] or 'not run'}"
            + (f" (CNN run by: {', '.join(f'{k} {v}' for k, v in metrics['cnn_source'].items())})" if metrics['cnn_source'] else "")
            + ".",

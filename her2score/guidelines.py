@@ -196,7 +196,7 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float | None, float 
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def _isolated(strong: int, total: int, isolated_percent: float) -> bool:

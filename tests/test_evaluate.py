@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from her2score.categories import CATEGORIES
 from her2score.cli import main
 from her2score.eligibility import Requirement, Rule, check_eligibility, load_rule
 from her2score.evaluate import (
@@ -432,3 +433,89 @@ def test_category_percentages_within_five_points_of_the_generator_truth():
         pa = percent_agreement([(r.percentages, truth)])
         worst[score] = {c: round(v["bias"], 1) for c, v in pa.items() if abs(v["bias"]) > PCT_BOUND}
     assert worst == {s: {} for s, _ in PCT_FIELDS}
+
+
+# --------------------------------------------------------------------------- what a labels file and --reuse can get wrong
+
+def test_an_image_labelled_twice_is_refused(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("path,label\nx.png,1+\ny.png,0\n./x.png,1+\n")
+    with pytest.raises(ValueError, match=r"l\.csv, line 4: \./x\.png is labelled again \(first on line 2\)"):
+        read_labels(p)
+
+
+def test_eligibility_truth_for_a_rule_that_does_not_exist_is_refused(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("path,label,eligible\nx.png,2+,yes\n")
+    with pytest.raises(ValueError, match=r"unknown rules \['her2-low'\]"):
+        evaluate(p, tmp_path / "out", use_cnn=False, eligible_rule="her2-low")
+
+
+def test_reuse_by_file_name_only_where_it_names_one_labelled_image(tmp_path):
+    """Two labelled images share a file name and --reuse holds a result for one of them elsewhere: neither
+    takes it by name (both are scored; here they are empty files, so both are errors). Images outside the
+    labels folder that share a name get results folders of their own."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "f.png").write_bytes(b"")
+    prev = tmp_path / "prev" / "f"
+    prev.mkdir(parents=True)
+    (prev / "result.json").write_text(_result("/elsewhere/a/f.png", "3+").to_json())
+    (tmp_path / "labels.csv").write_text("path,label\na/f.png,3+\nb/f.png,0\n")
+    m = evaluate(tmp_path / "labels.csv", tmp_path / "out", reuse=tmp_path / "prev", use_cnn=False, bootstrap=0)
+    assert m["n"] == 0 and m["errors"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_image.csv")))
+    assert all(r["error"] for r in rows) and not any(r.get("reused") for r in rows)
+    from her2score.evaluate import _result_folders
+
+    assert _result_folders(["/x/a/f.png", "/y/f.png", str(tmp_path / "a" / "f.png")], tmp_path) == [
+        "f.png", "f.png (2)", "a__f.png"]
+
+
+def test_a_result_of_another_cnn_is_not_reused(tmp_path):
+    class Named:
+        name = "the-new-model"
+
+    img = tmp_path / "f.png"
+    img.write_bytes(b"")
+    old = _result(img.resolve(), "1+", cnn="1+", fused="1+")  # its CNN report names "test-model"
+    reusable = {str(img.resolve()): tmp_path / "r.json"}
+    (tmp_path / "r.json").write_text(old.to_json())
+    from her2score.evaluate import LabelledItem, _score_one
+    from her2score.pipeline import ScoringConfig
+
+    item = LabelledItem(str(img), "1+", {})
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)[1] is True
+    Named.name = "test-model"
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)[1] is True
+    Named.name = "the-new-model"
+    with pytest.raises(Exception):  # scored again (an empty file here): never the old model's figures
+        _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)
+
+
+def test_images_without_tumour_cells_are_said_to_be_left_out_of_accuracy(known):
+    labels, prev, out = known
+    f = next(prev.glob("*/result.json"))
+    r = SlideResult.from_dict(json.loads(f.read_text()))
+    f.write_text(replace(r, score=None, classical_score=None, level="not scored", classical_level="not scored",
+                         tumour_cells=0).to_json())
+    m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)
+    assert m["not_scored"] == 1 and m["methods"]["classical"]["n"] == m["n"] - 1
+    assert "1 without tumour cells, no score: left out of accuracy" in m["summary"]
+
+
+def test_the_truths_requirement_arithmetic_is_its_own_and_agrees_with_the_rules():
+    """eligibility_truth checks [[require]] shares with evaluate's own table and arithmetic, so a fault in
+    the package's Requirement would show in the figures; on random counts the two agree."""
+    from her2score.eligibility import Requirement
+    from her2score.evaluate import _requirement_holds
+
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        counts = {c: int(v) for c, v in zip(CATEGORIES, rng.integers(0, 30, len(CATEGORIES)))}
+        counts["none"] += 1
+        for level in ("1+", "2+", "3+", "any"):
+            for inclusive in (False, True):
+                pct = float(rng.choice([0, 5, 10, 12.5, 30, 100 * counts["strong_complete"] / sum(counts.values())]))
+                req = Requirement(level, pct, inclusive)
+                assert _requirement_holds(level, pct, inclusive, counts) == req.met(counts)[0], (counts, level, pct)
