@@ -207,14 +207,19 @@ def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
                                                     or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
 
 
+def _breast_2plus_groups(c: Mapping[str, int], isolated_intense_percent: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The two populations either of which makes a breast 2+ over 10%: complete membranes (intense complete
+    cells only where they are no isolated cells), and intense incomplete ones (the unusual pattern)."""
+    isolated = _isolated(c["strong_complete"], sum(c.values()), isolated_intense_percent)
+    return ("weak_moderate_complete", *(() if isolated else ("strong_complete",))), ("strong_lateral", "strong_partial")
+
+
 def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str,
                          isolated_intense_percent: float) -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
     if GUIDELINE_FAMILY[guideline] == "breast":
-        total = sum(c.values())
-        intense = () if _isolated(c["strong_complete"], total, isolated_intense_percent) else ("strong_complete",)
-        complete, incomplete = ("weak_moderate_complete", *intense), ("strong_lateral", "strong_partial")
-        stained = tuple(cat for cat in CATEGORIES if cat not in ("none", "strong_complete")) + intense
+        complete, incomplete = _breast_2plus_groups(c, isolated_intense_percent)
+        stained = tuple(cat for cat in CATEGORIES if cat not in ("none", "strong_complete")) + complete[1:]
         larger = max((complete, incomplete), key=lambda cats: sum(c[cat] for cat in cats))
         return {"3+": ("strong_complete",), "2+": larger, "1+": stained}
     match = (lambda lv, k: lv == k) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
@@ -250,19 +255,23 @@ def _shares_of(counts: Mapping[str, int], n: int) -> dict[str, int]:
     return out
 
 
-def _down_sides(c: dict[str, int], score: str, cats: tuple[str, ...], guideline: str, **rules) -> list[str]:
-    """The scores ``c``'s call ``score`` falls to when its deciding cells (``cats``) fall just to the
-    cut-off's other side: the surplus cells not there (missed, or not tumour), or read one band weaker.
-    ``rules``: apply_guideline's keywords."""
-    total, n = sum(c.values()), sum(c[cat] for cat in cats)
+def _down_sides(c: dict[str, int], score: str, groups: list[tuple[str, ...]], guideline: str, **rules) -> list[str]:
+    """The scores ``c``'s call ``score`` falls to when each group of its deciding cells (``groups``: category
+    tuples) falls just to the cut-off's other side: the surplus cells not there (missed, or not tumour),
+    or read weaker, band by band, until they leave the group. ``rules``: apply_guideline's keywords."""
+    total = sum(c.values())
     below = total // 10 if GUIDELINE_FAMILY[guideline] == "breast" else (total - 1) // 10  # most cells short of the cut
-    taken = _shares_of({cat: c[cat] for cat in cats}, n - below)
     out = []
-    for to in (lambda cat: "none", _WEAKER.get):
+    for weaker in (False, True):
         alt = dict(c)
-        for cat, k in taken.items():
-            alt[cat] -= k
-            alt[to(cat)] += k
+        for cats in groups:
+            n = sum(c[cat] for cat in cats)
+            for cat, k in _shares_of({cat: c[cat] for cat in cats}, max(0, n - below)).items():
+                to = cat
+                while weaker and to in cats:
+                    to = _WEAKER[to]
+                alt[cat] -= k
+                alt[to if weaker else "none"] += k
         other = apply_guideline(alt, guideline, **rules).score
         if other != score and other not in out:
             out.append(other)
@@ -300,8 +309,10 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
         held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            cats = _deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]
-            sides += [(other, pct) for other in _down_sides(c, score, cats, guideline, specimen=specimen, clusters=clusters or {},
+            groups = [_deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]]
+            if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
+                groups = [g for g in _breast_2plus_groups(c, isolated_intense_percent) if 10 * sum(c[cat] for cat in g) > total]
+            sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]
     return sorted(sides, key=lambda side: abs(side[1] - 10.0))

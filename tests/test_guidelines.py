@@ -443,3 +443,12 @@ def test_scoring_settings_are_checked_before_any_tile_is_read(tmp_path):
         ScoringConfig(guideline=G, gastric_reading="perband")
     with pytest.raises(ValueError, match="specimen 'biopsy' has its own rule only for gastric"):
         score_slide(tmp_path / "no such slide.tif", specimen="biopsy")  # refused before the file is opened
+
+
+def test_down_sides_move_every_population_that_holds_the_call():
+    """A gastric 2+ whose strong cells read weaker leaves 2+ only once they fall below it (faint: 1+); a
+    breast 2+ held by complete and by intense incomplete cells, both just over 10%, could be 1+."""
+    assert near_cutoff_sides(dict(none=88, weak_moderate_complete=8, strong_complete=4), "2+", guideline=G) == [
+        ("0", 12.0), ("1+", 12.0)]
+    both = dict(none=157, weak_moderate_complete=22, strong_lateral=21)  # 11.0% complete, 10.5% intense incomplete
+    assert near_cutoff_sides(both, "2+") == [("1+", 11.0)]
