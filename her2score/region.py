@@ -175,7 +175,8 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
             if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
             grey = np.asarray(img.convert("L"))
-            mask = grey >= 128 if img.format == "JPEG" else grey > 0  # JPEG rings round its edges: mid-grey decides
+            # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
+            mask = 2 * grey.astype(np.int32) >= max(int(grey.max()), 1) if img.format == "JPEG" else grey > 0
     except RegionError:
         raise
     except UnidentifiedImageError:
@@ -195,7 +196,8 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour, or >= 128 in a JPEG; any size with the slide's aspect).
+    mask image covering the whole slide (non-zero = tumour, or over half its top value in a JPEG; any size with the
+    slide's aspect).
 
     Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*) are left out;
     when the export also holds detections or cells, only the annotations are used.

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import struct
-import warnings
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -256,20 +256,30 @@ def _plain_mpp(img) -> float | None:
     return None
 
 
+_PIXEL_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
+
+
 @contextmanager
 def pillow_pixel_limit(pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb limit set to ``pixels`` while images are opened (its own default,
-    89 MP with an error at twice that, would refuse plain fields this package accepts), without its warning."""
+    """Pillow's decompression-bomb limit raised to at least ``pixels`` while images are opened (its own
+    default, 89 MP with an error at twice that, would refuse plain fields this package accepts). Threads
+    share it: the first in raises it, the last out puts Pillow's back."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = pixels
+    state = _PIXEL_LIMIT
+    with state["lock"]:
+        if state["users"] == 0:
+            state["saved"] = Image.MAX_IMAGE_PIXELS
+        state["users"] += 1
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
+            Image.MAX_IMAGE_PIXELS = pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS = limit
+        with state["lock"]:
+            state["users"] -= 1
+            if state["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = state["saved"]
 
 
 def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
@@ -335,9 +345,10 @@ def _tiff_mpp(tif, page) -> float | None:
             return float(m.group(1))
         except ValueError:
             pass
-    if tif.is_ome:
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-        u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+    if tif.is_ome:  # the first Pixels element that has a size, and its own unit
+        pixels = next((t for t in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata or "") if "PhysicalSizeX=" in t), "")
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', pixels)
+        u = re.search(r'PhysicalSizeXUnit="([^"]+)"', pixels)
         factor = _OME_UM.get(u.group(1) if u else "µm")  # OME's default unit is the micrometre
         if m and factor:
             try:
@@ -417,6 +428,16 @@ def _tiff_structure_problem(path: Path) -> str | None:
     return None
 
 
+def _subifd_levels(tif, first) -> list:
+    """The reduced levels stored as SubIFDs of ``first`` (the full-resolution page), from the series it
+    heads; none where tifffile cannot read them (the file is then read at its full resolution alone)."""
+    try:
+        owner = next((s for s in tif.series if s.levels and s.levels[0].keyframe.offset == first.offset), None)
+        return [level.keyframe for level in owner.levels[1:]] if owner else []
+    except Exception:  # tifffile raises many types on corrupt input
+        return []
+
+
 class TiffSlide(Slide):
     """Tiled (pyramidal, OME, Aperio SVS) or plain TIFF via tifffile, reading only the segments needed."""
 
@@ -431,7 +452,7 @@ class TiffSlide(Slide):
             self._tif = tifffile.TiffFile(path)
             pages = list(self._tif.pages)
             if pages and pages[0].subifds:  # a pyramid in SubIFDs (OME-TIFF from QuPath, bfconvert)
-                pages += [level.keyframe for level in self._tif.series[0].levels[1:]]
+                pages += _subifd_levels(self._tif, pages[0])
         except SlideError:
             raise
         except Exception as e:  # tifffile raises many types on corrupt input

@@ -123,7 +123,7 @@ def test_bad_masks(tmp_path):
         load_region(p, slide_size=SIZE)
 
 
-def test_a_jpeg_mask_is_read_at_mid_grey_a_lossless_one_at_non_zero(tmp_path):
+def test_a_jpeg_mask_is_read_at_half_its_top_a_lossless_one_at_non_zero(tmp_path):
     yy, xx = np.mgrid[:400, :500]
     disc = (yy - 200) ** 2 + (xx - 250) ** 2 < 120**2
     Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "mask.jpg", quality=50)
@@ -131,3 +131,6 @@ def test_a_jpeg_mask_is_read_at_mid_grey_a_lossless_one_at_non_zero(tmp_path):
     assert abs(int(jpeg.mask.sum()) - int(disc.sum())) < 0.005 * disc.sum()  # the ringing round its edge is not tumour
     Image.fromarray(disc.astype(np.uint8)).save(tmp_path / "labels.png")  # 0/1 labels: any non-zero value is tumour
     assert np.array_equal(load_region(tmp_path / "labels.png", slide_size=(500, 400)).mask, disc)
+    Image.fromarray(disc.astype(np.uint8)).save(tmp_path / "labels.jpg", quality=90)  # 0/1 labels in a JPEG
+    labels = load_region(tmp_path / "labels.jpg", slide_size=(500, 400))
+    assert abs(int(labels.mask.sum()) - int(disc.sum())) < 0.005 * disc.sum()

@@ -360,3 +360,60 @@ def test_a_pyramid_in_subifds_is_read_level_by_level(tmp_path, slide_rgb):
         assert [lv.downsample for lv in s.levels] == [1.0, 2.0, 4.0]
         quarter = s.read_region((0, 0), (128, 128), mpp=1.0)
         assert _mad(quarter, cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA)) < 2
+
+
+def test_the_ome_unit_is_that_of_the_pixels_element_with_the_size(tmp_path, slide_rgb):
+    """Two images in one OME-XML: the first's size in the default unit (µm), the second's in mm; the first
+    image's unit is not taken from the second."""
+    def pixels(i, size):
+        return (f'<Image ID="Image:{i}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" Type="uint8" SizeX="64" SizeY="64" '
+                f'SizeC="3" SizeZ="1" SizeT="1" {size}><Channel ID="Channel:{i}:0" SamplesPerPixel="3"/>'
+                f'<TiffData IFD="{i}" PlaneCount="1"/></Pixels></Image>')
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           + pixels(0, 'PhysicalSizeX="0.25"') + pixels(1, 'PhysicalSizeX="0.00025" PhysicalSizeXUnit="mm"') + "</OME>")
+    path = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(slide_rgb[:64, :64], photometric="rgb", description=xml, metadata=None)
+        tif.write(slide_rgb[64:128, :64], photometric="rgb", metadata=None)
+    with open_slide(path) as s:
+        assert s.mpp == pytest.approx(0.25) and s.mpp_source == "metadata"
+
+
+def test_a_broken_subifd_leaves_the_full_resolution_readable(tmp_path, slide_rgb):
+    path = tmp_path / "sub.ome.tif"
+    rgb = slide_rgb[:256, :256]
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25})
+        tif.write(rgb[::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1)
+    with tifffile.TiffFile(path) as tf:
+        at = tf.pages[0].tags["SubIFDs"].valueoffset
+    data = bytearray(path.read_bytes())
+    data[at : at + 4] = struct.pack("<I", len(data) + 1000)  # the SubIFD pointer past the end of the file
+    path.write_bytes(bytes(data))
+    with open_slide(path) as s:
+        assert [lv.downsample for lv in s.levels] == [1.0]
+        assert _mad(s.read_region((0, 0), (256, 256), mpp=0.25), rgb) < 1
+
+
+def test_the_pillow_limit_is_put_back_when_threads_overlap():
+    import threading
+
+    from PIL import Image
+
+    from her2score.slide import pillow_pixel_limit
+
+    before, inside, go = Image.MAX_IMAGE_PIXELS, threading.Barrier(2), threading.Event()
+
+    def hold(pixels):
+        with pillow_pixel_limit(pixels):
+            inside.wait()
+            go.wait(5)
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in (300_000_000, 400_000_000)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join()
+    assert Image.MAX_IMAGE_PIXELS == before
