@@ -26,8 +26,6 @@ import json
 import logging
 import os
 import re
-import signal
-import sys
 import time
 import traceback
 import unicodedata
@@ -44,10 +42,11 @@ from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
+from .workers import die_with_parent, worker_pool
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
-    "die_with_parent", "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK", "SAVE_COST_SHARE", "SAVE_ALWAYS_UNDER_S",
+    "SUMMARY_COLUMNS", "MANIFEST", "SUMMARY", "LOCK", "SAVE_COST_SHARE", "SAVE_ALWAYS_UNDER_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -640,33 +639,13 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
                      "(they are scored again), or choose another --out")
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM
-    and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
-    default actions, in place of the handlers the parent set (the batch itself stops in order); a
-    signal the parent ignores (a batch started in the background) stays ignored."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
-
-
 @contextmanager
 def _pool(n: int) -> Iterator[ProcessPoolExecutor]:
     """``n`` slide worker processes, shut down at the end waiting for their slides; when the batch
     stops early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them)
     without waiting, so the batch records what finished first. The slides still running end before
     the process exits (or are scored again by the next run if it is killed)."""
-    pool = ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = worker_pool(n, die_with_parent)
     try:
         yield pool
     except BaseException:

@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("labels", help="CSV of path,label[,eligible][,ish] (paths relative to the CSV) or a folder per class")
     e.add_argument("--out", required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
     e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse "
-                                   "where scored under the same --guideline and --specimen")
+                                   "where scored under the same --guideline and --specimen (and the same CNN, where it runs)")
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
     e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
     e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights

@@ -7,8 +7,8 @@ report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`
 gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
 (as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image), or
 ``count_<category>`` columns in the CSV, give the true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
-its result.json is reused, where it was scored under the same guideline and specimen), the CNN is run on it when the result carries no CNN report, and
-``out`` receives:
+its result.json is reused, where it was scored under the same guideline and specimen), the CNN is run on it when the result carries no
+report of the same CNN. Each image is labelled once (a second row for it is refused). ``out`` receives:
 
 - ``metrics.json``: per method (classical, cnn, fused): n, accuracy with its Wilson 95% interval,
   quadratic-weighted kappa with a percentile-bootstrap 95% interval (paired resamples of images,
@@ -143,6 +143,8 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
             out[row["path"]] = {str(k): int(v) for k, v in row["counts"].items()}
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}, line {i}: not a truth record with 'path' and 'counts' ({e})") from None
+        if unknown := sorted(set(out[row["path"]]) - set(CATEGORIES)):
+            raise ValueError(f"{path}, line {i}: unknown cell categories {unknown}; the categories are {list(CATEGORIES)}")
     return out
 
 
@@ -743,7 +745,8 @@ def _fmt(v, ci=None) -> str:
 
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} errors"
-             + (f"; {metrics['not_scored']} without tumour cells, no score: left out of accuracy" if metrics["not_scored"] else "")
+             + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
+                if metrics["not_scored"] else "")
              + "); "
              f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
@@ -758,7 +761,8 @@ def _report(metrics: dict, summary: str) -> str:
     out = ["# her2score evaluation", "",
            f"Labels: `{metrics['labels']}`; {metrics['n']} of {metrics['n_images']} images scored "
            f"({metrics['errors']} errors"
-           + (f"; {metrics['not_scored']} without tumour cells, no score: left out of accuracy, counted in eligibility"
+           + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy, "
+              "counted in eligibility"
               if metrics["not_scored"] else "")
            + f"); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
            f"CNN model: {metrics['model'] or 'not run'}"

@@ -289,7 +289,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     Up, each higher score: its cells lie within ``points`` under the cut-off, or the Wilson interval
     (``confidence``) of their share reaches over it. Down, where the call's own deciding cells lie
     within ``points`` over it, or their share's interval reaches under it: the scores the rules give
-    with those cells just under the cut-off, the surplus missing or read one band weaker (a 2+ on
+    with those cells just under the cut-off, the surplus missing or read weaker until it no longer counts (a 2+ on
     weak-to-moderate complete cells alone falls to 0, or to 1+ if they read faint); not for
     a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
     holds (``clusters``, read for biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.

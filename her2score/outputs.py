@@ -30,6 +30,7 @@ from .guidelines import INTENSITY
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
+from .workers import die_with_parent, worker_pool
 
 __all__ = [
     "atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_parquet", "write_cells_geojson",
@@ -359,9 +360,7 @@ _forked: dict = {}
 to open that slide again from its file instead (_output_pool)."""
 
 
-def _init_forked(parent: int, analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
-    from .batch import die_with_parent
-
+def _init_forked(parent: int | None, analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
     die_with_parent(parent)
     _forked.update(analysis=analysis, slide=slide, reopen=reopen)
 
@@ -381,8 +380,7 @@ def _forked_overlay() -> bytes:
 def _output_pool(analysis: SlideAnalysis, slide: Slide | None, reopen: bool, workers: int) -> ProcessPoolExecutor:
     """``workers`` processes forked with ``analysis`` and ``slide`` (never pickled); ``reopen``: the overlay's
     worker opens the analysed slide again from its file, as write_outputs did."""
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_forked,
-                               initargs=(os.getpid(), analysis, slide, reopen))
+    return worker_pool(workers, _init_forked, (analysis, slide, reopen))
 
 
 def _features_in(pool: ProcessPoolExecutor, n_cells: int, size: tuple[float, float], workers: int) -> Iterator[bytes]:

@@ -10,7 +10,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
@@ -38,6 +37,7 @@ from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_st
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
+from .workers import die_with_parent, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -203,9 +203,7 @@ class SlideAnalysis:
 _worker: dict = {}
 
 
-def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn) -> None:
-    from .batch import die_with_parent
-
+def _init_worker(parent: int | None, path: str, mpp: float | None, backend: str | None, cnn) -> None:
     die_with_parent(parent)  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn
@@ -337,8 +335,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
         cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
-        pool = (ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(), slide_path, mpp, backend, cnn))
-                if parallel else None)
+        pool = worker_pool(workers, _init_worker, (slide_path, mpp, backend, cnn)) if parallel else None
         try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
             pending = pool.map(partial(_run_tile, stains=stains, config=config, nucleus=nucleus,
                                        cnn_max_patches=cnn_max), tiles) if pool else None

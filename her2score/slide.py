@@ -256,23 +256,23 @@ def _plain_mpp(img) -> float | None:
     return None
 
 
-_PIXEL_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
+_PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
 
 
 @contextmanager
-def pillow_pixel_limit(pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb limit raised to at least ``pixels`` while images are opened (its own
-    default, 89 MP with an error at twice that, would refuse plain fields this package accepts). Threads
-    share it: the first in raises it, the last out puts Pillow's back."""
+def pillow_unlimited() -> Iterator[None]:
+    """Pillow's decompression-bomb check off while images are opened: the caller checks the size the header
+    gives against its own limit before decoding (Pillow's 89 MP default, an error at twice that and a
+    warning between, would refuse fields this package accepts). Threads share it: the first in turns it
+    off, the last out puts Pillow's limit back."""
     from PIL import Image
 
-    state = _PIXEL_LIMIT
+    state = _PILLOW_LIMIT
     with state["lock"]:
         if state["users"] == 0:
             state["saved"] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
         state["users"] += 1
-        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
-            Image.MAX_IMAGE_PIXELS = pixels
     try:
         yield
     finally:
@@ -287,7 +287,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 
     notes = []
     try:
-        with pillow_pixel_limit(MAX_PLAIN_PIXELS), Image.open(path) as img:
+        with pillow_unlimited(), Image.open(path) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
@@ -310,8 +310,6 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
         raise
     except UnidentifiedImageError:
         raise SlideError(path, f"not a readable image although named {path.suffix}") from None
-    except Image.DecompressionBombError as e:
-        raise SlideError(path, f"refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise SlideError(path, f"cannot decode image ({e}); truncated or corrupt file") from None
     return ArraySlide(arr, notes=tuple(notes), **_mpp_args(path, meta_mpp, mpp))

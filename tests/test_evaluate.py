@@ -307,6 +307,11 @@ def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):
 
 
 def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
+    (tmp_path / "truth.jsonl").write_text('{"path": "c.png", "counts": {"none": 90, "stroma": 30}}\n')
+    (tmp_path / "m.csv").write_text("path,label\nc.png,0\n")
+    with pytest.raises(ValueError, match=r"truth\.jsonl, line 1: unknown cell categories \['stroma'\]"):
+        read_labels(tmp_path / "m.csv")
+    (tmp_path / "truth.jsonl").unlink()
     p = tmp_path / "l.csv"
     p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\nb.png,0,,\n")
     items = read_labels(p)
@@ -501,7 +506,7 @@ def test_images_without_tumour_cells_are_said_to_be_left_out_of_accuracy(known):
                          tumour_cells=0).to_json())
     m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)
     assert m["not_scored"] == 1 and m["methods"]["classical"]["n"] == m["n"] - 1
-    assert "1 without tumour cells, no score: left out of accuracy" in m["summary"]
+    assert "1 without tumour cells, no score: left out of the classical and fused accuracy" in m["summary"]
 
 
 def test_the_truths_requirement_arithmetic_is_its_own_and_agrees_with_the_rules():

@@ -219,3 +219,20 @@ def test_a_slide_is_segmented_with_one_set_of_nucleus_thresholds_from_tiles_spre
     # the level of all 12 tiles (0.107), within 0.004; the first 8 alone, the normal rows, give 0.115
     assert abs(r.staining["counterstain_od"] - everywhere.counterstain) < 0.004, (r.staining, everywhere)
     assert len(used) == 12 and len(set(used)) == 1 and used[0] == pytest.approx(r.staining["nucleus_threshold_od"], abs=1e-4)
+
+
+def test_tile_workers_are_forked_whatever_the_default_start_method(tmp_path, pyramid_tiff):
+    """Under forkserver (Python 3.14's default on Linux) a worker's parent is the server, not the process
+    scoring the slide: the tile workers are forked all the same, and score the slide."""
+    import subprocess
+    import sys
+
+    script = (
+        "import multiprocessing as mp, sys\n"
+        "from her2score.pipeline import ScoringConfig, analyse_slide\n"
+        "mp.set_start_method('forkserver', force=True)\n"
+        "print(analyse_slide(sys.argv[1], config=ScoringConfig(tile_px=256), workers=2).result.score)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(pyramid_tiff)], capture_output=True, text=True, timeout=300)
+    one = analyse_slide(pyramid_tiff, config=ScoringConfig(tile_px=256)).result.score
+    assert done.returncode == 0 and done.stdout.split()[-1] == one, done.stderr[-2000:]
