@@ -166,6 +166,8 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
     rows = [(i, r) for i, r in rows if r.get("path")]
     if not rows:
         raise ValueError(f"{p}: no labelled rows")
+    if unknown := sorted(k for k in rows[0][1] if k.startswith("count_") and k[len("count_"):] not in CATEGORIES):
+        raise ValueError(f"{p}: unknown count columns {unknown}; the categories are {list(CATEGORIES)}")
     if any(r.get("eligible") for _, r in rows) and not eligible_rule:
         raise ValueError(f"{p}: has an 'eligible' column; say which rule it answers (--eligible-rule NAME), "
                          "or name the columns eligible_<rule>")

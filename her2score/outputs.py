@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing as mp
 import os
 import tempfile
 from collections import deque
@@ -30,7 +29,7 @@ from .guidelines import INTENSITY
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
-from .workers import die_with_parent, worker_pool
+from .workers import FORKS, die_with_parent, worker_pool
 
 __all__ = [
     "atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_parquet", "write_cells_geojson",
@@ -360,7 +359,7 @@ _forked: dict = {}
 to open that slide again from its file instead (_output_pool)."""
 
 
-def _init_forked(parent: int | None, analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
+def _init_forked(parent: int, analysis: SlideAnalysis, slide: Slide | None, reopen: bool) -> None:
     die_with_parent(parent)
     _forked.update(analysis=analysis, slide=slide, reopen=reopen)
 
@@ -723,7 +722,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     try:
         size = _slide_size(analysis, slide)
         n = len(analysis.cells["x"])
-        parallel = workers > 1 and n > GEOJSON_CHUNK and "fork" in mp.get_all_start_methods()
+        parallel = workers > 1 and n > GEOJSON_CHUNK and FORKS  # the workers inherit the analysis, never pickled
         with _output_pool(analysis, slide, own and slide is not None, workers) if parallel else nullcontext() as pool:
             overlay = pool.submit(_forked_overlay) if pool else None  # drawn in one worker while the others make GeoJSON
             with atomic_file(out / "cells.geojson") as f:

@@ -203,7 +203,7 @@ class SlideAnalysis:
 _worker: dict = {}
 
 
-def _init_worker(parent: int | None, path: str, mpp: float | None, backend: str | None, cnn) -> None:
+def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn) -> None:
     die_with_parent(parent)  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn

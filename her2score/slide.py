@@ -256,13 +256,18 @@ def _plain_mpp(img) -> float | None:
     return None
 
 
+PLAIN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+"""The formats Pillow may open a plain image or mask as: each reads only its header when opened, so the
+size is checked before any pixel is decoded (ICO, for one, decodes an embedded PNG on opening)."""
+
+
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
 
 
 @contextmanager
 def pillow_unlimited() -> Iterator[None]:
-    """Pillow's decompression-bomb check off while images are opened: the caller checks the size the header
-    gives against its own limit before decoding (Pillow's 89 MP default, an error at twice that and a
+    """Pillow's decompression-bomb check off while images of PLAIN_FORMATS are opened: the caller checks the
+    size the header gives against its own limit before decoding (Pillow's 89 MP default, an error at twice that and a
     warning between, would refuse fields this package accepts). Threads share it: the first in turns it
     off, the last out puts Pillow's limit back."""
     from PIL import Image
@@ -287,7 +292,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 
     notes = []
     try:
-        with pillow_unlimited(), Image.open(path) as img:
+        with pillow_unlimited(), Image.open(path, formats=PLAIN_FORMATS) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "

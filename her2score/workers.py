@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["die_with_parent", "worker_pool"]
+__all__ = ["FORKS", "die_with_parent", "worker_pool"]
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:
@@ -31,10 +31,13 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
+FORKS = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
+"""Whether worker processes are forked: where the platform forks, whatever the default start method
+(forkserver is Python 3.14's on Linux), but not on macOS, whose system libraries make fork unsafe."""
+
+
 def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = ()) -> ProcessPoolExecutor:
-    """``n`` worker processes forked from this one where the platform forks (they inherit what it has
-    loaded), else spawned; ``initializer`` gets this process's pid first (for die_with_parent: a
-    forked worker's parent is this process, a forkserver's is not), None where they are not forked."""
-    fork = "fork" in mp.get_all_start_methods()
-    return ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if fork else None, initializer=initializer,
-                               initargs=(os.getpid() if fork else None, *initargs))
+    """``n`` worker processes, forked where FORKS (they inherit what this process has loaded), else the
+    platform's default; ``initializer`` gets this process's pid first (for die_with_parent)."""
+    return ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
+                               initargs=(os.getpid(), *initargs))

@@ -312,6 +312,9 @@ def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"truth\.jsonl, line 1: unknown cell categories \['stroma'\]"):
         read_labels(tmp_path / "m.csv")
     (tmp_path / "truth.jsonl").unlink()
+    (tmp_path / "m.csv").write_text("path,label,count_none,count_stroma\nc.png,0,90,30\n")
+    with pytest.raises(ValueError, match=r"unknown count columns \['count_stroma'\]"):
+        read_labels(tmp_path / "m.csv")
     p = tmp_path / "l.csv"
     p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\nb.png,0,,\n")
     items = read_labels(p)

@@ -134,3 +134,15 @@ def test_a_jpeg_mask_is_read_at_half_its_top_a_lossless_one_at_non_zero(tmp_path
     Image.fromarray(disc.astype(np.uint8)).save(tmp_path / "labels.jpg", quality=90)  # 0/1 labels in a JPEG
     labels = load_region(tmp_path / "labels.jpg", slide_size=(500, 400))
     assert abs(int(labels.mask.sum()) - int(disc.sum())) < 0.005 * disc.sum()
+
+
+def test_a_mask_is_opened_only_as_a_format_that_reads_its_header_first(tmp_path):
+    """An ICO decodes its embedded PNG on opening, before any size check: a mask file holding one is refused
+    unread, whatever its name."""
+    import io
+
+    ico, out = tmp_path / "mask.png", io.BytesIO()
+    Image.new("RGBA", (16, 16), (255, 255, 255, 255)).save(out, format="ICO")
+    ico.write_bytes(out.getvalue())
+    with pytest.raises(RegionError, match="not a GeoJSON"):
+        load_region(ico, slide_size=(500, 400))
