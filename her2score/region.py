@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import points_in_poly
 
-from .slide import PLAIN_FORMATS, FileError, pillow_unlimited
+from .slide import FileError, open_plain_image
 
 __all__ = ["Region", "RegionError", "load_region", "IGNORED_CLASSES"]
 
@@ -168,10 +168,10 @@ def _load_geojson(path: Path) -> Region:
 
 
 def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with pillow_unlimited(), Image.open(path, formats=PLAIN_FORMATS) as img:
+        with open_plain_image(path) as img:
             if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
             grey = np.asarray(img.convert("L"))

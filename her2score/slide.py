@@ -256,18 +256,13 @@ def _plain_mpp(img) -> float | None:
     return None
 
 
-PLAIN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
-"""The formats Pillow may open a plain image or mask as: each reads only its header when opened, so the
-size is checked before any pixel is decoded (ICO, for one, decodes an embedded PNG on opening)."""
-
-
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
 
 
 @contextmanager
 def pillow_unlimited() -> Iterator[None]:
-    """Pillow's decompression-bomb check off while images of PLAIN_FORMATS are opened: the caller checks the
-    size the header gives against its own limit before decoding (Pillow's 89 MP default, an error at twice that and a
+    """Pillow's decompression-bomb check off (for open_plain_image): the caller checks the size the header
+    gives against its own limit before decoding (Pillow's 89 MP default, an error at twice that and a
     warning between, would refuse fields this package accepts). Threads share it: the first in turns it
     off, the last out puts Pillow's limit back."""
     from PIL import Image
@@ -287,12 +282,27 @@ def pillow_unlimited() -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = state["saved"]
 
 
+PLAIN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+"""The formats Pillow may open a plain image or mask as: each reads only its header when opened, so the
+size is checked before any pixel is decoded (ICO, for one, decodes an embedded PNG on opening)."""
+
+
+@contextmanager
+def open_plain_image(path: Path) -> Iterator:
+    """A plain image or mask opened by Pillow as one of PLAIN_FORMATS, its bomb check off (pillow_unlimited):
+    the caller checks the size in the header against its own limit before decoding."""
+    from PIL import Image
+
+    with pillow_unlimited(), Image.open(path, formats=PLAIN_FORMATS) as img:
+        yield img
+
+
 def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     notes = []
     try:
-        with pillow_unlimited(), Image.open(path, formats=PLAIN_FORMATS) as img:
+        with open_plain_image(path) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
@@ -431,6 +441,13 @@ def _tiff_structure_problem(path: Path) -> str | None:
     return None
 
 
+def _segment_grid(page) -> tuple[int, int, int]:
+    """(rows, columns) of a page's tiles or strips, clipped to the image, and its planes: the samples for
+    separate planes (every sample's segments in turn), else 1."""
+    th, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip or page.imagelength, page.imagewidth)
+    return min(th, page.imagelength), min(tw, page.imagewidth), page.samplesperpixel if page.planarconfig == 2 else 1
+
+
 def _subifd_levels(tif, first) -> list:
     """The reduced levels stored as SubIFDs of ``first`` (the full-resolution page), from the series it
     heads; none where tifffile cannot read them (the file is then read at its full resolution alone)."""
@@ -526,8 +543,8 @@ class TiffSlide(Slide):
         offsets, counts = page.dataoffsets, page.databytecounts
         if len(offsets) == 0 or len(offsets) != len(counts):
             raise SlideError(self.path, f"corrupt TIFF: level {level} has no valid tile or strip table")
-        th, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip or page.imagelength, page.imagewidth)
-        needed = (page.samplesperpixel if page.planarconfig == 2 else 1) * -(-page.imagelength // th) * -(-page.imagewidth // tw)
+        th, tw, planes = _segment_grid(page)
+        needed = planes * -(-page.imagelength // th) * -(-page.imagewidth // tw)
         if len(offsets) < needed:
             raise SlideError(self.path, f"corrupt TIFF: level {level} ({page.imagewidth} x {page.imagelength} px) needs "
                                         f"{needed} tiles/strips, its table has {len(offsets)}")
@@ -566,14 +583,9 @@ class TiffSlide(Slide):
         page = self._pages[level]
         if self._fd is None:
             raise SlideError(self.path, "slide is closed")
-        if page.is_tiled:
-            th, tw = page.tilelength, page.tilewidth
-        else:
-            th, tw = page.rowsperstrip or page.imagelength, page.imagewidth
-        th, tw = min(th, page.imagelength), min(tw, page.imagewidth)
+        th, tw, planes = _segment_grid(page)
         n_across = -(-page.imagewidth // tw)
         spp = page.samplesperpixel
-        planes = spp if page.planarconfig == 2 else 1  # separate planes: every sample's segments in turn
         per_plane = len(page.dataoffsets) // planes
         white = (1 << page.bitspersample) - 1
         out = np.full((height, width, spp), white, page.dtype)
