@@ -309,9 +309,10 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
         held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            groups = [_deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]]
             if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
                 groups = [g for g in _breast_2plus_groups(c, isolated_intense_percent) if 10 * sum(c[cat] for cat in g) > total]
+            else:
+                groups = [_deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]]
             sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]

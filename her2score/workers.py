@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 __all__ = ["FORKS", "die_with_parent", "worker_pool"]
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM
     and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
     default actions, in place of the handlers the parent set (the batch itself stops in order); a
@@ -27,7 +27,7 @@ def die_with_parent(parent_pid: int | None = None) -> None:
             libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    if parent_pid is not None and os.getppid() != parent_pid:
+    if os.getppid() != parent_pid:
         os._exit(1)
 
 
