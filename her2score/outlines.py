@@ -180,20 +180,27 @@ class Outlines(Sequence):
     def __len__(self) -> int:
         return len(self._size)
 
-    def _decode(self, t: int, a: int, b: int) -> np.ndarray:
+    def _decode(self, t: int, rows: slice | np.ndarray) -> np.ndarray:
         pts, origin, scale = self._tiles[t]
-        return ((grid_to_pixels(pts[a:b]) + np.array(origin, np.float32)) * scale).astype(np.float32)
+        return ((grid_to_pixels(pts[rows]) + np.array(origin, np.float32)) * scale).astype(np.float32)
+
+    def take(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outlines of ``cells`` (indices, negative from the end) back to back, as float32 (V, 2)
+        level-0 px, and each one's vertex count."""
+        cells = np.arange(len(self))[np.asarray(cells, np.int64)]  # IndexError past the end
+        tile, size = self._tile[cells], self._size[cells].astype(np.int64)
+        first = np.cumsum(size) - size  # where each outline begins in the output
+        src = np.repeat(self._start[cells] - first, size) + np.arange(int(size.sum()))  # each vertex's row in its tile
+        of = np.repeat(tile, size)
+        out = np.empty((len(src), 2), np.float32)
+        for t in np.unique(tile).tolist():
+            on = of == t
+            out[on] = self._decode(t, src[on])
+        return out, size
 
     def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Outlines of cells a..b back to back (float32 (V, 2) level-0 px) and each one's vertex count."""
-        a, b, _ = slice(a, b).indices(len(self))
-        if b <= a:
-            return np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
-        tile, start, size = self._tile[a:b], self._start[a:b], self._size[a:b].astype(np.int64)
-        runs = np.flatnonzero(np.diff(tile)) + 1  # cells of one tile are consecutive
-        xy = [self._decode(int(tile[i]), int(start[i]), int(start[j - 1] + size[j - 1]))
-              for i, j in zip([0, *runs.tolist()], [*runs.tolist(), b - a])]
-        return np.concatenate(xy), size
+        return self.take(range(*slice(a, b).indices(len(self))[:2]))
 
     def __iter__(self):
         for a in range(0, len(self), 4096):
@@ -201,12 +208,12 @@ class Outlines(Sequence):
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            return _split(*self.block(*key.indices(len(self))[:2])) if key.step in (None, 1) else [self[i] for i in range(len(self))[key]]
+            return _split(*self.take(range(len(self))[key]))
         if np.ndim(key) == 0:
             i = range(len(self))[int(key)]  # negative indices; IndexError past the end
-            return self._decode(int(self._tile[i]), int(self._start[i]), int(self._start[i] + self._size[i]))
+            return self._decode(int(self._tile[i]), slice(int(self._start[i]), int(self._start[i] + self._size[i])))
         key = np.asarray(key)
-        return [self[int(i)] for i in (np.flatnonzero(key) if key.dtype == bool else key)]
+        return _split(*self.take(np.flatnonzero(key) if key.dtype == bool else key))
 
 
 def _clip(pts: np.ndarray, width: float, height: float) -> np.ndarray:
