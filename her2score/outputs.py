@@ -705,8 +705,8 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
     many forked processes make the GeoJSON's text (the same bytes), where the platform forks (FORKS),
-    and a thread of this process writes the other files and draws the overlay meanwhile, started once
-    they have forked (a thread never runs across a fork). Drawn in a forked process instead, the
+    and a thread of this process draws the overlay meanwhile, started once they have forked (a
+    thread never runs across a fork). Drawn in a forked process instead, the
     overlay added 100 MB to the peak of a 1.3-gigapixel slide."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -716,20 +716,19 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
         size = _slide_size(analysis, slide)
         parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and FORKS  # the workers inherit the analysis
 
-        def rest() -> None:  # beside the GeoJSON workers, or after the GeoJSON written here
+        with ThreadPoolExecutor(1) as thread:
+            drawn: list[Future] = []
+            features = _features_in_workers(analysis, size, workers, lambda: drawn.append(thread.submit(
+                overlay_png, analysis, slide))) if parallel else None
+            with atomic_file(out / "cells.geojson") as f:
+                write_cells_geojson(analysis, f, slide_size=size, features=features)
             with atomic_file(out / "cells.parquet") as f:
                 write_cells_parquet(analysis, f)
             if cells_csv:
                 with atomic_file(out / "cells.csv") as f:
                     write_cells_csv(analysis, f)
-            atomic_write(out / "overlay.png", overlay_png(analysis, slide))
-
-        with ThreadPoolExecutor(1) as thread:
-            beside: list[Future] = []
-            features = _features_in_workers(analysis, size, workers, lambda: beside.append(thread.submit(rest))) if parallel else None
-            with atomic_file(out / "cells.geojson") as f:
-                write_cells_geojson(analysis, f, slide_size=size, features=features)
-            beside[0].result() if beside else rest()
+            png = drawn[0].result() if drawn else overlay_png(analysis, slide)
+        atomic_write(out / "overlay.png", png)
     finally:
         if own and slide is not None and hasattr(slide, "close"):
             slide.close()
