@@ -187,15 +187,23 @@ class Outlines(Sequence):
     def take(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Outlines of ``cells`` (indices, negative from the end) back to back, as float32 (V, 2)
         level-0 px, and each one's vertex count."""
-        cells = np.arange(len(self))[np.asarray(cells, np.int64)]  # IndexError past the end
-        tile, size = self._tile[cells], self._size[cells].astype(np.int64)
-        first = np.cumsum(size) - size  # where each outline begins in the output
-        src = np.repeat(self._start[cells] - first, size) + np.arange(int(size.sum()))  # each vertex's row in its tile
-        of = np.repeat(tile, size)
-        out = np.empty((len(src), 2), np.float32)
-        for t in np.unique(tile).tolist():
-            on = of == t
-            out[on] = self._decode(t, src[on])
+        n = len(self)
+        cells = np.asarray(cells, np.int64).ravel()
+        cells = np.where(cells < 0, cells + n, cells)
+        if len(cells) == 0:
+            return np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+        if cells.min() < 0 or cells.max() >= n:
+            raise IndexError(f"cell index out of range for {n} outlines")
+        tile, start, size = self._tile[cells], self._start[cells], self._size[cells].astype(np.int64)
+        end = np.cumsum(size)
+        out = np.empty((end[-1], 2), np.float32)
+        cut = (np.flatnonzero(np.diff(tile)) + 1).tolist()  # runs of cells from one tile
+        for a, b in zip([0, *cut], [*cut, len(cells)]):
+            if (np.diff(cells[a:b]) == 1).all():  # consecutive cells: their vertices are consecutive too
+                rows = slice(int(start[a]), int(start[b - 1] + size[b - 1]))
+            else:
+                rows = np.repeat(start[a:b] - (end[a:b] - size[a:b]), size[a:b]) + np.arange(end[a] - size[a], end[b - 1])
+            out[end[a] - size[a] : end[b - 1]] = self._decode(int(tile[a]), rows)
         return out, size
 
     def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:

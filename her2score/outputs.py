@@ -374,9 +374,9 @@ def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], wor
     once every worker exists (the pool forks them all at its first task, and never again)."""
     with worker_pool(workers, _init_forked, (analysis,)) as pool:
         pending: deque = deque()
-        for bounds in _chunk_bounds(len(analysis.cells["x"])):
+        for i, bounds in enumerate(_chunk_bounds(len(analysis.cells["x"]))):
             pending.append(pool.submit(_forked_features, bounds, size))
-            if len(pending) == 1:
+            if i == 0:
                 forked()
             if len(pending) >= 4 * workers:
                 yield pending.popleft().result()

@@ -116,8 +116,14 @@ def test_compact_outlines_read_back_as_traced_and_placed():
     xy, sizes = out.block(3, 8)
     assert np.array_equal(sizes, [len(e) for e in expected[3:8]]) and np.array_equal(xy, np.concatenate(expected[3:8]))
     assert out.block(4, 4)[0].shape == (0, 2)
+    pick = [8, 3, 4, -1, 7, 0, 1, 2, 6, 5]  # within a tile and across both, in and out of order, from the end, empty
+    xy, sizes = out.take(pick)
+    assert same(np.split(xy, np.cumsum(sizes)[:-1]), [expected[i] for i in pick])
+    assert out.take([])[0].shape == (0, 2)
     with pytest.raises(IndexError):
         out[10]
+    with pytest.raises(IndexError):
+        out.take([2, -11])
 
 
 def test_rings_leave_the_cell_border_untouched():
