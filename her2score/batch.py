@@ -326,10 +326,11 @@ def process_slide(job: Job) -> dict:
         row.update(
             status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,
             classical_score=r.classical_score or "", cnn_score=r.cnn_score or "",
-            confidence="" if r.confidence is None else r.confidence, h_score=r.h_score, tumour_cells=r.tumour_cells,
+            confidence="" if r.confidence is None else r.confidence, h_score="" if r.h_score is None else r.h_score,
+            tumour_cells=r.tumour_cells,
             qc_passed=r.qc_passed, qc=";".join(f"{q.code}:{q.severity}" for q in r.qc), flags=";".join(r.flags),
             guideline=r.guideline, specimen=r.specimen, region=r.region,
-            **{f"pct_{c}": r.percentages.get(c, 0.0) for c in CATEGORIES},
+            **{f"pct_{c}": r.percentages.get(c, "") for c in CATEGORIES},
         )
     except BrokenProcessPool as e:  # a tile or output worker of this slide died (the OOM killer, a crashing reader)
         log.debug("slide's worker died: %s\n%s", job.slide, traceback.format_exc())

@@ -98,7 +98,7 @@ def _console_line(r: dict) -> str:
     if r["status"] != "ok":
         return f"  {'-':>3} x {r['status']:<12} {r['slide']}  ({r['error']})"
     return (f"  {r['score'] or '-':>3} {STATUS_MARK.get(r['qc_status'], '!')} {r['qc_status']:<12} {r['level']:<16} "
-            f"H={r['h_score']:<7} cells={r['tumour_cells']:<6} {r['slide']}")
+            f"H={r['h_score'] if r['h_score'] != '' else '-':<7} cells={r['tumour_cells']:<6} {r['slide']}")
 
 
 def _stop_on_sigterm(signum, frame) -> None:

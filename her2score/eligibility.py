@@ -21,7 +21,8 @@ Precedence of ``check_eligibility``: doubts about the score itself (no score at 
 few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
 isolated intense cells that would change the answer if counted, a call too near a cut-off to be
 sure of its side (guidelines.near_cutoff; for a gastric biopsy also a cluster one cell from the rule's 5,
-guidelines.cluster_sides) whose level on the other side would change the answer,
+guidelines.cluster_sides; for a breast 2+ that intense complete cells in <=10% make, those cells just over
+the isolated-cell floor, guidelines.isolated_sides) whose level on the other side would change the answer,
 an ultralow call whose staining false membranes alone could give where null would change the
 answer, a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
 the other side would change the answer) give needs_review whatever the score, since any answer
@@ -51,6 +52,8 @@ from her2score.guidelines import (
     apply_guideline,
     cluster_sides,
     cluster_words,
+    isolated_sides,
+    isolated_words,
     near_cutoff_sides,
     null_or_ultralow,
     report_level,
@@ -95,10 +98,14 @@ class Requirement:
     inclusive: bool = False
 
     def __post_init__(self) -> None:
-        if self.level not in _REQUIRE_LEVELS:
+        if not isinstance(self.level, str) or self.level not in _REQUIRE_LEVELS:
             raise RuleError(f"require.level must be one of {list(_REQUIRE_LEVELS)}, got {self.level!r}")
-        if not 0 <= self.min_percent <= 100:
-            raise RuleError(f"require.min_percent must be within 0-100, got {self.min_percent!r}")
+        if isinstance(self.min_percent, bool) or not isinstance(self.min_percent, (int, float)) or not 0 <= self.min_percent <= 100:
+            raise RuleError(f"require.min_percent must be a number within 0-100, got {self.min_percent!r}")
+        if not isinstance(self.inclusive, bool):
+            raise RuleError(f"require.inclusive must be true or false, got {self.inclusive!r}")
+        if self.min_percent == 100 and not self.inclusive:
+            raise RuleError("require: more than 100% (min_percent 100, inclusive false) can never be met")
 
     def bound(self) -> str:
         return f"{'>=' if self.inclusive else '>'}{self.min_percent:g}%"
@@ -129,15 +136,28 @@ class Rule:
     min_tumour_cells: int = MIN_TUMOUR_CELLS
     eligible_levels: tuple[str, ...] = ()
     ish_levels: tuple[str, ...] = ()
-    ish_eligible: str = "positive"
+    ish_eligible: str | None = None
     require: tuple[Requirement, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise RuleError("name must not be empty")
+        for key in ("name", "version", "description", "reference", "guideline"):
+            if not isinstance(getattr(self, key), str):
+                raise RuleError(f"{key} must be a string, got {getattr(self, key)!r}")
+        for key in ("name", "version"):
+            if not getattr(self, key).strip():
+                raise RuleError(f"{key} must not be empty")
+        for key in ("eligible_levels", "ish_levels", "require"):
+            value = getattr(self, key)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise RuleError(f"{key} must be a list, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
+        if not all(isinstance(r, Requirement) for r in self.require):
+            raise RuleError(f"require must hold Requirement values, got {self.require!r}")
         guidelines = ("any", *sorted(set(GUIDELINE_FAMILY.values())), *GUIDELINES)
         if self.guideline not in guidelines:
             raise RuleError(f"guideline must be one of {list(guidelines)}, got {self.guideline!r}")
+        if isinstance(self.min_tumour_cells, bool) or not isinstance(self.min_tumour_cells, int):
+            raise RuleError(f"min_tumour_cells must be a whole number, got {self.min_tumour_cells!r}")
         if self.min_tumour_cells < MIN_TUMOUR_CELLS:
             raise RuleError(
                 f"min_tumour_cells must be >= {MIN_TUMOUR_CELLS} (the scoring minimum, "
@@ -149,10 +169,18 @@ class Rule:
                 raise RuleError(f"{key} has unknown levels {bad}; use some of {list(REPORT_LEVELS)}")
         if not self.eligible_levels and not self.ish_levels:
             raise RuleError("eligible_levels and ish_levels are both empty: nothing could be eligible")
-        if both := set(self.eligible_levels) & set(self.ish_levels):
-            raise RuleError(f"levels {sorted(both)} are in both eligible_levels and ish_levels")
-        if self.ish_eligible not in ISH_RESULTS:
-            raise RuleError(f"ish_eligible must be one of {list(ISH_RESULTS)}, got {self.ish_eligible!r}")
+        if both := _level_set(self.eligible_levels) & _level_set(self.ish_levels):
+            raise RuleError(f"levels {sorted(both)} are in both eligible_levels and ish_levels (a \"0\" is any 0)")
+        if self.ish_levels and self.ish_eligible not in ISH_RESULTS:
+            raise RuleError(f"ish_levels need ish_eligible, the ISH result that makes them eligible: one of "
+                            f"{list(ISH_RESULTS)}, got {self.ish_eligible!r}")
+        if not self.ish_levels and self.ish_eligible is not None:
+            raise RuleError(f"ish_eligible ({self.ish_eligible!r}) without ish_levels: no level awaits ISH")
+
+
+def _level_set(levels: tuple[str, ...]) -> set[str]:
+    """The report levels a rule's list names: a plain "0" is any 0 (it matches a score as well as a level)."""
+    return {lv for x in levels for lv in (("0", "0 (null)", "0+ (ultralow)") if x == "0" else (x,))}
 
 
 @dataclass(frozen=True)
@@ -231,6 +259,8 @@ def load_rule(name_or_path: str | Path) -> Rule:
         return _parse(data)
     except tomllib.TOMLDecodeError as e:
         raise RuleError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RuleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RuleError as e:
         raise RuleError(f"{path}: {e}") from None
 
@@ -307,7 +337,24 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         level = report_level(other_score, result.guideline, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return f"{cluster_words(cluster_level, size)}: at {level} the answer would be {other}"
+    floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT)
+    for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=result.guideline,
+                                             isolated_intense_percent=floor):
+        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
+            return f"{isolated_words(result.counts, floor)}: at {level} the answer would be {other}"
     return None
+
+
+def _plain_zero_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str | None:
+    """Why the slide needs review when it was scored a plain 0 (a guideline that does not tell 0 (null)
+    from 0+ (ultralow)) and the rule answers those two differently; None otherwise."""
+    if result.level != "0":
+        return None
+    answers = {level: _decide(replace(result, level=level), rule, ish)[0] for level in ("0 (null)", "0+ (ultralow)")}
+    if len(set(answers.values())) == 1:
+        return None
+    return (f"scored a plain 0 under {result.guideline}, which does not tell 0 (null) from 0+ (ultralow); the rule answers "
+            + " and ".join(f"{answer.replace('_', ' ')} at {level}" for level, answer in answers.items()))
 
 
 def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -362,11 +409,13 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(f"too few tumour cells: {result.tumour_cells} scored, the rule needs >= {rule.min_tumour_cells}")
     if not _guideline_ok(rule.guideline, result.guideline):
         doubts.append(f"the rule expects {rule.guideline} scoring; the slide was scored under {result.guideline}")
-    if result.cnn_score is not None and result.cnn_score != result.classical_score:
+    if result.cnn_score is not None and result.classical_score is not None and result.cnn_score != result.classical_score:
         doubts.append(f"classical score {result.classical_score} and CNN score {result.cnn_score} disagree")
     if result.score is None:  # no score, no automatic answer to add
         return Decision("needs_review", rule.name, rule.version, (f"not scored: {result.reason}", *doubts))
     status, reasons = _decide(result, rule, ish)
+    if (zero := _plain_zero_doubt(result, rule, ish)) is not None:
+        doubts.append(zero)
     if (isolated := _isolated_doubt(result, rule, ish, status)) is not None:
         doubts.append(isolated)
     if (near := _near_cutoff_doubt(result, rule, ish, status)) is not None:

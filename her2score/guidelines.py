@@ -35,6 +35,8 @@ __all__ = [
     "near_cutoff_sides",
     "cluster_sides",
     "cluster_words",
+    "isolated_sides",
+    "isolated_words",
     "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
     "null_or_ultralow",
@@ -354,6 +356,35 @@ def cluster_words(level: str, size: int) -> str:
     edge = "one short of" if size < _MIN_CLUSTER_CELLS else "just"
     stained = level if level == "3+" else f"{level} or stronger"
     return f"a cohesive cluster of {size} tumour cells at {stained}, {edge} the biopsy rule's {_MIN_CLUSTER_CELLS}"
+
+
+def isolated_sides(counts: Mapping[str, int], score: str | None, *, guideline: str,
+                   isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT,
+                   confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, str]]:
+    """The (score, level) a breast call would be were its intense complete cells in <=10% isolated cells, where
+    they lie just over the isolated floor (_isolated): one cell fewer would put them under it, or the
+    Wilson interval (``confidence``) of their share reaches under ``isolated_intense_percent``; []
+    for another guideline, a call they do not change, or cells sure of their side of the floor (and
+    with the floor off, ``isolated_intense_percent`` 0)."""
+    if score not in SCORES or GUIDELINE_FAMILY.get(guideline) != "breast" or isolated_intense_percent == 0:
+        return []
+    c = _validated(counts)
+    total, strong = sum(c.values()), c["strong_complete"]
+    if strong == 0 or 10 * strong > total or _isolated(strong, total, isolated_intense_percent):
+        return []
+    lower = wilson_ci(strong, total, confidence)[0]
+    if not (_isolated(strong - 1, total, isolated_intense_percent) or 100.0 * lower < isolated_intense_percent):
+        return []
+    other, level = _breast_rules({**c, "none": c["none"] + strong, "strong_complete": 0}, guideline, isolated=strong)[:2]
+    return [] if other == score else [(other, level)]
+
+
+def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> str:
+    """How an isolated_sides call's intense complete cells are named in a reason."""
+    c = _validated(counts)
+    strong, total = c["strong_complete"], sum(c.values())
+    return (f"its {strong:,} intense complete cells ({100 * strong / total:.2g}% of {total:,}) lie just over the "
+            f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
 
 
 FALSE_MEMBRANE_PERCENT: float = 8.0

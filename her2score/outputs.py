@@ -502,7 +502,7 @@ def _title_lines(analysis: SlideAnalysis) -> list[tuple[str, int]]:
     level = f" ({r.level})" if r.level != r.score else ""
     lines = [(f"{Path(r.slide).name}: {score}{level}; {r.guideline}, {r.specimen}", 17),
              (f"Reason: {r.reason}", 13),
-             (f"{r.tumour_cells} tumour cells; H-score {r.h_score:g}; tumour: {r.region}", 13)]
+             (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:g}'}; tumour: {r.region}", 13)]
     if r.flags:
         lines.append(("Flags: " + ", ".join(r.flags), 13))
     failed = [q.message for q in r.qc if q.severity in ("fail", "warn")]

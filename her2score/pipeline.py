@@ -25,7 +25,7 @@ from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nu
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, check_settings, cluster_sides, cluster_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
+                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
@@ -392,7 +392,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
-        score, level, flags, h = None, "not scored", ("no_tumour_cells",), 0.0
+        score, level, flags, h = None, "not scored", ("no_tumour_cells",), None
         reason = f"no tumour cells found ({region_source}): no HER2 score"
     else:
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
@@ -412,9 +412,12 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
                                                         clusters=clusters, gastric_reading=config.gastric_reading):
             flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")
             reason += f"; {cluster_words(cluster_level, size)}: it could be {other}"
+        for _, other in isolated_sides(counts, score, guideline=config.guideline, isolated_intense_percent=config.isolated_intense_percent):
+            flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")
+            reason += f"; {isolated_words(counts, config.isolated_intense_percent)}: it could be {other}"
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
-    pct = {k: round(100.0 * v / n_tumour, 3) if n_tumour else 0.0 for k, v in counts.items()}
+    pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence = score, level, flags, None
     if cnn_report is not None and n_tumour:
         score, confidence = fuse(classical, cnn_report.probabilities)
@@ -439,7 +442,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         counts=counts,
         percentages=pct,
         tumour_cells=n_tumour,
-        h_score=round(float(h), 3),
+        h_score=None if h is None else round(float(h), 3),
         clusters=clusters,
         region=region_source,
         qc=tuple(qc),

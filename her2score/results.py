@@ -38,7 +38,8 @@ class SlideResult:
     classical guideline score; None when the slide was not scored (no tumour cells: ``level`` is
     "not scored" and ``reason`` says why). ``level`` and ``flags`` belong to the reported score;
     ``classical_score``, ``classical_level`` and ``classical_flags`` are the guideline call's own,
-    before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative).
+    before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative);
+    with no score, ``percentages`` is empty and ``h_score`` None: no cells were counted, which is not HER2 0.
     """
 
     slide: str
@@ -51,7 +52,7 @@ class SlideResult:
     counts: dict[str, int]
     percentages: dict[str, float]
     tumour_cells: int
-    h_score: float
+    h_score: float | None
     clusters: dict[str, int]
     region: str
     qc: tuple[QCFinding, ...]

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from conftest import save_png
@@ -20,6 +21,7 @@ from test_imagecheck import NOT_TISSUE, photo
 from her2score import __version__
 from her2score.cli import build_parser, main
 from her2score.synthetic import generate_field
+from her2score.categories import CATEGORIES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 
@@ -190,8 +192,6 @@ def test_inputs_that_are_not_hdab_tissue_are_refused_in_summary_and_the_batch_go
         refused.append(f"{name}.png")
     he = sorted(p for p in (REAL / "he").rglob("*.png")) if REAL.is_dir() else []
     for p in he:  # each real H&E image, cropped to 384 px (the crop keeps its µm/px)
-        from PIL import Image
-
         save_png(slides / f"he-{p.stem}.png", np.asarray(Image.open(p).convert("RGB"))[:384, :384], mpp=0.5)
         refused.append(f"he-{p.stem}.png")
     save_png(slides / "colon-ihc.png", photo("immunohistochemistry"), mpp=0.5)
@@ -373,3 +373,22 @@ def test_synth_draws_real_borders_on_request(tmp_path):
     path = next(p.split(",")[0] for p in labels[0].splitlines()[1:] if ",0," in p)
     clean, real = (np.asarray(Image.open(tmp_path / name / path), np.float32) for name in ("clean", "real"))
     assert clean.shape == real.shape and real.mean() < clean.mean()  # more DAB, darker
+
+
+def test_a_slide_with_no_tumour_cells_has_no_h_score_or_shares(tmp_path, capsys):
+    """An annotation that holds no cell: the summary leaves the score, H-score and shares empty (no cells
+    were counted, which is not HER2 0), and the console line shows H=-."""
+    f = generate_field("3+", seed=9300)
+    (tmp_path / "slides").mkdir()
+    save_png(tmp_path / "slides" / "field.png", f.image)
+    (tmp_path / "regions").mkdir()
+    mask = np.zeros((512, 512), np.uint8)
+    mask[0, 0] = 255  # one pixel: no cell centre lies in it
+    Image.fromarray(mask).save(tmp_path / "regions" / "field.png")
+    main(["score", str(tmp_path / "slides"), "--mpp", "0.5", "--regions", str(tmp_path / "regions"),
+          "--out", str(tmp_path / "out"), "--no-cnn"])
+    row = summary(tmp_path / "out")["field.png"]
+    assert (row["status"], row["qc_status"], row["score"], row["h_score"]) == ("ok", "not_scored", "", "")
+    assert all(row[f"pct_{c}"] == "" for c in CATEGORIES)
+    line = next(l for l in capsys.readouterr().out.splitlines() if "field.png" in l)
+    assert "H=- " in line and "not scored" in line

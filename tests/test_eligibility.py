@@ -219,6 +219,7 @@ description = "IHC 3+ in at least 50% of tumour cells, confirmed by FISH"
 reference = "example"
 min_tumour_cells = 200
 ish_levels = ["3+"]
+ish_eligible = "positive"
 [[require]]
 level = "3+"
 min_percent = 50
@@ -258,6 +259,11 @@ def test_user_rule_file(tmp_path):
         ('eligible_levels = ["3+"]\n' + USER_RULE, "in both"),
         ('guideline = "lung"\n' + USER_RULE, "guideline must be one of"),
         ("name = ", "invalid TOML"),
+        (USER_RULE.replace('ish_eligible = "positive"\n', ""), "ish_levels need ish_eligible"),  # HER2-low rules need "negative"
+        (USER_RULE.replace('ish_levels = ["3+"]', 'eligible_levels = ["3+"]'), "ish_eligible .* without ish_levels"),
+        (USER_RULE.replace('version = "2.1"', 'version = " "'), "version must not be empty"),
+        (USER_RULE.replace("inclusive = true", "inclusive = false").replace("min_percent = 50", "min_percent = 100"), "never be met"),
+        (USER_RULE.replace('ish_levels = ["3+"]', 'ish_levels = ["0 (null)"]\neligible_levels = ["0"]'), "in both"),
     ],
 )
 def test_invalid_rule_files(tmp_path, text, message):
@@ -276,6 +282,21 @@ def test_unknown_rule_name():
 def test_rule_constructor_validates():
     with pytest.raises(RuleError, match="eligible_levels has unknown levels"):
         Rule(name="x", version="1", eligible_levels=("4+",))
+    with pytest.raises(RuleError, match="eligible_levels must be a list, got '3\\+'"):
+        Rule(name="x", version="1", eligible_levels="3+")
+    with pytest.raises(RuleError, match="min_tumour_cells must be a whole number"):
+        Rule(name="x", version="1", eligible_levels=("3+",), min_tumour_cells=150.5)
+    with pytest.raises(RuleError, match="min_percent must be a number"):
+        Requirement(level="2+", min_percent="50")
+    listed = Rule(name="x", version="1", eligible_levels=["1+"], ish_levels=["2+"], ish_eligible="negative")
+    assert listed.ish_levels == ("2+",) and check_eligibility(make_result(none=1000), listed).status == "not_eligible"
+
+
+def test_a_rule_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"\xff" + USER_RULE.encode())
+    with pytest.raises(RuleError, match=f"{path}: not UTF-8 text"):
+        load_rule(path)
 
 
 def test_no_score_needs_review_with_the_reason():
@@ -437,3 +458,38 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_i
     assert call.score == "3+" and check_eligibility(r, "gastric-toga", ish="positive").status == "needs_review"  # missed: 0
     sure = check_eligibility(biopsy({"3+": 0, "2+": 8, "1+": 8}), "gastric-toga", ish="positive")
     assert sure.status == "eligible", sure.reasons
+
+
+def test_a_plain_0_needs_review_where_the_rule_tells_null_from_ultralow():
+    """ASCO/CAP 2018 and gastric scoring say plain 0: where the rule answers null and ultralow differently
+    it could be either; where both answer alike there is no doubt."""
+    faint = make_result("breast-asco-cap-2018", none=950, faint_partial=50)
+    assert faint.level == "0"
+    splits = Rule(name="ul", version="1", guideline="breast", eligible_levels=("0+ (ultralow)", "1+"))
+    d = check_eligibility(faint, splits)
+    assert d.status == "needs_review"
+    assert d.reasons[0] == ("scored a plain 0 under breast-asco-cap-2018, which does not tell 0 (null) from 0+ (ultralow); "
+                            "the rule answers not eligible at 0 (null) and eligible at 0+ (ultralow)")
+    assert check_eligibility(faint, "her2-low-breast").status == "not_eligible"  # null and ultralow alike: not eligible
+    gastric = make_result("gastric", none=1000)
+    assert check_eligibility(gastric, Rule(name="g", version="1", eligible_levels=("0 (null)",))).status == "needs_review"
+
+
+def test_a_cnn_score_beside_no_score_is_no_disagreement():
+    unscored = replace(make_result(cnn="1+", **NULL), score=None, level="not scored", classical_score=None,
+                       reason="no tumour cells found (mask (t.png)): no HER2 score", tumour_cells=0)
+    d = check_eligibility(unscored, "her2-low-breast")
+    assert d.status == "needs_review" and not any("disagree" in r for r in d.reasons), d.reasons
+
+
+def test_intense_cells_just_over_the_isolated_floor_need_review_where_isolated_would_change_it():
+    """Five intense complete cells in 400 make a breast 2+; four would be isolated cells, and the slide 0
+    (null): the pipeline flags it near_cutoff, and a HER2-low answer after ISH asks for review."""
+    base = make_result(none=395, strong_complete=5)
+    assert base.score == "2+"
+    result = replace(base, flags=(*base.flags, "near_cutoff"))
+    d = check_eligibility(result, "her2-low-breast", ish="negative")
+    assert d.status == "needs_review"
+    assert d.reasons[0] == ("its 5 intense complete cells (1.2% of 400) lie just over the 1% / 5-cell floor below which "
+                            "they would be isolated cells: at 0 (null) the answer would be not eligible")
+    assert check_eligibility(result, "t-dxd-tumour-agnostic").status == "not_eligible"  # 0 or 2+: not 3+ either way

@@ -14,6 +14,7 @@ from her2score.guidelines import (
     apply_guideline,
     cluster_sides,
     cumulative_counts,
+    isolated_sides,
     deciding_cells,
     h_score,
     level_flags,
@@ -212,6 +213,25 @@ def test_isolated_floor_only_where_it_decides():
         assert "isolated_intense_cells" not in apply_guideline(counts, B23).flags
     # gastric has no "intense complete in <=10%" pattern: a single strong cell is simply a stained cell
     assert apply_guideline(cells(none=9_999, sc=1), G).flags == ()
+
+
+@pytest.mark.parametrize(
+    ("counts", "floor", "sides"),
+    [
+        (dict(none=395, sc=5), 1.0, [("0", "0 (null)")]),  # 5 cells: one fewer is under the 5-cell floor
+        (dict(none=989, sc=11), 1.0, [("0", "0 (null)")]),  # 1.1%: its 95% interval (0.6-2.0%) reaches under 1%
+        (dict(none=800, sc=11, fp=189), 1.0, [("1+", "1+")]),  # the other cells give 1+
+        (dict(none=970, sc=30), 1.0, []),  # 3.0% (2.1-4.3%): sure of its side
+        (dict(none=396, sc=4), 1.0, []),  # isolated already: the call is 0, the flag says so
+        (dict(none=395, sc=5), 0.0, []),  # the literal rule: no floor
+        (dict(none=85, wmc=14, sc=1), 1.0, []),  # 2+ from >10% complete staining whatever the intense cell
+    ],
+)
+def test_intense_cells_just_over_the_isolated_floor_could_be_isolated(counts, floor, sides):
+    c = cells(**counts)
+    call = apply_guideline(c, B23, isolated_intense_percent=floor)
+    assert isolated_sides(c, call.score, guideline=B23, isolated_intense_percent=floor) == sides, call.reason
+    assert isolated_sides(cells(none=395, sc=5), "0", guideline=G) == []  # gastric has no such pattern
 
 
 # -- gastric readings: cumulative (default) or per band ----------------------------------------------

@@ -43,6 +43,7 @@ def test_no_tumour_cells_is_no_score(tmp_path):
     assert r.tumour_cells == 0
     assert (r.score, r.classical_score, r.level) == (None, None, "not scored")
     assert r.flags == ("no_tumour_cells",) and r.confidence is None
+    assert r.h_score is None and r.percentages == {}  # no cells counted: no H-score 0, no 0% shares
     assert r.reason == "no tumour cells found (mask (tumour.png)): no HER2 score"
     assert not r.qc_passed and "too_few_tumour_cells" in {q.code for q in r.qc}
     assert '"score": null' in r.to_json()
@@ -193,6 +194,16 @@ def test_isolated_intense_cells_end_to_end():
     assert literal.score == "2+" and "unusual_pattern" in literal.flags, literal.reason
     assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"  # 2+ would await ISH
     assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
+
+
+def test_intense_cells_just_over_the_isolated_floor_are_flagged_end_to_end():
+    f = _field({"strong_complete": 0.02}, seed=9503, size_px=1024)  # 20 intense complete cells drawn, 13 found
+    r = _score(f)
+    n = r.counts["strong_complete"]
+    assert r.score == "2+" and "near_cutoff" in r.flags and 0.01 * r.tumour_cells <= n <= 0.02 * r.tumour_cells, r.counts
+    assert f"its {n} intense complete cells ({100 * n / r.tumour_cells:.2g}% of {r.tumour_cells}) lie just over the 1% / " \
+           f"5-cell floor below which they would be isolated cells: it could be 0+ (ultralow)" in r.reason
+    assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"  # 2+ ISH- eligible, ultralow not
 
 
 def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_flagged_end_to_end():
