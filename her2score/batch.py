@@ -283,12 +283,20 @@ _models: dict = {}
 
 
 def _load_cnn(weights: str):
-    """The CNN for ``weights`` on ONNX Runtime, loaded once per process (and inherited by forked workers)."""
-    if weights not in _models:
+    """The CNN for ``weights`` on ONNX Runtime, loaded once per process (and inherited by forked workers)
+    and again when the file changes (its size or modification time: new weights written over it)."""
+    try:
+        st = os.stat(weights)
+        key = (weights, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (weights,)  # missing: load_onnx_model says so
+    if key not in _models:
         from .cnn import load_onnx_model
 
-        _models[weights] = load_onnx_model(weights)
-    return _models[weights]
+        for old in [k for k in _models if k[0] == weights]:
+            del _models[old]
+        _models[key] = load_onnx_model(weights)
+    return _models[key]
 
 
 def _preload_cnn(weights: str) -> None:

@@ -286,9 +286,9 @@ def _train(args) -> int:
     try:
         if args.synthetic:
             print(f"generating {4 * args.synthetic} synthetic fields (seed {args.seed}) ...", flush=True)
-            images += synthetic_images(args.synthetic, seed=args.seed, stain_jitter=args.synthetic_jitter,
+            images += synthetic_images(args.synthetic, seed=args.seed, mpp=args.target_mpp, stain_jitter=args.synthetic_jitter,
                                        border_od_max=args.border_od_max, workers=args.workers)
-            notes.append(f"{4 * args.synthetic} synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, "
+            notes.append(f"{4 * args.synthetic} synthetic fields (her2score.synthetic, 512x512 px at {args.target_mpp:g} µm/px, "
                          f"SeedSequence({args.seed}), stain_jitter {args.synthetic_jitter:g}, "
                          f"border_od 0-{args.border_od_max:g})")
         if args.folder:

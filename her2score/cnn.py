@@ -136,15 +136,17 @@ DEFAULT_WEIGHTS = WeightsRecord(
     parameters=77_556,
     metrics={
         "held_out_synthetic": {
-            "data": "400 fields (100 per class), write_dataset seed 777, stain_jitter 6 (never seen in training)",
+            "data": "400 fields (100 per class), write_dataset seed 777, stain_jitter 6 (never seen in training); "
+                    "399 scored (one 3+ refused as nuclear DAB)",
             "command": "her2score synth /tmp/ev --n-per-class 100 --seed 777 --stain-jitter 6 && "
                        "her2score evaluate /tmp/ev/labels.csv --out /tmp/ev_out",
-            "cnn": {"accuracy": 0.988, "accuracy_ci95": [0.975, 0.998],
+            "measured": "3 Dec 2026, the classical pipeline as it then stood (models/MODEL_CARD.md, Evaluation)",
+            "cnn": {"accuracy": 0.987, "accuracy_ci95": [0.971, 0.995],
                     "quadratic_weighted_kappa": 0.995, "quadratic_weighted_kappa_ci95": [0.990, 0.999]},
-            "fused": {"accuracy": 0.975, "accuracy_ci95": [0.960, 0.988],
-                      "quadratic_weighted_kappa": 0.990, "quadratic_weighted_kappa_ci95": [0.983, 0.995]},
-            "classical": {"accuracy": 0.930, "accuracy_ci95": [0.902, 0.953],
-                          "quadratic_weighted_kappa": 0.953, "quadratic_weighted_kappa_ci95": [0.931, 0.972]},
+            "fused": {"accuracy": 0.970, "accuracy_ci95": [0.948, 0.983],
+                      "quadratic_weighted_kappa": 0.988, "quadratic_weighted_kappa_ci95": [0.981, 0.995]},
+            "classical": {"accuracy": 0.970, "accuracy_ci95": [0.948, 0.983],
+                          "quadratic_weighted_kappa": 0.988, "quadratic_weighted_kappa_ci95": [0.981, 0.995]},
         },
         "validation": {"val_loss": 0.22915, "val_patch_accuracy": 0.9383, "val_image_accuracy": 1.0},
         "real_labelled": "none available (no labelled real HER2 IHC set; trained on synthetic fields only)",
@@ -401,12 +403,15 @@ def _sha256_state(state: Mapping[str, Any]) -> str:
 
 def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRecord:
     """Write ``net``'s state dict and ``record`` (as JSON, with a tensor checksum) to ``path``
-    atomically. Returns the record with ``file``, ``parameters`` and ``sha256`` (of the file) set."""
+    atomically. Returns the record with ``file``, ``parameters`` and ``sha256`` (of the file) set.
+    Weights holding NaN or infinite values are refused (ModelError), and nothing is written."""
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    if not _finite(state):
+        raise ModelError(f"{path}: not saved: the weights hold NaN or infinite values (a training run that diverged)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = WeightsRecord.from_dict({**record.to_dict(), "file": path.name, "sha256": "",
                                       "parameters": count_parameters(net)})
     meta = {"format": "her2score-cnn/1", "record": record.to_dict(), "state_sha256": _sha256_state(state)}
@@ -415,6 +420,13 @@ def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRe
     _write_atomic(path, buf.getvalue())
     _write_atomic(path.with_suffix(".onnx"), export_onnx(load_model(path, device="cpu")))
     return WeightsRecord.from_dict({**record.to_dict(), "sha256": _sha256_file(path)})
+
+
+def _finite(state: Mapping[str, Any]) -> bool:
+    """Whether every floating-point tensor of a state dict is finite."""
+    import torch
+
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -465,13 +477,13 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
     """Load a :class:`TileClassifier` (no network access).
 
     ``path`` None loads the shipped weights (:func:`default_weights_path`) and checks their SHA-256
-    against :data:`DEFAULT_WEIGHTS`. Any file is checked against the tensor checksum saved inside it.
+    against :data:`DEFAULT_WEIGHTS`, as it does for that file named by its path. Any file is checked against the tensor checksum saved inside it.
     ``device``: "cpu", "cuda", ... (default: CUDA when available, else CPU).
     Raises :class:`ModelError` naming the file when it is missing, unreadable, corrupt or mismatched.
     """
     import torch
 
-    p, file_sha = _checked_weights_file(path)
+    p, file_sha, _ = _checked_weights_file(path)
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
         meta = json.loads(blob["meta"])
@@ -484,6 +496,8 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
         raise ModelError(f"{p}: not a readable her2score model file ({type(e).__name__}: {first[:200]})") from None
     if _sha256_state(state) != meta.get("state_sha256"):
         raise ModelError(f"{p}: weights do not match the checksum stored in the file (corrupt)")
+    if not _finite(state):
+        raise ModelError(f"{p}: the weights hold NaN or infinite values (a training run that diverged)")
     if tuple(record.classes) != CLASSES or tuple(record.input_channels) != INPUT_CHANNELS:
         raise ModelError(f"{p}: model classes {record.classes} / inputs {record.input_channels} are not "
                          f"{CLASSES} / {INPUT_CHANNELS}")
@@ -496,10 +510,11 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
     return TorchTileClassifier(net, record, device=device, source=str(p))
 
 
-def _checked_weights_file(path: str | os.PathLike | None) -> tuple[Path, str]:
-    """The weights file (None: the shipped one, checked against :data:`DEFAULT_WEIGHTS`) and its SHA-256."""
-    shipped = path is None
-    p = default_weights_path() if shipped else Path(path)
+def _checked_weights_file(path: str | os.PathLike | None) -> tuple[Path, str, bool]:
+    """The weights file (None: the shipped one), its SHA-256, and whether it is the shipped file (by
+    that path too, as the CLI passes it), which must match :data:`DEFAULT_WEIGHTS`."""
+    p = default_weights_path() if path is None else Path(path)
+    shipped = path is None or (p.is_file() and p.resolve() == default_weights_path().resolve())
     if not p.is_file():
         hint = (" (the shipped weights are missing: reinstall her2score, train a model with 'her2score train', "
                 "or run classical-only with --no-cnn)") if shipped else ""
@@ -508,8 +523,8 @@ def _checked_weights_file(path: str | os.PathLike | None) -> tuple[Path, str]:
     if shipped and DEFAULT_WEIGHTS.sha256 and file_sha != DEFAULT_WEIGHTS.sha256:
         raise ModelError(f"{p}: SHA-256 {file_sha[:16]}... does not match the shipped record "
                          f"{DEFAULT_WEIGHTS.sha256[:16]}...: the file is corrupt or was replaced "
-                         "(pass its path explicitly to load your own weights)")
-    return p, file_sha
+                         "(keep your own weights in another folder and pass their path)")
+    return p, file_sha, shipped
 
 
 def load_onnx_model(path: str | os.PathLike | None = None) -> OnnxTileClassifier:
@@ -521,7 +536,7 @@ def load_onnx_model(path: str | os.PathLike | None = None) -> OnnxTileClassifier
     :func:`load_model` and exports them in memory (about 2 s).
     Raises :class:`ModelError` naming the file when the weights or the graph cannot be used.
     """
-    p, file_sha = _checked_weights_file(path)
+    p, file_sha, shipped = _checked_weights_file(path)
     graph = p.with_suffix(".onnx")
     if graph.is_file():
         try:
@@ -529,7 +544,7 @@ def load_onnx_model(path: str | os.PathLike | None = None) -> OnnxTileClassifier
         except Exception as e:  # onnxruntime raises its own kinds on a damaged graph
             raise ModelError(f"{graph}: not a readable her2score ONNX graph ({type(e).__name__}: {e}); "
                              "delete it to export the weights again") from None
-        shipped_ok = path is not None or _sha256_file(graph) == DEFAULT_ONNX_SHA256
+        shipped_ok = not shipped or _sha256_file(graph) == DEFAULT_ONNX_SHA256
         if clf.source_sha256 == file_sha and shipped_ok:
             return clf
         log.warning("%s was not exported from %s (or was changed since); exporting the weights again in memory", graph, p)

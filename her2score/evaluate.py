@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from .categories import CATEGORIES
-from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, wilson_ci, with_null_doubt
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .results import SCORES, SlideResult
 
@@ -298,11 +298,14 @@ def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, fl
 # --------------------------------------------------------------------------------------- eligibility
 
 def _level_for(result: SlideResult, score: str | None) -> str:
-    """The report level of ``score``: the classical level when it is the classical score, else the score."""
+    """The report level of ``score``: the classical level when it is the classical score, else the level the
+    pipeline gives a score the guideline rules did not make (guidelines.report_level: a 2023 0 is null or ultralow)."""
     if score is None:
         return "not scored"
     classical_level = result.classical_level or (result.level if result.score == result.classical_score else "")
-    return classical_level if score == result.classical_score and classical_level not in ("", "not scored") else score
+    if score == result.classical_score and classical_level not in ("", "not scored"):
+        return classical_level
+    return report_level(score, result.guideline, result.counts)
 
 
 def method_result(result: SlideResult, method: str) -> SlideResult | None:
@@ -425,6 +428,8 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
         same_rules = (result.guideline, result.specimen) == (config.guideline, config.specimen)
         if same_rules and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
+            if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
+                result = method_result(result, "classical")
             return result, True, "reused" if result.cnn is not None else ""
     result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model).result
     return result, False, "pipeline" if result.cnn is not None else ""

@@ -444,7 +444,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch,
                                                     pct_start=0.15, anneal_strategy="cos")
         epochs: list[dict] = []
-        best = (float("inf"), -1, None)
+        best = (float("inf"), 0, None)  # epoch 0: patience counts from the start
         stopped = "max_epochs"
         for epoch in range(1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
@@ -473,6 +473,9 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             row = {"epoch": epoch, "train_loss": round(tot_loss / max(tot_n, 1), 5),
                    "train_patch_accuracy": round(tot_ok / max(tot_n, 1), 4), **val,
                    "lr": round(float(sched.get_last_lr()[0]), 6), "seconds": round(time.perf_counter() - t0, 2)}
+            if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
+                raise ValueError(f"training diverged at epoch {epoch} (train loss {row['train_loss']}, validation loss "
+                                 f"{row['val_loss']}): nothing was saved; try a lower learning rate")
             epochs.append(row)
             log.info("epoch %d: %s", epoch, row)
             if progress:

@@ -121,6 +121,8 @@ def test_default_weights_sha_mismatch_and_missing(monkeypatch, tmp_path, saved):
     monkeypatch.setattr(cnn, "DEFAULT_WEIGHTS", WeightsRecord(file="tiny.pt", sha256="0" * 64))
     with pytest.raises(ModelError, match="does not match the shipped record"):
         load_model()
+    with pytest.raises(ModelError, match="does not match the shipped record"):  # named by its path, as the CLI does
+        load_onnx_model(str(saved[0]))
     monkeypatch.setattr(cnn, "default_weights_path", lambda: tmp_path / "her2cnn.pt")
     with pytest.raises(ModelError, match="her2cnn.pt.*not found.*--no-cnn"):
         load_model()
@@ -186,6 +188,20 @@ def test_graph_from_other_weights_is_not_used(tmp_path, saved):
     assert fast.source_sha256 == saved[2].sha256 != other.sha256
     x = _real_patches(2)
     np.testing.assert_allclose(fast.predict_patches(x), load_model(saved[0], device="cpu").predict_patches(x), rtol=0, atol=1e-5)
+
+
+def test_a_process_reloads_weights_written_over_its_file(tmp_path, saved):
+    """The batch's per-process model cache: new weights written over the same path are loaded, not the old ones."""
+    from her2score.batch import _load_cnn
+
+    path = tmp_path / "w.pt"
+    shutil.copy(saved[0], path)
+    first = _load_cnn(str(path))
+    assert _load_cnn(str(path)) is first
+    torch.manual_seed(6)
+    save_model(path, build_network(), WeightsRecord(file="w.pt", sha256=""))
+    second = _load_cnn(str(path))
+    assert second is not first and second.source_sha256 != first.source_sha256
 
 
 def test_unreadable_graph_is_a_model_error(tmp_path, saved):

@@ -8,6 +8,7 @@ import pytest
 
 from her2score.categories import CATEGORIES
 from her2score.cli import main
+from her2score.cnn import TileClassifier, WeightsRecord
 from her2score.eligibility import Requirement, Rule, check_eligibility, load_rule
 from her2score.evaluate import (
     accuracy,
@@ -179,6 +180,15 @@ def test_each_method_carries_the_flags_of_its_own_call():
     assert method_result(same, "cnn").flags == ("ultralow", "null_or_ultralow")
 
 
+def test_a_cnn_0_beside_another_classical_score_gets_the_pipelines_level():
+    """A classical 1+ (20% faint) that the CNN reads 0: as the pipeline would report that 0 under 2023,
+    0+ (ultralow), never a bare 0 that no 2023 rule names."""
+    r = replace(_result("f.png", "1+", cnn="0", fused="1+"), counts={"none": 240, "faint_partial": 60})
+    cnn = method_result(r, "cnn")
+    assert (cnn.score, cnn.level, cnn.flags) == ("0", "0+ (ultralow)", ("ultralow",))
+    assert check_eligibility(cnn, "her2-ultralow-breast").status == "eligible"
+
+
 @pytest.fixture()
 def known(tmp_path):
     data, prev = tmp_path / "data", tmp_path / "prev"
@@ -199,10 +209,24 @@ def known(tmp_path):
     return data / "labels.csv", prev, tmp_path / "out"
 
 
+class ResultsModel(TileClassifier):
+    """The CNN the reused results name ("test-model"); never run, since every result is reused."""
+
+    def __init__(self):
+        super().__init__(WeightsRecord(file="test-model", sha256=""))
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        raise AssertionError("every result is reused: the CNN is never run")
+
+
 def test_evaluate_known_answers(known):
     labels, prev, out = known
-    m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=200, seed=0)
+    reader = ResultsModel()
+    m = evaluate(labels, out, reuse=prev, model=reader, bootstrap=200, seed=0)
     assert m["n"] == 8 and m["errors"] == 0 and set(m["methods"]) == {"classical", "cnn", "fused"}
+    assert m["model"] == "test-model"
+    classical_only = evaluate(labels, out.with_name("classical"), reuse=prev, use_cnn=False, bootstrap=0)
+    assert set(classical_only["methods"]) == {"classical"} and classical_only["model"] is None
     cl, cn, fu = (m["methods"][k] for k in ("classical", "cnn", "fused"))
     assert cl["accuracy"] == pytest.approx(0.75) and cl["quadratic_weighted_kappa"] == pytest.approx(0.9)
     assert cn["accuracy"] == pytest.approx(6 / 8)
@@ -493,7 +517,8 @@ def test_a_result_of_another_cnn_is_not_reused(tmp_path):
     from her2score.pipeline import ScoringConfig
 
     item = LabelledItem(str(img), "1+", {})
-    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)[1] is True
+    classical_only, reused, cnn_by = _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)
+    assert reused and cnn_by == "" and classical_only.cnn is None  # --no-cnn: the reused CNN part is left out
     Named.name = "test-model"
     assert _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)[1] is True
     Named.name = "the-new-model"

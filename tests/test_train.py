@@ -144,3 +144,27 @@ def test_training_fields_may_carry_unstained_border_texture(fields):
     drawn = [float(f.source.rsplit("border_od=", 1)[1]) for f in textured]
     assert all(0 <= d <= 0.03 for d in drawn) and len(set(drawn)) == len(drawn)  # one draw per field
     assert seed_of(textured[0]) == seed_of(fields[0]) and not np.array_equal(textured[0].rgb, fields[0].rgb)
+
+
+def test_a_diverging_run_saves_nothing_and_nan_weights_are_refused(fields, tmp_path, trained):
+    cfg = TrainConfig(seed=3, **{**TINY, "max_epochs": 2, "lr": 1e30})
+    with pytest.raises(ValueError, match="training diverged at epoch 1 .*nothing was saved"):
+        train(fields, config=cfg, out=tmp_path, name="nan.pt")
+    assert not list(tmp_path.iterdir())
+    from her2score.cnn import ModelError, _sha256_state, save_model
+
+    blob = torch.load(trained[1] / "tiny.pt", weights_only=True)  # a file with NaN weights, written by hand
+    key = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][key] = torch.full_like(blob["state_dict"][key], float("nan"))
+    meta = json.loads(blob["meta"])
+    meta["state_sha256"] = _sha256_state(blob["state_dict"])
+    blob["meta"] = json.dumps(meta, sort_keys=True)
+    torch.save(blob, tmp_path / "nan.pt")
+    with pytest.raises(ModelError, match="nan.pt: the weights hold NaN"):
+        load_model(tmp_path / "nan.pt", device="cpu")
+    net = load_model(trained[1] / "tiny.pt", device="cpu").net
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    with pytest.raises(ModelError, match="again.pt: not saved: the weights hold NaN"):
+        save_model(tmp_path / "again.pt", net, trained[0].record)
+    assert not (tmp_path / "again.pt").exists()
