@@ -56,6 +56,19 @@ def rendered_plot() -> np.ndarray:
     return _figure_rgb(draw)
 
 
+def drawn_cells() -> np.ndarray:
+    """A drawing of IHC cells in flat colours (brown rings, blue nuclei on white): once scored 3+."""
+    import cv2
+
+    rgb = np.full((512, 512, 3), 255, np.uint8)
+    for y in range(30, 512, 44):
+        for x in range(30 + (y // 44 % 2) * 22, 512, 44):
+            cv2.circle(rgb, (x, y), 19, (150, 95, 50), 4)
+            cv2.circle(rgb, (x, y), 15, (235, 215, 200), -1)
+            cv2.circle(rgb, (x, y), 8, (80, 80, 160), -1)
+    return rgb
+
+
 def fluorescence_like() -> np.ndarray:
     """Tissue glowing on a black background (a synthetic field's light inverted)."""
     return (255 - generate_field("2+", seed=3, size_px=(384, 384)).image)[..., [1, 0, 2]]
@@ -74,6 +87,8 @@ NOT_TISSUE = {
     "astronaut": (lambda: photo("astronaut"), "dark_background"),
     "coffee": (lambda: photo("coffee"), "no_counterstain"),
     "chelsea": (lambda: photo("chelsea"), "no_counterstain"),
+    "drawn cells": (drawn_cells, "rendered_graphic"),
+    "rocket at dusk": (lambda: photo("rocket"), "implausible_scale"),  # its blobs: 1.4 µm specks
 }
 """Each input that once got a confident score, and the check that now refuses it."""
 
@@ -171,12 +186,13 @@ def test_a_counterstain_too_pale_to_count_cells_by_is_refused_and_named():
     assert c.code == "no_counterstain" and "counterstain missing or too pale" in c.reason, c
 
 
-@pytest.mark.parametrize("mpp, accepted", [(0.25, True), (0.5, True), (1.0, True), (2.0, False), (5.0, False)])
+@pytest.mark.parametrize("mpp, accepted", [(0.1, False), (0.25, True), (0.5, True), (1.0, True), (2.0, False), (5.0, False)])
 def test_an_implausible_mpp_is_refused(mpp, accepted):
     c = check_image(photo("immunohistochemistry"), mpp=mpp)
     assert c.accepted is accepted, c
     if not accepted:
-        assert c.code == "implausible_scale" and f"{mpp:g} µm/px" in c.reason
+        assert c.code == "implausible_scale"
+        assert f"{mpp:g} µm/px" in c.reason if mpp > 1 else "far too fine" in c.reason
 
 
 def test_score_slide_refuses_before_scoring_and_names_the_file():
