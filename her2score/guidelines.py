@@ -20,7 +20,7 @@ from fractions import Fraction
 from statistics import NormalDist
 
 from her2score.categories import CATEGORIES
-from her2score.results import SCORES
+from her2score.results import REPORT_LEVELS, SCORES
 
 __all__ = [
     "GUIDELINES",
@@ -63,8 +63,6 @@ GUIDELINE_FAMILY: dict[str, str] = {
     "gastric": "gastric",
 }
 SPECIMENS: tuple[str, ...] = ("resection", "biopsy")
-REPORT_LEVELS: tuple[str, ...] = ("0", "0 (null)", "0+ (ultralow)", "1+", "2+", "3+")
-"""Every ``GuidelineCall.level``: the 2026 consensus five levels, plus plain "0" (2018, gastric)."""
 
 MIN_TUMOUR_CELLS: int = 100
 """The fewest tumour cells for an automatic guideline call. The one shared setting: the default of

@@ -5,9 +5,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES"]
+__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "REPORT_LEVELS"]
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
+REPORT_LEVELS: tuple[str, ...] = ("0", "0 (null)", "0+ (ultralow)", "1+", "2+", "3+")
+"""Every guideline call's level: the 2026 consensus five levels, plus plain "0" (2018, gastric)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class SlideResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SlideResult":
+        """A result from its to_dict form (a result.json); ValueError where a value is not one the tool writes."""
+        _check_dict(d)
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["flags"] = tuple(d.get("flags", ()))
         d["notes"] = tuple(d.get("notes", ()))
@@ -108,3 +112,26 @@ class SlideResult:
         if d.get("cnn"):
             d["cnn"] = CnnReport(**d["cnn"])
         return cls(**d)
+
+
+def _check_dict(d: dict[str, Any]) -> None:
+    """ValueError naming the first field of a result.json's dict that the tool would never write."""
+    from .categories import CATEGORIES
+
+    def numbers(key: str, keys, kind=(int, float)) -> None:
+        value = d.get(key, {})
+        if not isinstance(value, dict) or not all(k in keys and isinstance(v, kind) and not isinstance(v, bool)
+                                                  for k, v in value.items()):
+            raise ValueError(f"{key!r} must map {', '.join(keys)} to numbers, got {value!r}")
+
+    for key in ("score", "classical_score"):
+        if d.get(key) not in (None, *SCORES):
+            raise ValueError(f"{key!r} must be one of {list(SCORES)} or null, got {d.get(key)!r}")
+    for key in ("level", "classical_level"):
+        if d.get(key, "") not in ("", "not scored", *REPORT_LEVELS):
+            raise ValueError(f"{key!r} must be one of {list(REPORT_LEVELS)} or 'not scored', got {d.get(key)!r}")
+    numbers("counts", CATEGORIES, int)
+    numbers("percentages", CATEGORIES)
+    numbers("clusters", SCORES[1:], int)
+    if not isinstance(d.get("tumour_cells"), int) or isinstance(d.get("tumour_cells"), bool) or d["tumour_cells"] < 0:
+        raise ValueError(f"'tumour_cells' must be a whole number >= 0, got {d.get('tumour_cells')!r}")
