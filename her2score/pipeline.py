@@ -102,7 +102,7 @@ class ScoringConfig:
     false_membrane_percent: float = FALSE_MEMBRANE_PERCENT
     blur_min: float = 0.0015
     max_scan_mpp: float = 1.0
-    eosin_warn: float = 0.15
+    eosin_warn: float = 0.08
     background_max_od: float = 0.06
     cnn_patches_per_tile: int = 16
     cnn_all_patches_up_to_tiles: int = 16

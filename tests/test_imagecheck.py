@@ -169,6 +169,27 @@ def test_real_he_is_refused_as_eosin(case):
     assert "H&E" in c.reason
 
 
+def _as_jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """``rgb`` saved and read back as a JPEG with Pillow's defaults (4:2:0 chroma), as most JPEGs are."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind in ("he", "membranous", "nuclear") and isinstance(c.load(), np.ndarray)],
+                         ids=lambda c: c.name)
+def test_jpeg_chroma_keeps_he_refused_and_ihc_accepted(case):
+    """4:2:0 chroma blends eosin into the nuclei (an H&E's eosin share falls from 0.30 to 0.15 at quality 75)."""
+    rgb = case.load()[:1024, :1024]
+    for quality in (75, 90):
+        c = check_image(_as_jpeg(rgb, quality), mpp=case.mpp or 0.5)
+        assert (c.code == "eosin") == (case.kind == "he"), (quality, c)
+
+
 @pytest.mark.parametrize("name", sorted(NOT_TISSUE))
 def test_images_that_are_not_hdab_tissue_are_refused(name):
     make, code = NOT_TISSUE[name]
