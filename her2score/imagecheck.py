@@ -93,10 +93,21 @@ def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float,
     return tuple(float(max(v, 1.0)) for v in bg)
 
 
-def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
-    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
+def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> np.ndarray:
+    """Dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
     hi, lo = per_channel(np.maximum, rgb), per_channel(np.minimum, rgb)
-    return float(np.mean((hi < max_intensity) & (hi - lo < max_chroma)))
+    return (hi < max_intensity) & (hi - lo < max_chroma)
+
+
+def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
+    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within
+    ``max_chroma``; within the image less its dark frame (rows and columns at its edges that are at
+    least 98% dark: a scanner's black fill, which tissue.tissue_mask leaves out as it is)."""
+    dark = _dark(rgb, max_intensity, max_chroma)
+    rows, cols = np.flatnonzero(dark.mean(1) < 0.98), np.flatnonzero(dark.mean(0) < 0.98)
+    if len(rows) == 0 or len(cols) == 0:
+        return 1.0
+    return float(dark[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean())
 
 
 def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
@@ -137,8 +148,7 @@ def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = S
     modal = float(np.unique(packed, return_counts=True)[1].max() / len(packed))
     stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
     opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    hi, lo = per_channel(np.maximum, rgb), per_channel(np.minimum, rgb)
-    coloured = stained.astype(bool) & ~((hi < DARK_INTENSITY) & (hi - lo < DARK_MAX_CHROMA))
+    coloured = stained.astype(bool) & ~_dark(rgb)
     square = np.ones((3, 3), np.uint8)
     uniform = np.logical_and.reduce([cv2.dilate(c, square) == cv2.erode(c, square) for c in cv2.split(np.ascontiguousarray(rgb))])
     return (modal, float(opened.sum() / max(int(stained.sum()), 1)),
@@ -159,6 +169,7 @@ def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0
         rgb = cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
         mpp = mpp / f
     h = np.clip(deconvolve(rgb, H_DAB.with_background(background))[..., 0], 0, 3)
+    h[_dark(rgb)] = 0  # a scanner's black fill is no stain
     if max(h.shape) > max_px:
         m = cv2.moments(h)
         cy, cx = (m["m01"] / m["m00"], m["m10"] / m["m00"]) if m["m00"] > 0 else (h.shape[0] / 2, h.shape[1] / 2)

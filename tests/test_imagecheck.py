@@ -198,6 +198,19 @@ def test_images_that_are_not_hdab_tissue_are_refused(name):
     assert "not scored" in c.reason
 
 
+def test_a_scanners_black_frame_is_not_a_dark_background():
+    """A field with black fill along its edges (12-30% of it) is a brightfield scan: its frame is left
+    out of the darkness and the nucleus size; black inside the tissue still counts."""
+    colon = photo("immunohistochemistry")
+    framed = np.pad(colon, ((40, 40), (40, 120), (0, 0)))  # black on every side, wider on the right
+    c = check_image(framed, mpp=0.5)
+    assert c.accepted and c.dark_fraction == 0.0, c
+    assert abs(c.nucleus_diameter_um - check_image(colon, mpp=0.5).nucleus_diameter_um) < 0.5
+    holed = colon.copy()
+    holed[100:300, 150:400] = 0  # not a frame: a dark fifth of the field
+    assert check_image(holed, mpp=0.5).code == "dark_background"
+
+
 def test_a_counterstain_too_pale_to_count_cells_by_is_refused_and_named():
     """The real colon keeps its DAB and 0.4 x its haematoxylin: its nuclei are barely blue (scored down
     to 0.5 x, see test_real); the refusal names the counterstain, not only photos and plots."""
