@@ -18,7 +18,9 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
     inclusive = false                # false: > min_percent, true: >= min_percent
 
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
-few tumour cells, a guideline other than the rule expects, CNN and classical scores disagreeing,
+few tumour cells, a guideline other than the rule expects (the two breast versions count as one: they
+differ only in 2023's split of 0), a plain 0 under a rule that answers null and ultralow differently,
+CNN and classical scores disagreeing,
 isolated intense cells that would change the answer if counted, a call too near a cut-off to be
 sure of its side (guidelines.near_cutoff; for a gastric biopsy also a cluster one cell from the rule's 5,
 guidelines.cluster_sides; for a breast 2+ that intense complete cells in <=10% make, those cells just over
@@ -270,7 +272,11 @@ def _matches(levels: tuple[str, ...], result: SlideResult) -> bool:
 
 
 def _guideline_ok(expected: str, guideline: str) -> bool:
-    return expected in ("any", guideline, GUIDELINE_FAMILY.get(guideline))
+    """Whether a slide scored under ``guideline`` suits a rule that expects ``expected``: the breast versions
+    score alike but for 2023's split of 0, which a plain 0 under a rule that tells them apart asks about
+    (_plain_zero_doubt)."""
+    family = GUIDELINE_FAMILY.get(guideline)
+    return expected in ("any", guideline, family) or family == "breast" == GUIDELINE_FAMILY.get(expected)
 
 
 def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list[str]]:
