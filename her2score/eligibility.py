@@ -322,6 +322,12 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
             f"{counted.level} and the answer {other}")
 
 
+def _levels_guideline(result: SlideResult) -> str:
+    """The guideline whose report levels a doubt's other side is named by: for breast, ASCO/CAP 2023, whose
+    split of 0 into null and ultralow the counts decide (2018 scores alike but calls both plain 0)."""
+    return "breast-asco-cap-2023" if GUIDELINE_FAMILY.get(result.guideline) == "breast" else result.guideline
+
+
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its call sits too near a cut-off to be sure of its side and a
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
@@ -332,19 +338,20 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
                               clusters=result.clusters, gastric_reading=reading,
                               isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
                               points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))
+    named_by = _levels_guideline(result)
     for other_score, pct in sides:
-        level = report_level(other_score, result.guideline, result.counts)
+        level = report_level(other_score, named_by, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
     for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
                                                           specimen=result.specimen, clusters=result.clusters,
                                                           gastric_reading=reading):
-        level = report_level(other_score, result.guideline, result.counts)
+        level = report_level(other_score, named_by, result.counts)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return f"{cluster_words(cluster_level, size)}: at {level} the answer would be {other}"
     floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT)
-    for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=result.guideline,
+    for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
                                              isolated_intense_percent=floor):
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return f"{isolated_words(result.counts, floor)}: at {level} the answer would be {other}"

@@ -25,6 +25,7 @@ import numpy as np
 
 from .slide import NotHerIhcError, Slide
 from .stain import H_DAB, deconvolve, optical_density, per_channel
+from .tissue import pen_ink
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction",
@@ -100,14 +101,22 @@ def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int 
 
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
-    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within
-    ``max_chroma``; within the image less its dark frame (rows and columns at its edges that are at
-    least 98% dark: a scanner's black fill, which tissue.tissue_mask leaves out as it is)."""
-    dark = _dark(rgb, max_intensity, max_chroma)
+    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
+    return float(_dark(rgb, max_intensity, max_chroma).mean())
+
+
+def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
+    """``rgb`` less a scanner's black frame: the rows and columns at its edges that are at least 98% dark
+    neutral, and ``rim_px`` more on each side that has them (a soft or resampled edge); the image itself
+    where it has none, and a 0-pixel view where it is all frame. Tissue.tissue_mask leaves the fill out as it is."""
+    dark = _dark(rgb)
     rows, cols = np.flatnonzero(dark.mean(1) < 0.98), np.flatnonzero(dark.mean(0) < 0.98)
     if len(rows) == 0 or len(cols) == 0:
-        return 1.0
-    return float(dark[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean())
+        return rgb[:0, :0]
+    h, w = dark.shape
+    r0, r1 = rows[0] + (rim_px if rows[0] else 0), rows[-1] + 1 - (rim_px if rows[-1] < h - 1 else 0)
+    c0, c1 = cols[0] + (rim_px if cols[0] else 0), cols[-1] + 1 - (rim_px if cols[-1] < w - 1 else 0)
+    return rgb[r0 : max(r0, r1), c0 : max(c0, c1)]
 
 
 def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
@@ -141,14 +150,14 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
 
 def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = STAINED_OD) -> tuple[float, float, float]:
     """(share of the commonest exact colour, share of stained pixels surviving a 5 px disc opening,
-    share of coloured stained pixels (not dark neutral: a scanner's black fill) whose 3x3 neighbourhood
+    share of coloured stained pixels (not dark neutral: a scanner's black fill; not marker ink) whose 3x3 neighbourhood
     is one exact colour, which a scan's sensor noise never leaves)."""
     flat = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 250_000)]
     packed = (flat[:, 0].astype(np.int32) << 16) | (flat[:, 1].astype(np.int32) << 8) | flat[:, 2]
     modal = float(np.unique(packed, return_counts=True)[1].max() / len(packed))
     stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
     opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    coloured = stained.astype(bool) & ~_dark(rgb)
+    coloured = stained.astype(bool) & ~_dark(rgb) & ~pen_ink(rgb)  # smooth marker ink on a thumbnail is not a drawing
     square = np.ones((3, 3), np.uint8)
     uniform = np.logical_and.reduce([cv2.dilate(c, square) == cv2.erode(c, square) for c in cv2.split(np.ascontiguousarray(rgb))])
     return (modal, float(opened.sum() / max(int(stained.sum()), 1)),
@@ -169,7 +178,6 @@ def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0
         rgb = cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
         mpp = mpp / f
     h = np.clip(deconvolve(rgb, H_DAB.with_background(background))[..., 0], 0, 3)
-    h[_dark(rgb)] = 0  # a scanner's black fill is no stain
     if max(h.shape) > max_px:
         m = cv2.moments(h)
         cy, cx = (m["m01"] / m["m00"], m["m10"] / m["m00"]) if m["m00"] > 0 else (h.shape[0] / 2, h.shape[1] / 2)
@@ -202,8 +210,14 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     ``detail``: a tissue region at ``detail_mpp`` where nuclei are resolved (a whole slide's
     thumbnail is too coarse); without it the image itself is used for the nucleus size.
     """
+    rgb = _without_frame(rgb)  # a scanner's black fill is neither dark tissue nor stain
+    if rgb.size == 0:
+        return ImageCheck(False, "dark_background", "the image is all black: not a brightfield slide; not scored", 1.0,
+                          0.0, 0.0, float("nan"), (255.0, 255.0, 255.0))
     background = glass_background(rgb)
-    detail, detail_mpp, detail_background = ((rgb, mpp, background) if detail is None else
+    if detail is not None:
+        detail = _without_frame(detail)
+    detail, detail_mpp, detail_background = ((rgb, mpp, background) if detail is None or detail.size == 0 else
                                              (detail, detail_mpp or mpp, glass_background(detail)))
     dark = dark_fraction(detail)
     od = optical_density(rgb, background)

@@ -133,5 +133,15 @@ def _check_dict(d: dict[str, Any]) -> None:
     numbers("counts", CATEGORIES, int)
     numbers("percentages", CATEGORIES)
     numbers("clusters", SCORES[1:], int)
-    if not isinstance(d.get("tumour_cells"), int) or isinstance(d.get("tumour_cells"), bool) or d["tumour_cells"] < 0:
-        raise ValueError(f"'tumour_cells' must be a whole number >= 0, got {d.get('tumour_cells')!r}")
+    n = d.get("tumour_cells")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"'tumour_cells' must be a whole number >= 0, got {n!r}")
+    if "counts" in d and sum(d["counts"].values()) != n:
+        raise ValueError(f"'counts' add up to {sum(d['counts'].values())}, not 'tumour_cells' {n}")
+    score, level = d.get("score"), d.get("level")
+    if (score is None) != (level == "not scored") or (score is None) != (n == 0):
+        raise ValueError(f"'score' {score!r}, 'level' {level!r} and {n} tumour cells disagree: no score is "
+                         "'not scored' with no tumour cells")
+    zeros = ("0", "0 (null)", "0+ (ultralow)") if d.get("guideline") == "breast-asco-cap-2023" else ("0",)
+    if score is not None and level not in (zeros if score == "0" else (score,)):
+        raise ValueError(f"'level' {level!r} is not a level of score {score!r} under {d.get('guideline')!r}")

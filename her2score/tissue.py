@@ -8,7 +8,7 @@ import numpy as np
 
 from .stain import optical_density, per_channel
 
-__all__ = ["MIN_TISSUE_UM2", "TissueMask", "tissue_mask", "Tile", "tile_grid"]
+__all__ = ["MIN_TISSUE_UM2", "TissueMask", "tissue_mask", "pen_ink", "Tile", "tile_grid"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,15 @@ class TissueMask:
 
 MIN_TISSUE_UM2 = 5_000.0
 """Least area (µm²) of a piece of tissue: smaller fragments (debris, dust) are not tissue."""
+
+
+def pen_ink(rgb: np.ndarray) -> np.ndarray:
+    """Marker ink (bool per pixel, grown by 1 px): green or cyan (no histology stain is green), or very
+    saturated deep blue."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
+    pen = ((hue > 70) & (hue < 200) & (sat > 60)) | ((hue >= 200) & (hue < 250) & (sat > 180) & (val < 180))
+    return cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
 def tissue_mask(
@@ -48,11 +57,7 @@ def tissue_mask(
     od = optical_density(thumb, background)
     stained = per_channel(np.maximum, od) > min_od
     dark = per_channel(np.maximum, thumb) < dark_intensity
-    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
-    # green/cyan ink (no histology stain is green), and very saturated deep blue ink
-    pen = ((hue > 70) & (hue < 200) & (sat > 60)) | ((hue >= 200) & (hue < 250) & (sat > 180) & (val < 180))
-    pen = cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    pen = pen_ink(thumb)
     mask = (stained & ~dark & ~pen).astype(np.uint8)
     k = max(1, round(16 / mpp)) | 1  # ~16 µm structuring element
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))

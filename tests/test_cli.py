@@ -397,3 +397,16 @@ def test_a_slide_with_no_tumour_cells_has_no_h_score_or_shares(tmp_path, capsys)
     assert all(row[f"pct_{c}"] == "" for c in CATEGORIES)
     line = next(l for l in capsys.readouterr().out.splitlines() if "field.png" in l)
     assert "H=- " in line and "not scored" in line
+
+
+def test_check_refuses_a_result_json_whose_fields_disagree(scored, tmp_path, capsys):
+    """Each field may be one the tool writes and the whole still not: a level that is not the score's,
+    counts that do not add up to the tumour cells."""
+    good = json.loads((scored / "field_3plus_a.png" / "result.json").read_text())
+    cases = {"level.json": ({**good, "level": "0 (null)"}, "'level' '0 (null)' is not a level of score '3+'"),
+             "counts.json": ({**good, "counts": {**good["counts"], "none": good["counts"]["none"] + 5000}},
+                             f"'counts' add up to {good['tumour_cells'] + 5000}")}
+    for name, (doc, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        code, out, err = check(capsys, str(tmp_path / name), "--rule", "t-dxd-tumour-agnostic")
+        assert code == 2 and message in err, err

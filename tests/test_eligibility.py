@@ -405,7 +405,7 @@ def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it()
     assert near_cutoff_sides(both.counts, "1+") == [("2+", 8.0), ("0", 14.0)]
     both = replace(both, flags=(*both.flags, "near_cutoff"))
     decision = check_eligibility(both, "her2-low-breast", ish="negative")
-    assert decision.status == "needs_review" and "at 0 the answer would be not eligible" in decision.reasons[0], decision.reasons
+    assert decision.status == "needs_review" and "at 0+ (ultralow) the answer would be not eligible" in decision.reasons[0], decision.reasons
     few = replace(make_result(none=85, faint_partial=15), flags=("her2_low", "near_cutoff"))
     doubt = check_eligibility(few, "her2-low-breast")
     assert doubt.status == "needs_review"
@@ -492,6 +492,19 @@ def test_intense_cells_just_over_the_isolated_floor_need_review_where_isolated_w
     result = replace(base, flags=(*base.flags, "near_cutoff"))
     d = check_eligibility(result, "her2-low-breast", ish="negative")
     assert d.status == "needs_review"
-    assert d.reasons[0] == ("its 5 intense complete cells (1.2% of 400) lie just over the 1% / 5-cell floor below which "
+    assert d.reasons[0] == ("its 5 intense complete cells (1.25% of 400) lie just over the 1% / 5-cell floor below which "
                             "they would be isolated cells: at 0 (null) the answer would be not eligible")
     assert check_eligibility(result, "t-dxd-tumour-agnostic").status == "not_eligible"  # 0 or 2+: not 3+ either way
+
+
+def test_a_2018_call_near_a_cut_off_names_the_other_side_as_2023_would():
+    """ASCO/CAP 2018 calls both 0s plain 0; under a rule that tells them apart, the other side of a
+    near cut-off call is the level 2023 gives the same counts (here stained cells: 0+ (ultralow))."""
+    counts = dict(none=178, faint_partial=22)  # 11% faint: 1+, near the cut-off
+    for guideline in ("breast-asco-cap-2018", "breast-asco-cap-2023"):
+        r = make_result(guideline, **counts)
+        r = replace(r, flags=(*r.flags, "near_cutoff"))
+        assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # 1+ or ultralow: eligible either way
+        only_ultralow = Rule(name="u", version="1", guideline="breast", eligible_levels=("0+ (ultralow)",))
+        d = check_eligibility(r, only_ultralow)
+        assert d.status == "needs_review" and "at 0+ (ultralow) the answer would be eligible" in d.reasons[0], d.reasons

@@ -531,7 +531,7 @@ def test_images_without_tumour_cells_are_said_to_be_left_out_of_accuracy(known):
     f = next(prev.glob("*/result.json"))
     r = SlideResult.from_dict(json.loads(f.read_text()))
     f.write_text(replace(r, score=None, classical_score=None, level="not scored", classical_level="not scored",
-                         tumour_cells=0).to_json())
+                         tumour_cells=0, counts={c: 0 for c in r.counts}, h_score=None).to_json())
     m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)
     assert m["not_scored"] == 1 and m["methods"]["classical"]["n"] == m["n"] - 1
     assert "1 without tumour cells, no score: left out of the classical and fused accuracy" in m["summary"]

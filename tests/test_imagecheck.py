@@ -198,17 +198,28 @@ def test_images_that_are_not_hdab_tissue_are_refused(name):
     assert "not scored" in c.reason
 
 
-def test_a_scanners_black_frame_is_not_a_dark_background():
-    """A field with black fill along its edges (12-30% of it) is a brightfield scan: its frame is left
-    out of the darkness and the nucleus size; black inside the tissue still counts."""
+def test_a_scanners_black_frame_is_left_out_of_every_measure():
+    """Black fill along a field's edges is no tissue and no stain: the field is judged without it (and a
+    few pixels of soft or resampled edge), whatever share of the image it takes; black inside counts."""
+    import cv2
+
     colon = photo("immunohistochemistry")
     framed = np.pad(colon, ((40, 40), (40, 120), (0, 0)))  # black on every side, wider on the right
     c = check_image(framed, mpp=0.5)
     assert c.accepted and c.dark_fraction == 0.0, c
     assert abs(c.nucleus_diameter_um - check_image(colon, mpp=0.5).nucleus_diameter_um) < 0.5
+    assert check_image(np.pad(colon, ((400, 400), (400, 400), (0, 0))), mpp=0.5).accepted  # 80% frame
+    fine = np.pad(cv2.resize(colon, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC), ((81, 81), (81, 81), (0, 0)))
+    assert check_image(fine, mpp=0.25).accepted  # resampled to 0.5 µm/px for the nucleus size: a grey rim
+    edge = np.zeros(framed.shape[:2], np.float32)
+    edge[40:-40, 40:-120] = 1
+    soft = (framed * cv2.GaussianBlur(edge, (0, 0), 1.5)[..., None]).astype(np.uint8)
+    assert check_image(soft, mpp=0.5).accepted
     holed = colon.copy()
     holed[100:300, 150:400] = 0  # not a frame: a dark fifth of the field
     assert check_image(holed, mpp=0.5).code == "dark_background"
+    for case in (c for c in CASES if c.kind == "he" and isinstance(c.load(), np.ndarray)):
+        assert check_image(np.pad(case.load(), ((250, 250), (250, 250), (0, 0))), mpp=case.mpp or 0.5).code == "eosin", case.name
 
 
 def test_a_counterstain_too_pale_to_count_cells_by_is_refused_and_named():
