@@ -206,6 +206,7 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
     ``previous`` maps slides to the folder names an earlier run gave them; they keep them.
     """
     previous = previous or {}
+    annotations = _Annotations(slides)
     jobs, used = [], set()
     names: dict[int, str] = {}
     for i, (slide, _) in enumerate(slides):
@@ -221,18 +222,53 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
                 name = f"{name}-{hashlib.sha1(str(slide).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
             names[i] = name
             used.add(name.lower())
-        region = _find_region(regions, slide) if regions else None
+        region = _find_region(regions, slide, root, annotations) if regions else None
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
                         cells_csv=cells_csv))
     return jobs
 
 
-def _find_region(regions: Path, slide: Path) -> str | None:
-    for suffix in (".geojson", ".json", ".png", ".tif", ".tiff"):
-        for stem in (slide.stem, slide.name):
-            cand = regions / f"{stem}{suffix}"
-            if cand.is_file():
+REGION_SUFFIXES = (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+"""Suffixes (any case) of a slide's annotation file under --regions: QuPath GeoJSON, or a mask image."""
+
+
+class _Annotations:
+    """What _find_region looks among: each folder's files by lower-case name (listed once), less the
+    batch's slides, and the batch's slides by stem."""
+
+    def __init__(self, slides: list[tuple[Path, Path]]):
+        self.slides = {p.resolve() for p, _ in slides}
+        self.by_stem: dict[str, list[Path]] = {}
+        for p, _ in slides:
+            self.by_stem.setdefault(p.stem, []).append(p)
+        self._folders: dict[Path, dict[str, Path]] = {}
+
+    def files(self, folder: Path) -> dict[str, Path]:
+        if folder not in self._folders:
+            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and f.resolve() not in self.slides}
+                                     if folder.is_dir() else {})
+        return self._folders[folder]
+
+
+def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotations) -> str | None:
+    """The annotation of ``slide`` under ``regions``: ``<its path under its root, less its suffix or not>.<suffix>``,
+    else ``<its stem or name>.<suffix>`` in ``regions`` itself, where no other slide of the batch has that stem
+    (BatchError: which one it belongs to is unknown). A slide file is never taken as an annotation. None (and
+    a warning) where there is none."""
+    rel = slide.relative_to(root) if slide.is_relative_to(root) else Path(slide.name)
+    for folder, names in ((regions / rel.parent, (rel.stem, rel.name)), (regions, (slide.stem, slide.name))):
+        found = annotations.files(folder)
+        for name in names:
+            for suffix in REGION_SUFFIXES:
+                if (cand := found.get(f"{name}{suffix}".lower())) is None:
+                    continue
+                if folder == regions and rel.parent != Path("."):
+                    same = [str(p) for p in annotations.by_stem[slide.stem] if p != slide]
+                    if same:
+                        raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
+                                         f"name; put it where the slide is under its folder ({regions / rel.parent}/)")
                 return str(cand)
+    log.warning("%s: no annotation under %s; its tumour cells are detected", slide, regions)
     return None
 
 
@@ -371,7 +407,8 @@ def _settings(job: Job) -> dict:
 
 def _config_key(job: Job) -> str:
     """A slide's settings plus what is its own (µm/px given, region file): equal keys score alike."""
-    blob = json.dumps([_settings(job), job.mpp, job.region], sort_keys=True, default=str)
+    own = [job.mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
+    blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -719,7 +756,10 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
     if scheduler == "local":
         scheduler = cluster.enter_context(LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
                                                        dashboard_address=":0"))
-    client = cluster.enter_context(Client(scheduler))
+    try:
+        client = cluster.enter_context(Client(scheduler))
+    except (OSError, TimeoutError) as e:
+        raise BatchError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
     futures = client.map(process_slide, jobs, pure=False)
     by_key = {f.key: j for f, j in zip(futures, jobs)}
     for f in dask_completed(futures):

@@ -19,9 +19,15 @@ from .slide import FileError, open_plain_image
 __all__ = ["Region", "RegionError", "load_region", "IGNORED_CLASSES"]
 
 IGNORED_CLASSES = {"ignore*", "ignore", "stroma", "necrosis", "background", "normal", "in situ", "dcis", "immune cells"}
-"""QuPath classifications whose annotations are not scored as invasive tumour (case-insensitive)."""
+"""QuPath classifications whose annotations are not invasive tumour (case-insensitive): cut out of the
+tumour annotations they lie in."""
+TUMOUR_CLASSES = {"tumor", "tumour", "tumor*", "tumour*", "invasive tumor", "invasive tumour", "invasive carcinoma"}
+"""Classifications that mark tumour: where a file has any, only they are the tumour; otherwise every
+annotation not in IGNORED_CLASSES (nor QuPath's "Region*", a region of interest) is."""
 NON_AREA_OBJECTS = {"detection", "cell", "tile"}
 """QuPath object types ignored when the file also holds annotations (exports of all objects)."""
+NON_AREA_IDS = {"PathDetectionObject", "PathCellObject", "PathTileObject"}
+"""Feature ids of the same objects in QuPath 0.2's exports (which have no objectType): never a region."""
 MAX_REGION_BYTES = 512 * 2**20
 """Largest GeoJSON file read (a region is a few polygons; a bigger file is not a region export)."""
 MAX_MASK_PIXELS = 20_000 * 20_000
@@ -39,6 +45,8 @@ class Region:
     polygons: tuple[tuple[np.ndarray, tuple[np.ndarray, ...]], ...] = ()
     mask: np.ndarray | None = None
     mask_scale: tuple[float, float] = (1.0, 1.0)
+    excluded: tuple[tuple[np.ndarray, tuple[np.ndarray, ...]], ...] = ()
+    """Non-tumour annotations (IGNORED_CLASSES): cut out of the polygons."""
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Which level-0 points (x, y) lie in the region (points off the mask are outside)."""
@@ -52,13 +60,18 @@ class Region:
             inside = np.zeros(len(pts), bool)
             inside[on] = self.mask[r[on].astype(np.intp), c[on].astype(np.intp)]
             return inside
-        inside = np.zeros(len(pts), bool)
-        for exterior, holes in self.polygons:
-            hit = points_in_poly(pts, exterior)
-            for hole in holes:
-                hit &= ~points_in_poly(pts, hole)
-            inside |= hit
-        return inside
+        return _in_any(pts, self.polygons) & ~_in_any(pts, self.excluded)
+
+
+def _in_any(pts: np.ndarray, polygons) -> np.ndarray:
+    """Which points lie in any of ``polygons`` (exterior, holes)."""
+    inside = np.zeros(len(pts), bool)
+    for exterior, holes in polygons:
+        hit = points_in_poly(pts, exterior)
+        for hole in holes:
+            hit &= ~points_in_poly(pts, hole)
+        inside |= hit
+    return inside
 
 
 def _ring(path, where: str, ring) -> np.ndarray:
@@ -138,7 +151,8 @@ def _load_geojson(path: Path) -> Region:
         raise RegionError(path, "the file holds no features (no tumour annotation)")
     has_annotations = any(isinstance(f, dict) and isinstance(f.get("properties"), dict)
                           and f["properties"].get("objectType") == "annotation" for f in features)
-    polygons, skipped_classes, other_types = [], [], []
+    polygons, excluded, skipped_classes, other_types = [], [], [], []
+    classed: list[tuple[bool, list]] = []  # per annotation kept: (tumour-classed, its polygons)
     for i, f in enumerate(features):
         if not isinstance(f, dict):
             raise RegionError(path, f"feature {i} is not a JSON object")
@@ -147,15 +161,18 @@ def _load_geojson(path: Path) -> Region:
         props = f.get("properties") or {}
         if not isinstance(props, dict):
             raise RegionError(path, f"feature {i}: 'properties' must be an object")
-        if has_annotations and props.get("objectType") in NON_AREA_OBJECTS:
+        if has_annotations and props.get("objectType") in NON_AREA_OBJECTS or f.get("id") in NON_AREA_IDS:
             continue
-        name = _class_name(props)
-        if name.strip().lower() in IGNORED_CLASSES:
-            skipped_classes.append(name)
-            continue
+        name = _class_name(props).strip().lower()
         polys, other = _polygons(path, f"feature {i}", f["geometry"])
-        polygons += polys
         other_types += other
+        if name in IGNORED_CLASSES:
+            skipped_classes.append(_class_name(props))
+            excluded += polys
+        elif name != "region*":
+            classed.append((name in TUMOUR_CLASSES, polys))
+    tumour_classed = any(t for t, _ in classed)
+    polygons = [p for t, polys in classed if t or not tumour_classed for p in polys]
     if not polygons:
         if skipped_classes:
             names = ", ".join(sorted(set(skipped_classes)))
@@ -164,7 +181,9 @@ def _load_geojson(path: Path) -> Region:
             raise RegionError(path, f"no Polygon or MultiPolygon annotation (only {', '.join(sorted(set(other_types)))}); "
                                     "a tumour region needs an area")
         raise RegionError(path, "no Polygon or MultiPolygon tumour annotation in the file")
-    return Region(source=f"annotation ({path.name}, {len(polygons)} polygons)", polygons=tuple(polygons))
+    cut = f", {len(excluded)} non-tumour cut out" if excluded else ""
+    return Region(source=f"annotation ({path.name}, {len(polygons)} polygons{cut})", polygons=tuple(polygons),
+                  excluded=tuple(excluded))
 
 
 def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
@@ -197,8 +216,9 @@ def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Regi
     mask image covering the whole slide (non-zero = tumour, or over half its top value in a JPEG; any size with the
     slide's aspect).
 
-    Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*) are left out;
-    when the export also holds detections or cells, only the annotations are used.
+    Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*, DCIS) are cut out of the
+    tumour ones; where any annotation is classified tumour (TUMOUR_CLASSES) only those are the tumour,
+    else every other annotation but a "Region*"; detections and cells (exports of all objects) are never used.
     """
     path = Path(path)
     if not path.is_file():

@@ -43,7 +43,7 @@ def qupath(tmp_path):
 def test_qupath_polygons_holes_multipolygons_and_classes(qupath):
     r = load_region(qupath, slide_size=SIZE)
     assert isinstance(r, Region) and len(r.polygons) == 3
-    assert r.source == "annotation (region.geojson, 3 polygons)"
+    assert r.source == "annotation (region.geojson, 3 polygons, 1 non-tumour cut out)"
     x = np.array([150, 250, 650, 850, 100.5, 50, 150, 455, 999])
     y = np.array([150, 250, 150, 550, 700, 50, 700, 455, 799])
     #             in   hole  multi multi stroma out stroma detection out
@@ -55,6 +55,25 @@ def test_contains_empty_and_single_geometry(tmp_path):
     r = load_region(p, slide_size=SIZE)
     assert r.contains(np.array([]), np.array([])).shape == (0,)
     assert r.contains(np.array([5.0]), np.array([5.0])).tolist() == [True]
+
+
+def test_non_tumour_annotations_are_cut_out_and_tumour_classes_decide(tmp_path):
+    """An Ignore* or DCIS outline inside a tumour one is cut out of it; where any annotation is classed Tumor,
+    only those are the tumour (a Region* of interest or an unclassified outline beside it is not); cells
+    and detections of a QuPath 0.2 export (no objectType, an id naming the object) are never regions."""
+    square = lambda *b: {"type": "Polygon", "coordinates": [_square(*b)]}  # noqa: E731
+    x, y = np.array([50, 150, 350, 550]), np.array([50, 50, 50, 50])
+    cut = _write(tmp_path, [_feature(square(0, 0, 200, 100), "Tumor"), _feature(square(100, 0, 200, 100), "Ignore*")], "cut.geojson")
+    assert load_region(cut, slide_size=SIZE).contains(x, y).tolist() == [True, False, False, False]
+    insitu = _write(tmp_path, [_feature(square(0, 0, 200, 100)), _feature(square(0, 0, 100, 100), "DCIS")], "dcis.geojson")
+    assert load_region(insitu, slide_size=SIZE).contains(x, y).tolist() == [False, True, False, False]
+    roi = _write(tmp_path, [_feature(square(0, 0, 100, 100), "Tumor"), _feature(square(0, 0, 800, 100), "Region*"),
+                            _feature(square(300, 0, 400, 100))], "roi.geojson")
+    assert load_region(roi, slide_size=SIZE).contains(x, y).tolist() == [True, False, False, False]
+    old = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "PathAnnotationObject", "geometry": square(0, 0, 100, 100), "properties": {}},
+        {"type": "Feature", "id": "PathCellObject", "geometry": square(300, 0, 400, 100), "properties": {}}]}
+    assert load_region(_write(tmp_path, old, "old.geojson"), slide_size=SIZE).contains(x, y).tolist() == [True, False, False, False]
 
 
 def test_unclassified_annotations_count_as_tumour(tmp_path):

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from conftest import save_png, save_png16_rgb, save_tiff, truncated_copy, write_bad
-from her2score.batch import MANIFEST, run_batch, safe_name
+from her2score.batch import MANIFEST, BatchError, run_batch, safe_name
 from her2score.outputs import OUTPUT_FILES
 from her2score.pipeline import NoTissueError, NuclearStainError, WrongStainError, score_slide
 from her2score.region import RegionError
 from her2score.slide import SLIDE_SUFFIXES, NotHerIhcError, SlideError, open_slide
-from her2score.synthetic import make_slide, write_pyramidal_tiff
+from her2score.synthetic import generate_field, make_slide, write_pyramidal_tiff
 
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
@@ -523,3 +524,43 @@ def test_killed_batch_resumes_with_nothing_lost_or_duplicated(tmp_path, fields, 
     assert (out / "summary.csv").read_text(encoding="utf-8") == (reference / "summary.csv").read_text(encoding="utf-8")
     # slides finished before the last start were not scored again
     assert all((out / d / "result.json").stat().st_mtime_ns == t for d, t in mtimes.items())
+
+
+def _tumour_square(path: Path, side: int = 384) -> None:
+    square = [[0, 0], [side, 0], [side, side], [0, side], [0, 0]]
+    path.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+                                "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}))
+
+
+def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from_a_slide(tmp_path):
+    """Two slides named alike in two folders take the annotations under the same folders; a lone one at the
+    top of --regions would be shared, so it is refused; the slide folder given as --regions holds no
+    annotation of a slide (its own file is no mask); an edited annotation rescores; a JPEG mask, any case."""
+    field = generate_field("3+", seed=9100).image
+    for sub in ("A", "B"):
+        (tmp_path / "slides" / sub).mkdir(parents=True)
+        save_png(tmp_path / "slides" / sub / "s1.png", field)
+    regions = tmp_path / "regions"
+    (regions / "A").mkdir(parents=True)
+    _tumour_square(regions / "A" / "s1.geojson")
+    _tumour_square(regions / "s1.geojson", side=200)
+    with pytest.raises(BatchError, match=r"s1\.geojson: the annotation of which slide\?"):
+        run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)
+    (regions / "s1.geojson").unlink()
+    (regions / "B").mkdir()
+    _tumour_square(regions / "B" / "S1.GeoJSON", side=200)
+    rows = {Path(r["slide"]).parent.name: r for r in run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)}
+    assert rows["A"]["region"] == "annotation (s1.geojson, 1 polygons)"
+    assert rows["B"]["region"] == "annotation (S1.GeoJSON, 1 polygons)"
+    assert int(rows["B"]["tumour_cells"]) < int(rows["A"]["tumour_cells"])
+    _tumour_square(regions / "A" / "s1.geojson", side=200)  # edited: scored again, not reused
+    again = {Path(r["slide"]).parent.name: r for r in run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)}
+    assert again["A"]["tumour_cells"] == rows["B"]["tumour_cells"] and again["B"] == rows["B"]
+    same = run_batch([tmp_path / "slides" / "A"], tmp_path / "out_same", regions=tmp_path / "slides" / "A")
+    assert same[0]["region"].startswith("detected epithelial cells")  # s1.png is the slide, not its mask
+    mask = np.zeros(field.shape[:2], np.uint8)
+    mask[:100, :100] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "s1.JPG")
+    jpeg = run_batch([tmp_path / "slides" / "A"], tmp_path / "out_jpeg", regions=tmp_path / "masks")
+    assert jpeg[0]["region"] == "mask (s1.JPG)"
