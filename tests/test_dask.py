@@ -116,3 +116,13 @@ def test_dask_worker_in_another_folder_gets_usable_paths(slides, local, tmp_path
     assert [r["status"] for r in rows] == ["ok"], rows
     assert (tmp_path / "client" / "out" / rows[0]["output"] / "result.json").is_file()
     assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file() and p.name in ("result.json", "cells.parquet")]
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(slides, tmp_path):
+    import dask
+
+    from her2score.batch import BatchError
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(BatchError, match=r"cannot reach the Dask scheduler tcp://127\.0\.0\.1:9: "):
+            run_batch([slides], tmp_path / "out", scheduler="tcp://127.0.0.1:9")
