@@ -61,7 +61,7 @@ from her2score.guidelines import (
     report_level,
     wilson_ci,
 )
-from her2score.results import SlideResult
+from her2score.results import ZERO_LEVELS, SlideResult
 
 __all__ = [
     "STATUSES",
@@ -182,7 +182,7 @@ class Rule:
 
 def _level_set(levels: tuple[str, ...]) -> set[str]:
     """The report levels a rule's list names: a plain "0" is any 0 (it matches a score as well as a level)."""
-    return {lv for x in levels for lv in (("0", "0 (null)", "0+ (ultralow)") if x == "0" else (x,))}
+    return {lv for x in levels for lv in (("0", *ZERO_LEVELS) if x == "0" else (x,))}
 
 
 @dataclass(frozen=True)
@@ -344,17 +344,17 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
-    for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
-                                                          specimen=result.specimen, clusters=result.clusters,
-                                                          gastric_reading=reading):
-        level = report_level(other_score, named_by, result.counts)
-        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return f"{cluster_words(cluster_level, size)}: at {level} the answer would be {other}"
     floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT)
-    for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
-                                             isolated_intense_percent=floor):
+    edges = [(cluster_words(cluster_level, size), other_score, report_level(other_score, named_by, result.counts))
+             for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
+                                                                   specimen=result.specimen, clusters=result.clusters,
+                                                                   gastric_reading=reading)]
+    edges += [(isolated_words(result.counts, floor), other_score, level)
+              for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
+                                                       isolated_intense_percent=floor)]
+    for words, other_score, level in edges:
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return f"{isolated_words(result.counts, floor)}: at {level} the answer would be {other}"
+            return f"{words}: at {level} the answer would be {other}"
     return None
 
 
@@ -363,7 +363,7 @@ def _plain_zero_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str |
     from 0+ (ultralow)) and the rule answers those two differently; None otherwise."""
     if result.level != "0":
         return None
-    answers = {level: _decide(replace(result, level=level), rule, ish)[0] for level in ("0 (null)", "0+ (ultralow)")}
+    answers = {level: _decide(replace(result, level=level), rule, ish)[0] for level in ZERO_LEVELS}
     if len(set(answers.values())) == 1:
         return None
     return (f"scored a plain 0 under {result.guideline}, which does not tell 0 (null) from 0+ (ultralow); the rule answers "

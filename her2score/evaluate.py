@@ -53,7 +53,7 @@ import numpy as np
 from .categories import CATEGORIES
 from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
-from .results import SCORES, SlideResult
+from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
     "METHODS",
@@ -78,7 +78,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("classical", "cnn", "fused")
-ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
 TRUTH_LEVELS: dict[str, tuple[str, str | None]] = {
     "0": ("0", None),
     "null": ("0", "0 (null)"), "0 (null)": ("0", "0 (null)"), "0null": ("0", "0 (null)"),

@@ -408,13 +408,15 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             reason += (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
                        f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
                        f"{config.near_cutoff_points:g} points): it could be {' or '.join(s for s, pct in sides if pct == near)}")
-        for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
-                                                        clusters=clusters, gastric_reading=config.gastric_reading):
-            flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")
-            reason += f"; {cluster_words(cluster_level, size)}: it could be {other}"
-        for _, other in isolated_sides(counts, score, guideline=config.guideline, isolated_intense_percent=config.isolated_intense_percent):
-            flags = flags if "near_cutoff" in flags else (*flags, "near_cutoff")
-            reason += f"; {isolated_words(counts, config.isolated_intense_percent)}: it could be {other}"
+        edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
+                 for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
+                                                                 clusters=clusters, gastric_reading=config.gastric_reading)]
+        edges += [(isolated_words(counts, config.isolated_intense_percent), other)
+                  for _, other in isolated_sides(counts, score, guideline=config.guideline,
+                                                 isolated_intense_percent=config.isolated_intense_percent)]
+        if edges and "near_cutoff" not in flags:
+            flags = (*flags, "near_cutoff")
+        reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares

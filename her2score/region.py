@@ -163,11 +163,12 @@ def _load_geojson(path: Path) -> Region:
             raise RegionError(path, f"feature {i}: 'properties' must be an object")
         if has_annotations and props.get("objectType") in NON_AREA_OBJECTS or f.get("id") in NON_AREA_IDS:
             continue
-        name = _class_name(props).strip().lower()
+        label = _class_name(props)
+        name = label.strip().lower()
         polys, other = _polygons(path, f"feature {i}", f["geometry"])
         other_types += other
         if name in IGNORED_CLASSES:
-            skipped_classes.append(_class_name(props))
+            skipped_classes.append(label)
             excluded += polys
         elif name != "region*":
             classed.append((name in TUMOUR_CLASSES, polys))

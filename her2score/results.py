@@ -5,10 +5,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "REPORT_LEVELS"]
+__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS"]
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
-REPORT_LEVELS: tuple[str, ...] = ("0", "0 (null)", "0+ (ultralow)", "1+", "2+", "3+")
+ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
+"""The two levels ASCO/CAP 2023 splits a 0 into; 2018 and gastric call either a plain "0"."""
+REPORT_LEVELS: tuple[str, ...] = ("0", *ZERO_LEVELS, "1+", "2+", "3+")
 """Every guideline call's level: the 2026 consensus five levels, plus plain "0" (2018, gastric)."""
 
 
@@ -142,6 +144,6 @@ def _check_dict(d: dict[str, Any]) -> None:
     if (score is None) != (level == "not scored") or (score is None) != (n == 0):
         raise ValueError(f"'score' {score!r}, 'level' {level!r} and {n} tumour cells disagree: no score is "
                          "'not scored' with no tumour cells")
-    zeros = ("0", "0 (null)", "0+ (ultralow)") if d.get("guideline") == "breast-asco-cap-2023" else ("0",)
+    zeros = ZERO_LEVELS if d.get("guideline") == "breast-asco-cap-2023" else ("0",)
     if score is not None and level not in (zeros if score == "0" else (score,)):
         raise ValueError(f"'level' {level!r} is not a level of score {score!r} under {d.get('guideline')!r}")
