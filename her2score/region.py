@@ -118,8 +118,12 @@ def _polygons(path, where: str, geometry: dict) -> tuple[list, list[str]]:
 
 
 def _class_name(props: dict) -> str:
+    """A feature's QuPath class as QuPath shows it: "name", or a derived class's "names" (QuPath 0.4+) joined by ": "."""
     cls = props.get("classification")
     if isinstance(cls, dict):
+        names = cls.get("names")
+        if isinstance(names, list) and names:
+            return ": ".join(str(n) for n in names)
         return str(cls.get("name") or "")
     return str(cls or "")
 
@@ -164,7 +168,7 @@ def _load_geojson(path: Path) -> Region:
         if has_annotations and props.get("objectType") in NON_AREA_OBJECTS or f.get("id") in NON_AREA_IDS:
             continue
         label = _class_name(props)
-        name = label.strip().lower()
+        name = label.split(":")[0].strip().lower()  # a derived class ("Tumor: Positive") is its base class
         polys, other = _polygons(path, f"feature {i}", f["geometry"])
         other_types += other
         if name in IGNORED_CLASSES:

@@ -76,6 +76,25 @@ def test_non_tumour_annotations_are_cut_out_and_tumour_classes_decide(tmp_path):
     assert load_region(_write(tmp_path, old, "old.geojson"), slide_size=SIZE).contains(x, y).tolist() == [True, False, False, False]
 
 
+def test_derived_classes_of_qupath_04_are_their_base_class(tmp_path):
+    """QuPath 0.4+ writes a derived class as "names": ["Tumor", "Positive"] (older versions "name": "Tumor: Positive"):
+    both are tumour, and "Stroma: Positive" is stroma, cut out."""
+    square = lambda *b: {"type": "Polygon", "coordinates": [_square(*b)]}  # noqa: E731
+    derived = _feature(square(0, 0, 200, 100))
+    derived["properties"]["classification"] = {"names": ["Tumor", "Positive"], "color": [200, 0, 0]}
+    stroma = _feature(square(100, 0, 200, 100))
+    stroma["properties"]["classification"] = {"names": ["Stroma", "Positive"]}
+    other = _feature(square(300, 0, 400, 100))  # unclassified: not tumour beside a Tumor-classed annotation
+    x, y = np.array([50, 150, 350]), np.array([50, 50, 50])
+    p = _write(tmp_path, [derived, stroma, other, _feature(square(500, 0, 600, 100), "Tumor: Negative")], "derived.geojson")
+    r = load_region(p, slide_size=SIZE)
+    assert r.contains(np.append(x, 550), np.append(y, 50)).tolist() == [True, False, False, True]
+    assert r.source == "annotation (derived.geojson, 2 polygons, 1 non-tumour cut out)"
+    only_stroma = _write(tmp_path, [stroma], "stroma.geojson")
+    with pytest.raises(RegionError, match=r"every polygon is classified as non-tumour \(Stroma: Positive\)"):
+        load_region(only_stroma, slide_size=SIZE)
+
+
 def test_unclassified_annotations_count_as_tumour(tmp_path):
     p = _write(tmp_path, [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 10, 10)]})], "list.geojson")
     assert load_region(p, slide_size=SIZE).contains(np.array([5]), np.array([5])).tolist() == [True]
