@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     e.add_argument("--eligible-rule", help="the rule the CSV's 'eligible' column answers")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CNN")

@@ -1,13 +1,13 @@
 """Evaluation runs: score labelled images and measure classical, CNN and fused scores against the labels.
 
 ``LABELS`` is a CSV ``path,label[,level][,eligible][,eligible_<rule>][,ish]`` (paths relative to
-the CSV's folder) or a folder with one sub-folder per class (0, 1+, 2+, 3+). Labels are the five
+the CSV's folder) or a folder with one sub-folder per label (0, null, 0+, 1+, 2+, 3+...). Labels are the five
 report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`` / ``ultralow`` /
 ``0+ (ultralow)``, ``1+``, ``2+``, ``3+`` (also 1plus, 2plus, 3plus); an optional ``level`` column
 gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
 (as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image), or
 ``count_<category>`` columns in the CSV, give the true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
-its result.json is reused, where it was scored under the same guideline and specimen), the CNN is run on it when the result carries no
+its result.json is reused, where it was scored with the same settings and µm/px), the CNN is run on it when the result carries no
 report of the same CNN. Each image is labelled once (a second row for it is refused). ``out`` receives:
 
 - ``metrics.json``: per method (classical, cnn, fused): n, accuracy with its Wilson 95% interval,
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from .categories import CATEGORIES
-from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, level_flags, report_level, wilson_ci, with_null_doubt
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
@@ -129,8 +129,19 @@ def _parse_bool(value: str, where: str) -> bool | None:
     raise ValueError(f"{where}: eligible value {value!r} is not one of true/false, yes/no, 1/0, eligible/not_eligible")
 
 
+def _count_value(value: Any, where: str) -> int:
+    """A true cell count: a whole number >= 0 (an integral float or numeral string too); ValueError naming ``where``."""
+    try:
+        n = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        n = math.nan
+    if not (math.isfinite(n) and n >= 0 and n == int(n)):
+        raise ValueError(f"{where}: a cell count must be a whole number >= 0, got {value!r}")
+    return int(n)
+
+
 def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
-    """True cell counts per image path (as written in the file) from a truth.jsonl, or {}."""
+    """True cell counts per image (keyed by its resolved path, relative ones to the file's folder) from a truth.jsonl, or {}."""
     if not path.is_file():
         return {}
     out = {}
@@ -139,11 +150,14 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
             continue
         try:
             row = json.loads(line)
-            out[row["path"]] = {str(k): int(v) for k, v in row["counts"].items()}
+            image, counts = row["path"], row["counts"]
+            if not isinstance(image, str) or not isinstance(counts, dict):
+                raise TypeError("'path' must be a string and 'counts' an object")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}, line {i}: not a truth record with 'path' and 'counts' ({e})") from None
-        if unknown := sorted(set(out[row["path"]]) - set(CATEGORIES)):
+        if unknown := sorted(set(map(str, counts)) - set(CATEGORIES)):
             raise ValueError(f"{path}, line {i}: unknown cell categories {unknown}; the categories are {list(CATEGORIES)}")
+        out[str((path.parent / image).resolve())] = {str(k): _count_value(v, f"{path}, line {i}, {k}") for k, v in counts.items()}
     return out
 
 
@@ -153,7 +167,8 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
 
     p = Path(labels)
     if p.is_dir():
-        return [LabelledItem(str(f), label, {}, level=None if label == "0" else label) for f, label in class_folder_files(p)]
+        return [LabelledItem(str(f), score, {}, level=level) for f, (score, level)
+                in class_folder_files(p, parse_truth_label, "0, null, 0+ (or ultralow), 1+, 2+, 3+ (or 1plus...)")]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such labels file or folder")
     truth = _truth_counts(p.parent / "truth.jsonl")
@@ -161,7 +176,11 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= {(c or "").strip() for c in reader.fieldnames}:
             raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
-        rows = [(i, {(k or "").strip(): (v or "").strip() for k, v in r.items()}) for i, r in enumerate(reader, start=2)]
+        rows = []
+        for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
+            if None in r:
+                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
+            rows.append((reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in r.items()}))
     rows = [(i, r) for i, r in rows if r.get("path")]
     if not rows:
         raise ValueError(f"{p}: no labelled rows")
@@ -179,9 +198,10 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         try:
             score, level = parse_truth_label(r["label"])
             if r.get("level"):  # an optional five-level column beside a 4-class label (as synth writes)
-                level_score, level = parse_truth_label(r["level"])
-                if level_score != score:
+                level_score, column_level = parse_truth_label(r["level"])
+                if level_score != score or (level is not None and column_level not in (None, level)):
                     raise ValueError(f"level {r['level']!r} does not agree with label {r['label']!r}")
+                level = column_level or level
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         elig = {}
@@ -189,19 +209,22 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
             if k.startswith("eligible_") and v:
                 elig[k[len("eligible_"):]] = _parse_bool(v, where)
         if eligible_rule and r.get("eligible"):
-            elig[eligible_rule] = _parse_bool(r["eligible"], where)
+            answer = _parse_bool(r["eligible"], where)
+            if elig.get(eligible_rule) not in (None, answer):
+                raise ValueError(f"{where}: eligible and eligible_{eligible_rule} disagree")
+            elig[eligible_rule] = answer
         ish = (r.get("ish") or "").strip().lower() or None
         if ish not in (None, "positive", "negative"):
             raise ValueError(f"{where}: ish must be 'positive', 'negative' or empty, got {ish!r}")
-        counts = truth.get(r["path"])
+        counts = truth.pop(key, None)
         if any(r.get(f"count_{c}") for c in CATEGORIES):  # true counts given in the labels file itself
-            try:
-                counts = {c: int(r.get(f"count_{c}") or 0) for c in CATEGORIES}
-            except ValueError:
-                raise ValueError(f"{where}: count_<category> columns must be whole numbers") from None
+            counts = {c: _count_value(r.get(f"count_{c}") or 0, f"{where}, count_{c}") for c in CATEGORIES}
         path = Path(r["path"])
         items.append(LabelledItem(str(path if path.is_absolute() else p.parent / path), score,
                                   {k: v for k, v in elig.items() if v is not None}, ish, level, counts))
+    if truth:
+        log.warning("%s: %d truth.jsonl record(s) name no labelled image (e.g. %s); their counts are unused",
+                    p, len(truth), next(iter(truth)))
     return items
 
 
@@ -218,11 +241,12 @@ def confusion_matrix(truth: Sequence[str], called: Sequence[str], classes: Seque
 def quadratic_weighted_kappa(cm: np.ndarray) -> float:
     """Cohen's kappa with quadratic weights w_ij = (i - j)^2 / (K - 1)^2 from a confusion matrix:
     1 - sum(w * O) / sum(w * E), O the observed and E the expected (outer product of the marginals
-    / n) counts. NaN when undefined (no images, or no expected disagreement)."""
+    / n) counts. NaN when undefined: no images, or the truth or the calls all in one class (kappa is
+    then 0 or undefined whatever the agreement)."""
     cm = np.asarray(cm, np.float64)
     k = cm.shape[0]
     n = cm.sum()
-    if n == 0:
+    if n == 0 or (cm.sum(axis=1) > 0).sum() < 2 or (cm.sum(axis=0) > 0).sum() < 2:
         return float("nan")
     i, j = np.indices((k, k))
     w = (i - j) ** 2 / (k - 1) ** 2
@@ -357,10 +381,13 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
     ``ish_eligible``; otherwise not. A ``[[require]]`` percentage is checked on the true ``counts``.
 
     None when the label does not decide it: a plain 0 where the rule treats null and ultralow
-    differently, an ISH level without an ISH result, a requirement without true counts.
+    differently, an ISH level without an ISH result, a requirement without true counts. A requirement
+    the counts fail makes it False whatever the ISH result (requirements hold on ISH levels too).
     """
     score, level = parse_truth_label(label)
     candidates = [level] if level else list(ZERO_LEVELS)  # a plain 0: null or ultralow
+    counted = counts is not None and sum(counts.values()) > 0
+    meets = all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts) for req in rule.require) if counted else None
     answers = set()
     for lv in candidates:
         keys = {lv, score}
@@ -368,11 +395,8 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
             answer = None if ish is None else ish == rule.ish_eligible
         else:
             answer = bool(keys & set(rule.eligible_levels))
-        if answer and rule.require:
-            if counts is None or not sum(counts.values()):
-                answer = None
-            else:
-                answer = all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts) for req in rule.require)
+        if rule.require and (answer or (answer is None and meets is False)):
+            answer = meets
         answers.add(answer)
     return answers.pop() if len(answers) == 1 else None
 
@@ -380,7 +404,8 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
 # --------------------------------------------------------------------------------------- running
 
 def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
-    """result.json files under ``reuse`` keyed by the resolved slide path and by file name."""
+    """result.json files under ``reuse`` keyed by the resolved slide path, and by file name where the
+    slide is no longer at that path (its folder moved) and no other result names a slide so."""
     if not reuse:
         return {}
     root = Path(reuse)
@@ -394,7 +419,8 @@ def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
         except (ValueError, KeyError, OSError):
             continue
         by_key[str(Path(slide).resolve())] = f
-        names.setdefault(Path(slide).name, []).append(f)
+        if not Path(slide).exists():
+            names.setdefault(Path(slide).name, []).append(f)
     for name, fs in names.items():
         if len(fs) == 1:
             by_key.setdefault(f"name:{name}", fs[0])
@@ -415,27 +441,30 @@ def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
     return out
 
 
-def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, bool, str]:
-    """The image's result, whether it was reused, and who ran the CNN ("pipeline", "reused" or ""
-    when none ran). A finished result is reused where it was scored under the same guideline and
-    specimen, unless the CNN is wanted and it has none, or another model's."""
+def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, str, str]:
+    """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
+    ("pipeline", "reused" or "" when none ran). A finished result is reused where it was scored
+    with the same settings (guideline, specimen, thresholds and every other scoring setting) and, when
+    given, the same µm/px, unless the CNN is wanted and it has none, or another model's."""
     from .pipeline import analyse_slide
 
     key = str(Path(item.path).resolve())
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
-        same_rules = (result.guideline, result.specimen) == (config.guideline, config.specimen)
-        if same_rules and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
+        same = result.config == json.loads(json.dumps(config.to_dict())) and (mpp is None or abs(result.mpp - mpp) < 1e-9)
+        if same and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
                 result = method_result(result, "classical")
-            return result, True, "reused" if result.cnn is not None else ""
+            return result, str(f), "reused" if result.cnn is not None else ""
     result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model).result
-    return result, False, "pipeline" if result.cnn is not None else ""
+    return result, "", "pipeline" if result.cnn is not None else ""
 
 
 def _method_metrics(truth: list[str], called: list[str | None], truth_levels: list[str | None],
-                    called_levels: list[str | None], *, resamples: int, seed: int) -> dict[str, Any] | None:
+                    called_levels: list[str | None], *, resamples: int, seed: int, split_zero: bool) -> dict[str, Any] | None:
+    """A method's figures over the images it scored; the null vs ultralow table (``split_zero``: the
+    guideline tells them apart) over every image, an unscored one in its "not scored" column."""
     keep = [i for i, c in enumerate(called) if c is not None]
     if not keep:
         return None
@@ -460,7 +489,7 @@ def _method_metrics(truth: list[str], called: list[str | None], truth_levels: li
         "kappa_interval_reliable": n >= KAPPA_MIN_N,
         "per_class": per_class(cm),
         "confusion": {"classes": list(SCORES), "rows": "truth", "columns": "called", "matrix": cm.tolist()},
-        "null_vs_ultralow": _null_vs_ultralow([truth_levels[i] for i in keep], [called_levels[i] for i in keep]),
+        "null_vs_ultralow": _null_vs_ultralow(truth_levels, called_levels) if split_zero else None,
     }
 
 
@@ -545,7 +574,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     for n_done, item in enumerate(items, start=1):
         row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
         try:
-            result, reused, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
+            result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
             d = out / "results" / folders[n_done - 1]
             d.mkdir(parents=True, exist_ok=True)
             atomic_write(d / "result.json", result.to_json())
@@ -555,8 +584,11 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                        flags=";".join(result.flags), classical_flags=";".join(result.classical_flags),
                        reason=result.reason, h_score=result.h_score, tumour_cells=result.tumour_cells,
                        qc_passed=result.qc_passed, qc=";".join(f"{q.severity}:{q.code}" for q in result.qc),
-                       reused=reused, cnn_by=cnn_by, cnn_model=result.cnn.model if result.cnn else "", error="")
+                       reused=bool(reused_from), reused_from=reused_from, cnn_by=cnn_by,
+                       cnn_model=result.cnn.model if result.cnn else "", error="")
             if result.cnn:
+                cnn_alone = method_result(result, "cnn")
+                row.update(cnn_level=cnn_alone.level, cnn_flags=";".join(cnn_alone.flags))
                 row.update({f"p_{c}": result.cnn.probabilities.get(c) for c in SCORES})
             row.update({f"pct_{c}": result.percentages.get(c) for c in CATEGORIES})
             if item.counts:
@@ -590,7 +622,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             continue
         called = [r.score if r is not None else None for r in mrs]
         called_levels = [r.level if r is not None else None for r in mrs]
-        m = _method_metrics(truth, called, truth_levels, called_levels, resamples=bootstrap, seed=seed)
+        m = _method_metrics(truth, called, truth_levels, called_levels, resamples=bootstrap, seed=seed,
+                            split_zero=guideline in ZERO_SPLIT)
         if m is None:
             continue
         if not m["kappa_interval_reliable"]:
@@ -619,7 +652,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             elig[rule.name] = {"version": rule.version, "truth_source": source, **_rule_metrics(tv, st)}
         m["eligibility"] = elig
         metrics["methods"][method] = m
-    pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok if items[i].counts and results[i].tumour_cells]
+    pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok
+             if items[i].counts and sum(items[i].counts.values()) and results[i].tumour_cells]
     metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
     for w in metrics["warnings"]:
         log.warning("%s", w)
@@ -800,7 +834,9 @@ def _report(metrics: dict, summary: str) -> str:
         out.append(f"- {m}: " + "; ".join(f"{SCORES[i]}: {cm[i]}" for i in range(4)))
     nvu = {m: metrics["methods"][m]["null_vs_ultralow"] for m in methods if metrics["methods"][m].get("null_vs_ultralow")}
     out += ["", "## Null vs ultralow", ""]
-    if not nvu:
+    if metrics["guideline"] not in ZERO_SPLIT:
+        out.append(f"{metrics['guideline']} calls a plain 0 (only ASCO/CAP 2023 tells null from ultralow): no table.")
+    elif not nvu:
         out.append("No image is labelled null or ultralow (a plain `0` label does not say which).")
     for m, t in nvu.items():
         out += [f"{m}: called at exactly the true level in {_fmt(t['agreement'], t['agreement_ci95'])} of {t['n']} images.", "",
@@ -810,7 +846,8 @@ def _report(metrics: dict, summary: str) -> str:
     pa = metrics.get("percent_agreement")
     out += ["", "## Per-image percentage agreement", ""]
     if not pa:
-        out.append("The labels carry no true cell counts (no `truth.jsonl` beside them): not measured.")
+        out.append("Not measured: no scored image with tumour cells has true cell counts (a `truth.jsonl` beside the "
+                   "labels, or `count_<category>` columns).")
     else:
         out += ["Called against true percentage of tumour cells per category, in percentage points "
                 "(Bland-Altman plot: `bland_altman.png`).", "",

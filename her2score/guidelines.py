@@ -26,6 +26,7 @@ __all__ = [
     "GUIDELINES",
     "GUIDELINE_FAMILY",
     "SPECIMENS",
+    "ZERO_SPLIT",
     "REPORT_LEVELS",
     "INTENSITY",
     "NEAR_CUTOFF_POINTS",
@@ -63,6 +64,8 @@ GUIDELINE_FAMILY: dict[str, str] = {
     "gastric": "gastric",
 }
 SPECIMENS: tuple[str, ...] = ("resection", "biopsy")
+ZERO_SPLIT: frozenset[str] = frozenset({"breast-asco-cap-2023"})
+"""The guidelines whose 0 has two report levels, "0 (null)" and "0+ (ultralow)"; the others call a plain "0"."""
 
 MIN_TUMOUR_CELLS: int = 100
 """The fewest tumour cells for an automatic guideline call. The one shared setting: the default of
@@ -437,7 +440,7 @@ def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
     Only a 0 under ASCO/CAP 2023 has two levels: "0+ (ultralow)" when any tumour cell shows membrane
     staining, else "0 (null)".
     """
-    if score != "0" or guideline != "breast-asco-cap-2023":
+    if score != "0" or guideline not in ZERO_SPLIT:
         return score
     c = _validated(counts)
     return "0+ (ultralow)" if sum(c.values()) > c["none"] else "0 (null)"

@@ -109,7 +109,8 @@ class SlideResult:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["flags"] = tuple(d.get("flags", ()))
         d["notes"] = tuple(d.get("notes", ()))
-        d["classical_flags"] = tuple(d.get("classical_flags", ()))
+        # written before classical_flags existed: without a CNN the call's flags are the classical ones
+        d["classical_flags"] = tuple(d.get("classical_flags", () if d.get("cnn") else d["flags"]))
         d["qc"] = tuple(QCFinding(**q) for q in d.get("qc", ()))
         if d.get("cnn"):
             d["cnn"] = CnnReport(**d["cnn"])

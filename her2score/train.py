@@ -137,22 +137,23 @@ def _load(path: Path, label: str, mpp: float | None, target_mpp: float) -> Label
     return LabelledImage(rgb, label, str(path), estimate_background(rgb))
 
 
-def class_folder_files(root: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(image, label) pairs from class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of
-    ``root``; other sub-folders are skipped with a warning. ValueError when there is no image."""
+def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = parse_label,
+                       names: str = "0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)") -> list[tuple[Path, Any]]:
+    """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
+    folder names ``parse`` takes); other sub-folders are skipped with a warning. ValueError when there is no image."""
     from .slide import SLIDE_SUFFIXES
 
     root = Path(root)
     out = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
-            label = parse_label(sub.name)
+            label = parse(sub.name)
         except ValueError:
-            log.warning("%s: not a class folder (0, 1+, 2+, 3+, 1plus...); skipped", sub)
+            log.warning("%s: not a class folder (%s); skipped", sub, names)
             continue
         out += [(f, label) for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)]
     if not out:
-        raise ValueError(f"{root}: no images in class sub-folders named 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
+        raise ValueError(f"{root}: no images in class sub-folders named {names}")
     return out
 
 

@@ -2,6 +2,7 @@ import csv
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from her2score.evaluate import (
     read_labels,
     wilson_ci,
 )
+from her2score.pipeline import ScoringConfig
 from her2score.results import CnnReport, SlideResult
 from her2score.synthetic import write_dataset
 
@@ -56,6 +58,9 @@ def test_qwk_reversed_and_perfect_and_undefined():
     assert quadratic_weighted_kappa(rev) == pytest.approx(-1.0)
     assert quadratic_weighted_kappa(confusion_matrix(LABELS, LABELS)) == pytest.approx(1.0)
     assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["2+", "2+"], ["2+", "2+"])))
+    # every image truly 3+, one called 2+: kappa would be 0 whatever the agreement; it is undefined
+    assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["3+"] * 100, ["3+"] * 99 + ["2+"])))
+    assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["0", "1+", "3+"], ["1+"] * 3)))  # one class called
     assert math.isnan(quadratic_weighted_kappa(np.zeros((4, 4))))
     # every call one step high: kappa well below 1 but positive
     up = confusion_matrix(["0", "1+", "2+"], ["1+", "2+", "3+"])
@@ -143,6 +148,13 @@ def test_eligibility_truth_from_the_label_and_the_rule_file_alone():
     assert [eligibility_truth(x, zero) for x in ("0", "null", "0+", "1+")] == [True, True, True, False]
     strict = Rule(name="strict", version="1", eligible_levels=("3+",), require=(Requirement("3+", 90.0),))
     assert eligibility_truth("2+", strict, counts=many) is False
+    # a requirement the counts fail decides an ISH level without its ISH result (requirements hold there too)
+    ish_rule = Rule(name="ish", version="1", eligible_levels=("3+",), ish_levels=("2+",), ish_eligible="positive",
+                    require=(Requirement("2+", 50.0),))
+    low_share = {"weak_moderate_complete": 20, "none": 80}
+    assert eligibility_truth("2+", ish_rule, counts=low_share) is False
+    assert eligibility_truth("2+", ish_rule, counts={"weak_moderate_complete": 60, "none": 40}) is None  # ISH decides
+    assert eligibility_truth("2+", ish_rule) is None
 
 
 # --------------------------------------------------------------------------- evaluate with known answers
@@ -157,7 +169,12 @@ def _result(path, classical, cnn=None, fused=None):
         classical_level=levels.get(classical, classical), guideline="breast-asco-cap-2023",
         specimen="resection", reason="test", counts={"none": 300, "faint_partial": 0}, percentages={},
         tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
-        tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None)
+        tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None,
+        config=DEFAULT_CONFIG)
+
+
+DEFAULT_CONFIG = json.loads(json.dumps(ScoringConfig().to_dict()))
+"""The default scoring settings as a result.json records them (a result scored otherwise is not reused)."""
 
 
 def test_each_method_carries_the_flags_of_its_own_call():
@@ -178,6 +195,15 @@ def test_each_method_carries_the_flags_of_its_own_call():
     # a CNN that reads the same ultralow carries the doubt too (3.3% stained, within the 8%)
     same = replace(fused, cnn=replace(fused.cnn, score="0"))
     assert method_result(same, "cnn").flags == ("ultralow", "null_or_ultralow")
+
+
+def test_a_result_written_before_classical_flags_keeps_its_flags_as_the_classical_ones():
+    """A result.json without classical_flags (older versions) and without a CNN: its flags are the classical call's."""
+    r = replace(_result("f.png", "0"), level="0+ (ultralow)", classical_level="0+ (ultralow)",
+                flags=("ultralow", "null_or_ultralow"), classical_flags=("ultralow", "null_or_ultralow"))
+    old = {k: v for k, v in r.to_dict().items() if k != "classical_flags"}
+    assert SlideResult.from_dict(old).classical_flags == ("ultralow", "null_or_ultralow")
+    assert check_eligibility(method_result(SlideResult.from_dict(old), "classical"), "her2-ultralow-breast").status == "needs_review"
 
 
 def test_a_cnn_0_beside_another_classical_score_gets_the_pipelines_level():
@@ -271,6 +297,11 @@ def test_evaluate_known_answers(known):
     assert e["truth_source"] == {"eligible column": 1, "label and rule file": 6}
     assert "eligible column 1, label and rule file 6" in report
     assert rows[0]["classical_level"] == "0 (null)" and rows[1]["level"] == "0 (null)" and "reason" in rows[0]
+    assert rows[0]["reused_from"] == str(prev / "f0" / "result.json")
+    # the CNN's own level and flags, which its figures are computed from
+    assert [(r["cnn"], r["cnn_level"]) for r in rows] == [(c, method_result(SlideResult.from_dict(json.loads(
+        (prev / f"f{i}" / "result.json").read_text())), "cnn").level) for i, c in enumerate(CNN)]
+    assert "cnn_flags" in rows[0]
 
 
 FIVE = ["null", "null", "0+", "0+", "0", "1+", "2+", "3+"]
@@ -317,6 +348,19 @@ def test_evaluate_on_five_level_labels(five):
     assert (out / "confusion.png").stat().st_size > 1000
 
 
+def test_null_vs_ultralow_counts_unscored_images_and_is_left_out_where_the_guideline_calls_a_plain_0(five, tmp_path):
+    labels, prev, out = five
+    f = prev / "f0" / "result.json"  # a null-labelled image without tumour cells: no score
+    r = SlideResult.from_dict(json.loads(f.read_text()))
+    f.write_text(replace(r, score=None, classical_score=None, level="not scored", classical_level="not scored",
+                         tumour_cells=0, counts={c: 0 for c in r.counts}, h_score=None).to_json())
+    t = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)["methods"]["classical"]["null_vs_ultralow"]
+    assert t["n"] == 4 and t["matrix"][0] == [0, 1, 0, 0, 0, 0, 1] and t["agreement"] == 0.25
+    m = evaluate(labels, tmp_path / "out2018", guideline="breast-asco-cap-2018", use_cnn=False, bootstrap=0)
+    assert all(mm["null_vs_ultralow"] is None for mm in m["methods"].values())
+    assert "calls a plain 0 (only ASCO/CAP 2023 tells null from ultralow): no table" in (tmp_path / "out2018" / "report.md").read_text()
+
+
 def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):
     """Truth comes from the label and the rule file, so a broken check_eligibility is caught."""
     import her2score.eligibility as eligibility
@@ -349,6 +393,57 @@ def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
     p.write_text("path,label,level\na.png,1+,0+\n")
     with pytest.raises(ValueError, match="does not agree"):
         read_labels(p)
+    p.write_text("path,label,level\na.png,null,ultralow\n")  # two five-level labels that disagree
+    with pytest.raises(ValueError, match="does not agree"):
+        read_labels(p)
+    p.write_text("path,label,level\na.png,null,0\nb.png,0,ultralow\n")  # a plain 0 beside a five-level one keeps it
+    assert [i.level for i in read_labels(p)] == ["0 (null)", "0+ (ultralow)"]
+    p.write_text("path,label\n\n\na.png,1+\n\nb.png,4+\n")  # the line in the file, blank lines counted
+    with pytest.raises(ValueError, match=r"l\.csv, line 6: unknown label '4\+'"):
+        read_labels(p)
+    p.write_text("path,label\na.png,1+,\n")  # a trailing comma: a field the header has no column for
+    with pytest.raises(ValueError, match=r"l\.csv, line 2: more fields than the header"):
+        read_labels(p)
+    for bad in ("-50", "90.5", "x"):
+        p.write_text(f"path,label,count_none,count_strong_complete\na.png,3+,{bad},100\n")
+        with pytest.raises(ValueError, match=r"line 2, count_none: a cell count must be a whole number >= 0"):
+            read_labels(p)
+
+
+def test_truth_counts_are_matched_by_the_images_path_and_refused_when_impossible(tmp_path, caplog):
+    p = tmp_path / "l.csv"
+    p.write_text("path,label\n./img/a.png,1+\n")
+    (tmp_path / "truth.jsonl").write_text('{"path": "img/a.png", "counts": {"none": 80, "faint_partial": 20}}\n'
+                                          '{"path": "img/gone.png", "counts": {"none": 1}}\n')
+    with caplog.at_level("WARNING"):
+        assert read_labels(p)[0].counts == {"none": 80, "faint_partial": 20}
+    assert "1 truth.jsonl record(s) name no labelled image" in caplog.text
+    for bad in ('{"none": -3}', '{"none": 90.9}', '{"none": "many"}'):
+        (tmp_path / "truth.jsonl").write_text('{"path": "img/a.png", "counts": %s}\n' % bad)
+        with pytest.raises(ValueError, match=r"truth\.jsonl, line 1, none: a cell count must be a whole number >= 0"):
+            read_labels(p)
+
+
+def test_true_counts_that_add_up_to_0_are_left_out_of_the_percentage_agreement(tmp_path):
+    prev = tmp_path / "prev"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(b"")
+        (prev / name).mkdir(parents=True)
+        r = replace(_result((tmp_path / f"{name}.png").resolve(), "1+"), counts={"none": 80, "faint_partial": 20},
+                    percentages={"none": 80.0, "faint_partial": 20.0}, tumour_cells=100)
+        (prev / name / "result.json").write_text(r.to_json())
+    (tmp_path / "l.csv").write_text("path,label,count_none,count_faint_partial\na.png,1+,80,20\nb.png,1+,0,0\n")
+    pa = evaluate(tmp_path / "l.csv", tmp_path / "out", reuse=prev, use_cnn=False, bootstrap=0)["percent_agreement"]
+    assert pa["none"]["n"] == 1 and pa["none"]["mae"] == 0.0 and pa["faint_partial"]["mae"] == 0.0
+
+
+def test_class_folders_carry_five_level_labels(tmp_path):
+    for name in ("null", "ultralow", "0+", "1plus", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"")
+    got = sorted((Path(i.path).parent.name, i.label, i.level) for i in read_labels(tmp_path))
+    assert got == [("0+", "0", "0+ (ultralow)"), ("1plus", "1+", "1+"), ("null", "0", "0 (null)"),
+                   ("ultralow", "0", "0+ (ultralow)")]
 
 
 def test_plain_eligible_column_needs_a_rule(tmp_path):
@@ -358,6 +453,9 @@ def test_plain_eligible_column_needs_a_rule(tmp_path):
         read_labels(p)
     items = read_labels(p, eligible_rule="her2-positive-breast")
     assert items[0].eligible == {"her2-positive-breast": True}
+    p.write_text("path,label,eligible,eligible_her2-positive-breast\na.png,3+,no,yes\n")
+    with pytest.raises(ValueError, match="eligible and eligible_her2-positive-breast disagree"):
+        read_labels(p, eligible_rule="her2-positive-breast")
     p.write_text("path,label,eligible_x\na.png,3+,maybe\n")
     with pytest.raises(ValueError, match="maybe"):
         read_labels(p)
@@ -520,10 +618,45 @@ def test_a_result_of_another_cnn_is_not_reused(tmp_path):
     classical_only, reused, cnn_by = _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)
     assert reused and cnn_by == "" and classical_only.cnn is None  # --no-cnn: the reused CNN part is left out
     Named.name = "test-model"
-    assert _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)[1] is True
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)[1] == str(tmp_path / "r.json")
     Named.name = "the-new-model"
     with pytest.raises(Exception):  # scored again (an empty file here): never the old model's figures
         _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)
+
+
+def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_is_not_reused(tmp_path):
+    """Reuse needs the same scoring settings and µm/px; a result is matched by file name only where the
+    image it names has moved away, never for another image that shares the name."""
+    from her2score.evaluate import LabelledItem, _find_reusable, _score_one
+
+    img = tmp_path / "new" / "f.png"
+    img.parent.mkdir()
+    img.write_bytes(b"")  # an empty file: scoring it again raises
+    item = LabelledItem(str(img), "1+", {})
+    prev = tmp_path / "prev"
+
+    def reusable_with(result):
+        (prev / "f").mkdir(parents=True, exist_ok=True)
+        (prev / "f" / "result.json").write_text(result.to_json())
+        return _find_reusable(prev)
+
+    moved = reusable_with(_result(tmp_path / "gone" / "f.png", "1+"))  # its image is no longer there: matched by name
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=moved)[0].score == "1+"
+    other = tmp_path / "other" / "f.png"
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    stranger = reusable_with(_result(other, "3+"))  # another image that exists and shares the name: never taken
+    assert "name:f.png" not in stranger
+    with pytest.raises(Exception):
+        _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=stranger)
+    for changed in (replace(_result(img, "1+"), config={**DEFAULT_CONFIG, "mpp": 1.0}),
+                    replace(_result(img, "1+"), config={**DEFAULT_CONFIG, "thresholds": {**DEFAULT_CONFIG["thresholds"], "faint_od": 0.3}})):
+        with pytest.raises(Exception):
+            _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable_with(changed))
+    same = reusable_with(_result(img, "1+"))
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=same)[0].score == "1+"
+    with pytest.raises(Exception):  # scanned at another µm/px than the one given now
+        _score_one(item, config=ScoringConfig(), mpp=0.25, model=None, reusable=same)
 
 
 def test_images_without_tumour_cells_are_said_to_be_left_out_of_accuracy(known):
