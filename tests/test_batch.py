@@ -183,19 +183,19 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     code_ = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
              "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code_, "score", str(slides), "--out", str(out), "-q", "--no-cnn",
+    proc = subprocess.Popen([sys.executable, "-c", code_, "score", str(slides), "--out", str(out), "--no-cnn",
                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,  # its own process group, so the test's is not signalled
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (out / "a_small.png" / "result.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # its row reaches the batch; the large slide has about 2 s to go
+    # the progress line of the small slide: the batch has recorded its row (the large slide has about 2 s to go);
+    # waited for, not slept on, so that a loaded machine cannot send the signal before the row arrives
+    first = proc.stderr.readline()
+    assert first.startswith("[1/2] a_small.png: "), first
     (os.killpg if whole_group else os.kill)(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     if ignored:
-        assert _done_in(out) == {"a_small.png", "b_large.png"} and err == ""
+        assert _done_in(out) == {"a_small.png", "b_large.png"} and err.startswith("[2/2] b_large.png: ") and err.count("\n") == 1
         return
     assert _done_in(out) == {"a_small.png"}
     if signum == signal.SIGINT:
