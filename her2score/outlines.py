@@ -281,21 +281,32 @@ def is_simple(poly: np.ndarray) -> bool:
     return not bool(np.any((np.abs(cross) < 1e-12) & (dot < 0)))
 
 
-def clip_outline(poly: np.ndarray, width: float, height: float) -> np.ndarray:
-    """A cell outline cut to the image [0, width] x [0, height] (same units), kept a simple polygon:
-    the clipped ring when it is simple, else the clipped convex hull (always simple); (0, 2) when
-    nothing is left. Outlines inside the box are returned unchanged."""
+def clip_outline(poly: np.ndarray, width: float, height: float, *, decimals: int = 2) -> np.ndarray:
+    """A cell outline cut to the image [0, width] x [0, height] (same units), its vertices rounded to
+    ``decimals`` places (as they are written) and kept a simple polygon after that rounding: the
+    clipped ring when it is simple, else the convex hull of the clipped hull's rounded vertices
+    (always simple); (0, 2) when nothing is left. Float64; outlines inside the box are only rounded."""
     pts = np.asarray(poly, np.float64)
     if len(pts) and pts[:, 0].min() >= 0 and pts[:, 1].min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
-        return np.asarray(poly, np.float32)
-    out = _clip(pts, width, height)
-    if len(out) >= 3 and is_simple(_drop_collinear(out)):
-        return _drop_collinear(out).astype(np.float32)
+        return np.round(pts, decimals)
+    scale = 10.0**decimals
+
+    def on_grid(ring: np.ndarray) -> np.ndarray:  # in grid units (whole numbers), repeated and collinear vertices dropped
+        g = np.round(ring * scale)
+        g = g[np.any(g != np.roll(g, 1, axis=0), axis=1)] if len(g) else g
+        return _drop_collinear(g) if len(g) >= 3 else g
+
+    out = on_grid(_clip(pts, width, height))
+    if len(out) >= 3 and is_simple(out):
+        return out / scale
     hull = cv2.convexHull(pts.astype(np.float32)).reshape(-1, 2).astype(np.float64)[::-1]
-    out = _clip(hull, width, height)
+    corners = on_grid(_clip(hull, width, height))
+    if len(corners) < 3:
+        return np.zeros((0, 2))
+    out = on_grid(cv2.convexHull(corners.astype(np.int32)).reshape(-1, 2).astype(np.float64)[::-1])  # exact on the grid
     if len(out) < 3 or abs(polygon_area(out)) < 1e-9:
-        return np.zeros((0, 2), np.float32)
-    return _drop_collinear(out).astype(np.float32)
+        return np.zeros((0, 2))
+    return out / scale
 
 
 def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: list[tuple[int, int, int]], *,

@@ -309,7 +309,7 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
         parts = [rings[s : s + k] for s, k in zip(starts.tolist(), sizes.tolist())]
         for k in np.flatnonzero(edge).tolist():
             clipped = clip_outline(pts[starts[k] : starts[k] + sizes[k]], w, h) if sizes[k] >= 3 else np.zeros((0, 2))
-            parts[k] = np.round(clipped, 2).astype(np.float64)  # rounded in the clipped ring's own dtype
+            parts[k] = clipped
         sizes = np.array([len(p) for p in parts], np.int64)
         rings = np.concatenate(parts)
     polygon = sizes >= 3
@@ -702,7 +702,8 @@ def _reopen(analysis: SlideAnalysis) -> Slide | None:
 def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_csv: bool = False,
                   slide: Slide | None = None, workers: int = 1) -> None:
     """Write the per-slide outputs into ``out_dir`` (OUTPUT_FILES, plus cells.csv when ``cells_csv``);
-    result.json last, so it marks completion. ``slide``: the analysed slide, when it is in memory
+    an earlier result.json removed first and the new one written last, so it marks completion (a run
+    killed in between leaves no result.json beside a mix of two runs' files). ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
     many forked processes make the GeoJSON's text (the same bytes), where the platform forks (FORKS),
     and a thread of this process draws the overlay meanwhile, started once they have forked (a
@@ -710,6 +711,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     overlay added 100 MB to the peak of a 1.3-gigapixel slide."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)  # an earlier run's outputs are incomplete from here until it is written again
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
     try:
