@@ -60,6 +60,8 @@ OPTIONAL_OUTPUT_FILES = ("cells.csv",)
 FIELD_MAX_PX = 4096
 """Images up to this many level-0 pixels on their longest side get a field-of-view overlay at their own
 resolution; larger ones a whole-slide overlay (thumbnail, heatmaps, regions)."""
+MIN_OVERLAY_PX = 480
+"""The least width of an overlay: a narrower field is padded with white, so that its title and legend fit."""
 
 
 def category_colour(name: str) -> tuple[int, int, int]:
@@ -453,26 +455,24 @@ def _legend(width: int, entries: list[tuple[str, tuple[int, int, int]]], *, size
     return np.asarray(img)
 
 
-def _scale_bar(canvas: np.ndarray, mpp: float, *, margin: int = 8) -> None:
-    """Draw a labelled scale bar (a round length near 1/5 of the width) at the bottom right, in place."""
+def _scale_band(width: int, mpp: float, *, margin: int = 8) -> np.ndarray:
+    """A white band ``width`` px wide with a labelled scale bar (a round length near 1/5 of the width) at
+    its right, for an image of that width at ``mpp`` µm/px drawn above it (the image itself is left clear)."""
     from PIL import Image, ImageDraw
 
-    h, w = canvas.shape[:2]
-    target_um = w * mpp / 5
+    target_um = width * mpp / 5
     um = max((v for v in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= target_um), default=1)
     bar = max(1, round(um / mpp))
     label = f"{um} µm" if um < 1000 else f"{um / 1000:g} mm"
-    size = max(11, min(18, w // 40))
-    img = Image.fromarray(canvas)
+    size = max(11, min(18, width // 40))
+    img = Image.new("RGB", (width, size + 16), (255, 255, 255))
     d = ImageDraw.Draw(img)
     font = _font(size)
     tw = int(d.textlength(label, font=font))
-    x1, y1 = w - margin, h - margin
-    x0 = x1 - max(bar, tw)
-    d.rectangle([x0 - 4, y1 - size - 14, x1 + 4, y1 + 4], fill=(255, 255, 255))
-    d.rectangle([x1 - bar, y1 - 4, x1, y1], fill=(0, 0, 0))
-    d.text((x1 - bar / 2 - tw / 2, y1 - size - 10), label, fill=(0, 0, 0), font=font)
-    canvas[:] = np.asarray(img)
+    x1 = width - margin
+    d.rectangle([max(0, x1 - bar), 3, x1, 7], fill=(0, 0, 0))
+    d.text((max(0, x1 - bar / 2 - tw / 2), 9), label, fill=(0, 0, 0), font=font)
+    return np.asarray(img)
 
 
 def _legend_entries() -> list[tuple[str, tuple[int, int, int]]]:
@@ -511,8 +511,8 @@ def _title_lines(analysis: SlideAnalysis) -> list[tuple[str, int]]:
     return lines
 
 
-def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> np.ndarray:
-    """The field at its own resolution (level 0) with every cell's ring and a scale bar."""
+def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> tuple[np.ndarray, float]:
+    """The field at its own resolution (level 0) with every cell's ring, and its µm/px."""
     if slide is not None:
         w, h = slide.dimensions
         canvas = slide.read_region((0, 0), (w, h), mpp=slide.mpp).copy()
@@ -523,8 +523,7 @@ def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> np.ndarray:
         px = analysis.result.mpp / analysis.thumbnail_mpp
         mpp = analysis.thumbnail_mpp
     _draw_cells(canvas, analysis, np.arange(len(analysis.cells["x"])), (0.0, 0.0), px)
-    _scale_bar(canvas, mpp)
-    return canvas
+    return canvas, mpp
 
 
 def _heatmap(analysis: SlideAnalysis, which: np.ndarray, bin_um: float) -> tuple[np.ndarray, np.ndarray]:
@@ -542,7 +541,7 @@ def _heatmap(analysis: SlideAnalysis, which: np.ndarray, bin_um: float) -> tuple
     return np.where(total > 0, hits / np.maximum(total, 1), 0.0), total
 
 
-def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, title: str, width: int,
+def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, bin_um: float, title: str, width: int,
                 rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
     """The thumbnail in grey with each bin of >= ``min_cells`` tumour cells shaded from white (0%) to
     ``rgb`` (``top_percent`` or more), titled, with a colour bar marking the 10% guideline cut-off."""
@@ -558,8 +557,11 @@ def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, ti
         t = np.clip(v * 100 / top_percent, 0, 1)[..., None]
         return (255 * (1 - t) + np.asarray(rgb, np.float64) * t).astype(np.uint8)
 
-    colour = cv2.resize(shade(frac), (wb, hb), interpolation=cv2.INTER_NEAREST)
-    shown = cv2.resize((total >= min_cells).astype(np.uint8), (wb, hb), interpolation=cv2.INTER_NEAREST).astype(bool)
+    um_per_px = analysis.thumbnail_mpp / f  # each panel pixel takes the bin its centre lies in
+    by = np.minimum(((np.arange(hb) + 0.5) * um_per_px / bin_um).astype(np.intp), frac.shape[0] - 1)
+    bx = np.minimum(((np.arange(wb) + 0.5) * um_per_px / bin_um).astype(np.intp), frac.shape[1] - 1)
+    colour = shade(frac)[by[:, None], bx[None, :]]
+    shown = (total >= min_cells)[by[:, None], bx[None, :]]
     base[shown] = (0.3 * base[shown] + 0.7 * colour[shown]).astype(np.uint8)
     bar = np.repeat(shade(np.linspace(0, top_percent / 100, width))[None], 12, axis=0)
     img = Image.new("RGB", (width, 30), (255, 255, 255))
@@ -576,13 +578,19 @@ def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, ti
 
 def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
     """Up to ``n`` windows (level-0 top-left x, y, why): for each category, strongest first, the window
-    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap.
+    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap. A
+    slide without tumour cells (not scored) gets the windows with most cells of any kind.
 
     Windows lie on a grid of half a window, so each cell falls in four of them."""
     t = analysis.cells
     tum = np.asarray(t["tumour"], bool)
     if not tum.any():
-        return []
+        if not len(tum):
+            return []
+        tum = np.ones(len(tum), bool)
+        kind = "cells (no tumour cells)"
+    else:
+        kind = "tumour cells"
     step = window_level0 / 2
     gx, gy = np.maximum(t["x"][tum] // step, 0).astype(np.int64), np.maximum(t["y"][tum] // step, 0).astype(np.int64)
     nx, ny = int(gx.max()) + 1, int(gy.max()) + 1
@@ -606,8 +614,7 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
         wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
         taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True
         v = int(grid[wy, wx])
-        chosen.append((int(wx * step), int(wy * step),
-                       f"most tumour cells '{label}' ({v})" if label else f"most tumour cells ({v})"))
+        chosen.append((int(wx * step), int(wy * step), f"most {kind} '{label}' ({v})" if label else f"most {kind} ({v})"))
     return chosen
 
 
@@ -620,7 +627,7 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     weak = np.array([INTENSITY.get(c, 0) == 2 for c in t["category"].tolist()], bool)
     th, tw = analysis.thumbnail.shape[:2]
     bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
-    col_w = width // 3
+    col_w = width // 3 - 8  # three panels, 8 px apart
     f = col_w / tw
     thumb = cv2.resize(analysis.thumbnail, (col_w, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
     window_level0 = region_px * region_mpp / mpp0
@@ -631,13 +638,14 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
         p1 = (int((x + window_level0) * px), int((y + window_level0) * px))
         cv2.rectangle(thumb, p0, p1, (0, 160, 255), 2)
         cv2.putText(thumb, str(k), (p0[0] + 3, p0[1] + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 90, 200), 2, cv2.LINE_AA)
-    _scale_bar(thumb, analysis.thumbnail_mpp * tw / col_w)
-    panels = [np.vstack([_text_band([("Tissue; boxes: the regions below", 13)], col_w, pad=3), thumb])]
+    caption = ("Tissue; boxes: the regions below" if regions else
+               "Tissue" + ("" if slide is not None else " (the slide could not be opened again for regions)"))
+    panels = [np.vstack([_text_band([(caption, 13)], col_w, pad=3), thumb, _scale_band(col_w, analysis.thumbnail_mpp / f)])]
     for which, name, rgb in ((strong, "strong", (200, 0, 0)), (weak, "weak-to-moderate", (235, 120, 0))):
         frac, total = _heatmap(analysis, which, bin_um)
-        panels.append(_heat_panel(analysis, frac, total, f"% of tumour cells {name} per {bin_um:.0f} µm bin", col_w, rgb))
+        panels.append(_heat_panel(analysis, frac, total, bin_um, f"% of tumour cells {name} per {bin_um:.0f} µm bin", col_w, rgb))
     top_h = max(p.shape[0] for p in panels)
-    top = np.hstack([np.pad(p[:, : col_w - 8], ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
+    top = np.hstack([np.pad(p, ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
     top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)), constant_values=255)
     rows = [top]
     tiles = []
@@ -646,10 +654,9 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
         near = np.flatnonzero((t["x"] >= x - 50 / mpp0) & (t["x"] < x + window_level0 + 50 / mpp0)
                               & (t["y"] >= y - 50 / mpp0) & (t["y"] < y + window_level0 + 50 / mpp0))
         _draw_cells(img, analysis, near, (x, y), mpp0 / region_mpp)
-        _scale_bar(img, region_mpp)
         label = _text_band([(f"{k}: {why}; at ({x * mpp0 / 1000:.2f}, {y * mpp0 / 1000:.2f}) mm, {region_mpp:g} µm/px", 12)], region_px, pad=3)
-        tiles.append(np.vstack([label, img]))
-    per_row = max(1, width // region_px)
+        tiles.append(np.vstack([label, img, _scale_band(region_px, region_mpp)]))
+    per_row = max(1, width // (region_px + 4))
     for i in range(0, len(tiles), per_row):
         chunk = tiles[i:i + per_row]
         hh = max(c.shape[0] for c in chunk)
@@ -665,21 +672,24 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
 
     Field of view (longest side <= ``field_max_px`` level-0 px): title band (slide, score, level,
     reason, flags, QC), the field at its own resolution with each cell's ring (tumour categories in
-    colour, non-tumour grey) and a scale bar, then the legend. Whole slide: title; thumbnail with
+    colour, non-tumour grey), a scale bar under it (the image is left clear), then the legend; at
+    least MIN_OVERLAY_PX wide. Whole slide: title; thumbnail with
     the regions boxed, heatmaps of the strong and weak-to-moderate fractions of tumour cells; the
     ``n_regions`` most informative ``region_px`` windows at ``region_mpp`` µm/px with rings; legend.
     """
     field = max(_slide_size(analysis, slide)) <= field_max_px
     if field:
-        body = _field_panel(analysis, slide)
-        width = body.shape[1]
+        canvas, mpp = _field_panel(analysis, slide)
+        width = max(canvas.shape[1], MIN_OVERLAY_PX)
+        body = np.vstack([canvas, _scale_band(canvas.shape[1], mpp)])
+        body = np.pad(body, ((0, 0), (0, width - body.shape[1]), (0, 0)), constant_values=255)  # a narrow field: white beside it
     else:
-        width = max(3 * 400, min(3 * region_px, 3 * 600))
+        width = 3 * (min(max(region_px, 400), 600) + 4)  # three region tiles a row, 4 px apart
         body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
     title = _text_band(_title_lines(analysis), width)
     legend = _legend(width, _legend_entries())
     out = np.vstack([title, body, legend])
-    return out, ((0, title.shape[0], body.shape[1], body.shape[0]) if field else None)
+    return out, ((0, title.shape[0], canvas.shape[1], canvas.shape[0]) if field else None)
 
 
 def overlay_png(analysis: SlideAnalysis, slide: Slide | None = None, **kw) -> bytes:

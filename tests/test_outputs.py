@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -13,9 +14,9 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import Outlines, clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outline_points, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, MIN_OVERLAY_PX, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
-from her2score.pipeline import analyse_slide
+from her2score.pipeline import ScoringConfig, analyse_slide
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field
 
@@ -261,7 +262,7 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     # an in-memory slide that cannot be opened again: the overlay is drawn on the thumbnail
     write_outputs(a, tmp_path / "memory")
     png = cv2.imdecode(np.frombuffer((tmp_path / "memory" / "overlay.png").read_bytes(), np.uint8), cv2.IMREAD_COLOR)
-    assert png.shape[1] == a.thumbnail.shape[1]
+    assert png.shape[1] == max(a.thumbnail.shape[1], MIN_OVERLAY_PX)
 
 
 def test_a_rewrite_that_dies_leaves_no_result_json_beside_a_mix_of_two_runs(field, tmp_path, monkeypatch):
@@ -304,18 +305,51 @@ def test_field_overlay_is_at_the_field_resolution_and_keeps_the_membrane_visible
     f, slide, a = field
     img, box = overlay_image(a, slide)
     x, y, w, h = box
-    assert (w, h) == slide.dimensions and img.shape[1] == w  # the field at its own resolution, no rescaling
+    assert (w, h) == slide.dimensions and img.shape[1] == max(w, MIN_OVERLAY_PX)  # the field at its own resolution
     panel = img[y : y + h, x : x + w]
     changed = np.any(panel != f.image, axis=2)
     assert 0.05 < changed.mean() < 0.6
-    # the cell borders (where the membrane is) are left as they were, except under the scale bar
+    # the cell borders (where the membrane is) are left as they were; the scale bar is below the image, not on it
     border = np.zeros((h, w), np.uint8)
     for p in a.cells["outline"]:
         cv2.polylines(border, [np.round(p).astype(np.int32)], True, 1, 1)
-    border[h - 40 :, w - 160 :] = 0
     assert changed[border > 0].mean() < 0.1
-    # title band above and legend band below are not the image
-    assert y > 0 and img.shape[0] > y + h
+    rings = np.zeros((h, w), bool)
+    for p in a.cells["outline"]:  # every changed pixel is a ring pixel inside some cell
+        m = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(m, [np.round(p).astype(np.int32)], 1)
+        rings |= m > 0
+    assert not (changed & ~rings).any()
+    # title band above and legend band below are not the image; beside a narrow field, white
+    assert y > 0 and img.shape[0] > y + h and (img[y : y + h, w:] == 255).all()
+
+
+def test_a_narrow_field_gets_bands_wide_enough_for_its_title_and_legend():
+    f = generate_field("2+", seed=43, size_px=(96, 512))
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    img, (x, y, w, h) = overlay_image(analyse_slide(slide, config=ScoringConfig(min_tumour_cells=1)), slide)
+    assert (w, h) == (96, 512) and img.shape[1] == MIN_OVERLAY_PX
+    legend = img[y + h :]
+    assert (legend[:, MIN_OVERLAY_PX - 5 :] == 255).all()  # the legend's last column is clear: nothing cut at the edge
+
+
+def test_heatmap_bins_lie_where_their_cells_are():
+    """Every bin covers its own bin_um of the slide on the thumbnail, whatever the thumbnail's width in bins (here
+    a 1003 px thumbnail at 16 µm/px over 100 µm bins: 160.48 bins, a grid of 161 stretched over it before)."""
+    from types import SimpleNamespace
+
+    from her2score.outputs import _heat_panel
+
+    thumb = np.full((600, 1003, 3), 255, np.uint8)
+    bin_um = 100.0
+    nb_x, nb_y = int(np.ceil(1003 * 16 / bin_um)), int(np.ceil(600 * 16 / bin_um))
+    frac, total = np.zeros((nb_y, nb_x)), np.full((nb_y, nb_x), 10)
+    frac[:, nb_x // 2 :] = 1.0  # the right half from bin nb_x // 2 on: x >= 8000 µm, thumbnail px 500
+    analysis = SimpleNamespace(thumbnail=thumb, thumbnail_mpp=16.0)
+    panel = _heat_panel(analysis, frac, total, bin_um, "t", 1003, (200, 0, 0))
+    row = panel[panel.shape[0] // 2]  # a row through the map (title above, colour bar below)
+    red = np.flatnonzero((row[:, 0] > 150) & (row[:, 1] < 120))
+    assert red[0] == 500 and red[-1] == 1002
 
 
 def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
@@ -324,6 +358,15 @@ def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
     assert box is None and img.shape[1] >= 1200
     ok, png = cv2.imencode(".png", img)
     assert ok and len(png) > 10_000
+
+
+def test_a_slide_without_tumour_cells_still_shows_regions_at_cell_resolution(field):
+    from her2score.outputs import _regions
+
+    f, slide, a = field
+    none = replace(a, cells={**a.cells, "tumour": np.zeros(len(a.cells["x"]), bool)})
+    regions = _regions(none, 2, 128 * 0.5 / a.result.mpp)
+    assert len(regions) == 2 and all("most cells (no tumour cells)" in why for _, _, why in regions)
 
 
 def test_regions_strongest_category_first_without_overlap(field):
