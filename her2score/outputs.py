@@ -169,11 +169,12 @@ def _columns(analysis: SlideAnalysis) -> list[str]:
 
 
 def _fmt(values: np.ndarray) -> list[str]:
-    """Text of one cell-table column: integers for flags, 4 decimals for measurements."""
+    """Text of one cell-table column: integers for flags, 4 decimals for measurements, an empty field for a
+    missing one (NaN: e.g. no cytoplasm to measure), as pandas and polars read a missing value."""
     if values.dtype == bool:
         return values.astype(np.uint8).astype(str).tolist()
     if values.dtype.kind == "f":
-        return [f"{v:.4f}" for v in values.tolist()]
+        return ["" if v != v else f"{v:.4f}" for v in values.tolist()]
     return [str(v) for v in values.tolist()]
 
 
@@ -197,7 +198,8 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
 
 def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
     """The cell table as Parquet (one row group per CHUNK cells): the CSV's columns with their own
-    types (float32 measurements, bool tumour, category and pattern as dictionary-encoded strings)."""
+    types (float32 measurements, a missing one null, never NaN; bool tumour; category and pattern as
+    dictionary-encoded strings)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,7 +214,10 @@ def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
                 "x_um": pa.array((x * mpp).astype(np.float32)), "y_um": pa.array((y * mpp).astype(np.float32))}
         for c in cols:
             v = np.asarray(t[c][a:b])
-            data[c] = pa.array(v.tolist(), pa.string()).dictionary_encode() if v.dtype == object else pa.array(v)
+            if v.dtype == object:
+                data[c] = pa.array(v.tolist(), pa.string()).dictionary_encode()
+            else:
+                data[c] = pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v)
         return pa.table(data)
 
     first = batch(0, min(CHUNK, n))

@@ -257,6 +257,15 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     assert "outline" not in d and "radii_um" not in d
     rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
     assert [r["category"] for r in rows] == d["category"] and list(rows[0]) == table.column_names
+    # a missing measurement (a cell with no cytoplasm left to read) is null in the parquet and an empty CSV field, never NaN
+    cyto = a.cells["cytoplasm_dab_od"].copy()
+    missing = np.arange(n) % 7 == 3
+    cyto[missing] = np.nan
+    write_outputs(replace(a, cells={**a.cells, "cytoplasm_dab_od": cyto}), tmp_path / "nan", slide=slide, cells_csv=True)
+    column = pq.read_table(tmp_path / "nan" / "cells.parquet").column("cytoplasm_dab_od")
+    assert column.null_count == missing.sum() and np.allclose(column.to_numpy(zero_copy_only=False)[~missing], cyto[~missing])
+    rows = list(csv.DictReader(open(tmp_path / "nan" / "cells.csv")))
+    assert [r["cytoplasm_dab_od"] == "" for r in rows] == missing.tolist() and "nan" not in (tmp_path / "nan" / "cells.csv").read_text()
     write_outputs(a, tmp_path / "plain", slide=slide)
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(OUTPUT_FILES)
     # an in-memory slide that cannot be opened again: the overlay is drawn on the thumbnail
