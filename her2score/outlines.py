@@ -166,12 +166,12 @@ class Outlines(Sequence):
     """Cells' outlines as their tiles traced them: each tile's vertices on its tracing grid
     (trace_outline_points: 4 bytes a vertex, no object per cell), with the tile's placement in the
     slide. Item i is cell i's outline, float32 (k, 2) (x, y) in level-0 px: trace_outlines' pixels
-    of the tile's read box moved by its origin ``(rx, ry)`` (tile px) and multiplied by ``scale``
-    (level-0 px per tile px). A slice or an index array gives a list of them."""
+    of the tile's read box multiplied by ``scale`` (level-0 px per tile px) and moved by ``(ox, oy)``
+    (level-0 px). A slice or an index array gives a list of them."""
 
     def __init__(self, tiles: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]):
-        """``tiles``: per tile, (points, sizes, (rx, ry, scale)); its cells follow the previous tile's."""
-        self._tiles = [(pts, (rx, ry), scale) for pts, _, (rx, ry, scale) in tiles]
+        """``tiles``: per tile, (points, sizes, (ox, oy, scale)); its cells follow the previous tile's."""
+        self._tiles = [(pts, (ox, oy), scale) for pts, _, (ox, oy, scale) in tiles]
         sizes = [np.asarray(s, np.int64) for _, s, _ in tiles]
         self._tile = np.repeat(np.arange(len(tiles), dtype=np.int32), [len(s) for s in sizes])
         self._start = np.concatenate([np.cumsum(s) - s for s in sizes]) if sizes else np.zeros(0, np.int64)
@@ -182,7 +182,7 @@ class Outlines(Sequence):
 
     def _decode(self, t: int, rows: slice | np.ndarray) -> np.ndarray:
         pts, origin, scale = self._tiles[t]
-        return ((grid_to_pixels(pts[rows]) + np.array(origin, np.float32)) * scale).astype(np.float32)
+        return (grid_to_pixels(pts[rows]) * np.float32(scale) + np.array(origin, np.float32)).astype(np.float32)
 
     def take(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Outlines of ``cells`` (indices, negative from the end) back to back, as float32 (V, 2)

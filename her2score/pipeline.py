@@ -139,7 +139,7 @@ class TileResult:
     """Level-0 (x, y) of every cell measured in the tile, owned or not, by its label (NaN: no such
     label): where the cells named in ``cells.sector_neighbour`` lie."""
     outline_frame: tuple[float, float, float] = (0, 0, 1.0)
-    """(rx, ry, scale): the tile's read box origin (tile px) and level-0 px per tile px (her2score.outlines.Outlines)."""
+    """(ox, oy, scale): level-0 px = tile px x scale + (ox, oy) (_tile_frame; her2score.outlines.Outlines)."""
     nucleus: NucleusThresholds | None = None
     """The nucleus thresholds the tile was segmented with, and the counterstain level that set them."""
 
@@ -166,7 +166,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     rx, ry = tile.read[:2]
     tx, ty = m.x + rx, m.y + ry  # tile px of the read box -> px of the grid
     owned = (tx >= x0) & (tx < x0 + w) & (ty >= y0) & (ty < y0 + h)
-    m = replace(m, x=(tx * scale).astype(np.float32), y=(ty * scale).astype(np.float32))
+    ox, oy, _ = frame = _tile_frame(tile, scale)
+    m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
     label_xy = np.full((int(cells.max()) + 1, 2), np.nan, np.float32)
     label_xy[m.label] = np.column_stack([m.x, m.y])
     m = m.select(owned)
@@ -181,7 +182,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
         mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
     return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
-                      label_xy, (rx, ry, scale), nucleus)
+                      label_xy, frame, nucleus)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,14 @@ def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
     scale = mpp / slide.mpp
     x, y, w, h = tile.read
     return slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=mpp)
+
+
+def _tile_frame(tile: Tile, scale: float) -> tuple[float, float, float]:
+    """(ox, oy, scale): level-0 px (pixel-centre coordinates, as QuPath's minus 0.5) of a tile px of
+    ``tile``'s read box, as _read_tile reads it, are tile px x ``scale`` + (ox, oy): the box starts at
+    level-0 round(grid px x scale), and each tile px spans ``scale`` level-0 px, centre on centre."""
+    x, y = tile.read[:2]
+    return round(x * scale) + 0.5 * scale - 0.5, round(y * scale) + 0.5 * scale - 0.5, scale
 
 
 def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,

@@ -113,7 +113,7 @@ def test_clipped_outlines_stay_valid_once_rounded_as_written():
 
 def test_compact_outlines_read_back_as_traced_and_placed():
     """Outlines keeps each tile's grid vertices (int16) and gives, for every way of indexing, the float32
-    level-0 rings trace_outlines gives, moved by the tile's origin and multiplied by its scale."""
+    level-0 rings trace_outlines gives, multiplied by the tile's scale and moved by its origin."""
     rng = np.random.default_rng(5)
     tiles, expected = [], []
     for origin, scale in (((3, 7), 2.0), ((100, 40), 1.9685)):
@@ -122,7 +122,7 @@ def test_compact_outlines_read_back_as_traced_and_placed():
         points, sizes = trace_outline_points(lab, ids)
         assert points.dtype == np.int16 and sizes[2] == 0 and (sizes[[0, 1, 3, 4]] > 0).all()
         tiles.append((points, sizes, (*origin, scale)))
-        expected += [((p + np.array(origin, np.float32)) * scale).astype(np.float32) for p in trace_outlines(lab, ids)]
+        expected += [(p * np.float32(scale) + np.array(origin, np.float32)).astype(np.float32) for p in trace_outlines(lab, ids)]
     out = Outlines(tiles)
 
     def same(got, want) -> bool:

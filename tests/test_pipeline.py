@@ -120,6 +120,21 @@ def test_cells_on_tile_edges_are_counted_once(fields):
     assert abs(len(tiled.cells["x"]) - len(whole.cells["x"])) <= 0.05 * len(whole.cells["x"])
 
 
+def test_level0_positions_of_a_scan_finer_than_the_analysis_are_pixel_centres(fields):
+    """A field scanned at 0.25 µm/px and read at 0.5: each analysis pixel spans 2 level-0 pixels, so its centre is
+    level-0 2x + 0.5 (pixel-centre coordinates), not 2x. The same field at 0.5 µm/px gives the same cells."""
+    import cv2
+
+    f = fields["2+"]
+    fine = cv2.resize(f.image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)  # read back at 0.5: f.image exactly
+    coarse, scanned = analyse_slide(ArraySlide(f.image, mpp=0.5)), analyse_slide(ArraySlide(fine, mpp=0.25))
+    assert len(scanned.cells["x"]) == len(coarse.cells["x"]) > 100
+    np.testing.assert_allclose(scanned.cells["x"], 2 * coarse.cells["x"] + 0.5, atol=1e-3)
+    np.testing.assert_allclose(scanned.cells["y"], 2 * coarse.cells["y"] + 0.5, atol=1e-3)
+    for k in (0, len(coarse.cells["x"]) // 2):
+        np.testing.assert_allclose(scanned.cells["outline"][k], 2 * coarse.cells["outline"][k] + 0.5, atol=1e-3)
+
+
 def test_real_ihc_image_from_scikit_image(tmp_path):
     """skimage's IHC image: colonic glands stained for FHL2 (not HER2): strong membranous and
     cytoplasmic DAB, so a membrane scorer must call it strongly positive, with its reasons."""
