@@ -302,7 +302,8 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
                                     ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2),
                                     ("neighbours_membrane", 0)) if m in t]
     feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
-               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode() + b',"tumour":%d}}}')
+               b'"tumour":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode()
+               + b',"tumour":%d,"cell_id":%d}}}')
     xy, sizes = _outlines(analysis, a, b)
     pts = xy.astype(np.float64) + 0.5  # QuPath: pixel centre i + 0.5
     starts = np.cumsum(sizes) - sizes
@@ -331,7 +332,7 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
     cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
     cols = [t[m][a:b].tolist() for m, _ in measures]
     args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), *cols,
-                                   tumour.astype(int).tolist()))
+                                   tumour.astype(int).tolist(), range(a, b)))
     return ((feature + b",") * (b - a) % tuple(args))[:-1]
 
 
