@@ -219,6 +219,7 @@ def grow_cells(
     basins: np.ndarray | None = None,
     max_radius_um: float = 9.0,
     flood_mpp: float = 1.0,
+    outside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cell label image: each nucleus (and each membrane basin) grown by watershed over ``elevation`` (membrane signal).
 
@@ -227,6 +228,8 @@ def grow_cells(
     outer border also settles on its membrane, and neighbours meet on the membrane between them,
     never crossing it. The flooding runs at ``flood_mpp`` µm/px (cells are ~12 µm across; membranes
     stay ridges at 1 µm/px) and the labels are brought back to ``mpp``, each seed keeping its own pixels.
+    No cell grows into ``outside`` (bool: beyond the image, Tile.beyond_slide): a cell the image's edge
+    cuts ends there.
     """
     seeds = nuclei.copy()
     if basins is not None and basins.any():
@@ -234,17 +237,20 @@ def grow_cells(
         seeds = np.where(b > 0, b + int(nuclei.max()), seeds).astype(np.int32)
     reach = cv2.distanceTransform((seeds == 0).astype(np.uint8), cv2.DIST_L2, 5) <= max_radius_um / mpp
     markers = seeds.copy()
-    outside = int(seeds.max()) + 1
-    markers[~reach] = outside
+    off = ~reach if outside is None else ~reach | outside
+    outside_label = int(seeds.max()) + 1
+    markers[off] = outside_label
     f = min(1.0, mpp / flood_mpp)
     if f < 1.0:
         size = (max(1, round(seeds.shape[1] * f)), max(1, round(seeds.shape[0] * f)))
         small_markers = cv2.resize(markers, size, interpolation=cv2.INTER_NEAREST)
-        ring = cv2.dilate((small_markers != outside).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        ring = cv2.dilate((small_markers != outside_label).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         small = watershed(cv2.resize(elevation, size, interpolation=cv2.INTER_AREA), small_markers, mask=ring)
         cells = cv2.resize(small, seeds.shape[::-1], interpolation=cv2.INTER_NEAREST)
         cells = np.where(seeds > 0, seeds, cells)
     else:
         cells = watershed(elevation, markers)
-    cells[cells == outside] = 0
+    cells[cells == outside_label] = 0
+    if outside is not None:
+        cells[outside] = 0
     return cells.astype(np.int32)

@@ -62,7 +62,9 @@ class CellMeasurements:
     cell has no border in that sector); width_um: stained membrane width (µm, over sectors above
     0.05 OD of contrast); sector_neighbour (n, N_SECTORS) int32: per sector, the label (in the label
     image measured) of the cell across the border, the one most of the sector's border touches (0:
-    none, glass or stroma).
+    none, glass or stroma); cut_sectors int8: the sectors without a border band where the image's
+    edge cuts the cell (measure_cells' ``outside``): unknown, as where a nucleus touches the border,
+    but still part of the cell's border (summarise_membranes).
     """
 
     label: np.ndarray
@@ -79,6 +81,7 @@ class CellMeasurements:
     sector_contrast: np.ndarray
     sector_od: np.ndarray
     sector_neighbour: np.ndarray
+    cut_sectors: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
@@ -166,6 +169,7 @@ def measure_cells(
     brown_nucleus_od: float = 0.10,
     halo_um: float = 1.5,
     line_reach_um: float = 0.5,
+    outside: np.ndarray | None = None,
 ) -> tuple[CellMeasurements, np.ndarray]:
     """Measure every cell of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in cell interiors.
 
@@ -178,7 +182,8 @@ def measure_cells(
     a membrane line shared by two cells peaks on one side of the border between them, and both read
     its intensity). The interior histogram (cell pixels off the band and off nuclei, in cytoplasm
     whose DAB level is under ``unstained_od``) is what an unstained membrane would read by noise
-    alone: the noise floor.
+    alone: the noise floor. No membrane is read within ``band_um`` of ``outside`` (bool: beyond the
+    image, Tile.beyond_slide): the sectors where the image's edge cuts a cell are unknown, not unstained.
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
@@ -190,7 +195,7 @@ def measure_cells(
     if len(labels) == 0:
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
-        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32)),
+        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
                 np.zeros(len(CONTRAST_BINS) - 1, np.int64))
     width_px = cells.shape[1]
     cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
@@ -233,6 +238,11 @@ def measure_cells(
         ring = cv2.dilate(nuclei.astype(np.float32), halo).astype(np.int32) * ~nuclear  # each nucleus's halo, by its label
         brown &= nuc_mean > _mean_by_label(ring, ring > 0, dab_od, n_nuc)
         off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), halo) > 0)
+    cut_px = None
+    if outside is not None and outside.any():  # the image's edge is no membrane
+        # the band of a border pixel next to the image's edge reaches band_um past it
+        off_limits = off_limits | (cv2.dilate(outside.view(np.uint8), _chamfer_ball(band_um / mpp + 1)) > 0)
+        cut_px = np.flatnonzero(border & (cv2.dilate(outside.view(np.uint8), np.ones((3, 3), np.uint8)) > 0))
     band = on & near & ~off_limits
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
@@ -258,6 +268,13 @@ def measure_cells(
     border_px = np.bincount(key[on_border], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     strong_px = np.bincount(key[c_band >= width_od], minlength=size).reshape(n_lab, N_SECTORS)[labels]
     lit = np.nan_to_num(sec_c) >= width_od
+    cut = np.zeros(len(labels), np.int8)
+    if cut_px is not None and len(cut_px):  # sectors whose border lies on the image's edge and holds no band
+        cr_, cc_ = np.divmod(cut_px, width_px)
+        cl_ = cells.ravel()[cut_px]
+        on_edge = np.zeros(size, bool)
+        on_edge[cl_.astype(np.int64) * N_SECTORS + _sector_of(cr_ - cy[cl_], cc_ - cx[cl_])] = True
+        cut = (on_edge.reshape(n_lab, N_SECTORS)[labels] & ~np.isfinite(sec_c)).sum(1).astype(np.int8)
     arc_px = (border_px * lit).sum(1)
     width = np.where(arc_px > 0, (strong_px * lit).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
 
@@ -278,6 +295,7 @@ def measure_cells(
         sector_contrast=sec_c.astype(np.float16),
         sector_od=sec_o.astype(np.float16),
         sector_neighbour=neighbour,
+        cut_sectors=cut,
     )
     return m, hist
 
@@ -407,13 +425,16 @@ def summarise_membranes(m: CellMeasurements, *, threshold_od: float, cytoplasm_b
     cytoplasm's DAB above ``cytoplasm_base_od`` (the slide's unstained level): in a cell with
     cytoplasmic blush only a membrane clearly darker than the blush counts. Stained sectors count
     only in runs of at least ``min_run`` (a membrane is a line along the border; noise and the halo
-    of a brown nucleus are specks). A sector without a border band (the nucleus touches the border)
-    is unknown: runs and arcs go on across it where the sectors either side are stained, gaps where
-    both are unstained, and it never counts towards completeness. Cells are taken ``SUMMARY_BLOCK`` at a
+    of a brown nucleus are specks). A sector without a border band (the nucleus touches the border,
+    or the image's edge cuts the cell) is unknown: runs and arcs go on across it where the sectors
+    either side are stained, gaps where both are unstained; completeness is the share of the border
+    stained, a nucleus's sectors left out of it and the image edge's kept in (what the field hides is
+    not taken as stained). Cells are taken ``SUMMARY_BLOCK`` at a
     time: a whole slide's temporaries stay the size of one block.
     """
     blocks = [_summarise(m.sector_contrast[a : a + SUMMARY_BLOCK], m.sector_od[a : a + SUMMARY_BLOCK],
-                         m.cytoplasm_dab_od[a : a + SUMMARY_BLOCK], threshold_od, cytoplasm_base_od, cytoplasm_ratio, min_run)
+                         m.cytoplasm_dab_od[a : a + SUMMARY_BLOCK], m.cut_sectors[a : a + SUMMARY_BLOCK],
+                         threshold_od, cytoplasm_base_od, cytoplasm_ratio, min_run)
               for a in range(0, max(len(m), 1), SUMMARY_BLOCK)]
     return MembraneSummary(**{k: np.concatenate([getattr(b, k) for b in blocks]) for k in MembraneSummary.__dataclass_fields__})
 
@@ -422,8 +443,8 @@ SUMMARY_BLOCK = 16_384
 """Cells summarised at a time (summarise_membranes)."""
 
 
-def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab_od: np.ndarray, threshold_od: float,
-               cytoplasm_base_od: float, cytoplasm_ratio: float, min_run: int) -> MembraneSummary:
+def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab_od: np.ndarray, cut_sectors: np.ndarray,
+               threshold_od: float, cytoplasm_base_od: float, cytoplasm_ratio: float, min_run: int) -> MembraneSummary:
     has = np.isfinite(sector_contrast)
     c = np.nan_to_num(sector_contrast.astype(np.float32))
     od = np.nan_to_num(sector_od.astype(np.float32))
@@ -431,7 +452,7 @@ def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab
     st = has & (c >= threshold_od) & (od - cyto >= cytoplasm_ratio * np.maximum(cyto - cytoplasm_base_od, 0.0))
     bridge = _bridging(has)
     st = _in_runs(bridge(st), min_run) & has
-    n_band = np.maximum(has.sum(1), 1)
+    n_band = np.maximum(has.sum(1) + cut_sectors, 1)  # the image's edge hides part of the border, which still counts
     n_st = st.sum(1)
     bst = bridge(st)
     body = st & np.roll(bst, 1, axis=1) & np.roll(bst, -1, axis=1)  # an arc's tapering ends left out

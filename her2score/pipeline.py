@@ -160,8 +160,9 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     nuclei = segment_nuclei(h_od, dab_od, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od)
     dab_smooth, contrast = membrane_contrast(dab_od, nuclei, mpp=mpp)
     basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
-    cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um)
-    m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp)
+    outside = tile.beyond_slide()
+    cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um, outside=outside)
+    m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp, outside=outside)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
     tx, ty = m.x + rx, m.y + ry  # tile px of the read box -> px of the grid
@@ -482,7 +483,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
         "nucleus_width_um": cells.nucleus_width_um,
-        "hematoxylin_od": cells.hematoxylin_od,
+        "hematoxylin_od": cells.hematoxylin_od, "cut_sectors": cells.cut_sectors,
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)

@@ -74,19 +74,32 @@ class Tile:
     """One tile of the grid, in pixels at the grid's µm/px.
 
     ``core`` (x, y, width, height) owns the cells whose centroid falls in it; ``read`` is the
-    core grown by the overlap margin, clipped to nothing (reads beyond the slide are white).
+    core grown by the overlap margin, clipped to nothing (reads beyond the slide are white);
+    ``slide_px``: the slide's (width, height) on the grid (None: not known, taken as no nearer than the read box's edge).
     """
 
     row: int
     col: int
     core: tuple[int, int, int, int]
     margin: int
+    slide_px: tuple[int, int] | None = None
 
     @property
     def read(self) -> tuple[int, int, int, int]:
         x, y, w, h = self.core
         m = self.margin
         return (x - m, y - m, w + 2 * m, h + 2 * m)
+
+    def beyond_slide(self) -> np.ndarray:
+        """Bool (height, width) of the read box: its pixels beyond the slide, read as white glass, and its
+        1 px frame (the edge of what was read): where no cell grows and no membrane is read."""
+        x, y, w, h = self.read
+        out = np.ones((h, w), bool)
+        sw, sh = self.slide_px or (x + w, y + h)
+        x0, y0 = max(0, -x), max(0, -y)
+        x1, y1 = min(w, sw - x), min(h, sh - y)
+        out[max(1, y0) : min(h - 1, y1), max(1, x0) : min(w - 1, x1)] = False
+        return out
 
 
 def tile_grid(
@@ -115,5 +128,5 @@ def tile_grid(
             my1 = max(my0 + 1, min(tissue.mask.shape[0], int(np.ceil((y + h) * scale_y))))
             inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
             if inside / ((mx1 - mx0) * (my1 - my0)) >= min_tissue:
-                tiles.append(Tile(r, c, (x, y, w, h), margin_px))
+                tiles.append(Tile(r, c, (x, y, w, h), margin_px, (width, height)))
     return tiles

@@ -189,8 +189,10 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.SIG_DFL))
     # the progress line of the small slide: the batch has recorded its row (the large slide has about 2 s to go);
     # waited for, not slept on, so that a loaded machine cannot send the signal before the row arrives
-    first = proc.stderr.readline()
-    assert first.startswith("[1/2] a_small.png: "), first
+    before = []
+    while not (line := proc.stderr.readline()).startswith("[1/2] ") and line:
+        before.append(line)
+    assert line.startswith("[1/2] a_small.png: "), (line, before, proc.poll())
     (os.killpg if whole_group else os.kill)(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err

@@ -120,6 +120,33 @@ def test_a_membrane_runs_on_behind_a_nucleus_touching_the_border():
     assert summarise_membranes(m3, threshold_od=0.025).longest_arc[0] < full.longest_arc[0]
 
 
+def test_a_ring_the_images_edge_cuts_is_read_on_what_is_seen():
+    """A stained ring cut by the image's edge (the right third of the cell beyond it): the cell stops at the
+    edge, the sectors the edge hides are unknown (counted, not stained), and the seen ring reads as one arc
+    across them with no gap; a cell away from the edge has none."""
+    nuclei, dab = cell_with_arc(1.0, 0.6)
+    outside = np.zeros(nuclei.shape, bool)
+    outside[:, 40:] = True  # the image ends 8 px (4 µm) right of the cell's centre
+    dab[outside] = 0.0  # read beyond the image: white glass
+    smooth, contrast = membrane_contrast(dab, nuclei, mpp=MPP)
+    cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9, outside=outside)
+    assert not cells[outside].any()
+    m, _ = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP, outside=outside)
+    s = summarise_membranes(m, threshold_od=0.025)
+    cut = int(m.cut_sectors[0])
+    assert 4 <= cut <= 8 and (~np.isfinite(m.sector_contrast[0].astype(np.float32))).sum() == cut  # measured: 5
+    assert s.completeness[0] == pytest.approx((N_SECTORS - cut) / N_SECTORS, abs=1.5 / N_SECTORS)
+    # the arc runs on across what the edge hides (a corner sector where the ring leaves the image may read unstained)
+    assert s.longest_gap[0] <= 1 / N_SECTORS and s.longest_arc[0] >= 0.7
+    from her2score.categories import PATTERNS, classify_cells
+
+    _, pattern = classify_cells(s.completeness, s.longest_arc, s.longest_gap, s.membrane_od)
+    assert PATTERNS[pattern[0]] == "complete"
+    whole, _ = measure_cells(grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9), nuclei, np.zeros_like(dab), smooth,
+                             contrast, mpp=MPP)
+    assert whole.cut_sectors[0] == 0  # read without the edge: every sector a border sector, no cut
+
+
 def test_intensity_is_read_along_an_arcs_body_not_its_tapering_ends():
     """An intense arc whose end sectors taper off reads the OD of its body; a complete ring (no ends)
     reads the mean of all its sectors; the shortest arc (three sectors) reads its middle one."""
@@ -131,7 +158,8 @@ def test_intensity_is_read_along_an_arcs_body_not_its_tapering_ends():
         m = CellMeasurements(label=np.ones(1, np.int32), x=one, y=one, cell_area_um2=one, nucleus_area_um2=one,
                              nucleus_elongation=one, nucleus_width_um=one, hematoxylin_od=one, nucleus_dab_od=0 * one,
                              cytoplasm_dab_od=0 * one, width_um=one, sector_contrast=np.where(od > 0, od, 0).astype(np.float16),
-                             sector_od=od.astype(np.float16), sector_neighbour=np.zeros((1, N_SECTORS), np.int32))
+                             sector_od=od.astype(np.float16), sector_neighbour=np.zeros((1, N_SECTORS), np.int32),
+                             cut_sectors=np.zeros(1, np.int8))
         return summarise_membranes(m, threshold_od=0.05)
 
     arc = np.zeros(N_SECTORS)
