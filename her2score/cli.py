@@ -425,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring guideline: %(choices)s")
     s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
-    s.add_argument("--mpp", type=float, help="scan resolution in µm/px, for files whose metadata has none "
-                                             "(checked against the nuclei the image shows)")
+    s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
+                                             "notes where they differ), needed where it has none; checked against "
+                                             "the nuclei the image shows")
     s.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px at which cells are analysed")
     s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
                                      "(default: detected tumour cells)")
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for the weights and the training log")
     t.add_argument("--name", default="her2cnn.pt", help="weights file name")
     t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
+    t.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     t.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px the model works at")
     t.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")
@@ -509,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring guideline: %(choices)s")
     e.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
-    e.add_argument("--mpp", type=float, help="scan resolution in µm/px for images whose metadata has none")
+    e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     e.add_argument("--eligible-rule", help="the rule the CSV's 'eligible' column answers")

@@ -331,11 +331,15 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 
 
 def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
-    """µm/px from metadata when plausible, else the user's, else a SlideError naming the file."""
+    """µm/px given by the user (it overrides the metadata: the metadata can be wrong, e.g. a JPEG's 16-bit
+    dpi), else from the metadata when plausible, else a SlideError naming the file. A user's value more
+    than 5% off the metadata's says so in ``mpp_source``."""
+    if user_mpp:
+        differs = meta_mpp and abs(float(user_mpp) / float(meta_mpp) - 1) > 0.05
+        source = f"user (the file's metadata says {meta_mpp:.4g})" if differs else "user"
+        return {"mpp": float(user_mpp), "path": path, "mpp_source": source}
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
-    if user_mpp:
-        return {"mpp": float(user_mpp), "path": path, "mpp_source": "user"}
     if meta_mpp:
         raise SlideError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
                                "scan's; pass --mpp (e.g. --mpp 0.5)")
@@ -654,7 +658,8 @@ class OpenSlideSlide(Slide):
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None) -> Slide:
     """Open a slide or field of view.
 
-    ``mpp`` (µm/px) is used only when the file carries none. ``backend`` forces
+    ``mpp`` (µm/px), when given, is used whatever the file carries (``mpp_source`` notes a metadata value
+    more than 5% off it); otherwise the file's metadata must give one. ``backend`` forces
     'tifffile', 'openslide' or 'image'; by default the file's suffix and first bytes decide
     (a PNG or JPEG named .tif is read as what it is). Raises SlideError naming the file and the reason.
     """

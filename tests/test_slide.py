@@ -180,8 +180,10 @@ def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
     with open_slide(path) as s:
         assert s.mpp == pytest.approx(0.25, rel=1e-3) and s.mpp_source == "metadata"
         assert s.dimensions == (320, 256)
-    with open_slide(path, mpp=0.9) as s:  # --mpp never overrides metadata
-        assert s.mpp == pytest.approx(0.25, rel=1e-3) and s.mpp_source == "metadata"
+    with open_slide(path, mpp=0.9) as s:  # --mpp overrides the metadata (which can be wrong), and says it differs
+        assert s.mpp == 0.9 and s.mpp_source == "user (the file's metadata says 0.25)"
+    with open_slide(path, mpp=0.26) as s:  # within 5%: nothing to say
+        assert s.mpp == 0.26 and s.mpp_source == "user"
 
 
 def test_aperio_svs_through_openslide(tmp_path, slide_rgb):
@@ -209,7 +211,7 @@ def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
     with pytest.raises(SlideError, match=r"screen\.png: the file's resolution metadata gives 352\.\d µm/px, not a microscope scan's; pass --mpp"):
         open_slide(path)
     with open_slide(path, mpp=0.5) as s:
-        assert s.mpp == 0.5 and s.mpp_source == "user"
+        assert s.mpp == 0.5 and s.mpp_source.startswith("user (the file's metadata says 352.")
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
