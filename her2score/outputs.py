@@ -120,9 +120,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` atomically (see atomic_file)."""
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (see atomic_file). A file name's byte that is not
+    UTF-8 (Python holds it as a lone surrogate) is written as its escape, \\udcXX: in JSON text the same
+    string again when read back."""
     with atomic_file(path) as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.write(data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data)
 
 
 def is_temp_file(name: str, targets=None) -> bool:

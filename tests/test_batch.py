@@ -206,6 +206,26 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
         assert _written_before_the_large_slide_ended(out)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names are bytes on Linux, not on macOS or Windows")
+def test_a_file_name_that_is_not_utf8_is_scored_and_resumed(tmp_path, fields):
+    """A latin-1 name (Python holds its byte as a lone surrogate) is scored beside the others, and the manifest,
+    summary and result.json it is written into stay valid UTF-8, so that a second run resumes it."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    save_png(folder / "ok.png", fields["2+"])
+    odd = folder / os.fsdecode(b"caf\xe9.png")
+    save_png(odd, fields["0"])
+    out = tmp_path / "out"
+    rows = run_batch([folder], out)
+    assert (rows.scored, rows.failed) == (2, 0)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    assert str(odd) in manifest["slides"]  # the same name again when read back
+    assert json.loads((out / "caf_.png" / "result.json").read_text(encoding="utf-8"))["slide"] == str(odd)
+    assert "caf\\udce9.png" in (out / "summary.csv").read_text(encoding="utf-8")
+    again = run_batch([folder], out)
+    assert (again.scored, again.reused) == (0, 2)
+
+
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
     out = tmp_path / "out"
     save_png(three / "later.png", fields["1+"], mpp=None)  # fails: no µm/px
