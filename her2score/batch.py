@@ -104,11 +104,17 @@ class Job:
 
 # -- discovery and naming ---------------------------------------------------------------------------
 
-def _inside(path: Path, folders: list[Path]) -> bool:
+def _resolved(path: Path) -> Path:
+    """``path`` with its links followed, or made absolute where they cannot be (broken, or a loop: Python
+    3.11-3.12 raise RuntimeError for a loop, later ones OSError)."""
     try:
-        rp = path.resolve()
-    except OSError:
-        return False
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    rp = _resolved(path)
     return any(rp == f or rp.is_relative_to(f) for f in folders)
 
 
@@ -127,12 +133,13 @@ def discover(
     output) and MRXS data folders are not searched; other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
-    excluded = [Path(e).resolve() for e in exclude]
+    excluded = [_resolved(Path(e)) for e in exclude]
     found, problems = [], []
     for item in inputs:
         p = Path(item)
         if not p.exists():
-            problems.append((str(p), f"{p}: no such file or folder"))
+            what = "a symbolic link to nothing (broken, or a loop)" if p.is_symlink() else "no such file or folder"
+            problems.append((str(p), f"{p}: {what}"))
         elif p.is_file():
             found.append((p, p.parent))
         elif p.is_dir():
@@ -149,10 +156,7 @@ def discover(
             problems.append((str(p), f"{p}: not a file or folder"))
     unique, seen = [], set()
     for slide, root in found:
-        try:
-            key = slide.resolve()
-        except OSError:
-            key = slide.absolute()
+        key = _resolved(slide)
         if key not in seen:
             seen.add(key)
             unique.append((slide, root))
@@ -237,7 +241,7 @@ class _Annotations:
     batch's slides, and the batch's slides by stem."""
 
     def __init__(self, slides: list[tuple[Path, Path]]):
-        self.slides = {p.resolve() for p, _ in slides}
+        self.slides = {_resolved(p) for p, _ in slides}
         self.by_stem: dict[str, list[Path]] = {}
         for p, _ in slides:
             self.by_stem.setdefault(p.stem, []).append(p)
@@ -245,7 +249,7 @@ class _Annotations:
 
     def files(self, folder: Path) -> dict[str, Path]:
         if folder not in self._folders:
-            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and f.resolve() not in self.slides}
+            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and _resolved(f) not in self.slides}
                                      if folder.is_dir() else {})
         return self._folders[folder]
 

@@ -665,7 +665,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     """
     path = Path(path)
     if not path.exists():
-        raise SlideError(path, "no such file")
+        raise SlideError(path, "a symbolic link to nothing (broken, or a loop)" if path.is_symlink() else "no such file")
     if path.is_dir():
         raise SlideError(path, "is a folder, not a slide (MRXS: pass the .mrxs file)")
     if not path.is_file():

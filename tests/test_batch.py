@@ -20,6 +20,7 @@ import pytest
 from conftest import save_png
 from her2score import batch
 from her2score.batch import LOCK, MANIFEST, SAVE_ALWAYS_UNDER_S, SAVE_COST_SHARE, BatchError, _save_due, discover, run_batch
+from her2score.cli import main
 from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
 from her2score.synthetic import generate_field
@@ -204,6 +205,19 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
         assert err.count("\n") == 1 and err.startswith("her2score score: interrupted; the slides that finished"), err
     else:
         assert _written_before_the_large_slide_ended(out)
+
+
+def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):
+    """Python 3.11-3.12 raise RuntimeError resolving a link loop: the loop is that slide's error, the others are scored."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    save_png(folder / "ok.png", fields["2+"])
+    (folder / "loop.svs").symlink_to("loop.svs")
+    rows = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "out")}
+    assert rows["ok.png"]["status"] == "ok"
+    assert rows["loop.svs"]["status"] == "error" and "a symbolic link to nothing (broken, or a loop)" in rows["loop.svs"]["error"]
+    assert main(["score", str(folder / "loop.svs"), "--out", str(tmp_path / "o2")]) == 2
+    assert "loop.svs: a symbolic link to nothing (broken, or a loop)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names are bytes on Linux, not on macOS or Windows")
