@@ -356,8 +356,8 @@ def _tiff_mpp(tif, page) -> float | None:
     text = desc.value if desc else ""
     if isinstance(text, bytes):
         text = text.decode("latin-1", "replace")
-    m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", text)  # Aperio
-    if m:
+    m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", text) if text.startswith("Aperio") else None  # an Aperio description
+    if m:  # (an OME or other export may quote its source's description, and another µm/px, further on)
         try:
             return float(m.group(1))
         except ValueError:
@@ -373,16 +373,25 @@ def _tiff_mpp(tif, page) -> float | None:
             except ValueError:
                 pass
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    if xres:
-        num, den = xres.value
-        if num and den:
-            px_per_unit = num / den
-            per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value) if unit else 2)  # no unit tag: inch (TIFF 6.0)
-            if per_unit_um is None and tif.is_imagej and (tif.imagej_metadata or {}).get("unit") in ("micron", "um", "µm"):
-                per_unit_um = 1.0  # ImageJ: no TIFF unit, pixels per micron
-            if per_unit_um:
-                return per_unit_um / px_per_unit
+    value = xres.value if xres else None
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] > 0 and value[1] > 0:
+        px_per_unit = value[0] / value[1]  # a RATIONAL; any other type or count is no resolution (--mpp then applies)
+        # no unit tag: inch (TIFF 6.0); 4 and 5 (mm, µm) are written by some scanners and converters
+        per_unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(unit.value) if unit else 2)
+        if per_unit_um is None and tif.is_imagej:  # ImageJ: no TIFF unit, pixels per its own unit
+            per_unit_um = _IMAGEJ_UM.get(_unescaped(str((tif.imagej_metadata or {}).get("unit", ""))))
+        if per_unit_um:
+            return per_unit_um / px_per_unit
     return None
+
+
+_IMAGEJ_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
+"""Micrometres per ImageJ length unit (its 'unit' metadata)."""
+
+
+def _unescaped(unit: str) -> str:
+    """An ImageJ unit as written (ImageJ escapes non-ASCII: '\\u00B5m' is µm)."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), unit).strip()
 
 
 def _sniff(path: Path) -> tuple[str | None, bytes]:

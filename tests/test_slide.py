@@ -163,6 +163,22 @@ def _imagej(path, rgb):  # ImageJ: pixels per micron, no TIFF unit
     return path
 
 
+def _tiff_um_unit(path, rgb):  # ResolutionUnit 5: pixels per micrometre
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(4, 4), resolutionunit=5)
+    return path
+
+
+def _imagej_escaped(path, rgb):  # ImageJ writes µm as the escape \u00B5m
+    tifffile.imwrite(path, rgb, photometric="rgb", imagej=True, resolution=(4, 4), metadata={"unit": "\\u00B5m"})
+    return path
+
+
+def _quoted_aperio(path, rgb):  # not an Aperio file, though its description quotes one: its resolution tags decide
+    tifffile.imwrite(path, rgb, photometric="rgb", description="converted from: Aperio Image Library|MPP = 0.9",
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
 @pytest.mark.parametrize("writer,suffix", [
     (lambda p, a: save_tiff(p, a, mpp=0.25, photometric="rgb"), ".tif"),  # px/cm resolution tags
     (_tiff_inch, ".tif"),
@@ -173,7 +189,11 @@ def _imagej(path, rgb):  # ImageJ: pixels per micron, no TIFF unit
     (lambda p, a: save_jpeg(p, a, mpp=0.25), ".jpg"),  # JFIF density
     (_aperio, ".svs"),  # Aperio ImageDescription "MPP = 0.25"
     (_ome, ".ome.tif"),  # OME-XML PhysicalSizeX
-], ids=["tiff-px-per-cm", "tiff-px-per-inch", "tiff-no-unit-is-inch", "ome-cm", "imagej-micron", "png-phys", "jpeg-jfif", "aperio-description", "ome-physicalsize"])
+    (_tiff_um_unit, ".tif"),
+    (_imagej_escaped, ".tif"),
+    (_quoted_aperio, ".tif"),
+], ids=["tiff-px-per-cm", "tiff-px-per-inch", "tiff-no-unit-is-inch", "ome-cm", "imagej-micron", "png-phys", "jpeg-jfif",
+        "aperio-description", "ome-physicalsize", "tiff-px-per-um", "imagej-escaped-um", "quoted-aperio-description"])
 def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
     rgb = slide_rgb[:256, :320]
     path = writer(tmp_path / f"s{suffix}", rgb)
@@ -203,6 +223,15 @@ def test_mpp_fallback_only_without_metadata(tmp_path, slide_rgb, suffix):
     assert e.value.path == str(path)
     with open_slide(path, mpp=0.4) as s:
         assert s.mpp == 0.4 and s.mpp_source == "user"
+
+
+def test_a_resolution_tag_that_is_not_a_rational_is_no_resolution(tmp_path, slide_rgb):
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", extratags=[(282, "H", 1, 100, True)], metadata=None)
+    with pytest.raises(SlideError, match="no microns-per-pixel in the file's metadata; pass --mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp == 0.5
 
 
 def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
