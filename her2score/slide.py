@@ -320,6 +320,12 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                 img = img.convert("RGBA")
             elif img.mode not in ("RGB", "RGBA"):
                 img = img.convert("RGB")
+            orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation: a camera's picture stored on its side
+            if orientation not in (1, None):
+                from PIL import ImageOps
+
+                img = ImageOps.exif_transpose(img)
+                notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
             arr = np.asarray(img)
     except SlideError:
         raise

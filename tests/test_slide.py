@@ -225,6 +225,20 @@ def test_mpp_fallback_only_without_metadata(tmp_path, slide_rgb, suffix):
         assert s.mpp == 0.4 and s.mpp_source == "user"
 
 
+def test_a_jpeg_stored_on_its_side_is_read_as_viewers_show_it(tmp_path, slide_rgb):
+    from PIL import Image
+
+    rgb = slide_rgb[:64, :96]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(rgb).save(path, quality=95, exif=exif.tobytes(), dpi=(101600, 101600))
+    with open_slide(path, mpp=0.25) as s:
+        assert s.dimensions == (64, 96) and any("EXIF orientation (6)" in n for n in s.notes)
+        shown = s.read_region((0, 0), (64, 96), mpp=0.25)
+        assert np.abs(shown.astype(int) - np.rot90(rgb, -1).astype(int)).mean() < 6  # JPEG's own error
+
+
 def test_a_resolution_tag_that_is_not_a_rational_is_no_resolution(tmp_path, slide_rgb):
     path = tmp_path / "short.tif"
     tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", extratags=[(282, "H", 1, 100, True)], metadata=None)
