@@ -289,6 +289,9 @@ def test_a_field_too_small_to_hold_tissue_says_so(tmp_path, slide_folder, fields
     assert isinstance(e, NoTissueError)
     assert str(e) == (f"{small}: no tissue found: the image is only 30 x 30 µm at 0.5 µm/px, and tissue is a piece of at "
                       "least 5,000 µm² (check the µm/px, or give a larger field)")
+    strip = save_png(slide_folder / "strip.png", np.tile(fields["2+"][:20], (1, 40, 1)))  # 10 µm tall, 7.7 mm long: no piece fits
+    e = _api_error(strip)
+    assert isinstance(e, NoTissueError) and "the image is only 7680 x 10 µm at 0.5 µm/px" in str(e)
 
 
 def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, pyramid_tiff):
