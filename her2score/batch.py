@@ -37,6 +37,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import __version__
 from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
@@ -410,8 +411,9 @@ def _settings(job: Job) -> dict:
 
 
 def _config_key(job: Job) -> str:
-    """A slide's settings plus what is its own (µm/px given, region file): equal keys score alike."""
-    own = [job.mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
+    """A slide's settings plus what is its own (µm/px given, region file) and the tool's version (another
+    version may measure otherwise and write other outputs): equal keys score alike."""
+    own = [job.mpp, job.region, __version__] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -50,9 +50,11 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .categories import CATEGORIES
 from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
+from .pipeline import OWN_STAINS_NOTE
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
@@ -443,16 +445,22 @@ def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
 
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, str, str]:
     """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
-    ("pipeline", "reused" or "" when none ran). A finished result is reused where it was scored
-    with the same settings (guideline, specimen, thresholds and every other scoring setting) and, when
-    given, the same µm/px, unless the CNN is wanted and it has none, or another model's."""
+    ("pipeline", "reused" or "" when none ran). A finished result is reused where this version of the
+    tool scored it with the same settings (guideline, specimen, thresholds and every other scoring
+    setting; the default ones retried with the slide's own stain vectors count as the default), on its
+    detected tumour cells (no annotation) and, when given, at the same µm/px, unless the CNN is wanted
+    and it has none, or another model's."""
     from .pipeline import analyse_slide
 
     key = str(Path(item.path).resolve())
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
-        same = result.config == json.loads(json.dumps(config.to_dict())) and (mpp is None or abs(result.mpp - mpp) < 1e-9)
+        recorded = dict(result.config)
+        if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
+            recorded["estimate_stains"] = False
+        same = (result.version == __version__ and recorded == json.loads(json.dumps(config.to_dict()))
+                and (mpp is None or abs(result.mpp - mpp) < 1e-9) and not result.region.startswith(("annotation", "mask")))
         if same and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
                 result = method_result(result, "classical")

@@ -291,8 +291,10 @@ def clip_outline(poly: np.ndarray, width: float, height: float, *, decimals: int
         return np.round(pts, decimals)
     scale = 10.0**decimals
 
-    def on_grid(ring: np.ndarray) -> np.ndarray:  # in grid units (whole numbers), repeated and collinear vertices dropped
-        g = np.round(ring * scale)
+    top = np.floor(np.array([width, height], np.float64) * scale + 1e-9)  # the box's far edges, on the grid
+
+    def on_grid(ring: np.ndarray) -> np.ndarray:  # in grid units (whole numbers) inside the box, repeated and collinear vertices dropped
+        g = np.clip(np.round(ring * scale), 0, top)
         g = g[np.any(g != np.roll(g, 1, axis=0), axis=1)] if len(g) else g
         return _drop_collinear(g) if len(g) >= 3 else g
 
@@ -303,7 +305,8 @@ def clip_outline(poly: np.ndarray, width: float, height: float, *, decimals: int
     corners = on_grid(_clip(hull, width, height))
     if len(corners) < 3:
         return np.zeros((0, 2))
-    out = on_grid(cv2.convexHull(corners.astype(np.int32)).reshape(-1, 2).astype(np.float64)[::-1])  # exact on the grid
+    out = cv2.convexHull(corners.astype(np.int32)).reshape(-1, 2).astype(np.float64)[::-1]  # exact on the grid
+    out = _drop_collinear(out) if len(out) >= 3 else out
     if len(out) < 3 or abs(polygon_area(out)) < 1e-9:
         return np.zeros((0, 2))
     return out / scale

@@ -281,6 +281,10 @@ def _opened(source, mpp, backend):
     return nullcontext(source) if isinstance(source, Slide) else open_slide(source, mpp=mpp, backend=backend)
 
 
+OWN_STAINS_NOTE = "scored with the slide's own stain vectors: the default ones read it as nuclear DAB"
+"""The note of a slide scored with its own stain vectors after the default ones refused it (analyse_slide)."""
+
+
 def analyse_slide(
     path: str | os.PathLike | Slide,
     *,
@@ -307,7 +311,7 @@ def analyse_slide(
             a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal)
         except NuclearStainError:
             raise refusal from None
-        note = f"scored with the slide's own stain vectors: the default ones read it as nuclear DAB ({refusal.reason})"
+        note = f"{OWN_STAINS_NOTE} ({refusal.reason})"
         warn = QCFinding("own_stain_vectors", "warn", "its stains lean off the default vectors, which read its DAB as "
                          "nuclear: scored with its own (see notes); check the stain")
         return replace(a, result=replace(a.result, notes=(*a.result.notes, note), qc=(*a.result.qc, warn)))

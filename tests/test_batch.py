@@ -272,6 +272,15 @@ def test_changed_slide_or_settings_are_scored_again(tmp_path, three, fields):
     assert all(v != after[k] for k, v in _mtimes(out).items())
 
 
+def test_another_version_of_the_tool_scores_the_slides_again(tmp_path, three, monkeypatch):
+    """Outputs of another version (which may measure otherwise and write other columns) are never reused beside new ones."""
+    out = tmp_path / "out"
+    assert run_batch([three], out).scored == 3
+    monkeypatch.setattr(batch, "__version__", "9.9.9")
+    again = run_batch([three], out)
+    assert (again.scored, again.reused) == (3, 0)
+
+
 def test_summary_lists_every_slide_in_out_with_this_runs_counts(tmp_path, three, fields):
     out = tmp_path / "out"
     first = run_batch([three / "field 0.png", tmp_path / "gone.png"], out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from her2score import __version__
 from her2score.categories import CATEGORIES
 from her2score.cli import main
 from her2score.cnn import TileClassifier, WeightsRecord
@@ -170,7 +171,7 @@ def _result(path, classical, cnn=None, fused=None):
         specimen="resection", reason="test", counts={"none": 300, "faint_partial": 0}, percentages={},
         tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
         tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None,
-        config=DEFAULT_CONFIG)
+        config=DEFAULT_CONFIG, version=__version__)
 
 
 DEFAULT_CONFIG = json.loads(json.dumps(ScoringConfig().to_dict()))
@@ -653,6 +654,13 @@ def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_i
                     replace(_result(img, "1+"), config={**DEFAULT_CONFIG, "thresholds": {**DEFAULT_CONFIG["thresholds"], "faint_od": 0.3}})):
         with pytest.raises(Exception):
             _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable_with(changed))
+    for other in (replace(_result(img, "1+"), version="0.1.0"),  # another version of the tool
+                  replace(_result(img, "1+"), region="annotation (f.geojson, 1 polygons)")):  # on an annotation
+        with pytest.raises(Exception):
+            _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable_with(other))
+    retried = replace(_result(img, "1+"), config={**DEFAULT_CONFIG, "estimate_stains": True},
+                      notes=("scored with the slide's own stain vectors: the default ones read it as nuclear DAB (...)",))
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable_with(retried))[1]  # default settings
     same = reusable_with(_result(img, "1+"))
     assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=same)[0].score == "1+"
     with pytest.raises(Exception):  # scanned at another µm/px than the one given now

@@ -109,6 +109,7 @@ def test_clipped_outlines_stay_valid_once_rounded_as_written():
         w = float(np.round(rng.uniform(poly[:, 0].min() + 0.5, poly[:, 0].max() - 0.5), 2)) - rng.choice([0.0, 0.003, 0.997])
         c = clip_outline(poly, w, 100.0)
         assert len(c) == 0 or (Polygon(c).is_valid and np.array_equal(c, np.round(c, 2))), (poly.tolist(), w)
+        assert len(c) == 0 or (c.min() >= 0 and c[:, 0].max() <= w and c[:, 1].max() <= 100), (poly.tolist(), w)
 
 
 def test_compact_outlines_read_back_as_traced_and_placed():
