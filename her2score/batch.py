@@ -42,7 +42,7 @@ from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, resolved_path
 from .workers import die_with_parent, worker_pool
 
 __all__ = [
@@ -105,17 +105,8 @@ class Job:
 
 # -- discovery and naming ---------------------------------------------------------------------------
 
-def _resolved(path: Path) -> Path:
-    """``path`` with its links followed, or made absolute where they cannot be (broken, or a loop: Python
-    3.11-3.12 raise RuntimeError for a loop, later ones OSError)."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return path.absolute()
-
-
 def _inside(path: Path, folders: list[Path]) -> bool:
-    rp = _resolved(path)
+    rp = resolved_path(path)
     return any(rp == f or rp.is_relative_to(f) for f in folders)
 
 
@@ -134,7 +125,7 @@ def discover(
     output) and MRXS data folders are not searched; other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
-    excluded = [_resolved(Path(e)) for e in exclude]
+    excluded = [resolved_path(Path(e)) for e in exclude]
     found, problems = [], []
     for item in inputs:
         p = Path(item)
@@ -157,7 +148,7 @@ def discover(
             problems.append((str(p), f"{p}: not a file or folder"))
     unique, seen = [], set()
     for slide, root in found:
-        key = _resolved(slide)
+        key = resolved_path(slide)
         if key not in seen:
             seen.add(key)
             unique.append((slide, root))
@@ -242,7 +233,7 @@ class _Annotations:
     batch's slides, and the batch's slides by stem."""
 
     def __init__(self, slides: list[tuple[Path, Path]]):
-        self.slides = {_resolved(p) for p, _ in slides}
+        self.slides = {resolved_path(p) for p, _ in slides}
         self.by_stem: dict[str, list[Path]] = {}
         for p, _ in slides:
             self.by_stem.setdefault(p.stem, []).append(p)
@@ -250,7 +241,7 @@ class _Annotations:
 
     def files(self, folder: Path) -> dict[str, Path]:
         if folder not in self._folders:
-            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and _resolved(f) not in self.slides}
+            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and resolved_path(f) not in self.slides}
                                      if folder.is_dir() else {})
         return self._folders[folder]
 

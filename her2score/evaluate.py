@@ -55,6 +55,7 @@ from .categories import CATEGORIES
 from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE
+from .slide import resolved_path
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
@@ -159,7 +160,7 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
             raise ValueError(f"{path}, line {i}: not a truth record with 'path' and 'counts' ({e})") from None
         if unknown := sorted(set(map(str, counts)) - set(CATEGORIES)):
             raise ValueError(f"{path}, line {i}: unknown cell categories {unknown}; the categories are {list(CATEGORIES)}")
-        out[str((path.parent / image).resolve())] = {str(k): _count_value(v, f"{path}, line {i}, {k}") for k, v in counts.items()}
+        out[str(resolved_path(path.parent / image))] = {str(k): _count_value(v, f"{path}, line {i}, {k}") for k, v in counts.items()}
     return out
 
 
@@ -194,7 +195,7 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
     items, line_of = [], {}
     for i, r in rows:
         where = f"{p}, line {i}"
-        if (key := str((p.parent / r["path"]).resolve())) in line_of:
+        if (key := str(resolved_path(p.parent / r["path"]))) in line_of:
             raise ValueError(f"{where}: {r['path']} is labelled again (first on line {line_of[key]}); each image once")
         line_of[key] = i
         try:
@@ -243,12 +244,13 @@ def confusion_matrix(truth: Sequence[str], called: Sequence[str], classes: Seque
 def quadratic_weighted_kappa(cm: np.ndarray) -> float:
     """Cohen's kappa with quadratic weights w_ij = (i - j)^2 / (K - 1)^2 from a confusion matrix:
     1 - sum(w * O) / sum(w * E), O the observed and E the expected (outer product of the marginals
-    / n) counts. NaN when undefined: no images, or the truth or the calls all in one class (kappa is
-    then 0 or undefined whatever the agreement)."""
+    / n) counts. NaN when it measures nothing: no images, or every truth in one class (kappa is then 0
+    however many are called right); calls all in one class against a varied truth give 0, no agreement
+    beyond chance."""
     cm = np.asarray(cm, np.float64)
     k = cm.shape[0]
     n = cm.sum()
-    if n == 0 or (cm.sum(axis=1) > 0).sum() < 2 or (cm.sum(axis=0) > 0).sum() < 2:
+    if n == 0 or (cm.sum(axis=1) > 0).sum() < 2:
         return float("nan")
     i, j = np.indices((k, k))
     w = (i - j) ** 2 / (k - 1) ** 2
@@ -420,7 +422,7 @@ def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
             slide = json.loads(f.read_text(encoding="utf-8"))["slide"]
         except (ValueError, KeyError, OSError):
             continue
-        by_key[str(Path(slide).resolve())] = f
+        by_key[str(resolved_path(slide))] = f
         if not Path(slide).exists():
             names.setdefault(Path(slide).name, []).append(f)
     for name, fs in names.items():
@@ -452,7 +454,7 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     and it has none, or another model's."""
     from .pipeline import analyse_slide
 
-    key = str(Path(item.path).resolve())
+    key = str(resolved_path(item.path))
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))

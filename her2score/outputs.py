@@ -606,7 +606,8 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
     order = sorted(CATEGORIES, key=lambda c: (-INTENSITY.get(c, 0), CATEGORIES.index(c)))
     taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (start within one step of it)
     chosen: list[tuple[int, int, str]] = []
-    for label, sel in [(c, cats == c) for c in order] + [("", np.ones(len(cats), bool))] * n:
+    by_category = [(c, cats == c) for c in order] if kind == "tumour cells" else []  # non-tumour cells' categories are not counted
+    for label, sel in by_category + [("", np.ones(len(cats), bool))] * n:
         if len(chosen) >= n:
             break
         if not sel.any():

@@ -670,6 +670,15 @@ class OpenSlideSlide(Slide):
         return _to_rgb(self.path, rgba)
 
 
+def resolved_path(path: str | os.PathLike) -> Path:
+    """``path`` with its links followed, or made absolute where they cannot be (broken, or a loop: Python
+    3.11-3.12 raise RuntimeError for a loop, later ones OSError)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(path).absolute()
+
+
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None) -> Slide:
     """Open a slide or field of view.
 

@@ -238,6 +238,11 @@ def test_a_file_name_that_is_not_utf8_is_scored_and_resumed(tmp_path, fields):
     assert "caf\\udce9.png" in (out / "summary.csv").read_text(encoding="utf-8")
     again = run_batch([folder], out)
     assert (again.scored, again.reused) == (0, 2)
+    # printed too, where the console's encoding is strict UTF-8 (PYTHONIOENCODING=utf-8, as under en_US.UTF-8)
+    done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(folder), "--out", str(tmp_path / "o2"),
+                           "--no-cnn"], capture_output=True, text=True, errors="replace", timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0 and "caf\\udce9.png" in done.stdout, done.stderr[-2000:]
 
 
 def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):

@@ -61,7 +61,7 @@ def test_qwk_reversed_and_perfect_and_undefined():
     assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["2+", "2+"], ["2+", "2+"])))
     # every image truly 3+, one called 2+: kappa would be 0 whatever the agreement; it is undefined
     assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["3+"] * 100, ["3+"] * 99 + ["2+"])))
-    assert math.isnan(quadratic_weighted_kappa(confusion_matrix(["0", "1+", "3+"], ["1+"] * 3)))  # one class called
+    assert quadratic_weighted_kappa(confusion_matrix(["0", "1+", "3+"], ["1+"] * 3)) == 0.0  # one class called: chance
     assert math.isnan(quadratic_weighted_kappa(np.zeros((4, 4))))
     # every call one step high: kappa well below 1 but positive
     up = confusion_matrix(["0", "1+", "2+"], ["1+", "2+", "3+"])
@@ -436,6 +436,14 @@ def test_true_counts_that_add_up_to_0_are_left_out_of_the_percentage_agreement(t
     (tmp_path / "l.csv").write_text("path,label,count_none,count_faint_partial\na.png,1+,80,20\nb.png,1+,0,0\n")
     pa = evaluate(tmp_path / "l.csv", tmp_path / "out", reuse=prev, use_cnn=False, bootstrap=0)["percent_agreement"]
     assert pa["none"]["n"] == 1 and pa["none"]["mae"] == 0.0 and pa["faint_partial"]["mae"] == 0.0
+
+
+def test_a_symbolic_link_loop_in_the_labels_is_that_images_error(tmp_path):
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "l.csv").write_text("path,label\nloop.png,1+\n")
+    m = evaluate(tmp_path / "l.csv", tmp_path / "out", use_cnn=False, bootstrap=0)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_image.csv")))
+    assert m["errors"] == 1 and "a symbolic link to nothing (broken, or a loop)" in rows[0]["error"]
 
 
 def test_class_folders_carry_five_level_labels(tmp_path):
