@@ -92,13 +92,18 @@ class Tile:
 
     def beyond_slide(self) -> np.ndarray:
         """Bool (height, width) of the read box: its pixels beyond the slide, read as white glass, and its
-        1 px frame (the edge of what was read): where no cell grows and no membrane is read."""
+        edge row or column where the box ends just at the slide's edge (nothing beyond was read): where no
+        cell grows and no membrane is read. Inside the slide the box's edge is only a margin's edge."""
         x, y, w, h = self.read
-        out = np.ones((h, w), bool)
         sw, sh = self.slide_px or (x + w, y + h)
-        x0, y0 = max(0, -x), max(0, -y)
-        x1, y1 = min(w, sw - x), min(h, sh - y)
-        out[max(1, y0) : min(h - 1, y1), max(1, x0) : min(w - 1, x1)] = False
+
+        def inside(start: int, size: int, end: int) -> slice:  # the box's own pixels within the slide, on one axis
+            lo = -start if start < 0 else (1 if start == 0 else 0)
+            hi = end - start if end - start < size else (size - 1 if end - start == size else size)
+            return slice(lo, max(lo, hi))
+
+        out = np.ones((h, w), bool)
+        out[inside(y, h, sh), inside(x, w, sw)] = False
         return out
 
 

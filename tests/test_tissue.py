@@ -42,3 +42,17 @@ def test_tile_grid_clips_last_tiles():
     tm = tissue_mask(np.full((10, 10, 3), (150, 110, 160), np.uint8), mpp=8.0, min_area_um2=1)
     tiles = tile_grid(tm, slide_size_px=(1000, 700), tile_px=512, margin_px=16)
     assert [t.core for t in tiles] == [(0, 0, 512, 512), (512, 0, 488, 512), (0, 512, 512, 188), (512, 512, 488, 188)]
+
+
+def test_beyond_slide_is_what_lies_past_the_slide_never_a_margin_inside_it():
+    """A tile's read box past the slide's edge is outside; where the box ends just at the edge (no margin read
+    beyond it), its edge row or column is; a box edge inside the slide (a margin, a seam with the next tile) never is."""
+    from her2score.tissue import Tile
+
+    corner = Tile(0, 0, (0, 0, 512, 512), 32, (1000, 800)).beyond_slide()  # read (-32, -32): 32 px past two edges
+    assert corner[:, :32].all() and corner[:32].all() and not corner[32:, 32:].any()
+    assert not Tile(1, 1, (512, 512, 256, 256), 32, (2000, 2000)).beyond_slide().any()  # inside: margins only
+    right = Tile(0, 1, (512, 0, 488, 512), 32, (1000, 800)).beyond_slide()  # read 480..1032: the last 32 columns past
+    assert right[40:, -32:].all() and not right[40:, :-32].any()
+    whole = Tile(0, 0, (0, 0, 100, 80), 0).beyond_slide()  # a field read as one box, no margin: its 1 px frame
+    assert whole[0].all() and whole[-1].all() and whole[:, 0].all() and whole[:, -1].all() and not whole[1:-1, 1:-1].any()
