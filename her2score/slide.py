@@ -247,8 +247,18 @@ class ArraySlide(Slide):
 
 
 def _plain_mpp(img) -> float | None:
-    dpi = img.info.get("dpi")
+    """µm/px a plain image states: a JPEG's JFIF density in inch or cm, else its EXIF resolution in inch or
+    cm (EXIF's default unit: inch); another format's resolution as Pillow reads it (PNG pHYs, BMP). None
+    where a JPEG states no unit (JFIF 0, EXIF 1) or no resolution, for which Pillow's dpi is a guess (72)."""
     try:
+        if img.format == "JPEG":
+            unit, density = img.info.get("jfif_unit"), img.info.get("jfif_density")
+            if unit in (1, 2) and density and float(density[0]) > 0:
+                return (25400.0 if unit == 1 else 10000.0) / float(density[0])
+            exif = img.getexif()
+            unit, xres = exif.get(0x0128, 2), exif.get(0x011A)
+            return (25400.0 if unit == 2 else 10000.0) / float(xres) if unit in (2, 3) and xres and float(xres) > 0 else None
+        dpi = img.info.get("dpi")
         if dpi and float(dpi[0]) > 0:
             return 25400.0 / float(dpi[0])
     except (TypeError, ValueError, ZeroDivisionError):

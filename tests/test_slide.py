@@ -239,6 +239,25 @@ def test_a_jpeg_stored_on_its_side_is_read_as_viewers_show_it(tmp_path, slide_rg
         assert np.abs(shown.astype(int) - np.rot90(rgb, -1).astype(int)).mean() < 6  # JPEG's own error
 
 
+def test_a_jpeg_that_states_no_unit_or_no_resolution_has_no_mpp(tmp_path, slide_rgb):
+    """Pillow's dpi for such a JPEG is a guess (72 dpi, or an EXIF 'no unit' count taken as inches): never a µm/px."""
+    from PIL import Image
+
+    for name, tags in (("no_unit", {0x0128: 1, 0x011A: 12700}), ("no_resolution", {0x010F: "camera"})):
+        exif = Image.Exif()
+        for k, v in tags.items():
+            exif[k] = v
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(slide_rgb[:64, :64]).save(path, quality=95, exif=exif.tobytes())
+        with pytest.raises(SlideError, match="no microns-per-pixel in the file's metadata; pass --mpp"):
+            open_slide(path)
+    exif = Image.Exif()
+    exif[0x0128], exif[0x011A] = 3, 20000  # EXIF, pixels per centimetre
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "cm.jpg", quality=95, exif=exif.tobytes())
+    with open_slide(tmp_path / "cm.jpg") as s:
+        assert s.mpp == pytest.approx(0.5) and s.mpp_source == "metadata"
+
+
 def test_a_resolution_tag_that_is_not_a_rational_is_no_resolution(tmp_path, slide_rgb):
     path = tmp_path / "short.tif"
     tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", extratags=[(282, "H", 1, 100, True)], metadata=None)
