@@ -510,7 +510,7 @@ class TiffSlide(Slide):
         try:
             if not pages:
                 raise SlideError(path, "TIFF has no images")
-            base = pages[0]
+            base = max(pages, key=lambda p: p.imagewidth * p.imagelength)  # not an overview stored first
             _check_dimensions(path, base.imagewidth, base.imagelength)
             self._check_page(base)
             w0, h0 = base.imagewidth, base.imagelength
@@ -528,7 +528,7 @@ class TiffSlide(Slide):
                 if self._segment_px(p) > MAX_PLAIN_PIXELS:
                     continue
                 levels.append((p, Level(p.imagewidth, p.imagelength, ds)))
-            if not levels or levels[0][0] is not base:
+            if not any(p is base for p, _ in levels):
                 raise SlideError(path, f"full-resolution image is stored in segments of {self._segment_px(base)} "
                                        "pixels, too large to decode; save it as a tiled TIFF")
             levels.sort(key=lambda pl: pl[1].downsample)

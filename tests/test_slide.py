@@ -258,6 +258,19 @@ def test_a_jpeg_that_states_no_unit_or_no_resolution_has_no_mpp(tmp_path, slide_
         assert s.mpp == pytest.approx(0.5) and s.mpp_source == "metadata"
 
 
+def test_an_overview_stored_before_the_full_image_is_not_level_0(tmp_path, slide_rgb):
+    full = np.ascontiguousarray(np.tile(slide_rgb[:192, :256], (2, 2, 1)))  # 512 x 384
+    path = tmp_path / "overview_first.tif"
+    with tifffile.TiffWriter(path) as w:
+        w.write(cv2.resize(full, (128, 96), interpolation=cv2.INTER_AREA), photometric="rgb", resolution=(10000, 10000),
+                resolutionunit="CENTIMETER", metadata=None)  # the overview first, 1 µm/px
+        w.write(full, photometric="rgb", tile=(128, 128), resolution=(40000, 40000), resolutionunit="CENTIMETER", metadata=None)
+    with open_slide(path) as s:
+        assert s.dimensions == (512, 384) and s.mpp == pytest.approx(0.25)
+        assert [lv.downsample for lv in s.levels] == [1.0, 4.0]
+        assert np.array_equal(s.read_region((0, 0), (64, 64), mpp=0.25), full[:64, :64])
+
+
 def test_a_resolution_tag_that_is_not_a_rational_is_no_resolution(tmp_path, slide_rgb):
     path = tmp_path / "short.tif"
     tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", extratags=[(282, "H", 1, 100, True)], metadata=None)
