@@ -645,8 +645,10 @@ class OpenSlideSlide(Slide):
             self._osr = openslide.OpenSlide(str(path))
         except Exception as e:
             problem = None
-            if path.suffix.lower() in TIFF_SUFFIXES and _sniff(path)[0] == "TIFF":
+            if _sniff(path)[0] == "TIFF":  # TIFF-based formats too (NDPI, SCN, BIF): a truncated file says so
                 problem = _tiff_structure_problem(path)
+            elif path.suffix.lower() == ".mrxs" and not path.with_suffix("").is_dir():
+                problem = f"its data folder {path.with_suffix('').name}/ is not beside it (an MRXS slide is the file and that folder)"
             raise SlideError(path, problem or f"OpenSlide cannot open it ({type(e).__name__}: {e})") from None
         try:
             w, h = self._osr.dimensions
@@ -710,8 +712,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
         raise SlideError(path, f"--mpp must be a positive number of µm/px, got {mpp}")
     suffix = path.suffix.lower()
     if backend is None:
-        if suffix in OPENSLIDE_SUFFIXES:
-            backend = "openslide"
+        if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is
+            backend = "image" if _sniff(path)[0] in ("PNG", "JPEG", "BMP") else "openslide"
         elif suffix in TIFF_SUFFIXES or suffix in PLAIN_SUFFIXES:
             kind, head = _sniff(path)
             if kind is None:

@@ -258,6 +258,21 @@ def test_a_jpeg_that_states_no_unit_or_no_resolution_has_no_mpp(tmp_path, slide_
         assert s.mpp == pytest.approx(0.5) and s.mpp_source == "metadata"
 
 
+def test_openslide_suffixes_say_what_is_wrong(tmp_path, slide_rgb, pyramid_tiff):
+    """A PNG named .ndpi is read as a PNG; a truncated TIFF-based file and an MRXS without its data folder say so."""
+    png = save_png(tmp_path / "field.png", slide_rgb[:64, :64]).rename(tmp_path / "field.ndpi")
+    with open_slide(png) as s:
+        assert s.dimensions == (64, 64)
+    cut = tmp_path / "cut.ndpi"
+    cut.write_bytes(pyramid_tiff.read_bytes()[:5000])
+    with pytest.raises(SlideError, match=r"cut\.ndpi: .*(truncated|past the end)"):
+        open_slide(cut)
+    mrxs = tmp_path / "alone.mrxs"
+    mrxs.write_text("[GENERAL]\n")
+    with pytest.raises(SlideError, match=r"its data folder alone/ is not beside it"):
+        open_slide(mrxs)
+
+
 def test_an_overview_stored_before_the_full_image_is_not_level_0(tmp_path, slide_rgb):
     full = np.ascontiguousarray(np.tile(slide_rgb[:192, :256], (2, 2, 1)))  # 512 x 384
     path = tmp_path / "overview_first.tif"
