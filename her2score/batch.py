@@ -42,7 +42,7 @@ from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, resolved_path
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
 from .workers import die_with_parent, worker_pool
 
 __all__ = [
@@ -130,8 +130,7 @@ def discover(
     for item in inputs:
         p = Path(item)
         if not p.exists():
-            what = "a symbolic link to nothing (broken, or a loop)" if p.is_symlink() else "no such file or folder"
-            problems.append((str(p), f"{p}: {what}"))
+            problems.append((str(p), f"{p}: {missing_reason(p, 'file or folder')}"))
         elif p.is_file():
             found.append((p, p.parent))
         elif p.is_dir():

@@ -40,8 +40,10 @@ def _score_config(args):
                           f"({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px; 40x scans are ~0.25, 20x ~0.5)")
     missing = [i for i in args.inputs if not Path(i).exists()]
     if missing:
-        what = "a symbolic link to nothing (broken, or a loop)" if Path(missing[0]).is_symlink() else "no such file or folder"
-        raise _UsageError(f"{missing[0]}: {what}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        from .slide import missing_reason
+
+        raise _UsageError(f"{missing[0]}: {missing_reason(missing[0], 'file or folder')}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if args.regions and not Path(args.regions).is_dir():
         raise _UsageError(f"--regions {args.regions}: not a folder")
     out = Path(args.out)

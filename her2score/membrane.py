@@ -240,9 +240,10 @@ def measure_cells(
         off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), halo) > 0)
     cut_px = None
     if outside is not None and outside.any():  # the image's edge is no membrane
+        edge = outside.view(np.uint8)
         # the band of a border pixel next to the image's edge reaches band_um past it
-        off_limits = off_limits | (cv2.dilate(outside.view(np.uint8), _chamfer_ball(band_um / mpp + 1)) > 0)
-        cut_px = np.flatnonzero(border & (cv2.dilate(outside.view(np.uint8), np.ones((3, 3), np.uint8)) > 0))
+        off_limits = off_limits | (cv2.dilate(edge, _chamfer_ball(band_um / mpp + 1)) > 0)
+        cut_px = np.flatnonzero(border & (cv2.dilate(edge, np.ones((3, 3), np.uint8)) > 0))
     band = on & near & ~off_limits
     interior = on & ~near & ~off_limits
     quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm

@@ -218,19 +218,23 @@ def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, nucleus: N
     return _read_and_score(_worker["slide"], tile, stains, config, nucleus, _worker["cnn"], cnn_max_patches)
 
 
+def _read_origin(tile: Tile, scale: float) -> tuple[int, int]:
+    """The level-0 px where ``tile``'s read box starts (``scale``: level-0 px per grid px)."""
+    x, y = tile.read[:2]
+    return round(x * scale), round(y * scale)
+
+
 def _read_tile(slide: Slide, tile: Tile, mpp: float) -> np.ndarray:
     """The tile's read box (core and margins) as RGB at ``mpp`` µm/px, the grid's resolution."""
-    scale = mpp / slide.mpp
-    x, y, w, h = tile.read
-    return slide.read_region((round(x * scale), round(y * scale)), (w, h), mpp=mpp)
+    return slide.read_region(_read_origin(tile, mpp / slide.mpp), tile.read[2:], mpp=mpp)
 
 
 def _tile_frame(tile: Tile, scale: float) -> tuple[float, float, float]:
     """(ox, oy, scale): level-0 px (pixel-centre coordinates, as QuPath's minus 0.5) of a tile px of
     ``tile``'s read box, as _read_tile reads it, are tile px x ``scale`` + (ox, oy): the box starts at
-    level-0 round(grid px x scale), and each tile px spans ``scale`` level-0 px, centre on centre."""
-    x, y = tile.read[:2]
-    return round(x * scale) + 0.5 * scale - 0.5, round(y * scale) + 0.5 * scale - 0.5, scale
+    its _read_origin, and each tile px spans ``scale`` level-0 px, centre on centre."""
+    x0, y0 = _read_origin(tile, scale)
+    return x0 + 0.5 * scale - 0.5, y0 + 0.5 * scale - 0.5, scale
 
 
 def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,

@@ -682,6 +682,11 @@ class OpenSlideSlide(Slide):
         return _to_rgb(self.path, rgba)
 
 
+def missing_reason(path: str | os.PathLike, what: str = "file") -> str:
+    """Why ``path``, which does not exist, is missing: a symbolic link to nothing, or no such ``what``."""
+    return "a symbolic link to nothing (broken, or a loop)" if Path(path).is_symlink() else f"no such {what}"
+
+
 def resolved_path(path: str | os.PathLike) -> Path:
     """``path`` with its links followed, or made absolute where they cannot be (broken, or a loop: Python
     3.11-3.12 raise RuntimeError for a loop, later ones OSError)."""
@@ -701,7 +706,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     """
     path = Path(path)
     if not path.exists():
-        raise SlideError(path, "a symbolic link to nothing (broken, or a loop)" if path.is_symlink() else "no such file")
+        raise SlideError(path, missing_reason(path))
     if path.is_dir():
         raise SlideError(path, "is a folder, not a slide (MRXS: pass the .mrxs file)")
     if not path.is_file():
