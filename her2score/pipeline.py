@@ -6,6 +6,7 @@ Tiles return measurements only; thresholds and guidelines apply once at the end.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -15,9 +16,6 @@ from functools import partial
 
 import cv2
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
@@ -267,6 +265,10 @@ def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
 
 def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) -> dict[str, int]:
     """Largest cohesive cluster (cells within ``distance_um`` of a neighbour) at or above each level."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
     out = {}
     for lv, name in ((3, "3+"), (2, "2+"), (1, "1+")):
         pts = xy_um[level >= lv]
@@ -321,6 +323,13 @@ def analyse_slide(
         return replace(a, result=replace(a.result, notes=(*a.result.notes, note), qc=(*a.result.qc, warn)))
 
 
+def _import_finish_modules() -> None:
+    """Import what _finish needs and tile scoring does not (scipy's spatial and sparse graph packages,
+    0.4 s): the main process does it while its workers score, not before the first tile."""
+    for name in ("scipy.sparse.csgraph", "scipy.spatial"):
+        importlib.import_module(name)
+
+
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
              retry_of: NuclearStainError | None = None) -> SlideAnalysis:
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
@@ -361,6 +370,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
             eosin = check.eosin_fraction
+            if pool:
+                _import_finish_modules()
             # one tile a task: no core idles while another ends a long chunk
             parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max)
                                                 for t in tiles]
@@ -525,6 +536,8 @@ def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, toleran
     ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
     measured for one in the tile's margin.
     """
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(np.column_stack([cells.x, cells.y]))
     for p in parts:
         row_of = np.full(len(p.label_xy), -1, np.int32)

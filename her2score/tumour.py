@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from .membrane import CellMeasurements
 
@@ -74,6 +73,8 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     candidate = ~(lymph | spindle | small)
     isolated = np.zeros(len(m), bool)
     if candidate.any():
+        from scipy.spatial import cKDTree
+
         pts = np.column_stack([m.x, m.y])[candidate] * um_per_px
         n = cKDTree(pts).query_ball_point(pts, rule.neighbour_radius_um, return_length=True) - 1
         isolated[np.flatnonzero(candidate)[n < rule.min_neighbours]] = True

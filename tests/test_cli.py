@@ -138,6 +138,20 @@ def test_version_imports_nothing_heavy():
     assert done.stdout.splitlines() == [f"her2score {__version__}", "[]"], done.stderr
 
 
+def test_tiles_are_scored_without_scipy():
+    """What a batch imports before its first tile, and what the tile itself needs, leave out scipy
+    (half a second of imports): only the slide's last step (tumour cell neighbours, clusters) uses it."""
+    code = ("import sys\nimport numpy as np\nimport her2score.batch, her2score.cli\n"
+            "from her2score.pipeline import ScoringConfig, score_tile\nfrom her2score.stain import H_DAB\n"
+            "from her2score.tissue import Tile\nfrom PIL import Image\n"
+            f"rgb = np.asarray(Image.open({str(SAMPLES / 'field_2plus_a.png')!r}).convert('RGB'))\n"
+            "h, w = rgb.shape[:2]\n"
+            "r = score_tile(rgb, Tile(0, 0, (0, 0, w, h), 0), stains=H_DAB, config=ScoringConfig(), scale=1.0)\n"
+            "print(len(r.cells) > 50, sorted({m.split('.')[0] for m in sys.modules if m.startswith('scipy')}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["True []"], done.stderr
+
+
 def test_workers_default_to_the_cores_this_process_may_use():
     args = build_parser().parse_args(["score", "x", "--out", "o"])
     assert args.workers == len(os.sched_getaffinity(0))
