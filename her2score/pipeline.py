@@ -63,7 +63,8 @@ class NuclearStainError(SlideError):
 class ScoringConfig:
     """Every setting of a scoring run, with units; written into result.json.
 
-    mpp: tile resolution (µm/px); tile_px / margin_px: tile core and overlap (px at mpp);
+    mpp: tile resolution (µm/px); tile_px: tile core (px at mpp); margin_um: overlap (µm; margin_px
+    at mpp), at least max_cell_radius_um, so that a cell a tile owns lies within what it reads;
     thresholds: per-cell Thresholds (log10 DAB OD, fractions); estimate_stains: deconvolve with the
     slide's own vectors where Ruifrok-Johnston's would leak (stain.estimate_stains, from up to 8 tiles),
     else only on a slide those read as nuclear DAB (analyse_slide); nucleus_threshold_od: least smoothed
@@ -83,7 +84,7 @@ class ScoringConfig:
     specimen: str = "resection"
     mpp: float = 0.5
     tile_px: int = 512
-    margin_px: int = 32
+    margin_um: float = 16.0
     thresholds: Thresholds = field(default_factory=Thresholds)
     estimate_stains: bool = False
     nucleus_threshold_od: float = 0.10
@@ -108,10 +109,18 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if not 0.1 <= self.mpp <= 2.0:
             raise ValueError(f"target mpp {self.mpp} µm/px is outside 0.1-2.0; membranes need ~0.5 µm/px")
-        if self.tile_px < 64 or self.margin_px < 0 or 2 * self.margin_px >= self.tile_px:
-            raise ValueError("tile_px must be >= 64 and the margin less than half a tile")
+        if self.tile_px < 64 or 2 * self.margin_px >= self.tile_px:
+            raise ValueError(f"tile_px must be >= 64 and the margin ({self.margin_px} px) less than half a tile")
+        if self.margin_um < self.max_cell_radius_um:
+            raise ValueError(f"the tile margin ({self.margin_um:g} µm) must reach as far as a cell does from its seed "
+                             f"(max_cell_radius_um {self.max_cell_radius_um:g})")
         check_settings(self.guideline, self.specimen, isolated_intense_percent=self.isolated_intense_percent,
                        gastric_reading=self.gastric_reading)
+
+    @property
+    def margin_px(self) -> int:
+        """The tile margin in px at ``mpp``."""
+        return round(self.margin_um / self.mpp)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,7 +25,7 @@ from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
 from her2score.synthetic import generate_field
 
-SMALL_TILES = ScoringConfig(tile_px=128, margin_px=24)
+SMALL_TILES = ScoringConfig(tile_px=128, margin_um=12)
 
 
 @pytest.fixture
