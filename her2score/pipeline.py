@@ -31,7 +31,7 @@ from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
-from .stain import H_DAB, StainSet, deconvolve, estimate_background, estimate_stains
+from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, deconvolve, estimate_background, estimate_stains, per_channel
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
@@ -426,7 +426,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, n_tumour, stains, eosin, slide_mpp, floor)
+    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor)
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
@@ -558,8 +558,8 @@ def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, toleran
         yield row_of[p.cells.sector_neighbour]
 
 
-def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stains: StainSet, eosin: float,
-        slide_mpp: float, floor_od: float) -> list[QCFinding]:
+def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, n_tumour: int, stains: StainSet,
+        eosin: float, slide_mpp: float, floor_od: float) -> list[QCFinding]:
     qc = []
     if slide_mpp > config.max_scan_mpp:
         qc.append(QCFinding("coarse_scan", "fail", f"scanned at {slide_mpp:.3g} µm/px, coarser than the "
@@ -586,6 +586,14 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, n_tumour: int, stai
         rgb = ", ".join(f"{v:.0f}" for v in stains.background)
         qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
                             "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
+    low = per_channel(np.minimum, thumb.reshape(-1, 3))
+    brightest = float(np.partition(low, -GLASS_MIN_PIXELS)[-GLASS_MIN_PIXELS]) if len(low) >= GLASS_MIN_PIXELS else 0.0
+    if brightest < GLASS_MIN:  # estimate_background found too few glass pixels and took white as 255
+        od = float(np.log10(255.0 / max(brightest, 1.0)))
+        qc.append(QCFinding("white_level_assumed", "warn", f"no glass found (fewer than {GLASS_MIN_PIXELS} pixels read "
+                            f"{GLASS_MIN} or more in every channel; the brightest read {brightest:.0f}): white is taken "
+                            f"as 255. If the image has glass, its optical densities read up to {od:.2f} too high and "
+                            "the call may be wrong: include some glass, or correct the white balance", round(brightest, 1)))
     level, threshold = parts[0].nucleus.counterstain, parts[0].nucleus.threshold_od
     if level is None:
         qc.append(QCFinding("weak_counterstain", "warn", "weak counterstain: no nuclei found in the sampled tissue even "

@@ -18,6 +18,8 @@ __all__ = [
     "per_channel",
     "optical_density",
     "deconvolve",
+    "GLASS_MIN",
+    "GLASS_MIN_PIXELS",
     "estimate_background",
     "estimate_stains",
     "remove_dab",
@@ -131,11 +133,17 @@ def remove_dab(rgb: np.ndarray, stains: StainSet | None = None) -> np.ndarray:
     return scale_stains(rgb, dab=0.0, residual=0.0, stains=stains)
 
 
-def estimate_background(rgb: np.ndarray, *, min_brightness: int = 200) -> tuple[float, float, float]:
-    """White level I0 per channel: the 99th percentile of bright (glass) pixels, else 255."""
+GLASS_MIN = 200
+"""Least 8-bit level, in every channel, of a pixel taken for glass (estimate_background)."""
+GLASS_MIN_PIXELS = 100
+"""Fewest glass pixels from which estimate_background takes the white level (fewer: 255)."""
+
+
+def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> tuple[float, float, float]:
+    """White level I0 per channel: the 99th percentile of bright (glass) pixels, else (too few) 255."""
     flat = rgb.reshape(-1, 3)
     bright = flat[per_channel(np.minimum, flat) >= min_brightness]
-    if len(bright) < 100:
+    if len(bright) < GLASS_MIN_PIXELS:
         return (255.0, 255.0, 255.0)
     return tuple(float(v) for v in np.percentile(bright, 99, axis=0))
 

@@ -71,3 +71,16 @@ def test_dirty_background_is_flagged(field_3plus):
     r = score_slide(ArraySlide(img, mpp=0.5))
     assert "background_stain" in codes(r)
     assert r.tissue_area_mm2 < 0.3 * (1024 * 0.5e-3) ** 2  # the haze itself is not tissue
+
+
+def test_a_field_without_glass_says_white_was_assumed():
+    """Too few pixels of 200 or more: white is taken as 255, and the result says so, with the OD error
+    that would follow if there were glass. Darkened from 80% to 78% of its levels, this 1+ field's glass
+    falls under 200 and it reads 0 (ultralow): the cliff is flagged where it is crossed, not before."""
+    f = generate_field("1+", seed=9100).image
+    kept, crossed = (score_slide(ArraySlide(np.round(f * k).astype(np.uint8), mpp=0.5)) for k in (0.80, 0.78))
+    assert "white_level_assumed" not in codes(kept) and "background_stain" in codes(kept)
+    finding = {q.code: q for q in crossed.qc}["white_level_assumed"]
+    assert finding.severity == "warn" and 180 <= finding.value < 200
+    assert "white is taken as 255" in finding.message and "too high" in finding.message
+    assert "white_level_assumed" not in codes(score_slide(ArraySlide(f, mpp=0.5)))
