@@ -52,6 +52,8 @@ READ_BLOCK_PX = 4096 * 4096
 """Most level pixels decoded at once by read_region: larger reads are done block by block."""
 PLAUSIBLE_MPP = (0.05, 20.0)
 """µm/px outside this range in metadata is treated as absent (e.g. a 72-dpi default)."""
+JPEG_COMPRESSION = 7
+"""The TIFF Compression tag's value for JPEG ('new-style', with tables): whole-slide tiles."""
 
 _MAGIC = (
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
@@ -600,6 +602,10 @@ class TiffSlide(Slide):
                 raise SlideError(self.path, f"truncated TIFF: tile/strip {index} of level {level} needs bytes "
                                             f"{offset}-{offset + count} but the file ends at byte "
                                             f"{offset + len(data)}")
+            if page.compression == JPEG_COMPRESSION and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                # libjpeg decodes a cut stream as grey without a word (OpenSlide refuses it)
+                raise SlideError(self.path, f"corrupt JPEG in tile/strip {index} of level {level}: no end-of-image "
+                                            "marker (the data are cut short or overwritten)")
             seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
             return seg.reshape(seg.shape[-3:])
         except SlideError:

@@ -374,6 +374,23 @@ def test_file_truncated_after_opening_fails_when_read(tmp_path, pyramid_tiff):
     assert msg.startswith(f"{path}: ") and "truncated TIFF" in msg and "file ends at byte" in msg
 
 
+def test_a_jpeg_tile_cut_short_is_an_error_on_both_backends(tmp_path, pyramid_tiff):
+    """The second half of one level-0 tile zeroed (a write or copy cut short): libjpeg decodes it as a
+    grey block without a word, so tifffile would score it; both backends refuse it, naming the tile."""
+    with tifffile.TiffFile(pyramid_tiff) as t:
+        offset, count = t.pages[0].dataoffsets[5], t.pages[0].databytecounts[5]
+    data = bytearray(pyramid_tiff.read_bytes())
+    data[offset + count // 2 : offset + count] = bytes(count - count // 2)
+    path = tmp_path / "cut tile.tif"
+    path.write_bytes(bytes(data))
+    for backend, words in (("tifffile", "corrupt JPEG in tile/strip 5 of level 0: no end-of-image marker"),
+                           ("openslide", "Premature end of JPEG file")):
+        with open_slide(path, backend=backend) as s:
+            assert s.read_region((0, 0), (256, 256), mpp=SLIDE_MPP).shape == (256, 256, 3)  # other tiles read
+            with pytest.raises(SlideError, match=words):
+                s.read_region((256, 256), (256, 256), mpp=SLIDE_MPP)
+
+
 def test_an_ome_length_unit_it_does_not_know_gives_no_mpp(tmp_path, slide_rgb):
     path = tmp_path / "s.ome.tif"
     tifffile.imwrite(path, slide_rgb[:64, :64], photometric="rgb", ome=True,
