@@ -725,8 +725,8 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     killed in between leaves no result.json beside a mix of two runs' files). ``slide``: the analysed slide, when it is in memory
     (otherwise it is opened again from ``analysis.result.slide`` for the overlay). ``workers`` > 1: that
     many forked processes make the GeoJSON's text (the same bytes), where the platform forks (FORKS),
-    and threads of this process draw the overlay and write the cell tables meanwhile, started once
-    they have forked (a thread never runs across a fork). Drawn in a forked process instead, the
+    and a thread of this process draws the overlay meanwhile, started once they have forked (a
+    thread never runs across a fork). Drawn in a forked process instead, the
     overlay added 100 MB to the peak of a 1.3-gigapixel slide."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -737,24 +737,18 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
         size = _slide_size(analysis, slide)
         parallel = workers > 1 and len(analysis.cells["x"]) > GEOJSON_CHUNK and FORKS  # the workers inherit the analysis
 
-        def write_tables() -> None:
-            with atomic_file(out / "cells.parquet") as f:
+        with ThreadPoolExecutor(1) as thread:
+            drawn: list[Future] = []
+            features = _features_in_workers(analysis, size, workers, lambda: drawn.append(thread.submit(
+                overlay_png, analysis, slide))) if parallel else None
+            with atomic_file(out / "cells.geojson") as f:
+                write_cells_geojson(analysis, f, slide_size=size, features=features)
+            with atomic_file(out / "cells.parquet") as f:  # after the GeoJSON: beside it, the peak grows (README)
                 write_cells_parquet(analysis, f)
             if cells_csv:
                 with atomic_file(out / "cells.csv") as f:
                     write_cells_csv(analysis, f)
-
-        with ThreadPoolExecutor(2) as threads:
-            side: list[Future] = []  # the overlay and the cell tables, once the GeoJSON's workers have forked
-            features = _features_in_workers(analysis, size, workers, lambda: side.extend(
-                (threads.submit(overlay_png, analysis, slide), threads.submit(write_tables)))) if parallel else None
-            with atomic_file(out / "cells.geojson") as f:
-                write_cells_geojson(analysis, f, slide_size=size, features=features)
-            if not side:
-                write_tables()
-            png = side[0].result() if side else overlay_png(analysis, slide)
-            if side:
-                side[1].result()
+            png = drawn[0].result() if drawn else overlay_png(analysis, slide)
         atomic_write(out / "overlay.png", png)
     finally:
         if own and slide is not None and hasattr(slide, "close"):
