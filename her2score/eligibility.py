@@ -58,6 +58,7 @@ from her2score.guidelines import (
     isolated_words,
     near_cutoff_sides,
     null_or_ultralow,
+    percent_text,
     report_level,
     wilson_ci,
 )
@@ -122,7 +123,7 @@ class Requirement:
         n, total = self.cells(counts)
         share, need = Fraction(100 * n, total or 1), Fraction(str(self.min_percent))
         ok = total > 0 and (share >= need if self.inclusive else share > need)
-        words = f"{_REQUIRE_WORDS[self.level]} in {float(share):.1f}% of tumour cells ({n}/{total})"
+        words = f"{_REQUIRE_WORDS[self.level]} in {percent_text(float(share), self.min_percent)} of tumour cells ({n}/{total})"
         return ok, f"{words}; rule needs {self.bound()}: {'met' if ok else 'not met'}"
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "NEAR_CUTOFF_POINTS",
     "NEAR_CUTOFF_CONFIDENCE",
     "wilson_ci",
+    "percent_text",
     "near_cutoff",
     "near_cutoff_sides",
     "cluster_sides",
@@ -150,6 +151,8 @@ class GuidelineCall:
 
 
 def _count(what: str, value: object) -> int:
+    if isinstance(value, bool):  # True is 1 to operator.index
+        raise ValueError(f"{what} must be an integer, got {value!r}")
     try:
         n = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -217,9 +220,18 @@ def _breast_2plus_groups(c: Mapping[str, int], isolated_intense_percent: float) 
     return ("weak_moderate_complete", *(() if isolated else ("strong_complete",))), ("strong_lateral", "strong_partial")
 
 
+def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
+    """Raise ValueError for a guideline or gastric reading the rules do not know."""
+    if guideline not in GUIDELINES:
+        raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
+    if gastric_reading not in GASTRIC_READINGS:
+        raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
+
+
 def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str,
                          isolated_intense_percent: float) -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
+    _known(guideline, gastric_reading)
     if GUIDELINE_FAMILY[guideline] == "breast":
         complete, incomplete = _breast_2plus_groups(c, isolated_intense_percent)
         stained = tuple(cat for cat in CATEGORIES if cat not in ("none", "strong_complete")) + complete[1:]
@@ -297,8 +309,10 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
     holds (``clusters``, read for biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
     """
-    if score not in SCORES:
+    if score is None:
         return []
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)} or None")
     c = _validated(counts)
     share = deciding_cells(c, guideline, gastric_reading=gastric_reading, isolated_intense_percent=isolated_intense_percent)
     total, rank = max(sum(c.values()), 1), SCORES.index(score)
@@ -429,6 +443,9 @@ def h_score(counts: Mapping[str, int]) -> float:
 
 def level_flags(level: str, guideline: str) -> tuple[str, ...]:
     """The flags a report level carries by itself: null, ultralow, her2_low (breast 1+), ish_reflex (2+)."""
+    _known(guideline)
+    if level not in REPORT_LEVELS:
+        raise ValueError(f"unknown report level {level!r}; expected one of {list(REPORT_LEVELS)}")
     if level == "1+":
         return ("her2_low",) if GUIDELINE_FAMILY[guideline] == "breast" else ()
     return {"0 (null)": ("null",), "0+ (ultralow)": ("ultralow",), "2+": ("ish_reflex",)}.get(level, ())
@@ -440,14 +457,26 @@ def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
     Only a 0 under ASCO/CAP 2023 has two levels: "0+ (ultralow)" when any tumour cell shows membrane
     staining, else "0 (null)".
     """
+    _known(guideline)
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)}")
     if score != "0" or guideline not in ZERO_SPLIT:
         return score
     c = _validated(counts)
     return "0+ (ultralow)" if sum(c.values()) > c["none"] else "0 (null)"
 
 
+def percent_text(share: float, cutoff: float = 10.0) -> str:
+    """``share`` (%) to one decimal, or to as many more (up to 4) as it takes not to print a share just
+    off ``cutoff`` as the cut-off itself (9.96% is not "10.0%" under a rule of >=10%)."""
+    for digits in (1, 2, 3):
+        if share == cutoff or round(share, digits) != cutoff:
+            return f"{share:.{digits}f}%"
+    return f"{share:.4f}%"
+
+
 def _pct(n: int, total: int, bound: str) -> str:
-    return f"{100 * n / total:.1f}% of tumour cells ({n}/{total}, {bound})"
+    return f"{percent_text(100 * n / total)} of tumour cells ({n}/{total}, {bound})"
 
 
 def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membrane staining") -> str:
@@ -553,7 +582,8 @@ def _gastric(
         if sizes.get(score, 0) >= _MIN_CLUSTER_CELLS:
             reason = (
                 f"biopsy: a cohesive cluster of {sizes[score]} tumour cells (>={_MIN_CLUSTER_CELLS}) with "
-                f"{_GASTRIC_WORDS['cumulative'][score].rstrip(',')}, in {_pct(cum[score], total, '<10%')} overall{suffix}"
+                f"{_GASTRIC_WORDS['cumulative'][score].rstrip(',')}, in "
+                f"{_pct(cum[score], total, '<10%' if 10 * cum[score] < total else '>=10% across bands')} overall{suffix}"
             )
             return score, score, flags, reason
     if reading == "per_band":

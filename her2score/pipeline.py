@@ -613,8 +613,8 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
 def score_slide(
     path: str | os.PathLike | Slide,
     *,
-    guideline: str = "breast-asco-cap-2023",
-    specimen: str = "resection",
+    guideline: str | None = None,
+    specimen: str | None = None,
     mpp: float | None = None,
     region: str | os.PathLike | Region | None = None,
     config: ScoringConfig | None = None,
@@ -623,10 +623,13 @@ def score_slide(
 ) -> SlideResult:
     """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view: HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
 
+    ``guideline`` and ``specimen``, where given, override ``config``'s (default: breast-asco-cap-2023, resection).
+
     ``mpp`` (µm/px) is used when the file has none; ``region`` is a QuPath GeoJSON or mask image of
     the tumour (default: detected epithelial cells); ``cnn``: a TileClassifier (``her2score.cnn.load_model()``)
     whose tile probabilities are reported and fused with the guideline score. Raises SlideError (naming the file) when the
     slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
-    config = replace(config or ScoringConfig(), guideline=guideline, specimen=specimen)
+    config = config or ScoringConfig()
+    config = replace(config, guideline=guideline or config.guideline, specimen=specimen or config.specimen)
     return analyse_slide(path, config=config, mpp=mpp, region=region, workers=workers, cnn=cnn).result

@@ -102,10 +102,10 @@ def test_breast_2023_differs_from_2018_only_in_the_zero_split():
 @pytest.mark.parametrize(
     ("counts", "clusters", "score"),
     [
-        (cells(none=97, sc=3), {"3+": 5, "2+": 5, "1+": 5}, "3+"),  # 5-cell cluster decides at 3%
-        (cells(none=97, sc=3), {"3+": 4, "2+": 4, "1+": 4}, "0"),  # 4 cells: not enough, 3% < 10%
-        (cells(none=97, sc=3), {"3+": 4, "2+": 6, "1+": 6}, "2+"),
-        (cells(none=97, fp=3), {"1+": 5}, "1+"),
+        (cells(none=95, sc=5), {"3+": 5, "2+": 5, "1+": 5}, "3+"),  # 5-cell cluster decides at 5%
+        (cells(none=96, sc=4), {"3+": 4, "2+": 4, "1+": 4}, "0"),  # 4 cells: not enough, 4% < 10%
+        (cells(none=94, sc=4, wmc=2), {"3+": 4, "2+": 6, "1+": 6}, "2+"),
+        (cells(none=95, fp=5), {"1+": 5}, "1+"),
         (cells(none=90, wmc=10), {}, "2+"),  # percentages still apply to biopsies
     ],
 )
@@ -116,8 +116,32 @@ def test_gastric_biopsy_clusters(counts, clusters, score):
 
 
 def test_gastric_biopsy_cluster_reason():
-    call = apply_guideline(cells(none=97, sc=3), G, "biopsy", clusters={"3+": 5})
-    assert "cluster of 5 tumour cells" in call.reason and "3.0%" in call.reason
+    call = apply_guideline(cells(none=95, sc=5), G, "biopsy", clusters={"3+": 5})
+    assert "cluster of 5 tumour cells" in call.reason and "5.0% of tumour cells (5/100, <10%)" in call.reason
+
+
+def test_counts_given_as_booleans_are_refused():
+    with pytest.raises(ValueError, match="must be an integer, got True"):
+        apply_guideline({"none": True, "strong_complete": True}, B23)
+
+
+def test_a_share_just_off_the_cut_off_is_never_printed_as_the_cut_off():
+    """996 of 10,000 is 9.96%, not "10.0%" under a rule of >=10% (nor 1,004 "10.0%" under >10%)."""
+    assert "9.96% of tumour cells (996/10000, <10%)" in apply_guideline(cells(none=9004, fp=996), G).reason
+    assert "10.04% of tumour cells (1004/10000, >10%)" in apply_guideline(cells(none=8996, fp=1004), B23).reason
+    assert "10.0% of tumour cells (1000/10000, >=10%)" in apply_guideline(cells(none=9000, fp=1000), G).reason
+
+
+def test_public_helpers_refuse_unknown_names():
+    from her2score.guidelines import deciding_cells, level_flags, near_cutoff_sides, report_level
+
+    c = cells(none=90, fp=10)
+    for bad in (lambda: deciding_cells(c, "Gastric"), lambda: level_flags("1+", "lung"),
+                lambda: report_level("4+", B23, c), lambda: report_level("0", "breast-2023", c),
+                lambda: deciding_cells(c, G, gastric_reading="perband"), lambda: near_cutoff_sides(c, "banana")):
+        with pytest.raises(ValueError, match="unknown"):
+            bad()
+    assert near_cutoff_sides(c, None) == []
 
 
 def test_clusters_ignored_for_resection():

@@ -88,6 +88,9 @@ def test_gastric_biopsy_uses_clusters(fields):
     assert r.clusters["2+"] >= 5
     assert r.score in ("2+", "3+")
     assert any("gastric criteria" in n for n in r.notes)
+    in_config = score_slide(ArraySlide(f.image, mpp=f.mpp), config=ScoringConfig(guideline="gastric", specimen="biopsy"))
+    assert (in_config.guideline, in_config.specimen) == ("gastric", "biopsy")  # not the keywords' defaults over it
+    assert in_config.clusters == r.clusters and in_config.score == r.score
 
 
 def test_pyramidal_tiff_through_tifffile_and_openslide(tmp_path):
