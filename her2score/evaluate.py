@@ -179,11 +179,17 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= {(c or "").strip() for c in reader.fieldnames}:
             raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
+        names = [(c or "").strip() for c in reader.fieldnames]
+        if repeated := sorted({c for c in names if names.count(c) > 1}):
+            raise ValueError(f"{p}: the header names {repeated} more than once")
         rows = []
         for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
             if None in r:
                 raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
             rows.append((reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in r.items()}))
+    for i, r in rows:
+        if not r.get("path") and any(r.values()):
+            raise ValueError(f"{p}, line {i}: a row without a path ({r})")
     rows = [(i, r) for i, r in rows if r.get("path")]
     if not rows:
         raise ValueError(f"{p}: no labelled rows")
@@ -221,6 +227,8 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
             raise ValueError(f"{where}: ish must be 'positive', 'negative' or empty, got {ish!r}")
         counts = truth.pop(key, None)
         if any(r.get(f"count_{c}") for c in CATEGORIES):  # true counts given in the labels file itself
+            if empty := [f"count_{c}" for c in CATEGORIES if f"count_{c}" in r and not r[f"count_{c}"]]:
+                raise ValueError(f"{where}: true counts given for some categories but not {empty} (write 0 for none)")
             counts = {c: _count_value(r.get(f"count_{c}") or 0, f"{where}, count_{c}") for c in CATEGORIES}
         path = Path(r["path"])
         items.append(LabelledItem(str(path if path.is_absolute() else p.parent / path), score,
@@ -345,7 +353,8 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
     """
     if method == "classical":
         s = result.classical_score
-        return replace(result, score=s, level=_level_for(result, s), flags=result.classical_flags, cnn=None, confidence=None)
+        return replace(result, score=s, level=_level_for(result, s), flags=result.classical_flags, cnn=None, confidence=None,
+                       reason=result.classical_reason or result.reason, classical_reason="")
     if method == "cnn":
         if result.cnn is None:
             return None
@@ -679,6 +688,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     _plot_confusion(out / "confusion.png", metrics)
     if pairs:
         _plot_bland_altman(out / "bland_altman.png", pairs)
+    else:  # an earlier run's plot would stand beside a report that says none was measured
+        (out / "bland_altman.png").unlink(missing_ok=True)
     summary = _summary(metrics)
     atomic_write(out / "report.md", _report(metrics, summary))
     return {**metrics, "summary": summary}

@@ -459,6 +459,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence = score, level, flags, None
+    classical_reason = reason if cnn_report is not None and n_tumour else ""
     if cnn_report is not None and n_tumour:
         score, confidence = fuse(classical, cnn_report.probabilities)
         if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
@@ -498,6 +499,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         classical_level=classical_level,
         staining=staining,
         classical_flags=tuple(classical_flags),
+        classical_reason=classical_reason,
     )
     table = {
         "x": cells.x, "y": cells.y,

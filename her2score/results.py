@@ -41,8 +41,8 @@ class SlideResult:
     ``score`` is the reported score: the fused classical+CNN score when a CNN ran, else the
     classical guideline score; None when the slide was not scored (no tumour cells: ``level`` is
     "not scored" and ``reason`` says why). ``level`` and ``flags`` belong to the reported score;
-    ``classical_score``, ``classical_level`` and ``classical_flags`` are the guideline call's own,
-    before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative);
+    ``classical_score``, ``classical_level``, ``classical_flags`` and ``classical_reason`` (where a CNN
+    ran; else '': ``reason`` is the guideline call's) are the guideline call's own, before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative);
     with no score, ``percentages`` is empty and ``h_score`` None: no cells were counted, which is not HER2 0.
     """
 
@@ -72,6 +72,7 @@ class SlideResult:
     classical_level: str = ""
     classical_flags: tuple[str, ...] = ()
     staining: dict[str, Any] = field(default_factory=dict)
+    classical_reason: str = ""
 
     @property
     def qc_passed(self) -> bool:

@@ -385,9 +385,21 @@ def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"unknown count columns \['count_stroma'\]"):
         read_labels(tmp_path / "m.csv")
     p = tmp_path / "l.csv"
-    p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\nb.png,0,,\n")
+    zeros = ",0" * (len(CATEGORIES) - 2)
+    p.write_text(f"path,label,{','.join('count_' + c for c in CATEGORIES)}\na.png,1+,30,70{zeros}\nb.png,0{',' * len(CATEGORIES)}\n")
     items = read_labels(p)
     assert items[0].counts["none"] == 30 and items[0].counts["faint_partial"] == 70 and items[1].counts is None
+    p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\n")  # a category without a column: 0 cells
+    assert read_labels(p)[0].counts == {**dict.fromkeys(CATEGORIES, 0), "none": 30, "faint_partial": 70}
+    p.write_text(f"path,label,{','.join('count_' + c for c in CATEGORIES)}\na.png,1+,30,70{',' * (len(CATEGORIES) - 2)}\n")
+    with pytest.raises(ValueError, match=r"line 2: true counts given for some categories but not \['count_weak"):
+        read_labels(p)
+    p.write_text("path,label,path\na.png,1+,b.png\n")
+    with pytest.raises(ValueError, match=r"the header names \['path'\] more than once"):
+        read_labels(p)
+    p.write_text("path,label\na.png,0\n,1+\n")
+    with pytest.raises(ValueError, match=r"l\.csv, line 3: a row without a path"):
+        read_labels(p)
     p.write_text("path,label\na.png,1+\nb.png,4+\n")
     with pytest.raises(ValueError, match=r"l\.csv, line 3: unknown label '4\+'"):
         read_labels(p)
@@ -626,6 +638,10 @@ def test_a_result_of_another_cnn_is_not_reused(tmp_path):
     item = LabelledItem(str(img), "1+", {})
     classical_only, reused, cnn_by = _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)
     assert reused and cnn_by == "" and classical_only.cnn is None  # --no-cnn: the reused CNN part is left out
+    fused = replace(old, reason="the call; the CNN reads 3+ (p=0.73)", classical_reason="the call")
+    (tmp_path / "r.json").write_text(fused.to_json())
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)[0].reason == "the call"
+    (tmp_path / "r.json").write_text(old.to_json())
     Named.name = "test-model"
     assert _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)[1] == str(tmp_path / "r.json")
     Named.name = "the-new-model"
