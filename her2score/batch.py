@@ -359,8 +359,6 @@ def process_slide(job: Job) -> dict:
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
                                  workers=job.tile_workers, cnn=cnn)
         write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
-        if not job.cells_csv:
-            _remove_outputs(job.out_dir, OPTIONAL_OUTPUT_FILES)  # an earlier run's cells.csv is stale now
         r = analysis.result
         row.update(
             status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,

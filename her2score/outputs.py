@@ -731,6 +731,8 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)  # an earlier run's outputs are incomplete from here until it is written again
+    if not cells_csv:  # an earlier run's cells.csv would stand, stale, beside this run's finished outputs
+        (out / "cells.csv").unlink(missing_ok=True)
     own = slide is None
     slide = slide if slide is not None else _reopen(analysis)
     try:

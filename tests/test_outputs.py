@@ -294,6 +294,23 @@ def test_a_rewrite_that_dies_leaves_no_result_json_beside_a_mix_of_two_runs(fiel
     assert not (tmp_path / "out" / "result.json").exists() and (tmp_path / "out" / "cells.parquet").is_file()
 
 
+def test_an_earlier_cells_csv_is_gone_before_a_rewrite_without_it_finishes(field, tmp_path, monkeypatch):
+    """Rewritten without cells.csv, a slide's earlier cells.csv is removed before result.json is written
+    again: killed in between, no finished-looking slide keeps the other run's cell table."""
+    f, slide, a = field
+    write_outputs(a, tmp_path / "out", slide=slide, cells_csv=True)
+    assert (tmp_path / "out" / "cells.csv").is_file()
+    import her2score.outputs as outputs
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "atomic_write", dies)  # the overlay and result.json are the last files written
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(a, tmp_path / "out", slide=slide)
+    assert not (tmp_path / "out" / "cells.csv").exists() and not (tmp_path / "out" / "result.json").exists()
+
+
 def test_outputs_written_with_feature_workers_are_the_same_bytes(field, tmp_path, monkeypatch):
     from her2score import outputs
 
