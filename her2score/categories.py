@@ -34,7 +34,8 @@ class Thresholds:
     the cell's boundary sectors.
 
     The deposit bands of DESIGN.md (QuPath's 0.2 / 0.4 / 0.6 = weak / moderate / strong) describe
-    the stain deposit; a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
+    the stain deposit (HER2's categories join weak and moderate, so only the weak and strong bounds
+    decide); a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
     (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
@@ -48,7 +49,6 @@ class Thresholds:
 
     faint_od: float = 0.02
     weak_od: float = 0.14
-    moderate_od: float = 0.35
     strong_od: float = 0.55
     min_completeness: float = 0.25
     complete_completeness: float = 0.60
@@ -58,7 +58,7 @@ class Thresholds:
     min_arc_sectors: int = 3
 
     def __post_init__(self) -> None:
-        if not 0 < self.faint_od < self.weak_od < self.moderate_od < self.strong_od:
+        if not 0 < self.faint_od < self.weak_od < self.strong_od:
             raise ValueError(f"DAB OD thresholds must increase: {self}")
         if not 0 <= self.min_completeness < self.lateral_arc < self.complete_completeness <= 1:
             raise ValueError(f"completeness thresholds must satisfy 0 <= min < lateral < complete <= 1: {self}")
@@ -91,6 +91,9 @@ def classify_cells(
     longest_arc = np.asarray(longest_arc, dtype=np.float32)
     longest_gap = np.asarray(longest_gap, dtype=np.float32)
     intensity_od = np.asarray(intensity_od, dtype=np.float32)
+    if not completeness.ndim == 1 or not len(completeness) == len(longest_arc) == len(longest_gap) == len(intensity_od):
+        raise ValueError("classify_cells: the four per-cell arrays must be 1-D and of one length, got "
+                         f"{[np.shape(a) for a in (completeness, longest_arc, longest_gap, intensity_od)]}")
     stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
     complete = stained & (completeness >= t.complete_completeness) & (longest_gap < t.lateral_gap)
     lateral = stained & ~complete & (longest_arc >= t.lateral_arc)

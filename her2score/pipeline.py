@@ -114,6 +114,10 @@ class ScoringConfig:
         if self.margin_um < self.max_cell_radius_um:
             raise ValueError(f"the tile margin ({self.margin_um:g} µm) must reach as far as a cell does from its seed "
                              f"(max_cell_radius_um {self.max_cell_radius_um:g})")
+        if self.min_tumour_cells < 1 or self.near_cutoff_points < 0 or not 0 <= self.false_membrane_percent <= 100:
+            raise ValueError(f"min_tumour_cells must be >= 1 (got {self.min_tumour_cells}), near_cutoff_points >= 0 "
+                             f"(got {self.near_cutoff_points}) and false_membrane_percent within 0-100 (got "
+                             f"{self.false_membrane_percent})")
         check_settings(self.guideline, self.specimen, isolated_intense_percent=self.isolated_intense_percent,
                        gastric_reading=self.gastric_reading)
 

@@ -7,7 +7,7 @@ import pytest
 from her2score.categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 
 T = Thresholds()
-WEAK, MODERATE, STRONG = (T.weak_od + T.moderate_od) / 2, (T.moderate_od + T.strong_od) / 2, T.strong_od + 0.2
+WEAK, MODERATE, STRONG = T.weak_od + 0.05, T.strong_od - 0.05, T.strong_od + 0.2  # weak and moderate: one band
 FAINT = (T.faint_od + T.weak_od) / 2
 
 
@@ -69,3 +69,8 @@ def test_every_category_is_reachable_and_codes_fit_int8():
     assert set(pats[np.char.endswith(names, "_lateral")]) == {"lateral"}
     assert set(pats[np.char.endswith(names, "_complete")]) == {"complete"}
     assert (od[names == "strong_partial"] >= T.strong_od).all()
+
+
+def test_per_cell_arrays_of_other_lengths_are_refused():
+    with pytest.raises(ValueError, match="of one length"):
+        classify_cells([0.9, 0.9], [0.9, 0.9], [0.0, 0.0], [0.6])  # not broadcast: one intensity for two cells

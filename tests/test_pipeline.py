@@ -146,6 +146,14 @@ def test_the_tile_margin_is_physical(fields):
         ScoringConfig(margin_um=8)
 
 
+
+def test_settings_that_would_switch_a_check_off_silently_are_refused():
+    for bad in (dict(min_tumour_cells=-5), dict(near_cutoff_points=-3), dict(false_membrane_percent=-1),
+                dict(false_membrane_percent=101)):
+        with pytest.raises(ValueError, match="min_tumour_cells must be >= 1"):
+            ScoringConfig(**bad)
+
+
 def test_level0_positions_of_a_scan_finer_than_the_analysis_are_pixel_centres(fields):
     """A field scanned at 0.25 µm/px and read at 0.5: each analysis pixel spans 2 level-0 pixels, so its centre is
     level-0 2x + 0.5 (pixel-centre coordinates), not 2x. The same field at 0.5 µm/px gives the same cells."""
