@@ -391,15 +391,14 @@ def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):
     assert items[0].counts["none"] == 30 and items[0].counts["faint_partial"] == 70 and items[1].counts is None
     p.write_text("path,label,count_none,count_faint_partial\na.png,1+,30,70\n")  # a category without a column: 0 cells
     assert read_labels(p)[0].counts == {**dict.fromkeys(CATEGORIES, 0), "none": 30, "faint_partial": 70}
-    p.write_text(f"path,label,{','.join('count_' + c for c in CATEGORIES)}\na.png,1+,30,70{',' * (len(CATEGORIES) - 2)}\n")
-    with pytest.raises(ValueError, match=r"line 2: true counts given for some categories but not \['count_weak"):
-        read_labels(p)
-    p.write_text("path,label,path\na.png,1+,b.png\n")
-    with pytest.raises(ValueError, match=r"the header names \['path'\] more than once"):
-        read_labels(p)
-    p.write_text("path,label\na.png,0\n,1+\n")
-    with pytest.raises(ValueError, match=r"l\.csv, line 3: a row without a path"):
-        read_labels(p)
+    for text, words in (  # an empty count cell, a column named twice, a labelled row without a path
+            (f"path,label,{','.join('count_' + c for c in CATEGORIES)}\na.png,1+,30,70{',' * (len(CATEGORIES) - 2)}\n",
+             r"line 2: true counts given for some categories but not \['count_weak"),
+            ("path,label,path\na.png,1+,b.png\n", r"the header names \['path'\] more than once"),
+            ("path,label\na.png,0\n,1+\n", r"l\.csv, line 3: a row without a path")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            read_labels(p)
     p.write_text("path,label\na.png,1+\nb.png,4+\n")
     with pytest.raises(ValueError, match=r"l\.csv, line 3: unknown label '4\+'"):
         read_labels(p)
