@@ -290,6 +290,10 @@ def test_gastric_readings_table(counts, cumulative, per_band):
 def test_gastric_per_band_biopsy_clusters_still_decide():
     call = apply_guideline(cells(none=97, sc=3), G, "biopsy", clusters={"3+": 5}, gastric_reading="per_band")
     assert call.score == "3+" and "cluster of 5" in call.reason
+    # per band, 6% + 6% reach no band's 10%, but the cells at 2+ or stronger are 12%: never called "<10%"
+    call = apply_guideline(cells(none=88, sc=6, wmc=6), G, "biopsy", clusters={"3+": 4, "2+": 5, "1+": 5},
+                           gastric_reading="per_band")
+    assert call.score == "2+" and "12.0% of tumour cells (12/100, >=10% across bands) overall" in call.reason
 
 
 # -- levels and flags of a score the guideline did not make itself (CNN fusion) ---------------------
