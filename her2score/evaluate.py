@@ -480,6 +480,17 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     return result, "", "pipeline" if result.cnn is not None else ""
 
 
+def _remove_stale_results(folder: Path, keep: set[str]) -> None:
+    """Remove the result folders an earlier run into the same ``--out`` left for images this run does
+    not label (only those holding nothing but its result.json): results/ then matches per_image.csv."""
+    if not folder.is_dir():
+        return
+    for d in folder.iterdir():
+        if d.name not in keep and d.is_dir() and not d.is_symlink() and [p.name for p in d.iterdir()] in ([], ["result.json"]):
+            (d / "result.json").unlink(missing_ok=True)
+            d.rmdir()
+
+
 def _method_metrics(truth: list[str], called: list[str | None], truth_levels: list[str | None],
                     called_levels: list[str | None], *, resamples: int, seed: int, split_zero: bool) -> dict[str, Any] | None:
     """A method's figures over the images it scored; the null vs ultralow table (``split_zero``: the
@@ -618,9 +629,11 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             log.debug("failed: %s", msg, exc_info=True)
             row.update(classical=None, cnn=None, fused=None, error=msg)
             results.append(None)
+            (out / "results" / folders[n_done - 1] / "result.json").unlink(missing_ok=True)  # an earlier run's
         rows.append(row)
         if progress:
             progress(n_done, len(items), row)
+    _remove_stale_results(out / "results", set(folders))
 
     ok = [i for i, r in enumerate(results) if r is not None]
     truth = [items[i].label for i in ok]

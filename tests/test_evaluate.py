@@ -13,6 +13,7 @@ from her2score.cli import main
 from her2score.cnn import TileClassifier, WeightsRecord
 from her2score.eligibility import Requirement, Rule, check_eligibility, load_rule
 from her2score.evaluate import (
+    _result_folders,
     accuracy,
     binary_rates,
     bootstrap_ci,
@@ -509,6 +510,14 @@ def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     rows3 = list(csv.DictReader(open(tmp_path / "ev3" / "per_image.csv")))
     assert all(r["reused"] == "False" for r in rows3[:4])
     assert all(json.loads(f.read_text())["guideline"] == "gastric" for f in (tmp_path / "ev3" / "results").rglob("result.json"))
+    # into the same --out again, two images labelled, one of them now broken: results/ holds just the other's
+    lines = (ds / "labels.csv").read_text().splitlines()
+    (ds / "two.csv").write_text("\n".join(lines[:3]) + "\n")
+    (ds / lines[2].split(",")[0]).write_bytes(b"")
+    m4 = evaluate(ds / "two.csv", out, use_cnn=False, bootstrap=0)
+    assert (m4["n_images"], m4["n"]) == (2, 1)
+    assert [p.parent.name for p in (out / "results").rglob("result.json")] == [_result_folders([str(ds / lines[1].split(",")[0])], ds)[0]]
+    assert not (out / "bland_altman.png").exists() or m4.get("percent_agreement")
 
 
 def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
