@@ -454,17 +454,27 @@ def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
     return out
 
 
+def _changed_since(image: str, result_file: Path) -> bool:
+    """Whether ``image`` was modified after ``result_file`` was written (or cannot be read)."""
+    try:
+        return os.stat(image).st_mtime_ns > result_file.stat().st_mtime_ns
+    except OSError:
+        return True
+
+
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, str, str]:
     """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
     ("pipeline", "reused" or "" when none ran). A finished result is reused where this version of the
     tool scored it with the same settings (guideline, specimen, thresholds and every other scoring
     setting; the default ones retried with the slide's own stain vectors count as the default), on its
     detected tumour cells (no annotation) and, when given, at the same µm/px, unless the CNN is wanted
-    and it has none, or another model's."""
+    and it has none, or another model's, or the image was modified after the result was written."""
     from .pipeline import analyse_slide
 
     key = str(resolved_path(item.path))
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
+    if f is not None and _changed_since(item.path, f):  # the image was written again after its result
+        f = None
     if f is not None:
         result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
         recorded = dict(result.config)

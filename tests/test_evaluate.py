@@ -514,7 +514,7 @@ def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     lines = (ds / "labels.csv").read_text().splitlines()
     (ds / "two.csv").write_text("\n".join(lines[:3]) + "\n")
     (ds / lines[2].split(",")[0]).write_bytes(b"")
-    m4 = evaluate(ds / "two.csv", out, use_cnn=False, bootstrap=0)
+    m4 = evaluate(ds / "two.csv", out, reuse=out / "results", use_cnn=False, bootstrap=0)  # never its old result
     assert (m4["n_images"], m4["n"]) == (2, 1)
     assert [p.parent.name for p in (out / "results").rglob("result.json")] == [_result_folders([str(ds / lines[1].split(",")[0])], ds)[0]]
     assert not (out / "bland_altman.png").exists() or m4.get("percent_agreement")
