@@ -491,8 +491,9 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
 
 
 def _remove_stale_results(folder: Path, keep: set[str]) -> None:
-    """Remove the result folders an earlier run into the same ``--out`` left for images this run does
-    not label (only those holding nothing but its result.json): results/ then matches per_image.csv."""
+    """Remove the result folders an earlier run into the same ``--out`` left beside the ``keep`` this run
+    wrote (images no longer labelled, or failing now; only folders holding nothing but a result.json):
+    results/ then matches per_image.csv."""
     if not folder.is_dir():
         return
     for d in folder.iterdir():
@@ -639,11 +640,10 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             log.debug("failed: %s", msg, exc_info=True)
             row.update(classical=None, cnn=None, fused=None, error=msg)
             results.append(None)
-            (out / "results" / folders[n_done - 1] / "result.json").unlink(missing_ok=True)  # an earlier run's
         rows.append(row)
         if progress:
             progress(n_done, len(items), row)
-    _remove_stale_results(out / "results", set(folders))
+    _remove_stale_results(out / "results", {folders[i] for i, r in enumerate(results) if r is not None})
 
     ok = [i for i, r in enumerate(results) if r is not None]
     truth = [items[i].label for i in ok]

@@ -31,7 +31,7 @@ from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
-from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, deconvolve, estimate_background, estimate_stains, per_channel
+from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
@@ -462,9 +462,9 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
-    classical, classical_level, classical_flags, confidence = score, level, flags, None
-    classical_reason = reason if cnn_report is not None and n_tumour else ""
+    classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if cnn_report is not None and n_tumour:
+        classical_reason = reason
         score, confidence = fuse(classical, cnn_report.probabilities)
         if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
             level = report_level(score, config.guideline, counts)
@@ -592,9 +592,8 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
         rgb = ", ".join(f"{v:.0f}" for v in stains.background)
         qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
                             "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
-    low = per_channel(np.minimum, thumb.reshape(-1, 3))
-    brightest = float(np.partition(low, -GLASS_MIN_PIXELS)[-GLASS_MIN_PIXELS]) if len(low) >= GLASS_MIN_PIXELS else 0.0
-    if brightest < GLASS_MIN:  # estimate_background found too few glass pixels and took white as 255
+    if stains.background == (255.0, 255.0, 255.0) and (brightest := brightest_level(thumb)) < GLASS_MIN:
+        # estimate_background found too few glass pixels and took white as 255 (glass at 255 is found)
         od = float(np.log10(255.0 / max(brightest, 1.0)))
         qc.append(QCFinding("white_level_assumed", "warn", f"no glass found (fewer than {GLASS_MIN_PIXELS} pixels read "
                             f"{GLASS_MIN} or more in every channel; the brightest read {brightest:.0f}): white is taken "

@@ -20,6 +20,7 @@ __all__ = [
     "deconvolve",
     "GLASS_MIN",
     "GLASS_MIN_PIXELS",
+    "brightest_level",
     "estimate_background",
     "estimate_stains",
     "remove_dab",
@@ -137,6 +138,13 @@ GLASS_MIN = 200
 """Least 8-bit level, in every channel, of a pixel taken for glass (estimate_background)."""
 GLASS_MIN_PIXELS = 100
 """Fewest glass pixels from which estimate_background takes the white level (fewer: 255)."""
+
+
+def brightest_level(rgb: np.ndarray) -> float:
+    """The 8-bit level that the GLASS_MIN_PIXELS brightest pixels reach in every channel (0 in a smaller
+    image): estimate_background finds glass where it is GLASS_MIN or more."""
+    low = per_channel(np.minimum, rgb).ravel()
+    return float(np.partition(low, -GLASS_MIN_PIXELS)[-GLASS_MIN_PIXELS]) if len(low) >= GLASS_MIN_PIXELS else 0.0
 
 
 def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> tuple[float, float, float]:
