@@ -30,10 +30,9 @@ import time
 import traceback
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
-from .workers import die_with_parent, worker_pool
+from .workers import die_with_parent, result_of, wait_first, worker_pool
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
@@ -679,19 +678,12 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
                      "(they are scored again), or choose another --out")
 
 
-@contextmanager
-def _pool(n: int) -> Iterator[ProcessPoolExecutor]:
+def _pool(n: int):
     """``n`` slide worker processes, shut down at the end waiting for their slides; when the batch
     stops early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them)
     without waiting, so the batch records what finished first. The slides still running end before
     the process exits (or are scored again by the next run if it is killed)."""
-    pool = worker_pool(n, die_with_parent)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    return worker_pool(n, die_with_parent, wait_on_error=False)
 
 
 def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: ExitStack):
@@ -715,7 +707,7 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
             job = suspects.popleft()
             with _pool(1) as pool:
                 try:
-                    row = pool.submit(process_slide, job).result()
+                    row = result_of(pool.submit(process_slide, job))
                 except BrokenProcessPool as e:
                     row = _crash_row(job, e)
             yield job, row
@@ -727,7 +719,7 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
                 while pending and len(inflight) < n:
                     job = pending.popleft()
                     inflight[pool.submit(process_slide, job)] = job
-                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                finished = wait_first(inflight)
                 for f in sorted(finished, key=lambda f: inflight[f].slide):
                     job = inflight.pop(f)
                     if isinstance(f.exception(), BrokenProcessPool):

@@ -29,7 +29,7 @@ from .guidelines import INTENSITY
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
-from .workers import FORKS, die_with_parent, worker_pool
+from .workers import FORKS, die_with_parent, result_of, worker_pool
 
 __all__ = [
     "atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_parquet", "write_cells_geojson",
@@ -389,9 +389,9 @@ def _features_in_workers(analysis: SlideAnalysis, size: tuple[float, float], wor
             if i == 0:
                 forked()
             if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
+                yield result_of(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield result_of(pending.popleft())
 
 
 # -------------------------------------------------------------------------------------- overlay
@@ -750,7 +750,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
             if cells_csv:
                 with atomic_file(out / "cells.csv") as f:
                     write_cells_csv(analysis, f)
-            png = drawn[0].result() if drawn else overlay_png(analysis, slide)
+            png = result_of(drawn[0]) if drawn else overlay_png(analysis, slide)
         atomic_write(out / "overlay.png", png)
     finally:
         if own and slide is not None and hasattr(slide, "close"):

@@ -35,7 +35,7 @@ from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
-from .workers import die_with_parent, worker_pool
+from .workers import die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -375,22 +375,19 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
         cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
-        pool = worker_pool(workers, _init_worker, (slide_path, mpp, backend, cnn)) if parallel else None
-        try:  # the workers score tiles while this process checks that the image is an H-DAB stain at all
-            pending = pool.map(partial(_run_tile, stains=stains, config=config, nucleus=nucleus,
-                                       cnn_max_patches=cnn_max), tiles) if pool else None
+        with worker_pool(workers, _init_worker, (slide_path, mpp, backend, cnn)) if parallel else nullcontext() as pool:
+            # the workers score tiles (one a task: no core idles while another ends a long chunk) while this
+            # process checks that the image is an H-DAB stain at all
+            run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)
+            pending = [pool.submit(run, t) for t in tiles] if pool else None
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
             eosin = check.eosin_fraction
             if pool:
                 _import_finish_modules()
-            # one tile a task: no core idles while another ends a long chunk
-            parts = list(pending) if pool else [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max)
-                                                for t in tiles]
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)
+            parts = ([result_of(f) for f in pending] if pool else
+                     [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max) for t in tiles])
 
     cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None
     if cells is None or len(cells) == 0:

@@ -32,7 +32,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 
 from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model
 from .stain import H_DAB, estimate_background, optical_density
+from .workers import die_with_parent, result_of, worker_pool
 
 __all__ = [
     "LABEL_ALIASES",
@@ -115,8 +115,8 @@ def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = 
              bool(gastric_every) and i % gastric_every == gastric_every - 1, float(border[j * n_per_class + i]))
             for j, score in enumerate(CLASSES) for i in range(n_per_class)]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(_synthetic_one, jobs, chunksize=8))
+        with worker_pool(workers, die_with_parent) as pool:
+            return [result_of(f) for f in [pool.submit(_synthetic_one, j) for j in jobs]]
     return [_synthetic_one(j) for j in jobs]
 
 

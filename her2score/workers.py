@@ -1,14 +1,81 @@
-"""Worker processes: forked where the platform forks, and never outliving the process that made them."""
+"""Worker processes: forked where the platform forks, never outliving the process that made them, and
+waited on so that Ctrl-C cannot hang the process that made them."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 
-__all__ = ["FORKS", "die_with_parent", "worker_pool"]
+__all__ = ["FORKS", "die_with_parent", "result_of", "signals_held", "wait_first", "worker_pool"]
+
+POLL_S = 0.1
+"""While signals are held (signals_held), how often (s) a wait looks for one."""
+
+_held: list[tuple[int, object]] = []  # the signals caught while held: (signum, frame)
+_handlers: dict[int, Callable] = {}  # the Python handlers replaced while held, by signal
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within (on the main thread), a SIGINT or SIGTERM whose handler is Python's (KeyboardInterrupt, or
+    the cli's SystemExit) is held, and raised by the next wait_first or result_of, not at whatever bytecode it
+    lands on: raised inside concurrent.futures' own locking, it leaves a future's lock held, and the pool's
+    thread then blocks the process's exit for ever. On leaving without an error, a signal still held is
+    raised. Nests (the outermost block holds); elsewhere it changes nothing."""
+    if _handlers or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            _handlers[signum] = handler
+            signal.signal(signum, lambda *caught: _held.append(caught))
+    try:
+        yield
+    except BaseException:
+        _release()
+        _held.clear()
+        raise
+    _release()
+    _raise_held()
+
+
+def _release() -> None:
+    for signum, handler in _handlers.items():
+        signal.signal(signum, handler)
+    _handlers.clear()
+
+
+def _raise_held() -> None:
+    """Run the handler of the first signal held (which raises), forgetting the others."""
+    if _held:
+        signum, frame = _held[0]
+        _held.clear()
+        (_handlers.get(signum) or signal.getsignal(signum))(signum, frame)
+
+
+def wait_first(fs: Iterable[Future]) -> set[Future]:
+    """The futures of ``fs`` that are done, once one is. A signal held (signals_held) is raised here, where
+    no lock is held, within POLL_S; before the futures are returned, as they may have failed because the
+    same Ctrl-C killed their workers."""
+    fs = set(fs)
+    while True:
+        done, _ = wait(fs, timeout=POLL_S if _handlers else None, return_when=FIRST_COMPLETED)
+        _raise_held()
+        if done:
+            return done
+
+
+def result_of(future: Future):
+    """``future.result()``, with Ctrl-C and SIGTERM held until it can be raised safely (wait_first)."""
+    with signals_held():
+        wait_first([future])
+    return future.result()
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -16,6 +83,8 @@ def die_with_parent(parent_pid: int) -> None:
     and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
     default actions, in place of the handlers the parent set (the batch itself stops in order); a
     signal the parent ignores (a batch started in the background) stays ignored."""
+    _handlers.clear()  # the parent's, where it held signals when it forked this process
+    _held.clear()
     for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
@@ -36,8 +105,20 @@ FORKS = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
 (forkserver is Python 3.14's on Linux), but not on macOS, whose system libraries make fork unsafe."""
 
 
-def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = ()) -> ProcessPoolExecutor:
+@contextmanager
+def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = (), *,
+                wait_on_error: bool = True) -> Iterator[ProcessPoolExecutor]:
     """``n`` worker processes, forked where FORKS (they inherit what this process has loaded), else the
-    platform's default; ``initializer`` gets this process's pid first (for die_with_parent)."""
-    return ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
-                               initargs=(os.getpid(), *initargs))
+    platform's default; ``initializer`` gets this process's pid first (for die_with_parent). Within,
+    signals are held (signals_held): wait on the pool's futures with wait_first or result_of. On leaving,
+    the pool shuts down, waiting for its tasks; after an error, those not started are cancelled, and
+    with ``wait_on_error`` False the running ones are not waited for (they end before the process exits)."""
+    with signals_held():
+        pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
+                                   initargs=(os.getpid(), *initargs))
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=wait_on_error, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)

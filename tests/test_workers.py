@@ -1,0 +1,73 @@
+"""Ctrl-C and SIGTERM while this process waits on worker processes: held until a wait can raise them safely."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from her2score.workers import die_with_parent, result_of, signals_held, wait_first, worker_pool
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+
+
+def _nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_ctrl_c_inside_the_pools_own_calls_waits_for_a_wait():
+    """A Ctrl-C that lands while this process submits work (or anywhere but a wait) is not raised there, where
+    concurrent.futures may hold a future's lock, but by the next wait; the pool still shuts down, and after it
+    the handler is Python's own again."""
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(2, die_with_parent) as pool:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a handler that raises would have raised by now
+            passed_the_signal = True
+            futures = [pool.submit(_nap, 1.0)]
+            wait_first(futures)
+    assert passed_the_signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_held_is_raised_on_leaving_and_waits_return_results():
+    """Work done in the pool comes back as before; a signal held when the block ends is raised as it ends."""
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(2, die_with_parent) as pool:
+            futures = [pool.submit(_nap, 0.01) for _ in range(4)]
+            pids = {result_of(f) for f in futures}
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_sigterm_handler_runs_at_the_wait():
+    """The cli's SIGTERM handler (SystemExit) is held the same way; an ignored signal stays ignored."""
+    earlier = signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    try:
+        with pytest.raises(SystemExit) as e:
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                with worker_pool(1, die_with_parent) as pool:
+                    wait_first([pool.submit(_nap, 1.0)])
+        assert e.value.code == 128 + signal.SIGTERM
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with signals_held():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, earlier)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _handler_in_worker(_: int) -> str:
+    return repr(signal.getsignal(signal.SIGINT))
+
+
+def test_workers_forked_while_signals_are_held_die_on_ctrl_c():
+    """A worker forked inside the block takes the default action, not the held handler it was forked with."""
+    with worker_pool(1, die_with_parent) as pool:
+        assert result_of(pool.submit(_handler_in_worker, 0)) == repr(signal.SIG_DFL)
