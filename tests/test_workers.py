@@ -13,6 +13,17 @@ from her2score.workers import die_with_parent, result_of, signals_held, wait_fir
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 
 
+@pytest.fixture(autouse=True)
+def python_handlers():
+    """Python's own Ctrl-C handler (KeyboardInterrupt) whatever this test process was started with (a batch
+    job or a background shell ignores SIGINT); every handler as it was afterwards."""
+    earlier = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in earlier.items():
+        signal.signal(s, handler)
+
+
 def _nap(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
@@ -46,21 +57,17 @@ def test_a_signal_held_is_raised_on_leaving_and_waits_return_results():
 
 def test_sigterm_handler_runs_at_the_wait():
     """The cli's SIGTERM handler (SystemExit) is held the same way; an ignored signal stays ignored."""
-    earlier = signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
-    try:
-        with pytest.raises(SystemExit) as e:
-            with signals_held():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
-                with worker_pool(1, die_with_parent) as pool:
-                    wait_first([pool.submit(_nap, 1.0)])
-        assert e.value.code == 128 + signal.SIGTERM
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    with pytest.raises(SystemExit) as e:
         with signals_held():
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGTERM, earlier)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            with worker_pool(1, die_with_parent) as pool:
+                wait_first([pool.submit(_nap, 1.0)])
+    assert e.value.code == 128 + signal.SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with signals_held():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def _handler_in_worker(_: int) -> str:
