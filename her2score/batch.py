@@ -42,7 +42,7 @@ from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
-from .workers import die_with_parent, result_of, wait_first, worker_pool
+from .workers import die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
@@ -748,9 +748,15 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
         raise BatchError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
     futures = client.map(process_slide, jobs, pure=False)
     by_key = {f.key: j for f, j in zip(futures, jobs)}
-    for f in dask_completed(futures):
-        try:
-            row = f.result()
-        except Exception as e:  # a worker lost or killed while scoring
-            row = _crash_row(by_key[f.key], e)
-        yield by_key[f.key], row
+    finished = dask_completed(futures)
+    with signals_held():  # raised between polls, never inside the client's own locking
+        while not finished.is_empty():
+            ready = finished.next_batch(block=False)
+            if not ready:
+                pause()
+            for f in ready:
+                try:
+                    row = f.result()
+                except Exception as e:  # a worker lost or killed while scoring
+                    row = _crash_row(by_key[f.key], e)
+                yield by_key[f.key], row

@@ -7,11 +7,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 
-__all__ = ["FORKS", "die_with_parent", "result_of", "signals_held", "wait_first", "worker_pool"]
+__all__ = ["FORKS", "die_with_parent", "pause", "result_of", "signals_held", "wait_first", "worker_pool"]
 
 POLL_S = 0.1
 """While signals are held (signals_held), how often (s) a wait looks for one."""
@@ -23,7 +24,7 @@ _handlers: dict[int, Callable] = {}  # the Python handlers replaced while held, 
 @contextmanager
 def signals_held() -> Iterator[None]:
     """Within (on the main thread), a SIGINT or SIGTERM whose handler is Python's (KeyboardInterrupt, or
-    the cli's SystemExit) is held, and raised by the next wait_first or result_of, not at whatever bytecode it
+    the cli's SystemExit) is held, and raised by the next wait_first, result_of or pause, not at whatever bytecode it
     lands on: raised inside concurrent.futures' own locking, it leaves a future's lock held, and the pool's
     thread then blocks the process's exit for ever. On leaving without an error, a signal still held is
     raised. Nests (the outermost block holds); elsewhere it changes nothing."""
@@ -69,6 +70,12 @@ def wait_first(fs: Iterable[Future]) -> set[Future]:
         _raise_held()
         if done:
             return done
+
+
+def pause() -> None:
+    """Sleep POLL_S, then raise a signal held (signals_held): the poll of work that wait_first cannot wait on."""
+    time.sleep(POLL_S)
+    _raise_held()
 
 
 def result_of(future: Future):

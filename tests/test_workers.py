@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from her2score.workers import die_with_parent, result_of, signals_held, wait_first, worker_pool
+from her2score.workers import die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 
@@ -78,3 +78,15 @@ def test_workers_forked_while_signals_are_held_die_on_ctrl_c():
     """A worker forked inside the block takes the default action, not the held handler it was forked with."""
     with worker_pool(1, die_with_parent) as pool:
         assert result_of(pool.submit(_handler_in_worker, 0)) == repr(signal.SIG_DFL)
+
+
+def test_a_poll_without_futures_raises_the_signal_held():
+    """pause (the Dask batch's poll) raises a Ctrl-C held since the last poll, and nothing when none came."""
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            pause()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached = True
+            pause()
+    assert reached
