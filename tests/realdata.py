@@ -1,7 +1,8 @@
 """The real images the scorer is checked on: ../shared/data/real (beside the repository) and
 scikit-image's colon IHC image, each with what its SOURCE.md says a pathologist sees, plus real
 HER2 0 cases derived from them by removing their DAB with colour deconvolution, and the real colon
-under a paler counterstain (its haematoxylin OD scaled down the same way).
+under a paler counterstain (its haematoxylin OD scaled down the same way) and with weaker DAB (its
+DAB OD scaled down: the same membranes, fainter).
 
 Shared by the tests and ``benchmarks/real_images.py``. Nothing here is copied into the repository.
 """
@@ -20,7 +21,7 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 @dataclass(frozen=True)
 class RealCase:
-    """One real image: ``kind`` is membranous, nuclear, he, derived-0 or pale; ``mpp`` in µm/px (None: in the file)."""
+    """One real image: ``kind`` is membranous, nuclear, he, derived-0, pale or weaker; ``mpp`` in µm/px (None: in the file)."""
 
     name: str
     kind: str
@@ -60,16 +61,19 @@ def _without_dab(load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
     return derived
 
 
-def _paler(load: Callable[[], np.ndarray], factor: float) -> Callable[[], np.ndarray]:
+def _scaled(load: Callable[[], np.ndarray], **factors: float) -> Callable[[], np.ndarray]:
     def derived() -> np.ndarray:
         from her2score.stain import scale_stains
 
-        return scale_stains(load(), hematoxylin=factor)
+        return scale_stains(load(), **factors)
     return derived
 
 
 PALER = (0.7, 0.5)
 """Factors on the real colon's haematoxylin OD for its "pale" cases: the same field under a lighter counterstain."""
+
+WEAKER = (0.5, 0.25, 0.12, 0.05)
+"""Factors on the real colon's DAB OD for its "weaker" cases: the same membranes stained more faintly."""
 
 
 def real_cases() -> list[RealCase]:
@@ -95,8 +99,10 @@ def real_cases() -> list[RealCase]:
         for p in sorted((REAL / "wsi").rglob("*.svs")):
             cases.append(RealCase("he-wsi-tcga-ts1", "he", lambda p=p: p, 1.0, "H&E whole-slide file, no MPP in header"))
     cases += ki67
-    cases += [RealCase(f"skimage-colon-ihc-haematoxylin-{k:g}", "pale", _paler(_skimage_ihc, k), 0.5,
+    cases += [RealCase(f"skimage-colon-ihc-haematoxylin-{k:g}", "pale", _scaled(_skimage_ihc, hematoxylin=k), 0.5,
                        f"the real colon with {k:g} x its haematoxylin OD: a paler counterstain") for k in PALER]
+    cases += [RealCase(f"skimage-colon-ihc-dab-{k:g}", "weaker", _scaled(_skimage_ihc, dab=k), 0.5,
+                       f"the real colon with {k:g} x its DAB OD: the same membranes, fainter") for k in WEAKER]
     derived = [c for c in cases if c.kind in ("membranous", "nuclear")]
     for c in derived:
         cases.append(RealCase(f"{c.name}-dab-removed", "derived-0", _without_dab(_as_array(c)), c.mpp or _file_mpp(c),

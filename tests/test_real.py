@@ -123,6 +123,26 @@ def test_strong_membranous_glands_give_a_large_intense_fraction(colon):
     assert r.staining["compartment"] == "membrane" and r.staining["dab_floor_od"] < 0.05
 
 
+SCORES = ("0", "1+", "2+", "3+")
+
+
+def test_the_colon_with_weaker_dab_reads_weaker_down_to_null(colon):
+    """The real colon with its DAB OD scaled down (1, 0.5, 0.25, 0.12, 0.05, then none): the same membranes
+    fading, with no truth beyond that. The score and the H-score never rise as the DAB falls, the call
+    passes through every score on the way from 3+ to 0 (null), and the tumour cells stay the same cells
+    (their selection reads no DAB). Measured: 3+ H 199, 2+ 118, 2+ 87, 1+ 32, 0+ (ultralow) 0.4, 0 (null)
+    0; 238-259 tumour cells."""
+    results = [colon[0].result, *(analyse(CASES[n]).result for n in names("weaker")),
+               analyse(CASES["skimage-colon-ihc-dab-removed"]).result]
+    seen = [(r.score, r.level, r.h_score, r.tumour_cells) for r in results]
+    ranks = [SCORES.index(r.score) for r in results]
+    assert ranks == sorted(ranks, reverse=True) and set(ranks) == set(range(4)), seen
+    assert [r.h_score for r in results] == sorted((r.h_score for r in results), reverse=True), seen
+    assert results[0].score == "3+" and results[-1].level == "0 (null)", seen
+    n = results[0].tumour_cells
+    assert all(abs(r.tumour_cells - n) <= 0.1 * n for r in results), seen
+
+
 @pytest.mark.parametrize("name", names("pale"))
 def test_a_paler_counterstain_keeps_the_colons_cells_and_its_shares(name, colon):
     """The real colon under a lighter counterstain (0.7 and 0.5 x its haematoxylin OD): its nuclei fall
