@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +146,9 @@ class Slide(ABC):
         oh = min(height - oy0, round((iy1 - iy0) * f))
         if ow <= 0 or oh <= 0:
             return out
+        exact = (ix0 - x0) * f == ox0 and (iy0 - y0) * f == oy0 and (ix1 - ix0) * f == ow and (iy1 - iy0) * f == oh
+        if f >= 1 and not exact:  # an enlargement whose box falls between level pixels: mapped, not stretched
+            return self._read_mapped(level, x0, y0, f, out)
         if (ix1 - ix0) * (iy1 - iy0) <= READ_BLOCK_PX or f >= 1:
             patch = self._read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
             out[oy0 : oy0 + oh, ox0 : ox0 + ow] = _fit(patch, ow, oh)
@@ -160,6 +164,29 @@ class Slide(ABC):
                 lx0, lx1 = ix0 + math.floor(bx * fx), min(ix1, ix0 + math.ceil((bx + bw) * fx))
                 patch = self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
                 out[oy0 + by : oy0 + by + bh, ox0 + bx : ox0 + bx + bw] = _fit(patch, bw, bh)
+        return out
+
+    def _read_mapped(self, level: int, x0: float, y0: float, f: float, out: np.ndarray) -> np.ndarray:
+        """``out`` (white) with its part inside the slide read from ``level``, whose point (x0, y0) (level px,
+        fractional) is the output's origin, at ``f`` >= 1 output px a level px: each output pixel read at its
+        own centre (bilinear), where resizing the level pixels the box touches would stretch them by up to a
+        level pixel. (A shrunk read, f < 1, keeps that error under one output pixel.)"""
+        lw, lh = self.levels[level].width, self.levels[level].height
+        height, width = out.shape[:2]
+        # output pixels whose centres lie inside the slide
+        ox0, oy0 = max(0, math.ceil(-x0 * f - 0.5)), max(0, math.ceil(-y0 * f - 0.5))
+        ox1, oy1 = min(width, math.ceil((lw - x0) * f - 0.5)), min(height, math.ceil((lh - y0) * f - 0.5))
+        if ox1 <= ox0 or oy1 <= oy0:
+            return out
+        # the level pixels under them, and one more each side for the interpolation
+        lx0, ly0 = max(0, math.floor(x0 + ox0 / f) - 1), max(0, math.floor(y0 + oy0 / f) - 1)
+        lx1, ly1 = min(lw, math.ceil(x0 + ox1 / f) + 1), min(lh, math.ceil(y0 + oy1 / f) + 1)
+        patch = np.ascontiguousarray(self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0))
+        # output pixel ox0 + i has its centre at level x0 + (ox0 + i + 0.5) / f: patch pixel i / f + that - lx0 - 0.5
+        to_out = np.float64([[f, 0, (lx0 - x0) * f + 0.5 * (f - 1) - ox0],
+                             [0, f, (ly0 - y0) * f + 0.5 * (f - 1) - oy0]])
+        out[oy0:oy1, ox0:ox1] = cv2.warpAffine(patch, to_out, (ox1 - ox0, oy1 - oy0), flags=cv2.INTER_LINEAR,
+                                               borderMode=cv2.BORDER_REPLICATE)
         return out
 
     def thumbnail(self, *, mpp: float) -> np.ndarray:
@@ -249,14 +276,16 @@ class ArraySlide(Slide):
 
 
 def _plain_mpp(img) -> float | None:
-    """µm/px a plain image states: a JPEG's JFIF density in inch or cm, else its EXIF resolution in inch or
-    cm (EXIF's default unit: inch); another format's resolution as Pillow reads it (PNG pHYs, BMP). None
+    """µm/px a plain image states: a JPEG's JFIF density in inch or cm, else (or where the JFIF's is no
+    microscope's, e.g. a camera's 72 dpi) its EXIF resolution in inch or cm (EXIF's default unit: inch); another format's resolution as Pillow reads it (PNG pHYs, BMP). None
     where a JPEG states no unit (JFIF 0, EXIF 1) or no resolution, for which Pillow's dpi is a guess (72)."""
     try:
         if img.format == "JPEG":
             unit, density = img.info.get("jfif_unit"), img.info.get("jfif_density")
             if unit in (1, 2) and density and float(density[0]) > 0:
-                return (25400.0 if unit == 1 else 10000.0) / float(density[0])
+                jfif = (25400.0 if unit == 1 else 10000.0) / float(density[0])
+                if _plausible(jfif) or img.getexif().get(0x011A) is None:
+                    return jfif
             exif = img.getexif()
             unit, xres = exif.get(0x0128, 2), exif.get(0x011A)
             return (25400.0 if unit == 2 else 10000.0) / float(xres) if unit in (2, 3) and xres and float(xres) > 0 else None
@@ -514,6 +543,8 @@ class TiffSlide(Slide):
                 raise SlideError(path, "TIFF has no images")
             base = max(pages, key=lambda p: p.imagewidth * p.imagelength)  # not an overview stored first
             _check_dimensions(path, base.imagewidth, base.imagelength)
+            if base.imagedepth > 1:
+                raise SlideError(path, f"3-D TIFF ({base.imagedepth} planes deep) is not supported; save one plane as RGB")
             self._check_page(base)
             w0, h0 = base.imagewidth, base.imagelength
             self.dimensions = (w0, h0)
@@ -543,6 +574,7 @@ class TiffSlide(Slide):
             args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp)
             self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
         except BaseException:
             self._tif.close()
             raise
@@ -587,7 +619,7 @@ class TiffSlide(Slide):
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            self._release()
             self._fd = None
         self._tif.close()
 
@@ -677,7 +709,9 @@ class OpenSlideSlide(Slide):
             raise
 
     def close(self) -> None:
-        self._osr.close()
+        if self._osr is not None:  # a second close (a with block around a closed slide) does nothing
+            self._osr.close()
+            self._osr = None
 
     def _read_level(self, level, x, y, width, height):
         ds = self.levels[level].downsample

@@ -529,3 +529,91 @@ def test_the_pillow_limit_is_put_back_when_threads_overlap():
     for t in threads:
         t.join()
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+def _ramp_pyramid(path) -> np.ndarray:
+    """A lossless two-level tiled TIFF at 0.25 µm/px of a ramp, 3 grey levels a level-0 pixel, its level 1
+    the exact 2x average; the level-0 image."""
+    l0 = np.repeat(np.repeat((3 * np.arange(80)).astype(np.uint8)[None, :, None], 64, 0), 3, 2)
+    l1 = cv2.resize(l0, (40, 32), interpolation=cv2.INTER_AREA)
+    res = dict(resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(l0, tile=(16, 16), photometric="rgb", **res)
+        tw.write(l1, tile=(16, 16), photometric="rgb", subfiletype=1, resolution=(1e4 / 0.5, 1e4 / 0.5),
+                 resolutionunit="CENTIMETER")
+    return l0
+
+
+def test_a_read_between_level_pixels_is_not_stretched(tmp_path):
+    """A read whose origin falls between pixels of the level it comes from (an odd level-0 x read from the 2x
+    level) puts each output pixel where it lies: as the same area read from level 0 alone, within rounding.
+    Resizing the 9 level pixels the box touched into 8 stretched them (on this ramp, 3 grey levels off)."""
+    l0 = _ramp_pyramid(tmp_path / "ramp.tif")
+    with open_slide(tmp_path / "ramp.tif") as s:
+        assert [lv.downsample for lv in s.levels] == [1.0, 2.0]
+        pyramid = s.read_region((21, 8), (16, 4), mpp=0.5).astype(int)
+    flat = ArraySlide(l0, mpp=0.25).read_region((21, 8), (16, 4), mpp=0.5).astype(int)
+    assert np.abs(pyramid - flat).max() <= 1, (pyramid[0, :, 0], flat[0, :, 0])
+
+
+def test_an_enlarged_reads_pixels_do_not_depend_on_its_size():
+    """Enlarged 2x, a 5 px read and a 6 px read from the same origin agree on their first five pixels (they read
+    [0, 4, 10, 16, 20] and [0, 3, 8, 13, 18]: 2.5 level pixels were rounded up to 3 and stretched into 5)."""
+    ramp = np.repeat(np.repeat((10 * np.arange(25)).astype(np.uint8)[None, :, None], 4, 0), 3, 2)
+    s = ArraySlide(ramp, mpp=0.5)
+    five, six = (s.read_region((0, 0), (n, 1), mpp=0.25).astype(int) for n in (5, 6))
+    assert np.abs(five - six[:, :5]).max() <= 1, (five[0, :, 0], six[0, :, 0])
+
+
+def test_reads_that_fall_on_level_pixels_are_unchanged(tmp_path):
+    """Reads aligned with their level's pixels resize them as before (byte for byte: the pipeline's tiles)."""
+    _ramp_pyramid(tmp_path / "ramp.tif")
+    with open_slide(tmp_path / "ramp.tif") as s:
+        aligned = s.read_region((20, 8), (16, 4), mpp=0.5)
+        assert np.array_equal(aligned, s._read_level(1, 10, 4, 16, 4))
+
+
+def test_a_camera_jfif_density_gives_way_to_the_exif_resolution(tmp_path, slide_rgb):
+    """A JPEG whose JFIF header keeps a camera's 72 dpi (353 µm/px: no microscope's) but whose EXIF states
+    20,000 px/cm is at 0.5 µm/px; a plausible JFIF density still wins."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x011A], exif[0x011B], exif[0x0128] = 20000, 20000, 3
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "jfif72.jpg", dpi=(72, 72), exif=exif.tobytes())
+    with open_slide(tmp_path / "jfif72.jpg") as s:
+        assert s.mpp == pytest.approx(0.5)
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "jfif.jpg", dpi=(50800, 50800), exif=exif.tobytes())
+    with open_slide(tmp_path / "jfif.jpg") as s:
+        assert s.mpp == pytest.approx(0.5)  # 50,800 dpi
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_tiff_slide_never_closed_frees_its_file_when_collected(pyramid_tiff):
+    import gc
+
+    gc.collect()
+    before = _open_fds()
+    for _ in range(50):
+        s = open_slide(pyramid_tiff, backend="tifffile")
+        s.read_region((0, 0), (8, 8), mpp=0.5)
+        del s
+    gc.collect()
+    assert _open_fds() <= before + 2
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_closing_a_slide_twice_is_harmless(pyramid_tiff, backend):
+    with open_slide(pyramid_tiff, backend=backend) as s:
+        s.close()
+
+
+def test_a_3d_tiff_says_so(tmp_path):
+    path = tmp_path / "volume.tif"
+    tifffile.imwrite(path, np.zeros((4, 64, 64, 3), np.uint8), volumetric=True, tile=(32, 32), photometric="rgb")
+    with pytest.raises(SlideError, match=r"volume\.tif: 3-D TIFF \(4 planes deep\) is not supported"):
+        open_slide(path, mpp=0.5)
