@@ -201,6 +201,8 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
             grey = np.asarray(img.convert("L"))
             # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
             mask = 2 * grey.astype(np.int32) >= max(int(grey.max()), 1) if img.format == "JPEG" else grey > 0
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # a transparent pixel is no tumour
+                mask &= np.asarray(img.convert("RGBA"))[..., 3] > 0
     except RegionError:
         raise
     except UnidentifiedImageError:
@@ -218,20 +220,36 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour, or over half its top value in a JPEG; any size with the
-    slide's aspect).
+    mask image covering the whole slide (non-zero = tumour, or over half its top value in a JPEG; transparent
+    pixels are not tumour; any size with the slide's aspect). A GeoJSON none of whose tumour polygons reaches
+    into the ``slide_size`` (level-0 px) is refused: its coordinates are another image's, or not pixels.
 
     Annotations classified as non-tumour (IGNORED_CLASSES, e.g. Stroma, Ignore*, DCIS) are cut out of the
     tumour ones; where any annotation is classified tumour (TUMOUR_CLASSES) only those are the tumour,
     else every other annotation but a "Region*"; detections and cells (exports of all objects) are never used.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RegionError(path, "is a folder, not a region file")
     if not path.is_file():
         raise RegionError(path, "region file not found")
     if path.stat().st_size == 0:
         raise RegionError(path, "region file is empty (0 bytes)")
-    if path.suffix.lower() in (".geojson", ".json"):
-        return _load_geojson(path)
     if len(slide_size) != 2 or min(slide_size) <= 0:
         raise ValueError(f"slide_size must be positive (width, height), got {slide_size}")
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _on_slide(path, _load_geojson(path), slide_size)
     return _load_mask(path, slide_size)
+
+
+def _on_slide(path: Path, region: Region, slide_size: tuple[int, int]) -> Region:
+    """``region``, refused where none of its tumour polygons reaches into the slide (level-0 px)."""
+    w, h = slide_size
+    boxes = np.array([[*ext.min(0), *ext.max(0)] for ext, _ in region.polygons])
+    if not ((boxes[:, 2] > 0) & (boxes[:, 3] > 0) & (boxes[:, 0] < w) & (boxes[:, 1] < h)).any():
+        x0, y0 = boxes[:, :2].min(0)
+        x1, y1 = boxes[:, 2:].max(0)
+        raise RegionError(path, f"its tumour annotations lie outside the {w} x {h} px slide (x {x0:.0f} to {x1:.0f}, "
+                                f"y {y0:.0f} to {y1:.0f}): coordinates must be this slide's level-0 pixels "
+                                "(an export from another image, or in µm?)")
+    return region

@@ -132,6 +132,33 @@ def test_missing_and_empty_region_files(tmp_path):
     (tmp_path / "empty.geojson").write_bytes(b"")
     with pytest.raises(RegionError, match=r"empty\.geojson: region file is empty \(0 bytes\)"):
         load_region(tmp_path / "empty.geojson", slide_size=SIZE)
+    (tmp_path / "folder.geojson").mkdir()
+    with pytest.raises(RegionError, match=r"folder\.geojson: is a folder, not a region file"):
+        load_region(tmp_path / "folder.geojson", slide_size=SIZE)
+
+
+def test_annotations_that_miss_the_slide_are_refused(tmp_path):
+    """Polygons from another image, or in µm, lie off this slide: the file is refused, naming the slide's size and
+    where they are, not read as 'no tumour cells'. One polygon reaching into the slide is enough."""
+    far = _feature({"type": "Polygon", "coordinates": [_square(50_000, 50_000, 60_000, 60_000)]}, "Tumor")
+    p = _write(tmp_path, {"type": "FeatureCollection", "features": [far]})
+    with pytest.raises(RegionError, match=r"region\.geojson: its tumour annotations lie outside the 1000 x 800 px slide "
+                                          r"\(x 50000 to 60000, y 50000 to 60000\)"):
+        load_region(p, slide_size=SIZE)
+    near = _feature({"type": "Polygon", "coordinates": [_square(900, 700, 1200, 900)]}, "Tumor")
+    p = _write(tmp_path, {"type": "FeatureCollection", "features": [far, near]})
+    assert load_region(p, slide_size=SIZE).contains(np.array([950.0]), np.array([750.0])).tolist() == [True]
+
+
+def test_a_masks_transparent_pixels_are_not_tumour(tmp_path):
+    """An RGBA mask drawn on a transparent white background: tumour only where it is opaque."""
+    rgba = np.zeros((80, 100, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[10:40, 20:50] = (255, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    r = load_region(tmp_path / "rgba.png", slide_size=SIZE)
+    assert r.mask.mean() == pytest.approx(30 * 30 / (80 * 100))
+    assert r.contains(np.array([300.0, 700.0]), np.array([200.0, 600.0])).tolist() == [True, False]
 
 
 def test_mask_image(tmp_path):
