@@ -197,15 +197,18 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
               cnn_weights: str | None = None, cells_csv: bool = False) -> list[Job]:
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
-    ``previous`` maps slides to the folder names an earlier run gave them; they keep them.
+    ``previous`` maps slides to the folder names an earlier run gave them: they keep them, and the
+    folders of earlier slides not among ``slides`` are never given to another.
     """
     previous = previous or {}
     annotations = _Annotations(slides)
-    jobs, used = [], set()
+    jobs = []
+    these = {str(slide) for slide, _ in slides}
+    used = {name.lower() for slide, name in previous.items() if slide not in these}
     names: dict[int, str] = {}
     for i, (slide, _) in enumerate(slides):
         old = previous.get(str(slide))
-        if old and old == safe_name(old) and old.lower() not in used:
+        if old and _is_safe_name(old) and old.lower() not in used:
             names[i] = old
             used.add(old.lower())
     for i, (slide, root) in enumerate(slides):
@@ -213,13 +216,24 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
             rel = str(slide.relative_to(root)) if slide.is_relative_to(root) else slide.name
             name = safe_name(rel)
             if name.lower() in used:
-                name = f"{name}-{hashlib.sha1(str(slide).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+                name = _hashed_name(name, slide)
             names[i] = name
             used.add(name.lower())
         region = _find_region(regions, slide, root, annotations) if regions else None
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
                         cells_csv=cells_csv))
     return jobs
+
+
+def _hashed_name(name: str, slide: Path) -> str:
+    """``name`` made unique by 8 hex digits of the slide's path."""
+    return f"{name}-{hashlib.sha1(str(slide).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def _is_safe_name(name: str) -> bool:
+    """Whether ``name`` is one safe_name gives, or one made unique by _hashed_name (which may pass its byte limit)."""
+    plain = re.fullmatch(r"(.+)-[0-9a-f]{8}", name)
+    return name == safe_name(name) or plain is not None and plain[1] == safe_name(plain[1])
 
 
 REGION_SUFFIXES = (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")

@@ -263,6 +263,35 @@ def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
     assert {k: second[k] for k in first if k != "later.png"} == {k: first[k] for k in first if k != "later.png"}
 
 
+def test_a_slide_of_a_later_run_never_takes_an_earlier_slides_folder(tmp_path, fields):
+    """Two runs into one --out with slides of the same file name from different folders: the second gets a
+    folder of its own, the first's results stay its own, and a third run reuses each from its folder. (The
+    second took the first's folder, and the third then reused the second slide's 3+ as the first's score.)
+    So does a slide whose name is over the byte limit and already carries a hash."""
+    for sub, score in (("a", "0"), ("b", "3+")):
+        (tmp_path / sub).mkdir()
+        save_png(tmp_path / sub / "s.png", fields[score])
+    out = tmp_path / "out"
+    first = run_batch([tmp_path / "a" / "s.png"], out)
+    second = run_batch([tmp_path / "b" / "s.png"], out)
+    rows = {Path(r["slide"]).parent.name: r for r in second}
+    assert rows["a"]["output"] != rows["b"]["output"] and rows["a"] == first[0]
+    for sub, score in (("a", "0"), ("b", "3+")):
+        assert json.loads((out / rows[sub]["output"] / "result.json").read_text())["score"] == score
+    third = run_batch([tmp_path / "a" / "s.png"], out)
+    assert (third.scored, third.reused) == (0, 1) and {r["score"] for r in third if r["slide"] == first[0]["slide"]} == {"0"}
+
+    long = tmp_path / "long"
+    long.mkdir()
+    for end in ("A", "B"):
+        save_png(long / ("p" * 155 + f"_{end}.png"), fields["1+"])
+    out = tmp_path / "out_long"
+    names = {Path(r["slide"]).name[-5]: r["output"] for r in run_batch([long], out)}
+    again = run_batch([long / ("p" * 155 + "_B.png")], out)
+    assert (again.scored, again.reused) == (0, 1)
+    assert {Path(r["slide"]).name[-5]: r["output"] for r in again} == names and names["A"] != names["B"]
+
+
 def test_changed_slide_or_settings_are_scored_again(tmp_path, three, fields):
     out = tmp_path / "out"
     run_batch([three], out)
