@@ -642,7 +642,8 @@ def run_batch(
             finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
                 try:
                     if unsaved:
-                        rows = save()
+                        with signals_held():  # a SIGTERM now lands after the rewrite, not between its two files
+                            rows = save()
                 finally:
                     finished.close()
         return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)

@@ -26,8 +26,8 @@ def signals_held() -> Iterator[None]:
     """Within (on the main thread), a SIGINT or SIGTERM whose handler is Python's (KeyboardInterrupt, or
     the cli's SystemExit) is held, and raised by the next wait_first, result_of or pause, not at whatever bytecode it
     lands on: raised inside concurrent.futures' own locking, it leaves a future's lock held, and the pool's
-    thread then blocks the process's exit for ever. On leaving without an error, a signal still held is
-    raised. Nests (the outermost block holds); elsewhere it changes nothing."""
+    thread then blocks the process's exit for ever. On leaving, a signal still held is raised, in place of
+    any error leaving with it. Nests (the outermost block holds); elsewhere it changes nothing."""
     if _handlers or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -39,8 +39,8 @@ def signals_held() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _release()
-        _held.clear()
+        _release()  # a signal held is raised in place of the error (its Ctrl-C may have caused it: the workers died)
+        _raise_held()
         raise
     _release()
     _raise_held()

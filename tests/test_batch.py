@@ -207,6 +207,65 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
         assert _written_before_the_large_slide_ended(out)
 
 
+CTRL_C_WHILE_RECORDING = """
+import os, signal, sys, time
+from her2score import cli
+shown = cli._Progress.__call__
+def progress(self, row, done, total):
+    shown(self, row, done, total)
+    if done == 1:  # Ctrl-C while the batch records its first slide: the workers die before it submits the next
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        time.sleep(0.3)
+cli._Progress.__call__ = progress
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX signals and process groups")
+def test_ctrl_c_while_a_slide_is_recorded_stops_the_batch_in_order(tmp_path, fields):
+    """The Ctrl-C that killed the workers is what the batch reports, not the broken pool it then finds (a
+    traceback and exit 1 when it submitted the next slide)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(4):
+        save_png(slides / f"f{i}.png", fields["2+"])
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_RECORDING, "score", str(slides), "--out", str(tmp_path / "out"),
+                           "--no-cnn", "--workers", "2"], capture_output=True, text=True, timeout=120, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("her2score score: interrupted; the slides that finished are recorded")
+    assert len(_done_in(tmp_path / "out")) >= 1
+
+
+SIGTERM_IN_THE_FINAL_SAVE = """
+import os, signal, sys
+from her2score import batch, cli
+batch._save_due = lambda since, cost: False  # a large batch: every row waits for the final rewrite
+write, manifests = batch.atomic_write, []
+def write_then_term(path, data):
+    write(path, data)
+    if str(path).endswith("manifest.json"):
+        manifests.append(path)
+        if len(manifests) == 2:  # the final rewrite: the manifest written, the summary next
+            os.kill(os.getpid(), signal.SIGTERM)
+batch.atomic_write = write_then_term
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_during_the_final_save_lands_after_it(tmp_path, fields):
+    """manifest.json and summary.csv are one record: a SIGTERM between their writes waits for the second."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(2):
+        save_png(slides / f"f{i}.png", fields["0"])
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_THE_FINAL_SAVE, "score", str(slides), "--out", str(out),
+                           "--no-cnn", "--workers", "1", "-q"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert _done_in(out) == {"f0.png", "f1.png"}  # and the summary lists what the manifest does
+
+
 def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):
     """Python 3.11-3.12 raise RuntimeError resolving a link loop: the loop is that slide's error, the others are scored."""
     folder = tmp_path / "slides"
