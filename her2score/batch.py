@@ -694,11 +694,10 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
 
 
 def _pool(n: int):
-    """``n`` slide worker processes, shut down at the end waiting for their slides; when the batch
-    stops early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them)
-    without waiting, so the batch records what finished first. The slides still running end before
-    the process exits (or are scored again by the next run if it is killed)."""
-    return worker_pool(n, die_with_parent, wait_on_error=False)
+    """``n`` slide worker processes, shut down at the end waiting for their slides. When the batch stops
+    early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them), the caller has
+    recorded what finished, and the slides still running are stopped: the next run scores them again."""
+    return worker_pool(n, die_with_parent, stop_on_error=True)
 
 
 def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: ExitStack):

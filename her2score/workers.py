@@ -114,18 +114,21 @@ FORKS = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
 
 @contextmanager
 def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = (), *,
-                wait_on_error: bool = True) -> Iterator[ProcessPoolExecutor]:
+                stop_on_error: bool = False) -> Iterator[ProcessPoolExecutor]:
     """``n`` worker processes, forked where FORKS (they inherit what this process has loaded), else the
     platform's default; ``initializer`` gets this process's pid first (for die_with_parent). Within,
     signals are held (signals_held): wait on the pool's futures with wait_first or result_of. On leaving,
-    the pool shuts down, waiting for its tasks; after an error, those not started are cancelled, and
-    with ``wait_on_error`` False the running ones are not waited for (they end before the process exits)."""
+    the pool shuts down, waiting for its tasks; after an error, those not started are cancelled, and the
+    running ones are waited for, or with ``stop_on_error`` stopped at once (their processes terminated)."""
     with signals_held():
         pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
                                    initargs=(os.getpid(), *initargs))
         try:
             yield pool
         except BaseException:
-            pool.shutdown(wait=wait_on_error, cancel_futures=True)
+            if stop_on_error:  # ProcessPoolExecutor.terminate_workers is Python 3.14's
+                for process in list((pool._processes or {}).values()):
+                    process.terminate()
+            pool.shutdown(wait=not stop_on_error, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
