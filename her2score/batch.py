@@ -118,8 +118,8 @@ def discover(
     """Slides under the inputs (files, or folders searched recursively), as (slide, root) pairs,
     and the inputs that gave none as (path, "PATH: reason").
 
-    A file named explicitly is always taken (an unsupported one gets its error when opened). In
-    folders: slide suffixes are taken, and so are image formats known to be unsupported (so they
+    A file named explicitly is always taken (an unsupported one gets its error when opened). Folders are
+    searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and so are image formats known to be unsupported (so they
     get a clear error row); hidden files and folders, folders under ``exclude`` (the batch's own
     output) and MRXS data folders are not searched; other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
@@ -159,8 +159,14 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
     def onerror(e: OSError) -> None:
         errors.append((e.filename or str(root), f"cannot list folder ({e.strerror or e})"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+    visited = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):  # a linked case folder too
         here = Path(dirpath)
+        real = resolved_path(here)
+        if real in visited:  # a link back up the tree, or a second link to one folder: listed once
+            dirnames[:] = []
+            continue
+        visited.add(real)
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and d not in mrxs and not _inside(here / d, excluded))
@@ -580,75 +586,87 @@ def run_batch(
     regions = os.path.abspath(regions) if regions else None
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out}: --out exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BatchError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     lock = _lock(out)
     try:
-        _clean_temp_files(out)
-        skipped: list[tuple[str, str]] = []
-        slides, problems = discover(inputs, exclude=[out], skipped=skipped)
-        unexpected = [p for p, _ in skipped if Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
-        if unexpected:
-            names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
-            what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
-            log.warning("skipped %d %s: %s", len(unexpected), what, names)
-        manifest = _Manifest(out)
-        manifest.skipped = [list(s) for s in skipped]
-        jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
-                         previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
-                         cells_csv=cells_csv)
-        this_run = {j.slide for j in jobs} | {p for p, _ in problems}
-        earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and e.get("state") == "done"
-                   and (out / e["row"].get("output", "") / "result.json").is_file()}
-        if jobs:
-            _refuse_mixed_settings(out, earlier, _settings(jobs[0]))
-        manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
-        for path, reason in problems:
-            row = _empty_row(path)
-            row.update(status="error", error=reason)
-            manifest.record(Job(path, "", "", config), row)
-
-        last_end = last_cost = 0.0  # when the last write of manifest and summary ended, and what it took (monotonic s)
-
-        def save() -> list[dict]:
-            nonlocal last_end, last_cost
-            start = time.monotonic()
-            rows = _write_progress(out, manifest)
-            last_end = time.monotonic()
-            last_cost = last_end - start
-            return rows
-
-        todo = [j for j in jobs if not manifest.done(j)]
-        total, done = len(jobs), len(jobs) - len(todo)
-        if scheduler is None and workers > 1 and len(todo) < workers:
-            todo = [replace(j, tile_workers=workers) for j in todo]
-        rows = save()
-        scored = failed = unsaved = 0
-        with ExitStack() as cluster:  # a Dask client and cluster, closed after the last write below
-            finished = _execute(todo, workers, scheduler, cluster)
-            try:
-                for job, row in finished:
-                    manifest.record(job, row)
-                    unsaved += 1
-                    if _save_due(time.monotonic() - last_end, last_cost):
-                        unsaved = 0  # a failed write is not tried again below
-                        rows = save()
-                    done += 1
-                    scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
-                    if progress:
-                        progress(row, done, total)
-            finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
-                try:
-                    if unsaved:
-                        with signals_held():  # a SIGTERM now lands after the rewrite, not between its two files
-                            rows = save()
-                finally:
-                    finished.close()
-        return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
+        return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress)
+    except BatchError:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
+            (out / LOCK).unlink()
+            out.rmdir()
+        raise
     finally:
         _unlock(lock)
+
+
+def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp, regions, workers: int, scheduler,
+                cnn_weights, cells_csv: bool, progress) -> BatchRows:
+    """run_batch's work, with ``out`` made and locked."""
+    _clean_temp_files(out)
+    skipped: list[tuple[str, str]] = []
+    slides, problems = discover(inputs, exclude=[out], skipped=skipped)
+    unexpected = [p for p, _ in skipped if Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
+    if unexpected:
+        names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
+        log.warning("skipped %d %s: %s", len(unexpected), what, names)
+    manifest = _Manifest(out)
+    manifest.skipped = [list(s) for s in skipped]
+    jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
+                     previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
+                     cells_csv=cells_csv)
+    this_run = {j.slide for j in jobs} | {p for p, _ in problems}
+    earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and e.get("state") == "done"
+               and (out / e["row"].get("output", "") / "result.json").is_file()}
+    if jobs:
+        _refuse_mixed_settings(out, earlier, _settings(jobs[0]))
+    manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
+    for path, reason in problems:
+        row = _empty_row(path)
+        row.update(status="error", error=reason)
+        manifest.record(Job(path, "", "", config), row)
+
+    last_end = last_cost = 0.0  # when the last write of manifest and summary ended, and what it took (monotonic s)
+
+    def save() -> list[dict]:
+        nonlocal last_end, last_cost
+        start = time.monotonic()
+        rows = _write_progress(out, manifest)
+        last_end = time.monotonic()
+        last_cost = last_end - start
+        return rows
+
+    todo = [j for j in jobs if not manifest.done(j)]
+    total, done = len(jobs), len(jobs) - len(todo)
+    if scheduler is None and workers > 1 and len(todo) < workers:
+        todo = [replace(j, tile_workers=workers) for j in todo]
+    rows = save()
+    scored = failed = unsaved = 0
+    with ExitStack() as cluster:  # a Dask client and cluster, closed after the last write below
+        finished = _execute(todo, workers, scheduler, cluster)
+        try:
+            for job, row in finished:
+                manifest.record(job, row)
+                unsaved += 1
+                if _save_due(time.monotonic() - last_end, last_cost):
+                    unsaved = 0  # a failed write is not tried again below
+                    rows = save()
+                done += 1
+                scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
+                if progress:
+                    progress(row, done, total)
+        finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
+            try:
+                if unsaved:
+                    with signals_held():  # a SIGTERM now lands after the rewrite, not between its two files
+                        rows = save()
+            finally:
+                finished.close()
+    return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
 
 
 def _write_progress(out: Path, manifest: "_Manifest") -> list[dict]:

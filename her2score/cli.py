@@ -49,16 +49,21 @@ def _score_config(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _UsageError(f"--out {out}: exists and is not a folder")
+    for i in args.inputs:
+        if Path(i).is_dir() and out.exists() and os.path.samefile(out, i):
+            raise _UsageError(f"--out {out}: is the input folder {i}; give the results a folder of their own")
     _check_specimen(args.guideline, args.specimen)
     t = Thresholds()
     try:
         if args.thresholds:
             t = replace(t, **json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise _UsageError(f"--thresholds {args.thresholds}: {e}") from None
+    try:
         config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
                                thresholds=t, estimate_stains=args.estimate_stains)
-    except (OSError, ValueError, TypeError) as e:
-        where = f"--thresholds {args.thresholds}" if args.thresholds else "--target-mpp"
-        raise _UsageError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise _UsageError(f"--target-mpp {args.target_mpp}: {e}") from None
     weights = None
     if not args.no_cnn:
         from .batch import _load_cnn
@@ -529,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader went away ('| head'): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush writes nowhere
+        return 141
 
 
 if __name__ == "__main__":

@@ -261,6 +261,20 @@ def test_a_sigterm_during_the_final_save_lands_after_it(tmp_path, fields):
     assert _done_in(out) == {"f0.png", "f1.png"}  # and the summary lists what the manifest does
 
 
+def test_slides_in_linked_folders_are_found_and_a_link_loop_ends(tmp_path, fields):
+    """A case folder linked into the batch's folder is searched (it was skipped without a word); a link back
+    up the tree is followed once, not for ever."""
+    real = tmp_path / "cases" / "case1"
+    real.mkdir(parents=True)
+    save_png(real / "s.png", fields["1+"])
+    root = tmp_path / "batch"
+    root.mkdir()
+    (root / "case1").symlink_to(real, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    slides, problems = discover([root])
+    assert [s.name for s, _ in slides] == ["s.png"] and problems == []
+
+
 def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):
     """Python 3.11-3.12 raise RuntimeError resolving a link loop: the loop is that slide's error, the others are scored."""
     folder = tmp_path / "slides"

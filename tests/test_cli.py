@@ -196,6 +196,51 @@ def test_bad_arguments_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_a_bad_target_mpp_is_blamed_on_itself_beside_a_good_thresholds_file(tmp_path, capsys):
+    (tmp_path / "t.json").write_text("{}")
+    out = tmp_path / "out"
+    assert main(["score", str(SAMPLES / "field_3plus_a.png"), "--out", str(out), "--thresholds", str(tmp_path / "t.json"),
+                 "--target-mpp", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("her2score score: --target-mpp 0.0: ") and "--thresholds" not in err, err
+
+
+def test_a_batch_refused_before_any_work_leaves_no_output_folder(tmp_path, capsys):
+    """An annotation that could belong to two slides (two s.png, one regions/s.png) is an exit-2 refusal found
+    once the output folder is locked: the folder this run made goes again (its lock file stayed)."""
+    for sub in ("a", "b"):
+        (tmp_path / "slides" / sub).mkdir(parents=True)
+        shutil.copy(SAMPLES / "field_3plus_a.png", tmp_path / "slides" / sub / "s.png")
+    (tmp_path / "regions").mkdir()
+    shutil.copy(SAMPLES / "field_3plus_a.png", tmp_path / "regions" / "s.png")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "slides"), "--out", str(out), "--regions", str(tmp_path / "regions"), "--no-cnn"]) == 2
+    assert "her2score score: " in capsys.readouterr().err and not out.exists()
+
+
+def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
+    """--out naming the folder of slides itself: a usage error, not a failed slide per result folder."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "field_3plus_a.png", folder)
+    assert main(["score", str(folder), "--out", str(tmp_path / "slides" / ".." / "slides"), "--no-cnn"]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["field_3plus_a.png"]
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """'her2score score ... | head -1': the reader going away (here before any line) ends the command quietly."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("field_0_null.png", "field_3plus_a.png"):
+        shutil.copy(SAMPLES / name, slides)
+    shell = (f"{sys.executable} -m her2score.cli score {slides} --out {tmp_path / 'out'} --no-cnn -q | true; "
+             "echo \"rc ${PIPESTATUS[0]}\"")
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip() == "rc 141", done.stdout
+
+
 # -- inputs that are not HER2 IHC --------------------------------------------------------------------
 
 def test_inputs_that_are_not_hdab_tissue_are_refused_in_summary_and_the_batch_goes_on(tmp_path, capsys):
