@@ -109,8 +109,12 @@ def _console_line(r: dict) -> str:
             f"H={r['h_score'] if r['h_score'] != '' else '-':<7} cells={r['tumour_cells']:<6} {r['slide']}")
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, as _score's handler raises it (exit code 143)."""
+
+
 def _stop_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def _clock(seconds: float) -> str:
@@ -173,7 +177,7 @@ def _score(args) -> int:
     # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     earlier_term = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main else None
-    rows = None  # stays None when Ctrl-C stops the batch
+    rows, stopped = None, 0  # the exit code when Ctrl-C or SIGTERM stops the batch
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
@@ -182,15 +186,17 @@ def _score(args) -> int:
         print(f"her2score score: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        pass
+        stopped = 130
+    except _Terminated as e:
+        stopped = e.code
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)
         progress.close()
-    if rows is None:
-        print(f"her2score score: interrupted; the slides that finished are recorded in {Path(args.out) / 'summary.csv'}: "
-              "run the same command again to score the rest", file=sys.stderr)
-        return 130
+    if stopped:
+        print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "
+              f"recorded in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest", file=sys.stderr)
+        return stopped
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     earlier = 0

@@ -175,8 +175,8 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_clu
 ])
 def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, ignored, code):
     """A signal that lands while the batch waits for its workers ends 'her2score score' in order: the
-    finished slide recorded at once (even with no rewrite due), the slide still running stopped, and for
-    Ctrl-C one line saying so, no traceback. A Ctrl-C the batch ignores changes nothing."""
+    finished slide recorded at once (even with no rewrite due), the slide still running stopped, and one
+    line saying so, no traceback. A Ctrl-C the batch ignores changes nothing."""
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     code_ = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
              "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
@@ -197,8 +197,8 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
         assert _done_in(out) == {"a_small.png", "b_large.png"} and err.startswith("[2/2] b_large.png: ") and err.count("\n") == 1
         return
     assert _done_in(out) == {"a_small.png"}
-    if signum == signal.SIGINT:
-        assert err.count("\n") == 1 and err.startswith("her2score score: interrupted; the slides that finished"), err
+    said = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert err.count("\n") == 1 and err.startswith(f"her2score score: {said}; the slides that finished"), err
     assert _large_slide_stopped(out)  # SIGTERM reaches the batch alone: it stops the worker (which went on, unrecorded)
 
 
