@@ -42,7 +42,7 @@ from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
-from .workers import die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
+from .workers import POLL_S, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
@@ -784,8 +784,7 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
     with signals_held():  # raised between polls, never inside the client's own locking
         while not finished.is_empty():
             ready = finished.next_batch(block=False)
-            if not ready:
-                pause()
+            pause(0 if ready else POLL_S)  # a signal held is raised between results too, not only while none come
             for f in ready:
                 try:
                     row = f.result()

@@ -72,9 +72,10 @@ def wait_first(fs: Iterable[Future]) -> set[Future]:
             return done
 
 
-def pause() -> None:
-    """Sleep POLL_S, then raise a signal held (signals_held): the poll of work that wait_first cannot wait on."""
-    time.sleep(POLL_S)
+def pause(seconds: float = POLL_S) -> None:
+    """Sleep ``seconds``, then raise a signal held (signals_held): the poll of work that wait_first cannot wait on."""
+    if seconds > 0:
+        time.sleep(seconds)
     _raise_held()
 
 
