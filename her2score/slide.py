@@ -560,6 +560,8 @@ class TiffSlide(Slide):
                     continue
                 if self._segment_px(p) > MAX_PLAIN_PIXELS:
                     continue
+                if base.is_tiled and not p.is_tiled:
+                    continue  # a tiled pyramid's stripped page is its thumbnail (Aperio SVS), no level of it
                 levels.append((p, Level(p.imagewidth, p.imagelength, ds)))
             if not any(p is base for p, _ in levels):
                 raise SlideError(path, f"full-resolution image is stored in segments of {self._segment_px(base)} "

@@ -282,7 +282,7 @@ def test_an_overview_stored_before_the_full_image_is_not_level_0(tmp_path, slide
         w.write(full, photometric="rgb", tile=(128, 128), resolution=(40000, 40000), resolutionunit="CENTIMETER", metadata=None)
     with open_slide(path) as s:
         assert s.dimensions == (512, 384) and s.mpp == pytest.approx(0.25)
-        assert [lv.downsample for lv in s.levels] == [1.0, 4.0]
+        assert [lv.downsample for lv in s.levels] == [1.0]  # a stripped page beside a tiled one is a preview
         assert np.array_equal(s.read_region((0, 0), (64, 64), mpp=0.25), full[:64, :64])
 
 
@@ -617,3 +617,16 @@ def test_a_3d_tiff_says_so(tmp_path):
     tifffile.imwrite(path, np.zeros((4, 64, 64, 3), np.uint8), volumetric=True, tile=(32, 32), photometric="rgb")
     with pytest.raises(SlideError, match=r"volume\.tif: 3-D TIFF \(4 planes deep\) is not supported"):
         open_slide(path, mpp=0.5)
+
+
+def test_a_tiled_pyramids_stripped_thumbnail_is_no_level(tmp_path):
+    """Aperio SVS stores a small stripped thumbnail page after level 0: it is a lossy preview, not a pyramid
+    level (OpenSlide leaves it out too); the levels are the tiled pages."""
+    rng = np.random.default_rng(1)
+    l0 = rng.integers(0, 255, (256, 384, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "svs_like.tif") as tw:
+        tw.write(l0, tile=(64, 64), photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+        tw.write(l0[::8, ::8], photometric="rgb", rowsperstrip=8)  # the thumbnail, stripped
+        tw.write(l0[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
+    with open_slide(tmp_path / "svs_like.tif") as s:
+        assert [lv.downsample for lv in s.levels] == [1.0, 2.0]
