@@ -160,6 +160,8 @@ def _load_geojson(path: Path) -> Region:
     for i, f in enumerate(features):
         if not isinstance(f, dict):
             raise RegionError(path, f"feature {i} is not a JSON object")
+        if "geometry" in f and f["geometry"] is None:
+            continue  # an unlocated feature (GeoJSON allows it): no area
         if not isinstance(f.get("geometry"), dict):
             raise RegionError(path, f"feature {i} has no geometry object")
         props = f.get("properties") or {}

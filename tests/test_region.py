@@ -137,6 +137,17 @@ def test_missing_and_empty_region_files(tmp_path):
         load_region(tmp_path / "folder.geojson", slide_size=SIZE)
 
 
+def test_an_unlocated_feature_is_passed_over(tmp_path):
+    """GeoJSON allows "geometry": null (a feature with no place): it adds no area and refuses nothing."""
+    nowhere = {"type": "Feature", "geometry": None, "properties": {"objectType": "annotation"}}
+    p = _write(tmp_path, {"type": "FeatureCollection", "features": [
+        nowhere, _feature({"type": "Polygon", "coordinates": [_square(0, 0, 10, 10)]}, "Tumor")]})
+    assert len(load_region(p, slide_size=SIZE).polygons) == 1
+    p = _write(tmp_path, {"type": "FeatureCollection", "features": [nowhere]})
+    with pytest.raises(RegionError, match="no Polygon or MultiPolygon tumour annotation"):
+        load_region(p, slide_size=SIZE)
+
+
 def test_annotations_that_miss_the_slide_are_refused(tmp_path):
     """Polygons from another image, or in µm, lie off this slide: the file is refused, naming the slide's size and
     where they are, not read as 'no tumour cells'. One polygon reaching into the slide is enough."""
