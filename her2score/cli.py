@@ -289,11 +289,22 @@ def _synth(args) -> int:
 def _train(args) -> int:
     import time
 
+    from .cnn import ModelError, weights_path
     from .slide import SlideError
     from .train import TrainConfig, csv_images, folder_images, synthetic_images, train
 
     if not (args.synthetic or args.folder or args.csv):
         print("her2score: give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE", file=sys.stderr)
+        return 2
+    try:  # the settings checked before any image is made or read
+        config = TrainConfig(seed=args.seed, patch_px=args.patch_px, width=args.width, mpp=args.target_mpp,
+                             max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                             patches_per_image=args.patches_per_image, val_fraction=args.val_fraction, lr=args.lr,
+                             augment=not args.no_augment, threads=args.threads, device=args.device,
+                             max_minutes=args.max_minutes)
+        weights_path(Path(args.out) / args.name)
+    except ValueError as e:
+        print(f"her2score: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     images, notes = [], []
@@ -315,11 +326,6 @@ def _train(args) -> int:
         print(f"her2score: {e}", file=sys.stderr)
         return 2
     print(f"{len(images)} labelled images ready in {time.perf_counter() - t0:.0f} s; training ...", flush=True)
-    config = TrainConfig(seed=args.seed, patch_px=args.patch_px, width=args.width, mpp=args.target_mpp,
-                         max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         patches_per_image=args.patches_per_image, val_fraction=args.val_fraction, lr=args.lr,
-                         augment=not args.no_augment, threads=args.threads, device=args.device,
-                         max_minutes=args.max_minutes)
 
     def progress(row):
         print(f"epoch {row['epoch']:>2}: train loss {row['train_loss']:.4f} acc {row['train_patch_accuracy']:.3f} | "
@@ -328,7 +334,7 @@ def _train(args) -> int:
 
     try:
         res = train(images, config=config, out=args.out, name=args.name, data_note="; ".join(notes), progress=progress)
-    except ValueError as e:
+    except (ValueError, ModelError) as e:
         print(f"her2score: {e}", file=sys.stderr)
         return 2
     r = res.record

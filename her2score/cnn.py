@@ -407,7 +407,7 @@ def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRe
     Weights holding NaN or infinite values are refused (ModelError), and nothing is written."""
     import torch
 
-    path = Path(path)
+    path = weights_path(path)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     if not _finite(state):
         raise ModelError(f"{path}: not saved: the weights hold NaN or infinite values (a training run that diverged)")
@@ -418,8 +418,21 @@ def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRe
     buf = io.BytesIO()
     torch.save({"state_dict": state, "meta": json.dumps(meta, sort_keys=True)}, buf)
     _write_atomic(path, buf.getvalue())
-    _write_atomic(path.with_suffix(".onnx"), export_onnx(load_model(path, device="cpu")))
-    return WeightsRecord.from_dict({**record.to_dict(), "sha256": _sha256_file(path)})
+    saved = WeightsRecord.from_dict({**record.to_dict(), "sha256": _sha256_file(path)})
+    # the graph from the weights in hand: loading the file back would refuse new weights over the shipped ones
+    cpu = build_network(in_channels=len(saved.input_channels), width=saved.width, n_classes=len(saved.classes))
+    cpu.load_state_dict(state, strict=True)
+    _write_atomic(path.with_suffix(".onnx"), export_onnx(TorchTileClassifier(cpu, saved, device="cpu", source=str(path))))
+    return saved
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """``path`` as a weights file's: ValueError unless it ends in .pt (its ONNX graph goes beside it, as .onnx)."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise ValueError(f"{path}: a weights file's name ends in .pt (its ONNX graph is written beside it, "
+                         "as the same name ending in .onnx)")
+    return path
 
 
 def _finite(state: Mapping[str, Any]) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model
+from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model, weights_path
 from .stain import H_DAB, estimate_background, optical_density
 from .workers import die_with_parent, result_of, worker_pool
 
@@ -231,6 +231,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be within (0, 1), got {self.val_fraction}")
         if self.max_epochs < 1 or self.batch_size < 2 or self.patches_per_image < 1:
             raise ValueError("max_epochs, batch_size and patches_per_image must be positive (batch_size >= 2)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be a positive number of minutes (or None: no limit), got {self.max_minutes}")
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,15 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     cfg = config
     if not images:
         raise ValueError("no training images")
+    if out is not None:
+        weights_path(Path(out) / name)  # refused now, not after the training
+    seen: dict[str, int] = {}
+    for i, im in enumerate(images):  # one image twice could land in training and validation both
+        key = im.source if im.source.startswith("synthetic:") else os.path.realpath(im.source)
+        if key in seen:
+            raise ValueError(f"{im.source}: given twice (images {seen[key] + 1} and {i + 1}): an image in both the "
+                             "training and the validation split would measure validation on training data")
+        seen[key] = i
     labels = np.array([CLASSES.index(parse_label(im.label)) for im in images])
     cands = [_candidate_positions(im, cfg.patch_px, cfg.min_tissue_fraction) for im in images]
     usable = np.array([len(c) > 0 for c in cands])
@@ -486,7 +497,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             elif epoch - best[1] >= cfg.patience:
                 stopped = f"early stop: no validation-loss gain for {cfg.patience} epochs"
                 break
-            if cfg.max_minutes and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
+            if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
                 stopped = f"time limit {cfg.max_minutes} min"
                 break
         if best[2] is not None:

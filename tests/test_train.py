@@ -168,3 +168,32 @@ def test_a_diverging_run_saves_nothing_and_nan_weights_are_refused(fields, tmp_p
     with pytest.raises(ModelError, match="again.pt: not saved: the weights hold NaN"):
         save_model(tmp_path / "again.pt", net, trained[0].record)
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_what_would_spoil_a_training_run_is_refused_before_it(fields, tmp_path):
+    """An image given twice (it could sit in both splits), a weights name whose ONNX graph would be written over
+    it (model.onnx), and a time limit that is not a positive number of minutes (0 was read as no limit)."""
+    with pytest.raises(ValueError, match=r"given twice \(images 1 and 13\)"):
+        train([*fields, fields[0]], config=TrainConfig(**TINY))
+    with pytest.raises(ValueError, match=r"model\.onnx: a weights file's name ends in \.pt"):
+        train(fields, config=TrainConfig(**TINY), out=tmp_path, name="model.onnx")
+    assert not any(tmp_path.iterdir())
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="max_minutes must be a positive number"):
+            TrainConfig(max_minutes=bad)
+
+
+def test_retrained_weights_written_where_the_shipped_ones_are_get_their_graph(trained, tmp_path, monkeypatch):
+    """The model card's retraining command writes into models/: the new weights and their ONNX graph are both
+    written (the graph was made by loading the file back, which the shipped file's checksum refused, after the
+    weights were already replaced)."""
+    import onnx
+
+    from her2score import cnn
+
+    shipped = tmp_path / "her2cnn.pt"
+    monkeypatch.setattr(cnn, "default_weights_path", lambda: shipped)
+    res, _, _ = trained
+    rec = cnn.save_model(shipped, res.net, res.record)
+    meta = {p.key: p.value for p in onnx.load(str(shipped.with_suffix(".onnx"))).metadata_props}
+    assert meta[cnn.ONNX_SOURCE_KEY] == rec.sha256 == cnn._sha256_file(shipped)
