@@ -73,7 +73,8 @@ PALER = (0.7, 0.5)
 """Factors on the real colon's haematoxylin OD for its "pale" cases: the same field under a lighter counterstain."""
 
 WEAKER = (0.5, 0.25, 0.12, 0.05)
-"""Factors on the real colon's DAB OD for its "weaker" cases: the same membranes stained more faintly."""
+"""Factors on the real colon's DAB OD for its "weaker" cases: the same membranes stained more faintly. Its
+residual OD (where the stain vectors misfit its DAB) is scaled with it: left whole, it tints the field green."""
 
 
 def real_cases() -> list[RealCase]:
@@ -101,7 +102,7 @@ def real_cases() -> list[RealCase]:
     cases += ki67
     cases += [RealCase(f"skimage-colon-ihc-haematoxylin-{k:g}", "pale", _scaled(_skimage_ihc, hematoxylin=k), 0.5,
                        f"the real colon with {k:g} x its haematoxylin OD: a paler counterstain") for k in PALER]
-    cases += [RealCase(f"skimage-colon-ihc-dab-{k:g}", "weaker", _scaled(_skimage_ihc, dab=k), 0.5,
+    cases += [RealCase(f"skimage-colon-ihc-dab-{k:g}", "weaker", _scaled(_skimage_ihc, dab=k, residual=k), 0.5,
                        f"the real colon with {k:g} x its DAB OD: the same membranes, fainter") for k in WEAKER]
     derived = [c for c in cases if c.kind in ("membranous", "nuclear")]
     for c in derived:

@@ -130,8 +130,8 @@ def test_the_colon_with_weaker_dab_reads_weaker_down_to_null(colon):
     """The real colon with its DAB OD scaled down (1, 0.5, 0.25, 0.12, 0.05, then none): the same membranes
     fading, with no truth beyond that. The score and the H-score never rise as the DAB falls, the call
     passes through every score on the way from 3+ to 0 (null), and the tumour cells stay the same cells
-    (their selection reads no DAB). Measured: 3+ H 199, 2+ 118, 2+ 87, 1+ 32, 0+ (ultralow) 0.4, 0 (null)
-    0; 238-259 tumour cells."""
+    (their selection reads no DAB). Measured: 3+ H 199, 2+ 117, 2+ 86, 1+ 35, then 0 (null) 0 at 0.05 and
+    without DAB; 233-259 tumour cells."""
     results = [colon[0].result, *(analyse(CASES[n]).result for n in names("weaker")),
                analyse(CASES["skimage-colon-ihc-dab-removed"]).result]
     seen = [(r.score, r.level, r.h_score, r.tumour_cells) for r in results]
@@ -141,6 +141,19 @@ def test_the_colon_with_weaker_dab_reads_weaker_down_to_null(colon):
     assert results[0].score == "3+" and results[-1].level == "0 (null)", seen
     n = results[0].tumour_cells
     assert all(abs(r.tumour_cells - n) <= 0.1 * n for r in results), seen
+
+
+@pytest.mark.parametrize("name", ["skimage-colon-ihc", "skimage-colon-ihc-dab-0.12", "skimage-colon-ihc-dab-removed"])
+def test_real_fields_in_focus_pass_the_focus_check_and_blurred_ones_fail_it(name):
+    """The real colon, its 1+ and its HER2 0 (DAB scaled down, removed) under a pale counterstain are as sharp as
+    one another: the check reads sharpness against the tissue's own contrast. The Laplacian's variance alone
+    failed the real HER2 0 and 1+ as out of focus (0.0012 and 0.0014 against a floor of 0.0015) and passed a
+    generated 3+ blurred by 0.75 µm. Blurred by 0.75 µm, each fails."""
+    rgb = CASES[name].load()
+    sharp = analyse_slide(ArraySlide(rgb, mpp=0.5)).result
+    blurred = analyse_slide(ArraySlide(cv2.GaussianBlur(rgb, (0, 0), 1.5), mpp=0.5)).result
+    assert "out_of_focus" not in {q.code for q in sharp.qc}, sharp.qc
+    assert {q.code: q.severity for q in blurred.qc}.get("out_of_focus") == "fail", blurred.qc
 
 
 @pytest.mark.parametrize("name", names("pale"))
