@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 LEVEL_OF_CATEGORY = np.array([STAINING_LEVEL[c] for c in CATEGORIES], np.int8)
 """Guideline staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order (guidelines.STAINING_LEVEL)."""
+CALIBRATED_MPP = 0.5
+"""µm/px at which the intensity bands (categories.Thresholds) were set, the default tile resolution."""
+
 NEIGHBOUR_MATCH_UM = 3.0
 """µm within which a cell in a tile's margin is the neighbouring tile's cell (their label images differ at the edge)."""
 
@@ -84,7 +87,7 @@ class ScoringConfig:
 
     guideline: str = "breast-asco-cap-2023"
     specimen: str = "resection"
-    mpp: float = 0.5
+    mpp: float = CALIBRATED_MPP
     tile_px: int = 512
     margin_um: float = 16.0
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -569,6 +572,9 @@ def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, toleran
 def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, n_tumour: int, stains: StainSet,
         eosin: float, slide_mpp: float, floor_od: float) -> list[QCFinding]:
     qc = []
+    if config.mpp > CALIBRATED_MPP:
+        qc.append(QCFinding("coarse_target", "warn", f"scored at {config.mpp:g} µm/px, coarser than the {CALIBRATED_MPP:g} "
+                            "µm/px its intensity bands were set at: faint (1+) membranes read weaker and fewer", config.mpp))
     if slide_mpp > config.max_scan_mpp:
         qc.append(QCFinding("coarse_scan", "fail", f"scanned at {slide_mpp:.3g} µm/px, coarser than the "
                             f"{config.max_scan_mpp:g} µm/px a ~1 µm membrane needs: faint (1+) staining cannot be told "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from her2score.eligibility import check_eligibility
-from her2score.pipeline import score_slide
+from her2score.pipeline import ScoringConfig, score_slide
 from her2score.results import CnnReport
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field
@@ -84,3 +84,12 @@ def test_a_field_without_glass_says_white_was_assumed():
     assert finding.severity == "warn" and 180 <= finding.value < 200
     assert "white is taken as 255" in finding.message and "too high" in finding.message
     assert "white_level_assumed" not in codes(score_slide(ArraySlide(f, mpp=0.5)))
+
+
+def test_a_target_coarser_than_the_calibration_is_warned():
+    """--target-mpp 0.7: faint membranes read weaker and fewer than at the 0.5 µm/px the bands were set at (a
+    generated 1+ field, faint partial 19.1% at 0.5, reads 8.9% and 0); the result says so. At 0.5 it does not."""
+    f = generate_field("1+", seed=9601)
+    coarse = score_slide(ArraySlide(f.image, mpp=f.mpp), config=ScoringConfig(mpp=0.7))
+    assert codes(coarse)["coarse_target"] == "warn" and "0.7 µm/px" in next(q.message for q in coarse.qc if q.code == "coarse_target")
+    assert "coarse_target" not in codes(score_slide(ArraySlide(f.image, mpp=f.mpp)))
