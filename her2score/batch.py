@@ -31,8 +31,9 @@ import traceback
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -603,8 +604,9 @@ def run_batch(
         _unlock(lock)
 
 
-def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp, regions, workers: int, scheduler,
-                cnn_weights, cells_csv: bool, progress) -> BatchRows:
+def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float | None, regions: str | None,
+                workers: int, scheduler: str | None, cnn_weights: str | os.PathLike | None, cells_csv: bool,
+                progress: Callable[[dict, int, int], None] | None) -> BatchRows:
     """run_batch's work, with ``out`` made and locked."""
     _clean_temp_files(out)
     skipped: list[tuple[str, str]] = []
@@ -711,7 +713,7 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
                      "(they are scored again), or choose another --out")
 
 
-def _pool(n: int):
+def _pool(n: int) -> AbstractContextManager[ProcessPoolExecutor]:
     """``n`` slide worker processes, shut down at the end waiting for their slides. When the batch stops
     early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them), the caller has
     recorded what finished, and the slides still running are stopped: the next run scores them again."""
