@@ -120,9 +120,10 @@ def discover(
     and the inputs that gave none as (path, "PATH: reason").
 
     A file named explicitly is always taken (an unsupported one gets its error when opened). Folders are
-    searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and so are image formats known to be unsupported (so they
-    get a clear error row); hidden files and folders, folders under ``exclude`` (the batch's own
-    output) and MRXS data folders are not searched; other files are appended to ``skipped``.
+    searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and
+    so are image formats known to be unsupported (so they get a clear error row); hidden files and
+    folders, folders under ``exclude`` (the batch's own output) and MRXS data folders are not searched;
+    other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
     excluded = [resolved_path(Path(e)) for e in exclude]

@@ -177,7 +177,7 @@ def _score(args) -> int:
     # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     earlier_term = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main else None
-    rows, stopped = None, 0  # the exit code when Ctrl-C or SIGTERM stops the batch
+    stopped = 0  # the exit code when Ctrl-C or SIGTERM stops the batch
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LEVEL_OF_CATEGORY = np.array([STAINING_LEVEL[c] for c in CATEGORIES], np.int8)
 """Guideline staining level (0, 1+, 2+, 3+) of each category in CATEGORIES order (guidelines.STAINING_LEVEL)."""
+
 CALIBRATED_MPP = 0.5
 """µm/px at which the intensity bands (categories.Thresholds) were set, the default tile resolution."""
 

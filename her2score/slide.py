@@ -182,7 +182,7 @@ class Slide(ABC):
         lx0, ly0 = max(0, math.floor(x0 + ox0 / f) - 1), max(0, math.floor(y0 + oy0 / f) - 1)
         lx1, ly1 = min(lw, math.ceil(x0 + ox1 / f) + 1), min(lh, math.ceil(y0 + oy1 / f) + 1)
         patch = np.ascontiguousarray(self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0))
-        # output pixel ox0 + i has its centre at level x0 + (ox0 + i + 0.5) / f: patch pixel i / f + that - lx0 - 0.5
+        # output pixel ox0 + i has its centre at level x0 + (ox0 + i + 0.5) / f, which is patch pixel that - lx0 - 0.5
         to_out = np.float64([[f, 0, (lx0 - x0) * f + 0.5 * (f - 1) - ox0],
                              [0, f, (ly0 - y0) * f + 0.5 * (f - 1) - oy0]])
         out[oy0:oy1, ox0:ox1] = cv2.warpAffine(patch, to_out, (ox1 - ox0, oy1 - oy0), flags=cv2.INTER_LINEAR,

@@ -382,6 +382,8 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     import torch
     import torch.nn.functional as F
 
+    from .slide import resolved_path
+
     t_start = time.perf_counter()
     cfg = config
     if not images:
@@ -390,7 +392,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
         weights_path(Path(out) / name)  # refused now, not after the training
     seen: dict[str, int] = {}
     for i, im in enumerate(images):  # one image twice could land in training and validation both
-        key = im.source if im.source.startswith("synthetic:") else os.path.realpath(im.source)
+        key = im.source if im.source.startswith("synthetic:") else str(resolved_path(im.source))
         if key in seen:
             raise ValueError(f"{im.source}: given twice (images {seen[key] + 1} and {i + 1}): an image in both the "
                              "training and the validation split would measure validation on training data")
