@@ -170,8 +170,13 @@ def measure_cells(
     halo_um: float = 1.5,
     line_reach_um: float = 0.5,
     outside: np.ndarray | None = None,
-) -> tuple[CellMeasurements, np.ndarray]:
-    """Measure every cell of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in cell interiors.
+    core: tuple[int, int, int, int] | None = None,
+) -> tuple[CellMeasurements, np.ndarray, np.ndarray]:
+    """Measure the cells of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in
+    their interiors, and the centroid (x, y) in px of every label (NaN for a label with no pixel: rows
+    by label), the cells named in sector_neighbour included. ``core`` (x, y, width, height) px: measure
+    only the cells whose centroid lies there (a tile's core), as if the others were not there but
+    for the borders they share.
 
     ``dab_od`` is the smoothed DAB OD and ``contrast`` its membrane contrast (membrane_contrast).
     A cell's membrane is looked for in the band of its pixels within ``band_um`` of its border,
@@ -187,20 +192,30 @@ def measure_cells(
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
-    on = cells > 0
-    on_idx = np.flatnonzero(on)
+    cell_px = cells > 0
+    on_idx = np.flatnonzero(cell_px)
     cl = cells.ravel()[on_idx].astype(np.intp)
     area = np.bincount(cl, minlength=n_lab).astype(np.float64)
-    labels = np.flatnonzero(area)
-    if len(labels) == 0:
-        empty = np.zeros(0, f32)
-        sectors = np.zeros((0, N_SECTORS), np.float16)
-        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
-                np.zeros(len(CONTRAST_BINS) - 1, np.int64))
     width_px = cells.shape[1]
     cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
+    centroids = np.where((area > 0)[:, None], np.column_stack([cx, cy]), np.nan)
+    measured = area > 0
+    on = cell_px
+    if core is not None:  # the cells whose centroid lies in the core; the others' pixels are left out
+        x0, y0, w, h = core
+        fx, fy = cx.astype(f32), cy.astype(f32)
+        measured &= (fx >= x0) & (fx < x0 + w) & (fy >= y0) & (fy < y0 + h)
+        sel = np.flatnonzero(measured[cl])
+        on_idx, cl, cr, cc = on_idx[sel], cl[sel], cr[sel], cc[sel]
+        on = measured[cells]
+    labels = np.flatnonzero(measured)
+    if len(labels) == 0:
+        empty = np.zeros(0, f32)
+        sectors = np.zeros((0, N_SECTORS), np.float16)
+        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
+                np.zeros(len(CONTRAST_BINS) - 1, np.int64), centroids)
 
     # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
     nuc_sel = np.flatnonzero(nuclei.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
@@ -224,8 +239,9 @@ def measure_cells(
     padded = np.pad(cells, 1, mode="constant")
     center = padded[1:-1, 1:-1]
     sides = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
-    border = ((center != sides[0]) | (center != sides[1]) | (center != sides[2]) | (center != sides[3])) & on
+    border = ((center != sides[0]) | (center != sides[1]) | (center != sides[2]) | (center != sides[3])) & cell_px
     near = cv2.dilate(border.view(np.uint8), _chamfer_ball(band_um / mpp)) > 0
+    border &= on
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
     halo = disk(halo_um / mpp)
     n_nuc = int(nuclei.max()) + 1
@@ -298,7 +314,7 @@ def measure_cells(
         sector_neighbour=neighbour,
         cut_sectors=cut,
     )
-    return m, hist
+    return m, hist, centroids
 
 
 def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, cx: np.ndarray,

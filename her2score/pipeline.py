@@ -182,16 +182,13 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
     outside = tile.beyond_slide()
     cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um, outside=outside)
-    m, contrast_hist = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp, outside=outside)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
-    tx, ty = m.x + rx, m.y + ry  # tile px of the read box -> px of the grid
-    owned = (tx >= x0) & (tx < x0 + w) & (ty >= y0) & (ty < y0 + h)
+    m, contrast_hist, centroids = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp, outside=outside,
+                                                core=(x0 - rx, y0 - ry, w, h))
     ox, oy, _ = frame = _tile_frame(tile, scale)
     m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
-    label_xy = np.full((int(cells.max()) + 1, 2), np.nan, np.float32)
-    label_xy[m.label] = np.column_stack([m.x, m.y])
-    m = m.select(owned)
+    label_xy = (centroids.astype(np.float32) * scale + np.array([ox, oy], np.float32)).astype(np.float32)
     outline_points, outline_sizes = trace_outline_points(cells, m.label)
     # QC: sharpness over tissue, the OD's Laplacian against its detail at nucleus scale (a 2 µm Gaussian): a ratio,
     # so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+

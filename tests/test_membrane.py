@@ -27,7 +27,7 @@ def cell_with_arc(fraction: float, od: float, *, start_deg: float = 0.0, width_p
 def measure(nuclei, dab, threshold=0.025):
     smooth, contrast = membrane_contrast(dab, nuclei, mpp=MPP)
     cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9)
-    m, hist = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP)
+    m, hist, _ = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP)
     return m, summarise_membranes(m, threshold_od=threshold), hist
 
 
@@ -131,7 +131,7 @@ def test_a_ring_the_images_edge_cuts_is_read_on_what_is_seen():
     smooth, contrast = membrane_contrast(dab, nuclei, mpp=MPP)
     cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9, outside=outside)
     assert not cells[outside].any()
-    m, _ = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP, outside=outside)
+    m, _, _ = measure_cells(cells, nuclei, np.zeros_like(dab), smooth, contrast, mpp=MPP, outside=outside)
     s = summarise_membranes(m, threshold_od=0.025)
     cut = int(m.cut_sectors[0])
     assert 4 <= cut <= 8 and (~np.isfinite(m.sector_contrast[0].astype(np.float32))).sum() == cut  # measured: 5
@@ -142,7 +142,7 @@ def test_a_ring_the_images_edge_cuts_is_read_on_what_is_seen():
 
     _, pattern = classify_cells(s.completeness, s.longest_arc, s.longest_gap, s.membrane_od)
     assert PATTERNS[pattern[0]] == "complete"
-    whole, _ = measure_cells(grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9), nuclei, np.zeros_like(dab), smooth,
+    whole, _, _ = measure_cells(grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9), nuclei, np.zeros_like(dab), smooth,
                              contrast, mpp=MPP)
     assert whole.cut_sectors[0] == 0  # read without the edge: every sector a border sector, no cut
 
@@ -221,7 +221,7 @@ def test_each_sector_names_the_cell_across_its_border():
     cells[10:30, 10:35] = 1
     cells[10:30, 35:60] = 2
     zero = np.zeros(cells.shape, np.float32)
-    m, _ = measure_cells(cells, np.zeros_like(cells), zero, zero, zero, mpp=MPP)
+    m, _, _ = measure_cells(cells, np.zeros_like(cells), zero, zero, zero, mpp=MPP)
     right, left = N_SECTORS // 2, 0  # sectors count from the left, clockwise on the image
     assert m.sector_neighbour.dtype == np.int32 and m.sector_neighbour.shape == (2, N_SECTORS)
     assert m.sector_neighbour[0, right] == 2 and m.sector_neighbour[1, left] == 1
@@ -241,3 +241,29 @@ def test_stained_by_neighbours_needs_every_stained_sector_beside_an_enclosing_ce
     stained[2, 10:14] = True
     assert stained_by_neighbours(stained, beside).tolist() == [True, False, False, False]
     assert not stained_by_neighbours(stained, beside, reach=0)[0]  # without the bend, the ends are its own
+
+
+def test_measuring_a_core_measures_its_cells_as_the_whole_image_does():
+    """measure_cells with ``core`` gives exactly the whole image's measurements of the cells whose centroid
+    lies in the core, no others, the centroids of every label, and an interior histogram of those cells only
+    (on scikit-image's real colon IHC field, its cells grown as a tile grows them)."""
+    from skimage.data import immunohistochemistry
+
+    from her2score.cells import segment_nuclei
+    from her2score.stain import deconvolve
+
+    hed = deconvolve(immunohistochemistry()[256:512, :320], H_DAB)
+    nuclei = segment_nuclei(hed[..., 0], hed[..., 1], mpp=MPP)
+    smooth, contrast = membrane_contrast(hed[..., 1], nuclei, mpp=MPP)
+    cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9)
+    whole, whole_hist, centroids = measure_cells(cells, nuclei, hed[..., 0], smooth, contrast, mpp=MPP)
+    core = (60, 40, 150, 120)
+    part, part_hist, part_centroids = measure_cells(cells, nuclei, hed[..., 0], smooth, contrast, mpp=MPP, core=core)
+    inside = (whole.x >= 60) & (whole.x < 210) & (whole.y >= 40) & (whole.y < 160)
+    assert 20 < inside.sum() < len(whole) - 20  # 24 of 107
+    for name in whole.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[inside], err_msg=name)
+    np.testing.assert_array_equal(part_centroids, centroids)
+    assert np.isfinite(centroids[whole.label]).all() and len(centroids) == cells.max() + 1
+    np.testing.assert_allclose(centroids[whole.label], np.column_stack([whole.x, whole.y]), atol=1e-4)
+    assert 0 < part_hist.sum() < whole_hist.sum() and (part_hist <= whole_hist).all()
