@@ -213,11 +213,9 @@ def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
                                                     or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
 
 
-def _breast_2plus_groups(c: Mapping[str, int], isolated_intense_percent: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The two populations either of which makes a breast 2+ over 10%: complete membranes (intense complete
-    cells only where they are no isolated cells), and intense incomplete ones (the unusual pattern)."""
-    isolated = _isolated(c["strong_complete"], sum(c.values()), isolated_intense_percent)
-    return ("weak_moderate_complete", *(() if isolated else ("strong_complete",))), ("strong_lateral", "strong_partial")
+_BREAST_2PLUS_GROUPS = (("weak_moderate_complete", "strong_complete"), ("strong_lateral", "strong_partial", "strong_complete"))
+"""The two populations either of which makes a breast 2+ over 10%: complete membranes of any intensity,
+and intense ones, complete or not (the unusual pattern: an intense complete membrane is intense too)."""
 
 
 def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
@@ -233,9 +231,8 @@ def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: 
     """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
     _known(guideline, gastric_reading)
     if GUIDELINE_FAMILY[guideline] == "breast":
-        complete, incomplete = _breast_2plus_groups(c, isolated_intense_percent)
-        stained = tuple(cat for cat in CATEGORIES if cat not in ("none", "strong_complete")) + complete[1:]
-        larger = max((complete, incomplete), key=lambda cats: sum(c[cat] for cat in cats))
+        stained = tuple(cat for cat in CATEGORIES if cat != "none")
+        larger = max(_BREAST_2PLUS_GROUPS, key=lambda cats: sum(c[cat] for cat in cats))
         return {"3+": ("strong_complete",), "2+": larger, "1+": stained}
     match = (lambda lv, k: lv == k) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
     return {f"{k}+": tuple(cat for cat in CATEGORIES if match(STAINING_LEVEL[cat], k)) for k in (3, 2, 1)}
@@ -246,7 +243,7 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
     complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining;
-    isolated intense cells in neither. Gastric: cumulative_counts, or each band alone under the per_band
+    isolated intense cells count in both as the stained complete cells they are. Gastric: cumulative_counts, or each band alone under the per_band
     reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
     groups = _deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)
@@ -327,7 +324,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
             if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
-                groups = [g for g in _breast_2plus_groups(c, isolated_intense_percent) if 10 * sum(c[cat] for cat in g) > total]
+                groups = [g for g in _BREAST_2PLUS_GROUPS if 10 * sum(c[cat] for cat in g) > total]
             else:
                 groups = [_deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]]
             sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
@@ -358,12 +355,36 @@ def cluster_sides(counts: Mapping[str, int], score: str | None, *, guideline: st
         for step in (-1, 1):
             if {size, size + step} != {_MIN_CLUSTER_CELLS - 1, _MIN_CLUSTER_CELLS}:
                 continue  # only a move across the rule's 5 can change the call
-            nested = {k: size + step for k in order[i:] if clusters.get(k, 0) == size}
-            for moved in ({**clusters, level: size + step}, {**clusters, **nested}):
-                alt = apply_guideline(counts, guideline, specimen, clusters=moved, gastric_reading=gastric_reading).score
+            nested = {**clusters, **{k: size + step for k in order[i:] if clusters.get(k, 0) == size}}
+            for moved in (_moved_cluster(clusters, level, size + step), _moved_cluster(nested, level, size + step)):
+                alt = apply_guideline(_holding(counts, moved), guideline, specimen, clusters=moved,
+                                      gastric_reading=gastric_reading).score
                 if alt != score and alt not in [s for s, _, _ in sides]:
                     sides.append((alt, level, size))
     return sides
+
+
+_LEVEL_CATEGORY = {"3+": "strong_complete", "2+": "weak_moderate_complete", "1+": "faint_partial"}
+
+
+def _holding(counts: Mapping[str, int], clusters: Mapping[str, int]) -> dict[str, int]:
+    """``counts`` with as many unstained cells read at each level as its cluster needs beyond them (a cell of
+    a cluster one cell larger is a stained cell more)."""
+    c = _validated(counts)
+    for level in ("3+", "2+", "1+"):
+        short = min(max(0, clusters.get(level, 0) - cumulative_counts(c)[level]), c["none"])
+        c["none"] -= short
+        c[_LEVEL_CATEGORY[level]] += short
+    return c
+
+
+def _moved_cluster(clusters: Mapping[str, int], level: str, size: int) -> dict[str, int]:
+    """``clusters`` with ``level``'s set to ``size``, the others kept nested (a cluster at a level is one at
+    each weaker level too): a weaker level's at least ``size``, a stronger one's at most."""
+    order = ("3+", "2+", "1+")
+    i = order.index(level)
+    return {k: max(clusters.get(k, 0), size) if j > i else min(clusters.get(k, 0), size) if j < i else size
+            for j, k in enumerate(order)}
 
 
 def cluster_words(level: str, size: int) -> str:
@@ -390,7 +411,7 @@ def isolated_sides(counts: Mapping[str, int], score: str | None, *, guideline: s
     lower = wilson_ci(strong, total, confidence)[0]
     if not (_isolated(strong - 1, total, isolated_intense_percent) or 100.0 * lower < isolated_intense_percent):
         return []
-    other, level = _breast_rules({**c, "none": c["none"] + strong, "strong_complete": 0}, guideline, isolated=strong)[:2]
+    other, level = _breast_rules(c, guideline, isolated=True)[:2]
     return [] if other == score else [(other, level)]
 
 
@@ -415,12 +436,11 @@ read too. An ultralow call whose staining is no larger could be null.
 
 def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT) -> float | None:
     """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give
-    (at most ``percent``): the call could be "0 (null)". None for any other level or a larger share.
-    Intense complete cells in an ultralow call are isolated cells, which the call does not count."""
+    (at most ``percent``): the call could be "0 (null)". None for any other level or a larger share."""
     if level != "0+ (ultralow)":
         return None
     c = _validated(counts)
-    share = 100.0 * (sum(c.values()) - c["none"] - c["strong_complete"]) / sum(c.values())
+    share = 100.0 * (sum(c.values()) - c["none"]) / sum(c.values())
     return share if share <= percent else None
 
 
@@ -467,12 +487,13 @@ def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
 
 
 def percent_text(share: float, cutoff: float = 10.0) -> str:
-    """``share`` (%) to one decimal, or to as many more (up to 4) as it takes not to print a share just
-    off ``cutoff`` as the cut-off itself (9.96% is not "10.0%" under a rule of >=10%)."""
-    for digits in (1, 2, 3):
-        if share == cutoff or round(share, digits) != cutoff:
-            return f"{share:.{digits}f}%"
-    return f"{share:.4f}%"
+    """``share`` (%) to one decimal, or to as many more as it takes not to print a share just off
+    ``cutoff`` as the cut-off itself (9.96% is not "10.0%" under a rule of >=10%; 1 cell fewer than
+    10% of 2 million is 9.99995%), nor a share over 0 as 0 (3 cells of 10,412 are 0.03%)."""
+    digits = 1
+    while digits < 12 and share != cutoff and (round(share, digits) == cutoff or round(share, digits) == 0 < share):
+        digits += 1
+    return f"{share:.{digits}f}%"
 
 
 def _pct(n: int, total: int, bound: str) -> str:
@@ -492,32 +513,35 @@ def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membran
 def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple[str, str, tuple[str, ...], str]:
     """(score, level, flags, reason) under ASCO/CAP 2018/2023: every threshold is strictly > 10%.
 
-    Intense complete cells below the isolated floor (_isolated) are not a population: the other cells
-    decide, at every level, and the reason says so; the flag ``isolated_intense_cells`` marks a call
-    they would change if counted.
+    Intense complete cells below the isolated floor (_isolated) do not make the "intense complete
+    staining in <=10%" 2+ by themselves: they count as the stained complete cells they are (towards
+    complete staining in >10%, any staining in >10%, ultralow), and the reason says so; the flag
+    ``isolated_intense_cells`` marks a call the pattern would have made 2+.
     """
     total, strong = sum(c.values()), c["strong_complete"]
     if not _isolated(strong, total, isolated_percent):
         return _breast_rules(c, guideline)
     literal = _breast_rules(c, guideline)[0]
-    score, level, flags, reason = _breast_rules({**c, "none": c["none"] + strong, "strong_complete": 0}, guideline, isolated=strong)
+    score, level, flags, reason = _breast_rules(c, guideline, isolated=True)
     note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
             f"{isolated_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor of the 'intense complete staining in <=10%' pattern), "
-            "not counted: the other cells decide")
+            "counted as stained complete cells, not as that pattern")
     return score, level, flags + (("isolated_intense_cells",) if score != literal else ()), reason + note
 
 
-def _breast_rules(c: dict[str, int], guideline: str, isolated: int = 0) -> tuple[str, str, tuple[str, ...], str]:
-    """_breast's call on counts ``c``, ``isolated`` intense complete cells already moved to none.
+def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> tuple[str, str, tuple[str, ...], str]:
+    """_breast's call on counts ``c``; ``isolated``: its intense complete cells in <=10% are isolated cells,
+    which do not make the "intense complete in <=10%" 2+.
 
     Intense incomplete membranes, lateral or not, make the unusual "intense but incomplete in >10%"
-    2+. Below 1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+",
-    DESTINY-Breast06): a stronger membrane also shows the faint level, so weak-to-moderate complete
-    staining in <=10% is ultralow too; the reason names the cells.
+    2+, counted with any intense complete ones in <=10% (an intense membrane, complete or not). Below
+    1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+", DESTINY-Breast06): a
+    stronger membrane also shows the faint level, so weak-to-moderate complete staining in <=10% is
+    ultralow too; the reason names the cells.
     """
     total = sum(c.values())
     strong, complete = c["strong_complete"], c["weak_moderate_complete"] + c["strong_complete"]
-    intense_incomplete = c["strong_lateral"] + c["strong_partial"]
+    intense = c["strong_lateral"] + c["strong_partial"] + strong
 
     def over(n: int) -> bool:
         return 10 * n > total
@@ -528,15 +552,16 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: int = 0) -> tuple
         kinds = {"weak_moderate_complete": c["weak_moderate_complete"], "strong_complete": strong}
         return "2+", "2+", ("ish_reflex",), _staining(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
     unusual = ("ish_reflex", "unusual_pattern")
-    if over(intense_incomplete):
-        kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"]}
-        reason = _staining(kinds, total, ">10%", "intense but incomplete membrane staining")
+    if over(intense):  # intense complete cells in <=10% only, the rest incomplete
+        kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"], "strong_complete": strong}
+        what = "intense membrane staining (incomplete, or complete in <=10%)" if strong else "intense but incomplete membrane staining"
+        reason = _staining(kinds, total, ">10%", what)
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
-    if strong:
+    if strong and not isolated:
         reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
     stained = total - c["none"]
-    nothing = f"no membrane staining in {'the other ' if isolated else 'any of '}{total - isolated:,} tumour cells"
+    nothing = f"no membrane staining in any of {total:,} tumour cells"
     if over(stained):
         return "1+", "1+", ("her2_low",), _staining(c, total, ">10%")
     if guideline == "breast-asco-cap-2018":
@@ -573,7 +598,7 @@ def _gastric(
     total = cum["total"]
     share = deciding_cells(c, "gastric", gastric_reading=reading)
     words = _GASTRIC_WORDS[reading]
-    sizes = _validated_clusters(clusters) if specimen == "biopsy" else {}
+    sizes = _validated_clusters(clusters, cum) if specimen == "biopsy" else {}
     for score in ("3+", "2+", "1+"):
         flags = ("ish_reflex",) if score == "2+" else ()
         suffix = "; reflex ISH required" if score == "2+" else ""
@@ -587,7 +612,7 @@ def _gastric(
             )
             return score, score, flags, reason
     if reading == "per_band":
-        bands = ", ".join(f"{k} {100 * share[k] / total:.1f}%" for k in ("3+", "2+", "1+"))
+        bands = ", ".join(f"{k} {percent_text(100 * share[k] / total)}" for k in ("3+", "2+", "1+"))
         reason = f"no staining band reaches 10% of {total:,} tumour cells (per-band reading: {bands})"
     else:
         reason = f"membrane staining in {_pct(cum['1+'], total, '<10%')}"
@@ -596,7 +621,9 @@ def _gastric(
     return "0", "0", (), reason
 
 
-def _validated_clusters(clusters: Mapping[str, int] | None) -> dict[str, int]:
+def _validated_clusters(clusters: Mapping[str, int] | None, cumulative: Mapping[str, int]) -> dict[str, int]:
+    """The largest cluster at each level, checked against the ``cumulative`` counts (cumulative_counts); a
+    level not given takes the stronger levels' size."""
     if clusters is None:
         raise ValueError(
             "gastric biopsy scoring needs clusters: the largest cohesive cluster of tumour cells "
@@ -605,7 +632,18 @@ def _validated_clusters(clusters: Mapping[str, int] | None) -> dict[str, int]:
     unknown = sorted(set(clusters) - {"3+", "2+", "1+"})
     if unknown:
         raise ValueError(f"unknown cluster levels {unknown}; expected '3+', '2+', '1+'")
-    return {k: _count(f"cluster size for {k!r}", v) for k, v in clusters.items()}
+    sizes = {k: _count(f"cluster size for {k!r}", v) for k, v in clusters.items()}
+    out, stronger = {}, 0
+    for level in ("3+", "2+", "1+"):  # a cluster at a level holds cells at it or stronger: a 3+ cluster is a 2+ one
+        size = sizes.get(level, stronger)
+        if size < stronger:
+            raise ValueError(f"cluster sizes must not shrink to weaker levels (a cluster at a level is one at each weaker "
+                             f"level too): {level!r} {size} < {stronger} at a stronger level")
+        if size > cumulative[level]:
+            raise ValueError(f"a cluster of {size} tumour cells at {level} or stronger, but the counts hold only "
+                             f"{cumulative[level]} such cells")
+        out[level] = stronger = size
+    return out
 
 
 def check_settings(guideline: str, specimen: str, *, isolated_intense_percent: float, gastric_reading: str) -> None:

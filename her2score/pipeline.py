@@ -473,16 +473,18 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     if cnn_report is not None and n_tumour:
         classical_reason = reason
         score, confidence = fuse(classical, cnn_report.probabilities)
-        if score != classical:  # flags follow the reported level; the guideline call's own stay in classical_flags
+        cnn_words = f"the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
+        if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
                                            percent=config.false_membrane_percent)
-            reason += doubt
+            reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
+                      f"{classical_level} on {classical_reason.split('; ')[0]}"
+                      + ("; reflex ISH required" if level == "2+" else "") + doubt)
+        elif cnn_report.score != classical:
+            reason += f"; {cnn_words}"
         if cnn_report.score != classical:
             flags = (*flags, "cnn_disagrees")
-            reason += f"; the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
-        if score != classical:
-            reason += f"; reported {level} after fusing the classical {classical_level} with the CNN"
     result = SlideResult(
         slide=slide_path,
         score=score,

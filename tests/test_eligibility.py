@@ -415,8 +415,8 @@ def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it()
 def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_changes_the_answer():
     from her2score.guidelines import FALSE_MEMBRANE_PERCENT, null_or_ultralow, with_null_doubt
 
-    counts = {"none": 186, "faint_partial": 12, "strong_complete": 2}  # 6% faint, 2 isolated intense cells
-    assert null_or_ultralow(counts, "0+ (ultralow)") == 6.0  # the isolated cells are not counted, as in the call
+    counts = {"none": 188, "faint_partial": 10, "strong_complete": 2}  # 5% faint, 2 isolated intense cells
+    assert null_or_ultralow(counts, "0+ (ultralow)") == 6.0  # the isolated cells are stained cells, as in the call
     assert null_or_ultralow(counts, "0+ (ultralow)", percent=5.0) is None
     assert null_or_ultralow(counts, "0 (null)") is None and null_or_ultralow(counts, "1+") is None
     assert null_or_ultralow({"none": 182, "faint_partial": 18}, "0+ (ultralow)") is None  # 9%: above the default
@@ -486,14 +486,14 @@ def test_a_cnn_score_beside_no_score_is_no_disagreement():
 
 def test_intense_cells_just_over_the_isolated_floor_need_review_where_isolated_would_change_it():
     """Five intense complete cells in 400 make a breast 2+; four would be isolated cells, and the slide 0
-    (null): the pipeline flags it near_cutoff, and a HER2-low answer after ISH asks for review."""
+    (ultralow, its only stained cells): the pipeline flags it near_cutoff, and a HER2-low answer after ISH asks for review."""
     base = make_result(none=395, strong_complete=5)
     assert base.score == "2+"
     result = replace(base, flags=(*base.flags, "near_cutoff"))
     d = check_eligibility(result, "her2-low-breast", ish="negative")
     assert d.status == "needs_review"
     assert d.reasons[0] == ("its 5 intense complete cells (1.25% of 400) lie just over the 1% / 5-cell floor below which "
-                            "they would be isolated cells: at 0 (null) the answer would be not eligible")
+                            "they would be isolated cells: at 0+ (ultralow) the answer would be not eligible")
     assert check_eligibility(result, "t-dxd-tumour-agnostic").status == "not_eligible"  # 0 or 2+: not 3+ either way
 
 

@@ -199,12 +199,15 @@ def test_one_plus_reason_describes_mixed_cells():
 
 # -- isolated intense cells: the "intense complete in <=10%" pattern has a noise floor -------------
 
-def test_isolated_intense_cells_keep_the_other_cells_score():
+def test_isolated_intense_cells_count_as_the_stained_complete_cells_they_are():
+    """Below the floor, intense complete cells do not make the 'intense complete in <=10%' 2+, but they are
+    stained: three in 10,412 make a 0 ultralow, not null (as report_level names a 0 with stained cells)."""
     call = apply_guideline(cells(none=10_409, sc=3), B23)
-    assert (call.score, call.level) == ("0", "0 (null)")
-    assert set(call.flags) == {"null", "isolated_intense_cells"}
-    assert "isolated intense cells: 3 of 10,412" in call.reason
-    assert "no membrane staining in the other 10,409 tumour cells" in call.reason
+    assert (call.score, call.level) == ("0", "0+ (ultralow)")
+    assert call.level == report_level("0", B23, cells(none=10_409, sc=3))
+    assert set(call.flags) == {"ultralow", "isolated_intense_cells"}
+    assert "isolated intense cells: 3 of 10,412" in call.reason and "counted as stained complete cells" in call.reason
+    assert call.reason.startswith("intense complete membrane staining in 0.03% of tumour cells (3/10412, >0% and <=10%)")
     assert call.h_score == pytest.approx(100 * 9 / 10_412)  # the cells are still measured
     low = apply_guideline(cells(none=8_409, sc=3, fp=2_000), B23)
     assert (low.level, set(low.flags)) == ("1+", {"her2_low", "isolated_intense_cells"})
@@ -242,9 +245,9 @@ def test_isolated_floor_only_where_it_decides():
 @pytest.mark.parametrize(
     ("counts", "floor", "sides"),
     [
-        (dict(none=395, sc=5), 1.0, [("0", "0 (null)")]),  # 5 cells: one fewer is under the 5-cell floor
-        (dict(none=989, sc=11), 1.0, [("0", "0 (null)")]),  # 1.1%: its 95% interval (0.6-2.0%) reaches under 1%
-        (dict(none=800, sc=11, fp=189), 1.0, [("1+", "1+")]),  # the other cells give 1+
+        (dict(none=395, sc=5), 1.0, [("0", "0+ (ultralow)")]),  # 5 cells: one fewer is under the 5-cell floor
+        (dict(none=989, sc=11), 1.0, [("0", "0+ (ultralow)")]),  # 1.1%: its 95% interval (0.6-2.0%) reaches under 1%
+        (dict(none=800, sc=11, fp=189), 1.0, [("1+", "1+")]),  # stained cells in 20%: 1+
         (dict(none=970, sc=30), 1.0, []),  # 3.0% (2.1-4.3%): sure of its side
         (dict(none=396, sc=4), 1.0, []),  # isolated already: the call is 0, the flag says so
         (dict(none=395, sc=5), 0.0, []),  # the literal rule: no floor
@@ -287,8 +290,20 @@ def test_gastric_readings_table(counts, cumulative, per_band):
     assert apply_guideline(counts, G, gastric_reading="per_band").score == per_band
 
 
+def test_biopsy_clusters_must_agree_with_the_counts():
+    """A cluster is cells of the counts: no larger than the cells at its level or stronger, and a cluster at
+    a level is one at each weaker level too (a level not given takes the stronger levels' size)."""
+    with pytest.raises(ValueError, match="counts hold only 0 such cells"):
+        apply_guideline(cells(none=1000), G, "biopsy", clusters={"3+": 5})
+    with pytest.raises(ValueError, match="must not shrink"):
+        apply_guideline(cells(none=90, sc=10), G, "biopsy", clusters={"3+": 5, "2+": 0, "1+": 0})
+    call = apply_guideline(cells(none=95, sc=5), G, "biopsy", clusters={"3+": 5})
+    assert call.score == "3+"
+    assert apply_guideline(cells(none=95, wmc=5), G, "biopsy", clusters={"2+": 5}).score == "2+"
+
+
 def test_gastric_per_band_biopsy_clusters_still_decide():
-    call = apply_guideline(cells(none=97, sc=3), G, "biopsy", clusters={"3+": 5}, gastric_reading="per_band")
+    call = apply_guideline(cells(none=95, sc=5), G, "biopsy", clusters={"3+": 5}, gastric_reading="per_band")
     assert call.score == "3+" and "cluster of 5" in call.reason
     # per band, 6% + 6% reach no band's 10%, but the cells at 2+ or stronger are 12%: never called "<10%"
     call = apply_guideline(cells(none=88, sc=6, wmc=6), G, "biopsy", clusters={"3+": 4, "2+": 5, "1+": 5},
@@ -416,7 +431,7 @@ def test_a_gastric_biopsy_call_its_cluster_holds_is_sure_of_its_side():
 
 
 def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
-    counts = dict(none=97, weak_moderate_complete=3)  # 3%: only a cluster can make it more than 0
+    counts = dict(none=288, weak_moderate_complete=8, strong_complete=4)  # 4%: only a cluster can make it more than 0
 
     def sides(clusters):
         score = apply_guideline(counts, G, "biopsy", clusters=clusters).score
@@ -425,7 +440,7 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
     assert sides({"3+": 0, "2+": 4, "1+": 4}) == ("0", [("2+", "2+", 4), ("1+", "1+", 4)])  # one short: up
     # held by just 5: down, one cell read weaker (1+), or one nucleus missed from both clusters (0)
     assert sides({"3+": 0, "2+": 5, "1+": 5}) == ("2+", [("1+", "2+", 5), ("0", "2+", 5)])
-    strong = dict(none=97, strong_complete=3)
+    strong = dict(none=291, strong_complete=9)
     assert cluster_sides(strong, "3+", guideline=G, specimen="biopsy", clusters={"3+": 5, "2+": 5, "1+": 6}) == [
         ("2+", "3+", 5), ("1+", "3+", 5)]  # the 1+ cluster holds one cell more: a missed nucleus leaves it at 5
     assert sides({"3+": 4, "2+": 9, "1+": 9}) == ("2+", [("3+", "3+", 4)])
@@ -436,13 +451,13 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_a_side():
 
 
 def test_near_cutoff_sides_follow_every_route_of_the_rules():
-    """Isolated intense cells do not count towards 1+; a breast 2+ that intense complete cells in <=10%
+    """Isolated intense cells count towards 1+ as stained cells; a breast 2+ that intense complete cells in <=10%
     make 2+ cannot fall to 1+; a call can be near a score two levels up; per band, each band is weighed."""
 
-    isolated = dict(none=900, faint_partial=100, strong_complete=4)  # 4 isolated cells: 100 of 1,004 decide (9.96%)
-    assert apply_guideline(isolated, B23).score == "0"
-    assert near_cutoff_sides(isolated, "0") == [("1+", 100 * 100 / 1004)]
-    floor = dict(none=8420, faint_partial=1490, strong_complete=90)  # 0.9% intense: isolated, 1+ on 14.9%
+    isolated = dict(none=900, faint_partial=100, strong_complete=4)  # 4 isolated cells: 104 of 1,004 decide (10.36%)
+    assert apply_guideline(isolated, B23).score == "1+"
+    assert near_cutoff_sides(isolated, "1+") == [("0", 100 * 104 / 1004)]
+    floor = dict(none=8510, faint_partial=1400, strong_complete=90)  # 0.9% intense: isolated, 1+ on 14.9%
     assert apply_guideline(floor, B23).score == "1+" and near_cutoff_sides(floor, "1+") == [("0", 14.9)]
     intense = dict(none=880, weak_moderate_complete=70, strong_complete=50)  # 12% complete, 5% intense: 2+ either way
     assert apply_guideline(intense, B23).score == "2+" and near_cutoff_sides(intense, "2+") == []
@@ -466,18 +481,40 @@ def test_the_down_side_is_what_the_rules_give_just_under_the_cut_off():
     assert near_cutoff_sides(dict(none=85, faint_partial=20, strong_complete=12), "3+") == [("2+", 100 * 12 / 117)]
 
 
-def test_isolated_intense_cells_are_left_out_of_every_level():
-    """Isolated intense complete cells are no population for the 2+ complete share either: 98 weak-to-moderate
-    complete and 4 intense complete cells of 1,000 are ultralow (9.8%), flagged, not a 2+ on 10.2%."""
+def test_isolated_intense_cells_count_in_the_complete_and_stained_shares():
+    """Isolated intense complete cells are complete membranes: 98 weak-to-moderate complete and 4 intense
+    complete cells of 1,000 are complete staining in 10.2%, a 2+ (as the literal rule also says: no flag);
+    with 98 faint cells instead, stained cells in 10.2% make a 1+."""
     c = dict(none=898, weak_moderate_complete=98, strong_complete=4)
     call = apply_guideline(c, B23)
-    assert (call.score, call.level) == ("0", "0+ (ultralow)") and "isolated_intense_cells" in call.flags
-    assert "9.8% of tumour cells (98/1000" in call.reason and "isolated intense cells: 4 of 1,000" in call.reason
-    assert apply_guideline(c, B23, isolated_intense_percent=0).score == "2+"  # the literal rule counts them
-    assert deciding_cells(c, B23)["2+"] == 98
-    # where they change nothing, no flag; the reason still says they were not counted
+    assert call.score == "2+" and "isolated_intense_cells" not in call.flags
+    assert "10.2% of tumour cells (102/1000" in call.reason and "isolated intense cells: 4 of 1,000" in call.reason
+    assert deciding_cells(c, B23)["2+"] == 102
+    faint = apply_guideline(dict(none=898, faint_partial=98, strong_complete=4), B23)
+    assert faint.score == "1+" and "isolated_intense_cells" in faint.flags  # the literal rule: 2+
     same = apply_guideline(dict(none=85, weak_moderate_complete=14, strong_complete=1), B23)
-    assert same.score == "2+" and "isolated_intense_cells" not in same.flags and "14.0%" in same.reason
+    assert same.score == "2+" and "isolated_intense_cells" not in same.flags and "15.0%" in same.reason
+
+
+@pytest.mark.parametrize("guideline", [B18, B23, G])
+def test_reading_membranes_stronger_never_lowers_the_score(guideline):
+    """Monotone: moving cells of any category to a stronger one (intensity up, or incomplete to complete)
+    never gives a lower score, the isolated floor included."""
+    rng = np.random.default_rng(21)
+    stronger = {"none": ["faint_partial", "weak_moderate_complete", "strong_complete"],
+                "faint_partial": ["weak_moderate_complete", "strong_complete", "strong_partial"],
+                "weak_moderate_complete": ["strong_complete"], "strong_partial": ["strong_complete"],
+                "weak_moderate_lateral": ["strong_lateral", "strong_complete"], "strong_lateral": ["strong_complete"]}
+    order = {s: i for i, s in enumerate(("0", "1+", "2+", "3+"))}
+    for _ in range(3000):
+        c = {cat: int(rng.integers(0, 60)) * int(rng.random() < 0.6) for cat in CATEGORIES}
+        c["none"] += int(rng.integers(1, 1000))
+        src = rng.choice([cat for cat in stronger if c[cat]])
+        dst = str(rng.choice(stronger[src]))
+        k = int(rng.integers(1, c[src] + 1))
+        up = {**c, src: c[src] - k, dst: c[dst] + k}
+        before, after = apply_guideline(c, guideline).score, apply_guideline(up, guideline).score
+        assert order[after] >= order[before], (c, src, dst, k, before, after)
     # over 10% they are 3+ whatever their number
     assert apply_guideline(dict(none=30, strong_complete=4), B23).score == "3+"
 

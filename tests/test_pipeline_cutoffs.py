@@ -59,12 +59,18 @@ def test_fused_score_carries_the_flags_of_its_own_level():
     assert (fused.classical_score, fused.score, fused.level) == ("0", "1+", "1+")
     assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow" / "null"
     assert fused.classical_level == plain.level and fused.classical_flags == plain.flags
-    assert f"reported 1+ after fusing the classical {plain.level} with the CNN" in fused.reason
+    assert fused.reason.startswith("reported 1+ after fusing the classical call with the CNN: the CNN reads 1+ (p=1.00), "
+                                   f"the cells measured give {plain.level} on ")
+    assert fused.classical_reason == plain.reason
 
     two = generate_field("2+", seed=9302)
     up = _score(two, cnn=ConstantClassifier("3+"))
     assert (up.classical_score, up.score) == ("2+", "3+")
     assert set(up.flags) == {"cnn_disagrees"} and "ish_reflex" in up.classical_flags
+    assert "reflex ISH" not in up.reason and "reflex ISH required" in up.classical_reason  # the reason is the 3+'s
+    three = generate_field("3+", seed=9303)
+    held = _score(three, cnn=ConstantClassifier("2+"))
+    assert (held.classical_score, held.score) == ("3+", "2+") and held.reason.endswith("; reflex ISH required")
     down = _score(two, cnn=ConstantClassifier("0"))
     assert (down.score, down.level) == ("0", "0+ (ultralow)") and set(down.flags) == {"ultralow", "cnn_disagrees"}
     agree = _score(two, cnn=ConstantClassifier("2+"))
