@@ -192,10 +192,10 @@ def measure_cells(
     core: tuple[int, int, int, int] | None = None,
 ) -> tuple[CellMeasurements, np.ndarray, np.ndarray]:
     """Measure the cells of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in
-    their interiors, and the centroid (x, y) in px of every label (NaN for a label with no pixel: rows
-    by label), the cells named in sector_neighbour included. ``core`` (x, y, width, height) px: measure
-    only the cells whose centroid lies there (a tile's core), as if the others were not there but
-    for the borders they share.
+    their interiors, and the anchor (x, y) px of every label, the cells named in sector_neighbour
+    included (rows by label): its nucleus's centroid, or the cell's for a cell without a nucleus (NaN
+    for a label with no pixel). ``core`` (x, y, width, height) px: measure only the cells anchored
+    there (a tile's core), as if the others were not there but for the borders they share.
 
     ``dab_od`` is the smoothed DAB OD and ``contrast`` its membrane contrast (membrane_contrast).
     A cell's membrane is looked for in the band of its pixels within ``band_um`` of its border,
@@ -219,22 +219,6 @@ def measure_cells(
     cr, cc = (v.astype(np.float32) for v in np.divmod(on_idx, width_px))  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
-    centroids = np.where((area > 0)[:, None], np.column_stack([cx, cy]), np.nan)
-    measured = area > 0
-    on = cell_px
-    if core is not None:  # the cells whose centroid lies in the core; the others' pixels are left out
-        x0, y0, w, h = core
-        fx, fy = cx.astype(f32), cy.astype(f32)
-        measured &= (fx >= x0) & (fx < x0 + w) & (fy >= y0) & (fy < y0 + h)
-        sel = np.flatnonzero(measured[cl])
-        on_idx, cl, cr, cc = on_idx[sel], cl[sel], cr[sel], cc[sel]
-        on = measured[cells]
-    labels = np.flatnonzero(measured)
-    if len(labels) == 0:
-        empty = np.zeros(0, f32)
-        sectors = np.zeros((0, N_SECTORS), np.float16)
-        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
-                np.zeros(len(CONTRAST_BINS) - 1, np.int64), centroids)
 
     # the nucleus of each cell: nuclear pixels inside it (moments for area, elongation, minor axis)
     nuc_sel = np.flatnonzero(nuclei.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
@@ -253,6 +237,24 @@ def measure_cells(
     width_nuc = np.where(nw > 0, 4 * np.sqrt(minor_var) * mpp, 0.0)
     h_mean = np.bincount(nl, hematoxylin_od.ravel()[nuc_idx], n_lab) / w
     nuc_dab = np.bincount(nl, dab_od.ravel()[nuc_idx], n_lab) / w
+
+    # where each cell is: its nucleus's centroid (the cell's for one without a nucleus), which neighbouring
+    # tiles read alike, as they may not read where a cell's border runs across flat cytoplasm
+    anchors = np.column_stack([np.where(nw > 0, nx, cx), np.where(nw > 0, ny, cy)])
+    anchors[area == 0] = np.nan
+    measured = area > 0
+    on = cell_px
+    if core is not None:  # the cells anchored in the core; the others' pixels are left out
+        x0, y0, w_core, h_core = core
+        fx, fy = anchors[:, 0].astype(f32), anchors[:, 1].astype(f32)
+        measured &= (fx >= x0) & (fx < x0 + w_core) & (fy >= y0) & (fy < y0 + h_core)
+        on = measured[cells]
+    labels = np.flatnonzero(measured)
+    if len(labels) == 0:
+        empty = np.zeros(0, f32)
+        sectors = np.zeros((0, N_SECTORS), np.float16)
+        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
+                np.zeros(len(CONTRAST_BINS) - 1, np.int64), anchors)
 
     # border band of each cell (nuclear pixels excluded) and the interior
     padded = np.pad(cells, 1, mode="constant")
@@ -333,7 +335,7 @@ def measure_cells(
         sector_neighbour=neighbour,
         cut_sectors=cut,
     )
-    return m, hist, centroids
+    return m, hist, anchors
 
 
 def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, cx: np.ndarray,

@@ -48,7 +48,7 @@ CALIBRATED_MPP = 0.5
 """µm/px at which the intensity bands (categories.Thresholds) were set, the default tile resolution."""
 
 SEAM_TWIN_UM = 1.5
-"""µm within which two tiles' cells on a seam are one cell read twice (two cells' centroids lie 4 µm or more apart)."""
+"""µm within which two tiles' cells on a seam are one cell read twice (two nuclei's centroids lie 4 µm or more apart)."""
 
 NEIGHBOUR_MATCH_UM = 3.0
 """µm within which a cell in a tile's margin is the neighbouring tile's cell (their label images differ at the edge)."""
@@ -156,8 +156,9 @@ class TileResult:
     outline_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """Vertices of each owned cell's outline in outline_points."""
     label_xy: np.ndarray = field(default_factory=lambda: np.zeros((1, 2), np.float32))
-    """Level-0 (x, y) of every cell measured in the tile, owned or not, by its label (NaN: no such
-    label): where the cells named in ``cells.sector_neighbour`` lie."""
+    """Level-0 (x, y) anchor of every cell of the tile, owned or not, by its label (NaN: no such label):
+    its nucleus's centroid, or its own for a cell without a nucleus (measure_cells). The tile owns the
+    cells anchored in its core; neighbouring tiles find each other's cells (``cells.sector_neighbour``) there."""
     outline_frame: tuple[float, float, float] = (0, 0, 1.0)
     """(ox, oy, scale): level-0 px = tile px x scale + (ox, oy) (_tile_frame; her2score.outlines.Outlines)."""
     nucleus: NucleusThresholds | None = None
@@ -184,11 +185,11 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um, outside=outside)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
-    m, contrast_hist, centroids = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp, outside=outside,
+    m, contrast_hist, anchors = measure_cells(cells, nuclei, h_od, dab_smooth, contrast, mpp=mpp, outside=outside,
                                                 core=(x0 - rx, y0 - ry, w, h))
     ox, oy, _ = frame = _tile_frame(tile, scale)
     m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
-    label_xy = (centroids.astype(np.float32) * scale + np.array([ox, oy], np.float32)).astype(np.float32)
+    label_xy = (anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)).astype(np.float32)
     outline_points, outline_sizes = trace_outline_points(cells, m.label)
     # QC: sharpness over tissue, the OD's Laplacian against its detail at nucleus scale (a 2 µm Gaussian): a ratio,
     # so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+
@@ -419,7 +420,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     own_dab = stained_cytoplasm(cells, unstained_od=unstained)
     enclosing = pattern >= PATTERNS.index("lateral")
     beside = np.concatenate([(rows >= 0) & enclosing[np.maximum(rows, 0)]  # per tile: the int32 rows never pile up
-                             for rows in _neighbour_rows(parts, cells, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)])
+                             for rows in _neighbour_rows(parts, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)])
     borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(mem.stained, beside)
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
@@ -554,14 +555,14 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
 
 
 def _without_seam_twins(parts: list[TileResult], *, tolerance_px: float) -> list[TileResult]:
-    """``parts`` less each cell that an earlier tile owns too (within ``tolerance_px`` level-0 px). Where the scan's
-    µm/px is no whole multiple of the grid's, neighbouring tiles read a seam at different phases, and a cell on it
-    can fall in both cores, its two centroids a fraction of a µm apart (0.3% of cells at 0.2527 µm/px)."""
+    """``parts`` less each cell that an earlier tile owns too (its anchor within ``tolerance_px`` level-0 px).
+    Where the scan's µm/px is no whole multiple of the grid's, neighbouring tiles read a seam at different
+    phases, and a cell on it can fall in both cores, its two anchors a fraction of a µm apart."""
     if len(parts) < 2:
         return parts
     from scipy.spatial import cKDTree
 
-    xy = np.concatenate([np.column_stack([p.cells.x, p.cells.y]) for p in parts])
+    xy = np.concatenate([p.label_xy[p.cells.label] for p in parts])
     tile = np.repeat(np.arange(len(parts)), [len(p.cells) for p in parts])
     pairs = cKDTree(xy).query_pairs(tolerance_px, output_type="ndarray")
     pairs = pairs[tile[pairs[:, 0]] != tile[pairs[:, 1]]]
@@ -578,16 +579,17 @@ def _without_seam_twins(parts: list[TileResult], *, tolerance_px: float) -> list
     return out
 
 
-def _neighbour_rows(parts: list[TileResult], cells: CellMeasurements, *, tolerance_px: float) -> Iterator[np.ndarray]:
-    """Per tile, (cells it owns, N_SECTORS) int32: per sector, the row in ``cells`` of the cell across the border (-1: none).
+def _neighbour_rows(parts: list[TileResult], *, tolerance_px: float) -> Iterator[np.ndarray]:
+    """Per tile, (cells it owns, N_SECTORS) int32: per sector, the row of the cell across the border (-1: none)
+    among all the parts' cells in order.
 
-    Each tile names its neighbours by label; a label is the slide's cell at its position (within
-    ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
+    Each tile names its neighbours by label; a label is the slide's cell at its anchor (TileResult.label_xy,
+    within ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
     measured for one in the tile's margin.
     """
     from scipy.spatial import cKDTree
 
-    tree = cKDTree(np.column_stack([cells.x, cells.y]))
+    tree = cKDTree(np.concatenate([p.label_xy[p.cells.label] for p in parts]))
     for p in parts:
         row_of = np.full(len(p.label_xy), -1, np.int32)
         known = np.flatnonzero(np.isfinite(p.label_xy[:, 0]))
