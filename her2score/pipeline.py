@@ -82,9 +82,8 @@ class ScoringConfig:
     nuclear_stain_min: share of cells with DAB-stained nuclei above which (and not below the share
     with stained membranes) the slide is refused as nuclear DAB; cluster_distance_um: cohesive-cluster
     spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading,
-    near_cutoff_points and false_membrane_percent: see guidelines; blur_min: least sharpness in focus (score_tile's
-    ratio of the OD's Laplacian variance to its variance at nucleus scale: 0.46-1.7 on real and generated fields
-    in focus, 0.08-0.24 blurred by 0.75 µm);
+    near_cutoff_points and false_membrane_percent: see guidelines; blur_min: least sharpness in focus (sharpness:
+    0.46-1.7 on real and generated fields in focus, 0.08-0.24 blurred by 0.75 µm);
     max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_warn / background_max_od: QC
     warnings (eosin share, glass OD); cnn_*: patches the CNN reads per tile on whole slides.
     """
@@ -165,6 +164,24 @@ class TileResult:
     """The nucleus thresholds the tile was segmented with, and the counterstain level that set them."""
 
 
+def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = 0.1) -> float:
+    """Focus QC of an optical-density image at ``mpp`` µm/px: over its tissue (OD above ``tissue_od``), the
+    variance of the Laplacian against that of the detail at nucleus scale (the image less a 2 µm Gaussian),
+    read at CALIBRATED_MPP (a finer image is brought down to it first, as blur_min was set there): a ratio, so
+    a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for under 100
+    tissue pixels."""
+    if mpp < CALIBRATED_MPP:
+        f = mpp / CALIBRATED_MPP
+        od, mpp = cv2.resize(od, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), CALIBRATED_MPP
+    tissue = od > tissue_od
+    if tissue.sum() <= 100:
+        return float("nan")
+    smooth = cv2.GaussianBlur(od, (0, 0), 0.5)
+    lap = cv2.Laplacian(smooth, cv2.CV_32F)
+    detail = smooth - cv2.GaussianBlur(od, (0, 0), 2.0 / mpp)
+    return float(lap[tissue].var() / max(float(detail[tissue].var()), 1e-12))
+
+
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
                nucleus: NucleusThresholds | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
@@ -191,14 +208,9 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
     label_xy = (anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)).astype(np.float32)
     outline_points, outline_sizes = trace_outline_points(cells, m.label)
-    # QC: sharpness over tissue, the OD's Laplacian against its detail at nucleus scale (a 2 µm Gaussian): a ratio,
-    # so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+
     total_od = hed[..., 0] + hed[..., 1]
     tissue = total_od > 0.1
-    smooth = cv2.GaussianBlur(total_od, (0, 0), 0.5)
-    lap = cv2.Laplacian(smooth, cv2.CV_32F)
-    detail = smooth - cv2.GaussianBlur(total_od, (0, 0), 2.0 / mpp)
-    focus = float(lap[tissue].var() / max(float(detail[tissue].var()), 1e-12)) if tissue.sum() > 100 else float("nan")
+    focus = sharpness(total_od, mpp=mpp)
     probs, n_patches = None, 0
     if cnn is not None:
         mg = tile.margin

@@ -43,6 +43,17 @@ def test_out_of_focus_scan_fails_qc_and_needs_review(field_3plus):
     assert any("focus" in reason for reason in d.reasons)
 
 
+@pytest.mark.parametrize("target", [0.25, 0.4, 0.5])
+def test_focus_is_read_alike_whatever_the_tiles_resolution(target):
+    """A sharp field scanned at 0.25 µm/px passes the focus check when tiles are read at 0.25, 0.4 or 0.5 µm/px
+    (sharpness is read at the 0.5 µm/px its floor was set at), and the same field blurred by ~1 µm fails it."""
+    f = generate_field("3+", seed=9601, size_px=(1024, 1024), mpp=0.25)
+    sharp = score_slide(ArraySlide(f.image, mpp=0.25), config=ScoringConfig(mpp=target))
+    assert "out_of_focus" not in codes(sharp), sharp.qc
+    blurred = score_slide(ArraySlide(cv2.GaussianBlur(f.image, (0, 0), 4.0), mpp=0.25), config=ScoringConfig(mpp=target))
+    assert codes(blurred).get("out_of_focus") == "fail", blurred.qc
+
+
 def test_too_few_tumour_cells(field_3plus):
     canvas = np.full((512, 512, 3), 246, np.uint8)
     canvas[200:350, 200:350] = field_3plus[200:350, 200:350]  # a 75 µm fragment, ~30 cells
