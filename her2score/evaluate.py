@@ -148,7 +148,11 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         return {}
     out = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -164,29 +168,41 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def _csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a labels CSV as (line, {column: value}), column names stripped and in lower case."""
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        names = [(c or "").strip().lower() for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(names):
+            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
+        if repeated := sorted({c for c in names if names.count(c) > 1}):
+            raise ValueError(f"{p}: the header names {repeated} more than once (column names are read in any case)")
+        reader.fieldnames = names
+        rows = []
+        for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
+            if None in r:
+                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
+            rows.append((reader.line_num, {k: (v or "").strip() for k, v in r.items()}))
+    return rows
+
+
 def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) -> list[LabelledItem]:
     """Labelled images from a CSV or a class-folder tree (see the module docstring)."""
     from .train import class_folder_files
 
-    p = Path(labels)
+    p = Path(labels).absolute()  # images named absolutely: their results say which image they are (reuse)
     if p.is_dir():
         return [LabelledItem(str(f), score, {}, level=level) for f, (score, level)
                 in class_folder_files(p, parse_truth_label, "0, null, 0+ (or ultralow), 1+, 2+, 3+ (or 1plus...)")]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such labels file or folder")
     truth = _truth_counts(p.parent / "truth.jsonl")
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= {(c or "").strip() for c in reader.fieldnames}:
-            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
-        names = [(c or "").strip() for c in reader.fieldnames]
-        if repeated := sorted({c for c in names if names.count(c) > 1}):
-            raise ValueError(f"{p}: the header names {repeated} more than once")
-        rows = []
-        for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
-            if None in r:
-                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
-            rows.append((reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in r.items()}))
+    try:
+        rows = _csv_rows(p)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the labels as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise ValueError(f"{p}: not a readable CSV ({e})") from None
     for i, r in rows:
         if not r.get("path") and any(r.values()):
             raise ValueError(f"{p}, line {i}: a row without a path ({r})")
@@ -314,8 +330,9 @@ def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, fl
                       categories: Sequence[str] = CATEGORIES) -> dict[str, dict[str, float | int]]:
     """Per category, agreement of called against true percentages of tumour cells over images:
     n, mean absolute error, Bland-Altman bias (mean called - truth), SD of the differences and the
-    95% limits of agreement (bias ± 1.96 SD), and the largest absolute error; points in percentage points.
-    ``pairs``: per image (called %, true %) by category (missing categories count 0)."""
+    95% limits of agreement (bias ± 1.96 SD; SD and limits None for one image, which has no spread), and
+    the largest absolute error; points in percentage points. ``pairs``: per image (called %, true %) by
+    category (missing categories count 0)."""
     out = {}
     for c in categories:
         called = np.array([p[0].get(c, 0.0) for p in pairs], np.float64)
@@ -323,10 +340,11 @@ def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, fl
         d = called - true
         if len(d) == 0:
             continue
-        sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        sd = float(d.std(ddof=1)) if len(d) > 1 else None
         bias = float(d.mean())
         out[c] = {"n": len(d), "mae": float(np.abs(d).mean()), "bias": bias, "sd": sd,
-                  "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd, "max_abs_error": float(np.abs(d).max())}
+                  "loa_low": None if sd is None else bias - 1.96 * sd, "loa_high": None if sd is None else bias + 1.96 * sd,
+                  "max_abs_error": float(np.abs(d).max())}
     return out
 
 
@@ -418,7 +436,9 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
 
 def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
     """result.json files under ``reuse`` keyed by the resolved slide path, and by file name where the
-    slide is no longer at that path (its folder moved) and no other result names a slide so."""
+    slide is no longer at that path (its folder moved) and no other result names a slide so. A result
+    naming its slide by a relative path is left out: relative to a folder this run cannot know, it
+    could name another image."""
     if not reuse:
         return {}
     root = Path(reuse)
@@ -429,7 +449,9 @@ def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
     for f in sorted(root.rglob("result.json")):
         try:
             slide = json.loads(f.read_text(encoding="utf-8"))["slide"]
-        except (ValueError, KeyError, OSError):
+        except (ValueError, KeyError, OSError, TypeError):
+            continue
+        if not isinstance(slide, str) or not Path(slide).is_absolute():
             continue
         by_key[str(resolved_path(slide))] = f
         if not Path(slide).exists():
@@ -462,6 +484,14 @@ def _changed_since(image: str, result_file: Path) -> bool:
         return True
 
 
+def _same_mpp(result: SlideResult, given: float | None) -> bool:
+    """Whether ``result`` was scored at the µm/px a run now reads its image at: ``given``, or without it the
+    file's own (a result scored at a µm/px the user gave is not; the pipeline's notes say where it came from)."""
+    if given is None:
+        return not any(n.startswith("µm/px ") and " from user" in n for n in result.notes)
+    return abs(result.mpp - given) < 1e-9
+
+
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, str, str]:
     """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
     ("pipeline", "reused" or "" when none ran). A finished result is reused where this version of the
@@ -476,12 +506,16 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     if f is not None and _changed_since(item.path, f):  # the image was written again after its result
         f = None
     if f is not None:
-        result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
+        try:  # another version's result, or a damaged one: scored again
+            result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError, OSError):
+            result = None
+    if f is not None and result is not None:
         recorded = dict(result.config)
         if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
             recorded["estimate_stains"] = False
         same = (result.version == __version__ and recorded == json.loads(json.dumps(config.to_dict()))
-                and (mpp is None or abs(result.mpp - mpp) < 1e-9) and not result.region.startswith(("annotation", "mask")))
+                and _same_mpp(result, mpp) and not result.region.startswith(("annotation", "mask")))
         if same and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
                 result = method_result(result, "classical")
@@ -592,9 +626,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
     t_start = time.perf_counter()
     items = read_labels(labels, eligible_rule=eligible_rule)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    root = Path(labels) if Path(labels).is_dir() else Path(labels).parent
+    root = Path(labels).absolute()
+    root = root if root.is_dir() else root.parent
     clf = None
     if use_cnn:
         from .cnn import TileClassifier, load_model
@@ -605,6 +638,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
     if unknown:
         raise ValueError(f"{labels}: eligibility truth for unknown rules {unknown}; the rules are {available_rules()}")
+    out = Path(out)  # made once the settings are known to be good: a refused run leaves no folder
+    out.mkdir(parents=True, exist_ok=True)
     same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}
     reusable = {key: f for key, f in _find_reusable(reuse).items()  # by file name only where that names one image
                 if not (key.startswith("name:") and key[len("name:"):] in same_name)}
@@ -809,7 +844,8 @@ def _plot_bland_altman(path: Path, pairs: list[tuple[Mapping[str, float], Mappin
         ax.scatter((called + true) / 2, called - true, s=10, alpha=0.7)
         st = stats[c]
         for y, style in ((st["bias"], "-"), (st["loa_low"], "--"), (st["loa_high"], "--")):
-            ax.axhline(y, color="tab:red", linestyle=style, linewidth=1)
+            if y is not None:
+                ax.axhline(y, color="tab:red", linestyle=style, linewidth=1)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_title(f"{c}: MAE {st['mae']:.1f}, bias {st['bias']:+.1f}", fontsize=9)
         ax.set_xlabel("mean of called and true % of tumour cells", fontsize=7)
@@ -897,8 +933,9 @@ def _report(metrics: dict, summary: str) -> str:
                 "(Bland-Altman plot: `bland_altman.png`).", "",
                 "| category | n | mean abs. error | bias | 95% limits of agreement | max abs. error |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {c} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} | [{v['loa_low']:+.2f}, {v['loa_high']:+.2f}] | "
-                f"{v['max_abs_error']:.2f} |" for c, v in pa.items()]
+        out += [f"| {c} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} | "
+                + ("n/a (one image) | " if v["sd"] is None else f"[{v['loa_low']:+.2f}, {v['loa_high']:+.2f}] | ")
+                + f"{v['max_abs_error']:.2f} |" for c, v in pa.items()]
     out += ["", "## Eligibility rules", "",
             "Sensitivity: truly eligible images called eligible; specificity: truly ineligible images not called "
             "eligible (needs_review is not a positive call; its rate is given). Truth never comes from the tool's "

@@ -725,3 +725,76 @@ def test_the_truths_requirement_arithmetic_is_its_own_and_agrees_with_the_rules(
                 pct = float(rng.choice([0, 5, 10, 12.5, 30, 100 * counts["strong_complete"] / sum(counts.values())]))
                 req = Requirement(level, pct, inclusive)
                 assert _requirement_holds(level, pct, inclusive, counts) == req.met(counts)[0], (counts, level, pct)
+
+
+def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, monkeypatch):
+    """A result naming its image by a relative path is no result of any image (relative to a folder this run
+    cannot know); one scored at a µm/px the user gave is no result of the file's own µm/px; a damaged one, or
+    one another version wrote without today's fields, is scored again rather than failing the image."""
+    from her2score.evaluate import LabelledItem, _find_reusable, _score_one
+
+    img = tmp_path / "f.png"
+    img.write_bytes(b"")  # an empty file: scoring it again raises
+    item = LabelledItem(str(img), "1+", {})
+    prev = tmp_path / "prev" / "f"
+    prev.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def reused(text: str) -> bool:
+        (prev / "result.json").write_text(text)
+        try:
+            return bool(_score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=_find_reusable(prev.parent))[1])
+        except Exception:  # scored again: the empty file raises
+            return False
+
+    assert reused(_result(img, "1+").to_json())  # the control: the same image, settings and scale
+    assert not reused(_result("f.png", "1+").to_json())  # relative: here it would name this f.png
+    assert "name:f.png" not in _find_reusable(prev.parent)
+    assert not reused(replace(_result(img, "1+"), mpp=0.42, notes=("µm/px 0.42 from user (the file's metadata says 0.5)",)).to_json())
+    assert reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from metadata",)).to_json())
+    old = json.loads(_result(img, "1+").to_json())
+    del old["tissue_area_mm2"]
+    assert not reused(json.dumps(old)) and not reused("{not json")
+
+
+def test_labels_files_are_read_in_any_column_case_and_unreadable_ones_are_named(tmp_path):
+    from her2score.evaluate import read_labels
+
+    (tmp_path / "a.png").write_bytes(b"")
+    good = tmp_path / "labels.csv"
+    good.write_text("Path,LABEL,ISH,Eligible_her2-positive-breast\na.png,2+,positive,yes\n")
+    [item] = read_labels(good)
+    assert (item.ish, item.eligible) == ("positive", {"her2-positive-breast": True})
+    assert Path(item.path).is_absolute() and Path(item.path) == tmp_path / "a.png"
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text("path,label\na.png,2+\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"utf16\.csv: not UTF-8 text"):
+        read_labels(utf16)
+    long = tmp_path / "long.csv"
+    long.write_text('path,label\n"' + "x" * 200_000 + '",2+\n')
+    with pytest.raises(ValueError, match=r"long\.csv: not a readable CSV"):
+        read_labels(long)
+    twice = tmp_path / "twice.csv"
+    twice.write_text("path,label,Label\na.png,2+,2+\n")
+    with pytest.raises(ValueError, match="more than once"):
+        read_labels(twice)
+
+
+def test_limits_of_agreement_of_one_image_are_not_given():
+    from her2score.evaluate import percent_agreement
+
+    one = percent_agreement([({"none": 60.0}, {"none": 55.0})], categories=["none"])["none"]
+    assert one["n"] == 1 and one["bias"] == pytest.approx(5.0) and one["sd"] is one["loa_low"] is one["loa_high"] is None
+    two = percent_agreement([({"none": 60.0}, {"none": 55.0}), ({"none": 50.0}, {"none": 51.0})], categories=["none"])["none"]
+    assert two["sd"] == pytest.approx(np.std([5.0, -1.0], ddof=1))
+
+
+def test_a_refused_evaluation_leaves_no_output_folder(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.png,1+\n")
+    with pytest.raises(ValueError):
+        evaluate(labels, tmp_path / "out", use_cnn=False, specimen="biopsy")  # no biopsy rule under breast
+    with pytest.raises(ValueError):
+        evaluate(labels, tmp_path / "out", use_cnn=False, rules=["no-such-rule"])
+    assert not (tmp_path / "out").exists()
