@@ -389,7 +389,7 @@ def test_summary_lists_every_slide_in_out_with_this_runs_counts(tmp_path, three,
     assert (first.scored, first.reused, first.failed) == (1, 0, 1)
     rows = run_batch([three / "field 2+.png"], out)  # a second run into the same folder
     assert (rows.scored, rows.reused, rows.failed) == (1, 0, 0)
-    assert [Path(r["slide"]).name for r in rows] == ["field 0.png", "field 2+.png"]  # the earlier error is gone
+    assert [Path(r["slide"]).name for r in rows] == ["field 0.png", "field 2+.png"]  # the earlier error names no file: gone
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
         assert [Path(r["slide"]).name for r in csv.DictReader(f)] == ["field 0.png", "field 2+.png"]
     again = run_batch([three], out)
@@ -659,3 +659,20 @@ def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyra
     assert [r["status"] for r in rows] == ["ok"] * 4, [r["error"] for r in rows]
     for r in rows:
         assert sorted(p.name for p in (tmp_path / "out" / r["output"]).iterdir()) == sorted(OUTPUT_FILES)
+
+
+def test_an_earlier_runs_failed_slides_stay_listed(tmp_path, fields):
+    """summary.csv lists every slide in --out: a slide an earlier run could not score keeps its row when a
+    later run into the same --out scores other slides (it was dropped)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_png(tmp_path / "a" / "good.png", fields["1+"])
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    save_png(tmp_path / "b" / "other.png", fields["2+"])
+    out = tmp_path / "out"
+    run_batch([tmp_path / "a"], out)
+    rows = run_batch([tmp_path / "b"], out)
+    status = {Path(r["slide"]).name: r["status"] for r in rows}
+    assert status == {"good.png": "ok", "broken.png": "error", "other.png": "ok"}
+    with open(out / "summary.csv", newline="") as fh:
+        assert {Path(r["slide"]).name: r["status"] for r in csv.DictReader(fh)} == status
