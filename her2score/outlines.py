@@ -318,13 +318,15 @@ def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: lis
 
     ``outlines`` are (k, 2) (x, y) rings in ``canvas`` pixel coordinates. The border between two cells
     (where the membrane is) stays as it is in the image, so the DAB that was judged is not hidden.
-    Rings of cells too small for the inset are drawn on their border instead.
+    Rings of cells too small for the inset are drawn on their border instead. A cell whose outline
+    encloses another's (one grown round it) is drawn first, the enclosed cell on it.
     """
     h, w = canvas.shape[:2]
     labels = np.zeros((h, w), np.int32)
-    for i, poly in enumerate(outlines, start=1):
-        if len(poly) >= 3:
-            cv2.fillPoly(labels, [np.round(poly).astype(np.int32)], i)
+    areas = [abs(polygon_area(p)) if len(p) >= 3 else 0.0 for p in outlines]
+    for i in np.argsort(areas, kind="stable")[::-1]:  # the largest first: a cell wrapped round another never covers it
+        if len(outlines[i]) >= 3:
+            cv2.fillPoly(labels, [np.round(outlines[i]).astype(np.int32)], int(i) + 1)
     if not labels.any():
         return
     pad = np.pad(labels, 1, mode="edge")

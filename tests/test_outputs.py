@@ -157,6 +157,20 @@ def test_rings_leave_the_cell_border_untouched():
     assert (canvas == (255, 0, 0)).all(axis=2).sum() > 20 and (canvas == (0, 0, 255)).all(axis=2).sum() > 20
 
 
+def test_a_cell_grown_round_another_does_not_hide_it():
+    """An outline enclosing another cell (a cell grown round it) is filled first, so the enclosed cell keeps
+    its ring whichever comes first in the table."""
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:55, 5:55] = 1
+    lab[20:40, 20:40] = 2  # inside cell 1
+    polys = trace_outlines(lab, np.array([1, 2]))
+    for order in ([0, 1], [1, 0]):
+        canvas = np.full((60, 60, 3), 255, np.uint8)
+        colours = [(255, 0, 0), (0, 0, 255)]
+        draw_cell_rings(canvas, [polys[i] for i in order], [colours[i] for i in order], inset_px=2, width_px=1)
+        assert (canvas == (0, 0, 255)).all(axis=2).sum() > 20 and (canvas == (255, 0, 0)).all(axis=2).sum() > 20
+
+
 def test_category_colours_cover_every_category():
     for c in CATEGORIES:
         assert category_colour(c) == CATEGORY_COLOURS.get(c, category_colour(c))
