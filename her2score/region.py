@@ -49,8 +49,10 @@ class Region:
     """Non-tumour annotations (IGNORED_CLASSES): cut out of the polygons."""
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Which level-0 points (x, y) lie in the region (points off the mask are outside)."""
-        pts = np.column_stack([np.ravel(x), np.ravel(y)]).astype(np.float64)
+        """Which level-0 points (x, y) lie in the region (points off the mask are outside). Points are in the
+        cell table's pixel-centre coordinates (pixel i's centre is i); a region's polygons in QuPath's, where
+        pixel i spans [i, i + 1] (its centre is i + 0.5), and a mask pixel spans its share of the slide."""
+        pts = np.column_stack([np.ravel(x), np.ravel(y)]).astype(np.float64) + 0.5
         if len(pts) == 0:
             return np.zeros(0, bool)
         if self.mask is not None:

@@ -222,3 +222,20 @@ def test_a_mask_is_opened_only_as_a_format_that_reads_its_header_first(tmp_path)
     ico.write_bytes(out.getvalue())
     with pytest.raises(RegionError, match="not a GeoJSON"):
         load_region(ico, slide_size=(500, 400))
+
+
+def test_a_cells_position_is_tested_where_qupath_draws_it(tmp_path):
+    """The cell table's x_px is pixel-centre (pixel 100's centre is 100); QuPath's pixel 100 spans [100, 101].
+    An annotation edge at QuPath x = 100.5 runs through pixel 100's centre: a cell at 100.3 (QuPath 100.8)
+    lies inside a polygon starting there, one at 99.8 (QuPath 100.3) outside."""
+    p = tmp_path / "r.geojson"
+    p.write_text(json.dumps({"type": "Feature", "properties": {"objectType": "annotation"},
+                             "geometry": {"type": "Polygon", "coordinates": [[[100.5, 0], [200, 0], [200, 200], [100.5, 200], [100.5, 0]]]}}))
+    region = load_region(p, slide_size=(1000, 1000))
+    assert region.contains(np.array([100.3, 99.8]), np.array([50.0, 50.0])).tolist() == [True, False]
+    mask = np.zeros((2, 2), np.uint8)
+    mask[:, 1] = 255  # the right half of a 200 px slide, at 1/100 scale: level-0 pixels 100-199
+    path = tmp_path / "m.png"
+    Image.fromarray(mask).save(path)
+    half = load_region(path, slide_size=(200, 200))
+    assert half.contains(np.array([99.4, 99.6, 100.0]), np.array([50.0, 50.0, 50.0])).tolist() == [False, True, True]
