@@ -253,8 +253,8 @@ def measure_cells(
     if len(labels) == 0:
         empty = np.zeros(0, f32)
         sectors = np.zeros((0, N_SECTORS), np.float16)
-        return (CellMeasurements(*([empty] * 11), sectors, sectors, np.zeros((0, N_SECTORS), np.int32), np.zeros(0, np.int8)),
-                np.zeros(len(CONTRAST_BINS) - 1, np.int64), anchors)
+        return (CellMeasurements(np.zeros(0, np.int32), *([empty] * 10), sectors, sectors, np.zeros((0, N_SECTORS), np.int32),
+                                 np.zeros(0, np.int8)), np.zeros(len(CONTRAST_BINS) - 1, np.int64), anchors)
 
     # border band of each cell (nuclear pixels excluded) and the interior
     padded = np.pad(cells, 1, mode="constant")

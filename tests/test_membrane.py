@@ -270,3 +270,6 @@ def test_measuring_a_core_measures_its_cells_as_the_whole_image_does():
         rows, cols = np.nonzero((nuclei > 0) & (cells == lab) if n > 0 else cells == lab)
         assert (x, y) == pytest.approx((cols.mean(), rows.mean()), abs=1e-3)
     assert 0 < part_hist.sum() < whole_hist.sum() and (part_hist <= whole_hist).all()
+    none, none_hist, _ = measure_cells(cells, nuclei, hed[..., 0], smooth, contrast, mpp=MPP, core=(0, 0, 1, 1))
+    assert len(none) == 0 and none_hist.sum() == 0  # a core no cell is anchored in: an empty table of the same types
+    assert {k: getattr(none, k).dtype for k in none.__dataclass_fields__} == {k: getattr(whole, k).dtype for k in whole.__dataclass_fields__}
