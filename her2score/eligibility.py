@@ -74,6 +74,7 @@ __all__ = [
     "available_rules",
     "load_rule",
     "check_eligibility",
+    "guideline_suits",
 ]
 
 RULES_DIR = Path(__file__).with_name("rules")
@@ -272,7 +273,7 @@ def _matches(levels: tuple[str, ...], result: SlideResult) -> bool:
     return result.level in levels or result.score in levels
 
 
-def _guideline_ok(expected: str, guideline: str) -> bool:
+def guideline_suits(expected: str, guideline: str) -> bool:
     """Whether a slide scored under ``guideline`` suits a rule that expects ``expected``: the breast versions
     score alike but for 2023's split of 0, which a plain 0 under a rule that tells them apart asks about
     (_plain_zero_doubt)."""
@@ -421,7 +422,7 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(f"failed QC: {'; '.join(failed)}")
     if result.tumour_cells < rule.min_tumour_cells:
         doubts.append(f"too few tumour cells: {result.tumour_cells} scored, the rule needs >= {rule.min_tumour_cells}")
-    if not _guideline_ok(rule.guideline, result.guideline):
+    if not guideline_suits(rule.guideline, result.guideline):
         doubts.append(f"the rule expects {rule.guideline} scoring; the slide was scored under {result.guideline}")
     if result.cnn_score is not None and result.classical_score is not None and result.cnn_score != result.classical_score:
         doubts.append(f"classical score {result.classical_score} and CNN score {result.cnn_score} disagree")

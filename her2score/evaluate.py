@@ -52,7 +52,7 @@ import numpy as np
 
 from . import __version__
 from .categories import CATEGORIES
-from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
+from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE
 from .slide import resolved_path
@@ -611,17 +611,17 @@ def _truth_percent(counts: Mapping[str, int]) -> dict[str, float]:
 
 def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | os.PathLike | None = None,
              use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
-             mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence[str] | None = None,
+             mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
              eligible_rule: str | None = None,
              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
-    ``use_cnn`` is False). ``rules``: eligibility rule names (default: all shipped rules).
+    ``use_cnn`` is False). ``rules``: eligibility rules, by name, rule file or Rule (default: all shipped rules).
     ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
-    from .eligibility import available_rules, check_eligibility, load_rule
+    from .eligibility import Rule, available_rules, check_eligibility, guideline_suits, load_rule
     from .pipeline import ScoringConfig
 
     t_start = time.perf_counter()
@@ -634,7 +634,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
         clf = model if isinstance(model, TileClassifier) else load_model(model)
     config = ScoringConfig(guideline=guideline, specimen=specimen)
-    rule_objs = [load_rule(r) for r in (rules or available_rules())]
+    rule_objs = [r if isinstance(r, Rule) else load_rule(r) for r in (rules or available_rules())]
     unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
     if unknown:
         raise ValueError(f"{labels}: eligibility truth for unknown rules {unknown}; the rules are {available_rules()}")
@@ -692,7 +692,6 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         "cnn_source": dict(sorted((k, v) for k, v in _count(r.get("cnn_by") for r in rows).items() if k)) or None,
         "warnings": [], "methods": {},
     }
-    family = GUIDELINE_FAMILY[guideline]
     for method in METHODS:
         mrs = [method_result(results[i], method) for i in ok]
         if method != "classical" and clf is None and all(results[i].cnn is None for i in ok):
@@ -708,7 +707,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                                        "kappa is unreliable (it can collapse to a point); read it as indicative only")
         elig = {}
         for rule in rule_objs:
-            if rule.guideline not in ("any", family, guideline):
+            if not guideline_suits(rule.guideline, guideline):  # as check_eligibility decides it
                 elig[rule.name] = {"skipped": f"the rule expects {rule.guideline} scoring; evaluated under {guideline}"}
                 continue
             tv, st, source = [], [], {"eligible column": 0, "label and rule file": 0}

@@ -281,6 +281,10 @@ def test_evaluate_known_answers(known):
     # the fused method carries the CNN, so classical/CNN disagreement gives needs_review
     assert fu["eligibility"]["t-dxd-tumour-agnostic"]["needs_review_rate"] == pytest.approx(4 / 8)  # 4 disagreements
     assert "skipped" in cl["eligibility"]["gastric-toga"]
+    # a rule written for the other breast version is evaluated, as check_eligibility answers it
+    old = Rule(name="low-2018", version="1", guideline="breast-asco-cap-2018", eligible_levels=("1+",))
+    m18 = evaluate(labels, out.with_name("r18"), reuse=prev, use_cnn=False, bootstrap=0, rules=[old])
+    assert "skipped" not in m18["methods"]["classical"]["eligibility"]["low-2018"]
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["methods"]["classical"]["confusion"]["matrix"] == confusion_matrix(LABELS, CLASSICAL).tolist()
