@@ -94,6 +94,10 @@ def classify_cells(
     if not completeness.ndim == 1 or not len(completeness) == len(longest_arc) == len(longest_gap) == len(intensity_od):
         raise ValueError("classify_cells: the four per-cell arrays must be 1-D and of one length, got "
                          f"{[np.shape(a) for a in (completeness, longest_arc, longest_gap, intensity_od)]}")
+    for name, a in (("completeness", completeness), ("longest_arc", longest_arc), ("longest_gap", longest_gap),
+                    ("intensity_od", intensity_od)):
+        if not np.isfinite(a).all():  # NaN would read as an unstained cell, counted in the denominator
+            raise ValueError(f"classify_cells: {name} has {int((~np.isfinite(a)).sum())} values that are not finite")
     stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
     complete = stained & (completeness >= t.complete_completeness) & (longest_gap < t.lateral_gap)
     lateral = stained & ~complete & (longest_arc >= t.lateral_arc)

@@ -484,6 +484,10 @@ def _changed_since(image: str, result_file: Path) -> bool:
         return True
 
 
+_RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in CATEGORIES))
+"""Rule names whose per_image.csv columns (<method>_<rule>, truth_<rule>) are other columns' names."""
+
+
 def _same_mpp(result: SlideResult, given: float | None) -> bool:
     """Whether ``result`` was scored at the µm/px a run now reads its image at: ``given``, or without it the
     file's own (a result scored at a µm/px the user gave is not; the pipeline's notes say where it came from)."""
@@ -638,6 +642,9 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
     if unknown:
         raise ValueError(f"{labels}: eligibility truth for unknown rules {unknown}; the rules are {available_rules()}")
+    if clash := sorted(r.name for r in rule_objs if r.name in _RESERVED_RULE_NAMES):
+        raise ValueError(f"rules named {clash} would overwrite per_image.csv's columns (<method>_<rule>, truth_<rule>); "
+                         "rename them")
     out = Path(out)  # made once the settings are known to be good: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
     same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}

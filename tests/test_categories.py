@@ -74,3 +74,13 @@ def test_every_category_is_reachable_and_codes_fit_int8():
 def test_per_cell_arrays_of_other_lengths_are_refused():
     with pytest.raises(ValueError, match="of one length"):
         classify_cells([0.9, 0.9], [0.9, 0.9], [0.0, 0.0], [0.6])  # not broadcast: one intensity for two cells
+
+
+def test_values_that_are_not_numbers_are_refused():
+    """A NaN completeness or intensity would read as an unstained cell and be counted: refused, named."""
+    ok = np.array([0.9, 0.5], np.float32)
+    for k in range(4):
+        arrays = [ok.copy() for _ in range(4)]
+        arrays[k][1] = np.nan
+        with pytest.raises(ValueError, match="values that are not finite"):
+            classify_cells(*arrays)

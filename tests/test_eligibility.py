@@ -1,6 +1,7 @@
 """Eligibility rule sets on constructed SlideResults: shipped rules, ISH, review reasons, rule files."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -316,6 +317,19 @@ def test_no_score_needs_review_with_the_reason():
         assert "failed QC: 0 tumour cells scored; at least 100 are needed" in decision.reasons
         assert not any("would be" in r for r in decision.reasons)  # no automatic answer without a score
     assert SlideResult.from_dict(unscored.to_dict()) == unscored
+
+
+def test_a_result_json_whose_calls_disagree_is_refused():
+    """from_dict refuses what the tool never writes: a classical level of another score, a reported score other
+    than the classical one with no CNN to fuse, and QC findings that are not findings (ValueError, as the rest)."""
+    good = make_result(none=175, faint_partial=25).to_dict()
+    assert SlideResult.from_dict(good).score == "1+"
+    for bad, words in (({"classical_level": "0 (null)"}, "'classical_level' '0 (null)' is not a level of classical score '1+'"),
+                       ({"score": "3+", "level": "3+"}, "differs from 'classical_score' '1+' with no CNN"),
+                       ({"qc": [["too_few", "fail"]]}, "'qc' must be a list of findings"),
+                       ({"qc": [{"code": "x"}]}, "'qc' must be a list of findings")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            SlideResult.from_dict({**good, **bad})
 
 
 # isolated intense cells (3 in 10,412): the flag gives needs_review only where counting them changes the answer

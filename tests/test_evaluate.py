@@ -801,4 +801,6 @@ def test_a_refused_evaluation_leaves_no_output_folder(tmp_path):
         evaluate(labels, tmp_path / "out", use_cnn=False, specimen="biopsy")  # no biopsy rule under breast
     with pytest.raises(ValueError):
         evaluate(labels, tmp_path / "out", use_cnn=False, rules=["no-such-rule"])
+    with pytest.raises(ValueError, match=r"rules named \['level'\] would overwrite per_image.csv's columns"):
+        evaluate(labels, tmp_path / "out", use_cnn=False, rules=[Rule(name="level", version="1", eligible_levels=("1+",))])
     assert not (tmp_path / "out").exists()
