@@ -39,6 +39,13 @@ less than 20 (0-255): the background of fluorescence and darkfield, never an are
 tissue, where even over-stained pixels keep the colour of their stain."""
 MAX_DARK_FRACTION = 0.08
 """Brightfield IHC measured: at most 0.025 dark (Ki67 ndpi); fluorescence-like 0.62, the astronaut photo 0.20."""
+DIM_INTENSITY = 100
+DIM_MAX_CHROMA = 30
+MAX_DIM_FRACTION = 0.5
+"""Dim grey pixels (every channel under 100, within 30 of each other): in brightfield tissue even the darkest
+stain keeps its colour (brown DAB, blue haematoxylin), so they are at most 0.038 of a real image (Ki67 ndpi),
+0.16 / 0.32 of the real colon with all its stains 3x / 4x over-stained; the dim, tinted background of an
+inverted Ki67 field, which escapes the dark check above (brightest channel 55), is 0.76 of it."""
 STAINED_OD = 0.25
 """A pixel is stained when its summed RGB log10 OD exceeds this (pale pixels' colour ratios are noise)."""
 COUNTERSTAIN_OD = 0.12
@@ -225,9 +232,10 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     modal, solid, uniform = rendered_fractions(rgb, od)
     diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
-    if dark > MAX_DARK_FRACTION:
-        code, reason = "dark_background", (f"{dark:.0%} of the image is dark: not a brightfield slide "
-                                           "(fluorescence, darkfield or a photograph); not scored")
+    dim = dark_fraction(detail, max_intensity=DIM_INTENSITY, max_chroma=DIM_MAX_CHROMA)
+    if dark > MAX_DARK_FRACTION or dim > MAX_DIM_FRACTION:
+        code, reason = "dark_background", (f"{dark if dark > MAX_DARK_FRACTION else dim:.0%} of the image is dark: not a brightfield slide "
+                                           "(fluorescence, darkfield, an inverted image or a photograph); not scored")
     elif modal > MAX_FLAT_FRACTION and solid < MIN_SOLID_FRACTION:
         code, reason = "rendered_graphic", (f"{modal:.0%} of the image is one exact colour and its marks are thin "
                                             "strokes: a screenshot, text or a plot, not a scanned slide; not scored")

@@ -21,7 +21,8 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 @dataclass(frozen=True)
 class RealCase:
-    """One real image: ``kind`` is membranous, nuclear, he, derived-0, pale or weaker; ``mpp`` in µm/px (None: in the file)."""
+    """One real image: ``kind`` is membranous, nuclear, nuclear-derived, inverted, he, derived-0, pale or weaker; ``mpp``
+    in µm/px (None: in the file)."""
 
     name: str
     kind: str
@@ -100,6 +101,19 @@ def real_cases() -> list[RealCase]:
         for p in sorted((REAL / "wsi").rglob("*.svs")):
             cases.append(RealCase("he-wsi-tcga-ts1", "he", lambda p=p: p, 1.0, "H&E whole-slide file, no MPP in header"))
     cases += ki67
+    for c in ki67:  # what a user may give: a crop at the pipeline's scale, the wrong µm/px, a heavily compressed file
+        if c.name == "os2-ki67-ndpi":
+            half = _resampled(_as_array(c), _file_mpp(c), 0.5)
+            cases += [RealCase(f"{c.name}-crop-{y}-{x}", "nuclear-derived", _crop(half, y, x, 400), 0.5,
+                               "a 200 µm crop of the Ki67 field, resampled to 0.5 µm/px") for y, x in ((600, 600), (0, 400), (400, 600))]
+            cases.append(RealCase(f"{c.name}-given-0.5", "nuclear-derived", _as_array(c), 0.5,
+                                  "the Ki67 field at its 0.227 µm/px, said to be 0.5 µm/px"))
+        elif c.name == "os2-ki67-vsi":
+            cases += [RealCase(f"{c.name}-jpeg-{q}", "nuclear-derived", _jpeg(_as_array(c), q), _file_mpp(c),
+                               f"the Ki67 field saved as JPEG quality {q}") for q in (60, 50)]
+    for c in (cases[0], *ki67):  # a negative, as a viewer's invert or a darkfield rendering shows it: no brightfield slide
+        if c.name in ("skimage-colon-ihc", "deepliif-ki67-34_3"):
+            cases.append(RealCase(f"{c.name}-inverted", "inverted", _inverted(_as_array(c)), c.mpp, "the real field inverted"))
     cases += [RealCase(f"skimage-colon-ihc-haematoxylin-{k:g}", "pale", _scaled(_skimage_ihc, hematoxylin=k), 0.5,
                        f"the real colon with {k:g} x its haematoxylin OD: a paler counterstain") for k in PALER]
     cases += [RealCase(f"skimage-colon-ihc-dab-{k:g}", "weaker", _scaled(_skimage_ihc, dab=k, residual=k), 0.5,
@@ -109,6 +123,32 @@ def real_cases() -> list[RealCase]:
         cases.append(RealCase(f"{c.name}-dab-removed", "derived-0", _without_dab(_as_array(c)), c.mpp or _file_mpp(c),
                               "the real field with its DAB removed by colour deconvolution: a real HER2 0"))
     return cases
+
+
+def _resampled(load: Callable[[], np.ndarray], mpp: float, to_mpp: float) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        f = mpp / to_mpp
+        return cv2.resize(load(), None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    return derived
+
+
+def _crop(load: Callable[[], np.ndarray], y: int, x: int, side: int) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        return np.ascontiguousarray(load()[y : y + side, x : x + side])
+    return derived
+
+
+def _jpeg(load: Callable[[], np.ndarray], quality: int) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(load()[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].copy()
+    return derived
+
+
+def _inverted(load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    def derived() -> np.ndarray:
+        return 255 - load()
+    return derived
 
 
 def _file_mpp(case: RealCase) -> float:

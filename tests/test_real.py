@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from her2score.imagecheck import NotHerIhcError
 from her2score.guidelines import FALSE_MEMBRANE_PERCENT
 from her2score.membrane import noise_floor
 from her2score.pipeline import NuclearStainError, ScoringConfig, WrongStainError, analyse_slide, score_tile
@@ -66,6 +67,24 @@ def test_nuclear_dab_never_scores_2_or_3(name):
         return
     assert r.score in (None, "0", "1+"), r.reason
     assert not r.qc_passed  # what is left unrefused is too small a field for a call (a pale 1-2% Ki67 field)
+
+
+@needs_real
+@pytest.mark.parametrize("name", names("nuclear-derived"))
+def test_ki67_crops_wrong_scales_and_heavy_jpeg_are_refused_as_nuclear(name):
+    """A Ki67 field's crops at 0.5 µm/px, the field given 2.2x its µm/px, and the field at JPEG quality 60 or 50 are
+    refused as nuclear DAB, also where the slide's own stain vectors are tried: membranes read stained next to
+    brown nuclei (11-19% of cells), but a HER2 stain leaves nuclei unstained (they scored HER2 1+, QC passed)."""
+    with pytest.raises(NuclearStainError, match="DAB is nuclear"):
+        analyse(CASES[name])
+
+
+@pytest.mark.parametrize("name", names("inverted"))
+def test_inverted_fields_are_refused_as_no_brightfield_slide(name):
+    """A real field inverted (a dark, tinted background with glowing nuclei, as a darkfield or fluorescence
+    rendering looks) is no brightfield slide: refused as dark (the inverted Ki67 field scored HER2 2+)."""
+    with pytest.raises(NotHerIhcError, match="of the image is dark"):
+        analyse(CASES[name])
 
 
 @needs_real
