@@ -234,8 +234,9 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     code, reason = "ok", ""
     dim = dark_fraction(detail, max_intensity=DIM_INTENSITY, max_chroma=DIM_MAX_CHROMA)
     if dark > MAX_DARK_FRACTION or dim > MAX_DIM_FRACTION:
-        code, reason = "dark_background", (f"{dark if dark > MAX_DARK_FRACTION else dim:.0%} of the image is dark: not a brightfield slide "
-                                           "(fluorescence, darkfield, an inverted image or a photograph); not scored")
+        share = dark if dark > MAX_DARK_FRACTION else dim
+        code, reason = "dark_background", (f"{share:.0%} of the image is dark: not a brightfield slide (fluorescence, "
+                                           "darkfield, an inverted image or a photograph); not scored")
     elif modal > MAX_FLAT_FRACTION and solid < MIN_SOLID_FRACTION:
         code, reason = "rendered_graphic", (f"{modal:.0%} of the image is one exact colour and its marks are thin "
                                             "strokes: a screenshot, text or a plot, not a scanned slide; not scored")
