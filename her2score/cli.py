@@ -289,7 +289,7 @@ def _synth(args) -> int:
 def _train(args) -> int:
     import time
 
-    from .cnn import ModelError, weights_path
+    from .cnn import ModelError, default_weights_path, weights_path
     from .slide import SlideError
     from .train import TrainConfig, csv_images, folder_images, synthetic_images, train
 
@@ -302,7 +302,12 @@ def _train(args) -> int:
                              patches_per_image=args.patches_per_image, val_fraction=args.val_fraction, lr=args.lr,
                              augment=not args.no_augment, threads=args.threads, device=args.device,
                              max_minutes=args.max_minutes)
-        weights_path(Path(args.out) / args.name)
+        target = weights_path(Path(args.out) / args.name)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: a file, not a folder for the weights")
+        if target.resolve() == default_weights_path().resolve() and not args.replace_shipped:
+            raise ValueError(f"{target} is the shipped weights, which every run without --weights uses: train into "
+                             "another folder and pass --weights, or give --replace-shipped")
     except ValueError as e:
         print(f"her2score: {e}", file=sys.stderr)
         return 2
@@ -498,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--folder", help="folder with one sub-folder per class: 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
     t.add_argument("--csv", help="CSV of path,label (paths relative to the CSV's folder)")
     t.add_argument("--out", required=True, help="folder for the weights and the training log")
+    t.add_argument("--replace-shipped", action="store_true",
+                   help="allow --out/--name to name the shipped weights (models/her2cnn.pt), which every default run uses")
     t.add_argument("--name", default="her2cnn.pt", help="weights file name")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")

@@ -132,6 +132,22 @@ def test_cli_train_requires_a_source(capsys, tmp_path):
     assert "training source" in capsys.readouterr().err
 
 
+def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work(capsys, tmp_path):
+    """Training into models/ would replace the weights every default run uses: refused unless asked for
+    (--replace-shipped), as is an --out that is a file, both before any field is generated."""
+    from her2score.cnn import default_weights_path
+
+    shipped = default_weights_path()
+    before = shipped.read_bytes()
+    assert main(["train", "--synthetic", "1", "--out", str(shipped.parent)]) == 2
+    assert "is the shipped weights" in capsys.readouterr().err and shipped.read_bytes() == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "--synthetic", "1", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "a file, not a folder" in err and "generating" not in err
+
+
 def test_training_fields_may_carry_unstained_border_texture(fields):
     from her2score.synthetic import Confounders, generate_field
 
