@@ -71,9 +71,12 @@ def _score_config(args):
 
         try:
             weights = os.path.abspath(args.weights or default_weights_path())
-            _load_cnn(weights)  # fail now, once, rather than on every slide; forked workers inherit the model
+            model = _load_cnn(weights)  # fail now, once, rather than on every slide; forked workers inherit the model
         except ModelError as e:
             raise _UsageError(f"{_one_line(str(e))} (or score with --no-cnn)") from None
+        if abs(model.mpp - config.mpp) > 1e-6:  # else every slide would fail on its own
+            raise _UsageError(f"{weights}: the CNN was trained at {model.mpp:g} µm/px but tiles are read at "
+                              f"{config.mpp:g} µm/px (--target-mpp); give weights trained there, or score with --no-cnn")
     return config, weights
 
 

@@ -196,6 +196,18 @@ def test_bad_arguments_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_a_cnn_of_another_resolution_is_a_usage_error_naming_the_weights(tmp_path, capsys):
+    """Tiles read at another µm/px than the CNN's: one usage error before any work, naming the weights (every
+    slide failed on its own, exit 1); --no-cnn scores them."""
+    slide = tmp_path / "f.png"
+    shutil.copy(SAMPLES / "field_3plus_a.png", slide)
+    assert main(["score", str(slide), "--out", str(tmp_path / "out"), "--target-mpp", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert "her2cnn.pt: the CNN was trained at 0.5 µm/px but tiles are read at 0.4 µm/px" in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(["score", str(slide), "--out", str(tmp_path / "out"), "--target-mpp", "0.4", "--no-cnn", "-q"]) == 0
+
+
 def test_a_bad_target_mpp_is_blamed_on_itself_beside_a_good_thresholds_file(tmp_path, capsys):
     (tmp_path / "t.json").write_text("{}")
     out = tmp_path / "out"
