@@ -111,6 +111,22 @@ class WeightsRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """ValueError for a record no model could work with (a hand-edited or damaged file)."""
+        norm = self.normalisation
+        if not (np.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"the record's mpp must be a positive µm/px, got {self.mpp!r}")
+        if not (isinstance(self.patch_px, int) and self.patch_px >= 8):
+            raise ValueError(f"the record's patch_px must be a whole number >= 8, got {self.patch_px!r}")
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise ValueError(f"the record's min_tissue_fraction must be within 0-1, got {self.min_tissue_fraction!r}")
+        try:
+            mean, std = np.asarray(norm["mean"], float), np.asarray(norm["std"], float)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"the record's normalisation must give mean and std per channel, got {norm!r}") from None
+        if mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"the record's normalisation needs finite means and positive stds, got {norm!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"], d["input_channels"] = list(self.classes), list(self.input_channels)

@@ -116,6 +116,24 @@ def test_tampered_weights_fail_the_checksum(tmp_path, saved):
         load_model(bad)
 
 
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("mpp", float("nan"), "mpp must be a positive"), ("mpp", -1.0, "mpp must be a positive"),
+    ("patch_px", 0, "patch_px must be"), ("min_tissue_fraction", 5, "min_tissue_fraction"),
+    ("normalisation", {"mean": [0.1, 0.1], "std": [0.0, 0.2]}, "positive stds")])
+def test_a_record_no_model_could_work_with_is_a_model_error(tmp_path, saved, key, value, words):
+    """A weights file whose record (not covered by the weights' checksum) was edited or damaged: refused at
+    load, naming the file (a NaN µm/px scored slides past the resolution check; a zero std failed each slide)."""
+    import json
+
+    blob = torch.load(saved[0], weights_only=True)
+    meta = json.loads(blob["meta"])
+    meta["record"][key] = value
+    bad = tmp_path / "edited.pt"
+    torch.save({"state_dict": blob["state_dict"], "meta": json.dumps(meta)}, bad)
+    with pytest.raises(ModelError, match=f"edited.pt.*{words}"):
+        load_model(bad)
+
+
 def test_default_weights_sha_mismatch_and_missing(monkeypatch, tmp_path, saved):
     monkeypatch.setattr(cnn, "default_weights_path", lambda: saved[0])
     monkeypatch.setattr(cnn, "DEFAULT_WEIGHTS", WeightsRecord(file="tiny.pt", sha256="0" * 64))
