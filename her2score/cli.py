@@ -524,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 2 is faster on an idle one)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--workers", type=int, default=1, help="processes generating synthetic fields")
-    t.add_argument("--max-minutes", type=float, help="stop after this many minutes (default: no limit)")
+    t.add_argument("--max-minutes", type=float,
+                   help="stop after the first epoch that ends past this many minutes of training, keeping the best epoch "
+                        "(field generation not counted; default: no limit)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="score labelled images; metrics (kappa, accuracy, eligibility) for classical, CNN and fused",
