@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -484,6 +485,28 @@ def _changed_since(image: str, result_file: Path) -> bool:
         return True
 
 
+def _training_field_seeds(record, labels: str | os.PathLike, images: Sequence[str]) -> int:
+    """How many of ``images`` a generator's truth.jsonl (beside ``labels``) says were drawn from a field seed
+    the CNN's training fields were drawn from (train.synthetic_images: SeedSequence(seed) over the fields the
+    weights record's training data names); 0 where either side does not say."""
+    found = re.search(r"(\d+) synthetic fields \(.*SeedSequence\((\d+)\)", str(record.training.get("data", "")))
+    truth = Path(labels).absolute()
+    truth = (truth if truth.is_dir() else truth.parent) / "truth.jsonl"
+    if not found or not truth.is_file():
+        return 0
+    trained = set(np.random.SeedSequence(int(found[2])).generate_state(int(found[1])).tolist())
+    wanted = {str(resolved_path(p)) for p in images}
+    shared = 0
+    for line in truth.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            if row.get("seed") in trained and str(resolved_path(truth.parent / row["path"])) in wanted:
+                shared += 1
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return shared
+
+
 _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in CATEGORIES))
 """Rule names whose per_image.csv columns (<method>_<rule>, truth_<rule>) are other columns' names."""
 
@@ -738,6 +761,11 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok
              if items[i].counts and sum(items[i].counts.values()) and results[i].tumour_cells]
     metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
+    if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
+        metrics["warnings"].append(
+            f"cnn: {shared} of the {len(ok)} images were generated from the seeds of the CNN's own training fields "
+            f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
+            "fields with another --seed")
     for w in metrics["warnings"]:
         log.warning("%s", w)
     # headline figures: the reported (fused when a CNN ran, else classical) score

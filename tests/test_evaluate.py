@@ -804,3 +804,22 @@ def test_a_refused_evaluation_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match=r"rules named \['level'\] would overwrite per_image.csv's columns"):
         evaluate(labels, tmp_path / "out", use_cnn=False, rules=[Rule(name="level", version="1", eligible_levels=("1+",))])
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_fields_drawn_from_the_cnns_training_seeds_are_counted(tmp_path):
+    """synth and train draw fields from SeedSequence(seed): with one seed for both, evaluation would run on the
+    CNN's training fields. The count comes from the generator's truth.jsonl and the weights record."""
+    from her2score.evaluate import _training_field_seeds
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=2, seed=5, size_px=(96, 96))
+    images = [str(p) for p in sorted((ds / "images").glob("*.png"))]
+
+    def record(data: str) -> WeightsRecord:
+        return WeightsRecord(file="x.pt", sha256="", training={"data": data})
+
+    same = record("8 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(5), stain_jitter 0)")
+    assert _training_field_seeds(same, ds / "labels.csv", images) == 8
+    assert _training_field_seeds(same, ds / "labels.csv", images[:3]) == 3
+    other = record("8 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(6), stain_jitter 0)")
+    assert _training_field_seeds(other, ds / "labels.csv", images) == 0
+    assert _training_field_seeds(record("class folders under x"), ds / "labels.csv", images) == 0
