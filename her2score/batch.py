@@ -624,10 +624,11 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
                      cells_csv=cells_csv)
     this_run = {j.slide for j in jobs} | {p for p, _ in problems}
     earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and (
-               (e.get("state") == "error" and os.path.lexists(s) and Path(s).suffix.lower() in SLIDE_SUFFIXES)
+               (e.get("state") == "error" and os.path.lexists(s)
+                and Path(s).suffix.lower() in (*SLIDE_SUFFIXES, *UNSUPPORTED_IMAGE_SUFFIXES))
                or (e.get("state") == "done" and (out / e["row"].get("output", "") / "result.json").is_file()))}
     if jobs:  # an earlier run's refused or failed slides stay listed while they exist, as they were (no results);
-        # a file given that was no slide format at all is no slide in --out
+        # a file given that was no slide or image format at all (report.docx) is no slide in --out
         _refuse_mixed_settings(out, {s: e for s, e in earlier.items() if e.get("state") == "done"}, _settings(jobs[0]))
     manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
     for path, reason in problems:

@@ -170,10 +170,15 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
-    """The rows of a labels CSV as (line, {column: value}), column names stripped and in lower case."""
+    """The rows of a labels CSV as (line, {column: value}), column names stripped and read in any case (path,
+    label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written)."""
+    def column(name: str | None) -> str:
+        name = (name or "").strip()
+        return "eligible_" + name[len("eligible_"):] if name.lower().startswith("eligible_") else name.lower()
+
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        names = [(c or "").strip().lower() for c in reader.fieldnames or []]
+        names = [column(c) for c in reader.fieldnames or []]
         if not {"path", "label"} <= set(names):
             raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
         if repeated := sorted({c for c in names if names.count(c) > 1}):

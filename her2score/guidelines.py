@@ -284,7 +284,7 @@ def _down_sides(c: dict[str, int], score: str, groups: list[tuple[str, ...]], gu
                     to = _WEAKER[to]
                 alt[cat] -= k
                 alt[to if weaker else "none"] += k
-        other = apply_guideline(alt, guideline, **rules).score
+        other = apply_guideline(alt, guideline, **{**rules, "clusters": _fitted(rules.get("clusters") or {}, alt)}).score
         if other != score and other not in out:
             out.append(other)
     return out
@@ -357,7 +357,8 @@ def cluster_sides(counts: Mapping[str, int], score: str | None, *, guideline: st
                 continue  # only a move across the rule's 5 can change the call
             nested = {**clusters, **{k: size + step for k in order[i:] if clusters.get(k, 0) == size}}
             for moved in (_moved_cluster(clusters, level, size + step), _moved_cluster(nested, level, size + step)):
-                alt = apply_guideline(_holding(counts, moved), guideline, specimen, clusters=moved,
+                held = _holding(counts, moved)
+                alt = apply_guideline(held, guideline, specimen, clusters=_fitted(moved, held),
                                       gastric_reading=gastric_reading).score
                 if alt != score and alt not in [s for s, _, _ in sides]:
                     sides.append((alt, level, size))
@@ -368,14 +369,26 @@ _LEVEL_CATEGORY = {"3+": "strong_complete", "2+": "weak_moderate_complete", "1+"
 
 
 def _holding(counts: Mapping[str, int], clusters: Mapping[str, int]) -> dict[str, int]:
-    """``counts`` with as many unstained cells read at each level as its cluster needs beyond them (a cell of
-    a cluster one cell larger is a stained cell more)."""
+    """``counts`` with as many cells read at each level as its cluster needs beyond them, taken from the next
+    weaker levels first, then from unstained cells (a cell of a cluster one cell larger is a cell read at its
+    level); where the counts have too few cells in all, what they hold."""
     c = _validated(counts)
     for level in ("3+", "2+", "1+"):
-        short = min(max(0, clusters.get(level, 0) - cumulative_counts(c)[level]), c["none"])
-        c["none"] -= short
-        c[_LEVEL_CATEGORY[level]] += short
+        k = int(level[0])
+        short = max(0, clusters.get(level, 0) - cumulative_counts(c)[level])
+        for donor in sorted((cat for cat in CATEGORIES if STAINING_LEVEL[cat] < k), key=lambda cat: -STAINING_LEVEL[cat]):
+            moved = min(short, c[donor])
+            c[donor] -= moved
+            c[_LEVEL_CATEGORY[level]] += moved
+            short -= moved
     return c
+
+
+def _fitted(clusters: Mapping[str, int], counts: Mapping[str, int]) -> dict[str, int]:
+    """``clusters`` no larger than the cells of ``counts`` at each level or stronger (still nested): the clusters
+    of a what-if reading whose counts lost cells (missed, or read weaker)."""
+    cum = cumulative_counts(counts)
+    return {level: min(size, cum[level]) for level, size in clusters.items() if level in ("3+", "2+", "1+")}
 
 
 def _moved_cluster(clusters: Mapping[str, int], level: str, size: int) -> dict[str, int]:

@@ -668,11 +668,12 @@ def test_an_earlier_runs_failed_slides_stay_listed(tmp_path, fields):
     (tmp_path / "b").mkdir()
     save_png(tmp_path / "a" / "good.png", fields["1+"])
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "a" / "scan.czi").write_bytes(b"ZISRAWFILE")  # a slide format the tool knows and cannot read
     save_png(tmp_path / "b" / "other.png", fields["2+"])
     out = tmp_path / "out"
     run_batch([tmp_path / "a"], out)
     rows = run_batch([tmp_path / "b"], out)
     status = {Path(r["slide"]).name: r["status"] for r in rows}
-    assert status == {"good.png": "ok", "broken.png": "error", "other.png": "ok"}
+    assert status == {"good.png": "ok", "broken.png": "error", "scan.czi": "error", "other.png": "ok"}
     with open(out / "summary.csv", newline="") as fh:
         assert {Path(r["slide"]).name: r["status"] for r in csv.DictReader(fh)} == status

@@ -766,9 +766,9 @@ def test_labels_files_are_read_in_any_column_case_and_unreadable_ones_are_named(
 
     (tmp_path / "a.png").write_bytes(b"")
     good = tmp_path / "labels.csv"
-    good.write_text("Path,LABEL,ISH,Eligible_her2-positive-breast\na.png,2+,positive,yes\n")
+    good.write_text("Path,LABEL,ISH,Eligible_her2-positive-breast,eligible_MyTrial\na.png,2+,positive,yes,no\n")
     [item] = read_labels(good)
-    assert (item.ish, item.eligible) == ("positive", {"her2-positive-breast": True})
+    assert (item.ish, item.eligible) == ("positive", {"her2-positive-breast": True, "MyTrial": False})  # rule names as written
     assert Path(item.path).is_absolute() and Path(item.path) == tmp_path / "a.png"
     utf16 = tmp_path / "utf16.csv"
     utf16.write_text("path,label\na.png,2+\n", encoding="utf-16")

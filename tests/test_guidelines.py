@@ -302,6 +302,19 @@ def test_biopsy_clusters_must_agree_with_the_counts():
     assert apply_guideline(cells(none=95, wmc=5), G, "biopsy", clusters={"2+": 5}).score == "2+"
 
 
+def test_what_if_probes_of_small_biopsies_keep_their_clusters_within_the_counts():
+    """The near-cut-off and cluster probes read a biopsy's cells another way: their clusters follow the cells
+    (a cluster of 4 with no unstained cell left grows from a weaker cell; cells missed shrink a cluster), and
+    they never refuse the call they probe (both raised once clusters were checked against the counts)."""
+    small = dict(none=35, weak_moderate_complete=5)  # 12.5%, a 2+ cluster of 4
+    assert near_cutoff_sides(small, "2+", guideline=G, specimen="biopsy",
+                             clusters={"3+": 0, "2+": 4, "1+": 4}) == [("0", 12.5), ("1+", 12.5)]
+    full = dict(faint_partial=300, strong_complete=4)  # no unstained cell: the 3+ cluster's fifth cell is a faint one
+    call = apply_guideline(full, G, "biopsy", clusters={"3+": 4, "2+": 4, "1+": 304})
+    sides = cluster_sides(full, call.score, guideline=G, specimen="biopsy", clusters={"3+": 4, "2+": 4, "1+": 304})
+    assert call.score == "1+" and [s for s, _, _ in sides] == ["3+", "2+"]
+
+
 def test_gastric_per_band_biopsy_clusters_still_decide():
     call = apply_guideline(cells(none=95, sc=5), G, "biopsy", clusters={"3+": 5}, gastric_reading="per_band")
     assert call.score == "3+" and "cluster of 5" in call.reason
