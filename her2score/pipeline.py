@@ -87,8 +87,10 @@ class ScoringConfig:
     spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading,
     near_cutoff_points and false_membrane_percent: see guidelines; blur_min: least sharpness in focus (sharpness:
     0.46-1.7 on real and generated fields in focus, 0.08-0.24 blurred by 0.75 µm);
-    max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_warn / background_max_od: QC
-    warnings (eosin share, glass OD); cnn_*: patches the CNN reads per tile on whole slides.
+    max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_fail: eosin-coloured share of the stained
+    tissue over which QC fails (real H-DAB <= 0.03; the real colon with a quarter of its width real H&E 0.084, a
+    third 0.12; H&E itself is refused over imagecheck.MAX_EOSIN_FRACTION); background_max_od: QC warning
+    (glass OD); cnn_*: patches the CNN reads per tile on whole slides.
     """
 
     guideline: str = "breast-asco-cap-2023"
@@ -113,7 +115,7 @@ class ScoringConfig:
     false_membrane_percent: float = FALSE_MEMBRANE_PERCENT
     blur_min: float = 0.3
     max_scan_mpp: float = 1.0
-    eosin_warn: float = 0.08
+    eosin_fail: float = 0.08
     background_max_od: float = 0.06
     cnn_patches_per_tile: int = 16
     cnn_all_patches_up_to_tiles: int = 16
@@ -670,8 +672,9 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
     excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
     if excluded > 0.005:
         qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))
-    if eosin > config.eosin_warn:
-        qc.append(QCFinding("eosin_like_colour", "warn", f"{eosin:.0%} of tissue has an eosin-like colour", round(eosin, 4)))
+    if eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
+        qc.append(QCFinding("eosin_like_colour", "fail", f"{eosin:.0%} of the stained tissue has an eosin-like colour "
+                            "(part of it H&E, or an unusual DAB): check the stain", round(eosin, 4)))
     return qc
 
 

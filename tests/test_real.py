@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from her2score.imagecheck import NotHerIhcError
 from her2score.guidelines import FALSE_MEMBRANE_PERCENT
@@ -298,3 +299,21 @@ def test_real_borders_median_sector_lies_in_the_real_range():
 def _null_field(seed: int, confounders) -> tuple[np.ndarray, float]:
     f = generate_field("0", seed=seed, variant="null", confounders=confounders)
     return f.image, f.mpp
+
+
+@needs_real
+def test_a_field_part_h_and_e_fails_qc():
+    """The real colon with its right third replaced by real H&E (torchstain's breast source): an eosin-coloured share
+    of 0.12, under H&E's refusal, fails QC (it was a warning), so eligibility asks a pathologist; the colon alone
+    passes."""
+    from her2score.eligibility import check_eligibility
+
+    colon = _as_array(CASES["skimage-colon-ihc"])()
+    he = np.asarray(Image.open(REAL / "he" / "torchstain-breast" / "source.png").convert("RGB"))
+    he = cv2.resize(he[:438, :512], (512, 512), interpolation=cv2.INTER_AREA)
+    mixed = colon.copy()
+    mixed[:, 320:] = he[:, 320:]
+    r = analyse_slide(ArraySlide(mixed, mpp=0.5)).result
+    assert ("eosin_like_colour", "fail") in {(q.code, q.severity) for q in r.qc} and not r.qc_passed
+    assert check_eligibility(r, "her2-positive-breast").status == "needs_review"
+    assert "eosin_like_colour" not in {q.code for q in analyse(CASES["skimage-colon-ihc"]).result.qc}
