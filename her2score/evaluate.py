@@ -535,14 +535,13 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
 
     key = str(resolved_path(item.path))
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
-    if f is not None and _changed_since(item.path, f):  # the image was written again after its result
-        f = None
-    if f is not None:
+    result = None
+    if f is not None and not _changed_since(item.path, f):  # not an image written again after its result
         try:  # another version's result, or a damaged one: scored again
             result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
         except (ValueError, TypeError, KeyError, OSError):
-            result = None
-    if f is not None and result is not None:
+            pass
+    if result is not None:
         recorded = dict(result.config)
         if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
             recorded["estimate_stains"] = False

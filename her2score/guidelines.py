@@ -226,8 +226,7 @@ def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
         raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
 
 
-def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str,
-                         isolated_intense_percent: float) -> dict[str, tuple[str, ...]]:
+def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str) -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
     _known(guideline, gastric_reading)
     if GUIDELINE_FAMILY[guideline] == "breast":
@@ -238,15 +237,14 @@ def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: 
     return {f"{k}+": tuple(cat for cat in CATEGORIES if match(STAINING_LEVEL[cat], k)) for k in (3, 2, 1)}
 
 
-def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative",
-                   isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> dict[str, int]:
+def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
     complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining;
-    isolated intense cells count in both as the stained complete cells they are. Gastric: cumulative_counts, or each band alone under the per_band
-    reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
+    isolated intense cells count in both as the stained complete cells they are. Gastric:
+    cumulative_counts, or each band alone under the per_band reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
-    groups = _deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)
+    groups = _deciding_categories(c, guideline, gastric_reading)
     return {score: sum(c[cat] for cat in cats) for score, cats in groups.items()}
 
 
@@ -311,7 +309,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)} or None")
     c = _validated(counts)
-    share = deciding_cells(c, guideline, gastric_reading=gastric_reading, isolated_intense_percent=isolated_intense_percent)
+    share = deciding_cells(c, guideline, gastric_reading=gastric_reading)
     total, rank = max(sum(c.values()), 1), SCORES.index(score)
     sides = []
     for up in SCORES[rank + 1:]:
@@ -326,7 +324,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
             if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
                 groups = [g for g in _BREAST_2PLUS_GROUPS if 10 * sum(c[cat] for cat in g) > total]
             else:
-                groups = [_deciding_categories(c, guideline, gastric_reading, isolated_intense_percent)[score]]
+                groups = [_deciding_categories(c, guideline, gastric_reading)[score]]
             sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]

@@ -214,7 +214,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
                                                 core=(x0 - rx, y0 - ry, w, h))
     ox, oy, _ = frame = _tile_frame(tile, scale)
     m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
-    label_xy = (anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)).astype(np.float32)
+    label_xy = anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)  # float32 throughout
     outline_points, outline_sizes = trace_outline_points(cells, m.label)
     total_od = hed[..., 0] + hed[..., 1]
     tissue = total_od > 0.1

@@ -147,14 +147,13 @@ def _check_dict(d: dict[str, Any]) -> None:
         raise ValueError(f"'score' {score!r}, 'level' {level!r} and {n} tumour cells disagree: no score is "
                          "'not scored' with no tumour cells")
     zeros = ZERO_LEVELS if d.get("guideline") == "breast-asco-cap-2023" else ("0",)
-    for s_key, l_key in (("score", "level"), ("classical_score", "classical_level")):
+    for s_key, l_key, words in (("score", "level", "score"), ("classical_score", "classical_level", "classical score")):
         s, lv = d.get(s_key), d.get(l_key)
         if s is not None and lv not in (zeros if s == "0" else (s,)) and not (l_key == "classical_level" and not lv):  # older: none
-            raise ValueError(f"{l_key!r} {lv!r} is not a level of {s_key.replace('score', '').replace('_', ' ')}score {s!r} "
-                             f"under {d.get('guideline')!r}")
+            raise ValueError(f"{l_key!r} {lv!r} is not a level of {words} {s!r} under {d.get('guideline')!r}")
     if not d.get("cnn") and "classical_score" in d and d["classical_score"] != score:
         raise ValueError(f"'score' {score!r} differs from 'classical_score' {d['classical_score']!r} with no CNN to fuse")
-    qc = d.get("qc", ())
-    if not isinstance(qc, (list, tuple)) or not all(isinstance(q, dict) and set(q) <= {"code", "severity", "message", "value"}
+    qc, known = d.get("qc", ()), set(QCFinding.__dataclass_fields__)
+    if not isinstance(qc, (list, tuple)) or not all(isinstance(q, dict) and set(q) <= known
                                                     and {"code", "severity", "message"} <= set(q) for q in qc):
         raise ValueError(f"'qc' must be a list of findings with code, severity and message, got {qc!r}")
