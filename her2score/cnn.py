@@ -45,6 +45,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .files import atomic_write
 from .results import SCORES, CnnReport
 from .stain import H_DAB, StainSet, deconvolve
 
@@ -433,12 +434,12 @@ def save_model(path: str | os.PathLike, net, record: WeightsRecord) -> WeightsRe
     meta = {"format": "her2score-cnn/1", "record": record.to_dict(), "state_sha256": _sha256_state(state)}
     buf = io.BytesIO()
     torch.save({"state_dict": state, "meta": json.dumps(meta, sort_keys=True)}, buf)
-    _write_atomic(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     saved = WeightsRecord.from_dict({**record.to_dict(), "sha256": _sha256_file(path)})
     # the graph from the weights in hand: loading the file back would refuse new weights over the shipped ones
     cpu = build_network(in_channels=len(saved.input_channels), width=saved.width, n_classes=len(saved.classes))
     cpu.load_state_dict(state, strict=True)
-    _write_atomic(path.with_suffix(".onnx"), export_onnx(TorchTileClassifier(cpu, saved, device="cpu", source=str(path))))
+    atomic_write(path.with_suffix(".onnx"), export_onnx(TorchTileClassifier(cpu, saved, device="cpu", source=str(path))))
     return saved
 
 
@@ -456,12 +457,6 @@ def _finite(state: Mapping[str, Any]) -> bool:
     import torch
 
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def export_onnx(model: "TorchTileClassifier") -> bytes:

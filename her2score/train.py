@@ -26,6 +26,7 @@ torch build and thread count -> the same weights.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model, weights_path
+from .files import atomic_write
 from .stain import H_DAB, estimate_background, optical_density
 from .workers import die_with_parent, result_of, worker_pool
 
@@ -557,9 +559,10 @@ def _validate(net, x_val, y_val, v_which, labels) -> dict:
 
 def _write_log(weights: Path, train_log: dict) -> None:
     stem = weights.with_suffix("")
-    (stem.parent / f"{stem.name}.train_log.json").write_text(json.dumps(train_log, indent=1) + "\n", encoding="utf-8")
+    atomic_write(stem.parent / f"{stem.name}.train_log.json", json.dumps(train_log, indent=1) + "\n")
     rows = train_log["epochs"]
-    with open(stem.parent / f"{stem.name}.train_log.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, list(rows[0]) if rows else ["epoch"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(rows[0]) if rows else ["epoch"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(stem.parent / f"{stem.name}.train_log.csv", buf.getvalue())
