@@ -369,7 +369,7 @@ def _evaluate(args) -> int:
     try:
         report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.weights,
                           guideline=args.guideline, specimen=args.specimen, mpp=args.mpp, bootstrap=args.bootstrap,
-                          seed=args.seed, eligible_rule=args.eligible_rule,
+                          seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule,
                           progress=None if args.quiet else _eval_progress)
     except ModelError as e:
         print(f"her2score: {e} (or evaluate with --no-cnn)", file=sys.stderr)
@@ -545,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    e.add_argument("--rule", action="append", dest="rules", metavar="RULE",
+                   help="eligibility rule set: a name (see 'her2score rules') or a .toml rule file; repeat for several "
+                        "(default: every shipped rule)")
     e.add_argument("--eligible-rule", help="the rule the CSV's 'eligible' column answers")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CNN")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-image lines")

@@ -541,6 +541,24 @@ def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
     assert len(results) == 4 and {json.loads(p.read_text())["specimen"] for p in results} == {"biopsy"}
 
 
+def test_evaluate_rules_from_the_command_line(tmp_path, capsys):
+    """--rule names the rule sets judged: shipped ones by name, a rule of one's own by its .toml file."""
+    from her2score.eligibility import RULES_DIR
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=23, size_px=(320, 320))
+    own = tmp_path / "mine.toml"
+    own.write_text((RULES_DIR / "her2-low-breast.toml").read_text().replace('name = "her2-low-breast"', 'name = "my-low"'))
+    labels, out = str(ds / "labels.csv"), tmp_path / "ev"
+    assert main(["evaluate", labels, "--out", str(out), "--no-cnn", "--rule", "nosuch", "-q"]) == 2
+    assert "unknown rule 'nosuch'" in capsys.readouterr().err and not out.exists()
+    assert main(["evaluate", labels, "--out", str(out), "--no-cnn", "--bootstrap", "0", "-q",
+                 "--rule", str(own), "--rule", "her2-positive-breast"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["methods"]["classical"]["eligibility"]) == ["my-low", "her2-positive-breast"]
+    head = next(csv.reader(open(out / "per_image.csv")))
+    assert "truth_my-low" in head and "classical_her2-positive-breast" in head and "classical_car-t-her2" not in head
+
+
 def test_evaluate_with_a_cnn(tmp_path):
     torch = pytest.importorskip("torch")
     from her2score.cnn import WeightsRecord, build_network, load_model, save_model
