@@ -20,7 +20,7 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
 few tumour cells, a guideline other than the rule expects (the two breast versions count as one: they
 differ only in 2023's split of 0), a plain 0 under a rule that answers null and ultralow differently,
-CNN and classical scores disagreeing,
+CNN and classical scores disagreeing where the rule answers the scores from one to the other differently,
 isolated intense cells that would change the answer if counted, a call too near a cut-off to be
 sure of its side (guidelines.near_cutoff; for a gastric biopsy also a cluster one cell from the rule's 5,
 guidelines.cluster_sides; for a breast 2+ that intense complete cells in <=10% make, those cells just over
@@ -50,6 +50,7 @@ from her2score.guidelines import (
     NEAR_CUTOFF_CONFIDENCE,
     NEAR_CUTOFF_POINTS,
     REPORT_LEVELS,
+    ZERO_SPLIT,
     STAINING_LEVEL,
     apply_guideline,
     cluster_sides,
@@ -62,7 +63,7 @@ from her2score.guidelines import (
     report_level,
     wilson_ci,
 )
-from her2score.results import ZERO_LEVELS, SlideResult
+from her2score.results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
     "STATUSES",
@@ -342,12 +343,13 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
                               points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))
     named_by = _levels_guideline(result)
     for other_score, pct in sides:
-        level = report_level(other_score, named_by, result.counts)
+        level = report_level(other_score, named_by, result.counts, across_cutoff=True)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
     floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT)
-    edges = [(cluster_words(cluster_level, size), other_score, report_level(other_score, named_by, result.counts))
+    edges = [(cluster_words(cluster_level, size), other_score,
+              report_level(other_score, named_by, result.counts, across_cutoff=True))
              for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
                                                                    specimen=result.specimen, clusters=result.clusters,
                                                                    gastric_reading=reading)]
@@ -368,8 +370,12 @@ def _plain_zero_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str |
     answers = {level: _decide(replace(result, level=level), rule, ish)[0] for level in ZERO_LEVELS}
     if len(set(answers.values())) == 1:
         return None
-    return (f"scored a plain 0 under {result.guideline}, which does not tell 0 (null) from 0+ (ultralow); the rule answers "
-            + " and ".join(f"{answer.replace('_', ' ')} at {level}" for level, answer in answers.items()))
+    if result.guideline in ZERO_SPLIT:  # a 0 not made by the rules (the CNN's) over cells more than 10% stained
+        stained = 100 * (1 - result.counts.get("none", 0) / max(result.tumour_cells, 1))
+        why = f"scored 0 over tumour cells {stained:.1f}% stained, which is neither 0 (null) nor 0+ (ultralow)"
+    else:
+        why = f"scored a plain 0 under {result.guideline}, which does not tell 0 (null) from 0+ (ultralow)"
+    return why + "; the rule answers " + " and ".join(f"{answer.replace('_', ' ')} at {level}" for level, answer in answers.items())
 
 
 def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -398,6 +404,22 @@ def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     return "; ".join(words) + f": the answer could be {' or '.join(o.replace('_', ' ') for o in changed)}"
 
 
+def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str | None:
+    """Why the slide needs review when its classical and CNN scores disagree and the rule answers some score
+    from the one to the other differently (a 0 there as null or ultralow); None when they agree or every
+    such score gets the same answer (0 against 1+ under a rule for HER2-positive)."""
+    a, b = result.classical_score, result.cnn_score
+    if a is None or b is None or a == b:
+        return None
+    lo, hi = sorted((SCORES.index(a), SCORES.index(b)))
+    levels = [(s, lv) for s in SCORES[lo : hi + 1] for lv in (ZERO_LEVELS if s == "0" else (s,))]
+    answers = sorted({_decide(replace(result, score=s, level=lv), rule, ish)[0] for s, lv in levels})
+    if len(answers) == 1:
+        return None
+    return (f"classical score {a} and CNN score {b} disagree, and the rule answers "
+            f"{' or '.join(x.replace('_', ' ') for x in answers)} between them")
+
+
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its ultralow staining is no more than real unstained membranes
     read (flag null_or_ultralow on an ultralow level) and 0 (null) would change the answer; None otherwise."""
@@ -424,8 +446,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(f"too few tumour cells: {result.tumour_cells} scored, the rule needs >= {rule.min_tumour_cells}")
     if not guideline_suits(rule.guideline, result.guideline):
         doubts.append(f"the rule expects {rule.guideline} scoring; the slide was scored under {result.guideline}")
-    if result.cnn_score is not None and result.classical_score is not None and result.cnn_score != result.classical_score:
-        doubts.append(f"classical score {result.classical_score} and CNN score {result.cnn_score} disagree")
+    if (split := _disagreement_doubt(result, rule, ish)) is not None:
+        doubts.append(split)
     if result.score is None:  # no score, no automatic answer to add
         return Decision("needs_review", rule.name, rule.version, (f"not scored: {result.reason}", *doubts))
     status, reasons = _decide(result, rule, ish)

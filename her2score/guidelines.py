@@ -482,11 +482,14 @@ def level_flags(level: str, guideline: str) -> tuple[str, ...]:
     return {"0 (null)": ("null",), "0+ (ultralow)": ("ultralow",), "2+": ("ish_reflex",)}.get(level, ())
 
 
-def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
+def report_level(score: str, guideline: str, counts: Mapping[str, int], *, across_cutoff: bool = False) -> str:
     """The report level of a score not made by the guideline rules themselves (e.g. a CNN-fused score).
 
-    Only a 0 under ASCO/CAP 2023 has two levels: "0+ (ultralow)" when any tumour cell shows membrane
-    staining, else "0 (null)".
+    Only a 0 under ASCO/CAP 2023 has two levels: "0 (null)" when no tumour cell shows membrane staining,
+    "0+ (ultralow)" when some do, in <=10% of them. A 0 over cells more than 10% stained (a CNN's 0 where
+    the cells measured give 1+ or more) is neither: a plain "0", which eligibility sends to review where
+    null and ultralow would be answered differently. ``across_cutoff``: the level of a score just across a
+    cut-off from these counts (eligibility's near-cut-off sides), where a 0 is the ultralow just under 10%.
     """
     _known(guideline)
     if score not in SCORES:
@@ -494,7 +497,11 @@ def report_level(score: str, guideline: str, counts: Mapping[str, int]) -> str:
     if score != "0" or guideline not in ZERO_SPLIT:
         return score
     c = _validated(counts)
-    return "0+ (ultralow)" if sum(c.values()) > c["none"] else "0 (null)"
+    total = sum(c.values())
+    stained = total - c["none"]
+    if stained == 0:
+        return "0 (null)"
+    return "0+ (ultralow)" if across_cutoff or 10 * stained <= total else "0"
 
 
 def percent_text(share: float, cutoff: float = 10.0) -> str:
@@ -534,9 +541,10 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
         return _breast_rules(c, guideline)
     literal = _breast_rules(c, guideline)[0]
     score, level, flags, reason = _breast_rules(c, guideline, isolated=True)
-    note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, below the "
-            f"{isolated_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor of the 'intense complete staining in <=10%' pattern), "
-            "counted as stained complete cells, not as that pattern")
+    under = (f"under the {isolated_percent:g}% of tumour cells" if Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+             else f"fewer than the {ISOLATED_INTENSE_MIN_CELLS} cells")
+    note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, {under} that the "
+            "'intense complete staining in <=10%' pattern needs), counted as stained complete cells, not as that pattern")
     return score, level, flags + (("isolated_intense_cells",) if score != literal else ()), reason + note
 
 

@@ -147,9 +147,12 @@ def _check_dict(d: dict[str, Any]) -> None:
         raise ValueError(f"'score' {score!r}, 'level' {level!r} and {n} tumour cells disagree: no score is "
                          "'not scored' with no tumour cells")
     zeros = ZERO_LEVELS if d.get("guideline") == "breast-asco-cap-2023" else ("0",)
+    fused_zeros = (*zeros, "0")  # a CNN-fused 0 over cells > 10% stained is neither null nor ultralow (report_level)
     for s_key, l_key, words in (("score", "level", "score"), ("classical_score", "classical_level", "classical score")):
         s, lv = d.get(s_key), d.get(l_key)
-        if s is not None and lv not in (zeros if s == "0" else (s,)) and not (l_key == "classical_level" and not lv):  # older: none
+        fused = l_key == "level" and d.get("cnn") and d.get("classical_score") != s
+        levels = (fused_zeros if fused else zeros) if s == "0" else (s,)
+        if s is not None and lv not in levels and not (l_key == "classical_level" and not lv):  # older: none
             raise ValueError(f"{l_key!r} {lv!r} is not a level of {words} {s!r} under {d.get('guideline')!r}")
     if not d.get("cnn") and "classical_score" in d and d["classical_score"] != score:
         raise ValueError(f"'score' {score!r} differs from 'classical_score' {d['classical_score']!r} with no CNN to fuse")

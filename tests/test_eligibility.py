@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from her2score.eligibility import Requirement, Rule, RuleError, available_rules, check_eligibility, load_rule
-from her2score.guidelines import MIN_TUMOUR_CELLS, apply_guideline
+from her2score.guidelines import MIN_TUMOUR_CELLS, apply_guideline, report_level
 from her2score.results import CnnReport, QCFinding, SlideResult
 
 SHIPPED = {
@@ -192,8 +192,28 @@ def test_failed_qc_always_needs_review():
 def test_cnn_disagreement():
     disagree = check_eligibility(make_result(cnn="2+", **THREE), "her2-positive-breast")
     assert disagree.status == "needs_review"
-    assert "classical score 3+ and CNN score 2+ disagree" in disagree.reasons
+    assert "classical score 3+ and CNN score 2+ disagree, and the rule answers eligible or needs review between them" in disagree.reasons
     assert check_eligibility(make_result(cnn="3+", **THREE), "her2-positive-breast").status == "eligible"
+    # a disagreement the rule answers alike on both sides (and between) is no doubt: 0 and 1+ are not HER2-positive
+    assert check_eligibility(make_result(cnn="1+", **NULL), "her2-positive-breast").status == "not_eligible"
+    low = check_eligibility(make_result(cnn="1+", **NULL), "her2-low-breast")
+    assert low.status == "needs_review" and any("classical score 0 and CNN score 1+ disagree" in r for r in low.reasons)
+    # 1+ against 3+ passes 2+, which awaits ISH under the HER2-positive rule
+    assert check_eligibility(make_result(cnn="3+", **ONE), "her2-positive-breast").status == "needs_review"
+
+
+def test_a_cnn_zero_over_stained_cells_is_neither_null_nor_ultralow():
+    """A fused 0 where the cells measured give 1+ (20% faint): level plain 0, which the ultralow rule
+    cannot answer (null and ultralow answer differently): review, saying why; it survives result.json."""
+    classical = make_result(cnn="0", **ONE)
+    fused = replace(classical, score="0", level=report_level("0", classical.guideline, classical.counts), flags=())
+    assert fused.level == "0"
+    d = check_eligibility(fused, "her2-ultralow-breast")
+    assert d.status == "needs_review"
+    assert any("scored 0 over tumour cells 25.0% stained, which is neither 0 (null) nor 0+ (ultralow)" in r for r in d.reasons), d.reasons
+    assert SlideResult.from_dict(fused.to_dict()).level == "0"
+    with pytest.raises(ValueError, match="is not a level of"):  # the classical call's own 0 is always null or ultralow
+        SlideResult.from_dict(replace(fused, classical_score="0", classical_level="0").to_dict())
 
 
 def test_guideline_mismatch():

@@ -214,6 +214,9 @@ def test_isolated_intense_cells_count_as_the_stained_complete_cells_they_are():
     ultralow = apply_guideline(cells(none=9_909, sc=3, fp=500), B23)
     assert (ultralow.level, set(ultralow.flags)) == ("0+ (ultralow)", {"ultralow", "isolated_intense_cells"})
     assert apply_guideline(cells(none=10_409, sc=3), B18).flags == ("isolated_intense_cells",)
+    # the reason names the part of the floor that makes them isolated: 4% is over 1%, but 4 cells are under 5
+    assert "(4%, fewer than the 5 cells that the" in apply_guideline(cells(none=96, sc=4), B23).reason
+    assert "(0.9%, under the 1% of tumour cells that the" in apply_guideline(cells(none=991, sc=9), B23).reason
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,8 @@ def test_gastric_per_band_biopsy_clusters_still_decide():
         ("1+", G, cells(none=99, fp=1), "1+", ()),
         ("2+", B18, cells(none=100), "2+", ("ish_reflex",)),
         ("3+", B23, cells(none=95, sc=5), "3+", ()),
-        ("0", B23, cells(none=80, fp=20), "0+ (ultralow)", ("ultralow",)),
+        ("0", B23, cells(none=92, fp=8), "0+ (ultralow)", ("ultralow",)),
+        ("0", B23, cells(none=80, fp=20), "0", ()),  # a CNN's 0 over cells 20% stained: neither null nor ultralow
         ("0", B23, cells(none=100), "0 (null)", ("null",)),
         ("0", B18, cells(none=80, fp=20), "0", ()),
         ("0", G, cells(none=80, fp=20), "0", ()),
@@ -342,6 +346,14 @@ def test_gastric_per_band_biopsy_clusters_still_decide():
 def test_report_level_and_its_flags(score, guideline, counts, level, flags):
     assert report_level(score, guideline, counts) == level
     assert level_flags(level, guideline) == flags
+
+
+def test_a_zero_just_across_a_cut_off_is_ultralow():
+    """Eligibility's near-cut-off side of a 1+ at 10.5% is the 0 just under 10%: ultralow, not a plain 0."""
+    c = cells(none=895, fp=105)
+    assert report_level("0", B23, c) == "0"
+    assert report_level("0", B23, c, across_cutoff=True) == "0+ (ultralow)"
+    assert report_level("0", B23, cells(none=100), across_cutoff=True) == "0 (null)"
 
 
 def test_guideline_calls_carry_their_level_flags():
@@ -398,7 +410,7 @@ def test_fewer_than_five_intense_cells_are_isolated_in_a_small_field():
     """One strong cell among 56 is 1.8%, over the 1% floor, but one cell is not a population."""
     call = apply_guideline({"none": 55, "strong_complete": 1}, "breast-asco-cap-2023")
     assert call.score == "0" and "isolated_intense_cells" in call.flags
-    assert "1 of 56" in call.reason and "5-cell floor" in call.reason
+    assert "1 of 56 (1.8%, fewer than the 5 cells" in call.reason
     literal = apply_guideline({"none": 55, "strong_complete": 1}, "breast-asco-cap-2023", isolated_intense_percent=0)
     assert literal.score == "2+"  # the literal rule, when asked for
     five = apply_guideline({"none": 95, "strong_complete": 5}, "breast-asco-cap-2023")
