@@ -115,8 +115,11 @@ class LabelledItem:
 # --------------------------------------------------------------------------------------- labels
 
 def parse_truth_label(value: str) -> tuple[str, str | None]:
-    """(score, report level) of a label: 0 / null / 0+ (ultralow) / 1+ / 2+ / 3+ (see TRUTH_LEVELS)."""
-    key = " ".join(str(value).strip().lower().split())
+    """(score, report level) of a label: 0 / null / 0+ (ultralow) / 1+ / 2+ / 3+ (see TRUTH_LEVELS), in any case
+    and spacing ("3 +", "0+(ultralow)"), "ultra-low" for ultralow, and 1 / 2 / 3 for 1+ / 2+ / 3+ (as many
+    data sets write them)."""
+    key = "".join(str(value).lower().replace("ultra-low", "ultralow").split()).replace("(", " (")  # "3 +": "3+"
+    key = {"1": "1+", "2": "2+", "3": "3+"}.get(key, key)
     if key not in TRUTH_LEVELS:
         raise ValueError(f"unknown label {value!r}; use one of 0, null, 0+ (or ultralow), 1+, 2+, 3+")
     return TRUTH_LEVELS[key]

@@ -129,8 +129,13 @@ def test_five_level_labels():
     assert parse_truth_label(" Null ") == parse_truth_label("0 (null)") == ("0", "0 (null)")
     assert parse_truth_label("0+") == parse_truth_label("ultralow") == parse_truth_label("0+ (ultralow)") == ("0", "0+ (ultralow)")
     assert parse_truth_label("2plus") == ("2+", "2+")
-    with pytest.raises(ValueError, match="0\\+ \\(or ultralow\\)"):
-        parse_truth_label("4+")
+    # as data sets write them: scores without the plus, spaces anywhere, a hyphen in ultra-low
+    assert [parse_truth_label(v)[0] for v in ("1", "2", "3", "3 +", " 2+ ")] == ["1+", "2+", "3+", "3+", "2+"]
+    assert parse_truth_label("ultra-low") == parse_truth_label("0+(ultralow)") == parse_truth_label("0 + (Ultralow)") == ("0", "0+ (ultralow)")
+    assert parse_truth_label("0(null)") == ("0", "0 (null)")
+    for bad in ("4+", "4", "1.5", "+"):
+        with pytest.raises(ValueError, match="0\\+ \\(or ultralow\\)"):
+            parse_truth_label(bad)
 
 
 def test_eligibility_truth_from_the_label_and_the_rule_file_alone():
