@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .slide import NotHerIhcError, Slide
-from .stain import H_DAB, deconvolve, optical_density, per_channel
+from .stain import H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
 from .tissue import pen_ink
 
 __all__ = [
@@ -90,9 +90,12 @@ class ImageCheck:
 def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float, float, float]:
     """White level I0 (RGB, 0-255): the median of the brightest 0.5% of pixels, its colour cast
     limited to ``max_cast`` of its mean (tissue-filled fields have no glass: their brightest pixels
-    are pale stain, which must not be taken for the white balance)."""
+    are pale stain, which must not be taken for the white balance). Pure white fill around the
+    tissue (stain.unscanned_fill) is left out where at least 1% of the pixels are something else."""
     flat = rgb.reshape(-1, 3)
-    flat = flat[:: max(1, len(flat) // 500_000)].astype(np.float32)
+    flat = flat[:: max(1, len(flat) // 500_000)]
+    scanned = flat[~unscanned_fill(flat)]
+    flat = (scanned if len(scanned) >= max(50, len(flat) // 100) else flat).astype(np.float32)
     k = max(50, len(flat) // 200)
     idx = np.argpartition(flat.sum(axis=1), -min(k, len(flat)))[-min(k, len(flat)):]
     bg = np.median(flat[idx], axis=0)

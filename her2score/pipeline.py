@@ -25,13 +25,14 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
                          apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
-from .imagecheck import NotHerIhcError, check_slide
+from .imagecheck import NotHerIhcError, check_slide, stain_fractions
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
-from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains
+from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
+                    optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
                      unstained_level)
@@ -52,6 +53,9 @@ SEAM_TWIN_UM = 1.5
 
 NEIGHBOUR_MATCH_UM = 3.0
 """µm within which a cell in a tile's margin is the neighbouring tile's cell (their label images differ at the edge)."""
+
+EOSIN_MIN_STAINED_PX = 200
+"""Fewest stained pixels (over the tiles) whose eosin share the QC reads, as imagecheck.check_image does."""
 
 
 class WrongStainError(SlideError):
@@ -170,6 +174,10 @@ class TileResult:
     """(ox, oy, scale): level-0 px = tile px x scale + (ox, oy) (_tile_frame; her2score.outlines.Outlines)."""
     nucleus: NucleusThresholds | None = None
     """The nucleus thresholds the tile was segmented with, and the counterstain level that set them."""
+    eosin_px: int = 0
+    """Stained pixels of the tile's core (every 2nd row and column) with the colour of eosin (imagecheck.stain_fractions)."""
+    stained_px: int = 0
+    """Stained pixels of the tile's core (every 2nd row and column) that eosin_px is counted among."""
 
 
 def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = 0.1) -> float:
@@ -220,11 +228,13 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     tissue = total_od > 0.1
     focus = sharpness(total_od, mpp=mpp)
     probs, n_patches = None, 0
+    mg = tile.margin
     if cnn is not None:
-        mg = tile.margin
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
+    # eosin at the tiles' resolution, where it is not blended into the nuclei as on a thumbnail
+    eosin, _, stained_px = stain_fractions(optical_density(rgb[mg : mg + h : 2, mg : mg + w : 2], stains.background))
     return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
-                      label_xy, frame, nucleus)
+                      label_xy, frame, nucleus, round(eosin * stained_px), stained_px)
 
 
 @dataclass(frozen=True)
@@ -413,7 +423,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
-            eosin = check.eosin_fraction
+            thumb_eosin = check.eosin_fraction
             if pool:
                 _import_finish_modules()
             parts = ([result_of(f) for f in pending] if pool else
@@ -424,6 +434,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
     cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
+    stained = sum(p.stained_px for p in parts)  # the eosin share at the tiles' resolution, where it is not blended away
+    eosin = max(thumb_eosin, sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else 0.0)
     return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin, cnn_report)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "deconvolve",
     "GLASS_MIN",
     "GLASS_MIN_PIXELS",
+    "unscanned_fill",
     "brightest_level",
     "estimate_background",
     "estimate_stains",
@@ -148,11 +149,24 @@ def brightest_level(rgb: np.ndarray) -> float:
 
 
 def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> tuple[float, float, float]:
-    """White level I0 per channel: the 99th percentile of bright (glass) pixels, else (too few) 255."""
-    bright = per_channel(np.minimum, rgb) >= min_brightness
+    """White level I0 per channel: the 99th percentile of bright (glass) pixels, else (too few) 255.
+
+    Pure white (255 in every channel) is left out where enough other glass remains: it is the fill
+    of an area the scanner did not image (or pasted around a field), not the glass under the tissue,
+    whose own tint sets the stains' optical density (see unscanned_fill)."""
+    darkest = per_channel(np.minimum, rgb)
+    bright = darkest >= min_brightness
+    glass = bright & ~unscanned_fill(rgb, darkest)
+    if np.count_nonzero(glass) >= GLASS_MIN_PIXELS:
+        bright = glass
     if np.count_nonzero(bright) < GLASS_MIN_PIXELS:
         return (255.0, 255.0, 255.0)
     return tuple(float(np.percentile(rgb[..., c][bright], 99)) for c in range(3))  # a channel at a time: 3x faster
+
+
+def unscanned_fill(rgb: np.ndarray, darkest: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of pure white (255 in every channel): bool (H, W). ``darkest``: per_channel(np.minimum, rgb), if at hand."""
+    return (per_channel(np.minimum, rgb) if darkest is None else darkest) == 255
 
 
 def estimate_stains(

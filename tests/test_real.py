@@ -317,3 +317,41 @@ def test_a_field_part_h_and_e_fails_qc():
     assert ("eosin_like_colour", "fail") in {(q.code, q.severity) for q in r.qc} and not r.qc_passed
     assert check_eligibility(r, "her2-positive-breast").status == "needs_review"
     assert "eosin_like_colour" not in {q.code for q in analyse(CASES["skimage-colon-ihc"]).result.qc}
+
+
+def _lilac_he() -> np.ndarray:
+    """torchstain's breast target: a real H&E on tinted (lilac) glass, refused as it is stored."""
+    return np.asarray(Image.open(REAL / "he" / "torchstain-breast" / "target.png").convert("RGB"))
+
+
+@needs_real
+def test_h_and_e_among_pure_white_fill_fails_qc(tmp_path):
+    """A real H&E on tinted glass, unchanged, amid the pure white that fills what a scanner did not image:
+    as a field pasted beside the real colon, and alone in a whole-slide pyramidal TIFF. The white fill
+    is no glass (stain.unscanned_fill), and eosin is read at the tiles' resolution, where a thumbnail
+    blends it into the nuclei: QC fails where it passed (0+ (ultralow) and 1+, their H&E cells counted
+    as unstained tumour cells)."""
+    from her2score.stain import scale_stains
+    from her2score.synthetic import write_pyramidal_tiff
+
+    he = _lilac_he()
+    h, w = he.shape[:2]
+    weak = scale_stains(_as_array(CASES["skimage-colon-ihc"])(), dab=0.25, residual=0.25)
+    canvas = np.full((600, 632 + w, 3), 255, np.uint8)
+    canvas[20:532, 20:532], canvas[20 : 20 + h, 592 : 592 + w] = weak, he
+    r = analyse_slide(ArraySlide(canvas, mpp=0.5)).result
+    assert "eosin_like_colour" in {q.code for q in r.qc if q.severity == "fail"}, r.qc
+    slide = np.full((4000, 4000, 3), 255, np.uint8)
+    slide[1700 : 1700 + h, 1700 : 1700 + w] = he
+    path = write_pyramidal_tiff(tmp_path / "he_on_white.tif", slide, mpp=0.5, quality=90)
+    r = analyse_slide(path).result
+    assert "eosin_like_colour" in {q.code for q in r.qc if q.severity == "fail"}, r.qc
+
+
+@needs_real
+def test_h_and_e_with_a_cool_cast_fails_qc():
+    """The same H&E with a cool white-balance cast (red x0.92, green x0.97) passed the check's 3% cast limit
+    and scored 0+ (ultralow) with QC passed; the tiles read it against their own white level."""
+    cool = np.clip(_lilac_he() * np.array([0.92, 0.97, 1.0]), 0, 255).round().astype(np.uint8)
+    r = analyse_slide(ArraySlide(cool, mpp=0.5)).result
+    assert "eosin_like_colour" in {q.code for q in r.qc if q.severity == "fail"}, r.qc

@@ -50,6 +50,19 @@ def test_background_estimate_from_glass():
     assert estimate_background(np.full((10, 10, 3), 100, np.uint8)) == (255.0, 255.0, 255.0)
 
 
+def test_pure_white_fill_is_no_glass():
+    """Tinted glass under the tissue sets I0, not the pure white a scanner fills unimaged area with (most of
+    this image); clipped glass, all 255, stays 255."""
+    from her2score.imagecheck import glass_background
+
+    img = np.full((200, 200, 3), 255, np.uint8)
+    img[:60, :60] = (231, 234, 246)  # the lilac glass of a real H&E
+    img[20:40, 20:40] = 120
+    assert estimate_background(img) == pytest.approx((231.0, 234.0, 246.0))
+    assert glass_background(img)[0] < glass_background(img)[2] < 250
+    assert estimate_background(np.full((50, 50, 3), 255, np.uint8)) == (255.0, 255.0, 255.0)
+
+
 def _rotated(v, towards, deg: float) -> np.ndarray:
     """``v`` turned by ``deg`` degrees towards ``towards`` (away for negative), in the plane of the two."""
     e1, e2 = _plane(np.array(v), np.array(towards))
