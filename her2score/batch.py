@@ -255,8 +255,10 @@ class _Annotations:
     def __init__(self, slides: list[tuple[Path, Path]]):
         self.slides = {resolved_path(p) for p, _ in slides}
         self.by_stem: dict[str, list[Path]] = {}
-        for p, _ in slides:
+        self.by_rel: dict[Path, list[Path]] = {}  # by path under its input folder: two inputs may hold the same
+        for p, root in slides:
             self.by_stem.setdefault(p.stem, []).append(p)
+            self.by_rel.setdefault(_under(p, root), []).append(p)
         self._folders: dict[Path, dict[str, Path]] = {}
 
     def files(self, folder: Path) -> dict[str, Path]:
@@ -266,23 +268,30 @@ class _Annotations:
         return self._folders[folder]
 
 
+def _under(slide: Path, root: Path) -> Path:
+    """``slide``'s path under its input folder ``root`` (its name for a slide given as a file)."""
+    return slide.relative_to(root) if slide.is_relative_to(root) else Path(slide.name)
+
+
 def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotations) -> str | None:
     """The annotation of ``slide`` under ``regions``: ``<its path under its root, less its suffix or not>.<suffix>``,
     else ``<its stem or name>.<suffix>`` in ``regions`` itself, where no other slide of the batch has that stem
     (BatchError: which one it belongs to is unknown). A slide file is never taken as an annotation. None (and
     a warning) where there is none."""
-    rel = slide.relative_to(root) if slide.is_relative_to(root) else Path(slide.name)
+    rel = _under(slide, root)
     for folder, names in ((regions / rel.parent, (rel.stem, rel.name)), (regions, (slide.stem, slide.name))):
         found = annotations.files(folder)
         for name in names:
             for suffix in REGION_SUFFIXES:
                 if (cand := found.get(f"{name}{suffix}".lower())) is None:
                     continue
-                if folder == regions and rel.parent != Path("."):
-                    same = [str(p) for p in annotations.by_stem[slide.stem] if p != slide]
-                    if same:
-                        raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
-                                         f"name; put it where the slide is under its folder ({regions / rel.parent}/)")
+                by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
+                same = [str(p) for p in (annotations.by_rel[rel] if by_path else annotations.by_stem[slide.stem]) if p != slide]
+                if same:
+                    fix = ("score those inputs in runs of their own, each with its --regions" if by_path else
+                           f"put it where the slide is under its folder ({regions / rel.parent}/)")
+                    raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
+                                     f"name; {fix}")
                 return str(cand)
     log.warning("%s: no annotation under %s; its tumour cells are detected", slide, regions)
     return None
@@ -291,6 +300,15 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
 def _signature(path: str) -> list:
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
+
+
+def _result_stamp(folder: Path) -> list | None:
+    """(inode, size, mtime ns) of ``folder``'s result.json: a rewrite (atomic, a new file) changes it; None: none."""
+    try:
+        st = os.stat(folder / "result.json")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 _weights_sha: dict[tuple, str] = {}
@@ -462,16 +480,20 @@ class _Manifest:
         except OSError:
             return False
         wanted = OUTPUT_FILES + (OPTIONAL_OUTPUT_FILES if job.cells_csv else ())
-        return all((self.out / job.name / f).is_file() for f in wanted)
+        if not all((self.out / job.name / f).is_file() for f in wanted):
+            return False
+        # the result.json recorded, not one a later run killed before its record rewrote (an older manifest: unchecked)
+        return "result" not in e or e["result"] == _result_stamp(self.out / job.name)
 
     def record(self, job: Job, row: dict) -> None:
         try:
             sig = _signature(job.slide)
         except OSError:
             sig = None
-        self.entries[job.slide] = {"state": "done" if row["status"] == "ok" else "error", "signature": sig,
+        done = row["status"] == "ok"
+        self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig,
                                    "config": _config_key(job), "settings": _settings(job) if job.name else None,
-                                   "row": row}
+                                   "row": row, **({"result": _result_stamp(self.out / job.name)} if done else {})}
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped},

@@ -331,6 +331,21 @@ def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
     assert {k: second[k] for k in first if k != "later.png"} == {k: first[k] for k in first if k != "later.png"}
 
 
+def test_a_result_rewritten_by_a_run_killed_before_its_record_is_scored_again(tmp_path, fields):
+    """A run under other settings, killed between writing a slide's result.json and recording it, leaves the
+    manifest saying done under the old settings: the slide is scored again, not reused with those outputs."""
+    save_png(tmp_path / "f.png", fields["2+"])
+    out = tmp_path / "out"
+    run_batch([tmp_path / "f.png"], out)
+    result = out / "f.png" / "result.json"
+    data = json.loads(result.read_text())
+    atomic_write(result, json.dumps({**data, "guideline": "gastric"}))  # what the killed gastric run wrote
+    again = run_batch([tmp_path / "f.png"], out)
+    assert (again.scored, again.reused) == (1, 0)
+    assert json.loads(result.read_text())["guideline"] == "breast-asco-cap-2023"
+    assert run_batch([tmp_path / "f.png"], out).reused == 1
+
+
 def test_a_slide_of_a_later_run_never_takes_an_earlier_slides_folder(tmp_path, fields):
     """Two runs into one --out with slides of the same file name from different folders: the second gets a
     folder of its own, the first's results stay its own, and a third run reuses each from its folder. (The

@@ -549,6 +549,9 @@ def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from
     _tumour_square(regions / "s1.geojson", side=200)
     with pytest.raises(BatchError, match=r"s1\.geojson: the annotation of which slide\?"):
         run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)
+    # given as two inputs, each slide sits at the top of its own: the lone annotation is either's, still refused
+    with pytest.raises(BatchError, match=r"s1\.geojson: the annotation of which slide\?.*runs of their own"):
+        run_batch([tmp_path / "slides" / "A", tmp_path / "slides" / "B"], tmp_path / "out", regions=regions)
     (regions / "s1.geojson").unlink()
     (regions / "B").mkdir()
     _tumour_square(regions / "B" / "S1.GeoJSON", side=200)
