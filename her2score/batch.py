@@ -417,6 +417,7 @@ def process_slide(job: Job) -> dict:
         row.update(status="refused" if refused else "error", error=_error_message(job, e))
         if job.out_dir and not Path(job.out_dir).is_symlink():
             _remove_outputs(job.out_dir)
+        row["output"] = ""  # no outputs to name
     return row
 
 
@@ -426,6 +427,7 @@ def _crash_row(job: Job, e: BaseException) -> dict:
                                      "the file may crash the image reader or need more memory than is available")
     if job.out_dir:
         _remove_outputs(job.out_dir)
+    row["output"] = ""
     return row
 
 

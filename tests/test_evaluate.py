@@ -214,12 +214,16 @@ def test_a_result_written_before_classical_flags_keeps_its_flags_as_the_classica
 
 
 def test_a_cnn_0_beside_another_classical_score_gets_the_pipelines_level():
-    """A classical 1+ (20% faint) that the CNN reads 0: as the pipeline would report that 0 under 2023,
-    0+ (ultralow), never a bare 0 that no 2023 rule names."""
+    """A classical 1+ (20% faint) that the CNN reads 0: as the pipeline would report that 0 under 2023, a plain 0:
+    its cells, over 10% stained, are neither null nor ultralow, so the ultralow rule asks for review. Over
+    cells at most 10% stained it is ultralow."""
     r = replace(_result("f.png", "1+", cnn="0", fused="1+"), counts={"none": 240, "faint_partial": 60})
     cnn = method_result(r, "cnn")
-    assert (cnn.score, cnn.level, cnn.flags) == ("0", "0+ (ultralow)", ("ultralow",))
-    assert check_eligibility(cnn, "her2-ultralow-breast").status == "eligible"
+    assert (cnn.score, cnn.level, cnn.flags) == ("0", "0", ())
+    assert check_eligibility(cnn, "her2-ultralow-breast").status == "needs_review"
+    few = method_result(replace(r, counts={"none": 270, "faint_partial": 30}), "cnn")  # 10%: over the 8% false membranes read
+    assert (few.level, few.flags) == ("0+ (ultralow)", ("ultralow",))
+    assert check_eligibility(few, "her2-ultralow-breast").status == "eligible"
 
 
 @pytest.fixture()
@@ -283,8 +287,9 @@ def test_evaluate_known_answers(known):
     e = cl["eligibility"]["her2-positive-breast"]
     assert e["n"] == 7 and e["n_truly_eligible"] == 3
     assert e["sensitivity"] == pytest.approx(2 / 3) and e["needs_review_rate"] == pytest.approx(1 / 7)
-    # the fused method carries the CNN, so classical/CNN disagreement gives needs_review
-    assert fu["eligibility"]["t-dxd-tumour-agnostic"]["needs_review_rate"] == pytest.approx(4 / 8)  # 4 disagreements
+    # the fused method carries the CNN, so classical/CNN disagreement gives needs_review where it changes the answer:
+    # of the 4 disagreements, the two between 2+ and 3+ (0 against 1+ is not eligible either way)
+    assert fu["eligibility"]["t-dxd-tumour-agnostic"]["needs_review_rate"] == pytest.approx(2 / 8)
     assert "skipped" in cl["eligibility"]["gastric-toga"]
     # a rule written for the other breast version is evaluated, as check_eligibility answers it
     old = Rule(name="low-2018", version="1", guideline="breast-asco-cap-2018", eligible_levels=("1+",))

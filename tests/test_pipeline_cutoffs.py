@@ -71,8 +71,9 @@ def test_fused_score_carries_the_flags_of_its_own_level():
     three = generate_field("3+", seed=9303)
     held = _score(three, cnn=ConstantClassifier("2+"))
     assert (held.classical_score, held.score) == ("3+", "2+") and held.reason.endswith("; reflex ISH required")
-    down = _score(two, cnn=ConstantClassifier("0"))
-    assert (down.score, down.level) == ("0", "0+ (ultralow)") and set(down.flags) == {"ultralow", "cnn_disagrees"}
+    down = _score(two, cnn=ConstantClassifier("0"))  # a 0 over cells 2+ stains: neither null nor ultralow
+    assert (down.score, down.level) == ("0", "0") and set(down.flags) == {"cnn_disagrees"}
+    assert check_eligibility(down, "her2-ultralow-breast").status == "needs_review"
     agree = _score(two, cnn=ConstantClassifier("2+"))
     assert agree.flags == agree.classical_flags and agree.level == agree.classical_level == "2+"
 
