@@ -801,6 +801,8 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
 def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitStack):
     from dask.distributed import Client, LocalCluster, as_completed as dask_completed
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask's own INFO lines only with -v, as ours
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler == "local":
         scheduler = cluster.enter_context(LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
                                                        dashboard_address=":0"))

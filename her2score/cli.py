@@ -203,9 +203,10 @@ def _score(args) -> int:
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     earlier = 0
-    for r in rows:  # this run's slides; those scored into --out by earlier runs are in summary.csv
+    for r in rows:  # this run's slides (-q: those that failed); those scored into --out by earlier runs are in summary.csv
         if r["slide"] in rows.inputs:
-            print(_console_line(r))
+            if not args.quiet or r["status"] != "ok":
+                print(_console_line(r))
         else:
             earlier += 1
     if earlier:

@@ -352,7 +352,7 @@ def _text_band(lines: list[tuple[str, int]], width: int, *, pad: int = 6) -> np.
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped: list[tuple[str, int]] = []
     for text, size in lines:
-        font, words, line = _font(size), text.split(" "), ""
+        font, words, line = _font(size), text.split(), ""  # any whitespace: a file name may hold a newline
         for word in words:
             trial = f"{line} {word}".strip()
             if line and draw.textlength(trial, font=font) > width - 2 * pad:

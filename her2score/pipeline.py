@@ -705,9 +705,11 @@ def score_slide(
 
     ``guideline`` and ``specimen``, where given, override ``config``'s (default: breast-asco-cap-2023, resection).
 
-    ``mpp`` (µm/px) is used when the file has none; ``region`` is a QuPath GeoJSON or mask image of
-    the tumour (default: detected epithelial cells); ``cnn``: a TileClassifier (``her2score.cnn.load_model()``)
-    whose tile probabilities are reported and fused with the guideline score. Raises SlideError (naming the file) when the
+    ``mpp`` (µm/px) overrides the file's (the result notes where they differ) and is needed where it has
+    none; ``region`` is a QuPath GeoJSON or mask image of the tumour (default: detected epithelial cells);
+    ``cnn``: a TileClassifier (``her2score.cnn.load_model()``) whose tile probabilities are reported and
+    fused with the guideline score (default: none, the classical call alone; the CLI fuses the shipped
+    model unless --no-cnn). Raises SlideError (naming the file) when the
     slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
     config = config or ScoringConfig()

@@ -331,6 +331,13 @@ def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
     assert {k: second[k] for k in first if k != "later.png"} == {k: first[k] for k in first if k != "later.png"}
 
 
+def test_a_file_name_with_a_newline_is_scored(tmp_path, fields):
+    """The overlay's title wraps the slide's name at any whitespace (a newline failed the slide)."""
+    save_png(tmp_path / "a\nb.png", fields["1+"])
+    rows = run_batch([tmp_path], tmp_path / "out")
+    assert [r["status"] for r in rows] == ["ok"], rows[0]["error"]
+
+
 def test_a_result_rewritten_by_a_run_killed_before_its_record_is_scored_again(tmp_path, fields):
     """A run under other settings, killed between writing a slide's result.json and recording it, leaves the
     manifest saying done under the old settings: the slide is scored again, not reused with those outputs."""

@@ -113,6 +113,15 @@ def test_a_log_line_stays_one_line_whatever_the_error(capsys):
     assert err.startswith("[1/2] b.svs: error (/s/b.svs: bad second line); 0:00 elapsed, ") and err.count("\n") == 1, err
 
 
+def test_quiet_lists_only_the_slides_that_fail(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    shutil.copy(SAMPLES / "field_1plus_a.png", tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    assert main(["score", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "-q", "--no-cnn"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("1 scored, 0 reused, 1 failed") and len(out) == 2 and "broken.png" in out[1], out
+
+
 def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):
     """Only the main thread may set signal handlers: from another thread, 'score' runs without its SIGTERM one."""
     codes = []
