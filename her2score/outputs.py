@@ -575,7 +575,13 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     f = col_w / tw
     thumb = cv2.resize(analysis.thumbnail, (col_w, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
     window_level0 = region_px * region_mpp / mpp0
-    regions = _regions(analysis, n_regions, window_level0) if slide is not None else []
+    regions = []
+    if slide is not None:  # each window wholly inside the slide: one at its edge is moved in, not cut short
+        w0, h0 = slide.dimensions
+        inside = {}  # two windows moved onto one are shown once
+        for x, y, why in _regions(analysis, n_regions, window_level0):
+            inside.setdefault((int(max(0, min(x, w0 - window_level0))), int(max(0, min(y, h0 - window_level0)))), why)
+        regions = [(x, y, why) for (x, y), why in inside.items()]
     px = f * mpp0 / analysis.thumbnail_mpp  # thumbnail-panel px per level-0 px
     for k, (x, y, _) in enumerate(regions, start=1):
         p0 = (int(x * px), int(y * px))

@@ -402,6 +402,22 @@ def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
     assert ok and len(png) > 10_000
 
 
+def test_slide_overlay_regions_lie_wholly_inside_the_slide(field):
+    """A window the grid starts near the slide's edge is moved in, not read past it (a panel 90 µm of tissue
+    and the rest blank, its box open on the thumbnail)."""
+    f, slide, a = field
+    boxes = []
+
+    class Recording(ArraySlide):
+        def read_region(self, location, size, *, mpp):
+            boxes.append((*location, *size))
+            return super().read_region(location, size, mpp=mpp)
+
+    overlay_image(a, Recording(f.image, mpp=f.mpp), field_max_px=100, n_regions=4, region_px=200)
+    w, h = slide.dimensions
+    assert boxes and all(0 <= x and x + bw <= w and 0 <= y and y + bh <= h for x, y, bw, bh in boxes), (boxes, w, h)
+
+
 def test_a_slide_without_tumour_cells_still_shows_regions_at_cell_resolution(field):
     from her2score.outputs import _regions
 
