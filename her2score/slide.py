@@ -569,7 +569,8 @@ class TiffSlide(Slide):
             levels.sort(key=lambda pl: pl[1].downsample)
             self._pages = [p for p, _ in levels]
             self.levels = tuple(lv for _, lv in levels)
-            self.notes = (f"{base.bitspersample}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ()
+            self._white = self._white_level(base) if base.dtype == np.uint16 else (1 << base.bitspersample) - 1
+            self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
@@ -648,6 +649,22 @@ class TiffSlide(Slide):
             raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
                                         f"({type(e).__name__}: {e})") from None
 
+    def _white_level(self, base) -> int:
+        """The sample value of white in 16-bit samples: MaxSampleValue where the file gives it, else the
+        full scale of the bits its brightest value uses (glass is a brightfield slide's brightest: a 12-bit
+        camera's samples stored unscaled reach 4095, not 65535), read on its smallest level."""
+        if base.bitspersample < 16:  # 9-15 bits: their own full scale
+            return (1 << base.bitspersample) - 1
+        tag = base.tags.get("MaxSampleValue")
+        top = int(np.max(tag.value)) if tag is not None else 0
+        if 0 < top < 65535:
+            return top
+        small = self._pages[-1]
+        if small.imagewidth * small.imagelength > 16_000_000:
+            return 65535
+        brightest = int(small.asarray().max())
+        return (1 << max(9, brightest.bit_length())) - 1
+
     def _read_level(self, level, x, y, width, height):
         page = self._pages[level]
         if self._fd is None:
@@ -656,7 +673,7 @@ class TiffSlide(Slide):
         n_across = -(-page.imagewidth // tw)
         spp = page.samplesperpixel
         per_plane = len(page.dataoffsets) // planes
-        white = (1 << page.bitspersample) - 1
+        white = self._white
         out = np.full((height, width, spp), white, page.dtype)
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
@@ -669,8 +686,8 @@ class TiffSlide(Slide):
                     ay1, ax1 = min(y + height, sy + seg.shape[0]), min(x + width, sx + seg.shape[1])
                     channels = slice(plane, plane + 1) if planes > 1 else slice(None)
                     out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, channels] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
-        if out.dtype == np.uint16:  # 9-16 significant bits: white stays white
-            out = ((out.astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
+        if out.dtype == np.uint16:  # 9-16 significant bits: white stays white (a level's rare brighter pixel, white too)
+            out = ((np.minimum(out, white).astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
         return _to_rgb(self.path, _without_extra_samples(out, page.extrasamples))
 
 

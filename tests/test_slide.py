@@ -421,6 +421,13 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
     with open_slide(twelve) as s:
         assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
         assert s.notes == ("12-bit samples scaled to 8 bits",)
+    # a 12-bit camera's samples stored unscaled in 16 bits: white is 4095, not 65535 (read as a blank slide)
+    unscaled = tmp_path / "unscaled.tif"
+    tifffile.imwrite(unscaled, rgb.astype(np.uint16) * 16, photometric="rgb", resolution=(40000, 40000),
+                     resolutionunit="CENTIMETER")
+    with open_slide(unscaled) as s:
+        assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
+        assert s.notes == ("12-bit samples scaled to 8 bits",)
     half = np.full((64, 64, 1), 128, np.uint8)
     for extra, expected in ((0, rgb), (1, np.minimum(rgb.astype(int) + 127, 255)),
                             (2, (rgb * (128 / 255) + 255 * (1 - 128 / 255) + 0.5).astype(np.uint8))):
