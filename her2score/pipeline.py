@@ -175,9 +175,9 @@ class TileResult:
     nucleus: NucleusThresholds | None = None
     """The nucleus thresholds the tile was segmented with, and the counterstain level that set them."""
     eosin_px: int = 0
-    """Stained pixels of the tile's core (every 2nd row and column) with the colour of eosin (imagecheck.stain_fractions)."""
+    """Stained pixels of the tile's core (every 3rd row and column) with the colour of eosin (imagecheck.stain_fractions)."""
     stained_px: int = 0
-    """Stained pixels of the tile's core (every 2nd row and column) that eosin_px is counted among."""
+    """Stained pixels of the tile's core (every 3rd row and column) that eosin_px is counted among."""
 
 
 def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = 0.1) -> float:
@@ -232,7 +232,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     if cnn is not None:
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
     # eosin at the tiles' resolution, where it is not blended into the nuclei as on a thumbnail
-    eosin, _, stained_px = stain_fractions(optical_density(rgb[mg : mg + h : 2, mg : mg + w : 2], stains.background))
+    eosin, _, stained_px = stain_fractions(optical_density(rgb[mg : mg + h : 3, mg : mg + w : 3], stains.background))
     return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
                       label_xy, frame, nucleus, round(eosin * stained_px), stained_px)
 
