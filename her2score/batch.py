@@ -643,6 +643,10 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
+    # a slide an earlier run reached by another spelling (a linked folder) keeps that run's name: reused, listed once
+    spelled = {resolved_path(s): s for s in manifest.entries if os.path.lexists(s)}
+    slides = [(slide, root) if str(slide) in manifest.entries or resolved_path(slide) not in spelled
+              else (Path(spelled[resolved_path(slide)]), root) for slide, root in slides]
     jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
                      cells_csv=cells_csv)

@@ -331,6 +331,17 @@ def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
     assert {k: second[k] for k in first if k != "later.png"} == {k: first[k] for k in first if k != "later.png"}
 
 
+def test_slides_reached_again_through_a_link_are_reused_and_listed_once(tmp_path, fields):
+    (tmp_path / "real").mkdir()
+    save_png(tmp_path / "real" / "f.png", fields["1+"])
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    out = tmp_path / "out"
+    run_batch([tmp_path / "real"], out)
+    again = run_batch([tmp_path / "alias"], out)
+    assert (again.scored, again.reused, len(again)) == (0, 1, 1)
+    assert [r["slide"] for r in again] == [str(tmp_path / "real" / "f.png")]
+
+
 def test_a_file_name_with_a_newline_is_scored(tmp_path, fields):
     """The overlay's title wraps the slide's name at any whitespace (a newline failed the slide)."""
     save_png(tmp_path / "a\nb.png", fields["1+"])
