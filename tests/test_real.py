@@ -355,3 +355,23 @@ def test_h_and_e_with_a_cool_cast_fails_qc():
     cool = np.clip(_lilac_he() * np.array([0.92, 0.97, 1.0]), 0, 255).round().astype(np.uint8)
     r = analyse_slide(ArraySlide(cool, mpp=0.5)).result
     assert "eosin_like_colour" in {q.code for q in r.qc if q.severity == "fail"}, r.qc
+
+
+@needs_real
+@pytest.mark.parametrize("name", names("he"))
+def test_h_and_e_with_red_and_blue_swapped_is_never_scored_with_qc_passed(name):
+    """As cv2.imread gives an image (BGR): the swap turns haematoxylin's purple into a brown close to DAB's. The
+    stardist field was refused as nuclear under the default vectors, then scored 3+ with QC passed with its own;
+    a rescue that leaves 10% or more of the tumour cells with brown nuclei is refused after all."""
+    from her2score.slide import SlideError
+
+    case = CASES[name]
+    if not isinstance(case.load(), np.ndarray):
+        pytest.skip("a whole-slide file")
+    try:
+        r = analyse_slide(ArraySlide(np.ascontiguousarray(case.load()[..., ::-1]), mpp=case.mpp or 0.5)).result
+    except SlideError as e:
+        if name == "he-stardist-tcia-histo":
+            assert "still have DAB-stained nuclei" in str(e)
+        return
+    assert not r.qc_passed, (r.score, r.qc)
