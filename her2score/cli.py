@@ -59,9 +59,12 @@ def _score_config(args):
             t = replace(t, **json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as e:
         raise _UsageError(f"--thresholds {args.thresholds}: {e}") from None
+    if not 0 <= args.isolated_floor <= 10:
+        raise _UsageError(f"--isolated-floor {args.isolated_floor:g}: must be within 0-10 (% of tumour cells)")
     try:
         config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
-                               thresholds=t, estimate_stains=args.estimate_stains)
+                               thresholds=t, estimate_stains=args.estimate_stains,
+                               isolated_intense_percent=args.isolated_floor, gastric_reading=args.gastric_reading)
     except (ValueError, TypeError) as e:
         raise _UsageError(f"--target-mpp {args.target_mpp}: {e}") from None
     weights = None
@@ -203,10 +206,9 @@ def _score(args) -> int:
     print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     earlier = 0
-    for r in rows:  # this run's slides (-q: those that failed); those scored into --out by earlier runs are in summary.csv
+    for r in rows:  # this run's slides; those scored into --out by earlier runs are in summary.csv
         if r["slide"] in rows.inputs:
-            if not args.quiet or r["status"] != "ok":
-                print(_console_line(r))
+            print(_console_line(r))
         else:
             earlier += 1
     if earlier:
@@ -454,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring guideline: %(choices)s")
     s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
+    s.add_argument("--gastric-reading", default="cumulative", choices=("cumulative", "per_band"),
+                   help="gastric: count a cell at its level and every weaker one (cumulative), or at its own level only")
+    s.add_argument("--isolated-floor", type=float, default=1.0, metavar="PERCENT",
+                   help="breast: intense complete cells in fewer than this %% of tumour cells (or fewer than 5) are "
+                        "isolated cells, not the 'intense complete in <=10%%' 2+ pattern (0: one cell is enough)")
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
                                              "notes where they differ), needed where it has none; checked against "
                                              "the nuclei the image shows")
@@ -474,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
                                         "(default: the calibrated thresholds)")
     s.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress, only the slides that fail (default: a bar on a terminal, else a line a slide)")
+                   help="progress only for the slides that fail (default: a bar on a terminal, else a line a slide); "
+                        "the results listed at the end are every slide's")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",

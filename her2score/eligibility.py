@@ -321,8 +321,8 @@ def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: st
     if (other := _other_answer(result, rule, ish, status, counted.score, counted.level)) is None:
         return None
     n, total = result.counts.get("strong_complete", 0), result.tumour_cells
-    return (f"isolated intense cells ({n:,} of {total:,}) were not counted; counted, they would make the slide "
-            f"{counted.level} and the answer {other}")
+    return (f"isolated intense cells ({n:,} of {total:,}) were counted as stained complete cells, not as the 'intense "
+            f"complete staining in <=10%' pattern; as that pattern they would make the slide {counted.level} and the answer {other}")
 
 
 def _levels_guideline(result: SlideResult) -> str:

@@ -113,13 +113,33 @@ def test_a_log_line_stays_one_line_whatever_the_error(capsys):
     assert err.startswith("[1/2] b.svs: error (/s/b.svs: bad second line); 0:00 elapsed, ") and err.count("\n") == 1, err
 
 
-def test_quiet_lists_only_the_slides_that_fail(tmp_path, capsys):
+def test_guideline_settings_from_the_command_line(tmp_path, capsys):
+    """The gastric reading and the isolated-intense floor (ScoringConfig) are set from the command line too;
+    the floor's default is the guideline module's."""
+    from her2score.cli import build_parser
+    from her2score.guidelines import ISOLATED_INTENSE_PERCENT
+
+    args = build_parser().parse_args(["score", "x", "--out", "y"])
+    assert (args.isolated_floor, args.gastric_reading) == (ISOLATED_INTENSE_PERCENT, "cumulative")
+    out = tmp_path / "out"
+    assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out / "bad"), "--isolated-floor", "11"]) == 2
+    assert "--isolated-floor 11: must be within 0-10" in capsys.readouterr().err and not (out / "bad").exists()
+    assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric",
+                 "--gastric-reading", "per_band", "--isolated-floor", "0"]) == 0
+    config = json.loads((out / "field_2plus_a.png" / "result.json").read_text())["config"]
+    assert (config["gastric_reading"], config["isolated_intense_percent"]) == ("per_band", 0.0)
+
+
+def test_quiet_shows_progress_only_for_the_slides_that_fail(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     shutil.copy(SAMPLES / "field_1plus_a.png", tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     assert main(["score", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "-q", "--no-cnn"]) == 1
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("1 scored, 0 reused, 1 failed") and len(out) == 2 and "broken.png" in out[1], out
+    captured = capsys.readouterr()
+    progress = captured.err.splitlines()
+    assert len(progress) == 1 and "broken.png: error" in progress[0], progress
+    listed = captured.out.splitlines()  # the results: every slide of the run
+    assert listed[0].startswith("1 scored, 0 reused, 1 failed") and len(listed) == 3, listed
 
 
 def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):

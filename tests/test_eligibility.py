@@ -373,7 +373,7 @@ def test_isolated_intense_cells_review_only_where_they_decide(counts, rule, ish,
     assert "isolated_intense_cells" in result.flags
     decision = check_eligibility(result, rule, ish=ish)
     assert decision.status == status, decision.reasons
-    doubt = [r for r in decision.reasons if r.startswith("isolated intense cells (3 of 10,412) were not counted")]
+    doubt = [r for r in decision.reasons if r.startswith("isolated intense cells (3 of 10,412) were counted as stained complete cells, not as")]
     assert bool(doubt) == (status == "needs_review")
     if doubt:
         assert "would make the slide 2+" in doubt[0]
