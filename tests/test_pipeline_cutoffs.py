@@ -110,8 +110,6 @@ def test_unstained_tissue_with_real_borders_is_flagged_never_confidently_her2_lo
 # generate_field(composition={category: fraction of tumour cells}, clonal=True) draws each field with
 # its stained cells in patches, as tumours express HER2; the rest of the tumour cells are unstained.
 # The truth is the cells as seen (README: shared membranes); its deciding share sits at 8% or 12%.
-MEASUREMENT = pytest.mark.xfail(reason="shared membranes read by unstained neighbours, faint membranes under-found "
-                                       "(README Limits)", strict=False)
 SHARE_POINTS = 3.0
 """Percentage points within which the measured deciding share must match the truth's at a cut-off."""
 
@@ -181,15 +179,19 @@ def test_either_side_of_a_cut_off(guideline, composition, deciding, low, high, s
     assert r.score == score, r.reason
 
 
-@MEASUREMENT
 def test_intense_incomplete_cells_make_an_equivocal_2plus():
     f = _field({"strong_partial": 0.20}, seed=9501)
     r = _score(f)
-    assert 15 <= _share(r, ("strong_partial",)) <= 25, r.counts
     assert (r.score, r.level) == ("2+", "2+") and {"ish_reflex", "unusual_pattern"} <= set(r.flags), r.reason
     assert r.h_score >= 3 * 15  # intense cells weigh 3 in the H-score, not 1
     gastric = _score(_field({"strong_partial": 0.20}, seed=9501, gastric=True), guideline=G)
     assert gastric.score == "1+", gastric.reason  # gastric: partial non-U membranes are 1+ cells
+
+
+@_misses("8.8% intense incomplete (truth 20%): single intense arcs read below the strong band")
+def test_intense_incomplete_share_end_to_end():
+    r = _score(_field({"strong_partial": 0.20}, seed=9501))
+    assert 15 <= _share(r, ("strong_partial",)) <= 25, r.counts
 
 
 def test_isolated_intense_cells_end_to_end():
