@@ -303,12 +303,13 @@ def _signature(path: str) -> list:
 
 
 def _result_stamp(folder: Path) -> list | None:
-    """(inode, size, mtime ns) of ``folder``'s result.json: a rewrite (atomic, a new file) changes it; None: none."""
+    """(size, mtime ns) of ``folder``'s result.json: a rewrite changes it, a copy that keeps times (cp -a, rsync -a,
+    a restored backup) does not; None: no result.json."""
     try:
         st = os.stat(folder / "result.json")
     except OSError:
         return None
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns]
 
 
 _weights_sha: dict[tuple, str] = {}

@@ -543,8 +543,9 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
     score, level, flags, reason = _breast_rules(c, guideline, isolated=True)
     under = (f"under the {isolated_percent:g}% of tumour cells" if Fraction(100 * strong, total) < Fraction(str(isolated_percent))
              else f"fewer than the {ISOLATED_INTENSE_MIN_CELLS} cells")
-    note = (f"; isolated intense cells: {strong:,} of {total:,} ({100 * strong / total:.2g}%, {under} that the "
-            "'intense complete staining in <=10%' pattern needs), counted as stained complete cells, not as that pattern")
+    share = percent_text(100 * strong / total, isolated_percent)  # 999 of 100,000 is 0.999%, never "1%"
+    note = (f"; isolated intense cells: {strong:,} of {total:,} ({share}, {under} that the 'intense complete staining "
+            "in <=10%' pattern needs), counted as stained complete cells, not as that pattern")
     return score, level, flags + (("isolated_intense_cells",) if score != literal else ()), reason + note
 
 

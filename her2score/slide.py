@@ -569,8 +569,6 @@ class TiffSlide(Slide):
             levels.sort(key=lambda pl: pl[1].downsample)
             self._pages = [p for p, _ in levels]
             self.levels = tuple(lv for _, lv in levels)
-            self._white = self._white_level(base) if base.dtype == np.uint16 else (1 << base.bitspersample) - 1
-            self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
@@ -578,6 +576,8 @@ class TiffSlide(Slide):
             self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
+            self._white = self._white_level(base) if base.dtype == np.uint16 else (1 << base.bitspersample) - 1
+            self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
             raise
@@ -649,20 +649,27 @@ class TiffSlide(Slide):
             raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
                                         f"({type(e).__name__}: {e})") from None
 
-    def _white_level(self, base) -> int:
+    def _white_level(self, base, sample_segments: int = 64) -> int:
         """The sample value of white in 16-bit samples: MaxSampleValue where the file gives it, else the
-        full scale of the bits its brightest value uses (glass is a brightfield slide's brightest: a 12-bit
-        camera's samples stored unscaled reach 4095, not 65535), read on its smallest level."""
+        full scale of the bits its brightest colour sample uses (glass is a brightfield slide's brightest: a
+        12-bit camera's samples stored unscaled reach 4095, not 65535), read on up to ``sample_segments``
+        tiles or strips of its smallest level spread over it (an alpha or other extra sample left out)."""
         if base.bitspersample < 16:  # 9-15 bits: their own full scale
             return (1 << base.bitspersample) - 1
         tag = base.tags.get("MaxSampleValue")
-        top = int(np.max(tag.value)) if tag is not None else 0
+        top = int(np.max(np.atleast_1d(tag.value)[:3])) if tag is not None else 0
         if 0 < top < 65535:
             return top
-        small = self._pages[-1]
-        if small.imagewidth * small.imagelength > 16_000_000:
-            return 65535
-        brightest = int(small.asarray().max())
+        level = len(self._pages) - 1
+        page = self._pages[level]
+        planes = _segment_grid(page)[2]
+        per_plane = len(page.dataoffsets) // planes
+        brightest = 0
+        for plane in range(min(planes, 3)):  # separate planes: the colour ones; contiguous: the first 3 samples
+            for index in np.unique(np.linspace(0, per_plane - 1, min(per_plane, sample_segments)).astype(int)):
+                seg = self._segment(page, level, plane * per_plane + int(index))
+                if seg is not None:
+                    brightest = max(brightest, int((seg if planes > 1 else seg[..., :3]).max()))
         return (1 << max(9, brightest.bit_length())) - 1
 
     def _read_level(self, level, x, y, width, height):

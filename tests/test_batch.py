@@ -362,6 +362,8 @@ def test_a_result_rewritten_by_a_run_killed_before_its_record_is_scored_again(tm
     assert (again.scored, again.reused) == (1, 0)
     assert json.loads(result.read_text())["guideline"] == "breast-asco-cap-2023"
     assert run_batch([tmp_path / "f.png"], out).reused == 1
+    shutil.copytree(out, tmp_path / "copy")  # as cp -a, rsync -a or a restored backup: times kept, new inodes
+    assert run_batch([tmp_path / "f.png"], tmp_path / "copy").reused == 1
 
 
 def test_a_slide_of_a_later_run_never_takes_an_earlier_slides_folder(tmp_path, fields):

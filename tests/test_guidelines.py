@@ -215,7 +215,8 @@ def test_isolated_intense_cells_count_as_the_stained_complete_cells_they_are():
     assert (ultralow.level, set(ultralow.flags)) == ("0+ (ultralow)", {"ultralow", "isolated_intense_cells"})
     assert apply_guideline(cells(none=10_409, sc=3), B18).flags == ("isolated_intense_cells",)
     # the reason names the part of the floor that makes them isolated: 4% is over 1%, but 4 cells are under 5
-    assert "(4%, fewer than the 5 cells that the" in apply_guideline(cells(none=96, sc=4), B23).reason
+    assert "(4.0%, fewer than the 5 cells that the" in apply_guideline(cells(none=96, sc=4), B23).reason
+    assert "(0.999%, under the 1% of tumour cells" in apply_guideline(cells(none=99_001, sc=999), B23).reason  # not "1%"
     assert "(0.9%, under the 1% of tumour cells that the" in apply_guideline(cells(none=991, sc=9), B23).reason
 
 

@@ -428,6 +428,11 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
     with open_slide(unscaled) as s:
         assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
         assert s.notes == ("12-bit samples scaled to 8 bits",)
+    opaque = np.full((64, 64, 1), 65535, np.uint16)  # an alpha at 16-bit full scale: no colour sample's depth
+    tifffile.imwrite(unscaled, np.concatenate([rgb.astype(np.uint16) * 16, opaque], axis=2), photometric="rgb",
+                     extrasamples=(2,), resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with open_slide(unscaled) as s:
+        assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
     half = np.full((64, 64, 1), 128, np.uint8)
     for extra, expected in ((0, rgb), (1, np.minimum(rgb.astype(int) + 127, 255)),
                             (2, (rgb * (128 / 255) + 255 * (1 - 128 / 255) + 0.5).astype(np.uint8))):
@@ -436,6 +441,23 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
                          resolution=(40000, 40000), resolutionunit="CENTIMETER")
         with open_slide(path) as s:
             assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - expected).max() <= 1, extra
+
+
+def test_a_corrupt_16_bit_level_is_a_slide_error_naming_it(tmp_path, slide_rgb):
+    """The white level of 16-bit samples is read on the smallest level when the slide opens: its corrupt data is a
+    SlideError naming the tile and level, as on any read (it was the codec's own exception)."""
+    a16 = slide_rgb[:512, :512].astype(np.uint16) * 257
+    path = tmp_path / "corrupt16.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(a16, photometric="rgb", tile=(256, 256), compression="zlib", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        tw.write(a16[::2, ::2].copy(), photometric="rgb", tile=(256, 256), compression="zlib", subfiletype=1)
+    with tifffile.TiffFile(path) as t:
+        off, n = t.pages[1].dataoffsets[0], t.pages[1].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[off : off + n] = bytes((b * 7 + 3) % 256 for b in range(n))
+    path.write_bytes(bytes(data))
+    with pytest.raises(SlideError, match="corrupt image data in tile/strip 0 of level 1"):
+        open_slide(path).read_region((0, 0), (256, 256), mpp=1.0)
 
 
 def test_a_tile_table_shorter_than_the_image_is_refused_at_opening(tmp_path, slide_rgb):
