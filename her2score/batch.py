@@ -255,10 +255,10 @@ class _Annotations:
     def __init__(self, slides: list[tuple[Path, Path]]):
         self.slides = {resolved_path(p) for p, _ in slides}
         self.by_stem: dict[str, list[Path]] = {}
-        self.by_rel: dict[Path, list[Path]] = {}  # by path under its input folder: two inputs may hold the same
-        for p, root in slides:
+        self.by_rel: dict[Path, list[Path]] = {}  # by path under its input folder, less its suffix: two inputs may
+        for p, root in slides:                    # hold the same, and one folder a.png beside a.tif
             self.by_stem.setdefault(p.stem, []).append(p)
-            self.by_rel.setdefault(_under(p, root), []).append(p)
+            self.by_rel.setdefault(_under(p, root).with_suffix(""), []).append(p)
         self._folders: dict[Path, dict[str, Path]] = {}
 
     def files(self, folder: Path) -> dict[str, Path]:
@@ -286,9 +286,13 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
                 if (cand := found.get(f"{name}{suffix}".lower())) is None:
                     continue
                 by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
-                same = [str(p) for p in (annotations.by_rel[rel] if by_path else annotations.by_stem[slide.stem]) if p != slide]
+                alike = annotations.by_rel[rel.with_suffix("")] if by_path else annotations.by_stem[slide.stem]
+                if name == rel.name:  # <name with its suffix>.geojson names one slide
+                    alike = [p for p in alike if p.name == slide.name]
+                same = [str(p) for p in alike if p != slide]
                 if same:
-                    fix = ("score those inputs in runs of their own, each with its --regions" if by_path else
+                    fix = (f"name it after the slide's whole file name ({rel.name}{suffix}), or score those inputs in "
+                           "runs of their own, each with its --regions" if by_path else
                            f"put it where the slide is under its folder ({regions / rel.parent}/)")
                     raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
                                      f"name; {fix}")

@@ -535,6 +535,25 @@ def _tumour_square(path: Path, side: int = 384) -> None:
                                 "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}))
 
 
+def test_an_annotation_named_by_stem_is_refused_where_two_slides_of_a_folder_share_the_stem(tmp_path):
+    """a.png beside a.tif: a.geojson could be either's (both were scored on it); a.png.geojson is the PNG's alone."""
+    from her2score.synthetic import write_pyramidal_tiff
+
+    field = generate_field("3+", seed=9100).image
+    (tmp_path / "slides").mkdir()
+    save_png(tmp_path / "slides" / "a.png", field)
+    write_pyramidal_tiff(tmp_path / "slides" / "a.tif", field, mpp=0.5)
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    _tumour_square(regions / "a.geojson")
+    with pytest.raises(BatchError, match=r"a\.geojson: the annotation of which slide\?.*a\.png\.geojson"):
+        run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)
+    (regions / "a.geojson").rename(regions / "a.png.geojson")
+    rows = {Path(r["slide"]).name: r for r in run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)}
+    assert rows["a.png"]["region"].startswith("annotation (a.png.geojson")
+    assert rows["a.tif"]["region"].startswith("detected epithelial cells")
+
+
 def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from_a_slide(tmp_path):
     """Two slides named alike in two folders take the annotations under the same folders; a lone one at the
     top of --regions would be shared, so it is refused; the slide folder given as --regions holds no
