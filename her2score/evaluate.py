@@ -588,14 +588,17 @@ def _method_metrics(truth: list[str], called: list[str | None], truth_levels: li
 
     n, hits = len(keep), int(np.trace(cm))
     qwk = quadratic_weighted_kappa(cm)
+    kappa_ci = list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n, resamples=resamples, seed=seed))
+    point = len(kappa_ci) == 2 and kappa_ci[0] is not None and kappa_ci[0] == kappa_ci[1]
     return {
         "n": n,
         "accuracy": accuracy(cm),
         "accuracy_ci95": list(wilson_ci(hits, n)),
         "quadratic_weighted_kappa": None if math.isnan(qwk) else qwk,
-        "quadratic_weighted_kappa_ci95": list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n,
-                                                           resamples=resamples, seed=seed)),
-        "kappa_interval_reliable": n >= KAPPA_MIN_N,
+        "quadratic_weighted_kappa_ci95": kappa_ci,
+        "kappa_interval_reliable": n >= KAPPA_MIN_N and not point,
+        "kappa_interval_note": (f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else
+                                "a point: every resample gives the same kappa" if point else None),
         "per_class": per_class(cm),
         "confusion": {"classes": list(SCORES), "rows": "truth", "columns": "called", "matrix": cm.tolist()},
         "null_vs_ultralow": _null_vs_ultralow(truth_levels, called_levels) if split_zero else None,
@@ -739,9 +742,13 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                             split_zero=guideline in ZERO_SPLIT)
         if m is None:
             continue
-        if not m["kappa_interval_reliable"]:
+        if m["n"] < KAPPA_MIN_N:
             metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
                                        "kappa is unreliable (it can collapse to a point); read it as indicative only")
+        elif not m["kappa_interval_reliable"]:
+            metrics["warnings"].append(f"{method}: the bootstrap interval of kappa is a point (every resample of the "
+                                       f"{m['n']} images gives the same kappa): it says nothing of the uncertainty; the "
+                                       "accuracy's Wilson interval does")
         elig = {}
         for rule in rule_objs:
             if not guideline_suits(rule.guideline, guideline):  # as check_eligibility decides it
@@ -913,7 +920,7 @@ def _summary(metrics: dict) -> str:
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
                      f"QWK {_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
-                     + ("" if mm["kappa_interval_reliable"] else " (n < 30: kappa interval unreliable)"))
+                     + ("" if mm["kappa_interval_reliable"] else f" (kappa interval unreliable: {mm['kappa_interval_note']})"))
     return "\n".join(lines)
 
 
@@ -940,7 +947,7 @@ def _report(metrics: dict, summary: str) -> str:
         mm = metrics["methods"][m]
         out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])} | "
                    f"{_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
-                   + ("" if mm["kappa_interval_reliable"] else " (n < 30)") + " |")
+                   + ("" if mm["kappa_interval_reliable"] else f" (unreliable: {mm['kappa_interval_note']})") + " |")
     out += ["", "Per-class recall / precision [95% CI]:", "", "| class | " + " | ".join(methods) + " |",
             "| --- | " + " | ".join("---" for _ in methods) + " |"]
     for c in SCORES:

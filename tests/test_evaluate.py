@@ -851,3 +851,17 @@ def test_held_out_fields_drawn_from_the_cnns_training_seeds_are_counted(tmp_path
     other = record("8 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(6), stain_jitter 0)")
     assert _training_field_seeds(other, ds / "labels.csv", images) == 0
     assert _training_field_seeds(record("class folders under x"), ds / "labels.csv", images) == 0
+
+
+def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
+    """40 images all called right: every bootstrap resample gives kappa 1, an interval [1, 1] that bounds nothing."""
+    from her2score.evaluate import _method_metrics
+
+    truth = [s for s in ("0", "1+", "2+", "3+") for _ in range(10)]
+    m = _method_metrics(truth, list(truth), [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
+    assert m["quadratic_weighted_kappa_ci95"] == [1.0, 1.0]
+    assert m["kappa_interval_reliable"] is False and m["kappa_interval_note"].startswith("a point")
+    called = list(truth)
+    called[0], called[15] = "1+", "2+"  # two errors: the resamples differ
+    m = _method_metrics(truth, called, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
+    assert m["kappa_interval_reliable"] is True and m["kappa_interval_note"] is None
