@@ -11,10 +11,11 @@ holds: r/g = OD_red / OD_green and b/g = OD_blue / OD_green.
   haematoxylin (an IHC HER2 0) has one colour in nuclei and elsewhere.
 
 Refused: dark backgrounds (fluorescence, darkfield, most photos), images without a blue nuclear
-counterstain (photos, text, plots, other chromogens), H&E (eosin), and a µm/px that makes nuclei
-implausibly large. Every threshold below was measured on the real images in the real images beside the repository (tests/realdata.py)
-(H&E from four sources, Ki67 IHC from two scanners), scikit-image's IHC image, the sample images
-and synthetic fields with stain jitter up to 8 degrees (see tests/test_imagecheck.py).
+counterstain (photos, text, plots, other chromogens), H&E (eosin), colours no mix of haematoxylin
+and DAB gives (a green chromogen), and a µm/px that makes nuclei implausibly large. Every threshold
+below was measured on the real images beside the repository (tests/realdata.py: H&E from four
+sources, Ki67 IHC from two scanners), scikit-image's IHC image, the sample images and synthetic
+fields with stain jitter up to 8 degrees (see tests/test_imagecheck.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .tissue import pen_ink
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction",
-    "stain_fractions", "rendered_fractions", "nucleus_diameter_um",
+    "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
 DARK_INTENSITY = 50
@@ -55,6 +56,12 @@ MAX_EOSIN_FRACTION = 0.135
 stored, 0.154-0.94 saved as JPEG with 4:2:0 chroma at quality 75-95 (the chroma blends eosin into the
 nuclei); real H-DAB <= 0.03 in every such form; synthetic fields <= 0.118 with the evaluation set's
 stain jitter (6°, 400 fields), a few over 0.2 at 12°."""
+OFF_PLANE_DEG = 15.0
+MAX_OFF_PLANE_FRACTION = 0.3
+"""Share of stained pixels whose OD lies more than OFF_PLANE_DEG off the plane of the haematoxylin and DAB
+vectors: a colour no mix of the two gives (another chromogen or stain). Measured: real IHC <= 0.075 (a Ki67
+crop), synthetic fields <= 0.042 at 8° stain jitter, the sample images 0; the real colon with its DAB
+recoloured green 0.87 (it scored 2+), Fast Red 0.25 (refused as eosin before this)."""
 MIN_HAEMATOXYLIN_FRACTION = 0.02
 """Blue/purple share of stained pixels. Measured: real IHC >= 0.07 (the colon image, mostly DAB); photos, text, plots ~0."""
 MAX_NUCLEUS_DIAMETER_UM = 14.0
@@ -158,6 +165,19 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
     return float(eosin.mean()), haem, int(len(total))
 
 
+def off_plane_fraction(od: np.ndarray, *, stained_od: float = STAINED_OD, max_deg: float = OFF_PLANE_DEG) -> float:
+    """Share of stained RGB log10 OD pixels (..., 3) whose colour lies more than ``max_deg`` off the plane of
+    the default haematoxylin and DAB vectors (no mix of those two stains has it)."""
+    flat = od.reshape(-1, 3)
+    flat = flat[:: max(1, len(flat) // 300_000)].astype(np.float64)
+    flat = flat[flat.sum(axis=1) > stained_od]
+    if len(flat) == 0:
+        return 0.0
+    normal = np.cross(H_DAB.hematoxylin, H_DAB.dab)
+    sine = np.abs(flat @ (normal / np.linalg.norm(normal))) / np.linalg.norm(flat, axis=1)
+    return float(np.mean(sine > np.sin(np.radians(max_deg))))
+
+
 def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = STAINED_OD) -> tuple[float, float, float]:
     """(share of the commonest exact colour, share of stained pixels surviving a 5 px disc opening,
     share of coloured stained pixels (not dark neutral: a scanner's black fill; not marker ink) whose 3x3 neighbourhood
@@ -249,7 +269,11 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                                             "not a scanned slide; not scored")
     elif n_stained >= 200 and eosin > MAX_EOSIN_FRACTION:
         code, reason = "eosin", (f"{eosin:.0%} of stained tissue has the colour of eosin: this looks like an "
-                                 "H&E slide, not a HER2 (H-DAB) immunostain; not scored")
+                                 "H&E slide (or a red chromogen: AEC, Fast Red), not a HER2 (H-DAB) immunostain; not scored")
+    elif n_stained >= 200 and (off := off_plane_fraction(od)) > MAX_OFF_PLANE_FRACTION:
+        code, reason = "other_chromogen", (f"{off:.0%} of stained pixels have a colour no mix of haematoxylin and DAB "
+                                           "gives: another chromogen (green, blue-green) or stain, not a HER2 (H-DAB) "
+                                           "immunostain; not scored")
     elif n_stained >= 200 and haem < MIN_HAEMATOXYLIN_FRACTION:
         code, reason = "no_counterstain", (f"only {haem:.1%} of stained pixels have the blue of a haematoxylin "
                                            "counterstain: no nuclei to count cells by (a counterstain missing or "

@@ -373,3 +373,20 @@ def test_h_and_e_with_red_and_blue_swapped_is_never_scored_with_qc_passed(name):
             assert "still have DAB-stained nuclei" in str(e)
         return
     assert not r.qc_passed, (r.score, r.qc)
+
+
+def test_a_green_chromogen_is_refused():
+    """The real colon's DAB put back along a green chromogen's OD vector (0.70, 0.25, 0.67): no mix of
+    haematoxylin and DAB has that colour. It scored 2+ (with a pen-ink warning); the check refuses it."""
+    from her2score.imagecheck import MAX_OFF_PLANE_FRACTION, off_plane_fraction
+    from her2score.stain import optical_density
+
+    colon = _as_array(CASES["skimage-colon-ihc"])()
+    stains = H_DAB.with_background(estimate_background(colon))
+    hed = deconvolve(colon, stains)
+    green = np.array([0.70, 0.25, 0.67]) / np.linalg.norm([0.70, 0.25, 0.67])
+    od = hed[..., :1] * np.float32(stains.hematoxylin) + hed[..., 1:2] * np.float32(green)
+    rgb = np.clip(np.float32(stains.background) * 10.0 ** -np.maximum(od, 0), 0, 255).round().astype(np.uint8)
+    with pytest.raises(NotHerIhcError, match="no mix of haematoxylin and DAB"):
+        analyse_slide(ArraySlide(rgb, mpp=0.5))
+    assert off_plane_fraction(optical_density(colon, stains.background)) < MAX_OFF_PLANE_FRACTION / 4
