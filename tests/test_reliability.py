@@ -38,7 +38,8 @@ from her2score.synthetic import generate_field, make_slide, write_pyramidal_tiff
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
 NO_TISSUE = "no tissue found (blank, fully white or black slide, or only fragments under 5,000 µm²)"
-EOSIN = r"\d+% of stained tissue has the colour of eosin: this looks like an H&E slide, not a HER2 \(H-DAB\) immunostain; not scored"
+EOSIN = (r"\d+% of stained tissue has the colour of eosin: this looks like an H&E slide \(or a red chromogen: AEC, Fast Red\), "
+         r"not a HER2 \(H-DAB\) immunostain; not scored")
 
 
 def _api_error(path, *, mpp=None, score=True) -> SlideError:
