@@ -64,7 +64,7 @@ COARSE_SCAN_WARN = 1.1
 """A scan coarser than this x CALIBRATED_MPP (0.55 µm/px) gets the QC warning intensity_read_low."""
 
 EOSIN_MIN_STAINED_PX = 200
-"""Fewest stained pixels (over the tiles) whose eosin share the QC reads, as imagecheck.check_image does."""
+"""Fewest stained pixels (over the tiles) whose eosin share the QC reads (fewer: the thumbnail's, as imagecheck.check_image reads it)."""
 
 
 class WrongStainError(SlideError):
@@ -447,8 +447,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
     cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
-    stained = sum(p.stained_px for p in parts)  # the eosin share at the tiles' resolution, where it is not blended away
-    eosin = max(thumb_eosin, sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else 0.0)
+    # the eosin share at the tiles' resolution: a thumbnail blends eosin into the nuclei (a real H&E read under
+    # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
+    stained = sum(p.stained_px for p in parts)
+    eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
     return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin, cnn_report)
 
 

@@ -119,3 +119,18 @@ def test_a_scan_coarser_than_the_calibration_is_warned():
     assert "intensity_read_low" not in codes(score_slide(ArraySlide(colon, mpp=0.5)))
     too_coarse = codes(score_slide(ArraySlide(cv2.resize(colon, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA), mpp=1.25)))
     assert too_coarse.get("coarse_scan") == "fail" and "intensity_read_low" not in too_coarse
+
+
+def test_the_eosin_qc_reads_the_tiles_not_the_thumbnail(monkeypatch):
+    """A generated 3+ slide's 2 µm/px thumbnail blends JPEG colours into 8.25% eosin-coloured pixels, over the
+    QC's 8%, where its tiles read 1.4% (benchmarks/bench_wsi.py's 12,288² slide): the tiles decide where they
+    hold enough stained pixels, as they do for a real H&E that a thumbnail blends into its nuclei."""
+    from dataclasses import replace
+
+    import her2score.pipeline as pipeline
+
+    real_check = pipeline.check_slide
+    monkeypatch.setattr(pipeline, "check_slide", lambda *a, **k: replace(real_check(*a, **k), eosin_fraction=0.0825))
+    f = generate_field("3+", seed=9101)
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp))
+    assert "eosin_like_colour" not in codes(r) and r.qc_passed, r.qc
