@@ -648,10 +648,15 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
-    # a slide an earlier run reached by another spelling (a linked folder) keeps that run's name: reused, listed once
-    spelled = {resolved_path(s): s for s in manifest.entries if os.path.lexists(s)}
-    slides = [(slide, root) if str(slide) in manifest.entries or resolved_path(slide) not in spelled
-              else (Path(spelled[resolved_path(slide)]), root) for slide, root in slides]
+    # a slide an earlier run reached by another spelling (a linked folder) takes over that run's entry, under the
+    # spelling given now: reused, listed once, its annotation found under its path now
+    given = {str(slide) for slide, _ in slides}
+    spelled = {resolved_path(s): s for s in manifest.entries if s not in given and os.path.lexists(s)}
+    for slide, _ in slides:
+        if str(slide) not in manifest.entries and (old := spelled.pop(resolved_path(slide), None)) is not None:
+            entry = manifest.entries.pop(old)
+            entry["row"] = {**entry["row"], "slide": str(slide)}
+            manifest.entries[str(slide)] = entry
     jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
                      cells_csv=cells_csv)

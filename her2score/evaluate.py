@@ -589,16 +589,18 @@ def _method_metrics(truth: list[str], called: list[str | None], truth_levels: li
     n, hits = len(keep), int(np.trace(cm))
     qwk = quadratic_weighted_kappa(cm)
     kappa_ci = list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n, resamples=resamples, seed=seed))
-    point = len(kappa_ci) == 2 and kappa_ci[0] is not None and kappa_ci[0] == kappa_ci[1]
+    point = kappa_ci[0] is not None and kappa_ci[0] == kappa_ci[1]
+    note = (f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else "not drawn (no resamples)" if resamples <= 0 else
+            "none: kappa is undefined here" if kappa_ci[0] is None else
+            "a point: the resamples that give a kappa all give the same" if point else None)
     return {
         "n": n,
         "accuracy": accuracy(cm),
         "accuracy_ci95": list(wilson_ci(hits, n)),
         "quadratic_weighted_kappa": None if math.isnan(qwk) else qwk,
         "quadratic_weighted_kappa_ci95": kappa_ci,
-        "kappa_interval_reliable": n >= KAPPA_MIN_N and not point,
-        "kappa_interval_note": (f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else
-                                "a point: every resample gives the same kappa" if point else None),
+        "kappa_interval_reliable": note is None,
+        "kappa_interval_note": note,
         "per_class": per_class(cm),
         "confusion": {"classes": list(SCORES), "rows": "truth", "columns": "called", "matrix": cm.tolist()},
         "null_vs_ultralow": _null_vs_ultralow(truth_levels, called_levels) if split_zero else None,
@@ -746,9 +748,9 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
                                        "kappa is unreliable (it can collapse to a point); read it as indicative only")
         elif not m["kappa_interval_reliable"]:
-            metrics["warnings"].append(f"{method}: the bootstrap interval of kappa is a point (every resample of the "
-                                       f"{m['n']} images gives the same kappa): it says nothing of the uncertainty; the "
-                                       "accuracy's Wilson interval does")
+            metrics["warnings"].append(f"{method}: the bootstrap interval of kappa over {m['n']} images is "
+                                       f"{m['kappa_interval_note']}: it says nothing of the uncertainty; the accuracy's "
+                                       "Wilson interval does")
         elig = {}
         for rule in rule_objs:
             if not guideline_suits(rule.guideline, guideline):  # as check_eligibility decides it

@@ -332,14 +332,22 @@ def test_resume_skips_done_slides_and_retries_errors(tmp_path, three, fields):
 
 
 def test_slides_reached_again_through_a_link_are_reused_and_listed_once(tmp_path, fields):
-    (tmp_path / "real").mkdir()
-    save_png(tmp_path / "real" / "f.png", fields["1+"])
+    """A slide an earlier run scored through a linked folder, given now by its real path: the earlier entry is
+    taken over under the spelling given now (reused, one row), and its annotation is found under that path."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    save_png(tmp_path / "real" / "sub" / "f.png", fields["1+"])
     (tmp_path / "alias").symlink_to(tmp_path / "real")
+    (tmp_path / "regions" / "sub").mkdir(parents=True)
+    square = [[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]
+    (tmp_path / "regions" / "sub" / "f.geojson").write_text(json.dumps(
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}))
     out = tmp_path / "out"
-    run_batch([tmp_path / "real"], out)
-    again = run_batch([tmp_path / "alias"], out)
+    first = run_batch([tmp_path / "alias"], out, regions=tmp_path / "regions")
+    again = run_batch([tmp_path / "real"], out, regions=tmp_path / "regions")
     assert (again.scored, again.reused, len(again)) == (0, 1, 1)
-    assert [r["slide"] for r in again] == [str(tmp_path / "real" / "f.png")]
+    assert [r["slide"] for r in again] == [str(tmp_path / "real" / "sub" / "f.png")]
+    assert again[0]["region"] == first[0]["region"] and again[0]["region"].startswith("annotation (f.geojson")
 
 
 def test_a_file_name_with_a_newline_is_scored(tmp_path, fields):

@@ -861,6 +861,8 @@ def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
     m = _method_metrics(truth, list(truth), [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
     assert m["quadratic_weighted_kappa_ci95"] == [1.0, 1.0]
     assert m["kappa_interval_reliable"] is False and m["kappa_interval_note"].startswith("a point")
+    one_class = _method_metrics(["3+"] * 40, ["3+"] * 40, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
+    assert one_class["kappa_interval_reliable"] is False and one_class["kappa_interval_note"].startswith("none")
     called = list(truth)
     called[0], called[15] = "1+", "2+"  # two errors: the resamples differ
     m = _method_metrics(truth, called, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
