@@ -492,6 +492,16 @@ class _Manifest:
         # the result.json recorded, not one a later run killed before its record rewrote (an older manifest: unchecked)
         return "result" not in e or e["result"] == _result_stamp(self.out / job.name)
 
+    def respell(self, slides: list[Path]) -> None:
+        """Give each of ``slides`` the entry of an earlier run that reached the same file by another spelling (a
+        linked folder), under the spelling given now: reused, listed once, its annotation found under its path now."""
+        given = {str(slide) for slide in slides}
+        spelled = {resolved_path(s): s for s in self.entries if s not in given and os.path.lexists(s)}
+        for slide in slides:
+            if str(slide) not in self.entries and (old := spelled.pop(resolved_path(slide), None)) is not None:
+                entry = self.entries.pop(old)
+                self.entries[str(slide)] = {**entry, "row": {**entry["row"], "slide": str(slide)}}
+
     def record(self, job: Job, row: dict) -> None:
         try:
             sig = _signature(job.slide)
@@ -648,15 +658,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
-    # a slide an earlier run reached by another spelling (a linked folder) takes over that run's entry, under the
-    # spelling given now: reused, listed once, its annotation found under its path now
-    given = {str(slide) for slide, _ in slides}
-    spelled = {resolved_path(s): s for s in manifest.entries if s not in given and os.path.lexists(s)}
-    for slide, _ in slides:
-        if str(slide) not in manifest.entries and (old := spelled.pop(resolved_path(slide), None)) is not None:
-            entry = manifest.entries.pop(old)
-            entry["row"] = {**entry["row"], "slide": str(slide)}
-            manifest.entries[str(slide)] = entry
+    manifest.respell([slide for slide, _ in slides])
     jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
                      cells_csv=cells_csv)

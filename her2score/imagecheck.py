@@ -140,6 +140,12 @@ def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
     return rgb[r0 : max(r0, r1), c0 : max(c0, c1)]
 
 
+def _od_sample(od: np.ndarray, at_most: int = 300_000) -> np.ndarray:
+    """(N, 3) float64 of an OD image's pixels, every k-th so that N is about ``at_most``."""
+    flat = od.reshape(-1, 3)
+    return flat[:: max(1, len(flat) // at_most)].astype(np.float64)
+
+
 def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
                     counterstain_od: float = COUNTERSTAIN_OD) -> tuple[float, float, int]:
     """(eosin fraction, haematoxylin fraction, stained pixel count) of RGB log10 OD pixels (..., 3).
@@ -149,8 +155,7 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
     (b/g < 0.75): r/g < 0.4, or r/g < 0.85 and 0.12 below the r/g of the image's darkest non-DAB
     pixels (its nuclei), i.e. redder than its own haematoxylin.
     """
-    flat = od.reshape(-1, 3)
-    flat = flat[:: max(1, len(flat) // 300_000)].astype(np.float64)
+    flat = _od_sample(od)
     total = flat.sum(axis=1)
     flat, total = flat[total > counterstain_od], total[total > counterstain_od]
     g = np.maximum(flat[:, 1], 1e-6)
@@ -172,13 +177,11 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
 def off_plane_fraction(od: np.ndarray, *, stained_od: float = OFF_PLANE_MIN_OD, max_deg: float = OFF_PLANE_DEG) -> float:
     """Share of the RGB log10 OD pixels (..., 3) of summed OD over ``stained_od`` whose colour lies more than
     ``max_deg`` off the plane of the default haematoxylin and DAB vectors (no mix of those two stains has it)."""
-    flat = od.reshape(-1, 3)
-    flat = flat[:: max(1, len(flat) // 300_000)].astype(np.float64)
+    flat = _od_sample(od)
     flat = flat[flat.sum(axis=1) > stained_od]
     if len(flat) == 0:
         return 0.0
-    normal = np.cross(H_DAB.hematoxylin, H_DAB.dab)
-    sine = np.abs(flat @ (normal / np.linalg.norm(normal))) / np.linalg.norm(flat, axis=1)
+    sine = np.abs(flat @ np.array(H_DAB.residual)) / np.linalg.norm(flat, axis=1)  # residual: the plane's unit normal
     return float(np.mean(sine > np.sin(np.radians(max_deg))))
 
 

@@ -576,7 +576,7 @@ class TiffSlide(Slide):
             self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
-            self._white = self._white_level(base) if base.dtype == np.uint16 else (1 << base.bitspersample) - 1
+            self._white = self._white_level(base)
             self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
@@ -650,11 +650,12 @@ class TiffSlide(Slide):
                                         f"({type(e).__name__}: {e})") from None
 
     def _white_level(self, base, sample_segments: int = 64) -> int:
-        """The sample value of white in 16-bit samples: MaxSampleValue where the file gives it, else the
-        full scale of the bits its brightest colour sample uses (glass is a brightfield slide's brightest: a
-        12-bit camera's samples stored unscaled reach 4095, not 65535), read on up to ``sample_segments``
-        tiles or strips of its smallest level spread over it (an alpha or other extra sample left out)."""
-        if base.bitspersample < 16:  # 9-15 bits: their own full scale
+        """The sample value of white: the full scale of 8-15-bit samples; for 16-bit ones MaxSampleValue where
+        the file gives it, else the full scale of the bits its brightest colour sample uses (glass is a
+        brightfield slide's brightest: a 12-bit camera's samples stored unscaled reach 4095, not 65535), read
+        on up to ``sample_segments`` tiles or strips of its smallest level spread over it (an alpha or other
+        extra sample left out)."""
+        if base.bitspersample < 16:  # 8-15 bits: their own full scale
             return (1 << base.bitspersample) - 1
         tag = base.tags.get("MaxSampleValue")
         top = int(np.max(np.atleast_1d(tag.value)[:3])) if tag is not None else 0

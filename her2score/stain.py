@@ -154,9 +154,8 @@ def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> 
     Pure white (255 in every channel) is left out where enough other glass remains: it is the fill
     of an area the scanner did not image (or pasted around a field), not the glass under the tissue,
     whose own tint sets the stains' optical density (see unscanned_fill)."""
-    darkest = per_channel(np.minimum, rgb)
-    bright = darkest >= min_brightness
-    glass = bright & ~unscanned_fill(rgb, darkest)
+    bright = per_channel(np.minimum, rgb) >= min_brightness
+    glass = bright & ~unscanned_fill(rgb)
     if np.count_nonzero(glass) >= GLASS_MIN_PIXELS:
         bright = glass
     if np.count_nonzero(bright) < GLASS_MIN_PIXELS:
@@ -164,9 +163,9 @@ def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> 
     return tuple(float(np.percentile(rgb[..., c][bright], 99)) for c in range(3))  # a channel at a time: 3x faster
 
 
-def unscanned_fill(rgb: np.ndarray, darkest: np.ndarray | None = None) -> np.ndarray:
-    """Pixels of pure white (255 in every channel): bool (H, W). ``darkest``: per_channel(np.minimum, rgb), if at hand."""
-    return (per_channel(np.minimum, rgb) if darkest is None else darkest) == 255
+def unscanned_fill(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of pure white (255 in every channel): bool (H, W)."""
+    return per_channel(np.minimum, rgb) == 255
 
 
 def estimate_stains(
