@@ -230,17 +230,19 @@ def test_each_sector_names_the_cell_across_its_border():
 
 
 def test_stained_by_neighbours_needs_every_stained_sector_beside_an_enclosing_cell():
-    """Cell 0 is stained only on its border with an enclosing cell and one sector past it: that
-    stain may be the neighbour's. Cell 1 is also stained where it faces glass, cell 2 borders no
-    enclosing cell, cell 3 is unstained: none of those qualifies."""
-    stained = np.zeros((4, N_SECTORS), bool)
-    beside = np.zeros((4, N_SECTORS), bool)
-    beside[[0, 1, 3], 10:14] = True
-    stained[0, 9:15] = True  # one sector beyond the shared border at each end
-    stained[1, 10:20] = True  # and on along the glass
-    stained[2, 10:14] = True
-    assert stained_by_neighbours(stained, beside).tolist() == [True, False, False, False]
-    assert not stained_by_neighbours(stained, beside, reach=0)[0]  # without the bend, the ends are its own
+    """Cell 0 is stained only on its border with an enclosing cell and two sectors past it: that
+    stain may be the neighbour's. Cell 1 is stained a third sector past it, cell 2 also where it
+    faces glass, cell 3 borders no enclosing cell, cell 4 is unstained: none of those qualifies."""
+    stained = np.zeros((5, N_SECTORS), bool)
+    beside = np.zeros((5, N_SECTORS), bool)
+    beside[[0, 1, 2, 4], 10:14] = True
+    stained[0, 8:16] = True  # two sectors beyond the shared border at each end
+    stained[1, 7:14] = True
+    stained[2, 10:20] = True  # and on along the glass
+    stained[3, 10:14] = True
+    assert stained_by_neighbours(stained, beside).tolist() == [True, False, False, False, False]
+    assert not stained_by_neighbours(stained, beside, reach=1)[0]  # the line's bend is its own
+    assert stained_by_neighbours(stained, beside, reach=3)[1]
 
 
 def test_measuring_a_core_measures_its_cells_as_the_whole_image_does():
