@@ -29,7 +29,7 @@ from .stain import H_DAB, deconvolve, optical_density, per_channel, unscanned_fi
 from .tissue import pen_ink
 
 __all__ = [
-    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction",
+    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction", "black_fill", "clipped_fraction",
     "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
@@ -47,6 +47,11 @@ MAX_DIM_FRACTION = 0.5
 stain keeps its colour (brown DAB, blue haematoxylin), so they are at most 0.038 of a real image (Ki67 ndpi),
 0.16 / 0.32 of the real colon with all its stains 3x / 4x over-stained; the dim, tinted background of an
 inverted Ki67 field, which escapes the dark check above (brightest channel 55), is 0.76 of it."""
+MAX_CLIPPED_FRACTION = 0.10
+"""Pixels with a channel at 0 that are no black fill: their optical density is unknown (at least log10 of
+the glass). Real scans here: at most 0.016 (a Ki67 field's darkest nuclei); the real colon with its stains
+3x over-stained 0.010; contrast-stretched (PIL autocontrast, 0.5 / 1 / 2% clipped) 0.096 / 0.13 / 0.18, which
+read blobs of 1.4 µm (stained membranes clipped to 0 in blue read as thin, dark lines) for its nuclei."""
 STAINED_OD = 0.25
 """A pixel is stained when its summed RGB log10 OD exceeds this (pale pixels' colour ratios are noise)."""
 COUNTERSTAIN_OD = 0.12
@@ -122,8 +127,24 @@ def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int 
 
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
-    """Fraction of dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
-    return float(_dark(rgb, max_intensity, max_chroma).mean())
+    """Fraction of dark neutral pixels (brightest channel below ``max_intensity``, channels within ``max_chroma``)
+    among those that are not pure black fill (black_fill); 0 for an image of fill alone."""
+    fill = black_fill(rgb)
+    rest = fill.size - np.count_nonzero(fill)
+    return float(np.count_nonzero(_dark(rgb, max_intensity, max_chroma) & ~fill) / rest) if rest else 0.0
+
+
+def clipped_fraction(rgb: np.ndarray) -> float:
+    """Fraction of the pixels that are not black fill (black_fill) with a channel at 0."""
+    fill = black_fill(rgb)
+    rest = fill.size - np.count_nonzero(fill)
+    return float(np.count_nonzero((per_channel(np.minimum, rgb) == 0) & ~fill) / rest) if rest else 0.0
+
+
+def black_fill(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of pure black (0 in every channel), bool (H, W): what a rotation, a mask or an editor fills
+    with, never a scanned pixel (a camera's black keeps noise, a stain its colour)."""
+    return per_channel(np.maximum, rgb) == 0
 
 
 def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
@@ -267,6 +288,10 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         share = dark if dark > MAX_DARK_FRACTION else dim
         code, reason = "dark_background", (f"{share:.0%} of the image is dark: not a brightfield slide (fluorescence, "
                                            "darkfield, an inverted image or a photograph); not scored")
+    elif (clipped := clipped_fraction(rgb)) > MAX_CLIPPED_FRACTION:
+        code, reason = "clipped", (f"{clipped:.0%} of the image's pixels have a colour channel clipped at 0 (a contrast "
+                                   "stretch or an over-exposed export): their optical densities cannot be read; give "
+                                   "the scan as it was acquired; not scored")
     elif modal > MAX_FLAT_FRACTION and solid < MIN_SOLID_FRACTION:
         code, reason = "rendered_graphic", (f"{modal:.0%} of the image is one exact colour and its marks are thin "
                                             "strokes: a screenshot, text or a plot, not a scanned slide; not scored")

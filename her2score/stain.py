@@ -180,6 +180,7 @@ def estimate_stains(
     h_percentile: float = 10.0,
     agree_deg: float = 5.0,
     leak_deg: float = 3.0,
+    min_separation_deg: float = 20.0,
     max_pixels: int = 250_000,
     default: StainSet = H_DAB,
 ) -> tuple[StainSet, str]:
@@ -199,7 +200,9 @@ def estimate_stains(
     such a DAB as haematoxylin (stained membranes found as nuclei, a 3+ refused or read 2+). A stain
     on the far side leaks negatively (a little signal lost, none invented) and keeps the default
     vector the thresholds were set with on real images (whose haematoxylin lies 5-15 degrees off the
-    default, leaning away from DAB in all but one). At most ``max_pixels`` pixels, evenly spread, are read.
+    default, leaning away from DAB in all but one). A pair less than ``min_separation_deg`` apart is no H-DAB
+    pair (the default's are 37 degrees apart; the jittered synthetic fields' own, 25 or more; a real H&E with
+    its saturation halved, 11): the default vectors are kept. At most ``max_pixels`` pixels, evenly spread, are read.
     Returns the stain set and a note saying which and why.
     """
     flat = rgb.reshape(-1, 3)
@@ -227,8 +230,11 @@ def estimate_stains(
     if not (use_h or use_d):
         return base, f"default vectors: the slide's own do not lean towards each other beyond them ({beyond})"
     used = " and ".join(name for name, on in (("haematoxylin", use_h), ("DAB", use_d)) if on)
-    return (StainSet(tuple(h if use_h else ref_h), tuple(d if use_d else ref_d), tuple(background), source="estimated"),
-            f"{what}; the slide's own {used} used ({beyond})")
+    h, d = (h if use_h else ref_h), (d if use_d else ref_d)
+    if (apart := _angle(h, d)) < min_separation_deg:
+        return base, (f"default vectors: the slide's own stains ({beyond}) would lie only {apart:.0f} deg apart, under "
+                      f"{min_separation_deg:g}: not two stains (a faded H&E reads so)")
+    return StainSet(tuple(h), tuple(d), tuple(background), source="estimated"), f"{what}; the slide's own {used} used ({beyond})"
 
 
 def _angle(a: np.ndarray, b: np.ndarray) -> float:

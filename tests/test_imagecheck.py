@@ -216,8 +216,25 @@ def test_a_scanners_black_frame_is_left_out_of_every_measure():
     soft = (framed * cv2.GaussianBlur(edge, (0, 0), 1.5)[..., None]).astype(np.uint8)
     assert check_image(soft, mpp=0.5).accepted
     holed = colon.copy()
-    holed[100:300, 150:400] = 0  # not a frame: a dark fifth of the field
+    holed[100:300, 150:400] = np.random.default_rng(0).integers(3, 20, (200, 250, 3))  # not a frame: a dark fifth, a camera's black
     assert check_image(holed, mpp=0.5).code == "dark_background"
+    holed[100:300, 150:400] = 0  # pure black: an editor's fill, not a scanned pixel
+    assert check_image(holed, mpp=0.5).accepted
+
+
+def test_black_fill_from_a_rotation_or_a_mask_is_no_dark_background():
+    """The real colon rotated 30 and 45 degrees with black corners (OpenCV's and most viewers' fill; 15-17% of
+    the image), or with its glass painted black, was refused as not brightfield; with white corners it scored."""
+    import cv2
+
+    colon = photo("immunohistochemistry")
+    for angle in (30, 45):
+        turned = cv2.warpAffine(colon, cv2.getRotationMatrix2D((256, 256), angle, 1.0), (512, 512), borderValue=(0, 0, 0))
+        assert check_image(turned, mpp=0.5).accepted, angle
+    painted = colon.copy()
+    painted[cv2.morphologyEx((colon.min(2) > 200).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0] = 0
+    c = check_image(painted, mpp=0.5)
+    assert c.accepted and c.dark_fraction < 0.01, c
     for case in (c for c in CASES if c.kind == "he" and isinstance(c.load(), np.ndarray)):
         assert check_image(np.pad(case.load(), ((250, 250), (250, 250), (0, 0))), mpp=case.mpp or 0.5).code == "eosin", case.name
 
@@ -245,3 +262,20 @@ def test_score_slide_refuses_before_scoring_and_names_the_file():
         score_slide(ArraySlide(photo("immunohistochemistry"), mpp=5.0, path="colon.png"))
     with pytest.raises(NotHerIhcError, match=r"cat\.png: .*haematoxylin"):
         score_slide(ArraySlide(photo("chelsea"), mpp=0.5, path="cat.png"))
+
+
+def test_a_contrast_stretched_image_is_refused_as_clipped_not_as_the_wrong_scale():
+    """The real colon auto-contrasted with 1% and 2% clipped (PIL): its stained membranes clip to 0 in blue,
+    read as 1.4 µm blobs, and it was refused as 'the µm/px is far too fine'. It is refused for what it is;
+    0.5% clipped it still scores (under a tenth of its pixels clipped), and black fill counts for nothing."""
+    from PIL import Image, ImageOps
+
+    from her2score.imagecheck import MAX_CLIPPED_FRACTION, clipped_fraction
+
+    colon = photo("immunohistochemistry")
+    for cut in (1, 2):
+        c = check_image(np.asarray(ImageOps.autocontrast(Image.fromarray(colon), cutoff=cut, preserve_tone=True)), mpp=0.5)
+        assert c.code == "clipped" and "channel clipped at 0" in c.reason, (cut, c)
+    assert check_image(np.asarray(ImageOps.autocontrast(Image.fromarray(colon), cutoff=0.5, preserve_tone=True)), mpp=0.5).accepted
+    assert clipped_fraction(np.pad(colon, ((100, 100), (100, 100), (0, 0)))) == clipped_fraction(colon) < 1e-4  # 9 pixels
+    assert clipped_fraction(_restained(colon, 3.0)) < MAX_CLIPPED_FRACTION / 5  # over-stained is not clipped
