@@ -12,7 +12,7 @@ Four sets of fields (512 x 512 px at 0.5 µm/px), each scored by the classical p
 - confounders: HER2 0 fields with a uniform DAB tint, cytoplasmic blush or lymphocyte clusters.
 ``--real-borders`` draws every field with real slides' unstained-border texture (synthetic.REAL_BORDERS).
 Prints per set and truth class the accuracy, the share of fields called right or flagged
-``near_cutoff`` (so that eligibility asks for review), and the per-cell bias of the strong-complete fraction
+``near_cutoff`` or ``cytoplasmic_dab`` (so that eligibility asks for review), and the per-cell bias of the strong-complete fraction
 (measured minus true, as a fraction of tumour cells). Use one seed range for tuning, another for
 the figures you report.
 """
@@ -68,7 +68,7 @@ def one(job: dict) -> dict:
     config = ScoringConfig(guideline="gastric" if job.get("gastric") else "breast-asco-cap-2023")
     r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
     counts = f.truth_counts()
-    return dict(set=job["set"], truth=f.score, got=r.score, flagged="near_cutoff" in r.flags,
+    return dict(set=job["set"], truth=f.score, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
                 strong_true=counts["strong_complete"] / max(sum(counts.values()), 1),
                 strong_got=r.percentages["strong_complete"] / 100)
 
@@ -96,7 +96,7 @@ def main() -> None:
                      "per_class": {s: f"{sum(v)}/{len(v)}" for s, v in sorted(by.items())},
                      "called": {s: sum(r["got"] == s for r in rs) for s in (*SCORES, None) if any(r["got"] == s for r in rs)},
                      "strong_complete_bias": {"mean": round(float(bias.mean()), 4), "max_abs": round(float(np.abs(bias).max()), 4)}}
-        print(f"{name:<26} accuracy {out[name]['accuracy']:.3f}, right or flagged near_cutoff "
+        print(f"{name:<26} accuracy {out[name]['accuracy']:.3f}, right or flagged "
               f"{out[name]['right_or_flagged']:.3f} ({len(rs)} fields); per truth class {out[name]['per_class']}; "
               f"strong-complete bias {bias.mean():+.3f} (max |{np.abs(bias).max():.3f}|)")
     if a.json:

@@ -431,6 +431,18 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
             f"at 0 (null) the answer would be {other}")
 
 
+def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when its stain fills the tumour cells' cytoplasm (flag cytoplasmic_dab), so
+    that the membranes read may be cytoplasm, and no membrane staining (0) would change the answer; None otherwise."""
+    if "cytoplasmic_dab" not in result.flags:
+        return None
+    level = "0 (null)" if _levels_guideline(result) == "breast-asco-cap-2023" else "0"
+    if (other := _other_answer(result, rule, ish, status, "0", level)) is None:
+        return None
+    return (f"diffuse cytoplasmic DAB in the tumour cells ({result.staining.get('diffuse_cytoplasm_od', 0):.2f} OD over "
+            f"the unstained level) may have been read as membrane staining: at {level} the answer would be {other}")
+
+
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
@@ -459,6 +471,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
         doubts.append(near)
     if (null := _null_doubt(result, rule, ish, status)) is not None:
         doubts.append(null)
+    if (cytoplasm := _cytoplasm_doubt(result, rule, ish, status)) is not None:
+        doubts.append(cytoplasm)
     if (short := _requirement_doubt(result, rule, ish, status)) is not None:
         doubts.append(short)
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")

@@ -34,8 +34,8 @@ from .slide import Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import (COMPARTMENTS, TumourRule, select_tumour_cells, stained_cytoplasm, staining_compartments,
-                     unstained_level)
+from .tumour import (COMPARTMENTS, DIFFUSE_CYTOPLASM_OD, TumourRule, diffuse_cytoplasm_od, select_tumour_cells,
+                     stained_cytoplasm, staining_compartments, unstained_level)
 from .workers import die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
@@ -479,8 +479,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
     staining = _staining(slide_path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
+    blush = diffuse_cytoplasm_od(cells, unstained_cells=tumour & (category == 0), reference_cells=~tumour, unstained_od=unstained)
     staining.update(counterstain_od=None if nucleus.counterstain is None else round(nucleus.counterstain, 4),
-                    nucleus_threshold_od=round(nucleus.threshold_od, 4))
+                    nucleus_threshold_od=round(nucleus.threshold_od, 4),
+                    diffuse_cytoplasm_od=None if blush is None else round(blush, 4))
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
@@ -517,6 +519,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
+        flags, doubt = _with_cytoplasm_doubt(flags, score, level, blush)
+        reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if cnn_report is not None and n_tumour:
@@ -527,6 +531,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
                                            percent=config.false_membrane_percent)
+            flags, more = _with_cytoplasm_doubt(flags, score, level, blush)
+            doubt += more
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
                       + ("; reflex ISH required" if level == "2+" else "") + doubt)
@@ -579,6 +585,18 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _with_cytoplasm_doubt(flags: tuple[str, ...], score: str, level: str, blush: float | None) -> tuple[tuple[str, ...], str]:
+    """``flags`` plus ``cytoplasmic_dab``, and the words that say why (to append to a reason; "" without the flag),
+    where membrane staining was read and the tumour cells read unstained carry diffuse cytoplasmic DAB
+    (tumour.diffuse_cytoplasm_od at DIFFUSE_CYTOPLASM_OD or more): the stain fills cytoplasm, which the
+    guidelines disregard, and the membranes read may be cytoplasm between cells."""
+    if blush is None or blush < DIFFUSE_CYTOPLASM_OD or (score == "0" and level != "0+ (ultralow)"):
+        return flags, ""
+    return (*flags, "cytoplasmic_dab"), (f"; the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over the "
+                                         "slide's unstained level: the stain fills cytoplasm, which the guidelines "
+                                         "disregard, and the membranes read may be cytoplasm between cells: it could be 0")
 
 
 def _no_tissue(slide: Slide) -> str:

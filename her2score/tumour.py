@@ -15,7 +15,7 @@ import numpy as np
 from .membrane import CellMeasurements
 
 __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
-           "staining_compartments"]
+           "staining_compartments", "DIFFUSE_CYTOPLASM_OD", "diffuse_cytoplasm_od"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,34 @@ def unstained_level(m: CellMeasurements) -> float:
 def stained_cytoplasm(m: CellMeasurements, *, unstained_od: float, cytoplasmic_od: float = 0.10) -> np.ndarray:
     """Per cell, whether its cytoplasm's DAB exceeds the slide's ``unstained_od`` (unstained_level) by ``cytoplasmic_od`` (log10 OD)."""
     return np.nan_to_num(m.cytoplasm_dab_od, nan=0.0) - unstained_od >= cytoplasmic_od
+
+
+DIFFUSE_CYTOPLASM_OD = 0.06
+"""log10 OD over the slide's unstained level above which the cytoplasm of the tumour cells read unstained
+shows diffuse cytoplasmic DAB (diffuse_cytoplasm_od). Measured: the real colon 0.03, generator fields of
+every class 0.01 or less; a real Ki67 field after an auto-contrast stretch 0.16, a real H&E with its eosin
+put on the DAB channel 0.10, both read 1+ or 2+ from cytoplasm between cells."""
+
+
+def diffuse_cytoplasm_od(m: CellMeasurements, *, unstained_cells: np.ndarray, reference_cells: np.ndarray,
+                         unstained_od: float, min_cells: int = 10, min_reference_cells: int = 5) -> float | None:
+    """The median cytoplasmic DAB (log10 OD) of ``unstained_cells`` (bool: the tumour cells read without
+    membrane staining) above the lower of the slide's ``unstained_od`` (unstained_level: its palest tenth
+    of cells, which where stroma is scarce are blushed tumour cells) and the median of ``reference_cells``
+    (bool: the cells left out as no tumour, where at least ``min_reference_cells``); None for fewer than ``min_cells``
+    unstained tumour cells. Where HER2 stains membranes, such cells' cytoplasm is as pale as the stroma's;
+    a stain that fills every tumour cell's cytoplasm leaves it as dark as that of the cells read stained,
+    whose "membranes" may then be cytoplasm between cells."""
+    def level(cells: np.ndarray, at_least: int) -> float | None:
+        cyto = m.cytoplasm_dab_od[cells]
+        cyto = cyto[np.isfinite(cyto)]
+        return float(np.median(cyto)) if len(cyto) >= at_least else None
+
+    own = level(unstained_cells, min_cells)
+    if own is None:
+        return None
+    reference = level(reference_cells, min_reference_cells)
+    return own - (unstained_od if reference is None else min(reference, unstained_od))
 
 
 def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,

@@ -542,3 +542,20 @@ def test_a_2018_call_near_a_cut_off_names_the_other_side_as_2023_would():
         only_ultralow = Rule(name="u", version="1", guideline="breast", eligible_levels=("0+ (ultralow)",))
         d = check_eligibility(r, only_ultralow)
         assert d.status == "needs_review" and "at 0+ (ultralow) the answer would be eligible" in d.reasons[0], d.reasons
+
+
+def test_diffuse_cytoplasmic_dab_needs_review_only_where_no_membrane_staining_changes_the_answer():
+    """A call flagged cytoplasmic_dab (the stain fills the tumour cells' cytoplasm: the membranes read may
+    be cytoplasm) asks for review where 0 would change the answer, and says how dark the cytoplasm is."""
+    low = make_result(none=170, faint_partial=30)
+    flagged = replace(low, flags=(*low.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.12})
+    doubt = check_eligibility(flagged, "her2-low-breast")
+    assert doubt.status == "needs_review", doubt.reasons
+    assert doubt.reasons[0] == ("diffuse cytoplasmic DAB in the tumour cells (0.12 OD over the unstained level) may have "
+                                "been read as membrane staining: at 0 (null) the answer would be not eligible")
+    assert check_eligibility(flagged, "her2-positive-breast").status == "not_eligible"  # 1+ and 0 alike
+    assert check_eligibility(low, "her2-low-breast").status == "eligible"  # no flag, no doubt
+    gastric = make_result("gastric", none=150, weak_moderate_complete=50)
+    flagged = replace(gastric, flags=(*gastric.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.2})
+    assert "at 0 the answer would be not eligible" in check_eligibility(flagged, "gastric-toga").reasons[0]
+

@@ -228,3 +228,18 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_flagged_end_to_en
     decision = check_eligibility(r, "gastric-toga")
     assert decision.status == "needs_review" and "at 2+ the answer would be needs review" in decision.reasons[0]
 
+
+def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
+    """HER2 0 fields with a cytoplasmic blush (0.1 OD in every tumour cell) on real slides' border texture read
+    1+ (faint membranes from cytoplasm and borders); the unstained tumour cells' cytoplasm, darker than the
+    stroma's by the blush, flags it, and the HER2-low rule asks for review. A 2+ field with no blush is not flagged."""
+    from her2score.synthetic import Confounders
+    from her2score.tumour import DIFFUSE_CYTOPLASM_OD
+
+    blushed = Confounders(cytoplasmic_od=0.1, border_od=REAL_BORDERS.border_od)
+    r = _score(generate_field("0", seed=7100, confounders=blushed))
+    assert r.score == "1+" and "cytoplasmic_dab" in r.flags, (r.score, r.flags)
+    assert 0.08 < r.staining["diffuse_cytoplasm_od"] < 0.11 and "the membranes read may be cytoplasm" in r.reason
+    assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+    plain = _score(generate_field("2+", seed=7003))
+    assert "cytoplasmic_dab" not in plain.flags and plain.staining["diffuse_cytoplasm_od"] < DIFFUSE_CYTOPLASM_OD / 4

@@ -424,3 +424,26 @@ def test_a_faded_h_and_e_is_not_rescued_by_its_own_stain_vectors():
     with pytest.raises(NuclearStainError):
         analyse_slide(ArraySlide(faded, mpp=0.2271))  # SOURCE.md
 
+
+@needs_real
+def test_real_fields_whose_stain_fills_the_cytoplasm_are_flagged():
+    """A real Ki67 field auto-contrasted (PIL, 1% clip: its faint tan cytoplasm stretched) read 2+, and a real
+    H&E with its eosin put on the DAB channel read 1+, both from cytoplasm between cells with QC passed and
+    no doubt; their unstained tumour cells' cytoplasm lies 0.17 / 0.12 OD over the stroma's: flagged and
+    reviewed. The colon's membranous DAB is not flagged."""
+    from PIL import ImageOps
+    from skimage.color import hed2rgb, rgb2hed
+
+    from her2score.eligibility import check_eligibility
+
+    ki67 = Image.open(REAL / "nuclear-ihc" / "deepliif-ki67" / "images" / "799_2.png").convert("RGB")
+    stretched = np.asarray(ImageOps.autocontrast(ki67, cutoff=1, preserve_tone=True))
+    he = np.asarray(Image.open(REAL / "he" / "histolab-tcga" / "high-nuclei-score-level0.png").convert("RGB"))
+    hed = rgb2hed(he)
+    eosin_as_dab = (np.clip(hed2rgb(np.stack([hed[..., 0], np.zeros_like(hed[..., 0]), hed[..., 1]], -1)), 0, 1) * 255).round()
+    for rgb, mpp in ((stretched, 0.3), (eosin_as_dab.astype(np.uint8), 0.5)):
+        r = analyse_slide(ArraySlide(rgb, mpp=mpp)).result
+        assert "cytoplasmic_dab" in r.flags and r.staining["diffuse_cytoplasm_od"] > 0.1, (r.score, r.flags, r.staining)
+        assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+    colon = analyse(CASES["skimage-colon-ihc"]).result
+    assert "cytoplasmic_dab" not in colon.flags and colon.staining["diffuse_cytoplasm_od"] < 0.05
