@@ -372,7 +372,7 @@ def _evaluate(args) -> int:
     try:
         report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.weights,
                           guideline=args.guideline, specimen=args.specimen, mpp=args.mpp, bootstrap=args.bootstrap,
-                          seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule,
+                          seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
                           progress=None if args.quiet else _eval_progress)
     except ModelError as e:
         print(f"her2score: {e} (or evaluate with --no-cnn)", file=sys.stderr)
@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--border-od-max", type=float, default=0.0, metavar="OD",
                    help="unstained-border texture of the generated fields: peak OD drawn from 0 to this, "
                         "e.g. 0.03 (0: the generator's clean borders, as the shipped model)")
-    t.add_argument("--folder", help="folder with one sub-folder per class: 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
+    t.add_argument("--folder", help="folder with one sub-folder per class, named as evaluate's labels: 0, null, 0+ (or "
+                   "ultralow), 1+, 2+, 3+ (or 1plus...); null and ultralow train as 0")
     t.add_argument("--csv", help="CSV of path,label (paths relative to the CSV's folder)")
     t.add_argument("--out", required=True, help="folder for the weights and the training log")
     t.add_argument("--replace-shipped", action="store_true",
@@ -530,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     t.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for validation (0-1)")
     t.add_argument("--no-augment", action="store_true", help="no stain/flip augmentation")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 2 is faster on an idle one)")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 2 is faster on an idle one; the same weights "
+                        "to the bit need the same seed and threads)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--workers", type=int, default=1, help="processes generating synthetic fields")
     t.add_argument("--max-minutes", type=float,
@@ -544,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
     e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse "
                                    "where scored under the same --guideline and --specimen (and the same CNN, where it runs)")
+    e.add_argument("--reuse-by-name", action="store_true",
+                   help="with --reuse, also match a result by the image's file name where the image it names has moved "
+                        "(warned of in the report: nothing checks that it read the same pixels)")
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
     e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
     e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
@@ -575,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away ('| head'): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush writes nowhere
         return 141
+    except KeyboardInterrupt:  # Ctrl-C outside a batch (synth, train, evaluate): what was written whole stays
+        print(f"her2score {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

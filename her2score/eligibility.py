@@ -446,9 +446,10 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
-    ``ish``: "positive", "negative" or None (not done yet). See the module docstring for precedence.
+    ``ish``: "positive", "negative" (any case) or None (not done yet). See the module docstring for precedence.
     """
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
+    ish = ish.strip().lower() if isinstance(ish, str) else ish  # as evaluate reads its ish column: any case
     if ish not in (None, *ISH_RESULTS):
         raise ValueError(f"ish must be one of {list(ISH_RESULTS)} or None, got {ish!r}")
     doubts = []

@@ -53,6 +53,7 @@ import numpy as np
 
 from . import __version__
 from .categories import CATEGORIES
+from .labels import TRUTH_LEVELS, class_folder_files, parse_truth_label, read_csv_rows
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE
@@ -82,16 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("classical", "cnn", "fused")
-TRUTH_LEVELS: dict[str, tuple[str, str | None]] = {
-    "0": ("0", None),
-    "null": ("0", "0 (null)"), "0 (null)": ("0", "0 (null)"), "0null": ("0", "0 (null)"),
-    "0+": ("0", "0+ (ultralow)"), "ultralow": ("0", "0+ (ultralow)"), "0+ (ultralow)": ("0", "0+ (ultralow)"),
-    "0plus": ("0", "0+ (ultralow)"),
-    "1+": ("1+", "1+"), "1plus": ("1+", "1+"), "2+": ("2+", "2+"), "2plus": ("2+", "2+"),
-    "3+": ("3+", "3+"), "3plus": ("3+", "3+"),
-}
-"""Accepted label spellings (case-insensitive) -> (score, report level; None for a plain 0)."""
-
 KAPPA_MIN_N = 30
 """Below this many images the bootstrap interval of kappa is reported with a warning."""
 
@@ -113,17 +104,6 @@ class LabelledItem:
 
 
 # --------------------------------------------------------------------------------------- labels
-
-def parse_truth_label(value: str) -> tuple[str, str | None]:
-    """(score, report level) of a label: 0 / null / 0+ (ultralow) / 1+ / 2+ / 3+ (see TRUTH_LEVELS), in any case
-    and spacing ("3 +", "0+(ultralow)"), "ultra-low" for ultralow, and 1 / 2 / 3 for 1+ / 2+ / 3+ (as many
-    data sets write them)."""
-    key = "".join(str(value).lower().replace("ultra-low", "ultralow").split()).replace("(", " (")  # "3 +": "3+"
-    key = {"1": "1+", "2": "2+", "3": "3+"}.get(key, key)
-    if key not in TRUTH_LEVELS:
-        raise ValueError(f"unknown label {value!r}; use one of 0, null, 0+ (or ultralow), 1+, 2+, 3+")
-    return TRUTH_LEVELS[key]
-
 
 def _parse_bool(value: str, where: str) -> bool | None:
     v = value.strip().lower()
@@ -172,42 +152,17 @@ def _truth_counts(path: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def _csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
-    """The rows of a labels CSV as (line, {column: value}), column names stripped and read in any case (path,
-    label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written)."""
-    def column(name: str | None) -> str:
-        name = (name or "").strip()
-        return "eligible_" + name[len("eligible_"):] if name.lower().startswith("eligible_") else name.lower()
-
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        names = [column(c) for c in reader.fieldnames or []]
-        if not {"path", "label"} <= set(names):
-            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
-        if repeated := sorted({c for c in names if names.count(c) > 1}):
-            raise ValueError(f"{p}: the header names {repeated} more than once (column names are read in any case)")
-        reader.fieldnames = names
-        rows = []
-        for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
-            if None in r:
-                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
-            rows.append((reader.line_num, {k: (v or "").strip() for k, v in r.items()}))
-    return rows
-
-
 def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) -> list[LabelledItem]:
     """Labelled images from a CSV or a class-folder tree (see the module docstring)."""
-    from .train import class_folder_files
-
     p = Path(labels).absolute()  # images named absolutely: their results say which image they are (reuse)
     if p.is_dir():
         return [LabelledItem(str(f), score, {}, level=level) for f, (score, level)
-                in class_folder_files(p, parse_truth_label, "0, null, 0+ (or ultralow), 1+, 2+, 3+ (or 1plus...)")]
+                in class_folder_files(p, parse_truth_label)]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such labels file or folder")
     truth = _truth_counts(p.parent / "truth.jsonl")
     try:
-        rows = _csv_rows(p)
+        rows = read_csv_rows(p)
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the labels as UTF-8 CSV") from None
     except csv.Error as e:
@@ -443,11 +398,12 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
 
 # --------------------------------------------------------------------------------------- running
 
-def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
-    """result.json files under ``reuse`` keyed by the resolved slide path, and by file name where the
-    slide is no longer at that path (its folder moved) and no other result names a slide so. A result
-    naming its slide by a relative path is left out: relative to a folder this run cannot know, it
-    could name another image."""
+def _find_reusable(reuse: str | os.PathLike | None, *, by_name: bool = False) -> dict[str, Path]:
+    """result.json files under ``reuse`` keyed by the resolved slide path, and, with ``by_name``, by file
+    name where the slide is no longer at that path (its folder moved) and no other result names a slide
+    so: a result does not say which pixels it read, and another set's field of the same name (synth names
+    every set's fields alike) would be taken for it. A result naming its slide by a relative path is left
+    out: relative to a folder this run cannot know, it could name another image."""
     if not reuse:
         return {}
     root = Path(reuse)
@@ -463,7 +419,7 @@ def _find_reusable(reuse: str | os.PathLike | None) -> dict[str, Path]:
         if not isinstance(slide, str) or not Path(slide).is_absolute():
             continue
         by_key[str(resolved_path(slide))] = f
-        if not Path(slide).exists():
+        if by_name and not Path(slide).exists():
             names.setdefault(Path(slide).name, []).append(f)
     for name, fs in names.items():
         if len(fs) == 1:
@@ -494,21 +450,24 @@ def _changed_since(image: str, result_file: Path) -> bool:
 
 
 def _training_field_seeds(record, labels: str | os.PathLike, images: Sequence[str]) -> int:
-    """How many of ``images`` a generator's truth.jsonl (beside ``labels``) says were drawn from a field seed
-    the CNN's training fields were drawn from (train.synthetic_images: SeedSequence(seed) over the fields the
-    weights record's training data names); 0 where either side does not say."""
+    """How many of ``images`` a generator's truth.jsonl (beside ``labels``) says were drawn with the score and
+    field seed of one of the CNN's training fields (train.synthetic_images: SeedSequence(seed) over the fields
+    the weights record's training data names, the first quarter 0, then 1+, 2+, 3+): the same cells, stained
+    alike (another score from the same seed is another image); 0 where either side does not say."""
     found = re.search(r"(\d+) synthetic fields \(.*SeedSequence\((\d+)\)", str(record.training.get("data", "")))
     truth = Path(labels).absolute()
     truth = (truth if truth.is_dir() else truth.parent) / "truth.jsonl"
     if not found or not truth.is_file():
         return 0
-    trained = set(np.random.SeedSequence(int(found[2])).generate_state(int(found[1])).tolist())
+    n = int(found[1])
+    seeds = np.random.SeedSequence(int(found[2])).generate_state(n).tolist()
+    trained = {(SCORES[k * len(SCORES) // n], seed) for k, seed in enumerate(seeds)}
     wanted = {str(resolved_path(p)) for p in images}
     shared = 0
     for line in truth.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-            if row.get("seed") in trained and str(resolved_path(truth.parent / row["path"])) in wanted:
+            if (row.get("score"), row.get("seed")) in trained and str(resolved_path(truth.parent / row["path"])) in wanted:
                 shared += 1
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
@@ -651,13 +610,15 @@ def _truth_percent(counts: Mapping[str, int]) -> dict[str, float]:
 def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | os.PathLike | None = None,
              use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
              mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
-             eligible_rule: str | None = None,
+             eligible_rule: str | None = None, reuse_by_name: bool = False,
              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
     ``use_cnn`` is False). ``rules``: eligibility rules, by name, rule file or Rule (default: all shipped rules).
-    ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters).
+    ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters). ``reuse_by_name``: also
+    reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of:
+    a result does not say which pixels it read).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .eligibility import Rule, available_rules, check_eligibility, guideline_suits, load_rule
@@ -683,16 +644,19 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     out = Path(out)  # made once the settings are known to be good: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
     same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}
-    reusable = {key: f for key, f in _find_reusable(reuse).items()  # by file name only where that names one image
+    reusable = {key: f for key, f in _find_reusable(reuse, by_name=reuse_by_name).items()  # by file name only where that names one image
                 if not (key.startswith("name:") and key[len("name:"):] in same_name)}
     folders = _result_folders([item.path for item in items], root)
 
     rows: list[dict[str, Any]] = []
     results: list[SlideResult | None] = []
+    by_name: list[str] = []  # images whose reused result was matched by file name alone
     for n_done, item in enumerate(items, start=1):
         row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
         try:
             result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
+            if reused_from and str(resolved_path(result.slide)) != str(resolved_path(item.path)):
+                by_name.append(item.path)
             d = out / "results" / folders[n_done - 1]
             d.mkdir(parents=True, exist_ok=True)
             atomic_write(d / "result.json", result.to_json())
@@ -779,9 +743,13 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
     if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
         metrics["warnings"].append(
-            f"cnn: {shared} of the {len(ok)} images were generated from the seeds of the CNN's own training fields "
+            f"cnn: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training fields "
             f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
             "fields with another --seed")
+    if by_name:
+        metrics["warnings"].append(
+            f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "
+            f"{by_name[0]}): its image has moved, and nothing checks that it read these pixels")
     for w in metrics["warnings"]:
         log.warning("%s", w)
     # headline figures: the reported (fused when a CNN ran, else classical) score
@@ -943,6 +911,8 @@ def _report(metrics: dict, summary: str) -> str:
            f"resamples, seed {metrics['bootstrap_seed']}).", ""]
     if metrics["warnings"]:
         out += ["**Warnings:**", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
+    if not methods:
+        return "\n".join([*out, "No image was scored, so there is nothing to measure: `per_image.csv`'s error column says why.", ""])
     out += ["## Agreement with the labels", "",
             "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
     for m in methods:

@@ -389,8 +389,8 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
     if meta_mpp:
         raise SlideError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
-                               "scan's; pass --mpp (e.g. --mpp 0.5)")
-    raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)")
+                               "scan's; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
+    raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
 
 
 _OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "dm": 1e5,

@@ -12,6 +12,7 @@ here reads the scorer's thresholds or measurements (it borrows one run-length he
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from .categories import CATEGORIES
+from .files import atomic_file, atomic_write
 from .membrane import longest_circular_run
 from .stain import EOSIN_OD, H_DAB, StainSet
 
@@ -630,20 +632,26 @@ def write_pyramidal_tiff(path, rgb: np.ndarray, *, mpp: float, tile: int = 256, 
     return path
 
 
-def _save_png(path: Path, rgb: np.ndarray, mpp: float) -> None:
+def _save_image(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    """``rgb`` as a PNG (lossless) or JPEG (quality 88) by ``path``'s suffix, with its µm/px as dpi, written whole or not at all."""
     dpi = 25400.0 / mpp  # PIL writes pHYs in px/m
-    Image.fromarray(rgb).save(path, dpi=(dpi, dpi), optimize=False, compress_level=9)
+    options = dict(format="PNG", optimize=False, compress_level=9) if path.suffix == ".png" else dict(format="JPEG", quality=88)
+    with atomic_file(path) as fh:
+        Image.fromarray(rgb).save(fh, dpi=(dpi, dpi), **options)
 
 
 def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, int] = (512, 512),
                   mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png", real_borders: bool = False) -> Path:
     """Write ``n_per_class`` fields per score plus labels.csv (path,label,level: the score and its
     report level, null and ultralow told apart) and truth.jsonl; ``real_borders``: every field with
-    REAL_BORDERS."""
+    REAL_BORDERS. Each file is written whole or not at all; an earlier set's labels are removed first and
+    the new labels.csv written last, so a run stopped half-way leaves no labels describing other images."""
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
+        (out / name).unlink(missing_ok=True)
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(SCORES))
     rows, truth = [], []
     for j, score in enumerate(SCORES):
@@ -653,18 +661,15 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
                                jpeg_quality=None if fmt == "jpg" else 88,
                                confounders=REAL_BORDERS if real_borders else Confounders())
             rel = f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}"
-            if fmt == "png":
-                _save_png(out / rel, f.image, mpp)
-            else:
-                Image.fromarray(f.image).save(out / rel, quality=88, dpi=(25400 / mpp, 25400 / mpp))
+            _save_image(out / rel, f.image, mpp)
             rows.append((rel, score, {"null": "0 (null)", "ultralow": "0+ (ultralow)"}.get(f.variant, score)))
             truth.append({"path": rel, **f.to_truth_dict()})
-    with open(out / "labels.csv", "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["path", "label", "level"])  # label: the score (0-3+); level: the five-level report
-        wr.writerows(rows)
-    with open(out / "truth.jsonl", "w") as fh:
-        fh.writelines(json.dumps(t) + "\n" for t in truth)
+    atomic_write(out / "truth.jsonl", "".join(json.dumps(t) + "\n" for t in truth))
+    text = io.StringIO(newline="")
+    wr = csv.writer(text)
+    wr.writerow(["path", "label", "level"])  # label: the score (0-3+); level: the five-level report
+    wr.writerows(rows)
+    atomic_write(out / "labels.csv", text.getvalue())  # last: a set with labels is whole
     return out
 
 
@@ -680,7 +685,7 @@ def write_samples(out_dir) -> Path:
     truth = {}
     for k, (score, variant, name) in enumerate(specs):
         f = generate_field(score, seed=1000 + k, variant=variant)
-        _save_png(out / f"{name}.png", f.image, f.mpp)
+        _save_image(out / f"{name}.png", f.image, f.mpp)
         truth[f"{name}.png"] = f.to_truth_dict()
     rgb, t = make_slide("2+", seed=2024, size_px=(2400, 1600), mpp=0.25, tissue_fraction=0.45)
     write_pyramidal_tiff(out / "slide_2plus.tif", rgb, mpp=0.25, quality=80)

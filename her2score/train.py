@@ -41,12 +41,11 @@ import numpy as np
 
 from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model, weights_path
 from .files import atomic_write
+from .labels import class_folder_files, parse_score, read_csv_rows
 from .stain import H_DAB, estimate_background, optical_density
 from .workers import die_with_parent, result_of, worker_pool
 
 __all__ = [
-    "LABEL_ALIASES",
-    "parse_label",
     "LabelledImage",
     "TrainConfig",
     "TrainResult",
@@ -58,22 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABEL_ALIASES: dict[str, str] = {
-    "0": "0", "1+": "1+", "2+": "2+", "3+": "3+",
-    "1plus": "1+", "2plus": "2+", "3plus": "3+",
-}
-"""Accepted spellings of the four scores (case-insensitive; folder names and CSV labels)."""
-
 MAX_IMAGE_PX = 8192 * 8192
 """Largest training image (at the model's µm/px); larger slides should be cut into labelled fields."""
-
-
-def parse_label(value: str) -> str:
-    """A score "0", "1+", "2+" or "3+" from a label string (also "1plus"...); ValueError otherwise."""
-    key = str(value).strip().lower()
-    if key not in LABEL_ALIASES:
-        raise ValueError(f"unknown label {value!r}; use one of 0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)")
-    return LABEL_ALIASES[key]
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,26 +124,6 @@ def _load(path: Path, label: str, mpp: float | None, target_mpp: float) -> Label
     return LabelledImage(rgb, label, str(path), estimate_background(rgb))
 
 
-def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = parse_label,
-                       names: str = "0, 1+, 2+, 3+ (or 1plus, 2plus, 3plus)") -> list[tuple[Path, Any]]:
-    """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
-    folder names ``parse`` takes); other sub-folders are skipped with a warning. ValueError when there is no image."""
-    from .slide import SLIDE_SUFFIXES
-
-    root = Path(root)
-    out = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            label = parse(sub.name)
-        except ValueError:
-            log.warning("%s: not a class folder (%s); skipped", sub, names)
-            continue
-        out += [(f, label) for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)]
-    if not out:
-        raise ValueError(f"{root}: no images in class sub-folders named {names}")
-    return out
-
-
 def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
     """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``."""
     if not Path(root).is_dir():
@@ -167,25 +132,21 @@ def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_m
 
 
 def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a ``path,label[,...]`` CSV with ``path`` resolved against the CSV's folder and
-    ``label`` parsed; ValueError naming the file and line on a bad row."""
+    """Rows of a ``path,label[,...]`` CSV (labels.read_csv_rows: column names in any case) with ``path``
+    resolved against the CSV's folder and ``label`` its score (labels.parse_score: null and ultralow are 0);
+    ValueError naming the file and line on a bad row."""
     path = Path(path)
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
-            raise ValueError(f"{path}: needs a header with columns 'path' and 'label'")
-        for i, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            if not row.get("path"):
-                continue
-            try:
-                row["label"] = parse_label(row["label"])
-            except ValueError as e:
-                raise ValueError(f"{path}, line {i}: {e}") from None
-            p = Path(row["path"])
-            row["path"] = str(p if p.is_absolute() else path.parent / p)
-            rows.append(row)
+    for line, row in read_csv_rows(path):
+        if not row.get("path"):
+            continue
+        try:
+            row["label"] = parse_score(row["label"])
+        except ValueError as e:
+            raise ValueError(f"{path}, line {line}: {e}") from None
+        p = Path(row["path"])
+        row["path"] = str(p if p.is_absolute() else path.parent / p)
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no labelled rows")
     return rows
@@ -399,13 +360,16 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             raise ValueError(f"{im.source}: given twice (images {seen[key] + 1} and {i + 1}): an image in both the "
                              "training and the validation split would measure validation on training data")
         seen[key] = i
-    labels = np.array([CLASSES.index(parse_label(im.label)) for im in images])
+    labels = np.array([CLASSES.index(parse_score(im.label)) for im in images])
     cands = [_candidate_positions(im, cfg.patch_px, cfg.min_tissue_fraction) for im in images]
     usable = np.array([len(c) > 0 for c in cands])
     if not usable.any():
         raise ValueError(f"no image holds a {cfg.patch_px}x{cfg.patch_px} px patch with enough tissue")
     if (~usable).any():
         log.warning("%d image(s) hold no tissue patch and are left out", int((~usable).sum()))
+    if missing := [c for i, c in enumerate(CLASSES) if not (usable & (labels == i)).any()]:
+        raise ValueError(f"no usable image of class {', '.join(missing)}: a model trained without a class never "
+                         f"predicts it; give images of every class ({', '.join(CLASSES)})")
 
     rng = np.random.default_rng(cfg.seed)
     split_labels = np.where(usable, labels, -1)

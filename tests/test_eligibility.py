@@ -559,3 +559,9 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_no_membrane_staining_ch
     flagged = replace(gastric, flags=(*gastric.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.2})
     assert "at 0 the answer would be not eligible" in check_eligibility(flagged, "gastric-toga").reasons[0]
 
+
+def test_an_ish_result_is_read_in_any_case_as_evaluate_reads_it():
+    r = make_result(none=80, weak_moderate_complete=20)
+    assert check_eligibility(r, "her2-low-breast", ish=" Negative").status == check_eligibility(r, "her2-low-breast", ish="negative").status == "eligible"
+    with pytest.raises(ValueError, match="ish must be one of"):
+        check_eligibility(r, "her2-low-breast", ish="equivocal")

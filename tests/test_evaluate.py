@@ -372,8 +372,11 @@ def test_null_vs_ultralow_counts_unscored_images_and_is_left_out_where_the_guide
                          tumour_cells=0, counts={c: 0 for c in r.counts}, h_score=None).to_json())
     t = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)["methods"]["classical"]["null_vs_ultralow"]
     assert t["n"] == 4 and t["matrix"][0] == [0, 1, 0, 0, 0, 0, 1] and t["agreement"] == 0.25
-    m = evaluate(labels, tmp_path / "out2018", guideline="breast-asco-cap-2018", use_cnn=False, bootstrap=0)
-    assert all(mm["null_vs_ultralow"] is None for mm in m["methods"].values())
+    for f in prev.rglob("result.json"):  # the same results as scored under 2018
+        r = SlideResult.from_dict(json.loads(f.read_text()))
+        f.write_text(replace(r, guideline="breast-asco-cap-2018", config={**r.config, "guideline": "breast-asco-cap-2018"}).to_json())
+    m = evaluate(labels, tmp_path / "out2018", guideline="breast-asco-cap-2018", reuse=prev, use_cnn=False, bootstrap=0)
+    assert m["n"] and all(mm["null_vs_ultralow"] is None for mm in m["methods"].values())
     assert "calls a plain 0 (only ASCO/CAP 2023 tells null from ultralow): no table" in (tmp_path / "out2018" / "report.md").read_text()
 
 
@@ -700,13 +703,14 @@ def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_i
     item = LabelledItem(str(img), "1+", {})
     prev = tmp_path / "prev"
 
-    def reusable_with(result):
+    def reusable_with(result, by_name=True):
         (prev / "f").mkdir(parents=True, exist_ok=True)
         (prev / "f" / "result.json").write_text(result.to_json())
-        return _find_reusable(prev)
+        return _find_reusable(prev, by_name=by_name)
 
     moved = reusable_with(_result(tmp_path / "gone" / "f.png", "1+"))  # its image is no longer there: matched by name
     assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=moved)[0].score == "1+"
+    assert "name:f.png" not in reusable_with(_result(tmp_path / "gone" / "f.png", "1+"), by_name=False)  # only when asked
     other = tmp_path / "other" / "f.png"
     other.parent.mkdir()
     other.write_bytes(b"")
@@ -836,7 +840,8 @@ def test_a_refused_evaluation_leaves_no_output_folder(tmp_path):
 
 def test_held_out_fields_drawn_from_the_cnns_training_seeds_are_counted(tmp_path):
     """synth and train draw fields from SeedSequence(seed): with one seed for both, evaluation would run on the
-    CNN's training fields. The count comes from the generator's truth.jsonl and the weights record."""
+    CNN's training fields, those drawn with the same seed and score. The count comes from the generator's
+    truth.jsonl and the weights record."""
     from her2score.evaluate import _training_field_seeds
 
     ds = write_dataset(tmp_path / "ds", n_per_class=2, seed=5, size_px=(96, 96))
@@ -850,6 +855,9 @@ def test_held_out_fields_drawn_from_the_cnns_training_seeds_are_counted(tmp_path
     assert _training_field_seeds(same, ds / "labels.csv", images[:3]) == 3
     other = record("8 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(6), stain_jitter 0)")
     assert _training_field_seeds(other, ds / "labels.csv", images) == 0
+    # 600 training fields, 150 a class: the seeds of synth's 1+, 2+ and 3+ fields drew training 0 fields, other images
+    shipped_like = record("600 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(5), stain_jitter 0)")
+    assert _training_field_seeds(shipped_like, ds / "labels.csv", images) == 2
     assert _training_field_seeds(record("class folders under x"), ds / "labels.csv", images) == 0
 
 
@@ -867,3 +875,28 @@ def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
     called[0], called[15] = "1+", "2+"  # two errors: the resamples differ
     m = _method_metrics(truth, called, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
     assert m["kappa_interval_reliable"] is True and m["kappa_interval_note"] is None
+
+
+def test_another_sets_field_of_the_same_name_is_reused_only_when_asked_and_then_warned_of(tmp_path):
+    """synth names every set's fields alike: set B evaluated with --reuse of set A's results (A's folder
+    since moved) took A's results for B's images, silently. By name only with reuse_by_name, and warned of."""
+    a = write_dataset(tmp_path / "a", n_per_class=1, seed=31, size_px=(160, 160))
+    b = write_dataset(tmp_path / "b", n_per_class=1, seed=32, size_px=(160, 160))  # written before A's results
+    evaluate(a / "labels.csv", tmp_path / "ev_a", use_cnn=False, bootstrap=0)
+    a.rename(tmp_path / "a_moved")
+    plain = evaluate(b / "labels.csv", tmp_path / "ev_b", reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0)
+    assert all(r["reused"] == "False" for r in csv.DictReader(open(tmp_path / "ev_b" / "per_image.csv")))
+    assert not any("file name alone" in w for w in plain["warnings"])
+    named = evaluate(b / "labels.csv", tmp_path / "ev_b2", reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0, reuse_by_name=True)
+    rows = list(csv.DictReader(open(tmp_path / "ev_b2" / "per_image.csv")))
+    taken = sum(r["reused"] == "True" for r in rows)
+    assert taken and any(w.startswith(f"{taken} of the 4 images took a result matched by file name alone") for w in named["warnings"])
+    assert "file name alone" in (tmp_path / "ev_b2" / "report.md").read_text()
+
+
+def test_a_run_where_no_image_scores_reports_that_plainly(tmp_path):
+    (tmp_path / "l.csv").write_text("path,label\nmissing1.png,0\nmissing2.png,1+\n")
+    m = evaluate(tmp_path / "l.csv", tmp_path / "out", use_cnn=False, bootstrap=0)
+    assert (m["n"], m["errors"], m["methods"]) == (0, 2, {})
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No image was scored" in report and "| class |" not in report

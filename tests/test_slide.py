@@ -219,7 +219,7 @@ def test_mpp_fallback_only_without_metadata(tmp_path, slide_rgb, suffix):
     {".png": save_png, ".jpg": save_jpeg, ".tif": save_tiff}[suffix](path, rgb, mpp=None)
     with pytest.raises(SlideError) as e:
         open_slide(path)
-    assert str(e.value) == f"{path}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5)"
+    assert str(e.value) == f"{path}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)"
     assert e.value.path == str(path)
     with open_slide(path, mpp=0.4) as s:
         assert s.mpp == 0.4 and s.mpp_source == "user"

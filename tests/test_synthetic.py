@@ -160,3 +160,27 @@ def test_real_borders_add_dab_along_cell_borders_and_leave_the_truth():
     inside = ~near & (lm >= 0)
     inside[:3], inside[-3:], inside[:, :3], inside[:, -3:] = False, False, False, False  # borders with cells past the edge
     assert extra[near].mean() > 0.005 and extra[inside].max() < 0.005, (extra[near].mean(), extra[inside].max())
+
+
+def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_path, monkeypatch):
+    """synth over an earlier set, stopped after two fields: the earlier labels (which would now describe
+    images written over) are gone, every image left is whole, and no temporary file remains."""
+    from her2score import synthetic
+
+    out = synthetic.write_dataset(tmp_path / "ds", n_per_class=1, seed=3, size_px=(96, 96))
+    assert (out / "labels.csv").exists() and (out / "truth.jsonl").exists()
+    made, real = [], synthetic.generate_field
+
+    def stopped_after_two(*args, **kwargs):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_field", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))
+    assert not (out / "labels.csv").exists() and not (out / "truth.jsonl").exists()
+    for image in (out / "images").iterdir():
+        assert not image.name.startswith("."), image
+        Image.open(image).load()  # whole

@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 
 from her2score.cli import main  # noqa: E402
 from her2score.cnn import load_model  # noqa: E402
+from her2score.labels import parse_score  # noqa: E402
 from her2score.stain import H_DAB  # noqa: E402
 from her2score.synthetic import write_dataset  # noqa: E402
 from her2score.train import (  # noqa: E402
@@ -16,7 +17,6 @@ from her2score.train import (  # noqa: E402
     _Renderer,
     csv_images,
     folder_images,
-    parse_label,
     synthetic_images,
     train,
 )
@@ -41,10 +41,12 @@ def trained(fields, tmp_path_factory):
     return res, out, rows
 
 
-def test_parse_label_aliases():
-    assert [parse_label(x) for x in ("0", "1+", "2PLUS", " 3plus ")] == ["0", "1+", "2+", "3+"]
+def test_training_reads_labels_as_evaluation_does():
+    """One parser for both commands: the five-level labels train as their score (null and ultralow as 0)."""
+    assert [parse_score(x) for x in ("0", "1+", "2PLUS", " 3plus ", "null", "0+ (ultralow)", "Ultra-low", "3 +", "2")] == \
+        ["0", "1+", "2+", "3+", "0", "0", "0", "3+", "2+"]
     with pytest.raises(ValueError, match="unknown label"):
-        parse_label("4+")
+        parse_score("4+")
 
 
 def test_training_loss_falls_and_log_is_written(trained):
@@ -115,16 +117,33 @@ def test_folder_and_csv_sources(tmp_path):
     (root / "notaclass").mkdir()
     got = folder_images(root)
     assert sorted(i.label for i in got) == ["0", "1+", "2+", "3+"]
+    (root / "0").rename(root / "null")  # evaluate's five-level folder names train too
+    (root / "0+").mkdir()
+    (root / "0+" / "b.png").write_bytes((root / "null" / "a.png").read_bytes())
+    assert sorted(i.label for i in folder_images(root)) == ["0", "0", "1+", "2+", "3+"]
+    excel = tmp_path / "excel.csv"  # a spreadsheet's export: any case, five-level labels, empty unnamed columns
+    excel.write_text("Path,Label,,\n" + "".join(f"{ds / r['path']},{'null' if r['label'] == '0' else r['label']},,\n"
+                                                 for r in rows))
+    assert [i.label for i in csv_images(excel)] == [r["label"] for r in rows]
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\nimages/x.png,5+\n")
     with pytest.raises(ValueError, match="bad.csv, line 2"):
         csv_images(bad)
+    bad.write_text("path,label,\nimages/x.png,1+,oops\n")
+    with pytest.raises(ValueError, match="line 2: 'oops' lies in a column without a name"):
+        csv_images(bad)
 
 
-def test_train_needs_two_images_of_a_class():
-    one = [LabelledImage(np.full((64, 64, 3), 120, np.uint8), "1+", "x")]
+def test_train_needs_two_images_of_a_class(fields):
+    one = list({im.label: im for im in fields}.values())  # one image of each class
     with pytest.raises(ValueError, match="at least two"):
         train(one, config=TrainConfig(**TINY))
+
+
+def test_train_refuses_a_class_without_images(fields):
+    """A model trained without a class never predicts it: refused, naming the class (it trained, with a warning)."""
+    with pytest.raises(ValueError, match=r"no usable image of class 0: a model trained without a class never predicts it"):
+        train([im for im in fields if im.label != "0"], config=TrainConfig(**TINY))
 
 
 def test_cli_train_requires_a_source(capsys, tmp_path):

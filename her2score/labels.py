@@ -1,0 +1,89 @@
+"""Labels of HER2 scores as data sets write them, in labels CSVs and class-folder names: one reading for
+training and evaluation alike."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TRUTH_LEVELS", "FOLDER_NAMES", "parse_truth_label", "parse_score", "read_csv_rows", "class_folder_files"]
+
+log = logging.getLogger(__name__)
+
+TRUTH_LEVELS: dict[str, tuple[str, str | None]] = {
+    "0": ("0", None),
+    "null": ("0", "0 (null)"), "0 (null)": ("0", "0 (null)"), "0null": ("0", "0 (null)"),
+    "0+": ("0", "0+ (ultralow)"), "ultralow": ("0", "0+ (ultralow)"), "0+ (ultralow)": ("0", "0+ (ultralow)"),
+    "0plus": ("0", "0+ (ultralow)"),
+    "1+": ("1+", "1+"), "1plus": ("1+", "1+"), "2+": ("2+", "2+"), "2plus": ("2+", "2+"),
+    "3+": ("3+", "3+"), "3plus": ("3+", "3+"),
+}
+"""Accepted label spellings (case-insensitive) -> (score, report level; None for a plain 0)."""
+
+FOLDER_NAMES = "0, null, 0+ (or ultralow), 1+, 2+, 3+ (or 1plus...)"
+"""The class-folder names class_folder_files takes by default, in words."""
+
+
+def parse_truth_label(value: str) -> tuple[str, str | None]:
+    """(score, report level) of a label: 0 / null / 0+ (ultralow) / 1+ / 2+ / 3+ (see TRUTH_LEVELS), in any case
+    and spacing ("3 +", "0+(ultralow)"), "ultra-low" for ultralow, and 1 / 2 / 3 for 1+ / 2+ / 3+ (as many
+    data sets write them)."""
+    key = "".join(str(value).lower().replace("ultra-low", "ultralow").split()).replace("(", " (")  # "3 +": "3+"
+    key = {"1": "1+", "2": "2+", "3": "3+"}.get(key, key)
+    if key not in TRUTH_LEVELS:
+        raise ValueError(f"unknown label {value!r}; use one of 0, null, 0+ (or ultralow), 1+, 2+, 3+")
+    return TRUTH_LEVELS[key]
+
+
+def parse_score(value: str) -> str:
+    """The score ("0", "1+", "2+", "3+") of a label (parse_truth_label: null and ultralow are 0); ValueError otherwise."""
+    return parse_truth_label(value)[0]
+
+
+def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a labels CSV as (line, {column: value}), column names stripped and read in any case (path,
+    label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written). Columns
+    without a name (the empty ones a spreadsheet's export adds) are left out; a value in one is an error."""
+    def column(name: str | None) -> str:
+        name = (name or "").strip()
+        return "eligible_" + name[len("eligible_"):] if name.lower().startswith("eligible_") else name.lower()
+
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        names = [column(c) for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(names):
+            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
+        if repeated := sorted({c for c in names if c and names.count(c) > 1}):
+            raise ValueError(f"{p}: the header names {repeated} more than once (column names are read in any case)")
+        reader.fieldnames = [c or f"\0{i}" for i, c in enumerate(names)]  # unnamed columns apart, each its own key
+        rows = []
+        for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
+            if None in r:
+                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
+            if unnamed := [v for k, v in r.items() if k.startswith("\0") and (v or "").strip()]:
+                raise ValueError(f"{p}, line {reader.line_num}: {unnamed[0]!r} lies in a column without a name in the header")
+            rows.append((reader.line_num, {k: (v or "").strip() for k, v in r.items() if not k.startswith("\0")}))
+    return rows
+
+
+def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = parse_score,
+                       names: str = FOLDER_NAMES) -> list[tuple[Path, Any]]:
+    """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
+    folder names ``parse`` takes); other sub-folders are skipped with a warning. ValueError when there is no image."""
+    from .slide import SLIDE_SUFFIXES
+
+    root = Path(root)
+    out = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            label = parse(sub.name)
+        except ValueError:
+            log.warning("%s: not a class folder (%s); skipped", sub, names)
+            continue
+        out += [(f, label) for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)]
+    if not out:
+        raise ValueError(f"{root}: no images in class sub-folders named {names}")
+    return out
