@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .slide import NotHerIhcError, Slide
-from .stain import H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
+from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
 from .tissue import pen_ink
 
 __all__ = [
@@ -128,8 +128,11 @@ def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int 
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
     """Fraction of dark neutral pixels (brightest channel below ``max_intensity``, channels within ``max_chroma``)
-    among those that are not pure black fill (black_fill); 0 for an image of fill alone."""
+    among those that are not pure black fill (black_fill) in an image that has glass (GLASS_MIN_PIXELS at
+    GLASS_MIN or more in every channel: a negative's glass is pure black, and it has none); 0 for fill alone."""
     fill = black_fill(rgb)
+    if np.count_nonzero(per_channel(np.minimum, rgb) >= GLASS_MIN) < GLASS_MIN_PIXELS:
+        fill[:] = False
     rest = fill.size - np.count_nonzero(fill)
     return float(np.count_nonzero(_dark(rgb, max_intensity, max_chroma) & ~fill) / rest) if rest else 0.0
 

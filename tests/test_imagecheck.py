@@ -279,3 +279,18 @@ def test_a_contrast_stretched_image_is_refused_as_clipped_not_as_the_wrong_scale
     assert check_image(np.asarray(ImageOps.autocontrast(Image.fromarray(colon), cutoff=0.5, preserve_tone=True)), mpp=0.5).accepted
     assert clipped_fraction(np.pad(colon, ((100, 100), (100, 100), (0, 0)))) == clipped_fraction(colon) < 1e-4  # 9 pixels
     assert clipped_fraction(_restained(colon, 3.0)) < MAX_CLIPPED_FRACTION / 5  # over-stained is not clipped
+
+
+def test_a_negative_whose_glass_is_pure_black_is_no_black_fill():
+    """The real colon over-exposed (its glass saturated to 255, tissue under it) then inverted, as a viewer
+    shows a negative: its glass is pure black, which was left out as fill; the rest read 7.7% dark, under the
+    8% bound, and with red and blue swapped it scored 3+. Fill is only fill beside glass: refused as dark."""
+    colon = photo("immunohistochemistry").astype(np.float32)
+    exposed = np.clip(colon * 1.35 + 0.5, 0, 255).astype(np.uint8)
+    glass = exposed.min(axis=2) == 255
+    exposed = np.minimum(exposed, 254)
+    exposed[glass] = 255
+    negative = 255 - exposed
+    for rgb in (negative, np.ascontiguousarray(negative[..., ::-1])):
+        c = check_image(rgb, mpp=0.5)
+        assert c.code == "dark_background" and c.dark_fraction > 0.3, c

@@ -447,3 +447,9 @@ def test_real_fields_whose_stain_fills_the_cytoplasm_are_flagged():
         assert check_eligibility(r, "her2-low-breast").status == "needs_review"
     colon = analyse(CASES["skimage-colon-ihc"]).result
     assert "cytoplasmic_dab" not in colon.flags and colon.staining["diffuse_cytoplasm_od"] < 0.05
+    # darker renderings of the colon lift its unstained cells' cytoplasm over the bound (0.07-0.14), but its
+    # membranes stand out further: still a plain 3+
+    rgb = _as_array(CASES["skimage-colon-ihc"])().astype(np.float32)
+    for darker in (255 * (rgb / 255) ** 1.8, rgb * 0.8):
+        r = analyse_slide(ArraySlide(np.round(darker).astype(np.uint8), mpp=0.5)).result
+        assert r.score == "3+" and "cytoplasmic_dab" not in r.flags, (r.flags, r.staining)
