@@ -43,6 +43,7 @@ from typing import Any
 
 from her2score.categories import CATEGORIES
 from her2score.guidelines import (
+    FALSE_MEMBRANE_PERCENT,
     GUIDELINE_FAMILY,
     GUIDELINES,
     ISOLATED_INTENSE_PERCENT,
@@ -340,7 +341,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline, specimen=result.specimen,
                               clusters=result.clusters, gastric_reading=reading,
                               isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
-                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS))
+                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
+                              false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
     named_by = _levels_guideline(result)
     for other_score, pct in sides:
         level = report_level(other_score, named_by, result.counts, across_cutoff=True)
@@ -439,8 +441,10 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
     level = "0 (null)" if _levels_guideline(result) == "breast-asco-cap-2023" else "0"
     if (other := _other_answer(result, rule, ish, status, "0", level)) is None:
         return None
-    return (f"diffuse cytoplasmic DAB in the tumour cells ({result.staining.get('diffuse_cytoplasm_od', 0):.2f} OD over "
-            f"the unstained level) may have been read as membrane staining: at {level} the answer would be {other}")
+    od = result.staining.get("diffuse_cytoplasm_od")
+    amount = f" ({od:.2f} OD over the stroma)" if isinstance(od, (int, float)) else ""
+    return (f"diffuse cytoplasmic DAB in the tumour cells{amount} may have been read as membrane staining: "
+            f"at {level} the answer would be {other}")
 
 
 def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:

@@ -54,6 +54,7 @@ import numpy as np
 from . import __version__
 from .categories import CATEGORIES
 from .labels import TRUTH_LEVELS, class_folder_files, parse_truth_label, read_csv_rows
+from .tumour import with_cytoplasm_doubt
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci, with_null_doubt
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE
@@ -330,8 +331,9 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
 
     classical and cnn stand alone (no CNN report, so no disagreement doubt): classical keeps the
     guideline call's own flags (``classical_flags``); cnn carries the flags its level gives by
-    itself, as the pipeline gives a fused level (level_flags, and ``null_or_ultralow`` where false
-    membranes alone could make an ultralow). fused is the result as the tool reports it.
+    itself, as the pipeline gives a fused level (level_flags, ``null_or_ultralow`` where false membranes
+    alone could make an ultralow, ``cytoplasmic_dab`` where the slide's staining says so). fused is the
+    result as the tool reports it.
     """
     if method == "classical":
         s = result.classical_score
@@ -344,6 +346,8 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
         level = _level_for(result, s)
         flags, _ = with_null_doubt(level_flags(level, result.guideline), result.counts, level,
                                    percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+        flags, _ = with_cytoplasm_doubt(flags, s, level, result.staining.get("diffuse_cytoplasm_od"),
+                                        result.staining.get("membrane_contrast_od"), guideline=result.guideline)
         return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":
         return result

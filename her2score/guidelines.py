@@ -291,7 +291,7 @@ def _down_sides(c: dict[str, int], score: str, groups: list[tuple[str, ...]], gu
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
                       specimen: str = "resection", clusters: Mapping[str, int] | None = None,
                       gastric_reading: str = "cumulative", isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT,
-                      points: float = NEAR_CUTOFF_POINTS,
+                      points: float = NEAR_CUTOFF_POINTS, false_membrane_percent: float = 0.0,
                       confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
     """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
     the side nearer the 10% cut-off first; [] for a call sure of its side. The settings are apply_guideline's.
@@ -303,6 +303,9 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     weak-to-moderate complete cells alone falls to 0, or to 1+ if they read faint); not for
     a call that holds whatever its share: a gastric biopsy call its cohesive cluster of >= 5 cells
     holds (``clusters``, read for biopsies only), a breast 2+ that intense complete cells in <=10% make 2+.
+    A 1+ is near its cut-off down to 0 within ``false_membrane_percent`` too, where that is wider than
+    ``points``: real unstained membranes read stained in up to that share of cells (FALSE_MEMBRANE_PERCENT),
+    so a 1+ whose stained share less it lies under 10% could be 0.
     """
     if score is None:
         return []
@@ -320,7 +323,8 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # intense complete in <=10%: 2+ whatever else
         held |= not _isolated(c["strong_complete"], total, isolated_intense_percent) and c["strong_complete"] > 0
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
-        if pct < 10.0 + points or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
+        band = max(points, false_membrane_percent) if score == "1+" else points
+        if pct < 10.0 + band or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
             if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
                 groups = [g for g in _BREAST_2PLUS_GROUPS if 10 * sum(c[cat] for cat in g) > total]
             else:

@@ -146,7 +146,9 @@ def clipped_fraction(rgb: np.ndarray) -> float:
 
 def black_fill(rgb: np.ndarray) -> np.ndarray:
     """Pixels of pure black (0 in every channel), bool (H, W): what a rotation, a mask or an editor fills
-    with, never a scanned pixel (a camera's black keeps noise, a stain its colour)."""
+    with, never a scanned pixel (a camera's black keeps noise, a stain its colour). A lossy (JPEG) copy of
+    the fill, near black but not pure, is not told from a photograph's black, which can clip to 0 in
+    patches too (scikit-image's astronaut: its sky)."""
     return per_channel(np.maximum, rgb) == 0
 
 
@@ -291,10 +293,10 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         share = dark if dark > MAX_DARK_FRACTION else dim
         code, reason = "dark_background", (f"{share:.0%} of the image is dark: not a brightfield slide (fluorescence, "
                                            "darkfield, an inverted image or a photograph); not scored")
-    elif (clipped := clipped_fraction(rgb)) > MAX_CLIPPED_FRACTION:
+    elif (clipped := max(clipped_fraction(rgb), clipped_fraction(detail))) > MAX_CLIPPED_FRACTION:
         code, reason = "clipped", (f"{clipped:.0%} of the image's pixels have a colour channel clipped at 0 (a contrast "
-                                   "stretch or an over-exposed export): their optical densities cannot be read; give "
-                                   "the scan as it was acquired; not scored")
+                                   "stretch or a levels edit): their optical densities cannot be read; give the scan as "
+                                   "it was acquired; not scored")
     elif modal > MAX_FLAT_FRACTION and solid < MIN_SOLID_FRACTION:
         code, reason = "rendered_graphic", (f"{modal:.0%} of the image is one exact colour and its marks are thin "
                                             "strokes: a screenshot, text or a plot, not a scanned slide; not scored")

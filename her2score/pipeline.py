@@ -34,8 +34,8 @@ from .slide import Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import (COMPARTMENTS, DIFFUSE_CYTOPLASM_OD, TumourRule, diffuse_cytoplasm_od, select_tumour_cells,
-                     stained_cytoplasm, staining_compartments, unstained_level)
+from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
+                     staining_compartments, unstained_level, with_cytoplasm_doubt)
 from .workers import die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
@@ -503,14 +503,16 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
         sides = near_cutoff_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
                                   gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
-                                  points=config.near_cutoff_points)
+                                  points=config.near_cutoff_points, false_membrane_percent=config.false_membrane_percent)
         if sides:  # the nearest share, and every score it could give
             near = sides[0][1]
             flags = (*flags, "near_cutoff")
             lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
+            false = (f", and real unstained membranes read stained in up to {config.false_membrane_percent:g}% of cells"
+                     if score == "1+" and near >= 10.0 + config.near_cutoff_points else "")
             reason += (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
                        f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
-                       f"{config.near_cutoff_points:g} points): it could be {' or '.join(s for s, pct in sides if pct == near)}")
+                       f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
         edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
                  for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
                                                                  clusters=clusters, gastric_reading=config.gastric_reading)]
@@ -522,7 +524,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
         flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
         reason += doubt
-        flags, doubt = _with_cytoplasm_doubt(flags, score, level, blush, rise)
+        flags, doubt = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
@@ -534,7 +536,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
                                            percent=config.false_membrane_percent)
-            flags, more = _with_cytoplasm_doubt(flags, score, level, blush, rise)
+            flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
             doubt += more
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
@@ -588,23 +590,6 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
-
-
-def _with_cytoplasm_doubt(flags: tuple[str, ...], score: str, level: str, blush: float | None,
-                          rise: float | None) -> tuple[tuple[str, ...], str]:
-    """``flags`` plus ``cytoplasmic_dab``, and the words that say why (to append to a reason; "" without the flag),
-    where membrane staining was read and the tumour cells read unstained carry diffuse cytoplasmic DAB
-    (tumour.diffuse_cytoplasm_od at DIFFUSE_CYTOPLASM_OD or more) while the membranes read stand out by less
-    (``rise``: the stained tumour cells' median membrane contrast, log10 OD): the stain fills cytoplasm,
-    which the guidelines disregard, and the membranes read may be cytoplasm between cells. Membranes
-    standing out well above it are membranes (generator 3+ fields whose misread cells keep a 3+ cell's
-    cytoplasmic haze: blush 0.075-0.087, membranes 0.31; the flagged real cases: membranes 0.04-0.10, blush 0.12-0.26)."""
-    if (blush is None or blush < DIFFUSE_CYTOPLASM_OD or rise is None or rise >= blush
-            or (score == "0" and level != "0+ (ultralow)")):
-        return flags, ""
-    return (*flags, "cytoplasmic_dab"), (f"; the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over the "
-                                         "slide's unstained level: the stain fills cytoplasm, which the guidelines "
-                                         "disregard, and the membranes read may be cytoplasm between cells: it could be 0")
 
 
 def _no_tissue(slide: Slide) -> str:

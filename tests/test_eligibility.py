@@ -551,8 +551,10 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_no_membrane_staining_ch
     flagged = replace(low, flags=(*low.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.12})
     doubt = check_eligibility(flagged, "her2-low-breast")
     assert doubt.status == "needs_review", doubt.reasons
-    assert doubt.reasons[0] == ("diffuse cytoplasmic DAB in the tumour cells (0.12 OD over the unstained level) may have "
+    assert doubt.reasons[0] == ("diffuse cytoplasmic DAB in the tumour cells (0.12 OD over the stroma) may have "
                                 "been read as membrane staining: at 0 (null) the answer would be not eligible")
+    unmeasured = replace(flagged, staining={"diffuse_cytoplasm_od": None})  # a result.json edited by hand
+    assert check_eligibility(unmeasured, "her2-low-breast").reasons[0].startswith("diffuse cytoplasmic DAB in the tumour cells may")
     assert check_eligibility(flagged, "her2-positive-breast").status == "not_eligible"  # 1+ and 0 alike
     assert check_eligibility(low, "her2-low-breast").status == "eligible"  # no flag, no doubt
     gastric = make_result("gastric", none=150, weak_moderate_complete=50)

@@ -202,6 +202,11 @@ def test_each_method_carries_the_flags_of_its_own_call():
     # a CNN that reads the same ultralow carries the doubt too (3.3% stained, within the 8%)
     same = replace(fused, cnn=replace(fused.cnn, score="0"))
     assert method_result(same, "cnn").flags == ("ultralow", "null_or_ultralow")
+    # a slide whose stain fills the cytoplasm: the CNN's 2+ carries the doubt the pipeline gives a fused 2+
+    blushed = replace(_result("f.png", "1+", cnn="2+", fused="2+"), counts={"none": 200, "faint_partial": 100},
+                      staining={"diffuse_cytoplasm_od": 0.12, "membrane_contrast_od": 0.04})
+    assert method_result(blushed, "cnn").flags == ("ish_reflex", "cytoplasmic_dab")
+    assert check_eligibility(method_result(blushed, "cnn"), "her2-low-breast", ish="negative").status == "needs_review"
 
 
 def test_a_result_written_before_classical_flags_keeps_its_flags_as_the_classical_ones():

@@ -453,3 +453,23 @@ def test_real_fields_whose_stain_fills_the_cytoplasm_are_flagged():
     for darker in (255 * (rgb / 255) ** 1.8, rgb * 0.8):
         r = analyse_slide(ArraySlide(np.round(darker).astype(np.uint8), mpp=0.5)).result
         assert r.score == "3+" and "cytoplasmic_dab" not in r.flags, (r.flags, r.staining)
+
+
+@needs_real
+def test_real_ki67_stretched_into_a_faint_1plus_is_reviewed():
+    """A real Ki67 field (1-2% brown nuclei, no membrane staining) auto-contrasted (PIL, 0.5% clipped per
+    channel) reads 1+ on ~15% faint cells from its cell borders' texture: it was eligible for HER2-low
+    therapy without a doubt. Real unstained membranes read stained in up to 8% of cells, so such a 1+ is
+    near the cut-off. Stretched keeping its tones, it reads 1+ on cytoplasm between cells: cytoplasmic_dab."""
+    from PIL import ImageOps
+
+    from her2score.eligibility import check_eligibility
+
+    ki67 = Image.open(REAL / "nuclear-ihc" / "deepliif-ki67" / "images" / "799_2.png").convert("RGB")
+    faint = analyse_slide(ArraySlide(np.asarray(ImageOps.autocontrast(ki67, cutoff=0.5)), mpp=0.3)).result
+    assert faint.score == "1+" and "near_cutoff" in faint.flags, faint.reason
+    assert "real unstained membranes read stained in up to 8% of cells" in faint.reason
+    toned = analyse_slide(ArraySlide(np.asarray(ImageOps.autocontrast(ki67, cutoff=0.5, preserve_tone=True)), mpp=0.3)).result
+    assert toned.score == "1+" and "cytoplasmic_dab" in toned.flags, toned.reason
+    for r in (faint, toned):
+        assert check_eligibility(r, "her2-low-breast").status == "needs_review"

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -163,24 +164,31 @@ def test_real_borders_add_dab_along_cell_borders_and_leave_the_truth():
 
 
 def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_path, monkeypatch):
-    """synth over an earlier set, stopped after two fields: the earlier labels (which would now describe
-    images written over) are gone, every image left is whole, and no temporary file remains."""
+    """synth over an earlier set, stopped while writing its third image: the earlier labels (which would now
+    describe images written over) are gone, every image left is whole (the one being written is the old one,
+    not a truncated new one), and no temporary file remains."""
     from her2score import synthetic
 
     out = synthetic.write_dataset(tmp_path / "ds", n_per_class=1, seed=3, size_px=(96, 96))
     assert (out / "labels.csv").exists() and (out / "truth.jsonl").exists()
-    made, real = [], synthetic.generate_field
+    saves, real_save = [], Image.Image.save
 
-    def stopped_after_two(*args, **kwargs):
-        if len(made) == 2:
-            raise KeyboardInterrupt
-        made.append(1)
-        return real(*args, **kwargs)
+    def stopped_in_the_third(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) < 3:
+            return real_save(self, fp, *args, **kwargs)
+        if hasattr(fp, "write"):
+            fp.write(b"\x89PNG\r\n\x1a\n half an image")
+        else:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "generate_field", stopped_after_two)
+    monkeypatch.setattr(Image.Image, "save", stopped_in_the_third)
     with pytest.raises(KeyboardInterrupt):
         synthetic.write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))
+    monkeypatch.undo()
     assert not (out / "labels.csv").exists() and not (out / "truth.jsonl").exists()
-    for image in (out / "images").iterdir():
-        assert not image.name.startswith("."), image
+    images = sorted((out / "images").iterdir())
+    assert len(images) == 4 and not any(p.name.startswith(".") for p in images)
+    for image in images:
         Image.open(image).load()  # whole
