@@ -228,6 +228,18 @@ def _plausible(mpp: float | None) -> float | None:
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
 
 
+def _white_of(brightest: int) -> int:
+    """The white of 16-bit samples whose brightest colour sample is ``brightest``: the full scale of the bits it
+    uses, at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
+    4095, not 65535)."""
+    return (1 << max(9, int(brightest).bit_length())) - 1
+
+
+def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
+    """uint16 samples with ``white`` their white as uint8, rounded (a rarer brighter sample white too)."""
+    return ((np.minimum(arr, white).astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
+
+
 def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
     """Validate an image array as 8-bit colour; RGBA is composited over white."""
     if arr.dtype != np.uint8:
@@ -338,6 +350,18 @@ def open_plain_image(path: Path) -> Iterator:
         yield img
 
 
+def _open_png16(path: Path, meta_mpp, mpp: float | None) -> ArraySlide:
+    """A 16-bit colour PNG, its samples scaled to 8 bits from the white their brightest colour sample sets
+    (_white_of: a 12-bit camera's PNG, stored unscaled, read as near black through Pillow)."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+        raise SlideError(path, "cannot decode its 16-bit colour samples")
+    arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV's BGR(A) as RGB(A)
+    white = _white_of(int(arr[..., :3].max()))
+    note = f"{white.bit_length()}-bit samples scaled to 8 bits"
+    return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp))
+
+
 def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
     from PIL import UnidentifiedImageError
 
@@ -355,7 +379,10 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                 raise NotHerIhcError(path, f"32-bit {_GREYSCALE}")
             if img.mode in ("L", "LA", "La", "1"):
                 raise NotHerIhcError(path, _GREYSCALE)
-            if any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ())):
+            sixteen = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
+            if sixteen and img.format == "PNG":  # Pillow keeps only the high byte of 16-bit colour: read it whole
+                return _open_png16(path, meta_mpp, mpp)
+            if sixteen:
                 notes.append("16-bit samples scaled to 8 bits")
             if img.mode in ("P", "PA"):
                 img = img.convert("RGBA")
@@ -671,7 +698,7 @@ class TiffSlide(Slide):
                 seg = self._segment(page, level, plane * per_plane + int(index))
                 if seg is not None:
                     brightest = max(brightest, int((seg if planes > 1 else seg[..., :3]).max()))
-        return (1 << max(9, brightest.bit_length())) - 1
+        return _white_of(brightest)
 
     def _read_level(self, level, x, y, width, height):
         page = self._pages[level]
@@ -695,7 +722,7 @@ class TiffSlide(Slide):
                     channels = slice(plane, plane + 1) if planes > 1 else slice(None)
                     out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, channels] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
         if out.dtype == np.uint16:  # 9-16 significant bits: white stays white (a level's rare brighter pixel, white too)
-            out = ((np.minimum(out, white).astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
+            out = _to_8bit(out, white)
         return _to_rgb(self.path, _without_extra_samples(out, page.extrasamples))
 
 

@@ -428,6 +428,12 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
     with open_slide(unscaled) as s:
         assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
         assert s.notes == ("12-bit samples scaled to 8 bits",)
+    for alpha in ((), (np.full((64, 64), 65535, np.uint16),)):  # the same in a PNG (Pillow keeps only the high byte)
+        png = tmp_path / f"unscaled{len(alpha)}.png"
+        cv2.imwrite(str(png), np.dstack([*(rgb.astype(np.uint16) * 16)[..., ::-1].transpose(2, 0, 1), *alpha]))
+        with open_slide(png, mpp=0.25) as s:
+            assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
+            assert s.notes == ("12-bit samples scaled to 8 bits",)
     opaque = np.full((64, 64, 1), 65535, np.uint16)  # an alpha at 16-bit full scale: no colour sample's depth
     tifffile.imwrite(unscaled, np.concatenate([rgb.astype(np.uint16) * 16, opaque], axis=2), photometric="rgb",
                      extrasamples=(2,), resolution=(40000, 40000), resolutionunit="CENTIMETER")
