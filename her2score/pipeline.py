@@ -25,7 +25,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
                          apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
-from .imagecheck import NotHerIhcError, check_slide, stain_fractions
+from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
@@ -207,6 +207,21 @@ def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = 0.1) -> float:
     return float(lap[tissue].var() / max(float(detail[tissue].var()), 1e-12))
 
 
+FILL_MIN_UM2 = 300.0
+"""Least area (µm²) of a region of pure black that shows a tile holds fill (a rotation's corner, a masked
+background), whose pure black is then read as glass, small patches too (a painted lumen): no nucleus is
+larger (segment_nuclei's max_area_um2), and without such a region pure black is more likely the darkest
+nuclei clipped by a contrast stretch (a real Ki67 field's, 0.5% clipped), which stay as they are."""
+
+
+def _has_fill(black: np.ndarray, *, mpp: float) -> bool:
+    """Whether ``black`` (bool) has a connected region of FILL_MIN_UM2 or more at ``mpp`` µm/px."""
+    if black.sum() * mpp * mpp < FILL_MIN_UM2:
+        return False
+    _, _, stats, _ = cv2.connectedComponentsWithStats(black.view(np.uint8), connectivity=8)
+    return bool((stats[1:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2).any())
+
+
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
                nucleus: NucleusThresholds | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
@@ -217,6 +232,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     ``cnn_max_patches`` patches).
     """
     mpp = config.mpp
+    if _has_fill(fill := black_fill(rgb), mpp=mpp):  # a rotation's or a mask's fill is no stain
+        rgb = np.where(fill[..., None], np.uint8(255), rgb)
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
     nucleus = nucleus or _nucleus_thresholds([h_od], config)

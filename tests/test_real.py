@@ -473,3 +473,19 @@ def test_real_ki67_stretched_into_a_faint_1plus_is_reviewed():
     assert toned.score == "1+" and "cytoplasmic_dab" in toned.flags, toned.reason
     for r in (faint, toned):
         assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+
+
+def test_a_real_her2_0_with_its_glass_painted_black_still_reads_null():
+    """The real colon with its DAB removed (a real HER2 0) and its glass painted pure black (a background
+    removed by an editor): the black read as haematoxylin and DAB at once, and brown 'nuclei' in it refused
+    the field as nuclear DAB. Pure black fill is no stain: it reads as its white-glass twin, 0 (null). (A tile
+    with no region of pure black larger than a nucleus keeps its black: clipped dark nuclei, as in the stretched
+    Ki67 test.)"""
+    import cv2
+
+    her2_0 = _as_array(CASES["skimage-colon-ihc-dab-removed"])()
+    glass = cv2.morphologyEx((her2_0.min(axis=2) > 220).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0
+    painted = her2_0.copy()
+    painted[glass] = 0
+    r = analyse_slide(ArraySlide(painted, mpp=0.5)).result
+    assert (r.score, r.level) == ("0", "0 (null)") and r.qc_passed, r.reason
