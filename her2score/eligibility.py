@@ -338,11 +338,13 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     if "near_cutoff" not in result.flags:
         return None
     reading = result.config.get("gastric_reading", "cumulative")  # the slide's own settings
-    sides = near_cutoff_sides(result.counts, result.classical_score, guideline=result.guideline, specimen=result.specimen,
-                              clusters=result.clusters, gastric_reading=reading,
-                              isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
-                              points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
-                              false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+    settings = dict(guideline=result.guideline, specimen=result.specimen, clusters=result.clusters, gastric_reading=reading,
+                    isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
+                    points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
+                    false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+    sides = near_cutoff_sides(result.counts, result.classical_score, **settings)
+    if result.score != result.classical_score:  # a fused score: its own sides on the cells measured too
+        sides = sorted({*sides, *near_cutoff_sides(result.counts, result.score, **settings)}, key=lambda side: abs(side[1] - 10.0))
     named_by = _levels_guideline(result)
     for other_score, pct in sides:
         level = report_level(other_score, named_by, result.counts, across_cutoff=True)

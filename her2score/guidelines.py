@@ -288,10 +288,21 @@ def _down_sides(c: dict[str, int], score: str, groups: list[tuple[str, ...]], gu
     return out
 
 
+FALSE_MEMBRANE_PERCENT: float = 8.0
+"""Default share (% of tumour cells) of cells that real unstained membranes alone read as stained.
+
+Measured on the real Ki67 fields scored with the nuclear refusal off, whose membranes are all
+unstained (``python benchmarks/membrane_floor.py``; ``tests/test_real.py``): 6.1% and 6.3% of the
+tumour cells of the two large fields (803 and 1,030 cells), 6.8% over all six; a real cell border
+carries DAB texture (membrane contrast 0.019-0.025 OD at its 90th percentile) where faint membranes
+read too. An ultralow call whose staining is no larger could be null.
+"""
+
+
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",
                       specimen: str = "resection", clusters: Mapping[str, int] | None = None,
                       gastric_reading: str = "cumulative", isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT,
-                      points: float = NEAR_CUTOFF_POINTS, false_membrane_percent: float = 0.0,
+                      points: float = NEAR_CUTOFF_POINTS, false_membrane_percent: float = FALSE_MEMBRANE_PERCENT,
                       confidence: float = NEAR_CUTOFF_CONFIDENCE) -> list[tuple[str, float]]:
     """Each other score a borderline call could be, with the % of tumour cells that decides it (deciding_cells),
     the side nearer the 10% cut-off first; [] for a call sure of its side. The settings are apply_guideline's.
@@ -436,17 +447,6 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
     strong, total = c["strong_complete"], sum(c.values())
     return (f"its {strong:,} intense complete cells ({100 * strong / total:.3g}% of {total:,}) lie just over the "
             f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
-
-
-FALSE_MEMBRANE_PERCENT: float = 8.0
-"""Default share (% of tumour cells) of cells that real unstained membranes alone read as stained.
-
-Measured on the real Ki67 fields scored with the nuclear refusal off, whose membranes are all
-unstained (``python benchmarks/membrane_floor.py``; ``tests/test_real.py``): 6.1% and 6.3% of the
-tumour cells of the two large fields (803 and 1,030 cells), 6.8% over all six; a real cell border
-carries DAB texture (membrane contrast 0.019-0.025 OD at its 90th percentile) where faint membranes
-read too. An ultralow call whose staining is no larger could be null.
-"""
 
 
 def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT) -> float | None:

@@ -518,18 +518,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
                                isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
-        sides = near_cutoff_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
-                                  gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
-                                  points=config.near_cutoff_points, false_membrane_percent=config.false_membrane_percent)
+        sides = _near_sides(counts, score, config, clusters)
         if sides:  # the nearest share, and every score it could give
-            near = sides[0][1]
             flags = (*flags, "near_cutoff")
-            lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
-            false = (f", and real unstained membranes read stained in up to {config.false_membrane_percent:g}% of cells"
-                     if score == "1+" and near >= 10.0 + config.near_cutoff_points else "")
-            reason += (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
-                       f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
-                       f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
+            reason += _near_words(sides, score, n_tumour, config)
         edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
                  for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
                                                                  clusters=clusters, gastric_reading=config.gastric_reading)]
@@ -555,6 +547,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
                                            percent=config.false_membrane_percent)
             flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
             doubt += more
+            if (sides := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
+                flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, the classical call's or this one's
+                doubt = (_near_words(sides, score, n_tumour, config) if sides else
+                         "; the cells measured lie near a cut-off (see the classical reason)") + doubt
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
                       + ("; reflex ISH required" if level == "2+" else "") + doubt)
@@ -607,6 +603,24 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def _near_sides(counts: dict, score: str, config: ScoringConfig, clusters: dict) -> list[tuple[str, float]]:
+    """guidelines.near_cutoff_sides of ``score`` on ``counts`` under the slide's settings."""
+    return near_cutoff_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
+                             gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
+                             points=config.near_cutoff_points, false_membrane_percent=config.false_membrane_percent)
+
+
+def _near_words(sides: list[tuple[str, float]], score: str, n_tumour: int, config: ScoringConfig) -> str:
+    """The words a reason gets for the nearest of ``sides``: the share, its interval, the margins that make it near."""
+    near = sides[0][1]
+    lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
+    false = (f", and real unstained membranes read stained in up to {config.false_membrane_percent:g}% of cells"
+             if score == "1+" and 10.0 + config.near_cutoff_points <= near < 10.0 + config.false_membrane_percent else "")
+    return (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
+            f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
+            f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
 
 
 def _no_tissue(slide: Slide) -> str:

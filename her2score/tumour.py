@@ -132,13 +132,14 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     """``flags`` plus ``cytoplasmic_dab``, and the words that say why (to append to a reason; "" without the flag),
     where membrane staining was read (a call over 0, or 0+ (ultralow)) and the tumour cells read unstained
     carry diffuse cytoplasmic DAB (``blush``: diffuse_cytoplasm_od, at DIFFUSE_CYTOPLASM_OD or more) while the
-    membranes read stand out by less (``rise``: the stained tumour cells' median membrane contrast, log10 OD):
+    membranes read stand out by less (``rise``: the stained tumour cells' median membrane contrast, log10 OD;
+    None where the cells measured read no membrane, as under a CNN's call over a classical 0 (null)):
     the stain fills cytoplasm, which the guidelines disregard, and the membranes read may be cytoplasm
     between cells. Membranes standing out well above it are membranes (held-out generator 3+ fields whose
     misread cells keep a 3+ cell's cytoplasmic haze: blush 0.075-0.087, membranes 0.31; the flagged real
     cases: membranes 0.04-0.10, blush 0.12-0.26). ``guideline`` names the 0 it could be: 0 (null) under
     ASCO/CAP 2023, else 0."""
-    if (blush is None or blush < DIFFUSE_CYTOPLASM_OD or rise is None or rise >= blush
+    if (blush is None or blush < DIFFUSE_CYTOPLASM_OD or (rise is not None and rise >= blush)
             or (score == "0" and level != "0+ (ultralow)") or score is None):
         return flags, ""
     zero = "0 (null)" if guideline == "breast-asco-cap-2023" else "0"

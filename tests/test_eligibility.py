@@ -422,16 +422,17 @@ def test_a_2plus_on_its_only_stained_cells_is_weighed_at_0_too():
 
 def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it():
     """Beyond the measurement's 5 points, a share counted on few cells is borderline where its 95% Wilson
-    interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not."""
+    interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not (but
+    for the false-membrane band of a 1+, switched off here to show the interval alone)."""
     from her2score.guidelines import near_cutoff, near_cutoff_sides, wilson_ci
 
     assert [round(100 * v, 1) for v in wilson_ci(15, 100)] == [9.3, 23.3]
     assert near_cutoff({"none": 85, "faint_partial": 15}, "1+") == ("0", 15.0)
-    assert near_cutoff({"none": 850, "faint_partial": 150}, "1+") is None
+    assert near_cutoff({"none": 850, "faint_partial": 150}, "1+", false_membrane_percent=0) is None  # (the band aside)
     assert near_cutoff({"none": 95, "faint_partial": 5}, "0") == ("1+", 5.0)  # 5% of 100: up to 11.2%
     assert near_cutoff({"none": 950, "faint_partial": 50}, "0") is None
     assert near_cutoff({"none": 85, "strong_complete": 15}, "3+") == ("2+", 15.0)
-    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+", confidence=0.5) is None  # a narrower interval
+    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+", confidence=0.5, false_membrane_percent=0) is None  # narrower
     # 1 faint cell of 7: both sides hold (no 2+ cell, but 0 of 7 could still be 35%); the nearer one is said
     assert near_cutoff({"none": 6, "faint_partial": 1}, "1+") == ("0", 100 / 7)
     # where the nearer side would not change the answer, the other one is weighed too (a 1+ with ISH negative)
@@ -567,3 +568,14 @@ def test_an_ish_result_is_read_in_any_case_as_evaluate_reads_it():
     assert check_eligibility(r, "her2-low-breast", ish=" Negative").status == check_eligibility(r, "her2-low-breast", ish="negative").status == "eligible"
     with pytest.raises(ValueError, match="ish must be one of"):
         check_eligibility(r, "her2-low-breast", ish="equivocal")
+
+
+def test_a_cnn_call_over_cells_that_read_no_membrane_keeps_the_cytoplasm_doubt():
+    """Where the cells measured read no membrane (membrane_contrast_od None) but the tumour cells carry diffuse
+    cytoplasmic DAB, a CNN's 2+ may read that cytoplasm: flagged; a classical 0 (null) is not."""
+    from her2score.tumour import with_cytoplasm_doubt
+
+    flags, words = with_cytoplasm_doubt(("ish_reflex",), "2+", "2+", 0.2, None, guideline="breast-asco-cap-2023")
+    assert flags == ("ish_reflex", "cytoplasmic_dab") and words.endswith("it could be 0 (null)")
+    assert with_cytoplasm_doubt(("null",), "0", "0 (null)", 0.2, None, guideline="breast-asco-cap-2023") == (("null",), "")
+    assert with_cytoplasm_doubt(("ish_reflex",), "2+", "2+", 0.2, 0.3, guideline="gastric") == (("ish_reflex",), "")

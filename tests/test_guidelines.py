@@ -566,13 +566,13 @@ def test_down_sides_move_every_population_that_holds_the_call():
 
 
 def test_a_1plus_within_the_false_membrane_share_of_the_cut_off_could_be_0():
-    """Real unstained membranes read stained in up to 8% of cells: a 1+ on 16% stained could be 0 when that share
-    is given (the pipeline and eligibility give FALSE_MEMBRANE_PERCENT); at 19%, or a 2+, it holds as before."""
+    """Real unstained membranes read stained in up to 8% of cells (FALSE_MEMBRANE_PERCENT, the default): a 1+ on
+    16% stained could be 0; without that share, at 19%, or a 2+, it holds as before."""
     from her2score.guidelines import FALSE_MEMBRANE_PERCENT
 
     at16 = {"none": 840, "faint_partial": 160}
-    assert near_cutoff_sides(at16, "1+") == []  # the measurement's own 5 points alone
-    assert near_cutoff_sides(at16, "1+", false_membrane_percent=FALSE_MEMBRANE_PERCENT) == [("0", 16.0)]
+    assert near_cutoff_sides(at16, "1+") == near_cutoff_sides(at16, "1+", false_membrane_percent=FALSE_MEMBRANE_PERCENT) == [("0", 16.0)]
+    assert near_cutoff_sides(at16, "1+", false_membrane_percent=0) == []  # the measurement's own 5 points alone
     assert near_cutoff_sides({"none": 810, "faint_partial": 190}, "1+", false_membrane_percent=8.0) == []
     two = {"none": 840, "weak_moderate_complete": 160}
     assert near_cutoff_sides(two, "2+", false_membrane_percent=8.0) == near_cutoff_sides(two, "2+") == []

@@ -248,3 +248,18 @@ def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
     haze = _score(generate_field("3+", seed=853377318, stain_jitter=6.0))
     assert haze.staining["diffuse_cytoplasm_od"] > DIFFUSE_CYTOPLASM_OD and haze.staining["membrane_contrast_od"] > 0.25
     assert haze.score == "3+" and "cytoplasmic_dab" not in haze.flags
+
+
+def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
+    """A classical 1+ on 16.5% faint cells lies within the false-membrane band of the cut-off (it could be 0).
+    A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
+    review, as the classical call alone does (it answered eligible). A classical call with the band switched
+    off does not say it."""
+    f = generate_field(seed=11, composition={"faint_partial": 0.38}, size_px=(768, 768))
+    r = _score(f, cnn=ConstantClassifier("2+"))
+    assert (r.classical_score, r.score) == ("1+", "2+") and 15 < 100 - r.percentages["none"] < 18, r.percentages
+    assert "near_cutoff" in r.classical_flags and "near_cutoff" in r.flags
+    assert "real unstained membranes read stained in up to 8% of cells): it could be 0" in r.classical_reason
+    assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"
+    off = _score(f, config=ScoringConfig(false_membrane_percent=0.0))
+    assert "near_cutoff" not in off.flags and "real unstained membranes" not in off.reason
