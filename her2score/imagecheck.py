@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .slide import NotHerIhcError, Slide
-from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
+from .stain import GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
 from .tissue import pen_ink
 
 __all__ = [
@@ -128,10 +128,12 @@ def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int 
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
     """Fraction of dark neutral pixels (brightest channel below ``max_intensity``, channels within ``max_chroma``)
-    among those that are not pure black fill (black_fill) in an image that has glass (GLASS_MIN_PIXELS at
-    GLASS_MIN or more in every channel: a negative's glass is pure black, and it has none); 0 for fill alone."""
+    among those that are not pure black fill (black_fill) in an image that has glass (GLASS_MIN_PIXELS bright
+    and neutral, FILL_GLASS_MIN or more in every channel and within FILL_GLASS_CHROMA: a negative's glass is
+    pure black, and its brightest pixels are its stains, coloured); 0 for fill alone."""
     fill = black_fill(rgb)
-    if np.count_nonzero(per_channel(np.minimum, rgb) >= GLASS_MIN) < GLASS_MIN_PIXELS:
+    lo, hi = per_channel(np.minimum, rgb), per_channel(np.maximum, rgb)
+    if np.count_nonzero((lo >= FILL_GLASS_MIN) & (hi - lo <= FILL_GLASS_CHROMA)) < GLASS_MIN_PIXELS:
         fill[:] = False
     rest = fill.size - np.count_nonzero(fill)
     return float(np.count_nonzero(_dark(rgb, max_intensity, max_chroma) & ~fill) / rest) if rest else 0.0
@@ -142,6 +144,14 @@ def clipped_fraction(rgb: np.ndarray) -> float:
     fill = black_fill(rgb)
     rest = fill.size - np.count_nonzero(fill)
     return float(np.count_nonzero((per_channel(np.minimum, rgb) == 0) & ~fill) / rest) if rest else 0.0
+
+
+FILL_GLASS_MIN = 160
+FILL_GLASS_CHROMA = 24
+"""Glass beside black fill (dark_fraction): pixels at FILL_GLASS_MIN or more in every channel, channels within
+FILL_GLASS_CHROMA. The real colon at 0.8 of its exposure has glass near 188; the over-exposed colon inverted
+(a negative, its glass pure black) has none: its brightest pixels are its inverted stains, such as DAB's
+(165, 205, 235)."""
 
 
 def black_fill(rgb: np.ndarray) -> np.ndarray:

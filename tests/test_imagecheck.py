@@ -231,6 +231,9 @@ def test_black_fill_from_a_rotation_or_a_mask_is_no_dark_background():
     for angle in (30, 45):
         turned = cv2.warpAffine(colon, cv2.getRotationMatrix2D((256, 256), angle, 1.0), (512, 512), borderValue=(0, 0, 0))
         assert check_image(turned, mpp=0.5).accepted, angle
+    dim = np.round(colon * 0.75).astype(np.uint8)  # a greyer scan: its glass near 176, none at 200
+    turned = cv2.warpAffine(dim, cv2.getRotationMatrix2D((256, 256), 30, 1.0), (512, 512), borderValue=(0, 0, 0))
+    assert check_image(turned, mpp=0.5).accepted
     painted = colon.copy()
     painted[cv2.morphologyEx((colon.min(2) > 200).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0] = 0
     c = check_image(painted, mpp=0.5)
