@@ -335,7 +335,7 @@ def _levels_guideline(result: SlideResult) -> str:
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its call sits too near a cut-off to be sure of its side and a
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
-    if "near_cutoff" not in result.flags:
+    if "near_cutoff" not in result.flags and "near_cutoff" not in result.classical_flags:  # the cells measured lie near
         return None
     reading = result.config.get("gastric_reading", "cumulative")  # the slide's own settings
     settings = dict(guideline=result.guideline, specimen=result.specimen, clusters=result.clusters, gastric_reading=reading,
@@ -344,7 +344,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
                     false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
     sides = near_cutoff_sides(result.counts, result.classical_score, **settings)
     if result.score != result.classical_score:  # a fused score: its own sides on the cells measured too
-        sides = sorted({*sides, *near_cutoff_sides(result.counts, result.score, **settings)}, key=lambda side: abs(side[1] - 10.0))
+        sides = sorted({*sides, *near_cutoff_sides(result.counts, result.score, **settings)},
+                       key=lambda side: (abs(side[1] - 10.0), SCORES.index(side[0])))  # ties in score order, not a set's
     named_by = _levels_guideline(result)
     for other_score, pct in sides:
         level = report_level(other_score, named_by, result.counts, across_cutoff=True)

@@ -332,8 +332,9 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
     classical and cnn stand alone (no CNN report, so no disagreement doubt): classical keeps the
     guideline call's own flags (``classical_flags``); cnn carries the flags its level gives by
     itself, as the pipeline gives a fused level (level_flags, ``null_or_ultralow`` where false membranes
-    alone could make an ultralow, ``cytoplasmic_dab`` where the slide's staining says so). fused is the
-    result as the tool reports it.
+    alone could make an ultralow, ``cytoplasmic_dab`` where the slide's staining says so), and eligibility
+    weighs the classical call's ``near_cutoff`` (the cells measured) for it too. fused is the result as the
+    tool reports it.
     """
     if method == "classical":
         s = result.classical_score

@@ -518,10 +518,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
                                isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
         score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
-        sides = _near_sides(counts, score, config, clusters)
-        if sides:  # the nearest share, and every score it could give
+        near_sides = _near_sides(counts, score, config, clusters)
+        if near_sides:  # the nearest share, and every score it could give
             flags = (*flags, "near_cutoff")
-            reason += _near_words(sides, score, n_tumour, config)
+            reason += _near_words(near_sides, score, n_tumour, config)
         edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
                  for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
                                                                  clusters=clusters, gastric_reading=config.gastric_reading)]
@@ -547,10 +547,16 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
                                            percent=config.false_membrane_percent)
             flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
             doubt += more
-            if (sides := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
-                flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, the classical call's or this one's
-                doubt = (_near_words(sides, score, n_tumour, config) if sides else
-                         "; the cells measured lie near a cut-off (see the classical reason)") + doubt
+            if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
+                flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
+                if own:
+                    doubt = _near_words(own, score, n_tumour, config) + doubt
+                elif near_sides:
+                    doubt = (f"; the {classical_level} the cells measured give rests on {near_sides[0][1]:.1f}% of "
+                             f"{n_tumour:,} tumour cells, near the 10% cut-off") + doubt
+                else:
+                    doubt = (f"; the {classical_level} the cells measured give is near an edge of the rules (a cluster one "
+                             "cell from the biopsy rule's 5, or intense cells at the isolated floor)") + doubt
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
                       + ("; reflex ISH required" if level == "2+" else "") + doubt)

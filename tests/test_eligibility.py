@@ -579,3 +579,32 @@ def test_a_cnn_call_over_cells_that_read_no_membrane_keeps_the_cytoplasm_doubt()
     assert flags == ("ish_reflex", "cytoplasmic_dab") and words.endswith("it could be 0 (null)")
     assert with_cytoplasm_doubt(("null",), "0", "0 (null)", 0.2, None, guideline="breast-asco-cap-2023") == (("null",), "")
     assert with_cytoplasm_doubt(("ish_reflex",), "2+", "2+", 0.2, 0.3, guideline="gastric") == (("ish_reflex",), "")
+
+
+def test_a_fused_score_near_its_own_cut_off_and_a_classical_near_one_are_both_weighed():
+    """A classical 2+ on 16% weak-moderate complete cells is sure of its side; the CNN's 1+ over the same cells is
+    not (16% stained lies within the false-membrane band: it could be 0). The fused 1+'s own side decides the
+    HER2-low answer with ISH negative: review. A result whose near_cutoff lies only in its classical flags (a
+    0.3.0 fused result, or the CNN's own view) is weighed too."""
+    from her2score.guidelines import near_cutoff_sides
+
+    base = make_result(none=840, weak_moderate_complete=160)
+    assert base.score == "2+" and near_cutoff_sides(base.counts, "2+") == [] and near_cutoff_sides(base.counts, "1+") == [("0", 16.0)]
+    fused = replace(base, score="1+", level="1+", flags=("her2_low", "near_cutoff", "cnn_disagrees"),
+                    classical_flags=("ish_reflex",), cnn=CnnReport("1+", {"1+": 1.0}, 10, "test"))
+    doubt = check_eligibility(fused, "her2-low-breast", ish="negative")
+    assert doubt.status == "needs_review" and doubt.reasons[0].endswith("at 0+ (ultralow) the answer would be not eligible")
+    faint = make_result(none=835, faint_partial=165)  # a classical 1+ near its cut-off, fused to 2+ by a 0.3.0 run
+    old = replace(faint, score="2+", level="2+", flags=("ish_reflex", "cnn_disagrees"), classical_flags=("her2_low", "near_cutoff"),
+                  cnn=CnnReport("2+", {"2+": 1.0}, 10, "test"))
+    assert check_eligibility(old, "her2-low-breast", ish="negative").status == "needs_review"
+
+
+def test_the_false_membrane_words_name_only_the_band_that_made_a_1plus_near():
+    from her2score.pipeline import ScoringConfig, _near_words
+
+    band = _near_words([("0", 16.0)], "1+", 1000, ScoringConfig())
+    assert "real unstained membranes read stained in up to 8% of cells" in band
+    assert "real unstained" not in _near_words([("0", 12.0)], "1+", 1000, ScoringConfig())  # within the 5 points
+    interval = _near_words([("0", 16.0)], "1+", 100, ScoringConfig(false_membrane_percent=0.0))  # its interval, band off
+    assert "real unstained" not in interval and "95% interval" in interval
