@@ -208,18 +208,28 @@ def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = 0.1) -> float:
 
 
 FILL_MIN_UM2 = 300.0
-"""Least area (µm²) of a region of pure black that shows a tile holds fill (a rotation's corner, a masked
-background), whose pure black is then read as glass, small patches too (a painted lumen): no nucleus is
-larger (segment_nuclei's max_area_um2), and without such a region pure black is more likely the darkest
-nuclei clipped by a contrast stretch (a real Ki67 field's, 0.5% clipped), which stay as they are."""
+FILL_EDGE_MIN = 130
+"""Pure black regions read as glass (_fill_regions): those of FILL_MIN_UM2 (µm²) or more, larger than any
+nucleus (segment_nuclei's max_area_um2: a rotation's corner, a masked background), and smaller ones whose
+edge (the pixels just round them) averages FILL_EDGE_MIN or more in its brightest channel (a painted lumen
+beside pale tissue: 231 or more in the real colon's). A contrast stretch clips the darkest nuclei to pure
+black too, inside a dark edge (a real Ki67 field's: 97 at most; the real colon's, 47): those stay."""
 
 
-def _has_fill(black: np.ndarray, *, mpp: float) -> bool:
-    """Whether ``black`` (bool) has a connected region of FILL_MIN_UM2 or more at ``mpp`` µm/px."""
-    if black.sum() * mpp * mpp < FILL_MIN_UM2:
-        return False
-    _, _, stats, _ = cv2.connectedComponentsWithStats(black.view(np.uint8), connectivity=8)
-    return bool((stats[1:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2).any())
+def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
+    """The pixels of ``rgb`` (a tile at ``mpp`` µm/px) that are black fill (imagecheck.black_fill) in a region
+    large or bright-edged enough to be fill (FILL_MIN_UM2, FILL_EDGE_MIN), bool."""
+    black = black_fill(rgb)
+    if not black.any():
+        return black
+    n, parts, stats, _ = cv2.connectedComponentsWithStats(black.view(np.uint8), connectivity=8)
+    grown = cv2.dilate(parts.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
+    edge = (grown > 0) & (parts == 0)
+    brightest = rgb.max(axis=2)[edge].astype(np.float64)
+    edge_mean = np.bincount(grown[edge], brightest, n) / np.maximum(np.bincount(grown[edge], minlength=n), 1)
+    fill = (stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2) | (edge_mean >= FILL_EDGE_MIN)
+    fill[0] = False
+    return fill[parts]
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
@@ -232,7 +242,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     ``cnn_max_patches`` patches).
     """
     mpp = config.mpp
-    if _has_fill(fill := black_fill(rgb), mpp=mpp):  # a rotation's or a mask's fill is no stain
+    if (fill := _fill_regions(rgb, mpp=mpp)).any():  # a rotation's or a mask's fill is no stain
         rgb = np.where(fill[..., None], np.uint8(255), rgb)
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]

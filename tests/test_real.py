@@ -478,9 +478,8 @@ def test_real_ki67_stretched_into_a_faint_1plus_is_reviewed():
 def test_a_real_her2_0_with_its_glass_painted_black_still_reads_null():
     """The real colon with its DAB removed (a real HER2 0) and its glass painted pure black (a background
     removed by an editor): the black read as haematoxylin and DAB at once, and brown 'nuclei' in it refused
-    the field as nuclear DAB. Pure black fill is no stain: it reads as its white-glass twin, 0 (null). (A tile
-    with no region of pure black larger than a nucleus keeps its black: clipped dark nuclei, as in the stretched
-    Ki67 test.)"""
+    the field as nuclear DAB. Pure black fill is no stain: it reads as its white-glass twin, 0 (null). (Pure
+    black smaller than a nucleus inside a dark edge stays: clipped dark nuclei, as in the stretched Ki67 test.)"""
     import cv2
 
     her2_0 = _as_array(CASES["skimage-colon-ihc-dab-removed"])()
@@ -489,3 +488,7 @@ def test_a_real_her2_0_with_its_glass_painted_black_still_reads_null():
     painted[glass] = 0
     r = analyse_slide(ArraySlide(painted, mpp=0.5)).result
     assert (r.score, r.level) == ("0", "0 (null)") and r.qc_passed, r.reason
+    # an 80 µm crop whose painted lumens are all smaller than a nucleus's largest area: read as glass by their
+    # bright edge (it was refused as nuclear DAB, 70% brown 'nuclei'); a clipped nucleus's edge is dark
+    crop = analyse_slide(ArraySlide(np.ascontiguousarray(painted[144:304, 160:320]), mpp=0.5)).result
+    assert crop.level == "0 (null)" and crop.staining["fractions"]["nucleus"] == 0, crop.reason
