@@ -441,7 +441,7 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
     that the membranes read may be cytoplasm, and no membrane staining (0) would change the answer; None otherwise."""
     if "cytoplasmic_dab" not in result.flags:
         return None
-    level = "0 (null)" if _levels_guideline(result) == "breast-asco-cap-2023" else "0"
+    level = "0 (null)" if _levels_guideline(result) in ZERO_SPLIT else "0"
     if (other := _other_answer(result, rule, ish, status, "0", level)) is None:
         return None
     od = result.staining.get("diffuse_cytoplasm_od")

@@ -135,15 +135,18 @@ def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_c
     lo, hi = per_channel(np.minimum, rgb), per_channel(np.maximum, rgb)
     if np.count_nonzero((lo >= FILL_GLASS_MIN) & (hi - lo <= FILL_GLASS_CHROMA)) < GLASS_MIN_PIXELS:
         fill[:] = False
-    rest = fill.size - np.count_nonzero(fill)
-    return float(np.count_nonzero(_dark(rgb, max_intensity, max_chroma) & ~fill) / rest) if rest else 0.0
+    return _share_off(_dark(rgb, max_intensity, max_chroma), fill)
 
 
 def clipped_fraction(rgb: np.ndarray) -> float:
     """Fraction of the pixels that are not black fill (black_fill) with a channel at 0."""
-    fill = black_fill(rgb)
+    return _share_off(per_channel(np.minimum, rgb) == 0, black_fill(rgb))
+
+
+def _share_off(mask: np.ndarray, fill: np.ndarray) -> float:
+    """Share of the pixels off ``fill`` (bool) that ``mask`` (bool) marks; 0 where all are fill."""
     rest = fill.size - np.count_nonzero(fill)
-    return float(np.count_nonzero((per_channel(np.minimum, rgb) == 0) & ~fill) / rest) if rest else 0.0
+    return float(np.count_nonzero(mask & ~fill) / rest) if rest else 0.0
 
 
 FILL_GLASS_MIN = 160

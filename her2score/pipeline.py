@@ -32,7 +32,7 @@ from .region import Region, load_region
 from .results import QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
-                    optical_density)
+                    optical_density, per_channel)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
@@ -225,7 +225,7 @@ def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     n, parts, stats, _ = cv2.connectedComponentsWithStats(black.view(np.uint8), connectivity=8)
     grown = cv2.dilate(parts.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
     edge = (grown > 0) & (parts == 0)
-    brightest = rgb.max(axis=2)[edge].astype(np.float64)
+    brightest = per_channel(np.maximum, rgb)[edge].astype(np.float64)
     edge_mean = np.bincount(grown[edge], brightest, n) / np.maximum(np.bincount(grown[edge], minlength=n), 1)
     fill = (stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2) | (edge_mean >= FILL_EDGE_MIN)
     fill[0] = False

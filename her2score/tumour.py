@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .guidelines import ZERO_SPLIT
 from .membrane import CellMeasurements
 
 __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
@@ -138,11 +139,11 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     between cells. Membranes standing out well above it are membranes (held-out generator 3+ fields whose
     misread cells keep a 3+ cell's cytoplasmic haze: blush 0.075-0.087, membranes 0.31; the flagged real
     cases: membranes 0.04-0.10, blush 0.12-0.26). ``guideline`` names the 0 it could be: 0 (null) under
-    ASCO/CAP 2023, else 0."""
+    one that splits 0 (guidelines.ZERO_SPLIT), else 0."""
     if (blush is None or blush < DIFFUSE_CYTOPLASM_OD or (rise is not None and rise >= blush)
             or (score == "0" and level != "0+ (ultralow)") or score is None):
         return flags, ""
-    zero = "0 (null)" if guideline == "breast-asco-cap-2023" else "0"
+    zero = "0 (null)" if guideline in ZERO_SPLIT else "0"
     return (*flags, "cytoplasmic_dab"), (f"; the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over "
                                          "the stroma: the stain fills cytoplasm, which the guidelines disregard, and the "
                                          f"membranes read may be cytoplasm between cells: it could be {zero}")
