@@ -553,10 +553,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         cnn_words = f"the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
-            flags, doubt = with_null_doubt(level_flags(level, config.guideline), counts, level,
-                                           percent=config.false_membrane_percent)
-            flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
-            doubt += more
+            flags, doubt = own_level_flags(score, level, counts, config.guideline, blush, rise,
+                                           false_membrane_percent=config.false_membrane_percent)
             if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
                 flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
                 if own:
@@ -619,6 +617,17 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+
+
+def own_level_flags(score: str, level: str, counts: dict, guideline: str, blush: float | None, rise: float | None, *,
+                    false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
+    """The flags a score not made by the guideline rules (a CNN's, or one fused with it) carries at its report
+    ``level``, and the words of their doubts: the level's own (level_flags), ``null_or_ultralow`` where false
+    membranes alone could make it an ultralow (with_null_doubt) and ``cytoplasmic_dab`` where the slide's
+    staining says so (``blush``, ``rise``: tumour.with_cytoplasm_doubt)."""
+    flags, doubt = with_null_doubt(level_flags(level, guideline), counts, level, percent=false_membrane_percent)
+    flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline)
+    return flags, doubt + more
 
 
 def _near_sides(counts: dict, score: str, config: ScoringConfig, clusters: dict) -> list[tuple[str, float]]:
