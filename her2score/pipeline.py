@@ -58,7 +58,18 @@ RESCUED_NUCLEAR_MAX = 0.10
 """Share of tumour cells with DAB-stained nuclei at which a slide scored again with its own stain vectors (after
 a nuclear refusal under the default ones) is refused after all: the rescue is for membranes the default vectors
 read as brown nuclei, which its own read as membranes (0.4% to 4.4% of tumour cells left on the 20 rescued
-of 400 jittered synthetic fields); a real H&E with red and blue swapped keeps 23%."""
+of 400 jittered synthetic fields); a real H&E with red and blue swapped keeps 23%. Nor may the rescue find
+membranes the default vectors did not: where those read stained membranes in no more tumour cells than real
+unstained membranes do (FALSE_MEMBRANE_PERCENT) and the slide's own read more, the own vectors, turned towards
+haematoxylin, read the rims of brown nuclei as membranes (the real colon given nuclear DAB alone: 0% under the
+default vectors, 1+ under its own; a generator 3+ whose DAB leans 10 degrees reads 40-43% under the default)."""
+
+JPEG_QUALITY_FAIL = 60
+JPEG_QUALITY_WARN = 70
+"""A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality, slide.jpeg_quality) fails QC, under JPEG_QUALITY_WARN
+it is warned of: the compression's blocks read as faint membranes. Measured on real fields made HER2 0 or nearly
+(the colon with no DAB or 0.05 x its DAB, a real Ki67 field with no DAB) saved at quality 10-90: at 70 and over
+they read at most 6% of tumour cells stained; at 50-60 up to 19%, a confident 1+ (at 20-30, 16-20%)."""
 
 COARSE_SCAN_WARN = 1.1
 """A scan coarser than this x CALIBRATED_MPP (0.55 µm/px) gets the QC warning intensity_read_low."""
@@ -76,7 +87,15 @@ class NoTissueError(SlideError):
 
 
 class NuclearStainError(SlideError):
-    """The slide's DAB is nuclear (Ki67, ER, PR): not a membranous HER2 pattern."""
+    """The slide's DAB is nuclear (Ki67, ER, PR): not a membranous HER2 pattern. ``membrane``: the share of
+    tumour cells read with a stained membrane (0-1)."""
+
+    def __init__(self, path: os.PathLike | str, reason: str, membrane: float = 0.0):
+        super().__init__(path, reason)
+        self.membrane = membrane
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.membrane)
 
 
 @dataclass(frozen=True)
@@ -406,10 +425,17 @@ def analyse_slide(
             a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal)
         except NuclearStainError:
             raise refusal from None
-        if (still := a.result.staining["fractions"]["nucleus"]) >= RESCUED_NUCLEAR_MAX:  # the vectors were not the cause
+        fractions = a.result.staining["fractions"]
+        if (still := fractions["nucleus"]) >= RESCUED_NUCLEAR_MAX:  # the vectors were not the cause
             raise NuclearStainError(refusal.path, f"{refusal.reason}; with its own stain vectors {still:.0%} of tumour cells "
                                                   "still have DAB-stained nuclei (another stain, or an image with its red "
-                                                  "and blue channels swapped?)") from None
+                                                  "and blue channels swapped?)", refusal.membrane) from None
+        if refusal.membrane <= FALSE_MEMBRANE_PERCENT / 100 < fractions["membrane"]:  # membranes the default vectors never saw
+            raise NuclearStainError(refusal.path, f"{refusal.reason}; its own stain vectors read {fractions['membrane']:.0%} "
+                                                  f"of tumour cells with a stained membrane where the default ones read "
+                                                  f"{refusal.membrane:.0%}, no more than unstained membranes read: membranes "
+                                                  "only the slide's own vectors see are the rims of its brown nuclei",
+                                    refusal.membrane) from None
         note = f"{OWN_STAINS_NOTE} ({refusal.reason})"
         warn = QCFinding("own_stain_vectors", "warn", "its stains lean off the default vectors, which read its DAB as "
                          "nuclear: scored with its own (see notes); check the stain")
@@ -449,8 +475,9 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
-        slide_path, slide_mpp = str(slide.path), slide.mpp
-        notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes)
+        slide_path, slide_mpp, jpeg_quality = str(slide.path), slide.mpp, slide.jpeg_quality
+        notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes,
+                 *([f"JPEG quality {jpeg_quality} (from its quantisation table)"] if jpeg_quality is not None else []))
 
         # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
         cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
@@ -478,10 +505,12 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
-    return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin, cnn_report)
+    return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin,
+                   cnn_report, jpeg_quality)
 
 
-def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report) -> SlideAnalysis:
+def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report,
+            jpeg_quality) -> SlideAnalysis:
     t = config.thresholds
     floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
     threshold = max(t.faint_od, floor)
@@ -518,7 +547,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor)
+    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor, jpeg_quality)
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
@@ -665,7 +694,7 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
         raise NuclearStainError(slide_path, f"DAB is nuclear, not a membranous HER2 pattern: {frac['nucleus']:.0%} of tumour cells "
                                             f"have DAB-stained nuclei, {frac['membrane']:.0%} a stained membrane (a HER2 stain "
                                             f"leaves nuclei unstained: under {config.nuclear_membrane_ratio:g} x the membranes; "
-                                            "a Ki67, ER or PR stain?); not scored")
+                                            "a Ki67, ER or PR stain?); not scored", frac["membrane"])
     dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
     return {"dab_floor_od": round(floor, 4), "membrane_threshold_od": round(threshold, 4),
             "compartment": dominant, "fractions": frac}
@@ -718,8 +747,14 @@ def _neighbour_rows(parts: list[TileResult], *, tolerance_px: float) -> Iterator
 
 
 def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, n_tumour: int, stains: StainSet,
-        eosin: float, slide_mpp: float, floor_od: float) -> list[QCFinding]:
+        eosin: float, slide_mpp: float, floor_od: float, jpeg_quality: int | None) -> list[QCFinding]:
     qc = []
+    if jpeg_quality is not None and jpeg_quality < JPEG_QUALITY_WARN:
+        qc.append(QCFinding("jpeg_quality", "fail" if jpeg_quality < JPEG_QUALITY_FAIL else "warn",
+                            f"saved as JPEG at quality {jpeg_quality} (from its quantisation table): the compression's "
+                            f"blocks read as faint membranes (real HER2 0 fields read up to 19% stained under quality "
+                            f"{JPEG_QUALITY_FAIL}); give the scan as acquired, or a copy at quality {JPEG_QUALITY_WARN} or "
+                            "more", float(jpeg_quality)))
     if config.mpp > CALIBRATED_MPP:
         qc.append(QCFinding("coarse_target", "warn", f"scored at {config.mpp:g} µm/px, coarser than the {CALIBRATED_MPP:g} "
                             "µm/px its intensity bands were set at: faint (1+) membranes read weaker and fewer", config.mpp))

@@ -102,6 +102,9 @@ class Slide(ABC):
     mpp_source: str
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
+    jpeg_quality: int | None = None
+    """The IJG quality (1-100) its JPEG compression was saved at, from its luminance quantisation table
+    (jpeg_quality); None where it is not JPEG-compressed or the backend does not say."""
 
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -272,7 +275,7 @@ class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
     def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user",
-                 notes: tuple[str, ...] = ()):
+                 notes: tuple[str, ...] = (), jpeg_quality: int | None = None):
         if mpp is None or not (mpp > 0 and math.isfinite(mpp)):
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
         self.path = Path(path)
@@ -282,9 +285,45 @@ class ArraySlide(Slide):
         self.mpp, self.mpp_source = float(mpp), mpp_source
         self.levels = (Level(w, h, 1.0),)
         self.notes = tuple(notes)
+        self.jpeg_quality = jpeg_quality
 
     def _read_level(self, level, x, y, width, height):
         return self._rgb[y : y + height, x : x + width]
+
+
+IJG_LUMINANCE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+"""The JPEG standard's luminance quantisation table (ITU T.81 Annex K), which libjpeg scales by its quality."""
+
+
+def jpeg_quality(table) -> int:
+    """The IJG quality (1-100) whose scaling of IJG_LUMINANCE comes nearest the step sum of ``table`` (a
+    luminance quantisation table's 64 steps, in any order), as libjpeg scales it: by 5000 / q % under
+    quality 50, by 200 - 2q % from it, each step rounded and kept within 1-255."""
+    q = np.arange(1, 101)
+    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None]
+    sums = np.clip((np.array(IJG_LUMINANCE) * scale + 50) // 100, 1, 255).sum(1)
+    return int(q[np.argmin(np.abs(sums - int(np.sum(table))))])
+
+
+def _dqt_luminance(data: bytes) -> list[int] | None:
+    """Table 0 (luminance) of the DQT segments of a JPEG stream or a TIFF's JPEGTables; None without one."""
+    at = data.find(b"\xff\xdb")
+    while at >= 0 and at + 4 <= len(data):
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        i = at + 4
+        while i < min(end, len(data)):
+            precision, table = data[i] >> 4, data[i] & 15
+            size = 128 if precision else 64
+            steps = data[i + 1 : i + 1 + size]
+            if len(steps) < size:
+                return None
+            if table == 0:
+                return list(np.frombuffer(steps, ">u2" if precision else np.uint8).astype(int))
+            i += 1 + size
+        at = data.find(b"\xff\xdb", end)
+    return None
 
 
 def _plain_mpp(img) -> float | None:
@@ -394,6 +433,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 
                 img = ImageOps.exif_transpose(img)
                 notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
+            quality = jpeg_quality(img.quantization[0]) if img.format == "JPEG" and 0 in getattr(img, "quantization", {}) else None
             arr = np.asarray(img)
     except SlideError:
         raise
@@ -401,7 +441,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
         raise SlideError(path, f"not a readable image although named {path.suffix}") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise SlideError(path, f"cannot decode image ({e}); truncated or corrupt file") from None
-    return ArraySlide(arr, notes=tuple(notes), **_mpp_args(path, meta_mpp, mpp))
+    return ArraySlide(arr, notes=tuple(notes), jpeg_quality=quality, **_mpp_args(path, meta_mpp, mpp))
 
 
 def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
@@ -604,6 +644,7 @@ class TiffSlide(Slide):
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
+            self.jpeg_quality = self._jpeg_quality(base)
             self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
@@ -675,6 +716,17 @@ class TiffSlide(Slide):
         except Exception as e:
             raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
                                         f"({type(e).__name__}: {e})") from None
+
+    def _jpeg_quality(self, base) -> int | None:
+        """jpeg_quality of a JPEG-compressed base page's luminance table: in its JPEGTables, else in its first segment."""
+        if base.compression != 7:  # TIFF's JPEG
+            return None
+        data = base.jpegtables or b""
+        if not data and len(base.dataoffsets) and base.databytecounts[0]:
+            self._tif.filehandle.seek(base.dataoffsets[0])
+            data = self._tif.filehandle.read(min(int(base.databytecounts[0]), 1 << 16))
+        table = _dqt_luminance(bytes(data))
+        return None if table is None else jpeg_quality(table)
 
     def _white_level(self, base, sample_segments: int = 64) -> int:
         """The sample value of white: the full scale of 8-15-bit samples; for 16-bit ones MaxSampleValue where

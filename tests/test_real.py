@@ -425,6 +425,46 @@ def test_a_faded_h_and_e_is_not_rescued_by_its_own_stain_vectors():
         analyse_slide(ArraySlide(faded, mpp=0.2271))  # SOURCE.md
 
 
+def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
+    """The real colon with its DAB taken out (a real HER2 0) saved as a JPEG at quality 20 read 1+ on 16-18% faint
+    cells, the compression's blocks taken for membranes, with QC passed and HER2-low eligible. The file's
+    quantisation table says how hard it was compressed: under quality 60 QC fails and eligibility asks for review;
+    at 90 it scores 0 with QC passed."""
+    from her2score.eligibility import check_eligibility
+    from her2score.pipeline import score_slide
+    from her2score.stain import remove_dab
+
+    unstained = remove_dab(_as_array(CASES["skimage-colon-ihc"])())
+    for quality in (20, 90):
+        Image.fromarray(unstained).save(tmp_path / f"q{quality}.jpg", quality=quality)
+    r = score_slide(tmp_path / "q20.jpg", mpp=0.5)
+    assert [(q.code, q.severity, q.value) for q in r.qc if q.code == "jpeg_quality"] == [("jpeg_quality", "fail", 20.0)]
+    assert not r.qc_passed and "JPEG quality 20 (from its quantisation table)" in r.notes
+    assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+    fine = score_slide(tmp_path / "q90.jpg", mpp=0.5)
+    assert fine.score == "0" and fine.qc_passed and "jpeg_quality" not in {q.code for q in fine.qc}
+
+
+def test_a_nuclear_stain_on_real_nuclei_is_not_rescued_into_membranes():
+    """The real colon with its DAB taken out and put on 70% of its own nuclei (flat 0.25 OD: an ER, PR or Ki67
+    pattern) is refused as nuclear under the default vectors, which read 0% of its tumour cells with a stained
+    membrane. Its own vectors, turned towards haematoxylin, read the rims of those brown nuclei as intense
+    partial membranes: it scored 1+ with QC passed and HER2-low eligible. Membranes only the own vectors see
+    are no rescue: the refusal stands, and says why."""
+    colon = _as_array(CASES["skimage-colon-ihc"])()
+    stains = H_DAB.with_background(estimate_background(colon))
+    conc = deconvolve(colon, stains)
+    nuclei = cv2.GaussianBlur(conc[..., 0], (0, 0), 1.5) > 0.15
+    n, label = cv2.connectedComponents(nuclei.astype(np.uint8), connectivity=8)
+    brown = np.r_[False, np.random.default_rng(0).random(n - 1) < 0.7][label]
+    conc[..., 1], conc[..., 2] = np.where(brown, 0.25, 0.0), 0.0
+    rgb = np.clip(np.float32(stains.background) * 10 ** -np.maximum(conc @ stains.matrix(), 0) + 0.5, 0, 255).astype(np.uint8)
+    with pytest.raises(NuclearStainError, match=r"0% a stained membrane.*its own stain vectors read \d+% of tumour cells "
+                                                 r"with a stained membrane where the default ones read 0%") as refusal:
+        analyse_slide(ArraySlide(rgb, mpp=0.5))
+    assert refusal.value.membrane == 0.0
+
+
 @needs_real
 def test_real_fields_whose_stain_fills_the_cytoplasm_are_flagged():
     """A real Ki67 field auto-contrasted (PIL, 1% clip: its faint tan cytoplasm stretched) read 2+, and a real

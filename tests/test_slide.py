@@ -665,3 +665,19 @@ def test_a_tiled_pyramids_stripped_thumbnail_is_no_level(tmp_path):
         tw.write(l0[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
     with open_slide(tmp_path / "svs_like.tif") as s:
         assert [lv.downsample for lv in s.levels] == [1.0, 2.0]
+
+
+def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path, slide_rgb):
+    """The IJG quality a JPEG file or a TIFF's JPEG tiles were saved at (pipeline QC jpeg_quality); None for
+    lossless files."""
+    from PIL import Image
+
+    for quality in (10, 49, 50, 75, 95):
+        Image.fromarray(slide_rgb).save(tmp_path / f"q{quality}.jpg", quality=quality)
+        assert open_slide(tmp_path / f"q{quality}.jpg", mpp=0.5).jpeg_quality == quality
+    tifffile.imwrite(tmp_path / "q40.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": 40})
+    assert open_slide(tmp_path / "q40.tif", mpp=0.5).jpeg_quality == 40
+    tifffile.imwrite(tmp_path / "zlib.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib")
+    assert open_slide(tmp_path / "zlib.tif", mpp=0.5).jpeg_quality is None
+    assert open_slide(save_png(tmp_path / "f.png", slide_rgb), mpp=0.5).jpeg_quality is None
