@@ -52,15 +52,13 @@ def _score_config(args):
     for i in args.inputs:
         if Path(i).is_dir() and out.exists() and os.path.samefile(out, i):
             raise _UsageError(f"--out {out}: is the input folder {i}; give the results a folder of their own")
-    _check_specimen(args.guideline, args.specimen)
+    _check_guideline(args)
     t = Thresholds()
     try:
         if args.thresholds:
             t = replace(t, **json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as e:
         raise _UsageError(f"--thresholds {args.thresholds}: {e}") from None
-    if not 0 <= args.isolated_floor <= 10:
-        raise _UsageError(f"--isolated-floor {args.isolated_floor:g}: must be within 0-10 (% of tumour cells)")
     try:
         config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
                                thresholds=t, estimate_stains=args.estimate_stains,
@@ -93,15 +91,22 @@ def _one_line(message: str) -> str:
     return lines[0] + (" ..." if len(lines) > 1 else "")
 
 
-def _check_specimen(guideline: str, specimen: str) -> None:
-    """_UsageError unless ``guideline`` scores ``specimen`` (biopsy has its own rule only under gastric)."""
-    from .categories import CATEGORIES
-    from .guidelines import apply_guideline
+def _check_guideline(args) -> None:
+    """_UsageError naming the option unless each guideline setting goes with --guideline (guidelines.check_settings:
+    biopsy has its own rule only under gastric, the per-band reading is gastric's, the isolated floor breast's)."""
+    from .guidelines import ISOLATED_INTENSE_PERCENT, check_settings
 
-    try:
-        apply_guideline({CATEGORIES[0]: 1}, guideline, specimen, clusters={})
-    except ValueError as e:
-        raise _UsageError(f"--specimen {specimen}: {e}") from None
+    if not 0 <= args.isolated_floor <= 10:
+        raise _UsageError(f"--isolated-floor {args.isolated_floor:g}: must be within 0-10 (% of tumour cells)")
+    defaults = dict(specimen="resection", isolated_intense_percent=ISOLATED_INTENSE_PERCENT, gastric_reading="cumulative")
+    for option, value, setting in (("--specimen", args.specimen, "specimen"),
+                                   ("--isolated-floor", f"{args.isolated_floor:g}", "isolated_intense_percent"),
+                                   ("--gastric-reading", args.gastric_reading, "gastric_reading")):
+        try:
+            check_settings(args.guideline, **{**defaults, setting: getattr(args, setting.replace("isolated_intense_percent",
+                                                                                                  "isolated_floor"))})
+        except ValueError as e:
+            raise _UsageError(f"{option} {value}: {e}") from None
 
 
 STATUS_MARK = {"passed": " ", "needs_review": "?", "qc_failed": "!", "not_scored": "!"}
@@ -361,7 +366,7 @@ def _evaluate(args) -> int:
     from .evaluate import evaluate
 
     try:
-        _check_specimen(args.guideline, args.specimen)
+        _check_guideline(args)
     except _UsageError as e:
         print(f"her2score evaluate: {e}", file=sys.stderr)
         return 2
@@ -371,7 +376,8 @@ def _evaluate(args) -> int:
         torch.set_num_threads(max(1, args.threads))
     try:
         report = evaluate(args.labels, args.out, reuse=args.reuse, use_cnn=not args.no_cnn, model=args.weights,
-                          guideline=args.guideline, specimen=args.specimen, mpp=args.mpp, bootstrap=args.bootstrap,
+                          guideline=args.guideline, specimen=args.specimen, gastric_reading=args.gastric_reading,
+                          isolated_intense_percent=args.isolated_floor, mpp=args.mpp, bootstrap=args.bootstrap,
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
                           progress=None if args.quiet else _eval_progress)
     except ModelError as e:
@@ -436,9 +442,23 @@ CHECK_EPILOG = """exit codes:
      classical and CNN scores disagree, not scored)
   2  usage or input error: unknown rule, missing file, a folder, a JSON that is not a result.json"""
 
-SCORE_EPILOG = """exit codes: 0 every slide of this run scored; 1 some refused or failed (see summary.csv);
+SCORE_EPILOG = """exit codes: 0 every slide of this run read and given a result.json (its qc_status may still say
+needs_review, qc_failed or not_scored); 1 some refused or failed (see summary.csv);
 2 usage or input error (nothing written, no output folder created).
 summary.csv lists every slide in --out; qc_status beside each score: passed, needs_review, qc_failed, not_scored."""
+
+
+def _guideline_arguments(p: argparse.ArgumentParser) -> None:
+    """The guideline settings ``score`` and ``evaluate`` share."""
+    p.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
+                   help="scoring guideline: %(choices)s")
+    p.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
+                   help="specimen type (biopsy has its own rule only under gastric)")
+    p.add_argument("--gastric-reading", default="cumulative", choices=("cumulative", "per_band"),
+                   help="gastric: count a cell at its level and every weaker one (cumulative), or at its own level only")
+    p.add_argument("--isolated-floor", type=float, default=1.0, metavar="PERCENT",
+                   help="breast: intense complete cells in fewer than this %% of tumour cells (or fewer than 5) are "
+                        "isolated cells, not the 'intense complete in <=10%%' 2+ pattern (0: one cell is enough)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,15 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=SCORE_EPILOG)
     s.add_argument("inputs", nargs="+", help="slide files or folders (searched recursively)")
     s.add_argument("--out", required=True, help="output folder (resumable: slides done with the same settings are reused)")
-    s.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
-                   help="scoring guideline: %(choices)s")
-    s.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
-                   help="specimen type (biopsy has its own rule only under gastric)")
-    s.add_argument("--gastric-reading", default="cumulative", choices=("cumulative", "per_band"),
-                   help="gastric: count a cell at its level and every weaker one (cumulative), or at its own level only")
-    s.add_argument("--isolated-floor", type=float, default=1.0, metavar="PERCENT",
-                   help="breast: intense complete cells in fewer than this %% of tumour cells (or fewer than 5) are "
-                        "isolated cells, not the 'intense complete in <=10%%' 2+ pattern (0: one cell is enough)")
+    _guideline_arguments(s)
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
                                              "notes where they differ), needed where it has none; checked against "
                                              "the nuclei the image shows")
@@ -552,10 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
     e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
     e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
-    e.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
-                   help="scoring guideline: %(choices)s")
-    e.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
-                   help="specimen type (biopsy has its own rule only under gastric)")
+    _guideline_arguments(e)
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")

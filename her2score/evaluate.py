@@ -612,14 +612,15 @@ def _truth_percent(counts: Mapping[str, int]) -> dict[str, float]:
 
 def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | os.PathLike | None = None,
              use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
-             mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
+             gastric_reading: str = "cumulative", isolated_intense_percent: float | None = None, mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
              eligible_rule: str | None = None, reuse_by_name: bool = False,
              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
     ``use_cnn`` is False). ``rules``: eligibility rules, by name, rule file or Rule (default: all shipped rules).
-    ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters). ``reuse_by_name``: also
+    ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters); ``gastric_reading``,
+    ``isolated_intense_percent`` (None: the default): as ScoringConfig's. ``reuse_by_name``: also
     reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of:
     a result does not say which pixels it read).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
@@ -636,7 +637,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         from .cnn import TileClassifier, load_model
 
         clf = model if isinstance(model, TileClassifier) else load_model(model)
-    config = ScoringConfig(guideline=guideline, specimen=specimen)
+    config = ScoringConfig(guideline=guideline, specimen=specimen, gastric_reading=gastric_reading,
+                           **({} if isolated_intense_percent is None else {"isolated_intense_percent": isolated_intense_percent}))
     rule_objs = [r if isinstance(r, Rule) else load_rule(r) for r in (rules or available_rules())]
     unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
     if unknown:
@@ -695,7 +697,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     metrics: dict[str, Any] = {
         "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
         "not_scored": sum(1 for i in ok if results[i].score is None),
-        "guideline": guideline, "specimen": specimen, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
+        "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,
+        "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
         "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
         "model": clf.name if clf else None,
         "cnn_source": dict(sorted((k, v) for k, v in _count(r.get("cnn_by") for r in rows).items() if k)) or None,

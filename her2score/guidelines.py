@@ -219,11 +219,14 @@ and intense ones, complete or not (the unusual pattern: an intense complete memb
 
 
 def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
-    """Raise ValueError for a guideline or gastric reading the rules do not know."""
+    """Raise ValueError for a guideline or gastric reading the rules do not know, or a reading other than
+    cumulative under a guideline that is not gastric's."""
     if guideline not in GUIDELINES:
         raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
     if gastric_reading not in GASTRIC_READINGS:
         raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
+    if gastric_reading != "cumulative" and GUIDELINE_FAMILY[guideline] != "gastric":
+        raise ValueError(f"gastric_reading {gastric_reading!r} is a reading of the gastric rules; {guideline} has none")
 
 
 def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str) -> dict[str, tuple[str, ...]]:
@@ -671,9 +674,10 @@ def _validated_clusters(clusters: Mapping[str, int] | None, cumulative: Mapping[
 
 
 def check_settings(guideline: str, specimen: str, *, isolated_intense_percent: float, gastric_reading: str) -> None:
-    """Raise ValueError for settings apply_guideline cannot score with (checked before any tile is read)."""
-    if guideline not in GUIDELINES:
-        raise ValueError(f"unknown guideline {guideline!r}; choose one of {list(GUIDELINES)}")
+    """Raise ValueError for settings apply_guideline cannot score with (checked before any tile is read), and
+    for those that would have no effect under ``guideline``: the per-band reading (gastric only), an isolated
+    floor other than the default (breast only)."""
+    _known(guideline, gastric_reading)
     if specimen not in SPECIMENS:
         raise ValueError(f"unknown specimen {specimen!r}; choose one of {list(SPECIMENS)}")
     if specimen == "biopsy" and GUIDELINE_FAMILY[guideline] != "gastric":
@@ -683,8 +687,9 @@ def check_settings(guideline: str, specimen: str, *, isolated_intense_percent: f
         )
     if not 0 <= isolated_intense_percent <= 10:
         raise ValueError(f"isolated_intense_percent must be within 0-10 (% of tumour cells), got {isolated_intense_percent!r}")
-    if gastric_reading not in GASTRIC_READINGS:
-        raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
+    if isolated_intense_percent != ISOLATED_INTENSE_PERCENT and GUIDELINE_FAMILY[guideline] != "breast":
+        raise ValueError(f"isolated_intense_percent is the floor of breast's 'intense complete in <=10%' pattern; "
+                         f"{guideline} has no such pattern")
 
 
 def apply_guideline(

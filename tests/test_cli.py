@@ -124,10 +124,15 @@ def test_guideline_settings_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out / "bad"), "--isolated-floor", "11"]) == 2
     assert "--isolated-floor 11: must be within 0-10" in capsys.readouterr().err and not (out / "bad").exists()
-    assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric",
-                 "--gastric-reading", "per_band", "--isolated-floor", "0"]) == 0
-    config = json.loads((out / "field_2plus_a.png" / "result.json").read_text())["config"]
-    assert (config["gastric_reading"], config["isolated_intense_percent"]) == ("per_band", 0.0)
+    assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out / "g"), "-q", "--no-cnn", "--guideline", "gastric",
+                 "--gastric-reading", "per_band"]) == 0
+    assert json.loads((out / "g" / "field_2plus_a.png" / "result.json").read_text())["config"]["gastric_reading"] == "per_band"
+    assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out / "b"), "-q", "--no-cnn", "--isolated-floor", "0"]) == 0
+    assert json.loads((out / "b" / "field_2plus_a.png" / "result.json").read_text())["config"]["isolated_intense_percent"] == 0.0
+    # a setting the guideline has no use for is refused, not written into result.json without effect
+    for bad in (["--gastric-reading", "per_band"], ["--guideline", "gastric", "--isolated-floor", "0"]):
+        assert main(["score", str(SAMPLES / "field_2plus_a.png"), "--out", str(out / "bad"), *bad]) == 2
+        assert f"{bad[-2]} {bad[-1]}: " in capsys.readouterr().err and not (out / "bad").exists()
 
 
 def test_quiet_shows_progress_only_for_the_slides_that_fail(tmp_path, capsys):

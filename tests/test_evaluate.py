@@ -550,13 +550,20 @@ def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("her2score evaluate: --specimen biopsy: specimen 'biopsy'")
     assert not out.exists()
+    assert main(["evaluate", labels, "--out", str(out), "--no-cnn", "--gastric-reading", "per_band"]) == 2
+    assert "--gastric-reading per_band: gastric_reading 'per_band' is a reading of the gastric rules" in capsys.readouterr().err
     argv = ["evaluate", labels, "--out", str(out), "--no-cnn", "--guideline", "gastric", "--specimen", "biopsy",
-            "--bootstrap", "50", "-q"]
+            "--gastric-reading", "per_band", "--bootstrap", "50", "-q"]
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["guideline"], m["specimen"]) == ("gastric", "biopsy")
+    assert (m["guideline"], m["specimen"], m["gastric_reading"]) == ("gastric", "biopsy", "per_band")
     results = sorted((out / "results").rglob("result.json"))
     assert len(results) == 4 and {json.loads(p.read_text())["specimen"] for p in results} == {"biopsy"}
+    assert {json.loads(p.read_text())["config"]["gastric_reading"] for p in results} == {"per_band"}
+    floor = tmp_path / "floor"  # the isolated floor, breast's, reaches the scoring too
+    assert main(["evaluate", labels, "--out", str(floor), "--no-cnn", "--isolated-floor", "0", "--bootstrap", "0", "-q"]) == 0
+    assert json.loads((floor / "metrics.json").read_text())["isolated_intense_percent"] == 0.0
+    assert {json.loads(p.read_text())["config"]["isolated_intense_percent"] for p in (floor / "results").rglob("result.json")} == {0.0}
 
 
 def test_evaluate_rules_from_the_command_line(tmp_path, capsys):

@@ -181,6 +181,9 @@ def test_intense_incomplete_cells_make_an_equivocal_2plus():
     f = _field({"strong_partial": 0.20}, seed=9501)
     r = _score(f)
     assert (r.score, r.level) == ("2+", "2+") and {"ish_reflex", "unusual_pattern"} <= set(r.flags), r.reason
+    # the intense incomplete cells make most of the deciding share, not misread complete ones alone (a 2+ the
+    # "intense complete in <=10%" pattern would give too)
+    assert r.counts["strong_partial"] > 2 * r.counts["strong_complete"] and "intense incomplete" in r.reason, r.counts
     assert r.h_score >= 3 * 15  # intense cells weigh 3 in the H-score, not 1
     gastric = _score(_field({"strong_partial": 0.20}, seed=9501, gastric=True), guideline=G)
     assert gastric.score == "1+", gastric.reason  # gastric: partial non-U membranes are 1+ cells
