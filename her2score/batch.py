@@ -122,7 +122,8 @@ def discover(
     A file named explicitly is always taken (an unsupported one gets its error when opened). Folders are
     searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and
     so are image formats known to be unsupported (so they get a clear error row); hidden files and
-    folders, folders under ``exclude`` (the batch's own output) and MRXS data folders are not searched;
+    folders, folders under ``exclude`` (the batch's own output), other batches' output folders (holding a
+    MANIFEST) and MRXS data folders are not searched;
     other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
@@ -135,12 +136,15 @@ def discover(
         elif p.is_file():
             found.append((p, p.parent))
         elif p.is_dir():
-            slides, others, errors = _walk(p, excluded)
+            slides, others, batches, errors = _walk(p, excluded)
             for where, reason in errors:
                 problems.append((where, f"{where}: {reason}"))
             if skipped is not None:
                 skipped.extend((str(f), "not a slide format") for f in others)
-            if not slides and not errors:
+                skipped.extend((str(f), f"a her2score batch's outputs ({MANIFEST}): not searched") for f in batches)
+            if not slides and resolved_path(p) in map(resolved_path, batches):
+                problems.append((str(p), f"{p}: a her2score batch's output folder ({MANIFEST}), not a folder of slides"))
+            elif not slides and not errors:
                 extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
                 problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
             found.extend((f, p) for f in slides)
@@ -155,8 +159,10 @@ def discover(
     return unique, problems
 
 
-def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
-    slides, others, errors = [], [], []
+def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
+    """Slides, other files, other batches' output folders (holding a MANIFEST: their overlays are no slides)
+    and listing errors under ``root``."""
+    slides, others, batches, errors = [], [], [], []
 
     def onerror(e: OSError) -> None:
         errors.append((e.filename or str(root), f"cannot list folder ({e.strerror or e})"))
@@ -169,6 +175,10 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             dirnames[:] = []
             continue
         visited.add(real)
+        if MANIFEST in filenames:
+            batches.append(here)
+            dirnames[:] = []
+            continue
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and d not in mrxs and not _inside(here / d, excluded))
@@ -181,7 +191,7 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
                 slides.append(f)
             else:
                 others.append(f)
-    return sorted(slides), others, errors
+    return sorted(slides), others, batches, errors
 
 
 def safe_name(relative: str) -> str:
@@ -651,11 +661,13 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
     _clean_temp_files(out)
     skipped: list[tuple[str, str]] = []
     slides, problems = discover(inputs, exclude=[out], skipped=skipped)
-    unexpected = [p for p, _ in skipped if Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
+    unexpected = [p for p, why in skipped if why == "not a slide format" and Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
     if unexpected:
         names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
+    if batches := [p for p, why in skipped if why != "not a slide format"]:
+        log.warning("not searched, as other batches' outputs (%s): %s", MANIFEST, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
     manifest.respell([slide for slide, _ in slides])

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -230,27 +230,11 @@ def _check(args) -> int:
     from .eligibility import check_eligibility, load_rule
     from .results import SlideResult
 
-    path = Path(args.result)
     try:
-        if path.is_dir():
-            raise _UsageError(f"{path}: is a folder; give the result.json inside a slide's output folder")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise _UsageError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise _UsageError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+            result = SlideResult.read(args.result)
         except ValueError as e:
-            raise _UsageError(f"{path}: not JSON ({e})") from None
-        required = [f.name for f in fields(SlideResult) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in data] if isinstance(data, dict) else required
-        if missing:
-            raise _UsageError(f"{path}: not a her2score result.json (no {', '.join(missing[:4])}"
-                              f"{', ...' if len(missing) > 4 else ''})")
-        try:
-            result = SlideResult.from_dict(data)
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
-            raise _UsageError(f"{path}: not a her2score result.json ({type(e).__name__}: {e})") from None
+            raise _UsageError(str(e)) from None
         rules = []
         for name in args.rule:
             try:
@@ -266,7 +250,7 @@ def _check(args) -> int:
     statuses = [d.status for d in decisions]
     code = 3 if "needs_review" in statuses else 1 if "not_eligible" in statuses else 0
     if args.json:
-        print(json.dumps({"result": str(path), "slide": result.slide, "score": result.score, "level": result.level,
+        print(json.dumps({"result": str(Path(args.result)), "slide": result.slide, "score": result.score, "level": result.level,
                           "exit_code": code,
                           "decisions": [{"rule": d.rule, "version": d.rule_version, "status": d.status,
                                          "reasons": list(d.reasons)} for d in decisions]},

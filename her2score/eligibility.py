@@ -35,7 +35,9 @@ result can change it.
 """
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -450,11 +452,25 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
             f"at {level} the answer would be {other}")
 
 
-def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str | None = None) -> Decision:
+def _ish_doubt(result: SlideResult, ish: str | None) -> str | None:
+    """Why the slide needs review when its ISH result contradicts its IHC score: ISH positive on a 0 or 1+, ISH
+    negative on a 3+ (ASCO/CAP reflex ISH only on a 2+; a discordant pair is a pathologist's to reconcile, and
+    an ISH-positive case is HER2-positive whatever its IHC); None otherwise."""
+    if (ish, result.score) in (("positive", "0"), ("positive", "1+"), ("negative", "3+")):
+        return (f"ISH {ish} contradicts IHC {result.level}: a discordant pair (recheck both; an ISH-positive case is "
+                "HER2-positive whatever its IHC score)")
+    return None
+
+
+def check_eligibility(result: SlideResult | str | os.PathLike | Mapping, rule: str | Path | Rule, *,
+                      ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
+    ``result``: a SlideResult, a result.json's path (SlideResult.read) or its loaded dict (SlideResult.from_dict).
     ``ish``: "positive", "negative" (any case) or None (not done yet). See the module docstring for precedence.
     """
+    if not isinstance(result, SlideResult):
+        result = SlideResult.from_dict(dict(result)) if isinstance(result, Mapping) else SlideResult.read(result)
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
     ish = ish.strip().lower() if isinstance(ish, str) else ish  # as evaluate reads its ish column: any case
     if ish not in (None, *ISH_RESULTS):
@@ -471,6 +487,8 @@ def check_eligibility(result: SlideResult, rule: str | Path | Rule, *, ish: str 
     if result.score is None:  # no score, no automatic answer to add
         return Decision("needs_review", rule.name, rule.version, (f"not scored: {result.reason}", *doubts))
     status, reasons = _decide(result, rule, ish)
+    if (discordant := _ish_doubt(result, ish)) is not None:
+        doubts.append(discordant)
     if (zero := _plain_zero_doubt(result, rule, ish)) is not None:
         doubts.append(zero)
     if (isolated := _isolated_doubt(result, rule, ish, status)) is not None:

@@ -503,8 +503,8 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
     result = None
     if f is not None and not _changed_since(item.path, f):  # not an image written again after its result
         try:  # another version's result, or a damaged one: scored again
-            result = SlideResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
-        except (ValueError, TypeError, KeyError, OSError):
+            result = SlideResult.read(f)
+        except ValueError:
             pass
     if result is not None:
         recorded = dict(result.config)

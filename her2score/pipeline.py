@@ -71,6 +71,11 @@ it is warned of: the compression's blocks read as faint membranes. Measured on r
 (the colon with no DAB or 0.05 x its DAB, a real Ki67 field with no DAB) saved at quality 10-90: at 70 and over
 they read at most 6% of tumour cells stained; at 50-60 up to 19%, a confident 1+ (at 20-30, 16-20%)."""
 
+MPP_OVERRIDE_MAX = 1.25
+"""A µm/px given by the user more than this factor off the file's metadata fails QC (mpp_overrides_metadata): the
+metadata can be wrong, but so can the user, and the nucleus-size check only refuses scales 2-3x off (a 1+ field
+at 0.5 µm/px by its metadata, given 0.25, read 921 tumour cells for 3,651 and 0+ (ultralow), QC passed)."""
+
 COARSE_SCAN_WARN = 1.1
 """A scan coarser than this x CALIBRATED_MPP (0.55 µm/px) gets the QC warning intensity_read_low."""
 
@@ -475,7 +480,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
-        slide_path, slide_mpp, jpeg_quality = str(slide.path), slide.mpp, slide.jpeg_quality
+        slide_path, slide_mpp, jpeg_quality, metadata_mpp = str(slide.path), slide.mpp, slide.jpeg_quality, slide.metadata_mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes,
                  *([f"JPEG quality {jpeg_quality} (from its quantisation table)"] if jpeg_quality is not None else []))
 
@@ -506,11 +511,11 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
     return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin,
-                   cnn_report, jpeg_quality)
+                   cnn_report, jpeg_quality, metadata_mpp)
 
 
 def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report,
-            jpeg_quality) -> SlideAnalysis:
+            jpeg_quality, metadata_mpp) -> SlideAnalysis:
     t = config.thresholds
     floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
     threshold = max(t.faint_od, floor)
@@ -547,7 +552,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor, jpeg_quality)
+    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor, jpeg_quality, metadata_mpp)
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
@@ -747,8 +752,13 @@ def _neighbour_rows(parts: list[TileResult], *, tolerance_px: float) -> Iterator
 
 
 def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, n_tumour: int, stains: StainSet,
-        eosin: float, slide_mpp: float, floor_od: float, jpeg_quality: int | None) -> list[QCFinding]:
+        eosin: float, slide_mpp: float, floor_od: float, jpeg_quality: int | None, metadata_mpp: float | None) -> list[QCFinding]:
     qc = []
+    if metadata_mpp is not None and not 1 / MPP_OVERRIDE_MAX <= slide_mpp / metadata_mpp <= MPP_OVERRIDE_MAX:
+        qc.append(QCFinding("mpp_overrides_metadata", "fail", f"scored at the {slide_mpp:.4g} µm/px given, {slide_mpp / metadata_mpp:.2g} x "
+                            f"the {metadata_mpp:.4g} the file's metadata says: cell sizes, the tumour-cell rules and the "
+                            "share stained depend on it (a 1+ field given half its µm/px read 0+); check which is right",
+                            round(slide_mpp / metadata_mpp, 4)))
     if jpeg_quality is not None and jpeg_quality < JPEG_QUALITY_WARN:
         qc.append(QCFinding("jpeg_quality", "fail" if jpeg_quality < JPEG_QUALITY_FAIL else "warn",
                             f"saved as JPEG at quality {jpeg_quality} (from its quantisation table): the compression's "

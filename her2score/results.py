@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 __all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS"]
@@ -102,6 +104,30 @@ class SlideResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "SlideResult":
+        """The result a result.json holds; ValueError naming the file and why it is none (a folder, missing,
+        unreadable, not JSON, not a her2score result.json)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder; give the result.json inside a slide's output folder")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data] if isinstance(data, dict) else required
+        if missing:
+            raise ValueError(f"{path}: not a her2score result.json (no {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise ValueError(f"{path}: not a her2score result.json ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SlideResult":

@@ -102,6 +102,8 @@ class Slide(ABC):
     mpp_source: str
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
+    metadata_mpp: float | None = None
+    """The µm/px the file's metadata gives where a user's value overrides it by more than 5% (else None)."""
     jpeg_quality: int | None = None
     """The IJG quality (1-100) its JPEG compression was saved at, from its luminance quantisation table
     (jpeg_quality); None where it is not JPEG-compressed or the backend does not say."""
@@ -275,7 +277,7 @@ class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
     def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user",
-                 notes: tuple[str, ...] = (), jpeg_quality: int | None = None):
+                 notes: tuple[str, ...] = (), jpeg_quality: int | None = None, metadata_mpp: float | None = None):
         if mpp is None or not (mpp > 0 and math.isfinite(mpp)):
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
         self.path = Path(path)
@@ -285,7 +287,7 @@ class ArraySlide(Slide):
         self.mpp, self.mpp_source = float(mpp), mpp_source
         self.levels = (Level(w, h, 1.0),)
         self.notes = tuple(notes)
-        self.jpeg_quality = jpeg_quality
+        self.jpeg_quality, self.metadata_mpp = jpeg_quality, metadata_mpp
 
     def _read_level(self, level, x, y, width, height):
         return self._rgb[y : y + height, x : x + width]
@@ -447,11 +449,11 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
     """µm/px given by the user (it overrides the metadata: the metadata can be wrong, e.g. a JPEG's 16-bit
     dpi), else from the metadata when plausible, else a SlideError naming the file. A user's value more
-    than 5% off the metadata's says so in ``mpp_source``."""
+    than 5% off the metadata's says so in ``mpp_source`` and keeps the metadata's as ``metadata_mpp``."""
     if user_mpp:
         differs = meta_mpp and abs(float(user_mpp) / float(meta_mpp) - 1) > 0.05
         source = f"user (the file's metadata says {meta_mpp:.4g})" if differs else "user"
-        return {"mpp": float(user_mpp), "path": path, "mpp_source": source}
+        return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **({"metadata_mpp": float(meta_mpp)} if differs else {})}
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
     if meta_mpp:
@@ -640,7 +642,7 @@ class TiffSlide(Slide):
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
             args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp)
-            self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
+            self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
@@ -804,7 +806,7 @@ class OpenSlideSlide(Slide):
             except ValueError:
                 pass
             args = _mpp_args(path, meta, mpp)
-            self.mpp, self.mpp_source = args["mpp"], args["mpp_source"]
+            self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
             self.dimensions = (w, h)
             self.levels = tuple(
                 Level(lw, lh, float(ds))

@@ -275,6 +275,26 @@ def test_slides_in_linked_folders_are_found_and_a_link_loop_ends(tmp_path, field
     assert [s.name for s, _ in slides] == ["s.png"] and problems == []
 
 
+def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path, fields, caplog):
+    """A second batch over a slide folder that holds the first batch's outputs scored their overlay.png as
+    slides (refused rows, exit 1): a folder holding a manifest.json is another batch's, and is not searched.
+    Given as the input itself, it is refused as no folder of slides."""
+    case = tmp_path / "case"
+    case.mkdir()
+    save_png(case / "s.png", fields["1+"])
+    first = run_batch([case], case / "results_breast")
+    assert [Path(r["slide"]).name for r in first] == ["s.png"]
+    skipped: list = []
+    slides, problems = discover([case], skipped=skipped)
+    assert [s.name for s, _ in slides] == ["s.png"] and problems == []
+    assert skipped == [(str(case / "results_breast"), "a her2score batch's outputs (manifest.json): not searched")]
+    second = run_batch([case], case / "results_gastric", config=ScoringConfig(guideline="gastric"))
+    assert [(Path(r["slide"]).name, r["status"]) for r in second] == [("s.png", "ok")]
+    assert "not searched, as other batches' outputs (manifest.json)" in caplog.text
+    assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
+                                                        "batch's output folder (manifest.json), not a folder of slides")]
+
+
 def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):
     """Python 3.11-3.12 raise RuntimeError resolving a link loop: the loop is that slide's error, the others are scored."""
     folder = tmp_path / "slides"

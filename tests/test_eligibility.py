@@ -45,6 +45,7 @@ ULTRALOW = dict(none=190, faint_partial=10)
 ONE = dict(none=150, faint_partial=50)
 TWO = dict(none=140, weak_moderate_complete=60)
 THREE = dict(none=100, strong_complete=100)
+ZERO = dict(none=200)
 
 
 def test_available_rules():
@@ -107,7 +108,8 @@ def test_breast_rules(rule, counts, ish, status):
         (dict(none=90, strong_lateral=10), None, "eligible"),  # lateral 3+ at exactly 10%
         (dict(none=90, weak_moderate_lateral=10), None, "needs_review"),
         (dict(none=90, weak_moderate_lateral=10), "positive", "eligible"),
-        (dict(none=90, faint_partial=10), "positive", "not_eligible"),
+        (dict(none=90, faint_partial=10), "negative", "not_eligible"),
+        (dict(none=90, faint_partial=10), "positive", "needs_review"),  # IHC 1+ with ISH positive: discordant
     ],
 )
 def test_gastric_toga(counts, ish, status):
@@ -158,9 +160,21 @@ def test_several_unsure_requirements_are_weighed_together():
 
 
 def test_ish_not_used_at_other_levels_is_said():
-    decision = check_eligibility(make_result(**THREE), "her2-positive-breast", ish="negative")
+    decision = check_eligibility(make_result(**ONE), "her2-low-breast", ish="negative")
     assert decision.status == "eligible"
     assert any("not used" in r for r in decision.reasons)
+
+
+@pytest.mark.parametrize(("counts", "ish"), [(THREE, "negative"), (ONE, "positive"), (ZERO, "positive")])
+def test_an_ish_result_that_contradicts_the_ihc_score_is_reviewed(counts, ish):
+    """A 3+ with ISH negative, a 1+ or 0 with ISH positive: the rule answered on IHC alone ("ISH result not
+    used"), eligible or not; a discordant pair is a pathologist's to reconcile (an ISH-positive case is
+    HER2-positive whatever its IHC score). The rule's own answer stays among the reasons."""
+    for rule in ("her2-positive-breast", "her2-low-breast"):
+        decision = check_eligibility(make_result(**counts), rule, ish=ish)
+        assert decision.status == "needs_review", decision.reasons
+        assert decision.reasons[0].startswith(f"ISH {ish} contradicts IHC "), decision.reasons
+        assert any(r.startswith("without these doubts the answer would be") for r in decision.reasons)
 
 
 def test_awaiting_ish_reason():
@@ -608,3 +622,22 @@ def test_the_false_membrane_words_name_only_the_band_that_made_a_1plus_near():
     assert "real unstained" not in _near_words([("0", 12.0)], "1+", 1000, ScoringConfig())  # within the 5 points
     interval = _near_words([("0", 16.0)], "1+", 100, ScoringConfig(false_membrane_percent=0.0))  # its interval, band off
     assert "real unstained" not in interval and "95% interval" in interval
+
+
+def test_eligibility_of_a_result_json_by_path_or_dict(tmp_path):
+    """check_eligibility takes a result.json's path or its loaded dict as well as a SlideResult (a user's first
+    try raised AttributeError: 'str' object has no attribute 'qc'); a file that holds no result says so, by name."""
+    import json
+
+    result = make_result(**ONE)
+    path = tmp_path / "result.json"
+    path.write_text(result.to_json())
+    expected = check_eligibility(result, "her2-low-breast")
+    assert check_eligibility(str(path), "her2-low-breast") == expected == check_eligibility(path, "her2-low-breast")
+    assert check_eligibility(json.loads(path.read_text()), "her2-low-breast") == expected
+    (tmp_path / "other.json").write_text('{"score": "1+"}')
+    for bad, why in ((tmp_path / "other.json", "not a her2score result.json (no slide"), (tmp_path / "none.json", "no such file"),
+                     (tmp_path, "is a folder")):
+        with pytest.raises(ValueError) as refused:
+            check_eligibility(bad, "her2-low-breast")
+        assert str(refused.value).startswith(f"{bad}: {why}"), refused.value

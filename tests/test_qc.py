@@ -134,3 +134,19 @@ def test_the_eosin_qc_reads_the_tiles_not_the_thumbnail(monkeypatch):
     f = generate_field("3+", seed=9101)
     r = score_slide(ArraySlide(f.image, mpp=f.mpp))
     assert "eosin_like_colour" not in codes(r) and r.qc_passed, r.qc
+
+
+def test_a_user_mpp_far_off_the_files_metadata_fails_qc(tmp_path, field_3plus):
+    """The µm/px a user gives overrides the file's metadata; more than 1.25x off it, QC fails and eligibility
+    asks for review: a 1+ field at 0.5 µm/px by its metadata, given 0.25, read 0+ (ultralow) with QC passed.
+    A value near the metadata's (0.45 for 0.5) is no finding."""
+    from conftest import save_png
+
+    path = save_png(tmp_path / "f.png", field_3plus, mpp=0.5)
+    far = score_slide(path, mpp=0.25)
+    assert codes(far)["mpp_overrides_metadata"] == "fail" and far.qc_status == "qc_failed"
+    assert next(q.value for q in far.qc if q.code == "mpp_overrides_metadata") == 0.5
+    assert check_eligibility(far, "her2-positive-breast").status == "needs_review"
+    near = score_slide(path, mpp=0.45)
+    assert "mpp_overrides_metadata" not in codes(near) and "µm/px 0.45 from user (the file's metadata says 0.5)" in near.notes
+    assert "mpp_overrides_metadata" not in codes(score_slide(path))
