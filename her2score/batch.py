@@ -19,6 +19,7 @@ with the batch (Linux PR_SET_PDEATHSIG), so a killed batch leaves no orphan stil
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -398,7 +399,8 @@ def _preload_cnn(weights: str) -> None:
 
 
 def process_slide(job: Job) -> dict:
-    """Score one slide and write its outputs; never raises: failures become an error row."""
+    """Score one slide and write its outputs; failures become an error row, but for a full or read-only output
+    folder (BatchError: the batch stops)."""
     row = _empty_row(job.slide, job.name)
     try:
         out_dir = Path(job.out_dir)
@@ -412,7 +414,15 @@ def process_slide(job: Job) -> dict:
             use_one_thread()  # run_batch runs this in worker processes (local pool or Dask): torch, if loaded, one thread
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
                                  workers=job.tile_workers, cnn=cnn)
-        write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
+        try:
+            write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
+        except OSError as e:  # the slide was read and scored: the fault is the output folder's, which says so
+            _remove_outputs(job.out_dir)
+            reason = f"{out_dir}: cannot write the outputs ({e.strerror or e})"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # every slide after it would fail alike
+                raise BatchError(f"{reason}; stopped. Finished slides are kept: make room and run the same command "
+                                 "again to resume") from None
+            raise OSError(e.errno, reason) from None
         r = analysis.result
         row.update(
             status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,
@@ -426,6 +436,8 @@ def process_slide(job: Job) -> dict:
     except BrokenProcessPool as e:  # a tile or output worker of this slide died (the OOM killer, a crashing reader)
         log.debug("slide's worker died: %s\n%s", job.slide, traceback.format_exc())
         return _crash_row(job, e)
+    except BatchError:  # the batch's own fault (its output folder full): every slide after it would fail alike
+        raise
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
@@ -848,6 +860,8 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
             for f in ready:
                 try:
                     row = f.result()
+                except BatchError:  # the output folder full: the batch stops
+                    raise
                 except Exception as e:  # a worker lost or killed while scoring
                     row = _crash_row(by_key[f.key], e)
                 yield by_key[f.key], row

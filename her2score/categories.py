@@ -1,7 +1,7 @@
 """Per-cell HER2 membrane category from measurements and thresholds (log10 DAB OD, fractions)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -69,6 +69,21 @@ class Thresholds:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "Thresholds":
+        """The defaults with the fields ``d`` (a JSON object's dict) gives; ValueError naming an unknown field
+        (and the known ones) or a value that is no number."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of thresholds, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        if unknown := sorted(set(d) - set(known)):
+            raise ValueError(f"unknown threshold {unknown[0]!r}; the thresholds are {', '.join(known)}")
+        for k, v in d.items():
+            wanted = int if k == "min_arc_sectors" else (int, float)
+            if isinstance(v, bool) or not isinstance(v, wanted):
+                raise ValueError(f"{k} must be {'a whole number' if wanted is int else 'a number'}, got {v!r}")
+        return replace(cls(), **d)
 
 
 def classify_cells(

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -56,8 +55,10 @@ def _score_config(args):
     t = Thresholds()
     try:
         if args.thresholds:
-            t = replace(t, **json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
+            t = Thresholds.from_dict(json.loads(Path(args.thresholds).read_text(encoding="utf-8")))
+    except OSError as e:
+        raise _UsageError(f"--thresholds {args.thresholds}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
         raise _UsageError(f"--thresholds {args.thresholds}: {e}") from None
     try:
         config = ScoringConfig(guideline=args.guideline, specimen=args.specimen, mpp=args.target_mpp,
@@ -428,7 +429,8 @@ CHECK_EPILOG = """exit codes:
 
 SCORE_EPILOG = """exit codes: 0 every slide of this run read and given a result.json (its qc_status may still say
 needs_review, qc_failed or not_scored); 1 some refused or failed (see summary.csv);
-2 usage or input error (nothing written, no output folder created).
+2 usage or input error (nothing written, no output folder created), or the output folder full (the batch stops;
+finished slides kept).
 summary.csv lists every slide in --out; qc_status beside each score: passed, needs_review, qc_failed, not_scored."""
 
 

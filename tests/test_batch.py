@@ -740,3 +740,38 @@ def test_an_earlier_runs_failed_slides_stay_listed(tmp_path, fields):
     assert status == {"good.png": "ok", "broken.png": "error", "scan.czi": "error", "other.png": "ok"}
     with open(out / "summary.csv", newline="") as fh:
         assert {Path(r["slide"]).name: r["status"] for r in csv.DictReader(fh)} == status
+
+
+def test_a_full_output_disk_stops_the_batch_naming_the_output_folder(tmp_path, three, monkeypatch, capsys):
+    """On a full disk every remaining slide was still scored, each given an error row that named the slide
+    ("[Errno 28] No space left on device"), as if the slide were bad. A full, over-quota or read-only output
+    folder stops the batch with one line naming it; finished slides are kept, and the same command resumes.
+    Another write error names the output folder, not the slide, and the batch goes on. (The fault is injected
+    into the outputs' writing: filling a real disk needs a mount this suite may not make.)"""
+    import her2score.batch as batch_module
+
+    real_write = batch_module.write_outputs
+
+    def write(analysis, out_dir, **kw):
+        if Path(analysis.result.slide).name == "field 2+.png":
+            raise OSError(errno_code, os.strerror(errno_code), str(Path(out_dir) / "cells.geojson"))
+        return real_write(analysis, out_dir, **kw)
+
+    import errno as errno_module
+
+    bad_name = batch_module.safe_name("field 2+.png")
+    monkeypatch.setattr(batch_module, "write_outputs", write)
+    errno_code = errno_module.EACCES
+    rows = {Path(r["slide"]).name: r for r in run_batch([three], tmp_path / "out1")}
+    bad = rows["field 2+.png"]
+    assert bad["status"] == "error" and f"{tmp_path / 'out1' / bad_name}: cannot write the outputs (Permission denied)" in bad["error"]
+    assert [rows[n]["status"] for n in ("field 0.png", "field 3+.png")] == ["ok", "ok"]
+    errno_code = errno_module.ENOSPC
+    assert main(["score", str(three), "--out", str(tmp_path / "out2"), "-q", "--no-cnn", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"her2score score: {tmp_path / 'out2' / bad_name}: cannot write the outputs (No space left on device); "
+                          "stopped. Finished slides are kept"), err
+    summary = (tmp_path / "out2" / "summary.csv").read_text()
+    assert "field 0.png" in summary and "field 2+.png" not in summary and not (tmp_path / "out2" / bad_name / "result.json").exists()
+    monkeypatch.setattr(batch_module, "write_outputs", real_write)
+    assert main(["score", str(three), "--out", str(tmp_path / "out2"), "-q", "--no-cnn"]) == 0  # resumed: the rest

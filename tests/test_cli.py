@@ -230,6 +230,23 @@ def test_bad_arguments_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"nope": 1}', "unknown threshold 'nope'; the thresholds are faint_od, weak_od, strong_od, "),
+    ('{"weak_od": "0.2"}', "weak_od must be a number, got '0.2'"),
+    ('{"min_arc_sectors": 2.5}', "min_arc_sectors must be a whole number, got 2.5"),
+    ('[0.1, 0.2]', "expected a JSON object of thresholds, got list"),
+    ('{"weak_od": 0.9}', "DAB OD thresholds must increase"),
+])
+def test_a_bad_thresholds_file_says_what_is_wrong_in_its_terms(tmp_path, capsys, text, message):
+    """Python's own words (Thresholds.__init__() got an unexpected keyword argument, '<' not supported between
+    'int' and 'str') were what a bad --thresholds file got; now the field, the value and the known fields."""
+    (tmp_path / "t.json").write_text(text)
+    assert main(["score", str(SAMPLES / "field_3plus_a.png"), "--out", str(tmp_path / "out"), "--thresholds",
+                 str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"her2score score: --thresholds {tmp_path / 't.json'}: {message}"), err
+
+
 def test_a_cnn_of_another_resolution_is_a_usage_error_naming_the_weights(tmp_path, capsys):
     """Tiles read at another µm/px than the CNN's: one usage error before any work, naming the weights (every
     slide failed on its own, exit 1); --no-cnn scores them."""
