@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the calibrated thresholds)")
     s.add_argument("-q", "--quiet", action="store_true",
                    help="progress only for the slides that fail (default: a bar on a terminal, else a line a slide); "
-                        "the results listed at the end are every slide's")
+                        "the results listed at the end are every slide of this run's (summary.csv has the folder's)")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",
@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a damaged TIFF's own complaints: its row in summary.csv says what is wrong, in one line
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away ('| head'): stop quietly, as Unix tools do

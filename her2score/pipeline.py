@@ -686,7 +686,7 @@ def _no_tissue(slide: Slide) -> str:
     """Why a slide has no tissue: too small an image to hold a piece of MIN_TISSUE_UM2, or blank."""
     w, h = (d * slide.mpp for d in slide.dimensions)
     if w * h < MIN_TISSUE_UM2 or min(w, h) < MIN_TISSUE_UM2**0.5:  # too small, or a strip too narrow to hold the piece
-        return (f"no tissue found: the image is only {w:.0f} x {h:.0f} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
+        return (f"no tissue found: the image is only {w:.3g} x {h:.3g} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
                 f"at least {MIN_TISSUE_UM2:,.0f} µm² (check the µm/px, or give a larger field)")
     return f"no tissue found (blank, fully white or black slide, or only fragments under {MIN_TISSUE_UM2:,.0f} µm²)"
 
