@@ -124,7 +124,7 @@ def discover(
     searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and
     so are image formats known to be unsupported (so they get a clear error row); hidden files and
     folders, folders under ``exclude`` (the batch's own output), other batches' output folders (holding a
-    MANIFEST) and MRXS data folders are not searched;
+    MANIFEST and a SUMMARY) and MRXS data folders are not searched;
     other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
@@ -161,8 +161,8 @@ def discover(
 
 
 def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
-    """Slides, other files, other batches' output folders (holding a MANIFEST: their overlays are no slides)
-    and listing errors under ``root``."""
+    """Slides, other files, other batches' output folders (holding a MANIFEST and a SUMMARY: their overlays are
+    no slides) and listing errors under ``root``."""
     slides, others, batches, errors = [], [], [], []
 
     def onerror(e: OSError) -> None:
@@ -176,7 +176,7 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             dirnames[:] = []
             continue
         visited.add(real)
-        if MANIFEST in filenames:
+        if MANIFEST in filenames and SUMMARY in filenames:  # a batch's own pair, not any manifest.json
             batches.append(here)
             dirnames[:] = []
             continue

@@ -424,7 +424,7 @@ CHECK_EPILOG = """exit codes:
   0  eligible under every rule given
   1  not eligible under at least one rule (and none needs review)
   3  needs review under at least one rule (failed QC, too few tumour cells, equivocal 2+ awaiting ISH,
-     classical and CNN scores disagree, not scored)
+     an ISH result contradicting the IHC score, classical and CNN scores disagree, not scored)
   2  usage or input error: unknown rule, missing file, a folder, a JSON that is not a result.json"""
 
 SCORE_EPILOG = """exit codes: 0 every slide of this run read and given a result.json (its qc_status may still say

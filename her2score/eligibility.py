@@ -26,7 +26,8 @@ sure of its side (guidelines.near_cutoff; for a gastric biopsy also a cluster on
 guidelines.cluster_sides; for a breast 2+ that intense complete cells in <=10% make, those cells just over
 the isolated-cell floor, guidelines.isolated_sides) whose level on the other side would change the answer,
 an ultralow call whose staining false membranes alone could give where null would change the
-answer, a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
+answer, diffuse cytoplasmic DAB that may have been read as membranes where 0 would change the answer, an
+ISH result that contradicts the IHC score (positive on a 0 or 1+, negative on a 3+), a ``[[require]]`` share counted on too few cells to be sure of its side of the bound where
 the other side would change the answer) give needs_review whatever the score, since any answer
 could change; the automatic answer is added as a reason (none for a slide that was not scored).
 Otherwise an unmet ``[[require]]`` is not_eligible, an ISH level without an ISH result is
@@ -339,10 +340,12 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
     if "near_cutoff" not in result.flags and "near_cutoff" not in result.classical_flags:  # the cells measured lie near
         return None
-    reading = result.config.get("gastric_reading", "cumulative")  # the slide's own settings
+    # the slide's own settings, those its guideline uses (a result of 0.3.1 may record one it had no use for)
+    family = GUIDELINE_FAMILY.get(result.guideline)
+    reading = result.config.get("gastric_reading", "cumulative") if family == "gastric" else "cumulative"
+    floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT) if family == "breast" else ISOLATED_INTENSE_PERCENT
     settings = dict(guideline=result.guideline, specimen=result.specimen, clusters=result.clusters, gastric_reading=reading,
-                    isolated_intense_percent=result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT),
-                    points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
+                    isolated_intense_percent=floor, points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
                     false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
     sides = near_cutoff_sides(result.counts, result.classical_score, **settings)
     if result.score != result.classical_score:  # a fused score: its own sides on the cells measured too
@@ -354,7 +357,6 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
             return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
-    floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT)
     edges = [(cluster_words(cluster_level, size), other_score,
               report_level(other_score, named_by, result.counts, across_cutoff=True))
              for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
@@ -456,9 +458,12 @@ def _ish_doubt(result: SlideResult, ish: str | None) -> str | None:
     """Why the slide needs review when its ISH result contradicts its IHC score: ISH positive on a 0 or 1+, ISH
     negative on a 3+ (ASCO/CAP reflex ISH only on a 2+; a discordant pair is a pathologist's to reconcile, and
     an ISH-positive case is HER2-positive whatever its IHC); None otherwise."""
-    if (ish, result.score) in (("positive", "0"), ("positive", "1+"), ("negative", "3+")):
-        return (f"ISH {ish} contradicts IHC {result.level}: a discordant pair (recheck both; an ISH-positive case is "
-                "HER2-positive whatever its IHC score)")
+    if ish == "positive" and result.score in ("0", "1+"):
+        return (f"ISH positive contradicts IHC {result.level}: a discordant pair to reconcile (an ISH-positive case "
+                "is HER2-positive whatever its IHC score; recheck the IHC for heterogeneity and the ISH)")
+    if ish == "negative" and result.score == "3+":
+        return ("ISH negative contradicts IHC 3+: a discordant pair to reconcile (an IHC 3+ is HER2-positive "
+                "without ISH; recheck the IHC for artefact and the ISH)")
     return None
 
 

@@ -686,7 +686,8 @@ def _no_tissue(slide: Slide) -> str:
     """Why a slide has no tissue: too small an image to hold a piece of MIN_TISSUE_UM2, or blank."""
     w, h = (d * slide.mpp for d in slide.dimensions)
     if w * h < MIN_TISSUE_UM2 or min(w, h) < MIN_TISSUE_UM2**0.5:  # too small, or a strip too narrow to hold the piece
-        return (f"no tissue found: the image is only {w:.3g} x {h:.3g} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
+        w, h = (f"{v:.0f}" if v >= 10 else f"{v:.2g}" for v in (w, h))  # a 1-px image is 0.5 µm, not "0"
+        return (f"no tissue found: the image is only {w} x {h} µm at {slide.mpp:g} µm/px, and tissue is a piece of "
                 f"at least {MIN_TISSUE_UM2:,.0f} µm² (check the µm/px, or give a larger field)")
     return f"no tissue found (blank, fully white or black slide, or only fragments under {MIN_TISSUE_UM2:,.0f} µm²)"
 

@@ -110,14 +110,16 @@ class SlideResult:
         """The result a result.json holds; ValueError naming the file and why it is none (a folder, missing,
         unreadable, not JSON, not a her2score result.json)."""
         path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path}: is a folder; give the result.json inside a slide's output folder")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ValueError(f"{path}: is a folder; give the result.json inside a slide's output folder") from None
         except FileNotFoundError:
             raise ValueError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        except (OSError, UnicodeDecodeError) as e:  # a name too long (JSON text given as a path?), no permission
+            raise ValueError(f"{str(path)[:200]}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: not JSON ({e})") from None
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]

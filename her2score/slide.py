@@ -105,8 +105,8 @@ class Slide(ABC):
     metadata_mpp: float | None = None
     """The µm/px the file's metadata gives where a user's value overrides it by more than 5% (else None)."""
     jpeg_quality: int | None = None
-    """The IJG quality (1-100) its JPEG compression was saved at, from its luminance quantisation table
-    (jpeg_quality); None where it is not JPEG-compressed or the backend does not say."""
+    """The IJG quality (1-100) its JPEG compression was saved at, the lower of its luminance and chrominance
+    quantisation tables' (jpeg_quality); None where it is not JPEG-compressed or the backend does not say."""
 
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -293,24 +293,36 @@ class ArraySlide(Slide):
         return self._rgb[y : y + height, x : x + width]
 
 
-IJG_LUMINANCE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-                 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-                 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
-"""The JPEG standard's luminance quantisation table (ITU T.81 Annex K), which libjpeg scales by its quality."""
+IJG_TABLES = (
+    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99),
+    (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+     47, 66, 99, 99, 99, 99, 99, 99, *[99] * 32),
+)
+"""The JPEG standard's luminance and chrominance quantisation tables (ITU T.81 Annex K), which libjpeg scales
+by its quality."""
 
 
-def jpeg_quality(table) -> int:
-    """The IJG quality (1-100) whose scaling of IJG_LUMINANCE comes nearest the step sum of ``table`` (a
-    luminance quantisation table's 64 steps, in any order), as libjpeg scales it: by 5000 / q % under
-    quality 50, by 200 - 2q % from it, each step rounded and kept within 1-255."""
+def jpeg_quality(tables) -> int:
+    """The lowest IJG quality (1-100) of a JPEG's quantisation ``tables`` ({table id: 64 steps, in any order}; id 0
+    luminance, 1 chrominance, as Pillow's ``quantization``): per table, the quality whose scaling of its IJG_TABLES
+    comes nearest its step sum, as libjpeg scales it (by 5000 / q % under quality 50, by 200 - 2q % from it, each
+    step rounded and kept within 1-255). The chrominance table counts: brown DAB and blue haematoxylin differ in
+    colour, and an encoder may keep the luminance fine and the colour coarse (cjpeg -quality 95,20)."""
     q = np.arange(1, 101)
     scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None]
-    sums = np.clip((np.array(IJG_LUMINANCE) * scale + 50) // 100, 1, 255).sum(1)
-    return int(q[np.argmin(np.abs(sums - int(np.sum(table))))])
+    qualities = []
+    for table_id, steps in tables.items():
+        if table_id in (0, 1):
+            sums = np.clip((np.array(IJG_TABLES[table_id]) * scale + 50) // 100, 1, 255).sum(1)
+            qualities.append(int(q[np.argmin(np.abs(sums - int(np.sum(steps))))]))
+    return min(qualities) if qualities else 100
 
 
-def _dqt_luminance(data: bytes) -> list[int] | None:
-    """Table 0 (luminance) of the DQT segments of a JPEG stream or a TIFF's JPEGTables; None without one."""
+def _dqt_tables(data: bytes) -> dict[int, list[int]]:
+    """The quantisation tables ({id: 64 steps}) of the DQT segments of a JPEG stream or a TIFF's JPEGTables."""
+    tables: dict[int, list[int]] = {}
     at = data.find(b"\xff\xdb")
     while at >= 0 and at + 4 <= len(data):
         end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
@@ -320,12 +332,30 @@ def _dqt_luminance(data: bytes) -> list[int] | None:
             size = 128 if precision else 64
             steps = data[i + 1 : i + 1 + size]
             if len(steps) < size:
-                return None
-            if table == 0:
-                return list(np.frombuffer(steps, ">u2" if precision else np.uint8).astype(int))
+                return tables
+            tables.setdefault(table, list(np.frombuffer(steps, ">u2" if precision else np.uint8).astype(int)))
             i += 1 + size
         at = data.find(b"\xff\xdb", end)
-    return None
+    return tables
+
+
+def _tiff_jpeg_quality(tif, pages) -> int | None:
+    """The lowest jpeg_quality of the JPEG-compressed ``pages`` (a pyramid's levels; any of them may be the one
+    scored) of an open tifffile.TiffFile: each page's JPEGTables and its first non-empty segment's own tables,
+    which may redefine them. None where none is JPEG-compressed."""
+    qualities = []
+    for page in pages:
+        if page.compression != 7:  # TIFF's JPEG
+            continue
+        tables = _dqt_tables(bytes(page.jpegtables or b""))
+        first = next((i for i, n in enumerate(page.databytecounts) if n), None)
+        if first is not None:
+            tif.filehandle.seek(page.dataoffsets[first])
+            own = _dqt_tables(tif.filehandle.read(min(int(page.databytecounts[first]), 1 << 16)))
+            tables = {k: v for k, v in tables.items() if k not in own} | own
+        if tables:
+            qualities.append(jpeg_quality(tables))
+    return min(qualities) if qualities else None
 
 
 def _plain_mpp(img) -> float | None:
@@ -414,6 +444,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        "save it as a tiled pyramidal TIFF")
             meta_mpp = _plain_mpp(img)
+            quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
                 raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")
             if img.mode in ("I", "F"):
@@ -435,7 +466,6 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 
                 img = ImageOps.exif_transpose(img)
                 notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
-            quality = jpeg_quality(img.quantization[0]) if img.format == "JPEG" and 0 in getattr(img, "quantization", {}) else None
             arr = np.asarray(img)
     except SlideError:
         raise
@@ -449,11 +479,13 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
 def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
     """µm/px given by the user (it overrides the metadata: the metadata can be wrong, e.g. a JPEG's 16-bit
     dpi), else from the metadata when plausible, else a SlideError naming the file. A user's value more
-    than 5% off the metadata's says so in ``mpp_source`` and keeps the metadata's as ``metadata_mpp``."""
+    than 5% off the metadata's says so in ``mpp_source`` and keeps the metadata's as ``metadata_mpp`` where it
+    is a microscope's (a camera's 72 dpi is no rival to the user's value)."""
     if user_mpp:
         differs = meta_mpp and abs(float(user_mpp) / float(meta_mpp) - 1) > 0.05
         source = f"user (the file's metadata says {meta_mpp:.4g})" if differs else "user"
-        return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **({"metadata_mpp": float(meta_mpp)} if differs else {})}
+        rival = {"metadata_mpp": float(meta_mpp)} if differs and _plausible(meta_mpp) else {}
+        return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **rival}
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
     if meta_mpp:
@@ -646,7 +678,7 @@ class TiffSlide(Slide):
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
-            self.jpeg_quality = self._jpeg_quality(base)
+            self.jpeg_quality = _tiff_jpeg_quality(self._tif, self._pages)
             self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
@@ -718,17 +750,6 @@ class TiffSlide(Slide):
         except Exception as e:
             raise SlideError(self.path, f"corrupt image data in tile/strip {index} of level {level} "
                                         f"({type(e).__name__}: {e})") from None
-
-    def _jpeg_quality(self, base) -> int | None:
-        """jpeg_quality of a JPEG-compressed base page's luminance table: in its JPEGTables, else in its first segment."""
-        if base.compression != 7:  # TIFF's JPEG
-            return None
-        data = base.jpegtables or b""
-        if not data and len(base.dataoffsets) and base.databytecounts[0]:
-            self._tif.filehandle.seek(base.dataoffsets[0])
-            data = self._tif.filehandle.read(min(int(base.databytecounts[0]), 1 << 16))
-        table = _dqt_luminance(bytes(data))
-        return None if table is None else jpeg_quality(table)
 
     def _white_level(self, base, sample_segments: int = 64) -> int:
         """The sample value of white: the full scale of 8-15-bit samples; for 16-bit ones MaxSampleValue where
@@ -812,9 +833,24 @@ class OpenSlideSlide(Slide):
                 Level(lw, lh, float(ds))
                 for (lw, lh), ds in zip(self._osr.level_dimensions, self._osr.level_downsamples)
             )
+            self.jpeg_quality = self._tiff_levels_jpeg_quality()
         except BaseException:
             self._osr.close()
             raise
+
+    def _tiff_levels_jpeg_quality(self) -> int | None:
+        """_tiff_jpeg_quality of the pages that are this slide's levels, where the file is a TIFF tifffile reads
+        (SVS, NDPI, SCN, BIF, generic TIFF; a label or macro image left out); None for other formats."""
+        if _sniff(self.path)[0] != "TIFF":
+            return None
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                widths = {lv.width for lv in self.levels}
+                return _tiff_jpeg_quality(tif, [p for p in tif.pages if p.imagewidth in widths])
+        except Exception:  # tifffile reads no more of it than OpenSlide needs: no quality rather than no slide
+            return None
 
     def close(self) -> None:
         if self._osr is not None:  # a second close (a with block around a closed slide) does nothing

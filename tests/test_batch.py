@@ -293,6 +293,11 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     assert "not searched, as other batches' outputs (manifest.json)" in caplog.text
     assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
                                                         "batch's output folder (manifest.json), not a folder of slides")]
+    other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    save_png(other / "t.png", fields["2+"])
+    assert sorted(s.name for s, _ in discover([case])[0]) == ["s.png", "t.png"]
 
 
 def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):

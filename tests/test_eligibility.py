@@ -635,9 +635,22 @@ def test_eligibility_of_a_result_json_by_path_or_dict(tmp_path):
     expected = check_eligibility(result, "her2-low-breast")
     assert check_eligibility(str(path), "her2-low-breast") == expected == check_eligibility(path, "her2-low-breast")
     assert check_eligibility(json.loads(path.read_text()), "her2-low-breast") == expected
+    with pytest.raises(ValueError, match="cannot read"):  # the JSON text itself, not its path
+        check_eligibility(result.to_json(), "her2-low-breast")
     (tmp_path / "other.json").write_text('{"score": "1+"}')
     for bad, why in ((tmp_path / "other.json", "not a her2score result.json (no slide"), (tmp_path / "none.json", "no such file"),
                      (tmp_path, "is a folder")):
         with pytest.raises(ValueError) as refused:
             check_eligibility(bad, "her2-low-breast")
         assert str(refused.value).startswith(f"{bad}: {why}"), refused.value
+
+
+def test_a_result_recording_a_setting_its_guideline_has_no_use_for_is_still_answered():
+    """Results of 0.3.1 could record the per-band reading under breast or an isolated floor under gastric, which
+    the scoring settings now refuse; they had no effect there, and eligibility ignores them (it raised)."""
+    gastric = replace(make_result("gastric", none=88, weak_moderate_complete=12), config={"isolated_intense_percent": 2.0})
+    gastric = replace(gastric, flags=(*gastric.flags, "near_cutoff"))
+    assert check_eligibility(gastric, "gastric-toga").status == "needs_review"
+    breast = replace(make_result(none=88, faint_partial=12), config={"gastric_reading": "per_band"})
+    breast = replace(breast, flags=(*breast.flags, "near_cutoff"))
+    assert check_eligibility(breast, "her2-low-breast").status == "needs_review"

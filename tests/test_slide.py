@@ -675,9 +675,28 @@ def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path, slide_rgb):
     for quality in (10, 49, 50, 75, 95):
         Image.fromarray(slide_rgb).save(tmp_path / f"q{quality}.jpg", quality=quality)
         assert open_slide(tmp_path / f"q{quality}.jpg", mpp=0.5).jpeg_quality == quality
+    from her2score.slide import IJG_TABLES
+
+    def ijg(quality: int, table: int) -> list[int]:  # libjpeg's scaling, as cjpeg -quality 95,20 writes a file
+        scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+        return [min(max((v * scale + 50) // 100, 1), 255) for v in IJG_TABLES[table]]
+
+    Image.fromarray(slide_rgb).save(tmp_path / "fine_grey_coarse_colour.jpg", qtables=[ijg(95, 0), ijg(20, 1)], subsampling=2)
+    assert open_slide(tmp_path / "fine_grey_coarse_colour.jpg", mpp=0.5).jpeg_quality == 20  # the colour's: DAB vs haematoxylin
     tifffile.imwrite(tmp_path / "q40.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="jpeg",
                      compressionargs={"level": 40})
     assert open_slide(tmp_path / "q40.tif", mpp=0.5).jpeg_quality == 40
+    with tifffile.TiffWriter(tmp_path / "levels.tif") as tw:  # a fine base, coarse reduced levels: any may be scored
+        for i, quality in enumerate((95, 20)):
+            level = slide_rgb[:512:2**i, :512:2**i]
+            tw.write(level, tile=(128, 128), photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+                     subfiletype=1 if i else 0, resolution=(1e4 / 0.25 / 2**i,) * 2, resolutionunit="CENTIMETER")
+    for backend in ("tifffile", "openslide"):
+        assert open_slide(tmp_path / "levels.tif", backend=backend).jpeg_quality == 20, backend
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: the table is read before the turn
+    Image.fromarray(slide_rgb).save(tmp_path / "turned.jpg", quality=20, exif=exif.tobytes())
+    assert open_slide(tmp_path / "turned.jpg", mpp=0.5).jpeg_quality == 20
     tifffile.imwrite(tmp_path / "zlib.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib")
     assert open_slide(tmp_path / "zlib.tif", mpp=0.5).jpeg_quality is None
     assert open_slide(save_png(tmp_path / "f.png", slide_rgb), mpp=0.5).jpeg_quality is None
