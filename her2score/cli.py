@@ -51,6 +51,11 @@ def _score_config(args):
     for i in args.inputs:
         if Path(i).is_dir() and out.exists() and os.path.samefile(out, i):
             raise _UsageError(f"--out {out}: is the input folder {i}; give the results a folder of their own")
+    if out.is_dir() and any(Path(i).is_dir() and out.resolve().is_relative_to(Path(i).resolve()) for i in args.inputs):
+        if held := _slides_in_output(out):  # the search of the inputs leaves --out out: they would be left unscored
+            raise _UsageError(f"--out {out}: lies in an input folder and holds slides of its own ({held[0]}"
+                              f"{f' and {len(held) - 1} more' if len(held) > 1 else ''}), which would be left "
+                              "unscored; give the results a folder of their own")
     _check_guideline(args)
     t = Thresholds()
     try:
@@ -80,6 +85,15 @@ def _score_config(args):
             raise _UsageError(f"{weights}: the CNN was trained at {model.mpp:g} µm/px but tiles are read at "
                               f"{config.mpp:g} µm/px (--target-mpp); give weights trained there, or score with --no-cnn")
     return config, weights
+
+
+def _slides_in_output(out: Path) -> list[str]:
+    """Files under ``out`` named as slides that are not a batch's own outputs (outputs.OUTPUT_FILES)."""
+    from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES
+    from .slide import SLIDE_SUFFIXES
+
+    return sorted(str(Path(d, f).relative_to(out)) for d, _, files in os.walk(out) for f in files
+                  if Path(f).suffix.lower() in SLIDE_SUFFIXES and f not in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
 
 
 class _UsageError(Exception):

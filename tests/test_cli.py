@@ -289,6 +289,14 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
     assert main(["score", str(folder), "--out", str(tmp_path / "slides" / ".." / "slides"), "--no-cnn"]) == 2
     assert "is the input folder" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["field_3plus_a.png"]
+    # an --out inside the input folder that holds slides of its own: the search leaves --out out, so they were
+    # silently left unscored (exit 0); a results folder there holding only its own outputs is fine
+    (folder / "sub").mkdir()
+    shutil.copy(SAMPLES / "field_0_null.png", folder / "sub")
+    assert main(["score", str(folder), "--out", str(folder / "sub"), "--no-cnn"]) == 2
+    assert "--out " + str(folder / "sub") + ": lies in an input folder and holds slides of its own (field_0_null.png)" in capsys.readouterr().err
+    assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0
+    assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0  # its overlays are no slides
 
 
 def test_output_piped_into_head_ends_quietly(tmp_path):
