@@ -516,13 +516,42 @@ class _Manifest:
 
     def respell(self, slides: list[Path]) -> None:
         """Give each of ``slides`` the entry of an earlier run that reached the same file by another spelling (a
-        linked folder), under the spelling given now: reused, listed once, its annotation found under its path now."""
+        linked folder), or reached a file since moved there (its folder renamed, moved or mounted elsewhere: the
+        old path gone, one entry of its name, size and modification time), under the path given now: reused,
+        listed once, its annotation found under its path now; a moved file's result.json names it there."""
         given = {str(slide) for slide in slides}
         spelled = {resolved_path(s): s for s in self.entries if s not in given and os.path.lexists(s)}
+        gone: dict[tuple, list[str]] = {}
+        for s, e in self.entries.items():
+            if s not in given and e.get("signature") and not os.path.lexists(s):
+                gone.setdefault((Path(s).name, *e["signature"]), []).append(s)
         for slide in slides:
-            if str(slide) not in self.entries and (old := spelled.pop(resolved_path(slide), None)) is not None:
-                entry = self.entries.pop(old)
-                self.entries[str(slide)] = {**entry, "row": {**entry["row"], "slide": str(slide)}}
+            if str(slide) in self.entries:
+                continue
+            if (old := spelled.pop(resolved_path(slide), None)) is None:
+                try:
+                    olds = gone.pop((slide.name, *_signature(str(slide))), [])
+                except OSError:
+                    continue
+                if len(olds) != 1:  # none, or several files alike: which one moved here is unknown
+                    continue
+                old = olds[0]
+                self._renamed_result(self.entries[old], str(slide))
+            entry = self.entries.pop(old)
+            self.entries[str(slide)] = {**entry, "row": {**entry["row"], "slide": str(slide)}}
+
+    def _renamed_result(self, entry: dict, slide: str) -> None:
+        """Rewrite the result.json of ``entry`` (its own, unchanged since recorded) to name ``slide``, where it moved."""
+        folder = self.out / entry["row"].get("output", "")
+        if entry.get("state") != "done" or "result" not in entry or entry["result"] != _result_stamp(folder):
+            return
+        try:
+            result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+            atomic_write(folder / "result.json", json.dumps({**result, "slide": slide}, indent=2, sort_keys=True,
+                                                            ensure_ascii=False) + "\n")
+        except (OSError, ValueError):
+            return
+        entry["result"] = _result_stamp(folder)
 
     def record(self, job: Job, row: dict) -> None:
         try:

@@ -780,3 +780,28 @@ def test_a_full_output_disk_stops_the_batch_naming_the_output_folder(tmp_path, t
     assert "field 0.png" in summary and "field 2+.png" not in summary and not (tmp_path / "out2" / bad_name / "result.json").exists()
     monkeypatch.setattr(batch_module, "write_outputs", real_write)
     assert main(["score", str(three), "--out", str(tmp_path / "out2"), "-q", "--no-cnn"]) == 0  # resumed: the rest
+
+
+def test_a_slide_folder_moved_or_renamed_is_resumed_not_scored_twice(tmp_path, three):
+    """After the slide folder was renamed (or a share mounted elsewhere) every slide was scored again and listed
+    twice in summary.csv, under its old path (gone) and its new one. A file gone from its recorded path whose
+    name, size and modification time one new input shares is that file moved: its result is reused, listed
+    once, and its result.json names it where it is now."""
+    out = tmp_path / "out"
+    first = run_batch([three], out)
+    assert first.scored == 3
+    moved = tmp_path / "renamed"
+    three.rename(moved)
+    again = run_batch([moved], out)
+    assert (again.scored, again.reused) == (0, 3)
+    with open(out / "summary.csv", newline="") as fh:
+        slides = sorted(r["slide"] for r in csv.DictReader(fh))
+    assert slides == sorted(str(moved / p.name) for p in moved.iterdir())
+    for row in again:
+        assert json.loads((out / row["output"] / "result.json").read_text())["slide"] == row["slide"]
+    copied = tmp_path / "copied"  # a copy that keeps no modification time, the original gone: new files, scored
+    shutil.copytree(moved, copied, copy_function=shutil.copy)
+    for p in copied.iterdir():
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    shutil.rmtree(moved)
+    assert run_batch([copied], out).scored == 3
