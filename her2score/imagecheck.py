@@ -26,18 +26,13 @@ import numpy as np
 
 from .slide import NotHerIhcError, Slide
 from .stain import GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
-from .tissue import pen_ink
+from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction", "black_fill", "clipped_fraction",
     "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
-DARK_INTENSITY = 50
-DARK_MAX_CHROMA = 20
-"""A pixel is dark and neutral (black) when its brightest channel is below 50 and its channels differ by
-less than 20 (0-255): the background of fluorescence and darkfield, never an area of brightfield
-tissue, where even over-stained pixels keep the colour of their stain."""
 MAX_DARK_FRACTION = 0.08
 """Brightfield IHC measured: at most 0.025 dark (Ki67 ndpi); fluorescence-like 0.62, the astronaut photo 0.20."""
 DIM_INTENSITY = 100
@@ -120,12 +115,6 @@ def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float,
     return tuple(float(max(v, 1.0)) for v in bg)
 
 
-def _dark(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> np.ndarray:
-    """Dark neutral pixels: brightest channel below ``max_intensity``, channels within ``max_chroma``."""
-    hi, lo = per_channel(np.maximum, rgb), per_channel(np.minimum, rgb)
-    return (hi < max_intensity) & (hi - lo < max_chroma)
-
-
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
     """Fraction of dark neutral pixels (brightest channel below ``max_intensity``, channels within ``max_chroma``)
     among those that are not pure black fill (black_fill) in an image that has glass (GLASS_MIN_PIXELS bright
@@ -135,7 +124,7 @@ def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_c
     lo, hi = per_channel(np.minimum, rgb), per_channel(np.maximum, rgb)
     if np.count_nonzero((lo >= FILL_GLASS_MIN) & (hi - lo <= FILL_GLASS_CHROMA)) < GLASS_MIN_PIXELS:
         fill[:] = False
-    return _share_off(_dark(rgb, max_intensity, max_chroma), fill)
+    return _share_off(dark_neutral(rgb, max_intensity, max_chroma), fill)
 
 
 def clipped_fraction(rgb: np.ndarray) -> float:
@@ -169,7 +158,7 @@ def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
     """``rgb`` less a scanner's black frame: the rows and columns at its edges that are at least 98% dark
     neutral, and ``rim_px`` more on each side that has them (a soft or resampled edge); the image itself
     where it has none, and a 0-pixel view where it is all frame. Tissue.tissue_mask leaves the fill out as it is."""
-    dark = _dark(rgb)
+    dark = dark_neutral(rgb)
     rows, cols = np.flatnonzero(dark.mean(1) < 0.98), np.flatnonzero(dark.mean(0) < 0.98)
     if len(rows) == 0 or len(cols) == 0:
         return rgb[:0, :0]
@@ -233,7 +222,7 @@ def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = S
     modal = float(np.unique(packed, return_counts=True)[1].max() / len(packed))
     stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
     opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    coloured = stained.astype(bool) & ~_dark(rgb) & ~pen_ink(rgb)  # smooth marker ink on a thumbnail is not a drawing
+    coloured = stained.astype(bool) & ~dark_neutral(rgb) & ~pen_ink(rgb)  # smooth marker ink on a thumbnail is not a drawing
     square = np.ones((3, 3), np.uint8)
     uniform = np.logical_and.reduce([cv2.dilate(c, square) == cv2.erode(c, square) for c in cv2.split(np.ascontiguousarray(rgb))])
     return (modal, float(opened.sum() / max(int(stained.sum()), 1)),

@@ -8,7 +8,8 @@ import numpy as np
 
 from .stain import optical_density, per_channel
 
-__all__ = ["MIN_TISSUE_UM2", "TissueMask", "tissue_mask", "pen_ink", "Tile", "tile_grid"]
+__all__ = ["MIN_TISSUE_UM2", "DARK_INTENSITY", "DARK_MAX_CHROMA", "dark_neutral", "TissueMask", "tissue_mask", "pen_ink", "Tile",
+           "tile_grid"]
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,23 @@ class TissueMask:
         return float(self.mask.sum()) * (self.mpp * 1e-3) ** 2
 
 
-MIN_TISSUE_UM2 = 5_000.0
-"""Least area (µm²) of a piece of tissue: smaller fragments (debris, dust) are not tissue."""
+MIN_TISSUE_UM2 = 1_000.0
+"""Least area (µm²) of a piece of tissue, about a cohesive cluster of 5 tumour cells (the gastric biopsy rule's
+smallest): smaller fragments (debris, dust) are not tissue. At 5,000 µm² a slide of one 1+ fragment and 30
+real 3+ clusters 60 µm across (a cell block, a fragmented core) lost every cluster and read 1+, HER2-low
+eligible; it is 3+."""
+
+DARK_INTENSITY = 50
+DARK_MAX_CHROMA = 20
+"""A pixel is dark and neutral (black) when its brightest channel is below 50 and its channels differ by
+less than 20 (0-255): black marker ink, debris, the background of fluorescence and darkfield, never an area
+of brightfield tissue, where even over-stained pixels keep the colour of their stain."""
+
+
+def dark_neutral(rgb: np.ndarray, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> np.ndarray:
+    """Dark neutral pixels (bool): brightest channel below ``max_intensity``, channels within ``max_chroma``."""
+    hi, lo = per_channel(np.maximum, rgb), per_channel(np.minimum, rgb)
+    return (hi < max_intensity) & (hi - lo < max_chroma)
 
 
 def pen_ink(rgb: np.ndarray) -> np.ndarray:
@@ -44,19 +60,19 @@ def tissue_mask(
     mpp: float,
     background=(255.0, 255.0, 255.0),
     min_od: float = 0.06,
-    dark_intensity: int = 25,
     min_area_um2: float = MIN_TISSUE_UM2,
 ) -> TissueMask:
     """Tissue on a low-resolution RGB thumbnail (uint8) at ``mpp`` µm/px.
 
     Tissue = optical density against the glass ``background`` (RGB I0) above ``min_od`` (log10)
-    in any channel, minus near-black pixels
-    (scanner borders, debris) and pen ink (saturated green/blue/black marker, recognised by its
-    hue); smoothed and stripped of fragments smaller than ``min_area_um2``.
+    in any channel, minus dark neutral pixels (dark_neutral: scanner borders, black marker ink, debris; a
+    black dot of ink at RGB 30-45 was the slide's "thickest tissue", where the image check read its nuclei,
+    and the slide was refused as dark) and pen ink (green/blue marker, recognised by its hue); smoothed and
+    stripped of fragments smaller than ``min_area_um2``.
     """
     od = optical_density(thumb, background)
     stained = per_channel(np.maximum, od) > min_od
-    dark = per_channel(np.maximum, thumb) < dark_intensity
+    dark = dark_neutral(thumb)
     pen = pen_ink(thumb)
     mask = (stained & ~dark & ~pen).astype(np.uint8)
     k = max(1, round(16 / mpp)) | 1  # ~16 µm structuring element

@@ -37,7 +37,7 @@ from her2score.synthetic import generate_field, make_slide, write_pyramidal_tiff
 
 GOOD = "good 2+.png"
 GREY = "greyscale image; HER2 scoring needs RGB colour to separate DAB from haematoxylin"
-NO_TISSUE = "no tissue found (blank, fully white or black slide, or only fragments under 5,000 µm²)"
+NO_TISSUE = "no tissue found (blank, fully white or black slide, or only fragments under 1,000 µm²)"
 EOSIN = (r"\d+% of stained tissue has the colour of eosin: this looks like an H&E slide \(or a red chromogen: AEC, Fast Red\), "
          r"not a HER2 \(H-DAB\) immunostain; not scored")
 
@@ -289,7 +289,7 @@ def test_a_field_too_small_to_hold_tissue_says_so(tmp_path, slide_folder, fields
     e = _api_error(small)
     assert isinstance(e, NoTissueError)
     assert str(e) == (f"{small}: no tissue found: the image is only 30 x 30 µm at 0.5 µm/px, and tissue is a piece of at "
-                      "least 5,000 µm² (check the µm/px, or give a larger field)")
+                      "least 1,000 µm² (check the µm/px, or give a larger field)")
     strip = save_png(slide_folder / "strip.png", np.tile(fields["2+"][:20], (1, 40, 1)))  # 10 µm tall, 7.7 mm long: no piece fits
     e = _api_error(strip)
     assert isinstance(e, NoTissueError) and "the image is only 7680 x 10 µm at 0.5 µm/px" in str(e)

@@ -70,3 +70,24 @@ def test_a_tile_holding_a_thin_strip_of_tissue_is_scored():
     none = np.zeros_like(mask)
     tiles = tile_grid(TissueMask(mask, 8.0, none, none), slide_size_px=(1600, 1600), tile_px=400, margin_px=20)
     assert {t.core[:2] for t in tiles} == {(0, 0), (0, 800)}
+
+
+def test_small_real_tumour_clusters_are_tissue_and_black_ink_is_not():
+    """Real colon crops 60 µm across (a cell block's clusters, ~2,800 µm²) on glass at 2 µm/px are tissue: at the
+    old 5,000 µm² floor a slide of one 1+ fragment and 30 such 3+ clusters lost them all and read 1+, HER2-low
+    eligible. A speck of 20 µm (400 µm², dust) is not. A black marker dot (RGB 35) is not tissue either: it was
+    the slide's "thickest tissue", where the image check read its nuclei, and the slide was refused as dark."""
+    import cv2
+    from skimage.data import immunohistochemistry
+
+    colon = cv2.resize(immunohistochemistry(), None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)  # 2 µm/px
+    img = np.full((300, 300, 3), 245, np.uint8)
+    disc = np.zeros((30, 30), np.uint8)
+    cv2.circle(disc, (15, 15), 15, 1, -1)  # 60 µm across
+    img[20:50, 20:50][disc > 0] = colon[40:70, 40:70][disc > 0]
+    img[100:110, 100:110] = colon[60:70, 60:70]  # 20 µm
+    cv2.circle(img, (200, 200), 60, (35, 35, 38), -1)  # a black marker dot, 240 µm
+    img[150:260, 200:260] = np.where(img[150:260, 200:260] == 245, colon[:110, :60], img[150:260, 200:260])  # tissue beside it
+    tm = tissue_mask(img, mpp=2.0)
+    assert tm.mask[35, 35] and not tm.mask[105, 105]
+    assert not tm.mask[200, 180] and tm.dark[200, 180]
