@@ -71,9 +71,13 @@ def test_fused_score_carries_the_flags_of_its_own_level():
     three = generate_field("3+", seed=9303)
     held = _score(three, cnn=ConstantClassifier("2+"))
     assert (held.classical_score, held.score) == ("3+", "2+") and held.reason.endswith("; reflex ISH required")
-    down = _score(two, cnn=ConstantClassifier("0"))  # a 0 over cells 2+ stains: neither null nor ultralow
+    one = _score(generate_field("1+", seed=9304))
+    down = _score(generate_field("1+", seed=9304), cnn=ConstantClassifier("0"))  # a 0 over cells >10% stained: plain 0
+    assert one.score == "1+" and 100 - one.percentages["none"] > 10
     assert (down.score, down.level) == ("0", "0") and set(down.flags) == {"cnn_disagrees"}
     assert check_eligibility(down, "her2-ultralow-breast").status == "needs_review"
+    far = _score(two, cnn=ConstantClassifier("0"))  # two scores off: the CNN tips a call one score at most
+    assert (far.score, far.level) == ("2+", "2+") and "cnn_disagrees" in far.flags
     agree = _score(two, cnn=ConstantClassifier("2+"))
     assert agree.flags == agree.classical_flags and agree.level == agree.classical_level == "2+"
 
