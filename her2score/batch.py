@@ -72,6 +72,10 @@ MAX_NAME_BYTES = 150
 """Longest output-folder name in UTF-8 bytes (file systems allow 255; a hash may be appended)."""
 
 
+class OutputError(Exception):
+    """A slide's outputs could not be written: the message names the output folder and the reason."""
+
+
 class BatchError(Exception):
     """A batch that cannot start (e.g. its output folder is in use by another batch)."""
 
@@ -142,9 +146,9 @@ def discover(
                 problems.append((where, f"{where}: {reason}"))
             if skipped is not None:
                 skipped.extend((str(f), "not a slide format") for f in others)
-                skipped.extend((str(f), f"a her2score batch's outputs ({MANIFEST}): not searched") for f in batches)
+                skipped.extend((str(f), f"a her2score batch's outputs ({MANIFEST} and {SUMMARY}): not searched") for f in batches)
             if not slides and resolved_path(p) in map(resolved_path, batches):
-                problems.append((str(p), f"{p}: a her2score batch's output folder ({MANIFEST}), not a folder of slides"))
+                problems.append((str(p), f"{p}: a her2score batch's output folder ({MANIFEST} and {SUMMARY}), not a folder of slides"))
             elif not slides and not errors:
                 extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
                 problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
@@ -399,8 +403,9 @@ def _preload_cnn(weights: str) -> None:
 
 
 def process_slide(job: Job) -> dict:
-    """Score one slide and write its outputs; failures become an error row, but for a full or read-only output
-    folder (BatchError: the batch stops)."""
+    """Score one slide and write its outputs; never raises: failures become an error row, which for a full,
+    over-quota or read-only output folder also carries ``stop`` (the batch stops: every slide after it would
+    fail alike)."""
     row = _empty_row(job.slide, job.name)
     try:
         out_dir = Path(job.out_dir)
@@ -417,12 +422,14 @@ def process_slide(job: Job) -> dict:
         try:
             write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
         except OSError as e:  # the slide was read and scored: the fault is the output folder's, which says so
-            _remove_outputs(job.out_dir)
             reason = f"{out_dir}: cannot write the outputs ({e.strerror or e})"
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # every slide after it would fail alike
-                raise BatchError(f"{reason}; stopped. Finished slides are kept: make room and run the same command "
-                                 "again to resume") from None
-            raise OSError(e.errno, reason) from None
+                _remove_outputs(job.out_dir)
+                row.update(status="error", error=f"{job.slide}: {reason}", output="",
+                           stop=f"{reason}; stopped. Finished slides are kept: make room and run the same command again "
+                                "to resume")
+                return row
+            raise OutputError(reason) from None
         r = analysis.result
         row.update(
             status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,
@@ -436,8 +443,6 @@ def process_slide(job: Job) -> dict:
     except BrokenProcessPool as e:  # a tile or output worker of this slide died (the OOM killer, a crashing reader)
         log.debug("slide's worker died: %s\n%s", job.slide, traceback.format_exc())
         return _crash_row(job, e)
-    except BatchError:  # the batch's own fault (its output folder full): every slide after it would fail alike
-        raise
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
@@ -708,7 +713,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     if batches := [p for p, why in skipped if why != "not a slide format"]:
-        log.warning("not searched, as other batches' outputs (%s): %s", MANIFEST, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
+        log.warning("not searched, as other batches' outputs (%s and %s): %s", MANIFEST, SUMMARY, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
     manifest.respell([slide for slide, _ in slides])
@@ -749,6 +754,8 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         finished = _execute(todo, workers, scheduler, cluster)
         try:
             for job, row in finished:
+                if stop := row.pop("stop", None):  # the output folder full: the slide is left for the next run
+                    raise BatchError(stop)
                 manifest.record(job, row)
                 unsaved += 1
                 if _save_due(time.monotonic() - last_end, last_cost):
@@ -889,8 +896,6 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
             for f in ready:
                 try:
                     row = f.result()
-                except BatchError:  # the output folder full: the batch stops
-                    raise
                 except Exception as e:  # a worker lost or killed while scoring
                     row = _crash_row(by_key[f.key], e)
                 yield by_key[f.key], row

@@ -1,6 +1,7 @@
 """Per-cell HER2 membrane category from measurements and thresholds (log10 DAB OD, fractions)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -58,6 +59,13 @@ class Thresholds:
     min_arc_sectors: int = 3
 
     def __post_init__(self) -> None:
+        for name, value in asdict(self).items():  # NaN passes every comparison below as False: refused here
+            try:
+                finite = math.isfinite(value)
+            except (TypeError, OverflowError):  # not a number, or an int too large for a float
+                finite = False
+            if not finite:
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.faint_od < self.weak_od < self.strong_od:
             raise ValueError(f"DAB OD thresholds must increase: {self}")
         if not 0 <= self.min_completeness < self.lateral_arc < self.complete_completeness <= 1:

@@ -443,8 +443,8 @@ CHECK_EPILOG = """exit codes:
 
 SCORE_EPILOG = """exit codes: 0 every slide of this run read and given a result.json (its qc_status may still say
 needs_review, qc_failed or not_scored); 1 some refused or failed (see summary.csv);
-2 usage or input error (nothing written, no output folder created), or the output folder full (the batch stops;
-finished slides kept).
+2 usage or input error (nothing written, no output folder created), or the output folder full, over quota or
+read-only (the batch stops; finished slides kept).
 summary.csv lists every slide in --out; qc_status beside each score: passed, needs_review, qc_failed, not_scored."""
 
 

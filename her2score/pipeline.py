@@ -66,7 +66,7 @@ default vectors, 1+ under its own; a generator 3+ whose DAB leans 10 degrees rea
 
 JPEG_QUALITY_FAIL = 60
 JPEG_QUALITY_WARN = 70
-"""A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality, slide.jpeg_quality) fails QC, under JPEG_QUALITY_WARN
+"""A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality of the level scored, Slide.jpeg_quality_at) fails QC, under JPEG_QUALITY_WARN
 it is warned of: the compression's blocks read as faint membranes. Measured on real fields made HER2 0 or nearly
 (the colon with no DAB or 0.05 x its DAB, a real Ki67 field with no DAB) saved at quality 10-90: at 70 and over
 they read at most 6% of tumour cells stained; at 50-60 up to 19%, a confident 1+ (at 20-30, 16-20%)."""
@@ -480,9 +480,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
-        slide_path, slide_mpp, jpeg_quality, metadata_mpp = str(slide.path), slide.mpp, slide.jpeg_quality, slide.metadata_mpp
+        slide_path, slide_mpp, metadata_mpp = str(slide.path), slide.mpp, slide.metadata_mpp
+        jpeg_quality = slide.jpeg_quality_at(config.mpp)  # of the level the tiles are read from
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes,
-                 *([f"JPEG quality {jpeg_quality} (from its quantisation table)"] if jpeg_quality is not None else []))
+                 *([f"JPEG quality {jpeg_quality} (from the quantisation tables of the level scored)"] if jpeg_quality is not None else []))
 
         # a whole slide's CNN mean needs only a sample of each tile's patches; a field of view gets all
         cnn_max = None if len(tiles) <= config.cnn_all_patches_up_to_tiles else config.cnn_patches_per_tile
@@ -762,7 +763,7 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
                             round(slide_mpp / metadata_mpp, 4)))
     if jpeg_quality is not None and jpeg_quality < JPEG_QUALITY_WARN:
         qc.append(QCFinding("jpeg_quality", "fail" if jpeg_quality < JPEG_QUALITY_FAIL else "warn",
-                            f"saved as JPEG at quality {jpeg_quality} (from its quantisation table): the compression's "
+                            f"saved as JPEG at quality {jpeg_quality} (from the quantisation tables of the level scored): the compression's "
                             f"blocks read as faint membranes (real HER2 0 fields read up to 19% stained under quality "
                             f"{JPEG_QUALITY_FAIL}); give the scan as acquired, or a copy at quality {JPEG_QUALITY_WARN} or "
                             "more", float(jpeg_quality)))

@@ -103,10 +103,12 @@ class Slide(ABC):
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
     metadata_mpp: float | None = None
-    """The µm/px the file's metadata gives where a user's value overrides it by more than 5% (else None)."""
-    jpeg_quality: int | None = None
-    """The IJG quality (1-100) its JPEG compression was saved at, the lower of its luminance and chrominance
-    quantisation tables' (jpeg_quality); None where it is not JPEG-compressed or the backend does not say."""
+    """The µm/px the file's metadata gives where a user's value overrides it by more than 5% and the metadata's is a
+    microscope's (else None)."""
+    level_jpeg_quality: tuple[int | None, ...] = ()
+    """Per level, the IJG quality (1-100) its JPEG compression was saved at, the lower of its luminance and
+    chrominance quantisation tables' (jpeg_quality); None where it is not JPEG-compressed or the backend does
+    not say (see jpeg_quality_at)."""
 
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -200,6 +202,12 @@ class Slide(ABC):
         size = (max(1, round(w * self.mpp / mpp)), max(1, round(h * self.mpp / mpp)))
         return self.read_region((0, 0), size, mpp=mpp)
 
+    def jpeg_quality_at(self, mpp: float) -> int | None:
+        """The JPEG quality (level_jpeg_quality) of the level read_region reads at ``mpp`` µm/px: the level a
+        slide is scored from, not its overview; None where unknown."""
+        level = self._best_level(mpp / self.mpp)
+        return self.level_jpeg_quality[level] if level < len(self.level_jpeg_quality) else None
+
     def _best_level(self, scale: float) -> int:
         """The coarsest level that is at least as fine as ``scale`` level-0 px per output px."""
         best = 0
@@ -287,7 +295,7 @@ class ArraySlide(Slide):
         self.mpp, self.mpp_source = float(mpp), mpp_source
         self.levels = (Level(w, h, 1.0),)
         self.notes = tuple(notes)
-        self.jpeg_quality, self.metadata_mpp = jpeg_quality, metadata_mpp
+        self.level_jpeg_quality, self.metadata_mpp = (jpeg_quality,), metadata_mpp
 
     def _read_level(self, level, x, y, width, height):
         return self._rgb[y : y + height, x : x + width]
@@ -304,20 +312,23 @@ IJG_TABLES = (
 by its quality."""
 
 
-def jpeg_quality(tables) -> int:
+def jpeg_quality(tables) -> int | None:
     """The lowest IJG quality (1-100) of a JPEG's quantisation ``tables`` ({table id: 64 steps, in any order}; id 0
     luminance, 1 chrominance, as Pillow's ``quantization``): per table, the quality whose scaling of its IJG_TABLES
     comes nearest its step sum, as libjpeg scales it (by 5000 / q % under quality 50, by 200 - 2q % from it, each
-    step rounded and kept within 1-255). The chrominance table counts: brown DAB and blue haematoxylin differ in
-    colour, and an encoder may keep the luminance fine and the colour coarse (cjpeg -quality 95,20)."""
+    step rounded and kept within 1-255); None without a table. The chrominance table counts: brown DAB and
+    blue haematoxylin differ in colour, and an encoder may keep the luminance fine and the colour coarse
+    (cjpeg -quality 95,20)."""
     q = np.arange(1, 101)
     scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None]
-    qualities = []
-    for table_id, steps in tables.items():
-        if table_id in (0, 1):
-            sums = np.clip((np.array(IJG_TABLES[table_id]) * scale + 50) // 100, 1, 255).sum(1)
-            qualities.append(int(q[np.argmin(np.abs(sums - int(np.sum(steps))))]))
-    return min(qualities) if qualities else 100
+
+    def against(standard: int, steps) -> int:
+        sums = np.clip((np.array(IJG_TABLES[standard]) * scale + 50) // 100, 1, 255).sum(1)
+        return int(q[np.argmin(np.abs(sums - int(np.sum(steps))))])
+
+    # a table of another id (JPEG allows 0-3) may hold either component's steps: read as the kinder of the two
+    qualities = [against(i, steps) if i in (0, 1) else max(against(0, steps), against(1, steps)) for i, steps in tables.items()]
+    return min(qualities) if qualities else None
 
 
 def _dqt_tables(data: bytes) -> dict[int, list[int]]:
@@ -339,23 +350,18 @@ def _dqt_tables(data: bytes) -> dict[int, list[int]]:
     return tables
 
 
-def _tiff_jpeg_quality(tif, pages) -> int | None:
-    """The lowest jpeg_quality of the JPEG-compressed ``pages`` (a pyramid's levels; any of them may be the one
-    scored) of an open tifffile.TiffFile: each page's JPEGTables and its first non-empty segment's own tables,
-    which may redefine them. None where none is JPEG-compressed."""
-    qualities = []
-    for page in pages:
-        if page.compression != 7:  # TIFF's JPEG
-            continue
-        tables = _dqt_tables(bytes(page.jpegtables or b""))
-        first = next((i for i, n in enumerate(page.databytecounts) if n), None)
-        if first is not None:
-            tif.filehandle.seek(page.dataoffsets[first])
-            own = _dqt_tables(tif.filehandle.read(min(int(page.databytecounts[first]), 1 << 16)))
-            tables = {k: v for k, v in tables.items() if k not in own} | own
-        if tables:
-            qualities.append(jpeg_quality(tables))
-    return min(qualities) if qualities else None
+def _tiff_jpeg_quality(tif, page) -> int | None:
+    """jpeg_quality of a page of an open tifffile.TiffFile, from its JPEGTables and its first non-empty segment's
+    own tables, which may redefine them; None where it is not JPEG-compressed or holds no table."""
+    if page.compression != 7:  # TIFF's JPEG
+        return None
+    tables = _dqt_tables(bytes(page.jpegtables or b""))
+    first = next((i for i, n in enumerate(page.databytecounts) if n), None)
+    if first is not None:
+        tif.filehandle.seek(page.dataoffsets[first])
+        own = _dqt_tables(tif.filehandle.read(min(int(page.databytecounts[first]), 1 << 16)))
+        tables = {k: v for k, v in tables.items() if k not in own} | own
+    return jpeg_quality(tables)
 
 
 def _plain_mpp(img) -> float | None:
@@ -678,7 +684,7 @@ class TiffSlide(Slide):
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
-            self.jpeg_quality = _tiff_jpeg_quality(self._tif, self._pages)
+            self.level_jpeg_quality = tuple(_tiff_jpeg_quality(self._tif, p) for p in self._pages)
             self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
@@ -833,24 +839,26 @@ class OpenSlideSlide(Slide):
                 Level(lw, lh, float(ds))
                 for (lw, lh), ds in zip(self._osr.level_dimensions, self._osr.level_downsamples)
             )
-            self.jpeg_quality = self._tiff_levels_jpeg_quality()
+            self.level_jpeg_quality = self._tiff_level_jpeg_quality()
         except BaseException:
             self._osr.close()
             raise
 
-    def _tiff_levels_jpeg_quality(self) -> int | None:
-        """_tiff_jpeg_quality of the pages that are this slide's levels, where the file is a TIFF tifffile reads
-        (SVS, NDPI, SCN, BIF, generic TIFF; a label or macro image left out); None for other formats."""
+    def _tiff_level_jpeg_quality(self) -> tuple[int | None, ...]:
+        """Per level, _tiff_jpeg_quality of the page of the level's size, where the file is a TIFF tifffile
+        reads (SVS, NDPI, BIF, generic TIFF); None for a level no page matches (a label or macro image is no
+        level, nor are Leica SCN's, sized by the slide's area) and for other formats."""
         if _sniff(self.path)[0] != "TIFF":
-            return None
+            return ()
         import tifffile
 
         try:
             with tifffile.TiffFile(self.path) as tif:
-                widths = {lv.width for lv in self.levels}
-                return _tiff_jpeg_quality(tif, [p for p in tif.pages if p.imagewidth in widths])
+                pages = {(p.imagewidth, p.imagelength): p for p in reversed(tif.pages)}  # the first of a size wins
+                return tuple(_tiff_jpeg_quality(tif, pages[(lv.width, lv.height)]) if (lv.width, lv.height) in pages
+                             else None for lv in self.levels)
         except Exception:  # tifffile reads no more of it than OpenSlide needs: no quality rather than no slide
-            return None
+            return ()
 
     def close(self) -> None:
         if self._osr is not None:  # a second close (a with block around a closed slide) does nothing

@@ -287,12 +287,12 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     skipped: list = []
     slides, problems = discover([case], skipped=skipped)
     assert [s.name for s, _ in slides] == ["s.png"] and problems == []
-    assert skipped == [(str(case / "results_breast"), "a her2score batch's outputs (manifest.json): not searched")]
+    assert skipped == [(str(case / "results_breast"), "a her2score batch's outputs (manifest.json and summary.csv): not searched")]
     second = run_batch([case], case / "results_gastric", config=ScoringConfig(guideline="gastric"))
     assert [(Path(r["slide"]).name, r["status"]) for r in second] == [("s.png", "ok")]
-    assert "not searched, as other batches' outputs (manifest.json)" in caplog.text
+    assert "not searched, as other batches' outputs (manifest.json and summary.csv)" in caplog.text
     assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
-                                                        "batch's output folder (manifest.json), not a folder of slides")]
+                                                        "batch's output folder (manifest.json and summary.csv), not a folder of slides")]
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
     other.mkdir()
     (other / "manifest.json").write_text("{}")
@@ -770,6 +770,7 @@ def test_a_full_output_disk_stops_the_batch_naming_the_output_folder(tmp_path, t
     rows = {Path(r["slide"]).name: r for r in run_batch([three], tmp_path / "out1")}
     bad = rows["field 2+.png"]
     assert bad["status"] == "error" and f"{tmp_path / 'out1' / bad_name}: cannot write the outputs (Permission denied)" in bad["error"]
+    assert "[Errno" not in bad["error"]
     assert [rows[n]["status"] for n in ("field 0.png", "field 3+.png")] == ["ok", "ok"]
     errno_code = errno_module.ENOSPC
     assert main(["score", str(three), "--out", str(tmp_path / "out2"), "-q", "--no-cnn", "--workers", "1"]) == 2

@@ -236,6 +236,10 @@ def test_bad_arguments_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, 
     ('{"min_arc_sectors": 2.5}', "min_arc_sectors must be a whole number, got 2.5"),
     ('[0.1, 0.2]', "expected a JSON object of thresholds, got list"),
     ('{"weak_od": 0.9}', "DAB OD thresholds must increase"),
+    ('{"cytoplasm_ratio": NaN}', "cytoplasm_ratio must be a finite number, got nan"),  # a NaN read a 3+ field 0, QC passed
+    ('{"strong_od": Infinity}', "strong_od must be a finite number, got inf"),
+    ('{"strong_od": 1e999}', "strong_od must be a finite number, got inf"),
+    ('{"cytoplasm_ratio": 1' + "0" * 400 + '}', "cytoplasm_ratio must be a finite number"),  # too large for a float
 ])
 def test_a_bad_thresholds_file_says_what_is_wrong_in_its_terms(tmp_path, capsys, text, message):
     """Python's own words (Thresholds.__init__() got an unexpected keyword argument, '<' not supported between

@@ -439,7 +439,7 @@ def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
         Image.fromarray(unstained).save(tmp_path / f"q{quality}.jpg", quality=quality)
     r = score_slide(tmp_path / "q20.jpg", mpp=0.5)
     assert [(q.code, q.severity, q.value) for q in r.qc if q.code == "jpeg_quality"] == [("jpeg_quality", "fail", 20.0)]
-    assert not r.qc_passed and "JPEG quality 20 (from its quantisation table)" in r.notes
+    assert not r.qc_passed and "JPEG quality 20 (from the quantisation tables of the level scored)" in r.notes
     assert check_eligibility(r, "her2-low-breast").status == "needs_review"
     fine = score_slide(tmp_path / "q90.jpg", mpp=0.5)
     assert fine.score == "0" and fine.qc_passed and "jpeg_quality" not in {q.code for q in fine.qc}

@@ -668,35 +668,42 @@ def test_a_tiled_pyramids_stripped_thumbnail_is_no_level(tmp_path):
 
 
 def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path, slide_rgb):
-    """The IJG quality a JPEG file or a TIFF's JPEG tiles were saved at (pipeline QC jpeg_quality); None for
-    lossless files."""
+    """The IJG quality a JPEG file or a TIFF's JPEG tiles were saved at, per level, and that of the level read
+    at a µm/px (pipeline QC jpeg_quality); None for lossless files or tables of no known kind."""
     from PIL import Image
+
+    from her2score.slide import IJG_TABLES, jpeg_quality
+
+    def quality_of(path, **kw) -> int | None:
+        return open_slide(path, mpp=kw.pop("mpp", 0.5), **kw).jpeg_quality_at(0.5)
 
     for quality in (10, 49, 50, 75, 95):
         Image.fromarray(slide_rgb).save(tmp_path / f"q{quality}.jpg", quality=quality)
-        assert open_slide(tmp_path / f"q{quality}.jpg", mpp=0.5).jpeg_quality == quality
-    from her2score.slide import IJG_TABLES
+        assert quality_of(tmp_path / f"q{quality}.jpg") == quality
 
     def ijg(quality: int, table: int) -> list[int]:  # libjpeg's scaling, as cjpeg -quality 95,20 writes a file
         scale = 5000 // quality if quality < 50 else 200 - 2 * quality
         return [min(max((v * scale + 50) // 100, 1), 255) for v in IJG_TABLES[table]]
 
     Image.fromarray(slide_rgb).save(tmp_path / "fine_grey_coarse_colour.jpg", qtables=[ijg(95, 0), ijg(20, 1)], subsampling=2)
-    assert open_slide(tmp_path / "fine_grey_coarse_colour.jpg", mpp=0.5).jpeg_quality == 20  # the colour's: DAB vs haematoxylin
+    assert quality_of(tmp_path / "fine_grey_coarse_colour.jpg") == 20  # the colour's: DAB vs haematoxylin
+    assert jpeg_quality({2: ijg(20, 0), 3: ijg(20, 1)}) == 20 and jpeg_quality({}) is None  # tables of ids 2 and 3
     tifffile.imwrite(tmp_path / "q40.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="jpeg",
                      compressionargs={"level": 40})
-    assert open_slide(tmp_path / "q40.tif", mpp=0.5).jpeg_quality == 40
-    with tifffile.TiffWriter(tmp_path / "levels.tif") as tw:  # a fine base, coarse reduced levels: any may be scored
-        for i, quality in enumerate((95, 20)):
-            level = slide_rgb[:512:2**i, :512:2**i]
+    assert quality_of(tmp_path / "q40.tif") == 40
+    with tifffile.TiffWriter(tmp_path / "levels.tif") as tw:  # 0.25 µm/px at 95, 0.5 at 20, 1.0 at 10
+        for i, quality in enumerate((95, 20, 10)):
+            level = slide_rgb[:1024:2**i, :1024:2**i]
             tw.write(level, tile=(128, 128), photometric="rgb", compression="jpeg", compressionargs={"level": quality},
                      subfiletype=1 if i else 0, resolution=(1e4 / 0.25 / 2**i,) * 2, resolutionunit="CENTIMETER")
     for backend in ("tifffile", "openslide"):
-        assert open_slide(tmp_path / "levels.tif", backend=backend).jpeg_quality == 20, backend
+        s = open_slide(tmp_path / "levels.tif", backend=backend)
+        assert s.level_jpeg_quality == (95, 20, 10), backend
+        assert (s.jpeg_quality_at(0.25), s.jpeg_quality_at(0.5), s.jpeg_quality_at(0.7)) == (95, 20, 20), backend
     exif = Image.Exif()
     exif[0x0112] = 6  # stored on its side: the table is read before the turn
     Image.fromarray(slide_rgb).save(tmp_path / "turned.jpg", quality=20, exif=exif.tobytes())
-    assert open_slide(tmp_path / "turned.jpg", mpp=0.5).jpeg_quality == 20
+    assert quality_of(tmp_path / "turned.jpg") == 20
     tifffile.imwrite(tmp_path / "zlib.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib")
-    assert open_slide(tmp_path / "zlib.tif", mpp=0.5).jpeg_quality is None
-    assert open_slide(save_png(tmp_path / "f.png", slide_rgb), mpp=0.5).jpeg_quality is None
+    assert quality_of(tmp_path / "zlib.tif") is None
+    assert quality_of(save_png(tmp_path / "f.png", slide_rgb)) is None
