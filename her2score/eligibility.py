@@ -425,7 +425,8 @@ def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str
     answers = sorted({_decide(replace(result, score=s, level=lv), rule, ish)[0] for s, lv in levels})
     if len(answers) == 1:
         return None
-    return (f"classical score {a} and CNN score {b} disagree, and the rule answers "
+    words = result.classical_level if result.classical_level and result.classical_level.startswith(a) else a
+    return (f"classical score {words} and CNN score {b} disagree, and the rule answers "
             f"{' or '.join(x.replace('_', ' ') for x in answers)} between them")
 
 

@@ -3,8 +3,8 @@ overlay.png and cells.geojson.
 
 The overlay lets a pathologist check the calls: each cell is a ring in its category's colour drawn
 inside the cell, clear of its border, so the membrane DAB that was judged stays visible. A field of
-view is drawn at its own resolution; a whole slide as a thumbnail, heatmaps of the strong and
-weak-to-moderate fractions, and the most informative regions at 0.5 µm/px.
+view is drawn at its own resolution; a whole slide as a thumbnail, heatmaps of the share of tumour cells
+at 3+, at 2+ or more and stained at all, and the most informative regions at 0.5 µm/px.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from .categories import CATEGORIES
 from .files import atomic_file, atomic_write, is_temp_file
-from .guidelines import INTENSITY
+from .guidelines import INTENSITY, STAINING_LEVEL
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
@@ -521,7 +521,8 @@ def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, bi
 
 def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
     """Up to ``n`` windows (level-0 top-left x, y, why): for each category, strongest first, the window
-    richest in its tumour cells, then the windows with most tumour cells; windows do not overlap. A
+    richest in its tumour cells, then the windows richest in stained tumour cells (the cells a call rests
+    on: a slide's faint pieces, not its unstained ones), then those with most tumour cells; windows do not overlap. A
     slide without tumour cells (not scored) gets the windows with most cells of any kind.
 
     Windows lie on a grid of half a window, so each cell falls in four of them."""
@@ -542,7 +543,8 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
     taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (start within one step of it)
     chosen: list[tuple[int, int, str]] = []
     by_category = [(c, cats == c) for c in order] if kind == "tumour cells" else []  # non-tumour cells' categories are not counted
-    for label, sel in by_category + [("", np.ones(len(cats), bool))] * n:
+    stained = [("stained", cats != "none")] * n if kind == "tumour cells" else []  # then more of what a call rests on
+    for label, sel in by_category + stained + [("", np.ones(len(cats), bool))] * n:
         if len(chosen) >= n:
             break
         if not sel.any():
@@ -558,20 +560,23 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
         wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
         taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True
         v = int(grid[wy, wx])
-        chosen.append((int(wx * step), int(wy * step), f"most {kind} '{label}' ({v})" if label else f"most {kind} ({v})"))
+        why = (f"most {kind} stained ({v})" if label == "stained" else f"most {kind} '{label}' ({v})" if label
+               else f"most {kind} ({v})")
+        chosen.append((int(wx * step), int(wy * step), why))
     return chosen
 
 
 def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: int, region_px: int, region_mpp: float,
                   width: int) -> np.ndarray:
-    """Whole-slide overlay body: thumbnail with numbered region boxes, two heatmaps, then the regions at ``region_mpp``."""
+    """Whole-slide overlay body: thumbnail with numbered region boxes, three heatmaps of the share of tumour cells at
+    each guideline level or higher (guidelines.STAINING_LEVEL: complete and lateral membranes at their intensity,
+    any other at 1+), each the share a 10% cut-off is read on, then the regions at ``region_mpp``."""
     t = analysis.cells
     mpp0 = analysis.result.mpp
-    strong = np.array([INTENSITY.get(c, 0) == 3 for c in t["category"].tolist()], bool)
-    weak = np.array([INTENSITY.get(c, 0) == 2 for c in t["category"].tolist()], bool)
+    level = np.array([STAINING_LEVEL.get(c, 0) for c in t["category"].tolist()], np.int8)  # each cell's guideline level
     th, tw = analysis.thumbnail.shape[:2]
     bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
-    col_w = width // 3 - 8  # three panels, 8 px apart
+    col_w = width // 4 - 8  # four panels, 8 px apart
     f = col_w / tw
     thumb = cv2.resize(analysis.thumbnail, (col_w, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
     window_level0 = region_px * region_mpp / mpp0
@@ -591,8 +596,8 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     caption = ("Tissue; boxes: the regions below" if regions else
                "Tissue" + ("" if slide is not None else " (the slide could not be opened again for regions)"))
     panels = [np.vstack([_text_band([(caption, 13)], col_w, pad=3), thumb, _scale_band(col_w, analysis.thumbnail_mpp / f)])]
-    for which, name, rgb in ((strong, "strong", (200, 0, 0)), (weak, "weak-to-moderate", (235, 120, 0))):
-        frac, total = _heatmap(analysis, which, bin_um)
+    for at_least, name, rgb in ((3, "at 3+", (200, 0, 0)), (2, "at 2+ or 3+", (235, 120, 0)), (1, "stained (1+ or more)", (215, 170, 0))):
+        frac, total = _heatmap(analysis, level >= at_least, bin_um)
         panels.append(_heat_panel(analysis, frac, total, bin_um, f"% of tumour cells {name} per {bin_um:.0f} µm bin", col_w, rgb))
     top_h = max(p.shape[0] for p in panels)
     top = np.hstack([np.pad(p, ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
@@ -624,7 +629,7 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     reason, flags, QC), the field at its own resolution with each cell's ring (tumour categories in
     colour, non-tumour grey), a scale bar under it (the image is left clear), then the legend; at
     least MIN_OVERLAY_PX wide. Whole slide: title; thumbnail with
-    the regions boxed, heatmaps of the strong and weak-to-moderate fractions of tumour cells; the
+    the regions boxed, heatmaps of the share of tumour cells at 3+, at 2+ or more and stained at all; the
     ``n_regions`` most informative ``region_px`` windows at ``region_mpp`` µm/px with rings; legend.
     """
     field = max(_slide_size(analysis, slide)) <= field_max_px

@@ -116,8 +116,9 @@ def scale_stains(rgb: np.ndarray, *, hematoxylin: float = 1.0, dab: float = 1.0,
     (Beer-Lambert) from its deconvolved haematoxylin, DAB and residual OD so scaled.
 
     A real field with 0.5 x its haematoxylin is that field under a paler counterstain; with no DAB,
-    a real HER2 0 (remove_dab). ``stains``: the field's vectors (default: Ruifrok-Johnston against
-    the field's own background).
+    a real HER2 0 (remove_dab). For a weaker DAB, scale ``residual`` with ``dab``: the residual is where
+    the vectors misfit the DAB, and left whole it tints the membranes green. ``stains``: the field's
+    vectors (default: Ruifrok-Johnston against the field's own background).
     """
     stains = stains or H_DAB.with_background(estimate_background(rgb))
     conc = deconvolve(rgb, stains) * np.float32([hematoxylin, dab, residual])

@@ -212,6 +212,9 @@ def test_cnn_disagreement():
     assert check_eligibility(make_result(cnn="1+", **NULL), "her2-positive-breast").status == "not_eligible"
     low = check_eligibility(make_result(cnn="1+", **NULL), "her2-low-breast")
     assert low.status == "needs_review" and any("classical score 0 and CNN score 1+ disagree" in r for r in low.reasons)
+    ultralow = replace(make_result(cnn="1+", none=190, faint_partial=10), classical_level="0+ (ultralow)")
+    assert any(r.startswith("classical score 0+ (ultralow) and CNN score 1+ disagree")  # the level the reason names
+               for r in check_eligibility(ultralow, "her2-low-breast").reasons)
     # 1+ against 3+ passes 2+, which awaits ISH under the HER2-positive rule
     assert check_eligibility(make_result(cnn="3+", **ONE), "her2-positive-breast").status == "needs_review"
 

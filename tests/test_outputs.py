@@ -442,3 +442,20 @@ def test_regions_strongest_category_first_without_overlap(field):
     for i, (x, y, _) in enumerate(regions):  # windows are disjoint
         for x2, y2, _ in regions[i + 1 :]:
             assert abs(x - x2) >= window or abs(y - y2) >= window
+
+
+def test_slide_heatmaps_show_each_guideline_level_or_more(field, monkeypatch):
+    """Three heatmaps, of the tumour cells at 3+, at 2+ or more and stained at all, each cell at its guideline
+    level: an intense incomplete cell is a 1+ cell there (the strong map counted it under a 10% cut-off mark),
+    and a slide whose call turns on faint cells has a map that shows them (none did)."""
+    import her2score.outputs as outputs_module
+    from her2score.guidelines import STAINING_LEVEL
+
+    f, slide, a = field
+    seen = []
+    real_heatmap = outputs_module._heatmap
+    monkeypatch.setattr(outputs_module, "_heatmap", lambda analysis, which, bin_um: (seen.append(which.copy()), real_heatmap(analysis, which, bin_um))[1])
+    overlay_image(a, slide, field_max_px=100, n_regions=1, region_px=128)
+    level = np.array([STAINING_LEVEL[c] for c in a.cells["category"]])
+    assert len(seen) == 3 and all((w == (level >= k)).all() for w, k in zip(seen, (3, 2, 1)))
+    assert STAINING_LEVEL["strong_partial"] == 1 and STAINING_LEVEL["faint_partial"] == 1
