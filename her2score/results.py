@@ -36,6 +36,12 @@ class CnnReport:
     model: str
 
 
+DOUBT_FLAGS = frozenset({"near_cutoff", "null_or_ultralow", "cytoplasmic_dab", "isolated_intense_cells"})
+"""Flags that doubt the call itself (a share near a cut-off, staining false membranes could give, cytoplasm read
+as membrane, isolated intense cells): a result carrying one is needs_review in qc_status, as a weak-counterstain
+field read 0+ on 7.7% with near_cutoff showed "passed" in summary.csv while eligibility asked for review."""
+
+
 @dataclass(frozen=True)
 class SlideResult:
     """Everything the tool says about one slide.
@@ -86,13 +92,14 @@ class SlideResult:
 
     @property
     def qc_status(self) -> str:
-        """What stands beside the score: not_scored (no score), qc_failed (a QC check failed),
-        needs_review (the classical and CNN scores disagree) or passed."""
+        """What stands beside the score: not_scored (no score), qc_failed (a QC check failed), needs_review (the
+        classical and CNN scores disagree, or the call carries a doubt: DOUBT_FLAGS) or passed. Eligibility asks
+        for review of a doubt only where the other side would change a rule's answer."""
         if self.score is None:
             return "not_scored"
         if not self.qc_passed:
             return "qc_failed"
-        if self.cnn_score is not None and self.cnn_score != self.classical_score:
+        if self.cnn_score is not None and self.cnn_score != self.classical_score or DOUBT_FLAGS & set(self.flags):
             return "needs_review"
         return "passed"
 

@@ -8,7 +8,7 @@ import pytest
 
 from her2score.eligibility import check_eligibility
 from her2score.pipeline import ScoringConfig, score_slide
-from her2score.results import CnnReport
+from her2score.results import CnnReport, QCFinding
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field
 
@@ -150,3 +150,15 @@ def test_a_user_mpp_far_off_the_files_metadata_fails_qc(tmp_path, field_3plus):
     near = score_slide(path, mpp=0.45)
     assert "mpp_overrides_metadata" not in codes(near) and "µm/px 0.45 from user (the file's metadata says 0.5)" in near.notes
     assert "mpp_overrides_metadata" not in codes(score_slide(path))
+
+
+def test_a_call_carrying_a_doubt_is_needs_review_beside_its_score(field_3plus):
+    """summary.csv's qc_status said "passed" beside a weak-counterstain field read 0+ on 7.7% and flagged near_cutoff,
+    while eligibility asked for review: a doubt flag on the call makes it needs_review too (results.DOUBT_FLAGS)."""
+    from her2score.results import DOUBT_FLAGS
+
+    r = score_slide(ArraySlide(field_3plus, mpp=0.5))
+    assert r.qc_status == "passed" and not DOUBT_FLAGS & set(r.flags)
+    for flag in sorted(DOUBT_FLAGS):
+        assert replace(r, flags=(*r.flags, flag)).qc_status == "needs_review", flag
+    assert replace(r, flags=(*r.flags, "near_cutoff"), qc=(*r.qc, QCFinding("x", "fail", "m"))).qc_status == "qc_failed"
