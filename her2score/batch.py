@@ -321,6 +321,18 @@ def _signature(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _content_sample(path: str, block: int = 1 << 16) -> str:
+    """SHA-256 (hex) of a file's size, first and last ``block`` bytes: which file it is, where name, size and
+    modification time alike are no proof (two slides of a fixed size, extracted from one archive)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        h.update(size.to_bytes(8, "little") + fh.read(block))
+        fh.seek(max(0, size - block))
+        h.update(fh.read(block))
+    return h.hexdigest()
+
+
 def _result_stamp(folder: Path) -> list | None:
     """(size, mtime ns) of ``folder``'s result.json: a rewrite changes it, a copy that keeps times (cp -a, rsync -a,
     a restored backup) does not; None: no result.json."""
@@ -489,6 +501,7 @@ class _Manifest:
         self.path = out / MANIFEST
         self.entries: dict[str, dict] = {}
         self.skipped: list[list[str]] = []
+        self.moved: list[str] = []  # slides respelled from a gone path: their result.json names them at the next save
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -522,8 +535,9 @@ class _Manifest:
     def respell(self, slides: list[Path]) -> None:
         """Give each of ``slides`` the entry of an earlier run that reached the same file by another spelling (a
         linked folder), or reached a file since moved there (its folder renamed, moved or mounted elsewhere: the
-        old path gone, one entry of its name, size and modification time), under the path given now: reused,
-        listed once, its annotation found under its path now; a moved file's result.json names it there."""
+        old path gone, one entry of its name, size, modification time and content sample), under the path given
+        now: reused, listed once, its annotation found under its path now; a moved file's result.json names it
+        there from the next save (a run refused before one changes nothing)."""
         given = {str(slide) for slide in slides}
         spelled = {resolved_path(s): s for s in self.entries if s not in given and os.path.lexists(s)}
         gone: dict[tuple, list[str]] = {}
@@ -536,12 +550,15 @@ class _Manifest:
             if (old := spelled.pop(resolved_path(slide), None)) is None:
                 try:
                     olds = gone.pop((slide.name, *_signature(str(slide))), [])
+                    if len(olds) != 1:  # none, or several files alike: which one moved here is unknown
+                        continue
+                    sample = _content_sample(str(slide))
                 except OSError:
                     continue
-                if len(olds) != 1:  # none, or several files alike: which one moved here is unknown
-                    continue
                 old = olds[0]
-                self._renamed_result(self.entries[old], str(slide))
+                if self.entries[old].get("sample") != sample:  # name, size and time alike are no proof (tar, cp -p)
+                    continue
+                self.moved.append(str(slide))
             entry = self.entries.pop(old)
             self.entries[str(slide)] = {**entry, "row": {**entry["row"], "slide": str(slide)}}
 
@@ -564,11 +581,18 @@ class _Manifest:
         except OSError:
             sig = None
         done = row["status"] == "ok"
-        self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig,
+        try:
+            sample = _content_sample(job.slide)
+        except OSError:
+            sample = None
+        self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample,
                                    "config": _config_key(job), "settings": _settings(job) if job.name else None,
                                    "row": row, **({"result": _result_stamp(self.out / job.name)} if done else {})}
 
     def save(self) -> None:
+        for slide in self.moved:
+            self._renamed_result(self.entries[slide], slide)
+        self.moved = []
         atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped},
                                            indent=1, sort_keys=True, ensure_ascii=False))
 

@@ -88,12 +88,17 @@ def _score_config(args):
 
 
 def _slides_in_output(out: Path) -> list[str]:
-    """Files under ``out`` named as slides that are not a batch's own outputs (outputs.OUTPUT_FILES)."""
+    """Files under ``out`` named as slides that are not a batch's own outputs (outputs.OUTPUT_FILES), hidden
+    files and folders left out as the search of the inputs leaves them (a Mac's ._overlay.png on a share)."""
     from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES
     from .slide import SLIDE_SUFFIXES
 
-    return sorted(str(Path(d, f).relative_to(out)) for d, _, files in os.walk(out) for f in files
-                  if Path(f).suffix.lower() in SLIDE_SUFFIXES and f not in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
+    held = []
+    for d, dirs, files in os.walk(out):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        held += [str(Path(d, f).relative_to(out)) for f in files if not f.startswith(".")
+                 and Path(f).suffix.lower() in SLIDE_SUFFIXES and f not in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES]
+    return sorted(held)
 
 
 class _UsageError(Exception):

@@ -52,6 +52,7 @@ __all__ = [
     "GuidelineCall",
     "apply_guideline",
     "check_settings",
+    "deciding_categories",
     "cumulative_counts",
     "h_score",
     "level_flags",
@@ -227,6 +228,12 @@ def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
         raise ValueError(f"unknown gastric_reading {gastric_reading!r}; choose one of {list(GASTRIC_READINGS)}")
     if gastric_reading != "cumulative" and GUIDELINE_FAMILY[guideline] != "gastric":
         raise ValueError(f"gastric_reading {gastric_reading!r} is a reading of the gastric rules; {guideline} has none")
+
+
+def deciding_categories(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, tuple[str, ...]]:
+    """Per score ("3+", "2+", "1+"), the cell categories whose share past the 10% cut-off gives it under
+    ``guideline`` (those deciding_cells counts; breast's 2+ group the larger of complete and intense on ``counts``)."""
+    return _deciding_categories(_validated(counts), guideline, gastric_reading)
 
 
 def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str) -> dict[str, tuple[str, ...]]:

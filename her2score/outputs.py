@@ -4,7 +4,7 @@ overlay.png and cells.geojson.
 The overlay lets a pathologist check the calls: each cell is a ring in its category's colour drawn
 inside the cell, clear of its border, so the membrane DAB that was judged stays visible. A field of
 view is drawn at its own resolution; a whole slide as a thumbnail, heatmaps of the share of tumour cells
-at 3+, at 2+ or more and stained at all, and the most informative regions at 0.5 µm/px.
+counted for 3+, 2+ and 1+ under its guideline, and the most informative regions at 0.5 µm/px.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from .categories import CATEGORIES
 from .files import atomic_file, atomic_write, is_temp_file
-from .guidelines import INTENSITY, STAINING_LEVEL
+from .guidelines import INTENSITY, deciding_categories
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
@@ -484,6 +484,17 @@ def _heatmap(analysis: SlideAnalysis, which: np.ndarray, bin_um: float) -> tuple
     return np.where(total > 0, hits / np.maximum(total, 1), 0.0), total
 
 
+def _counted_for(analysis: SlideAnalysis) -> dict[str, np.ndarray]:
+    """Per score ("3+", "2+", "1+"), the cells (bool) in the categories its 10% cut-off is read on under the
+    slide's guideline (guidelines.deciding_categories); none where no tumour cell was counted."""
+    r, category = analysis.result, analysis.cells["category"]
+    try:
+        deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
+    except ValueError:  # no tumour cells counted: nothing to map
+        deciding = {score: () for score in ("3+", "2+", "1+")}
+    return {score: np.isin(category, cats) for score, cats in deciding.items()}
+
+
 def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, bin_um: float, title: str, width: int,
                 rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
     """The thumbnail in grey with each bin of >= ``min_cells`` tumour cells shaded from white (0%) to
@@ -568,12 +579,12 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
 
 def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: int, region_px: int, region_mpp: float,
                   width: int) -> np.ndarray:
-    """Whole-slide overlay body: thumbnail with numbered region boxes, three heatmaps of the share of tumour cells at
-    each guideline level or higher (guidelines.STAINING_LEVEL: complete and lateral membranes at their intensity,
-    any other at 1+), each the share a 10% cut-off is read on, then the regions at ``region_mpp``."""
+    """Whole-slide overlay body: thumbnail with numbered region boxes, three heatmaps of the share of tumour cells
+    counted for 3+, 2+ and 1+ under the slide's guideline (guidelines.deciding_categories: the shares its 10%
+    cut-offs are read on), then the regions at ``region_mpp``."""
     t = analysis.cells
     mpp0 = analysis.result.mpp
-    level = np.array([STAINING_LEVEL.get(c, 0) for c in t["category"].tolist()], np.int8)  # each cell's guideline level
+    counted = _counted_for(analysis)
     th, tw = analysis.thumbnail.shape[:2]
     bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
     col_w = width // 4 - 8  # four panels, 8 px apart
@@ -596,9 +607,10 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     caption = ("Tissue; boxes: the regions below" if regions else
                "Tissue" + ("" if slide is not None else " (the slide could not be opened again for regions)"))
     panels = [np.vstack([_text_band([(caption, 13)], col_w, pad=3), thumb, _scale_band(col_w, analysis.thumbnail_mpp / f)])]
-    for at_least, name, rgb in ((3, "at 3+", (200, 0, 0)), (2, "at 2+ or 3+", (235, 120, 0)), (1, "stained (1+ or more)", (215, 170, 0))):
-        frac, total = _heatmap(analysis, level >= at_least, bin_um)
-        panels.append(_heat_panel(analysis, frac, total, bin_um, f"% of tumour cells {name} per {bin_um:.0f} µm bin", col_w, rgb))
+    for score, rgb in (("3+", (200, 0, 0)), ("2+", (235, 120, 0)), ("1+", (215, 170, 0))):
+        frac, total = _heatmap(analysis, counted[score], bin_um)
+        panels.append(_heat_panel(analysis, frac, total, bin_um, f"% of tumour cells counted for {score} per {bin_um:.0f} µm bin",
+                                  col_w, rgb))
     top_h = max(p.shape[0] for p in panels)
     top = np.hstack([np.pad(p, ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
     top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)), constant_values=255)
@@ -629,7 +641,7 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     reason, flags, QC), the field at its own resolution with each cell's ring (tumour categories in
     colour, non-tumour grey), a scale bar under it (the image is left clear), then the legend; at
     least MIN_OVERLAY_PX wide. Whole slide: title; thumbnail with
-    the regions boxed, heatmaps of the share of tumour cells at 3+, at 2+ or more and stained at all; the
+    the regions boxed, heatmaps of the share of tumour cells counted for 3+, 2+ and 1+ under its guideline; the
     ``n_regions`` most informative ``region_px`` windows at ``region_mpp`` µm/px with rings; legend.
     """
     field = max(_slide_size(analysis, slide)) <= field_max_px

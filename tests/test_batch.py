@@ -800,9 +800,30 @@ def test_a_slide_folder_moved_or_renamed_is_resumed_not_scored_twice(tmp_path, t
     assert slides == sorted(str(moved / p.name) for p in moved.iterdir())
     for row in again:
         assert json.loads((out / row["output"] / "result.json").read_text())["slide"] == row["slide"]
+    # a refused run (other settings for part of the folder) changes nothing: the next plain run still resumes
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    again2 = tmp_path / "again2"
+    moved.rename(again2)
+    with pytest.raises(BatchError):
+        run_batch([again2 / "field 0.png"], out, config=ScoringConfig(min_tumour_cells=10))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    assert run_batch([again2], out).reused == 3
+    again2.rename(moved)
+    assert run_batch([moved], out).reused == 3
+    # another file of the same name, size and modification time (one archive's slides, extracted) is no move
+    other = tmp_path / "other"
+    other.mkdir()
+    first_png = sorted(moved.iterdir())[0]
+    twin = other / first_png.name
+    data = bytearray(first_png.read_bytes())
+    data[-100:-90] = bytes(10)  # same size, other pixels' bytes near the end
+    twin.write_bytes(bytes(data))
+    os.utime(twin, ns=(first_png.stat().st_atime_ns, first_png.stat().st_mtime_ns))
+    first_png.unlink()
+    assert run_batch([other], out).scored == 1
     copied = tmp_path / "copied"  # a copy that keeps no modification time, the original gone: new files, scored
     shutil.copytree(moved, copied, copy_function=shutil.copy)
     for p in copied.iterdir():
         os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
     shutil.rmtree(moved)
-    assert run_batch([copied], out).scored == 3
+    assert run_batch([copied], out).scored == len(list(copied.iterdir())) == 2

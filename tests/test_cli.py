@@ -301,6 +301,10 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
     assert "--out " + str(folder / "sub") + ": lies in an input folder and holds slides of its own (field_0_null.png)" in capsys.readouterr().err
     assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0
     assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0  # its overlays are no slides
+    (folder / "results" / "field_3plus_a.png" / "._overlay.png").write_bytes(b"\0" * 4096)  # a Mac's resource fork on a share
+    (folder / "results" / ".Trashes").mkdir()
+    shutil.copy(SAMPLES / "field_0_null.png", folder / "results" / ".Trashes" / "x.png")
+    assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0  # hidden: not searched
 
 
 def test_output_piped_into_head_ends_quietly(tmp_path):

@@ -444,18 +444,28 @@ def test_regions_strongest_category_first_without_overlap(field):
             assert abs(x - x2) >= window or abs(y - y2) >= window
 
 
-def test_slide_heatmaps_show_each_guideline_level_or_more(field, monkeypatch):
-    """Three heatmaps, of the tumour cells at 3+, at 2+ or more and stained at all, each cell at its guideline
-    level: an intense incomplete cell is a 1+ cell there (the strong map counted it under a 10% cut-off mark),
-    and a slide whose call turns on faint cells has a map that shows them (none did)."""
-    import her2score.outputs as outputs_module
-    from her2score.guidelines import STAINING_LEVEL
+def test_slide_heatmaps_map_the_cells_each_cut_off_is_read_on():
+    """Three heatmaps, of the tumour cells counted for 3+, 2+ and 1+ under the slide's guideline: 20% intense
+    lateral cells are a breast 2+ (unusual pattern) but a gastric 3+; the strong map once counted intense
+    incomplete 1+ cells under a 10% cut-off mark, and no map showed faint cells."""
+    from her2score.guidelines import deciding_categories
+
+    counts = {"none": 80, "strong_lateral": 20}
+    breast, gastric = (deciding_categories(counts, g) for g in ("breast-asco-cap-2023", "gastric"))
+    assert "strong_lateral" not in breast["3+"] and "strong_lateral" in breast["2+"] and "strong_lateral" in gastric["3+"]
+    assert "strong_partial" in deciding_categories({"none": 80, "strong_partial": 20}, "breast-asco-cap-2023")["2+"]
+    assert "strong_partial" not in gastric["2+"] and "faint_partial" in breast["1+"] and "faint_partial" in gastric["1+"]
+
+
+def test_the_heatmaps_count_the_cells_of_the_slides_own_call(field):
+    """The maps are drawn from the cells each score's cut-off is read on in the slide itself: every stained cell in
+    its 1+ map, only intense complete ones in its 3+ map (breast), none of its unstained ones anywhere."""
+    from her2score.outputs import _counted_for
 
     f, slide, a = field
-    seen = []
-    real_heatmap = outputs_module._heatmap
-    monkeypatch.setattr(outputs_module, "_heatmap", lambda analysis, which, bin_um: (seen.append(which.copy()), real_heatmap(analysis, which, bin_um))[1])
-    overlay_image(a, slide, field_max_px=100, n_regions=1, region_px=128)
-    level = np.array([STAINING_LEVEL[c] for c in a.cells["category"]])
-    assert len(seen) == 3 and all((w == (level >= k)).all() for w, k in zip(seen, (3, 2, 1)))
-    assert STAINING_LEVEL["strong_partial"] == 1 and STAINING_LEVEL["faint_partial"] == 1
+    counted = _counted_for(a)
+    category = a.cells["category"]
+    assert (counted["1+"] == (category != "none")).all() and counted["1+"].any()
+    assert (counted["3+"] == (category == "strong_complete")).all()
+    empty = replace(a, result=replace(a.result, counts={c: 0 for c in a.result.counts}))
+    assert not any(m.any() for m in _counted_for(empty).values())  # no tumour cells counted: nothing to map
