@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -521,6 +522,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
             raise ValueError(f"unknown format {meta.get('format')!r}")
         record = WeightsRecord.from_dict(meta["record"])
     except Exception as e:  # torch raises many kinds on a damaged file; its own advice (weights_only=False) is unsafe
+        if isinstance(e, pickle.UnpicklingError):  # torch's words end in that advice: none of them
+            raise ModelError(f"{p}: not a readable her2score model file (not torch weights, or objects other than "
+                             "weights, which are never loaded)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(f"{p}: not a readable her2score model file ({type(e).__name__}: {first[:200]})") from None
     if _sha256_state(state) != meta.get("state_sha256"):

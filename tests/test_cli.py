@@ -452,6 +452,10 @@ def test_a_bad_weights_file_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"her2score score: {bad}: not a readable her2score model file")
     assert err.rstrip().endswith("(or score with --no-cnn)") and not out.exists()
+    # a text file: torch's words end in advice to load with weights_only=False, which is unsafe; none of them
+    assert main(["score", str(SAMPLES / "field_0_null.png"), "--out", str(out), "--weights", str(SAMPLES.parent / "README.md")]) == 2
+    err = capsys.readouterr().err
+    assert "weights_only" not in err and "not torch weights, or objects other than weights" in err, err
 
 
 def test_missing_input_among_others_creates_nothing(tmp_path):
