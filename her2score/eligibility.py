@@ -46,13 +46,10 @@ from typing import Any
 
 from her2score.categories import CATEGORIES
 from her2score.guidelines import (
-    FALSE_MEMBRANE_PERCENT,
     GUIDELINE_FAMILY,
     GUIDELINES,
-    ISOLATED_INTENSE_PERCENT,
     MIN_TUMOUR_CELLS,
     NEAR_CUTOFF_CONFIDENCE,
-    NEAR_CUTOFF_POINTS,
     REPORT_LEVELS,
     ZERO_SPLIT,
     STAINING_LEVEL,
@@ -61,6 +58,7 @@ from her2score.guidelines import (
     cluster_words,
     isolated_sides,
     isolated_words,
+    near_cutoff_settings,
     near_cutoff_sides,
     null_or_ultralow,
     percent_text,
@@ -340,13 +338,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
     if "near_cutoff" not in result.flags and "near_cutoff" not in result.classical_flags:  # the cells measured lie near
         return None
-    # the slide's own settings, those its guideline uses (a result of 0.3.1 may record one it had no use for)
-    family = GUIDELINE_FAMILY.get(result.guideline)
-    reading = result.config.get("gastric_reading", "cumulative") if family == "gastric" else "cumulative"
-    floor = result.config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT) if family == "breast" else ISOLATED_INTENSE_PERCENT
-    settings = dict(guideline=result.guideline, specimen=result.specimen, clusters=result.clusters, gastric_reading=reading,
-                    isolated_intense_percent=floor, points=result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
-                    false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+    settings = near_cutoff_settings(result.guideline, result.specimen, result.clusters, result.config)  # the slide's own
+    reading, floor = settings["gastric_reading"], settings["isolated_intense_percent"]
     sides = near_cutoff_sides(result.counts, result.classical_score, **settings)
     if result.score != result.classical_score:  # a fused score: its own sides on the cells measured too
         sides = sorted({*sides, *near_cutoff_sides(result.counts, result.score, **settings)},

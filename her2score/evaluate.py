@@ -54,9 +54,9 @@ import numpy as np
 from . import __version__
 from .categories import CATEGORIES
 from .labels import TRUTH_LEVELS, class_folder_files, parse_truth_label, read_csv_rows
-from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, report_level, wilson_ci
+from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .outputs import atomic_write
-from .pipeline import OWN_STAINS_NOTE, own_level_flags
+from .pipeline import OWN_STAINS_NOTE, with_call_doubts
 from .slide import resolved_path
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
@@ -344,9 +344,9 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
             return None
         s = result.cnn.score
         level = _level_for(result, s)
-        flags, _ = own_level_flags(s, level, result.counts, result.guideline, result.staining.get("diffuse_cytoplasm_od"),
-                                   result.staining.get("membrane_contrast_od"),
-                                   false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+        flags, _ = with_call_doubts(level_flags(level, result.guideline), s, level, result.counts, result.guideline,
+                                    result.staining.get("diffuse_cytoplasm_od"), result.staining.get("membrane_contrast_od"),
+                                    false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
         return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":
         return result

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from statistics import NormalDist
+from typing import Any
 
 from her2score.categories import CATEGORIES
 from her2score.results import REPORT_LEVELS, SCORES
@@ -53,6 +54,7 @@ __all__ = [
     "apply_guideline",
     "check_settings",
     "deciding_categories",
+    "near_cutoff_settings",
     "cumulative_counts",
     "h_score",
     "level_flags",
@@ -307,6 +309,20 @@ tumour cells of the two large fields (803 and 1,030 cells), 6.8% over all six; a
 carries DAB texture (membrane contrast 0.019-0.025 OD at its 90th percentile) where faint membranes
 read too. An ultralow call whose staining is no larger could be null.
 """
+
+
+def near_cutoff_settings(guideline: str, specimen: str, clusters: Mapping[str, int] | None, config: Mapping[str, Any]) -> dict[str, Any]:
+    """near_cutoff_sides' keyword arguments for a slide scored under ``guideline`` and ``specimen`` with ``config``
+    (ScoringConfig.to_dict(), a result.json's config): its settings that ``guideline`` uses, the defaults for the
+    rest (a result of 0.3.1 may record a per-band reading under breast or an isolated floor under gastric, which
+    had no effect there) and for those it lacks."""
+    family = GUIDELINE_FAMILY.get(guideline)
+    return dict(guideline=guideline, specimen=specimen, clusters=clusters,
+                gastric_reading=config.get("gastric_reading", "cumulative") if family == "gastric" else "cumulative",
+                isolated_intense_percent=(config.get("isolated_intense_percent", ISOLATED_INTENSE_PERCENT) if family == "breast"
+                                          else ISOLATED_INTENSE_PERCENT),
+                points=config.get("near_cutoff_points", NEAR_CUTOFF_POINTS),
+                false_membrane_percent=config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
 
 
 def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline: str = "breast-asco-cap-2023",

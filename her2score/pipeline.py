@@ -23,7 +23,7 @@ from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nu
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_sides, report_level, wilson_ci,
+                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_settings, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
@@ -576,9 +576,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         if edges and "near_cutoff" not in flags:
             flags = (*flags, "near_cutoff")
         reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
-        flags, doubt = with_null_doubt(flags, counts, level, percent=config.false_membrane_percent)
-        reason += doubt
-        flags, doubt = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=config.guideline)
+        flags, doubt = with_call_doubts(flags, score, level, counts, config.guideline, blush, rise,
+                                        false_membrane_percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
@@ -588,8 +587,8 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         cnn_words = f"the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
-            flags, doubt = own_level_flags(score, level, counts, config.guideline, blush, rise,
-                                           false_membrane_percent=config.false_membrane_percent)
+            flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
+                                            blush, rise, false_membrane_percent=config.false_membrane_percent)
             if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
                 flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
                 if own:
@@ -654,22 +653,21 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
 
 
-def own_level_flags(score: str, level: str, counts: dict, guideline: str, blush: float | None, rise: float | None, *,
-                    false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
-    """The flags a score not made by the guideline rules (a CNN's, or one fused with it) carries at its report
-    ``level``, and the words of their doubts: the level's own (level_flags), ``null_or_ultralow`` where false
-    membranes alone could make it an ultralow (with_null_doubt) and ``cytoplasmic_dab`` where the slide's
-    staining says so (``blush``, ``rise``: tumour.with_cytoplasm_doubt)."""
-    flags, doubt = with_null_doubt(level_flags(level, guideline), counts, level, percent=false_membrane_percent)
+def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,
+                     rise: float | None, *, false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
+    """``flags`` plus the doubts a call at ``score`` and report ``level`` carries on the cells measured, and the words
+    of each (to append to a reason): ``null_or_ultralow`` where false membranes alone could make it an ultralow
+    (with_null_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``:
+    tumour.with_cytoplasm_doubt). For the guideline's own call ``flags`` are its call's; for a score the rules did
+    not make (a CNN's, or one fused with it), its level's own (level_flags)."""
+    flags, doubt = with_null_doubt(flags, counts, level, percent=false_membrane_percent)
     flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline)
     return flags, doubt + more
 
 
 def _near_sides(counts: dict, score: str, config: ScoringConfig, clusters: dict) -> list[tuple[str, float]]:
     """guidelines.near_cutoff_sides of ``score`` on ``counts`` under the slide's settings."""
-    return near_cutoff_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
-                             gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent,
-                             points=config.near_cutoff_points, false_membrane_percent=config.false_membrane_percent)
+    return near_cutoff_sides(counts, score, **near_cutoff_settings(config.guideline, config.specimen, clusters, config.to_dict()))
 
 
 def _near_words(sides: list[tuple[str, float]], score: str, n_tumour: int, config: ScoringConfig) -> str:
