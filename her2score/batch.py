@@ -43,6 +43,7 @@ from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
+from .results import SlideResult
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
 from .workers import POLL_S, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
@@ -70,6 +71,10 @@ SIDECAR_SUFFIXES = {".json", ".geojson", ".xml", ".csv", ".tsv", ".txt", ".md", 
 """Files expected beside slides (annotations, truth tables, notes): skipped in folders without a warning."""
 MAX_NAME_BYTES = 150
 """Longest output-folder name in UTF-8 bytes (file systems allow 255; a hash may be appended)."""
+
+
+NOT_A_SLIDE = "not a slide format"
+"""discover's reason for a file it skips in a folder (the other reason: another batch's output folder)."""
 
 
 class OutputError(Exception):
@@ -145,7 +150,7 @@ def discover(
             for where, reason in errors:
                 problems.append((where, f"{where}: {reason}"))
             if skipped is not None:
-                skipped.extend((str(f), "not a slide format") for f in others)
+                skipped.extend((str(f), NOT_A_SLIDE) for f in others)
                 skipped.extend((str(f), f"a her2score batch's outputs ({MANIFEST} and {SUMMARY}): not searched") for f in batches)
             if not slides and resolved_path(p) in map(resolved_path, batches):
                 problems.append((str(p), f"{p}: a her2score batch's output folder ({MANIFEST} and {SUMMARY}), not a folder of slides"))
@@ -568,9 +573,7 @@ class _Manifest:
         if entry.get("state") != "done" or "result" not in entry or entry["result"] != _result_stamp(folder):
             return
         try:
-            result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-            atomic_write(folder / "result.json", json.dumps({**result, "slide": slide}, indent=2, sort_keys=True,
-                                                            ensure_ascii=False) + "\n")
+            atomic_write(folder / "result.json", replace(SlideResult.read(folder / "result.json"), slide=slide).to_json())
         except (OSError, ValueError):
             return
         entry["result"] = _result_stamp(folder)
@@ -731,12 +734,12 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
     _clean_temp_files(out)
     skipped: list[tuple[str, str]] = []
     slides, problems = discover(inputs, exclude=[out], skipped=skipped)
-    unexpected = [p for p, why in skipped if why == "not a slide format" and Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
+    unexpected = [p for p, why in skipped if why == NOT_A_SLIDE and Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
     if unexpected:
         names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
-    if batches := [p for p, why in skipped if why != "not a slide format"]:
+    if batches := [p for p, why in skipped if why != NOT_A_SLIDE]:
         log.warning("not searched, as other batches' outputs (%s and %s): %s", MANIFEST, SUMMARY, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
