@@ -6,7 +6,6 @@ Tiles return measurements only; thresholds and guidelines apply once at the end.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
 from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
+from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import QCFinding, SlideResult
@@ -378,19 +378,13 @@ def _thumbnail_mpp(slide: Slide, target_mpp: float) -> float:
 
 def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) -> dict[str, int]:
     """Largest cohesive cluster (cells within ``distance_um`` of a neighbour) at or above each level."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
     out = {}
     for lv, name in ((3, "3+"), (2, "2+"), (1, "1+")):
         pts = xy_um[level >= lv]
         if len(pts) == 0:
             out[name] = 0
             continue
-        pairs = cKDTree(pts).query_pairs(distance_um, output_type="ndarray")
-        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts)))
-        _, comp = connected_components(graph, directed=False)
+        comp = groups(len(pts), pairs_within(pts, distance_um))
         out[name] = int(np.bincount(comp).max())
     return out
 
@@ -447,13 +441,6 @@ def analyse_slide(
         return replace(a, result=replace(a.result, notes=(*a.result.notes, note), qc=(*a.result.qc, warn)))
 
 
-def _import_finish_modules() -> None:
-    """Import what _finish needs and tile scoring does not (scipy's spatial and sparse graph packages,
-    0.4 s): the main process does it while its workers score, not before the first tile."""
-    for name in ("scipy.sparse.csgraph", "scipy.spatial"):
-        importlib.import_module(name)
-
-
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
              retry_of: NuclearStainError | None = None) -> SlideAnalysis:
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
@@ -497,8 +484,6 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             if not check.accepted:
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
             thumb_eosin = check.eosin_fraction
-            if pool:
-                _import_finish_modules()
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max) for t in tiles])
 
@@ -711,11 +696,9 @@ def _without_seam_twins(parts: list[TileResult], *, tolerance_px: float) -> list
     phases, and a cell on it can fall in both cores, its two anchors a fraction of a µm apart."""
     if len(parts) < 2:
         return parts
-    from scipy.spatial import cKDTree
-
     xy = np.concatenate([p.label_xy[p.cells.label] for p in parts])
     tile = np.repeat(np.arange(len(parts)), [len(p.cells) for p in parts])
-    pairs = cKDTree(xy).query_pairs(tolerance_px, output_type="ndarray")
+    pairs = pairs_within(xy, tolerance_px)
     pairs = pairs[tile[pairs[:, 0]] != tile[pairs[:, 1]]]
     if len(pairs) == 0:
         return parts
@@ -738,15 +721,9 @@ def _neighbour_rows(parts: list[TileResult], *, tolerance_px: float) -> Iterator
     within ``tolerance_px`` level-0 px): the same cell for one the tile owns, the one the neighbouring tile
     measured for one in the tile's margin.
     """
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(np.concatenate([p.label_xy[p.cells.label] for p in parts]))
-    for p in parts:
-        row_of = np.full(len(p.label_xy), -1, np.int32)
-        known = np.flatnonzero(np.isfinite(p.label_xy[:, 0]))
-        if len(known):
-            d, j = tree.query(p.label_xy[known], distance_upper_bound=tolerance_px)
-            row_of[known] = np.where(np.isfinite(d), j, -1)
+    cells = np.concatenate([p.label_xy[p.cells.label] for p in parts])
+    rows = nearest_within(cells, np.concatenate([p.label_xy for p in parts]), tolerance_px)  # -1 where NaN
+    for p, row_of in zip(parts, np.split(rows.astype(np.int32), np.cumsum([len(p.label_xy) for p in parts])[:-1])):
         row_of[0] = -1
         yield row_of[p.cells.sector_neighbour]
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .guidelines import ZERO_SPLIT
 from .membrane import CellMeasurements
+from .neighbours import count_within
 
 __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
            "staining_compartments", "DIFFUSE_CYTOPLASM_OD", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
@@ -74,10 +75,8 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     candidate = ~(lymph | spindle | small)
     isolated = np.zeros(len(m), bool)
     if candidate.any():
-        from scipy.spatial import cKDTree
-
         pts = np.column_stack([m.x, m.y])[candidate] * um_per_px
-        n = cKDTree(pts).query_ball_point(pts, rule.neighbour_radius_um, return_length=True) - 1
+        n = count_within(pts, rule.neighbour_radius_um)
         isolated[np.flatnonzero(candidate)[n < rule.min_neighbours]] = True
     excluded = {"lymphocyte-like": int(lymph.sum()), "spindle (stromal/endothelial)": int(spindle.sum()),
                 "too small": int(small.sum()), "isolated (not in an epithelial group)": int(isolated.sum())}

@@ -1,0 +1,58 @@
+"""her2score.neighbours against scipy's k-d tree and sparse graphs, which it stands in for."""
+import numpy as np
+import pytest
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from her2score.neighbours import count_within, groups, nearest_within, pairs_within
+
+
+def _clouds():
+    """Random point sets: spread, clustered, on whole numbers (ties, duplicates), tiny, and cell-like density."""
+    rng = np.random.default_rng(11)
+    for k in range(24):
+        n = int(rng.integers(2, 2500))
+        xy = rng.uniform(-60, rng.uniform(5, 3000), (n, 2))
+        if k % 3 == 0:
+            xy = np.round(xy)  # equal distances and repeated points
+        if k % 4 == 1:
+            xy = rng.normal(0, 15, (n, 2)) + rng.uniform(0, 500, (1, 2))
+        yield xy, float(rng.uniform(0.5, 45)), rng
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_pairs_counts_and_groups_equal_scipys(case):
+    xy, r, _ = list(_clouds())[case]
+    ours = pairs_within(xy, r)
+    theirs = cKDTree(xy).query_pairs(r, output_type="ndarray")
+    assert ours.shape[1] == 2 and (ours[:, 0] < ours[:, 1]).all()
+    assert sorted(map(tuple, ours.tolist())) == sorted(map(tuple, theirs.tolist()))
+    np.testing.assert_array_equal(count_within(xy, r), cKDTree(xy).query_ball_point(xy, r, return_length=True) - 1)
+    graph = coo_matrix((np.ones(len(theirs)), (theirs[:, 0], theirs[:, 1])), shape=(len(xy), len(xy)))
+    np.testing.assert_array_equal(groups(len(xy), ours), connected_components(graph, directed=False)[1])
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_nearest_within_equals_scipys_bounded_query(case):
+    xy, r, rng = list(_clouds())[case]
+    queries = np.concatenate([rng.uniform(xy.min() - 2 * r, xy.max() + 2 * r, (400, 2)), xy[:50] + rng.normal(0, r / 3, (min(50, len(xy)), 2)),
+                              xy[:20], [[np.nan, np.nan], [np.nan, 0.0], [1e9, -1e9]]])
+    if case % 3 == 0:
+        queries = np.round(queries)
+    d, j = cKDTree(xy).query(np.nan_to_num(queries, nan=1e12), distance_upper_bound=r)
+    ours = nearest_within(xy, queries, r)
+    np.testing.assert_array_equal(ours >= 0, np.isfinite(d))
+    found = ours >= 0  # the same point, or one exactly as near (the tree returns whichever it meets first)
+    np.testing.assert_allclose(np.hypot(*(xy[ours[found]] - queries[found]).T), d[found], rtol=1e-12)
+    assert (ours[found] == j[found]).mean() > 0.97
+
+
+def test_empty_and_single_inputs():
+    assert pairs_within(np.zeros((0, 2)), 1.0).shape == (0, 2)
+    assert pairs_within(np.zeros((1, 2)), 1.0).shape == (0, 2)
+    assert count_within(np.zeros((1, 2)), 1.0).tolist() == [0]
+    assert nearest_within(np.zeros((0, 2)), np.zeros((3, 2)), 1.0).tolist() == [-1, -1, -1]
+    assert groups(3, np.zeros((0, 2), int)).tolist() == [0, 1, 2]
+    # a chain joins end to end, whatever order its links come in
+    assert groups(6, np.array([[4, 5], [0, 1], [3, 4], [1, 2]])).tolist() == [0, 0, 0, 1, 1, 1]
