@@ -11,13 +11,28 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["trace_outlines", "trace_outline_points", "grid_to_pixels", "Outlines", "polygon_area", "is_simple", "clip_outline", "draw_cell_rings"]
+__all__ = ["trace_outlines", "trace_outline_points", "grid_to_pixels", "Outlines", "polygon_area", "polygon_areas", "is_simple", "clip_outline", "draw_cell_rings"]
 
 
 def polygon_area(poly: np.ndarray) -> float:
     """Signed shoelace area of a (k, 2) ring of (x, y) vertices (not repeated at the end), px²."""
     x, y = poly[:, 0].astype(np.float64), poly[:, 1].astype(np.float64)
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def polygon_areas(rings: Sequence[np.ndarray]) -> np.ndarray:
+    """polygon_area of each ring at once (0 for one of under 3 vertices), px² (float64)."""
+    sizes = np.array([len(p) for p in rings], np.int64)
+    areas = np.zeros(len(sizes))
+    if not len(sizes) or sizes.sum() == 0:
+        return areas
+    pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in rings])
+    ends = np.cumsum(sizes)
+    following = np.arange(1, len(pts) + 1)
+    following[ends[sizes > 0] - 1] = (ends - sizes)[sizes > 0]  # each ring's last vertex is followed by its first
+    cross = pts[:, 0] * pts[following, 1] - pts[:, 1] * pts[following, 0]
+    areas = 0.5 * np.bincount(np.repeat(np.arange(len(sizes)), sizes), cross, len(sizes))
+    return np.where(sizes >= 3, areas, 0.0)
 
 
 def _drop_collinear(poly: np.ndarray) -> np.ndarray:
@@ -45,8 +60,11 @@ def _pinched(chains: list[np.ndarray], n: np.ndarray, width: int) -> np.ndarray:
     ``width`` px wide: a pixel met twice is met twice by one chain."""
     pts = np.concatenate(chains)
     flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
+    order = np.arange(len(flat))
+    seen = np.empty(int(flat.max()) + 1, np.int64)  # only the pixels written are read: no need to clear it
+    seen[flat] = order  # a pixel met twice keeps one of its vertices: the other is a repeat
     twice = np.zeros(len(chains), bool)
-    twice[np.searchsorted(np.cumsum(n), np.flatnonzero(np.bincount(flat)[flat] > 1), side="right")] = True
+    twice[np.searchsorted(np.cumsum(n), np.flatnonzero(seen[flat] != order), side="right")] = True
     return twice
 
 
@@ -323,7 +341,7 @@ def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: lis
     """
     h, w = canvas.shape[:2]
     labels = np.zeros((h, w), np.int32)
-    areas = [abs(polygon_area(p)) if len(p) >= 3 else 0.0 for p in outlines]
+    areas = np.abs(polygon_areas(outlines))
     for i in np.argsort(areas, kind="stable")[::-1]:  # the largest first: a cell wrapped round another never covers it
         if len(outlines[i]) >= 3:
             cv2.fillPoly(labels, [np.round(outlines[i]).astype(np.int32)], int(i) + 1)
