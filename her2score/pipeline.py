@@ -127,7 +127,8 @@ class ScoringConfig:
     max_scan_mpp: coarsest scan (µm/px) for an automatic call; eosin_fail: eosin-coloured share of the stained
     tissue over which QC fails (real H-DAB <= 0.03; the real colon with a quarter of its width real H&E 0.084, a
     third 0.12; H&E itself is refused over imagecheck.MAX_EOSIN_FRACTION); background_max_od: QC warning
-    (glass OD); cnn_*: patches the CNN reads per tile on whole slides.
+    (glass OD); cnn_*: patches the CNN reads per tile on whole slides (8 of a tile's 64 move a slide's
+    probabilities by at most 0.01 against 16 on the bench slides, and save 2.6 ms a tile).
     """
 
     guideline: str = "breast-asco-cap-2023"
@@ -154,7 +155,7 @@ class ScoringConfig:
     max_scan_mpp: float = 1.0
     eosin_fail: float = 0.08
     background_max_od: float = 0.06
-    cnn_patches_per_tile: int = 16
+    cnn_patches_per_tile: int = 8
     cnn_all_patches_up_to_tiles: int = 16
 
     def __post_init__(self) -> None:
