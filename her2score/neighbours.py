@@ -23,19 +23,31 @@ def _squares(xy: np.ndarray, size: float, origin: np.ndarray, columns: int) -> n
 
 
 class _Grid:
-    """Points sorted by the square of side ``size`` they lie in."""
+    """The points of ``points`` with a position (finite), sorted by the square they lie in; the squares are
+    ``distance`` wide, or wider where the points spread over more than 2**30 of them (so the int64 keys never
+    overflow; a pair within the distance still lies in one square or two touching ones)."""
 
-    def __init__(self, points: np.ndarray, size: float):
-        self.origin = points.min(axis=0)
-        self.columns = int(np.floor((points[:, 0].max() - self.origin[0]) / size)) + 3
-        keys = _squares(points, size, self.origin, self.columns)
-        self.order = np.argsort(keys, kind="stable")
-        self.x, self.y = points[self.order].T.copy()
-        self.keys, starts = np.unique(keys[self.order], return_index=True)  # the squares holding points
-        self.starts = np.append(starts, len(points))
+    def __init__(self, points: np.ndarray, distance: float):
+        if not (np.isfinite(distance) and distance > 0):
+            raise ValueError(f"the distance must be a positive number, got {distance!r}")
+        finite = np.flatnonzero(np.isfinite(points).all(axis=1))  # a point without a position is near nothing
+        pts = points[finite]
+        self.origin = pts.min(axis=0) if len(pts) else np.zeros(2)
+        extent = pts.max(axis=0) - self.origin if len(pts) else np.zeros(2)
+        self.size = max(distance, float(extent.max()) / 2**30)
+        self.columns = int(np.floor(extent[0] / self.size)) + 3
+        self.rows = int(np.floor(extent[1] / self.size)) + 1  # of points, beside the margins
+        keys = _squares(pts, self.size, self.origin, self.columns)
+        sort = np.argsort(keys, kind="stable")
+        self.order = finite[sort]  # each sorted point's index in ``points``
+        self.x, self.y = pts[sort].T.copy()
+        self.keys, starts = np.unique(keys[sort], return_index=True)  # the squares holding points
+        self.starts = np.append(starts, len(pts))
 
     def ranges(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first, count) of the sorted points in the square of each of ``keys``."""
+        if not len(self.keys):
+            return np.zeros(len(keys), np.intp), np.zeros(len(keys), np.intp)
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         found = self.keys[at] == keys
         return self.starts[at], np.where(found, self.starts[at + 1] - self.starts[at], 0)
@@ -50,7 +62,7 @@ def _expand(first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _close(xy: np.ndarray, distance: float):
     """The grid of ``xy`` and, in chunks, the pairs (i, j) of its sorted points at most ``distance`` apart, i < j."""
     grid = _Grid(xy, distance)
-    n, r2 = len(xy), distance * distance
+    n, r2 = len(grid.x), distance * distance
     square = np.repeat(np.arange(len(grid.keys)), np.diff(grid.starts))
 
     def chunks():
@@ -86,9 +98,11 @@ def count_within(xy: np.ndarray, distance: float) -> np.ndarray:
     count = np.zeros(len(xy), np.int64)
     if len(xy) >= 2:
         grid, chunks = _close(xy, distance)
+        n = len(grid.x)
+        in_order = np.zeros(n, np.int64)  # by sorted point
         for i, j in chunks:
-            count += np.bincount(i, minlength=len(xy)) + np.bincount(j, minlength=len(xy))
-        count[grid.order] = count.copy()
+            in_order += np.bincount(i, minlength=n) + np.bincount(j, minlength=n)
+        count[grid.order] = in_order
     return count
 
 
@@ -101,10 +115,12 @@ def nearest_within(points: np.ndarray, queries: np.ndarray, distance: float) -> 
     if len(points) == 0 or len(queries) == 0:
         return out
     grid = _Grid(points, distance)
-    col = np.floor((queries[:, 0] - grid.origin[0]) / distance)
-    # a query a square or more beyond the points' columns has none near, and its neighbours' keys would wrap
-    inside = (col >= -1) & (col <= grid.columns - 2)
-    keys = _squares(np.where(inside[:, None], queries, grid.origin), distance, grid.origin, grid.columns)
+    if not len(grid.x):
+        return out
+    col, row = np.floor((queries - grid.origin) / grid.size).T
+    # a query a square or more beyond the points' squares has none near (and beyond a column, its neighbours' keys would wrap)
+    inside = (col >= -1) & (col <= grid.columns - 2) & (row >= -1) & (row <= grid.rows)
+    keys = _squares(np.where(inside[:, None], queries, grid.origin), grid.size, grid.origin, grid.columns)
     c = grid.columns
     for a in range(0, len(queries), CHUNK):
         q = np.flatnonzero(inside[a : a + CHUNK]) + a

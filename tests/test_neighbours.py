@@ -56,3 +56,15 @@ def test_empty_and_single_inputs():
     assert groups(3, np.zeros((0, 2), int)).tolist() == [0, 1, 2]
     # a chain joins end to end, whatever order its links come in
     assert groups(6, np.array([[4, 5], [0, 1], [3, 4], [1, 2]])).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_points_without_a_position_are_near_nothing_and_far_spreads_stay_exact():
+    xy = np.array([[0.0, 0.0], [np.nan, 1.0], [1.0, 0.0], [np.inf, np.inf], [0.0, 1.5]])
+    assert sorted(map(tuple, pairs_within(xy, 1.2).tolist())) == [(0, 2)]
+    assert count_within(xy, 1.6).tolist() == [2, 0, 1, 0, 1]
+    assert nearest_within(xy, np.array([[0.9, 0.1], [0.0, 1.4], [50.0, 50.0]]), 0.5).tolist() == [2, 4, -1]
+    far = np.array([[0.0, 0.0], [1e12, 1e12], [1e12 + 0.5, 1e12], [0.25, 0.0]])  # 10^12 squares of 0.5 a side
+    assert sorted(map(tuple, pairs_within(far, 0.6).tolist())) == [(0, 3), (1, 2)]
+    assert nearest_within(far, np.array([[1e12 + 0.4, 1e12], [-1e15, 3.0]]), 0.6).tolist() == [2, -1]
+    with pytest.raises(ValueError, match="positive"):
+        pairs_within(far, 0.0)
