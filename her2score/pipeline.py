@@ -166,6 +166,9 @@ class ScoringConfig:
         if self.margin_um < self.max_cell_radius_um:
             raise ValueError(f"the tile margin ({self.margin_um:g} µm) must reach as far as a cell does from its seed "
                              f"(max_cell_radius_um {self.max_cell_radius_um:g})")
+        if not (self.cluster_distance_um > 0 and self.tumour.neighbour_radius_um > 0):  # NaN fails too
+            raise ValueError(f"cluster_distance_um ({self.cluster_distance_um!r}) and the tumour rule's neighbour_radius_um "
+                             f"({self.tumour.neighbour_radius_um!r}) must be positive distances")
         if not 0 < self.nuclear_membrane_ratio <= 1:
             raise ValueError(f"nuclear_membrane_ratio must be within 0-1 (got {self.nuclear_membrane_ratio})")
         if self.min_tumour_cells < 1 or self.near_cutoff_points < 0 or not 0 <= self.false_membrane_percent <= 100:

@@ -10,6 +10,7 @@ from her2score import __version__
 from her2score.pipeline import NoTissueError, ScoringConfig, WrongStainError, analyse_slide, score_slide
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field, generate_he_field, make_slide, write_pyramidal_tiff
+from her2score.tumour import TumourRule
 
 CLASSES = ["0", "1+", "2+", "3+"]
 
@@ -151,6 +152,9 @@ def test_settings_that_would_switch_a_check_off_silently_are_refused():
     for bad in (dict(min_tumour_cells=-5), dict(near_cutoff_points=-3), dict(false_membrane_percent=-1),
                 dict(false_membrane_percent=101)):
         with pytest.raises(ValueError, match="min_tumour_cells must be >= 1"):
+            ScoringConfig(**bad)
+    for bad in (dict(cluster_distance_um=0.0), dict(cluster_distance_um=float("nan")), dict(tumour=TumourRule(neighbour_radius_um=-1))):
+        with pytest.raises(ValueError, match="must be positive distances"):
             ScoringConfig(**bad)
 
 
