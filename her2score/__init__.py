@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 
 _SOURCES = {
     "score_slide": "pipeline",
