@@ -585,7 +585,7 @@ def _slide_stains(slide, tiles: list, cfg) -> tuple:
 def peer_rates(path: Path, *, n: int, cnn) -> dict:
     """One-core tissue MP (level-0 px of tile cores) per CPU-second of the peer and of her2score's
     ``score_tile`` on the same ``n`` tiles, a spread sample of the pipeline's grid, read beforehand."""
-    from her2score.pipeline import _read_tile, score_tile
+    from her2score.pipeline import _read_tile, cnn_patch_limit, score_tile
     from her2score.slide import open_slide
 
     cfg, tiles, pick, scale = _spread_tiles(path, n)
@@ -598,7 +598,7 @@ def peer_rates(path: Path, *, n: int, cnn) -> dict:
     peer_cpu = time.thread_time() - c
     c = time.thread_time()
     ours_n = sum(len(score_tile(rgb, t, stains=stains, config=cfg, scale=scale, nucleus=nucleus, cnn=cnn,
-                                cnn_max_patches=cfg.cnn_patches_per_tile).cells) for rgb, t in zip(rgbs, pick))
+                                cnn_max_patches=cnn_patch_limit(cfg, len(tiles))).cells) for rgb, t in zip(rgbs, pick))
     ours_cpu = time.thread_time() - c
     return {"tiles": len(pick), "core_mp": core_mp, "peer_mps": core_mp / peer_cpu, "peer_cells": peer_n,
             "ours_mps": core_mp / ours_cpu, "ours_cells": ours_n}
@@ -779,7 +779,7 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
     """
     import cv2
 
-    from her2score.pipeline import _read_and_score
+    from her2score.pipeline import _read_and_score, cnn_patch_limit
     from her2score.slide import open_slide
 
     cfg, tiles, pick, _ = _spread_tiles(path, n)
@@ -789,7 +789,7 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
         c = time.process_time()
         prof.enable()
         for t in pick:
-            _read_and_score(s, t, stains, cfg, nucleus, cnn, cfg.cnn_patches_per_tile)
+            _read_and_score(s, t, stains, cfg, nucleus, cnn, cnn_patch_limit(cfg, len(tiles)))
         prof.disable()
         cpu = (time.process_time() - c) / len(pick) * 1e3
     own = {"OpenCV": 0.0, "ONNX Runtime": 0.0, "JPEG decode": 0.0, "watershed": 0.0}

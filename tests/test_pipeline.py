@@ -153,9 +153,21 @@ def test_settings_that_would_switch_a_check_off_silently_are_refused():
                 dict(false_membrane_percent=101)):
         with pytest.raises(ValueError, match="min_tumour_cells must be >= 1"):
             ScoringConfig(**bad)
-    for bad in (dict(cluster_distance_um=0.0), dict(cluster_distance_um=float("nan")), dict(tumour=TumourRule(neighbour_radius_um=-1))):
-        with pytest.raises(ValueError, match="must be positive distances"):
+    for bad in (dict(cluster_distance_um=0.0), dict(cluster_distance_um=float("nan")), dict(cluster_distance_um=float("inf")),
+                dict(tumour=TumourRule(neighbour_radius_um=-1)), dict(tumour=TumourRule(neighbour_radius_um=float("inf")))):
+        with pytest.raises(ValueError, match="must be positive finite distances"):
             ScoringConfig(**bad)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        ScoringConfig(cnn_patches_per_tile=0)
+
+
+def test_a_slides_cnn_reads_about_1024_patches_spread_over_its_tiles():
+    """A field of up to 16 tiles of 512 px gives the CNN every patch (64 a tile); a larger slide about 1024 in all,
+    and never fewer than 8 a tile."""
+    from her2score.pipeline import cnn_patch_limit
+
+    cfg = ScoringConfig()
+    assert [cnn_patch_limit(cfg, n) for n in (1, 16, 17, 83, 128, 703)] == [1024, 64, 61, 13, 8, 8]
 
 
 def test_level0_positions_of_a_scan_finer_than_the_analysis_are_pixel_centres(fields):
