@@ -97,7 +97,7 @@ def _close(xy: np.ndarray, distance: float):
     # the rest of the point's own square, the next square along the row and the three below: each pair once
     c = grid.columns
     spans = [(p + 1, grid.starts[square + 1] - p - 1)] + [grid.ranges(grid.keys[square] + o) for o in (1, c - 1, c, c + 1)]
-    count = np.column_stack([s[1] for s in spans]) if n else np.zeros((0, len(spans)), np.intp)
+    count = np.column_stack([s[1] for s in spans])
 
     def pairs():
         for a, b in _batches(count):

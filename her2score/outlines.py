@@ -15,13 +15,12 @@ __all__ = ["trace_outlines", "trace_outline_points", "grid_to_pixels", "Outlines
 
 
 def polygon_area(poly: np.ndarray) -> float:
-    """Signed shoelace area of a (k, 2) ring of (x, y) vertices (not repeated at the end), px²."""
-    x, y = poly[:, 0].astype(np.float64), poly[:, 1].astype(np.float64)
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    """Signed shoelace area of a (k, 2) ring of (x, y) vertices (not repeated at the end), px² (0 under 3 vertices)."""
+    return float(polygon_areas([poly])[0])
 
 
 def polygon_areas(rings: Sequence[np.ndarray]) -> np.ndarray:
-    """polygon_area of each ring at once (0 for one of under 3 vertices), px² (float64)."""
+    """polygon_area of each ring at once, px² (float64)."""
     sizes = np.array([len(p) for p in rings], np.int64)
     areas = np.zeros(len(sizes))
     if not len(sizes) or sizes.sum() == 0:
