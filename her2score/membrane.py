@@ -165,18 +165,20 @@ def _chamfer_ball(radius_px: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _pixel_grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column (float32, read-only) of each pixel of an image of ``shape``, raveled: a pixel's
-    position by its flat index is a gather, 9x faster than dividing by the width."""
-    h, w = shape
-    rows, cols = np.repeat(np.arange(h, dtype=np.float32), w), np.tile(np.arange(w, dtype=np.float32), h)
+def _pixel_grid(shape: tuple[int, int], origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column (float32, read-only) of each pixel of an image of ``shape`` whose first pixel is
+    at ``origin`` (row, column), raveled: a pixel's position by its flat index is a gather, 9x faster
+    than dividing by the width."""
+    (h, w), (r0, c0) = shape, origin
+    rows = np.repeat(np.arange(r0, r0 + h, dtype=np.float32), w)
+    cols = np.tile(np.arange(c0, c0 + w, dtype=np.float32), h)
     rows.flags.writeable = cols.flags.writeable = False
     return rows, cols
 
 
-def _rows_cols(flat_idx: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column (float32) of the pixels at ``flat_idx`` of an image of ``shape``."""
-    rows, cols = _pixel_grid(shape)
+def _rows_cols(flat_idx: np.ndarray, shape: tuple[int, int], origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column (float32) of the pixels at ``flat_idx`` of an image of ``shape`` whose first pixel is at ``origin``."""
+    rows, cols = _pixel_grid(shape, origin)
     return rows[flat_idx], cols[flat_idx]
 
 
@@ -207,6 +209,7 @@ def measure_cells(
     line_reach_um: float = 0.5,
     outside: np.ndarray | None = None,
     core: tuple[int, int, int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[CellMeasurements, np.ndarray, np.ndarray]:
     """Measure the cells of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in
     their interiors, and the anchor (x, y) px of every label, the cells named in sector_neighbour
@@ -225,6 +228,8 @@ def measure_cells(
     whose DAB level is under ``unstained_od``) is what an unstained membrane would read by noise
     alone: the noise floor. No membrane is read within ``band_um`` of ``outside`` (bool: beyond the
     image, Tile.beyond_slide): the sectors where the image's edge cuts a cell are unknown, not unstained.
+    ``origin`` (row, column) px: where the label image's first pixel lies in the image whose px the
+    positions (and ``core``) are given in, for a label image cut from a larger one.
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
@@ -232,7 +237,7 @@ def measure_cells(
     on_idx = np.flatnonzero(cell_px)
     cl = cells.ravel()[on_idx].astype(np.intp)
     area = np.bincount(cl, minlength=n_lab).astype(np.float64)
-    cr, cc = _rows_cols(on_idx, cells.shape)  # row, column of each cell pixel
+    cr, cc = _rows_cols(on_idx, cells.shape, origin)  # row, column of each cell pixel
     cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
@@ -307,7 +312,7 @@ def measure_cells(
 
     band_idx = np.flatnonzero(band)
     lab = cells.ravel()[band_idx]
-    br, bc = _rows_cols(band_idx, cells.shape)
+    br, bc = _rows_cols(band_idx, cells.shape, origin)
     dy, dx = br - cy[lab], bc - cx[lab]
     sector = _sector_of(dy, dx)
     key = lab.astype(np.int64) * N_SECTORS + sector
@@ -324,7 +329,7 @@ def measure_cells(
     lit = np.nan_to_num(sec_c) >= width_od
     cut = np.zeros(len(labels), np.int8)
     if cut_px is not None and len(cut_px):  # sectors whose border lies on the image's edge and holds no band
-        cr_, cc_ = _rows_cols(cut_px, cells.shape)
+        cr_, cc_ = _rows_cols(cut_px, cells.shape, origin)
         cl_ = cells.ravel()[cut_px]
         on_edge = np.zeros(size, bool)
         on_edge[cl_.astype(np.int64) * N_SECTORS + _sector_of(cr_ - cy[cl_], cc_ - cx[cl_])] = True
@@ -332,7 +337,7 @@ def measure_cells(
     arc_px = (border_px * lit).sum(1)
     width = np.where(arc_px > 0, (strong_px * lit).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
 
-    neighbour = _sector_neighbours(border, padded, cy, cx, labels)
+    neighbour = _sector_neighbours(border, padded, cy, cx, labels, origin)
 
     m = CellMeasurements(
         label=labels.astype(np.int32),
@@ -355,10 +360,11 @@ def measure_cells(
 
 
 def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, cx: np.ndarray,
-                       labels: np.ndarray) -> np.ndarray:
+                       labels: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
     """(len(labels), N_SECTORS) int32: per sector, the cell across the border (measure_cells' sector_neighbour).
 
-    ``padded``: the label image with a 1 px frame of 0. A border pixel faces the first of its four
+    ``padded``: the label image with a 1 px frame of 0; ``origin``: its first pixel's (row, column) where
+    ``cy`` and ``cx`` are given. A border pixel faces the first of its four
     neighbours (up, down, left, right) that is another cell; each sector names the cell most of its
     border pixels face.
     """
@@ -373,7 +379,7 @@ def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, c
         v = flat[at + step]
         other = np.where((other == 0) & (v != lab) & (v > 0), v, other)
     facing = other > 0
-    r, c, lab, other = r[facing], c[facing], lab[facing], other[facing]
+    r, c, lab, other = r[facing] + np.float32(origin[0]), c[facing] + np.float32(origin[1]), lab[facing], other[facing]
     sector = _sector_of(r - cy[lab], c - cx[lab])
     n_lab = len(cy)
     key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits

@@ -124,13 +124,17 @@ def _split(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     return [rows[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
-def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
+                         origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """trace_outlines' rings as traced, before conversion to pixels (grid_to_pixels): their vertices back
     to back, int16 (int32 for an image over 16,000 px) (x, y) on the 2x grid of the label image padded
-    by 1 px, and the vertex count of each id of ``label_ids`` (int64; 0 for a label with no pixel)."""
+    by 1 px, and the vertex count of each id of ``label_ids`` (int64; 0 for a label with no pixel).
+    ``origin`` (row, column): where the label image's first pixel lies in the image whose grid the
+    vertices are given on, for a label image cut from a larger one."""
     cell_labels = np.asarray(cell_labels)
     label_ids = np.asarray(label_ids, dtype=np.int64)
-    dtype = np.int16 if 2 * (max(cell_labels.shape) + 2) < np.iinfo(np.int16).max else np.int32
+    (r0, c0), (h, w) = origin, cell_labels.shape
+    dtype = np.int16 if 2 * (max(r0 + h, c0 + w) + 2) < np.iinfo(np.int16).max else np.int32
     sizes = np.zeros(len(label_ids), np.int64)
     none = np.zeros((0, 2), dtype)
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
@@ -176,7 +180,7 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray) -> tupl
     pts = np.concatenate(chains)
     keep = _without_collinear(pts.astype(np.int64), n)
     sizes[where] = np.add.reduceat(keep, np.cumsum(n) - n)
-    return pts[keep].astype(dtype), sizes
+    return (pts[keep] + (2 * c0, 2 * r0)).astype(dtype), sizes
 
 
 class Outlines(Sequence):

@@ -323,3 +323,48 @@ def test_tiles_own_each_cell_once_at_the_grids_own_scale():
     counts = [len(analyse_slide(ArraySlide(f.image, mpp=0.5), config=ScoringConfig(tile_px=tile)).cells["x"])
               for tile in (256, 2048)]
     assert abs(counts[0] - counts[1]) <= 0.0005 * counts[1], counts
+
+
+def _same_tile_result(a, b) -> list[str]:
+    """The TileResult fields (CellMeasurements' too) where ``a`` and ``b`` differ (arrays bit for bit, NaN equal to NaN)."""
+    from dataclasses import fields as fields_of
+
+    def flat(r):
+        out = {}
+        for f in fields_of(r):
+            v = getattr(r, f.name)
+            out.update({f"{f.name}.{g.name}": getattr(v, g.name) for g in fields_of(v)} if hasattr(v, "__dataclass_fields__")
+                       and not isinstance(v, tuple) else {f.name: v})
+        return out
+    fa, fb = flat(a), flat(b)
+    return [k for k in fa if not (np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype
+                                  and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k]), equal_nan=np.asarray(fa[k]).dtype.kind == "f"))]
+
+
+def test_a_tiles_cells_are_read_in_its_content_box_exactly_as_in_the_whole_tile(monkeypatch):
+    """A field on glass, tiled so that one tile is glass, one holds its corner and one most of it: each tile's
+    cells are read only in its content box (most of its glass left out), and every measurement, outline and
+    anchor is the one reading the whole tile gives."""
+    import her2score.pipeline as pipeline
+    from her2score.pipeline import _content_box, _read_tile, _slide_nucleus_thresholds, score_tile
+    from her2score.stain import H_DAB, deconvolve, estimate_background
+    from her2score.tissue import Tile
+
+    f = generate_field("3+", seed=9510)
+    glass = np.median(f.image[f.label_map < 0], axis=0).astype(np.uint8) if (f.label_map < 0).any() else np.uint8([240] * 3)
+    canvas = np.tile(glass, (1600, 1600, 1))
+    canvas[700:1212, 900:1412] = f.image
+    slide = ArraySlide(canvas, mpp=f.mpp)
+    stains, config = H_DAB.with_background(estimate_background(canvas)), ScoringConfig()
+    tiles = [Tile(0, 0, (0, 0, 512, 512), 32, (1600, 1600)), Tile(1, 1, (512, 512, 512, 512), 32, (1600, 1600)),
+             Tile(2, 2, (1024, 1024, 512, 512), 32, (1600, 1600))]
+    rgbs = [_read_tile(slide, t, f.mpp) for t in tiles]
+    nucleus = _slide_nucleus_thresholds(rgbs[1:], stains, config)
+    boxes = [_content_box(*deconvolve(rgb, stains)[..., :2].transpose(2, 0, 1), mpp=f.mpp) for rgb in rgbs]
+    areas = [(b[0].stop - b[0].start) * (b[1].stop - b[1].start) / 576**2 for b in boxes]
+    assert areas[0] == (16 / 576) ** 2 and 0.2 < areas[1] < 0.8 and 0.2 < areas[2] < 1  # measured: 0.08% (glass), 0.29, 0.43
+    boxed = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
+    monkeypatch.setattr(pipeline, "_content_box", lambda h, d, mpp: (slice(0, h.shape[0]), slice(0, h.shape[1])))
+    whole = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
+    assert [len(r.cells) for r in whole][0] == 0 and min(len(r.cells) for r in whole[1:]) > 50
+    assert [_same_tile_result(a, b) for a, b in zip(boxed, whole)] == [[], [], []]
