@@ -273,9 +273,9 @@ CONTENT_GRID_PX = 16
 one whose haematoxylin or DAB OD (log10) reaches CONTENT_OD, below anything segment_nuclei, membrane_basins
 or a membrane can start from (their least thresholds: 0.05, 0.10, 0.02 of contrast on stained membrane),
 further than any of their filters reaches from such a pixel, and on the CONTENT_GRID_PX grid of the tile's
-own pixels, where the coarse grids of local_background (2 µm), the cytoplasm fill and the cell flood (1 µm)
-fall: the box reads its cells exactly as the whole tile would, and the glass of a tile at the tissue's edge
-costs nothing."""
+own pixels, on which the coarse grids of local_background (2 µm), the cytoplasm fill and the cell flood (1 µm)
+fall at 0.25, 0.5 and 1 µm/px: there the box reads its cells exactly as the whole tile would (tests), and the
+glass of a tile at the tissue's edge costs nothing."""
 
 
 def _content_box(hematoxylin_od: np.ndarray, dab_od: np.ndarray, *, mpp: float) -> tuple[slice, slice]:

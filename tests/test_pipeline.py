@@ -368,3 +368,22 @@ def test_a_tiles_cells_are_read_in_its_content_box_exactly_as_in_the_whole_tile(
     whole = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
     assert [len(r.cells) for r in whole][0] == 0 and min(len(r.cells) for r in whole[1:]) > 50
     assert [_same_tile_result(a, b) for a, b in zip(boxed, whole)] == [[], [], []]
+
+
+def test_a_content_box_lies_on_the_tiles_grid_and_reaches_32_um_past_its_content():
+    from her2score.pipeline import CONTENT_OD, CONTENT_REACH_UM, _content_box
+
+    h = np.zeros((576, 576), np.float32)
+    d = np.zeros_like(h)
+    assert _content_box(h, d, mpp=0.5) == (slice(0, 16), slice(0, 16))  # glass: one square, where no cell can be
+    d[300, 200] = CONTENT_OD  # DAB alone is content too
+    rows, cols = _content_box(h, d, mpp=0.5)
+    reach = CONTENT_REACH_UM / 0.5
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (224, 368, 128, 272)
+    assert all(s.start % 16 == 0 and s.stop % 16 == 0 for s in (rows, cols))
+    assert rows.start <= 300 - reach and rows.stop >= 301 + reach and cols.start <= 200 - reach and cols.stop >= 201 + reach
+    h[570, 3] = 1.0  # near the tile's edges: the box ends there
+    assert _content_box(h, d, mpp=0.5) == (slice(224, 576), slice(0, 272))
+    assert _content_box(h[:570], d[:570], mpp=0.5) == (slice(0, 570), slice(0, 576))  # off the grid: the whole tile
+    d[300, 200] = np.nextafter(CONTENT_OD, 0, dtype=np.float32)
+    assert _content_box(h, d, mpp=0.5) == (slice(496, 576), slice(0, 80))
