@@ -270,9 +270,9 @@ CONTENT_OD = 0.03
 CONTENT_REACH_UM = 32.0
 CONTENT_GRID_PX = 16
 """score_tile finds cells only in a tile's content box (_content_box): the pixels within CONTENT_REACH_UM of
-one whose haematoxylin or DAB OD (log10) reaches CONTENT_OD, below anything segment_nuclei, membrane_basins
-or a membrane can start from (their least thresholds: 0.05, 0.10, 0.02 of contrast on stained membrane),
-further than any of their filters reaches from such a pixel, and on the CONTENT_GRID_PX grid of the tile's
+one whose haematoxylin or DAB OD (log10) reaches CONTENT_OD, below anything segment_nuclei or membrane_basins
+starts a cell from (their least thresholds: 0.05 and 0.10), so that every cell (at most max_cell_radius_um from
+its start) and what the filters that read it reach lie inside, and on the CONTENT_GRID_PX grid of the tile's
 own pixels, on which the coarse grids of local_background (2 µm), the cytoplasm fill and the cell flood (1 µm)
 fall at 0.25, 0.5 and 1 µm/px: there the box reads its cells exactly as the whole tile would (tests), and the
 glass of a tile at the tissue's edge costs nothing."""
