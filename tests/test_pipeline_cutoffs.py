@@ -127,7 +127,7 @@ def _share(r, categories) -> float:
 
 
 def _misses(measured: str):
-    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (3-4 Dec 2026)."""
+    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (5 Dec 2026)."""
     return pytest.mark.xfail(strict=True, reason=f"measured: {measured} (README Limits; strict: a pass fails)")
 
 
@@ -140,15 +140,17 @@ CASES = [
     _case(B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 6, 9.5, "0"),
     _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
-    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.4% (truth 8.0%), called 0: faint membranes under-found"),
-    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.6% (truth 12.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.7% (truth 8.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.4% (truth 12.0%), called 0: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "5.8% (truth 12.0%), called 2+ only by 1.9% intense complete cells: single intense arcs read "
-          "below the strong band (14 of 92 faint partial, 8 weak-moderate complete)"),
+          "4.8% (truth 12.0%), called 2+ by intense complete cells: of 83 intense incomplete cells 21 read so, 17 "
+          "faint partial (a single intense arc reads below the strong band), 24 complete (arcs' blurred ends and "
+          "the neighbours' arcs close the ring; 10 of them weak-moderate), 11 none, 10 lateral"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
     _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+",
-          "9.4% (truth 12.2%), called 2+: of 85 strong cells 11 read weak-moderate and 6 partial"),
+          "9.3% (truth 12.2%), called 2+: of 46 strong lateral cells 33 read strong lateral or complete, 5 "
+          "strong partial, 5 weak-moderate, 3 none"),
     _case(G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 6, 9.5, "0"),
     _case(G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 14, "2+"),
 ]
@@ -193,7 +195,7 @@ def test_intense_incomplete_cells_make_an_equivocal_2plus():
     assert gastric.score == "1+", gastric.reason  # gastric: partial non-U membranes are 1+ cells
 
 
-@_misses("8.8% intense incomplete (truth 20%): single intense arcs read below the strong band")
+@_misses("8.3% intense incomplete (truth 20%): single intense arcs read below the strong band, or complete")
 def test_intense_incomplete_share_end_to_end():
     r = _score(_field({"strong_partial": 0.20}, seed=9501))
     assert 15 <= _share(r, ("strong_partial",)) <= 25, r.counts
