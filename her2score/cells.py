@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from skimage.segmentation._watershed_cy import watershed_raveled
 
-__all__ = ["segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds", "measure_nucleus_thresholds",
+__all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds", "measure_nucleus_thresholds",
            "membrane_basins", "grow_cells"]
 
 
@@ -18,7 +18,13 @@ def disk(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
 
 
-def local_background(image: np.ndarray, *, mpp: float, radius_um: float, coarse_mpp: float = 2.0) -> np.ndarray:
+COARSE_MPP = 2.0
+"""µm/px at which local_background computes its opening by default."""
+FLOOD_MPP = 1.0
+"""µm/px at which grow_cells floods by default."""
+
+
+def local_background(image: np.ndarray, *, mpp: float, radius_um: float, coarse_mpp: float = COARSE_MPP) -> np.ndarray:
     """Grey opening of ``image`` with a disk of ``radius_um`` (structures narrower than the disk removed).
 
     Computed at ``coarse_mpp`` µm/px and brought back to the image's size: the level a small bright
@@ -241,7 +247,7 @@ def grow_cells(
     mpp: float,
     basins: np.ndarray | None = None,
     max_radius_um: float = 9.0,
-    flood_mpp: float = 1.0,
+    flood_mpp: float = FLOOD_MPP,
     outside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cell label image: each nucleus (and each membrane basin) grown by watershed over ``elevation`` (membrane signal).

@@ -19,14 +19,15 @@ import numpy as np
 
 from . import __version__
 from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
-from .cells import COUNTERSTAIN_RATIO, NucleusThresholds, grow_cells, measure_nucleus_thresholds, membrane_basins, segment_nuclei
+from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds, grow_cells, measure_nucleus_thresholds,
+                    membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
                          apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_settings, near_cutoff_sides, report_level, wilson_ci,
                          with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
-from .membrane import CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
+from .membrane import FILL_MPP, CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
@@ -266,31 +267,36 @@ def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     return fill[parts]
 
 
-CONTENT_OD = 0.03
-CONTENT_REACH_UM = 32.0
+CONTENT_REACH_UM = 23.0
 CONTENT_GRID_PX = 16
-"""score_tile finds cells only in a tile's content box (_content_box): the pixels within CONTENT_REACH_UM of
-one whose haematoxylin or DAB OD (log10) reaches CONTENT_OD, below anything segment_nuclei or membrane_basins
-starts a cell from (their least thresholds: 0.05 and 0.10), so that every cell (at most max_cell_radius_um from
-its start) and what the filters that read it reach lie inside, and on the CONTENT_GRID_PX grid of the tile's
-own pixels, on which the coarse grids of local_background (2 µm), the cytoplasm fill and the cell flood (1 µm)
-fall at 0.25, 0.5 and 1 µm/px: there the box reads its cells exactly as the whole tile would (tests), and the
-glass of a tile at the tissue's edge costs nothing."""
+"""score_tile finds cells only in a tile's content box (_content_box): the pixels within max_cell_radius_um +
+CONTENT_REACH_UM of one whose haematoxylin or DAB OD (log10) reaches half the least that starts a cell (a
+nucleus needs smoothed haematoxylin OD of its threshold, 0.05-0.10 by default, or DAB of 0.35; a membrane
+basin a ring of membrane contrast basin_contrast_od, 0.10, over DAB's level around it, which on glass is
+about 0). A cell reaches at most max_cell_radius_um from where it starts, and CONTENT_REACH_UM is more than
+the filters that read it look further (the widest, the 8 µm opening of local_background, 16 µm). The box
+lies on the CONTENT_GRID_PX grid of the tile's own pixels, and is used only where every coarse grid a step
+works on (COARSE_MPP, FLOOD_MPP, FILL_MPP; CALIBRATED_MPP for the focus) is a whole number of pixels dividing
+it: at 0.125, 0.25, 0.5, 1 and 2 µm/px. There the box reads its cells exactly as the whole tile would (tests),
+and the glass of a tile at the tissue's edge costs nothing."""
 
 
-def _content_box(hematoxylin_od: np.ndarray, dab_od: np.ndarray, *, mpp: float) -> tuple[slice, slice]:
+def _content_box(hematoxylin_od: np.ndarray, dab_od: np.ndarray, *, mpp: float, start_od: float,
+                 cell_radius_um: float) -> tuple[slice, slice]:
     """The (rows, columns) of a tile (its two stains' OD at ``mpp`` µm/px) that score_tile reads for cells
-    (CONTENT_OD): the whole tile where its size is off the CONTENT_GRID_PX grid, one square of the grid
-    (glass, where no cell can be) where no pixel is content."""
+    starting where either OD reaches ``start_od`` and reaching ``cell_radius_um`` from there (CONTENT_REACH_UM):
+    the whole tile where its size or a coarse grid is off the CONTENT_GRID_PX grid, one square of the grid
+    (glass, where no cell can be) where no pixel reaches half ``start_od``."""
     h, w = hematoxylin_od.shape
     g = CONTENT_GRID_PX
-    if h % g or w % g:
+    steps = [c / mpp for c in (COARSE_MPP, FLOOD_MPP, FILL_MPP, CALIBRATED_MPP) if c > mpp]
+    if h % g or w % g or any(abs(s - round(s)) > 1e-9 or g % round(s) for s in steps):
         return slice(0, h), slice(0, w)
-    content = np.maximum(hematoxylin_od, dab_od) >= CONTENT_OD
+    content = np.maximum(hematoxylin_od, dab_od) >= start_od / 2
     rows, cols = np.flatnonzero(content.any(1)), np.flatnonzero(content.any(0))
     if not len(rows):
         return slice(0, g), slice(0, g)
-    reach = math.ceil(CONTENT_REACH_UM / mpp)
+    reach = math.ceil((cell_radius_um + CONTENT_REACH_UM) / mpp)
 
     def span(first: int, last: int, size: int) -> slice:
         return slice(max(first - reach, 0) // g * g, min(-(-(last + 1 + reach) // g) * g, size))
@@ -312,7 +318,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
     nucleus = nucleus or _nucleus_thresholds([h_od], config)
-    box = _content_box(h_od, dab_od, mpp=mpp)
+    box = _content_box(h_od, dab_od, mpp=mpp, start_od=min(nucleus.threshold_od, config.basin_contrast_od),
+                       cell_radius_um=config.max_cell_radius_um)
     origin = (box[0].start, box[1].start)
     h_box, dab_box, outside = h_od[box], dab_od[box], tile.beyond_slide()[box]
     nuclei = segment_nuclei(h_box, dab_box, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od)

@@ -1,4 +1,5 @@
 import json
+from functools import partial
 
 from dataclasses import replace
 
@@ -341,49 +342,57 @@ def _same_tile_result(a, b) -> list[str]:
                                   and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k]), equal_nan=np.asarray(fa[k]).dtype.kind == "f"))]
 
 
-def test_a_tiles_cells_are_read_in_its_content_box_exactly_as_in_the_whole_tile(monkeypatch):
+@pytest.mark.parametrize("target_mpp", [0.5, 0.25, 1.0])
+def test_a_tiles_cells_are_read_in_its_content_box_exactly_as_in_the_whole_tile(monkeypatch, target_mpp):
     """A field on glass, tiled so that one tile is glass, one holds its corner and one most of it: each tile's
     cells are read only in its content box (most of its glass left out), and every measurement, outline and
-    anchor is the one reading the whole tile gives."""
+    anchor is the one reading the whole tile gives, at each resolution whose coarse grids fall on the box's."""
     import her2score.pipeline as pipeline
     from her2score.pipeline import _content_box, _read_tile, _slide_nucleus_thresholds, score_tile
     from her2score.stain import H_DAB, deconvolve, estimate_background
     from her2score.tissue import Tile
 
     f = generate_field("3+", seed=9510)
-    glass = np.median(f.image[f.label_map < 0], axis=0).astype(np.uint8) if (f.label_map < 0).any() else np.uint8([240] * 3)
+    glass = np.median(f.image[f.label_map < 0], axis=0).astype(np.uint8)
     canvas = np.tile(glass, (1600, 1600, 1))
     canvas[700:1212, 900:1412] = f.image
     slide = ArraySlide(canvas, mpp=f.mpp)
-    stains, config = H_DAB.with_background(estimate_background(canvas)), ScoringConfig()
-    tiles = [Tile(0, 0, (0, 0, 512, 512), 32, (1600, 1600)), Tile(1, 1, (512, 512, 512, 512), 32, (1600, 1600)),
-             Tile(2, 2, (1024, 1024, 512, 512), 32, (1600, 1600))]
-    rgbs = [_read_tile(slide, t, f.mpp) for t in tiles]
+    stains, config = H_DAB.with_background(estimate_background(canvas)), ScoringConfig(mpp=target_mpp)
+    g = f.mpp / target_mpp  # grid px per slide px; each tile's core is 512 slide px: glass, the field's corner, its far edge
+    tiles = [Tile(k, k, (round(at * g), round(at * g), round(512 * g), round(512 * g)), config.margin_px, (round(1600 * g),) * 2)
+             for k, at in enumerate((0, 512, 1024))]
+    rgbs = [_read_tile(slide, t, target_mpp) for t in tiles]
     nucleus = _slide_nucleus_thresholds(rgbs[1:], stains, config)
-    boxes = [_content_box(*deconvolve(rgb, stains)[..., :2].transpose(2, 0, 1), mpp=f.mpp) for rgb in rgbs]
-    areas = [(b[0].stop - b[0].start) * (b[1].stop - b[1].start) / 576**2 for b in boxes]
-    assert areas[0] == (16 / 576) ** 2 and 0.2 < areas[1] < 0.8 and 0.2 < areas[2] < 1  # measured: 0.08% (glass), 0.29, 0.43
-    boxed = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
-    monkeypatch.setattr(pipeline, "_content_box", lambda h, d, mpp: (slice(0, h.shape[0]), slice(0, h.shape[1])))
-    whole = [score_tile(rgb, t, stains=stains, config=config, scale=1.0, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
-    assert [len(r.cells) for r in whole][0] == 0 and min(len(r.cells) for r in whole[1:]) > 50
+    boxes = [_content_box(*deconvolve(rgb, stains)[..., :2].transpose(2, 0, 1), mpp=target_mpp, start_od=nucleus.threshold_od,
+                          cell_radius_um=9.0) for rgb in rgbs]
+    areas = [(b[0].stop - b[0].start) * (b[1].stop - b[1].start) / rgb.shape[0] / rgb.shape[1] for b, rgb in zip(boxes, rgbs)]
+    assert areas[0] < 0.01 and 0.1 < areas[1] < 0.9 and 0.1 < areas[2] < 1, areas  # measured at 0.5 µm/px: 0.08%, 0.29, 0.43
+    scale = target_mpp / f.mpp
+    boxed = [score_tile(rgb, t, stains=stains, config=config, scale=scale, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
+    monkeypatch.setattr(pipeline, "_content_box", lambda h, d, **_: (slice(0, h.shape[0]), slice(0, h.shape[1])))
+    whole = [score_tile(rgb, t, stains=stains, config=config, scale=scale, nucleus=nucleus) for rgb, t in zip(rgbs, tiles)]
+    assert len(whole[0].cells) == 0 and min(len(r.cells) for r in whole[1:]) > 40
     assert [_same_tile_result(a, b) for a, b in zip(boxed, whole)] == [[], [], []]
 
 
 def test_a_content_box_lies_on_the_tiles_grid_and_reaches_32_um_past_its_content():
-    from her2score.pipeline import CONTENT_OD, CONTENT_REACH_UM, _content_box
+    from her2score.pipeline import CONTENT_REACH_UM, _content_box
 
     h = np.zeros((576, 576), np.float32)
     d = np.zeros_like(h)
-    assert _content_box(h, d, mpp=0.5) == (slice(0, 16), slice(0, 16))  # glass: one square, where no cell can be
-    d[300, 200] = CONTENT_OD  # DAB alone is content too
-    rows, cols = _content_box(h, d, mpp=0.5)
-    reach = CONTENT_REACH_UM / 0.5
+    box = partial(_content_box, mpp=0.5, start_od=0.06, cell_radius_um=9.0)
+    assert box(h, d) == (slice(0, 16), slice(0, 16))  # glass: one square, where no cell can be
+    d[300, 200] = 0.03  # DAB alone is content too, from half the least OD a cell starts from
+    rows, cols = box(h, d)
+    reach = (9.0 + CONTENT_REACH_UM) / 0.5
     assert (rows.start, rows.stop, cols.start, cols.stop) == (224, 368, 128, 272)
     assert all(s.start % 16 == 0 and s.stop % 16 == 0 for s in (rows, cols))
     assert rows.start <= 300 - reach and rows.stop >= 301 + reach and cols.start <= 200 - reach and cols.stop >= 201 + reach
     h[570, 3] = 1.0  # near the tile's edges: the box ends there
-    assert _content_box(h, d, mpp=0.5) == (slice(224, 576), slice(0, 272))
-    assert _content_box(h[:570], d[:570], mpp=0.5) == (slice(0, 570), slice(0, 576))  # off the grid: the whole tile
-    d[300, 200] = np.nextafter(CONTENT_OD, 0, dtype=np.float32)
-    assert _content_box(h, d, mpp=0.5) == (slice(496, 576), slice(0, 80))
+    assert box(h, d) == (slice(224, 576), slice(0, 272))
+    assert box(h[:570], d[:570]) == (slice(0, 570), slice(0, 576))  # off the grid: the whole tile
+    assert box(h, d, start_od=0.0601) == (slice(496, 576), slice(0, 80))  # a cell starts at 0.0601: 0.03 is glass
+    assert box(h, d, start_od=0.0601, cell_radius_um=41.0) == (slice(432, 576), slice(0, 144))  # a wider cell: a wider box
+    for mpp in (0.4, 0.3, 0.2):  # a coarse grid (2 µm, 1 µm) off the box's 16 px: the whole tile
+        assert box(h, d, mpp=mpp) == (slice(0, 576), slice(0, 576))
+    assert box(h, d, mpp=0.25, start_od=0.0601) == (slice(432, 576), slice(0, 144))
