@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 from skimage.segmentation._watershed_cy import watershed_raveled
 
-__all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds", "measure_nucleus_thresholds",
-           "membrane_basins", "grow_cells"]
+__all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds",
+           "measure_nucleus_thresholds", "membrane_basins", "grow_cells"]
 
 
 def disk(radius_px: float) -> np.ndarray:

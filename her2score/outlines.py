@@ -127,8 +127,9 @@ def _split(rows: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
                          origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """trace_outlines' rings as traced, before conversion to pixels (grid_to_pixels): their vertices back
-    to back, int16 (int32 where the grid's coordinates pass int16's range) (x, y) on the 2x grid of the label image padded
-    by 1 px, and the vertex count of each id of ``label_ids`` (int64; 0 for a label with no pixel).
+    to back, int16 (int32 where the grid's coordinates pass int16's range) (x, y) on the 2x grid of the
+    label image padded by 1 px, and the vertex count of each id of ``label_ids`` (int64; 0 for a label
+    with no pixel).
     ``origin`` (row, column): where the label image's first pixel lies in the image whose grid the
     vertices are given on, for a label image cut from a larger one."""
     cell_labels = np.asarray(cell_labels)
