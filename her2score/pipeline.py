@@ -31,7 +31,7 @@ from .membrane import FILL_MPP, CellMeasurements, measure_cells, membrane_contra
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
-from .results import QCFinding, SlideResult
+from .results import CnnReport, QCFinding, SlideResult
 from .slide import Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density, per_channel)
@@ -501,6 +501,26 @@ def analyse_slide(
         return replace(a, result=replace(a.result, notes=(*a.result.notes, note), qc=(*a.result.qc, warn)))
 
 
+@dataclass(frozen=True)
+class _Scan:
+    """What reading a slide gave before its cells are judged (_analyse, for _finish and _qc): its path, µm/px
+    (scored, and the metadata's), JPEG quality and notes; thumbnail, tissue and stains; the tumour region; the
+    eosin share of its stained tiles; the CNN's reading."""
+
+    path: str
+    mpp: float
+    metadata_mpp: float | None
+    jpeg_quality: int | None
+    notes: tuple[str, ...]
+    thumb: np.ndarray
+    thumb_mpp: float
+    tissue: TissueMask
+    stains: StainSet
+    region: Region | None
+    eosin: float
+    cnn_report: CnnReport | None
+
+
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
              retry_of: NuclearStainError | None = None) -> SlideAnalysis:
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
@@ -555,12 +575,12 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
-    return _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region_obj, eosin,
-                   cnn_report, jpeg_quality, metadata_mpp)
+    scan = _Scan(slide_path, slide_mpp, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
+                 cnn_report)
+    return _finish(scan, config, cells, parts)
 
 
-def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, thumb_mpp, stains, region, eosin, cnn_report,
-            jpeg_quality, metadata_mpp) -> SlideAnalysis:
+def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> SlideAnalysis:
     t = config.thresholds
     floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
     threshold = max(t.faint_od, floor)
@@ -573,17 +593,17 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
     own_dab = stained_cytoplasm(cells, unstained_od=unstained)
     enclosing = pattern >= PATTERNS.index("lateral")
     beside = np.concatenate([(rows >= 0) & enclosing[np.maximum(rows, 0)]  # per tile: the int32 rows never pile up
-                             for rows in _neighbour_rows(parts, tolerance_px=NEIGHBOUR_MATCH_UM / slide_mpp)])
+                             for rows in _neighbour_rows(parts, tolerance_px=NEIGHBOUR_MATCH_UM / scan.mpp)])
     borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(mem.stained, beside)
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
-    if region is not None:
-        tumour, region_source = region.contains(cells.x, cells.y), region.source
+    if scan.region is not None:
+        tumour, region_source = scan.region.contains(cells.x, cells.y), scan.region.source
     else:
-        selection = select_tumour_cells(cells, um_per_px=slide_mpp, rule=config.tumour)
+        selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour)
         tumour, region_source = selection.tumour, selection.describe()
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
-    staining = _staining(slide_path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
+    staining = _staining(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
     blush = diffuse_cytoplasm_od(cells, unstained_cells=tumour & (category == 0), reference_cells=~tumour, unstained_od=unstained)
     read = tumour & (category > 0)
@@ -594,10 +614,11 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
                     membrane_contrast_od=None if rise is None else round(rise, 4))
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
-    xy_um = np.column_stack([cells.x, cells.y])[tumour] * slide_mpp
+    xy_um = np.column_stack([cells.x, cells.y])[tumour] * scan.mpp
     clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
 
-    qc = _qc(config, parts, tissue, thumb, n_tumour, stains, eosin, slide_mpp, floor, jpeg_quality, metadata_mpp)
+    qc = _qc(scan, config, parts, n_tumour, floor)
+    notes = scan.notes
     if config.guideline == "gastric":
         notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
     if n_tumour == 0:  # no score at all, never HER2 0
@@ -625,10 +646,10 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         reason += doubt
     pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
-    if cnn_report is not None and n_tumour:
+    if scan.cnn_report is not None and n_tumour:
         classical_reason = reason
-        score, confidence = fuse(classical, cnn_report.probabilities)
-        cnn_words = f"the CNN reads {cnn_report.score} (p={cnn_report.probabilities[cnn_report.score]:.2f})"
+        score, confidence = fuse(classical, scan.cnn_report.probabilities)
+        cnn_words = f"the CNN reads {scan.cnn_report.score} (p={scan.cnn_report.probabilities[scan.cnn_report.score]:.2f})"
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
@@ -646,12 +667,12 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
             reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                       f"{classical_level} on {classical_reason.split('; ')[0]}"
                       + ("; reflex ISH required" if level == "2+" else "") + doubt)
-        elif cnn_report.score != classical:
+        elif scan.cnn_report.score != classical:
             reason += f"; {cnn_words}"
-        if cnn_report.score != classical:
+        if scan.cnn_report.score != classical:
             flags = (*flags, "cnn_disagrees")
     result = SlideResult(
-        slide=slide_path,
+        slide=scan.path,
         score=score,
         level=level,
         flags=tuple(flags),
@@ -665,11 +686,11 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         clusters=clusters,
         region=region_source,
         qc=tuple(qc),
-        stains=stains.to_dict(),
-        mpp=slide_mpp,
-        tissue_area_mm2=round(tissue.area_mm2, 4),
+        stains=scan.stains.to_dict(),
+        mpp=scan.mpp,
+        tissue_area_mm2=round(scan.tissue.area_mm2, 4),
         classical_score=classical,
-        cnn=cnn_report,
+        cnn=scan.cnn_report,
         confidence=None if confidence is None else round(confidence, 4),
         notes=tuple(notes),
         config=config.to_dict(),
@@ -694,7 +715,7 @@ def _finish(slide_path, slide_mpp, notes, config, cells, parts, tissue, thumb, t
         "hematoxylin_od": cells.hematoxylin_od, "cut_sectors": cells.cut_sectors,
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
-    return SlideAnalysis(result, table, thumb, thumb_mpp, tissue)
+    return SlideAnalysis(result, table, scan.thumb, scan.thumb_mpp, scan.tissue)
 
 
 def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,
@@ -787,31 +808,30 @@ def _neighbour_rows(parts: list[TileResult], *, tolerance_px: float) -> Iterator
         yield row_of[p.cells.sector_neighbour]
 
 
-def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, n_tumour: int, stains: StainSet,
-        eosin: float, slide_mpp: float, floor_od: float, jpeg_quality: int | None, metadata_mpp: float | None) -> list[QCFinding]:
+def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: int, floor_od: float) -> list[QCFinding]:
     qc = []
-    if metadata_mpp is not None and not 1 / MPP_OVERRIDE_MAX <= slide_mpp / metadata_mpp <= MPP_OVERRIDE_MAX:
-        qc.append(QCFinding("mpp_overrides_metadata", "fail", f"scored at the {slide_mpp:.4g} µm/px given, {slide_mpp / metadata_mpp:.2g} x "
-                            f"the {metadata_mpp:.4g} the file's metadata says: cell sizes, the tumour-cell rules and the "
+    if scan.metadata_mpp is not None and not 1 / MPP_OVERRIDE_MAX <= scan.mpp / scan.metadata_mpp <= MPP_OVERRIDE_MAX:
+        qc.append(QCFinding("mpp_overrides_metadata", "fail", f"scored at the {scan.mpp:.4g} µm/px given, {scan.mpp / scan.metadata_mpp:.2g} x "
+                            f"the {scan.metadata_mpp:.4g} the file's metadata says: cell sizes, the tumour-cell rules and the "
                             "share stained depend on it (a 1+ field given half its µm/px read 0+); check which is right",
-                            round(slide_mpp / metadata_mpp, 4)))
-    if jpeg_quality is not None and jpeg_quality < JPEG_QUALITY_WARN:
-        qc.append(QCFinding("jpeg_quality", "fail" if jpeg_quality < JPEG_QUALITY_FAIL else "warn",
-                            f"saved as JPEG at quality {jpeg_quality} (from the quantisation tables of the level scored): the compression's "
+                            round(scan.mpp / scan.metadata_mpp, 4)))
+    if scan.jpeg_quality is not None and scan.jpeg_quality < JPEG_QUALITY_WARN:
+        qc.append(QCFinding("jpeg_quality", "fail" if scan.jpeg_quality < JPEG_QUALITY_FAIL else "warn",
+                            f"saved as JPEG at quality {scan.jpeg_quality} (from the quantisation tables of the level scored): the compression's "
                             f"blocks read as faint membranes (real HER2 0 fields read up to 19% stained under quality "
                             f"{JPEG_QUALITY_FAIL}); give the scan as acquired, or a copy at quality {JPEG_QUALITY_WARN} or "
-                            "more", float(jpeg_quality)))
+                            "more", float(scan.jpeg_quality)))
     if config.mpp > CALIBRATED_MPP:
         qc.append(QCFinding("coarse_target", "warn", f"scored at {config.mpp:g} µm/px, coarser than the {CALIBRATED_MPP:g} "
                             "µm/px its intensity bands were set at: faint (1+) membranes read weaker and fewer", config.mpp))
-    if slide_mpp > config.max_scan_mpp:
-        qc.append(QCFinding("coarse_scan", "fail", f"scanned at {slide_mpp:.3g} µm/px, coarser than the "
+    if scan.mpp > config.max_scan_mpp:
+        qc.append(QCFinding("coarse_scan", "fail", f"scanned at {scan.mpp:.3g} µm/px, coarser than the "
                             f"{config.max_scan_mpp:g} µm/px a ~1 µm membrane needs: faint (1+) staining cannot be told "
-                            "from 0 (it needs 40x, Rüschoff 2010)", round(slide_mpp, 4)))
-    elif slide_mpp > COARSE_SCAN_WARN * CALIBRATED_MPP:
-        qc.append(QCFinding("intensity_read_low", "warn", f"scanned at {slide_mpp:.3g} µm/px, coarser than the "
+                            "from 0 (it needs 40x, Rüschoff 2010)", round(scan.mpp, 4)))
+    elif scan.mpp > COARSE_SCAN_WARN * CALIBRATED_MPP:
+        qc.append(QCFinding("intensity_read_low", "warn", f"scanned at {scan.mpp:.3g} µm/px, coarser than the "
                             f"{CALIBRATED_MPP:g} µm/px the intensity bands were set at: blurred membranes read weaker "
-                            "(the real colon's intense complete share: 27% at 0.5 µm/px, 18% at 1.0)", round(slide_mpp, 4)))
+                            "(the real colon's intense complete share: 27% at 0.5 µm/px, 18% at 1.0)", round(scan.mpp, 4)))
     if floor_od >= config.thresholds.weak_od:
         qc.append(QCFinding("noisy_dab", "warn", f"the slide's DAB noise floor ({floor_od:.3f} OD) reaches weak staining: "
                             "faint membranes cannot be told from noise", round(floor_od, 4)))
@@ -828,12 +848,12 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
         qc.append(QCFinding("too_few_tumour_cells", "fail",
                             f"{n_tumour} tumour cells scored; at least {config.min_tumour_cells} are needed for a guideline call",
                             float(n_tumour)))
-    bg_od = float(-np.log10(np.mean(stains.background) / 255.0))
+    bg_od = float(-np.log10(np.mean(scan.stains.background) / 255.0))
     if bg_od > config.background_max_od:
-        rgb = ", ".join(f"{v:.0f}" for v in stains.background)
+        rgb = ", ".join(f"{v:.0f}" for v in scan.stains.background)
         qc.append(QCFinding("background_stain", "warn", f"glass background reads RGB ({rgb}), OD {bg_od:.2f}: "
                             "dirty, over-stained or badly white-balanced background", round(bg_od, 4)))
-    if stains.background == (255.0, 255.0, 255.0) and (brightest := brightest_level(thumb)) < GLASS_MIN:
+    if scan.stains.background == (255.0, 255.0, 255.0) and (brightest := brightest_level(scan.thumb)) < GLASS_MIN:
         # estimate_background found too few glass pixels and took white as 255 (glass at 255 is found)
         od = float(np.log10(255.0 / max(brightest, 1.0)))
         qc.append(QCFinding("white_level_assumed", "warn", f"no glass found (fewer than {GLASS_MIN_PIXELS} pixels read "
@@ -848,12 +868,13 @@ def _qc(config, parts: list[TileResult], tissue: TissueMask, thumb: np.ndarray, 
         qc.append(QCFinding("weak_counterstain", "warn", f"weak counterstain: nuclear haematoxylin OD {level:.3f}; nuclei "
                             f"found from {threshold:.3f} OD (fixed: {config.nucleus_threshold_od:g}): check the overlay "
                             "for pale nuclei missed", round(level, 4)))
-    excluded = float((tissue.pen.sum() + tissue.dark.sum()) / max(tissue.mask.sum() + tissue.pen.sum() + tissue.dark.sum(), 1))
+    pen, dark = int(scan.tissue.pen.sum()), int(scan.tissue.dark.sum())
+    excluded = float((pen + dark) / max(int(scan.tissue.mask.sum()) + pen + dark, 1))
     if excluded > 0.005:
         qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))
-    if eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
-        qc.append(QCFinding("eosin_like_colour", "fail", f"{eosin:.0%} of the stained tissue has an eosin-like colour "
-                            "(part of it H&E, or an unusual DAB): check the stain", round(eosin, 4)))
+    if scan.eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
+        qc.append(QCFinding("eosin_like_colour", "fail", f"{scan.eosin:.0%} of the stained tissue has an eosin-like colour "
+                            "(part of it H&E, or an unusual DAB): check the stain", round(scan.eosin, 4)))
     return qc
 
 
