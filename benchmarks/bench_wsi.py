@@ -310,8 +310,8 @@ def _jpeg_colorspaces(page) -> dict:
 
 DECODE_SPREAD = 0.9
 """A size whose best decode pass is under this share of the run's best is warned of in the summary: on 5 Dec 2026
-the 12,288² slide's six passes all ran at 308-312 MP/s while the other size's reached 420, and its whole-slide
-ratio read 0.122 where the usual 416 MP/s gives 0.091."""
+the 12,288² slide's six passes all ran at 299-312 MP/s while the other size's reached 421, and its whole-slide
+ratio read 0.122 where the usual 416 MP/s gives 0.092."""
 
 
 def decode_rate(path: Path, level: int, tiles: list[int], *, n: int, passes: int, seed: int = 0) -> list[tuple[float, float]]:

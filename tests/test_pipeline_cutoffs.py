@@ -143,13 +143,13 @@ CASES = [
     _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.7% (truth 8.0%), called 0: faint membranes under-found"),
     _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.4% (truth 12.0%), called 0: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "4.8% (truth 12.0%), called 2+ by intense complete cells: of 83 intense incomplete cells 21 read so, 17 "
+          "4.8% (truth 12.0%), called 2+ by intense complete cells: of 92 intense incomplete cells, 83 found: 21 read so, 17 "
           "faint partial (a single intense arc reads below the strong band), 24 complete (arcs' blurred ends and "
           "the neighbours' arcs close the ring; 10 of them weak-moderate), 11 none, 10 lateral"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
     _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+",
-          "9.3% (truth 12.2%), called 2+: of 46 strong lateral cells 33 read strong lateral or complete, 5 "
+          "9.3% (truth 12.2%), called 2+: of 53 strong lateral cells, 46 found: 33 read strong lateral or complete, 5 "
           "strong partial, 5 weak-moderate, 3 none"),
     _case(G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 6, 9.5, "0"),
     _case(G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 14, "2+"),
