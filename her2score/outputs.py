@@ -488,10 +488,9 @@ def _counted_for(analysis: SlideAnalysis) -> dict[str, np.ndarray]:
     """Per score ("3+", "2+", "1+"), the cells (bool) in the categories its 10% cut-off is read on under the
     slide's guideline (guidelines.deciding_categories); none where no tumour cell was counted."""
     r, category = analysis.result, analysis.cells["category"]
-    try:
-        deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
-    except ValueError:  # no tumour cells counted: nothing to map
-        deciding = {score: () for score in ("3+", "2+", "1+")}
+    if not sum(r.counts.values()):  # no tumour cell counted: nothing to map
+        return {score: np.zeros(len(category), bool) for score in ("3+", "2+", "1+")}
+    deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
     return {score: np.isin(category, cats) for score, cats in deciding.items()}
 
 

@@ -277,8 +277,9 @@ CONTENT_GRID_PX = 16
 CONTENT_REACH_UM of one whose haematoxylin or DAB OD (log10) reaches half the least that starts a cell (a
 nucleus needs smoothed haematoxylin OD of its threshold, 0.05-0.10 by default, or DAB of 0.35; a membrane
 basin a ring of membrane contrast basin_contrast_od, 0.10, over DAB's level around it, which on glass is
-about 0) or counts as tissue (TISSUE_OD, summed). A cell reaches at most max_cell_radius_um from where it starts, and CONTENT_REACH_UM is more than
-the filters that read it look further (the widest, the 8 µm opening of local_background, 16 µm). The box
+about 0) or counts as tissue (TISSUE_OD, summed). A cell reaches at most max_cell_radius_um from where it
+starts, and CONTENT_REACH_UM is more than the filters that read it look further (the widest, the 8 µm opening
+of local_background, 16 µm). The box
 lies on the CONTENT_GRID_PX grid of the tile's own pixels, and is used only where every coarse grid a step
 works on (COARSE_MPP, FLOOD_MPP, FILL_MPP; CALIBRATED_MPP for the focus) is a whole number of pixels dividing
 it: at 0.125, 0.25, 0.5, 1 and 2 µm/px. There the box reads its cells exactly as the whole tile would (tests),
