@@ -29,7 +29,7 @@ from .stain import GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_cha
 from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
 
 __all__ = [
-    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "dark_fraction", "black_fill", "clipped_fraction",
+    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "white_level", "colour_cast", "dark_fraction", "black_fill", "clipped_fraction",
     "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
@@ -68,6 +68,8 @@ pixels and a 15° angle read white-balance casts and stain jitter as other colou
 green cast 0.72, jittered synthetic fields 0.41)."""
 MIN_HAEMATOXYLIN_FRACTION = 0.02
 """Blue/purple share of stained pixels. Measured: real IHC >= 0.07 (the colon image, mostly DAB); photos, text, plots ~0."""
+GLASS_MAX_CAST = 0.03
+"""The colour cast of the image's white that glass_background corrects, as a fraction of its mean."""
 MAX_NUCLEUS_DIAMETER_UM = 14.0
 """Median nucleus diameter above this means the µm/px given is too coarse (real tissue measured 2-7 µm)."""
 MAX_FLAT_FRACTION = 0.5
@@ -98,21 +100,49 @@ class ImageCheck:
     background: tuple[float, float, float]
 
 
-def glass_background(rgb: np.ndarray, *, max_cast: float = 0.03) -> tuple[float, float, float]:
-    """White level I0 (RGB, 0-255): the median of the brightest 0.5% of pixels, its colour cast
-    limited to ``max_cast`` of its mean (tissue-filled fields have no glass: their brightest pixels
-    are pale stain, which must not be taken for the white balance). Pure white fill around the
-    tissue (stain.unscanned_fill) is left out where at least 1% of the pixels are something else."""
+def white_level(rgb: np.ndarray) -> np.ndarray:
+    """The image's white as it stands (RGB float64, 0-255): the median of the brightest 0.5% of pixels,
+    any colour cast kept. Pure white fill around the tissue (stain.unscanned_fill) is left out where at
+    least 1% of the pixels are something else."""
     flat = rgb.reshape(-1, 3)
     flat = flat[:: max(1, len(flat) // 500_000)]
     scanned = flat[~unscanned_fill(flat)]
     flat = (scanned if len(scanned) >= max(50, len(flat) // 100) else flat).astype(np.float32)
-    k = max(50, len(flat) // 200)
-    idx = np.argpartition(flat.sum(axis=1), -min(k, len(flat)))[-min(k, len(flat)):]
-    bg = np.median(flat[idx], axis=0)
-    mean = float(bg.mean())
-    bg = np.clip(bg, mean * (1 - max_cast), mean * (1 + max_cast))
-    return tuple(float(max(v, 1.0)) for v in bg)
+    k = min(max(50, len(flat) // 200), len(flat))
+    return np.median(flat[np.argpartition(flat.sum(axis=1), -k)[-k:]], axis=0).astype(np.float64)
+
+
+def colour_cast(level: np.ndarray) -> float:
+    """How far a white level's channels stray from their mean, as a fraction of it (0: neutral)."""
+    mean = float(np.mean(level))
+    return float(np.max(np.abs(np.asarray(level) / max(mean, 1.0) - 1)))
+
+
+def glass_background(rgb: np.ndarray, *, max_cast: float = GLASS_MAX_CAST) -> tuple[float, float, float]:
+    """White level I0 (RGB, 0-255): white_level with its colour cast limited to ``max_cast`` of its mean
+    (tissue-filled fields have no glass: their brightest pixels are pale stain, which must not be taken
+    for the white balance)."""
+    level = white_level(rgb)
+    mean = float(level.mean())
+    return tuple(float(max(v, 1.0)) for v in np.clip(level, mean * (1 - max_cast), mean * (1 + max_cast)))
+
+
+def _cast_hint(rgb: np.ndarray) -> str:
+    """Words to add to a missing-counterstain refusal where the image's white has a colour cast beyond
+    GLASS_MAX_CAST and, with that white taken as the glass, haematoxylin blue would be there: the scanner's
+    white balance, not the stain, is the likely cause. "" otherwise."""
+    level = white_level(rgb)
+    cast = colour_cast(level)
+    if cast <= GLASS_MAX_CAST:
+        return ""
+    _, haem, _ = stain_fractions(optical_density(rgb, tuple(float(max(v, 1.0)) for v in level)))
+    if haem < MIN_HAEMATOXYLIN_FRACTION:
+        return ""
+    worst = int(np.argmax(np.abs(level - level.mean())))
+    side = "low" if level[worst] < level.mean() else "high"
+    return (f"; its brightest pixels have a colour cast of {cast:.0%} ({('red', 'green', 'blue')[worst]} {side}), beyond the "
+            f"{GLASS_MAX_CAST:.0%} the check corrects; taking them as white, {haem:.1%} of stained pixels have that blue: "
+            "the scanner's white balance may be off (correct it and score again)")
 
 
 def dark_fraction(rgb: np.ndarray, *, max_intensity: int = DARK_INTENSITY, max_chroma: int = DARK_MAX_CHROMA) -> float:
@@ -317,7 +347,7 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         code, reason = "no_counterstain", (f"only {haem:.1%} of stained pixels have the blue of a haematoxylin "
                                            "counterstain: no nuclei to count cells by (a counterstain missing or "
                                            "too pale), or not an H-DAB tissue image (a photo, text, a plot or "
-                                           "another stain); not scored")
+                                           f"another stain){_cast_hint(rgb)}; not scored")
     elif np.isfinite(diameter) and diameter > MAX_NUCLEUS_DIAMETER_UM:
         code, reason = "implausible_scale", (f"at {detail_mpp:g} µm/px nuclei would be {diameter:.0f} µm across "
                                              f"(real nuclei: 4-15 µm): the µm/px is wrong; give the scan's --mpp")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from realdata import real_cases
-from her2score.imagecheck import (MAX_EOSIN_FRACTION, NotHerIhcError, check_image, check_slide, glass_background)
+from her2score.imagecheck import (GLASS_MAX_CAST, MAX_EOSIN_FRACTION, NotHerIhcError, check_image, check_slide, colour_cast,
+                                  glass_background, white_level)
 from her2score.pipeline import _thumbnail_mpp, score_slide
 from her2score.slide import ArraySlide, open_slide
 from her2score.stain import estimate_background, optical_density
@@ -158,6 +159,20 @@ def test_white_balance_casts_do_not_change_the_verdict():
     for cast in ((1.0, 0.94, 0.9), (0.92, 0.96, 1.0), (1.0, 0.93, 1.0)):  # yellow, blue and magenta casts
         assert check_image((colon * cast).astype(np.uint8), mpp=0.5).accepted
         assert check_image((he * cast).astype(np.uint8), mpp=0.5).code == "eosin"
+
+
+def test_a_cast_beyond_the_white_balance_correction_is_named_as_the_likely_cause():
+    """A cast stronger than GLASS_MAX_CAST is not corrected (a tissue-filled field's brightest pixels are pale
+    stain): the real colon under a strong yellow cast loses its counterstain's blue and is refused, and the
+    refusal says that with its brightest pixels taken as white the blue is there."""
+    colon = photo("immunohistochemistry").astype(np.float32)
+    c = check_image((colon * (1.0, 1.0, 0.85)).astype(np.uint8), mpp=0.5)
+    assert c.code == "no_counterstain" and "colour cast of 11% (blue low), beyond the 3%" in c.reason, c.reason
+    assert "white balance may be off" in c.reason and c.reason.endswith("; not scored")
+    assert colour_cast(white_level((colon * (1.0, 1.0, 0.85)).astype(np.uint8))) > GLASS_MAX_CAST > colour_cast(white_level(colon.astype(np.uint8)))
+    for name in ("coffee", "chelsea"):  # photos: no blue whatever their white, so no such hint
+        r = check_image(photo(name), mpp=0.5)
+        assert r.code == "no_counterstain" and "colour cast" not in r.reason, r.reason
 
 
 # -- refused ---------------------------------------------------------------------------------------
