@@ -12,7 +12,6 @@ from her2score.labels import parse_score  # noqa: E402
 from her2score.stain import H_DAB  # noqa: E402
 from her2score.synthetic import write_dataset  # noqa: E402
 from her2score.train import (  # noqa: E402
-    LabelledImage,
     TrainConfig,
     _Renderer,
     csv_images,
