@@ -941,7 +941,7 @@ def _report(metrics: dict, summary: str) -> str:
     nvu = {m: metrics["methods"][m]["null_vs_ultralow"] for m in methods if metrics["methods"][m].get("null_vs_ultralow")}
     out += ["", "## Null vs ultralow", ""]
     if metrics["guideline"] not in ZERO_SPLIT:
-        out.append(f"{metrics['guideline']} calls a plain 0 (only ASCO/CAP 2023 tells null from ultralow): no table.")
+        out.append(f"{metrics['guideline']} calls a plain 0 (only breast-asco-cap-2023 tells null from ultralow): no table.")
     elif not nvu:
         out.append("No image is labelled null or ultralow (a plain `0` label does not say which).")
     for m, t in nvu.items():

@@ -1,6 +1,8 @@
 """Guideline HER2 scores (0/1+/2+/3+, five report levels) and H-score from per-category cell counts.
 
-Breast: ASCO/CAP 2018 (Wolff 2018), kept in the 2023 update, which splits 0 into null and ultralow.
+Breast: ASCO/CAP 2018 (Wolff 2018), affirmed by the 2023 update; under "breast-asco-cap-2023" its 0 is
+reported as 0 (null) or 0+ (ultralow), the split of DESTINY-Breast06 and the 2026 consensus's five levels
+(ASCO/CAP 2023 itself made no new category: it called one premature).
 Gastric: Hofmann 2008 / ToGA and CAP/ASCP/ASCO 2016 (Bartley 2017), resection and biopsy rules.
 Every threshold is compared in integer (or exact fraction) arithmetic, so exactly 10% falls on the
 documented side.
@@ -216,9 +218,11 @@ def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
                                                     or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
 
 
-_BREAST_2PLUS_GROUPS = (("weak_moderate_complete", "strong_complete"), ("strong_lateral", "strong_partial", "strong_complete"))
+_BREAST_2PLUS_GROUPS = (("weak_moderate_complete", "strong_complete"),
+                        ("weak_moderate_lateral", "strong_lateral", "strong_partial", "strong_complete"))
 """The two populations either of which makes a breast 2+ over 10%: complete membranes of any intensity,
-and intense ones, complete or not (the unusual pattern: an intense complete membrane is intense too)."""
+and the unusual pattern's: lateral/basolateral membranes of weak-to-moderate or intense staining and
+intense ones, complete or not (an intense complete membrane is intense too)."""
 
 
 def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
@@ -234,7 +238,7 @@ def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
 
 def deciding_categories(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the cell categories whose share past the 10% cut-off gives it under
-    ``guideline`` (those deciding_cells counts; breast's 2+ group the larger of complete and intense on ``counts``)."""
+    ``guideline`` (those deciding_cells counts; breast's 2+ group the larger of complete and the unusual pattern's on ``counts``)."""
     return _deciding_categories(_validated(counts), guideline, gastric_reading)
 
 
@@ -252,7 +256,7 @@ def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: 
 def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
-    complete (any intensity) and intense incomplete (the unusual pattern); 1+ any membrane staining;
+    complete (any intensity) and the unusual pattern (lateral/basolateral, or intense incomplete); 1+ any membrane staining;
     isolated intense cells count in both as the stained complete cells they are. Gastric:
     cumulative_counts, or each band alone under the per_band reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
@@ -583,8 +587,11 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     """_breast's call on counts ``c``; ``isolated``: its intense complete cells in <=10% are isolated cells,
     which do not make the "intense complete in <=10%" 2+.
 
-    Intense incomplete membranes, lateral or not, make the unusual "intense but incomplete in >10%"
-    2+, counted with any intense complete ones in <=10% (an intense membrane, complete or not). Below
+    ASCO/CAP 2018's unusual pattern, "moderate to intense but incomplete (basolateral or lateral)"
+    staining in >10%, is an equivocal 2+: lateral/basolateral membranes of weak-to-moderate intensity
+    (weak and moderate are one band here, and the guideline calls a pattern its definitions do not
+    cover equivocal) or intense ones, and intense incomplete non-lateral ones, counted with any
+    intense complete ones in <=10% (an intense membrane, complete or not). Below
     1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+", DESTINY-Breast06): a
     stronger membrane also shows the faint level, so weak-to-moderate complete staining in <=10% is
     ultralow too; the reason names the cells.
@@ -592,6 +599,7 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     total = sum(c.values())
     strong, complete = c["strong_complete"], c["weak_moderate_complete"] + c["strong_complete"]
     intense = c["strong_lateral"] + c["strong_partial"] + strong
+    lateral = c["weak_moderate_lateral"]
 
     def over(n: int) -> bool:
         return 10 * n > total
@@ -602,11 +610,17 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
         kinds = {"weak_moderate_complete": c["weak_moderate_complete"], "strong_complete": strong}
         return "2+", "2+", ("ish_reflex",), _staining(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
     unusual = ("ish_reflex", "unusual_pattern")
-    if over(intense):  # intense complete cells in <=10% only, the rest incomplete
-        kinds = {"strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"], "strong_complete": strong}
+    if over(intense + lateral):  # intense complete cells in <=10% only, the rest incomplete
+        kinds = {"weak_moderate_lateral": lateral, "strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"],
+                 "strong_complete": strong}
         what = "intense membrane staining (incomplete, or complete in <=10%)" if strong else "intense but incomplete membrane staining"
+        if lateral:
+            what = ("lateral/basolateral or intense membrane staining (incomplete, or complete in <=10%)" if strong
+                    else "incomplete membrane staining, lateral/basolateral or intense,")
         reason = _staining(kinds, total, ">10%", what)
-        return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"
+        moderate = ("; ASCO/CAP's unusual 'moderate to intense but incomplete (basolateral or lateral)' pattern (weak "
+                    "and moderate are not told apart)") if lateral else ""
+        return "2+", "2+", unusual, f"unusual pattern: {reason}{moderate}; reflex ISH required"
     if strong and not isolated:
         reason = f"intense complete membrane staining in only {_pct(strong, total, '<=10%')}"
         return "2+", "2+", unusual, f"unusual pattern: {reason}; reflex ISH required"

@@ -11,7 +11,7 @@ __all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "RE
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
-"""The two levels ASCO/CAP 2023 splits a 0 into; 2018 and gastric call either a plain "0"."""
+"""The two levels a 0 is split into under "breast-asco-cap-2023" (DESTINY-Breast06, the 2026 consensus); 2018 and gastric call either a plain "0"."""
 REPORT_LEVELS: tuple[str, ...] = ("0", *ZERO_LEVELS, "1+", "2+", "3+")
 """Every guideline call's level: the 2026 consensus five levels, plus plain "0" (2018, gastric)."""
 

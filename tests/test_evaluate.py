@@ -382,7 +382,7 @@ def test_null_vs_ultralow_counts_unscored_images_and_is_left_out_where_the_guide
         f.write_text(replace(r, guideline="breast-asco-cap-2018", config={**r.config, "guideline": "breast-asco-cap-2018"}).to_json())
     m = evaluate(labels, tmp_path / "out2018", guideline="breast-asco-cap-2018", reuse=prev, use_cnn=False, bootstrap=0)
     assert m["n"] and all(mm["null_vs_ultralow"] is None for mm in m["methods"].values())
-    assert "calls a plain 0 (only ASCO/CAP 2023 tells null from ultralow): no table" in (tmp_path / "out2018" / "report.md").read_text()
+    assert "calls a plain 0 (only breast-asco-cap-2023 tells null from ultralow): no table" in (tmp_path / "out2018" / "report.md").read_text()
 
 
 def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):

@@ -56,7 +56,10 @@ CASES = [
     (cells(none=88, sp=8, fp=4), B23, "1+", "1+", ("her2_low",)),  # 8% intense incomplete: 12% stained
     (cells(none=95, wmc=5), B23, "0", "0+ (ultralow)", ("ultralow",)),  # weak-moderate complete <= 10%
     (cells(none=95, wmc=5), B18, "0", "0", ()),
-    (cells(none=80, wml=20), B23, "1+", "1+", ("her2_low",)),  # weak lateral is incomplete staining
+    (cells(none=80, wml=20), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # moderate lateral (ASCO/CAP 2018 note)
+    (cells(none=89, wml=6, sp=5), B23, "2+", "2+", ("ish_reflex", "unusual_pattern")),  # 11% lateral or intense incomplete
+    (cells(none=90, wml=10), B23, "0", "0+ (ultralow)", ("ultralow",)),  # exactly 10%: not >10%
+    (cells(none=88, wml=8, fp=4), B23, "1+", "1+", ("her2_low",)),  # 8% lateral: 12% stained
     (cells(none=60, fp=40), B23, "1+", "1+", ("her2_low",)),
     (cells(none=89, fp=11), B23, "1+", "1+", ()),
     (cells(none=90, fp=10), B23, "0", "0+ (ultralow)", ("ultralow",)),  # exactly 10%: not 1+
@@ -438,10 +441,20 @@ def test_deciding_cells_are_those_the_rules_count():
             assert apply_guideline(counts, guideline, gastric_reading=reading).score == expected, (counts, guideline, reading)
 
 
-def test_lateral_cells_do_not_decide_a_breast_2_plus():
-    """Breast 2+ and 3+ are decided by complete membranes (or intense incomplete ones): laterals beside
-    them do not hide that the deciding share sits just over 10%, nor make a 2+ look near 3+."""
-    counts = dict(none=690, weak_moderate_complete=110, weak_moderate_lateral=200)  # 11.0% complete decides the 2+
+def test_lateral_cells_decide_a_breast_2_plus_as_the_unusual_pattern_only():
+    """ASCO/CAP 2018's note: 'moderate to intense but incomplete (basolateral or lateral)' staining is an
+    equivocal 2+. Weak-to-moderate lateral cells over 10% make that 2+ on their own and hold a 2+ beside
+    complete ones; under 10% they do not hide that the complete share sits just over 10%, nor make a 2+
+    look near 3+."""
+    held = dict(none=690, weak_moderate_complete=110, weak_moderate_lateral=200)  # 11% complete and 20% lateral
+    assert apply_guideline(held, "breast-asco-cap-2023").score == "2+"
+    assert near_cutoff(held, "2+") is None  # the 20% lateral hold the 2+ whatever the complete share
+    alone = apply_guideline(dict(none=800, weak_moderate_lateral=200), "breast-asco-cap-2023")
+    assert alone.flags == ("ish_reflex", "unusual_pattern")
+    assert alone.reason == ("unusual pattern: weak-to-moderate lateral membrane staining in 20.0% of tumour cells (200/1000, "
+                            ">10%); ASCO/CAP's unusual 'moderate to intense but incomplete (basolateral or lateral)' pattern "
+                            "(weak and moderate are not told apart); reflex ISH required")
+    counts = dict(none=840, weak_moderate_complete=110, weak_moderate_lateral=50)  # 11.0% complete decides the 2+
     assert apply_guideline(counts, "breast-asco-cap-2023").score == "2+"
     assert near_cutoff(counts, "2+") == ("1+", 11.0)
     lateral = dict(none=610, weak_moderate_complete=300, strong_lateral=90)  # 9% intense incomplete: no 3+ in sight
