@@ -46,6 +46,7 @@ from typing import Any
 
 from her2score.categories import CATEGORIES
 from her2score.guidelines import (
+    FALSE_MEMBRANE_PERCENT,
     GUIDELINE_FAMILY,
     GUIDELINES,
     MIN_TUMOUR_CELLS,
@@ -348,7 +349,7 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     for other_score, pct in sides:
         level = report_level(other_score, named_by, result.counts, across_cutoff=True)
         if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return (f"{pct:.1f}% of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
+            return (f"{percent_text(pct)} of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
                     f"sure of its side: at {level} the answer would be {other}")
     edges = [(cluster_words(cluster_level, size), other_score,
               report_level(other_score, named_by, result.counts, across_cutoff=True))
@@ -374,7 +375,7 @@ def _plain_zero_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str |
         return None
     if result.guideline in ZERO_SPLIT:  # a 0 not made by the rules (the CNN's) over cells more than 10% stained
         stained = 100 * (1 - result.counts.get("none", 0) / max(result.tumour_cells, 1))
-        why = f"scored 0 over tumour cells {stained:.1f}% stained, which is neither 0 (null) nor 0+ (ultralow)"
+        why = f"scored 0 over tumour cells {percent_text(stained)} stained, which is neither 0 (null) nor 0+ (ultralow)"
     else:
         why = f"scored a plain 0 under {result.guideline}, which does not tell 0 (null) from 0+ (ultralow)"
     return why + "; the rule answers " + " and ".join(f"{answer.replace('_', ' ')} at {level}" for level, answer in answers.items())
@@ -394,8 +395,10 @@ def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
             lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
             if lo < req.min_percent < hi:
                 unsure.add(req)
-                words.append(f"{_REQUIRE_WORDS[req.level]} in {100 * n / total:.1f}% of {total:,} tumour cells: its "
-                             f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {lo:.1f}-{hi:.1f}% reaches across the rule's {req.bound()}")
+                cut = req.min_percent
+                words.append(f"{_REQUIRE_WORDS[req.level]} in {percent_text(100 * n / total, cut)} of {total:,} tumour cells: its "
+                             f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(lo, cut)[:-1]}-{percent_text(hi, cut)} reaches "
+                             f"across the rule's {req.bound()}")
     others = {"not_eligible"} if any(met[r] for r in unsure) else set()
     unmet = [r for r in rule.require if not met[r]]
     if unmet and set(unmet) <= unsure:
@@ -430,7 +433,8 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
         return None
     if (other := _other_answer(result, rule, ish, status, "0", "0 (null)")) is None:
         return None
-    return (f"{pct:.1f}% of tumour cells stained, no more than real unstained membranes read: "
+    return (f"{percent_text(pct, result.config.get('false_membrane_percent', FALSE_MEMBRANE_PERCENT))} of tumour cells "
+            "stained, no more than real unstained membranes read: "
             f"at 0 (null) the answer would be {other}")
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "NEAR_CUTOFF_CONFIDENCE",
     "wilson_ci",
     "percent_text",
+    "percent_value",
     "near_cutoff",
     "near_cutoff_sides",
     "cluster_sides",
@@ -496,7 +497,7 @@ def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: st
     share = null_or_ultralow(counts, level, percent=percent)
     if share is None:
         return flags, ""
-    return (*flags, "null_or_ultralow"), (f"; the {share:.1f}% stained is within the {percent:g}% that real "
+    return (*flags, "null_or_ultralow"), (f"; the {percent_text(share, percent)} stained is within the {percent:g}% that real "
                                           "unstained membranes read: it could be 0 (null)")
 
 
@@ -538,14 +539,24 @@ def report_level(score: str, guideline: str, counts: Mapping[str, int], *, acros
     return "0+ (ultralow)" if across_cutoff or 10 * stained <= total else "0"
 
 
+def _percent_digits(share: float, cutoff: float, digits: int) -> int:
+    """``digits``, or as many more as it takes not to round ``share`` (%) just off ``cutoff`` onto it, nor a share over 0 to 0."""
+    while digits < 12 and share != cutoff and (round(share, digits) == cutoff or round(share, digits) == 0 < share):
+        digits += 1
+    return digits
+
+
 def percent_text(share: float, cutoff: float = 10.0) -> str:
     """``share`` (%) to one decimal, or to as many more as it takes not to print a share just off
     ``cutoff`` as the cut-off itself (9.96% is not "10.0%" under a rule of >=10%; 1 cell fewer than
     10% of 2 million is 9.99995%), nor a share over 0 as 0 (3 cells of 10,412 are 0.03%)."""
-    digits = 1
-    while digits < 12 and share != cutoff and (round(share, digits) == cutoff or round(share, digits) == 0 < share):
-        digits += 1
-    return f"{share:.{digits}f}%"
+    return f"{share:.{_percent_digits(share, cutoff, 1)}f}%"
+
+
+def percent_value(share: float, cutoff: float = 10.0, digits: int = 3) -> float:
+    """``share`` (%) rounded to ``digits`` decimals, or to more where that would put a share just off
+    ``cutoff`` on it or a share over 0 at 0, as percent_text does for the words."""
+    return round(share, _percent_digits(share, cutoff, digits))
 
 
 def _pct(n: int, total: int, bound: str) -> str:
@@ -558,7 +569,7 @@ def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membran
     n = sum(stained.values())
     if len(stained) == 1:
         return f"{_CELL_WORDS[next(iter(stained))]} membrane staining in {_pct(n, total, bound)}"
-    parts = ", ".join(f"{_CELL_WORDS[cat]} {100 * k / total:.1f}%" for cat, k in stained.items())
+    parts = ", ".join(f"{_CELL_WORDS[cat]} {percent_text(100 * k / total)}" for cat, k in stained.items())
     return f"{what} in {_pct(n, total, bound)}: {parts}"
 
 

@@ -24,8 +24,8 @@ from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_settings, near_cutoff_sides, report_level, wilson_ci,
-                         with_null_doubt)
+                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_settings, near_cutoff_sides, percent_text, percent_value, report_level,
+                         wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
@@ -645,7 +645,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         flags, doubt = with_call_doubts(flags, score, level, counts, config.guideline, blush, rise,
                                         false_membrane_percent=config.false_membrane_percent)
         reason += doubt
-    pct = {k: round(100.0 * v / n_tumour, 3) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
+    pct = {k: percent_value(100.0 * v / n_tumour) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if scan.cnn_report is not None and n_tumour:
         classical_reason = reason
@@ -660,7 +660,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
                 if own:
                     doubt = _near_words(own, score, n_tumour, config) + doubt
                 elif near_sides:
-                    doubt = (f"; the {classical_level} the cells measured give rests on {near_sides[0][1]:.1f}% of "
+                    doubt = (f"; the {classical_level} the cells measured give rests on {percent_text(near_sides[0][1])} of "
                              f"{n_tumour:,} tumour cells, near the 10% cut-off") + doubt
                 else:
                     doubt = (f"; the {classical_level} the cells measured give is near an edge of the rules (a cluster one "
@@ -742,8 +742,8 @@ def _near_words(sides: list[tuple[str, float]], score: str, n_tumour: int, confi
     lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
     false = (f", and real unstained membranes read stained in up to {config.false_membrane_percent:g}% of cells"
              if score == "1+" and 10.0 + config.near_cutoff_points <= near < 10.0 + config.false_membrane_percent else "")
-    return (f"; near the 10% cut-off ({near:.1f}% of {n_tumour:,} tumour cells decide it, "
-            f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {100 * lo:.1f}-{100 * hi:.1f}%; the measurement's own margin is "
+    return (f"; near the 10% cut-off ({percent_text(near)} of {n_tumour:,} tumour cells decide it, "
+            f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(100 * lo)[:-1]}-{percent_text(100 * hi)}; the measurement's own margin is "
             f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
 
 
