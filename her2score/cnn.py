@@ -31,6 +31,12 @@ guideline call may rest on, a minority of cells (a gastric biopsy's cluster of 5
 <=10%). A real 3+ fragment among eleven real HER2 0 fragments on one gastric biopsy slide is 3+ by the
 cluster rule, and the CNN's mean read it 0 (p=0.78): fused, it was reported 0. No held-out field's
 fused score lies two scores or more from its classical one.
+
+Nor may the CNN lift a 0 whose stained cells are no more than real unstained membranes read (the
+classical call's flag null_or_ultralow): trained on generator fields, it reads faint diffuse DAB as
+1+ on real ones, and such a 0 rests on the same faint evidence. A real Ki67 field (DeepLIIF 799_2: a
+faint DAB blush and 1-3 brown nuclei; 7.3% of its cells read faint partial) was read 1+ by the CNN
+(p=0.88, with its brown nuclei's DAB removed too) and reported 1+, HER2-low; it now stays 0+ (ultralow).
 """
 from __future__ import annotations
 
@@ -600,12 +606,13 @@ def _as_probs(p: Mapping[str, float] | np.ndarray | Iterable[float]) -> np.ndarr
 
 
 def fuse(classical_score: str, cnn_probs: Mapping[str, float] | np.ndarray, *,
-         classical_weight: float = CLASSICAL_WEIGHT) -> tuple[str, float]:
+         classical_weight: float = CLASSICAL_WEIGHT, no_higher: bool = False) -> tuple[str, float]:
     """Fused score and confidence from the classical guideline score and CNN probabilities.
 
     p_fused = w * onehot(classical) + (1 - w) * p_cnn; score = its arg-max among the classical score and
     its neighbours (ties: the classical score); confidence = p_fused[score], in [0, 1]. See the module
-    docstring for what w = 0.4 means, and why the CNN tips a call at most one score.
+    docstring for what w = 0.4 means, and why the CNN tips a call at most one score. ``no_higher``: the
+    CNN may not tip the call to a higher score (the pipeline's use: see the module docstring).
     """
     if classical_score not in CLASSES:
         raise ValueError(f"classical score must be one of {CLASSES}, got {classical_score!r}")
@@ -615,7 +622,7 @@ def fuse(classical_score: str, cnn_probs: Mapping[str, float] | np.ndarray, *,
     k = CLASSES.index(classical_score)
     fused = (1.0 - classical_weight) * p
     fused[k] += classical_weight
-    near = range(max(0, k - 1), min(len(CLASSES), k + 2))  # a neighbouring score at most
+    near = range(max(0, k - 1), min(len(CLASSES), k + (1 if no_higher else 2)))  # a neighbouring score at most
     best = max(near, key=lambda i: (fused[i], i == k))
     if fused[best] - fused[k] <= 1e-12:
         best = k

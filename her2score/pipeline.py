@@ -649,8 +649,12 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if scan.cnn_report is not None and n_tumour:
         classical_reason = reason
-        score, confidence = fuse(classical, scan.cnn_report.probabilities)
+        held = "null_or_ultralow" in classical_flags  # staining false membranes could give: the CNN may not lift it (cnn.fuse)
+        score, confidence = fuse(classical, scan.cnn_report.probabilities, no_higher=held)
         cnn_words = f"the CNN reads {scan.cnn_report.score} (p={scan.cnn_report.probabilities[scan.cnn_report.score]:.2f})"
+        if held and score == classical and fuse(classical, scan.cnn_report.probabilities)[0] != classical:
+            cnn_words += (", not followed to a higher score: the staining measured is no more than real unstained "
+                          "membranes read, and on real tissue the CNN can read faint diffuse DAB as 1+")
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,

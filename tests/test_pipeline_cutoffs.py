@@ -51,11 +51,27 @@ def test_no_tumour_cells_is_no_score(tmp_path):
     assert decision.status == "needs_review" and decision.reasons[0] == f"not scored: {r.reason}"
 
 
-def test_fused_score_carries_the_flags_of_its_own_level():
+def test_the_cnn_never_lifts_a_0_that_false_membranes_could_give():
+    """An ultralow call within the share real unstained membranes read (null_or_ultralow) is not lifted by the
+    CNN (cnn.fuse, no_higher): on real tissue it can read faint diffuse DAB as 1+."""
     f = generate_field("0", seed=9301, variant="ultralow")
     plain = _score(f)
-    assert plain.score == "0" and {"null", "ultralow"} & set(plain.flags)
-    fused = _score(f, cnn=ConstantClassifier("1+"))
+    assert plain.level == "0+ (ultralow)" and "null_or_ultralow" in plain.flags, plain.reason
+    held = _score(f, cnn=ConstantClassifier("1+"))
+    assert (held.score, held.level, held.classical_score) == ("0", "0+ (ultralow)", "0")
+    assert set(held.flags) == set(plain.flags) | {"cnn_disagrees"} and held.confidence == 0.4
+    assert held.reason == plain.reason + ("; the CNN reads 1+ (p=1.00), not followed to a higher score: the staining measured "
+                                          "is no more than real unstained membranes read, and on real tissue the CNN can read "
+                                          "faint diffuse DAB as 1+")
+    assert check_eligibility(held, "her2-low-breast").status == "needs_review"
+
+
+def test_fused_score_carries_the_flags_of_its_own_level():
+    f = generate_field("0", seed=9301, variant="ultralow")
+    config = ScoringConfig(false_membrane_percent=0.0)  # no null doubt, so the CNN may lift the call
+    plain = _score(f, config=config)
+    assert plain.score == "0" and {"null", "ultralow"} & set(plain.flags) and "null_or_ultralow" not in plain.flags
+    fused = _score(f, cnn=ConstantClassifier("1+"), config=config)
     assert (fused.classical_score, fused.score, fused.level) == ("0", "1+", "1+")
     assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow" / "null"
     assert fused.classical_level == plain.level and fused.classical_flags == plain.flags
