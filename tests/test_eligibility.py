@@ -472,6 +472,11 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
     assert null_or_ultralow(counts, "0+ (ultralow)", percent=5.0) is None
     assert null_or_ultralow(counts, "0 (null)") is None and null_or_ultralow(counts, "1+") is None
     assert null_or_ultralow({"none": 182, "faint_partial": 18}, "0+ (ultralow)") is None  # 9%: above the default
+    # real unstained membranes read stained mostly as faint partial (FALSE_STRONGER_PERCENT): intense or complete
+    # staining beyond that is no false membrane, whatever its share
+    assert null_or_ultralow({"none": 94, "strong_lateral": 6}, "0+ (ultralow)") is None
+    assert null_or_ultralow({"none": 940, "faint_partial": 40, "weak_moderate_complete": 20}, "0+ (ultralow)") == 6.0  # 2%
+    assert null_or_ultralow({"none": 940, "faint_partial": 39, "weak_moderate_complete": 21}, "0+ (ultralow)") is None
     assert with_null_doubt(("ultralow",), counts, "0+ (ultralow)") == (
         ("ultralow", "null_or_ultralow"),
         f"; the 6.0% stained is within the {FALSE_MEMBRANE_PERCENT:g}% that real unstained membranes read: it could be 0 (null)")
