@@ -173,6 +173,13 @@ def test_version_imports_nothing_heavy():
     assert done.stdout.splitlines() == [f"her2score {__version__}", "[]"], done.stderr
 
 
+def test_python_dash_m_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "her2score", "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, f"her2score {__version__}"), done.stderr
+    done = subprocess.run([sys.executable, "-m", "her2score", "score"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: her2score score" in done.stderr  # the same parser, named as the script is
+
+
 def test_tiles_are_scored_without_scipy():
     """What a batch imports before its first tile, and what the tile itself needs, leave out scipy
     (half a second of imports): only the slide's last step (tumour cell neighbours, clusters) uses it."""
