@@ -708,6 +708,8 @@ def run_batch(
     out = Path(os.path.abspath(out))
     inputs = [os.path.abspath(i) for i in inputs]
     regions = os.path.abspath(regions) if regions else None
+    if scheduler and scheduler != "local":
+        _check_address(scheduler)
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out}: --out exists and is not a folder")
     created = not out.exists()
@@ -899,6 +901,20 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
                         yield job, f.result()
                     else:
                         suspects.append(job)
+
+
+def _check_address(scheduler: str) -> None:
+    """BatchError unless ``scheduler`` is a Dask address a client can be given (a port where its protocol
+    needs one), checked before anything is written; whether a scheduler answers there is known only on connecting."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        protocol, location = parse_address(scheduler)
+        if protocol in ("tcp", "tls", "ucx", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as e:
+        raise BatchError(f"--scheduler {scheduler!r} is not a Dask scheduler address ({e}); give e.g. "
+                         "tcp://host:8786, or 'local'") from None
 
 
 def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitStack):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from her2score.batch import run_batch
+from her2score.cli import main
 from her2score.synthetic import generate_field, make_slide, write_pyramidal_tiff
 
 distributed = pytest.importorskip("distributed")
@@ -126,3 +127,14 @@ def test_an_unreachable_scheduler_is_a_clear_error(slides, tmp_path):
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         with pytest.raises(BatchError, match=r"cannot reach the Dask scheduler tcp://127\.0\.0\.1:9: "):
             run_batch([slides], tmp_path / "out", scheduler="tcp://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("address", ["bogus", "tcp://host", "host:notaport"])
+def test_a_malformed_scheduler_address_is_refused_before_anything_is_written(slides, tmp_path, address):
+    from her2score.batch import BatchError
+
+    with pytest.raises(BatchError, match=rf"--scheduler '{address}' is not a Dask scheduler address \(.+\); give e\.g\. tcp://host:8786"):
+        run_batch([slides], tmp_path / "out", scheduler=address)
+    assert not (tmp_path / "out").exists()
+    assert main(["score", str(slides), "--out", str(tmp_path / "cli"), "--scheduler", address, "-q"]) == 2
+    assert not (tmp_path / "cli").exists()
