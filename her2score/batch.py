@@ -87,13 +87,15 @@ class BatchError(Exception):
 
 class BatchRows(list):
     """The summary rows (every slide in the output folder, sorted by path) and this run's counts:
-    ``scored`` (ok), ``failed`` (refused or error) and ``reused`` (done before with the same settings);
-    ``inputs``: the slides (paths as in the rows) this run was given."""
+    ``scored`` (ok; ``unscored`` of them without a score: no tumour cells), ``failed`` (refused or error;
+    ``refused`` of them refused: no tissue, not an H-DAB image, nuclear DAB) and ``reused`` (done before with
+    the same settings); ``inputs``: the slides (paths as in the rows) this run was given."""
 
     def __init__(self, rows: Iterable[dict], *, scored: int = 0, reused: int = 0, failed: int = 0,
-                 inputs: Iterable[str] = ()):
+                 inputs: Iterable[str] = (), refused: int = 0, unscored: int = 0):
         super().__init__(rows)
         self.scored, self.reused, self.failed = scored, reused, failed
+        self.refused, self.unscored = refused, unscored
         self.inputs = frozenset(inputs)
 
 
@@ -778,7 +780,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
     if scheduler is None and workers > 1 and len(todo) < workers:
         todo = [replace(j, tile_workers=workers) for j in todo]
     rows = save()
-    scored = failed = unsaved = 0
+    scored = failed = refused = unscored = unsaved = 0
     with ExitStack() as cluster:  # a Dask client and cluster, closed after the last write below
         finished = _execute(todo, workers, scheduler, cluster)
         try:
@@ -792,6 +794,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
                     rows = save()
                 done += 1
                 scored, failed = scored + (row["status"] == "ok"), failed + (row["status"] != "ok")
+                refused, unscored = refused + (row["status"] == "refused"), unscored + (row["status"] == "ok" and not row["score"])
                 if progress:
                     progress(row, done, total)
         finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
@@ -801,7 +804,8 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
                         rows = save()
             finally:
                 finished.close()
-    return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run)
+    return BatchRows(rows, scored=scored, reused=len(jobs) - len(todo), failed=failed + len(problems), inputs=this_run,
+                     refused=refused, unscored=unscored)
 
 
 def _write_progress(out: Path, manifest: "_Manifest") -> list[dict]:

@@ -228,7 +228,9 @@ def _score(args) -> int:
         print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "
               f"recorded in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest", file=sys.stderr)
         return stopped
-    print(f"{rows.scored} scored, {rows.reused} reused, {rows.failed} failed; "
+    unscored = f" ({rows.unscored} without a score: no tumour cells)" if rows.unscored else ""
+    refused = f" ({'all' if rows.refused == rows.failed else rows.refused} refused as no tissue or not a HER2 stain)" if rows.refused else ""
+    print(f"{rows.scored} scored{unscored}, {rows.reused} reused, {rows.failed} failed{refused}; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
     earlier = 0
     for r in rows:  # this run's slides; those scored into --out by earlier runs are in summary.csv
@@ -237,7 +239,7 @@ def _score(args) -> int:
         else:
             earlier += 1
     if earlier:
-        print(f"  (and {earlier:,} slide{'s' if earlier != 1 else ''} scored by earlier runs: see summary.csv)")
+        print(f"  (and {earlier:,} slide{'s' if earlier != 1 else ''} from earlier runs: see summary.csv)")
     return 0 if rows.failed == 0 else 1
 
 

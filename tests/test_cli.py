@@ -144,7 +144,7 @@ def test_quiet_shows_progress_only_for_the_slides_that_fail(tmp_path, capsys):
     progress = captured.err.splitlines()
     assert len(progress) == 1 and "broken.png: error" in progress[0], progress
     listed = captured.out.splitlines()  # the results: every slide of the run
-    assert listed[0].startswith("1 scored, 0 reused, 1 failed") and len(listed) == 3, listed
+    assert listed[0].startswith("1 scored, 0 reused, 1 failed; ") and len(listed) == 3, listed  # an error: not refused
 
 
 def test_score_runs_from_a_thread_other_than_the_main_one(tmp_path):
@@ -357,7 +357,7 @@ def test_inputs_that_are_not_hdab_tissue_are_refused_in_summary_and_the_batch_go
     for name in ("colon-ihc.png", "sample-3plus.png"):
         assert rows[name]["status"] == "ok" and rows[name]["score"] in ("1+", "2+", "3+"), rows[name]
     out = capsys.readouterr().out
-    assert f"2 scored, 0 reused, {len(refused)} failed" in out
+    assert f"2 scored, 0 reused, {len(refused)} failed (all refused as no tissue or not a HER2 stain)" in out
     assert out.count(" x refused ") == len(refused)
 
 
@@ -437,7 +437,7 @@ def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, 
     assert "1 scored, 0 reused, 0 failed; 2 slides in" in printed
     # the console lists this run's slides; the earlier run's stay in summary.csv
     assert str(b) in printed and str(a) not in printed
-    assert printed.rstrip().endswith("(and 1 slide scored by earlier runs: see summary.csv)")
+    assert printed.rstrip().endswith("(and 1 slide from earlier runs: see summary.csv)")
     assert main(["score", str(a), str(b), "--out", str(out), "-q", "--no-cnn"]) == 0
     assert "0 scored, 2 reused, 0 failed" in capsys.readouterr().out
     # other settings for a alone would mix two guidelines in one folder: refused before any work
@@ -545,8 +545,10 @@ def test_a_slide_with_no_tumour_cells_has_no_h_score_or_shares(tmp_path, capsys)
     row = summary(tmp_path / "out")["field.png"]
     assert (row["status"], row["qc_status"], row["score"], row["h_score"]) == ("ok", "not_scored", "", "")
     assert all(row[f"pct_{c}"] == "" for c in CATEGORIES)
-    line = next(l for l in capsys.readouterr().out.splitlines() if "field.png" in l)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "field.png" in l)
     assert "H=- " in line and "not scored" in line
+    assert out.startswith("1 scored (1 without a score: no tumour cells), 0 reused, 0 failed; ")
 
 
 def test_check_refuses_a_result_json_whose_fields_disagree(scored, tmp_path, capsys):
