@@ -411,13 +411,15 @@ def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
 
 def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str | None:
     """Why the slide needs review when its classical and CNN scores disagree and the rule answers some score
-    from the one to the other differently (a 0 there as null or ultralow); None when they agree or every
-    such score gets the same answer (0 against 1+ under a rule for HER2-positive)."""
+    from the one to the other differently (a 0 there as null or ultralow, but a classical 0 at the level its
+    cells gave); None when they agree or every such score gets the same answer (0 against 1+ under a rule
+    for HER2-positive, 0+ (ultralow) against 1+ under one for HER2-ultralow)."""
     a, b = result.classical_score, result.cnn_score
     if a is None or b is None or a == b:
         return None
     lo, hi = sorted((SCORES.index(a), SCORES.index(b)))
-    levels = [(s, lv) for s in SCORES[lo : hi + 1] for lv in (ZERO_LEVELS if s == "0" else (s,))]
+    known = result.classical_level if a == "0" and result.classical_level in ZERO_LEVELS else None  # the cells tell null from ultralow
+    levels = [(s, lv) for s in SCORES[lo : hi + 1] for lv in ((known,) if s == a and known else ZERO_LEVELS if s == "0" else (s,))]
     answers = sorted({_decide(replace(result, score=s, level=lv), rule, ish)[0] for s, lv in levels})
     if len(answers) == 1:
         return None

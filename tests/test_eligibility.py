@@ -215,6 +215,11 @@ def test_cnn_disagreement():
     ultralow = replace(make_result(cnn="1+", none=190, faint_partial=10), classical_level="0+ (ultralow)")
     assert any(r.startswith("classical score 0+ (ultralow) and CNN score 1+ disagree")  # the level the reason names
                for r in check_eligibility(ultralow, "her2-low-breast").reasons)
+    # the classical 0's level is known from its cells: 0+ (ultralow) and 1+ are both HER2-ultralow-eligible, 0 (null) is not
+    assert not any("disagree" in r for r in check_eligibility(ultralow, "her2-ultralow-breast").reasons)
+    null = replace(make_result(cnn="1+", **NULL), classical_level="0 (null)")
+    assert any(r.startswith("classical score 0 (null) and CNN score 1+ disagree, and the rule answers eligible or not "
+                            "eligible") for r in check_eligibility(null, "her2-ultralow-breast").reasons)
     # 1+ against 3+ passes 2+, which awaits ISH under the HER2-positive rule
     assert check_eligibility(make_result(cnn="3+", **ONE), "her2-positive-breast").status == "needs_review"
 
