@@ -495,15 +495,15 @@ def _counted_for(analysis: SlideAnalysis) -> dict[str, np.ndarray]:
 
 
 def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, bin_um: float, title: str, width: int,
-                rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
-    """The thumbnail in grey with each bin of >= ``min_cells`` tumour cells shaded from white (0%) to
-    ``rgb`` (``top_percent`` or more), titled, with a colour bar marking the 10% guideline cut-off."""
+                f: float, rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
+    """The thumbnail in grey at ``f`` panel px per thumbnail px, ``width`` px wide, with each bin of >= ``min_cells``
+    tumour cells shaded from white (0%) to ``rgb`` (``top_percent`` or more), titled, with a colour bar marking
+    the 10% guideline cut-off."""
     from PIL import Image, ImageDraw
 
     th, tw = analysis.thumbnail.shape[:2]
-    f = width / tw
     grey = cv2.cvtColor(cv2.cvtColor(analysis.thumbnail, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    base = cv2.resize(grey, (width, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+    base = cv2.resize(grey, (max(1, round(tw * f)), max(1, round(th * f))), interpolation=cv2.INTER_AREA)
     hb, wb = base.shape[:2]
 
     def shade(v: np.ndarray) -> np.ndarray:
@@ -526,7 +526,17 @@ def _heat_panel(analysis: SlideAnalysis, frac: np.ndarray, total: np.ndarray, bi
         tx = min(max(0, x - d.textlength(label, font=font) / 2), width - d.textlength(label, font=font))
         d.text((tx, 6), label, fill=(0, 0, 0), font=font)
     head = _text_band([(title, 13)], width, pad=3)
-    return np.vstack([head, base, bar, np.asarray(img)])
+    return np.vstack([head, _beside(base, width), bar, np.asarray(img)])
+
+
+PANEL_MAX_RATIO = 3
+"""A slide overlay's thumbnail and heatmaps are at most this many times as tall as a panel is wide (a 20,000 x 50
+px strip drew a 143,443 px tall overlay, which Pillow refuses to open as a decompression bomb)."""
+
+
+def _beside(img: np.ndarray, width: int) -> np.ndarray:
+    """``img`` with white on its right to ``width`` px (a tall thumbnail drawn narrower than its panel)."""
+    return np.pad(img, ((0, 0), (0, max(0, width - img.shape[1])), (0, 0)), constant_values=255)
 
 
 def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
@@ -587,8 +597,8 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     th, tw = analysis.thumbnail.shape[:2]
     bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
     col_w = width // 4 - 8  # four panels, 8 px apart
-    f = col_w / tw
-    thumb = cv2.resize(analysis.thumbnail, (col_w, max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+    f = min(col_w / tw, PANEL_MAX_RATIO * col_w / th)  # panel px per thumbnail px
+    thumb = _beside(cv2.resize(analysis.thumbnail, (max(1, round(tw * f)), max(1, round(th * f))), interpolation=cv2.INTER_AREA), col_w)
     window_level0 = region_px * region_mpp / mpp0
     regions = []
     if slide is not None:  # each window wholly inside the slide: one at its edge is moved in, not cut short
@@ -609,7 +619,7 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     for score, rgb in (("3+", (200, 0, 0)), ("2+", (235, 120, 0)), ("1+", (215, 170, 0))):
         frac, total = _heatmap(analysis, counted[score], bin_um)
         panels.append(_heat_panel(analysis, frac, total, bin_um, f"% of tumour cells counted for {score} per {bin_um:.0f} µm bin",
-                                  col_w, rgb))
+                                  col_w, f, rgb))
     top_h = max(p.shape[0] for p in panels)
     top = np.hstack([np.pad(p, ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
     top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)), constant_values=255)

@@ -388,7 +388,7 @@ def test_heatmap_bins_lie_where_their_cells_are():
     frac, total = np.zeros((nb_y, nb_x)), np.full((nb_y, nb_x), 10)
     frac[:, nb_x // 2 :] = 1.0  # the right half from bin nb_x // 2 on: x >= 8000 µm, thumbnail px 500
     analysis = SimpleNamespace(thumbnail=thumb, thumbnail_mpp=16.0)
-    panel = _heat_panel(analysis, frac, total, bin_um, "t", 1003, (200, 0, 0))
+    panel = _heat_panel(analysis, frac, total, bin_um, "t", 1003, 1.0, (200, 0, 0))
     row = panel[panel.shape[0] // 2]  # a row through the map (title above, colour bar below)
     red = np.flatnonzero((row[:, 0] > 150) & (row[:, 1] < 120))
     assert red[0] == 500 and red[-1] == 1002
@@ -400,6 +400,24 @@ def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
     assert box is None and img.shape[1] >= 1200
     ok, png = cv2.imencode(".png", img)
     assert ok and len(png) > 10_000
+
+
+def test_a_tall_narrow_slides_overlay_stays_a_readable_size(field):
+    """A strip 40 times as tall as wide: its thumbnail and heatmaps are drawn at most PANEL_MAX_RATIO times
+    as tall as a panel is wide, narrower than the panel (a 20,000 x 50 px strip drew a 143,443 px tall overlay)."""
+    from her2score.outputs import PANEL_MAX_RATIO
+
+    f, _, _ = field
+    strip = np.ascontiguousarray(np.tile(f.image, (10, 1, 1))[:, :80])  # 40 times as tall as wide
+    slide = ArraySlide(strip, mpp=f.mpp)
+    a = analyse_slide(slide)
+    img, box = overlay_image(a, slide, field_max_px=100, n_regions=2, region_px=128)
+    col_w = img.shape[1] // 4 - 8
+    th, tw = a.thumbnail.shape[:2]
+    assert box is None and th > 30 * tw  # width-fitted, its thumbnail alone would be over 30 panels' widths tall
+    assert img.shape[0] < (PANEL_MAX_RATIO + 2) * col_w, img.shape  # with the title, the regions and the legend
+    ok, png = cv2.imencode(".png", img)
+    assert ok
 
 
 def test_slide_overlay_regions_lie_wholly_inside_the_slide(field):
