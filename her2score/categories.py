@@ -67,7 +67,7 @@ class Thresholds:
             if not finite:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.faint_od < self.weak_od < self.strong_od:
-            raise ValueError(f"DAB OD thresholds must increase: {self}")
+            raise ValueError(f"DAB OD thresholds must be positive and increase (0 < faint_od < weak_od < strong_od): {self}")
         if not 0 <= self.min_completeness < self.lateral_arc < self.complete_completeness <= 1:
             raise ValueError(f"completeness thresholds must satisfy 0 <= min < lateral < complete <= 1: {self}")
         if not 0 < self.lateral_gap < 1:

@@ -299,7 +299,8 @@ def _synth(args) -> int:
 
     path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
                          real_borders=args.real_borders)
-    print(f"wrote {4 * args.n_per_class} fields and {path}")
+    print(f"wrote {4 * args.n_per_class} fields into {path / 'images'}, their labels in {path / 'labels.csv'} and their "
+          f"cell counts in {path / 'truth.jsonl'}")
     return 0
 
 

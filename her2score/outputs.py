@@ -695,6 +695,9 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | os.PathLike, *, cells_
     and a thread of this process draws the overlay meanwhile, started once they have forked (a
     thread never runs across a fork). Drawn in a forked process instead, the
     overlay added 100 MB to the peak of a 1.3-gigapixel slide."""
+    if not isinstance(analysis, SlideAnalysis):  # score_slide's SlideResult has no cells to write
+        raise TypeError(f"write_outputs needs analyse_slide's SlideAnalysis (the result with its cells and thumbnail), "
+                        f"got {type(analysis).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)  # an earlier run's outputs are incomplete from here until it is written again

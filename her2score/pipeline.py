@@ -476,6 +476,8 @@ def analyse_slide(
     reads DAB as haematoxylin, so stained membranes are found as brown nuclei (measured on synthetic
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number of processes, at least 1, got {workers!r}")
     try:
         return _analyse(path, config, mpp, region, backend, workers, cnn)
     except NuclearStainError as refusal:

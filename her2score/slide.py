@@ -906,7 +906,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise SlideError(path, f"--mpp must be a positive number of µm/px, got {mpp}")
+        raise SlideError(path, f"the µm/px given (mpp, --mpp) must be a positive number, got {mpp}")
     suffix = path.suffix.lower()
     if backend is None:
         if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is
@@ -918,8 +918,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
                                        f"TIFF (it starts with {head[:8]!r})")
             backend = "tifffile" if kind == "TIFF" else "image"
         elif suffix in UNSUPPORTED_IMAGE_SUFFIXES:
-            raise SlideError(path, f"unsupported format '{suffix}'; convert it to a tiled pyramidal TIFF "
-                                   f"(supported: {', '.join(SLIDE_SUFFIXES)})")
+            raise SlideError(path, f"unsupported format '{suffix}'; convert it to PNG or TIFF (a whole slide: a tiled "
+                                   f"pyramidal TIFF; supported: {', '.join(SLIDE_SUFFIXES)})")
         else:
             raise SlideError(path, f"unsupported format '{suffix or 'no suffix'}'; supported: {', '.join(SLIDE_SUFFIXES)}")
     if backend == "tifffile":

@@ -487,3 +487,12 @@ def test_the_heatmaps_count_the_cells_of_the_slides_own_call(field):
     assert (counted["3+"] == (category == "strong_complete")).all()
     empty = replace(a, result=replace(a.result, counts={c: 0 for c in a.result.counts}))
     assert not any(m.any() for m in _counted_for(empty).values())  # no tumour cells counted: nothing to map
+
+
+def test_write_outputs_names_what_it_needs_when_given_score_slides_result(field, tmp_path):
+    from her2score.outputs import write_outputs
+
+    f, slide, a = field
+    with pytest.raises(TypeError, match="write_outputs needs analyse_slide's SlideAnalysis .+, got SlideResult"):
+        write_outputs(a.result, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -396,3 +396,9 @@ def test_a_content_box_lies_on_the_tiles_grid_and_reaches_32_um_past_its_content
     for mpp in (0.4, 0.3, 0.2):  # a coarse grid (2 µm, 1 µm) off the box's 16 px: the whole tile
         assert box(h, d, mpp=mpp) == (slice(0, 576), slice(0, 576))
     assert box(h, d, mpp=0.25, start_od=0.0601) == (slice(432, 576), slice(0, 144))
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_a_worker_count_that_is_no_count_of_processes_is_refused(workers):
+    with pytest.raises(ValueError, match=r"workers must be a whole number of processes, at least 1, got "):
+        analyse_slide(ArraySlide(np.full((64, 64, 3), 240, np.uint8), mpp=0.5), workers=workers)

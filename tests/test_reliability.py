@@ -191,7 +191,8 @@ def test_known_but_unsupported_slide_format_in_a_folder(tmp_path, slide_folder):
     """A vendor format the tool cannot read is not silently skipped: it gets an error row."""
     bad = slide_folder / "scan.czi"
     bad.write_bytes(b"ZISRAWFILE" + bytes(50))
-    msg = f"{bad}: unsupported format '.czi'; convert it to a tiled pyramidal TIFF (supported: {', '.join(SLIDE_SUFFIXES)})"
+    msg = (f"{bad}: unsupported format '.czi'; convert it to PNG or TIFF (a whole slide: a tiled pyramidal TIFF; "
+           f"supported: {', '.join(SLIDE_SUFFIXES)})")
     assert str(_api_error(bad)) == msg
     _batch_error(tmp_path, slide_folder, bad, msg)
 

@@ -307,7 +307,7 @@ def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
 def test_bad_user_mpp(tmp_path, slide_rgb, bad):
     path = save_png(tmp_path / "x.png", slide_rgb[:64, :64], mpp=None)
-    with pytest.raises(SlideError, match="--mpp must be a positive number"):
+    with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number"):
         open_slide(path, mpp=bad)
 
 
