@@ -24,7 +24,8 @@ from her2score.slide import SlideError  # noqa: E402
 from realdata import REAL, deepliif_detection, deepliif_tumour_selection, real_cases  # noqa: E402
 
 SHORT = {"none": "none", "faint_partial": "faint", "weak_moderate_complete": "wm-c", "strong_complete": "s-c",
-         "weak_moderate_lateral": "wm-l", "strong_lateral": "s-l", "strong_partial": "s-p"}
+         "weak_moderate_lateral": "wm-l", "strong_lateral": "s-l", "strong_partial": "s-p",
+         "weak_moderate_partial": "wm-p"}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.3.3"
+__version__ = "0.4.0"
 
 _SOURCES = {
     "score_slide": "pipeline",

@@ -14,13 +14,15 @@ CATEGORIES: tuple[str, ...] = (
     "weak_moderate_lateral",
     "strong_lateral",
     "strong_partial",
+    "weak_moderate_partial",
 )
-"""The seven per-cell categories, in the order used for codes in cell tables (new ones are appended).
+"""The eight per-cell categories, in the order used for codes in cell tables (new ones are appended).
 
-Intensity and pattern stay separate: ``faint_partial`` is stained membrane that is faint, or
-weak-to-moderate but incomplete and not lateral; ``strong_partial`` is intense (>= strong_od) but
-incomplete and not lateral, which ASCO/CAP 2018/2023 count towards the unusual "intense but
-incomplete in >10%" equivocal 2+ pattern (see guidelines.py).
+Intensity and pattern stay separate: ``faint_partial`` is stained membrane that is faint (under
+weak_od), whatever its pattern; ``weak_moderate_partial`` and ``strong_partial`` are weak-to-moderate
+and intense membranes that are incomplete and not lateral. The guidelines score a weak-to-moderate
+incomplete cell as 1+, as a faint one (see guidelines.py), but its H-score weight is its intensity, 2;
+intense incomplete staining makes ASCO/CAP 2018's unusual equivocal 2+ pattern.
 """
 
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "complete")
@@ -106,8 +108,9 @@ def classify_cells(
     ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc`` / ``longest_gap``:
     the longest contiguous stained / unstained arc as a fraction of the boundary; ``intensity_od``:
     mean membrane DAB OD. Complete = stained nearly all round with no long gap; lateral ("U") = one
-    long stained arc with one long gap (the apical side); any other stained cell is partial, and
-    ``strong_partial`` when its intensity reaches ``strong_od``, else ``faint_partial``.
+    long stained arc with one long gap (the apical side); any other stained cell is partial. A cell
+    under ``weak_od`` is ``faint_partial`` whatever its pattern; a partial one is ``weak_moderate_partial``
+    from ``weak_od`` and ``strong_partial`` from ``strong_od``.
     """
     t = thresholds
     completeness = np.asarray(completeness, dtype=np.float32)
@@ -129,10 +132,12 @@ def classify_cells(
     weak = intensity_od >= t.weak_od
     strong = intensity_od >= t.strong_od
     cat = np.zeros(len(completeness), dtype=np.int8)
-    cat[stained] = 1  # faint, or weak-to-moderate incomplete non-lateral staining
+    partial = stained & ~complete & ~lateral
+    cat[stained] = 1  # faint, any pattern
     cat[complete & weak] = 2
     cat[complete & strong] = 3
     cat[lateral & weak] = 4
     cat[lateral & strong] = 5
-    cat[stained & ~complete & ~lateral & strong] = 6  # intense but incomplete, not U-shaped
+    cat[partial & weak] = 7  # weak-to-moderate but incomplete, not U-shaped
+    cat[partial & strong] = 6  # intense but incomplete, not U-shaped
     return cat, pattern

@@ -354,7 +354,8 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
 
 
 _AT_LEAST = {
-    1: ("faint_partial", "weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral", "strong_partial"),
+    1: ("faint_partial", "weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral", "strong_partial",
+        "weak_moderate_partial"),
     2: ("weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral"),
     3: ("strong_complete", "strong_lateral"),
 }

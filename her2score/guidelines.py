@@ -106,14 +106,15 @@ INTENSITY: dict[str, int] = {
     "strong_complete": 3,
     "strong_lateral": 3,
     "strong_partial": 3,
+    "weak_moderate_partial": 2,
 }
 """Per-cell membrane intensity, 0 (none) to 3 (strong), whatever the pattern: the H-score's weights.
 
-An intense incomplete membrane is intense (3), not faint. ``faint_partial`` is 1: it holds faint
-membranes and weak-to-moderate incomplete, non-lateral ones, which the guidelines score as 1+.
+An intense incomplete membrane is intense (3) and a weak-to-moderate incomplete one weak-to-moderate (2),
+though the guidelines score both as 1+ cells where they are not lateral (STAINING_LEVEL); faint is 1.
 """
 
-STAINING_LEVEL: dict[str, int] = {**INTENSITY, "strong_partial": 1}
+STAINING_LEVEL: dict[str, int] = {**INTENSITY, "strong_partial": 1, "weak_moderate_partial": 1}
 """Per-cell level in the guideline's pattern categories, for gastric scoring, cumulative percentages,
 biopsy clusters and eligibility requirements: complete and lateral/basolateral ("U") membranes count
 at their intensity; any other stained membrane at 1+. Gastric counts only complete, basolateral or
@@ -129,7 +130,8 @@ PANCREATIC_NOTE = (
 _CUMULATIVE_KEYS = ("3+", "2+", "1+", "any")
 _MIN_CLUSTER_CELLS = 5
 _CELL_WORDS = {
-    "faint_partial": "faint or weak incomplete",
+    "faint_partial": "faint",
+    "weak_moderate_partial": "weak-to-moderate incomplete (non-lateral)",
     "weak_moderate_complete": "weak-to-moderate complete",
     "weak_moderate_lateral": "weak-to-moderate lateral",
     "strong_complete": "intense complete",
@@ -267,8 +269,9 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
 
 
 _WEAKER: dict[str, str] = {
-    "strong_complete": "weak_moderate_complete", "strong_lateral": "weak_moderate_lateral", "strong_partial": "faint_partial",
-    "weak_moderate_complete": "faint_partial", "weak_moderate_lateral": "faint_partial", "faint_partial": "none",
+    "strong_complete": "weak_moderate_complete", "strong_lateral": "weak_moderate_lateral",
+    "strong_partial": "weak_moderate_partial", "weak_moderate_complete": "faint_partial", "weak_moderate_lateral": "faint_partial",
+    "weak_moderate_partial": "faint_partial", "faint_partial": "none",
 }
 """Each stained category one intensity band weaker (what an under-read membrane reads as)."""
 
@@ -317,10 +320,11 @@ read too. An ultralow call whose staining is no larger could be null.
 """
 
 FALSE_STRONGER_PERCENT: float = 2.0
-"""Of those false membranes, the share (% of tumour cells) read stronger or more complete than faint
-partial: over the six real Ki67 fields 1.3% of 2,154 tumour cells (intense incomplete 0.65, weak-to-moderate
-complete 0.23, lateral 0.28, intense complete 0.09), 1.2% and 0.5% on the two large ones, against 5.4%
-faint partial. An ultralow call with more such cells than this is not what false membranes give."""
+"""Of those false membranes, the share (% of tumour cells) read otherwise than as a faint or weak-to-moderate
+partial membrane: over the six real Ki67 fields 1.3% of 2,154 tumour cells (intense incomplete 0.65,
+weak-to-moderate complete 0.23, lateral 0.28, intense complete 0.09), 1.2% and 0.5% on the two large ones,
+against 3.2% faint and 2.3% weak-to-moderate partial. An ultralow call with more such cells than this is
+not what false membranes give."""
 
 
 def near_cutoff_settings(guideline: str, specimen: str, clusters: Mapping[str, int] | None, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,14 +494,15 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
 def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT,
                      stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
     """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give (at
-    most ``percent``, of which at most ``stronger_percent`` stained otherwise than faint partial): the call
-    could be "0 (null)". None for any other level, a larger share, or more cells stronger or more complete."""
+    most ``percent``, of which at most ``stronger_percent`` stained otherwise than as faint or weak-to-moderate
+    partial membranes): the call could be "0 (null)". None for any other level, a larger share, or more cells
+    intense, complete or lateral."""
     if level != "0+ (ultralow)":
         return None
     c = _validated(counts)
     total = sum(c.values())
     stained = total - c["none"]
-    if 100.0 * (stained - c["faint_partial"]) > stronger_percent * total:
+    if 100.0 * (stained - c["faint_partial"] - c["weak_moderate_partial"]) > stronger_percent * total:
         return None
     share = 100.0 * stained / total
     return share if share <= percent else None

@@ -44,6 +44,7 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "weak_moderate_lateral": (190, 90, 255),
     "strong_lateral": (120, 0, 160),
     "strong_partial": (255, 60, 200),
+    "weak_moderate_partial": (255, 150, 215),
 }
 """RGB colour of each category in the overlay and in QuPath (see category_colour for others)."""
 

@@ -157,19 +157,23 @@ def _partial_arcs(rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _membrane_params(cats: np.ndarray, score: str, rng):
-    """Peak DAB OD, deposit width (µm) and up to 3 stained arcs (start, length; fractions of a turn).
+    """Peak DAB OD, deposit width (µm), up to 3 stained arcs (start, length; fractions of a turn), and
+    the categories as drawn: ``cats`` with a fifth of a 2+ or 3+ field's faint partial cells drawn
+    weak-to-moderate (weak but incomplete staining), named weak_moderate_partial.
 
     A category name is <intensity>_<pattern>: faint (OD 0.09-0.17), weak_moderate (0.25-0.52) or
     strong (0.70-1.20); partial (1-3 short arcs), lateral (one U-shaped arc) or complete.
     """
     n = len(cats)
+    drawn = cats.copy()
     od, width = np.zeros(n), np.zeros(n)
     start, length = rng.uniform(0, 1, (n, 3)), np.zeros((n, 3))
     for i, c in enumerate(cats):
         if c == "none":
             continue
         if c == "faint_partial" and score in ("2+", "3+") and rng.random() < 0.2:
-            od[i], width[i] = rng.uniform(0.25, 0.45), rng.uniform(0.8, 1.1)  # weak but incomplete: still faint_partial
+            od[i], width[i] = rng.uniform(0.25, 0.45), rng.uniform(0.8, 1.1)  # weak but incomplete
+            drawn[i] = "weak_moderate_partial"
         elif c.startswith("faint"):
             od[i], width[i] = rng.uniform(0.09, 0.17), rng.uniform(0.5, 0.7)
         elif c.startswith("strong"):
@@ -184,7 +188,7 @@ def _membrane_params(cats: np.ndarray, score: str, rng):
             length[i, 0] = 1.0 - rng.uniform(0.25, 0.45)  # one apical gap: U-shaped
         else:
             length[i, 0] = 1.0 if rng.random() < 0.5 else rng.uniform(0.94, 1.0)
-    return od, width, start, length
+    return od, width, start, length, drawn
 
 
 SEEN_BINS = 36
@@ -345,7 +349,7 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
     order = _lowfreq(rng, (H, W), 30 * um)[sy_i, sx_i] if clonal else None  # ~30 µm clones
     cats = _assign(fractions, counted, None if composition is not None else score, rng, order)
     cats[~tumour] = "none"
-    od, width, arc_s, arc_l = _membrane_params(cats, score, rng)
+    od, width, arc_s, arc_l, cats = _membrane_params(cats, score, rng)
 
     # Voronoi: nearest and second-nearest seed per pixel; distance to their bisector = edge distance
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)

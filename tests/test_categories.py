@@ -16,10 +16,10 @@ def classify(completeness: float, arc: float, gap: float, od: float, t: Threshol
     return CATEGORIES[cat[0]], PATTERNS[pattern[0]]
 
 
-def test_existing_codes_are_stable_and_strong_partial_is_appended():
+def test_existing_codes_are_stable_and_new_categories_are_appended():
     assert CATEGORIES[:6] == ("none", "faint_partial", "weak_moderate_complete", "strong_complete",
                               "weak_moderate_lateral", "strong_lateral")
-    assert CATEGORIES[6] == "strong_partial" and len(CATEGORIES) == 7
+    assert CATEGORIES[6:] == ("strong_partial", "weak_moderate_partial")
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def test_existing_codes_are_stable_and_strong_partial_is_appended():
     [
         (0.0, 0.0, 1.0, STRONG, "none", "none"),  # nothing stained round the cell
         (0.35, 0.1, 0.3, FAINT, "faint_partial", "partial"),
-        (0.35, 0.1, 0.3, MODERATE, "faint_partial", "partial"),  # weak-moderate incomplete: 1+ staining
+        (0.35, 0.1, 0.3, MODERATE, "weak_moderate_partial", "partial"),  # weak-moderate incomplete: not faint
         (0.35, 0.1, 0.3, STRONG, "strong_partial", "partial"),  # intense but scattered: not faint
         (0.55, 0.3, 0.2, STRONG, "strong_partial", "partial"),  # fairly complete, no single U arc
         (0.65, 0.65, 0.35, STRONG, "strong_lateral", "lateral"),  # U-shaped stays lateral
@@ -41,16 +41,20 @@ def test_category_and_pattern(completeness, arc, gap, od, category, pattern):
     assert classify(completeness, arc, gap, od) == (category, pattern)
 
 
-def test_strong_partial_starts_exactly_at_strong_od():
+def test_partial_intensity_bands_start_exactly_at_their_thresholds():
     below = np.nextafter(np.float32(T.strong_od), np.float32(0))
-    assert classify(0.35, 0.1, 0.3, float(below))[0] == "faint_partial"
+    assert classify(0.35, 0.1, 0.3, float(below))[0] == "weak_moderate_partial"
     assert classify(0.35, 0.1, 0.3, T.strong_od)[0] == "strong_partial"
+    below = np.nextafter(np.float32(T.weak_od), np.float32(0))
+    assert classify(0.35, 0.1, 0.3, float(below))[0] == "faint_partial"
+    assert classify(0.35, 0.1, 0.3, T.weak_od)[0] == "weak_moderate_partial"
 
 
 def test_stricter_completeness_turns_complete_into_partial_by_intensity():
     strict = Thresholds(complete_completeness=0.99)
     assert classify(0.7, 0.3, 0.1, STRONG, strict)[0] == "strong_partial"
-    assert classify(0.7, 0.3, 0.1, WEAK, strict)[0] == "faint_partial"
+    assert classify(0.7, 0.3, 0.1, WEAK, strict)[0] == "weak_moderate_partial"
+    assert classify(0.7, 0.3, 0.1, FAINT, strict)[0] == "faint_partial"
     assert classify(0.7, 0.3, 0.1, STRONG)[0] == "strong_complete"
 
 

@@ -26,7 +26,8 @@ from her2score.guidelines import (
 B18, B23, G = GUIDELINES
 
 
-def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, sl: int = 0, sp: int = 0) -> dict[str, int]:
+def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, sl: int = 0, sp: int = 0,
+          wmp: int = 0) -> dict[str, int]:
     return {
         "none": none,
         "faint_partial": fp,
@@ -35,6 +36,7 @@ def cells(none: int = 0, fp: int = 0, wmc: int = 0, sc: int = 0, wml: int = 0, s
         "weak_moderate_lateral": wml,
         "strong_lateral": sl,
         "strong_partial": sp,
+        "weak_moderate_partial": wmp,
     }
 
 
@@ -166,7 +168,20 @@ def test_intense_incomplete_cells_are_intense_in_the_h_score():
     # ...but a 1+ cell in the pattern levels (partial, not complete or U-shaped)
     assert cumulative_counts(cells(none=80, sp=20)) == {"3+": 0, "2+": 0, "1+": 20, "any": 20, "total": 100}
     assert set(INTENSITY) == set(STAINING_LEVEL) == set(CATEGORIES)
-    assert [c for c in CATEGORIES if INTENSITY[c] != STAINING_LEVEL[c]] == ["strong_partial"]
+    assert [c for c in CATEGORIES if INTENSITY[c] != STAINING_LEVEL[c]] == ["strong_partial", "weak_moderate_partial"]
+
+
+def test_weak_to_moderate_incomplete_cells_are_1plus_cells_of_intensity_2():
+    """A weak-to-moderate incomplete, non-lateral membrane is a 1+ cell under both guidelines (ASCO/CAP 1+:
+    incomplete staining; gastric 1+: reactive in part of its membrane), but weighs 2 in the H-score."""
+    for guideline in (B23, G):
+        call = apply_guideline(cells(none=80, wmp=20), guideline)
+        assert (call.score, call.h_score) == ("1+", pytest.approx(40.0)), call.reason
+    assert apply_guideline(cells(none=80, wmp=20), B23).reason == (
+        "weak-to-moderate incomplete (non-lateral) membrane staining in 20.0% of tumour cells (20/100, >10%)")
+    assert apply_guideline(cells(none=95, wmp=5), B23).level == "0+ (ultralow)"
+    assert cumulative_counts(cells(none=80, wmp=20)) == {"3+": 0, "2+": 0, "1+": 20, "any": 20, "total": 100}
+    assert apply_guideline(cells(none=80, wmp=10, sp=10), B23).score == "1+"  # 10% intense incomplete: not >10%
 
 
 def test_intense_incomplete_reason_names_the_cells():
@@ -182,9 +197,9 @@ def test_intense_incomplete_reason_names_the_cells():
     [
         (cells(none=95, wmc=5), "weak-to-moderate complete membrane staining in 5.0% of tumour cells (5/100, >0% and <=10%)"),
         (cells(none=95, wml=5), "weak-to-moderate lateral membrane staining in 5.0%"),
-        (cells(none=95, fp=5), "faint or weak incomplete membrane staining in 5.0%"),
+        (cells(none=95, fp=5), "faint membrane staining in 5.0%"),
         (cells(none=95, fp=2, wmc=3), "membrane staining in 5.0% of tumour cells (5/100, >0% and <=10%): "
-                                      "faint or weak incomplete 2.0%, weak-to-moderate complete 3.0%"),
+                                      "faint 2.0%, weak-to-moderate complete 3.0%"),
     ],
 )
 def test_ultralow_reason_describes_the_deciding_cells(counts, words):
@@ -197,7 +212,7 @@ def test_one_plus_reason_describes_mixed_cells():
     call = apply_guideline(cells(none=87, wmc=8, fp=5), B23)
     assert call.level == "1+"
     assert call.reason == ("membrane staining in 13.0% of tumour cells (13/100, >10%): "
-                           "faint or weak incomplete 5.0%, weak-to-moderate complete 8.0%")
+                           "faint 5.0%, weak-to-moderate complete 8.0%")
 
 
 # -- isolated intense cells: the "intense complete in <=10%" pattern has a noise floor -------------
