@@ -160,7 +160,7 @@ CASES = [
     _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.4% (truth 12.0%), called 0: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
           "4.8% (truth 12.0%), called 2+ by intense complete cells: of 92 intense incomplete cells, 83 found: 21 read so, 17 "
-          "faint partial (a single intense arc reads below the strong band), 24 complete (arcs' blurred ends and "
+          "weak-moderate partial (a single intense arc reads below the strong band), 24 complete (arcs' blurred ends and "
           "the neighbours' arcs close the ring; 10 of them weak-moderate), 11 none, 10 lateral"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
