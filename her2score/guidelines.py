@@ -47,6 +47,7 @@ __all__ = [
     "FALSE_MEMBRANE_PERCENT",
     "FALSE_STRONGER_PERCENT",
     "null_or_ultralow",
+    "false_membrane_share",
     "with_null_doubt",
     "STAINING_LEVEL",
     "MIN_TUMOUR_CELLS",
@@ -491,14 +492,11 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
             f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
 
 
-def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT,
-                     stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
-    """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give (at
-    most ``percent``, of which at most ``stronger_percent`` stained otherwise than as faint or weak-to-moderate
-    partial membranes): the call could be "0 (null)". None for any other level, a larger share, or more cells
-    intense, complete or lateral."""
-    if level != "0+ (ultralow)":
-        return None
+def false_membrane_share(counts: Mapping[str, int], *, percent: float = FALSE_MEMBRANE_PERCENT,
+                         stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
+    """The % of tumour cells stained in ``counts`` where false membranes alone could give it: at most ``percent``,
+    of which at most ``stronger_percent`` stained otherwise than as faint or weak-to-moderate partial membranes
+    (0 where nothing is stained); None for a larger share, or more cells intense, complete or lateral."""
     c = _validated(counts)
     total = sum(c.values())
     stained = total - c["none"]
@@ -506,6 +504,15 @@ def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = 
         return None
     share = 100.0 * stained / total
     return share if share <= percent else None
+
+
+def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT,
+                     stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
+    """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give
+    (false_membrane_share): the call could be "0 (null)". None for any other level or staining."""
+    if level != "0+ (ultralow)":
+        return None
+    return false_membrane_share(counts, percent=percent, stronger_percent=stronger_percent)
 
 
 def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str, *,

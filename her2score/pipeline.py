@@ -23,9 +23,9 @@ from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
-                         NEAR_CUTOFF_POINTS, STAINING_LEVEL,
-                         apply_guideline, check_settings, cluster_sides, cluster_words, isolated_sides, isolated_words, level_flags, near_cutoff_settings, near_cutoff_sides, percent_text, percent_value, report_level,
-                         wilson_ci, with_null_doubt)
+                         NEAR_CUTOFF_POINTS, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
+                         false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
+                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
@@ -651,12 +651,14 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if scan.cnn_report is not None and n_tumour:
         classical_reason = reason
-        held = "null_or_ultralow" in classical_flags  # staining false membranes could give: the CNN may not lift it (cnn.fuse)
-        score, confidence = fuse(classical, scan.cnn_report.probabilities, no_higher=held)
+        # a 0 whose staining false membranes could give (none included): the CNN may not lift it (cnn.fuse)
+        false = false_membrane_share(counts, percent=config.false_membrane_percent) if classical == "0" else None
+        score, confidence = fuse(classical, scan.cnn_report.probabilities, no_higher=false is not None)
         cnn_words = f"the CNN reads {scan.cnn_report.score} (p={scan.cnn_report.probabilities[scan.cnn_report.score]:.2f})"
-        if held and score == classical and fuse(classical, scan.cnn_report.probabilities)[0] != classical:
-            cnn_words += (", not followed to a higher score: the staining measured is no more than real unstained "
-                          "membranes read, and on real tissue the CNN can read faint diffuse DAB as 1+")
+        if false is not None and fuse(classical, scan.cnn_report.probabilities)[0] != classical:
+            cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
+                          "stained is no more than real unstained membranes read, and on real tissue the CNN can read "
+                          "faint diffuse DAB as 1+")
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,

@@ -52,18 +52,23 @@ def test_no_tumour_cells_is_no_score(tmp_path):
 
 
 def test_the_cnn_never_lifts_a_0_that_false_membranes_could_give():
-    """An ultralow call within the share real unstained membranes read (null_or_ultralow) is not lifted by the
-    CNN (cnn.fuse, no_higher): on real tissue it can read faint diffuse DAB as 1+."""
+    """A 0 whose staining is within what real unstained membranes read (guidelines.false_membrane_share: none at all
+    included, under any guideline) is not lifted by the CNN (cnn.fuse, no_higher): on real tissue it can read faint
+    diffuse DAB as 1+."""
     f = generate_field("0", seed=9301, variant="ultralow")
     plain = _score(f)
     assert plain.level == "0+ (ultralow)" and "null_or_ultralow" in plain.flags, plain.reason
     held = _score(f, cnn=ConstantClassifier("1+"))
     assert (held.score, held.level, held.classical_score) == ("0", "0+ (ultralow)", "0")
     assert set(held.flags) == set(plain.flags) | {"cnn_disagrees"} and held.confidence == 0.4
-    assert held.reason == plain.reason + ("; the CNN reads 1+ (p=1.00), not followed to a higher score: the staining measured "
-                                          "is no more than real unstained membranes read, and on real tissue the CNN can read "
-                                          "faint diffuse DAB as 1+")
+    share = 100 - plain.percentages["none"]
+    assert held.reason == plain.reason + (f"; the CNN reads 1+ (p=1.00), not followed to a higher score: the {share:.1f}% "
+                                          "stained is no more than real unstained membranes read, and on real tissue the "
+                                          "CNN can read faint diffuse DAB as 1+")
     assert check_eligibility(held, "her2-low-breast").status == "needs_review"
+    assert _score(f, cnn=ConstantClassifier("1+"), guideline="breast-asco-cap-2018").score == "0"  # a plain 0 too
+    null = _score(generate_field("0", seed=9300, variant="null"), cnn=ConstantClassifier("1+"))
+    assert (null.score, null.level) == ("0", "0 (null)") and "the 0.0% stained is no more than" in null.reason
 
 
 def test_fused_score_carries_the_flags_of_its_own_level():
