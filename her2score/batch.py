@@ -45,7 +45,7 @@ from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_s
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
 from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
-from .workers import POLL_S, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
+from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
     "Job", "BatchError", "BatchRows", "discover", "safe_name", "plan_jobs", "process_slide", "run_batch",
@@ -710,6 +710,7 @@ def run_batch(
     out = Path(os.path.abspath(out))
     inputs = [os.path.abspath(i) for i in inputs]
     regions = os.path.abspath(regions) if regions else None
+    workers = checked_workers(workers)
     if scheduler and scheduler != "local":
         _check_address(scheduler)
     if out.exists() and not out.is_dir():
@@ -908,14 +909,16 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
 
 
 def _check_address(scheduler: str) -> None:
-    """BatchError unless ``scheduler`` is a Dask address a client can be given (a port where its protocol
-    needs one), checked before anything is written; whether a scheduler answers there is known only on connecting."""
+    """BatchError unless ``scheduler`` is a network address a Dask client can be given (tcp, tls, ws, wss or ucx,
+    with a host and a port), checked before anything is written; whether a scheduler answers there is known only
+    on connecting."""
     from distributed.comm.addressing import parse_address, parse_host_port
 
     try:
         protocol, location = parse_address(scheduler)
-        if protocol in ("tcp", "tls", "ucx", "ws", "wss"):
-            parse_host_port(location)
+        if protocol not in ("tcp", "tls", "ws", "wss", "ucx"):  # http: a dashboard's address; inproc: no other process
+            raise ValueError(f"{protocol}:// is no scheduler protocol")
+        parse_host_port(location)
     except ValueError as e:
         raise BatchError(f"--scheduler {scheduler!r} is not a Dask scheduler address ({e}); give e.g. "
                          "tcp://host:8786, or 'local'") from None

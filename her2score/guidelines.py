@@ -488,7 +488,7 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
     """How an isolated_sides call's intense complete cells are named in a reason."""
     c = _validated(counts)
     strong, total = c["strong_complete"], sum(c.values())
-    return (f"its {strong:,} intense complete cells ({100 * strong / total:.3g}% of {total:,}) lie just over the "
+    return (f"its {strong:,} intense complete cells ({percent_text(100 * strong / total, isolated_intense_percent)} of {total:,}) lie just over the "
             f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
 
 

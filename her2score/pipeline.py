@@ -38,7 +38,7 @@ from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_leve
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
-from .workers import die_with_parent, result_of, worker_pool
+from .workers import checked_workers, die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -476,8 +476,7 @@ def analyse_slide(
     reads DAB as haematoxylin, so stained membranes are found as brown nuclei (measured on synthetic
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a whole number of processes, at least 1, got {workers!r}")
+    workers = checked_workers(workers)
     try:
         return _analyse(path, config, mpp, region, backend, workers, cnn)
     except NuclearStainError as refusal:

@@ -3,6 +3,7 @@ waited on so that Ctrl-C cannot hang the process that made them."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import numbers
 import os
 import signal
 import sys
@@ -12,10 +13,17 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 
-__all__ = ["FORKS", "die_with_parent", "pause", "result_of", "signals_held", "wait_first", "worker_pool"]
+__all__ = ["FORKS", "checked_workers", "die_with_parent", "pause", "result_of", "signals_held", "wait_first", "worker_pool"]
 
 POLL_S = 0.1
 """While signals are held (signals_held), how often (s) a wait looks for one."""
+
+
+def checked_workers(n) -> int:
+    """``n`` as a count of worker processes: a whole number (numpy's included, not a bool) of at least 1."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"workers must be a whole number of processes, at least 1, got {n!r}")
+    return int(n)
 
 _held: list[tuple[int, object]] = []  # the signals caught while held: (signum, frame)
 _handlers: dict[int, Callable] = {}  # the Python handlers replaced while held, by signal

@@ -129,7 +129,7 @@ def test_an_unreachable_scheduler_is_a_clear_error(slides, tmp_path):
             run_batch([slides], tmp_path / "out", scheduler="tcp://127.0.0.1:9")
 
 
-@pytest.mark.parametrize("address", ["bogus", "tcp://host", "host:notaport"])
+@pytest.mark.parametrize("address", ["bogus", "tcp://host", "host:notaport", "http://localhost:8787", "inproc://", "foo://h:1"])
 def test_a_malformed_scheduler_address_is_refused_before_anything_is_written(slides, tmp_path, address):
     from her2score.batch import BatchError
 

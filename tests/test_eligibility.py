@@ -554,7 +554,7 @@ def test_intense_cells_just_over_the_isolated_floor_need_review_where_isolated_w
     result = replace(base, flags=(*base.flags, "near_cutoff"))
     d = check_eligibility(result, "her2-low-breast", ish="negative")
     assert d.status == "needs_review"
-    assert d.reasons[0] == ("its 5 intense complete cells (1.25% of 400) lie just over the 1% / 5-cell floor below which "
+    assert d.reasons[0] == ("its 5 intense complete cells (1.2% of 400) lie just over the 1% / 5-cell floor below which "
                             "they would be isolated cells: at 0+ (ultralow) the answer would be not eligible")
     assert check_eligibility(result, "t-dxd-tumour-agnostic").status == "not_eligible"  # 0 or 2+: not 3+ either way
 

@@ -399,6 +399,16 @@ def test_a_content_box_lies_on_the_tiles_grid_and_reaches_32_um_past_its_content
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
-def test_a_worker_count_that_is_no_count_of_processes_is_refused(workers):
+def test_a_worker_count_that_is_no_count_of_processes_is_refused(workers, tmp_path):
+    from her2score.batch import run_batch
+
     with pytest.raises(ValueError, match=r"workers must be a whole number of processes, at least 1, got "):
         analyse_slide(ArraySlide(np.full((64, 64, 3), 240, np.uint8), mpp=0.5), workers=workers)
+    with pytest.raises(ValueError, match=r"workers must be a whole number of processes, at least 1, got "):
+        run_batch([str(tmp_path)], tmp_path / "out", workers=workers)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_numpy_worker_count_is_a_count():
+    f = generate_field("2+", seed=3, size_px=(128, 128))
+    assert score_slide(ArraySlide(f.image, mpp=f.mpp), workers=np.int64(1)).score is not None
