@@ -483,17 +483,20 @@ def _crash_row(job: Job, e: BaseException) -> dict:
 
 
 def _settings(job: Job) -> dict:
-    """The settings one folder must not mix: the scoring configuration and the CNN weights' content."""
+    """The settings one folder must not mix: the scoring configuration, the CNN weights' content and the tool's
+    version (another version may measure otherwise and write other columns: 0.4 split weak-to-moderate
+    partial cells from faint ones)."""
     config = asdict(job.config)
     return {"guideline": config.pop("guideline"), "specimen": config.pop("specimen"),
             "model_sha256": _weights_sha256(job.cnn_weights)[:16] if job.cnn_weights else "none (classical only)",
-            "other settings": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]}
+            "other settings": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
+            "version": __version__}
 
 
 def _config_key(job: Job) -> str:
-    """A slide's settings plus what is its own (µm/px given, region file) and the tool's version (another
-    version may measure otherwise and write other outputs): equal keys score alike."""
-    own = [job.mpp, job.region, __version__] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
+    """A slide's settings (the tool's version among them) plus what is its own (µm/px given, region file):
+    equal keys score alike."""
+    own = [job.mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -447,6 +447,9 @@ def test_another_version_of_the_tool_scores_the_slides_again(tmp_path, three, mo
     out = tmp_path / "out"
     assert run_batch([three], out).scored == 3
     monkeypatch.setattr(batch, "__version__", "9.9.9")
+    with pytest.raises(BatchError, match=r"holds 2 slides \(field 0.png, field 2\+.png\) scored with other settings "
+                                         r"\(version .+ there, 9.9.9 now\)"):  # one folder never mixes versions' columns
+        run_batch([three / "field 3+.png"], out)
     again = run_batch([three], out)
     assert (again.scored, again.reused) == (3, 0)
 
