@@ -892,8 +892,14 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
             broken = False
             while (pending or inflight) and not broken:
                 while pending and len(inflight) < n:
-                    job = pending.popleft()
-                    inflight[pool.submit(process_slide, job)] = job
+                    try:
+                        future = pool.submit(process_slide, pending[0])
+                    except BrokenProcessPool:  # a worker died while slides were still being handed out
+                        broken = True
+                        break
+                    inflight[future] = pending.popleft()
+                if broken:
+                    break
                 finished = wait_first(inflight)
                 for f in sorted(finished, key=lambda f: inflight[f].slide):
                     job = inflight.pop(f)

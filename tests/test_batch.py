@@ -732,6 +732,36 @@ def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyra
         assert sorted(p.name for p in (tmp_path / "out" / r["output"]).iterdir()) == sorted(OUTPUT_FILES)
 
 
+def test_a_worker_dying_while_slides_are_still_handed_out_does_not_stop_the_batch(tmp_path, three, monkeypatch):
+    """A worker SIGKILLed after the first slide is handed out and before the next: the pool is broken when the batch
+    submits again, and the slides are run again as after any death (submit raised BrokenProcessPool out of run_batch)."""
+    from contextlib import contextmanager
+
+    real_pool, killed = batch._pool, []
+
+    @contextmanager
+    def dying_pool(n):
+        with real_pool(n) as pool:
+            submit = pool.submit
+
+            def submit_then_kill(fn, *args):
+                future = submit(fn, *args)
+                if not killed:
+                    killed.append(next(iter(pool._processes)))
+                    os.kill(killed[0], signal.SIGKILL)
+                    deadline = time.monotonic() + 30
+                    while not pool._broken and time.monotonic() < deadline:  # the pool's own thread sees the death
+                        time.sleep(0.01)
+                return future
+
+            pool.submit = submit_then_kill
+            yield pool
+
+    monkeypatch.setattr(batch, "_pool", dying_pool)
+    rows = run_batch([three], tmp_path / "out", workers=2)
+    assert killed and [r["status"] for r in rows] == ["ok"] * 3, [r["error"] for r in rows]
+
+
 def test_an_earlier_runs_failed_slides_stay_listed(tmp_path, fields):
     """summary.csv lists every slide in --out: a slide an earlier run could not score keeps its row when a
     later run into the same --out scores other slides (it was dropped)."""
