@@ -8,6 +8,7 @@ from PIL import Image
 
 from her2score.cnn import CLASSES, TileClassifier, WeightsRecord
 from her2score.eligibility import check_eligibility
+from her2score.guidelines import percent_text
 from her2score.pipeline import ScoringConfig, score_slide
 from her2score.slide import ArraySlide
 from her2score.synthetic import REAL_BORDERS, generate_field
@@ -240,7 +241,7 @@ def test_intense_cells_just_over_the_isolated_floor_are_flagged_end_to_end():
     r = _score(f)
     n = r.counts["strong_complete"]
     assert r.score == "2+" and "near_cutoff" in r.flags and 0.01 * r.tumour_cells <= n <= 0.02 * r.tumour_cells, r.counts
-    assert f"its {n} intense complete cells ({100 * n / r.tumour_cells:.3g}% of {r.tumour_cells}) lie just over the 1% / " \
+    assert f"its {n} intense complete cells ({percent_text(100 * n / r.tumour_cells, 1.0)} of {r.tumour_cells}) lie just over the 1% / " \
            f"5-cell floor below which they would be isolated cells: it could be 0+ (ultralow)" in r.reason
     assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"  # 2+ ISH- eligible, ultralow not
 
