@@ -493,17 +493,22 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
 
 
 def false_membrane_share(counts: Mapping[str, int], *, percent: float = FALSE_MEMBRANE_PERCENT,
-                         stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
+                         stronger_percent: float = FALSE_STRONGER_PERCENT, confidence: float | None = None) -> float | None:
     """The % of tumour cells stained in ``counts`` where false membranes alone could give it: at most ``percent``,
     of which at most ``stronger_percent`` stained otherwise than as faint or weak-to-moderate partial membranes
-    (0 where nothing is stained); None for a larger share, or more cells intense, complete or lateral."""
+    (0 where nothing is stained); None for a larger share, or more cells intense, complete or lateral. With
+    ``confidence``, each share is taken at the lower end of its Wilson interval: what a field of few cells could hold."""
     c = _validated(counts)
     total = sum(c.values())
     stained = total - c["none"]
-    if 100.0 * (stained - c["faint_partial"] - c["weak_moderate_partial"]) > stronger_percent * total:
+    stronger = stained - c["faint_partial"] - c["weak_moderate_partial"]
+
+    def low(n: int) -> float:
+        return 100.0 * (n / total if confidence is None else wilson_ci(n, total, confidence)[0])
+
+    if low(stronger) > stronger_percent or low(stained) > percent:
         return None
-    share = 100.0 * stained / total
-    return share if share <= percent else None
+    return 100.0 * stained / total
 
 
 def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT,

@@ -650,14 +650,18 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
     classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
     if scan.cnn_report is not None and n_tumour:
         classical_reason = reason
-        # a 0 whose staining false membranes could give (none included): the CNN may not lift it (cnn.fuse)
-        false = false_membrane_share(counts, percent=config.false_membrane_percent) if classical == "0" else None
+        # a 0 whose staining false membranes could give (none included; within its interval, on few cells): the CNN
+        # may not lift it (cnn.fuse)
+        false = (false_membrane_share(counts, percent=config.false_membrane_percent, confidence=NEAR_CUTOFF_CONFIDENCE)
+                 if classical == "0" else None)
         score, confidence = fuse(classical, scan.cnn_report.probabilities, no_higher=false is not None)
         cnn_words = f"the CNN reads {scan.cnn_report.score} (p={scan.cnn_report.probabilities[scan.cnn_report.score]:.2f})"
         if false is not None and fuse(classical, scan.cnn_report.probabilities)[0] != classical:
+            within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
+                      if false > config.false_membrane_percent else "")
             cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
-                          "stained is no more than real unstained membranes read, and on real tissue the CNN can read "
-                          "faint diffuse DAB as 1+")
+                          f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
+                          "read faint diffuse DAB as 1+")
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,

@@ -482,6 +482,11 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
     assert null_or_ultralow({"none": 94, "strong_lateral": 6}, "0+ (ultralow)") is None
     assert null_or_ultralow({"none": 940, "faint_partial": 40, "weak_moderate_complete": 20}, "0+ (ultralow)") == 6.0  # 2%
     assert null_or_ultralow({"none": 940, "faint_partial": 39, "weak_moderate_complete": 21}, "0+ (ultralow)") is None
+    # within the share's 95% interval (the CNN's hold): 6 of 65 cells (9.2%) could be false membranes, 900 of 10,000 not
+    from her2score.guidelines import false_membrane_share
+    assert false_membrane_share({"none": 59, "faint_partial": 6}) is None
+    assert false_membrane_share({"none": 59, "faint_partial": 6}, confidence=0.95) == pytest.approx(100 * 6 / 65)
+    assert false_membrane_share({"none": 9100, "faint_partial": 900}, confidence=0.95) is None
     assert with_null_doubt(("ultralow",), counts, "0+ (ultralow)") == (
         ("ultralow", "null_or_ultralow"),
         f"; the 6.0% stained is within the {FALSE_MEMBRANE_PERCENT:g}% that real unstained membranes read: it could be 0 (null)")
