@@ -44,7 +44,7 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
     "weak_moderate_lateral": (190, 90, 255),
     "strong_lateral": (120, 0, 160),
     "strong_partial": (255, 60, 200),
-    "weak_moderate_partial": (255, 150, 215),
+    "weak_moderate_partial": (40, 170, 90),
 }
 """RGB colour of each category in the overlay and in QuPath (see category_colour for others)."""
 
@@ -581,7 +581,7 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
         wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
         taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True
         v = int(grid[wy, wx])
-        why = (f"most {kind} stained ({v})" if label == "stained" else f"most {kind} '{label}' ({v})" if label
+        why = (f"most {kind} stained ({v})" if label == "stained" else f"most {kind} '{label.replace('_', ' ')}' ({v})" if label
                else f"most {kind} ({v})")
         chosen.append((int(wx * step), int(wy * step), why))
     return chosen
