@@ -302,9 +302,9 @@ def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list
         return status, [*reasons, f"{level} with ISH {ish}; the rule needs ISH {rule.ish_eligible}"]
     if ish is not None:
         reasons.append(f"ISH result ({ish}) not used: the rule decides {level} on IHC alone")
-    if _matches(rule.eligible_levels, result):
-        return "eligible", [*reasons, f"{level} is an eligible level ({', '.join(rule.eligible_levels)})"]
     allowed = ", ".join(rule.eligible_levels + tuple(f"{x} with ISH {rule.ish_eligible}" for x in rule.ish_levels))
+    if _matches(rule.eligible_levels, result):
+        return "eligible", [*reasons, f"{level} is an eligible level (eligible: {allowed})"]
     return "not_eligible", [*reasons, f"{level} is not an eligible level (eligible: {allowed})"]
 
 
@@ -425,7 +425,7 @@ def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str
         return None
     words = result.classical_level if result.classical_level and result.classical_level.startswith(a) else a
     return (f"classical score {words} and CNN score {b} disagree, and the rule answers "
-            f"{' or '.join(x.replace('_', ' ') for x in answers)} between them")
+            f"{_either([x.replace('_', ' ') for x in answers])} between them")
 
 
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -454,13 +454,21 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
             f"at {level} the answer would be {other}")
 
 
+def _either(answers: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join([", ".join(answers[:-1]), answers[-1]] if len(answers) > 2 else answers)
+
+
 def _ish_doubt(result: SlideResult, ish: str | None) -> str | None:
     """Why the slide needs review when its ISH result contradicts its IHC score: ISH positive on a 0 or 1+, ISH
     negative on a 3+ (ASCO/CAP reflex ISH only on a 2+; a discordant pair is a pathologist's to reconcile, and
     an ISH-positive case is HER2-positive whatever its IHC); None otherwise."""
     if ish == "positive" and result.score in ("0", "1+"):
-        return (f"ISH positive contradicts IHC {result.level}: a discordant pair to reconcile (an ISH-positive case "
-                "is HER2-positive whatever its IHC score; recheck the IHC for heterogeneity and the ISH)")
+        why = ("the gastric rules read ISH only on a 2+: HER2-positive is IHC 3+, or 2+ with ISH positive"
+               if GUIDELINE_FAMILY[result.guideline] == "gastric" else
+               "an ISH-positive case is HER2-positive whatever its IHC score")
+        return (f"ISH positive contradicts IHC {result.level}: a discordant pair to reconcile ({why}; recheck the IHC "
+                "for heterogeneity and the ISH)")
     if ish == "negative" and result.score == "3+":
         return ("ISH negative contradicts IHC 3+: a discordant pair to reconcile (an IHC 3+ is HER2-positive "
                 "without ISH; recheck the IHC for artefact and the ISH)")
@@ -509,6 +517,7 @@ def check_eligibility(result: SlideResult | str | os.PathLike | Mapping, rule: s
     reasons.insert(0, f"scored {result.level} under {result.guideline} ({result.specimen}): {result.reason}")
     reasons += [f"QC warning: {f.message}" for f in result.qc if f.severity == "warn"]
     if doubts:
-        reasons.append(f"without these doubts the answer would be: {status.replace('_', ' ')}")
+        reasons.append("without these doubts it would still need review" if status == "needs_review"
+                       else f"without these doubts the answer would be: {status.replace('_', ' ')}")
         return Decision("needs_review", rule.name, rule.version, (*doubts, *reasons))
     return Decision(status, rule.name, rule.version, tuple(reasons))

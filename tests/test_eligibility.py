@@ -672,3 +672,18 @@ def test_a_result_recording_a_setting_its_guideline_has_no_use_for_is_still_answ
     breast = replace(make_result(none=88, faint_partial=12), config={"gastric_reading": "per_band"})
     breast = replace(breast, flags=(*breast.flags, "near_cutoff"))
     assert check_eligibility(breast, "her2-low-breast").status == "needs_review"
+
+
+def test_decisions_say_the_rules_eligible_levels_whole_and_ish_in_the_guidelines_terms():
+    """Words from a pathologist's review: the eligible list names the ISH-dependent level too; a 2+ awaiting ISH
+    with doubts 'would still need review' (not 'would be: needs review'); ISH positive on a gastric 1+ is read
+    as the gastric rules read it (ISH only on a 2+), not as breast's 'HER2-positive whatever its IHC'."""
+    d = check_eligibility(make_result(**ONE), "her2-low-breast")
+    assert "1+ is an eligible level (eligible: 1+, 2+ with ISH negative)" in d.reasons
+    few = check_eligibility(make_result(none=59, weak_moderate_complete=40), "her2-positive-breast")  # 99 cells: too few
+    assert few.status == "needs_review" and few.reasons[-1] == "without these doubts it would still need review"
+    gastric = check_eligibility(make_result("gastric", none=150, faint_partial=50), "gastric-toga", ish="positive")
+    assert any(r.startswith("ISH positive contradicts IHC 1+: a discordant pair to reconcile (the gastric rules read "
+                            "ISH only on a 2+: HER2-positive is IHC 3+, or 2+ with ISH positive;") for r in gastric.reasons)
+    breast = check_eligibility(make_result(**ONE), "her2-low-breast", ish="positive")
+    assert any("an ISH-positive case is HER2-positive whatever its IHC score" in r for r in breast.reasons)
