@@ -773,8 +773,9 @@ def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, f
     threshold used; refuses nuclear DAB (not a HER2 pattern)."""
     frac = {name: round(float(np.mean(compartment == i)), 4) for i, name in enumerate(COMPARTMENTS) if i}
     if frac["nucleus"] >= config.nuclear_stain_min and frac["nucleus"] >= config.nuclear_membrane_ratio * frac["membrane"]:
-        raise NuclearStainError(slide_path, f"DAB is nuclear, not a membranous HER2 pattern: {frac['nucleus']:.0%} of tumour cells "
-                                            f"have DAB-stained nuclei, {frac['membrane']:.0%} a stained membrane (a HER2 stain "
+        raise NuclearStainError(slide_path, f"DAB is nuclear, not a membranous HER2 pattern: {percent_text(100 * frac['nucleus'])} "
+                                            f"of tumour cells have DAB-stained nuclei, {percent_text(100 * frac['membrane'])} a "
+                                            "stained membrane (a HER2 stain "
                                             f"leaves nuclei unstained: under {config.nuclear_membrane_ratio:g} x the membranes; "
                                             "a Ki67, ER or PR stain?); not scored", frac["membrane"])
     dominant = max(frac, key=frac.get) if max(frac.values()) > 0 else "none"
