@@ -673,7 +673,9 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
         return "0", "0", (), _staining(c, total, "<=10%") if stained else nothing
     if not stained:
         return "0", "0 (null)", ("null",), nothing
-    return "0", "0+ (ultralow)", ("ultralow",), _staining(c, total, ">0% and <=10%")
+    beyond = "" if stained == c["faint_partial"] else (  # cells not faint: ultralow by this tool's reading, not the trial's words
+        "; ultralow as this tool reads any staining in <=10% (DESTINY-Breast06's ultralow is barely perceptible, incomplete staining)")
+    return "0", "0+ (ultralow)", ("ultralow",), _staining(c, total, ">0% and <=10%") + beyond
 
 
 _GASTRIC_WORDS = {

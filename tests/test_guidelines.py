@@ -208,6 +208,15 @@ def test_ultralow_reason_describes_the_deciding_cells(counts, words):
     assert ("faint" in call.reason) == bool(counts["faint_partial"])
 
 
+def test_an_ultralow_call_over_cells_more_than_faint_says_it_is_the_tools_reading():
+    """DESTINY-Breast06 names barely perceptible, incomplete staining ultralow; complete, lateral or weak-to-moderate
+    cells in <=10% are ultralow here by this tool's reading, and the reason says so (a pathologist's review)."""
+    words = "ultralow as this tool reads any staining in <=10%"
+    assert words in apply_guideline(cells(none=94, wmc=6), B23).reason
+    assert words in apply_guideline(cells(none=94, fp=3, wmp=3), B23).reason
+    assert words not in apply_guideline(cells(none=94, fp=6), B23).reason
+
+
 def test_one_plus_reason_describes_mixed_cells():
     call = apply_guideline(cells(none=87, wmc=8, fp=5), B23)
     assert call.level == "1+"
