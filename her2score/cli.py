@@ -307,9 +307,9 @@ def _synth(args) -> int:
 def _train(args) -> int:
     import time
 
-    from .cnn import ModelError, default_weights_path, weights_path
+    from .cnn import ModelError
     from .slide import SlideError
-    from .train import TrainConfig, csv_images, folder_images, synthetic_images, train
+    from .train import TrainConfig, check_target, csv_images, folder_images, synthetic_images, train
 
     if not (args.synthetic or args.folder or args.csv):
         print("her2score: give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE", file=sys.stderr)
@@ -320,12 +320,7 @@ def _train(args) -> int:
                              patches_per_image=args.patches_per_image, val_fraction=args.val_fraction, lr=args.lr,
                              augment=not args.no_augment, threads=args.threads, device=args.device,
                              max_minutes=args.max_minutes)
-        target = weights_path(Path(args.out) / args.name)
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out}: a file, not a folder for the weights")
-        if target.resolve() == default_weights_path().resolve() and not args.replace_shipped:
-            raise ValueError(f"{target} is the shipped weights, which every run without --weights uses: train into "
-                             "another folder and pass --weights, or give --replace-shipped")
+        check_target(args.out, args.name, replace_shipped=args.replace_shipped)
     except ValueError as e:
         print(f"her2score: {e}", file=sys.stderr)
         return 2
@@ -356,7 +351,8 @@ def _train(args) -> int:
               f"image acc {row['val_image_accuracy']:.3f} | {row['seconds']:.0f} s", flush=True)
 
     try:
-        res = train(images, config=config, out=args.out, name=args.name, data_note="; ".join(notes), progress=progress)
+        res = train(images, config=config, out=args.out, name=args.name, data_note="; ".join(notes), progress=progress,
+                    replace_shipped=args.replace_shipped)
     except (ValueError, ModelError) as e:
         print(f"her2score: {e}", file=sys.stderr)
         return 2

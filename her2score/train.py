@@ -53,6 +53,7 @@ __all__ = [
     "folder_images",
     "csv_images",
     "train",
+    "check_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -335,9 +336,26 @@ def _split(labels: np.ndarray, val_fraction: float, rng: np.random.Generator) ->
 
 # --------------------------------------------------------------------------------------- training
 
+def check_target(out: str | os.PathLike, name: str = "her2cnn.pt", *, replace_shipped: bool = False) -> Path:
+    """Where ``train`` writes weights (``out/name``), checked before any work: ValueError for a name not ending in
+    .pt, an ``out`` that is a file, or the shipped weights (which every run without --weights uses) unless
+    ``replace_shipped``."""
+    from .cnn import default_weights_path
+
+    target = weights_path(Path(out) / name)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder for the weights")
+    if target.resolve() == default_weights_path().resolve() and not replace_shipped:
+        raise ValueError(f"{target} is the shipped weights, which every run without --weights uses: train into "
+                         "another folder and pass --weights, or give --replace-shipped (replace_shipped=True)")
+    return target
+
+
 def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(), out: str | os.PathLike | None = None,
-          name: str = "her2cnn.pt", data_note: str = "", progress: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a TileNet on labelled images; write ``out/name`` and ``out/<stem>.train_log.{json,csv}``.
+          name: str = "her2cnn.pt", data_note: str = "", progress: Callable[[dict], None] | None = None,
+          replace_shipped: bool = False) -> TrainResult:
+    """Train a TileNet on labelled images; write ``out/name`` and ``out/<stem>.train_log.{json,csv}``
+    (check_target: never over the shipped weights unless ``replace_shipped``).
 
     ``progress(row)`` is called after every epoch with that epoch's log row. Early stopping on the
     validation loss (patience ``config.patience``); the best epoch's weights are kept.
@@ -352,7 +370,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     if not images:
         raise ValueError("no training images")
     if out is not None:
-        weights_path(Path(out) / name)  # refused now, not after the training
+        check_target(out, name, replace_shipped=replace_shipped)  # refused now, not after the training
     seen: dict[str, int] = {}
     for i, im in enumerate(images):  # one image twice could land in training and validation both
         key = im.source if im.source.startswith("synthetic:") else str(resolved_path(im.source))

@@ -166,6 +166,18 @@ def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work
     assert "a file, not a folder" in err and "generating" not in err
 
 
+def test_the_api_refuses_the_shipped_weights_too(fields):
+    """train() itself refuses models/ (a review: the API replaced the shipped weights, ONNX graph and logs in silence,
+    and every default run then failed their checksum), before any training."""
+    from her2score.cnn import default_weights_path
+
+    shipped = default_weights_path()
+    before = {p.name: p.read_bytes() for p in shipped.parent.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"is the shipped weights, .+replace_shipped=True"):
+        train(fields, config=TrainConfig(max_epochs=1, seed=3), out=str(shipped.parent))
+    assert {p.name: p.read_bytes() for p in shipped.parent.iterdir() if p.is_file()} == before
+
+
 def test_training_fields_may_carry_unstained_border_texture(fields):
     from her2score.synthetic import Confounders, generate_field
 
