@@ -694,7 +694,6 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
     ok = [i for i, r in enumerate(results) if r is not None]
     truth = [items[i].label for i in ok]
-    truth_levels = [items[i].level for i in ok]
     metrics: dict[str, Any] = {
         "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
         "not_scored": sum(1 for i in ok if results[i].score is None),
@@ -705,13 +704,16 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         "cnn_source": dict(sorted((k, v) for k, v in _count(r.get("cnn_by") for r in rows).items() if k)) or None,
         "warnings": [], "methods": {},
     }
+    every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored
     for method in METHODS:
         mrs = [method_result(results[i], method) for i in ok]
         if method != "classical" and clf is None and all(results[i].cnn is None for i in ok):
             continue
         called = [r.score if r is not None else None for r in mrs]
-        called_levels = [r.level if r is not None else None for r in mrs]
-        m = _method_metrics(truth, called, truth_levels, called_levels, resamples=bootstrap, seed=seed,
+        called_levels = [None] * len(items)
+        for i, r in zip(ok, mrs):
+            called_levels[i] = r.level if r is not None else None
+        m = _method_metrics(truth, called, every_level, called_levels, resamples=bootstrap, seed=seed,
                             split_zero=guideline in ZERO_SPLIT)
         if m is None:
             continue
@@ -889,7 +891,8 @@ def _fmt(v, ci=None) -> str:
 
 
 def _summary(metrics: dict) -> str:
-    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} errors"
+    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: left out of "
+             "every figure but null vs ultralow's 'not scored'"
              + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
                 if metrics["not_scored"] else "")
              + "); "

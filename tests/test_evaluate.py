@@ -369,6 +369,19 @@ def test_evaluate_on_five_level_labels(five):
     assert (out / "confusion.png").stat().st_size > 1000
 
 
+def test_null_vs_ultralow_counts_an_image_refused_or_failed_as_not_scored(five, capsys):
+    """An image that gets no result (here an empty file, its earlier result gone) is out of accuracy and kappa but
+    is a 'not scored' in the null vs ultralow table, as the README says (a review found it left out there too)."""
+    labels, prev, out = five
+    (prev / "f1" / "result.json").unlink()  # f1: labelled null; now scored afresh from a 0-byte file
+    m = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0)
+    assert (m["n_images"], m["n"], m["errors"]) == (8, 7, 1)
+    t = m["methods"]["classical"]["null_vs_ultralow"]
+    assert t["n"] == 4 and t["matrix"][0] == [1, 0, 0, 0, 0, 0, 1] and t["agreement"] == 0.5
+    assert "7 of 8 images scored (1 refused or failed: left out of every figure but null vs ultralow's 'not scored'" \
+        in (out / "report.md").read_text()
+
+
 def test_null_vs_ultralow_counts_unscored_images_and_is_left_out_where_the_guideline_calls_a_plain_0(five, tmp_path):
     labels, prev, out = five
     f = prev / "f0" / "result.json"  # a null-labelled image without tumour cells: no score
