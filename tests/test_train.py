@@ -227,6 +227,8 @@ def test_what_would_spoil_a_training_run_is_refused_before_it(fields, tmp_path):
     for bad in (0, -5):
         with pytest.raises(ValueError, match="max_minutes must be a positive number"):
             TrainConfig(max_minutes=bad)
+        with pytest.raises(ValueError, match="threads must be at least 1"):
+            TrainConfig(threads=bad)  # 0 ran one thread and recorded 0
 
 
 def test_retrained_weights_written_where_the_shipped_ones_are_get_their_graph(trained, tmp_path, monkeypatch):
