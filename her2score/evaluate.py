@@ -346,6 +346,7 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
         level = _level_for(result, s)
         flags, _ = with_call_doubts(level_flags(level, result.guideline), s, level, result.counts, result.guideline,
                                     result.staining.get("diffuse_cytoplasm_od"), result.staining.get("membrane_contrast_od"),
+                                    filled=result.staining.get("stained_cytoplasm_od"),
                                     false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
         return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":

@@ -609,10 +609,12 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
     blush = diffuse_cytoplasm_od(cells, unstained_cells=tumour & (category == 0), reference_cells=~tumour, unstained_od=unstained)
     read = tumour & (category > 0)
+    filled = diffuse_cytoplasm_od(cells, unstained_cells=read, reference_cells=~tumour, unstained_od=unstained)
     rise = float(np.median(mem.contrast_od[read])) if read.any() else None  # how far the membranes read stand out
     staining.update(counterstain_od=None if nucleus.counterstain is None else round(nucleus.counterstain, 4),
                     nucleus_threshold_od=round(nucleus.threshold_od, 4),
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
+                    stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
     counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
     n_tumour = int(tumour.sum())
@@ -643,7 +645,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         if edges and "near_cutoff" not in flags:
             flags = (*flags, "near_cutoff")
         reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
-        flags, doubt = with_call_doubts(flags, score, level, counts, config.guideline, blush, rise,
+        flags, doubt = with_call_doubts(flags, score, level, counts, config.guideline, blush, rise, filled=filled,
                                         false_membrane_percent=config.false_membrane_percent)
         reason += doubt
     pct = {k: percent_value(100.0 * v / n_tumour) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
@@ -665,7 +667,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
             level = report_level(score, config.guideline, counts)
             flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
-                                            blush, rise, false_membrane_percent=config.false_membrane_percent)
+                                            blush, rise, filled=filled, false_membrane_percent=config.false_membrane_percent)
             if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
                 flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
                 if own:
@@ -731,14 +733,15 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
 
 
 def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,
-                     rise: float | None, *, false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
+                     rise: float | None, *, filled: float | None = None,
+                     false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
     """``flags`` plus the doubts a call at ``score`` and report ``level`` carries on the cells measured, and the words
     of each (to append to a reason): ``null_or_ultralow`` where false membranes alone could make it an ultralow
-    (with_null_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``:
+    (with_null_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
     tumour.with_cytoplasm_doubt). For the guideline's own call ``flags`` are its call's; for a score the rules did
     not make (a CNN's, or one fused with it), its level's own (level_flags)."""
     flags, doubt = with_null_doubt(flags, counts, level, percent=false_membrane_percent)
-    flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline)
+    flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline, filled=filled)
     return flags, doubt + more
 
 
