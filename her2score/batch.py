@@ -41,6 +41,7 @@ from pathlib import Path
 from . import __version__
 from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
+from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
@@ -328,18 +329,6 @@ def _signature(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _content_sample(path: str, block: int = 1 << 16) -> str:
-    """SHA-256 (hex) of a file's size, first and last ``block`` bytes: which file it is, where name, size and
-    modification time alike are no proof (two slides of a fixed size, extracted from one archive)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        h.update(size.to_bytes(8, "little") + fh.read(block))
-        fh.seek(max(0, size - block))
-        h.update(fh.read(block))
-    return h.hexdigest()
-
-
 def _result_stamp(folder: Path) -> list | None:
     """(size, mtime ns) of ``folder``'s result.json: a rewrite changes it, a copy that keeps times (cp -a, rsync -a,
     a restored backup) does not; None: no result.json."""
@@ -562,7 +551,7 @@ class _Manifest:
                     olds = gone.pop((slide.name, *_signature(str(slide))), [])
                     if len(olds) != 1:  # none, or several files alike: which one moved here is unknown
                         continue
-                    sample = _content_sample(str(slide))
+                    sample = content_sample(str(slide))
                 except OSError:
                     continue
                 old = olds[0]
@@ -590,7 +579,7 @@ class _Manifest:
             sig = None
         done = row["status"] == "ok"
         try:
-            sample = _content_sample(job.slide)
+            sample = content_sample(job.slide)
         except OSError:
             sample = None
         self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample,

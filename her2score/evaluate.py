@@ -55,6 +55,7 @@ from . import __version__
 from .categories import CATEGORIES
 from .labels import TRUTH_LEVELS, class_folder_files, parse_truth_label, read_csv_rows
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
+from .files import content_sample
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE, with_call_doubts
 from .slide import resolved_path
@@ -479,6 +480,13 @@ def _training_field_seeds(record, labels: str | os.PathLike, images: Sequence[st
     return shared
 
 
+def _training_images(record, images: Sequence[str]) -> int:
+    """How many of ``images`` the weights record lists among the CNN's training images (train: their
+    files.content_sample, for images read from files); 0 where the record lists none."""
+    known = set(record.training.get("image_samples") or ())
+    return sum(1 for p in images if known and Path(p).is_file() and content_sample(p) in known) if known else 0
+
+
 _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in CATEGORIES))
 """Rule names whose per_image.csv columns (<method>_<rule>, truth_<rule>) are other columns' names."""
 
@@ -756,6 +764,10 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             f"cnn: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training fields "
             f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
             "fields with another --seed")
+    if clf is not None and (shared := _training_images(clf.record, [items[i].path for i in ok])):
+        metrics["warnings"].append(
+            f"cnn: {shared} of the {len(ok)} images are among the CNN's own training images ({clf.record.training.get('data')}): "
+            "its figures on them are on training data; evaluate on images it was not trained on")
     if by_name:
         metrics["warnings"].append(
             f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "

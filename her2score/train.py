@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model, weights_path
-from .files import atomic_write
+from .files import atomic_write, content_sample
 from .labels import class_folder_files, parse_score, read_csv_rows
 from .stain import H_DAB, estimate_background, optical_density
 from .workers import die_with_parent, result_of, worker_pool
@@ -501,6 +501,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             metrics={"validation": {k: best_row[k] for k in best_row if k.startswith("val_")}},
             training={
                 "data": data_note, "images": int(usable.sum()), "train_images": int(len(train_idx)),
+                "image_samples": sorted({content_sample(im.source) for im in images if Path(im.source).is_file()}),
                 "val_images": int(len(val_idx)),
                 "images_per_class": {c: int(np.sum(labels[usable] == i)) for i, c in enumerate(CLASSES)},
                 "best_epoch": best[1], "epochs_run": len(epochs), "stopped": stopped, "seconds": seconds,

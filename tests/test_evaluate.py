@@ -886,6 +886,22 @@ def test_held_out_fields_drawn_from_the_cnns_training_seeds_are_counted(tmp_path
     assert _training_field_seeds(record("class folders under x"), ds / "labels.csv", images) == 0
 
 
+def test_images_a_cnn_was_trained_on_from_files_are_counted(tmp_path):
+    """A CNN trained with --csv or --folder records its images' content (files.content_sample): evaluating on
+    the same files, wherever they now lie, is counted and warned of (a data scientist's review: no warning)."""
+    from her2score.evaluate import _training_images
+    from her2score.files import content_sample
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=5, size_px=(96, 96))
+    images = [str(p) for p in sorted((ds / "images").glob("*.png"))]
+    moved = tmp_path / "moved.png"
+    moved.write_bytes(Path(images[0]).read_bytes())
+    record = WeightsRecord(file="x.pt", sha256="", training={"data": "labelled images listed in x.csv",
+                                                               "image_samples": sorted(content_sample(p) for p in images[:2])})
+    assert _training_images(record, images) == 2 and _training_images(record, [str(moved), images[3]]) == 1
+    assert _training_images(WeightsRecord(file="x.pt", sha256="", training={"data": "600 synthetic fields"}), images) == 0
+
+
 def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
     """40 images all called right: every bootstrap resample gives kappa 1, an interval [1, 1] that bounds nothing."""
     from her2score.evaluate import _method_metrics

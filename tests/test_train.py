@@ -40,6 +40,23 @@ def trained(fields, tmp_path_factory):
     return res, out, rows
 
 
+def test_the_weights_record_lists_the_training_images_read_from_files(trained, fields, tmp_path):
+    """Images read from files are recorded by content (files.content_sample), so that evaluate can tell them;
+    generated fields are not files (their seeds are in the data note)."""
+    from PIL import Image
+
+    from her2score.files import content_sample
+    from her2score.train import LabelledImage
+
+    res, _, _ = trained
+    assert res.record.training["image_samples"] == []  # the fixture's fields are generated, not files
+    png = tmp_path / "a.png"
+    Image.fromarray(fields[0].rgb).save(png)
+    from_file = [LabelledImage(f.rgb, f.label, str(png) if i == 0 else f.source) for i, f in enumerate(fields)]
+    again = train(from_file, config=TrainConfig(seed=3, **TINY))
+    assert again.record.training["image_samples"] == [content_sample(png)]
+
+
 def test_training_reads_labels_as_evaluation_does():
     """One parser for both commands: the five-level labels train as their score (null and ultralow as 0)."""
     assert [parse_score(x) for x in ("0", "1+", "2PLUS", " 3plus ", "null", "0+ (ultralow)", "Ultra-low", "3 +", "2")] == \
