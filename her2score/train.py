@@ -452,7 +452,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             which, pos = _sample_epoch(images, cands, train_idx, cfg.patches_per_image, cfg.patch_px, rng)
             order = rng.permutation(len(which))
             which, pos = which[order], pos[order]
-            tot_loss, tot_ok, tot_n = 0.0, 0, 0
+            tot_loss, tot_ok, tot_n, lr = 0.0, 0, 0, float(opt.param_groups[0]["lr"])
             for s in range(steps_per_epoch):
                 sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
                 if len(which[sl]) < 2:
@@ -464,6 +464,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
                 loss = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = float(opt.param_groups[0]["lr"])  # the rate this step used (the scheduler's next one wraps at the end)
                 opt.step()
                 sched.step()
                 tot_loss += float(loss.detach()) * len(y)
@@ -472,7 +473,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
             val = _validate(net, x_val, y_val, v_which, labels)
             row = {"epoch": epoch, "train_loss": round(tot_loss / max(tot_n, 1), 5),
                    "train_patch_accuracy": round(tot_ok / max(tot_n, 1), 4), **val,
-                   "lr": round(float(sched.get_last_lr()[0]), 6), "seconds": round(time.perf_counter() - t0, 2)}
+                   "lr": float(f"{lr:.4g}"), "seconds": round(time.perf_counter() - t0, 2)}
             if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
                 raise ValueError(f"training diverged at epoch {epoch} (train loss {row['train_loss']}, validation loss "
                                  f"{row['val_loss']}): nothing was saved; try a lower learning rate")

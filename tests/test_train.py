@@ -75,6 +75,11 @@ def test_training_loss_falls_and_log_is_written(trained):
     assert log["record"]["sha256"] == res.record.sha256 and log["config"]["seed"] == 3
     assert res.record.training["images"] == 12 and res.record.training["val_images"] == 4
     assert set(res.log["epochs"][0]) >= {"train_loss", "val_loss", "val_patch_accuracy", "val_image_accuracy", "seconds"}
+    # the rate each epoch's last step used: one-cycle, up 15% of the way then annealed down to the last step
+    # (the scheduler's rate after its final step wraps back up: the last two epochs logged one value)
+    lrs = [r["lr"] for r in res.log["epochs"]]
+    assert lrs[1] > lrs[2] > lrs[3] > 0 and len(set(lrs)) == 4, lrs
+    assert lrs[-1] == pytest.approx(TINY["lr"] / 25 / 1e4, rel=1e-3)  # the schedule's floor, where the run ends
 
 
 def test_trained_weights_round_trip(trained):
