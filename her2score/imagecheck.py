@@ -19,6 +19,7 @@ fields with stain jitter up to 8 degrees (see tests/test_imagecheck.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -122,20 +123,23 @@ def glass_background(rgb: np.ndarray, *, max_cast: float = GLASS_MAX_CAST) -> tu
     """White level I0 (RGB, 0-255): white_level with its colour cast limited to ``max_cast`` of its mean
     (tissue-filled fields have no glass: their brightest pixels are pale stain, which must not be taken
     for the white balance)."""
-    level = white_level(rgb)
+    return _as_background(white_level(rgb), max_cast)
+
+
+def _as_background(level: np.ndarray, max_cast: float) -> tuple[float, float, float]:
+    """A white level as I0: its cast limited to ``max_cast`` of its mean, no channel under 1."""
     mean = float(level.mean())
     return tuple(float(max(v, 1.0)) for v in np.clip(level, mean * (1 - max_cast), mean * (1 + max_cast)))
 
 
-def _cast_hint(rgb: np.ndarray) -> str:
-    """Words to add to a missing-counterstain refusal where the image's white has a colour cast beyond
-    GLASS_MAX_CAST and, with that white taken as the glass, haematoxylin blue would be there: the scanner's
-    white balance, not the stain, is the likely cause. "" otherwise."""
-    level = white_level(rgb)
+def _cast_hint(rgb: np.ndarray, level: np.ndarray) -> str:
+    """Words to add to a missing-counterstain refusal where the image's white (``level``: white_level) has a
+    colour cast beyond GLASS_MAX_CAST and, with that white taken as the glass, haematoxylin blue would be
+    there: the scanner's white balance, not the stain, is the likely cause. "" otherwise."""
     cast = colour_cast(level)
     if cast <= GLASS_MAX_CAST:
         return ""
-    _, haem, _ = stain_fractions(optical_density(rgb, tuple(float(max(v, 1.0)) for v in level)))
+    _, haem, _ = stain_fractions(optical_density(rgb, _as_background(level, math.inf)))
     if haem < MIN_HAEMATOXYLIN_FRACTION:
         return ""
     worst = int(np.argmax(np.abs(level - level.mean())))
@@ -309,7 +313,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     if rgb.size == 0:
         return ImageCheck(False, "dark_background", "the image is all black: not a brightfield slide; not scored", 1.0,
                           0.0, 0.0, float("nan"), (255.0, 255.0, 255.0))
-    background = glass_background(rgb)
+    level = white_level(rgb)
+    background = _as_background(level, GLASS_MAX_CAST)
     if detail is not None:
         detail = _without_frame(detail)
     detail, detail_mpp, detail_background = ((rgb, mpp, background) if detail is None or detail.size == 0 else
@@ -347,7 +352,7 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         code, reason = "no_counterstain", (f"only {haem:.1%} of stained pixels have the blue of a haematoxylin "
                                            "counterstain: no nuclei to count cells by (a counterstain missing or "
                                            "too pale), or not an H-DAB tissue image (a photo, text, a plot or "
-                                           f"another stain){_cast_hint(rgb)}; not scored")
+                                           f"another stain){_cast_hint(rgb, level)}; not scored")
     elif np.isfinite(diameter) and diameter > MAX_NUCLEUS_DIAMETER_UM:
         code, reason = "implausible_scale", (f"at {detail_mpp:g} µm/px nuclei would be {diameter:.0f} µm across "
                                              f"(real nuclei: 4-15 µm): the µm/px is wrong; give the scan's --mpp")
