@@ -34,10 +34,10 @@ fused score lies two scores or more from its classical one.
 
 Nor may the CNN lift a 0 whose stained cells are no more than real unstained membranes read
 (guidelines.false_membrane_share, none at all included, on few cells within the share's 95% interval):
-trained on generator fields, it can read faint
-diffuse DAB as 1+ on real ones, and such a 0 rests on the same faint evidence. A real Ki67 field (DeepLIIF
-799_2: a faint DAB blush and 1-3 brown nuclei; 7.3% of its cells read stained at 0.5 µm/px) was read 1+ by
-the CNN (p=0.88, with its brown nuclei's DAB removed too) and reported 1+, HER2-low; it now stays 0+ (ultralow).
+trained on generator fields, it can read faint diffuse DAB as 1+ on real ones, and such a 0 rests on the
+same faint evidence. A real Ki67 field (DeepLIIF 799_2: a faint DAB blush and 1-3 brown nuclei; 7.3% of
+its cells read stained at 0.5 µm/px) was read 1+ by the CNN (p=0.88, with its brown nuclei's DAB removed
+too) and reported 1+, HER2-low; it now stays 0+ (ultralow).
 """
 from __future__ import annotations
 

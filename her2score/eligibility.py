@@ -461,8 +461,9 @@ def _either(answers: list[str]) -> str:
 
 def _ish_doubt(result: SlideResult, ish: str | None) -> str | None:
     """Why the slide needs review when its ISH result contradicts its IHC score: ISH positive on a 0 or 1+, ISH
-    negative on a 3+ (ASCO/CAP reflex ISH only on a 2+; a discordant pair is a pathologist's to reconcile, and
-    an ISH-positive case is HER2-positive whatever its IHC); None otherwise."""
+    negative on a 3+ (both guidelines reflex ISH only on a 2+; a discordant pair is a pathologist's to reconcile:
+    under breast an ISH-positive case is HER2-positive whatever its IHC, under gastric HER2-positive is IHC 3+
+    or 2+ with ISH positive); None otherwise."""
     if ish == "positive" and result.score in ("0", "1+"):
         why = ("the gastric rules read ISH only on a 2+: HER2-positive is IHC 3+, or 2+ with ISH positive"
                if GUIDELINE_FAMILY[result.guideline] == "gastric" else

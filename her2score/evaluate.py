@@ -484,7 +484,7 @@ def _training_images(record, images: Sequence[str]) -> int:
     """How many of ``images`` the weights record lists among the CNN's training images (train: their
     files.content_sample, for images read from files); 0 where the record lists none."""
     known = set(record.training.get("image_samples") or ())
-    return sum(1 for p in images if known and Path(p).is_file() and content_sample(p) in known) if known else 0
+    return sum(1 for p in images if Path(p).is_file() and content_sample(p) in known) if known else 0
 
 
 _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in CATEGORIES))

@@ -25,6 +25,7 @@ def checked_workers(n) -> int:
         raise ValueError(f"workers must be a whole number of processes, at least 1, got {n!r}")
     return int(n)
 
+
 _held: list[tuple[int, object]] = []  # the signals caught while held: (signum, frame)
 _handlers: dict[int, Callable] = {}  # the Python handlers replaced while held, by signal
 
