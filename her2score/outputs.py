@@ -62,6 +62,9 @@ FIELD_MAX_PX = 4096
 resolution; larger ones a whole-slide overlay (thumbnail, heatmaps, regions)."""
 MIN_OVERLAY_PX = 480
 """The least width of an overlay: a narrower field is padded with white, so that its title and legend fit."""
+TEXT_WIDTH_PX = 1200
+"""Overlays up to this width draw their title, legend and scale bar at the base font sizes; a wider one scales
+them with its width, so that they read the same when the image is fitted to a screen."""
 
 
 def category_colour(name: str) -> tuple[int, int, int]:
@@ -393,29 +396,31 @@ def _legend(width: int, entries: list[tuple[str, tuple[int, int, int]]], *, size
     for r, items_r in enumerate(rows):
         x, y = 6, 4 + r * line
         for name, rgb, wpx in items_r:
-            d.rectangle([x, y + 2, x + size, y + size + 2], outline=tuple(rgb), width=3)
+            d.rectangle([x, y + 2, x + size, y + size + 2], outline=tuple(rgb), width=max(3, size // 4))
             d.text((x + size + 5, y), name, fill=(0, 0, 0), font=font)
             x += wpx
     return np.asarray(img)
 
 
-def _scale_band(width: int, mpp: float, *, margin: int = 8) -> np.ndarray:
+def _scale_band(width: int, mpp: float, *, margin: int = 8, scale: float = 1.0) -> np.ndarray:
     """A white band ``width`` px wide with a labelled scale bar (a round length near 1/5 of the width) at
-    its right, for an image of that width at ``mpp`` µm/px drawn above it (the image itself is left clear)."""
+    its right, for an image of that width at ``mpp`` µm/px drawn above it (the image itself is left clear);
+    its label's font ``scale`` x the base size."""
     from PIL import Image, ImageDraw
 
     target_um = width * mpp / 5
     um = max((v for v in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= target_um), default=1)
     bar = max(1, round(um / mpp))
     label = f"{um} µm" if um < 1000 else f"{um / 1000:g} mm"
-    size = max(11, min(18, width // 40))
-    img = Image.new("RGB", (width, size + 16), (255, 255, 255))
+    size = round(max(11, min(18, width // 40)) * scale)
+    thick = round(4 * scale)
+    img = Image.new("RGB", (width, size + thick + 12), (255, 255, 255))
     d = ImageDraw.Draw(img)
     font = _font(size)
     tw = int(d.textlength(label, font=font))
     x1 = width - margin
-    d.rectangle([max(0, x1 - bar), 3, x1, 7], fill=(0, 0, 0))
-    d.text((max(0, x1 - bar / 2 - tw / 2), 9), label, fill=(0, 0, 0), font=font)
+    d.rectangle([max(0, x1 - bar), 3, x1, 3 + thick], fill=(0, 0, 0))
+    d.text((max(0, x1 - bar / 2 - tw / 2), 5 + thick), label, fill=(0, 0, 0), font=font)
     return np.asarray(img)
 
 
@@ -440,7 +445,8 @@ def _draw_cells(canvas: np.ndarray, analysis: SlideAnalysis, idx: np.ndarray, or
                     width_px=max(1.0, 0.5 / mpp_canvas))
 
 
-def _title_lines(analysis: SlideAnalysis) -> list[tuple[str, int]]:
+def _title_lines(analysis: SlideAnalysis, scale: float = 1.0) -> list[tuple[str, int]]:
+    """The title band's (text, font size px) lines, font sizes ``scale`` x the base ones."""
     r = analysis.result
     score = f"HER2 {r.score}" if r.score not in (None, "") else "no HER2 score"
     level = f" ({r.level})" if r.level != r.score else ""
@@ -452,7 +458,7 @@ def _title_lines(analysis: SlideAnalysis) -> list[tuple[str, int]]:
     failed = [q.message for q in r.qc if q.severity in ("fail", "warn")]
     if failed:
         lines.append(("QC: " + "; ".join(failed), 13))
-    return lines
+    return [(text, round(size * scale)) for text, size in lines]
 
 
 def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> tuple[np.ndarray, float]:
@@ -658,13 +664,14 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     if field:
         canvas, mpp = _field_panel(analysis, slide)
         width = max(canvas.shape[1], MIN_OVERLAY_PX)
-        body = np.vstack([canvas, _scale_band(canvas.shape[1], mpp)])
+        body = np.vstack([canvas, _scale_band(canvas.shape[1], mpp, scale=max(1.0, width / TEXT_WIDTH_PX))])
         body = np.pad(body, ((0, 0), (0, width - body.shape[1]), (0, 0)), constant_values=255)  # a narrow field: white beside it
     else:
         width = 3 * (min(max(region_px, 400), 600) + 4)  # three region tiles a row, 4 px apart
         body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
-    title = _text_band(_title_lines(analysis), width)
-    legend = _legend(width, _legend_entries())
+    scale = max(1.0, width / TEXT_WIDTH_PX)
+    title = _text_band(_title_lines(analysis, scale), width, pad=round(6 * scale))
+    legend = _legend(width, _legend_entries(), size=round(13 * scale))
     out = np.vstack([title, body, legend])
     return out, ((0, title.shape[0], canvas.shape[1], canvas.shape[0]) if field else None)
 

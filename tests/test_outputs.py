@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import Outlines, clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outline_points, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, MIN_OVERLAY_PX, OUTPUT_FILES, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, MIN_OVERLAY_PX, OUTPUT_FILES, TEXT_WIDTH_PX, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
 from her2score.pipeline import ScoringConfig, analyse_slide
 from her2score.slide import ArraySlide
@@ -373,6 +373,24 @@ def test_a_narrow_field_gets_bands_wide_enough_for_its_title_and_legend():
     assert (w, h) == (96, 512) and img.shape[1] == MIN_OVERLAY_PX
     legend = img[y + h :]
     assert (legend[:, MIN_OVERLAY_PX - 5 :] == 255).all()  # the legend's last column is clear: nothing cut at the edge
+
+
+def test_a_wide_fields_text_grows_with_it_so_that_it_reads_the_same_fitted_to_a_screen():
+    f = generate_field("2+", seed=44, size_px=(2400, 256))
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    a = analyse_slide(slide)
+    img, (x, y, w, h) = overlay_image(a, slide)
+    narrow, (_, y1, w1, h1) = overlay_image(a, ArraySlide(f.image[:, :1200].copy(), mpp=f.mpp))  # at TEXT_WIDTH_PX: base size
+    assert (w, w1) == (2400, TEXT_WIDTH_PX)
+
+    def ink_rows(band: np.ndarray) -> int:  # rows of the first text line: from its first dark row to the next blank row
+        dark = (band < 128).any(axis=(1, 2))
+        top = int(np.argmax(dark))
+        return int(np.argmin(dark[top:]))
+
+    big, base = ink_rows(img[:y]), ink_rows(narrow[:y1])
+    assert 1.6 * base <= big <= 2.4 * base, (big, base)  # the title's first line, 2x the width: about 2x as tall
+    assert img.shape[0] - (y + h) > 1.6 * (narrow.shape[0] - (y1 + h1))  # scale bar and legend too
 
 
 def test_heatmap_bins_lie_where_their_cells_are():
