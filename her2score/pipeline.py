@@ -491,7 +491,7 @@ def analyse_slide(
             raise NuclearStainError(refusal.path, f"{refusal.reason}; with its own stain vectors {still:.0%} of tumour cells "
                                                   "still have DAB-stained nuclei (another stain, or an image with its red "
                                                   "and blue channels swapped?)", refusal.membrane) from None
-        if refusal.membrane <= FALSE_MEMBRANE_PERCENT / 100 < fractions["membrane"]:  # membranes the default vectors never saw
+        if refusal.membrane <= config.false_membrane_percent / 100 < fractions["membrane"]:  # membranes the default vectors never saw
             raise NuclearStainError(refusal.path, f"{refusal.reason}; its own stain vectors read {fractions['membrane']:.0%} "
                                                   f"of tumour cells with a stained membrane where the default ones read "
                                                   f"{refusal.membrane:.0%}, no more than unstained membranes read: membranes "
@@ -880,7 +880,8 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
     if level is None:
         qc.append(QCFinding("weak_counterstain", "warn", "weak counterstain: no nuclei found in the sampled tissue even "
                             "at half the nucleus thresholds: check the counterstain", 0.0))
-    elif level * COUNTERSTAIN_RATIO < config.nucleus_threshold_od:  # a slide the default settings find pale
+    elif threshold < config.nucleus_threshold_od or level * COUNTERSTAIN_RATIO < config.nucleus_threshold_od:
+        # thresholds lowered for its counterstain, or a slide the default ratio finds pale (never lowered at ratio 0)
         qc.append(QCFinding("weak_counterstain", "warn", f"weak counterstain: nuclear haematoxylin OD {level:.3f}; nuclei "
                             f"found from {threshold:.3f} OD (fixed: {config.nucleus_threshold_od:g}): check the overlay "
                             "for pale nuclei missed", round(level, 4)))

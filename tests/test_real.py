@@ -210,6 +210,15 @@ def test_a_paler_counterstain_keeps_the_colons_cells_and_its_shares(name, colon)
     assert abs(_intense(r) - _intense(base)) <= 5 < _intense(fixed) - _intense(base), (_intense(r), _intense(fixed))
 
 
+
+def test_nucleus_thresholds_lowered_under_any_ratio_are_reported(colon):
+    """The real colon's counterstain (0.119 OD) is dark enough for the default ratio (0.85 x 0.119 >= 0.10): nothing
+    lowered, no warning. Under counterstain_ratio 0.5 the thresholds fall to 0.059 OD, and the QC says so (it
+    judged the slide by the default ratio alone, and kept quiet)."""
+    assert "weak_counterstain" not in {q.code for q in colon[0].result.qc}
+    r = analyse_slide(CASES["skimage-colon-ihc"].slide(), mpp=0.5, config=ScoringConfig(counterstain_ratio=0.5)).result
+    assert r.staining["nucleus_threshold_od"] < 0.10 and "weak_counterstain" in {q.code for q in r.qc}
+
 def test_colon_stroma_and_inflammatory_cells_are_mostly_left_out(colon):
     """Cells in the DAB-free lamina propria (stroma, lymphocytes) versus cells in the glands."""
     a, rgb = colon
@@ -481,6 +490,10 @@ def test_a_nuclear_stain_on_real_nuclei_is_not_rescued_into_membranes():
                                                  r"with a stained membrane where the default ones read 0%") as refusal:
         analyse_slide(ArraySlide(rgb, mpp=0.5))
     assert refusal.value.membrane == 0.0
+    # the share unstained membranes may read is the configured one: at 100% no membrane the own vectors read is
+    # ruled out, and the own vectors' call stands (8%, the module's default, was used whatever the setting)
+    rescued = analyse_slide(ArraySlide(rgb, mpp=0.5), config=ScoringConfig(false_membrane_percent=100.0)).result
+    assert rescued.score is not None and "own_stain_vectors" in {q.code for q in rescued.qc}
 
 
 @needs_real
