@@ -323,20 +323,14 @@ class TileClassifier(ABC):
         return self.predict_od(deconvolve(rgb, stains), stains=stains, max_patches=max_patches)
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class TorchTileClassifier(TileClassifier):
     """The network in torch (training, evaluation and the reference outputs)."""
 
-    def __init__(self, net, record: WeightsRecord, *, device: str | None = None, source: str = ""):
+    def __init__(self, net, record: WeightsRecord, *, device: str = "cpu", source: str = ""):
         import torch
 
         super().__init__(record, source=source)
-        self.device = torch.device(device or _default_device())
+        self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         norm = record.normalisation
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -510,12 +504,12 @@ def use_one_thread() -> None:
         torch.set_num_threads(1)
 
 
-def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> TileClassifier:
+def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu") -> TileClassifier:
     """Load a :class:`TileClassifier` (no network access).
 
     ``path`` None loads the shipped weights (:func:`default_weights_path`) and checks their SHA-256
     against :data:`DEFAULT_WEIGHTS`, as it does for that file named by its path. Any file is checked against the tensor checksum saved inside it.
-    ``device``: "cpu", "cuda", ... (default: CUDA when available, else CPU).
+    ``device``: "cpu" (the default: the same probabilities on every machine), or "cuda", ... where asked for.
     Raises :class:`ModelError` naming the file when it is missing, unreadable, corrupt or mismatched.
     """
     import torch
