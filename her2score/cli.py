@@ -270,7 +270,7 @@ def _check(args) -> int:
         print(f"her2score check: {e}", file=sys.stderr)
         return 2
     statuses = [d.status for d in decisions]
-    code = 3 if "needs_review" in statuses else 1 if "not_eligible" in statuses else 0
+    code = max((CHECK_EXIT[s] for s in statuses), default=0)
     if args.json:
         print(json.dumps({"result": str(Path(args.result)), "slide": result.slide, "score": result.score, "level": result.level,
                           "exit_code": code,

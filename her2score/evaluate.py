@@ -710,7 +710,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
         "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
         "model": clf.name if clf else None,
-        "cnn_source": dict(sorted((k, v) for k, v in _count(r.get("cnn_by") for r in rows).items() if k)) or None,
+        "cnn_source": dict(sorted((k, v) for k, v in Counter(r.get("cnn_by") for r in rows).items() if k)) or None,
         "warnings": [], "methods": {},
     }
     every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored
@@ -792,12 +792,6 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     atomic_write(out / "report.md", _report(metrics, summary))
     return {**metrics, "summary": summary}
 
-
-def _count(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def _json_default(o):

@@ -123,10 +123,9 @@ lateral membranes as 2+ and 3+, and cells "reactive only in part of their membra
 2008, table 2; Rüschoff 2010), so an intense partial non-U membrane is a 1+ cell there.
 """
 
-PANCREATIC_NOTE = (
-    "There is no validated HER2 scoring guideline for pancreatic cancer; "
-    "clinical trials apply the gastric (Hofmann/ToGA) criteria, as this tool does."
-)
+PANCREATIC_NOTE = ("pancreatic and other non-gastric GI tumours: no validated HER2 guideline; trials apply these "
+                   "gastric (Hofmann/ToGA) criteria")
+"""The note every result scored under the gastric guideline carries."""
 
 _CUMULATIVE_KEYS = ("3+", "2+", "1+", "any")
 _MIN_CLUSTER_CELLS = 5

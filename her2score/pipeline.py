@@ -23,7 +23,7 @@ from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
-                         NEAR_CUTOFF_POINTS, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
+                         NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
@@ -232,8 +232,8 @@ def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = TISSUE_OD) -> fl
     """Focus QC of an optical-density image at ``mpp`` µm/px: over its tissue (OD above ``tissue_od``), the
     variance of the Laplacian against that of the detail at nucleus scale (the image less a 2 µm Gaussian),
     read at CALIBRATED_MPP (a finer image is brought down to it first, as blur_min was set there): a ratio, so
-    a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for under 100
-    tissue pixels."""
+    a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for 100 tissue
+    pixels or fewer."""
     if mpp < CALIBRATED_MPP:
         f = mpp / CALIBRATED_MPP
         od, mpp = cv2.resize(od, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), CALIBRATED_MPP
@@ -624,7 +624,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
     qc = _qc(scan, config, parts, n_tumour, floor)
     notes = scan.notes
     if config.guideline == "gastric":
-        notes = (*notes, "pancreatic and other non-gastric GI tumours: no validated guideline; trials apply these gastric criteria")
+        notes = (*notes, PANCREATIC_NOTE)
     if n_tumour == 0:  # no score at all, never HER2 0
         score, level, flags, h = None, "not scored", ("no_tumour_cells",), None
         reason = f"no tumour cells found ({region_source}): no HER2 score"

@@ -430,8 +430,15 @@ def test_h_score_needs_cells():
         h_score({})
 
 
-def test_pancreatic_note():
-    assert "gastric" in PANCREATIC_NOTE and "no validated" in PANCREATIC_NOTE.lower()
+def test_every_gastric_result_says_pancreatic_tumours_have_no_guideline_of_their_own():
+    from her2score.pipeline import score_slide
+    from her2score.slide import ArraySlide
+    from her2score.synthetic import generate_field
+
+    f = generate_field("2+", seed=45, size_px=(256, 256))
+    assert PANCREATIC_NOTE in score_slide(ArraySlide(f.image, mpp=f.mpp), guideline="gastric").notes
+    assert PANCREATIC_NOTE not in score_slide(ArraySlide(f.image, mpp=f.mpp)).notes
+    assert "no validated" in PANCREATIC_NOTE and "gastric" in PANCREATIC_NOTE
 
 
 def test_fewer_than_five_intense_cells_are_isolated_in_a_small_field():
