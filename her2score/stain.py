@@ -29,8 +29,11 @@ __all__ = [
 ]
 
 
-def _unit(v) -> tuple[float, float, float]:
+def _unit(v, name: str = "stain vector") -> tuple[float, float, float]:
+    """``v`` scaled to unit length; ValueError unless it is 3 finite numbers, not all 0."""
     a = np.asarray(v, dtype=np.float64)
+    if a.shape != (3,) or not np.isfinite(a).all() or not np.linalg.norm(a) > 0:
+        raise ValueError(f"{name} must be 3 finite RGB optical densities, not all 0, got {v!r}")
     return tuple(float(x) for x in a / np.linalg.norm(a))
 
 
@@ -45,12 +48,15 @@ class StainSet:
     residual: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        h, d = np.array(_unit(self.hematoxylin)), np.array(_unit(self.dab))
+        h, d = np.array(_unit(self.hematoxylin, "haematoxylin vector")), np.array(_unit(self.dab, "DAB vector"))
+        if np.linalg.norm(np.cross(h, d)) < 1e-6:
+            raise ValueError(f"the haematoxylin and DAB vectors are parallel: {self.hematoxylin}, {self.dab}")
         object.__setattr__(self, "hematoxylin", tuple(h.tolist()))
         object.__setattr__(self, "dab", tuple(d.tolist()))
         object.__setattr__(self, "residual", _unit(np.cross(h, d)))
-        if min(self.background) <= 0:
-            raise ValueError(f"background intensity must be positive, got {self.background}")
+        bg = np.asarray(self.background, dtype=np.float64)
+        if bg.shape != (3,) or not np.isfinite(bg).all() or bg.min() <= 0:
+            raise ValueError(f"background intensity must be 3 finite positive RGB values, got {self.background}")
 
     def matrix(self) -> np.ndarray:
         """3x3 float32 matrix whose rows are the H, DAB and residual OD vectors."""

@@ -39,8 +39,13 @@ def test_stainset_is_normalised_and_validated():
     s = StainSet((1, 1, 0.5), (0.2, 0.5, 0.8))
     assert np.linalg.norm(s.hematoxylin) == pytest.approx(1.0)
     assert np.dot(s.residual, s.dab) == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="background"):
         StainSet((1, 1, 1), (1, 0, 0), background=(0, 255, 255))
+    for bad, words in [(dict(background=(float("nan"), 255, 255)), "background"), (dict(background=(255, 255)), "background"),
+                       (dict(hematoxylin=(0, 0, 0)), "haematoxylin vector"), (dict(dab=(0.2, float("inf"), 0.8)), "DAB vector"),
+                       (dict(dab=(2, 2, 1)), "parallel")]:  # NaN made every OD NaN; a zero vector NaN vectors
+        with pytest.raises(ValueError, match=words):
+            StainSet(**{"hematoxylin": (1, 1, 0.5), "dab": (0.2, 0.5, 0.8), **bad})
 
 
 def test_background_estimate_from_glass():
