@@ -18,6 +18,7 @@ from her2score.synthetic import (
     make_slide,
     write_dataset,
     write_pyramidal_tiff,
+    write_samples,
 )
 
 
@@ -192,3 +193,18 @@ def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_
     assert len(images) == 4 and not any(p.name.startswith(".") for p in images)
     for image in images:
         Image.open(image).load()  # whole
+
+
+def test_the_committed_sample_images_are_what_write_samples_makes(tmp_path):
+    """sample_images/ is synthetic.write_samples' output: the same truth, and the same pixels (the slide's within
+    the rounding of its JPEG tiles)."""
+    import tifffile
+
+    committed = Path(__file__).resolve().parent.parent / "sample_images"
+    made = write_samples(tmp_path)
+    assert json.loads((made / "truth.json").read_text()) == json.loads((committed / "truth.json").read_text())
+    assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for png in sorted(committed.glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(made / png.name)), np.asarray(Image.open(png))), png.name
+    ours, theirs = tifffile.imread(made / "slide_2plus.tif"), tifffile.imread(committed / "slide_2plus.tif")
+    assert ours.shape == theirs.shape and np.abs(ours.astype(int) - theirs).mean() < 0.5
