@@ -903,6 +903,7 @@ def score_slide(
     mpp: float | None = None,
     region: str | os.PathLike | Region | None = None,
     config: ScoringConfig | None = None,
+    backend: str | None = None,
     workers: int = 1,
     cnn=None,
 ) -> SlideResult:
@@ -914,9 +915,9 @@ def score_slide(
     none; ``region`` is a QuPath GeoJSON or mask image of the tumour (default: detected epithelial cells);
     ``cnn``: a TileClassifier (``her2score.cnn.load_model()``) whose tile probabilities are reported and
     fused with the guideline score (default: none, the classical call alone; the CLI fuses the shipped
-    model unless --no-cnn). Raises SlideError (naming the file) when the
-    slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
+    model unless --no-cnn); ``backend`` forces a reader (slide.open_slide). Raises SlideError (naming the file)
+    when the slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
     config = config or ScoringConfig()
     config = replace(config, guideline=guideline or config.guideline, specimen=specimen or config.specimen)
-    return analyse_slide(path, config=config, mpp=mpp, region=region, workers=workers, cnn=cnn).result
+    return analyse_slide(path, config=config, mpp=mpp, region=region, backend=backend, workers=workers, cnn=cnn).result

@@ -105,6 +105,7 @@ def test_pyramidal_tiff_through_tifffile_and_openslide(tmp_path):
     # same pixels to within decoder rounding: cell counts agree closely
     assert abs(a.result.tumour_cells - b.result.tumour_cells) <= 0.03 * a.result.tumour_cells
     assert a.result.tissue_area_mm2 == pytest.approx(b.result.tissue_area_mm2, rel=0.02)
+    assert score_slide(path, backend="openslide") == b.result  # score_slide takes the reader as analyse_slide does
 
 
 def test_tile_workers_give_the_same_result(tmp_path):
