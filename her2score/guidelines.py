@@ -592,7 +592,7 @@ def _pct(n: int, total: int, bound: str) -> str:
     return f"{percent_text(100 * n / total)} of tumour cells ({n}/{total}, {bound})"
 
 
-def _staining(c: Mapping[str, int], total: int, bound: str, what: str = "membrane staining") -> str:
+def _staining_words(c: Mapping[str, int], total: int, bound: str, what: str = "membrane staining") -> str:
     """'<kind> membrane staining in <pct>' for the stained cells of ``c``; several kinds are listed after."""
     stained = {cat: n for cat, n in c.items() if cat != "none" and n}
     n = sum(stained.values())
@@ -648,7 +648,7 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
         return "3+", "3+", (), f"strong complete membrane staining in {_pct(strong, total, '>10%')}"
     if over(complete):
         kinds = {"weak_moderate_complete": c["weak_moderate_complete"], "strong_complete": strong}
-        return "2+", "2+", ("ish_reflex",), _staining(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
+        return "2+", "2+", ("ish_reflex",), _staining_words(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
     unusual = ("ish_reflex", "unusual_pattern")
     if over(intense + lateral):  # intense complete cells in <=10% only, the rest incomplete
         kinds = {"weak_moderate_lateral": lateral, "strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"],
@@ -657,7 +657,7 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
         if lateral:
             what = ("lateral/basolateral or intense membrane staining (incomplete, or complete in <=10%)" if strong
                     else "incomplete membrane staining, lateral/basolateral or intense,")
-        reason = _staining(kinds, total, ">10%", what)
+        reason = _staining_words(kinds, total, ">10%", what)
         moderate = ("; ASCO/CAP's unusual 'moderate to intense but incomplete (basolateral or lateral)' pattern (weak "
                     "and moderate are not told apart)") if lateral else ""
         return "2+", "2+", unusual, f"unusual pattern: {reason}{moderate}; reflex ISH required"
@@ -667,14 +667,14 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     stained = total - c["none"]
     nothing = f"no membrane staining in any of {total:,} tumour cells"
     if over(stained):
-        return "1+", "1+", ("her2_low",), _staining(c, total, ">10%")
+        return "1+", "1+", ("her2_low",), _staining_words(c, total, ">10%")
     if guideline == "breast-asco-cap-2018":
-        return "0", "0", (), _staining(c, total, "<=10%") if stained else nothing
+        return "0", "0", (), _staining_words(c, total, "<=10%") if stained else nothing
     if not stained:
         return "0", "0 (null)", ("null",), nothing
     beyond = "" if stained == c["faint_partial"] else (  # cells not faint: ultralow by this tool's reading, not the trial's words
         "; ultralow as this tool reads any staining in <=10% (DESTINY-Breast06's ultralow is barely perceptible, incomplete staining)")
-    return "0", "0+ (ultralow)", ("ultralow",), _staining(c, total, ">0% and <=10%") + beyond
+    return "0", "0+ (ultralow)", ("ultralow",), _staining_words(c, total, ">0% and <=10%") + beyond
 
 
 _GASTRIC_WORDS = {

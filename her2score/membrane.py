@@ -72,7 +72,8 @@ def _cytoplasm_fill(smooth: np.ndarray, off: np.ndarray, *, mpp: float, sigma_um
 
 @dataclass(frozen=True)
 class CellMeasurements:
-    """Per-cell measurements (arrays of equal length); positions in tile pixels (x = column).
+    """Per-cell measurements (arrays of equal length); positions in pixels (x = column): of the image measured
+    as measure_cells returns them, of the slide's level 0 once pipeline.score_tile has placed them.
 
     x, y: cell centroid; nucleus_* are 0 for a cell found by its membrane ring alone (no nucleus
     seen); nucleus_width_um: minor axis; hematoxylin_od / nucleus_dab_od: mean OD over the

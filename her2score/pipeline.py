@@ -224,11 +224,11 @@ class TileResult:
     """Stained pixels of the tile's core (every 3rd row and column) that eosin_px is counted among."""
 
 
-TISSUE_OD = 0.1
+TILE_TISSUE_OD = 0.1
 """Summed haematoxylin and DAB OD (log10) over which a tile's pixel is tissue (its tissue count, the focus)."""
 
 
-def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = TISSUE_OD) -> float:
+def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = TILE_TISSUE_OD) -> float:
     """Focus QC of an optical-density image at ``mpp`` µm/px: over its tissue (OD above ``tissue_od``), the
     variance of the Laplacian against that of the detail at nucleus scale (the image less a 2 µm Gaussian),
     read at CALIBRATED_MPP (a finer image is brought down to it first, as blur_min was set there): a ratio, so
@@ -277,7 +277,7 @@ CONTENT_GRID_PX = 16
 CONTENT_REACH_UM of one whose haematoxylin or DAB OD (log10) reaches half the least that starts a cell (a
 nucleus needs smoothed haematoxylin OD of its threshold, 0.05-0.10 by default, or DAB of 0.35; a membrane
 basin a ring of membrane contrast basin_contrast_od, 0.10, over DAB's level around it, which on glass is
-about 0) or counts as tissue (TISSUE_OD, summed). A cell reaches at most max_cell_radius_um from where it
+about 0) or counts as tissue (TILE_TISSUE_OD, summed). A cell reaches at most max_cell_radius_um from where it
 starts, and CONTENT_REACH_UM is more than the filters that read it look further (the widest, the 8 µm opening
 of local_background, 16 µm). The box
 lies on the CONTENT_GRID_PX grid of the tile's own pixels, and is used only where every coarse grid a step
@@ -323,7 +323,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
     nucleus = nucleus or _nucleus_thresholds([h_od], config)
-    box = _content_box(h_od, dab_od, mpp=mpp, start_od=min(nucleus.threshold_od, config.basin_contrast_od, TISSUE_OD),
+    box = _content_box(h_od, dab_od, mpp=mpp, start_od=min(nucleus.threshold_od, config.basin_contrast_od, TILE_TISSUE_OD),
                        cell_radius_um=config.max_cell_radius_um)  # the tissue counted is content too
     origin = (box[0].start, box[1].start)
     h_box, dab_box, outside = h_od[box], dab_od[box], tile.beyond_slide()[box]
@@ -340,7 +340,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     label_xy = anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)  # float32 throughout
     outline_points, outline_sizes = trace_outline_points(cells, m.label, origin)
     total_od = h_box + dab_box  # the focus filters reach less far than the box's margin
-    tissue = total_od > TISSUE_OD
+    tissue = total_od > TILE_TISSUE_OD
     focus = sharpness(total_od, mpp=mpp)
     probs, n_patches = None, 0
     mg = tile.margin
@@ -605,7 +605,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour)
         tumour, region_source = selection.tumour, selection.describe()
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
-    staining = _staining(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
+    staining = _stain_compartments(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
     blush = diffuse_cytoplasm_od(cells, unstained_cells=tumour & (category == 0), reference_cells=~tumour, unstained_od=unstained)
     read = tumour & (category > 0)
@@ -771,7 +771,7 @@ def _no_tissue(slide: Slide) -> str:
     return f"no tissue found (blank, fully white or black slide, or only fragments under {MIN_TISSUE_UM2:,.0f} µm²)"
 
 
-def _staining(slide_path: str, config: ScoringConfig, compartment: np.ndarray, floor: float, threshold: float) -> dict:
+def _stain_compartments(slide_path: str, config: ScoringConfig, compartment: np.ndarray, floor: float, threshold: float) -> dict:
     """Where the slide's DAB lies (shares of the ``compartment`` codes given: the tumour cells'), and the membrane
     threshold used; refuses nuclear DAB (not a HER2 pattern)."""
     frac = {name: round(float(np.mean(compartment == i)), 4) for i, name in enumerate(COMPARTMENTS) if i}
