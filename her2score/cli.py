@@ -560,8 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     e.add_argument("labels", help="CSV of path,label[,eligible][,ish] (paths relative to the CSV) or a folder per class")
     e.add_argument("--out", required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
-    e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse "
-                                   "where scored under the same --guideline and --specimen (and the same CNN, where it runs)")
+    e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse where "
+                                   "this version of her2score scored the image with the same settings and µm/px (and the "
+                                   "same CNN, where it runs), without a --regions annotation")
     e.add_argument("--reuse-by-name", action="store_true",
                    help="with --reuse, also match a result by the image's file name where the image it names has moved "
                         "(warned of in the report: nothing checks that it read the same pixels)")

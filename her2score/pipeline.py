@@ -121,7 +121,7 @@ class ScoringConfig:
     nuclear_stain_min / nuclear_membrane_ratio: a slide whose tumour cells have DAB-stained nuclei in at
     least that share, and in at least that ratio to the share with stained membranes, is refused as
     nuclear DAB (HER2 stains membranes; measured on tumour cells: real colon IHC 0.03, its variants
-    <= 0.01, 400 generated fields with stain jitter 6 <= 0.34; real Ki67 fields and crops 0.72-2.6, also
+    <= 0.01, 400 generated fields with stain jitter 6 <= 0.34; real Ki67 fields and crops 0.74-2.7, also
     under their own stain vectors, given 2.2x their µm/px and at JPEG quality 60); cluster_distance_um: cohesive-cluster
     spacing (gastric biopsy); min_tumour_cells, isolated_intense_percent, gastric_reading,
     near_cutoff_points and false_membrane_percent: see guidelines; blur_min: least sharpness in focus (sharpness:

@@ -140,7 +140,7 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     0.075-0.087 against membranes 0.31; the stained cells of 97 jittered 3+ fields, filled 0.14 median and
     0.26 at most, their membranes 1.15 x that or more; the flagged real cases: membranes 0.04-0.10 against
     blush 0.12-0.26, and the real colon's FHL2 stain, membranes 0.19 against its stained cells' cytoplasm
-    0.40). ``guideline`` names the 0 it could be: 0 (null) under one that splits 0 (guidelines.ZERO_SPLIT),
+    0.43). ``guideline`` names the 0 it could be: 0 (null) under one that splits 0 (guidelines.ZERO_SPLIT),
     else 0."""
     if (score == "0" and level != "0+ (ultralow)") or score is None:
         return flags, ""
