@@ -2,8 +2,10 @@
 told apart by their content."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +18,14 @@ __all__ = ["atomic_file", "atomic_write", "content_sample", "is_temp_file"]
 def content_sample(path: str | os.PathLike, block: int = 1 << 16) -> str:
     """SHA-256 (hex) of a file's size, first and last ``block`` bytes: which file it is, where name, size and
     modification time alike are no proof (two slides of a fixed size, extracted from one archive), without
-    reading a whole slide."""
+    reading a whole slide. OSError for anything but a regular file (a FIFO, a device), never waiting on it."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opened to read would wait for a writer
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        size = st.st_size
         h.update(size.to_bytes(8, "little") + fh.read(block))
         fh.seek(max(0, size - block))
         h.update(fh.read(block))
