@@ -448,9 +448,8 @@ def process_slide(job: Job) -> dict:
             guideline=r.guideline, specimen=r.specimen, region=r.region,
             **{f"pct_{c}": r.percentages.get(c, "") for c in CATEGORIES},
         )
-    except BrokenProcessPool as e:  # a tile or output worker of this slide died (the OOM killer, a crashing reader)
-        log.debug("slide's worker died: %s\n%s", job.slide, traceback.format_exc())
-        return _crash_row(job, e)
+    except BrokenProcessPool:  # a tile or output worker of this slide died (the OOM killer, a crashing reader):
+        raise  # as when the process scoring it dies, _execute runs it again alone (one tile worker), Dask makes an error row
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
@@ -520,8 +519,9 @@ class _Manifest:
         e = self.entries.get(job.slide)
         if not e or e.get("state") != "done" or e.get("config") != _config_key(job) or e["row"].get("output") != job.name:
             return False
-        try:
-            if e.get("signature") != _signature(job.slide):
+        recorded = e.get("sample")  # None: not read when recorded (or an older manifest)
+        try:  # name, size and time alike are no proof: two slides of one size swapped by mv (content_sample)
+            if e.get("signature") != _signature(job.slide) or recorded not in (None, content_sample(job.slide)):
                 return False
         except OSError:
             return False
@@ -854,8 +854,9 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
     """Yield (job, row) as slides finish: in child processes (at most ``workers`` at a time), or on Dask
     (its client and any local cluster are entered into ``cluster``, for the caller to close).
 
-    If a child dies, the slides it may have been scoring are run again one by one, each in a fresh
-    process; the one that kills its process again gets an error row.
+    If a child dies, or a tile worker of the slide it scores, the slides it may have been scoring are run again
+    one by one, each in a fresh process scoring its tiles itself; the one that kills its process again gets an
+    error row.
     """
     if not jobs:
         return
@@ -869,9 +870,9 @@ def _execute(jobs: list[Job], workers: int, scheduler: str | None, cluster: Exit
     while pending or suspects:
         if suspects:
             job = suspects.popleft()
-            with _pool(1) as pool:
+            with _pool(1) as pool:  # its tiles in the one process too: the least memory (the same outputs)
                 try:
-                    row = result_of(pool.submit(process_slide, job))
+                    row = result_of(pool.submit(process_slide, replace(job, tile_workers=1)))
                 except BrokenProcessPool as e:
                     row = _crash_row(job, e)
             yield job, row

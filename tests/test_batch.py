@@ -704,6 +704,80 @@ def test_a_tile_worker_that_dies_makes_its_slide_an_error_row(tmp_path, three, p
     assert not (tmp_path / "out" / "slide.tif" / "result.json").exists()
 
 
+
+def test_a_tile_worker_that_dies_once_has_its_slide_run_again(tmp_path, pyramid_tiff, monkeypatch):
+    """A slide's tile worker killed once (the OOM killer): as when the process scoring a slide dies, the slide is
+    run again in a fresh process, scoring its tiles itself, and finishes with the outputs of a clean run (it was
+    an error row at once, where slides scored side by side were run again)."""
+    from her2score import pipeline
+
+    slide = tmp_path / "slides" / "slide.tif"
+    slide.parent.mkdir()
+    shutil.copy(pyramid_tiff, slide)
+    clean = run_batch([slide], tmp_path / "clean", config=SMALL_TILES, workers=1)
+    flag, read_and_score = tmp_path / "died", pipeline._read_and_score
+
+    def dies_once(*a, **k):  # the forked tile workers see the flag the first death leaves
+        if not flag.exists():
+            flag.touch()
+            os._exit(9)
+        return read_and_score(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_read_and_score", dies_once)
+    rows = run_batch([slide], tmp_path / "out", config=SMALL_TILES, workers=2)
+    assert flag.exists() and rows[0]["status"] == "ok", rows[0]["error"]
+    assert _result_bytes(tmp_path / "out") == _result_bytes(tmp_path / "clean") and clean[0]["status"] == "ok"
+
+
+def test_two_slides_of_one_size_swapped_by_mv_are_scored_again(tmp_path, fields):
+    """Uncompressed TIFF fields of one size and time, swapped with mv (name, size and time each stay with the
+    path): each result followed the path, and a resumed batch reported the 3+ file's old 0."""
+    import tifffile
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name, score in (("a.tif", "0"), ("b.tif", "3+")):
+        tifffile.imwrite(folder / name, fields[score], photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        os.utime(folder / name, ns=(1_700_000_000_000_000_000,) * 2)
+    first = {Path(r["slide"]).name: r["score"] for r in run_batch([folder], tmp_path / "out")}
+    assert first == {"a.tif": "0", "b.tif": "3+"} and (folder / "a.tif").stat().st_size == (folder / "b.tif").stat().st_size
+    os.rename(folder / "a.tif", folder / "t.tif")
+    os.rename(folder / "b.tif", folder / "a.tif")
+    os.rename(folder / "t.tif", folder / "b.tif")
+    rows = run_batch([folder], tmp_path / "out")
+    assert {Path(r["slide"]).name: r["score"] for r in rows} == {"a.tif": "3+", "b.tif": "0"}
+    assert rows.reused == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_among_the_slides_is_an_error_row_and_never_blocks_the_batch(tmp_path, good_png):
+    """A FIFO named like a slide: refused by the worker, then the batch hung for good sampling its content to
+    record the row (opening a FIFO to read waits for a writer), deaf to SIGTERM and Ctrl-C."""
+    from her2score.files import content_sample
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(good_png, folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    raised = []
+
+    def sample():  # in a thread, so that a regression fails this test instead of hanging the suite
+        try:
+            content_sample(folder / "b.png")
+        except OSError as e:
+            raised.append(str(e))
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and raised and "not a regular file" in raised[0]
+    proc = subprocess.run([sys.executable, "-m", "her2score", "score", str(folder), "--out", str(tmp_path / "out"),
+                           "--no-cnn", "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    rows = {Path(r["slide"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv", encoding="utf-8"))}
+    assert rows["a.png"]["status"] == "ok" and rows["b.png"]["status"] in ("error", "refused")
+    assert "b.png" in rows["b.png"]["error"]
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyramid_tiff):
     """SIGKILL the process scoring a slide: its slides are run again, one by one, and all finish."""
