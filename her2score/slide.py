@@ -637,18 +637,26 @@ class TiffSlide(Slide):
             raise SlideError(path, problem)
         try:
             self._tif = tifffile.TiffFile(path)
-            pages = list(self._tif.pages)
-            if pages and pages[0].subifds:  # a pyramid in SubIFDs (OME-TIFF from QuPath, bfconvert)
-                pages += _subifd_levels(self._tif, pages[0])
+            top = list(self._tif.pages)
+            base = max(top, key=lambda p: p.imagewidth * p.imagelength) if top else None  # not an overview stored first
+            # a pyramid in SubIFDs (OME-TIFF from QuPath, bfconvert): the levels of that image, no other's
+            pages = top + (_subifd_levels(self._tif, base) if base is not None and base.subifds else [])
         except SlideError:
             raise
         except Exception as e:  # tifffile raises many types on corrupt input
             raise SlideError(path, f"not a readable TIFF ({type(e).__name__}: {e})") from None
         self._fd = None
         try:
-            if not pages:
+            if base is None:
                 raise SlideError(path, "TIFF has no images")
-            base = max(pages, key=lambda p: p.imagewidth * p.imagelength)  # not an overview stored first
+            twins = [i for i, p in enumerate(top) if p is not base and p.samplesperpixel == base.samplesperpixel
+                     and p.dtype == base.dtype and abs(p.imagewidth - base.imagewidth) <= 1
+                     and abs(p.imagelength - base.imagelength) <= 1]
+            if twins:  # which of them is the slide, the file does not say
+                raise SlideError(path, f"holds {len(twins) + 1} full-size images of {base.imagewidth} x {base.imagelength} "
+                                       f"px (pages {', '.join(str(i) for i in sorted([*twins, top.index(base)]))}): "
+                                       "several fields, scenes or focal planes in one file; save the one to score "
+                                       "as a file of its own")
             _check_dimensions(path, base.imagewidth, base.imagelength)
             if base.imagedepth > 1:
                 raise SlideError(path, f"3-D TIFF ({base.imagedepth} planes deep) is not supported; save one plane as RGB")

@@ -510,10 +510,11 @@ def test_a_pyramid_in_subifds_is_read_level_by_level(tmp_path, slide_rgb):
 
 
 def test_the_ome_unit_is_that_of_the_pixels_element_with_the_size(tmp_path, slide_rgb):
-    """Two images in one OME-XML: the first's size in the default unit (µm), the second's in mm; the first
-    image's unit is not taken from the second."""
+    """Two images in one OME-XML: the first's size in the default unit (µm), the second's (smaller: two of one
+    size are refused) in mm; the first image's unit is not taken from the second."""
     def pixels(i, size):
-        return (f'<Image ID="Image:{i}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" Type="uint8" SizeX="64" SizeY="64" '
+        side = 64 if i == 0 else 48
+        return (f'<Image ID="Image:{i}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" Type="uint8" SizeX="{side}" SizeY="{side}" '
                 f'SizeC="3" SizeZ="1" SizeT="1" {size}><Channel ID="Channel:{i}:0" SamplesPerPixel="3"/>'
                 f'<TiffData IFD="{i}" PlaneCount="1"/></Pixels></Image>')
 
@@ -522,10 +523,26 @@ def test_the_ome_unit_is_that_of_the_pixels_element_with_the_size(tmp_path, slid
     path = tmp_path / "two.ome.tif"
     with tifffile.TiffWriter(path) as tif:
         tif.write(slide_rgb[:64, :64], photometric="rgb", description=xml, metadata=None)
-        tif.write(slide_rgb[64:128, :64], photometric="rgb", metadata=None)
+        tif.write(slide_rgb[64:112, :48], photometric="rgb", metadata=None)
     with open_slide(path) as s:
         assert s.mpp == pytest.approx(0.25) and s.mpp_source == "metadata"
 
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_a_tiff_of_several_full_size_images_is_refused_naming_them(tmp_path, slide_rgb, stack):
+    """Three fields in one TIFF (pages written one by one, or one array of three): the largest page was scored
+    alone, with no word of the others (a HER2 0 first, then two 3+ fields, read 0 (null) with QC passed)."""
+    path = tmp_path / "fields.tif"
+    fields = [slide_rgb[:128, :128], slide_rgb[128:256, :128], slide_rgb[256:384, :128]]
+    if stack:
+        tifffile.imwrite(path, np.stack(fields), photometric="rgb")
+    else:
+        with tifffile.TiffWriter(path) as tif:
+            for f in fields:
+                tif.write(f, photometric="rgb")
+    with pytest.raises(SlideError, match=r"holds 3 full-size images of 128 x 128 px \(pages 0, 1, 2\): several fields"):
+        open_slide(path, mpp=0.5)
 
 def test_a_broken_subifd_leaves_the_full_resolution_readable(tmp_path, slide_rgb):
     path = tmp_path / "sub.ome.tif"
