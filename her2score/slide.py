@@ -241,11 +241,21 @@ def _plausible(mpp: float | None) -> float | None:
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
 
 
-def _white_of(brightest: int) -> int:
-    """The white of 16-bit samples whose brightest colour sample is ``brightest``: the full scale of the bits it
-    uses, at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
+HOT_SAMPLES = (0.0001, 16)
+"""The brightest share of 16-bit colour samples, and the least number of them, left out of their brightest
+(_white_of): a few hot or saturated pixels do not set the scale (one pixel at 65535 in a 12-bit image read every
+pixel 16 x too dark, and the slide as blank)."""
+
+
+def _white_of(samples: np.ndarray) -> int:
+    """The white of 16-bit colour ``samples``: the full scale of the bits their brightest uses (HOT_SAMPLES left
+    out), at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
     4095, not 65535)."""
-    return (1 << max(9, int(brightest).bit_length())) - 1
+    flat = np.asarray(samples).ravel()
+    share, least = HOT_SAMPLES
+    k = max(0, len(flat) - 1 - max(least, int(share * len(flat))))
+    brightest = int(np.partition(flat, k)[k]) if len(flat) else 0
+    return (1 << max(9, brightest.bit_length())) - 1
 
 
 def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
@@ -434,7 +444,7 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None) -> ArraySlide:
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
         raise SlideError(path, "cannot decode its 16-bit colour samples")
     arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV's BGR(A) as RGB(A)
-    white = _white_of(int(arr[..., :3].max()))
+    white = _white_of(arr[..., :3])
     note = f"{white.bit_length()}-bit samples scaled to 8 bits"
     return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp))
 
@@ -767,7 +777,7 @@ class TiffSlide(Slide):
 
     def _white_level(self, base, sample_segments: int = 64) -> int:
         """The sample value of white: the full scale of 8-15-bit samples; for 16-bit ones MaxSampleValue where
-        the file gives it, else the full scale of the bits its brightest colour sample uses (glass is a
+        the file gives it, else the full scale of the bits its brightest colour samples use (_white_of; glass is a
         brightfield slide's brightest: a 12-bit camera's samples stored unscaled reach 4095, not 65535), read
         on up to ``sample_segments`` tiles or strips of its smallest level spread over it (an alpha or other
         extra sample left out)."""
@@ -781,13 +791,13 @@ class TiffSlide(Slide):
         page = self._pages[level]
         planes = _segment_grid(page)[2]
         per_plane = len(page.dataoffsets) // planes
-        brightest = 0
+        samples = []
         for plane in range(min(planes, 3)):  # separate planes: the colour ones; contiguous: the first 3 samples
             for index in np.unique(np.linspace(0, per_plane - 1, min(per_plane, sample_segments)).astype(int)):
                 seg = self._segment(page, level, plane * per_plane + int(index))
                 if seg is not None:
-                    brightest = max(brightest, int((seg if planes > 1 else seg[..., :3]).max()))
-        return _white_of(brightest)
+                    samples.append((seg if planes > 1 else seg[..., :3]).ravel())
+        return _white_of(np.concatenate(samples) if samples else np.zeros(0, np.uint16))
 
     def _read_level(self, level, x, y, width, height):
         page = self._pages[level]

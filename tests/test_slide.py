@@ -428,6 +428,12 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
     with open_slide(unscaled) as s:
         assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
         assert s.notes == ("12-bit samples scaled to 8 bits",)
+    hot = rgb.astype(np.uint16) * 16
+    hot[5, 7] = hot[40, 2] = 65535  # two saturated pixels (a hot pixel, a reflection) do not set the white
+    tifffile.imwrite(unscaled, hot, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with open_slide(unscaled) as s:
+        read = s.read_region((0, 0), (64, 64), mpp=0.25).astype(int)
+        assert np.abs(read - rgb)[hot[..., 0] < 65535].max() <= 1 and s.notes == ("12-bit samples scaled to 8 bits",)
     for alpha in ((), (np.full((64, 64), 65535, np.uint16),)):  # the same in a PNG (Pillow keeps only the high byte)
         png = tmp_path / f"unscaled{len(alpha)}.png"
         cv2.imwrite(str(png), np.dstack([*(rgb.astype(np.uint16) * 16)[..., ::-1].transpose(2, 0, 1), *alpha]))
