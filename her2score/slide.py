@@ -504,7 +504,7 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
         return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **rival}
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
-    if meta_mpp:
+    if meta_mpp is not None:  # 0, negative, NaN or infinite too: a value, not none
         raise SlideError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
                                "scan's; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
     raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
@@ -520,10 +520,10 @@ def _tiff_mpp(tif, page) -> float | None:
     text = desc.value if desc else ""
     if isinstance(text, bytes):
         text = text.decode("latin-1", "replace")
-    m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", text) if text.startswith("Aperio") else None  # an Aperio description
+    m = re.search(r"MPP\s*=\s*([^|\s]+)", text) if text.startswith("Aperio") else None  # an Aperio description
     if m:  # (an OME or other export may quote its source's description, and another µm/px, further on)
         try:
-            return float(m.group(1))
+            return float(m.group(1).replace(",", "."))  # a decimal comma, as a scanner set to some locales writes
         except ValueError:
             pass
     if tif.is_ome:  # the first Pixels element that has a size, and its own unit

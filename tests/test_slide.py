@@ -125,8 +125,8 @@ def test_invalid_region_arguments(sources):
 
 # --------------------------------------------------------------------------- µm/px metadata
 
-def _aperio(path, rgb):
-    desc = f"Aperio Image Library v12.0.0\n{rgb.shape[1]}x{rgb.shape[0]} [0,0 {rgb.shape[1]}x{rgb.shape[0]}] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.2500"
+def _aperio(path, rgb, mpp: str = "0.2500"):
+    desc = f"Aperio Image Library v12.0.0\n{rgb.shape[1]}x{rgb.shape[0]} [0,0 {rgb.shape[1]}x{rgb.shape[0]}] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = {mpp}"
     tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="jpeg", description=desc, metadata=None)
     return path
 
@@ -205,6 +205,18 @@ def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
     with open_slide(path, mpp=0.26) as s:  # within 5%: nothing to say
         assert s.mpp == 0.26 and s.mpp_source == "user"
 
+
+@pytest.mark.parametrize("value, words", [("0", "gives 0 µm/px"), ("nan", "gives nan µm/px"), ("inf", "gives inf µm/px"),
+                                          ("-0.5", "gives -0.5 µm/px")])
+def test_an_aperio_mpp_no_microscope_gives_is_named(tmp_path, slide_rgb, value, words):
+    """MPP = 0, nan or inf in an Aperio description said "no microns-per-pixel in the file's metadata"."""
+    with pytest.raises(SlideError, match=words + ", not a microscope scan's; pass --mpp"):
+        open_slide(_aperio(tmp_path / "s.svs", slide_rgb[:256, :320], mpp=value))
+
+
+def test_an_aperio_mpp_with_a_decimal_comma_is_read(tmp_path, slide_rgb):
+    with open_slide(_aperio(tmp_path / "s.svs", slide_rgb[:256, :320], mpp="0,2527")) as s:  # it read as 0
+        assert s.mpp == pytest.approx(0.2527) and s.mpp_source == "metadata"
 
 def test_aperio_svs_through_openslide(tmp_path, slide_rgb):
     path = _aperio(tmp_path / "s.svs", slide_rgb[:256, :320])
