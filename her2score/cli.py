@@ -141,7 +141,7 @@ def _console_line(r: dict) -> str:
 
 
 class _Terminated(SystemExit):
-    """SIGTERM, as _score's handler raises it (exit code 143)."""
+    """SIGTERM or SIGHUP, as _score's handler raises it (exit code 143 or 129)."""
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -161,9 +161,17 @@ class _Progress:
 
     def __init__(self, *, quiet: bool):
         self.quiet, self.started, self.terminal = quiet, time.time(), sys.stderr.isatty()
-        self.bar, self.before = None, None  # the bar appears with the first finished slide
+        self.bar, self.before, self.gone = None, None, False  # the bar appears with the first finished slide
 
     def __call__(self, row: dict, done: int, total: int) -> None:
+        if self.gone:
+            return
+        try:
+            self._show(row, done, total)
+        except BrokenPipeError:  # its reader went away ('2>&1 | tee log', tee killed): the batch goes on unwatched
+            self.gone = True
+
+    def _show(self, row: dict, done: int, total: int) -> None:
         if self.before is None:
             self.before = done - 1  # reused from an earlier run
         shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
@@ -191,7 +199,7 @@ class _Progress:
         self.bar.refresh()
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.gone:
             self.bar.close()
 
 
@@ -205,10 +213,12 @@ def _score(args) -> int:
         return 2
     progress = _Progress(quiet=args.quiet)
 
-    # SIGTERM (kill, timeout, a cluster's scheduler) stops the batch as Ctrl-C does: what finished is recorded
+    # SIGTERM (kill, timeout, a cluster's scheduler) and SIGHUP (the terminal or SSH session closed) stop the batch as
+    # Ctrl-C does: what finished is recorded
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    earlier_term = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main else None
-    stopped = 0  # the exit code when Ctrl-C or SIGTERM stops the batch
+    stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    earlier = {signum: signal.signal(signum, _stop_on_sigterm) for signum in stops} if on_main else {}
+    stopped = 0  # the exit code when Ctrl-C, SIGTERM or SIGHUP stops the batch
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
@@ -221,8 +231,8 @@ def _score(args) -> int:
     except _Terminated as e:
         stopped = e.code
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if earlier_term is None else earlier_term)
+        for signum, handler in earlier.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         progress.close()
     if stopped:
         print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "

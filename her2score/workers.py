@@ -28,11 +28,13 @@ def checked_workers(n) -> int:
 
 _held: list[tuple[int, object]] = []  # the signals caught while held: (signum, frame)
 _handlers: dict[int, Callable] = {}  # the Python handlers replaced while held, by signal
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""The signals that stop a batch in order (Ctrl-C, kill, a closed terminal), and a worker at once."""
 
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Within (on the main thread), a SIGINT or SIGTERM whose handler is Python's (KeyboardInterrupt, or
+    """Within (on the main thread), a SIGINT, SIGTERM or SIGHUP whose handler is Python's (KeyboardInterrupt, or
     the cli's SystemExit) is held, and raised by the next wait_first, result_of or pause, not at whatever bytecode it
     lands on: raised inside concurrent.futures' own locking, it leaves a future's lock held, and the pool's
     thread then blocks the process's exit for ever. On leaving, a signal still held is raised, in place of
@@ -40,7 +42,7 @@ def signals_held() -> Iterator[None]:
     if _handlers or threading.current_thread() is not threading.main_thread():
         yield
         return
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         handler = signal.getsignal(signum)
         if callable(handler):
             _handlers[signum] = handler
@@ -96,13 +98,13 @@ def result_of(future: Future):
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM
-    and SIGINT (Ctrl-C reaches every process of the terminal's group) end it at once and quietly, the
+    """In a worker process: be killed when the parent dies (Linux), and exit if it already has. SIGTERM,
+    SIGINT and SIGHUP (Ctrl-C and a closed terminal reach every process of its group) end it at once and quietly, the
     default actions, in place of the handlers the parent set (the batch itself stops in order); a
     signal the parent ignores (a batch started in the background) stays ignored."""
     _handlers.clear()  # the parent's, where it held signals when it forked this process
     _held.clear()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
     if sys.platform.startswith("linux"):

@@ -172,6 +172,7 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_clu
     (signal.SIGTERM, False, False, 143),  # kill, timeout, a cluster's scheduler: the batch process alone
     (signal.SIGINT, True, False, 130),  # Ctrl-C: every process of the terminal's group, workers included
     (signal.SIGINT, True, True, 0),  # a batch started in the background ignores Ctrl-C, and so do its workers
+    (signal.SIGHUP, True, False, 129),  # the terminal or SSH session closed: its whole group (it killed the batch unrecorded)
 ])
 def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, ignored, code):
     """A signal that lands while the batch waits for its workers ends 'her2score score' in order: the
@@ -201,6 +202,19 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
     assert err.count("\n") == 1 and err.startswith(f"her2score score: {said}; the slides that finished"), err
     assert _large_slide_stopped(out)  # SIGTERM reaches the batch alone: it stops the worker (which went on, unrecorded)
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX pipes")
+def test_a_progress_reader_that_goes_away_leaves_the_batch_running(tmp_path, fields):
+    """'2>&1 | tee log' with tee killed: the progress line after it raised BrokenPipeError and ended the batch
+    mid-run (exit 141). It goes on unwatched, and every slide is scored."""
+    slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "her2score", "score", str(slides), "--out", str(out), "--no-cnn",
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().startswith("[1/2] a_small.png: ")
+    proc.stderr.close()  # the reader goes away while the large slide is scored
+    assert proc.wait(timeout=300) == 0
+    assert _done_in(out) == {"a_small.png", "b_large.png"}
 
 CTRL_C_WHILE_RECORDING = """
 import os, signal, sys, time
