@@ -790,7 +790,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
                 refused, unscored = refused + (row["status"] == "refused"), unscored + (row["status"] == "ok" and not row["score"])
                 if progress:
                     progress(row, done, total)
-        finally:  # the end, an error, Ctrl-C or SIGTERM (see cli): what finished is recorded, then the workers stop
+        finally:  # the end, an error, Ctrl-C, SIGTERM or SIGHUP (see cli): what finished is recorded, then the workers stop
             try:
                 if unsaved:
                     with signals_held():  # a SIGTERM now lands after the rewrite, not between its two files
@@ -818,7 +818,7 @@ SAVE_COST_SHARE = 0.1
 (atomic), so it grows with the batch: about 7 ms at 100 slides, 70 ms at 1,000, 0.66 s at 10,000
 (benchmarks/batch_bookkeeping.py). A rewrite that takes under SAVE_ALWAYS_UNDER_S is made after every
 finished slide; a slower one once the time since the last is at least its cost / SAVE_COST_SHARE.
-Always at the end, and when the batch stops on an error, Ctrl-C or SIGTERM."""
+Always at the end, and when the batch stops on an error, Ctrl-C, SIGTERM or SIGHUP."""
 
 SAVE_ALWAYS_UNDER_S = 0.05
 """A rewrite this quick (seconds; a batch of up to several hundred slides) is made after every slide."""
