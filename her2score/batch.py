@@ -103,7 +103,7 @@ class BatchRows(list):
 @dataclass(frozen=True)
 class Job:
     """One slide to score: where it is, where its outputs go, and the settings. ``cells_csv``: also
-    write cells.csv beside cells.parquet."""
+    write cells.csv beside cells.parquet; ``default_mpp``: the µm/px where the file's metadata gives none."""
 
     slide: str
     name: str
@@ -114,6 +114,7 @@ class Job:
     tile_workers: int = 1
     cnn_weights: str | None = None
     cells_csv: bool = False
+    default_mpp: float | None = None
 
 
 # -- discovery and naming ---------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def safe_name(relative: str) -> str:
 
 def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig, *, mpp=None,
               regions: Path | None = None, previous: dict[str, str] | None = None,
-              cnn_weights: str | None = None, cells_csv: bool = False) -> list[Job]:
+              cnn_weights: str | None = None, cells_csv: bool = False, default_mpp: float | None = None) -> list[Job]:
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
     ``previous`` maps slides to the folder names an earlier run gave them: they keep them, and the
@@ -252,7 +253,7 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
             used.add(name.lower())
         region = _find_region(regions, slide, root, annotations) if regions else None
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
-                        cells_csv=cells_csv))
+                        cells_csv=cells_csv, default_mpp=default_mpp))
     return jobs
 
 
@@ -426,7 +427,7 @@ def process_slide(job: Job) -> dict:
             cnn = _load_cnn(job.cnn_weights)
             use_one_thread()  # run_batch runs this in worker processes (local pool or Dask): torch, if loaded, one thread
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
-                                 workers=job.tile_workers, cnn=cnn)
+                                 workers=job.tile_workers, cnn=cnn, default_mpp=job.default_mpp)
         try:
             write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
         except OSError as e:  # the slide was read and scored: the fault is the output folder's, which says so
@@ -484,7 +485,7 @@ def _settings(job: Job) -> dict:
 def _config_key(job: Job) -> str:
     """A slide's settings (the tool's version among them) plus what is its own (µm/px given, region file):
     equal keys score alike."""
-    own = [job.mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
+    own = [job.mpp, job.default_mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -677,6 +678,7 @@ def run_batch(
     cnn_weights: str | os.PathLike | None = None,
     cells_csv: bool = False,
     progress: Callable[[dict, int, int], None] | None = None,
+    default_mpp: float | None = None,
 ) -> BatchRows:
     """Score every slide under ``inputs`` into ``out``; returns the summary rows (summary.csv): every
     slide scored into ``out`` (by this run or an earlier one with the same settings) and this run's
@@ -686,6 +688,7 @@ def run_batch(
     probabilities are fused with the guideline score; None scores with the classical features only.
     ``cells_csv``: also write each slide's cells.csv beside cells.parquet (a slide reused from an
     earlier run without it is scored again; a slide scored without it loses an earlier cells.csv).
+    ``mpp`` (µm/px) overrides every file's; ``default_mpp`` is used where a file's metadata gives none.
 
     Slides are named by absolute path in the rows, the manifest and each result.json.
 
@@ -714,7 +717,8 @@ def run_batch(
         raise BatchError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     lock = _lock(out)
     try:
-        return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress)
+        return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress,
+                           default_mpp)
     except BatchError:
         if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
             (out / LOCK).unlink()
@@ -726,7 +730,7 @@ def run_batch(
 
 def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float | None, regions: str | None,
                 workers: int, scheduler: str | None, cnn_weights: str | os.PathLike | None, cells_csv: bool,
-                progress: Callable[[dict, int, int], None] | None) -> BatchRows:
+                progress: Callable[[dict, int, int], None] | None, default_mpp: float | None) -> BatchRows:
     """run_batch's work, with ``out`` made and locked."""
     _clean_temp_files(out)
     skipped: list[tuple[str, str]] = []
@@ -743,7 +747,7 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
     manifest.respell([slide for slide, _ in slides])
     jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
-                     cells_csv=cells_csv)
+                     cells_csv=cells_csv, default_mpp=default_mpp)
     this_run = {j.slide for j in jobs} | {p for p, _ in problems}
     earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and (
                (e.get("state") == "error" and os.path.lexists(s)

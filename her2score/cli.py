@@ -34,9 +34,12 @@ def _score_config(args):
 
     if args.workers < 1:
         raise _UsageError(f"--workers must be at least 1, got {args.workers}")
-    if args.mpp is not None and not PLAUSIBLE_MPP[0] <= args.mpp <= PLAUSIBLE_MPP[1]:
-        raise _UsageError(f"--mpp {args.mpp:g} µm/px is not a plausible scan resolution "
-                          f"({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px; 40x scans are ~0.25, 20x ~0.5)")
+    for name, value in (("--mpp", args.mpp), ("--default-mpp", args.default_mpp)):
+        if value is not None and not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+            raise _UsageError(f"{name} {value:g} µm/px is not a plausible scan resolution "
+                              f"({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px; 40x scans are ~0.25, 20x ~0.5)")
+    if args.mpp is not None and args.default_mpp is not None:
+        raise _UsageError("--mpp overrides every file's µm/px, --default-mpp only where a file has none: give one")
     missing = [i for i in args.inputs if not Path(i).exists()]
     if missing:
         from .slide import missing_reason
@@ -220,7 +223,7 @@ def _score(args) -> int:
     earlier = {signum: signal.signal(signum, _stop_on_sigterm) for signum in stops} if on_main else {}
     stopped = 0  # the exit code when Ctrl-C, SIGTERM or SIGHUP stops the batch
     try:
-        rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, regions=args.regions,
+        rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, default_mpp=args.default_mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
                          cells_csv=args.cells_csv, progress=progress)
     except BatchError as e:
@@ -490,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
                                              "notes where they differ), needed where it has none; checked against "
                                              "the nuclei the image shows")
+    s.add_argument("--default-mpp", type=float, help="µm/px of the files whose metadata gives none (scans with "
+                                                     "their own and snapshots without in one batch; default: none, such "
+                                                     "a file is refused)")
     s.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px at which cells are analysed")
     s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
                                      "(default: detected tumour cells)")

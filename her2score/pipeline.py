@@ -450,9 +450,10 @@ def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) 
     return out
 
 
-def _opened(source, mpp, backend):
+def _opened(source, mpp, backend, default_mpp=None):
     """A context manager giving a Slide: opens a path, or lends an already open Slide."""
-    return nullcontext(source) if isinstance(source, Slide) else open_slide(source, mpp=mpp, backend=backend)
+    return nullcontext(source) if isinstance(source, Slide) else open_slide(source, mpp=mpp, backend=backend,
+                                                                            default_mpp=default_mpp)
 
 
 OWN_STAINS_NOTE = "scored with the slide's own stain vectors: the default ones read it as nuclear DAB"
@@ -468,6 +469,7 @@ def analyse_slide(
     backend: str | None = None,
     workers: int = 1,
     cnn=None,
+    default_mpp: float | None = None,
 ) -> SlideAnalysis:
     """Score one slide and keep what the outputs need (see score_slide).
 
@@ -478,12 +480,13 @@ def analyse_slide(
     """
     workers = checked_workers(workers)
     try:
-        return _analyse(path, config, mpp, region, backend, workers, cnn)
+        return _analyse(path, config, mpp, region, backend, workers, cnn, default_mpp=default_mpp)
     except NuclearStainError as refusal:
         if config.estimate_stains:
             raise
         try:
-            a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal)
+            a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal,
+                         default_mpp=default_mpp)
         except NuclearStainError:
             raise refusal from None
         fractions = a.result.staining["fractions"]
@@ -524,11 +527,11 @@ class _Scan:
 
 
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
-             retry_of: NuclearStainError | None = None) -> SlideAnalysis:
+             retry_of: NuclearStainError | None = None, default_mpp: float | None = None) -> SlideAnalysis:
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
     if cnn is not None and abs(cnn.mpp - config.mpp) > 1e-6:
         raise ValueError(f"the CNN was trained at {cnn.mpp} µm/px but tiles are read at {config.mpp} µm/px")
-    with _opened(path, mpp, backend) as slide:
+    with _opened(path, mpp, backend, default_mpp) as slide:
         thumb_mpp = _thumbnail_mpp(slide, config.mpp)
         thumb = slide.thumbnail(mpp=thumb_mpp)
         background = estimate_background(thumb)
@@ -556,7 +559,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
 
         cnn_max = cnn_patch_limit(config, len(tiles))  # a whole slide's CNN mean needs only a sample of its patches
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
-        with worker_pool(workers, _init_worker, (slide_path, mpp, backend, cnn)) if parallel else nullcontext() as pool:
+        # the workers open it at the µm/px it was opened at (given, the metadata's or the default)
+        with worker_pool(workers, _init_worker, (slide_path, slide_mpp, backend, cnn)) if parallel else nullcontext() as pool:
             # the workers score tiles (one a task: no core idles while another ends a long chunk) while this
             # process checks that the image is an H-DAB stain at all
             run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)
@@ -906,13 +910,14 @@ def score_slide(
     backend: str | None = None,
     workers: int = 1,
     cnn=None,
+    default_mpp: float | None = None,
 ) -> SlideResult:
     """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view: HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
 
     ``guideline`` and ``specimen``, where given, override ``config``'s (default: breast-asco-cap-2023, resection).
 
     ``mpp`` (µm/px) overrides the file's (the result notes where they differ) and is needed where it has
-    none; ``region`` is a QuPath GeoJSON or mask image of the tumour (default: detected epithelial cells);
+    none, unless ``default_mpp`` is given: the µm/px of a file whose metadata gives none; ``region`` is a QuPath GeoJSON or mask image of the tumour (default: detected epithelial cells);
     ``cnn``: a TileClassifier (``her2score.cnn.load_model()``) whose tile probabilities are reported and
     fused with the guideline score (default: none, the classical call alone; the CLI fuses the shipped
     model unless --no-cnn); ``backend`` forces a reader (slide.open_slide). Raises SlideError (naming the file)
@@ -920,4 +925,5 @@ def score_slide(
     """
     config = config or ScoringConfig()
     config = replace(config, guideline=guideline or config.guideline, specimen=specimen or config.specimen)
-    return analyse_slide(path, config=config, mpp=mpp, region=region, backend=backend, workers=workers, cnn=cnn).result
+    return analyse_slide(path, config=config, mpp=mpp, region=region, backend=backend, workers=workers, cnn=cnn,
+                         default_mpp=default_mpp).result

@@ -78,6 +78,11 @@ class SlideError(FileError):
     """A slide that cannot be read; the message names the file and the reason."""
 
 
+class NoMppError(SlideError):
+    """The file's metadata gives no µm/px a microscope scan has, and none was given (open_slide's
+    ``default_mpp`` is then used where given)."""
+
+
 class NotHerIhcError(SlideError):
     """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,
     a photo or a graphic), or its µm/px is implausible: refused, not an error of reading."""
@@ -505,9 +510,9 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
     if meta_mpp is not None:  # 0, negative, NaN or infinite too: a value, not none
-        raise SlideError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
+        raise NoMppError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
                                "scan's; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
-    raise SlideError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
+    raise NoMppError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
 
 
 _OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "dm": 1e5,
@@ -906,11 +911,13 @@ def resolved_path(path: str | os.PathLike) -> Path:
         return Path(path).absolute()
 
 
-def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None,
+               default_mpp: float | None = None) -> Slide:
     """Open a slide or field of view.
 
     ``mpp`` (µm/px), when given, is used whatever the file carries (``mpp_source`` notes a metadata value
-    more than 5% off it); otherwise the file's metadata must give one. ``backend`` forces
+    more than 5% off it); otherwise the file's metadata must give one, or else ``default_mpp`` is used where
+    given (a batch of scans with µm/px and snapshots without: ``mpp_source`` says why). ``backend`` forces
     'tifffile', 'openslide' or 'image'; by default the file's suffix and first bytes decide
     (a PNG or JPEG named .tif is read as what it is). Raises SlideError naming the file and the reason.
     """
@@ -923,8 +930,21 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
         raise SlideError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise SlideError(path, f"the µm/px given (mpp, --mpp) must be a positive number, got {mpp}")
+    for value, name in ((mpp, "mpp, --mpp"), (default_mpp, "default_mpp, --default-mpp")):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {value}")
+    try:
+        return _open(path, mpp, backend)
+    except NoMppError as e:
+        if default_mpp is None:
+            raise
+        slide = _open(path, default_mpp, backend)
+        slide.mpp_source = f"the default given ({e.reason.split(';')[0]})"
+        return slide
+
+
+def _open(path: Path, mpp: float | None, backend: str | None) -> Slide:
+    """open_slide's reader for ``path`` (checked to be a non-empty file)."""
     suffix = path.suffix.lower()
     if backend is None:
         if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is

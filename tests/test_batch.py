@@ -658,6 +658,24 @@ def test_forked_children_do_not_keep_the_lock(tmp_path):
         os.close(w)
 
 
+
+def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields, pyramid_tiff):
+    """A scan with its µm/px (0.25) and a snapshot without in one batch: --mpp would override the scan's too
+    (it then fails QC), so --default-mpp gives the snapshot's alone, and each result says where its µm/px came from."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(pyramid_tiff, folder / "scan.tif")
+    save_png(folder / "snapshot.png", fields["2+"], mpp=None)
+    refused = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "plain")}
+    assert refused["snapshot.png"]["status"] == "error" and "no microns-per-pixel" in refused["snapshot.png"]["error"]
+    rows = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "out", default_mpp=0.5)}
+    assert [rows[n]["status"] for n in ("scan.tif", "snapshot.png")] == ["ok", "ok"], rows
+    scan, snap = (json.loads((tmp_path / "out" / rows[n]["output"] / "result.json").read_text()) for n in ("scan.tif", "snapshot.png"))
+    assert scan["mpp"] == pytest.approx(0.25) and "µm/px 0.25 from metadata" in scan["notes"]
+    assert snap["mpp"] == 0.5 and "µm/px 0.5 from the default given (no microns-per-pixel in the file's metadata)" in snap["notes"]
+    code = main(["score", str(folder), "--out", str(tmp_path / "both"), "--mpp", "0.5", "--default-mpp", "0.5"])
+    assert code == 2 and not (tmp_path / "both").exists()
+
 # --------------------------------------------------------------------------- determinism
 
 def _result_bytes(out: Path) -> dict[str, bytes]:
