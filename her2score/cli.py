@@ -147,8 +147,19 @@ class _Terminated(SystemExit):
     """SIGTERM or SIGHUP, as _score's handler raises it (exit code 143 or 129)."""
 
 
-def _stop_on_sigterm(signum, frame) -> None:
+def _stop_on_signal(signum, frame) -> None:
     raise _Terminated(128 + signum)
+
+
+def _output_gone() -> None:
+    """Point stdout and stderr at /dev/null: their reader or terminal is gone ('| head', a closed SSH session), and
+    the interpreter's last flush must not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 def _clock(seconds: float) -> str:
@@ -171,7 +182,7 @@ class _Progress:
             return
         try:
             self._show(row, done, total)
-        except BrokenPipeError:  # its reader went away ('2>&1 | tee log', tee killed): the batch goes on unwatched
+        except OSError:  # its reader went away ('2>&1 | tee log', tee killed; EIO: a closed terminal): the batch goes on
             self.gone = True
 
     def _show(self, row: dict, done: int, total: int) -> None:
@@ -208,6 +219,7 @@ class _Progress:
 
 def _score(args) -> int:
     from .batch import BatchError, run_batch
+    from .workers import STOP_SIGNALS
 
     try:
         config, weights = _score_config(args)
@@ -217,10 +229,10 @@ def _score(args) -> int:
     progress = _Progress(quiet=args.quiet)
 
     # SIGTERM (kill, timeout, a cluster's scheduler) and SIGHUP (the terminal or SSH session closed) stop the batch as
-    # Ctrl-C does: what finished is recorded
+    # Ctrl-C does: what finished is recorded. A signal ignored stays ignored (nohup's SIGHUP, a background job's)
     on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    earlier = {signum: signal.signal(signum, _stop_on_sigterm) for signum in stops} if on_main else {}
+    replaced = {signum: signal.signal(signum, _stop_on_signal) for signum in STOP_SIGNALS
+                if signum != signal.SIGINT and signal.getsignal(signum) is not signal.SIG_IGN} if on_main else {}
     stopped = 0  # the exit code when Ctrl-C, SIGTERM or SIGHUP stops the batch
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, default_mpp=args.default_mpp, regions=args.regions,
@@ -234,17 +246,30 @@ def _score(args) -> int:
     except _Terminated as e:
         stopped = e.code
     finally:
-        for signum, handler in earlier.items():
+        for signum, handler in replaced.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        progress.close()
-    if stopped:
-        print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "
-              f"recorded in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest", file=sys.stderr)
-        return stopped
+        try:
+            progress.close()
+        except OSError:  # its reader went away
+            pass
+    try:
+        if stopped:
+            print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "
+                  f"recorded in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest",
+                  file=sys.stderr)
+        else:
+            _say_totals(rows, Path(args.out) / "summary.csv")
+    except OSError:  # the reader or terminal went away: what the batch did is recorded, and its exit code stands
+        _output_gone()
+    return stopped or (0 if rows.failed == 0 else 1)
+
+
+def _say_totals(rows, summary: Path) -> None:
+    """The batch's totals and this run's slides (``summary``: its summary.csv), one line each, on stdout."""
     unscored = f" ({rows.unscored} without a score: no tumour cells)" if rows.unscored else ""
     refused = f" ({'all' if rows.refused == rows.failed else rows.refused} refused as no tissue or not a HER2 stain)" if rows.refused else ""
     print(f"{rows.scored} scored{unscored}, {rows.reused} reused, {rows.failed} failed{refused}; "
-          f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {Path(args.out) / 'summary.csv'}")
+          f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {summary}")
     earlier = 0
     for r in rows:  # this run's slides; those scored into --out by earlier runs are in summary.csv
         if r["slide"] in rows.inputs:
@@ -253,7 +278,6 @@ def _score(args) -> int:
             earlier += 1
     if earlier:
         print(f"  (and {earlier:,} slide{'s' if earlier != 1 else ''} from earlier runs: see summary.csv)")
-    return 0 if rows.failed == 0 else 1
 
 
 CHECK_EXIT = {"eligible": 0, "not_eligible": 1, "needs_review": 3}
@@ -395,21 +419,36 @@ def _evaluate(args) -> int:
                           guideline=args.guideline, specimen=args.specimen, gastric_reading=args.gastric_reading,
                           isolated_intense_percent=args.isolated_floor, mpp=args.mpp, bootstrap=args.bootstrap,
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
-                          progress=None if args.quiet else _eval_progress)
+                          progress=None if args.quiet else _eval_progress())
     except ModelError as e:
         print(f"her2score: {e} (or evaluate with --no-cnn)", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
         print(f"her2score: {e}", file=sys.stderr)
         return 2
-    print(report["summary"])
-    print(f"metrics: {Path(args.out) / 'metrics.json'}  report: {Path(args.out) / 'report.md'}")
+    try:
+        print(report["summary"])
+        print(f"metrics: {Path(args.out) / 'metrics.json'}  report: {Path(args.out) / 'report.md'}")
+    except OSError:  # the reader or terminal went away: the report is written, and the exit code stands
+        _output_gone()
     return 0 if report["errors"] == 0 else 1
 
 
-def _eval_progress(done: int, total: int, row: dict) -> None:
-    status = row.get("error") or f"truth {row['label']}  classical {row['classical']}  cnn {row.get('cnn') or '-'}  fused {row['fused']}"
-    print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
+def _eval_progress() -> Callable[[int, int, dict], None]:
+    """evaluate's progress: one line on stderr an image, none once its reader has gone (the evaluation goes on:
+    the error ended it, with nothing but the per-image results written)."""
+    gone = False
+
+    def show(done: int, total: int, row: dict) -> None:
+        nonlocal gone
+        if gone:
+            return
+        status = row.get("error") or f"truth {row['label']}  classical {row['classical']}  cnn {row.get('cnn') or '-'}  fused {row['fused']}"
+        try:
+            print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
+        except OSError:
+            gone = True
+    return show
 
 
 class _Choices(Sequence):

@@ -173,18 +173,20 @@ def test_slides_finished_before_an_interruption_are_recorded_before_the_dask_clu
     (signal.SIGINT, True, False, 130),  # Ctrl-C: every process of the terminal's group, workers included
     (signal.SIGINT, True, True, 0),  # a batch started in the background ignores Ctrl-C, and so do its workers
     (signal.SIGHUP, True, False, 129),  # the terminal or SSH session closed: its whole group (it killed the batch unrecorded)
+    (signal.SIGHUP, True, True, 0),  # nohup: the batch and its workers ignore it
 ])
 def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fields, signum, whole_group, ignored, code):
     """A signal that lands while the batch waits for its workers ends 'her2score score' in order: the
     finished slide recorded at once (even with no rewrite due), the slide still running stopped, and one
-    line saying so, no traceback. A Ctrl-C the batch ignores changes nothing."""
+    line saying so, no traceback. A signal the batch ignores (Ctrl-C in the background, SIGHUP under nohup) changes
+    nothing."""
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     code_ = ("import sys\nfrom her2score import batch\nfrom her2score.cli import main\n"
              "batch.SAVE_COST_SHARE, batch.SAVE_ALWAYS_UNDER_S = 1e-12, 0.0\nsys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code_, "score", str(slides), "--out", str(out), "--no-cnn",
                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,  # its own process group, so the test's is not signalled
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL))
     # the progress line of the small slide: the batch has recorded its row (the large slide has about 2 s to go);
     # waited for, not slept on, so that a loaded machine cannot send the signal before the row arrives
     before = []
@@ -207,12 +209,13 @@ def test_a_signal_stops_the_cli_batch_with_what_finished_recorded(tmp_path, fiel
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses POSIX pipes")
 def test_a_progress_reader_that_goes_away_leaves_the_batch_running(tmp_path, fields):
     """'2>&1 | tee log' with tee killed: the progress line after it raised BrokenPipeError and ended the batch
-    mid-run (exit 141). It goes on unwatched, and every slide is scored."""
+    mid-run (exit 141). It goes on unwatched, every slide is scored, and the exit code is the batch's, though
+    its totals could not be printed."""
     slides, out = _small_and_large(tmp_path, fields), tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "her2score", "score", str(slides), "--out", str(out), "--no-cnn",
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr.readline().startswith("[1/2] a_small.png: ")
-    proc.stderr.close()  # the reader goes away while the large slide is scored
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().startswith("[1/2] a_small.png: ")
+    proc.stdout.close()  # the reader goes away while the large slide is scored
     assert proc.wait(timeout=300) == 0
     assert _done_in(out) == {"a_small.png", "b_large.png"}
 

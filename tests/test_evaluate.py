@@ -517,6 +517,22 @@ def test_plain_eligible_column_needs_a_rule(tmp_path):
         read_labels(p)
 
 
+
+def test_an_evaluation_whose_progress_reader_goes_away_finishes(tmp_path):
+    """'evaluate ... 2>&1 | head -n1': the second progress line raised BrokenPipeError and ended the run after one
+    image, with no metrics.json or report.md. It goes on unwatched and writes them."""
+    import subprocess
+    import sys
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=22, size_px=(256, 256))
+    out = tmp_path / "ev"
+    proc = subprocess.Popen([sys.executable, "-m", "her2score", "evaluate", str(ds / "labels.csv"), "--out", str(out),
+                             "--no-cnn", "--bootstrap", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().startswith("[1/4] ")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert json.loads((out / "metrics.json").read_text())["n"] == 4 and (out / "report.md").is_file()
+
 def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=21, size_px=(320, 320))
     bad = ds / "images" / "broken.png"
