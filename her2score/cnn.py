@@ -326,11 +326,11 @@ class TileClassifier(ABC):
 class TorchTileClassifier(TileClassifier):
     """The network in torch (training, evaluation and the reference outputs)."""
 
-    def __init__(self, net, record: WeightsRecord, *, device: str = "cpu", source: str = ""):
+    def __init__(self, net, record: WeightsRecord, *, device: str | None = "cpu", source: str = ""):
         import torch
 
         super().__init__(record, source=source)
-        self.device = torch.device(device)
+        self.device = torch.device(device or "cpu")
         self.net = net.to(self.device).eval()
         norm = record.normalisation
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -504,12 +504,12 @@ def use_one_thread() -> None:
         torch.set_num_threads(1)
 
 
-def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu") -> TileClassifier:
+def load_model(path: str | os.PathLike | None = None, *, device: str | None = "cpu") -> TileClassifier:
     """Load a :class:`TileClassifier` (no network access).
 
     ``path`` None loads the shipped weights (:func:`default_weights_path`) and checks their SHA-256
     against :data:`DEFAULT_WEIGHTS`, as it does for that file named by its path. Any file is checked against the tensor checksum saved inside it.
-    ``device``: "cpu" (the default: the same probabilities on every machine), or "cuda", ... where asked for.
+    ``device``: "cpu" (the default, and None: the same probabilities on every machine), or "cuda", ... where asked for.
     Raises :class:`ModelError` naming the file when it is missing, unreadable, corrupt or mismatched.
     """
     import torch

@@ -20,11 +20,15 @@ def content_sample(path: str | os.PathLike, block: int = 1 << 16) -> str:
     modification time alike are no proof (two slides of a fixed size, extracted from one archive), without
     reading a whole slide. OSError for anything but a regular file (a FIFO, a device), never waiting on it."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opened to read would wait for a writer
-    with open(fd, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opened to read would wait for a writer
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as fh:
         size = st.st_size
         h.update(size.to_bytes(8, "little") + fh.read(block))
         fh.seek(max(0, size - block))

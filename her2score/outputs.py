@@ -669,7 +669,7 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     else:
         width = 3 * (min(max(region_px, 400), 600) + 4)  # three region tiles a row, 4 px apart
         body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
-    scale = max(1.0, width / TEXT_WIDTH_PX)
+    scale = max(1.0, width / TEXT_WIDTH_PX) if field else 1.0  # a slide's overlay has a width of its own
     title = _text_band(_title_lines(analysis, scale), width, pad=round(6 * scale))
     legend = _legend(width, _legend_entries(), size=round(13 * scale))
     out = np.vstack([title, body, legend])

@@ -246,21 +246,23 @@ def _plausible(mpp: float | None) -> float | None:
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
 
 
-HOT_SAMPLES = (0.0001, 16)
+HOT_SAMPLES = (0.001, 256)
 """The brightest share of 16-bit colour samples, and the least number of them, left out of their brightest
-(_white_of): a few hot or saturated pixels do not set the scale (one pixel at 65535 in a 12-bit image read every
-pixel 16 x too dark, and the slide as blank)."""
+(_white_of): hot or saturated specks do not set the scale (one pixel at 65535 in a 12-bit image read every
+pixel 16 x too dark, and the slide as blank; a 3 x 3 speck is 27 samples)."""
 
 
 def _white_of(samples: np.ndarray) -> int:
     """The white of 16-bit colour ``samples``: the full scale of the bits their brightest uses (HOT_SAMPLES left
     out), at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
     4095, not 65535)."""
-    flat = np.asarray(samples).ravel()
+    flat = np.asarray(samples, dtype=np.uint16).ravel()
     share, least = HOT_SAMPLES
-    k = max(0, len(flat) - 1 - max(least, int(share * len(flat))))
-    brightest = int(np.partition(flat, k)[k]) if len(flat) else 0
-    return (1 << max(9, brightest.bit_length())) - 1
+    left_out = max(least, int(share * len(flat)))
+    at_least = np.cumsum(np.bincount(flat >> 8, minlength=256)[::-1])[::-1]  # samples of each high byte or more
+    # bits b are used by more than left_out samples where that many reach 1 << (b - 1), the high byte 1 << (b - 9)
+    bits = max((b for b in range(10, 17) if at_least[1 << (b - 9)] > left_out), default=9)
+    return (1 << bits) - 1
 
 
 def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
@@ -664,7 +666,9 @@ class TiffSlide(Slide):
         try:
             if base is None:
                 raise SlideError(path, "TIFF has no images")
-            twins = [i for i, p in enumerate(top) if p is not base and p.samplesperpixel == base.samplesperpixel
+            # colour pages only: a channel a page (OME CYX, a fluorescence stack) is refused as greyscale below
+            twins = [i for i, p in enumerate(top) if p is not base and base.samplesperpixel >= 3
+                     and p.samplesperpixel == base.samplesperpixel
                      and p.dtype == base.dtype and abs(p.imagewidth - base.imagewidth) <= 1
                      and abs(p.imagelength - base.imagelength) <= 1]
             if twins:  # which of them is the slide, the file does not say

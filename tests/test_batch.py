@@ -784,7 +784,7 @@ def test_two_slides_of_one_size_swapped_by_mv_are_scored_again(tmp_path, fields)
     assert rows.reused == 0
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses FIFOs and /proc")
 def test_a_fifo_among_the_slides_is_an_error_row_and_never_blocks_the_batch(tmp_path, good_png):
     """A FIFO named like a slide: refused by the worker, then the batch hung for good sampling its content to
     record the row (opening a FIFO to read waits for a writer), deaf to SIGTERM and Ctrl-C."""
@@ -806,6 +806,10 @@ def test_a_fifo_among_the_slides_is_an_error_row_and_never_blocks_the_batch(tmp_
     t.start()
     t.join(30)
     assert not t.is_alive() and raised and "not a regular file" in raised[0]
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match=f"not a regular file: '{folder}'"):  # a folder: named, its descriptor closed
+        content_sample(folder)
+    assert len(os.listdir("/proc/self/fd")) == open_fds
     proc = subprocess.run([sys.executable, "-m", "her2score", "score", str(folder), "--out", str(tmp_path / "out"),
                            "--no-cnn", "-q"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr

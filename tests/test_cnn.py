@@ -62,7 +62,8 @@ def test_save_load_round_trip(saved):
     with torch.no_grad():
         ref = torch.softmax(net(model.normalise(torch.from_numpy(x))), 1).numpy()
     np.testing.assert_array_equal(model.predict_patches(x), ref)
-    again = load_model(path, device="cpu")
+    again = load_model(path, device=None)  # None: the CPU, as before the default became "cpu"
+    assert again.device.type == "cpu"
     rgb = generate_field("2+", seed=3, size_px=(192, 160)).image
     p1, n1 = model.predict_tile(rgb, stains=H_DAB)
     p2, n2 = again.predict_tile(rgb, stains=H_DAB)

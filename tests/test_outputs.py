@@ -412,12 +412,16 @@ def test_heatmap_bins_lie_where_their_cells_are():
     assert red[0] == 500 and red[-1] == 1002
 
 
-def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field):
+def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field, monkeypatch):
     f, slide, a = field
     img, box = overlay_image(a, slide, field_max_px=100, n_regions=2, region_px=128)
     assert box is None and img.shape[1] >= 1200
     ok, png = cv2.imencode(".png", img)
     assert ok and len(png) > 10_000
+    from her2score import outputs
+
+    monkeypatch.setattr(outputs, "TEXT_WIDTH_PX", 10**6)  # text that never grows: the slide overlay's is its base size
+    assert np.array_equal(overlay_image(a, slide, field_max_px=100, n_regions=2, region_px=128)[0], img)
 
 
 def test_a_tall_narrow_slides_overlay_stays_a_readable_size(field):

@@ -14,7 +14,7 @@ import tifffile
 
 import her2score.slide as slide_module
 from conftest import SLIDE_MPP, SLIDE_PX, save_jpeg, save_png, save_tiff
-from her2score.slide import ArraySlide, SlideError, open_slide
+from her2score.slide import ArraySlide, NotHerIhcError, SlideError, open_slide
 
 
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
@@ -441,7 +441,7 @@ def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
         assert np.abs(s.read_region((0, 0), (64, 64), mpp=0.25).astype(int) - rgb).max() <= 1
         assert s.notes == ("12-bit samples scaled to 8 bits",)
     hot = rgb.astype(np.uint16) * 16
-    hot[5, 7] = hot[40, 2] = 65535  # two saturated pixels (a hot pixel, a reflection) do not set the white
+    hot[5, 7] = hot[40:43, 2:5] = 65535  # a hot pixel and a 3 x 3 saturated speck (dust, a reflection) do not set the white
     tifffile.imwrite(unscaled, hot, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER")
     with open_slide(unscaled) as s:
         read = s.read_region((0, 0), (64, 64), mpp=0.25).astype(int)
@@ -560,6 +560,17 @@ def test_a_tiff_of_several_full_size_images_is_refused_naming_them(tmp_path, sli
             for f in fields:
                 tif.write(f, photometric="rgb")
     with pytest.raises(SlideError, match=r"holds 3 full-size images of 128 x 128 px \(pages 0, 1, 2\): several fields"):
+        open_slide(path, mpp=0.5)
+
+
+def test_a_tiff_of_one_channel_a_page_is_refused_as_greyscale(tmp_path, slide_rgb):
+    """An RGB image stored a channel a page (OME CYX): refused as the greyscale it is page by page, not as several
+    full-size images, whose advice (save one as a file of its own) gives a greyscale file."""
+    path = tmp_path / "planes.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for c in range(3):
+            tif.write(slide_rgb[:128, :128, c])
+    with pytest.raises(NotHerIhcError, match="greyscale"):
         open_slide(path, mpp=0.5)
 
 def test_a_broken_subifd_leaves_the_full_resolution_readable(tmp_path, slide_rgb):
