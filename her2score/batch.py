@@ -412,9 +412,9 @@ def _preload_cnn(weights: str) -> None:
 
 
 def process_slide(job: Job) -> dict:
-    """Score one slide and write its outputs; never raises: failures become an error row, which for a full,
-    over-quota or read-only output folder also carries ``stop`` (the batch stops: every slide after it would
-    fail alike)."""
+    """Score one slide and write its outputs. Failures become an error row, which for a full, over-quota or
+    read-only output folder also carries ``stop`` (the batch stops: every slide after it would fail alike); only a
+    tile or output worker's death is raised (BrokenProcessPool: _execute runs the slide again, alone)."""
     row = _empty_row(job.slide, job.name)
     try:
         out_dir = Path(job.out_dir)
@@ -849,7 +849,7 @@ def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -
 
 def _pool(n: int) -> AbstractContextManager[ProcessPoolExecutor]:
     """``n`` slide worker processes, shut down at the end waiting for their slides. When the batch stops
-    early (an error, Ctrl-C, SIGTERM, or the caller closing the generator that uses them), the caller has
+    early (an error, Ctrl-C, SIGTERM, SIGHUP, or the caller closing the generator that uses them), the caller has
     recorded what finished, and the slides still running are stopped: the next run scores them again."""
     return worker_pool(n, die_with_parent, stop_on_error=True)
 

@@ -710,7 +710,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
         "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
         "model": clf.name if clf else None,
-        "cnn_source": dict(sorted((k, v) for k, v in Counter(r.get("cnn_by") for r in rows).items() if k)) or None,
+        "cnn_source": dict(sorted(Counter(r["cnn_by"] for r in rows if r.get("cnn_by")).items())) or None,
         "warnings": [], "methods": {},
     }
     every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored

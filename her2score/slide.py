@@ -522,17 +522,23 @@ _OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4
 """Micrometres per OME-XML PhysicalSizeXUnit (UnitsLength); another unit gives no µm/px from the metadata."""
 
 
+def _number(text: str | None) -> float | None:
+    """A metadata value as a number (a decimal comma, as a scanner set to some locales writes it, read as a point;
+    nan and inf kept, to be named as no microscope's); None for none or no number."""
+    try:
+        return float(text.strip().replace(",", ".")) if text else None
+    except ValueError:
+        return None
+
+
 def _tiff_mpp(tif, page) -> float | None:
     desc = page.tags.get("ImageDescription")
     text = desc.value if desc else ""
     if isinstance(text, bytes):
         text = text.decode("latin-1", "replace")
     m = re.search(r"MPP\s*=\s*([^|\s]+)", text) if text.startswith("Aperio") else None  # an Aperio description
-    if m:  # (an OME or other export may quote its source's description, and another µm/px, further on)
-        try:
-            return float(m.group(1).replace(",", "."))  # a decimal comma, as a scanner set to some locales writes
-        except ValueError:
-            pass
+    if m and (value := _number(m.group(1))) is not None:  # (an OME or other export may quote its source's
+        return value  # description, and another µm/px, further on)
     if tif.is_ome:  # the first Pixels element that has a size, and its own unit
         pixels = next((t for t in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata or "") if "PhysicalSizeX=" in t), "")
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', pixels)
@@ -854,11 +860,8 @@ class OpenSlideSlide(Slide):
             w, h = self._osr.dimensions
             _check_dimensions(path, w, h)
             props = self._osr.properties
-            meta = None
-            try:
-                meta = float(props["openslide.mpp-x"]) if props.get("openslide.mpp-x") else None
-            except ValueError:
-                pass
+            # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
+            meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
             args = _mpp_args(path, meta, mpp)
             self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
             self.dimensions = (w, h)

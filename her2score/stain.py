@@ -49,8 +49,8 @@ class StainSet:
 
     def __post_init__(self) -> None:
         h, d = np.array(_unit(self.hematoxylin, "haematoxylin vector")), np.array(_unit(self.dab, "DAB vector"))
-        if np.linalg.norm(np.cross(h, d)) < 1e-6:
-            raise ValueError(f"the haematoxylin and DAB vectors are parallel: {self.hematoxylin}, {self.dab}")
+        if np.degrees(np.arccos(min(1.0, abs(float(h @ d))))) < 1.0:  # a near-singular unmixing
+            raise ValueError(f"the haematoxylin and DAB vectors lie under 1 degree apart: {self.hematoxylin}, {self.dab}")
         object.__setattr__(self, "hematoxylin", tuple(h.tolist()))
         object.__setattr__(self, "dab", tuple(d.tolist()))
         object.__setattr__(self, "residual", _unit(np.cross(h, d)))

@@ -91,7 +91,7 @@ def pause(seconds: float = POLL_S) -> None:
 
 
 def result_of(future: Future):
-    """``future.result()``, with Ctrl-C and SIGTERM held until it can be raised safely (wait_first)."""
+    """``future.result()``, with Ctrl-C, SIGTERM and SIGHUP held until it can be raised safely (wait_first)."""
     with signals_held():
         wait_first([future])
     return future.result()

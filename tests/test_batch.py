@@ -759,8 +759,17 @@ def test_a_tile_worker_that_dies_once_has_its_slide_run_again(tmp_path, pyramid_
         return read_and_score(*a, **k)
 
     monkeypatch.setattr(pipeline, "_read_and_score", dies_once)
+    runs, analyse = tmp_path / "runs", batch.analyse_slide
+
+    def recorded(*a, **k):  # each run's tile workers, in the process scoring the slide
+        with open(runs, "a") as fh:
+            fh.write(f"{k['workers']}\n")
+        return analyse(*a, **k)
+
+    monkeypatch.setattr(batch, "analyse_slide", recorded)
     rows = run_batch([slide], tmp_path / "out", config=SMALL_TILES, workers=2)
     assert flag.exists() and rows[0]["status"] == "ok", rows[0]["error"]
+    assert runs.read_text().split() == ["2", "1"]  # run again alone, its tiles in its own process
     assert _result_bytes(tmp_path / "out") == _result_bytes(tmp_path / "clean") and clean[0]["status"] == "ok"
 
 

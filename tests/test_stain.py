@@ -43,7 +43,7 @@ def test_stainset_is_normalised_and_validated():
         StainSet((1, 1, 1), (1, 0, 0), background=(0, 255, 255))
     for bad, words in [(dict(background=(float("nan"), 255, 255)), "background"), (dict(background=(255, 255)), "background"),
                        (dict(hematoxylin=(0, 0, 0)), "haematoxylin vector"), (dict(dab=(0.2, float("inf"), 0.8)), "DAB vector"),
-                       (dict(dab=(2, 2, 1)), "parallel")]:  # NaN made every OD NaN; a zero vector NaN vectors
+                       (dict(dab=(2, 2, 1)), "under 1 degree"), (dict(dab=(1, 1.01, 0.5)), "under 1 degree")]:  # NaN made every OD NaN; a zero vector NaN vectors
         with pytest.raises(ValueError, match=words):
             StainSet(**{"hematoxylin": (1, 1, 0.5), "dab": (0.2, 0.5, 0.8), **bad})
 
