@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -272,10 +273,12 @@ def grow_cells(
     f = min(1.0, mpp / flood_mpp)
     if f < 1.0:
         h, w = seeds.shape
-        k = round(1 / f)  # a whole number of pixels a flood pixel: the image padded to whole ones (its edge repeated,
-        # outside), so that the flood's pixels are whole blocks (a side off the grid drifted the cells' borders up
-        # to 1.5 px off their membranes, and an odd-sided field read 3-9 points less stained)
-        pad = ((0, -h % k), (0, -w % k)) if abs(1 / f - k) < 1e-9 else ((0, 0), (0, 0))
+        # the image padded (its edge repeated, outside) to a whole number of flood pixels (f = 2/5: 5 image pixels
+        # to 2), whole blocks of it: a side off that grid drifted the cells' borders up to 1.5 px off their
+        # membranes, and an odd-sided field read 3-9 points less stained
+        q = Fraction(f).limit_denominator(16)
+        k = q.denominator if abs(float(q) - f) < 1e-9 else 1
+        pad = ((0, -h % k), (0, -w % k))
         markers = np.pad(markers, pad, constant_values=outside_label)
         elevation = np.pad(elevation, pad, mode="edge")
         size = (max(1, round(markers.shape[1] * f)), max(1, round(markers.shape[0] * f)))
