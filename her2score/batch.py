@@ -45,7 +45,7 @@ from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, used_default_mpp
 from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
@@ -447,6 +447,7 @@ def process_slide(job: Job) -> dict:
             tumour_cells=r.tumour_cells,
             qc_passed=r.qc_passed, qc=";".join(f"{q.code}:{q.severity}" for q in r.qc), flags=";".join(r.flags),
             guideline=r.guideline, specimen=r.specimen, region=r.region,
+            default_mpp_used=used_default_mpp(r.notes),  # for the manifest's key (record), no column
             **{f"pct_{c}": r.percentages.get(c, "") for c in CATEGORIES},
         )
     except BrokenProcessPool:  # a tile or output worker of this slide died (the OOM killer, a crashing reader):
@@ -482,10 +483,11 @@ def _settings(job: Job) -> dict:
             "version": __version__}
 
 
-def _config_key(job: Job) -> str:
-    """A slide's settings (the tool's version among them) plus what is its own (µm/px given, region file):
-    equal keys score alike."""
-    own = [job.mpp, job.default_mpp, job.region] + ([_signature(job.region)] if job.region else [])  # an edited annotation rescores
+def _config_key(job: Job, used_default: bool = False) -> str:
+    """A slide's settings (the tool's version among them) plus what is its own (µm/px given, the default µm/px where
+    ``used_default``, region file): equal keys score alike. A slide whose file gives its µm/px keeps its key whatever
+    --default-mpp is."""
+    own = [job.mpp, job.default_mpp if used_default else None, job.region] + ([_signature(job.region)] if job.region else [])
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -518,7 +520,8 @@ class _Manifest:
 
     def done(self, job: Job) -> bool:
         e = self.entries.get(job.slide)
-        if not e or e.get("state") != "done" or e.get("config") != _config_key(job) or e["row"].get("output") != job.name:
+        if (not e or e.get("state") != "done" or e.get("config") != _config_key(job, e.get("default_mpp_used", False))
+                or e["row"].get("output") != job.name):
             return False
         recorded = e.get("sample")  # None: not read when recorded (or an older manifest)
         try:  # name, size and time alike are no proof: two slides of one size swapped by mv (content_sample)
@@ -574,6 +577,8 @@ class _Manifest:
         entry["result"] = _result_stamp(folder)
 
     def record(self, job: Job, row: dict) -> None:
+        """Enter ``row``, the slide's summary row, taking from it process_slide's ``default_mpp_used`` (no column)."""
+        used_default = row.pop("default_mpp_used", False)
         try:
             sig = _signature(job.slide)
         except OSError:
@@ -584,7 +589,8 @@ class _Manifest:
         except OSError:
             sample = None
         self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample,
-                                   "config": _config_key(job), "settings": _settings(job) if job.name else None,
+                                   "config": _config_key(job, used_default), "default_mpp_used": used_default,
+                                   "settings": _settings(job) if job.name else None,
                                    "row": row, **({"result": _result_stamp(self.out / job.name)} if done else {})}
 
     def save(self) -> None:

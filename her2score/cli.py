@@ -151,6 +151,14 @@ def _stop_on_signal(signum, frame) -> None:
     raise _Terminated(128 + signum)
 
 
+def _error(text: str) -> None:
+    """``text`` on stderr, or nothing where its reader or terminal is gone (the exit code says it)."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        _output_gone()
+
+
 def _output_gone() -> None:
     """Point stdout and stderr at /dev/null: their reader or terminal is gone ('| head', a closed SSH session), and
     the interpreter's last flush must not fail too."""
@@ -238,8 +246,8 @@ def _score(args) -> int:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, default_mpp=args.default_mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
                          cells_csv=args.cells_csv, progress=progress)
-    except BatchError as e:
-        print(f"her2score score: {e}", file=sys.stderr)
+    except BatchError as e:  # (the disk filled mid-batch, perhaps after its reader went away)
+        _error(f"her2score score: {e}")
         return 2
     except KeyboardInterrupt:
         stopped = 130
@@ -421,10 +429,10 @@ def _evaluate(args) -> int:
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
                           progress=None if args.quiet else _eval_progress())
     except ModelError as e:
-        print(f"her2score: {e} (or evaluate with --no-cnn)", file=sys.stderr)
+        _error(f"her2score: {e} (or evaluate with --no-cnn)")
         return 2
     except (ValueError, OSError) as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        _error(f"her2score: {e}")
         return 2
     try:
         print(report["summary"])
@@ -530,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (resumable: slides done with the same settings are reused)")
     _guideline_arguments(s)
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
-                                             "notes where they differ), needed where it has none; checked against "
-                                             "the nuclei the image shows")
+                                             "notes where they differ), needed where it has none (or --default-mpp); "
+                                             "checked against the nuclei the image shows")
     s.add_argument("--default-mpp", type=float, help="µm/px of the files whose metadata gives none (scans with "
                                                      "their own and snapshots without in one batch; default: none, such "
                                                      "a file is refused)")

@@ -58,7 +58,7 @@ from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_
 from .files import content_sample
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE, with_call_doubts
-from .slide import resolved_path
+from .slide import resolved_path, used_default_mpp
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
@@ -493,9 +493,10 @@ _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in C
 
 def _same_mpp(result: SlideResult, given: float | None) -> bool:
     """Whether ``result`` was scored at the µm/px a run now reads its image at: ``given``, or without it the
-    file's own (a result scored at a µm/px the user gave is not; the pipeline's notes say where it came from)."""
+    file's own (a result scored at a µm/px the user gave, or a default given, is not; the pipeline's notes say where
+    it came from)."""
     if given is None:
-        return not any(n.startswith("µm/px ") and " from user" in n for n in result.notes)
+        return not (any(n.startswith("µm/px ") and " from user" in n for n in result.notes) or used_default_mpp(result.notes))
     return abs(result.mpp - given) < 1e-9
 
 

@@ -78,6 +78,15 @@ class SlideError(FileError):
     """A slide that cannot be read; the message names the file and the reason."""
 
 
+DEFAULT_MPP_SOURCE = "the default given"
+"""How a slide's ``mpp_source`` (and its result's µm/px note) begins where open_slide's ``default_mpp`` was used."""
+
+
+def used_default_mpp(notes) -> bool:
+    """Whether a result's ``notes`` say its µm/px was the default given (open_slide's ``default_mpp``)."""
+    return any(n.startswith("µm/px ") and f" from {DEFAULT_MPP_SOURCE}" in n for n in notes)
+
+
 class NoMppError(SlideError):
     """The file's metadata gives no µm/px a microscope scan has, and none was given (open_slide's
     ``default_mpp`` is then used where given)."""
@@ -246,10 +255,11 @@ def _plausible(mpp: float | None) -> float | None:
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
 
 
-HOT_SAMPLES = (0.001, 256)
-"""The brightest share of 16-bit colour samples, and the least number of them, left out of their brightest
-(_white_of): hot or saturated specks do not set the scale (one pixel at 65535 in a 12-bit image read every
-pixel 16 x too dark, and the slide as blank; a 3 x 3 speck is 27 samples)."""
+HOT_SAMPLES = (0.001, 256, 0.01)
+"""The brightest share of 16-bit colour samples left out of their brightest (_white_of), the least number of them,
+and the most share that least may be (a small sample keeps its glass): hot or saturated specks do not set the scale
+(one pixel at 65535 in a 12-bit image read every pixel 16 x too dark, and the slide as blank; a 3 x 3 speck is 27
+samples)."""
 
 
 def _white_of(samples: np.ndarray) -> int:
@@ -257,8 +267,8 @@ def _white_of(samples: np.ndarray) -> int:
     out), at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
     4095, not 65535)."""
     flat = np.asarray(samples, dtype=np.uint16).ravel()
-    share, least = HOT_SAMPLES
-    left_out = max(least, int(share * len(flat)))
+    share, least, most = HOT_SAMPLES
+    left_out = max(int(share * len(flat)), min(least, int(most * len(flat))))
     at_least = np.cumsum(np.bincount(flat >> 8, minlength=256)[::-1])[::-1]  # samples of each high byte or more
     # bits b are used by more than left_out samples where that many reach 1 << (b - 1), the high byte 1 << (b - 9)
     bits = max((b for b in range(10, 17) if at_least[1 << (b - 9)] > left_out), default=9)
@@ -514,7 +524,8 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
     if meta_mpp is not None:  # 0, negative, NaN or infinite too: a value, not none
         raise NoMppError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
                                "scan's; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
-    raise NoMppError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
+    raise NoMppError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python "
+                           "API), or --default-mpp for the files without one in a batch of scans and snapshots")
 
 
 _OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "dm": 1e5,
@@ -946,7 +957,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
         if default_mpp is None:
             raise
         slide = _open(path, default_mpp, backend)
-        slide.mpp_source = f"the default given ({e.reason.split(';')[0]})"
+        slide.mpp_source = f"{DEFAULT_MPP_SOURCE} ({e.reason.split(';')[0]})"
         return slide
 
 

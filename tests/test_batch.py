@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import save_png
@@ -678,6 +679,24 @@ def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields,
     assert snap["mpp"] == 0.5 and "µm/px 0.5 from the default given (no microns-per-pixel in the file's metadata)" in snap["notes"]
     code = main(["score", str(folder), "--out", str(tmp_path / "both"), "--mpp", "0.5", "--default-mpp", "0.5"])
     assert code == 2 and not (tmp_path / "both").exists()
+    # another default scores again the slides that used it, and only those (the scan was scored again each time)
+    again = run_batch([folder], tmp_path / "out", default_mpp=0.45)
+    assert again.reused == 1 and again.scored == 1
+    snap = json.loads((tmp_path / "out" / rows["snapshot.png"]["output"] / "result.json").read_text())
+    assert snap["mpp"] == 0.45
+    gone = {Path(r["slide"]).name: r["status"] for r in run_batch([folder], tmp_path / "out")}
+    assert gone == {"scan.tif": "ok", "snapshot.png": "error"}
+
+
+def test_tile_workers_open_a_slide_at_its_default_mpp(tmp_path, fields):
+    """A snapshot without µm/px scored with its tiles in two processes: each worker opens it again, which without
+    the default given refused it (the batch then ran it again in one process, hiding the fault)."""
+    from her2score.pipeline import analyse_slide
+
+    big = save_png(tmp_path / "big.png", np.tile(fields["2+"], (2, 2, 1)), mpp=None)
+    one = analyse_slide(big, config=SMALL_TILES, default_mpp=0.5).result
+    two = analyse_slide(big, config=SMALL_TILES, default_mpp=0.5, workers=2).result
+    assert two == one and one.mpp == 0.5
 
 # --------------------------------------------------------------------------- determinism
 

@@ -829,6 +829,9 @@ def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, m
     assert "name:f.png" not in _find_reusable(prev.parent)
     assert not reused(replace(_result(img, "1+"), mpp=0.42, notes=("µm/px 0.42 from user (the file's metadata says 0.5)",)).to_json())
     assert reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from metadata",)).to_json())
+    # a default µm/px given to 'score' (--default-mpp) is no more the file's own than one given outright
+    assert not reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from the default given (no microns-per-pixel in the "
+                                                           "file's metadata)",)).to_json())
     old = json.loads(_result(img, "1+").to_json())
     del old["tissue_area_mm2"]
     assert not reused(json.dumps(old)) and not reused("{not json")

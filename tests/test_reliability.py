@@ -311,7 +311,8 @@ def test_he_slide_is_the_wrong_stain_not_a_zero(tmp_path, slide_folder, fields, 
 
 def test_slide_without_mpp(tmp_path, slide_folder, fields, pyramid_tiff):
     bad = write_bad("no_mpp", slide_folder, fields=fields, pyramid=pyramid_tiff)
-    msg = f"{bad}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)"
+    msg = (f"{bad}: no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API), "
+           "or --default-mpp for the files without one in a batch of scans and snapshots")
     assert str(_api_error(bad)) == msg
     _batch_error(tmp_path, slide_folder, bad, msg)
     # with --mpp it is scored, and the good slide keeps its own metadata
