@@ -25,21 +25,27 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _score_config(args):
-    """Every argument of 'score' checked, before any work: (ScoringConfig, weights path or None).
-    Raises _UsageError with one line naming the bad argument."""
-    from .categories import Thresholds
-    from .pipeline import ScoringConfig
+def _check_mpp(args) -> None:
+    """_UsageError unless --mpp and --default-mpp, where given, are plausible scan resolutions, and not both."""
     from .slide import PLAUSIBLE_MPP
 
-    if args.workers < 1:
-        raise _UsageError(f"--workers must be at least 1, got {args.workers}")
     for name, value in (("--mpp", args.mpp), ("--default-mpp", args.default_mpp)):
         if value is not None and not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
             raise _UsageError(f"{name} {value:g} µm/px is not a plausible scan resolution "
                               f"({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px; 40x scans are ~0.25, 20x ~0.5)")
     if args.mpp is not None and args.default_mpp is not None:
         raise _UsageError("--mpp overrides every file's µm/px, --default-mpp only where a file has none: give one")
+
+
+def _score_config(args):
+    """Every argument of 'score' checked, before any work: (ScoringConfig, weights path or None).
+    Raises _UsageError with one line naming the bad argument."""
+    from .categories import Thresholds
+    from .pipeline import ScoringConfig
+
+    if args.workers < 1:
+        raise _UsageError(f"--workers must be at least 1, got {args.workers}")
+    _check_mpp(args)
     missing = [i for i in args.inputs if not Path(i).exists()]
     if missing:
         from .slide import missing_reason
@@ -415,6 +421,7 @@ def _evaluate(args) -> int:
 
     try:
         _check_guideline(args)
+        _check_mpp(args)
     except _UsageError as e:
         print(f"her2score evaluate: {e}", file=sys.stderr)
         return 2
@@ -427,7 +434,7 @@ def _evaluate(args) -> int:
                           guideline=args.guideline, specimen=args.specimen, gastric_reading=args.gastric_reading,
                           isolated_intense_percent=args.isolated_floor, mpp=args.mpp, bootstrap=args.bootstrap,
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
-                          progress=None if args.quiet else _eval_progress())
+                          progress=None if args.quiet else _eval_progress(), default_mpp=args.default_mpp)
     except ModelError as e:
         _error(f"her2score: {e} (or evaluate with --no-cnn)")
         return 2
@@ -634,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
     _guideline_arguments(e)
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
+    e.add_argument("--default-mpp", type=float, help="µm/px of the images whose metadata gives none (default: none, "
+                                                     "such an image is refused)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     e.add_argument("--rule", action="append", dest="rules", metavar="RULE",

@@ -491,16 +491,19 @@ _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in C
 """Rule names whose per_image.csv columns (<method>_<rule>, truth_<rule>) are other columns' names."""
 
 
-def _same_mpp(result: SlideResult, given: float | None) -> bool:
+def _same_mpp(result: SlideResult, given: float | None, default: float | None = None) -> bool:
     """Whether ``result`` was scored at the µm/px a run now reads its image at: ``given``, or without it the
-    file's own (a result scored at a µm/px the user gave, or a default given, is not; the pipeline's notes say where
-    it came from)."""
-    if given is None:
-        return not (any(n.startswith("µm/px ") and " from user" in n for n in result.notes) or used_default_mpp(result.notes))
-    return abs(result.mpp - given) < 1e-9
+    file's own (a result scored at a µm/px the user gave is not), or where the file has none ``default`` (a result
+    scored at another default, or at one where none is given now, is not); the pipeline's notes say where it came
+    from."""
+    if given is not None:
+        return abs(result.mpp - given) < 1e-9
+    if used_default_mpp(result.notes):
+        return default is not None and abs(result.mpp - default) < 1e-9
+    return not any(n.startswith("µm/px ") and " from user" in n for n in result.notes)
 
 
-def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[SlideResult, str, str]:
+def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=None) -> tuple[SlideResult, str, str]:
     """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
     ("pipeline", "reused" or "" when none ran). A finished result is reused where this version of the
     tool scored it with the same settings (guideline, specimen, thresholds and every other scoring
@@ -522,12 +525,12 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable) -> tuple[Sli
         if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
             recorded["estimate_stains"] = False
         same = (result.version == __version__ and recorded == json.loads(json.dumps(config.to_dict()))
-                and _same_mpp(result, mpp) and not result.region.startswith(("annotation", "mask")))
+                and _same_mpp(result, mpp, default_mpp) and not result.region.startswith(("annotation", "mask")))
         if same and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
                 result = method_result(result, "classical")
             return result, str(f), "reused" if result.cnn is not None else ""
-    result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model).result
+    result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model, default_mpp=default_mpp).result
     return result, "", "pipeline" if result.cnn is not None else ""
 
 
@@ -625,7 +628,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
              use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
              gastric_reading: str = "cumulative", isolated_intense_percent: float | None = None, mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
              eligible_rule: str | None = None, reuse_by_name: bool = False,
-             progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int, dict], None] | None = None, default_mpp: float | None = None) -> dict[str, Any]:
     """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
@@ -633,7 +636,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters); ``gastric_reading``,
     ``isolated_intense_percent`` (None: the default): as ScoringConfig's. ``reuse_by_name``: also
     reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of:
-    a result does not say which pixels it read).
+    a result does not say which pixels it read). ``mpp`` overrides every image's µm/px; ``default_mpp`` is used
+    where an image's metadata gives none.
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .eligibility import Rule, available_rules, check_eligibility, guideline_suits, load_rule
@@ -670,7 +674,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     for n_done, item in enumerate(items, start=1):
         row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
         try:
-            result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable)
+            result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable,
+                                                     default_mpp=default_mpp)
             if reused_from and str(resolved_path(result.slide)) != str(resolved_path(item.path)):
                 by_name.append(item.path)
             d = out / "results" / folders[n_done - 1]

@@ -533,6 +533,25 @@ def test_an_evaluation_whose_progress_reader_goes_away_finishes(tmp_path):
     assert proc.wait(timeout=300) == 0
     assert json.loads((out / "metrics.json").read_text())["n"] == 4 and (out / "report.md").is_file()
 
+
+def test_evaluate_scores_images_without_a_scale_at_the_default_given(tmp_path):
+    """A labelled set of snapshots without µm/px: refused image by image, or scored at --default-mpp (as 'score' does)."""
+    from PIL import Image
+
+    from her2score.synthetic import generate_field
+
+    (tmp_path / "set").mkdir()
+    for i, score in enumerate(("0", "3+")):
+        Image.fromarray(generate_field(score, seed=60 + i, size_px=(256, 256)).image).save(tmp_path / "set" / f"{i}.png")
+    labels = tmp_path / "set" / "labels.csv"
+    labels.write_text("path,label\n0.png,0\n1.png,3+\n")
+    args = ["evaluate", str(labels), "--no-cnn", "--bootstrap", "0", "-q"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 1
+    assert main([*args, "--out", str(tmp_path / "ev"), "--default-mpp", "0.5"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 2 and m["methods"]["classical"]["accuracy"] == 1.0
+    assert main([*args, "--out", str(tmp_path / "both"), "--mpp", "0.5", "--default-mpp", "0.5"]) == 2
+
 def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=21, size_px=(320, 320))
     bad = ds / "images" / "broken.png"
@@ -832,6 +851,11 @@ def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, m
     # a default µm/px given to 'score' (--default-mpp) is no more the file's own than one given outright
     assert not reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from the default given (no microns-per-pixel in the "
                                                            "file's metadata)",)).to_json())
+    from her2score.evaluate import _same_mpp
+
+    by_default = replace(_result(img, "1+"), mpp=0.5, notes=("µm/px 0.5 from the default given (no microns-per-pixel in the "
+                                                               "file's metadata)",))
+    assert not _same_mpp(by_default, None) and _same_mpp(by_default, None, 0.5) and not _same_mpp(by_default, None, 0.45)
     old = json.loads(_result(img, "1+").to_json())
     del old["tissue_area_mm2"]
     assert not reused(json.dumps(old)) and not reused("{not json")
