@@ -174,6 +174,7 @@ def _output_gone() -> None:
             os.dup2(devnull, stream.fileno())
         except (OSError, ValueError):
             pass
+    os.close(devnull)
 
 
 def _clock(seconds: float) -> str:
@@ -666,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away ('| head'): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush writes nowhere
+        _output_gone()  # the interpreter's last flush writes nowhere
         return 141
     except KeyboardInterrupt:  # Ctrl-C outside a batch (synth, train, evaluate): what was written whole stays
         print(f"her2score {args.command}: interrupted", file=sys.stderr)
