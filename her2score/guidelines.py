@@ -511,21 +511,28 @@ def false_membrane_share(counts: Mapping[str, int], *, percent: float = FALSE_ME
 
 
 def null_or_ultralow(counts: Mapping[str, int], level: str, *, percent: float = FALSE_MEMBRANE_PERCENT,
-                     stronger_percent: float = FALSE_STRONGER_PERCENT) -> float | None:
+                     stronger_percent: float = FALSE_STRONGER_PERCENT, confidence: float | None = None) -> float | None:
     """The % of tumour cells stained in a "0+ (ultralow)" call that false membranes alone could give
-    (false_membrane_share): the call could be "0 (null)". None for any other level or staining."""
+    (false_membrane_share, at ``confidence`` where given): the call could be "0 (null)". None for any other level
+    or staining."""
     if level != "0+ (ultralow)":
         return None
-    return false_membrane_share(counts, percent=percent, stronger_percent=stronger_percent)
+    return false_membrane_share(counts, percent=percent, stronger_percent=stronger_percent, confidence=confidence)
 
 
 def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str, *,
                     percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
     """``flags`` plus ``null_or_ultralow``, and the words that say why (to append to a reason; "" without
-    the flag), where false membranes alone could make ``level`` an ultralow call (null_or_ultralow)."""
-    share = null_or_ultralow(counts, level, percent=percent)
+    the flag), where false membranes alone could make ``level`` an ultralow call (null_or_ultralow; on few cells
+    within the 95% interval of the share, as the CNN is held: cnn.fuse)."""
+    share = null_or_ultralow(counts, level, percent=percent, confidence=NEAR_CUTOFF_CONFIDENCE)
     if share is None:
         return flags, ""
+    if share > percent:  # over it, within its interval
+        n = sum(counts.values())
+        return (*flags, "null_or_ultralow"), (f"; the {percent_text(share, percent)} stained of {n:,} tumour cells is, within "
+                                              f"its {NEAR_CUTOFF_CONFIDENCE:.0%} interval, no more than the {percent:g}% "
+                                              "real unstained membranes read: it could be 0 (null)")
     return (*flags, "null_or_ultralow"), (f"; the {percent_text(share, percent)} stained is within the {percent:g}% that real "
                                           "unstained membranes read: it could be 0 (null)")
 

@@ -114,7 +114,7 @@ def test_an_ultralow_call_that_false_membranes_could_give_is_flagged():
     assert r.level == "0+ (ultralow)" and 0 < share <= 8, r.reason
     assert "null_or_ultralow" in r.flags and f"the {share:.1f}% stained is within the 8% " in r.reason
     assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"
-    strict = _score(f, config=ScoringConfig(false_membrane_percent=share / 2))
+    strict = _score(f, config=ScoringConfig(false_membrane_percent=share / 4))  # under the lower end of its interval
     assert strict.level == "0+ (ultralow)" and "null_or_ultralow" not in strict.flags
     assert check_eligibility(strict, "her2-ultralow-breast").status == "eligible"
 
@@ -294,3 +294,16 @@ def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
     assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"
     off = _score(f, config=ScoringConfig(false_membrane_percent=0.0))
     assert "near_cutoff" not in off.flags and "real unstained membranes" not in off.reason
+
+
+def test_the_null_doubt_reads_a_share_on_few_cells_within_its_interval():
+    """The CNN is held from lifting a 0 whose share could be false membranes within its 95% interval (a real Ki67
+    field: 9.1% of 66 cells), and its reason said so, but the null_or_ultralow flag read the bare share: not set.
+    Both now read the interval."""
+    from her2score.guidelines import with_null_doubt
+
+    flags, words = with_null_doubt(("ultralow",), {"none": 60, "faint_partial": 6}, "0+ (ultralow)")
+    assert flags == ("ultralow", "null_or_ultralow")
+    assert words == ("; the 9.1% stained of 66 tumour cells is, within its 95% interval, no more than the 8% real "
+                     "unstained membranes read: it could be 0 (null)")
+    assert with_null_doubt(("ultralow",), {"none": 60000, "faint_partial": 6000}, "0+ (ultralow)")[0] == ("ultralow",)
