@@ -282,7 +282,7 @@ def _score(args) -> int:
 def _say_totals(rows, summary: Path) -> None:
     """The batch's totals and this run's slides (``summary``: its summary.csv), one line each, on stdout."""
     unscored = f" ({rows.unscored} without a score: no tumour cells)" if rows.unscored else ""
-    refused = f" ({'all' if rows.refused == rows.failed else rows.refused} refused as no tissue or not a HER2 stain)" if rows.refused else ""
+    refused = f" ({'all' if rows.refused == rows.failed else rows.refused} refused: no tissue, not an H-DAB stain, or a µm/px its nuclei rule out)" if rows.refused else ""
     print(f"{rows.scored} scored{unscored}, {rows.reused} reused, {rows.failed} failed{refused}; "
           f"{len(rows)} slide{'s' if len(rows) != 1 else ''} in {summary}")
     earlier = 0
@@ -349,8 +349,15 @@ def _rules(args) -> int:
 def _synth(args) -> int:
     from .synthetic import write_dataset
 
-    path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
-                         real_borders=args.real_borders)
+    try:
+        path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
+                             real_borders=args.real_borders)
+    except ValueError as e:
+        print(f"her2score synth: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"her2score synth: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"wrote {4 * args.n_per_class} fields into {path / 'images'}, their labels in {path / 'labels.csv'} and their "
           f"cell counts in {path / 'truth.jsonl'}")
     return 0
@@ -670,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         _output_gone()  # the interpreter's last flush writes nowhere
         return 141
     except KeyboardInterrupt:  # Ctrl-C outside a batch (synth, train, evaluate): what was written whole stays
-        print(f"her2score {args.command}: interrupted", file=sys.stderr)
+        hint = (f"; the images scored are kept: add --reuse {Path(args.out) / 'results'} to the same command to score "
+                "only the rest" if args.command == "evaluate" else "")
+        _error(f"her2score {args.command}: interrupted{hint}")
         return 130
 
 

@@ -414,7 +414,8 @@ def _find_reusable(reuse: str | os.PathLike | None, *, by_name: bool = False) ->
         return {}
     root = Path(reuse)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: --reuse folder does not exist")
+        raise FileNotFoundError(f"{root}: --reuse " + ("is not a folder (give the folder of result.json files, e.g. an "
+                                                       "earlier evaluation's results/)" if root.exists() else "folder does not exist"))
     by_key: dict[str, Path] = {}
     names: dict[str, list[Path]] = {}
     for f in sorted(root.rglob("result.json")):

@@ -32,7 +32,7 @@ from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
-from .slide import Slide, SlideError, open_slide
+from .slide import DEFAULT_MPP_SOURCE, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density, per_channel)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
@@ -567,7 +567,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             pending = [pool.submit(run, t) for t in tiles] if pool else None
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
-                raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, check.reason)
+                reason = check.reason
+                if check.code == "implausible_scale" and slide.mpp_source.startswith(DEFAULT_MPP_SOURCE):
+                    reason += f" (this file has no µm/px of its own: {slide.mpp:g} was --default-mpp's)"
+                raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
             thumb_eosin = check.eosin_fraction
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max) for t in tiles])

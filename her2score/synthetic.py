@@ -652,7 +652,13 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     the new labels.csv written last, so a run stopped half-way leaves no labels describing other images."""
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        raise ValueError(f"the fields per class must be a whole number of at least 1, got {n_per_class!r}")
+    if not 0 <= stain_jitter <= 30:
+        raise ValueError(f"the stain jitter must be 0-30 degrees (s.d. of the stain vectors' turn), got {stain_jitter!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)

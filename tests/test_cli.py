@@ -315,6 +315,23 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
     assert main(["score", str(folder), "--out", str(folder / "results"), "--no-cnn", "-q"]) == 0  # hidden: not searched
 
 
+
+@pytest.mark.parametrize("args, words", [
+    (["--n-per-class", "1", "--stain-jitter", "-5"], "the stain jitter must be 0-30 degrees"),
+    (["--n-per-class", "-1"], "the fields per class must be a whole number of at least 1, got -1"),
+    (["--n-per-class", "0"], "the fields per class must be a whole number of at least 1, got 0"),
+])
+def test_synth_refuses_settings_it_cannot_draw(tmp_path, capsys, args, words):
+    """A negative jitter or count was a traceback, 0 fields 'wrote 0 fields' and exit 0."""
+    assert main(["synth", str(tmp_path / "set"), *args]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "set").exists()
+
+
+def test_synth_into_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["synth", str(tmp_path / "f"), "--n-per-class", "1"]) == 2
+    assert f"{tmp_path / 'f'}: exists and is not a folder" in capsys.readouterr().err
+
 def test_output_piped_into_head_ends_quietly(tmp_path):
     """'her2score score ... | head -1': the reader going away (here before any line) ends the command quietly, with
     the batch's own exit code (its work is done and recorded: 141 said it had failed)."""
@@ -360,7 +377,7 @@ def test_inputs_that_are_not_hdab_tissue_are_refused_in_summary_and_the_batch_go
     for name in ("colon-ihc.png", "sample-3plus.png"):
         assert rows[name]["status"] == "ok" and rows[name]["score"] in ("1+", "2+", "3+"), rows[name]
     out = capsys.readouterr().out
-    assert f"2 scored, 0 reused, {len(refused)} failed (all refused as no tissue or not a HER2 stain)" in out
+    assert f"2 scored, 0 reused, {len(refused)} failed (all refused: no tissue, not an H-DAB stain, or a µm/px its nuclei rule out)" in out
     assert out.count(" x refused ") == len(refused)
 
 
