@@ -31,10 +31,10 @@ import time
 import traceback
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -655,6 +655,16 @@ def _lock(out: Path):
 def _unlock(fh) -> None:
     _HELD_LOCK_FDS.discard(fh.fileno())
     fh.close()
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock within (BatchError where another her2score run holds it)."""
+    fh = _lock(out)
+    try:
+        yield
+    finally:
+        _unlock(fh)
 
 
 def _clean_temp_files(out: Path) -> None:

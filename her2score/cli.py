@@ -424,6 +424,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from .batch import BatchError
     from .cnn import ModelError
     from .evaluate import evaluate
 
@@ -446,7 +447,7 @@ def _evaluate(args) -> int:
     except ModelError as e:
         _error(f"her2score: {e} (or evaluate with --no-cnn)")
         return 2
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, BatchError) as e:
         _error(f"her2score: {e}")
         return 2
     try:

@@ -641,6 +641,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     where an image's metadata gives none.
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
+    from .batch import output_lock
     from .eligibility import Rule, available_rules, check_eligibility, guideline_suits, load_rule
     from .pipeline import ScoringConfig
 
@@ -664,140 +665,141 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                          "rename them")
     out = Path(out)  # made once the settings are known to be good: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
-    same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}
-    reusable = {key: f for key, f in _find_reusable(reuse, by_name=reuse_by_name).items()  # by file name only where that names one image
-                if not (key.startswith("name:") and key[len("name:"):] in same_name)}
-    folders = _result_folders([item.path for item in items], root)
+    with output_lock(out):  # one run at a time in a folder, as for 'score' (a second one wrote over the first's files)
+        same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}
+        reusable = {key: f for key, f in _find_reusable(reuse, by_name=reuse_by_name).items()  # by file name only where that names one image
+                    if not (key.startswith("name:") and key[len("name:"):] in same_name)}
+        folders = _result_folders([item.path for item in items], root)
 
-    rows: list[dict[str, Any]] = []
-    results: list[SlideResult | None] = []
-    by_name: list[str] = []  # images whose reused result was matched by file name alone
-    for n_done, item in enumerate(items, start=1):
-        row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
-        try:
-            result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable,
-                                                     default_mpp=default_mpp)
-            if reused_from and str(resolved_path(result.slide)) != str(resolved_path(item.path)):
-                by_name.append(item.path)
-            d = out / "results" / folders[n_done - 1]
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write(d / "result.json", result.to_json())
-            row.update(classical=result.classical_score, cnn=result.cnn_score, fused=result.score,
-                       confidence=result.confidence, level=result.level,
-                       classical_level=method_result(result, "classical").level,
-                       flags=";".join(result.flags), classical_flags=";".join(result.classical_flags),
-                       reason=result.reason, h_score=result.h_score, tumour_cells=result.tumour_cells,
-                       qc_passed=result.qc_passed, qc=";".join(f"{q.severity}:{q.code}" for q in result.qc),
-                       reused=bool(reused_from), reused_from=reused_from, cnn_by=cnn_by,
-                       cnn_model=result.cnn.model if result.cnn else "", error="")
-            if result.cnn:
-                cnn_alone = method_result(result, "cnn")
-                row.update(cnn_level=cnn_alone.level, cnn_flags=";".join(cnn_alone.flags))
-                row.update({f"p_{c}": result.cnn.probabilities.get(c) for c in SCORES})
-            row.update({f"pct_{c}": result.percentages.get(c) for c in CATEGORIES})
-            if item.counts:
-                row.update({f"truth_pct_{c}": round(v, 3) for c, v in _truth_percent(item.counts).items()})
-            results.append(result)
-        except Exception as e:  # one bad image never stops the run
-            msg = str(e) if item.path in str(e) else f"{item.path}: {type(e).__name__}: {e}"
-            log.debug("failed: %s", msg, exc_info=True)
-            row.update(classical=None, cnn=None, fused=None, error=msg)
-            results.append(None)
-        rows.append(row)
-        if progress:
-            progress(n_done, len(items), row)
-    _remove_stale_results(out / "results", {folders[i] for i, r in enumerate(results) if r is not None})
+        rows: list[dict[str, Any]] = []
+        results: list[SlideResult | None] = []
+        by_name: list[str] = []  # images whose reused result was matched by file name alone
+        for n_done, item in enumerate(items, start=1):
+            row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
+            try:
+                result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable,
+                                                         default_mpp=default_mpp)
+                if reused_from and str(resolved_path(result.slide)) != str(resolved_path(item.path)):
+                    by_name.append(item.path)
+                d = out / "results" / folders[n_done - 1]
+                d.mkdir(parents=True, exist_ok=True)
+                atomic_write(d / "result.json", result.to_json())
+                row.update(classical=result.classical_score, cnn=result.cnn_score, fused=result.score,
+                           confidence=result.confidence, level=result.level,
+                           classical_level=method_result(result, "classical").level,
+                           flags=";".join(result.flags), classical_flags=";".join(result.classical_flags),
+                           reason=result.reason, h_score=result.h_score, tumour_cells=result.tumour_cells,
+                           qc_passed=result.qc_passed, qc=";".join(f"{q.severity}:{q.code}" for q in result.qc),
+                           reused=bool(reused_from), reused_from=reused_from, cnn_by=cnn_by,
+                           cnn_model=result.cnn.model if result.cnn else "", error="")
+                if result.cnn:
+                    cnn_alone = method_result(result, "cnn")
+                    row.update(cnn_level=cnn_alone.level, cnn_flags=";".join(cnn_alone.flags))
+                    row.update({f"p_{c}": result.cnn.probabilities.get(c) for c in SCORES})
+                row.update({f"pct_{c}": result.percentages.get(c) for c in CATEGORIES})
+                if item.counts:
+                    row.update({f"truth_pct_{c}": round(v, 3) for c, v in _truth_percent(item.counts).items()})
+                results.append(result)
+            except Exception as e:  # one bad image never stops the run
+                msg = str(e) if item.path in str(e) else f"{item.path}: {type(e).__name__}: {e}"
+                log.debug("failed: %s", msg, exc_info=True)
+                row.update(classical=None, cnn=None, fused=None, error=msg)
+                results.append(None)
+            rows.append(row)
+            if progress:
+                progress(n_done, len(items), row)
+        _remove_stale_results(out / "results", {folders[i] for i, r in enumerate(results) if r is not None})
 
-    ok = [i for i, r in enumerate(results) if r is not None]
-    truth = [items[i].label for i in ok]
-    metrics: dict[str, Any] = {
-        "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
-        "not_scored": sum(1 for i in ok if results[i].score is None),
-        "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,
-        "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
-        "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
-        "model": clf.name if clf else None,
-        "cnn_source": dict(sorted(Counter(r["cnn_by"] for r in rows if r.get("cnn_by")).items())) or None,
-        "warnings": [], "methods": {},
-    }
-    every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored
-    for method in METHODS:
-        mrs = [method_result(results[i], method) for i in ok]
-        if method != "classical" and clf is None and all(results[i].cnn is None for i in ok):
-            continue
-        called = [r.score if r is not None else None for r in mrs]
-        called_levels = [None] * len(items)
-        for i, r in zip(ok, mrs):
-            called_levels[i] = r.level if r is not None else None
-        m = _method_metrics(truth, called, every_level, called_levels, resamples=bootstrap, seed=seed,
-                            split_zero=guideline in ZERO_SPLIT)
-        if m is None:
-            continue
-        if m["n"] < KAPPA_MIN_N:
-            metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
-                                       "kappa is unreliable (it can collapse to a point); read it as indicative only")
-        elif not m["kappa_interval_reliable"]:
-            metrics["warnings"].append(f"{method}: the bootstrap interval of kappa over {m['n']} images is "
-                                       f"{m['kappa_interval_note']}: it says nothing of the uncertainty; the accuracy's "
-                                       "Wilson interval does")
-        elig = {}
-        for rule in rule_objs:
-            if not guideline_suits(rule.guideline, guideline):  # as check_eligibility decides it
-                elig[rule.name] = {"skipped": f"the rule expects {rule.guideline} scoring; evaluated under {guideline}"}
+        ok = [i for i, r in enumerate(results) if r is not None]
+        truth = [items[i].label for i in ok]
+        metrics: dict[str, Any] = {
+            "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
+            "not_scored": sum(1 for i in ok if results[i].score is None),
+            "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,
+            "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
+            "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
+            "model": clf.name if clf else None,
+            "cnn_source": dict(sorted(Counter(r["cnn_by"] for r in rows if r.get("cnn_by")).items())) or None,
+            "warnings": [], "methods": {},
+        }
+        every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored
+        for method in METHODS:
+            mrs = [method_result(results[i], method) for i in ok]
+            if method != "classical" and clf is None and all(results[i].cnn is None for i in ok):
                 continue
-            tv, st, source = [], [], {"eligible column": 0, "label and rule file": 0}
-            for k, i in enumerate(ok):
-                item = items[i]
-                t = item.eligible.get(rule.name)
-                if t is None:
-                    t = eligibility_truth(item.level or item.label, rule, ish=item.ish, counts=item.counts)
-                    source["label and rule file"] += t is not None
-                else:
-                    source["eligible column"] += 1
-                mr = mrs[k]
-                s = check_eligibility(mr, rule, ish=item.ish).status if mr is not None else None
-                tv.append(t)
-                st.append(s)
-                rows[i][f"truth_{rule.name}"] = "" if t is None else ("eligible" if t else "not_eligible")
-                rows[i][f"{method}_{rule.name}"] = s or ""
-            elig[rule.name] = {"version": rule.version, "truth_source": source, **_rule_metrics(tv, st)}
-        m["eligibility"] = elig
-        metrics["methods"][method] = m
-    pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok
-             if items[i].counts and sum(items[i].counts.values()) and results[i].tumour_cells]
-    metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
-    if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
-        metrics["warnings"].append(
-            f"cnn: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training fields "
-            f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
-            "fields with another --seed")
-    if clf is not None and (shared := _training_images(clf.record, [items[i].path for i in ok])):
-        metrics["warnings"].append(
-            f"cnn: {shared} of the {len(ok)} images are among the CNN's own training images ({clf.record.training.get('data')}): "
-            "its figures on them are on training data; evaluate on images it was not trained on")
-    if by_name:
-        metrics["warnings"].append(
-            f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "
-            f"{by_name[0]}): its image has moved, and nothing checks that it read these pixels")
-    for w in metrics["warnings"]:
-        log.warning("%s", w)
-    # headline figures: the reported (fused when a CNN ran, else classical) score
-    head = metrics["methods"].get("fused") or metrics["methods"].get("classical") or {}
-    metrics["reported_method"] = "fused" if "fused" in metrics["methods"] else "classical"
-    for k in ("accuracy", "accuracy_ci95", "quadratic_weighted_kappa", "quadratic_weighted_kappa_ci95", "per_class"):
-        metrics[k] = head.get(k)
-    metrics["seconds"] = round(time.perf_counter() - t_start, 1)
+            called = [r.score if r is not None else None for r in mrs]
+            called_levels = [None] * len(items)
+            for i, r in zip(ok, mrs):
+                called_levels[i] = r.level if r is not None else None
+            m = _method_metrics(truth, called, every_level, called_levels, resamples=bootstrap, seed=seed,
+                                split_zero=guideline in ZERO_SPLIT)
+            if m is None:
+                continue
+            if m["n"] < KAPPA_MIN_N:
+                metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
+                                           "kappa is unreliable (it can collapse to a point); read it as indicative only")
+            elif not m["kappa_interval_reliable"]:
+                metrics["warnings"].append(f"{method}: the bootstrap interval of kappa over {m['n']} images is "
+                                           f"{m['kappa_interval_note']}: it says nothing of the uncertainty; the accuracy's "
+                                           "Wilson interval does")
+            elig = {}
+            for rule in rule_objs:
+                if not guideline_suits(rule.guideline, guideline):  # as check_eligibility decides it
+                    elig[rule.name] = {"skipped": f"the rule expects {rule.guideline} scoring; evaluated under {guideline}"}
+                    continue
+                tv, st, source = [], [], {"eligible column": 0, "label and rule file": 0}
+                for k, i in enumerate(ok):
+                    item = items[i]
+                    t = item.eligible.get(rule.name)
+                    if t is None:
+                        t = eligibility_truth(item.level or item.label, rule, ish=item.ish, counts=item.counts)
+                        source["label and rule file"] += t is not None
+                    else:
+                        source["eligible column"] += 1
+                    mr = mrs[k]
+                    s = check_eligibility(mr, rule, ish=item.ish).status if mr is not None else None
+                    tv.append(t)
+                    st.append(s)
+                    rows[i][f"truth_{rule.name}"] = "" if t is None else ("eligible" if t else "not_eligible")
+                    rows[i][f"{method}_{rule.name}"] = s or ""
+                elig[rule.name] = {"version": rule.version, "truth_source": source, **_rule_metrics(tv, st)}
+            m["eligibility"] = elig
+            metrics["methods"][method] = m
+        pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok
+                 if items[i].counts and sum(items[i].counts.values()) and results[i].tumour_cells]
+        metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
+        if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
+            metrics["warnings"].append(
+                f"cnn: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training fields "
+                f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
+                "fields with another --seed")
+        if clf is not None and (shared := _training_images(clf.record, [items[i].path for i in ok])):
+            metrics["warnings"].append(
+                f"cnn: {shared} of the {len(ok)} images are among the CNN's own training images ({clf.record.training.get('data')}): "
+                "its figures on them are on training data; evaluate on images it was not trained on")
+        if by_name:
+            metrics["warnings"].append(
+                f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "
+                f"{by_name[0]}): its image has moved, and nothing checks that it read these pixels")
+        for w in metrics["warnings"]:
+            log.warning("%s", w)
+        # headline figures: the reported (fused when a CNN ran, else classical) score
+        head = metrics["methods"].get("fused") or metrics["methods"].get("classical") or {}
+        metrics["reported_method"] = "fused" if "fused" in metrics["methods"] else "classical"
+        for k in ("accuracy", "accuracy_ci95", "quadratic_weighted_kappa", "quadratic_weighted_kappa_ci95", "per_class"):
+            metrics[k] = head.get(k)
+        metrics["seconds"] = round(time.perf_counter() - t_start, 1)
 
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default) + "\n")
-    _write_csv(out / "per_image.csv", rows)
-    _plot_confusion(out / "confusion.png", metrics)
-    if pairs:
-        _plot_bland_altman(out / "bland_altman.png", pairs)
-    else:  # an earlier run's plot would stand beside a report that says none was measured
-        (out / "bland_altman.png").unlink(missing_ok=True)
-    summary = _summary(metrics)
-    atomic_write(out / "report.md", _report(metrics, summary))
-    return {**metrics, "summary": summary}
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default) + "\n")
+        _write_csv(out / "per_image.csv", rows)
+        _plot_confusion(out / "confusion.png", metrics)
+        if pairs:
+            _plot_bland_altman(out / "bland_altman.png", pairs)
+        else:  # an earlier run's plot would stand beside a report that says none was measured
+            (out / "bland_altman.png").unlink(missing_ok=True)
+        summary = _summary(metrics)
+        atomic_write(out / "report.md", _report(metrics, summary))
+        return {**metrics, "summary": summary}
 
 
 

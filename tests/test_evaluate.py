@@ -553,6 +553,22 @@ def test_evaluate_scores_images_without_a_scale_at_the_default_given(tmp_path):
     assert m["n"] == 2 and m["methods"]["classical"]["accuracy"] == 1.0
     assert main([*args, "--out", str(tmp_path / "both"), "--mpp", "0.5", "--default-mpp", "0.5"]) == 2
 
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two evaluations into one --out both exited 0, the first naming a metrics.json the second had written over."""
+    from her2score import batch
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=23, size_px=(128, 128))
+    out = tmp_path / "ev"
+    out.mkdir()
+    held = batch._lock(out)  # another run writing there
+    try:
+        assert main(["evaluate", str(ds / "labels.csv"), "--out", str(out), "--no-cnn", "-q"]) == 2
+        assert "another her2score batch" in capsys.readouterr().err and not (out / "metrics.json").exists()
+    finally:
+        batch._unlock(held)
+    assert main(["evaluate", str(ds / "labels.csv"), "--out", str(out), "--no-cnn", "--bootstrap", "0", "-q"]) == 0
+
 def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=21, size_px=(320, 320))
     bad = ds / "images" / "broken.png"
