@@ -715,6 +715,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         metrics: dict[str, Any] = {
             "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
             "not_scored": sum(1 for i in ok if results[i].score is None),
+            "reused": sum(1 for r in rows if r.get("reused")),
             "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,
             "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
             "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
@@ -777,6 +778,12 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             metrics["warnings"].append(
                 f"cnn: {shared} of the {len(ok)} images are among the CNN's own training images ({clf.record.training.get('data')}): "
                 "its figures on them are on training data; evaluate on images it was not trained on")
+        if eligible_rule and not any(eligible_rule in item.eligible for item in items):
+            metrics["warnings"].append(f"--eligible-rule {eligible_rule}: the labels have no 'eligible' value, so its truth is "
+                                       "derived from the labels as every other rule's")
+        if Path(labels).is_dir() and (skipped := _unlabelled_folders(Path(labels))):
+            metrics["warnings"].append(f"{len(skipped)} sub-folder{'s' if len(skipped) > 1 else ''} of {labels} named no label "
+                                       f"and {'were' if len(skipped) > 1 else 'was'} left out: {', '.join(skipped[:5])}")
         if by_name:
             metrics["warnings"].append(
                 f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "
@@ -906,13 +913,25 @@ def _fmt(v, ci=None) -> str:
     return s
 
 
+def _unlabelled_folders(root: Path) -> list[str]:
+    """The sub-folders of a class-folder tree whose names are no label (their images are not evaluated)."""
+    out = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            parse_truth_label(sub.name)
+        except ValueError:
+            out.append(sub.name)
+    return out
+
+
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: left out of "
              "every figure but null vs ultralow's 'not scored'"
              + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
                 if metrics["not_scored"] else "")
              + "); "
-             f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
+             + (f"{metrics['reused']} of them reused from --reuse; " if metrics.get("reused") else "")
+             + f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
                      f"QWK {_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"

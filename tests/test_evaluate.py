@@ -569,6 +569,29 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused(tmp_path, capsys):
         batch._unlock(held)
     assert main(["evaluate", str(ds / "labels.csv"), "--out", str(out), "--no-cnn", "--bootstrap", "0", "-q"]) == 0
 
+
+def test_the_report_says_what_it_left_out_and_what_it_reused(tmp_path):
+    """A misspelt class folder was skipped with a log line alone, --eligible-rule without an 'eligible' column said
+    nothing, and a run that reused every result said only 'N of N images scored'."""
+    from PIL import Image
+
+    from her2score.synthetic import generate_field
+
+    for folder, score, seed in (("0", "0", 70), ("3+", "3+", 71), ("3++", "3+", 72)):
+        (tmp_path / "cls" / folder).mkdir(parents=True)
+        Image.fromarray(generate_field(score, seed=seed, size_px=(192, 192)).image).save(tmp_path / "cls" / folder / "f.png",
+                                                                                         dpi=(50800, 50800))
+    args = ["--no-cnn", "--bootstrap", "0", "-q", "--eligible-rule", "her2-low-breast"]
+    assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "ev"), *args]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_images"] == 2 and m["reused"] == 0
+    assert any("1 sub-folder of" in w and "left out: 3++" in w for w in m["warnings"])
+    assert any("--eligible-rule her2-low-breast: the labels have no 'eligible' value" in w for w in m["warnings"])
+    assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "ev2"), "--reuse", str(tmp_path / "ev" / "results"),
+                 *args]) == 0
+    m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert m2["reused"] == 2 and "; 2 of them reused from --reuse; guideline" in (tmp_path / "ev2" / "report.md").read_text()
+
 def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=21, size_px=(320, 320))
     bad = ds / "images" / "broken.png"
