@@ -731,17 +731,15 @@ def run_batch(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BatchError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
-    lock = _lock(out)
-    try:
-        return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress,
-                           default_mpp)
-    except BatchError:
-        if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
-            (out / LOCK).unlink()
-            out.rmdir()
-        raise
-    finally:
-        _unlock(lock)
+    with output_lock(out):
+        try:
+            return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress,
+                               default_mpp)
+        except BatchError:
+            if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
+                (out / LOCK).unlink()
+                out.rmdir()
+            raise
 
 
 def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float | None, regions: str | None,
