@@ -190,17 +190,9 @@ class _Progress:
 
     def __init__(self, *, quiet: bool):
         self.quiet, self.started, self.terminal = quiet, time.time(), sys.stderr.isatty()
-        self.bar, self.before, self.gone = None, None, False  # the bar appears with the first finished slide
+        self.bar, self.before = None, None  # the bar appears with the first finished slide
 
     def __call__(self, row: dict, done: int, total: int) -> None:
-        if self.gone:
-            return
-        try:
-            self._show(row, done, total)
-        except OSError:  # its reader went away ('2>&1 | tee log', tee killed; EIO: a closed terminal): the batch goes on
-            self.gone = True
-
-    def _show(self, row: dict, done: int, total: int) -> None:
         if self.before is None:
             self.before = done - 1  # reused from an earlier run
         shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
@@ -228,8 +220,23 @@ class _Progress:
         self.bar.refresh()
 
     def close(self) -> None:
-        if self.bar is not None and not self.gone:
+        if self.bar is not None:
             self.bar.close()
+
+
+def _until_gone(show: Callable[..., None]) -> Callable[..., None]:
+    """``show``, until its output's reader or terminal is gone (an OSError: '2>&1 | tee log' with tee killed, EIO on
+    a closed terminal); then nothing, and the work goes on unwatched."""
+    gone = False
+
+    def call(*args) -> None:
+        nonlocal gone
+        if not gone:
+            try:
+                show(*args)
+            except OSError:
+                gone = True
+    return call
 
 
 def _score(args) -> int:
@@ -252,7 +259,7 @@ def _score(args) -> int:
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, default_mpp=args.default_mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
-                         cells_csv=args.cells_csv, progress=progress)
+                         cells_csv=args.cells_csv, progress=_until_gone(progress))
     except BatchError as e:  # (the disk filled mid-batch, perhaps after its reader went away)
         _error(f"her2score score: {e}")
         return 2
@@ -443,7 +450,7 @@ def _evaluate(args) -> int:
                           guideline=args.guideline, specimen=args.specimen, gastric_reading=args.gastric_reading,
                           isolated_intense_percent=args.isolated_floor, mpp=args.mpp, bootstrap=args.bootstrap,
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
-                          progress=None if args.quiet else _eval_progress(), default_mpp=args.default_mpp)
+                          progress=None if args.quiet else _until_gone(_eval_progress), default_mpp=args.default_mpp)
     except ModelError as e:
         _error(f"her2score: {e} (or evaluate with --no-cnn)")
         return 2
@@ -458,21 +465,9 @@ def _evaluate(args) -> int:
     return 0 if report["errors"] == 0 else 1
 
 
-def _eval_progress() -> Callable[[int, int, dict], None]:
-    """evaluate's progress: one line on stderr an image, none once its reader has gone (the evaluation goes on:
-    the error ended it, with nothing but the per-image results written)."""
-    gone = False
-
-    def show(done: int, total: int, row: dict) -> None:
-        nonlocal gone
-        if gone:
-            return
-        status = row.get("error") or f"truth {row['label']}  classical {row['classical']}  cnn {row.get('cnn') or '-'}  fused {row['fused']}"
-        try:
-            print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
-        except OSError:
-            gone = True
-    return show
+def _eval_progress(done: int, total: int, row: dict) -> None:
+    status = row.get("error") or f"truth {row['label']}  classical {row['classical']}  cnn {row.get('cnn') or '-'}  fused {row['fused']}"
+    print(f"[{done}/{total}] {Path(row['path']).name}: {status}", file=sys.stderr, flush=True)
 
 
 class _Choices(Sequence):
