@@ -87,11 +87,6 @@ def used_default_mpp(notes) -> bool:
     return any(n.startswith("µm/px ") and f" from {DEFAULT_MPP_SOURCE}" in n for n in notes)
 
 
-class NoMppError(SlideError):
-    """The file's metadata gives no µm/px a microscope scan has, and none was given (open_slide's
-    ``default_mpp`` is then used where given)."""
-
-
 class NotHerIhcError(SlideError):
     """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,
     a photo or a graphic), or its µm/px is implausible: refused, not an error of reading."""
@@ -454,7 +449,7 @@ def open_plain_image(path: Path) -> Iterator:
         yield img
 
 
-def _open_png16(path: Path, meta_mpp, mpp: float | None) -> ArraySlide:
+def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | None) -> ArraySlide:
     """A 16-bit colour PNG, its samples scaled to 8 bits from the white their brightest colour sample sets
     (_white_of: a 12-bit camera's PNG, stored unscaled, read as near black through Pillow)."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -463,10 +458,10 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None) -> ArraySlide:
     arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV's BGR(A) as RGB(A)
     white = _white_of(arr[..., :3])
     note = f"{white.bit_length()}-bit samples scaled to 8 bits"
-    return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp))
+    return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
-def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
+def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> ArraySlide:
     from PIL import UnidentifiedImageError
 
     notes = []
@@ -486,7 +481,7 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
                 raise NotHerIhcError(path, _GREYSCALE)
             sixteen = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
             if sixteen and img.format == "PNG":  # Pillow keeps only the high byte of 16-bit colour: read it whole
-                return _open_png16(path, meta_mpp, mpp)
+                return _open_png16(path, meta_mpp, mpp, default_mpp)
             if sixteen:
                 notes.append("16-bit samples scaled to 8 bits")
             if img.mode in ("P", "PA"):
@@ -506,14 +501,14 @@ def _open_plain(path: Path, mpp: float | None) -> ArraySlide:
         raise SlideError(path, f"not a readable image although named {path.suffix}") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise SlideError(path, f"cannot decode image ({e}); truncated or corrupt file") from None
-    return ArraySlide(arr, notes=tuple(notes), jpeg_quality=quality, **_mpp_args(path, meta_mpp, mpp))
+    return ArraySlide(arr, notes=tuple(notes), jpeg_quality=quality, **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
-def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
+def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None, default_mpp: float | None = None) -> dict:
     """µm/px given by the user (it overrides the metadata: the metadata can be wrong, e.g. a JPEG's 16-bit
-    dpi), else from the metadata when plausible, else a SlideError naming the file. A user's value more
-    than 5% off the metadata's says so in ``mpp_source`` and keeps the metadata's as ``metadata_mpp`` where it
-    is a microscope's (a camera's 72 dpi is no rival to the user's value)."""
+    dpi), else from the metadata when plausible, else ``default_mpp`` where given (``mpp_source`` says why), else a
+    SlideError naming the file. A user's value more than 5% off the metadata's says so in ``mpp_source`` and keeps
+    the metadata's as ``metadata_mpp`` where it is a microscope's (a camera's 72 dpi is no rival to the user's value)."""
     if user_mpp:
         differs = meta_mpp and abs(float(user_mpp) / float(meta_mpp) - 1) > 0.05
         source = f"user (the file's metadata says {meta_mpp:.4g})" if differs else "user"
@@ -521,11 +516,15 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None) -> dict:
         return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **rival}
     if _plausible(meta_mpp):
         return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
-    if meta_mpp is not None:  # 0, negative, NaN or infinite too: a value, not none
-        raise NoMppError(path, f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope "
-                               "scan's; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
-    raise NoMppError(path, "no microns-per-pixel in the file's metadata; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python "
-                           "API), or --default-mpp for the files without one in a batch of scans and snapshots")
+    # 0, negative, NaN or infinite too: a value, not none
+    why = ("no microns-per-pixel in the file's metadata" if meta_mpp is None else
+           f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope scan's")
+    if default_mpp is not None:
+        return {"mpp": float(default_mpp), "path": path, "mpp_source": f"{DEFAULT_MPP_SOURCE} ({why})"}
+    if meta_mpp is not None:
+        raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
+    raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API), or --default-mpp for the "
+                           "files without one in a batch of scans and snapshots")
 
 
 _OME_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "dm": 1e5,
@@ -662,7 +661,7 @@ def _subifd_levels(tif, first) -> list:
 class TiffSlide(Slide):
     """Tiled (pyramidal, OME, Aperio SVS) or plain TIFF via tifffile, reading only the segments needed."""
 
-    def __init__(self, path: Path, mpp: float | None):
+    def __init__(self, path: Path, mpp: float | None, default_mpp: float | None = None):
         import tifffile
 
         self.path = path
@@ -723,7 +722,7 @@ class TiffSlide(Slide):
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
-            args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp)
+            args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp, default_mpp)
             self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
@@ -854,7 +853,7 @@ class TiffSlide(Slide):
 class OpenSlideSlide(Slide):
     """Vendor formats (NDPI, MRXS, SVS, generic tiled TIFF...) through OpenSlide."""
 
-    def __init__(self, path: Path, mpp: float | None):
+    def __init__(self, path: Path, mpp: float | None, default_mpp: float | None = None):
         import openslide
 
         self.path = path
@@ -873,7 +872,7 @@ class OpenSlideSlide(Slide):
             props = self._osr.properties
             # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
-            args = _mpp_args(path, meta, mpp)
+            args = _mpp_args(path, meta, mpp, default_mpp)
             self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
             self.dimensions = (w, h)
             self.levels = tuple(
@@ -951,18 +950,6 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     for value, name in ((mpp, "mpp, --mpp"), (default_mpp, "default_mpp, --default-mpp")):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {value}")
-    try:
-        return _open(path, mpp, backend)
-    except NoMppError as e:
-        if default_mpp is None:
-            raise
-        slide = _open(path, default_mpp, backend)
-        slide.mpp_source = f"{DEFAULT_MPP_SOURCE} ({e.reason.split(';')[0]})"
-        return slide
-
-
-def _open(path: Path, mpp: float | None, backend: str | None) -> Slide:
-    """open_slide's reader for ``path`` (checked to be a non-empty file)."""
     suffix = path.suffix.lower()
     if backend is None:
         if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is
@@ -981,9 +968,9 @@ def _open(path: Path, mpp: float | None, backend: str | None) -> Slide:
     if backend == "tifffile":
         if _sniff(path)[0] != "TIFF":
             raise SlideError(path, "not a TIFF file (no TIFF header)")
-        return TiffSlide(path, mpp)
+        return TiffSlide(path, mpp, default_mpp)
     if backend == "openslide":
-        return OpenSlideSlide(path, mpp)
+        return OpenSlideSlide(path, mpp, default_mpp)
     if backend == "image":
-        return _open_plain(path, mpp)
+        return _open_plain(path, mpp, default_mpp)
     raise ValueError(f"unknown backend {backend!r}; use 'tifffile', 'openslide' or 'image'")
