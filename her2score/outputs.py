@@ -664,12 +664,13 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
     if field:
         canvas, mpp = _field_panel(analysis, slide)
         width = max(canvas.shape[1], MIN_OVERLAY_PX)
-        body = np.vstack([canvas, _scale_band(canvas.shape[1], mpp, scale=max(1.0, width / TEXT_WIDTH_PX))])
+        scale = max(1.0, width / TEXT_WIDTH_PX)
+        body = np.vstack([canvas, _scale_band(canvas.shape[1], mpp, scale=scale)])
         body = np.pad(body, ((0, 0), (0, width - body.shape[1]), (0, 0)), constant_values=255)  # a narrow field: white beside it
     else:
         width = 3 * (min(max(region_px, 400), 600) + 4)  # three region tiles a row, 4 px apart
+        scale = 1.0  # a slide's overlay has a width of its own
         body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
-    scale = max(1.0, width / TEXT_WIDTH_PX) if field else 1.0  # a slide's overlay has a width of its own
     title = _text_band(_title_lines(analysis, scale), width, pad=round(6 * scale))
     legend = _legend(width, _legend_entries(), size=round(13 * scale))
     out = np.vstack([title, body, legend])
