@@ -53,7 +53,7 @@ import numpy as np
 
 from . import __version__
 from .categories import CATEGORIES
-from .labels import TRUTH_LEVELS, class_folder_files, parse_truth_label, read_csv_rows
+from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth_label, read_csv_rows
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .files import content_sample
 from .outputs import atomic_write
@@ -781,7 +781,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         if eligible_rule and not any(eligible_rule in item.eligible for item in items):
             metrics["warnings"].append(f"--eligible-rule {eligible_rule}: the labels have no 'eligible' value, so its truth is "
                                        "derived from the labels as every other rule's")
-        if Path(labels).is_dir() and (skipped := _unlabelled_folders(Path(labels))):
+        if Path(labels).is_dir() and (skipped := class_folders(labels, parse_truth_label)[1]):
             metrics["warnings"].append(f"{len(skipped)} sub-folder{'s' if len(skipped) > 1 else ''} of {labels} named no label "
                                        f"and {'were' if len(skipped) > 1 else 'was'} left out: {', '.join(skipped[:5])}")
         if by_name:
@@ -911,17 +911,6 @@ def _fmt(v, ci=None) -> str:
     if ci and ci[0] is not None:
         s += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
     return s
-
-
-def _unlabelled_folders(root: Path) -> list[str]:
-    """The sub-folders of a class-folder tree whose names are no label (their images are not evaluated)."""
-    out = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            parse_truth_label(sub.name)
-        except ValueError:
-            out.append(sub.name)
-    return out
 
 
 def _summary(metrics: dict) -> str:

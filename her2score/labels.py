@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRUTH_LEVELS", "FOLDER_NAMES", "parse_truth_label", "parse_score", "read_csv_rows", "class_folder_files"]
+__all__ = ["TRUTH_LEVELS", "FOLDER_NAMES", "parse_truth_label", "parse_score", "read_csv_rows", "class_folders",
+           "class_folder_files"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,18 @@ def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
     return rows
 
 
+def class_folders(root: str | os.PathLike, parse: Callable[[str], Any] = parse_score) -> tuple[list[tuple[Path, Any]], list[str]]:
+    """(sub-folder, ``parse(its name)``) for each sub-folder of ``root`` whose name ``parse`` takes, and the names of
+    the others."""
+    labelled, others = [], []
+    for sub in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        try:
+            labelled.append((sub, parse(sub.name)))
+        except ValueError:
+            others.append(sub.name)
+    return labelled, others
+
+
 def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = parse_score,
                        names: str = FOLDER_NAMES) -> list[tuple[Path, Any]]:
     """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
@@ -76,13 +89,11 @@ def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = pa
     from .slide import SLIDE_SUFFIXES
 
     root = Path(root)
+    labelled, others = class_folders(root, parse)
+    for name in others:
+        log.warning("%s: not a class folder (%s); skipped", root / name, names)
     out = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            label = parse(sub.name)
-        except ValueError:
-            log.warning("%s: not a class folder (%s); skipped", sub, names)
-            continue
+    for sub, label in labelled:
         out += [(f, label) for f in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)]
     if not out:
         raise ValueError(f"{root}: no images in class sub-folders named {names}")
