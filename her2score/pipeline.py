@@ -27,7 +27,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
-from .membrane import FILL_MPP, CellMeasurements, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
+from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
@@ -589,7 +589,30 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     return _finish(scan, config, cells, parts)
 
 
-def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> SlideAnalysis:
+@dataclass(frozen=True)
+class _CellsRead:
+    """A slide's cells as read (_read_cells): their membranes, category and pattern codes (with ``borrowed``: the
+    cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour, and by what
+    (``region_source``); the slide's staining figures (``staining``, as the result reports them) with its membrane
+    noise floor (``floor``) and the cytoplasm levels the doubts read (``blush``, ``filled``, ``rise``: log10 OD,
+    tumour.with_cytoplasm_doubt)."""
+
+    mem: MembraneSummary
+    category: np.ndarray
+    pattern: np.ndarray
+    borrowed: np.ndarray
+    compartment: np.ndarray
+    tumour: np.ndarray
+    region_source: str
+    staining: dict
+    floor: float
+    blush: float | None
+    filled: float | None
+    rise: float | None
+
+
+def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> _CellsRead:
+    """Each cell's membrane category, compartment and tumour flag, at the slide's own noise floor; refuses nuclear DAB."""
     t = config.thresholds
     floor = noise_floor(np.sum([p.contrast_hist for p in parts], axis=0))
     threshold = max(t.faint_od, floor)
@@ -623,112 +646,99 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
                     stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
-    counts = {name: int(np.sum(category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
-    n_tumour = int(tumour.sum())
-    xy_um = np.column_stack([cells.x, cells.y])[tumour] * scan.mpp
-    clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[category[tumour]], config.cluster_distance_um)
+    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise)
 
-    qc = _qc(scan, config, parts, n_tumour, floor)
-    notes = scan.notes
-    if config.guideline == "gastric":
-        notes = (*notes, PANCREATIC_NOTE)
+
+@dataclass(frozen=True)
+class _Call:
+    """A call with the words and flags it is reported with (``h_score``: None without tumour cells; ``near_sides``:
+    _near_sides of the guideline's own call)."""
+
+    score: str | None
+    level: str
+    flags: tuple[str, ...]
+    reason: str
+    h_score: float | None = None
+    near_sides: tuple = ()
+
+
+def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
+    """The guideline's call on the tumour cells' ``counts``, with the edges it lies near and the doubts of its cells."""
     if n_tumour == 0:  # no score at all, never HER2 0
-        score, level, flags, h = None, "not scored", ("no_tumour_cells",), None
-        reason = f"no tumour cells found ({region_source}): no HER2 score"
-    else:
-        call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
-                               isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
-        score, level, flags, reason, h = call.score, call.level, call.flags, call.reason, call.h_score
-        near_sides = _near_sides(counts, score, config, clusters)
-        if near_sides:  # the nearest share, and every score it could give
-            flags = (*flags, "near_cutoff")
-            reason += _near_words(near_sides, score, n_tumour, config)
-        edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
-                 for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
-                                                                 clusters=clusters, gastric_reading=config.gastric_reading)]
-        edges += [(isolated_words(counts, config.isolated_intense_percent), other)
-                  for _, other in isolated_sides(counts, score, guideline=config.guideline,
-                                                 isolated_intense_percent=config.isolated_intense_percent)]
-        if edges and "near_cutoff" not in flags:
-            flags = (*flags, "near_cutoff")
-        reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
-        flags, doubt = with_call_doubts(flags, score, level, counts, config.guideline, blush, rise, filled=filled,
+        return _Call(None, "not scored", ("no_tumour_cells",), f"no tumour cells found ({read.region_source}): no HER2 score")
+    call = apply_guideline(counts, config.guideline, config.specimen, clusters=clusters,
+                           isolated_intense_percent=config.isolated_intense_percent, gastric_reading=config.gastric_reading)
+    score, flags, reason = call.score, call.flags, call.reason
+    near_sides = _near_sides(counts, score, config, clusters)
+    if near_sides:  # the nearest share, and every score it could give
+        flags = (*flags, "near_cutoff")
+        reason += _near_words(near_sides, score, n_tumour, config)
+    edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
+             for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
+                                                             clusters=clusters, gastric_reading=config.gastric_reading)]
+    edges += [(isolated_words(counts, config.isolated_intense_percent), other)
+              for _, other in isolated_sides(counts, score, guideline=config.guideline,
+                                             isolated_intense_percent=config.isolated_intense_percent)]
+    if edges and "near_cutoff" not in flags:
+        flags = (*flags, "near_cutoff")
+    reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
+    flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
+                                    filled=read.filled, false_membrane_percent=config.false_membrane_percent)
+    return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides))
+
+
+def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig,
+                read: _CellsRead) -> tuple[_Call, float]:
+    """The call reported after fusing ``classical`` with the CNN's ``report``, and its confidence: the reason, flags
+    and level are the reported call's (the classical call keeps its own)."""
+    # a 0 whose staining false membranes could give (none included; within its interval, on few cells): the CNN
+    # may not lift it (cnn.fuse)
+    false = (false_membrane_share(counts, percent=config.false_membrane_percent, confidence=NEAR_CUTOFF_CONFIDENCE)
+             if classical.score == "0" else None)
+    score, confidence = fuse(classical.score, report.probabilities, no_higher=false is not None)
+    cnn_words = f"the CNN reads {report.score} (p={report.probabilities[report.score]:.2f})"
+    if false is not None and fuse(classical.score, report.probabilities)[0] != classical.score:
+        within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
+                  if false > config.false_membrane_percent else "")
+        cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
+                      f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
+                      "read faint diffuse DAB as 1+")
+    level, flags, reason = classical.level, classical.flags, classical.reason
+    if score != classical.score:
+        level = report_level(score, config.guideline, counts)
+        flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
+                                        read.blush, read.rise, filled=read.filled,
                                         false_membrane_percent=config.false_membrane_percent)
-        reason += doubt
-    pct = {k: percent_value(100.0 * v / n_tumour) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
-    classical, classical_level, classical_flags, confidence, classical_reason = score, level, flags, None, ""
-    if scan.cnn_report is not None and n_tumour:
-        classical_reason = reason
-        # a 0 whose staining false membranes could give (none included; within its interval, on few cells): the CNN
-        # may not lift it (cnn.fuse)
-        false = (false_membrane_share(counts, percent=config.false_membrane_percent, confidence=NEAR_CUTOFF_CONFIDENCE)
-                 if classical == "0" else None)
-        score, confidence = fuse(classical, scan.cnn_report.probabilities, no_higher=false is not None)
-        cnn_words = f"the CNN reads {scan.cnn_report.score} (p={scan.cnn_report.probabilities[scan.cnn_report.score]:.2f})"
-        if false is not None and fuse(classical, scan.cnn_report.probabilities)[0] != classical:
-            within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
-                      if false > config.false_membrane_percent else "")
-            cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
-                          f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
-                          "read faint diffuse DAB as 1+")
-        if score != classical:  # the reason, flags and level are the reported call's; the classical call's stay in classical_*
-            level = report_level(score, config.guideline, counts)
-            flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
-                                            blush, rise, filled=filled, false_membrane_percent=config.false_membrane_percent)
-            if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical_flags:
-                flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
-                if own:
-                    doubt = _near_words(own, score, n_tumour, config) + doubt
-                elif near_sides:
-                    doubt = (f"; the {classical_level} the cells measured give rests on {percent_text(near_sides[0][1])} of "
-                             f"{n_tumour:,} tumour cells, near the 10% cut-off") + doubt
-                else:
-                    doubt = (f"; the {classical_level} the cells measured give is near an edge of the rules (a cluster one "
-                             "cell from the biopsy rule's 5, or intense cells at the isolated floor)") + doubt
-            reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
-                      f"{classical_level} on {classical_reason.split('; ')[0]}"
-                      + ("; reflex ISH required" if level == "2+" else "") + doubt)
-        elif scan.cnn_report.score != classical:
-            reason += f"; {cnn_words}"
-        if scan.cnn_report.score != classical:
-            flags = (*flags, "cnn_disagrees")
-    result = SlideResult(
-        slide=scan.path,
-        score=score,
-        level=level,
-        flags=tuple(flags),
-        guideline=config.guideline,
-        specimen=config.specimen,
-        reason=reason,
-        counts=counts,
-        percentages=pct,
-        tumour_cells=n_tumour,
-        h_score=None if h is None else round(float(h), 3),
-        clusters=clusters,
-        region=region_source,
-        qc=tuple(qc),
-        stains=scan.stains.to_dict(),
-        mpp=scan.mpp,
-        tissue_area_mm2=round(scan.tissue.area_mm2, 4),
-        classical_score=classical,
-        cnn=scan.cnn_report,
-        confidence=None if confidence is None else round(confidence, 4),
-        notes=tuple(notes),
-        config=config.to_dict(),
-        version=__version__,
-        classical_level=classical_level,
-        staining=staining,
-        classical_flags=tuple(classical_flags),
-        classical_reason=classical_reason,
-    )
-    table = {
+        if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical.flags:
+            flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
+            if own:
+                doubt = _near_words(own, score, n_tumour, config) + doubt
+            elif classical.near_sides:
+                doubt = (f"; the {classical.level} the cells measured give rests on {percent_text(classical.near_sides[0][1])} "
+                         f"of {n_tumour:,} tumour cells, near the 10% cut-off") + doubt
+            else:
+                doubt = (f"; the {classical.level} the cells measured give is near an edge of the rules (a cluster one "
+                         "cell from the biopsy rule's 5, or intense cells at the isolated floor)") + doubt
+        reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
+                  f"{classical.level} on {classical.reason.split('; ')[0]}"
+                  + ("; reflex ISH required" if level == "2+" else "") + doubt)
+    elif report.score != classical.score:
+        reason += f"; {cnn_words}"
+    if report.score != classical.score:
+        flags = (*flags, "cnn_disagrees")
+    return _Call(score, level, tuple(flags), reason, classical.h_score), confidence
+
+
+def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResult]) -> dict:
+    """SlideAnalysis.cells: the columns of the cell table."""
+    return {
         "x": cells.x, "y": cells.y,
-        "category": np.array(CATEGORIES, dtype=object)[category],
-        "pattern": np.array(PATTERNS, dtype=object)[pattern],
-        "tumour": tumour,
-        "compartment": np.array(COMPARTMENTS, dtype=object)[compartment],
-        "completeness": mem.completeness, "longest_arc": mem.longest_arc, "longest_gap": mem.longest_gap,
-        "membrane_od": mem.membrane_od, "contrast_od": mem.contrast_od, "neighbours_membrane": borrowed,
+        "category": np.array(CATEGORIES, dtype=object)[read.category],
+        "pattern": np.array(PATTERNS, dtype=object)[read.pattern],
+        "tumour": read.tumour,
+        "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
+        "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
+        "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
         "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": cells.nucleus_dab_od,
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
@@ -736,7 +746,54 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         "hematoxylin_od": cells.hematoxylin_od, "cut_sectors": cells.cut_sectors,
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
-    return SlideAnalysis(result, table, scan.thumb, scan.thumb_mpp, scan.tissue)
+
+
+def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> SlideAnalysis:
+    """The slide's result from its cells: read, counted, called by the guideline, fused with the CNN's reading."""
+    read = _read_cells(scan, config, cells, parts)
+    tumour = read.tumour
+    counts = {name: int(np.sum(read.category[tumour] == i)) for i, name in enumerate(CATEGORIES)}
+    n_tumour = int(tumour.sum())
+    xy_um = np.column_stack([cells.x, cells.y])[tumour] * scan.mpp
+    clusters = _largest_clusters(xy_um, LEVEL_OF_CATEGORY[read.category[tumour]], config.cluster_distance_um)
+    qc = _qc(scan, config, parts, n_tumour, read.floor)
+    notes = (*scan.notes, PANCREATIC_NOTE) if config.guideline == "gastric" else scan.notes
+    classical = _guideline_call(counts, n_tumour, clusters, config, read)
+    reported, confidence, classical_reason = classical, None, ""
+    if scan.cnn_report is not None and n_tumour:
+        reported, confidence = _fused_call(classical, scan.cnn_report, counts, n_tumour, clusters, config, read)
+        classical_reason = classical.reason
+    pct = {k: percent_value(100.0 * v / n_tumour) for k, v in counts.items()} if n_tumour else {}  # no cells: no shares
+    result = SlideResult(
+        slide=scan.path,
+        score=reported.score,
+        level=reported.level,
+        flags=tuple(reported.flags),
+        guideline=config.guideline,
+        specimen=config.specimen,
+        reason=reported.reason,
+        counts=counts,
+        percentages=pct,
+        tumour_cells=n_tumour,
+        h_score=None if reported.h_score is None else round(float(reported.h_score), 3),
+        clusters=clusters,
+        region=read.region_source,
+        qc=tuple(qc),
+        stains=scan.stains.to_dict(),
+        mpp=scan.mpp,
+        tissue_area_mm2=round(scan.tissue.area_mm2, 4),
+        classical_score=classical.score,
+        cnn=scan.cnn_report,
+        confidence=None if confidence is None else round(confidence, 4),
+        notes=tuple(notes),
+        config=config.to_dict(),
+        version=__version__,
+        classical_level=classical.level,
+        staining=read.staining,
+        classical_flags=tuple(classical.flags),
+        classical_reason=classical_reason,
+    )
+    return SlideAnalysis(result, _cell_table(cells, read, parts), scan.thumb, scan.thumb_mpp, scan.tissue)
 
 
 def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,
