@@ -384,13 +384,16 @@ def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, c
     sector = _sector_of(r - cy[lab], c - cx[lab])
     n_lab = len(cy)
     key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits
-    keys, counts = np.unique((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other, return_counts=True)
+    keys = np.sort((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other)
+    first = np.flatnonzero(np.diff(keys, prepend=-1))  # each (cell, sector, neighbour) once, with its pixel count
+    counts = np.diff(first, append=len(keys))
+    keys = keys[first]
     cell_sector = keys // n_lab
-    order = np.lexsort((counts, cell_sector))  # the most touched neighbour last in each (cell, sector)
-    keys, cell_sector = keys[order], cell_sector[order]
-    last = np.flatnonzero(np.diff(cell_sector, append=-1))
+    group = np.flatnonzero(np.diff(cell_sector, prepend=-1))
+    # per (cell, sector) the most touched neighbour, of equals the highest label
+    best = np.maximum.reduceat(counts.astype(np.int64) * n_lab + keys % n_lab, group)
     out = np.zeros(n_lab * N_SECTORS, np.int32)
-    out[cell_sector[last]] = keys[last] % n_lab
+    out[cell_sector[group]] = best % n_lab
     return out.reshape(n_lab, N_SECTORS)[labels]
 
 
