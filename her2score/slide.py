@@ -658,6 +658,33 @@ def _subifd_levels(tif, first) -> list:
         return []
 
 
+def _downsample_of(page, base) -> float | None:
+    """How many times smaller than TIFF page ``base`` ``page`` is, where it has base's shape (a pyramid level of it: its
+    height within 2 px + 1% of base's at that downsample); None for another shape (a label or macro image)."""
+    ds = base.imagewidth / page.imagewidth
+    return ds if abs(base.imagelength / ds - page.imagelength) <= 2 + 0.01 * page.imagelength else None
+
+
+MIN_LEVEL_DOWNSAMPLE = 1.5
+"""The least downsample of a pyramid level (scanners halve or quarter each level): a page of the slide's shape
+less reduced than this is an image of its own (a field 2 px narrower, a focal plane)."""
+
+OTHER_IMAGE_AREA = 0.25
+"""The share of the largest page's area from which a TIFF page of the same samples that is no pyramid level of
+it is an image of its own (a second field or scene), not a label, macro or thumbnail image (SVS: 5% or less)."""
+
+
+def _another_image(page, base) -> bool:
+    """Whether TIFF ``page`` holds an image of its own beside ``base`` (the largest page): the same samples, at least
+    OTHER_IMAGE_AREA of its area, and no pyramid level of it (_downsample_of, MIN_LEVEL_DOWNSAMPLE)."""
+    if page.samplesperpixel != base.samplesperpixel or page.dtype != base.dtype:
+        return False
+    if page.imagewidth * page.imagelength < OTHER_IMAGE_AREA * base.imagewidth * base.imagelength:
+        return False
+    ds = _downsample_of(page, base)
+    return ds is None or ds < MIN_LEVEL_DOWNSAMPLE
+
+
 class TiffSlide(Slide):
     """Tiled (pyramidal, OME, Aperio SVS) or plain TIFF via tifffile, reading only the segments needed."""
 
@@ -683,15 +710,15 @@ class TiffSlide(Slide):
             if base is None:
                 raise SlideError(path, "TIFF has no images")
             # colour pages only: a channel a page (OME CYX, a fluorescence stack) is refused as greyscale below
-            twins = [i for i, p in enumerate(top) if p is not base and base.samplesperpixel >= 3
-                     and p.samplesperpixel == base.samplesperpixel
-                     and p.dtype == base.dtype and abs(p.imagewidth - base.imagewidth) <= 1
-                     and abs(p.imagelength - base.imagelength) <= 1]
-            if twins:  # which of them is the slide, the file does not say
-                raise SlideError(path, f"holds {len(twins) + 1} full-size images of {base.imagewidth} x {base.imagelength} "
-                                       f"px (pages {', '.join(str(i) for i in sorted([*twins, top.index(base)]))}): "
-                                       "several fields, scenes or focal planes in one file; save the one to score "
-                                       "as a file of its own")
+            others = [p for p in top if p is not base and base.samplesperpixel >= 3 and _another_image(p, base)]
+            if others:  # which of them is the slide, the file does not say
+                shown = sorted([base, *others], key=top.index)
+                sizes = {(p.imagewidth, p.imagelength) for p in shown}
+                size = (f" of {base.imagewidth} x {base.imagelength} px" if len(sizes) == 1 else
+                        f" ({', '.join(f'{p.imagewidth} x {p.imagelength}' for p in shown)} px)")
+                raise SlideError(path, f"holds {len(shown)} images{size} (pages {', '.join(str(top.index(p)) for p in shown)}), "
+                                       "none a pyramid level, label or macro image of another: several fields, scenes or "
+                                       "focal planes in one file; save the one to score as a file of its own")
             _check_dimensions(path, base.imagewidth, base.imagelength)
             if base.imagedepth > 1:
                 raise SlideError(path, f"3-D TIFF ({base.imagedepth} planes deep) is not supported; save one plane as RGB")
@@ -703,8 +730,8 @@ class TiffSlide(Slide):
                 if p.samplesperpixel != base.samplesperpixel or p.dtype != base.dtype or p.imagedepth > 1:
                     continue
                 _check_dimensions(path, p.imagewidth, p.imagelength)
-                ds = w0 / p.imagewidth
-                if abs(h0 / ds - p.imagelength) > 2 + 0.01 * p.imagelength:
+                ds = _downsample_of(p, base)
+                if ds is None:
                     continue  # label or macro image
                 if any(abs(lv[1].width - p.imagewidth) <= 1 for lv in levels):
                     continue

@@ -544,10 +544,10 @@ def test_a_pyramid_in_subifds_is_read_level_by_level(tmp_path, slide_rgb):
 
 
 def test_the_ome_unit_is_that_of_the_pixels_element_with_the_size(tmp_path, slide_rgb):
-    """Two images in one OME-XML: the first's size in the default unit (µm), the second's (smaller: two of one
-    size are refused) in mm; the first image's unit is not taken from the second."""
+    """Two images in one OME-XML: the first's size in the default unit (µm), the second's (a label-sized image: two
+    of nearly one size are refused) in mm; the first image's unit is not taken from the second."""
     def pixels(i, size):
-        side = 64 if i == 0 else 48
+        side = 64 if i == 0 else 24
         return (f'<Image ID="Image:{i}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" Type="uint8" SizeX="{side}" SizeY="{side}" '
                 f'SizeC="3" SizeZ="1" SizeT="1" {size}><Channel ID="Channel:{i}:0" SamplesPerPixel="3"/>'
                 f'<TiffData IFD="{i}" PlaneCount="1"/></Pixels></Image>')
@@ -557,7 +557,7 @@ def test_the_ome_unit_is_that_of_the_pixels_element_with_the_size(tmp_path, slid
     path = tmp_path / "two.ome.tif"
     with tifffile.TiffWriter(path) as tif:
         tif.write(slide_rgb[:64, :64], photometric="rgb", description=xml, metadata=None)
-        tif.write(slide_rgb[64:112, :48], photometric="rgb", metadata=None)
+        tif.write(slide_rgb[64:88, :24], photometric="rgb", metadata=None)
     with open_slide(path) as s:
         assert s.mpp == pytest.approx(0.25) and s.mpp_source == "metadata"
 
@@ -575,8 +575,37 @@ def test_a_tiff_of_several_full_size_images_is_refused_naming_them(tmp_path, sli
         with tifffile.TiffWriter(path) as tif:
             for f in fields:
                 tif.write(f, photometric="rgb")
-    with pytest.raises(SlideError, match=r"holds 3 full-size images of 128 x 128 px \(pages 0, 1, 2\): several fields"):
+    with pytest.raises(SlideError, match=r"holds 3 images of 128 x 128 px \(pages 0, 1, 2\), none a pyramid level, label or "
+                                         "macro image of another: several fields"):
         open_slide(path, mpp=0.5)
+
+
+@pytest.mark.parametrize("second", [(126, 128), (96, 120), (128, 64)])
+def test_a_tiff_of_two_fields_of_other_sizes_is_refused(tmp_path, slide_rgb, second):
+    """A second field 2 px narrower, or of another shape, is no pyramid level: the largest page was scored alone
+    (a 126 px page beside 128 was taken for a level 1.016x down, a 96 x 120 one for a label)."""
+    path = tmp_path / "fields.tif"
+    w, h = second
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(slide_rgb[:128, :128], photometric="rgb")
+        tif.write(slide_rgb[128 : 128 + h, :w], photometric="rgb")
+    with pytest.raises(SlideError, match=rf"holds 2 images \(128 x 128, {w} x {h} px\) \(pages 0, 1\)"):
+        open_slide(path, mpp=0.5)
+
+
+def test_levels_labels_and_thumbnails_are_no_other_images(tmp_path, slide_rgb):
+    """Beside a pyramid's levels (2x and 4x down), a stripped thumbnail and a label of its own shape (a tenth of the
+    area) are not images of their own: the slide opens with its levels."""
+    path = tmp_path / "slide.tif"
+    rgb = slide_rgb[:256, :256]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(64, 64), photometric="rgb")
+        tif.write(rgb[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
+        tif.write(rgb[:80, :120], photometric="rgb", subfiletype=1)  # a label
+        tif.write(rgb[::3, ::3], photometric="rgb", subfiletype=1)  # a thumbnail
+        tif.write(rgb[::4, ::4], tile=(64, 64), photometric="rgb", subfiletype=1)
+    with open_slide(path, mpp=0.5) as s:
+        assert [lv.downsample for lv in s.levels] == [1.0, 2.0, 4.0]
 
 
 def test_a_tiff_of_one_channel_a_page_is_refused_as_greyscale(tmp_path, slide_rgb):
