@@ -1,10 +1,11 @@
 """Which cells are tumour cells, and where each cell's DAB lies (membrane, cytoplasm, nucleus).
 
 Without a tumour annotation, the guideline's "invasive tumour cells" are approximated by
-epithelial cells: lymphocytes (small, round, dense nuclei), spindle cells (fibroblasts,
-endothelium, smooth muscle: nuclei narrower than 5 µm and elongated) and isolated cells (fewer
-than a few epithelial neighbours: stroma, scattered inflammatory cells) are left out. Pure
-functions over per-cell measurements; the thresholds are in µm and log10 OD.
+epithelial cells: lymphocytes and plasma cells (small, compact, dense nuclei), spindle cells
+(fibroblasts, endothelium, smooth muscle: nuclei narrower than 5 µm and elongated), isolated cells
+(fewer than a few epithelial neighbours: stroma, scattered inflammatory cells) and small nuclei
+alone in a wide cell (a stromal nucleus in extracellular matrix) are left out. Pure functions over
+per-cell measurements; the thresholds are in µm and log10 OD.
 """
 from __future__ import annotations
 
@@ -24,16 +25,23 @@ __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS
 class TumourRule:
     """How epithelial (tumour) cells are told from the rest, in µm.
 
-    Lymphocyte: nucleus smaller than ``lymphocyte_max_um2``, rounder than ``lymphocyte_max_elongation``
-    and darker than ``lymphocyte_darkness`` x the median nuclear haematoxylin OD. Spindle: nucleus
-    narrower than ``spindle_max_width_um`` and longer than ``spindle_min_elongation`` x its width.
-    Too small: a nucleus under ``min_nucleus_um2`` or a cell under ``min_cell_um2`` (debris, the
-    dark junction of strong membranes). Cohesive: at least ``min_neighbours`` other candidate cells
-    within ``neighbour_radius_um``.
+    Lymphocyte-like (lymphocytes, plasma cells): nucleus smaller than ``lymphocyte_max_um2`` (about
+    6.4 µm across), less elongated than ``lymphocyte_max_elongation`` (major / minor axis: a plasma
+    cell's oval nucleus, ~10-12 px long at 0.5 µm/px, measures 1.5-1.7) and darker than
+    ``lymphocyte_darkness`` x the median nuclear haematoxylin OD (condensed chromatin; a ratio, so it
+    holds under any counterstain; 1.5 left the real colon's oval lamina-propria nuclei in). Spindle: nucleus narrower than ``spindle_max_width_um`` and longer
+    than ``spindle_min_elongation`` x its width. Too small: a nucleus under ``min_nucleus_um2`` or a
+    cell under ``min_cell_um2`` (debris, the dark junction of strong membranes). Cohesive: at least
+    ``min_neighbours`` other candidate cells within ``neighbour_radius_um``. In matrix: a nucleus
+    under ``matrix_max_um2`` (about 5 µm across) that fills less than ``matrix_max_fill`` of its cell
+    (the cell, grown up to 9 µm from the nucleus, reaches 10 x its area, 200 µm² or more: a rim of
+    cytoplasm over 5 µm wide around a tiny nucleus), which is a stromal nucleus lying alone in
+    extracellular matrix; an epithelial cell's nucleus is larger or its neighbours keep its cell
+    narrow. Such cells are left out after the cohesion count, in which they still count.
     """
 
     lymphocyte_max_um2: float = 32.0
-    lymphocyte_max_elongation: float = 1.5
+    lymphocyte_max_elongation: float = 1.7
     lymphocyte_darkness: float = 1.15
     spindle_max_width_um: float = 5.0
     spindle_min_elongation: float = 2.0
@@ -41,6 +49,8 @@ class TumourRule:
     min_cell_um2: float = 40.0
     neighbour_radius_um: float = 20.0
     min_neighbours: int = 3
+    matrix_max_um2: float = 20.0
+    matrix_max_fill: float = 0.10
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,9 +88,14 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
         pts = np.column_stack([m.x, m.y])[candidate] * um_per_px
         n = count_within(pts, rule.neighbour_radius_um)
         isolated[np.flatnonzero(candidate)[n < rule.min_neighbours]] = True
+    # a small nucleus alone in a wide cell: stroma, left out after it has counted as a neighbour (counted out
+    # there, it took scattered tumour cells of a stroma-rich real field with it)
+    in_matrix = (candidate & ~isolated & nucleated & (m.nucleus_area_um2 < rule.matrix_max_um2)
+                 & (m.nucleus_area_um2 < rule.matrix_max_fill * m.cell_area_um2))
     excluded = {"lymphocyte-like": int(lymph.sum()), "spindle (stromal/endothelial)": int(spindle.sum()),
-                "too small": int(small.sum()), "isolated (not in an epithelial group)": int(isolated.sum())}
-    return TumourSelection(candidate & ~isolated, excluded)
+                "too small": int(small.sum()), "isolated (not in an epithelial group)": int(isolated.sum()),
+                "small nucleus in a wide cell (stroma)": int(in_matrix.sum())}
+    return TumourSelection(candidate & ~isolated & ~in_matrix, excluded)
 
 
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")
