@@ -228,7 +228,7 @@ def test_colon_stroma_and_inflammatory_cells_are_mostly_left_out(colon):
     gland, stroma = around > 0.2, around < 0.08
     assert gland.sum() > 150 and stroma.sum() > 80
     assert t["tumour"][gland].mean() > 0.65
-    assert t["tumour"][stroma].mean() < 0.5  # measured 0.44: plump stromal nuclei still pass (see README Limits)
+    assert t["tumour"][stroma].mean() < 0.45  # measured 0.41 (0.47 before the plasma-cell and matrix rules): plump stromal nuclei still pass (see README Limits)
     assert t["tumour"][stroma].mean() < t["tumour"][gland].mean() - 0.25
     excluded = a.result.region
     assert "lymphocyte-like" in excluded and "spindle" in excluded
@@ -247,11 +247,12 @@ def test_nuclei_found_against_deepliif_masks():
 @needs_real
 def test_tumour_cells_without_an_annotation_against_deepliif_masks():
     """Cells flagged tumour with no annotation given, against the tumour nuclei DeepLIIF outlines:
-    measured precision 0.65, recall 0.80 over the 4 fields (stroma-rich 6_2 worst; the pale 799_2 0.51 / 0.67
-    since the nucleus thresholds follow the counterstain, 0.29 / 0.18 before)."""
+    measured precision 0.66, recall 0.81 over the 4 fields (0.64 / 0.82 before the plasma-cell and matrix rules;
+    stroma-rich 6_2 worst, 0.46 / 0.59; the pale 799_2 0.55 / 0.71 since the nucleus thresholds follow the
+    counterstain, 0.29 / 0.18 before that)."""
     sel = deepliif_tumour_selection()
     flagged, right, annotated = (sum(v[i] for v in sel.values()) for i in range(3))
-    assert right / flagged >= 0.6 and right / annotated >= 0.75, sel
+    assert right / flagged >= 0.65 and right / annotated >= 0.78, sel
 
 
 def _field_tile(rgb: np.ndarray, mpp: float):
