@@ -45,7 +45,7 @@ from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, used_default_mpp
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, unsupported_format, used_default_mpp
 from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
@@ -119,6 +119,11 @@ class Job:
 
 # -- discovery and naming ---------------------------------------------------------------------------
 
+def _slide_like(path: Path) -> bool:
+    """Whether ``path`` is named as a slide: a format read, or one known and not read (its row says so)."""
+    return path.suffix.lower() in SLIDE_SUFFIXES + UNSUPPORTED_IMAGE_SUFFIXES
+
+
 def _inside(path: Path, folders: list[Path]) -> bool:
     rp = resolved_path(path)
     return any(rp == f or rp.is_relative_to(f) for f in folders)
@@ -133,10 +138,10 @@ def discover(
     """Slides under the inputs (files, or folders searched recursively), as (slide, root) pairs,
     and the inputs that gave none as (path, "PATH: reason").
 
-    A file named explicitly is always taken (an unsupported one gets its error when opened). Folders are
-    searched through symbolic links, each real folder once. In folders: slide suffixes are taken, and
-    so are image formats known to be unsupported (so they get a clear error row); hidden files and
-    folders, folders under ``exclude`` (the batch's own output), other batches' output folders (holding a
+    A file named explicitly is taken where its suffix is a slide format's, read or not (_slide_like: an unreadable one
+    gets its error when opened); any other file is a problem. Folders are searched through symbolic links, each real
+    folder once. In folders: slide suffixes are taken, and so are image formats known to be unsupported (so they get
+    a clear error row); hidden files and folders, folders under ``exclude`` (the batch's own output), other batches' output folders (holding a
     MANIFEST and a SUMMARY) and MRXS data folders are not searched;
     other files are appended to ``skipped``.
     The same file reached twice (e.g. by two spellings) is taken once.
@@ -148,7 +153,10 @@ def discover(
         if not p.exists():
             problems.append((str(p), f"{p}: {missing_reason(p, 'file or folder')}"))
         elif p.is_file():
-            found.append((p, p.parent))
+            if _slide_like(p):
+                found.append((p, p.parent))
+            else:
+                problems.append((str(p), f"{p}: {unsupported_format(p.suffix.lower())}"))
         elif p.is_dir():
             slides, others, batches, errors = _walk(p, excluded)
             for where, reason in errors:
@@ -200,8 +208,7 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             if fn.startswith("."):
                 continue
             f = here / fn
-            suffix = f.suffix.lower()
-            if suffix in SLIDE_SUFFIXES or suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+            if _slide_like(f):
                 slides.append(f)
             else:
                 others.append(f)
@@ -714,7 +721,8 @@ def run_batch(
     other settings that are not among the inputs (one folder never mixes settings). ``workers`` processes score slides
     side by side (or the tiles of a single slide); ``scheduler`` sends slides to a Dask cluster: an
     address, or 'local' for a LocalCluster. ``progress(row, done, total)`` is called after each slide.
-    Raises BatchError when the batch cannot start (output folder unusable or locked by another batch).
+    Raises BatchError when the batch cannot start (output folder unusable or locked by another batch), or, before
+    anything is made or written, when the inputs hold no slide (an empty folder, a file that is no slide format).
     """
     # absolute paths: the manifest survives a change of working folder, and Dask workers (running
     # in folders of their own) and local workers see the same files and write the same results
@@ -726,6 +734,7 @@ def run_batch(
         _check_address(scheduler)
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out}: --out exists and is not a folder")
+    slides, problems, skipped = _slides_to_score(inputs, out)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -733,8 +742,8 @@ def run_batch(
         raise BatchError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     with output_lock(out):
         try:
-            return _run_locked(out, inputs, config, mpp, regions, workers, scheduler, cnn_weights, cells_csv, progress,
-                               default_mpp)
+            return _run_locked(out, slides, problems, skipped, config, mpp, regions, workers, scheduler, cnn_weights,
+                               cells_csv, progress, default_mpp)
         except BatchError:
             if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
                 (out / LOCK).unlink()
@@ -742,13 +751,16 @@ def run_batch(
             raise
 
 
-def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float | None, regions: str | None,
-                workers: int, scheduler: str | None, cnn_weights: str | os.PathLike | None, cells_csv: bool,
-                progress: Callable[[dict, int, int], None] | None, default_mpp: float | None) -> BatchRows:
-    """run_batch's work, with ``out`` made and locked."""
-    _clean_temp_files(out)
+def _slides_to_score(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]],
+                                                             list[tuple[str, str]]]:
+    """discover's slides under ``inputs`` (``out`` left out), its problems and what it skipped (warned of); BatchError
+    naming each input and why, where they hold no slide: a usage error, not a batch of error rows."""
     skipped: list[tuple[str, str]] = []
     slides, problems = discover(inputs, exclude=[out], skipped=skipped)
+    if not slides:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BatchError(f"no slide to score in the inputs given: {'; '.join(why for _, why in problems[:3])}{more}"
+                         if problems else "no inputs given")
     unexpected = [p for p, why in skipped if why == NOT_A_SLIDE and Path(p).suffix.lower() not in SIDECAR_SUFFIXES]
     if unexpected:
         names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
@@ -756,6 +768,15 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     if batches := [p for p, why in skipped if why != NOT_A_SLIDE]:
         log.warning("not searched, as other batches' outputs (%s and %s): %s", MANIFEST, SUMMARY, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
+    return slides, problems, skipped
+
+
+def _run_locked(out: Path, slides: list[tuple[Path, Path]], problems: list[tuple[str, str]], skipped: list[tuple[str, str]],
+                config: ScoringConfig, mpp: float | None, regions: str | None, workers: int, scheduler: str | None,
+                cnn_weights: str | os.PathLike | None, cells_csv: bool, progress: Callable[[dict, int, int], None] | None,
+                default_mpp: float | None) -> BatchRows:
+    """run_batch's work on discover's ``slides`` (at least one), ``problems`` and ``skipped``, with ``out`` made and locked."""
+    _clean_temp_files(out)
     manifest = _Manifest(out)
     manifest.skipped = [list(s) for s in skipped]
     manifest.respell([slide for slide, _ in slides])
@@ -763,13 +784,12 @@ def _run_locked(out: Path, inputs: list[str], config: ScoringConfig, mpp: float 
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
                      cells_csv=cells_csv, default_mpp=default_mpp)
     this_run = {j.slide for j in jobs} | {p for p, _ in problems}
+    # an earlier run's refused or failed slides stay listed while they exist, as they were (no results); a file given
+    # that was no slide or image format at all (report.docx) is no slide in --out
     earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and (
-               (e.get("state") == "error" and os.path.lexists(s)
-                and Path(s).suffix.lower() in (*SLIDE_SUFFIXES, *UNSUPPORTED_IMAGE_SUFFIXES))
+               (e.get("state") == "error" and os.path.lexists(s) and _slide_like(Path(s)))
                or (e.get("state") == "done" and (out / e["row"].get("output", "") / "result.json").is_file()))}
-    if jobs:  # an earlier run's refused or failed slides stay listed while they exist, as they were (no results);
-        # a file given that was no slide or image format at all (report.docx) is no slide in --out
-        _refuse_mixed_settings(out, {s: e for s, e in earlier.items() if e.get("state") == "done"}, _settings(jobs[0]))
+    _refuse_mixed_settings(out, {s: e for s, e in earlier.items() if e.get("state") == "done"}, _settings(jobs[0]))
     manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
     for path, reason in problems:
         row = _empty_row(path)

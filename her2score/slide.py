@@ -955,6 +955,15 @@ def resolved_path(path: str | os.PathLike) -> Path:
         return Path(path).absolute()
 
 
+def unsupported_format(suffix: str) -> str:
+    """Why no reader takes a file of ``suffix`` (lower case, none of SLIDE_SUFFIXES): a format known and not read
+    (UNSUPPORTED_IMAGE_SUFFIXES), or none known."""
+    if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+        return (f"unsupported format '{suffix}'; convert it to PNG or TIFF (a whole slide: a tiled pyramidal TIFF; "
+                f"supported: {', '.join(SLIDE_SUFFIXES)})")
+    return f"unsupported format '{suffix or 'no suffix'}'; supported: {', '.join(SLIDE_SUFFIXES)}"
+
+
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None,
                default_mpp: float | None = None) -> Slide:
     """Open a slide or field of view.
@@ -987,11 +996,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
                 raise SlideError(path, f"not an image: named {path.suffix} but its content is not PNG, JPEG, BMP or "
                                        f"TIFF (it starts with {head[:8]!r})")
             backend = "tifffile" if kind == "TIFF" else "image"
-        elif suffix in UNSUPPORTED_IMAGE_SUFFIXES:
-            raise SlideError(path, f"unsupported format '{suffix}'; convert it to PNG or TIFF (a whole slide: a tiled "
-                                   f"pyramidal TIFF; supported: {', '.join(SLIDE_SUFFIXES)})")
         else:
-            raise SlideError(path, f"unsupported format '{suffix or 'no suffix'}'; supported: {', '.join(SLIDE_SUFFIXES)}")
+            raise SlideError(path, unsupported_format(suffix))
     if backend == "tifffile":
         if _sniff(path)[0] != "TIFF":
             raise SlideError(path, "not a TIFF file (no TIFF header)")

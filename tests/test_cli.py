@@ -19,6 +19,7 @@ from conftest import save_png
 from realdata import REAL
 from test_imagecheck import NOT_TISSUE, photo
 from her2score import __version__
+from her2score.batch import LOCK
 from her2score.cli import build_parser, main
 from her2score.synthetic import generate_field
 from her2score.categories import CATEGORIES
@@ -491,6 +492,34 @@ def test_missing_input_among_others_creates_nothing(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == f"her2score score: {tmp_path / 'nope'}: no such file or folder"
     assert not (tmp_path / "o").exists()
+
+
+def test_inputs_holding_no_slide_are_a_usage_error_that_writes_nothing(tmp_path, capsys):
+    """An empty folder, a README or another batch's output folder given alone got an error row in a summary.csv written
+    into --out (exit 1): nothing there is a slide, a usage error (exit 2, one line naming each input and why), and --out
+    is neither made nor touched. A file named as a slide that cannot be read is still a failed slide (exit 1)."""
+    empty, readme, out = tmp_path / "empty", tmp_path / "README.md", tmp_path / "out"
+    empty.mkdir()
+    readme.write_text("# notes")
+    for inputs, why in (([empty], f"{empty}: folder holds no slides (looked for .tif, "),
+                        ([readme], f"{readme}: unsupported format '.md'; supported: .tif, "),
+                        ([readme, empty], f"{readme}: unsupported format '.md'; supported: ")):
+        assert main(["score", *map(str, inputs), "--out", str(out), "--no-cnn"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"her2score score: no slide to score in the inputs given: {why}"), err
+        assert not out.exists()
+    assert main(["score", str(SAMPLES / "field_0_null.png"), "--out", str(out), "--no-cnn", "-q"]) == 0
+    (out / LOCK).unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["score", str(empty), "--out", str(out), "--no-cnn"]) == 2  # an earlier run's --out: left as it was
+    assert main(["score", str(out), "--out", str(tmp_path / "again"), "--no-cnn"]) == 2  # a batch's outputs
+    err = capsys.readouterr().err.splitlines()
+    assert err[1] == (f"her2score score: no slide to score in the inputs given: {out}: a her2score batch's output folder "
+                      "(manifest.json and summary.csv), not a folder of slides"), err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before and not (tmp_path / "again").exists()
+    (tmp_path / "bad.svs").write_bytes(b"II*\0 not a slide")  # named as a slide: its own error row
+    assert main(["score", str(tmp_path / "bad.svs"), "--out", str(tmp_path / "bad"), "--no-cnn", "-q"]) == 1
+    assert summary(tmp_path / "bad")["bad.svs"]["status"] == "error"
 
 
 @pytest.mark.parametrize("inputs", [["field_3plus_a.png", "slide_2plus.tif"], ["slide_2plus.tif"]])

@@ -340,9 +340,12 @@ def test_folder_with_no_slides(tmp_path, slide_folder):
     assert by["empty folder"]["status"] == "error"
     assert by["empty folder"]["error"] == f"{empty}: folder holds no slides (looked for {looked})"
     assert by["only notes"]["error"] == f"{notes}: folder holds no slides (looked for {looked}; 1 other file skipped)"
-    # alone: the batch still finishes with its error row
-    rows = run_batch([empty], tmp_path / "out2")
-    assert [(r["status"], r["error"]) for r in rows] == [("error", f"{empty}: folder holds no slides (looked for {looked})")]
+    # alone, or with a file that is no slide format: no slide to score, a usage error before anything is made
+    with pytest.raises(BatchError) as e:
+        run_batch([empty, notes / "readme.txt"], tmp_path / "out2")
+    assert str(e.value) == (f"no slide to score in the inputs given: {empty}: folder holds no slides (looked for {looked}); "
+                            f"{notes / 'readme.txt'}: unsupported format '.txt'; supported: {looked}")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_every_bad_input_in_one_batch(tmp_path, slide_folder, fields, pyramid_tiff):
