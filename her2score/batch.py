@@ -75,7 +75,7 @@ MAX_NAME_BYTES = 150
 
 
 NOT_A_SLIDE = "not a slide format"
-"""discover's reason for a file it skips in a folder (the other reason: another batch's output folder)."""
+"""discover's reason for a file it skips in a folder (the other reason: her2score's own output folder)."""
 
 
 class OutputError(Exception):
@@ -124,6 +124,29 @@ def _slide_like(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_SUFFIXES + UNSUPPORTED_IMAGE_SUFFIXES
 
 
+def _her2score_output(filenames: Iterable[str]) -> str | None:
+    """Which her2score output a folder holding ``filenames`` is, in words, or None: a batch's (a MANIFEST beside a
+    SUMMARY, not any manifest.json) or one slide's (its overlay.png beside another of OUTPUT_FILES, written with it, not
+    any overlay.png). Neither holds slides: an overlay.png is a drawing of one."""
+    names = set(filenames)
+    if {MANIFEST, SUMMARY} <= names:
+        return f"a her2score batch's output folder ({MANIFEST} and {SUMMARY})"
+    ours = names & {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES}
+    if "overlay.png" in ours and len(ours) > 1:
+        return f"a her2score slide's output folder ({', '.join(sorted(ours))})"
+    return None
+
+
+def _output_holding(path: Path) -> str | None:
+    """Which her2score output folder (_her2score_output) holds the file ``path``, where it bears an output's name."""
+    if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY}:
+        return None
+    try:
+        return _her2score_output(os.listdir(path.parent))
+    except OSError:
+        return None
+
+
 def _inside(path: Path, folders: list[Path]) -> bool:
     rp = resolved_path(path)
     return any(rp == f or rp.is_relative_to(f) for f in folders)
@@ -139,11 +162,12 @@ def discover(
     and the inputs that gave none as (path, "PATH: reason").
 
     A file named explicitly is taken where its suffix is a slide format's, read or not (_slide_like: an unreadable one
-    gets its error when opened); any other file is a problem. Folders are searched through symbolic links, each real
-    folder once. In folders: slide suffixes are taken, and so are image formats known to be unsupported (so they get
-    a clear error row); hidden files and folders, folders under ``exclude`` (the batch's own output), other batches' output folders (holding a
-    MANIFEST and a SUMMARY) and MRXS data folders are not searched;
-    other files are appended to ``skipped``.
+    gets its error when opened); any other file, and a file of her2score's own output (a slide's overlay.png), is a
+    problem. Folders are searched through symbolic links, each real folder once. In folders: slide suffixes are taken,
+    and so are image formats known to be unsupported (so they get a clear error row); hidden files and folders,
+    folders under ``exclude`` (the batch's own output), her2score's output folders (_her2score_output: another
+    batch's, or one slide's) and MRXS data folders are not searched; other files, and those output folders, are
+    appended to ``skipped``. An output folder given itself is a problem: no folder of slides.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
     excluded = [resolved_path(Path(e)) for e in exclude]
@@ -153,19 +177,21 @@ def discover(
         if not p.exists():
             problems.append((str(p), f"{p}: {missing_reason(p, 'file or folder')}"))
         elif p.is_file():
-            if _slide_like(p):
+            if what := _output_holding(p):
+                problems.append((str(p), f"{p}: in {what}, not a slide"))
+            elif _slide_like(p):
                 found.append((p, p.parent))
             else:
                 problems.append((str(p), f"{p}: {unsupported_format(p.suffix.lower())}"))
         elif p.is_dir():
-            slides, others, batches, errors = _walk(p, excluded)
+            slides, others, outputs, errors = _walk(p, excluded)
             for where, reason in errors:
                 problems.append((where, f"{where}: {reason}"))
             if skipped is not None:
                 skipped.extend((str(f), NOT_A_SLIDE) for f in others)
-                skipped.extend((str(f), f"a her2score batch's outputs ({MANIFEST} and {SUMMARY}): not searched") for f in batches)
-            if not slides and resolved_path(p) in map(resolved_path, batches):
-                problems.append((str(p), f"{p}: a her2score batch's output folder ({MANIFEST} and {SUMMARY}), not a folder of slides"))
+                skipped.extend((str(f), f"{what}: not searched") for f, what in outputs)
+            if not slides and (own := [what for f, what in outputs if resolved_path(f) == resolved_path(p)]):
+                problems.append((str(p), f"{p}: {own[0]}, not a folder of slides"))
             elif not slides and not errors:
                 extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
                 problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
@@ -181,10 +207,10 @@ def discover(
     return unique, problems
 
 
-def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
-    """Slides, other files, other batches' output folders (holding a MANIFEST and a SUMMARY: their overlays are
-    no slides) and listing errors under ``root``."""
-    slides, others, batches, errors = [], [], [], []
+def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Slides, other files, her2score's output folders (with _her2score_output's words: their overlays are no
+    slides) and listing errors under ``root``."""
+    slides, others, outputs, errors = [], [], [], []
 
     def onerror(e: OSError) -> None:
         errors.append((e.filename or str(root), f"cannot list folder ({e.strerror or e})"))
@@ -197,8 +223,8 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             dirnames[:] = []
             continue
         visited.add(real)
-        if MANIFEST in filenames and SUMMARY in filenames:  # a batch's own pair, not any manifest.json
-            batches.append(here)
+        if what := _her2score_output(filenames):
+            outputs.append((here, what))
             dirnames[:] = []
             continue
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
@@ -212,7 +238,7 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
                 slides.append(f)
             else:
                 others.append(f)
-    return sorted(slides), others, batches, errors
+    return sorted(slides), others, outputs, errors
 
 
 def safe_name(relative: str) -> str:
@@ -766,8 +792,9 @@ def _slides_to_score(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Pat
         names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
-    if batches := [p for p, why in skipped if why != NOT_A_SLIDE]:
-        log.warning("not searched, as other batches' outputs (%s and %s): %s", MANIFEST, SUMMARY, ", ".join(batches[:5]) + (", ..." if len(batches) > 5 else ""))
+    if outputs := [p for p, why in skipped if why != NOT_A_SLIDE]:
+        log.warning("not searched, as her2score's output folders (a batch's or a slide's): %s",
+                    ", ".join(outputs[:5]) + (", ..." if len(outputs) > 5 else ""))
     return slides, problems, skipped
 
 

@@ -305,10 +305,10 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     skipped: list = []
     slides, problems = discover([case], skipped=skipped)
     assert [s.name for s, _ in slides] == ["s.png"] and problems == []
-    assert skipped == [(str(case / "results_breast"), "a her2score batch's outputs (manifest.json and summary.csv): not searched")]
+    assert skipped == [(str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched")]
     second = run_batch([case], case / "results_gastric", config=ScoringConfig(guideline="gastric"))
     assert [(Path(r["slide"]).name, r["status"]) for r in second] == [("s.png", "ok")]
-    assert "not searched, as other batches' outputs (manifest.json and summary.csv)" in caplog.text
+    assert f"not searched, as her2score's output folders (a batch's or a slide's): {case / 'results_breast'}" in caplog.text
     assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
                                                         "batch's output folder (manifest.json and summary.csv), not a folder of slides")]
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
@@ -316,6 +316,33 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     (other / "manifest.json").write_text("{}")
     save_png(other / "t.png", fields["2+"])
     assert sorted(s.name for s, _ in discover([case])[0]) == ["s.png", "t.png"]
+
+
+def test_one_slides_output_folder_is_her2score_output_not_slides(tmp_path, fields, caplog, capsys):
+    """A slide's output folder (overlay.png beside result.json and the cells) kept among the slides, given as an
+    input, or its overlay.png named: the overlay, a drawing of the slide, was scored as a slide of its own (refused or
+    scored, exit 1). Found in a search it is skipped with a warning; given itself, it is no slide (exit 2)."""
+    case = tmp_path / "case"
+    case.mkdir()
+    save_png(case / "s.png", fields["1+"])
+    run_batch([case / "s.png"], tmp_path / "out")
+    kept = case / "s_outputs"
+    shutil.copytree(tmp_path / "out" / "s.png", kept)
+    what = "a her2score slide's output folder (cells.geojson, cells.parquet, overlay.png, result.json)"
+    skipped: list = []
+    slides, problems = discover([case], skipped=skipped)
+    assert [s.name for s, _ in slides] == ["s.png"] and problems == [] and skipped == [(str(kept), f"{what}: not searched")]
+    assert discover([kept]) == ([], [(str(kept), f"{kept}: {what}, not a folder of slides")])
+    assert discover([kept / "overlay.png"]) == ([], [(str(kept / "overlay.png"), f"{kept / 'overlay.png'}: in {what}, not a slide")])
+    rows = run_batch([case], tmp_path / "again")
+    assert [(Path(r["slide"]).name, r["status"]) for r in rows] == [("s.png", "ok")]
+    assert f"not searched, as her2score's output folders (a batch's or a slide's): {kept}" in caplog.text
+    assert main(["score", str(kept), "--out", str(tmp_path / "o"), "--no-cnn"]) == 2
+    assert f"{kept}: {what}, not a folder of slides" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (kept / "result.json").unlink()
+    (kept / "cells.parquet").unlink()
+    (kept / "cells.geojson").unlink()  # an overlay.png alone is an image like any other
+    assert [s.name for s, _ in discover([case])[0]] == ["s.png", "overlay.png"]
 
 
 def test_a_symbolic_link_loop_is_one_error_row_not_a_crash(tmp_path, fields, capsys):
