@@ -157,10 +157,11 @@ def _stop_on_signal(signum, frame) -> None:
     raise _Terminated(128 + signum)
 
 
-def _error(text: str) -> None:
-    """``text`` on stderr, or nothing where its reader or terminal is gone (the exit code says it)."""
+def _error(command: str, message: str) -> None:
+    """'her2score COMMAND: message' on stderr, the one form of every subcommand's errors; nothing where its reader or
+    terminal is gone (the exit code says it)."""
     try:
-        print(text, file=sys.stderr)
+        print(f"her2score {command}: {message}", file=sys.stderr)
     except OSError:
         _output_gone()
 
@@ -246,7 +247,7 @@ def _score(args) -> int:
     try:
         config, weights = _score_config(args)
     except _UsageError as e:
-        print(f"her2score score: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     progress = _Progress(quiet=args.quiet)
 
@@ -261,7 +262,7 @@ def _score(args) -> int:
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
                          cells_csv=args.cells_csv, progress=_until_gone(progress))
     except BatchError as e:  # (the disk filled mid-batch, perhaps after its reader went away)
-        _error(f"her2score score: {e}")
+        _error(args.command, str(e))
         return 2
     except KeyboardInterrupt:
         stopped = 130
@@ -274,16 +275,15 @@ def _score(args) -> int:
             progress.close()
         except OSError:  # its reader went away
             pass
+    if stopped:
+        _error(args.command, f"{'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are recorded "
+                             f"in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest")
+        return stopped
     try:
-        if stopped:
-            print(f"her2score score: {'interrupted' if stopped == 130 else 'terminated'}; the slides that finished are "
-                  f"recorded in {Path(args.out) / 'summary.csv'}: run the same command again to score the rest",
-                  file=sys.stderr)
-        else:
-            _say_totals(rows, Path(args.out) / "summary.csv")
+        _say_totals(rows, Path(args.out) / "summary.csv")
     except OSError:  # the reader or terminal went away: what the batch did is recorded, and its exit code stands
         _output_gone()
-    return stopped or (0 if rows.failed == 0 else 1)
+    return 0 if rows.failed == 0 else 1
 
 
 def _say_totals(rows, summary: Path) -> None:
@@ -326,7 +326,7 @@ def _check(args) -> int:
                 raise _UsageError(f"--rule {name}: {e}") from None
         decisions = [check_eligibility(result, rule, ish=args.ish) for rule in rules]
     except _UsageError as e:
-        print(f"her2score check: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     statuses = [d.status for d in decisions]
     code = max((CHECK_EXIT[s] for s in statuses), default=0)
@@ -360,10 +360,10 @@ def _synth(args) -> int:
         path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
                              real_borders=args.real_borders)
     except ValueError as e:
-        print(f"her2score synth: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     except OSError as e:
-        print(f"her2score synth: {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        _error(args.command, f"{args.out}: cannot write ({e.strerror or e})")
         return 2
     print(f"wrote {4 * args.n_per_class} fields into {path / 'images'}, their labels in {path / 'labels.csv'} and their "
           f"cell counts in {path / 'truth.jsonl'}")
@@ -378,7 +378,7 @@ def _train(args) -> int:
     from .train import TrainConfig, check_target, csv_images, folder_images, synthetic_images, train
 
     if not (args.synthetic or args.folder or args.csv):
-        print("her2score: give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE", file=sys.stderr)
+        _error(args.command, "give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE")
         return 2
     try:  # the settings checked before any image is made or read
         config = TrainConfig(seed=args.seed, patch_px=args.patch_px, width=args.width, mpp=args.target_mpp,
@@ -388,7 +388,7 @@ def _train(args) -> int:
                              max_minutes=args.max_minutes)
         check_target(args.out, args.name, replace_shipped=args.replace_shipped)
     except ValueError as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     t0 = time.perf_counter()
     images, notes = [], []
@@ -407,7 +407,7 @@ def _train(args) -> int:
             images += csv_images(args.csv, mpp=args.mpp, target_mpp=args.target_mpp)
             notes.append(f"labelled images listed in {args.csv}")
     except (SlideError, ValueError, OSError) as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     print(f"{len(images)} labelled images ready in {time.perf_counter() - t0:.0f} s; training ...", flush=True)
 
@@ -420,7 +420,7 @@ def _train(args) -> int:
         res = train(images, config=config, out=args.out, name=args.name, data_note="; ".join(notes), progress=progress,
                     replace_shipped=args.replace_shipped)
     except (ValueError, ModelError) as e:
-        print(f"her2score: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     r = res.record
     print(f"best epoch {res.log['best_epoch']} ({res.log['stopped']}); {r.parameters} parameters; "
@@ -439,7 +439,7 @@ def _evaluate(args) -> int:
         _check_guideline(args)
         _check_mpp(args)
     except _UsageError as e:
-        print(f"her2score evaluate: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
     if not args.no_cnn:
         import torch
@@ -452,10 +452,10 @@ def _evaluate(args) -> int:
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
                           progress=None if args.quiet else _until_gone(_eval_progress), default_mpp=args.default_mpp)
     except ModelError as e:
-        _error(f"her2score: {e} (or evaluate with --no-cnn)")
+        _error(args.command, f"{e} (or evaluate with --no-cnn)")
         return 2
     except (ValueError, OSError, BatchError) as e:
-        _error(f"her2score: {e}")
+        _error(args.command, str(e))
         return 2
     try:
         print(report["summary"])
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a batch (synth, train, evaluate): what was written whole stays
         hint = (f"; the images scored are kept: add --reuse {Path(args.out) / 'results'} to the same command to score "
                 "only the rest" if args.command == "evaluate" else "")
-        _error(f"her2score {args.command}: interrupted{hint}")
+        _error(args.command, f"interrupted{hint}")
         return 130
 
 

@@ -486,6 +486,26 @@ def test_a_bad_weights_file_is_one_line_exit_2(tmp_path, capsys):
     assert "weights_only" not in err and "not torch weights, or objects other than weights" in err, err
 
 
+@pytest.mark.parametrize("argv", [
+    ["score", "NOWHERE", "--out", "OUT"],
+    ["check", "NOWHERE", "--rule", "her2-low-breast"],
+    ["synth", "OUT", "--n-per-class", "0"],
+    ["train", "--out", "OUT"],
+    ["train", "--synthetic", "1", "--patch-px", "12", "--out", "OUT"],
+    ["evaluate", "NOWHERE", "--out", "OUT", "--no-cnn"],
+    ["evaluate", "LABELS", "--out", "OUT", "--weights", "NOWHERE"],
+    ["evaluate", "LABELS", "--out", "OUT", "--specimen", "biopsy"],
+])
+def test_every_command_words_its_errors_alike(tmp_path, capsys, argv):
+    """'her2score score: ...', 'her2score check: ...', but 'her2score: ...' from train and from evaluate past its option
+    checks: one form now, 'her2score COMMAND: message' on one line, exit 2."""
+    (tmp_path / "labels.csv").write_text("path,label\nx.png,1+\n")
+    names = {"NOWHERE": tmp_path / "nowhere", "OUT": tmp_path / "out", "LABELS": tmp_path / "labels.csv"}
+    assert main([str(names.get(a, a)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"her2score {argv[0]}: ") and err.count("\n") == 1, err
+
+
 def test_missing_input_among_others_creates_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(SAMPLES / "field_0_null.png"),
                            str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
