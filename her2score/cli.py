@@ -5,11 +5,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -157,11 +158,39 @@ def _stop_on_signal(signum, frame) -> None:
     raise _Terminated(128 + signum)
 
 
+GUIDELINE_OPTIONS = {"specimen": "--specimen", "gastric_reading": "--gastric-reading",
+                     "isolated_intense_percent": "--isolated-floor"}
+API_OPTIONS: dict[str, dict[str, str]] = {
+    "score": GUIDELINE_OPTIONS,
+    "evaluate": GUIDELINE_OPTIONS,
+    "train": {"n_per_class": "--synthetic", "patch_px": "--patch-px", "val_fraction": "--val-fraction",
+              "max_epochs": "--epochs", "batch_size": "--batch-size", "patches_per_image": "--patches-per-image",
+              "max_minutes": "--max-minutes"},
+}
+"""Per subcommand, the Python API's keywords that its errors may name (guidelines.check_settings, TrainConfig,
+train.synthetic_images), each with the option that sets it: the API's messages keep the keyword, the command line
+says the option (_in_options)."""
+
+
+def _in_options(message: str, options: Mapping[str, str]) -> str:
+    """``message`` with the API keywords of ``options`` as their options: ``name='value'`` as ``--option value``, a
+    bare name where it is one (snake_case) as ``--option``; never a name within a path or a longer word."""
+    if not options:
+        return message
+
+    def option(m: re.Match) -> str:
+        if m[3] is not None:
+            return f"{options[m[1]]} {m[3]}"
+        return options[m[1]] if "_" in m[1] else m[0]
+    keywords = "|".join(map(re.escape, options))
+    return re.sub(rf"(?<![\w/.-])({keywords})(?:=(['\"]?)([^'\"\s,;)]*)\2)?(?![\w/.-])", option, message)
+
+
 def _error(command: str, message: str) -> None:
-    """'her2score COMMAND: message' on stderr, the one form of every subcommand's errors; nothing where its reader or
-    terminal is gone (the exit code says it)."""
+    """'her2score COMMAND: message' on stderr, the one form of every subcommand's errors, the API's keywords in it said
+    as the command's options (API_OPTIONS); nothing where its reader or terminal is gone (the exit code says it)."""
     try:
-        print(f"her2score {command}: {message}", file=sys.stderr)
+        print(f"her2score {command}: {_in_options(message, API_OPTIONS.get(command, {}))}", file=sys.stderr)
     except OSError:
         _output_gone()
 

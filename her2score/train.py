@@ -196,7 +196,7 @@ class TrainConfig:
         if self.max_epochs < 1 or self.batch_size < 2 or self.patches_per_image < 1:
             raise ValueError("max_epochs, batch_size and patches_per_image must be positive (batch_size >= 2)")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be a positive number of minutes (or None: no limit), got {self.max_minutes}")
+            raise ValueError(f"max_minutes must be a positive number of minutes (or not given: no limit), got {self.max_minutes}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
 

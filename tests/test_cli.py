@@ -506,6 +506,44 @@ def test_every_command_words_its_errors_alike(tmp_path, capsys, argv):
     assert err.startswith(f"her2score {argv[0]}: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["score", "IN", "--specimen", "biopsy"], "scores biopsies and resections alike: use --specimen resection"),
+    (["score", "IN", "--guideline", "gastric", "--isolated-floor", "2"], "--isolated-floor 2: --isolated-floor is the floor"),
+    (["evaluate", "IN", "--gastric-reading", "per_band"], "--gastric-reading 'per_band' is a reading of the gastric rules"),
+    (["train", "--synthetic", "1", "--patch-px", "12"], "--patch-px must be a multiple of 8 and >= 16, got 12"),
+    (["train", "--synthetic", "1", "--epochs", "0"], "--epochs, --batch-size and --patches-per-image must be positive "
+                                                     "(--batch-size >= 2)"),
+    (["train", "--synthetic", "1", "--max-minutes", "0"], "--max-minutes must be a positive number of minutes (or not given"),
+    (["train", "--synthetic", "-1"], "--synthetic must be >= 1, got -1"),
+])
+def test_the_command_line_says_its_options_where_the_api_says_its_keywords(tmp_path, capsys, argv, said):
+    """A command-line user was told "use specimen='resection'", "patch_px must be ..." (the Python API's keywords):
+    the command line says the option, the API keeps its keyword."""
+    from her2score.cli import API_OPTIONS
+
+    argv = [str(SAMPLES / "field_0_null.png") if a == "IN" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    keywords = {k for options in API_OPTIONS.values() for k in options if "_" in k}
+    assert said in err and not re.search(r"\w=", err) and not any(k in err for k in keywords), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_api_keeps_its_keywords_and_every_option_said_for_one_exists():
+    from her2score.cli import API_OPTIONS
+    from her2score.pipeline import ScoringConfig
+    from her2score.train import TrainConfig
+
+    with pytest.raises(ValueError, match="and resections alike: use specimen='resection'$"):
+        ScoringConfig(specimen="biopsy")
+    with pytest.raises(ValueError, match="^patch_px must be a multiple of 8"):
+        TrainConfig(patch_px=12)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command, options in API_OPTIONS.items():
+        known = {o for action in commands[command]._actions for o in action.option_strings}
+        assert set(options.values()) <= known, (command, set(options.values()) - known)
+
+
 def test_missing_input_among_others_creates_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(SAMPLES / "field_0_null.png"),
                            str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)

@@ -639,7 +639,7 @@ def test_evaluate_specimen_from_the_command_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("her2score evaluate: --specimen biopsy: specimen 'biopsy'")
     assert not out.exists()
     assert main(["evaluate", labels, "--out", str(out), "--no-cnn", "--gastric-reading", "per_band"]) == 2
-    assert "--gastric-reading per_band: gastric_reading 'per_band' is a reading of the gastric rules" in capsys.readouterr().err
+    assert "--gastric-reading per_band: --gastric-reading 'per_band' is a reading of the gastric rules" in capsys.readouterr().err
     argv = ["evaluate", labels, "--out", str(out), "--no-cnn", "--guideline", "gastric", "--specimen", "biopsy",
             "--gastric-reading", "per_band", "--bootstrap", "50", "-q"]
     assert main(argv) == 0
