@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,10 @@ __all__ = [
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 _FILE_TAG = {"0": "0", "1+": "1plus", "2+": "2plus", "3+": "3plus"}
+_FIELD_NAME = re.compile(rf"field_(?:{'|'.join(_FILE_TAG.values())})_\d{{4,}}\.(?:png|jpg)")
+"""The name write_dataset gives each field it writes under images/."""
+_LABELS_HEADER = ["path", "label", "level"]
+"""write_dataset's labels.csv columns: the field's path under the set, its score (0-3+) and its five-level report."""
 _LN10 = np.float32(np.log(10.0))
 _PAD_UM = 16.0  # canvas margin around the image, larger than any cell radius
 
@@ -644,12 +650,47 @@ def _save_image(path: Path, rgb: np.ndarray, mpp: float) -> None:
         Image.fromarray(rgb).save(fh, dpi=(dpi, dpi), **options)
 
 
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a file that is not hidden (a killed run's temporary files, .DS_Store), in any sub-folder."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def _earlier_fields(out: Path) -> list[Path]:
+    """The fields an earlier write_dataset wrote into ``out`` (images/field_<score>_<n>.<png|jpg>), for a new set to
+    replace; [] for an empty or new folder. ValueError where ``out`` holds files but no earlier set (neither its
+    labels.csv nor, from a run stopped before writing that, its fields), or a labels.csv that is not one write_dataset
+    wrote (a labelled set of real images): nothing of another's is written over or removed."""
+    if not out.is_dir() or not _holds_files(out):
+        return []
+    fields = sorted(p for p in (out / "images").glob("*") if _FIELD_NAME.fullmatch(p.name)) if (out / "images").is_dir() else []
+    labels = out / "labels.csv"
+    if labels.exists():
+        try:
+            rows = list(csv.reader(io.StringIO(labels.read_text(encoding="utf-8"))))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            rows = []
+        if not rows or rows[0] != _LABELS_HEADER or not all(
+                len(r) == 3 and Path(r[0]).parent == Path("images") and _FIELD_NAME.fullmatch(Path(r[0]).name) for r in rows[1:]):
+            raise ValueError(f"{labels}: not the labels of a set synth wrote; give synth an empty or new folder (it "
+                             "replaces only a set of its own)")
+    elif not fields:
+        raise ValueError(f"{out}: holds files but no set synth wrote (no labels.csv, no images/field_*); give synth an "
+                         "empty or new folder")
+    return fields
+
+
 def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, int] = (512, 512),
                   mpp: float = 0.5, stain_jitter: float = 0.0, fmt: str = "png", real_borders: bool = False) -> Path:
     """Write ``n_per_class`` fields per score plus labels.csv (path,label,level: the score and its
     report level, null and ultralow told apart) and truth.jsonl; ``real_borders``: every field with
     REAL_BORDERS. Each file is written whole or not at all; an earlier set's labels are removed first and
-    the new labels.csv written last, so a run stopped half-way leaves no labels describing other images."""
+    the new labels.csv written last, so a run stopped half-way leaves no labels describing other images.
+    ``out_dir``: a new or empty folder, or one holding an earlier set, whose fields the new set does not write over
+    are removed (other files there are kept); ValueError for a folder holding anything else (_earlier_fields)."""
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
@@ -659,9 +700,13 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
+    earlier = _earlier_fields(out)
+    paths = [f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}" for score in SCORES for i in range(n_per_class)]
     (out / "images").mkdir(parents=True, exist_ok=True)
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)
+    for f in set(earlier) - {out / rel for rel in paths}:  # a larger set's, or another format's: no labels list them
+        f.unlink()
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(SCORES))
     rows, truth = [], []
     for j, score in enumerate(SCORES):
@@ -670,14 +715,14 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
             f = generate_field(score, seed=s, size_px=size_px, mpp=mpp, stain_jitter=stain_jitter,
                                jpeg_quality=None if fmt == "jpg" else 88,
                                confounders=REAL_BORDERS if real_borders else Confounders())
-            rel = f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}"
+            rel = paths[j * n_per_class + i]
             _save_image(out / rel, f.image, mpp)
             rows.append((rel, score, {"null": "0 (null)", "ultralow": "0+ (ultralow)"}.get(f.variant, score)))
             truth.append({"path": rel, **f.to_truth_dict()})
     atomic_write(out / "truth.jsonl", "".join(json.dumps(t) + "\n" for t in truth))
     text = io.StringIO(newline="")
     wr = csv.writer(text)
-    wr.writerow(["path", "label", "level"])  # label: the score (0-3+); level: the five-level report
+    wr.writerow(_LABELS_HEADER)
     wr.writerows(rows)
     atomic_write(out / "labels.csv", text.getvalue())  # last: a set with labels is whole
     return out

@@ -333,6 +333,14 @@ def test_synth_into_a_file_says_so(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "f"), "--n-per-class", "1"]) == 2
     assert f"{tmp_path / 'f'}: exists and is not a folder" in capsys.readouterr().err
 
+def test_synth_into_a_folder_of_other_files_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["synth", str(tmp_path), "--n-per-class", "1"]) == 2
+    assert capsys.readouterr().err == (f"her2score synth: {tmp_path}: holds files but no set synth wrote (no labels.csv, no "
+                                       "images/field_*); give synth an empty or new folder\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_output_piped_into_head_ends_quietly(tmp_path):
     """'her2score score ... | head -1': the reader going away (here before any line) ends the command quietly, with
     the batch's own exit code (its work is done and recorded: 141 said it had failed)."""

@@ -193,6 +193,42 @@ def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_
     assert len(images) == 4 and not any(p.name.startswith(".") for p in images)
     for image in images:
         Image.open(image).load()  # whole
+    synthetic.write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))  # its fields, without labels: written over
+    assert len(list(csv.DictReader(open(out / "labels.csv")))) == len(list((out / "images").iterdir())) == 4
+
+
+def test_a_set_written_over_an_earlier_one_replaces_its_fields_and_nothing_else(tmp_path):
+    """synth over a larger earlier set left the extra fields in images/, which labels.csv no longer listed: they go now,
+    as do fields of another format, while the user's files in the folder stay. A folder holding other files, or a
+    labelled set synth did not write, is refused and left as it was; hidden files are no holding."""
+    out = write_dataset(tmp_path / "ds", n_per_class=2, seed=3, size_px=(96, 96))
+    (out / "eval").mkdir()
+    (out / "eval" / "report.md").write_text("mine")
+    (out / "images" / "mine.png").write_bytes(b"mine")
+    names = lambda: sorted(p.name for p in (out / "images").iterdir())  # noqa: E731
+    write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))
+    fields = ["field_0_0000.png", "field_1plus_0000.png", "field_2plus_0000.png", "field_3plus_0000.png"]
+    assert names() == sorted([*fields, "mine.png"]) and (out / "eval" / "report.md").read_text() == "mine"
+    assert sorted(Path(r["path"]).name for r in csv.DictReader(open(out / "labels.csv"))) == fields
+    write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96), fmt="jpg")
+    assert names() == sorted([*(f.replace(".png", ".jpg") for f in fields), "mine.png"])
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"^{notes}: holds files but no set synth wrote"):
+        write_dataset(notes, n_per_class=1, seed=4, size_px=(96, 96))
+    real = tmp_path / "real"
+    (real / "images").mkdir(parents=True)
+    (real / "labels.csv").write_text("path,label\nimages/field_0_0000.png,2+\n")
+    (real / "images" / "field_0_0000.png").write_bytes(b"a real scan")
+    with pytest.raises(ValueError, match="labels.csv: not the labels of a set synth wrote"):
+        write_dataset(real, n_per_class=1, seed=4, size_px=(96, 96))
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and (real / "images" / "field_0_0000.png").read_bytes() == b"a real scan"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"")
+    assert (write_dataset(hidden, n_per_class=1, seed=4, size_px=(96, 96)) / "labels.csv").is_file()
 
 
 def test_the_committed_sample_images_are_what_write_samples_makes(tmp_path):
