@@ -17,9 +17,10 @@ report of the same CNN. Each image is labelled once (a second row for it is refu
   rule sensitivity and specificity (Wilson), the needs-review rate and the counts behind them;
   ``percent_agreement``: per category, the mean absolute error and Bland-Altman bias and limits of
   the called percentage of tumour cells against the truth;
-- ``per_image.csv`` (every score, level, flag, reason, percentage and eligibility answer),
-  ``confusion.png``, ``bland_altman.png`` (when truth has counts), ``report.md`` and
-  ``results/<image>/result.json``.
+- ``per_image.csv`` (every score, level, flag, reason, percentage and eligibility answer; ``reused_from``: the
+  absolute path of a result.json reused), ``confusion.png``, ``bland_altman.png`` (when truth has counts),
+  ``report.md`` and ``results/<image>/result.json`` (a reused one copied there: ``out`` stands alone; metrics.json's
+  ``reuse`` names the folder the copies came from).
 
 Eligibility truth per image and rule never comes from ``check_eligibility``: it is the
 ``eligible_<rule>`` column (or ``eligible`` with ``eligible_rule``) when given, else it is derived
@@ -405,14 +406,14 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
 # --------------------------------------------------------------------------------------- running
 
 def _find_reusable(reuse: str | os.PathLike | None, *, by_name: bool = False) -> dict[str, Path]:
-    """result.json files under ``reuse`` keyed by the resolved slide path, and, with ``by_name``, by file
+    """result.json files (by absolute path) under ``reuse`` keyed by the resolved slide path, and, with ``by_name``, by file
     name where the slide is no longer at that path (its folder moved) and no other result names a slide
     so: a result does not say which pixels it read, and another set's field of the same name (synth names
     every set's fields alike) would be taken for it. A result naming its slide by a relative path is left
     out: relative to a folder this run cannot know, it could name another image."""
     if not reuse:
         return {}
-    root = Path(reuse)
+    root = Path(reuse).absolute()  # per_image.csv's reused_from names the file wherever the report is read
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: --reuse " + ("is not a folder (give the folder of result.json files, e.g. an "
                                                        "earlier evaluation's results/)" if root.exists() else "folder does not exist"))
@@ -715,7 +716,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         metrics: dict[str, Any] = {
             "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
             "not_scored": sum(1 for i in ok if results[i].score is None),
-            "reused": sum(1 for r in rows if r.get("reused")),
+            "reused": sum(1 for r in rows if r.get("reused")), "reuse": str(Path(reuse).absolute()) if reuse else None,
             "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,
             "isolated_intense_percent": config.isolated_intense_percent, "bootstrap_resamples": bootstrap, "bootstrap_seed": seed,
             "intervals": "Wilson score 95% for proportions; percentile bootstrap over images for kappa",
@@ -919,7 +920,7 @@ def _summary(metrics: dict) -> str:
              + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
                 if metrics["not_scored"] else "")
              + "); "
-             + (f"{metrics['reused']} of them reused from --reuse; " if metrics.get("reused") else "")
+             + (f"{metrics['reused']} of them reused from {metrics['reuse']} (copied into results/); " if metrics.get("reused") else "")
              + f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -590,7 +591,26 @@ def test_the_report_says_what_it_left_out_and_what_it_reused(tmp_path):
     assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "ev2"), "--reuse", str(tmp_path / "ev" / "results"),
                  *args]) == 0
     m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
-    assert m2["reused"] == 2 and "; 2 of them reused from --reuse; guideline" in (tmp_path / "ev2" / "report.md").read_text()
+    assert m2["reused"] == 2 and (f"; 2 of them reused from {tmp_path / 'ev' / 'results'} (copied into results/); guideline"
+                                  in (tmp_path / "ev2" / "report.md").read_text())
+
+
+def test_an_evaluation_that_reused_results_stands_alone(known, monkeypatch):
+    """With --reuse given as a relative path, per_image.csv's reused_from named each result.json relative to the folder
+    the command ran in, and neither metrics.json nor the report said where the results came from: reused_from is
+    absolute, metrics.json's 'reuse' and the report name the folder, and results/ holds each result whole, so the
+    evaluation stands alone once that folder is gone."""
+    labels, prev, out = known
+    monkeypatch.chdir(prev.parent)
+    m = evaluate(labels, out, reuse=prev.name, use_cnn=False, bootstrap=0)
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert [r["reused_from"] for r in rows] == [str(prev / f"f{i}" / "result.json") for i in range(8)]
+    assert m["reuse"] == json.loads((out / "metrics.json").read_text())["reuse"] == str(prev)
+    assert f"8 of them reused from {prev} (copied into results/)" in (out / "report.md").read_text()
+    taken = [SlideResult.read(prev / f"f{i}" / "result.json") for i in range(8)]
+    shutil.rmtree(prev)
+    for i, result in enumerate(taken):  # --no-cnn: the classical call alone
+        assert SlideResult.read(out / "results" / f"img__f{i}.png" / "result.json") == method_result(result, "classical")
 
 def test_evaluate_runs_the_pipeline_classical_only(tmp_path):
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=21, size_px=(320, 320))
