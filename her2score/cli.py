@@ -404,7 +404,7 @@ def _train(args) -> int:
 
     from .cnn import ModelError
     from .slide import SlideError
-    from .train import TrainConfig, check_target, csv_images, folder_images, synthetic_images, train
+    from .train import TrainConfig, check_n_per_class, check_target, csv_images, folder_images, synthetic_images, train
 
     if not (args.synthetic or args.folder or args.csv):
         _error(args.command, "give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE")
@@ -416,6 +416,8 @@ def _train(args) -> int:
                              augment=not args.no_augment, threads=args.threads, device=args.device,
                              max_minutes=args.max_minutes)
         check_target(args.out, args.name, replace_shipped=args.replace_shipped)
+        if args.synthetic is not None:
+            check_n_per_class(args.synthetic)
     except ValueError as e:
         _error(args.command, str(e))
         return 2

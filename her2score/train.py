@@ -84,6 +84,12 @@ def _synthetic_one(args) -> LabelledImage:
                          estimate_background(f.image))
 
 
+def check_n_per_class(n_per_class: int) -> None:
+    """ValueError unless ``n_per_class`` (synthetic fields per class) is at least 1."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+
+
 def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
                      stain_jitter: float = 0.0, gastric_every: int = 5, border_od_max: float = 0.0,
                      workers: int = 1) -> list[LabelledImage]:
@@ -95,8 +101,7 @@ def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = 
     0.03 spans clean borders to the most textured real ones (models/MODEL_CARD.md: what it changes).
     ``workers`` processes generate in parallel (the result does not depend on it).
     """
-    if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+    check_n_per_class(n_per_class)
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(CLASSES))
     border = np.random.default_rng([seed, 1]).uniform(0.0, border_od_max, len(seeds))  # a stream apart from the fields'
     jobs = [(score, int(seeds[j * n_per_class + i]), tuple(size_px), mpp, stain_jitter,
