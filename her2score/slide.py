@@ -665,9 +665,9 @@ def _downsample_of(page, base) -> float | None:
     return ds if abs(base.imagelength / ds - page.imagelength) <= 2 + 0.01 * page.imagelength else None
 
 
-MIN_LEVEL_DOWNSAMPLE = 1.5
-"""The least downsample of a pyramid level (scanners halve or quarter each level): a page of the slide's shape
-less reduced than this is an image of its own (a field 2 px narrower, a focal plane)."""
+MIN_LEVEL_DOWNSAMPLE = 1.25
+"""The least downsample of an unflagged page of the slide's shape that is a pyramid level (scanners halve or quarter
+each level, tools go down 1.33-1.5x): one less reduced is an image of its own (a field 2 px narrower, a focal plane)."""
 
 OTHER_IMAGE_AREA = 0.25
 """The share of the largest page's area from which a TIFF page of the same samples that is no pyramid level of
@@ -676,8 +676,12 @@ it is an image of its own (a second field or scene), not a label, macro or thumb
 
 def _another_image(page, base) -> bool:
     """Whether TIFF ``page`` holds an image of its own beside ``base`` (the largest page): the same samples, at least
-    OTHER_IMAGE_AREA of its area, and no pyramid level of it (_downsample_of, MIN_LEVEL_DOWNSAMPLE)."""
-    if page.samplesperpixel != base.samplesperpixel or page.dtype != base.dtype:
+    OTHER_IMAGE_AREA of its area, not flagged a reduced image (NewSubfileType bit 0: pyramid levels, and Aperio's
+    labels and macros), not stripped beside a tiled base (a thumbnail, as the level walk takes it) and no pyramid
+    level of it (_downsample_of, MIN_LEVEL_DOWNSAMPLE)."""
+    if page.samplesperpixel != base.samplesperpixel or page.dtype != base.dtype or page.is_reduced:
+        return False
+    if base.is_tiled and not page.is_tiled:
         return False
     if page.imagewidth * page.imagelength < OTHER_IMAGE_AREA * base.imagewidth * base.imagelength:
         return False
@@ -716,9 +720,9 @@ class TiffSlide(Slide):
                 sizes = {(p.imagewidth, p.imagelength) for p in shown}
                 size = (f" of {base.imagewidth} x {base.imagelength} px" if len(sizes) == 1 else
                         f" ({', '.join(f'{p.imagewidth} x {p.imagelength}' for p in shown)} px)")
-                raise SlideError(path, f"holds {len(shown)} images{size} (pages {', '.join(str(top.index(p)) for p in shown)}), "
-                                       "none a pyramid level, label or macro image of another: several fields, scenes or "
-                                       "focal planes in one file; save the one to score as a file of its own")
+                raise SlideError(path, f"holds {len(shown)} images{size}, pages {', '.join(str(top.index(p)) for p in shown)}, "
+                                       "none flagged as a reduced image (a pyramid level, label or macro) of another: several "
+                                       "fields, scenes or focal planes in one file; save the one to score as a file of its own")
             _check_dimensions(path, base.imagewidth, base.imagelength)
             if base.imagedepth > 1:
                 raise SlideError(path, f"3-D TIFF ({base.imagedepth} planes deep) is not supported; save one plane as RGB")

@@ -575,8 +575,8 @@ def test_a_tiff_of_several_full_size_images_is_refused_naming_them(tmp_path, sli
         with tifffile.TiffWriter(path) as tif:
             for f in fields:
                 tif.write(f, photometric="rgb")
-    with pytest.raises(SlideError, match=r"holds 3 images of 128 x 128 px \(pages 0, 1, 2\), none a pyramid level, label or "
-                                         "macro image of another: several fields"):
+    with pytest.raises(SlideError, match=r"holds 3 images of 128 x 128 px, pages 0, 1, 2, none flagged as a reduced image "
+                                         r"\(a pyramid level, label or macro\) of another: several fields"):
         open_slide(path, mpp=0.5)
 
 
@@ -589,23 +589,39 @@ def test_a_tiff_of_two_fields_of_other_sizes_is_refused(tmp_path, slide_rgb, sec
     with tifffile.TiffWriter(path) as tif:
         tif.write(slide_rgb[:128, :128], photometric="rgb")
         tif.write(slide_rgb[128 : 128 + h, :w], photometric="rgb")
-    with pytest.raises(SlideError, match=rf"holds 2 images \(128 x 128, {w} x {h} px\) \(pages 0, 1\)"):
+    with pytest.raises(SlideError, match=rf"holds 2 images \(128 x 128, {w} x {h} px\), pages 0, 1, none flagged"):
         open_slide(path, mpp=0.5)
 
 
-def test_levels_labels_and_thumbnails_are_no_other_images(tmp_path, slide_rgb):
-    """Beside a pyramid's levels (2x and 4x down), a stripped thumbnail and a label of its own shape (a tenth of the
-    area) are not images of their own: the slide opens with its levels."""
-    path = tmp_path / "slide.tif"
-    rgb = slide_rgb[:256, :256]
+def _field(w: int, h: int) -> np.ndarray:
+    a = np.full((h, w, 3), 230, np.uint8)
+    a[::7, ::5] = (120, 80, 60)
+    return a
+
+
+def _pyramid_with(tmp_path, name, base, pages, **base_kw) -> Path:
+    """A TIFF of a tiled ``base`` (w, h) and ``pages``: (w, h, tiled, subfiletype) each."""
+    path = tmp_path / name
     with tifffile.TiffWriter(path) as tif:
-        tif.write(rgb, tile=(64, 64), photometric="rgb")
-        tif.write(rgb[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
-        tif.write(rgb[:80, :120], photometric="rgb", subfiletype=1)  # a label
-        tif.write(rgb[::3, ::3], photometric="rgb", subfiletype=1)  # a thumbnail
-        tif.write(rgb[::4, ::4], tile=(64, 64), photometric="rgb", subfiletype=1)
-    with open_slide(path, mpp=0.5) as s:
-        assert [lv.downsample for lv in s.levels] == [1.0, 2.0, 4.0]
+        tif.write(_field(*base), tile=(128, 128), photometric="rgb", **base_kw)
+        for w, h, tiled, subfiletype in pages:
+            tif.write(_field(w, h), photometric="rgb", subfiletype=subfiletype, **({"tile": (128, 128)} if tiled else {}))
+    return path
+
+
+@pytest.mark.parametrize("base, pages, levels", [
+    # a small Aperio-style field: a stripped thumbnail (59% of its area), a label and a macro flagged reduced (1, 9)
+    ((1000, 1000), [(768, 768, False, 0), (400, 380, False, 1), (1280, 431, False, 9)], [1000]),
+    ((1000, 1000), [(750, 750, True, 1)], [1000, 750]),  # a level 1.33x down, flagged
+    ((1000, 1000), [(667, 667, True, 0)], [1000, 667]),  # a level 1.5x down rounded up, unflagged
+    ((700, 600), [(512, 512, True, 1)], [700]),  # a level padded to its tiles (not the base's shape: no level), flagged
+    ((2048, 1536), [(1024, 768, True, 1), (512, 384, True, 1), (1700, 600, False, 0)], [2048, 1024, 512]),  # an overview
+])
+def test_levels_labels_macros_and_thumbnails_are_no_other_images(tmp_path, base, pages, levels):
+    """Pages flagged as reduced images, stripped beside a tiled base, or levels of the slide's shape are its own:
+    the slide opens with its levels (a first version of the multi-image refusal refused all of these)."""
+    with open_slide(_pyramid_with(tmp_path, "slide.tif", base, pages), mpp=0.5) as s:
+        assert s.dimensions == base and [lv.width for lv in s.levels] == levels
 
 
 def test_a_tiff_of_one_channel_a_page_is_refused_as_greyscale(tmp_path, slide_rgb):
