@@ -165,9 +165,10 @@ def discover(
     gets its error when opened); any other file, and a file of her2score's own output (a slide's overlay.png), is a
     problem. Folders are searched through symbolic links, each real folder once. In folders: slide suffixes are taken,
     and so are image formats known to be unsupported (so they get a clear error row); hidden files and folders,
-    folders under ``exclude`` (the batch's own output), her2score's output folders (_her2score_output: another
-    batch's, or one slide's) and MRXS data folders are not searched; other files, and those output folders, are
-    appended to ``skipped``. An output folder given itself is a problem: no folder of slides.
+    folders under ``exclude`` (the batch's own output), other batches' output folders and MRXS data folders are not
+    searched, nor are the output files of a slide's output folder (_her2score_output; its other files and folders
+    are: write_outputs may write beside the slide); other files, and those output folders, are appended to
+    ``skipped``. An output folder holding no slide, given itself, is a problem: no folder of slides.
     The same file reached twice (e.g. by two spellings) is taken once.
     """
     excluded = [resolved_path(Path(e)) for e in exclude]
@@ -189,11 +190,13 @@ def discover(
                 problems.append((where, f"{where}: {reason}"))
             if skipped is not None:
                 skipped.extend((str(f), NOT_A_SLIDE) for f in others)
-                skipped.extend((str(f), f"{what}: not searched") for f, what in outputs)
-            if not slides and (own := [what for f, what in outputs if resolved_path(f) == resolved_path(p)]):
+                skipped.extend((str(f), f"{what}: {done}") for f, what, done in outputs)
+            if not slides and (own := [what for f, what, _ in outputs if resolved_path(f) == resolved_path(p)]):
                 problems.append((str(p), f"{p}: {own[0]}, not a folder of slides"))
             elif not slides and not errors:
                 extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
+                if outputs:
+                    extra += f"; her2score's output not searched: {outputs[0][0]}" + (f" and {len(outputs) - 1} more" if len(outputs) > 1 else "")
                 problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
             found.extend((f, p) for f in slides)
         else:
@@ -207,9 +210,10 @@ def discover(
     return unique, problems
 
 
-def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[tuple[Path, str]], list[tuple[str, str]]]:
-    """Slides, other files, her2score's output folders (with _her2score_output's words: their overlays are no
-    slides) and listing errors under ``root``."""
+def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """Slides, other files, her2score's output folders (with _her2score_output's words and what was done: a batch's
+    not searched, a slide's output files skipped, its other files and folders searched: an overlay is no slide) and
+    listing errors under ``root``."""
     slides, others, outputs, errors = [], [], [], []
 
     def onerror(e: OSError) -> None:
@@ -224,9 +228,13 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             continue
         visited.add(real)
         if what := _her2score_output(filenames):
-            outputs.append((here, what))
-            dirnames[:] = []
-            continue
+            if {MANIFEST, SUMMARY} <= set(filenames):  # a batch's: its slides' folders hold only outputs
+                outputs.append((here, what, "not searched"))
+                dirnames[:] = []
+                continue
+            # one slide's outputs, written beside the slide (write_outputs): its own files are no slides, the rest are
+            outputs.append((here, what, "its output files skipped"))
+            filenames = [f for f in filenames if f not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES}]
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and d not in mrxs and not _inside(here / d, excluded))
@@ -792,9 +800,8 @@ def _slides_to_score(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Pat
         names = ", ".join(Path(p).name for p in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
-    if outputs := [p for p, why in skipped if why != NOT_A_SLIDE]:
-        log.warning("not searched, as her2score's output folders (a batch's or a slide's): %s",
-                    ", ".join(outputs[:5]) + (", ..." if len(outputs) > 5 else ""))
+    if outputs := [f"{p} ({why})" for p, why in skipped if why != NOT_A_SLIDE]:
+        log.warning("her2score's own output left out: %s", "; ".join(outputs[:5]) + ("; ..." if len(outputs) > 5 else ""))
     return slides, problems, skipped
 
 

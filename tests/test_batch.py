@@ -25,6 +25,7 @@ from her2score.cli import main
 from her2score.outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write
 from her2score.pipeline import ScoringConfig
 from her2score.synthetic import generate_field
+from her2score.slide import SLIDE_SUFFIXES
 
 SMALL_TILES = ScoringConfig(tile_px=128, margin_um=12)
 
@@ -308,9 +309,14 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     assert skipped == [(str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched")]
     second = run_batch([case], case / "results_gastric", config=ScoringConfig(guideline="gastric"))
     assert [(Path(r["slide"]).name, r["status"]) for r in second] == [("s.png", "ok")]
-    assert f"not searched, as her2score's output folders (a batch's or a slide's): {case / 'results_breast'}" in caplog.text
+    assert (f"her2score's own output left out: {case / 'results_breast'} (a her2score batch's output folder (manifest.json "
+            "and summary.csv): not searched)") in caplog.text
     assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
                                                         "batch's output folder (manifest.json and summary.csv), not a folder of slides")]
+    only = tmp_path / "only"  # a folder whose one subfolder is a batch's output: no slides, and it says why
+    shutil.copytree(case / "results_breast", only / "res")
+    assert discover([only])[1] == [(str(only), f"{only}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}; "
+                                               f"her2score's output not searched: {only / 'res'})")]
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
     other.mkdir()
     (other / "manifest.json").write_text("{}")
@@ -321,7 +327,9 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
 def test_one_slides_output_folder_is_her2score_output_not_slides(tmp_path, fields, caplog, capsys):
     """A slide's output folder (overlay.png beside result.json and the cells) kept among the slides, given as an
     input, or its overlay.png named: the overlay, a drawing of the slide, was scored as a slide of its own (refused or
-    scored, exit 1). Found in a search it is skipped with a warning; given itself, it is no slide (exit 2)."""
+    scored, exit 1). Found in a search its output files are skipped with a warning; given itself, holding no slide, it
+    is no slide (exit 2). A slide beside its own outputs (write_outputs into the slide's folder), and the folders
+    below, are still scored: a first version skipped the whole folder with a warning and exit 0."""
     case = tmp_path / "case"
     case.mkdir()
     save_png(case / "s.png", fields["1+"])
@@ -331,14 +339,21 @@ def test_one_slides_output_folder_is_her2score_output_not_slides(tmp_path, field
     what = "a her2score slide's output folder (cells.geojson, cells.parquet, overlay.png, result.json)"
     skipped: list = []
     slides, problems = discover([case], skipped=skipped)
-    assert [s.name for s, _ in slides] == ["s.png"] and problems == [] and skipped == [(str(kept), f"{what}: not searched")]
+    assert [s.name for s, _ in slides] == ["s.png"] and problems == [] and skipped == [(str(kept), f"{what}: its output files skipped")]
     assert discover([kept]) == ([], [(str(kept), f"{kept}: {what}, not a folder of slides")])
     assert discover([kept / "overlay.png"]) == ([], [(str(kept / "overlay.png"), f"{kept / 'overlay.png'}: in {what}, not a slide")])
     rows = run_batch([case], tmp_path / "again")
     assert [(Path(r["slide"]).name, r["status"]) for r in rows] == [("s.png", "ok")]
-    assert f"not searched, as her2score's output folders (a batch's or a slide's): {kept}" in caplog.text
+    assert f"her2score's own output left out: {kept} ({what}: its output files skipped)" in caplog.text
     assert main(["score", str(kept), "--out", str(tmp_path / "o"), "--no-cnn"]) == 2
     assert f"{kept}: {what}, not a folder of slides" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    save_png(kept / "beside.png", fields["2+"])  # a slide beside the outputs, and one below them
+    (kept / "more").mkdir()
+    save_png(kept / "more" / "below.png", fields["3+"])
+    assert sorted(s.name for s, _ in discover([case])[0]) == ["below.png", "beside.png", "s.png"]
+    assert sorted(s.name for s, _ in discover([kept])[0]) == ["below.png", "beside.png"]
+    (kept / "beside.png").unlink()
+    shutil.rmtree(kept / "more")
     (kept / "result.json").unlink()
     (kept / "cells.parquet").unlink()
     (kept / "cells.geojson").unlink()  # an overlay.png alone is an image like any other
