@@ -660,13 +660,13 @@ def _holds_files(folder: Path) -> bool:
 
 
 def _earlier_fields(out: Path) -> list[Path]:
-    """The fields an earlier write_dataset wrote into ``out`` (images/field_<score>_<n>.<png|jpg>), for a new set to
-    replace; [] for an empty or new folder. ValueError where ``out`` holds files but no earlier set (neither its
-    labels.csv nor, from a run stopped before writing that, its fields), or a labels.csv that is not one write_dataset
-    wrote (a labelled set of real images): nothing of another's is written over or removed."""
+    """The fields an earlier write_dataset wrote into ``out``, for a new set to replace: those its labels.csv lists, or
+    where a run stopped before writing that, its images/field_<score>_<n>.<png|jpg>; [] for an empty or new folder.
+    ValueError where ``out`` holds files but no earlier set (neither), or a labels.csv that is not one write_dataset
+    wrote (a labelled set of real images): nothing of another's is written over or removed (an image of the user's
+    own named like a field but not listed stays)."""
     if not out.is_dir() or not _holds_files(out):
         return []
-    fields = sorted(p for p in (out / "images").glob("*") if _FIELD_NAME.fullmatch(p.name)) if (out / "images").is_dir() else []
     labels = out / "labels.csv"
     if labels.exists():
         try:
@@ -677,7 +677,9 @@ def _earlier_fields(out: Path) -> list[Path]:
                 len(r) == 3 and Path(r[0]).parent == Path("images") and _FIELD_NAME.fullmatch(Path(r[0]).name) for r in rows[1:]):
             raise ValueError(f"{labels}: not the labels of a set synth wrote; give synth an empty or new folder (it "
                              "replaces only a set of its own)")
-    elif not fields:
+        return [out / r[0] for r in rows[1:] if (out / r[0]).is_file()]
+    fields = sorted(p for p in (out / "images").glob("*") if _FIELD_NAME.fullmatch(p.name)) if (out / "images").is_dir() else []
+    if not fields:
         raise ValueError(f"{out}: holds files but no set synth wrote (no labels.csv, no images/field_*); give synth an "
                          "empty or new folder")
     return fields
@@ -705,7 +707,7 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     (out / "images").mkdir(parents=True, exist_ok=True)
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)
-    for f in set(earlier) - {out / rel for rel in paths}:  # a larger set's, or another format's: no labels list them
+    for f in set(earlier) - {out / rel for rel in paths}:  # a larger set's, or another format's: no new labels list them
         f.unlink()
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(SCORES))
     rows, truth = [], []

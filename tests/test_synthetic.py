@@ -205,10 +205,12 @@ def test_a_set_written_over_an_earlier_one_replaces_its_fields_and_nothing_else(
     (out / "eval").mkdir()
     (out / "eval" / "report.md").write_text("mine")
     (out / "images" / "mine.png").write_bytes(b"mine")
+    (out / "images" / "field_3plus_0007.png").write_bytes(b"mine too")  # named like a field, listed in no labels
     names = lambda: sorted(p.name for p in (out / "images").iterdir())  # noqa: E731
     write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))
     fields = ["field_0_0000.png", "field_1plus_0000.png", "field_2plus_0000.png", "field_3plus_0000.png"]
-    assert names() == sorted([*fields, "mine.png"]) and (out / "eval" / "report.md").read_text() == "mine"
+    assert names() == sorted([*fields, "mine.png", "field_3plus_0007.png"]) and (out / "eval" / "report.md").read_text() == "mine"
+    (out / "images" / "field_3plus_0007.png").unlink()
     assert sorted(Path(r["path"]).name for r in csv.DictReader(open(out / "labels.csv"))) == fields
     write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96), fmt="jpg")
     assert names() == sorted([*(f.replace(".png", ".jpg") for f in fields), "mine.png"])
