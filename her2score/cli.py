@@ -80,7 +80,7 @@ def _score_config(args):
                                thresholds=t, estimate_stains=args.estimate_stains,
                                isolated_intense_percent=args.isolated_floor, gastric_reading=args.gastric_reading)
     except (ValueError, TypeError) as e:
-        raise _UsageError(f"--target-mpp {args.target_mpp}: {e}") from None
+        raise _UsageError(f"--target-mpp {args.target_mpp}: {_in_options(str(e), GUIDELINE_OPTIONS)}") from None
     weights = None
     if not args.no_cnn:
         from .batch import _load_cnn
@@ -136,7 +136,7 @@ def _check_guideline(args) -> None:
             check_settings(args.guideline, **{**defaults, setting: getattr(args, setting.replace("isolated_intense_percent",
                                                                                                   "isolated_floor"))})
         except ValueError as e:
-            raise _UsageError(f"{option} {value}: {e}") from None
+            raise _UsageError(f"{option} {value}: {_in_options(str(e), GUIDELINE_OPTIONS)}") from None
 
 
 STATUS_MARK = {"passed": " ", "needs_review": "?", "qc_failed": "!", "not_scored": "!"}
@@ -167,9 +167,10 @@ API_OPTIONS: dict[str, dict[str, str]] = {
               "max_epochs": "--epochs", "batch_size": "--batch-size", "patches_per_image": "--patches-per-image",
               "max_minutes": "--max-minutes"},
 }
-"""Per subcommand, the Python API's keywords that its errors may name (guidelines.check_settings, TrainConfig,
-train.synthetic_images), each with the option that sets it: the API's messages keep the keyword, the command line
-says the option (_in_options)."""
+"""Per subcommand, the Python API's keywords that its settings' errors may name (guidelines.check_settings,
+ScoringConfig, TrainConfig, train.check_n_per_class), each with the option that sets it: the API's messages keep the
+keyword, the command line says the option (_in_options, where those settings are checked: never over a message that
+holds a path, whose folders may bear such names)."""
 
 
 def _in_options(message: str, options: Mapping[str, str]) -> str:
@@ -187,10 +188,10 @@ def _in_options(message: str, options: Mapping[str, str]) -> str:
 
 
 def _error(command: str, message: str) -> None:
-    """'her2score COMMAND: message' on stderr, the one form of every subcommand's errors, the API's keywords in it said
-    as the command's options (API_OPTIONS); nothing where its reader or terminal is gone (the exit code says it)."""
+    """'her2score COMMAND: message' on stderr, the one form of every subcommand's errors; nothing where its reader or
+    terminal is gone (the exit code says it)."""
     try:
-        print(f"her2score {command}: {_in_options(message, API_OPTIONS.get(command, {}))}", file=sys.stderr)
+        print(f"her2score {command}: {message}", file=sys.stderr)
     except OSError:
         _output_gone()
 
@@ -415,9 +416,13 @@ def _train(args) -> int:
                              patches_per_image=args.patches_per_image, val_fraction=args.val_fraction, lr=args.lr,
                              augment=not args.no_augment, threads=args.threads, device=args.device,
                              max_minutes=args.max_minutes)
-        check_target(args.out, args.name, replace_shipped=args.replace_shipped)
         if args.synthetic is not None:
             check_n_per_class(args.synthetic)
+    except ValueError as e:
+        _error(args.command, _in_options(str(e), API_OPTIONS[args.command]))
+        return 2
+    try:
+        check_target(args.out, args.name, replace_shipped=args.replace_shipped)
     except ValueError as e:
         _error(args.command, str(e))
         return 2

@@ -552,6 +552,18 @@ def test_the_api_keeps_its_keywords_and_every_option_said_for_one_exists():
         assert set(options.values()) <= known, (command, set(options.values()) - known)
 
 
+def test_paths_in_errors_keep_folder_names_that_look_like_keywords(tmp_path, capsys):
+    """Keywords are said as options only in the settings' own errors: a first version rewrote every message, so a
+    folder named batch_size or 'run specimen=biopsy' in a path read '--batch-size', 'run --specimen biopsy'."""
+    labels = tmp_path / "batch_size" / "labels.csv"
+    assert main(["train", "--csv", str(labels), "--out", str(tmp_path / "o")]) == 2
+    assert str(labels) in capsys.readouterr().err
+    run = tmp_path / "run specimen=biopsy"
+    run.mkdir()
+    assert main(["score", str(run), "--out", str(tmp_path / "o2"), "--no-cnn"]) == 2
+    assert f"{run}: folder holds no slides" in capsys.readouterr().err
+
+
 def test_missing_input_among_others_creates_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "her2score.cli", "score", str(SAMPLES / "field_0_null.png"),
                            str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
