@@ -920,7 +920,7 @@ def _summary(metrics: dict) -> str:
              + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
                 if metrics["not_scored"] else "")
              + "); "
-             + (f"{metrics['reused']} of them reused from {metrics['reuse']} (copied into results/); " if metrics.get("reused") else "")
+             + (f"{metrics['reused']} of them reused from {metrics['reuse']} (each kept in results/); " if metrics.get("reused") else "")
              + f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "

@@ -591,7 +591,7 @@ def test_the_report_says_what_it_left_out_and_what_it_reused(tmp_path):
     assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "ev2"), "--reuse", str(tmp_path / "ev" / "results"),
                  *args]) == 0
     m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
-    assert m2["reused"] == 2 and (f"; 2 of them reused from {tmp_path / 'ev' / 'results'} (copied into results/); guideline"
+    assert m2["reused"] == 2 and (f"; 2 of them reused from {tmp_path / 'ev' / 'results'} (each kept in results/); guideline"
                                   in (tmp_path / "ev2" / "report.md").read_text())
 
 
@@ -606,7 +606,7 @@ def test_an_evaluation_that_reused_results_stands_alone(known, monkeypatch):
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert [r["reused_from"] for r in rows] == [str(prev / f"f{i}" / "result.json") for i in range(8)]
     assert m["reuse"] == json.loads((out / "metrics.json").read_text())["reuse"] == str(prev)
-    assert f"8 of them reused from {prev} (copied into results/)" in (out / "report.md").read_text()
+    assert f"8 of them reused from {prev} (each kept in results/)" in (out / "report.md").read_text()
     taken = [SlideResult.read(prev / f"f{i}" / "result.json") for i in range(8)]
     shutil.rmtree(prev)
     for i, result in enumerate(taken):  # --no-cnn: the classical call alone
