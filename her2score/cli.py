@@ -100,15 +100,12 @@ def _score_config(args):
 def _slides_in_output(out: Path) -> list[str]:
     """Files under ``out`` named as slides that are not a batch's own outputs (outputs.OUTPUT_FILES), hidden
     files and folders left out as the search of the inputs leaves them (a Mac's ._overlay.png on a share)."""
+    from .files import visible_files
     from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES
     from .slide import SLIDE_SUFFIXES
 
-    held = []
-    for d, dirs, files in os.walk(out):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        held += [str(Path(d, f).relative_to(out)) for f in files if not f.startswith(".")
-                 and Path(f).suffix.lower() in SLIDE_SUFFIXES and f not in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES]
-    return sorted(held)
+    return sorted(str(f.relative_to(out)) for f in visible_files(out)
+                  if f.suffix.lower() in SLIDE_SUFFIXES and f.name not in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
 
 
 class _UsageError(Exception):

@@ -1,5 +1,5 @@
-"""Files written whole or not at all (a reader, or a run killed half-way, sees the old file or the new one), and
-told apart by their content."""
+"""Files written whole or not at all (a reader, or a run killed half-way, sees the old file or the new one), told
+apart by their content, and a folder's own files."""
 from __future__ import annotations
 
 import errno
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "atomic_write", "content_sample", "is_temp_file"]
+__all__ = ["atomic_file", "atomic_write", "content_sample", "is_temp_file", "visible_files"]
 
 
 def content_sample(path: str | os.PathLike, block: int = 1 << 16) -> str:
@@ -98,3 +98,11 @@ def is_temp_file(name: str, targets=None) -> bool:
     stem = name[1:-4]  # "NAME.XXXXXXXX"
     base, _, rand = stem.rpartition(".")
     return bool(base and rand) and (targets is None or base in targets)
+
+
+def visible_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """The files under ``folder``, its sub-folders' included, hidden files and folders (named with a leading '.': a
+    killed run's temporary files, .DS_Store, a Mac's ._ files on a share) left out."""
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        yield from (Path(d, f) for f in files if not f.startswith("."))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from .categories import CATEGORIES
-from .files import atomic_file, atomic_write
+from .files import atomic_file, atomic_write, visible_files
 from .membrane import longest_circular_run
 from .stain import EOSIN_OD, H_DAB, StainSet
 
@@ -650,22 +649,13 @@ def _save_image(path: Path, rgb: np.ndarray, mpp: float) -> None:
         Image.fromarray(rgb).save(fh, dpi=(dpi, dpi), **options)
 
 
-def _holds_files(folder: Path) -> bool:
-    """Whether ``folder`` holds a file that is not hidden (a killed run's temporary files, .DS_Store), in any sub-folder."""
-    for _, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(not f.startswith(".") for f in files):
-            return True
-    return False
-
-
 def _earlier_fields(out: Path) -> list[Path]:
     """The fields an earlier write_dataset wrote into ``out``, for a new set to replace: those its labels.csv lists, or
     where a run stopped before writing that, its images/field_<score>_<n>.<png|jpg>; [] for an empty or new folder.
     ValueError where ``out`` holds files but no earlier set (neither), or a labels.csv that is not one write_dataset
     wrote (a labelled set of real images): nothing of another's is written over or removed (an image of the user's
     own named like a field but not listed stays)."""
-    if not out.is_dir() or not _holds_files(out):
+    if not out.is_dir() or next(visible_files(out), None) is None:
         return []
     labels = out / "labels.csv"
     if labels.exists():

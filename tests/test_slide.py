@@ -599,11 +599,11 @@ def _field(w: int, h: int) -> np.ndarray:
     return a
 
 
-def _pyramid_with(tmp_path, name, base, pages, **base_kw) -> Path:
+def _pyramid_with(tmp_path, name, base, pages):
     """A TIFF of a tiled ``base`` (w, h) and ``pages``: (w, h, tiled, subfiletype) each."""
     path = tmp_path / name
     with tifffile.TiffWriter(path) as tif:
-        tif.write(_field(*base), tile=(128, 128), photometric="rgb", **base_kw)
+        tif.write(_field(*base), tile=(128, 128), photometric="rgb")
         for w, h, tiled, subfiletype in pages:
             tif.write(_field(w, h), photometric="rgb", subfiletype=subfiletype, **({"tile": (128, 128)} if tiled else {}))
     return path
