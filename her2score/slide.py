@@ -665,9 +665,18 @@ def _downsample_of(page, base) -> float | None:
     return ds if abs(base.imagelength / ds - page.imagelength) <= 2 + 0.01 * page.imagelength else None
 
 
-MIN_LEVEL_DOWNSAMPLE = 1.25
+def _base_page(pages: list):
+    """The TIFF page that is the slide: the largest colour page not flagged a reduced image (NewSubfileType bit 0: a
+    level, Aperio's label or macro), or where there is none the largest page (an overview stored first is not it; a
+    small field's macro, larger than the field, and a greyscale mask stored first were taken for it); None for none."""
+    own = [p for p in pages if not p.is_reduced and p.samplesperpixel >= 3] or pages
+    return max(own, key=lambda p: p.imagewidth * p.imagelength) if own else None
+
+
+MIN_LEVEL_DOWNSAMPLE = 1.45
 """The least downsample of an unflagged page of the slide's shape that is a pyramid level (scanners halve or quarter
-each level, tools go down 1.33-1.5x): one less reduced is an image of its own (a field 2 px narrower, a focal plane)."""
+each level; a 1.5x level rounded up is 1.4993x): one less reduced is an image of its own (a field 2 px narrower, a
+focal plane, a 3 MP snapshot beside a 5 MP one, 1.27x)."""
 
 OTHER_IMAGE_AREA = 0.25
 """The share of the largest page's area from which a TIFF page of the same samples that is no pyramid level of
@@ -702,7 +711,7 @@ class TiffSlide(Slide):
         try:
             self._tif = tifffile.TiffFile(path)
             top = list(self._tif.pages)
-            base = max(top, key=lambda p: p.imagewidth * p.imagelength) if top else None  # not an overview stored first
+            base = _base_page(top)
             # a pyramid in SubIFDs (OME-TIFF from QuPath, bfconvert): the levels of that image, no other's
             pages = top + (_subifd_levels(self._tif, base) if base is not None and base.subifds else [])
         except SlideError:

@@ -580,10 +580,11 @@ def test_a_tiff_of_several_full_size_images_is_refused_naming_them(tmp_path, sli
         open_slide(path, mpp=0.5)
 
 
-@pytest.mark.parametrize("second", [(126, 128), (96, 120), (128, 64)])
+@pytest.mark.parametrize("second", [(126, 128), (96, 120), (128, 64), (100, 100)])
 def test_a_tiff_of_two_fields_of_other_sizes_is_refused(tmp_path, slide_rgb, second):
-    """A second field 2 px narrower, or of another shape, is no pyramid level: the largest page was scored alone
-    (a 126 px page beside 128 was taken for a level 1.016x down, a 96 x 120 one for a label)."""
+    """A second field 2 px narrower, of another shape, or of the same shape 1.28x smaller (a 3 MP snapshot beside a 5 MP
+    one), is no pyramid level: the largest page was scored alone (a 126 px page beside 128 was taken for a level 1.016x
+    down, a 96 x 120 one for a label), or read as the slide's level at coarser µm/px."""
     path = tmp_path / "fields.tif"
     w, h = second
     with tifffile.TiffWriter(path) as tif:
@@ -616,12 +617,25 @@ def _pyramid_with(tmp_path, name, base, pages):
     ((1000, 1000), [(667, 667, True, 0)], [1000, 667]),  # a level 1.5x down rounded up, unflagged
     ((700, 600), [(512, 512, True, 1)], [700]),  # a level padded to its tiles (not the base's shape: no level), flagged
     ((2048, 1536), [(1024, 768, True, 1), (512, 384, True, 1), (1700, 600, False, 0)], [2048, 1024, 512]),  # an overview
+    ((360, 360), [(1280, 431, False, 9)], [360]),  # a macro larger than a small field: it was opened as the slide
+    ((700, 700), [(512, 512, False, 0), (400, 380, False, 1), (1280, 431, False, 9)], [700]),  # and was refused beside it
 ])
 def test_levels_labels_macros_and_thumbnails_are_no_other_images(tmp_path, base, pages, levels):
     """Pages flagged as reduced images, stripped beside a tiled base, or levels of the slide's shape are its own:
     the slide opens with its levels (a first version of the multi-image refusal refused all of these)."""
     with open_slide(_pyramid_with(tmp_path, "slide.tif", base, pages), mpp=0.5) as s:
         assert s.dimensions == base and [lv.width for lv in s.levels] == levels
+
+
+def test_a_greyscale_mask_stored_first_is_not_the_slide(tmp_path, slide_rgb):
+    """A same-size greyscale page (a mask) before the RGB field: the field is the slide (it was refused as greyscale)."""
+    path = tmp_path / "masked.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.full((128, 128), 255, np.uint8))
+        tif.write(slide_rgb[:128, :128], photometric="rgb")
+    with open_slide(path, mpp=0.5) as s:
+        assert s.dimensions == (128, 128)
+        np.testing.assert_array_equal(s.read_region((0, 0), (128, 128), mpp=0.5), slide_rgb[:128, :128])
 
 
 def test_a_tiff_of_one_channel_a_page_is_refused_as_greyscale(tmp_path, slide_rgb):
