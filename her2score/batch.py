@@ -124,12 +124,13 @@ def _slide_like(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_SUFFIXES + UNSUPPORTED_IMAGE_SUFFIXES
 
 
-def _her2score_output(filenames: Iterable[str]) -> str | None:
-    """Which her2score output a folder holding ``filenames`` is, in words, or None: a batch's (a MANIFEST beside a
-    SUMMARY, not any manifest.json) or one slide's (its overlay.png beside another of OUTPUT_FILES, written with it, not
-    any overlay.png). Neither holds slides: an overlay.png is a drawing of one."""
+def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
+    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (a MANIFEST beside a
+    SUMMARY whose header is a batch's, not any manifest.json and summary.csv: a study's own were taken for ours) or one
+    slide's (its overlay.png beside another of OUTPUT_FILES, written with it, not any overlay.png). Neither holds slides:
+    an overlay.png is a drawing of one."""
     names = set(filenames)
-    if {MANIFEST, SUMMARY} <= names:
+    if {MANIFEST, SUMMARY} <= names and _batch_summary(folder / SUMMARY):
         return f"a her2score batch's output folder ({MANIFEST} and {SUMMARY})"
     ours = names & {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES}
     if "overlay.png" in ours and len(ours) > 1:
@@ -137,12 +138,21 @@ def _her2score_output(filenames: Iterable[str]) -> str | None:
     return None
 
 
+def _batch_summary(path: Path) -> bool:
+    """Whether ``path`` begins as a batch's SUMMARY does (its first columns, SUMMARY_COLUMNS')."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).startswith(",".join(SUMMARY_COLUMNS[:2]).encode() + b",")
+    except OSError:
+        return False
+
+
 def _output_holding(path: Path) -> str | None:
     """Which her2score output folder (_her2score_output) holds the file ``path``, where it bears an output's name."""
     if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY}:
         return None
     try:
-        return _her2score_output(os.listdir(path.parent))
+        return _her2score_output(path.parent, os.listdir(path.parent))
     except OSError:
         return None
 
@@ -196,7 +206,8 @@ def discover(
             elif not slides and not errors:
                 extra = f"; {len(others)} other file{'s' if len(others) != 1 else ''} skipped" if others else ""
                 if outputs:
-                    extra += f"; her2score's output not searched: {outputs[0][0]}" + (f" and {len(outputs) - 1} more" if len(outputs) > 1 else "")
+                    extra += (f"; her2score's output: {outputs[0][0]}, {outputs[0][2]}"
+                              + (f", and {len(outputs) - 1} more" if len(outputs) > 1 else ""))
                 problems.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}{extra})"))
             found.extend((f, p) for f in slides)
         else:
@@ -227,8 +238,8 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             dirnames[:] = []
             continue
         visited.add(real)
-        if what := _her2score_output(filenames):
-            if {MANIFEST, SUMMARY} <= set(filenames):  # a batch's: its slides' folders hold only outputs
+        if what := _her2score_output(here, filenames):
+            if what.startswith("a her2score batch's"):  # its slides' folders hold only outputs
                 outputs.append((here, what, "not searched"))
                 dirnames[:] = []
                 continue
@@ -801,7 +812,7 @@ def _slides_to_score(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Pat
         what = "file that is not a slide" if len(unexpected) == 1 else "files that are not slides"
         log.warning("skipped %d %s: %s", len(unexpected), what, names)
     if outputs := [f"{p} ({why})" for p, why in skipped if why != NOT_A_SLIDE]:
-        log.warning("her2score's own output left out: %s", "; ".join(outputs[:5]) + ("; ..." if len(outputs) > 5 else ""))
+        log.warning("left out as her2score's own output: %s", "; ".join(outputs[:5]) + ("; ..." if len(outputs) > 5 else ""))
     return slides, problems, skipped
 
 

@@ -309,14 +309,21 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     assert skipped == [(str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched")]
     second = run_batch([case], case / "results_gastric", config=ScoringConfig(guideline="gastric"))
     assert [(Path(r["slide"]).name, r["status"]) for r in second] == [("s.png", "ok")]
-    assert (f"her2score's own output left out: {case / 'results_breast'} (a her2score batch's output folder (manifest.json "
+    assert (f"left out as her2score's own output: {case / 'results_breast'} (a her2score batch's output folder (manifest.json "
             "and summary.csv): not searched)") in caplog.text
     assert discover([case / "results_breast"])[1] == [(str(case / "results_breast"), f"{case / 'results_breast'}: a her2score "
                                                         "batch's output folder (manifest.json and summary.csv), not a folder of slides")]
     only = tmp_path / "only"  # a folder whose one subfolder is a batch's output: no slides, and it says why
     shutil.copytree(case / "results_breast", only / "res")
     assert discover([only])[1] == [(str(only), f"{only}: folder holds no slides (looked for {', '.join(SLIDE_SUFFIXES)}; "
-                                               f"her2score's output not searched: {only / 'res'})")]
+                                               f"her2score's output: {only / 'res'}, not searched)")]
+    study = case / "study"  # a study's own manifest.json and summary.csv are no batch of ours either
+    study.mkdir()
+    (study / "manifest.json").write_text('{"dataset": "mine"}')
+    (study / "summary.csv").write_text("case,diagnosis\n1,IDC\n")
+    save_png(study / "u.png", fields["0"])
+    assert sorted(s.name for s, _ in discover([case])[0]) == ["s.png", "u.png"]
+    shutil.rmtree(study)
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
     other.mkdir()
     (other / "manifest.json").write_text("{}")
@@ -344,7 +351,7 @@ def test_one_slides_output_folder_is_her2score_output_not_slides(tmp_path, field
     assert discover([kept / "overlay.png"]) == ([], [(str(kept / "overlay.png"), f"{kept / 'overlay.png'}: in {what}, not a slide")])
     rows = run_batch([case], tmp_path / "again")
     assert [(Path(r["slide"]).name, r["status"]) for r in rows] == [("s.png", "ok")]
-    assert f"her2score's own output left out: {kept} ({what}: its output files skipped)" in caplog.text
+    assert f"left out as her2score's own output: {kept} ({what}: its output files skipped)" in caplog.text
     assert main(["score", str(kept), "--out", str(tmp_path / "o"), "--no-cnn"]) == 2
     assert f"{kept}: {what}, not a folder of slides" in capsys.readouterr().err and not (tmp_path / "o").exists()
     save_png(kept / "beside.png", fields["2+"])  # a slide beside the outputs, and one below them
