@@ -694,6 +694,9 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
         raise ValueError(f"{out}: exists and is not a folder")
     earlier = _earlier_fields(out)
     paths = [f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}" for score in SCORES for i in range(n_per_class)]
+    if theirs := [rel for rel in paths if (out / rel).exists() and out / rel not in set(earlier)]:
+        raise ValueError(f"{out / theirs[0]}: a file no earlier set of synth's lists, where this set writes a field"
+                         f"{f' (and {len(theirs) - 1} more)' if len(theirs) > 1 else ''}; move it, or give synth another folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)

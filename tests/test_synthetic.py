@@ -210,6 +210,10 @@ def test_a_set_written_over_an_earlier_one_replaces_its_fields_and_nothing_else(
     write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))
     fields = ["field_0_0000.png", "field_1plus_0000.png", "field_2plus_0000.png", "field_3plus_0000.png"]
     assert names() == sorted([*fields, "mine.png", "field_3plus_0007.png"]) and (out / "eval" / "report.md").read_text() == "mine"
+    with pytest.raises(ValueError, match="field_3plus_0007.png: a file no earlier set of synth's lists, where this set "
+                                         "writes a field; move it"):
+        write_dataset(out, n_per_class=8, seed=4, size_px=(96, 96))
+    assert (out / "images" / "field_3plus_0007.png").read_bytes() == b"mine too" and (out / "labels.csv").is_file()
     (out / "images" / "field_3plus_0007.png").unlink()
     assert sorted(Path(r["path"]).name for r in csv.DictReader(open(out / "labels.csv"))) == fields
     write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96), fmt="jpg")
