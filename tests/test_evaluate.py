@@ -499,6 +499,9 @@ def test_class_folders_carry_five_level_labels(tmp_path):
     for name in ("null", "ultralow", "0+", "1plus", "notes"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.png").write_bytes(b"")
+    (tmp_path / "1plus" / "._x.png").write_bytes(b"")  # a Mac's resource fork on a share
+    (tmp_path / "1plus" / "x_out").mkdir()
+    (tmp_path / "1plus" / "x_out" / "overlay.png").write_bytes(b"")  # her2score's drawing of x.png
     got = sorted((Path(i.path).parent.name, i.label, i.level) for i in read_labels(tmp_path))
     assert got == [("0+", "0", "0+ (ultralow)"), ("1plus", "1+", "1+"), ("null", "0", "0 (null)"),
                    ("ultralow", "0", "0+ (ultralow)")]
