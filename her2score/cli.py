@@ -44,8 +44,7 @@ def _score_config(args):
     from .categories import Thresholds
     from .pipeline import ScoringConfig
 
-    if args.workers < 1:
-        raise _UsageError(f"--workers must be at least 1, got {args.workers}")
+    _at_least("--workers", args.workers, 1)
     _check_mpp(args)
     missing = [i for i in args.inputs if not Path(i).exists()]
     if missing:
@@ -118,6 +117,12 @@ def _one_line(message: str) -> str:
     return lines[0] + (" ..." if len(lines) > 1 else "")
 
 
+def _at_least(option: str, value: int, least: int) -> None:
+    """_UsageError naming ``option`` unless its ``value`` is at least ``least``."""
+    if value < least:
+        raise _UsageError(f"{option} must be at least {least}, got {value}")
+
+
 def _check_guideline(args) -> None:
     """_UsageError naming the option unless each guideline setting goes with --guideline (guidelines.check_settings:
     biopsy has its own rule only under gastric, the per-band reading is gastric's, the isolated floor breast's)."""
@@ -162,24 +167,27 @@ API_OPTIONS: dict[str, dict[str, str]] = {
     "evaluate": GUIDELINE_OPTIONS,
     "train": {"n_per_class": "--synthetic", "patch_px": "--patch-px", "val_fraction": "--val-fraction",
               "max_epochs": "--epochs", "batch_size": "--batch-size", "patches_per_image": "--patches-per-image",
-              "max_minutes": "--max-minutes"},
+              "max_minutes": "--max-minutes", "threads": "--threads", "mpp": "--target-mpp", "width": "--width",
+              "patience": "--patience", "lr": "--lr", "seed": "--seed", "device": "--device",
+              "stain_jitter": "--synthetic-jitter", "border_od_max": "--border-od-max"},
 }
 """Per subcommand, the Python API's keywords that its settings' errors may name (guidelines.check_settings,
-ScoringConfig, TrainConfig, train.check_n_per_class), each with the option that sets it: the API's messages keep the
+ScoringConfig, TrainConfig, train.check_synthetic), each with the option that sets it: the API's messages keep the
 keyword, the command line says the option (_in_options, where those settings are checked: never over a message that
 holds a path, whose folders may bear such names)."""
 
 
-def _in_options(message: str, options: Mapping[str, str]) -> str:
+def _in_options(message: str, options: Mapping[str, str], *, words: bool = False) -> str:
     """``message`` with the API keywords of ``options`` as their options: ``name='value'`` as ``--option value``, a
-    bare name where it is one (snake_case) as ``--option``; never a name within a path or a longer word."""
+    bare name where it is one (snake_case, or with ``words`` any: a message that names settings alone, as TrainConfig's
+    do) as ``--option``; never a name within a path or a longer word."""
     if not options:
         return message
 
     def option(m: re.Match) -> str:
         if m[3] is not None:
             return f"{options[m[1]]} {m[3]}"
-        return options[m[1]] if "_" in m[1] else m[0]
+        return options[m[1]] if words or "_" in m[1] else m[0]
     keywords = "|".join(map(re.escape, options))
     return re.sub(rf"(?<![\w/.-])({keywords})(?:=(['\"]?)([^'\"\s,;)]*)\2)?(?![\w/.-])", option, message)
 
@@ -402,9 +410,9 @@ def _train(args) -> int:
 
     from .cnn import ModelError
     from .slide import SlideError
-    from .train import TrainConfig, check_n_per_class, check_target, csv_images, folder_images, synthetic_images, train
+    from .train import TrainConfig, check_synthetic, check_target, csv_images, folder_images, synthetic_images, train
 
-    if not (args.synthetic or args.folder or args.csv):
+    if args.synthetic is None and not (args.folder or args.csv):
         _error(args.command, "give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE")
         return 2
     try:  # the settings checked before any image is made or read
@@ -414,9 +422,9 @@ def _train(args) -> int:
                              augment=not args.no_augment, threads=args.threads, device=args.device,
                              max_minutes=args.max_minutes)
         if args.synthetic is not None:
-            check_n_per_class(args.synthetic)
+            check_synthetic(args.synthetic, args.synthetic_jitter, args.border_od_max)
     except ValueError as e:
-        _error(args.command, _in_options(str(e), API_OPTIONS[args.command]))
+        _error(args.command, _in_options(str(e), API_OPTIONS[args.command], words=True))
         return 2
     try:
         check_target(args.out, args.name, replace_shipped=args.replace_shipped)
@@ -471,6 +479,9 @@ def _evaluate(args) -> int:
     try:
         _check_guideline(args)
         _check_mpp(args)
+        _at_least("--threads", args.threads, 1)
+        _at_least("--bootstrap", args.bootstrap, 0)
+        _at_least("--seed", args.seed, 0)
     except _UsageError as e:
         _error(args.command, str(e))
         return 2

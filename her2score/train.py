@@ -84,10 +84,15 @@ def _synthetic_one(args) -> LabelledImage:
                          estimate_background(f.image))
 
 
-def check_n_per_class(n_per_class: int) -> None:
-    """ValueError unless ``n_per_class`` (synthetic fields per class) is at least 1."""
+def check_synthetic(n_per_class: int, stain_jitter: float = 0.0, border_od_max: float = 0.0) -> None:
+    """ValueError unless synthetic_images' settings hold: ``n_per_class`` at least 1, ``stain_jitter`` 0-30 degrees,
+    ``border_od_max`` 0-0.2 OD."""
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+    if not 0 <= stain_jitter <= 30:
+        raise ValueError(f"stain_jitter must be 0-30 degrees (s.d. of the stain vectors' turn), got {stain_jitter}")
+    if not 0 <= border_od_max <= 0.2:
+        raise ValueError(f"border_od_max must be 0-0.2 OD (real unstained borders: up to 0.03), got {border_od_max}")
 
 
 def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = (512, 512), mpp: float = 0.5,
@@ -101,7 +106,7 @@ def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = 
     0.03 spans clean borders to the most textured real ones (models/MODEL_CARD.md: what it changes).
     ``workers`` processes generate in parallel (the result does not depend on it).
     """
-    check_n_per_class(n_per_class)
+    check_synthetic(n_per_class, stain_jitter, border_od_max)
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(CLASSES))
     border = np.random.default_rng([seed, 1]).uniform(0.0, border_od_max, len(seeds))  # a stream apart from the fields'
     jobs = [(score, int(seeds[j * n_per_class + i]), tuple(size_px), mpp, stain_jitter,
@@ -165,6 +170,10 @@ def csv_images(path: str | os.PathLike, *, mpp: float | None = None, target_mpp:
 
 # --------------------------------------------------------------------------------------- config
 
+TRAIN_DEVICES = ("cpu", "cuda", "mps", "xpu")
+"""The torch device types training may be given (TrainConfig.device)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every training setting; written into the training log and the weights record."""
@@ -204,6 +213,16 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be a positive number of minutes (or not given: no limit), got {self.max_minutes}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if not (math.isfinite(self.mpp) and 0.1 <= self.mpp <= 2.0):  # 0 divided; 50 made fields of a pixel and ran on
+            raise ValueError(f"mpp must be 0.1-2 µm/px, got {self.mpp}")
+        for name, ok, rule in (("width", self.width >= 1, "at least 1"), ("patience", self.patience >= 1, "at least 1"),
+                               ("lr", math.isfinite(self.lr) and self.lr > 0, "above 0"), ("seed", self.seed >= 0, "0 or more")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        kind, _, index = self.device.partition(":")  # one torch cannot name failed with a traceback once training began
+        if kind not in TRAIN_DEVICES or (index and not index.isdigit()):
+            raise ValueError(f"device must be one of {', '.join(TRAIN_DEVICES)}, with an index where there are several "
+                             f"(cuda:1), got {self.device!r}")
 
 
 @dataclass(frozen=True)

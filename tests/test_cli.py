@@ -523,6 +523,18 @@ def test_every_command_words_its_errors_alike(tmp_path, capsys, argv):
                                                      "(--batch-size >= 2)"),
     (["train", "--synthetic", "1", "--max-minutes", "0"], "--max-minutes must be a positive number of minutes (or not given"),
     (["train", "--synthetic", "-1"], "--synthetic must be >= 1, got -1"),
+    (["train", "--synthetic", "0"], "--synthetic must be >= 1, got 0"),  # was 'give a training source'
+    # these five ended in a traceback (a division by zero, torch's own errors) or ran on for minutes (--target-mpp 50)
+    (["train", "--synthetic", "1", "--target-mpp", "0"], "--target-mpp must be 0.1-2 µm/px, got 0.0"),
+    (["train", "--synthetic", "1", "--target-mpp", "50"], "--target-mpp must be 0.1-2 µm/px, got 50.0"),
+    (["train", "--synthetic", "1", "--device", "nope"], "--device must be one of cpu, cuda, mps, xpu"),
+    (["train", "--synthetic", "1", "--width", "0"], "--width must be at least 1, got 0"),
+    (["train", "--synthetic", "1", "--synthetic-jitter", "-5"], "--synthetic-jitter must be 0-30 degrees"),
+    (["train", "--synthetic", "1", "--border-od-max", "-1"], "--border-od-max must be 0-0.2 OD"),
+    (["train", "--synthetic", "1", "--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["train", "--synthetic", "1", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["evaluate", "IN", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["evaluate", "IN", "--bootstrap", "-5"], "--bootstrap must be at least 0, got -5"),  # dropped kappa's interval
 ])
 def test_the_command_line_says_its_options_where_the_api_says_its_keywords(tmp_path, capsys, argv, said):
     """A command-line user was told "use specimen='resection'", "patch_px must be ..." (the Python API's keywords):
