@@ -627,6 +627,33 @@ def test_levels_labels_macros_and_thumbnails_are_no_other_images(tmp_path, base,
         assert s.dimensions == base and [lv.width for lv in s.levels] == levels
 
 
+def test_the_slide_page_is_neither_a_small_colour_preview_nor_a_larger_flagged_macro(tmp_path):
+    """A greyscale (16-bit) scan with a small colour preview was scored from the preview; a stripped field with a larger
+    flagged macro read the macro's pixels at finer µm/px (a level 0.5x down); two stripped snapshots of one shape,
+    1.62x apart, were one pyramid; an unflagged tiled pyramid in 1.41x steps is one."""
+    grey = tmp_path / "grey.tif"
+    with tifffile.TiffWriter(grey) as tif:
+        tif.write(np.full((1024, 1024), 30000, np.uint16), tile=(128, 128))
+        tif.write(_field(256, 256), photometric="rgb")
+    with pytest.raises(NotHerIhcError, match="greyscale"):
+        open_slide(grey, mpp=0.5)
+    macro = tmp_path / "macro.tif"
+    with tifffile.TiffWriter(macro) as tif:
+        tif.write(np.full((600, 800, 3), (150, 100, 60), np.uint8), photometric="rgb")
+        tif.write(np.full((1200, 1600, 3), (20, 200, 20), np.uint8), photometric="rgb", subfiletype=9)
+    with open_slide(macro, mpp=0.5) as s:
+        assert s.dimensions == (800, 600) and [lv.width for lv in s.levels] == [800]
+        assert tuple(s.read_region((0, 0), (8, 8), mpp=0.25)[4, 4]) == (150, 100, 60)
+    snaps = tmp_path / "snaps.tif"
+    with tifffile.TiffWriter(snaps) as tif:
+        tif.write(_field(2592 // 8, 1944 // 8), photometric="rgb")
+        tif.write(_field(1600 // 8, 1200 // 8), photometric="rgb")
+    with pytest.raises(SlideError, match=r"holds 2 images \(324 x 243, 200 x 150 px\)"):
+        open_slide(snaps, mpp=0.5)
+    with open_slide(_pyramid_with(tmp_path, "root2.tif", (1024, 768), [(724, 543, True, 0), (512, 384, True, 0)]), mpp=0.5) as s:
+        assert [lv.width for lv in s.levels] == [1024, 724, 512]
+
+
 def test_a_greyscale_mask_stored_first_is_not_the_slide(tmp_path, slide_rgb):
     """A same-size greyscale page (a mask) before the RGB field: the field is the slide (it was refused as greyscale)."""
     path = tmp_path / "masked.tif"
