@@ -410,7 +410,7 @@ def _train(args) -> int:
 
     from .cnn import ModelError
     from .slide import SlideError
-    from .train import TrainConfig, check_synthetic, check_target, csv_images, folder_images, synthetic_images, train
+    from .train import TrainConfig, check_device, check_synthetic, check_target, csv_images, folder_images, synthetic_images, train
 
     if args.synthetic is None and not (args.folder or args.csv):
         _error(args.command, "give a training source: --synthetic N_PER_CLASS, --folder DIR and/or --csv FILE")
@@ -423,6 +423,7 @@ def _train(args) -> int:
                              max_minutes=args.max_minutes)
         if args.synthetic is not None:
             check_synthetic(args.synthetic, args.synthetic_jitter, args.border_od_max)
+        check_device(config.device)
     except ValueError as e:
         _error(args.command, _in_options(str(e), API_OPTIONS[args.command], words=True))
         return 2

@@ -219,10 +219,22 @@ class TrainConfig:
                                ("lr", math.isfinite(self.lr) and self.lr > 0, "above 0"), ("seed", self.seed >= 0, "0 or more")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
-        kind, _, index = self.device.partition(":")  # one torch cannot name failed with a traceback once training began
-        if kind not in TRAIN_DEVICES or (index and not index.isdigit()):
+        kind, sep, index = self.device.partition(":")  # one torch cannot name failed with a traceback once training began
+        if kind not in TRAIN_DEVICES or (sep and not index.isdigit()):
             raise ValueError(f"device must be one of {', '.join(TRAIN_DEVICES)}, with an index where there are several "
                              f"(cuda:1), got {self.device!r}")
+
+
+def check_device(device: str) -> None:
+    """ValueError unless this torch build and machine have ``device`` (TrainConfig.device): CUDA, MPS or XPU asked
+    for where there is none failed in torch, with a traceback, after the images were loaded."""
+    import torch
+
+    kind = device.partition(":")[0]
+    have = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
+            "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if not have[kind]():
+        raise ValueError(f"device {device!r}: this machine or torch build cannot run on {kind} (use cpu)")
 
 
 @dataclass(frozen=True)
@@ -397,6 +409,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
         raise ValueError("no training images")
     if out is not None:
         check_target(out, name, replace_shipped=replace_shipped)  # refused now, not after the training
+    check_device(cfg.device)
     seen: dict[str, int] = {}
     for i, im in enumerate(images):  # one image twice could land in training and validation both
         key = im.source if im.source.startswith("synthetic:") else str(resolved_path(im.source))
