@@ -139,12 +139,14 @@ def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
 
 
 def _batch_summary(path: Path) -> bool:
-    """Whether ``path`` begins as a batch's SUMMARY does (its first columns, SUMMARY_COLUMNS')."""
+    """Whether ``path`` begins as a batch's SUMMARY does: its first three columns, every version's (slide, status,
+    score), read past a byte-order mark and quotes (a spreadsheet's re-save); a study's 'slide,status,stain' is not."""
     try:
         with open(path, "rb") as f:
-            return f.read(64).startswith(",".join(SUMMARY_COLUMNS[:2]).encode() + b",")
+            head = f.read(128).removeprefix(b"\xef\xbb\xbf").replace(b'"', b"")
     except OSError:
         return False
+    return head.startswith(",".join(SUMMARY_COLUMNS[:3]).encode() + b",")
 
 
 def _output_holding(path: Path) -> str | None:

@@ -323,7 +323,14 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     (study / "summary.csv").write_text("case,diagnosis\n1,IDC\n")
     save_png(study / "u.png", fields["0"])
     assert sorted(s.name for s, _ in discover([case])[0]) == ["s.png", "u.png"]
+    (study / "summary.csv").write_text("slide,status,stain,block\nu.png,done,HER2,A1\n")  # a study's, begun alike
+    assert sorted(s.name for s, _ in discover([case])[0]) == ["s.png", "u.png"]
     shutil.rmtree(study)
+    resaved = case / "results_breast" / "summary.csv"  # a spreadsheet's re-save: a byte-order mark, quoted names
+    resaved.write_bytes(b"\xef\xbb\xbf" + b",".join(b'"%s"' % c.encode() for c in batch.SUMMARY_COLUMNS) + b"\r\n")
+    skipped = []
+    assert [s.name for s, _ in discover([case], skipped=skipped)[0]] == ["s.png"]
+    assert (str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched") in skipped
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
     other.mkdir()
     (other / "manifest.json").write_text("{}")
