@@ -86,10 +86,9 @@ def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = pa
                        names: str = FOLDER_NAMES) -> list[tuple[Path, Any]]:
     """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
     folder names ``parse`` takes); other sub-folders are skipped with a warning, and so are hidden files and folders (a
-    Mac's ._field.png beside field.png) and her2score's own overlays (OUTPUT_FILES' overlay.png: a drawing of a slide).
-    ValueError when there is no image."""
+    Mac's ._field.png beside field.png), links to nothing, and her2score's own overlays (an overlay.png beside a
+    result.json: a drawing of a slide). ValueError when there is no image."""
     from .files import visible_files
-    from .outputs import OUTPUT_FILES
     from .slide import SLIDE_SUFFIXES
 
     root = Path(root)
@@ -98,8 +97,8 @@ def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = pa
         log.warning("%s: not a class folder (%s); skipped", root / name, names)
     out = []
     for sub, label in labelled:
-        out += [(f, label) for f in sorted(p for p in visible_files(sub)
-                                           if p.suffix.lower() in SLIDE_SUFFIXES and p.name not in OUTPUT_FILES)]
+        out += [(f, label) for f in sorted(p for p in visible_files(sub) if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()
+                                           and not (p.name == "overlay.png" and (p.parent / "result.json").exists()))]
     if not out:
         raise ValueError(f"{root}: no images in class sub-folders named {names}")
     return out
