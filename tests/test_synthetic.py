@@ -193,8 +193,11 @@ def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_
     assert len(images) == 4 and not any(p.name.startswith(".") for p in images)
     for image in images:
         Image.open(image).load()  # whole
+    (out / "images" / "field_3plus_0007.png").write_bytes(b"mine")  # a user's own, named like a field
     synthetic.write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))  # its fields, without labels: written over
-    assert len(list(csv.DictReader(open(out / "labels.csv")))) == len(list((out / "images").iterdir())) == 4
+    assert len(list(csv.DictReader(open(out / "labels.csv")))) == 4 and len(list((out / "images").iterdir())) == 5
+    assert (out / "images" / "field_3plus_0007.png").read_bytes() == b"mine"  # the stopped run never listed it
+    assert not (out / synthetic.PENDING).exists()
 
 
 def test_a_set_written_over_an_earlier_one_replaces_its_fields_and_nothing_else(tmp_path):
