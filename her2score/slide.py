@@ -667,26 +667,29 @@ def _downsample_of(page, base) -> float | None:
 
 def _base_page(pages: list):
     """The TIFF page that is the slide: the largest page not flagged a reduced image (NewSubfileType bit 0: a level,
-    Aperio's label or macro), or a colour page of at least OTHER_IMAGE_AREA of it where that one is not colour (a
-    greyscale mask stored first); the largest page where none is unflagged; None for none. An overview stored first,
-    and a small field's macro larger than the field, were taken for the slide; a greyscale scan with a small colour
-    preview is its greyscale page (refused as such), not the preview."""
+    Aperio's label or macro), or a colour page of its size where that one is not colour (a greyscale mask stored
+    first); the largest page where none is unflagged; None for none. A small field's macro, larger than the field,
+    was taken for the slide; a greyscale scan with a colour preview is its greyscale page (refused as such)."""
     own = [p for p in pages if not p.is_reduced] or pages
     if not own:
         return None
     largest = max(own, key=_area)
-    colour = [p for p in own if p.samplesperpixel >= 3 and _area(p) >= OTHER_IMAGE_AREA * _area(largest)]
-    return max(colour, key=_area) if largest.samplesperpixel < 3 and colour else largest
+    twins = [p for p in own if p.samplesperpixel >= 3 and _same_size(p, largest)]
+    return twins[0] if largest.samplesperpixel < 3 and twins else largest
 
 
 def _area(page) -> int:
     return page.imagewidth * page.imagelength
 
 
-MIN_LEVEL_DOWNSAMPLE = 1.25
-"""The least downsample of an unflagged tiled page of a tiled slide's shape that is a pyramid level of it (scanners
-halve or quarter each level, tools go down 1.33-1.5x): one less reduced is an image of its own (a field 2 px
-narrower, a focal plane)."""
+def _same_size(page, other) -> bool:
+    return abs(page.imagewidth - other.imagewidth) <= 1 and abs(page.imagelength - other.imagelength) <= 1
+
+
+MIN_LEVEL_DOWNSAMPLE = 1.3
+"""The least downsample of an unflagged page of the slide's shape that is a pyramid level of it (scanners halve or
+quarter each level, tools go down 1.33-1.5x): one less reduced is an image of its own (a field 2 px narrower, a
+focal plane, a 3 MP snapshot beside a 5 MP one, 1.27x)."""
 
 OTHER_IMAGE_AREA = 0.25
 """The share of the slide's area from which a TIFF page of the same samples that is no pyramid level of it is an
@@ -694,29 +697,27 @@ image of its own (a second field or scene), not a label, macro or thumbnail imag
 
 
 def _level_of(page, base) -> float | None:
-    """How many times smaller than ``base`` (the slide's page) TIFF ``page`` is, where it is a pyramid level of it: of
-    its shape (_downsample_of) and reduced, and flagged a reduced image (NewSubfileType bit 0), or unflagged but tiled
-    as a tiled base is and MIN_LEVEL_DOWNSAMPLE down or more (Aperio's levels); 1.0 for ``base``; None otherwise (an
-    unflagged stripped page of its shape is a snapshot of its own: a 2 MP one beside a 5 MP one was read as a level)."""
+    """How many times smaller than ``base`` (the slide's page) TIFF ``page`` is, where it is of its shape
+    (_downsample_of) and smaller: a pyramid level of it, unless _another_image; 1.0 for ``base``; None otherwise (a
+    label or macro of another shape, or a larger page: a flagged macro larger than a small field was read as a level
+    0.5x down)."""
     if page is base:
         return 1.0
     ds = _downsample_of(page, base)
-    if ds is None or ds <= 1.0:
-        return None
-    if page.is_reduced or (page.is_tiled and base.is_tiled and ds >= MIN_LEVEL_DOWNSAMPLE):
-        return ds
-    return None
+    return ds if ds is not None and ds > 1.0 else None
 
 
 def _another_image(page, base) -> bool:
     """Whether TIFF ``page`` holds an image of its own beside ``base`` (the slide's page): the same samples, at least
     OTHER_IMAGE_AREA of its area, not flagged a reduced image (pyramid levels, and Aperio's labels and macros), not
-    stripped beside a tiled base (a thumbnail, as the level walk takes it) and no pyramid level of it (_level_of)."""
+    stripped beside a tiled base (a thumbnail, as the level walk takes it), and not of its shape or less than
+    MIN_LEVEL_DOWNSAMPLE smaller (a level is that far down, or flagged)."""
     if page.samplesperpixel != base.samplesperpixel or page.dtype != base.dtype or page.is_reduced:
         return False
     if base.is_tiled and not page.is_tiled:
         return False
-    return _area(page) >= OTHER_IMAGE_AREA * _area(base) and _level_of(page, base) is None
+    ds = _downsample_of(page, base)
+    return _area(page) >= OTHER_IMAGE_AREA * _area(base) and (ds is None or ds < MIN_LEVEL_DOWNSAMPLE)
 
 
 class TiffSlide(Slide):

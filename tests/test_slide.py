@@ -628,9 +628,9 @@ def test_levels_labels_macros_and_thumbnails_are_no_other_images(tmp_path, base,
 
 
 def test_the_slide_page_is_neither_a_small_colour_preview_nor_a_larger_flagged_macro(tmp_path):
-    """A greyscale (16-bit) scan with a small colour preview was scored from the preview; a stripped field with a larger
-    flagged macro read the macro's pixels at finer µm/px (a level 0.5x down); two stripped snapshots of one shape,
-    1.62x apart, were one pyramid; an unflagged tiled pyramid in 1.41x steps is one."""
+    """A greyscale (16-bit) scan with a colour preview was scored from the preview; a stripped field with a larger
+    flagged macro read the macro's pixels at finer µm/px (a level 0.5x down); two snapshots of one shape 1.27x apart
+    (5 and 3 MP) were one pyramid; unflagged pyramids in 1.41x and 2x steps, tiled or stripped, are pyramids."""
     grey = tmp_path / "grey.tif"
     with tifffile.TiffWriter(grey) as tif:
         tif.write(np.full((1024, 1024), 30000, np.uint16), tile=(128, 128))
@@ -647,11 +647,17 @@ def test_the_slide_page_is_neither_a_small_colour_preview_nor_a_larger_flagged_m
     snaps = tmp_path / "snaps.tif"
     with tifffile.TiffWriter(snaps) as tif:
         tif.write(_field(2592 // 8, 1944 // 8), photometric="rgb")
-        tif.write(_field(1600 // 8, 1200 // 8), photometric="rgb")
-    with pytest.raises(SlideError, match=r"holds 2 images \(324 x 243, 200 x 150 px\)"):
+        tif.write(_field(2048 // 8, 1536 // 8), photometric="rgb")
+    with pytest.raises(SlideError, match=r"holds 2 images \(324 x 243, 256 x 192 px\)"):
         open_slide(snaps, mpp=0.5)
     with open_slide(_pyramid_with(tmp_path, "root2.tif", (1024, 768), [(724, 543, True, 0), (512, 384, True, 0)]), mpp=0.5) as s:
         assert [lv.width for lv in s.levels] == [1024, 724, 512]
+    stripped = tmp_path / "stripped.tif"  # tifffile's default pages: stripped, unflagged
+    with tifffile.TiffWriter(stripped) as tif:
+        for k in (1, 2, 4):
+            tif.write(_field(1024 // k, 768 // k), photometric="rgb", rowsperstrip=16)
+    with open_slide(stripped, mpp=0.5) as s:
+        assert [lv.width for lv in s.levels] == [1024, 512, 256]
 
 
 def test_a_greyscale_mask_stored_first_is_not_the_slide(tmp_path, slide_rgb):
