@@ -649,14 +649,15 @@ def _save_image(path: Path, rgb: np.ndarray, mpp: float) -> None:
         Image.fromarray(rgb).save(fh, dpi=(dpi, dpi), **options)
 
 
-PENDING = ".synth-pending"
-"""The hidden list of the fields a write_dataset run may have written, kept while the folder has no labels.csv."""
+FIELDS_LIST = ".synth-fields"
+"""The hidden list of the fields of the set write_dataset wrote into a folder, or, while a run writes, of those it may
+write: what a later run replaces where labels.csv is gone (a stopped run, or one deleted by hand)."""
 
 
 def _earlier_fields(out: Path) -> list[Path]:
     """The fields an earlier write_dataset wrote into ``out``, for a new set to replace: those its labels.csv lists, or
-    where a run stopped before writing that, those its PENDING list names (a run of a version without that list: its
-    images/field_<score>_<n>.<png|jpg>); [] for an empty or new folder. ValueError where ``out`` holds files but no
+    where it is gone (a stopped run, or deleted by hand), those FIELDS_LIST names (a set of a version without that
+    list: its images/field_<score>_<n>.<png|jpg>); [] for an empty or new folder. ValueError where ``out`` holds files but no
     earlier set (none of these), or a labels.csv that is not one write_dataset wrote (a labelled set of real images):
     nothing of another's is written over or removed (an image of the user's own named like a field but not listed
     stays, through a stopped run too)."""
@@ -673,10 +674,13 @@ def _earlier_fields(out: Path) -> list[Path]:
             raise ValueError(f"{labels}: not the labels of a set synth wrote; give synth an empty or new folder (it "
                              "replaces only a set of its own)")
         return [out / r[0] for r in rows[1:] if (out / r[0]).is_file()]
-    if (pending := out / PENDING).is_file():
-        listed = [Path(rel) for rel in pending.read_text(encoding="utf-8").splitlines()]
-        return [out / rel for rel in listed if rel.parent == Path("images") and _FIELD_NAME.fullmatch(rel.name)
-                and (out / rel).is_file()]
+    if (listing := out / FIELDS_LIST).is_file():
+        listed = [Path(rel) for rel in listing.read_text(encoding="utf-8").splitlines()]
+        if fields := [out / rel for rel in listed if rel.parent == Path("images") and _FIELD_NAME.fullmatch(rel.name)
+                      and (out / rel).is_file()]:
+            return fields
+        raise ValueError(f"{out}: holds files but none of a set synth wrote (its list names none that is there); give "
+                         "synth an empty or new folder")
     fields = sorted(p for p in (out / "images").glob("*") if _FIELD_NAME.fullmatch(p.name)) if (out / "images").is_dir() else []
     if not fields:
         raise ValueError(f"{out}: holds files but no set synth wrote (no labels.csv, no images/field_*); give synth an "
@@ -707,8 +711,8 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
         raise ValueError(f"{out / theirs[0]}: a file no earlier set of synth's lists, where this set writes a field"
                          f"{f' (and {len(theirs) - 1} more)' if len(theirs) > 1 else ''}; move it, or give synth another folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # while no labels list them, the earlier set's fields and this one's are named in PENDING (a stopped run's own)
-    atomic_write(out / PENDING, "".join(f"{rel}\n" for rel in sorted({str(f.relative_to(out)) for f in earlier} | set(paths))))
+    # while no labels list them, the earlier set's fields and this one's are named in FIELDS_LIST (a stopped run's own)
+    atomic_write(out / FIELDS_LIST, "".join(f"{rel}\n" for rel in sorted({str(f.relative_to(out)) for f in earlier} | set(paths))))
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)
     for f in set(earlier) - {out / rel for rel in paths}:  # a larger set's, or another format's: no new labels list them
@@ -731,7 +735,7 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     wr.writerow(_LABELS_HEADER)
     wr.writerows(rows)
     atomic_write(out / "labels.csv", text.getvalue())  # last: a set with labels is whole
-    (out / PENDING).unlink()
+    atomic_write(out / FIELDS_LIST, "".join(f"{rel}\n" for rel in paths))  # this set's, should labels.csv go
     return out
 
 

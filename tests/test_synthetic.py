@@ -197,7 +197,19 @@ def test_a_dataset_written_over_and_stopped_half_way_leaves_no_stale_labels(tmp_
     synthetic.write_dataset(out, n_per_class=1, seed=4, size_px=(96, 96))  # its fields, without labels: written over
     assert len(list(csv.DictReader(open(out / "labels.csv")))) == 4 and len(list((out / "images").iterdir())) == 5
     assert (out / "images" / "field_3plus_0007.png").read_bytes() == b"mine"  # the stopped run never listed it
-    assert not (out / synthetic.PENDING).exists()
+    assert (out / synthetic.FIELDS_LIST).read_text().split() == sorted(
+        f"images/{p.name}" for p in (out / "images").iterdir() if p.name != "field_3plus_0007.png")
+    (out / "labels.csv").unlink()  # deleted by hand: the list says which fields are the set's
+    synthetic.write_dataset(out, n_per_class=1, seed=5, size_px=(96, 96), fmt="jpg")
+    assert sorted(p.suffix for p in (out / "images").iterdir()) == [".jpg"] * 4 + [".png"]
+    assert (out / "images" / "field_3plus_0007.png").read_bytes() == b"mine"
+    stopped = tmp_path / "stopped"  # stopped before its first field, then the user's own files put in
+    (stopped / "images").mkdir(parents=True)
+    (stopped / synthetic.FIELDS_LIST).write_text("images/field_0_0000.png\n")
+    (stopped / "truth.jsonl").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but none of a set synth wrote"):
+        synthetic.write_dataset(stopped, n_per_class=1, seed=4, size_px=(96, 96))
+    assert (stopped / "truth.jsonl").read_text() == "mine"
 
 
 def test_a_set_written_over_an_earlier_one_replaces_its_fields_and_nothing_else(tmp_path):
