@@ -149,8 +149,9 @@ def _batch_summary(path: Path) -> bool:
     return head.startswith(",".join(SUMMARY_COLUMNS[:3]).encode() + b",")
 
 
-def _output_holding(path: Path) -> str | None:
-    """Which her2score output folder (_her2score_output) holds the file ``path``, where it bears an output's name."""
+def output_holding(path: Path) -> str | None:
+    """Which her2score output folder (a batch's or a slide's, in words) holds the file ``path``, where it bears an
+    output's name; None for any other file (discover, and the class folders of labels.class_folder_files)."""
     if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY}:
         return None
     try:
@@ -190,7 +191,7 @@ def discover(
         if not p.exists():
             problems.append((str(p), f"{p}: {missing_reason(p, 'file or folder')}"))
         elif p.is_file():
-            if what := _output_holding(p):
+            if what := output_holding(p):
                 problems.append((str(p), f"{p}: in {what}, not a slide"))
             elif _slide_like(p):
                 found.append((p, p.parent))

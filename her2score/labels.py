@@ -86,8 +86,9 @@ def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = pa
                        names: str = FOLDER_NAMES) -> list[tuple[Path, Any]]:
     """(image, ``parse(folder name)``) pairs from the class sub-folders of ``root`` (``names``: the
     folder names ``parse`` takes); other sub-folders are skipped with a warning, and so are hidden files and folders (a
-    Mac's ._field.png beside field.png), links to nothing, and her2score's own overlays (an overlay.png beside a
-    result.json: a drawing of a slide). ValueError when there is no image."""
+    Mac's ._field.png beside field.png), links to nothing, and her2score's own overlays (batch.output_holding: an
+    overlay.png beside another of a slide's outputs is a drawing of it). ValueError when there is no image."""
+    from .batch import output_holding
     from .files import visible_files
     from .slide import SLIDE_SUFFIXES
 
@@ -97,8 +98,10 @@ def class_folder_files(root: str | os.PathLike, parse: Callable[[str], Any] = pa
         log.warning("%s: not a class folder (%s); skipped", root / name, names)
     out = []
     for sub, label in labelled:
-        out += [(f, label) for f in sorted(p for p in visible_files(sub) if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()
-                                           and not (p.name == "overlay.png" and (p.parent / "result.json").exists()))]
+        images = [p for p in visible_files(sub) if p.suffix.lower() in SLIDE_SUFFIXES and not output_holding(p)]
+        for gone in (p for p in images if not p.is_file()):
+            log.warning("%s: a link to nothing; skipped", gone)
+        out += [(f, label) for f in sorted(p for p in images if p.is_file())]
     if not out:
         raise ValueError(f"{root}: no images in class sub-folders named {names}")
     return out

@@ -502,7 +502,7 @@ def test_class_folders_carry_five_level_labels(tmp_path):
     (tmp_path / "1plus" / "._x.png").write_bytes(b"")  # a Mac's resource fork on a share
     (tmp_path / "1plus" / "x_out").mkdir()
     (tmp_path / "1plus" / "x_out" / "overlay.png").write_bytes(b"")  # her2score's drawing of x.png
-    (tmp_path / "1plus" / "x_out" / "result.json").write_text("{}")
+    (tmp_path / "1plus" / "x_out" / "cells.geojson").write_text("{}")  # a stopped re-score's: no result.json yet
     (tmp_path / "1plus" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a link to nothing
     got = sorted((Path(i.path).parent.name, i.label, i.level) for i in read_labels(tmp_path))
     assert got == [("0+", "0", "0+ (ultralow)"), ("1plus", "1+", "1+"), ("null", "0", "0 (null)"),
