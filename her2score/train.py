@@ -230,11 +230,14 @@ def check_device(device: str) -> None:
     for where there is none failed in torch, with a traceback, after the images were loaded."""
     import torch
 
-    kind = device.partition(":")[0]
+    kind, _, index = device.partition(":")
     have = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
             "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
     if not have[kind]():
         raise ValueError(f"device {device!r}: this machine or torch build cannot run on {kind} (use cpu)")
+    count = {"cuda": lambda: torch.cuda.device_count(), "xpu": lambda: torch.xpu.device_count()}.get(kind, lambda: 1)()
+    if index and int(index) >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} of {kind}, numbered from 0")
 
 
 @dataclass(frozen=True)

@@ -530,6 +530,7 @@ def test_every_command_words_its_errors_alike(tmp_path, capsys, argv):
     (["train", "--synthetic", "1", "--device", "nope"], "--device must be one of cpu, cuda, mps, xpu"),
     (["train", "--synthetic", "1", "--device", "cuda:"], "--device must be one of cpu, cuda, mps, xpu"),
     (["train", "--synthetic", "1", "--device", "mps"], "--device 'mps': this machine or torch build cannot run on mps"),
+    (["train", "--synthetic", "1", "--device", "cpu:3"], "--device 'cpu:3': this machine has 1 of cpu, numbered from 0"),
     (["train", "--synthetic", "1", "--width", "0"], "--width must be at least 1, got 0"),
     (["train", "--synthetic", "1", "--synthetic-jitter", "-5"], "--synthetic-jitter must be 0-30 degrees"),
     (["train", "--synthetic", "1", "--border-od-max", "-1"], "--border-od-max must be 0-0.2 OD"),
