@@ -101,8 +101,15 @@ def is_temp_file(name: str, targets=None) -> bool:
 
 
 def visible_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """The files under ``folder``, its sub-folders' included, hidden files and folders (named with a leading '.': a
-    killed run's temporary files, .DS_Store, a Mac's ._ files on a share) left out."""
-    for d, dirs, files in os.walk(folder):
+    """The files under ``folder``, its sub-folders' included through symbolic links (each real folder once: a link
+    back up the tree is no loop), hidden files and folders (named with a leading '.': a killed run's temporary files,
+    .DS_Store, a Mac's ._ files on a share) left out."""
+    seen = set()
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [x for x in dirs if not x.startswith(".")]
         yield from (Path(d, f) for f in files if not f.startswith("."))

@@ -504,9 +504,14 @@ def test_class_folders_carry_five_level_labels(tmp_path):
     (tmp_path / "1plus" / "x_out" / "overlay.png").write_bytes(b"")  # her2score's drawing of x.png
     (tmp_path / "1plus" / "x_out" / "cells.geojson").write_text("{}")  # a stopped re-score's: no result.json yet
     (tmp_path / "1plus" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a link to nothing
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_elsewhere"  # a linked sub-folder (a cluster's shared store)
+    elsewhere.mkdir()
+    (elsewhere / "y.png").write_bytes(b"")
+    (tmp_path / "0+" / "more").symlink_to(elsewhere)
+    (tmp_path / "0+" / "loop").symlink_to(tmp_path / "0+")  # a link back up: no loop
     got = sorted((Path(i.path).parent.name, i.label, i.level) for i in read_labels(tmp_path))
-    assert got == [("0+", "0", "0+ (ultralow)"), ("1plus", "1+", "1+"), ("null", "0", "0 (null)"),
-                   ("ultralow", "0", "0+ (ultralow)")]
+    assert got == [("0+", "0", "0+ (ultralow)"), ("1plus", "1+", "1+"), ("more", "0", "0+ (ultralow)"),
+                   ("null", "0", "0 (null)"), ("ultralow", "0", "0+ (ultralow)")]
     (tmp_path / "null" / "overlay.png").write_bytes(b"")  # a user's own image of that name, with no result beside it
     assert sum(Path(i.path).name == "overlay.png" for i in read_labels(tmp_path)) == 1
 
