@@ -124,18 +124,31 @@ def _slide_like(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_SUFFIXES + UNSUPPORTED_IMAGE_SUFFIXES
 
 
-def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
-    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (a MANIFEST beside a
-    SUMMARY whose header is a batch's, not any manifest.json and summary.csv: a study's own were taken for ours) or one
-    slide's (its overlay.png beside another of OUTPUT_FILES, written with it, not any overlay.png). Neither holds slides:
-    an overlay.png is a drawing of one."""
-    names = set(filenames)
-    if {MANIFEST, SUMMARY} <= names and _batch_summary(folder / SUMMARY):
-        return f"a her2score batch's output folder ({MANIFEST} and {SUMMARY})"
+BATCH_OUTPUT = f"a her2score batch's output folder ({MANIFEST} and {SUMMARY})"
+"""How discover names a batch's output folder (_batch_output)."""
+
+
+def _batch_output(folder: Path, names: set[str]) -> bool:
+    """Whether ``folder``, holding ``names``, is a batch's output: a MANIFEST beside a SUMMARY whose header is a
+    batch's, not any manifest.json and summary.csv (a study's own were taken for ours)."""
+    return {MANIFEST, SUMMARY} <= names and _batch_summary(folder / SUMMARY)
+
+
+def _slide_output(names: set[str]) -> set[str]:
+    """The output files of one slide's output folder among ``names``: its overlay.png beside another of OUTPUT_FILES,
+    written with it (not any overlay.png); empty for any other folder."""
     ours = names & {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES}
-    if "overlay.png" in ours and len(ours) > 1:
-        return f"a her2score slide's output folder ({', '.join(sorted(ours))})"
-    return None
+    return ours if "overlay.png" in ours and len(ours) > 1 else set()
+
+
+def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
+    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (_batch_output) or one
+    slide's (_slide_output). Neither holds slides: an overlay.png is a drawing of one."""
+    names = set(filenames)
+    if _batch_output(folder, names):
+        return BATCH_OUTPUT
+    ours = _slide_output(names)
+    return f"a her2score slide's output folder ({', '.join(sorted(ours))})" if ours else None
 
 
 def _batch_summary(path: Path) -> bool:
@@ -242,13 +255,14 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             continue
         visited.add(real)
         if what := _her2score_output(here, filenames):
-            if what.startswith("a her2score batch's"):  # its slides' folders hold only outputs
+            if what == BATCH_OUTPUT:  # its slides' folders hold only outputs
                 outputs.append((here, what, "not searched"))
                 dirnames[:] = []
                 continue
             # one slide's outputs, written beside the slide (write_outputs): its own files are no slides, the rest are
             outputs.append((here, what, "its output files skipped"))
-            filenames = [f for f in filenames if f not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES}]
+            ours = _slide_output(set(filenames))
+            filenames = [f for f in filenames if f not in ours]
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and d not in mrxs and not _inside(here / d, excluded))
