@@ -40,6 +40,8 @@ _FIELD_NAME = re.compile(rf"field_(?:{'|'.join(_FILE_TAG.values())})_\d{{4,}}\.(
 """The name write_dataset gives each field it writes under images/."""
 _LABELS_HEADER = ["path", "label", "level"]
 """write_dataset's labels.csv columns: the field's path under the set, its score (0-3+) and its five-level report."""
+MAX_STAIN_JITTER_DEG = 30.0
+"""The most stain jitter a set may be drawn with (s.d. of the stain vectors' turn, degrees)."""
 _LN10 = np.float32(np.log(10.0))
 _PAD_UM = 16.0  # canvas margin around the image, larger than any cell radius
 
@@ -654,6 +656,15 @@ FIELDS_LIST = ".synth-fields"
 write: what a later run replaces where labels.csv is gone (a stopped run, or one deleted by hand)."""
 
 
+def _is_field(rel: Path) -> bool:
+    """Whether ``rel`` (a path within a set) names a field write_dataset writes: images/field_<score>_<n>.<png|jpg>."""
+    return rel.parent == Path("images") and _FIELD_NAME.fullmatch(rel.name) is not None
+
+
+def _write_fields_list(out: Path, rels) -> None:
+    atomic_write(out / FIELDS_LIST, "".join(f"{rel}\n" for rel in sorted(rels)))
+
+
 def _earlier_fields(out: Path) -> list[Path]:
     """The fields an earlier write_dataset wrote into ``out``, for a new set to replace: those its labels.csv lists, or
     where it is gone (a stopped run, or deleted by hand), those FIELDS_LIST names (a set of a version without that
@@ -669,15 +680,13 @@ def _earlier_fields(out: Path) -> list[Path]:
             rows = list(csv.reader(io.StringIO(labels.read_text(encoding="utf-8"))))
         except (OSError, UnicodeDecodeError, csv.Error):
             rows = []
-        if not rows or rows[0] != _LABELS_HEADER or not all(
-                len(r) == 3 and Path(r[0]).parent == Path("images") and _FIELD_NAME.fullmatch(Path(r[0]).name) for r in rows[1:]):
+        if not rows or rows[0] != _LABELS_HEADER or not all(len(r) == 3 and _is_field(Path(r[0])) for r in rows[1:]):
             raise ValueError(f"{labels}: not the labels of a set synth wrote; give synth an empty or new folder (it "
                              "replaces only a set of its own)")
         return [out / r[0] for r in rows[1:] if (out / r[0]).is_file()]
     if (listing := out / FIELDS_LIST).is_file():
         listed = [Path(rel) for rel in listing.read_text(encoding="utf-8").splitlines()]
-        if fields := [out / rel for rel in listed if rel.parent == Path("images") and _FIELD_NAME.fullmatch(rel.name)
-                      and (out / rel).is_file()]:
+        if fields := [out / rel for rel in listed if _is_field(rel) and (out / rel).is_file()]:
             return fields
         raise ValueError(f"{out}: holds files but none of a set synth wrote (its list names none that is there); give "
                          "synth an empty or new folder")
@@ -700,22 +709,24 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
         raise ValueError(f"the fields per class must be a whole number of at least 1, got {n_per_class!r}")
-    if not 0 <= stain_jitter <= 30:
-        raise ValueError(f"the stain jitter must be 0-30 degrees (s.d. of the stain vectors' turn), got {stain_jitter!r}")
+    if not 0 <= stain_jitter <= MAX_STAIN_JITTER_DEG:
+        raise ValueError(f"the stain jitter must be 0-{MAX_STAIN_JITTER_DEG:g} degrees (s.d. of the stain vectors' turn), "
+                         f"got {stain_jitter!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     earlier = _earlier_fields(out)
     paths = [f"images/field_{_FILE_TAG[score]}_{i:04d}.{fmt}" for score in SCORES for i in range(n_per_class)]
-    if theirs := [rel for rel in paths if (out / rel).exists() and out / rel not in set(earlier)]:
+    known = set(earlier)
+    if theirs := [rel for rel in paths if (out / rel).exists() and out / rel not in known]:
         raise ValueError(f"{out / theirs[0]}: a file no earlier set of synth's lists, where this set writes a field"
                          f"{f' (and {len(theirs) - 1} more)' if len(theirs) > 1 else ''}; move it, or give synth another folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     # while no labels list them, the earlier set's fields and this one's are named in FIELDS_LIST (a stopped run's own)
-    atomic_write(out / FIELDS_LIST, "".join(f"{rel}\n" for rel in sorted({str(f.relative_to(out)) for f in earlier} | set(paths))))
+    _write_fields_list(out, {str(f.relative_to(out)) for f in earlier} | set(paths))
     for name in ("labels.csv", "truth.jsonl"):  # an earlier set's labels would describe images written over
         (out / name).unlink(missing_ok=True)
-    for f in set(earlier) - {out / rel for rel in paths}:  # a larger set's, or another format's: no new labels list them
+    for f in known - {out / rel for rel in paths}:  # a larger set's, or another format's: no new labels list them
         f.unlink()
     seeds = np.random.SeedSequence(seed).generate_state(n_per_class * len(SCORES))
     rows, truth = [], []
@@ -735,7 +746,7 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     wr.writerow(_LABELS_HEADER)
     wr.writerows(rows)
     atomic_write(out / "labels.csv", text.getvalue())  # last: a set with labels is whole
-    atomic_write(out / FIELDS_LIST, "".join(f"{rel}\n" for rel in paths))  # this set's, should labels.csv go
+    _write_fields_list(out, paths)  # this set's, should labels.csv go
     return out
 
 

@@ -87,10 +87,13 @@ def _synthetic_one(args) -> LabelledImage:
 def check_synthetic(n_per_class: int, stain_jitter: float = 0.0, border_od_max: float = 0.0) -> None:
     """ValueError unless synthetic_images' settings hold: ``n_per_class`` at least 1, ``stain_jitter`` 0-30 degrees,
     ``border_od_max`` 0-0.2 OD."""
+    from .synthetic import MAX_STAIN_JITTER_DEG
+
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-    if not 0 <= stain_jitter <= 30:
-        raise ValueError(f"stain_jitter must be 0-30 degrees (s.d. of the stain vectors' turn), got {stain_jitter}")
+    if not 0 <= stain_jitter <= MAX_STAIN_JITTER_DEG:
+        raise ValueError(f"stain_jitter must be 0-{MAX_STAIN_JITTER_DEG:g} degrees (s.d. of the stain vectors' turn), "
+                         f"got {stain_jitter}")
     if not 0 <= border_od_max <= 0.2:
         raise ValueError(f"border_od_max must be 0-0.2 OD (real unstained borders: up to 0.03), got {border_od_max}")
 
