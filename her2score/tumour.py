@@ -27,10 +27,10 @@ class TumourRule:
 
     Lymphocyte-like (lymphocytes, plasma cells): nucleus smaller than ``lymphocyte_max_um2`` (about
     6.4 µm across), less elongated than ``lymphocyte_max_elongation`` (major / minor axis: a plasma
-    cell's oval nucleus, ~10-12 px long at 0.5 µm/px, measures 1.5-1.7) and darker than
-    ``lymphocyte_darkness`` x the median nuclear haematoxylin OD (condensed chromatin; a ratio, so it
-    holds under any counterstain; 1.5 left the real colon's oval lamina-propria nuclei in). Spindle: nucleus narrower than ``spindle_max_width_um`` and longer
-    than ``spindle_min_elongation`` x its width. Too small: a nucleus under ``min_nucleus_um2`` or a
+    cell's oval nucleus, ~10-12 px long at 0.5 µm/px, measures 1.5-1.7; 1.5 left the real colon's oval
+    lamina-propria nuclei in) and darker than ``lymphocyte_darkness`` x the median nuclear haematoxylin
+    OD (condensed chromatin; a ratio, so it holds under any counterstain). Spindle: nucleus narrower
+    than ``spindle_max_width_um`` and longer than ``spindle_min_elongation`` x its width. Too small: a nucleus under ``min_nucleus_um2`` or a
     cell under ``min_cell_um2`` (debris, the dark junction of strong membranes). Cohesive: at least
     ``min_neighbours`` other candidate cells within ``neighbour_radius_um``. In matrix: a nucleus
     under ``matrix_max_um2`` (about 5 µm across) that fills less than ``matrix_max_fill`` of its cell
