@@ -45,7 +45,7 @@ from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, unsupported_format, used_default_mpp
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, unsupported_format
 from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
@@ -516,7 +516,7 @@ def process_slide(job: Job) -> dict:
             tumour_cells=r.tumour_cells,
             qc_passed=r.qc_passed, qc=";".join(f"{q.code}:{q.severity}" for q in r.qc), flags=";".join(r.flags),
             guideline=r.guideline, specimen=r.specimen, region=r.region,
-            default_mpp_used=used_default_mpp(r.notes),  # for the manifest's key (record), no column
+            default_mpp_used=r.mpp_origin == "default",  # for the manifest's key (record), no column
             **{f"pct_{c}": r.percentages.get(c, "") for c in CATEGORIES},
         )
     except BrokenProcessPool:  # a tile or output worker of this slide died (the OOM killer, a crashing reader):

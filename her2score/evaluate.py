@@ -59,7 +59,7 @@ from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_
 from .files import content_sample
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE, with_call_doubts
-from .slide import resolved_path, used_default_mpp
+from .slide import resolved_path
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
@@ -496,13 +496,12 @@ _RESERVED_RULE_NAMES = ("level", "flags", "model", "by", *(f"pct_{c}" for c in C
 def _same_mpp(result: SlideResult, given: float | None, default: float | None = None) -> bool:
     """Whether ``result`` was scored at the µm/px a run now reads its image at: ``given``, or without it the
     file's own (a result scored at a µm/px the user gave is not), or where the file has none ``default`` (a result
-    scored at another default, or at one where none is given now, is not); the pipeline's notes say where it came
-    from."""
+    scored at another default, or at one where none is given now, is not)."""
     if given is not None:
         return abs(result.mpp - given) < 1e-9
-    if used_default_mpp(result.notes):
+    if result.mpp_origin == "default":
         return default is not None and abs(result.mpp - default) < 1e-9
-    return not any(n.startswith("µm/px ") and " from user" in n for n in result.notes)
+    return result.mpp_origin == "metadata"
 
 
 def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=None) -> tuple[SlideResult, str, str]:

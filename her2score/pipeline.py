@@ -32,7 +32,7 @@ from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
-from .slide import DEFAULT_MPP_SOURCE, Slide, SlideError, open_slide
+from .slide import Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density, per_channel)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
@@ -509,11 +509,12 @@ def analyse_slide(
 @dataclass(frozen=True)
 class _Scan:
     """What reading a slide gave before its cells are judged (_analyse, for _finish and _qc): its path, µm/px
-    (scored, and the metadata's), JPEG quality and notes; thumbnail, tissue and stains; the tumour region; the
+    (scored, where that came from, and the metadata's), JPEG quality and notes; thumbnail, tissue and stains; the tumour region; the
     eosin share of its stained tiles; the CNN's reading."""
 
     path: str
     mpp: float
+    mpp_origin: str
     metadata_mpp: float | None
     jpeg_quality: int | None
     notes: tuple[str, ...]
@@ -552,7 +553,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
-        slide_path, slide_mpp, metadata_mpp = str(slide.path), slide.mpp, slide.metadata_mpp
+        slide_path, slide_mpp, mpp_origin, metadata_mpp = str(slide.path), slide.mpp, slide.mpp_origin, slide.metadata_mpp
         jpeg_quality = slide.jpeg_quality_at(config.mpp)  # of the level the tiles are read from
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes,
                  *([f"JPEG quality {jpeg_quality} (from the quantisation tables of the level scored)"] if jpeg_quality is not None else []))
@@ -568,7 +569,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 reason = check.reason
-                if check.code == "implausible_scale" and slide.mpp_source.startswith(DEFAULT_MPP_SOURCE):
+                if check.code == "implausible_scale" and slide.mpp_origin == "default":
                     reason += f" (this file has no µm/px of its own: {slide.mpp:g} was --default-mpp's)"
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
             thumb_eosin = check.eosin_fraction
@@ -584,7 +585,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
-    scan = _Scan(slide_path, slide_mpp, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
+    scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
                  cnn_report)
     return _finish(scan, config, cells, parts)
 
@@ -781,6 +782,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         qc=tuple(qc),
         stains=scan.stains.to_dict(),
         mpp=scan.mpp,
+        mpp_origin=scan.mpp_origin,
         tissue_area_mm2=round(scan.tissue.area_mm2, 4),
         classical_score=classical.score,
         cnn=scan.cnn_report,

@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS"]
+__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS", "MPP_ORIGINS"]
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
@@ -42,6 +42,11 @@ as membrane, isolated intense cells): a result carrying one is needs_review in q
 field read 0+ on 7.7% with near_cutoff showed "passed" in summary.csv while eligibility asked for review."""
 
 
+MPP_ORIGINS: tuple[str, ...] = ("user", "metadata", "default")
+"""Where a slide's µm/px came from (``SlideResult.mpp_origin``, ``Slide.mpp_origin``): given by the user, the
+file's metadata, or open_slide's ``default_mpp`` for a file without a plausible one of its own."""
+
+
 @dataclass(frozen=True)
 class SlideResult:
     """Everything the tool says about one slide.
@@ -52,6 +57,8 @@ class SlideResult:
     ``classical_score``, ``classical_level``, ``classical_flags`` and ``classical_reason`` (where a CNN
     ran; else '': ``reason`` is the guideline call's) are the guideline call's own, before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative);
     with no score, ``percentages`` is empty and ``h_score`` None: no cells were counted, which is not HER2 0.
+    ``mpp_origin`` says where ``mpp`` (µm/px) came from: "user", "metadata" or "default" (MPP_ORIGINS; the
+    notes say why), '' in a result.json written before it existed.
     """
 
     slide: str
@@ -81,6 +88,7 @@ class SlideResult:
     classical_flags: tuple[str, ...] = ()
     staining: dict[str, Any] = field(default_factory=dict)
     classical_reason: str = ""
+    mpp_origin: str = ""
 
     @property
     def qc_passed(self) -> bool:
@@ -169,6 +177,8 @@ def _check_dict(d: dict[str, Any]) -> None:
     for key in ("level", "classical_level"):
         if d.get(key, "") not in ("", "not scored", *REPORT_LEVELS):
             raise ValueError(f"{key!r} must be one of {list(REPORT_LEVELS)} or 'not scored', got {d.get(key)!r}")
+    if d.get("mpp_origin", "") not in ("", *MPP_ORIGINS):
+        raise ValueError(f"'mpp_origin' must be one of {list(MPP_ORIGINS)}, got {d.get('mpp_origin')!r}")
     numbers("counts", CATEGORIES, int)
     numbers("percentages", CATEGORIES)
     numbers("clusters", SCORES[1:], int)

@@ -82,10 +82,6 @@ DEFAULT_MPP_SOURCE = "the default given"
 """How a slide's ``mpp_source`` (and its result's µm/px note) begins where open_slide's ``default_mpp`` was used."""
 
 
-def used_default_mpp(notes) -> bool:
-    """Whether a result's ``notes`` say its µm/px was the default given (open_slide's ``default_mpp``)."""
-    return any(n.startswith("µm/px ") and f" from {DEFAULT_MPP_SOURCE}" in n for n in notes)
-
 
 class NotHerIhcError(SlideError):
     """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,
@@ -109,6 +105,9 @@ class Slide(ABC):
     dimensions: tuple[int, int]
     mpp: float
     mpp_source: str
+    """Where the µm/px came from, in words (a user's value and the metadata's where they differ, why a default was used)."""
+    mpp_origin: str
+    """The same as one of results.MPP_ORIGINS: "user", "metadata" or "default" (open_slide's ``default_mpp``)."""
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
     metadata_mpp: float | None = None
@@ -307,14 +306,15 @@ class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
     def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user",
-                 notes: tuple[str, ...] = (), jpeg_quality: int | None = None, metadata_mpp: float | None = None):
+                 mpp_origin="user", notes: tuple[str, ...] = (), jpeg_quality: int | None = None,
+                 metadata_mpp: float | None = None):
         if mpp is None or not (mpp > 0 and math.isfinite(mpp)):
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
         self.path = Path(path)
         self._rgb = _to_rgb(path, np.asarray(rgb))
         h, w = self._rgb.shape[:2]
         self.dimensions = (w, h)
-        self.mpp, self.mpp_source = float(mpp), mpp_source
+        self.mpp, self.mpp_source, self.mpp_origin = float(mpp), mpp_source, mpp_origin
         self.levels = (Level(w, h, 1.0),)
         self.notes = tuple(notes)
         self.level_jpeg_quality, self.metadata_mpp = (jpeg_quality,), metadata_mpp
@@ -513,14 +513,15 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None, default_mpp:
         differs = meta_mpp and abs(float(user_mpp) / float(meta_mpp) - 1) > 0.05
         source = f"user (the file's metadata says {meta_mpp:.4g})" if differs else "user"
         rival = {"metadata_mpp": float(meta_mpp)} if differs and _plausible(meta_mpp) else {}
-        return {"mpp": float(user_mpp), "path": path, "mpp_source": source, **rival}
+        return {"mpp": float(user_mpp), "path": path, "mpp_source": source, "mpp_origin": "user", **rival}
     if _plausible(meta_mpp):
-        return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata"}
+        return {"mpp": float(meta_mpp), "path": path, "mpp_source": "metadata", "mpp_origin": "metadata"}
     # 0, negative, NaN or infinite too: a value, not none
     why = ("no microns-per-pixel in the file's metadata" if meta_mpp is None else
            f"the file's resolution metadata gives {meta_mpp:.4g} µm/px, not a microscope scan's")
     if default_mpp is not None:
-        return {"mpp": float(default_mpp), "path": path, "mpp_source": f"{DEFAULT_MPP_SOURCE} ({why})"}
+        return {"mpp": float(default_mpp), "path": path, "mpp_source": f"{DEFAULT_MPP_SOURCE} ({why})",
+                "mpp_origin": "default"}
     if meta_mpp is not None:
         raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
     raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API), or --default-mpp for the "
@@ -786,6 +787,7 @@ class TiffSlide(Slide):
                 self._check_segments(p, i, size)
             args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp, default_mpp)
             self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
+            self.mpp_origin = args["mpp_origin"]
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
@@ -936,6 +938,7 @@ class OpenSlideSlide(Slide):
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
             args = _mpp_args(path, meta, mpp, default_mpp)
             self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
+            self.mpp_origin = args["mpp_origin"]
             self.dimensions = (w, h)
             self.levels = tuple(
                 Level(lw, lh, float(ds))

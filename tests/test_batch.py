@@ -731,7 +731,8 @@ def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields,
     rows = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "out", default_mpp=0.5)}
     assert [rows[n]["status"] for n in ("scan.tif", "snapshot.png")] == ["ok", "ok"], rows
     scan, snap = (json.loads((tmp_path / "out" / rows[n]["output"] / "result.json").read_text()) for n in ("scan.tif", "snapshot.png"))
-    assert scan["mpp"] == pytest.approx(0.25) and "µm/px 0.25 from metadata" in scan["notes"]
+    assert scan["mpp"] == pytest.approx(0.25) and "µm/px 0.25 from metadata" in scan["notes"] and scan["mpp_origin"] == "metadata"
+    assert snap["mpp_origin"] == "default"
     assert snap["mpp"] == 0.5 and "µm/px 0.5 from the default given (no microns-per-pixel in the file's metadata)" in snap["notes"]
     code = main(["score", str(folder), "--out", str(tmp_path / "both"), "--mpp", "0.5", "--default-mpp", "0.5"])
     assert code == 2 and not (tmp_path / "both").exists()

@@ -431,6 +431,8 @@ def test_check_errors_are_one_line_exit_2(scored, tmp_path, capsys):
     good = json.loads(Path(result).read_text())
     (tmp_path / "score3.json").write_text(json.dumps({**good, "score": "3", "level": "3"}))
     (tmp_path / "counts.json").write_text(json.dumps({**good, "counts": [1, 2]}))
+    (tmp_path / "origin.json").write_text(json.dumps({**good, "mpp_origin": "guessed"}))
+    assert good["mpp_origin"] == "metadata"
     cases = [
         ((result, "--rule", "no-such-rule"), "unknown rule 'no-such-rule'; shipped rules: car-t-her2, gastric-toga"),
         ((str(tmp_path / "none.json"), "--rule", "her2-low-breast"), "none.json: no such file"),
@@ -439,6 +441,7 @@ def test_check_errors_are_one_line_exit_2(scored, tmp_path, capsys):
         ((str(tmp_path / "bad.json"), "--rule", "her2-low-breast"), "bad.json: not JSON"),
         ((str(tmp_path / "score3.json"), "--rule", "t-dxd-tumour-agnostic"), "'score' must be one of ['0', '1+', '2+', '3+']"),
         ((str(tmp_path / "counts.json"), "--rule", "car-t-her2"), "'counts' must map none, faint_partial"),
+        ((str(tmp_path / "origin.json"), "--rule", "car-t-her2"), "'mpp_origin' must be one of ['user', 'metadata', 'default']"),
         ((result, "--rule", str(tmp_path / "none.toml")), "none.toml"),
     ]
     for argv, message in cases:

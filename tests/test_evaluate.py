@@ -176,7 +176,7 @@ def _result(path, classical, cnn=None, fused=None):
         slide=str(path), score=fused or classical, level=levels.get(fused or classical, fused or classical), flags=(),
         classical_level=levels.get(classical, classical), guideline="breast-asco-cap-2023",
         specimen="resection", reason="test", counts={"none": 300, "faint_partial": 0}, percentages={},
-        tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5,
+        tumour_cells=300, h_score=0.0, clusters={}, region="cells", qc=(), stains={}, mpp=0.5, mpp_origin="metadata",
         tissue_area_mm2=0.05, classical_score=classical, cnn=report, confidence=0.9 if cnn else None,
         config=DEFAULT_CONFIG, version=__version__)
 
@@ -918,15 +918,13 @@ def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, m
     assert reused(_result(img, "1+").to_json())  # the control: the same image, settings and scale
     assert not reused(_result("f.png", "1+").to_json())  # relative: here it would name this f.png
     assert "name:f.png" not in _find_reusable(prev.parent)
-    assert not reused(replace(_result(img, "1+"), mpp=0.42, notes=("µm/px 0.42 from user (the file's metadata says 0.5)",)).to_json())
-    assert reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from metadata",)).to_json())
+    assert not reused(replace(_result(img, "1+"), mpp=0.42, mpp_origin="user").to_json())
+    assert not reused(replace(_result(img, "1+"), mpp_origin="user").to_json())  # the user's 0.5 is not the file's own
     # a default µm/px given to 'score' (--default-mpp) is no more the file's own than one given outright
-    assert not reused(replace(_result(img, "1+"), notes=("µm/px 0.5 from the default given (no microns-per-pixel in the "
-                                                           "file's metadata)",)).to_json())
+    assert not reused(replace(_result(img, "1+"), mpp_origin="default").to_json())
     from her2score.evaluate import _same_mpp
 
-    by_default = replace(_result(img, "1+"), mpp=0.5, notes=("µm/px 0.5 from the default given (no microns-per-pixel in the "
-                                                               "file's metadata)",))
+    by_default = replace(_result(img, "1+"), mpp=0.5, mpp_origin="default")
     assert not _same_mpp(by_default, None) and _same_mpp(by_default, None, 0.5) and not _same_mpp(by_default, None, 0.45)
     old = json.loads(_result(img, "1+").to_json())
     del old["tissue_area_mm2"]

@@ -319,7 +319,7 @@ def test_slide_without_mpp(tmp_path, slide_folder, fields, pyramid_tiff):
     by = _batch(tmp_path, [slide_folder], mpp=0.5)
     assert by[bad.name]["status"] == "ok"
     result = json.loads((tmp_path / "out" / "no-mpp.png" / "result.json").read_text(encoding="utf-8"))
-    assert result["mpp"] == 0.5 and "µm/px 0.5 from user" in result["notes"]
+    assert result["mpp"] == 0.5 and "µm/px 0.5 from user" in result["notes"] and result["mpp_origin"] == "user"
 
 
 def test_path_that_does_not_exist(tmp_path, slide_folder):

@@ -59,7 +59,7 @@ def test_dimensions_and_mpp_from_metadata(case):
     name, slide, _ = case
     assert slide.dimensions == SLIDE_PX
     assert slide.mpp == pytest.approx(SLIDE_MPP, rel=1e-6)
-    assert slide.mpp_source == ("user" if name == "array" else "metadata")
+    assert slide.mpp_source == slide.mpp_origin == ("user" if name == "array" else "metadata")
     assert slide.levels[0].width == SLIDE_PX[0] and slide.levels[0].downsample == 1.0
 
 
@@ -201,7 +201,7 @@ def test_mpp_from_metadata(tmp_path, slide_rgb, writer, suffix):
         assert s.mpp == pytest.approx(0.25, rel=1e-3) and s.mpp_source == "metadata"
         assert s.dimensions == (320, 256)
     with open_slide(path, mpp=0.9) as s:  # --mpp overrides the metadata (which can be wrong), and says it differs
-        assert s.mpp == 0.9 and s.mpp_source == "user (the file's metadata says 0.25)"
+        assert s.mpp == 0.9 and s.mpp_source == "user (the file's metadata says 0.25)" and s.mpp_origin == "user"
     with open_slide(path, mpp=0.26) as s:  # within 5%: nothing to say
         assert s.mpp == 0.26 and s.mpp_source == "user"
 
