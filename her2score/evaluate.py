@@ -178,8 +178,8 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
     if unknown := sorted(k for k in rows[0][1] if k.startswith("count_") and k[len("count_"):] not in CATEGORIES):
         raise ValueError(f"{p}: unknown count columns {unknown}; the categories are {list(CATEGORIES)}")
     if any(r.get("eligible") for _, r in rows) and not eligible_rule:
-        raise ValueError(f"{p}: has an 'eligible' column; say which rule it answers (--eligible-rule NAME), "
-                         "or name the columns eligible_<rule>")
+        raise ValueError(f"{p}: has an 'eligible' column; say which rule it answers (--eligible-rule NAME; "
+                         "eligible_rule=NAME in the Python API), or name the columns eligible_<rule>")
     items, line_of = [], {}
     for i, r in rows:
         where = f"{p}, line {i}"
@@ -415,7 +415,7 @@ def _find_reusable(reuse: str | os.PathLike | None, *, by_name: bool = False) ->
         return {}
     root = Path(reuse).absolute()  # per_image.csv's reused_from names the file wherever the report is read
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: --reuse " + ("is not a folder (give the folder of result.json files, e.g. an "
+        raise FileNotFoundError(f"{root}: the folder of results to reuse (--reuse; reuse= in the Python API) " + ("is not a folder (give the folder of result.json files, e.g. an "
                                                        "earlier evaluation's results/)" if root.exists() else "folder does not exist"))
     by_key: dict[str, Path] = {}
     names: dict[str, list[Path]] = {}

@@ -388,7 +388,7 @@ def check_target(out: str | os.PathLike, name: str = "her2cnn.pt", *, replace_sh
 
     target = weights_path(Path(out) / name)
     if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: a file, not a folder for the weights")
+        raise ValueError(f"{out}: a file, not a folder for the weights (--out; out= in the Python API)")
     if target.resolve() == default_weights_path().resolve() and not replace_shipped:
         raise ValueError(f"{target} is the shipped weights, which every run without --weights uses: train into "
                          "another folder and pass --weights, or give --replace-shipped (replace_shipped=True)")

@@ -746,7 +746,8 @@ def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields,
     wrong = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "wrong", default_mpp=2.0)}
     assert wrong["scan.tif"]["status"] == "ok" and wrong["snapshot.png"]["status"] == "refused"  # it said: give --mpp
     assert wrong["snapshot.png"]["error"].endswith("the µm/px is wrong; give the scan's --mpp (this file has no µm/px "
-                                                   "of its own: 2 was --default-mpp's)")
+                                                   "of its own: 2 was the default given, --default-mpp; default_mpp= "
+                                                   "in the Python API)")
 
 
 def test_tile_workers_open_a_slide_at_its_default_mpp(tmp_path, fields):

@@ -519,7 +519,7 @@ def test_class_folders_carry_five_level_labels(tmp_path):
 def test_plain_eligible_column_needs_a_rule(tmp_path):
     p = tmp_path / "l.csv"
     p.write_text("path,label,eligible\na.png,3+,yes\n")
-    with pytest.raises(ValueError, match="--eligible-rule"):
+    with pytest.raises(ValueError, match=r"\(--eligible-rule NAME; eligible_rule=NAME in the Python API\)"):
         read_labels(p)
     items = read_labels(p, eligible_rule="her2-positive-breast")
     assert items[0].eligible == {"her2-positive-breast": True}
@@ -796,6 +796,10 @@ def test_reuse_by_file_name_only_where_it_names_one_labelled_image(tmp_path):
 
     assert _result_folders(["/x/a/f.png", "/y/f.png", str(tmp_path / "a" / "f.png")], tmp_path) == [
         "f.png", "f.png (2)", "a__f.png"]
+    for missing, why in ((tmp_path / "none", "folder does not exist"), (tmp_path / "labels.csv", "is not a folder")):
+        with pytest.raises(FileNotFoundError, match=rf"{missing.name}: the folder of results to reuse \(--reuse; reuse= in "
+                                                    rf"the Python API\) {why}"):
+            evaluate(tmp_path / "labels.csv", tmp_path / "out2", reuse=missing, use_cnn=False, bootstrap=0)
 
 
 def test_a_result_of_another_cnn_is_not_reused(tmp_path):

@@ -185,7 +185,7 @@ def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work
     afile.write_text("x")
     assert main(["train", "--synthetic", "1", "--out", str(afile)]) == 2
     err = capsys.readouterr().err
-    assert "a file, not a folder" in err and "generating" not in err
+    assert f"{afile}: a file, not a folder for the weights (--out; out= in the Python API)" in err and "generating" not in err
 
 
 def test_the_api_refuses_the_shipped_weights_too(fields):
