@@ -153,13 +153,14 @@ def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
 
 def _batch_summary(path: Path) -> bool:
     """Whether ``path`` begins as a batch's SUMMARY does: its first three columns, every version's (slide, status,
-    score), read past a byte-order mark and quotes (a spreadsheet's re-save); a study's 'slide,status,stain' is not."""
+    score), read past a byte-order mark and quotes and split by commas, semicolons or tabs (a spreadsheet's re-save, in
+    any locale); a study's 'slide,status,stain' is not."""
     try:
         with open(path, "rb") as f:
             head = f.read(128).removeprefix(b"\xef\xbb\xbf").replace(b'"', b"")
     except OSError:
         return False
-    return head.startswith(",".join(SUMMARY_COLUMNS[:3]).encode() + b",")
+    return any(head.startswith(sep.join(c.encode() for c in SUMMARY_COLUMNS[:3]) + sep) for sep in (b",", b";", b"\t"))
 
 
 def output_holding(path: Path) -> str | None:

@@ -331,6 +331,11 @@ def test_another_batchs_outputs_inside_the_slide_folder_are_not_slides(tmp_path,
     skipped = []
     assert [s.name for s, _ in discover([case], skipped=skipped)[0]] == ["s.png"]
     assert (str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched") in skipped
+    for sep in (b";", b"\t"):  # re-saved where a comma is the decimal mark, or as tab-separated text
+        resaved.write_bytes(sep.join(c.encode() for c in batch.SUMMARY_COLUMNS) + b"\n")
+        skipped = []
+        assert [s.name for s, _ in discover([case], skipped=skipped)[0]] == ["s.png"]
+        assert (str(case / "results_breast"), "a her2score batch's output folder (manifest.json and summary.csv): not searched") in skipped
     other = case / "scanner"  # a scanner's or another tool's manifest.json alone is no batch of ours
     other.mkdir()
     (other / "manifest.json").write_text("{}")
