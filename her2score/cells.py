@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from skimage.segmentation._watershed_cy import watershed_raveled
 
-__all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "NucleusThresholds", "counterstain_od", "nucleus_thresholds",
+__all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "nuclear_rise", "NucleusThresholds", "counterstain_od", "nucleus_thresholds",
            "measure_nucleus_thresholds", "membrane_basins", "grow_cells"]
 
 
@@ -43,11 +43,17 @@ def _smoothed(hematoxylin_od: np.ndarray, mpp: float) -> np.ndarray:
     return cv2.GaussianBlur(hematoxylin_od, (0, 0), 0.5 / mpp)
 
 
-def _nuclear_mask(smooth: np.ndarray, *, mpp: float, threshold_od: float, contrast_od: float,
+def nuclear_rise(nuclear_od: np.ndarray, *, mpp: float) -> np.ndarray:
+    """How far a smoothed nuclear OD image stands above its level, its grey opening with an 8 µm disk (log10 OD):
+    what segment_nuclei thresholds by ``contrast_od``, and where measure_cells finds each nucleus's core."""
+    return nuclear_od - local_background(nuclear_od, mpp=mpp, radius_um=8.0)
+
+
+def _nuclear_mask(smooth: np.ndarray, rise: np.ndarray, *, mpp: float, threshold_od: float, contrast_od: float,
                   min_width_um: float = 2.0) -> np.ndarray:
-    """uint8 mask of segment_nuclei's nuclear pixels in ``smooth`` (its smoothed nuclear OD), before splitting."""
-    background = local_background(smooth, mpp=mpp, radius_um=8.0)
-    mask = ((smooth >= threshold_od) & (smooth - background >= contrast_od)).astype(np.uint8)
+    """uint8 mask of segment_nuclei's nuclear pixels in ``smooth`` (its smoothed nuclear OD; ``rise``: its
+    nuclear_rise), before splitting."""
+    mask = ((smooth >= threshold_od) & (rise >= contrast_od)).astype(np.uint8)
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 * min_width_um / mpp))
 
 
@@ -75,7 +81,8 @@ def counterstain_od(hematoxylin_ods: Iterable[np.ndarray], *, mpp: float, thresh
     values = []
     for h in hematoxylin_ods:
         smooth = _smoothed(h, mpp)
-        values.append(smooth[_nuclear_mask(smooth, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od) > 0])
+        mask = _nuclear_mask(smooth, nuclear_rise(smooth, mpp=mpp), mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od)
+        values.append(smooth[mask > 0])
     values = np.concatenate(values) if values else np.zeros(0, np.float32)
     return float(np.median(values)) if len(values) else None
 
@@ -119,8 +126,11 @@ def segment_nuclei(
     blob_radius_um: float = 2.0,
     min_blob_um2: float = 30.0,
     max_blob_spread: float = 2.5,
-) -> np.ndarray:
-    """Label image (int32, 0 = none) of nuclei in a haematoxylin log10 OD image at ``mpp`` µm/px.
+    return_rise: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Label image (int32, 0 = none) of nuclei in a haematoxylin log10 OD image at ``mpp`` µm/px; with
+    ``return_rise``, also the nuclear_rise of the smoothed nuclear OD they were cut from (float32, log10 OD:
+    haematoxylin, and the DAB of brown nuclei), from which measure_cells reads each nucleus's core.
 
     A nucleus pixel has smoothed haematoxylin OD of at least ``threshold_od`` and stands at least
     ``contrast_od`` above its surroundings (grey opening with an 8 µm disk), so haematoxylin that
@@ -154,7 +164,8 @@ def segment_nuclei(
             if big.any():
                 rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
                 np.add(smooth, rise, out=smooth, where=big[comp])
-    mask = _nuclear_mask(smooth, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od, min_width_um=min_width_um)
+    rise = nuclear_rise(smooth, mpp=mpp)
+    mask = _nuclear_mask(smooth, rise, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od, min_width_um=min_width_um)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     dist_s = cv2.GaussianBlur(dist, (0, 0), 0.5 / mpp)
     core = (dist_s >= neck_ratio * cv2.dilate(dist_s, disk(3.0 / mpp))) & (dist >= 0.5 * min_width_um / mpp)
@@ -163,7 +174,8 @@ def segment_nuclei(
     area = np.bincount(labels.ravel()) * (mpp * mpp)
     keep = (area >= min_area_um2) & (area <= max_area_um2)
     keep[0] = False
-    return np.where(keep, np.arange(len(keep), dtype=np.int32), 0)[labels]
+    labels = np.where(keep, np.arange(len(keep), dtype=np.int32), 0)[labels]
+    return (labels, rise) if return_rise else labels
 
 
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)

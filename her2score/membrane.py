@@ -14,7 +14,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .cells import _smoothed, disk, local_background
+from .cells import _smoothed, disk, local_background, nuclear_rise
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
@@ -200,28 +200,22 @@ NUCLEUS_CORE_FRACTION = 0.5
 percentile of its pixels) above the local level (_nucleus_core_shape): its full width at half maximum."""
 
 
-def _nucleus_core_shape(nl: np.ndarray, nr: np.ndarray, nc: np.ndarray, nuc_idx: np.ndarray, hematoxylin_od: np.ndarray,
-                        dab_od: np.ndarray, brown_px: np.ndarray | None, *, n_lab: int, mpp: float
+def _nucleus_core_shape(nl: np.ndarray, nr: np.ndarray, nc: np.ndarray, rise: np.ndarray, *, n_lab: int, mpp: float
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per label (n_lab): the area (µm²), elongation (major / minor axis) and width (minor axis, µm) of
     each cell's nuclear core, from the moments of its pixels (0 where a label has none).
 
-    ``nl``, ``nr``, ``nc``, ``nuc_idx``: label, row, column and flat index of each nuclear pixel in a cell.
-    The nuclear mask is thresholded at an absolute OD (segment_nuclei), far out in the blurred tail of
-    a dark nucleus: a lymphocyte drawn 20-28 µm² measured 37-50 µm² on it, a fibroblast drawn 2.2-3.2 µm
-    wide 5 µm and a third as elongated, real Ki67 tumour nuclei 1.38x their annotated area (median,
-    DeepLIIF). The core is where the nucleus's own OD stands at least NUCLEUS_CORE_FRACTION of its peak
-    above the local level (the haematoxylin smoothed and levelled as segment_nuclei does, plus the
-    smoothed DAB over a brown nucleus, whose DAB hides its haematoxylin): the full width at half
-    maximum, which lies on the edge of a blurred nucleus whatever its darkness. Its peak is the 90th
-    percentile of its pixels, not their maximum, which a chromatin clump or noise sets higher (the
-    maximum left generator nuclei, textured, at 0.6x their drawn area). Measured: DeepLIIF nuclei 1.05x
-    their annotated area (median), generator tumour nuclei 0.91x their drawn area.
+    ``nl``, ``nr``, ``nc``, ``rise``: label, row, column and nuclear OD above its level (cells.nuclear_rise)
+    of each nuclear pixel in a cell. The nuclear mask is thresholded at an absolute OD (segment_nuclei), far
+    out in the blurred tail of a dark nucleus: a lymphocyte drawn 20-28 µm² measured 37-50 µm² on it, a
+    fibroblast drawn 2.2-3.2 µm wide 5 µm and a third as elongated, real Ki67 tumour nuclei 1.38x their
+    annotated area (median, DeepLIIF). The core is where the nucleus's own OD stands at least
+    NUCLEUS_CORE_FRACTION of its peak above the local level: the full width at half maximum, which lies on
+    the edge of a blurred nucleus whatever its darkness. Its peak is the 90th percentile of its pixels, not
+    their maximum, which a chromatin clump or noise sets higher (the maximum left generator nuclei, textured,
+    at 0.6x their drawn area). Measured: DeepLIIF nuclei 1.05x their annotated area (median), generator
+    tumour nuclei 0.91x their drawn area.
     """
-    smooth = _smoothed(hematoxylin_od, mpp)
-    if brown_px is not None:
-        smooth = smooth + np.where(brown_px, dab_od, 0).astype(smooth.dtype)
-    rise = (smooth - local_background(smooth, mpp=mpp, radius_um=8.0)).ravel()[nuc_idx]
     peak = _per_cell_quantile(nl, rise, n_lab, 0.9)
     # a nucleus standing nowhere above its level (peak <= 0) keeps its whole mask; any other keeps at least its pixels at its peak
     core = np.flatnonzero(rise >= np.where(peak > 0, NUCLEUS_CORE_FRACTION * peak, -np.inf)[nl])
@@ -256,6 +250,7 @@ def measure_cells(
     outside: np.ndarray | None = None,
     core: tuple[int, int, int, int] | None = None,
     origin: tuple[int, int] = (0, 0),
+    rise: np.ndarray | None = None,
 ) -> tuple[CellMeasurements, np.ndarray, np.ndarray]:
     """Measure the cells of a label image; also the histogram (CONTRAST_BINS) of membrane contrast in
     their interiors, and the anchor (x, y) px of every label, the cells named in sector_neighbour
@@ -278,7 +273,9 @@ def measure_cells(
     positions (and ``core``) are given in, for a label image cut from a larger one.
 
     A nucleus's area, elongation and width (minor axis) are those of its core (_nucleus_core_shape:
-    its pixels at half its peak or more), where the nuclear mask reaches out into the blurred tail.
+    its pixels at half its peak or more), where the nuclear mask reaches out into the blurred tail;
+    ``rise`` is the nuclear OD above its level that ``nuclei`` were cut from (segment_nuclei's
+    ``return_rise``; None: cells.nuclear_rise of the smoothed ``hematoxylin_od``, brown nuclei's DAB left out).
     """
     n_lab = int(cells.max()) + 1
     f32 = np.float32
@@ -337,8 +334,9 @@ def measure_cells(
         ring = cv2.dilate(nuclei.astype(np.float32), halo).astype(np.int32) * ~nuclear  # each nucleus's halo, by its label
         brown &= nuc_mean > _mean_by_label(ring, ring > 0, dab_od, n_nuc)
         off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), halo) > 0)
-    nuc_area, elong, width_nuc = _nucleus_core_shape(nl, nr, nc, nuc_idx, hematoxylin_od, dab_od, brown[nuclei] if brown.any() else None,
-                                                     n_lab=n_lab, mpp=mpp)
+    if rise is None:
+        rise = nuclear_rise(_smoothed(hematoxylin_od, mpp), mpp=mpp)
+    nuc_area, elong, width_nuc = _nucleus_core_shape(nl, nr, nc, rise.ravel()[nuc_idx], n_lab=n_lab, mpp=mpp)
     cut_px = None
     if outside is not None and outside.any():  # the image's edge is no membrane
         edge = outside.view(np.uint8)

@@ -327,14 +327,15 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
                        cell_radius_um=config.max_cell_radius_um)  # the tissue counted is content too
     origin = (box[0].start, box[1].start)
     h_box, dab_box, outside = h_od[box], dab_od[box], tile.beyond_slide()[box]
-    nuclei = segment_nuclei(h_box, dab_box, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od)
+    nuclei, rise = segment_nuclei(h_box, dab_box, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od,
+                                  return_rise=True)
     dab_smooth, contrast = membrane_contrast(dab_box, nuclei, mpp=mpp)
     basins = membrane_basins(contrast >= config.basin_contrast_od, nuclei, mpp=mpp)
     cells = grow_cells(nuclei, contrast, mpp=mpp, basins=basins, max_radius_um=config.max_cell_radius_um, outside=outside)
     x0, y0, w, h = tile.core
     rx, ry = tile.read[:2]
     m, contrast_hist, anchors = measure_cells(cells, nuclei, h_box, dab_smooth, contrast, mpp=mpp, outside=outside,
-                                                core=(x0 - rx, y0 - ry, w, h), origin=origin)
+                                                core=(x0 - rx, y0 - ry, w, h), origin=origin, rise=rise)
     ox, oy, _ = frame = _tile_frame(tile, scale)
     m = replace(m, x=(m.x * scale + ox).astype(np.float32), y=(m.y * scale + oy).astype(np.float32))
     label_xy = anchors.astype(np.float32) * scale + np.array([ox, oy], np.float32)  # float32 throughout

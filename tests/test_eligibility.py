@@ -412,7 +412,7 @@ def test_intense_partial_cells_are_not_positive_membranes_in_requirements():
 def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_the_answer():
     from her2score.guidelines import near_cutoff
 
-    counts = {"none": 186, "faint_partial": 14}  # 0+ (ultralow), 7% faint: within 5 points under 1+
+    counts = {"none": 186, "faint_partial": 14}  # 0+ (ultralow), 7% faint: within 5.5 points under 1+
     assert near_cutoff(counts, "0") == ("1+", 7.0)
     assert near_cutoff({"none": 176, "faint_partial": 24}, "1+") == ("0", 12.0)  # just over: could be 0
     assert near_cutoff({"none": 96, "faint_partial": 4}, "0") is None
@@ -428,9 +428,9 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     over = replace(over, flags=(*over.flags, "near_cutoff"))
     doubt = check_eligibility(over, "her2-low-breast")  # 1+ is eligible; at 0+ (ultralow) it would not be
     assert doubt.status == "needs_review" and any("at 0+ (ultralow) the answer would be not eligible" in x for x in doubt.reasons)
-    wide = replace(make_result(none=170, faint_partial=30), config={"near_cutoff_points": 6.0})  # 15%, flagged with a 6-point margin
+    wide = replace(make_result(none=168, faint_partial=32), config={"near_cutoff_points": 6.5})  # 16%, flagged with a 6.5-point margin
     wide = replace(wide, flags=(*wide.flags, "near_cutoff"))
-    assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5
+    assert check_eligibility(wide, "her2-low-breast").status == "needs_review"  # the slide's own margin, not the default 5.5
 
 
 def test_a_2plus_on_its_only_stained_cells_is_weighed_at_0_too():
@@ -443,18 +443,18 @@ def test_a_2plus_on_its_only_stained_cells_is_weighed_at_0_too():
 
 
 def test_a_call_on_few_cells_is_near_the_cut_off_where_its_interval_crosses_it():
-    """Beyond the measurement's 5 points, a share counted on few cells is borderline where its 95% Wilson
-    interval reaches across 10%: 15% of 100 cells (9.3-23.3%) could be 0, 15% of 1,000 (12.9-17.4%) not (but
+    """Beyond the measurement's 5.5 points, a share counted on few cells is borderline where its 95% Wilson
+    interval reaches across 10%: 16.7% of 60 cells (9.3-28.0%) could be 0, 16% of 1,000 (13.9-18.4%) not (but
     for the false-membrane band of a 1+, switched off here to show the interval alone)."""
     from her2score.guidelines import near_cutoff, near_cutoff_sides, wilson_ci
 
-    assert [round(100 * v, 1) for v in wilson_ci(15, 100)] == [9.3, 23.3]
-    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+") == ("0", 15.0)
-    assert near_cutoff({"none": 850, "faint_partial": 150}, "1+", false_membrane_percent=0) is None  # (the band aside)
-    assert near_cutoff({"none": 95, "faint_partial": 5}, "0") == ("1+", 5.0)  # 5% of 100: up to 11.2%
-    assert near_cutoff({"none": 950, "faint_partial": 50}, "0") is None
+    assert [round(100 * v, 1) for v in wilson_ci(10, 60)] == [9.3, 28.0]
+    assert near_cutoff({"none": 50, "faint_partial": 10}, "1+", false_membrane_percent=0) == ("0", 100 * 10 / 60)
+    assert near_cutoff({"none": 840, "faint_partial": 160}, "1+", false_membrane_percent=0) is None  # (the band aside)
+    assert near_cutoff({"none": 24, "faint_partial": 1}, "0") == ("1+", 4.0)  # 4% of 25: up to 19.5%
+    assert near_cutoff({"none": 960, "faint_partial": 40}, "0") is None  # 4% of 1,000: up to 5.4%
     assert near_cutoff({"none": 85, "strong_complete": 15}, "3+") == ("2+", 15.0)
-    assert near_cutoff({"none": 85, "faint_partial": 15}, "1+", confidence=0.5, false_membrane_percent=0) is None  # narrower
+    assert near_cutoff({"none": 50, "faint_partial": 10}, "1+", confidence=0.5, false_membrane_percent=0) is None  # narrower
     # 1 faint cell of 7: both sides hold (no 2+ cell, but 0 of 7 could still be 35%); the nearer one is said
     assert near_cutoff({"none": 6, "faint_partial": 1}, "1+") == ("0", 100 / 7)
     # where the nearer side would not change the answer, the other one is weighed too (a 1+ with ISH negative)
@@ -637,7 +637,7 @@ def test_the_false_membrane_words_name_only_the_band_that_made_a_1plus_near():
 
     band = _near_words([("0", 16.0)], "1+", 1000, ScoringConfig())
     assert "real unstained membranes read stained in up to 8% of cells" in band
-    assert "real unstained" not in _near_words([("0", 12.0)], "1+", 1000, ScoringConfig())  # within the 5 points
+    assert "real unstained" not in _near_words([("0", 12.0)], "1+", 1000, ScoringConfig())  # within the 5.5 points
     interval = _near_words([("0", 16.0)], "1+", 100, ScoringConfig(false_membrane_percent=0.0))  # its interval, band off
     assert "real unstained" not in interval and "95% interval" in interval
 

@@ -529,7 +529,7 @@ def test_near_cutoff_sides_follow_every_route_of_the_rules():
     assert near_cutoff_sides(isolated, "1+") == [("0", 100 * 104 / 1004)]
     floor = dict(none=8510, faint_partial=1400, strong_complete=90)  # 0.9% intense: isolated, 1+ on 14.9%
     assert apply_guideline(floor, B23).score == "1+" and near_cutoff_sides(floor, "1+") == [("0", 14.9)]
-    intense = dict(none=880, weak_moderate_complete=70, strong_complete=50)  # 12% complete, 5% intense: 2+ either way
+    intense = dict(none=890, weak_moderate_complete=70, strong_complete=40)  # 11% complete, 4% intense: 2+ either way
     assert apply_guideline(intense, B23).score == "2+" and near_cutoff_sides(intense, "2+") == []
     skip = dict(none=910, weak_moderate_complete=90)  # 9% complete: at 10.1% it is 2+, not 1+
     assert apply_guideline(skip, B23).score == "0"
@@ -616,7 +616,7 @@ def test_a_1plus_within_the_false_membrane_share_of_the_cut_off_could_be_0():
 
     at16 = {"none": 840, "faint_partial": 160}
     assert near_cutoff_sides(at16, "1+") == near_cutoff_sides(at16, "1+", false_membrane_percent=FALSE_MEMBRANE_PERCENT) == [("0", 16.0)]
-    assert near_cutoff_sides(at16, "1+", false_membrane_percent=0) == []  # the measurement's own 5 points alone
+    assert near_cutoff_sides(at16, "1+", false_membrane_percent=0) == []  # the measurement's own 5.5 points alone
     assert near_cutoff_sides({"none": 810, "faint_partial": 190}, "1+", false_membrane_percent=8.0) == []
     two = {"none": 840, "weak_moderate_complete": 160}
     assert near_cutoff_sides(two, "2+", false_membrane_percent=8.0) == near_cutoff_sides(two, "2+") == []

@@ -129,8 +129,8 @@ def test_unstained_tissue_with_real_borders_is_flagged_never_confidently_her2_lo
         assert check_eligibility(r, "her2-low-breast").status != "eligible", (seed, r.reason)
         if r.level == "0+ (ultralow)" and 100 - r.percentages["none"] <= 8:
             assert "null_or_ultralow" in r.flags, r.reason
-            flagged += 1
-    assert flagged >= 3  # measured: 3 ultralow (4.4-7.2%) flagged, one 1+ at 10.5% flagged near_cutoff
+        flagged += r.level == "0+ (ultralow)" and "null_or_ultralow" in r.flags
+    assert flagged >= 3  # measured: 3 ultralow (4.2-8.2%) flagged, one 1+ at 10.9% flagged near_cutoff
 
 # -- fields drawn with an explicit composition ---------------------------------------------------
 # generate_field(composition={category: fraction of tumour cells}, clonal=True) draws each field with
@@ -162,17 +162,15 @@ CASES = [
     _case(B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 6, 9.5, "0"),
     _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
-    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "3.7% (truth 8.0%), called 0: faint membranes under-found"),
-    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.4% (truth 12.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.0% (truth 8.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.0% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "4.8% (truth 12.0%), called 2+ by intense complete cells: of 92 intense incomplete cells, 83 found: 21 read so, 17 "
-          "weak-moderate partial (a single intense arc reads below the strong band), 24 complete (arcs' blurred ends and "
-          "the neighbours' arcs close the ring; 10 of them weak-moderate), 11 none, 10 lateral"),
+          "4.8% (truth 12.0%), called 2+ by intense complete cells: intense incomplete cells read weak-moderate partial (a "
+          "single intense arc reads below the strong band), complete (arcs' blurred ends and the neighbours' arcs close "
+          "the ring), none or lateral"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
-    _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+",
-          "9.3% (truth 12.2%), called 2+: of 53 strong lateral cells, 46 found: 33 read strong lateral or complete, 5 "
-          "strong partial, 5 weak-moderate, 3 none"),
+    _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+"),
     _case(G, {"weak_moderate_lateral": 0.08}, ("weak_moderate_lateral", "weak_moderate_complete"), 6, 9.5, "0"),
     _case(G, {"weak_moderate_lateral": 0.12}, ("weak_moderate_lateral", "weak_moderate_complete"), 10.5, 14, "2+"),
 ]
