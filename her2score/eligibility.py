@@ -56,6 +56,7 @@ from her2score.guidelines import (
     STAINING_LEVEL,
     apply_guideline,
     cluster_sides,
+    cytoplasm_doubt,
     cluster_words,
     isolated_sides,
     isolated_words,
@@ -441,17 +442,24 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
 
 
 def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when its stain fills the tumour cells' cytoplasm (flag cytoplasmic_dab), so
-    that the membranes read may be cytoplasm, and no membrane staining (0) would change the answer; None otherwise."""
-    if "cytoplasmic_dab" not in result.flags:
+    """Why the slide needs review when its stain fills the tumour cells' cytoplasm (flag cytoplasmic_dab), so that
+    the membranes read may be cytoplasm and the slide any lower level, 0 with no membrane staining among them, and
+    one of those would change the answer; it quotes the measurement that raised the flag. None otherwise."""
+    if "cytoplasmic_dab" not in result.flags or result.score not in SCORES:
         return None
-    level = "0 (null)" if _levels_guideline(result) in ZERO_SPLIT else "0"
-    if (other := _other_answer(result, rule, ish, status, "0", level)) is None:
+    zero = "0 (null)" if _levels_guideline(result) in ZERO_SPLIT else "0"
+    answers: dict[str, list[str]] = {}
+    for score in SCORES[:SCORES.index(result.score)] or ("0",):  # a 0+ (ultralow) could be 0 (null)
+        level = zero if score == "0" else score
+        if (other := _other_answer(result, rule, ish, status, score, level)) is not None:
+            answers.setdefault(other, []).append(level)
+    if not answers:
         return None
-    od = result.staining.get("diffuse_cytoplasm_od")
-    amount = f" ({od:.2f} OD over the stroma)" if isinstance(od, (int, float)) else ""
-    return (f"diffuse cytoplasmic DAB in the tumour cells{amount} may have been read as membrane staining: "
-            f"at {level} the answer would be {other}")
+    od = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+          for k, v in ((k, result.staining.get(k)) for k in ("diffuse_cytoplasm_od", "membrane_contrast_od", "stained_cytoplasm_od"))}
+    words = cytoplasm_doubt(od["diffuse_cytoplasm_od"], od["membrane_contrast_od"], od["stained_cytoplasm_od"])
+    at = "; ".join(f"at {_either(levels)} the answer would be {other}" for other, levels in answers.items())
+    return f"diffuse cytoplasmic DAB may have been read as membrane staining{f' ({words})' if words else ''}: {at}"
 
 
 def _either(answers: list[str]) -> str:

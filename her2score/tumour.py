@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .guidelines import ZERO_SPLIT
+from .guidelines import ZERO_SPLIT, cytoplasm_doubt
 from .membrane import CellMeasurements
 from .neighbours import count_within
 
 __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
-           "staining_compartments", "DIFFUSE_CYTOPLASM_OD", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
+           "staining_compartments", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,6 @@ def stained_cytoplasm(m: CellMeasurements, *, unstained_od: float, cytoplasmic_o
     return np.nan_to_num(m.cytoplasm_dab_od, nan=0.0) - unstained_od >= cytoplasmic_od
 
 
-DIFFUSE_CYTOPLASM_OD = 0.06
-"""log10 OD over the stroma (diffuse_cytoplasm_od) above which the cytoplasm of the tumour cells read unstained
-shows diffuse cytoplasmic DAB. Measured: the real colon 0.03; generator fields of every class 0.02 or less
-(48, plain and with real borders), held-out 3+ fields at 6 degrees of stain jitter up to 0.087 (cells misread
-as unstained keep a 3+ cell's haze); a real Ki67 field auto-contrasted (1% clipped, tones kept) 0.17, a real
-H&E with its eosin put on the DAB channel 0.12, both read 1+ or 2+ from cytoplasm between cells."""
-
-
 def diffuse_cytoplasm_od(m: CellMeasurements, *, unstained_cells: np.ndarray, reference_cells: np.ndarray,
                          unstained_od: float, min_cells: int = 10, min_reference_cells: int = 5) -> float | None:
     """The median cytoplasmic DAB (log10 OD) of ``unstained_cells`` (bool: the tumour cells read without
@@ -152,7 +144,7 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
                          rise: float | None, *, guideline: str, filled: float | None = None) -> tuple[tuple[str, ...], str]:
     """``flags`` plus ``cytoplasmic_dab``, and the words that say why (to append to a reason; "" without the flag),
     where membrane staining was read (a call over 0, or 0+ (ultralow)) and diffuse cytoplasmic DAB
-    (diffuse_cytoplasm_od, at DIFFUSE_CYTOPLASM_OD or more) stands higher than the membranes read stand out
+    (diffuse_cytoplasm_od, at guidelines.DIFFUSE_CYTOPLASM_OD or more) stands higher than the membranes read stand out
     (``rise``: the stained tumour cells' median membrane contrast, log10 OD; None where the cells measured
     read no membrane, as under a CNN's call over a classical 0 (null)): in the tumour cells read unstained
     (``blush``), or in those read stained (``filled``): the stain fills cytoplasm, which the guidelines
@@ -163,17 +155,11 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     blush 0.12-0.26, and the real colon's FHL2 stain, membranes 0.19 against its stained cells' cytoplasm
     0.43). ``guideline`` names the 0 it could be: 0 (null) under one that splits 0 (guidelines.ZERO_SPLIT),
     else 0."""
-    if (score == "0" and level != "0+ (ultralow)") or score is None:
+    if (score == "0" and level != "0+ (ultralow)") or score is None or (words := cytoplasm_doubt(blush, rise, filled)) is None:
         return flags, ""
     zero = "0 (null)" if guideline in ZERO_SPLIT else "0"
-    tail = (": the stain fills cytoplasm, which the guidelines disregard, and the membranes read may be cytoplasm "
-            f"between cells: it could be {zero}")
-    if blush is not None and blush >= DIFFUSE_CYTOPLASM_OD and (rise is None or rise < blush):
-        return (*flags, "cytoplasmic_dab"), f"; the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over the stroma{tail}"
-    if filled is not None and filled >= DIFFUSE_CYTOPLASM_OD and rise is not None and rise < filled:
-        return (*flags, "cytoplasmic_dab"), (f"; the tumour cells read stained carry cytoplasmic DAB {filled:.2f} OD over the "
-                                             f"stroma, more than their membranes stand out ({rise:.2f}){tail}")
-    return flags, ""
+    return (*flags, "cytoplasmic_dab"), (f"; {words}: the stain fills cytoplasm, which the guidelines disregard, and the "
+                                         f"membranes read may be cytoplasm between cells: it could be {zero}")
 
 
 def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,

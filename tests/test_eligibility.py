@@ -577,22 +577,36 @@ def test_a_2018_call_near_a_cut_off_names_the_other_side_as_2023_would():
         assert d.status == "needs_review" and "at 0+ (ultralow) the answer would be eligible" in d.reasons[0], d.reasons
 
 
-def test_diffuse_cytoplasmic_dab_needs_review_only_where_no_membrane_staining_changes_the_answer():
+def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_the_answer():
     """A call flagged cytoplasmic_dab (the stain fills the tumour cells' cytoplasm: the membranes read may
-    be cytoplasm) asks for review where 0 would change the answer, and says how dark the cytoplasm is."""
+    be cytoplasm, and the slide any lower level) asks for review where one of those would change the answer, and
+    quotes the measurement that raised the flag (the unstained cells' cytoplasm, or the stained cells' over their
+    membranes: a review quoted the unstained cells' 0.03 for the real colon, flagged by its stained cells' 0.43)."""
     low = make_result(none=170, faint_partial=30)
     flagged = replace(low, flags=(*low.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.12})
     doubt = check_eligibility(flagged, "her2-low-breast")
     assert doubt.status == "needs_review", doubt.reasons
-    assert doubt.reasons[0] == ("diffuse cytoplasmic DAB in the tumour cells (0.12 OD over the stroma) may have "
-                                "been read as membrane staining: at 0 (null) the answer would be not eligible")
+    assert doubt.reasons[0] == ("diffuse cytoplasmic DAB may have been read as membrane staining (the tumour cells read "
+                                "unstained carry cytoplasmic DAB 0.12 OD over the stroma): at 0 (null) the answer would be "
+                                "not eligible")
     unmeasured = replace(flagged, staining={"diffuse_cytoplasm_od": None})  # a result.json edited by hand
-    assert check_eligibility(unmeasured, "her2-low-breast").reasons[0].startswith("diffuse cytoplasmic DAB in the tumour cells may")
+    assert check_eligibility(unmeasured, "her2-low-breast").reasons[0] == (
+        "diffuse cytoplasmic DAB may have been read as membrane staining: at 0 (null) the answer would be not eligible")
     assert check_eligibility(flagged, "her2-positive-breast").status == "not_eligible"  # 1+ and 0 alike
     assert check_eligibility(low, "her2-low-breast").status == "eligible"  # no flag, no doubt
     gastric = make_result("gastric", none=150, weak_moderate_complete=50)
     flagged = replace(gastric, flags=(*gastric.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.2})
-    assert "at 0 the answer would be not eligible" in check_eligibility(flagged, "gastric-toga").reasons[0]
+    assert "at 0 or 1+ the answer would be not eligible" in check_eligibility(flagged, "gastric-toga").reasons[0]
+    # a 3+ whose stained cells' cytoplasm (0.43 OD) stands higher than their membranes (0.19), as the real colon's:
+    # HER2-low is not eligible at 3+, but is at 1+ (and at 2+ with ISH negative), which it could be as well as 0
+    colon = make_result(none=50, strong_complete=150)
+    colon = replace(colon, flags=(*colon.flags, "cytoplasmic_dab"),
+                    staining={"diffuse_cytoplasm_od": 0.03, "membrane_contrast_od": 0.19, "stained_cytoplasm_od": 0.43})
+    doubt = check_eligibility(colon, "her2-low-breast")
+    assert doubt.status == "needs_review" and doubt.reasons[0] == (
+        "diffuse cytoplasmic DAB may have been read as membrane staining (the tumour cells read stained carry "
+        "cytoplasmic DAB 0.43 OD over the stroma, more than their membranes stand out (0.19)): at 1+ the answer would "
+        "be eligible; at 2+ the answer would be needs review"), doubt.reasons
 
 
 def test_an_ish_result_is_read_in_any_case_as_evaluate_reads_it():

@@ -263,7 +263,7 @@ def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
     1+ (faint membranes from cytoplasm and borders); the unstained tumour cells' cytoplasm, darker than the
     stroma's by the blush, flags it, and the HER2-low rule asks for review. A 2+ field with no blush is not flagged."""
     from her2score.synthetic import Confounders
-    from her2score.tumour import DIFFUSE_CYTOPLASM_OD
+    from her2score.guidelines import DIFFUSE_CYTOPLASM_OD
 
     blushed = Confounders(cytoplasmic_od=0.1, border_od=REAL_BORDERS.border_od)
     r = _score(generate_field("0", seed=7100, confounders=blushed))
