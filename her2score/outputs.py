@@ -222,8 +222,7 @@ def _json_rings(xy: np.ndarray, ring_lengths: np.ndarray) -> list[bytes]:
     rows[:, 1:3], rows[:, 3] = whole[:, 0, None].view("<u4"), frac[:, 0]
     rows[:, 5:7], rows[:, 7] = whole[:, 1, None].view("<u4"), frac[:, 1]
     rows[:, 8] = ord("]") | np.where(last, ord("\n"), ord(",")) << 8  # a newline ends each ring
-    flat = rows.view(np.uint8).ravel()
-    out = flat[flat != 0].tobytes().split(b"\n")[:-1]
+    out = rows.tobytes().translate(None, b"\0").split(b"\n")[:-1]  # the pieces' NUL padding dropped (a third faster than a mask)
     for r in np.unique(np.repeat(np.arange(len(ends)), ring_lengths + 1)[~exact.all(axis=1)]).tolist():
         coords = xy[firsts[r] : ends[r]].tolist()  # any other value: written by json itself
         out[r] = json.dumps(coords + coords[:1], separators=(",", ":"))[1:-1].encode()
