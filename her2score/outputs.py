@@ -298,7 +298,9 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
         features = (_geojson_features(analysis, a, b, size) for a, b in _chunk_bounds(len(analysis.cells["x"])))
     f.write(b'{"type":"FeatureCollection","features":[')
     for i, text in enumerate(features):
-        f.write((b"," if i else b"") + text)
+        if i:
+            f.write(b",")
+        f.write(text)  # not joined to its comma: a copy of the whole file's text less
     f.write(b"]}\n")
 
 
