@@ -32,7 +32,7 @@ from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
-from .slide import Slide, SlideError, open_slide
+from .slide import ArraySlide, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density, per_channel)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
@@ -462,7 +462,7 @@ OWN_STAINS_NOTE = "scored with the slide's own stain vectors: the default ones r
 
 
 def analyse_slide(
-    path: str | os.PathLike | Slide,
+    path: str | os.PathLike | Slide | np.ndarray,
     *,
     config: ScoringConfig = ScoringConfig(),
     mpp: float | None = None,
@@ -480,6 +480,8 @@ def analyse_slide(
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
     workers = checked_workers(workers)
+    if isinstance(path, np.ndarray):  # an RGB field in memory, at the µm/px given
+        path = ArraySlide(path, mpp=mpp if mpp is not None else default_mpp)
     try:
         return _analyse(path, config, mpp, region, backend, workers, cnn, default_mpp=default_mpp)
     except NuclearStainError as refusal:
@@ -964,7 +966,7 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
 
 
 def score_slide(
-    path: str | os.PathLike | Slide,
+    path: str | os.PathLike | Slide | np.ndarray,
     *,
     guideline: str | None = None,
     specimen: str | None = None,
@@ -976,7 +978,8 @@ def score_slide(
     cnn=None,
     default_mpp: float | None = None,
 ) -> SlideResult:
-    """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view: HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
+    """Score one slide (a path or an open Slide, e.g. ArraySlide) or field of view (also an RGB array, height x
+    width x 3, uint8 or uint16, at ``mpp``): HER2 0/1+/2+/3+ by ``guideline``, with counts, QC and stains.
 
     ``guideline`` and ``specimen``, where given, override ``config``'s (default: breast-asco-cap-2023, resection).
 

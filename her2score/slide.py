@@ -10,6 +10,7 @@ and pixel format at open; corrupt image data when the pixels are read.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import struct
@@ -302,16 +303,35 @@ def _without_extra_samples(arr: np.ndarray, extrasamples) -> np.ndarray:
     return arr[..., :3]
 
 
+def _positive(value) -> bool:
+    """Whether ``value`` is a positive, finite real number (not a bool, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    """A µm/px value as a message shows it: a number as itself, anything else as its repr ('0.5' in quotes)."""
+    return str(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else repr(value)
+
+
 class ArraySlide(Slide):
     """An in-memory RGB field of view (also what plain PNG/JPEG files become)."""
 
     def __init__(self, rgb: np.ndarray, *, mpp: float, path: str | os.PathLike = "<array>", mpp_source="user",
                  mpp_origin="user", notes: tuple[str, ...] = (), jpeg_quality: int | None = None,
                  metadata_mpp: float | None = None):
-        if mpp is None or not (mpp > 0 and math.isfinite(mpp)):
+        if mpp is None:
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
+        if not _positive(mpp):
+            raise SlideError(path, f"mpp must be a positive number of µm/px, got {_shown(mpp)}")
         self.path = Path(path)
-        self._rgb = _to_rgb(path, np.asarray(rgb))
+        rgb = np.asarray(rgb)
+        if rgb.ndim == 3 and rgb.shape[0] in (3, 4) and rgb.shape[2] not in (3, 4):
+            raise SlideError(path, f"pixel layout {rgb.shape} has its colours first; give (height, width, 3), e.g. "
+                                   "array.transpose(1, 2, 0)")
+        if rgb.dtype == np.uint16 and rgb.ndim == 3 and rgb.shape[2] in (3, 4):  # as a 16-bit file is read
+            white = _white_of(rgb[..., :3])
+            rgb, notes = _to_8bit(rgb, white), (*notes, f"{white.bit_length()}-bit samples scaled to 8 bits")
+        self._rgb = _to_rgb(path, rgb)
         h, w = self._rgb.shape[:2]
         self.dimensions = (w, h)
         self.mpp, self.mpp_source, self.mpp_origin = float(mpp), mpp_source, mpp_origin
@@ -1022,8 +1042,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
     for value, name in ((mpp, "mpp, --mpp"), (default_mpp, "default_mpp, --default-mpp")):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {value}")
+        if value is not None and not _positive(value):
+            raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {_shown(value)}")
     suffix = path.suffix.lower()
     if backend is None:
         if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is

@@ -3,6 +3,7 @@ PNG/JPEG through the image backend, and the in-memory ArraySlide; then µm/px me
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tracemalloc
 import warnings
@@ -320,16 +321,39 @@ def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
         assert s.mpp == 0.5 and s.mpp_source.startswith("user (the file's metadata says 352.")
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.5", True])
 def test_bad_user_mpp(tmp_path, slide_rgb, bad):
+    """A µm/px that is no positive number is refused by name, a string among them (it raised TypeError)."""
     path = save_png(tmp_path / "x.png", slide_rgb[:64, :64], mpp=None)
-    with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number"):
+    with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number, got " + re.escape(
+            repr(bad) if isinstance(bad, (str, bool)) else str(bad))):
         open_slide(path, mpp=bad)
+    with pytest.raises(SlideError, match=r"<array>: mpp must be a positive number of µm/px"):
+        ArraySlide(slide_rgb, mpp=bad)
+    assert open_slide(path, mpp=np.float32(0.5)).mpp == 0.5  # numpy's numbers are numbers
 
 
 def test_array_slide_needs_mpp(slide_rgb):
     with pytest.raises(SlideError, match=r"<array>: no microns-per-pixel"):
         ArraySlide(slide_rgb, mpp=None)
+
+
+def test_an_array_is_scored_as_given_or_refused_with_how_to_mend_it(fields):
+    """score_slide takes an RGB array at the µm/px given; 16-bit samples are scaled as a 16-bit file's are; an
+    array with its colours first says how to turn it (a review: score_slide(array) raised a TypeError on a path,
+    a channels-first array said only 'unsupported pixel layout')."""
+    from her2score.pipeline import score_slide
+
+    rgb = fields["2+"]
+    r = score_slide(rgb, mpp=0.5)
+    assert r.score == score_slide(ArraySlide(rgb, mpp=0.5)).score == "2+" and r.mpp_origin == "user"
+    with pytest.raises(SlideError, match="no microns-per-pixel"):
+        score_slide(rgb)
+    wide = ArraySlide(rgb.astype(np.uint16) * 257, mpp=0.5)
+    assert np.array_equal(wide.read_region((0, 0), (64, 64), mpp=0.5), rgb[:64, :64])
+    assert wide.notes == ("16-bit samples scaled to 8 bits",)
+    with pytest.raises(SlideError, match=r"colours first; give \(height, width, 3\), e\.g\. array\.transpose\(1, 2, 0\)"):
+        ArraySlide(rgb.transpose(2, 0, 1), mpp=0.5)
 
 
 def test_a_separate_plane_field_reads_and_scores_as_its_contiguous_copy(tmp_path, fields):
