@@ -46,17 +46,23 @@ def parse_score(value: str) -> str:
 
 def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
     """The rows of a labels CSV as (line, {column: value}), column names stripped and read in any case (path,
-    label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written). Columns
+    label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written), its columns
+    separated by commas, or by semicolons or tabs where its header is. Columns
     without a name (the empty ones a spreadsheet's export adds) are left out; a value in one is an error."""
     def column(name: str | None) -> str:
         name = (name or "").strip()
         return "eligible_" + name[len("eligible_"):] if name.lower().startswith("eligible_") else name.lower()
 
     with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+        head = fh.readline()
+        fh.seek(0)
+        # a spreadsheet where the comma is the decimal mark separates columns with semicolons; tab-separated text
+        delimiter = next((d for d in ",;\t" if {"path", "label"} <= {column(c) for c in next(csv.reader([head], delimiter=d), [])}), ",")
+        reader = csv.DictReader(fh, delimiter=delimiter)
         names = [column(c) for c in reader.fieldnames or []]
         if not {"path", "label"} <= set(names):
-            raise ValueError(f"{p}: needs a header with columns 'path' and 'label'")
+            raise ValueError(f"{p}: needs a header with columns 'path' and 'label' (separated by commas, semicolons or "
+                             f"tabs), found {[c for c in names if c][:6]}")
         if repeated := sorted({c for c in names if c and names.count(c) > 1}):
             raise ValueError(f"{p}: the header names {repeated} more than once (column names are read in any case)")
         reader.fieldnames = [c or f"\0{i}" for i, c in enumerate(names)]  # unnamed columns apart, each its own key

@@ -956,6 +956,16 @@ def test_labels_files_are_read_in_any_column_case_and_unreadable_ones_are_named(
     twice.write_text("path,label,Label\na.png,2+,2+\n")
     with pytest.raises(ValueError, match="more than once"):
         read_labels(twice)
+    for sep in (";", "\t"):  # a spreadsheet's export where the comma is the decimal mark, tab-separated text
+        other = tmp_path / "other.csv"
+        other.write_bytes(f"\ufeffPath{sep}Label{sep}count_none\r\na.png{sep}1+{sep}90\r\n".encode())
+        [item] = read_labels(other)
+        assert (item.label, item.counts["none"]) == ("1+", 90) and Path(item.path) == tmp_path / "a.png"
+    neither = tmp_path / "neither.csv"
+    neither.write_text("file|score\na.png|2+\n")
+    with pytest.raises(ValueError, match=r"needs a header with columns 'path' and 'label' \(separated by commas, semicolons "
+                                         r"or tabs\), found \['file\|score'\]"):
+        read_labels(neither)
 
 
 def test_limits_of_agreement_of_one_image_are_not_given():
