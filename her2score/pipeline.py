@@ -735,7 +735,12 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
 
 
 def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResult]) -> dict:
-    """SlideAnalysis.cells: the columns of the cell table."""
+    """SlideAnalysis.cells: the columns of the cell table. A cell found by its membrane ring alone has no nucleus:
+    its nucleus_area_um2 is 0, its other nucleus measurements NaN (null in the files), not 0."""
+    seen = cells.nucleus_area_um2 > 0
+
+    def nucleus(values: np.ndarray) -> np.ndarray:
+        return np.where(seen, values, np.float32(np.nan))
     return {
         "x": cells.x, "y": cells.y,
         "category": np.array(CATEGORIES, dtype=object)[read.category],
@@ -744,11 +749,11 @@ def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResul
         "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
         "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
         "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
-        "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": cells.nucleus_dab_od,
+        "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": nucleus(cells.nucleus_dab_od),
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
-        "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": cells.nucleus_elongation,
-        "nucleus_width_um": cells.nucleus_width_um,
-        "hematoxylin_od": cells.hematoxylin_od, "cut_sectors": cells.cut_sectors,
+        "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": nucleus(cells.nucleus_elongation),
+        "nucleus_width_um": nucleus(cells.nucleus_width_um),
+        "hematoxylin_od": nucleus(cells.hematoxylin_od), "cut_sectors": cells.cut_sectors,
         "outline": Outlines([(p.outline_points, p.outline_sizes, p.outline_frame) for p in parts]),
     }
 

@@ -290,6 +290,25 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     assert png.shape[1] == max(a.thumbnail.shape[1], MIN_OVERLAY_PX)
 
 
+def test_a_cell_without_a_nucleus_has_null_nucleus_measurements(tmp_path):
+    """A cell found by its membrane ring alone (DAB laid over its nucleus hides it) has no nucleus: its
+    nucleus_area_um2 is 0 and its other nucleus measurements are null, not 0 (a review: an elongation of 0)."""
+    from her2score.synthetic import Confounders
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    f = generate_field("3+", seed=9305, confounders=Confounders(masking_od=0.6))
+    a = analyse_slide(f.image, mpp=f.mpp)
+    write_outputs(a, tmp_path / "out", cells_csv=True)
+    d = pq.read_table(tmp_path / "out" / "cells.parquet").to_pydict()
+    ring = [i for i, area in enumerate(d["nucleus_area_um2"]) if area == 0]
+    assert ring and len(ring) < len(d["cell_id"])
+    for column in ("nucleus_elongation", "nucleus_width_um", "nucleus_dab_od", "hematoxylin_od"):
+        assert [i for i, v in enumerate(d[column]) if v is None] == ring, column
+    rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
+    assert all(rows[i]["nucleus_elongation"] == "" and rows[i]["nucleus_area_um2"] == "0.0000" for i in ring)
+    json.loads((tmp_path / "out" / "cells.geojson").read_text())  # no NaN written into the GeoJSON
+
+
 def test_a_rewrite_that_dies_leaves_no_result_json_beside_a_mix_of_two_runs(field, tmp_path, monkeypatch):
     """result.json marks a finished slide: a rewrite killed after the cell files are replaced (here: the overlay
     fails) must not leave the earlier result.json, which a resumed batch would take as done, beside the new cells."""
