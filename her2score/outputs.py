@@ -425,8 +425,33 @@ def _scale_band(width: int, mpp: float, *, margin: int = 8, scale: float = 1.0) 
     return np.asarray(img)
 
 
-def _legend_entries() -> list[tuple[str, tuple[int, int, int]]]:
-    return [(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES] + [("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)]
+REGION_COLOUR = (0, 0, 0)
+"""RGB of the tumour annotation's outline (the region given, --regions) on the overlay."""
+
+
+def _legend_entries(analysis: SlideAnalysis) -> list[tuple[str, tuple[int, int, int]]]:
+    region = [("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR)] if analysis.region is not None else []
+    return ([(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES]
+            + [("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region)
+
+
+def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[float, float], px_per_level0: float) -> None:
+    """The outline of the tumour annotation the cells were counted in (its polygons, their holes and the non-tumour
+    annotations cut out of them, or a mask's edge) on ``canvas``, whose pixel (0, 0) is level-0 ``origin``."""
+    region = analysis.region
+    if region is None:
+        return
+    ox, oy = origin
+    width = max(2, round(canvas.shape[1] / 500))
+    if region.mask is not None:  # the mask's pixels on the canvas's grid, and their edge
+        h, w = canvas.shape[:2]
+        cols = np.clip(((np.arange(w) / px_per_level0 + ox + 0.5) * region.mask_scale[0]).astype(np.intp), 0, region.mask.shape[1] - 1)
+        rows = np.clip(((np.arange(h) / px_per_level0 + oy + 0.5) * region.mask_scale[1]).astype(np.intp), 0, region.mask.shape[0] - 1)
+        edges, _ = cv2.findContours(region.mask[np.ix_(rows, cols)].astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    else:  # QuPath's coordinates: pixel i spans [i, i + 1]
+        edges = [np.round((ring - 0.5 - (ox, oy)) * px_per_level0).astype(np.int32)
+                 for exterior, holes in (*region.polygons, *region.excluded) for ring in (exterior, *holes)]
+    cv2.polylines(canvas, edges, True, REGION_COLOUR, width, cv2.LINE_AA)
 
 
 def _cell_colours(analysis: SlideAnalysis, idx: np.ndarray) -> list[tuple[int, int, int]]:
@@ -474,6 +499,7 @@ def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> tuple[np.ndarr
         px = analysis.result.mpp / analysis.thumbnail_mpp
         mpp = analysis.thumbnail_mpp
     _draw_cells(canvas, analysis, np.arange(len(analysis.cells["x"])), (0.0, 0.0), px)
+    _draw_region(canvas, analysis, (0.0, 0.0), px)
     return canvas, mpp
 
 
@@ -616,6 +642,7 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
             inside.setdefault((int(max(0, min(x, w0 - window_level0))), int(max(0, min(y, h0 - window_level0)))), why)
         regions = [(x, y, why) for (x, y), why in inside.items()]
     px = f * mpp0 / analysis.thumbnail_mpp  # thumbnail-panel px per level-0 px
+    _draw_region(thumb, analysis, (0.0, 0.0), px)
     for k, (x, y, _) in enumerate(regions, start=1):
         p0 = (int(x * px), int(y * px))
         p1 = (int((x + window_level0) * px), int((y + window_level0) * px))
@@ -638,6 +665,7 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
         near = np.flatnonzero((t["x"] >= x - 50 / mpp0) & (t["x"] < x + window_level0 + 50 / mpp0)
                               & (t["y"] >= y - 50 / mpp0) & (t["y"] < y + window_level0 + 50 / mpp0))
         _draw_cells(img, analysis, near, (x, y), mpp0 / region_mpp)
+        _draw_region(img, analysis, (x, y), mpp0 / region_mpp)
         label = _text_band([(f"{k}: {why}; at ({x * mpp0 / 1000:.2f}, {y * mpp0 / 1000:.2f}) mm, {region_mpp:g} µm/px", 12)], region_px, pad=3)
         tiles.append(np.vstack([label, img, _scale_band(region_px, region_mpp)]))
     per_row = max(1, width // (region_px + 4))
@@ -673,7 +701,7 @@ def overlay_image(analysis: SlideAnalysis, slide: Slide | None = None, *, field_
         scale = 1.0  # a slide's overlay has a width of its own
         body = _slide_panels(analysis, slide, n_regions=n_regions, region_px=region_px, region_mpp=region_mpp, width=width)
     title = _text_band(_title_lines(analysis, scale), width, pad=round(6 * scale))
-    legend = _legend(width, _legend_entries(), size=round(13 * scale))
+    legend = _legend(width, _legend_entries(analysis), size=round(13 * scale))
     out = np.vstack([title, body, legend])
     return out, ((0, title.shape[0], canvas.shape[1], canvas.shape[0]) if field else None)
 

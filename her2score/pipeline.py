@@ -355,7 +355,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
 
 @dataclass(frozen=True)
 class SlideAnalysis:
-    """A slide's result plus what the outputs need: the cell table and a thumbnail with its mask.
+    """A slide's result plus what the outputs need: the cell table, a thumbnail with its mask, and the tumour
+    annotation the cells were counted in (None: detected epithelial cells).
 
     ``cells``: columns of equal length, numpy arrays but for "outline" (her2score.outlines.Outlines,
     each cell's float32 (k, 2) outline in level-0 px on access).
@@ -366,6 +367,7 @@ class SlideAnalysis:
     thumbnail: np.ndarray
     thumbnail_mpp: float
     tissue: TissueMask
+    region: Region | None = None
 
 
 # -- worker processes: each opens the slide itself after the fork, never using the parent's handle ----
@@ -804,7 +806,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         classical_flags=tuple(classical.flags),
         classical_reason=classical_reason,
     )
-    return SlideAnalysis(result, _cell_table(cells, read, parts), scan.thumb, scan.thumb_mpp, scan.tissue)
+    return SlideAnalysis(result, _cell_table(cells, read, parts), scan.thumb, scan.thumb_mpp, scan.tissue, scan.region)
 
 
 def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,

@@ -431,6 +431,40 @@ def test_heatmap_bins_lie_where_their_cells_are():
     assert red[0] == 500 and red[-1] == 1002
 
 
+def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
+    """A pathologist checks that the annotation given (--regions) was the one applied, and where: its outline, its
+    holes and the non-tumour cut-outs are drawn on the field, black, and named in the legend (a review: cells were
+    coloured inside it, grey outside, with no outline to check it by); a mask's edge alike."""
+    from PIL import Image
+
+    from her2score.outputs import REGION_COLOUR
+
+    f, slide, _ = field
+
+    def square(x0, y0, x1, y1):
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    geo = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square(20, 20, 300, 280)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square(120, 100, 200, 180)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Stroma"}}}]}
+    (tmp_path / "r.geojson").write_text(json.dumps(geo))
+    mask = np.zeros((320, 384), np.uint8)
+    mask[40:200, 60:260] = 255
+    Image.fromarray(mask).save(tmp_path / "r.png")
+    plain, _ = overlay_image(analyse_slide(slide), slide)
+    for region, edges in ((tmp_path / "r.geojson", [((20, 300), 20), ((20, 300), 279), ((120, 200), 100)]),
+                          (tmp_path / "r.png", [((60, 260), 40), ((60, 260), 199)])):
+        a = analyse_slide(slide, region=region)
+        assert a.region is not None and a.result.region.startswith(("annotation", "mask"))
+        img, (x, y, w, h) = overlay_image(a, slide)
+        panel = img[y : y + h, x : x + w]
+        for (x0, x1), row in edges:  # along each top or bottom edge, mostly the outline's colour
+            on = np.all(panel[row, x0 + 5 : x1 - 5] == REGION_COLOUR, axis=1)
+            assert on.mean() > 0.8, (region.name, row, on.mean())
+        assert img.shape[0] > plain.shape[0] or not np.array_equal(img[y + h:], plain[y + h:])  # the legend names it
+
+
 def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field, monkeypatch):
     f, slide, a = field
     img, box = overlay_image(a, slide, field_max_px=100, n_regions=2, region_px=128)
