@@ -443,11 +443,16 @@ def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[floa
         return
     ox, oy = origin
     width = max(2, round(canvas.shape[1] / 500))
-    if region.mask is not None:  # the mask's pixels on the canvas's grid, and their edge
+    if region.mask is not None:  # the mask's pixels on the canvas's grid, two pixels beyond it on each side, and their edge
         h, w = canvas.shape[:2]
-        cols = np.clip(((np.arange(w) / px_per_level0 + ox + 0.5) * region.mask_scale[0]).astype(np.intp), 0, region.mask.shape[1] - 1)
-        rows = np.clip(((np.arange(h) / px_per_level0 + oy + 0.5) * region.mask_scale[1]).astype(np.intp), 0, region.mask.shape[0] - 1)
-        edges, _ = cv2.findContours(region.mask[np.ix_(rows, cols)].astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        cols = np.floor(((np.arange(-2, w + 2) / px_per_level0 + ox + 0.5) * region.mask_scale[0])).astype(np.intp)
+        rows = np.floor(((np.arange(-2, h + 2) / px_per_level0 + oy + 0.5) * region.mask_scale[1])).astype(np.intp)
+        on_c = (cols >= 0) & (cols < region.mask.shape[1])
+        on_r = (rows >= 0) & (rows < region.mask.shape[0])
+        sampled = region.mask[np.ix_(np.where(on_r, rows, 0), np.where(on_c, cols, 0))] & on_r[:, None] & on_c[None, :]  # off the mask: outside
+        # a mask going on past the canvas is traced beyond it (findContours keeps off the image's outer pixel), off the
+        # drawing: no frame where the canvas cuts it
+        edges, _ = cv2.findContours(sampled.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(-2, -2))
     else:  # QuPath's coordinates: pixel i spans [i, i + 1]
         edges = [np.round((ring - 0.5 - (ox, oy)) * px_per_level0).astype(np.int32)
                  for exterior, holes in (*region.polygons, *region.excluded) for ring in (exterior, *holes)]

@@ -437,7 +437,7 @@ def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
     coloured inside it, grey outside, with no outline to check it by); a mask's edge alike."""
     from PIL import Image
 
-    from her2score.outputs import REGION_COLOUR
+    from her2score.outputs import REGION_COLOUR, _legend_entries
 
     f, slide, _ = field
 
@@ -462,7 +462,29 @@ def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
         for (x0, x1), row in edges:  # along each top or bottom edge, mostly the outline's colour
             on = np.all(panel[row, x0 + 5 : x1 - 5] == REGION_COLOUR, axis=1)
             assert on.mean() > 0.8, (region.name, row, on.mean())
-        assert img.shape[0] > plain.shape[0] or not np.array_equal(img[y + h:], plain[y + h:])  # the legend names it
+        assert ("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR) in _legend_entries(a)
+        assert not np.array_equal(img[y + h:], plain[y + h:])  # the legend drawn with it
+    # a mask going on past a canvas (a slide's region window) draws no frame where the canvas cuts it, and none
+    # past the mask's own edge (the white beside a tall slide's thumbnail): what lies beyond the mask is outside
+    from types import SimpleNamespace
+
+    from her2score.outputs import _draw_region
+    from her2score.region import Region
+
+    mask = np.zeros((1000, 1000), bool)
+    mask[100:900, 100:900] = True  # level-0 400-3600 at 4 level-0 px a mask pixel
+    window = np.full((512, 512, 3), 255, np.uint8)
+    _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (1500.0, 1500.0), 1.0)
+    assert not np.all(window == REGION_COLOUR, axis=2).any()  # wholly inside the annotation
+    _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (200.0, 200.0), 1.0)
+    dark = np.all(window == REGION_COLOUR, axis=2)
+    assert dark[200:203, 300:500].any(axis=0).mean() > 0.9 and not dark[:190].any()  # its edge at level-0 400
+    right = np.zeros((100, 100), bool)
+    right[20:80, 50:] = True  # reaching the slide's right edge (level-0 400 here)
+    padded = np.full((400, 600, 3), 255, np.uint8)  # the slide, then 200 px of white beside it
+    _draw_region(padded, SimpleNamespace(region=Region("m.png", mask=right, mask_scale=(0.25, 0.25))), (0.0, 0.0), 1.0)
+    dark = np.all(padded == REGION_COLOUR, axis=2)
+    assert not dark[:, 403:].any() and dark[80:320, 396:400].any(axis=1).all()
 
 
 def test_slide_overlay_has_heatmaps_and_regions_at_cell_resolution(field, monkeypatch):
