@@ -32,7 +32,7 @@ from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
-from .slide import ArraySlide, Slide, SlideError, open_slide
+from .slide import DEFAULT_MPP_SOURCE, ArraySlide, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density, per_channel)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
@@ -482,8 +482,10 @@ def analyse_slide(
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
     workers = checked_workers(workers)
-    if isinstance(path, np.ndarray):  # an RGB field in memory, at the µm/px given
-        path = ArraySlide(path, mpp=mpp if mpp is not None else default_mpp)
+    if isinstance(path, np.ndarray):  # an RGB field in memory, at the µm/px given, or the default given: it has none of its own
+        path = (ArraySlide(path, mpp=mpp) if mpp is not None or default_mpp is None else
+                ArraySlide(path, mpp=default_mpp, mpp_source=f"{DEFAULT_MPP_SOURCE} (an array has no µm/px of its own)",
+                           mpp_origin="default"))
     try:
         return _analyse(path, config, mpp, region, backend, workers, cnn, default_mpp=default_mpp)
     except NuclearStainError as refusal:

@@ -107,8 +107,9 @@ class Slide(ABC):
     mpp: float
     mpp_source: str
     """Where the µm/px came from, in words (a user's value and the metadata's where they differ, why a default was used)."""
-    mpp_origin: str
-    """The same as one of results.MPP_ORIGINS: "user", "metadata" or "default" (open_slide's ``default_mpp``)."""
+    mpp_origin: str = "user"
+    """The same as one of results.MPP_ORIGINS: "user", "metadata" or "default" (open_slide's ``default_mpp``); a
+    Slide of the user's own that does not say is taken as given by the user."""
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
     metadata_mpp: float | None = None
@@ -304,8 +305,15 @@ def _without_extra_samples(arr: np.ndarray, extrasamples) -> np.ndarray:
 
 
 def _positive(value) -> bool:
-    """Whether ``value`` is a positive, finite real number (not a bool, not a string)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+    """Whether ``value`` is one positive, finite number: anything float() takes (numpy's scalars and 0-d arrays, a
+    Decimal) but a bool, a string or an array of more than one dimension."""
+    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number > 0 and math.isfinite(number)
 
 
 def _shown(value) -> str:

@@ -7,6 +7,8 @@ import re
 import struct
 import tracemalloc
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -330,7 +332,28 @@ def test_bad_user_mpp(tmp_path, slide_rgb, bad):
         open_slide(path, mpp=bad)
     with pytest.raises(SlideError, match=r"<array>: mpp must be a positive number of µm/px"):
         ArraySlide(slide_rgb, mpp=bad)
-    assert open_slide(path, mpp=np.float32(0.5)).mpp == 0.5  # numpy's numbers are numbers
+    for number in (np.float32(0.5), np.array(0.5), Decimal("0.5"), Fraction(1, 2)):  # anything float() takes but bools, strings
+        assert open_slide(path, mpp=number).mpp == ArraySlide(slide_rgb, mpp=number).mpp == 0.5
+
+
+def test_a_slide_class_of_the_users_own_is_scored(fields):
+    """A Slide subclass written before Slide.mpp_origin existed is taken as at the user's µm/px (a review: it raised
+    AttributeError)."""
+    from pathlib import Path
+
+    from her2score.pipeline import score_slide
+    from her2score.slide import Level, Slide
+
+    class Mine(Slide):
+        def __init__(self, rgb):
+            self._rgb, self.path = rgb, Path("mine")
+            self.dimensions, self.mpp, self.mpp_source = (rgb.shape[1], rgb.shape[0]), 0.5, "user"
+            self.levels = (Level(rgb.shape[1], rgb.shape[0], 1.0),)
+
+        def _read_level(self, level, x, y, width, height):
+            return self._rgb[y : y + height, x : x + width]
+    r = score_slide(Mine(fields["2+"]))
+    assert r.score == "2+" and r.mpp_origin == "user"
 
 
 def test_array_slide_needs_mpp(slide_rgb):
@@ -349,6 +372,9 @@ def test_an_array_is_scored_as_given_or_refused_with_how_to_mend_it(fields):
     assert r.score == score_slide(ArraySlide(rgb, mpp=0.5)).score == "2+" and r.mpp_origin == "user"
     with pytest.raises(SlideError, match="no microns-per-pixel"):
         score_slide(rgb)
+    by_default = score_slide(rgb, default_mpp=0.5)  # an array has no µm/px of its own: the default is the default
+    assert by_default.mpp_origin == "default" and "µm/px 0.5 from the default given (an array has no µm/px of its own)" in by_default.notes
+    assert score_slide(rgb, mpp=0.5, default_mpp=0.4).mpp == 0.5
     wide = ArraySlide(rgb.astype(np.uint16) * 257, mpp=0.5)
     assert np.array_equal(wide.read_region((0, 0), (64, 64), mpp=0.5), rgb[:64, :64])
     assert wide.notes == ("16-bit samples scaled to 8 bits",)
