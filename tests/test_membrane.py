@@ -275,3 +275,51 @@ def test_measuring_a_core_measures_its_cells_as_the_whole_image_does():
     none, none_hist, _ = measure_cells(cells, nuclei, hed[..., 0], smooth, contrast, mpp=MPP, core=(0, 0, 1, 1))
     assert len(none) == 0 and none_hist.sum() == 0  # a core no cell is anchored in: an empty table of the same types
     assert {k: getattr(none, k).dtype for k in none.__dataclass_fields__} == {k: getattr(whole, k).dtype for k in whole.__dataclass_fields__}
+
+
+def _blurred_nuclei(shapes, od: float = 0.6, sigma_um: float = 0.5):
+    """A haematoxylin OD image (0.5 µm/px) of filled ellipses ((x, y), (semi-axes px), angle) at ``od``, blurred as
+    an optical system blurs (Gaussian of ``sigma_um``), with the cytoplasm's faint haematoxylin around them."""
+    h = np.full((120, 160), 0.04, np.float32)
+    for centre, axes, angle in shapes:
+        cv2.ellipse(h, centre, axes, angle, 0, 360, od + 0.04, -1, cv2.LINE_AA)
+    return cv2.GaussianBlur(h, (0, 0), sigma_um / MPP)
+
+
+@pytest.mark.parametrize("od", [0.3, 0.6, 0.9])
+def test_a_nucleus_is_measured_by_its_core_at_its_own_size_whatever_its_darkness(od):
+    """The nuclear mask, cut at a fixed OD far out in a blurred nucleus's edge, reads a lymphocyte 3 µm in radius
+    (28.3 µm²) and a fibroblast 3 µm wide well over their size (41-55 µm², 4.9-5.9 µm), the more so the darker they
+    are; their cores (the pixels at half their own peak or more over their level) read them near it (30.3 µm², 3.6 µm),
+    and alike at any darkness."""
+    from her2score.cells import segment_nuclei
+
+    h = _blurred_nuclei([((40, 60), (6, 6), 0), ((110, 60), (24, 3), 20)], od=od)  # semi-axes 3 x 3 and 12 x 1.5 µm
+    nuclei, rise = segment_nuclei(h, mpp=MPP, return_rise=True)
+    assert nuclei.max() == 2 and rise.shape == h.shape and rise.dtype == np.float32
+    cells = grow_cells(nuclei, np.zeros_like(h), mpp=MPP, max_radius_um=4)
+    m, _, _ = measure_cells(cells, nuclei, h, np.zeros_like(h), np.zeros_like(h), mpp=MPP, rise=rise)
+    round_, spindle = np.argsort(m.nucleus_elongation)
+    mask_area = np.bincount(nuclei.ravel())[1:] * MPP**2
+    drawn = np.pi * (6 * MPP) ** 2
+    assert abs(m.nucleus_area_um2[round_] / drawn - 1) < 0.25 < mask_area[nuclei[60, 40] - 1] / drawn - 1
+    ys, xs = np.nonzero(nuclei == nuclei[60, 110])
+    mask_width = 4 * np.sqrt(np.linalg.eigvalsh(np.cov(np.vstack([xs, ys])))[0]) * MPP
+    assert 2.5 < m.nucleus_width_um[spindle] < 4.0 < 4.5 < mask_width and m.nucleus_elongation[spindle] > 5
+    # without the rise, measure_cells reads the haematoxylin's own (no brown nuclei here): the same
+    alone, _, _ = measure_cells(cells, nuclei, h, np.zeros_like(h), np.zeros_like(h), mpp=MPP)
+    assert np.allclose(alone.nucleus_area_um2, m.nucleus_area_um2) and np.allclose(alone.nucleus_width_um, m.nucleus_width_um)
+
+
+def test_a_nucleus_standing_nowhere_above_its_level_keeps_its_whole_mask():
+    """A nuclear label whose OD does not rise over its level (a flat patch) is measured on all its pixels, never read
+    as no nucleus; a one-pixel core still has a size."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:20, 10:20] = 1
+    labels[30, 30] = 2
+    flat = np.zeros((40, 40), np.float32)
+    peak = np.zeros((40, 40), np.float32)
+    peak[30, 30] = 1.0
+    cells = labels.copy()
+    m, _, _ = measure_cells(cells, labels, flat, flat, flat, mpp=MPP, rise=np.where(labels == 1, 0.0, peak).astype(np.float32))
+    assert m.nucleus_area_um2.tolist() == [100 * MPP**2, MPP**2]
