@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def parse_score(value: str) -> str:
 def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
     """The rows of a labels CSV as (line, {column: value}), column names stripped and read in any case (path,
     label, level, ish, eligible, count_<category>, eligible_<rule>; a rule's name kept as written), its columns
-    separated by commas, or by semicolons or tabs where its header is. Columns
+    separated by commas, or by semicolons or tabs where its header is, or as a first line "sep=;" (Excel's) says. Columns
     without a name (the empty ones a spreadsheet's export adds) are left out; a value in one is an error."""
     def column(name: str | None) -> str:
         name = (name or "").strip()
@@ -55,9 +56,12 @@ def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
 
     with open(p, newline="", encoding="utf-8-sig") as fh:
         head = fh.readline()
-        fh.seek(0)
-        # a spreadsheet where the comma is the decimal mark separates columns with semicolons; tab-separated text
-        delimiter = next((d for d in ",;\t" if {"path", "label"} <= {column(c) for c in next(csv.reader([head], delimiter=d), [])}), ",")
+        if (excel := re.fullmatch(r"sep=(.)\r?\n?", head)) is not None:  # Excel's line naming the separator
+            delimiter, skipped = excel[1], 1
+        else:  # a spreadsheet where the comma is the decimal mark separates columns with semicolons; tab-separated text
+            fh.seek(0)
+            delimiter, skipped = next((d for d in ",;\t" if {"path", "label"} <= {
+                column(c) for c in next(csv.reader([head], delimiter=d), [])}), ","), 0
         reader = csv.DictReader(fh, delimiter=delimiter)
         names = [column(c) for c in reader.fieldnames or []]
         if not {"path", "label"} <= set(names):
@@ -69,10 +73,10 @@ def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
         rows = []
         for r in reader:  # reader.line_num: the file's line the row ends on (blank lines and quoted line breaks count)
             if None in r:
-                raise ValueError(f"{p}, line {reader.line_num}: more fields than the header has columns ({r[None]})")
+                raise ValueError(f"{p}, line {reader.line_num + skipped}: more fields than the header has columns ({r[None]})")
             if unnamed := [v for k, v in r.items() if k.startswith("\0") and (v or "").strip()]:
-                raise ValueError(f"{p}, line {reader.line_num}: {unnamed[0]!r} lies in a column without a name in the header")
-            rows.append((reader.line_num, {k: (v or "").strip() for k, v in r.items() if not k.startswith("\0")}))
+                raise ValueError(f"{p}, line {reader.line_num + skipped}: {unnamed[0]!r} lies in a column without a name in the header")
+            rows.append((reader.line_num + skipped, {k: (v or "").strip() for k, v in r.items() if not k.startswith("\0")}))
     return rows
 
 

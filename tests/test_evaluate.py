@@ -961,6 +961,12 @@ def test_labels_files_are_read_in_any_column_case_and_unreadable_ones_are_named(
         other.write_bytes(f"\ufeffPath{sep}Label{sep}count_none\r\na.png{sep}1+{sep}90\r\n".encode())
         [item] = read_labels(other)
         assert (item.label, item.counts["none"]) == ("1+", 90) and Path(item.path) == tmp_path / "a.png"
+    excel = tmp_path / "excel.csv"  # Excel's first line naming the separator
+    excel.write_text("sep=;\npath;label\na.png;1+\na.png;2+\n")
+    with pytest.raises(ValueError, match=r"excel\.csv, line 4: "):  # the file's own line numbers, its first line counted
+        read_labels(excel)
+    excel.write_text("sep=;\npath;label\na.png;1+\n")
+    assert [i.label for i in read_labels(excel)] == ["1+"]
     neither = tmp_path / "neither.csv"
     neither.write_text("file|score\na.png|2+\n")
     with pytest.raises(ValueError, match=r"needs a header with columns 'path' and 'label' \(separated by commas, semicolons "
