@@ -447,10 +447,12 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
     one of those would change the answer; it quotes the measurement that raised the flag. None otherwise."""
     if "cytoplasmic_dab" not in result.flags or result.score not in SCORES:
         return None
-    zero = "0 (null)" if _levels_guideline(result) in ZERO_SPLIT else "0"
+    split = _levels_guideline(result) in ZERO_SPLIT
+    zeros = ZERO_LEVELS if split else ("0",)
+    lower = [("0", "0 (null)")] if result.score == "0" else [  # a 0+ (ultralow) could be 0 (null)
+        *(("0", z) for z in zeros), *((s, s) for s in SCORES[1:SCORES.index(result.score)])]
     answers: dict[str, list[str]] = {}
-    for score in SCORES[:SCORES.index(result.score)] or ("0",):  # a 0+ (ultralow) could be 0 (null)
-        level = zero if score == "0" else score
+    for score, level in lower:
         if (other := _other_answer(result, rule, ish, status, score, level)) is not None:
             answers.setdefault(other, []).append(level)
     if not answers:

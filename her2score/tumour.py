@@ -153,18 +153,18 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     (``rise``: the stained tumour cells' median membrane contrast, log10 OD; None where the cells measured
     read no membrane, as under a CNN's call over a classical 0 (null)): in the tumour cells read unstained
     (``blush``), or in those read stained (``filled``): the stain fills cytoplasm, which the guidelines
-    disregard, and the membranes read may be cytoplasm between cells. Membranes standing out well above it are
+    disregard, and the membranes read may be cytoplasm between cells: any lower level. Membranes standing out well above it are
     membranes (held-out generator fields: 3+ fields whose misread cells keep a 3+ cell's cytoplasmic haze, blush
     0.075-0.087 against membranes 0.31; the stained cells of 97 jittered 3+ fields, filled 0.14 median and
     0.26 at most, their membranes 1.15 x that or more; the flagged real cases: membranes 0.04-0.10 against
     blush 0.12-0.26, and the real colon's FHL2 stain, membranes 0.19 against its stained cells' cytoplasm
-    0.43). ``guideline`` names the 0 it could be: 0 (null) under one that splits 0 (guidelines.ZERO_SPLIT),
-    else 0."""
+    0.43). ``guideline`` names the lowest level it could be: 0 (null) under one that splits 0
+    (guidelines.ZERO_SPLIT), else 0."""
     if (score == "0" and level != "0+ (ultralow)") or score is None or (words := cytoplasm_doubt(blush, rise, filled)) is None:
         return flags, ""
     zero = "0 (null)" if guideline in ZERO_SPLIT else "0"
     return (*flags, "cytoplasmic_dab"), (f"; {words}: the stain fills cytoplasm, which the guidelines disregard, and the "
-                                         f"membranes read may be cytoplasm between cells: it could be {zero}")
+                                         f"membranes read may be cytoplasm between cells: it could be lower, down to {zero}")
 
 
 def staining_compartments(m: CellMeasurements, membranous: np.ndarray, *, unstained_od: float,

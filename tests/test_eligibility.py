@@ -587,11 +587,12 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_t
     doubt = check_eligibility(flagged, "her2-low-breast")
     assert doubt.status == "needs_review", doubt.reasons
     assert doubt.reasons[0] == ("diffuse cytoplasmic DAB may have been read as membrane staining (the tumour cells read "
-                                "unstained carry cytoplasmic DAB 0.12 OD over the stroma): at 0 (null) the answer would be "
-                                "not eligible")
+                                "unstained carry cytoplasmic DAB 0.12 OD over the stroma): at 0 (null) or 0+ (ultralow) the "
+                                "answer would be not eligible")
     unmeasured = replace(flagged, staining={"diffuse_cytoplasm_od": None})  # a result.json edited by hand
     assert check_eligibility(unmeasured, "her2-low-breast").reasons[0] == (
-        "diffuse cytoplasmic DAB may have been read as membrane staining: at 0 (null) the answer would be not eligible")
+        "diffuse cytoplasmic DAB may have been read as membrane staining: at 0 (null) or 0+ (ultralow) the answer would "
+        "be not eligible")
     assert check_eligibility(flagged, "her2-positive-breast").status == "not_eligible"  # 1+ and 0 alike
     assert check_eligibility(low, "her2-low-breast").status == "eligible"  # no flag, no doubt
     gastric = make_result("gastric", none=150, weak_moderate_complete=50)
@@ -622,7 +623,7 @@ def test_a_cnn_call_over_cells_that_read_no_membrane_keeps_the_cytoplasm_doubt()
     from her2score.tumour import with_cytoplasm_doubt
 
     flags, words = with_cytoplasm_doubt(("ish_reflex",), "2+", "2+", 0.2, None, guideline="breast-asco-cap-2023")
-    assert flags == ("ish_reflex", "cytoplasmic_dab") and words.endswith("it could be 0 (null)")
+    assert flags == ("ish_reflex", "cytoplasmic_dab") and words.endswith("it could be lower, down to 0 (null)")
     assert with_cytoplasm_doubt(("null",), "0", "0 (null)", 0.2, None, guideline="breast-asco-cap-2023") == (("null",), "")
     assert with_cytoplasm_doubt(("ish_reflex",), "2+", "2+", 0.2, 0.3, guideline="gastric") == (("ish_reflex",), "")
 
