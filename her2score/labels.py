@@ -56,7 +56,8 @@ def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
 
     with open(p, newline="", encoding="utf-8-sig") as fh:
         head = fh.readline()
-        if (excel := re.fullmatch(r"sep=(.)\r?\n?", head)) is not None:  # Excel's line naming the separator
+        # Excel's line naming the separator (as a tool that ignores it may re-save it: quoted, or followed by separators)
+        if (excel := re.fullmatch(r'"?sep=([,;\t|])"?[,;\t]*\s*', head, re.IGNORECASE)) is not None:
             delimiter, skipped = excel[1], 1
         else:  # a spreadsheet where the comma is the decimal mark separates columns with semicolons; tab-separated text
             fh.seek(0)

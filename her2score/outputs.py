@@ -443,16 +443,17 @@ def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[floa
         return
     ox, oy = origin
     width = max(2, round(canvas.shape[1] / 500))
-    if region.mask is not None:  # the mask's pixels on the canvas's grid, two pixels beyond it on each side, and their edge
+    if region.mask is not None:  # the mask's pixels on the canvas's grid, a line's width beyond it on each side, and their edge
         h, w = canvas.shape[:2]
-        cols = np.floor(((np.arange(-2, w + 2) / px_per_level0 + ox + 0.5) * region.mask_scale[0])).astype(np.intp)
-        rows = np.floor(((np.arange(-2, h + 2) / px_per_level0 + oy + 0.5) * region.mask_scale[1])).astype(np.intp)
+        pad = width + 2
+        cols = np.floor(((np.arange(-pad, w + pad) / px_per_level0 + ox + 0.5) * region.mask_scale[0])).astype(np.intp)
+        rows = np.floor(((np.arange(-pad, h + pad) / px_per_level0 + oy + 0.5) * region.mask_scale[1])).astype(np.intp)
         on_c = (cols >= 0) & (cols < region.mask.shape[1])
         on_r = (rows >= 0) & (rows < region.mask.shape[0])
         sampled = region.mask[np.ix_(np.where(on_r, rows, 0), np.where(on_c, cols, 0))] & on_r[:, None] & on_c[None, :]  # off the mask: outside
-        # a mask going on past the canvas is traced beyond it (findContours keeps off the image's outer pixel), off the
-        # drawing: no frame where the canvas cuts it
-        edges, _ = cv2.findContours(sampled.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(-2, -2))
+        # a mask going on past the canvas is traced beyond it (findContours keeps off the image's outer pixel), its
+        # line's whole width off the drawing: no frame where the canvas cuts it
+        edges, _ = cv2.findContours(sampled.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(-pad, -pad))
     else:  # QuPath's coordinates: pixel i spans [i, i + 1]
         edges = [np.round((ring - 0.5 - (ox, oy)) * px_per_level0).astype(np.int32)
                  for exterior, holes in (*region.polygons, *region.excluded) for ring in (exterior, *holes)]
@@ -637,7 +638,10 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     bin_um = max(100.0, max(th, tw) * analysis.thumbnail_mpp / 60)
     col_w = width // 4 - 8  # four panels, 8 px apart
     f = min(col_w / tw, PANEL_MAX_RATIO * col_w / th)  # panel px per thumbnail px
-    thumb = _beside(cv2.resize(analysis.thumbnail, (max(1, round(tw * f)), max(1, round(th * f))), interpolation=cv2.INTER_AREA), col_w)
+    thumb = cv2.resize(analysis.thumbnail, (max(1, round(tw * f)), max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+    px = f * mpp0 / analysis.thumbnail_mpp  # thumbnail-panel px per level-0 px
+    _draw_region(thumb, analysis, (0.0, 0.0), px)  # on the slide alone: an annotation reaching past it stops at its edge
+    thumb = _beside(thumb, col_w)
     window_level0 = region_px * region_mpp / mpp0
     regions = []
     if slide is not None:  # each window wholly inside the slide: one at its edge is moved in, not cut short
@@ -646,8 +650,6 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
         for x, y, why in _regions(analysis, n_regions, window_level0):
             inside.setdefault((int(max(0, min(x, w0 - window_level0))), int(max(0, min(y, h0 - window_level0)))), why)
         regions = [(x, y, why) for (x, y), why in inside.items()]
-    px = f * mpp0 / analysis.thumbnail_mpp  # thumbnail-panel px per level-0 px
-    _draw_region(thumb, analysis, (0.0, 0.0), px)
     for k, (x, y, _) in enumerate(regions, start=1):
         p0 = (int(x * px), int(y * px))
         p1 = (int((x + window_level0) * px), int((y + window_level0) * px))

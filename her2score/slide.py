@@ -9,6 +9,7 @@ and pixel format at open; corrupt image data when the pixels are read.
 """
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import os
@@ -305,13 +306,16 @@ def _without_extra_samples(arr: np.ndarray, extrasamples) -> np.ndarray:
 
 
 def _positive(value) -> bool:
-    """Whether ``value`` is one positive, finite number: anything float() takes (numpy's scalars and 0-d arrays, a
-    Decimal) but a bool, a string or an array of more than one dimension."""
-    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
+    """Whether ``value`` is one positive, finite real number: an int or a float, numpy's (a scalar or a 0-d array),
+    a Fraction or a Decimal; not a bool (numpy's either), a string, a complex or an array of one or more dimensions."""
+    if np.ndim(value) != 0:
+        return False
+    kind = np.asarray(value).dtype.kind
+    if not (kind in "iuf" or kind == "O" and isinstance(value, (numbers.Real, decimal.Decimal))):  # a bool's kind is "b"
         return False
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an int past a float's range
         return False
     return number > 0 and math.isfinite(number)
 

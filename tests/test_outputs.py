@@ -463,7 +463,7 @@ def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
             on = np.all(panel[row, x0 + 5 : x1 - 5] == REGION_COLOUR, axis=1)
             assert on.mean() > 0.8, (region.name, row, on.mean())
         assert ("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR) in _legend_entries(a)
-        assert not np.array_equal(img[y + h:], plain[y + h:])  # the legend drawn with it
+        assert not np.array_equal(img[-40:], plain[-40:])  # the legend drawn with it (its last 40 px rows, equal in size)
     # a mask going on past a canvas (a slide's region window) draws no frame where the canvas cuts it, and none
     # past the mask's own edge (the white beside a tall slide's thumbnail): what lies beyond the mask is outside
     from types import SimpleNamespace
@@ -473,9 +473,11 @@ def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
 
     mask = np.zeros((1000, 1000), bool)
     mask[100:900, 100:900] = True  # level-0 400-3600 at 4 level-0 px a mask pixel
+    for side in (512, 1500):  # the outline's width grows with the canvas: none of it may reach in
+        window = np.full((side, side, 3), 255, np.uint8)
+        _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (600.0, 600.0), 1.0)
+        assert (window == 255).all()  # wholly inside the annotation
     window = np.full((512, 512, 3), 255, np.uint8)
-    _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (1500.0, 1500.0), 1.0)
-    assert not np.all(window == REGION_COLOUR, axis=2).any()  # wholly inside the annotation
     _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (200.0, 200.0), 1.0)
     dark = np.all(window == REGION_COLOUR, axis=2)
     assert dark[200:203, 300:500].any(axis=0).mean() > 0.9 and not dark[:190].any()  # its edge at level-0 400
@@ -515,6 +517,18 @@ def test_a_tall_narrow_slides_overlay_stays_a_readable_size(field):
     assert img.shape[0] < (PANEL_MAX_RATIO + 2) * col_w, img.shape  # with the title, the regions and the legend
     ok, png = cv2.imencode(".png", img)
     assert ok
+    # an annotation reaching past the strip's right edge is drawn on the strip, not into the white beside it
+    from her2score.outputs import REGION_COLOUR
+    from her2score.region import Region
+
+    past = Region("p", polygons=((np.array([[20, 100], [400, 100], [400, 2000], [20, 2000], [20, 100]], float), ()),))
+    drawn, _ = overlay_image(replace(a, region=past), slide, field_max_px=100, n_regions=0, region_px=128)
+    plain, _ = overlay_image(a, slide, field_max_px=100, n_regions=0, region_px=128)
+    changed = np.any(drawn[: plain.shape[0]] != plain, axis=2) if drawn.shape == plain.shape else None
+    assert changed is not None and changed.any()
+    panel_w = round(tw * min(col_w / tw, PANEL_MAX_RATIO * col_w / th))  # the strip's drawn width in the first panel
+    rows = np.all(drawn == REGION_COLOUR, axis=2)[:, : panel_w + 3].any(axis=1)  # the rows the outline is drawn on
+    assert rows.sum() > 20 and not changed[rows, panel_w + 3 : col_w].any()  # none of it in the white beside the strip
 
 
 def test_slide_overlay_regions_lie_wholly_inside_the_slide(field):

@@ -323,12 +323,12 @@ def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
         assert s.mpp == 0.5 and s.mpp_source.startswith("user (the file's metadata says 352.")
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.5", True])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.5", True, np.True_, np.array("0.5"), 10**400,
+                                 np.complex128(0.5 + 1j), np.array([0.5])])
 def test_bad_user_mpp(tmp_path, slide_rgb, bad):
     """A µm/px that is no positive number is refused by name, a string among them (it raised TypeError)."""
     path = save_png(tmp_path / "x.png", slide_rgb[:64, :64], mpp=None)
-    with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number, got " + re.escape(
-            repr(bad) if isinstance(bad, (str, bool)) else str(bad))):
+    with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number, got "):
         open_slide(path, mpp=bad)
     with pytest.raises(SlideError, match=r"<array>: mpp must be a positive number of µm/px"):
         ArraySlide(slide_rgb, mpp=bad)
