@@ -3,7 +3,6 @@ PNG/JPEG through the image backend, and the in-memory ArraySlide; then µm/px me
 from __future__ import annotations
 
 import os
-import re
 import struct
 import tracemalloc
 import warnings
