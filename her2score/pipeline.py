@@ -577,7 +577,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             if not check.accepted:
                 reason = check.reason
                 if check.code == "implausible_scale" and slide.mpp_origin == "default":
-                    reason += (f" (this file has no µm/px of its own: {slide.mpp:g} was the default given, --default-mpp; "
+                    reason += (f" (this image has no µm/px of its own: {slide.mpp:g} was the default given, --default-mpp; "
                                "default_mpp= in the Python API)")
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
             thumb_eosin = check.eosin_fraction

@@ -334,7 +334,8 @@ class ArraySlide(Slide):
         if mpp is None:
             raise SlideError(path, "no microns-per-pixel: pass mpp (µm/px) for an in-memory image")
         if not _positive(mpp):
-            raise SlideError(path, f"mpp must be a positive number of µm/px, got {_shown(mpp)}")
+            name = "default_mpp, --default-mpp" if mpp_origin == "default" else "mpp"
+            raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {_shown(mpp)}")
         self.path = Path(path)
         rgb = np.asarray(rgb)
         if rgb.ndim == 3 and rgb.shape[0] in (3, 4) and rgb.shape[2] not in (3, 4):

@@ -159,7 +159,8 @@ def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, 
     0.26 at most, their membranes 1.15 x that or more; the flagged real cases: membranes 0.04-0.10 against
     blush 0.12-0.26, and the real colon's FHL2 stain, membranes 0.19 against its stained cells' cytoplasm
     0.43). ``guideline`` names the lowest level it could be: 0 (null) under one that splits 0
-    (guidelines.ZERO_SPLIT), else 0."""
+    (guidelines.ZERO_SPLIT), else 0 (eligibility weighs a breast 2018 call's 0 as 2023's two, null and
+    ultralow, as its rules name them)."""
     if (score == "0" and level != "0+ (ultralow)") or score is None or (words := cytoplasm_doubt(blush, rise, filled)) is None:
         return flags, ""
     zero = "0 (null)" if guideline in ZERO_SPLIT else "0"

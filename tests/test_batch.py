@@ -750,7 +750,7 @@ def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields,
     assert gone == {"scan.tif": "ok", "snapshot.png": "error"}
     wrong = {Path(r["slide"]).name: r for r in run_batch([folder], tmp_path / "wrong", default_mpp=2.0)}
     assert wrong["scan.tif"]["status"] == "ok" and wrong["snapshot.png"]["status"] == "refused"  # it said: give --mpp
-    assert wrong["snapshot.png"]["error"].endswith("the µm/px is wrong; give the scan's --mpp (this file has no µm/px "
+    assert wrong["snapshot.png"]["error"].endswith("the µm/px is wrong; give the scan's --mpp (this image has no µm/px "
                                                    "of its own: 2 was the default given, --default-mpp; default_mpp= "
                                                    "in the Python API)")
 

@@ -329,7 +329,7 @@ def test_bad_user_mpp(tmp_path, slide_rgb, bad):
     path = save_png(tmp_path / "x.png", slide_rgb[:64, :64], mpp=None)
     with pytest.raises(SlideError, match=r"the µm/px given \(mpp, --mpp\) must be a positive number, got "):
         open_slide(path, mpp=bad)
-    with pytest.raises(SlideError, match=r"<array>: mpp must be a positive number of µm/px"):
+    with pytest.raises(SlideError, match=r"<array>: the µm/px given \(mpp\) must be a positive number"):
         ArraySlide(slide_rgb, mpp=bad)
     for number in (np.float32(0.5), np.array(0.5), Decimal("0.5"), Fraction(1, 2)):  # anything float() takes but bools, strings
         assert open_slide(path, mpp=number).mpp == ArraySlide(slide_rgb, mpp=number).mpp == 0.5
@@ -374,6 +374,8 @@ def test_an_array_is_scored_as_given_or_refused_with_how_to_mend_it(fields):
     by_default = score_slide(rgb, default_mpp=0.5)  # an array has no µm/px of its own: the default is the default
     assert by_default.mpp_origin == "default" and "µm/px 0.5 from the default given (an array has no µm/px of its own)" in by_default.notes
     assert score_slide(rgb, mpp=0.5, default_mpp=0.4).mpp == 0.5
+    with pytest.raises(SlideError, match=r"the µm/px given \(default_mpp, --default-mpp\) must be a positive number, got -1"):
+        score_slide(rgb, default_mpp=-1)  # the keyword it was given by is named
     wide = ArraySlide(rgb.astype(np.uint16) * 257, mpp=0.5)
     assert np.array_equal(wide.read_region((0, 0), (64, 64), mpp=0.5), rgb[:64, :64])
     assert wide.notes == ("16-bit samples scaled to 8 bits",)
