@@ -57,12 +57,15 @@ def read_csv_rows(p: Path) -> list[tuple[int, dict[str, str]]]:
     with open(p, newline="", encoding="utf-8-sig") as fh:
         head = fh.readline()
         # Excel's line naming the separator (as a tool that ignores it may re-save it: quoted, or followed by separators)
-        if (excel := re.fullmatch(r'"?sep=([,;\t|])"?[,;\t]*\s*', head, re.IGNORECASE)) is not None:
-            delimiter, skipped = excel[1], 1
-        else:  # a spreadsheet where the comma is the decimal mark separates columns with semicolons; tab-separated text
-            fh.seek(0)
-            delimiter, skipped = next((d for d in ",;\t" if {"path", "label"} <= {
-                column(c) for c in next(csv.reader([head], delimiter=d), [])}), ","), 0
+        excel = re.fullmatch(r'"?sep=([,;\t|]?)"?[,;\t]*\s*', head, re.IGNORECASE)
+        start, skipped = (fh.tell(), 1) if excel else (0, 0)
+        if excel and excel[1]:
+            delimiter = excel[1]
+        else:  # the header's own: a spreadsheet where the comma is the decimal mark writes semicolons; tab-separated text
+            header = fh.readline() if excel else head
+            delimiter = next((d for d in ",;\t" if {"path", "label"} <= {
+                column(c) for c in next(csv.reader([header], delimiter=d), [])}), ",")
+        fh.seek(start)
         reader = csv.DictReader(fh, delimiter=delimiter)
         names = [column(c) for c in reader.fieldnames or []]
         if not {"path", "label"} <= set(names):
