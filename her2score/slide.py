@@ -121,6 +121,11 @@ class Slide(ABC):
     chrominance quantisation tables' (jpeg_quality); None where it is not JPEG-compressed or the backend does
     not say (see jpeg_quality_at)."""
 
+    def _take_mpp(self, args: dict) -> None:
+        """The µm/px, where it came from and the metadata's rival value, as _mpp_args gives them."""
+        self.mpp, self.mpp_source, self.mpp_origin = args["mpp"], args["mpp_source"], args["mpp_origin"]
+        self.metadata_mpp = args.get("metadata_mpp")
+
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3) at ``level``; (x, y) in that level's pixels, in bounds."""
@@ -819,8 +824,7 @@ class TiffSlide(Slide):
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
             args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp, default_mpp)
-            self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
-            self.mpp_origin = args["mpp_origin"]
+            self._take_mpp(args)
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
@@ -970,8 +974,7 @@ class OpenSlideSlide(Slide):
             # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
             args = _mpp_args(path, meta, mpp, default_mpp)
-            self.mpp, self.mpp_source, self.metadata_mpp = args["mpp"], args["mpp_source"], args.get("metadata_mpp")
-            self.mpp_origin = args["mpp_origin"]
+            self._take_mpp(args)
             self.dimensions = (w, h)
             self.levels = tuple(
                 Level(lw, lh, float(ds))
