@@ -162,8 +162,8 @@ def segment_nuclei(
             big = (area * (mpp * mpp) >= min_blob_um2) & (area <= max_blob_spread * np.pi * inscribed**2)
             big[0] = False
             if big.any():
-                rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
-                np.add(smooth, rise, out=smooth, where=big[comp])
+                blob_rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
+                np.add(smooth, blob_rise, out=smooth, where=big[comp])
     rise = nuclear_rise(smooth, mpp=mpp)
     mask = _nuclear_mask(smooth, rise, mpp=mpp, threshold_od=threshold_od, contrast_od=contrast_od, min_width_um=min_width_um)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
