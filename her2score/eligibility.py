@@ -56,8 +56,8 @@ from her2score.guidelines import (
     STAINING_LEVEL,
     apply_guideline,
     cluster_sides,
-    cytoplasm_doubt,
     cluster_words,
+    cytoplasm_doubt,
     isolated_sides,
     isolated_words,
     near_cutoff_settings,
@@ -447,8 +447,7 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
     one of those would change the answer; it quotes the measurement that raised the flag. None otherwise."""
     if "cytoplasmic_dab" not in result.flags or result.score not in SCORES:
         return None
-    split = _levels_guideline(result) in ZERO_SPLIT
-    zeros = ZERO_LEVELS if split else ("0",)
+    zeros = ZERO_LEVELS if _levels_guideline(result) in ZERO_SPLIT else ("0",)
     lower = [("0", "0 (null)")] if result.score == "0" else [  # a 0+ (ultralow) could be 0 (null)
         *(("0", z) for z in zeros), *((s, s) for s in SCORES[1:SCORES.index(result.score)])]
     answers: dict[str, list[str]] = {}
@@ -457,9 +456,10 @@ def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: s
             answers.setdefault(other, []).append(level)
     if not answers:
         return None
-    od = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-          for k, v in ((k, result.staining.get(k)) for k in ("diffuse_cytoplasm_od", "membrane_contrast_od", "stained_cytoplasm_od"))}
-    words = cytoplasm_doubt(od["diffuse_cytoplasm_od"], od["membrane_contrast_od"], od["stained_cytoplasm_od"])
+    def measured(key: str) -> float | None:  # None where a result.json edited by hand holds no number
+        value = result.staining.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    words = cytoplasm_doubt(measured("diffuse_cytoplasm_od"), measured("membrane_contrast_od"), measured("stained_cytoplasm_od"))
     at = "; ".join(f"at {_either(levels)} the answer would be {other}" for other, levels in answers.items())
     return f"diffuse cytoplasmic DAB may have been read as membrane staining{f' ({words})' if words else ''}: {at}"
 
