@@ -27,10 +27,11 @@ from scipy.spatial import cKDTree
 from .categories import CATEGORIES
 from .files import atomic_file, atomic_write, visible_files
 from .membrane import longest_circular_run
-from .stain import EOSIN_OD, H_DAB, StainSet
+from .stain import EOSIN_OD, H_DAB, StainSet, estimate_background
 
 __all__ = [
     "SCORES", "Confounders", "REAL_BORDERS", "SyntheticField", "generate_field", "generate_he_field", "make_slide",
+    "paint_membranes",
     "write_pyramidal_tiff", "write_dataset", "write_samples",
 ]
 
@@ -44,6 +45,8 @@ MAX_STAIN_JITTER_DEG = 30.0
 """The most stain jitter a set may be drawn with (s.d. of the stain vectors' turn, degrees)."""
 _LN10 = np.float32(np.log(10.0))
 _PAD_UM = 16.0  # canvas margin around the image, larger than any cell radius
+PSF_UM = 0.4
+"""The optics' Gaussian point spread (s.d., µm)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,8 +78,7 @@ class SyntheticField:
 
     def truth_counts(self) -> dict[str, int]:
         """Number of tumour cells in each category, as seen (``cells["category"]``)."""
-        cat = self.cells["category"][self.cells["tumour"]]
-        return {c: int(np.count_nonzero(cat == c)) for c in CATEGORIES}
+        return _counts(self.cells)
 
     def to_truth_dict(self) -> dict:
         """JSON-serialisable summary: score, variant, seed, mpp, size, counts and fractions."""
@@ -247,6 +249,92 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
             "completeness": completeness, "longest_arc": longest_arc, "membrane_od": membrane_od}
 
 
+def _membranes(rng, lab: np.ndarray, across: np.ndarray, edge_um: np.ndarray, tumour: np.ndarray, centres: np.ndarray,
+               od: np.ndarray, width: np.ndarray, arc_s: np.ndarray, arc_l: np.ndarray, cats: np.ndarray, mpp: float):
+    """Each tumour cell's membrane deposit along its own border, and the membrane's truth.
+
+    ``lab`` (H, W): the cell owning each pixel (an index into the per-cell arrays); ``across`` (H, W): the
+    cell beyond the pixel's nearest edge; ``edge_um``: the pixel's distance in from that edge (µm);
+    ``tumour``: the cells that may stain; ``centres`` (n, 2): each cell's (x, y) px, round which its
+    stained arcs are placed (fractions of its perimeter, by angle); ``od``, ``width``, ``arc_s``,
+    ``arc_l``, ``cats``: each cell's deposit as drawn (_membrane_params). The deposit is a Gaussian
+    across the edge, slightly inside it, integrated over the pixel (sigma^2 + mpp^2/12, area kept) so
+    that thin lines do not alias. Returns the deposit (log10 DAB OD per pixel), each cell's
+    completeness (the share of its rim, its pixels within 0.75 px of its edge, under its own deposit)
+    and the membrane as seen (_seen_categories).
+    """
+    n = len(od)
+    um = 1.0 / mpp
+    tum_px = tumour[lab]
+    band = tum_px & (edge_um < 4.0) & (od[lab] > 0)
+    lb = lab[band]
+    # angle -> fraction of the cell's perimeter: empirical CDF of its boundary pixels' angles
+    rim = tum_px & (edge_um * um < 0.75)
+    n_rim = np.bincount(lab[rim], minlength=n)
+
+    def angle(cell, y, x):
+        return (np.arctan2(y - centres[cell, 1], x - centres[cell, 0]) / (2 * np.pi)) % 1.0
+
+    rim_y, rim_x = np.nonzero(rim)
+    key_rim = np.sort(lab[rim] + angle(lab[rim], rim_y, rim_x))
+    first = np.concatenate([[0], np.cumsum(n_rim)[:-1]])
+
+    def perimeter_position(cell, y, x):
+        return (np.searchsorted(key_rim, cell + angle(cell, y, x)) - first[cell]) / np.maximum(n_rim[cell], 1)
+
+    def stained(cell, pos):
+        on = np.zeros(len(cell), bool)
+        for k in range(3):
+            on |= ((pos - arc_s[cell, k]) % 1.0) < arc_l[cell, k]
+        return on & (od[cell] > 0)
+
+    on = stained(lb, perimeter_position(lb, *np.nonzero(band)))
+    sig_d = width / 2.355
+    sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
+    amp = od * sig_d / np.maximum(sig_r, 1e-6)
+    off = 0.25 * width + 0.15
+    gran = 1 + 0.15 * _fine(rng, lab.shape, 0.4 * um)[band]
+    prof = amp[lb] * np.exp(-0.5 * ((edge_um[band] - off[lb]) / sig_r[lb]) ** 2) * on * gran
+    deposit = np.zeros(lab.shape, np.float32)
+    deposit[band] = np.maximum(prof, 0)
+    on_full = np.zeros(lab.shape, bool)
+    on_full[band] = on
+    completeness = np.where(od > 0, np.bincount(lab[rim & on_full], minlength=n) / np.maximum(n_rim, 1), 0.0)
+    # the membrane as seen: a membrane belongs to every cell it borders (the README's convention),
+    # so each rim pixel also shows the deposit of the tumour cell across the edge
+    rl, nb = lab[rim], across[rim]
+    nb_on = tumour[nb] & stained(nb, perimeter_position(nb, rim_y, rim_x))
+    rim_od = np.maximum(od[rl] * on_full[rim], od[nb] * nb_on)
+    return deposit, completeness, _seen_categories(rl, perimeter_position(rl, rim_y, rim_x), rim_od, cats, n)
+
+
+def _truth_columns(seen: dict, completeness: np.ndarray, od: np.ndarray, width: np.ndarray, arc_l: np.ndarray,
+                   cats: np.ndarray, rows: np.ndarray, tumour: np.ndarray) -> dict[str, np.ndarray]:
+    """SyntheticField.cells' membrane truth for the cells ``rows`` (indices into the per-cell arrays;
+    ``tumour`` per row: a non-tumour row is none, zeros): the membrane as seen (_membranes), the
+    cell's own deposit, then ``tumour`` and ``pattern``."""
+    enc = seen["enclosed"][rows]
+
+    def either(seen_value, own):
+        return np.where(tumour, np.where(enc, seen_value[rows], own[rows]), 0).astype(np.float32)
+
+    def own(value):
+        return np.where(tumour, value[rows], 0).astype(np.float32)
+
+    category = np.where(tumour, seen["category"][rows].astype(str), "none").astype("<U24")
+    return {
+        "completeness": either(seen["completeness"], completeness),
+        "longest_arc": either(seen["longest_arc"], arc_l.max(axis=1)),
+        "membrane_od": either(seen["membrane_od"], od),
+        "category": category,
+        "deposit_completeness": own(completeness), "deposit_longest_arc": own(arc_l.max(axis=1)),
+        "deposit_od": own(od), "width_um": own(width),
+        "deposit_category": np.where(tumour, cats[rows].astype(str), "none").astype("<U24"),
+        "tumour": tumour,
+        "pattern": np.array([x.rsplit("_", 1)[-1] for x in category], dtype="<U10"),
+    }
+
+
 @dataclass(frozen=True)
 class Confounders:
     """What real slides add beside membrane staining (all log10 DAB OD unless named otherwise).
@@ -406,38 +494,8 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
         conc_d = np.zeros((H, W), np.float32)
     else:
         conc_e = None
-        # membrane deposit: Gaussian across the cell's own Voronoi edge, slightly inside it,
-        # integrated over the pixel (sigma^2 + mpp^2/12, area kept) to avoid aliasing thin lines
-        band = tum_px & (edge_um < 4.0) & (od[lab] > 0)
-        lb = lab[band]
-        # angle -> fraction of the cell's perimeter: empirical CDF of its boundary pixels' angles
-        rim = tum_px & (edge_um * um < 0.75)
-        n_rim = np.bincount(lab[rim], minlength=ns)
-
-        def angle(cell, y, x):
-            return (np.arctan2(y - seeds[cell, 1], x - seeds[cell, 0]) / (2 * np.pi)) % 1.0
-
-        key_rim = np.sort(lab[rim] + angle(lab[rim], yy[rim], xx[rim]))
-        first = np.concatenate([[0], np.cumsum(n_rim)[:-1]])
-
-        def perimeter_position(cell, y, x):
-            return (np.searchsorted(key_rim, cell + angle(cell, y, x)) - first[cell]) / np.maximum(n_rim[cell], 1)
-
-        def stained(cell, pos):
-            on = np.zeros(len(cell), bool)
-            for k in range(3):
-                on |= ((pos - arc_s[cell, k]) % 1.0) < arc_l[cell, k]
-            return on & (od[cell] > 0)
-
-        on = stained(lb, perimeter_position(lb, yy[band], xx[band]))
-        sig_d = width / 2.355
-        sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
-        amp = od * sig_d / np.maximum(sig_r, 1e-6)
-        off = 0.25 * width + 0.15
-        gran = 1 + 0.15 * _fine(rng, (H, W), 0.4 * um)[band]
-        prof = amp[lb] * np.exp(-0.5 * ((edge_um[band] - off[lb]) / sig_r[lb]) ** 2) * on * gran
-        conc_d = np.zeros((H, W), np.float32)
-        conc_d[band] = np.maximum(prof, 0)
+        conc_d, completeness, seen = _membranes(rng, lab, idx[:, 1].reshape(H, W), edge_um, tumour, seeds, od, width,
+                                                arc_s, arc_l, cats, mpp)
         haze = od * rng.uniform(0.03, 0.08, ns)
         conc_d += (tum_px * (1 - nuc) * haze[lab]).astype(np.float32)
         cf = confounders
@@ -451,17 +509,6 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
             level = np.maximum(1 + cf.border_variation * _lowfreq(rng, (H, W), 3 * um)[near], 0)
             sig = np.sqrt((0.6 / 2.355) ** 2 + mpp ** 2 / 12)
             conc_d[near] += (cf.border_od * level * np.exp(-0.5 * ((edge_um[near] - 0.3) / sig) ** 2)).astype(np.float32)
-        # completeness measured on the cell's own boundary pixels (within 0.75 px of the edge)
-        on_full = np.zeros((H, W), bool)
-        on_full[band] = on
-        n_on = np.bincount(lab[rim & on_full], minlength=ns)
-        completeness = np.where(od > 0, n_on / np.maximum(n_rim, 1), 0.0)
-        # the membrane as seen: a membrane belongs to every cell it borders (the README's convention),
-        # so each rim pixel also shows the deposit of the tumour cell across the edge
-        rl, nb = lab[rim], idx[:, 1].reshape(H, W)[rim]
-        nb_on = tumour[nb] & stained(nb, perimeter_position(nb, yy[rim], xx[rim]))
-        rim_od = np.maximum(od[rl] * on_full[rim], od[nb] * nb_on)
-        seen = _seen_categories(rl, perimeter_position(rl, yy[rim], xx[rim]), rim_od, cats, ns)
 
     if he:
         completeness = np.zeros(ns)
@@ -473,22 +520,11 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
     sel = np.concatenate([rows, np.array([i for i, _ in ex], int)])
     n_t = len(rows)
     is_t = np.arange(len(sel)) < n_t
-    enc = seen["enclosed"]
     cells = {
         "x_px": (ncx[sel] - pad).astype(np.float32), "y_px": (ncy[sel] - pad).astype(np.float32),
         "nucleus_radius_um": np.concatenate([r_um[rows], [r for _, r in ex]]).astype(np.float32),
-        "completeness": np.where(is_t, np.where(enc, seen["completeness"], completeness)[sel], 0).astype(np.float32),
-        "longest_arc": np.where(is_t, np.where(enc, seen["longest_arc"], arc_l.max(axis=1))[sel], 0).astype(np.float32),
-        "membrane_od": np.where(is_t, np.where(enc, seen["membrane_od"], od)[sel], 0).astype(np.float32),
-        "category": np.array(list(seen["category"][rows]) + ["none"] * len(ex), dtype="<U24"),
-        "deposit_completeness": np.where(is_t, completeness[sel], 0).astype(np.float32),
-        "deposit_longest_arc": np.where(is_t, arc_l[sel].max(axis=1), 0).astype(np.float32),
-        "deposit_od": np.where(is_t, od[sel], 0).astype(np.float32),
-        "width_um": np.where(is_t, width[sel], 0).astype(np.float32),
-        "deposit_category": np.array(list(cats[rows]) + ["none"] * len(ex), dtype="<U24"),
-        "tumour": is_t,
+        **_truth_columns(seen, completeness, od, width, arc_l, cats, sel, is_t),
     }
-    cells["pattern"] = np.array([x.rsplit("_", 1)[-1] for x in cells["category"]], dtype="<U10")
     row_of = np.full(ns, -1, np.int32)
     row_of[rows] = np.arange(n_t)
     label_map = np.where(tum_px, row_of[lab], -1).astype(np.int32)
@@ -527,7 +563,7 @@ def _stains(rng, stain_jitter: float) -> tuple[StainSet, float]:
 
 def _render(rng, maps: dict, vectors: dict, background, pad: int, w: int, h: int, mpp: float,
             jpeg_quality: int | None) -> np.ndarray:
-    """Beer-Lambert -> Gaussian PSF (0.4 µm) -> sensor noise -> 8-bit -> JPEG."""
+    """Beer-Lambert -> Gaussian PSF (PSF_UM) -> sensor noise -> 8-bit -> JPEG."""
     od = None
     for k, m in maps.items():
         if m is None:
@@ -535,13 +571,30 @@ def _render(rng, maps: dict, vectors: dict, background, pad: int, w: int, h: int
         term = m[..., None] * np.asarray(vectors[k], np.float32)
         od = term if od is None else od + term
     inten = np.exp(-_LN10 * od) * np.asarray(background, np.float32)
-    inten = cv2.GaussianBlur(inten, (0, 0), 0.4 / mpp)[pad:pad + h, pad:pad + w]
+    inten = cv2.GaussianBlur(inten, (0, 0), PSF_UM / mpp)[pad:pad + h, pad:pad + w]
     inten += rng.standard_normal(inten.shape, dtype=np.float32) * np.sqrt(inten / 120.0 + 0.3)
-    rgb = np.clip(inten + 0.5, 0, 255).astype(np.uint8)
-    if jpeg_quality:
-        ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-        rgb = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
-    return rgb
+    return _jpeg(np.clip(inten + 0.5, 0, 255).astype(np.uint8), jpeg_quality)
+
+
+def _jpeg(rgb: np.ndarray, quality: int | None) -> np.ndarray:
+    """``rgb`` through JPEG at ``quality`` (None or 0: as it is)."""
+    if not quality:
+        return rgb
+    ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+def _true_score(cells: dict[str, np.ndarray], gastric: bool) -> str:
+    """The guideline's call on the true counts of ``cells`` (breast ASCO/CAP 2023, or gastric resection)."""
+    from .guidelines import apply_guideline
+
+    return apply_guideline(_counts(cells), "gastric" if gastric else "breast-asco-cap-2023").score
+
+
+def _counts(cells: dict[str, np.ndarray]) -> dict[str, int]:
+    """Number of the tumour ``cells`` in each category, as seen."""
+    category = cells["category"][cells["tumour"]]
+    return {c: int(np.count_nonzero(category == c)) for c in CATEGORIES}
 
 
 def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastric, tissue_fraction=None,
@@ -566,11 +619,7 @@ def _field(score, seed, size_px, mpp, variant, stain_jitter, jpeg_quality, gastr
     img = _render(rng, b["maps"], {"h": stains.hematoxylin, "d": stains.dab}, stains.background,
                   b["pad"], w, h, mpp, jpeg_quality)
     if composition is not None:
-        from .guidelines import apply_guideline
-
-        tumour = b["cells"]["tumour"]
-        counts = {c: int(np.count_nonzero(b["cells"]["category"][tumour] == c)) for c in CATEGORIES}
-        score = apply_guideline(counts, "gastric" if gastric else "breast-asco-cap-2023").score
+        score = _true_score(b["cells"], gastric)
     return SyntheticField(img, float(mpp), score, variant, b["cells"], stains, int(seed),
                           dab_od=b["dab_od"], label_map=b["label_map"])
 
@@ -604,6 +653,75 @@ def generate_he_field(*, seed: int, size_px: tuple[int, int] = (512, 512), mpp: 
     bg = tuple(float(x) for x in np.clip(rng.uniform(245, 255) + rng.uniform(-2, 2, 3), 0, 255))
     b = _build(rng, w, h, mpp, "0", "null", False, he=True)
     return _render(rng, b["maps"], {"h": H_DAB.hematoxylin, "e": EOSIN_OD}, bg, b["pad"], w, h, mpp, jpeg_quality)
+
+
+def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composition: dict[str, float], seed: int,
+                    clonal: bool = False, gastric: bool = False, reach_um: float = 4.0,
+                    jpeg_quality: int | None = None) -> SyntheticField:
+    """A real field with membranes of known truth: the generator's membrane deposits laid on its cells.
+
+    ``rgb``: a real brightfield field without membrane DAB (a real HER2 0, e.g. stain.remove_dab of a
+    real IHC field); ``nuclei``: a label image of the tumour nuclei to stain (an annotation: each
+    nucleus its own label, 0 elsewhere); ``mpp``: the field's µm/px. Each nucleus's cell is the ground
+    nearer to it than to any other nucleus, out to ``reach_um`` from it; its membrane is drawn along
+    that cell's edge with the composition's categories (``composition``, ``clonal`` and ``gastric`` as
+    in generate_field), and laid on the field by Beer-Lambert: each pixel's light times the deposit's
+    DAB transmittance (default vectors), blurred by the optics' PSF (PSF_UM), then JPEG at
+    ``jpeg_quality`` (None: none beyond the field's own). The field keeps its own nuclei, counterstain,
+    stroma and noise: what a scorer meets on real tissue. ``cells`` lists the annotated nuclei (all
+    tumour), with the truth as generate_field gives it; ``label_map``: the cell owning each pixel (-1:
+    none). Deterministic per seed.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
+    nuclei = np.asarray(nuclei)
+    if nuclei.shape != rgb.shape[:2]:
+        raise ValueError(f"nuclei must be a label image the size of rgb {rgb.shape[:2]}, got {nuclei.shape}")
+    ids, owner = np.unique(nuclei, return_inverse=True)  # owner: 0 for the ground, 1.. per nucleus
+    owner = owner.reshape(nuclei.shape).astype(np.intp) - (ids[0] == 0)
+    n = len(ids) - (ids[0] == 0)
+    if n == 0:
+        raise ValueError("nuclei holds no nucleus to stain")
+    um = 1.0 / mpp
+    # each pixel's nearest nucleus pixel; beyond reach_um of every nucleus, the ground (cell n: no tumour)
+    dist, (ny, nx) = ndimage.distance_transform_edt(owner < 0, return_indices=True)
+    lab = np.where(dist <= reach_um * um, owner[ny, nx], n)
+    # edges run between pixels of different cells: a pixel's distance in is to the nearest such pixel, plus half
+    # a pixel, or to the end of its cell's reach, where nearer; the cell across is that pixel's other cell
+    differs = np.zeros(lab.shape, bool)
+    other = np.full(lab.shape, n)
+    for a, b in (((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                 ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
+        d = lab[a] != lab[b]
+        for x, y in ((a, b), (b, a)):
+            differs[x] |= d
+            other[x] = np.where(d, lab[y], other[x])
+    to_edge, (ey, ex) = ndimage.distance_transform_edt(~differs, return_indices=True)
+    edge_um = np.minimum((to_edge + 0.5) * mpp, reach_um - dist * mpp).astype(np.float32)
+    across = np.where(lab[ey, ex] == lab, other[ey, ex], lab[ey, ex])
+    area = np.bincount(owner[owner >= 0], minlength=n)
+    yy, xx = np.nonzero(owner >= 0)
+    centres = np.column_stack([np.bincount(owner[yy, xx], xx, n), np.bincount(owner[yy, xx], yy, n)]) / area[:, None]
+
+    tumour = np.arange(n + 1) < n
+    order = _lowfreq(rng, lab.shape, 30 * um)[centres[:, 1].astype(int), centres[:, 0].astype(int)] if clonal else None
+    cats = np.append(_assign(_check_composition(composition), tumour[:n], None, rng, order), "none")
+    od, width, arc_s, arc_l, cats = _membrane_params(cats, None, rng)
+    deposit, completeness, seen = _membranes(rng, lab, across, edge_um, tumour, np.vstack([centres, [[0.0, 0.0]]]),
+                                             od, width, arc_s, arc_l, cats, mpp)
+    stains = H_DAB.with_background(estimate_background(rgb))
+    light = np.exp(-_LN10 * deposit[..., None] * np.asarray(stains.dab, np.float32))
+    image = _jpeg(np.clip(rgb * cv2.GaussianBlur(light, (0, 0), PSF_UM / mpp) + 0.5, 0, 255).astype(np.uint8), jpeg_quality)
+    rows = np.arange(n)
+    cells = {"x_px": centres[:, 0].astype(np.float32), "y_px": centres[:, 1].astype(np.float32),
+             "nucleus_radius_um": (np.sqrt(area / np.pi) * mpp).astype(np.float32),
+             **_truth_columns(seen, completeness, od, width, arc_l, cats, rows, tumour[:n])}
+    return SyntheticField(image, float(mpp), _true_score(cells, gastric), "painted", cells, stains, int(seed),
+                          dab_od=deposit, label_map=np.where(lab < n, lab, -1).astype(np.int32))
 
 
 def make_slide(score: str, *, seed: int, size_px: tuple[int, int] = (3000, 2000), mpp: float = 0.25,

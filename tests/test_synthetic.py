@@ -16,6 +16,7 @@ from her2score.synthetic import (
     generate_field,
     generate_he_field,
     make_slide,
+    paint_membranes,
     write_dataset,
     write_pyramidal_tiff,
     write_samples,
@@ -265,3 +266,66 @@ def test_the_committed_sample_images_are_what_write_samples_makes(tmp_path):
         assert np.array_equal(np.asarray(Image.open(made / png.name)), np.asarray(Image.open(png))), png.name
     ours, theirs = tifffile.imread(made / "slide_2plus.tif"), tifffile.imread(committed / "slide_2plus.tif")
     assert ours.shape == theirs.shape and np.abs(ours.astype(int) - theirs).mean() < 0.5
+
+
+# --------------------------------------------------------------------------- membranes painted on a given field
+
+def _nuclei_grid(rows: int = 4, cols: int = 4, mpp: float = 0.5, spacing_um: float = 12.0, radius_um: float = 3.5):
+    """A pale field (haematoxylin-tinted) with a grid of round nuclei; (rgb, nucleus labels, centres (x, y) px)."""
+    side = round((max(rows, cols) + 1) * spacing_um / mpp)
+    rgb = np.full((side, side, 3), (232, 228, 236), np.uint8)
+    labels = np.zeros((side, side), np.int32)
+    centres = []
+    for i in range(rows):
+        for j in range(cols):
+            c = (round((j + 1) * spacing_um / mpp), round((i + 1) * spacing_um / mpp))
+            cv2.circle(rgb, c, round(radius_um / mpp), (120, 110, 170), -1)
+            cv2.circle(labels, c, round(radius_um / mpp), len(centres) + 1, -1)
+            centres.append(c)
+    return rgb, labels, np.array(centres, float)
+
+
+def test_painting_nothing_leaves_the_field_as_it_was():
+    rgb, labels, _ = _nuclei_grid()
+    f = paint_membranes(rgb, labels, mpp=0.5, composition={}, seed=1)
+    assert np.array_equal(f.image, rgb)
+    assert f.score == "0" and f.variant == "painted" and f.truth_counts()["none"] == 16
+    assert not f.dab_od.any()
+    assert set(np.unique(f.label_map)) == set(range(-1, 16))
+
+
+def test_painted_membranes_lie_between_the_nuclei_and_darken_only_there():
+    rgb, labels, centres = _nuclei_grid()
+    f = paint_membranes(rgb, labels, mpp=0.5, composition={"strong_complete": 1.0}, seed=2)
+    assert f.score == "3+" and f.truth_counts()["strong_complete"] == 16
+    assert np.allclose(np.column_stack([f.cells["x_px"], f.cells["y_px"]]), centres, atol=0.5)
+    line = f.dab_od > 0.05  # the deposit's visible line (log10 OD); its tails reach the nuclei's edges, its core never
+    assert not (f.dab_od > 0.35)[labels > 0].any() and not line[centres[:, 1].astype(int), centres[:, 0].astype(int)].any()
+    mid = ((centres[0] + centres[1]) / 2).astype(int)  # midway between two neighbouring nuclei, 6 µm from each
+    assert f.dab_od[mid[1], mid[0] - 2 : mid[0] + 3].max() > 0.3
+    brown = deconvolve(f.image, H_DAB.with_background((232.0, 228.0, 236.0)))[..., 1]
+    far = ~cv2.dilate(line.view(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)  # 2 µm or more from the line
+    assert brown[line].mean() > 0.2
+    assert np.array_equal(f.image[far], rgb[far])
+
+
+def test_painted_composition_is_exact_and_deterministic():
+    rgb, labels, _ = _nuclei_grid()
+    a = paint_membranes(rgb, labels, mpp=0.5, composition={"weak_moderate_complete": 0.25}, seed=3)
+    b = paint_membranes(rgb, labels, mpp=0.5, composition={"weak_moderate_complete": 0.25}, seed=3)
+    assert np.count_nonzero(a.cells["deposit_category"] == "weak_moderate_complete") == 4
+    assert np.array_equal(a.image, b.image) and a.truth_counts() == b.truth_counts()
+    assert not np.array_equal(a.image, paint_membranes(rgb, labels, mpp=0.5, composition={"weak_moderate_complete": 0.25},
+                                                       seed=4).image)
+
+
+def test_painting_refuses_what_it_cannot_paint():
+    rgb, labels, _ = _nuclei_grid()
+    with pytest.raises(ValueError, match="uint8"):
+        paint_membranes(rgb.astype(float), labels, mpp=0.5, composition={}, seed=1)
+    with pytest.raises(ValueError, match="the size of rgb"):
+        paint_membranes(rgb, labels[:-1], mpp=0.5, composition={}, seed=1)
+    with pytest.raises(ValueError, match="no nucleus"):
+        paint_membranes(rgb, np.zeros_like(labels), mpp=0.5, composition={}, seed=1)
+    with pytest.raises(ValueError, match="composition categories"):
+        paint_membranes(rgb, labels, mpp=0.5, composition={"brown": 0.2}, seed=1)
