@@ -9,6 +9,7 @@ Shared by the tests and ``benchmarks/real_images.py``. Nothing here is copied in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -177,28 +178,46 @@ def _centroids(labels: np.ndarray) -> np.ndarray:
     return np.column_stack([np.bincount(labels.ravel(), xx.ravel())[ids] / n, np.bincount(labels.ravel(), yy.ravel())[ids] / n])
 
 
-def _deepliif_fields():
-    """(name, RGB, annotated nucleus centroids (x, y) px) of each DeepLIIF Ki67 field."""
+def _deepliif_annotated(positive: bool = True):
+    """(name, RGB, label image of the annotated nuclei) of each DeepLIIF Ki67 field: red (Ki67-positive) and
+    blue (negative) nuclei, or the blue alone where not ``positive``; green borders and specks under 15 px
+    left out."""
     from PIL import Image
 
     for p in sorted((REAL / "nuclear-ihc" / "deepliif-ki67" / "images").glob("*.png")):
         rgb = np.asarray(Image.open(p).convert("RGB"))
         mask = np.asarray(Image.open(p.parents[1] / "masks" / p.name).convert("RGB")).astype(int)
-        cell = ((mask[..., 0] > 100) | (mask[..., 2] > 100)) & (mask[..., 1] <= 80)  # red/blue cells, green borders
-        _, _, stats, gt = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
-        yield p.stem, rgb, gt[1:][stats[1:, cv2.CC_STAT_AREA] >= 15]
+        red, blue = mask[..., 0] > 100, mask[..., 2] > 100
+        cell = ((red | blue) if positive else (blue & ~red)) & (mask[..., 1] <= 80)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
+        keep = stats[:, cv2.CC_STAT_AREA] >= 15
+        keep[0] = False
+        yield p.stem, rgb, np.where(keep[labels], labels, 0).astype(np.int32)
+
+
+def _deepliif_fields():
+    """(name, RGB, annotated nucleus centroids (x, y) px) of each DeepLIIF Ki67 field."""
+    for name, rgb, labels in _deepliif_annotated():
+        yield name, rgb, _centroids(labels)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, within_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``a``, rows of ``b``): the points matched one-to-one (Hungarian, nearest) within ``within_px``."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not (len(a) and len(b)):
+        return np.zeros(0, int), np.zeros(0, int)
+    d = np.linalg.norm(a[:, None] - b[None], axis=2)
+    cost = np.where(d <= within_px, d, 1e6)
+    rows, cols = linear_sum_assignment(cost)
+    near = cost[rows, cols] < 1e6
+    return rows[near], cols[near]
 
 
 def _one_to_one(det: np.ndarray, gt: np.ndarray, within_px: float) -> np.ndarray:
     """Bool per detection: matched one-to-one (Hungarian, nearest) to an annotation within ``within_px``."""
-    from scipy.optimize import linear_sum_assignment
-
     matched = np.zeros(len(det), bool)
-    if len(det) and len(gt):
-        d = np.linalg.norm(det[:, None] - gt[None], axis=2)
-        cost = np.where(d <= within_px, d, 1e6)
-        rows, cols = linear_sum_assignment(cost)
-        matched[rows[cost[rows, cols] < 1e6]] = True
+    matched[_pairs(det, gt, within_px)[0]] = True
     return matched
 
 
@@ -234,3 +253,54 @@ def deepliif_detection(mpp: float = 0.3, match_um: float = 4.0) -> tuple[int, in
         tp += int(_one_to_one(det, gt, match_um / mpp).sum())
         det_n, gt_n = det_n + len(det), gt_n + len(gt)
     return tp, det_n, gt_n
+
+
+PAINTED_FIELDS = ("22_2", "799_2")
+"""The DeepLIIF fields membranes are painted on: those with few Ki67-positive nuclei (1-10%), whose DAB removed
+leaves pale ghosts; their Ki67-negative nuclei are the cells painted."""
+
+PAINTED_MPP = 0.3
+"""µm/px of the DeepLIIF fields (estimated: SOURCE.md)."""
+
+
+KI67_HALO_UM = 2.0
+"""How far round a Ki67-positive nucleus its DAB is removed for painting (µm): the blur of its stain."""
+
+
+@lru_cache(maxsize=None)
+def _painted_background(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, label image of the Ki67-negative nuclei) of DeepLIIF field ``name`` as a real HER2 0: its Ki67
+    DAB removed (within KI67_HALO_UM of each positive nucleus), and its DAB elsewhere kept, the chromogen's
+    real background and noise (off nuclei 0.025 OD median, 0.05 at the 90th percentile), which stain.remove_dab
+    of the whole field would take to 0."""
+    from her2score.stain import remove_dab
+
+    for (stem, rgb, every), (_, _, negative) in zip(_deepliif_annotated(), _deepliif_annotated(positive=False)):
+        if stem == name:
+            halo = round(KI67_HALO_UM / PAINTED_MPP)
+            positive = cv2.dilate(((every > 0) & (negative == 0)).astype(np.uint8),
+                                  cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
+            return np.where(positive[..., None], remove_dab(rgb), rgb), negative
+    raise KeyError(f"no DeepLIIF field {name!r} under {REAL}")
+
+
+def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal: bool = False):
+    """A real HER2 field of known truth: the DeepLIIF field ``name`` (PAINTED_FIELDS) with its Ki67 DAB removed
+    (a real HER2 0, _painted_background) and the generator's membranes painted on its annotated Ki67-negative
+    tumour cells in ``composition`` (synthetic.paint_membranes). Its counterstain, nuclei, stroma, DAB
+    background and noise are real."""
+    from her2score.synthetic import paint_membranes
+
+    background, nuclei = _painted_background(name)
+    return paint_membranes(background, nuclei, mpp=PAINTED_MPP, composition=composition, seed=seed, clonal=clonal)
+
+
+def matched_categories(field, cells, match_um: float = 4.0) -> list[tuple[str, str]]:
+    """(true category, category read) for each of a painted ``field``'s cells, read from the scored
+    ``cells`` (SlideAnalysis.cells) nearest its nucleus, one-to-one within ``match_um``: "missed" where
+    none is, "non-tumour" where that cell was not counted as tumour."""
+    truth = np.column_stack([field.cells["x_px"], field.cells["y_px"]])
+    read = ["missed"] * len(truth)
+    for i, j in zip(*_pairs(truth, np.column_stack([cells["x"], cells["y"]]), match_um / field.mpp)):
+        read[i] = str(cells["category"][j]) if cells["tumour"][j] else "non-tumour"
+    return list(zip((str(c) for c in field.cells["category"]), read))

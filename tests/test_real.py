@@ -21,7 +21,8 @@ from her2score.slide import ArraySlide
 from her2score.stain import H_DAB, deconvolve, estimate_background, estimate_stains
 from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
 from her2score.tissue import Tile
-from realdata import REAL, _as_array, deepliif_detection, deepliif_tumour_selection, real_cases
+from realdata import (PAINTED_FIELDS, REAL, _as_array, deepliif_detection, deepliif_tumour_selection, matched_categories,
+                      painted_field, real_cases)
 
 CASES = {c.name: c for c in real_cases()}
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real images not found at {REAL}")
@@ -254,6 +255,69 @@ def test_tumour_cells_without_an_annotation_against_deepliif_masks():
     sel = deepliif_tumour_selection()
     flagged, right, annotated = (sum(v[i] for v in sel.values()) for i in range(3))
     assert right / flagged >= 0.65 and right / annotated >= 0.78, sel
+
+
+# --------------------------------------------------------------------------- membranes of known truth painted on real tissue
+
+PAINTED_CLASSES = {"0": {}, "1+": {"faint_partial": 0.40}, "2+": {"weak_moderate_complete": 0.50, "faint_partial": 0.10},
+                   "3+": {"strong_complete": 0.60, "weak_moderate_complete": 0.20, "faint_partial": 0.10}}
+"""Compositions well away from every cut-off, by the call they make (benchmarks/painted_real.py's clear classes)."""
+
+PAINTED_CUTOFFS = ({"faint_partial": 0.08}, {"faint_partial": 0.12}, {"weak_moderate_complete": 0.08},
+                   {"weak_moderate_complete": 0.12}, {"strong_complete": 0.08}, {"strong_complete": 0.12},
+                   {"strong_partial": 0.12})
+"""Compositions whose deciding cells lie either side of a 10% cut-off."""
+
+
+def _painted(name: str, composition: dict, clonal: bool):
+    f = painted_field(name, composition, seed=0, clonal=clonal)
+    return f, analyse_slide(ArraySlide(f.image, mpp=f.mpp))
+
+
+@needs_real
+@pytest.mark.parametrize("name", PAINTED_FIELDS)
+@pytest.mark.parametrize("score", PAINTED_CLASSES)
+def test_membranes_painted_on_real_tissue_get_their_call(name, score):
+    """Real tissue (a DeepLIIF field, its Ki67 removed) with membranes of known truth on its annotated tumour
+    cells, scattered and in clones: the call is the truth's (benchmarks/painted_real.py: 48 of 48 over 3 seeds)."""
+    for clonal in (False, True):
+        f, a = _painted(name, PAINTED_CLASSES[score], clonal)
+        assert f.score == score and a.result.score == score, (clonal, a.result.percentages, a.result.reason)
+
+
+@needs_real
+@pytest.mark.parametrize("name", PAINTED_FIELDS)
+def test_membranes_painted_on_real_tissue_near_a_cutoff_are_never_called_wrong_unflagged(name):
+    """Where the deciding cells lie at 8% or 12% of a real field's tumour cells (about 60-130 of them), a wrong call
+    always carries near_cutoff, so eligibility asks for review (benchmarks/painted_real.py: 0 of 84 unflagged; 53
+    called wrong, as sampling and the faint membranes' under-reading allow)."""
+    wrong = []
+    for composition in PAINTED_CUTOFFS:
+        for clonal in (False, True):
+            f, a = _painted(name, composition, clonal)
+            if a.result.score != f.score:
+                wrong.append((composition, clonal, f.score, a.result.score, a.result.flags))
+    assert all("near_cutoff" in w[-1] for w in wrong), wrong
+
+
+@needs_real
+def test_membranes_painted_on_real_tissue_are_read_cell_by_cell():
+    """Each painted cell against the cell scored on its nucleus (one-to-one within 4 µm), over both fields' 2+ and 3+,
+    scattered and clonal: of the cells found and counted as tumour, measured 77% of the weak-to-moderate complete,
+    80% of the strong complete and 88% of the unstained cells read at their true category (the unstained beside
+    stained ones read partial or lateral; the few faint cells among stained ones, 17%). About a third of all cells,
+    stained or not alike (31-38%), are lost to detection and tumour selection (the DeepLIIF figures above)."""
+    pairs = []
+    for name in PAINTED_FIELDS:
+        for score in ("2+", "3+"):
+            for clonal in (False, True):
+                f, a = _painted(name, PAINTED_CLASSES[score], clonal)
+                pairs += matched_categories(f, a.cells)
+    for true in ("weak_moderate_complete", "strong_complete", "none"):
+        read = [r for t, r in pairs if t == true and r not in ("missed", "non-tumour")]
+        lost = sum(t == true for t, _ in pairs) - len(read)
+        assert len(read) >= 100 and np.mean([r == true for r in read]) >= (0.8 if true == "none" else 0.7), (true, len(read), lost)
+        assert lost <= 0.45 * (lost + len(read)), (true, len(read), lost)
 
 
 def _field_tile(rgb: np.ndarray, mpp: float):
