@@ -13,7 +13,11 @@ membrane thresholds (categories.Thresholds: ``min_completeness``, ``min_arc_sect
 - **real membranes with no HER2 staining**: the share of tumour cells read with a stained
   membrane (any category but ``none``) on the real Ki67 fields, scored with the nuclear-DAB
   refusal off (their DAB is nuclear; every membrane is unstained), and on every real field
-  with its DAB removed (tests/realdata.py). Each such cell is a false membrane.
+  with its DAB removed (tests/realdata.py). Each such cell is a false membrane;
+- **membranes painted on real tissue** (tests/realdata.py, painted_field; benchmarks/painted_real.py):
+  the share of painted faint cells read faint, of those found and counted as tumour, on the two
+  fields painted with 40% faint cells (3 seeds, scattered); and the share of tumour cells read
+  stained on the same two fields untouched, their own DAB background kept (false membranes).
 
 A variant that brings the synthetic faint share closer to truth only by reading more real
 unstained membranes as stained is no gain: real wins (README, Limits).
@@ -34,7 +38,7 @@ from her2score.categories import Thresholds  # noqa: E402
 from her2score.pipeline import ScoringConfig, analyse_slide  # noqa: E402
 from her2score.slide import ArraySlide  # noqa: E402
 from her2score.synthetic import generate_field  # noqa: E402
-from realdata import real_cases  # noqa: E402
+from realdata import PAINTED_FIELDS, matched_categories, painted_field, real_cases  # noqa: E402
 
 DEFAULT = Thresholds()
 VARIANTS: dict[str, Thresholds] = {
@@ -58,6 +62,19 @@ def _synthetic(job: tuple[str, str, int]) -> float:
     return r.percentages.get("faint_partial", 0.0) - 100.0 * counts["faint_partial"] / sum(counts.values())
 
 
+def _painted(job: tuple[str, str, int]) -> tuple[int, int]:
+    """(painted faint cells found as tumour, of them read faint) on one painted real field; with the
+    composition empty, (tumour cells, read stained) on the untouched field."""
+    variant, name, seed = job
+    composition = {"faint_partial": 0.40} if seed >= 0 else {}
+    f = painted_field(name, composition, seed=max(seed, 0))
+    a = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=_config(VARIANTS[variant]))
+    if not composition:
+        return a.result.tumour_cells, a.result.tumour_cells - a.result.counts.get("none", 0)
+    read = [r for t, r in matched_categories(f, a.cells) if t == "faint_partial" and r not in ("missed", "non-tumour")]
+    return len(read), sum(r == "faint_partial" for r in read)
+
+
 def _real(job: tuple[str, str]) -> tuple[int, int]:
     """(tumour cells, tumour cells read with a stained membrane) on one real unstained-membrane field."""
     variant, name = job
@@ -79,7 +96,8 @@ def main() -> None:
     seeds = [(s, a.seed + 1000 * k + i) for k, s in enumerate(("1+", "0")) for i in range(a.n_per_class)]
     print(f"synthetic: {len(seeds)} fields (1+ and ultralow, seeds from {a.seed}); real: {len(ki67)} Ki67 fields "
           f"(nuclear refusal off), {len(no_dab)} fields with DAB removed")
-    print(f"{'variant':<42}{'faint MAE':>10}{'1+ bias':>9}{'Ki67 false %':>14}{'worst':>8}{'no-DAB false %':>16}")
+    print(f"{'variant':<42}{'faint MAE':>10}{'1+ bias':>9}{'Ki67 false %':>14}{'worst':>8}{'no-DAB false %':>16}"
+          f"{'painted faint found %':>23}{'untouched false %':>19}")
     with ProcessPoolExecutor(a.workers) as pool:
         for v in VARIANTS:
             err = np.array(list(pool.map(_synthetic, [(v, s, seed) for s, seed in seeds])))
@@ -87,8 +105,12 @@ def main() -> None:
             nd = list(pool.map(_real, [(v, n) for n in no_dab]))
             ki_pct = [100.0 * s / max(n, 1) for n, s in ki]
             nd_pct = 100.0 * sum(s for _, s in nd) / max(sum(n for n, _ in nd), 1)
+            faint = list(pool.map(_painted, [(v, n, seed) for n in PAINTED_FIELDS for seed in range(3)]))
+            untouched = list(pool.map(_painted, [(v, n, -1) for n in PAINTED_FIELDS]))
             print(f"{v:<42}{np.abs(err).mean():10.1f}{err[:a.n_per_class].mean():+9.1f}"
-                  f"{100.0 * sum(s for _, s in ki) / sum(n for n, _ in ki):14.1f}{max(ki_pct):8.1f}{nd_pct:16.1f}", flush=True)
+                  f"{100.0 * sum(s for _, s in ki) / sum(n for n, _ in ki):14.1f}{max(ki_pct):8.1f}{nd_pct:16.1f}"
+                  f"{100.0 * sum(k for _, k in faint) / max(sum(n for n, _ in faint), 1):23.1f}"
+                  f"{100.0 * sum(k for _, k in untouched) / max(sum(n for n, _ in untouched), 1):19.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from realdata import PAINTED_FIELDS, REAL, matched_categories, painted_field  # noqa: E402
 
 from her2score.categories import CATEGORIES  # noqa: E402
-from her2score.pipeline import analyse_slide  # noqa: E402
+from her2score.pipeline import ScoringConfig, analyse_slide  # noqa: E402
 from her2score.slide import ArraySlide  # noqa: E402
 
 COMPOSITIONS = {
@@ -45,14 +45,20 @@ COMPOSITIONS = {
     "strong complete 12%": {"strong_complete": 0.12},
     "strong partial 12%": {"strong_partial": 0.12},
     "3+ (strong 60%, weak-moderate 20%, faint 10%)": {"strong_complete": 0.60, "weak_moderate_complete": 0.20, "faint_partial": 0.10},
+    "gastric: strong lateral 8%": {"strong_lateral": 0.08},
+    "gastric: strong lateral 12%": {"strong_lateral": 0.12},
+    "gastric: weak-moderate lateral 12%": {"weak_moderate_lateral": 0.12},
 }
-"""Shares of the annotated tumour cells in each category (the rest unstained), as generate_field's ``composition``."""
+"""Shares of the annotated tumour cells in each category (the rest unstained), as generate_field's ``composition``; scored
+under breast ASCO/CAP 2023, or gastric (resection) where named so."""
 
 
 def one(job: tuple[str, str, int, bool]) -> dict:
     name, comp, seed, clonal = job
-    f = painted_field(name, COMPOSITIONS[comp], seed=seed, clonal=clonal)
-    a = analyse_slide(ArraySlide(f.image, mpp=f.mpp, path=f"{name}-painted"))
+    gastric = comp.startswith("gastric")
+    f = painted_field(name, COMPOSITIONS[comp], seed=seed, clonal=clonal, gastric=gastric)
+    a = analyse_slide(ArraySlide(f.image, mpp=f.mpp, path=f"{name}-painted"),
+                      config=ScoringConfig(guideline="gastric" if gastric else ScoringConfig.guideline))
     r = a.result
     counts = f.truth_counts()
     truth = {c: 100.0 * counts[c] / max(sum(counts.values()), 1) for c in CATEGORIES}

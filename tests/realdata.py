@@ -284,7 +284,7 @@ def _painted_background(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise KeyError(f"no DeepLIIF field {name!r} under {REAL}")
 
 
-def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal: bool = False):
+def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal: bool = False, gastric: bool = False):
     """A real HER2 field of known truth: the DeepLIIF field ``name`` (PAINTED_FIELDS) with its Ki67 DAB removed
     (a real HER2 0, _painted_background) and the generator's membranes painted on its annotated Ki67-negative
     tumour cells in ``composition`` (synthetic.paint_membranes). Its counterstain, nuclei, stroma, DAB
@@ -292,7 +292,8 @@ def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal
     from her2score.synthetic import paint_membranes
 
     background, nuclei = _painted_background(name)
-    return paint_membranes(background, nuclei, mpp=PAINTED_MPP, composition=composition, seed=seed, clonal=clonal)
+    return paint_membranes(background, nuclei, mpp=PAINTED_MPP, composition=composition, seed=seed, clonal=clonal,
+                           gastric=gastric)
 
 
 def matched_categories(field, cells, match_um: float = 4.0) -> list[tuple[str, str]]:
