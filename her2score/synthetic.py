@@ -662,8 +662,8 @@ def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composit
 
     ``rgb``: a real brightfield field without membrane DAB (a real HER2 0, e.g. stain.remove_dab of a
     real IHC field); ``nuclei``: a label image of the tumour nuclei to stain (an annotation: each
-    nucleus its own label, 0 elsewhere); ``mpp``: the field's µm/px. Each nucleus's cell is the ground
-    nearer to it than to any other nucleus, out to ``reach_um`` from it; its membrane is drawn along
+    nucleus its own label, 0 elsewhere; a bool mask: each 4-connected part one nucleus); ``mpp``: the field's µm/px. Each nucleus's cell is the ground
+    nearer to it than to any other nucleus, out to ``reach_um`` from it (glass included); its membrane is drawn along
     that cell's edge with the composition's categories (``composition``, ``clonal`` and ``gastric`` as
     in generate_field), and laid on the field by Beer-Lambert: each pixel's light times the deposit's
     DAB transmittance (default vectors), blurred by the optics' PSF (PSF_UM), then JPEG at
@@ -681,6 +681,10 @@ def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composit
     nuclei = np.asarray(nuclei)
     if nuclei.shape != rgb.shape[:2]:
         raise ValueError(f"nuclei must be a label image the size of rgb {rgb.shape[:2]}, got {nuclei.shape}")
+    if nuclei.dtype == bool:  # a mask: each 4-connected part a nucleus
+        nuclei = cv2.connectedComponents(nuclei.view(np.uint8), connectivity=4)[1]
+    elif nuclei.dtype.kind not in "iu" or nuclei.min(initial=0) < 0:
+        raise ValueError(f"nuclei must be a label image of whole numbers >= 0 (or a bool mask), got {nuclei.dtype}")
     ids, owner = np.unique(nuclei, return_inverse=True)  # owner: 0 for the ground, 1.. per nucleus
     owner = owner.reshape(nuclei.shape).astype(np.intp) - (ids[0] == 0)
     n = len(ids) - (ids[0] == 0)

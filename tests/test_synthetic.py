@@ -329,3 +329,14 @@ def test_painting_refuses_what_it_cannot_paint():
         paint_membranes(rgb, np.zeros_like(labels), mpp=0.5, composition={}, seed=1)
     with pytest.raises(ValueError, match="composition categories"):
         paint_membranes(rgb, labels, mpp=0.5, composition={"brown": 0.2}, seed=1)
+    with pytest.raises(ValueError, match="whole numbers >= 0"):
+        paint_membranes(rgb, labels - 1, mpp=0.5, composition={}, seed=1)
+    with pytest.raises(ValueError, match="whole numbers >= 0"):
+        paint_membranes(rgb, labels.astype(float), mpp=0.5, composition={}, seed=1)
+
+
+def test_a_nucleus_mask_is_painted_as_its_labelled_nuclei():
+    rgb, labels, _ = _nuclei_grid()
+    mask = paint_membranes(rgb, labels > 0, mpp=0.5, composition={"strong_complete": 0.5}, seed=5)
+    labelled = paint_membranes(rgb, labels, mpp=0.5, composition={"strong_complete": 0.5}, seed=5)
+    assert mask.truth_counts() == labelled.truth_counts() and mask.truth_counts()["strong_complete"] == 8
