@@ -686,8 +686,9 @@ def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composit
     elif nuclei.dtype.kind not in "iu" or nuclei.min(initial=0) < 0:
         raise ValueError(f"nuclei must be a label image of whole numbers >= 0 (or a bool mask), got {nuclei.dtype}")
     ids, owner = np.unique(nuclei, return_inverse=True)  # owner: 0 for the ground, 1.. per nucleus
-    owner = owner.reshape(nuclei.shape).astype(np.intp) - (ids[0] == 0)
-    n = len(ids) - (ids[0] == 0)
+    ground = len(ids) > 0 and ids[0] == 0
+    owner = owner.reshape(nuclei.shape).astype(np.intp) - ground
+    n = len(ids) - ground
     if n == 0:
         raise ValueError("nuclei holds no nucleus to stain")
     um = 1.0 / mpp

@@ -340,3 +340,8 @@ def test_a_nucleus_mask_is_painted_as_its_labelled_nuclei():
     mask = paint_membranes(rgb, labels > 0, mpp=0.5, composition={"strong_complete": 0.5}, seed=5)
     labelled = paint_membranes(rgb, labels, mpp=0.5, composition={"strong_complete": 0.5}, seed=5)
     assert mask.truth_counts() == labelled.truth_counts() and mask.truth_counts()["strong_complete"] == 8
+
+
+def test_painting_an_empty_field_says_there_is_no_nucleus():
+    with pytest.raises(ValueError, match="no nucleus"):
+        paint_membranes(np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.int32), mpp=0.5, composition={}, seed=1)
