@@ -53,6 +53,12 @@ COMPOSITIONS = {
 under breast ASCO/CAP 2023, or gastric (resection) where named so."""
 
 
+def column(category: str) -> str:
+    """A category's heading in the cell-by-cell table: at most 12 characters, each its own (wm: weak_moderate,
+    st: strong)."""
+    return category.replace("weak_moderate", "wm").replace("strong", "st").replace("faint_partial", "faint")[:12]
+
+
 def one(job: tuple[str, str, int, bool]) -> dict:
     name, comp, seed, clonal = job
     gastric = comp.startswith("gastric")
@@ -100,8 +106,8 @@ def main() -> None:
 
     pairs = Counter(p for r in rows for p in map(tuple, r["cells"]))
     read_as = [c for c in (*CATEGORIES, "non-tumour", "missed") if any(k[1] == c for k in pairs)]
-    print("\npainted cells, true category (rows) against the category read (columns), all fields:")
-    print(f"{'':24s}" + "".join(f"{c[:12]:>13s}" for c in read_as))
+    print("\npainted cells, true category (rows) against the category read (columns; wm: weak_moderate, st: strong), all fields:")
+    print(f"{'':24s}" + "".join(f"{column(c):>13s}" for c in read_as))
     for t in CATEGORIES:
         n = [pairs[(t, c)] for c in read_as]
         if sum(n):

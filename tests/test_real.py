@@ -323,6 +323,22 @@ def test_membranes_painted_on_real_tissue_are_read_cell_by_cell():
         assert lost <= 0.45 * (lost + len(read)), (true, len(read), lost)
 
 
+def test_the_painted_benchmark_names_every_column_of_its_cell_table_apart():
+    """benchmarks/painted_real.py's cell-by-cell table: each category read gets a column heading of its own (cut to
+    12 characters, weak_moderate_complete, _lateral and _partial all read "weak_moderat")."""
+    import importlib.util
+    from pathlib import Path
+
+    from her2score.categories import CATEGORIES
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "painted_real.py"
+    spec = importlib.util.spec_from_file_location("painted_real", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    heads = [bench.column(c) for c in (*CATEGORIES, "non-tumour", "missed")]
+    assert len(set(heads)) == len(heads) and max(map(len, heads)) <= 12, heads
+
+
 def _field_tile(rgb: np.ndarray, mpp: float):
     """A whole field measured as one tile (TileResult), at the pipeline's resolution."""
     slide = ArraySlide(rgb, mpp=mpp)
