@@ -685,6 +685,10 @@ def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composit
         nuclei = cv2.connectedComponents(nuclei.view(np.uint8), connectivity=4)[1]
     elif nuclei.dtype.kind not in "iu" or nuclei.min(initial=0) < 0:
         raise ValueError(f"nuclei must be a label image of whole numbers >= 0 (or a bool mask), got {nuclei.dtype}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be > 0 (the field's µm/px), got {mpp}")
+    if not reach_um > 0:
+        raise ValueError(f"reach_um must be > 0 (how far a cell reaches beyond its nucleus, µm), got {reach_um}")
     ids, owner = np.unique(nuclei, return_inverse=True)  # owner: 0 for the ground, 1.. per nucleus
     ground = len(ids) > 0 and ids[0] == 0
     owner = owner.reshape(nuclei.shape).astype(np.intp) - ground

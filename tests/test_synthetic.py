@@ -345,3 +345,14 @@ def test_a_nucleus_mask_is_painted_as_its_labelled_nuclei():
 def test_painting_an_empty_field_says_there_is_no_nucleus():
     with pytest.raises(ValueError, match="no nucleus"):
         paint_membranes(np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.int32), mpp=0.5, composition={}, seed=1)
+
+
+def test_painting_refuses_a_reach_that_leaves_no_cell():
+    """A reach of 0 or less gives no cell beyond its nucleus to paint, and the truth would count membranes never laid."""
+    rgb, labels, _ = _nuclei_grid()
+    for reach in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="reach_um"):
+            paint_membranes(rgb, labels, mpp=0.5, composition={"strong_complete": 1.0}, seed=2, reach_um=reach)
+    for mpp in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="mpp"):
+            paint_membranes(rgb, labels, mpp=mpp, composition={}, seed=2)
