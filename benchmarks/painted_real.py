@@ -3,16 +3,17 @@
     python benchmarks/painted_real.py [--seeds 3] [--json FILE]
 
 Each DeepLIIF Ki67 field with few Ki67-positive nuclei (tests/realdata.py: PAINTED_FIELDS, 0.3 µm/px
-estimated) has its DAB removed (a real HER2 0), and the generator's membrane deposits are painted on its
-annotated Ki67-negative tumour cells (her2score.synthetic.paint_membranes) in each composition below,
+estimated) has its Ki67 DAB removed, its DAB background kept (a real HER2 0), and the generator's membrane
+deposits are painted on its annotated Ki67-negative tumour cells (her2score.synthetic.paint_membranes) in each composition below,
 scattered over the cells and in clones. The counterstain, nuclei, stroma, noise and compression are real;
 the membranes and their truth are the generator's. Printed per composition: the true call, how many
 fields were called right, wrong but flagged near_cutoff (eligibility asks for review), or wrong with no
 such flag; the median true and read share of stained tumour cells; and the per-category mean absolute
 error (percentage points). Then every painted cell's true category against the category read for the
 scored cell on its nucleus (one-to-one within 4 µm; "missed": no scored cell there; "non-tumour": one
-not counted as tumour). The truth covers the annotated cells only: unannotated nuclei the scorer counts
-as tumour read "none" beside them, so "none" reads high by their share.
+not counted as tumour), and the share lost among cells inside the field and among those its edge cuts.
+The truth covers the annotated cells only: unannotated nuclei the scorer counts as tumour read "none"
+beside them, so "none" reads high by their share.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from realdata import PAINTED_FIELDS, REAL, matched_categories, painted_field  # noqa: E402
+from realdata import PAINTED_FIELDS, REAL, matched_categories, painted_at_edge, painted_field  # noqa: E402
 
 from her2score.categories import CATEGORIES  # noqa: E402
 from her2score.pipeline import ScoringConfig, analyse_slide  # noqa: E402
@@ -70,7 +71,7 @@ def one(job: tuple[str, str, int, bool]) -> dict:
     truth = {c: 100.0 * counts[c] / max(sum(counts.values()), 1) for c in CATEGORIES}
     return {"field": name, "composition": comp, "seed": seed, "clonal": clonal, "true_score": f.score,
             "score": r.score, "level": r.level, "flags": list(r.flags), "truth": truth, "read": dict(r.percentages),
-            "cells": matched_categories(f, a.cells)}
+            "cells": matched_categories(f, a.cells), "at_edge": painted_at_edge(name).tolist()}
 
 
 def main() -> None:
@@ -112,6 +113,10 @@ def main() -> None:
         n = [pairs[(t, c)] for c in read_as]
         if sum(n):
             print(f"{t:24s}" + "".join(f"{k:13d}" for k in n))
+    for edge, where in ((False, "inside the field"), (True, "cut by its edge")):
+        read = [r for row in rows for (_, r), e in zip(row["cells"], row["at_edge"]) if e == edge]
+        lost = sum(r in ("missed", "non-tumour") for r in read)
+        print(f"painted cells {where}: {len(read)}, {100 * lost / max(len(read), 1):.0f}% lost (missed or not counted as tumour)")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

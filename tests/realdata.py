@@ -178,9 +178,9 @@ def _centroids(labels: np.ndarray) -> np.ndarray:
     return np.column_stack([np.bincount(labels.ravel(), xx.ravel())[ids] / n, np.bincount(labels.ravel(), yy.ravel())[ids] / n])
 
 
-def _deepliif_annotated(positive: bool = True):
+def _deepliif_annotated(negative_only: bool = False):
     """(name, RGB, label image of the annotated nuclei) of each DeepLIIF Ki67 field: red (Ki67-positive) and
-    blue (negative) nuclei, or the blue alone where not ``positive``; green borders and specks under 15 px
+    blue (negative) nuclei, or the blue alone where ``negative_only``; green borders and specks under 15 px
     left out."""
     from PIL import Image
 
@@ -188,7 +188,7 @@ def _deepliif_annotated(positive: bool = True):
         rgb = np.asarray(Image.open(p).convert("RGB"))
         mask = np.asarray(Image.open(p.parents[1] / "masks" / p.name).convert("RGB")).astype(int)
         red, blue = mask[..., 0] > 100, mask[..., 2] > 100
-        cell = ((red | blue) if positive else (blue & ~red)) & (mask[..., 1] <= 80)
+        cell = ((blue & ~red) if negative_only else (red | blue)) & (mask[..., 1] <= 80)
         _, labels, stats, _ = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
         keep = stats[:, cv2.CC_STAT_AREA] >= 15
         keep[0] = False
@@ -266,21 +266,30 @@ PAINTED_MPP = 0.3
 KI67_HALO_UM = 2.0
 """How far round a Ki67-positive nucleus its DAB is removed for painting (µm): the blur of its stain."""
 
+KI67_BROWN_OD = 0.3
+"""DAB (log10 OD, smoothed 0.5 µm) from which a nucleus the masks leave out is taken for Ki67-positive too: the fields'
+DAB background off nuclei stays under 0.1 (99th percentile), their Ki67 nuclei average 1.4-1.8."""
+
 
 @lru_cache(maxsize=None)
 def _painted_background(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(RGB, label image of the Ki67-negative nuclei) of DeepLIIF field ``name`` as a real HER2 0: its Ki67
-    DAB removed (within KI67_HALO_UM of each positive nucleus), and its DAB elsewhere kept, the chromogen's
-    real background and noise (off nuclei 0.025 OD median, 0.05 at the 90th percentile), which stain.remove_dab
-    of the whole field would take to 0."""
-    from her2score.stain import remove_dab
+    DAB removed (within KI67_HALO_UM of each nucleus annotated positive, or as brown as KI67_BROWN_OD), and
+    its DAB elsewhere kept, the chromogen's real background and noise (off nuclei 0.025 OD median, 0.05 at
+    the 90th percentile), which stain.remove_dab of the whole field would take to 0. Read-only arrays (cached)."""
+    from her2score.stain import H_DAB, deconvolve, estimate_background, remove_dab
 
-    for (stem, rgb, every), (_, _, negative) in zip(_deepliif_annotated(), _deepliif_annotated(positive=False)):
+    for (stem, rgb, every), (_, _, negative) in zip(_deepliif_annotated(), _deepliif_annotated(negative_only=True)):
         if stem == name:
+            dab = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))[..., 1]
+            brown = cv2.GaussianBlur(dab, (0, 0), 0.5 / PAINTED_MPP) >= KI67_BROWN_OD
             halo = round(KI67_HALO_UM / PAINTED_MPP)
-            positive = cv2.dilate(((every > 0) & (negative == 0)).astype(np.uint8),
-                                  cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
-            return np.where(positive[..., None], remove_dab(rgb), rgb), negative
+            ki67 = cv2.dilate((((every > 0) & (negative == 0)) | brown).astype(np.uint8),
+                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
+            out = np.where(ki67[..., None], remove_dab(rgb), rgb), negative
+            for a in out:
+                a.flags.writeable = False
+            return out
     raise KeyError(f"no DeepLIIF field {name!r} under {REAL}")
 
 
@@ -294,6 +303,13 @@ def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal
     background, nuclei = _painted_background(name)
     return paint_membranes(background, nuclei, mpp=PAINTED_MPP, composition=composition, seed=seed, clonal=clonal,
                            gastric=gastric)
+
+
+def painted_at_edge(name: str) -> np.ndarray:
+    """Per painted cell of field ``name`` (painted_field's rows), whether its nucleus touches the field's edge (cut by it)."""
+    _, nuclei = _painted_background(name)
+    edge = np.concatenate([nuclei[0], nuclei[-1], nuclei[:, 0], nuclei[:, -1]])
+    return np.isin(np.unique(nuclei[nuclei > 0]), edge)
 
 
 def matched_categories(field, cells, match_um: float = 4.0) -> list[tuple[str, str]]:
