@@ -249,7 +249,7 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
             "completeness": completeness, "longest_arc": longest_arc, "membrane_od": membrane_od}
 
 
-def _membranes(rng, lab: np.ndarray, across: np.ndarray, edge_um: np.ndarray, tumour: np.ndarray, centres: np.ndarray,
+def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, edge_um: np.ndarray, tumour: np.ndarray, centres: np.ndarray,
                od: np.ndarray, width: np.ndarray, arc_s: np.ndarray, arc_l: np.ndarray, cats: np.ndarray, mpp: float):
     """Each tumour cell's membrane deposit along its own border, and the membrane's truth.
 

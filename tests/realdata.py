@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from her2score.synthetic import SyntheticField
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 """Where CI and the development machines keep the real images (``../shared/data/real``)."""
@@ -293,7 +296,8 @@ def _painted_background(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise KeyError(f"no DeepLIIF field {name!r} under {REAL}")
 
 
-def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal: bool = False, gastric: bool = False):
+def painted_field(name: str, composition: dict[str, float], *, seed: int, clonal: bool = False,
+                  gastric: bool = False) -> "SyntheticField":
     """A real HER2 field of known truth: the DeepLIIF field ``name`` (PAINTED_FIELDS) with its Ki67 DAB removed
     (a real HER2 0, _painted_background) and the generator's membranes painted on its annotated Ki67-negative
     tumour cells in ``composition`` (synthetic.paint_membranes). Its counterstain, nuclei, stroma, DAB
@@ -312,7 +316,7 @@ def painted_at_edge(name: str) -> np.ndarray:
     return np.isin(np.unique(nuclei[nuclei > 0]), edge)
 
 
-def matched_categories(field, cells, match_um: float = 4.0) -> list[tuple[str, str]]:
+def matched_categories(field: "SyntheticField", cells: dict[str, np.ndarray], match_um: float = 4.0) -> list[tuple[str, str]]:
     """(true category, category read) for each of a painted ``field``'s cells, read from the scored
     ``cells`` (SlideAnalysis.cells) nearest its nucleus, one-to-one within ``match_um``: "missed" where
     none is, "non-tumour" where that cell was not counted as tumour."""
