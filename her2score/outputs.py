@@ -137,6 +137,29 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
         f.write(("\n".join(",".join(row) for row in zip(*columns)) + "\n").encode())
 
 
+def _arrow(values: np.ndarray):
+    """A cell-table column as an Arrow array made from its buffers (pa.array imports pandas, 0.2 s, to ask
+    whether it was given a pandas object): strings dictionary-encoded in order of first appearance, as
+    pyarrow's dictionary_encode does; a float's NaN null."""
+    import pyarrow as pa
+
+    if values.dtype == object:
+        names, first, codes = np.unique(values, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty(len(order), np.int32)
+        rank[order] = np.arange(len(order))
+        text = [name.encode() for name in names[order].tolist()]
+        offsets = np.cumsum([0] + [len(b) for b in text], dtype=np.int32)
+        dictionary = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(text))])
+        return pa.DictionaryArray.from_arrays(_arrow(rank[codes]), dictionary)
+    if values.dtype == bool:
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+    missing = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
+    valid = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [valid, pa.py_buffer(np.ascontiguousarray(values))])
+
+
 def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
     """The cell table as Parquet (one row group per CHUNK cells): the CSV's columns with their own
     types (float32 measurements, a missing one null, never NaN; bool tumour; category and pattern as
@@ -151,15 +174,9 @@ def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
 
     def batch(a: int, b: int) -> pa.Table:
         x, y = np.asarray(t["x"][a:b], np.float32), np.asarray(t["y"][a:b], np.float32)
-        data = {"cell_id": pa.array(np.arange(a, b, dtype=np.int64)), "x_px": pa.array(x), "y_px": pa.array(y),
-                "x_um": pa.array((x * mpp).astype(np.float32)), "y_um": pa.array((y * mpp).astype(np.float32))}
-        for c in cols:
-            v = np.asarray(t[c][a:b])
-            if v.dtype == object:
-                data[c] = pa.array(v.tolist(), pa.string()).dictionary_encode()
-            else:
-                data[c] = pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v)
-        return pa.table(data)
+        data = {"cell_id": np.arange(a, b, dtype=np.int64), "x_px": x, "y_px": y,
+                "x_um": (x * mpp).astype(np.float32), "y_um": (y * mpp).astype(np.float32)}
+        return pa.table({k: _arrow(np.asarray(v)) for k, v in (data | {c: t[c][a:b] for c in cols}).items()})
 
     first = batch(0, min(CHUNK, n))
     with pq.ParquetWriter(f, first.schema, compression="zstd") as w:
