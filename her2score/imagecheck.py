@@ -110,7 +110,7 @@ def white_level(rgb: np.ndarray) -> np.ndarray:
     scanned = flat[~unscanned_fill(flat)]
     flat = (scanned if len(scanned) >= max(50, len(flat) // 100) else flat).astype(np.float32)
     k = min(max(50, len(flat) // 200), len(flat))
-    return np.median(flat[np.argpartition(flat.sum(axis=1), -k)[-k:]], axis=0).astype(np.float64)
+    return np.median(flat[np.argpartition(per_channel(np.add, flat), -k)[-k:]], axis=0).astype(np.float64)
 
 
 def colour_cast(level: np.ndarray) -> float:
@@ -218,7 +218,7 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
     pixels (its nuclei), i.e. redder than its own haematoxylin.
     """
     flat = _od_sample(od)
-    total = flat.sum(axis=1)
+    total = per_channel(np.add, flat)
     flat, total = flat[total > counterstain_od], total[total > counterstain_od]
     g = np.maximum(flat[:, 1], 1e-6)
     rg, bg = flat[:, 0] / g, flat[:, 2] / g
@@ -240,7 +240,7 @@ def off_plane_fraction(od: np.ndarray, *, stained_od: float = OFF_PLANE_MIN_OD, 
     """Share of the RGB log10 OD pixels (..., 3) of summed OD over ``stained_od`` whose colour lies more than
     ``max_deg`` off the plane of the default haematoxylin and DAB vectors (no mix of those two stains has it)."""
     flat = _od_sample(od)
-    flat = flat[flat.sum(axis=1) > stained_od]
+    flat = flat[per_channel(np.add, flat) > stained_od]
     if len(flat) == 0:
         return 0.0
     sine = np.abs(flat @ np.array(H_DAB.residual)) / np.linalg.norm(flat, axis=1)  # residual: the plane's unit normal
@@ -254,7 +254,7 @@ def rendered_fractions(rgb: np.ndarray, od: np.ndarray, *, stained_od: float = S
     flat = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 250_000)]
     packed = (flat[:, 0].astype(np.int32) << 16) | (flat[:, 1].astype(np.int32) << 8) | flat[:, 2]
     modal = float(np.unique(packed, return_counts=True)[1].max() / len(packed))
-    stained = (od.sum(axis=2) > stained_od).astype(np.uint8)
+    stained = (per_channel(np.add, od) > stained_od).astype(np.uint8)
     opened = cv2.morphologyEx(stained, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     coloured = stained.astype(bool) & ~dark_neutral(rgb) & ~pen_ink(rgb)  # smooth marker ink on a thumbnail is not a drawing
     square = np.ones((3, 3), np.uint8)
@@ -293,8 +293,8 @@ def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0
     for i, s in enumerate(sigmas_px):  # each scale blurred from the last (Gaussians compose): shorter kernels
         blurred, done = cv2.GaussianBlur(blurred, (0, 0), float(np.sqrt(s * s - done * done))), s
         response = -(s * s) * cv2.Laplacian(blurred, cv2.CV_32F)
-        better = response > best
-        best[better], scale[better] = response[better], i
+        scale[response > best] = i
+        np.maximum(best, response, out=best)
     peaks = (best >= cv2.dilate(best, np.ones((5, 5), np.uint8))) & (best > 0.02)
     if peaks.sum() < 10:
         return float("nan")

@@ -94,8 +94,8 @@ def od_lut(background: float = 255.0) -> np.ndarray:
 
 
 def per_channel(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
-    """``ufunc`` (np.maximum, np.minimum) across the channels of a (..., 3) array, channel by channel:
-    the same values as a reduction along the last axis, about 8x faster."""
+    """``ufunc`` (np.maximum, np.minimum; np.add on floats) across the channels of a (..., 3) array, channel by
+    channel: the same values as a reduction along the last axis, about 8x faster."""
     return ufunc(ufunc(a[..., 0], a[..., 1]), a[..., 2])
 
 
