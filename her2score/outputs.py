@@ -140,7 +140,8 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
 def _arrow(values: np.ndarray):
     """A cell-table column as an Arrow array made from its buffers (pa.array imports pandas, 0.2 s, to ask
     whether it was given a pandas object): strings dictionary-encoded in order of first appearance, as
-    pyarrow's dictionary_encode does; a float's NaN null."""
+    pyarrow's dictionary_encode does; a float's NaN null. Its type depends on the dtype alone, so every block of
+    a column has the first one's (a cast would import pyarrow.compute, 30 ms)."""
     import pyarrow as pa
 
     if values.dtype == object:
@@ -182,7 +183,7 @@ def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
     with pq.ParquetWriter(f, first.schema, compression="zstd") as w:
         w.write_table(first)
         for a in range(CHUNK, n, CHUNK):
-            w.write_table(batch(a, min(a + CHUNK, n)).cast(first.schema))
+            w.write_table(batch(a, min(a + CHUNK, n)))
 
 
 def _slide_size(analysis: SlideAnalysis, slide: Slide | None) -> tuple[float, float]:
