@@ -415,17 +415,14 @@ def test_a_wide_fields_text_grows_with_it_so_that_it_reads_the_same_fitted_to_a_
 def test_heatmap_bins_lie_where_their_cells_are():
     """Every bin covers its own bin_um of the slide on the thumbnail, whatever the thumbnail's width in bins (here
     a 1003 px thumbnail at 16 µm/px over 100 µm bins: 160.48 bins, a grid of 161 stretched over it before)."""
-    from types import SimpleNamespace
-
-    from her2score.outputs import _heat_panel
+    from her2score.outputs import _grey_panel, _heat_panel
 
     thumb = np.full((600, 1003, 3), 255, np.uint8)
     bin_um = 100.0
     nb_x, nb_y = int(np.ceil(1003 * 16 / bin_um)), int(np.ceil(600 * 16 / bin_um))
     frac, total = np.zeros((nb_y, nb_x)), np.full((nb_y, nb_x), 10)
     frac[:, nb_x // 2 :] = 1.0  # the right half from bin nb_x // 2 on: x >= 8000 µm, thumbnail px 500
-    analysis = SimpleNamespace(thumbnail=thumb, thumbnail_mpp=16.0)
-    panel = _heat_panel(analysis, frac, total, bin_um, "t", 1003, 1.0, (200, 0, 0))
+    panel = _heat_panel(_grey_panel(thumb, 1.0), 16.0, frac, total, bin_um, "t", 1003, (200, 0, 0))
     row = panel[panel.shape[0] // 2]  # a row through the map (title above, colour bar below)
     red = np.flatnonzero((row[:, 0] > 150) & (row[:, 1] < 120))
     assert red[0] == 500 and red[-1] == 1002
