@@ -808,7 +808,7 @@ def library_floor(path: Path, side: dict, grid: dict, cnn, cnn_note: str, *, n: 
         c = time.process_time()
         prof.enable()
         for t in pick:
-            _read_and_score(s, t, stains, cfg, nucleus, cnn, cnn_patch_limit(cfg, len(tiles)))
+            _read_and_score(s, t, stains, cfg, nucleus, cnn, cnn_patch_limit(cfg, len(tiles)), None)
         prof.disable()
         cpu = (time.process_time() - c) / len(pick) * 1e3
     own = {"OpenCV": 0.0, "ONNX Runtime": 0.0, "JPEG decode": 0.0, "watershed": 0.0}

@@ -50,7 +50,7 @@ import pickle
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,13 +238,16 @@ def count_parameters(net) -> int:
 # --------------------------------------------------------------------------------------- patches
 
 def tissue_patches(hed: np.ndarray, *, patch_px: int, stains: StainSet = H_DAB, min_tissue_fraction: float = 0.5,
-                   max_patches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   max_patches: int | None = None,
+                   within: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Non-overlapping patches on a grid centred in a stain-OD image, kept when they hold enough tissue.
 
     ``hed``: float32 (H, W, 3) log10 OD of haematoxylin, DAB and residual (:func:`her2score.stain.deconvolve`
     with ``stains``). A pixel is tissue when its RGB OD summed over channels exceeds :data:`TISSUE_OD`
-    (the RGB OD is ``stains.matrix().T @ hed``). ``max_patches``: keep at most this many tissue patches,
-    evenly spaced in grid order. An image smaller than a patch is padded with glass (OD 0).
+    (the RGB OD is ``stains.matrix().T @ hed``). ``within``: maps patch centres (row, col), float (N, 2) in
+    ``hed``'s px, to bool (N,), False for a patch to leave out (outside a tumour annotation). ``max_patches``: keep
+    at most this many of the patches left, evenly spaced in grid order. An image smaller than a patch is padded with
+    glass (OD 0).
     Returns (patches float32 (N, 2, P, P) of haematoxylin and DAB OD, top-left (row, col) of each, int (N, 2)).
     """
     if hed.ndim != 3 or hed.shape[2] != 3 or hed.dtype != np.float32:
@@ -261,6 +264,8 @@ def tissue_patches(hed: np.ndarray, *, patch_px: int, stains: StainSet = H_DAB, 
     frac = (od_sum > TISSUE_OD).reshape(ny, patch_px, nx, patch_px).mean(axis=(1, 3))
     rows, cols = np.meshgrid(oy + patch_px * np.arange(ny), ox + patch_px * np.arange(nx), indexing="ij")
     pos = np.column_stack([rows.ravel(), cols.ravel()])[frac.ravel() >= min_tissue_fraction]
+    if within is not None and len(pos):
+        pos = pos[within(pos + (patch_px - 1) / 2)]
     if max_patches is not None and len(pos) > max_patches:
         pos = pos[np.linspace(0, len(pos) - 1, max_patches).round().astype(int)]
     out = np.empty((len(pos), 2, patch_px, patch_px), np.float32)
@@ -300,17 +305,19 @@ class TileClassifier(ABC):
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
         """Class probabilities (N, 4) for stain-OD patches (N, 2, P, P) (unnormalised log10 OD)."""
 
-    def predict_od(self, hed: np.ndarray, *, stains: StainSet = H_DAB, max_patches: int | None = None) -> tuple[np.ndarray, int]:
+    def predict_od(self, hed: np.ndarray, *, stains: StainSet = H_DAB, max_patches: int | None = None,
+                   within: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, int]:
         """Mean class probabilities (4,) over the tissue patches of a stain-OD image (float32 (H, W, 3),
         haematoxylin/DAB/residual log10 OD from ``stains``, at ``self.mpp`` µm/px), and the number of
         patches used (0, with zero probabilities, when there is no tissue).
 
         Pass a tile's core (or accept that overlap margins are seen twice by neighbouring tiles).
         ``max_patches``: score at most this many tissue patches, evenly spaced over the image (a whole
-        slide's mean needs no more).
+        slide's mean needs no more); ``within``: which patches to read, by their centres (tissue_patches).
         """
         patches, _ = tissue_patches(hed, patch_px=self.patch_px, stains=stains,
-                                    min_tissue_fraction=self.record.min_tissue_fraction, max_patches=max_patches)
+                                    min_tissue_fraction=self.record.min_tissue_fraction, max_patches=max_patches,
+                                    within=within)
         if len(patches) == 0:
             return np.zeros(len(self.classes), np.float64), 0
         return self.predict_patches(patches).mean(axis=0).astype(np.float64), int(len(patches))

@@ -309,13 +309,14 @@ def _content_box(hematoxylin_od: np.ndarray, dab_od: np.ndarray, *, mpp: float, 
 
 
 def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: ScoringConfig, scale: float,
-               nucleus: NucleusThresholds | None = None, cnn=None, cnn_max_patches: int | None = None) -> TileResult:
+               nucleus: NucleusThresholds | None = None, cnn=None, cnn_max_patches: int | None = None,
+               region: Region | None = None) -> TileResult:
     """Measure the cells of one tile (RGB uint8 at config.mpp, the tile's read box).
 
     ``scale``: level-0 px per tile px, to place cells in the slide; ``nucleus``: the slide's nucleus
     thresholds (cells.measure_nucleus_thresholds; None: from this tile's own counterstain); ``cnn``: an optional
     TileClassifier that also gives the tile's class probabilities (over its core only, from at most
-    ``cnn_max_patches`` patches).
+    ``cnn_max_patches`` patches; with a tumour ``region``, those whose centre lies in it, as the cells counted).
     """
     mpp = config.mpp
     if (fill := _fill_regions(rgb, mpp=mpp)).any():  # a rotation's or a mask's fill is no stain
@@ -346,7 +347,10 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     probs, n_patches = None, 0
     mg = tile.margin
     if cnn is not None:
-        probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches)
+        within = None if region is None else (  # patch centres (row, col) in core px -> level-0 px, as the cells
+            lambda rc: region.contains((rc[:, 1] + mg) * scale + ox, (rc[:, 0] + mg) * scale + oy))
+        probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches,
+                                          within=within)
     # eosin at the tiles' resolution, where it is not blended into the nuclei as on a thumbnail
     eosin, _, stained_px = stain_fractions(optical_density(rgb[mg : mg + h : 3, mg : mg + w : 3], stains.background))
     return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
@@ -374,17 +378,18 @@ class SlideAnalysis:
 _worker: dict = {}
 
 
-def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn) -> None:
+def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn, region: Region | None) -> None:
     die_with_parent(parent)  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
     _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn
+    _worker["region"] = region
     if cnn is not None:
         use_one_thread()
 
 
 def _run_tile(tile: Tile, *, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,
               cnn_max_patches: int | None) -> TileResult:
-    return _read_and_score(_worker["slide"], tile, stains, config, nucleus, _worker["cnn"], cnn_max_patches)
+    return _read_and_score(_worker["slide"], tile, stains, config, nucleus, _worker["cnn"], cnn_max_patches, _worker["region"])
 
 
 def _read_origin(tile: Tile, scale: float) -> tuple[int, int]:
@@ -407,9 +412,9 @@ def _tile_frame(tile: Tile, scale: float) -> tuple[float, float, float]:
 
 
 def _read_and_score(slide: Slide, tile: Tile, stains: StainSet, config: ScoringConfig, nucleus: NucleusThresholds | None,
-                    cnn, cnn_max_patches) -> TileResult:
+                    cnn, cnn_max_patches, region: Region | None) -> TileResult:
     return score_tile(_read_tile(slide, tile, config.mpp), tile, stains=stains, config=config, scale=config.mpp / slide.mpp,
-                      nucleus=nucleus, cnn=cnn, cnn_max_patches=cnn_max_patches)
+                      nucleus=nucleus, cnn=cnn, cnn_max_patches=cnn_max_patches, region=region)
 
 
 def _sample(tiles: list[Tile], n: int = 8) -> list[Tile]:
@@ -568,7 +573,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         cnn_max = cnn_patch_limit(config, len(tiles))  # a whole slide's CNN mean needs only a sample of its patches
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
         # the workers open it at the µm/px it was opened at (given, the metadata's or the default)
-        with worker_pool(workers, _init_worker, (slide_path, slide_mpp, backend, cnn)) if parallel else nullcontext() as pool:
+        with worker_pool(workers, _init_worker, (slide_path, slide_mpp, backend, cnn, region_obj)) if parallel else nullcontext() as pool:
             # the workers score tiles (one a task: no core idles while another ends a long chunk) while this
             # process checks that the image is an H-DAB stain at all
             run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)
@@ -582,7 +587,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
             thumb_eosin = check.eosin_fraction
             parts = ([result_of(f) for f in pending] if pool else
-                     [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max) for t in tiles])
+                     [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max, region_obj) for t in tiles])
 
     parts = _without_seam_twins(parts, tolerance_px=SEAM_TWIN_UM / slide_mpp)
     cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None

@@ -236,6 +236,24 @@ def test_cnn_is_reported_and_fused(fields):
     assert plain.cnn is None and plain.confidence is None and plain.counts == r.counts
 
 
+def test_the_cnn_reads_only_the_tumour_annotation(fields, tmp_path):
+    """A 1+ field beside a 3+ one (an excluded area: DCIS, normal tissue) with the 1+ half annotated: the CNN reads
+    the annotated half, as the cells are counted, not the 3+ beside it."""
+    from her2score.cnn import load_model
+
+    cnn = load_model()
+    left, right = fields["1+"].image, fields["3+"].image
+    geo = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}}, "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [left.shape[1], 0], [left.shape[1], left.shape[0]], [0, left.shape[0]], [0, 0]]]}}
+    path = tmp_path / "tumour.geojson"
+    path.write_text(json.dumps(geo))
+    alone = score_slide(ArraySlide(left, mpp=0.5), cnn=cnn)
+    annotated = score_slide(ArraySlide(np.concatenate([left, right], axis=1), mpp=0.5), region=path, cnn=cnn)
+    assert alone.cnn.score == "1+" and annotated.cnn.score == "1+", annotated.cnn
+    assert annotated.cnn.probabilities["3+"] == pytest.approx(alone.cnn.probabilities["3+"], abs=0.1)
+    assert "cnn_disagrees" not in annotated.flags
+
+
 def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
     """A field scored as two tiles: each cell's sectors name the cells across its border by their rows
     in the slide's table, across the seam too, and the relation is mutual (A faces B, B faces A)."""
