@@ -202,9 +202,12 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
         with open_plain_image(path) as img:
             if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
-            grey = np.asarray(img.convert("L"))
-            # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
-            mask = 2 * grey.astype(np.int32) >= max(int(grey.max()), 1) if img.format == "JPEG" else grey > 0
+            if img.mode in ("I", "F") or img.mode.startswith("I;"):  # 16/32-bit labels or floats (a probability map)
+                mask = np.nan_to_num(np.asarray(img, np.float64)) != 0  # as they are: 8-bit grey made 0.5 a 0
+            else:
+                grey = np.asarray(img.convert("L"))
+                # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
+                mask = 2 * grey.astype(np.int32) >= max(int(grey.max()), 1) if img.format == "JPEG" else grey > 0
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # a transparent pixel is no tumour
                 mask &= np.asarray(img.convert("RGBA"))[..., 3] > 0
     except RegionError:

@@ -212,6 +212,18 @@ def test_a_jpeg_mask_is_read_at_half_its_top_a_lossless_one_at_non_zero(tmp_path
     assert abs(int(labels.mask.sum()) - int(disc.sum())) < 0.005 * disc.sum()
 
 
+def test_a_float_or_32_bit_masks_fractions_are_non_zero(tmp_path):
+    """A probability map saved as a float32 TIFF (0.5 where tumour) and a 32-bit label image are tumour where
+    non-zero: read through 8-bit grey, 0.5 became 0 and the mask was refused as empty."""
+    import tifffile
+
+    disc = (np.mgrid[:400, :500][0] - 200) ** 2 + (np.mgrid[:400, :500][1] - 250) ** 2 < 120**2
+    tifffile.imwrite(tmp_path / "prob.tif", disc * np.float32(0.5))
+    assert np.array_equal(load_region(tmp_path / "prob.tif", slide_size=(500, 400)).mask, disc)
+    Image.fromarray(disc.astype(np.int32) * 70000).save(tmp_path / "labels.tif")
+    assert np.array_equal(load_region(tmp_path / "labels.tif", slide_size=(500, 400)).mask, disc)
+
+
 def test_a_mask_is_opened_only_as_a_format_that_reads_its_header_first(tmp_path):
     """An ICO decodes its embedded PNG on opening, before any size check: a mask file holding one is refused
     unread, whatever its name."""
