@@ -257,7 +257,9 @@ black too, inside a dark edge (a real Ki67 field's: 97 at most; the real colon's
 
 def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     """The pixels of ``rgb`` (a tile at ``mpp`` µm/px) that are black fill (imagecheck.black_fill) in a region
-    large or bright-edged enough to be fill (FILL_MIN_UM2, FILL_EDGE_MIN), bool."""
+    large or bright-edged enough to be fill (FILL_MIN_UM2, FILL_EDGE_MIN), and the pixel round it, bool: a turn's
+    interpolation and the tile's resampling blend the fill's edge into a dark rim, read as a stained membrane
+    along it (a real HER2 0 turned 15° on black read 0+ (ultralow) on 6% of its cells)."""
     black = black_fill(rgb)
     if not black.any():
         return black
@@ -268,7 +270,7 @@ def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     edge_mean = np.bincount(grown[edge], brightest, n) / np.maximum(np.bincount(grown[edge], minlength=n), 1)
     fill = (stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2) | (edge_mean >= FILL_EDGE_MIN)
     fill[0] = False
-    return fill[parts]
+    return cv2.dilate(fill[parts].view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
 
 
 CONTENT_REACH_UM = 23.0

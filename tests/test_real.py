@@ -634,6 +634,32 @@ def test_real_ki67_stretched_into_a_faint_1plus_is_reviewed():
         assert check_eligibility(r, "her2-low-breast").status == "needs_review"
 
 
+def _turned(rgb: np.ndarray, angle: float, fill: int, interpolation: int) -> np.ndarray:
+    """``rgb`` turned by ``angle`` degrees on a canvas that holds all of it, its corners ``fill`` (grey level)."""
+    h, w = rgb.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    size = (int(h * sin + w * cos), int(h * cos + w * sin))
+    m[:, 2] += (size[0] - w) / 2, (size[1] - h) / 2
+    return cv2.warpAffine(rgb, m, size, flags=interpolation, borderValue=(fill, fill, fill))
+
+
+@pytest.mark.parametrize("name, angle, interpolation", [
+    ("skimage-colon-ihc-dab-removed", 15, cv2.INTER_LINEAR),  # a viewer's bilinear turn: a dark rim, blended with the black
+    ("skimage-colon-ihc-dab-removed", 45, cv2.INTER_CUBIC),
+    pytest.param("deepliif-ki67-22_2-dab-removed", 15, cv2.INTER_NEAREST, marks=needs_real),  # rim from 0.3 to 0.5 µm/px
+])
+def test_a_real_her2_0_turned_on_black_reads_as_on_white(name, angle, interpolation):
+    """A real HER2 0 turned with black corners: the pixels its edge blends with the black (the turn's interpolation,
+    the tiles' resampling) read as a stained membrane along it, 0+ (ultralow) on 5-7% of cells or 1+ (11-13%), where
+    its white-cornered twin reads 0 (null)."""
+    case = CASES[name]
+    her2_0 = _as_array(case)()
+    for fill in (255, 0):
+        r = analyse_slide(ArraySlide(_turned(her2_0, angle, fill, interpolation), mpp=case.mpp)).result
+        assert (r.score, r.level, r.percentages["none"]) == ("0", "0 (null)", 100.0), (fill, r.reason)
+
+
 def test_a_real_her2_0_with_its_glass_painted_black_still_reads_null():
     """The real colon with its DAB removed (a real HER2 0) and its glass painted pure black (a background
     removed by an editor): the black read as haematoxylin and DAB at once, and brown 'nuclei' in it refused
