@@ -321,7 +321,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                                              (detail, detail_mpp or mpp, glass_background(detail)))
     dark = dark_fraction(detail)
     od = optical_density(rgb, background)
-    eosin, haem, n_stained = stain_fractions(od)
+    scanned = od[~black_fill(rgb)]  # a turn's or a mask's black fill is no stain: it diluted an H&E's eosin share
+    eosin, haem, n_stained = stain_fractions(scanned)
     modal, solid, uniform = rendered_fractions(rgb, od)
     diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
@@ -344,7 +345,7 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     elif n_stained >= 200 and eosin > MAX_EOSIN_FRACTION:
         code, reason = "eosin", (f"{eosin:.0%} of stained tissue has the colour of eosin: this looks like an "
                                  "H&E slide (or a red chromogen: AEC, Fast Red), not a HER2 (H-DAB) immunostain; not scored")
-    elif n_stained >= 200 and (off := off_plane_fraction(od)) > MAX_OFF_PLANE_FRACTION:
+    elif n_stained >= 200 and (off := off_plane_fraction(scanned)) > MAX_OFF_PLANE_FRACTION:
         code, reason = "other_chromogen", (f"{off:.0%} of stained pixels have a colour no mix of haematoxylin and DAB "
                                            "gives: another chromogen (green, blue-green) or stain, not a HER2 (H-DAB) "
                                            "immunostain; not scored")

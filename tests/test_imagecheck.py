@@ -257,6 +257,25 @@ def test_black_fill_from_a_rotation_or_a_mask_is_no_dark_background():
         assert check_image(np.pad(case.load(), ((250, 250), (250, 250), (0, 0))), mpp=case.mpp or 0.5).code == "eosin", case.name
 
 
+def test_an_h_and_e_turned_on_black_is_refused_as_on_white():
+    """A real H&E turned 15 or 45 degrees with black corners (a third of the image): the fill counted among the
+    stained pixels and diluted the eosin share (torchstain's target: 0.30 to 0.13 and 0.07), and the field was scored."""
+    import cv2
+
+    he = [c for c in CASES if c.kind == "he" and isinstance(c.load(), np.ndarray)]
+    if not he:
+        pytest.skip("real H&E images not found")
+    for case in he:
+        rgb = case.load()
+        h, w = rgb.shape[:2]
+        plain = check_image(rgb, mpp=case.mpp or 0.5)
+        for angle in (15, 45):
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+            m[:, 2] += w / 2, h / 2  # on a canvas twice its size
+            turned = check_image(cv2.warpAffine(rgb, m, (2 * w, 2 * h), borderValue=(0, 0, 0)), mpp=case.mpp or 0.5)
+            assert turned.code == "eosin", (case.name, angle, plain.eosin_fraction, turned)
+
+
 def test_a_counterstain_too_pale_to_count_cells_by_is_refused_and_named():
     """The real colon keeps its DAB and 0.4 x its haematoxylin: its nuclei are barely blue (scored down
     to 0.5 x, see test_real); the refusal names the counterstain, not only photos and plots."""
