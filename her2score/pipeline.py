@@ -26,7 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
-from .imagecheck import NotHerIhcError, black_fill, check_slide, stain_fractions
+from .imagecheck import NotHerIhcError, check_slide, fill_regions, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
@@ -34,7 +34,7 @@ from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
 from .slide import DEFAULT_MPP_SOURCE, ArraySlide, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
-                    optical_density, per_channel)
+                    optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
@@ -246,33 +246,6 @@ def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = TILE_TISSUE_OD) 
     return float(lap[tissue].var() / max(float(detail[tissue].var()), 1e-12))
 
 
-FILL_MIN_UM2 = 300.0
-FILL_EDGE_MIN = 130
-"""Pure black regions read as glass (_fill_regions): those of FILL_MIN_UM2 (µm²) or more, larger than any
-nucleus (segment_nuclei's max_area_um2: a rotation's corner, a masked background), and smaller ones whose
-edge (the pixels just round them) averages FILL_EDGE_MIN or more in its brightest channel (a painted lumen
-beside pale tissue: 231 or more in the real colon's). A contrast stretch clips the darkest nuclei to pure
-black too, inside a dark edge (a real Ki67 field's: 97 at most; the real colon's, 47): those stay."""
-
-
-def _fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
-    """The pixels of ``rgb`` (a tile at ``mpp`` µm/px) that are black fill (imagecheck.black_fill) in a region
-    large or bright-edged enough to be fill (FILL_MIN_UM2, FILL_EDGE_MIN), and the pixel round it, bool: a turn's
-    interpolation and the tile's resampling blend the fill's edge into a dark rim, read as a stained membrane
-    along it (a real HER2 0 turned 15° on black read 0+ (ultralow) on 6% of its cells)."""
-    black = black_fill(rgb)
-    if not black.any():
-        return black
-    n, parts, stats, _ = cv2.connectedComponentsWithStats(black.view(np.uint8), connectivity=8)
-    grown = cv2.dilate(parts.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
-    edge = (grown > 0) & (parts == 0)
-    brightest = per_channel(np.maximum, rgb)[edge].astype(np.float64)
-    edge_mean = np.bincount(grown[edge], brightest, n) / np.maximum(np.bincount(grown[edge], minlength=n), 1)
-    fill = (stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FILL_MIN_UM2) | (edge_mean >= FILL_EDGE_MIN)
-    fill[0] = False
-    return cv2.dilate(fill[parts].view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
-
-
 CONTENT_REACH_UM = 23.0
 CONTENT_GRID_PX = 16
 """score_tile finds cells only in a tile's content box (_content_box): the pixels within max_cell_radius_um +
@@ -321,7 +294,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     ``cnn_max_patches`` patches; with a tumour ``region``, those whose centre lies in it, as the cells counted).
     """
     mpp = config.mpp
-    if (fill := _fill_regions(rgb, mpp=mpp)).any():  # a rotation's or a mask's fill is no stain
+    if (fill := fill_regions(rgb, mpp=mpp)).any():  # a rotation's or a mask's fill is no stain
         rgb = np.where(fill[..., None], np.uint8(255), rgb)
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
