@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .slide import NotHerIhcError, Slide
-from .stain import GLASS_MIN_PIXELS, H_DAB, deconvolve, optical_density, per_channel, unscanned_fill
+from .stain import GLASS_MIN_PIXELS, H_DAB, black_fill, deconvolve, optical_density, per_channel, unscanned_fill
 from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
 
 __all__ = [
@@ -178,14 +178,6 @@ FILL_GLASS_CHROMA = 24
 FILL_GLASS_CHROMA. The real colon at 0.8 of its exposure has glass near 188; the over-exposed colon inverted
 (a negative, its glass pure black) has none: its brightest pixels are its inverted stains, such as DAB's
 (165, 205, 235)."""
-
-
-def black_fill(rgb: np.ndarray) -> np.ndarray:
-    """Pixels of pure black (0 in every channel), bool (H, W): what a rotation, a mask or an editor fills
-    with, never a scanned pixel (a camera's black keeps noise, a stain its colour). A lossy (JPEG) copy of
-    the fill, near black but not pure, is not told from a photograph's black, which can clip to 0 in
-    patches too (scikit-image's astronaut: its sky)."""
-    return per_channel(np.maximum, rgb) == 0
 
 
 FILL_MIN_UM2 = 300.0

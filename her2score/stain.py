@@ -21,6 +21,7 @@ __all__ = [
     "GLASS_MIN",
     "GLASS_MIN_PIXELS",
     "unscanned_fill",
+    "black_fill",
     "brightest_level",
     "estimate_background",
     "estimate_stains",
@@ -173,6 +174,14 @@ def estimate_background(rgb: np.ndarray, *, min_brightness: int = GLASS_MIN) -> 
 def unscanned_fill(rgb: np.ndarray) -> np.ndarray:
     """Pixels of pure white (255 in every channel): bool (H, W)."""
     return per_channel(np.minimum, rgb) == 255
+
+
+def black_fill(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of pure black (0 in every channel), bool (H, W): what a rotation, a mask or an editor fills
+    with, never a scanned pixel (a camera's black keeps noise, a stain its colour). A lossy (JPEG) copy of
+    the fill, near black but not pure, is not told from a photograph's black, which can clip to 0 in
+    patches too (scikit-image's astronaut: its sky)."""
+    return per_channel(np.maximum, rgb) == 0
 
 
 def estimate_stains(

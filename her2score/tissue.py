@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .stain import optical_density, per_channel
+from .stain import black_fill, optical_density, per_channel
 
 __all__ = ["MIN_TISSUE_UM2", "DARK_INTENSITY", "DARK_MAX_CHROMA", "dark_neutral", "TissueMask", "tissue_mask", "pen_ink", "Tile",
            "tile_grid"]
@@ -75,7 +75,8 @@ def tissue_mask(
     in any channel, minus dark neutral pixels (dark_neutral: scanner borders, black marker ink, debris; a
     black dot of ink at RGB 30-45 was the slide's "thickest tissue", where the image check read its nuclei,
     and the slide was refused as dark) and pen ink (green/blue marker, recognised by its hue); smoothed and
-    stripped of fragments smaller than ``min_area_um2``.
+    stripped of fragments smaller than ``min_area_um2``. A turn's or a mask's pure black fill (black_fill) is
+    neither tissue nor the dark debris excluded from it.
     """
     od = optical_density(thumb, background)
     stained = per_channel(np.maximum, od) > min_od
@@ -89,7 +90,7 @@ def tissue_mask(
     min_px = min_area_um2 / (mpp * mpp)
     keep = np.zeros(n, bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-    return TissueMask(keep[labels] & ~pen & ~dark, mpp, pen & stained, dark)
+    return TissueMask(keep[labels] & ~pen & ~dark, mpp, pen & stained, dark & ~black_fill(thumb))
 
 
 @dataclass(frozen=True)
