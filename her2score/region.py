@@ -157,7 +157,7 @@ def _load_geojson(path: Path) -> Region:
         raise RegionError(path, "the file holds no features (no tumour annotation)")
     has_annotations = any(isinstance(f, dict) and isinstance(f.get("properties"), dict)
                           and f["properties"].get("objectType") == "annotation" for f in features)
-    polygons, excluded, skipped_classes, other_types = [], [], [], []
+    polygons, excluded, skipped_classes, other_types, rois = [], [], [], [], 0
     classed: list[tuple[bool, list]] = []  # per annotation kept: (tumour-classed, its polygons)
     for i, f in enumerate(features):
         if not isinstance(f, dict):
@@ -180,12 +180,17 @@ def _load_geojson(path: Path) -> Region:
             excluded += polys
         elif name != "region*":
             classed.append((name in TUMOUR_CLASSES, polys))
+        else:
+            rois += len(polys)
     tumour_classed = any(t for t, _ in classed)
     polygons = [p for t, polys in classed if t or not tumour_classed for p in polys]
     if not polygons:
         if skipped_classes:
             names = ", ".join(sorted(set(skipped_classes)))
             raise RegionError(path, f"no tumour annotation: every polygon is classified as non-tumour ({names})")
+        if rois:
+            raise RegionError(path, "no tumour annotation: every polygon is classified Region* (a region of interest, "
+                                    "not tumour); class the tumour Tumor, or leave it unclassified")
         if other_types:
             raise RegionError(path, f"no Polygon or MultiPolygon annotation (only {', '.join(sorted(set(other_types)))}); "
                                     "a tumour region needs an area")
