@@ -208,7 +208,9 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
             if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
             if img.mode in ("I", "F") or img.mode.startswith("I;"):  # 16/32-bit labels or floats (a probability map)
-                mask = np.nan_to_num(np.asarray(img, np.float64)) != 0  # as they are: 8-bit grey made 0.5 a 0
+                # as they are (8-bit grey made 0.5 a 0), tumour where positive: a negative value (a -1 background,
+                # a logit) is none, as 8-bit grey clipped it to 0; NaN is none
+                mask = np.nan_to_num(np.asarray(img, np.float64), nan=0.0) > 0
             else:
                 grey = np.asarray(img.convert("L"))
                 # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
@@ -232,7 +234,7 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour, or over half its top value in a JPEG; transparent
+    mask image covering the whole slide (non-zero = tumour; a 16/32-bit or float one's negative values are not, or over half its top value in a JPEG; transparent
     pixels are not tumour; any size with the slide's aspect). A GeoJSON none of whose tumour polygons reaches
     into the ``slide_size`` (level-0 px) is refused: its coordinates are another image's, or not pixels.
 

@@ -227,6 +227,22 @@ def test_a_float_or_32_bit_masks_fractions_are_non_zero(tmp_path):
     assert np.array_equal(load_region(tmp_path / "labels.tif", slide_size=(500, 400)).mask, disc)
 
 
+def test_a_float_or_32_bit_masks_negative_values_are_no_tumour(tmp_path):
+    """A signed mask (a float map of +1 tumour / -1 background, a signed distance or logit map, a label image with
+    -1 for 'ignore') is tumour where positive: read as non-zero, its negative background made the whole slide
+    tumour, where 8-bit grey (before 16/32-bit masks were read as stored) clipped it to 0."""
+    import tifffile
+
+    disc = (np.mgrid[:400, :500][0] - 200) ** 2 + (np.mgrid[:400, :500][1] - 250) ** 2 < 120**2
+    tifffile.imwrite(tmp_path / "signed.tif", np.where(disc, 1, -1).astype(np.float32))
+    assert np.array_equal(load_region(tmp_path / "signed.tif", slide_size=(500, 400)).mask, disc)
+    Image.fromarray(np.where(disc, 3, -1).astype(np.int32)).save(tmp_path / "labels.tif")
+    assert np.array_equal(load_region(tmp_path / "labels.tif", slide_size=(500, 400)).mask, disc)
+    tifffile.imwrite(tmp_path / "negative.tif", np.where(disc, 0, -1).astype(np.float32))
+    with pytest.raises(RegionError, match="empty"):
+        load_region(tmp_path / "negative.tif", slide_size=(500, 400))
+
+
 def test_a_mask_is_opened_only_as_a_format_that_reads_its_header_first(tmp_path):
     """An ICO decodes its embedded PNG on opening, before any size check: a mask file holding one is refused
     unread, whatever its name."""
