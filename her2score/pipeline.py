@@ -569,6 +569,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     if cells is None or len(cells) == 0:
         raise NoTissueError(slide_path, "no cells found in the tissue (empty or unstained slide)")
     cnn_report = aggregate_tiles([(p.cnn_probs, p.cnn_patches) for p in parts], model=cnn.name) if cnn else None
+    if cnn is not None and cnn_report is None:  # asked for, the CNN gives no reading: say why, not a bare null
+        notes = (*notes, "the CNN read no patch: " + ("none with enough tissue is centred in the tumour annotation"
+                                                      if region_obj is not None else "none holds enough tissue")
+                 + "; the score is the classical one")
     # the eosin share at the tiles' resolution: a thumbnail blends eosin into the nuclei (a real H&E read under
     # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
     stained = sum(p.stained_px for p in parts)

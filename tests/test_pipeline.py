@@ -254,6 +254,22 @@ def test_the_cnn_reads_only_the_tumour_annotation(fields, tmp_path):
     assert "cnn_disagrees" not in annotated.flags
 
 
+def test_an_annotation_no_cnn_patch_is_centred_in_says_so(fields, tmp_path):
+    """A tumour annotation narrower than the CNN's patches, between their centres: its cells are counted, the CNN
+    reads none of its patches and gives no reading; the notes say why rather than leaving a bare null."""
+    from her2score.cnn import load_model
+
+    f = fields["3+"]
+    h = f.image.shape[0]
+    geo = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}}, "geometry": {
+        "type": "Polygon", "coordinates": [[[100, 0], [130, 0], [130, h], [100, h], [100, 0]]]}}
+    path = tmp_path / "strip.geojson"
+    path.write_text(json.dumps(geo))
+    r = score_slide(ArraySlide(f.image, mpp=f.mpp), region=path, cnn=load_model())
+    assert r.tumour_cells > 0 and r.cnn is None and r.score == r.classical_score
+    assert any("the CNN read no patch" in n and "tumour annotation" in n for n in r.notes), r.notes
+
+
 def test_neighbours_across_a_tile_seam_are_the_neighbouring_tiles_cells():
     """A field scored as two tiles: each cell's sectors name the cells across its border by their rows
     in the slide's table, across the seam too, and the relation is mutual (A faces B, B faces A)."""
