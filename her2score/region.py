@@ -209,8 +209,11 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
                 raise RegionError(path, f"{img.size[0]} x {img.size[1]} mask is too large; save it at lower resolution")
             if img.mode in ("I", "F") or img.mode.startswith("I;"):  # 16/32-bit labels or floats (a probability map)
                 # as they are (8-bit grey made 0.5 a 0), tumour where positive: a negative value (a -1 background,
-                # a logit) is none, as 8-bit grey clipped it to 0; NaN is none
-                mask = np.nan_to_num(np.asarray(img, np.float64), nan=0.0) > 0
+                # a logit) is none, as 8-bit grey clipped it to 0; NaN is none; floats all within 0-1 are
+                # probabilities, tumour from 0.5 (a softmax's background is small, not 0)
+                values = np.nan_to_num(np.asarray(img, np.float64), nan=0.0)
+                probability = img.mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1
+                mask = values >= 0.5 if probability else values > 0
             else:
                 grey = np.asarray(img.convert("L"))
                 # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
@@ -224,7 +227,8 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
     except (OSError, ValueError, SyntaxError) as e:
         raise RegionError(path, f"cannot read mask image ({e})") from None
     if not mask.any():
-        raise RegionError(path, "mask image is empty (no non-zero pixel)")
+        raise RegionError(path, "mask image is empty (no pixel marks tumour: non-zero, positive in a 16/32-bit or float mask, "
+                                "0.5 or more in a probability map)")
     w, h = slide_size
     sw, sh = mask.shape[1] / w, mask.shape[0] / h
     if abs(sw / sh - 1) > 0.02:
@@ -234,7 +238,8 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:
     """A tumour region from a QuPath GeoJSON export (.geojson/.json, level-0 pixel coordinates) or a
-    mask image covering the whole slide (non-zero = tumour; a 16/32-bit or float one's negative values are not, or over half its top value in a JPEG; transparent
+    mask image covering the whole slide (non-zero = tumour; a 16/32-bit or float one's negative values are not, a float
+    one's values all within 0-1 are probabilities, tumour from 0.5; over half its top value in a JPEG; transparent
     pixels are not tumour; any size with the slide's aspect). A GeoJSON none of whose tumour polygons reaches
     into the ``slide_size`` (level-0 px) is refused: its coordinates are another image's, or not pixels.
 

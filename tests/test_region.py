@@ -190,7 +190,7 @@ def test_mask_image(tmp_path):
 def test_bad_masks(tmp_path):
     p = tmp_path / "blank.png"
     Image.fromarray(np.zeros((80, 100), np.uint8)).save(p)
-    with pytest.raises(RegionError, match=r"blank\.png: mask image is empty \(no non-zero pixel\)"):
+    with pytest.raises(RegionError, match=r"blank\.png: mask image is empty \(no pixel marks tumour: non-zero"):
         load_region(p, slide_size=SIZE)
     p = tmp_path / "square.png"
     Image.fromarray(np.full((100, 100), 255, np.uint8)).save(p)
@@ -270,3 +270,18 @@ def test_a_cells_position_is_tested_where_qupath_draws_it(tmp_path):
     Image.fromarray(mask).save(path)
     half = load_region(path, slide_size=(200, 200))
     assert half.contains(np.array([99.4, 99.6, 100.0]), np.array([50.0, 50.0, 50.0])).tolist() == [False, True, True]
+
+
+def test_a_float_masks_values_within_0_and_1_are_probabilities(tmp_path):
+    """A softmax's probability map has no zero background (here 1e-4): its tumour is where it reaches 0.5, not
+    wherever it is positive (the whole slide); a float mask reaching past 1 (a 0/255 mask) keeps 'positive'."""
+    import tifffile
+
+    disc = (np.mgrid[:400, :500][0] - 200) ** 2 + (np.mgrid[:400, :500][1] - 250) ** 2 < 120**2
+    tifffile.imwrite(tmp_path / "softmax.tif", np.where(disc, 0.93, 1e-4).astype(np.float32))
+    assert np.array_equal(load_region(tmp_path / "softmax.tif", slide_size=(500, 400)).mask, disc)
+    tifffile.imwrite(tmp_path / "low.tif", np.where(disc, 0.3, 0.0).astype(np.float32))
+    with pytest.raises(RegionError, match="empty"):
+        load_region(tmp_path / "low.tif", slide_size=(500, 400))
+    tifffile.imwrite(tmp_path / "255.tif", np.where(disc, 255.0, 0.0).astype(np.float32))
+    assert np.array_equal(load_region(tmp_path / "255.tif", slide_size=(500, 400)).mask, disc)
