@@ -144,6 +144,10 @@ def _arrow(values: np.ndarray):
     a column has the first one's (a cast would import pyarrow.compute, 30 ms)."""
     import pyarrow as pa
 
+    if values.dtype.kind == "U":  # fixed-width text, as numpy makes it from a list of str
+        values = values.astype(object)
+    elif values.dtype.kind != "O":  # Arrow's buffers are little-endian, as this machine's
+        values = values.astype(values.dtype.newbyteorder("<"), copy=False)
     if values.dtype == object:
         names, first, codes = np.unique(values, return_index=True, return_inverse=True)
         order = np.argsort(first)

@@ -604,3 +604,13 @@ def test_write_outputs_names_what_it_needs_when_given_score_slides_result(field,
     with pytest.raises(TypeError, match="write_outputs needs analyse_slide's SlideAnalysis .+, got SlideResult"):
         write_outputs(a.result, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_parquet_columns_of_any_byte_order_or_text_width_are_written_as_their_values():
+    """A cell table built by hand (numpy's fixed-width text, a big-endian float read from a file) is written as its
+    values: the buffers Arrow takes are little-endian and its text is variable-width."""
+    from her2score.outputs import _arrow
+
+    assert _arrow(np.array([1.5, np.nan, 3.0], dtype=">f4")).to_pylist() == [1.5, None, 3.0]
+    assert _arrow(np.array([7, -2], dtype=">i8")).to_pylist() == [7, -2]
+    assert _arrow(np.array(["tumour", "stroma é", "tumour"])).to_pylist() == ["tumour", "stroma é", "tumour"]
