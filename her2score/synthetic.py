@@ -660,17 +660,18 @@ def paint_membranes(rgb: np.ndarray, nuclei: np.ndarray, *, mpp: float, composit
                     jpeg_quality: int | None = None) -> SyntheticField:
     """A real field with membranes of known truth: the generator's membrane deposits laid on its cells.
 
-    ``rgb``: a real brightfield field without membrane DAB (a real HER2 0, e.g. stain.remove_dab of a
-    real IHC field); ``nuclei``: a label image of the tumour nuclei to stain (an annotation: each
-    nucleus its own label, 0 elsewhere; a bool mask: each 4-connected part one nucleus); ``mpp``: the field's µm/px. Each nucleus's cell is the ground
-    nearer to it than to any other nucleus, out to ``reach_um`` from it (glass included); its membrane is drawn along
-    that cell's edge with the composition's categories (``composition``, ``clonal`` and ``gastric`` as
-    in generate_field), and laid on the field by Beer-Lambert: each pixel's light times the deposit's
-    DAB transmittance (default vectors), blurred by the optics' PSF (PSF_UM), then JPEG at
-    ``jpeg_quality`` (None: none beyond the field's own). The field keeps its own nuclei, counterstain,
-    stroma and noise: what a scorer meets on real tissue. ``cells`` lists the annotated nuclei (all
-    tumour), with the truth as generate_field gives it; ``label_map``: the cell owning each pixel (-1:
-    none). Deterministic per seed.
+    ``rgb``: a real brightfield field without membrane DAB, a real HER2 0 (e.g. a real IHC field with its
+    specific DAB taken out by stain.remove_dab where it stains, its DAB background kept: removed from the
+    whole field, no chromogen is left, which no slide shows); ``nuclei``: a label image of the tumour nuclei
+    to stain (an annotation: each nucleus its own label, 0 elsewhere; a bool mask: each 4-connected part one
+    nucleus); ``mpp``: the field's µm/px. Each nucleus's cell is the ground nearer to it than to any other
+    nucleus, out to ``reach_um`` from it (glass included); its membrane is drawn along that cell's edge with
+    the composition's categories (``composition``, ``clonal`` and ``gastric`` as in generate_field), and
+    laid on the field by Beer-Lambert: each pixel's light times the deposit's DAB transmittance (default
+    vectors), blurred by the optics' PSF (PSF_UM), then JPEG at ``jpeg_quality`` (None: none beyond the
+    field's own). The field keeps its own nuclei, counterstain, stroma and noise: what a scorer meets on
+    real tissue. ``cells`` lists the annotated nuclei (all tumour), with the truth as generate_field gives
+    it; ``label_map``: the cell owning each pixel (-1: none). Deterministic per seed.
     """
     from scipy import ndimage
 
