@@ -249,8 +249,9 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
             "completeness": completeness, "longest_arc": longest_arc, "membrane_od": membrane_od}
 
 
-def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, edge_um: np.ndarray, tumour: np.ndarray, centres: np.ndarray,
-               od: np.ndarray, width: np.ndarray, arc_s: np.ndarray, arc_l: np.ndarray, cats: np.ndarray, mpp: float):
+def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, edge_um: np.ndarray, tumour: np.ndarray,
+               centres: np.ndarray, od: np.ndarray, width: np.ndarray, arc_s: np.ndarray, arc_l: np.ndarray, cats: np.ndarray,
+               mpp: float):
     """Each tumour cell's membrane deposit along its own border, and the membrane's truth.
 
     ``lab`` (H, W): the cell owning each pixel (an index into the per-cell arrays); ``across`` (H, W): the
@@ -314,6 +315,7 @@ def _truth_columns(seen: dict, completeness: np.ndarray, od: np.ndarray, width: 
     ``tumour`` per row: a non-tumour row is none, zeros): the membrane as seen (_membranes), the
     cell's own deposit, then ``tumour`` and ``pattern``."""
     enc = seen["enclosed"][rows]
+    longest_arc = arc_l.max(axis=1)
 
     def either(seen_value, own):
         return np.where(tumour, np.where(enc, seen_value[rows], own[rows]), 0).astype(np.float32)
@@ -324,10 +326,10 @@ def _truth_columns(seen: dict, completeness: np.ndarray, od: np.ndarray, width: 
     category = np.where(tumour, seen["category"][rows].astype(str), "none").astype("<U24")
     return {
         "completeness": either(seen["completeness"], completeness),
-        "longest_arc": either(seen["longest_arc"], arc_l.max(axis=1)),
+        "longest_arc": either(seen["longest_arc"], longest_arc),
         "membrane_od": either(seen["membrane_od"], od),
         "category": category,
-        "deposit_completeness": own(completeness), "deposit_longest_arc": own(arc_l.max(axis=1)),
+        "deposit_completeness": own(completeness), "deposit_longest_arc": own(longest_arc),
         "deposit_od": own(od), "width_um": own(width),
         "deposit_category": np.where(tumour, cats[rows].astype(str), "none").astype("<U24"),
         "tumour": tumour,
