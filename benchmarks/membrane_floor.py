@@ -62,12 +62,15 @@ def _synthetic(job: tuple[str, str, int]) -> float:
     return r.percentages.get("faint_partial", 0.0) - 100.0 * counts["faint_partial"] / sum(counts.values())
 
 
-def _painted(job: tuple[str, str, int]) -> tuple[int, int]:
-    """(painted faint cells found as tumour, of them read faint) on one painted real field; with the
-    composition empty, (tumour cells, read stained) on the untouched field."""
-    variant, name, seed = job
-    composition = {"faint_partial": 0.40} if seed >= 0 else {}
-    f = painted_field(name, composition, seed=max(seed, 0))
+FAINT_40 = {"faint_partial": 0.40}
+"""The painted fields' composition for the faint membranes found (the untouched fields: none)."""
+
+
+def _painted(job: tuple[str, str, int, dict]) -> tuple[int, int]:
+    """On one real field painted with ``composition`` (FAINT_40): (painted faint cells found as tumour, of them
+    read faint); untouched (``composition`` empty): (tumour cells, read stained)."""
+    variant, name, seed, composition = job
+    f = painted_field(name, composition, seed=seed)
     a = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=_config(VARIANTS[variant]))
     if not composition:
         return a.result.tumour_cells, a.result.tumour_cells - a.result.counts.get("none", 0)
@@ -105,8 +108,8 @@ def main() -> None:
             nd = list(pool.map(_real, [(v, n) for n in no_dab]))
             ki_pct = [100.0 * s / max(n, 1) for n, s in ki]
             nd_pct = 100.0 * sum(s for _, s in nd) / max(sum(n for n, _ in nd), 1)
-            faint = list(pool.map(_painted, [(v, n, seed) for n in PAINTED_FIELDS for seed in range(3)]))
-            untouched = list(pool.map(_painted, [(v, n, -1) for n in PAINTED_FIELDS]))
+            faint = list(pool.map(_painted, [(v, n, seed, FAINT_40) for n in PAINTED_FIELDS for seed in range(3)]))
+            untouched = list(pool.map(_painted, [(v, n, 0, {}) for n in PAINTED_FIELDS]))
             print(f"{v:<42}{np.abs(err).mean():10.1f}{err[:a.n_per_class].mean():+9.1f}"
                   f"{100.0 * sum(s for _, s in ki) / sum(n for n, _ in ki):14.1f}{max(ki_pct):8.1f}{nd_pct:16.1f}"
                   f"{100.0 * sum(k for _, k in faint) / max(sum(n for n, _ in faint), 1):23.1f}"

@@ -181,26 +181,27 @@ def _centroids(labels: np.ndarray) -> np.ndarray:
     return np.column_stack([np.bincount(labels.ravel(), xx.ravel())[ids] / n, np.bincount(labels.ravel(), yy.ravel())[ids] / n])
 
 
-def _deepliif_annotated(negative_only: bool = False):
-    """(name, RGB, label image of the annotated nuclei) of each DeepLIIF Ki67 field: red (Ki67-positive) and
-    blue (negative) nuclei, or the blue alone where ``negative_only``; green borders and specks under 15 px
-    left out."""
+def _deepliif_annotated():
+    """(name, RGB, label image of every annotated nucleus, label image of the Ki67-negative ones) of each DeepLIIF
+    Ki67 field: red (Ki67-positive) and blue (negative) nuclei, green borders and specks under 15 px left out."""
     from PIL import Image
+
+    def labelled(cell: np.ndarray) -> np.ndarray:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
+        keep = stats[:, cv2.CC_STAT_AREA] >= 15
+        keep[0] = False
+        return np.where(keep[labels], labels, 0).astype(np.int32)
 
     for p in sorted((REAL / "nuclear-ihc" / "deepliif-ki67" / "images").glob("*.png")):
         rgb = np.asarray(Image.open(p).convert("RGB"))
         mask = np.asarray(Image.open(p.parents[1] / "masks" / p.name).convert("RGB")).astype(int)
-        red, blue = mask[..., 0] > 100, mask[..., 2] > 100
-        cell = ((blue & ~red) if negative_only else (red | blue)) & (mask[..., 1] <= 80)
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=4)
-        keep = stats[:, cv2.CC_STAT_AREA] >= 15
-        keep[0] = False
-        yield p.stem, rgb, np.where(keep[labels], labels, 0).astype(np.int32)
+        red, blue, border = mask[..., 0] > 100, mask[..., 2] > 100, mask[..., 1] > 80
+        yield p.stem, rgb, labelled((red | blue) & ~border), labelled(blue & ~red & ~border)
 
 
 def _deepliif_fields():
     """(name, RGB, annotated nucleus centroids (x, y) px) of each DeepLIIF Ki67 field."""
-    for name, rgb, labels in _deepliif_annotated():
+    for name, rgb, labels, _ in _deepliif_annotated():
         yield name, rgb, _centroids(labels)
 
 
@@ -282,7 +283,7 @@ def _painted_background(name: str) -> tuple[np.ndarray, np.ndarray]:
     the 90th percentile), which stain.remove_dab of the whole field would take to 0. Read-only arrays (cached)."""
     from her2score.stain import H_DAB, deconvolve, estimate_background, remove_dab
 
-    for (stem, rgb, every), (_, _, negative) in zip(_deepliif_annotated(), _deepliif_annotated(negative_only=True)):
+    for stem, rgb, every, negative in _deepliif_annotated():
         if stem == name:
             dab = deconvolve(rgb, H_DAB.with_background(estimate_background(rgb)))[..., 1]
             brown = cv2.GaussianBlur(dab, (0, 0), 0.5 / PAINTED_MPP) >= KI67_BROWN_OD
