@@ -84,7 +84,6 @@ DEFAULT_MPP_SOURCE = "the default given"
 """How a slide's ``mpp_source`` (and its result's µm/px note) begins where open_slide's ``default_mpp`` was used."""
 
 
-
 class NotHerIhcError(SlideError):
     """The image is not a brightfield H-DAB (HER2 IHC) tissue image (greyscale, H&E, no tissue stain,
     a photo or a graphic), or its µm/px is implausible: refused, not an error of reading."""
