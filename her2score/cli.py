@@ -349,16 +349,9 @@ def _check(args) -> int:
     try:
         try:
             result = SlideResult.read(args.result)
+            rules = [load_rule(name) for name in args.rule]  # an error names the rule or its file
         except ValueError as e:
             raise _UsageError(str(e)) from None
-        rules = []
-        for name in args.rule:
-            try:
-                rules.append(load_rule(name))
-            except OSError as e:
-                raise _UsageError(f"--rule {name}: cannot read ({e.strerror or e})") from None
-            except ValueError as e:
-                raise _UsageError(f"--rule {name}: {e}") from None
         decisions = [check_eligibility(result, rule, ish=args.ish) for rule in rules]
     except _UsageError as e:
         _error(args.command, str(e))

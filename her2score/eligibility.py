@@ -253,7 +253,8 @@ def available_rules() -> list[str]:
 
 
 def load_rule(name_or_path: str | Path) -> Rule:
-    """A shipped rule by name, or a rule from a TOML file path; RuleError names the file and bad key."""
+    """A shipped rule by name, or a rule from a TOML file path; RuleError names the file and why it is none (missing,
+    a folder, unreadable, not TOML) or its bad key."""
     path = Path(name_or_path)
     if not isinstance(name_or_path, Path) and path.suffix != ".toml":
         if name_or_path not in available_rules():
@@ -266,6 +267,14 @@ def load_rule(name_or_path: str | Path) -> Rule:
         with path.open("rb") as f:
             data = tomllib.load(f)
         return _parse(data)
+    except FileNotFoundError:
+        from .slide import missing_reason
+
+        raise RuleError(f"{path}: {missing_reason(path, 'rule file')}") from None
+    except IsADirectoryError:
+        raise RuleError(f"{path}: is a folder, not a rule file") from None
+    except OSError as e:  # no permission, a name too long
+        raise RuleError(f"{path}: cannot read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise RuleError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:

@@ -442,7 +442,7 @@ def test_check_errors_are_one_line_exit_2(scored, tmp_path, capsys):
         ((str(tmp_path / "score3.json"), "--rule", "t-dxd-tumour-agnostic"), "'score' must be one of ['0', '1+', '2+', '3+']"),
         ((str(tmp_path / "counts.json"), "--rule", "car-t-her2"), "'counts' must map none, faint_partial"),
         ((str(tmp_path / "origin.json"), "--rule", "car-t-her2"), "'mpp_origin' must be one of ['user', 'metadata', 'default']"),
-        ((result, "--rule", str(tmp_path / "none.toml")), "none.toml"),
+        ((result, "--rule", str(tmp_path / "none.toml")), f"her2score check: {tmp_path / 'none.toml'}: no such rule file\n"),
     ]
     for argv, message in cases:
         code, out, err = check(capsys, *argv)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -317,6 +318,20 @@ def test_invalid_rule_files(tmp_path, text, message):
     with pytest.raises(RuleError, match=message) as info:
         load_rule(path)
     assert str(info.value).startswith(str(path))
+
+
+def test_a_missing_rule_file_is_named():
+    """A path to nothing (as text or a Path) raised a bare FileNotFoundError: RuleError names it, as it names a bad file."""
+    for missing in ("nope/rule.toml", Path("nope/rule.toml")):
+        with pytest.raises(RuleError, match=r"^nope/rule\.toml: no such rule file$"):
+            load_rule(missing)
+
+
+def test_a_folder_given_as_a_rule_file_is_named(tmp_path):
+    for folder in (tmp_path, tmp_path / "rules.toml"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(RuleError, match=f"^{re.escape(str(folder))}: is a folder, not a rule file$"):
+            load_rule(folder)
 
 
 def test_unknown_rule_name():
