@@ -252,11 +252,20 @@ def available_rules() -> list[str]:
     return sorted(p.stem for p in RULES_DIR.glob("*.toml"))
 
 
-def load_rule(name_or_path: str | Path) -> Rule:
-    """A shipped rule by name, or a rule from a TOML file path; RuleError names the file and why it is none (missing,
-    a folder, unreadable, not TOML) or its bad key."""
+def _names_a_file(name_or_path: str | Path) -> bool:
+    """Whether load_rule reads ``name_or_path`` as a file path: a Path, or text ending .toml (in any case), holding a
+    folder ("rules/x", "./x") or with another suffix that names something on disk; else it is a shipped rule's name."""
+    if not isinstance(name_or_path, str):
+        return True
     path = Path(name_or_path)
-    if not isinstance(name_or_path, Path) and path.suffix != ".toml":
+    return path.suffix.lower() == ".toml" or path.name != name_or_path or (path.suffix != "" and path.exists())
+
+
+def load_rule(name_or_path: str | Path) -> Rule:
+    """A shipped rule by name, or a rule from a TOML file path (_names_a_file); RuleError names the file and why it
+    is none (missing, a folder, unreadable, not TOML) or its bad key."""
+    path = Path(name_or_path)
+    if not _names_a_file(name_or_path):
         if name_or_path not in available_rules():
             raise ValueError(
                 f"unknown rule {name_or_path!r}; shipped rules: {', '.join(available_rules())} "
@@ -276,7 +285,8 @@ def load_rule(name_or_path: str | Path) -> Rule:
     except OSError as e:  # no permission, a name too long
         raise RuleError(f"{path}: cannot read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
-        raise RuleError(f"{path}: invalid TOML: {e}") from None
+        must = "" if path.suffix.lower() == ".toml" else " (a rule file must be TOML)"
+        raise RuleError(f"{path}: invalid TOML{must}: {e}") from None
     except UnicodeDecodeError as e:
         raise RuleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RuleError as e:

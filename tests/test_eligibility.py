@@ -334,6 +334,23 @@ def test_a_folder_given_as_a_rule_file_is_named(tmp_path):
             load_rule(folder)
 
 
+def test_a_rule_path_is_told_from_a_shipped_name_by_its_suffix_in_any_case_a_folder_or_the_file(tmp_path, monkeypatch):
+    """A name ending .TOML was taken for a shipped rule's and refused as unknown; so were a path with a folder but
+    no .toml suffix and a file of another format, which now say it is no TOML."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "MY-TRIAL.TOML").write_text(USER_RULE)
+    (tmp_path / "my-trial").write_text(USER_RULE)
+    assert load_rule("MY-TRIAL.TOML").name == load_rule("./my-trial").name == load_rule(f"{tmp_path}/my-trial").name == "my-trial"
+    (tmp_path / "my-trial.yaml").write_text("name: my-trial\nversion: '2.1'\n")
+    for yaml in ("my-trial.yaml", str(tmp_path / "my-trial.yaml")):
+        with pytest.raises(RuleError, match=r"^\S*my-trial\.yaml: invalid TOML \(a rule file must be TOML\): "):
+            load_rule(yaml)
+    assert load_rule("her2-low-breast").name == "her2-low-breast"  # a bare name is a shipped rule's
+    for unknown in ("my-trial", "her2-low-breast.v2"):  # not read from disk: no suffix, or another that names no file
+        with pytest.raises(ValueError, match=f"unknown rule '{unknown}'"):
+            load_rule(unknown)
+
+
 def test_unknown_rule_name():
     with pytest.raises(ValueError, match="unknown rule 'her2-huge'.*car-t-her2"):
         load_rule("her2-huge")
