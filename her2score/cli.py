@@ -536,6 +536,25 @@ def _guidelines() -> Sequence[str]:
 GUIDELINE_CHOICES = _Choices(_guidelines)
 
 
+def _ish_results() -> Sequence[str]:
+    from .eligibility import ISH_RESULTS
+
+    return ISH_RESULTS
+
+
+ISH_CHOICES = _Choices(_ish_results)
+
+
+def _ish(value: str) -> str:
+    """--ish read as check_eligibility reads ish (eligibility.ish_result: any case)."""
+    from .eligibility import ish_result
+
+    try:
+        return ish_result(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Help that shows each option's default (unless its text already says it) and keeps the epilogs' line breaks."""
 
@@ -618,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("result", help="a result.json written by 'her2score score'")
     c.add_argument("--rule", action="append", required=True, metavar="RULE",
                    help="rule set name (see 'her2score rules') or a .toml rule file; repeat for several rules")
-    c.add_argument("--ish", choices=("positive", "negative"), help="ISH result, for 2+ slides (default: not done)")
+    c.add_argument("--ish", type=_ish, choices=ISH_CHOICES, metavar="RESULT",
+                   help="ISH result for 2+ slides, in any case: %(choices)s (default: not done)")
     c.add_argument("--json", action="store_true", help="machine-readable output: one JSON object with each decision")
     c.set_defaults(func=_check)
 

@@ -78,6 +78,7 @@ __all__ = [
     "Decision",
     "available_rules",
     "load_rule",
+    "ish_result",
     "check_eligibility",
     "guideline_suits",
 ]
@@ -85,6 +86,7 @@ __all__ = [
 RULES_DIR = Path(__file__).with_name("rules")
 STATUSES: tuple[str, ...] = ("eligible", "not_eligible", "needs_review")
 ISH_RESULTS: tuple[str, ...] = ("positive", "negative")
+"""The ISH results check_eligibility, 'check --ish' and evaluate's ish column take, in any case (ish_result)."""
 _REQUIRE_LEVELS = {"3+": 3, "2+": 2, "1+": 1, "any": 1}
 _REQUIRE_WORDS = {
     "3+": "strong membrane staining (complete or lateral)",
@@ -505,19 +507,29 @@ def _ish_doubt(result: SlideResult, ish: str | None) -> str | None:
     return None
 
 
+def ish_result(value: str | None) -> str | None:
+    """``value`` as one of ISH_RESULTS, read in any case and without the blanks around it; None for None (ISH not
+    done). ValueError naming the accepted values for anything else."""
+    if value is None:
+        return None
+    ish = value.strip().lower() if isinstance(value, str) else value
+    if ish not in ISH_RESULTS:
+        raise ValueError(f"ish must be one of {list(ISH_RESULTS)} (any case), got {value!r}")
+    return ish
+
+
 def check_eligibility(result: SlideResult | str | os.PathLike | Mapping, rule: str | Path | Rule, *,
                       ish: str | None = None) -> Decision:
     """Decide eligibility of one slide under a rule (a shipped name, a TOML path or a Rule).
 
     ``result``: a SlideResult, a result.json's path (SlideResult.read) or its loaded dict (SlideResult.from_dict).
-    ``ish``: "positive", "negative" (any case) or None (not done yet). See the module docstring for precedence.
+    ``ish``: "positive" or "negative" (ISH_RESULTS, in any case: ish_result) or None (not done yet). See the module
+    docstring for precedence.
     """
     if not isinstance(result, SlideResult):
         result = SlideResult.from_dict(dict(result)) if isinstance(result, Mapping) else SlideResult.read(result)
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
-    ish = ish.strip().lower() if isinstance(ish, str) else ish  # as evaluate reads its ish column: any case
-    if ish not in (None, *ISH_RESULTS):
-        raise ValueError(f"ish must be one of {list(ISH_RESULTS)} or None, got {ish!r}")
+    ish = ish_result(ish)
     doubts = []
     if failed := [f.message for f in result.qc if f.severity == "fail"]:
         doubts.append(f"failed QC: {'; '.join(failed)}")

@@ -54,6 +54,7 @@ import numpy as np
 
 from . import __version__
 from .categories import CATEGORIES
+from .eligibility import ish_result
 from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth_label, read_csv_rows
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .files import content_sample
@@ -204,9 +205,10 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
             if elig.get(eligible_rule) not in (None, answer):
                 raise ValueError(f"{where}: eligible and eligible_{eligible_rule} disagree")
             elig[eligible_rule] = answer
-        ish = (r.get("ish") or "").strip().lower() or None
-        if ish not in (None, "positive", "negative"):
-            raise ValueError(f"{where}: ish must be 'positive', 'negative' or empty, got {ish!r}")
+        try:
+            ish = ish_result(r.get("ish") or None)  # empty: no ISH result
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         counts = truth.pop(key, None)
         if any(r.get(f"count_{c}") for c in CATEGORIES):  # true counts given in the labels file itself
             if empty := [f"count_{c}" for c in CATEGORIES if f"count_{c}" in r and not r[f"count_{c}"]]:

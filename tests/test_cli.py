@@ -450,6 +450,21 @@ def test_check_errors_are_one_line_exit_2(scored, tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_check_reads_ish_as_the_api_and_evaluate_do(scored, capsys):
+    """--ish took 'negative' but not 'Negative', which check_eligibility and evaluate's ish column take: its choices
+    are eligibility.ISH_RESULTS, read in any case as the API reads them (eligibility.ish_result)."""
+    from her2score.eligibility import ISH_RESULTS
+
+    two = str(scored / "field_2plus_a.png" / "result.json")
+    check_parser = build_parser()._subparsers._group_actions[0].choices["check"]
+    assert tuple(next(a for a in check_parser._actions if "--ish" in a.option_strings).choices) == ISH_RESULTS
+    assert check(capsys, two, "--rule", "her2-low-breast", "--ish", "Negative")[0] == 0
+    with pytest.raises(SystemExit) as refused:
+        main(["check", two, "--rule", "her2-low-breast", "--ish", "equivocal"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--ish: ish must be one of ['positive', 'negative'] (any case), got 'equivocal'" in err
+
+
 def test_rules_command(capsys):
     assert main(["rules"]) == 0
     listed = capsys.readouterr().out

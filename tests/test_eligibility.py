@@ -645,7 +645,7 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_t
 def test_an_ish_result_is_read_in_any_case_as_evaluate_reads_it():
     r = make_result(none=80, weak_moderate_complete=20)
     assert check_eligibility(r, "her2-low-breast", ish=" Negative").status == check_eligibility(r, "her2-low-breast", ish="negative").status == "eligible"
-    with pytest.raises(ValueError, match="ish must be one of"):
+    with pytest.raises(ValueError, match=r"^ish must be one of \['positive', 'negative'\] \(any case\), got 'equivocal'$"):
         check_eligibility(r, "her2-low-breast", ish="equivocal")
 
 

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -933,6 +934,18 @@ def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, m
     old = json.loads(_result(img, "1+").to_json())
     del old["tissue_area_mm2"]
     assert not reused(json.dumps(old)) and not reused("{not json")
+
+
+def test_an_ish_column_is_read_as_check_eligibility_reads_ish(tmp_path):
+    """The ish column takes what the API's ish= and 'check --ish' take (eligibility.ish_result: any case, empty for
+    none); anything else is named with its file, line and the accepted values."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,ish\na.png,2+,Negative\nb.png,2+,\nc.png,2+,POSITIVE\n")
+    assert [i.ish for i in read_labels(labels)] == ["negative", None, "positive"]
+    labels.write_text("path,label,ish\na.png,2+,negative\nb.png,2+,equivocal\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(labels))}, line 3: ish must be one of \['positive', 'negative'\] "
+                                         r"\(any case\), got 'equivocal'$"):
+        read_labels(labels)
 
 
 def test_labels_files_are_read_in_any_column_case_and_unreadable_ones_are_named(tmp_path):
