@@ -3,7 +3,10 @@
 Sources: generated synthetic fields (:func:`synthetic_images`), a folder with one sub-folder per class
 (:func:`folder_images`) or a CSV of ``path,label`` (:func:`csv_images`). Every image is read at the
 model's µm/px; its label is the label of every patch cut from it (weak labels: a 2+ field also holds
-unstained and faint cells, so patch labels are noisy by construction and label smoothing is used).
+unstained and faint cells, so patch labels are noisy by construction and label smoothing is used). An image
+that scoring would refuse before reading its cells (imagecheck.check_image: H&E, another chromogen, no
+counterstain, an implausible µm/px) is refused, naming the file; nuclear DAB (Ki67, ER, PR), which only the
+cells show, is not looked for.
 
 Stain augmentation happens in optical-density space: each patch is deconvolved with the default
 H-DAB vectors into stain amounts, the haematoxylin and DAB vectors are rotated by random angles
@@ -134,12 +137,19 @@ def read_image(path: str | os.PathLike, *, mpp: float | None = None, target_mpp:
 
 
 def _load(path: Path, label: str, mpp: float | None, target_mpp: float) -> LabelledImage:
+    """A labelled image read from ``path``; NotHerIhcError naming it where scoring would refuse it too
+    (imagecheck.check_image: H&E, no counterstain, another chromogen, a photo or graphic, an implausible µm/px)."""
+    from .imagecheck import NotHerIhcError, check_image
+
     rgb = read_image(path, mpp=mpp, target_mpp=target_mpp)
+    if not (check := check_image(rgb, mpp=target_mpp)).accepted:
+        raise NotHerIhcError(path, f"{check.reason.removesuffix('; not scored')}; not a training image")
     return LabelledImage(rgb, label, str(path), estimate_background(rgb))
 
 
 def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
-    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``."""
+    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``; one that is no H-DAB
+    IHC image is refused (NotHerIhcError, as scoring refuses it)."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     return [_load(f, label, mpp, target_mpp) for f, label in class_folder_files(root)]
@@ -167,7 +177,8 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def csv_images(path: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
-    """Images listed in a ``path,label`` CSV (paths relative to the CSV's folder)."""
+    """Images listed in a ``path,label`` CSV (paths relative to the CSV's folder); one that is no H-DAB IHC image is
+    refused (NotHerIhcError, as scoring refuses it)."""
     return [_load(Path(r["path"]), r["label"], mpp, target_mpp) for r in read_labels_csv(path)]
 
 

@@ -172,6 +172,25 @@ def test_cli_train_requires_a_source(capsys, tmp_path):
     assert "training source" in capsys.readouterr().err
 
 
+def test_cli_train_refuses_a_real_he_image_as_scoring_does_before_any_training(capsys, tmp_path):
+    """A real H&E field listed for training was trained on as HER2 IHC: refused now, naming the file and why
+    (imagecheck.check_image, as scoring refuses it), before any image is used; an H-DAB field beside it is taken."""
+    from conftest import save_png
+    from realdata import real_cases
+
+    he = next((c for c in real_cases() if c.name == "he-torchstain-breast-source"), None)
+    if he is None:
+        pytest.skip("the real H&E images (../shared/data/real) are not on this machine")
+    ihc = write_dataset(tmp_path / "ihc", n_per_class=1, seed=2, size_px=(96, 96))
+    field = save_png(tmp_path / "he field.png", he.load(), mpp=he.mpp)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{ihc / next(csv.DictReader(open(ihc / 'labels.csv')))['path']},0\n{field.name},2+\n")
+    assert main(["train", "--csv", str(labels), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"her2score train: {field}: ") and "H&E" in captured.err and "not a training image" in captured.err
+    assert "training" not in captured.out and not (tmp_path / "out").exists()
+
+
 def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work(capsys, tmp_path):
     """Training into models/ would replace the weights every default run uses: refused unless asked for
     (--replace-shipped), as is an --out that is a file, both before any field is generated."""
