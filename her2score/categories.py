@@ -40,7 +40,11 @@ class Thresholds:
     the stain deposit (HER2's categories join weak and moderate, so only the weak and strong bounds
     decide); a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
-    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
+    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``weak_od`` and ``strong_od`` apply
+    to each cell's own deposit, a shared border read at 1 / membrane.SHARED_MEMBRANE_GAIN
+    (membrane.own_membrane_od): the values that best separate the generator's intensity levels there
+    (benchmarks/shared_membranes.py: 0.09-0.105 and 0.37, without and with real borders' texture),
+    about what a lone membrane of deposit 0.2 and 0.6 reads. ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
     own noise floor is higher uses its floor instead (membrane.noise_floor). In a cell with
     cytoplasmic DAB a membrane must also stand ``cytoplasm_ratio`` x that blush above it, and a
@@ -51,8 +55,8 @@ class Thresholds:
     """
 
     faint_od: float = 0.02
-    weak_od: float = 0.14
-    strong_od: float = 0.55
+    weak_od: float = 0.10
+    strong_od: float = 0.37
     min_completeness: float = 0.25
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45

@@ -323,3 +323,50 @@ def test_a_nucleus_standing_nowhere_above_its_level_keeps_its_whole_mask():
     cells = labels.copy()
     m, _, _ = measure_cells(cells, labels, flat, flat, flat, mpp=MPP, rise=np.where(labels == 1, 0.0, peak).astype(np.float32))
     assert m.nucleus_area_um2.tolist() == [100 * MPP**2, MPP**2]
+
+
+def test_own_membrane_od_takes_shared_sectors_at_their_share():
+    """A sector the cell across also has its membrane along counts at 1 / gain; the mean is over the read sectors only."""
+    od = np.full((3, N_SECTORS), 0.6, np.float16)
+    od[:, ::2] = np.nan  # sectors without a border band (not read) are left out
+    read = np.isfinite(od)
+    shared = np.zeros_like(read)
+    shared[1] = True
+    shared[2, 1:12] = True
+    got = membrane.own_membrane_od(od, read, shared, gain=1.5)
+    n_shared = (read[2] & shared[2]).sum()
+    np.testing.assert_allclose(got, [0.6, 0.4, (0.4 * n_shared + 0.6 * (read[2].sum() - n_shared)) / read[2].sum()], rtol=1e-3)
+    assert membrane.own_membrane_od(od, np.zeros_like(read), shared)[0] == 0  # nothing read: 0, no NaN
+
+
+def test_own_membrane_od_in_blocks_equals_one_pass(monkeypatch):
+    rng = np.random.default_rng(3)
+    od = rng.uniform(0, 1, (50, N_SECTORS)).astype(np.float16)
+    read, shared = rng.random((50, N_SECTORS)) < 0.6, rng.random((50, N_SECTORS)) < 0.3
+    whole = membrane.own_membrane_od(od, read, shared)
+    monkeypatch.setattr(membrane, "SUMMARY_BLOCK", 7)
+    np.testing.assert_array_equal(membrane.own_membrane_od(od, read, shared), whole)
+
+
+def test_an_intense_membrane_reads_intense_alone_as_in_a_patch():
+    """Scattered intense rings (each between unstained cells: one deposit on each border) and a patch of them (two
+    deposits on each shared border) read the same own deposit, and intense: the shared line counts at its share."""
+    import sys
+    from pathlib import Path
+
+    from her2score.pipeline import analyse_slide
+    from her2score.slide import ArraySlide
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from realdata import _pairs
+
+    ratios = []
+    for composition, clonal, seed in (({"strong_complete": 0.06}, False, 9700), ({"strong_complete": 0.6}, True, 9701)):
+        f = generate_field(seed=seed, composition=composition, clonal=clonal, size_px=(768, 768))
+        cells = analyse_slide(ArraySlide(f.image, mpp=f.mpp)).cells
+        t, d = _pairs(np.column_stack([f.cells["x_px"], f.cells["y_px"]]), np.column_stack([cells["x"], cells["y"]]), 4 / f.mpp)
+        drawn = np.asarray(f.cells["deposit_category"])[t] == "strong_complete"  # drawn so, not enclosed by such cells
+        assert drawn.sum() >= 40
+        ratios.append(np.median(np.asarray(cells["membrane_od"])[d][drawn] / np.asarray(f.cells["deposit_od"])[t][drawn]))
+        assert np.mean(np.asarray(cells["category"])[d][drawn] == "strong_complete") >= 0.9, composition
+    assert abs(ratios[0] / ratios[1] - 1) < 0.1, ratios  # read over drawn: 0.64 alone, 0.68 in the patch (0.90 unshared)

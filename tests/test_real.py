@@ -169,7 +169,7 @@ def test_the_colon_with_weaker_dab_reads_weaker_down_to_null(colon):
     """The real colon with its DAB OD scaled down (1, 0.5, 0.25, 0.12, 0.05, then none): the same membranes
     fading, with no truth beyond that. The score and the H-score never rise as the DAB falls, the call
     passes through every score on the way from 3+ to 0 (null), and the tumour cells stay the same cells
-    (their selection reads no DAB). Measured: 3+ H 235, 2+ 166, 2+ 139, 1+ 43, then 0 (null) 0 at 0.05 and
+    (their selection reads no DAB). Measured: 3+ H 237, 2+ 190, 2+ 139, 1+ 60, then 0 (null) 0 at 0.05 and
     without DAB; 184-202 tumour cells (weak-to-moderate partial cells weigh 2, no longer 1 as faint ones)."""
     results = [colon[0].result, *(analyse(CASES[n]).result for n in names("weaker")),
                analyse(CASES["skimage-colon-ihc-dab-removed"]).result]
