@@ -27,7 +27,7 @@ intense incomplete staining makes ASCO/CAP 2018's unusual equivocal 2+ pattern.
 
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "complete")
 
-__all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells", "membrane_patterns"]
+__all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,7 @@ class Thresholds:
     the stain deposit (HER2's categories join weak and moderate, so only the weak and strong bounds
     decide); a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
-    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``weak_od`` and ``strong_od`` apply
-    to each cell's own deposit, a shared border read at 1 / membrane.SHARED_MEMBRANE_GAIN
-    (membrane.own_membrane_od): the values that best separate the generator's intensity levels there
-    (benchmarks/shared_membranes.py: 0.09-0.105 and 0.37, without and with real borders' texture),
-    about what a lone membrane of deposit 0.2 and 0.6 reads. ``faint_od`` is the least
+    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
     own noise floor is higher uses its floor instead (membrane.noise_floor). In a cell with
     cytoplasmic DAB a membrane must also stand ``cytoplasm_ratio`` x that blush above it, and a
@@ -55,8 +51,8 @@ class Thresholds:
     """
 
     faint_od: float = 0.02
-    weak_od: float = 0.10
-    strong_od: float = 0.37
+    weak_od: float = 0.14
+    strong_od: float = 0.55
     min_completeness: float = 0.25
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45
@@ -100,51 +96,43 @@ class Thresholds:
         return replace(cls(), **d)
 
 
-def membrane_patterns(
-    completeness: np.ndarray,
-    longest_arc: np.ndarray,
-    longest_gap: np.ndarray,
-    intensity_od: np.ndarray,
-    thresholds: Thresholds = Thresholds(),
-) -> np.ndarray:
-    """Pattern codes (indices into PATTERNS) per cell; the arguments as classify_cells'. Complete = stained
-    nearly all round with no long gap; lateral ("U") = one long stained arc with one long gap (the apical
-    side); any other stained cell is partial."""
-    t = thresholds
-    completeness, longest_arc, longest_gap, intensity_od = _checked(completeness, longest_arc, longest_gap, intensity_od)
-    stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
-    complete = stained & (completeness >= t.complete_completeness) & (longest_gap < t.lateral_gap)
-    lateral = stained & ~complete & (longest_arc >= t.lateral_arc)
-    return np.where(complete, 3, np.where(lateral, 2, np.where(stained, 1, 0))).astype(np.int8)
-
-
 def classify_cells(
     completeness: np.ndarray,
     longest_arc: np.ndarray,
     longest_gap: np.ndarray,
     intensity_od: np.ndarray,
     thresholds: Thresholds = Thresholds(),
-    *,
-    level_od: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Category and pattern codes (indices into CATEGORIES and PATTERNS) per cell.
 
     ``completeness``: fraction of the cell boundary stained (0-1); ``longest_arc`` / ``longest_gap``:
     the longest contiguous stained / unstained arc as a fraction of the boundary; ``intensity_od``:
-    mean membrane DAB OD, which must reach ``faint_od`` for the cell to be stained; ``level_od``: the
-    OD its intensity level is read from, where that differs (default ``intensity_od``; the pipeline
-    passes the cell's own deposit, membrane.own_membrane_od). The pattern is membrane_patterns'. A
-    stained cell under ``weak_od`` is ``faint_partial`` whatever its pattern; a partial one is
-    ``weak_moderate_partial`` from ``weak_od`` and ``strong_partial`` from ``strong_od``.
+    mean membrane DAB OD. Complete = stained nearly all round with no long gap; lateral ("U") = one
+    long stained arc with one long gap (the apical side); any other stained cell is partial. A cell
+    under ``weak_od`` is ``faint_partial`` whatever its pattern; a partial one is ``weak_moderate_partial``
+    from ``weak_od`` and ``strong_partial`` from ``strong_od``.
     """
     t = thresholds
-    pattern = membrane_patterns(completeness, longest_arc, longest_gap, intensity_od, t)
-    level_od = intensity_od if level_od is None else level_od
-    (level_od,) = _checked(level_od, n=len(pattern), names=("level_od",))
-    stained, complete, lateral, partial = pattern > 0, pattern == 3, pattern == 2, pattern == 1
-    weak = level_od >= t.weak_od
-    strong = level_od >= t.strong_od
-    cat = np.zeros(len(pattern), dtype=np.int8)
+    completeness = np.asarray(completeness, dtype=np.float32)
+    longest_arc = np.asarray(longest_arc, dtype=np.float32)
+    longest_gap = np.asarray(longest_gap, dtype=np.float32)
+    intensity_od = np.asarray(intensity_od, dtype=np.float32)
+    if not completeness.ndim == 1 or not len(completeness) == len(longest_arc) == len(longest_gap) == len(intensity_od):
+        raise ValueError("classify_cells: the four per-cell arrays must be 1-D and of one length, got "
+                         f"{[np.shape(a) for a in (completeness, longest_arc, longest_gap, intensity_od)]}")
+    for name, a in (("completeness", completeness), ("longest_arc", longest_arc), ("longest_gap", longest_gap),
+                    ("intensity_od", intensity_od)):
+        if not np.isfinite(a).all():  # NaN would read as an unstained cell, counted in the denominator
+            raise ValueError(f"classify_cells: {name} has {int((~np.isfinite(a)).sum())} values that are not finite")
+    stained = (completeness >= t.min_completeness) & (intensity_od >= t.faint_od)
+    complete = stained & (completeness >= t.complete_completeness) & (longest_gap < t.lateral_gap)
+    lateral = stained & ~complete & (longest_arc >= t.lateral_arc)
+    pattern = np.where(complete, 3, np.where(lateral, 2, np.where(stained, 1, 0))).astype(np.int8)
+
+    weak = intensity_od >= t.weak_od
+    strong = intensity_od >= t.strong_od
+    cat = np.zeros(len(completeness), dtype=np.int8)
+    partial = stained & ~complete & ~lateral
     cat[stained] = 1  # faint, any pattern
     cat[complete & weak] = 2
     cat[complete & strong] = 3
@@ -153,16 +141,3 @@ def classify_cells(
     cat[partial & weak] = 7  # weak-to-moderate but incomplete, not U-shaped
     cat[partial & strong] = 6  # intense but incomplete, not U-shaped
     return cat, pattern
-
-
-def _checked(*arrays, n: int | None = None, names: tuple[str, ...] = ("completeness", "longest_arc", "longest_gap", "intensity_od")
-             ) -> list[np.ndarray]:
-    """The per-cell arrays as float32: ValueError unless 1-D, of one length (``n`` where given) and finite."""
-    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
-    if not all(a.ndim == 1 for a in arrays) or len({len(a) for a in arrays} | ({n} if n is not None else set())) != 1:
-        raise ValueError(f"classify_cells: the per-cell arrays {', '.join(names)} must be 1-D and of one length, got "
-                         f"{[np.shape(a) for a in arrays]}" + (f" for {n} cells" if n is not None else ""))
-    for name, a in zip(names, arrays):
-        if not np.isfinite(a).all():  # NaN would read as an unstained cell, counted in the denominator
-            raise ValueError(f"classify_cells: {name} has {int((~np.isfinite(a)).sum())} values that are not finite")
-    return arrays

@@ -18,8 +18,7 @@ from .cells import _smoothed, disk, local_background, nuclear_rise
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
-    "MembraneSummary", "summarise_membranes", "SHARED_MEMBRANE_GAIN", "own_membrane_od", "stained_by_neighbours", "noise_floor",
-    "longest_circular_run",
+    "MembraneSummary", "summarise_membranes", "stained_by_neighbours", "noise_floor", "longest_circular_run",
 ]
 
 N_SECTORS = 24
@@ -461,8 +460,7 @@ class MembraneSummary:
     (log10) along the body of the stained arcs, i.e. over stained sectors stained on both sides (an arc's
     ends, where the line tapers off, are left out; all stained sectors when no arc has a body);
     contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10);
-    stained (n, N_SECTORS) bool: the stained sectors, in runs (see summarise_membranes); read (n,
-    N_SECTORS) bool: the sectors membrane_od is the mean of.
+    stained (n, N_SECTORS) bool: the stained sectors, in runs (see summarise_membranes).
     """
 
     completeness: np.ndarray
@@ -471,7 +469,6 @@ class MembraneSummary:
     membrane_od: np.ndarray
     contrast_od: np.ndarray
     stained: np.ndarray
-    read: np.ndarray
 
 
 def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
@@ -574,34 +571,7 @@ def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab
         membrane_od=np.where(n_st > 0, (od * read).sum(1) / np.maximum(n_read, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
         stained=st,
-        read=read,
     )
-
-
-SHARED_MEMBRANE_GAIN = 1.4
-"""How much darker a border reads where the cells either side both have their own membrane along it: one
-line with two deposits, blurred together. Measured on generator fields (benchmarks/shared_membranes.py, tuning
-seeds from 1000): the read line OD over the drawn deposit's is 0.90 for intense complete cells whose border is
-mostly shared with cells their own membrane encloses, 0.64 where little of it is (1.39x); 0.73 and 0.45 for
-weak-to-moderate ones, whose thinner deposits overlap more (1.64x). With the thresholds fitted for each gain,
-the intensity-level errors fall to 1.4 and little beyond it (605, 595, 591 at 1.4, 1.5, 1.6; 743 without).
-On real tissue the two cells' deposits lie on one membrane and could read up to twice one: not measured here
-(no real membranous image of known deposit)."""
-
-
-def own_membrane_od(sector_od: np.ndarray, read: np.ndarray, shared: np.ndarray, *,
-                    gain: float = SHARED_MEMBRANE_GAIN) -> np.ndarray:
-    """Each cell's own membrane DAB OD (log10, float32): MembraneSummary.membrane_od, the mean peak OD over the
-    ``read`` sectors, with the ``shared`` sectors' OD (bool, (n, N_SECTORS): sectors where the cell across has a
-    membrane of its own) taken at 1 / ``gain``: the share of the line that is the cell's own deposit. A cell's
-    intensity level (weak, strong) is read from it, so that an intense membrane reads intense alone as in a patch."""
-    out = np.zeros(len(read), np.float32)
-    for a in range(0, len(read), SUMMARY_BLOCK):  # temporaries the size of one block
-        r = read[a : a + SUMMARY_BLOCK]
-        od = np.nan_to_num(sector_od[a : a + SUMMARY_BLOCK].astype(np.float32))
-        od = np.where(shared[a : a + SUMMARY_BLOCK], od / np.float32(gain), od)
-        out[a : a + SUMMARY_BLOCK] = (od * r).sum(1) / np.maximum(r.sum(1), 1)
-    return out
 
 
 def stained_by_neighbours(stained: np.ndarray, beside: np.ndarray, *, reach: int = 2) -> np.ndarray:

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from . import __version__
-from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells, membrane_patterns
+from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds, grow_cells, measure_nucleus_thresholds,
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
@@ -27,8 +27,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import NotHerIhcError, check_slide, fill_regions, stain_fractions
-from .membrane import (FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, own_membrane_od,
-                       stained_by_neighbours, summarise_membranes)
+from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
@@ -587,13 +586,11 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
 class _CellsRead:
     """A slide's cells as read (_read_cells): their membranes, category and pattern codes (with ``borrowed``: the
     cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour, and by what
-    (``region_source``); ``level_od``: the membrane OD each cell's intensity level is read from (membrane.own_membrane_od);
-    the slide's staining figures (``staining``, as the result reports them) with its membrane
+    (``region_source``); the slide's staining figures (``staining``, as the result reports them) with its membrane
     noise floor (``floor``) and the cytoplasm levels the doubts read (``blush``, ``filled``, ``rise``: log10 OD,
     tumour.with_cytoplasm_doubt)."""
 
     mem: MembraneSummary
-    level_od: np.ndarray
     category: np.ndarray
     pattern: np.ndarray
     borrowed: np.ndarray
@@ -615,15 +612,13 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
     unstained = unstained_level(cells)
     mem = summarise_membranes(cells, threshold_od=threshold, cytoplasm_base_od=unstained,
                               cytoplasm_ratio=t.cytoplasm_ratio, min_run=t.min_arc_sectors)
-    enclosing = membrane_patterns(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t) >= PATTERNS.index("lateral")
+    category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t)
+    # a partly stained cell with no DAB of its own, stained only where it borders cells that their own membrane
+    # encloses, shows their membrane, not its own (README: shared membranes)
+    own_dab = stained_cytoplasm(cells, unstained_od=unstained)
+    enclosing = pattern >= PATTERNS.index("lateral")
     beside = np.concatenate([(rows >= 0) & enclosing[np.maximum(rows, 0)]  # per tile: the int32 rows never pile up
                              for rows in _neighbour_rows(parts, tolerance_px=NEIGHBOUR_MATCH_UM / scan.mpp)])
-    # where the cell across has its own membrane, the line read is both cells' (README: shared membranes)
-    level_od = own_membrane_od(cells.sector_od, mem.read, beside)
-    category, pattern = classify_cells(mem.completeness, mem.longest_arc, mem.longest_gap, mem.membrane_od, t, level_od=level_od)
-    # a partly stained cell with no DAB of its own, stained only where it borders cells that their own membrane
-    # encloses, shows their membrane, not its own
-    own_dab = stained_cytoplasm(cells, unstained_od=unstained)
     borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(mem.stained, beside)
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
@@ -644,7 +639,7 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
                     stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
-    return _CellsRead(mem, level_od, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise)
+    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise)
 
 
 @dataclass(frozen=True)
@@ -741,7 +736,7 @@ def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResul
         "tumour": read.tumour,
         "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
         "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
-        "membrane_od": read.level_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
+        "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
         "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": nucleus(cells.nucleus_dab_od),
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": nucleus(cells.nucleus_elongation),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from her2score.categories import CATEGORIES, PATTERNS, Thresholds, classify_cells, membrane_patterns
+from her2score.categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 
 T = Thresholds()
 WEAK, MODERATE, STRONG = T.weak_od + 0.05, T.strong_od - 0.05, T.strong_od + 0.2  # weak and moderate: one band
@@ -88,18 +88,3 @@ def test_values_that_are_not_numbers_are_refused():
         arrays[k][1] = np.nan
         with pytest.raises(ValueError, match="values that are not finite"):
             classify_cells(*arrays)
-
-
-def test_the_level_is_read_from_level_od_and_the_pattern_from_the_line():
-    """level_od sets weak / strong; the line's own intensity_od still decides whether the cell is stained at all."""
-    t = Thresholds()
-    completeness, arc, gap = [0.9, 0.9, 0.3], [0.9, 0.9, 0.2], [0.0, 0.0, 0.5]
-    line, level = [0.6, 0.6, t.faint_od / 2], [0.3, t.strong_od, 0.6]
-    cat, pattern = classify_cells(completeness, arc, gap, line, t, level_od=level)
-    assert [CATEGORIES[c] for c in cat] == ["weak_moderate_complete", "strong_complete", "none"]
-    assert list(pattern) == list(membrane_patterns(completeness, arc, gap, line, t))
-    assert list(classify_cells(completeness, arc, gap, line, t)[0]) == [3, 3, 0]  # default: the line's own intensity
-    with pytest.raises(ValueError, match="level_od"):
-        classify_cells(completeness, arc, gap, line, t, level_od=[0.3, 0.3])
-    with pytest.raises(ValueError, match="level_od has 1 values that are not finite"):
-        classify_cells(completeness, arc, gap, line, t, level_od=[0.3, np.nan, 0.3])

@@ -7,7 +7,6 @@ strong membranous DAB over unstained stroma, and a field with its DAB removed is
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import cv2
 import numpy as np
@@ -170,7 +169,7 @@ def test_the_colon_with_weaker_dab_reads_weaker_down_to_null(colon):
     """The real colon with its DAB OD scaled down (1, 0.5, 0.25, 0.12, 0.05, then none): the same membranes
     fading, with no truth beyond that. The score and the H-score never rise as the DAB falls, the call
     passes through every score on the way from 3+ to 0 (null), and the tumour cells stay the same cells
-    (their selection reads no DAB). Measured: 3+ H 237, 2+ 190, 2+ 139, 1+ 60, then 0 (null) 0 at 0.05 and
+    (their selection reads no DAB). Measured: 3+ H 235, 2+ 166, 2+ 139, 1+ 43, then 0 (null) 0 at 0.05 and
     without DAB; 184-202 tumour cells (weak-to-moderate partial cells weigh 2, no longer 1 as faint ones)."""
     results = [colon[0].result, *(analyse(CASES[n]).result for n in names("weaker")),
                analyse(CASES["skimage-colon-ihc-dab-removed"]).result]
@@ -293,8 +292,8 @@ def test_membranes_painted_on_real_tissue_get_their_call(name, score):
 @pytest.mark.parametrize("name", PAINTED_FIELDS)
 def test_membranes_painted_on_real_tissue_near_a_cutoff_are_never_called_wrong_unflagged(name):
     """Where the deciding cells lie at 8% or 12% of a real field's tumour cells (about 60-130 of them), breast and
-    gastric, a wrong call always carries near_cutoff, so eligibility asks for review (benchmarks/painted_real.py: 35 of
-    120 right, the 85 wrong all flagged: real unstained borders read ~5% stained, faint membranes are under-read)."""
+    gastric, a wrong call always carries near_cutoff, so eligibility asks for review (benchmarks/painted_real.py: 31 of
+    120 right, the 89 wrong all flagged: real unstained borders read ~5% stained, faint membranes are under-read)."""
     wrong = []
     for guideline, composition in PAINTED_CUTOFFS:
         for clonal in (False, True):
@@ -307,8 +306,8 @@ def test_membranes_painted_on_real_tissue_near_a_cutoff_are_never_called_wrong_u
 @needs_real
 def test_membranes_painted_on_real_tissue_are_read_cell_by_cell():
     """Each painted cell against the cell scored on its nucleus (one-to-one within 4 µm), over both fields' 2+ and 3+,
-    scattered and clonal: of the cells found and counted as tumour, measured 72% of the weak-to-moderate complete,
-    79% of the strong complete and 89% of the unstained cells read at their true category (the unstained beside
+    scattered and clonal: of the cells found and counted as tumour, measured 76% of the weak-to-moderate complete,
+    78% of the strong complete and 89% of the unstained cells read at their true category (the unstained beside
     stained ones read partial or lateral; the few faint cells among stained ones, 17%). About a third of all cells,
     stained or not alike (31-38%), are lost to detection and tumour selection (the DeepLIIF figures above), most of
     those the field's edge cuts among them."""
@@ -323,24 +322,6 @@ def test_membranes_painted_on_real_tissue_are_read_cell_by_cell():
         lost = sum(t == true for t, _ in pairs) - len(read)
         assert len(read) >= 100 and np.mean([r == true for r in read]) >= (0.8 if true == "none" else 0.7), (true, len(read), lost)
         assert lost <= 0.45 * (lost + len(read)), (true, len(read), lost)
-
-
-@needs_real
-def test_intense_membranes_painted_on_real_tissue_read_intense_whatever_their_pattern():
-    """Intense membranes painted on real tissue, complete, lateral (U) and in arcs, 12% of the cells, scattered and in
-    clones: of those read stained, each kind reads intense (any pattern), a lone arc as a ring in a patch does
-    (membrane.own_membrane_od). Measured 100% of 37, 16 and 19; before a shared border counted at its share, with
-    strong_od 0.55 on the line's OD, 89%, 69% and 53%."""
-    pairs = []
-    for name in PAINTED_FIELDS:
-        for guideline, composition in (("breast-asco-cap-2023", {"strong_complete": 0.12}), ("gastric", {"strong_lateral": 0.12}),
-                                       ("breast-asco-cap-2023", {"strong_partial": 0.12})):
-            for clonal in (False, True):
-                f, a = _painted(name, composition, clonal, guideline)
-                pairs += matched_categories(f, a.cells)
-    for true in ("strong_complete", "strong_lateral", "strong_partial"):
-        read = [r for t, r in pairs if t == true and r not in ("missed", "non-tumour", "none")]
-        assert len(read) >= 15 and np.mean([r.startswith("strong") for r in read]) >= 0.9, (true, Counter(read))
 
 
 def test_the_painted_benchmark_names_every_column_of_its_cell_table_apart():
