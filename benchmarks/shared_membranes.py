@@ -11,9 +11,12 @@ quartiles per image. Real: scikit-image's colon IHC at 0.5 µm/px, at its own DA
 (tests/realdata.py's "weaker" case). Generator: its 2+ and 3+ fields (seeds 10000-10002, 9000-9002).
 The figures decide whether a cell's intensity may be read with its shared borders discounted: on
 real tissue they are not darker, so the line's own OD is read (README, Limits). The recording wraps
-pipeline.summarise_membranes and pipeline.stained_by_neighbours, where the reading passes.
+pipeline.summarise_membranes and pipeline.stained_by_neighbours, where the reading passes, while it reads.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -22,29 +25,35 @@ from her2score.slide import ArraySlide
 from her2score.stain import scale_stains
 from her2score.synthetic import generate_field
 
-_seen: dict = {}
-_summarise, _by_neighbours = pipeline.summarise_membranes, pipeline.stained_by_neighbours
+@contextmanager
+def _recording() -> Iterator[dict]:
+    """While open, each slide analysed leaves its cells' sector line OD, stained sectors and shared sectors (the
+    cell across encloses itself by its own membrane) in the dict yielded."""
+    seen: dict = {}
+    summarise, by_neighbours = pipeline.summarise_membranes, pipeline.stained_by_neighbours
 
+    def summarise_recorded(cells, **kwargs):
+        mem = summarise(cells, **kwargs)
+        seen.update(od=np.nan_to_num(cells.sector_od.astype(np.float32)), stained=mem.stained)
+        return mem
 
-def _summarise_recorded(cells, **kwargs):
-    mem = _summarise(cells, **kwargs)
-    _seen.update(od=np.nan_to_num(cells.sector_od.astype(np.float32)), stained=mem.stained)
-    return mem
+    def by_neighbours_recorded(stained, beside, **kwargs):
+        seen["beside"] = beside
+        return by_neighbours(stained, beside, **kwargs)
 
-
-def _by_neighbours_recorded(stained, beside, **kwargs):
-    _seen["beside"] = beside
-    return _by_neighbours(stained, beside, **kwargs)
-
-
-pipeline.summarise_membranes, pipeline.stained_by_neighbours = _summarise_recorded, _by_neighbours_recorded
+    pipeline.summarise_membranes, pipeline.stained_by_neighbours = summarise_recorded, by_neighbours_recorded
+    try:
+        yield seen
+    finally:
+        pipeline.summarise_membranes, pipeline.stained_by_neighbours = summarise, by_neighbours
 
 
 def shared_over_lone(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """Per tumour cell with >= 3 shared and >= 3 lone stained sectors: mean line OD over its shared sectors
     divided by that over its lone ones."""
-    tumour = np.asarray(pipeline.analyse_slide(ArraySlide(rgb, mpp=mpp)).cells["tumour"], bool)
-    od, stained, beside = _seen["od"], _seen["stained"], _seen["beside"]
+    with _recording() as seen:
+        tumour = np.asarray(pipeline.analyse_slide(ArraySlide(rgb, mpp=mpp)).cells["tumour"], bool)
+    od, stained, beside = seen["od"], seen["stained"], seen["beside"]
     shared, lone = stained & beside, stained & ~beside
     both = tumour & (shared.sum(1) >= 3) & (lone.sum(1) >= 3)
     od, shared, lone = od[both], shared[both], lone[both]

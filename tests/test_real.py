@@ -341,20 +341,51 @@ def test_membranes_painted_on_real_tissue_are_read_cell_by_cell():
         assert lost <= 0.45 * (lost + len(read)), (true, len(read), lost)
 
 
-def test_the_painted_benchmark_names_every_column_of_its_cell_table_apart():
-    """benchmarks/painted_real.py's cell-by-cell table: each category read gets a column heading of its own (cut to
-    12 characters, weak_moderate_complete, _lateral and _partial all read "weak_moderat")."""
+def _benchmark(name: str):
+    """The module benchmarks/<name>.py."""
     import importlib.util
     from pathlib import Path
 
-    from her2score.categories import CATEGORIES
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "painted_real.py"
-    spec = importlib.util.spec_from_file_location("painted_real", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_painted_benchmark_names_every_column_of_its_cell_table_apart():
+    """benchmarks/painted_real.py's cell-by-cell table: each category read gets a column heading of its own (cut to
+    12 characters, weak_moderate_complete, _lateral and _partial all read "weak_moderat")."""
+    from her2score.categories import CATEGORIES
+
+    bench = _benchmark("painted_real")
     heads = [bench.column(c) for c in (*CATEGORIES, "non-tumour", "missed")]
     assert len(set(heads)) == len(heads) and max(map(len, heads)) <= 12, heads
+
+
+@pytest.mark.parametrize("dab", [1.0, 0.5])
+def test_a_real_cells_shared_and_lone_borders_read_alike(dab):
+    """Within one cell of the real colon IHC, the border sectors it shares with a cell enclosed by its own membrane read
+    the line OD its lone sectors read (benchmarks/shared_membranes.py: median ratio 1.03 at its own DAB, 1.01 at half):
+    so a line's intensity is read as seen, with no discount for two deposits on a shared border (README, Limits)."""
+    from skimage.data import immunohistochemistry
+
+    from her2score.stain import scale_stains
+
+    ratios = _benchmark("shared_membranes").shared_over_lone(scale_stains(immunohistochemistry(), dab=dab, residual=dab), 0.5)
+    assert len(ratios) >= 50 and 0.93 <= np.median(ratios) <= 1.08, (len(ratios), np.median(ratios))
+
+
+@pytest.mark.xfail(strict=True, reason="measured 5 Dec 2026: 1.23 and 1.25 (generator 2+ seed 9000, 3+ seed 10000): "
+                   "the generator draws each cell's deposit beside its neighbour's and the two add; real borders do "
+                   "not (README, Limits). Remove this mark when it passes (strict: an unexpected pass fails)")
+def test_the_generators_shared_borders_read_as_real_ones_do():
+    """As on the real colon (above), a generator cell's shared border sectors should read the line OD of its lone ones."""
+    from her2score.synthetic import generate_field
+
+    bench = _benchmark("shared_membranes")
+    medians = [np.median(bench.shared_over_lone(f.image, f.mpp))
+               for f in (generate_field("2+", seed=9000), generate_field("3+", seed=10000))]
+    assert all(0.93 <= m <= 1.08 for m in medians), medians
 
 
 def _field_tile(rgb: np.ndarray, mpp: float):
