@@ -45,7 +45,7 @@ from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, missing_reason, resolved_path, unsupported_format
+from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, checked_backend, missing_reason, resolved_path, unsupported_format
 from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
@@ -103,7 +103,8 @@ class BatchRows(list):
 @dataclass(frozen=True)
 class Job:
     """One slide to score: where it is, where its outputs go, and the settings. ``cells_csv``: also
-    write cells.csv beside cells.parquet; ``default_mpp``: the µm/px where the file's metadata gives none."""
+    write cells.csv beside cells.parquet; ``default_mpp``: the µm/px where the file's metadata gives none;
+    ``backend``: the reader (slide.BACKENDS; None: the one the file chooses)."""
 
     slide: str
     name: str
@@ -115,6 +116,7 @@ class Job:
     cnn_weights: str | None = None
     cells_csv: bool = False
     default_mpp: float | None = None
+    backend: str | None = None
 
 
 # -- discovery and naming ---------------------------------------------------------------------------
@@ -296,7 +298,8 @@ def safe_name(relative: str) -> str:
 
 def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig, *, mpp=None,
               regions: Path | None = None, previous: dict[str, str] | None = None,
-              cnn_weights: str | None = None, cells_csv: bool = False, default_mpp: float | None = None) -> list[Job]:
+              cnn_weights: str | None = None, cells_csv: bool = False, default_mpp: float | None = None,
+              backend: str | None = None) -> list[Job]:
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
     ``previous`` maps slides to the folder names an earlier run gave them: they keep them, and the
@@ -323,7 +326,7 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
             used.add(name.lower())
         region = _find_region(regions, slide, root, annotations) if regions else None
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
-                        cells_csv=cells_csv, default_mpp=default_mpp))
+                        cells_csv=cells_csv, default_mpp=default_mpp, backend=backend))
     return jobs
 
 
@@ -497,7 +500,7 @@ def process_slide(job: Job) -> dict:
             cnn = _load_cnn(job.cnn_weights)
             use_one_thread()  # run_batch runs this in worker processes (local pool or Dask): torch, if loaded, one thread
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
-                                 workers=job.tile_workers, cnn=cnn, default_mpp=job.default_mpp)
+                                 workers=job.tile_workers, cnn=cnn, default_mpp=job.default_mpp, backend=job.backend)
         try:
             write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
         except OSError as e:  # the slide was read and scored: the fault is the output folder's, which says so
@@ -555,9 +558,10 @@ def _settings(job: Job) -> dict:
 
 def _config_key(job: Job, used_default: bool = False) -> str:
     """A slide's settings (the tool's version among them) plus what is its own (µm/px given, the default µm/px where
-    ``used_default``, region file): equal keys score alike. A slide whose file gives its µm/px keeps its key whatever
-    --default-mpp is."""
-    own = [job.mpp, job.default_mpp if used_default else None, job.region] + ([_signature(job.region)] if job.region else [])
+    ``used_default``, region file, reader given): equal keys score alike. A slide whose file gives its µm/px keeps its
+    key whatever --default-mpp is, and one read by the reader its file chooses the key it had before --backend was."""
+    own = ([job.mpp, job.default_mpp if used_default else None, job.region] + ([_signature(job.region)] if job.region else [])
+           + ([f"backend {job.backend}"] if job.backend else []))
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -765,6 +769,7 @@ def run_batch(
     cells_csv: bool = False,
     progress: Callable[[dict, int, int], None] | None = None,
     default_mpp: float | None = None,
+    backend: str | None = None,
 ) -> BatchRows:
     """Score every slide under ``inputs`` into ``out``; returns the summary rows (summary.csv): every
     slide scored into ``out`` (by this run or an earlier one with the same settings) and this run's
@@ -775,6 +780,8 @@ def run_batch(
     ``cells_csv``: also write each slide's cells.csv beside cells.parquet (a slide reused from an
     earlier run without it is scored again; a slide scored without it loses an earlier cells.csv).
     ``mpp`` (µm/px) overrides every file's; ``default_mpp`` is used where a file's metadata gives none.
+    ``backend`` reads every slide with one reader (slide.open_slide's; None: the one each file chooses); a slide it
+    cannot open gets an error row.
 
     Slides are named by absolute path in the rows, the manifest and each result.json.
 
@@ -792,7 +799,7 @@ def run_batch(
     out = Path(os.path.abspath(out))
     inputs = [os.path.abspath(i) for i in inputs]
     regions = os.path.abspath(regions) if regions else None
-    workers = checked_workers(workers)
+    workers, backend = checked_workers(workers), checked_backend(backend)
     if scheduler and scheduler != "local":
         _check_address(scheduler)
     if out.exists() and not out.is_dir():
@@ -806,7 +813,7 @@ def run_batch(
     with output_lock(out):
         try:
             return _run_locked(out, slides, problems, skipped, config, mpp, regions, workers, scheduler, cnn_weights,
-                               cells_csv, progress, default_mpp)
+                               cells_csv, progress, default_mpp, backend)
         except BatchError:
             if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
                 (out / LOCK).unlink()
@@ -837,7 +844,7 @@ def _slides_to_score(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Pat
 def _run_locked(out: Path, slides: list[tuple[Path, Path]], problems: list[tuple[str, str]], skipped: list[tuple[str, str]],
                 config: ScoringConfig, mpp: float | None, regions: str | None, workers: int, scheduler: str | None,
                 cnn_weights: str | os.PathLike | None, cells_csv: bool, progress: Callable[[dict, int, int], None] | None,
-                default_mpp: float | None) -> BatchRows:
+                default_mpp: float | None, backend: str | None) -> BatchRows:
     """run_batch's work on discover's ``slides`` (at least one), ``problems`` and ``skipped``, with ``out`` made and locked."""
     _clean_temp_files(out)
     manifest = _Manifest(out)
@@ -845,7 +852,7 @@ def _run_locked(out: Path, slides: list[tuple[Path, Path]], problems: list[tuple
     manifest.respell([slide for slide, _ in slides])
     jobs = plan_jobs(slides, out, config, mpp=mpp, regions=Path(regions) if regions else None,
                      previous=manifest.names(), cnn_weights=os.path.abspath(cnn_weights) if cnn_weights else None,
-                     cells_csv=cells_csv, default_mpp=default_mpp)
+                     cells_csv=cells_csv, default_mpp=default_mpp, backend=backend)
     this_run = {j.slide for j in jobs} | {p for p, _ in problems}
     # an earlier run's refused or failed slides stay listed while they exist, as they were (no results); a file given
     # that was no slide or image format at all (report.docx) is no slide in --out

@@ -295,7 +295,7 @@ def _score(args) -> int:
     try:
         rows = run_batch(args.inputs, args.out, config=config, mpp=args.mpp, default_mpp=args.default_mpp, regions=args.regions,
                          workers=args.workers, scheduler=args.scheduler, cnn_weights=weights,
-                         cells_csv=args.cells_csv, progress=_until_gone(progress))
+                         cells_csv=args.cells_csv, progress=_until_gone(progress), backend=args.backend)
     except BatchError as e:  # (the disk filled mid-batch, perhaps after its reader went away)
         _error(args.command, str(e))
         return 2
@@ -545,6 +545,15 @@ def _ish_results() -> Sequence[str]:
 ISH_CHOICES = _Choices(_ish_results)
 
 
+def _backends() -> Sequence[str]:
+    from .slide import BACKENDS
+
+    return BACKENDS
+
+
+BACKEND_CHOICES = _Choices(_backends)
+
+
 def _ish(value: str) -> str:
     """--ish read as check_eligibility reads ish (eligibility.ish_result: any case)."""
     from .eligibility import ish_result
@@ -580,6 +589,13 @@ read-only (the batch stops; finished slides kept).
 summary.csv lists every slide in --out; qc_status beside each score: passed, needs_review, qc_failed, not_scored."""
 
 
+def _backend_argument(p: argparse.ArgumentParser) -> None:
+    """--backend, which ``score`` and ``evaluate`` share."""
+    p.add_argument("--backend", choices=BACKEND_CHOICES, metavar="BACKEND",
+                   help="read every file with this reader: %(choices)s (default: the one each file's suffix and first "
+                        "bytes choose; a file it cannot read is an error)")
+
+
 def _guideline_arguments(p: argparse.ArgumentParser) -> None:
     """The guideline settings ``score`` and ``evaluate`` share."""
     p.add_argument("--guideline", default="breast-asco-cap-2023", choices=GUIDELINE_CHOICES, metavar="GUIDELINE",
@@ -612,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "their own and snapshots without in one batch; default: none, such "
                                                      "a file is refused)")
     s.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px at which cells are analysed")
+    _backend_argument(s)
     s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
                                      "(default: detected tumour cells)")
     s.add_argument("--workers", type=int, default=default_workers(),

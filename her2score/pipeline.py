@@ -439,6 +439,9 @@ def _opened(source, mpp, backend, default_mpp=None):
                                                                             default_mpp=default_mpp)
 
 
+READER_NOTE = "reader: "
+"""How the note naming the reader (slide.BACKENDS) that opened a slide's file begins; an array or a Slide given has none."""
+
 OWN_STAINS_NOTE = "scored with the slide's own stain vectors: the default ones read it as nuclear DAB"
 """The note of a slide scored with its own stain vectors after the default ones refused it (analyse_slide)."""
 
@@ -542,7 +545,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp, mpp_origin, metadata_mpp = str(slide.path), slide.mpp, slide.mpp_origin, slide.metadata_mpp
         jpeg_quality = slide.jpeg_quality_at(config.mpp)  # of the level the tiles are read from
-        notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}", *slide.notes,
+        notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}",
+                 *([f"{READER_NOTE}{slide.backend}"] if slide.backend else []), *slide.notes,
                  *([f"JPEG quality {jpeg_quality} (from the quantisation tables of the level scored)"] if jpeg_quality is not None else []))
 
         cnn_max = cnn_patch_limit(config, len(tiles))  # a whole slide's CNN mean needs only a sample of its patches

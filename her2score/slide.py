@@ -33,6 +33,7 @@ __all__ = [
     "open_slide",
     "ArraySlide",
     "SLIDE_SUFFIXES",
+    "BACKENDS",
     "UNSUPPORTED_IMAGE_SUFFIXES",
     "MAX_PLAIN_PIXELS",
     "MAX_DIMENSION",
@@ -42,6 +43,9 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff")
 OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + PLAIN_SUFFIXES
+BACKENDS = ("tifffile", "openslide", "image")
+"""The readers open_slide's ``backend`` may force: TIFF through tifffile, vendor formats through OpenSlide, whole
+images through Pillow (PNG, JPEG, BMP, TIFF)."""
 UNSUPPORTED_IMAGE_SUFFIXES = (
     ".czi", ".vsi", ".isyntax", ".dcm", ".dicom", ".jp2", ".j2k", ".jpx", ".jxl", ".gif", ".webp", ".avif",
     ".heic", ".tga", ".nd2", ".lif", ".zvi", ".kfb", ".sdpc", ".tmap", ".mds", ".ims", ".zarr",
@@ -112,6 +116,8 @@ class Slide(ABC):
     Slide of the user's own that does not say is taken as given by the user."""
     levels: tuple[Level, ...]
     notes: tuple[str, ...] = ()
+    backend: str | None = None
+    """The reader open_slide opened it with, one of BACKENDS; None for an array or a Slide of the user's own."""
     metadata_mpp: float | None = None
     """The µm/px the file's metadata gives where a user's value overrides it by more than 5% and the metadata's is a
     microscope's (else None)."""
@@ -954,14 +960,20 @@ class OpenSlideSlide(Slide):
     """Vendor formats (NDPI, MRXS, SVS, generic tiled TIFF...) through OpenSlide."""
 
     def __init__(self, path: Path, mpp: float | None, default_mpp: float | None = None):
-        import openslide
+        try:
+            import openslide
+        except (ImportError, OSError) as e:  # openslide-python, or the OpenSlide library it loads, missing
+            raise SlideError(path, f"OpenSlide is not available ({type(e).__name__}: {e}); install openslide-python "
+                                   "and openslide-bin") from None
 
         self.path = path
         try:
             self._osr = openslide.OpenSlide(str(path))
         except Exception as e:
             problem = None
-            if _sniff(path)[0] == "TIFF":  # TIFF-based formats too (NDPI, SCN, BIF): a truncated file says so
+            if (kind := _sniff(path)[0]) in ("PNG", "JPEG", "BMP"):  # only where the backend was forced
+                problem = f"OpenSlide does not read {kind} images (the image backend does)"
+            elif kind == "TIFF":  # TIFF-based formats too (NDPI, SCN, BIF): a truncated file says so
                 problem = _tiff_structure_problem(path)
             elif path.suffix.lower() == ".mrxs" and not path.with_suffix("").is_dir():
                 problem = f"its data folder {path.with_suffix('').name}/ is not beside it (an MRXS slide is the file and that folder)"
@@ -1044,8 +1056,9 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     ``mpp`` (µm/px), when given, is used whatever the file carries (``mpp_source`` notes a metadata value
     more than 5% off it); otherwise the file's metadata must give one, or else ``default_mpp`` is used where
     given (a batch of scans with µm/px and snapshots without: ``mpp_source`` says why). ``backend`` forces
-    'tifffile', 'openslide' or 'image'; by default the file's suffix and first bytes decide
-    (a PNG or JPEG named .tif is read as what it is). Raises SlideError naming the file and the reason.
+    'tifffile', 'openslide' or 'image'; by default the file's suffix and first bytes decide (automatic_backend: a PNG
+    or JPEG named .tif is read as what it is); the Slide's ``backend`` names the one taken. Raises SlideError naming
+    the file and the reason.
     """
     path = Path(path)
     if not path.exists():
@@ -1059,24 +1072,38 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     for value, name in ((mpp, "mpp, --mpp"), (default_mpp, "default_mpp, --default-mpp")):
         if value is not None and not _positive(value):
             raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {_shown(value)}")
-    suffix = path.suffix.lower()
-    if backend is None:
-        if suffix in OPENSLIDE_SUFFIXES:  # a PNG or JPEG so named is read as what it is
-            backend = "image" if _sniff(path)[0] in ("PNG", "JPEG", "BMP") else "openslide"
-        elif suffix in TIFF_SUFFIXES or suffix in PLAIN_SUFFIXES:
-            kind, head = _sniff(path)
-            if kind is None:
-                raise SlideError(path, f"not an image: named {path.suffix} but its content is not PNG, JPEG, BMP or "
-                                       f"TIFF (it starts with {head[:8]!r})")
-            backend = "tifffile" if kind == "TIFF" else "image"
-        else:
-            raise SlideError(path, unsupported_format(suffix))
+    backend = checked_backend(backend) or automatic_backend(path)
     if backend == "tifffile":
         if _sniff(path)[0] != "TIFF":
             raise SlideError(path, "not a TIFF file (no TIFF header)")
-        return TiffSlide(path, mpp, default_mpp)
-    if backend == "openslide":
-        return OpenSlideSlide(path, mpp, default_mpp)
-    if backend == "image":
-        return _open_plain(path, mpp, default_mpp)
-    raise ValueError(f"unknown backend {backend!r}; use 'tifffile', 'openslide' or 'image'")
+        slide = TiffSlide(path, mpp, default_mpp)
+    elif backend == "openslide":
+        slide = OpenSlideSlide(path, mpp, default_mpp)
+    else:
+        slide = _open_plain(path, mpp, default_mpp)
+    slide.backend = backend
+    return slide
+
+
+def checked_backend(backend: str | None) -> str | None:
+    """``backend`` as open_slide takes it: one of BACKENDS, or None (the reader the file chooses); else ValueError."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use 'tifffile', 'openslide' or 'image'")
+    return backend
+
+
+def automatic_backend(path: str | os.PathLike) -> str:
+    """The reader open_slide takes for ``path`` where no ``backend`` is given: its suffix's, unless its first bytes say
+    a plain image (a PNG or JPEG named .tif or .ndpi is read as what it is). Raises SlideError naming the file where
+    no reader takes it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in OPENSLIDE_SUFFIXES:
+        return "image" if _sniff(path)[0] in ("PNG", "JPEG", "BMP") else "openslide"
+    if suffix not in TIFF_SUFFIXES + PLAIN_SUFFIXES:
+        raise SlideError(path, unsupported_format(suffix))
+    kind, head = _sniff(path)
+    if kind is None:
+        raise SlideError(path, f"not an image: named {path.suffix} but its content is not PNG, JPEG, BMP or "
+                               f"TIFF (it starts with {head[:8]!r})")
+    return "tifffile" if kind == "TIFF" else "image"

@@ -755,6 +755,12 @@ def test_default_mpp_serves_the_files_without_one_and_no_other(tmp_path, fields,
                                                    "in the Python API)")
 
 
+def test_an_unknown_backend_is_refused_before_any_work(tmp_path, three):
+    with pytest.raises(ValueError, match="unknown backend 'pillow'; use 'tifffile', 'openslide' or 'image'"):
+        run_batch([three], tmp_path / "out", backend="pillow")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tile_workers_open_a_slide_at_its_default_mpp(tmp_path, fields):
     """A snapshot without µm/px scored with its tiles in two processes: each worker opens it again, which without
     the default given refused it (the batch then ran it again in one process, hiding the fault)."""

@@ -2,6 +2,7 @@
 results), arguments checked before any work, inputs that are not HER2 IHC refused in summary.csv,
 a failed QC shown beside the score, 'check' exit codes and errors, and batch bookkeeping across runs."""
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -496,6 +497,48 @@ def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, 
     assert main(["score", str(a), str(b), "--out", str(out), "-q", "--no-cnn", "--guideline", "gastric"]) == 0
     assert "2 scored, 0 reused" in capsys.readouterr().out
     assert {r["guideline"] for r in summary(out).values()} == {"gastric"}
+
+
+@pytest.mark.parametrize("backend, png_error", [
+    ("tifffile", "not a TIFF file (no TIFF header)"),
+    pytest.param("openslide", "OpenSlide does not read PNG images (the image backend does)", marks=pytest.mark.skipif(
+        importlib.util.find_spec("openslide") is None, reason="openslide-python not installed")),
+])
+def test_backend_reads_every_slide_and_a_file_it_cannot_is_an_error_row(tmp_path, capsys, pyramid_tiff, good_png,
+                                                                         backend, png_error):
+    """--backend forces the reader of every slide, named in each result's notes; a file it cannot read gets an error
+    row naming the file and why, and the batch goes on. Another reader, like another --mpp, scores the slides given
+    again and keeps the others."""
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    scan, field = shutil.copy(pyramid_tiff, folder / "scan.tif"), shutil.copy(good_png, folder / "field.png")
+    run = ["score", str(folder), "--out", str(out), "-q", "--no-cnn", "--workers", "1"]
+    assert main([*run, "--backend", backend]) == 1
+    rows = summary(out)
+    assert rows["scan.tif"]["status"] == "ok", rows["scan.tif"]["error"]
+    assert f"reader: {backend}" in json.loads((out / "scan.tif" / "result.json").read_text())["notes"]
+    assert rows["field.png"]["status"] == "error" and rows["field.png"]["error"] == f"{field}: {png_error}"
+    capsys.readouterr()
+    assert main([str(scan) if a == str(folder) else a for a in run] + ["--backend", backend]) == 0
+    assert "0 scored, 1 reused, 0 failed" in capsys.readouterr().out
+    assert main(run) == 0  # each file's own reader: both scored again
+    assert "2 scored, 0 reused, 0 failed" in capsys.readouterr().out
+    assert "reader: tifffile" in json.loads((out / "scan.tif" / "result.json").read_text())["notes"]
+    assert "reader: image" in json.loads((out / "field.png" / "result.json").read_text())["notes"]
+
+
+def test_backend_openslide_where_openslide_is_missing_is_an_error_row_saying_so(tmp_path, capsys, pyramid_tiff,
+                                                                               good_png, monkeypatch):
+    """Every slide gets an error row naming it and saying OpenSlide is not there, not a bare ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, "openslide", None)  # an import of it fails, in the forked workers too
+    out = tmp_path / "out"
+    assert main(["score", str(pyramid_tiff), str(good_png), "--out", str(out), "-q", "--no-cnn", "--workers", "1",
+                 "--backend", "openslide"]) == 1
+    for name, path in (("slide.tif", pyramid_tiff), (good_png.name, good_png)):
+        row = summary(out)[name]
+        assert row["status"] == "error" and row["error"].startswith(
+            f"{path}: OpenSlide is not available (ModuleNotFoundError: ") and row["error"].endswith(
+            "install openslide-python and openslide-bin"), row["error"]
 
 
 def test_a_bad_weights_file_is_one_line_exit_2(tmp_path, capsys):
