@@ -488,7 +488,8 @@ def _evaluate(args) -> int:
                           guideline=args.guideline, specimen=args.specimen, gastric_reading=args.gastric_reading,
                           isolated_intense_percent=args.isolated_floor, mpp=args.mpp, bootstrap=args.bootstrap,
                           seed=args.seed, rules=args.rules, eligible_rule=args.eligible_rule, reuse_by_name=args.reuse_by_name,
-                          progress=None if args.quiet else _until_gone(_eval_progress), default_mpp=args.default_mpp)
+                          progress=None if args.quiet else _until_gone(_eval_progress), default_mpp=args.default_mpp,
+                          backend=args.backend)
     except ModelError as e:
         _error(args.command, f"{e} (or evaluate with --no-cnn)")
         return 2
@@ -722,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     e.add_argument("--default-mpp", type=float, help="µm/px of the images whose metadata gives none (default: none, "
                                                      "such an image is refused)")
+    _backend_argument(e)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of kappa (proportions use Wilson intervals)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     e.add_argument("--rule", action="append", dest="rules", metavar="RULE",

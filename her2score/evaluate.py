@@ -7,7 +7,7 @@ report levels: ``0`` (null or ultralow not said), ``null`` / ``0 (null)``, ``0+`
 gives the five-level label beside a 4-class ``label`` (``her2score synth`` writes both). A ``truth.jsonl`` beside the CSV
 (as ``her2score synth`` writes: one ``{"path": ..., "counts": {category: n}}`` per image), or
 ``count_<category>`` columns in the CSV, give the true cell counts, for per-image percentage agreement. Every image is scored by the pipeline (or
-its result.json is reused, where it was scored with the same settings and µm/px), the CNN is run on it when the result carries no
+its result.json is reused, where it was scored with the same settings and µm/px and read by the same reader), the CNN is run on it when the result carries no
 report of the same CNN. Each image is labelled once (a second row for it is refused). ``out`` receives:
 
 - ``metrics.json``: per method (classical, cnn, fused): n, accuracy with its Wilson 95% interval,
@@ -59,8 +59,8 @@ from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .files import content_sample
 from .outputs import atomic_write
-from .pipeline import OWN_STAINS_NOTE, with_call_doubts
-from .slide import resolved_path
+from .pipeline import OWN_STAINS_NOTE, READER_NOTE, with_call_doubts
+from .slide import SlideError, automatic_backend, checked_backend, resolved_path
 from .results import SCORES, ZERO_LEVELS, SlideResult
 
 __all__ = [
@@ -506,13 +506,28 @@ def _same_mpp(result: SlideResult, given: float | None, default: float | None = 
     return result.mpp_origin == "metadata"
 
 
-def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=None) -> tuple[SlideResult, str, str]:
+def _same_reader(result: SlideResult, image: str, backend: str | None) -> bool:
+    """Whether ``result`` was read by the reader a run now opens ``image`` with: ``backend``, or without it the one
+    the file chooses (slide.automatic_backend); a result naming none, written before results named their reader, only
+    where no ``backend`` is given."""
+    recorded = next((n.removeprefix(READER_NOTE) for n in result.notes if n.startswith(READER_NOTE)), None)
+    if recorded is None:
+        return backend is None
+    try:
+        return recorded == (backend or automatic_backend(image))
+    except SlideError:  # scoring it again says what is wrong
+        return False
+
+
+def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=None,
+               backend: str | None = None) -> tuple[SlideResult, str, str]:
     """The image's result, the result.json reused ("" when it was scored), and who ran the CNN
     ("pipeline", "reused" or "" when none ran). A finished result is reused where this version of the
     tool scored it with the same settings (guideline, specimen, thresholds and every other scoring
     setting; the default ones retried with the slide's own stain vectors count as the default), on its
-    detected tumour cells (no annotation) and, when given, at the same µm/px, unless the CNN is wanted
-    and it has none, or another model's, or the image was modified after the result was written."""
+    detected tumour cells (no annotation), read by the same reader (``backend``, slide.open_slide's) and, when
+    given, at the same µm/px, unless the CNN is wanted and it has none, or another model's, or the image was
+    modified after the result was written."""
     from .pipeline import analyse_slide
 
     key = str(resolved_path(item.path))
@@ -528,12 +543,13 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=
         if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
             recorded["estimate_stains"] = False
         same = (result.version == __version__ and recorded == json.loads(json.dumps(config.to_dict()))
-                and _same_mpp(result, mpp, default_mpp) and not result.region.startswith(("annotation", "mask")))
+                and _same_mpp(result, mpp, default_mpp) and not result.region.startswith(("annotation", "mask"))
+                and _same_reader(result, item.path, backend))
         if same and (model is None or (result.cnn is not None and result.cnn.model == model.name)):
             if model is None and result.cnn is not None:  # no CNN wanted: the reused result's CNN part is left out
                 result = method_result(result, "classical")
             return result, str(f), "reused" if result.cnn is not None else ""
-    result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model, default_mpp=default_mpp).result
+    result = analyse_slide(item.path, config=config, mpp=mpp, cnn=model, default_mpp=default_mpp, backend=backend).result
     return result, "", "pipeline" if result.cnn is not None else ""
 
 
@@ -631,7 +647,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
              use_cnn: bool = True, model=None, guideline: str = "breast-asco-cap-2023", specimen: str = "resection",
              gastric_reading: str = "cumulative", isolated_intense_percent: float | None = None, mpp: float | None = None, bootstrap: int = 1000, seed: int = 0, rules: Sequence | None = None,
              eligible_rule: str | None = None, reuse_by_name: bool = False,
-             progress: Callable[[int, int, dict], None] | None = None, default_mpp: float | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int, dict], None] | None = None, default_mpp: float | None = None,
+             backend: str | None = None) -> dict[str, Any]:
     """Score every labelled image and write metrics, per-image CSV, plots and report to ``out``.
 
     ``model``: a TileClassifier, a weights path, or None for the shipped weights (ignored when
@@ -640,7 +657,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     ``isolated_intense_percent`` (None: the default): as ScoringConfig's. ``reuse_by_name``: also
     reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of:
     a result does not say which pixels it read). ``mpp`` overrides every image's µm/px; ``default_mpp`` is used
-    where an image's metadata gives none.
+    where an image's metadata gives none; ``backend`` reads every image with one reader (slide.open_slide's; None:
+    the one each file chooses).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .batch import output_lock
@@ -648,6 +666,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     from .pipeline import ScoringConfig
 
     t_start = time.perf_counter()
+    backend = checked_backend(backend)
     items = read_labels(labels, eligible_rule=eligible_rule)
     root = Path(labels).absolute()
     root = root if root.is_dir() else root.parent
@@ -680,7 +699,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             row: dict[str, Any] = {"path": item.path, "label": item.label, "truth_level": item.level or ""}
             try:
                 result, reused_from, cnn_by = _score_one(item, config=config, mpp=mpp, model=clf, reusable=reusable,
-                                                         default_mpp=default_mpp)
+                                                         default_mpp=default_mpp, backend=backend)
                 if reused_from and str(resolved_path(result.slide)) != str(resolved_path(item.path)):
                     by_name.append(item.path)
                 d = out / "results" / folders[n_done - 1]

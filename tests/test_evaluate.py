@@ -829,6 +829,46 @@ def test_a_result_of_another_cnn_is_not_reused(tmp_path):
         _score_one(item, config=ScoringConfig(), mpp=None, model=Named(), reusable=reusable)
 
 
+def test_a_result_read_by_another_reader_is_not_reused(tmp_path):
+    """Reuse needs the reader the run opens the image with: the one given (--backend), else the one the file chooses;
+    a result naming none (written before results named their reader) is reused only where none is given."""
+    from her2score.evaluate import LabelledItem, _score_one
+    from her2score.slide import SlideError
+
+    img = tmp_path / "f.tif"
+    img.write_bytes(b"II*\x00" + bytes(60))  # a TIFF header: the file chooses tifffile; scoring it again raises
+    item = LabelledItem(str(img), "1+", {})
+
+    def reused(notes: tuple[str, ...], backend: str | None) -> bool:
+        (tmp_path / "r.json").write_text(replace(_result(img, "1+"), notes=notes).to_json())
+        try:
+            return bool(_score_one(item, config=ScoringConfig(), mpp=None, model=None, backend=backend,
+                                   reusable={str(img.resolve()): tmp_path / "r.json"})[1])
+        except SlideError:  # scored again
+            return False
+
+    assert reused(("reader: tifffile",), None) and reused(("reader: tifffile",), "tifffile")
+    assert not reused(("reader: tifffile",), "openslide") and not reused(("reader: openslide",), None)
+    assert reused((), None) and not reused((), "tifffile")
+
+
+def test_evaluate_reads_every_image_with_the_backend_given(tmp_path, good_png):
+    """--backend as for score: each result names its reader, a reader that cannot read an image makes its row an
+    error naming it, and a result read by another reader is not reused."""
+    (tmp_path / "cls" / "2+").mkdir(parents=True)
+    image = shutil.copy(good_png, tmp_path / "cls" / "2+" / "f.png")
+    args = ["--no-cnn", "--bootstrap", "0", "-q"]
+    assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "ev"), *args]) == 0
+    [first] = (tmp_path / "ev" / "results").glob("*/result.json")
+    assert "reader: image" in SlideResult.read(first).notes
+    reuse = ["--reuse", str(tmp_path / "ev" / "results")]
+    assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "tiff"), *reuse, *args, "--backend", "tifffile"]) == 1
+    [row] = csv.DictReader(open(tmp_path / "tiff" / "per_image.csv"))
+    assert row["error"] == f"{image}: not a TIFF file (no TIFF header)"
+    assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "image"), *reuse, *args, "--backend", "image"]) == 0
+    assert json.loads((tmp_path / "image" / "metrics.json").read_text())["reused"] == 1
+
+
 def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_is_not_reused(tmp_path):
     """Reuse needs the same scoring settings and µm/px; a result is matched by file name only where the
     image it names has moved away, never for another image that shares the name."""
