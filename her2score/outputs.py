@@ -140,8 +140,8 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
 def _arrow(values: np.ndarray):
     """A cell-table column as an Arrow array made from its buffers (pa.array imports pandas, 0.2 s, to ask
     whether it was given a pandas object): strings dictionary-encoded in order of first appearance, as
-    pyarrow's dictionary_encode does; a float's NaN null. Its type depends on the dtype alone, so every block of
-    a column has the first one's (a cast would import pyarrow.compute, 30 ms)."""
+    pyarrow's dictionary_encode does, a None null; a float's NaN null. Its type depends on the dtype alone, so every
+    block of a column has the first one's (a cast would import pyarrow.compute, 30 ms)."""
     import pyarrow as pa
 
     if values.dtype.kind == "U":  # fixed-width text, as numpy makes it from a list of str
@@ -149,17 +149,26 @@ def _arrow(values: np.ndarray):
     elif values.dtype.kind != "O":  # Arrow's buffers are little-endian, as this machine's
         values = values.astype(values.dtype.newbyteorder("<"), copy=False)
     if values.dtype == object:
-        names, first, codes = np.unique(values, return_index=True, return_inverse=True)
+        missing = np.equal(values, None)  # np.unique cannot order None among str
+        names, first, codes = np.unique(values[~missing], return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty(len(order), np.int32)
         rank[order] = np.arange(len(order))
+        indices = np.zeros(len(values), np.int32)  # a null's index is never read
+        indices[~missing] = rank[codes]
         text = [name.encode() for name in names[order].tolist()]
         offsets = np.cumsum([0] + [len(b) for b in text], dtype=np.int32)
         dictionary = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(text))])
-        return pa.DictionaryArray.from_arrays(_arrow(rank[codes]), dictionary)
+        return pa.DictionaryArray.from_arrays(_numbers(indices, missing), dictionary)
     if values.dtype == bool:
         return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
-    missing = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
+    return _numbers(values, np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool))
+
+
+def _numbers(values: np.ndarray, missing: np.ndarray):
+    """Little-endian numbers as an Arrow array made from their buffer, null where ``missing`` (a validity bitmap)."""
+    import pyarrow as pa
+
     valid = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
                                  [valid, pa.py_buffer(np.ascontiguousarray(values))])

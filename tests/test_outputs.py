@@ -614,3 +614,19 @@ def test_parquet_columns_of_any_byte_order_or_text_width_are_written_as_their_va
     assert _arrow(np.array([1.5, np.nan, 3.0], dtype=">f4")).to_pylist() == [1.5, None, 3.0]
     assert _arrow(np.array([7, -2], dtype=">i8")).to_pylist() == [7, -2]
     assert _arrow(np.array(["tumour", "stroma é", "tumour"])).to_pylist() == ["tumour", "stroma é", "tumour"]
+
+
+def test_a_none_in_a_text_column_is_a_null_through_parquet(tmp_path):
+    """A text column holding None (an object column built by hand) was refused (np.unique cannot order None among
+    str): it is a null of the dictionary array, the other values encoded in order of first appearance."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from her2score.outputs import _arrow
+
+    values = ["stroma", None, "tumour", "stroma", None]
+    column = _arrow(np.array(values, dtype=object))
+    assert column.null_count == 2 and column.dictionary.to_pylist() == ["stroma", "tumour"]
+    pq.write_table(pa.table({"label": column}), tmp_path / "t.parquet")
+    assert pq.read_table(tmp_path / "t.parquet").column("label").to_pylist() == values
+    assert _arrow(np.array([None, None], dtype=object)).to_pylist() == [None, None]
