@@ -185,12 +185,16 @@ def _load_geojson(path: Path) -> Region:
     tumour_classed = any(t for t, _ in classed)
     polygons = [p for t, polys in classed if t or not tumour_classed for p in polys]
     if not polygons:
+        names = ", ".join(sorted(set(skipped_classes)))
+        roi, fix = "Region* (a region of interest, not tumour)", "class the tumour Tumor, or leave it unclassified"
+        if excluded and rois:  # both kinds: either alone tells only part of why nothing is tumour
+            n = len(excluded)
+            raise RegionError(path, f"no tumour annotation: {n} polygon{'s are' if n != 1 else ' is'} classified as "
+                                    f"non-tumour ({names}) and {rois} {roi}; {fix}")
         if skipped_classes:
-            names = ", ".join(sorted(set(skipped_classes)))
             raise RegionError(path, f"no tumour annotation: every polygon is classified as non-tumour ({names})")
         if rois:
-            raise RegionError(path, "no tumour annotation: every polygon is classified Region* (a region of interest, "
-                                    "not tumour); class the tumour Tumor, or leave it unclassified")
+            raise RegionError(path, f"no tumour annotation: every polygon is classified {roi}; {fix}")
         if other_types:
             raise RegionError(path, f"no Polygon or MultiPolygon annotation (only {', '.join(sorted(set(other_types)))}); "
                                     "a tumour region needs an area")

@@ -112,6 +112,12 @@ def test_unclassified_annotations_count_as_tumour(tmp_path):
     ({"type": "FeatureCollection", "features": [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 5, 5)]}, "Region*")]},
      "no tumour annotation: every polygon is classified Region* (a region of interest, not tumour); class the tumour "
      "Tumor, or leave it unclassified"),
+    ({"type": "FeatureCollection", "features": [
+        _feature({"type": "Polygon", "coordinates": [_square(0, 0, 5, 5)]}, "Stroma"),
+        _feature({"type": "MultiPolygon", "coordinates": [[_square(0, 0, 5, 5)], [_square(9, 9, 19, 19)]]}, "Necrosis"),
+        _feature({"type": "Polygon", "coordinates": [_square(0, 0, 50, 50)]}, "Region*")]},
+     "no tumour annotation: 3 polygons are classified as non-tumour (Necrosis, Stroma) and 1 Region* (a region of "
+     "interest, not tumour); class the tumour Tumor, or leave it unclassified"),
     ({"type": "FeatureCollection", "features": []}, "the file holds no features (no tumour annotation)"),
     ({"type": "FeatureCollection", "features": {"a": 1}}, "'features' must be a list"),
     ({"hello": "world"}, "expected a GeoJSON FeatureCollection, Feature, Polygon or a list of Features"),
@@ -120,7 +126,8 @@ def test_unclassified_annotations_count_as_tumour(tmp_path):
     ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [2, "NaN"]]]}, "feature 0 (Polygon): coordinates must be finite numbers"),
     ({"type": "Polygon", "coordinates": []}, "feature 0: Polygon without coordinates"),
     ({"type": "FeatureCollection", "features": [_feature({"type": "Circle", "coordinates": [1, 2]})]}, "feature 0: unknown geometry type 'Circle'"),
-], ids=["invalid-json", "missing-geometry", "no-polygon", "all-non-tumour", "only-region-of-interest", "empty", "features-not-list",
+], ids=["invalid-json", "missing-geometry", "no-polygon", "all-non-tumour", "only-region-of-interest",
+        "non-tumour-and-region-of-interest", "empty", "features-not-list",
         "not-geojson", "short-ring", "non-numeric", "nan-string", "no-coordinates", "unknown-type"])
 def test_invalid_geojson_messages(tmp_path, content, reason):
     p = _write(tmp_path, content)
