@@ -512,8 +512,9 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
         with open_plain_image(path) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
-                raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
-                                       "save it as a tiled pyramidal TIFF")
+                fix = ("read it with the tifffile or openslide backend, which read its tiles" if img.format == "TIFF"
+                       else "save it as a tiled pyramidal TIFF")
+                raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; {fix}")
             meta_mpp = _plain_mpp(img)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):

@@ -912,3 +912,19 @@ def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path, slide_rgb):
     tifffile.imwrite(tmp_path / "zlib.tif", slide_rgb[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib")
     assert quality_of(tmp_path / "zlib.tif") is None
     assert quality_of(save_png(tmp_path / "f.png", slide_rgb)) is None
+
+
+def test_a_tiff_too_large_for_the_image_backend_says_which_backends_read_it(tmp_path, monkeypatch):
+    """The image backend decodes a file whole: a TIFF over its limit is pointed to the readers of tiles, a PNG to a TIFF."""
+    import her2score.slide as slide_module
+    from her2score.slide import SlideError, open_slide
+
+    monkeypatch.setattr(slide_module, "MAX_PLAIN_PIXELS", 100 * 100)
+    rgb = np.full((128, 128, 3), 200, np.uint8)
+    tiff, png = tmp_path / "big.tif", tmp_path / "big.png"
+    tifffile.imwrite(tiff, rgb, tile=(64, 64), photometric="rgb")
+    cv2.imwrite(str(png), rgb)
+    with pytest.raises(SlideError, match=r"big\.tif.*too large to decode whole; read it with the tifffile or openslide backend"):
+        open_slide(tiff, mpp=0.5, backend="image")
+    with pytest.raises(SlideError, match=r"big\.png.*too large to decode whole; save it as a tiled pyramidal TIFF"):
+        open_slide(png, mpp=0.5, backend="image")
