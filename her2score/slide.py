@@ -504,6 +504,26 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
     return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
+_SAVE_TILED = "save it as a tiled pyramidal TIFF"
+
+
+def _too_large_fix(path: Path) -> str:
+    """What reads a TIFF too large for the image backend (which decodes it whole): the tifffile backend where its first
+    page, the image Pillow read, is stored in segments it decodes one at a time (and OpenSlide too where they are
+    tiles: it reads no stripped TIFF), else nothing here: it must be saved tiled."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if TiffSlide._segment_px(page) > MAX_PLAIN_PIXELS:
+                return _SAVE_TILED
+            return ("read it with the tifffile or openslide backend, which read its tiles" if page.is_tiled
+                    else "read it with the tifffile backend, which reads its strips")
+    except Exception:  # tifffile cannot read it either
+        return _SAVE_TILED
+
+
 def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> ArraySlide:
     from PIL import UnidentifiedImageError
 
@@ -512,9 +532,8 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
         with open_plain_image(path) as img:
             _check_dimensions(path, *img.size)
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
-                fix = ("read it with the tifffile or openslide backend, which read its tiles" if img.format == "TIFF"
-                       else "save it as a tiled pyramidal TIFF")
-                raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; {fix}")
+                raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
+                                       f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")
             meta_mpp = _plain_mpp(img)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):

@@ -928,3 +928,25 @@ def test_a_tiff_too_large_for_the_image_backend_says_which_backends_read_it(tmp_
         open_slide(tiff, mpp=0.5, backend="image")
     with pytest.raises(SlideError, match=r"big\.png.*too large to decode whole; save it as a tiled pyramidal TIFF"):
         open_slide(png, mpp=0.5, backend="image")
+
+
+def test_a_stripped_tiff_too_large_for_the_image_backend_is_sent_only_where_it_is_read(tmp_path, monkeypatch):
+    """The image backend's refusal sent every TIFF to 'the tifffile or openslide backend, which read its tiles': a
+    stripped TIFF has none (OpenSlide reads no stripped TIFF), and one stored in a single strip over the limit the
+    tifffile backend refuses too, telling the user to save it tiled. Each is sent where it is read."""
+    import her2score.slide as slide_module
+    from her2score.slide import SlideError, open_slide
+
+    monkeypatch.setattr(slide_module, "MAX_PLAIN_PIXELS", 100 * 100)
+    rgb = np.full((128, 128, 3), 200, np.uint8)
+    strips, whole = tmp_path / "strips.tif", tmp_path / "whole.tif"
+    tifffile.imwrite(strips, rgb, photometric="rgb", rowsperstrip=16)
+    tifffile.imwrite(whole, rgb, photometric="rgb", rowsperstrip=128)
+    with pytest.raises(SlideError, match=r"strips\.tif: .*too large to decode whole; read it with the tifffile backend, "
+                                         r"which reads its strips$"):
+        open_slide(strips, mpp=0.5, backend="image")
+    assert open_slide(strips, mpp=0.5, backend="tifffile").dimensions == (128, 128)
+    with pytest.raises(SlideError, match=r"whole\.tif: .*too large to decode whole; save it as a tiled pyramidal TIFF$"):
+        open_slide(whole, mpp=0.5, backend="image")
+    with pytest.raises(SlideError, match="save it as a tiled TIFF"):  # as the tifffile backend says
+        open_slide(whole, mpp=0.5, backend="tifffile")
