@@ -107,16 +107,25 @@ def test_a_target_coarser_than_the_calibration_is_warned():
 
 
 def test_a_scan_coarser_than_the_calibration_is_warned():
-    """The real colon brought to 0.75 µm/px: its membranes blur and read weaker (intense complete 27% at 0.5,
-    20% here, still 3+); the result says so. At 0.5 µm/px it does not; past 1 µm/px QC fails instead."""
+    """The real colon brought to 0.75 µm/px: its membranes blur and read weaker (intense complete 32% at 0.5,
+    23% here, still 3+); the result says so. At 0.5 µm/px it does not; past 1 µm/px QC fails instead. The shares
+    the warning quotes (at 0.5 and 1.0 µm/px) are the colon's as scored now (they said 27% and 18% after it read 32% and 20%)."""
+    import re
+
     import cv2
     from skimage.data import immunohistochemistry
 
     colon = immunohistochemistry()
     coarse = score_slide(ArraySlide(cv2.resize(colon, None, fx=2 / 3, fy=2 / 3, interpolation=cv2.INTER_AREA), mpp=0.75))
     assert codes(coarse)["intensity_read_low"] == "warn" and coarse.score == "3+"
-    assert "0.75 µm/px" in next(q.message for q in coarse.qc if q.code == "intensity_read_low")
-    assert "intensity_read_low" not in codes(score_slide(ArraySlide(colon, mpp=0.5)))
+    message = next(q.message for q in coarse.qc if q.code == "intensity_read_low")
+    assert "0.75 µm/px" in message
+    fine = score_slide(ArraySlide(colon, mpp=0.5))
+    assert "intensity_read_low" not in codes(fine)
+    at_1 = score_slide(ArraySlide(cv2.resize(colon, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), mpp=1.0))
+    quoted = re.search(r"intense complete share: (\d+)% at 0\.5 µm/px, (\d+)% at 1\.0\)", message)
+    assert quoted and tuple(map(int, quoted.groups())) == tuple(
+        round(r.percentages["strong_complete"]) for r in (fine, at_1)), (message, fine.percentages, at_1.percentages)
     too_coarse = codes(score_slide(ArraySlide(cv2.resize(colon, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA), mpp=1.25)))
     assert too_coarse.get("coarse_scan") == "fail" and "intensity_read_low" not in too_coarse
 
