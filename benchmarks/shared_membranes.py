@@ -8,7 +8,7 @@ membrane facing stroma or an unstained cell. For each tumour cell with at least 
 sectors of each kind, the ratio of the mean line OD over its shared sectors (the cell across reads
 complete or lateral: its own membrane encloses it) to that over its lone ones; the median and
 quartiles per image. Real: scikit-image's colon IHC at 0.5 µm/px, at its own DAB and with half of it
-(tests/realdata.py's "weaker" case). Generator: its 2+ and 3+ fields (seeds 10000-10002, 9000-9002).
+(tests/realdata.py's "weaker" case). Generator: its 2+ and 3+ fields (seeds 9000-9002, 10000-10002).
 The figures decide whether a cell's intensity may be read with its shared borders discounted: on
 real tissue they are not darker, so the line's own OD is read (README, Limits). The recording wraps
 pipeline.summarise_membranes and pipeline.stained_by_neighbours, where the reading passes, while it reads.
@@ -24,6 +24,7 @@ import her2score.pipeline as pipeline
 from her2score.slide import ArraySlide
 from her2score.stain import scale_stains
 from her2score.synthetic import generate_field
+
 
 @contextmanager
 def _recording() -> Iterator[dict]:
