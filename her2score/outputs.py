@@ -111,12 +111,13 @@ def _columns(analysis: SlideAnalysis) -> list[str]:
 
 def _fmt(values: np.ndarray) -> list[str]:
     """Text of one cell-table column: integers for flags, 4 decimals for measurements, an empty field for a
-    missing one (NaN: e.g. no cytoplasm to measure), as pandas and polars read a missing value."""
+    missing one (NaN: e.g. no cytoplasm to measure; None in a text column, null in the parquet), as pandas and polars
+    read a missing value."""
     if values.dtype == bool:
         return values.astype(np.uint8).astype(str).tolist()
     if values.dtype.kind == "f":
         return ["" if v != v else f"{v:.4f}" for v in values.tolist()]
-    return [str(v) for v in values.tolist()]
+    return ["" if v is None else str(v) for v in values.tolist()]
 
 
 def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:

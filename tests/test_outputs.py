@@ -630,3 +630,17 @@ def test_a_none_in_a_text_column_is_a_null_through_parquet(tmp_path):
     pq.write_table(pa.table({"label": column}), tmp_path / "t.parquet")
     assert pq.read_table(tmp_path / "t.parquet").column("label").to_pylist() == values
     assert _arrow(np.array([None, None], dtype=object)).to_pylist() == [None, None]
+
+
+def test_a_none_in_a_text_column_is_an_empty_csv_field_as_it_is_a_parquet_null(field, tmp_path):
+    """A None in a text column is null in cells.parquet (_arrow): in cells.csv it is an empty field, as a missing
+    measurement is, not the text 'None' (which polars and the csv module read as a value)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    f, slide, a = field
+    pattern = a.cells["pattern"].copy()
+    missing = np.arange(len(pattern)) % 5 == 2
+    pattern[missing] = None
+    write_outputs(replace(a, cells={**a.cells, "pattern": pattern}), tmp_path / "out", slide=slide, cells_csv=True)
+    assert pq.read_table(tmp_path / "out" / "cells.parquet").column("pattern").to_pylist() == pattern.tolist()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
+    assert [r["pattern"] or None for r in rows] == pattern.tolist()
