@@ -504,6 +504,20 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
     return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
+def _larger_page(img) -> tuple[int, int, int] | None:
+    """The first page (index, width, height) of a TIFF opened by Pillow that is larger than its first, which Pillow
+    decodes (an overview or a thumbnail stored before the scan); None where the first is the largest."""
+    first = img.size[0] * img.size[1]
+    try:
+        for i in range(1, getattr(img, "n_frames", 1)):
+            img.seek(i)
+            if img.size[0] * img.size[1] > first:
+                return i, *img.size
+    finally:
+        img.seek(0)
+    return None
+
+
 _SAVE_TILED = "save it as a tiled pyramidal TIFF"
 
 
@@ -531,6 +545,10 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
     try:
         with open_plain_image(path) as img:
             _check_dimensions(path, *img.size)
+            if img.format == "TIFF" and (larger := _larger_page(img)):
+                raise SlideError(path, f"the image backend reads a TIFF's first page, {img.size[0]} x {img.size[1]}, and "
+                                       f"page {larger[0]} is larger ({larger[1]} x {larger[2]}): read it with the "
+                                       "tifffile backend, which takes its full-resolution page")
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")

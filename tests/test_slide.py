@@ -950,3 +950,26 @@ def test_a_stripped_tiff_too_large_for_the_image_backend_is_sent_only_where_it_i
         open_slide(whole, mpp=0.5, backend="image")
     with pytest.raises(SlideError, match="save it as a tiled TIFF"):  # as the tifffile backend says
         open_slide(whole, mpp=0.5, backend="tifffile")
+
+
+def test_the_image_backend_refuses_a_tiff_whose_first_page_is_not_its_largest(tmp_path):
+    """--backend image (Pillow) reads a TIFF's first page alone: an overview stored before the scan was scored as the
+    slide, at the overview's µm/px. Refused, naming both pages and the backend that takes the scan; a pyramid whose
+    first page is its base is read as before."""
+    from her2score.slide import SlideError, open_slide
+
+    scan = np.full((160, 240, 3), 200, np.uint8)
+    path = tmp_path / "overview_first.tif"
+    with tifffile.TiffWriter(path) as w:
+        w.write(scan[::8, ::8], photometric="rgb", resolution=(2500, 2500), resolutionunit="CENTIMETER")
+        w.write(scan, photometric="rgb", tile=(64, 64), resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    with pytest.raises(SlideError, match=r"overview_first\.tif: the image backend reads a TIFF's first page, 30 x 20, "
+                                         r"and page 1 is larger \(240 x 160\): read it with the tifffile backend"):
+        open_slide(path, backend="image")
+    assert open_slide(path).dimensions == (240, 160)
+    pyramid = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(pyramid) as w:
+        w.write(scan, photometric="rgb", tile=(64, 64), resolution=(20000, 20000), resolutionunit="CENTIMETER")
+        w.write(scan[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
+    read = open_slide(pyramid, backend="image")
+    assert read.dimensions == (240, 160) and read.mpp == pytest.approx(0.5)
