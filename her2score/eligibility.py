@@ -267,13 +267,14 @@ def load_rule(name_or_path: str | Path) -> Rule:
     """A shipped rule by name, or a rule from a TOML file path (_names_a_file); RuleError names the file and why it
     is none (missing, a folder, unreadable, not TOML) or its bad key."""
     path = Path(name_or_path)
+    shown = name_or_path if isinstance(name_or_path, str) else path  # as given: Path respells "./x" and "rules/"
     if not _names_a_file(name_or_path):
         if name_or_path not in available_rules():
             raise ValueError(
                 f"unknown rule {name_or_path!r}; shipped rules: {', '.join(available_rules())} "
                 "(or pass the path of a .toml rule file)"
             )
-        path = RULES_DIR / f"{name_or_path}.toml"
+        path = shown = RULES_DIR / f"{name_or_path}.toml"
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -281,18 +282,18 @@ def load_rule(name_or_path: str | Path) -> Rule:
     except FileNotFoundError:
         from .slide import missing_reason
 
-        raise RuleError(f"{path}: {missing_reason(path, 'rule file')}") from None
+        raise RuleError(f"{shown}: {missing_reason(path, 'rule file')}") from None
     except IsADirectoryError:
-        raise RuleError(f"{path}: is a folder, not a rule file") from None
+        raise RuleError(f"{shown}: is a folder, not a rule file") from None
     except OSError as e:  # no permission, a name too long
-        raise RuleError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise RuleError(f"{shown}: cannot read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         must = "" if path.suffix.lower() == ".toml" else " (a rule file must be TOML)"
-        raise RuleError(f"{path}: invalid TOML{must}: {e}") from None
+        raise RuleError(f"{shown}: invalid TOML{must}: {e}") from None
     except UnicodeDecodeError as e:
-        raise RuleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise RuleError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RuleError as e:
-        raise RuleError(f"{path}: {e}") from None
+        raise RuleError(f"{shown}: {e}") from None
 
 
 def _matches(levels: tuple[str, ...], result: SlideResult) -> bool:

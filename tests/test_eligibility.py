@@ -327,6 +327,19 @@ def test_a_missing_rule_file_is_named():
             load_rule(missing)
 
 
+def test_a_rule_path_is_named_as_it_was_given(tmp_path, monkeypatch):
+    """Path respells './her2-low-breast' as 'her2-low-breast' and 'rules/' as 'rules': the message named what reads as
+    a shipped rule missing, or a file the user did not name. It names the text given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules").mkdir()
+    with pytest.raises(RuleError, match=r"^\./her2-low-breast: no such rule file$"):
+        load_rule("./her2-low-breast")
+    with pytest.raises(RuleError, match=r"^rules/: is a folder, not a rule file$"):
+        load_rule("rules/")
+    with pytest.raises(RuleError, match=r"^rules: is a folder, not a rule file$"):
+        load_rule(Path("rules/"))
+
+
 def test_a_folder_given_as_a_rule_file_is_named(tmp_path):
     for folder in (tmp_path, tmp_path / "rules.toml"):
         folder.mkdir(exist_ok=True)
