@@ -282,7 +282,9 @@ def load_rule(name_or_path: str | Path) -> Rule:
     except FileNotFoundError:
         from .slide import missing_reason
 
-        raise RuleError(f"{shown}: {missing_reason(path, 'rule file')}") from None
+        shipped = f" (the shipped rule is named {path.stem}, without .toml)" if (
+            path.name == str(shown) and path.suffix.lower() == ".toml" and path.stem in available_rules()) else ""
+        raise RuleError(f"{shown}: {missing_reason(path, 'rule file')}{shipped}") from None
     except IsADirectoryError:
         raise RuleError(f"{shown}: is a folder, not a rule file") from None
     except OSError as e:  # no permission, a name too long

@@ -340,6 +340,17 @@ def test_a_rule_path_is_named_as_it_was_given(tmp_path, monkeypatch):
         load_rule(Path("rules/"))
 
 
+def test_a_shipped_rule_named_as_a_file_says_its_name(tmp_path, monkeypatch):
+    """'her2-low-breast.toml' is a path (its suffix), and no such file is here: the message says the shipped rule's
+    name, which 'her2score rules' lists without the suffix; a path with a folder is the user's own file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuleError, match=r"^her2-low-breast\.toml: no such rule file \(the shipped rule is named "
+                                        r"her2-low-breast, without \.toml\)$"):
+        load_rule("her2-low-breast.toml")
+    with pytest.raises(RuleError, match=r"^mine/her2-low-breast\.toml: no such rule file$"):
+        load_rule("mine/her2-low-breast.toml")
+
+
 def test_a_folder_given_as_a_rule_file_is_named(tmp_path):
     for folder in (tmp_path, tmp_path / "rules.toml"):
         folder.mkdir(exist_ok=True)
