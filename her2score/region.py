@@ -176,7 +176,7 @@ def _load_geojson(path: Path) -> Region:
         polys, other = _polygons(path, f"feature {i}", f["geometry"])
         other_types += other
         if name in IGNORED_CLASSES:
-            skipped_classes.append(label)
+            skipped_classes += [label] if polys else []  # a non-tumour point or line excludes no area
             excluded += polys
         elif name != "region*":
             classed.append((name in TUMOUR_CLASSES, polys))

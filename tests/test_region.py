@@ -118,6 +118,13 @@ def test_unclassified_annotations_count_as_tumour(tmp_path):
         _feature({"type": "Polygon", "coordinates": [_square(0, 0, 50, 50)]}, "Region*")]},
      "no tumour annotation: 3 polygons are classified as non-tumour (Necrosis, Stroma) and 1 Region* (a region of "
      "interest, not tumour); class the tumour Tumor, or leave it unclassified"),
+    ({"type": "FeatureCollection", "features": [
+        _feature({"type": "Point", "coordinates": [1, 2]}, "Stroma"),
+        _feature({"type": "Polygon", "coordinates": [_square(0, 0, 50, 50)]}, "Region*")]},
+     "no tumour annotation: every polygon is classified Region* (a region of interest, not tumour); class the tumour "
+     "Tumor, or leave it unclassified"),
+    ({"type": "FeatureCollection", "features": [_feature({"type": "Point", "coordinates": [1, 2]}, "Stroma")]},
+     "no Polygon or MultiPolygon annotation (only Point); a tumour region needs an area"),
     ({"type": "FeatureCollection", "features": []}, "the file holds no features (no tumour annotation)"),
     ({"type": "FeatureCollection", "features": {"a": 1}}, "'features' must be a list"),
     ({"hello": "world"}, "expected a GeoJSON FeatureCollection, Feature, Polygon or a list of Features"),
@@ -127,7 +134,7 @@ def test_unclassified_annotations_count_as_tumour(tmp_path):
     ({"type": "Polygon", "coordinates": []}, "feature 0: Polygon without coordinates"),
     ({"type": "FeatureCollection", "features": [_feature({"type": "Circle", "coordinates": [1, 2]})]}, "feature 0: unknown geometry type 'Circle'"),
 ], ids=["invalid-json", "missing-geometry", "no-polygon", "all-non-tumour", "only-region-of-interest",
-        "non-tumour-and-region-of-interest", "empty", "features-not-list",
+        "non-tumour-and-region-of-interest", "non-tumour-point-and-region-of-interest", "non-tumour-point", "empty", "features-not-list",
         "not-geojson", "short-ring", "non-numeric", "nan-string", "no-coordinates", "unknown-type"])
 def test_invalid_geojson_messages(tmp_path, content, reason):
     p = _write(tmp_path, content)
