@@ -1133,8 +1133,10 @@ def checked_backend(backend: str | None) -> str | None:
 def automatic_backend(path: str | os.PathLike) -> str:
     """The reader open_slide takes for ``path`` where no ``backend`` is given: its suffix's, unless its first bytes say
     a plain image (a PNG or JPEG named .tif or .ndpi is read as what it is). Raises SlideError naming the file where
-    no reader takes it."""
+    no reader takes it, or it is no regular file (never waiting on a FIFO)."""
     path = Path(path)
+    if not path.is_file():  # a FIFO's first bytes wait for a writer
+        raise SlideError(path, "not a regular file" if path.exists() else missing_reason(path))
     suffix = path.suffix.lower()
     if suffix in OPENSLIDE_SUFFIXES:
         return "image" if _sniff(path)[0] in ("PNG", "JPEG", "BMP") else "openslide"

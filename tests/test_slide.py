@@ -973,3 +973,33 @@ def test_the_image_backend_refuses_a_tiff_whose_first_page_is_not_its_largest(tm
         w.write(scan[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
     read = open_slide(pyramid, backend="image")
     assert read.dimensions == (240, 160) and read.mpp == pytest.approx(0.5)
+
+
+def test_automatic_backend_never_waits_on_a_fifo(tmp_path):
+    """evaluate --reuse asks automatic_backend which reader an image's file chooses, before opening it: for a FIFO
+    named like an image (a result found for it by name) it waited for a writer, for good. It says it is no regular
+    file, as open_slide does, and names a missing one."""
+    import threading
+
+    from her2score.slide import SlideError, automatic_backend
+
+    fifo = tmp_path / "f.png"
+    os.mkfifo(fifo)
+    raised = []
+
+    def ask():  # in a thread, so that a regression fails this test instead of hanging the suite
+        try:
+            automatic_backend(fifo)
+        except SlideError as e:
+            raised.append(str(e))
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(10)
+    alive = t.is_alive()
+    if alive:  # let the thread go: a writer opens the FIFO and closes it
+        with open(fifo, "wb"):
+            pass
+    assert not alive and raised == [f"{fifo}: not a regular file"]
+    with pytest.raises(SlideError, match=r"gone\.png: no such file"):
+        automatic_backend(tmp_path / "gone.png")
