@@ -45,7 +45,8 @@ from .files import content_sample
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
-from .slide import SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, checked_backend, missing_reason, resolved_path, unsupported_format
+from .slide import (SLIDE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, SlideError, automatic_backend, checked_backend, missing_reason,
+                    resolved_path, unsupported_format)
 from .workers import POLL_S, checked_workers, die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
 
 __all__ = [
@@ -326,8 +327,19 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
             used.add(name.lower())
         region = _find_region(regions, slide, root, annotations) if regions else None
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
-                        cells_csv=cells_csv, default_mpp=default_mpp, backend=backend))
+                        cells_csv=cells_csv, default_mpp=default_mpp, backend=_forced(slide, backend)))
     return jobs
+
+
+def _forced(slide: Path, backend: str | None) -> str | None:
+    """``backend`` where it is not the reader ``slide`` chooses itself (slide.automatic_backend), else None: the same
+    reader either way, so a slide scored without --backend is reused with it, and the other way round."""
+    if backend is None:
+        return None
+    try:
+        return None if backend == automatic_backend(slide) else backend
+    except SlideError:  # no reader of its own (a FIFO among them): the one given says what is wrong
+        return backend
 
 
 def _hashed_name(name: str, slide: Path) -> str:
@@ -559,7 +571,8 @@ def _settings(job: Job) -> dict:
 def _config_key(job: Job, used_default: bool = False) -> str:
     """A slide's settings (the tool's version among them) plus what is its own (µm/px given, the default µm/px where
     ``used_default``, region file, reader given): equal keys score alike. A slide whose file gives its µm/px keeps its
-    key whatever --default-mpp is, and one read by the reader its file chooses the key it had before --backend was."""
+    key whatever --default-mpp is, and one read by the reader its file chooses (plan_jobs: no ``backend`` then) the key
+    it had before --backend was."""
     own = ([job.mpp, job.default_mpp if used_default else None, job.region] + ([_signature(job.region)] if job.region else [])
            + ([f"backend {job.backend}"] if job.backend else []))
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)

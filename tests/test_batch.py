@@ -918,6 +918,29 @@ def test_a_fifo_among_the_slides_is_an_error_row_and_never_blocks_the_batch(tmp_
     assert rows["a.png"]["status"] == "ok" and rows["b.png"]["status"] in ("error", "refused")
     assert "b.png" in rows["b.png"]["error"]
 
+def test_a_backend_that_is_the_files_own_reader_is_no_setting_of_the_job(tmp_path, good_png):
+    """A Job forces a reader only where it is not the one its file chooses (the same reads, the same key: a slide
+    scored without --backend is reused with it); a file that chooses none, a FIFO among them, keeps the reader
+    given, and is never read to ask (its first bytes would wait for a writer)."""
+    from her2score.batch import plan_jobs
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(good_png, folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    slides = [(folder / "a.png", folder), (folder / "b.png", folder)]
+    planned = {}
+
+    def plan():  # in a thread, so that a regression fails this test instead of hanging the suite
+        for backend in (None, "image", "tifffile"):
+            planned[backend] = [j.backend for j in plan_jobs(slides, tmp_path / "out", ScoringConfig(), backend=backend)]
+
+    t = threading.Thread(target=plan, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and planned == {None: [None, None], "image": [None, "image"], "tifffile": ["tifffile", "tifffile"]}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_worker_killed_mid_slide_does_not_stop_the_batch(tmp_path, three, pyramid_tiff):
     """SIGKILL the process scoring a slide: its slides are run again, one by one, and all finish."""

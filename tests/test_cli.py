@@ -508,7 +508,8 @@ def test_backend_reads_every_slide_and_a_file_it_cannot_is_an_error_row(tmp_path
                                                                          backend, png_error):
     """--backend forces the reader of every slide, named in each result's notes; a file it cannot read gets an error
     row naming the file and why, and the batch goes on. Another reader, like another --mpp, scores the slides given
-    again and keeps the others."""
+    again and keeps the others; the reader a file chooses itself, given or not, is no other (the scan read by
+    tifffile is reused without --backend)."""
     folder, out = tmp_path / "slides", tmp_path / "out"
     folder.mkdir()
     scan, field = shutil.copy(pyramid_tiff, folder / "scan.tif"), shutil.copy(good_png, folder / "field.png")
@@ -521,10 +522,25 @@ def test_backend_reads_every_slide_and_a_file_it_cannot_is_an_error_row(tmp_path
     capsys.readouterr()
     assert main([str(scan) if a == str(folder) else a for a in run] + ["--backend", backend]) == 0
     assert "0 scored, 1 reused, 0 failed" in capsys.readouterr().out
-    assert main(run) == 0  # each file's own reader: both scored again
-    assert "2 scored, 0 reused, 0 failed" in capsys.readouterr().out
+    assert main(run) == 0  # each file's own reader: the field scored, the scan again where it read otherwise
+    assert ("1 scored, 1 reused" if backend == "tifffile" else "2 scored, 0 reused") + ", 0 failed" in capsys.readouterr().out
     assert "reader: tifffile" in json.loads((out / "scan.tif" / "result.json").read_text())["notes"]
     assert "reader: image" in json.loads((out / "field.png" / "result.json").read_text())["notes"]
+
+
+def test_the_reader_a_file_chooses_given_as_backend_reuses_its_results(tmp_path, capsys, pyramid_tiff, good_png):
+    """A slide scored without --backend was scored again with --backend naming the very reader its file chooses, and
+    the other way round (a key of its own for the same reads), where evaluate --reuse takes it: reused both ways."""
+    out = tmp_path / "out"
+    run = ["score", str(pyramid_tiff), str(good_png), "--out", str(out), "-q", "--no-cnn", "--workers", "1"]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "--backend", "image"]) == 0  # the PNG's own reader: reused; the TIFF's another: scored again
+    assert "1 scored, 1 reused, 0 failed" in capsys.readouterr().out
+    assert main([a for a in run if a != str(good_png)] + ["--backend", "tifffile"]) == 0
+    assert "1 scored, 0 reused, 0 failed" in capsys.readouterr().out
+    assert main(run) == 0  # each read by the reader its file chooses, the one given or none
+    assert "0 scored, 2 reused, 0 failed" in capsys.readouterr().out
 
 
 def test_backend_openslide_where_openslide_is_missing_is_an_error_row_saying_so(tmp_path, capsys, pyramid_tiff,
