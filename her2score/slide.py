@@ -507,15 +507,17 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
 def _larger_page(img) -> tuple[int, int, int] | None:
     """The first page (index, width, height) of a TIFF opened by Pillow that is larger than its first, which Pillow
     decodes (an overview or a thumbnail stored before the scan); None where the first is the largest."""
-    first = img.size[0] * img.size[1]
+    first, larger = img.size[0] * img.size[1], None
     try:
         for i in range(1, getattr(img, "n_frames", 1)):
             img.seek(i)
             if img.size[0] * img.size[1] > first:
-                return i, *img.size
-    finally:
-        img.seek(0)
-    return None
+                larger = (i, *img.size)
+                break
+    except Exception:  # a broken page after the first (Pillow: TypeError, EOFError...): the first is read as before
+        pass
+    img.seek(0)
+    return larger
 
 
 _SAVE_TILED = "save it as a tiled pyramidal TIFF"

@@ -973,6 +973,16 @@ def test_the_image_backend_refuses_a_tiff_whose_first_page_is_not_its_largest(tm
         w.write(scan[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
     read = open_slide(pyramid, backend="image")
     assert read.dimensions == (240, 160) and read.mpp == pytest.approx(0.5)
+    # a page after the first that Pillow cannot read (its next-page offset past the end): the first read as before
+    data = bytearray(pyramid.read_bytes())
+    with tifffile.TiffFile(pyramid) as tif:
+        second = tif.pages[1].offset
+    entries = struct.unpack_from("<H", data, second)[0]
+    struct.pack_into("<I", data, second + 2 + 12 * entries, len(data) + 1000)
+    (broken := tmp_path / "broken.tif").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's 'Corrupt EXIF data'
+        assert open_slide(broken, backend="image").dimensions == (240, 160)
 
 
 def test_automatic_backend_never_waits_on_a_fifo(tmp_path):
