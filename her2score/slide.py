@@ -34,6 +34,8 @@ __all__ = [
     "ArraySlide",
     "SLIDE_SUFFIXES",
     "BACKENDS",
+    "checked_backend",
+    "automatic_backend",
     "UNSUPPORTED_IMAGE_SUFFIXES",
     "MAX_PLAIN_PIXELS",
     "MAX_DIMENSION",
@@ -1128,7 +1130,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
 def checked_backend(backend: str | None) -> str | None:
     """``backend`` as open_slide takes it: one of BACKENDS, or None (the reader the file chooses); else ValueError."""
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use 'tifffile', 'openslide' or 'image'")
+        raise ValueError(f"unknown backend {backend!r}; use {', '.join(map(repr, BACKENDS[:-1]))} or {BACKENDS[-1]!r}")
     return backend
 
 
