@@ -562,7 +562,7 @@ def _ish(value: str) -> str:
     try:
         return ish_result(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("ish ")) from None  # argparse names the option
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):

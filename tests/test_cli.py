@@ -463,7 +463,7 @@ def test_check_reads_ish_as_the_api_and_evaluate_do(scored, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["check", two, "--rule", "her2-low-breast", "--ish", "equivocal"])
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and "--ish: ish must be one of ['positive', 'negative'] (any case), got 'equivocal'" in err
+    assert refused.value.code == 2 and "argument --ish: must be one of ['positive', 'negative'] (any case), got 'equivocal'" in err
 
 
 def test_rules_command(capsys):
