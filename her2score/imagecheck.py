@@ -30,7 +30,7 @@ from .stain import GLASS_MIN_PIXELS, H_DAB, black_fill, deconvolve, optical_dens
 from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
 
 __all__ = [
-    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "white_level", "colour_cast", "dark_fraction", "black_fill", "fill_regions", "clipped_fraction",
+    "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "white_level", "colour_cast", "dark_fraction", "black_fill", "fill_regions", "fill_as_glass", "clipped_fraction",
     "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
@@ -207,6 +207,12 @@ def fill_regions(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     return cv2.dilate(fill[parts].view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
 
 
+def fill_as_glass(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
+    """``rgb`` (at ``mpp`` µm/px) with its black fill (fill_regions) made white glass; ``rgb`` itself where it has none."""
+    fill = fill_regions(rgb, mpp=mpp)
+    return np.where(fill[..., None], np.uint8(255), rgb) if fill.any() else rgb
+
+
 def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
     """``rgb`` less a scanner's black frame: the rows and columns at its edges that are at least 98% dark
     neutral, and ``rim_px`` more on each side that has them (a soft or resampled edge); the image itself
@@ -291,7 +297,7 @@ def nucleus_diameter_um(rgb: np.ndarray, *, mpp: float, background=(255.0, 255.0
     scale of the 300 strongest blob responses gives the diameter (2·√2·σ). A wrong µm/px shows as
     nuclei of the wrong size (the colon IHC at 5 µm/px: 43 µm nuclei).
     """
-    rgb = np.where(fill_regions(rgb, mpp=mpp)[..., None], np.uint8(255), rgb)  # black fill's edge read as 1.4-8 µm blobs
+    rgb = fill_as_glass(rgb, mpp=mpp)  # black fill's edge read as 1.4-8 µm blobs
     f = min(1.0, mpp / work_mpp)
     if f < 1.0:
         rgb = cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)

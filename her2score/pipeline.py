@@ -26,7 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
-from .imagecheck import NotHerIhcError, check_slide, fill_regions, stain_fractions
+from .imagecheck import NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
@@ -294,8 +294,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     ``cnn_max_patches`` patches; with a tumour ``region``, those whose centre lies in it, as the cells counted).
     """
     mpp = config.mpp
-    if (fill := fill_regions(rgb, mpp=mpp)).any():  # a rotation's or a mask's fill is no stain
-        rgb = np.where(fill[..., None], np.uint8(255), rgb)
+    rgb = fill_as_glass(rgb, mpp=mpp)  # a rotation's or a mask's fill is no stain
     hed = deconvolve(rgb, stains)
     h_od, dab_od = hed[..., 0], hed[..., 1]
     nucleus = nucleus or _nucleus_thresholds([h_od], config)
