@@ -45,6 +45,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff")
 OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + PLAIN_SUFFIXES
+PLAIN_KINDS = ("PNG", "JPEG", "BMP")
+"""The kinds _sniff tells by their first bytes that the image backend reads whole (not a TIFF)."""
 BACKENDS = ("tifffile", "openslide", "image")
 """The readers open_slide's ``backend`` may force: TIFF through tifffile, vendor formats through OpenSlide, whole
 images through Pillow (PNG, JPEG, BMP, TIFF)."""
@@ -1013,7 +1015,7 @@ class OpenSlideSlide(Slide):
             self._osr = openslide.OpenSlide(str(path))
         except Exception as e:
             problem = None
-            if (kind := _sniff(path)[0]) in ("PNG", "JPEG", "BMP"):  # only where the backend was forced
+            if (kind := _sniff(path)[0]) in PLAIN_KINDS:  # only where the backend was forced
                 problem = f"OpenSlide does not read {kind} images (the image backend does)"
             elif kind == "TIFF":  # TIFF-based formats too (NDPI, SCN, BIF): a truncated file says so
                 problem = _tiff_structure_problem(path)
@@ -1114,9 +1116,10 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     for value, name in ((mpp, "mpp, --mpp"), (default_mpp, "default_mpp, --default-mpp")):
         if value is not None and not _positive(value):
             raise SlideError(path, f"the µm/px given ({name}) must be a positive number, got {_shown(value)}")
-    backend = checked_backend(backend) or automatic_backend(path)
+    forced = checked_backend(backend)
+    backend = forced or automatic_backend(path)  # which sniffed the file: a TIFF where it chose tifffile
     if backend == "tifffile":
-        if _sniff(path)[0] != "TIFF":
+        if forced and _sniff(path)[0] != "TIFF":
             raise SlideError(path, "not a TIFF file (no TIFF header)")
         slide = TiffSlide(path, mpp, default_mpp)
     elif backend == "openslide":
@@ -1143,7 +1146,7 @@ def automatic_backend(path: str | os.PathLike) -> str:
         raise SlideError(path, "not a regular file" if path.exists() else missing_reason(path))
     suffix = path.suffix.lower()
     if suffix in OPENSLIDE_SUFFIXES:
-        return "image" if _sniff(path)[0] in ("PNG", "JPEG", "BMP") else "openslide"
+        return "image" if _sniff(path)[0] in PLAIN_KINDS else "openslide"
     if suffix not in TIFF_SUFFIXES + PLAIN_SUFFIXES:
         raise SlideError(path, unsupported_format(suffix))
     kind, head = _sniff(path)
