@@ -215,10 +215,12 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
     pattern: complete when >= 75% of the border is stained and no gap reaches a quarter of it (the
     generator's smallest U gap), lateral (U) with one stained arc of >= 50%; its intensity, the mean
     OD over the stained rim, falls in DESIGN.md's bands (faint < 0.2 <= weak/moderate < 0.6 <=
-    strong; faint complete or lateral is ``faint_partial``). Any other cell keeps its own deposit's
-    category: a stretch of a neighbour's membrane along one side stays with the cell that stains
-    it, and a cell with a complete membrane of its own is judged by it.
-    Returns per seed: category, and where ``enclosed`` (the cells it changes) completeness,
+    strong; faint complete or lateral is ``faint_partial``). So does a cell whose own membrane the
+    rim follows (complete, or lateral seen lateral): a border shows the darker of its two cells'
+    deposits (_membranes), so a weak-to-moderate ring among intense neighbours is seen intense where
+    they meet, and the cell takes the rim's mean. Any other cell keeps its own deposit's category: a
+    stretch of a neighbour's membrane along one side stays with the cell that stains it.
+    Returns per seed: category, and where ``enclosed`` (the cells read from the rim) completeness,
     longest_arc (fractions of the border) and membrane_od of the enclosing rim.
     """
     on = rim_od > 0
@@ -244,7 +246,7 @@ def _seen_categories(cell: np.ndarray, pos: np.ndarray, rim_od: np.ndarray, depo
     level = np.where(membrane_od >= 0.6, "strong_", np.where(membrane_od >= 0.2, "weak_moderate_", "")).astype(object)
     category = np.where(level == "", "faint_partial", level + pattern)
     own = np.char.rpartition(deposit.astype(str), "_")[:, 2]
-    wider = enclosed & (complete & (own != "complete") | ~complete & np.isin(own, ("none", "partial")))
+    wider = enclosed & (complete | (own != "complete"))  # enclosed at least as widely as by its own membrane
     return {"category": np.where(wider, category, deposit).astype(object), "enclosed": wider,
             "completeness": completeness, "longest_arc": longest_arc, "membrane_od": membrane_od}
 
@@ -259,18 +261,17 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     ``tumour``: the cells that may stain; ``centres`` (n, 2): each cell's (x, y) px, round which its
     stained arcs are placed (fractions of its perimeter, by angle); ``od``, ``width``, ``arc_s``,
     ``arc_l``, ``cats``: each cell's deposit as drawn (_membrane_params). The deposit is a Gaussian
-    across the edge, slightly inside it, integrated over the pixel (sigma^2 + mpp^2/12, area kept) so
-    that thin lines do not alias. Returns the deposit (log10 DAB OD per pixel), each cell's
+    across the edge, centred on it, integrated over the pixel (sigma^2 + mpp^2/12, area kept) so that
+    thin lines do not alias. A border is one line for the two cells it separates: where both stain
+    it, it shows the darker of their deposits, not their sum (on the real colon IHC, borders shared
+    by two stained cells read as dark as a cell's lone borders; tests/test_real.py). Returns the deposit (log10 DAB OD per pixel), each cell's
     completeness (the share of its rim, its pixels within 0.75 px of its edge, under its own deposit)
     and the membrane as seen (_seen_categories).
     """
     n = len(od)
     um = 1.0 / mpp
-    tum_px = tumour[lab]
-    band = tum_px & (edge_um < 4.0) & (od[lab] > 0)
-    lb = lab[band]
     # angle -> fraction of the cell's perimeter: empirical CDF of its boundary pixels' angles
-    rim = tum_px & (edge_um * um < 0.75)
+    rim = tumour[lab] & (edge_um * um < 0.75)
     n_rim = np.bincount(lab[rim], minlength=n)
 
     def angle(cell, y, x):
@@ -283,29 +284,35 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     def perimeter_position(cell, y, x):
         return (np.searchsorted(key_rim, cell + angle(cell, y, x)) - first[cell]) / np.maximum(n_rim[cell], 1)
 
-    def stained(cell, pos):
+    def stained(cell, y, x):
+        """Whether each of ``cell``'s arcs covers the border point nearest (y, x) px."""
+        pos = perimeter_position(cell, y, x)
         on = np.zeros(len(cell), bool)
         for k in range(3):
             on |= ((pos - arc_s[cell, k]) % 1.0) < arc_l[cell, k]
-        return on & (od[cell] > 0)
+        return on & tumour[cell] & (od[cell] > 0)
 
-    on = stained(lb, perimeter_position(lb, *np.nonzero(band)))
     sig_d = width / 2.355
     sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
     amp = od * sig_d / np.maximum(sig_r, 1e-6)
-    off = 0.25 * width + 0.15
-    gran = 1 + 0.15 * _fine(rng, lab.shape, 0.4 * um)[band]
-    prof = amp[lb] * np.exp(-0.5 * ((edge_um[band] - off[lb]) / sig_r[lb]) ** 2) * on * gran
+    gran = 1 + 0.15 * _fine(rng, lab.shape, 0.4 * um)
+    near = edge_um < 4.0
+    near_y, near_x = np.nonzero(near)
+    dist = edge_um[near]
+    line = np.zeros(len(dist), np.float32)
+    for side in (lab[near], across[near]):  # the cell's own line, then its neighbour's: the darker
+        live = np.flatnonzero(tumour[side] & (od[side] > 0))
+        c = side[live]
+        on = stained(c, near_y[live], near_x[live])
+        line[live] = np.maximum(line[live], amp[c] * np.exp(-0.5 * (dist[live] / sig_r[c]) ** 2) * on)
     deposit = np.zeros(lab.shape, np.float32)
-    deposit[band] = np.maximum(prof, 0)
-    on_full = np.zeros(lab.shape, bool)
-    on_full[band] = on
-    completeness = np.where(od > 0, np.bincount(lab[rim & on_full], minlength=n) / np.maximum(n_rim, 1), 0.0)
+    deposit[near] = line * gran[near]
     # the membrane as seen: a membrane belongs to every cell it borders (the README's convention),
     # so each rim pixel also shows the deposit of the tumour cell across the edge
     rl, nb = lab[rim], across[rim]
-    nb_on = tumour[nb] & stained(nb, perimeter_position(nb, rim_y, rim_x))
-    rim_od = np.maximum(od[rl] * on_full[rim], od[nb] * nb_on)
+    own_on = stained(rl, rim_y, rim_x)
+    completeness = np.where(od > 0, np.bincount(rl[own_on], minlength=n) / np.maximum(n_rim, 1), 0.0)
+    rim_od = np.maximum(od[rl] * own_on, od[nb] * stained(nb, rim_y, rim_x))
     return deposit, completeness, _seen_categories(rl, perimeter_position(rl, rim_y, rim_x), rim_od, cats, n)
 
 

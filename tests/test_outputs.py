@@ -291,13 +291,19 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
 
 
 def test_a_cell_without_a_nucleus_has_null_nucleus_measurements(tmp_path):
-    """A cell found by its membrane ring alone (DAB laid over its nucleus hides it) has no nucleus: its
-    nucleus_area_um2 is 0 and its other nucleus measurements are null, not 0 (a review: an elongation of 0)."""
-    from her2score.synthetic import Confounders
-
+    """A cell found by its membrane ring alone (a cell sectioned above its nucleus: here eight intense complete
+    cells' nuclei painted over with their own cytoplasm's colour) has no nucleus: its nucleus_area_um2 is 0 and
+    its other nucleus measurements are null, not 0 (a review: an elongation of 0)."""
     pq = pytest.importorskip("pyarrow.parquet")
-    f = generate_field("3+", seed=9305, confounders=Confounders(masking_od=0.6))
-    a = analyse_slide(f.image, mpp=f.mpp)
+    f = generate_field("3+", seed=9305)
+    c, image = f.cells, f.image.copy()
+    inner = (c["x_px"] > 60) & (c["x_px"] < 450) & (c["y_px"] > 60) & (c["y_px"] < 450)
+    yy, xx = np.mgrid[:512, :512]
+    for i in np.flatnonzero((c["category"] == "strong_complete") & c["tumour"] & inner)[:8]:
+        nucleus = np.hypot(xx - c["x_px"][i], yy - c["y_px"][i]) < (1.3 * c["nucleus_radius_um"][i] + 0.8) / f.mpp
+        cytoplasm = (f.label_map == i) & ~nucleus & (f.dab_od < 0.1)
+        image[nucleus] = np.median(image[cytoplasm], axis=0).astype(np.uint8)
+    a = analyse_slide(image, mpp=f.mpp)
     write_outputs(a, tmp_path / "out", cells_csv=True)
     d = pq.read_table(tmp_path / "out" / "cells.parquet").to_pydict()
     ring = [i for i, area in enumerate(d["nucleus_area_um2"]) if area == 0]

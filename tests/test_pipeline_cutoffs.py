@@ -162,13 +162,11 @@ CASES = [
     _case(B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 6, 9.5, "0"),
     _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
-    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.0% (truth 8.0%), called 0: faint membranes under-found"),
-    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "5.0% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.2% (truth 8.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "7.2% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "4.8% (truth 12.0%), called 2+ by intense complete cells: intense incomplete cells read weak-moderate partial (a "
-          "single intense arc reads below the strong band), complete (arcs' blurred ends and the neighbours' arcs close "
-          "the ring), none or lateral; a discount for shared borders that read them intense was dropped, real borders showing "
-          "no such effect (tests/test_real.py, README Limits)"),
+          "8.7% (truth 12.0%), called 2+: some intense incomplete cells read complete (arcs' blurred ends and the "
+          "neighbours' arcs close the ring), weak-moderate partial, lateral or none"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
     _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+"),
@@ -216,8 +214,6 @@ def test_intense_incomplete_cells_make_an_equivocal_2plus():
     assert gastric.score == "1+", gastric.reason  # gastric: partial non-U membranes are 1+ cells
 
 
-@_misses("8.3% intense incomplete (truth 20%): single intense arcs read below the strong band, or complete; the "
-         "generator's shared borders read darker than real ones, so strong_od sits above its lone intense lines")
 def test_intense_incomplete_share_end_to_end():
     r = _score(_field({"strong_partial": 0.20}, seed=9501))
     assert 15 <= _share(r, ("strong_partial",)) <= 25, r.counts
@@ -237,7 +233,7 @@ def test_isolated_intense_cells_end_to_end():
 
 
 def test_intense_cells_just_over_the_isolated_floor_are_flagged_end_to_end():
-    f = _field({"strong_complete": 0.02}, seed=9503, size_px=1024)  # 20 intense complete cells drawn, 13 found
+    f = _field({"strong_complete": 0.0175}, seed=9503, size_px=1024)  # 17 intense complete cells drawn, 13 found
     r = _score(f)
     n = r.counts["strong_complete"]
     assert r.score == "2+" and "near_cutoff" in r.flags and 0.01 * r.tumour_cells <= n <= 0.02 * r.tumour_cells, r.counts
@@ -282,11 +278,11 @@ def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
 
 
 def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
-    """A classical 1+ on 16.5% faint cells lies within the false-membrane band of the cut-off (it could be 0).
+    """A classical 1+ on 16.3% faint cells lies within the false-membrane band of the cut-off (it could be 0).
     A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
     review, as the classical call alone does (it answered eligible). A classical call with the band switched
     off does not say it."""
-    f = generate_field(seed=11, composition={"faint_partial": 0.38}, size_px=(768, 768))
+    f = generate_field(seed=11, composition={"faint_partial": 0.28}, size_px=(768, 768))
     r = _score(f, cnn=ConstantClassifier("2+"))
     assert (r.classical_score, r.score) == ("1+", "2+") and 15 < 100 - r.percentages["none"] < 18, r.percentages
     assert "near_cutoff" in r.classical_flags and "near_cutoff" in r.flags

@@ -101,7 +101,8 @@ def test_beer_lambert_dab_od():
     rows = f.label_map
     own = f.cells["deposit_category"]
     strong = np.isin(rows, np.flatnonzero(own == "strong_complete")) & (f.dab_od > 0.5)
-    faint = np.isin(rows, np.flatnonzero(own == "faint_partial")) & (f.dab_od > 0.05)
+    # a faint cell's own line (OD 0.09-0.17 drawn), not a stronger neighbour's on the border they share
+    faint = np.isin(rows, np.flatnonzero(own == "faint_partial")) & (f.dab_od > 0.05) & (f.dab_od < 0.2)
     none = np.isin(rows, np.flatnonzero(own == "none")) & (f.dab_od < 0.01)
     assert strong.sum() > 100 and faint.sum() > 10 and none.sum() > 100
     s, fa, no = dab[strong].mean(), dab[faint].mean(), dab[none].mean()
