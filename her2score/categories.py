@@ -40,7 +40,10 @@ class Thresholds:
     the stain deposit (HER2's categories join weak and moderate, so only the weak and strong bounds
     decide); a ~1 µm membrane imaged at 0.5 µm/px reads lower (optical blur and partial
     volume), so the defaults are those bands calibrated on synthetic fields of known deposit OD
-    (tuning seeds 1000-4999, held apart from the accuracy seeds). ``faint_od`` is the least
+    (tuning seeds 1000-4999, held apart from the accuracy seeds; benchmarks/intensity_bands.py prints
+    the cells each threshold puts at the wrong level: fewest at 0.46 for strong_od, which was 0.55
+    while the generator drew a shared border as two deposits that added, and at 0.10-0.11 for weak_od,
+    within 0.4% of the cells of 0.14's, kept). ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
     own noise floor is higher uses its floor instead (membrane.noise_floor). In a cell with
     cytoplasmic DAB a membrane must also stand ``cytoplasm_ratio`` x that blush above it, and a
@@ -52,7 +55,7 @@ class Thresholds:
 
     faint_od: float = 0.02
     weak_od: float = 0.14
-    strong_od: float = 0.55
+    strong_od: float = 0.46
     min_completeness: float = 0.25
     complete_completeness: float = 0.60
     lateral_arc: float = 0.45

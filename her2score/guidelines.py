@@ -192,11 +192,12 @@ def cumulative_counts(counts: Mapping[str, int]) -> dict[str, int]:
 
 NEAR_CUTOFF_POINTS: float = 5.5
 """How close (percentage points either side of the 10% cut-off) a call's deciding cells make it
-borderline. Measured on synthetic fields at 0.5 µm/px, faint membranes are found in 45% of the cells
-that carry them (0.45-0.46 of the faint share on the 1+ fields of benchmarks/category_percentages.py:
-a 0 whose faint share is over 10 x 0.45 = 4.5% may be a 1+), strong complete ones at ~0.8x, and an
-unstained cell bordering a stained one reads the shared membrane as its own partial staining: a call
-this close may be the next level."""
+borderline. Faint membranes are found in 47% of the cells that carry them where the generator's are
+painted on real tissue at 0.5 µm/px (benchmarks/membrane_floor.py; a 0 whose faint share is over
+10 x 0.45 = 4.5% may be a 1+: the margin was set when the generator's own fields gave 0.45, and they give
+0.60 of the faint share on the 1+ fields of benchmarks/category_percentages.py now that a shared border
+is drawn as one line), strong complete ones at ~0.9x, and an unstained cell bordering a stained one
+reads the shared membrane as its own partial staining: a call this close may be the next level."""
 
 
 NEAR_CUTOFF_CONFIDENCE: float = 0.95

@@ -164,9 +164,7 @@ CASES = [
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
     _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.2% (truth 8.0%), called 0: faint membranes under-found"),
     _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "7.2% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
-    _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+",
-          "8.7% (truth 12.0%), called 2+: some intense incomplete cells read complete (arcs' blurred ends and the "
-          "neighbours' arcs close the ring), weak-moderate partial, lateral or none"),
+    _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
     _case(G, {"strong_lateral": 0.12}, ("strong_lateral", "strong_complete"), 10.5, 14, "3+"),
@@ -233,7 +231,7 @@ def test_isolated_intense_cells_end_to_end():
 
 
 def test_intense_cells_just_over_the_isolated_floor_are_flagged_end_to_end():
-    f = _field({"strong_complete": 0.0175}, seed=9503, size_px=1024)  # 17 intense complete cells drawn, 13 found
+    f = _field({"strong_complete": 0.015}, seed=9503, size_px=1024)  # 15 intense complete cells drawn, 14 found
     r = _score(f)
     n = r.counts["strong_complete"]
     assert r.score == "2+" and "near_cutoff" in r.flags and 0.01 * r.tumour_cells <= n <= 0.02 * r.tumour_cells, r.counts
