@@ -18,7 +18,7 @@ from .membrane import CellMeasurements
 from .neighbours import count_within
 
 __all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
-           "staining_compartments", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
+           "staining_compartments", "UNSTAINED_MAX_OD", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
 
 
 @dataclass(frozen=True)
@@ -124,15 +124,23 @@ def stained_cytoplasm(m: CellMeasurements, *, unstained_od: float, cytoplasmic_o
     return np.nan_to_num(m.cytoplasm_dab_od, nan=0.0) - unstained_od >= cytoplasmic_od
 
 
+UNSTAINED_MAX_OD = 0.03
+"""The most cytoplasmic DAB (log10 OD) a slide's unstained level is taken to be where diffuse cytoplasmic DAB is
+measured against it: the palest tenth of cells reads 0.016 OD or less on every real image here (0.000-0.016: the
+colon IHC, the Ki67 fields and what is derived from them), where a blushed generator field with little stroma reads
+0.09, its own blush, which measured against itself disappeared."""
+
+
 def diffuse_cytoplasm_od(m: CellMeasurements, *, unstained_cells: np.ndarray, reference_cells: np.ndarray,
                          unstained_od: float, min_cells: int = 10, min_reference_cells: int = 5) -> float | None:
     """The median cytoplasmic DAB (log10 OD) of ``unstained_cells`` (bool: the tumour cells read without
-    membrane staining) above the lower of the slide's ``unstained_od`` (unstained_level: its palest tenth
-    of cells, which where stroma is scarce are blushed tumour cells) and the median of ``reference_cells``
-    (bool: the cells left out as no tumour, where at least ``min_reference_cells``); None for fewer than ``min_cells``
-    unstained tumour cells. Where HER2 stains membranes, such cells' cytoplasm is as pale as the stroma's;
-    a stain that fills every tumour cell's cytoplasm leaves it as dark as that of the cells read stained,
-    whose "membranes" may then be cytoplasm between cells."""
+    membrane staining) above the lowest of the slide's ``unstained_od`` (unstained_level: its palest tenth
+    of cells, which where stroma is scarce are blushed tumour cells), UNSTAINED_MAX_OD and the median of
+    ``reference_cells`` (bool: the cells left out as no tumour, where at least ``min_reference_cells``: where
+    stroma is scarce, mostly tumour cells too); None for fewer than ``min_cells`` unstained tumour cells. Where
+    HER2 stains membranes, such cells' cytoplasm is as pale as the stroma's; a stain that fills every tumour
+    cell's cytoplasm leaves it as dark as that of the cells read stained, whose "membranes" may then be
+    cytoplasm between cells."""
     def level(cells: np.ndarray, at_least: int) -> float | None:
         cyto = m.cytoplasm_dab_od[cells]
         cyto = cyto[np.isfinite(cyto)]
@@ -142,7 +150,7 @@ def diffuse_cytoplasm_od(m: CellMeasurements, *, unstained_cells: np.ndarray, re
     if own is None:
         return None
     reference = level(reference_cells, min_reference_cells)
-    return own - (unstained_od if reference is None else min(reference, unstained_od))
+    return own - min(unstained_od, UNSTAINED_MAX_OD, np.inf if reference is None else reference)
 
 
 def with_cytoplasm_doubt(flags: tuple[str, ...], score: str | None, level: str, blush: float | None,

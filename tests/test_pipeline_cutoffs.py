@@ -275,6 +275,23 @@ def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
     assert haze.score == "3+" and "cytoplasmic_dab" not in haze.flags
 
 
+def test_a_blushed_her2_0_with_little_stroma_is_flagged_too():
+    """A blushed HER2 0 on real borders with little stroma (30 stromal cells among 323 tumour cells): most cells
+    left out as no tumour are blushed tumour cells, and so is the palest tenth of cells (0.09 OD), so the blush
+    measured against them read 0.019 and the 1+ at 37% went unflagged, HER2-low eligible. Its reference is now
+    held at UNSTAINED_MAX_OD, over the palest tenth of every real image."""
+    from her2score.synthetic import Confounders
+    from her2score.tumour import UNSTAINED_MAX_OD
+
+    blushed = Confounders(cytoplasmic_od=0.1, border_od=REAL_BORDERS.border_od)
+    f = generate_field("0", seed=25103, variant="null", confounders=blushed)
+    assert (~f.cells["tumour"]).sum() < 0.1 * f.cells["tumour"].sum()
+    r = _score(f)
+    assert r.score == "1+" and "cytoplasmic_dab" in r.flags, (r.score, r.flags)
+    assert r.staining["diffuse_cytoplasm_od"] >= 0.1 - UNSTAINED_MAX_OD - 0.01, r.staining
+    assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+
+
 def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
     """A classical 1+ on 16.3% faint cells lies within the false-membrane band of the cut-off (it could be 0).
     A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
