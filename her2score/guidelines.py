@@ -196,7 +196,7 @@ borderline. Faint membranes are found in 47% of the cells that carry them where 
 painted on real tissue at 0.5 µm/px (benchmarks/membrane_floor.py; a 0 whose faint share is over
 10 x 0.45 = 4.5% may be a 1+: the margin was set when the generator's own fields gave 0.45, and they give
 0.60 of the faint share on the 1+ fields of benchmarks/category_percentages.py now that a shared border
-is drawn as one line), strong complete ones at ~0.9x, and an unstained cell bordering a stained one
+is drawn as one line), strong complete ones at ~1.0x, and an unstained cell bordering a stained one
 reads the shared membrane as its own partial staining: a call this close may be the next level."""
 
 
