@@ -96,7 +96,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # of the bench slides: 2 from her2score 0.4.6, whose fields draw a shared border as one line
 FIELD_PX = 1024  # pool field side, level-0 px
 MASK_SIZE = (640, 480)  # (width, height) of the tissue-shape map, whatever the slide size
 GLASS_RGB = (246.0, 244.0, 248.0)

@@ -262,11 +262,12 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     stained arcs are placed (fractions of its perimeter, by angle); ``od``, ``width``, ``arc_s``,
     ``arc_l``, ``cats``: each cell's deposit as drawn (_membrane_params). The deposit is a Gaussian
     across the edge, centred on it, integrated over the pixel (sigma^2 + mpp^2/12, area kept) so that
-    thin lines do not alias. A border is one line for the two cells it separates: where both stain
-    it, it shows the darker of their deposits, not their sum (on the real colon IHC, borders shared
-    by two stained cells read as dark as a cell's lone borders; tests/test_real.py). Returns the deposit (log10 DAB OD per pixel), each cell's
-    completeness (the share of its rim, its pixels within 0.75 px of its edge, under its own deposit)
-    and the membrane as seen (_seen_categories).
+    thin lines do not alias; its tail crosses into the cell beyond (stroma, glass on painted fields).
+    A border is one line for the two cells it separates: where both stain it, it shows the darker of
+    their deposits, not their sum (on the real colon IHC, borders shared by two stained cells read as
+    dark as a cell's lone borders; tests/test_real.py). Returns the deposit (log10 DAB OD per pixel),
+    each cell's completeness (the share of its rim, its pixels within 0.75 px of its edge, under its
+    own deposit) and the membrane as seen (_seen_categories).
     """
     n = len(od)
     um = 1.0 / mpp
