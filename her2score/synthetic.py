@@ -60,7 +60,7 @@ class SyntheticField:
     covers, 0-1), deposit_longest_arc, deposit_od (peak log10 DAB OD), width_um (deposit FWHM, µm).
     The membrane as seen, which ``truth_counts`` and the score use: category (a name from
     CATEGORIES), pattern, completeness, longest_arc and membrane_od (log10 OD): a membrane belongs to
-    both cells it separates, so a cell enclosed by stained membrane more widely than by its own takes
+    both cells it separates, so a cell enclosed by stained membrane at least as widely as by its own takes
     the enclosing rim's pattern, extent and mean OD (see _seen_categories); any other cell, its own.
     ``dab_od`` is the true deposited DAB OD per pixel (before blur) and ``label_map`` the row of
     ``cells`` owning each pixel (-1 for stroma/glass).

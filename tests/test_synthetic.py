@@ -101,11 +101,14 @@ def test_beer_lambert_dab_od():
     rows = f.label_map
     own = f.cells["deposit_category"]
     strong = np.isin(rows, np.flatnonzero(own == "strong_complete")) & (f.dab_od > 0.5)
-    # a faint cell's own line (OD 0.09-0.17 drawn), not a stronger neighbour's on the border they share
-    faint = np.isin(rows, np.flatnonzero(own == "faint_partial")) & (f.dab_od > 0.05) & (f.dab_od < 0.2)
     none = np.isin(rows, np.flatnonzero(own == "none")) & (f.dab_od < 0.01)
-    assert strong.sum() > 100 and faint.sum() > 10 and none.sum() > 100
-    s, fa, no = dab[strong].mean(), dab[faint].mean(), dab[none].mean()
+    # faint lines (OD 0.09-0.17 drawn) from a 1+ field: on a 3+ field a faint cell's border pixels mostly show the
+    # tail of a stronger neighbour's line (a shared border shows the darker deposit), not its own
+    g = generate_field("1+", seed=4)
+    faint = np.isin(g.label_map, np.flatnonzero(g.cells["deposit_category"] == "faint_partial")) & (g.dab_od > 0.05)
+    assert strong.sum() > 100 and faint.sum() > 1000 and none.sum() > 100
+    faint_dab = deconvolve(g.image, H_DAB.with_background(g.stains.background))[..., 1]
+    s, fa, no = dab[strong].mean(), faint_dab[faint].mean(), dab[none].mean()
     assert s > 0.4 and s > 2 * fa and fa > no
     assert abs(no) < 0.05
 
