@@ -811,7 +811,8 @@ def apply_guideline(
 
 
 DIFFUSE_CYTOPLASM_OD = 0.06
-"""log10 OD over the stroma (tumour.diffuse_cytoplasm_od) above which the cytoplasm of the tumour cells read unstained
+"""log10 OD over unstained tissue (tumour.diffuse_cytoplasm_od: the stroma, the palest tenth of cells or
+UNSTAINED_MAX_OD, the lowest) above which the cytoplasm of the tumour cells read unstained
 shows diffuse cytoplasmic DAB. Measured: the real colon 0.03; generator fields of every class 0.02 or less
 (48, plain and with real borders), held-out 3+ fields at 6 degrees of stain jitter up to 0.087 (cells misread
 as unstained keep a 3+ cell's haze); a real Ki67 field auto-contrasted (1% clipped, tones kept) 0.17, a real
@@ -823,8 +824,8 @@ def cytoplasm_doubt(blush: float | None, rise: float | None, filled: float | Non
     tumour.with_cytoplasm_doubt weighs it (``blush``, ``rise``, ``filled``: log10 OD, result.json's staining
     diffuse_cytoplasm_od, membrane_contrast_od and stained_cytoplasm_od); None where it does not."""
     if blush is not None and blush >= DIFFUSE_CYTOPLASM_OD and (rise is None or rise < blush):
-        return f"the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over the stroma"
+        return f"the tumour cells read unstained carry cytoplasmic DAB {blush:.2f} OD over unstained tissue"
     if filled is not None and filled >= DIFFUSE_CYTOPLASM_OD and rise is not None and rise < filled:
-        return (f"the tumour cells read stained carry cytoplasmic DAB {filled:.2f} OD over the stroma, more than their "
+        return (f"the tumour cells read stained carry cytoplasmic DAB {filled:.2f} OD over unstained tissue, more than their "
                 f"membranes stand out ({rise:.2f})")
     return None

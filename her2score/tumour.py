@@ -130,7 +130,9 @@ measured against it: the palest tenth of cells reads 0.016 OD or less on every r
 colon IHC, the Ki67 fields and what is derived from them), where a blushed generator field with little stroma reads
 0.09, its own blush, which measured against itself disappeared. Those real levels count a cell without measurable
 cytoplasm as 0 (unstained_level): the real colon's is 0.000 only so (12% of its cells), its measured cells' palest
-tenth 0.023. A DAB background over all tissue above this level (stroma included) is read as blush, by its excess."""
+tenth 0.023. A DAB background over all tissue above this level (stroma included) is read as blush, by its excess
+(cytoplasm_doubt's words say "over unstained tissue", not over the stroma): it raises the flag only where the
+membranes read stand out less than it, which a background that high leaves in doubt too."""
 
 
 def diffuse_cytoplasm_od(m: CellMeasurements, *, unstained_cells: np.ndarray, reference_cells: np.ndarray,

@@ -643,7 +643,7 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_t
     doubt = check_eligibility(flagged, "her2-low-breast")
     assert doubt.status == "needs_review", doubt.reasons
     assert doubt.reasons[0] == ("diffuse cytoplasmic DAB may have been read as membrane staining (the tumour cells read "
-                                "unstained carry cytoplasmic DAB 0.12 OD over the stroma): at 0 (null) or 0+ (ultralow) the "
+                                "unstained carry cytoplasmic DAB 0.12 OD over unstained tissue): at 0 (null) or 0+ (ultralow) the "
                                 "answer would be not eligible")
     unmeasured = replace(flagged, staining={"diffuse_cytoplasm_od": None})  # a result.json edited by hand
     assert check_eligibility(unmeasured, "her2-low-breast").reasons[0] == (
@@ -662,7 +662,7 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_t
     doubt = check_eligibility(colon, "her2-low-breast")
     assert doubt.status == "needs_review" and doubt.reasons[0] == (
         "diffuse cytoplasmic DAB may have been read as membrane staining (the tumour cells read stained carry "
-        "cytoplasmic DAB 0.43 OD over the stroma, more than their membranes stand out (0.19)): at 1+ the answer would "
+        "cytoplasmic DAB 0.43 OD over unstained tissue, more than their membranes stand out (0.19)): at 1+ the answer would "
         "be eligible; at 2+ the answer would be needs review"), doubt.reasons
 
 
