@@ -297,12 +297,13 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
     amp = od * sig_d / np.maximum(sig_r, 1e-6)
     gran = 1 + 0.15 * _fine(rng, lab.shape, 0.4 * um)
-    near = edge_um < 4.0
+    stains = tumour & (od > 0)
+    near = (edge_um < 4.0) & (stains[lab] | stains[across])  # a line reaches here from one side or the other
     near_y, near_x = np.nonzero(near)
     dist = edge_um[near]
     line = np.zeros(len(dist), np.float32)
     for side in (lab[near], across[near]):  # the cell's own line, then its neighbour's: the darker
-        live = np.flatnonzero(tumour[side] & (od[side] > 0))
+        live = np.flatnonzero(stains[side])
         c = side[live]
         on = stained(c, near_y[live], near_x[live])
         line[live] = np.maximum(line[live], amp[c] * np.exp(-0.5 * (dist[live] / sig_r[c]) ** 2) * on)

@@ -109,8 +109,8 @@ def test_a_target_coarser_than_the_calibration_is_warned():
 def test_a_scan_coarser_than_the_calibration_is_warned():
     """The real colon brought to 0.75 µm/px: its membranes blur and read weaker (intense complete 33% at 0.5,
     26% here, still 3+); the result says so. At 0.5 µm/px it does not; past 1 µm/px QC fails instead. The shares
-    the warning quotes (at 0.5 and 1.0 µm/px) are the colon's as scored now (they said 32% and 20% after strong_od
-    went from 0.55 to 0.46, where it read 33% and 22%)."""
+    the warning quotes (at 0.5 and 1.0 µm/px) are the colon's as scored now: 33% and 22% since strong_od went from
+    0.55 to 0.46 (32% and 20% before)."""
     import re
 
     import cv2
