@@ -1119,8 +1119,9 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
     forced = checked_backend(backend)
     backend = forced or automatic_backend(path)  # which sniffed the file: a TIFF where it chose tifffile
     if backend == "tifffile":
-        if forced and _sniff(path)[0] != "TIFF":
-            raise SlideError(path, "not a TIFF file (no TIFF header)")
+        if forced and (kind := _sniff(path)[0]) != "TIFF":
+            raise SlideError(path, f"tifffile reads TIFF files; this is a {kind} image (the image backend reads it)"
+                             if kind in PLAIN_KINDS else "not a TIFF file (no TIFF header)")
         slide = TiffSlide(path, mpp, default_mpp)
     elif backend == "openslide":
         slide = OpenSlideSlide(path, mpp, default_mpp)

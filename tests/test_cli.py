@@ -500,7 +500,7 @@ def test_summary_after_two_runs_into_one_out_and_settings_never_mixed(tmp_path, 
 
 
 @pytest.mark.parametrize("backend, png_error", [
-    ("tifffile", "not a TIFF file (no TIFF header)"),
+    ("tifffile", "tifffile reads TIFF files; this is a PNG image (the image backend reads it)"),
     pytest.param("openslide", "OpenSlide does not read PNG images (the image backend does)", marks=pytest.mark.skipif(
         importlib.util.find_spec("openslide") is None, reason="openslide-python not installed")),
 ])

@@ -863,7 +863,7 @@ def test_evaluate_reads_every_image_with_the_backend_given(tmp_path, good_png):
     reuse = ["--reuse", str(tmp_path / "ev" / "results")]
     assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "tiff"), *reuse, *args, "--backend", "tifffile"]) == 1
     [row] = csv.DictReader(open(tmp_path / "tiff" / "per_image.csv"))
-    assert row["error"] == f"{image}: not a TIFF file (no TIFF header)"
+    assert row["error"] == f"{image}: tifffile reads TIFF files; this is a PNG image (the image backend reads it)"
     assert main(["evaluate", str(tmp_path / "cls"), "--out", str(tmp_path / "image"), *reuse, *args, "--backend", "image"]) == 0
     assert json.loads((tmp_path / "image" / "metrics.json").read_text())["reused"] == 1
 

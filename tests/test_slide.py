@@ -985,6 +985,19 @@ def test_the_image_backend_refuses_a_tiff_whose_first_page_is_not_its_largest(tm
         assert open_slide(broken, backend="image").dimensions == (240, 160)
 
 
+def test_tifffile_forced_on_a_file_that_is_no_tiff_says_what_it_is(tmp_path):
+    """A PNG or JPEG given to the tifffile backend names its kind and the reader that takes it; a file of no
+    known kind is no TIFF."""
+    rgb = np.full((32, 32, 3), 200, np.uint8)
+    png, jpeg, other = save_png(tmp_path / "f.png", rgb), save_jpeg(tmp_path / "f.jpg", rgb), tmp_path / "f.tif"
+    other.write_bytes(b"not an image at all")
+    for path, kind in ((png, "PNG"), (jpeg, "JPEG")):
+        with pytest.raises(SlideError, match=rf"tifffile reads TIFF files; this is a {kind} image \(the image backend reads it\)"):
+            open_slide(path, mpp=0.5, backend="tifffile")
+    with pytest.raises(SlideError, match=r"not a TIFF file \(no TIFF header\)"):
+        open_slide(other, mpp=0.5, backend="tifffile")
+
+
 def test_automatic_backend_never_waits_on_a_fifo(tmp_path):
     """evaluate --reuse asks automatic_backend which reader an image's file chooses, before opening it: for a FIFO
     named like an image (a result found for it by name) it waited for a writer, for good. It says it is no regular
