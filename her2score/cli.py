@@ -427,6 +427,7 @@ def _train(args) -> int:
         return 2
     t0 = time.perf_counter()
     images, notes = [], []
+    read_by = f" (read by the {args.backend} backend)" if args.backend else ""
     try:
         if args.synthetic:
             print(f"generating {4 * args.synthetic} synthetic fields (seed {args.seed}) ...", flush=True)
@@ -436,11 +437,11 @@ def _train(args) -> int:
                          f"SeedSequence({args.seed}), stain_jitter {args.synthetic_jitter:g}, "
                          f"border_od 0-{args.border_od_max:g})")
         if args.folder:
-            images += folder_images(args.folder, mpp=args.mpp, target_mpp=args.target_mpp)
-            notes.append(f"class folders under {args.folder}")
+            images += folder_images(args.folder, mpp=args.mpp, target_mpp=args.target_mpp, backend=args.backend)
+            notes.append(f"class folders under {args.folder}{read_by}")
         if args.csv:
-            images += csv_images(args.csv, mpp=args.mpp, target_mpp=args.target_mpp)
-            notes.append(f"labelled images listed in {args.csv}")
+            images += csv_images(args.csv, mpp=args.mpp, target_mpp=args.target_mpp, backend=args.backend)
+            notes.append(f"labelled images listed in {args.csv}{read_by}")
     except (SlideError, ValueError, OSError) as e:
         _error(args.command, str(e))
         return 2
@@ -591,7 +592,7 @@ summary.csv lists every slide in --out; qc_status beside each score: passed, nee
 
 
 def _backend_argument(p: argparse.ArgumentParser) -> None:
-    """--backend, which ``score`` and ``evaluate`` share."""
+    """--backend, which ``score``, ``evaluate`` and ``train`` share."""
     p.add_argument("--backend", choices=BACKEND_CHOICES, metavar="BACKEND",
                    help="read every file with this reader: %(choices)s (default: the one each file's suffix and first "
                         "bytes choose; a file it cannot read is an error)")
@@ -687,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default="her2cnn.pt", help="weights file name")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
+    _backend_argument(t)
     t.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px the model works at")
     t.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")

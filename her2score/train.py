@@ -124,11 +124,13 @@ def synthetic_images(n_per_class: int, *, seed: int, size_px: tuple[int, int] = 
     return [_synthetic_one(j) for j in jobs]
 
 
-def read_image(path: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> np.ndarray:
-    """A whole image/field as RGB uint8 at ``target_mpp`` (µm/px from the file, else ``mpp``)."""
+def read_image(path: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5,
+               backend: str | None = None) -> np.ndarray:
+    """A whole image/field as RGB uint8 at ``target_mpp`` (µm/px from the file, else ``mpp``), read by ``backend``
+    (slide.BACKENDS; None: the reader the file chooses)."""
     from .slide import SlideError, open_slide
 
-    with open_slide(path, mpp=mpp) as s:
+    with open_slide(path, mpp=mpp, backend=backend) as s:
         w, h = (round(d * s.mpp / target_mpp) for d in s.dimensions)
         if w * h > MAX_IMAGE_PX:
             raise SlideError(path, f"{w}x{h} px at {target_mpp} µm/px is too large for a training image; "
@@ -136,23 +138,24 @@ def read_image(path: str | os.PathLike, *, mpp: float | None = None, target_mpp:
         return s.read_region((0, 0), (w, h), mpp=target_mpp)
 
 
-def _load(path: Path, label: str, mpp: float | None, target_mpp: float) -> LabelledImage:
+def _load(path: Path, label: str, mpp: float | None, target_mpp: float, backend: str | None) -> LabelledImage:
     """A labelled image read from ``path``; NotHerIhcError naming it where scoring would refuse it too
     (imagecheck.check_image: H&E, no counterstain, another chromogen, a photo or graphic, an implausible µm/px)."""
     from .imagecheck import NotHerIhcError, check_image
 
-    rgb = read_image(path, mpp=mpp, target_mpp=target_mpp)
+    rgb = read_image(path, mpp=mpp, target_mpp=target_mpp, backend=backend)
     if not (check := check_image(rgb, mpp=target_mpp)).accepted:
         raise NotHerIhcError(path, f"{check.reason.removesuffix('; not scored')}; not a training image")
     return LabelledImage(rgb, label, str(path), estimate_background(rgb))
 
 
-def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
-    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``; one that is no H-DAB
-    IHC image is refused (NotHerIhcError, as scoring refuses it)."""
+def folder_images(root: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5,
+                  backend: str | None = None) -> list[LabelledImage]:
+    """Images in class sub-folders ``0``, ``1+``, ``2+``, ``3+`` (or ``1plus``...) of ``root``, read by ``backend``
+    (read_image); one that is no H-DAB IHC image is refused (NotHerIhcError, as scoring refuses it)."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
-    return [_load(f, label, mpp, target_mpp) for f, label in class_folder_files(root)]
+    return [_load(f, label, mpp, target_mpp, backend) for f, label in class_folder_files(root)]
 
 
 def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -176,10 +179,11 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     return rows
 
 
-def csv_images(path: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5) -> list[LabelledImage]:
-    """Images listed in a ``path,label`` CSV (paths relative to the CSV's folder); one that is no H-DAB IHC image is
-    refused (NotHerIhcError, as scoring refuses it)."""
-    return [_load(Path(r["path"]), r["label"], mpp, target_mpp) for r in read_labels_csv(path)]
+def csv_images(path: str | os.PathLike, *, mpp: float | None = None, target_mpp: float = 0.5,
+               backend: str | None = None) -> list[LabelledImage]:
+    """Images listed in a ``path,label`` CSV (paths relative to the CSV's folder), read by ``backend`` (read_image);
+    one that is no H-DAB IHC image is refused (NotHerIhcError, as scoring refuses it)."""
+    return [_load(Path(r["path"]), r["label"], mpp, target_mpp, backend) for r in read_labels_csv(path)]
 
 
 # --------------------------------------------------------------------------------------- config

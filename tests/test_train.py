@@ -191,6 +191,20 @@ def test_cli_train_refuses_a_real_he_image_as_scoring_does_before_any_training(c
     assert "training" not in captured.out and not (tmp_path / "out").exists()
 
 
+def test_train_reads_images_with_the_backend_given(capsys, tmp_path):
+    """--backend as for score: a reader that cannot read a listed image refuses it, naming the file and why, before
+    any training; the reader the images choose themselves reads them alike."""
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=3, size_px=(96, 96))
+    assert [i.rgb.tobytes() for i in csv_images(ds / "labels.csv", backend="image")] == [
+        i.rgb.tobytes() for i in csv_images(ds / "labels.csv")]
+    first = ds / next(csv.DictReader(open(ds / "labels.csv")))["path"]
+    assert main(["train", "--csv", str(ds / "labels.csv"), "--out", str(tmp_path / "out"), "--backend", "tifffile"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"her2score train: {first}: tifffile reads TIFF files; this is a PNG image (the image backend "
+                            "reads it)\n"), captured.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work(capsys, tmp_path):
     """Training into models/ would replace the weights every default run uses: refused unless asked for
     (--replace-shipped), as is an --out that is a file, both before any field is generated."""
