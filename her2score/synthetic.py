@@ -285,19 +285,19 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     def perimeter_position(cell, y, x):
         return (np.searchsorted(key_rim, cell + angle(cell, y, x)) - first[cell]) / np.maximum(n_rim[cell], 1)
 
-    def stained(cell, y, x):
-        """Whether each of ``cell``'s arcs covers the border point nearest (y, x) px."""
-        pos = perimeter_position(cell, y, x)
+    stains = tumour & (od > 0)
+
+    def stained(cell, pos):
+        """Whether one of ``cell``'s arcs covers ``pos`` (perimeter_position) on its border."""
         on = np.zeros(len(cell), bool)
         for k in range(3):
             on |= ((pos - arc_s[cell, k]) % 1.0) < arc_l[cell, k]
-        return on & tumour[cell] & (od[cell] > 0)
+        return on & stains[cell]
 
     sig_d = width / 2.355
     sig_r = np.sqrt(sig_d ** 2 + mpp ** 2 / 12)
     amp = od * sig_d / np.maximum(sig_r, 1e-6)
     gran = 1 + 0.15 * _fine(rng, lab.shape, 0.4 * um)
-    stains = tumour & (od > 0)
     near = (edge_um < 4.0) & (stains[lab] | stains[across])  # a line reaches here from one side or the other
     near_y, near_x = np.nonzero(near)
     dist = edge_um[near]
@@ -305,17 +305,18 @@ def _membranes(rng: np.random.Generator, lab: np.ndarray, across: np.ndarray, ed
     for side in (lab[near], across[near]):  # the cell's own line, then its neighbour's: the darker
         live = np.flatnonzero(stains[side])
         c = side[live]
-        on = stained(c, near_y[live], near_x[live])
+        on = stained(c, perimeter_position(c, near_y[live], near_x[live]))
         line[live] = np.maximum(line[live], amp[c] * np.exp(-0.5 * (dist[live] / sig_r[c]) ** 2) * on)
     deposit = np.zeros(lab.shape, np.float32)
     deposit[near] = line * gran[near]
     # the membrane as seen: a membrane belongs to every cell it borders (the README's convention),
     # so each rim pixel also shows the deposit of the tumour cell across the edge
     rl, nb = lab[rim], across[rim]
-    own_on = stained(rl, rim_y, rim_x)
+    rl_pos = perimeter_position(rl, rim_y, rim_x)
+    own_on = stained(rl, rl_pos)
     completeness = np.where(od > 0, np.bincount(rl[own_on], minlength=n) / np.maximum(n_rim, 1), 0.0)
-    rim_od = np.maximum(od[rl] * own_on, od[nb] * stained(nb, rim_y, rim_x))
-    return deposit, completeness, _seen_categories(rl, perimeter_position(rl, rim_y, rim_x), rim_od, cats, n)
+    rim_od = np.maximum(od[rl] * own_on, od[nb] * stained(nb, perimeter_position(nb, rim_y, rim_x)))
+    return deposit, completeness, _seen_categories(rl, rl_pos, rim_od, cats, n)
 
 
 def _truth_columns(seen: dict, completeness: np.ndarray, od: np.ndarray, width: np.ndarray, arc_l: np.ndarray,
