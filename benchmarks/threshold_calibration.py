@@ -4,10 +4,11 @@ strong_od and complete_completeness.
     python benchmarks/threshold_calibration.py [--n-per-class 40] [--seed 1000]
 
 On generator fields from the tuning seeds (1+, 2+ and 3+, every fourth gastric; seeds from ``--seed``,
-held apart from the accuracy seeds of synthetic_accuracy.py and category_percentages.py), each true tumour
-cell is matched to the scored cell within 4 µm (one to one, nearest), and the scored cells whose membrane
-is read are kept. For each threshold the script prints, over a grid, the number of cells it puts on the
-wrong side, and the value that puts fewest there; ``categories.Thresholds`` holds the defaults.
+held apart from the accuracy seeds of synthetic_accuracy.py and category_percentages.py), each true cell
+is matched to the scored cell within 4 µm (one to one, nearest), and the pairs whose scored cell is counted
+as tumour and has a membrane read are kept (a true non-tumour cell read so counts, as ``none``). For each
+threshold the script prints, over a grid, the number of cells it puts on the wrong side, and the value
+that puts fewest there; ``categories.Thresholds`` holds the defaults.
 
 - ``weak_od``, ``strong_od``: the read membrane OD (``membrane_od``: log10 DAB OD along the body of its
   stained arcs) against the level of the cell's truth as seen (faint, weak-to-moderate or strong:
