@@ -164,7 +164,7 @@ class Rule:
             object.__setattr__(self, key, tuple(value))
         if not all(isinstance(r, Requirement) for r in self.require):
             raise RuleError(f"require must hold Requirement values, got {self.require!r}")
-        guidelines = ("any", *sorted(set(GUIDELINE_FAMILY.values())), *GUIDELINES)
+        guidelines = tuple(dict.fromkeys(("any", *sorted(set(GUIDELINE_FAMILY.values())), *GUIDELINES)))  # "gastric" is both
         if self.guideline not in guidelines:
             raise RuleError(f"guideline must be one of {list(guidelines)}, got {self.guideline!r}")
         if isinstance(self.min_tumour_cells, bool) or not isinstance(self.min_tumour_cells, int):

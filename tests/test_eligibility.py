@@ -303,7 +303,8 @@ def test_user_rule_file(tmp_path):
         (USER_RULE.replace('ish_levels = ["3+"]', "ish_levels = [3]"), "'ish_levels' must be a list of strings"),
         (USER_RULE.replace('ish_levels = ["3+"]', "ish_levels = []"), "nothing could be eligible"),
         ('eligible_levels = ["3+"]\n' + USER_RULE, "in both"),
-        ('guideline = "lung"\n' + USER_RULE, "guideline must be one of"),
+        ('guideline = "lung"\n' + USER_RULE,  # each name once ("gastric" is a family and a guideline)
+         "guideline must be one of \\['any', 'breast', 'gastric', 'breast-asco-cap-2018', 'breast-asco-cap-2023'\\], got 'lung'"),
         ("name = ", "invalid TOML"),
         (USER_RULE.replace('ish_eligible = "positive"\n', ""), "ish_levels need ish_eligible"),  # HER2-low rules need "negative"
         (USER_RULE.replace('ish_levels = ["3+"]', 'eligible_levels = ["3+"]'), "ish_eligible .* without ish_levels"),
