@@ -41,7 +41,7 @@ LEVELS = {"faint": 0, "weak_moderate": 1, "strong": 2}
 """The truth's intensity levels, by the prefix of its category name."""
 BOUNDARIES = (("weak_od", 0, 1, np.arange(0.08, 0.205, 0.01)), ("strong_od", 1, 2, np.arange(0.40, 0.605, 0.01)))
 """Each intensity threshold: the two levels it separates and the read OD grid it is tried on."""
-COMPLETE_GRID = np.arange(0.50, 0.805, 0.02)
+COMPLETE_GRID = np.arange(0.50, 0.805, 0.01)
 """The complete_completeness values tried."""
 
 
