@@ -44,7 +44,7 @@ class Thresholds:
     the cells each threshold puts at the wrong level: fewest at 0.46 for strong_od, which was 0.55
     while the generator drew a shared border as two deposits that added, and at 0.10-0.11 for weak_od,
     within 0.4% of the cells of 0.14's, kept). There ``complete_completeness`` puts fewest cells at the
-    wrong pattern at 0.67-0.68 (1,709 of 23,666; 1,719 at 0.65, 1,776 at 0.60), but on membranes painted on real
+    wrong pattern at 0.67-0.68 (1,709 of 23,666; 1,724 at 0.65, 1,776 at 0.60), but on membranes painted on real
     tissue (benchmarks/painted_real.py) 0.65 read 27 fewer of about 11,000 cells at their true category
     (weak-moderate complete 541 against 552, strong complete 641 against 657): real tissue's rings read
     less complete than the generator's, and real wins, so it stays 0.60. ``faint_od`` is the least
