@@ -157,40 +157,40 @@ class WeightsRecord:
 
 DEFAULT_WEIGHTS = WeightsRecord(
     file="her2cnn.pt",
-    sha256="866f8aa3c8e5eedae0d665ff5ffd5ce700ecd0bc5bdd2b3622919bfbce882e9b",
+    sha256="9016373e80760b5cf66723cbbc33c4092fbd20409aa3a954d6d7392911d1eed5",
     mpp=0.5,
     patch_px=64,
-    normalisation={"mean": [0.138429, 0.081061], "std": [0.197765, 0.177161]},
+    normalisation={"mean": [0.137646, 0.081746], "std": [0.197581, 0.172799]},
     min_tissue_fraction=0.5,
     width=16,
     parameters=77_556,
     metrics={
         "held_out_synthetic": {
-            "data": "400 fields (100 per class), write_dataset seed 777, stain_jitter 6 (never seen in training); "
-                    "399 scored (one 3+ refused as nuclear DAB)",
+            "data": "400 fields (100 per class), write_dataset seed 777, stain_jitter 6 (never seen in training); all 400 scored",
             "command": "her2score synth /tmp/ev --n-per-class 100 --seed 777 --stain-jitter 6 && "
                        "her2score evaluate /tmp/ev/labels.csv --out /tmp/ev_out",
-            "measured": "4 Dec 2026, the classical pipeline as it then stood (models/MODEL_CARD.md, Evaluation)",
-            "cnn": {"accuracy": 0.987, "accuracy_ci95": [0.971, 0.995],
-                    "quadratic_weighted_kappa": 0.995, "quadratic_weighted_kappa_ci95": [0.990, 0.999]},
-            "fused": {"accuracy": 0.967, "accuracy_ci95": [0.945, 0.981],
-                      "quadratic_weighted_kappa": 0.987, "quadratic_weighted_kappa_ci95": [0.980, 0.993]},
-            "classical": {"accuracy": 0.967, "accuracy_ci95": [0.945, 0.981],
-                          "quadratic_weighted_kappa": 0.987, "quadratic_weighted_kappa_ci95": [0.980, 0.994]},
+            "measured": "5 Dec 2026, her2score 0.4.7 (models/MODEL_CARD.md, Evaluation)",
+            "cnn": {"accuracy": 0.995, "accuracy_ci95": [0.982, 0.999],
+                    "quadratic_weighted_kappa": 0.998, "quadratic_weighted_kappa_ci95": [0.995, 1.0]},
+            "fused": {"accuracy": 0.99, "accuracy_ci95": [0.975, 0.996],
+                    "quadratic_weighted_kappa": 0.996, "quadratic_weighted_kappa_ci95": [0.991, 0.999]},
+            "classical": {"accuracy": 0.985, "accuracy_ci95": [0.968, 0.993],
+                    "quadratic_weighted_kappa": 0.994, "quadratic_weighted_kappa_ci95": [0.988, 0.998]},
         },
-        "validation": {"val_loss": 0.22915, "val_patch_accuracy": 0.9383, "val_image_accuracy": 1.0},
+        "validation": {"val_loss": 0.18753, "val_patch_accuracy": 0.9555, "val_image_accuracy": 1.0},
         "real_labelled": "none available (no labelled real HER2 IHC set; trained on synthetic fields only)",
     },
     training={
-        "command": "her2score train --synthetic 150 --seed 1 --workers 2 --out models/",
-        "data": "600 synthetic fields (her2score.synthetic, 512x512 px at 0.5 µm/px, SeedSequence(1), stain_jitter 0)",
-        "best_epoch": 4, "epochs_run": 7, "seconds": 223.8, "threads": 1, "torch": "2.13.0+cpu", "seed": 1,
+        "command": "her2score train --synthetic 150 --seed 1 --workers 2 --out models/ --replace-shipped",
+        "data": "600 synthetic fields (her2score.synthetic as of her2score 0.4.6, 512x512 px at 0.5 µm/px, "
+                "SeedSequence(1), stain_jitter 0)",
+        "best_epoch": 10, "epochs_run": 12, "seconds": 355.2, "threads": 1, "torch": "2.13.0+cpu", "seed": 1,
     },
 )
 """The shipped weights (``models/her2cnn.pt``): checksum, what they expect and how they scored
 (see models/MODEL_CARD.md). The file's own record is authoritative for normalisation."""
 
-DEFAULT_ONNX_SHA256 = "3e145316d8389dcc94776cdebda827f5d09c586304852f45f26865c4670667f5"
+DEFAULT_ONNX_SHA256 = "31e15b499f232a25550023a8ddc64a2383d58b50e958bb3df7e8a0f3aa70b4bf"
 """SHA-256 of ``models/her2cnn.onnx``, the shipped weights exported by :func:`export_onnx` (torch 2.13, onnx 1.23)."""
 
 
