@@ -29,15 +29,16 @@ confidence is at least 0.4, and near 1 when the network agrees firmly. The CNN m
 neighbouring score, never further: its slide reading is a mean over every patch, which cannot see what a
 guideline call may rest on, a minority of cells (a gastric biopsy's cluster of 5, intense staining in
 <=10%). A real 3+ fragment among eleven real HER2 0 fragments on one gastric biopsy slide is 3+ by the
-cluster rule, and the CNN's mean read it 0 (p=0.78): fused, it was reported 0. No held-out field's
-fused score lies two scores or more from its classical one.
+cluster rule, and the CNN's mean read it 0 (p=0.78; the weights shipped until 0.4.6): fused, it was
+reported 0. No held-out field's fused score lies two scores or more from its classical one.
 
 Nor may the CNN lift a 0 whose stained cells are no more than real unstained membranes read
 (guidelines.false_membrane_share, none at all included, on few cells within the share's 95% interval):
 trained on generator fields, it can read faint diffuse DAB as 1+ on real ones, and such a 0 rests on the
 same faint evidence. A real Ki67 field (DeepLIIF 799_2: a faint DAB blush and 1-3 brown nuclei; 7.3% of
-its cells read stained at 0.5 µm/px) was read 1+ by the CNN (p=0.88, with its brown nuclei's DAB removed
-too) and reported 1+, HER2-low; it now stays 0+ (ultralow).
+its cells read stained at 0.5 µm/px) was read 1+ by the CNN (the weights shipped until 0.4.6: p=0.88, with
+its brown nuclei's DAB removed too; the current weights, on the field as scored: p=0.90) and reported 1+,
+HER2-low; it now stays 0+ (ultralow).
 """
 from __future__ import annotations
 

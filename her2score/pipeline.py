@@ -131,8 +131,9 @@ class ScoringConfig:
     third 0.12; H&E itself is refused over imagecheck.MAX_EOSIN_FRACTION); background_max_od: QC warning
     (glass OD); cnn_slide_patches, cnn_patches_per_tile: a slide's CNN reading, the mean over its patches,
     reads about cnn_slide_patches of them spread evenly over its tiles, and at least cnn_patches_per_tile a
-    tile (cnn_patch_limit; a field of up to 16 tiles of 512 px gets every patch). Patch probabilities vary with
-    SD 0.34-0.41 on the 12,288² bench slide, so 1024 patches give its mean a standard error of about 0.013.
+    tile (cnn_patch_limit; a field of up to 16 tiles of 512 px gets every patch). Patch probabilities varied with
+    SD 0.34-0.41 on the 12,288² bench slide (the weights shipped until 0.4.6), so 1024 patches gave its mean a
+    standard error of about 0.013.
     """
 
     guideline: str = "breast-asco-cap-2023"
