@@ -277,7 +277,7 @@ def test_fuse_confident_cnn_overrides_classical():
 
 def test_fuse_tips_a_call_one_score_at_most():
     """The CNN's slide reading is a mean over every patch, blind to a minority of cells a guideline call may
-    rest on (a gastric biopsy's 3+ cluster among HER2 0 fragments read 0 by the CNN, p=0.78, was reported 0)."""
+    rest on (a gastric biopsy's 3+ cluster among HER2 0 fragments read 0 by the CNN, p=0.78 with the weights shipped until 0.4.6, was reported 0)."""
     assert fuse("3+", {"0": 0.78, "1+": 0.1, "2+": 0.07, "3+": 0.05}) == ("3+", pytest.approx(0.4 + 0.6 * 0.05))
     assert fuse("1+", {"0": 0.0, "1+": 0.05, "2+": 0.05, "3+": 0.9})[0] == "1+"  # 3+ is two scores off: not reached
     assert fuse("1+", {"0": 0.0, "1+": 0.05, "2+": 0.9, "3+": 0.05})[0] == "2+"  # a neighbour is
