@@ -13,9 +13,9 @@ that puts fewest there; ``categories.Thresholds`` holds the defaults.
 - ``weak_od``, ``strong_od``: the read membrane OD (``membrane_od``: log10 DAB OD along the body of its
   stained arcs) against the level of the cell's truth as seen (faint, weak-to-moderate or strong:
   DESIGN.md's 0.2 / 0.6 deposit bands);
-- ``complete_completeness``: read complete (completeness at the threshold or more, and no gap of
-  ``lateral_gap``) against the truth's pattern, complete or not, over the cells whose truth is
-  weak-to-moderate, strong or none (a faint cell is faint whatever its pattern).
+- ``complete_completeness``: the pattern categories.classify_cells reads with the threshold at each value
+  (complete, or not) against the truth's pattern, over the cells whose truth is weak-to-moderate, strong or
+  none (a faint cell is faint whatever its pattern).
 
 The truth's level and pattern are those of the drawn deposit, or of the stained rim where the rim reads
 for the cell (synthetic._seen_categories).
@@ -23,13 +23,14 @@ for the cell (synthetic._seen_categories).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from her2score.categories import Thresholds
+from her2score.categories import PATTERNS, Thresholds, classify_cells
 from her2score.pipeline import analyse_slide
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field
@@ -47,14 +48,14 @@ COMPLETE_GRID = np.arange(0.50, 0.805, 0.01)
 
 def one(job: tuple[str, int, bool]) -> dict[str, np.ndarray]:
     """Per matched tumour cell of one field whose membrane is read: its truth's category, and its read
-    membrane OD, completeness and longest gap."""
+    membrane OD, completeness, longest arc and longest gap."""
     score, seed, gastric = job
     f = generate_field(score, seed=seed, gastric=gastric)
     c = analyse_slide(ArraySlide(f.image, mpp=f.mpp)).cells
     truth, read = _pairs(np.column_stack([f.cells["x_px"], f.cells["y_px"]]), np.column_stack([c["x"], c["y"]]), 4 / f.mpp)
     kept = np.asarray(c["tumour"])[read] & (np.asarray(c["membrane_od"])[read] > 0)
     return {"category": np.asarray(f.cells["category"])[truth[kept]].astype(str),
-            **{k: np.asarray(c[k])[read[kept]] for k in ("membrane_od", "completeness", "longest_gap")}}
+            **{k: np.asarray(c[k])[read[kept]] for k in ("membrane_od", "completeness", "longest_arc", "longest_gap")}}
 
 
 def _report(name: str, grid: np.ndarray, n: int, wrong_at) -> None:
@@ -89,10 +90,13 @@ def main() -> None:
         _report(name, grid, int(pair.sum()), lambda t, pair=pair, high=high: int(((od[pair] >= t) != (level[pair] == high)).sum()))
     judged = (level >= 1) | (cells["category"] == "none")
     complete = np.char.endswith(cells["category"], "complete")[judged]
-    completeness, gap = cells["completeness"][judged], cells["longest_gap"][judged]
-    lateral_gap = Thresholds().lateral_gap
-    _report("complete_completeness", COMPLETE_GRID, int(judged.sum()),
-            lambda t: int((((completeness >= t) & (gap < lateral_gap)) != complete).sum()))
+    read = [cells[k][judged] for k in ("completeness", "longest_arc", "longest_gap", "membrane_od")]
+
+    def wrong_pattern(t: float) -> int:
+        pattern = classify_cells(*read, dataclasses.replace(Thresholds(), complete_completeness=t))[1]
+        return int(((pattern == PATTERNS.index("complete")) != complete).sum())
+
+    _report("complete_completeness", COMPLETE_GRID, int(judged.sum()), wrong_pattern)
 
 
 if __name__ == "__main__":
