@@ -9,7 +9,10 @@ Four sets of fields (512 x 512 px at 0.5 µm/px), each scored by the classical p
   guideline's call on the true counts (breast >10%, gastric resection >=10%); "clonal" draws each
   category in patches as tumours express it, "scattered" cell by cell (the hardest case: every
   stained cell's membrane is shared with unstained neighbours);
-- confounders: HER2 0 fields with a uniform DAB tint, cytoplasmic blush or lymphocyte clusters.
+- confounders: HER2 0 fields with a uniform DAB tint, cytoplasmic blush or lymphocyte clusters, and
+  HER2 3+ fields whose membrane-stained cells' nuclei are hidden under DAB (masked);
+- a nuclear stain: HER2 0 fields with DAB on half the nuclei (a Ki67 look-alike), which must be refused
+  as nuclear DAB (NuclearStainError), not scored: its truth is "refused".
 ``--real-borders`` draws every field with real slides' unstained-border texture (synthetic.REAL_BORDERS).
 Prints per set and truth class the accuracy, the share of fields called right or flagged
 ``near_cutoff`` or ``cytoplasmic_dab`` (so that eligibility asks for review), and the per-cell bias of the strong-complete fraction
@@ -26,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from her2score.pipeline import ScoringConfig, analyse_slide
+from her2score.pipeline import NuclearStainError, ScoringConfig, analyse_slide
 from her2score.results import SCORES
 from her2score.slide import ArraySlide
 from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
@@ -38,8 +41,13 @@ KINDS = {  # deciding category, the weaker background population beside it
     "gastric": (("strong_lateral", {"weak_moderate_lateral": 0.3}), ("weak_moderate_lateral", {"faint_partial": 0.3}),
                 ("faint_partial", {})),
 }
-CONFOUNDERS = {"tint": Confounders(dab_tint_od=0.015), "blush": Confounders(cytoplasmic_od=0.1),
-               "lymphocytes": Confounders(lymphocyte_fraction=0.3, lymphocyte_clusters=True)}
+CONFOUNDERS = {  # name: what is added, the HER2 score of the fields it is added to
+    "tint": (Confounders(dab_tint_od=0.015), "0"), "blush": (Confounders(cytoplasmic_od=0.1), "0"),
+    "lymphocytes": (Confounders(lymphocyte_fraction=0.3, lymphocyte_clusters=True), "0"),
+    "masked": (Confounders(masking_od=1.0), "3+"),
+}
+NUCLEAR = Confounders(nuclear_dab_fraction=0.5)
+REFUSED = "refused"
 
 
 def jobs(n_per_class: int, seed: int, real_borders: bool = False) -> list[dict]:
@@ -53,22 +61,29 @@ def jobs(n_per_class: int, seed: int, real_borders: bool = False) -> list[dict]:
                         out.append(dict(set=f"near-{site}-{layout}", composition={cat: p / 100, **rest}, clonal=layout == "clonal",
                                         gastric=site == "gastric",
                                         seed=seed + 10_000 + 1000 * j + 10 * p + i + (500 if site == "gastric" else 0)))
-    for j, name in enumerate(CONFOUNDERS):
-        out += [dict(set=f"confounders-{name}", score="0", variant="null", confounders=name, seed=seed + 20_000 + 100 * j + i)
-                for i in range(max(2, n_per_class // 5))]
+    for j, (name, (_, score)) in enumerate(CONFOUNDERS.items()):
+        out += [dict(set=f"confounders-{name}", score=score, variant="null" if score == "0" else None, confounders=name,
+                     seed=seed + 20_000 + 100 * j + i) for i in range(max(2, n_per_class // 5))]
+    out += [dict(set="nuclear-stain", score="0", variant="null", confounders="nuclear", seed=seed + 21_000 + i)
+            for i in range(max(2, n_per_class // 5))]
     return [dict(j, real_borders=real_borders) for j in out]
 
 
 def one(job: dict) -> dict:
-    confounders = CONFOUNDERS.get(job.get("confounders"), Confounders())
+    nuclear = job.get("confounders") == "nuclear"
+    confounders = NUCLEAR if nuclear else CONFOUNDERS.get(job.get("confounders"), (Confounders(),))[0]
     if job["real_borders"]:
         confounders = replace(confounders, border_od=REAL_BORDERS.border_od, border_variation=REAL_BORDERS.border_variation)
     f = generate_field(job.get("score"), seed=job["seed"], composition=job.get("composition"), variant=job.get("variant"),
                        gastric=job.get("gastric", False), confounders=confounders, clonal=job.get("clonal", False))
     config = ScoringConfig(guideline="gastric" if job.get("gastric") else "breast-asco-cap-2023")
-    r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
     counts = f.truth_counts()
-    return dict(set=job["set"], truth=f.score, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
+    try:
+        r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
+    except NuclearStainError:
+        return dict(set=job["set"], truth=REFUSED if nuclear else f.score, got=REFUSED, flagged=False,
+                    strong_true=counts["strong_complete"] / max(sum(counts.values()), 1), strong_got=0.0)
+    return dict(set=job["set"], truth=REFUSED if nuclear else f.score, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
                 strong_true=counts["strong_complete"] / max(sum(counts.values()), 1),
                 strong_got=r.percentages["strong_complete"] / 100)
 
@@ -94,7 +109,7 @@ def main() -> None:
         out[name] = {"fields": len(rs), "accuracy": float(np.mean([r["got"] == r["truth"] for r in rs])),
                      "right_or_flagged": float(np.mean([r["got"] == r["truth"] or r["flagged"] for r in rs])),
                      "per_class": {s: f"{sum(v)}/{len(v)}" for s, v in sorted(by.items())},
-                     "called": {s: sum(r["got"] == s for r in rs) for s in (*SCORES, None) if any(r["got"] == s for r in rs)},
+                     "called": {s: sum(r["got"] == s for r in rs) for s in (*SCORES, None, REFUSED) if any(r["got"] == s for r in rs)},
                      "strong_complete_bias": {"mean": round(float(bias.mean()), 4), "max_abs": round(float(np.abs(bias).max()), 4)}}
         print(f"{name:<26} accuracy {out[name]['accuracy']:.3f}, right or flagged "
               f"{out[name]['right_or_flagged']:.3f} ({len(rs)} fields); per truth class {out[name]['per_class']}; "

@@ -292,6 +292,35 @@ def test_a_blushed_her2_0_with_little_stroma_is_flagged_too():
     assert check_eligibility(r, "her2-low-breast").status == "needs_review"
 
 
+def test_a_3plus_whose_nuclei_dab_hides_reads_3plus():
+    """Strong staining can hide a nucleus under DAB (Confounders.masking_od: 1 OD over the nuclei of every
+    membrane-stained cell): the masked cells are still found (as brown nuclei, or as membrane basins), at
+    least 90% as many tumour cells as on the same field unmasked, and the field reads 3+ with its strong
+    complete fraction within 5 points of the truth."""
+    from her2score.synthetic import Confounders
+
+    for seed in (26102, 26103):
+        plain = _score(generate_field("3+", seed=seed))
+        f = generate_field("3+", seed=seed, confounders=Confounders(masking_od=1.0))
+        assert np.array_equal(f.cells["category"], generate_field("3+", seed=seed).cells["category"])  # the same truth
+        r = _score(f)
+        truth = f.truth_counts()
+        true_strong = 100 * truth["strong_complete"] / sum(truth.values())
+        assert r.score == plain.score == "3+" and r.tumour_cells >= 0.9 * plain.tumour_cells, (seed, r.tumour_cells, plain.tumour_cells)
+        assert abs(r.percentages["strong_complete"] - true_strong) <= 5, (seed, r.percentages["strong_complete"], true_strong)
+
+
+def test_a_nuclear_stain_drawn_by_the_generator_is_refused():
+    """The generator's Ki67 look-alike (a HER2 0 field with DAB of 0.4-0.9 OD on half its nuclei) is refused as
+    nuclear DAB, as the real Ki67 fields are (tests/test_real.py), and not scored."""
+    from her2score.pipeline import NuclearStainError
+    from her2score.synthetic import Confounders
+
+    f = generate_field("0", seed=26000, variant="null", confounders=Confounders(nuclear_dab_fraction=0.5))
+    with pytest.raises(NuclearStainError, match=r"DAB is nuclear.* 0(\.0)?% a stained membrane"):
+        _score(f)
+
+
 def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
     """A classical 1+ on 16.3% faint cells lies within the false-membrane band of the cut-off (it could be 0).
     A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
