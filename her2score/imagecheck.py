@@ -67,6 +67,15 @@ and as JPEG quality 50 <= 0.005; 320 synthetic fields at 8° stain jitter, with 
 cytoplasmic blush, <= 0.003; the real colon with its DAB recoloured green 0.84 (it scored 2+). Paler
 pixels and a 15° angle read white-balance casts and stain jitter as other colours (real Ki67 under a 10%
 green cast 0.72, jittered synthetic fields 0.41)."""
+MIN_STAIN_CHROMA_DEG = 13.0
+"""Least angle from grey (equal OD in red, green and blue), in degrees, of the most coloured 2% of the stained
+pixels' OD (stain_chroma_deg). Pure haematoxylin and DAB lie 18° and 21° from grey (Ruifrok-Johnston), their
+mixes nearer it. Measured: every real H-DAB image here as stored 22.5-31.1 (the colon IHC, the Ki67 fields,
+their paler copies), with its DAB scaled down or removed 18.1-18.9, a real H&E with its eosin put on the DAB
+channel (DAB in every cell) 17.4; with their colours' saturation halved (a faded stain or a desaturated scan)
+the real IHC 11.7-15.3 (the colon read 2+ for 3+ at 12.7), at 0.3 x 6.0-9.4, real H&E at 0.3 x 5.9-15.0 (it
+scored 0, 0+ and 1+ under its own stain vectors); synthetic fields at 6° stain jitter from 9.3 (3 of 200
+under 13: a haematoxylin and a DAB both turned to within 13° of grey, which no real image shows)."""
 MIN_HAEMATOXYLIN_FRACTION = 0.02
 """Blue/purple share of stained pixels. Measured: real IHC >= 0.07 (the colon image, mostly DAB); photos, text, plots ~0."""
 GLASS_MAX_CAST = 0.03
@@ -261,6 +270,18 @@ def stain_fractions(od: np.ndarray, *, stained_od: float = STAINED_OD,
     return float(eosin.mean()), haem, int(len(total))
 
 
+def stain_chroma_deg(od: np.ndarray, *, stained_od: float = STAINED_OD, quantile: float = 0.98) -> float:
+    """Angle from grey (degrees) of the stained pixels' colour: the ``quantile`` of the angles between the RGB
+    log10 OD (..., 3) of the pixels of summed OD over ``stained_od`` and the grey axis, i.e. the purest stain
+    colours of the image (a mix of two stains lies nearer grey than either). NaN where fewer than 200 are stained."""
+    flat = _od_sample(od)
+    flat = flat[per_channel(np.add, flat) > stained_od]
+    if len(flat) < 200:
+        return float("nan")
+    cosine = flat.sum(1) / (np.sqrt(3.0) * np.linalg.norm(flat, axis=1))
+    return float(np.degrees(np.arccos(np.clip(np.quantile(cosine, 1 - quantile), -1.0, 1.0))))
+
+
 def off_plane_fraction(od: np.ndarray, *, stained_od: float = OFF_PLANE_MIN_OD, max_deg: float = OFF_PLANE_DEG) -> float:
     """Share of the RGB log10 OD pixels (..., 3) of summed OD over ``stained_od`` whose colour lies more than
     ``max_deg`` off the plane of the default haematoxylin and DAB vectors (no mix of those two stains has it)."""
@@ -350,6 +371,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     scanned = od[~black_fill(rgb)]  # a turn's or a mask's black fill is no stain: it diluted an H&E's eosin share
     eosin, haem, n_stained = stain_fractions(scanned)
     modal, solid, uniform = rendered_fractions(rgb, od)
+    # colours where the stains are resolved: a thumbnail blends haematoxylin with DAB, nearer grey than either
+    resolved = scanned if detail is rgb else optical_density(detail, detail_background)[~black_fill(detail)]
     diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
     dim = dark_fraction(detail, max_intensity=DIM_INTENSITY, max_chroma=DIM_MAX_CHROMA)
@@ -368,6 +391,10 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         code, reason = "rendered_graphic", (f"{uniform:.0%} of its stained pixels lie in patches of one exact colour, "
                                             "which a scanner's noise never leaves: a drawing or a rendered image, "
                                             "not a scanned slide; not scored")
+    elif (chroma := stain_chroma_deg(resolved)) < MIN_STAIN_CHROMA_DEG:
+        code, reason = "faded", (f"the stained tissue is nearly grey (its most coloured 2% lies {chroma:.1f}° from grey, "
+                                 f"haematoxylin and DAB 18-21°): a faded stain, a desaturated or greyscale scan; "
+                                 "haematoxylin cannot be told from DAB, and every membrane would read weaker; not scored")
     elif n_stained >= 200 and eosin > MAX_EOSIN_FRACTION:
         code, reason = "eosin", (f"{eosin:.0%} of stained tissue has the colour of eosin: this looks like an "
                                  "H&E slide (or a red chromogen: AEC, Fast Red), not a HER2 (H-DAB) immunostain; not scored")

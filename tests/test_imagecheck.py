@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from realdata import real_cases
-from her2score.imagecheck import (GLASS_MAX_CAST, MAX_EOSIN_FRACTION, NotHerIhcError, check_image, check_slide, colour_cast,
-                                  glass_background, white_level)
+from her2score.imagecheck import (GLASS_MAX_CAST, MAX_EOSIN_FRACTION, MIN_STAIN_CHROMA_DEG, NotHerIhcError, check_image,
+                                  check_slide, colour_cast, glass_background, white_level)
 from her2score.pipeline import _thumbnail_mpp, score_slide
 from her2score.slide import ArraySlide, open_slide
 from her2score.stain import estimate_background, optical_density
@@ -127,12 +127,24 @@ def test_sample_images_are_accepted(name):
     assert c.accepted, c.reason
 
 
+def _degrees_from_grey(vector) -> float:
+    v = np.asarray(vector, float)
+    return float(np.degrees(np.arccos(v.sum() / (np.sqrt(3) * np.linalg.norm(v)))))
+
+
 def test_synthetic_hdab_with_stain_jitter_is_accepted_and_synthetic_he_refused():
+    """Jittered fields are accepted, but one at 8° whose haematoxylin and DAB the jitter both turned to within
+    12° of grey (10.8° and 11.5°; no real stain here lies under 17°): refused as faded. One whose haematoxylin
+    alone lies 9.8° from grey keeps its DAB's colour (21.8°) and is accepted."""
+    faded = []
     for jitter in (0, 4, 8):
         for seed in range(8):
             f = generate_field(("0", "1+", "2+", "3+")[seed % 4], seed=500 + seed, stain_jitter=jitter, size_px=(256, 256))
             c = check_image(f.image, mpp=0.5)
-            assert c.accepted, (jitter, seed, c.reason)
+            most_coloured = max(_degrees_from_grey(f.stains.hematoxylin), _degrees_from_grey(f.stains.dab))
+            assert c.accepted or (c.code == "faded" and most_coloured < MIN_STAIN_CHROMA_DEG), (jitter, seed, c.reason)
+            faded += [(jitter, seed)] * (not c.accepted)
+    assert faded == [(8, 3)]
     for seed in range(4):
         c = check_image(generate_he_field(seed=seed, size_px=(256, 256)), mpp=0.5)
         assert c.code == "eosin" and "H&E" in c.reason
@@ -347,3 +359,12 @@ def test_a_negative_whose_glass_is_pure_black_is_no_black_fill():
     for rgb in (negative, np.ascontiguousarray(negative[..., ::-1])):
         c = check_image(rgb, mpp=0.5)
         assert c.code == "dark_background" and c.dark_fraction > 0.3, c
+
+
+def test_a_greyscale_scan_saved_as_rgb_is_refused_as_nearly_grey():
+    """The real colon IHC made greyscale and saved as RGB (equal channels) holds no colour to tell DAB from
+    haematoxylin: it was refused only for lacking a counterstain's blue; it is now said to be grey."""
+    colon = photo("immunohistochemistry")
+    grey = np.repeat(np.round(colon @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, axis=-1)
+    c = check_image(grey, mpp=0.5)
+    assert c.code == "faded" and "lies 0.0° from grey" in c.reason and "greyscale" in c.reason, c.reason

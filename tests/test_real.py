@@ -18,7 +18,7 @@ from her2score.guidelines import FALSE_MEMBRANE_PERCENT
 from her2score.membrane import noise_floor
 from her2score.pipeline import NuclearStainError, ScoringConfig, WrongStainError, analyse_slide, score_tile
 from her2score.slide import ArraySlide
-from her2score.stain import H_DAB, deconvolve, estimate_background, estimate_stains
+from her2score.stain import H_DAB, deconvolve, estimate_background, estimate_stains, optical_density
 from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
 from her2score.tissue import Tile
 from realdata import (PAINTED_FIELDS, REAL, _as_array, deepliif_detection, deepliif_tumour_selection, matched_categories,
@@ -574,17 +574,39 @@ def _desaturated(rgb: np.ndarray, saturation: float, hue_deg: float) -> np.ndarr
 
 
 @needs_real
-def test_a_faded_h_and_e_is_not_rescued_by_its_own_stain_vectors():
-    """OS-1's H&E with its saturation halved and its hue turned 15 degrees is refused as nuclear under the
+def test_a_faded_h_and_e_is_refused_and_its_own_stain_vectors_are_no_pair():
+    """OS-1's H&E with its saturation halved and its hue turned 15 degrees was refused as nuclear under the
     default vectors; its own "DAB" is a purple 11 degrees from its haematoxylin, and with it the field
-    scored 2+ with QC passed. Two stains so close are no H-DAB pair: the refusal stands."""
+    scored 2+ with QC passed. Two stains so close are no H-DAB pair (estimate_stains keeps the default
+    vectors); and its colours lie so near grey that it is refused as faded before any scoring."""
     from her2score.stain import _angle
 
     faded = _desaturated(np.asarray(Image.open(REAL / "he" / "openslide-os1" / "OS-1-detail.png").convert("RGB")), 0.5, -15)
     own, _ = estimate_stains(faded, background=estimate_background(faded), min_separation_deg=0)
     assert own.source == "estimated" and _angle(own.hematoxylin, own.dab) < 15
-    with pytest.raises(NuclearStainError):
+    assert estimate_stains(faded, background=estimate_background(faded))[0].source != "estimated"
+    with pytest.raises(NotHerIhcError, match="nearly grey"):
         analyse_slide(ArraySlide(faded, mpp=0.2271))  # SOURCE.md
+
+
+@needs_real
+def test_faded_real_images_are_refused_as_nearly_grey():
+    """A faded stain or a desaturated scan moves haematoxylin and DAB towards grey, and every membrane reads
+    weaker: the colon IHC at half its colours' saturation read 2+ for 3+ with QC passed, and real H&E at 0.2-0.3
+    x scored 0, 0+ and 1+. Every real H-DAB image as stored (and with its DAB scaled down or removed) lies at
+    least 4 degrees clear of the bound; the colon at half saturation, and every real H&E at 0.2 x, is refused."""
+    from her2score.imagecheck import MIN_STAIN_CHROMA_DEG, check_image, stain_chroma_deg
+
+    for case in CASES.values():
+        if case.kind in ("membranous", "nuclear", "pale", "weaker", "derived-0") and isinstance(rgb := case.load(), np.ndarray):
+            od = optical_density(rgb, check_image(rgb, mpp=0.5).background)
+            assert stain_chroma_deg(od) >= MIN_STAIN_CHROMA_DEG + 4, case.name
+    colon = _as_array(CASES["skimage-colon-ihc"])()
+    with pytest.raises(NotHerIhcError, match=r"nearly grey \(its most coloured 2% lies 12.7° from grey"):
+        analyse_slide(ArraySlide(_desaturated(colon, 0.5, 0), mpp=0.5))
+    for name in names("he"):
+        if isinstance(rgb := CASES[name].load(), np.ndarray):
+            assert check_image(_desaturated(rgb, 0.2, 0), mpp=CASES[name].mpp or 0.5).code == "faded", name
 
 
 def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
