@@ -392,8 +392,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                                             "which a scanner's noise never leaves: a drawing or a rendered image, "
                                             "not a scanned slide; not scored")
     elif (chroma := stain_chroma_deg(resolved)) < MIN_STAIN_CHROMA_DEG:
-        code, reason = "faded", (f"the stained tissue is nearly grey (its most coloured 2% lies {chroma:.1f}° from grey, "
-                                 f"haematoxylin and DAB 18-21°): a faded stain, a desaturated or greyscale scan; "
+        code, reason = "faded", (f"the image's stained pixels are nearly grey (the most coloured 2% lie {chroma:.1f}° from grey, "
+                                 "haematoxylin and DAB 18-21°): a faded stain, or a desaturated or greyscale image; "
                                  "haematoxylin cannot be told from DAB, and every membrane would read weaker; not scored")
     elif n_stained >= 200 and eosin > MAX_EOSIN_FRACTION:
         code, reason = "eosin", (f"{eosin:.0%} of stained tissue has the colour of eosin: this looks like an "

@@ -367,4 +367,4 @@ def test_a_greyscale_scan_saved_as_rgb_is_refused_as_nearly_grey():
     colon = photo("immunohistochemistry")
     grey = np.repeat(np.round(colon @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, axis=-1)
     c = check_image(grey, mpp=0.5)
-    assert c.code == "faded" and "lies 0.0° from grey" in c.reason and "greyscale" in c.reason, c.reason
+    assert c.code == "faded" and "lie 0.0° from grey" in c.reason and "greyscale" in c.reason, c.reason
