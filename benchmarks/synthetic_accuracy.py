@@ -12,7 +12,7 @@ Four sets of fields (512 x 512 px at 0.5 µm/px), each scored by the classical p
 - confounders: HER2 0 fields with a uniform DAB tint, cytoplasmic blush or lymphocyte clusters, and
   HER2 3+ fields whose membrane-stained cells' nuclei are hidden under DAB (masked);
 - a nuclear stain: HER2 0 fields with DAB on half the nuclei (a Ki67 look-alike), which must be refused
-  as nuclear DAB (NuclearStainError), not scored: its truth is "refused".
+  as nuclear DAB (NuclearStainError), not scored: its truth is "refused" (a refusal of any other field is an error).
 ``--real-borders`` draws every field with real slides' unstained-border texture (synthetic.REAL_BORDERS).
 Prints per set and truth class the accuracy, the share of fields called right or flagged
 ``near_cutoff`` or ``cytoplasmic_dab`` (so that eligibility asks for review), and the per-cell bias of the strong-complete fraction
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from her2score.pipeline import NuclearStainError, ScoringConfig, analyse_slide
 from her2score.results import SCORES
-from her2score.slide import ArraySlide
+from her2score.slide import ArraySlide, SlideError
 from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
 
 NEAR_PERCENT = (6, 8, 12, 16)
@@ -80,8 +80,9 @@ def one(job: dict) -> dict:
     counts = f.truth_counts()
     try:
         r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
-    except NuclearStainError:
-        return dict(set=job["set"], truth=REFUSED if nuclear else f.score, got=REFUSED, flagged=False,
+    except SlideError as e:  # a refusal: right only for the nuclear stain, as nuclear
+        return dict(set=job["set"], truth=REFUSED if nuclear else f.score,
+                    got=REFUSED if isinstance(e, NuclearStainError) else f"refused ({type(e).__name__})", flagged=False,
                     strong_true=counts["strong_complete"] / max(sum(counts.values()), 1), strong_got=0.0)
     return dict(set=job["set"], truth=REFUSED if nuclear else f.score, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
                 strong_true=counts["strong_complete"] / max(sum(counts.values()), 1),
@@ -109,7 +110,7 @@ def main() -> None:
         out[name] = {"fields": len(rs), "accuracy": float(np.mean([r["got"] == r["truth"] for r in rs])),
                      "right_or_flagged": float(np.mean([r["got"] == r["truth"] or r["flagged"] for r in rs])),
                      "per_class": {s: f"{sum(v)}/{len(v)}" for s, v in sorted(by.items())},
-                     "called": {s: sum(r["got"] == s for r in rs) for s in (*SCORES, None, REFUSED) if any(r["got"] == s for r in rs)},
+                     "called": dict(Counter(r["got"] for r in rs)),
                      "strong_complete_bias": {"mean": round(float(bias.mean()), 4), "max_abs": round(float(np.abs(bias).max()), 4)}}
         print(f"{name:<26} accuracy {out[name]['accuracy']:.3f}, right or flagged "
               f"{out[name]['right_or_flagged']:.3f} ({len(rs)} fields); per truth class {out[name]['per_class']}; "
