@@ -31,7 +31,7 @@ from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "white_level", "colour_cast", "dark_fraction", "black_fill", "fill_regions", "fill_as_glass", "clipped_fraction",
-    "stain_fractions", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
+    "stain_fractions", "stain_chroma_deg", "off_plane_fraction", "rendered_fractions", "nucleus_diameter_um",
 ]
 
 MAX_DARK_FRACTION = 0.08
@@ -80,6 +80,14 @@ stain vectors). So this catches only near-grey images: a fading stain under-read
 it (the colon at 0.55 x saturation, 13.8°, reads 3+ on 15% strong complete cells against 33%). Synthetic
 fields at 6° stain jitter (the model card's held-out set) read from 7.9: 6 of 400 under 13, each a 0 or 1+
 field (little DAB) whose haematoxylin the jitter turned to 6.6-10.8° from grey."""
+PALE_CHROMA_DEG = 17.0
+"""Under this stain_chroma_deg (and at MIN_STAIN_CHROMA_DEG or over) a scored slide carries the QC warning
+``pale_colours``: its membranes read weaker. The real colon at 0.8, 0.7, 0.65 and 0.6 x its colours'
+saturation reads 19.7°, 17.4°, 16.2° and 15.0°, and 3+ on 30.8%, 20.2%, 18.9% and 14.5% strong complete
+cells against 33.0% as stored: warned at 0.65 and 0.6. Milder fading goes unwarned: its quarter-DAB copy (a
+real 2+) read 1+ at 0.65 x, at 18.3°. Every real H-DAB image as stored reads 22.5 or more, real HER2 0 fields
+in their own counterstain's colour 21.5-23.7, real fields with their DAB scaled down or recomposed from the
+default haematoxylin 18.1-18.8: none is warned."""
 MIN_HAEMATOXYLIN_FRACTION = 0.02
 """Blue/purple share of stained pixels. Measured: real IHC >= 0.07 (the colon image, mostly DAB); photos, text, plots ~0."""
 GLASS_MAX_CAST = 0.03
@@ -112,6 +120,7 @@ class ImageCheck:
     haematoxylin_fraction: float
     nucleus_diameter_um: float
     background: tuple[float, float, float]
+    stain_chroma_deg: float = float("nan")
 
 
 def white_level(rgb: np.ndarray) -> np.ndarray:
@@ -376,8 +385,8 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     scanned = od[~black_fill(rgb)]  # a turn's or a mask's black fill is no stain: it diluted an H&E's eosin share
     eosin, haem, n_stained = stain_fractions(scanned)
     modal, solid, uniform = rendered_fractions(rgb, od)
-    # colours where the stains are resolved: a thumbnail blends haematoxylin with DAB, nearer grey than either
-    resolved = scanned if own_detail else optical_density(detail, detail_background)[~black_fill(detail)]
+    # stain colours where the stains are resolved: a thumbnail blends haematoxylin with DAB, nearer grey than either
+    chroma = stain_chroma_deg(scanned if own_detail else optical_density(detail, detail_background)[~black_fill(detail)])
     diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
     dim = dark_fraction(detail, max_intensity=DIM_INTENSITY, max_chroma=DIM_MAX_CHROMA)
@@ -396,7 +405,7 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
         code, reason = "rendered_graphic", (f"{uniform:.0%} of its stained pixels lie in patches of one exact colour, "
                                             "which a scanner's noise never leaves: a drawing or a rendered image, "
                                             "not a scanned slide; not scored")
-    elif (chroma := stain_chroma_deg(resolved)) < MIN_STAIN_CHROMA_DEG:
+    elif chroma < MIN_STAIN_CHROMA_DEG:
         code, reason = "faded", (f"the image's stained pixels are nearly grey (the most coloured 2% lie {chroma:.1f}° from grey, "
                                  "haematoxylin and DAB 18-21°): a faded stain, or a desaturated or greyscale image; "
                                  "haematoxylin cannot be told from DAB, and every membrane would read weaker; not scored")
@@ -420,7 +429,7 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                                              f"{diameter:.1f} µm across (real nuclei: 4-15 µm): the µm/px is far too "
                                              "fine, or this is not tissue (a photo or a drawing); not scored")
     return ImageCheck(code == "ok", code, reason, round(dark, 4), round(eosin, 4), round(haem, 4),
-                      round(diameter, 2) if np.isfinite(diameter) else float("nan"), background)
+                      round(diameter, 2) if np.isfinite(diameter) else float("nan"), background, round(chroma, 2))
 
 
 def check_slide(slide: Slide, thumb: np.ndarray, thumb_mpp: float, tissue_mask: np.ndarray,

@@ -26,7 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
-from .imagecheck import NotHerIhcError, check_slide, fill_as_glass, stain_fractions
+from .imagecheck import PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
@@ -515,6 +515,7 @@ class _Scan:
     region: Region | None
     eosin: float
     cnn_report: CnnReport | None
+    stain_chroma_deg: float
 
 
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
@@ -564,7 +565,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
                     reason += (f" (this image has no µm/px of its own: {slide.mpp:g} was the default given, --default-mpp; "
                                "default_mpp= in the Python API)")
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
-            thumb_eosin = check.eosin_fraction
+            thumb_eosin, chroma = check.eosin_fraction, check.stain_chroma_deg
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max, region_obj) for t in tiles])
 
@@ -582,7 +583,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
     scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
-                 cnn_report)
+                 cnn_report, chroma)
     return _finish(scan, config, cells, parts)
 
 
@@ -956,6 +957,12 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
     excluded = float((pen + dark) / max(int(scan.tissue.mask.sum()) + pen + dark, 1))
     if excluded > 0.005:
         qc.append(QCFinding("tissue_excluded", "warn" if excluded > 0.2 else "info", f"{excluded:.1%} of the stained area excluded as pen ink or dark debris", round(excluded, 4)))
+    if scan.stain_chroma_deg < PALE_CHROMA_DEG:
+        qc.append(QCFinding("pale_colours", "warn", f"pale stain colours: the most coloured 2% of stained pixels lie "
+                            f"{scan.stain_chroma_deg:.1f}° from grey (real H-DAB scans here 22-31°; refused under "
+                            "13°): a fading stain or a desaturated scan reads membranes weaker (the real colon at 0.65 x "
+                            "its saturation, 16°, read 19% of its cells strong complete against 33%)",
+                            round(scan.stain_chroma_deg, 2)))
     if scan.eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
         qc.append(QCFinding("eosin_like_colour", "fail", f"{scan.eosin:.0%} of the stained tissue has an eosin-like colour "
                             "(part of it H&E, or an unusual DAB): check the stain", round(scan.eosin, 4)))
