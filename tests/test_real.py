@@ -622,6 +622,30 @@ def test_faded_real_images_are_refused_as_nearly_grey():
             assert check_image(_desaturated(rgb, 0.2, 0), mpp=CASES[name].mpp or 0.5).code == "faded", name
 
 
+@needs_real
+def test_real_her2_0_with_sensor_noise_is_scored_not_refused_as_h_and_e():
+    """Sensor noise (s.d. 6 grey levels, as a camera snapshot may carry) turns the colour ratios of pale
+    haematoxylin: the real HER2 0 fields (their DAB removed) read 15-20% of their stained pixels eosin-coloured
+    and were refused as H&E. Colour shares are now read from the image denoised where it is noisy
+    (imagecheck.NOISY_SD; the real images as stored are not): they score 0 (null) with QC passed, and a real
+    H&E with the same noise is still refused."""
+    from her2score.imagecheck import NOISY_SD, noise_sd
+
+    rng = np.random.default_rng(6)
+
+    def noisy(rgb: np.ndarray) -> np.ndarray:
+        return np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).round().astype(np.uint8)
+
+    for name in ("skimage-colon-ihc-dab-removed", "deepliif-ki67-22_2-dab-removed"):
+        rgb = _as_array(CASES[name])()
+        assert noise_sd(rgb) < NOISY_SD < noise_sd(noisy(rgb)), name
+        r = analyse_slide(ArraySlide(noisy(rgb), mpp=CASES[name].mpp or 0.5)).result
+        assert r.level == "0 (null)" and r.qc_passed, (name, r.level, [q.code for q in r.qc if q.severity != "pass"])
+    he = CASES["he-openslide-os1-OS-1-detail"]
+    with pytest.raises(WrongStainError, match="eosin"):
+        analyse_slide(ArraySlide(noisy(_as_array(he)()), mpp=he.mpp or 0.2271))
+
+
 def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
     """The real colon with its DAB taken out (a real HER2 0) saved as a JPEG at quality 20 read 1+ on 16-18% faint
     cells, the compression's blocks taken for membranes, with QC passed and HER2-low eligible. The file's
