@@ -259,7 +259,8 @@ NOISY_SD = 2.5
 """Grey-level noise (noise_sd) over which colour shares are read from the image smoothed by a DENOISE_PX Gaussian
 (colour_od). Sensor noise turns the colour ratios of pale pixels: real HER2 0 fields (their DAB removed) with
 noise of s.d. 6 grey levels added read 15-20% of their stained pixels eosin-coloured, refused as H&E. Measured:
-every real image here as stored 0.0-1.3 (two torchstain H&E crops, upscaled JPEGs, 6.6), synthetic fields 0.7,
+every real image here as stored 0.0-1.3 but the two torchstain H&E images (6.6: of unstated origin, their noise or
+artefacts are smoothed too, and both stay refused as H&E), synthetic fields 0.7,
 real fields with noise of s.d. 4 and 6 added 3.3-3.9 and 5.3."""
 DENOISE_PX = 0.7
 
