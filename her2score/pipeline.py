@@ -26,14 +26,15 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
-from .imagecheck import PALE_CHROMA_DEG, NotHerIhcError, check_slide, colour_od, fill_as_glass, stain_fractions
+from .imagecheck import PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import CnnReport, QCFinding, SlideResult
 from .slide import DEFAULT_MPP_SOURCE, ArraySlide, Slide, SlideError, open_slide
-from .stain import GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains
+from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
+                    optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
@@ -326,7 +327,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
         probs, n_patches = cnn.predict_od(hed[mg : mg + h, mg : mg + w], stains=stains, max_patches=cnn_max_patches,
                                           within=within)
     # eosin at the tiles' resolution, where it is not blended into the nuclei as on a thumbnail
-    eosin, _, stained_px = stain_fractions(colour_od(rgb[mg : mg + h, mg : mg + w], stains.background, step=3))
+    eosin, _, stained_px = stain_fractions(optical_density(rgb[mg : mg + h : 3, mg : mg + w : 3], stains.background))
     return TileResult(m, int(tissue.sum()), focus, contrast_hist, probs, n_patches, outline_points, outline_sizes,
                       label_xy, frame, nucleus, round(eosin * stained_px), stained_px)
 

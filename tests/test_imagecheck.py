@@ -368,3 +368,21 @@ def test_a_greyscale_scan_saved_as_rgb_is_refused_as_nearly_grey():
     grey = np.repeat(np.round(colon @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, axis=-1)
     c = check_image(grey, mpp=0.5)
     assert c.code == "faded" and "lie 0.0° from grey" in c.reason and "greyscale" in c.reason, c.reason
+
+
+def test_noise_sd_reads_the_luminance_noise_and_skips_flat_fill():
+    """noise_sd is the s.d. of the luminance noise: 0.67 x the s.d. added to each channel (cv2's grey weights), within
+    10%, however much texture; a flat fill beside it (a tile's glass beyond the slide) does not pull it down; a
+    clean synthetic field reads under NOISY_SD."""
+    from her2score.imagecheck import NOISY_SD, noise_sd
+
+    rng = np.random.default_rng(0)
+    flat = np.full((256, 256, 3), 180.0)
+    for sd in (2.0, 4.0, 8.0):
+        assert abs(noise_sd(np.clip(flat + rng.normal(0, sd, flat.shape), 0, 255).round().astype(np.uint8)) - 0.669 * sd) < 0.067 * sd
+    field = generate_field("2+", seed=5, size_px=(256, 256)).image
+    assert noise_sd(field) < NOISY_SD / 1.5
+    noisy = np.clip(field + rng.normal(0, 6.0, field.shape), 0, 255).round().astype(np.uint8)
+    half_fill = noisy.copy()
+    half_fill[:, :128] = 240
+    assert noise_sd(noisy) > NOISY_SD and abs(noise_sd(half_fill) - noise_sd(noisy)) < 0.1 * noise_sd(noisy)
