@@ -78,14 +78,14 @@ def one(job: dict) -> dict:
                        gastric=job.get("gastric", False), confounders=confounders, clonal=job.get("clonal", False))
     config = ScoringConfig(guideline="gastric" if job.get("gastric") else "breast-asco-cap-2023")
     counts = f.truth_counts()
+    row = dict(set=job["set"], truth=REFUSED if nuclear else f.score,
+               strong_true=counts["strong_complete"] / max(sum(counts.values()), 1))
     try:
         r = analyse_slide(ArraySlide(f.image, mpp=f.mpp), config=config).result
     except SlideError as e:  # a refusal: right only for the nuclear stain, as nuclear
-        return dict(set=job["set"], truth=REFUSED if nuclear else f.score,
-                    got=REFUSED if isinstance(e, NuclearStainError) else f"refused ({type(e).__name__})", flagged=False,
-                    strong_true=counts["strong_complete"] / max(sum(counts.values()), 1), strong_got=0.0)
-    return dict(set=job["set"], truth=REFUSED if nuclear else f.score, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
-                strong_true=counts["strong_complete"] / max(sum(counts.values()), 1),
+        return dict(row, got=REFUSED if isinstance(e, NuclearStainError) else f"refused ({type(e).__name__})", flagged=False,
+                    strong_got=0.0)
+    return dict(row, got=r.score, flagged=bool({"near_cutoff", "cytoplasmic_dab"} & set(r.flags)),
                 strong_got=r.percentages["strong_complete"] / 100)
 
 

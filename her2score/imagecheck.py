@@ -255,6 +255,12 @@ def _od_sample(od: np.ndarray, at_most: int = 300_000) -> np.ndarray:
     return flat[:: max(1, len(flat) // at_most)].astype(np.float64)
 
 
+def _stained_sample(od: np.ndarray, stained_od: float) -> np.ndarray:
+    """_od_sample's pixels whose summed OD exceeds ``stained_od``."""
+    flat = _od_sample(od)
+    return flat[per_channel(np.add, flat) > stained_od]
+
+
 NOISY_SD = 1.5
 """Luminance noise (noise_sd, grey levels) over which check_image reads colours from the image smoothed by a
 DENOISE_PX Gaussian (denoised): the colour shares (stain_fractions) and the stain colour (stain_chroma_deg).
@@ -329,8 +335,7 @@ def stain_chroma_deg(od: np.ndarray, *, stained_od: float = STAINED_OD, quantile
     """Angle from grey (degrees) of the stained pixels' colour: the ``quantile`` of the angles between the RGB
     log10 OD (..., 3) of the pixels of summed OD over ``stained_od`` and the grey axis, i.e. the purest stain
     colours of the image (a mix of two stains lies nearer grey than either). NaN where fewer than 200 are stained."""
-    flat = _od_sample(od)
-    flat = flat[per_channel(np.add, flat) > stained_od]
+    flat = _stained_sample(od, stained_od)
     if len(flat) < 200:
         return float("nan")
     cosine = flat.sum(1) / (np.sqrt(3.0) * np.linalg.norm(flat, axis=1))
@@ -340,8 +345,7 @@ def stain_chroma_deg(od: np.ndarray, *, stained_od: float = STAINED_OD, quantile
 def off_plane_fraction(od: np.ndarray, *, stained_od: float = OFF_PLANE_MIN_OD, max_deg: float = OFF_PLANE_DEG) -> float:
     """Share of the RGB log10 OD pixels (..., 3) of summed OD over ``stained_od`` whose colour lies more than
     ``max_deg`` off the plane of the default haematoxylin and DAB vectors (no mix of those two stains has it)."""
-    flat = _od_sample(od)
-    flat = flat[per_channel(np.add, flat) > stained_od]
+    flat = _stained_sample(od, stained_od)
     if len(flat) == 0:
         return 0.0
     sine = np.abs(flat @ np.array(H_DAB.residual)) / np.linalg.norm(flat, axis=1)  # residual: the plane's unit normal

@@ -26,7 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
-from .imagecheck import PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
+from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
@@ -960,7 +960,7 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
     if scan.stain_chroma_deg < PALE_CHROMA_DEG:
         qc.append(QCFinding("pale_colours", "warn", f"pale stain colours: the most coloured 2% of stained pixels lie "
                             f"{scan.stain_chroma_deg:.1f}° from grey (real H-DAB scans here 22-31°; refused under "
-                            "13°): a fading stain or a desaturated scan reads membranes weaker (the real colon at 0.65 x "
+                            f"{MIN_STAIN_CHROMA_DEG:g}°): a fading stain or a desaturated scan reads membranes weaker (the real colon at 0.65 x "
                             "its saturation, 16°, read 19% of its cells strong complete against 33%)",
                             round(scan.stain_chroma_deg, 2)))
     if scan.eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
