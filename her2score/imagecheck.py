@@ -249,6 +249,13 @@ def _without_frame(rgb: np.ndarray, *, rim_px: int = 4) -> np.ndarray:
     return rgb[r0 : max(r0, r1), c0 : max(c0, c1)]
 
 
+def _pixels(od: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """(N, 3) of an OD image's pixels where ``keep`` (bool (H, W)), in row order: ``od[keep]``, a view where
+    it keeps every pixel (a slide's thumbnail: indexing copied 2 million pixels for the samples taken of them)."""
+    flat = od.reshape(-1, 3)
+    return flat if keep.all() else flat[keep.ravel()]
+
+
 def _od_sample(od: np.ndarray, at_most: int = 300_000) -> np.ndarray:
     """(N, 3) float64 of an OD image's pixels, every k-th so that N is about ``at_most``."""
     flat = od.reshape(-1, 3)
@@ -429,13 +436,14 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
     dark = dark_fraction(detail)
     od = optical_density(rgb, background)
     on_scan = ~black_fill(rgb)  # a turn's or a mask's black fill is no stain: it diluted an H&E's eosin share
-    scanned = od[on_scan]
+    scanned = _pixels(od, on_scan)
     smooth = denoised(rgb)  # colours read off the sensor's noise
-    colours = scanned if smooth is rgb else optical_density(smooth, background)[on_scan]
+    colours = scanned if smooth is rgb else _pixels(optical_density(smooth, background), on_scan)
     eosin, haem, n_stained = stain_fractions(colours)
     modal, solid, uniform = rendered_fractions(rgb, od)
     # stain colours where the stains are resolved: a thumbnail blends haematoxylin with DAB, nearer grey than either
-    chroma = stain_chroma_deg(colours if own_detail else optical_density(denoised(detail), detail_background)[~black_fill(detail)])
+    chroma = stain_chroma_deg(colours if own_detail else _pixels(optical_density(denoised(detail), detail_background),
+                                                                   ~black_fill(detail)))
     diameter = nucleus_diameter_um(detail, mpp=detail_mpp, background=detail_background)
     code, reason = "ok", ""
     dim = dark_fraction(detail, max_intensity=DIM_INTENSITY, max_chroma=DIM_MAX_CHROMA)

@@ -132,18 +132,15 @@ def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: fl
     """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
 
     The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits for
-    negatives), then sorted by label and bits with an LSD radix sort over 16-bit digits (numpy's
-    stable sort of uint16 is a radix sort; ~2x faster than one sort of 64-bit keys).
+    negatives) and sorted with their label above them, as one 64-bit key (numpy's vectorised sort: 2-3x
+    faster than an LSD radix sort over 16-bit digits, which sorts indices, not the keys).
     """
     count = np.bincount(labels, minlength=n_lab)
     bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
     bits = bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    order = np.argsort(bits.astype(np.uint16), kind="stable")
-    for digit in [bits >> 16, labels] + ([labels >> 16] if n_lab > 1 << 16 else []):
-        order = order[np.argsort(digit[order].astype(np.uint16), kind="stable")]
-    # order: grouped by label, ascending within each
+    keys = np.sort((labels.astype(np.uint64) << np.uint64(32)) | bits)  # grouped by label, ascending within each
     has = count > 0
-    low = bits[order[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)]]
+    low = keys[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)].astype(np.uint32)
     out = np.full(n_lab, np.nan)
     out[has] = (low ^ np.where(low >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
     return out
