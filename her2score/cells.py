@@ -253,6 +253,19 @@ def membrane_basins(
     return cv2.erode(basins, disk(1.0 / mpp)).astype(bool)
 
 
+def _flood_markers(markers: np.ndarray, size: tuple[int, int], outside_label: int) -> np.ndarray:
+    """``markers`` brought to ``size`` (width, height; a whole number of flood pixels over them): a flood pixel takes the
+    seeds or the outside where they hold half of it or more (seeds first), the largest seed label in it, else it is
+    to be flooded (0)."""
+    seeded = (markers > 0) & (markers != outside_label)
+    share = cv2.resize(seeded.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    outside = cv2.resize((markers == outside_label).astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    k = int(np.ceil(markers.shape[1] / size[0] - 1e-9))
+    label = cv2.resize(cv2.dilate(np.where(seeded, markers, 0).astype(np.float32), np.ones((k, k), np.uint8), anchor=(0, 0)),
+                       size, interpolation=cv2.INTER_NEAREST).astype(markers.dtype)
+    return np.where(share >= 0.5, label, np.where(outside >= 0.5, outside_label, 0)).astype(markers.dtype)
+
+
 def grow_cells(
     nuclei: np.ndarray,
     elevation: np.ndarray,
@@ -294,7 +307,7 @@ def grow_cells(
         markers = np.pad(markers, pad, constant_values=outside_label)
         elevation = np.pad(elevation, pad, mode="edge")
         size = (max(1, round(markers.shape[1] * f)), max(1, round(markers.shape[0] * f)))
-        small_markers = cv2.resize(markers, size, interpolation=cv2.INTER_NEAREST)
+        small_markers = _flood_markers(markers, size, outside_label)
         ring = cv2.dilate((small_markers != outside_label).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         small = watershed(cv2.resize(elevation, size, interpolation=cv2.INTER_AREA), small_markers, mask=ring)
         cells = cv2.resize(small, markers.shape[::-1], interpolation=cv2.INTER_NEAREST)[:h, :w]

@@ -342,13 +342,17 @@ def test_tile_workers_are_forked_whatever_the_default_start_method(tmp_path, pyr
 
 def test_a_cell_on_a_seam_is_counted_once_at_a_scan_scale_off_the_grid():
     """At 0.2527 µm/px (an Aperio 40x scan) the grid's tiles are read at different phases, and a cell on a seam
-    could fall in both cores (13 pairs of about 3,000 cells here, within 1.5 µm): each is kept once."""
+    could fall in both cores (13 pairs of about 3,000 cells here, within 1.5 µm, each of one area twice): each is
+    kept once. (Two cells whose centroids meet without being one are kept: a small cell in a large one's bay,
+    18 and 452 µm².)"""
     from scipy.spatial import cKDTree
 
     f = generate_field("3+", seed=9, size_px=(3000, 3000), mpp=0.2527)
     a = analyse_slide(ArraySlide(f.image, mpp=0.2527), config=ScoringConfig(tile_px=256))
     xy = np.column_stack([a.cells["x"], a.cells["y"]])
-    assert len(cKDTree(xy).query_pairs(1.5 / 0.2527)) == 0
+    area = a.cells["cell_area_um2"]
+    twins = [(i, j) for i, j in cKDTree(xy).query_pairs(1.5 / 0.2527) if max(area[i], area[j]) < 1.5 * min(area[i], area[j])]
+    assert len(xy) > 2500 and twins == [], [(area[i], area[j]) for i, j in twins]
 
 
 def test_tiles_own_each_cell_once_at_the_grids_own_scale():

@@ -322,13 +322,15 @@ def test_a_nuclear_stain_drawn_by_the_generator_is_refused():
 
 
 def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
-    """A classical 1+ on 16.3% faint cells lies within the false-membrane band of the cut-off (it could be 0).
+    """A classical 1+ on 17.3% faint cells lies within the false-membrane band of the cut-off (10-18%: it could be 0),
+    beyond the measurement's own 5.5-point margin (the field is drawn for it: 28% faint cells read 16.3% until flood
+    pixels took the seeds covering half of them, then 14.6%, within that margin).
     A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
     review, as the classical call alone does (it answered eligible). A classical call with the band switched
     off does not say it."""
-    f = generate_field(seed=11, composition={"faint_partial": 0.28}, size_px=(768, 768))
+    f = generate_field(seed=11, composition={"faint_partial": 0.30}, size_px=(768, 768))
     r = _score(f, cnn=ConstantClassifier("2+"))
-    assert (r.classical_score, r.score) == ("1+", "2+") and 15 < 100 - r.percentages["none"] < 18, r.percentages
+    assert (r.classical_score, r.score) == ("1+", "2+") and 15.5 < 100 - r.percentages["none"] < 18, r.percentages
     assert "near_cutoff" in r.classical_flags and "near_cutoff" in r.flags
     assert "real unstained membranes read stained in up to 8% of cells): it could be 0" in r.classical_reason
     assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"
