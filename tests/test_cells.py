@@ -114,3 +114,34 @@ def test_membrane_rings_without_a_visible_nucleus_become_cells():
     assert basins[60, 35] and not basins[60, 85] and not basins[20, 60]
     cells = grow_cells(nuclei, membrane.astype(np.float32), mpp=0.5, basins=basins)
     assert cells[60, 35] > 0 and cells[60, 35] != cells[60, 85]
+
+
+def test_flood_markers_take_what_covers_half_of_each_flood_pixel_whatever_the_orientation():
+    """grow_cells' 1 µm flood grid: a flood pixel is a seed's where seeds cover half of it (2 of its 4 image pixels at
+    0.5 µm/px), the outside's where that does, else to be flooded; the largest seed label in it. Mirrored or turned,
+    the markers are the mirrored or turned markers (taking the first image pixel of each was not: a half-pixel pull
+    up and left). At 0.4 µm/px (2.5 image pixels a flood pixel) each seed flood pixel's label lies in its footprint."""
+    from her2score.cells import _flood_markers
+
+    out = 99
+    m = np.zeros((4, 6), np.int32)
+    m[0, 0] = 5  # 1 of 4: flooded
+    m[0:2, 2] = 7  # 2 of 4: the seed
+    m[2:4, 0:2] = [[3, 8], [3, 0]]  # two seeds: the larger label
+    m[2, 2:4] = out  # the outside on half
+    m[3, 4:6] = out
+    m[2, 4] = 6  # a seed on a quarter beside the outside's half: the outside
+    assert _flood_markers(m, (3, 2), out).tolist() == [[0, 7, 0], [8, out, out]]
+    rng = np.random.default_rng(3)
+    field = np.zeros((64, 96), np.int32)
+    for label, (y, x) in enumerate(rng.integers(4, 60, (40, 2)), start=1):
+        cv2.circle(field, (int(x) + 16, int(y)), int(rng.integers(2, 6)), label, -1)
+    field[:, 88:] = out
+    flood = _flood_markers(field, (48, 32), out)
+    for turn in (lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: np.rot90(a, 2)):
+        assert np.array_equal(_flood_markers(np.ascontiguousarray(turn(field)), (48, 32), out), turn(flood))
+    odd = np.pad(field, ((0, 1), (0, 4)), constant_values=out)[:65, :100]  # 65 x 100 image px -> 26 x 40 flood px
+    coarse = _flood_markers(odd, (40, 26), out)
+    for r, c in zip(*np.nonzero((coarse > 0) & (coarse != out))):
+        footprint = odd[int(r * 2.5) : int(np.ceil((r + 1) * 2.5)), int(c * 2.5) : int(np.ceil((c + 1) * 2.5))]
+        assert coarse[r, c] in footprint

@@ -149,7 +149,7 @@ def _share(r, categories) -> float:
 
 
 def _misses(measured: str):
-    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (5 Dec 2026)."""
+    """The mark of a cut-off field the pipeline does not yet get right, with what it measured (6 Dec 2026, 0.4.9)."""
     return pytest.mark.xfail(strict=True, reason=f"measured: {measured} (README Limits; strict: a pass fails)")
 
 
@@ -162,8 +162,8 @@ CASES = [
     _case(B23, {"weak_moderate_complete": 0.08}, ("weak_moderate_complete", "strong_complete"), 6, 9.5, "0"),
     _case(B23, {"weak_moderate_complete": 0.12}, ("weak_moderate_complete", "strong_complete"), 10.5, 14, "2+"),
     _case(B23, {"strong_complete": 0.12}, ("strong_complete",), 10.5, 14, "3+"),
-    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.2% (truth 8.0%), called 0: faint membranes under-found"),
-    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "7.2% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.08}, ("faint_partial",), 6, 9.5, "0", "4.1% (truth 8.0%), called 0: faint membranes under-found"),
+    _case(B23, {"faint_partial": 0.12}, ("faint_partial",), 10.5, 14, "1+", "6.5% (truth 12.0%), called 0 with near_cutoff: faint membranes under-found"),
     _case(B23, {"strong_partial": 0.12}, ("strong_partial", "strong_lateral"), 10.5, 14, "2+"),
     # gastric >=10%, lateral patterns count
     _case(G, {"strong_lateral": 0.08}, ("strong_lateral", "strong_complete"), 6, 9.5, "0"),
