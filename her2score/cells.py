@@ -284,7 +284,8 @@ def grow_cells(
     from their seed; the glass/stroma outside that reach floods in from its own marker, so a cell's
     outer border also settles on its membrane, and neighbours meet on the membrane between them,
     never crossing it. The flooding runs at ``flood_mpp`` µm/px (cells are ~12 µm across; membranes
-    stay ridges at 1 µm/px) and the labels are brought back to ``mpp``, each seed keeping its own pixels.
+    stay ridges at 1 µm/px), from markers taken by what covers each flood pixel (_flood_markers), and the
+    labels are brought back to ``mpp``, each seed keeping its own pixels.
     No cell grows into ``outside`` (bool: beyond the image, Tile.beyond_slide): a cell the image's edge
     cuts ends there.
     """
