@@ -617,7 +617,7 @@ def test_faded_real_images_are_refused_as_nearly_grey():
     colon = _as_array(CASES["skimage-colon-ihc"])()
     with pytest.raises(NotHerIhcError, match=r"nearly grey \(the most coloured 2% lie 12.7° from grey"):
         analyse_slide(ArraySlide(_desaturated(colon, 0.5, 0), mpp=0.5))
-    # paler, but not grey: scored with a warning, its intense share read at 19% against 33% as stored
+    # paler, but not grey: scored with a warning, its intense complete share read at 15% against 34% as stored
     pale = analyse_slide(ArraySlide(_desaturated(colon, 0.65, 0), mpp=0.5)).result
     assert [(q.code, q.severity, q.value) for q in pale.qc if q.code == "pale_colours"] == [("pale_colours", "warn", 16.22)]
     assert pale.score == "3+" and pale.percentages["strong_complete"] < 20
