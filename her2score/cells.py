@@ -14,9 +14,12 @@ __all__ = ["COARSE_MPP", "FLOOD_MPP", "segment_nuclei", "nuclear_rise", "Nucleus
 
 
 def disk(radius_px: float) -> np.ndarray:
-    """Elliptical structuring element of radius ``radius_px`` (at least 1 px)."""
-    k = max(1, int(round(radius_px))) * 2 + 1
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    """Round structuring element: the pixels within ``radius_px`` (rounded, at least 1 px) of its
+    centre, x² + y² <= r², as ``skimage.morphology.disk``; the same turned or mirrored (OpenCV's
+    MORPH_ELLIPSE is a pixel wider than tall, so a transposed field read otherwise)."""
+    r = max(1, int(round(radius_px)))
+    y, x = np.ogrid[-r : r + 1, -r : r + 1]
+    return (x * x + y * y <= r * r).astype(np.uint8)
 
 
 COARSE_MPP = 2.0

@@ -266,7 +266,7 @@ def test_measuring_a_core_measures_its_cells_as_the_whole_image_does():
     part, part_hist, part_anchors = measure_cells(cells, nuclei, hed[..., 0], smooth, contrast, mpp=MPP, core=core)
     ax, ay = anchors[whole.label].T
     inside = (ax >= 60) & (ax < 210) & (ay >= 40) & (ay < 160)
-    assert 20 < inside.sum() < len(whole) - 20
+    assert 15 < inside.sum() < len(whole) - 15
     for name in whole.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[inside], err_msg=name)
     np.testing.assert_array_equal(part_anchors, anchors)
@@ -297,7 +297,7 @@ def test_a_nucleus_is_measured_by_its_core_at_its_own_size_whatever_its_darkness
     and alike at any darkness."""
     from her2score.cells import segment_nuclei
 
-    h = _blurred_nuclei([((40, 60), (6, 6), 0), ((110, 60), (24, 3), 20)], od=od)  # semi-axes 3 x 3 and 12 x 1.5 µm
+    h = _blurred_nuclei([((40, 60), (6, 6), 0), ((110, 60), (24, 3), 25)], od=od)  # semi-axes 3 x 3 and 12 x 1.5 µm
     nuclei, rise = segment_nuclei(h, mpp=MPP, return_rise=True)
     assert nuclei.max() == 2 and rise.shape == h.shape and rise.dtype == np.float32
     cells = grow_cells(nuclei, np.zeros_like(h), mpp=MPP, max_radius_um=4)
@@ -312,6 +312,21 @@ def test_a_nucleus_is_measured_by_its_core_at_its_own_size_whatever_its_darkness
     # without the rise, measure_cells reads the haematoxylin's own (no brown nuclei here): the same
     alone, _, _ = measure_cells(cells, nuclei, h, np.zeros_like(h), np.zeros_like(h), mpp=MPP)
     assert np.allclose(alone.nucleus_area_um2, m.nucleus_area_um2) and np.allclose(alone.nucleus_width_um, m.nucleus_width_um)
+
+
+@pytest.mark.xfail(strict=True, reason="measured (6 Dec 2026, 0.5.0): the spindle's tip is seeded apart from its body in "
+                   "22 of the 108 (angle, darkness) pairs; with OpenCV's elliptical kernel as often (32 of 432 spindles of three "
+                   "widths each way); joining seeds with no neck between them merged the real colon's touching nuclei (399 to "
+                   "333-390): not adopted")
+def test_a_spindle_is_one_nucleus_at_any_angle():
+    """A fibroblast-like nucleus (12 x 1.5 µm semi-axes) turned every 5 degrees, light to dark: one nucleus each.
+    Its split at a neck's test (the core within 0.85 of its local maximum over 3 µm) can seed its tapering tip
+    apart, the angle deciding how the pixels fall (the test above draws it at 25 degrees, where they do not)."""
+    from her2score.cells import segment_nuclei
+
+    split = [(angle, od) for angle in range(0, 180, 5) for od in (0.3, 0.6, 0.9)
+             if segment_nuclei(_blurred_nuclei([((110, 60), (24, 3), angle)], od=od), mpp=MPP).max() != 1]
+    assert not split, split
 
 
 def test_a_nucleus_standing_nowhere_above_its_level_keeps_its_whole_mask():
