@@ -815,9 +815,11 @@ def test_the_real_colon_turned_or_mirrored_keeps_its_call_or_flags_it(name):
     """A slide lies on the scanner either way round. The real colon and two of its fainter copies (3+, a 2+ at
     8% intense complete cells, 1+), mirrored and turned: cells are grown on a 1 µm/px grid anchored at the
     image's corner (README: Limits), so some cells' borders move and their categories with them. Measured
-    over all eight orientations: every category's share within 7.3 points of each other, H-scores within 7;
-    the half-DAB copy reads 2+ in five and 3+ in three, each call flagged near_cutoff. A call that changes
-    with the orientation must be flagged both ways, and the shares must stay within 10 points of the upright's."""
+    over all eight orientations since every morphological step's kernel is round (0.5.0; benchmarks/orientations.py):
+    every category's share within 5.0 points of each other, H-scores within 10, and each keeps its level (0.4.9,
+    with OpenCV's elliptical kernels: 7.3 points, and the half-DAB copy read 2+ in five and 3+ in three, each call
+    flagged near_cutoff). A call that changes with the orientation must be flagged both ways, and the shares must
+    stay within 7.5 points of the upright's (10 with the elliptical kernels)."""
     upright = analyse(CASES[name]).result
     img = CASES[name].load()
     for turned in (np.rot90(flip, k) for flip in (img, img[:, ::-1]) for k in range(4)):
@@ -825,5 +827,5 @@ def test_the_real_colon_turned_or_mirrored_keeps_its_call_or_flags_it(name):
         if r.level != upright.level:
             assert "near_cutoff" in r.flags and "near_cutoff" in upright.flags, (r.level, r.reason, upright.reason)
         worst = max(abs(r.percentages[c] - upright.percentages[c]) for c in upright.percentages)
-        assert worst <= 10, (r.percentages, upright.percentages)
+        assert worst <= 7.5, (r.percentages, upright.percentages)
         assert abs(r.tumour_cells - upright.tumour_cells) <= 0.05 * upright.tumour_cells, (r.tumour_cells, upright.tumour_cells)
