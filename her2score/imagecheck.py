@@ -83,9 +83,10 @@ field (little DAB) whose haematoxylin the jitter turned to 6.6-10.8° from grey.
 PALE_CHROMA_DEG = 17.0
 """Under this stain_chroma_deg (and at MIN_STAIN_CHROMA_DEG or over) a scored slide carries the QC warning
 ``pale_colours``: its membranes read weaker. The real colon at 0.8, 0.7, 0.65 and 0.6 x its colours'
-saturation reads 19.7°, 17.4°, 16.2° and 15.0°, and 3+ on 28.9%, 17.5%, 14.6% and 12.3% strong complete
-cells against 33.8% as stored (0.4.9): warned at 0.65 and 0.6. Milder fading goes unwarned: its quarter-DAB
-copy (a real 2+) at 0.65 x, 18.3°, reads 2+ (1+ with 0.4.8). Every real H-DAB image as stored reads 22.5 or more, real HER2 0 fields
+saturation reads 19.7°, 17.4°, 16.2° and 15.0°, and 3+ on 30.7%, 19.1%, 15.7% and 12.8% strong complete
+cells against 33.5% as stored (0.5.0; 0.4.9: 28.9%, 17.5%, 14.6% and 12.3% of 33.8%): warned at 0.65 and 0.6.
+Milder fading goes unwarned: its quarter-DAB copy (a real 2+) at 0.65 x, 18.3°, reads 1+ flagged near_cutoff
+(2+ with 0.4.9, 1+ with 0.4.8). Every real H-DAB image as stored reads 22.5 or more, real HER2 0 fields
 in their own counterstain's colour 21.5-23.7, real fields with their DAB scaled down or recomposed from the
 default haematoxylin 18.1-18.8: none is warned."""
 MIN_HAEMATOXYLIN_FRACTION = 0.02

@@ -961,7 +961,7 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
         qc.append(QCFinding("pale_colours", "warn", f"pale stain colours: the most coloured 2% of stained pixels lie "
                             f"{scan.stain_chroma_deg:.1f}° from grey (real H-DAB scans here 22-31°; refused under "
                             f"{MIN_STAIN_CHROMA_DEG:g}°): a fading stain or a desaturated scan reads membranes weaker (the real colon at 0.65 x "
-                            "its saturation, 16°, reads 15% of its cells strong complete against 34%)",
+                            "its saturation, 16°, reads 16% of its cells strong complete against 34%)",
                             round(scan.stain_chroma_deg, 2)))
     if scan.eosin > config.eosin_fail:  # part H&E, or DAB of a colour no real DAB has: a pathologist looks first
         qc.append(QCFinding("eosin_like_colour", "fail", f"{scan.eosin:.0%} of the stained tissue has an eosin-like colour "

@@ -108,7 +108,7 @@ def test_a_target_coarser_than_the_calibration_is_warned():
 
 def test_a_scan_coarser_than_the_calibration_is_warned():
     """The real colon brought to 0.75 µm/px: its membranes blur and read weaker (intense complete 34% at 0.5,
-    28% here, still 3+); the result says so. At 0.5 µm/px it does not; past 1 µm/px QC fails instead. The shares
+    29% here, still 3+); the result says so. At 0.5 µm/px it does not; past 1 µm/px QC fails instead. The shares
     the warning quotes (at 0.5 and 1.0 µm/px) are the colon's as scored now: 34% and 26% since every morphological
     step takes a round kernel (34% and 22% before; 33% and 22% before flood pixels took the seeds that cover half
     of them; 32% and 20% before strong_od went from 0.55 to 0.46)."""
