@@ -66,6 +66,12 @@ unstained membranes do (FALSE_MEMBRANE_PERCENT) and the slide's own read more, t
 haematoxylin, read the rims of brown nuclei as membranes (the real colon given nuclear DAB alone: 0% under the
 default vectors, 1+ under its own; a generator 3+ whose DAB leans 10 degrees reads 40-43% under the default)."""
 
+MAX_COUNTERSTAIN_OD = 0.6
+"""The darkest counterstain a stained section gives (its level: cells.counterstain_od, log10 OD): over it an image
+is refused. Real sections here read 0.08-0.22, jittered generator fields 0.13-0.31, the real colon with 2x and 4x
+its haematoxylin 0.20 and 0.36; a photograph of a rocket against a dusk sky, its dark blue read as haematoxylin,
+0.94 (given 1 µm/px it was scored 2+ with QC passed)."""
+
 JPEG_QUALITY_FAIL = 60
 JPEG_QUALITY_WARN = 70
 """A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality of the level scored, Slide.jpeg_quality_at) fails QC, under JPEG_QUALITY_WARN
@@ -568,6 +574,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             thumb_eosin, chroma = check.eosin_fraction, check.stain_chroma_deg
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max, region_obj) for t in tiles])
+            if parts and (level := parts[0].nucleus.counterstain) is not None and level > MAX_COUNTERSTAIN_OD:
+                raise NotHerIhcError(slide.path, f"its nuclei read {level:.2f} OD of haematoxylin, darker than any counterstain "
+                                                 "(stained sections 0.08-0.36, over-stained 4x included): not a brightfield "
+                                                 "H-DAB tissue image (a photograph, a darkfield image?); not scored")
 
     parts = _without_seam_twins(parts, tolerance_px=SEAM_TWIN_UM / slide_mpp)
     cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None

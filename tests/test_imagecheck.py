@@ -225,6 +225,22 @@ def test_images_that_are_not_hdab_tissue_are_refused(name):
     assert "not scored" in c.reason
 
 
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0])
+def test_a_photograph_is_not_scored_at_any_scale_given(mpp):
+    """The rocket at dusk passes the image check at 1 µm/px (its blobs then nucleus-sized) and at 0.25 (where its
+    dark blue sky's 'nuclei' were read brown: refused as nuclear DAB, the wrong reason), and was scored 2+ with QC
+    passed at 1 µm/px: its sky reads as haematoxylin of 0.94-0.97 OD in the nuclei, darker than any counterstain
+    (pipeline.MAX_COUNTERSTAIN_OD). The real colon with 4x its haematoxylin (0.36 OD) is still scored."""
+    from her2score.pipeline import MAX_COUNTERSTAIN_OD
+    from her2score.stain import scale_stains
+
+    with pytest.raises(NotHerIhcError, match=r"(haematoxylin, darker than any counterstain|blobs that would be nuclei)"):
+        score_slide(ArraySlide(photo("rocket"), mpp=mpp))
+    if mpp == 0.5:
+        dark = score_slide(ArraySlide(scale_stains(photo("immunohistochemistry"), hematoxylin=4.0), mpp=mpp))
+        assert dark.score == "3+" and 0.3 < dark.staining["counterstain_od"] < MAX_COUNTERSTAIN_OD / 1.5, dark.staining
+
+
 def test_a_scanners_black_frame_is_left_out_of_every_measure():
     """Black fill along a field's edges is no tissue and no stain: the field is judged without it (and a
     few pixels of soft or resampled edge), whatever share of the image it takes; black inside counts."""
