@@ -129,6 +129,18 @@ def real_cases() -> list[RealCase]:
     return cases
 
 
+def recoloured(rgb: np.ndarray, saturation: float, hue_deg: float) -> np.ndarray:
+    """``rgb`` with its chroma scaled and its hue turned in linear-light YIQ (a faded stain, or a viewer's setting)."""
+    lin = np.where(rgb <= 10, rgb / 255 / 12.92, ((rgb / 255 + 0.055) / 1.055) ** 2.4)
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    y, i, q = np.moveaxis(lin @ to_yiq.T, -1, 0)
+    t = np.deg2rad(hue_deg)
+    yiq = np.stack([y, saturation * (i * np.cos(t) - q * np.sin(t)), saturation * (i * np.sin(t) + q * np.cos(t))], -1)
+    out = np.clip(yiq @ np.linalg.inv(to_yiq).T, 0, 1)
+    out = np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
+    return (out * 255).round().astype(np.uint8)
+
+
 def _resampled(load: Callable[[], np.ndarray], mpp: float, to_mpp: float) -> Callable[[], np.ndarray]:
     def derived() -> np.ndarray:
         f = mpp / to_mpp

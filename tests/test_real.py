@@ -22,7 +22,7 @@ from her2score.stain import H_DAB, deconvolve, estimate_background, estimate_sta
 from her2score.synthetic import REAL_BORDERS, Confounders, generate_field
 from her2score.tissue import Tile
 from realdata import (PAINTED_FIELDS, REAL, _as_array, deepliif_detection, deepliif_tumour_selection, matched_categories,
-                      painted_field, real_cases)
+                      painted_field, real_cases, recoloured)
 
 CASES = {c.name: c for c in real_cases()}
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real images not found at {REAL}")
@@ -567,18 +567,6 @@ def test_a_green_chromogen_is_refused():
     assert off_plane_fraction(optical_density(colon, stains.background)) < MAX_OFF_PLANE_FRACTION / 4
 
 
-def _desaturated(rgb: np.ndarray, saturation: float, hue_deg: float) -> np.ndarray:
-    """``rgb`` with its chroma scaled and its hue turned in linear-light YIQ (a faded stain, or a viewer's setting)."""
-    lin = np.where(rgb <= 10, rgb / 255 / 12.92, ((rgb / 255 + 0.055) / 1.055) ** 2.4)
-    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    y, i, q = np.moveaxis(lin @ to_yiq.T, -1, 0)
-    t = np.deg2rad(hue_deg)
-    yiq = np.stack([y, saturation * (i * np.cos(t) - q * np.sin(t)), saturation * (i * np.sin(t) + q * np.cos(t))], -1)
-    out = np.clip(yiq @ np.linalg.inv(to_yiq).T, 0, 1)
-    out = np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
-    return (out * 255).round().astype(np.uint8)
-
-
 @needs_real
 def test_a_faded_h_and_e_is_refused_and_its_own_stain_vectors_are_no_pair():
     """OS-1's H&E with its saturation halved and its hue turned 15 degrees was refused as nuclear under the
@@ -587,7 +575,7 @@ def test_a_faded_h_and_e_is_refused_and_its_own_stain_vectors_are_no_pair():
     vectors); and its colours lie so near grey that it is refused as faded before any scoring."""
     from her2score.stain import _angle
 
-    faded = _desaturated(np.asarray(Image.open(REAL / "he" / "openslide-os1" / "OS-1-detail.png").convert("RGB")), 0.5, -15)
+    faded = recoloured(np.asarray(Image.open(REAL / "he" / "openslide-os1" / "OS-1-detail.png").convert("RGB")), 0.5, -15)
     own, _ = estimate_stains(faded, background=estimate_background(faded), min_separation_deg=0)
     assert own.source == "estimated" and _angle(own.hematoxylin, own.dab) < 15
     assert estimate_stains(faded, background=estimate_background(faded))[0].source != "estimated"
@@ -617,15 +605,15 @@ def test_faded_real_images_are_refused_as_nearly_grey():
         assert chroma(scale_stains(_as_array(CASES[name])(), dab=0.0, residual=1.0)) >= MIN_STAIN_CHROMA_DEG + 8, name
     colon = _as_array(CASES["skimage-colon-ihc"])()
     with pytest.raises(NotHerIhcError, match=r"nearly grey \(the most coloured 2% lie 12.7° from grey"):
-        analyse_slide(ArraySlide(_desaturated(colon, 0.5, 0), mpp=0.5))
+        analyse_slide(ArraySlide(recoloured(colon, 0.5, 0), mpp=0.5))
     # paler, but not grey: scored with a warning, its intense complete share read at 15% against 34% as stored
-    pale = analyse_slide(ArraySlide(_desaturated(colon, 0.65, 0), mpp=0.5)).result
+    pale = analyse_slide(ArraySlide(recoloured(colon, 0.65, 0), mpp=0.5)).result
     assert [(q.code, q.severity, q.value) for q in pale.qc if q.code == "pale_colours"] == [("pale_colours", "warn", 16.22)]
     assert pale.score == "3+" and pale.percentages["strong_complete"] < 20
     assert "pale_colours" not in {q.code for q in analyse(CASES["skimage-colon-ihc"]).result.qc}
     for name in names("he"):
         if isinstance(rgb := CASES[name].load(), np.ndarray):
-            assert check_image(_desaturated(rgb, 0.2, 0), mpp=CASES[name].mpp or 0.5).code == "faded", name
+            assert check_image(recoloured(rgb, 0.2, 0), mpp=CASES[name].mpp or 0.5).code == "faded", name
 
 
 @needs_real
@@ -658,8 +646,8 @@ def test_real_her2_0_with_sensor_noise_is_scored_not_refused_as_h_and_e():
         analyse_slide(ArraySlide(noisy(_as_array(he)()), mpp=he.mpp or 0.2271))
     colon = _as_array(CASES["skimage-colon-ihc"])()
     with pytest.raises(NotHerIhcError, match="nearly grey"):
-        analyse_slide(ArraySlide(noisy(_desaturated(colon, 0.5, 0), 4.0), mpp=0.5))
-    pale = analyse_slide(ArraySlide(noisy(_desaturated(colon, 0.65, 0), 4.0), mpp=0.5)).result
+        analyse_slide(ArraySlide(noisy(recoloured(colon, 0.5, 0), 4.0), mpp=0.5))
+    pale = analyse_slide(ArraySlide(noisy(recoloured(colon, 0.65, 0), 4.0), mpp=0.5)).result
     assert "pale_colours" in {q.code for q in pale.qc}
 
 
