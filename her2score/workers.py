@@ -125,6 +125,23 @@ FORKS = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
 
 
 @contextmanager
+def _opencv_serial() -> Iterator[None]:
+    """OpenCV's own thread pool stopped (one thread) in this process, where OpenCV is loaded, and so in the
+    processes it forks, until the end: a pool thread waiting for work when the process forks is not in the
+    child, whose first call into OpenCV may then wait for it for ever (a tile worker of a benchmark run hung so),
+    and the worker processes are the parallelism (OpenCV's threads beside them oversubscribe the cores)."""
+    cv2 = sys.modules.get("cv2")
+    threads = cv2.getNumThreads() if cv2 is not None else None
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        if cv2 is not None:
+            cv2.setNumThreads(threads)
+
+
+@contextmanager
 def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = (), *,
                 stop_on_error: bool = False) -> Iterator[ProcessPoolExecutor]:
     """``n`` worker processes, forked where FORKS (they inherit what this process has loaded), else the
@@ -132,7 +149,7 @@ def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = (), 
     signals are held (signals_held): wait on the pool's futures with wait_first or result_of. On leaving,
     the pool shuts down, waiting for its tasks; after an error, those not started are cancelled, and the
     running ones are waited for, or with ``stop_on_error`` stopped at once (their processes terminated)."""
-    with signals_held():
+    with signals_held(), _opencv_serial():
         pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
                                    initargs=(os.getpid(), *initargs))
         try:

@@ -90,3 +90,27 @@ def test_a_poll_without_futures_raises_the_signal_held():
             reached = True
             pause()
     assert reached
+
+
+def _opencv_threads(_) -> int:
+    import cv2
+
+    return cv2.getNumThreads()
+
+
+def _nothing(parent: int) -> None:
+    die_with_parent(parent)
+
+
+def test_opencv_runs_on_one_thread_while_workers_are_forked_and_work():
+    """A tile worker hung for ever in OpenCV (in pthread_cond_destroy, remaking its thread pool) in a benchmark run:
+    the pool's threads, waiting for work when the slide's process forked, were not in the child. So the process
+    that forks stops OpenCV's pool first (one thread, no pool) and its workers inherit that; afterwards its
+    own count is back."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    with worker_pool(2, _nothing) as pool:
+        inside = cv2.getNumThreads()
+        in_workers = {result_of(f) for f in [pool.submit(_opencv_threads, i) for i in range(4)]}
+    assert (inside, in_workers) == (1, {1}) and cv2.getNumThreads() == before
