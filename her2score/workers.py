@@ -124,21 +124,28 @@ FORKS = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
 (forkserver is Python 3.14's on Linux), but not on macOS, whose system libraries make fork unsafe."""
 
 
-@contextmanager
-def _opencv_serial() -> Iterator[None]:
-    """OpenCV's own thread pool stopped (one thread) in this process, where OpenCV is loaded, and so in the
-    processes it forks, until the end: a pool thread waiting for work when the process forks is not in the
-    child, whose first call into OpenCV may then wait for it for ever (a tile worker of a benchmark run hung so),
-    and the worker processes are the parallelism (OpenCV's threads beside them oversubscribe the cores)."""
+_opencv_threads: list[int] = []  # OpenCV's thread count before a fork, restored in the parent after it
+
+
+def _before_fork() -> None:
+    """Stop OpenCV's thread pool (one thread) in a process about to fork, where OpenCV is loaded: a pool thread
+    waiting for work is not in the child, whose OpenCV may then wait for it for ever (a tile worker of a
+    benchmark run hung so, in pthread_cond_destroy). The child keeps one thread: worker processes are the
+    parallelism, and OpenCV's threads beside them would oversubscribe the cores."""
     cv2 = sys.modules.get("cv2")
-    threads = cv2.getNumThreads() if cv2 is not None else None
     if cv2 is not None:
+        _opencv_threads.append(cv2.getNumThreads())
         cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        if cv2 is not None:
-            cv2.setNumThreads(threads)
+
+
+def _after_fork_in_parent() -> None:
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and _opencv_threads:
+        cv2.setNumThreads(_opencv_threads.pop())
+
+
+if hasattr(os, "register_at_fork"):  # every fork of a process that has imported her2score, the caller's own included
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_opencv_threads.clear)
 
 
 @contextmanager
@@ -149,7 +156,7 @@ def worker_pool(n: int, initializer: Callable[..., None], initargs: tuple = (), 
     signals are held (signals_held): wait on the pool's futures with wait_first or result_of. On leaving,
     the pool shuts down, waiting for its tasks; after an error, those not started are cancelled, and the
     running ones are waited for, or with ``stop_on_error`` stopped at once (their processes terminated)."""
-    with signals_held(), _opencv_serial():
+    with signals_held():
         pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork") if FORKS else None, initializer=initializer,
                                    initargs=(os.getpid(), *initargs))
         try:

@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from her2score.workers import die_with_parent, pause, result_of, signals_held, wait_first, worker_pool
@@ -102,15 +103,28 @@ def _nothing(parent: int) -> None:
     die_with_parent(parent)
 
 
-def test_opencv_runs_on_one_thread_while_workers_are_forked_and_work():
+def test_a_fork_leaves_opencv_one_thread_in_the_child_and_its_own_in_the_parent():
     """A tile worker hung for ever in OpenCV (in pthread_cond_destroy, remaking its thread pool) in a benchmark run:
-    the pool's threads, waiting for work when the slide's process forked, were not in the child. So the process
-    that forks stops OpenCV's pool first (one thread, no pool) and its workers inherit that; afterwards its
-    own count is back."""
+    the pool's threads, waiting for work when the slide's process forked, were not in the child. So every fork of a
+    process that has imported her2score stops OpenCV's pool first (workers.register_at_fork): the child has one
+    thread and no pool, worker_pool's and any other fork's (a caller's own multiprocessing) alike; the parent gets
+    its count back."""
     import cv2
 
     before = cv2.getNumThreads()
-    with worker_pool(2, _nothing) as pool:
-        inside = cv2.getNumThreads()
-        in_workers = {result_of(f) for f in [pool.submit(_opencv_threads, i) for i in range(4)]}
-    assert (inside, in_workers) == (1, {1}) and cv2.getNumThreads() == before
+    cv2.setNumThreads(3)  # not the machine's default, which may be 1
+    try:
+        cv2.GaussianBlur(np.zeros((2000, 2000), np.float32), (0, 0), 5)  # the pool's threads at work, then waiting
+        with worker_pool(2, _nothing) as pool:
+            in_workers = {result_of(f) for f in [pool.submit(_opencv_threads, i) for i in range(4)]}
+            in_parent = cv2.getNumThreads()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a bare fork, outside worker_pool
+            os.write(write, bytes([cv2.getNumThreads()]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        in_child = os.read(read, 1)[0]
+        assert (in_workers, in_child, in_parent, cv2.getNumThreads()) == ({1}, 1, 3, 3)
+    finally:
+        cv2.setNumThreads(before)
