@@ -483,7 +483,7 @@ def analyse_slide(
         try:
             a = _analyse(path, replace(config, estimate_stains=True), mpp, region, backend, workers, cnn, retry_of=refusal,
                          default_mpp=default_mpp)
-        except NuclearStainError:
+        except (NuclearStainError, NotHerIhcError):  # refused again, on any count
             raise refusal from None
         fractions = a.result.staining["fractions"]
         if (still := fractions["nucleus"]) >= RESCUED_NUCLEAR_MAX:  # the vectors were not the cause
@@ -549,6 +549,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         # one set for the whole slide; a single tile measures its own from the same pixels (score_tile)
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
+        _refuse_dark_counterstain(slide.path, nucleus)
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp, mpp_origin, metadata_mpp = str(slide.path), slide.mpp, slide.mpp_origin, slide.metadata_mpp
         jpeg_quality = slide.jpeg_quality_at(config.mpp)  # of the level the tiles are read from
@@ -574,10 +575,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             thumb_eosin, chroma = check.eosin_fraction, check.stain_chroma_deg
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max, region_obj) for t in tiles])
-            if parts and (level := parts[0].nucleus.counterstain) is not None and level > MAX_COUNTERSTAIN_OD:
-                raise NotHerIhcError(slide.path, f"its nuclei read {level:.2f} OD of haematoxylin, darker than any counterstain "
-                                                 "(stained sections 0.08-0.36, over-stained 4x included): not a brightfield "
-                                                 "H-DAB tissue image (a photograph, a darkfield image?); not scored")
+            if nucleus is None and parts:  # a single tile measured its own
+                _refuse_dark_counterstain(slide.path, parts[0].nucleus)
 
     parts = _without_seam_twins(parts, tolerance_px=SEAM_TWIN_UM / slide_mpp)
     cells = CellMeasurements.concat([p.cells for p in parts]) if parts else None
@@ -595,6 +594,14 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
                  cnn_report, chroma)
     return _finish(scan, config, cells, parts)
+
+
+def _refuse_dark_counterstain(path, nucleus: NucleusThresholds | None) -> None:
+    """NotHerIhcError where the counterstain's level is over MAX_COUNTERSTAIN_OD."""
+    if nucleus is not None and nucleus.counterstain is not None and nucleus.counterstain > MAX_COUNTERSTAIN_OD:
+        raise NotHerIhcError(path, f"its nuclei read {nucleus.counterstain:.2f} OD of haematoxylin, darker than any "
+                                   "counterstain (stained sections 0.08-0.36, over-stained 4x included): not a brightfield "
+                                   "H-DAB tissue image (a photograph, a darkfield image?); not scored")
 
 
 @dataclass(frozen=True)
