@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from her2score.categories import CATEGORIES  # noqa: E402
+from her2score.neighbours import nearest_within  # noqa: E402
 from her2score.pipeline import analyse_slide  # noqa: E402
 from her2score.slide import ArraySlide  # noqa: E402
 from realdata import real_cases  # noqa: E402
@@ -44,8 +44,8 @@ def cells_kept(rgb: np.ndarray, mpp: float) -> dict[str, tuple[float, int]]:
     for name, (turn, back) in transforms.items():
         other = _analyse(turn(rgb), mpp).cells
         x, y = back(np.asarray(other["x"]), np.asarray(other["y"]))
-        dist, twin = cKDTree(np.c_[x, y]).query(np.c_[upright["x"], upright["y"]])
-        both = (dist < 4.0) & np.asarray(upright["tumour"]) & np.asarray(other["tumour"])[twin]
+        twin = nearest_within(np.c_[x, y], np.c_[upright["x"], upright["y"]], 4.0)
+        both = (twin >= 0) & np.asarray(upright["tumour"]) & np.asarray(other["tumour"])[twin]
         kept = np.asarray(upright["category"])[both] == np.asarray(other["category"])[twin][both]
         out[name] = (float(kept.mean()), int(both.sum()))
     return out

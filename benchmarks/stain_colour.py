@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from her2score.guidelines import INTENSITY  # noqa: E402
 from her2score.pipeline import ScoringConfig, analyse_slide  # noqa: E402
 from her2score.slide import ArraySlide, SlideError  # noqa: E402
 from realdata import real_cases, recoloured  # noqa: E402
@@ -30,7 +31,7 @@ def _reading(rgb, mpp: float, estimate: bool) -> str:
     except SlideError as e:
         return f"refused ({str(e).split(': ', 2)[1][:60]})"
     p = r.percentages
-    intense = p["strong_complete"] + p["strong_lateral"] + p["strong_partial"]
+    intense = sum(p[c] for c, level in INTENSITY.items() if level == 3)
     warned = ",".join(q.code for q in r.qc if q.severity != "pass") or "-"
     return f"{r.level:14s} {p['strong_complete']:5.1f} {intense:5.1f} {warned}"
 

@@ -99,10 +99,6 @@ def _opencv_threads(_) -> int:
     return cv2.getNumThreads()
 
 
-def _nothing(parent: int) -> None:
-    die_with_parent(parent)
-
-
 def test_a_fork_leaves_opencv_one_thread_in_the_child_and_its_own_in_the_parent():
     """A tile worker hung for ever in OpenCV (in pthread_cond_destroy, remaking its thread pool) in a benchmark run:
     the pool's threads, waiting for work when the slide's process forked, were not in the child. So every fork of a
@@ -115,7 +111,7 @@ def test_a_fork_leaves_opencv_one_thread_in_the_child_and_its_own_in_the_parent(
     cv2.setNumThreads(3)  # not the machine's default, which may be 1
     try:
         cv2.GaussianBlur(np.zeros((2000, 2000), np.float32), (0, 0), 5)  # the pool's threads at work, then waiting
-        with worker_pool(2, _nothing) as pool:
+        with worker_pool(2, die_with_parent) as pool:
             in_workers = {result_of(f) for f in [pool.submit(_opencv_threads, i) for i in range(4)]}
             in_parent = cv2.getNumThreads()
         read, write = os.pipe()
@@ -125,6 +121,8 @@ def test_a_fork_leaves_opencv_one_thread_in_the_child_and_its_own_in_the_parent(
             os._exit(0)
         os.waitpid(pid, 0)
         in_child = os.read(read, 1)[0]
+        os.close(read)
+        os.close(write)
         assert (in_workers, in_child, in_parent, cv2.getNumThreads()) == ({1}, 1, 3, 3)
     finally:
         cv2.setNumThreads(before)
