@@ -342,7 +342,7 @@ def _other_answer(result: SlideResult, rule: Rule, ish: str | None, status: str,
 def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its isolated intense cells, counted as a population, would
     change the answer; None when they would not (or the slide has none)."""
-    if "isolated_intense_cells" not in result.flags:
+    if "isolated_intense_cells" not in result.flags and "isolated_intense_cells" not in result.classical_flags:
         return None
     counted = apply_guideline(result.counts, result.guideline, result.specimen, clusters=result.clusters,
                               isolated_intense_percent=0)

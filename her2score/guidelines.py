@@ -44,6 +44,7 @@ __all__ = [
     "cluster_sides",
     "cluster_words",
     "isolated_sides",
+    "isolated_note",
     "isolated_words",
     "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
@@ -628,12 +629,20 @@ def _breast(c: dict[str, int], guideline: str, isolated_percent: float) -> tuple
         return _breast_rules(c, guideline)
     literal = _breast_rules(c, guideline)[0]
     score, level, flags, reason = _breast_rules(c, guideline, isolated=True)
-    under = (f"under the {isolated_percent:g}% of tumour cells" if Fraction(100 * strong, total) < Fraction(str(isolated_percent))
+    return (score, level, flags + (("isolated_intense_cells",) if score != literal else ()),
+            reason + "; " + isolated_note(c, isolated_percent))
+
+
+def isolated_note(counts: Mapping[str, int], isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> str:
+    """How a reason names intense complete cells under the isolated floor (_isolated), counted as stained complete cells."""
+    c = _validated(counts)
+    strong, total = c["strong_complete"], sum(c.values())
+    under = (f"under the {isolated_intense_percent:g}% of tumour cells"
+             if Fraction(100 * strong, total) < Fraction(str(isolated_intense_percent))
              else f"fewer than the {ISOLATED_INTENSE_MIN_CELLS} cells")
-    share = percent_text(100 * strong / total, isolated_percent)  # 999 of 100,000 is 0.999%, never "1%"
-    note = (f"; isolated intense cells: {strong:,} of {total:,} ({share}, {under} that the 'intense complete staining "
+    share = percent_text(100 * strong / total, isolated_intense_percent)  # 999 of 100,000 is 0.999%, never "1%"
+    return (f"isolated intense cells: {strong:,} of {total:,} ({share}, {under} that the 'intense complete staining "
             "in <=10%' pattern needs), counted as stained complete cells, not as that pattern")
-    return score, level, flags + (("isolated_intense_cells",) if score != literal else ()), reason + note
 
 
 def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> tuple[str, str, tuple[str, ...], str]:

@@ -24,7 +24,7 @@ from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds
 from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
-                         false_membrane_share, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
+                         false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
@@ -724,6 +724,9 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
         flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
                                         read.blush, read.rise, filled=read.filled,
                                         false_membrane_percent=config.false_membrane_percent)
+        if "isolated_intense_cells" in classical.flags and score in ("0", "1+"):  # as the pattern they would make it 2+
+            flags = (*flags, "isolated_intense_cells")
+            doubt = "; " + isolated_note(counts, config.isolated_intense_percent) + doubt
         if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical.flags:
             flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
             if own:

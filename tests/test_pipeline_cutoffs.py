@@ -2,6 +2,8 @@
 cells, intense incomplete cells) and fields whose deciding population sits either side of a cut-off."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -230,6 +232,14 @@ def test_isolated_intense_cells_end_to_end():
     assert literal.score == "2+" and "unusual_pattern" in literal.flags, literal.reason
     assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"  # 2+ would await ISH
     assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
+    # fused to 1+ by the CNN, the call keeps the cells' flag and words, and trastuzumab still asks for review: as the
+    # pattern they would make it 2+, where ISH decides (the fused call dropped both, and the answer was not eligible)
+    fused = _score(f, cnn=ConstantClassifier("1+"), config=ScoringConfig(false_membrane_percent=0.0))
+    assert (fused.classical_score, fused.score) == ("0", "1+") and "isolated_intense_cells" in fused.flags, fused.reason
+    assert f"isolated intense cells: {n:,} of {r.tumour_cells:,}" in fused.reason
+    assert check_eligibility(fused, "her2-positive-breast").status == "needs_review"
+    older = replace(fused, flags=tuple(x for x in fused.flags if x != "isolated_intense_cells"))  # as 0.5.0 wrote it
+    assert check_eligibility(older, "her2-positive-breast").status == "needs_review"  # its classical flags say so
 
 
 def test_intense_cells_just_over_the_isolated_floor_are_flagged_end_to_end():
