@@ -585,7 +585,8 @@ def _method_metrics(truth: list[str], called: list[str | None], truth_levels: li
     qwk = quadratic_weighted_kappa(cm)
     kappa_ci = list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n, resamples=resamples, seed=seed))
     point = kappa_ci[0] is not None and kappa_ci[0] == kappa_ci[1]
-    note = (f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else "not drawn (no resamples)" if resamples <= 0 else
+    note = ("kappa is undefined: every label is one class" if math.isnan(qwk) else
+            f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else "not drawn (no resamples)" if resamples <= 0 else
             "none: kappa is undefined here" if kappa_ci[0] is None else
             "a point: the resamples that give a kappa all give the same" if point else None)
     return {
@@ -757,7 +758,10 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                                 split_zero=guideline in ZERO_SPLIT)
             if m is None:
                 continue
-            if m["n"] < KAPPA_MIN_N:
+            if m["quadratic_weighted_kappa"] is None:
+                metrics["warnings"].append(f"{method}: {m['kappa_interval_note']}, so agreement beyond chance cannot be "
+                                           "measured; read the accuracy and per-class recall")
+            elif m["n"] < KAPPA_MIN_N:
                 metrics["warnings"].append(f"{method}: n = {m['n']} < {KAPPA_MIN_N} images: the bootstrap interval of "
                                            "kappa is unreliable (it can collapse to a point); read it as indicative only")
             elif not m["kappa_interval_reliable"]:
@@ -934,6 +938,14 @@ def _fmt(v, ci=None) -> str:
     return s
 
 
+def _kappa_text(mm: dict) -> str:
+    """A method's kappa with its interval, or why it has none."""
+    if mm["quadratic_weighted_kappa"] is None:
+        return f"n/a ({mm['kappa_interval_note']})"
+    return (_fmt(mm["quadratic_weighted_kappa"], mm["quadratic_weighted_kappa_ci95"])
+            + ("" if mm["kappa_interval_reliable"] else f" (interval unreliable: {mm['kappa_interval_note']})"))
+
+
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: left out of "
              "every figure but null vs ultralow's 'not scored'"
@@ -944,8 +956,7 @@ def _summary(metrics: dict) -> str:
              + f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
-                     f"QWK {_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
-                     + ("" if mm["kappa_interval_reliable"] else f" (kappa interval unreliable: {mm['kappa_interval_note']})"))
+                     f"QWK {_kappa_text(mm)}")
     return "\n".join(lines)
 
 
@@ -972,9 +983,7 @@ def _report(metrics: dict, summary: str) -> str:
             "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
     for m in methods:
         mm = metrics["methods"][m]
-        out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])} | "
-                   f"{_fmt(mm['quadratic_weighted_kappa'], mm['quadratic_weighted_kappa_ci95'])}"
-                   + ("" if mm["kappa_interval_reliable"] else f" (unreliable: {mm['kappa_interval_note']})") + " |")
+        out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])} | {_kappa_text(mm)} |")
     out += ["", "Per-class recall / precision [95% CI]:", "", "| class | " + " | ".join(methods) + " |",
             "| --- | " + " | ".join("---" for _ in methods) + " |"]
     for c in SCORES:

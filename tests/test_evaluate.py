@@ -1093,14 +1093,17 @@ def test_images_a_cnn_was_trained_on_from_files_are_counted(tmp_path):
 
 def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
     """40 images all called right: every bootstrap resample gives kappa 1, an interval [1, 1] that bounds nothing."""
-    from her2score.evaluate import _method_metrics
+    from her2score.evaluate import _kappa_text, _method_metrics
 
     truth = [s for s in ("0", "1+", "2+", "3+") for _ in range(10)]
     m = _method_metrics(truth, list(truth), [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
     assert m["quadratic_weighted_kappa_ci95"] == [1.0, 1.0]
     assert m["kappa_interval_reliable"] is False and m["kappa_interval_note"].startswith("a point")
     one_class = _method_metrics(["3+"] * 40, ["3+"] * 40, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
-    assert one_class["kappa_interval_reliable"] is False and one_class["kappa_interval_note"].startswith("none")
+    assert one_class["kappa_interval_reliable"] is False and one_class["quadratic_weighted_kappa"] is None
+    assert _kappa_text(one_class) == "n/a (kappa is undefined: every label is one class)"  # not "unreliable: n < 30"
+    few = _method_metrics(["3+"] * 5, ["3+"] * 5, [None] * 5, [None] * 5, resamples=200, seed=0, split_zero=False)
+    assert _kappa_text(few) == "n/a (kappa is undefined: every label is one class)"
     called = list(truth)
     called[0], called[15] = "1+", "2+"  # two errors: the resamples differ
     m = _method_metrics(truth, called, [None] * 40, [None] * 40, resamples=200, seed=0, split_zero=False)
