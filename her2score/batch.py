@@ -415,6 +415,19 @@ def _signature(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _fingerprint(path: str) -> tuple[list | None, str | None]:
+    """A slide file's _signature and content_sample, None each where it cannot be read."""
+    try:
+        sig = _signature(path)
+    except OSError:
+        sig = None
+    try:
+        sample = content_sample(path)
+    except OSError:
+        sample = None
+    return sig, sample
+
+
 def _result_stamp(folder: Path) -> list | None:
     """(size, mtime ns) of ``folder``'s result.json: a rewrite changes it, a copy that keeps times (cp -a, rsync -a,
     a restored backup) does not; None: no result.json."""
@@ -501,6 +514,7 @@ def process_slide(job: Job) -> dict:
     read-only output folder also carries ``stop`` (the batch stops: every slide after it would fail alike); only a
     tile or output worker's death is raised (BrokenProcessPool: _execute runs the slide again, alone)."""
     row = _empty_row(job.slide, job.name)
+    row["fingerprint"] = _fingerprint(job.slide)  # before reading: a file replaced while scored is scored again
     try:
         out_dir = Path(job.out_dir)
         if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -664,17 +678,11 @@ class _Manifest:
         entry["result"] = _result_stamp(folder)
 
     def record(self, job: Job, row: dict) -> None:
-        """Enter ``row``, the slide's summary row, taking from it process_slide's ``default_mpp_used`` (no column)."""
+        """Enter ``row``, the slide's summary row, taking from it process_slide's ``default_mpp_used`` and
+        ``fingerprint`` (the file as it was before it was read; no columns)."""
         used_default = row.pop("default_mpp_used", False)
-        try:
-            sig = _signature(job.slide)
-        except OSError:
-            sig = None
+        sig, sample = row.pop("fingerprint", None) or _fingerprint(job.slide)
         done = row["status"] == "ok"
-        try:
-            sample = content_sample(job.slide)
-        except OSError:
-            sample = None
         self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample,
                                    "config": _config_key(job, used_default), "default_mpp_used": used_default,
                                    "settings": _settings(job) if job.name else None,

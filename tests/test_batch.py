@@ -521,6 +521,24 @@ def test_changed_slide_or_settings_are_scored_again(tmp_path, three, fields):
     assert all(v != after[k] for k, v in _mtimes(out).items())
 
 
+def test_a_slide_replaced_while_it_is_scored_is_scored_again(tmp_path, three, fields, monkeypatch):
+    """A rescan written over the file while the batch reads the old one: the result is the old file's, so the
+    next run scores the new one (the manifest took the file's signature after scoring, and reused the old result)."""
+    out, slide = tmp_path / "out", three / "field 0.png"
+    analyse = batch.analyse_slide
+
+    def replaced_meanwhile(path, **kwargs):
+        analysis = analyse(path, **kwargs)
+        time.sleep(0.01)
+        save_png(slide, fields["3+"])
+        return analysis
+    monkeypatch.setattr(batch, "analyse_slide", replaced_meanwhile)
+    assert run_batch([slide], out)[0]["score"] == "0"
+    monkeypatch.setattr(batch, "analyse_slide", analyse)
+    again = run_batch([slide], out)
+    assert (again.scored, again.reused) == (1, 0) and again[0]["score"] == "3+"
+
+
 def test_another_version_of_the_tool_scores_the_slides_again(tmp_path, three, monkeypatch):
     """Outputs of another version (which may measure otherwise and write other columns) are never reused beside new ones."""
     out = tmp_path / "out"
