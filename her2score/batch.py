@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import traceback
 import unicodedata
@@ -476,6 +478,30 @@ def _remove_outputs(out_dir: str, names: tuple[str, ...] = OUTPUT_FILES + OPTION
             pass
 
 
+PREVIOUS = "previous"
+"""The sub-folder of a slide's output folder where its finished outputs are kept when a later run fails to score it
+again (another --mpp, a file since replaced by a broken one): never deleted by a failure."""
+
+
+def _set_aside_outputs(out_dir: str) -> str | None:
+    """A failed slide's outputs, so no stale file sits beside its error row: those a run finished (result.json is
+    there: write_outputs removes it first and writes it last) are moved into PREVIOUS, in place of what it held,
+    and its path returned; partial ones are removed (None)."""
+    if not os.path.isfile(os.path.join(out_dir, "result.json")):
+        _remove_outputs(out_dir)
+        return None
+    kept = os.path.join(out_dir, PREVIOUS)
+    staged = tempfile.mkdtemp(prefix=f".{PREVIOUS}.", dir=out_dir)  # whole or not at all: renamed into place
+    for name in (*OPTIONAL_OUTPUT_FILES, *OUTPUT_FILES[1:], OUTPUT_FILES[0]):  # result.json, the mark, last
+        try:
+            os.replace(os.path.join(out_dir, name), os.path.join(staged, name))
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(kept, ignore_errors=True)
+    os.rename(staged, kept)
+    return kept
+
+
 _models: dict = {}
 
 
@@ -538,6 +564,7 @@ def process_slide(job: Job) -> dict:
                                 "to resume")
                 return row
             raise OutputError(reason) from None
+        shutil.rmtree(out_dir / PREVIOUS, ignore_errors=True)  # scored again: what a failure kept is superseded
         r = analysis.result
         row.update(
             status="ok", score=r.score or "", qc_status=r.qc_status, level=r.level,
@@ -554,19 +581,27 @@ def process_slide(job: Job) -> dict:
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
-        row.update(status="refused" if refused else "error", error=_error_message(job, e))
-        if job.out_dir and not Path(job.out_dir).is_symlink():
-            _remove_outputs(job.out_dir)
+        row.update(status="refused" if refused else "error", error=_error_message(job, e) + _kept_words(job))
         row["output"] = ""  # no outputs to name
     return row
+
+
+def _kept_words(job: Job) -> str:
+    """Set a failed slide's outputs aside (_set_aside_outputs); the words its error gets for those kept."""
+    if not job.out_dir or Path(job.out_dir).is_symlink():
+        return ""
+    try:
+        kept = _set_aside_outputs(job.out_dir)
+    except OSError as e:
+        return f"; its earlier outputs could not be set aside ({e.strerror or e})"
+    return f"; the outputs an earlier run finished are kept in {kept}" if kept else ""
 
 
 def _crash_row(job: Job, e: BaseException) -> dict:
     row = _empty_row(job.slide, job.name)
     row.update(status="error", error=f"{job.slide}: the process scoring this slide died ({type(e).__name__}); "
-                                     "the file may crash the image reader or need more memory than is available")
-    if job.out_dir:
-        _remove_outputs(job.out_dir)
+                                     "the file may crash the image reader or need more memory than is available"
+                                     + _kept_words(job))
     row["output"] = ""
     return row
 

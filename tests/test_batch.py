@@ -637,10 +637,34 @@ def test_cells_csv_on_request_and_never_stale(tmp_path, three, fields):
     rows = run_batch([three], out, cells_csv=True)  # asked for again: only the slide without one is scored
     assert (rows.scored, rows.reused) == (1, 2) and (out / "field_0.png" / "cells.csv").is_file()
     time.sleep(0.01)
-    (three / "field 2+.png").write_bytes(b"")  # now fails: no stale output, cells.csv included, beside its error row
-    rows = {Path(r["slide"]).name: r for r in run_batch([three], out, cells_csv=True)}
+    (three / "field 2+.png").write_bytes(b"")  # now fails: no stale output, cells.csv included, beside its error row;
+    rows = {Path(r["slide"]).name: r for r in run_batch([three], out, cells_csv=True)}  # what it had is set aside
     assert rows["field 2+.png"]["status"] == "error"
-    assert [p.name for p in (out / "field_2_.png").iterdir()] == []
+    assert [p.name for p in (out / "field_2_.png").iterdir()] == ["previous"]
+    assert sorted(p.name for p in (out / "field_2_.png" / "previous").iterdir()) == sorted(OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
+
+
+def test_a_slide_that_fails_again_keeps_the_outputs_an_earlier_run_finished(tmp_path, fields, capsys):
+    """Run again with --mpp forgotten (or wrong), a field that has no µm/px of its own fails: its finished outputs
+    were deleted (hours of a whole slide's scoring lost to a command's slip). They are set aside in previous/, the
+    error says where, and the slide scored again replaces them."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    save_png(folder / "a.png", fields["2+"], mpp=None)
+    out = tmp_path / "out"
+    first = run_batch([folder], out, mpp=0.5)
+    result = (out / "a.png" / "result.json").read_bytes()
+    rows = run_batch([folder], out)  # no --mpp: the PNG has none
+    assert rows[0]["status"] == "error" and "no microns-per-pixel" in rows[0]["error"]
+    kept = out / "a.png" / "previous"
+    assert rows[0]["error"].endswith(f"; the outputs an earlier run finished are kept in {kept}")
+    assert sorted(p.name for p in (out / "a.png").iterdir()) == ["previous"]
+    assert (kept / "result.json").read_bytes() == result and sorted(p.name for p in kept.iterdir()) == sorted(OUTPUT_FILES)
+    wrong = run_batch([folder], out, mpp=5.0, config=ScoringConfig(max_scan_mpp=10.0))  # refused: nuclei 10x too large
+    assert wrong[0]["status"] == "refused" and "previous" not in wrong[0]["error"]  # nothing finished to set aside
+    assert (kept / "result.json").read_bytes() == result
+    again = run_batch([folder], out, mpp=0.5)
+    assert (again.scored, again[0]["score"]) == (1, first[0]["score"]) and not kept.exists()
 
 
 def test_missing_outputs_are_rebuilt(tmp_path, three):
