@@ -556,6 +556,14 @@ def _backends() -> Sequence[str]:
 BACKEND_CHOICES = _Choices(_backends)
 
 
+def _path(value: str) -> str:
+    """A path given on the command line; an empty one (an unset shell variable) is refused, not read as the
+    current folder (`--out ""` wrote a batch into it)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path")
+    return value
+
+
 def _ish(value: str) -> str:
     """--ish read as check_eligibility reads ish (eligibility.ish_result: any case)."""
     from .eligibility import ish_result
@@ -620,8 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score slides and folders of slides into an output folder", formatter_class=_Help,
                        epilog=SCORE_EPILOG)
-    s.add_argument("inputs", nargs="+", help="slide files or folders (searched recursively)")
-    s.add_argument("--out", required=True, help="output folder (resumable: slides done with the same settings are reused)")
+    s.add_argument("inputs", type=_path, nargs="+", help="slide files or folders (searched recursively)")
+    s.add_argument("--out", type=_path, required=True, help="output folder (resumable: slides done with the same settings are reused)")
     _guideline_arguments(s)
     s.add_argument("--mpp", type=float, help="scan resolution in µm/px: overrides the files' metadata (the result "
                                              "notes where they differ), needed where it has none (or --default-mpp); "
@@ -631,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "a file is refused)")
     s.add_argument("--target-mpp", type=float, default=0.5, help="resolution in µm/px at which cells are analysed")
     _backend_argument(s)
-    s.add_argument("--regions", help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
+    s.add_argument("--regions", type=_path, help="folder of tumour annotations: <slide stem>.geojson (QuPath) or a mask image "
                                      "(default: detected tumour cells)")
     s.add_argument("--workers", type=int, default=default_workers(),
                    help="worker processes: slides side by side, or the tiles of a single slide "
@@ -641,10 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deconvolve every slide with its own stain vectors where the default ones would leak one "
                         "stain into the other (default: only a slide the default ones read as nuclear DAB)")
     s.add_argument("--no-cnn", action="store_true", help="classical features only (no CNN fusion)")
-    s.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
+    s.add_argument("--weights", type=_path, help="CNN weights file (default: the shipped models/her2cnn.pt)")
     s.add_argument("--cells-csv", action="store_true",
                    help="also write cells.csv beside each slide's cells.parquet (default: parquet only)")
-    s.add_argument("--thresholds", help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
+    s.add_argument("--thresholds", type=_path, help="JSON file overriding per-cell thresholds (log10 DAB OD, fractions) "
                                         "(default: the calibrated thresholds)")
     s.add_argument("-q", "--quiet", action="store_true",
                    help="progress only for the slides that fail (default: a bar on a terminal, else a line a slide); "
@@ -653,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="eligibility of a scored slide (result.json) under named rule sets",
                        formatter_class=_Help, epilog=CHECK_EPILOG)
-    c.add_argument("result", help="a result.json written by 'her2score score'")
+    c.add_argument("result", type=_path, help="a result.json written by 'her2score score'")
     c.add_argument("--rule", action="append", required=True, metavar="RULE",
                    help="rule set name (see 'her2score rules') or a .toml rule file; repeat for several rules")
     c.add_argument("--ish", type=_ish, choices=ISH_CHOICES, metavar="RESULT",
@@ -665,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_rules)
 
     g = sub.add_parser("synth", help="generate a labelled synthetic IHC data set", formatter_class=_Help)
-    g.add_argument("out", help="output folder")
+    g.add_argument("out", type=_path, help="output folder")
     g.add_argument("--n-per-class", type=int, default=50, help="fields per class (0, 1+, 2+, 3+)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--stain-jitter", type=float, default=0.0, help="stain-vector perturbation in degrees")
@@ -679,10 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--border-od-max", type=float, default=0.0, metavar="OD",
                    help="unstained-border texture of the generated fields: peak OD drawn from 0 to this, "
                         "e.g. 0.03 (0: the generator's clean borders, as the shipped model)")
-    t.add_argument("--folder", help="folder with one sub-folder per class, named as evaluate's labels: 0, null, 0+ (or "
+    t.add_argument("--folder", type=_path, help="folder with one sub-folder per class, named as evaluate's labels: 0, null, 0+ (or "
                    "ultralow), 1+, 2+, 3+ (or 1plus...); null and ultralow train as 0")
-    t.add_argument("--csv", help="CSV of path,label (paths relative to the CSV's folder)")
-    t.add_argument("--out", required=True, help="folder for the weights and the training log")
+    t.add_argument("--csv", type=_path, help="CSV of path,label (paths relative to the CSV's folder)")
+    t.add_argument("--out", type=_path, required=True, help="folder for the weights and the training log")
     t.add_argument("--replace-shipped", action="store_true",
                    help="allow --out/--name to name the shipped weights (models/her2cnn.pt), which every default run uses")
     t.add_argument("--name", default="her2cnn.pt", help="weights file name")
@@ -710,17 +718,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score labelled images; metrics (kappa, accuracy, eligibility) for classical, CNN and fused",
                        formatter_class=_Help)
-    e.add_argument("labels", help="CSV of path,label[,eligible][,ish] (paths relative to the CSV) or a folder per class")
-    e.add_argument("--out", required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
-    e.add_argument("--reuse", help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse where "
+    e.add_argument("labels", type=_path, help="CSV of path,label[,eligible][,ish] (paths relative to the CSV) or a folder per class")
+    e.add_argument("--out", type=_path, required=True, help="output folder: metrics.json, report.md, per_image.csv, confusion PNG")
+    e.add_argument("--reuse", type=_path, help="folder of earlier result.json files (from 'score' or 'evaluate') to reuse where "
                                    "this version of her2score scored the image with the same settings and µm/px (and the "
                                    "same CNN, where it runs), without a --regions annotation")
     e.add_argument("--reuse-by-name", action="store_true",
                    help="with --reuse, also match a result by the image's file name where the image it names has moved "
                         "(warned of in the report: nothing checks that it read the same pixels)")
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
-    e.add_argument("--weights", help="CNN weights file (default: the shipped models/her2cnn.pt)")
-    e.add_argument("--model", dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
+    e.add_argument("--weights", type=_path, help="CNN weights file (default: the shipped models/her2cnn.pt)")
+    e.add_argument("--model", type=_path, dest="weights", help=argparse.SUPPRESS)  # the old name of --weights
     _guideline_arguments(e)
     e.add_argument("--mpp", type=float, help="scan resolution in µm/px (overrides the images' metadata)")
     e.add_argument("--default-mpp", type=float, help="µm/px of the images whose metadata gives none (default: none, "

@@ -295,6 +295,20 @@ def test_a_batch_refused_before_any_work_leaves_no_output_folder(tmp_path, capsy
     assert "her2score score: " in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("args", [["score", "{slide}", "--out", ""], ["score", "", "--out", "{out}"],
+                                  ["score", "{slide}", "--out", "{out}", "--regions", " "], ["evaluate", "{slide}", "--out", ""],
+                                  ["synth", ""]])
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(tmp_path, capsys, monkeypatch, args):
+    """An unset shell variable ($OUT) gave --out "" and the batch went into the current folder; an empty input
+    scored it, an empty --regions was no annotation at all."""
+    monkeypatch.chdir(tmp_path)
+    filled = [a.format(slide=SAMPLES / "field_0_null.png", out=tmp_path / "out") for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main(filled)
+    assert stop.value.code == 2 and "is empty (an unset shell variable?); give a path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
     """--out naming the folder of slides itself: a usage error, not a failed slide per result folder."""
     folder = tmp_path / "slides"
