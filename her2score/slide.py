@@ -275,15 +275,23 @@ samples)."""
 
 def _white_of(samples: np.ndarray) -> int:
     """The white of 16-bit colour ``samples``: the full scale of the bits their brightest uses (HOT_SAMPLES left
-    out), at least 9 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
-    4095, not 65535)."""
+    out), at least 8 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
+    4095, not 65535; 8-bit values stored as 16-bit ones, as numpy's astype(np.uint16) leaves them, reach 255, and
+    read against 511 every pixel was half as bright)."""
     flat = np.asarray(samples, dtype=np.uint16).ravel()
     share, least, most = HOT_SAMPLES
     left_out = max(int(share * len(flat)), min(least, int(most * len(flat))))
     at_least = np.cumsum(np.bincount(flat >> 8, minlength=256)[::-1])[::-1]  # samples of each high byte or more
     # bits b are used by more than left_out samples where that many reach 1 << (b - 1), the high byte 1 << (b - 9)
-    bits = max((b for b in range(10, 17) if at_least[1 << (b - 9)] > left_out), default=9)
+    bits = max((b for b in range(9, 17) if at_least[1 << (b - 9)] > left_out), default=8)
     return (1 << bits) - 1
+
+
+def _bits_note(white: int) -> str:
+    """The note a 16-bit image read against ``white`` gets."""
+    if white == 255:
+        return "16-bit samples holding 8-bit values (up to 255), read as 8-bit"
+    return f"{white.bit_length()}-bit samples scaled to 8 bits"
 
 
 def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
@@ -357,7 +365,7 @@ class ArraySlide(Slide):
                                    "array.transpose(1, 2, 0)")
         if rgb.dtype == np.uint16 and rgb.ndim == 3 and rgb.shape[2] in (3, 4):  # as a 16-bit file is read
             white = _white_of(rgb[..., :3])
-            rgb, notes = _to_8bit(rgb, white), (*notes, f"{white.bit_length()}-bit samples scaled to 8 bits")
+            rgb, notes = _to_8bit(rgb, white), (*notes, _bits_note(white))
         self._rgb = _to_rgb(path, rgb)
         h, w = self._rgb.shape[:2]
         self.dimensions = (w, h)
@@ -504,8 +512,7 @@ def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
         raise SlideError(path, "cannot decode its 16-bit colour samples")
     arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV's BGR(A) as RGB(A)
     white = _white_of(arr[..., :3])
-    note = f"{white.bit_length()}-bit samples scaled to 8 bits"
-    return ArraySlide(_to_8bit(arr, white), notes=(note,), **_mpp_args(path, meta_mpp, mpp, default_mpp))
+    return ArraySlide(_to_8bit(arr, white), notes=(_bits_note(white),), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
 def _larger_page(img) -> tuple[int, int, int] | None:
@@ -878,7 +885,7 @@ class TiffSlide(Slide):
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
             self._white = self._white_level(base)
             self.level_jpeg_quality = tuple(_tiff_jpeg_quality(self._tif, p) for p in self._pages)
-            self.notes = ((f"{self._white.bit_length()}-bit samples scaled to 8 bits",) if base.dtype == np.uint16 else ())
+            self.notes = ((_bits_note(self._white),) if base.dtype == np.uint16 else ())
         except BaseException:
             self._tif.close()
             raise

@@ -480,6 +480,19 @@ def test_a_small_16_bit_sample_keeps_its_glass_as_white():
     samples[:9] = 65535  # three saturated pixels in a large sample are still hot pixels
     assert _white_of(np.concatenate([samples, np.full(100_000, 3000, np.uint16)])) == 4095
 
+def test_8_bit_values_in_16_bit_samples_read_as_they_are(tmp_path, slide_rgb):
+    """astype(np.uint16) of an 8-bit image (some Fiji and MATLAB exports): its white was taken as 511 and every pixel
+    read half as bright (a 1+ field refused as nuclear DAB); 9-bit values still scale by their own depth."""
+    from her2score.slide import _white_of
+
+    wide = slide_rgb.astype(np.uint16)
+    tifffile.imwrite(tmp_path / "u16.tif", wide, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    for s in (ArraySlide(wide, mpp=0.5), open_slide(tmp_path / "u16.tif")):
+        assert np.array_equal(s.read_region((0, 0), s.dimensions, mpp=s.mpp), slide_rgb)
+        assert s.notes[-1] == "16-bit samples holding 8-bit values (up to 255), read as 8-bit"
+    assert _white_of(np.full(1000, 300, np.uint16)) == 511 and _white_of(np.full(1000, 200, np.uint16)) == 255
+
+
 def test_bit_depths_and_extra_samples(tmp_path, slide_rgb):
     """12-bit samples scale by their own depth; an unspecified extra sample is dropped, an associated
     (premultiplied) alpha composited over white, an unassociated one blended."""
