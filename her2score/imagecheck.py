@@ -27,7 +27,7 @@ import numpy as np
 
 from .slide import NotHerIhcError, Slide
 from .stain import GLASS_MIN_PIXELS, H_DAB, black_fill, deconvolve, optical_density, per_channel, unscanned_fill
-from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, dark_neutral, pen_ink
+from .tissue import DARK_INTENSITY, DARK_MAX_CHROMA, TissueMask, dark_neutral, pen_ink
 
 __all__ = [
     "ImageCheck", "NotHerIhcError", "check_image", "check_slide", "glass_background", "white_level", "colour_cast", "dark_fraction", "black_fill", "fill_regions", "fill_as_glass", "clipped_fraction",
@@ -490,15 +490,15 @@ def check_image(rgb: np.ndarray, *, mpp: float, detail: np.ndarray | None = None
                       round(diameter, 2) if np.isfinite(diameter) else float("nan"), background, round(chroma, 2))
 
 
-def check_slide(slide: Slide, thumb: np.ndarray, thumb_mpp: float, tissue_mask: np.ndarray,
-                *, detail_px: int = 1024, detail_mpp: float = 0.5) -> ImageCheck:
-    """check_image on a slide's thumbnail, with nuclei measured on a ``detail_px`` square read at
-    max(scan, ``detail_mpp``) µm/px around the tissue's most interior point, where the thumbnail is
-    coarser than both 1 µm/px and the scan."""
-    if thumb_mpp <= max(1.0, 1.01 * slide.mpp) or not tissue_mask.any():
+def check_slide(slide: Slide, thumb: np.ndarray, tissue: TissueMask, *, detail_px: int = 1024,
+                detail_mpp: float = 0.5) -> ImageCheck:
+    """check_image on a slide's thumbnail (at ``tissue.mpp``), with nuclei measured on a ``detail_px`` square read
+    at max(scan, ``detail_mpp``) µm/px around the tissue's most interior point, where the thumbnail is coarser than
+    both 1 µm/px and the scan."""
+    thumb_mpp = tissue.mpp
+    if thumb_mpp <= max(1.0, 1.01 * slide.mpp) or not tissue.mask.any():
         return check_image(thumb, mpp=thumb_mpp)
-    dist = cv2.distanceTransform(tissue_mask.astype(np.uint8), cv2.DIST_L2, 5)
-    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    row, col = tissue.interior_point()
     read_mpp = max(slide.mpp, detail_mpp)
     half_l0 = detail_px * read_mpp / slide.mpp / 2
     x = int(max(0, min(col * thumb_mpp / slide.mpp - half_l0, slide.dimensions[0] - 2 * half_l0)))

@@ -27,6 +27,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
+from .jpeg import pixel_jpeg_quality
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
@@ -74,7 +75,7 @@ its haematoxylin 0.20 and 0.36; a photograph of a rocket against a dusk sky, its
 
 JPEG_QUALITY_FAIL = 60
 JPEG_QUALITY_WARN = 70
-"""A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality of the level scored, Slide.jpeg_quality_at) fails QC, under JPEG_QUALITY_WARN
+"""A slide saved as JPEG under JPEG_QUALITY_FAIL (IJG quality of the level scored, _jpeg_quality: its tables or its pixels) fails QC, under JPEG_QUALITY_WARN
 it is warned of: the compression's blocks read as faint membranes. Measured on real fields made HER2 0 or nearly
 (the colon with no DAB or 0.05 x its DAB, a real Ki67 field with no DAB) saved at quality 10-90: at 70 and over
 they read at most 6% of tumour cells stained; at 50-60 up to 19%, a confident 1+ (at 20-30, 16-20%)."""
@@ -512,7 +513,7 @@ class _Scan:
     mpp: float
     mpp_origin: str
     metadata_mpp: float | None
-    jpeg_quality: int | None
+    jpeg: tuple[int, str] | None  # quality, where it was read (_jpeg_quality)
     notes: tuple[str, ...]
     thumb: np.ndarray
     thumb_mpp: float
@@ -552,10 +553,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         _refuse_dark_counterstain(slide.path, nucleus)
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp, mpp_origin, metadata_mpp = str(slide.path), slide.mpp, slide.mpp_origin, slide.metadata_mpp
-        jpeg_quality = slide.jpeg_quality_at(config.mpp)  # of the level the tiles are read from
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}",
-                 *([f"{READER_NOTE}{slide.backend}"] if slide.backend else []), *slide.notes,
-                 *([f"JPEG quality {jpeg_quality} (from the quantisation tables of the level scored)"] if jpeg_quality is not None else []))
+                 *([f"{READER_NOTE}{slide.backend}"] if slide.backend else []), *slide.notes)
 
         cnn_max = cnn_patch_limit(config, len(tiles))  # a whole slide's CNN mean needs only a sample of its patches
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
@@ -565,7 +564,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
             # process checks that the image is an H-DAB stain at all
             run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)
             pending = [pool.submit(run, t) for t in tiles] if pool else None
-            check = check_slide(slide, thumb, thumb_mpp, tissue.mask)  # a brightfield H-DAB tissue image at a plausible µm/px?
+            check = check_slide(slide, thumb, tissue)  # a brightfield H-DAB tissue image at a plausible µm/px?
             if not check.accepted:
                 reason = check.reason
                 if check.code == "implausible_scale" and slide.mpp_origin == "default":
@@ -573,6 +572,8 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
                                "default_mpp= in the Python API)")
                 raise (WrongStainError if check.code == "eosin" else NotHerIhcError)(slide.path, reason)
             thumb_eosin, chroma = check.eosin_fraction, check.stain_chroma_deg
+            jpeg = _jpeg_quality(slide, config.mpp, tissue)
+            notes = (*notes, *([f"JPEG quality {jpeg[0]} (from {jpeg[1]})"] if jpeg else []))
             parts = ([result_of(f) for f in pending] if pool else
                      [_read_and_score(slide, t, stains, config, nucleus, cnn, cnn_max, region_obj) for t in tiles])
             if nucleus is None and parts:  # a single tile measured its own
@@ -591,9 +592,24 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     # the QC's 8%) and JPEG colours into eosin (a generated 3+ slide read 8.25%, its tiles 1.4%)
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
-    scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg_quality, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
+    scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
                  cnn_report, chroma)
     return _finish(scan, config, cells, parts)
+
+
+def _jpeg_quality(slide: Slide, mpp: float, tissue: TissueMask, *, size_px: int = 512) -> tuple[int, str] | None:
+    """The JPEG quality of the level the tiles are read from at ``mpp`` µm/px, and where it was read: the level's
+    quantisation tables, else (a file saved losslessly, an array) the 8 x 8 blocks that a JPEG saved before left
+    in the pixels (jpeg.pixel_jpeg_quality, of a ``size_px`` square of the scan's own pixels at the tissue's most
+    interior point); None where neither tells (never a JPEG, or resized since)."""
+    if (quality := slide.jpeg_quality_at(mpp)) is not None:
+        return quality, "the quantisation tables of the level scored"
+    row, col = tissue.interior_point()
+    w, h = min(size_px, slide.dimensions[0]), min(size_px, slide.dimensions[1])
+    x = max(0, min(round(col * tissue.mpp / slide.mpp) - w // 2, slide.dimensions[0] - w))
+    y = max(0, min(round(row * tissue.mpp / slide.mpp) - h // 2, slide.dimensions[1] - h))
+    quality = pixel_jpeg_quality(slide.read_region((x, y), (w, h), mpp=slide.mpp))
+    return None if quality is None else (quality, "the 8 x 8 blocks its pixels keep from a JPEG save")
 
 
 def _refuse_dark_counterstain(path, nucleus: NucleusThresholds | None) -> None:
@@ -919,12 +935,13 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
                             f"the {scan.metadata_mpp:.4g} the file's metadata says: cell sizes, the tumour-cell rules and the "
                             "share stained depend on it (a 1+ field given half its µm/px read 0+); check which is right",
                             round(scan.mpp / scan.metadata_mpp, 4)))
-    if scan.jpeg_quality is not None and scan.jpeg_quality < JPEG_QUALITY_WARN:
-        qc.append(QCFinding("jpeg_quality", "fail" if scan.jpeg_quality < JPEG_QUALITY_FAIL else "warn",
-                            f"saved as JPEG at quality {scan.jpeg_quality} (from the quantisation tables of the level scored): the compression's "
+    if scan.jpeg is not None and scan.jpeg[0] < JPEG_QUALITY_WARN:
+        quality, source = scan.jpeg
+        qc.append(QCFinding("jpeg_quality", "fail" if quality < JPEG_QUALITY_FAIL else "warn",
+                            f"saved as JPEG at quality {quality} (from {source}): the compression's "
                             f"blocks read as faint membranes (real HER2 0 fields read up to 19% stained under quality "
                             f"{JPEG_QUALITY_FAIL}); give the scan as acquired, or a copy at quality {JPEG_QUALITY_WARN} or "
-                            "more", float(scan.jpeg_quality)))
+                            "more", float(quality)))
     if config.mpp > CALIBRATED_MPP:
         qc.append(QCFinding("coarse_target", "warn", f"scored at {config.mpp:g} µm/px, coarser than the {CALIBRATED_MPP:g} "
                             "µm/px its intensity bands were set at: faint (1+) membranes read weaker and fewer", config.mpp))

@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .jpeg import dqt_tables, jpeg_quality
+
 __all__ = [
     "Slide",
     "SlideError",
@@ -378,65 +380,16 @@ class ArraySlide(Slide):
         return self._rgb[y : y + height, x : x + width]
 
 
-IJG_TABLES = (
-    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99),
-    (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
-     47, 66, 99, 99, 99, 99, 99, 99, *[99] * 32),
-)
-"""The JPEG standard's luminance and chrominance quantisation tables (ITU T.81 Annex K), which libjpeg scales
-by its quality."""
-
-
-def jpeg_quality(tables) -> int | None:
-    """The lowest IJG quality (1-100) of a JPEG's quantisation ``tables`` ({table id: 64 steps, in any order}; id 0
-    luminance, 1 chrominance, as Pillow's ``quantization``): per table, the quality whose scaling of its IJG_TABLES
-    comes nearest its step sum, as libjpeg scales it (by 5000 / q % under quality 50, by 200 - 2q % from it, each
-    step rounded and kept within 1-255); None without a table. The chrominance table counts: brown DAB and
-    blue haematoxylin differ in colour, and an encoder may keep the luminance fine and the colour coarse
-    (cjpeg -quality 95,20)."""
-    q = np.arange(1, 101)
-    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None]
-
-    def against(standard: int, steps) -> int:
-        sums = np.clip((np.array(IJG_TABLES[standard]) * scale + 50) // 100, 1, 255).sum(1)
-        return int(q[np.argmin(np.abs(sums - int(np.sum(steps))))])
-
-    # a table of another id (JPEG allows 0-3) may hold either component's steps: read as the kinder of the two
-    qualities = [against(i, steps) if i in (0, 1) else max(against(0, steps), against(1, steps)) for i, steps in tables.items()]
-    return min(qualities) if qualities else None
-
-
-def _dqt_tables(data: bytes) -> dict[int, list[int]]:
-    """The quantisation tables ({id: 64 steps}) of the DQT segments of a JPEG stream or a TIFF's JPEGTables."""
-    tables: dict[int, list[int]] = {}
-    at = data.find(b"\xff\xdb")
-    while at >= 0 and at + 4 <= len(data):
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        i = at + 4
-        while i < min(end, len(data)):
-            precision, table = data[i] >> 4, data[i] & 15
-            size = 128 if precision else 64
-            steps = data[i + 1 : i + 1 + size]
-            if len(steps) < size:
-                return tables
-            tables.setdefault(table, list(np.frombuffer(steps, ">u2" if precision else np.uint8).astype(int)))
-            i += 1 + size
-        at = data.find(b"\xff\xdb", end)
-    return tables
-
-
 def _tiff_jpeg_quality(tif, page) -> int | None:
     """jpeg_quality of a page of an open tifffile.TiffFile, from its JPEGTables and its first non-empty segment's
     own tables, which may redefine them; None where it is not JPEG-compressed or holds no table."""
     if page.compression != 7:  # TIFF's JPEG
         return None
-    tables = _dqt_tables(bytes(page.jpegtables or b""))
+    tables = dqt_tables(bytes(page.jpegtables or b""))
     first = next((i for i, n in enumerate(page.databytecounts) if n), None)
     if first is not None:
         tif.filehandle.seek(page.dataoffsets[first])
-        own = _dqt_tables(tif.filehandle.read(min(int(page.databytecounts[first]), 1 << 16)))
+        own = dqt_tables(tif.filehandle.read(min(int(page.databytecounts[first]), 1 << 16)))
         tables = {k: v for k, v in tables.items() if k not in own} | own
     return jpeg_quality(tables)
 

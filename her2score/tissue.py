@@ -25,6 +25,13 @@ class TissueMask:
     def area_mm2(self) -> float:
         return float(self.mask.sum()) * (self.mpp * 1e-3) ** 2
 
+    def interior_point(self) -> tuple[int, int]:
+        """(row, column) of the mask's pixel farthest from any non-tissue pixel: where a square read around it is
+        most likely all tissue."""
+        dist = cv2.distanceTransform(self.mask.astype(np.uint8), cv2.DIST_L2, 5)
+        row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        return int(row), int(col)
+
 
 MIN_TISSUE_UM2 = 1_000.0
 """Least area (µm²) of a piece of tissue, about a cohesive cluster of 5 tumour cells (the gastric biopsy rule's

@@ -100,7 +100,7 @@ def check_file(path, mpp=None):
         thumb_mpp = _thumbnail_mpp(slide, 0.5)
         thumb = slide.thumbnail(mpp=thumb_mpp)
         tissue = tissue_mask(thumb, mpp=thumb_mpp, background=estimate_background(thumb))
-        return check_slide(slide, thumb, thumb_mpp, tissue.mask)
+        return check_slide(slide, thumb, tissue)
 
 
 def check_case(case):

@@ -655,7 +655,8 @@ def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
     """The real colon with its DAB taken out (a real HER2 0) saved as a JPEG at quality 20 read 1+ on 16-18% faint
     cells, the compression's blocks taken for membranes, with QC passed and HER2-low eligible. The file's
     quantisation table says how hard it was compressed: under quality 60 QC fails and eligibility asks for review;
-    at 90 it scores 0 with QC passed."""
+    at 90 it scores 0 with QC passed. A PNG of it, or its array, says it by its pixels; the colon itself was
+    saved as a JPEG at 75 before scikit-image kept it as a PNG."""
     from her2score.eligibility import check_eligibility
     from her2score.pipeline import score_slide
     from her2score.stain import remove_dab
@@ -669,6 +670,18 @@ def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
     assert check_eligibility(r, "her2-low-breast").status == "needs_review"
     fine = score_slide(tmp_path / "q90.jpg", mpp=0.5)
     assert fine.score == "0" and fine.qc_passed and "jpeg_quality" not in {q.code for q in fine.qc}
+    # the same pixels kept as a PNG, or given as an array, have no tables: the quality is read from their 8 x 8 blocks
+    # (they read 1+ with QC passed, HER2-low eligible)
+    pixels = np.asarray(Image.open(tmp_path / "q20.jpg").convert("RGB"))
+    Image.fromarray(pixels).save(tmp_path / "q20.png")
+    for source in (tmp_path / "q20.png", pixels):
+        lossless = score_slide(source, mpp=0.5)
+        assert [(q.code, q.severity, q.value) for q in lossless.qc if q.code == "jpeg_quality"] == [("jpeg_quality", "fail", 20.0)]
+        assert "JPEG quality 20 (from the 8 x 8 blocks its pixels keep from a JPEG save)" in lossless.notes
+        assert check_eligibility(lossless, "her2-low-breast").status == "needs_review"
+    colon = score_slide(_as_array(CASES["skimage-colon-ihc"])(), mpp=0.5)
+    assert "JPEG quality 75 (from the 8 x 8 blocks its pixels keep from a JPEG save)" in colon.notes and colon.qc_passed
+    assert not any("JPEG quality" in note for note in score_slide(unstained, mpp=0.5).notes)  # recomposed: no blocks left
 
 
 def test_a_nuclear_stain_on_real_nuclei_is_not_rescued_into_membranes():

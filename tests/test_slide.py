@@ -890,7 +890,7 @@ def test_jpeg_quality_is_read_from_the_quantisation_table(tmp_path, slide_rgb):
     at a µm/px (pipeline QC jpeg_quality); None for lossless files or tables of no known kind."""
     from PIL import Image
 
-    from her2score.slide import IJG_TABLES, jpeg_quality
+    from her2score.jpeg import IJG_TABLES, jpeg_quality
 
     def quality_of(path, **kw) -> int | None:
         return open_slide(path, mpp=kw.pop("mpp", 0.5), **kw).jpeg_quality_at(0.5)
