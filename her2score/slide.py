@@ -394,26 +394,40 @@ def _tiff_jpeg_quality(tif, page) -> int | None:
     return jpeg_quality(tables)
 
 
-def _plain_mpp(img) -> float | None:
-    """µm/px a plain image states: a JPEG's JFIF density in inch or cm, else (or where the JFIF's is no
-    microscope's, e.g. a camera's 72 dpi) its EXIF resolution in inch or cm (EXIF's default unit: inch); another format's resolution as Pillow reads it (PNG pHYs, BMP). None
-    where a JPEG states no unit (JFIF 0, EXIF 1) or no resolution, for which Pillow's dpi is a guess (72)."""
+def _plain_mpp(img, axis: int = 0) -> float | None:
+    """µm/px a plain image states across (``axis`` 0) or down (1): a JPEG's JFIF density in inch or cm, else (or where
+    the JFIF's is no microscope's, e.g. a camera's 72 dpi) its EXIF resolution in inch or cm (EXIF's default unit: inch);
+    another format's resolution as Pillow reads it (PNG pHYs, BMP). None where a JPEG states no unit (JFIF 0, EXIF 1)
+    or no resolution, for which Pillow's dpi is a guess (72)."""
     try:
         if img.format == "JPEG":
             unit, density = img.info.get("jfif_unit"), img.info.get("jfif_density")
-            if unit in (1, 2) and density and float(density[0]) > 0:
-                jfif = (25400.0 if unit == 1 else 10000.0) / float(density[0])
-                if _plausible(jfif) or img.getexif().get(0x011A) is None:
+            if unit in (1, 2) and density and float(density[axis]) > 0:
+                jfif = (25400.0 if unit == 1 else 10000.0) / float(density[axis])
+                if _plausible(jfif) or img.getexif().get(0x011A + axis) is None:
                     return jfif
             exif = img.getexif()
-            unit, xres = exif.get(0x0128, 2), exif.get(0x011A)
-            return (25400.0 if unit == 2 else 10000.0) / float(xres) if unit in (2, 3) and xres and float(xres) > 0 else None
+            unit, res = exif.get(0x0128, 2), exif.get(0x011A + axis)  # XResolution, YResolution
+            return (25400.0 if unit == 2 else 10000.0) / float(res) if unit in (2, 3) and res and float(res) > 0 else None
         dpi = img.info.get("dpi")
-        if dpi and float(dpi[0]) > 0:
-            return 25400.0 / float(dpi[0])
-    except (TypeError, ValueError, ZeroDivisionError):
+        if dpi and float(dpi[axis]) > 0:
+            return 25400.0 / float(dpi[axis])
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
         pass
     return None
+
+
+ASPECT_TOLERANCE = 0.02
+"""How far (a share) a file's µm/px down may differ from across before its pixels are not square."""
+
+
+def _square_pixels(path, across: float | None, down: float | None) -> None:
+    """SlideError where the file states pixels more than ASPECT_TOLERANCE taller than wide or wider than tall (both
+    a microscope's): its cells would be measured stretched, and no µm/px given undoes that."""
+    if _plausible(across) and _plausible(down) and abs(down / across - 1) > ASPECT_TOLERANCE:
+        raise SlideError(path, f"its pixels are not square: {across:.4g} µm wide and {down:.4g} µm tall (its resolution "
+                               f"metadata), so cells would be measured {max(down / across, across / down):.2f}x stretched; "
+                               "resample it to square pixels first")
 
 
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
@@ -519,6 +533,7 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")
             meta_mpp = _plain_mpp(img)
+            _square_pixels(path, meta_mpp, _plain_mpp(img, axis=1))
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
                 raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")
@@ -589,7 +604,9 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _tiff_mpp(tif, page) -> float | None:
+def _tiff_mpp(tif, page, axis: int = 0) -> float | None:
+    """µm/px a TIFF page states across (``axis`` 0) or down (1): an Aperio description's MPP (square), OME's
+    PhysicalSizeX / Y, else its XResolution / YResolution in ResolutionUnit (inch where none, ImageJ's own unit)."""
     desc = page.tags.get("ImageDescription")
     text = desc.value if desc else ""
     if isinstance(text, bytes):
@@ -599,16 +616,16 @@ def _tiff_mpp(tif, page) -> float | None:
         return value  # description, and another µm/px, further on)
     if tif.is_ome:  # the first Pixels element that has a size, and its own unit
         pixels = next((t for t in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata or "") if "PhysicalSizeX=" in t), "")
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', pixels)
-        u = re.search(r'PhysicalSizeXUnit="([^"]+)"', pixels)
+        m = re.search(rf'PhysicalSize{"XY"[axis]}="([0-9.eE+-]+)"', pixels)
+        u = re.search(rf'PhysicalSize{"XY"[axis]}Unit="([^"]+)"', pixels)
         factor = _OME_UM.get(u.group(1) if u else "µm")  # OME's default unit is the micrometre
         if m and factor:
             try:
                 return float(m.group(1)) * factor
             except ValueError:
                 pass
-    xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    value = xres.value if xres else None
+    res, unit = page.tags.get(("XResolution", "YResolution")[axis]), page.tags.get("ResolutionUnit")
+    value = res.value if res else None
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] > 0 and value[1] > 0:
         px_per_unit = value[0] / value[1]  # a RATIONAL; any other type or count is no resolution (--mpp then applies)
         # no unit tag: inch (TIFF 6.0); 4 and 5 (mm, µm) are written by some scanners and converters
@@ -832,7 +849,9 @@ class TiffSlide(Slide):
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
-            args = _mpp_args(path, _tiff_mpp(self._tif, base), mpp, default_mpp)
+            across = _tiff_mpp(self._tif, base)
+            _square_pixels(path, across, _tiff_mpp(self._tif, base, axis=1))
+            args = _mpp_args(path, across, mpp, default_mpp)
             self._take_mpp(args)
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._release = weakref.finalize(self, os.close, self._fd)  # closed with the slide, or when it is collected
@@ -988,6 +1007,7 @@ class OpenSlideSlide(Slide):
             props = self._osr.properties
             # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
+            _square_pixels(path, meta, _number(props.get("openslide.mpp-y") or props.get("aperio.MPP")))
             args = _mpp_args(path, meta, mpp, default_mpp)
             self._take_mpp(args)
             self.dimensions = (w, h)

@@ -313,6 +313,25 @@ def test_a_resolution_tag_that_is_not_a_rational_is_no_resolution(tmp_path, slid
         assert s.mpp == 0.5
 
 
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "image"])
+def test_pixels_taller_than_wide_are_refused_by_name(tmp_path, slide_rgb, backend):
+    """A file whose resolution says 0.5 µm across and 1.0 down was scored at 0.5 µm/px, its cells measured half
+    as tall as they are, silently; --mpp does not make its pixels square. Within 2% they are square."""
+    from PIL import Image
+
+    for name, down in (("tall.tif", 1.0), ("nearly.tif", 0.505)):
+        tifffile.imwrite(tmp_path / name, slide_rgb[:256, :256], photometric="rgb", tile=(128, 128),
+                         resolution=(1e4 / 0.5, 1e4 / down), resolutionunit="CENTIMETER")
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "tall.png", dpi=(50800, 25400))
+    for path in (tmp_path / "tall.tif",) + ((tmp_path / "tall.png",) if backend == "image" else ()):
+        for mpp in (None, 0.5):
+            with pytest.raises(SlideError, match=r"its pixels are not square: 0\.5 µm wide and 1 µm tall \(its resolution "
+                                                 r"metadata\), so cells would be measured 2\.00x stretched"):
+                open_slide(path, mpp=mpp, backend=backend)
+    with open_slide(tmp_path / "nearly.tif", backend=backend) as s:
+        assert s.mpp == pytest.approx(0.5)
+
+
 def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
     path = tmp_path / "screen.png"
     save_png(path, slide_rgb[:64, :64], mpp=25400 / 72)  # a 72-dpi screen default, not a scan
