@@ -518,6 +518,22 @@ def _too_large_fix(path: Path) -> str:
         return _SAVE_TILED
 
 
+def _tiff_page_mpp(path: Path, size: tuple[int, int]) -> tuple[float | None, float | None]:
+    """(across, down) µm/px that tifffile reads (_tiff_mpp) for the page of ``size`` (width, height) of a TIFF another
+    reader opened and found none in (OME-XML, ImageJ's unit, which OpenSlide and Pillow do not read); (None, None)
+    for another format or no such page."""
+    if _sniff(path)[0] != "TIFF":
+        return None, None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = next((p for p in tif.pages if (p.imagewidth, p.imagelength) == tuple(size)), None)
+            return (None, None) if page is None else (_tiff_mpp(tif, page), _tiff_mpp(tif, page, axis=1))
+    except Exception:  # tifffile reads no more of it than the other reader needs: no µm/px rather than no slide
+        return None, None
+
+
 def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> ArraySlide:
     from PIL import UnidentifiedImageError
 
@@ -532,8 +548,10 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
             if img.size[0] * img.size[1] > MAX_PLAIN_PIXELS:
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")
-            meta_mpp = _plain_mpp(img)
-            _square_pixels(path, meta_mpp, _plain_mpp(img, axis=1))
+            meta_mpp, down = _plain_mpp(img), _plain_mpp(img, axis=1)
+            if meta_mpp is None and img.format == "TIFF":
+                meta_mpp, down = _tiff_page_mpp(path, img.size)
+            _square_pixels(path, meta_mpp, down)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
                 raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")
@@ -1007,7 +1025,10 @@ class OpenSlideSlide(Slide):
             props = self._osr.properties
             # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
-            _square_pixels(path, meta, _number(props.get("openslide.mpp-y") or props.get("aperio.MPP")))
+            down = _number(props.get("openslide.mpp-y") or props.get("aperio.MPP"))
+            if meta is None:
+                meta, down = _tiff_page_mpp(path, (w, h))
+            _square_pixels(path, meta, down)
             args = _mpp_args(path, meta, mpp, default_mpp)
             self._take_mpp(args)
             self.dimensions = (w, h)

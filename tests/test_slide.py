@@ -332,6 +332,20 @@ def test_pixels_taller_than_wide_are_refused_by_name(tmp_path, slide_rgb, backen
         assert s.mpp == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "image"])
+def test_an_ome_tiff_gives_its_mpp_whichever_reader_reads_it(tmp_path, slide_rgb, backend):
+    """OpenSlide and Pillow do not read OME-XML: an OME-TIFF given --backend openslide or image had 'no
+    microns-per-pixel in the file's metadata', which it has. Its PhysicalSizeX / Y are read as tifffile reads them."""
+    for name, down in (("square.ome.tif", 0.5), ("tall.ome.tif", 1.0)):
+        tifffile.imwrite(tmp_path / name, slide_rgb[:256, :256], photometric="rgb", tile=(128, 128), ome=True,
+                         metadata={"PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": down,
+                                   "PhysicalSizeYUnit": "µm"})
+    with open_slide(tmp_path / "square.ome.tif", backend=backend) as s:
+        assert s.mpp == pytest.approx(0.5) and s.mpp_origin == "metadata"
+    with pytest.raises(SlideError, match="its pixels are not square: 0.5 µm wide and 1 µm tall"):
+        open_slide(tmp_path / "tall.ome.tif", backend=backend)
+
+
 def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
     path = tmp_path / "screen.png"
     save_png(path, slide_rgb[:64, :64], mpp=25400 / 72)  # a 72-dpi screen default, not a scan
