@@ -512,9 +512,8 @@ def _draw_cells(canvas: np.ndarray, analysis: SlideAnalysis, idx: np.ndarray, or
 def _title_lines(analysis: SlideAnalysis, scale: float = 1.0) -> list[tuple[str, int]]:
     """The title band's (text, font size px) lines, font sizes ``scale`` x the base ones."""
     r = analysis.result
-    score = f"HER2 {r.score}" if r.score not in (None, "") else "no HER2 score"
-    level = f" ({r.level})" if r.level != r.score else ""
-    lines = [(f"{Path(r.slide).name}: {score}{level}; {r.guideline}, {r.specimen}", 17),
+    call = "no HER2 score" if r.score in (None, "") else f"HER2 {r.level}"  # the level names the score: 0 (null), 0+ (ultralow)
+    lines = [(f"{Path(r.slide).name}: {call}; {r.guideline}, {r.specimen}", 17),
              (f"Reason: {r.reason}", 13),
              (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:g}'}; tumour: {r.region}", 13)]
     if r.flags:

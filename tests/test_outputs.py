@@ -650,3 +650,20 @@ def test_a_none_in_a_text_column_is_an_empty_csv_field_as_it_is_a_parquet_null(f
     assert pq.read_table(tmp_path / "out" / "cells.parquet").column("pattern").to_pylist() == pattern.tolist()
     rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
     assert [r["pattern"] or None for r in rows] == pattern.tolist()
+
+
+def test_the_overlay_title_names_the_call_once():
+    """'HER2 0 (0 (null))' read the score twice: the title gives the report level, which names the score."""
+    from types import SimpleNamespace
+
+    from her2score.outputs import _title_lines
+
+    base = dict(slide="a/s.png", guideline="breast-asco-cap-2023", specimen="resection", reason="r", tumour_cells=9,
+                h_score=0.0, region="detected", flags=(), qc=())
+
+    def title(score, level):
+        result = SimpleNamespace(**base, score=score, level=level)
+        return _title_lines(SimpleNamespace(result=result))[0][0]
+    assert title("0", "0 (null)") == "s.png: HER2 0 (null); breast-asco-cap-2023, resection"
+    assert title("0", "0+ (ultralow)").startswith("s.png: HER2 0+ (ultralow);")
+    assert title("2+", "2+").startswith("s.png: HER2 2+;") and title(None, "not scored").startswith("s.png: no HER2 score;")
