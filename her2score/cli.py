@@ -725,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same CNN, where it runs), without a --regions annotation")
     e.add_argument("--reuse-by-name", action="store_true",
                    help="with --reuse, also match a result by the image's file name where the image it names has moved "
-                        "(warned of in the report: nothing checks that it read the same pixels)")
+                        "(warned of in the report; only for the same file: its size and first and last 64 KiB)")
     e.add_argument("--no-cnn", action="store_true", help="classical scoring only")
     e.add_argument("--weights", type=_path, help="CNN weights file (default: the shipped models/her2cnn.pt)")
     e.add_argument("--model", type=_path, dest="weights", help=argparse.SUPPRESS)  # the old name of --weights

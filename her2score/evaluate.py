@@ -451,9 +451,13 @@ def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
     return out
 
 
-def _changed_since(image: str, result_file: Path) -> bool:
-    """Whether ``image`` was modified after ``result_file`` was written (or cannot be read)."""
+def _changed_since(image: str, result_file: Path, result: SlideResult) -> bool:
+    """Whether ``image`` is not the file ``result`` (read from ``result_file``) was scored on: its content sample
+    differs from the result's (a file copied over it with its old time kept, cp -p or rsync -a); for a result
+    without one (older), modified after ``result_file`` was written; True where it cannot be read."""
     try:
+        if result.slide_sample:
+            return content_sample(image) != result.slide_sample
         return os.stat(image).st_mtime_ns > result_file.stat().st_mtime_ns
     except OSError:
         return True
@@ -527,18 +531,18 @@ def _score_one(item: LabelledItem, *, config, mpp, model, reusable, default_mpp=
     setting; the default ones retried with the slide's own stain vectors count as the default), on its
     detected tumour cells (no annotation), read by the same reader (``backend``, slide.open_slide's) and, when
     given, at the same µm/px, unless the CNN is wanted and it has none, or another model's, or the image was
-    modified after the result was written."""
+    not the file it was scored on (_changed_since)."""
     from .pipeline import analyse_slide
 
     key = str(resolved_path(item.path))
     f = reusable.get(key) or reusable.get(f"name:{Path(item.path).name}")
     result = None
-    if f is not None and not _changed_since(item.path, f):  # not an image written again after its result
+    if f is not None:
         try:  # another version's result, or a damaged one: scored again
             result = SlideResult.read(f)
         except ValueError:
             pass
-    if result is not None:
+    if result is not None and not _changed_since(item.path, f, result):  # the image it was scored on
         recorded = dict(result.config)
         if any(n.startswith(OWN_STAINS_NOTE) for n in result.notes):  # the default settings, retried with its own stain vectors
             recorded["estimate_stains"] = False
@@ -656,8 +660,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     ``use_cnn`` is False). ``rules``: eligibility rules, by name, rule file or Rule (default: all shipped rules).
     ``specimen``: resection or biopsy (gastric biopsies count cohesive clusters); ``gastric_reading``,
     ``isolated_intense_percent`` (None: the default): as ScoringConfig's. ``reuse_by_name``: also
-    reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of:
-    a result does not say which pixels it read). ``mpp`` overrides every image's µm/px; ``default_mpp`` is used
+    reuse a result under ``reuse`` by the image's file name where the image it names has moved (warned of; only
+    for the file it scored: its slide_sample). ``mpp`` overrides every image's µm/px; ``default_mpp`` is used
     where an image's metadata gives none; ``backend`` reads every image with one reader (slide.open_slide's; None:
     the one each file chooses).
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
@@ -812,7 +816,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         if by_name:
             metrics["warnings"].append(
                 f"{len(by_name)} of the {len(items)} images took a result matched by file name alone (--reuse-by-name; e.g. "
-                f"{by_name[0]}): its image has moved, and nothing checks that it read these pixels")
+                f"{by_name[0]}): its image has moved; its content sample is the result's")
         for w in metrics["warnings"]:
             log.warning("%s", w)
         # headline figures: the reported (fused when a CNN ran, else classical) score

@@ -26,6 +26,7 @@ from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_T
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
+from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
 from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
@@ -523,6 +524,7 @@ class _Scan:
     eosin: float
     cnn_report: CnnReport | None
     stain_chroma_deg: float
+    sample: str  # files.content_sample of the slide file before it was read ('' in memory)
 
 
 def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cnn,
@@ -530,6 +532,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
     if cnn is not None and abs(cnn.mpp - config.mpp) > 1e-6:
         raise ValueError(f"the CNN was trained at {cnn.mpp} µm/px but tiles are read at {config.mpp} µm/px")
+    file_sample = content_sample(path) if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) else ""
     with _opened(path, mpp, backend, default_mpp) as slide:
         thumb_mpp = _thumbnail_mpp(slide, config.mpp)
         thumb = slide.thumbnail(mpp=thumb_mpp)
@@ -593,7 +596,7 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     stained = sum(p.stained_px for p in parts)
     eosin = sum(p.eosin_px for p in parts) / stained if stained >= EOSIN_MIN_STAINED_PX else thumb_eosin
     scan = _Scan(slide_path, slide_mpp, mpp_origin, metadata_mpp, jpeg, notes, thumb, thumb_mpp, tissue, stains, region_obj, eosin,
-                 cnn_report, chroma)
+                 cnn_report, chroma, file_sample)
     return _finish(scan, config, cells, parts)
 
 
@@ -821,6 +824,7 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
         stains=scan.stains.to_dict(),
         mpp=scan.mpp,
         mpp_origin=scan.mpp_origin,
+        slide_sample=scan.sample,
         tissue_area_mm2=round(scan.tissue.area_mm2, 4),
         classical_score=classical.score,
         cnn=scan.cnn_report,

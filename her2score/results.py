@@ -58,7 +58,9 @@ class SlideResult:
     ran; else '': ``reason`` is the guideline call's) are the guideline call's own, before any CNN fusion. Percentages are of scored tumour cells, per category (non-cumulative);
     with no score, ``percentages`` is empty and ``h_score`` None: no cells were counted, which is not HER2 0.
     ``mpp_origin`` says where ``mpp`` (µm/px) came from: "user", "metadata" or "default" (MPP_ORIGINS; the
-    notes say why), '' in a result.json written before it existed.
+    notes say why), '' in a result.json written before it existed. ``slide_sample``: the slide file as it was
+    before it was read (files.content_sample: its size and first and last 64 KiB), so a result is reused for
+    that file only; '' for an image given in memory, or a result.json written before it existed.
     """
 
     slide: str
@@ -89,6 +91,7 @@ class SlideResult:
     staining: dict[str, Any] = field(default_factory=dict)
     classical_reason: str = ""
     mpp_origin: str = ""
+    slide_sample: str = ""
 
     @property
     def qc_passed(self) -> bool:

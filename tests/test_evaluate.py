@@ -911,6 +911,28 @@ def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_i
         _score_one(item, config=ScoringConfig(), mpp=0.25, model=None, reusable=same)
 
 
+def test_a_result_is_reused_only_for_the_file_it_scored(tmp_path):
+    """Another image copied over a labelled one with its old time kept (cp -p, rsync -a) was reused as the old
+    image, by time: the old call stood for the new pixels. The result's slide_sample (the file's size and first
+    and last 64 KiB, taken before it was read) decides; the same file, only touched since, is still reused."""
+    import os
+
+    from her2score.evaluate import LabelledItem, _find_reusable, _score_one
+    from her2score.files import content_sample
+
+    img = tmp_path / "f.png"
+    img.write_bytes(b"the scanned image")
+    (tmp_path / "prev" / "f").mkdir(parents=True)
+    (tmp_path / "prev" / "f" / "result.json").write_text(replace(_result(img, "1+"), slide_sample=content_sample(img)).to_json())
+    item, reusable = LabelledItem(str(img), "1+", {}), _find_reusable(tmp_path / "prev")
+    os.utime(img)  # touched after its result was written: the same file
+    assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)[1]
+    img.write_bytes(b"another image, no slide")  # replaced, its old time kept: scored again (and it is none)
+    os.utime(img, ns=(1, 1))
+    with pytest.raises(Exception, match="f.png"):
+        _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)
+
+
 def test_images_without_tumour_cells_are_said_to_be_left_out_of_accuracy(known):
     labels, prev, out = known
     f = next(prev.glob("*/result.json"))
@@ -1110,21 +1132,24 @@ def test_a_kappa_interval_that_collapses_to_a_point_is_flagged_whatever_n():
     assert m["kappa_interval_reliable"] is True and m["kappa_interval_note"] is None
 
 
-def test_another_sets_field_of_the_same_name_is_reused_only_when_asked_and_then_warned_of(tmp_path):
-    """synth names every set's fields alike: set B evaluated with --reuse of set A's results (A's folder
-    since moved) took A's results for B's images, silently. By name only with reuse_by_name, and warned of."""
+def test_another_sets_field_of_the_same_name_is_never_reused_and_a_moved_one_only_when_asked(tmp_path):
+    """synth names every set's fields alike: set B evaluated with --reuse of set A's results (A's folder since
+    moved) took A's results for B's images, silently, and later with reuse_by_name, warned of. A result names the
+    file it scored (slide_sample): B's images are scored; A's own, moved, are reused by name when asked, and warned of."""
     a = write_dataset(tmp_path / "a", n_per_class=1, seed=31, size_px=(160, 160))
     b = write_dataset(tmp_path / "b", n_per_class=1, seed=32, size_px=(160, 160))  # written before A's results
     evaluate(a / "labels.csv", tmp_path / "ev_a", use_cnn=False, bootstrap=0)
     a.rename(tmp_path / "a_moved")
-    plain = evaluate(b / "labels.csv", tmp_path / "ev_b", reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0)
-    assert all(r["reused"] == "False" for r in csv.DictReader(open(tmp_path / "ev_b" / "per_image.csv")))
-    assert not any("file name alone" in w for w in plain["warnings"])
-    named = evaluate(b / "labels.csv", tmp_path / "ev_b2", reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0, reuse_by_name=True)
-    rows = list(csv.DictReader(open(tmp_path / "ev_b2" / "per_image.csv")))
-    taken = sum(r["reused"] == "True" for r in rows)
-    assert taken and any(w.startswith(f"{taken} of the 4 images took a result matched by file name alone") for w in named["warnings"])
-    assert "file name alone" in (tmp_path / "ev_b2" / "report.md").read_text()
+    for asked, out in ((False, "ev_b"), (True, "ev_b2")):
+        evaluate(b / "labels.csv", tmp_path / out, reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0, reuse_by_name=asked)
+        assert all(r["reused"] == "False" for r in csv.DictReader(open(tmp_path / out / "per_image.csv")))
+    plain = evaluate(tmp_path / "a_moved" / "labels.csv", tmp_path / "ev_a2", reuse=tmp_path / "ev_a", use_cnn=False, bootstrap=0)
+    assert plain["reused"] == 0
+    named = evaluate(tmp_path / "a_moved" / "labels.csv", tmp_path / "ev_a3", reuse=tmp_path / "ev_a", use_cnn=False,
+                     bootstrap=0, reuse_by_name=True)
+    assert named["reused"] == 4
+    assert any(w.startswith("4 of the 4 images took a result matched by file name alone") for w in named["warnings"])
+    assert "file name alone" in (tmp_path / "ev_a3" / "report.md").read_text()
 
 
 def test_a_run_where_no_image_scores_reports_that_plainly(tmp_path):

@@ -36,6 +36,15 @@ def test_synthetic_field_of_each_class(fields, score):
     assert "epithelial" in r.region
     if score == "2+":
         assert "ish_reflex" in r.flags
+    assert r.slide_sample == ""  # in memory: no file to know it by
+
+
+def test_a_result_records_the_file_it_scored(fields, tmp_path):
+    """slide_sample: the file's content sample taken before it was read (evaluate --reuse matches on it)."""
+    from her2score.files import content_sample
+
+    Image.fromarray(fields["1+"].image).save(tmp_path / "f.png")
+    assert score_slide(tmp_path / "f.png", mpp=0.5).slide_sample == content_sample(tmp_path / "f.png")
 
 
 def test_haematoxylin_only_field_scores_null():
