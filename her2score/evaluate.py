@@ -748,7 +748,14 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             "model": clf.name if clf else None,
             "cnn_source": dict(sorted(Counter(r["cnn_by"] for r in rows if r.get("cnn_by")).items())) or None,
             "warnings": [], "methods": {},
+            "qc_failed": sum(1 for i in ok if not results[i].qc_passed),
         }
+        if metrics["qc_failed"]:
+            codes = Counter(q.code for i in ok for q in results[i].qc if q.severity == "fail")
+            metrics["warnings"].append(
+                f"{metrics['qc_failed']} of the {len(ok)} images scored failed QC ({', '.join(f'{c} {n}' for c, n in codes.most_common())}): "
+                "their calls count in every figure, as a user given them would read them; each method's accuracy over the "
+                "images that passed stands beside it (per_image.csv's qc_passed says which)")
         every_level = [item.level for item in items]  # null vs ultralow: an image refused or failed is one not scored
         for method in METHODS:
             mrs = [method_result(results[i], method) for i in ok]
@@ -762,6 +769,10 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                                 split_zero=guideline in ZERO_SPLIT)
             if m is None:
                 continue
+            passed = [(t, c) for i, t, c in zip(ok, truth, called) if c is not None and results[i].qc_passed]
+            hits = sum(t == c for t, c in passed)
+            m["qc_passed"] = {"n": len(passed), "accuracy": hits / len(passed) if passed else None,
+                              "accuracy_ci95": list(wilson_ci(hits, len(passed))) if passed else [None, None]}
             if m["quadratic_weighted_kappa"] is None:
                 metrics["warnings"].append(f"{method}: {m['kappa_interval_note']}, so agreement beyond chance cannot be "
                                            "measured; read the accuracy and per-class recall")
@@ -800,13 +811,14 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
         if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
             metrics["warnings"].append(
-                f"cnn: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training fields "
-                f"({clf.record.training.get('data')}): its figures on them are on training data; generate held-out "
+                f"cnn and fused: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training "
+                f"fields ({clf.record.training.get('data')}): their figures on them are on training data; generate held-out "
                 "fields with another --seed")
         if clf is not None and (shared := _training_images(clf.record, [items[i].path for i in ok])):
             metrics["warnings"].append(
-                f"cnn: {shared} of the {len(ok)} images are among the CNN's own training images ({clf.record.training.get('data')}): "
-                "its figures on them are on training data; evaluate on images it was not trained on")
+                f"cnn and fused: {shared} of the {len(ok)} images are among the CNN's own training images "
+                f"({clf.record.training.get('data')}): their figures on them are on training data; evaluate on images it was not "
+                "trained on")
         if eligible_rule and not any(eligible_rule in item.eligible for item in items):
             metrics["warnings"].append(f"--eligible-rule {eligible_rule}: the labels have no 'eligible' value, so its truth is "
                                        "derived from the labels as every other rule's")
@@ -950,17 +962,26 @@ def _kappa_text(mm: dict) -> str:
             + ("" if mm["kappa_interval_reliable"] else f" (interval unreliable: {mm['kappa_interval_note']})"))
 
 
+def _qc_passed_text(mm: dict, metrics: dict) -> str:
+    """A method's accuracy over the images that passed QC, where some failed it ('' where none did)."""
+    if not metrics.get("qc_failed"):
+        return ""
+    qc = mm["qc_passed"]
+    return f"; QC passed ({qc['n']} images) {_fmt(qc['accuracy'], qc['accuracy_ci95'])}"
+
+
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: left out of "
              "every figure but null vs ultralow's 'not scored'"
              + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
                 if metrics["not_scored"] else "")
              + "); "
+             + (f"{metrics['qc_failed']} of them failed QC (counted; see warnings); " if metrics.get("qc_failed") else "")
              + (f"{metrics['reused']} of them reused from {metrics['reuse']} (each kept in results/); " if metrics.get("reused") else "")
              + f"guideline {metrics['guideline']} ({metrics['specimen']}); model {metrics['model'] or 'none (classical only)'}"]
     for m, mm in metrics["methods"].items():
         lines.append(f"  {m:<9} n={mm['n']:<4} accuracy {_fmt(mm['accuracy'], mm['accuracy_ci95'])}  "
-                     f"QWK {_kappa_text(mm)}")
+                     f"QWK {_kappa_text(mm)}" + _qc_passed_text(mm, metrics))
     return "\n".join(lines)
 
 
@@ -972,6 +993,7 @@ def _report(metrics: dict, summary: str) -> str:
            + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy, "
               "counted in eligibility"
               if metrics["not_scored"] else "")
+           + (f"; {metrics['qc_failed']} failed QC, counted in every figure" if metrics.get("qc_failed") else "")
            + f"); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
            f"CNN model: {metrics['model'] or 'not run'}"
            + (f" (CNN run by: {', '.join(f'{k} {v}' for k, v in metrics['cnn_source'].items())})" if metrics['cnn_source'] else "")
@@ -987,7 +1009,8 @@ def _report(metrics: dict, summary: str) -> str:
             "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
     for m in methods:
         mm = metrics["methods"][m]
-        out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])} | {_kappa_text(mm)} |")
+        out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])}{_qc_passed_text(mm, metrics)} | "
+                   f"{_kappa_text(mm)} |")
     out += ["", "Per-class recall / precision [95% CI]:", "", "| class | " + " | ".join(methods) + " |",
             "| --- | " + " | ".join("---" for _ in methods) + " |"]
     for c in SCORES:

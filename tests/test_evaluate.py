@@ -608,6 +608,19 @@ def test_the_report_says_what_it_left_out_and_what_it_reused(tmp_path):
                                   in (tmp_path / "ev2" / "report.md").read_text())
 
 
+def test_images_that_failed_qc_are_counted_and_said_to_be(tmp_path):
+    """Every image failing QC (fields too small for 100 tumour cells), the report said '4 of 4 images scored' and
+    an accuracy, as if all were sound: it says how many failed and why, and each method's accuracy over those
+    that passed (none here: n/a)."""
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=41, size_px=(160, 160))
+    m = evaluate(ds / "labels.csv", tmp_path / "ev", use_cnn=False, bootstrap=0)
+    assert m["qc_failed"] == 4 and m["methods"]["classical"]["qc_passed"] == {"n": 0, "accuracy": None, "accuracy_ci95": [None, None]}
+    assert any(w.startswith("4 of the 4 images scored failed QC (too_few_tumour_cells 4)") for w in m["warnings"])
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "; 4 failed QC, counted in every figure)" in report and "; QC passed (0 images) n/a |" in report
+    assert "4 of them failed QC (counted; see warnings)" in m["summary"]
+
+
 def test_an_evaluation_that_reused_results_stands_alone(known, monkeypatch):
     """With --reuse given as a relative path, per_image.csv's reused_from named each result.json relative to the folder
     the command ran in, and neither metrics.json nor the report said where the results came from: reused_from is
