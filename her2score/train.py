@@ -563,7 +563,7 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
                 "image_samples": sorted({content_sample(im.source) for im in images if Path(im.source).is_file()}),
                 "val_images": int(len(val_idx)),
                 "images_per_class": {c: int(np.sum(labels[usable] == i)) for i, c in enumerate(CLASSES)},
-                "best_epoch": best[1], "epochs_run": len(epochs), "stopped": stopped, "seconds": seconds,
+                "best_epoch": best[1], "epochs_run": len(epochs), "stopped": stopped,  # no time: the same run, the same file
                 "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__, "seed": cfg.seed,
             },
         )

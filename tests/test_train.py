@@ -93,12 +93,16 @@ def test_trained_weights_round_trip(trained):
     np.testing.assert_array_equal(model.predict_patches(x), ref)
 
 
-def test_training_is_deterministic(fields, trained):
+def test_training_is_deterministic(fields, trained, tmp_path):
+    """The same seed and threads give the same weights and the same file: its SHA-256 is the model's name in every
+    result (the training time, stored in the file, made every run's another; it is in the training log)."""
     cfg = TrainConfig(seed=3, **{**TINY, "max_epochs": 1})
-    a = train(fields, config=cfg)
-    b = train(fields, config=cfg)
+    a = train(fields, config=cfg, out=tmp_path / "a")
+    b = train(fields, config=cfg, out=tmp_path / "b")
     for (k, va), vb in zip(a.net.state_dict().items(), b.net.state_dict().values()):
         assert torch.equal(va, vb), k
+    assert a.record.sha256 == b.record.sha256 and a.weights.read_bytes() == b.weights.read_bytes()
+    assert a.log["seconds"] > 0 and "seconds" not in a.record.training
 
 
 def test_renderer_without_augmentation_is_deconvolution():
