@@ -55,7 +55,7 @@ import numpy as np
 from . import __version__
 from .categories import CATEGORIES
 from .eligibility import ish_result
-from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth_label, read_csv_rows
+from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth_label, read_csv_rows, row_label
 from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .files import content_sample
 from .outputs import atomic_write
@@ -188,12 +188,7 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
             raise ValueError(f"{where}: {r['path']} is labelled again (first on line {line_of[key]}); each image once")
         line_of[key] = i
         try:
-            score, level = parse_truth_label(r["label"])
-            if r.get("level"):  # an optional five-level column beside a 4-class label (as synth writes)
-                level_score, column_level = parse_truth_label(r["level"])
-                if level_score != score or (level is not None and column_level not in (None, level)):
-                    raise ValueError(f"level {r['level']!r} does not agree with label {r['label']!r}")
-                level = column_level or level
+            score, level = row_label(r)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         elig = {}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRUTH_LEVELS", "FOLDER_NAMES", "parse_truth_label", "parse_score", "read_csv_rows", "class_folders",
+__all__ = ["TRUTH_LEVELS", "FOLDER_NAMES", "parse_truth_label", "parse_score", "row_label", "read_csv_rows", "class_folders",
            "class_folder_files"]
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,18 @@ def parse_truth_label(value: str) -> tuple[str, str | None]:
     if key not in TRUTH_LEVELS:
         raise ValueError(f"unknown label {value!r}; use one of 0, null, 0+ (or ultralow), 1+, 2+, 3+")
     return TRUTH_LEVELS[key]
+
+
+def row_label(row: dict[str, str]) -> tuple[str, str | None]:
+    """(score, report level) of a labels row: its ``label`` (parse_truth_label) and, where given, its five-level
+    ``level`` column beside a 4-class label (as synth writes both); ValueError where the two disagree."""
+    score, level = parse_truth_label(row["label"])
+    if row.get("level"):
+        level_score, column_level = parse_truth_label(row["level"])
+        if level_score != score or (level is not None and column_level not in (None, level)):
+            raise ValueError(f"level {row['level']!r} does not agree with label {row['label']!r}")
+        level = column_level or level
+    return score, level
 
 
 def parse_score(value: str) -> str:

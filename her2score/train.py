@@ -44,7 +44,7 @@ import numpy as np
 
 from .cnn import CLASSES, INPUT_CHANNELS, TISSUE_OD, WeightsRecord, build_network, count_parameters, save_model, weights_path
 from .files import atomic_write, content_sample
-from .labels import class_folder_files, parse_score, read_csv_rows
+from .labels import class_folder_files, parse_score, read_csv_rows, row_label
 from .stain import H_DAB, estimate_background, optical_density
 from .workers import die_with_parent, result_of, worker_pool
 
@@ -168,7 +168,7 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         if not row.get("path"):
             continue
         try:
-            row["label"] = parse_score(row["label"])
+            row["label"] = row_label(row)[0]  # a level column that disagrees is refused, as evaluate refuses it
         except ValueError as e:
             raise ValueError(f"{path}, line {line}: {e}") from None
         p = Path(row["path"])
@@ -433,10 +433,13 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     check_device(cfg.device)
     seen: dict[str, int] = {}
     for i, im in enumerate(images):  # one image twice could land in training and validation both
-        key = im.source if im.source.startswith("synthetic:") else str(resolved_path(im.source))
+        # a file by its content (files.content_sample): a copy under another name or in another class folder too
+        key = im.source if not Path(im.source).is_file() else content_sample(resolved_path(im.source))
         if key in seen:
-            raise ValueError(f"{im.source}: given twice (images {seen[key] + 1} and {i + 1}): an image in both the "
-                             "training and the validation split would measure validation on training data")
+            first = images[seen[key]]
+            raise ValueError(f"{im.source}: the same image as {first.source} (images {seen[key] + 1} and {i + 1}, labelled "
+                             f"{first.label} and {im.label}): an image in both the training and the validation split would "
+                             "measure validation on training data; give each image once")
         seen[key] = i
     labels = np.array([CLASSES.index(parse_score(im.label)) for im in images])
     cands = [_candidate_positions(im, cfg.patch_px, cfg.min_tissue_fraction) for im in images]

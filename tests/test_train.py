@@ -278,7 +278,7 @@ def test_a_diverging_run_saves_nothing_and_nan_weights_are_refused(fields, tmp_p
 def test_what_would_spoil_a_training_run_is_refused_before_it(fields, tmp_path):
     """An image given twice (it could sit in both splits), a weights name whose ONNX graph would be written over
     it (model.onnx), and a time limit that is not a positive number of minutes (0 was read as no limit)."""
-    with pytest.raises(ValueError, match=r"given twice \(images 1 and 13\)"):
+    with pytest.raises(ValueError, match=r"the same image as .* \(images 1 and 13, labelled 0 and 0\)"):
         train([*fields, fields[0]], config=TrainConfig(**TINY))
     with pytest.raises(ValueError, match=r"model\.onnx: a weights file's name ends in \.pt"):
         train(fields, config=TrainConfig(**TINY), out=tmp_path, name="model.onnx")
@@ -288,6 +288,30 @@ def test_what_would_spoil_a_training_run_is_refused_before_it(fields, tmp_path):
             TrainConfig(max_minutes=bad)
         with pytest.raises(ValueError, match="threads must be at least 1"):
             TrainConfig(threads=bad)  # 0 ran one thread and recorded 0
+
+
+def test_labels_that_contradict_themselves_are_refused_before_training(tmp_path):
+    """A review's trials: a row whose level column says 0 (null) beside label 3+ trained as 3+ (evaluate refuses it),
+    and a 3+ field copied into the null folder beside its original trained under both labels, one of them perhaps
+    in the validation split."""
+    import shutil
+
+    from her2score.synthetic import write_dataset
+    from her2score.train import csv_images, folder_images
+
+    ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=8, size_px=(96, 96))
+    rows = (ds / "labels.csv").read_text().splitlines()
+    three = next(i for i, r in enumerate(rows) if ",3+," in r)
+    rows[three] = rows[three].rsplit(",", 1)[0] + ",0 (null)"
+    (ds / "bad.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.csv, line \d+: level '0 \(null\)' does not agree with label '3\+'"):
+        csv_images(ds / "bad.csv")
+    for score in ("3+", "null"):
+        (tmp_path / "cls" / score).mkdir(parents=True)
+    shutil.copy(next((ds / "images").glob("field_3plus_*.png")), tmp_path / "cls" / "3+" / "a.png")
+    shutil.copy(next((ds / "images").glob("field_3plus_*.png")), tmp_path / "cls" / "null" / "copy.png")
+    with pytest.raises(ValueError, match=r"copy\.png: the same image as .*a\.png \(images 1 and 2, labelled 3\+ and 0\)"):
+        train(folder_images(tmp_path / "cls"), config=TrainConfig(**TINY))
 
 
 def test_retrained_weights_written_where_the_shipped_ones_are_get_their_graph(trained, tmp_path, monkeypatch):
