@@ -208,7 +208,11 @@ def read_labels(labels: str | os.PathLike, *, eligible_rule: str | None = None) 
         if any(r.get(f"count_{c}") for c in CATEGORIES):  # true counts given in the labels file itself
             if empty := [f"count_{c}" for c in CATEGORIES if f"count_{c}" in r and not r[f"count_{c}"]]:
                 raise ValueError(f"{where}: true counts given for some categories but not {empty} (write 0 for none)")
-            counts = {c: _count_value(r.get(f"count_{c}") or 0, f"{where}, count_{c}") for c in CATEGORIES}
+            given = {c: _count_value(r.get(f"count_{c}") or 0, f"{where}, count_{c}") for c in CATEGORIES}
+            if counts is not None and given != {c: counts.get(c, 0) for c in CATEGORIES}:  # two truths, which?
+                raise ValueError(f"{where}: its count_ columns and truth.jsonl give other true counts for {r['path']}; "
+                                 "keep one")
+            counts = given
         path = Path(r["path"])
         items.append(LabelledItem(str(path if path.is_absolute() else p.parent / path), score,
                                   {k: v for k, v in elig.items() if v is not None}, ish, level, counts))

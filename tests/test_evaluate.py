@@ -469,6 +469,14 @@ def test_truth_counts_are_matched_by_the_images_path_and_refused_when_impossible
     with caplog.at_level("WARNING"):
         assert read_labels(p)[0].counts == {"none": 80, "faint_partial": 20}
     assert "1 truth.jsonl record(s) name no labelled image" in caplog.text
+    # the labels file's own counts beside truth.jsonl's: taken where they agree, refused where they do not (the
+    # file's overrode truth.jsonl's silently)
+    p.write_text("path,label,count_none,count_faint_partial\n./img/a.png,1+,80,20\n")
+    assert read_labels(p)[0].counts == {c: {"none": 80, "faint_partial": 20}.get(c, 0) for c in CATEGORIES}
+    p.write_text("path,label,count_none,count_faint_partial\n./img/a.png,1+,50,50\n")
+    with pytest.raises(ValueError, match=r"l\.csv, line 2: its count_ columns and truth\.jsonl give other true counts"):
+        read_labels(p)
+    p.write_text("path,label\n./img/a.png,1+\n")
     for bad in ('{"none": -3}', '{"none": 90.9}', '{"none": "many"}'):
         (tmp_path / "truth.jsonl").write_text('{"path": "img/a.png", "counts": %s}\n' % bad)
         with pytest.raises(ValueError, match=r"truth\.jsonl, line 1, none: a cell count must be a whole number >= 0"):
