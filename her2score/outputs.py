@@ -22,12 +22,13 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 
-from .categories import CATEGORIES
+from .categories import CATEGORIES, PATTERNS
 from .files import atomic_file, atomic_write, is_temp_file
 from .guidelines import INTENSITY, deciding_categories
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
+from .tumour import COMPARTMENTS
 from .workers import FORKS, die_with_parent, result_of, worker_pool
 
 __all__ = [
@@ -138,11 +139,17 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
         f.write(("\n".join(",".join(row) for row in zip(*columns)) + "\n").encode())
 
 
-def _arrow(values: np.ndarray):
+VOCABULARIES = {"category": CATEGORIES, "pattern": PATTERNS, "compartment": COMPARTMENTS}
+"""Every value a cell-table text column can hold, in their order: the Parquet dictionary of each, so that every
+file's categories are the same (pandas concatenates them as one Categorical, and counts the empty ones)."""
+
+
+def _arrow(values: np.ndarray, vocabulary: tuple[str, ...] | None = None):
     """A cell-table column as an Arrow array made from its buffers (pa.array imports pandas, 0.2 s, to ask
-    whether it was given a pandas object): strings dictionary-encoded in order of first appearance, as
-    pyarrow's dictionary_encode does, a None null; a float's NaN null. Its type depends on the dtype alone, so every
-    block of a column has the first one's (a cast would import pyarrow.compute, 30 ms)."""
+    whether it was given a pandas object): strings dictionary-encoded, over ``vocabulary`` where given (in its
+    order), else in order of first appearance, as pyarrow's dictionary_encode does; a None null; a float's NaN null.
+    Its type depends on the dtype alone, so every block of a column has the first one's (a cast would import
+    pyarrow.compute, 30 ms)."""
     import pyarrow as pa
 
     if values.dtype.kind == "U":  # fixed-width text, as numpy makes it from a list of str
@@ -151,13 +158,19 @@ def _arrow(values: np.ndarray):
         values = values.astype(values.dtype.newbyteorder("<"), copy=False)
     if values.dtype == object:
         missing = np.equal(values, None)  # np.unique cannot order None among str
-        names, first, codes = np.unique(values[~missing], return_index=True, return_inverse=True)
-        order = np.argsort(first)
-        rank = np.empty(len(order), np.int32)
-        rank[order] = np.arange(len(order))
         indices = np.zeros(len(values), np.int32)  # a null's index is never read
-        indices[~missing] = rank[codes]
-        text = [name.encode() for name in names[order].tolist()]
+        if vocabulary is not None:
+            index = {name: i for i, name in enumerate(vocabulary)}
+            indices[~missing] = [index[v] for v in values[~missing].tolist()]
+            names = list(vocabulary)
+        else:
+            found, first, codes = np.unique(values[~missing], return_index=True, return_inverse=True)
+            order = np.argsort(first)
+            rank = np.empty(len(order), np.int32)
+            rank[order] = np.arange(len(order))
+            indices[~missing] = rank[codes]
+            names = found[order].tolist()
+        text = [name.encode() for name in names]
         offsets = np.cumsum([0] + [len(b) for b in text], dtype=np.int32)
         dictionary = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(text))])
         return pa.DictionaryArray.from_arrays(_numbers(indices, missing), dictionary)
@@ -191,7 +204,7 @@ def write_cells_parquet(analysis: SlideAnalysis, f: BinaryIO) -> None:
         x, y = np.asarray(t["x"][a:b], np.float32), np.asarray(t["y"][a:b], np.float32)
         data = {"cell_id": np.arange(a, b, dtype=np.int64), "x_px": x, "y_px": y,
                 "x_um": (x * mpp).astype(np.float32), "y_um": (y * mpp).astype(np.float32)}
-        return pa.table({k: _arrow(np.asarray(v)) for k, v in (data | {c: t[c][a:b] for c in cols}).items()})
+        return pa.table({k: _arrow(np.asarray(v), VOCABULARIES.get(k)) for k, v in (data | {c: t[c][a:b] for c in cols}).items()})
 
     first = batch(0, min(CHUNK, n))
     with pq.ParquetWriter(f, first.schema, compression="zstd") as w:

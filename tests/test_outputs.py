@@ -271,6 +271,11 @@ def test_parquet_round_trip_and_optional_csv(field, tmp_path):
     assert np.allclose(d["x_px"], a.cells["x"]) and np.allclose(d["membrane_od"], a.cells["membrane_od"])
     assert np.allclose(d["x_um"], a.cells["x"] * a.result.mpp, atol=1e-3)
     assert "outline" not in d and "radii_um" not in d
+    # the text columns' dictionaries hold every value in its order, present or not: one Categorical across slides
+    from her2score.outputs import VOCABULARIES
+
+    for name, vocabulary in VOCABULARIES.items():
+        assert table.column(name).chunk(0).dictionary.to_pylist() == list(vocabulary), name
     rows = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
     assert [r["category"] for r in rows] == d["category"] and list(rows[0]) == table.column_names
     # a missing measurement (a cell with no cytoplasm left to read) is null in the parquet and an empty CSV field, never NaN
