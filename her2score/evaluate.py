@@ -451,13 +451,13 @@ def _result_folders(paths: Sequence[str], root: Path) -> list[str]:
 
 
 def _changed_since(image: str, result_file: Path, result: SlideResult) -> bool:
-    """Whether ``image`` is not the file ``result`` (read from ``result_file``) was scored on: its content sample
-    differs from the result's (a file copied over it with its old time kept, cp -p or rsync -a); for a result
-    without one (older), modified after ``result_file`` was written; True where it cannot be read."""
+    """Whether ``image`` may not be the file ``result`` (read from ``result_file``) was scored on: modified after
+    ``result_file`` was written, or its content sample unlike the result's (a file copied over it with its old
+    time kept, cp -p or rsync -a; the sample alone misses a same-sized file whose first and last 64 KiB are
+    alike, glass); True where it cannot be read."""
     try:
-        if result.slide_sample:
-            return content_sample(image) != result.slide_sample
-        return os.stat(image).st_mtime_ns > result_file.stat().st_mtime_ns
+        return (os.stat(image).st_mtime_ns > result_file.stat().st_mtime_ns
+                or bool(result.slide_sample) and content_sample(image) != result.slide_sample)
     except OSError:
         return True
 

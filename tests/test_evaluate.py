@@ -935,7 +935,7 @@ def test_a_result_scored_with_other_settings_or_another_image_of_the_same_name_i
 def test_a_result_is_reused_only_for_the_file_it_scored(tmp_path):
     """Another image copied over a labelled one with its old time kept (cp -p, rsync -a) was reused as the old
     image, by time: the old call stood for the new pixels. The result's slide_sample (the file's size and first
-    and last 64 KiB, taken before it was read) decides; the same file, only touched since, is still reused."""
+    and last 64 KiB, taken before it was read) must match as well as the time."""
     import os
 
     from her2score.evaluate import LabelledItem, _find_reusable, _score_one
@@ -946,7 +946,7 @@ def test_a_result_is_reused_only_for_the_file_it_scored(tmp_path):
     (tmp_path / "prev" / "f").mkdir(parents=True)
     (tmp_path / "prev" / "f" / "result.json").write_text(replace(_result(img, "1+"), slide_sample=content_sample(img)).to_json())
     item, reusable = LabelledItem(str(img), "1+", {}), _find_reusable(tmp_path / "prev")
-    os.utime(img)  # touched after its result was written: the same file
+    os.utime(img, ns=(1, 1))  # older than its result: the same file
     assert _score_one(item, config=ScoringConfig(), mpp=None, model=None, reusable=reusable)[1]
     img.write_bytes(b"another image, no slide")  # replaced, its old time kept: scored again (and it is none)
     os.utime(img, ns=(1, 1))
