@@ -29,6 +29,7 @@ torch build and thread count -> the same weights.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -422,7 +423,6 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     import torch
     import torch.nn.functional as F
 
-    from .slide import resolved_path
 
     t_start = time.perf_counter()
     cfg = config
@@ -433,8 +433,8 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     check_device(cfg.device)
     seen: dict[str, int] = {}
     for i, im in enumerate(images):  # one image twice could land in training and validation both
-        # a file by its content (files.content_sample): a copy under another name or in another class folder too
-        key = im.source if not Path(im.source).is_file() else content_sample(resolved_path(im.source))
+        # by its pixels: a copy under another name, in another format or in another class folder too
+        key = hashlib.sha256(np.ascontiguousarray(im.rgb).tobytes() + str(im.rgb.shape).encode()).hexdigest()
         if key in seen:
             first = images[seen[key]]
             raise ValueError(f"{im.source}: the same image as {first.source} (images {seen[key] + 1} and {i + 1}, labelled "

@@ -296,7 +296,8 @@ def test_labels_that_contradict_themselves_are_refused_before_training(tmp_path)
     in the validation split."""
     import shutil
 
-    from her2score.synthetic import write_dataset
+    from her2score.files import content_sample
+    from her2score.synthetic import generate_field, write_dataset
     from her2score.train import csv_images, folder_images
 
     ds = write_dataset(tmp_path / "ds", n_per_class=1, seed=8, size_px=(96, 96))
@@ -312,6 +313,18 @@ def test_labels_that_contradict_themselves_are_refused_before_training(tmp_path)
     shutil.copy(next((ds / "images").glob("field_3plus_*.png")), tmp_path / "cls" / "null" / "copy.png")
     with pytest.raises(ValueError, match=r"copy\.png: the same image as .*a\.png \(images 1 and 2, labelled 3\+ and 0\)"):
         train(folder_images(tmp_path / "cls"), config=TrainConfig(**TINY))
+    # fields of one size whose first and last 64 KiB are alike (glass margins, uncompressed) are other images
+    import tifffile
+
+    shutil.rmtree(tmp_path / "cls")
+    for score, seed in (("0", 3), ("1+", 3), ("2+", 3), ("3+", 3), ("3+", 4)):
+        rgb = generate_field(score, seed=seed).image.copy()
+        rgb[:60], rgb[-60:] = 255, 255
+        (tmp_path / "cls" / score).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(tmp_path / "cls" / score / f"f{seed}.tif", rgb, photometric="rgb", resolution=(20000, 20000),
+                         resolutionunit="CENTIMETER")
+    assert len({content_sample(p) for p in (tmp_path / "cls").rglob("*.tif")}) == 1
+    assert len(train(folder_images(tmp_path / "cls"), config=TrainConfig(**{**TINY, "max_epochs": 1})).log["epochs"]) == 1
 
 
 def test_retrained_weights_written_where_the_shipped_ones_are_get_their_graph(trained, tmp_path, monkeypatch):
