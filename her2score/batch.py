@@ -486,19 +486,31 @@ again (another --mpp, a file since replaced by a broken one): never deleted by a
 def _set_aside_outputs(out_dir: str) -> str | None:
     """A failed slide's outputs, so no stale file sits beside its error row: those a run finished (result.json is
     there: write_outputs removes it first and writes it last) are moved into PREVIOUS, in place of what it held,
-    and its path returned; partial ones are removed (None)."""
+    and its path returned; partial ones are removed (None). Interrupted or refused (PREVIOUS a file or a link,
+    which is removed: no output of this tool), the files go back where they were."""
     if not os.path.isfile(os.path.join(out_dir, "result.json")):
         _remove_outputs(out_dir)
         return None
     kept = os.path.join(out_dir, PREVIOUS)
-    staged = tempfile.mkdtemp(prefix=f".{PREVIOUS}.", dir=out_dir)  # whole or not at all: renamed into place
-    for name in (*OPTIONAL_OUTPUT_FILES, *OUTPUT_FILES[1:], OUTPUT_FILES[0]):  # result.json, the mark, last
-        try:
-            os.replace(os.path.join(out_dir, name), os.path.join(staged, name))
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(kept, ignore_errors=True)
-    os.rename(staged, kept)
+    staged = tempfile.mkdtemp(prefix=f".{PREVIOUS}.", dir=out_dir)  # filled, then renamed into place
+    moved = []
+    try:
+        for name in (*OPTIONAL_OUTPUT_FILES, *OUTPUT_FILES[1:], OUTPUT_FILES[0]):  # result.json, the mark, last
+            try:
+                os.replace(os.path.join(out_dir, name), os.path.join(staged, name))
+            except FileNotFoundError:
+                continue
+            moved.append(name)
+        if os.path.isdir(kept) and not os.path.islink(kept):
+            shutil.rmtree(kept)
+        elif os.path.lexists(kept):
+            os.unlink(kept)
+        os.rename(staged, kept)
+    except BaseException:
+        for name in moved:  # result.json, the mark, back last
+            os.replace(os.path.join(staged, name), os.path.join(out_dir, name))
+        os.rmdir(staged)
+        raise
     return kept
 
 

@@ -498,7 +498,7 @@ def check_slide(slide: Slide, thumb: np.ndarray, tissue: TissueMask, *, detail_p
     thumb_mpp = tissue.mpp
     if thumb_mpp <= max(1.0, 1.01 * slide.mpp) or not tissue.mask.any():
         return check_image(thumb, mpp=thumb_mpp)
-    row, col = tissue.interior_point()
+    row, col = tissue.interior_point
     read_mpp = max(slide.mpp, detail_mpp)
     half_l0 = detail_px * read_mpp / slide.mpp / 2
     x = int(max(0, min(col * thumb_mpp / slide.mpp - half_l0, slide.dimensions[0] - 2 * half_l0)))

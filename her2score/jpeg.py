@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["IJG_TABLES", "jpeg_quality", "dqt_tables", "pixel_jpeg_quality"]
+__all__ = ["IJG_TABLES", "QUALITIES", "jpeg_quality", "dqt_tables", "pixel_jpeg_quality"]
 
 
 IJG_TABLES = (
@@ -19,19 +19,26 @@ IJG_TABLES = (
 by its quality."""
 
 
+QUALITIES = np.arange(1, 101)
+"""The IJG qualities, 1-100."""
+
+
+def _scaled(standard) -> np.ndarray:
+    """libjpeg's steps for the ``standard`` table's steps (one or many) at each of QUALITIES (rows): by 5000 / q %
+    under quality 50, by 200 - 2q % from it, each rounded and kept within 1-255."""
+    q = QUALITIES.reshape(-1, *[1] * np.ndim(standard))
+    return np.clip((np.asarray(standard) * np.where(q < 50, 5000 // q, 200 - 2 * q) + 50) // 100, 1, 255)
+
+
 def jpeg_quality(tables) -> int | None:
     """The lowest IJG quality (1-100) of a JPEG's quantisation ``tables`` ({table id: 64 steps, in any order}; id 0
     luminance, 1 chrominance, as Pillow's ``quantization``): per table, the quality whose scaling of its IJG_TABLES
-    comes nearest its step sum, as libjpeg scales it (by 5000 / q % under quality 50, by 200 - 2q % from it, each
-    step rounded and kept within 1-255); None without a table. The chrominance table counts: brown DAB and
+    comes nearest its step sum, as libjpeg scales it (_scaled); None without a table. The chrominance table counts: brown DAB and
     blue haematoxylin differ in colour, and an encoder may keep the luminance fine and the colour coarse
     (cjpeg -quality 95,20)."""
-    q = np.arange(1, 101)
-    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None]
-
     def against(standard: int, steps) -> int:
-        sums = np.clip((np.array(IJG_TABLES[standard]) * scale + 50) // 100, 1, 255).sum(1)
-        return int(q[np.argmin(np.abs(sums - int(np.sum(steps))))])
+        sums = _scaled(IJG_TABLES[standard]).sum(1)
+        return int(QUALITIES[np.argmin(np.abs(sums - int(np.sum(steps))))])
 
     # a table of another id (JPEG allows 0-3) may hold either component's steps: read as the kinder of the two
     qualities = [against(i, steps) if i in (0, 1) else max(against(0, steps), against(1, steps)) for i, steps in tables.items()]
@@ -117,15 +124,12 @@ def pixel_jpeg_quality(rgb: np.ndarray, *, size_px: int = 768, phase_px: int = 3
     if len(blocks) > most_blocks:
         blocks = blocks[np.random.default_rng(0).choice(len(blocks), most_blocks, replace=False)]
     coefficients = np.einsum("ux,nxy,vy->nuv", _DCT, blocks, _DCT, optimize=True)
-    q = np.arange(1, 101)
-    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)
     qualities = []
     for u, v in _LOWEST:
         step = _step(coefficients[:, u, v])
         if step is None:
             continue
-        standard = IJG_TABLES[0][8 * u + v]
-        matching = q[np.clip((standard * scale + 50) // 100, 1, 255) == step]
+        matching = QUALITIES[_scaled(IJG_TABLES[0][8 * u + v]) == step]
         if len(matching):
             qualities.append(float(np.median(matching)))
     return round(float(np.median(qualities))) if len(qualities) >= 2 else None

@@ -600,19 +600,24 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     return _finish(scan, config, cells, parts)
 
 
-def _jpeg_quality(slide: Slide, mpp: float, tissue: TissueMask, *, size_px: int = 512) -> tuple[int, str] | None:
+def _jpeg_quality(slide: Slide, mpp: float, tissue: TissueMask, *, size_px: int = 512,
+                  earlier_by: int = 5) -> tuple[int, str] | None:
     """The JPEG quality of the level the tiles are read from at ``mpp`` µm/px, and where it was read: the level's
-    quantisation tables, else (a file saved losslessly, an array) the 8 x 8 blocks that a JPEG saved before left
-    in the pixels (jpeg.pixel_jpeg_quality, of a ``size_px`` square of the scan's own pixels at the tissue's most
-    interior point); None where neither tells (never a JPEG, or resized since)."""
-    if (quality := slide.jpeg_quality_at(mpp)) is not None:
-        return quality, "the quantisation tables of the level scored"
-    row, col = tissue.interior_point()
+    quantisation tables, or the 8 x 8 blocks that a JPEG save left in the pixels (jpeg.pixel_jpeg_quality, of a
+    ``size_px`` square of the scan's own pixels at the tissue's most interior point) where the file has none (a PNG
+    or TIFF saved losslessly from a JPEG, an array) or they show an earlier save at least ``earlier_by`` coarser
+    (a JPEG of a JPEG: its own tables say only the last save's); None where neither tells (never a JPEG, or
+    resized since)."""
+    tables = slide.jpeg_quality_at(mpp)
+    row, col = tissue.interior_point
     w, h = min(size_px, slide.dimensions[0]), min(size_px, slide.dimensions[1])
     x = max(0, min(round(col * tissue.mpp / slide.mpp) - w // 2, slide.dimensions[0] - w))
     y = max(0, min(round(row * tissue.mpp / slide.mpp) - h // 2, slide.dimensions[1] - h))
-    quality = pixel_jpeg_quality(slide.read_region((x, y), (w, h), mpp=slide.mpp))
-    return None if quality is None else (quality, "the 8 x 8 blocks its pixels keep from a JPEG save")
+    pixels = pixel_jpeg_quality(slide.read_region((x, y), (w, h), mpp=slide.mpp))
+    if pixels is not None and (tables is None or pixels <= tables - earlier_by):
+        before = f" before its last (the file's own tables say {tables})" if tables is not None else ""
+        return pixels, f"the 8 x 8 blocks its pixels keep from a JPEG save{before}"
+    return None if tables is None else (tables, "the quantisation tables of the level scored")
 
 
 def _refuse_dark_counterstain(path, nucleus: NucleusThresholds | None) -> None:

@@ -424,10 +424,10 @@ ASPECT_TOLERANCE = 0.02
 def _square_pixels(path, across: float | None, down: float | None) -> None:
     """SlideError where the file states pixels more than ASPECT_TOLERANCE taller than wide or wider than tall (both
     a microscope's): its cells would be measured stretched, and no µm/px given undoes that."""
-    if _plausible(across) and _plausible(down) and abs(down / across - 1) > ASPECT_TOLERANCE:
+    if _plausible(across) and _plausible(down) and max(down / across, across / down) > 1 + ASPECT_TOLERANCE:
         raise SlideError(path, f"its pixels are not square: {across:.4g} µm wide and {down:.4g} µm tall (its resolution "
-                               f"metadata), so cells would be measured {max(down / across, across / down):.2f}x stretched; "
-                               "resample it to square pixels first")
+                               f"metadata), so cells would be measured {100 * (max(down / across, across / down) - 1):.1f}% "
+                               "stretched one way; resample it to square pixels first")
 
 
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
@@ -642,6 +642,8 @@ def _tiff_mpp(tif, page, axis: int = 0) -> float | None:
                 return float(m.group(1)) * factor
             except ValueError:
                 pass
+        if pixels and axis == 1:  # an OME size across but none down: no down from another source (a stale tag)
+            return None
     res, unit = page.tags.get(("XResolution", "YResolution")[axis]), page.tags.get("ResolutionUnit")
     value = res.value if res else None
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] > 0 and value[1] > 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -25,6 +26,7 @@ class TissueMask:
     def area_mm2(self) -> float:
         return float(self.mask.sum()) * (self.mpp * 1e-3) ** 2
 
+    @cached_property
     def interior_point(self) -> tuple[int, int]:
         """(row, column) of the mask's pixel farthest from any non-tissue pixel: where a square read around it is
         most likely all tissue."""

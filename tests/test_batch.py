@@ -644,7 +644,7 @@ def test_cells_csv_on_request_and_never_stale(tmp_path, three, fields):
     assert sorted(p.name for p in (out / "field_2_.png" / "previous").iterdir()) == sorted(OUTPUT_FILES + OPTIONAL_OUTPUT_FILES)
 
 
-def test_a_slide_that_fails_again_keeps_the_outputs_an_earlier_run_finished(tmp_path, fields, capsys):
+def test_a_slide_that_fails_again_keeps_the_outputs_an_earlier_run_finished(tmp_path, fields, monkeypatch):
     """Run again with --mpp forgotten (or wrong), a field that has no µm/px of its own fails: its finished outputs
     were deleted (hours of a whole slide's scoring lost to a command's slip). They are set aside in previous/, the
     error says where, and the slide scored again replaces them."""
@@ -665,6 +665,19 @@ def test_a_slide_that_fails_again_keeps_the_outputs_an_earlier_run_finished(tmp_
     assert (kept / "result.json").read_bytes() == result
     again = run_batch([folder], out, mpp=0.5)
     assert (again.scored, again[0]["score"]) == (1, first[0]["score"]) and not kept.exists()
+    # interrupted while set aside, the outputs go back where they were (they were left in a hidden folder); a file
+    # named previous is no output of the tool, and makes way
+    finished = sorted(p.name for p in (out / "a.png").iterdir())
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(os, "rename", interrupted)
+        batch._set_aside_outputs(str(out / "a.png"))
+    assert sorted(p.name for p in (out / "a.png").iterdir()) == finished
+    kept.write_text("not a folder")
+    assert batch._set_aside_outputs(str(out / "a.png")) == str(kept)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(OUTPUT_FILES) and os.listdir(out / "a.png") == ["previous"]
 
 
 def test_missing_outputs_are_rebuilt(tmp_path, three):

@@ -679,6 +679,11 @@ def test_a_real_her2_0_saved_as_heavy_jpeg_fails_qc(tmp_path):
         assert [(q.code, q.severity, q.value) for q in lossless.qc if q.code == "jpeg_quality"] == [("jpeg_quality", "fail", 20.0)]
         assert "JPEG quality 20 (from the 8 x 8 blocks its pixels keep from a JPEG save)" in lossless.notes
         assert check_eligibility(lossless, "her2-low-breast").status == "needs_review"
+    Image.fromarray(pixels).save(tmp_path / "q20_then_95.jpg", quality=95)  # a JPEG of it: its tables say 95
+    again = score_slide(tmp_path / "q20_then_95.jpg", mpp=0.5)
+    assert [(q.code, q.severity, q.value) for q in again.qc if q.code == "jpeg_quality"] == [("jpeg_quality", "fail", 20.0)]
+    assert ("JPEG quality 20 (from the 8 x 8 blocks its pixels keep from a JPEG save before its last (the file's own "
+            "tables say 95))") in again.notes
     colon = score_slide(_as_array(CASES["skimage-colon-ihc"])(), mpp=0.5)
     assert "JPEG quality 75 (from the 8 x 8 blocks its pixels keep from a JPEG save)" in colon.notes and colon.qc_passed
     assert not any("JPEG quality" in note for note in score_slide(unstained, mpp=0.5).notes)  # recomposed: no blocks left
