@@ -883,8 +883,10 @@ def run_batch(
             return _run_locked(out, slides, problems, skipped, config, mpp, regions, workers, scheduler, cnn_weights,
                                cells_csv, progress, default_mpp, backend)
         except BatchError:
-            if created and [p.name for p in out.iterdir()] == [LOCK]:  # refused before any work: no folder left behind
-                (out / LOCK).unlink()
+            left = {p.name for p in out.iterdir()}
+            if created and left <= {LOCK, MANIFEST, SUMMARY}:  # refused before any slide (a scheduler not reached): no folder left
+                for name in left:
+                    (out / name).unlink()
                 out.rmdir()
             raise
 
