@@ -385,9 +385,10 @@ def _synth(args) -> int:
     from .synthetic import write_dataset
 
     try:
+        _at_least("--seed", args.seed, 0)  # numpy's own words name no option
         path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
                              real_borders=args.real_borders)
-    except ValueError as e:
+    except (_UsageError, ValueError) as e:
         _error(args.command, str(e))
         return 2
     except OSError as e:

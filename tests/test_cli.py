@@ -336,6 +336,7 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
     (["--n-per-class", "1", "--stain-jitter", "-5"], "the stain jitter must be 0-30 degrees"),
     (["--n-per-class", "-1"], "the fields per class must be a whole number of at least 1, got -1"),
     (["--n-per-class", "0"], "the fields per class must be a whole number of at least 1, got 0"),
+    (["--n-per-class", "1", "--seed", "-1"], "--seed must be at least 0, got -1"),  # numpy's words named no option
 ])
 def test_synth_refuses_settings_it_cannot_draw(tmp_path, capsys, args, words):
     """A negative jitter or count was a traceback, 0 fields 'wrote 0 fields' and exit 0."""
