@@ -869,7 +869,10 @@ def _near_words(sides: list[tuple[str, float]], score: str, n_tumour: int, confi
     lo, hi = wilson_ci(round(near * n_tumour / 100), n_tumour, NEAR_CUTOFF_CONFIDENCE)
     false = (f", and real unstained membranes read stained in up to {config.false_membrane_percent:g}% of cells"
              if score == "1+" and 10.0 + config.near_cutoff_points <= near < 10.0 + config.false_membrane_percent else "")
-    return (f"; near the 10% cut-off ({percent_text(near)} of {n_tumour:,} tumour cells decide it, "
+    # a share far from 10% is near it only by its interval, on few cells: "0.0% ... near the 10% cut-off" alarmed
+    head = ("near the 10% cut-off" if abs(near - 10.0) < config.near_cutoff_points or false
+            else "too few tumour cells to be sure of the 10% cut-off")
+    return (f"; {head} ({percent_text(near)} of {n_tumour:,} tumour cells decide it, "
             f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(100 * lo)[:-1]}-{percent_text(100 * hi)}; the measurement's own margin is "
             f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
 
