@@ -339,10 +339,16 @@ def _other_answer(result: SlideResult, rule: Rule, ish: str | None, status: str,
     return None if other == status else other.replace("_", " ")
 
 
+def _carries(result: SlideResult, flag: str) -> bool:
+    """Whether the reported call or the classical one carries ``flag``: a doubt about the cells measured, which a
+    fused call (or a result written before it kept them) may not repeat."""
+    return flag in result.flags or flag in result.classical_flags
+
+
 def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its isolated intense cells, counted as a population, would
     change the answer; None when they would not (or the slide has none)."""
-    if "isolated_intense_cells" not in result.flags and "isolated_intense_cells" not in result.classical_flags:
+    if not _carries(result, "isolated_intense_cells"):
         return None
     counted = apply_guideline(result.counts, result.guideline, result.specimen, clusters=result.clusters,
                               isolated_intense_percent=0)
@@ -362,7 +368,7 @@ def _levels_guideline(result: SlideResult) -> str:
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its call sits too near a cut-off to be sure of its side and a
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
-    if "near_cutoff" not in result.flags and "near_cutoff" not in result.classical_flags:  # the cells measured lie near
+    if not _carries(result, "near_cutoff"):  # the cells measured lie near
         return None
     settings = near_cutoff_settings(result.guideline, result.specimen, result.clusters, result.config)  # the slide's own
     reading, floor = settings["gastric_reading"], settings["isolated_intense_percent"]

@@ -424,10 +424,13 @@ ASPECT_TOLERANCE = 0.02
 def _square_pixels(path, across: float | None, down: float | None) -> None:
     """SlideError where the file states pixels more than ASPECT_TOLERANCE taller than wide or wider than tall (both
     a microscope's): its cells would be measured stretched, and no µm/px given undoes that."""
-    if _plausible(across) and _plausible(down) and max(down / across, across / down) > 1 + ASPECT_TOLERANCE:
+    if not (_plausible(across) and _plausible(down)):
+        return
+    stretch = max(down / across, across / down)
+    if stretch > 1 + ASPECT_TOLERANCE:
         raise SlideError(path, f"its pixels are not square: {across:.4g} µm wide and {down:.4g} µm tall (its resolution "
-                               f"metadata), so cells would be measured {100 * (max(down / across, across / down) - 1):.1f}% "
-                               "stretched one way; resample it to square pixels first")
+                               f"metadata), so cells would be measured {100 * (stretch - 1):.1f}% stretched one way; "
+                               "resample it to square pixels first")
 
 
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}

@@ -423,7 +423,6 @@ def train(images: Sequence[LabelledImage], *, config: TrainConfig = TrainConfig(
     import torch
     import torch.nn.functional as F
 
-
     t_start = time.perf_counter()
     cfg = config
     if not images:
