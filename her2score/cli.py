@@ -343,13 +343,13 @@ review), 3 needs review under some rule, 2 a usage or input error."""
 
 
 def _check(args) -> int:
-    from .eligibility import check_eligibility, load_rule
+    from .eligibility import check_eligibility, distinct_rules, load_rule
     from .results import SlideResult
 
     try:
         try:
             result = SlideResult.read(args.result)
-            rules = [load_rule(name) for name in args.rule]  # an error names the rule or its file
+            rules = distinct_rules([load_rule(name) for name in args.rule])  # an error names the rule or its file
         except ValueError as e:
             raise _UsageError(str(e)) from None
         decisions = [check_eligibility(result, rule, ish=args.ish) for rule in rules]

@@ -13,8 +13,8 @@ Rule schema (top-level keys; ``[[require]]`` tables optional)::
     ish_levels = ["2+"]              # levels decided by ISH (no ISH result -> needs_review)
     ish_eligible = "negative"        # the ISH result that makes an ish_levels slide eligible
     [[require]]                      # every table must hold, on eligible and ISH levels alike
-    level = "2+"                     # cumulative: "3+" strong, "2+" weak-moderate or stronger,
-    min_percent = 50                 #   "1+"/"any" any staining; complete and lateral alike
+    level = "2+"                     # cumulative, read one cell as the slide's guideline does
+    min_percent = 50                 #   (guidelines.STAINED_AT_LEAST): "3+", "2+", "1+" or "any" (= "1+")
     inclusive = false                # false: > min_percent, true: >= min_percent
 
 Precedence of ``check_eligibility``: doubts about the score itself (no score at all, failed QC, too
@@ -53,7 +53,7 @@ from her2score.guidelines import (
     NEAR_CUTOFF_CONFIDENCE,
     REPORT_LEVELS,
     ZERO_SPLIT,
-    STAINING_LEVEL,
+    STAINED_AT_LEAST,
     apply_guideline,
     cluster_sides,
     cluster_words,
@@ -78,6 +78,7 @@ __all__ = [
     "Decision",
     "available_rules",
     "load_rule",
+    "distinct_rules",
     "ish_result",
     "check_eligibility",
     "guideline_suits",
@@ -87,12 +88,12 @@ RULES_DIR = Path(__file__).with_name("rules")
 STATUSES: tuple[str, ...] = ("eligible", "not_eligible", "needs_review")
 ISH_RESULTS: tuple[str, ...] = ("positive", "negative")
 """The ISH results check_eligibility, 'check --ish' and evaluate's ish column take, in any case (ish_result)."""
-_REQUIRE_LEVELS = {"3+": 3, "2+": 2, "1+": 1, "any": 1}
+_REQUIRE_LEVELS = ("3+", "2+", "1+", "any")
 _REQUIRE_WORDS = {
-    "3+": "strong membrane staining (complete or lateral)",
-    "2+": "weak-to-moderate or stronger membrane staining (complete or lateral)",
-    "1+": "any membrane staining",
-    "any": "any membrane staining",
+    "breast": {"3+": "intense complete membrane staining",
+               "2+": "complete membrane staining or the unusual 2+ pattern (lateral, or intense incomplete)"},
+    "gastric": {"3+": "strong membrane staining (complete or lateral)",
+                "2+": "weak-to-moderate or stronger membrane staining (complete or lateral)"},
 }
 
 
@@ -102,7 +103,8 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class Requirement:
-    """A minimum share of tumour cells stained at ``level`` or higher (cumulative)."""
+    """A minimum share of tumour cells stained at ``level`` or higher (cumulative), a cell read as the slide's
+    guideline reads one (guidelines.STAINED_AT_LEAST)."""
 
     level: str
     min_percent: float
@@ -121,17 +123,21 @@ class Requirement:
     def bound(self) -> str:
         return f"{'>=' if self.inclusive else '>'}{self.min_percent:g}%"
 
-    def cells(self, counts: dict[str, int]) -> tuple[int, int]:
-        """(tumour cells stained at ``level`` or higher, all tumour cells)."""
-        n = sum(v for cat, v in counts.items() if STAINING_LEVEL[cat] >= _REQUIRE_LEVELS[self.level])
-        return n, sum(counts.values())
+    def cells(self, counts: dict[str, int], guideline: str) -> tuple[int, int]:
+        """(tumour cells stained at ``level`` or higher under ``guideline``, all tumour cells)."""
+        stained = STAINED_AT_LEAST[GUIDELINE_FAMILY[guideline]]["1+" if self.level == "any" else self.level]
+        return sum(v for cat, v in counts.items() if cat in stained), sum(counts.values())
 
-    def met(self, counts: dict[str, int]) -> tuple[bool, str]:
-        """Whether the counts meet this requirement, and the reason in words."""
-        n, total = self.cells(counts)
+    def words(self, guideline: str) -> str:
+        """What the cells counted show, in words, under ``guideline``."""
+        return _REQUIRE_WORDS[GUIDELINE_FAMILY[guideline]].get(self.level, "any membrane staining")
+
+    def met(self, counts: dict[str, int], guideline: str) -> tuple[bool, str]:
+        """Whether the counts meet this requirement under ``guideline``, and the reason in words."""
+        n, total = self.cells(counts, guideline)
         share, need = Fraction(100 * n, total or 1), Fraction(str(self.min_percent))
         ok = total > 0 and (share >= need if self.inclusive else share > need)
-        words = f"{_REQUIRE_WORDS[self.level]} in {percent_text(float(share), self.min_percent)} of tumour cells ({n}/{total})"
+        words = f"{self.words(guideline)} in {percent_text(float(share), self.min_percent)} of tumour cells ({n}/{total})"
         return ok, f"{words}; rule needs {self.bound()}: {'met' if ok else 'not met'}"
 
 
@@ -178,6 +184,11 @@ class Rule:
             bad = [x for x in getattr(self, key) if x not in REPORT_LEVELS]
             if bad:
                 raise RuleError(f"{key} has unknown levels {bad}; use some of {list(REPORT_LEVELS)}")
+        suited = [g for g in GUIDELINES if guideline_suits(self.guideline, g)]
+        for key in ("eligible_levels", "ish_levels"):
+            if (split := [x for x in getattr(self, key) if x in ZERO_LEVELS]) and not ZERO_SPLIT & set(suited):
+                raise RuleError(f"{key} has {split}, which {self.guideline} scoring never reports (it calls a plain \"0\", "
+                                "null and ultralow alike): use \"0\"")
         if not self.eligible_levels and not self.ish_levels:
             raise RuleError("eligible_levels and ish_levels are both empty: nothing could be eligible")
         if both := _level_set(self.eligible_levels) & _level_set(self.ish_levels):
@@ -276,9 +287,9 @@ def load_rule(name_or_path: str | Path) -> Rule:
             )
         path = shown = RULES_DIR / f"{name_or_path}.toml"
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-        return _parse(data)
+        rule = _parse(tomllib.loads(path.read_bytes().decode("utf-8-sig")))  # a Windows editor's byte-order mark is no TOML
+        _not_a_shipped_name(rule, path)
+        return rule
     except FileNotFoundError:
         from .slide import missing_reason
 
@@ -298,6 +309,26 @@ def load_rule(name_or_path: str | Path) -> Rule:
         raise RuleError(f"{shown}: {e}") from None
 
 
+def _not_a_shipped_name(rule: Rule, path: Path) -> None:
+    """RuleError where ``rule``, read from ``path``, takes a shipped rule's name but is not that rule (a copy edited
+    without a new name, which reports and evaluations would show as the shipped rule)."""
+    shipped = RULES_DIR / f"{rule.name}.toml"
+    if rule.name in available_rules() and path.resolve() != shipped.resolve() and rule != load_rule(rule.name):
+        raise RuleError(f"name {rule.name!r} is a shipped rule's, but its definition differs from the shipped one: "
+                        "give the changed rule a name of its own")
+
+
+def distinct_rules(rules: list[Rule]) -> list[Rule]:
+    """``rules`` with repeats of one rule left out; RuleError where two different rules share a name (decisions,
+    evaluations and their columns are keyed by it)."""
+    out: dict[str, Rule] = {}
+    for rule in rules:
+        if out.setdefault(rule.name, rule) != rule:
+            raise RuleError(f"two different rules are named {rule.name!r} (version {out[rule.name].version} and "
+                            f"{rule.version}): give each rule its own name")
+    return list(out.values())
+
+
 def _matches(levels: tuple[str, ...], result: SlideResult) -> bool:
     return result.level in levels or result.score in levels
 
@@ -315,7 +346,7 @@ def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list
     counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
     reasons = []
     for req in rule.require:
-        ok, why = req.met(counts)
+        ok, why = req.met(counts, result.guideline)
         reasons.append(why)
         if not ok:
             return "not_eligible", reasons
@@ -325,7 +356,7 @@ def _decide(result: SlideResult, rule: Rule, ish: str | None) -> tuple[str, list
             return "needs_review", [*reasons, f"{level} awaits ISH: eligible only if ISH is {rule.ish_eligible}"]
         status = "eligible" if ish == rule.ish_eligible else "not_eligible"
         return status, [*reasons, f"{level} with ISH {ish}; the rule needs ISH {rule.ish_eligible}"]
-    if ish is not None:
+    if ish is not None and _ish_doubt(result, ish) is None:  # a discordant one is a doubt, said there
         reasons.append(f"ISH result ({ish}) not used: the rule decides {level} on IHC alone")
     allowed = ", ".join(rule.eligible_levels + tuple(f"{x} with ISH {rule.ish_eligible}" for x in rule.ish_levels))
     if _matches(rule.eligible_levels, result):
@@ -368,8 +399,6 @@ def _levels_guideline(result: SlideResult) -> str:
 def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its call sits too near a cut-off to be sure of its side and a
     level on the other side would change the answer; None otherwise (see guidelines.near_cutoff_sides)."""
-    if not _carries(result, "near_cutoff"):  # the cells measured lie near
-        return None
     settings = near_cutoff_settings(result.guideline, result.specimen, result.clusters, result.config)  # the slide's own
     reading, floor = settings["gastric_reading"], settings["isolated_intense_percent"]
     sides = near_cutoff_sides(result.counts, result.classical_score, **settings)
@@ -420,14 +449,14 @@ def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
     unsure, met, words = set(), {}, []
     for req in rule.require:
-        n, total = req.cells(counts)
-        met[req] = req.met(counts)[0]
+        n, total = req.cells(counts, result.guideline)
+        met[req] = req.met(counts, result.guideline)[0]
         if total:
             lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
             if lo < req.min_percent < hi:
                 unsure.add(req)
                 cut = req.min_percent
-                words.append(f"{_REQUIRE_WORDS[req.level]} in {percent_text(100 * n / total, cut)} of {total:,} tumour cells: its "
+                words.append(f"{req.words(result.guideline)} in {percent_text(100 * n / total, cut)} of {total:,} tumour cells: its "
                              f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(lo, cut)[:-1]}-{percent_text(hi, cut)} reaches "
                              f"across the rule's {req.bound()}")
     others = {"not_eligible"} if any(met[r] for r in unsure) else set()

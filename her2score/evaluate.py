@@ -357,31 +357,39 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+_ANY_STAINING = ("faint_partial", "weak_moderate_partial", "weak_moderate_complete", "weak_moderate_lateral", "strong_partial",
+                 "strong_complete", "strong_lateral")
 _AT_LEAST = {
-    1: ("faint_partial", "weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral", "strong_partial",
-        "weak_moderate_partial"),
-    2: ("weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral"),
-    3: ("strong_complete", "strong_lateral"),
+    "gastric": {1: _ANY_STAINING, 2: ("weak_moderate_complete", "weak_moderate_lateral", "strong_complete", "strong_lateral"),
+                3: ("strong_complete", "strong_lateral")},
+    "breast": {1: _ANY_STAINING, 2: ("weak_moderate_complete", "strong_complete", "weak_moderate_lateral", "strong_lateral",
+                                     "strong_partial"),
+               3: ("strong_complete",)},
 }
-"""The categories stained at each level or higher as the guidelines count them (complete and lateral membranes at
-their intensity; any other stained membrane at 1+), written out here rather than taken from the package's own tables,
-so that a fault in those shows in the figures."""
+"""The categories of a cell stained at each level or higher as each guideline family reads one cell. Gastric: complete
+and lateral (U) membranes at their intensity, any other stained membrane at 1+. Breast: 3+ intense complete only; 2+
+complete membranes, or the unusual pattern (lateral, or intense incomplete); 1+ any staining. Written out here rather
+than taken from the package's own tables, so that a fault in those shows in the figures."""
 
 
-def _requirement_holds(level: str, min_percent: float, inclusive: bool, counts: Mapping[str, int]) -> bool:
-    """Whether the true ``counts`` hold a rule's ``[[require]]``: the share at ``level`` ("1+", "2+", "3+" or "any")
-    or higher over (``inclusive``: at least) ``min_percent``, in exact arithmetic."""
+def _requirement_holds(level: str, min_percent: float, inclusive: bool, counts: Mapping[str, int], family: str) -> bool:
+    """Whether the true ``counts`` hold a rule's ``[[require]]`` under a guideline ``family`` ("breast" or "gastric"):
+    the share at ``level`` ("1+", "2+", "3+" or "any") or higher over (``inclusive``: at least) ``min_percent``, in
+    exact arithmetic."""
     total = sum(int(v) for v in counts.values())
-    n = sum(int(counts.get(cat, 0)) for cat in _AT_LEAST[1 if level == "any" else int(level[0])])
+    n = sum(int(counts.get(cat, 0)) for cat in _AT_LEAST[family][1 if level == "any" else int(level[0])])
     share, need = Fraction(100 * n, total), Fraction(str(min_percent))
     return share >= need if inclusive else share > need
 
 
-def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mapping[str, int] | None = None) -> bool | None:
+def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mapping[str, int] | None = None,
+                      guideline: str | None = None) -> bool | None:
     """Whether a patient whose true label is ``label`` (any TRUTH_LEVELS spelling) is eligible under
     ``rule``, from the rule file alone (never check_eligibility): the label's level is eligible if it,
     or its score, is in ``eligible_levels``; in ``ish_levels`` it is eligible when ``ish`` equals
-    ``ish_eligible``; otherwise not. A ``[[require]]`` percentage is checked on the true ``counts``.
+    ``ish_eligible``; otherwise not. A ``[[require]]`` percentage is checked on the true ``counts``, a cell
+    read as ``guideline`` (the scoring evaluated; None: the rule's own, "breast" or "gastric" or one of
+    theirs) reads one; ValueError where neither names one and the two families' readings differ.
 
     None when the label does not decide it: a plain 0 where the rule treats null and ultralow
     differently, an ISH level without an ISH result, a requirement without true counts. A requirement
@@ -390,7 +398,16 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
     score, level = parse_truth_label(label)
     candidates = [level] if level else list(ZERO_LEVELS)  # a plain 0: null or ultralow
     counted = counts is not None and sum(counts.values()) > 0
-    meets = all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts) for req in rule.require) if counted else None
+    meets = None
+    if counted and rule.require:
+        named = guideline or rule.guideline
+        family = {"breast-asco-cap-2018": "breast", "breast-asco-cap-2023": "breast"}.get(named, named)
+        held = {all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts, f) for req in rule.require)
+                for f in ([family] if family in _AT_LEAST else _AT_LEAST)}
+        if len(held) > 1:
+            raise ValueError(f"rule {rule.name!r} expects {rule.guideline!r} scoring, and breast and gastric read its "
+                             "[[require]] cells differently here: give the guideline")
+        meets = held.pop()
     answers = set()
     for lv in candidates:
         keys = {lv, score}
@@ -666,7 +683,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
     Returns the metrics dict (also ``metrics.json``) plus ``summary`` (text) and ``errors`` (count).
     """
     from .batch import output_lock
-    from .eligibility import Rule, available_rules, check_eligibility, guideline_suits, load_rule
+    from .eligibility import Rule, available_rules, check_eligibility, distinct_rules, guideline_suits, load_rule
     from .pipeline import ScoringConfig
 
     t_start = time.perf_counter()
@@ -681,7 +698,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         clf = model if isinstance(model, TileClassifier) else load_model(model)
     config = ScoringConfig(guideline=guideline, specimen=specimen, gastric_reading=gastric_reading,
                            **({} if isolated_intense_percent is None else {"isolated_intense_percent": isolated_intense_percent}))
-    rule_objs = [r if isinstance(r, Rule) else load_rule(r) for r in (rules or available_rules())]
+    rule_objs = distinct_rules([r if isinstance(r, Rule) else load_rule(r) for r in (rules or available_rules())])
     unknown = sorted({name for item in items for name in item.eligible} - {r.name for r in rule_objs} - set(available_rules()))
     if unknown:
         raise ValueError(f"{labels}: eligibility truth for unknown rules {unknown}; the rules are {available_rules()}")
@@ -792,7 +809,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
                     item = items[i]
                     t = item.eligible.get(rule.name)
                     if t is None:
-                        t = eligibility_truth(item.level or item.label, rule, ish=item.ish, counts=item.counts)
+                        t = eligibility_truth(item.level or item.label, rule, ish=item.ish, counts=item.counts, guideline=guideline)
                         source["label and rule file"] += t is not None
                     else:
                         source["eligible column"] += 1

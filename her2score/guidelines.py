@@ -53,6 +53,7 @@ __all__ = [
     "false_membrane_share",
     "with_null_doubt",
     "STAINING_LEVEL",
+    "STAINED_AT_LEAST",
     "MIN_TUMOUR_CELLS",
     "ISOLATED_INTENSE_PERCENT",
     "ISOLATED_INTENSE_MIN_CELLS",
@@ -233,6 +234,16 @@ _BREAST_2PLUS_GROUPS = (("weak_moderate_complete", "strong_complete"),
 """The two populations either of which makes a breast 2+ over 10%: complete membranes of any intensity,
 and the unusual pattern's: lateral/basolateral membranes of weak-to-moderate or intense staining and
 intense ones, complete or not (an intense complete membrane is intense too)."""
+
+STAINED_AT_LEAST: dict[str, dict[str, tuple[str, ...]]] = {
+    "breast": {"3+": ("strong_complete",), "2+": tuple(dict.fromkeys(_BREAST_2PLUS_GROUPS[0] + _BREAST_2PLUS_GROUPS[1])),
+               "1+": tuple(cat for cat in CATEGORIES if cat != "none")},
+    "gastric": {f"{k}+": tuple(cat for cat in CATEGORIES if STAINING_LEVEL[cat] >= k) for k in (3, 2, 1)},
+}
+"""Per guideline family, the categories of a tumour cell stained at each level or higher as that family's rules read
+one cell (an eligibility rule's ``[[require]]`` shares). Breast: 3+ intense complete only (an intense lateral or
+incomplete membrane is the unusual 2+ pattern); 2+ either 2+ population (_BREAST_2PLUS_GROUPS); 1+ any staining.
+Gastric: STAINING_LEVEL, complete and lateral (U) membranes at their intensity."""
 
 
 def _known(guideline: str, gastric_reading: str = "cumulative") -> None:

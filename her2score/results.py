@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS", "MPP_ORIGINS"]
+__all__ = ["QCFinding", "CnnReport", "SlideResult", "SCORES", "ZERO_LEVELS", "REPORT_LEVELS", "MPP_ORIGINS", "SEVERITIES"]
 
 SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 ZERO_LEVELS: tuple[str, ...] = ("0 (null)", "0+ (ultralow)")
@@ -18,7 +18,7 @@ REPORT_LEVELS: tuple[str, ...] = ("0", *ZERO_LEVELS, "1+", "2+", "3+")
 
 @dataclass(frozen=True)
 class QCFinding:
-    """One quality-control finding. ``severity``: 'fail' (blocks an automatic decision), 'warn' or 'info'."""
+    """One quality-control finding. ``severity``: 'fail' (blocks an automatic decision), 'warn' or 'info' (SEVERITIES)."""
 
     code: str
     severity: str
@@ -41,6 +41,9 @@ DOUBT_FLAGS = frozenset({"near_cutoff", "null_or_ultralow", "cytoplasmic_dab", "
 as membrane, isolated intense cells): a result carrying one is needs_review in qc_status, as a weak-counterstain
 field read 0+ on 7.7% with near_cutoff showed "passed" in summary.csv while eligibility asked for review."""
 
+
+SEVERITIES: tuple[str, ...] = ("fail", "warn", "info")
+"""A QC finding's severities (QCFinding.severity)."""
 
 MPP_ORIGINS: tuple[str, ...] = ("user", "metadata", "default")
 """Where a slide's µm/px came from (``SlideResult.mpp_origin``, ``Slide.mpp_origin``): given by the user, the
@@ -140,18 +143,22 @@ class SlideResult:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: not JSON ({e})") from None
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in data] if isinstance(data, dict) else required
-        if missing:
-            raise ValueError(f"{path}: not a her2score result.json (no {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a her2score result.json (a JSON {type(data).__name__}, not an object)")
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}" if str(e).startswith("not a her2score result") else
+                             f"{path}: not a her2score result.json ({e})") from None
+        except (TypeError, AttributeError, KeyError) as e:
             raise ValueError(f"{path}: not a her2score result.json ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SlideResult":
         """A result from its to_dict form (a result.json); ValueError where a value is not one the tool writes."""
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        if missing := [k for k in required if k not in d]:
+            raise ValueError(f"not a her2score result.json (no {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
         _check_dict(d)
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["flags"] = tuple(d.get("flags", ()))
@@ -167,6 +174,7 @@ class SlideResult:
 def _check_dict(d: dict[str, Any]) -> None:
     """ValueError naming the first field of a result.json's dict that the tool would never write."""
     from .categories import CATEGORIES
+    from .guidelines import GUIDELINE_FAMILY, GUIDELINES, SPECIMENS
 
     def numbers(key: str, keys, kind=(int, float)) -> None:
         value = d.get(key, {})
@@ -174,6 +182,14 @@ def _check_dict(d: dict[str, Any]) -> None:
                                                   for k, v in value.items()):
             raise ValueError(f"{key!r} must map {', '.join(keys)} to numbers, got {value!r}")
 
+    if d.get("guideline") not in GUIDELINES:
+        raise ValueError(f"'guideline' must be one of {list(GUIDELINES)}, got {d.get('guideline')!r}")
+    if d.get("specimen") not in SPECIMENS or (d["specimen"] == "biopsy" and GUIDELINE_FAMILY[d["guideline"]] != "gastric"):
+        raise ValueError(f"'specimen' must be one of {list(SPECIMENS)} (a biopsy under gastric only), got "
+                         f"{d.get('specimen')!r} under {d['guideline']!r}")
+    for key in ("flags", "classical_flags", "notes"):
+        if not isinstance(d.get(key, []), (list, tuple)) or not all(isinstance(x, str) for x in d.get(key, [])):
+            raise ValueError(f"{key!r} must be a list of strings, got {d.get(key)!r}")
     for key in ("score", "classical_score"):
         if d.get(key) not in (None, *SCORES):
             raise ValueError(f"{key!r} must be one of {list(SCORES)} or null, got {d.get(key)!r}")
@@ -208,3 +224,5 @@ def _check_dict(d: dict[str, Any]) -> None:
     if not isinstance(qc, (list, tuple)) or not all(isinstance(q, dict) and set(q) <= known
                                                     and {"code", "severity", "message"} <= set(q) for q in qc):
         raise ValueError(f"'qc' must be a list of findings with code, severity and message, got {qc!r}")
+    if bad := sorted({q["severity"] for q in qc} - set(SEVERITIES), key=str):
+        raise ValueError(f"'qc' severities must be among {list(SEVERITIES)}, got {bad}")

@@ -791,7 +791,8 @@ def test_check_refuses_a_result_json_whose_fields_disagree(scored, tmp_path, cap
     good = json.loads((scored / "field_3plus_a.png" / "result.json").read_text())
     cases = {"level.json": ({**good, "level": "0 (null)"}, "'level' '0 (null)' is not a level of score '3+'"),
              "counts.json": ({**good, "counts": {**good["counts"], "none": good["counts"]["none"] + 5000}},
-                             f"'counts' add up to {good['tumour_cells'] + 5000}")}
+                             f"'counts' add up to {good['tumour_cells'] + 5000}"),
+             "guideline.json": ({**good, "guideline": "breast"}, "'guideline' must be one of")}  # it raised a traceback, exit 1
     for name, (doc, message) in cases.items():
         (tmp_path / name).write_text(json.dumps(doc))
         code, out, err = check(capsys, str(tmp_path / name), "--rule", "t-dxd-tumour-agnostic")

@@ -42,7 +42,7 @@ def make_result(
 
 
 NULL = dict(none=200)
-ULTRALOW = dict(none=190, faint_partial=10)
+ULTRALOW = dict(none=196, faint_partial=4)  # 2%: far enough from 10% not to be near its cut-off
 ONE = dict(none=150, faint_partial=50)
 TWO = dict(none=140, weak_moderate_complete=60)
 THREE = dict(none=100, strong_complete=100)
@@ -106,9 +106,10 @@ def test_breast_rules(rule, counts, ish, status):
 @pytest.mark.parametrize(
     ("counts", "ish", "status"),
     [
-        (dict(none=90, strong_lateral=10), None, "eligible"),  # lateral 3+ at exactly 10%
-        (dict(none=90, weak_moderate_lateral=10), None, "needs_review"),
-        (dict(none=90, weak_moderate_lateral=10), "positive", "eligible"),
+        (dict(none=80, strong_lateral=20), None, "eligible"),  # lateral 3+
+        (dict(none=90, strong_lateral=10), None, "needs_review"),  # at exactly 10%: near its cut-off, 2+ awaits ISH
+        (dict(none=80, weak_moderate_lateral=20), None, "needs_review"),
+        (dict(none=80, weak_moderate_lateral=20), "positive", "eligible"),
         (dict(none=90, faint_partial=10), "negative", "not_eligible"),
         (dict(none=90, faint_partial=10), "positive", "needs_review"),  # IHC 1+ with ISH positive: discordant
     ],
@@ -431,6 +432,78 @@ def test_a_result_json_whose_calls_disagree_is_refused():
             SlideResult.from_dict({**good, **bad})
 
 
+def test_a_result_naming_what_the_tool_never_writes_is_refused_not_answered():
+    """A guideline or specimen the rules do not know (a review's result.json edited to guideline "breast" was
+    answered where no doubt asked apply_guideline, and raised where one did), a QC severity of another spelling (a
+    "FAIL" was read as passed: eligible), flags that are no list, and a dict without a field: ValueError naming it."""
+    good = make_result(none=175, faint_partial=25).to_dict()
+    for bad, words in (({"guideline": "breast"}, "'guideline' must be one of"),
+                       ({"specimen": "core"}, "'specimen' must be one of"),
+                       ({"specimen": "biopsy"}, "(a biopsy under gastric only), got 'biopsy' under 'breast-asco-cap-2023'"),
+                       ({"qc": [{"code": "x", "severity": "FAIL", "message": "m"}]}, "'qc' severities must be among"),
+                       ({"flags": "her2_low"}, "'flags' must be a list of strings")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            check_eligibility({**good, **bad}, "her2-low-breast")
+    del good["slide"]
+    with pytest.raises(ValueError, match=re.escape("not a her2score result.json (no slide)")):
+        check_eligibility(good, "her2-low-breast")
+
+
+def test_a_breast_requirement_counts_cells_as_breast_reads_them():
+    """Breast 3+ is intense complete staining; an intense lateral or incomplete membrane is the unusual 2+ pattern.
+    A [[require]] at 3+ under breast counted the 60% intense lateral cells as 3+ (gastric's reading): eligible."""
+    rule = Rule(name="cart-breast", version="1", guideline="breast", eligible_levels=("2+", "3+"),
+                require=(Requirement("3+", 50.0, True),))
+    counts = dict(none=200, strong_lateral=600, strong_complete=200)
+    d = check_eligibility(make_result(**counts), rule)
+    assert d.status == "not_eligible"
+    assert any(x.startswith("intense complete membrane staining in 20.0% of tumour cells (200/1000); rule needs >=50%: not met")
+               for x in d.reasons), d.reasons
+    two = replace(rule, require=(Requirement("2+", 50.0, True),))  # the unusual pattern is 2+
+    assert check_eligibility(make_result(**counts), two, ish="positive").status == "eligible"
+    gastric = replace(rule, guideline="gastric")  # gastric counts complete and lateral alike at their intensity
+    assert check_eligibility(make_result("gastric", **counts), gastric).status == "eligible"
+
+
+def test_a_rule_may_not_list_levels_its_scoring_never_reports():
+    with pytest.raises(RuleError, match=re.escape("which gastric scoring never reports")):
+        Rule(name="t", version="1", guideline="gastric", eligible_levels=("0 (null)",))
+    Rule(name="t", version="1", guideline="breast", eligible_levels=("0+ (ultralow)",))  # 2023 reports it
+    Rule(name="t", version="1", guideline="any", eligible_levels=("0+ (ultralow)",))
+
+
+def test_a_contradicting_ish_result_is_a_doubt_not_also_unused():
+    d = check_eligibility(make_result(**THREE), "her2-positive-breast", ish="negative")
+    assert d.status == "needs_review" and any("ISH negative contradicts IHC 3+" in x for x in d.reasons)
+    assert not any("not used" in x for x in d.reasons), d.reasons
+    assert any("not used" in x for x in check_eligibility(make_result(**THREE), "her2-positive-breast", ish="positive").reasons)
+
+
+def test_a_rule_file_may_not_take_a_shipped_rules_name_for_another_rule(tmp_path):
+    """A copy of a shipped rule edited without a new name was reported and evaluated as the shipped rule (evaluate kept
+    one of the two under the name); two different rules of one name are refused where they meet."""
+    from her2score.eligibility import RULES_DIR, distinct_rules
+
+    shipped = (RULES_DIR / "her2-low-breast.toml").read_text()
+    copy = tmp_path / "copy.toml"
+    copy.write_text(shipped)
+    assert load_rule(copy) == load_rule("her2-low-breast")  # an unchanged copy is the shipped rule
+    changed = tmp_path / "changed.toml"
+    changed.write_text(shipped.replace('"2+"', '"3+"'))
+    with pytest.raises(RuleError, match=re.escape(f"{changed}: name 'her2-low-breast' is a shipped rule's")):
+        load_rule(changed)
+    mine = Rule(name="mine", version="1", eligible_levels=("3+",))
+    assert distinct_rules([mine, load_rule("car-t-her2"), mine]) == [mine, load_rule("car-t-her2")]
+    with pytest.raises(RuleError, match="two different rules are named 'mine'"):
+        distinct_rules([mine, replace(mine, version="2")])
+
+
+def test_a_rule_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\nversion = "1"\neligible_levels = ["3+"]\n')
+    assert load_rule(path).name == "bom"
+
+
 # isolated intense cells (3 in 10,412): the flag gives needs_review only where counting them changes the answer
 ISOLATED_NULL = dict(none=10_409, strong_complete=3)
 ISOLATED_ONE = dict(none=8_409, strong_complete=3, faint_partial=2_000)
@@ -480,7 +553,8 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     assert low.status == "needs_review" and any("at 1+ the answer would be eligible" in x for x in low.reasons)
     assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # 0+ and 1+ both eligible
     assert check_eligibility(r, "her2-positive-breast").status == "not_eligible"
-    assert check_eligibility(make_result(**counts), "her2-low-breast").status == "not_eligible"  # no flag, no doubt
+    # read from the counts, flag or not: a result made from apply_guideline's call, which has none, is doubted alike
+    assert check_eligibility(make_result(**counts), "her2-low-breast").status == "needs_review"
     over = make_result(none=176, faint_partial=24)
     over = replace(over, flags=(*over.flags, "near_cutoff"))
     doubt = check_eligibility(over, "her2-low-breast")  # 1+ is eligible; at 0+ (ultralow) it would not be
@@ -555,7 +629,9 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
     assert doubt.status == "needs_review", doubt.reasons
     assert any("6.0% of tumour cells stained" in x and "at 0 (null) the answer would be not eligible" in x for x in doubt.reasons)
     for rule in ("her2-low-breast", "her2-positive-breast", "t-dxd-tumour-agnostic"):  # null and ultralow alike: no doubt
-        assert check_eligibility(flagged, rule).status == "not_eligible"
+        d = check_eligibility(flagged, rule)  # (HER2-low's review asks of 1+, the other side of the 10% cut-off 6% is near)
+        assert not any("at 0 (null) the answer" in x for x in d.reasons), d.reasons
+        assert d.status == ("needs_review" if rule == "her2-low-breast" else "not_eligible")
     assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # no flag, no doubt
 
 
@@ -589,7 +665,7 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_i
 def test_a_plain_0_needs_review_where_the_rule_tells_null_from_ultralow():
     """ASCO/CAP 2018 and gastric scoring say plain 0: where the rule answers null and ultralow differently
     it could be either; where both answer alike there is no doubt."""
-    faint = make_result("breast-asco-cap-2018", none=950, faint_partial=50)
+    faint = make_result("breast-asco-cap-2018", none=970, faint_partial=30)  # 3%: not near 10%
     assert faint.level == "0"
     splits = Rule(name="ul", version="1", guideline="breast", eligible_levels=("0+ (ultralow)", "1+"))
     d = check_eligibility(faint, splits)
@@ -639,7 +715,7 @@ def test_diffuse_cytoplasmic_dab_needs_review_only_where_a_lower_level_changes_t
     be cytoplasm, and the slide any lower level) asks for review where one of those would change the answer, and
     quotes the measurement that raised the flag (the unstained cells' cytoplasm, or the stained cells' over their
     membranes: a review quoted the unstained cells' 0.03 for the real colon, flagged by its stained cells' 0.43)."""
-    low = make_result(none=170, faint_partial=30)
+    low = make_result(none=160, faint_partial=40)  # 20%: not near 10%
     flagged = replace(low, flags=(*low.flags, "cytoplasmic_dab"), staining={"diffuse_cytoplasm_od": 0.12})
     doubt = check_eligibility(flagged, "her2-low-breast")
     assert doubt.status == "needs_review", doubt.reasons

@@ -979,7 +979,23 @@ def test_the_truths_requirement_arithmetic_is_its_own_and_agrees_with_the_rules(
             for inclusive in (False, True):
                 pct = float(rng.choice([0, 5, 10, 12.5, 30, 100 * counts["strong_complete"] / sum(counts.values())]))
                 req = Requirement(level, pct, inclusive)
-                assert _requirement_holds(level, pct, inclusive, counts) == req.met(counts)[0], (counts, level, pct)
+                for family, guideline in (("gastric", "gastric"), ("breast", "breast-asco-cap-2023")):
+                    assert (_requirement_holds(level, pct, inclusive, counts, family)
+                            == req.met(counts, guideline)[0]), (counts, level, pct, guideline)
+
+
+def test_the_truth_reads_a_requirements_cells_as_the_guideline_evaluated_does():
+    """Breast reads an intense lateral cell as the unusual 2+ pattern, not 3+; gastric counts it at 3+. A rule for any
+    guideline takes the one evaluated, and cannot be read without one."""
+    from her2score.eligibility import Requirement, Rule
+
+    rule = Rule(name="r", version="1", guideline="any", eligible_levels=("2+", "3+"), require=(Requirement("3+", 50, True),))
+    counts = {"none": 20, "strong_lateral": 60, "strong_complete": 20}  # 80% intense, 20% intense complete
+    assert eligibility_truth("3+", rule, counts=counts, guideline="gastric") is True
+    assert eligibility_truth("3+", rule, counts=counts, guideline="breast-asco-cap-2023") is False
+    with pytest.raises(ValueError, match="give the guideline"):  # the two read it differently here
+        eligibility_truth("3+", rule, counts=counts)
+    assert eligibility_truth("3+", rule, counts={"none": 20, "strong_complete": 80}) is True  # alike
 
 
 def test_results_that_may_name_another_image_or_scale_are_not_reused(tmp_path, monkeypatch):
