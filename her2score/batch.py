@@ -43,7 +43,7 @@ from pathlib import Path
 from . import __version__
 from .categories import CATEGORIES
 from .imagecheck import NotHerIhcError
-from .files import content_sample
+from .files import content_sample, current_umask
 from .outputs import OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, atomic_write, remove_stale_temp_files, write_outputs
 from .pipeline import NoTissueError, NuclearStainError, ScoringConfig, WrongStainError, analyse_slide
 from .results import SlideResult
@@ -306,13 +306,18 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
     ``previous`` maps slides to the folder names an earlier run gave them: they keep them, and the
-    folders of earlier slides not among ``slides`` are never given to another.
+    folders of earlier slides not among ``slides`` are never given to another; nor is a folder in ``out`` that
+    holds outputs no slide here claims (a result, or a failed slide's kept outputs, recorded in a manifest since
+    lost or of slides since gone).
     """
     previous = previous or {}
     annotations = _Annotations(slides)
     jobs = []
     these = {str(slide) for slide, _ in slides}
     used = {name.lower() for slide, name in previous.items() if slide not in these}
+    claimed = {name.lower() for slide, name in previous.items() if slide in these}
+    used |= {d.name.lower() for d in (out.iterdir() if out.is_dir() else ()) if d.name.lower() not in claimed and
+             ((d / OUTPUT_FILES[0]).is_file() or (d / PREVIOUS).is_dir()) and not d.is_symlink()}
     names: dict[int, str] = {}
     for i, (slide, _) in enumerate(slides):
         old = previous.get(str(slide))
@@ -493,6 +498,7 @@ def _set_aside_outputs(out_dir: str) -> str | None:
         return None
     kept = os.path.join(out_dir, PREVIOUS)
     staged = tempfile.mkdtemp(prefix=f".{PREVIOUS}.", dir=out_dir)  # filled, then renamed into place
+    os.chmod(staged, 0o777 & ~current_umask())  # readable as the other outputs are, not mkdtemp's private 0700
     moved = []
     try:
         for name in (*OPTIONAL_OUTPUT_FILES, *OUTPUT_FILES[1:], OUTPUT_FILES[0]):  # result.json, the mark, last
@@ -664,7 +670,8 @@ class _Manifest:
                 log.warning("%s is unreadable; starting a fresh manifest (finished slides are scored again)", self.path)
 
     def names(self) -> dict[str, str]:
-        return {s: e["row"].get("output", "") for s, e in self.entries.items() if e["row"].get("output")}
+        """Each slide's output folder name: where its outputs are, or (``folder``) were kept after a failure."""
+        return {s: name for s, e in self.entries.items() if (name := e["row"].get("output") or e.get("folder"))}
 
     def done(self, job: Job) -> bool:
         e = self.entries.get(job.slide)
@@ -730,7 +737,7 @@ class _Manifest:
         used_default = row.pop("default_mpp_used", False)
         sig, sample = row.pop("fingerprint", None) or _fingerprint(job.slide)
         done = row["status"] == "ok"
-        self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample,
+        self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample, "folder": job.name,
                                    "config": _config_key(job, used_default), "default_mpp_used": used_default,
                                    "settings": _settings(job) if job.name else None,
                                    "row": row, **({"result": _result_stamp(self.out / job.name)} if done else {})}

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "atomic_write", "content_sample", "is_temp_file", "visible_files"]
+__all__ = ["atomic_file", "atomic_write", "content_sample", "current_umask", "is_temp_file", "visible_files"]
 
 
 def content_sample(path: str | os.PathLike, block: int = 1 << 16) -> str:
@@ -36,7 +36,7 @@ def content_sample(path: str | os.PathLike, block: int = 1 << 16) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask (read without changing it where /proc allows)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -62,7 +62,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

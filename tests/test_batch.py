@@ -680,6 +680,32 @@ def test_a_slide_that_fails_again_keeps_the_outputs_an_earlier_run_finished(tmp_
     assert sorted(p.name for p in kept.iterdir()) == sorted(OUTPUT_FILES) and os.listdir(out / "a.png") == ["previous"]
 
 
+def test_a_folder_holding_outputs_is_never_given_to_another_slide(tmp_path, fields):
+    """A failed slide's kept outputs were deleted when another day's slide of the same file name took its folder (its
+    row named none), and a slide's results were overwritten by another's once manifest.json was lost: a folder holding
+    a result or kept outputs goes to its own slide only. previous/ is readable as the other outputs are (it was 0700)."""
+    days = [tmp_path / "monday", tmp_path / "tuesday"]
+    for day, field in zip(days, ("2+", "3+")):
+        day.mkdir()
+        save_png(day / "y.png", fields[field], mpp=None)
+    out = tmp_path / "out"
+    run_batch([days[0]], out, mpp=0.5)
+    result = (out / "y.png" / "result.json").read_bytes()
+    failed = run_batch([days[0]], out)  # no --mpp: set aside
+    kept = out / "y.png" / "previous"
+    assert failed[0]["status"] == "error" and (kept / "result.json").read_bytes() == result
+    assert kept.stat().st_mode & 0o777 == (out / "y.png").stat().st_mode & 0o777  # as os.mkdir makes a folder
+    tuesday = run_batch([days[1]], out, mpp=0.5)
+    mine = [r for r in tuesday if r["slide"] == str(days[1] / "y.png")][0]
+    assert mine["status"] == "ok" and mine["output"] != "y.png" and (kept / "result.json").read_bytes() == result
+    again = run_batch([days[0]], out, mpp=0.5)  # monday's slide scored again: its own folder, what was kept superseded
+    assert [r["output"] for r in again if r["slide"] == str(days[0] / "y.png")] == ["y.png"] and not kept.exists()
+    (out / "manifest.json").write_text('{"version": 1, "slides":')  # lost
+    lost = run_batch([days[1]], out, mpp=0.5)
+    assert lost[0]["output"] not in ("y.png", "") and (out / "y.png" / "result.json").read_bytes() != b""
+    assert json.loads((out / "y.png" / "result.json").read_text())["slide"] == str(days[0] / "y.png")
+
+
 def test_missing_outputs_are_rebuilt(tmp_path, three):
     out = tmp_path / "out"
     run_batch([three], out)
