@@ -407,8 +407,10 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
                     alike = [p for p in alike if p.name == slide.name]
                 same = [str(p) for p in alike if p != slide]
                 if same:
-                    fix = (f"name it after the slide's whole file name ({rel.name}{suffix}), or score those inputs in "
-                           "runs of their own, each with its --regions" if by_path else
+                    whole = name != rel.name and not any(p.name == slide.name for p in alike if p != slide)
+                    fix = ((f"name it after the slide's whole file name ({rel.name}{suffix}), or " if whole else "")
+                           + "score those inputs in runs of their own, each with its --regions, or give one folder "
+                             "above them as the input, their annotations in sub-folders as the slides are" if by_path else
                            f"put it where the slide is under its folder ({regions / rel.parent}/)")
                     raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
                                      f"name; {fix}")
@@ -628,11 +630,30 @@ def _settings(job: Job) -> dict:
     """The settings one folder must not mix: the scoring configuration, the CNN weights' content and the tool's
     version (another version may measure otherwise and write other columns: 0.4 split weak-to-moderate
     partial cells from faint ones)."""
-    config = asdict(job.config)
-    return {"guideline": config.pop("guideline"), "specimen": config.pop("specimen"),
+    return {"guideline": job.config.guideline, "specimen": job.config.specimen,
             "model_sha256": _weights_sha256(job.cnn_weights)[:16] if job.cnn_weights else "none (classical only)",
-            "other settings": hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
-            "version": __version__}
+            "other settings": _settings_hash(job.config), "version": __version__}
+
+
+def _other_config(config: ScoringConfig) -> dict:
+    """The scoring settings but guideline and specimen."""
+    other = asdict(config)
+    del other["guideline"], other["specimen"]
+    return other
+
+
+def _settings_hash(config: ScoringConfig) -> str:
+    """_settings' "other settings": a hash of _other_config."""
+    return hashlib.sha1(json.dumps(_other_config(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _other_settings(config: ScoringConfig) -> dict:
+    """_other_config flat, as JSON holds it: a nested setting (thresholds, the tumour rule) named
+    'thresholds.min_completeness', to name what changed between runs."""
+    def flat(d: dict, head: str = "") -> dict:
+        return {k: v for key, value in d.items()
+                for k, v in (flat(value, f"{head}{key}.").items() if isinstance(value, dict) else [(f"{head}{key}", value)])}
+    return json.loads(json.dumps(flat(_other_config(config)), default=str))
 
 
 def _config_key(job: Job, used_default: bool = False) -> str:
@@ -657,6 +678,7 @@ class _Manifest:
         self.entries: dict[str, dict] = {}
         self.skipped: list[list[str]] = []
         self.moved: list[str] = []  # slides respelled from a gone path: their result.json names them at the next save
+        self.configs: dict[str, dict] = {}  # the settings behind each "other settings" hash, to name what changed
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -664,6 +686,7 @@ class _Manifest:
                 if isinstance(entries, dict) and all(isinstance(e, dict) and isinstance(e.get("row"), dict)
                                                      for e in entries.values()):
                     self.entries = entries
+                    self.configs = {k: v for k, v in data.get("configs", {}).items() if isinstance(v, dict)}
                 else:
                     raise TypeError("bad entries")
             except (OSError, ValueError, KeyError, TypeError):
@@ -737,6 +760,8 @@ class _Manifest:
         used_default = row.pop("default_mpp_used", False)
         sig, sample = row.pop("fingerprint", None) or _fingerprint(job.slide)
         done = row["status"] == "ok"
+        if job.name:
+            self.configs[_settings_hash(job.config)] = _other_settings(job.config)
         self.entries[job.slide] = {"state": "done" if done else "error", "signature": sig, "sample": sample, "folder": job.name,
                                    "config": _config_key(job, used_default), "default_mpp_used": used_default,
                                    "settings": _settings(job) if job.name else None,
@@ -746,7 +771,9 @@ class _Manifest:
         for slide in self.moved:
             self._renamed_result(self.entries[slide], slide)
         self.moved = []
-        atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped},
+        used = {(e.get("settings") or {}).get("other settings") for e in self.entries.values()}
+        atomic_write(self.path, json.dumps({"version": 1, "slides": self.entries, "skipped": self.skipped,
+                                            "configs": {k: v for k, v in self.configs.items() if k in used}},
                                            indent=1, sort_keys=True, ensure_ascii=False))
 
 
@@ -880,7 +907,7 @@ def run_batch(
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out}: --out exists and is not a folder")
     slides, problems, skipped = _slides_to_score(inputs, out)
-    created = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders mkdir makes, deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -891,10 +918,11 @@ def run_batch(
                                cells_csv, progress, default_mpp, backend)
         except BatchError:
             left = {p.name for p in out.iterdir()}
-            if created and left <= {LOCK, MANIFEST, SUMMARY}:  # refused before any slide (a scheduler not reached): no folder left
+            if made and left <= {LOCK, MANIFEST, SUMMARY}:  # refused before any slide (a scheduler not reached): no folder left
                 for name in left:
                     (out / name).unlink()
-                out.rmdir()
+                for folder in made:
+                    folder.rmdir()
             raise
 
 
@@ -936,7 +964,8 @@ def _run_locked(out: Path, slides: list[tuple[Path, Path]], problems: list[tuple
     earlier = {s: e for s, e in manifest.entries.items() if s not in this_run and (
                (e.get("state") == "error" and os.path.lexists(s) and _slide_like(Path(s)))
                or (e.get("state") == "done" and (out / e["row"].get("output", "") / "result.json").is_file()))}
-    _refuse_mixed_settings(out, {s: e for s, e in earlier.items() if e.get("state") == "done"}, _settings(jobs[0]))
+    _refuse_mixed_settings(out, {s: e for s, e in earlier.items() if e.get("state") == "done"}, _settings(jobs[0]),
+                           manifest.configs, _other_settings(jobs[0].config))
     manifest.entries = {s: e for s, e in manifest.entries.items() if s in this_run or s in earlier}
     for path, reason in problems:
         row = _empty_row(path)
@@ -1015,17 +1044,31 @@ def _save_due(since_last_s: float, last_cost_s: float) -> bool:
     return last_cost_s < SAVE_ALWAYS_UNDER_S or since_last_s * SAVE_COST_SHARE >= last_cost_s
 
 
-def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict) -> None:
-    """BatchError when slides scored earlier into ``out`` (and not among this run's inputs) used other settings."""
+def _refuse_mixed_settings(out: Path, earlier: dict[str, dict], current: dict, configs: dict[str, dict],
+                           current_other: dict) -> None:
+    """BatchError when slides scored earlier into ``out`` (and not among this run's inputs) used other settings, naming
+    each setting that differs (``configs``: the manifest's settings behind each hash; ``current_other``: this run's)."""
     other = {s: e.get("settings") or {} for s, e in earlier.items() if (e.get("settings") or {}) != current}
     if not other:
         return
     first = next(iter(other.values()))
-    diffs = "; ".join(f"{k} {first.get(k, 'unknown')} there, {v} now" for k, v in current.items() if first.get(k) != v)
+    diffs = []
+    for k, v in current.items():
+        if first.get(k) == v:
+            continue
+        if k == "other settings" and (then := configs.get(first.get(k))) is not None:
+            diffs += [f"{name} {then.get(name, 'unset')} there, {current_other.get(name, 'unset')} now"
+                      for name in sorted({*then, *current_other}) if then.get(name) != current_other.get(name)]
+        else:
+            diffs.append(f"{k} {first.get(k, 'unknown')} there, {v} now")
     names = ", ".join(Path(s).name for s in sorted(other)[:3]) + (", ..." if len(other) > 3 else "")
+    gone = [s for s in other if not os.path.lexists(s)]
+    fix = ("give those slides as inputs too (they are scored again), or choose another --out" if not gone else
+           f"{len(gone)} of them no longer exist{'s' if len(gone) == 1 else ''} ({', '.join(sorted(gone)[:2])}"
+           f"{', ...' if len(gone) > 2 else ''}): remove {'its' if len(gone) == 1 else 'their'} output folder"
+           f"{'' if len(gone) == 1 else 's'} from {out} and give the others as inputs too, or choose another --out")
     raise BatchError(f"{out}: holds {len(other)} slide{'s' if len(other) != 1 else ''} ({names}) scored with other "
-                     f"settings ({diffs}); one folder never mixes settings: give those slides as inputs too "
-                     "(they are scored again), or choose another --out")
+                     f"settings ({'; '.join(diffs)}); one folder never mixes settings: {fix}")
 
 
 def _pool(n: int) -> AbstractContextManager[ProcessPoolExecutor]:

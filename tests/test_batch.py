@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -572,6 +573,18 @@ def test_other_settings_are_refused_for_slides_not_in_the_run(tmp_path, three):
                                          r"\(guideline breast-asco-cap-2023 there, gastric now; specimen resection there, biopsy now\)"):
         run_batch([three / "field 3+.png"], out, config=ScoringConfig(guideline="gastric", specimen="biopsy"))
     assert _mtimes(out) == before  # refused before any work
+    # any other setting is named (the refusal gave two hashes), and a slide whose file is gone is no input to give
+    (three / "field 0.png").rename(tmp_path / "moved.png")
+    try:
+        stains = ScoringConfig(estimate_stains=True, thresholds=replace(ScoringConfig().thresholds, min_completeness=0.2))
+        with pytest.raises(BatchError) as refused:
+            run_batch([three / "field 3+.png"], out, config=stains)
+    finally:
+        (tmp_path / "moved.png").rename(three / "field 0.png")
+    assert ("scored with other settings (estimate_stains False there, True now; thresholds.min_completeness 0.25 there, "
+            "0.2 now)" in str(refused.value)), refused.value
+    assert str(refused.value).endswith(f"1 of them no longer exists ({three / 'field 0.png'}): remove its output folder from "
+                                       f"{out} and give the others as inputs too, or choose another --out")
 
 
 def test_reinstalled_weights_with_the_same_content_rescore_nothing(tmp_path, fields):
