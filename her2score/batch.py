@@ -316,8 +316,8 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
     these = {str(slide) for slide, _ in slides}
     used = {name.lower() for slide, name in previous.items() if slide not in these}
     claimed = {name.lower() for slide, name in previous.items() if slide in these}
-    used |= {d.name.lower() for d in (out.iterdir() if out.is_dir() else ()) if d.name.lower() not in claimed and
-             ((d / OUTPUT_FILES[0]).is_file() or (d / PREVIOUS).is_dir()) and not d.is_symlink()}
+    used |= {d.name.lower() for d in (out.iterdir() if out.is_dir() else ()) if d.name.lower() not in claimed
+             and not d.is_symlink() and (owner := _outputs_of(d)) is not None and owner not in these}
     names: dict[int, str] = {}
     for i, (slide, _) in enumerate(slides):
         old = previous.get(str(slide))
@@ -336,6 +336,18 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
         jobs.append(Job(str(slide), names[i], str(out / names[i]), config, mpp, region, cnn_weights=cnn_weights,
                         cells_csv=cells_csv, default_mpp=default_mpp, backend=_forced(slide, backend)))
     return jobs
+
+
+def _outputs_of(folder: Path) -> str | None:
+    """The slide whose outputs ``folder`` holds, as its result.json (or a failed slide's, kept in PREVIOUS) names it;
+    '' where one is there but names none it can read; None where it holds no finished outputs."""
+    for result in (folder / OUTPUT_FILES[0], folder / PREVIOUS / OUTPUT_FILES[0]):
+        if result.is_file():
+            try:
+                return str(json.loads(result.read_text(encoding="utf-8"))["slide"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return ""
+    return None
 
 
 def _forced(slide: Path, backend: str | None) -> str | None:
