@@ -146,12 +146,25 @@ def _slide_output(names: set[str]) -> set[str]:
     return ours if "overlay.png" in ours and len(ours) > 1 else set()
 
 
+EVALUATION_FILES = ("metrics.json", "per_image.csv", "report.md", "confusion.png", "bland_altman.png")
+"""The files ``her2score evaluate`` writes into its --out, beside results/ (slides' output folders); the first three
+always."""
+
+
+def _evaluation_output(names: set[str]) -> bool:
+    """Whether a folder holding ``names`` is an evaluation's output (its results/ holds only slides' outputs)."""
+    return set(EVALUATION_FILES[:3]) <= names
+
+
 def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
-    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (_batch_output) or one
-    slide's (_slide_output). Neither holds slides: an overlay.png is a drawing of one."""
+    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (_batch_output), an
+    evaluation's (EVALUATION_FILES) or one slide's (_slide_output). None holds slides: an overlay.png is a drawing of
+    one, a confusion.png a plot."""
     names = set(filenames)
     if _batch_output(folder, names):
         return BATCH_OUTPUT
+    if _evaluation_output(names):
+        return f"a her2score evaluation's output folder ({', '.join(sorted(names & set(EVALUATION_FILES)))})"
     ours = _slide_output(names)
     return f"a her2score slide's output folder ({', '.join(sorted(ours))})" if ours else None
 
@@ -171,7 +184,7 @@ def _batch_summary(path: Path) -> bool:
 def output_holding(path: Path) -> str | None:
     """Which her2score output folder (a batch's or a slide's, in words) holds the file ``path``, where it bears an
     output's name; None for any other file (discover, and the class folders of labels.class_folder_files)."""
-    if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY}:
+    if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY, *EVALUATION_FILES}:
         return None
     try:
         return _her2score_output(path.parent, os.listdir(path.parent))
@@ -261,7 +274,7 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             continue
         visited.add(real)
         if what := _her2score_output(here, filenames):
-            if what == BATCH_OUTPUT:  # its slides' folders hold only outputs
+            if what == BATCH_OUTPUT or _evaluation_output(set(filenames)):  # its slides' folders hold only outputs
                 outputs.append((here, what, "not searched"))
                 dirnames[:] = []
                 continue

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import save_png
 from her2score import __version__
 from her2score.categories import CATEGORIES
 from her2score.cli import main
@@ -502,6 +503,26 @@ def test_a_symbolic_link_loop_in_the_labels_is_that_images_error(tmp_path):
     m = evaluate(tmp_path / "l.csv", tmp_path / "out", use_cnn=False, bootstrap=0)
     rows = list(csv.DictReader(open(tmp_path / "out" / "per_image.csv")))
     assert m["errors"] == 1 and "a symbolic link to nothing (broken, or a loop)" in rows[0]["error"]
+
+
+def test_an_evaluations_own_plots_are_never_taken_for_images(tmp_path, fields):
+    """An evaluation written into the folder it read (cases/3+/eval): the next evaluate took its confusion.png for a
+    labelled 3+ image, score for a slide, train for training data (each with an error naming a 230.9 µm/px)."""
+    from her2score.batch import discover
+    from her2score.labels import class_folder_files
+
+    root = tmp_path / "cases"
+    for score, name in (("0", "field_0_null.png"), ("3+", "field_3plus_a.png")):
+        (root / score).mkdir(parents=True)
+        save_png(root / score / name, fields[score])
+    evaluate(root, root / "3+" / "eval", use_cnn=False, bootstrap=0)
+    assert {"confusion.png", "metrics.json"} <= {p.name for p in (root / "3+" / "eval").iterdir()}
+    assert sorted(p.name for p, _ in class_folder_files(root)) == ["field_0_null.png", "field_3plus_a.png"]
+    skipped: list = []
+    assert sorted(p.name for p, _ in discover([root], skipped=skipped)[0]) == ["field_0_null.png", "field_3plus_a.png"]
+    assert [(Path(p).name, why.split(" (")[0]) for p, why in skipped] == [("eval", "a her2score evaluation's output folder")]
+    again = evaluate(root, tmp_path / "again", use_cnn=False, bootstrap=0)
+    assert again["n"] == 2 and again["errors"] == 0
 
 
 def test_class_folders_carry_five_level_labels(tmp_path):
