@@ -165,6 +165,7 @@ GUIDELINE_OPTIONS = {"specimen": "--specimen", "gastric_reading": "--gastric-rea
 API_OPTIONS: dict[str, dict[str, str]] = {
     "score": GUIDELINE_OPTIONS,
     "evaluate": GUIDELINE_OPTIONS,
+    "synth": {"n_per_class": "--n-per-class", "stain_jitter": "--stain-jitter"},
     "train": {"n_per_class": "--synthetic", "patch_px": "--patch-px", "val_fraction": "--val-fraction",
               "max_epochs": "--epochs", "batch_size": "--batch-size", "patches_per_image": "--patches-per-image",
               "max_minutes": "--max-minutes", "threads": "--threads", "mpp": "--target-mpp", "width": "--width",
@@ -172,7 +173,7 @@ API_OPTIONS: dict[str, dict[str, str]] = {
               "stain_jitter": "--synthetic-jitter", "border_od_max": "--border-od-max"},
 }
 """Per subcommand, the Python API's keywords that its settings' errors may name (guidelines.check_settings,
-ScoringConfig, TrainConfig, train.check_synthetic), each with the option that sets it: the API's messages keep the
+ScoringConfig, TrainConfig, train.check_synthetic, synthetic.write_dataset), each with the option that sets it: the API's messages keep the
 keyword, the command line says the option (_in_options, where those settings are checked: never over a message that
 holds a path, whose folders may bear such names)."""
 
@@ -388,8 +389,11 @@ def _synth(args) -> int:
         _at_least("--seed", args.seed, 0)  # numpy's own words name no option
         path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
                              real_borders=args.real_borders)
-    except (_UsageError, ValueError) as e:
+    except _UsageError as e:
         _error(args.command, str(e))
+        return 2
+    except ValueError as e:  # a path's message names no option: _in_options leaves words within paths alone
+        _error(args.command, _in_options(str(e), API_OPTIONS[args.command]))
         return 2
     except OSError as e:
         _error(args.command, f"{args.out}: cannot write ({e.strerror or e})")
@@ -418,6 +422,8 @@ def _train(args) -> int:
         if args.synthetic is not None:
             check_synthetic(args.synthetic, args.synthetic_jitter, args.border_od_max)
         check_device(config.device)
+        if args.synthetic == 1 and not (args.folder or args.csv):  # found only once every field was made
+            raise ValueError("--synthetic 1 alone leaves no image of any class for validation: give at least 2")
     except ValueError as e:
         _error(args.command, _in_options(str(e), API_OPTIONS[args.command], words=True))
         return 2

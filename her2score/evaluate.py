@@ -755,7 +755,7 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         ok = [i for i, r in enumerate(results) if r is not None]
         truth = [items[i].label for i in ok]
         metrics: dict[str, Any] = {
-            "labels": str(labels), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
+            "labels": str(Path(labels).absolute()), "n_images": len(items), "n": len(ok), "errors": len(items) - len(ok),
             "not_scored": sum(1 for i in ok if results[i].score is None),
             "reused": sum(1 for r in rows if r.get("reused")), "reuse": str(Path(reuse).absolute()) if reuse else None,
             "guideline": guideline, "specimen": specimen, "gastric_reading": config.gastric_reading,

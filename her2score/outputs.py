@@ -111,18 +111,19 @@ def _columns(analysis: SlideAnalysis) -> list[str]:
 
 
 def _fmt(values: np.ndarray) -> list[str]:
-    """Text of one cell-table column: integers for flags, 4 decimals for measurements, an empty field for a
-    missing one (NaN: e.g. no cytoplasm to measure; None in a text column, null in the parquet), as pandas and polars
-    read a missing value."""
+    """Text of one cell-table column: true/false for flags (pandas, polars and R read them as booleans, as the
+    parquet holds them; 1/0 read as integers), 4 decimals for measurements, an empty field for a missing one (NaN:
+    e.g. no cytoplasm to measure; None in a text column, null in the parquet), as pandas and polars read a missing
+    value."""
     if values.dtype == bool:
-        return values.astype(np.uint8).astype(str).tolist()
+        return np.where(values, "true", "false").tolist()
     if values.dtype.kind == "f":
         return ["" if v != v else f"{v:.4f}" for v in values.tolist()]
     return ["" if v is None else str(v) for v in values.tolist()]
 
 
 def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
-    """One row per cell: position (level-0 px and µm), tumour flag (1/0), category, pattern and measurements."""
+    """One row per cell: position (level-0 px and µm), tumour flag (true/false), category, pattern and measurements."""
     t = analysis.cells
     mpp = analysis.result.mpp
     cols = _columns(analysis)

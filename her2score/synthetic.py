@@ -848,9 +848,9 @@ def write_dataset(out_dir, *, n_per_class: int, seed: int, size_px: tuple[int, i
     if fmt not in ("png", "jpg"):
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-        raise ValueError(f"the fields per class must be a whole number of at least 1, got {n_per_class!r}")
+        raise ValueError(f"n_per_class (the fields per class) must be a whole number of at least 1, got {n_per_class!r}")
     if not 0 <= stain_jitter <= MAX_STAIN_JITTER_DEG:
-        raise ValueError(f"the stain jitter must be 0-{MAX_STAIN_JITTER_DEG:g} degrees (s.d. of the stain vectors' turn), "
+        raise ValueError(f"stain_jitter must be 0-{MAX_STAIN_JITTER_DEG:g} degrees (s.d. of the stain vectors' turn), "
                          f"got {stain_jitter!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -72,7 +72,9 @@ def test_cells_csv_on_request(tmp_path):
     out = tmp_path / "out"
     assert main(["score", str(SAMPLES / "field_0_null.png"), "--out", str(out), "-q", "--no-cnn", "--cells-csv"]) == 0
     rows = list(csv.DictReader((out / "field_0_null.png" / "cells.csv").open(encoding="utf-8")))
-    assert len(rows) == int(summary(out)["field_0_null.png"]["tumour_cells"]) + sum(r["tumour"] == "0" for r in rows)
+    assert len(rows) == int(summary(out)["field_0_null.png"]["tumour_cells"]) + sum(r["tumour"] == "false" for r in rows)
+    # flags as words pandas and polars read as booleans, as the parquet holds them (1/0 read as integers: d[d.tumour] failed)
+    assert {r["tumour"] for r in rows} == {"true", "false"} and {r["neighbours_membrane"] for r in rows} <= {"true", "false"}
 
 
 def test_the_progress_bar_counts_time_from_the_batch_start(tmp_path, capsys, monkeypatch):
@@ -333,9 +335,9 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--n-per-class", "1", "--stain-jitter", "-5"], "the stain jitter must be 0-30 degrees"),
-    (["--n-per-class", "-1"], "the fields per class must be a whole number of at least 1, got -1"),
-    (["--n-per-class", "0"], "the fields per class must be a whole number of at least 1, got 0"),
+    (["--n-per-class", "1", "--stain-jitter", "-5"], "--stain-jitter must be 0-30 degrees"),
+    (["--n-per-class", "-1"], "--n-per-class (the fields per class) must be a whole number of at least 1, got -1"),
+    (["--n-per-class", "0"], "--n-per-class (the fields per class) must be a whole number of at least 1, got 0"),
     (["--n-per-class", "1", "--seed", "-1"], "--seed must be at least 0, got -1"),  # numpy's words named no option
 ])
 def test_synth_refuses_settings_it_cannot_draw(tmp_path, capsys, args, words):
@@ -616,6 +618,7 @@ def test_every_command_words_its_errors_alike(tmp_path, capsys, argv):
     (["train", "--synthetic", "1", "--max-minutes", "0"], "--max-minutes must be a positive number of minutes (or not given"),
     (["train", "--synthetic", "-1"], "--synthetic must be >= 1, got -1"),
     (["train", "--synthetic", "0"], "--synthetic must be >= 1, got 0"),  # was 'give a training source'
+    (["train", "--synthetic", "1"], "--synthetic 1 alone leaves no image of any class for validation: give at least 2"),
     # these five ended in a traceback (a division by zero, torch's own errors) or ran on for minutes (--target-mpp 50)
     (["train", "--synthetic", "1", "--target-mpp", "0"], "--target-mpp must be 0.1-2 µm/px, got 0.0"),
     (["train", "--synthetic", "1", "--target-mpp", "50"], "--target-mpp must be 0.1-2 µm/px, got 50.0"),

@@ -216,11 +216,11 @@ def test_cli_train_refuses_the_shipped_weights_and_a_file_as_out_before_any_work
 
     shipped = default_weights_path()
     before = shipped.read_bytes()
-    assert main(["train", "--synthetic", "1", "--out", str(shipped.parent)]) == 2
+    assert main(["train", "--synthetic", "2", "--out", str(shipped.parent)]) == 2
     assert "is the shipped weights" in capsys.readouterr().err and shipped.read_bytes() == before
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert main(["train", "--synthetic", "1", "--out", str(afile)]) == 2
+    assert main(["train", "--synthetic", "2", "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert f"{afile}: a file, not a folder for the weights (--out; out= in the Python API)" in err and "generating" not in err
 
