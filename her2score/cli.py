@@ -214,6 +214,11 @@ def _output_gone() -> None:
     os.close(devnull)
 
 
+def _printable(text: str) -> str:
+    """``text`` with its control characters as escapes (a file name holding a newline broke a log's one line a slide)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _clock(seconds: float) -> str:
     """A duration as h:mm:ss or m:ss."""
     m, s = divmod(int(seconds), 60)
@@ -233,7 +238,7 @@ class _Progress:
         if self.before is None:
             self.before = done - 1  # reused from an earlier run
         shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
-        what = f"{Path(row['slide']).name}: {shown if row['status'] == 'ok' else row['status']}"
+        what = f"{_printable(Path(row['slide']).name)}: {shown if row['status'] == 'ok' else row['status']}"
         if self.terminal:
             self._draw(what, done, total)
             if row["status"] != "ok":

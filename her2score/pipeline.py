@@ -532,7 +532,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
     """analyse_slide's one pass; ``retry_of``: the refusal to raise again where the slide's own vectors are the default."""
     if cnn is not None and abs(cnn.mpp - config.mpp) > 1e-6:
         raise ValueError(f"the CNN was trained at {cnn.mpp} µm/px but tiles are read at {config.mpp} µm/px")
-    file_sample = content_sample(path) if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) else ""
+    try:
+        file_sample = content_sample(path) if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) else ""
+    except OSError as e:  # as open_slide says it (a raw "[Errno 13] ..." reached the batch's error row)
+        raise SlideError(path, f"cannot read file ({e.strerror or e})") from None
     with _opened(path, mpp, backend, default_mpp) as slide:
         thumb_mpp = _thumbnail_mpp(slide, config.mpp)
         thumb = slide.thumbnail(mpp=thumb_mpp)

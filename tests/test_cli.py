@@ -115,6 +115,29 @@ def test_a_log_line_stays_one_line_whatever_the_error(capsys):
     _Progress(quiet=True)(row, 1, 2)
     err = capsys.readouterr().err
     assert err.startswith("[1/2] b.svs: error (/s/b.svs: bad second line); 0:00 elapsed, ") and err.count("\n") == 1, err
+    _Progress(quiet=True)({**row, "slide": "/s/b\nc.svs"}, 1, 2)  # whatever the file's name
+    err = capsys.readouterr().err
+    assert err.startswith("[1/2] b\\nc.svs: error") and err.count("\n") == 1, err
+
+
+def test_a_slide_that_cannot_be_read_or_fits_no_memory_says_so_in_words(tmp_path, good_png, monkeypatch):
+    """An unreadable file gave the raw '[Errno 13] Permission denied: PATH' (its first 64 KiB are read before it is
+    opened, for the manifest), a MemoryError 'PATH: MemoryError: '. (Root reads any file: the refusal is raised.)"""
+    from her2score import pipeline
+    from her2score.batch import run_batch
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(pipeline, "content_sample", denied)
+    row = run_batch([good_png], tmp_path / "out")[0]
+    assert row["error"] == f"{good_png}: cannot read file (Permission denied)", row["error"]
+
+    def full(*a, **k):
+        raise MemoryError
+    monkeypatch.setattr(pipeline, "content_sample", full)
+    row = run_batch([good_png], tmp_path / "out")[0]
+    assert row["error"] == (f"{good_png}: ran out of memory while scoring it (MemoryError): score it alone with --workers 1, "
+                            "or on a machine with more memory"), row["error"]
 
 
 def test_guideline_settings_from_the_command_line(tmp_path, capsys):
