@@ -32,6 +32,7 @@ import tempfile
 import time
 import traceback
 import unicodedata
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -583,10 +584,11 @@ def _preload_cnn(weights: str) -> None:
         pass
 
 
-def process_slide(job: Job) -> dict:
+def process_slide(job: Job, *, stopped: Callable[[], bool] | None = None) -> dict:
     """Score one slide and write its outputs. Failures become an error row, which for a full, over-quota or
     read-only output folder also carries ``stop`` (the batch stops: every slide after it would fail alike); only a
-    tile or output worker's death is raised (BrokenProcessPool: _execute runs the slide again, alone)."""
+    tile or output worker's death is raised (BrokenProcessPool: _execute runs the slide again, alone). Where
+    ``stopped()`` says the batch has stopped once the slide is scored, nothing is written (an error row says so)."""
     row = _empty_row(job.slide, job.name)
     row["fingerprint"] = _fingerprint(job.slide)  # before reading: a file replaced while scored is scored again
     try:
@@ -601,6 +603,9 @@ def process_slide(job: Job) -> dict:
             use_one_thread()  # run_batch runs this in worker processes (local pool or Dask): torch, if loaded, one thread
         analysis = analyse_slide(job.slide, config=job.config, mpp=job.mpp, region=job.region,
                                  workers=job.tile_workers, cnn=cnn, default_mpp=job.default_mpp, backend=job.backend)
+        if stopped is not None and stopped():  # what an earlier run finished is left as it is, too
+            row.update(status="error", error=f"{job.slide}: the batch stopped before its outputs were written", output="")
+            return row
         try:
             write_outputs(analysis, out_dir, cells_csv=job.cells_csv, workers=job.tile_workers)
         except OSError as e:  # the slide was read and scored: the fault is the output folder's, which says so
@@ -1179,8 +1184,25 @@ def _check_address(scheduler: str) -> None:
                          "tcp://host:8786, or 'local'") from None
 
 
+def _process_on_cluster(job: Job, stop: str) -> dict:
+    """process_slide on a Dask worker for a batch that may stop early (Ctrl-C, SIGTERM: its Event named ``stop`` set):
+    a slide begun after that, or scored after it, writes nothing, as the batch may have ended and its folder be
+    unlocked (a running task cannot be interrupted)."""
+    from dask.distributed import Event
+
+    event = Event(stop)
+    if event.is_set():
+        return {**_empty_row(job.slide), "status": "error", "error": f"{job.slide}: the batch stopped before it was scored"}
+    return process_slide(job, stopped=event.is_set)
+
+
+STOP_WAIT_S = 10.0
+"""How long a Dask batch that stops early waits for the slides its workers are writing (seconds): one whose outputs
+were begun before the stop finishes them, in that time, before the batch's folder is unlocked."""
+
+
 def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitStack):
-    from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+    from dask.distributed import Client, Event, LocalCluster, as_completed as dask_completed, wait
 
     if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask's own INFO lines only with -v, as ours
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -1191,16 +1213,28 @@ def _execute_dask(jobs: list[Job], workers: int, scheduler: str, cluster: ExitSt
         client = cluster.enter_context(Client(scheduler))
     except (OSError, TimeoutError) as e:
         raise BatchError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
-    futures = client.map(process_slide, jobs, pure=False)
+    stop = Event(f"her2score-stop-{uuid.uuid4().hex}", client=client)
+    futures = client.map(_process_on_cluster, jobs, stop=stop.name, pure=False)
     by_key = {f.key: j for f, j in zip(futures, jobs)}
     finished = dask_completed(futures)
-    with signals_held():  # raised between polls, never inside the client's own locking
-        while not finished.is_empty():
-            ready = finished.next_batch(block=False)
-            pause(0 if ready else POLL_S)  # a signal held is raised between results too, not only while none come
-            for f in ready:
-                try:
-                    row = f.result()
-                except Exception as e:  # a worker lost or killed while scoring
-                    row = _crash_row(by_key[f.key], e)
-                yield by_key[f.key], row
+    try:
+        with signals_held():  # raised between polls, never inside the client's own locking
+            while not finished.is_empty():
+                ready = finished.next_batch(block=False)
+                pause(0 if ready else POLL_S)  # a signal held is raised between results too, not only while none come
+                for f in ready:
+                    try:
+                        row = f.result()
+                    except Exception as e:  # a worker lost or killed while scoring
+                        row = _crash_row(by_key[f.key], e)
+                    yield by_key[f.key], row
+    finally:
+        if not finished.is_empty():  # stopped early: no slide writes once the folder may be unlocked
+            try:
+                stop.set()
+                wait(futures, timeout=STOP_WAIT_S)  # those not begun end at once; those writing, within seconds
+            except TimeoutError:
+                log.warning("slides still being scored on the cluster after the stop will write nothing")
+            except Exception as e:  # the scheduler gone: its workers cannot be told
+                log.warning("could not tell the cluster's workers to stop (%s): slides running there may still write "
+                            "their outputs", e)

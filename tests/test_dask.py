@@ -140,3 +140,27 @@ def test_a_malformed_scheduler_address_is_refused_before_anything_is_written(sli
     assert not (tmp_path / "out").exists()
     assert main(["score", str(slides), "--out", str(tmp_path / "cli"), "--scheduler", address, "-q"]) == 2
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_slide_begun_or_scored_after_the_batch_stopped_writes_nothing(slides, cluster, tmp_path):
+    """Ctrl-C on a Dask batch: the client exited and unlocked --out while the workers went on writing outputs. Once the
+    batch's stop is set, a slide not yet begun and one scored since write nothing, and leave what was there alone."""
+    from dask.distributed import Client, Event
+
+    from her2score.batch import _process_on_cluster, plan_jobs
+    from her2score.pipeline import ScoringConfig
+
+    job = plan_jobs([(slides / "field_0.png", slides)], tmp_path, ScoringConfig())[0]
+    with Client(cluster.scheduler_address) as client:
+        stop = Event("her2score-stop-test", client=client)
+        stop.set()
+        row = client.submit(_process_on_cluster, job, stop="her2score-stop-test", pure=False).result()
+    assert row["status"] == "error" and row["error"] == f"{job.slide}: the batch stopped before it was scored"
+    assert not (tmp_path / job.name).exists()
+    from her2score.batch import process_slide
+
+    (tmp_path / job.name).mkdir()
+    (tmp_path / job.name / "result.json").write_text("{}")  # an earlier run's: not set aside, not removed
+    row = process_slide(job, stopped=lambda: True)  # scored, then the stop: nothing written
+    assert row["error"] == f"{job.slide}: the batch stopped before its outputs were written"
+    assert [p.name for p in (tmp_path / job.name).iterdir()] == ["result.json"]
