@@ -474,9 +474,9 @@ def open_plain_image(path: Path) -> Iterator:
         yield img
 
 
-def _open_png16(path: Path, meta_mpp, mpp: float | None, default_mpp: float | None) -> ArraySlide:
-    """A 16-bit colour PNG, its samples scaled to 8 bits from the white their brightest colour sample sets
-    (_white_of: a 12-bit camera's PNG, stored unscaled, read as near black through Pillow)."""
+def _open_16bit(path: Path, meta_mpp, mpp: float | None, default_mpp: float | None) -> ArraySlide:
+    """A 16-bit colour PNG or TIFF, its samples scaled to 8 bits from the white their brightest colour sample sets
+    (_white_of: a 12-bit camera's image, stored unscaled, read as near black through Pillow)."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
         raise SlideError(path, "cannot decode its 16-bit colour samples")
@@ -521,20 +521,31 @@ def _too_large_fix(path: Path) -> str:
         return _SAVE_TILED
 
 
-def _tiff_page_mpp(path: Path, size: tuple[int, int]) -> tuple[float | None, float | None]:
-    """(across, down) µm/px that tifffile reads (_tiff_mpp) for the page of ``size`` (width, height) of a TIFF another
-    reader opened and found none in (OME-XML, ImageJ's unit, which OpenSlide and Pillow do not read); (None, None)
-    for another format or no such page."""
+@dataclass(frozen=True)
+class _TiffPage:
+    """What tifffile reads of the page of a TIFF that another reader (OpenSlide, Pillow) opened: its µm/px across and
+    down (_tiff_mpp: OME-XML and ImageJ's unit, which they do not read), whether the file is an OME-TIFF (whose
+    PhysicalSize tifffile reads before any resolution tag) and its bits per sample."""
+
+    across: float | None = None
+    down: float | None = None
+    ome: bool = False
+    bits: int = 8
+
+
+def _tiff_page(path: Path, size: tuple[int, int]) -> _TiffPage:
+    """_TiffPage of the page of ``size`` (width, height); the defaults for another format or no such page."""
     if _sniff(path)[0] != "TIFF":
-        return None, None
+        return _TiffPage()
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = next((p for p in tif.pages if (p.imagewidth, p.imagelength) == tuple(size)), None)
-            return (None, None) if page is None else (_tiff_mpp(tif, page), _tiff_mpp(tif, page, axis=1))
+            return _TiffPage() if page is None else _TiffPage(_tiff_mpp(tif, page), _tiff_mpp(tif, page, axis=1),
+                                                               tif.is_ome, int(page.bitspersample))
     except Exception:  # tifffile reads no more of it than the other reader needs: no µm/px rather than no slide
-        return None, None
+        return _TiffPage()
 
 
 def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> ArraySlide:
@@ -552,8 +563,8 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")
             meta_mpp, down = _plain_mpp(img), _plain_mpp(img, axis=1)
-            if meta_mpp is None and img.format == "TIFF":
-                meta_mpp, down = _tiff_page_mpp(path, img.size)
+            if img.format == "TIFF" and ((page := _tiff_page(path, img.size)).ome or meta_mpp is None):
+                meta_mpp, down = page.across, page.down
             _square_pixels(path, meta_mpp, down)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
@@ -563,8 +574,8 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
             if img.mode in ("L", "LA", "La", "1"):
                 raise NotHerIhcError(path, _GREYSCALE)
             sixteen = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
-            if sixteen and img.format == "PNG":  # Pillow keeps only the high byte of 16-bit colour: read it whole
-                return _open_png16(path, meta_mpp, mpp, default_mpp)
+            if sixteen and img.format in ("PNG", "TIFF"):  # Pillow keeps only the high byte of 16-bit colour: read it whole
+                return _open_16bit(path, meta_mpp, mpp, default_mpp)
             if sixteen:
                 notes.append("16-bit samples scaled to 8 bits")
             if img.mode in ("P", "PA"):
@@ -625,9 +636,26 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+def _ome_pixels(xml: str, width: int, height: int):
+    """The OME-XML Pixels element (xml.etree) of the image ``width`` x ``height`` px: the one of that size, else the only
+    one; None where there is none, or the XML cannot be parsed. A file may hold a label or an overview as its first
+    image, each with its own PhysicalSizeX (a Bio-Formats export of a .vsi), and XML spells a value in more ways than
+    one pattern reads ('µm' as '&#181;m', single quotes)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = [e for e in root.iter() if str(e.tag).rsplit("}", 1)[-1] == "Pixels"]
+    sized = [e for e in pixels if (e.get("SizeX"), e.get("SizeY")) == (str(width), str(height))]
+    return sized[0] if sized else (pixels[0] if len(pixels) == 1 else None)
+
+
 def _tiff_mpp(tif, page, axis: int = 0) -> float | None:
     """µm/px a TIFF page states across (``axis`` 0) or down (1): an Aperio description's MPP (square), OME's
-    PhysicalSizeX / Y, else its XResolution / YResolution in ResolutionUnit (inch where none, ImageJ's own unit)."""
+    PhysicalSizeX / Y of the page's image (_ome_pixels; a size across stated but not down, or in a unit not known,
+    is none), else its XResolution / YResolution in ResolutionUnit (inch where none, ImageJ's own unit)."""
     desc = page.tags.get("ImageDescription")
     text = desc.value if desc else ""
     if isinstance(text, bytes):
@@ -635,18 +663,11 @@ def _tiff_mpp(tif, page, axis: int = 0) -> float | None:
     m = re.search(r"MPP\s*=\s*([^|\s]+)", text) if text.startswith("Aperio") else None  # an Aperio description
     if m and (value := _number(m.group(1))) is not None:  # (an OME or other export may quote its source's
         return value  # description, and another µm/px, further on)
-    if tif.is_ome:  # the first Pixels element that has a size, and its own unit
-        pixels = next((t for t in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata or "") if "PhysicalSizeX=" in t), "")
-        m = re.search(rf'PhysicalSize{"XY"[axis]}="([0-9.eE+-]+)"', pixels)
-        u = re.search(rf'PhysicalSize{"XY"[axis]}Unit="([^"]+)"', pixels)
-        factor = _OME_UM.get(u.group(1) if u else "µm")  # OME's default unit is the micrometre
-        if m and factor:
-            try:
-                return float(m.group(1)) * factor
-            except ValueError:
-                pass
-        if pixels and axis == 1:  # an OME size across but none down: no down from another source (a stale tag)
-            return None
+    pixels = _ome_pixels(tif.ome_metadata or "", page.imagewidth, page.imagelength) if tif.is_ome else None
+    if pixels is not None and pixels.get("PhysicalSizeX") is not None:  # stated: never a stale tag's instead
+        size = _number(pixels.get(f"PhysicalSize{'XY'[axis]}"))
+        factor = _OME_UM.get(pixels.get(f"PhysicalSize{'XY'[axis]}Unit", "µm"))  # OME's default unit: the micrometre
+        return size * factor if size is not None and factor else None
     res, unit = page.tags.get(("XResolution", "YResolution")[axis]), page.tags.get("ResolutionUnit")
     value = res.value if res else None
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] > 0 and value[1] > 0:
@@ -1031,8 +1052,12 @@ class OpenSlideSlide(Slide):
             # OpenSlide leaves out a vendor's value it cannot use (an Aperio MPP of nan): read as tifffile reads it
             meta = _number(props.get("openslide.mpp-x") or props.get("aperio.MPP"))
             down = _number(props.get("openslide.mpp-y") or props.get("aperio.MPP"))
-            if meta is None:
-                meta, down = _tiff_page_mpp(path, (w, h))
+            page = _tiff_page(path, (w, h))
+            if page.bits > 8:
+                raise SlideError(path, f"{page.bits}-bit samples, which OpenSlide reads by their high byte alone (a "
+                                       "12-bit camera's values read nearly black): read it with the tifffile backend")
+            if page.ome or meta is None:  # OME's PhysicalSize, as tifffile reads it, before OpenSlide's resolution tags
+                meta, down = page.across, page.down
             _square_pixels(path, meta, down)
             args = _mpp_args(path, meta, mpp, default_mpp)
             self._take_mpp(args)
@@ -1160,4 +1185,20 @@ def automatic_backend(path: str | os.PathLike) -> str:
     if kind is None:
         raise SlideError(path, f"not an image: named {path.suffix} but its content is not PNG, JPEG, BMP or "
                                f"TIFF (it starts with {head[:8]!r})")
-    return "tifffile" if kind == "TIFF" else "image"
+    if kind != "TIFF":
+        return "image"
+    return "openslide" if _philips(path) else "tifffile"
+
+
+def _philips(path: Path) -> bool:
+    """Whether ``path`` is a Philips TIFF, whose levels are padded to whole tiles (their sizes no measure of their
+    scale): OpenSlide reads it as Philips wrote it, tifffile's pages would not."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            # as OpenSlide tells one: its Software 'Philips...', its description a DPUfsImport DataObject
+            return page.software.startswith("Philips") and 'ObjectType="DPUfsImport"' in page.description[:4096]
+    except Exception:  # the reader chosen says what is wrong with it
+        return False

@@ -352,6 +352,81 @@ def test_an_ome_tiff_gives_its_mpp_whichever_reader_reads_it(tmp_path, slide_rgb
             assert s.mpp == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "image"])
+def test_an_ome_tiffs_mpp_is_its_scans_however_the_xml_spells_it(tmp_path, slide_rgb, backend):
+    """A label written before the scan gave the scan the label's 0.4 µm/px; 'µm' as '&#181;m' and single quotes were
+    missed (a stale resolution tag's 0.5 taken, or none); OpenSlide and Pillow took such a tag before OME's size."""
+    scan = slide_rgb[:256, :384]
+    with tifffile.TiffWriter(tmp_path / "multi.ome.tif", ome=True) as tw:  # a label first, as a Bio-Formats .vsi export
+        tw.write(np.full((64, 128, 3), 230, np.uint8), photometric="rgb",
+                 metadata={"axes": "YXS", "Name": "label", "PhysicalSizeX": 0.4, "PhysicalSizeY": 0.4})
+        tw.write(scan, tile=(128, 128), photometric="rgb",
+                 metadata={"axes": "YXS", "Name": "slide", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    if backend == "tifffile":  # the others read a TIFF's first page (Pillow) or refuse two images (OpenSlide)
+        with open_slide(tmp_path / "multi.ome.tif", backend=backend) as s:
+            assert s.dimensions == (384, 256) and s.mpp == pytest.approx(0.25)
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="384" SizeY="256" SizeC="3" '
+           'SizeZ="1" SizeT="1" Interleaved="true" PhysicalSizeX="0.25" PhysicalSizeXUnit="&#181;m" PhysicalSizeY="0.25" '
+           'PhysicalSizeYUnit="&#181;m"><Channel ID="Channel:0:0" SamplesPerPixel="3"/><TiffData/></Pixels></Image></OME>')
+    for name, text in (("entity.ome.tif", xml), ("quotes.ome.tif", xml.replace('"0.25"', "'0.25'"))):
+        tifffile.imwrite(tmp_path / name, scan, tile=(128, 128), photometric="rgb", description=text, metadata=None,
+                         resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # a stale tag: 0.5 µm/px
+        with open_slide(tmp_path / name, backend=backend) as s:
+            assert s.mpp == pytest.approx(0.25), (name, s.mpp)
+    tifffile.imwrite(tmp_path / "unit.ome.tif", scan, tile=(128, 128), photometric="rgb", metadata=None, resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", description=xml.replace("&#181;m", "furlong"))
+    with pytest.raises(SlideError, match="no microns-per-pixel"):  # a unit not known is none: not the stale tag's 0.5
+        open_slide(tmp_path / "unit.ome.tif", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "image"])
+def test_a_16_bit_tiff_of_12_bit_values_is_never_read_dark(tmp_path, slide_rgb, backend):
+    """OpenSlide and Pillow keep a 16-bit sample's high byte: a 12-bit camera's TIFF read at a 16th of its brightness
+    (mean 9 where tifffile reads 144). Pillow's is read whole as a PNG's is; OpenSlide's is refused, naming the reader that
+    reads it."""
+    tifffile.imwrite(tmp_path / "u12.tif", slide_rgb[:256, :256].astype(np.uint16) * 16, tile=(128, 128), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    if backend == "openslide":
+        with pytest.raises(SlideError, match="16-bit samples, which OpenSlide reads by their high byte alone"):
+            open_slide(tmp_path / "u12.tif", backend=backend)
+        return
+    with open_slide(tmp_path / "u12.tif", backend=backend) as s:
+        got = s.read_region((0, 0), (256, 256), mpp=0.5)
+        assert np.abs(got.astype(int) - slide_rgb[:256, :256]).max() <= 1 and s.notes[-1] == "12-bit samples scaled to 8 bits"
+
+
+def test_a_philips_tiff_is_read_by_openslide(tmp_path, slide_rgb):
+    """Philips pads every level to whole tiles, so the pages' sizes are no measure of their scale: tifffile's reading
+    took a 4x level for 3x and a 16x one for 6x (reads 47 grey levels off). The file goes to OpenSlide, which reads it
+    as Philips wrote it."""
+    import cv2
+
+    tile, rgb = 256, slide_rgb[:700, :1000]
+    pad = lambda a: np.pad(a, ((0, -a.shape[0] % tile), (0, -a.shape[1] % tile), (0, 0)), constant_values=255)
+    spacing = "".join(f'<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" '
+                      f'Element="0x0030" PMSVR="IDoubleArray">&quot;{0.00025 * 2 ** i:g}&quot; &quot;{0.00025 * 2 ** i:g}&quot;'
+                      '</Attribute></DataObject>' for i in range(3))
+    xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport"><Attribute Name="PIM_DP_SCANNED_IMAGES" '
+           'Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage"><Attribute '
+           'Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" PMSVR="IString">WSI</Attribute><Attribute '
+           'Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" PMSVR="IDataObjectArray"><Array>'
+           f'{spacing}</Array></Attribute></DataObject></Array></Attribute></DataObject>')
+    with tifffile.TiffWriter(tmp_path / "philips.tiff") as tw:
+        for i, f in enumerate((1, 2, 4)):
+            level = rgb if f == 1 else cv2.resize(rgb, (1000 // f, 700 // f), interpolation=cv2.INTER_AREA)
+            tw.write(pad(level), tile=(tile, tile), photometric="rgb", description=xml if i == 0 else f"level={i}",
+                     software="Philips DP v1.0", metadata=None, subfiletype=1 if i else 0)
+    from her2score.slide import automatic_backend
+
+    assert automatic_backend(tmp_path / "philips.tiff") == "openslide"
+    with open_slide(tmp_path / "philips.tiff", mpp=0.25) as s:
+        assert [round(lv.downsample) for lv in s.levels] == [1, 2, 4]
+        got = s.read_region((200, 200), (100, 80), mpp=1.0)  # from the 4x level
+        want = cv2.resize(rgb[200:520, 200:600], (100, 80), interpolation=cv2.INTER_AREA)
+        assert np.abs(got.astype(int) - want).mean() < 6
+
+
 def test_implausible_metadata_is_not_trusted(tmp_path, slide_rgb):
     path = tmp_path / "screen.png"
     save_png(path, slide_rgb[:64, :64], mpp=25400 / 72)  # a 72-dpi screen default, not a scan
