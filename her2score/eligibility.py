@@ -491,7 +491,8 @@ def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its ultralow staining is no more than real unstained membranes
     read (flag null_or_ultralow on an ultralow level) and 0 (null) would change the answer; None otherwise."""
-    if "null_or_ultralow" not in result.flags or (pct := null_or_ultralow(result.counts, result.level, percent=100.0)) is None:
+    if "null_or_ultralow" not in result.flags or (pct := null_or_ultralow(  # as the flag was raised: within its interval
+            result.counts, result.level, percent=100.0, confidence=NEAR_CUTOFF_CONFIDENCE)) is None:
         return None
     if (other := _other_answer(result, rule, ish, status, "0", "0 (null)")) is None:
         return None

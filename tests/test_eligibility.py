@@ -662,6 +662,19 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_i
     assert sure.status == "eligible", sure.reasons
 
 
+def test_an_ultralow_flagged_as_possibly_null_on_few_intense_cells_asks_for_review():
+    """The flag weighs the intense share within its 95% interval (7 of 194 cells: 3.6%, its lower end under 2%), the
+    doubt weighed its point value and raised none: a real HER2 0 with a red marker line read ultralow, 'eligible'
+    under her2-ultralow-breast though its own reason said it could be 0 (null)."""
+    from her2score.guidelines import with_null_doubt
+
+    r = make_result(none=187, strong_lateral=4, strong_partial=3)
+    flags, words = with_null_doubt(r.flags, r.counts, r.level)
+    assert r.level == "0+ (ultralow)" and "null_or_ultralow" in flags and "it could be 0 (null)" in words
+    d = check_eligibility(replace(r, flags=flags), "her2-ultralow-breast")
+    assert d.status == "needs_review" and any("at 0 (null) the answer would be not eligible" in x for x in d.reasons), d.reasons
+
+
 def test_a_plain_0_needs_review_where_the_rule_tells_null_from_ultralow():
     """ASCO/CAP 2018 and gastric scoring say plain 0: where the rule answers null and ultralow differently
     it could be either; where both answer alike there is no doubt."""
