@@ -152,9 +152,16 @@ EVALUATION_FILES = ("metrics.json", "per_image.csv", "report.md", "confusion.png
 always."""
 
 
-def _evaluation_output(names: set[str]) -> bool:
-    """Whether a folder holding ``names`` is an evaluation's output (its results/ holds only slides' outputs)."""
-    return set(EVALUATION_FILES[:3]) <= names
+def _evaluation_output(folder: Path, names: set[str]) -> set[str]:
+    """The files of an evaluation's output in ``folder``, holding ``names``: EVALUATION_FILES where its metrics.json
+    is an evaluation's (its labels, image count and methods), not any file of that name; empty for any other folder."""
+    if not set(EVALUATION_FILES[:3]) <= names:
+        return set()
+    try:
+        metrics = json.loads((folder / EVALUATION_FILES[0]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return names & set(EVALUATION_FILES) if isinstance(metrics, dict) and {"labels", "n_images", "methods"} <= set(metrics) else set()
 
 
 def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
@@ -164,8 +171,8 @@ def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
     names = set(filenames)
     if _batch_output(folder, names):
         return BATCH_OUTPUT
-    if _evaluation_output(names):
-        return f"a her2score evaluation's output folder ({', '.join(sorted(names & set(EVALUATION_FILES)))})"
+    if ours := _evaluation_output(folder, names):
+        return f"a her2score evaluation's output folder ({', '.join(sorted(ours))})"
     ours = _slide_output(names)
     return f"a her2score slide's output folder ({', '.join(sorted(ours))})" if ours else None
 
@@ -275,13 +282,17 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             continue
         visited.add(real)
         if what := _her2score_output(here, filenames):
-            if what == BATCH_OUTPUT or _evaluation_output(set(filenames)):  # its slides' folders hold only outputs
+            if what == BATCH_OUTPUT:  # its slides' folders hold only outputs
                 outputs.append((here, what, "not searched"))
                 dirnames[:] = []
                 continue
-            # one slide's outputs, written beside the slide (write_outputs): its own files are no slides, the rest are
+            # one slide's outputs, written beside the slide (write_outputs), or an evaluation's (its results/ holds
+            # slides' outputs): its own files are no slides, the rest are
             outputs.append((here, what, "its output files skipped"))
-            ours = _slide_output(set(filenames))
+            evaluation = _evaluation_output(here, set(filenames))
+            ours = _slide_output(set(filenames)) | evaluation
+            if evaluation:  # its results/ holds the images' result.json files, nothing else
+                dirnames[:] = [d for d in dirnames if d != "results"]
             filenames = [f for f in filenames if f not in ours]
         mrxs = {Path(f).stem for f in filenames if f.lower().endswith(".mrxs")}
         dirnames[:] = sorted(d for d in dirnames
@@ -320,18 +331,15 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
     """One Job per slide, with unique safe output folder names (a hash is added on collision).
 
     ``previous`` maps slides to the folder names an earlier run gave them: they keep them, and the
-    folders of earlier slides not among ``slides`` are never given to another; nor is a folder in ``out`` that
-    holds outputs no slide here claims (a result, or a failed slide's kept outputs, recorded in a manifest since
-    lost or of slides since gone).
+    folders of earlier slides not among ``slides`` are never given to another; nor is a folder in ``out`` holding
+    another slide's outputs (_outputs_of: a result, or a failed slide's kept outputs, recorded in a manifest since
+    lost, or of slides since gone), which only the folders a slide would newly take are read for.
     """
     previous = previous or {}
     annotations = _Annotations(slides)
     jobs = []
     these = {str(slide) for slide, _ in slides}
     used = {name.lower() for slide, name in previous.items() if slide not in these}
-    claimed = {name.lower() for slide, name in previous.items() if slide in these}
-    used |= {d.name.lower() for d in (out.iterdir() if out.is_dir() else ()) if d.name.lower() not in claimed
-             and not d.is_symlink() and (owner := _outputs_of(d)) is not None and owner not in these}
     names: dict[int, str] = {}
     for i, (slide, _) in enumerate(slides):
         old = previous.get(str(slide))
@@ -342,7 +350,7 @@ def plan_jobs(slides: list[tuple[Path, Path]], out: Path, config: ScoringConfig,
         if i not in names:
             rel = str(slide.relative_to(root)) if slide.is_relative_to(root) else slide.name
             name = safe_name(rel)
-            if name.lower() in used:
+            if name.lower() in used or _outputs_of(out / name) not in (None, str(slide)):
                 name = _hashed_name(name, slide)
             names[i] = name
             used.add(name.lower())
@@ -356,11 +364,13 @@ def _outputs_of(folder: Path) -> str | None:
     """The slide whose outputs ``folder`` holds, as its result.json (or a failed slide's, kept in PREVIOUS) names it;
     '' where one is there but names none it can read; None where it holds no finished outputs."""
     for result in (folder / OUTPUT_FILES[0], folder / PREVIOUS / OUTPUT_FILES[0]):
-        if result.is_file():
-            try:
+        try:
+            if result.is_file():
                 return str(json.loads(result.read_text(encoding="utf-8"))["slide"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return ""
+        except (ValueError, KeyError, TypeError):
+            return ""
+        except OSError:  # a folder this user may not enter (a disk's lost+found): none of ours
+            return None
     return None
 
 
@@ -634,7 +644,8 @@ def process_slide(job: Job, *, stopped: Callable[[], bool] | None = None) -> dic
     except Exception as e:  # one bad slide never stops the batch
         log.debug("slide failed: %s\n%s", job.slide, traceback.format_exc())
         refused = isinstance(e, (NotHerIhcError, WrongStainError, NoTissueError, NuclearStainError))
-        row.update(status="refused" if refused else "error", error=_error_message(job, e) + _kept_words(job))
+        kept = "" if stopped is not None and stopped() else _kept_words(job)  # after a stop, --out is left alone
+        row.update(status="refused" if refused else "error", error=_error_message(job, e) + kept)
         row["output"] = ""  # no outputs to name
     return row
 
@@ -955,7 +966,10 @@ def run_batch(
                 for name in left:
                     (out / name).unlink()
                 for folder in made:
-                    folder.rmdir()
+                    try:
+                        folder.rmdir()
+                    except OSError:  # another run's folder beside it since: the rest stay
+                        break
             raise
 
 
@@ -1191,9 +1205,15 @@ def _process_on_cluster(job: Job, stop: str) -> dict:
     from dask.distributed import Event
 
     event = Event(stop)
-    if event.is_set():
+
+    def stopped() -> bool:
+        try:
+            return event.is_set()
+        except Exception:  # the scheduler not answering: write nothing rather than risk an unlocked --out
+            return True
+    if stopped():
         return {**_empty_row(job.slide), "status": "error", "error": f"{job.slide}: the batch stopped before it was scored"}
-    return process_slide(job, stopped=event.is_set)
+    return process_slide(job, stopped=stopped)
 
 
 STOP_WAIT_S = 10.0

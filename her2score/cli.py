@@ -146,10 +146,11 @@ STATUS_MARK = {"passed": " ", "needs_review": "?", "qc_failed": "!", "not_scored
 
 
 def _console_line(r: dict) -> str:
+    """One slide's line of the listing at the end, whatever its name and error hold."""
     if r["status"] != "ok":
-        return f"  {'-':>3} x {r['status']:<12} {r['slide']}  ({r['error']})"
+        return f"  {'-':>3} x {r['status']:<12} {_printable(r['slide'])}  ({' '.join(r['error'].split())})"
     return (f"  {r['score'] or '-':>3} {STATUS_MARK.get(r['qc_status'], '!')} {r['qc_status']:<12} {r['level']:<16} "
-            f"H={r['h_score'] if r['h_score'] != '' else '-':<7} cells={r['tumour_cells']:<6} {r['slide']}")
+            f"H={r['h_score'] if r['h_score'] != '' else '-':<7} cells={r['tumour_cells']:<6} {_printable(r['slide'])}")
 
 
 class _Terminated(SystemExit):
@@ -165,7 +166,6 @@ GUIDELINE_OPTIONS = {"specimen": "--specimen", "gastric_reading": "--gastric-rea
 API_OPTIONS: dict[str, dict[str, str]] = {
     "score": GUIDELINE_OPTIONS,
     "evaluate": GUIDELINE_OPTIONS,
-    "synth": {"n_per_class": "--n-per-class", "stain_jitter": "--stain-jitter"},
     "train": {"n_per_class": "--synthetic", "patch_px": "--patch-px", "val_fraction": "--val-fraction",
               "max_epochs": "--epochs", "batch_size": "--batch-size", "patches_per_image": "--patches-per-image",
               "max_minutes": "--max-minutes", "threads": "--threads", "mpp": "--target-mpp", "width": "--width",
@@ -173,7 +173,7 @@ API_OPTIONS: dict[str, dict[str, str]] = {
               "stain_jitter": "--synthetic-jitter", "border_od_max": "--border-od-max"},
 }
 """Per subcommand, the Python API's keywords that its settings' errors may name (guidelines.check_settings,
-ScoringConfig, TrainConfig, train.check_synthetic, synthetic.write_dataset), each with the option that sets it: the API's messages keep the
+ScoringConfig, TrainConfig, train.check_synthetic), each with the option that sets it: the API's messages keep the
 keyword, the command line says the option (_in_options, where those settings are checked: never over a message that
 holds a path, whose folders may bear such names)."""
 
@@ -242,7 +242,7 @@ class _Progress:
         if self.terminal:
             self._draw(what, done, total)
             if row["status"] != "ok":
-                self.bar.write(f"{row['status']}: {row['error']}", file=sys.stderr)
+                self.bar.write(f"{row['status']}: {' '.join(row['error'].split())}", file=sys.stderr)
         elif not self.quiet or row["status"] != "ok":
             elapsed = time.time() - self.started
             left = elapsed / (done - self.before) * (total - done)
@@ -388,17 +388,18 @@ def _rules(args) -> int:
 
 
 def _synth(args) -> int:
-    from .synthetic import write_dataset
+    from .synthetic import MAX_STAIN_JITTER_DEG, write_dataset
 
     try:
-        _at_least("--seed", args.seed, 0)  # numpy's own words name no option
+        _at_least("--seed", args.seed, 0)  # numpy's own words name no option, write_dataset's its keywords
+        _at_least("--n-per-class", args.n_per_class, 1)
+        if not 0 <= args.stain_jitter <= MAX_STAIN_JITTER_DEG:
+            raise _UsageError(f"--stain-jitter must be 0-{MAX_STAIN_JITTER_DEG:g} degrees (s.d. of the stain vectors' "
+                              f"turn), got {args.stain_jitter:g}")
         path = write_dataset(args.out, n_per_class=args.n_per_class, seed=args.seed, stain_jitter=args.stain_jitter,
                              real_borders=args.real_borders)
-    except _UsageError as e:
+    except (_UsageError, ValueError) as e:  # a folder's message holds its path, never rewritten
         _error(args.command, str(e))
-        return 2
-    except ValueError as e:  # a path's message names no option: _in_options leaves words within paths alone
-        _error(args.command, _in_options(str(e), API_OPTIONS[args.command]))
         return 2
     except OSError as e:
         _error(args.command, f"{args.out}: cannot write ({e.strerror or e})")

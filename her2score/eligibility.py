@@ -489,14 +489,15 @@ def _disagreement_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str
 
 
 def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when its ultralow staining is no more than real unstained membranes
-    read (flag null_or_ultralow on an ultralow level) and 0 (null) would change the answer; None otherwise."""
-    if "null_or_ultralow" not in result.flags or (pct := null_or_ultralow(  # as the flag was raised: within its interval
-            result.counts, result.level, percent=100.0, confidence=NEAR_CUTOFF_CONFIDENCE)) is None:
+    """Why the slide needs review when its ultralow staining is no more than real unstained membranes read, within
+    its 95% interval (guidelines.with_null_doubt's test, which flags null_or_ultralow, read from the counts) and 0
+    (null) would change the answer; None otherwise."""
+    percent = result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT)  # the slide's own, as its flag weighed it
+    if (pct := null_or_ultralow(result.counts, result.level, percent=percent, confidence=NEAR_CUTOFF_CONFIDENCE)) is None:
         return None
     if (other := _other_answer(result, rule, ish, status, "0", "0 (null)")) is None:
         return None
-    return (f"{percent_text(pct, result.config.get('false_membrane_percent', FALSE_MEMBRANE_PERCENT))} of tumour cells "
+    return (f"{percent_text(pct, percent)} of tumour cells "
             "stained, no more than real unstained membranes read: "
             f"at 0 (null) the answer would be {other}")
 

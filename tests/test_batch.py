@@ -719,6 +719,37 @@ def test_a_folder_holding_outputs_is_never_given_to_another_slide(tmp_path, fiel
     assert json.loads((out / "y.png" / "result.json").read_text())["slide"] == str(days[0] / "y.png")
 
 
+def test_folder_names_read_only_the_folders_a_slide_would_take(tmp_path, fields, monkeypatch):
+    """plan_jobs read every result.json in --out on each run (0.9 s at 10,000 folders), and a folder it may not enter
+    (a disk's lost+found) crashed the batch: only the folder a new slide would take is read, an unreadable one is none
+    of ours. A slide failing after a Dask batch's stop leaves the outputs an earlier run finished where they are."""
+    from her2score.batch import _outputs_of, plan_jobs, process_slide
+
+    out = tmp_path / "out"
+    for i in range(3):
+        (out / f"other{i}").mkdir(parents=True)
+        (out / f"other{i}" / "result.json").write_text(json.dumps({"slide": f"/elsewhere/other{i}"}))
+    read: list = []
+    original = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self.parent.name) or original(self, *a, **k))
+    save_png(tmp_path / "new.png", fields["1+"])
+    assert plan_jobs([(tmp_path / "new.png", tmp_path)], out, ScoringConfig())[0].name == "new.png" and read == []
+    monkeypatch.undo()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert _outputs_of(out / "lost+found") is None
+    monkeypatch.undo()
+    job = plan_jobs([(tmp_path / "new.png", tmp_path)], out, ScoringConfig())[0]
+    (out / job.name).mkdir()
+    (out / job.name / "result.json").write_text(json.dumps({"slide": job.slide}))
+    (tmp_path / "new.png").write_bytes(b"")  # it fails now
+    row = process_slide(job, stopped=lambda: True)
+    assert row["status"] == "error" and "previous" not in row["error"]
+    assert [p.name for p in (out / job.name).iterdir()] == ["result.json"]
+
+
 def test_missing_outputs_are_rebuilt(tmp_path, three):
     out = tmp_path / "out"
     run_batch([three], out)

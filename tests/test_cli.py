@@ -359,14 +359,23 @@ def test_results_into_the_input_folder_are_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, words", [
     (["--n-per-class", "1", "--stain-jitter", "-5"], "--stain-jitter must be 0-30 degrees"),
-    (["--n-per-class", "-1"], "--n-per-class (the fields per class) must be a whole number of at least 1, got -1"),
-    (["--n-per-class", "0"], "--n-per-class (the fields per class) must be a whole number of at least 1, got 0"),
+    (["--n-per-class", "-1"], "--n-per-class must be at least 1, got -1"),
+    (["--n-per-class", "0"], "--n-per-class must be at least 1, got 0"),
     (["--n-per-class", "1", "--seed", "-1"], "--seed must be at least 0, got -1"),  # numpy's words named no option
 ])
 def test_synth_refuses_settings_it_cannot_draw(tmp_path, capsys, args, words):
     """A negative jitter or count was a traceback, 0 fields 'wrote 0 fields' and exit 0."""
     assert main(["synth", str(tmp_path / "set"), *args]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "set").exists()
+
+
+def test_synth_names_a_folder_as_it_was_given(tmp_path, capsys):
+    """A folder's name holding a keyword (n_per_class) was rewritten as an option in the error: '/tmp/x --n-per-class'."""
+    folder = tmp_path / "my n_per_class set"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert main(["synth", str(folder), "--n-per-class", "1"]) == 2
+    assert str(folder) in capsys.readouterr().err
 
 
 def test_synth_into_a_file_says_so(tmp_path, capsys):

@@ -164,3 +164,24 @@ def test_a_slide_begun_or_scored_after_the_batch_stopped_writes_nothing(slides, 
     row = process_slide(job, stopped=lambda: True)  # scored, then the stop: nothing written
     assert row["error"] == f"{job.slide}: the batch stopped before its outputs were written"
     assert [p.name for p in (tmp_path / job.name).iterdir()] == ["result.json"]
+
+
+def test_a_dask_batch_closed_early_tells_its_workers_to_stop(slides, cluster, tmp_path, monkeypatch):
+    """Closing the slides' stream (what Ctrl-C or SIGTERM does to the batch) sets the batch's stop Event, which every
+    task reads before it writes; the slides not yet begun then end at once."""
+    import uuid
+    from contextlib import ExitStack
+
+    from dask.distributed import Client, Event
+
+    from her2score.batch import _execute_dask, plan_jobs
+    from her2score.pipeline import ScoringConfig
+
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))
+    jobs = plan_jobs([(p, slides) for p in sorted(slides.glob("field_*.png"))], tmp_path, ScoringConfig())
+    with ExitStack() as stack:
+        stream = _execute_dask(jobs, 1, cluster.scheduler_address, stack)
+        next(stream)
+        stream.close()
+        with Client(cluster.scheduler_address) as client:
+            assert Event(f"her2score-stop-{uuid.UUID(int=7).hex}", client=client).is_set()

@@ -42,7 +42,8 @@ def make_result(
 
 
 NULL = dict(none=200)
-ULTRALOW = dict(none=196, faint_partial=4)  # 2%: far enough from 10% not to be near its cut-off
+ULTRALOW = dict(none=196, faint_partial=4)  # 2%: far enough from 10% not to be near its cut-off, but could be null
+CLEAR_ULTRALOW = dict(none=9_100, faint_partial=900)  # 9%: more than false membranes read (8%), even at its interval's low end
 ONE = dict(none=150, faint_partial=50)
 TWO = dict(none=140, weak_moderate_complete=60)
 THREE = dict(none=100, strong_complete=100)
@@ -87,7 +88,8 @@ def test_one_minimum_tumour_cell_count_for_qc_and_rules():
         ("her2-low-breast", THREE, None, "not_eligible"),
         ("her2-low-breast", ULTRALOW, None, "not_eligible"),
         ("her2-low-breast", NULL, None, "not_eligible"),
-        ("her2-ultralow-breast", ULTRALOW, None, "eligible"),
+        ("her2-ultralow-breast", CLEAR_ULTRALOW, None, "eligible"),  # ultralow or, near the cut-off, 1+: eligible
+        ("her2-ultralow-breast", ULTRALOW, None, "needs_review"),  # 2% stained could be false membranes: null
         ("her2-ultralow-breast", ONE, None, "eligible"),
         ("her2-ultralow-breast", TWO, "negative", "eligible"),
         ("her2-ultralow-breast", NULL, None, "not_eligible"),
@@ -551,7 +553,8 @@ def test_a_call_near_a_cut_off_needs_review_only_where_the_other_side_changes_th
     r = replace(r, flags=(*r.flags, "near_cutoff"))
     low = check_eligibility(r, "her2-low-breast")  # at 1+ the answer would be eligible
     assert low.status == "needs_review" and any("at 1+ the answer would be eligible" in x for x in low.reasons)
-    assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # 0+ and 1+ both eligible
+    ultra = check_eligibility(r, "her2-ultralow-breast")  # 0+ and 1+ both eligible; 0 (null), which 7% could be, not
+    assert ultra.status == "needs_review" and not any("at 1+" in x for x in ultra.reasons), ultra.reasons
     assert check_eligibility(r, "her2-positive-breast").status == "not_eligible"
     # read from the counts, flag or not: a result made from apply_guideline's call, which has none, is doubted alike
     assert check_eligibility(make_result(**counts), "her2-low-breast").status == "needs_review"
@@ -632,7 +635,7 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
         d = check_eligibility(flagged, rule)  # (HER2-low's review asks of 1+, the other side of the 10% cut-off 6% is near)
         assert not any("at 0 (null) the answer" in x for x in d.reasons), d.reasons
         assert d.status == ("needs_review" if rule == "her2-low-breast" else "not_eligible")
-    assert check_eligibility(r, "her2-ultralow-breast").status == "eligible"  # no flag, no doubt
+    assert check_eligibility(r, "her2-ultralow-breast") == doubt  # read from the counts, flag or not
 
 
 def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_it_changes_the_answer():
