@@ -781,8 +781,9 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
             called_levels = [None] * len(items)
             for i, r in zip(ok, mrs):
                 called_levels[i] = r.level if r is not None else None
+            # the CNN reads 0-3+: its 0 is split into null and ultralow by the cell counts, no table of its own
             m = _method_metrics(truth, called, every_level, called_levels, resamples=bootstrap, seed=seed,
-                                split_zero=guideline in ZERO_SPLIT)
+                                split_zero=guideline in ZERO_SPLIT and method != "cnn")
             if m is None:
                 continue
             passed = [(t, c) for i, t, c in zip(ok, truth, called) if c is not None and results[i].qc_passed]
@@ -825,6 +826,9 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         pairs = [(results[i].percentages, _truth_percent(items[i].counts)) for i in ok
                  if items[i].counts and sum(items[i].counts.values()) and results[i].tumour_cells]
         metrics["percent_agreement"] = percent_agreement(pairs) if pairs else None
+        if 1 < len(pairs) < KAPPA_MIN_N:
+            metrics["warnings"].append(f"per-category agreement over {len(pairs)} images (n < {KAPPA_MIN_N}): the 95% limits of "
+                                       "agreement (bias ± 1.96 SD) rest on a spread that few images hardly measure")
         if clf is not None and (shared := _training_field_seeds(clf.record, labels, [items[i].path for i in ok])):
             metrics["warnings"].append(
                 f"cnn and fused: {shared} of the {len(ok)} images were generated with the score and seed of the CNN's own training "
@@ -1045,6 +1049,9 @@ def _report(metrics: dict, summary: str) -> str:
         out.append(f"{metrics['guideline']} calls a plain 0 (only breast-asco-cap-2023 tells null from ultralow): no table.")
     elif not nvu:
         out.append("No image is labelled null or ultralow (a plain `0` label does not say which).")
+    elif "cnn" in methods:
+        out += ["The CNN reads 0, 1+, 2+ or 3+: a 0 it calls is split into null and ultralow by the cell counts, "
+                "so it has no table of its own.", ""]
     for m, t in nvu.items():
         out += [f"{m}: called at exactly the true level in {_fmt(t['agreement'], t['agreement_ci95'])} of {t['n']} images.", "",
                 "| truth \\ called | " + " | ".join(t["columns"]) + " |", "| --- | " + " | ".join("---" for _ in t["columns"]) + " |"]
@@ -1057,7 +1064,8 @@ def _report(metrics: dict, summary: str) -> str:
                    "labels, or `count_<category>` columns).")
     else:
         out += ["Called against true percentage of tumour cells per category, in percentage points "
-                "(Bland-Altman plot: `bland_altman.png`).", "",
+                "(Bland-Altman plot: `bland_altman.png`, a panel for each category some image has cells of, truly or "
+                "as called).", "",
                 "| category | n | mean abs. error | bias | 95% limits of agreement | max abs. error |",
                 "| --- | --- | --- | --- | --- | --- |"]
         out += [f"| {c} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} | "

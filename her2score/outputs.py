@@ -588,8 +588,12 @@ def _grey_panel(thumbnail: np.ndarray, f: float) -> np.ndarray:
     return cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
 
 
+HEAT_MIN_CELLS = 5
+"""The fewest tumour cells a heatmap bin is shaded for (fewer: no share worth showing)."""
+
+
 def _heat_panel(grey: np.ndarray, um_per_px: float, frac: np.ndarray, total: np.ndarray, bin_um: float, title: str,
-                width: int, rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = 5) -> np.ndarray:
+                width: int, rgb: tuple[int, int, int], *, top_percent: float = 50.0, min_cells: int = HEAT_MIN_CELLS) -> np.ndarray:
     """``grey`` (_grey_panel, at ``um_per_px``), ``width`` px wide, with each bin of >= ``min_cells`` tumour cells
     shaded from white (0%) to ``rgb`` (``top_percent`` or more), titled, with a colour bar marking the 10%
     guideline cut-off."""
@@ -714,7 +718,8 @@ def _slide_panels(analysis: SlideAnalysis, slide: Slide | None, *, n_regions: in
     for score, rgb in (("3+", (200, 0, 0)), ("2+", (235, 120, 0)), ("1+", (215, 170, 0))):
         frac, total = _heatmap(analysis, counted[score], bin_um)
         panels.append(_heat_panel(grey, analysis.thumbnail_mpp / f, frac, total, bin_um,
-                                  f"% of tumour cells counted for {score} per {bin_um:.0f} µm bin", col_w, rgb))
+                                  f"% of tumour cells counted for {score} per {bin_um:.0f} µm bin (unshaded: "
+                                  f"fewer than {HEAT_MIN_CELLS} tumour cells)", col_w, rgb))
     top_h = max(p.shape[0] for p in panels)
     top = np.hstack([np.pad(p, ((0, top_h - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels])
     top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)), constant_values=255)

@@ -777,6 +777,10 @@ def test_evaluate_with_a_cnn(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert set(m["methods"]) == {"classical", "cnn", "fused"} and m["methods"]["cnn"]["n"] == 4
+    # the CNN reads 0-3+: its null-vs-ultralow 'agreement' was the cell counts' split, 1.000, reported as its own
+    assert m["methods"]["cnn"]["null_vs_ultralow"] is None and m["methods"]["classical"]["null_vs_ultralow"] is not None
+    assert "so it has no table of its own" in (tmp_path / "ev" / "report.md").read_text()
+    assert any("per-category agreement over 4 images (n < 30)" in w for w in m["warnings"])  # limits drawn on 4: unwarned
     rows = list(csv.DictReader(open(tmp_path / "ev" / "per_image.csv")))
     assert all(r["cnn"] in ("0", "1+", "2+", "3+") and float(r["p_0"]) >= 0 for r in rows)
     assert m["cnn_source"] == {"pipeline": 4} and m2["cnn_source"] == {"pipeline": 4}
