@@ -7,9 +7,9 @@ scikit-image's real colon IHC with its DAB removed (a real HER2 0; tests/realdat
 of its DAB (a real 1+), this draws straight strokes of marker colours (red, dark red, pale red, magenta,
 green, blue, black), 2-16 px wide (1-8 µm at 0.5 µm/px) on four courses, as ink absorbs light on top of the
 stain (the field's RGB times the ink's colour, anti-aliased), and prints per ink and field how many strokes
-leave the level as it was, change it with QC passed, fail QC or are refused, and the answers of
-her2-ultralow-breast, her2-low-breast and her2-positive-breast to the strokes that change it (none should be a
-confident eligible the field without ink would not get).
+leave the level as it was, change it with QC passed, fail QC or are refused (and why), the doubt flags of those
+that change it and the answers of her2-ultralow-breast, her2-low-breast and her2-positive-breast to them (none
+should be a confident eligible the field without ink would not get).
 """
 from __future__ import annotations
 
@@ -44,13 +44,26 @@ def _inked(rgb: np.ndarray, ink: tuple[int, int, int], width: int, course) -> np
     return np.clip(rgb * (1 - cover) + rgb * np.float32(ink) / 255 * cover + 0.5, 0, 255).astype(np.uint8)
 
 
-def _one(job) -> tuple[str, str, str, tuple]:
+REFUSALS = {"another chromogen": "another chromogen", "colour of eosin": "eosin (H&E)", "DAB is nuclear": "nuclear DAB"}
+"""Words of a refusal and what the table calls it."""
+
+
+def _one(job) -> tuple[str, str, str, tuple, tuple]:
+    """(field, ink, level read, or 'qc failed', or 'refused: why'; the rules' answers; the doubt flags)."""
     field, ink, width, course = job
     try:
         r = score_slide(_inked(_field(field), INKS[ink], width, course), mpp=0.5)
     except SlideError as e:
-        return field, ink, "refused", (type(e).__name__,)
-    return field, ink, r.level if r.qc_passed else "qc failed", tuple(check_eligibility(r, rule).status for rule in RULES)
+        why = next((name for words, name in REFUSALS.items() if words in str(e)), type(e).__name__)
+        return field, ink, f"refused: {why}", (), ()
+    doubts = tuple(f for f in r.flags if f in ("near_cutoff", "null_or_ultralow", "isolated_intense_cells", "cytoplasmic_dab"))
+    return (field, ink, r.level if r.qc_passed else "qc failed", tuple(check_eligibility(r, rule).status for rule in RULES),
+            doubts)
+
+
+def answers_given(level: str) -> bool:
+    """Whether a stroke's reading is a call the rules answered (not a refusal, not a QC failure)."""
+    return not level.startswith("refused") and level != "qc failed"
 
 
 def main() -> None:
@@ -65,11 +78,13 @@ def main() -> None:
           f"{len(WIDTHS_PX) * len(COURSES)} strokes, and the rules' answers ({', '.join(RULES)}) where the level changed")
     for f in plain:
         for ink in INKS:
-            rows = [(level, answers) for ff, ii, level, answers in results if (ff, ii) == (f, ink)]
-            levels = Counter(level for level, _ in rows)
-            changed = Counter(answers for level, answers in rows if level not in (plain[f].level, "refused", "qc failed"))
-            answers = "; ".join(f"{n} x {'/'.join(a)}" for a, n in changed.most_common()) or "-"
-            print(f"  {f:7s} {ink:9s} " + ", ".join(f"{n} {lv}" for lv, n in levels.most_common()) + f"  | changed: {answers}")
+            rows = [(level, answers, doubts) for ff, ii, level, answers, doubts in results if (ff, ii) == (f, ink)]
+            levels = Counter(level for level, _, _ in rows)
+            changed = [(a, d) for level, a, d in rows if level != plain[f].level and answers_given(level)]
+            answers = "; ".join(f"{n} x {'/'.join(a)}" for a, n in Counter(a for a, _ in changed).most_common()) or "-"
+            undoubted = sum(not d for _, d in changed)
+            print(f"  {f:7s} {ink:9s} " + ", ".join(f"{n} {lv}" for lv, n in levels.most_common())
+                  + f"  | changed: {answers}" + (f"; {undoubted} with no doubt flag" if changed else ""))
     sys.stdout.flush()
 
 

@@ -10,6 +10,7 @@ and pixel format at open; corrupt image data when the pixels are read.
 from __future__ import annotations
 
 import decimal
+import html
 import math
 import numbers
 import os
@@ -474,15 +475,34 @@ def open_plain_image(path: Path) -> Iterator:
         yield img
 
 
-def _open_16bit(path: Path, meta_mpp, mpp: float | None, default_mpp: float | None) -> ArraySlide:
-    """A 16-bit colour PNG or TIFF, its samples scaled to 8 bits from the white their brightest colour sample sets
-    (_white_of: a 12-bit camera's image, stored unscaled, read as near black through Pillow)."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+_EXIF_TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+               6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+"""An (H, W, C) array turned as each EXIF Orientation says a viewer shows it (as PIL's ImageOps.exif_transpose)."""
+
+
+def _open_16bit(path: Path, meta_mpp, mpp: float | None, default_mpp: float | None, *, orientation: int = 1) -> ArraySlide:
+    """A 16-bit colour PNG or TIFF (its first page, read by tifffile: any compression or plane layout), its samples
+    scaled to 8 bits from the white their brightest colour sample sets (_white_of: a 12-bit camera's image, stored
+    unscaled, read as near black through Pillow), turned as its EXIF ``orientation`` says."""
+    try:
+        if _sniff(path)[0] == "TIFF":
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                arr = tif.pages.first.asarray()  # (height, width, samples), separate planes too
+        else:
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+            arr = arr if arr is None or arr.ndim != 3 else arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) as RGB(A)
+    except Exception as e:  # the decoders raise many types on corrupt input
+        raise SlideError(path, f"cannot decode its 16-bit colour samples ({type(e).__name__}: {e})") from None
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SlideError(path, "cannot decode its 16-bit colour samples")
-    arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV's BGR(A) as RGB(A)
+    notes = []
+    if orientation in _EXIF_TURNS:
+        arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
+        notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
     white = _white_of(arr[..., :3])
-    return ArraySlide(_to_8bit(arr, white), notes=(_bits_note(white),), **_mpp_args(path, meta_mpp, mpp, default_mpp))
+    return ArraySlide(_to_8bit(arr, white), notes=(_bits_note(white), *notes), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
 def _larger_page(img) -> tuple[int, int, int] | None:
@@ -563,7 +583,8 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 raise SlideError(path, f"{img.size[0]} x {img.size[1]} plain image is too large to decode whole; "
                                        f"{_too_large_fix(path) if img.format == 'TIFF' else _SAVE_TILED}")
             meta_mpp, down = _plain_mpp(img), _plain_mpp(img, axis=1)
-            if img.format == "TIFF" and ((page := _tiff_page(path, img.size)).ome or meta_mpp is None):
+            page = _tiff_page(path, img.size) if img.format == "TIFF" else None
+            if page is not None and (page.ome or meta_mpp is None):
                 meta_mpp, down = page.across, page.down
             _square_pixels(path, meta_mpp, down)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
@@ -573,9 +594,11 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 raise NotHerIhcError(path, f"32-bit {_GREYSCALE}")
             if img.mode in ("L", "LA", "La", "1"):
                 raise NotHerIhcError(path, _GREYSCALE)
-            sixteen = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
+            # Pillow's tiles say 16 bits, but not those of a TIFF of separate planes (tifffile's page does)
+            sixteen = (any(";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
+                       or (page is not None and page.bits > 8))
             if sixteen and img.format in ("PNG", "TIFF"):  # Pillow keeps only the high byte of 16-bit colour: read it whole
-                return _open_16bit(path, meta_mpp, mpp, default_mpp)
+                return _open_16bit(path, meta_mpp, mpp, default_mpp, orientation=img.getexif().get(0x0112, 1))
             if sixteen:
                 notes.append("16-bit samples scaled to 8 bits")
             if img.mode in ("P", "PA"):
@@ -636,19 +659,16 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _ome_pixels(xml: str, width: int, height: int):
-    """The OME-XML Pixels element (xml.etree) of the image ``width`` x ``height`` px: the one of that size, else the only
-    one; None where there is none, or the XML cannot be parsed. A file may hold a label or an overview as its first
-    image, each with its own PhysicalSizeX (a Bio-Formats export of a .vsi), and XML spells a value in more ways than
-    one pattern reads ('µm' as '&#181;m', single quotes)."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    pixels = [e for e in root.iter() if str(e.tag).rsplit("}", 1)[-1] == "Pixels"]
-    sized = [e for e in pixels if (e.get("SizeX"), e.get("SizeY")) == (str(width), str(height))]
+def _ome_pixels(xml: str, width: int, height: int) -> dict[str, str] | None:
+    """The attributes of the OME-XML Pixels element of the image ``width`` x ``height`` px: the one of that size, else
+    the only one; None where there is none. A file may hold a label or an overview as its first image, each with its
+    own PhysicalSizeX (a Bio-Formats export of a .vsi). Read tag by tag, not by an XML parser, which refuses a whole
+    file for one stray '&' in an image's name; values in either quotes, with character and entity references
+    ('&#181;m', '&micro;m') read as the characters they name."""
+    pixels = [{k: html.unescape(v1 or v2) for k, v1, v2 in
+               re.findall(r"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""", attrs)}
+              for attrs in re.findall(r"<(?:[\w.-]+:)?Pixels\b([^>]*)>", xml)]
+    sized = [p for p in pixels if (p.get("SizeX"), p.get("SizeY")) == (str(width), str(height))]
     return sized[0] if sized else (pixels[0] if len(pixels) == 1 else None)
 
 
@@ -1155,7 +1175,12 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
                              if kind in PLAIN_KINDS else "not a TIFF file (no TIFF header)")
         slide = TiffSlide(path, mpp, default_mpp)
     elif backend == "openslide":
-        slide = OpenSlideSlide(path, mpp, default_mpp)
+        try:
+            slide = OpenSlideSlide(path, mpp, default_mpp)
+        except SlideError:
+            if forced or _sniff(path)[0] != "TIFF":
+                raise
+            backend, slide = "tifffile", TiffSlide(path, mpp, default_mpp)  # a Philips TIFF OpenSlide cannot take
     else:
         slide = _open_plain(path, mpp, default_mpp)
     slide.backend = backend
@@ -1191,14 +1216,12 @@ def automatic_backend(path: str | os.PathLike) -> str:
 
 
 def _philips(path: Path) -> bool:
-    """Whether ``path`` is a Philips TIFF, whose levels are padded to whole tiles (their sizes no measure of their
-    scale): OpenSlide reads it as Philips wrote it, tifffile's pages would not."""
-    import tifffile
-
+    """Whether OpenSlide takes ``path`` for a Philips TIFF, whose levels are padded to whole tiles (their sizes no
+    measure of their scale): OpenSlide reads it as Philips wrote it, tifffile's pages would not (open_slide falls back
+    to tifffile where OpenSlide then cannot open it)."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
-            # as OpenSlide tells one: its Software 'Philips...', its description a DPUfsImport DataObject
-            return page.software.startswith("Philips") and 'ObjectType="DPUfsImport"' in page.description[:4096]
-    except Exception:  # the reader chosen says what is wrong with it
+        import openslide
+
+        return openslide.OpenSlide.detect_format(str(path)) == "philips"
+    except Exception:  # no OpenSlide, or a file it cannot read: tifffile says what is wrong with it
         return False

@@ -369,7 +369,9 @@ def test_an_ome_tiffs_mpp_is_its_scans_however_the_xml_spells_it(tmp_path, slide
            '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="384" SizeY="256" SizeC="3" '
            'SizeZ="1" SizeT="1" Interleaved="true" PhysicalSizeX="0.25" PhysicalSizeXUnit="&#181;m" PhysicalSizeY="0.25" '
            'PhysicalSizeYUnit="&#181;m"><Channel ID="Channel:0:0" SamplesPerPixel="3"/><TiffData/></Pixels></Image></OME>')
-    for name, text in (("entity.ome.tif", xml), ("quotes.ome.tif", xml.replace('"0.25"', "'0.25'"))):
+    for name, text in (("entity.ome.tif", xml), ("quotes.ome.tif", xml.replace('"0.25"', "'0.25'")),
+                       ("micro.ome.tif", xml.replace("&#181;m", "&micro;m")),  # an HTML entity, no XML's: not well-formed
+                       ("amp.ome.tif", xml.replace('<Image ID="Image:0">', '<Image ID="Image:0" Name="HER2 & CEP17">'))):
         tifffile.imwrite(tmp_path / name, scan, tile=(128, 128), photometric="rgb", description=text, metadata=None,
                          resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # a stale tag: 0.5 µm/px
         with open_slide(tmp_path / name, backend=backend) as s:
@@ -394,6 +396,15 @@ def test_a_16_bit_tiff_of_12_bit_values_is_never_read_dark(tmp_path, slide_rgb, 
     with open_slide(tmp_path / "u12.tif", backend=backend) as s:
         got = s.read_region((0, 0), (256, 256), mpp=0.5)
         assert np.abs(got.astype(int) - slide_rgb[:256, :256]).max() <= 1 and s.notes[-1] == "12-bit samples scaled to 8 bits"
+    if backend == "image":  # separate planes (Pillow's tiles say no 16 bits), zstd (OpenCV has none), a camera's turn
+        rgb = slide_rgb[:200, :256]
+        tifffile.imwrite(tmp_path / "planes.tif", rgb.astype(np.uint16) * 16, photometric="rgb", planarconfig="separate",
+                         compression="zstd", resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                         extratags=[(274, 3, 1, 6, True)])  # EXIF Orientation 6: turned 90 degrees clockwise to view
+        with open_slide(tmp_path / "planes.tif", backend=backend) as s:
+            got = s.read_region((0, 0), (200, 256), mpp=0.5)
+            assert s.dimensions == (200, 256) and np.abs(got.astype(int) - np.rot90(rgb, -1)).max() <= 1
+            assert s.notes[-1] == "turned as its EXIF orientation (6) says, as viewers show it"
 
 
 def test_a_philips_tiff_is_read_by_openslide(tmp_path, slide_rgb):
