@@ -1178,7 +1178,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: st
         try:
             slide = OpenSlideSlide(path, mpp, default_mpp)
         except SlideError:
-            if forced or _sniff(path)[0] != "TIFF":
+            if forced or path.suffix.lower() not in TIFF_SUFFIXES:  # no Philips TIFF (automatic_backend), a vendor's file
                 raise
             backend, slide = "tifffile", TiffSlide(path, mpp, default_mpp)  # a Philips TIFF OpenSlide cannot take
     else:

@@ -431,6 +431,14 @@ def test_a_philips_tiff_is_read_by_openslide(tmp_path, slide_rgb):
     from her2score.slide import automatic_backend
 
     assert automatic_backend(tmp_path / "philips.tiff") == "openslide"
+    import openslide
+
+    unreadable = tmp_path / "no_wsi.tiff"  # a Philips description naming no WSI image: OpenSlide cannot open it
+    tifffile.imwrite(unreadable, pad(rgb), tile=(tile, tile), photometric="rgb", software="Philips DP v1.0", metadata=None,
+                     description=xml.replace(">WSI<", ">LABELIMAGE<"))
+    assert openslide.OpenSlide.detect_format(str(unreadable)) == "philips"  # so open_slide tries OpenSlide, then tifffile
+    with open_slide(unreadable, mpp=0.25) as s:
+        assert s.backend == "tifffile" and s.dimensions == (1024, 768)
     with open_slide(tmp_path / "philips.tiff", mpp=0.25) as s:
         assert [round(lv.downsample) for lv in s.levels] == [1, 2, 4]
         got = s.read_region((200, 200), (100, 80), mpp=1.0)  # from the 4x level
