@@ -228,17 +228,23 @@ def _clock(seconds: float) -> str:
 class _Progress:
     """'score's progress on stderr after each finished slide: a bar on a terminal; elsewhere (a log file of
     nohup, cron or a cluster job) one line a slide, without carriage returns. Time and rate count from the
-    batch's start; the time left from this run's own rate (slides reused from an earlier run take none)."""
+    batch's start; the time left from this run's own rate (slides reused from an earlier run take none). A slide is
+    named by its path under ``root`` (the folder holding every input: sub1/dup.png and sub2/dup.png read alike by
+    their names), else by its name."""
 
-    def __init__(self, *, quiet: bool):
-        self.quiet, self.started, self.terminal = quiet, time.time(), sys.stderr.isatty()
+    def __init__(self, *, quiet: bool, root: str | None = None):
+        self.quiet, self.started, self.terminal, self.root = quiet, time.time(), sys.stderr.isatty(), root
         self.bar, self.before = None, None  # the bar appears with the first finished slide
+
+    def _name(self, slide: str) -> str:
+        under = self.root is not None and Path(slide).is_relative_to(self.root)
+        return _printable(os.path.relpath(slide, self.root) if under else Path(slide).name)
 
     def __call__(self, row: dict, done: int, total: int) -> None:
         if self.before is None:
             self.before = done - 1  # reused from an earlier run
         shown = (row["score"] or "not scored") + ("" if row["qc_status"] == "passed" else f" [{row['qc_status']}]")
-        what = f"{_printable(Path(row['slide']).name)}: {shown if row['status'] == 'ok' else row['status']}"
+        what = f"{self._name(row['slide'])}: {shown if row['status'] == 'ok' else row['status']}"
         if self.terminal:
             self._draw(what, done, total)
             if row["status"] != "ok":
@@ -290,7 +296,8 @@ def _score(args) -> int:
     except _UsageError as e:
         _error(args.command, str(e))
         return 2
-    progress = _Progress(quiet=args.quiet)
+    folders = [os.path.abspath(i if os.path.isdir(i) else os.path.dirname(os.path.abspath(i))) for i in args.inputs]
+    progress = _Progress(quiet=args.quiet, root=os.path.commonpath(folders) if folders else None)
 
     # SIGTERM (kill, timeout, a cluster's scheduler) and SIGHUP (the terminal or SSH session closed) stop the batch as
     # Ctrl-C does: what finished is recorded. A signal ignored stays ignored (nohup's SIGHUP, a background job's)

@@ -120,6 +120,17 @@ def test_a_log_line_stays_one_line_whatever_the_error(capsys):
     assert err.startswith("[1/2] b\\nc.svs: error") and err.count("\n") == 1, err
 
 
+def test_log_lines_name_slides_of_one_name_by_their_folders(tmp_path, capsys):
+    """Two inputs holding dup.png each: the log read '[1/2] dup.png: 3+' and '[2/2] dup.png: 0'."""
+    for sub, name in (("sub1", "field_3plus_a.png"), ("sub2", "field_0_null.png")):
+        (tmp_path / sub).mkdir()
+        shutil.copy(SAMPLES / name, tmp_path / sub / "dup.png")
+    assert main(["score", str(tmp_path / "sub1"), str(tmp_path / "sub2"), "--out", str(tmp_path / "out"), "--no-cnn",
+                 "--workers", "1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert sorted(line.split("] ")[1].split(": ")[0] for line in lines) == ["sub1/dup.png", "sub2/dup.png"], lines
+
+
 def test_a_slide_that_cannot_be_read_or_fits_no_memory_says_so_in_words(tmp_path, good_png, monkeypatch):
     """An unreadable file gave the raw '[Errno 13] Permission denied: PATH' (its first 64 KiB are read before it is
     opened, for the manifest), a MemoryError 'PATH: MemoryError: '. (Root reads any file: the refusal is raised.)"""
