@@ -562,8 +562,7 @@ def _tiff_page(path: Path, size: tuple[int, int]) -> _TiffPage:
     try:
         with tifffile.TiffFile(path) as tif:
             page = next((p for p in tif.pages if (p.imagewidth, p.imagelength) == tuple(size)), None)
-            return _TiffPage() if page is None else _TiffPage(_tiff_mpp(tif, page), _tiff_mpp(tif, page, axis=1),
-                                                               tif.is_ome, int(page.bitspersample))
+            return _TiffPage() if page is None else _TiffPage(*_tiff_mpp(tif, page), tif.is_ome, int(page.bitspersample))
     except Exception:  # tifffile reads no more of it than the other reader needs: no µm/px rather than no slide
         return _TiffPage()
 
@@ -672,33 +671,38 @@ def _ome_pixels(xml: str, width: int, height: int) -> dict[str, str] | None:
     return sized[0] if sized else (pixels[0] if len(pixels) == 1 else None)
 
 
-def _tiff_mpp(tif, page, axis: int = 0) -> float | None:
-    """µm/px a TIFF page states across (``axis`` 0) or down (1): an Aperio description's MPP (square), OME's
-    PhysicalSizeX / Y of the page's image (_ome_pixels; a size across stated but not down, or in a unit not known,
-    is none), else its XResolution / YResolution in ResolutionUnit (inch where none, ImageJ's own unit)."""
+def _tiff_mpp(tif, page) -> tuple[float | None, float | None]:
+    """(across, down) µm/px a TIFF page states: an Aperio description's MPP (square), OME's PhysicalSizeX / Y of the
+    page's image (_ome_pixels, read once for both; a size across stated but not down, or in a unit not known, is
+    none), else its XResolution / YResolution in ResolutionUnit (inch where none, ImageJ's own unit)."""
     desc = page.tags.get("ImageDescription")
     text = desc.value if desc else ""
     if isinstance(text, bytes):
         text = text.decode("latin-1", "replace")
     m = re.search(r"MPP\s*=\s*([^|\s]+)", text) if text.startswith("Aperio") else None  # an Aperio description
     if m and (value := _number(m.group(1))) is not None:  # (an OME or other export may quote its source's
-        return value  # description, and another µm/px, further on)
+        return value, value  # description, and another µm/px, further on)
     pixels = _ome_pixels(tif.ome_metadata or "", page.imagewidth, page.imagelength) if tif.is_ome else None
     if pixels is not None and pixels.get("PhysicalSizeX") is not None:  # stated: never a stale tag's instead
-        size = _number(pixels.get(f"PhysicalSize{'XY'[axis]}"))
-        factor = _OME_UM.get(pixels.get(f"PhysicalSize{'XY'[axis]}Unit", "µm"))  # OME's default unit: the micrometre
-        return size * factor if size is not None and factor else None
-    res, unit = page.tags.get(("XResolution", "YResolution")[axis]), page.tags.get("ResolutionUnit")
-    value = res.value if res else None
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] > 0 and value[1] > 0:
-        px_per_unit = value[0] / value[1]  # a RATIONAL; any other type or count is no resolution (--mpp then applies)
-        # no unit tag: inch (TIFF 6.0); 4 and 5 (mm, µm) are written by some scanners and converters
-        per_unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(unit.value) if unit else 2)
-        if per_unit_um is None and tif.is_imagej:  # ImageJ: no TIFF unit, pixels per its own unit
-            per_unit_um = _IMAGEJ_UM.get(_unescaped(str((tif.imagej_metadata or {}).get("unit", ""))))
-        if per_unit_um:
-            return per_unit_um / px_per_unit
-    return None
+        def stated(axis: str) -> float | None:
+            size = _number(pixels.get(f"PhysicalSize{axis}"))
+            factor = _OME_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))  # OME's default unit: the micrometre
+            return size * factor if size is not None and factor else None
+        return stated("X"), stated("Y")
+    unit = page.tags.get("ResolutionUnit")
+    # no unit tag: inch (TIFF 6.0); 4 and 5 (mm, µm) are written by some scanners and converters
+    per_unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(unit.value) if unit else 2)
+    if per_unit_um is None and tif.is_imagej:  # ImageJ: no TIFF unit, pixels per its own unit
+        per_unit_um = _IMAGEJ_UM.get(_unescaped(str((tif.imagej_metadata or {}).get("unit", ""))))
+
+    def resolved(tag: str) -> float | None:
+        res = page.tags.get(tag)
+        value = res.value if res else None
+        if (per_unit_um and isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)
+                and value[0] > 0 and value[1] > 0):  # a RATIONAL; any other type or count is no resolution
+            return per_unit_um / (value[0] / value[1])
+        return None
+    return resolved("XResolution"), resolved("YResolution")
 
 
 _IMAGEJ_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
@@ -913,8 +917,8 @@ class TiffSlide(Slide):
             size = path.stat().st_size
             for i, p in enumerate(self._pages):
                 self._check_segments(p, i, size)
-            across = _tiff_mpp(self._tif, base)
-            _square_pixels(path, across, _tiff_mpp(self._tif, base, axis=1))
+            across, down = _tiff_mpp(self._tif, base)
+            _square_pixels(path, across, down)
             args = _mpp_args(path, across, mpp, default_mpp)
             self._take_mpp(args)
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
