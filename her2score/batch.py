@@ -164,17 +164,19 @@ def _evaluation_output(folder: Path, names: set[str]) -> set[str]:
     return names & set(EVALUATION_FILES) if isinstance(metrics, dict) and {"labels", "n_images", "methods"} <= set(metrics) else set()
 
 
-def _her2score_output(folder: Path, filenames: Iterable[str]) -> str | None:
-    """Which her2score output ``folder``, holding ``filenames``, is, in words, or None: a batch's (_batch_output), an
-    evaluation's (EVALUATION_FILES) or one slide's (_slide_output). None holds slides: an overlay.png is a drawing of
-    one, a confusion.png a plot."""
+def _her2score_output(folder: Path, filenames: Iterable[str]) -> tuple[str, set[str], bool] | None:
+    """Which her2score output ``folder``, holding ``filenames``, is: its words, the files of it there (a slide's and an
+    evaluation's own; a batch's folder holds nothing else) and whether it is an evaluation's (whose results/ holds
+    its images' result.json files); None for any other folder. A batch's (_batch_output), an evaluation's
+    (_evaluation_output) or one slide's (_slide_output). None holds slides: an overlay.png is a drawing of one, a
+    confusion.png a plot."""
     names = set(filenames)
     if _batch_output(folder, names):
-        return BATCH_OUTPUT
-    if ours := _evaluation_output(folder, names):
-        return f"a her2score evaluation's output folder ({', '.join(sorted(ours))})"
+        return BATCH_OUTPUT, names, False
     ours = _slide_output(names)
-    return f"a her2score slide's output folder ({', '.join(sorted(ours))})" if ours else None
+    if evaluation := _evaluation_output(folder, names):
+        return f"a her2score evaluation's output folder ({', '.join(sorted(evaluation))})", ours | evaluation, True
+    return (f"a her2score slide's output folder ({', '.join(sorted(ours))})", ours, False) if ours else None
 
 
 def _batch_summary(path: Path) -> bool:
@@ -195,9 +197,10 @@ def output_holding(path: Path) -> str | None:
     if path.name not in {*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES, MANIFEST, SUMMARY, *EVALUATION_FILES}:
         return None
     try:
-        return _her2score_output(path.parent, os.listdir(path.parent))
+        found = _her2score_output(path.parent, os.listdir(path.parent))
     except OSError:
         return None
+    return found[0] if found else None
 
 
 def _inside(path: Path, folders: list[Path]) -> bool:
@@ -281,16 +284,15 @@ def _walk(root: Path, excluded: list[Path]) -> tuple[list[Path], list[Path], lis
             dirnames[:] = []
             continue
         visited.add(real)
-        if what := _her2score_output(here, filenames):
+        if found := _her2score_output(here, filenames):
+            what, ours, evaluation = found
             if what == BATCH_OUTPUT:  # its slides' folders hold only outputs
                 outputs.append((here, what, "not searched"))
                 dirnames[:] = []
                 continue
-            # one slide's outputs, written beside the slide (write_outputs), or an evaluation's (its results/ holds
-            # slides' outputs): its own files are no slides, the rest are
+            # one slide's outputs, written beside the slide (write_outputs), or an evaluation's: its own files are no
+            # slides, the rest are
             outputs.append((here, what, "its output files skipped"))
-            evaluation = _evaluation_output(here, set(filenames))
-            ours = _slide_output(set(filenames)) | evaluation
             if evaluation:  # its results/ holds the images' result.json files, nothing else
                 dirnames[:] = [d for d in dirnames if d != "results"]
             filenames = [f for f in filenames if f not in ours]
