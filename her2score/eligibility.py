@@ -370,16 +370,10 @@ def _other_answer(result: SlideResult, rule: Rule, ish: str | None, status: str,
     return None if other == status else other.replace("_", " ")
 
 
-def _carries(result: SlideResult, flag: str) -> bool:
-    """Whether the reported call or the classical one carries ``flag``: a doubt about the cells measured, which a
-    fused call (or a result written before it kept them) may not repeat."""
-    return flag in result.flags or flag in result.classical_flags
-
-
 def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its isolated intense cells, counted as a population, would
     change the answer; None when they would not (or the slide has none)."""
-    if not _carries(result, "isolated_intense_cells"):
+    if "isolated_intense_cells" not in (*result.flags, *result.classical_flags):  # a fused call may not repeat it
         return None
     counted = apply_guideline(result.counts, result.guideline, result.specimen, clusters=result.clusters,
                               isolated_intense_percent=0)

@@ -56,7 +56,7 @@ from . import __version__
 from .categories import CATEGORIES
 from .eligibility import ish_result
 from .labels import TRUTH_LEVELS, class_folder_files, class_folders, parse_truth_label, read_csv_rows, row_label
-from .guidelines import FALSE_MEMBRANE_PERCENT, ZERO_SPLIT, level_flags, report_level, wilson_ci
+from .guidelines import FALSE_MEMBRANE_PERCENT, GUIDELINE_FAMILY, ZERO_SPLIT, level_flags, report_level, wilson_ci
 from .files import content_sample
 from .outputs import atomic_write
 from .pipeline import OWN_STAINS_NOTE, READER_NOTE, with_call_doubts
@@ -401,7 +401,7 @@ def eligibility_truth(label: str, rule, *, ish: str | None = None, counts: Mappi
     meets = None
     if counted and rule.require:
         named = guideline or rule.guideline
-        family = {"breast-asco-cap-2018": "breast", "breast-asco-cap-2023": "breast"}.get(named, named)
+        family = GUIDELINE_FAMILY.get(named, named)  # a guideline's family, or the family a rule names itself
         held = {all(_requirement_holds(req.level, req.min_percent, req.inclusive, counts, f) for req in rule.require)
                 for f in ([family] if family in _AT_LEAST else _AT_LEAST)}
         if len(held) > 1:
