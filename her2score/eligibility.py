@@ -60,6 +60,7 @@ from her2score.guidelines import (
     cytoplasm_doubt,
     isolated_sides,
     isolated_words,
+    moderate_incomplete,
     near_cutoff_settings,
     near_cutoff_sides,
     null_or_ultralow,
@@ -496,6 +497,18 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
             f"at 0 (null) the answer would be {other}")
 
 
+def _incomplete_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when its breast 1+ rests on incomplete membranes stronger than faint, which
+    the 2018 note would call equivocal 2+ where they are moderate (guidelines.moderate_incomplete, which flags
+    moderate_incomplete, read from the counts), and 2+ would change the answer; None otherwise."""
+    if (pct := moderate_incomplete(result.counts, result.level, result.guideline)) is None:
+        return None
+    if (other := _other_answer(result, rule, ish, status, "2+", "2+")) is None:
+        return None
+    return (f"{percent_text(pct)} of tumour cells show incomplete membranes stronger than faint, which ASCO/CAP's "
+            f"2018 note calls equivocal where moderate (weak and moderate are one band here): at 2+ the answer would be {other}")
+
+
 def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its stain fills the tumour cells' cytoplasm (flag cytoplasmic_dab), so that
     the membranes read may be cytoplasm and the slide any lower level, 0 with no membrane staining among them, and
@@ -586,6 +599,8 @@ def check_eligibility(result: SlideResult | str | os.PathLike | Mapping, rule: s
         doubts.append(near)
     if (null := _null_doubt(result, rule, ish, status)) is not None:
         doubts.append(null)
+    if (incomplete := _incomplete_doubt(result, rule, ish, status)) is not None:
+        doubts.append(incomplete)
     if (cytoplasm := _cytoplasm_doubt(result, rule, ish, status)) is not None:
         doubts.append(cytoplasm)
     if (short := _requirement_doubt(result, rule, ish, status)) is not None:

@@ -555,6 +555,38 @@ def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: st
                                           "unstained membranes read: it could be 0 (null)")
 
 
+STRONGER_INCOMPLETE = ("weak_moderate_partial", "weak_moderate_lateral", "strong_lateral", "strong_partial")
+"""Incomplete membranes stronger than faint: the cells of a breast 1+ that moderate_incomplete weighs."""
+
+
+def moderate_incomplete(counts: Mapping[str, int], level: str, guideline: str) -> float | None:
+    """The % of tumour cells with incomplete membranes stronger than faint (STRONGER_INCOMPLETE) where a breast
+    "1+" call has them in >10%: ASCO/CAP's 1+ is "faint/barely perceptible" incomplete staining, and its 2018
+    note calls moderate to intense incomplete staining an unusual pattern, equivocal (2+). Weak and moderate are
+    one band here (categories.Thresholds), so the tool cannot tell weak incomplete staining (1+, as earlier
+    guidelines and the HercepTest manual word it) from moderate (2+). None for any other level, guideline or staining."""
+    _known(guideline)
+    if level != "1+" or GUIDELINE_FAMILY[guideline] != "breast":
+        return None
+    c = _validated(counts)
+    n, total = sum(c[cat] for cat in STRONGER_INCOMPLETE), sum(c.values())
+    return 100.0 * n / total if 10 * n > total else None
+
+
+def with_incomplete_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str,
+                          guideline: str) -> tuple[tuple[str, ...], str]:
+    """``flags`` plus ``moderate_incomplete``, and the words that say why (to append to a reason; "" without the
+    flag), where a breast 1+ rests on incomplete membranes stronger than faint (moderate_incomplete)."""
+    share = moderate_incomplete(counts, level, guideline)
+    if share is None:
+        return flags, ""
+    return (*flags, "moderate_incomplete"), (
+        f"; {percent_text(share)} of tumour cells show incomplete membranes stronger than faint (weak to moderate, "
+        "or intense): ASCO/CAP's 1+ is faint/barely perceptible staining and its 2018 note calls moderate to intense "
+        "incomplete staining equivocal (2+); weak and moderate are one band here, so a pathologist decides 1+ or "
+        "2+ (reflex ISH)")
+
+
 def h_score(counts: Mapping[str, int]) -> float:
     """H-score (0-300) = 1*(%1+) + 2*(%2+) + 3*(%3+), each % of cells at exactly that ``INTENSITY``."""
     c = _validated(counts)
@@ -667,7 +699,8 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     intense complete ones in <=10% (an intense membrane, complete or not). Below
     1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+", DESTINY-Breast06): a
     stronger membrane also shows the faint level, so weak-to-moderate complete staining in <=10% is
-    ultralow too; the reason names the cells.
+    ultralow too; the reason names the cells. A 1+ over weak-to-moderate incomplete cells in >10% stays 1+
+    (weak incomplete staining is 1+ in earlier wordings) and carries the doubt moderate_incomplete (with_call_doubts).
     """
     total = sum(c.values())
     strong, complete = c["strong_complete"], c["weak_moderate_complete"] + c["strong_complete"]

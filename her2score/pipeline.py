@@ -25,7 +25,7 @@ from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
-                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_null_doubt)
+                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_incomplete_doubt, with_null_doubt)
 from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
@@ -853,12 +853,14 @@ def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dic
                      false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
     """``flags`` plus the doubts a call at ``score`` and report ``level`` carries on the cells measured, and the words
     of each (to append to a reason): ``null_or_ultralow`` where false membranes alone could make it an ultralow
-    (with_null_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
+    (with_null_doubt), ``moderate_incomplete`` where a breast 1+ rests on incomplete membranes stronger than faint
+    (with_incomplete_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
     tumour.with_cytoplasm_doubt). For the guideline's own call ``flags`` are its call's; for a score the rules did
     not make (a CNN's, or one fused with it), its level's own (level_flags)."""
     flags, doubt = with_null_doubt(flags, counts, level, percent=false_membrane_percent)
+    flags, incomplete = with_incomplete_doubt(flags, counts, level, guideline)
     flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline, filled=filled)
-    return flags, doubt + more
+    return flags, doubt + incomplete + more
 
 
 def _near_sides(counts: dict, score: str, config: ScoringConfig, clusters: dict) -> list[tuple[str, float]]:

@@ -467,6 +467,24 @@ def test_a_breast_requirement_counts_cells_as_breast_reads_them():
     assert check_eligibility(make_result("gastric", **counts), gastric).status == "eligible"
 
 
+def test_a_breast_1plus_over_moderate_incomplete_membranes_asks_for_review_where_2plus_would_answer_otherwise():
+    """A 1+ resting on weak-to-moderate incomplete membranes could be the 2018 note's equivocal 2+ (moderate
+    incomplete staining): review wherever 2+ (reflex ISH) would change the answer, read from the counts."""
+    counts = dict(none=700, faint_partial=100, weak_moderate_partial=200)
+    positive = check_eligibility(make_result(**counts), "her2-positive-breast")
+    assert positive.status == "needs_review"
+    assert positive.reasons[0] == ("20.0% of tumour cells show incomplete membranes stronger than faint, which ASCO/CAP's "
+                                   "2018 note calls equivocal where moderate (weak and moderate are one band here): at 2+ "
+                                   "the answer would be needs review"), positive.reasons
+    assert "without these doubts the answer would be: not eligible" in positive.reasons
+    assert check_eligibility(make_result(**counts), "her2-positive-breast", ish="negative").status == "not_eligible"
+    assert check_eligibility(make_result(**counts), "her2-low-breast").status == "needs_review"  # 2+ awaits ISH
+    assert check_eligibility(make_result(**counts), "her2-low-breast", ish="negative").status == "eligible"
+    faint = dict(none=700, faint_partial=300)  # the guideline's own 1+
+    assert check_eligibility(make_result(**faint), "her2-positive-breast").status == "not_eligible"
+    assert check_eligibility(make_result("gastric", **counts), "gastric-toga").status == "not_eligible"
+
+
 def test_a_rule_may_not_list_levels_its_scoring_never_reports():
     with pytest.raises(RuleError, match=re.escape("which gastric scoring never reports")):
         Rule(name="t", version="1", guideline="gastric", eligible_levels=("0 (null)",))

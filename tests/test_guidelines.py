@@ -184,6 +184,30 @@ def test_weak_to_moderate_incomplete_cells_are_1plus_cells_of_intensity_2():
     assert apply_guideline(cells(none=80, wmp=10, sp=10), B23).score == "1+"  # 10% intense incomplete: not >10%
 
 
+def test_a_breast_1plus_over_incomplete_membranes_stronger_than_faint_is_a_doubt_between_1plus_and_2plus():
+    """ASCO/CAP's 1+ is faint/barely perceptible incomplete staining; its 2018 note calls moderate to intense
+    incomplete staining equivocal. Weak and moderate are one band here, so a 1+ resting on such cells keeps its
+    score and says that a pathologist decides 1+ or 2+ (before: a plain 1+, her2_low, no doubt)."""
+    from her2score.guidelines import moderate_incomplete, with_incomplete_doubt
+    from her2score.results import DOUBT_FLAGS
+
+    for counts, share in ((cells(none=80, wmp=20), 20.0), (cells(none=80, wmp=6, sp=5, fp=9), 11.0),
+                          (cells(none=70, wmp=6, wml=5, fp=19), 11.0)):
+        call = apply_guideline(counts, B23)
+        assert call.level == "1+" and moderate_incomplete(counts, call.level, B23) == pytest.approx(share)
+        flags, words = with_incomplete_doubt(call.flags, counts, call.level, B23)
+        assert flags == ("her2_low", "moderate_incomplete") and "moderate_incomplete" in DOUBT_FLAGS
+        assert words.startswith(f"; {share:.1f}% of tumour cells show incomplete membranes stronger than faint")
+        assert "a pathologist decides 1+ or 2+ (reflex ISH)" in words
+    for counts, level, guideline in ((cells(none=90, wmp=10, fp=20), "1+", B23),  # 10%: not >10%
+                                     (cells(none=80, fp=20), "1+", B23),  # faint: the guideline's own 1+
+                                     (cells(none=80, wmp=20), "1+", G),  # gastric 1+: reactive in part of the membrane
+                                     (cells(none=95, wmp=5), "0+ (ultralow)", B23)):
+        assert moderate_incomplete(counts, level, guideline) is None
+    assert moderate_incomplete(cells(none=80, wmp=20), "1+", B18) == pytest.approx(20.0)  # the 2018 note's own guideline
+    assert with_incomplete_doubt(("her2_low",), cells(none=80, fp=20), "1+", B23) == (("her2_low",), "")
+
+
 def test_intense_incomplete_reason_names_the_cells():
     call = apply_guideline(cells(none=88, sp=6, sl=6), B23)
     assert call.reason == (
