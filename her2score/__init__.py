@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.5.2"
+__version__ = "0.5.3"
 
 _SOURCES = {
     "score_slide": "pipeline",

@@ -671,11 +671,10 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
     borrowed = (pattern == PATTERNS.index("partial")) & ~own_dab & stained_by_neighbours(mem.stained, beside)
     category[borrowed], pattern[borrowed] = 0, 0
     compartment = staining_compartments(cells, category > 0, unstained_od=unstained)
-    if scan.region is not None:
-        tumour, region_source = scan.region.contains(cells.x, cells.y), scan.region.source
-    else:
-        selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour)
-        tumour, region_source = selection.tumour, selection.describe()
+    # the guidelines count invasive tumour cells: lymphocytes and stroma within an annotation are left out too
+    selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour,
+                                    within=None if scan.region is None else scan.region.contains(cells.x, cells.y))
+    tumour, region_source = selection.tumour, selection.describe(None if scan.region is None else scan.region.source)
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
     staining = _stain_compartments(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own

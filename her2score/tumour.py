@@ -1,7 +1,7 @@
 """Which cells are tumour cells, and where each cell's DAB lies (membrane, cytoplasm, nucleus).
 
-Without a tumour annotation, the guideline's "invasive tumour cells" are approximated by
-epithelial cells: lymphocytes and plasma cells (small, compact, dense nuclei), spindle cells
+The guideline's "invasive tumour cells" are approximated by epithelial cells, within the tumour annotation
+where one is given: lymphocytes and plasma cells (small, compact, dense nuclei), spindle cells
 (fibroblasts, endothelium, smooth muscle: nuclei narrower than 5 µm and elongated), isolated cells
 (fewer than a few epithelial neighbours: stroma, scattered inflammatory cells) and small nuclei
 alone in a wide cell (a stromal nucleus in extracellular matrix) are left out. Pure functions over
@@ -74,13 +74,19 @@ class TumourSelection:
     tumour: np.ndarray
     excluded: dict[str, int]
 
-    def describe(self) -> str:
+    def describe(self, region: str | None = None) -> str:
+        """The cells counted and those left out, in words; ``region``: the tumour annotation's source, if any."""
         out = ", ".join(f"{n} {why}" for why, n in self.excluded.items() if n)
-        return f"detected epithelial cells (no tumour annotation given); left out: {out or 'none'}"
+        if region is None:
+            return f"detected epithelial cells (no tumour annotation given); left out: {out or 'none'}"
+        return f"{region}; epithelial cells within it, left out: {out or 'none'}"
 
 
-def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRule = TumourRule()) -> TumourSelection:
-    """Epithelial cells among ``m`` (positions in pixels of ``um_per_px`` µm).
+def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRule = TumourRule(),
+                        within: np.ndarray | None = None) -> TumourSelection:
+    """Epithelial cells among ``m`` (positions in pixels of ``um_per_px`` µm); ``within``: per cell, whether it
+    lies in the tumour annotation (cells outside it are neither counted nor said to be left out; they still
+    count as neighbours of the cells inside it).
 
     A cell found by its membrane ring alone (no nucleus seen) is epithelial by construction: it
     sits in a network of stained membranes.
@@ -103,10 +109,11 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     # there, it took scattered tumour cells of a stroma-rich real field with it)
     in_matrix = (candidate & ~isolated & nucleated & (m.nucleus_area_um2 < rule.matrix_max_um2)
                  & (m.nucleus_area_um2 < rule.matrix_max_fill * m.cell_area_um2))
-    excluded = {"lymphocyte-like": int(lymph.sum()), "spindle (stromal/endothelial)": int(spindle.sum()),
-                "too small": int(small.sum()), "isolated (not in an epithelial group)": int(isolated.sum()),
-                "small nucleus in a wide cell (stroma)": int(in_matrix.sum())}
-    return TumourSelection(candidate & ~isolated & ~in_matrix, excluded)
+    inside = np.ones(len(m), bool) if within is None else within
+    excluded = {"lymphocyte-like": lymph, "spindle (stromal/endothelial)": spindle, "too small": small,
+                "isolated (not in an epithelial group)": isolated, "small nucleus in a wide cell (stroma)": in_matrix}
+    return TumourSelection(candidate & ~isolated & ~in_matrix & inside,
+                           {why: int((left & inside).sum()) for why, left in excluded.items()})
 
 
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")

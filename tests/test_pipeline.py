@@ -94,6 +94,21 @@ def test_tumour_annotation_limits_the_scored_cells(fields, tmp_path):
     assert np.all(half.cells["x"][half.cells["tumour"]] < 256)
 
 
+def test_lymphocytes_and_stroma_within_a_tumour_annotation_are_not_tumour_cells(fields, tmp_path):
+    """ASCO/CAP and Hofmann count invasive tumour cells: an annotation marks the tumour area, and the lymphocytes,
+    fibroblasts and endothelium within it are still left out (before: every cell in it counted, 23-29% of them
+    not tumour on the sample fields, diluting each share)."""
+    f = fields["2+"]
+    Image.fromarray(np.full(f.image.shape[:2], 255, np.uint8)).save(tmp_path / "all.png")
+    slide = ArraySlide(f.image, mpp=f.mpp)
+    plain, annotated = analyse_slide(slide), analyse_slide(slide, region=tmp_path / "all.png")
+    assert annotated.result.tumour_cells == plain.result.tumour_cells < len(plain.cells["x"])
+    assert annotated.result.counts == plain.result.counts
+    left_out = plain.result.region.split("left out: ")[1]
+    assert annotated.result.region == f"mask (all.png); epithelial cells within it, left out: {left_out}"
+    assert "lymphocyte-like" in left_out and "spindle" in left_out
+
+
 def test_gastric_biopsy_uses_clusters(fields):
     f = fields["2+"]
     r = score_slide(ArraySlide(f.image, mpp=f.mpp), guideline="gastric", specimen="biopsy")

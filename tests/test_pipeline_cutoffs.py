@@ -47,7 +47,7 @@ def test_no_tumour_cells_is_no_score(tmp_path):
     assert (r.score, r.classical_score, r.level) == (None, None, "not scored")
     assert r.flags == ("no_tumour_cells",) and r.confidence is None
     assert r.h_score is None and r.percentages == {}  # no cells counted: no H-score 0, no 0% shares
-    assert r.reason == "no tumour cells found (mask (tumour.png)): no HER2 score"
+    assert r.reason == "no tumour cells found (mask (tumour.png); epithelial cells within it, left out: none): no HER2 score"
     assert not r.qc_passed and "too_few_tumour_cells" in {q.code for q in r.qc}
     assert '"score": null' in r.to_json()
     decision = check_eligibility(r, "her2-positive-breast")

@@ -438,7 +438,7 @@ def test_region_files_are_validated_in_a_batch(tmp_path, slide_folder):
         {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
          "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
     rows = run_batch([slide_folder], tmp_path / "out", regions=regions)
-    assert rows[0]["status"] == "ok" and rows[0]["region"] == f"annotation ({stem}.geojson, 1 polygons)"
+    assert rows[0]["status"] == "ok" and rows[0]["region"].startswith(f"annotation ({stem}.geojson, 1 polygons); epithelial cells within it, left out: ")
 
 
 # --------------------------------------------------------------------------- SIGKILL and resume
@@ -582,8 +582,8 @@ def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from
     (regions / "B").mkdir()
     _tumour_square(regions / "B" / "S1.GeoJSON", side=200)
     rows = {Path(r["slide"]).parent.name: r for r in run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)}
-    assert rows["A"]["region"] == "annotation (s1.geojson, 1 polygons)"
-    assert rows["B"]["region"] == "annotation (S1.GeoJSON, 1 polygons)"
+    assert rows["A"]["region"].startswith("annotation (s1.geojson, 1 polygons); epithelial cells within it, left out: ")
+    assert rows["B"]["region"].startswith("annotation (S1.GeoJSON, 1 polygons); epithelial cells within it, left out: ")
     assert int(rows["B"]["tumour_cells"]) < int(rows["A"]["tumour_cells"])
     _tumour_square(regions / "A" / "s1.geojson", side=200)  # edited: scored again, not reused
     again = {Path(r["slide"]).parent.name: r for r in run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions)}
@@ -595,4 +595,4 @@ def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from
     (tmp_path / "masks").mkdir()
     Image.fromarray(mask).save(tmp_path / "masks" / "s1.JPG")
     jpeg = run_batch([tmp_path / "slides" / "A"], tmp_path / "out_jpeg", regions=tmp_path / "masks")
-    assert jpeg[0]["region"] == "mask (s1.JPG)"
+    assert jpeg[0]["region"].startswith("mask (s1.JPG); epithelial cells within it, left out: ")
