@@ -237,21 +237,26 @@ TILE_TISSUE_OD = 0.1
 """Summed haematoxylin and DAB OD (log10) over which a tile's pixel is tissue (its tissue count, the focus)."""
 
 
-def sharpness(od: np.ndarray, *, mpp: float, tissue_od: float = TILE_TISSUE_OD) -> float:
+def sharpness(od: np.ndarray, *, mpp: float, scan_mpp: float | None = None, tissue_od: float = TILE_TISSUE_OD) -> float:
     """Focus QC of an optical-density image at ``mpp`` µm/px: over its tissue (OD above ``tissue_od``), the
-    variance of the Laplacian against that of the detail at nucleus scale (the image less a 2 µm Gaussian),
-    read at CALIBRATED_MPP (a finer image is brought down to it first, as blur_min was set there): a ratio, so
-    a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for 100 tissue
-    pixels or fewer."""
-    if mpp < CALIBRATED_MPP:
-        f = mpp / CALIBRATED_MPP
-        od, mpp = cv2.resize(od, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), CALIBRATED_MPP
+    variance of the Laplacian against that of the detail within 4 px (the image less a 4 px Gaussian: 2 µm at
+    CALIBRATED_MPP, where blur_min was set), read at CALIBRATED_MPP (a finer image is brought down to it first)
+    or at ``scan_mpp``, the µm/px of the scan it was read from, where that is coarser: an image enlarged from a
+    coarser scan is brought back to it, since the enlargement read as blur (sharp fields at 0.6-1 µm/px failed as
+    out of focus), and its detail is read within as many of its pixels, which keeps a sharp real field's figure
+    (0.7-2.1 from 0.5 to 1 µm/px on the real colon and Ki67 fields) while a ~1 µm blur stays under blur_min.
+    A ratio, so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for
+    100 tissue pixels or fewer."""
+    target = max(CALIBRATED_MPP, scan_mpp or 0.0)
+    if mpp < target:
+        f = mpp / target
+        od = cv2.resize(od, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
     tissue = od > tissue_od
     if tissue.sum() <= 100:
         return float("nan")
     smooth = cv2.GaussianBlur(od, (0, 0), 0.5)
     lap = cv2.Laplacian(smooth, cv2.CV_32F)
-    detail = smooth - cv2.GaussianBlur(od, (0, 0), 2.0 / mpp)
+    detail = smooth - cv2.GaussianBlur(od, (0, 0), 2.0 / CALIBRATED_MPP)
     return float(lap[tissue].var() / max(float(detail[tissue].var()), 1e-12))
 
 
@@ -326,7 +331,7 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     outline_points, outline_sizes = trace_outline_points(cells, m.label, origin)
     total_od = h_box + dab_box  # the focus filters reach less far than the box's margin
     tissue = total_od > TILE_TISSUE_OD
-    focus = sharpness(total_od, mpp=mpp)
+    focus = sharpness(total_od, mpp=mpp, scan_mpp=mpp / scale)
     probs, n_patches = None, 0
     mg = tile.margin
     if cnn is not None:

@@ -54,6 +54,19 @@ def test_focus_is_read_alike_whatever_the_tiles_resolution(target):
     assert codes(blurred).get("out_of_focus") == "fail", blurred.qc
 
 
+@pytest.mark.parametrize("scan_mpp", [0.6, 0.75, 1.0])
+def test_a_sharp_scan_coarser_than_the_tiles_is_not_read_as_out_of_focus(scan_mpp):
+    """Tiles enlarge a coarser scan to 0.5 µm/px, and the enlargement read as blur: a sharp 3+ field at 0.6-1 µm/px
+    failed QC as "100% of tissue is out of focus". Focus is read at the scan's own µm/px; blurred by two of its
+    pixels (1.2-2 µm), the same field still fails."""
+    field = generate_field("3+", seed=9602, size_px=(1024, 1024)).image  # at 1 µm/px still 512 px: mostly tissue, little edge
+    scan = cv2.resize(field, None, fx=0.5 / scan_mpp, fy=0.5 / scan_mpp, interpolation=cv2.INTER_AREA)
+    sharp = score_slide(ArraySlide(scan, mpp=scan_mpp))
+    assert "out_of_focus" not in codes(sharp), sharp.qc
+    blurred = score_slide(ArraySlide(cv2.GaussianBlur(scan, (0, 0), 2.0), mpp=scan_mpp))
+    assert codes(blurred).get("out_of_focus") == "fail", blurred.qc
+
+
 def test_too_few_tumour_cells(field_3plus):
     canvas = np.full((512, 512, 3), 246, np.uint8)
     canvas[200:350, 200:350] = field_3plus[200:350, 200:350]  # a 75 µm fragment, ~30 cells
