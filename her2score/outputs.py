@@ -527,15 +527,21 @@ def _title_lines(analysis: SlideAnalysis, scale: float = 1.0) -> list[tuple[str,
     """The title band's (text, font size px) lines, font sizes ``scale`` x the base ones."""
     r = analysis.result
     call = "no HER2 score" if r.score in (None, "") else f"HER2 {r.level}"  # the level names the score: 0 (null), 0+ (ultralow)
-    lines = [(f"{Path(r.slide).name}: {call}; {r.guideline}, {r.specimen}", 17),
+    status = _STATUS_WORDS[r.qc_status]  # an overlay passed on alone carries the status with the level
+    lines = [(f"{Path(r.slide).name}: {call}{status}; {r.guideline}, {r.specimen}", 17),
              (f"Reason: {r.reason}", 13),
-             (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:g}'}; tumour: {r.region}", 13)]
+             (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:.0f}'}; tumour: {r.region}", 13)]
     if r.flags:
         lines.append(("Flags: " + ", ".join(r.flags), 13))
-    failed = [q.message for q in r.qc if q.severity in ("fail", "warn")]
-    if failed:
-        lines.append(("QC: " + "; ".join(failed), 13))
+    for severity, words in (("fail", "QC failed"), ("warn", "QC warnings")):
+        if found := [q.message for q in r.qc if q.severity == severity]:
+            lines.append((f"{words}: " + "; ".join(found), 13))
     return [(text, round(size * scale)) for text, size in lines]
+
+
+_STATUS_WORDS = {"passed": "", "not_scored": "", "needs_review": " (NEEDS REVIEW)",
+                 "qc_failed": " (QC FAILED: not a guideline call)"}
+"""What the overlay's first line adds to the level for each SlideResult.qc_status."""
 
 
 def _field_panel(analysis: SlideAnalysis, slide: Slide | None) -> tuple[np.ndarray, float]:

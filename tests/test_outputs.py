@@ -666,9 +666,32 @@ def test_the_overlay_title_names_the_call_once():
     base = dict(slide="a/s.png", guideline="breast-asco-cap-2023", specimen="resection", reason="r", tumour_cells=9,
                 h_score=0.0, region="detected", flags=(), qc=())
 
-    def title(score, level):
-        result = SimpleNamespace(**base, score=score, level=level)
+    def title(score, level, qc_status="passed"):
+        result = SimpleNamespace(**base, score=score, level=level, qc_status=qc_status)
         return _title_lines(SimpleNamespace(result=result))[0][0]
     assert title("0", "0 (null)") == "s.png: HER2 0 (null); breast-asco-cap-2023, resection"
     assert title("0", "0+ (ultralow)").startswith("s.png: HER2 0+ (ultralow);")
-    assert title("2+", "2+").startswith("s.png: HER2 2+;") and title(None, "not scored").startswith("s.png: no HER2 score;")
+    assert title("2+", "2+").startswith("s.png: HER2 2+;") and title(None, "not scored", "not_scored").startswith("s.png: no HER2 score;")
+
+
+def test_the_overlay_title_says_when_the_call_failed_qc_or_needs_review():
+    """An overlay passed on alone (an e-mail, a LIS attachment) read "HER2 0+ (ultralow)" on a Ki67 field that failed
+    QC, and never said needs review; QC failures and warnings shared one line."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from test_eligibility import make_result
+
+    from her2score.outputs import _title_lines
+    from her2score.results import QCFinding
+
+    def lines(result):
+        return [text for text, _ in _title_lines(SimpleNamespace(result=result))]
+    plain = make_result(none=70, strong_complete=30)
+    assert lines(plain)[0] == "s.tif: HER2 3+; breast-asco-cap-2023, resection" and lines(plain)[2].startswith("100 tumour cells; H-score 90;")
+    failed = replace(plain, qc=(QCFinding("too_few_tumour_cells", "fail", "55 tumour cells scored", 55.0),
+                                QCFinding("pale_counterstain", "warn", "weak counterstain", 0.1)))
+    assert lines(failed)[0] == "s.tif: HER2 3+ (QC FAILED: not a guideline call); breast-asco-cap-2023, resection"
+    assert lines(failed)[-2:] == ["QC failed: 55 tumour cells scored", "QC warnings: weak counterstain"]
+    doubt = replace(plain, flags=("near_cutoff",))
+    assert lines(doubt)[0] == "s.tif: HER2 3+ (NEEDS REVIEW); breast-asco-cap-2023, resection"
