@@ -742,7 +742,7 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
     false = (false_membrane_share(counts, percent=config.false_membrane_percent, confidence=NEAR_CUTOFF_CONFIDENCE)
              if classical.score == "0" else None)
     score, confidence = fuse(classical.score, report.probabilities, no_higher=false is not None)
-    cnn_words = f"the CNN reads {report.score} (p={report.probabilities[report.score]:.2f})"
+    cnn_words = f"the CNN (a mean over the tissue's patches) reads {report.score} (p={report.probabilities[report.score]:.2f})"
     if false is not None and fuse(classical.score, report.probabilities)[0] != classical.score:
         within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
                   if false > config.false_membrane_percent else "")

@@ -65,7 +65,7 @@ def test_the_cnn_never_lifts_a_0_that_false_membranes_could_give():
     assert (held.score, held.level, held.classical_score) == ("0", "0+ (ultralow)", "0")
     assert set(held.flags) == set(plain.flags) | {"cnn_disagrees"} and held.confidence == 0.4
     share = 100 - plain.percentages["none"]
-    assert held.reason == plain.reason + (f"; the CNN reads 1+ (p=1.00), not followed to a higher score: the {share:.1f}% "
+    assert held.reason == plain.reason + (f"; the CNN (a mean over the tissue's patches) reads 1+ (p=1.00), not followed to a higher score: the {share:.1f}% "
                                           "stained is no more than real unstained membranes read, and on real tissue the "
                                           "CNN can read faint diffuse DAB as 1+")
     assert check_eligibility(held, "her2-low-breast").status == "needs_review"
@@ -83,7 +83,7 @@ def test_fused_score_carries_the_flags_of_its_own_level():
     assert (fused.classical_score, fused.score, fused.level) == ("0", "1+", "1+")
     assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow" / "null"
     assert fused.classical_level == plain.level and fused.classical_flags == plain.flags
-    assert fused.reason.startswith("reported 1+ after fusing the classical call with the CNN: the CNN reads 1+ (p=1.00), "
+    assert fused.reason.startswith("reported 1+ after fusing the classical call with the CNN: the CNN (a mean over the tissue's patches) reads 1+ (p=1.00), "
                                    f"the cells measured give {plain.level} on ")
     assert fused.classical_reason == plain.reason
 
