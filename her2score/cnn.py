@@ -30,7 +30,12 @@ neighbouring score, never further: its slide reading is a mean over every patch,
 guideline call may rest on, a minority of cells (a gastric biopsy's cluster of 5, intense staining in
 <=10%). A real 3+ fragment among eleven real HER2 0 fragments on one gastric biopsy slide is 3+ by the
 cluster rule, and the CNN's mean read it 0 (p=0.78; the weights shipped until 0.4.6): fused, it was
-reported 0. No held-out field's fused score lies two scores or more from its classical one.
+reported 0. No held-out field's fused score lies two scores or more from its classical one. And in the
+pipeline it tips only a call the cells measured leave in doubt, to a score they leave possible (a share near
+a cut-off, a cluster of about 5, intense cells at the isolated floor, a breast 1+ over moderate incomplete
+membranes: ``fuse(..., to=)``): a network trained on synthetic fields read a field of 86% intense complete
+cells 2+ in a review, and was reported; a call its cells leave in no doubt stands, and the disagreement is
+flagged ``cnn_disagrees`` for eligibility to weigh.
 
 Nor may the CNN lift a 0 whose stained cells are no more than real unstained membranes read
 (guidelines.false_membrane_share, none at all included, on few cells within the share's 95% interval):
@@ -402,14 +407,30 @@ def _repo_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
+def _installed_model_file(name: str, dist: importlib.metadata.Distribution | None = None) -> Path | None:
+    """Where the installed distribution's record puts ``models/<name>`` (the wheel's data files land under the scheme's
+    data folder: ``sys.prefix/share`` in a virtual environment, ``~/.local/share`` with ``--user``, the prefix's with
+    ``--prefix`` or a distribution's system pip); None where no record lists it."""
+    import importlib.metadata  # here: ~13 ms that scoring with the repository's or a given file never needs
+
+    try:
+        dist = dist or importlib.metadata.distribution("her2score")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == name and f.parent.name == "models":
+            return Path(dist.locate_file(f)).resolve()
+    return None
+
+
 def default_weights_path() -> Path:
-    """The shipped weights: ``<repo>/models`` (source / editable install), then
-    ``sys.prefix/share/her2score/models`` (installed wheel). Returns the first that exists
-    (the repository path when neither does)."""
-    candidates = [_repo_models_dir() / DEFAULT_WEIGHTS.file,
+    """The shipped weights: ``<repo>/models`` (source / editable install), then where the installed wheel's record
+    puts them (any install scheme), then ``sys.prefix/share/her2score/models``. Returns the first that exists
+    (the repository path when none does)."""
+    candidates = [_repo_models_dir() / DEFAULT_WEIGHTS.file, _installed_model_file(DEFAULT_WEIGHTS.file),
                   Path(sys.prefix) / "share" / "her2score" / "models" / DEFAULT_WEIGHTS.file]
     for c in candidates:
-        if c.is_file():
+        if c is not None and c.is_file():
             return c
     return candidates[0]
 
@@ -610,13 +631,14 @@ def _as_probs(p: Mapping[str, float] | np.ndarray | Iterable[float]) -> np.ndarr
 
 
 def fuse(classical_score: str, cnn_probs: Mapping[str, float] | np.ndarray, *,
-         classical_weight: float = CLASSICAL_WEIGHT, no_higher: bool = False) -> tuple[str, float]:
+         classical_weight: float = CLASSICAL_WEIGHT, to: Iterable[str] | None = None) -> tuple[str, float]:
     """Fused score and confidence from the classical guideline score and CNN probabilities.
 
     p_fused = w * onehot(classical) + (1 - w) * p_cnn; score = its arg-max among the classical score and
     its neighbours (ties: the classical score); confidence = p_fused[score], in [0, 1]. See the module
-    docstring for what w = 0.4 means, and why the CNN tips a call at most one score. ``no_higher``: the
-    CNN may not tip the call to a higher score (the pipeline's use: see the module docstring).
+    docstring for what w = 0.4 means, and why the CNN tips a call at most one score. ``to``: the only scores
+    the CNN may tip the call to (the pipeline's: those the cells measured leave possible; see the module
+    docstring); None: either neighbour.
     """
     if classical_score not in CLASSES:
         raise ValueError(f"classical score must be one of {CLASSES}, got {classical_score!r}")
@@ -626,7 +648,9 @@ def fuse(classical_score: str, cnn_probs: Mapping[str, float] | np.ndarray, *,
     k = CLASSES.index(classical_score)
     fused = (1.0 - classical_weight) * p
     fused[k] += classical_weight
-    near = range(max(0, k - 1), min(len(CLASSES), k + (1 if no_higher else 2)))  # a neighbouring score at most
+    allowed = None if to is None else set(to)
+    near = [i for i in range(max(0, k - 1), min(len(CLASSES), k + 2))  # a neighbouring score at most
+            if i == k or allowed is None or CLASSES[i] in allowed]
     best = max(near, key=lambda i: (fused[i], i == k))
     if fused[best] - fused[k] <= 1e-12:
         best = k

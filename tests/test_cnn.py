@@ -284,6 +284,13 @@ def test_fuse_tips_a_call_one_score_at_most():
     assert fuse("0", {"0": 0.0, "1+": 0.9, "2+": 0.05, "3+": 0.05})[0] == "1+"
 
 
+def test_fuse_moves_only_to_the_scores_it_is_given():
+    """``to``: the scores the cells leave possible (the pipeline's); the CNN tips the call to no other."""
+    p = {"0": 0.0, "1+": 0.05, "2+": 0.9, "3+": 0.05}
+    assert fuse("1+", p, to=("2+",))[0] == "2+" and fuse("1+", p, to=("0",)) == ("1+", pytest.approx(0.4 + 0.6 * 0.05))
+    assert fuse("1+", p, to=())[0] == "1+" and fuse("1+", p, to=("3+",))[0] == "1+"  # 3+ is two scores off still
+
+
 def test_fuse_unsure_cnn_keeps_classical():
     # 3+ would need p(3+) - p(1+) > 2/3: 0.7 - 0.1 = 0.6 is not enough
     score, conf = fuse("1+", [0.1, 0.1, 0.1, 0.7])
@@ -340,3 +347,25 @@ def test_disagreement_needs_review_and_agreement_does_not():
     d = check_eligibility(differ, "her2-low-breast")
     assert d.status == "needs_review"
     assert any("disagree" in r for r in d.reasons)
+
+
+def test_the_shipped_weights_are_found_wherever_the_wheel_put_its_data_files(tmp_path):
+    """pip --user, --prefix and a distribution's system pip put the wheel's data files (the weights) under a data
+    folder other than sys.prefix: every default score then failed, naming a path that never exists. The installed
+    record says where they went."""
+    import importlib.metadata
+
+    from her2score.cnn import _installed_model_file
+
+    site = tmp_path / "prefix" / "lib" / "python3.11" / "site-packages"
+    info = site / "her2score-0.5.3.dist-info"
+    info.mkdir(parents=True)
+    weights = tmp_path / "prefix" / "share" / "her2score" / "models" / "her2cnn.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: her2score\nVersion: 0.5.3\n")
+    (info / "RECORD").write_text("her2score/__init__.py,,\n../../../share/her2score/models/her2cnn.pt,,\n"
+                                 "../../../share/her2score/models/MODEL_CARD.md,,\n")
+    dist = importlib.metadata.PathDistribution(info)
+    assert _installed_model_file("her2cnn.pt", dist) == weights.resolve()
+    assert _installed_model_file("her2cnn.onnx", dist) is None
