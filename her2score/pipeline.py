@@ -33,7 +33,7 @@ from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
-from .results import CnnReport, QCFinding, SlideResult
+from .results import SCORES, CnnReport, QCFinding, SlideResult
 from .slide import DEFAULT_MPP_SOURCE, ArraySlide, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
@@ -706,6 +706,9 @@ class _Call:
     reason: str
     h_score: float | None = None
     near_sides: tuple = ()
+    open_to: tuple[str, ...] = ()
+    """The other scores the cells measured leave possible (a share near a cut-off, a cluster of ~5, intense cells at
+    the isolated floor, a 1+ over incomplete membranes stronger than faint): those the CNN may tip the call to."""
 
 
 def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
@@ -719,18 +722,19 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     if near_sides:  # the nearest share, and every score it could give
         flags = (*flags, "near_cutoff")
         reason += _near_words(near_sides, score, n_tumour, config)
-    edges = [(cluster_words(cluster_level, size), other)  # edges that are no share: a cluster of ~5, the isolated floor
+    edges = [(cluster_words(cluster_level, size), other, other)  # edges that are no share: a cluster of ~5, the isolated floor
              for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
                                                              clusters=clusters, gastric_reading=config.gastric_reading)]
-    edges += [(isolated_words(counts, config.isolated_intense_percent), other)
-              for _, other in isolated_sides(counts, score, guideline=config.guideline,
-                                             isolated_intense_percent=config.isolated_intense_percent)]
+    edges += [(isolated_words(counts, config.isolated_intense_percent), other, level)
+              for other, level in isolated_sides(counts, score, guideline=config.guideline,
+                                                 isolated_intense_percent=config.isolated_intense_percent)]
     if edges and "near_cutoff" not in flags:
         flags = (*flags, "near_cutoff")
-    reason += "".join(f"; {words}: it could be {other}" for words, other in edges)
+    reason += "".join(f"; {words}: it could be {level}" for words, _, level in edges)
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent)
-    return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides))
+    open_to = [side for side, _ in near_sides] + [other for _, other, _ in edges] + ["2+"] * ("moderate_incomplete" in flags)
+    return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)))
 
 
 def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig,
@@ -741,14 +745,20 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
     # may not lift it (cnn.fuse)
     false = (false_membrane_share(counts, percent=config.false_membrane_percent, confidence=NEAR_CUTOFF_CONFIDENCE)
              if classical.score == "0" else None)
-    score, confidence = fuse(classical.score, report.probabilities, no_higher=false is not None)
+    higher = SCORES[SCORES.index(classical.score) + 1:]
+    open_to = [s for s in classical.open_to if false is None or s not in higher]
+    score, confidence = fuse(classical.score, report.probabilities, to=open_to)
     cnn_words = f"the CNN (a mean over the tissue's patches) reads {report.score} (p={report.probabilities[report.score]:.2f})"
-    if false is not None and fuse(classical.score, report.probabilities)[0] != classical.score:
-        within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
-                  if false > config.false_membrane_percent else "")
-        cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
-                      f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
-                      "read faint diffuse DAB as 1+")
+    if (free := fuse(classical.score, report.probabilities)[0]) != score:
+        if free in higher and false is not None:
+            within = (f" of {n_tumour:,} tumour cells, within its {NEAR_CUTOFF_CONFIDENCE:.0%} interval,"
+                      if false > config.false_membrane_percent else "")
+            cnn_words += (f", not followed to a higher score: the {percent_text(false, config.false_membrane_percent)} "
+                          f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
+                          "read faint diffuse DAB as 1+")
+        else:
+            cnn_words += (f", not followed to {free}: the cells measured leave the call no nearer to it than the guideline's "
+                          "own margins (a network trained on synthetic fields tips only a call its cells leave in doubt)")
     level, flags, reason = classical.level, classical.flags, classical.reason
     if score != classical.score:
         level = report_level(score, config.guideline, counts)

@@ -75,36 +75,58 @@ def test_the_cnn_never_lifts_a_0_that_false_membranes_could_give():
 
 
 def test_fused_score_carries_the_flags_of_its_own_level():
+    """Every call open to the CNN (near_cutoff_points 100: each share is 'near'), a fused score carries its own
+    level's flags, the classical call keeps its own."""
     f = generate_field("0", seed=9301, variant="ultralow")
-    config = ScoringConfig(false_membrane_percent=0.0)  # no null doubt, so the CNN may lift the call
+    config = ScoringConfig(false_membrane_percent=0.0, near_cutoff_points=100.0)  # no null doubt: the CNN may lift it
     plain = _score(f, config=config)
     assert plain.score == "0" and {"null", "ultralow"} & set(plain.flags) and "null_or_ultralow" not in plain.flags
     fused = _score(f, cnn=ConstantClassifier("1+"), config=config)
     assert (fused.classical_score, fused.score, fused.level) == ("0", "1+", "1+")
-    assert set(fused.flags) == {"her2_low", "cnn_disagrees"}  # no stale "ultralow" / "null"
+    assert set(fused.flags) == {"her2_low", "cnn_disagrees", "near_cutoff"}  # no stale "ultralow" / "null"
     assert fused.classical_level == plain.level and fused.classical_flags == plain.flags
     assert fused.reason.startswith("reported 1+ after fusing the classical call with the CNN: the CNN (a mean over the tissue's patches) reads 1+ (p=1.00), "
                                    f"the cells measured give {plain.level} on ")
     assert fused.classical_reason == plain.reason
 
+    config = ScoringConfig(near_cutoff_points=100.0)
     two = generate_field("2+", seed=9302)
-    up = _score(two, cnn=ConstantClassifier("3+"))
+    up = _score(two, cnn=ConstantClassifier("3+"), config=config)
     assert (up.classical_score, up.score) == ("2+", "3+")
-    assert set(up.flags) == {"cnn_disagrees"} and "ish_reflex" in up.classical_flags
+    assert set(up.flags) == {"cnn_disagrees", "near_cutoff"} and "ish_reflex" in up.classical_flags
     assert "reflex ISH" not in up.reason and "reflex ISH required" in up.classical_reason  # the reason is the 3+'s
     three = generate_field("3+", seed=9303)
-    held = _score(three, cnn=ConstantClassifier("2+"))
-    assert (held.classical_score, held.score) == ("3+", "2+") and held.reason.endswith("; reflex ISH required")
-    one = _score(generate_field("1+", seed=9304))
-    down = _score(generate_field("1+", seed=9304), cnn=ConstantClassifier("0"))  # a 0 over cells >10% stained: plain 0
+    held = _score(three, cnn=ConstantClassifier("2+"), config=config)
+    assert (held.classical_score, held.score) == ("3+", "2+") and "; reflex ISH required" in held.reason
+    one = _score(generate_field("1+", seed=9304), config=config)
+    down = _score(generate_field("1+", seed=9304), cnn=ConstantClassifier("0"), config=config)  # a 0 over cells >10% stained: plain 0
     assert one.score == "1+" and 100 - one.percentages["none"] > 10
-    assert (down.score, down.level) == ("0", "0") and set(down.flags) == {"cnn_disagrees"}
+    assert (down.score, down.level) == ("0", "0") and set(down.flags) == {"cnn_disagrees", "near_cutoff"}
     assert check_eligibility(down, "her2-ultralow-breast").status == "needs_review"
-    far = _score(two, cnn=ConstantClassifier("0"))  # two scores off: the CNN tips a call one score at most
+    far = _score(two, cnn=ConstantClassifier("0"), config=config)  # two scores off: the CNN tips a call one score at most
     assert (far.score, far.level) == ("2+", "2+") and "cnn_disagrees" in far.flags
-    agree = _score(two, cnn=ConstantClassifier("2+"))
+    agree = _score(two, cnn=ConstantClassifier("2+"), config=config)
     assert agree.flags == agree.classical_flags and agree.level == agree.classical_level == "2+"
 
+
+def test_the_cnn_never_tips_a_call_its_cells_leave_in_no_doubt():
+    """A network trained on synthetic fields read a field of 86% intense complete cells 2+ (or a clear 2+ as 3+, its
+    reflex ISH dropped), and the fused score reported it. It tips only a call the cells leave in doubt (near a
+    cut-off, a cluster of ~5, intense cells at the isolated floor, a 1+ over moderate incomplete membranes)."""
+    three = generate_field("3+", seed=9303)
+    plain = _score(three)
+    assert plain.score == "3+" and plain.percentages["strong_complete"] > 50 and "near_cutoff" not in plain.flags
+    held = _score(three, cnn=ConstantClassifier("2+"))
+    assert (held.classical_score, held.score, held.level) == ("3+", "3+", "3+")
+    assert held.flags == (*plain.flags, "cnn_disagrees") and held.confidence == pytest.approx(0.4)
+    assert held.reason == plain.reason + (
+        "; the CNN (a mean over the tissue's patches) reads 2+ (p=1.00), not followed to 2+: the cells measured leave the "
+        "call no nearer to it than the guideline's own margins (a network trained on synthetic fields tips only a call "
+        "its cells leave in doubt)")
+    two = _score(generate_field("2+", seed=9302), cnn=ConstantClassifier("3+"))
+    assert (two.classical_score, two.score) == ("2+", "2+") and "ish_reflex" in two.flags
+    decision = check_eligibility(held, "her2-positive-breast")  # the disagreement is still a doubt: a second opinion
+    assert decision.status == "needs_review" and decision.reasons[0].startswith("classical score 3+ and CNN score 2+ disagree")
 
 
 def test_an_ultralow_call_that_false_membranes_could_give_is_flagged():
@@ -234,7 +256,7 @@ def test_isolated_intense_cells_end_to_end():
     assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
     # fused to 1+ by the CNN, the call keeps the cells' flag and words, and trastuzumab still asks for review: as the
     # pattern they would make it 2+, where ISH decides (the fused call dropped both, and the answer was not eligible)
-    fused = _score(f, cnn=ConstantClassifier("1+"), config=ScoringConfig(false_membrane_percent=0.0))
+    fused = _score(f, cnn=ConstantClassifier("1+"), config=ScoringConfig(false_membrane_percent=0.0, near_cutoff_points=100.0))
     assert (fused.classical_score, fused.score) == ("0", "1+") and "isolated_intense_cells" in fused.flags, fused.reason
     assert f"isolated intense cells: {n:,} of {r.tumour_cells:,}" in fused.reason
     assert check_eligibility(fused, "her2-positive-breast").status == "needs_review"
@@ -338,13 +360,14 @@ def test_a_fused_call_over_cells_near_a_cut_off_keeps_the_doubt():
     """A classical 1+ on 17.1% faint cells lies within the false-membrane band of the cut-off (10-18%: it could be 0),
     beyond the measurement's own 5.5-point margin (the field is drawn for it: 30% faint cells, its seed the first of
     11-13 that reads over 15.5% with every morphological step's kernel round; seed 11 read 17.3% before, 15.1% since).
-    A CNN reading 2+ fuses it to 2+: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
-    review, as the classical call alone does (it answered eligible). A classical call with the band switched
-    off does not say it."""
+    A CNN reading 0 fuses it to that side: the fused call keeps near_cutoff, so HER2-low with ISH negative asks for
+    review, as the classical call alone does (it answered eligible). A CNN reading 2+ is not followed: the cells
+    leave no doubt of 2+. A classical call with the band switched off does not say it."""
     f = generate_field(seed=12, composition={"faint_partial": 0.30}, size_px=(768, 768))
-    r = _score(f, cnn=ConstantClassifier("2+"))
-    assert (r.classical_score, r.score) == ("1+", "2+") and 15.5 < 100 - r.percentages["none"] < 18, r.percentages
+    r = _score(f, cnn=ConstantClassifier("0"))
+    assert (r.classical_score, r.score) == ("1+", "0") and 15.5 < 100 - r.percentages["none"] < 18, r.percentages
     assert "near_cutoff" in r.classical_flags and "near_cutoff" in r.flags
+    assert _score(f, cnn=ConstantClassifier("2+")).score == "1+"
     assert "real unstained membranes read stained in up to 8% of cells): it could be 0" in r.classical_reason
     assert check_eligibility(r, "her2-low-breast", ish="negative").status == "needs_review"
     off = _score(f, config=ScoringConfig(false_membrane_percent=0.0))
