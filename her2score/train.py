@@ -398,13 +398,24 @@ def _split(labels: np.ndarray, val_fraction: float, rng: np.random.Generator) ->
 
 def check_target(out: str | os.PathLike, name: str = "her2cnn.pt", *, replace_shipped: bool = False) -> Path:
     """Where ``train`` writes weights (``out/name``), checked before any work: ValueError for a name not ending in
-    .pt, an ``out`` that is a file, or the shipped weights (which every run without --weights uses) unless
-    ``replace_shipped``."""
+    .pt, an ``out`` that is a file or that cannot be written (a temporary file is made and removed in it, or in the
+    nearest folder above it that exists: the training run found out only when it ended), or the shipped weights
+    (which every run without --weights uses) unless ``replace_shipped``."""
+    import tempfile
+
     from .cnn import default_weights_path
 
     target = weights_path(Path(out) / name)
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out}: a file, not a folder for the weights (--out; out= in the Python API)")
+    where = Path(out).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".her2score-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write the weights there ({e.strerror or e})") from None
     if target.resolve() == default_weights_path().resolve() and not replace_shipped:
         raise ValueError(f"{target} is the shipped weights, which every run without --weights uses: train into "
                          "another folder and pass --weights, or give --replace-shipped (replace_shipped=True)")

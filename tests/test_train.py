@@ -341,3 +341,12 @@ def test_retrained_weights_written_where_the_shipped_ones_are_get_their_graph(tr
     rec = cnn.save_model(shipped, res.net, res.record)
     meta = {p.key: p.value for p in onnx.load(str(shipped.with_suffix(".onnx"))).metadata_props}
     assert meta[cnn.ONNX_SOURCE_KEY] == rec.sha256 == cnn._sha256_file(shipped)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_field_is_made(tmp_path, capsys):
+    """train found an unwritable --out only when training ended (a traceback, exit 1, the run lost)."""
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "tr"
+    assert main(["train", "--synthetic", "2", "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr()
+    assert f"{out}: cannot write the weights there (Not a directory)" in err.err and "generating" not in err.out
