@@ -204,6 +204,25 @@ def _load_geojson(path: Path) -> Region:
                   excluded=tuple(excluded))
 
 
+LABEL_MIN_SHARE = 0.05
+"""A mask value over this share of a mask's marked pixels is a class of its own: two such make it a label image."""
+
+
+def _refuse_labels(path: Path, marked: np.ndarray) -> None:
+    """Refuse a label image (QuPath's labelled export: Tumor 1, Stroma 2, ...): two or more values each marking over
+    LABEL_MIN_SHARE of the marked pixels, whose classes this tool cannot tell (every non-zero value read as tumour took
+    the stroma in; an anti-aliased edge's values, each few, and a mask of many small labels, such as cells, pass)."""
+    if marked.size == 0 or not np.array_equal(marked, np.round(marked)):
+        return
+    values, counts = np.unique(marked, return_counts=True)
+    classes = values[counts > LABEL_MIN_SHARE * marked.size]
+    if len(classes) >= 2:
+        names = ", ".join(f"{v:g}" for v in classes[:6]) + (", ..." if len(classes) > 6 else "")
+        raise RegionError(path, f"a label image: {len(classes)} values ({names}) each mark over {LABEL_MIN_SHARE:.0%} of its "
+                                "marked pixels, and which is tumour cannot be told; save the tumour alone as a mask "
+                                "(non-zero = tumour)")
+
+
 def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
     from PIL import UnidentifiedImageError
 
@@ -218,12 +237,16 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
                 values = np.nan_to_num(np.asarray(img, np.float64), nan=0.0)
                 probability = img.mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1
                 mask = values >= 0.5 if probability else values > 0
+                labels = None if probability else values
             else:
                 grey = np.asarray(img.convert("L"))
                 # JPEG rings round its edges: half its top value decides (255 or 1 for tumour)
                 mask = 2 * grey.astype(np.int32) >= max(int(grey.max()), 1) if img.format == "JPEG" else grey > 0
+                labels = None if img.format == "JPEG" else grey
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # a transparent pixel is no tumour
                 mask &= np.asarray(img.convert("RGBA"))[..., 3] > 0
+            if labels is not None:
+                _refuse_labels(path, labels[mask])
     except RegionError:
         raise
     except UnidentifiedImageError:

@@ -229,6 +229,29 @@ def test_a_jpeg_mask_is_read_at_half_its_top_a_lossless_one_at_non_zero(tmp_path
     assert abs(int(labels.mask.sum()) - int(disc.sum())) < 0.005 * disc.sum()
 
 
+def test_a_label_image_of_several_classes_is_refused_not_read_as_one_tumour(tmp_path):
+    """QuPath's labelled export (Tumor 1, Stroma 2): every non-zero value read as tumour took the stroma half in,
+    and a 0 tumour beside a 3+ stroma scored 3+. An anti-aliased edge's many small values and a mask of many small
+    labels (cells) are still masks."""
+    yy, xx = np.mgrid[:400, :500]
+    labels = np.where(xx < 250, 1, 2).astype(np.uint8)
+    labels[:20] = 0
+    Image.fromarray(labels).save(tmp_path / "classes.png")
+    with pytest.raises(RegionError, match=r"classes\.png: a label image: 2 values \(1, 2\) each mark over 5% of its marked "
+                                          r"pixels, and which is tumour cannot be told"):
+        load_region(tmp_path / "classes.png", slide_size=(500, 400))
+    Image.fromarray(labels.astype(np.int32) * 1000).save(tmp_path / "classes.tif")
+    with pytest.raises(RegionError, match=r"a label image: 2 values \(1000, 2000\)"):
+        load_region(tmp_path / "classes.tif", slide_size=(500, 400))
+    disc = ((yy - 200) ** 2 + (xx - 250) ** 2) ** 0.5
+    smooth = np.clip((120.5 - disc) * 255, 0, 255).astype(np.uint8)  # anti-aliased: 1-254 round the edge
+    Image.fromarray(smooth).save(tmp_path / "smooth.png")
+    assert load_region(tmp_path / "smooth.png", slide_size=(500, 400)).mask.sum() == (smooth > 0).sum()
+    cells = ((yy // 10) * 50 + xx // 10 + 1).astype(np.int32)  # 2,000 small labels
+    Image.fromarray(cells).save(tmp_path / "cells.tif")
+    assert load_region(tmp_path / "cells.tif", slide_size=(500, 400)).mask.all()
+
+
 def test_a_float_or_32_bit_masks_fractions_are_non_zero(tmp_path):
     """A probability map saved as a float32 TIFF (0.5 where tumour) and a 32-bit label image are tumour where
     non-zero: read through 8-bit grey, 0.5 became 0 and the mask was refused as empty."""
