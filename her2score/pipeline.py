@@ -34,7 +34,7 @@ from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
 from .results import SCORES, CnnReport, QCFinding, SlideResult
-from .slide import DEFAULT_MPP_SOURCE, ArraySlide, Slide, SlideError, open_slide
+from .slide import DEFAULT_MPP_SOURCE, EXIF_TURNED, ArraySlide, Slide, SlideError, open_slide
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
@@ -562,6 +562,10 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         nucleus = _slide_nucleus_thresholds(sample, stains, config) if several else None
         del sample
         _refuse_dark_counterstain(slide.path, nucleus)
+        if region is not None and any(note.startswith(EXIF_TURNED) for note in slide.notes):
+            raise SlideError(slide.path, "turned upright as its EXIF orientation says, and given a tumour annotation: "
+                                         "whether it was drawn on the image as stored or as turned cannot be told; "
+                                         "save the image upright (no Orientation tag) and draw the annotation on it")
         region_obj = load_region(region, slide_size=slide.dimensions) if isinstance(region, (str, os.PathLike)) else region
         slide_path, slide_mpp, mpp_origin, metadata_mpp = str(slide.path), slide.mpp, slide.mpp_origin, slide.metadata_mpp
         notes = (f"stain vectors: {stain_note}", f"µm/px {slide.mpp:.4g} from {slide.mpp_source}",

@@ -302,6 +302,26 @@ def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
     return ((np.minimum(arr, white).astype(np.uint32) * 255 + white // 2) // white).astype(np.uint8)
 
 
+EXIF_TURNED = "turned as its EXIF orientation"
+"""How a slide's notes begin where the image was turned upright as its EXIF Orientation tag says."""
+
+PARTLY_TRANSPARENT_MIN = 0.01
+"""The share of an image's pixels partly transparent above which its result notes the blending over white."""
+
+
+def _alpha_notes(path, alpha: np.ndarray) -> list[str]:
+    """Refuse an image every pixel of which is fully transparent; note one whose pixels are partly transparent over
+    PARTLY_TRANSPARENT_MIN of it (blended over white, its stain reads weaker: a 2+ field at half opacity read 1+)."""
+    if not alpha.any():
+        raise SlideError(path, "every pixel is fully transparent (alpha 0): nothing to score; save the image without "
+                               "its alpha channel")
+    partly = float(np.mean((alpha > 0) & (alpha < 255)))
+    if partly <= PARTLY_TRANSPARENT_MIN:
+        return []
+    return [f"{partly:.0%} of its pixels partly transparent, blended over white: their stain reads weaker than "
+            "the slide's (save the image without its alpha channel)"]
+
+
 def _to_rgb(path, arr: np.ndarray) -> np.ndarray:
     """Validate an image array as 8-bit colour; RGBA is composited over white."""
     if arr.dtype != np.uint8:
@@ -500,7 +520,7 @@ def _open_16bit(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
     notes = []
     if orientation in _EXIF_TURNS:
         arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
-        notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
+        notes.append(f"{EXIF_TURNED} ({orientation}) says, as viewers show it")
     white = _white_of(arr[..., :3])
     return ArraySlide(_to_8bit(arr, white), notes=(_bits_note(white), *notes), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
@@ -609,8 +629,10 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 from PIL import ImageOps
 
                 img = ImageOps.exif_transpose(img)
-                notes.append(f"turned as its EXIF orientation ({orientation}) says, as viewers show it")
+                notes.append(f"{EXIF_TURNED} ({orientation}) says, as viewers show it")
             arr = np.asarray(img)
+            if arr.ndim == 3 and arr.shape[2] == 4:
+                notes += _alpha_notes(path, arr[..., 3])
     except SlideError:
         raise
     except UnidentifiedImageError:

@@ -1172,3 +1172,39 @@ def test_automatic_backend_never_waits_on_a_fifo(tmp_path):
     assert not alive and raised == [f"{fifo}: not a regular file"]
     with pytest.raises(SlideError, match=r"gone\.png: no such file"):
         automatic_backend(tmp_path / "gone.png")
+
+
+def test_transparency_is_noted_where_it_blends_the_stain_and_a_wholly_transparent_image_is_named(tmp_path):
+    """A field at half opacity was blended over white without a word (a 2+ read 1+ with QC passed), and one wholly
+    transparent, its colours intact, was refused as 'no tissue found (blank ...)'."""
+    from PIL import Image
+
+    from her2score.synthetic import generate_field
+
+    rgb = generate_field("2+", seed=9700).image
+    for alpha, name in ((128, "half.png"), (0, "clear.png"), (255, "opaque.png")):
+        Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], alpha, np.uint8)])).save(tmp_path / name, dpi=(50800, 50800))
+    with open_slide(tmp_path / "half.png") as s:
+        assert s.notes[-1].startswith("100% of its pixels partly transparent, blended over white")
+    with open_slide(tmp_path / "opaque.png") as s:
+        assert not any("transparent" in n for n in s.notes)
+    with pytest.raises(SlideError, match=r"clear\.png: every pixel is fully transparent \(alpha 0\)"):
+        open_slide(tmp_path / "clear.png")
+
+
+def test_an_annotation_of_an_image_its_exif_orientation_turns_is_refused(tmp_path):
+    """The annotation was applied to the turned image, while a tool showing the stored pixels drew it on those: drawn
+    on the 0 half of a side-by-side 3+ / 0 field, it scored 3+ with QC passed. Which frame was meant cannot be told."""
+    from PIL import Image
+
+    from her2score.pipeline import analyse_slide
+    from her2score.synthetic import generate_field
+
+    rgb = generate_field("3+", seed=9701).image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", quality=95, dpi=(50800, 50800), exif=exif.tobytes())
+    Image.fromarray(np.full(rgb.shape[:2], 255, np.uint8)).save(tmp_path / "mask.png")
+    with pytest.raises(SlideError, match=r"turned\.jpg: turned upright as its EXIF orientation says, and given a tumour "
+                                         r"annotation"):
+        analyse_slide(tmp_path / "turned.jpg", region=tmp_path / "mask.png")
