@@ -40,7 +40,7 @@ from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_leve
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
 from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
-from .workers import checked_workers, die_with_parent, result_of, worker_pool
+from .workers import FORKS, checked_workers, die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
 
@@ -362,13 +362,14 @@ class SlideAnalysis:
     region: Region | None = None
 
 
-# -- worker processes: each opens the slide itself after the fork, never using the parent's handle ----
+# -- worker processes: each opens the slide file itself after the fork, never using the parent's handle ----
 _worker: dict = {}
 
 
-def _init_worker(parent: int, path: str, mpp: float | None, backend: str | None, cnn, region: Region | None) -> None:
+def _init_worker(parent: int, path: str | ArraySlide, mpp: float | None, backend: str | None, cnn, region: Region | None) -> None:
+    """``path``: the slide's file, or a plain image the parent decoded (forked workers share its pixels)."""
     die_with_parent(parent)  # a tile worker never outlives the process scoring the slide (e.g. a SIGKILLed batch)
-    _worker["slide"] = open_slide(path, mpp=mpp, backend=backend)
+    _worker["slide"] = path if isinstance(path, ArraySlide) else open_slide(path, mpp=mpp, backend=backend)
     _worker["cnn"] = cnn
     _worker["region"] = region
     if cnn is not None:
@@ -573,8 +574,11 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
 
         cnn_max = cnn_patch_limit(config, len(tiles))  # a whole slide's CNN mean needs only a sample of its patches
         parallel = workers > 1 and len(tiles) > 1 and not isinstance(path, Slide)
-        # the workers open it at the µm/px it was opened at (given, the metadata's or the default)
-        with worker_pool(workers, _init_worker, (slide_path, slide_mpp, backend, cnn, region_obj)) if parallel else nullcontext() as pool:
+        # the workers open it at the µm/px it was opened at (given, the metadata's or the default); a plain image,
+        # decoded whole and holding no file, forked workers share (each decoded it again: a 16,000² PNG took 2.6 GB
+        # with one worker, 5.6 with two)
+        opened = slide if FORKS and isinstance(slide, ArraySlide) else slide_path
+        with worker_pool(workers, _init_worker, (opened, slide_mpp, backend, cnn, region_obj)) if parallel else nullcontext() as pool:
             # the workers score tiles (one a task: no core idles while another ends a long chunk) while this
             # process checks that the image is an H-DAB stain at all
             run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)
