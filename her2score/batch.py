@@ -453,7 +453,10 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
                     raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
                                      f"name; {fix}")
                 return str(cand)
-    log.warning("%s: no annotation under %s; its tumour cells are detected", slide, regions)
+    near = sorted({str(f) for folder in (regions / rel.parent, regions) for key, f in annotations.files(folder).items()
+                   if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES})
+    hint = f" ({', '.join(near)} {'is' if len(near) == 1 else 'are'} named like it: name one {slide.stem}<suffix> to use it)" if near else ""
+    log.warning("%s: no annotation under %s%s; its tumour cells are detected", slide, regions, hint)
     return None
 
 

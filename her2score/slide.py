@@ -660,8 +660,7 @@ def _mpp_args(path, meta_mpp: float | None, user_mpp: float | None, default_mpp:
     if default_mpp is not None:
         return {"mpp": float(default_mpp), "path": path, "mpp_source": f"{DEFAULT_MPP_SOURCE} ({why})",
                 "mpp_origin": "default"}
-    if meta_mpp is not None:
-        raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API)")
+    # --default-mpp serves a camera's 72 dpi as it serves no metadata (--mpp would override a batch's scans too)
     raise SlideError(path, f"{why}; pass --mpp (e.g. --mpp 0.5; mpp=0.5 in the Python API), or --default-mpp for the "
                            "files without one in a batch of scans and snapshots")
 

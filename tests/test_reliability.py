@@ -596,3 +596,21 @@ def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from
     Image.fromarray(mask).save(tmp_path / "masks" / "s1.JPG")
     jpeg = run_batch([tmp_path / "slides" / "A"], tmp_path / "out_jpeg", regions=tmp_path / "masks")
     assert jpeg[0]["region"].startswith("mask (s1.JPG); epithelial cells within it, left out: ")
+
+
+def test_a_slide_without_its_annotation_names_the_files_named_like_it(tmp_path, caplog):
+    """QuPath's labelled export names a mask <image>-labels.png: not found, the slide was scored on detected cells
+    with one warning that named no file, and the mask lay unused."""
+    from her2score.batch import _Annotations, _find_region
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "regions").mkdir()
+    slide = tmp_path / "slides" / "field.png"
+    slide.write_bytes(b"")
+    (tmp_path / "regions" / "field-labels.png").write_bytes(b"")
+    (tmp_path / "regions" / "other.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="her2score.batch"):
+        assert _find_region(tmp_path / "regions", slide, tmp_path / "slides", _Annotations([(slide, tmp_path / "slides")])) is None
+    assert (f"field.png: no annotation under {tmp_path / 'regions'} ({tmp_path / 'regions' / 'field-labels.png'} is named "
+            "like it: name one field<suffix> to use it); its tumour cells are detected") in caplog.text
+    assert "other.png" not in caplog.text
