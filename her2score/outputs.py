@@ -34,7 +34,7 @@ from .workers import FORKS, die_with_parent, result_of, worker_pool
 __all__ = [
     "atomic_file", "atomic_write", "write_outputs", "write_cells_csv", "write_cells_parquet", "write_cells_geojson",
     "overlay_image", "overlay_png", "remove_stale_temp_files", "category_colour", "CATEGORY_COLOURS",
-    "NON_TUMOUR_COLOUR", "OUTPUT_FILES", "OPTIONAL_OUTPUT_FILES", "FIELD_MAX_PX",
+    "NON_TUMOUR_COLOUR", "NEIGHBOURS_COLOUR", "OUTPUT_FILES", "OPTIONAL_OUTPUT_FILES", "FIELD_MAX_PX",
 ]
 
 CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -51,6 +51,10 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
 
 NON_TUMOUR_COLOUR: tuple[int, int, int] = (140, 140, 140)
 """RGB of cells outside the tumour (not counted), whatever their category."""
+
+NEIGHBOURS_COLOUR: tuple[int, int, int] = (0, 200, 210)
+"""RGB of tumour cells read none whose stained border is their neighbours' membrane (``neighbours_membrane``): told
+apart from unstained cells, so that a brown border inside a 'none' ring reads as the convention, not a miss."""
 
 OUTPUT_FILES = ("result.json", "cells.parquet", "overlay.png", "cells.geojson")
 """The files every scored slide gets (result.json last: it marks completion)."""
@@ -478,7 +482,8 @@ REGION_COLOUR = (0, 0, 0)
 def _legend_entries(analysis: SlideAnalysis) -> list[tuple[str, tuple[int, int, int]]]:
     region = [("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR)] if analysis.region is not None else []
     return ([(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES]
-            + [("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region)
+            + [("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR),
+               ("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region)
 
 
 def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[float, float], px_per_level0: float) -> None:
@@ -508,7 +513,9 @@ def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[floa
 
 def _cell_colours(analysis: SlideAnalysis, idx: np.ndarray) -> list[tuple[int, int, int]]:
     t = analysis.cells
-    return [category_colour(c) if tum else NON_TUMOUR_COLOUR for c, tum in zip(t["category"][idx].tolist(), t["tumour"][idx].tolist())]
+    return [NON_TUMOUR_COLOUR if not tum else NEIGHBOURS_COLOUR if theirs else category_colour(c)
+            for c, tum, theirs in zip(t["category"][idx].tolist(), t["tumour"][idx].tolist(),
+                                      t["neighbours_membrane"][idx].tolist())]
 
 
 def _draw_cells(canvas: np.ndarray, analysis: SlideAnalysis, idx: np.ndarray, origin: tuple[float, float], px_per_level0: float) -> None:

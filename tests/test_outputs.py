@@ -532,10 +532,12 @@ def test_a_tall_narrow_slides_overlay_stays_a_readable_size(field):
     past = Region("p", polygons=((np.array([[20, 100], [400, 100], [400, 2000], [20, 2000], [20, 100]], float), ()),))
     drawn, _ = overlay_image(replace(a, region=past), slide, field_max_px=100, n_regions=0, region_px=128)
     plain, _ = overlay_image(a, slide, field_max_px=100, n_regions=0, region_px=128)
-    changed = np.any(drawn[: plain.shape[0]] != plain, axis=2) if drawn.shape == plain.shape else None
-    assert changed is not None and changed.any()
+    assert drawn.shape[1] == plain.shape[1] and drawn.shape[0] >= plain.shape[0]  # its legend entry may take a row more
+    body = plain.shape[0] - 120  # above the legend and the scale band
+    changed = np.any(drawn[:body] != plain[:body], axis=2)
+    assert changed.any()
     panel_w = round(tw * min(col_w / tw, PANEL_MAX_RATIO * col_w / th))  # the strip's drawn width in the first panel
-    rows = np.all(drawn == REGION_COLOUR, axis=2)[:, : panel_w + 3].any(axis=1)  # the rows the outline is drawn on
+    rows = np.all(drawn[:body] == REGION_COLOUR, axis=2)[:, : panel_w + 3].any(axis=1)  # the rows the outline is drawn on
     assert rows.sum() > 20 and not changed[rows, panel_w + 3 : col_w].any()  # none of it in the white beside the strip
 
 
@@ -695,3 +697,19 @@ def test_the_overlay_title_says_when_the_call_failed_qc_or_needs_review():
     assert lines(failed)[-2:] == ["QC failed: 55 tumour cells scored", "QC warnings: weak counterstain"]
     doubt = replace(plain, flags=("near_cutoff",))
     assert lines(doubt)[0] == "s.tif: HER2 3+ (NEEDS REVIEW); breast-asco-cap-2023, resection"
+
+
+def test_cells_read_none_for_their_neighbours_membrane_are_drawn_apart_from_unstained_ones():
+    """41 of 54 'none' cells on the 2+ sample have brown borders, their neighbours' membrane (the shared-membrane
+    convention), and were drawn as the unstained cells are: a pathologist read them as misses."""
+    from types import SimpleNamespace
+
+    from her2score.outputs import NEIGHBOURS_COLOUR, NON_TUMOUR_COLOUR, _cell_colours, _legend_entries, category_colour
+
+    cells = {"category": np.array(["none", "none", "none", "faint_partial"], dtype=object),
+             "tumour": np.array([True, True, False, True]), "neighbours_membrane": np.array([False, True, True, False])}
+    analysis = SimpleNamespace(cells=cells, region=None)
+    assert _cell_colours(analysis, np.arange(4)) == [category_colour("none"), NEIGHBOURS_COLOUR, NON_TUMOUR_COLOUR,
+                                                     category_colour("faint_partial")]
+    assert ("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR) in _legend_entries(analysis)
+    assert len({rgb for _, rgb in _legend_entries(analysis)}) == len(_legend_entries(analysis))  # every colour its own
