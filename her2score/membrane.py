@@ -18,7 +18,7 @@ from .cells import _smoothed, disk, local_background, nuclear_rise
 
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
-    "MembraneSummary", "summarise_membranes", "stained_by_neighbours", "noise_floor", "longest_circular_run",
+    "MembraneSummary", "summarise_membranes", "stained_by_neighbours", "noise_floor", "longest_circular_run", "sector_of",
 ]
 
 N_SECTORS = 24
@@ -181,7 +181,7 @@ def _rows_cols(flat_idx: np.ndarray, shape: tuple[int, int], origin: tuple[int, 
     return rows[flat_idx], cols[flat_idx]
 
 
-def _sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+def sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Angular sector (0 to N_SECTORS - 1, from the left and clockwise on the image) of pixels (dy, dx) px from a centroid."""
     return ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
 
@@ -352,7 +352,7 @@ def measure_cells(
     lab = cells.ravel()[band_idx]
     br, bc = _rows_cols(band_idx, cells.shape, origin)
     dy, dx = br - cy[lab], bc - cx[lab]
-    sector = _sector_of(dy, dx)
+    sector = sector_of(dy, dx)
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
     c_band = contrast.ravel()[band_idx]
@@ -370,7 +370,7 @@ def measure_cells(
         cr_, cc_ = _rows_cols(cut_px, cells.shape, origin)
         cl_ = cells.ravel()[cut_px]
         on_edge = np.zeros(size, bool)
-        on_edge[cl_.astype(np.int64) * N_SECTORS + _sector_of(cr_ - cy[cl_], cc_ - cx[cl_])] = True
+        on_edge[cl_.astype(np.int64) * N_SECTORS + sector_of(cr_ - cy[cl_], cc_ - cx[cl_])] = True
         cut = (on_edge.reshape(n_lab, N_SECTORS)[labels] & ~np.isfinite(sec_c)).sum(1).astype(np.int8)
     arc_px = (border_px * lit).sum(1)
     width = np.where(arc_px > 0, (strong_px * lit).sum(1) / np.maximum(arc_px, 1) * mpp, 0.0)
@@ -418,7 +418,7 @@ def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, c
         other = np.where((other == 0) & (v != lab) & (v > 0), v, other)
     facing = other > 0
     r, c, lab, other = r[facing] + np.float32(origin[0]), c[facing] + np.float32(origin[1]), lab[facing], other[facing]
-    sector = _sector_of(r - cy[lab], c - cx[lab])
+    sector = sector_of(r - cy[lab], c - cx[lab])
     n_lab = len(cy)
     key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits
     keys = np.sort((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
@@ -335,13 +337,15 @@ def clip_outline(poly: np.ndarray, width: float, height: float, *, decimals: int
 
 
 def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: list[tuple[int, int, int]], *,
-                    inset_px: float, width_px: float) -> None:
+                    inset_px: float, width_px: float, solid: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None) -> None:
     """Draw each cell as a coloured ring inside its outline, ``inset_px`` clear of the border, in place.
 
     ``outlines`` are (k, 2) (x, y) rings in ``canvas`` pixel coordinates. The border between two cells
     (where the membrane is) stays as it is in the image, so the DAB that was judged is not hidden.
     Rings of cells too small for the inset are drawn on their border instead. A cell whose outline
-    encloses another's (one grown round it) is drawn first, the enclosed cell on it.
+    encloses another's (one grown round it) is drawn first, the enclosed cell on it. ``solid(cell, x, y)``:
+    which ring pixels (canvas x, y) of cells (their index in ``outlines``) lie where the membrane was read
+    stained; the others are drawn dotted, one pixel in three, so the stained arcs stand out.
     """
     h, w = canvas.shape[:2]
     labels = np.zeros((h, w), np.int32)
@@ -360,6 +364,10 @@ def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: lis
     has_ring = np.zeros(len(outlines) + 1, bool)
     has_ring[labels[ring]] = True
     ring |= (labels > 0) & border & ~has_ring[labels]
+    if solid is not None:
+        ys, xs = np.nonzero(ring)
+        keep = solid(labels[ys, xs] - 1, xs, ys) | ((xs + ys) % 3 == 0)
+        ring[ys[~keep], xs[~keep]] = False
     lut = np.zeros((len(outlines) + 1, 3), np.uint8)
     lut[1:] = np.asarray(colours, np.uint8).reshape(-1, 3)
     canvas[ring] = lut[labels[ring]]

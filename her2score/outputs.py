@@ -25,6 +25,7 @@ import numpy as np
 from .categories import CATEGORIES, PATTERNS
 from .files import atomic_file, atomic_write, is_temp_file
 from .guidelines import INTENSITY, deciding_categories
+from .membrane import sector_of
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
@@ -526,8 +527,14 @@ def _draw_cells(canvas: np.ndarray, analysis: SlideAnalysis, idx: np.ndarray, or
     xy, sizes = analysis.cells["outline"].take(idx)
     polys = np.split((xy.astype(np.float64) - (ox, oy)) * px_per_level0, np.cumsum(sizes)[:-1])
     mpp_canvas = analysis.result.mpp / px_per_level0
+    cx = (np.asarray(analysis.cells["x"], np.float64)[idx] - ox) * px_per_level0
+    cy = (np.asarray(analysis.cells["y"], np.float64)[idx] - oy) * px_per_level0
+    masks = np.asarray(analysis.cells["stained_sectors"], np.int64)[idx]
+
+    def stained(cell: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:  # the cell's sector of each ring pixel
+        return (masks[cell] >> sector_of(y - cy[cell], x - cx[cell])) & 1 == 1
     draw_cell_rings(canvas, polys, _cell_colours(analysis, idx), inset_px=max(1.0, 0.6 / mpp_canvas),
-                    width_px=max(1.0, 0.5 / mpp_canvas))
+                    width_px=max(1.0, 0.5 / mpp_canvas), solid=stained)
 
 
 def _title_lines(analysis: SlideAnalysis, scale: float = 1.0) -> list[tuple[str, int]]:

@@ -713,3 +713,25 @@ def test_cells_read_none_for_their_neighbours_membrane_are_drawn_apart_from_unst
                                                      category_colour("faint_partial")]
     assert ("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR) in _legend_entries(analysis)
     assert len({rgb for _, rgb in _legend_entries(analysis)}) == len(_legend_entries(analysis))  # every colour its own
+
+
+def test_a_cells_ring_is_solid_where_its_membrane_was_read_stained_and_dotted_elsewhere():
+    """The overlay showed each cell's verdict, not the evidence: which part of its border was read stained (a
+    review could not check complete against lateral, nor find a faint cell's arc). A ring is now solid over its
+    stained sectors (stained_sectors in the cell table) and dotted, one pixel in three, over the others."""
+    from her2score.membrane import sector_of
+    from her2score.outlines import draw_cell_rings
+
+    canvas = np.zeros((60, 60, 3), np.uint8)
+    square = np.array([[10, 10], [50, 10], [50, 50], [10, 50]], float)
+    left = sum(1 << k for k in range(24) if k not in range(6, 18))  # sectors from the left, clockwise: 6-17 the right half
+
+    def solid(cell, x, y):
+        return (left >> sector_of(y - 30.0, x - 30.0)) & 1 == 1
+    draw_cell_rings(canvas, [square], [(255, 0, 0)], inset_px=1.0, width_px=1.0, solid=solid)
+    drawn = canvas[..., 0] == 255
+    left_px, right_px = drawn[:, :28].sum(), drawn[:, 33:].sum()
+    assert left_px > 2.5 * right_px > 0, (left_px, right_px)
+    every = np.zeros_like(canvas)
+    draw_cell_rings(every, [square], [(255, 0, 0)], inset_px=1.0, width_px=1.0)
+    assert (every[..., 0] == 255)[:, :28].sum() == left_px  # the stained half as a plain ring draws it
