@@ -407,11 +407,12 @@ def _repo_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def _installed_model_file(name: str, dist: importlib.metadata.Distribution | None = None) -> Path | None:
-    """Where the installed distribution's record puts ``models/<name>`` (the wheel's data files land under the scheme's
-    data folder: ``sys.prefix/share`` in a virtual environment, ``~/.local/share`` with ``--user``, the prefix's with
-    ``--prefix`` or a distribution's system pip); None where no record lists it."""
-    import importlib.metadata  # here: ~13 ms that scoring with the repository's or a given file never needs
+def _installed_model_file(name: str, dist=None) -> Path | None:
+    """Where the installed distribution's record (``dist``: an importlib.metadata.Distribution, by default
+    her2score's) puts ``models/<name>``: the wheel's data files land under the scheme's data folder, ``sys.prefix/share``
+    in a virtual environment, ``~/.local/share`` with ``--user``, the prefix's with ``--prefix`` or a distribution's
+    system pip. None where no record lists it."""
+    import importlib.metadata  # here: ~13 ms that a repository checkout or a given file never needs
 
     try:
         dist = dist or importlib.metadata.distribution("her2score")
@@ -427,12 +428,13 @@ def default_weights_path() -> Path:
     """The shipped weights: ``<repo>/models`` (source / editable install), then where the installed wheel's record
     puts them (any install scheme), then ``sys.prefix/share/her2score/models``. Returns the first that exists
     (the repository path when none does)."""
-    candidates = [_repo_models_dir() / DEFAULT_WEIGHTS.file, _installed_model_file(DEFAULT_WEIGHTS.file),
-                  Path(sys.prefix) / "share" / "her2score" / "models" / DEFAULT_WEIGHTS.file]
-    for c in candidates:
+    repo = _repo_models_dir() / DEFAULT_WEIGHTS.file
+    if repo.is_file():
+        return repo
+    for c in (_installed_model_file(DEFAULT_WEIGHTS.file), Path(sys.prefix) / "share" / "her2score" / "models" / DEFAULT_WEIGHTS.file):
         if c is not None and c.is_file():
             return c
-    return candidates[0]
+    return repo
 
 
 def _sha256_file(path: Path) -> str:

@@ -57,6 +57,7 @@ from her2score.guidelines import (
     apply_guideline,
     cluster_sides,
     cluster_words,
+    coarse_scan_zero,
     cytoplasm_doubt,
     isolated_sides,
     isolated_words,
@@ -497,6 +498,17 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
             f"at 0 (null) the answer would be {other}")
 
 
+def _coarse_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
+    """Why the slide needs review when its 0 rests on a scan too coarse for faint membranes (guidelines.coarse_scan_zero,
+    which flags coarse_scan_zero) and 1+ would change the answer; None otherwise."""
+    if not coarse_scan_zero(result.level, result.mpp):
+        return None
+    if (other := _other_answer(result, rule, ish, status, "1+", "1+")) is None:
+        return None
+    return (f"scanned at {result.mpp:.3g} µm/px, too coarse for faint membranes, which read weaker and fewer there: "
+            f"at 1+ the answer would be {other}")
+
+
 def _incomplete_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its breast 1+ rests on incomplete membranes stronger than faint, which
     the 2018 note would call equivocal 2+ where they are moderate (guidelines.moderate_incomplete, which flags
@@ -601,6 +613,8 @@ def check_eligibility(result: SlideResult | str | os.PathLike | Mapping, rule: s
         doubts.append(null)
     if (incomplete := _incomplete_doubt(result, rule, ish, status)) is not None:
         doubts.append(incomplete)
+    if (coarse := _coarse_doubt(result, rule, ish, status)) is not None:
+        doubts.append(coarse)
     if (cytoplasm := _cytoplasm_doubt(result, rule, ish, status)) is not None:
         doubts.append(cytoplasm)
     if (short := _requirement_doubt(result, rule, ish, status)) is not None:

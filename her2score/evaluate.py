@@ -350,7 +350,8 @@ def method_result(result: SlideResult, method: str) -> SlideResult | None:
         flags, _ = with_call_doubts(level_flags(level, result.guideline), s, level, result.counts, result.guideline,
                                     result.staining.get("diffuse_cytoplasm_od"), result.staining.get("membrane_contrast_od"),
                                     filled=result.staining.get("stained_cytoplasm_od"),
-                                    false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT))
+                                    false_membrane_percent=result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT),
+                                    scan_mpp=result.mpp)
         return replace(result, score=s, level=level, flags=flags, cnn=None, confidence=None)
     if method == "fused":
         return result

@@ -22,10 +22,11 @@ from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds, grow_cells, measure_nucleus_thresholds,
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import (FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
+from .guidelines import (COARSE_SCAN_MPP, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
-                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_incomplete_doubt, with_null_doubt)
+                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_coarse_doubt, with_incomplete_doubt,
+                         with_null_doubt)
 from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
@@ -86,8 +87,6 @@ MPP_OVERRIDE_MAX = 1.25
 metadata can be wrong, but so can the user, and the nucleus-size check only refuses scales 2-3x off (a 1+ field
 at 0.5 µm/px by its metadata, given 0.25, read 921 tumour cells for 3,651 and 0+ (ultralow), QC passed)."""
 
-COARSE_SCAN_WARN = 1.1
-"""A scan coarser than this x CALIBRATED_MPP (0.55 µm/px) gets the QC warning intensity_read_low."""
 
 EOSIN_MIN_STAINED_PX = 200
 """Fewest stained pixels (over the tiles) whose eosin share the QC reads (fewer: the thumbnail's, as imagecheck.check_image reads it)."""
@@ -243,9 +242,11 @@ def sharpness(od: np.ndarray, *, mpp: float, scan_mpp: float | None = None, tiss
     CALIBRATED_MPP, where blur_min was set), read at CALIBRATED_MPP (a finer image is brought down to it first)
     or at ``scan_mpp``, the µm/px of the scan it was read from, where that is coarser: an image enlarged from a
     coarser scan is brought back to it, since the enlargement read as blur (sharp fields at 0.6-1 µm/px failed as
-    out of focus), and its detail is read within as many of its pixels, which keeps a sharp real field's figure
-    (0.7-2.1 from 0.5 to 1 µm/px on the real colon and Ki67 fields) while a ~1 µm blur stays under blur_min.
-    A ratio, so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for
+    out of focus), and its detail is read within as many of its pixels (at a tile resolution coarser than
+    CALIBRATED_MPP too). That keeps a sharp real field's figure (0.48-2.1 from 0.5 to 1 µm/px on the real colon, Ki67
+    and H&E fields: benchmarks/focus_scales.py) and fails a blur of about one and a half of the scan's own pixels
+    or more (0.75 µm at 0.5 µm/px, 1.5 µm at 1 µm/px): a finer defocus than its pixels cannot be told from a sharp
+    scan, and a 0 on a scan that coarse carries coarse_scan_zero anyway (guidelines.with_coarse_doubt). A ratio, so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for
     100 tissue pixels or fewer."""
     target = max(CALIBRATED_MPP, scan_mpp or 0.0)
     if mpp < target:
@@ -664,6 +665,7 @@ class _CellsRead:
     blush: float | None
     filled: float | None
     rise: float | None
+    scan_mpp: float
 
 
 def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> _CellsRead:
@@ -700,7 +702,8 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
                     stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
-    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise)
+    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise,
+                      scan.mpp)
 
 
 @dataclass(frozen=True)
@@ -740,8 +743,10 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
         flags = (*flags, "near_cutoff")
     reason += "".join(f"; {words}: it could be {level}" for words, _, level in edges)
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
-                                    filled=read.filled, false_membrane_percent=config.false_membrane_percent)
-    open_to = [side for side, _ in near_sides] + [other for _, other, _ in edges] + ["2+"] * ("moderate_incomplete" in flags)
+                                    filled=read.filled, false_membrane_percent=config.false_membrane_percent,
+                                    scan_mpp=read.scan_mpp)
+    open_to = ([side for side, _ in near_sides] + [other for _, other, _ in edges] + ["2+"] * ("moderate_incomplete" in flags)
+               + ["1+"] * ("coarse_scan_zero" in flags))
     return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)))
 
 
@@ -765,14 +770,15 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
                           f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
                           "read faint diffuse DAB as 1+")
         else:
-            cnn_words += (f", not followed to {free}: the cells measured leave the call no nearer to it than the guideline's "
-                          "own margins (a network trained on synthetic fields tips only a call its cells leave in doubt)")
+            left = f"only {' or '.join(open_to)} possible besides it" if open_to else "the call in no doubt"
+            cnn_words += (f", not followed to {free}: the cells measured leave {left} (a network trained on synthetic "
+                          "fields tips only a call its cells leave in doubt)")
     level, flags, reason = classical.level, classical.flags, classical.reason
     if score != classical.score:
         level = report_level(score, config.guideline, counts)
         flags, doubt = with_call_doubts(level_flags(level, config.guideline), score, level, counts, config.guideline,
                                         read.blush, read.rise, filled=read.filled,
-                                        false_membrane_percent=config.false_membrane_percent)
+                                        false_membrane_percent=config.false_membrane_percent, scan_mpp=read.scan_mpp)
         if "isolated_intense_cells" in classical.flags and score in ("0", "1+"):  # as the pattern they would make it 2+
             flags = (*flags, "isolated_intense_cells")
             doubt = "; " + isolated_note(counts, config.isolated_intense_percent) + doubt
@@ -874,17 +880,20 @@ def _finish(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: 
 
 def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dict, guideline: str, blush: float | None,
                      rise: float | None, *, filled: float | None = None,
-                     false_membrane_percent: float = FALSE_MEMBRANE_PERCENT) -> tuple[tuple[str, ...], str]:
+                     false_membrane_percent: float = FALSE_MEMBRANE_PERCENT,
+                     scan_mpp: float | None = None) -> tuple[tuple[str, ...], str]:
     """``flags`` plus the doubts a call at ``score`` and report ``level`` carries on the cells measured, and the words
     of each (to append to a reason): ``null_or_ultralow`` where false membranes alone could make it an ultralow
     (with_null_doubt), ``moderate_incomplete`` where a breast 1+ rests on incomplete membranes stronger than faint
-    (with_incomplete_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
+    (with_incomplete_doubt), ``coarse_scan_zero`` where a 0 rests on a scan (``scan_mpp``) too coarse for faint
+    membranes (with_coarse_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
     tumour.with_cytoplasm_doubt). For the guideline's own call ``flags`` are its call's; for a score the rules did
     not make (a CNN's, or one fused with it), its level's own (level_flags)."""
     flags, doubt = with_null_doubt(flags, counts, level, percent=false_membrane_percent)
     flags, incomplete = with_incomplete_doubt(flags, counts, level, guideline)
+    flags, coarse = with_coarse_doubt(flags, level, scan_mpp)
     flags, more = with_cytoplasm_doubt(flags, score, level, blush, rise, guideline=guideline, filled=filled)
-    return flags, doubt + incomplete + more
+    return flags, doubt + incomplete + coarse + more
 
 
 def _near_sides(counts: dict, score: str, config: ScoringConfig, clusters: dict) -> list[tuple[str, float]]:
@@ -990,7 +999,7 @@ def _qc(scan: _Scan, config: ScoringConfig, parts: list[TileResult], n_tumour: i
         qc.append(QCFinding("coarse_scan", "fail", f"scanned at {scan.mpp:.3g} µm/px, coarser than the "
                             f"{config.max_scan_mpp:g} µm/px a ~1 µm membrane needs: faint (1+) staining cannot be told "
                             "from 0 (it needs 40x, Rüschoff 2010)", round(scan.mpp, 4)))
-    elif scan.mpp > COARSE_SCAN_WARN * CALIBRATED_MPP:
+    elif scan.mpp > COARSE_SCAN_MPP:
         qc.append(QCFinding("intensity_read_low", "warn", f"scanned at {scan.mpp:.3g} µm/px, coarser than the "
                             f"{CALIBRATED_MPP:g} µm/px the intensity bands were set at: blurred membranes read weaker "
                             "(the real colon's intense complete share: 34% at 0.5 µm/px, 26% at 1.0)", round(scan.mpp, 4)))

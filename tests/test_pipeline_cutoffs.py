@@ -121,8 +121,7 @@ def test_the_cnn_never_tips_a_call_its_cells_leave_in_no_doubt():
     assert held.flags == (*plain.flags, "cnn_disagrees") and held.confidence == pytest.approx(0.4)
     assert held.reason == plain.reason + (
         "; the CNN (a mean over the tissue's patches) reads 2+ (p=1.00), not followed to 2+: the cells measured leave the "
-        "call no nearer to it than the guideline's own margins (a network trained on synthetic fields tips only a call "
-        "its cells leave in doubt)")
+        "call in no doubt (a network trained on synthetic fields tips only a call its cells leave in doubt)")
     two = _score(generate_field("2+", seed=9302), cnn=ConstantClassifier("3+"))
     assert (two.classical_score, two.score) == ("2+", "2+") and "ish_reflex" in two.flags
     decision = check_eligibility(held, "her2-positive-breast")  # the disagreement is still a doubt: a second opinion

@@ -1,6 +1,7 @@
 """Quality control: findings in the result, the QC status shown beside the score, and eligibility
 held for review when QC fails."""
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -65,6 +66,26 @@ def test_a_sharp_scan_coarser_than_the_tiles_is_not_read_as_out_of_focus(scan_mp
     assert "out_of_focus" not in codes(sharp), sharp.qc
     blurred = score_slide(ArraySlide(cv2.GaussianBlur(scan, (0, 0), 2.0), mpp=scan_mpp))
     assert codes(blurred).get("out_of_focus") == "fail", blurred.qc
+
+
+def test_a_zero_on_a_scan_too_coarse_for_faint_membranes_asks_for_review():
+    """Faint membranes read weaker and fewer on coarse scans: a 1+ sample field brought to 1 µm/px and blurred by a
+    pixel read 0 (null) with QC passed, and the HER2-low rule answered not eligible (before focus was read at the
+    scan's own µm/px every such scan failed QC as out of focus, sharp or not). A 0 on a scan coarser than 0.55 µm/px
+    is flagged coarse_scan_zero: it could be 1+."""
+    from PIL import Image
+
+    from her2score.guidelines import coarse_scan_zero
+
+    field = np.asarray(Image.open(Path(__file__).parents[1] / "sample_images" / "field_1plus_a.png").convert("RGB"))
+    coarse = cv2.GaussianBlur(cv2.resize(field, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), (0, 0), 1.0)
+    r = score_slide(ArraySlide(coarse, mpp=1.0))
+    assert r.score == "0" and "coarse_scan_zero" in r.flags and r.qc_status == "needs_review", (r.level, r.flags)
+    assert "scanned at 1 µm/px, coarser than 0.55: faint membranes read weaker and fewer there" in r.reason
+    decision = check_eligibility(r, "her2-low-breast")
+    assert decision.status == "needs_review" and decision.reasons[0].startswith("scanned at 1 µm/px, too coarse for faint")
+    assert "coarse_scan_zero" not in score_slide(ArraySlide(field, mpp=0.5)).flags
+    assert not coarse_scan_zero("1+", 1.0) and not coarse_scan_zero("0 (null)", 0.55) and coarse_scan_zero("0", 0.6)
 
 
 def test_too_few_tumour_cells(field_3plus):
