@@ -345,7 +345,8 @@ def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: lis
     Rings of cells too small for the inset are drawn on their border instead. A cell whose outline
     encloses another's (one grown round it) is drawn first, the enclosed cell on it. ``solid(cell, x, y)``:
     which ring pixels (canvas x, y) of cells (their index in ``outlines``) lie where the membrane was read
-    stained; the others are drawn dotted, one pixel in three, so the stained arcs stand out.
+    stained; the others are drawn dotted, a pixel in every three along the ring (by arc length round the outline's
+    mean vertex, so that a ring running in any direction is dotted), so the stained arcs stand out.
     """
     h, w = canvas.shape[:2]
     labels = np.zeros((h, w), np.int32)
@@ -366,7 +367,11 @@ def draw_cell_rings(canvas: np.ndarray, outlines: list[np.ndarray], colours: lis
     ring |= (labels > 0) & border & ~has_ring[labels]
     if solid is not None:
         ys, xs = np.nonzero(ring)
-        keep = solid(labels[ys, xs] - 1, xs, ys) | ((xs + ys) % 3 == 0)
+        cell = labels[ys, xs] - 1
+        centres = np.array([o.mean(axis=0) if len(o) else (0.0, 0.0) for o in outlines], np.float64).reshape(-1, 2)
+        dx, dy = xs - centres[cell, 0], ys - centres[cell, 1]
+        dotted = np.floor(np.arctan2(dy, dx) * np.hypot(dx, dy)) % 3 == 0  # every third pixel of arc length
+        keep = solid(cell, xs, ys) | dotted
         ring[ys[~keep], xs[~keep]] = False
     lut = np.zeros((len(outlines) + 1, 3), np.uint8)
     lut[1:] = np.asarray(colours, np.uint8).reshape(-1, 3)

@@ -735,3 +735,21 @@ def test_a_cells_ring_is_solid_where_its_membrane_was_read_stained_and_dotted_el
     every = np.zeros_like(canvas)
     draw_cell_rings(every, [square], [(255, 0, 0)], inset_px=1.0, width_px=1.0)
     assert (every[..., 0] == 255)[:, :28].sum() == left_px  # the stained half as a plain ring draws it
+
+
+def test_an_unstained_ring_is_dotted_whichever_way_it_runs():
+    """Dots by x + y mod 3 left a ring running along the '/' diagonal wholly drawn or wholly empty (a review: 276
+    runs of 4 px or more on the 2+ sample read as stained arcs); by arc length, every side is dotted."""
+    from her2score.outlines import draw_cell_rings
+
+    for shift in (0, 1, 2):
+        canvas = np.zeros((80, 80, 3), np.uint8)
+        diamond = np.array([[40, 8], [72, 40], [40, 72], [8, 40]], float) + shift
+        draw_cell_rings(canvas, [diamond], [(255, 0, 0)], inset_px=1.0, width_px=1.0, solid=lambda c, x, y: np.zeros(len(x), bool))
+        full = np.zeros_like(canvas)
+        draw_cell_rings(full, [diamond], [(255, 0, 0)], inset_px=1.0, width_px=1.0)
+        on, every = canvas[..., 0] == 255, full[..., 0] == 255
+        for quadrant in (np.s_[:40 + shift, :40 + shift], np.s_[:40 + shift, 41 + shift:], np.s_[41 + shift:, :40 + shift],
+                         np.s_[41 + shift:, 41 + shift:]):
+            share = on[quadrant].sum() / every[quadrant].sum()
+            assert 0.2 < share < 0.55, (shift, share)
