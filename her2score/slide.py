@@ -305,8 +305,9 @@ def _to_8bit(arr: np.ndarray, white: int) -> np.ndarray:
 EXIF_TURNED = "turned as its EXIF orientation"
 """How a slide's notes begin where the image was turned upright as its EXIF Orientation tag says."""
 
-PARTLY_TRANSPARENT_MIN = 0.01
-"""The share of an image's pixels partly transparent above which its result notes the blending over white."""
+PARTLY_TRANSPARENT_MIN = 0.10
+"""The share of an image's pixels partly transparent above which its result notes the blending over white (a
+semi-transparent layer covers most of an image; an anti-aliased cut-out's edge, a few % of a field, is no note)."""
 
 
 def _alpha_notes(path, alpha: np.ndarray) -> list[str]:
@@ -522,7 +523,12 @@ def _open_16bit(path: Path, meta_mpp, mpp: float | None, default_mpp: float | No
         arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
         notes.append(f"{EXIF_TURNED} ({orientation}) says, as viewers show it")
     white = _white_of(arr[..., :3])
-    return ArraySlide(_to_8bit(arr, white), notes=(_bits_note(white), *notes), **_mpp_args(path, meta_mpp, mpp, default_mpp))
+    rgb = _to_8bit(arr[..., :3], white)
+    if arr.shape[2] == 4:  # alpha spans the full 16 bits whatever the colour's white
+        alpha = _to_8bit(arr[..., 3], 65535)
+        notes += _alpha_notes(path, alpha)
+        rgb = np.dstack([rgb, alpha])
+    return ArraySlide(rgb, notes=(_bits_note(white), *notes), **_mpp_args(path, meta_mpp, mpp, default_mpp))
 
 
 def _larger_page(img) -> tuple[int, int, int] | None:

@@ -1208,3 +1208,18 @@ def test_an_annotation_of_an_image_its_exif_orientation_turns_is_refused(tmp_pat
     with pytest.raises(SlideError, match=r"turned\.jpg: turned upright as its EXIF orientation says, and given a tumour "
                                          r"annotation"):
         analyse_slide(tmp_path / "turned.jpg", region=tmp_path / "mask.png")
+
+
+def test_a_16_bit_images_alpha_is_read_on_its_own_16_bits(tmp_path):
+    """A 16-bit RGBA of 12-bit colour had its alpha scaled by the colour's white: half opacity (32,768) read as opaque.
+    Its alpha is read on its full 16 bits, and half opacity is noted as in an 8-bit image."""
+    from her2score.synthetic import generate_field
+
+    rgb = generate_field("2+", seed=9702).image.astype(np.uint16) * 16
+    half = np.dstack([rgb, np.full(rgb.shape[:2], 32768, np.uint16)])
+    cv2.imwrite(str(tmp_path / "half16.png"), half[..., [2, 1, 0, 3]])
+    with open_slide(tmp_path / "half16.png", mpp=0.5) as s:
+        assert any(n.startswith("100% of its pixels partly transparent") for n in s.notes), s.notes
+        got = s.read_region((0, 0), (64, 64), mpp=0.5).astype(int)
+    expected = ((rgb[:64, :64] / 16) * (32768 / 65535) + 255 * (1 - 32768 / 65535)).astype(int)
+    assert np.abs(got - expected).max() <= 2
