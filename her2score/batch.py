@@ -454,7 +454,8 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
                                      f"name; {fix}")
                 return str(cand)
     near = sorted({str(f) for folder in (regions / rel.parent, regions) for key, f in annotations.files(folder).items()
-                   if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES})
+                   if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES
+                   and f.stem not in annotations.by_stem})  # case10.geojson is slide case10's, not case1's
     hint = f" ({', '.join(near)} {'is' if len(near) == 1 else 'are'} named like it: name one {slide.stem}<suffix> to use it)" if near else ""
     log.warning("%s: no annotation under %s%s; its tumour cells are detected", slide, regions, hint)
     return None

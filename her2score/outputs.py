@@ -544,7 +544,7 @@ def _title_lines(analysis: SlideAnalysis, scale: float = 1.0) -> list[tuple[str,
     status = _STATUS_WORDS[r.qc_status]  # an overlay passed on alone carries the status with the level
     lines = [(f"{Path(r.slide).name}: {call}{status}; {r.guideline}, {r.specimen}", 17),
              (f"Reason: {r.reason}", 13),
-             (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:.0f}'}; tumour: {r.region}", 13)]
+             (f"{r.tumour_cells} tumour cells; H-score {'-' if r.h_score is None else f'{r.h_score:.1f}'}; tumour: {r.region}", 13)]
     if r.flags:
         lines.append(("Flags: " + ", ".join(r.flags), 13))
     for severity, words in (("fail", "QC failed"), ("warn", "QC warnings")):

@@ -205,22 +205,21 @@ def _load_geojson(path: Path) -> Region:
 
 
 LABEL_MIN_SHARE = 0.05
-"""A mask value over this share of a mask's marked pixels is a class of its own: two such make it a label image."""
+"""A mask value over this share of a mask's marked pixels is a class or region of its own (_labels_note)."""
 
 
-def _refuse_labels(path: Path, marked: np.ndarray) -> None:
-    """Refuse a label image (QuPath's labelled export: Tumor 1, Stroma 2, ...): two or more values each marking over
-    LABEL_MIN_SHARE of the marked pixels, whose classes this tool cannot tell (every non-zero value read as tumour took
-    the stroma in; an anti-aliased edge's values, each few, and a mask of many small labels, such as cells, pass)."""
+def _labels_note(marked: np.ndarray) -> str:
+    """Words for a mask whose marked pixels hold two or more integer values each over LABEL_MIN_SHARE of them: a label
+    image of several classes (QuPath's labelled export: Tumor 1, Stroma 2) and a mask of several tumour regions look
+    alike, and every one is read as tumour; "" otherwise (an anti-aliased edge's values are each few)."""
     if marked.size == 0 or not np.array_equal(marked, np.round(marked)):
-        return
+        return ""
     values, counts = np.unique(marked, return_counts=True)
-    classes = values[counts > LABEL_MIN_SHARE * marked.size]
-    if len(classes) >= 2:
-        names = ", ".join(f"{v:g}" for v in classes[:6]) + (", ..." if len(classes) > 6 else "")
-        raise RegionError(path, f"a label image: {len(classes)} values ({names}) each mark over {LABEL_MIN_SHARE:.0%} of its "
-                                "marked pixels, and which is tumour cannot be told; save the tumour alone as a mask "
-                                "(non-zero = tumour)")
+    big = values[counts > LABEL_MIN_SHARE * marked.size]
+    if len(big) < 2:
+        return ""
+    names = ", ".join(f"{v:g}" for v in big[:6]) + (", ..." if len(big) > 6 else "")
+    return f"; values {names}, each read as tumour: a label image's other classes must be left out of it"
 
 
 def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
@@ -245,8 +244,7 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
                 labels = None if img.format == "JPEG" else grey
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # a transparent pixel is no tumour
                 mask &= np.asarray(img.convert("RGBA"))[..., 3] > 0
-            if labels is not None:
-                _refuse_labels(path, labels[mask])
+            note = "" if labels is None else _labels_note(labels[mask])
     except RegionError:
         raise
     except UnidentifiedImageError:
@@ -260,7 +258,7 @@ def _load_mask(path: Path, slide_size: tuple[int, int]) -> Region:
     sw, sh = mask.shape[1] / w, mask.shape[0] / h
     if abs(sw / sh - 1) > 0.02:
         raise RegionError(path, f"mask aspect {mask.shape[1]}x{mask.shape[0]} does not match the slide's {w}x{h}")
-    return Region(source=f"mask ({path.name})", mask=mask, mask_scale=(sw, sh))
+    return Region(source=f"mask ({path.name}{note})", mask=mask, mask_scale=(sw, sh))
 
 
 def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Region:

@@ -690,7 +690,7 @@ def test_the_overlay_title_says_when_the_call_failed_qc_or_needs_review():
     def lines(result):
         return [text for text, _ in _title_lines(SimpleNamespace(result=result))]
     plain = make_result(none=70, strong_complete=30)
-    assert lines(plain)[0] == "s.tif: HER2 3+; breast-asco-cap-2023, resection" and lines(plain)[2].startswith("100 tumour cells; H-score 90;")
+    assert lines(plain)[0] == "s.tif: HER2 3+; breast-asco-cap-2023, resection" and lines(plain)[2].startswith("100 tumour cells; H-score 90.0;")
     failed = replace(plain, qc=(QCFinding("too_few_tumour_cells", "fail", "55 tumour cells scored", 55.0),
                                 QCFinding("pale_counterstain", "warn", "weak counterstain", 0.1)))
     assert lines(failed)[0] == "s.tif: HER2 3+ (QC FAILED: not a guideline call); breast-asco-cap-2023, resection"

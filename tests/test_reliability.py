@@ -609,8 +609,11 @@ def test_a_slide_without_its_annotation_names_the_files_named_like_it(tmp_path, 
     slide.write_bytes(b"")
     (tmp_path / "regions" / "field-labels.png").write_bytes(b"")
     (tmp_path / "regions" / "other.png").write_bytes(b"")
+    (tmp_path / "slides" / "field2.png").write_bytes(b"")  # another slide of the batch: its annotation is no hint
+    (tmp_path / "regions" / "field2.geojson").write_bytes(b"")
+    batch = _Annotations([(slide, tmp_path / "slides"), (tmp_path / "slides" / "field2.png", tmp_path / "slides")])
     with caplog.at_level(logging.WARNING, logger="her2score.batch"):
-        assert _find_region(tmp_path / "regions", slide, tmp_path / "slides", _Annotations([(slide, tmp_path / "slides")])) is None
+        assert _find_region(tmp_path / "regions", slide, tmp_path / "slides", batch) is None
     assert (f"field.png: no annotation under {tmp_path / 'regions'} ({tmp_path / 'regions' / 'field-labels.png'} is named "
             "like it: name one field<suffix> to use it); its tumour cells are detected") in caplog.text
-    assert "other.png" not in caplog.text
+    assert "other.png" not in caplog.text and "field2" not in caplog.text
