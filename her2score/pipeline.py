@@ -87,7 +87,6 @@ MPP_OVERRIDE_MAX = 1.25
 metadata can be wrong, but so can the user, and the nucleus-size check only refuses scales 2-3x off (a 1+ field
 at 0.5 µm/px by its metadata, given 0.25, read 921 tumour cells for 3,651 and 0+ (ultralow), QC passed)."""
 
-
 EOSIN_MIN_STAINED_PX = 200
 """Fewest stained pixels (over the tiles) whose eosin share the QC reads (fewer: the thumbnail's, as imagecheck.check_image reads it)."""
 
@@ -246,8 +245,9 @@ def sharpness(od: np.ndarray, *, mpp: float, scan_mpp: float | None = None, tiss
     CALIBRATED_MPP too). That keeps a sharp real field's figure (0.48-2.1 from 0.5 to 1 µm/px on the real colon, Ki67
     and H&E fields: benchmarks/focus_scales.py) and fails a blur of about one and a half of the scan's own pixels
     or more (0.75 µm at 0.5 µm/px, 1.5 µm at 1 µm/px): a finer defocus than its pixels cannot be told from a sharp
-    scan, and a 0 on a scan that coarse carries coarse_scan_zero anyway (guidelines.with_coarse_doubt). A ratio, so a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for
-    100 tissue pixels or fewer."""
+    scan, and a 0 on a scan that coarse carries coarse_scan_zero anyway (guidelines.with_coarse_doubt). A ratio, so
+    a pale counterstain or a HER2 0 (little OD, little Laplacian) reads as sharp as a 3+. NaN for 100 tissue pixels
+    or fewer."""
     target = max(CALIBRATED_MPP, scan_mpp or 0.0)
     if mpp < target:
         f = mpp / target
