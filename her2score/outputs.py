@@ -53,6 +53,9 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
 NON_TUMOUR_COLOUR: tuple[int, int, int] = (140, 140, 140)
 """RGB of cells outside the tumour (not counted), whatever their category."""
 
+RING_KEY_COLOUR: tuple[int, int, int] = (90, 90, 90)
+"""The legend's swatch for how a ring is drawn (solid where the border was read stained), not a category."""
+
 NEIGHBOURS_COLOUR: tuple[int, int, int] = (0, 200, 210)
 """RGB of tumour cells read none whose stained border is their neighbours' membrane (``neighbours_membrane``): told
 apart from unstained cells, so that a brown border inside a 'none' ring reads as the convention, not a miss."""
@@ -484,7 +487,8 @@ def _legend_entries(analysis: SlideAnalysis) -> list[tuple[str, tuple[int, int, 
     region = [("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR)] if analysis.region is not None else []
     return ([(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES]
             + [("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR),
-               ("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region)
+               ("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region
+            + [("each ring solid beside its border read stained, dotted beside the rest", RING_KEY_COLOUR)])
 
 
 def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[float, float], px_per_level0: float) -> None:
