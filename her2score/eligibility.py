@@ -51,6 +51,7 @@ from her2score.guidelines import (
     GUIDELINES,
     MIN_TUMOUR_CELLS,
     NEAR_CUTOFF_CONFIDENCE,
+    NEAR_CUTOFF_POINTS,
     REPORT_LEVELS,
     ZERO_SPLIT,
     STAINED_AT_LEAST,
@@ -438,23 +439,28 @@ def _plain_zero_doubt(result: SlideResult, rule: Rule, ish: str | None) -> str |
 
 
 def _requirement_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when ``[[require]]`` shares counted on too few cells to be sure of their
-    side (a NEAR_CUTOFF_CONFIDENCE Wilson interval reaching across the rule's bound) could give another
-    answer: an unsure met one unmet (not eligible), or every unmet one, all unsure, met (what the rest of
-    the rule gives); None otherwise."""
+    """Why the slide needs review when ``[[require]]`` shares too near the rule's bound to be sure of their side
+    (within the measurement's own NEAR_CUTOFF_POINTS of it, as a share near 10% is: a review found generator
+    resections' 2+ share read 2.2-4.2 points high at 50%, and 51.7% of 4,236 cells answered a 48%
+    field eligible; or, counted on few cells, their NEAR_CUTOFF_CONFIDENCE Wilson interval reaching across it) could
+    give another answer: an unsure met one unmet (not eligible), or every unmet one, all unsure, met (what the rest
+    of the rule gives); None otherwise."""
     counts = {cat: result.counts.get(cat, 0) for cat in CATEGORIES}
+    points = result.config.get("near_cutoff_points", NEAR_CUTOFF_POINTS)  # the slide's own margin
     unsure, met, words = set(), {}, []
     for req in rule.require:
         n, total = req.cells(counts, result.guideline)
         met[req] = req.met(counts, result.guideline)[0]
         if total:
             lo, hi = (100.0 * v for v in wilson_ci(n, total, NEAR_CUTOFF_CONFIDENCE))
-            if lo < req.min_percent < hi:
+            cut, share = req.min_percent, 100 * n / total
+            crosses, near = lo < cut < hi, abs(share - cut) < points
+            if crosses or near:
                 unsure.add(req)
-                cut = req.min_percent
-                words.append(f"{req.words(result.guideline)} in {percent_text(100 * n / total, cut)} of {total:,} tumour cells: its "
-                             f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(lo, cut)[:-1]}-{percent_text(hi, cut)} reaches "
-                             f"across the rule's {req.bound()}")
+                why = (f"its {NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(lo, cut)[:-1]}-{percent_text(hi, cut)} reaches "
+                       "across" if crosses else f"within the measurement's {points:g} points of")
+                words.append(f"{req.words(result.guideline)} in {percent_text(share, cut)} of {total:,} tumour cells: {why} "
+                             f"the rule's {req.bound()}")
     others = {"not_eligible"} if any(met[r] for r in unsure) else set()
     unmet = [r for r in rule.require if not met[r]]
     if unmet and set(unmet) <= unsure:

@@ -457,7 +457,9 @@ class MembraneSummary:
     (log10) along the body of the stained arcs, i.e. over stained sectors stained on both sides (an arc's
     ends, where the line tapers off, are left out; all stained sectors when no arc has a body);
     contrast_od: mean over stained sectors of the peak contrast above the cytoplasm (log10);
-    stained (n, N_SECTORS) bool: the stained sectors, in runs (see summarise_membranes).
+    stained (n, N_SECTORS) bool: the stained sectors, in runs (see summarise_membranes); arcs (n, N_SECTORS) bool:
+    the stained runs with the sectors a nucleus or the image's edge hides between stained ones (the membrane goes on
+    under them: the overlay draws them solid, as the arcs and the pattern are read).
     """
 
     completeness: np.ndarray
@@ -466,6 +468,7 @@ class MembraneSummary:
     membrane_od: np.ndarray
     contrast_od: np.ndarray
     stained: np.ndarray
+    arcs: np.ndarray
 
 
 def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
@@ -568,6 +571,7 @@ def _summarise(sector_contrast: np.ndarray, sector_od: np.ndarray, cytoplasm_dab
         membrane_od=np.where(n_st > 0, (od * read).sum(1) / np.maximum(n_read, 1), 0.0).astype(f32),
         contrast_od=np.where(n_st > 0, (c * st).sum(1) / np.maximum(n_st, 1), 0.0).astype(f32),
         stained=st,
+        arcs=bst,
     )
 
 

@@ -817,7 +817,7 @@ def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResul
         "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
         "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
         "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
-        "stained_sectors": (read.mem.stained.astype(np.int32) << np.arange(read.mem.stained.shape[1], dtype=np.int32)).sum(
+        "stained_sectors": (read.mem.arcs.astype(np.int32) << np.arange(read.mem.arcs.shape[1], dtype=np.int32)).sum(
             axis=1, dtype=np.int32),
         "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": nucleus(cells.nucleus_dab_od),
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,

@@ -124,7 +124,8 @@ def test_gastric_toga(counts, ish, status):
 @pytest.mark.parametrize(
     ("counts", "scale", "status", "words"),
     [
-        (dict(none=49, weak_moderate_lateral=30, strong_complete=21), 200, "eligible", "51.0%"),
+        (dict(none=40, weak_moderate_lateral=35, strong_complete=25), 200, "eligible", "60.0%"),
+        (dict(none=49, weak_moderate_lateral=30, strong_complete=21), 200, "needs_review", "51.0%"),  # within 5.5 points
         (dict(none=40, faint_partial=20, strong_lateral=40), 2, "not_eligible", "40.0%"),  # faint cells don't count
         # exactly 50% is not > 50%, but no count can tell it from just over: review
         (dict(none=50, weak_moderate_lateral=30, strong_complete=20), 200, "needs_review", "50.0%"),
@@ -144,12 +145,26 @@ def test_a_required_share_counted_on_few_cells_needs_review_only_where_its_inter
                               "cells: its 95% interval 45.2-64.4% reaches across the rule's >50%: the answer could be not "
                               "eligible")
     assert "without these doubts the answer would be: eligible" in few.reasons
-    many = check_eligibility(make_result("gastric", none=4500, weak_moderate_complete=5500), "car-t-her2")
+    many = check_eligibility(make_result("gastric", none=4400, weak_moderate_complete=5600), "car-t-her2")  # 55.0-57.0%
     assert many.status == "eligible", many.reasons
     # under the bound, the other side is what the rest of the rule gives: 2+ is an eligible level
     under = check_eligibility(make_result("gastric", none=55, weak_moderate_complete=45), "car-t-her2")
     assert under.status == "needs_review" and under.reasons[0].endswith("the answer could be eligible"), under.reasons
     assert check_eligibility(make_result("gastric", none=6000, weak_moderate_complete=4000), "car-t-her2").status == "not_eligible"
+
+
+def test_a_required_share_within_the_measurements_margin_of_its_bound_needs_review_on_any_number_of_cells():
+    """A review read generator resections' 2+ share 2.2-4.2 points high near 50%: 51.7% of 4,236 cells (48.4% as a
+    pathologist would see it) answered car-t-her2 eligible, and 51% of 10,000 cells too, neither reviewed. A share
+    within the measurement's own 5.5 points of the bound (as near 10%) is unsure however many cells it counts."""
+    near = check_eligibility(make_result("gastric", none=4900, weak_moderate_complete=5100), "car-t-her2")
+    assert near.status == "needs_review" and near.reasons[0] == (
+        "weak-to-moderate or stronger membrane staining (complete or lateral) in 51.0% of 10,000 tumour cells: within the "
+        "measurement's 5.5 points of the rule's >50%: the answer could be not eligible"), near.reasons
+    under = check_eligibility(make_result("gastric", none=5100, weak_moderate_complete=4900), "car-t-her2")
+    assert under.status == "needs_review" and under.reasons[0].endswith("the answer could be eligible")
+    assert check_eligibility(make_result("gastric", none=4400, weak_moderate_complete=5600), "car-t-her2").status == "eligible"
+    assert check_eligibility(make_result("gastric", none=5600, weak_moderate_complete=4400), "car-t-her2").status == "not_eligible"
 
 
 def test_several_unsure_requirements_are_weighed_together():
@@ -284,10 +299,10 @@ def test_user_rule_file(tmp_path):
     assert rule.guideline == "any" and rule.require[0].inclusive
     half = make_result("gastric", none=10_000, strong_complete=10_000)  # exactly 50%, inclusive: met
     assert any(r.endswith("(10000/20000); rule needs >=50%: met") for r in check_eligibility(half, rule).reasons)
-    over = make_result("gastric", none=9_000, strong_complete=11_000)
+    over = make_result("gastric", none=8_000, strong_complete=12_000)  # 60%: past the measurement's margin
     assert check_eligibility(over, path).status == "needs_review"  # awaiting FISH
     assert check_eligibility(over, rule, ish="positive").status == "eligible"
-    below = make_result("gastric", none=11_000, strong_complete=9_000)
+    below = make_result("gastric", none=12_000, strong_complete=8_000)
     assert check_eligibility(below, rule).status == "not_eligible"  # FISH cannot help
 
 
@@ -679,8 +694,14 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_needs_review_where_i
     r = replace(make_result("gastric", **three), specimen="biopsy", clusters={"3+": 5, "2+": 5, "1+": 5}, score=call.score,
                 classical_score=call.score, level=call.level, flags=call.flags + ("near_cutoff",), reason=call.reason)
     assert call.score == "3+" and check_eligibility(r, "gastric-toga", ish="positive").status == "needs_review"  # missed: 0
-    sure = check_eligibility(biopsy({"3+": 0, "2+": 8, "1+": 8}), "gastric-toga", ish="positive")
-    assert sure.status == "eligible", sure.reasons
+    eight = check_eligibility(biopsy({"3+": 0, "2+": 8, "1+": 8}), "gastric-toga", ish="positive")  # within the margin
+    assert eight.status == "needs_review" and any("8 tumour cells at 2+ or stronger, 3 over the biopsy rule's 5" in r
+                                                  for r in eight.reasons), eight.reasons
+    wider = dict(none=294, weak_moderate_complete=12)  # 3.9%, a cluster of 10: past the margin
+    call = apply_guideline(wider, "gastric", "biopsy", clusters={"3+": 0, "2+": 10, "1+": 10})
+    sure = replace(make_result("gastric", **wider), specimen="biopsy", clusters={"3+": 0, "2+": 10, "1+": 10},
+                   score=call.score, classical_score=call.score, level=call.level, flags=call.flags, reason=call.reason)
+    assert call.score == "2+" and check_eligibility(sure, "gastric-toga", ish="positive").status == "eligible"
 
 
 def test_an_ultralow_flagged_as_possibly_null_on_few_intense_cells_asks_for_review():
