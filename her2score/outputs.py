@@ -486,7 +486,7 @@ REGION_COLOUR = (0, 0, 0)
 def _legend_entries(analysis: SlideAnalysis) -> list[tuple[str, tuple[int, int, int]]]:
     region = [("tumour annotation given (its holes and cut-outs too)", REGION_COLOUR)] if analysis.region is not None else []
     return ([(f"tumour: {c.replace('_', ' ')}", category_colour(c)) for c in CATEGORIES]
-            + [("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR),
+            + [("tumour: none (its brown border is its neighbours' membrane)", NEIGHBOURS_COLOUR),
                ("non-tumour cell (not counted)", NON_TUMOUR_COLOUR)] + region
             + [("each ring solid beside its border read stained, dotted beside the rest", RING_KEY_COLOUR)])
 

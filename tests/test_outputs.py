@@ -711,7 +711,7 @@ def test_cells_read_none_for_their_neighbours_membrane_are_drawn_apart_from_unst
     analysis = SimpleNamespace(cells=cells, region=None)
     assert _cell_colours(analysis, np.arange(4)) == [category_colour("none"), NEIGHBOURS_COLOUR, NON_TUMOUR_COLOUR,
                                                      category_colour("faint_partial")]
-    assert ("tumour: none, its stained border its neighbours' membrane", NEIGHBOURS_COLOUR) in _legend_entries(analysis)
+    assert ("tumour: none (its brown border is its neighbours' membrane)", NEIGHBOURS_COLOUR) in _legend_entries(analysis)
     assert _legend_entries(analysis)[-1][0] == "each ring solid beside its border read stained, dotted beside the rest"
     assert len({rgb for _, rgb in _legend_entries(analysis)}) == len(_legend_entries(analysis))  # every colour its own
 
