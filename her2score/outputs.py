@@ -29,7 +29,7 @@ from .membrane import sector_of
 from .outlines import clip_outline, draw_cell_rings
 from .pipeline import SlideAnalysis
 from .slide import Slide, SlideError, open_slide
-from .tumour import COMPARTMENTS
+from .tumour import COMPARTMENTS, LEFT_OUT
 from .workers import FORKS, die_with_parent, result_of, worker_pool
 
 __all__ = [
@@ -148,7 +148,7 @@ def write_cells_csv(analysis: SlideAnalysis, f: BinaryIO) -> None:
         f.write(("\n".join(",".join(row) for row in zip(*columns)) + "\n").encode())
 
 
-VOCABULARIES = {"category": CATEGORIES, "pattern": PATTERNS, "compartment": COMPARTMENTS}
+VOCABULARIES = {"category": CATEGORIES, "pattern": PATTERNS, "compartment": COMPARTMENTS, "left_out_as": LEFT_OUT}
 """Every value a cell-table text column can hold, in their order: the Parquet dictionary of each, so that every
 file's categories are the same (pandas concatenates them as one Categorical, and counts the empty ones)."""
 

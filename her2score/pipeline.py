@@ -39,7 +39,7 @@ from .slide import DEFAULT_MPP_SOURCE, EXIF_TURNED, ArraySlide, Slide, SlideErro
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import (COMPARTMENTS, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
+from .tumour import (COMPARTMENTS, LEFT_OUT, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
                      staining_compartments, unstained_level, with_cytoplasm_doubt)
 from .workers import FORKS, checked_workers, die_with_parent, result_of, worker_pool
 
@@ -648,8 +648,8 @@ def _refuse_dark_counterstain(path, nucleus: NucleusThresholds | None) -> None:
 @dataclass(frozen=True)
 class _CellsRead:
     """A slide's cells as read (_read_cells): their membranes, category and pattern codes (with ``borrowed``: the
-    cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour, and by what
-    (``region_source``); the slide's staining figures (``staining``, as the result reports them) with its membrane
+    cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour, why each other
+    was left out (``left_out``: tumour.TumourSelection's codes), and by what (``region_source``); the slide's staining figures (``staining``, as the result reports them) with its membrane
     noise floor (``floor``) and the cytoplasm levels the doubts read (``blush``, ``filled``, ``rise``: log10 OD,
     tumour.with_cytoplasm_doubt)."""
 
@@ -659,6 +659,7 @@ class _CellsRead:
     borrowed: np.ndarray
     compartment: np.ndarray
     tumour: np.ndarray
+    left_out: np.ndarray
     region_source: str
     staining: dict
     floor: float
@@ -689,7 +690,8 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
     # the guidelines count invasive tumour cells: lymphocytes and stroma within an annotation are left out too
     selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour,
                                     within=None if scan.region is None else scan.region.contains(cells.x, cells.y))
-    tumour, region_source = selection.tumour, selection.describe(None if scan.region is None else scan.region.source)
+    tumour, left_out = selection.tumour, selection.left_out
+    region_source = selection.describe(None if scan.region is None else scan.region.source)
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
     staining = _stain_compartments(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
     nucleus = parts[0].nucleus  # the slide's, or a single tile's own
@@ -702,8 +704,8 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
                     stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
-    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, region_source, staining, floor, blush, filled, rise,
-                      scan.mpp)
+    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, left_out, region_source, staining, floor, blush,
+                      filled, rise, scan.mpp)
 
 
 @dataclass(frozen=True)
@@ -814,6 +816,7 @@ def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResul
         "category": np.array(CATEGORIES, dtype=object)[read.category],
         "pattern": np.array(PATTERNS, dtype=object)[read.pattern],
         "tumour": read.tumour,
+        "left_out_as": np.array((None, *LEFT_OUT), dtype=object)[read.left_out],
         "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
         "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
         "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,

@@ -17,7 +17,7 @@ from .guidelines import ZERO_SPLIT, cytoplasm_doubt
 from .membrane import CellMeasurements
 from .neighbours import count_within
 
-__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
+__all__ = ["TumourRule", "TumourSelection", "select_tumour_cells", "LEFT_OUT", "COMPARTMENTS", "unstained_level", "stained_cytoplasm",
            "staining_compartments", "UNSTAINED_MAX_OD", "diffuse_cytoplasm_od", "with_cytoplasm_doubt"]
 
 
@@ -67,12 +67,20 @@ class TumourRule:
         return asdict(self)
 
 
+LEFT_OUT: tuple[str, ...] = ("lymphocyte-like", "spindle (stromal/endothelial)", "too small",
+                             "isolated (not in an epithelial group)", "small nucleus in a wide cell (stroma)",
+                             "outside the tumour annotation")
+"""Why a cell is not a tumour cell, in the order of the codes TumourSelection.left_out holds (from 1; 0: counted)."""
+
+
 @dataclass(frozen=True)
 class TumourSelection:
-    """The tumour mask over cells and how many cells each criterion left out."""
+    """The tumour mask over cells, how many cells each criterion left out (within the annotation, where one is
+    given), and per cell why it was left out (``left_out``: 0 counted, else 1 + its index in LEFT_OUT)."""
 
     tumour: np.ndarray
     excluded: dict[str, int]
+    left_out: np.ndarray
 
     def describe(self, region: str | None = None) -> str:
         """The cells counted and those left out, in words; ``region``: the tumour annotation's source, if any."""
@@ -110,10 +118,12 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     in_matrix = (candidate & ~isolated & nucleated & (m.nucleus_area_um2 < rule.matrix_max_um2)
                  & (m.nucleus_area_um2 < rule.matrix_max_fill * m.cell_area_um2))
     inside = np.ones(len(m), bool) if within is None else within
-    excluded = {"lymphocyte-like": lymph, "spindle (stromal/endothelial)": spindle, "too small": small,
-                "isolated (not in an epithelial group)": isolated, "small nucleus in a wide cell (stroma)": in_matrix}
-    return TumourSelection(candidate & ~isolated & ~in_matrix & inside,
-                           {why: int((left & inside).sum()) for why, left in excluded.items()})
+    left_out = np.zeros(len(m), np.int8)
+    for code, left in enumerate((lymph, spindle, small, isolated, in_matrix), start=1):  # each excludes the ones before
+        left_out[left] = code
+    left_out[~inside] = len(LEFT_OUT)  # outside the annotation: not counted whatever it looks like
+    excluded = {why: int(np.sum(left_out == code)) for code, why in enumerate(LEFT_OUT[:-1], start=1)}
+    return TumourSelection(left_out == 0, excluded, left_out)
 
 
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")

@@ -21,8 +21,9 @@ PIN = ROOT / "tests" / "data" / "cell_outputs.npz"
 """Where the pinned outputs live (a few tens of kB)."""
 FIELDS = ("field_1plus_a", "field_3plus_a", "skimage-colon")
 """Two synthetic sample fields and scikit-image's real colon IHC image, all at 0.5 µm/px."""
-TEXT = ("category", "pattern", "compartment")
-"""Text columns of the cell table, kept as their index into the names of ``her2score.categories`` / ``tumour``."""
+TEXT = ("category", "pattern", "compartment", "left_out_as")
+"""Text columns of the cell table, kept as their index into the names of ``her2score.categories`` / ``tumour`` (a
+counted cell's left_out_as, None, as -1)."""
 TILE = ("label", "sector_contrast", "sector_od", "sector_neighbour")
 """CellMeasurements fields kept from score_tile (the others are in the cell table)."""
 
@@ -58,9 +59,9 @@ def cell_outputs(name: str) -> dict[str, np.ndarray]:
     from her2score.pipeline import ScoringConfig, analyse_slide, score_tile
     from her2score.stain import H_DAB
     from her2score.tissue import Tile
-    from her2score.tumour import COMPARTMENTS
+    from her2score.tumour import COMPARTMENTS, LEFT_OUT
 
-    names = {"category": CATEGORIES, "pattern": PATTERNS, "compartment": COMPARTMENTS}
+    names = {"category": CATEGORIES, "pattern": PATTERNS, "compartment": COMPARTMENTS, "left_out_as": LEFT_OUT}
 
     slide = load_field(name)
     out: dict[str, np.ndarray] = {}
@@ -69,7 +70,7 @@ def cell_outputs(name: str) -> dict[str, np.ndarray]:
         if key == "outline":
             out.update({f"table/{k}": v for k, v in _outline_summary(col).items()})
         elif key in TEXT:
-            out[f"table/{key}"] = np.array([names[key].index(v) for v in col], np.int8)
+            out[f"table/{key}"] = np.array([-1 if v is None else names[key].index(v) for v in col], np.int8)
         else:
             out[f"table/{key}"] = np.asarray(col)
     w, h = slide.dimensions

@@ -109,6 +109,28 @@ def test_lymphocytes_and_stroma_within_a_tumour_annotation_are_not_tumour_cells(
     assert "lymphocyte-like" in left_out and "spindle" in left_out
 
 
+def test_each_cell_left_out_of_the_tumour_says_why(fields, tmp_path):
+    """A pathologist checking an exclusion (38 'lymphocyte-like' cells with intense complete membranes on the 3+
+    sample) had only the slide's counts: each cell now says which rule left it out, the same counts the result
+    gives; with an annotation, the cells outside it say so."""
+    from collections import Counter
+
+    from her2score.tumour import LEFT_OUT
+
+    f = fields["2+"]
+    a = analyse_slide(ArraySlide(f.image, mpp=f.mpp))
+    why = a.cells["left_out_as"]
+    assert all((w is None) == bool(t) for w, t in zip(why, a.cells["tumour"]))
+    counts = Counter(w for w in why if w is not None)
+    assert a.result.region.endswith(", ".join(f"{counts[w]} {w}" for w in LEFT_OUT[:-1] if counts[w]))
+    mask = np.zeros(f.image.shape[:2], np.uint8)
+    mask[:, : f.image.shape[1] // 2] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    half = analyse_slide(ArraySlide(f.image, mpp=f.mpp), region=tmp_path / "left.png")
+    outside = half.cells["x"] >= f.image.shape[1] // 2
+    assert set(half.cells["left_out_as"][outside]) == {"outside the tumour annotation"}
+
+
 def test_gastric_biopsy_uses_clusters(fields):
     f = fields["2+"]
     r = score_slide(ArraySlide(f.image, mpp=f.mpp), guideline="gastric", specimen="biopsy")
