@@ -659,11 +659,18 @@ def _beside(img: np.ndarray, width: int) -> np.ndarray:
     return np.pad(img, ((0, 0), (0, max(0, width - img.shape[1])), (0, 0)), constant_values=255)
 
 
+REGION_MIN_CELLS = 5
+"""Fewest cells of a category a slide-overlay window shows it by, but for the categories the call rests on."""
+
+
 def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tuple[int, int, str]]:
-    """Up to ``n`` windows (level-0 top-left x, y, why): for each category, strongest first, the window
-    richest in its tumour cells, then the windows richest in stained tumour cells (the cells a call rests
-    on: a slide's faint pieces, not its unstained ones), then those with most tumour cells; windows do not overlap. A
-    slide without tumour cells (not scored) gets the windows with most cells of any kind.
+    """Up to ``n`` windows (level-0 top-left x, y, why): the window richest in the tumour cells of each category
+    the call rests on (guidelines.deciding_categories of the score; a 0's are the stained ones, what would make it
+    1+), strongest first; then, most common first, that of each other category holding at least REGION_MIN_CELLS
+    of its cells (the slide's bulk, unstained tissue too: strongest-first windows spent a slide's six on categories
+    of 1-3 cells and never showed its faint or unstained tissue); then the windows richest in stained tumour cells,
+    then those with most tumour cells; windows do not overlap. A slide without tumour cells (not scored) gets the
+    windows with most cells of any kind.
 
     Windows lie on a grid of half a window, so each cell falls in four of them."""
     t = analysis.cells
@@ -679,12 +686,19 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
     gx, gy = np.maximum(t["x"][tum] // step, 0).astype(np.int64), np.maximum(t["y"][tum] // step, 0).astype(np.int64)
     nx, ny = int(gx.max()) + 1, int(gy.max()) + 1
     cats = t["category"][tum]
-    order = sorted(CATEGORIES, key=lambda c: (-INTENSITY.get(c, 0), CATEGORIES.index(c)))
+    by_category: list[tuple[str, np.ndarray, int]] = []
+    if kind == "tumour cells":  # non-tumour cells' categories are not counted
+        r = analysis.result
+        deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
+        rests_on = set(deciding.get(r.score if r.score in deciding else "1+", ()))
+        count = {c: int(np.sum(cats == c)) for c in CATEGORIES}
+        order = sorted(CATEGORIES, key=lambda c: (c not in rests_on, -INTENSITY.get(c, 0) if c in rests_on else -count[c],
+                                                  CATEGORIES.index(c)))
+        by_category = [(c, cats == c, 1 if c in rests_on else REGION_MIN_CELLS) for c in order]
+    stained = [("stained", cats != "none", 1)] * n if kind == "tumour cells" else []  # then more of what a call rests on
     taken = np.zeros((ny, nx), bool)  # windows overlapping a chosen one (start within one step of it)
     chosen: list[tuple[int, int, str]] = []
-    by_category = [(c, cats == c) for c in order] if kind == "tumour cells" else []  # non-tumour cells' categories are not counted
-    stained = [("stained", cats != "none")] * n if kind == "tumour cells" else []  # then more of what a call rests on
-    for label, sel in by_category + stained + [("", np.ones(len(cats), bool))] * n:
+    for label, sel, least in by_category + stained + [("", np.ones(len(cats), bool), 1)] * n:
         if len(chosen) >= n:
             break
         if not sel.any():
@@ -695,7 +709,7 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
                 ok = sel & (gx >= dx) & (gy >= dy)
                 grid += np.bincount((gy[ok] - dy) * nx + gx[ok] - dx, minlength=nx * ny).reshape(ny, nx)
         grid[taken] = 0
-        if grid.max() == 0:
+        if grid.max() < least:
             continue
         wy, wx = np.unravel_index(int(np.argmax(grid)), grid.shape)
         taken[max(0, wy - 1) : wy + 2, max(0, wx - 1) : wx + 2] = True

@@ -566,18 +566,28 @@ def test_a_slide_without_tumour_cells_still_shows_regions_at_cell_resolution(fie
     assert len(regions) == 2 and all(why.startswith("most cells (no tumour cells) (") for _, _, why in regions)  # by count alone
 
 
-def test_regions_strongest_category_first_without_overlap(field):
-    from her2score.guidelines import INTENSITY
-    from her2score.outputs import _regions
+def test_regions_show_what_the_call_rests_on_then_the_slides_bulk_without_overlap(field):
+    """Strongest-first windows spent a mosaic slide's six on categories of 1-3 cells and never showed its faint or
+    unstained tissue (a pathologist's review): the categories the call rests on come first, then the others, most
+    common first, where a window holds at least REGION_MIN_CELLS of them."""
+    from collections import Counter
+
+    from her2score.guidelines import deciding_categories
+    from her2score.outputs import REGION_MIN_CELLS, _regions
 
     f, slide, a = field
     window = 64.0
-    regions = _regions(a, 4, window)
-    assert 1 <= len(regions) <= 4
-    tum = a.cells["tumour"]
-    present = {c for c in a.cells["category"][tum]}
-    strongest = max(present, key=lambda c: INTENSITY.get(c, 0))
-    assert INTENSITY.get(regions[0][2].split("'")[1].replace(' ', '_'), 0) == INTENSITY[strongest]  # the category's words
+    regions = _regions(a, 6, window)
+    assert 1 <= len(regions) <= 6
+    named = [why.split("'")[1].replace(" ", "_") for _, _, why in regions if "'" in why]
+    rests_on = deciding_categories(a.result.counts, a.result.guideline)[a.result.score]
+    assert a.result.score == "2+" and named[0] in rests_on, (named, rests_on)
+    count = Counter(a.cells["category"][a.cells["tumour"]])
+    others = [c for c in named if c not in rests_on]
+    assert others == sorted(others, key=lambda c: -count[c])  # the slide's bulk, most common first
+    for (x, y, why) in regions:
+        if "'" in why and why.split("'")[1].replace(" ", "_") not in rests_on:
+            assert int(why.rsplit("(", 1)[1].rstrip(")")) >= REGION_MIN_CELLS, why
     for i, (x, y, _) in enumerate(regions):  # windows are disjoint
         for x2, y2, _ in regions[i + 1 :]:
             assert abs(x - x2) >= window or abs(y - y2) >= window
