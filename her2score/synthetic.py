@@ -460,7 +460,8 @@ def _build(rng, w: int, h: int, mpp: float, score: str, variant: str, gastric: b
 
     # Voronoi: nearest and second-nearest seed per pixel; distance to their bisector = edge distance
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    d, idx = tree.query(np.column_stack([xx.ravel(), yy.ravel()]), k=2)  # one thread: the command's --workers are processes, and scipy's query threads outlived a Ctrl-C (exit 139)
+    # one thread: the command's --workers are processes, and scipy's query threads outlived a Ctrl-C (exit 139)
+    d, idx = tree.query(np.column_stack([xx.ravel(), yy.ravel()]), k=2)
     lab = idx[:, 0].reshape(H, W)
     sep = np.linalg.norm(seeds[idx[:, 1]] - seeds[idx[:, 0]], axis=1)
     edge_um = ((d[:, 1] ** 2 - d[:, 0] ** 2) / (2 * sep) / um).astype(np.float32).reshape(H, W)

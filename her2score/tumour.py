@@ -93,8 +93,8 @@ class TumourSelection:
 def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRule = TumourRule(),
                         within: np.ndarray | None = None) -> TumourSelection:
     """Epithelial cells among ``m`` (positions in pixels of ``um_per_px`` µm); ``within``: per cell, whether it
-    lies in the tumour annotation (cells outside it are neither counted nor said to be left out; they still
-    count as neighbours of the cells inside it).
+    lies in the tumour annotation (cells outside it are not counted, left out as outside it and in no criterion's
+    count; they still count as neighbours of the cells inside it).
 
     A cell found by its membrane ring alone (no nucleus seen) is epithelial by construction: it
     sits in a network of stained membranes.
