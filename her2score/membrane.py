@@ -19,6 +19,7 @@ from .cells import _smoothed, disk, local_background, nuclear_rise
 __all__ = [
     "N_SECTORS", "CONTRAST_BINS", "membrane_contrast", "CellMeasurements", "measure_cells",
     "MembraneSummary", "summarise_membranes", "stained_by_neighbours", "noise_floor", "longest_circular_run", "sector_of",
+    "pack_bits",
 ]
 
 N_SECTORS = 24
@@ -484,7 +485,7 @@ def _in_runs(flags: np.ndarray, min_run: int) -> np.ndarray:
     return keep
 
 
-def _pack(flags: np.ndarray) -> np.ndarray:
+def pack_bits(flags: np.ndarray) -> np.ndarray:
     """Rows of (n, k <= 32) bool as uint32 bit masks (bit j = column j)."""
     b = np.packbits(flags, axis=1, bitorder="little")
     return np.pad(b, ((0, 0), (0, 4 - b.shape[1]))).view("<u4").ravel()
@@ -500,7 +501,7 @@ def _bridging(known: np.ndarray):
     the nucleus. Rows are handled as bit masks."""
     k = known.shape[1]
     full = np.uint32((1 << k) - 1)
-    have0 = _pack(known)
+    have0 = pack_bits(known)
 
     def rot(x: np.ndarray, step: int) -> np.ndarray:  # entry j takes entry j - step (circular)
         return ((x << np.uint32(1)) | (x >> np.uint32(k - 1))) & full if step > 0 else ((x >> np.uint32(1)) | (x << np.uint32(k - 1))) & full
@@ -516,7 +517,7 @@ def _bridging(known: np.ndarray):
         return out
 
     def bridge(flags: np.ndarray) -> np.ndarray:
-        f = _pack(flags)
+        f = pack_bits(flags)
         return _unpack(f | (~have0 & fill(f, 1) & fill(f, -1)), k)
     return bridge
 

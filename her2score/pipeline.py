@@ -30,7 +30,8 @@ from .guidelines import (COARSE_SCAN_MPP, FALSE_MEMBRANE_PERCENT, ISOLATED_INTEN
 from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
-from .membrane import FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, stained_by_neighbours, summarise_membranes
+from .membrane import (FILL_MPP, CellMeasurements, MembraneSummary, measure_cells, membrane_contrast, noise_floor, pack_bits,
+                       stained_by_neighbours, summarise_membranes)
 from .neighbours import groups, nearest_within, pairs_within
 from .outlines import Outlines, trace_outline_points
 from .region import Region, load_region
@@ -39,8 +40,8 @@ from .slide import DEFAULT_MPP_SOURCE, EXIF_TURNED, ArraySlide, Slide, SlideErro
 from .stain import (GLASS_MIN, GLASS_MIN_PIXELS, H_DAB, StainSet, brightest_level, deconvolve, estimate_background, estimate_stains,
                     optical_density)
 from .tissue import MIN_TISSUE_UM2, Tile, TissueMask, tile_grid, tissue_mask
-from .tumour import (COMPARTMENTS, LEFT_OUT, TumourRule, diffuse_cytoplasm_od, select_tumour_cells, stained_cytoplasm,
-                     staining_compartments, unstained_level, with_cytoplasm_doubt)
+from .tumour import (COMPARTMENTS, LEFT_OUT, TumourRule, TumourSelection, diffuse_cytoplasm_od, select_tumour_cells,
+                     stained_cytoplasm, staining_compartments, unstained_level, with_cytoplasm_doubt)
 from .workers import FORKS, checked_workers, die_with_parent, result_of, worker_pool
 
 __all__ = ["ScoringConfig", "SlideAnalysis", "WrongStainError", "NoTissueError", "NuclearStainError", "score_slide", "analyse_slide", "score_tile"]
@@ -648,18 +649,17 @@ def _refuse_dark_counterstain(path, nucleus: NucleusThresholds | None) -> None:
 @dataclass(frozen=True)
 class _CellsRead:
     """A slide's cells as read (_read_cells): their membranes, category and pattern codes (with ``borrowed``: the
-    cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour, why each other
-    was left out (``left_out``: tumour.TumourSelection's codes), and by what (``region_source``); the slide's staining figures (``staining``, as the result reports them) with its membrane
-    noise floor (``floor``) and the cytoplasm levels the doubts read (``blush``, ``filled``, ``rise``: log10 OD,
-    tumour.with_cytoplasm_doubt)."""
+    cells emptied as showing their neighbours' membrane) and DAB compartment codes; which are tumour and why each other
+    was left out (``selection``), and by what (``region_source``); the slide's staining figures (``staining``, as the
+    result reports them) with its membrane noise floor (``floor``) and the cytoplasm levels the doubts read
+    (``blush``, ``filled``, ``rise``: log10 OD, tumour.with_cytoplasm_doubt); the scan's µm/px (``scan_mpp``)."""
 
     mem: MembraneSummary
     category: np.ndarray
     pattern: np.ndarray
     borrowed: np.ndarray
     compartment: np.ndarray
-    tumour: np.ndarray
-    left_out: np.ndarray
+    selection: TumourSelection
     region_source: str
     staining: dict
     floor: float
@@ -667,6 +667,10 @@ class _CellsRead:
     filled: float | None
     rise: float | None
     scan_mpp: float
+
+    @property
+    def tumour(self) -> np.ndarray:
+        return self.selection.tumour
 
 
 def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, parts: list[TileResult]) -> _CellsRead:
@@ -690,7 +694,7 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
     # the guidelines count invasive tumour cells: lymphocytes and stroma within an annotation are left out too
     selection = select_tumour_cells(cells, um_per_px=scan.mpp, rule=config.tumour,
                                     within=None if scan.region is None else scan.region.contains(cells.x, cells.y))
-    tumour, left_out = selection.tumour, selection.left_out
+    tumour = selection.tumour
     region_source = selection.describe(None if scan.region is None else scan.region.source)
     # the stain's pattern is judged on the cells HER2 is scored on (lymphocytes' dark nuclei can read brown)
     staining = _stain_compartments(scan.path, config, compartment[tumour] if tumour.any() else compartment, floor, threshold)
@@ -704,8 +708,8 @@ def _read_cells(scan: _Scan, config: ScoringConfig, cells: CellMeasurements, par
                     diffuse_cytoplasm_od=None if blush is None else round(blush, 4),
                     stained_cytoplasm_od=None if filled is None else round(filled, 4),
                     membrane_contrast_od=None if rise is None else round(rise, 4))
-    return _CellsRead(mem, category, pattern, borrowed, compartment, tumour, left_out, region_source, staining, floor, blush,
-                      filled, rise, scan.mpp)
+    return _CellsRead(mem, category, pattern, borrowed, compartment, selection, region_source, staining, floor, blush, filled,
+                      rise, scan.mpp)
 
 
 @dataclass(frozen=True)
@@ -816,12 +820,11 @@ def _cell_table(cells: CellMeasurements, read: _CellsRead, parts: list[TileResul
         "category": np.array(CATEGORIES, dtype=object)[read.category],
         "pattern": np.array(PATTERNS, dtype=object)[read.pattern],
         "tumour": read.tumour,
-        "left_out_as": np.array((None, *LEFT_OUT), dtype=object)[read.left_out],
+        "left_out_as": np.array((None, *LEFT_OUT), dtype=object)[read.selection.left_out],
         "compartment": np.array(COMPARTMENTS, dtype=object)[read.compartment],
         "completeness": read.mem.completeness, "longest_arc": read.mem.longest_arc, "longest_gap": read.mem.longest_gap,
         "membrane_od": read.mem.membrane_od, "contrast_od": read.mem.contrast_od, "neighbours_membrane": read.borrowed,
-        "stained_sectors": (read.mem.arcs.astype(np.int32) << np.arange(read.mem.arcs.shape[1], dtype=np.int32)).sum(
-            axis=1, dtype=np.int32),
+        "stained_sectors": pack_bits(read.mem.arcs).astype(np.int32),  # bit k: sector k (24 of 32 bits)
         "cytoplasm_dab_od": cells.cytoplasm_dab_od, "nucleus_dab_od": nucleus(cells.nucleus_dab_od),
         "width_um": cells.width_um, "cell_area_um2": cells.cell_area_um2,
         "nucleus_area_um2": cells.nucleus_area_um2, "nucleus_elongation": nucleus(cells.nucleus_elongation),

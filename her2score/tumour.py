@@ -75,12 +75,19 @@ LEFT_OUT: tuple[str, ...] = ("lymphocyte-like", "spindle (stromal/endothelial)",
 
 @dataclass(frozen=True)
 class TumourSelection:
-    """The tumour mask over cells, how many cells each criterion left out (within the annotation, where one is
-    given), and per cell why it was left out (``left_out``: 0 counted, else 1 + its index in LEFT_OUT)."""
+    """Per cell why it was left out of the tumour (``left_out``: 0 counted, else 1 + its index in LEFT_OUT)."""
 
-    tumour: np.ndarray
-    excluded: dict[str, int]
     left_out: np.ndarray
+
+    @property
+    def tumour(self) -> np.ndarray:
+        """The tumour mask over cells."""
+        return self.left_out == 0
+
+    @property
+    def excluded(self) -> dict[str, int]:
+        """How many cells each criterion left out (within the annotation, where one is given)."""
+        return {why: int(np.sum(self.left_out == code)) for code, why in enumerate(LEFT_OUT[:-1], start=1)}
 
     def describe(self, region: str | None = None) -> str:
         """The cells counted and those left out, in words; ``region``: the tumour annotation's source, if any."""
@@ -122,8 +129,7 @@ def select_tumour_cells(m: CellMeasurements, *, um_per_px: float, rule: TumourRu
     for code, left in enumerate((lymph, spindle, small, isolated, in_matrix), start=1):  # each excludes the ones before
         left_out[left] = code
     left_out[~inside] = len(LEFT_OUT)  # outside the annotation: not counted whatever it looks like
-    excluded = {why: int(np.sum(left_out == code)) for code, why in enumerate(LEFT_OUT[:-1], start=1)}
-    return TumourSelection(left_out == 0, excluded, left_out)
+    return TumourSelection(left_out)
 
 
 COMPARTMENTS: tuple[str, ...] = ("none", "membrane", "cytoplasm", "nucleus")
