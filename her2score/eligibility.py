@@ -46,6 +46,7 @@ from typing import Any
 
 from her2score.categories import CATEGORIES
 from her2score.guidelines import (
+    DOUBT_SIDES,
     FALSE_MEMBRANE_PERCENT,
     GUIDELINE_FAMILY,
     GUIDELINES,
@@ -373,6 +374,13 @@ def _other_answer(result: SlideResult, rule: Rule, ish: str | None, status: str,
     return None if other == status else other.replace("_", " ")
 
 
+def _doubt_at(result: SlideResult, rule: Rule, ish: str | None, status: str, score: str, level: str, why: str) -> str | None:
+    """``why``, and the answer the slide would have at ``score`` / ``level`` where it differs from ``status``; None
+    where it does not (the doubt changes nothing)."""
+    other = _other_answer(result, rule, ish, status, score, level)
+    return None if other is None else f"{why}: at {level} the answer would be {other}"
+
+
 def _isolated_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
     """Why the slide needs review when its isolated intense cells, counted as a population, would
     change the answer; None when they would not (or the slide has none)."""
@@ -405,9 +413,9 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     named_by = _levels_guideline(result)
     for other_score, pct in sides:
         level = report_level(other_score, named_by, result.counts, across_cutoff=True)
-        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return (f"{percent_text(pct)} of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be "
-                    f"sure of its side: at {level} the answer would be {other}")
+        why = f"{percent_text(pct)} of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be sure of its side"
+        if (doubt := _doubt_at(result, rule, ish, status, other_score, level, why)) is not None:
+            return doubt
     edges = [(cluster_words(cluster_level, size), other_score,
               report_level(other_score, named_by, result.counts, across_cutoff=True))
              for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
@@ -417,8 +425,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
               for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
                                                        isolated_intense_percent=floor)]
     for words, other_score, level in edges:
-        if (other := _other_answer(result, rule, ish, status, other_score, level)) is not None:
-            return f"{words}: at {level} the answer would be {other}"
+        if (doubt := _doubt_at(result, rule, ish, status, other_score, level, words)) is not None:
+            return doubt
     return None
 
 
@@ -497,11 +505,8 @@ def _null_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -
     percent = result.config.get("false_membrane_percent", FALSE_MEMBRANE_PERCENT)  # the slide's own, as its flag weighed it
     if (pct := null_or_ultralow(result.counts, result.level, percent=percent, confidence=NEAR_CUTOFF_CONFIDENCE)) is None:
         return None
-    if (other := _other_answer(result, rule, ish, status, "0", "0 (null)")) is None:
-        return None
-    return (f"{percent_text(pct, percent)} of tumour cells "
-            "stained, no more than real unstained membranes read: "
-            f"at 0 (null) the answer would be {other}")
+    return _doubt_at(result, rule, ish, status, "0", "0 (null)",
+                     f"{percent_text(pct, percent)} of tumour cells stained, no more than real unstained membranes read")
 
 
 def _coarse_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -509,10 +514,9 @@ def _coarse_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str)
     which flags coarse_scan_zero) and 1+ would change the answer; None otherwise."""
     if not coarse_scan_zero(result.level, result.mpp):
         return None
-    if (other := _other_answer(result, rule, ish, status, "1+", "1+")) is None:
-        return None
-    return (f"scanned at {result.mpp:.3g} µm/px, too coarse for faint membranes, which read weaker and fewer there: "
-            f"at 1+ the answer would be {other}")
+    side = DOUBT_SIDES["coarse_scan_zero"]
+    return _doubt_at(result, rule, ish, status, side, side, f"scanned at {result.mpp:.3g} µm/px, too coarse for faint "
+                                                            "membranes, which read weaker and fewer there")
 
 
 def _incomplete_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
@@ -521,10 +525,10 @@ def _incomplete_doubt(result: SlideResult, rule: Rule, ish: str | None, status: 
     moderate_incomplete, read from the counts), and 2+ would change the answer; None otherwise."""
     if (pct := moderate_incomplete(result.counts, result.level, result.guideline)) is None:
         return None
-    if (other := _other_answer(result, rule, ish, status, "2+", "2+")) is None:
-        return None
-    return (f"{percent_text(pct)} of tumour cells show incomplete membranes stronger than faint, which ASCO/CAP's "
-            f"2018 note calls equivocal where moderate (weak and moderate are one band here): at 2+ the answer would be {other}")
+    side = DOUBT_SIDES["moderate_incomplete"]
+    return _doubt_at(result, rule, ish, status, side, side, f"{percent_text(pct)} of tumour cells show incomplete membranes "
+                     "stronger than faint, which ASCO/CAP's 2018 note calls equivocal where moderate (weak and moderate are "
+                     "one band here)")
 
 
 def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:

@@ -23,7 +23,7 @@ from statistics import NormalDist
 from typing import Any
 
 from her2score.categories import CATEGORIES
-from her2score.results import REPORT_LEVELS, SCORES
+from her2score.results import REPORT_LEVELS, SCORES, ZERO_LEVELS
 
 __all__ = [
     "GUIDELINES",
@@ -564,6 +564,10 @@ def with_null_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: st
                                           "unstained membranes read: it could be 0 (null)")
 
 
+DOUBT_SIDES: dict[str, str] = {"moderate_incomplete": "2+", "coarse_scan_zero": "1+"}
+"""The score a call carrying each of these doubts of its cells could be (with_incomplete_doubt, with_coarse_doubt): the
+side eligibility weighs, and one the CNN may tip the call to."""
+
 COARSE_SCAN_MPP: float = 0.55
 """µm/px coarser than which faint membranes are read weaker and fewer: the two 1+ sample fields, 22% and 15% stained
 at their 0.5 µm/px, read 16% and 11% brought to 0.6 µm/px, 12% and 9% at 0.75, 6% and 5% at 1 (a 0 or ultralow
@@ -573,7 +577,7 @@ call at such a scan could be 1+: coarse_scan_zero), and the real colon's intense
 def coarse_scan_zero(level: str, scan_mpp: float | None) -> bool:
     """Whether a 0 call (null, ultralow or plain) rests on a scan coarser than COARSE_SCAN_MPP, where faint
     membranes are under-read: it could be 1+."""
-    return scan_mpp is not None and scan_mpp > COARSE_SCAN_MPP and level in ("0 (null)", "0+ (ultralow)", "0")
+    return scan_mpp is not None and scan_mpp > COARSE_SCAN_MPP and level in ("0", *ZERO_LEVELS)
 
 
 def with_coarse_doubt(flags: tuple[str, ...], level: str, scan_mpp: float | None) -> tuple[tuple[str, ...], str]:

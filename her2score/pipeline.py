@@ -22,7 +22,7 @@ from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds, grow_cells, measure_nucleus_thresholds,
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import (COARSE_SCAN_MPP, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
+from .guidelines import (COARSE_SCAN_MPP, DOUBT_SIDES, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
                          near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_coarse_doubt, with_incomplete_doubt,
@@ -725,7 +725,7 @@ class _Call:
     near_sides: tuple = ()
     open_to: tuple[str, ...] = ()
     """The other scores the cells measured leave possible (a share near a cut-off, a cluster of ~5, intense cells at
-    the isolated floor, a 1+ over incomplete membranes stronger than faint): those the CNN may tip the call to."""
+    the isolated floor, guidelines.DOUBT_SIDES): those the CNN may tip the call to."""
 
 
 def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
@@ -751,8 +751,8 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent,
                                     scan_mpp=read.scan_mpp)
-    open_to = ([side for side, _ in near_sides] + [other for _, other, _ in edges] + ["2+"] * ("moderate_incomplete" in flags)
-               + ["1+"] * ("coarse_scan_zero" in flags))
+    open_to = ([side for side, _ in near_sides] + [other for _, other, _ in edges]
+               + [DOUBT_SIDES[flag] for flag in flags if flag in DOUBT_SIDES])
     return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)))
 
 

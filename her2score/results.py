@@ -38,8 +38,8 @@ class CnnReport:
 
 DOUBT_FLAGS = frozenset({"near_cutoff", "null_or_ultralow", "moderate_incomplete", "coarse_scan_zero", "cytoplasmic_dab",
                          "isolated_intense_cells"})
-"""Flags that doubt the call itself (a share near a cut-off, staining false membranes could give, cytoplasm read
-as membrane, isolated intense cells): a result carrying one is needs_review in qc_status, as a weak-counterstain
+"""Flags that doubt the call itself (a share near a cut-off, staining false membranes could give, a 1+ over moderate
+incomplete membranes, a 0 on a scan too coarse for faint membranes, cytoplasm read as membrane, isolated intense cells): a result carrying one is needs_review in qc_status, as a weak-counterstain
 field read 0+ on 7.7% with near_cutoff showed "passed" in summary.csv while eligibility asked for review."""
 
 
