@@ -596,11 +596,16 @@ def _heatmap(analysis: SlideAnalysis, which: np.ndarray, bin_um: float) -> tuple
 def _counted_for(analysis: SlideAnalysis) -> dict[str, np.ndarray]:
     """Per score ("3+", "2+", "1+"), the cells (bool) in the categories its 10% cut-off is read on under the
     slide's guideline (guidelines.deciding_categories); none where no tumour cell was counted."""
-    r, category = analysis.result, analysis.cells["category"]
-    if not sum(r.counts.values()):  # no tumour cell counted: nothing to map
+    category = analysis.cells["category"]
+    if not sum(analysis.result.counts.values()):  # no tumour cell counted: nothing to map
         return {score: np.zeros(len(category), bool) for score in ("3+", "2+", "1+")}
-    deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
-    return {score: np.isin(category, cats) for score, cats in deciding.items()}
+    return {score: np.isin(category, cats) for score, cats in _deciding(analysis).items()}
+
+
+def _deciding(analysis: SlideAnalysis) -> dict[str, tuple[str, ...]]:
+    """guidelines.deciding_categories of the slide's counts under its guideline and gastric reading."""
+    r = analysis.result
+    return deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
 
 
 def _grey_panel(thumbnail: np.ndarray, f: float) -> np.ndarray:
@@ -688,9 +693,8 @@ def _regions(analysis: SlideAnalysis, n: int, window_level0: float) -> list[tupl
     cats = t["category"][tum]
     by_category: list[tuple[str, np.ndarray, int]] = []
     if kind == "tumour cells":  # non-tumour cells' categories are not counted
-        r = analysis.result
-        deciding = deciding_categories(r.counts, r.guideline, gastric_reading=r.config.get("gastric_reading", "cumulative"))
-        rests_on = set(deciding.get(r.score if r.score in deciding else "1+", ()))
+        deciding, score = _deciding(analysis), analysis.result.score
+        rests_on = set(deciding[score if score in deciding else "1+"])
         count = {c: int(np.sum(cats == c)) for c in CATEGORIES}
         order = sorted(CATEGORIES, key=lambda c: (c not in rests_on, -INTENSITY.get(c, 0) if c in rests_on else -count[c],
                                                   CATEGORIES.index(c)))
