@@ -48,6 +48,8 @@ ONE = dict(none=150, faint_partial=50)
 TWO = dict(none=140, weak_moderate_complete=60)
 THREE = dict(none=100, strong_complete=100)
 ZERO = dict(none=200)
+THREE_ONLY = Rule(name="3+ only", version="1.0", guideline="breast", eligible_levels=("3+",))
+"""A breast rule that reads 3+ alone and no ISH (the shipped tumour-agnostic one expects gastric scoring)."""
 
 
 def test_available_rules():
@@ -69,7 +71,7 @@ def test_one_minimum_tumour_cell_count_for_qc_and_rules():
         Rule(name="x", version="1", eligible_levels=("3+",), min_tumour_cells=50)
     stricter = Rule(name="x", version="1", eligible_levels=("3+",), min_tumour_cells=300)
     assert check_eligibility(make_result(none=99, strong_complete=200), stricter).status == "needs_review"
-    assert check_eligibility(make_result(none=100, strong_complete=200), "t-dxd-tumour-agnostic").status == "eligible"
+    assert check_eligibility(make_result("gastric", none=100, strong_complete=200), "t-dxd-tumour-agnostic").status == "eligible"
 
 
 @pytest.mark.parametrize(
@@ -94,15 +96,15 @@ def test_one_minimum_tumour_cell_count_for_qc_and_rules():
         ("her2-ultralow-breast", TWO, "negative", "eligible"),
         ("her2-ultralow-breast", NULL, None, "not_eligible"),
         ("her2-ultralow-breast", THREE, None, "not_eligible"),
-        ("t-dxd-tumour-agnostic", THREE, None, "eligible"),
-        ("t-dxd-tumour-agnostic", TWO, None, "not_eligible"),  # no ISH can change it
-        ("t-dxd-tumour-agnostic", TWO, "positive", "not_eligible"),
+        (THREE_ONLY, THREE, None, "eligible"),
+        (THREE_ONLY, TWO, None, "not_eligible"),  # no ISH can change it
+        (THREE_ONLY, TWO, "positive", "not_eligible"),
     ],
 )
 def test_breast_rules(rule, counts, ish, status):
     decision = check_eligibility(make_result(**counts), rule, ish=ish)
     assert decision.status == status, decision.reasons
-    assert decision.rule == rule and decision.rule_version == "1.0"
+    assert decision.rule == getattr(rule, "name", rule) and decision.rule_version == "1.0"
 
 
 @pytest.mark.parametrize(
@@ -266,6 +268,11 @@ def test_guideline_mismatch():
         assert check_eligibility(make_result("breast-asco-cap-2018", **counts), "her2-ultralow-breast").status == status
     anywhere = check_eligibility(make_result("gastric", **THREE), "t-dxd-tumour-agnostic")
     assert anywhere.status == "eligible"
+    # DESTINY-PanTumor02 scored every site by the gastric criteria, under which strong lateral staining is 3+ and
+    # breast's is an unusual 2+: a breast scoring is no answer for a tumour-agnostic indication
+    for counts in (THREE, dict(none=100, strong_lateral=100)):
+        breast = check_eligibility(make_result(**counts), "t-dxd-tumour-agnostic")
+        assert breast.status == "needs_review" and "expects gastric scoring" in breast.reasons[0], breast.reasons
 
 
 def test_rule_object_and_bad_ish():
@@ -548,7 +555,7 @@ ISOLATED_ONE = dict(none=8_409, strong_complete=3, faint_partial=2_000)
     ("counts", "rule", "ish", "status"),
     [
         (ISOLATED_NULL, "her2-ultralow-breast", None, "needs_review"),  # null, but 2+ (awaiting ISH) if counted
-        (ISOLATED_NULL, "t-dxd-tumour-agnostic", None, "not_eligible"),  # 0 or 2+: not eligible either way
+        (ISOLATED_NULL, THREE_ONLY, None, "not_eligible"),  # 0 or 2+: not eligible either way
         (ISOLATED_ONE, "her2-low-breast", None, "needs_review"),  # 1+ eligible; 2+ awaits ISH
         (ISOLATED_ONE, "her2-low-breast", "negative", "eligible"),  # 1+, or 2+ with ISH negative: eligible
         (ISOLATED_ONE, "her2-positive-breast", None, "needs_review"),
@@ -664,7 +671,7 @@ def test_ultralow_that_false_membranes_could_give_needs_review_only_where_null_c
     doubt = check_eligibility(flagged, "her2-ultralow-breast")  # ultralow is eligible, null is not
     assert doubt.status == "needs_review", doubt.reasons
     assert any("6.0% of tumour cells stained" in x and "at 0 (null) the answer would be not eligible" in x for x in doubt.reasons)
-    for rule in ("her2-low-breast", "her2-positive-breast", "t-dxd-tumour-agnostic"):  # null and ultralow alike: no doubt
+    for rule in ("her2-low-breast", "her2-positive-breast", THREE_ONLY):  # null and ultralow alike: no doubt
         d = check_eligibility(flagged, rule)  # (HER2-low's review asks of 1+, the other side of the 10% cut-off 6% is near)
         assert not any("at 0 (null) the answer" in x for x in d.reasons), d.reasons
         assert d.status == ("needs_review" if rule == "her2-low-breast" else "not_eligible")
@@ -749,7 +756,7 @@ def test_intense_cells_just_over_the_isolated_floor_need_review_where_isolated_w
     assert d.status == "needs_review"
     assert d.reasons[0] == ("its 5 intense complete cells (1.2% of 400) lie just over the 1% / 5-cell floor below which "
                             "they would be isolated cells: at 0+ (ultralow) the answer would be not eligible")
-    assert check_eligibility(result, "t-dxd-tumour-agnostic").status == "not_eligible"  # 0 or 2+: not 3+ either way
+    assert check_eligibility(result, THREE_ONLY).status == "not_eligible"  # 0 or 2+: not 3+ either way
 
 
 def test_a_2018_call_near_a_cut_off_names_the_other_side_as_2023_would():

@@ -14,7 +14,7 @@ from her2score import __version__
 from her2score.categories import CATEGORIES
 from her2score.cli import main
 from her2score.cnn import TileClassifier, WeightsRecord
-from her2score.eligibility import Requirement, Rule, check_eligibility, load_rule
+from her2score.eligibility import Requirement, Rule, available_rules, check_eligibility, load_rule
 from her2score.evaluate import (
     _result_folders,
     accuracy,
@@ -38,6 +38,8 @@ from her2score.synthetic import write_dataset
 LABELS = ["0", "0", "1+", "1+", "2+", "2+", "3+", "3+"]
 CLASSICAL = ["0", "1+", "1+", "1+", "2+", "3+", "3+", "3+"]
 CNN = ["0", "0", "1+", "0", "2+", "2+", "3+", "2+"]
+THREE_ONLY = Rule(name="3+ only", version="1", guideline="breast", eligible_levels=("3+",))
+"""A breast rule that reads 3+ alone and no ISH."""
 FUSED = ["0", "0", "1+", "1+", "2+", "2+", "3+", "3+"]
 
 
@@ -268,7 +270,7 @@ class ResultsModel(TileClassifier):
 def test_evaluate_known_answers(known):
     labels, prev, out = known
     reader = ResultsModel()
-    m = evaluate(labels, out, reuse=prev, model=reader, bootstrap=200, seed=0)
+    m = evaluate(labels, out, reuse=prev, model=reader, bootstrap=200, seed=0, rules=[*available_rules(), THREE_ONLY])
     assert m["n"] == 8 and m["errors"] == 0 and set(m["methods"]) == {"classical", "cnn", "fused"}
     assert m["model"] == "test-model"
     classical_only = evaluate(labels, out.with_name("classical"), reuse=prev, use_cnn=False, bootstrap=0)
@@ -285,8 +287,8 @@ def test_evaluate_known_answers(known):
         lo, hi = mm["quadratic_weighted_kappa_ci95"]
         assert lo <= mm["quadratic_weighted_kappa"] <= hi
 
-    # t-dxd (3+ only): truth eligible = images 6, 7; classical calls 3+ on 5, 6, 7
-    e = cl["eligibility"]["t-dxd-tumour-agnostic"]
+    # 3+ only: truth eligible = images 6, 7; classical calls 3+ on 5, 6, 7
+    e = cl["eligibility"]["3+ only"]
     assert e["n"] == 8 and e["sensitivity"] == 1.0 and e["specificity"] == pytest.approx(5 / 6)
     # her2-low: 2+ images undetermined without ISH; image 1 (0 called 1+) is the false positive
     e = cl["eligibility"]["her2-low-breast"]
@@ -298,8 +300,9 @@ def test_evaluate_known_answers(known):
     assert e["sensitivity"] == pytest.approx(2 / 3) and e["needs_review_rate"] == pytest.approx(1 / 7)
     # the fused method carries the CNN, so classical/CNN disagreement gives needs_review where it changes the answer:
     # of the 4 disagreements, the two between 2+ and 3+ (0 against 1+ is not eligible either way)
-    assert fu["eligibility"]["t-dxd-tumour-agnostic"]["needs_review_rate"] == pytest.approx(2 / 8)
-    assert "skipped" in cl["eligibility"]["gastric-toga"]
+    assert fu["eligibility"]["3+ only"]["needs_review_rate"] == pytest.approx(2 / 8)
+    for rule in ("gastric-toga", "t-dxd-tumour-agnostic"):  # gastric scoring expected
+        assert cl["eligibility"][rule] == {"skipped": "the rule expects gastric scoring; evaluated under breast-asco-cap-2023"}
     # a rule written for the other breast version is evaluated, as check_eligibility answers it
     old = Rule(name="low-2018", version="1", guideline="breast-asco-cap-2018", eligible_levels=("1+",))
     m18 = evaluate(labels, out.with_name("r18"), reuse=prev, use_cnn=False, bootstrap=0, rules=[old])
@@ -410,11 +413,11 @@ def test_a_rule_error_shows_in_the_eligibility_figures(five, monkeypatch):
     from her2score.eligibility import Decision
 
     labels, prev, out = five
-    good = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=["t-dxd-tumour-agnostic"])
-    assert good["methods"]["classical"]["eligibility"]["t-dxd-tumour-agnostic"]["specificity"] == 1.0
+    good = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=[THREE_ONLY])
+    assert good["methods"]["classical"]["eligibility"]["3+ only"]["specificity"] == 1.0
     monkeypatch.setattr(eligibility, "check_eligibility", lambda r, rule, ish=None: Decision("eligible", "x", "1", ()))
-    bad = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=["t-dxd-tumour-agnostic"])
-    assert bad["methods"]["classical"]["eligibility"]["t-dxd-tumour-agnostic"]["specificity"] == 0.0
+    bad = evaluate(labels, out, reuse=prev, use_cnn=False, bootstrap=0, rules=[THREE_ONLY])
+    assert bad["methods"]["classical"]["eligibility"]["3+ only"]["specificity"] == 0.0
 
 
 def test_true_counts_from_columns_and_bad_labels_name_the_line(tmp_path):

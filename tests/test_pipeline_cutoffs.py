@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from her2score.cnn import CLASSES, TileClassifier, WeightsRecord
-from her2score.eligibility import check_eligibility
+from her2score.eligibility import Rule, check_eligibility
 from her2score.guidelines import percent_text
 from her2score.pipeline import ScoringConfig, score_slide
 from her2score.slide import ArraySlide
@@ -252,7 +252,8 @@ def test_isolated_intense_cells_end_to_end():
     literal = _score(f, config=ScoringConfig(isolated_intense_percent=0.0))
     assert literal.score == "2+" and "unusual_pattern" in literal.flags, literal.reason
     assert check_eligibility(r, "her2-ultralow-breast").status == "needs_review"  # 2+ would await ISH
-    assert check_eligibility(r, "t-dxd-tumour-agnostic").status == "not_eligible"  # not 3+ either way
+    three_only = Rule(name="3+ only", version="1", guideline="breast", eligible_levels=("3+",))
+    assert check_eligibility(r, three_only).status == "not_eligible"  # not 3+ either way
     # fused to 1+ by the CNN, the call keeps the cells' flag and words, and trastuzumab still asks for review: as the
     # pattern they would make it 2+, where ISH decides (the fused call dropped both, and the answer was not eligible)
     fused = _score(f, cnn=ConstantClassifier("1+"), config=ScoringConfig(false_membrane_percent=0.0, near_cutoff_points=100.0))
