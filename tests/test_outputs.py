@@ -195,7 +195,10 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
     feats = geo["features"]
     assert len(feats) == len(a.cells["x"]) > 100
     w, h = slide.dimensions
-    for i, (feat, cat, tum, given) in enumerate(zip(feats, a.cells["category"], a.cells["tumour"], a.cells["neighbours_membrane"])):
+    whys = a.cells["left_out_as"]
+    assert {"lymphocyte-like", None} <= set(whys)
+    for i, (feat, cat, tum, given, why) in enumerate(zip(feats, a.cells["category"], a.cells["tumour"],
+                                                         a.cells["neighbours_membrane"], whys)):
         g = shape(feat["geometry"])
         assert feat["geometry"]["type"] == "Polygon" and g.is_valid and not g.is_empty
         assert feat["geometry"]["coordinates"][0][0] == feat["geometry"]["coordinates"][0][-1]  # closed
@@ -205,6 +208,7 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] == cat and cat in CATEGORIES  # the category only
         assert props["tumour"] is bool(tum) and props["measurements"]["tumour"] == int(tum)
+        assert props["left_out_as"] == why and (why is None) == bool(tum)  # why a cell is not a tumour cell
         assert props["measurements"]["cell_id"] == i  # the row of cells.parquet (cell_id) it is
         assert {"completeness", "membrane_od", "width_um", "cell_area_um2"} <= set(props["measurements"])
         assert props["measurements"]["neighbours_membrane"] == int(given) and (cat == "none" or not given)
