@@ -101,7 +101,9 @@ misread cell is not a 1.7% population); 5 is the smallest cohesive group the gas
 GASTRIC_READINGS: tuple[str, ...] = ("cumulative", "per_band")
 """How gastric percentages are read: "cumulative" (default) counts a cell at its level and every
 weaker one, since a strong membrane also shows weak-to-moderate and faint staining; "per_band" counts
-each cell at its own level only. 5% strong + 5% weak-to-moderate: 2+ cumulatively, 0 per band."""
+each cell at its own level only for 3+ and 2+. Hofmann's 0 is membranous reactivity in <10% of tumour cells,
+so under either reading reactivity of any kind in >=10% is at least 1+. 5% strong + 5% weak-to-moderate: 2+
+cumulatively, 1+ per band (0 until 0.5.4, which Hofmann's 0 does not allow)."""
 
 INTENSITY: dict[str, int] = {
     "none": 0,
@@ -155,9 +157,9 @@ _CELL_WORDS = {
 class GuidelineCall:
     """A guideline score with the report level, flags, the deciding reason and the percentages behind it.
 
-    ``percentages``: % of tumour cells at ``STAINING_LEVEL`` >= 3 ("3+"), >= 2 ("2+") and >= 1
-    ("1+" and "any", equal since every stained category has level >= 1), complete and lateral
-    patterns together; cumulative whatever the gastric reading.
+    ``percentages``: % of tumour cells stained at "3+", "2+" and "1+" or higher as the guideline's family reads
+    one cell (STAINED_AT_LEAST; "any" = "1+"): breast's 3+ intense complete, its 2+ every cell of a 2+ kind;
+    gastric's by ``STAINING_LEVEL``, cumulative whatever the gastric reading.
     """
 
     score: str
@@ -236,20 +238,21 @@ def _isolated(strong: int, total: int, isolated_percent: float) -> bool:
                                                     or (isolated_percent > 0 and strong < ISOLATED_INTENSE_MIN_CELLS))
 
 
-_BREAST_2PLUS_GROUPS = (("weak_moderate_complete", "strong_complete"),
-                        ("weak_moderate_lateral", "strong_lateral", "strong_partial", "strong_complete"))
-"""The two populations either of which makes a breast 2+ over 10%: complete membranes of any intensity,
-and the unusual pattern's: lateral/basolateral membranes of weak-to-moderate or intense staining and
-intense ones, complete or not (an intense complete membrane is intense too)."""
+_BREAST_2PLUS = ("weak_moderate_complete", "strong_complete", "weak_moderate_lateral", "strong_lateral", "strong_partial")
+"""The cells whose share over 10% makes a breast 2+: complete membranes of any intensity (2+'s definition) and the
+unusual pattern's, lateral/basolateral membranes of weak-to-moderate or intense staining and intense incomplete
+ones, counted together: each cell shows staining of a 2+ kind, and the guideline's 2018 note calls a pattern its
+definitions do not cover equivocal (6% weak-to-moderate complete with 6% intense lateral cells read 1+ when the two
+were weighed apart, until 0.5.4)."""
 
 STAINED_AT_LEAST: dict[str, dict[str, tuple[str, ...]]] = {
-    "breast": {"3+": ("strong_complete",), "2+": tuple(dict.fromkeys(_BREAST_2PLUS_GROUPS[0] + _BREAST_2PLUS_GROUPS[1])),
+    "breast": {"3+": ("strong_complete",), "2+": _BREAST_2PLUS,
                "1+": tuple(cat for cat in CATEGORIES if cat != "none")},
     "gastric": {f"{k}+": tuple(cat for cat in CATEGORIES if STAINING_LEVEL[cat] >= k) for k in (3, 2, 1)},
 }
 """Per guideline family, the categories of a tumour cell stained at each level or higher as that family's rules read
 one cell (an eligibility rule's ``[[require]]`` shares). Breast: 3+ intense complete only (an intense lateral or
-incomplete membrane is the unusual 2+ pattern); 2+ either 2+ population (_BREAST_2PLUS_GROUPS); 1+ any staining.
+incomplete membrane is the unusual 2+ pattern); 2+ either 2+ kind (_BREAST_2PLUS); 1+ any staining.
 Gastric: STAINING_LEVEL, complete and lateral (U) membranes at their intensity."""
 
 
@@ -266,7 +269,7 @@ def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
 
 def deciding_categories(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the cell categories whose share past the 10% cut-off gives it under
-    ``guideline`` (those deciding_cells counts; breast's 2+ group the larger of complete and the unusual pattern's on ``counts``)."""
+    ``guideline`` (those deciding_cells counts)."""
     return _deciding_categories(_validated(counts), guideline, gastric_reading)
 
 
@@ -274,17 +277,15 @@ def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: 
     """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
     _known(guideline, gastric_reading)
     if GUIDELINE_FAMILY[guideline] == "breast":
-        stained = tuple(cat for cat in CATEGORIES if cat != "none")
-        larger = max(_BREAST_2PLUS_GROUPS, key=lambda cats: sum(c[cat] for cat in cats))
-        return {"3+": ("strong_complete",), "2+": larger, "1+": stained}
-    match = (lambda lv, k: lv == k) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
+        return {"3+": ("strong_complete",), "2+": _BREAST_2PLUS, "1+": STAINED_AT_LEAST["breast"]["1+"]}
+    match = (lambda lv, k: lv == k or k == 1 <= lv) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
     return {f"{k}+": tuple(cat for cat in CATEGORIES if match(STAINING_LEVEL[cat], k)) for k in (3, 2, 1)}
 
 
 def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
     """Per score ("3+", "2+", "1+"), the tumour cells whose share past the 10% cut-off gives it under
-    ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ the larger of
-    complete (any intensity) and the unusual pattern (lateral/basolateral, or intense incomplete); 1+ any membrane staining;
+    ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ complete (any intensity),
+    lateral/basolateral and intense incomplete membranes together (_BREAST_2PLUS); 1+ any membrane staining;
     isolated intense cells count in both as the stained complete cells they are. Gastric:
     cumulative_counts, or each band alone under the per_band reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
@@ -403,10 +404,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         band = max(points, false_membrane_percent) if score == "1+" else points
         if pct < 10.0 + band or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            if score == "2+" and GUIDELINE_FAMILY[guideline] == "breast":  # each population over 10% holds it
-                groups = [g for g in _BREAST_2PLUS_GROUPS if 10 * sum(c[cat] for cat in g) > total]
-            else:
-                groups = [_deciding_categories(c, guideline, gastric_reading)[score]]
+            groups = [_deciding_categories(c, guideline, gastric_reading)[score]]
             sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]
@@ -730,7 +728,7 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     staining in >10%, is an equivocal 2+: lateral/basolateral membranes of weak-to-moderate intensity
     (weak and moderate are one band here, and the guideline calls a pattern its definitions do not
     cover equivocal) or intense ones, and intense incomplete non-lateral ones, counted with any
-    intense complete ones in <=10% (an intense membrane, complete or not). Below
+    complete ones in <=10% (every cell of a 2+ kind, _BREAST_2PLUS). Below
     1+, any membrane staining in >0% and <=10% is "0+ (ultralow)" ("IHC >0 <1+", DESTINY-Breast06): a
     stronger membrane also shows the faint level, so weak-to-moderate complete staining in <=10% is
     ultralow too; the reason names the cells. A 1+ over weak-to-moderate incomplete cells in >10% stays 1+
@@ -738,7 +736,6 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
     """
     total = sum(c.values())
     strong, complete = c["strong_complete"], c["weak_moderate_complete"] + c["strong_complete"]
-    intense = c["strong_lateral"] + c["strong_partial"] + strong
     lateral = c["weak_moderate_lateral"]
 
     def over(n: int) -> bool:
@@ -750,13 +747,14 @@ def _breast_rules(c: dict[str, int], guideline: str, isolated: bool = False) -> 
         kinds = {"weak_moderate_complete": c["weak_moderate_complete"], "strong_complete": strong}
         return "2+", "2+", ("ish_reflex",), _staining_words(kinds, total, ">10%", "complete membrane staining") + "; reflex ISH required"
     unusual = ("ish_reflex", "unusual_pattern")
-    if over(intense + lateral):  # intense complete cells in <=10% only, the rest incomplete
-        kinds = {"weak_moderate_lateral": lateral, "strong_lateral": c["strong_lateral"], "strong_partial": c["strong_partial"],
-                 "strong_complete": strong}
+    if over(sum(c[cat] for cat in _BREAST_2PLUS)):  # complete cells in <=10%, with lateral or intense incomplete ones
+        kinds = {cat: c[cat] for cat in _BREAST_2PLUS}
         what = "intense membrane staining (incomplete, or complete in <=10%)" if strong else "intense but incomplete membrane staining"
         if lateral:
             what = ("lateral/basolateral or intense membrane staining (incomplete, or complete in <=10%)" if strong
                     else "incomplete membrane staining, lateral/basolateral or intense,")
+        if c["weak_moderate_complete"]:
+            what = "membrane staining complete in <=10%, or incomplete and lateral/basolateral or intense,"
         reason = _staining_words(kinds, total, ">10%", what)
         moderate = ("; ASCO/CAP's unusual 'moderate to intense but incomplete (basolateral or lateral)' pattern (weak "
                     "and moderate are not told apart)") if lateral else ""
@@ -786,7 +784,7 @@ _GASTRIC_WORDS = {
     "per_band": {
         "3+": "strong complete or lateral/basolateral membrane staining",
         "2+": "weak-to-moderate complete or lateral/basolateral membrane staining (this band alone)",
-        "1+": "faint/barely perceptible or partial membrane staining (this band alone)",
+        "1+": "membrane staining of any kind (no stronger band alone reaching 10%)",
     },
 }
 
@@ -817,11 +815,7 @@ def _gastric(
                 f"{_pct(cum[score], total, '<10%' if 10 * cum[score] < total else '>=10% across bands')} overall{suffix}"
             )
             return score, score, flags, reason
-    if reading == "per_band":
-        bands = ", ".join(f"{k} {percent_text(100 * share[k] / total)}" for k in ("3+", "2+", "1+"))
-        reason = f"no staining band reaches 10% of {total:,} tumour cells (per-band reading: {bands})"
-    else:
-        reason = f"membrane staining in {_pct(cum['1+'], total, '<10%')}"
+    reason = f"membrane staining in {_pct(cum['1+'], total, '<10%')}"
     if specimen == "biopsy":
         reason += f" and no stained cohesive cluster of >= {_MIN_CLUSTER_CELLS} tumour cells"
     return "0", "0", (), reason
@@ -893,8 +887,8 @@ def apply_guideline(
         score, level, flags, reason = _breast(c, guideline, isolated_intense_percent)
     else:
         score, level, flags, reason = _gastric(c, specimen, clusters, gastric_reading)
-    cum = cumulative_counts(c)
-    percentages = {k: 100 * cum[k] / cum["total"] for k in _CUMULATIVE_KEYS}
+    stained = {k: sum(c[cat] for cat in cats) for k, cats in STAINED_AT_LEAST[GUIDELINE_FAMILY[guideline]].items()}
+    percentages = {k: 100 * stained["1+" if k == "any" else k] / sum(c.values()) for k in _CUMULATIVE_KEYS}
     return GuidelineCall(score, level, flags, guideline, specimen, reason, h_score(c), percentages)
 
 

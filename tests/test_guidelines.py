@@ -325,8 +325,10 @@ def test_gastric_cumulative_and_per_band_readings():
     assert cumulative == apply_guideline(counts, G, gastric_reading="cumulative")
     assert cumulative.score == "2+" and "10.0% of tumour cells (10/100, >=10%)" in cumulative.reason
     per_band = apply_guideline(counts, G, gastric_reading="per_band")
-    assert per_band.score == "0"
-    assert per_band.reason == "no staining band reaches 10% of 100 tumour cells (per-band reading: 3+ 5.0%, 2+ 5.0%, 1+ 0.0%)"
+    # neither band reaches 10%, but 10% react: Hofmann's 0 is membranous reactivity in <10% (it read 0 until 0.5.4)
+    assert per_band.score == "1+"
+    assert per_band.reason == ("membrane staining of any kind (no stronger band alone reaching 10%) in 10.0% of tumour "
+                               "cells (10/100, >=10%)")
     assert per_band.percentages == cumulative.percentages  # reported percentages stay cumulative
 
 
@@ -334,9 +336,11 @@ def test_gastric_cumulative_and_per_band_readings():
     ("counts", "cumulative", "per_band"),
     [
         (cells(none=90, sc=10), "3+", "3+"),
-        (cells(none=90, sc=9, wmc=1), "2+", "0"),
+        (cells(none=90, sc=9, wmc=1), "2+", "1+"),
         (cells(none=80, sc=9, wmc=10, fp=1), "2+", "2+"),
-        (cells(none=90, wmc=5, fp=5), "1+", "0"),
+        (cells(none=90, wmc=5, fp=5), "1+", "1+"),
+        (cells(none=91, sc=5, wmc=4), "0", "0"),  # reactivity in <10%: 0 either way
+        (cells(none=88, sc=6, fp=6), "1+", "1+"),
         (cells(none=80, wmc=9, fp=11), "1+", "1+"),
         (cells(none=90, sp=10), "1+", "1+"),
     ],
@@ -499,9 +503,8 @@ def test_deciding_cells_are_those_the_rules_count():
 
 def test_lateral_cells_decide_a_breast_2_plus_as_the_unusual_pattern_only():
     """ASCO/CAP 2018's note: 'moderate to intense but incomplete (basolateral or lateral)' staining is an
-    equivocal 2+. Weak-to-moderate lateral cells over 10% make that 2+ on their own and hold a 2+ beside
-    complete ones; under 10% they do not hide that the complete share sits just over 10%, nor make a 2+
-    look near 3+."""
+    equivocal 2+. Weak-to-moderate lateral cells over 10% make that 2+ on their own, and count with complete
+    ones (each a cell of a 2+ kind) where neither is over 10% alone; they never make a 2+ look near 3+."""
     held = dict(none=690, weak_moderate_complete=110, weak_moderate_lateral=200)  # 11% complete and 20% lateral
     assert apply_guideline(held, "breast-asco-cap-2023").score == "2+"
     assert near_cutoff(held, "2+") is None  # the 20% lateral hold the 2+ whatever the complete share
@@ -510,9 +513,12 @@ def test_lateral_cells_decide_a_breast_2_plus_as_the_unusual_pattern_only():
     assert alone.reason == ("unusual pattern: weak-to-moderate lateral membrane staining in 20.0% of tumour cells (200/1000, "
                             ">10%); ASCO/CAP's unusual 'moderate to intense but incomplete (basolateral or lateral)' pattern "
                             "(weak and moderate are not told apart); reflex ISH required")
-    counts = dict(none=840, weak_moderate_complete=110, weak_moderate_lateral=50)  # 11.0% complete decides the 2+
-    assert apply_guideline(counts, "breast-asco-cap-2023").score == "2+"
-    assert near_cutoff(counts, "2+") == ("1+", 11.0)
+    counts = dict(none=860, weak_moderate_complete=80, weak_moderate_lateral=60)  # 8% complete and 6% lateral: 14%
+    call = apply_guideline(counts, "breast-asco-cap-2023")
+    assert call.score == "2+" and "unusual_pattern" in call.flags  # read 1+ until 0.5.4, each kind weighed alone
+    assert call.reason.startswith("unusual pattern: membrane staining complete in <=10%, or incomplete and lateral/basolateral "
+                                  "or intense, in 14.0% of tumour cells (140/1000, >10%): weak-to-moderate complete 8.0%, ")
+    assert near_cutoff_sides(counts, "2+") == [("0", 14.0), ("1+", 14.0)]
     lateral = dict(none=610, weak_moderate_complete=300, strong_lateral=90)  # 9% intense incomplete: no 3+ in sight
     assert near_cutoff(lateral, "2+") is None
 
@@ -568,7 +574,8 @@ def test_near_cutoff_sides_follow_every_route_of_the_rules():
     assert sorted(near_cutoff_sides(skip, "0")) == [("1+", 9.0), ("2+", 9.0)]
     strong = dict(none=910, strong_complete=90)
     assert sorted(near_cutoff_sides(strong, "0", guideline=G)) == [("1+", 9.0), ("2+", 9.0), ("3+", 9.0)]
-    assert near_cutoff_sides(strong, "0", guideline=G, gastric_reading="per_band") == [("3+", 9.0)]
+    # per band a strong cell is no 2+ cell, but any reactivity in >=10% is at least 1+
+    assert near_cutoff_sides(strong, "0", guideline=G, gastric_reading="per_band") == [("1+", 9.0), ("3+", 9.0)]
 
 
 def test_the_down_side_is_what_the_rules_give_just_under_the_cut_off():
@@ -634,11 +641,13 @@ def test_scoring_settings_are_checked_before_any_tile_is_read(tmp_path):
 
 def test_down_sides_move_every_population_that_holds_the_call():
     """A gastric 2+ whose strong cells read weaker leaves 2+ only once they fall below it (faint: 1+); a
-    breast 2+ held by complete and by intense incomplete cells, both just over 10%, could be 1+."""
+    breast 2+ held by complete and intense incomplete cells together just over 10% could be 0 or 1+."""
     assert near_cutoff_sides(dict(none=88, weak_moderate_complete=8, strong_complete=4), "2+", guideline=G) == [
         ("0", 12.0), ("1+", 12.0)]
-    both = dict(none=157, weak_moderate_complete=22, strong_lateral=21)  # 11.0% complete, 10.5% intense incomplete
-    assert near_cutoff_sides(both, "2+") == [("1+", 11.0)]
+    both = dict(none=176, weak_moderate_complete=12, strong_lateral=12)  # 6% complete, 6% intense incomplete
+    assert apply_guideline(both, B23).score == "2+" and near_cutoff_sides(both, "2+") == [("0", 12.0), ("1+", 12.0)]
+    held = dict(none=157, weak_moderate_complete=22, strong_lateral=21)  # 11.0% and 10.5%: 21.5% together, sure
+    assert near_cutoff_sides(held, "2+") == []
 
 
 def test_a_1plus_within_the_false_membrane_share_of_the_cut_off_could_be_0():
