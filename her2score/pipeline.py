@@ -450,9 +450,14 @@ def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) 
 
 
 def _opened(source, mpp, backend, default_mpp=None):
-    """A context manager giving a Slide: opens a path, or lends an already open Slide."""
-    return nullcontext(source) if isinstance(source, Slide) else open_slide(source, mpp=mpp, backend=backend,
-                                                                            default_mpp=default_mpp)
+    """A context manager giving a Slide: opens a path, or lends an already open Slide (its µm/px and reader are
+    those it was opened with: ValueError where ``mpp``, ``backend`` or ``default_mpp`` is given beside it)."""
+    if not isinstance(source, Slide):
+        return open_slide(source, mpp=mpp, backend=backend, default_mpp=default_mpp)
+    if given := [f"{k}={v!r}" for k, v in (("mpp", mpp), ("backend", backend), ("default_mpp", default_mpp)) if v is not None]:
+        raise ValueError(f"{', '.join(given)} given with an open Slide, which was opened at {source.mpp:g} µm/px by its own "
+                         "reader: give them to open_slide(path, ...), or pass the path")
+    return nullcontext(source)
 
 
 READER_NOTE = "reader: "
@@ -481,10 +486,14 @@ def analyse_slide(
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
     workers = checked_workers(workers)
+    if region is not None and not isinstance(region, (str, os.PathLike, Region)):  # before any tile is read
+        raise TypeError(f"region must be a path to a QuPath GeoJSON or mask image, or a her2score.region.Region "
+                        f"(load_region), not {type(region).__name__}")
     if isinstance(path, np.ndarray):  # an RGB field in memory, at the µm/px given, or the default given: it has none of its own
         path = (ArraySlide(path, mpp=mpp) if mpp is not None or default_mpp is None else
                 ArraySlide(path, mpp=default_mpp, mpp_source=f"{DEFAULT_MPP_SOURCE} (an array has no µm/px of its own)",
                            mpp_origin="default"))
+        mpp = default_mpp = None  # the array's own now
     try:
         return _analyse(path, config, mpp, region, backend, workers, cnn, default_mpp=default_mpp)
     except NuclearStainError as refusal:
@@ -1081,13 +1090,16 @@ def score_slide(
     ``guideline`` and ``specimen``, where given, override ``config``'s (default: breast-asco-cap-2023, resection).
 
     ``mpp`` (µm/px) overrides the file's (the result notes where they differ) and is needed where it has
-    none, unless ``default_mpp`` is given: the µm/px of a file whose metadata gives none; ``region`` is a QuPath GeoJSON or mask image of the tumour (default: detected epithelial cells);
+    none, unless ``default_mpp`` is given: the µm/px of a file whose metadata gives none (an open Slide keeps the
+    µm/px and reader it was opened with: ValueError beside one); ``region`` is a QuPath GeoJSON or mask image of the
+    tumour, or a Region (default: detected epithelial cells);
     ``cnn``: a TileClassifier (``her2score.cnn.load_model()``) whose tile probabilities are reported and
     fused with the guideline score (default: none, the classical call alone; the CLI fuses the shipped
     model unless --no-cnn); ``backend`` forces a reader (slide.open_slide). Raises SlideError (naming the file)
     when the slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
     config = config or ScoringConfig()
-    config = replace(config, guideline=guideline or config.guideline, specimen=specimen or config.specimen)
+    config = replace(config, guideline=config.guideline if guideline is None else guideline,
+                     specimen=config.specimen if specimen is None else specimen)
     return analyse_slide(path, config=config, mpp=mpp, region=region, backend=backend, workers=workers, cnn=cnn,
                          default_mpp=default_mpp).result
