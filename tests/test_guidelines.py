@@ -661,3 +661,11 @@ def test_a_1plus_within_the_false_membrane_share_of_the_cut_off_could_be_0():
     assert near_cutoff_sides({"none": 810, "faint_partial": 190}, "1+", false_membrane_percent=8.0) == []
     two = {"none": 840, "weak_moderate_complete": 160}
     assert near_cutoff_sides(two, "2+", false_membrane_percent=8.0) == near_cutoff_sides(two, "2+") == []
+
+
+def test_a_calls_percentages_read_one_cell_as_its_guideline_does():
+    """Breast's 3+ cells are intense complete ones and its 2+ cells every cell of a 2+ kind; gastric counts lateral
+    membranes at their intensity (breast's 3+ share read 20% on intense lateral cells, which make a breast 2+)."""
+    counts = dict(none=700, strong_lateral=200, strong_partial=100)
+    assert apply_guideline(counts, B23).percentages == {"3+": 0.0, "2+": 30.0, "1+": 30.0, "any": 30.0}
+    assert apply_guideline(counts, G).percentages == {"3+": 20.0, "2+": 20.0, "1+": 30.0, "any": 30.0}
