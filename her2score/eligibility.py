@@ -63,6 +63,8 @@ from her2score.guidelines import (
     cytoplasm_doubt,
     isolated_sides,
     isolated_words,
+    stronger_zero_sides,
+    stronger_zero_words,
     moderate_incomplete,
     near_cutoff_settings,
     near_cutoff_sides,
@@ -424,6 +426,8 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
     edges += [(isolated_words(result.counts, floor), other_score, level)
               for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
                                                        isolated_intense_percent=floor)]
+    edges += [(stronger_zero_words(result.counts), other_score, level)
+              for other_score, level in stronger_zero_sides(result.counts, result.classical_score, guideline=named_by)]
     for words, other_score, level in edges:
         if (doubt := _doubt_at(result, rule, ish, status, other_score, level, words)) is not None:
             return doubt

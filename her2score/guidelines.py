@@ -46,6 +46,9 @@ __all__ = [
     "isolated_sides",
     "isolated_note",
     "isolated_words",
+    "stronger_zero_sides",
+    "stronger_zero_words",
+    "STRONGER_THAN_FAINT",
     "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
     "FALSE_STRONGER_PERCENT",
@@ -514,6 +517,41 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
     strong, total = c["strong_complete"], sum(c.values())
     return (f"its {strong:,} intense complete cells ({percent_text(100 * strong / total, isolated_intense_percent)} of {total:,}) lie just over the "
             f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
+
+
+STRONGER_THAN_FAINT = ("weak_moderate_complete", "weak_moderate_partial", "weak_moderate_lateral", "strong_lateral",
+                       "strong_partial")
+"""Stained cells a breast 0 may hold that are neither faint incomplete nor intense complete (which over the isolated
+floor make 2+ in <=10%): ASCO/CAP's 0 and DESTINY-Breast06's ultralow are faint incomplete staining, and its 2018 note
+calls a pattern its definitions do not cover equivocal; the last three are the unusual pattern's cells."""
+
+
+def stronger_zero_sides(counts: Mapping[str, int], score: str | None, *, guideline: str,
+                        stronger_percent: float = FALSE_STRONGER_PERCENT) -> list[tuple[str, str]]:
+    """The (score, level) a breast 0 could be where it holds cells stained more than faint (STRONGER_THAN_FAINT) in
+    more than ``stronger_percent`` of its tumour cells (what real unstained membranes read otherwise than faint) and
+    at least ISOLATED_INTENSE_MIN_CELLS: 1+ (a pathologist may read them as 1+ cells, as earlier wordings call weak
+    incomplete staining), and 2+ where the unusual pattern's cells (lateral/basolateral or intense incomplete) alone
+    are that many (as intense complete cells in <=10% make 2+). [] for another guideline or score."""
+    if score != "0" or GUIDELINE_FAMILY.get(guideline) != "breast":
+        return []
+    c = _validated(counts)
+    total = sum(c.values())
+
+    def many(cats: tuple[str, ...]) -> bool:
+        n = sum(c[cat] for cat in cats)
+        return n >= ISOLATED_INTENSE_MIN_CELLS and 100 * n > stronger_percent * total
+
+    return [(s, s) for s, cats in (("1+", STRONGER_THAN_FAINT), ("2+", STRONGER_THAN_FAINT[2:])) if many(cats)]
+
+
+def stronger_zero_words(counts: Mapping[str, int]) -> str:
+    """How a stronger_zero_sides call's cells stained more than faint are named in a reason."""
+    c = _validated(counts)
+    total = sum(c.values())
+    kinds = ", ".join(f"{_CELL_WORDS[cat]} {percent_text(100 * c[cat] / total)}" for cat in STRONGER_THAN_FAINT if c[cat])
+    return (f"{percent_text(100 * sum(c[cat] for cat in STRONGER_THAN_FAINT) / total)} of {total:,} tumour cells are stained "
+            f"more than faint ({kinds}), which the guideline's 0 (faint incomplete staining) does not describe")
 
 
 def false_membrane_share(counts: Mapping[str, int], *, percent: float = FALSE_MEMBRANE_PERCENT,

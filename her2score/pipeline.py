@@ -25,8 +25,8 @@ from .cnn import aggregate_tiles, fuse, use_one_thread
 from .guidelines import (COARSE_SCAN_MPP, DOUBT_SIDES, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
                          NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
                          false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
-                         near_cutoff_sides, percent_text, percent_value, report_level, wilson_ci, with_coarse_doubt, with_incomplete_doubt,
-                         with_null_doubt)
+                         near_cutoff_sides, percent_text, percent_value, report_level, stronger_zero_sides, stronger_zero_words,
+                         wilson_ci, with_coarse_doubt, with_incomplete_doubt, with_null_doubt)
 from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
@@ -754,9 +754,13 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     edges += [(isolated_words(counts, config.isolated_intense_percent), other, level)
               for other, level in isolated_sides(counts, score, guideline=config.guideline,
                                                  isolated_intense_percent=config.isolated_intense_percent)]
+    edges += [(stronger_zero_words(counts), other, level) for other, level in stronger_zero_sides(counts, score, guideline=config.guideline)]
     if edges and "near_cutoff" not in flags:
         flags = (*flags, "near_cutoff")
-    reason += "".join(f"; {words}: it could be {level}" for words, _, level in edges)
+    could_be: dict[str, list[str]] = {}  # one edge's words with every level across it
+    for words, _, level in edges:
+        could_be.setdefault(words, []).append(level)
+    reason += "".join(f"; {words}: it could be {' or '.join(levels)}" for words, levels in could_be.items())
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent,
                                     scan_mpp=read.scan_mpp)

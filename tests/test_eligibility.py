@@ -900,3 +900,23 @@ def test_decisions_say_the_rules_eligible_levels_whole_and_ish_in_the_guidelines
                             "ISH only on a 2+: HER2-positive is IHC 3+, or 2+ with ISH positive;") for r in gastric.reasons)
     breast = check_eligibility(make_result(**ONE), "her2-low-breast", ish="positive")
     assert any("an ISH-positive case is HER2-positive whatever its IHC score" in r for r in breast.reasons)
+
+
+def test_a_breast_zero_on_cells_stained_more_than_faint_needs_review_where_1_or_2_plus_answers_otherwise():
+    """ASCO/CAP's 0 and DESTINY-Breast06's ultralow are faint incomplete staining; this tool reads any staining in
+    <=10% as ultralow. Over what real unstained membranes read otherwise than faint (2%, >= 5 cells), weak-to-moderate
+    cells could be read 1+, and lateral or intense incomplete ones the unusual pattern's 2+ (as intense complete
+    ones in <=10% make 2+): 4% intense lateral cells were answered eligible under the ultralow rule, unreviewed."""
+    lateral = make_result(none=9600, strong_lateral=400)
+    assert lateral.level == "0+ (ultralow)"
+    d = check_eligibility(lateral, "her2-ultralow-breast")
+    assert d.status == "needs_review"
+    assert d.reasons[0] == ("4.0% of 10,000 tumour cells are stained more than faint (intense lateral 4.0%), which the "
+                            "guideline's 0 (faint incomplete staining) does not describe: at 2+ the answer would be needs review")
+    moderate = make_result(none=9600, weak_moderate_complete=400)
+    assert check_eligibility(moderate, "her2-ultralow-breast").status == "eligible"  # 1+ is eligible too; not 2+
+    low = check_eligibility(moderate, "her2-low-breast")
+    assert low.status == "needs_review" and "at 1+ the answer would be eligible" in low.reasons[0]
+    for few in (dict(none=9800, strong_partial=200),  # 2%: what false membranes read otherwise than faint
+                dict(none=96, weak_moderate_complete=4)):  # 4%, but 4 cells
+        assert not any("stained more than faint" in r for r in check_eligibility(make_result(**few), "her2-low-breast").reasons)

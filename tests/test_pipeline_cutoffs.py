@@ -2,6 +2,7 @@
 cells, intense incomplete cells) and fields whose deciding population sits either side of a cut-off."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -385,3 +386,13 @@ def test_the_null_doubt_reads_a_share_on_few_cells_within_its_interval():
     assert words == ("; the 9.1% stained of 66 tumour cells is, within its 95% interval, no more than the 8% real "
                      "unstained membranes read: it could be 0 (null)")
     assert with_null_doubt(("ultralow",), {"none": 60000, "faint_partial": 6000}, "0+ (ultralow)")[0] == ("ultralow",)
+
+
+def test_a_breast_zero_on_weak_to_moderate_complete_cells_says_they_could_be_1_plus():
+    """5% weak-to-moderate complete cells: an ultralow by this tool's reading of any staining in <=10%, which the
+    guideline's 0 (faint incomplete staining) does not describe; the call says it could be 1+ (her2-low: review)."""
+    r = _score(_field({"weak_moderate_complete": 0.05}, seed=9601, size_px=1024))
+    assert r.level == "0+ (ultralow)" and "near_cutoff" in r.flags, r.reason
+    assert re.search(r"; [0-9.]+% of [0-9,]+ tumour cells are stained more than faint \(weak-to-moderate complete [0-9.]+%.*\), "
+                     r"which the guideline's 0 \(faint incomplete staining\) does not describe: it could be 1\+$", r.reason), r.reason
+    assert check_eligibility(r, "her2-low-breast").status == "needs_review"
