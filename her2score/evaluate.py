@@ -298,8 +298,9 @@ def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, fl
     """Per category, agreement of called against true percentages of tumour cells over images:
     n, mean absolute error, Bland-Altman bias (mean called - truth), SD of the differences and the
     95% limits of agreement (bias ± 1.96 SD; SD and limits None for one image, which has no spread), and
-    the largest absolute error; points in percentage points. ``pairs``: per image (called %, true %) by
-    category (missing categories count 0)."""
+    the largest absolute error; points in percentage points; ``n_present``: the images with cells of the category,
+    truly or as called (the others agree at 0 and shrink the error and the spread: read the figures with it).
+    ``pairs``: per image (called %, true %) by category (missing categories count 0)."""
     out = {}
     for c in categories:
         called = np.array([p[0].get(c, 0.0) for p in pairs], np.float64)
@@ -309,7 +310,8 @@ def percent_agreement(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, fl
             continue
         sd = float(d.std(ddof=1)) if len(d) > 1 else None
         bias = float(d.mean())
-        out[c] = {"n": len(d), "mae": float(np.abs(d).mean()), "bias": bias, "sd": sd,
+        out[c] = {"n": len(d), "n_present": int(np.sum((called > 0) | (true > 0))), "mae": float(np.abs(d).mean()),
+                  "bias": bias, "sd": sd,
                   "loa_low": None if sd is None else bias - 1.96 * sd, "loa_high": None if sd is None else bias + 1.96 * sd,
                   "max_abs_error": float(np.abs(d).max())}
     return out
@@ -604,20 +606,29 @@ def _method_metrics(truth: list[str], called: list[str | None], truth_levels: li
 
     n, hits = len(keep), int(np.trace(cm))
     qwk = quadratic_weighted_kappa(cm)
-    kappa_ci = list(bootstrap_ci(lambda idx: quadratic_weighted_kappa(cm_of(idx)), n, resamples=resamples, seed=seed))
+    kept = []  # the resamples that give a kappa (one with every label of one class gives none)
+
+    def kappa_of(idx: np.ndarray) -> float:
+        kept.append(math.isfinite(k := quadratic_weighted_kappa(cm_of(idx))))
+        return k
+
+    kappa_ci = list(bootstrap_ci(kappa_of, n, resamples=resamples, seed=seed))
     point = kappa_ci[0] is not None and kappa_ci[0] == kappa_ci[1]
     note = ("kappa is undefined: every label is one class" if math.isnan(qwk) else
-            f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else "not drawn (no resamples)" if resamples <= 0 else
+            "not drawn (no resamples)" if resamples <= 0 else f"n < {KAPPA_MIN_N}" if n < KAPPA_MIN_N else
             "none: kappa is undefined here" if kappa_ci[0] is None else
             "a point: the resamples that give a kappa all give the same" if point else None)
     return {
         "n": n,
+        "n_correct": hits,
         "accuracy": accuracy(cm),
         "accuracy_ci95": list(wilson_ci(hits, n)),
         "quadratic_weighted_kappa": None if math.isnan(qwk) else qwk,
         "quadratic_weighted_kappa_ci95": kappa_ci,
         "kappa_interval_reliable": note is None,
         "kappa_interval_note": note,
+        "kappa_resamples": max(resamples, 0),
+        "kappa_resamples_kept": sum(kept),
         "per_class": per_class(cm),
         "confusion": {"classes": list(SCORES), "rows": "truth", "columns": "called", "matrix": cm.tolist()},
         "null_vs_ultralow": _null_vs_ultralow(truth_levels, called_levels) if split_zero else None,
@@ -641,6 +652,10 @@ def _null_vs_ultralow(truth_levels: list[str | None], called_levels: list[str | 
 
 
 def _rule_metrics(truth: list[bool | None], status: list[str | None]) -> dict[str, Any]:
+    """One rule's figures on the images scored (``status`` not None). Sensitivity: eligible calls of the truly
+    eligible (a review is no eligible call, so a miss); specificity: the truly ineligible not called eligible (a review
+    counts as not called eligible), so read both with the review rate of each truth class; wrong calls: definite
+    answers against the truth; needs review: of every image scored, its truth known or not (a 2+ awaiting ISH)."""
     keep = [i for i, (t, s) in enumerate(zip(truth, status)) if t is not None and s is not None]
     t = np.array([truth[i] for i in keep], bool)
     s = np.array([status[i] for i in keep], object)
@@ -648,15 +663,20 @@ def _rule_metrics(truth: list[bool | None], status: list[str | None]) -> dict[st
     review = s == "needs_review"
     sens, spec = binary_rates(t, pos)
     nan = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    scored = [st for st in status if st is not None]
+    counts = {f"{'eligible' if tv else 'not_eligible'}->{st}": int(np.sum((t == tv) & (s == st)))
+              for tv in (True, False) for st in ("eligible", "not_eligible", "needs_review")}
     return {
         "n": len(keep),
-        "n_undetermined": int(sum(1 for x, st in zip(truth, status) if x is None and st is not None)),
+        "n_undetermined": len(scored) - len(keep),
         "n_truly_eligible": int(t.sum()),
         "sensitivity": nan(sens), "sensitivity_ci95": list(wilson_ci(int((pos & t).sum()), int(t.sum()))),
         "specificity": nan(spec), "specificity_ci95": list(wilson_ci(int((~pos & ~t).sum()), int((~t).sum()))),
-        "needs_review_rate": float(review.mean()) if len(keep) else None,
-        "counts": {f"{'eligible' if tv else 'not_eligible'}->{st}": int(np.sum((t == tv) & (s == st)))
-                   for tv in (True, False) for st in ("eligible", "not_eligible", "needs_review")},
+        "review_rate_eligible": float(review[t].mean()) if t.any() else None,
+        "review_rate_ineligible": float(review[~t].mean()) if (~t).any() else None,
+        "wrong_calls": counts["eligible->not_eligible"] + counts["not_eligible->eligible"],
+        "needs_review_rate": scored.count("needs_review") / len(scored) if scored else None,
+        "counts": counts,
     }
 
 
@@ -861,7 +881,10 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
 
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default) + "\n")
         _write_csv(out / "per_image.csv", rows)
-        _plot_confusion(out / "confusion.png", metrics)
+        if metrics["methods"]:
+            _plot_confusion(out / "confusion.png", metrics)
+        else:  # nothing scored: no empty plot (nor an earlier run's)
+            (out / "confusion.png").unlink(missing_ok=True)
         if pairs:
             _plot_bland_altman(out / "bland_altman.png", pairs)
         else:  # an earlier run's plot would stand beside a report that says none was measured
@@ -979,8 +1002,11 @@ def _kappa_text(mm: dict) -> str:
     """A method's kappa with its interval, or why it has none."""
     if mm["quadratic_weighted_kappa"] is None:
         return f"n/a ({mm['kappa_interval_note']})"
+    kept, drawn = mm["kappa_resamples_kept"], mm["kappa_resamples"]
     return (_fmt(mm["quadratic_weighted_kappa"], mm["quadratic_weighted_kappa_ci95"])
-            + ("" if mm["kappa_interval_reliable"] else f" (interval unreliable: {mm['kappa_interval_note']})"))
+            + ("" if mm["kappa_interval_reliable"] else f" (interval unreliable: {mm['kappa_interval_note']})")
+            + (f" (interval of the {kept} of {drawn} resamples that give a kappa: the others hold one label class)"
+               if 0 < kept < drawn else ""))
 
 
 def _qc_passed_text(mm: dict, metrics: dict) -> str:
@@ -991,11 +1017,16 @@ def _qc_passed_text(mm: dict, metrics: dict) -> str:
     return f"; QC passed ({qc['n']} images) {_fmt(qc['accuracy'], qc['accuracy_ci95'])}"
 
 
+_NOT_SCORED_WORDS = ("left out of the classical and fused accuracy, kappa, per-class figures, confusion matrices and "
+                     "percentage agreement; in eligibility each is a needs review, in null vs ultralow 'not scored'")
+"""Where an image scored without tumour cells (no score) is counted, as the summary and report say it."""
+
+
 def _summary(metrics: dict) -> str:
-    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: left out of "
-             "every figure but null vs ultralow's 'not scored'"
-             + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy"
-                if metrics["not_scored"] else "")
+    lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: "
+             + ("left out of every figure but null vs ultralow's 'not scored'" if metrics["methods"] else
+                "no image was scored, so there is no figure")
+             + (f"; {metrics['not_scored']} without tumour cells, no score: {_NOT_SCORED_WORDS}" if metrics["not_scored"] else "")
              + "); "
              + (f"{metrics['qc_failed']} of them failed QC (counted; see warnings); " if metrics.get("qc_failed") else "")
              + (f"{metrics['reused']} of them reused from {metrics['reuse']} (each kept in results/); " if metrics.get("reused") else "")
@@ -1011,9 +1042,7 @@ def _report(metrics: dict, summary: str) -> str:
     out = ["# her2score evaluation", "",
            f"Labels: `{metrics['labels']}`; {metrics['n']} of {metrics['n_images']} images scored "
            f"({metrics['errors']} errors"
-           + (f"; {metrics['not_scored']} without tumour cells, no score: left out of the classical and fused accuracy, "
-              "counted in eligibility"
-              if metrics["not_scored"] else "")
+           + (f"; {metrics['not_scored']} without tumour cells, no score: {_NOT_SCORED_WORDS}" if metrics["not_scored"] else "")
            + (f"; {metrics['qc_failed']} failed QC, counted in every figure" if metrics.get("qc_failed") else "")
            + f"); guideline {metrics['guideline']}, specimen {metrics['specimen']}; "
            f"CNN model: {metrics['model'] or 'not run'}"
@@ -1027,11 +1056,14 @@ def _report(metrics: dict, summary: str) -> str:
     if not methods:
         return "\n".join([*out, "No image was scored, so there is nothing to measure: `per_image.csv`'s error column says why.", ""])
     out += ["## Agreement with the labels", "",
-            "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] |", "| --- | --- | --- | --- |"]
+            "| method | n | accuracy [95% CI] | quadratic-weighted kappa [95% CI] | right of all labelled images |",
+            "| --- | --- | --- | --- | --- |"]
     for m in methods:
         mm = metrics["methods"][m]
         out.append(f"| {m} | {mm['n']} | {_fmt(mm['accuracy'], mm['accuracy_ci95'])}{_qc_passed_text(mm, metrics)} | "
-                   f"{_kappa_text(mm)} |")
+                   f"{_kappa_text(mm)} | {mm['n_correct']} of {metrics['n_images']} |")
+    out += ["", "Accuracy, kappa and the per-class figures are over the images each method scored; the last column "
+                "counts an image refused, failed or without a score as not right."]
     out += ["", "Per-class recall / precision [95% CI]:", "", "| class | " + " | ".join(methods) + " |",
             "| --- | " + " | ".join("---" for _ in methods) + " |"]
     for c in SCORES:
@@ -1066,29 +1098,39 @@ def _report(metrics: dict, summary: str) -> str:
     else:
         out += ["Called against true percentage of tumour cells per category, in percentage points "
                 "(Bland-Altman plot: `bland_altman.png`, a panel for each category some image has cells of, truly or "
-                "as called).", "",
-                "| category | n | mean abs. error | bias | 95% limits of agreement | max abs. error |",
+                "as called). The figures are over every image with true counts; an image with no cells of a category, "
+                "truly or as called, agrees at 0 and narrows them: the count in brackets has cells of it. The limits "
+                "assume one spread at every level; where the differences fan out with the share (see the plot), read "
+                "the largest error.", "",
+                "| category | n (with cells of it) | mean abs. error | bias | 95% limits of agreement | max abs. error |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {c} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} | "
+        out += [f"| {c} | {v['n']} ({v['n_present']}) | {v['mae']:.2f} | {v['bias']:+.2f} | "
                 + ("n/a (one image) | " if v["sd"] is None else f"[{v['loa_low']:+.2f}, {v['loa_high']:+.2f}] | ")
                 + f"{v['max_abs_error']:.2f} |" for c, v in pa.items()]
     out += ["", "## Eligibility rules", "",
-            "Sensitivity: truly eligible images called eligible; specificity: truly ineligible images not called "
-            "eligible (needs_review is not a positive call; its rate is given). Truth never comes from the tool's "
-            "`check_eligibility`: it is the labels file's eligible column where given, else derived from the label "
-            "and the rule file's eligible levels, ISH levels and requirements (`eligibility_truth`); images it does "
-            "not decide are left out (undetermined). The truth source column counts images per source.", "",
-            "| rule | method | n (undetermined) | truth source | sensitivity [95% CI] | specificity [95% CI] | needs review |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "Sensitivity: truly eligible images called eligible (a needs_review is no eligible call: it counts as a "
+            "miss); specificity: truly ineligible images not called eligible (a needs_review counts as not called "
+            "eligible, so it is never a false positive): read both with the review rate of each truth class. Wrong "
+            "calls: definite answers against the truth (eligible for an ineligible image, or not eligible for an "
+            "eligible one). Needs review: of every image scored, its truth known or not (a 2+ awaiting ISH is "
+            "undetermined). Truth never comes from the tool's `check_eligibility`: it is the labels file's eligible "
+            "column where given, else derived from the label and the rule file's eligible levels, ISH levels and "
+            "requirements (`eligibility_truth`); images it does not decide are left out of the sensitivity and "
+            "specificity (undetermined). Images not scored are in no figure. The truth source column counts images "
+            "per source.", "",
+            "| rule | method | n (undetermined) | truth source | sensitivity [95% CI] | specificity [95% CI] "
+            "| review: eligible / ineligible | wrong calls | needs review, all scored |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rules = list(metrics["methods"][methods[0]]["eligibility"]) if methods else []
     for r in rules:
         for m in methods:
             e = metrics["methods"][m]["eligibility"][r]
             if "skipped" in e:
-                out.append(f"| {r} | {m} | - | - | skipped: {e['skipped']} | | |")
+                out.append(f"| {r} | {m} | - | - | skipped: {e['skipped']} | | | | |")
                 continue
             src = ", ".join(f"{k} {v}" for k, v in e["truth_source"].items() if v) or "none"
             out.append(f"| {r} | {m} | {e['n']} ({e['n_undetermined']}) | {src} | {_fmt(e['sensitivity'], e['sensitivity_ci95'])} | "
-                       f"{_fmt(e['specificity'], e['specificity_ci95'])} | {_fmt(e['needs_review_rate'])} |")
+                       f"{_fmt(e['specificity'], e['specificity_ci95'])} | {_fmt(e['review_rate_eligible'])} / "
+                       f"{_fmt(e['review_rate_ineligible'])} | {e['wrong_calls']} of {e['n']} | {_fmt(e['needs_review_rate'])} |")
     out += ["", "## Summary", "", "```", summary, "```", ""]
     return "\n".join(out)

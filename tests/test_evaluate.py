@@ -17,6 +17,7 @@ from her2score.cnn import TileClassifier, WeightsRecord
 from her2score.eligibility import Requirement, Rule, available_rules, check_eligibility, load_rule
 from her2score.evaluate import (
     _result_folders,
+    _rule_metrics,
     accuracy,
     binary_rates,
     bootstrap_ci,
@@ -297,7 +298,10 @@ def test_evaluate_known_answers(known):
     # her2-positive: image 4 eligible from its column; 2+ (needs ISH) is not a positive call
     e = cl["eligibility"]["her2-positive-breast"]
     assert e["n"] == 7 and e["n_truly_eligible"] == 3
-    assert e["sensitivity"] == pytest.approx(2 / 3) and e["needs_review_rate"] == pytest.approx(1 / 7)
+    assert e["sensitivity"] == pytest.approx(2 / 3)
+    # image 4's 2+ awaits ISH: the review is one of the truly eligible (a miss), and one of all 8 scored, image 5 too
+    assert (e["review_rate_eligible"], e["review_rate_ineligible"], e["wrong_calls"]) == (pytest.approx(1 / 3), 0.0, 0)
+    assert e["needs_review_rate"] == pytest.approx(1 / 8)
     # the fused method carries the CNN, so classical/CNN disagreement gives needs_review where it changes the answer:
     # of the 4 disagreements, the two between 2+ and 3+ (0 against 1+ is not eligible either way)
     assert fu["eligibility"]["3+ only"]["needs_review_rate"] == pytest.approx(2 / 8)
@@ -508,6 +512,16 @@ def test_a_symbolic_link_loop_in_the_labels_is_that_images_error(tmp_path):
     m = evaluate(tmp_path / "l.csv", tmp_path / "out", use_cnn=False, bootstrap=0)
     rows = list(csv.DictReader(open(tmp_path / "out" / "per_image.csv")))
     assert m["errors"] == 1 and "a symbolic link to nothing (broken, or a loop)" in rows[0]["error"]
+
+
+def test_an_evaluation_that_scored_nothing_draws_no_empty_plot_and_says_so(tmp_path):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    (tmp_path / "l.csv").write_text("path,label\ncorrupt.png,null\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "confusion.png").write_bytes(b"an earlier run's")
+    m = evaluate(tmp_path / "l.csv", tmp_path / "out", use_cnn=False, bootstrap=0)
+    assert m["errors"] == 1 and m["methods"] == {} and not (tmp_path / "out" / "confusion.png").exists()
+    assert m["summary"].startswith("0 of 1 images scored (1 refused or failed: no image was scored, so there is no figure)")
 
 
 def test_an_evaluations_own_plots_are_never_taken_for_images(tmp_path, fields):
@@ -1235,3 +1249,35 @@ def test_a_run_where_no_image_scores_reports_that_plainly(tmp_path):
     assert (m["n"], m["errors"], m["methods"]) == (0, 2, {})
     report = (tmp_path / "out" / "report.md").read_text()
     assert "No image was scored" in report and "| class |" not in report
+
+
+def test_a_rule_that_decides_nothing_shows_it_in_its_review_rates():
+    """Specificity counts a review as not called eligible, so a tool that sends everything to review read 1.000
+    specific beside a review rate over the images of known truth only; the review rate of each truth class, the wrong
+    calls and the rate over every image scored (truth known or not) show what it decided."""
+    truth = [True] * 5 + [False] * 15 + [None] * 4  # 4 images whose truth the labels leave undetermined
+    m = _rule_metrics(truth, ["needs_review"] * 20 + ["eligible"] * 2 + [None] * 2)  # 2 of them not scored
+    assert (m["n"], m["n_undetermined"], m["sensitivity"], m["specificity"]) == (20, 2, 0.0, 1.0)
+    assert (m["review_rate_eligible"], m["review_rate_ineligible"], m["wrong_calls"]) == (1.0, 1.0, 0)
+    assert m["needs_review_rate"] == pytest.approx(20 / 22)
+    decided = _rule_metrics([True, True, False, False], ["eligible", "not_eligible", "eligible", "not_eligible"])
+    assert (decided["sensitivity"], decided["specificity"], decided["wrong_calls"], decided["needs_review_rate"]) == (0.5, 0.5, 2, 0.0)
+
+
+def test_percentage_agreement_counts_the_images_with_cells_of_each_category():
+    pairs = [({"none": 90.0, "faint_partial": 10.0}, {"none": 80.0, "faint_partial": 20.0}),
+             ({"none": 100.0}, {"none": 100.0}), ({"none": 100.0}, {"none": 100.0})]
+    pa = percent_agreement(pairs)
+    assert (pa["faint_partial"]["n"], pa["faint_partial"]["n_present"], pa["strong_complete"]["n_present"]) == (3, 1, 0)
+    assert pa["faint_partial"]["mae"] == pytest.approx(10 / 3)  # over every image: the two at 0 agree
+
+
+def test_a_kappa_interval_says_how_many_resamples_gave_one():
+    from her2score.evaluate import _kappa_text, _method_metrics
+
+    labels = ["0", "0", "0", "3+"]
+    m = _method_metrics(labels, labels, [None] * 4, [None] * 4, resamples=1000, seed=0, split_zero=False)
+    assert 0 < m["kappa_resamples_kept"] < 1000  # a resample of only 0s gives no kappa
+    assert f"(interval of the {m['kappa_resamples_kept']} of 1000 resamples that give a kappa" in _kappa_text(m)
+    none_drawn = _method_metrics(["0", "1+", "3+"], ["0", "1+", "2+"], [None] * 3, [None] * 3, resamples=0, seed=0, split_zero=False)
+    assert _kappa_text(none_drawn).endswith("(interval unreliable: not drawn (no resamples))")  # it read "n < 30"
