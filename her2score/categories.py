@@ -27,7 +27,7 @@ intense incomplete staining makes ASCO/CAP 2018's unusual equivocal 2+ pattern.
 
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "complete")
 
-__all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells"]
+__all__ = ["CATEGORIES", "PATTERNS", "Thresholds", "classify_cells", "settings_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,23 @@ class Thresholds:
     def from_dict(cls, d) -> "Thresholds":
         """The defaults with the fields ``d`` (a JSON object's dict) gives; ValueError naming an unknown field
         (and the known ones) or a value that is no number."""
-        if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object of thresholds, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        if unknown := sorted(set(d) - set(known)):
-            raise ValueError(f"unknown threshold {unknown[0]!r}; the thresholds are {', '.join(known)}")
-        for k, v in d.items():
-            wanted = int if k == "min_arc_sectors" else (int, float)
-            if isinstance(v, bool) or not isinstance(v, wanted):
-                raise ValueError(f"{k} must be {'a whole number' if wanted is int else 'a number'}, got {v!r}")
-        return replace(cls(), **d)
+        return settings_from_dict(cls, d, "threshold", whole_numbers=("min_arc_sectors",))
+
+
+def settings_from_dict(cls, d, what: str, *, whole_numbers: tuple[str, ...] = ()):
+    """The frozen dataclass ``cls`` of numeric settings at its defaults with the fields ``d`` (a JSON object's
+    dict) gives; ValueError naming an unknown field (and the known ones) or a value that is no number (no whole
+    number for the fields ``whole_numbers``). ``what``: a setting's name in words."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of {what}s, got {type(d).__name__}")
+    known = [f.name for f in fields(cls)]
+    if unknown := sorted(set(d) - set(known)):
+        raise ValueError(f"unknown {what} {unknown[0]!r}; the {what}s are {', '.join(known)}")
+    for k, v in d.items():
+        wanted = int if k in whole_numbers else (int, float)
+        if isinstance(v, bool) or not isinstance(v, wanted):
+            raise ValueError(f"{k} must be {'a whole number' if wanted is int else 'a number'}, got {v!r}")
+    return replace(cls(), **d)
 
 
 def classify_cells(

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
 import cv2
@@ -200,6 +200,18 @@ class ScoringConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoringConfig":
+        """The settings a ``to_dict`` (a result.json's ``config``) holds; the defaults for any it lacks (an older
+        version's). ValueError naming a setting this version does not know."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
+        nested = {"thresholds": Thresholds.from_dict, "tumour": TumourRule.from_dict}
+        return cls(**{k: nested[k](v) if k in nested else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -467,6 +479,13 @@ OWN_STAINS_NOTE = "scored with the slide's own stain vectors: the default ones r
 """The note of a slide scored with its own stain vectors after the default ones refused it (analyse_slide)."""
 
 
+def _check_config(config) -> None:
+    """TypeError where ``config`` is no ScoringConfig (a dict failed deep inside)."""
+    if not isinstance(config, ScoringConfig):
+        raise TypeError(f"config must be a ScoringConfig (ScoringConfig.from_dict reads a result.json's 'config'), "
+                        f"not {type(config).__name__}")
+
+
 def analyse_slide(
     path: str | os.PathLike | Slide | np.ndarray,
     *,
@@ -486,6 +505,7 @@ def analyse_slide(
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
     workers = checked_workers(workers)
+    _check_config(config)
     if region is not None and not isinstance(region, (str, os.PathLike, Region)):  # before any tile is read
         raise TypeError(f"region must be a path to a QuPath GeoJSON or mask image, or a her2score.region.Region "
                         f"(load_region), not {type(region).__name__}")
@@ -1102,7 +1122,8 @@ def score_slide(
     model unless --no-cnn); ``backend`` forces a reader (slide.open_slide). Raises SlideError (naming the file)
     when the slide cannot be scored: unreadable, no µm/px, no tissue, or the wrong stain (H&E).
     """
-    config = config or ScoringConfig()
+    config = ScoringConfig() if config is None else config
+    _check_config(config)
     config = replace(config, guideline=config.guideline if guideline is None else guideline,
                      specimen=config.specimen if specimen is None else specimen)
     return analyse_slide(path, config=config, mpp=mpp, region=region, backend=backend, workers=workers, cnn=cnn,

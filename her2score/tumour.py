@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .categories import settings_from_dict
 from .guidelines import ZERO_SPLIT, cytoplasm_doubt
 from .membrane import CellMeasurements
 from .neighbours import count_within
@@ -65,6 +66,11 @@ class TumourRule:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TumourRule":
+        """The defaults with the fields ``d`` gives (categories.settings_from_dict)."""
+        return settings_from_dict(cls, d, "tumour rule setting", whole_numbers=("min_neighbours",))
 
 
 LEFT_OUT: tuple[str, ...] = ("lymphocyte-like", "spindle (stromal/endothelial)", "too small",

@@ -240,6 +240,23 @@ def test_settings_an_open_slide_or_a_region_cannot_take_are_refused_before_any_t
         score_slide(f.image, mpp=f.mpp, guideline="")
 
 
+def test_a_results_settings_score_the_slide_again_alike(fields):
+    """ScoringConfig.from_dict reads a result.json's config back (a dict passed as config failed deep inside)."""
+    f = fields["1+"]
+    config = ScoringConfig(guideline="breast-asco-cap-2018", thresholds=replace(ScoringConfig().thresholds, weak_od=0.15),
+                           tumour=TumourRule(min_neighbours=2))
+    first = score_slide(f.image, mpp=f.mpp, config=config)
+    read = ScoringConfig.from_dict(json.loads(first.to_json())["config"])
+    assert read == config and score_slide(f.image, mpp=f.mpp, config=read).to_dict() == first.to_dict()
+    assert ScoringConfig.from_dict({"tile_px": 1024}) == ScoringConfig(tile_px=1024)  # an older result: defaults for the rest
+    for bad, words in (({"tile_size": 512}, "unknown setting 'tile_size'"), ({"tumour": {"radius": 3}}, "unknown tumour rule setting 'radius'"),
+                       ({"thresholds": {"weak_od": "0.1"}}, "weak_od must be a number")):
+        with pytest.raises(ValueError, match=words):
+            ScoringConfig.from_dict(bad)
+    with pytest.raises(TypeError, match="config must be a ScoringConfig"):
+        score_slide(f.image, mpp=f.mpp, config=config.to_dict())
+
+
 def test_settings_that_would_switch_a_check_off_silently_are_refused():
     for bad in (dict(min_tumour_cells=-5), dict(near_cutoff_points=-3), dict(false_membrane_percent=-1),
                 dict(false_membrane_percent=101)):
