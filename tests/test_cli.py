@@ -211,6 +211,15 @@ def test_version_imports_nothing_heavy():
     assert done.stdout.splitlines() == [f"her2score {__version__}", "[]"], done.stderr
 
 
+def test_every_public_name_is_found_where_the_package_says():
+    """Each of her2score's lazily imported names resolves (the refusals are caught as themselves, not only as SlideError)."""
+    import her2score
+
+    for name in her2score.__all__:
+        assert getattr(her2score, name) is not None, name
+    assert issubclass(her2score.NoTissueError, her2score.SlideError) and issubclass(her2score.NotHerIhcError, her2score.SlideError)
+
+
 def test_python_dash_m_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "her2score", "--version"], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, f"her2score {__version__}"), done.stderr
