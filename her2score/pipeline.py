@@ -462,13 +462,14 @@ def _largest_clusters(xy_um: np.ndarray, level: np.ndarray, distance_um: float) 
 
 
 def _opened(source, mpp, backend, default_mpp=None):
-    """A context manager giving a Slide: opens a path, or lends an already open Slide (its µm/px and reader are
-    those it was opened with: ValueError where ``mpp``, ``backend`` or ``default_mpp`` is given beside it)."""
+    """A context manager giving a Slide: opens a path, or lends an already open Slide, whose µm/px and reader are
+    those it was opened with (ValueError where ``mpp`` or ``backend`` given beside it differ from them; ``default_mpp``
+    is for a file without a µm/px, which an open Slide has)."""
     if not isinstance(source, Slide):
         return open_slide(source, mpp=mpp, backend=backend, default_mpp=default_mpp)
-    if given := [f"{k}={v!r}" for k, v in (("mpp", mpp), ("backend", backend), ("default_mpp", default_mpp)) if v is not None]:
-        raise ValueError(f"{', '.join(given)} given with an open Slide, which was opened at {source.mpp:g} µm/px by its own "
-                         "reader: give them to open_slide(path, ...), or pass the path")
+    if mpp is not None and not math.isclose(mpp, source.mpp, rel_tol=1e-6) or backend not in (None, source.backend):
+        raise ValueError(f"mpp={mpp!r}, backend={backend!r} given with an open Slide, which was opened at {source.mpp:g} "
+                         f"µm/px by {source.backend or 'no'} reader: give them to open_slide(path, ...), or pass the path")
     return nullcontext(source)
 
 
@@ -1115,7 +1116,7 @@ def score_slide(
 
     ``mpp`` (µm/px) overrides the file's (the result notes where they differ) and is needed where it has
     none, unless ``default_mpp`` is given: the µm/px of a file whose metadata gives none (an open Slide keeps the
-    µm/px and reader it was opened with: ValueError beside one); ``region`` is a QuPath GeoJSON or mask image of the
+    µm/px and reader it was opened with: ValueError where another is given beside one); ``region`` is a QuPath GeoJSON or mask image of the
     tumour, or a Region (default: detected epithelial cells);
     ``cnn``: a TileClassifier (``her2score.cnn.load_model()``) whose tile probabilities are reported and
     fused with the guideline score (default: none, the classical call alone; the CLI fuses the shipped

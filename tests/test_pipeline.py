@@ -222,7 +222,7 @@ def test_the_tile_margin_is_physical(fields):
 
 
 def test_settings_an_open_slide_or_a_region_cannot_take_are_refused_before_any_tile_is_read(fields, monkeypatch):
-    """An open Slide keeps the µm/px and reader it was opened with: an mpp beside it was ignored, and the QC that
+    """An open Slide keeps the µm/px and reader it was opened with: another mpp beside it was ignored, and the QC that
     catches a wrong µm/px never ran. A region of another type failed only after every tile had been scored; an
     empty guideline took the default."""
     import her2score.pipeline as pipeline
@@ -230,14 +230,16 @@ def test_settings_an_open_slide_or_a_region_cannot_take_are_refused_before_any_t
     f = fields["2+"]
     slide = ArraySlide(f.image, mpp=f.mpp)
     monkeypatch.setattr(pipeline, "score_tile", lambda *a, **k: pytest.fail("a tile was scored"))
-    for given in (dict(mpp=1.0), dict(backend="openslide"), dict(default_mpp=0.5)):
-        with pytest.raises(ValueError, match=f"{next(iter(given))}=.* given with an open Slide, which was opened at 0.5 µm/px"):
+    for given in (dict(mpp=1.0), dict(backend="openslide")):
+        with pytest.raises(ValueError, match=r"mpp=.*, backend=.* given with an open Slide, which was opened at 0.5 µm/px"):
             score_slide(slide, **given)
     for region in (np.zeros(f.image.shape[:2], np.uint8), {"type": "FeatureCollection", "features": []}):
         with pytest.raises(TypeError, match=f"region must be a path .* not {type(region).__name__}"):
             score_slide(f.image, mpp=f.mpp, region=region)
     with pytest.raises(ValueError, match="unknown guideline ''"):
         score_slide(f.image, mpp=f.mpp, guideline="")
+    monkeypatch.undo()
+    assert score_slide(slide, mpp=0.5, default_mpp=0.5).mpp == 0.5  # its own µm/px given again; a default it needs not
 
 
 def test_a_results_settings_score_the_slide_again_alike(fields):
