@@ -403,8 +403,9 @@ REGION_SUFFIXES = (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".jpeg"
 
 
 class _Annotations:
-    """What _find_region looks among: each folder's files by lower-case name (listed once), less the
-    batch's slides, and the batch's slides by stem."""
+    """What _find_region looks among: each folder's entries by lower-case name (listed once; a folder, a pipe or a
+    link to nothing among them, which load_region refuses by name), less the batch's slides, and the batch's slides
+    by stem."""
 
     def __init__(self, slides: list[tuple[Path, Path]]):
         self.slides = {resolved_path(p) for p, _ in slides}
@@ -413,12 +414,16 @@ class _Annotations:
         for p, root in slides:                    # hold the same, and one folder a.png beside a.tif
             self.by_stem.setdefault(p.stem, []).append(p)
             self.by_rel.setdefault(_under(p, root).with_suffix(""), []).append(p)
-        self._folders: dict[Path, dict[str, Path]] = {}
+        self._folders: dict[Path, dict[str, list[Path]]] = {}
 
-    def files(self, folder: Path) -> dict[str, Path]:
+    def files(self, folder: Path) -> dict[str, list[Path]]:
+        """``folder``'s entries by lower-case name (F.geojson and f.GEOJSON are both f.geojson's)."""
         if folder not in self._folders:
-            self._folders[folder] = ({f.name.lower(): f for f in folder.iterdir() if f.is_file() and resolved_path(f) not in self.slides}
-                                     if folder.is_dir() else {})
+            found: dict[str, list[Path]] = {}
+            for f in sorted(folder.iterdir()) if folder.is_dir() else ():
+                if resolved_path(f) not in self.slides:
+                    found.setdefault(f.name.lower(), []).append(f)
+            self._folders[folder] = found
         return self._folders[folder]
 
 
@@ -436,9 +441,11 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
     for folder, names in ((regions / rel.parent, (rel.stem, rel.name)), (regions, (slide.stem, slide.name))):
         found = annotations.files(folder)
         for name in names:
-            for suffix in REGION_SUFFIXES:
-                if (cand := found.get(f"{name}{suffix}".lower())) is None:
-                    continue
+            cands = [(suffix, f) for suffix in REGION_SUFFIXES for f in found.get(f"{name}{suffix}".lower(), [])]
+            if len(cands) > 1:  # which one was meant cannot be told: each would give another result
+                raise BatchError(f"{slide}: {len(cands)} annotations name it ({', '.join(str(f) for _, f in cands)}): "
+                                 "keep the one to use under --regions")
+            for suffix, cand in cands:
                 by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
                 alike = annotations.by_rel[rel.with_suffix("")] if by_path else annotations.by_stem[slide.stem]
                 if name == rel.name:  # <name with its suffix>.geojson names one slide
@@ -453,8 +460,8 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
                     raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
                                      f"name; {fix}")
                 return str(cand)
-    near = sorted({str(f) for folder in (regions / rel.parent, regions) for key, f in annotations.files(folder).items()
-                   if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES
+    near = sorted({str(f) for folder in (regions / rel.parent, regions) for key, fs in annotations.files(folder).items()
+                   for f in fs if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES
                    and f.stem not in annotations.by_stem})  # case10.geojson is slide case10's, not case1's
     hint = f" ({', '.join(near)} {'is' if len(near) == 1 else 'are'} named like it: name one {slide.stem}<suffix> to use it)" if near else ""
     log.warning("%s: no annotation under %s%s; its tumour cells are detected", slide, regions, hint)
@@ -711,8 +718,11 @@ def _config_key(job: Job, used_default: bool = False) -> str:
     ``used_default``, region file, reader given): equal keys score alike. A slide whose file gives its µm/px keeps its
     key whatever --default-mpp is, and one read by the reader its file chooses (plan_jobs: no ``backend`` then) the key
     it had before --backend was."""
-    own = ([job.mpp, job.default_mpp if used_default else None, job.region] + ([_signature(job.region)] if job.region else [])
-           + ([f"backend {job.backend}"] if job.backend else []))
+    try:
+        region = [_signature(job.region)] if job.region else []
+    except OSError:  # a link to nothing: the slide's error row names it (load_region)
+        region = [None]
+    own = [job.mpp, job.default_mpp if used_default else None, job.region] + region + ([f"backend {job.backend}"] if job.backend else [])
     blob = json.dumps([_settings(job), *own], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -275,6 +275,10 @@ def load_region(path: str | os.PathLike, *, slide_size: tuple[int, int]) -> Regi
     path = Path(path)
     if path.is_dir():
         raise RegionError(path, "is a folder, not a region file")
+    if path.is_symlink() and not path.exists():
+        raise RegionError(path, "is a symbolic link to nothing (broken, or a loop), not a region file")
+    if path.exists() and not path.is_file():
+        raise RegionError(path, "is not a regular file (a pipe, socket or device), not a region file")
     if not path.is_file():
         raise RegionError(path, "region file not found")
     if path.stat().st_size == 0:

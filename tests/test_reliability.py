@@ -560,6 +560,31 @@ def test_an_annotation_named_by_stem_is_refused_where_two_slides_of_a_folder_sha
     assert rows["a.tif"]["region"].startswith("detected epithelial cells")
 
 
+def test_an_annotation_that_cannot_be_read_or_has_a_twin_is_never_passed_over(tmp_path):
+    """A broken link, a folder or a pipe named as the annotation was skipped ("no annotation", every detected cell
+    scored, exit 0); two annotations of one slide (a mask beside a GeoJSON, F.geojson beside f.GEOJSON), one taken
+    unsaid, each giving another result."""
+    (tmp_path / "slides").mkdir()
+    save_png(tmp_path / "slides" / "f.png", generate_field("3+", seed=9100).image)
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    for make, words in ((lambda p: p.symlink_to(tmp_path / "moved" / "f.geojson"), "is a symbolic link to nothing"),
+                        (lambda p: p.mkdir(), "is a folder, not a region file"),
+                        (lambda p: os.mkfifo(p), "is not a regular file (a pipe, socket or device)")):
+        make(regions / "f.geojson")
+        rows = run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions, workers=1)
+        assert rows[0]["status"] == "error" and f"{regions / 'f.geojson'}: {words}" in rows[0]["error"], rows[0]
+        p = regions / "f.geojson"
+        p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+    for twins in (("f.geojson", "f.png"), ("F.geojson", "f.GEOJSON")):
+        for name in twins:
+            _tumour_square(regions / name) if name.lower().endswith("json") else save_png(regions / name, np.full((64, 64, 3), 255, np.uint8))
+        with pytest.raises(BatchError, match=r"f\.png: 2 annotations name it \(.*, .*\): keep the one to use under --regions"):
+            run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions, workers=1)
+        for name in twins:
+            (regions / name).unlink()
+
+
 def test_annotations_are_found_by_the_slides_path_and_never_shared_or_taken_from_a_slide(tmp_path):
     """Two slides named alike in two folders take the annotations under the same folders; a lone one at the
     top of --regions would be shared, so it is refused; the slide folder given as --regions holds no
