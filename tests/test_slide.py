@@ -613,6 +613,22 @@ def test_a_small_16_bit_sample_keeps_its_glass_as_white():
     samples[:9] = 65535  # three saturated pixels in a large sample are still hot pixels
     assert _white_of(np.concatenate([samples, np.full(100_000, 3000, np.uint16)])) == 4095
 
+
+def test_a_mark_burnt_in_at_16_bit_full_scale_does_not_set_a_12_bit_images_white(tmp_path, slide_rgb):
+    """A camera snapshot's white scale bar, 0.4% of a 12-bit field's pixels at 65535, read every pixel 16 x too dark
+    (refused as blank); saturated glass, more of the image, is still white."""
+    from her2score.slide import FULL_SCALE_MARK, _white_of
+
+    twelve = slide_rgb.astype(np.uint16) * 16
+    twelve[250:256, :200] = 65535  # 1,200 of 65,536 pixels: 1.8%
+    assert 1200 / twelve[..., 0].size < FULL_SCALE_MARK
+    tifffile.imwrite(tmp_path / "bar.tif", twelve, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "bar.tif") as s:
+        read = s.read_region((0, 0), s.dimensions, mpp=s.mpp).astype(int)
+        assert np.abs(read - slide_rgb)[twelve[..., 0] < 65535].max() <= 1 and s.notes == ("12-bit samples scaled to 8 bits",)
+    glass = np.concatenate([np.full(5_000, 65535, np.uint16), np.full(95_000, 3000, np.uint16)])  # 5% saturated glass
+    assert _white_of(glass) == 65535
+
 def test_8_bit_values_in_16_bit_samples_read_as_they_are(tmp_path, slide_rgb):
     """astype(np.uint16) of an 8-bit image (some Fiji and MATLAB exports): its white was taken as 511 and every pixel
     read half as bright (a 1+ field refused as nuclear DAB); 9-bit values still scale by their own depth."""
