@@ -463,6 +463,20 @@ def _square_pixels(path, across: float | None, down: float | None) -> None:
                                "resample it to square pixels first")
 
 
+def _square_aspect(path, img) -> None:
+    """SlideError where a plain image states its pixels' aspect without a unit (PNG pHYs or JPEG JFIF unit 0) more
+    than ASPECT_TOLERANCE off square, as _square_pixels for a stated size."""
+    across, down = img.info.get("aspect") or (img.info.get("jfif_density") if img.info.get("jfif_unit") == 0 else None) or (1, 1)
+    try:
+        stretch = max(float(across) / float(down), float(down) / float(across))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return
+    if stretch > 1 + ASPECT_TOLERANCE:
+        raise SlideError(path, f"its pixels are not square: its metadata states an aspect of {across}:{down} (no unit), so "
+                               f"cells would be measured {100 * (stretch - 1):.1f}% stretched one way; resample it to "
+                               "square pixels first")
+
+
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
 
 
@@ -620,6 +634,7 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
             if page is not None and (page.ome or meta_mpp is None):
                 meta_mpp, down = page.across, page.down
             _square_pixels(path, meta_mpp, down)
+            _square_aspect(path, img)
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
                 raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")

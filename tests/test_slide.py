@@ -332,6 +332,35 @@ def test_pixels_taller_than_wide_are_refused_by_name(tmp_path, slide_rgb, backen
         assert s.mpp == pytest.approx(0.5)
 
 
+def test_an_aspect_stated_without_a_unit_is_a_shape_too(tmp_path, slide_rgb):
+    """A PNG pHYs or JPEG JFIF of unit 0 states only its pixels' aspect: 1000:2000 was scored as square."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    buf = io.BytesIO()
+    Image.fromarray(slide_rgb[:64, :64]).save(buf, "PNG")
+    png = buf.getvalue()
+    at = png.index(b"IDAT") - 4
+    for across, down in ((1000, 2000), (1000, 1000)):
+        (tmp_path / f"a{down}.png").write_bytes(png[:at] + chunk(b"pHYs", struct.pack(">IIB", across, down, 0)) + png[at:])
+    buf = io.BytesIO()
+    Image.fromarray(slide_rgb[:64, :64]).save(buf, "JPEG", dpi=(1, 2))
+    jpeg = bytearray(buf.getvalue())
+    jpeg[jpeg.index(b"JFIF") + 7] = 0  # units: none (aspect only)
+    (tmp_path / "a.jpg").write_bytes(bytes(jpeg))
+    for name, aspect in (("a2000.png", "1000:2000"), ("a.jpg", "1:2")):
+        with pytest.raises(SlideError, match=f"its pixels are not square: its metadata states an aspect of {aspect} \\(no unit\\)"):
+            open_slide(tmp_path / name, mpp=0.5)
+    with open_slide(tmp_path / "a1000.png", mpp=0.5) as s:
+        assert s.dimensions == (64, 64)
+
+
 @pytest.mark.parametrize("backend", ["tifffile", "openslide", "image"])
 def test_an_ome_tiff_gives_its_mpp_whichever_reader_reads_it(tmp_path, slide_rgb, backend):
     """OpenSlide and Pillow do not read OME-XML: an OME-TIFF given --backend openslide or image had 'no
