@@ -665,6 +665,9 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
     except SlideError:
         raise
     except UnidentifiedImageError:
+        if (bits := _jpeg_precision(path)) not in (None, 8):
+            raise SlideError(path, f"a {bits}-bit JPEG, which is not decoded here: save it as an 8-bit JPEG, or a 16-bit "
+                                   "PNG or TIFF") from None
         raise SlideError(path, f"not a readable image although named {path.suffix}") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise SlideError(path, f"cannot decode image ({e}); truncated or corrupt file") from None
@@ -762,6 +765,20 @@ _IMAGEJ_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0, 
 def _unescaped(unit: str) -> str:
     """An ImageJ unit as written (ImageJ escapes non-ASCII: '\\u00B5m' is µm)."""
     return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), unit).strip()
+
+
+def _jpeg_precision(path: Path, *, max_bytes: int = 1 << 20) -> int | None:
+    """The sample precision (bits) of a JPEG's frame header, read from its first ``max_bytes``; None where the file is
+    no JPEG or none is found there."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes)
+    at = 2 if data.startswith(b"\xff\xd8") else len(data)
+    while at + 4 < len(data) and data[at] == 0xFF:
+        marker, length = data[at + 1], struct.unpack(">H", data[at + 2 : at + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame: precision, then the size
+            return data[at + 4] if at + 4 < len(data) else None
+        at += 2 + length
+    return None
 
 
 def _sniff(path: Path) -> tuple[str | None, bytes]:

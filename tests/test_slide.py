@@ -332,6 +332,19 @@ def test_pixels_taller_than_wide_are_refused_by_name(tmp_path, slide_rgb, backen
         assert s.mpp == pytest.approx(0.5)
 
 
+def test_a_12_bit_jpeg_is_refused_by_what_it_is(tmp_path, slide_rgb):
+    """Pillow decodes 8-bit JPEGs only: a valid 12-bit one was 'not a readable image although named .jpg'."""
+    import imagecodecs
+
+    (tmp_path / "f12.jpg").write_bytes(imagecodecs.jpeg8_encode(slide_rgb[:64, :64].astype(np.uint16) * 16, level=95,
+                                                                 bitspersample=12))
+    with pytest.raises(SlideError, match=r"f12\.jpg: a 12-bit JPEG, which is not decoded here: save it as an 8-bit JPEG"):
+        open_slide(tmp_path / "f12.jpg", mpp=0.5)
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(40))
+    with pytest.raises(SlideError, match="not a readable image although named .jpg"):
+        open_slide(tmp_path / "junk.jpg", mpp=0.5)
+
+
 def test_an_aspect_stated_without_a_unit_is_a_shape_too(tmp_path, slide_rgb):
     """A PNG pHYs or JPEG JFIF of unit 0 states only its pixels' aspect: 1000:2000 was scored as square."""
     import io
