@@ -139,6 +139,8 @@ def _load_geojson(path: Path) -> Region:
         raise RegionError(path, "not valid GeoJSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise RegionError(path, f"not valid GeoJSON ({e})") from None
+    except ValueError:  # an integer of over 4,300 digits (Python's limit on converting one)
+        raise RegionError(path, "not valid GeoJSON (a number too long to be a coordinate)") from None
     except RecursionError:
         raise RegionError(path, "not valid GeoJSON (nested too deeply)") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":

@@ -133,9 +133,11 @@ def test_unclassified_annotations_count_as_tumour(tmp_path):
     ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [2, "NaN"]]]}, "feature 0 (Polygon): coordinates must be finite numbers"),
     ({"type": "Polygon", "coordinates": []}, "feature 0: Polygon without coordinates"),
     ({"type": "FeatureCollection", "features": [_feature({"type": "Circle", "coordinates": [1, 2]})]}, "feature 0: unknown geometry type 'Circle'"),
+    ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1' + "0" * 5000 + ', 0]]]}',
+     "not valid GeoJSON (a number too long to be a coordinate)"),  # Python's own words, not naming the file
 ], ids=["invalid-json", "missing-geometry", "no-polygon", "all-non-tumour", "only-region-of-interest",
         "non-tumour-and-region-of-interest", "non-tumour-point-and-region-of-interest", "non-tumour-point", "empty", "features-not-list",
-        "not-geojson", "short-ring", "non-numeric", "nan-string", "no-coordinates", "unknown-type"])
+        "not-geojson", "short-ring", "non-numeric", "nan-string", "no-coordinates", "unknown-type", "5001-digit-number"])
 def test_invalid_geojson_messages(tmp_path, content, reason):
     p = _write(tmp_path, content)
     with pytest.raises(RegionError) as e:
