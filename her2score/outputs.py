@@ -514,9 +514,21 @@ def _draw_region(canvas: np.ndarray, analysis: SlideAnalysis, origin: tuple[floa
         # line's whole width off the drawing: no frame where the canvas cuts it
         edges, _ = cv2.findContours(sampled.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(-pad, -pad))
     else:  # QuPath's coordinates: pixel i spans [i, i + 1]
-        edges = [np.round((ring - 0.5 - (ox, oy)) * px_per_level0).astype(np.int32)
-                 for exterior, holes in (*region.polygons, *region.excluded) for ring in (exterior, *holes)]
+        h, w = canvas.shape[:2]
+        pad = width + 2
+        edges = []
+        for ring in (ring for exterior, holes in (*region.polygons, *region.excluded) for ring in (exterior, *holes)):
+            pts = (ring - 0.5 - (ox, oy)) * px_per_level0
+            if np.abs(pts).max() > FAR_PX:  # cut to the canvas (its edges a line's width off it): int32 holds it
+                pts = clip_outline(pts + pad, w + 2 * pad, h + 2 * pad) - pad
+            if len(pts):
+                edges.append(np.round(pts).astype(np.int32))
     cv2.polylines(canvas, edges, True, REGION_COLOUR, width, cv2.LINE_AA)
+
+
+FAR_PX = 1e6
+"""Canvas px beyond which an annotation's vertex is cut to the canvas before it is drawn (one at 1e12 px overflowed
+the int32 OpenCV draws in)."""
 
 
 def _cell_colours(analysis: SlideAnalysis, idx: np.ndarray) -> list[tuple[int, int, int]]:

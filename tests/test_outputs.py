@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from dataclasses import replace
 
 import cv2
@@ -489,6 +490,15 @@ def test_the_overlay_draws_the_tumour_annotation_given(field, tmp_path):
         window = np.full((side, side, 3), 255, np.uint8)
         _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (600.0, 600.0), 1.0)
         assert (window == 255).all()  # wholly inside the annotation
+    # a polygon whose vertices lie 1e12 px away (an annotation in other units) is drawn where it crosses the canvas,
+    # without overflowing the int32 OpenCV draws in (numpy warned, and the line was wherever the overflow put it)
+    far = np.array([[100.5, 100.5], [1e12, 100.5], [1e12, 1e12], [100.5, 1e12], [100.5, 100.5]])
+    window = np.full((512, 512, 3), 255, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _draw_region(window, SimpleNamespace(region=Region("r.geojson", polygons=((far, ()),))), (0.0, 0.0), 1.0)
+    dark = np.all(window == REGION_COLOUR, axis=2)
+    assert dark[99:102, 150:500].any(axis=0).all() and dark[150:500, 99:102].any(axis=1).all() and not dark[110:, 110:].any()
     window = np.full((512, 512, 3), 255, np.uint8)
     _draw_region(window, SimpleNamespace(region=Region("m.png", mask=mask, mask_scale=(0.25, 0.25))), (200.0, 200.0), 1.0)
     dark = np.all(window == REGION_COLOUR, axis=2)
