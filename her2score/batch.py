@@ -520,9 +520,9 @@ def _empty_row(slide: str, name: str = "") -> dict:
 def _error_message(job: Job, e: BaseException) -> str:
     ours = isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("her2score")
     message = str(e) if ours and str(e) else f"{type(e).__name__}: {e}"
-    if isinstance(e, MemoryError):  # no words of its own
-        message = ("ran out of memory while scoring it (MemoryError): score it alone with --workers 1, or on a machine "
-                   "with more memory")
+    if isinstance(e, MemoryError) or "Insufficient memory" in message and type(e).__module__.startswith("cv2"):  # no words of its own
+        message = (f"ran out of memory while scoring it ({'MemoryError' if isinstance(e, MemoryError) else 'OpenCV'}): "
+                   "score it alone with --workers 1, or on a machine with more memory")
     if job.slide not in message:
         message = f"{job.slide}: {message}"
     return message

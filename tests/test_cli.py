@@ -149,6 +149,14 @@ def test_a_slide_that_cannot_be_read_or_fits_no_memory_says_so_in_words(tmp_path
     row = run_batch([good_png], tmp_path / "out")[0]
     assert row["error"] == (f"{good_png}: ran out of memory while scoring it (MemoryError): score it alone with --workers 1, "
                             "or on a machine with more memory"), row["error"]
+    import cv2
+
+    def opencv_full(*a, **k):  # OpenCV's own allocation failure, as a large image's may raise it
+        raise cv2.error("OpenCV(5.1.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 4 bytes")
+    monkeypatch.setattr(pipeline, "content_sample", opencv_full)
+    row = run_batch([good_png], tmp_path / "out")[0]
+    assert row["error"] == (f"{good_png}: ran out of memory while scoring it (OpenCV): score it alone with --workers 1, "
+                            "or on a machine with more memory"), row["error"]
 
 
 def test_guideline_settings_from_the_command_line(tmp_path, capsys):
