@@ -167,6 +167,11 @@ class SlideResult:
         # written before classical_flags existed: without a CNN the call's flags are the classical ones
         d["classical_flags"] = tuple(d.get("classical_flags", () if d.get("cnn") else d["flags"]))
         d["qc"] = tuple(QCFinding(**q) for q in d.get("qc", ()))
+        from .categories import CATEGORIES
+
+        for key in ("counts", "percentages"):  # in CATEGORIES' order, as scored (result.json sorts its keys)
+            if key in d:
+                d[key] = {c: d[key][c] for c in CATEGORIES if c in d[key]}
         if d.get("cnn"):
             d["cnn"] = CnnReport(**d["cnn"])
         return cls(**d)

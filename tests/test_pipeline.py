@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from her2score import __version__
+from her2score.categories import CATEGORIES
 from her2score.guidelines import PANCREATIC_NOTE
 from her2score.pipeline import NoTissueError, ScoringConfig, WrongStainError, analyse_slide, score_slide
+from her2score.results import SlideResult
 from her2score.slide import ArraySlide
 from her2score.synthetic import generate_field, generate_he_field, make_slide, write_pyramidal_tiff
 from her2score.tumour import TumourRule
@@ -44,7 +46,11 @@ def test_a_result_records_the_file_it_scored(fields, tmp_path):
     from her2score.files import content_sample
 
     Image.fromarray(fields["1+"].image).save(tmp_path / "f.png")
-    assert score_slide(tmp_path / "f.png", mpp=0.5).slide_sample == content_sample(tmp_path / "f.png")
+    r = score_slide(tmp_path / "f.png", mpp=0.5)
+    assert r.slide_sample == content_sample(tmp_path / "f.png")
+    (tmp_path / "result.json").write_text(r.to_json())
+    back = SlideResult.read(tmp_path / "result.json")  # its counts and shares in the categories' order, as scored
+    assert back == r and list(back.counts) == list(back.percentages) == [c for c in CATEGORIES if c in r.counts]
 
 
 def test_haematoxylin_only_field_scores_null():
