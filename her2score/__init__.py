@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.5.3"
+__version__ = "0.5.4"
 
 _SOURCES = {
     "score_slide": "pipeline",
