@@ -506,6 +506,9 @@ def analyse_slide(
     3+ fields whose DAB leans 5-12 degrees towards haematoxylin). Refused again, the first refusal stands.
     """
     workers = checked_workers(workers)
+    if not isinstance(path, (str, os.PathLike, Slide, np.ndarray)):
+        raise TypeError(f"path must be a file path, an open Slide or an RGB array (np.asarray(image) for a PIL image), "
+                        f"not {type(path).__name__}")
     _check_config(config)
     if region is not None and not isinstance(region, (str, os.PathLike, Region)):  # before any tile is read
         raise TypeError(f"region must be a path to a QuPath GeoJSON or mask image, or a her2score.region.Region "

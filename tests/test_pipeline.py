@@ -244,6 +244,8 @@ def test_settings_an_open_slide_or_a_region_cannot_take_are_refused_before_any_t
             score_slide(f.image, mpp=f.mpp, region=region)
     with pytest.raises(ValueError, match="unknown guideline ''"):
         score_slide(f.image, mpp=f.mpp, guideline="")
+    with pytest.raises(TypeError, match=r"path must be a file path, an open Slide or an RGB array \(np.asarray\(image\) for a PIL image\), not Image"):
+        score_slide(Image.fromarray(f.image), mpp=f.mpp)
     monkeypatch.undo()
     assert score_slide(slide, mpp=0.5, default_mpp=0.5).mpp == 0.5  # its own µm/px given again; a default it needs not
 
