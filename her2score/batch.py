@@ -440,26 +440,26 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
     rel = _under(slide, root)
     for folder, names in ((regions / rel.parent, (rel.stem, rel.name)), (regions, (slide.stem, slide.name))):
         found = annotations.files(folder)
-        for name in names:
-            cands = [(suffix, f) for suffix in REGION_SUFFIXES for f in found.get(f"{name}{suffix}".lower(), [])]
-            if len(cands) > 1:  # which one was meant cannot be told: each would give another result
-                raise BatchError(f"{slide}: {len(cands)} annotations name it ({', '.join(str(f) for _, f in cands)}): "
-                                 "keep the one to use under --regions")
-            for suffix, cand in cands:
-                by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
-                alike = annotations.by_rel[rel.with_suffix("")] if by_path else annotations.by_stem[slide.stem]
-                if name == rel.name:  # <name with its suffix>.geojson names one slide
-                    alike = [p for p in alike if p.name == slide.name]
-                same = [str(p) for p in alike if p != slide]
-                if same:
-                    whole = name != rel.name and not any(p.name == slide.name for p in alike if p != slide)
-                    fix = ((f"name it after the slide's whole file name ({rel.name}{suffix}), or " if whole else "")
-                           + "score those inputs in runs of their own, each with its --regions, or give one folder "
-                             "above them as the input, their annotations in sub-folders as the slides are" if by_path else
-                           f"put it where the slide is under its folder ({regions / rel.parent}/)")
-                    raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
-                                     f"name; {fix}")
-                return str(cand)
+        cands = list({f: (name, suffix, f) for name in dict.fromkeys(names) for suffix in REGION_SUFFIXES
+                      for f in found.get(f"{name}{suffix}".lower(), [])}.values())
+        if len(cands) > 1:  # which one was meant cannot be told: each would give another result
+            raise BatchError(f"{slide}: {len(cands)} annotations name it in {folder} ({', '.join(str(f) for *_, f in cands)}): "
+                             "keep the one to use")
+        for name, suffix, cand in cands:
+            by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
+            alike = annotations.by_rel[rel.with_suffix("")] if by_path else annotations.by_stem[slide.stem]
+            if name == rel.name:  # <name with its suffix>.geojson names one slide
+                alike = [p for p in alike if p.name == slide.name]
+            same = [str(p) for p in alike if p != slide]
+            if same:
+                whole = name != rel.name and not any(p.name == slide.name for p in alike if p != slide)
+                fix = ((f"name it after the slide's whole file name ({rel.name}{suffix}), or " if whole else "")
+                       + "score those inputs in runs of their own, each with its --regions, or give one folder "
+                         "above them as the input, their annotations in sub-folders as the slides are" if by_path else
+                       f"put it where the slide is under its folder ({regions / rel.parent}/)")
+                raise BatchError(f"{cand}: the annotation of which slide? {slide} and {', '.join(same)} share its "
+                                 f"name; {fix}")
+            return str(cand)
     near = sorted({str(f) for folder in (regions / rel.parent, regions) for key, fs in annotations.files(folder).items()
                    for f in fs if key.startswith(slide.stem.lower()) and f.suffix.lower() in REGION_SUFFIXES
                    and f.stem not in annotations.by_stem})  # case10.geojson is slide case10's, not case1's

@@ -576,10 +576,10 @@ def test_an_annotation_that_cannot_be_read_or_has_a_twin_is_never_passed_over(tm
         assert rows[0]["status"] == "error" and f"{regions / 'f.geojson'}: {words}" in rows[0]["error"], rows[0]
         p = regions / "f.geojson"
         p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-    for twins in (("f.geojson", "f.png"), ("F.geojson", "f.GEOJSON")):
+    for twins in (("f.geojson", "f.png"), ("F.geojson", "f.GEOJSON"), ("f.geojson", "f.png.geojson")):
         for name in twins:
             _tumour_square(regions / name) if name.lower().endswith("json") else save_png(regions / name, np.full((64, 64, 3), 255, np.uint8))
-        with pytest.raises(BatchError, match=r"f\.png: 2 annotations name it \(.*, .*\): keep the one to use under --regions"):
+        with pytest.raises(BatchError, match=r"f\.png: 2 annotations name it in .*regions \(.*, .*\): keep the one to use"):
             run_batch([tmp_path / "slides"], tmp_path / "out", regions=regions, workers=1)
         for name in twins:
             (regions / name).unlink()
