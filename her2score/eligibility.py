@@ -524,15 +524,15 @@ def _coarse_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str)
 
 
 def _incomplete_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:
-    """Why the slide needs review when its breast 1+ rests on incomplete membranes stronger than faint, which
+    """Why the slide needs review when its breast 1+ rests on weak-to-moderate incomplete membranes, which
     the 2018 note would call equivocal 2+ where they are moderate (guidelines.moderate_incomplete, which flags
     moderate_incomplete, read from the counts), and 2+ would change the answer; None otherwise."""
     if (pct := moderate_incomplete(result.counts, result.level, result.guideline)) is None:
         return None
     side = DOUBT_SIDES["moderate_incomplete"]
-    return _doubt_at(result, rule, ish, status, side, side, f"{percent_text(pct)} of tumour cells show incomplete membranes "
-                     "stronger than faint, which ASCO/CAP's 2018 note calls equivocal where moderate (weak and moderate are "
-                     "one band here)")
+    return _doubt_at(result, rule, ish, status, side, side, f"{percent_text(pct)} of tumour cells show membranes stronger "
+                     "than faint, weak-to-moderate incomplete ones among them, which ASCO/CAP's 2018 note calls equivocal "
+                     "where moderate (weak and moderate are one band here)")
 
 
 def _cytoplasm_doubt(result: SlideResult, rule: Rule, ish: str | None, status: str) -> str | None:

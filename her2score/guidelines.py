@@ -519,20 +519,21 @@ def isolated_words(counts: Mapping[str, int], isolated_intense_percent: float = 
             f"{isolated_intense_percent:g}% / {ISOLATED_INTENSE_MIN_CELLS}-cell floor below which they would be isolated cells")
 
 
-STRONGER_THAN_FAINT = ("weak_moderate_complete", "weak_moderate_partial", "weak_moderate_lateral", "strong_lateral",
-                       "strong_partial")
-"""Stained cells a breast 0 may hold that are neither faint incomplete nor intense complete (which over the isolated
-floor make 2+ in <=10%): ASCO/CAP's 0 and DESTINY-Breast06's ultralow are faint incomplete staining, and its 2018 note
-calls a pattern its definitions do not cover equivocal; the last three are the unusual pattern's cells."""
+STRONGER_THAN_FAINT = ("weak_moderate_complete", "weak_moderate_lateral", "strong_lateral", "strong_partial")
+"""Stained cells a breast 0 may hold that are neither incomplete and no more than weak-to-moderate (as faint ones and
+false membranes read: FALSE_STRONGER_PERCENT) nor intense complete (which over the isolated floor make 2+ in <=10%):
+ASCO/CAP's 0 and DESTINY-Breast06's ultralow are faint incomplete staining, and its 2018 note calls a pattern its
+definitions do not cover equivocal; the last two are intense incomplete cells."""
 
 
 def stronger_zero_sides(counts: Mapping[str, int], score: str | None, *, guideline: str,
                         stronger_percent: float = FALSE_STRONGER_PERCENT) -> list[tuple[str, str]]:
     """The (score, level) a breast 0 could be where it holds cells stained more than faint (STRONGER_THAN_FAINT) in
-    more than ``stronger_percent`` of its tumour cells (what real unstained membranes read otherwise than faint) and
-    at least ISOLATED_INTENSE_MIN_CELLS: 1+ (a pathologist may read them as 1+ cells, as earlier wordings call weak
-    incomplete staining), and 2+ where the unusual pattern's cells (lateral/basolateral or intense incomplete) alone
-    are that many (as intense complete cells in <=10% make 2+). [] for another guideline or score."""
+    more than ``stronger_percent`` of its tumour cells (what real unstained membranes read otherwise than as faint or
+    weak-to-moderate partial ones) and at least ISOLATED_INTENSE_MIN_CELLS: 1+ (a pathologist may read them as 1+
+    cells), and 2+ where the intense incomplete ones alone are that many (as intense complete cells in <=10% make
+    2+). A reading of the guideline's words, not of the cells: no CNN settles it (pipeline). [] for another
+    guideline or score."""
     if score != "0" or GUIDELINE_FAMILY.get(guideline) != "breast":
         return []
     c = _validated(counts)
@@ -542,7 +543,7 @@ def stronger_zero_sides(counts: Mapping[str, int], score: str | None, *, guideli
         n = sum(c[cat] for cat in cats)
         return n >= ISOLATED_INTENSE_MIN_CELLS and 100 * n > stronger_percent * total
 
-    return [(s, s) for s, cats in (("1+", STRONGER_THAN_FAINT), ("2+", STRONGER_THAN_FAINT[2:])) if many(cats)]
+    return [(s, s) for s, cats in (("1+", STRONGER_THAN_FAINT), ("2+", ("strong_lateral", "strong_partial"))) if many(cats)]
 
 
 def stronger_zero_words(counts: Mapping[str, int]) -> str:
@@ -625,13 +626,15 @@ def with_coarse_doubt(flags: tuple[str, ...], level: str, scan_mpp: float | None
                                           "stained at 0.75 µm/px, 5-6% at 1), so it could be 1+")
 
 
-STRONGER_INCOMPLETE = ("weak_moderate_partial", "weak_moderate_lateral", "strong_lateral", "strong_partial")
-"""Incomplete membranes stronger than faint: the cells of a breast 1+ that moderate_incomplete weighs."""
+STRONGER_INCOMPLETE = ("weak_moderate_partial", *_BREAST_2PLUS)
+"""The cells of a breast 1+ that moderate_incomplete weighs: weak-to-moderate incomplete ones, with every cell of a 2+
+kind (_BREAST_2PLUS), which they would join were they moderate (until 0.5.4 lateral and intense incomplete cells
+only, the 2+ kinds then weighed apart)."""
 
 
 def moderate_incomplete(counts: Mapping[str, int], level: str, guideline: str) -> float | None:
-    """The % of tumour cells with incomplete membranes stronger than faint (STRONGER_INCOMPLETE) where a breast
-    "1+" call has them in >10%: ASCO/CAP's 1+ is "faint/barely perceptible" incomplete staining, and its 2018
+    """The % of tumour cells with membranes stronger than faint (STRONGER_INCOMPLETE) where a breast "1+" call has
+    them in >10%, weak-to-moderate incomplete ones among them: ASCO/CAP's 1+ is "faint/barely perceptible" incomplete staining, and its 2018
     note calls moderate to intense incomplete staining an unusual pattern, equivocal (2+). Weak and moderate are
     one band here (categories.Thresholds), so the tool cannot tell weak incomplete staining (1+, as earlier
     guidelines and the HercepTest manual word it) from moderate (2+). None for any other level, guideline or staining."""
@@ -640,19 +643,19 @@ def moderate_incomplete(counts: Mapping[str, int], level: str, guideline: str) -
         return None
     c = _validated(counts)
     n, total = sum(c[cat] for cat in STRONGER_INCOMPLETE), sum(c.values())
-    return 100.0 * n / total if 10 * n > total else None
+    return 100.0 * n / total if c["weak_moderate_partial"] and 10 * n > total else None
 
 
 def with_incomplete_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str,
                           guideline: str) -> tuple[tuple[str, ...], str]:
     """``flags`` plus ``moderate_incomplete``, and the words that say why (to append to a reason; "" without the
-    flag), where a breast 1+ rests on incomplete membranes stronger than faint (moderate_incomplete)."""
+    flag), where a breast 1+ rests on weak-to-moderate incomplete membranes (moderate_incomplete)."""
     share = moderate_incomplete(counts, level, guideline)
     if share is None:
         return flags, ""
     return (*flags, "moderate_incomplete"), (
-        f"; {percent_text(share)} of tumour cells show incomplete membranes stronger than faint (weak to moderate, "
-        "or intense): ASCO/CAP's 1+ is faint/barely perceptible staining and its 2018 note calls moderate to intense "
+        f"; {percent_text(share)} of tumour cells show membranes stronger than faint, weak-to-moderate incomplete ones "
+        "among them: ASCO/CAP's 1+ is faint/barely perceptible staining and its 2018 note calls moderate to intense "
         "incomplete staining equivocal (2+); weak and moderate are one band here, so a pathologist decides 1+ or "
         "2+ (reflex ISH)")
 

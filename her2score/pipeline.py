@@ -759,6 +759,8 @@ class _Call:
     open_to: tuple[str, ...] = ()
     """The other scores the cells measured leave possible (a share near a cut-off, a cluster of ~5, intense cells at
     the isolated floor, guidelines.DOUBT_SIDES): those the CNN may tip the call to."""
+    edges: tuple[str, ...] = ()
+    """The edges of the rules other than a share near 10% that the call lies on, in words ("...: it could be 1+")."""
 
 
 def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
@@ -778,19 +780,22 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     edges += [(isolated_words(counts, config.isolated_intense_percent), other, level)
               for other, level in isolated_sides(counts, score, guideline=config.guideline,
                                                  isolated_intense_percent=config.isolated_intense_percent)]
+    measured = [other for _, other, _ in edges]  # a cell read otherwise moves the call there: the CNN may tip it
+    # a reading of the guideline's words, not of the cells: no CNN settles it
     edges += [(stronger_zero_words(counts), other, level) for other, level in stronger_zero_sides(counts, score, guideline=config.guideline)]
     if edges and "near_cutoff" not in flags:
         flags = (*flags, "near_cutoff")
     could_be: dict[str, list[str]] = {}  # one edge's words with every level across it
     for words, _, level in edges:
         could_be.setdefault(words, []).append(level)
-    reason += "".join(f"; {words}: it could be {' or '.join(levels)}" for words, levels in could_be.items())
+    edge_words = tuple(f"{words}: it could be {' or '.join(levels)}" for words, levels in could_be.items())
+    reason += "".join(f"; {words}" for words in edge_words)
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent,
                                     scan_mpp=read.scan_mpp)
-    open_to = ([side for side, _ in near_sides] + [other for _, other, _ in edges]
-               + [DOUBT_SIDES[flag] for flag in flags if flag in DOUBT_SIDES])
-    return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)))
+    open_to = [side for side, _ in near_sides] + measured + [DOUBT_SIDES[flag] for flag in flags if flag in DOUBT_SIDES]
+    return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)),
+                 edge_words)
 
 
 def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig,
@@ -813,9 +818,14 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
                           f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
                           "read faint diffuse DAB as 1+")
         else:
-            left = f"only {' or '.join(open_to)} possible besides it" if open_to else "the call in no doubt"
+            read_so = [other for other, _ in stronger_zero_sides(counts, classical.score, guideline=config.guideline)
+                       if other not in open_to]
+            left = (f"only {' or '.join(open_to)} possible besides it" if open_to else
+                    "no other score possible" if read_so else "the call in no doubt")
             cnn_words += (f", not followed to {free}: the cells measured leave {left} (a network trained on synthetic "
-                          "fields tips only a call its cells leave in doubt)")
+                          "fields tips only a call its cells leave in doubt"
+                          + (f"; the {' or '.join(read_so)} they could be is a reading of the guideline's words, which it "
+                             "does not settle" if read_so else "") + ")")
     level, flags, reason = classical.level, classical.flags, classical.reason
     if score != classical.score:
         level = report_level(score, config.guideline, counts)
@@ -833,8 +843,8 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
                 doubt = (f"; the {classical.level} the cells measured give rests on {percent_text(classical.near_sides[0][1])} "
                          f"of {n_tumour:,} tumour cells, near the 10% cut-off") + doubt
             else:
-                doubt = (f"; the {classical.level} the cells measured give is near an edge of the rules (a cluster one "
-                         "cell from the biopsy rule's 5, or intense cells at the isolated floor)") + doubt
+                doubt = (f"; the {classical.level} the cells measured give is near an edge of the rules ("
+                         + "; ".join(classical.edges) + ")") + doubt
         reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                   f"{classical.level} on {classical.reason.split('; ')[0]}"
                   + ("; reflex ISH required" if level == "2+" else "") + doubt)
@@ -927,7 +937,7 @@ def with_call_doubts(flags: tuple[str, ...], score: str, level: str, counts: dic
                      scan_mpp: float | None = None) -> tuple[tuple[str, ...], str]:
     """``flags`` plus the doubts a call at ``score`` and report ``level`` carries on the cells measured, and the words
     of each (to append to a reason): ``null_or_ultralow`` where false membranes alone could make it an ultralow
-    (with_null_doubt), ``moderate_incomplete`` where a breast 1+ rests on incomplete membranes stronger than faint
+    (with_null_doubt), ``moderate_incomplete`` where a breast 1+ rests on weak-to-moderate incomplete membranes
     (with_incomplete_doubt), ``coarse_scan_zero`` where a 0 rests on a scan (``scan_mpp``) too coarse for faint
     membranes (with_coarse_doubt) and ``cytoplasmic_dab`` where the slide's staining says so (``blush``, ``rise``, ``filled``:
     tumour.with_cytoplasm_doubt). For the guideline's own call ``flags`` are its call's; for a score the rules did

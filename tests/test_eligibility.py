@@ -495,9 +495,9 @@ def test_a_breast_1plus_over_moderate_incomplete_membranes_asks_for_review_where
     counts = dict(none=700, faint_partial=100, weak_moderate_partial=200)
     positive = check_eligibility(make_result(**counts), "her2-positive-breast")
     assert positive.status == "needs_review"
-    assert positive.reasons[0] == ("20.0% of tumour cells show incomplete membranes stronger than faint, which ASCO/CAP's "
-                                   "2018 note calls equivocal where moderate (weak and moderate are one band here): at 2+ "
-                                   "the answer would be needs review"), positive.reasons
+    assert positive.reasons[0] == ("20.0% of tumour cells show membranes stronger than faint, weak-to-moderate incomplete "
+                                   "ones among them, which ASCO/CAP's 2018 note calls equivocal where moderate (weak and "
+                                   "moderate are one band here): at 2+ the answer would be needs review"), positive.reasons
     assert "without these doubts the answer would be: not eligible" in positive.reasons
     assert check_eligibility(make_result(**counts), "her2-positive-breast", ish="negative").status == "not_eligible"
     assert check_eligibility(make_result(**counts), "her2-low-breast").status == "needs_review"  # 2+ awaits ISH
@@ -918,5 +918,16 @@ def test_a_breast_zero_on_cells_stained_more_than_faint_needs_review_where_1_or_
     low = check_eligibility(moderate, "her2-low-breast")
     assert low.status == "needs_review" and "at 1+ the answer would be eligible" in low.reasons[0]
     for few in (dict(none=9800, strong_partial=200),  # 2%: what false membranes read otherwise than faint
-                dict(none=96, weak_moderate_complete=4)):  # 4%, but 4 cells
+                dict(none=96, weak_moderate_complete=4),  # 4%, but 4 cells
+                dict(none=9650, faint_partial=100, weak_moderate_partial=250)):  # weak-to-moderate partial: as false ones read
         assert not any("stained more than faint" in r for r in check_eligibility(make_result(**few), "her2-low-breast").reasons)
+    from her2score.guidelines import stronger_zero_sides
+
+    B23 = "breast-asco-cap-2023"
+    # 2+ where the intense incomplete cells alone are that many (as intense complete cells in <=10% make 2+)
+    assert stronger_zero_sides(dict(none=9700, weak_moderate_complete=150, strong_lateral=150), "0", guideline=B23) == [("1+", "1+")]
+    assert stronger_zero_sides(dict(none=9790, strong_lateral=210), "0", guideline=B23) == [("1+", "1+"), ("2+", "2+")]
+    assert stronger_zero_sides(dict(none=9600, weak_moderate_lateral=400), "0", guideline=B23) == [("1+", "1+")]
+    for guideline in ("gastric", "breast-asco-cap-2018"):  # gastric's 0 is reactivity in <10% whatever the kind; 2018's 0 alike
+        assert stronger_zero_sides(dict(none=9600, strong_lateral=400), "0", guideline=guideline) == ([] if guideline == "gastric" else
+                                                                                                    [("1+", "1+"), ("2+", "2+")])

@@ -192,15 +192,18 @@ def test_a_breast_1plus_over_incomplete_membranes_stronger_than_faint_is_a_doubt
     from her2score.guidelines import moderate_incomplete, with_incomplete_doubt
     from her2score.results import DOUBT_FLAGS
 
-    for counts, share in ((cells(none=80, wmp=20), 20.0), (cells(none=80, wmp=6, sp=5, fp=9), 11.0),
-                          (cells(none=70, wmp=6, wml=5, fp=19), 11.0)):
+    for counts, share in ((cells(none=80, wmp=20), 20.0), (cells(none=160, wmp=12, sp=9, fp=19), 10.5),
+                          (cells(none=140, wmp=12, wml=9, fp=39), 10.5),
+                          (cells(none=140, wmp=12, wmc=9, fp=39), 10.5)):  # a 2+ kind's complete cells count too (0.5.4)
         call = apply_guideline(counts, B23)
         assert call.level == "1+" and moderate_incomplete(counts, call.level, B23) == pytest.approx(share)
         flags, words = with_incomplete_doubt(call.flags, counts, call.level, B23)
         assert flags == ("her2_low", "moderate_incomplete") and "moderate_incomplete" in DOUBT_FLAGS
-        assert words.startswith(f"; {share:.1f}% of tumour cells show incomplete membranes stronger than faint")
+        assert words.startswith(f"; {share:.1f}% of tumour cells show membranes stronger than faint, weak-to-moderate "
+                                "incomplete ones among them")
         assert "a pathologist decides 1+ or 2+ (reflex ISH)" in words
     for counts, level, guideline in ((cells(none=90, wmp=10, fp=20), "1+", B23),  # 10%: not >10%
+                                     (cells(none=80, wml=5, sp=4, fp=11), "1+", B23),  # no weak-to-moderate incomplete cell
                                      (cells(none=80, fp=20), "1+", B23),  # faint: the guideline's own 1+
                                      (cells(none=80, wmp=20), "1+", G),  # gastric 1+: reactive in part of the membrane
                                      (cells(none=95, wmp=5), "0+ (ultralow)", B23)):

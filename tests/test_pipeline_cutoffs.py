@@ -396,3 +396,14 @@ def test_a_breast_zero_on_weak_to_moderate_complete_cells_says_they_could_be_1_p
     assert re.search(r"; [0-9.]+% of [0-9,]+ tumour cells are stained more than faint \(weak-to-moderate complete [0-9.]+%.*\), "
                      r"which the guideline's 0 \(faint incomplete staining\) does not describe: it could be 1\+$", r.reason), r.reason
     assert check_eligibility(r, "her2-low-breast").status == "needs_review"
+
+
+def test_a_cnn_does_not_settle_what_a_breast_0_over_cells_stained_more_than_faint_could_be():
+    """The 1+ such a 0 could be is a reading of the guideline's words, not of the cells: a CNN reading 1+ lifted a 0 of
+    3.5% stained cells to a reported 1+ (HER2-low), which no rule gives; it is held, and the reason says why."""
+    f = _field({"weak_moderate_complete": 0.035}, seed=9603, size_px=1024)
+    r = _score(f, cnn=ConstantClassifier("1+"))
+    assert r.level == "0+ (ultralow)" and "cnn_disagrees" in r.flags, r.reason
+    assert "stained more than faint" in r.reason and r.reason.endswith(
+        "not followed to 1+: the cells measured leave no other score possible (a network trained on synthetic fields tips "
+        "only a call its cells leave in doubt; the 1+ they could be is a reading of the guideline's words, which it does not settle)")
