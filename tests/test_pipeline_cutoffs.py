@@ -290,6 +290,25 @@ def test_a_gastric_biopsy_cluster_one_cell_from_the_rules_5_is_flagged_end_to_en
     assert decision.status == "needs_review" and "at 2+ the answer would be needs review" in decision.reasons[0]
 
 
+def test_a_fused_call_names_the_edge_its_classical_call_lay_on():
+    """A classical 2+ whose intense complete cells lie just over the isolated floor, tipped to 1+ by a CNN: the fused
+    reason named 'a cluster one cell from the biopsy rule's 5, or intense cells at the isolated floor' whichever it was."""
+    from types import SimpleNamespace
+
+    from her2score.pipeline import _fused_call, _guideline_call
+    from her2score.results import CnnReport
+
+    counts = dict(none=275, faint_partial=120, strong_complete=5)
+    read = SimpleNamespace(blush=None, rise=None, filled=None, scan_mpp=0.5, region_source="")
+    classical = _guideline_call(counts, 400, {}, ScoringConfig(), read)
+    assert classical.score == "2+" and classical.near_sides == () and classical.open_to == ("1+",)
+    fused, _ = _fused_call(classical, CnnReport("1+", {"0": 0.0, "1+": 1.0, "2+": 0.0, "3+": 0.0}, 1, "m"), counts, 400, {},
+                           ScoringConfig(), read)
+    assert fused.score == "1+" and fused.reason.endswith(
+        "; the 2+ the cells measured give is near an edge of the rules (its 5 intense complete cells (1.2% of 400) lie just "
+        "over the 1% / 5-cell floor below which they would be isolated cells: it could be 1+)"), fused.reason
+
+
 def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
     """HER2 0 fields with a cytoplasmic blush (0.1 OD in every tumour cell) on real slides' border texture read
     1+ (faint membranes from cytoplasm and borders); the unstained tumour cells' cytoplasm, darker than the
