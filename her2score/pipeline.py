@@ -204,13 +204,21 @@ class ScoringConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ScoringConfig":
         """The settings a ``to_dict`` (a result.json's ``config``) holds; the defaults for any it lacks (an older
-        version's). ValueError naming a setting this version does not know."""
+        version's). ValueError naming a setting this version does not know (one an older version had cannot be
+        scored alike) or a value of another type than the setting's."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
+        defaults = cls()
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
         nested = {"thresholds": Thresholds.from_dict, "tumour": TumourRule.from_dict}
+        for k, v in d.items():
+            default = getattr(defaults, k)
+            wanted = (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int) else (
+                (int, float) if isinstance(default, float) else (str,) if isinstance(default, str) else (dict,))
+            if not isinstance(v, wanted) or isinstance(v, bool) != (wanted == (bool,)):
+                raise ValueError(f"{k} must be {' or '.join(t.__name__ for t in wanted)}, got {v!r}")
         return cls(**{k: nested[k](v) if k in nested else v for k, v in d.items()})
 
 

@@ -277,19 +277,22 @@ samples)."""
 
 
 FULL_SCALE_MARK = 0.02
-"""The share of 16-bit colour samples at 65535 under which they are a mark drawn on the image (a camera snapshot's
-white scale bar, 0.4% of a 12-bit field's pixels, read every pixel 16 x too dark and refused the field as blank),
-left out of its white (_white_of); more are saturated glass."""
+"""The share of 16-bit colour samples at 65535 under which they are a mark drawn on an image whose other samples use
+at most 14 bits (a camera snapshot's white scale bar, 0.4% of a 12-bit field's pixels, read every pixel 16 x too dark
+and refused the field as blank), left out of its white (_white_of); more are saturated glass, and so are they beside
+samples of 15 or 16 bits (a dense 16-bit field with a little saturated glass)."""
 
 
 def _white_of(samples: np.ndarray) -> int:
     """The white of 16-bit colour ``samples``: the full scale of the bits their brightest uses (HOT_SAMPLES left
     out), at least 8 (glass is a brightfield image's brightest: a 12-bit camera's samples stored unscaled reach
     4095, not 65535; 8-bit values stored as 16-bit ones, as numpy's astype(np.uint16) leaves them, reach 255, and
-    read against 511 every pixel was half as bright); samples at 65535 in under FULL_SCALE_MARK of them are left out."""
+    read against 511 every pixel was half as bright); samples at 65535 in under FULL_SCALE_MARK of them, beside
+    others of 14 bits or fewer, are left out."""
     flat = np.asarray(samples, dtype=np.uint16).ravel()
-    if np.count_nonzero(flat == 65535) < FULL_SCALE_MARK * len(flat):  # a burnt-in scale bar or label: no glass
-        flat = flat[flat < 65535]
+    rest = flat[flat < 65535]
+    if 0 < len(flat) - len(rest) < FULL_SCALE_MARK * len(flat) and (white := _white_of(rest)) <= 16383:
+        return white  # a mark far over the image's own 12-14 bits: no glass
     share, least, most = HOT_SAMPLES
     left_out = max(int(share * len(flat)), min(least, int(most * len(flat))))
     at_least = np.cumsum(np.bincount(flat >> 8, minlength=256)[::-1])[::-1]  # samples of each high byte or more

@@ -260,7 +260,10 @@ def test_a_results_settings_score_the_slide_again_alike(fields):
     assert read == config and score_slide(f.image, mpp=f.mpp, config=read).to_dict() == first.to_dict()
     assert ScoringConfig.from_dict({"tile_px": 1024}) == ScoringConfig(tile_px=1024)  # an older result: defaults for the rest
     for bad, words in (({"tile_size": 512}, "unknown setting 'tile_size'"), ({"tumour": {"radius": 3}}, "unknown tumour rule setting 'radius'"),
-                       ({"thresholds": {"weak_od": "0.1"}}, "weak_od must be a number")):
+                       ({"thresholds": {"weak_od": "0.1"}}, "weak_od must be a number"),
+                       ({"near_cutoff_points": "5.5"}, "near_cutoff_points must be int or float, got '5.5'"),
+                       ({"min_tumour_cells": 100.0}, "min_tumour_cells must be int"), ({"estimate_stains": 1}, "estimate_stains must be bool"),
+                       ({"tumour": []}, "tumour must be dict")):
         with pytest.raises(ValueError, match=words):
             ScoringConfig.from_dict(bad)
     with pytest.raises(TypeError, match="config must be a ScoringConfig"):

@@ -670,6 +670,8 @@ def test_a_mark_burnt_in_at_16_bit_full_scale_does_not_set_a_12_bit_images_white
         assert np.abs(read - slide_rgb)[twelve[..., 0] < 65535].max() <= 1 and s.notes == ("12-bit samples scaled to 8 bits",)
     glass = np.concatenate([np.full(5_000, 65535, np.uint16), np.full(95_000, 3000, np.uint16)])  # 5% saturated glass
     assert _white_of(glass) == 65535
+    dense = np.concatenate([np.full(1_500, 65535, np.uint16), np.linspace(8000, 32000, 98_500).astype(np.uint16)])
+    assert _white_of(dense) == 65535  # a dense 16-bit field with 1.5% saturated glass: not read 2 x too bright
 
 def test_8_bit_values_in_16_bit_samples_read_as_they_are(tmp_path, slide_rgb):
     """astype(np.uint16) of an 8-bit image (some Fiji and MATLAB exports): its white was taken as 511 and every pixel
