@@ -633,7 +633,8 @@ def _guideline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--specimen", default="resection", choices=("resection", "biopsy"),
                    help="specimen type (biopsy has its own rule only under gastric)")
     p.add_argument("--gastric-reading", default="cumulative", choices=("cumulative", "per_band"),
-                   help="gastric: count a cell at its level and every weaker one (cumulative), or at its own level only")
+                   help="gastric: count a cell at its level and every weaker one (cumulative), or at its own level only for "
+                        "3+ and 2+ (per_band; reactivity of any kind in >=10%% is 1+ either way)")
     p.add_argument("--isolated-floor", type=float, default=1.0, metavar="PERCENT",
                    help="breast: intense complete cells in fewer than this %% of tumour cells (or fewer than 5) are "
                         "isolated cells, not the 'intense complete in <=10%%' 2+ pattern (0: one cell is enough)")

@@ -255,7 +255,7 @@ STAINED_AT_LEAST: dict[str, dict[str, tuple[str, ...]]] = {
 }
 """Per guideline family, the categories of a tumour cell stained at each level or higher as that family's rules read
 one cell (an eligibility rule's ``[[require]]`` shares). Breast: 3+ intense complete only (an intense lateral or
-incomplete membrane is the unusual 2+ pattern); 2+ either 2+ kind (_BREAST_2PLUS); 1+ any staining.
+incomplete membrane is the unusual 2+ pattern); 2+ every cell of a 2+ kind (_BREAST_2PLUS); 1+ any staining.
 Gastric: STAINING_LEVEL, complete and lateral (U) membranes at their intensity."""
 
 
@@ -290,7 +290,7 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
     ``guideline``, as apply_guideline counts them. Breast: 3+ strong complete; 2+ complete (any intensity),
     lateral/basolateral and intense incomplete membranes together (_BREAST_2PLUS); 1+ any membrane staining;
     isolated intense cells count in both as the stained complete cells they are. Gastric:
-    cumulative_counts, or each band alone under the per_band reading. (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
+    cumulative_counts, or under the per_band reading the 3+ and 2+ bands each alone (1+: every stained cell). (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
     groups = _deciding_categories(c, guideline, gastric_reading)
     return {score: sum(c[cat] for cat in cats) for score, cats in groups.items()}
@@ -836,7 +836,8 @@ def _gastric(
     """(score, level, flags, reason) under Hofmann/CAP 2016: >= 10% of cells, or a >= 5-cell cluster in biopsies.
 
     ``reading`` (GASTRIC_READINGS) decides whether a cell counts at its level and every weaker one
-    (cumulative) or at its own level only (per_band). Biopsy clusters are always cells stained at a
+    (cumulative) or at its own level only for 3+ and 2+ (per_band; reactivity of any kind in >=10% is 1+ either way,
+    as Hofmann's 0 is reactivity in <10%). Biopsy clusters are always cells stained at a
     level or stronger (as the pipeline measures them).
     """
     cum = cumulative_counts(c)
