@@ -1116,7 +1116,8 @@ def _report(metrics: dict, summary: str) -> str:
             "undetermined). Truth never comes from the tool's `check_eligibility`: it is the labels file's eligible "
             "column where given, else derived from the label and the rule file's eligible levels, ISH levels and "
             "requirements (`eligibility_truth`); images it does not decide are left out of the sensitivity and "
-            "specificity (undetermined). Images not scored are in no figure. The truth source column counts images "
+            "specificity (undetermined). Images refused or failed are in no figure; one read without tumour cells, no score, "
+            "is a needs review. The truth source column counts images "
             "per source.", "",
             "| rule | method | n (undetermined) | truth source | sensitivity [95% CI] | specificity [95% CI] "
             "| review: eligible / ineligible | wrong calls | needs review, all scored |",
