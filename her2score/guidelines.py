@@ -628,8 +628,8 @@ def with_coarse_doubt(flags: tuple[str, ...], level: str, scan_mpp: float | None
 
 STRONGER_INCOMPLETE = ("weak_moderate_partial", *_BREAST_2PLUS)
 """The cells of a breast 1+ that moderate_incomplete weighs: weak-to-moderate incomplete ones, with every cell of a 2+
-kind (_BREAST_2PLUS), which they would join were they moderate (until 0.5.4 lateral and intense incomplete cells
-only, the 2+ kinds then weighed apart)."""
+kind (_BREAST_2PLUS), which they would join were they moderate (until 0.5.4 without the complete ones, the 2+ kinds
+then weighed apart)."""
 
 
 def moderate_incomplete(counts: Mapping[str, int], level: str, guideline: str) -> float | None:
@@ -637,13 +637,15 @@ def moderate_incomplete(counts: Mapping[str, int], level: str, guideline: str) -
     them in >10%, weak-to-moderate incomplete ones among them: ASCO/CAP's 1+ is "faint/barely perceptible" incomplete staining, and its 2018
     note calls moderate to intense incomplete staining an unusual pattern, equivocal (2+). Weak and moderate are
     one band here (categories.Thresholds), so the tool cannot tell weak incomplete staining (1+, as earlier
-    guidelines and the HercepTest manual word it) from moderate (2+). None for any other level, guideline or staining."""
+    guidelines and the HercepTest manual word it) from moderate (2+). None where the 2+ kinds alone are over 10% (the
+    cells give 2+: a 1+ the rules did not make), and for any other level, guideline or staining."""
     _known(guideline)
     if level != "1+" or GUIDELINE_FAMILY[guideline] != "breast":
         return None
     c = _validated(counts)
     n, total = sum(c[cat] for cat in STRONGER_INCOMPLETE), sum(c.values())
-    return 100.0 * n / total if c["weak_moderate_partial"] and 10 * n > total else None
+    kinds = n - c["weak_moderate_partial"]  # over 10% alone they make 2+ (a 1+ the rules did not make, a CNN's)
+    return 100.0 * n / total if 10 * kinds <= total < 10 * n else None
 
 
 def with_incomplete_doubt(flags: tuple[str, ...], counts: Mapping[str, int], level: str,

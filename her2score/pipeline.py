@@ -767,8 +767,8 @@ class _Call:
     open_to: tuple[str, ...] = ()
     """The other scores the cells measured leave possible (a share near a cut-off, a cluster of ~5, intense cells at
     the isolated floor, guidelines.DOUBT_SIDES): those the CNN may tip the call to."""
-    edges: tuple[str, ...] = ()
-    """The edges of the rules other than a share near 10% that the call lies on, in words ("...: it could be 1+")."""
+    edges: tuple[tuple[str, str], ...] = ()
+    """The edges other than a share near 10% that the cells measured put the call on, (words, the score across)."""
 
 
 def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
@@ -788,7 +788,7 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     edges += [(isolated_words(counts, config.isolated_intense_percent), other, level)
               for other, level in isolated_sides(counts, score, guideline=config.guideline,
                                                  isolated_intense_percent=config.isolated_intense_percent)]
-    measured = [other for _, other, _ in edges]  # a cell read otherwise moves the call there: the CNN may tip it
+    measured = [(words, other) for words, other, _ in edges]  # a cell read otherwise moves the call there: the CNN may tip it
     # a reading of the guideline's words, not of the cells: no CNN settles it
     edges += [(stronger_zero_words(counts), other, level) for other, level in stronger_zero_sides(counts, score, guideline=config.guideline)]
     if edges and "near_cutoff" not in flags:
@@ -801,9 +801,15 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent,
                                     scan_mpp=read.scan_mpp)
-    open_to = [side for side, _ in near_sides] + measured + [DOUBT_SIDES[flag] for flag in flags if flag in DOUBT_SIDES]
+    open_to = [side for side, _ in near_sides] + [other for _, other in measured] + [DOUBT_SIDES[f] for f in flags if f in DOUBT_SIDES]
     return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)),
-                 edge_words)
+                 tuple(measured))
+
+
+_DOUBT_WORDS = {"moderate_incomplete": "its weak-to-moderate incomplete membranes could be moderate, the 2018 note's 2+",
+                "coarse_scan_zero": f"a 0 on a scan coarser than {COARSE_SCAN_MPP:g} µm/px, where faint membranes read weaker "
+                                    "and fewer, could be 1+"}
+"""How a fused reason names each doubt of guidelines.DOUBT_SIDES that opened the call to the score reported."""
 
 
 def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig,
@@ -829,7 +835,7 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
             read_so = [other for other, _ in stronger_zero_sides(counts, classical.score, guideline=config.guideline)
                        if other not in open_to]
             left = (f"only {' or '.join(open_to)} possible besides it" if open_to else
-                    "no other score possible" if read_so else "the call in no doubt")
+                    "no other score the CNN may settle" if read_so else "the call in no doubt")
             cnn_words += (f", not followed to {free}: the cells measured leave {left} (a network trained on synthetic "
                           "fields tips only a call its cells leave in doubt"
                           + (f"; the {' or '.join(read_so)} they could be is a reading of the guideline's words, which it "
@@ -845,14 +851,14 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
             doubt = "; " + isolated_note(counts, config.isolated_intense_percent) + doubt
         if (own := _near_sides(counts, score, config, clusters)) or "near_cutoff" in classical.flags:
             flags = (*flags, "near_cutoff")  # the cells measured lie near a cut-off, this call's or the classical one's
-            if own:
-                doubt = _near_words(own, score, n_tumour, config) + doubt
-            elif classical.near_sides:
-                doubt = (f"; the {classical.level} the cells measured give rests on {percent_text(classical.near_sides[0][1])} "
-                         f"of {n_tumour:,} tumour cells, near the 10% cut-off") + doubt
-            else:
-                doubt = (f"; the {classical.level} the cells measured give is near an edge of the rules ("
-                         + "; ".join(classical.edges) + ")") + doubt
+        # why the cells measured left the call open to this score: a share near 10%, an edge they lie on, a doubt of theirs
+        near = dict(classical.near_sides)
+        opened = [f"{percent_text(near[score])} of {n_tumour:,} tumour cells decide it, near the 10% cut-off"] if score in near else []
+        opened += [f"{words}: it could be {score}" for words, other in classical.edges if other == score]
+        opened += [_DOUBT_WORDS[f] for f in classical.flags if DOUBT_SIDES.get(f) == score]
+        doubt = ((_near_words(own, score, n_tumour, config) if own else "")
+                 + (f"; the {classical.level} the cells measured give is open to {score}: {'; '.join(opened)}" if opened else "")
+                 + doubt)
         reason = (f"reported {level} after fusing the classical call with the CNN: {cnn_words}, the cells measured give "
                   f"{classical.level} on {classical.reason.split('; ')[0]}"
                   + ("; reflex ISH required" if level == "2+" else "") + doubt)

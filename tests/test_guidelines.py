@@ -204,6 +204,7 @@ def test_a_breast_1plus_over_incomplete_membranes_stronger_than_faint_is_a_doubt
         assert "a pathologist decides 1+ or 2+ (reflex ISH)" in words
     for counts, level, guideline in ((cells(none=90, wmp=10, fp=20), "1+", B23),  # 10%: not >10%
                                      (cells(none=80, wml=5, sp=4, fp=11), "1+", B23),  # no weak-to-moderate incomplete cell
+                                     (cells(none=54, fp=15, wmc=15, wmp=1), "1+", B23),  # a CNN's 1+ over 2+ kinds >10% alone
                                      (cells(none=80, fp=20), "1+", B23),  # faint: the guideline's own 1+
                                      (cells(none=80, wmp=20), "1+", G),  # gastric 1+: reactive in part of the membrane
                                      (cells(none=95, wmp=5), "0+ (ultralow)", B23)):

@@ -305,8 +305,19 @@ def test_a_fused_call_names_the_edge_its_classical_call_lay_on():
     fused, _ = _fused_call(classical, CnnReport("1+", {"0": 0.0, "1+": 1.0, "2+": 0.0, "3+": 0.0}, 1, "m"), counts, 400, {},
                            ScoringConfig(), read)
     assert fused.score == "1+" and fused.reason.endswith(
-        "; the 2+ the cells measured give is near an edge of the rules (its 5 intense complete cells (1.2% of 400) lie just "
-        "over the 1% / 5-cell floor below which they would be isolated cells: it could be 1+)"), fused.reason
+        "; the 2+ the cells measured give is open to 1+: its 5 intense complete cells (1.2% of 400) lie just "
+        "over the 1% / 5-cell floor below which they would be isolated cells: it could be 1+"), fused.reason
+    # a 0 on a coarse scan lifted to 1+: the doubt that opened it is named (an edge of the guideline's words was, which
+    # the CNN is not let settle, and coarse_scan_zero went unsaid)
+    counts = dict(none=955, weak_moderate_complete=35, faint_partial=10)
+    coarse = SimpleNamespace(**{**vars(read), "scan_mpp": 0.75})
+    classical = _guideline_call(counts, 1000, {}, ScoringConfig(), coarse)
+    assert "coarse_scan_zero" in classical.flags and classical.open_to == ("1+",)
+    fused, _ = _fused_call(classical, CnnReport("1+", {"0": 0.1, "1+": 0.8, "2+": 0.05, "3+": 0.05}, 1, "m"), counts, 1000, {},
+                           ScoringConfig(), coarse)
+    assert fused.score == "1+" and fused.reason.endswith(
+        "; the 0+ (ultralow) the cells measured give is open to 1+: a 0 on a scan coarser than 0.55 µm/px, where faint "
+        "membranes read weaker and fewer, could be 1+"), fused.reason
 
 
 def test_a_blushed_her2_0_read_1plus_is_flagged_and_reviewed():
@@ -424,5 +435,5 @@ def test_a_cnn_does_not_settle_what_a_breast_0_over_cells_stained_more_than_fain
     r = _score(f, cnn=ConstantClassifier("1+"))
     assert r.level == "0+ (ultralow)" and "cnn_disagrees" in r.flags, r.reason
     assert "stained more than faint" in r.reason and r.reason.endswith(
-        "not followed to 1+: the cells measured leave no other score possible (a network trained on synthetic fields tips "
+        "not followed to 1+: the cells measured leave no other score the CNN may settle (a network trained on synthetic fields tips "
         "only a call its cells leave in doubt; the 1+ they could be is a reading of the guideline's words, which it does not settle)")
