@@ -727,6 +727,8 @@ def evaluate(labels: str | os.PathLike, out: str | os.PathLike, *, reuse: str | 
         raise ValueError(f"rules named {clash} would overwrite per_image.csv's columns (<method>_<rule>, truth_<rule>); "
                          "rename them")
     out = Path(out)  # made once the settings are known to be good: a refused run leaves no folder
+    if out.exists() and not out.is_dir():  # mkdir said "[Errno 17] File exists"
+        raise ValueError(f"{out}: exists and is not a folder (--out; out= in the Python API)")
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):  # one run at a time in a folder, as for 'score' (a second one wrote over the first's files)
         same_name = {name for name, k in Counter(Path(item.path).name for item in items).items() if k > 1}

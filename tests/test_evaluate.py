@@ -514,6 +514,13 @@ def test_a_symbolic_link_loop_in_the_labels_is_that_images_error(tmp_path):
     assert m["errors"] == 1 and "a symbolic link to nothing (broken, or a loop)" in rows[0]["error"]
 
 
+def test_an_out_that_is_a_file_is_refused_in_words(tmp_path, capsys):
+    (tmp_path / "l.csv").write_text("path,label\nf.png,1+\n")
+    (tmp_path / "afile").write_text("x")
+    assert main(["evaluate", str(tmp_path / "l.csv"), "--out", str(tmp_path / "afile"), "--no-cnn"]) == 2
+    assert capsys.readouterr().err.strip() == f"her2score evaluate: {tmp_path / 'afile'}: exists and is not a folder (--out; out= in the Python API)"
+
+
 def test_an_evaluation_that_scored_nothing_draws_no_empty_plot_and_says_so(tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
     (tmp_path / "l.csv").write_text("path,label\ncorrupt.png,null\n")
