@@ -1026,7 +1026,8 @@ _NOT_SCORED_WORDS = ("left out of the classical and fused accuracy, kappa, per-c
 
 def _summary(metrics: dict) -> str:
     lines = [f"{metrics['n']} of {metrics['n_images']} images scored ({metrics['errors']} refused or failed: "
-             + ("left out of every figure but null vs ultralow's 'not scored'" if metrics["methods"] else
+             + ("left out of every figure but null vs ultralow's 'not scored' and the count right of all labelled"
+                if metrics["methods"] else
                 "no image was scored, so there is no figure")
              + (f"; {metrics['not_scored']} without tumour cells, no score: {_NOT_SCORED_WORDS}" if metrics["not_scored"] else "")
              + "); "
