@@ -314,23 +314,22 @@ def _shares_of(counts: Mapping[str, int], n: int) -> dict[str, int]:
     return out
 
 
-def _down_sides(c: dict[str, int], score: str, groups: list[tuple[str, ...]], guideline: str, **rules) -> list[str]:
-    """The scores ``c``'s call ``score`` falls to when each group of its deciding cells (``groups``: category
-    tuples) falls just to the cut-off's other side: the surplus cells not there (missed, or not tumour),
-    or read weaker, band by band, until they leave the group. ``rules``: apply_guideline's keywords."""
+def _down_sides(c: dict[str, int], score: str, cats: tuple[str, ...], guideline: str, **rules) -> list[str]:
+    """The scores ``c``'s call ``score`` falls to when its deciding cells (``cats``: their categories) fall just to
+    the cut-off's other side: the surplus cells not there (missed, or not tumour), or read weaker, band by band,
+    until they leave the deciding categories. ``rules``: apply_guideline's keywords."""
     total = sum(c.values())
     below = total // 10 if GUIDELINE_FAMILY[guideline] == "breast" else (total - 1) // 10  # most cells short of the cut
     out = []
     for weaker in (False, True):
         alt = dict(c)
-        for cats in groups:
-            n = sum(c[cat] for cat in cats)
-            for cat, k in _shares_of({cat: c[cat] for cat in cats}, max(0, n - below)).items():
-                to = cat
-                while weaker and to in cats:
-                    to = _WEAKER[to]
-                alt[cat] -= k
-                alt[to if weaker else "none"] += k
+        n = sum(c[cat] for cat in cats)
+        for cat, k in _shares_of({cat: c[cat] for cat in cats}, max(0, n - below)).items():
+            to = cat
+            while weaker and to in cats:
+                to = _WEAKER[to]
+            alt[cat] -= k
+            alt[to if weaker else "none"] += k
         other = apply_guideline(alt, guideline, **{**rules, "clusters": _fitted(rules.get("clusters") or {}, alt)}).score
         if other != score and other not in out:
             out.append(other)
@@ -407,8 +406,8 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         band = max(points, false_membrane_percent) if score == "1+" else points
         if pct < 10.0 + band or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            groups = [_deciding_categories(c, guideline, gastric_reading)[score]]
-            sides += [(other, pct) for other in _down_sides(c, score, groups, guideline, specimen=specimen, clusters=clusters or {},
+            cats = _deciding_categories(c, guideline, gastric_reading)[score]
+            sides += [(other, pct) for other in _down_sides(c, score, cats, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]
     return sorted(sides, key=lambda side: abs(side[1] - 10.0))
