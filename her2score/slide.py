@@ -466,6 +466,23 @@ def _square_pixels(path, across: float | None, down: float | None) -> None:
                                "resample it to square pixels first")
 
 
+def _rival_resolution(img, taken: float | None) -> list[str]:
+    """A note where a JPEG's EXIF resolution gives a microscope's µm/px more than ASPECT_TOLERANCE off the JFIF's taken
+    (``taken``): the file says two things, and the one not taken may be the scan's."""
+    if img.format != "JPEG" or taken is None:
+        return []
+    try:
+        exif = img.getexif()
+        unit, res = exif.get(0x0128, 2), exif.get(0x011A)
+        rival = (25400.0 if unit == 2 else 10000.0) / float(res) if unit in (2, 3) and res and float(res) > 0 else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        return []
+    if not _plausible(rival) or abs(rival / taken - 1) <= ASPECT_TOLERANCE:
+        return []
+    return [f"its EXIF resolution says {rival:.4g} µm/px, its JFIF density {taken:.4g}, which was taken; give --mpp if the "
+            "EXIF one is the scan's"]
+
+
 def _square_aspect(path, img) -> None:
     """SlideError where a plain image states its pixels' aspect without a unit (PNG pHYs or JPEG JFIF unit 0) more
     than ASPECT_TOLERANCE off square, as _square_pixels for a stated size."""
@@ -638,6 +655,7 @@ def _open_plain(path: Path, mpp: float | None, default_mpp: float | None) -> Arr
                 meta_mpp, down = page.across, page.down
             _square_pixels(path, meta_mpp, down)
             _square_aspect(path, img)
+            notes += _rival_resolution(img, meta_mpp) if mpp is None else []  # the user's µm/px settles it
             quality = jpeg_quality(img.quantization) if getattr(img, "quantization", None) else None  # JPEG, MPO
             if img.mode.startswith("I;16"):
                 raise NotHerIhcError(path, f"16-bit {_GREYSCALE}")

@@ -332,6 +332,21 @@ def test_pixels_taller_than_wide_are_refused_by_name(tmp_path, slide_rgb, backen
         assert s.mpp == pytest.approx(0.5)
 
 
+def test_a_jpeg_whose_exif_and_jfif_give_two_microscope_resolutions_says_so(tmp_path, slide_rgb):
+    """A JFIF density of 0.5 µm/px beside an EXIF resolution of 5 was resolved to the JFIF's without a word."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0128], exif[0x011A], exif[0x011B] = 3, 2000.0, 2000.0  # px/cm: 5 µm/px
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "two.jpg", dpi=(50800, 50800), exif=exif, quality=95)
+    Image.fromarray(slide_rgb[:64, :64]).save(tmp_path / "one.jpg", dpi=(50800, 50800), quality=95)
+    with open_slide(tmp_path / "two.jpg") as s:
+        assert s.mpp == pytest.approx(0.5) and s.notes == (
+            "its EXIF resolution says 5 µm/px, its JFIF density 0.5, which was taken; give --mpp if the EXIF one is the scan's",)
+    with open_slide(tmp_path / "one.jpg") as s, open_slide(tmp_path / "two.jpg", mpp=0.5) as given:
+        assert s.notes == given.notes == ()
+
+
 def test_a_12_bit_jpeg_is_refused_by_what_it_is(tmp_path, slide_rgb):
     """Pillow decodes 8-bit JPEGs only: a valid 12-bit one was 'not a readable image although named .jpg'."""
     import imagecodecs
