@@ -621,7 +621,9 @@ def _analyse(path, config: ScoringConfig, mpp, region, backend, workers: int, cn
         # decoded whole and holding no file, forked workers share (each decoded it again: a 16,000² PNG took 2.6 GB
         # with one worker, 5.6 with two)
         opened = slide if FORKS and isinstance(slide, ArraySlide) else slide_path
-        with worker_pool(workers, _init_worker, (opened, slide_mpp, backend, cnn, region_obj)) if parallel else nullcontext() as pool:
+        # no more processes than tiles (--workers 40 on a 9-tile field started 40 of them, each with its slide open)
+        with (worker_pool(min(workers, len(tiles)), _init_worker, (opened, slide_mpp, backend, cnn, region_obj)) if parallel
+              else nullcontext()) as pool:
             # the workers score tiles (one a task: no core idles while another ends a long chunk) while this
             # process checks that the image is an H-DAB stain at all
             run = partial(_run_tile, stains=stains, config=config, nucleus=nucleus, cnn_max_patches=cnn_max)

@@ -170,6 +170,20 @@ def test_tile_workers_give_the_same_result(tmp_path):
     assert one.result.to_json() == two.result.to_json()
 
 
+def test_a_slide_starts_no_more_tile_workers_than_it_has_tiles(tmp_path, monkeypatch):
+    """--workers 40 on a 9-tile field started 40 processes, each opening the slide."""
+    import her2score.pipeline as pipeline
+
+    rgb, _ = make_slide("2+", seed=9500, size_px=(1000, 600), mpp=0.5)
+    path = write_pyramidal_tiff(tmp_path / "s.tif", rgb, mpp=0.5)
+    started = []
+    real = pipeline.worker_pool
+    monkeypatch.setattr(pipeline, "worker_pool", lambda n, *a, **k: started.append(n) or real(n, *a, **k))
+    r = analyse_slide(path, config=ScoringConfig(tile_px=256), workers=40).result
+    assert len(started) == 1 and 1 < started[0] <= 12, started  # 1,000 x 600 px in tiles of 256: 12 at most
+    assert r.to_json() == analyse_slide(path, config=ScoringConfig(tile_px=256)).result.to_json()
+
+
 def test_forked_tile_workers_share_a_plain_image_the_parent_decoded(tmp_path, monkeypatch):
     """Each tile worker decoded a PNG or JPEG again (a 16,000² PNG took 2.6 GB with one worker, 5.6 GB with two; an
     8,192² one's process tree peaked at 1.5 GB of PSS with two, 0.54 GB shared): forked workers use the parent's
