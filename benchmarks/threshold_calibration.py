@@ -1,5 +1,5 @@
 """Where the truth's intensity levels and patterns separate on what is read: the calibration of weak_od,
-strong_od and complete_completeness.
+strong_od, complete_completeness and lateral_gap.
 
     python benchmarks/threshold_calibration.py [--n-per-class 40] [--seed 1000]
 
@@ -15,7 +15,8 @@ that puts fewest there; ``categories.Thresholds`` holds the defaults.
   DESIGN.md's 0.2 / 0.6 deposit bands);
 - ``complete_completeness``: the pattern categories.classify_cells reads with the threshold at each value
   (complete, or not) against the truth's pattern, over the cells whose truth is weak-to-moderate, strong or
-  none (a faint cell is faint whatever its pattern).
+  none (a faint cell is faint whatever its pattern); ``lateral_gap``, the longest unstained arc under which a ring
+  reads complete, the same way.
 
 The truth's level and pattern are those of the drawn deposit, or of the stained rim where the rim reads
 for the cell (synthetic._seen_categories).
@@ -44,6 +45,8 @@ BOUNDARIES = (("weak_od", 0, 1, np.arange(0.08, 0.205, 0.01)), ("strong_od", 1, 
 """Each intensity threshold: the two levels it separates and the read OD grid it is tried on."""
 COMPLETE_GRID = np.arange(0.50, 0.805, 0.01)
 """The complete_completeness values tried."""
+GAP_GRID = np.arange(0.15, 0.355, 0.01)
+"""The lateral_gap values tried."""
 
 
 def one(job: tuple[str, int, bool]) -> dict[str, np.ndarray]:
@@ -92,11 +95,12 @@ def main() -> None:
     complete = np.char.endswith(cells["category"], "complete")[judged]
     read = [cells[k][judged] for k in ("completeness", "longest_arc", "longest_gap", "membrane_od")]
 
-    def wrong_pattern(t: float) -> int:
-        pattern = classify_cells(*read, dataclasses.replace(Thresholds(), complete_completeness=t))[1]
+    def wrong_pattern(name: str, t: float) -> int:
+        pattern = classify_cells(*read, dataclasses.replace(Thresholds(), **{name: t}))[1]
         return int(((pattern == PATTERNS.index("complete")) != complete).sum())
 
-    _report("complete_completeness", COMPLETE_GRID, int(judged.sum()), wrong_pattern)
+    for name, grid in (("complete_completeness", COMPLETE_GRID), ("lateral_gap", GAP_GRID)):
+        _report(name, grid, int(judged.sum()), lambda t, name=name: wrong_pattern(name, t))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,12 @@ class Thresholds:
     wrong pattern at 0.67-0.68 (1,709 of 23,666; 1,724 at 0.65, 1,776 at 0.60), but on membranes painted on real
     tissue (benchmarks/painted_real.py) 0.65 read 27 fewer of about 11,000 cells at their true category
     (weak-moderate complete 541 against 552, strong complete 641 against 657): real tissue's rings read
-    less complete than the generator's, and real wins, so it stays 0.60. ``faint_od`` is the least
+    less complete than the generator's, and real wins, so it stays 0.60. So does ``lateral_gap`` (the longest
+    unstained arc a complete ring may have) at 0.30: 0.21-0.25 put fewest generator cells at the wrong pattern
+    (1,531 of 23,637 against 1,729), but on painted real tissue 0.25 read 28 fewer complete and lateral cells at
+    their category (strong lateral 65 against 49 of the 134 read as tumour cells, strong complete 653 against 684 of
+    782), and gastric fields of intense lateral cells there were called right less often (0.5.4); at 0.30, 48 of those
+    134 intense lateral cells read complete, which in <=10% of tumour cells make a breast 2+ (README, Limits). ``faint_od`` is the least
     membrane contrast (DAB above the cell's own cytoplasm) that counts as staining; a slide whose
     own noise floor is higher uses its floor instead (membrane.noise_floor). In a cell with
     cytoplasmic DAB a membrane must also stand ``cytoplasm_ratio`` x that blush above it, and a
