@@ -930,6 +930,8 @@ def apply_guideline(
         score, level, flags, reason = _breast(c, guideline, isolated_intense_percent)
     else:
         score, level, flags, reason = _gastric(c, specimen, clusters, gastric_reading)
+        if gastric_reading == "per_band" and (cumulative := _gastric(c, specimen, clusters, "cumulative")[0]) != score:
+            reason += f"; the cumulative reading (the default: a stronger cell shows the weaker levels too) gives {cumulative}"
     stained = {k: sum(c[cat] for cat in cats) for k, cats in STAINED_AT_LEAST[GUIDELINE_FAMILY[guideline]].items()}
     percentages = {k: 100 * stained["1+" if k == "any" else k] / sum(c.values()) for k in _CUMULATIVE_KEYS}
     return GuidelineCall(score, level, flags, guideline, specimen, reason, h_score(c), percentages)

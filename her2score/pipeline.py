@@ -979,9 +979,12 @@ def _near_words(sides: list[tuple[str, float]], score: str, n_tumour: int, confi
     # a share far from 10% is near it only by its interval, on few cells: "0.0% ... near the 10% cut-off" alarmed
     head = ("near the 10% cut-off" if abs(near - 10.0) < config.near_cutoff_points or false
             else "too few tumour cells to be sure of the 10% cut-off")
-    return (f"; {head} ({percent_text(near)} of {n_tumour:,} tumour cells decide it, "
-            f"{NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(100 * lo)[:-1]}-{percent_text(100 * hi)}; the measurement's own margin is "
-            f"{config.near_cutoff_points:g} points{false}): it could be {' or '.join(s for s, pct in sides if pct == near)}")
+    here = [s for s, pct in sides if pct == near]
+    up = any(SCORES.index(s) > SCORES.index(score) for s in here)  # a higher score's cells, not the call's own share
+    return (f"; {head} ({percent_text(near)} of {n_tumour:,} tumour cells decide "
+            + ("a higher score" if up else "it")
+            + f", {NEAR_CUTOFF_CONFIDENCE:.0%} interval {percent_text(100 * lo)[:-1]}-{percent_text(100 * hi)}; the measurement's "
+            f"own margin is {config.near_cutoff_points:g} points{false}): it could be {' or '.join(here)}")
 
 
 def _no_tissue(slide: Slide) -> str:

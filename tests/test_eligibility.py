@@ -849,7 +849,7 @@ def test_the_false_membrane_words_name_only_the_band_that_made_a_1plus_near():
     assert "real unstained membranes read stained in up to 8% of cells" in band
     assert "real unstained" not in _near_words([("0", 12.0)], "1+", 1000, ScoringConfig())  # within the 5.5 points
     few = _near_words([("1+", 0.0), ("2+", 0.0), ("3+", 0.0)], "0", 21, ScoringConfig())  # 0 of 21: near by its interval alone
-    assert few.startswith("; too few tumour cells to be sure of the 10% cut-off (0.0% of 21 tumour cells decide it, 95% interval 0.0-15.5%")
+    assert few.startswith("; too few tumour cells to be sure of the 10% cut-off (0.0% of 21 tumour cells decide a higher score, 95% interval 0.0-15.5%")
     assert _near_words([("0", 12.0)], "1+", 1000, ScoringConfig()).startswith("; near the 10% cut-off (12.0% of 1,000")
     interval = _near_words([("0", 16.0)], "1+", 100, ScoringConfig(false_membrane_percent=0.0))  # its interval, band off
     assert "real unstained" not in interval and "95% interval" in interval

@@ -332,7 +332,8 @@ def test_gastric_cumulative_and_per_band_readings():
     # neither band reaches 10%, but 10% react: Hofmann's 0 is membranous reactivity in <10% (it read 0 until 0.5.4)
     assert per_band.score == "1+"
     assert per_band.reason == ("membrane staining of any kind (no stronger band alone reaching 10%) in 10.0% of tumour "
-                               "cells (10/100, >=10%)")
+                               "cells (10/100, >=10%); the cumulative reading (the default: a stronger cell shows the weaker "
+                               "levels too) gives 2+")
     assert per_band.percentages == cumulative.percentages  # reported percentages stay cumulative
 
 
