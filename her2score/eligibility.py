@@ -57,14 +57,9 @@ from her2score.guidelines import (
     ZERO_SPLIT,
     STAINED_AT_LEAST,
     apply_guideline,
-    cluster_sides,
-    cluster_words,
     coarse_scan_zero,
     cytoplasm_doubt,
-    isolated_sides,
-    isolated_words,
-    stronger_zero_sides,
-    stronger_zero_words,
+    edge_sides,
     moderate_incomplete,
     near_cutoff_settings,
     near_cutoff_sides,
@@ -418,17 +413,9 @@ def _near_cutoff_doubt(result: SlideResult, rule: Rule, ish: str | None, status:
         why = f"{percent_text(pct)} of {result.tumour_cells:,} tumour cells decide the call, too near the 10% cut-off to be sure of its side"
         if (doubt := _doubt_at(result, rule, ish, status, other_score, level, why)) is not None:
             return doubt
-    edges = [(cluster_words(cluster_level, size), other_score,
-              report_level(other_score, named_by, result.counts, across_cutoff=True))
-             for other_score, cluster_level, size in cluster_sides(result.counts, result.classical_score, guideline=result.guideline,
-                                                                   specimen=result.specimen, clusters=result.clusters,
-                                                                   gastric_reading=reading)]
-    edges += [(isolated_words(result.counts, floor), other_score, level)
-              for other_score, level in isolated_sides(result.counts, result.classical_score, guideline=named_by,
-                                                       isolated_intense_percent=floor)]
-    edges += [(stronger_zero_words(result.counts), other_score, level)
-              for other_score, level in stronger_zero_sides(result.counts, result.classical_score, guideline=named_by)]
-    for words, other_score, level in edges:
+    edges = edge_sides(result.counts, result.classical_score, guideline=named_by, specimen=result.specimen,
+                       clusters=result.clusters, gastric_reading=reading, isolated_intense_percent=floor)
+    for words, other_score, level, _ in edges:
         if (doubt := _doubt_at(result, rule, ish, status, other_score, level, words)) is not None:
             return doubt
     return None

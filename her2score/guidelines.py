@@ -48,6 +48,7 @@ __all__ = [
     "isolated_words",
     "stronger_zero_sides",
     "stronger_zero_words",
+    "edge_sides",
     "STRONGER_THAN_FAINT",
     "deciding_cells",
     "FALSE_MEMBRANE_PERCENT",
@@ -552,6 +553,24 @@ def stronger_zero_words(counts: Mapping[str, int]) -> str:
     kinds = ", ".join(f"{_CELL_WORDS[cat]} {percent_text(100 * c[cat] / total)}" for cat in STRONGER_THAN_FAINT if c[cat])
     return (f"{percent_text(100 * sum(c[cat] for cat in STRONGER_THAN_FAINT) / total)} of {total:,} tumour cells are stained "
             f"more than faint ({kinds}), which the guideline's 0 (faint incomplete staining) does not describe")
+
+
+def edge_sides(counts: Mapping[str, int], score: str | None, *, guideline: str, specimen: str = "resection",
+               clusters: Mapping[str, int] | None = None, gastric_reading: str = "cumulative",
+               isolated_intense_percent: float = ISOLATED_INTENSE_PERCENT) -> list[tuple[str, str, str, bool]]:
+    """The edges of the rules other than a share near 10% that a call at ``score`` lies on, as (words, the score
+    across it, its report level under ``guideline``, whether the cells measured put it there): a gastric biopsy
+    cluster of ~5 (cluster_sides) and intense complete cells at the isolated floor (isolated_sides), where a cell
+    read otherwise moves the call; a breast 0 over cells stained more than faint (stronger_zero_sides), where only
+    the guideline's words do (no CNN settles that)."""
+    edges = [(cluster_words(cluster_level, size), other, other, True)
+             for other, cluster_level, size in cluster_sides(counts, score, guideline=guideline, specimen=specimen,
+                                                             clusters=clusters, gastric_reading=gastric_reading)]
+    edges += [(isolated_words(counts, isolated_intense_percent), other, level, True)
+              for other, level in isolated_sides(counts, score, guideline=guideline,
+                                                 isolated_intense_percent=isolated_intense_percent)]
+    return edges + [(stronger_zero_words(counts), other, level, False)
+                    for other, level in stronger_zero_sides(counts, score, guideline=guideline)]
 
 
 def false_membrane_share(counts: Mapping[str, int], *, percent: float = FALSE_MEMBRANE_PERCENT,

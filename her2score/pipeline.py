@@ -22,11 +22,11 @@ from .categories import CATEGORIES, PATTERNS, Thresholds, classify_cells
 from .cells import (COARSE_MPP, COUNTERSTAIN_RATIO, FLOOD_MPP, NucleusThresholds, grow_cells, measure_nucleus_thresholds,
                     membrane_basins, segment_nuclei)
 from .cnn import aggregate_tiles, fuse, use_one_thread
-from .guidelines import (COARSE_SCAN_MPP, DOUBT_SIDES, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS, NEAR_CUTOFF_CONFIDENCE,
-                         NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings, cluster_sides, cluster_words,
-                         false_membrane_share, isolated_note, isolated_sides, isolated_words, level_flags, near_cutoff_settings,
-                         near_cutoff_sides, percent_text, percent_value, report_level, stronger_zero_sides, stronger_zero_words,
-                         wilson_ci, with_coarse_doubt, with_incomplete_doubt, with_null_doubt)
+from .guidelines import (COARSE_SCAN_MPP, DOUBT_SIDES, FALSE_MEMBRANE_PERCENT, ISOLATED_INTENSE_PERCENT, MIN_TUMOUR_CELLS,
+                         NEAR_CUTOFF_CONFIDENCE, NEAR_CUTOFF_POINTS, PANCREATIC_NOTE, STAINING_LEVEL, apply_guideline, check_settings,
+                         edge_sides, false_membrane_share, isolated_note, level_flags, near_cutoff_settings, near_cutoff_sides,
+                         percent_text, percent_value, report_level, wilson_ci, with_coarse_doubt, with_incomplete_doubt,
+                         with_null_doubt)
 from .files import content_sample
 from .imagecheck import MIN_STAIN_CHROMA_DEG, PALE_CHROMA_DEG, NotHerIhcError, check_slide, fill_as_glass, stain_fractions
 from .jpeg import pixel_jpeg_quality
@@ -769,8 +769,9 @@ class _Call:
     open_to: tuple[str, ...] = ()
     """The other scores the cells measured leave possible (a share near a cut-off, a cluster of ~5, intense cells at
     the isolated floor, guidelines.DOUBT_SIDES): those the CNN may tip the call to."""
-    edges: tuple[tuple[str, str], ...] = ()
-    """The edges other than a share near 10% that the cells measured put the call on, (words, the score across)."""
+    edges: tuple[tuple[str, str, bool], ...] = ()
+    """The edges other than a share near 10% that the call lies on, (words, the score across, whether the cells
+    measured put it there: guidelines.edge_sides)."""
 
 
 def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: ScoringConfig, read: _CellsRead) -> _Call:
@@ -784,28 +785,22 @@ def _guideline_call(counts: dict, n_tumour: int, clusters: dict, config: Scoring
     if near_sides:  # the nearest share, and every score it could give
         flags = (*flags, "near_cutoff")
         reason += _near_words(near_sides, score, n_tumour, config)
-    edges = [(cluster_words(cluster_level, size), other, other)  # edges that are no share: a cluster of ~5, the isolated floor
-             for other, cluster_level, size in cluster_sides(counts, score, guideline=config.guideline, specimen=config.specimen,
-                                                             clusters=clusters, gastric_reading=config.gastric_reading)]
-    edges += [(isolated_words(counts, config.isolated_intense_percent), other, level)
-              for other, level in isolated_sides(counts, score, guideline=config.guideline,
-                                                 isolated_intense_percent=config.isolated_intense_percent)]
-    measured = [(words, other) for words, other, _ in edges]  # a cell read otherwise moves the call there: the CNN may tip it
-    # a reading of the guideline's words, not of the cells: no CNN settles it
-    edges += [(stronger_zero_words(counts), other, level) for other, level in stronger_zero_sides(counts, score, guideline=config.guideline)]
+    edges = edge_sides(counts, score, guideline=config.guideline, specimen=config.specimen, clusters=clusters,
+                       gastric_reading=config.gastric_reading, isolated_intense_percent=config.isolated_intense_percent)
     if edges and "near_cutoff" not in flags:
         flags = (*flags, "near_cutoff")
     could_be: dict[str, list[str]] = {}  # one edge's words with every level across it
-    for words, _, level in edges:
+    for words, _, level, _ in edges:
         could_be.setdefault(words, []).append(level)
     edge_words = tuple(f"{words}: it could be {' or '.join(levels)}" for words, levels in could_be.items())
     reason += "".join(f"; {words}" for words in edge_words)
     flags, doubt = with_call_doubts(flags, score, call.level, counts, config.guideline, read.blush, read.rise,
                                     filled=read.filled, false_membrane_percent=config.false_membrane_percent,
                                     scan_mpp=read.scan_mpp)
-    open_to = [side for side, _ in near_sides] + [other for _, other in measured] + [DOUBT_SIDES[f] for f in flags if f in DOUBT_SIDES]
+    measured = [other for _, other, _, cells in edges if cells]  # the CNN may tip the call across these, not the others
+    open_to = [side for side, _ in near_sides] + measured + [DOUBT_SIDES[f] for f in flags if f in DOUBT_SIDES]
     return _Call(score, call.level, flags, reason + doubt, call.h_score, tuple(near_sides), tuple(dict.fromkeys(open_to)),
-                 tuple(measured))
+                 tuple((words, other, cells) for words, other, _, cells in edges))
 
 
 _DOUBT_WORDS = {"moderate_incomplete": "its weak-to-moderate incomplete membranes could be moderate, the 2018 note's 2+",
@@ -834,8 +829,7 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
                           f"stained{within} is no more than real unstained membranes read, and on real tissue the CNN can "
                           "read faint diffuse DAB as 1+")
         else:
-            read_so = [other for other, _ in stronger_zero_sides(counts, classical.score, guideline=config.guideline)
-                       if other not in open_to]
+            read_so = [other for _, other, cells in classical.edges if not cells and other not in open_to]
             left = (f"only {' or '.join(open_to)} possible besides it" if open_to else
                     "no other score the CNN may settle" if read_so else "the call in no doubt")
             cnn_words += (f", not followed to {free}: the cells measured leave {left} (a network trained on synthetic "
@@ -856,7 +850,7 @@ def _fused_call(classical: _Call, report: CnnReport, counts: dict, n_tumour: int
         # why the cells measured left the call open to this score: a share near 10%, an edge they lie on, a doubt of theirs
         near = dict(classical.near_sides)
         opened = [f"{percent_text(near[score])} of {n_tumour:,} tumour cells decide it, near the 10% cut-off"] if score in near else []
-        opened += [f"{words}: it could be {score}" for words, other in classical.edges if other == score]
+        opened += [f"{words}: it could be {score}" for words, other, cells in classical.edges if cells and other == score]
         opened += [_DOUBT_WORDS[f] for f in classical.flags if DOUBT_SIDES.get(f) == score]
         doubt = ((_near_words(own, score, n_tumour, config) if own else "")
                  + (f"; the {classical.level} the cells measured give is open to {score}: {'; '.join(opened)}" if opened else "")
