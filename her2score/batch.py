@@ -445,7 +445,8 @@ def _find_region(regions: Path, slide: Path, root: Path, annotations: _Annotatio
         if len(cands) > 1:  # which one was meant cannot be told: each would give another result
             raise BatchError(f"{slide}: {len(cands)} annotations name it in {folder} ({', '.join(str(f) for *_, f in cands)}): "
                              "keep the one to use")
-        for name, suffix, cand in cands:
+        if cands:
+            name, suffix, cand = cands[0]
             by_path = folder == regions / rel.parent and name in (rel.stem, rel.name)
             alike = annotations.by_rel[rel.with_suffix("")] if by_path else annotations.by_stem[slide.stem]
             if name == rel.name:  # <name with its suffix>.geojson names one slide

@@ -439,15 +439,21 @@ def _plain_mpp(img, axis: int = 0) -> float | None:
                 jfif = (25400.0 if unit == 1 else 10000.0) / float(density[axis])
                 if _plausible(jfif) or img.getexif().get(0x011A + axis) is None:
                     return jfif
-            exif = img.getexif()
-            unit, res = exif.get(0x0128, 2), exif.get(0x011A + axis)  # XResolution, YResolution
-            return (25400.0 if unit == 2 else 10000.0) / float(res) if unit in (2, 3) and res and float(res) > 0 else None
+            return _exif_mpp(img, axis)
         dpi = img.info.get("dpi")
         if dpi and float(dpi[axis]) > 0:
             return 25400.0 / float(dpi[axis])
     except (TypeError, ValueError, ZeroDivisionError, IndexError):
         pass
     return None
+
+
+def _exif_mpp(img, axis: int = 0) -> float | None:
+    """µm/px across (``axis`` 0) or down (1) from an image's EXIF resolution in inch (EXIF's default unit) or cm;
+    None where it states none, or no unit."""
+    exif = img.getexif()
+    unit, res = exif.get(0x0128, 2), exif.get(0x011A + axis)  # ResolutionUnit; XResolution, YResolution
+    return (25400.0 if unit == 2 else 10000.0) / float(res) if unit in (2, 3) and res and float(res) > 0 else None
 
 
 ASPECT_TOLERANCE = 0.02
@@ -472,9 +478,7 @@ def _rival_resolution(img, taken: float | None) -> list[str]:
     if img.format != "JPEG" or taken is None:
         return []
     try:
-        exif = img.getexif()
-        unit, res = exif.get(0x0128, 2), exif.get(0x011A)
-        rival = (25400.0 if unit == 2 else 10000.0) / float(res) if unit in (2, 3) and res and float(res) > 0 else None
+        rival = _exif_mpp(img)
     except (TypeError, ValueError, ZeroDivisionError):
         return []
     if not _plausible(rival) or abs(rival / taken - 1) <= ASPECT_TOLERANCE:
