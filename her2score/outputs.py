@@ -295,7 +295,7 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
     measures = [(m, d) for m, d in (("completeness", 4), ("longest_arc", 4), ("membrane_od", 4), ("membrane_od_p90", 4),
                                     ("width_um", 3), ("cell_area_um2", 2), ("nucleus_area_um2", 2),
                                     ("neighbours_membrane", 0)) if m in t]
-    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection","classification":%b,'
+    feature = (b'{"type":"Feature","geometry":%b%b%b,"properties":{"objectType":"detection",%b"classification":%b,'
                b'"tumour":%b,"left_out_as":%b,"measurements":{' + ",".join(f'"{m}":%.{d}f' for m, d in measures).encode()
                + b',"tumour":%d,"cell_id":%d}}}')
     xy, sizes = _outlines(analysis, a, b)
@@ -325,9 +325,12 @@ def _geojson_features(analysis: SlideAnalysis, a: int, b: int, size: tuple[float
     tumour = np.asarray(t["tumour"][a:b], bool)
     cats = [classes.get(c) or json.dumps({"name": c}).encode() for c in t["category"][a:b].tolist()]
     why = {None: b"null", **{w: json.dumps(w).encode() for w in LEFT_OUT}}
-    left_out = [why[w] for w in t["left_out_as"][a:b].tolist()]
+    grey = json.dumps(list(NON_TUMOUR_COLOUR), separators=(",", ":"))
+    named = {None: b"", **{w: f'"name":{json.dumps("non-tumour: " + w)},"color":{grey},'.encode() for w in LEFT_OUT}}
+    left_out = t["left_out_as"][a:b].tolist()
     cols = [t[m][a:b].tolist() for m, _ in measures]
-    args = chain.from_iterable(zip(heads, bodies, tails, cats, np.where(tumour, b"true", b"false").tolist(), left_out, *cols,
+    args = chain.from_iterable(zip(heads, bodies, tails, [named[w] for w in left_out], cats,
+                                   np.where(tumour, b"true", b"false").tolist(), [why[w] for w in left_out], *cols,
                                    tumour.astype(int).tolist(), range(a, b)))
     return ((feature + b",") * (b - a) % tuple(args))[:-1]
 
@@ -345,7 +348,8 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     (a pixel spans [i, i + 1], so its centre is i + 0.5), clipped to the image (``slide_size``,
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) and ``left_out_as`` (why a cell is not a tumour cell, tumour.LEFT_OUT; null for
-    a tumour cell) are properties; ``measurements`` holds completeness, membrane
+    a tumour cell) are properties, and a cell left out also has the two QuPath reads of its detections: a ``name``
+    ("non-tumour: " and why) and the overlay's grey ``color`` (drawn so in place of its class's); ``measurements`` holds completeness, membrane
     DAB OD (log10), width (µm), areas (µm²), neighbours_membrane (1: its stain is its neighbours'
     membrane, so it reads none) and tumour (1/0) as QuPath reads them.
     ``features``: the text of each chunk of cells (_chunk_bounds, _geojson_features) when made elsewhere.

@@ -15,7 +15,7 @@ from scipy.spatial import cKDTree
 from her2score.categories import CATEGORIES
 from her2score.outlines import Outlines, clip_outline, draw_cell_rings, is_simple, polygon_area, trace_outline_points, trace_outlines
 from her2score.outputs import (
-    CATEGORY_COLOURS, MIN_OVERLAY_PX, OUTPUT_FILES, TEXT_WIDTH_PX, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
+    CATEGORY_COLOURS, MIN_OVERLAY_PX, NON_TUMOUR_COLOUR, OUTPUT_FILES, TEXT_WIDTH_PX, _json_rings, category_colour, overlay_image, write_cells_geojson, write_outputs,
 )
 from her2score.pipeline import ScoringConfig, analyse_slide
 from her2score.slide import ArraySlide
@@ -210,6 +210,10 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
         assert props["classification"]["name"] == cat and cat in CATEGORIES  # the category only
         assert props["tumour"] is bool(tum) and props["measurements"]["tumour"] == int(tum)
         assert props["left_out_as"] == why and (why is None) == bool(tum)  # why a cell is not a tumour cell
+        # QuPath keeps only name, color, classification and measurements of a detection's properties: a cell
+        # left out says why in its name and is drawn grey, as on the overlay, not in its category's colour
+        assert (props.get("name"), props.get("color")) == ((None, None) if tum else
+                                                          (f"non-tumour: {why}", list(NON_TUMOUR_COLOUR)))
         assert props["measurements"]["cell_id"] == i  # the row of cells.parquet (cell_id) it is
         assert {"completeness", "membrane_od", "width_um", "cell_area_um2"} <= set(props["measurements"])
         assert props["measurements"]["neighbours_membrane"] == int(given) and (cat == "none" or not given)
