@@ -192,16 +192,24 @@ def watershed(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray | Non
     so the labels are skimage's up to the order of markers of equal elevation, which its queue leaves
     arbitrary: the same where marker elevations differ. Pinned to the scikit-image versions whose flood
     this is (pyproject.toml; 0.23 and 0.24 labelled tied pixels otherwise); a test compares the two."""
-    mask = np.ones(elevation.shape, bool) if mask is None else mask.astype(bool, copy=False)
-    image = np.pad(elevation.astype(np.float64), 1)
-    output = np.pad(markers * mask, 1)
-    flood = np.pad(mask, 1)
+    h, w = elevation.shape
+    inner = np.s_[1 : h + 1, 1 : w + 1]  # each array framed by a pixel never flooded
+    image = np.zeros((h + 2, w + 2))
+    image[inner] = elevation
+    output = np.zeros((h + 2, w + 2), markers.dtype)
+    flood = np.zeros((h + 2, w + 2), bool)
+    if mask is None:
+        output[inner] = markers
+        flood[inner] = True
+    else:
+        flood[inner] = mask
+        np.multiply(markers, flood[inner], out=output[inner])
     to_flood = (flood & (output == 0)).view(np.uint8)
     front = np.flatnonzero((output != 0) & (cv2.dilate(to_flood, _CROSS) > 0))
     width = image.shape[1]
     watershed_raveled(image.ravel(), front, np.array([-width, -1, 1, width], np.intp),
                       flood.view(np.int8).ravel(), np.array([width, 1], np.intp), 0.0, output.ravel(), False)
-    return output[1:-1, 1:-1].copy()
+    return output[inner].copy()
 
 
 def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
