@@ -337,7 +337,8 @@ def score_tile(rgb: np.ndarray, tile: Tile, *, stains: StainSet, config: Scoring
     box = _content_box(h_od, dab_od, mpp=mpp, start_od=min(nucleus.threshold_od, config.basin_contrast_od, TILE_TISSUE_OD),
                        cell_radius_um=config.max_cell_radius_um)  # the tissue counted is content too
     origin = (box[0].start, box[1].start)
-    h_box, dab_box, outside = h_od[box], dab_od[box], tile.beyond_slide()[box]
+    # contiguous copies: OpenCV and ravel() copied the strided planes of hed at each call
+    h_box, dab_box, outside = np.ascontiguousarray(h_od[box]), np.ascontiguousarray(dab_od[box]), tile.beyond_slide()[box]
     nuclei, rise = segment_nuclei(h_box, dab_box, mpp=mpp, threshold_od=nucleus.threshold_od, contrast_od=nucleus.contrast_od,
                                   return_rise=True)
     dab_smooth, contrast = membrane_contrast(dab_box, nuclei, mpp=mpp)
