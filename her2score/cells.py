@@ -177,7 +177,7 @@ def segment_nuclei(
     area = np.bincount(labels.ravel()) * (mpp * mpp)
     keep = (area >= min_area_um2) & (area <= max_area_um2)
     keep[0] = False
-    labels = np.where(keep, np.arange(len(keep), dtype=np.int32), 0)[labels]
+    labels = np.take(np.where(keep, np.arange(len(keep), dtype=np.int32), 0), labels)
     return (labels, rise) if return_rise else labels
 
 
@@ -227,10 +227,10 @@ def _split_at_necks(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray
     label_of = np.zeros(n, np.int32)
     one = count[part_of] == 1
     label_of[part_of[one]] = marker_of[one]
-    labels = label_of[parts]
+    labels = np.take(label_of, parts)
     several = count >= 2
     if several.any():  # the watershed's labels are 0 off the shared parts, label_of 0 on them
-        shared = several[parts]
+        shared = np.take(several, parts)
         rows, cols = np.flatnonzero(shared.any(1)), np.flatnonzero(shared.any(0))
         box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         labels[box] += watershed(elevation[box], markers[box], mask=shared[box])
@@ -253,15 +253,15 @@ def membrane_basins(
     size (``min_area_um2``-``max_area_um2``) without a nucleus pixel is returned, shrunk by 1 µm.
     """
     sealed = cv2.morphologyEx(membrane.astype(np.uint8), cv2.MORPH_CLOSE, disk(0.5 * seal_um / mpp))
-    n, comp = cv2.connectedComponents((sealed == 0).astype(np.uint8), connectivity=4)
+    n, comp = cv2.connectedComponents((sealed == 0).view(np.uint8), connectivity=4)
     area = np.bincount(comp.ravel(), minlength=n) * (mpp * mpp)
     inside = np.ones(n, bool)  # a region cut by the tile edge is not closed
     inside[np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]])] = False
     nucleated = np.bincount(comp[nuclei > 0], minlength=n) > 0
     keep = (area >= min_area_um2) & (area <= max_area_um2) & inside & ~nucleated
     keep[0] = False
-    basins = keep[comp].astype(np.uint8)
-    return cv2.erode(basins, disk(1.0 / mpp)).astype(bool)
+    basins = np.take(keep.view(np.uint8), comp)
+    return cv2.erode(basins, disk(1.0 / mpp)).view(bool)
 
 
 def _flood_markers(markers: np.ndarray, size: tuple[int, int], outside_label: int) -> np.ndarray:
