@@ -300,15 +300,15 @@ def grow_cells(
     No cell grows into ``outside`` (bool: beyond the image, Tile.beyond_slide): a cell the image's edge
     cuts ends there.
     """
-    seeds = nuclei.copy()
+    seeds = nuclei
     if basins is not None and basins.any():
         _, b = cv2.connectedComponents(basins.astype(np.uint8), connectivity=8)
         seeds = np.where(b > 0, b + int(nuclei.max()), seeds).astype(np.int32)
-    reach = cv2.distanceTransform((seeds == 0).astype(np.uint8), cv2.DIST_L2, 5) <= max_radius_um / mpp
+    reach = cv2.distanceTransform((seeds == 0).view(np.uint8), cv2.DIST_L2, 5) <= max_radius_um / mpp
     markers = seeds.copy()
     off = ~reach if outside is None else ~reach | outside
     outside_label = int(seeds.max()) + 1
-    markers[off] = outside_label
+    np.copyto(markers, outside_label, where=off)
     f = min(1.0, mpp / flood_mpp)
     if f < 1.0:
         h, w = seeds.shape
@@ -318,11 +318,12 @@ def grow_cells(
         q = Fraction(f).limit_denominator(16)
         k = q.denominator if abs(float(q) - f) < 1e-9 else 1
         pad = ((0, -h % k), (0, -w % k))
-        markers = np.pad(markers, pad, constant_values=outside_label)
-        elevation = np.pad(elevation, pad, mode="edge")
+        if pad[0][1] or pad[1][1]:
+            markers = np.pad(markers, pad, constant_values=outside_label)
+            elevation = np.pad(elevation, pad, mode="edge")
         size = (max(1, round(markers.shape[1] * f)), max(1, round(markers.shape[0] * f)))
         small_markers = _flood_markers(markers, size, outside_label)
-        ring = cv2.dilate((small_markers != outside_label).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        ring = cv2.dilate((small_markers != outside_label).astype(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
         small = watershed(cv2.resize(elevation, size, interpolation=cv2.INTER_AREA), small_markers, mask=ring)
         cells = cv2.resize(small, markers.shape[::-1], interpolation=cv2.INTER_NEAREST)[:h, :w]
         cells = np.where(seeds > 0, seeds, cells)
@@ -331,4 +332,4 @@ def grow_cells(
     cells[cells == outside_label] = 0
     if outside is not None:
         cells[outside] = 0
-    return cells.astype(np.int32)
+    return cells.astype(np.int32, copy=False)
