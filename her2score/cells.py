@@ -152,8 +152,9 @@ def segment_nuclei(
         d = cv2.GaussianBlur(dab_od, (0, 0), 0.5 / mpp)
         n = 1
         if d.max() >= nuclear_dab_od:  # the opened DAB never exceeds the DAB itself
-            blobs = local_background(d, mpp=mpp, radius_um=blob_radius_um, coarse_mpp=mpp)
-            dark = (blobs >= nuclear_dab_od).astype(np.uint8)
+            # where the opened DAB reaches nuclear_dab_od: the opening of where the DAB does (a threshold
+            # commutes with grey erosion and dilation), in uint8
+            dark = local_background((d >= nuclear_dab_od).view(np.uint8), mpp=mpp, radius_um=blob_radius_um, coarse_mpp=mpp)
             n, comp = cv2.connectedComponents(dark, connectivity=8)
         if n > 1:
             at = np.flatnonzero(dark)
@@ -165,6 +166,7 @@ def segment_nuclei(
             big = (area * (mpp * mpp) >= min_blob_um2) & (area <= max_blob_spread * np.pi * inscribed**2)
             big[0] = False
             if big.any():
+                blobs = local_background(d, mpp=mpp, radius_um=blob_radius_um, coarse_mpp=mpp)
                 blob_rise = np.maximum(blobs - local_background(blobs, mpp=mpp, radius_um=6.0), 0.0)
                 np.add(smooth, blob_rise, out=smooth, where=big[comp])
     rise = nuclear_rise(smooth, mpp=mpp)
