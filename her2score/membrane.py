@@ -132,19 +132,43 @@ def longest_circular_run(flags: np.ndarray) -> np.ndarray:
 def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: float) -> np.ndarray:
     """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
 
-    The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits for
-    negatives) and sorted with their label above them, as one 64-bit key (numpy's vectorised sort: 2-3x
-    faster than an LSD radix sort over 16-bit digits, which sorts indices, not the keys).
+    Each label's values are first cut into QUANTILE_BUCKETS equal steps between its minimum and maximum
+    (where all its values are finite): only the bucket holding the quantile is sorted, a few % of the
+    values. The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits
+    for negatives) and sorted with their label above them, as one 64-bit key (numpy's vectorised sort:
+    2-3x faster than an LSD radix sort over 16-bit digits, which sorts indices, not the keys).
     """
+    values = np.ascontiguousarray(values, np.float32)
     count = np.bincount(labels, minlength=n_lab)
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    has = count > 0
+    rank = np.zeros(n_lab, np.int64)
+    rank[has] = (q * (count[has] - 1)).astype(np.int64)  # in the label's values, ascending
+    lo, hi = np.full(n_lab, np.inf, np.float32), np.full(n_lab, -np.inf, np.float32)
+    with np.errstate(invalid="ignore"):  # a NaN value makes its label's bounds NaN
+        np.minimum.at(lo, labels, values)
+        np.maximum.at(hi, labels, values)
+    if np.isfinite(lo[has]).all() and np.isfinite(hi[has]).all():  # a bucket's values are in order of their bits
+        span = hi - lo
+        scale = np.where((span > 1e-30) & (span < 1e30), np.float32(QUANTILE_BUCKETS) / np.clip(span, 1e-30, 1e30), np.float32(0))
+        bucket = np.minimum(((values - lo[labels]) * scale[labels]).astype(np.int32), QUANTILE_BUCKETS)
+        per = np.bincount(labels * (QUANTILE_BUCKETS + 1) + bucket, minlength=n_lab * (QUANTILE_BUCKETS + 1))
+        cum = np.cumsum(per.reshape(n_lab, QUANTILE_BUCKETS + 1), axis=1)
+        target = (cum <= rank[:, None]).sum(1)  # the bucket holding each label's quantile
+        rank -= np.where(target > 0, cum[np.arange(n_lab), np.maximum(target - 1, 0)], 0)
+        count = np.where(has, per.reshape(n_lab, -1)[np.arange(n_lab), np.minimum(target, QUANTILE_BUCKETS)], 0)
+        sel = np.flatnonzero(bucket == target[labels])
+        labels, values = labels[sel], values[sel]
+    bits = values.view(np.uint32)
     bits = bits ^ np.where(bits >> 31 != 0, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
     keys = np.sort((labels.astype(np.uint64) << np.uint64(32)) | bits)  # grouped by label, ascending within each
-    has = count > 0
-    low = keys[(np.cumsum(count) - count)[has] + (q * (count[has] - 1)).astype(np.int64)].astype(np.uint32)
+    low = keys[(np.cumsum(count) - count)[has] + rank[has]].astype(np.uint32)
     out = np.full(n_lab, np.nan)
     out[has] = (low ^ np.where(low >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
     return out
+
+
+QUANTILE_BUCKETS = 64
+"""Steps between a label's smallest and largest value in which _per_cell_quantile looks for its quantile."""
 
 
 def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_lab: int) -> np.ndarray:
