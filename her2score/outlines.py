@@ -143,7 +143,13 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
     top = int(max(cell_labels.max(initial=0), label_ids.max(initial=0)))
     asked = np.zeros(top + 1, np.int32)  # label -> itself if asked for, else 0 (so are negative labels)
     asked[label_ids[label_ids > 0]] = label_ids[label_ids > 0]
-    up = _up2(np.pad(np.take(asked, cell_labels.astype(np.int32, copy=False), mode="clip"), 1))
+    labelled = np.take(asked, cell_labels.astype(np.int32, copy=False), mode="clip")
+    bx, by, bw, bh = cv2.boundingRect((labelled != 0).view(np.uint8))  # traced in the box of the labels asked for
+    if bw == 0:
+        return none, sizes
+    box = (slice(by, by + bh), slice(bx, bx + bw))
+    cell_labels, r0, c0 = cell_labels[box], r0 + by, c0 + bx
+    up = _up2(cv2.copyMakeBorder(labelled[box], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0))
     # one trace of every region of equal labels: a cell's outer contours (top level; its holes' borders
     # are below) are those traced in its own mask, padded and upsampled alike: same start, same direction
     cs, tree = cv2.findContours(up, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_NONE)
