@@ -310,7 +310,7 @@ def measure_cells(
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (its anchor, mean OD; its shape is its core's, below)
-    nuc_sel = np.flatnonzero(nuclei.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
+    nuc_sel = np.flatnonzero((nuclei != 0).ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
     nuc_idx = on_idx[nuc_sel]
     nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
