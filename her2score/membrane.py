@@ -133,21 +133,23 @@ def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: fl
     """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
 
     Each label's values are first cut into QUANTILE_BUCKETS equal steps between its minimum and maximum
-    (where all its values are finite): only the bucket holding the quantile is sorted, a few % of the
-    values. The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits
+    (where every label's values and spread are finite; else all are sorted): only the bucket holding the
+    quantile is sorted, a few % of the values. The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits
     for negatives) and sorted with their label above them, as one 64-bit key (numpy's vectorised sort:
     2-3x faster than an LSD radix sort over 16-bit digits, which sorts indices, not the keys).
     """
     values = np.ascontiguousarray(values, np.float32)
+    labels = np.asarray(labels).astype(np.intp, copy=False)  # a narrow type would wrap in the bucket keys
     count = np.bincount(labels, minlength=n_lab)
     has = count > 0
     rank = np.zeros(n_lab, np.int64)
     rank[has] = (q * (count[has] - 1)).astype(np.int64)  # in the label's values, ascending
     lo, hi = np.full(n_lab, np.inf, np.float32), np.full(n_lab, -np.inf, np.float32)
-    with np.errstate(invalid="ignore"):  # a NaN value makes its label's bounds NaN
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN value makes its label's bounds NaN
         np.minimum.at(lo, labels, values)
         np.maximum.at(hi, labels, values)
-    if np.isfinite(lo[has]).all() and np.isfinite(hi[has]).all():  # a bucket's values are in order of their bits
+        bounded = np.isfinite(hi[has] - lo[has]).all()  # no NaN or infinite value, no spread past float32's range
+    if bounded:  # a bucket's values are in order of their bits
         span = hi - lo
         scale = np.where((span > 1e-30) & (span < 1e30), np.float32(QUANTILE_BUCKETS) / np.clip(span, 1e-30, 1e30), np.float32(0))
         bucket = np.minimum(((values - lo[labels]) * scale[labels]).astype(np.int32), QUANTILE_BUCKETS)

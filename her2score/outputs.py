@@ -348,7 +348,7 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     (a pixel spans [i, i + 1], so its centre is i + 0.5), clipped to the image (``slide_size``,
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) and ``left_out_as`` (why a cell is not a tumour cell, tumour.LEFT_OUT; null for
-    a tumour cell) are properties, and a cell left out also has the two QuPath reads of its detections: a ``name``
+    a tumour cell) are properties, which QuPath drops, so a cell left out also has two it reads: a ``name``
     ("non-tumour: " and why) and the overlay's grey ``color`` (drawn so in place of its class's); ``measurements`` holds completeness, membrane
     DAB OD (log10), width (µm), areas (µm²), neighbours_membrane (1: its stain is its neighbours'
     membrane, so it reads none) and tumour (1/0) as QuPath reads them.

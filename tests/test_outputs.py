@@ -210,7 +210,7 @@ def test_geojson_every_polygon_valid_inside_the_image_and_classified(field):
         assert props["classification"]["name"] == cat and cat in CATEGORIES  # the category only
         assert props["tumour"] is bool(tum) and props["measurements"]["tumour"] == int(tum)
         assert props["left_out_as"] == why and (why is None) == bool(tum)  # why a cell is not a tumour cell
-        # QuPath keeps only name, color, classification and measurements of a detection's properties: a cell
+        # QuPath drops a detection's tumour and left_out_as properties but reads name and color: a cell
         # left out says why in its name and is drawn grey, as on the overlay, not in its category's colour
         assert (props.get("name"), props.get("color")) == ((None, None) if tum else
                                                           (f"non-tumour: {why}", list(NON_TUMOUR_COLOUR)))

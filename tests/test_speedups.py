@@ -68,6 +68,18 @@ def test_per_cell_quantile_is_the_lower_quantile_of_each_label():
             v = values[labels == lab]
             want = np.quantile(v, q, method="lower") if len(v) else np.nan
             assert got[lab] == want or (np.isnan(want) and np.isnan(got[lab])), (q, lab)
+    # labels of a narrow type (their bucket keys must not wrap), a NaN or an infinity, a spread past float32's range
+    want = _per_cell_quantile(labels, values, 45, 0.5)
+    for dtype in (np.uint8, np.int16, np.uint16, np.uint64):
+        np.testing.assert_array_equal(_per_cell_quantile(labels.astype(dtype), values, 45, 0.5), want)
+    for odd in (np.nan, np.inf, -3e38):
+        v = values.copy()
+        v[labels == 7] = 3e38
+        v[0] = odd
+        got = _per_cell_quantile(labels, v, 45, 0.5)
+        for lab in (labels[0], 7, 8):  # a NaN sorts last, as np.sort puts it
+            ordered = np.sort(v[labels == lab])
+            assert got[lab] == ordered[(len(ordered) - 1) // 2], (odd, lab)
 
 
 def test_watershed_is_scikit_images():
