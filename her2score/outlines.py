@@ -47,7 +47,7 @@ def _ring(up: np.ndarray) -> np.ndarray | None:
     """Outer ring (int (k, 2) (x, y)) of a uint8 mask (a cell's padded pixels upsampled 2x), or None when
     the mask has several parts or the traced chain passes a pixel twice (a pinch)."""
     c = _chain(up)
-    return c if c is not None and not _pinched([c], np.array([len(c)]), up.shape[1])[0] else None
+    return c if c is not None and not _pinched(c, np.array([len(c)]), up.shape[1])[0] else None
 
 
 def _chain(up: np.ndarray) -> np.ndarray | None:
@@ -56,15 +56,15 @@ def _chain(up: np.ndarray) -> np.ndarray | None:
     return cs[0].reshape(-1, 2) if len(cs) == 1 and len(cs[0]) >= 3 else None
 
 
-def _pinched(chains: list[np.ndarray], n: np.ndarray, width: int) -> np.ndarray:
-    """Per chain, whether it passes a pixel twice (bool array). Chains are of disjoint cells in one image
-    ``width`` px wide: a pixel met twice is met twice by one chain."""
-    pts = np.concatenate(chains)
+def _pinched(pts: np.ndarray, n: np.ndarray, width: int) -> np.ndarray:
+    """Per chain, whether it passes a pixel twice (bool array). Chains (their (x, y) vertices back to back in
+    ``pts``, ``n`` each) are of disjoint cells in one image ``width`` px wide: a pixel met twice is met twice
+    by one chain."""
     flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
     order = np.arange(len(flat))
     seen = np.empty(int(flat.max()) + 1, np.int64)  # only the pixels written are read: no need to clear it
     seen[flat] = order  # a pixel met twice keeps one of its vertices: the other is a repeat
-    twice = np.zeros(len(chains), bool)
+    twice = np.zeros(len(n), bool)
     twice[np.searchsorted(np.cumsum(n), np.flatnonzero(seen[flat] != order), side="right")] = True
     return twice
 
@@ -93,10 +93,9 @@ def _without_collinear(pts: np.ndarray, n: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _cell_mask(cell_labels: np.ndarray, lab: int, traced: list[np.ndarray], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cell_mask(cell_labels: np.ndarray, lab: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A label's pixels (uint8) in its box padded by a pixel, and the box's (x, y) on the 2x grid of the padded
-    label image, where the label's outer contours (``traced`` (k, 2) (x, y) where ``owner`` is it) bound it."""
-    pts = np.concatenate([traced[k] for k in np.flatnonzero(owner == lab)])
+    label image, where the label's outer contours (their vertices ``pts``, (k, 2) (x, y)) bound it."""
     lo, hi = pts.min(0) // 2 - 1, pts.max(0) // 2
     mask = (cell_labels[lo[1] : hi[1], lo[0] : hi[0]] == lab).view(np.uint8)
     return cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), 2 * lo
@@ -153,29 +152,37 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
     # one trace of every region of equal labels: a cell's outer contours (top level; its holes' borders
     # are below) are those traced in its own mask, padded and upsampled alike: same start, same direction
     cs, tree = cv2.findContours(up, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_NONE)
-    traced = [k.reshape(-1, 2) for k, t in zip(cs, tree[0]) if t[3] < 0] if cs else []
-    first = np.array([k[0] for k in traced], int).reshape(-1, 2)
-    owner = up[first[:, 1], first[:, 0]]
+    if not cs:
+        return none, sizes
+    outer = np.flatnonzero(tree[0][:, 3] < 0)
+    first = np.array([cs[i][0, 0] for i in outer.tolist()])
+    owner = up[first[:, 1], first[:, 0]]  # the label each outer contour bounds
     parts = np.bincount(owner, minlength=top + 1)
-    last = dict(zip(owner.tolist(), range(len(traced))))
     where = np.flatnonzero((label_ids > 0) & (parts[np.maximum(label_ids, 0)] > 0))  # 0: the background
     if not len(where):
         return none, sizes
-    chains = []  # on the 2x grid of the padded image
-    for lab in label_ids[where].tolist():
-        if parts[lab] == 1:
-            chains.append(traced[last[lab]])
-        else:  # several parts: traced alone, as those inside its own holes are no outer contours there
-            mask, at = _cell_mask(cell_labels, lab, traced, owner)
-            c = _chain(_up2(mask))
-            chains.append(None if c is None else c + at)
-    redo = np.array([c is None for c in chains])
-    ok = np.flatnonzero(~redo)
-    if len(ok):
-        redo[ok] = _pinched([chains[j] for j in ok], np.array([len(chains[j]) for j in ok]), up.shape[1])
+    labs = label_ids[where]
+    contour = np.zeros(top + 1, np.int64)
+    contour[owner] = outer  # a label's outer contour, where it has one
+    chains = [cs[i].reshape(-1, 2) for i in contour[labs].tolist()]
+    n = np.array([len(c) for c in chains])
+    pts = np.concatenate(chains)  # on the 2x grid of the padded image
+    redo = _pinched(pts, n, up.shape[1])
+
+    def outer_points(lab: int) -> np.ndarray:  # the vertices of a label's outer contours
+        return np.concatenate([cs[i].reshape(-1, 2) for i in outer[owner == lab]])
+
+    multi = np.flatnonzero(parts[labs] > 1)
+    for j in multi:  # several parts: traced alone, as those inside its own holes are no outer contours there
+        lab = int(labs[j])
+        mask, at = _cell_mask(cell_labels, lab, outer_points(lab))
+        c = _chain(_up2(mask))
+        redo[j] = c is None or _pinched(c + at, np.array([len(c)]), up.shape[1])[0]
+        if not redo[j]:
+            chains[j] = c + at
     for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
-        lab = int(label_ids[where[j]])
-        mask, at = _cell_mask(cell_labels, lab, traced, owner)
+        lab = int(labs[j])
+        mask, at = _cell_mask(cell_labels, lab, outer_points(lab))
         _, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
         mask = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
         outside = mask.copy()
@@ -185,8 +192,9 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
         if ring is None:  # a saddle-free, hole-free 4-connected set always has one simple outer ring
             raise RuntimeError(f"cell label {lab}: no simple outline could be traced")
         chains[j] = ring + at
-    n = np.array([len(c) for c in chains])
-    pts = np.concatenate(chains)
+    if len(multi) or redo.any():  # chains replaced
+        n = np.array([len(c) for c in chains])
+        pts = np.concatenate(chains)
     keep = _without_collinear(pts.astype(np.int64), n)
     sizes[where] = np.add.reduceat(keep, np.cumsum(n) - n)
     return (pts[keep] + (2 * c0, 2 * r0)).astype(dtype), sizes
