@@ -131,9 +131,25 @@ def white_level(rgb: np.ndarray) -> np.ndarray:
     flat = rgb.reshape(-1, 3)
     flat = flat[:: max(1, len(flat) // 500_000)]
     scanned = flat[~unscanned_fill(flat)]
+    whole = flat.dtype == np.uint8
     flat = (scanned if len(scanned) >= max(50, len(flat) // 100) else flat).astype(np.float32)
     k = min(max(50, len(flat) // 200), len(flat))
-    return np.median(flat[np.argpartition(per_channel(np.add, flat), -k)[-k:]], axis=0).astype(np.float64)
+    total = per_channel(np.add, flat)
+    if whole and (level := _median_of_brightest(flat, total.astype(np.int32), k)) is not None:
+        return level
+    return np.median(flat[np.argpartition(total, -k)[-k:]], axis=0).astype(np.float64)
+
+
+def _median_of_brightest(flat: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray | None:
+    """Per channel, the median of the ``k`` pixels of ``flat`` (float32 (N, 3), whole numbers 0-255) whose channel
+    ``sums`` (int, 0-765) are largest, as float64 (3,), where it does not depend on which of the pixels tied at the
+    k-th largest sum are taken; else None. Each channel's median is bounded by taking the tied pixels with its
+    smallest values and with its largest: where both give one value, every choice (np.argpartition's) gives it."""
+    cut = 765 - int(np.searchsorted(np.cumsum(np.bincount(sums, minlength=766)[::-1]), k))  # the k-th largest sum
+    above, tied = flat[sums > cut], np.sort(flat[sums == cut], axis=0)
+    m = k - len(above)  # taken from the tied pixels: 1 to len(tied)
+    low = np.median(np.concatenate([above, tied[:m]]), axis=0)
+    return low.astype(np.float64) if np.array_equal(low, np.median(np.concatenate([above, tied[len(tied) - m:]]), axis=0)) else None
 
 
 def colour_cast(level: np.ndarray) -> float:
