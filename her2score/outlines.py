@@ -61,8 +61,8 @@ def _pinched(pts: np.ndarray, n: np.ndarray, width: int) -> np.ndarray:
     ``pts``, ``n`` each) are of disjoint cells in one image ``width`` px wide: a pixel met twice is met twice
     by one chain."""
     flat = pts[:, 1].astype(np.int64) * width + pts[:, 0]
-    order = np.arange(len(flat))
-    seen = np.empty(int(flat.max()) + 1, np.int64)  # only the pixels written are read: no need to clear it
+    order = np.arange(len(flat), dtype=np.int32 if len(flat) < 2**31 else np.int64)
+    seen = np.empty(int(flat.max()) + 1, order.dtype)  # only the pixels written are read: no need to clear it
     seen[flat] = order  # a pixel met twice keeps one of its vertices: the other is a repeat
     twice = np.zeros(len(n), bool)
     twice[np.searchsorted(np.cumsum(n), np.flatnonzero(seen[flat] != order), side="right")] = True
@@ -70,8 +70,8 @@ def _pinched(pts: np.ndarray, n: np.ndarray, width: int) -> np.ndarray:
 
 
 def _up2(mask: np.ndarray) -> np.ndarray:
-    """The image upsampled 2x, each pixel a 2 x 2 block."""
-    return cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    """The image upsampled 2x, each pixel a 2 x 2 block (INTER_NEAREST_EXACT: the same pixels as INTER_NEAREST at 2x, faster)."""
+    return cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def _without_collinear(pts: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -195,7 +195,7 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
     if len(multi) or redo.any():  # chains replaced
         n = np.array([len(c) for c in chains])
         pts = np.concatenate(chains)
-    keep = _without_collinear(pts.astype(np.int64), n)
+    keep = _without_collinear(pts, n)  # as traced (int32): a chain's steps are single pixels, no overflow
     sizes[where] = np.add.reduceat(keep, np.cumsum(n) - n)
     return (pts[keep] + (2 * c0, 2 * r0)).astype(dtype), sizes
 
