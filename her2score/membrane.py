@@ -331,7 +331,7 @@ def measure_cells(
         x0, y0, w_core, h_core = core
         fx, fy = anchors[:, 0].astype(f32), anchors[:, 1].astype(f32)
         measured &= (fx >= x0) & (fx < x0 + w_core) & (fy >= y0) & (fy < y0 + h_core)
-        on = measured[cells]
+        on = measured.take(cells)  # np.take: half the time of fancy indexing
     labels = np.flatnonzero(measured)
     if len(labels) == 0:
         empty = np.zeros(0, f32)
@@ -359,7 +359,7 @@ def measure_cells(
         ring = cv2.dilate(nuclei.astype(np.float32 if wide else np.uint16), halo).astype(np.int32 if wide else np.uint16, copy=False)
         ring *= ~nuclear  # each nucleus's halo, by its label
         brown &= nuc_mean > _mean_by_label(ring, ring > 0, dab_od, n_nuc)
-        off_limits = nuclear | (cv2.dilate(brown[nuclei].view(np.uint8), halo) > 0)
+        off_limits = nuclear | (cv2.dilate(brown.take(nuclei).view(np.uint8), halo) > 0)
     if rise is None:
         rise = nuclear_rise(_smoothed(hematoxylin_od, mpp), mpp=mpp)
     nuc_area, elong, width_nuc = _nucleus_core_shape(nl, nr, nc, rise.ravel()[nuc_idx], n_lab=n_lab, mpp=mpp)
