@@ -313,7 +313,8 @@ def measure_cells(
     cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (its anchor, mean OD; its shape is its core's, below)
-    nuc_sel = np.flatnonzero((nuclei != 0).ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
+    nuclear = nuclei > 0
+    nuc_sel = np.flatnonzero(nuclear.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
     nuc_idx = on_idx[nuc_sel]
     nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
@@ -350,7 +351,6 @@ def measure_cells(
     # a DAB-stained nucleus (Ki67, ER, PR) and the blurred halo around it are never membrane
     halo = disk(halo_um / mpp)
     n_nuc = int(nuclei.max()) + 1
-    nuclear = nuclei > 0
     nuc_mean = _mean_by_label(nuclei, nuclear, dab_od, n_nuc)
     brown = nuc_mean >= brown_nucleus_od
     brown[0] = False
@@ -370,13 +370,14 @@ def measure_cells(
         # the band of a border pixel next to the image's edge reaches band_um past it
         off_limits = off_limits | (cv2.dilate(edge, _chamfer_ball(band_um / mpp + 1)) > 0)
         cut_px = np.flatnonzero(border & (cv2.dilate(edge, np.ones((3, 3), np.uint8)) > 0))
-    band = on & near & ~off_limits
-    interior = on & ~near & ~off_limits
-    quiet = interior & (dab_od - contrast < unstained_od)  # off membranes, in unstained cytoplasm
-    clipped = np.clip(contrast[quiet], 0, CONTRAST_BINS[-1] - 1e-6).astype(np.float64)
+    usable = on > off_limits  # bool: on & ~off_limits
+    band = usable & near
+    inner = np.flatnonzero(usable > near)  # the interior
+    inner_od, inner_c = dab_od.ravel()[inner], contrast.ravel()[inner]
+    quiet = inner_c[inner_od - inner_c < unstained_od]  # off membranes, in unstained cytoplasm
+    clipped = np.clip(quiet, 0, CONTRAST_BINS[-1] - 1e-6)  # float64 (the bound's type), as np.histogram reads it
     hist = np.histogram(clipped, bins=len(CONTRAST_BINS) - 1, range=(CONTRAST_BINS[0], CONTRAST_BINS[-1]))[0]
-    inner = np.flatnonzero(interior)
-    cyto = _per_cell_quantile(cells.ravel()[inner], dab_od.ravel()[inner], n_lab, 0.5)
+    cyto = _per_cell_quantile(cells.ravel()[inner], inner_od, n_lab, 0.5)
 
     band_idx = np.flatnonzero(band)
     lab = cells.ravel()[band_idx]
@@ -387,7 +388,8 @@ def measure_cells(
     size = n_lab * N_SECTORS
     c_band = contrast.ravel()[band_idx]
     sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
-    line_od = cv2.dilate(np.where(off_limits, 0, dab_od), disk(line_reach_um / mpp))  # the line's peak, on either side of the border
+    line_od = np.where(off_limits, 0, dab_od)
+    cv2.dilate(line_od, disk(line_reach_um / mpp), dst=line_od)  # the line's peak, on either side of the border (in place)
     sec_o = _sector_max(key, line_od.ravel()[band_idx], size).reshape(n_lab, N_SECTORS)[labels]
     sec_c[~np.isfinite(sec_c)] = np.nan
     sec_o[~np.isfinite(sec_o)] = np.nan
