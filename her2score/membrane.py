@@ -42,9 +42,10 @@ def membrane_contrast(dab_od: np.ndarray, nuclei: np.ndarray | None = None, *, m
     """
     smooth = cv2.GaussianBlur(dab_od, (0, 0), sigma_um / mpp)
     level_of = smooth
-    if nuclei is not None and nuclei.any():
-        fill = _cytoplasm_fill(smooth, nuclei == 0, mpp=mpp, sigma_um=3.0)
-        near = cv2.dilate((nuclei > 0).astype(np.uint8), disk(2 * sigma_um / mpp)) > 0  # smoothing darkens ~2 sigma around a nucleus
+    nuclear = None if nuclei is None else nuclei > 0
+    if nuclear is not None and nuclear.any():
+        fill = _cytoplasm_fill(smooth, ~nuclear, mpp=mpp, sigma_um=3.0)
+        near = cv2.dilate(nuclear.view(np.uint8), disk(2 * sigma_um / mpp)) > 0  # smoothing darkens ~2 sigma around a nucleus
         level_of = np.maximum(fill, smooth, out=smooth.copy(), where=near)  # smooth off ``near``
     level = local_background(level_of, mpp=mpp, radius_um=radius_um, coarse_mpp=mpp)  # a new array: overwritten
     contrast = np.subtract(smooth, level, out=level)
