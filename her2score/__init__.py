@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.5.4"
+__version__ = "0.5.5"
 
 _SOURCES = {
     "score_slide": "pipeline",
