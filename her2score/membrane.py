@@ -389,8 +389,7 @@ def measure_cells(
     size = n_lab * N_SECTORS
     c_band = contrast.ravel()[band_idx]
     sec_c = _sector_max(key, c_band, size).reshape(n_lab, N_SECTORS)[labels]
-    line_od = np.where(off_limits, 0, dab_od)
-    cv2.dilate(line_od, disk(line_reach_um / mpp), dst=line_od)  # the line's peak, on either side of the border (in place)
+    line_od = cv2.dilate(np.where(off_limits, 0, dab_od), disk(line_reach_um / mpp))  # the line's peak, on either side of the border
     sec_o = _sector_max(key, line_od.ravel()[band_idx], size).reshape(n_lab, N_SECTORS)[labels]
     sec_c[~np.isfinite(sec_c)] = np.nan
     sec_o[~np.isfinite(sec_o)] = np.nan

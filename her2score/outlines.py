@@ -102,7 +102,7 @@ def _cell_mask(cell_labels: np.ndarray, lab: int, pts: np.ndarray) -> tuple[np.n
 
 
 def trace_outlines(cell_labels: np.ndarray, label_ids: np.ndarray) -> list[np.ndarray]:
-    """One outline per id of ``label_ids``: float32 (k, 2) (x, y) in pixel coordinates of ``cell_labels``
+    """One outline per id of ``label_ids`` (each id once): float32 (k, 2) (x, y) in pixel coordinates of ``cell_labels``
     (pixel centres at integers), first vertex not repeated; an empty (0, 2) array for a label with no pixel.
 
     The outline follows the cell's pixels 0.25 px inside their outer edge: the boundary of its

@@ -209,6 +209,20 @@ def test_measurements_do_not_mutate_inputs():
     assert np.array_equal(nuclei, before[0]) and np.array_equal(dab, before[1])
 
 
+def test_measurements_take_arrays_in_any_memory_order():
+    """Column-major (Fortran-order) inputs read as row-major ones (an in-place OpenCV call refused them)."""
+    nuclei, dab = cell_with_arc(0.5, 0.6)
+    smooth, contrast = membrane_contrast(dab, nuclei, mpp=MPP)
+    cells = grow_cells(nuclei, contrast, mpp=MPP, max_radius_um=9)
+    h = np.zeros_like(dab)
+    m, hist, _ = measure_cells(cells, nuclei, h, smooth, contrast, mpp=MPP)
+    f = np.asfortranarray
+    mf, histf, _ = measure_cells(f(cells), f(nuclei), f(h), f(smooth), f(contrast), mpp=MPP)
+    np.testing.assert_array_equal(mf.sector_od, m.sector_od)
+    np.testing.assert_array_equal(mf.sector_contrast, m.sector_contrast)
+    np.testing.assert_array_equal(histf, hist)
+
+
 def test_brown_nucleus_is_not_membrane():
     """Nuclear pixels are never in a cell's membrane band: a Ki67-positive nucleus leaves the membrane unstained."""
     nuclei, dab = cell_with_arc(0.0, 0.0)
