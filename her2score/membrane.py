@@ -210,6 +210,25 @@ def _rows_cols(flat_idx: np.ndarray, shape: tuple[int, int], origin: tuple[int, 
     return rows[flat_idx], cols[flat_idx]
 
 
+def _label_sums(cells: np.ndarray, n_lab: int, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label (n_lab, float64; 0 for label 0): its pixel count and the sums of its pixels' rows and columns
+    (in an image whose first pixel is at ``origin``), taken over the runs of each label along the image's rows
+    (a tile's run ~20 px: 5x faster than over its pixels). The sums are of integers: exact in float64, whatever
+    their order."""
+    flat = cells.ravel()
+    starts = np.empty(flat.size, bool)
+    np.not_equal(flat[1:], flat[:-1], out=starts[1:])
+    starts[:: cells.shape[1]] = True  # each row starts a run
+    start = np.flatnonzero(starts)
+    length = np.diff(start, append=flat.size).astype(np.float64)
+    lab = flat[start].astype(np.intp)
+    cell = lab > 0
+    start, length, lab = start[cell], length[cell], lab[cell]
+    row, col = _rows_cols(start, cells.shape, origin)  # of each run's first pixel
+    return (np.bincount(lab, length, n_lab), np.bincount(lab, length * row, n_lab),
+            np.bincount(lab, length * (col + (length - 1) / 2), n_lab))  # columns col to col + length - 1
+
+
 def sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Angular sector (0 to N_SECTORS - 1, from the left and clockwise on the image) of pixels (dy, dx) px from a centroid."""
     return ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
@@ -306,18 +325,15 @@ def measure_cells(
     n_lab = int(cells.max()) + 1
     f32 = np.float32
     cell_px = cells > 0
-    on_idx = np.flatnonzero(cell_px)
-    cl = cells.ravel()[on_idx].astype(np.intp)
-    area = np.bincount(cl, minlength=n_lab).astype(np.float64)
-    cr, cc = _rows_cols(on_idx, cells.shape, origin)  # row, column of each cell pixel
-    cy = np.bincount(cl, cr, n_lab) / np.maximum(area, 1)
-    cx = np.bincount(cl, cc, n_lab) / np.maximum(area, 1)
+    area, row_sum, col_sum = _label_sums(cells, n_lab, origin)
+    cy = row_sum / np.maximum(area, 1)
+    cx = col_sum / np.maximum(area, 1)
 
     # the nucleus of each cell: nuclear pixels inside it (its anchor, mean OD; its shape is its core's, below)
     nuclear = nuclei > 0
-    nuc_sel = np.flatnonzero(nuclear.ravel()[on_idx])  # indices: faster than a boolean mask for several gathers
-    nuc_idx = on_idx[nuc_sel]
-    nl, nr, nc = cl[nuc_sel], cr[nuc_sel], cc[nuc_sel]
+    nuc_idx = np.flatnonzero(nuclear & cell_px)  # indices: faster than a boolean mask for several gathers
+    nl = cells.ravel().take(nuc_idx).astype(np.intp)
+    nr, nc = _rows_cols(nuc_idx, cells.shape, origin)
     nw = np.bincount(nl, minlength=n_lab).astype(np.float64)
     w = np.maximum(nw, 1)
     ny, nx = np.bincount(nl, nr, n_lab) / w, np.bincount(nl, nc, n_lab) / w
