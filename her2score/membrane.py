@@ -231,7 +231,17 @@ def _label_sums(cells: np.ndarray, n_lab: int, origin: tuple[int, int]) -> tuple
 
 def sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Angular sector (0 to N_SECTORS - 1, from the left and clockwise on the image) of pixels (dy, dx) px from a centroid."""
-    return ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    angle = np.arctan2(dy, dx)
+    if angle.ndim == 0:
+        return ((angle + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    angle += np.pi  # in place: the same steps, no temporaries
+    angle /= 2 * np.pi
+    angle *= N_SECTORS
+    sector = angle.astype(np.int64)
+    wrap = sector.view(np.uint64) >= N_SECTORS  # an angle of pi (N_SECTORS) or NaN: the modulo (an int64 division,
+    if wrap.any():  # slower than the arctan2) taken of them alone
+        sector[wrap] %= N_SECTORS
+    return sector
 
 
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -399,7 +409,7 @@ def measure_cells(
     band_idx = np.flatnonzero(band)
     lab = cells.ravel()[band_idx]
     br, bc = _rows_cols(band_idx, cells.shape, origin)
-    dy, dx = br - cy[lab], bc - cx[lab]
+    dy, dx = br - cy.take(lab), bc - cx.take(lab)
     sector = sector_of(dy, dx)
     key = lab.astype(np.int64) * N_SECTORS + sector
     size = n_lab * N_SECTORS
@@ -466,7 +476,7 @@ def _sector_neighbours(border: np.ndarray, padded: np.ndarray, cy: np.ndarray, c
         other = np.where((other == 0) & (v != lab) & (v > 0), v, other)
     facing = other > 0
     r, c, lab, other = r[facing] + np.float32(origin[0]), c[facing] + np.float32(origin[1]), lab[facing], other[facing]
-    sector = sector_of(r - cy[lab], c - cx[lab])
+    sector = sector_of(r - cy.take(lab), c - cx.take(lab))
     n_lab = len(cy)
     key_type = np.int32 if n_lab * N_SECTORS * n_lab < 2**31 else np.int64  # a narrower sort where it fits
     keys = np.sort((lab.astype(key_type) * N_SECTORS + sector.astype(key_type)) * n_lab + other)
