@@ -176,10 +176,10 @@ def trace_outline_points(cell_labels: np.ndarray, label_ids: np.ndarray,
     for j in multi:  # several parts: traced alone, as those inside its own holes are no outer contours there
         lab = int(labs[j])
         mask, at = _cell_mask(cell_labels, lab, outer_points(lab))
-        c = _chain(_up2(mask))
-        redo[j] = c is None or _pinched(c + at, np.array([len(c)]), up.shape[1])[0]
-        if not redo[j]:
-            chains[j] = c + at
+        ring = _ring(_up2(mask))
+        redo[j] = ring is None
+        if ring is not None:
+            chains[j] = ring + at
     for j in np.flatnonzero(redo):  # several parts, or a pinch: largest 4-connected part, holes filled
         lab = int(labs[j])
         mask, at = _cell_mask(cell_labels, lab, outer_points(lab))
