@@ -131,14 +131,19 @@ def longest_circular_run(flags: np.ndarray) -> np.ndarray:
     return np.minimum(best, k)
 
 
+QUANTILE_BUCKETS = 64
+"""Steps between a label's smallest and largest value in which _per_cell_quantile looks for its quantile."""
+
+
 def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: float) -> np.ndarray:
     """The ``q`` quantile (lower) of float32 ``values`` per label (NaN for a label without values).
 
     Each label's values are first cut into QUANTILE_BUCKETS equal steps between its minimum and maximum
     (where every label's values and spread are finite; else all are sorted): only the bucket holding the
-    quantile is sorted, a few % of the values. The values' bits are made to sort as the floats do (sign bit flipped for positives, all bits
-    for negatives) and sorted with their label above them, as one 64-bit key (numpy's vectorised sort:
-    2-3x faster than an LSD radix sort over 16-bit digits, which sorts indices, not the keys).
+    quantile is sorted, a few % of the values. The values' bits are made to sort as the floats do (sign bit
+    flipped for positives, all bits for negatives) and sorted with their label above them, as one 64-bit key
+    (numpy's vectorised sort: 2-3x faster than an LSD radix sort over 16-bit digits, which sorts indices, not
+    the keys).
     """
     values = np.ascontiguousarray(values, np.float32)
     labels = np.asarray(labels).astype(np.intp, copy=False)  # a narrow type would wrap in the bucket keys
@@ -169,10 +174,6 @@ def _per_cell_quantile(labels: np.ndarray, values: np.ndarray, n_lab: int, q: fl
     out = np.full(n_lab, np.nan)
     out[has] = (low ^ np.where(low >> 31 != 0, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
     return out
-
-
-QUANTILE_BUCKETS = 64
-"""Steps between a label's smallest and largest value in which _per_cell_quantile looks for its quantile."""
 
 
 def _mean_by_label(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n_lab: int) -> np.ndarray:
@@ -232,8 +233,8 @@ def _label_sums(cells: np.ndarray, n_lab: int, origin: tuple[int, int]) -> tuple
 def sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Angular sector (0 to N_SECTORS - 1, from the left and clockwise on the image) of pixels (dy, dx) px from a centroid."""
     angle = np.arctan2(dy, dx)
-    if angle.ndim == 0:
-        return ((angle + np.pi) / (2 * np.pi) * N_SECTORS).astype(np.int64) % N_SECTORS
+    scalar = angle.ndim == 0
+    angle = np.atleast_1d(angle)
     angle += np.pi  # in place: the same steps, no temporaries
     angle /= 2 * np.pi
     angle *= N_SECTORS
@@ -241,7 +242,7 @@ def sector_of(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     wrap = sector.view(np.uint64) >= N_SECTORS  # an angle of pi (N_SECTORS) or NaN: the modulo (an int64 division,
     if wrap.any():  # slower than the arctan2) taken of them alone
         sector[wrap] %= N_SECTORS
-    return sector
+    return sector[0] if scalar else sector
 
 
 def _sector_max(key: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
