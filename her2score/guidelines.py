@@ -273,17 +273,21 @@ def _known(guideline: str, gastric_reading: str = "cumulative") -> None:
 
 def deciding_categories(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, tuple[str, ...]]:
     """Per score ("3+", "2+", "1+"), the cell categories whose share past the 10% cut-off gives it under
-    ``guideline`` (those deciding_cells counts)."""
-    return _deciding_categories(_validated(counts), guideline, gastric_reading)
+    ``guideline`` (those deciding_cells counts). They depend on the guideline and reading alone; ``counts`` are
+    validated."""
+    _validated(counts)
+    return _deciding_categories(guideline, gastric_reading)
 
 
-def _deciding_categories(c: Mapping[str, int], guideline: str, gastric_reading: str) -> dict[str, tuple[str, ...]]:
-    """Per score ("3+", "2+", "1+"), the categories of deciding_cells (``c``: validated counts)."""
+def _deciding_categories(guideline: str, gastric_reading: str) -> dict[str, tuple[str, ...]]:
+    """Per score ("3+", "2+", "1+"), the categories of deciding_cells: the family's STAINED_AT_LEAST, but for the
+    gastric per-band reading's 3+ and 2+, each band alone."""
     _known(guideline, gastric_reading)
-    if GUIDELINE_FAMILY[guideline] == "breast":
-        return {"3+": ("strong_complete",), "2+": _BREAST_2PLUS, "1+": STAINED_AT_LEAST["breast"]["1+"]}
-    match = (lambda lv, k: lv == k or k == 1 <= lv) if gastric_reading == "per_band" else (lambda lv, k: lv >= k)
-    return {f"{k}+": tuple(cat for cat in CATEGORIES if match(STAINING_LEVEL[cat], k)) for k in (3, 2, 1)}
+    family = GUIDELINE_FAMILY[guideline]
+    if family == "gastric" and gastric_reading == "per_band":
+        return {f"{k}+": tuple(cat for cat in CATEGORIES if STAINING_LEVEL[cat] == k or k == 1 <= STAINING_LEVEL[cat])
+                for k in (3, 2, 1)}
+    return dict(STAINED_AT_LEAST[family])
 
 
 def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading: str = "cumulative") -> dict[str, int]:
@@ -293,7 +297,7 @@ def deciding_cells(counts: Mapping[str, int], guideline: str, *, gastric_reading
     isolated intense cells count in both as the stained complete cells they are. Gastric:
     cumulative_counts, or under the per_band reading the 3+ and 2+ bands each alone (1+: every stained cell). (Breast's 'intense complete in <=10%' 2+ and gastric biopsy clusters are no shares.)"""
     c = _validated(counts)
-    groups = _deciding_categories(c, guideline, gastric_reading)
+    groups = _deciding_categories(guideline, gastric_reading)
     return {score: sum(c[cat] for cat in cats) for score, cats in groups.items()}
 
 
@@ -407,7 +411,7 @@ def near_cutoff_sides(counts: Mapping[str, int], score: str | None, *, guideline
     if rank > 0 and not held and (pct := 100.0 * share[score] / total) >= 10.0:
         band = max(points, false_membrane_percent) if score == "1+" else points
         if pct < 10.0 + band or 100.0 * wilson_ci(share[score], total, confidence)[0] < 10.0:
-            cats = _deciding_categories(c, guideline, gastric_reading)[score]
+            cats = _deciding_categories(guideline, gastric_reading)[score]
             sides += [(other, pct) for other in _down_sides(c, score, cats, guideline, specimen=specimen, clusters=clusters or {},
                                                            gastric_reading=gastric_reading,
                                                            isolated_intense_percent=isolated_intense_percent)]
