@@ -463,13 +463,17 @@ ASPECT_TOLERANCE = 0.02
 def _square_pixels(path, across: float | None, down: float | None) -> None:
     """SlideError where the file states pixels more than ASPECT_TOLERANCE taller than wide or wider than tall (both
     a microscope's): its cells would be measured stretched, and no µm/px given undoes that."""
-    if not (_plausible(across) and _plausible(down)):
-        return
+    if _plausible(across) and _plausible(down):
+        _refuse_stretched(path, across, down, f"{across:.4g} µm wide and {down:.4g} µm tall (its resolution metadata)")
+
+
+def _refuse_stretched(path, across: float, down: float, stated: str) -> None:
+    """SlideError where a pixel's width and height (``across``, ``down``, in one unit) differ by more than
+    ASPECT_TOLERANCE; ``stated``: how the file states them."""
     stretch = max(down / across, across / down)
     if stretch > 1 + ASPECT_TOLERANCE:
-        raise SlideError(path, f"its pixels are not square: {across:.4g} µm wide and {down:.4g} µm tall (its resolution "
-                               f"metadata), so cells would be measured {100 * (stretch - 1):.1f}% stretched one way; "
-                               "resample it to square pixels first")
+        raise SlideError(path, f"its pixels are not square: {stated}, so cells would be measured "
+                               f"{100 * (stretch - 1):.1f}% stretched one way; resample it to square pixels first")
 
 
 def _rival_resolution(img, taken: float | None) -> list[str]:
@@ -492,13 +496,9 @@ def _square_aspect(path, img) -> None:
     than ASPECT_TOLERANCE off square, as _square_pixels for a stated size."""
     across, down = img.info.get("aspect") or (img.info.get("jfif_density") if img.info.get("jfif_unit") == 0 else None) or (1, 1)
     try:
-        stretch = max(float(across) / float(down), float(down) / float(across))
-    except (TypeError, ValueError, ZeroDivisionError):
+        _refuse_stretched(path, float(across), float(down), f"its metadata states an aspect of {across}:{down} (no unit)")
+    except (TypeError, ValueError, ZeroDivisionError):  # no aspect a number states
         return
-    if stretch > 1 + ASPECT_TOLERANCE:
-        raise SlideError(path, f"its pixels are not square: its metadata states an aspect of {across}:{down} (no unit), so "
-                               f"cells would be measured {100 * (stretch - 1):.1f}% stretched one way; resample it to "
-                               "square pixels first")
 
 
 _PILLOW_LIMIT = {"lock": threading.Lock(), "users": 0, "saved": None}
