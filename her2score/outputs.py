@@ -349,9 +349,9 @@ def write_cells_geojson(analysis: SlideAnalysis, f: BinaryIO, *, slide_size: tup
     level-0 width and height) and kept a simple polygon, rounded to 0.01 px. ``classification`` is the cell's
     category; ``tumour`` (true/false) and ``left_out_as`` (why a cell is not a tumour cell, tumour.LEFT_OUT; null for
     a tumour cell) are properties, which QuPath drops, so a cell left out also has two it reads: a ``name``
-    ("non-tumour: " and why) and the overlay's grey ``color`` (drawn so in place of its class's); ``measurements`` holds completeness, membrane
-    DAB OD (log10), width (µm), areas (µm²), neighbours_membrane (1: its stain is its neighbours'
-    membrane, so it reads none) and tumour (1/0) as QuPath reads them.
+    ("non-tumour: " and why) and the overlay's grey ``color`` (drawn so in place of its class's); ``measurements``
+    holds completeness, longest arc, membrane DAB OD (log10), width (µm), areas (µm²), neighbours_membrane (1: its
+    stain is its neighbours' membrane, so it reads none), tumour (1/0) and cell_id as QuPath reads them.
     ``features``: the text of each chunk of cells (_chunk_bounds, _geojson_features) when made elsewhere.
     """
     size = slide_size or _slide_size(analysis, None)
